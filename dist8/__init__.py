@@ -1,0 +1,34 @@
+"""dist8: sharded 8-bit optimizers for PyTorch.
+
+Block-wise dynamic quantization of optimizer state (Dettmers et al., ICLR 2022),
+with quantization blocks partitioned across data-parallel ranks.
+"""
+from dist8 import optim, quant
+from dist8.optim import (
+    LAMB8bit,
+    LARS8bit,
+    SGD8bit,
+    Adagrad8bit,
+    Adam8bit,
+    AdamW8bit,
+    Lion8bit,
+    RMSprop8bit,
+    get_optimizer_class,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adagrad8bit",
+    "Adam8bit",
+    "AdamW8bit",
+    "LAMB8bit",
+    "LARS8bit",
+    "Lion8bit",
+    "RMSprop8bit",
+    "SGD8bit",
+    "__version__",
+    "get_optimizer_class",
+    "optim",
+    "quant",
+]

@@ -1,0 +1,85 @@
+"""Choosing a kernel backend per device: native (C++ on CPU, CUDA on GPU) or reference.
+
+``DIST8_BACKEND=reference|cpu|cuda`` forces one. A native backend that fails to
+build falls back to the reference with a one-line warning; ``dist8 info`` shows
+why.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from dist8.kernels.reference import ReferenceBackend
+
+__all__ = ["get_backend", "backend_report", "BACKEND_NAMES"]
+
+BACKEND_NAMES = ("reference", "cpu", "cuda")
+_reference = ReferenceBackend()
+_native: dict[str, object] = {}
+_errors: dict[str, str] = {}
+
+
+def _forced() -> str | None:
+    value = os.environ.get("DIST8_BACKEND", "").strip().lower()
+    if not value:
+        return None
+    if value not in BACKEND_NAMES:
+        raise ValueError(f"DIST8_BACKEND must be one of {BACKEND_NAMES}, got {value!r}")
+    return value
+
+
+def _load_native(kind: str):
+    if kind in _native:
+        return _native[kind]
+    if kind in _errors:
+        return None
+    try:
+        from dist8.kernels import native
+
+        backend = native.load_backend(kind)
+    except Exception as exc:  # noqa: BLE001 - any build/import failure means: use the reference
+        _errors[kind] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        warnings.warn(f"dist8: {kind} kernels unavailable ({_errors[kind]}); using the reference backend", stacklevel=3)
+        return None
+    _native[kind] = backend
+    return backend
+
+
+def get_backend(device: torch.device | str):
+    """The backend that updates tensors on ``device``."""
+    device = torch.device(device)
+    forced = _forced()
+    if forced == "reference":
+        return _reference
+    kind = "cuda" if device.type == "cuda" else "cpu" if device.type == "cpu" else None
+    if kind is None:
+        return _reference
+    if forced is not None and forced != kind:
+        raise RuntimeError(f"DIST8_BACKEND={forced} cannot update tensors on {device}")
+    backend = _load_native(kind)
+    if backend is None:
+        if forced is not None:
+            raise RuntimeError(f"DIST8_BACKEND={forced} but the {kind} kernels failed: {_errors[kind]}")
+        return _reference
+    return backend
+
+
+def backend_report() -> dict[str, dict[str, str]]:
+    """For each device kind: the backend in use and why (used by ``dist8 info``)."""
+    report: dict[str, dict[str, str]] = {}
+    forced = _forced()
+    kinds = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for kind in kinds:
+        if forced == "reference":
+            report[kind] = {"backend": "reference", "why": "DIST8_BACKEND=reference"}
+            continue
+        backend = _load_native(kind)
+        if backend is None:
+            report[kind] = {"backend": "reference", "why": f"{kind} kernels failed: {_errors.get(kind, '?')}"}
+        else:
+            report[kind] = {"backend": backend.name, "why": "native kernels built and loaded"}
+    if not torch.cuda.is_available():
+        report["cuda"] = {"backend": "-", "why": "no CUDA device visible to torch"}
+    return report

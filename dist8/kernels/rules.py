@@ -1,0 +1,160 @@
+"""The update rules, each written once.
+
+This module is the specification: the reference backend runs these functions
+directly on float32 tensors, and ``csrc/include/dist8_rules.h`` mirrors them
+operation for operation (same order, no fused multiply-add) so that the C++ and
+CUDA kernels produce bit-identical state. Change both together.
+
+Every rule receives float32 ``p`` (parameter), ``g`` (gradient), the float32
+states and a :class:`Scalars`; it returns ``(out, s1, s2)`` where ``out`` is the
+new parameter, or the update direction ``u`` for rules whose final step is
+scaled by a trust ratio (LAMB, LARS: ``p <- p - lr * ratio * u`` afterwards).
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import astuple, dataclass
+
+import torch
+
+__all__ = ["Rule", "Scalars", "FLAG_FIRST_STEP", "FLAG_NESTEROV", "RULE_STATES", "RULE_WRITES_UPDATE", "apply_rule"]
+
+FLAG_FIRST_STEP = 1  # momentum buffer starts as the gradient (SGD/LARS)
+FLAG_NESTEROV = 2
+
+
+class Rule(enum.IntEnum):
+    """Rule ids shared with the C++/CUDA kernels (keep in sync with dist8_rules.h)."""
+
+    ADAM = 0
+    LAMB = 1
+    SGD = 2
+    LARS = 3
+    RMSPROP = 4
+    ADAGRAD = 5
+    LION = 6
+
+
+# Number of states and, per state, whether it is signed (signed dynamic map) or
+# non-negative (unsigned map).
+RULE_STATES: dict[Rule, tuple[bool, ...]] = {
+    Rule.ADAM: (True, False),
+    Rule.LAMB: (True, False),
+    Rule.SGD: (True,),
+    Rule.LARS: (True,),
+    Rule.RMSPROP: (False,),
+    Rule.ADAGRAD: (False,),
+    Rule.LION: (True,),
+}
+RULE_WRITES_UPDATE = frozenset({Rule.LAMB, Rule.LARS})
+
+
+@dataclass(frozen=True)
+class Scalars:
+    """Per-step scalars; the kernels receive them as float32 in this field order.
+
+    Meanings depend on the rule (see each rule below); unused ones are ignored.
+    """
+
+    lr: float = 0.0  # step size (Adam: lr / bias_correction1; Adagrad: decayed lr)
+    beta1: float = 0.0  # Adam/Lion beta1, SGD momentum, RMSprop alpha
+    one_minus_beta1: float = 1.0  # 1 - beta1 (SGD: 1 - dampening)
+    beta2: float = 0.0
+    one_minus_beta2: float = 1.0
+    eps: float = 0.0
+    grad_wd: float = 0.0  # L2 penalty added to the gradient
+    decay: float = 1.0  # multiplicative parameter decay (decoupled weight decay: 1 - lr * wd)
+    bc1: float = 1.0  # bias correction of the first moment (LAMB)
+    bc2_sqrt: float = 1.0  # sqrt of the bias correction of the second moment
+    grad_scale: float = 1.0  # gradient scale (percentile clipping)
+    update_wd: float = 0.0  # weight decay added to the update direction (LAMB)
+
+    def as_tuple(self) -> tuple[float, ...]:
+        return astuple(self)
+
+
+def _f32(x: float) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def _sqrt(x: torch.Tensor) -> torch.Tensor:
+    # torch's vectorised float32 sqrt is not always correctly rounded on CPU;
+    # the kernels use IEEE sqrt, which equals the float64 sqrt rounded to float32.
+    return torch.sqrt(x.double()).float()
+
+
+def _adam(p, g, m, v, c, flags, write_update):
+    g = g * c.grad_scale
+    g = g + c.grad_wd * p
+    m = c.beta1 * m + c.one_minus_beta1 * g
+    v = c.beta2 * v + c.one_minus_beta2 * (g * g)
+    denom = _sqrt(v) / c.bc2_sqrt + c.eps
+    if write_update:  # LAMB
+        u = (m / c.bc1) / denom
+        return u + c.update_wd * p, m, v
+    p = p * c.decay
+    return p - c.lr * (m / denom), m, v
+
+
+def _momentum(p, g, m, c, flags, write_update):
+    g = g * c.grad_scale
+    g = g + c.grad_wd * p
+    m = g.clone() if flags & FLAG_FIRST_STEP else c.beta1 * m + c.one_minus_beta1 * g
+    d = g + c.beta1 * m if flags & FLAG_NESTEROV else m
+    if write_update:  # LARS
+        return d, m
+    return p - c.lr * d, m
+
+
+def _rmsprop(p, g, v, c):
+    g = g * c.grad_scale
+    g = g + c.grad_wd * p
+    v = c.beta1 * v + c.one_minus_beta1 * (g * g)
+    return p - c.lr * (g / (_sqrt(v) + c.eps)), v
+
+
+def _adagrad(p, g, s, c):
+    g = g * c.grad_scale
+    g = g + c.grad_wd * p
+    s = s + g * g
+    return p - c.lr * (g / (_sqrt(s) + c.eps)), s
+
+
+def _lion(p, g, m, c):
+    g = g * c.grad_scale
+    direction = torch.sign(c.beta1 * m + c.one_minus_beta1 * g)
+    p = p * c.decay
+    p = p - c.lr * direction
+    m = c.beta2 * m + c.one_minus_beta2 * g
+    return p, m
+
+
+def apply_rule(
+    rule: Rule,
+    p: torch.Tensor,
+    g: torch.Tensor,
+    s1: torch.Tensor,
+    s2: torch.Tensor | None,
+    scalars: Scalars,
+    flags: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Run ``rule`` on float32 tensors; returns ``(new_param_or_update, new_s1, new_s2)``.
+
+    Scalars are rounded to float32 first, exactly as the kernels receive them.
+    """
+    c = Scalars(*(float(_f32(x)) for x in scalars.as_tuple()))
+    if rule in (Rule.ADAM, Rule.LAMB):
+        return _adam(p, g, s1, s2, c, flags, rule == Rule.LAMB)
+    if rule in (Rule.SGD, Rule.LARS):
+        out, m = _momentum(p, g, s1, c, flags, rule == Rule.LARS)
+        return out, m, None
+    if rule == Rule.RMSPROP:
+        out, v = _rmsprop(p, g, s1, c)
+        return out, v, None
+    if rule == Rule.ADAGRAD:
+        out, s = _adagrad(p, g, s1, c)
+        return out, s, None
+    if rule == Rule.LION:
+        out, m = _lion(p, g, s1, c)
+        return out, m, None
+    raise ValueError(f"unknown rule {rule!r}")

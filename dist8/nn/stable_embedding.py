@@ -1,0 +1,31 @@
+"""The stable embedding layer of the 8-bit optimizers paper (section 2.3)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dist8.optim.config import OVERRIDE_ATTR
+
+__all__ = ["StableEmbedding"]
+
+
+class StableEmbedding(nn.Embedding):
+    """Embedding with Xavier-uniform init and a LayerNorm on its output.
+
+    Its weight is marked for 32-bit optimizer state, which every dist8
+    optimizer honours (the paper keeps the embedding's state in 32 bits because
+    its gradient is sparse in rows and spiky). Extra arguments go to
+    :class:`torch.nn.Embedding`.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *args, **kwargs) -> None:
+        super().__init__(num_embeddings, embedding_dim, *args, **kwargs)
+        self.norm = nn.LayerNorm(embedding_dim, device=self.weight.device)
+        setattr(self.weight, OVERRIDE_ATTR, {"optim_bits": 32})
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_uniform_(self.weight)
+        self._fill_padding_idx_with_zero()
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.norm(super().forward(input).to(self.norm.weight.dtype))

@@ -1,0 +1,26 @@
+"""dist8's optimizers: drop-in replacements for ``bitsandbytes.optim`` with block-wise 8-bit state."""
+from dist8.optim.adam import Adam, Adam8bit, Adam32bit, AdamW, AdamW8bit, AdamW32bit
+from dist8.optim.base import Optimizer8bit, ParamSettings
+from dist8.optim.lamb import LAMB, LAMB8bit, LAMB32bit
+from dist8.optim.lion import Lion, Lion8bit, Lion32bit
+from dist8.optim.rmsprop import Adagrad, Adagrad8bit, Adagrad32bit, RMSprop, RMSprop8bit, RMSprop32bit
+from dist8.optim.sgd import LARS, SGD, LARS8bit, LARS32bit, SGD8bit, SGD32bit
+
+OPTIMIZERS = {
+    cls.__name__: cls
+    for cls in (Adam, Adam8bit, Adam32bit, AdamW, AdamW8bit, AdamW32bit, SGD, SGD8bit, SGD32bit, RMSprop, RMSprop8bit,
+                RMSprop32bit, Adagrad, Adagrad8bit, Adagrad32bit, Lion, Lion8bit, Lion32bit, LAMB, LAMB8bit, LAMB32bit,
+                LARS, LARS8bit, LARS32bit)
+}
+
+
+def get_optimizer_class(name: str) -> type[Optimizer8bit]:
+    """Optimizer class by name (``"AdamW8bit"``, ``"dist8.AdamW8bit"``; case-insensitive)."""
+    key = name.split(".")[-1].lower()
+    for cls_name, cls in OPTIMIZERS.items():
+        if cls_name.lower() == key:
+            return cls
+    raise ValueError(f"unknown dist8 optimizer {name!r}; valid names: {', '.join(OPTIMIZERS)}")
+
+
+__all__ = ["OPTIMIZERS", "Optimizer8bit", "ParamSettings", "get_optimizer_class", *OPTIMIZERS]

@@ -1,0 +1,112 @@
+"""Adam and AdamW with 8-bit (or 32-bit) block-wise quantized state."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from dist8.kernels import Rule, Scalars
+from dist8.optim.base import Optimizer8bit
+
+__all__ = ["Adam", "Adam8bit", "Adam32bit", "AdamW", "AdamW8bit", "AdamW32bit"]
+
+
+class _AdamBase(Optimizer8bit):
+    rule = Rule.ADAM
+    decoupled = False
+    default_bits = 8
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        optim_bits: int | None = None,
+        args: Any = None,
+        min_8bit_size: int = 4096,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
+        is_paged: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if amsgrad:
+            raise ValueError("amsgrad=True is not supported by dist8 8-bit Adam")
+        super().__init__(
+            params,
+            dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
+            optim_bits=self.default_bits if optim_bits is None else optim_bits,
+            args=args,
+            min_8bit_size=min_8bit_size,
+            percentile_clipping=percentile_clipping,
+            block_wise=block_wise,
+            is_paged=is_paged,
+            **kwargs,
+        )
+
+    def _scalars(self, hyper: dict[str, Any], step: int, grad_scale: float) -> tuple[Scalars, int]:
+        beta1, beta2 = hyper["betas"]
+        lr, wd = float(hyper["lr"]), hyper["weight_decay"]
+        bc1 = 1.0 - beta1**step
+        bc2 = 1.0 - beta2**step
+        return (
+            Scalars(
+                lr=lr / bc1,
+                beta1=beta1,
+                one_minus_beta1=1.0 - beta1,
+                beta2=beta2,
+                one_minus_beta2=1.0 - beta2,
+                eps=hyper["eps"],
+                grad_wd=0.0 if self.decoupled else wd,
+                decay=1.0 - lr * wd if self.decoupled else 1.0,
+                bc1=bc1,
+                bc2_sqrt=math.sqrt(bc2),
+                grad_scale=grad_scale,
+            ),
+            0,
+        )
+
+
+class Adam8bit(_AdamBase):
+    """Adam (L2 weight decay added to the gradient) with 8-bit block-wise state.
+
+    Same arguments as ``bitsandbytes.optim.Adam8bit``: ``lr`` (default 1e-3),
+    ``betas`` (0.9, 0.999), ``eps`` 1e-8, ``weight_decay`` 0, ``optim_bits``,
+    ``min_8bit_size`` 4096, ``percentile_clipping`` 100, ``block_wise`` True;
+    plus dist8's keyword arguments of :class:`dist8.optim.base.Optimizer8bit`
+    (``block_size=256``, ``overrides``, ``on_nonfinite``, ...).
+    """
+
+
+class Adam32bit(Adam8bit):
+    """:class:`Adam8bit` with 32-bit state (``optim_bits=32``)."""
+
+    default_bits = 32
+
+
+class Adam(Adam32bit):
+    """bitsandbytes-compatible ``Adam``: 32-bit state unless ``optim_bits=8``."""
+
+
+class AdamW8bit(_AdamBase):
+    """AdamW (decoupled weight decay ``p *= 1 - lr * weight_decay``) with 8-bit block-wise state.
+
+    Same arguments as ``bitsandbytes.optim.AdamW8bit`` (``weight_decay`` default
+    1e-2), plus ``block_size=256`` and dist8's other keyword arguments.
+    """
+
+    decoupled = True
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, *a, **kw):
+        super().__init__(params, lr, betas, eps, weight_decay, *a, **kw)
+
+
+class AdamW32bit(AdamW8bit):
+    """:class:`AdamW8bit` with 32-bit state."""
+
+    default_bits = 32
+
+
+class AdamW(AdamW32bit):
+    """bitsandbytes-compatible ``AdamW``: 32-bit state unless ``optim_bits=8``."""

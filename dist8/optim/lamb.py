@@ -1,0 +1,60 @@
+"""LAMB (You et al. 2020): Adam direction scaled per parameter by |p| / |u|."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from dist8.kernels import Rule, Scalars
+from dist8.optim.base import Optimizer8bit
+
+__all__ = ["LAMB", "LAMB8bit", "LAMB32bit"]
+
+
+class LAMB8bit(Optimizer8bit):
+    """LAMB with 8-bit block-wise state.
+
+    ``u = m_hat / (sqrt(v_hat) + eps) + weight_decay * p`` (``adam_w_mode=True``;
+    with False the decay is added to the gradient instead), then
+    ``p -= lr * (|p| / |u|) * u`` with the ratio 1 where either norm is 0. Norms
+    are over the whole parameter, also when it is sharded. Arguments follow
+    ``bitsandbytes.optim.LAMB8bit``; its ``max_unorm`` clip is replaced by the true
+    trust ratio, so ``max_unorm`` is accepted for compatibility and has no effect.
+    """
+
+    rule = Rule.LAMB
+    default_bits = 8
+
+    def __init__(self, params, lr: float = 1e-3, bias_correction: bool = True, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, adam_w_mode: bool = True,
+                 optim_bits: int | None = None, args: Any = None, min_8bit_size: int = 4096,
+                 percentile_clipping: int = 100, block_wise: bool = True, max_unorm: float = 1.0, **kwargs: Any):
+        if amsgrad:
+            raise ValueError("amsgrad=True is not supported by LAMB8bit")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      bias_correction=bool(bias_correction), adam_w_mode=bool(adam_w_mode)),
+                         optim_bits=self.default_bits if optim_bits is None else optim_bits, args=args,
+                         min_8bit_size=min_8bit_size, percentile_clipping=percentile_clipping, block_wise=block_wise,
+                         max_unorm=max_unorm, **kwargs)
+
+    def _scalars(self, hyper: dict[str, Any], step: int, grad_scale: float) -> tuple[Scalars, int]:
+        beta1, beta2 = hyper["betas"]
+        bc1 = 1.0 - beta1**step if hyper["bias_correction"] else 1.0
+        bc2 = 1.0 - beta2**step if hyper["bias_correction"] else 1.0
+        wd = hyper["weight_decay"]
+        return Scalars(lr=float(hyper["lr"]), beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2,
+                       one_minus_beta2=1.0 - beta2, eps=hyper["eps"], grad_wd=0.0 if hyper["adam_w_mode"] else wd,
+                       bc1=bc1, bc2_sqrt=math.sqrt(bc2), grad_scale=grad_scale,
+                       update_wd=wd if hyper["adam_w_mode"] else 0.0), 0
+
+    def _trust_ratio(self, hyper: dict[str, Any], p_norm: float, u_norm: float) -> float:
+        return 1.0 if p_norm == 0 or u_norm == 0 else p_norm / u_norm
+
+
+class LAMB32bit(LAMB8bit):
+    """:class:`LAMB8bit` with 32-bit state."""
+
+    default_bits = 32
+
+
+class LAMB(LAMB32bit):
+    """bitsandbytes-compatible ``LAMB``: 32-bit state unless ``optim_bits=8``."""

@@ -1,0 +1,43 @@
+"""Lion (Chen et al. 2023) with an 8-bit momentum."""
+from __future__ import annotations
+
+from typing import Any
+
+from dist8.kernels import Rule, Scalars
+from dist8.optim.base import Optimizer8bit
+
+__all__ = ["Lion", "Lion8bit", "Lion32bit"]
+
+
+class Lion8bit(Optimizer8bit):
+    """Lion: ``p -= lr * sign(beta1 * m + (1 - beta1) * g)``, then ``m = beta2 * m + (1 - beta2) * g``.
+
+    ``lr`` 1e-4, ``betas`` (0.9, 0.99), ``weight_decay`` 0 (decoupled: ``p *= 1 - lr * wd``).
+    """
+
+    rule = Rule.LION
+    default_bits = 8
+
+    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
+                 optim_bits: int | None = None, args: Any = None, min_8bit_size: int = 4096,
+                 percentile_clipping: int = 100, block_wise: bool = True, is_paged: bool = False, **kwargs: Any):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay),
+                         optim_bits=self.default_bits if optim_bits is None else optim_bits, args=args,
+                         min_8bit_size=min_8bit_size, percentile_clipping=percentile_clipping, block_wise=block_wise,
+                         is_paged=is_paged, **kwargs)
+
+    def _scalars(self, hyper: dict[str, Any], step: int, grad_scale: float) -> tuple[Scalars, int]:
+        beta1, beta2 = hyper["betas"]
+        lr = float(hyper["lr"])
+        return Scalars(lr=lr, beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
+                       decay=1.0 - lr * hyper["weight_decay"], grad_scale=grad_scale), 0
+
+
+class Lion32bit(Lion8bit):
+    """:class:`Lion8bit` with 32-bit state."""
+
+    default_bits = 32
+
+
+class Lion(Lion32bit):
+    """bitsandbytes-compatible ``Lion``: 32-bit state unless ``optim_bits=8``."""

@@ -1,0 +1,117 @@
+"""SGD with momentum and LARS (layer-wise trust ratio) with 8-bit state."""
+from __future__ import annotations
+
+from typing import Any
+
+from dist8.kernels import FLAG_FIRST_STEP, FLAG_NESTEROV, Rule, Scalars
+from dist8.optim.base import Optimizer8bit
+
+__all__ = ["SGD", "SGD8bit", "SGD32bit", "LARS", "LARS8bit", "LARS32bit"]
+
+
+class _MomentumBase(Optimizer8bit):
+    default_bits = 8
+
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        optim_bits: int | None = None,
+        args: Any = None,
+        min_8bit_size: int = 4096,
+        percentile_clipping: int = 100,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            params,
+            dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=bool(nesterov)),
+            optim_bits=self.default_bits if optim_bits is None else optim_bits,
+            args=args,
+            min_8bit_size=min_8bit_size,
+            percentile_clipping=percentile_clipping,
+            **kwargs,
+        )
+
+    def _check_hyper(self, hyper: dict[str, Any], where: str) -> None:
+        if not 0.0 < hyper["momentum"] < 1.0:
+            raise ValueError(
+                f"momentum must be in (0, 1) ({where}), got {hyper['momentum']}; "
+                "for plain SGD without state use torch.optim.SGD"
+            )
+        if not 0.0 <= hyper["dampening"] < 1.0:
+            raise ValueError(f"dampening must be in [0, 1) ({where}), got {hyper['dampening']}")
+        if hyper["nesterov"] and hyper["dampening"] != 0:
+            raise ValueError(f"nesterov=True requires dampening=0 ({where})")
+
+    def _scalars(self, hyper: dict[str, Any], step: int, grad_scale: float) -> tuple[Scalars, int]:
+        flags = (FLAG_FIRST_STEP if step == 1 else 0) | (FLAG_NESTEROV if hyper["nesterov"] else 0)
+        return (
+            Scalars(
+                lr=float(hyper["lr"]),
+                beta1=hyper["momentum"],
+                one_minus_beta1=1.0 - hyper["dampening"],
+                grad_wd=hyper["weight_decay"],
+                grad_scale=grad_scale,
+            ),
+            flags,
+        )
+
+
+class SGD8bit(_MomentumBase):
+    """SGD with momentum (``torch.optim.SGD`` semantics, optional Nesterov) and an 8-bit momentum buffer.
+
+    ``lr`` is required; ``momentum`` must be > 0 (there is no state otherwise);
+    ``dampening`` 0, ``weight_decay`` 0 (L2, added to the gradient), ``nesterov`` False.
+    """
+
+    rule = Rule.SGD
+
+
+class SGD32bit(SGD8bit):
+    """:class:`SGD8bit` with a 32-bit momentum buffer."""
+
+    default_bits = 32
+
+
+class SGD(SGD32bit):
+    """bitsandbytes-compatible ``SGD``: 32-bit state unless ``optim_bits=8``."""
+
+
+class LARS8bit(_MomentumBase):
+    """LARS: momentum SGD whose step is scaled per parameter by ``trust_coefficient * |p| / |u|``.
+
+    ``u`` is the momentum direction (weight decay included). The trust
+    coefficient is ``max_unorm`` (default 0.02, bitsandbytes' name and default).
+    The ratio is 1 where either norm is 0. Norms cover the whole parameter, also
+    when it is sharded.
+    """
+
+    rule = Rule.LARS
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
+                 nesterov: bool = False, optim_bits: int | None = None, args: Any = None, min_8bit_size: int = 4096,
+                 percentile_clipping: int = 100, max_unorm: float = 0.02, **kwargs: Any) -> None:
+        if not max_unorm > 0:
+            raise ValueError(f"max_unorm (the LARS trust coefficient) must be > 0, got {max_unorm}")
+        self.trust_coefficient = float(max_unorm)
+        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, optim_bits, args, min_8bit_size,
+                         percentile_clipping, max_unorm=max_unorm, **kwargs)
+
+    def _trust_ratio(self, hyper: dict[str, Any], p_norm: float, u_norm: float) -> float:
+        if p_norm == 0 or u_norm == 0:
+            return 1.0
+        return self.trust_coefficient * p_norm / u_norm
+
+
+class LARS32bit(LARS8bit):
+    """:class:`LARS8bit` with 32-bit state."""
+
+    default_bits = 32
+
+
+class LARS(LARS32bit):
+    """bitsandbytes-compatible ``LARS``: 32-bit state unless ``optim_bits=8``."""

@@ -1,0 +1,85 @@
+"""Block-wise quantization: one fp32 absmax per block of ``block_size`` values.
+
+Every value is normalised by its block's absmax and mapped to the *exact*
+nearest code of the map (ties go to the code of smaller magnitude). The
+reference here is plain torch; the C++ and CUDA kernels mirror it bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["quantize_blockwise", "dequantize_blockwise", "nearest_code", "num_blocks", "check_block_size"]
+
+
+def check_block_size(block_size: int, name: str = "block_size") -> int:
+    """Validate a block size: a power of two and at least 64."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"{name} must be an int, got {type(block_size).__name__}")
+    if block_size < 64 or block_size & (block_size - 1):
+        raise ValueError(f"{name} must be a power of two >= 64, got {block_size}")
+    return block_size
+
+
+def num_blocks(numel: int, block_size: int) -> int:
+    """Number of blocks covering ``numel`` values (the last one may be partial)."""
+    return (numel + block_size - 1) // block_size
+
+
+def nearest_code(x: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:
+    """Index (int64) of the exact nearest entry of sorted ``qmap`` for each float32 value of ``x``.
+
+    ``hi`` is the first code >= x, ``lo`` the one before it; distances are
+    computed in float32 as ``x - lo`` and ``hi - x`` and ties pick the code of
+    smaller magnitude (towards zero). The kernels implement exactly this.
+    """
+    hi = torch.searchsorted(qmap, x).clamp_(max=qmap.numel() - 1)
+    lo = (hi - 1).clamp_(min=0)
+    q_lo, q_hi = qmap[lo], qmap[hi]
+    d_lo, d_hi = x - q_lo, q_hi - x
+    take_lo = (d_lo < d_hi) | ((d_lo == d_hi) & (q_lo.abs() <= q_hi.abs()))
+    return torch.where(take_lo, lo, hi)
+
+
+def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    flat = x.detach().reshape(-1).float()
+    pad = (-flat.numel()) % block_size
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(-1, block_size)
+
+
+def quantize_blockwise(
+    x: torch.Tensor, qmap: torch.Tensor, block_size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` (any shape, any float dtype) block-wise.
+
+    Returns ``(codes, absmax)``: uint8 codes with the shape of ``x`` and float32
+    absmax of shape ``[ceil(numel / block_size)]``. Blocks run over the flattened
+    tensor; the last one may be partial. An all-zero block has absmax 0 and all
+    its values map to the code of 0.
+    """
+    check_block_size(block_size)
+    if qmap.dtype != torch.float32 or qmap.numel() != 256:
+        raise ValueError(f"qmap must be float32 with 256 entries, got {qmap.dtype} with {qmap.numel()}")
+    blocks = _blocks(x, block_size)
+    absmax = blocks.abs().amax(dim=1)
+    scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    normalised = blocks / scale[:, None]
+    codes = nearest_code(normalised, qmap.to(x.device)).to(torch.uint8)
+    return codes.view(-1)[: x.numel()].view(x.shape), absmax
+
+
+def dequantize_blockwise(
+    codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor, block_size: int = 256
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_blockwise`: float32 tensor with the shape of ``codes``."""
+    check_block_size(block_size)
+    n = codes.numel()
+    if absmax.numel() != num_blocks(n, block_size):
+        raise ValueError(
+            f"absmax has {absmax.numel()} entries but {n} codes in blocks of {block_size} need "
+            f"{num_blocks(n, block_size)}"
+        )
+    values = qmap.to(codes.device)[codes.reshape(-1).long()]
+    scale = absmax.repeat_interleave(block_size)[:n]
+    return (values * scale).view(codes.shape)

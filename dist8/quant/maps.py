@@ -1,0 +1,72 @@
+"""Quantization maps: the 256 float32 values an 8-bit code can stand for.
+
+The dynamic tree map (Dettmers 2016; used by the 8-bit optimizers paper) spends
+its bits on a variable exponent (a run of zeros ended by an indicator bit) and a
+linear fraction, so it covers magnitudes 1e-7..1 with relative error that stays
+roughly constant. ``signed=False`` reuses the sign bit as one more fraction bit
+and is meant for non-negative state (Adam's second moment).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+__all__ = ["dynamic_map", "linear_map", "get_map", "MAP_NAMES"]
+
+MAP_NAMES = ("dynamic", "linear")
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_map_cached(signed: bool, max_exponent_bits: int) -> torch.Tensor:
+    values: list[float] = []
+    non_sign_bits = 7
+    for exponent in range(max_exponent_bits):
+        # Each step towards larger magnitudes frees one more fraction bit.
+        n_fraction = 2 ** (exponent + non_sign_bits - max_exponent_bits + (0 if signed else 1))
+        edges = torch.linspace(0.1, 1, n_fraction + 1, dtype=torch.float32)
+        centres = (edges[:-1] + edges[1:]) / 2.0
+        scale = 10 ** (exponent - (max_exponent_bits - 1))
+        values += (scale * centres).tolist()
+        if signed:
+            values += (-scale * centres).tolist()
+    values += [0.0, 1.0]
+    values += [0.0] * (256 - len(values))
+    values.sort()
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def dynamic_map(signed: bool = True, max_exponent_bits: int = 7) -> torch.Tensor:
+    """The 8-bit dynamic tree map as a sorted float32 tensor of 256 values in [-1, 1].
+
+    Args:
+        signed: True for signed state (first moments, momentum); False for the
+            unsigned variant used for non-negative state (second moments).
+        max_exponent_bits: largest number of exponent bits (7, as in the paper).
+
+    Equals ``bitsandbytes.functional.create_dynamic_map(signed)`` value for value.
+    """
+    if not 1 <= max_exponent_bits <= 7:
+        raise ValueError(f"max_exponent_bits must be in 1..7, got {max_exponent_bits}")
+    return _dynamic_map_cached(bool(signed), int(max_exponent_bits)).clone()
+
+
+def linear_map(signed: bool = True) -> torch.Tensor:
+    """Evenly spaced 8-bit map (the paper's 'linear quantization' ablation), sorted float32[256].
+
+    Signed: 255 values evenly spaced in [-1, 1] (zero included) plus a duplicate
+    of 1.0 so there are 256 entries; unsigned: 256 values evenly spaced in [0, 1].
+    """
+    if signed:
+        values = torch.arange(-127, 128, dtype=torch.float32) / 127.0
+        return torch.cat([values, values[-1:]])
+    return torch.arange(256, dtype=torch.float32) / 255.0
+
+
+def get_map(name: str, signed: bool) -> torch.Tensor:
+    """Map by name (``"dynamic"`` or ``"linear"``)."""
+    if name == "dynamic":
+        return dynamic_map(signed)
+    if name == "linear":
+        return linear_map(signed)
+    raise ValueError(f"quant_map must be one of {MAP_NAMES}, got {name!r}")

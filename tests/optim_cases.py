@@ -1,0 +1,22 @@
+"""Optimizer cases shared by the tests: dist8 class, its kwargs and the torch counterpart."""
+import torch
+
+import dist8.optim as O
+
+# name: (dist8 class, kwargs, torch class or None, torch kwargs)
+CASES = {
+    "Adam": (O.Adam8bit, dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01), torch.optim.Adam,
+             dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01)),
+    "AdamW": (O.AdamW8bit, dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1), torch.optim.AdamW,
+              dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)),
+    "SGD": (O.SGD8bit, dict(lr=1e-2, momentum=0.9, weight_decay=1e-3), torch.optim.SGD,
+            dict(lr=1e-2, momentum=0.9, weight_decay=1e-3)),
+    "SGD-nesterov": (O.SGD8bit, dict(lr=1e-2, momentum=0.9, nesterov=True), torch.optim.SGD,
+                     dict(lr=1e-2, momentum=0.9, nesterov=True)),
+    "RMSprop": (O.RMSprop8bit, dict(lr=1e-3, alpha=0.9, weight_decay=1e-3), torch.optim.RMSprop,
+                dict(lr=1e-3, alpha=0.9, weight_decay=1e-3)),
+    "Adagrad": (O.Adagrad8bit, dict(lr=1e-2, lr_decay=1e-3), torch.optim.Adagrad, dict(lr=1e-2, lr_decay=1e-3)),
+    "Lion": (O.Lion8bit, dict(lr=1e-3, weight_decay=0.1), None, None),
+    "LAMB": (O.LAMB8bit, dict(lr=1e-2, weight_decay=0.01), None, None),
+    "LARS": (O.LARS8bit, dict(lr=1e-1, momentum=0.9, weight_decay=1e-4), None, None),
+}

@@ -1,0 +1,224 @@
+"""State layout, state dicts, overrides, non-finite gradients, clipping and bad input."""
+import io
+
+import pytest
+import torch
+
+import dist8
+from dist8.nn import StableEmbedding
+from dist8.optim import AdamW8bit, Lion8bit, SGD8bit, get_optimizer_class
+from optim_cases import CASES
+
+
+def _step(opt, params, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+    opt.step()
+
+
+def test_state_layout_8bit_and_32bit():
+    big = torch.nn.Parameter(torch.randn(100, 50))
+    small = torch.nn.Parameter(torch.randn(10))
+    opt = AdamW8bit([big, small])
+    _step(opt, [big, small])
+    st = opt.state[big]
+    assert st["state1"].dtype == torch.uint8 and st["state1"].shape == big.shape
+    assert st["absmax1"].dtype == torch.float32 and st["absmax1"].shape == ((5000 + 255) // 256,)
+    assert opt.state[small]["state1"].dtype == torch.float32  # below min_8bit_size
+
+
+def test_memory_10m_params_is_2_plus_8_over_256_bytes_per_param():
+    n = 10_000_000
+    p = torch.nn.Parameter(torch.zeros(n))
+    opt = AdamW8bit([p])
+    _step(opt, [p])
+    assert opt.state_nbytes() == n * 2 + ((n + 255) // 256) * 2 * 4
+    assert abs(opt.state_nbytes() / n - (2 + 8 / 256)) < 1e-3
+    p32 = torch.nn.Parameter(torch.zeros(n))
+    ref = torch.optim.AdamW([p32])
+    p32.grad = torch.zeros(n)
+    ref.step()
+    ref_bytes = sum(v.numel() * v.element_size() for v in ref.state[p32].values() if v.dim() > 0)
+    assert ref_bytes == 8 * n
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_state_dict_round_trip_bit_exact(name):
+    cls, kw, _, _ = CASES[name]
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(300, 20)), torch.nn.Parameter(torch.randn(7))]
+    opt = cls(params, **kw)
+    for s in range(3):
+        _step(opt, params, s)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    clones = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = cls(clones, **kw)
+    opt2.load_state_dict(loaded)
+    for p, q in zip(params, clones):
+        for key, value in opt.state[p].items():
+            other = opt2.state[q][key]
+            if isinstance(value, torch.Tensor):
+                assert value.dtype == other.dtype and torch.equal(value, other), key
+            else:
+                assert value == other
+    _step(opt, params, 9)
+    _step(opt2, clones, 9)
+    for p, q in zip(params, clones):
+        assert torch.equal(p, q)
+
+
+def test_state_dict_loads_through_zero_redundancy_style_copy():
+    p = torch.nn.Parameter(torch.randn(5000))
+    opt = AdamW8bit([p])
+    _step(opt, [p])
+    sd = opt.state_dict()
+    q = torch.nn.Parameter(p.detach().clone())
+    opt2 = AdamW8bit([q])
+    opt2.state[q] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in sd["state"][0].items()}  # what OSS does
+    _step(opt, [p], 3)
+    _step(opt2, [q], 3)
+    assert torch.equal(p, q)
+
+
+def test_load_state_dict_rejects_wrong_shape_naming_parameter():
+    p = torch.nn.Parameter(torch.randn(5000))
+    opt = AdamW8bit([("layer.weight", p)])
+    _step(opt, [p])
+    sd = opt.state_dict()
+    q = torch.nn.Parameter(torch.randn(4000))
+    opt2 = AdamW8bit([("layer.weight", q)])
+    with pytest.raises(ValueError, match="layer.weight"):
+        opt2.load_state_dict(sd)
+
+
+def test_overrides_by_name_and_stable_embedding():
+    model = torch.nn.ModuleDict({"embed": StableEmbedding(1000, 16), "head": torch.nn.Linear(16, 1000)})
+    opt = AdamW8bit(model.named_parameters(), overrides={"head.weight": {"optim_bits": 32}})
+    out = model["head"](model["embed"](torch.randint(0, 1000, (4, 8)))).sum()
+    out.backward()
+    opt.step()
+    assert opt.state[model["embed"].weight]["state1"].dtype == torch.float32
+    assert opt.state[model["head"].weight]["state1"].dtype == torch.float32
+    assert opt.state[model["head"].bias]["state1"].dtype == torch.float32  # 1000 < min_8bit_size
+    opt8 = AdamW8bit(model.named_parameters())
+    opt8.zero_grad()
+    model["head"](model["embed"](torch.randint(0, 1000, (4, 8)))).sum().backward()
+    opt8.step()
+    assert opt8.state[model["head"].weight]["state1"].dtype == torch.uint8
+
+
+def test_global_numel_mark_decides_8bit():
+    shard = torch.nn.Parameter(torch.randn(100))
+    shard._dist8_global_numel = 100_000  # a shard of a big parameter
+    opt = AdamW8bit([shard])
+    _step(opt, [shard])
+    assert opt.state[shard]["state1"].dtype == torch.uint8
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_gradient_skips_and_counts(bad):
+    a, b = torch.nn.Parameter(torch.randn(5000)), torch.nn.Parameter(torch.randn(5000))
+    opt = AdamW8bit([("a", a), ("b", b)])
+    _step(opt, [a, b])
+    before = {k: v.clone() for k, v in opt.state[a].items() if torch.is_tensor(v)}
+    a_before, b_before = a.detach().clone(), b.detach().clone()
+    a.grad = torch.randn(5000)
+    a.grad[17] = bad
+    b.grad = torch.randn(5000)
+    opt.step()
+    assert torch.equal(a, a_before) and opt.state[a]["step"] == 1
+    assert all(torch.equal(v, opt.state[a][k]) for k, v in before.items())
+    assert not torch.equal(b, b_before)
+    assert opt.nonfinite_skips == 1 and opt.last_nonfinite == ["a"]
+    strict = AdamW8bit([("a", a)], on_nonfinite="raise")
+    with pytest.raises(FloatingPointError, match="'?a'?"):
+        strict.step()
+
+
+def test_percentile_clipping_limits_spikes():
+    p = torch.nn.Parameter(torch.zeros(5000))
+    q = torch.nn.Parameter(torch.zeros(5000))
+    clipped = AdamW8bit([p], percentile_clipping=50, weight_decay=0)
+    plain = AdamW8bit([q], weight_decay=0)
+    for s in range(10):
+        g = torch.randn(5000) * (100.0 if s == 9 else 1.0)
+        p.grad, q.grad = g.clone(), g.clone()
+        clipped.step()
+        plain.step()
+    assert clipped.state[p]["gnorm_vec"][9] > 1000 * clipped.state[p]["gnorm_vec"][8]
+    assert not torch.equal(p, q)
+
+
+def test_lr_scheduler_and_closure_and_zero_grad():
+    p = torch.nn.Parameter(torch.ones(5000))
+    opt = SGD8bit([p], lr=0.1, momentum=0.5)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.0)
+
+    def closure():
+        opt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss.item() == 5000
+    sched.step()
+    snap = p.detach().clone()
+    opt.step(closure)
+    assert torch.equal(p, snap)  # lr is 0 now
+    opt.zero_grad()
+    assert p.grad is None
+
+
+def test_param_groups_have_their_own_hyperparameters():
+    a, b = torch.nn.Parameter(torch.ones(5000)), torch.nn.Parameter(torch.ones(5000))
+    opt = Lion8bit([{"params": [a], "lr": 0.0}, {"params": [b], "lr": 0.1}])
+    _step(opt, [a, b])
+    assert torch.equal(a, torch.ones(5000)) and not torch.equal(b, torch.ones(5000))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(lr=-1.0), "lr"),
+        (dict(betas=(1.0, 0.9)), r"betas\[0\]"),
+        (dict(betas=(0.9, -0.1)), r"betas\[1\]"),
+        (dict(block_size=100), "block_size"),
+        (dict(block_size=32), "block_size"),
+        (dict(eps=-1.0), "eps"),
+        (dict(weight_decay=-1.0), "weight_decay"),
+        (dict(optim_bits=4), "optim_bits"),
+        (dict(on_nonfinite="ignore"), "on_nonfinite"),
+        (dict(overrides={"x": {"bogus": 1}}), "bogus"),
+        (dict(amsgrad=True), "amsgrad"),
+        (dict(quant_map="nf4"), "quant_map"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AdamW8bit([torch.nn.Parameter(torch.randn(10))], **kwargs)
+
+
+def test_bad_tensors_raise_type_error():
+    with pytest.raises(TypeError, match="complex"):
+        AdamW8bit([torch.nn.Parameter(torch.randn(4, dtype=torch.complex64))])
+    with pytest.raises(TypeError, match="float64"):
+        AdamW8bit([("w", torch.nn.Parameter(torch.randn(4, dtype=torch.float64)))])
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = AdamW8bit(emb.named_parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(TypeError, match="weight.*sparse"):
+        opt.step()
+    with pytest.raises(ValueError, match="momentum"):
+        SGD8bit([torch.nn.Parameter(torch.randn(4))], lr=0.1)
+
+
+def test_get_optimizer_class_by_name():
+    assert get_optimizer_class("dist8.AdamW8bit") is dist8.AdamW8bit
+    assert get_optimizer_class("lion8bit") is dist8.Lion8bit
+    with pytest.raises(ValueError, match="AdamW8bit"):
+        get_optimizer_class("AdamW9bit")
