@@ -100,6 +100,8 @@ class Optimizer8bit(torch.optim.Optimizer):
         self._qmaps: dict[tuple[torch.device, bool], torch.Tensor] = {}
         # Sums partial per-parameter reductions across shards (identity when unsharded).
         self.reduce_partials: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # Set by sharded wrappers: (piece -> index of its parameter, number of parameters).
+        self.global_slots: tuple[dict[torch.Tensor, int], int] | None = None
         super().__init__(groups, defaults)
         for gi, group in enumerate(self.param_groups):
             self._check_group(group, gi)
@@ -231,27 +233,42 @@ class Optimizer8bit(torch.optim.Optimizer):
                 if not self.state[p]:
                     self.state[p] = self.init_state(p, settings)
                 items.append((p, settings, self.state[p]))
-        if not items:
+        if not items and self.reduce_partials is None:
             return loss
         self._run_updates(items)
         return loss
 
+    def partial_slots(self, items: list) -> tuple[list[int], int]:
+        """Slot of each item in the vectors of per-parameter partial sums, and their length.
+
+        Unsharded: one slot per item. A sharded wrapper maps every piece of a
+        parameter to the parameter's global index so partials can be summed
+        across ranks with one collective.
+        """
+        if self.global_slots is None:
+            return list(range(len(items))), len(items)
+        slot_of, n = self.global_slots
+        return [slot_of[p] for p, _, _ in items], n
+
     def _run_updates(self, items: list) -> None:
-        n = len(items)
-        # Partials reduced across shards in one call: [nonfinite flags | grad sum of squares].
+        slots, n = self.partial_slots(items)
+        sharded = self.reduce_partials is not None
+        # Per-parameter partials, summed across shards in one call: [non-finite flags | grad squares].
         partials = torch.zeros(2 * n, dtype=torch.float64)
-        need_gnorm = any(s.hyper["percentile_clipping"] < 100 for _, s, _ in items)
-        for i, (p, settings, _state) in enumerate(items):
+        need_gnorm = any(g["percentile_clipping"] < 100 for g in self.param_groups) or any(
+            s.hyper["percentile_clipping"] < 100 for _, s, _ in items
+        )
+        for slot, (p, settings, _state) in zip(slots, items):
             if self.check_finite and not get_backend(p.device).all_finite(p.grad):
-                partials[i] = 1.0
+                partials[slot] = 1.0
             if need_gnorm and settings.hyper["percentile_clipping"] < 100:
-                partials[n + i] = float(p.grad.detach().float().square().sum())
-        if self.check_finite or need_gnorm:
+                partials[n + slot] += float(p.grad.detach().double().square().sum())
+        if sharded or self.check_finite or need_gnorm:
             partials = self._reduce(partials)
         self.last_nonfinite = []
         trust_items = []
-        for i, (p, settings, state) in enumerate(items):
-            if partials[i] > 0:
+        for slot, (p, settings, state) in zip(slots, items):
+            if partials[slot] > 0:
                 self.nonfinite_skips += 1
                 self.last_nonfinite.append(settings.name)
                 if self.on_nonfinite == "raise":
@@ -262,13 +279,13 @@ class Optimizer8bit(torch.optim.Optimizer):
             step = state["step"] + 1
             grad_scale = 1.0
             if settings.hyper["percentile_clipping"] < 100:
-                grad_scale = self._percentile_scale(state, float(partials[n + i]), step, settings.hyper["percentile_clipping"])
+                grad_scale = self._percentile_scale(state, float(partials[n + slot]), step, settings.hyper["percentile_clipping"])
             update = self._update_one(p, state, settings, step, grad_scale)
             state["step"] = step
             if update is not None:
-                trust_items.append((p, settings, update))
-        if trust_items:
-            self._apply_trust_ratios(trust_items)
+                trust_items.append((slot, p, settings, update))
+        if trust_items or (sharded and self.rule in RULE_WRITES_UPDATE):
+            self._apply_trust_ratios(trust_items, n)
 
     def _percentile_scale(self, state: dict, gnorm_sq: float, step: int, percentile: float) -> float:
         history = state["gnorm_vec"]
@@ -301,14 +318,14 @@ class Optimizer8bit(torch.optim.Optimizer):
         )
         return update
 
-    def _apply_trust_ratios(self, trust_items: list) -> None:
-        sums = torch.zeros(2 * len(trust_items), dtype=torch.float64)
-        for i, (p, _settings, update) in enumerate(trust_items):
-            sums[2 * i] = float(p.detach().float().square().sum())
-            sums[2 * i + 1] = float(update.square().sum())
+    def _apply_trust_ratios(self, trust_items: list, n_slots: int) -> None:
+        sums = torch.zeros(2 * n_slots, dtype=torch.float64)
+        for slot, p, _settings, update in trust_items:
+            sums[2 * slot] += float(p.detach().double().square().sum())
+            sums[2 * slot + 1] += float(update.double().square().sum())
         sums = self._reduce(sums)
-        for i, (p, settings, update) in enumerate(trust_items):
-            ratio = self._trust_ratio(settings.hyper, math.sqrt(sums[2 * i]), math.sqrt(sums[2 * i + 1]))
+        for slot, p, settings, update in trust_items:
+            ratio = self._trust_ratio(settings.hyper, math.sqrt(sums[2 * slot]), math.sqrt(sums[2 * slot + 1]))
             new = p.detach().reshape(-1).float() - torch.tensor(settings.hyper["lr"] * ratio, dtype=torch.float32) * update
             p.detach().copy_(new.view(p.shape))
 

@@ -1,0 +1,377 @@
+"""ShardedOptimizer: ZeRO-1/2 with optimizer state partitioned at quantization-block granularity."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dist8.optim import AdamW8bit
+from dist8.optim.base import Optimizer8bit
+from dist8.optim.config import GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, split_named_params
+from dist8.shard.grads import GradBuckets
+from dist8.shard.layout import BlockLayout
+
+__all__ = ["ShardedOptimizer"]
+
+
+class ShardedOptimizer(torch.optim.Optimizer):
+    """Wraps a dist8 optimizer so each rank keeps the state of a contiguous range of whole blocks.
+
+    Args:
+        params: parameters, ``model.named_parameters()`` (names enable overrides and
+            name-keyed checkpoints) or param-group dicts; identical on every rank.
+        optimizer_class: a :class:`dist8.optim.Optimizer8bit` subclass (default
+            :class:`dist8.optim.AdamW8bit`).
+        stage: 2 (default): gradients are summed onto their owning rank by hooks
+            during backward, no DDP wrapper needed; 1: gradients are already averaged
+            (e.g. by DDP) and only the state is sharded.
+        process_group: the data-parallel group (default: the world). Without an
+            initialised ``torch.distributed`` the optimizer runs as a single rank.
+        bucket_cap_mb: size of gradient-reduction and parameter-gather buckets (MiB).
+        **defaults: arguments of ``optimizer_class`` (``lr``, ``betas``, ``block_size``, ...).
+
+    Parameters become views into one flat buffer (so the all-gather after each
+    step writes them in place). bf16/fp16 parameters get an fp32 master copy of
+    the owned range on the owning rank only.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        optimizer_class: type[Optimizer8bit] = AdamW8bit,
+        *,
+        stage: int = 2,
+        process_group: dist.ProcessGroup | None = None,
+        bucket_cap_mb: float = 25,
+        **defaults: Any,
+    ) -> None:
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage}")
+        if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, Optimizer8bit)):
+            raise TypeError(f"optimizer_class must be a dist8 optimizer class, got {optimizer_class!r}")
+        if bucket_cap_mb <= 0:
+            raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}")
+        initialised = dist.is_available() and dist.is_initialized()
+        if process_group is not None and not initialised:
+            raise RuntimeError("process_group was given but torch.distributed is not initialised; "
+                               "call torch.distributed.init_process_group first")
+        self.group = process_group
+        self.world_size = dist.get_world_size(process_group) if initialised else 1
+        self.rank = dist.get_rank(process_group) if initialised else 0
+        self.stage = stage
+        self.optimizer_class = optimizer_class
+
+        groups, names = split_named_params(params)
+        self._params: list[torch.Tensor] = []
+        self._names: list[str] = []
+        self._group_of: list[int] = []
+        for gi, group in enumerate(groups):
+            for p in group["params"]:
+                if p.requires_grad:
+                    self._params.append(p)
+                    self._names.append(names.get(p, f"param{len(self._params) - 1}"))
+                    self._group_of.append(gi)
+        if not self._params:
+            raise ValueError("ShardedOptimizer got no parameters that require grad")
+        self._check_uniform()
+        block_size = defaults.get("block_size", 256)
+        self.layout = BlockLayout(self._names, [p.shape for p in self._params], block_size)
+        self._check_same_layout_on_all_ranks()
+
+        self.device, self.dtype = self._params[0].device, self._params[0].dtype
+        B = block_size
+        self.flat_param = torch.zeros(self.layout.total_elements, dtype=self.dtype, device=self.device)
+        self._ranges = []
+        for i, p in enumerate(self._params):
+            off = self.layout.element_offset(i)
+            self._ranges.append((off, off + p.numel()))
+            self.flat_param[off : off + p.numel()].copy_(p.detach().reshape(-1))
+            p.data = self.flat_param[off : off + p.numel()].view(p.shape)
+        self.rank_ranges = [(a * B, b * B) for a, b in self.layout.block_ranges(self.world_size)]
+        self.shard_lo, self.shard_hi = self.rank_ranges[self.rank]
+        self.master = None
+        if self.dtype != torch.float32:
+            self.master = self.flat_param[self.shard_lo : self.shard_hi].float()
+        self.pieces = self.layout.pieces(self.rank, self.world_size)
+
+        # Inner optimizer over this rank's pieces (views of the flat buffer or of the fp32 master).
+        self._piece_views: list[torch.Tensor] = []
+        inner_groups = [dict({k: v for k, v in g.items() if k != "params"}, params=[]) for g in groups]
+        slot_of: dict[torch.Tensor, int] = {}
+        for piece in self.pieces:
+            view = self._owned(self._ranges[piece.param][0] + piece.start, piece.numel)
+            p = self._params[piece.param]
+            setattr(view, GLOBAL_NUMEL_ATTR, p.numel())
+            if hasattr(p, OVERRIDE_ATTR):
+                setattr(view, OVERRIDE_ATTR, getattr(p, OVERRIDE_ATTR))
+            inner_groups[self._group_of[piece.param]]["params"].append((self._names[piece.param], view))
+            self._piece_views.append(view)
+            slot_of[view] = piece.param
+        self.inner = optimizer_class(inner_groups, **defaults)
+        self.inner.global_slots = (slot_of, len(self._params))
+        if self.world_size > 1:
+            self.inner.reduce_partials = self._all_reduce_sum
+
+        self.flat_grad = None
+        self.buckets = None
+        self._accumulating = False
+        cap = max(B, int(bucket_cap_mb * 2**20 / self.flat_param.element_size()) // B * B)
+        self.gather_chunk = cap
+        self.bytes_gathered = 0
+        if stage == 2:
+            self.flat_grad = torch.zeros_like(self.flat_param)
+            self.buckets = GradBuckets(self.flat_grad, self._ranges, self.rank_ranges, cap, self.group)
+            self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(i)) for i, p in enumerate(self._params)]
+            self._attach_grad_views()
+        super().__init__(groups, dict(self.inner.defaults))
+        self._sync_hyper(to_inner=False)
+
+    # ---- construction checks ---------------------------------------------------
+    def _check_uniform(self) -> None:
+        first = self._params[0]
+        for name, p in zip(self._names, self._params):
+            if p.device != first.device:
+                raise ValueError(f"parameter {name} is on {p.device} but {self._names[0]} is on {first.device}; "
+                                 "ShardedOptimizer needs all parameters on one device")
+            if p.dtype != first.dtype:
+                raise ValueError(f"parameter {name} has dtype {p.dtype} but {self._names[0]} has {first.dtype}; "
+                                 "ShardedOptimizer needs one parameter dtype")
+            if getattr(p, "_is_flat_param", False) or type(p).__name__ == "DTensor":
+                raise TypeError(f"parameter {name} is already sharded ({type(p).__name__}); use the dist8 optimizer "
+                                "directly with FSDP2 instead of ShardedOptimizer")
+
+    def _check_same_layout_on_all_ranks(self) -> None:
+        if self.world_size == 1:
+            return
+        mine = self.layout.fingerprint()
+        prints: list = [None] * self.world_size
+        dist.all_gather_object(prints, mine, group=self.group)
+        if all(fp == mine for fp in prints):
+            return
+        lists: list = [None] * self.world_size
+        dist.all_gather_object(lists, [(p.name, p.shape) for p in self.layout.params], group=self.group)
+        for r, other in enumerate(lists):
+            for i, (a, b) in enumerate(zip(lists[0], other)):
+                if a != b:
+                    raise ValueError(f"parameters differ across ranks: parameter {i} is {a[0]} {a[1]} on rank 0 "
+                                     f"but {b[0]} {b[1]} on rank {r}")
+            if len(other) != len(lists[0]):
+                raise ValueError(f"rank {r} has {len(other)} parameters, rank 0 has {len(lists[0])}")
+        raise ValueError("parameter layout (block size) differs across ranks")
+
+    # ---- views -------------------------------------------------------------------
+    def _owned(self, flat_start: int, numel: int) -> torch.Tensor:
+        """View of owned elements: into the fp32 master (low-precision params) or the flat parameter."""
+        if self.master is not None:
+            return self.master[flat_start - self.shard_lo : flat_start - self.shard_lo + numel]
+        return self.flat_param[flat_start : flat_start + numel]
+
+    def _attach_grad_views(self) -> None:
+        for (a, b), p in zip(self._ranges, self._params):
+            p.grad = self.flat_grad[a:b].view(p.shape)
+
+    def _make_hook(self, index: int):
+        def hook(p: torch.Tensor) -> None:
+            a, b = self._ranges[index]
+            view = self.flat_grad[a:b]
+            if p.grad.data_ptr() != view.data_ptr():  # e.g. after model.zero_grad(set_to_none=True)
+                view.copy_(p.grad.reshape(-1))
+                p.grad = view.view(p.shape)
+            if not self._accumulating and self.world_size > 1:
+                self.buckets.mark_ready(index)
+
+        return hook
+
+    # ---- gradient handling --------------------------------------------------------
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients locally (no communication) inside this context (stage 2)."""
+        previous, self._accumulating = self._accumulating, True
+        try:
+            yield
+        finally:
+            self._accumulating = previous
+
+    @property
+    def accumulate(self) -> bool:
+        """While True, backward passes only accumulate gradients (same as :meth:`no_sync`)."""
+        return self._accumulating
+
+    @accumulate.setter
+    def accumulate(self, value: bool) -> None:
+        self._accumulating = bool(value)
+
+    def _all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        values = values.to(self.device)
+        dist.all_reduce(values, group=self.group)
+        return values.cpu()
+
+    def _prepare_grads(self) -> None:
+        """Give every owned piece its averaged gradient (stage 2: reduce the buckets first)."""
+        if getattr(self, "_grads_ready", False):
+            return
+        if self.stage == 2:
+            if self.world_size > 1:
+                self.buckets.flush()
+            own = self.flat_grad[self.shard_lo : self.shard_hi]
+            if self.world_size > 1:
+                own.div_(self.world_size)
+        for piece, view in zip(self.pieces, self._piece_views):
+            start = self._ranges[piece.param][0] + piece.start
+            p = self._params[piece.param]
+            if self.stage == 2:
+                grad = self.flat_grad[start : start + piece.numel]
+            elif p.grad is None:
+                view.grad = None
+                continue
+            else:
+                grad = p.grad.reshape(-1)[piece.start : piece.stop]
+            view.grad = grad.float() if self.master is not None else grad
+        self._grads_ready = True
+
+    @torch.no_grad()
+    def clip_grad_norm(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip the global gradient (all ranks' blocks) to ``max_norm``; returns the total norm.
+
+        Same formula as ``torch.nn.utils.clip_grad_norm_``; call it after backward, before step.
+        """
+        if norm_type != 2.0:
+            raise ValueError(f"only norm_type=2 is supported, got {norm_type}")
+        self._prepare_grads()
+        local = torch.zeros(1, dtype=torch.float64)
+        for view in self._piece_views:
+            if view.grad is not None:
+                local += view.grad.double().square().sum().cpu()
+        total = self._all_reduce_sum(local) if self.world_size > 1 else local
+        total_norm = total.sqrt().float()[0]
+        coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+        for view in self._piece_views:
+            if view.grad is not None:
+                view.grad.mul_(coef.to(view.grad.device))
+        return total_norm
+
+    # ---- step -----------------------------------------------------------------------
+    def _sync_hyper(self, to_inner: bool) -> None:
+        for outer, inner in zip(self.param_groups, self.inner.param_groups):
+            for key in inner:
+                if key == "params":
+                    continue
+                if to_inner:
+                    inner[key] = outer[key]
+                else:
+                    outer[key] = inner[key]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Update this rank's blocks, then all-gather the parameters."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._prepare_grads()
+        self._sync_hyper(to_inner=True)
+        self.inner.step()
+        self._grads_ready = False
+        if self.master is not None:
+            self.flat_param[self.shard_lo : self.shard_hi].copy_(self.master)
+        self._all_gather_params()
+        return loss
+
+    def _all_gather_params(self) -> None:
+        if self.world_size == 1:
+            return
+        chunk = self.gather_chunk
+        longest = max(hi - lo for lo, hi in self.rank_ranges)
+        for k in range(0, longest, chunk):
+            lo, hi = self.rank_ranges[self.rank]
+            send = torch.zeros(chunk, dtype=self.dtype, device=self.device)
+            mine = self.flat_param[min(lo + k, hi) : min(lo + k + chunk, hi)]
+            send[: mine.numel()] = mine
+            received = [torch.empty_like(send) for _ in range(self.world_size)]
+            dist.all_gather(received, send, group=self.group)
+            self.bytes_gathered += send.numel() * send.element_size() * (self.world_size - 1)
+            for r, (rlo, rhi) in enumerate(self.rank_ranges):
+                a, b = min(rlo + k, rhi), min(rlo + k + chunk, rhi)
+                if r != self.rank and b > a:
+                    self.flat_param[a:b].copy_(received[r][: b - a])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero gradients. Stage 2 keeps gradients as views of its flat buffer and zeroes it in place."""
+        self._grads_ready = False
+        if self.stage == 2:
+            self.flat_grad.zero_()
+            self._attach_grad_views()
+            self.buckets.reset()
+        else:
+            for p in self._params:
+                if p.grad is not None:
+                    if set_to_none:
+                        p.grad = None
+                    else:
+                        p.grad.zero_()
+        for view in self._piece_views:
+            view.grad = None
+
+    # ---- introspection and state ------------------------------------------------------
+    def state_nbytes(self) -> int:
+        """Bytes of optimizer state on this rank (codes, absmax, 32-bit state, fp32 master)."""
+        master = self.master.numel() * 4 if self.master is not None else 0
+        return self.inner.state_nbytes() + master
+
+    @property
+    def nonfinite_skips(self) -> int:
+        return self.inner.nonfinite_skips
+
+    def shard_state(self) -> dict[int, dict[str, Any]]:
+        """This rank's state: global parameter index -> state of its owned piece."""
+        out = {}
+        for piece, view in zip(self.pieces, self._piece_views):
+            if self.inner.state.get(view):
+                out[piece.param] = self.inner.state[view]
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's shard: per-parameter piece state plus the layout it belongs to."""
+        return {
+            "format": "dist8.sharded/1",
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "layout": self.layout.describe(),
+            "fingerprint": self.layout.fingerprint(),
+            "pieces": [[p.param, p.start, p.stop] for p in self.pieces],
+            "state": self.shard_state(),
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict` saved by the same rank of the same world size.
+
+        To change the world size use :mod:`dist8.checkpoint` (which re-slices blocks).
+        """
+        if state_dict.get("format") != "dist8.sharded/1":
+            raise ValueError("not a ShardedOptimizer state_dict (missing format 'dist8.sharded/1')")
+        if state_dict["fingerprint"] != self.layout.fingerprint():
+            raise ValueError("state_dict was saved for different parameters (layout fingerprint differs)")
+        if state_dict["world_size"] != self.world_size or state_dict["rank"] != self.rank:
+            raise ValueError(f"state_dict is rank {state_dict['rank']} of {state_dict['world_size']}; this is rank "
+                             f"{self.rank} of {self.world_size}; use dist8.checkpoint to load at another world size")
+        self.load_shard_state(state_dict["state"])
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            group.update(saved)
+
+    def load_shard_state(self, shard_state: dict[int, dict[str, Any]]) -> None:
+        """Install per-piece state (global parameter index -> state); checks shapes via the inner optimizer."""
+        for piece, view in zip(self.pieces, self._piece_views):
+            st = shard_state.get(piece.param)
+            if st is None:
+                self.inner.state.pop(view, None)
+                continue
+            self.inner.state[view] = self.inner._checked_state(view, st)
+
+    def __repr__(self) -> str:
+        return (f"ShardedOptimizer({self.optimizer_class.__name__}, stage={self.stage}, rank {self.rank}/"
+                f"{self.world_size}, {len(self.pieces)} pieces, blocks "
+                f"{self.layout.block_ranges(self.world_size)[self.rank]})")
