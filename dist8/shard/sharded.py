@@ -371,6 +371,32 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 continue
             self.inner.state[view] = self.inner._checked_state(view, st)
 
+    def consolidated_state_dict(self, dst: int = 0) -> dict[str, Any] | None:
+        """The full state on rank ``dst`` (``None`` elsewhere), in the unsharded optimizer's format.
+
+        Loads into ``optimizer_class(model.parameters(), ...)`` on one process. Codes
+        and absmax travel as they are (see :mod:`dist8.shard.collectives`).
+        """
+        from dist8.shard.collectives import gather_state
+
+        full, sent = gather_state(self, dst)
+        self.last_state_bytes_sent = sent
+        if full is None:
+            return None
+        index_of = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                index_of.setdefault(p, len(index_of))
+        state = {}
+        for i, st in full.items():
+            p = self._params[i]
+            state[index_of[p]] = {
+                k: (v.view(p.shape) if k.startswith("state") else v) for k, v in st.items()
+            }
+        groups = [dict({k: v for k, v in g.items() if k != "params"}, params=[index_of[p] for p in g["params"]])
+                  for g in self.param_groups]
+        return {"state": state, "param_groups": groups}
+
     def __repr__(self) -> str:
         return (f"ShardedOptimizer({self.optimizer_class.__name__}, stage={self.stage}, rank {self.rank}/"
                 f"{self.world_size}, {len(self.pieces)} pieces, blocks "

@@ -1,0 +1,69 @@
+"""``dist8 ckpt info|verify|consolidate`` sub-commands."""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from dist8.checkpoint.convert import consolidate, describe
+from dist8.checkpoint.format import CheckpointError, read_metadata, verify_files
+
+__all__ = ["register"]
+
+
+def _info(args: argparse.Namespace) -> int:
+    summary = describe(args.path)
+    meta = summary["meta"]
+    print(f"{args.path}: dist8 checkpoint v{meta['version']} (dist8 {meta.get('dist8_version')}), optimizer "
+          f"{meta['optimizer']['class']}, step {meta.get('step')}, saved on {meta['world_size']} rank(s), "
+          f"block size {meta['block_size']}")
+    print(f"{'parameter':40s} {'shape':>18s} {'elements':>12s} {'state bytes':>12s} {'bytes/elem':>10s}")
+    total_n = total_b = 0
+    for p in meta["params"]:
+        n = math.prod(p["shape"])
+        b = summary["state_bytes"].get(p["name"], 0)
+        total_n, total_b = total_n + n, total_b + b
+        print(f"{p['name'][:40]:40s} {str(tuple(p['shape'])):>18s} {n:12d} {b:12d} {b / max(n, 1):10.3f}")
+    print(f"{'total':40s} {'':>18s} {total_n:12d} {total_b:12d} {total_b / max(total_n, 1):10.3f}")
+    for fname, f in sorted(meta["files"].items()):
+        print(f"  {fname}  {f['size']} bytes  sha256 {f['sha256'][:16]}...")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    meta = read_metadata(args.path)
+    verify_files(args.path, meta)
+    print(f"{args.path}: OK ({len(meta['files'])} files verified)")
+    return 0
+
+
+def _consolidate(args: argparse.Namespace) -> int:
+    out = consolidate(args.path, args.out)
+    print(f"wrote {out} (world size 1)")
+    return 0
+
+
+def _guard(func):
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except CheckpointError as exc:
+            print(f"dist8 ckpt: error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def register(subparsers) -> None:
+    ckpt = subparsers.add_parser("ckpt", help="inspect, verify and convert dist8 checkpoints")
+    sub = ckpt.add_subparsers(dest="ckpt_command", required=True)
+    p = sub.add_parser("info", help="table of parameters, bytes, world size and step")
+    p.add_argument("path")
+    p.set_defaults(func=_guard(_info))
+    p = sub.add_parser("verify", help="check sizes and sha256 of every file")
+    p.add_argument("path")
+    p.set_defaults(func=_guard(_verify))
+    p = sub.add_parser("consolidate", help="rewrite as a one-file, world-size-1 checkpoint")
+    p.add_argument("path")
+    p.add_argument("out")
+    p.set_defaults(func=_guard(_consolidate))

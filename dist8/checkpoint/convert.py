@@ -1,0 +1,144 @@
+"""Converters: bitsandbytes state dicts in, dequantized torch-Adam state out, and one-file consolidation."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dist8.checkpoint.format import (
+    FORMAT,
+    METADATA,
+    MODEL_FILE,
+    CheckpointError,
+    rank_file,
+    read_metadata,
+    sha256_file,
+    tensor_key,
+    verify_files,
+    write_json_atomic,
+)
+from dist8.quant import dequantize_blockwise, dynamic_map, num_blocks
+
+__all__ = ["from_bitsandbytes", "export_fp32_adam", "consolidate"]
+
+BNB_WRAPPER = "__bnb_optimizer_quant_state__"
+_BNB_DROP = {"qmap1", "qmap2", "unorm_vec", "gnorm_vec", "max1", "max2", "new_max1", "new_max2"}
+
+
+def from_bitsandbytes(state_dict: dict[str, Any], block_size: int = 256) -> dict[str, Any]:
+    """Turn a bitsandbytes block-wise 8-bit optimizer ``state_dict`` into a dist8 one (exact: same maps).
+
+    Unwraps ``__bnb_optimizer_quant_state__``; keeps ``state1/2`` codes, ``absmax1/2`` and
+    ``step``; checks that bitsandbytes' maps equal dist8's dynamic maps and that absmax
+    has one entry per ``block_size`` values. Load the result with ``optimizer.load_state_dict``.
+    """
+    out_state = {}
+    for pid, st in state_dict["state"].items():
+        st = dict(st)
+        st.update(st.pop(BNB_WRAPPER, {}))
+        for i, signed in ((1, True), (2, False)):
+            q = st.get(f"qmap{i}")
+            if q is not None and not torch.equal(q.float().cpu(), dynamic_map(signed)):
+                raise CheckpointError(f"parameter {pid}: qmap{i} is not the dynamic map dist8 uses")
+            s, a = st.get(f"state{i}"), st.get(f"absmax{i}")
+            if s is not None and s.dtype == torch.uint8:
+                if a is None or a.numel() != num_blocks(s.numel(), block_size):
+                    raise CheckpointError(f"parameter {pid}: absmax{i} does not hold one value per {block_size} "
+                                          "codes (not a block-wise 8-bit state)")
+        new = {k: v for k, v in st.items() if k not in _BNB_DROP}
+        step = new.get("step", 0)
+        new["step"] = int(step.item() if torch.is_tensor(step) else step)
+        for k, v in list(new.items()):
+            if torch.is_tensor(v) and k.startswith("state") and v.dtype != torch.uint8:
+                new[k] = v.float()
+        out_state[pid] = new
+    return {"state": out_state, "param_groups": [dict(g) for g in state_dict["param_groups"]]}
+
+
+def export_fp32_adam(state_dict: dict[str, Any], block_size: int = 256) -> dict[str, Any]:
+    """Dequantize an (Adam/AdamW-family) dist8 ``state_dict`` into torch.optim.AdamW's layout.
+
+    ``state1 -> exp_avg``, ``state2 -> exp_avg_sq`` (fp32), ``step`` as a float tensor.
+    """
+    out = {}
+    for pid, st in state_dict["state"].items():
+        entry: dict[str, Any] = {"step": torch.tensor(float(st["step"]))}
+        for i, key, signed in ((1, "exp_avg", True), (2, "exp_avg_sq", False)):
+            s = st[f"state{i}"]
+            entry[key] = (dequantize_blockwise(s, st[f"absmax{i}"].cpu(), dynamic_map(signed).to(s.device), block_size)
+                          if s.dtype == torch.uint8 else s.float().clone())
+        out[pid] = entry
+    groups = []
+    for g in state_dict["param_groups"]:
+        keep = {k: g[k] for k in ("lr", "betas", "eps", "weight_decay", "params") if k in g}
+        keep.update(amsgrad=False, maximize=False, foreach=None, capturable=False, differentiable=False, fused=None)
+        groups.append(keep)
+    return {"state": out, "param_groups": groups}
+
+
+def consolidate(path: str | os.PathLike, out: str | os.PathLike) -> str:
+    """Rewrite checkpoint ``path`` as a world-size-1 checkpoint in ``out`` (one optimizer file)."""
+    path, out = Path(path), Path(out)
+    meta = read_metadata(path)
+    verify_files(path, meta)
+    tensors: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    pieces = []
+    for rank, plist in sorted(meta["pieces"].items(), key=lambda kv: int(kv[0])):
+        fname = rank_file(int(rank), meta["world_size"])
+        with safe_open(str(path / fname), framework="pt") as handle:
+            for key in handle.keys():
+                name, _, skey = key.rpartition("::")
+                start = next(s for n, s, _e, _st in plist if n == name)
+                tensors.setdefault(key, []).append((start, handle.get_tensor(key)))
+        pieces += plist
+    merged = {}
+    for key, parts in tensors.items():
+        parts.sort(key=lambda t: t[0])
+        merged[key] = parts[0][1] if key.endswith("gnorm_vec") else torch.cat([t for _, t in parts])
+    steps = {}
+    for name, _s, _e, step in pieces:
+        steps[name] = step
+    shapes = {p["name"]: p["shape"] for p in meta["params"]}
+    whole = [[name, 0, int(torch.tensor(shapes[name]).prod()), steps[name]] for name in steps]
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    fname = rank_file(0, 1)
+    save_file(merged, str(tmp / fname), metadata={"format": FORMAT})
+    files = {fname: {"sha256": sha256_file(tmp / fname), "size": (tmp / fname).stat().st_size}}
+    if MODEL_FILE in meta["files"]:
+        shutil.copyfile(path / MODEL_FILE, tmp / MODEL_FILE)
+        files[MODEL_FILE] = meta["files"][MODEL_FILE]
+    new_meta = dict(meta, world_size=1, pieces={"0": whole}, files=files, consolidated_from=meta["world_size"])
+    write_json_atomic(tmp / METADATA, new_meta)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return str(out)
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """Summary used by ``dist8 ckpt info``: params with bytes per parameter and totals."""
+    meta = read_metadata(path)
+    sizes: dict[str, int] = {}
+    for fname in meta["files"]:
+        if fname == MODEL_FILE:
+            continue
+        header_len = int.from_bytes(open(Path(path) / fname, "rb").read(8), "little")
+        with open(Path(path) / fname, "rb") as f:
+            f.seek(8)
+            header = json.loads(f.read(header_len))
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            name = key.rpartition("::")[0]
+            a, b = info["data_offsets"]
+            sizes[name] = sizes.get(name, 0) + b - a
+    return {"meta": meta, "state_bytes": sizes}

@@ -1,0 +1,190 @@
+"""Collectives that move quantized optimizer state as it is: uint8 codes and fp32 absmax.
+
+Nothing here dequantizes. Pieces travel point to point from the rank that owns
+them straight into their place in the destination tensor, so no rank stages more
+than the piece in flight, and no rank ever holds an fp32 copy of 8-bit state.
+Every function returns the bytes it put on the wire so callers can report them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dist8.kernels import RULE_STATES
+from dist8.quant import num_blocks
+
+__all__ = ["gather_state", "scatter_state", "all_gather_state", "state_key_sizes", "fp32_state_bytes"]
+
+
+def state_key_sizes(key: str, numel: int, block_size: int) -> int:
+    """Length of a flattened state tensor of a parameter with ``numel`` elements."""
+    if key.startswith("absmax"):
+        return num_blocks(numel, block_size)
+    if key == "gnorm_vec":
+        return 100
+    return numel
+
+
+def _piece_range(key: str, start: int, stop: int, block_size: int) -> tuple[int, int]:
+    if key.startswith("absmax"):
+        return start // block_size, num_blocks(stop, block_size)
+    return start, stop
+
+
+def _owners(optimizer) -> list[list[tuple[int, int, int]]]:
+    """For each parameter: its pieces as (owner rank, start, stop)."""
+    owners: list[list[tuple[int, int, int]]] = [[] for _ in optimizer.layout.params]
+    for r in range(optimizer.world_size):
+        for piece in optimizer.layout.pieces(r, optimizer.world_size):
+            owners[piece.param].append((r, piece.start, piece.stop))
+    return owners
+
+
+def _key_specs(optimizer) -> list[dict[str, tuple[torch.dtype, int]]]:
+    """Per parameter: state key -> (dtype, full length), the same on every rank.
+
+    Owners know their piece's keys; one small all-gather of descriptions makes them global.
+    """
+    local = {}
+    for i, st in optimizer.shard_state().items():
+        local[i] = {k: str(v.dtype) for k, v in st.items() if torch.is_tensor(v)}
+        local[i]["__step__"] = int(st.get("step", 0))
+    gathered: list = [None] * optimizer.world_size
+    if optimizer.world_size > 1:
+        dist.all_gather_object(gathered, local, group=optimizer.group)
+    else:
+        gathered = [local]
+    specs: list[dict] = [{} for _ in optimizer.layout.params]
+    for per_rank in gathered:
+        for i, keys in per_rank.items():
+            specs[i].update(keys)
+    out = []
+    for slot, spec in zip(optimizer.layout.params, specs):
+        entry = {}
+        for key, dtype in spec.items():
+            if key == "__step__":
+                entry[key] = dtype
+                continue
+            entry[key] = (getattr(torch, dtype.split(".")[-1]), state_key_sizes(key, slot.numel, optimizer.layout.block_size))
+        out.append(entry)
+    return out
+
+
+def _global(optimizer, r: int) -> int:
+    return r if optimizer.group is None else dist.get_global_rank(optimizer.group, r)
+
+
+def gather_state(optimizer, dst: int = 0) -> tuple[dict[int, dict[str, Any]] | None, int]:
+    """Full per-parameter state of a :class:`ShardedOptimizer` on rank ``dst`` (``None`` elsewhere).
+
+    Returns ``(state, bytes_sent)``: ``state`` maps the parameter's layout index to
+    a dict of flattened tensors (codes uint8, absmax fp32, ...) and ``step``.
+    """
+    specs = _key_specs(optimizer)
+    mine = optimizer.shard_state()
+    full: dict[int, dict[str, Any]] | None = {} if optimizer.rank == dst else None
+    sent = 0
+    B = optimizer.layout.block_size
+    for i, pieces in enumerate(_owners(optimizer)):
+        spec = specs[i]
+        if not spec:
+            continue  # no rank has state for this parameter yet
+        if full is not None:
+            full[i] = {k: torch.empty(n, dtype=dt, device=optimizer.device) for k, v in spec.items()
+                       if k != "__step__" for dt, n in [v]}
+            full[i]["step"] = spec["__step__"]
+        for owner, start, stop in pieces:
+            for key in spec:
+                if key == "__step__" or key == "gnorm_vec" and start != 0:
+                    continue
+                a, b = (0, 100) if key == "gnorm_vec" else _piece_range(key, start, stop, B)
+                if owner == optimizer.rank == dst:
+                    full[i][key][a:b] = mine[i][key].reshape(-1)
+                elif optimizer.rank == owner:
+                    tensor = mine[i][key].reshape(-1).contiguous()
+                    dist.send(tensor, dst=_global(optimizer, dst), group=optimizer.group)
+                    sent += tensor.numel() * tensor.element_size()
+                elif optimizer.rank == dst:
+                    dist.recv(full[i][key][a:b], src=_global(optimizer, owner), group=optimizer.group)
+    return full, sent
+
+
+def scatter_state(optimizer, full_state: dict[int, dict[str, Any]] | None, src: int = 0) -> int:
+    """Inverse of :func:`gather_state`: rank ``src`` holds ``full_state``; every rank receives its pieces.
+
+    Returns the bytes sent (non-zero on ``src`` only).
+    """
+    if optimizer.world_size > 1:
+        meta = [None]
+        if optimizer.rank == src:
+            meta = [{i: {k: (str(v.dtype), v.numel()) if torch.is_tensor(v) else v for k, v in st.items()}
+                     for i, st in full_state.items()}]
+        dist.broadcast_object_list(meta, src=_global(optimizer, src), group=optimizer.group)
+        meta = meta[0]
+    else:
+        meta = {i: {k: (str(v.dtype), v.numel()) if torch.is_tensor(v) else v for k, v in st.items()}
+                for i, st in full_state.items()}
+    B = optimizer.layout.block_size
+    received: dict[int, dict[str, Any]] = {}
+    sent = 0
+    for i, pieces in enumerate(_owners(optimizer)):
+        if i not in meta:
+            continue
+        for owner, start, stop in pieces:
+            for key, desc in meta[i].items():
+                if not isinstance(desc, tuple):
+                    if owner == optimizer.rank:
+                        received.setdefault(i, {})[key] = desc
+                    continue
+                dtype = getattr(torch, desc[0].split(".")[-1])
+                a, b = (0, 100) if key == "gnorm_vec" else _piece_range(key, start, stop, B)
+                if owner == optimizer.rank == src:
+                    received.setdefault(i, {})[key] = full_state[i][key].reshape(-1)[a:b].clone().to(optimizer.device)
+                elif optimizer.rank == src:
+                    tensor = full_state[i][key].reshape(-1)[a:b].contiguous().to(optimizer.device)
+                    dist.send(tensor, dst=_global(optimizer, owner), group=optimizer.group)
+                    sent += tensor.numel() * tensor.element_size()
+                elif optimizer.rank == owner:
+                    buf = torch.empty(b - a, dtype=dtype, device=optimizer.device)
+                    dist.recv(buf, src=_global(optimizer, src), group=optimizer.group)
+                    received.setdefault(i, {})[key] = buf
+    optimizer.load_shard_state(received)
+    return sent
+
+
+def all_gather_state(optimizer) -> tuple[dict[int, dict[str, Any]], int]:
+    """Full per-parameter state on every rank (each piece broadcast by its owner)."""
+    specs = _key_specs(optimizer)
+    mine = optimizer.shard_state()
+    full: dict[int, dict[str, Any]] = {}
+    sent = 0
+    B = optimizer.layout.block_size
+    for i, pieces in enumerate(_owners(optimizer)):
+        spec = specs[i]
+        if not spec:
+            continue
+        full[i] = {k: torch.empty(n, dtype=dt, device=optimizer.device) for k, v in spec.items()
+                   if k != "__step__" for dt, n in [v]}
+        full[i]["step"] = spec["__step__"]
+        for owner, start, stop in pieces:
+            for key in spec:
+                if key == "__step__" or key == "gnorm_vec" and start != 0:
+                    continue
+                a, b = (0, 100) if key == "gnorm_vec" else _piece_range(key, start, stop, B)
+                view = full[i][key][a:b]
+                if owner == optimizer.rank:
+                    view.copy_(mine[i][key].reshape(-1))
+                    sent += view.numel() * view.element_size() * (optimizer.world_size - 1)
+                if optimizer.world_size > 1:
+                    buf = view.contiguous()
+                    dist.broadcast(buf, src=_global(optimizer, owner), group=optimizer.group)
+                    view.copy_(buf)
+    return full, sent
+
+
+def fp32_state_bytes(optimizer) -> int:
+    """Bytes the same state would take in fp32 (one float per element per state tensor)."""
+    n_states = len(RULE_STATES[optimizer.inner.rule])
+    return 4 * n_states * sum(p.numel for p in optimizer.layout.params)
