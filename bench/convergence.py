@@ -1,0 +1,150 @@
+"""Convergence benchmark: a small byte-level GPT on the CPython stdlib, fp32 AdamW vs 8-bit variants.
+
+Variants (the paper's ablation in miniature, plus the anchors where installed):
+  fp32            torch.optim.AdamW (fused where available)
+  dist8           dist8.AdamW8bit: dynamic map, block-wise (256)
+  dist8+stable    dist8.AdamW8bit with StableEmbedding (32-bit embedding state)
+  linear          dist8.AdamW8bit with the linear map (ablation)
+  no-blockwise    dist8.AdamW8bit with one absmax per tensor (ablation)
+  bitsandbytes    bitsandbytes.optim.AdamW8bit
+  torchao         torchao.optim.AdamW8bit
+
+Usage: python bench/convergence.py [--quick | --full] [--seeds 0 1 2] [--variants ...] [--out FILE]
+Prints a table of final validation loss (mean and spread over seeds) and writes JSON.
+Goal (issue 2): dist8 8-bit / fp32 final validation loss <= 1.01.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, print_table, write_json  # noqa: E402
+
+import dist8  # noqa: E402
+from dist8.train.config import DataConfig  # noqa: E402
+from dist8.train.data import load_corpus, sample_seed  # noqa: E402
+from dist8.train.model import GPT, GPTConfig  # noqa: E402
+
+PRESETS = {
+    "quick": dict(n_layer=2, d_model=128, n_head=4, seq_len=128, batch=16, steps=300, lr=3e-3, eval_batches=16),
+    "full": dict(n_layer=4, d_model=256, n_head=8, seq_len=256, batch=32, steps=2000, lr=1e-3, eval_batches=64),
+}
+ALL_VARIANTS = ["fp32", "dist8", "dist8+stable", "linear", "no-blockwise", "bitsandbytes", "torchao"]
+
+
+def make_optimizer(variant: str, model: torch.nn.Module, lr: float):
+    kw = dict(lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    named = list(model.named_parameters())
+    if variant == "fp32":
+        return torch.optim.AdamW([p for _, p in named], **kw)
+    if variant in ("dist8", "dist8+stable"):
+        return dist8.AdamW8bit(named, **kw)
+    if variant == "linear":
+        return dist8.AdamW8bit(named, quant_map="linear", **kw)
+    if variant == "no-blockwise":
+        return dist8.AdamW8bit(named, block_wise=False, **kw)
+    if variant == "bitsandbytes":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit([p for _, p in named], **kw)
+    if variant == "torchao":
+        from torchao.optim import AdamW8bit
+
+        return AdamW8bit([p for _, p in named], **kw)
+    raise ValueError(f"unknown variant {variant!r}; valid: {ALL_VARIANTS}")
+
+
+def lr_at(step: int, steps: int, lr: float) -> float:
+    warmup = max(1, steps // 10)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def run_one(variant: str, seed: int, preset: dict, corpus) -> dict:
+    torch.manual_seed(seed)
+    cfg = GPTConfig(n_layer=preset["n_layer"], n_head=preset["n_head"], d_model=preset["d_model"],
+                    seq_len=preset["seq_len"], stable_embedding=(variant == "dist8+stable"))
+    model = GPT(cfg)
+    opt = make_optimizer(variant, model, preset["lr"])
+    curve = []
+    t0 = time.perf_counter()
+    for step in range(preset["steps"]):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, preset["steps"], preset["lr"])
+        x, y = corpus.batch("train", sample_seed(seed, "train", step), cfg.seq_len, preset["batch"])
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        curve.append(loss.item())
+        if not math.isfinite(curve[-1]):
+            break
+    with torch.no_grad():
+        val = [model(*corpus.batch("val", sample_seed(seed, "val", i), cfg.seq_len, preset["batch"]))[1].item()
+               for i in range(preset["eval_batches"])]
+    val_loss = sum(val) / len(val)
+    diverged = not math.isfinite(val_loss) or val_loss > curve[0]
+    return {"variant": variant, "seed": seed, "val_loss": val_loss, "diverged": diverged,
+            "seconds": time.perf_counter() - t0, "curve": curve[:: max(1, len(curve) // 100)]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small preset (default)")
+    parser.add_argument("--full", action="store_true", help="larger preset for a real machine")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=ALL_VARIANTS, choices=ALL_VARIANTS)
+    parser.add_argument("--steps", type=int, default=None, help="override the preset's steps")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    preset = dict(PRESETS["full" if args.full else "quick"])
+    if args.steps:
+        preset["steps"] = args.steps
+    corpus = load_corpus(DataConfig(max_bytes=4_000_000), preset["seq_len"])
+    runs, errors = [], {}
+    for variant in args.variants:
+        for seed in args.seeds:
+            try:
+                runs.append(run_one(variant, seed, preset, corpus))
+                print(f"{variant:14s} seed {seed}: val loss {runs[-1]['val_loss']:.4f} ({runs[-1]['seconds']:.0f}s)",
+                      flush=True)
+            except Exception as exc:  # noqa: BLE001 - an anchor that fails is recorded, not fatal
+                errors[variant] = f"{type(exc).__name__}: {exc}"
+                print(f"{variant}: failed: {errors[variant]}", flush=True)
+                break
+    rows = []
+    fp32 = [r["val_loss"] for r in runs if r["variant"] == "fp32"]
+    for variant in args.variants:
+        vals = [r["val_loss"] for r in runs if r["variant"] == variant and not r["diverged"]]
+        all_runs = [r for r in runs if r["variant"] == variant]
+        if not all_runs:
+            continue
+        mean = statistics.mean(vals) if vals else float("nan")
+        rows.append({"variant": variant, "seeds": len(all_runs), "val_loss_mean": mean,
+                     "val_loss_spread": (max(vals) - min(vals)) if len(vals) > 1 else 0.0,
+                     "diverged": f"{sum(r['diverged'] for r in all_runs)}/{len(all_runs)}",
+                     "ratio_to_fp32": mean / statistics.mean(fp32) if fp32 and vals else None})
+    print_table(rows, ["variant", "seeds", "val_loss_mean", "val_loss_spread", "diverged", "ratio_to_fp32"])
+    dist8_row = next((r for r in rows if r["variant"] == "dist8"), None)
+    goal = {"goal": "dist8 8-bit / fp32 final validation loss <= 1.01",
+            "ratio": dist8_row["ratio_to_fp32"] if dist8_row else None}
+    goal["met"] = goal["ratio"] is not None and goal["ratio"] <= 1.01
+    print(f"goal: {goal['goal']}: ratio {goal['ratio']}, {'met' if goal['met'] else 'NOT met'}")
+    payload = {"benchmark": "convergence", "machine": machine(), "preset": preset, "rows": rows, "runs": runs,
+               "errors": errors, "goal": goal}
+    print(f"wrote {write_json('convergence', payload, args.out)}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

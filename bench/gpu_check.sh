@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# GPU check for the dist8 CUDA kernels: build, bit-exactness tests, step benchmark.
+# Usage: bench/gpu_check.sh OUTDIR      (finishes in well under 8 minutes)
+set -u
+OUT="${1:?usage: bench/gpu_check.sh OUTDIR}"
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+export DIST8_BUILD_DIR="${DIST8_BUILD_DIR:-$OUT/build}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+python -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())" > "$OUT/env.txt" 2>&1
+
+echo "== build"
+start=$(date +%s)
+timeout 240 python -c "
+from dist8.kernels import native
+b = native.load_backend('cuda'); print('loaded', b.name)
+" > "$OUT/build.log" 2>&1
+echo "build rc=$? in $(( $(date +%s) - start ))s" | tee -a "$OUT/build.log"
+
+echo "== tests"
+timeout 150 python -m pytest tests/test_kernels_cuda.py -q -x -p no:cacheprovider > "$OUT/test_kernels_cuda.log" 2>&1
+echo "tests rc=$?" | tee -a "$OUT/test_kernels_cuda.log"
+tail -3 "$OUT/test_kernels_cuda.log"
+
+echo "== bench"
+timeout 150 python bench/step.py --device cuda --sizes 16M,64M,256M --dtypes fp32,bf16 --reps 10 \
+  --out "$OUT/step-cuda.json" > "$OUT/bench.log" 2>&1
+echo "bench rc=$?" | tee -a "$OUT/bench.log"
+tail -30 "$OUT/bench.log"

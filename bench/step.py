@@ -1,0 +1,221 @@
+"""Optimizer step time: dist8 AdamW8bit vs torch AdamW (foreach, fused), bitsandbytes and torchao AdamW8bit.
+
+Median of >= 10 timed steps after warm-up, candidates interleaved round by round
+in one process. Reports ms/step, effective GB/s (bytes the step must move:
+param read+write, grad read, state read+write) and the ratio of that to the
+memory-bandwidth bound measured here with a large copy.
+
+    python bench/step.py --device cpu --sizes 1M,16M --out bench/results/step-$(hostname).json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+
+def parse_size(s: str) -> int:
+    s = s.strip().upper()
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(s[-1], 1)
+    return int(float(s[:-1] if s[-1] in "KMG" else s) * mult)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device, n=1 << 26) -> float:
+    """GB/s of a large device copy (read + write), the bytes-moved bound."""
+    a = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
+    b = torch.empty_like(a)
+    for _ in range(2):
+        b.copy_(a)
+    sync(device)
+    ts = []
+    for _ in range(5):
+        t = time.perf_counter()
+        b.copy_(a)
+        sync(device)
+        ts.append(time.perf_counter() - t)
+    return 2 * a.numel() * 4 / min(ts) / 1e9
+
+
+def make_param(n, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    p = torch.nn.Parameter((torch.randn(n, generator=g) * 0.02).to(device=device, dtype=dtype))
+    p.grad = (torch.randn(n, generator=g) * 1e-3).to(device=device, dtype=dtype)
+    return p
+
+
+def candidates(n, dtype, device, which):
+    """name -> (step callable, bytes moved per step)."""
+    es = torch.tensor([], dtype=dtype).element_size()
+    bytes8 = n * (2 * es + es + 2 * 2)  # param r/w, grad r, 2 uint8 states r/w (absmax negligible)
+    bytes32 = n * (2 * es + es + 2 * 2 * es)  # torch keeps the states in the param dtype
+    out = {}
+
+    def add(name, factory, nbytes):
+        if which and not any(w in name for w in which):
+            return
+        try:
+            out[name] = (factory(), nbytes, None)
+        except Exception as exc:  # noqa: BLE001 - record and go on
+            out[name] = (None, nbytes, f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
+
+    def dist8_kernel():
+        from dist8.kernels import get_backend
+        from dist8.kernels.rules import Rule, Scalars
+        from dist8.quant import dynamic_map
+
+        backend = get_backend(device)
+        if backend.name == "reference":
+            raise RuntimeError("native kernels unavailable (reference backend)")
+        p = make_param(n, dtype, device)
+        bs = 256
+        nb = (n + bs - 1) // bs
+        s1 = torch.zeros(n, dtype=torch.uint8, device=device)
+        s2 = torch.zeros(n, dtype=torch.uint8, device=device)
+        q1, q2 = dynamic_map(True).to(device), dynamic_map(False).to(device)
+        s1.fill_(int(torch.searchsorted(q1, torch.tensor(0.0))))
+        s2.fill_(int(torch.searchsorted(q2, torch.tensor(0.0))))
+        a1 = torch.zeros(nb, device=device)
+        a2 = torch.zeros(nb, device=device)
+        state = {"t": 0}
+
+        def step():
+            state["t"] += 1
+            t = state["t"]
+            bc1, bc2 = 1 - 0.9**t, 1 - 0.999**t
+            c = Scalars(lr=1e-3 / bc1, beta1=0.9, one_minus_beta1=0.1, beta2=0.999, one_minus_beta2=1 - 0.999,
+                        eps=1e-8, decay=1 - 1e-3 * 1e-2, bc2_sqrt=math.sqrt(bc2))
+            backend.fused_update(Rule.ADAM, p.data, p.grad, s1, s2, a1, a2, q1, q2, c, 0, bs)
+
+        return step
+
+    def dist8_optim():
+        import dist8.optim
+
+        p = make_param(n, dtype, device)
+        opt = dist8.optim.AdamW8bit([p], lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, block_size=256)
+        return opt.step
+
+    def torch_adamw(**kw):
+        def factory():
+            p = make_param(n, dtype, device)
+            opt = torch.optim.AdamW([p], lr=1e-3, **kw)
+            return opt.step
+        return factory
+
+    def bnb():
+        import bitsandbytes as bnb_mod
+
+        p = make_param(n, dtype, device)
+        opt = bnb_mod.optim.AdamW8bit([p], lr=1e-3, min_8bit_size=0)
+        opt.step()  # fail here rather than in the timed loop
+        return opt.step
+
+    def torchao():
+        from torchao.optim import AdamW8bit
+
+        p = make_param(n, dtype, device)
+        opt = AdamW8bit([p], lr=1e-3, block_size=256)
+        opt.step()
+        return opt.step
+
+    add("dist8 kernel AdamW8bit", dist8_kernel, bytes8)
+    add("dist8.optim.AdamW8bit", dist8_optim, bytes8)
+    add("torch AdamW fused", torch_adamw(fused=True), bytes32)
+    add("torch AdamW foreach", torch_adamw(foreach=True), bytes32)
+    add("bitsandbytes AdamW8bit", bnb, bytes8)
+    add("torchao AdamW8bit", torchao, bytes8)
+    return out
+
+
+def run(args):
+    device = torch.device(args.device)
+    bw = copy_bandwidth(device)
+    results = []
+    print(f"device={device} threads={torch.get_num_threads()} copy bandwidth={bw:.1f} GB/s", flush=True)
+    for size_s in args.sizes.split(","):
+        n = parse_size(size_s)
+        for dtype_name in args.dtypes.split(","):
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+            cands = candidates(n, dtype, device, [w for w in args.only.split(",") if w])
+            live = {k: v for k, v in cands.items() if v[0] is not None}
+            errors = {k: v[2] for k, v in cands.items() if v[0] is not None and False}
+            for name, (fn, _, err) in list(live.items()):
+                try:
+                    for _ in range(args.warmup):
+                        fn()
+                    sync(device)
+                except Exception as exc:  # noqa: BLE001
+                    cands[name] = (None, cands[name][1], f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
+                    live.pop(name)
+            times = {k: [] for k in live}
+            for _ in range(args.reps):
+                for name, (fn, _, _) in live.items():
+                    sync(device)
+                    t = time.perf_counter()
+                    fn()
+                    sync(device)
+                    times[name].append(time.perf_counter() - t)
+            for name, (fn, nbytes, err) in cands.items():
+                row = {"size": n, "size_label": size_s, "dtype": dtype_name, "optimizer": name, "bytes": nbytes}
+                if name in times:
+                    med = statistics.median(times[name])
+                    row.update(ms=med * 1e3, ms_min=min(times[name]) * 1e3, gbps=nbytes / med / 1e9,
+                               bound_ratio=(nbytes / med / 1e9) / bw, reps=len(times[name]))
+                else:
+                    row.update(error=err or "not run")
+                results.append(row)
+            del cands, live
+    return bw, results
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--sizes", default="1M,16M", help="comma list, e.g. 1M,16M,64M,256M")
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--only", default="", help="comma list of substrings of optimizer names to run")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / f"step-{socket.gethostname()}.json"))
+    args = ap.parse_args(argv)
+    args.reps = max(args.reps, 10)
+    bw, results = run(args)
+    print(f"\n{'size':>6} {'dtype':>5}  {'optimizer':<26} {'ms/step':>9} {'GB/s':>7} {'of bound':>8}")
+    for r in results:
+        if "ms" in r:
+            print(f"{r['size_label']:>6} {r['dtype']:>5}  {r['optimizer']:<26} {r['ms']:9.2f} {r['gbps']:7.1f} "
+                  f"{r['bound_ratio']:8.2f}")
+        else:
+            print(f"{r['size_label']:>6} {r['dtype']:>5}  {r['optimizer']:<26} {'FAILED':>9}  {r['error'][:70]}")
+    meta = {
+        "host": socket.gethostname(), "device": str(args.device), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+        "copy_bandwidth_gbps": bw, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

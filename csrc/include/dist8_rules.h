@@ -1,0 +1,182 @@
+// dist8_rules.h -- the update rules and the exact nearest-code quantization,
+// shared by the C++ (CPU) and CUDA kernels.
+//
+// This header mirrors dist8/kernels/rules.py and dist8/quant/blockwise.py
+// operation for operation: same order of float32 operations, no fused
+// multiply-add (host code is compiled with -ffp-contract=off; device code uses
+// the __f*_rn intrinsics, which are never contracted), IEEE correctly rounded
+// division and sqrt. Change both sides together.
+#pragma once
+
+#include <stdint.h>
+#include <string.h>
+#ifndef __CUDACC__
+#include <cmath>
+#endif
+
+#if defined(__CUDACC__)
+#define D8_HD __host__ __device__ __forceinline__
+#else
+#define D8_HD inline
+#endif
+
+namespace dist8 {
+
+// Rule ids: keep in sync with dist8.kernels.rules.Rule.
+enum Rule : int { ADAM = 0, LAMB = 1, SGD = 2, LARS = 3, RMSPROP = 4, ADAGRAD = 5, LION = 6 };
+constexpr int NUM_RULES = 7;
+constexpr int FLAG_FIRST_STEP = 1;
+constexpr int FLAG_NESTEROV = 2;
+
+// Field order of dist8.kernels.rules.Scalars (all float32).
+struct Scalars {
+  float lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, grad_wd, decay, bc1, bc2_sqrt,
+      grad_scale, update_wd;
+};
+constexpr int NUM_SCALARS = 12;
+
+D8_HD int rule_num_states(int rule) { return (rule == ADAM || rule == LAMB) ? 2 : 1; }
+D8_HD bool rule_writes_update(int rule) { return rule == LAMB || rule == LARS; }
+
+// ---- float32 arithmetic that is never contracted into an FMA --------------
+#if defined(__CUDA_ARCH__)
+D8_HD float fmul(float a, float b) { return __fmul_rn(a, b); }
+D8_HD float fadd(float a, float b) { return __fadd_rn(a, b); }
+D8_HD float fsub(float a, float b) { return __fsub_rn(a, b); }
+D8_HD float fdiv(float a, float b) { return __fdiv_rn(a, b); }
+D8_HD float fsqrt(float a) { return __fsqrt_rn(a); }
+#else
+D8_HD float fmul(float a, float b) { return a * b; }
+D8_HD float fadd(float a, float b) { return a + b; }
+D8_HD float fsub(float a, float b) { return a - b; }
+D8_HD float fdiv(float a, float b) { return a / b; }
+D8_HD float fsqrt(float a) { return std::sqrt(a); }  // IEEE: correctly rounded
+#endif
+
+D8_HD uint32_t f2u(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  memcpy(&u, &x, 4);
+  return u;
+#endif
+}
+D8_HD float u2f(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float x;
+  memcpy(&x, &u, 4);
+  return x;
+#endif
+}
+
+// ---- the rules (see dist8/kernels/rules.py) ---------------------------------
+// Adam / AdamW (LAMB=false) and LAMB (LAMB=true: returns the update direction u).
+template <bool IS_LAMB>
+D8_HD float rule_adam(float p, float g, float& m, float& v, const Scalars& c) {
+  g = fmul(g, c.grad_scale);
+  g = fadd(g, fmul(c.grad_wd, p));
+  m = fadd(fmul(c.beta1, m), fmul(c.one_minus_beta1, g));
+  v = fadd(fmul(c.beta2, v), fmul(c.one_minus_beta2, fmul(g, g)));
+  const float denom = fadd(fdiv(fsqrt(v), c.bc2_sqrt), c.eps);
+  if (IS_LAMB) {
+    const float u = fdiv(fdiv(m, c.bc1), denom);
+    return fadd(u, fmul(c.update_wd, p));
+  }
+  p = fmul(p, c.decay);
+  return fsub(p, fmul(c.lr, fdiv(m, denom)));
+}
+
+// SGD with momentum (IS_LARS=false) and LARS (IS_LARS=true: returns the direction d).
+template <bool IS_LARS>
+D8_HD float rule_momentum(float p, float g, float& m, const Scalars& c, int flags) {
+  g = fmul(g, c.grad_scale);
+  g = fadd(g, fmul(c.grad_wd, p));
+  m = (flags & FLAG_FIRST_STEP) ? g : fadd(fmul(c.beta1, m), fmul(c.one_minus_beta1, g));
+  const float d = (flags & FLAG_NESTEROV) ? fadd(g, fmul(c.beta1, m)) : m;
+  if (IS_LARS) return d;
+  return fsub(p, fmul(c.lr, d));
+}
+
+D8_HD float rule_rmsprop(float p, float g, float& v, const Scalars& c) {
+  g = fmul(g, c.grad_scale);
+  g = fadd(g, fmul(c.grad_wd, p));
+  v = fadd(fmul(c.beta1, v), fmul(c.one_minus_beta1, fmul(g, g)));
+  return fsub(p, fmul(c.lr, fdiv(g, fadd(fsqrt(v), c.eps))));
+}
+
+D8_HD float rule_adagrad(float p, float g, float& s, const Scalars& c) {
+  g = fmul(g, c.grad_scale);
+  g = fadd(g, fmul(c.grad_wd, p));
+  s = fadd(s, fmul(g, g));
+  return fsub(p, fmul(c.lr, fdiv(g, fadd(fsqrt(s), c.eps))));
+}
+
+// torch.sign: (0 < a) - (a < 0); +0 for zeros and NaN.
+D8_HD float torch_sign(float a) { return (float)((0.0f < a) - (a < 0.0f)); }
+
+D8_HD float rule_lion(float p, float g, float& m, const Scalars& c) {
+  g = fmul(g, c.grad_scale);
+  const float direction = torch_sign(fadd(fmul(c.beta1, m), fmul(c.one_minus_beta1, g)));
+  p = fmul(p, c.decay);
+  p = fsub(p, fmul(c.lr, direction));
+  m = fadd(fmul(c.beta2, m), fmul(c.one_minus_beta2, g));
+  return p;
+}
+
+// ---- block-wise quantization (see dist8/quant/blockwise.py) ----------------
+// The scale a block is normalised by: absmax if absmax > 0 (NaN -> 1).
+D8_HD float block_scale(float absmax) { return absmax > 0.0f ? absmax : 1.0f; }
+
+// Bits of |x| as an unsigned int: for non-negative floats integer order is float
+// order and NaNs compare above +inf, so max over these bits is torch's amax of
+// |x| (NaN-propagating).
+D8_HD uint32_t abs_bits(float x) { return f2u(x) & 0x7FFFFFFFu; }
+D8_HD float absmax_from_bits(uint32_t b) { return u2f(b); }
+
+// torch.searchsorted(side='left') on 256 entries: the first index i with
+// qmap[i] >= x (256 when none; NaN gives 256). Same binary search as torch.
+D8_HD int lower_bound256(float x, const float* qmap) {
+  int start = 0, end = 256;
+  while (start < end) {
+    const int mid = start + ((end - start) >> 1);
+    if (!(qmap[mid] >= x)) start = mid + 1;
+    else end = mid;
+  }
+  return start;
+}
+
+// Exact nearest code given the lower bound of x (clamped as the reference does).
+D8_HD int nearest_from_lower_bound(float x, int hi, const float* qmap) {
+  hi = hi > 255 ? 255 : hi;
+  const int lo = hi - 1 < 0 ? 0 : hi - 1;
+  const float q_lo = qmap[lo], q_hi = qmap[hi];
+  const float d_lo = fsub(x, q_lo), d_hi = fsub(q_hi, x);
+  const bool take_lo = (d_lo < d_hi) || ((d_lo == d_hi) && (fabsf(q_lo) <= fabsf(q_hi)));
+  return take_lo ? lo : hi;
+}
+
+// dist8.quant.nearest_code for one float32 value (x already normalised).
+D8_HD int nearest_code(float x, const float* qmap) { return nearest_from_lower_bound(x, lower_bound256(x, qmap), qmap); }
+
+// Monotone integer key of a float: unsigned order of keys == float order
+// (-0 just below +0; NaNs at both ends).
+D8_HD uint32_t float_key(float x) {
+  const uint32_t b = f2u(x);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+D8_HD float key_float(uint32_t k) { return u2f((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k); }
+
+// ---- reduced-precision conversions (bit-exact with c10 / torch .to()) -------
+D8_HD float bf16_bits_to_float(uint16_t h) { return u2f(((uint32_t)h) << 16); }
+// c10::BFloat16 round_to_nearest_even.
+D8_HD uint16_t float_to_bf16_bits(float f) {
+  if (f != f) return 0x7FC0;
+  const uint32_t u = f2u(f);
+  const uint32_t bias = ((u >> 16) & 1u) + 0x7FFFu;
+  return (uint16_t)((u + bias) >> 16);
+}
+
+}  // namespace dist8

@@ -1,0 +1,275 @@
+"""Native (C++ / CUDA) fused update kernels, built on first use.
+
+``load_backend("cpu")`` / ``load_backend("cuda")`` JIT-compiles ``csrc/cpu/dist8_cpu.cpp``
+or ``csrc/cuda/dist8_cuda.cu`` with :func:`torch.utils.cpp_extension.load` (ninja;
+cached in the default torch extensions directory, or ``DIST8_BUILD_DIR``) and
+returns a backend with the interface of
+:class:`dist8.kernels.reference.ReferenceBackend`. The ops are registered in the
+``dist8`` torch.library namespace: ``torch.ops.dist8.fused_update_``,
+``quantize_blockwise``, ``dequantize_blockwise`` and ``all_finite``.
+
+Environment:
+    DIST8_BUILD_DIR   where to build (default: torch's extensions directory)
+    DIST8_PORTABLE=1  build the CPU kernels without ``-march=native`` (scalar
+                      quantization path, runs on any x86-64 / aarch64)
+    DIST8_CUDA_ARCH   CUDA archs, e.g. "8.0;9.0" (default: the visible GPU's)
+"""
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from dist8.kernels.rules import RULE_STATES, Rule, Scalars
+
+__all__ = ["load_backend", "NativeBackend", "csrc_dir"]
+
+_SCHEMAS = {
+    "fused_update_": (
+        "fused_update_(int rule, Tensor(a!) param, Tensor grad, Tensor(b!) state1, Tensor(c!) state2, "
+        "Tensor(d!) absmax1, Tensor(e!) absmax2, Tensor qmap1, Tensor qmap2, float[] scalars, int flags, "
+        "int block_size, Tensor(f!) update_out) -> ()"
+    ),
+    "quantize_blockwise": "quantize_blockwise(Tensor x, Tensor qmap, int block_size) -> (Tensor, Tensor)",
+    "dequantize_blockwise": "dequantize_blockwise(Tensor codes, Tensor absmax, Tensor qmap, int block_size) -> Tensor",
+    "all_finite": "all_finite(Tensor x) -> bool",
+}
+
+_lock = threading.Lock()
+_library = None
+_backends: dict[str, "NativeBackend"] = {}
+
+
+def csrc_dir() -> Path:
+    """The kernel sources: ``<repo>/csrc`` (source checkout) or ``dist8/csrc`` (installed)."""
+    here = Path(__file__).resolve()
+    for candidate in (here.parents[2] / "csrc", here.parents[1] / "csrc"):
+        if (candidate / "include" / "dist8_rules.h").is_file():
+            return candidate
+    raise FileNotFoundError("dist8: kernel sources (csrc/) not found next to the package")
+
+
+def _define_ops() -> None:
+    global _library
+    if _library is not None:
+        return
+    lib = torch.library.Library("dist8", "DEF")  # noqa: TOR901 - the ops are implemented in C++
+    for schema in _SCHEMAS.values():
+        lib.define(schema)
+    _library = lib
+
+
+def _build_dir(name: str) -> str | None:
+    root = os.environ.get("DIST8_BUILD_DIR")
+    if not root:
+        return None
+    path = os.path.join(root, name)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _needs_build(name: str, build_dir: str | None, sources: list[Path]) -> bool:
+    from torch.utils import cpp_extension
+
+    directory = build_dir or cpp_extension._get_build_directory(name, verbose=False)
+    built = glob.glob(os.path.join(directory, f"{name}*.so"))
+    if not built:
+        return True
+    newest_src = max(p.stat().st_mtime for p in sources)
+    return max(os.path.getmtime(b) for b in built) < newest_src
+
+
+def _cpu_flags() -> list[str]:
+    flags = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
+    if os.environ.get("DIST8_PORTABLE", "") not in ("", "0"):
+        flags.append("-DDIST8_NO_SIMD")
+    else:
+        import platform
+
+        if platform.machine() in ("x86_64", "AMD64"):
+            flags += ["-march=native", "-mprefer-vector-width=512"]
+        else:
+            flags += ["-mcpu=native"]
+    return flags
+
+
+def _load_extension(kind: str) -> None:
+    from torch.utils import cpp_extension
+
+    src = csrc_dir()
+    include = str(src / "include")
+    if kind == "cpu":
+        name = "dist8_cpu" + ("_portable" if os.environ.get("DIST8_PORTABLE", "") not in ("", "0") else "")
+        sources = [src / "cpu" / "dist8_cpu.cpp"]
+        kwargs = dict(extra_cflags=_cpu_flags(), extra_ldflags=["-fopenmp"], with_cuda=False)
+    elif kind == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("dist8: CUDA kernels requested but torch.cuda.is_available() is False")
+        if os.environ.get("DIST8_CUDA_ARCH"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ["DIST8_CUDA_ARCH"]
+        name = "dist8_cuda"
+        sources = [src / "cuda" / "dist8_cuda.cu"]
+        kwargs = dict(
+            extra_cflags=["-O3", "-ffp-contract=off"],
+            extra_cuda_cflags=["-O3", "--fmad=false", "-Xcompiler", "-ffp-contract=off"],
+            with_cuda=True,
+        )
+    else:
+        raise ValueError(f"kind must be 'cpu' or 'cuda', got {kind!r}")
+    headers = [src / "include" / "dist8_rules.h"]
+    build_dir = _build_dir(name)
+    if _needs_build(name, build_dir, sources + headers):
+        print(f"dist8: building {kind} kernels (first use, ~1 min)...", file=sys.stderr, flush=True)
+    cpp_extension.load(
+        name=name,
+        sources=[str(s) for s in sources],
+        extra_include_paths=[include],
+        build_directory=build_dir,
+        is_python_module=False,
+        verbose=os.environ.get("DIST8_VERBOSE_BUILD", "") not in ("", "0"),
+        **kwargs,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Validation helpers
+# ---------------------------------------------------------------------------
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_tensor(t: torch.Tensor, name: str, numel: int, device: torch.device, dtypes) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but param is on {device}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} has dtype {t.dtype}; expected one of {tuple(str(d) for d in dtypes)}")
+    if t.numel() != numel:
+        raise ValueError(f"{name} has {t.numel()} elements, expected {numel}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (a contiguous view with a storage offset is fine)")
+    return t.detach()
+
+
+class NativeBackend:
+    """Fused update kernels of one device kind ("cpu" or "cuda")."""
+
+    def __init__(self, kind: str):
+        self.name = kind
+        self._device_type = kind
+        self._empty: dict[torch.device, torch.Tensor] = {}
+        self._ops = torch.ops.dist8
+
+    def _none(self, device: torch.device) -> torch.Tensor:
+        t = self._empty.get(device)
+        if t is None:
+            t = self._empty[device] = torch.empty(0, dtype=torch.float32, device=device)
+        return t
+
+    def _qmap(self, qmap, name: str, device: torch.device) -> torch.Tensor:
+        if qmap is None:
+            raise ValueError(f"{name} is required for an 8-bit state")
+        if qmap.dtype != torch.float32 or qmap.numel() != 256:
+            raise ValueError(f"{name} must be float32 with 256 entries, got {qmap.dtype} with {qmap.numel()}")
+        if qmap.device != device:
+            qmap = qmap.to(device)
+        return qmap.detach().contiguous()
+
+    def fused_update(
+        self,
+        rule: Rule,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        state1: torch.Tensor,
+        state2: torch.Tensor | None,
+        absmax1: torch.Tensor | None,
+        absmax2: torch.Tensor | None,
+        qmap1: torch.Tensor | None,
+        qmap2: torch.Tensor | None,
+        scalars: Scalars,
+        flags: int,
+        block_size: int,
+        update_out: torch.Tensor | None = None,
+    ) -> None:
+        """Same contract as :meth:`ReferenceBackend.fused_update`, bit-identical results."""
+        rule = Rule(rule)
+        if isinstance(block_size, bool) or not isinstance(block_size, int):
+            raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
+        if block_size < 64 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 64, got {block_size}")
+        device = param.device
+        if device.type != self._device_type:
+            raise ValueError(f"param is on {device}; the {self.name} backend updates {self._device_type} tensors")
+        n = param.numel()
+        p = _check_tensor(param, "param", n, device, _FLOATS)
+        g = _check_tensor(grad, "grad", n, device, _FLOATS)
+        nblocks = (n + block_size - 1) // block_size
+        nstates = len(RULE_STATES[rule])
+        empty = self._none(device)
+        args = []
+        for i, (state, absmax, qmap) in enumerate(((state1, absmax1, qmap1), (state2, absmax2, qmap2)), start=1):
+            if i > nstates:
+                args.append((empty, empty, empty))
+                continue
+            if state is None:
+                raise ValueError(f"state{i} is required by {rule.name}")
+            if absmax is None:
+                s = _check_tensor(state, f"state{i}", n, device, (torch.float32,))
+                args.append((s, empty, empty))
+            else:
+                s = _check_tensor(state, f"state{i}", n, device, (torch.uint8,))
+                a = _check_tensor(absmax, f"absmax{i}", nblocks, device, (torch.float32,))
+                args.append((s, a, self._qmap(qmap, f"qmap{i}", device)))
+        if update_out is not None:
+            out = _check_tensor(update_out, "update_out", n, device, _FLOATS)
+        else:
+            out = empty
+        if isinstance(scalars, Scalars):
+            values = [float(x) for x in scalars.as_tuple()]
+        else:
+            values = [float(x) for x in scalars]
+        if len(values) != 12:
+            raise ValueError(f"scalars must have 12 values, got {len(values)}")
+        (s1, a1, q1), (s2, a2, q2) = args
+        with torch.no_grad():
+            self._ops.fused_update_(
+                int(rule), p, g, s1, s2, a1, a2, q1, q2, values, int(flags), int(block_size), out
+            )
+
+    def quantize_blockwise(self, x: torch.Tensor, qmap: torch.Tensor, block_size: int = 256):
+        """Like :func:`dist8.quant.quantize_blockwise` (bit-identical)."""
+        if block_size < 64 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 64, got {block_size}")
+        q = self._qmap(qmap, "qmap", x.device)
+        return self._ops.quantize_blockwise(x.detach(), q, int(block_size))
+
+    def dequantize_blockwise(self, codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor, block_size: int = 256):
+        """Like :func:`dist8.quant.dequantize_blockwise` (bit-identical)."""
+        if block_size < 64 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 64, got {block_size}")
+        nb = (codes.numel() + block_size - 1) // block_size
+        if absmax.numel() != nb:
+            raise ValueError(f"absmax has {absmax.numel()} entries but {codes.numel()} codes need {nb}")
+        q = self._qmap(qmap, "qmap", codes.device)
+        return self._ops.dequantize_blockwise(codes.detach(), absmax.detach(), q, int(block_size))
+
+    def all_finite(self, grad: torch.Tensor) -> bool:
+        """True when every element of ``grad`` is finite."""
+        return bool(self._ops.all_finite(grad.detach()))
+
+
+def load_backend(kind: str) -> NativeBackend:
+    """Build (first use) and load the ``kind`` ("cpu" or "cuda") kernels; raises if the build fails."""
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"kind must be 'cpu' or 'cuda', got {kind!r}")
+    with _lock:
+        backend = _backends.get(kind)
+        if backend is None:
+            _define_ops()
+            _load_extension(kind)
+            backend = _backends[kind] = NativeBackend(kind)
+        return backend

@@ -1,0 +1,168 @@
+"""Shared cases for the native-kernel tests (CPU and CUDA): every rule, 8/32-bit
+state, param/grad dtypes, odd sizes, block sizes, flags and magnitudes, stepped
+side by side with the reference backend on identical inputs."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dist8.kernels.reference import ReferenceBackend
+from dist8.kernels.rules import FLAG_FIRST_STEP, FLAG_NESTEROV, RULE_STATES, RULE_WRITES_UPDATE, Rule, Scalars
+from dist8.quant import dynamic_map, linear_map, quantize_blockwise
+
+REFERENCE = ReferenceBackend()
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def scalars_for(rule: Rule, step: int, gen: torch.Generator) -> Scalars:
+    """Realistic but varied per-step scalars (every field non-trivial for its rule)."""
+    t = step + 1
+    u = float(torch.rand((), generator=gen))
+    grad_scale = 1.0 if step % 3 else 0.5 + u
+    if rule in (Rule.ADAM, Rule.LAMB):
+        b1, b2, lr, wd = 0.9, 0.999, 1e-3, 0.01
+        bc1, bc2 = 1 - b1**t, 1 - b2**t
+        return Scalars(
+            lr=lr / bc1, beta1=b1, one_minus_beta1=1 - b1, beta2=b2, one_minus_beta2=1 - b2, eps=1e-8,
+            grad_wd=0.01 if step % 2 else 0.0, decay=1 - lr * wd, bc1=bc1, bc2_sqrt=math.sqrt(bc2),
+            grad_scale=grad_scale, update_wd=0.01 if rule == Rule.LAMB else 0.0,
+        )
+    if rule in (Rule.SGD, Rule.LARS):
+        return Scalars(lr=0.01, beta1=0.9, one_minus_beta1=1 - 0.1, grad_wd=1e-4, grad_scale=grad_scale)
+    if rule == Rule.RMSPROP:
+        return Scalars(lr=1e-3, beta1=0.99, one_minus_beta1=1 - 0.99, eps=1e-8, grad_wd=1e-4, grad_scale=grad_scale)
+    if rule == Rule.ADAGRAD:
+        return Scalars(lr=0.01 / (1 + step * 0.01), eps=1e-10, grad_wd=1e-4, grad_scale=grad_scale)
+    if rule == Rule.LION:
+        return Scalars(lr=1e-4, beta1=0.9, one_minus_beta1=0.1, beta2=0.99, one_minus_beta2=0.01, decay=1 - 1e-5,
+                       grad_scale=grad_scale)
+    raise AssertionError(rule)
+
+
+def flags_for(rule: Rule, step: int, nesterov: bool) -> int:
+    flags = 0
+    if rule in (Rule.SGD, Rule.LARS) and step == 0:
+        flags |= FLAG_FIRST_STEP
+    if nesterov:
+        flags |= FLAG_NESTEROV
+    return flags
+
+
+def qmaps(signs, map_name: str):
+    make = dynamic_map if map_name == "dynamic" else linear_map
+    return [make(signed) for signed in signs]
+
+
+class Case:
+    """Identical optimizer state held twice: for the reference and for the backend under test."""
+
+    def __init__(self, rule, n, block_size, bits8, pdtype, gdtype, device, seed=0, magnitude=1.0,
+                 zero_blocks=False, map_name="dynamic"):
+        self.rule, self.n, self.block_size, self.bits8 = Rule(rule), n, block_size, bits8
+        self.pdtype, self.gdtype, self.device, self.magnitude = pdtype, gdtype, device, magnitude
+        self.zero_blocks = zero_blocks
+        self.gen = torch.Generator().manual_seed(seed)
+        signs = RULE_STATES[self.rule]
+        self.qmaps = qmaps(signs, map_name) if bits8 else [None] * len(signs)
+        p = torch.randn(n, generator=self.gen) * 0.1
+        if zero_blocks:  # parameter, gradient and state all zero: the block must stay all-zero
+            p[: min(n, block_size)] = 0
+        p = p.to(pdtype)
+        self.ref = {"param": p.clone()}
+        self.dut = {"param": p.clone().to(device)}
+        for i, signed in enumerate(signs, start=1):
+            s = torch.randn(n, generator=self.gen) * 1e-3 * magnitude
+            if not signed:
+                s = s * s
+            if zero_blocks:
+                s[: min(n, block_size)] = 0
+            if bits8:
+                codes, absmax = quantize_blockwise(s, self.qmaps[i - 1], block_size)
+                self.ref[f"state{i}"], self.ref[f"absmax{i}"] = codes, absmax
+                self.dut[f"state{i}"], self.dut[f"absmax{i}"] = codes.clone().to(device), absmax.clone().to(device)
+            else:
+                self.ref[f"state{i}"], self.ref[f"absmax{i}"] = s, None
+                self.dut[f"state{i}"], self.dut[f"absmax{i}"] = s.clone().to(device), None
+        if self.rule in RULE_WRITES_UPDATE:
+            self.ref["update_out"] = torch.zeros(n, dtype=torch.float32)
+            self.dut["update_out"] = torch.zeros(n, dtype=torch.float32, device=device)
+
+    def grad(self, step):
+        g = torch.randn(self.n, generator=self.gen) * self.magnitude
+        if self.zero_blocks:
+            g[: min(self.n, self.block_size)] = 0
+        if step % 5 == 4:
+            g[:: 7] = 0
+        return g.to(self.gdtype)
+
+    def _call(self, backend, d, g, scalars, flags):
+        q = self.qmaps + [None] * (2 - len(self.qmaps))
+        backend.fused_update(
+            self.rule, d["param"], g, d["state1"], d.get("state2"), d["absmax1"], d.get("absmax2"),
+            q[0] if q[0] is None else q[0].to(d["state1"].device), q[1] if q[1] is None else q[1].to(d["state1"].device),
+            scalars, flags, self.block_size, d.get("update_out"),
+        )
+
+    def step(self, backend, step, nesterov=False):
+        g = self.grad(step)
+        scalars = scalars_for(self.rule, step, self.gen)
+        flags = flags_for(self.rule, step, nesterov)
+        self._call(REFERENCE, self.ref, g, scalars, flags)
+        self._call(backend, self.dut, g.to(self.device), scalars, flags)
+
+    def assert_identical(self, where=""):
+        for key, ref in self.ref.items():
+            got = self.dut[key]
+            if ref is None:
+                assert got is None
+                continue
+            got = got.cpu()
+            assert got.dtype == ref.dtype, f"{key}{where}: dtype {got.dtype} != {ref.dtype}"
+            if not torch.equal(got, ref):
+                if got.dtype == torch.uint8:
+                    bad = (got != ref).nonzero().flatten()
+                else:
+                    bad = (got.view(-1).float() != ref.view(-1).float()).nonzero().flatten()
+                i = int(bad[0])
+                raise AssertionError(
+                    f"{key}{where}: {bad.numel()} of {ref.numel()} differ, first at {i}: "
+                    f"got {got.view(-1)[i].item()!r} expected {ref.view(-1)[i].item()!r}"
+                )
+
+
+def run_steps(backend, case: Case, steps: int, nesterov=False):
+    case.assert_identical(" (initial)")
+    for step in range(steps):
+        case.step(backend, step, nesterov)
+        case.assert_identical(f" after step {step + 1}")
+
+
+def quantize_inputs(n: int, gen: torch.Generator):
+    """Inputs that exercise every code boundary: map entries, midpoints and their float neighbours."""
+    out = []
+    for signed in (True, False):
+        for make in (dynamic_map, linear_map):
+            q = make(signed)
+            mids = (q[:-1] + q[1:]) / 2
+            pts = torch.cat([q, mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0)),
+                             torch.nextafter(q, torch.tensor(2.0)), torch.nextafter(q, torch.tensor(-2.0))])
+            pts = pts.clamp(-1, 1)
+            # Put 1.0 at the start of every 64-block so the absmax is exactly 1 and values stay as constructed.
+            pts = pts[torch.randperm(pts.numel(), generator=gen)]
+            blocks = pts[: (pts.numel() // 63) * 63].view(-1, 63)
+            x = torch.cat([torch.ones(blocks.shape[0], 1), blocks], dim=1).reshape(-1)
+            out.append((f"boundaries-{make.__name__}-{signed}", x, q, 64))
+    q = dynamic_map(True)
+    out.append(("randn", torch.randn(n, generator=gen), q, 256))
+    out.append(("tiny", torch.randn(n, generator=gen) * 1e-30, q, 2048))
+    out.append(("huge", torch.randn(n, generator=gen) * 1e30, q, 64))
+    z = torch.randn(n, generator=gen)
+    z[:512] = 0
+    z[600:700] = -0.0
+    out.append(("zeros", z, q, 256))
+    bits = torch.randint(-(2**31), 2**31 - 1, (n,), generator=gen, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    bits = torch.where(torch.isfinite(bits), bits, torch.zeros_like(bits))
+    out.append(("random-bits", bits, q, 64))
+    out.append(("random-bits-unsigned", bits.abs(), dynamic_map(False), 64))
+    return out

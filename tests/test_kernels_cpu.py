@@ -1,0 +1,177 @@
+"""The CPU kernels against the reference backend: bit-identical codes, absmax and parameters."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist8.kernels.rules import RULE_STATES, Rule, Scalars
+from dist8.quant import dequantize_blockwise, dynamic_map, quantize_blockwise
+
+from _kernel_cases import DTYPES, Case, quantize_inputs, run_steps
+
+native = pytest.importorskip("dist8.kernels.native")
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return native.load_backend("cpu")
+
+
+ALL_RULES = list(Rule)
+SIZES_BLOCKS = [(1, 64), (255, 256), (257, 64), (4099, 2048), (3000, 256)]
+
+
+@pytest.mark.parametrize("bits8", [True, False], ids=["8bit", "32bit"])
+@pytest.mark.parametrize("rule", ALL_RULES, ids=[r.name for r in ALL_RULES])
+def test_rules_fp32(backend, rule, bits8):
+    for i, (n, bs) in enumerate(SIZES_BLOCKS):
+        case = Case(rule, n, bs, bits8, torch.float32, torch.float32, "cpu", seed=i)
+        run_steps(backend, case, steps=50 if n > 1 else 10)
+
+
+@pytest.mark.parametrize("gdtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("pdtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("rule", ALL_RULES, ids=[r.name for r in ALL_RULES])
+def test_rules_dtypes(backend, rule, pdtype, gdtype):
+    if pdtype == gdtype == "fp32":
+        pytest.skip("covered by test_rules_fp32")
+    for bits8 in (True, False):
+        case = Case(rule, 1000, 256, bits8, DTYPES[pdtype], DTYPES[gdtype], "cpu", seed=7)
+        run_steps(backend, case, steps=20)
+
+
+@pytest.mark.parametrize("rule", [Rule.SGD, Rule.LARS], ids=["SGD", "LARS"])
+def test_nesterov(backend, rule):
+    for bits8 in (True, False):
+        case = Case(rule, 777, 64, bits8, torch.float32, torch.float32, "cpu", seed=3)
+        run_steps(backend, case, steps=50, nesterov=True)
+
+
+MAGNITUDES = {
+    # rules that square the gradient need magnitudes whose squares stay finite and normal-ish
+    Rule.ADAM: (1e-15, 1e15), Rule.LAMB: (1e-15, 1e15), Rule.RMSPROP: (1e-15, 1e15), Rule.ADAGRAD: (1e-15, 1e15),
+    Rule.SGD: (1e-30, 1e30), Rule.LARS: (1e-30, 1e30), Rule.LION: (1e-30, 1e30),
+}
+
+
+@pytest.mark.parametrize("rule", ALL_RULES, ids=[r.name for r in ALL_RULES])
+def test_magnitudes_and_zero_blocks(backend, rule):
+    for mag in MAGNITUDES[rule]:
+        case = Case(rule, 2000, 256, True, torch.float32, torch.float32, "cpu", seed=11, magnitude=mag)
+        run_steps(backend, case, steps=10)
+    case = Case(rule, 1000, 128, True, torch.float32, torch.float32, "cpu", seed=12, zero_blocks=True)
+    run_steps(backend, case, steps=10)
+    absmax = case.dut["absmax1"]
+    assert absmax[0] == 0, "first block should stay all-zero"
+
+
+def test_linear_map_with_duplicate_entry(backend):
+    # the signed linear map repeats 1.0: exercises ties and duplicate codes
+    for rule in (Rule.ADAM, Rule.SGD):
+        case = Case(rule, 3000, 256, True, torch.float32, torch.float32, "cpu", seed=5, map_name="linear")
+        run_steps(backend, case, steps=20)
+
+
+def test_adam_large(backend):
+    case = Case(Rule.ADAM, 10**6 + 3, 256, True, torch.float32, torch.float32, "cpu", seed=1)
+    run_steps(backend, case, steps=3)
+
+
+def test_adam_bf16_large_block(backend):
+    case = Case(Rule.ADAM, 70_001, 2048, True, torch.bfloat16, torch.bfloat16, "cpu", seed=2)
+    run_steps(backend, case, steps=5)
+
+
+def test_storage_offset_views(backend):
+    """Params/states that are contiguous 1-D views at an offset into larger flat buffers."""
+    n, bs = 1000, 64
+    ref_case = Case(Rule.ADAM, n, bs, True, torch.float32, torch.float32, "cpu", seed=9)
+    flat_p = torch.zeros(n + 37)
+    flat_s1 = torch.zeros(n + 5, dtype=torch.uint8)
+    flat_s2 = torch.zeros(n + 11, dtype=torch.uint8)
+    flat_a = torch.zeros(ref_case.dut["absmax1"].numel() * 2 + 3)
+    nb = ref_case.dut["absmax1"].numel()
+    views = {
+        "param": flat_p[37:], "state1": flat_s1[5:], "state2": flat_s2[11:],
+        "absmax1": flat_a[3 : 3 + nb], "absmax2": flat_a[3 + nb :],
+    }
+    for k, v in views.items():
+        v.copy_(ref_case.dut[k])
+        ref_case.dut[k] = v
+    run_steps(backend, ref_case, steps=10)
+    assert flat_p[:37].eq(0).all() and flat_s1[:5].eq(0).all() and flat_a[:3].eq(0).all()
+
+
+def test_validation_errors(backend):
+    q = dynamic_map(True)
+    qu = dynamic_map(False)
+    n, bs = 512, 256
+    p = torch.zeros(n)
+    g = torch.zeros(n)
+    s1 = torch.zeros(n, dtype=torch.uint8)
+    s2 = torch.zeros(n, dtype=torch.uint8)
+    a1, a2 = torch.zeros(2), torch.zeros(2)
+    c = Scalars(lr=1e-3, beta1=0.9, one_minus_beta1=0.1, beta2=0.999, one_minus_beta2=0.001, eps=1e-8)
+    backend.fused_update(Rule.ADAM, p, g, s1, s2, a1, a2, q, qu, c, 0, bs)
+    with pytest.raises(ValueError, match="param"):
+        backend.fused_update(Rule.ADAM, torch.zeros(n, 2)[:, 0], g, s1, s2, a1, a2, q, qu, c, 0, bs)
+    with pytest.raises(ValueError, match="grad"):
+        backend.fused_update(Rule.ADAM, p, torch.zeros(n + 1), s1, s2, a1, a2, q, qu, c, 0, bs)
+    with pytest.raises(ValueError, match="state2"):
+        backend.fused_update(Rule.ADAM, p, g, s1, torch.zeros(2 * n, dtype=torch.uint8)[::2], a1, a2, q, qu, c, 0, bs)
+    with pytest.raises(ValueError, match="absmax1"):
+        backend.fused_update(Rule.ADAM, p, g, s1, s2, torch.zeros(3), a2, q, qu, c, 0, bs)
+    with pytest.raises(ValueError, match="block_size"):
+        backend.fused_update(Rule.ADAM, p, g, s1, s2, a1, a2, q, qu, c, 0, 100)
+    with pytest.raises(ValueError, match="state1"):
+        backend.fused_update(Rule.SGD, p, g, torch.zeros(n, dtype=torch.float64), None, None, None, None, None, c, 0, bs)
+
+
+@pytest.mark.parametrize("name,x,q,bs", quantize_inputs(20_000, torch.Generator().manual_seed(0)),
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_quantize_matches_reference(backend, name, x, q, bs):
+    codes, absmax = backend.quantize_blockwise(x, q, bs)
+    rc, ra = quantize_blockwise(x, q, bs)
+    assert torch.equal(absmax, ra), name
+    mism = (codes != rc).nonzero().flatten()
+    assert mism.numel() == 0, f"{name}: {mism.numel()} codes differ, e.g. x={x[mism[0]].item()!r}"
+    assert torch.equal(backend.dequantize_blockwise(codes, absmax, q, bs), dequantize_blockwise(rc, ra, q, bs))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("n,bs", [(1, 64), (255, 64), (257, 256), (10_001, 2048)])
+def test_quantize_dtypes_sizes(backend, dtype, n, bs):
+    x = (torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3).to(DTYPES[dtype])
+    for q in (dynamic_map(True), dynamic_map(False)):
+        codes, absmax = backend.quantize_blockwise(x, q, bs)
+        rc, ra = quantize_blockwise(x, q, bs)
+        assert torch.equal(codes, rc) and torch.equal(absmax, ra)
+
+
+def test_quantize_nan_inf(backend):
+    q = dynamic_map(True)
+    x = torch.randn(1024)
+    x[3] = float("nan")
+    x[300] = float("inf")
+    x[700] = float("-inf")
+    codes, absmax = backend.quantize_blockwise(x, q, 256)
+    rc, ra = quantize_blockwise(x, q, 256)
+    torch.testing.assert_close(absmax, ra, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(codes, rc)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_all_finite(backend, dtype):
+    x = torch.randn(100_003).to(DTYPES[dtype])
+    assert backend.all_finite(x)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[77_777] = bad
+        assert not backend.all_finite(y)
+    assert backend.all_finite(torch.empty(0, dtype=DTYPES[dtype]))
+
+
+def test_ops_registered(backend):
+    assert hasattr(torch.ops.dist8, "fused_update_")
+    assert backend.name == "cpu"
+    assert RULE_STATES  # the spec is importable alongside the ops
