@@ -1,0 +1,72 @@
+"""Helpers for the training job's tests (subprocess torchrun runs on CPU with gloo)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+__all__ = ["REPO", "child_env", "free_port", "run", "tiny_sets", "torchrun_cmd", "train_cmd"]
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = REPO / "configs" / "tiny-gpt.yaml"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", TQDM_DISABLE="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    env.pop("LOCAL_RANK", None)
+    env.update(extra)
+    return env
+
+
+def tiny_sets(tmp: Path, steps: int = 40, **overrides) -> list[str]:
+    """``--set`` arguments of a few-second run writing into ``tmp``."""
+    values = {
+        "model.n_layer": 1,
+        "model.d_model": 64,
+        "model.n_head": 4,
+        "model.seq_len": 64,
+        "data.max_bytes": 400_000,
+        "train.steps": steps,
+        "train.batch_size": 8,
+        "train.warmup_steps": 5,
+        "train.eval_every": 20,
+        "train.eval_batches": 2,
+        "train.log_every": 1,
+        "checkpoint.dir": str(tmp / "ckpt"),
+        "checkpoint.every": 10,
+        "output.dir": str(tmp / "out"),
+        "output.plot": False,
+    }
+    values.update(overrides)
+    out = []
+    for key, value in values.items():
+        out += ["--set", f"{key}={value}"]
+    return out
+
+
+def train_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dist8.train", "--config", str(DEFAULT_CONFIG), *args]
+
+
+def torchrun_cmd(*args: str, nproc: int = 2, port: int | None = None, extra: list[str] | None = None) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+        f"--master_port={port or free_port()}", *(extra or []),
+        "-m", "dist8.train", "--config", str(DEFAULT_CONFIG), *args,
+    ]
+
+
+def run(cmd: list[str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, env=kw.pop("env", child_env()), capture_output=True, text=True,
+                          timeout=timeout, **kw)

@@ -1,0 +1,314 @@
+"""Training configuration: YAML -> validated dataclasses.
+
+Every section is a dataclass; unknown keys, wrong types and impossible values
+raise :class:`ConfigError` with a one-line message that names the key (and,
+for unknown keys, lists the valid keys of that section). ``--set a.b=value``
+overrides are parsed with ``yaml.safe_load``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "OutputConfig",
+    "ShardingConfig",
+    "TrainConfig",
+    "SHARDING_MODES",
+    "apply_overrides",
+    "config_to_dict",
+    "load_config",
+]
+
+SHARDING_MODES = ("ddp", "dist8-zero1", "dist8-zero2", "fsdp2", "deepspeed")
+TORCH_OPTIMIZERS = ("torch.adamw", "torch.adam", "torch.sgd")
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message is one line meant for the user."""
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 2
+    n_head: int = 4
+    d_model: int = 128
+    seq_len: int = 128
+    stable_embedding: bool = True
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # None: the CPython standard library sources
+    glob: str | None = None  # file pattern inside a directory; None: *.py for the stdlib, * otherwise
+    max_bytes: int = 8_000_000
+    val_fraction: float = 0.05
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16  # per rank, per micro-step
+    grad_accum: int = 1
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    min_lr: float = 3e-4
+    schedule: str = "cosine"
+    clip: float = 1.0
+    seed: int = 0
+    precision: str = "fp32"
+    eval_every: int = 200
+    eval_batches: int = 8
+    log_every: int = 10
+    # Test-only fault injection: rank ``fault_rank`` SIGKILLs itself right after
+    # step ``fault_kill_step`` (first attempt only: TORCHELASTIC_RESTART_COUNT == 0).
+    fault_kill_step: int | None = None
+    fault_rank: int = 1
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "AdamW8bit"
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ShardingConfig:
+    mode: str = "ddp"
+    deepspeed_config: str | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None  # None: no checkpoints
+    every: int = 0  # steps between checkpoints; 0: only at the end / on SIGTERM
+    keep: int = 2
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/tiny-gpt"
+    plot: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# ---- parsing -------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is dict:
+        return "mapping"
+    return {int: "integer", float: "number", str: "string", bool: "boolean"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key {where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    ok = False
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        ok = isinstance(value, float)
+    elif tp is str:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"config key {where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build_section(cls: type, raw: Any, section: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section {section!r} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            public = [n for n in names if not n.startswith("fault_")]
+            raise ConfigError(f"unknown config key {section}.{key}; valid keys of {section!r}: {', '.join(public)}")
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: Any) -> Config:
+    """Build and validate a :class:`Config` from a parsed YAML mapping."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config must be a mapping of sections, got {type(raw).__name__}")
+    hints = typing.get_type_hints(Config)
+    sections = [f.name for f in dataclasses.fields(Config)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in sections:
+            raise ConfigError(f"unknown config section {key!r}; valid sections: {', '.join(sections)}")
+        kwargs[key] = _build_section(hints[key], value, key)
+    cfg = Config(**kwargs)
+    validate(cfg)
+    return cfg
+
+
+def _positive(value: int | float, where: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"config key {where} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: Config) -> None:
+    """Value checks beyond types (ranges, choices, cross-field rules)."""
+    m, d, t, o, s, c = cfg.model, cfg.data, cfg.train, cfg.optimizer, cfg.sharding, cfg.checkpoint
+    for key in ("n_layer", "n_head", "d_model", "seq_len"):
+        _positive(getattr(m, key), f"model.{key}")
+    if m.d_model % m.n_head:
+        raise ConfigError(f"config key model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
+    _positive(d.max_bytes, "data.max_bytes")
+    if not 0.0 < d.val_fraction < 1.0:
+        raise ConfigError(f"config key data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    if d.path is not None and not os.path.exists(d.path):
+        raise ConfigError(f"config key data.path: {d.path!r} does not exist")
+    for key in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches"):
+        _positive(getattr(t, key), f"train.{key}")
+    for key in ("warmup_steps", "eval_every"):
+        _positive(getattr(t, key), f"train.{key}", allow_zero=True)
+    for key in ("lr", "min_lr", "clip"):
+        _positive(getattr(t, key), f"train.{key}", allow_zero=True)
+    if t.schedule not in ("cosine", "constant", "linear"):
+        raise ConfigError(f"config key train.schedule must be one of cosine, linear, constant; got {t.schedule!r}")
+    if t.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"config key train.precision must be fp32 or bf16, got {t.precision!r}")
+    if s.mode not in SHARDING_MODES:
+        raise ConfigError(f"config key sharding.mode: unknown mode {s.mode!r}; valid modes: {', '.join(SHARDING_MODES)}")
+    if c.every < 0 or c.keep < 1:
+        raise ConfigError(f"config keys checkpoint.every (>= 0) / checkpoint.keep (>= 1) out of range: {c.every}, {c.keep}")
+    check_optimizer(o.name, o.args)
+
+
+def optimizer_class(name: str) -> type:
+    """The optimizer class for ``optimizer.name`` (a dist8 name or ``torch.adamw``/``torch.adam``/``torch.sgd``)."""
+    import torch
+
+    torch_classes = {"torch.adamw": torch.optim.AdamW, "torch.adam": torch.optim.Adam, "torch.sgd": torch.optim.SGD}
+    if name.lower() in torch_classes:
+        return torch_classes[name.lower()]
+    from dist8.optim import OPTIMIZERS, get_optimizer_class
+
+    try:
+        return get_optimizer_class(name)
+    except ValueError:
+        valid = ", ".join([*OPTIMIZERS, *TORCH_OPTIMIZERS])
+        raise ConfigError(f"config key optimizer.name: unknown optimizer {name!r}; valid names: {valid}") from None
+
+
+def check_optimizer(name: str, args: dict[str, Any]) -> None:
+    """Fail early on a bad optimizer name or arguments by building it on a dummy parameter."""
+    import torch
+
+    cls = optimizer_class(name)
+    if "lr" in args:
+        raise ConfigError("config key optimizer.args.lr: set the learning rate with train.lr (the schedule drives it)")
+    dummy = torch.zeros(4, requires_grad=True)
+    params = [dummy] if cls.__module__.startswith("torch.") else [("dummy", dummy)]
+    try:
+        cls(params, lr=1e-3, **args)
+    except (TypeError, ValueError, KeyError) as exc:
+        msg = " ".join(str(exc).split())
+        raise ConfigError(f"config key optimizer.args is not valid for {cls.__name__}: {msg}") from None
+
+
+def apply_overrides(raw: dict, sets: list[str]) -> dict:
+    """Apply ``section.key=value`` overrides (values parsed with ``yaml.safe_load``)."""
+    raw = dict(raw or {})
+    for item in sets:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value (e.g. train.steps=100), got {item!r}")
+        key, text = item.split("=", 1)
+        parts = [p for p in key.strip().split(".")]
+        if len(parts) < 2 or not all(parts):
+            raise ConfigError(f"--set key must be section.key (e.g. train.steps), got {key!r}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: cannot parse value {text!r}: {str(exc).splitlines()[0]}") from None
+        node = raw
+        for part in parts[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: str | os.PathLike | None, sets: list[str] | None = None) -> Config:
+    """Read a YAML config (or defaults when ``path`` is None), apply ``--set`` overrides, validate."""
+    raw: Any = {}
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {str(path)!r}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {str(path)!r} is not valid YAML: {' '.join(str(exc).split())}") from None
+        if raw is not None and not isinstance(raw, dict):
+            raise ConfigError(f"config {str(path)!r} must be a mapping of sections, got {type(raw).__name__}")
+    raw = _deep_copy(raw or {})
+    raw = apply_overrides(raw, list(sets or []))
+    return config_from_dict(raw)
+
+
+def _deep_copy(raw: Any) -> Any:
+    if isinstance(raw, dict):
+        return {k: _deep_copy(v) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [_deep_copy(v) for v in raw]
+    return raw
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

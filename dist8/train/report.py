@@ -1,0 +1,127 @@
+"""Metrics (JSON lines), the end-of-run plot and the summary table (rank 0 only)."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["MetricsWriter", "peak_memory_bytes", "plot_run", "summary_table", "read_metrics"]
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: CUDA max allocated on GPU, max RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    p = Path(path)
+    if not p.is_file():
+        return []
+    out = []
+    for line in p.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a torn last line from a killed run
+                continue
+    return out
+
+
+class MetricsWriter:
+    """Appends one JSON object per line; on resume drops records after the resumed step."""
+
+    def __init__(self, path: str | os.PathLike, resume_step: int | None) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        else:
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def plot_run(records: list[dict[str, Any]], summary: dict[str, Any], path: str | os.PathLike) -> bool:
+    """Loss curves and a memory bar chart as one PNG; False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (ax_loss, ax_mem) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+    if train:
+        ax_loss.plot(*zip(*train), label="train loss")
+    if val:
+        ax_loss.plot(*zip(*val), "o-", label="validation loss")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("cross-entropy (nats/byte)")
+    ax_loss.set_title(f"{summary.get('optimizer')} / {summary.get('mode')} x{summary.get('world_size')}")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend()
+    mib = 2**20
+    bars = {
+        "optimizer state\n(this rank)": summary.get("opt_state_bytes_per_rank", 0) / mib,
+        "fp32 Adam state\n(unsharded, est.)": 8 * summary.get("params", 0) / mib,
+        "peak memory\n(rank 0)": summary.get("peak_mem_bytes", 0) / mib,
+    }
+    ax_mem.bar(list(bars), list(bars.values()), color=["tab:green", "tab:gray", "tab:blue"])
+    for i, v in enumerate(bars.values()):
+        ax_mem.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    ax_mem.set_ylabel("MiB")
+    ax_mem.set_yscale("log")
+    ax_mem.set_title("memory")
+    ax_mem.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    rows = [
+        ("run", summary.get("run")),
+        ("mode", f"{summary.get('mode')} ({summary.get('engine')})"),
+        ("optimizer", summary.get("optimizer")),
+        ("world size", summary.get("world_size")),
+        ("parameters", f"{summary.get('params', 0):,}"),
+        ("steps", f"{summary.get('step')} / {summary.get('steps')}"),
+        ("final train loss", _f(summary.get("final_loss"))),
+        ("final val loss", _f(summary.get("final_val_loss"))),
+        ("tokens/s (global)", f"{summary.get('tokens_per_s', 0):,.0f}"),
+        ("opt state / rank", _fmt_bytes(summary.get("opt_state_bytes_per_rank", 0))),
+        ("peak memory (rank 0)", _fmt_bytes(summary.get("peak_mem_bytes", 0))),
+        ("wall time", f"{summary.get('wall_s', 0):.1f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 30)
+    return "\n".join([line, *(f"{k:<{width}}  {v}" for k, v in rows), line])
+
+
+def _f(x: Any) -> str:
+    return "-" if x is None else f"{x:.4f}"

@@ -1,0 +1,304 @@
+"""The training loop of ``dist8 train``.
+
+One code path for every world size and sharding mode (see :mod:`dist8.train.engine`).
+A run is a pure function of its config: the model is initialised from
+``train.seed``, every batch is drawn from ``(seed, step, rank, micro-step)`` and
+the learning rate is a function of the step, so a resumed run reproduces the
+uninterrupted loss curve exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dist8.train.checkpointing import Checkpointer
+from dist8.train.config import Config, ConfigError, config_to_dict
+from dist8.train.data import load_corpus, sample_seed
+from dist8.train.engine import Engine, build_engine, optimizer_state_nbytes
+from dist8.train.model import GPT, GPTConfig
+from dist8.train.report import MetricsWriter, peak_memory_bytes, plot_run, read_metrics, summary_table
+
+__all__ = ["lr_at", "run", "EXIT_SIGTERM"]
+
+EXIT_SIGTERM = 128 + signal.SIGTERM
+
+
+def lr_at(cfg: Config, step: int) -> float:
+    """Learning rate of optimizer step ``step`` (1-based): linear warmup, then the schedule to ``min_lr``."""
+    t = cfg.train
+    if t.warmup_steps and step <= t.warmup_steps:
+        return t.lr * step / t.warmup_steps
+    if t.schedule == "constant":
+        return t.lr
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+    if t.schedule == "linear":
+        return t.lr + (t.min_lr - t.lr) * progress
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+# ---- process group ---------------------------------------------------------------------------------
+def _init_distributed() -> tuple[int, int, int, torch.device]:
+    """Join the torchrun job (or make a world of one); pick CUDA + NCCL when a GPU is present."""
+    use_cuda = torch.cuda.is_available()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if use_cuda:
+            torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        backend, timeout = ("nccl" if use_cuda else "gloo"), timedelta(minutes=10)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's static rendezvous (--master_port) keeps one agent TCPStore across
+            # restarts, so keys of the killed attempt (e.g. gloo peer addresses) would be
+            # read by the next one ("Connection refused"). Namespace them by attempt.
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                  is_master=False, timeout=timeout)
+            dist.init_process_group(backend, store=dist.PrefixStore(f"dist8/attempt-{attempt}", store), rank=rank,
+                                    world_size=world, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
+    else:
+        local_rank = 0
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), local_rank, device
+
+
+class _StopFlag:
+    """SIGTERM sets the flag; the loop agrees on it across ranks at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def install(self) -> None:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        self.requested = True
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _say(rank: int, msg: str) -> None:
+    if rank == 0:
+        print(f"[dist8 train] {msg}", flush=True)
+
+
+def _autocast(cfg: Config, device: torch.device):
+    if cfg.train.precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def _evaluate(cfg: Config, engine: Engine, corpus, device: torch.device, rank: int, world: int) -> float:
+    model = engine.model
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for i in range(cfg.train.eval_batches):
+        x, y = corpus.batch("val", sample_seed(cfg.train.seed, "val", i, rank), cfg.model.seq_len, cfg.train.batch_size)
+        with _autocast(cfg, device):
+            _, loss = model(x.to(device), y.to(device))
+        total += loss.double()
+    model.train()
+    dist.all_reduce(total)
+    return float(total) / (cfg.train.eval_batches * world)
+
+
+def _maybe_fault(cfg: Config, step: int, rank: int) -> None:
+    """Test-only fault injection (train.fault_kill_step): SIGKILL this rank on the first attempt."""
+    t = cfg.train
+    if t.fault_kill_step is not None and step == t.fault_kill_step and rank == t.fault_rank:
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+            print(f"[dist8 train] fault injection: rank {rank} SIGKILLs itself at step {step}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run(cfg: Config, *, resume: str | None = None, stop_at: int | None = None, run_name: str = "run") -> int:
+    """Train according to ``cfg``. Returns the process exit code (0, or 143 after SIGTERM)."""
+    if resume is not None and resume != "auto" and not os.path.isdir(resume):
+        raise ConfigError(f"--resume: {resume!r} is not a checkpoint directory (use 'auto' or a path)")
+    if resume == "auto" and not cfg.checkpoint.dir:
+        raise ConfigError("--resume auto needs checkpoint.dir to be set")
+    rank, world, _local_rank, device = _init_distributed()
+    try:
+        return _train(cfg, resume, stop_at, run_name, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: Config, resume, stop_at, run_name, rank, world, device) -> int:
+    t0 = time.time()
+    t = cfg.train
+    corpus = load_corpus(cfg.data, cfg.model.seq_len)
+    torch.manual_seed(t.seed)
+    model = GPT(GPTConfig(n_layer=cfg.model.n_layer, n_head=cfg.model.n_head, d_model=cfg.model.d_model,
+                          seq_len=cfg.model.seq_len, stable_embedding=cfg.model.stable_embedding)).to(device)
+    n_params = model.num_params()
+    engine = build_engine(cfg, model, device)
+    _say(rank, f"{run_name}: {n_params:,} parameters, {engine.description}, optimizer {cfg.optimizer.name}, "
+               f"device {device}, {corpus.describe()}")
+
+    start = 0
+    ckpt_root = cfg.checkpoint.dir
+    ckpt = Checkpointer(ckpt_root, cfg.sharding.mode, engine.raw_model, engine.optimizer, cfg.checkpoint.keep) \
+        if ckpt_root else None
+    path = ckpt.latest() if resume == "auto" else resume
+    if path is not None:
+        if ckpt is None:
+            ckpt = Checkpointer(os.path.dirname(os.path.abspath(path)), cfg.sharding.mode, engine.raw_model,
+                                engine.optimizer, cfg.checkpoint.keep)
+        extra = ckpt.load(path)
+        start = int(extra.get("step", 0))
+        _say(rank, f"resumed from {path} at step {start} ({ckpt.describe()})")
+    elif resume == "auto":
+        _say(rank, f"no checkpoint under {ckpt_root}; starting at step 0")
+
+    out_dir = Path(cfg.output.dir)
+    metrics = None
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+        metrics = MetricsWriter(out_dir / "metrics.jsonl", resume_step=start if path is not None else None)
+
+    stop = _StopFlag()
+    stop.install()
+    tokens_per_step = t.batch_size * cfg.model.seq_len * t.grad_accum * world
+    last = {"loss": None, "val_loss": None, "step": start}
+    window_time, window_steps, total_time, total_steps = 0.0, 0, 0.0, 0
+    end = t.steps if stop_at is None else min(t.steps, stop_at)
+    bar = None
+    if rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0,
+                   file=sys.stderr)
+    exit_code = 0
+    step = start
+    try:
+        for step in range(start + 1, end + 1):
+            _maybe_fault(cfg, step, rank)
+            tic = time.perf_counter()
+            lr = lr_at(cfg, step)
+            engine.set_lr(lr)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            for micro in range(t.grad_accum):
+                x, y = corpus.batch("train", sample_seed(t.seed, "train", step, rank, micro), cfg.model.seq_len,
+                                    t.batch_size)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if engine.owns_accumulation:
+                    with _autocast(cfg, device):
+                        _, loss = engine.model(x, y)
+                    engine.backward(loss)
+                    engine.step()
+                else:
+                    sync = micro == t.grad_accum - 1
+                    with (contextlib.nullcontext() if sync else engine.no_sync()):
+                        with _autocast(cfg, device):
+                            _, loss = engine.model(x, y)
+                        engine.backward(loss / t.grad_accum)
+                loss_sum += loss.detach().double()
+            if engine.owns_accumulation:
+                grad_norm = engine.clip_grad_norm(t.clip)
+            else:
+                grad_norm = engine.clip_grad_norm(t.clip)
+                engine.step()
+                engine.zero_grad()
+            # One small all-reduce per step: the global mean loss and "anyone got SIGTERM".
+            shared = torch.stack([loss_sum / t.grad_accum,
+                                  torch.tensor(float(stop.requested), dtype=torch.float64, device=device)])
+            dist.all_reduce(shared)
+            step_loss = float(shared[0]) / world
+            stop_now = bool(shared[1] > 0)
+            dt = time.perf_counter() - tic
+            window_time += dt
+            window_steps += 1
+            total_time += dt
+            total_steps += 1
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"loss is {step_loss} at step {step}; stopping (lower train.lr?)")
+
+            evaluated = bool(t.eval_every and step % t.eval_every == 0) or step == t.steps
+            val_loss = _evaluate(cfg, engine, corpus, device, rank, world) if evaluated else None
+            if val_loss is not None:
+                last["val_loss"] = val_loss
+            last.update(loss=step_loss, step=step)
+            if step % t.log_every == 0 or evaluated or step == end:
+                tps = tokens_per_step * window_steps / max(window_time, 1e-9)
+                record = {
+                    "step": step,
+                    "loss": step_loss,
+                    "val_loss": val_loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": tps,
+                    "opt_state_bytes_per_rank": optimizer_state_nbytes(engine.optimizer),
+                    "peak_mem_bytes": peak_memory_bytes(device),
+                }
+                window_time, window_steps = 0.0, 0
+                if metrics is not None:
+                    metrics.write(record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_per_step / max(dt, 1e-9):,.0f}",
+                                refresh=False)
+            every = cfg.checkpoint.every
+            final = step == end or stop_now
+            if ckpt_root and ((every and step % every == 0) or final):
+                ckpt.save(step, extra={"step": step, "run": run_name, "world_size": world})
+            if stop_now:
+                _say(rank, f"SIGTERM: stopped at step {step}" + (f", checkpoint saved in {ckpt_root}" if ckpt_root else ""))
+                exit_code = EXIT_SIGTERM
+                break
+    finally:
+        stop.uninstall()
+        if bar is not None:
+            bar.close()
+        if metrics is not None:
+            metrics.close()
+
+    if rank == 0 and exit_code == 0:
+        records = read_metrics(out_dir / "metrics.jsonl")
+        evals = [r["val_loss"] for r in records if r.get("val_loss") is not None]
+        steps_timed = [r["tokens_per_s"] for r in records if r.get("tokens_per_s")]
+        summary = {
+            "run": run_name,
+            "mode": cfg.sharding.mode,
+            "engine": engine.description,
+            "optimizer": cfg.optimizer.name,
+            "world_size": world,
+            "params": n_params,
+            "step": last["step"],
+            "steps": t.steps,
+            "final_loss": last["loss"],
+            "final_val_loss": evals[-1] if evals else None,
+            "tokens_per_s": tokens_per_step * total_steps / total_time if total_time else
+            (sum(steps_timed) / len(steps_timed) if steps_timed else 0.0),
+            "opt_state_bytes_per_rank": optimizer_state_nbytes(engine.optimizer),
+            "peak_mem_bytes": peak_memory_bytes(device),
+            "wall_s": time.time() - t0,
+            "checkpoint_backend": ckpt.describe() if ckpt_root else None,
+        }
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if cfg.output.plot and plot_run(records, summary, out_dir / "training.png"):
+            summary_note = f"plot: {out_dir / 'training.png'}"
+        else:
+            summary_note = "plot skipped"
+        print(summary_table(summary), flush=True)
+        _say(rank, f"metrics: {out_dir / 'metrics.jsonl'}; {summary_note}")
+    return exit_code
