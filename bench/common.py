@@ -36,10 +36,12 @@ def machine() -> dict[str, Any]:
         "date": datetime.date.today().isoformat(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+    from importlib import metadata
+
     for name in ("bitsandbytes", "torchao", "deepspeed"):
         try:
-            info[name] = __import__(name).__version__
-        except Exception:  # noqa: BLE001 - optional anchors
+            info[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
             info[name] = None
     return info
 

@@ -16,11 +16,12 @@ def _info(_args: argparse.Namespace) -> int:
 
     print(f"dist8 {dist8.__version__}")
     print(f"python {platform.python_version()}  torch {torch.__version__}  ({platform.machine()}, {torch.get_num_threads()} threads)")
+    from importlib import metadata
+
     for name in ("bitsandbytes", "torchao", "deepspeed", "safetensors"):
-        try:
-            module = __import__(name)
-            print(f"{name} {getattr(module, '__version__', '?')}")
-        except Exception:  # noqa: BLE001 - optional packages may fail to import in any way
+        try:  # read versions without importing: the anchors print a lot when imported
+            print(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
             print(f"{name} not installed")
     print("kernel backends:")
     for device, row in backend_report().items():
@@ -34,13 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="versions and the kernel backend each device uses").set_defaults(func=_info)
     for register in _subcommand_registrars():
         register(sub)
+    from dist8.checkpoint import cli as ckpt_cli
+
+    ckpt_sub = ckpt_cli.register(sub)
+    # Converters of the integrations layer join `dist8 ckpt` here (checkpoint never imports integrations).
+    from dist8.integrations import deepspeed_convert
+
+    deepspeed_convert.register_cli(ckpt_sub, ckpt_cli.guard)
     return parser
 
 
 def _subcommand_registrars():
     """Sub-commands that live with their layer (checkpoint, train), registered if importable."""
     registrars = []
-    for module_name in ("dist8.checkpoint.cli", "dist8.train.cli"):
+    for module_name in ("dist8.train.cli",):
         try:
             module = __import__(module_name, fromlist=["register"])
         except ImportError as exc:

@@ -43,7 +43,8 @@ def _consolidate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guard(func):
+def guard(func):
+    """Turn a CheckpointError into one line on stderr and exit code 2."""
     def run(args: argparse.Namespace) -> int:
         try:
             return func(args)
@@ -54,16 +55,18 @@ def _guard(func):
     return run
 
 
-def register(subparsers) -> None:
+def register(subparsers):
+    """Add ``dist8 ckpt``; returns its sub-parsers so higher layers can add converters."""
     ckpt = subparsers.add_parser("ckpt", help="inspect, verify and convert dist8 checkpoints")
     sub = ckpt.add_subparsers(dest="ckpt_command", required=True)
     p = sub.add_parser("info", help="table of parameters, bytes, world size and step")
     p.add_argument("path")
-    p.set_defaults(func=_guard(_info))
+    p.set_defaults(func=guard(_info))
     p = sub.add_parser("verify", help="check sizes and sha256 of every file")
     p.add_argument("path")
-    p.set_defaults(func=_guard(_verify))
+    p.set_defaults(func=guard(_verify))
     p = sub.add_parser("consolidate", help="rewrite as a one-file, world-size-1 checkpoint")
     p.add_argument("path")
     p.add_argument("out")
-    p.set_defaults(func=_guard(_consolidate))
+    p.set_defaults(func=guard(_consolidate))
+    return sub

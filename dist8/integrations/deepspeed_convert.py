@@ -1,0 +1,230 @@
+"""``dist8 ckpt from-deepspeed DIR OUT``: a DeepSpeed checkpoint of a ``dist8.*`` optimizer -> dist8's format.
+
+DeepSpeed's own checkpoints only load at the world size they were saved at. This
+converter reads every rank's optimizer file (ZeRO 0/1/2/3, with or without CPU
+offload), reassembles each parameter's 8-bit state from the per-parameter segments
+that :mod:`dist8.integrations.deepspeed` stores, re-blocks it on the whole parameter
+(dequantize + quantize; blocks that were already aligned come back unchanged) and
+writes a world-size-1 dist8 checkpoint with ``model.safetensors`` holding the fp32
+weights (DeepSpeed's ``zero_to_fp32`` for ZeRO, the module state otherwise). Load it at
+any world size: :func:`dist8.integrations.deepspeed.load_dist8_checkpoint` (DeepSpeed),
+or :func:`dist8.checkpoint.load` (plain dist8 / ShardedOptimizer).
+"""
+from __future__ import annotations
+
+import glob
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["from_deepspeed", "register_cli"]
+
+
+def _find_base_state(obj: Any, depth: int = 0) -> dict | None:
+    """The dist8 optimizer state dict inside a DeepSpeed optimizer checkpoint entry."""
+    if isinstance(obj, dict):
+        if "state" in obj and "param_groups" in obj:
+            return obj
+        if depth < 3:
+            for key in ("base_optimizer_state", "optimizer_state_dict", "optimizer"):
+                if key in obj:
+                    found = _find_base_state(obj[key], depth + 1)
+                    if found is not None:
+                        return found
+    return None
+
+
+def _tag(ckpt_dir: Path, tag: str | None) -> str:
+    if tag is not None:
+        return tag
+    latest = ckpt_dir / "latest"
+    if latest.is_file():
+        return latest.read_text().strip()
+    subdirs = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir())
+    if len(subdirs) == 1:
+        return subdirs[0]
+    raise ValueError(f"{ckpt_dir}: no 'latest' file; pass tag= (one of {subdirs})")
+
+
+def from_deepspeed(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str | None = None) -> str:
+    """Convert DeepSpeed checkpoint ``ckpt_dir`` (tag ``tag``, default ``latest``) to dist8 checkpoint ``out``."""
+    from safetensors.torch import save_file
+
+    import dist8
+    from dist8.checkpoint.format import (FORMAT, FORMAT_VERSION, METADATA, MODEL_FILE, CheckpointError, rank_file,
+                                         sha256_file, tensor_key, write_json_atomic)
+    from dist8.kernels import RULE_STATES
+    from dist8.optim import get_optimizer_class
+    from dist8.quant import dequantize_blockwise, get_map, num_blocks, quantize_blockwise
+
+    ckpt_dir, out = Path(ckpt_dir), Path(out)
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"DeepSpeed checkpoint directory {ckpt_dir} does not exist")
+    tag = _tag(ckpt_dir, tag)
+    tdir = ckpt_dir / tag
+    # ZeRO 0-2: mp_rank_00_model_states.pt; ZeRO-3: zero_pp_rank_R_mp_rank_00_model_states.pt per rank.
+    model_files = sorted(glob.glob(str(tdir / "mp_rank_*_model_states.pt")))
+    if not model_files:
+        model_files = sorted(glob.glob(str(tdir / "zero_pp_rank_0_mp_rank_*_model_states.pt")))
+    if not model_files:
+        raise CheckpointError(f"{tdir}: no mp_rank_*_model_states.pt (not a DeepSpeed checkpoint)")
+    if len(model_files) > 1:
+        raise CheckpointError(f"{tdir}: {len(model_files)} model-parallel ranks; only data parallelism is supported")
+    model_states = torch.load(model_files[0], map_location="cpu", weights_only=False)
+    optim_files = sorted(glob.glob(str(tdir / "*zero_pp_rank_*_optim_states.pt")),
+                         key=lambda f: int(os.path.basename(f).split("zero_pp_rank_")[1].split("_")[0]))
+    rank_states = []
+    for f in optim_files:
+        sd = torch.load(f, map_location="cpu", weights_only=False)
+        base = _find_base_state(sd.get("optimizer_state_dict", sd))
+        if base is None:
+            raise CheckpointError(f"{f}: no optimizer state dict found")
+        rank_states.append((f, base))
+    zero = bool(rank_states)
+    if not zero:
+        base = _find_base_state(model_states.get("optimizer"))
+        if base is None:
+            raise CheckpointError(f"{model_files[0]}: no optimizer state (saved without the optimizer?)")
+        rank_states.append((model_files[0], base))
+
+    info = rank_states[0][1].get("dist8")
+    if info is None:
+        raise CheckpointError(f"{rank_states[0][0]}: optimizer state was not written by a dist8 optimizer "
+                              "(DeepSpeed config optimizer.type must be 'dist8.<Name>')")
+    cls = get_optimizer_class(info["class"])
+    B = int(info["block_size"])
+    signs = RULE_STATES[cls.rule]
+    quant_map = "dynamic"
+    qmaps = {s: get_map(quant_map, s) for s in (True, False)}
+
+    # Model weights (fp32): ZeRO -> zero_to_fp32 (master weights); stage 0 -> the module state.
+    if zero:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    else:
+        weights = model_states["module"]
+    weights = {k: v.detach().float().contiguous() for k, v in weights.items()}
+    param_shapes: dict[str, tuple[int, ...]] = {}
+    for entry in model_states.get("param_shapes") or []:
+        for n, s in entry.items():
+            param_shapes[n] = tuple(s)
+    if not param_shapes:
+        param_shapes = {n: tuple(v.shape) for n, v in weights.items()}
+
+    # Collect per-parameter pieces of dequantized state.
+    full: dict[str, dict[str, Any]] = {}
+
+    def put(name, shape, start, st):
+        numel = math.prod(shape)
+        entry = full.setdefault(name, {"shape": tuple(shape), "step": 0, "8bit": False, "covered": 0,
+                                       **{f"state{i}": torch.zeros(numel) for i in range(1, len(signs) + 1)}})
+        for i in range(1, len(signs) + 1):
+            s = st[f"state{i}"]
+            if s.dtype == torch.uint8:
+                entry["8bit"] = True
+                s = dequantize_blockwise(s.reshape(-1), st[f"absmax{i}"].float(), qmaps[signs[i - 1]], B)
+            s = s.reshape(-1).float()
+            entry[f"state{i}"][start:start + s.numel()] = s
+        entry["covered"] += st["state1"].numel()
+        entry["step"] = max(entry["step"], int(st.get("step", 0)))
+        if "gnorm_vec" in st:
+            entry["gnorm_vec"] = st["gnorm_vec"].float()
+
+    groups_hyper = None
+    for fname, base in rank_states:
+        names = base.get("dist8", {}).get("names", {})
+        if groups_hyper is None:
+            groups_hyper = [{k: v for k, v in g.items() if k != "params"} for g in base["param_groups"]]
+        for pid, st in base["state"].items():
+            if "segments" in st:
+                for name, start, shape, seg in zip(st["segment_names"], st["segment_starts"], st["segment_shapes"],
+                                                   st["segments"]):
+                    if seg is not None:
+                        put(name, tuple(shape), int(start), seg)
+            elif "state1" in st:
+                name = names.get(pid)
+                if name is None:
+                    raise CheckpointError(f"{fname}: optimizer state {pid} has no parameter name")
+                put(name, tuple(st["state1"].shape), 0, st)
+    for name, entry in full.items():
+        if entry["covered"] != math.prod(entry["shape"]):
+            raise CheckpointError(f"{ckpt_dir}: state of parameter {name} covers {entry['covered']} of "
+                                  f"{math.prod(entry['shape'])} elements (missing rank files?)")
+
+    # Write the dist8 checkpoint (world size 1; loads at any world size).
+    names_in_order = [n for n in param_shapes if n in weights] or list(weights)
+    tensors: dict[str, torch.Tensor] = {}
+    pieces = []
+    params_meta = []
+    block = 0
+    step = max([e["step"] for e in full.values()], default=0)
+    for name in names_in_order:
+        shape = tuple(weights[name].shape)
+        numel = math.prod(shape)
+        nb = num_blocks(numel, B)
+        params_meta.append({"name": name, "shape": list(shape), "dtype": "float32", "first_block": block,
+                            "n_blocks": nb, "group": 0})
+        block += nb
+        entry = full.get(name)
+        if entry is None:
+            continue
+        for i in range(1, len(signs) + 1):
+            vals = entry[f"state{i}"]
+            if entry["8bit"]:
+                codes, absmax = quantize_blockwise(vals, qmaps[signs[i - 1]], B)
+                tensors[tensor_key(name, f"state{i}")] = codes.contiguous()
+                tensors[tensor_key(name, f"absmax{i}")] = absmax.contiguous()
+            else:
+                tensors[tensor_key(name, f"state{i}")] = vals.contiguous()
+        if "gnorm_vec" in entry:
+            tensors[tensor_key(name, "gnorm_vec")] = entry["gnorm_vec"].contiguous()
+        pieces.append([name, 0, numel, entry["step"]])
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    fname = rank_file(0, 1)
+    save_file(tensors, str(tmp / fname), metadata={"format": FORMAT})
+    save_file({n: weights[n] for n in names_in_order}, str(tmp / MODEL_FILE), metadata={"format": FORMAT})
+    files = {f: {"sha256": sha256_file(tmp / f), "size": (tmp / f).stat().st_size} for f in (fname, MODEL_FILE)}
+
+    def safe(v):
+        return list(v) if isinstance(v, tuple) else (v.item() if torch.is_tensor(v) and v.numel() == 1 else v)
+
+    meta = {
+        "format": FORMAT, "version": FORMAT_VERSION, "dist8_version": dist8.__version__,
+        "torch_version": torch.__version__, "block_size": B, "world_size": 1, "step": step,
+        "optimizer": {"class": cls.__name__,
+                      "param_groups": [{k: safe(v) for k, v in g.items()} for g in (groups_hyper or [])][:1]},
+        "params": params_meta, "pieces": {"0": pieces}, "files": files,
+        "extra": {"converted_from": "deepspeed", "deepspeed_dir": str(ckpt_dir), "tag": tag,
+                  "deepspeed_world_size": len(rank_states) if zero else 1,
+                  "global_steps": model_states.get("global_steps"),
+                  "global_samples": model_states.get("global_samples")},
+    }
+    write_json_atomic(tmp / METADATA, meta)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return str(out)
+
+
+def _cli(args) -> int:
+    out = from_deepspeed(args.path, args.out, tag=args.tag)
+    print(f"wrote {out} (dist8 checkpoint, loads at any world size)")
+    return 0
+
+
+def register_cli(sub, guard=None) -> None:
+    """Add ``from-deepspeed`` to the ``dist8 ckpt`` sub-parsers ``sub``."""
+    p = sub.add_parser("from-deepspeed", help="convert a DeepSpeed checkpoint of a dist8.* optimizer "
+                                              "to a dist8 checkpoint (any world size)")
+    p.add_argument("path", help="DeepSpeed checkpoint directory (the one holding 'latest')")
+    p.add_argument("out", help="output dist8 checkpoint directory")
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: the 'latest' file)")
+    p.set_defaults(func=guard(_cli) if guard else _cli)

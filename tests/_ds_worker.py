@@ -1,0 +1,178 @@
+"""One rank of a DeepSpeed test run (spawned by tests/test_deepspeed.py with RANK/WORLD_SIZE env vars).
+
+``python tests/_ds_worker.py SPEC.json OUT_DIR``; SPEC holds a list of "jobs", each
+{"name", "config" (DeepSpeed dict), "steps", "save": dir|None, "resume": dist8 ckpt dir|None,
+"first_step": int}. Writes OUT_DIR/<job>-rank<r>.json with global losses and state facts.
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+
+GLOBAL_BATCH = 8
+SEQ = 16
+VOCAB = 64
+
+
+class Block(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.ln1 = torch.nn.LayerNorm(d)
+        self.qkv = torch.nn.Linear(d, 3 * d)
+        self.proj = torch.nn.Linear(d, d)
+        self.ln2 = torch.nn.LayerNorm(d)
+        self.fc = torch.nn.Linear(d, 4 * d)
+        self.out = torch.nn.Linear(4 * d, d)
+        self.heads = 4
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.out(torch.nn.functional.gelu(self.fc(self.ln2(x))))
+
+
+class TinyGPT(torch.nn.Module):
+    def __init__(self, d=64, layers=2):
+        super().__init__()
+        self.tok = torch.nn.Embedding(VOCAB, d)
+        self.pos = torch.nn.Parameter(torch.zeros(SEQ, d))
+        self.blocks = torch.nn.ModuleList(Block(d) for _ in range(layers))
+        self.ln = torch.nn.LayerNorm(d)
+        self.head = torch.nn.Linear(d, VOCAB)
+
+    def forward(self, idx, targets):
+        x = self.tok(idx) + self.pos[: idx.shape[1]].to(self.tok.weight.dtype)
+        for blk in self.blocks:
+            x = blk(x)
+        logits = self.head(self.ln(x)).float()
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return TinyGPT()
+
+
+def batch(step):
+    """The global batch of ``step`` (the same on every world size): a learnable pattern plus noise."""
+    g = torch.Generator().manual_seed(100 + step)
+    start = torch.randint(0, VOCAB, (GLOBAL_BATCH, 1), generator=g)
+    seq = (start + torch.arange(SEQ + 1) * 3) % VOCAB
+    noise = torch.randint(0, VOCAB, seq.shape, generator=g)
+    seq = torch.where(torch.rand(seq.shape, generator=g) < 0.1, noise, seq)
+    return seq[:, :-1], seq[:, 1:]
+
+
+def local_batch(step, rank, world):
+    x, y = batch(step)
+    n = GLOBAL_BATCH // world
+    return x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+
+
+def run_job(job, rank, world, out_dir):
+    import deepspeed
+    import torch.distributed as dist
+
+    import dist8.integrations.deepspeed as d8ds
+
+    cfg = dict(job["config"])
+    gas = cfg.get("gradient_accumulation_steps", 1)
+    cfg.setdefault("train_batch_size", GLOBAL_BATCH)
+    cfg.setdefault("train_micro_batch_size_per_gpu", GLOBAL_BATCH // world // gas)
+    model = make_model()
+    via = job.get("via", "initialize")
+    if via == "client":
+        import dist8
+
+        cfg.pop("optimizer")
+        kw = {k: (tuple(v) if k == "betas" else v) for k, v in job["client"].items()}
+        client = dist8.AdamW8bit(model.named_parameters(), **kw)
+        engine, _opt, _, _ = d8ds.initialize(model=model, optimizer=client, config=cfg)
+    elif via == "plain":
+        d8ds.install()
+        engine, _opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    else:
+        engine, _opt, _, _ = d8ds.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    if job.get("resume"):
+        d8ds.load_dist8_checkpoint(engine, job["resume"])
+    if job.get("ds_load"):
+        engine.load_checkpoint(job["ds_load"])
+    dtype = torch.bfloat16 if cfg.get("bf16", {}).get("enabled") else torch.float16 if cfg.get("fp16", {}).get(
+        "enabled") else torch.float32
+    losses = []
+    t0 = time.time()
+    first = job.get("first_step", 0)
+    mb = GLOBAL_BATCH // world // gas
+    for step in range(first, first + job["steps"]):
+        x, y = local_batch(step, rank, world)
+        total = 0.0
+        for m in range(gas):
+            loss = engine(x[m * mb:(m + 1) * mb], y[m * mb:(m + 1) * mb])
+            engine.backward(loss)
+            engine.step()
+            total += float(loss.detach()) / gas
+        t = torch.tensor([total])
+        dist.all_reduce(t)
+        losses.append(float(t) / world)
+    elapsed = time.time() - t0
+    if job.get("save"):
+        engine.save_checkpoint(job["save"], tag="final")
+    opt = engine.basic_optimizer
+    facts = {
+        "losses": losses,
+        "seconds": elapsed,
+        "class": type(opt).__name__,
+        "mro": [c.__name__ for c in type(opt).__mro__],
+        "dtypes": {k: str(v) for k, v in opt.state_dtypes().items()},
+        "state_bytes": opt.state_nbytes(),
+        "wrapper": type(engine.optimizer).__name__,
+        "devices": sorted({str(p.device) for g in opt.param_groups for p in g["params"]}),
+        "n_segments": sum(len(v) for v in (getattr(opt, "ds_segments", {}) or {}).values()),
+    }
+    with open(os.path.join(out_dir, f"{job['name']}-rank{rank}.json"), "w") as f:
+        json.dump(facts, f)
+    engine.destroy() if hasattr(engine, "destroy") else None
+
+
+def main():
+    spec = json.load(open(sys.argv[1]))
+    out_dir = sys.argv[2]
+    import deepspeed
+
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo")
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for job in spec["jobs"]:
+        run_job(job, rank, world, out_dir)
+        dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
+
+
+def reference(steps, params, clip=1.0, cls_name="AdamW8bit"):
+    """The same training without DeepSpeed: one process, the full global batch, a plain dist8 optimizer."""
+    import dist8
+
+    model = make_model()
+    kw = {k: (tuple(v) if k == "betas" else v) for k, v in params.items() if v != "auto"}
+    opt = dist8.get_optimizer_class(cls_name)(model.named_parameters(), **kw)
+    losses = []
+    for step in range(steps):
+        x, y = batch(step)
+        loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses, opt
