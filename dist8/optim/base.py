@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from dist8.kernels import RULE_STATES, RULE_WRITES_UPDATE, Rule, Scalars, get_backend
+from dist8.optim import dtensor as _dt
 from dist8.optim.config import check_overrides, global_numel, match_overrides, split_named_params, uses_8bit
 from dist8.quant import check_block_size, get_map, num_blocks
 
@@ -112,6 +113,8 @@ class Optimizer8bit(torch.optim.Optimizer):
                     raise TypeError(
                         f"parameter {self.param_name(p)} has dtype {p.dtype}; supported: float32, bfloat16, float16"
                     )
+                _dt.check_param(self.param_name(p), p)  # refuses FSDP1 flat parameters
+        self._dtensor = _dt.attach(self)  # DTensor (FSDP2) params: reduce_partials, state-dict hook
 
     # ---- hooks for subclasses -------------------------------------------------
     def _check_hyper(self, hyper: dict[str, Any], where: str) -> None:
@@ -189,6 +192,8 @@ class Optimizer8bit(torch.optim.Optimizer):
     # ---- state ------------------------------------------------------------------
     def init_state(self, p: torch.Tensor, settings: ParamSettings) -> dict[str, Any]:
         """Fresh state for ``p``: zero codes and absmax (8-bit) or zero fp32 tensors."""
+        if _dt.is_dtensor(p):
+            return _dt.init_state(self, p, settings)
         state: dict[str, Any] = {"step": 0}
         n = p.numel()
         for i, _signed in enumerate(RULE_STATES[self.rule], start=1):
@@ -259,19 +264,23 @@ class Optimizer8bit(torch.optim.Optimizer):
             s.hyper["percentile_clipping"] < 100 for _, s, _ in items
         )
         for slot, (p, settings, _state) in zip(slots, items):
-            if self.check_finite and not get_backend(p.device).all_finite(p.grad):
+            grad = _dt.local(p.grad)
+            if self.check_finite and not get_backend(p.device).all_finite(grad):
                 partials[slot] = 1.0
             if need_gnorm and settings.hyper["percentile_clipping"] < 100:
-                partials[n + slot] += float(p.grad.detach().double().square().sum())
+                partials[n + slot] += float(grad.detach().double().square().sum())
         if sharded or self.check_finite or need_gnorm:
             partials = self._reduce(partials)
         self.last_nonfinite = []
         trust_items = []
+        edges = _dt.EdgeBatch() if self._dtensor else None  # shard-edge blocks, finished after the loop
         for slot, (p, settings, state) in zip(slots, items):
             if partials[slot] > 0:
                 self.nonfinite_skips += 1
                 self.last_nonfinite.append(settings.name)
                 if self.on_nonfinite == "raise":
+                    if edges is not None:
+                        edges.finish()
                     raise FloatingPointError(
                         f"non-finite gradient in parameter {settings.name}; step skipped, state untouched"
                     )
@@ -280,10 +289,15 @@ class Optimizer8bit(torch.optim.Optimizer):
             grad_scale = 1.0
             if settings.hyper["percentile_clipping"] < 100:
                 grad_scale = self._percentile_scale(state, float(partials[n + slot]), step, settings.hyper["percentile_clipping"])
-            update = self._update_one(p, state, settings, step, grad_scale)
+            if _dt.is_dtensor(p):
+                update = _dt.update(self, p, state, settings, step, grad_scale, edges)
+            else:
+                update = self._update_one(p, state, settings, step, grad_scale)
             state["step"] = step
             if update is not None:
                 trust_items.append((slot, p, settings, update))
+        if edges is not None:
+            edges.finish()
         if trust_items or (sharded and self.rule in RULE_WRITES_UPDATE):
             self._apply_trust_ratios(trust_items, n)
 
@@ -321,11 +335,12 @@ class Optimizer8bit(torch.optim.Optimizer):
     def _apply_trust_ratios(self, trust_items: list, n_slots: int) -> None:
         sums = torch.zeros(2 * n_slots, dtype=torch.float64)
         for slot, p, _settings, update in trust_items:
-            sums[2 * slot] += float(p.detach().double().square().sum())
+            sums[2 * slot] += float(_dt.local(p.detach()).double().square().sum())
             sums[2 * slot + 1] += float(update.double().square().sum())
         sums = self._reduce(sums)
         for slot, p, settings, update in trust_items:
             ratio = self._trust_ratio(settings.hyper, math.sqrt(sums[2 * slot]), math.sqrt(sums[2 * slot + 1]))
+            p = _dt.local(p)
             new = p.detach().reshape(-1).float() - torch.tensor(settings.hyper["lr"] * ratio, dtype=torch.float32) * update
             p.detach().copy_(new.view(p.shape))
 
@@ -381,4 +396,4 @@ class Optimizer8bit(torch.optim.Optimizer):
         out["step"] = int(st.get("step", 0))
         if "gnorm_vec" in st:
             out["gnorm_vec"] = st["gnorm_vec"].to(device=p.device, dtype=torch.float32)
-        return out
+        return _dt.localize_state(self, p, out) if _dt.is_dtensor(p) or _dt.has_dtensor(out) else out

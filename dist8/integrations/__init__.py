@@ -1,0 +1,1 @@
+"""Integrations with training frameworks (import the submodule you need: ``dist8.integrations.fsdp``)."""

