@@ -62,6 +62,17 @@ class OptimizerAdapter:
             st = {k: (v.view(p.shape) if k.startswith("state") else v) for k, v in st.items()}
             self.inner.state[p] = self.inner._checked_state(p, st)
 
+    def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Model tensors to write (rank 0)."""
+        return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+    def load_model_state(self, model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        own = model.state_dict()
+        with torch.no_grad():
+            for name, value in tensors.items():
+                if name in own:
+                    own[name].copy_(value)
+
     def hyper(self) -> list[dict[str, Any]]:
         return [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
 
@@ -75,6 +86,56 @@ class OptimizerAdapter:
         return out
 
 
+class FSDP2Adapter(OptimizerAdapter):
+    """A dist8 optimizer on FSDP2 (DTensor) parameters.
+
+    Saving gathers the *full* quantized state (uint8 codes + fp32 absmax; never fp32
+    moments) and model onto rank 0 with torch's full-state-dict API and writes a
+    world-size-1 checkpoint; loading gives every rank the full state, and the optimizer
+    keeps the blocks of its shard. For sharded reads at scale use
+    :func:`dist8.integrations.fsdp.save_dcp`, which stores the same codes through DCP.
+    """
+
+    full: dict[str, Any] | None = None
+
+    def _options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    def gather(self, model: torch.nn.Module) -> None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        self.full_model = get_model_state_dict(model, options=self._options())
+        self.full = get_optimizer_state_dict(model, self.optimizer, options=self._options())
+
+    def piece_state(self, i: int) -> dict[str, Any] | None:
+        st = (self.full or {}).get("state", {}).get(self.names[i])
+        return st or None
+
+    def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach().contiguous().cpu() for k, v in self.full_model.items()}
+
+    def load_model_state(self, model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True))
+
+    def load_states(self, states: dict[int, dict[str, Any]], masters: dict[int, torch.Tensor]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        full_state = {}
+        for i, st in states.items():
+            shape = self.layout.params[i].shape
+            full_state[self.names[i]] = {k: (v.view(shape) if k.startswith("state") else v) for k, v in st.items()}
+        groups = []
+        for g in self.optimizer.param_groups:
+            fqns = [self.names[j] for j, p in enumerate(self.params) if any(q is p for q in g["params"])]
+            groups.append(dict({k: v for k, v in g.items() if k != "params"}, params=fqns))
+        set_optimizer_state_dict(self.model, self.optimizer, {"state": full_state, "param_groups": groups},
+                                 options=StateDictOptions(full_state_dict=True))
+
+
 def adapt(model: torch.nn.Module | None, optimizer) -> OptimizerAdapter:
     """Describe ``optimizer`` (sharded or plain) with parameter names taken from ``model`` when given."""
     model_names = {p: n for n, p in model.named_parameters()} if model is not None else {}
@@ -84,6 +145,17 @@ def adapt(model: torch.nn.Module | None, optimizer) -> OptimizerAdapter:
         layout = BlockLayout(names, [p.shape for p in params], optimizer.layout.block_size)
         return OptimizerAdapter(layout, optimizer.rank, optimizer.world_size, optimizer.group, optimizer.pieces,
                                 True, optimizer, params, optimizer.inner)
+    if isinstance(optimizer, Optimizer8bit) and getattr(optimizer, "_dtensor", False):
+        if model is None:
+            raise TypeError("dist8.checkpoint needs the model for an optimizer of FSDP2 (DTensor) parameters")
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        names = [model_names[p] for p in params]
+        layout = BlockLayout(names, [p.shape for p in params], optimizer.block_size)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        ad = FSDP2Adapter(layout, rank, dist.get_world_size() if dist.is_initialized() else 1, None,
+                          layout.pieces(0, 1), rank == 0, optimizer, params, optimizer)
+        ad.model = model
+        return ad
     if isinstance(optimizer, Optimizer8bit):
         params = [p for g in optimizer.param_groups for p in g["params"]]
         names = [model_names.get(p) or (optimizer._names.get(p) if p in optimizer._names else f"param{i}")

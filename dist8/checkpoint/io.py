@@ -88,6 +88,8 @@ def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
     crash at any point leaves the previous checkpoint loadable. Returns the path.
     """
     ad = adapt(model, optimizer)
+    if hasattr(ad, "gather"):  # FSDP2: full quantized state onto rank 0 (collective)
+        ad.gather(model)
     root = Path(path)
     if keep_last is not None:
         if step is None:
@@ -120,8 +122,7 @@ def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
         all_files = {k: v for rep in gathered for k, v in rep["files"].items()}
         all_pieces = {str(rep["rank"]): rep["pieces"] for rep in gathered if rep["files"]}
         if model is not None:
-            state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-            save_file(state, str(tmp / MODEL_FILE), metadata={"format": FORMAT})
+            save_file(ad.model_state(model), str(tmp / MODEL_FILE), metadata={"format": FORMAT})
             all_files[MODEL_FILE] = {"sha256": sha256_file(tmp / MODEL_FILE), "size": (tmp / MODEL_FILE).stat().st_size}
         group_of = ad.group_of()
         meta = {
@@ -249,7 +250,7 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
     finally:
         handles.clear()
     if model is not None:
-        _load_model(path / MODEL_FILE, model, strict)
+        ad.load_model_state(model, _read_model(path / MODEL_FILE, model, strict))
     ad.load_states(states, masters)
     for group, saved_group in zip(ad.optimizer.param_groups, meta["optimizer"]["param_groups"]):
         for k, v in saved_group.items():
@@ -308,7 +309,7 @@ def _read_pieces(ad: OptimizerAdapter, where, steps, handles, skip, path: Path):
     return states, masters
 
 
-def _load_model(file: Path, model: torch.nn.Module, strict: bool) -> None:
+def _read_model(file: Path, model: torch.nn.Module, strict: bool) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise CheckpointError(f"{file} is missing (checkpoint saved without a model?)")
     from safetensors.torch import load_file
@@ -324,7 +325,4 @@ def _load_model(file: Path, model: torch.nn.Module, strict: bool) -> None:
     missing, unexpected = [k for k in own if k not in tensors], [k for k in tensors if k not in own]
     if strict and (missing or unexpected):
         raise CheckpointError(f"{file}: model keys missing {missing[:5]} unexpected {unexpected[:5]}")
-    with torch.no_grad():
-        for name, value in tensors.items():
-            if name in own:
-                own[name].copy_(value)
+    return {k: v for k, v in tensors.items() if k in own}

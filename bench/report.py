@@ -1,0 +1,175 @@
+"""Regenerate BENCHMARKS.md (and the convergence PNG) from the JSON files under bench/results/.
+
+No number in BENCHMARKS.md is typed by hand: every table is rendered from the newest result
+file of each benchmark (per machine). Usage: python bench/report.py
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def _load(prefix: str) -> list[tuple[Path, dict]]:
+    out = []
+    for f in sorted(RESULTS.glob(f"{prefix}-*.json")):
+        try:
+            out.append((f, json.loads(f.read_text())))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def _machine_line(m: dict) -> str:
+    keys = ("cpu", "gpu", "device", "cores", "threads", "torch", "bitsandbytes", "torchao", "deepspeed", "date", "time")
+    return ", ".join(f"{k} {m[k]}" for k in keys if m.get(k) not in (None, ""))
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return "-" if v is None else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def step_section() -> str:
+    parts = ["## 1. Optimizer step time\n",
+             "Goal (issue 3): dist8 8-bit AdamW step <= 1.0x torch fused fp32 AdamW at 16M and 256M params on CPU; "
+             ">= 15x faster than bitsandbytes' CPU 8-bit; on GPU >= 85% of HBM bandwidth at 256M.\n"]
+    for f, d in _load("step"):
+        meta = d["meta"]
+        parts.append(f"`{f.name}` — {_machine_line(meta)}; copy bandwidth {meta.get('copy_bandwidth_gbps', 0):.1f} GB/s\n")
+        fused = {(r["size_label"], r["dtype"]): r["ms"] for r in d["results"] if r["optimizer"] == "torch AdamW fused"}
+        bnb = {(r["size_label"], r["dtype"]): r["ms"] for r in d["results"] if "bitsandbytes" in r["optimizer"]}
+        rows = []
+        for r in d["results"]:
+            key = (r["size_label"], r["dtype"])
+            rows.append([r["size_label"], r["dtype"], r["optimizer"], r.get("ms"), r.get("gbps"), r.get("bound_ratio"),
+                         r["ms"] / fused[key] if key in fused and r.get("ms") else None, r.get("error")])
+        parts.append(_table(["size", "dtype", "optimizer", "ms (median)", "GB/s", "of bound", "x torch fused",
+                             "error"], rows))
+        verdicts = []
+        for (size, dtype), ms in fused.items():
+            mine = [r["ms"] for r in d["results"] if r["size_label"] == size and r["dtype"] == dtype
+                    and r["optimizer"].startswith("dist8") and r.get("ms")]
+            if mine:
+                best = min(mine)
+                v = f"{size} {dtype}: dist8 {best / ms:.2f}x torch fused ({'met' if best <= ms else 'NOT met'})"
+                if (size, dtype) in bnb:
+                    v += f", {bnb[(size, dtype)] / best:.1f}x faster than bitsandbytes " \
+                         f"({'met' if bnb[(size, dtype)] / best >= 15 else 'NOT met'})"
+                verdicts.append(v)
+        parts.append("\n" + "\n".join(f"- {v}" for v in verdicts) + "\n")
+    return "\n".join(parts)
+
+
+def sharded_section() -> str:
+    parts = ["## 2. Optimizer-state bytes per parameter per rank, and step time\n",
+             "Goal (issue 4): dist8 bytes/rank = (2 + 8/256)/N per parameter; dist8 iteration time <= DDP + unsharded "
+             "8-bit AdamW (`x ddp+dist8` <= 1).\n"]
+    for f, d in _load("sharded"):
+        parts.append(f"`{f.name}` — {_machine_line(d['machine'])}; model {d['rows'][0]['params']:,} params\n")
+        ms = lambda v: None if v is None else v * 1e3  # noqa: E731
+        rows = [[r["system"], r["world_size"], r.get("state_bytes_per_param_per_rank"), ms(r.get("iter_s")),
+                 ms(r.get("opt_step_s")), r.get("iter_vs_ddp_dist8"), r.get("bytes_sent_per_step_rank"), r.get("error")]
+                for r in d["rows"]]
+        parts.append(_table(["system", "ranks", "state bytes/param/rank", "iter ms", "opt step ms", "x ddp+dist8",
+                             "bytes sent/step/rank", "error"], rows))
+        parts.append("\n" + "\n".join(
+            f"- {g['system']} on {g['world_size']}: {g['bytes']:.3f} vs goal {g['bytes_goal']:.3f} bytes/param "
+            f"({'met' if g['bytes_met'] else 'NOT met'}); time {'met' if g['time_met'] else 'NOT met'}"
+            for g in d.get("goals", [])) + "\n")
+    return "\n".join(parts)
+
+
+def checkpoint_section() -> str:
+    parts = ["## 3. Checkpoints\n", "Goal (issue 5): optimizer-state bytes on disk <= 0.26 of fp32.\n"]
+    for f, d in _load("checkpoint"):
+        parts.append(f"`{f.name}` — {_machine_line(d['machine'])}\n")
+        rows = [[r["system"], r["world_size"], r["params"], r["optim_bytes_on_disk"], r["bytes_vs_fp32"],
+                 r["save_s"], r["load_s"]] for r in d["rows"]]
+        parts.append(_table(["system", "ranks", "params", "optimizer bytes on disk", "x fp32", "save s", "load s"], rows))
+        g = d["goal"]
+        parts.append(f"\n- worst dist8 ratio {g['worst_ratio']:.4f}: {'met' if g['met'] else 'NOT met'}\n")
+    parts.append(
+        "World-size changes each system survives (N -> M resume of 8-bit optimizer state). dist8's column is "
+        "asserted by `tests/test_checkpoint.py` (save on 4, resume on 1/2/3/4, bitwise equal to an "
+        "uninterrupted run); the others are the failures measured and quoted in issues #5-#7, not re-run here.\n\n"
+        "| system | same N | N -> fewer | N -> more / uneven (2 -> 3) |\n|---|---|---|---|\n"
+        "| dist8 (ShardedOptimizer / plain) | yes (tested) | yes (tested) | yes (tested 4->3, 1->4) |\n"
+        "| bitsandbytes 8-bit + DeepSpeed ZeRO | yes | no: DP world size mismatch | no (`ds_to_universal`: KeyError 'exp_avg') |\n"
+        "| torchao AdamW8bit + FSDP2 + DCP | yes | yes (2 -> 1) | no (2 -> 3: block boundaries) |\n")
+    return "\n".join(parts)
+
+
+def convergence_section() -> str:
+    parts = ["## 4. Convergence and 5. the paper's ablation in miniature\n",
+             "Small byte-level GPT on the CPython standard library, final validation loss over seeds. Goal (issue 2): "
+             "dist8 8-bit / fp32 <= 1.01. Ablation rows: `linear` (linear map), `no-blockwise` (dynamic map, one "
+             "absmax per tensor), `dist8` (dynamic + block-wise), `dist8+stable` (+ StableEmbedding). A run counts as "
+             "diverged when its final loss is not finite or above its first loss. For reference, the paper's Table 3 "
+             "(209M-parameter LM) found the same ordering at scale: linear quantization unstable, dynamic + block-wise "
+             "+ stable embedding as stable as 32-bit Adam.\n"]
+    for f, d in _load("convergence"):
+        parts.append(f"`{f.name}` — {_machine_line(d['machine'])}; preset {d['preset']}\n")
+        rows = [[r["variant"], r["seeds"], r["val_loss_mean"], r["val_loss_spread"], r["diverged"], r["ratio_to_fp32"]]
+                for r in d["rows"]]
+        parts.append(_table(["variant", "seeds", "val loss (mean)", "spread", "diverged", "/ fp32"], rows))
+        g = d["goal"]
+        parts.append(f"\n- dist8 / fp32 = {g['ratio']}: {'met' if g['met'] else 'NOT met'}")
+        if d.get("errors"):
+            parts.append("- anchors that failed: " + "; ".join(f"{k}: {v}" for k, v in d["errors"].items()))
+        png = _plot(f, d)
+        if png:
+            parts.append(f"\n![convergence curves]({png.relative_to(ROOT)})\n")
+    return "\n".join(parts)
+
+
+def _plot(f: Path, d: dict) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for variant in dict.fromkeys(r["variant"] for r in d["runs"]):
+        curves = [r["curve"] for r in d["runs"] if r["variant"] == variant and r["curve"]]
+        n = min(len(c) for c in curves)
+        mean = [statistics.mean(c[i] for c in curves) for i in range(n)]
+        ax.plot([i * d["preset"]["steps"] / n for i in range(n)], mean, label=variant)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (mean over seeds)")
+    ax.set_ylim(top=min(6.0, ax.get_ylim()[1]))
+    ax.legend()
+    ax.set_title("small GPT on the CPython stdlib")
+    png = f.with_suffix(".png").with_name(f.stem + "-curves.png")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+def main() -> None:
+    text = ["# dist8 benchmarks\n",
+            "Generated by `python bench/report.py` from `bench/results/*.json` (run `python bench/run_all.py --quick` "
+            "to refresh). Machines are noisy: medians and ratios measured side by side in one process are what "
+            "count; each table names the machine, versions and date that produced it.\n",
+            step_section(), sharded_section(), checkpoint_section(), convergence_section()]
+    extra = ROOT / "bench" / "NOTES.md"
+    if extra.exists():
+        text.append(extra.read_text())
+    (ROOT / "BENCHMARKS.md").write_text("\n".join(text))
+    print(f"wrote {ROOT / 'BENCHMARKS.md'}")
+
+
+if __name__ == "__main__":
+    main()
