@@ -9,6 +9,7 @@ Systems (each in the same spawned process group, interleaved per world size):
   fsdp2+adamw        FSDP2 (fully_shard per layer) + torch AdamW
   fsdp2+torchao      FSDP2 + torchao AdamW8bit
   fsdp2+dist8        FSDP2 + dist8.AdamW8bit
+  deepspeed-zero2+*  DeepSpeed ZeRO-2 with torch AdamW, bitsandbytes AdamW8bit, or the "dist8.AdamW8bit" config type
 Goals (issue 4): state bytes/rank = (2 + 8/256)/N per parameter; dist8 step time <= DDP + unsharded 8-bit AdamW.
 
 Usage: python bench/sharded.py [--quick|--full] [--world-sizes 1 2 4] [--out FILE]
@@ -32,7 +33,7 @@ from common import machine, print_table, write_json  # noqa: E402
 
 PRESETS = {"quick": dict(width=1024, layers=8, batch=8, steps=6), "full": dict(width=2048, layers=12, batch=8, steps=12)}
 SYSTEMS = ["ddp+adamw", "ddp+dist8", "zero+adamw", "dist8-stage1", "dist8-stage2", "fsdp2+adamw", "fsdp2+torchao",
-           "fsdp2+dist8"]
+           "fsdp2+dist8", "deepspeed-zero2+adamw", "deepspeed-zero2+bnb", "deepspeed-zero2+dist8"]
 
 
 def build_model(width: int, layers: int, device: torch.device) -> torch.nn.Module:
@@ -77,6 +78,8 @@ def make_system(name: str, model: torch.nn.Module):
         return DDP(model), dist8.ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, stage=1, **kw)
     if name == "dist8-stage2":
         return model, dist8.ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, stage=2, **kw)
+    if name.startswith("deepspeed"):
+        return _deepspeed(name, model, kw)
     if name.startswith("fsdp2"):
         from dist8.integrations.fsdp import fully_shard
 
@@ -92,6 +95,54 @@ def make_system(name: str, model: torch.nn.Module):
             return model, AdamW8bit(model.parameters(), **kw)
         return model, dist8.AdamW8bit(model.named_parameters(), **kw)
     raise ValueError(name)
+
+
+class _DeepSpeedStep:
+    """Adapts a DeepSpeed engine to the (module, optimizer) interface the timing loop uses."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.loss = None
+
+    def __call__(self, x):
+        return self.engine(x)
+
+    def backward(self, loss) -> None:
+        self.engine.backward(loss)
+
+    def zero_grad(self) -> None:
+        pass  # the engine zeroes after step
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def state_nbytes(self) -> int:
+        basic = self.engine.basic_optimizer if hasattr(self.engine, "basic_optimizer") else self.engine.optimizer
+        return basic.state_nbytes() if hasattr(basic, "state_nbytes") else state_bytes(basic)
+
+
+def _deepspeed(name: str, model: torch.nn.Module, kw: dict):
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    import dist8.integrations.deepspeed as d8ds
+
+    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2},
+              "zero_allow_untested_optimizer": True}
+    if name.endswith("+dist8"):
+        config["optimizer"] = {"type": "dist8.AdamW8bit", "params": dict(kw)}
+        engine, *_ = d8ds.initialize(model=model, model_parameters=model.parameters(), config=config)
+    else:
+        if name.endswith("+bnb"):
+            import bitsandbytes as bnb
+
+            client = bnb.optim.AdamW8bit(model.parameters(), **kw)
+        else:
+            client = torch.optim.AdamW(model.parameters(), **kw)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=client, config=config)
+    step = _DeepSpeedStep(engine)
+    return step, step
 
 
 def worker(rank: int, world_size: int, port: int, preset: dict, out: str) -> None:
@@ -113,7 +164,8 @@ def worker(rank: int, world_size: int, port: int, preset: dict, out: str) -> Non
         for _step in range(preset["steps"] + 2):
             t0 = time.perf_counter()
             opt.zero_grad()
-            wrapped(x).square().mean().backward()
+            loss = wrapped(x).square().mean()
+            opt.backward(loss) if isinstance(opt, _DeepSpeedStep) else loss.backward()
             t1 = time.perf_counter()
             opt.step()
             if device.type == "cuda":

@@ -4,6 +4,7 @@ Block-wise dynamic quantization of optimizer state (Dettmers et al., ICLR 2022),
 with quantization blocks partitioned across data-parallel ranks.
 """
 from dist8 import optim, quant
+from dist8.shard import ShardedOptimizer
 from dist8.optim import (
     LAMB8bit,
     LARS8bit,
@@ -27,6 +28,7 @@ __all__ = [
     "Lion8bit",
     "RMSprop8bit",
     "SGD8bit",
+    "ShardedOptimizer",
     "__version__",
     "get_optimizer_class",
     "optim",

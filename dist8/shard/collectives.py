@@ -76,6 +76,22 @@ def _global(optimizer, r: int) -> int:
     return r if optimizer.group is None else dist.get_global_rank(optimizer.group, r)
 
 
+def _empty_full(spec: dict, device: torch.device) -> dict[str, Any]:
+    full: dict[str, Any] = {k: torch.empty(v[1], dtype=v[0], device=device) for k, v in spec.items() if k != "__step__"}
+    full["step"] = spec["__step__"]
+    return full
+
+
+def _transfers(spec: dict, pieces: list[tuple[int, int, int]], block_size: int):
+    """``(owner, key, a, b)`` for every range of one parameter's state tensors held by one rank."""
+    for owner, start, stop in pieces:
+        for key in spec:
+            if key == "__step__" or (key == "gnorm_vec" and start != 0):  # gnorm_vec: same on every piece
+                continue
+            a, b = (0, 100) if key == "gnorm_vec" else _piece_range(key, start, stop, block_size)
+            yield owner, key, a, b
+
+
 def gather_state(optimizer, dst: int = 0) -> tuple[dict[int, dict[str, Any]] | None, int]:
     """Full per-parameter state of a :class:`ShardedOptimizer` on rank ``dst`` (``None`` elsewhere).
 
@@ -86,28 +102,20 @@ def gather_state(optimizer, dst: int = 0) -> tuple[dict[int, dict[str, Any]] | N
     mine = optimizer.shard_state()
     full: dict[int, dict[str, Any]] | None = {} if optimizer.rank == dst else None
     sent = 0
-    B = optimizer.layout.block_size
     for i, pieces in enumerate(_owners(optimizer)):
-        spec = specs[i]
-        if not spec:
+        if not specs[i]:
             continue  # no rank has state for this parameter yet
         if full is not None:
-            full[i] = {k: torch.empty(n, dtype=dt, device=optimizer.device) for k, v in spec.items()
-                       if k != "__step__" for dt, n in [v]}
-            full[i]["step"] = spec["__step__"]
-        for owner, start, stop in pieces:
-            for key in spec:
-                if key == "__step__" or key == "gnorm_vec" and start != 0:
-                    continue
-                a, b = (0, 100) if key == "gnorm_vec" else _piece_range(key, start, stop, B)
-                if owner == optimizer.rank == dst:
-                    full[i][key][a:b] = mine[i][key].reshape(-1)
-                elif optimizer.rank == owner:
-                    tensor = mine[i][key].reshape(-1).contiguous()
-                    dist.send(tensor, dst=_global(optimizer, dst), group=optimizer.group)
-                    sent += tensor.numel() * tensor.element_size()
-                elif optimizer.rank == dst:
-                    dist.recv(full[i][key][a:b], src=_global(optimizer, owner), group=optimizer.group)
+            full[i] = _empty_full(specs[i], optimizer.device)
+        for owner, key, a, b in _transfers(specs[i], pieces, optimizer.layout.block_size):
+            if owner == optimizer.rank == dst:
+                full[i][key][a:b] = mine[i][key].reshape(-1)
+            elif optimizer.rank == owner:
+                tensor = mine[i][key].reshape(-1).contiguous()
+                dist.send(tensor, dst=_global(optimizer, dst), group=optimizer.group)
+                sent += tensor.numel() * tensor.element_size()
+            elif optimizer.rank == dst:
+                dist.recv(full[i][key][a:b], src=_global(optimizer, owner), group=optimizer.group)
     return full, sent
 
 
@@ -160,27 +168,19 @@ def all_gather_state(optimizer) -> tuple[dict[int, dict[str, Any]], int]:
     mine = optimizer.shard_state()
     full: dict[int, dict[str, Any]] = {}
     sent = 0
-    B = optimizer.layout.block_size
     for i, pieces in enumerate(_owners(optimizer)):
-        spec = specs[i]
-        if not spec:
+        if not specs[i]:
             continue
-        full[i] = {k: torch.empty(n, dtype=dt, device=optimizer.device) for k, v in spec.items()
-                   if k != "__step__" for dt, n in [v]}
-        full[i]["step"] = spec["__step__"]
-        for owner, start, stop in pieces:
-            for key in spec:
-                if key == "__step__" or key == "gnorm_vec" and start != 0:
-                    continue
-                a, b = (0, 100) if key == "gnorm_vec" else _piece_range(key, start, stop, B)
-                view = full[i][key][a:b]
-                if owner == optimizer.rank:
-                    view.copy_(mine[i][key].reshape(-1))
-                    sent += view.numel() * view.element_size() * (optimizer.world_size - 1)
-                if optimizer.world_size > 1:
-                    buf = view.contiguous()
-                    dist.broadcast(buf, src=_global(optimizer, owner), group=optimizer.group)
-                    view.copy_(buf)
+        full[i] = _empty_full(specs[i], optimizer.device)
+        for owner, key, a, b in _transfers(specs[i], pieces, optimizer.layout.block_size):
+            view = full[i][key][a:b]
+            if owner == optimizer.rank:
+                view.copy_(mine[i][key].reshape(-1))
+                sent += view.numel() * view.element_size() * (optimizer.world_size - 1)
+            if optimizer.world_size > 1:
+                buf = view.contiguous()
+                dist.broadcast(buf, src=_global(optimizer, owner), group=optimizer.group)
+                view.copy_(buf)
     return full, sent
 
 
