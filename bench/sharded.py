@@ -146,7 +146,8 @@ def _deepspeed(name: str, model: torch.nn.Module, kw: dict):
 
 
 def worker(rank: int, world_size: int, port: int, preset: dict, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world_size))
     device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)

@@ -24,8 +24,10 @@ class GradBuckets:
         rank_ranges: list[tuple[int, int]],
         cap_elements: int,
         group: dist.ProcessGroup | None,
+        rank: int = 0,
     ) -> None:
         self.flat_grad = flat_grad
+        self.rank = rank
         self.rank_ranges = rank_ranges
         self.group = group
         self.buckets: list[tuple[int, int, list[int]]] = []  # (start, stop, param indices)
@@ -63,7 +65,8 @@ class GradBuckets:
             if a >= z:
                 continue
             chunk = self.flat_grad[a:z]
-            self.bytes_sent += chunk.numel() * chunk.element_size()
+            if owner != self.rank:
+                self.bytes_sent += chunk.numel() * chunk.element_size()
             dst = owner if self.group is None else dist.get_global_rank(self.group, owner)
             self.works.append(dist.reduce(chunk, dst=dst, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
 

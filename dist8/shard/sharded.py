@@ -123,7 +123,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.bytes_gathered = 0
         if stage == 2:
             self.flat_grad = torch.zeros_like(self.flat_param)
-            self.buckets = GradBuckets(self.flat_grad, self._ranges, self.rank_ranges, cap, self.group)
+            self.buckets = GradBuckets(self.flat_grad, self._ranges, self.rank_ranges, cap, self.group, self.rank)
             self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(i)) for i, p in enumerate(self._params)]
             self._attach_grad_views()
         super().__init__(groups, dict(self.inner.defaults))
@@ -292,7 +292,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             send[: mine.numel()] = mine
             received = [torch.empty_like(send) for _ in range(self.world_size)]
             dist.all_gather(received, send, group=self.group)
-            self.bytes_gathered += send.numel() * send.element_size() * (self.world_size - 1)
+            self.bytes_gathered += mine.numel() * mine.element_size() * (self.world_size - 1)
             for r, (rlo, rhi) in enumerate(self.rank_ranges):
                 a, b = min(rlo + k, rhi), min(rlo + k + chunk, rhi)
                 if r != self.rank and b > a:
