@@ -79,7 +79,11 @@ def run_one(variant: str, seed: int, preset: dict, corpus) -> dict:
     t0 = time.perf_counter()
     for step in range(preset["steps"]):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, preset["steps"], preset["lr"])
+            lr = lr_at(step, preset["steps"], preset["lr"])
+            if isinstance(group["lr"], torch.Tensor):  # torchao keeps lr as a tensor
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
         x, y = corpus.batch("train", sample_seed(seed, "train", step), cfg.seq_len, preset["batch"])
         _, loss = model(x, y)
         opt.zero_grad(set_to_none=True)

@@ -281,22 +281,23 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return loss
 
     def _all_gather_params(self) -> None:
+        """Every rank's updated range, broadcast by its owner straight into the flat buffer.
+
+        Broadcasting in place needs no staging buffer and, on gloo, measured ~5x faster
+        than ``all_gather`` of the same bytes (bench notes in BENCHMARKS.md).
+        """
         if self.world_size == 1:
             return
-        chunk = self.gather_chunk
-        longest = max(hi - lo for lo, hi in self.rank_ranges)
-        for k in range(0, longest, chunk):
-            lo, hi = self.rank_ranges[self.rank]
-            send = torch.zeros(chunk, dtype=self.dtype, device=self.device)
-            mine = self.flat_param[min(lo + k, hi) : min(lo + k + chunk, hi)]
-            send[: mine.numel()] = mine
-            received = [torch.empty_like(send) for _ in range(self.world_size)]
-            dist.all_gather(received, send, group=self.group)
-            self.bytes_gathered += mine.numel() * mine.element_size() * (self.world_size - 1)
-            for r, (rlo, rhi) in enumerate(self.rank_ranges):
-                a, b = min(rlo + k, rhi), min(rlo + k + chunk, rhi)
-                if r != self.rank and b > a:
-                    self.flat_param[a:b].copy_(received[r][: b - a])
+        works = []
+        for r, (lo, hi) in enumerate(self.rank_ranges):
+            for a in range(lo, hi, self.gather_chunk):
+                b = min(a + self.gather_chunk, hi)
+                src = r if self.group is None else dist.get_global_rank(self.group, r)
+                works.append(dist.broadcast(self.flat_param[a:b], src=src, group=self.group, async_op=True))
+                if r == self.rank:
+                    self.bytes_gathered += (b - a) * self.flat_param.element_size() * (self.world_size - 1)
+        for work in works:
+            work.wait()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero gradients. Stage 2 keeps gradients as views of its flat buffer and zeroes it in place."""
