@@ -1,6 +1,7 @@
 """Spawn gloo process groups on this machine for multi-rank tests."""
 import os
 import socket
+import sys
 import traceback
 
 import torch
@@ -21,12 +22,18 @@ def _worker(rank, world_size, port, fn, args, out_dir):
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
-        raise
-    finally:
         dist.destroy_process_group()
+        raise
+    # All work is done and saved. Leave without process-group/interpreter teardown: gloo's
+    # shutdown occasionally aborts ("terminate called without an active exception") after
+    # every collective has completed, which would fail a test that already passed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(fn, world_size, *args, tmp_path):
