@@ -1,0 +1,164 @@
+"""Resume a DeepSpeed engine from a dist8 checkpoint, at any world size and ZeRO stage.
+
+Split from :mod:`dist8.integrations.deepspeed` (which re-exports :func:`load_dist8_checkpoint`).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+__all__ = ["load_dist8_checkpoint"]
+
+
+def load_dist8_checkpoint(engine, path, *, load_model: bool = True) -> dict[str, Any]:
+    """Load a dist8 checkpoint (e.g. from ``dist8 ckpt from-deepspeed``) into a DeepSpeed ``engine``.
+
+    Works at any world size and ZeRO stage: every rank reads the whole-parameter state and
+    keeps its own ranges. Returns the checkpoint's ``extra`` dict; sets ``engine.global_steps``
+    from the checkpoint's step. Segment ranges that do not start on a block boundary of the
+    parameter are requantized (dequantize, re-slice, quantize); aligned ones are exact.
+    """
+    from safetensors import safe_open
+
+    from dist8.checkpoint.format import CheckpointError, rank_file, read_metadata, verify_files
+    from dist8.integrations.deepspeed import DeepSpeedSegments
+    from dist8.quant import dequantize_blockwise, get_map, quantize_blockwise
+
+    opt = engine.basic_optimizer
+    if not isinstance(opt, DeepSpeedSegments):
+        raise TypeError(f"engine's optimizer is {type(opt).__name__}, not a dist8 optimizer built from a "
+                        "'dist8.*' DeepSpeed config")
+    path = os.fspath(path)
+    meta = read_metadata(path)
+    verify_files(path, meta)
+    if meta["optimizer"]["class"] != type(opt).__name__:
+        raise CheckpointError(f"{path}: saved optimizer is {meta['optimizer']['class']}, engine uses {type(opt).__name__}")
+    B = meta["block_size"]
+    files = {}
+    for rank, plist in meta["pieces"].items():
+        fname = rank_file(int(rank), meta["world_size"])
+        for name, start, stop, step in plist:
+            files.setdefault(name, []).append((fname, start, stop, step))
+    handles = {f: safe_open(os.path.join(path, f), framework="pt") for f in meta["files"] if f.startswith("optim-")}
+    shapes = {p["name"]: p["shape"] for p in meta["params"]}
+    from dist8.kernels import RULE_STATES
+
+    signs = RULE_STATES[opt.rule]
+    qmaps = {s: get_map(opt.quant_map, s) for s in (True, False)}
+
+    def full_state(name: str) -> dict[str, Any] | None:
+        """Whole-parameter state of ``name``: fp32 state tensors (dequantized) + step + 8-bit flag."""
+        if name not in files:
+            return None
+        out: dict[str, Any] = {}
+        numel = int(torch.tensor(shapes[name]).prod())
+        for i in range(1, len(signs) + 1):
+            vals = torch.zeros(numel, dtype=torch.float32)
+            is8 = False
+            for fname, start, stop, _step in files[name]:
+                h = handles[fname]
+                key = f"{name}::state{i}"
+                if key not in h.keys():
+                    return None
+                s = h.get_tensor(key)
+                if s.dtype == torch.uint8:
+                    is8 = True
+                    s = dequantize_blockwise(s, h.get_tensor(f"{name}::absmax{i}"), qmaps[signs[i - 1]], B)
+                vals[start:stop] = s.reshape(-1).float()
+            out[f"state{i}"] = vals
+            out[f"8bit{i}"] = is8
+        out["step"] = max(st for *_x, st in files[name])
+        gkey = f"{name}::gnorm_vec"
+        for fname, *_r in files[name]:
+            if gkey in handles[fname].keys():
+                out["gnorm_vec"] = handles[fname].get_tensor(gkey)
+        return out
+
+    segs_of = getattr(opt, "ds_segments", {}) or {}
+    cache: dict[str, Any] = {}
+
+    def cached(name):
+        if name not in cache:
+            cache[name] = full_state(name)
+        return cache[name]
+
+    def make_state(full, a, n, device, settings):
+        st: dict[str, Any] = {"step": int(full["step"])}
+        for i in range(1, len(signs) + 1):
+            piece = full[f"state{i}"][a:a + n]
+            if settings.use_8bit:
+                codes, absmax = quantize_blockwise(piece, qmaps[signs[i - 1]], settings.block_size)
+                st[f"state{i}"], st[f"absmax{i}"] = codes.to(device), absmax.to(device)
+            else:
+                st[f"state{i}"] = piece.clone().to(device)
+        if "gnorm_vec" in full:
+            st["gnorm_vec"] = full["gnorm_vec"].to(device)
+        return st
+
+    model_sd = None
+    if load_model and "model.safetensors" in meta["files"]:
+        from safetensors.torch import load_file
+
+        model_sd = load_file(os.path.join(path, "model.safetensors"))
+    names = {p: n for n, p in engine.module.named_parameters()}
+    with torch.no_grad():
+        for group in opt.param_groups:
+            for p in group["params"]:
+                segs = segs_of.get(p)
+                if segs is None:  # the optimizer holds a whole model parameter (no ZeRO)
+                    name = opt._names.get(p, names.get(p))
+                    if model_sd is not None and name in model_sd:
+                        p.copy_(model_sd[name].view(p.shape))
+                    full = cached(name) if name else None
+                    if full is not None:
+                        settings = opt.settings(p, group)
+                        st = make_state(full, 0, p.numel(), p.device, settings)
+                        st = {k: (v.view(p.shape) if k.startswith("state") else v) for k, v in st.items()}
+                        opt.state[p] = opt._checked_state(p, st)
+                    continue
+                seg_states = []
+                for seg in segs:
+                    view = opt._view(p, seg)
+                    if model_sd is not None and seg.name in model_sd:
+                        view.copy_(model_sd[seg.name].reshape(-1)[seg.param_start:seg.param_start + seg.numel])
+                    full = cached(seg.name)
+                    if full is None:
+                        seg_states.append(None)
+                        continue
+                    st = make_state(full, seg.param_start, seg.numel, p.device, opt.segment_settings(seg, group))
+                    seg_states.append(opt._checked_state(view, st))
+                opt.state[p] = {"step": max([s["step"] for s in seg_states if s], default=0), "segments": seg_states,
+                                "segment_names": [s.name for s in segs],
+                                "segment_starts": [s.param_start for s in segs],
+                                "segment_shapes": [list(s.shape) for s in segs]}
+        if model_sd is not None:
+            _copy_model_weights(engine, model_sd)
+    for group, saved in zip(opt.param_groups, meta["optimizer"]["param_groups"]):
+        for k, v in saved.items():
+            if k in group and k != "params":
+                group[k] = tuple(v) if isinstance(group[k], tuple) else v
+    if meta.get("step") is not None:
+        engine.global_steps = int(meta["step"])
+    handles.clear()
+    return meta.get("extra", {})
+
+
+def _copy_model_weights(engine, model_sd: dict[str, torch.Tensor]) -> None:
+    """Write full fp32 weights into the engine's low-precision/partitioned model parameters."""
+    from dist8.integrations.deepspeed import _rank
+
+    for name, p in engine.module.named_parameters():
+        if name not in model_sd:
+            continue
+        full = model_sd[name]
+        if hasattr(p, "ds_tensor"):  # ZeRO-3: only this rank's partition is resident
+            part = p.ds_tensor
+            pn = part.ds_numel
+            start = _rank(getattr(engine.optimizer, "dp_process_group", None)) * pn
+            real = max(0, min(pn, p.ds_numel - start))
+            if real:
+                part.view(-1)[:real].copy_(full.reshape(-1)[start:start + real].to(part.dtype))
+        else:
+            p.data.copy_(full.view(p.shape).to(p.dtype))
