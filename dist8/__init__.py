@@ -3,7 +3,7 @@
 Block-wise dynamic quantization of optimizer state (Dettmers et al., ICLR 2022),
 with quantization blocks partitioned across data-parallel ranks.
 """
-from dist8 import optim, quant
+from dist8 import checkpoint, nn, optim, quant
 from dist8.shard import ShardedOptimizer
 from dist8.optim import (
     LAMB8bit,
@@ -30,6 +30,8 @@ __all__ = [
     "SGD8bit",
     "ShardedOptimizer",
     "__version__",
+    "checkpoint",
+    "nn",
     "get_optimizer_class",
     "optim",
     "quant",
