@@ -160,20 +160,24 @@ class Optimizer8bit(torch.optim.Optimizer):
         """The parameter's name if known, else its position ``group G index I``."""
         if p in self._names:
             return self._names[p]
-        for gi, group in enumerate(getattr(self, "param_groups", [])):
-            for pi, q in enumerate(group["params"]):
-                if q is p:
-                    return f"group {gi} index {pi}"
-        return "<unregistered parameter>"
+        positions = self.__dict__.get("_positions")
+        if positions is None or p not in positions:  # built once (and again after add_param_group)
+            positions = {q: f"group {gi} index {pi}" for gi, group in enumerate(getattr(self, "param_groups", []))
+                         for pi, q in enumerate(group["params"])}
+            self._positions = positions
+        return positions.get(p, "<unregistered parameter>")
 
     def settings(self, p: torch.Tensor, group: dict[str, Any]) -> ParamSettings:
         """Resolve group hyperparameters, module marks and name overrides for ``p``."""
         name = self.param_name(p)
-        extra = match_overrides(self._names.get(p), p, self.overrides)
+        cache = self.__dict__.setdefault("_override_cache", {})
+        extra = cache.get(p)
+        if extra is None:  # name patterns and module marks do not change: match once per parameter
+            extra = cache[p] = match_overrides(self._names.get(p), p, self.overrides)
+            if extra:
+                self._check_group(dict({k: v for k, v in group.items() if k != "params"}, **extra, params=[]), -1)
         hyper = {k: v for k, v in group.items() if k != "params"}
         hyper.update(extra)
-        if extra:
-            self._check_group(dict(hyper, params=[]), -1)
         numel = global_numel(p)
         use_8bit = uses_8bit(hyper["optim_bits"], hyper["min_8bit_size"], numel)
         block = self.block_size if self.block_wise else max(64, 1 << max(numel - 1, 1).bit_length())
