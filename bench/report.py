@@ -85,9 +85,16 @@ def sharded_section() -> str:
                              "bytes sent/step/rank", "error"], rows))
         parts.append("\n" + "\n".join(
             f"- {g['system']} on {g['world_size']}: {g['bytes']:.3f} vs goal {g['bytes_goal']:.3f} bytes/param "
-            f"({'met' if g['bytes_met'] else 'NOT met'}); time {'met' if g['time_met'] else 'NOT met'}"
+            f"({'met' if g['bytes_met'] else 'NOT met'}); time {_ratio(d, g)} of DDP + unsharded 8-bit "
+            f"({'met' if g['time_met'] else 'NOT met'})"
             for g in d.get("goals", [])) + "\n")
     return "\n".join(parts)
+
+
+def _ratio(d: dict, goal: dict) -> str:
+    row = next((r for r in d["rows"] if r["system"] == goal["system"] and r["world_size"] == goal["world_size"]), {})
+    value = row.get("iter_vs_ddp_dist8")
+    return "-" if value is None else f"{value:.3f}x"
 
 
 def checkpoint_section() -> str:
