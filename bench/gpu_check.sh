@@ -5,7 +5,7 @@ set -u
 OUT="${1:?usage: bench/gpu_check.sh OUTDIR}"
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
-export DIST8_BUILD_DIR="${DIST8_BUILD_DIR:-$OUT/build}"
+export DIST8_BUILD_DIR="${DIST8_BUILD_DIR:-/tmp/dist8-build}"  # keep OUTDIR to a few result files
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 python -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())" > "$OUT/env.txt" 2>&1
