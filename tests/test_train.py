@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from dist8.train._testing import REPO, child_env, free_port, run, tiny_sets, torchrun_cmd, train_cmd
+from train_utils import REPO, child_env, free_port, run, tiny_sets, torchrun_cmd, train_cmd
 from dist8.train.config import ConfigError, load_config
 from dist8.train.report import read_metrics
 

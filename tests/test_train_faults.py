@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from dist8.train._testing import REPO, child_env, run, tiny_sets, torchrun_cmd, train_cmd
+from train_utils import REPO, child_env, run, tiny_sets, torchrun_cmd, train_cmd
 from dist8.train.config import ConfigError, load_config
 from dist8.train.report import read_metrics
 

@@ -18,8 +18,9 @@ from dist8.checkpoint.format import (
     CheckpointError,
     rank_file,
     read_metadata,
-    sha256_file,
-    tensor_key,
+    file_entry,
+    install_dir,
+    temp_dir,
     verify_files,
     write_json_atomic,
 )
@@ -106,21 +107,16 @@ def consolidate(path: str | os.PathLike, out: str | os.PathLike) -> str:
         steps[name] = step
     shapes = {p["name"]: p["shape"] for p in meta["params"]}
     whole = [[name, 0, int(torch.tensor(shapes[name]).prod()), steps[name]] for name in steps]
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = temp_dir(out)
     fname = rank_file(0, 1)
     save_file(merged, str(tmp / fname), metadata={"format": FORMAT})
-    files = {fname: {"sha256": sha256_file(tmp / fname), "size": (tmp / fname).stat().st_size}}
+    files = {fname: file_entry(tmp / fname)}
     if MODEL_FILE in meta["files"]:
         shutil.copyfile(path / MODEL_FILE, tmp / MODEL_FILE)
         files[MODEL_FILE] = meta["files"][MODEL_FILE]
     new_meta = dict(meta, world_size=1, pieces={"0": whole}, files=files, consolidated_from=meta["world_size"])
     write_json_atomic(tmp / METADATA, new_meta)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    install_dir(tmp, out)
     return str(out)
 
 

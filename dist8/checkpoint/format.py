@@ -16,11 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointError", "rank_file", "MODEL_FILE", "METADATA", "sha256_file",
-           "read_metadata", "verify_files", "tensor_key"]
+           "read_metadata", "verify_files", "tensor_key", "file_entry", "temp_dir", "install_dir", "write_json_atomic"]
 
 FORMAT = "dist8.checkpoint"
 FORMAT_VERSION = 1
@@ -46,6 +47,33 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_entry(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``files`` entry of ``metadata.json`` for one written file: sha256 and size."""
+    return {"sha256": sha256_file(path), "size": Path(path).stat().st_size}
+
+
+def temp_dir(final: Path) -> Path:
+    """A fresh temporary directory beside ``final`` (a leftover from a crashed write is removed)."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def install_dir(tmp: Path, final: Path) -> None:
+    """Rename the finished ``tmp`` into place; an existing ``final`` is kept aside until the new one is there."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

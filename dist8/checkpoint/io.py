@@ -23,7 +23,9 @@ from dist8.checkpoint.format import (
     CheckpointError,
     rank_file,
     read_metadata,
-    sha256_file,
+    file_entry,
+    install_dir,
+    temp_dir,
     tensor_key,
     verify_files,
     write_json_atomic,
@@ -99,12 +101,10 @@ def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
         final = root / f"step-{int(step):08d}"
     else:
         final = root
-    tmp = final.with_name(f".{final.name}.tmp")
+    tmp = final.with_name(f".{final.name}.tmp")  # rank 0 creates it below; every rank writes into it
     saving_world = ad.world_size if isinstance(optimizer, ShardedOptimizer) else 1
     if ad.rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        temp_dir(final)
     _barrier(ad)
     files: dict[str, dict[str, Any]] = {}
     pieces: list = []
@@ -112,7 +112,7 @@ def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
         tensors, pieces = _shard_tensors(ad)
         name = rank_file(ad.rank if saving_world > 1 else 0, saving_world)
         save_file(tensors, str(tmp / name), metadata={"format": FORMAT})
-        files[name] = {"sha256": sha256_file(tmp / name), "size": (tmp / name).stat().st_size}
+        files[name] = file_entry(tmp / name)
     report = {"files": files, "pieces": pieces, "rank": ad.rank}
     gathered = [report]
     if _distributed() and saving_world > 1:
@@ -123,7 +123,7 @@ def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
         all_pieces = {str(rep["rank"]): rep["pieces"] for rep in gathered if rep["files"]}
         if model is not None:
             save_file(ad.model_state(model), str(tmp / MODEL_FILE), metadata={"format": FORMAT})
-            all_files[MODEL_FILE] = {"sha256": sha256_file(tmp / MODEL_FILE), "size": (tmp / MODEL_FILE).stat().st_size}
+            all_files[MODEL_FILE] = file_entry(tmp / MODEL_FILE)
         group_of = ad.group_of()
         meta = {
             "format": FORMAT,
@@ -143,25 +143,12 @@ def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
             "extra": extra or {},
         }
         write_json_atomic(tmp / METADATA, meta)
-        _install(tmp, final)
+        install_dir(tmp, final)
         if keep_last is not None:
             write_json_atomic(root / LATEST, {"checkpoint": final.name, "step": step})
             _rotate(root, keep_last)
     _barrier(ad)
     return str(final)
-
-
-def _install(tmp: Path, final: Path) -> None:
-    """Rename the finished temporary directory into place (keeping the old one until the new one is there)."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
 
 
 def _rotate(root: Path, keep_last: int) -> None:

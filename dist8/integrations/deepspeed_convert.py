@@ -15,7 +15,6 @@ from __future__ import annotations
 import glob
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +55,7 @@ def from_deepspeed(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str
 
     import dist8
     from dist8.checkpoint.format import (FORMAT, FORMAT_VERSION, METADATA, MODEL_FILE, CheckpointError, rank_file,
-                                         sha256_file, tensor_key, write_json_atomic)
+                                         file_entry, install_dir, temp_dir, tensor_key, write_json_atomic)
     from dist8.kernels import RULE_STATES
     from dist8.optim import get_optimizer_class
     from dist8.quant import dequantize_blockwise, get_map, num_blocks, quantize_blockwise
@@ -184,14 +183,11 @@ def from_deepspeed(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str
         if "gnorm_vec" in entry:
             tensors[tensor_key(name, "gnorm_vec")] = entry["gnorm_vec"].contiguous()
         pieces.append([name, 0, numel, entry["step"]])
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = temp_dir(out)
     fname = rank_file(0, 1)
     save_file(tensors, str(tmp / fname), metadata={"format": FORMAT})
     save_file({n: weights[n] for n in names_in_order}, str(tmp / MODEL_FILE), metadata={"format": FORMAT})
-    files = {f: {"sha256": sha256_file(tmp / f), "size": (tmp / f).stat().st_size} for f in (fname, MODEL_FILE)}
+    files = {f: file_entry(tmp / f) for f in (fname, MODEL_FILE)}
 
     def safe(v):
         return list(v) if isinstance(v, tuple) else (v.item() if torch.is_tensor(v) and v.numel() == 1 else v)
@@ -208,9 +204,7 @@ def from_deepspeed(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str
                   "global_samples": model_states.get("global_samples")},
     }
     write_json_atomic(tmp / METADATA, meta)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    install_dir(tmp, out)
     return str(out)
 
 

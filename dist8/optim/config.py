@@ -6,7 +6,7 @@ a shard, so that wrapping, flattening or sharding cannot change them.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch

@@ -30,10 +30,6 @@ class ParamSlot:
     first_block: int
     n_blocks: int
 
-    @property
-    def offset(self) -> int:
-        return self.first_block  # in blocks; multiply by block_size for elements
-
 
 @dataclass(frozen=True)
 class Piece:
