@@ -294,3 +294,20 @@ def test_bitsandbytes_state_dict_import_round_trip():
     raw = sd["state"][0]["__bnb_optimizer_quant_state__"]
     assert torch.equal(ours["state1"], raw["state1"]) and torch.equal(ours["absmax1"], raw["absmax1"])
     assert ours["step"] == 3
+
+
+def test_ckpt_cli_info_verify_consolidate(tmp_path, capsys):
+    from dist8.cli import main
+
+    model, opt, path = _tiny_save(tmp_path)
+    assert main(["ckpt", "info", path]) == 0
+    assert "AdamW8bit" in capsys.readouterr().out
+    assert main(["ckpt", "verify", path]) == 0
+    out = str(tmp_path / "one")
+    assert main(["ckpt", "consolidate", path, out]) == 0
+    assert ck.read_metadata(out)["world_size"] == 1
+    fresh = dist8.AdamW8bit(make_model(seed=3).named_parameters(), **KW)
+    ck.load(out, None, fresh)
+    for (name, p), q in zip(model.named_parameters(), [p for g in fresh.param_groups for p in g["params"]]):
+        assert torch.equal(opt.state[p]["state1"], fresh.state[q]["state1"]), name
+    assert main(["ckpt", "verify", str(tmp_path / "missing")]) == 2
