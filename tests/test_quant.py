@@ -7,8 +7,14 @@ from hypothesis import strategies as st
 from dist8.quant import dequantize_blockwise, dynamic_map, linear_map, quantize_blockwise
 
 
+def _recip(a: torch.Tensor) -> torch.Tensor:
+    """float32 reciprocal of a normal absmax, else 1 (written out, not dist8's helper)."""
+    one = torch.tensor(1.0, dtype=torch.float32)
+    return one / a if a >= torch.finfo(torch.float32).tiny else one
+
+
 def brute_force_codes(x: torch.Tensor, qmap: torch.Tensor, block_size: int):
-    """argmin |x/absmax - q| with ties towards the code of smaller magnitude."""
+    """argmin |x * fl(1/absmax) - q| with ties towards the code of smaller magnitude."""
     flat = x.reshape(-1).float()
     codes = torch.empty(flat.numel(), dtype=torch.long)
     absmax = []
@@ -16,7 +22,7 @@ def brute_force_codes(x: torch.Tensor, qmap: torch.Tensor, block_size: int):
         block = flat[start : start + block_size]
         a = block.abs().max()
         absmax.append(a)
-        norm = block / (a if a > 0 else 1.0)
+        norm = block * _recip(a)
         dist = (norm[:, None] - qmap[None, :]).abs()
         best = dist.min(dim=1, keepdim=True).values
         candidates = torch.where(dist == best, qmap.abs()[None, :], torch.full_like(dist, float("inf")))
@@ -61,7 +67,8 @@ def test_codes_exact_against_brute_force(values, signed, block_pow):
     assert torch.equal(absmax, want_absmax)
     # Brute force and exact search may differ only where two codes are exactly equidistant
     # in float32 from both sides -- then both must give the same error.
-    norm = x / torch.where(want_absmax > 0, want_absmax, 1.0).repeat_interleave(block)[: x.numel()]
+    recip = torch.stack([_recip(a) for a in want_absmax])
+    norm = x * recip.repeat_interleave(block)[: x.numel()]
     err_got = (norm - q[codes.long()]).abs()
     err_want = (norm - q[want_codes]).abs()
     assert torch.equal(err_got, err_want)

@@ -1,20 +1,18 @@
 // dist8_cpu.cpp -- fused 8-bit optimizer kernels for the CPU.
 //
-// One pass per quantization block: dequantize the states with the old absmax
-// into small fp32 buffers, apply the rule (dist8_rules.h), reduce the new
-// absmax, requantize to the exact nearest code and write the parameter (or the
-// update direction for LAMB/LARS). Blocks are distributed over threads with
-// at::parallel_for. Bit-identical to dist8.kernels.reference.ReferenceBackend.
+// Per quantization block: dequantize the states with the old absmax, apply the
+// rule (dist8_rules.h) in fp32, reduce the new absmax, requantize to the exact
+// nearest code (quant_cpu.h) and write the parameter (or the update direction
+// for LAMB/LARS). Blocks are split over threads with at::parallel_for.
+// Bit-identical to dist8.kernels.reference.ReferenceBackend.
 //
-// Exact nearest code, fast: the nearest code is a monotone function of x, so it
-// is determined by 255 thresholds (the smallest float with code >= k). A
-// lookup table indexed by the top bits of a monotone integer key of x (sign,
-// exponent and a few mantissa bits) gives the code at the start of x's bucket;
-// the bucket width is chosen per qmap so that a bucket holds at most one
-// threshold, so one comparison with the next threshold finishes the job. The
-// thresholds are found by bisection with the reference algorithm itself, so the
-// table reproduces searchsorted + the tie rule exactly. Maps for which no such
-// width exists (e.g. unsorted) fall back to the per-element binary search.
+// Software pipelining: the rule is bound by the divider (sqrt and two divisions
+// per value for Adam) and quantization by table loads, so each thread runs them
+// side by side -- while it dequantizes and updates block b, 64 values at a time,
+// it quantizes block b-1 from a small fp32 stash. Done one after the other, the
+// two phases of a block were each limited by a different unit and took ~1.5x as
+// long. The last, partial block of a tensor goes through the same primitives
+// without the pipeline.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -23,9 +21,7 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <cstring>
-#include <limits>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -33,11 +29,8 @@
 #include <vector>
 
 #include "dist8_rules.h"
+#include "quant_cpu.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && !defined(DIST8_NO_SIMD)
-#include <immintrin.h>
-#define D8_AVX512 1
-#endif
 #if defined(__F16C__) && defined(__AVX2__) && !defined(DIST8_NO_SIMD)
 #include <immintrin.h>
 #define D8_F16C 1
@@ -46,80 +39,11 @@
 namespace dist8 {
 namespace {
 
-// ---------------------------------------------------------------------------
-// Quantization tables (one per distinct qmap, cached)
-// ---------------------------------------------------------------------------
-struct QTable {
-  alignas(64) float q[256];
-  alignas(64) float thr[257 + 15];  // thr[k]: smallest float with code >= k (NaN: none)
-  bool fast = false;
-  int shift = 32;
-  std::vector<uint8_t> lut;  // code at the start of each bucket, +4 bytes padding
+constexpr int64_t CHUNK = 64;     // values per step of the block loop (block sizes are multiples)
+constexpr int64_t PREFETCH = 2;   // blocks ahead to prefetch param, grad and codes
 
-  inline int code(float x) const {
-    if (!fast) return nearest_code(x, q);
-    if (x != x) return 255;
-    const int c = lut[float_key(x) >> shift];
-    return c + (x >= thr[c + 1] ? 1 : 0);
-  }
-};
-
-static void build_table(QTable& t) {
-  const float* q = t.q;
-  bool sorted = true;
-  for (int i = 0; i < 256; ++i) {
-    if (q[i] != q[i]) sorted = false;
-    if (i && !(q[i - 1] <= q[i])) sorted = false;
-  }
-  const float nan = std::numeric_limits<float>::quiet_NaN();
-  for (int i = 0; i < 257 + 15; ++i) t.thr[i] = nan;
-  if (!sorted) return;
-  const uint32_t kmin = float_key(-INFINITY), kmax = float_key(INFINITY);
-  auto code_at = [&](uint32_t k) { return nearest_code(key_float(k), q); };
-  const int cmin = code_at(kmin), cmax = code_at(kmax);
-  // Thresholds T_k for k in (cmin, cmax]: smallest key with code >= k.
-  std::vector<uint32_t> tk;  // tk[j] = key of T_{cmin + 1 + j}
-  for (int k = cmin + 1; k <= cmax; ++k) {
-    uint32_t lo = kmin, hi = kmax;  // code(lo) < k <= code(hi)
-    while (hi - lo > 1) {
-      const uint32_t mid = lo + (hi - lo) / 2;
-      if (code_at(mid) >= k) hi = mid;
-      else lo = mid;
-    }
-    tk.push_back(hi);
-  }
-  // Verify monotonicity at the thresholds (cheap sanity check).
-  for (size_t j = 0; j < tk.size(); ++j)
-    if (code_at(tk[j]) < cmin + 1 + (int)j || code_at(tk[j] - 1) >= cmin + 1 + (int)j) return;
-  int bits = -1;
-  for (int b = 8; b <= 20; ++b) {
-    const int s = 32 - b;
-    bool ok = true;
-    for (size_t j = 1; j < tk.size() && ok; ++j) ok = (tk[j] >> s) != (tk[j - 1] >> s);
-    if (ok) {
-      bits = b;
-      break;
-    }
-  }
-  if (bits < 0) return;
-  t.shift = 32 - bits;
-  const size_t nb = size_t(1) << bits;
-  t.lut.assign(nb + 4, 255);
-  size_t j = 0;
-  for (size_t b = 0; b < nb; ++b) {
-    const uint64_t start = uint64_t(b) << t.shift;
-    const uint64_t end = ((uint64_t(b) + 1) << t.shift) - 1;
-    if (end < kmin || start > kmax) continue;  // only NaN keys
-    const uint32_t ks = (uint32_t)std::max<uint64_t>(start, kmin);
-    while (j < tk.size() && tk[j] <= ks) ++j;
-    t.lut[b] = (uint8_t)(cmin + (int)j);
-  }
-  for (size_t jj = 0; jj < tk.size(); ++jj) t.thr[cmin + 1 + jj] = key_float(tk[jj]);
-  // Thresholds at or below cmin are never consulted (lut >= cmin).
-  t.fast = true;
-}
-
-static const QTable* get_table(const at::Tensor& qmap) {
+// One table per distinct qmap, built on first use and cached.
+const QTable* get_table(const at::Tensor& qmap) {
   static std::mutex mu;
   static std::unordered_map<std::string, std::unique_ptr<QTable>> cache;
   TORCH_CHECK(qmap.scalar_type() == at::kFloat && qmap.numel() == 256, "dist8: qmap must be float32[256]");
@@ -129,75 +53,15 @@ static const QTable* get_table(const at::Tensor& qmap) {
   auto it = cache.find(key);
   if (it != cache.end()) return it->second.get();
   auto t = std::make_unique<QTable>();
-  memcpy(t->q, key.data(), sizeof(t->q));
-  build_table(*t);
+  build_qtable(*t, reinterpret_cast<const float*>(key.data()));
   const QTable* out = t.get();
   if (cache.size() > 64) cache.clear();  // pathological: many distinct maps
   cache.emplace(std::move(key), std::move(t));
   return out;
 }
 
-// ---------------------------------------------------------------------------
-// Block primitives
-// ---------------------------------------------------------------------------
-static inline float block_absmax(const float* v, int64_t n) {
-  uint32_t m = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t b = abs_bits(v[i]);
-    m = b > m ? b : m;
-  }
-  return absmax_from_bits(m);
-}
-
-static void quantize_block(const float* v, int64_t n, float scale, const QTable& t, uint8_t* out) {
-#ifdef D8_AVX512
-  if (t.fast) {
-    const __m512 vs = _mm512_set1_ps(scale);
-    const __m512i signbit = _mm512_set1_epi32((int)0x80000000u);
-    const __m512i ff = _mm512_set1_epi32(0xFF), one = _mm512_set1_epi32(1), c255 = _mm512_set1_epi32(255);
-    const __m128i sh = _mm_cvtsi32_si128(t.shift);
-    const void* lut = t.lut.data();
-    for (int64_t i = 0; i < n; i += 16) {
-      const __mmask16 m = (n - i >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
-      const __m512 x = _mm512_div_ps(_mm512_maskz_loadu_ps(m, v + i), vs);
-      const __m512i b = _mm512_castps_si512(x);
-      const __m512i key = _mm512_xor_si512(b, _mm512_or_si512(_mm512_srai_epi32(b, 31), signbit));
-      const __m512i idx = _mm512_srl_epi32(key, sh);
-      __m512i c = _mm512_and_si512(_mm512_i32gather_epi32(idx, lut, 1), ff);
-      const __m512 th = _mm512_i32gather_ps(_mm512_add_epi32(c, one), t.thr, 4);
-      c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(x, th, _CMP_GE_OQ), c, one);
-      c = _mm512_mask_mov_epi32(c, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), c255);
-      _mm512_mask_cvtepi32_storeu_epi8(out + i, m, c);
-    }
-    return;
-  }
-#endif
-  for (int64_t i = 0; i < n; ++i) out[i] = (uint8_t)t.code(fdiv(v[i], scale));
-}
-
-static void dequantize_block(const uint8_t* codes, int64_t n, float absmax, const QTable& t, float* out) {
-#ifdef D8_AVX512
-  const __m512 va = _mm512_set1_ps(absmax);
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = (n - i >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
-    const __m512i c = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, codes + i));
-    const __m512 qv = _mm512_i32gather_ps(c, t.q, 4);
-    _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(qv, va));
-  }
-#else
-  for (int64_t i = 0; i < n; ++i) out[i] = fmul(t.q[codes[i]], absmax);
-#endif
-}
-
-// Quantize the block state `v` in place of codes/absmax (new absmax from v).
-static inline void requantize(const float* v, int64_t n, const QTable& t, uint8_t* codes, float* absmax) {
-  const float am = block_absmax(v, n);
-  *absmax = am;
-  quantize_block(v, n, block_scale(am), t, codes);
-}
-
 // ---- dtype conversions -------------------------------------------------------
-static void load_f32(const void* src, at::ScalarType st, int64_t off, int64_t n, float* dst) {
+void load_f32(const void* src, at::ScalarType st, int64_t off, int64_t n, float* dst) {
   if (st == at::kBFloat16) {
     const uint16_t* s = static_cast<const uint16_t*>(src) + off;
     for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits_to_float(s[i]);
@@ -214,7 +78,7 @@ static void load_f32(const void* src, at::ScalarType st, int64_t off, int64_t n,
   }
 }
 
-static void store_from_f32(const float* src, int64_t n, void* dst, at::ScalarType st, int64_t off) {
+void store_from_f32(const float* src, int64_t n, void* dst, at::ScalarType st, int64_t off) {
   if (st == at::kBFloat16) {
     uint16_t* d = static_cast<uint16_t*>(dst) + off;
     for (int64_t i = 0; i < n; ++i) d[i] = float_to_bf16_bits(src[i]);
@@ -232,8 +96,8 @@ static void store_from_f32(const float* src, int64_t n, void* dst, at::ScalarTyp
   }
 }
 
-// ---- rule loops over one block (vectorised; `out` may alias `p`) -----------
-// `omp simd`: element i only reads and writes index i, so the loops are safe to
+// ---- the rule over n values (vectorised; `out` may alias `p`) ----------------
+// `omp simd`: element i only reads and writes index i, so the loop is safe to
 // vectorise even when out == p (in-place fp32 param); without it the compiler's
 // runtime alias check would send the in-place case down the scalar loop.
 #if defined(_OPENMP)
@@ -241,89 +105,272 @@ static void store_from_f32(const float* src, int64_t n, void* dst, at::ScalarTyp
 #else
 #define D8_SIMD_LOOP _Pragma("GCC ivdep")
 #endif
-template <bool IS_LAMB>
-static void loop_adam(const float* p, const float* g, float* m, float* v, float* out, int64_t n, const Scalars& cs) {
+template <int R, int FL>
+D8_INLINE void apply_rule_n(const float* p, const float* g, float* s1, float* s2, float* out, int64_t n,
+                         const Scalars& cs) {
   const Scalars c = cs;
-D8_SIMD_LOOP
-  for (int64_t i = 0; i < n; ++i) {
-    float mi = m[i], vi = v[i];
-    out[i] = rule_adam<IS_LAMB>(p[i], g[i], mi, vi, c);
-    m[i] = mi;
-    v[i] = vi;
+  if constexpr (R == ADAM || R == LAMB) {
+    D8_SIMD_LOOP
+    for (int64_t i = 0; i < n; ++i) {
+      float m = s1[i], v = s2[i];
+      out[i] = rule_adam<R == LAMB>(p[i], g[i], m, v, c);
+      s1[i] = m;
+      s2[i] = v;
+    }
+  } else if constexpr (R == SGD || R == LARS) {
+    D8_SIMD_LOOP
+    for (int64_t i = 0; i < n; ++i) {
+      float m = s1[i];
+      out[i] = rule_momentum<R == LARS>(p[i], g[i], m, c, FL);
+      s1[i] = m;
+    }
+  } else if constexpr (R == RMSPROP) {
+    D8_SIMD_LOOP
+    for (int64_t i = 0; i < n; ++i) {
+      float v = s1[i];
+      out[i] = rule_rmsprop(p[i], g[i], v, c);
+      s1[i] = v;
+    }
+  } else if constexpr (R == ADAGRAD) {
+    D8_SIMD_LOOP
+    for (int64_t i = 0; i < n; ++i) {
+      float s = s1[i];
+      out[i] = rule_adagrad(p[i], g[i], s, c);
+      s1[i] = s;
+    }
+  } else {
+    static_assert(R == LION, "unknown rule");
+    D8_SIMD_LOOP
+    for (int64_t i = 0; i < n; ++i) {
+      float m = s1[i];
+      out[i] = rule_lion(p[i], g[i], m, c);
+      s1[i] = m;
+    }
   }
 }
 
-template <bool IS_LARS, int FLAGS>
-static void loop_momentum(const float* p, const float* g, float* m, float* out, int64_t n, const Scalars& cs) {
-  const Scalars c = cs;
-D8_SIMD_LOOP
-  for (int64_t i = 0; i < n; ++i) {
-    float mi = m[i];
-    out[i] = rule_momentum<IS_LARS>(p[i], g[i], mi, c, FLAGS);
-    m[i] = mi;
+// ---- one call's arguments ------------------------------------------------------
+struct StateArg {
+  bool q8 = false;
+  uint8_t* codes = nullptr;
+  float* f32 = nullptr;
+  float* absmax = nullptr;
+  const QTable* table = nullptr;
+};
+
+struct Update {
+  int64_t n = 0, block_size = 0;
+  int nstates = 0;
+  StateArg st[2];
+  Scalars c;
+  void* param = nullptr;
+  const void* grad = nullptr;
+  void* out = nullptr;  // param, or update_out for LAMB/LARS
+  at::ScalarType pt = at::kFloat, gt = at::kFloat, ot = at::kFloat;
+  bool writes_update = false;
+};
+
+// Scratch for one thread: fp32 copies of non-fp32 param/grad/out values and, per
+// 8-bit state, the new values of two blocks (the one being updated, the one being
+// quantized).
+struct Scratch {
+  std::vector<float> mem;
+  float *pbuf, *gbuf, *obuf, *stash[2][2];
+  explicit Scratch(int64_t span) : mem(7 * span + 16) {
+    float* base = mem.data();
+    base += (64 - reinterpret_cast<uintptr_t>(base) % 64) % 64 / sizeof(float);
+    pbuf = base;
+    gbuf = pbuf + span;
+    obuf = gbuf + span;
+    for (int s = 0; s < 2; ++s)
+      for (int k = 0; k < 2; ++k) stash[s][k] = obuf + span * (1 + 2 * s + k);
+  }
+};
+
+// fp32 views of the values [off, off+len) of one chunk or block, states dequantized
+// into the stash (8-bit) or pointing at the fp32 state; O is where the rule writes.
+struct Span {
+  float* P = nullptr;
+  const float* G = nullptr;
+  float* S[2] = {nullptr, nullptr};
+  float* O = nullptr;
+};
+
+D8_INLINE Span prepare_span(const Update& u, int64_t off, int64_t len, const float* old_absmax, float* const* stash,
+                            Scratch& w) {
+  Span sp;
+  sp.P = u.pt == at::kFloat ? static_cast<float*>(u.param) + off : w.pbuf;
+  if (u.pt != at::kFloat) load_f32(u.param, u.pt, off, len, w.pbuf);
+  sp.G = u.gt == at::kFloat ? static_cast<const float*>(u.grad) + off : w.gbuf;
+  if (u.gt != at::kFloat) load_f32(u.grad, u.gt, off, len, w.gbuf);
+  for (int s = 0; s < u.nstates; ++s) {
+    if (u.st[s].q8) {
+      sp.S[s] = stash[s];
+      if (len == CHUNK) dequantize64(u.st[s].codes + off, old_absmax[s], *u.st[s].table, sp.S[s]);
+      else dequantize_block(u.st[s].codes + off, len, old_absmax[s], *u.st[s].table, sp.S[s]);
+    } else {
+      sp.S[s] = u.st[s].f32 + off;
+    }
+  }
+  sp.O = u.ot == at::kFloat ? static_cast<float*>(u.out) + off : (u.writes_update ? w.obuf : sp.P);
+  return sp;
+}
+
+template <int R, int FL>
+D8_INLINE void rule_span(const Update& u, const Span& sp, int64_t j, int64_t len) {
+  apply_rule_n<R, FL>(sp.P + j, sp.G + j, sp.S[0] + j, sp.S[1] ? sp.S[1] + j : nullptr, sp.O + j, len, u.c);
+}
+
+D8_INLINE void finish_span(const Update& u, const Span& sp, int64_t off, int64_t len) {
+  if (u.ot != at::kFloat) store_from_f32(sp.O, len, u.out, u.ot, off);
+}
+
+D8_INLINE void prefetch_block(const Update& u, int64_t off) {
+  if (PREFETCH == 0 || off + CHUNK > u.n) return;
+  const char* p = static_cast<const char*>(u.param) + off * c10::elementSize(u.pt);
+  const char* g = static_cast<const char*>(u.grad) + off * c10::elementSize(u.gt);
+  for (int64_t l = 0; l < CHUNK * (int64_t)c10::elementSize(u.pt); l += 64) __builtin_prefetch(p + l, 0);
+  for (int64_t l = 0; l < CHUNK * (int64_t)c10::elementSize(u.gt); l += 64) __builtin_prefetch(g + l, 0);
+  for (int s = 0; s < u.nstates; ++s) {
+    if (u.st[s].q8) __builtin_prefetch(u.st[s].codes + off, 0);
+    else for (int64_t l = 0; l < CHUNK * 4; l += 64) __builtin_prefetch(u.st[s].f32 + off + l / 4, 0);
   }
 }
 
-template <bool IS_LARS>
-static void loop_momentum_flags(const float* p, const float* g, float* m, float* out, int64_t n, const Scalars& c,
-                                int flags) {
-  switch (flags & 3) {
-    case 0: return loop_momentum<IS_LARS, 0>(p, g, m, out, n, c);
-    case 1: return loop_momentum<IS_LARS, 1>(p, g, m, out, n, c);
-    case 2: return loop_momentum<IS_LARS, 2>(p, g, m, out, n, c);
-    default: return loop_momentum<IS_LARS, 3>(p, g, m, out, n, c);
+// One block (full or partial) at a time: dequantize, rule, absmax, requantize.
+// Any state layout (8- or 32-bit, any map); also the last, partial block.
+template <int R, int FL>
+void run_block_simple(const Update& u, int64_t blk, Scratch& w) {
+  const int64_t off = blk * u.block_size, len = std::min(u.block_size, u.n - off);
+  float old_am[2] = {0.f, 0.f};
+  for (int s = 0; s < u.nstates; ++s)
+    if (u.st[s].q8) old_am[s] = u.st[s].absmax[blk];
+  float* stash[2] = {w.stash[0][0], w.stash[1][0]};
+  const Span sp = prepare_span(u, off, len, old_am, stash, w);
+  rule_span<R, FL>(u, sp, 0, len);
+  finish_span(u, sp, off, len);
+  for (int s = 0; s < u.nstates; ++s) {
+    if (!u.st[s].q8) continue;
+    const float am = absmax_from_bits(absmax_bits_n(stash[s], len, 0u));
+    u.st[s].absmax[blk] = am;
+    quantize_block(stash[s], len, block_reciprocal(am), *u.st[s].table, u.st[s].codes + off);
   }
 }
 
-static void loop_rmsprop(const float* p, const float* g, float* v, float* out, int64_t n, const Scalars& cs) {
-  const Scalars c = cs;
-D8_SIMD_LOOP
-  for (int64_t i = 0; i < n; ++i) {
-    float vi = v[i];
-    out[i] = rule_rmsprop(p[i], g[i], vi, c);
-    v[i] = vi;
-  }
-}
+#ifdef D8_AVX512
+// Full blocks [b0, b1) whose states are all 8-bit with a table (the common case),
+// pipelined: quantize block b-1 while updating block b, interleaved 16 values at a
+// time so that the scheduler always holds both divider work (the rule) and table
+// loads (quantization); in runs of 64 the rule's divisions filled it and the two
+// took turns. Prologue (first block: update only) and epilogue (last block:
+// quantize only) are the same chunk code with one half compiled out.
+template <int R, int FL>
+struct Pipeline {
+  static constexpr int NS = (R == ADAM || R == LAMB) ? 2 : 1;
+  const Update& u;
+  Scratch& w;
+  QTableSimd qs[NS];
+  __m512i mx[NS];      // absmax bits of the block being updated
+  __m512 recip[NS];    // reciprocal of the new absmax of the block being quantized
+  float old_am[NS];
 
-static void loop_adagrad(const float* p, const float* g, float* s, float* out, int64_t n, const Scalars& cs) {
-  const Scalars c = cs;
-D8_SIMD_LOOP
-  for (int64_t i = 0; i < n; ++i) {
-    float si = s[i];
-    out[i] = rule_adagrad(p[i], g[i], si, c);
-    s[i] = si;
+  Pipeline(const Update& up, Scratch& wk) : u(up), w(wk) {
+    for (int s = 0; s < NS; ++s) qs[s] = QTableSimd(*u.st[s].table);
   }
-}
 
-static void loop_lion(const float* p, const float* g, float* m, float* out, int64_t n, const Scalars& cs) {
-  const Scalars c = cs;
-D8_SIMD_LOOP
-  for (int64_t i = 0; i < n; ++i) {
-    float mi = m[i];
-    out[i] = rule_lion(p[i], g[i], mi, c);
-    m[i] = mi;
+  template <bool CUR, bool PREV>
+  D8_INLINE void chunk(int64_t b, int64_t i) {
+    const int64_t B = u.block_size, off = b * B + i;
+    Span sp;
+    float* cur_stash[2] = {w.stash[0][b & 1] + i, w.stash[1][b & 1] + i};
+    if constexpr (CUR) {
+      prefetch_block(u, off + PREFETCH * B);
+      sp = prepare_span(u, off, CHUNK, old_am, cur_stash, w);
+    }
+    __m512i words[NS][4];
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      if constexpr (CUR) {
+        rule_span<R, FL>(u, sp, 16 * j, 16);
+        for (int s = 0; s < NS; ++s) mx[s] = absmax_bits16(cur_stash[s] + 16 * j, mx[s]);
+      }
+      if constexpr (PREV)
+        for (int s = 0; s < NS; ++s)
+          words[s][j] = quant_words16(w.stash[s][(b - 1) & 1] + i + 16 * j, recip[s], qs[s]);
+    }
+    if constexpr (PREV)
+      for (int s = 0; s < NS; ++s)
+        store_codes64(words[s][0], words[s][1], words[s][2], words[s][3], u.st[s].codes + (b - 1) * B + i);
+    if constexpr (CUR) finish_span(u, sp, off, CHUNK);
   }
-}
 
-static void run_rule(int rule, int flags, const Scalars& c, const float* p, const float* g, float* s1, float* s2,
-                     float* out, int64_t n) {
+  template <bool CUR, bool PREV>
+  D8_INLINE void block(int64_t b) {
+    if constexpr (CUR)
+      for (int s = 0; s < NS; ++s) {
+        old_am[s] = u.st[s].absmax[b];
+        mx[s] = _mm512_setzero_si512();
+      }
+    for (int64_t i = 0; i < u.block_size; i += CHUNK) chunk<CUR, PREV>(b, i);
+    if constexpr (CUR)
+      for (int s = 0; s < NS; ++s) {
+        const float am = absmax_from_bits(_mm512_reduce_max_epu32(mx[s]));
+        u.st[s].absmax[b] = am;
+        recip[s] = _mm512_set1_ps(block_reciprocal(am));
+      }
+  }
+
+  void run(int64_t b0, int64_t b1) {
+    if (b0 >= b1) return;
+    block<true, false>(b0);
+    for (int64_t b = b0 + 1; b < b1; ++b) block<true, true>(b);
+    block<false, true>(b1);
+  }
+};
+#endif
+
+template <int R, int FL>
+void run_blocks(const Update& u, int64_t b0, int64_t b1) {
+  const int64_t nfull = u.n / u.block_size;
+  Scratch w(u.block_size);
+  bool pipelined = false;
+#ifdef D8_AVX512
+  pipelined = true;
+  for (int s = 0; s < u.nstates; ++s) pipelined = pipelined && u.st[s].q8 && u.st[s].table->fast;
+  if (pipelined) Pipeline<R, FL>(u, w).run(b0, std::min(b1, nfull));
+#endif
+  for (int64_t b = pipelined ? std::max(b0, nfull) : b0; b < b1; ++b) run_block_simple<R, FL>(u, b, w);
+}
+using BlocksFn = void (*)(const Update&, int64_t, int64_t);
+
+BlocksFn pick_blocks_fn(int rule, int flags) {
   switch (rule) {
-    case ADAM: return loop_adam<false>(p, g, s1, s2, out, n, c);
-    case LAMB: return loop_adam<true>(p, g, s1, s2, out, n, c);
-    case SGD: return loop_momentum_flags<false>(p, g, s1, out, n, c, flags);
-    case LARS: return loop_momentum_flags<true>(p, g, s1, out, n, c, flags);
-    case RMSPROP: return loop_rmsprop(p, g, s1, out, n, c);
-    case ADAGRAD: return loop_adagrad(p, g, s1, out, n, c);
-    case LION: return loop_lion(p, g, s1, out, n, c);
+    case ADAM: return &run_blocks<ADAM, 0>;
+    case LAMB: return &run_blocks<LAMB, 0>;
+    case RMSPROP: return &run_blocks<RMSPROP, 0>;
+    case ADAGRAD: return &run_blocks<ADAGRAD, 0>;
+    case LION: return &run_blocks<LION, 0>;
+    case SGD:
+      switch (flags & 3) {
+        case 0: return &run_blocks<SGD, 0>;
+        case 1: return &run_blocks<SGD, 1>;
+        case 2: return &run_blocks<SGD, 2>;
+        default: return &run_blocks<SGD, 3>;
+      }
+    case LARS:
+      switch (flags & 3) {
+        case 0: return &run_blocks<LARS, 0>;
+        case 1: return &run_blocks<LARS, 1>;
+        case 2: return &run_blocks<LARS, 2>;
+        default: return &run_blocks<LARS, 3>;
+      }
     default: TORCH_CHECK(false, "dist8: unknown rule ", rule);
   }
 }
 
-static bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
-}
+bool is_supported_float(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
 
-static int64_t grain_blocks(int64_t block_size) { return std::max<int64_t>(1, 32768 / block_size); }
+int64_t grain_blocks(int64_t block_size) { return std::max<int64_t>(1, 32768 / block_size); }
 
 // ---------------------------------------------------------------------------
 // Ops
@@ -335,92 +382,53 @@ void fused_update_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& g
   TORCH_CHECK(rule >= 0 && rule < NUM_RULES, "dist8: unknown rule ", rule);
   TORCH_CHECK(scalars.size() == NUM_SCALARS, "dist8: expected ", NUM_SCALARS, " scalars, got ", scalars.size());
   TORCH_CHECK(block_size >= 64 && (block_size & (block_size - 1)) == 0, "dist8: bad block_size ", block_size);
-  const int nstates = rule_num_states((int)rule);
-  const int64_t n = param.numel();
+  Update u;
+  u.nstates = rule_num_states((int)rule);
+  u.n = param.numel();
+  u.block_size = block_size;
   TORCH_CHECK(param.is_contiguous() && grad.is_contiguous(), "dist8: param/grad must be contiguous");
-  TORCH_CHECK(grad.numel() == n, "dist8: grad size mismatch");
+  TORCH_CHECK(grad.numel() == u.n, "dist8: grad size mismatch");
   TORCH_CHECK(is_supported_float(param.scalar_type()) && is_supported_float(grad.scalar_type()),
               "dist8: param/grad must be float32, bfloat16 or float16");
-  const bool writes_update = update_out.defined() && update_out.numel() > 0;
-  const at::Tensor& out_t = writes_update ? update_out : param;
-  TORCH_CHECK(out_t.is_contiguous() && out_t.numel() == n && is_supported_float(out_t.scalar_type()),
+  u.writes_update = update_out.defined() && update_out.numel() > 0;
+  const at::Tensor& out_t = u.writes_update ? update_out : param;
+  TORCH_CHECK(out_t.is_contiguous() && out_t.numel() == u.n && is_supported_float(out_t.scalar_type()),
               "dist8: bad update_out");
 
-  Scalars c;
-  float* cf = reinterpret_cast<float*>(&c);
+  float* cf = reinterpret_cast<float*>(&u.c);
   for (int i = 0; i < NUM_SCALARS; ++i) cf[i] = static_cast<float>(scalars[i]);
 
-  struct StateArg {
-    bool q8 = false;
-    uint8_t* codes = nullptr;
-    float* f32 = nullptr;
-    float* absmax = nullptr;
-    const QTable* table = nullptr;
-  } st[2];
   const at::Tensor* states[2] = {&state1, &state2};
   const at::Tensor* absmaxes[2] = {&absmax1, &absmax2};
   const at::Tensor* qmaps[2] = {&qmap1, &qmap2};
-  const int64_t nblocks = (n + block_size - 1) / block_size;
-  for (int s = 0; s < nstates; ++s) {
+  const int64_t nblocks = (u.n + block_size - 1) / block_size;
+  for (int s = 0; s < u.nstates; ++s) {
     const at::Tensor& S = *states[s];
-    TORCH_CHECK(S.is_contiguous() && S.numel() == n, "dist8: state", s + 1, " must be contiguous with ", n,
+    TORCH_CHECK(S.is_contiguous() && S.numel() == u.n, "dist8: state", s + 1, " must be contiguous with ", u.n,
                 " elements");
     const at::Tensor& A = *absmaxes[s];
     if (A.defined() && A.numel() > 0) {
       TORCH_CHECK(S.scalar_type() == at::kByte, "dist8: 8-bit state", s + 1, " must be uint8");
       TORCH_CHECK(A.scalar_type() == at::kFloat && A.is_contiguous() && A.numel() == nblocks,
                   "dist8: absmax", s + 1, " must be float32 with ", nblocks, " entries");
-      st[s].q8 = true;
-      st[s].codes = S.data_ptr<uint8_t>();
-      st[s].absmax = A.data_ptr<float>();
-      st[s].table = get_table(*qmaps[s]);
+      u.st[s].q8 = true;
+      u.st[s].codes = S.data_ptr<uint8_t>();
+      u.st[s].absmax = A.data_ptr<float>();
+      u.st[s].table = get_table(*qmaps[s]);
     } else {
       TORCH_CHECK(S.scalar_type() == at::kFloat, "dist8: 32-bit state", s + 1, " must be float32");
-      st[s].f32 = S.data_ptr<float>();
+      u.st[s].f32 = S.data_ptr<float>();
     }
   }
-  if (n == 0) return;
-
-  const at::ScalarType pt = param.scalar_type(), gt = grad.scalar_type(), ot = out_t.scalar_type();
-  void* pptr = param.data_ptr();
-  const void* gptr = grad.data_ptr();
-  void* optr = out_t.data_ptr();
-  const int r = (int)rule, fl = (int)flags;
-
-  at::parallel_for(0, nblocks, grain_blocks(block_size), [&](int64_t b0, int64_t b1) {
-    std::vector<float> buf(5 * block_size + 64);
-    float* pbuf = buf.data();
-    float* gbuf = pbuf + block_size;
-    float* obuf = gbuf + block_size;
-    float* sbuf[2] = {obuf + block_size, obuf + 2 * block_size};
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t off = blk * block_size;
-      const int64_t len = std::min(block_size, n - off);
-      float* P;
-      if (pt == at::kFloat) P = static_cast<float*>(pptr) + off;
-      else { load_f32(pptr, pt, off, len, pbuf); P = pbuf; }
-      const float* G;
-      if (gt == at::kFloat) G = static_cast<const float*>(gptr) + off;
-      else { load_f32(gptr, gt, off, len, gbuf); G = gbuf; }
-      float* S[2] = {nullptr, nullptr};
-      for (int s = 0; s < nstates; ++s) {
-        if (st[s].q8) {
-          dequantize_block(st[s].codes + off, len, st[s].absmax[blk], *st[s].table, sbuf[s]);
-          S[s] = sbuf[s];
-        } else {
-          S[s] = st[s].f32 + off;
-        }
-      }
-      float* O;
-      if (ot == at::kFloat) O = static_cast<float*>(optr) + off;
-      else if (!writes_update) O = P;  // param buffer, converted back below
-      else O = obuf;
-      run_rule(r, fl, c, P, G, S[0], S[1], O, len);
-      if (ot != at::kFloat) store_from_f32(O, len, optr, ot, off);
-      for (int s = 0; s < nstates; ++s)
-        if (st[s].q8) requantize(S[s], len, *st[s].table, st[s].codes + off, st[s].absmax + blk);
-    }
-  });
+  if (u.n == 0) return;
+  u.param = param.data_ptr();
+  u.grad = grad.data_ptr();
+  u.out = out_t.data_ptr();
+  u.pt = param.scalar_type();
+  u.gt = grad.scalar_type();
+  u.ot = out_t.scalar_type();
+  const BlocksFn fn = pick_blocks_fn((int)rule, (int)flags);
+  at::parallel_for(0, nblocks, grain_blocks(block_size), [&](int64_t b0, int64_t b1) { fn(u, b0, b1); });
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& x, const at::Tensor& qmap,
@@ -444,7 +452,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& x, c
       const float* v;
       if (xt == at::kFloat) v = static_cast<const float*>(xp) + off;
       else { load_f32(xp, xt, off, len, buf.data()); v = buf.data(); }
-      requantize(v, len, *t, cp + off, ap + blk);
+      const float am = absmax_from_bits(absmax_bits_n(v, len, 0u));
+      ap[blk] = am;
+      quantize_block(v, len, block_reciprocal(am), *t, cp + off);
     }
   });
   return {codes, absmax};
@@ -474,29 +484,31 @@ at::Tensor dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& a
   return out;
 }
 
+// Max of the magnitude bits: a value is inf/NaN iff its exponent bits are all ones,
+// i.e. iff its magnitude bits reach the infinity pattern (vectorises to and + max).
+template <typename U>
+bool chunk_finite(const U* u, int64_t i0, int64_t i1, U magnitude_mask, U inf_bits) {
+  U m = 0;
+  for (int64_t i = i0; i < i1; ++i) {
+    const U a = u[i] & magnitude_mask;
+    m = a > m ? a : m;
+  }
+  return m < inf_bits;
+}
+
 bool all_finite_cpu(const at::Tensor& x) {
   if (!at::isFloatingType(x.scalar_type())) return true;
   if (!is_supported_float(x.scalar_type())) return at::isfinite(x).all().item<bool>();
   at::Tensor xc = x.contiguous();
-  const int64_t n = xc.numel();
   const at::ScalarType t = xc.scalar_type();
   const void* p = xc.data_ptr();
   std::atomic<bool> bad{false};
-  at::parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
-    bool found = false;
-    if (t == at::kFloat) {
-      const uint32_t* u = static_cast<const uint32_t*>(p);
-      uint32_t acc = 0;
-      for (int64_t i = i0; i < i1; ++i) acc |= ((u[i] & 0x7F800000u) == 0x7F800000u);
-      found = acc != 0;
-    } else {
-      const uint16_t* u = static_cast<const uint16_t*>(p);
-      const uint16_t e = (t == at::kHalf) ? 0x7C00 : 0x7F80;
-      uint32_t acc = 0;
-      for (int64_t i = i0; i < i1; ++i) acc |= ((u[i] & e) == e);
-      found = acc != 0;
-    }
-    if (found) bad.store(true, std::memory_order_relaxed);
+  at::parallel_for(0, xc.numel(), 1 << 16, [&](int64_t i0, int64_t i1) {
+    bool ok;
+    if (t == at::kFloat) ok = chunk_finite<uint32_t>(static_cast<const uint32_t*>(p), i0, i1, 0x7FFFFFFFu, 0x7F800000u);
+    else if (t == at::kHalf) ok = chunk_finite<uint16_t>(static_cast<const uint16_t*>(p), i0, i1, 0x7FFF, 0x7C00);
+    else ok = chunk_finite<uint16_t>(static_cast<const uint16_t*>(p), i0, i1, 0x7FFF, 0x7F80);
+    if (!ok) bad.store(true, std::memory_order_relaxed);
   });
   return !bad.load();
 }

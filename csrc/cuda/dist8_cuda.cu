@@ -174,9 +174,9 @@ __global__ void fused_update_kernel(FusedArgs a) {
     if (!a.codes[s]) continue;
     const float am = absmax_from_bits(block_max_u32(mx[s], red));
     if (tid == 0) a.absmax[s][blk] = am;
-    const float scale = block_scale(am);
+    const float recip = block_reciprocal(am);
     for (int64_t i = tid; i < len; i += blockDim.x)
-      a.codes[s][off + i] = (uint8_t)nearest_code(fdiv(buf[s * a.block_size + i], scale), q[s]);
+      a.codes[s][off + i] = (uint8_t)nearest_code(fmul(buf[s * a.block_size + i], recip), q[s]);
   }
 }
 
@@ -193,9 +193,9 @@ __global__ void quantize_kernel(const void* x, int dt, int64_t n, int64_t block_
   }
   const float am = absmax_from_bits(block_max_u32(mx, red));  // also syncs q
   if (threadIdx.x == 0) absmax[blk] = am;
-  const float scale = block_scale(am);
+  const float recip = block_reciprocal(am);
   for (int64_t i = threadIdx.x; i < len; i += blockDim.x)
-    codes[off + i] = (uint8_t)nearest_code(fdiv(load_as_float(x, dt, off + i), scale), q);
+    codes[off + i] = (uint8_t)nearest_code(fmul(load_as_float(x, dt, off + i), recip), q);
 }
 
 __global__ void dequantize_kernel(const uint8_t* codes, const float* absmax, const float* qmap, int64_t n,

@@ -127,8 +127,11 @@ D8_HD float rule_lion(float p, float g, float& m, const Scalars& c) {
 }
 
 // ---- block-wise quantization (see dist8/quant/blockwise.py) ----------------
-// The scale a block is normalised by: absmax if absmax > 0 (NaN -> 1).
-D8_HD float block_scale(float absmax) { return absmax > 0.0f ? absmax : 1.0f; }
+// The factor a block's values are multiplied by before the code search (see
+// dist8.quant.blockwise.block_reciprocal): fl(1 / absmax) when absmax is a normal
+// float, else 1 (zero, subnormal, NaN). One division per block, not per value.
+constexpr float D8_FLT_MIN = 1.17549435082228750797e-38f;
+D8_HD float block_reciprocal(float absmax) { return absmax >= D8_FLT_MIN ? fdiv(1.0f, absmax) : 1.0f; }
 
 // Bits of |x| as an unsigned int: for non-negative floats integer order is float
 // order and NaNs compare above +inf, so max over these bits is torch's amax of

@@ -120,7 +120,7 @@ def _load_extension(kind: str) -> None:
         )
     else:
         raise ValueError(f"kind must be 'cpu' or 'cuda', got {kind!r}")
-    headers = [src / "include" / "dist8_rules.h"]
+    headers = [src / "include" / "dist8_rules.h", src / "cpu" / "quant_cpu.h"]
     build_dir = _build_dir(name)
     if _needs_build(name, build_dir, sources + headers):
         print(f"dist8: building {kind} kernels (first use, ~1 min)...", file=sys.stderr, flush=True)

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from dist8.kernels import RULE_STATES, RULE_WRITES_UPDATE, Rule, apply_rule, get_backend
-from dist8.quant import nearest_code, num_blocks
+from dist8.quant import block_reciprocal, nearest_code, num_blocks
 
 __all__ = [
     "is_dtensor",
@@ -252,14 +252,12 @@ class _Job:
         if lay.contiguous:
             for lo, hi, blk, new in self.pieces:
                 a = vec[lay.shared.index(blk)]
-                scale = torch.where(a > 0, a, torch.ones_like(a))
-                self.codes[lo:hi] = nearest_code(new / scale, self.qmap).to(torch.uint8)
+                self.codes[lo:hi] = nearest_code(new * block_reciprocal(a), self.qmap).to(torch.uint8)
                 self.absmax[blk - lay.b0] = a
             return
         new = self.pieces[0][3]
         self.absmax.copy_(vec)
-        scale = torch.where(vec > 0, vec, torch.ones_like(vec))[self.index]
-        self.codes.copy_(nearest_code(new / scale, self.qmap).to(torch.uint8))
+        self.codes.copy_(nearest_code(new * block_reciprocal(vec)[self.index], self.qmap).to(torch.uint8))
 
 
 class EdgeBatch:

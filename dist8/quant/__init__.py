@@ -1,9 +1,17 @@
 """Quantization maps and block-wise quantize/dequantize (the bottom layer of dist8)."""
-from dist8.quant.blockwise import check_block_size, dequantize_blockwise, nearest_code, num_blocks, quantize_blockwise
+from dist8.quant.blockwise import (
+    block_reciprocal,
+    check_block_size,
+    dequantize_blockwise,
+    nearest_code,
+    num_blocks,
+    quantize_blockwise,
+)
 from dist8.quant.maps import MAP_NAMES, dynamic_map, get_map, linear_map
 
 __all__ = [
     "MAP_NAMES",
+    "block_reciprocal",
     "check_block_size",
     "dequantize_blockwise",
     "dynamic_map",

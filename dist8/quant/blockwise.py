@@ -1,14 +1,22 @@
 """Block-wise quantization: one fp32 absmax per block of ``block_size`` values.
 
-Every value is normalised by its block's absmax and mapped to the *exact*
-nearest code of the map (ties go to the code of smaller magnitude). The
+Every value is normalised by multiplying it with the float32 reciprocal of its
+block's absmax (one division per block, as bitsandbytes does; see
+:func:`block_reciprocal`) and mapped to the *exact* nearest code of the map
+(ties go to the code of smaller magnitude). The
 reference here is plain torch; the C++ and CUDA kernels mirror it bit for bit.
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["quantize_blockwise", "dequantize_blockwise", "nearest_code", "num_blocks", "check_block_size"]
+__all__ = [
+    "quantize_blockwise", "dequantize_blockwise", "nearest_code", "num_blocks", "check_block_size", "block_reciprocal",
+]
+
+# Smallest normal float32: a block whose absmax is below it (zero, subnormal) or NaN is
+# normalised by 1, so its reciprocal never overflows.
+_FLT_MIN = torch.finfo(torch.float32).tiny
 
 
 def check_block_size(block_size: int, name: str = "block_size") -> int:
@@ -40,6 +48,18 @@ def nearest_code(x: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:
     return torch.where(take_lo, lo, hi)
 
 
+def block_reciprocal(absmax: torch.Tensor) -> torch.Tensor:
+    """Factor (float32) each block's values are multiplied by before the code search.
+
+    ``1 / absmax`` rounded to float32 where ``absmax`` is a normal float, else 1
+    (all-zero, subnormal and NaN blocks: their values then map to the code
+    nearest 0, or NaN's code 255). An infinite absmax gives 0.
+    """
+    absmax = absmax.float()
+    ok = absmax >= _FLT_MIN
+    return torch.where(ok, 1.0 / torch.where(ok, absmax, torch.ones_like(absmax)), torch.ones_like(absmax))
+
+
 def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     flat = x.detach().reshape(-1).float()
     pad = (-flat.numel()) % block_size
@@ -63,8 +83,7 @@ def quantize_blockwise(
         raise ValueError(f"qmap must be float32 with 256 entries, got {qmap.dtype} with {qmap.numel()}")
     blocks = _blocks(x, block_size)
     absmax = blocks.abs().amax(dim=1)
-    scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    normalised = blocks / scale[:, None]
+    normalised = blocks * block_reciprocal(absmax)[:, None]
     codes = nearest_code(normalised, qmap.to(x.device)).to(torch.uint8)
     return codes.view(-1)[: x.numel()].view(x.shape), absmax
 

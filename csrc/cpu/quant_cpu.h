@@ -1,0 +1,252 @@
+// quant_cpu.h -- block-wise quantization primitives for the CPU kernels.
+//
+// Exact nearest code with one table load per value. The nearest code is a
+// monotone step function of x, so it is fixed by 256 thresholds in the order of
+// the monotone integer key of x (float_key): T_0 where NaN's code 255 (below
+// -inf in key order) turns into code 0 at -inf, and T_k, the smallest key with
+// code >= k, for k = 1..255. The thresholds are found by bisection with the
+// reference algorithm itself, so the table reproduces searchsorted + the tie
+// rule exactly. A bucket is the top `bits` bits of the key; `bits` is the
+// smallest width for which no bucket holds two thresholds. Each bucket's uint32
+// entry is E = (c + 1) * 2^24 - t - s (mod 2^32), where c is the code at the
+// bucket start s (a key), and t the low key bits of the threshold inside the
+// bucket (2^24 when there is none). Then, for a key k = s + l in the bucket,
+//     code = low 8 bits of ((E + k) >> 24) = low 8 bits of ((c + 1) * 2^24 + l - t) >> 24
+// is c + 1 when l >= t and c otherwise (c = 255 wraps to 0 for the -inf
+// threshold): one load, one add, no compare. Maps for which no such table
+// exists (unsorted, repeated entries, infinities) use the per-value binary
+// search of dist8_rules.h.
+#pragma once
+
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "dist8_rules.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && !defined(DIST8_NO_SIMD)
+#include <immintrin.h>
+#define D8_AVX512 1
+#if defined(__AVX512VBMI__)
+#define D8_VBMI 1
+#endif
+#endif
+
+#if defined(__GNUC__)
+#define D8_INLINE inline __attribute__((always_inline))
+#else
+#define D8_INLINE inline
+#endif
+
+namespace dist8 {
+
+struct QTable {
+  alignas(64) float q[256];
+  alignas(64) uint8_t planes[4][256];  // byte k of every q[i] (for VBMI table lookups)
+  bool fast = false;
+  int shift = 32;
+  uint32_t lowmask = 0;
+  std::vector<uint32_t> lut;
+
+  // Code of one normalised value (bit-identical to dist8.quant.nearest_code).
+  inline uint8_t code(float y) const {
+    if (!fast) return (uint8_t)nearest_code(y, q);
+    const uint32_t k = float_key(y);
+    return (uint8_t)((lut[k >> shift] + k) >> 24);
+  }
+};
+
+inline void build_qtable(QTable& t, const float* qmap) {
+  memcpy(t.q, qmap, sizeof(t.q));
+  for (int i = 0; i < 256; ++i) {
+    uint32_t u;
+    memcpy(&u, &t.q[i], 4);
+    for (int k = 0; k < 4; ++k) t.planes[k][i] = (uint8_t)(u >> (8 * k));
+  }
+  t.fast = false;
+  const float* q = t.q;
+  for (int i = 0; i < 256; ++i)
+    if (!std::isfinite(q[i]) || (i && !(q[i - 1] < q[i]))) return;  // needs strictly increasing, finite
+  const uint32_t kmin = float_key(-INFINITY), kmax = float_key(INFINITY);
+  auto code_at = [&](uint32_t k) { return nearest_code(key_float(k), q); };
+  if (code_at(kmin) != 0 || code_at(kmax) != 255) return;
+  std::vector<uint32_t> thr(256);  // thr[k]: key where the code becomes k (thr[0]: -inf)
+  thr[0] = kmin;
+  for (int k = 1; k < 256; ++k) {
+    uint32_t lo = kmin, hi = kmax;  // code(lo) < k <= code(hi)
+    while (hi - lo > 1) {
+      const uint32_t mid = lo + (hi - lo) / 2;
+      if (code_at(mid) >= k) hi = mid;
+      else lo = mid;
+    }
+    thr[k] = hi;
+    if (thr[k] <= thr[k - 1]) return;  // a code that is never nearest
+  }
+  int bits = -1;
+  for (int b = 9; b <= 20 && bits < 0; ++b) {
+    bool ok = true;
+    for (int k = 1; k < 256 && ok; ++k) ok = (thr[k] >> (32 - b)) != (thr[k - 1] >> (32 - b));
+    if (ok) bits = b;
+  }
+  if (bits < 0) return;
+  t.shift = 32 - bits;
+  t.lowmask = (1u << t.shift) - 1;
+  const size_t nb = size_t(1) << bits;
+  t.lut.assign(nb, 0);
+  size_t passed = 0;  // thresholds <= bucket start
+  for (size_t b = 0; b < nb; ++b) {
+    const uint32_t start = uint32_t(b << t.shift);
+    while (passed < 256 && thr[passed] <= start) ++passed;
+    const uint32_t c = passed == 0 ? 255u : uint32_t(passed - 1);
+    uint32_t low = 1u << 24;  // no threshold inside this bucket
+    if (passed < 256 && (thr[passed] >> t.shift) == b) low = thr[passed] & t.lowmask;
+    t.lut[b] = uint32_t(((uint64_t(c) + 1) << 24) - low - start);
+  }
+  // Check the table where it can go wrong: both sides of every threshold and bucket edge.
+  t.fast = true;
+  auto agrees = [&](uint32_t k) { return t.code(key_float(k)) == (uint8_t)code_at(k); };
+  for (int k = 0; k < 256 && t.fast; ++k) t.fast = agrees(thr[k]) && agrees(thr[k] - 1);
+  for (size_t b = 0; b < nb && t.fast; ++b) {
+    const uint32_t start = uint32_t(b << t.shift);
+    t.fast = agrees(start) && agrees(start | t.lowmask);
+  }
+}
+
+// ---- scalar primitives (any length; the tails of the SIMD paths) -------------
+inline void dequantize_n(const uint8_t* codes, int64_t n, float absmax, const QTable& t, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = fmul(t.q[codes[i]], absmax);
+}
+
+inline void quantize_n(const float* v, int64_t n, float recip, const QTable& t, uint8_t* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = t.code(fmul(v[i], recip));
+}
+
+inline uint32_t absmax_bits_n(const float* v, int64_t n, uint32_t m) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t b = abs_bits(v[i]);
+    m = b > m ? b : m;
+  }
+  return m;
+}
+
+// ---- 64-value primitives (the block loop works in chunks of 64) --------------
+#ifdef D8_AVX512
+struct QTableSimd {
+  const QTable* t = nullptr;
+  __m128i shift = _mm_setzero_si128();
+  QTableSimd() = default;
+  explicit QTableSimd(const QTable& tab) : t(&tab), shift(_mm_cvtsi32_si128(tab.shift)) {}
+};
+
+D8_INLINE __m512i float_key16(__m512 x) {
+  const __m512i b = _mm512_castps_si512(x);
+  // b ^ ((b >> 31) | 0x80000000): flip all bits of negatives, the sign bit of the rest
+  return _mm512_ternarylogic_epi32(b, _mm512_srai_epi32(b, 31), _mm512_set1_epi32((int)0x80000000u), 0x1E);
+}
+
+// E + key for 16 normalised values: the code is the top byte of each lane.
+D8_INLINE __m512i code_words16(__m512 y, const QTableSimd& s) {
+  const __m512i key = float_key16(y);
+  return _mm512_add_epi32(_mm512_i32gather_epi32(_mm512_srl_epi32(key, s.shift), s.t->lut.data(), 4), key);
+}
+
+// Four vectors of code words (top bytes) to 64 codes.
+D8_INLINE void store_codes64(__m512i w0, __m512i w1, __m512i w2, __m512i w3, uint8_t* out) {
+#ifdef D8_VBMI
+  // Top byte of every lane of two vectors at once: byte 4i+3 of (a, b) for i < 32.
+  const __m512i top = _mm512_set_epi8(127, 123, 119, 115, 111, 107, 103, 99, 95, 91, 87, 83, 79, 75, 71, 67, 63,
+                                      59, 55, 51, 47, 43, 39, 35, 31, 27, 23, 19, 15, 11, 7, 3, 127, 123, 119, 115,
+                                      111, 107, 103, 99, 95, 91, 87, 83, 79, 75, 71, 67, 63, 59, 55, 51, 47, 43, 39,
+                                      35, 31, 27, 23, 19, 15, 11, 7, 3);
+  const __m512i lo = _mm512_permutex2var_epi8(w0, top, w1), hi = _mm512_permutex2var_epi8(w2, top, w3);
+  _mm512_storeu_si512(out, _mm512_inserti64x4(lo, _mm512_castsi512_si256(hi), 1));
+#else
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtepi32_epi8(_mm512_srli_epi32(w0, 24)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16), _mm512_cvtepi32_epi8(_mm512_srli_epi32(w1, 24)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32), _mm512_cvtepi32_epi8(_mm512_srli_epi32(w2, 24)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 48), _mm512_cvtepi32_epi8(_mm512_srli_epi32(w3, 24)));
+#endif
+}
+
+// Code words of 16 values v * recip (table must be fast).
+D8_INLINE __m512i quant_words16(const float* v, __m512 recip, const QTableSimd& s) {
+  return code_words16(_mm512_mul_ps(_mm512_loadu_ps(v), recip), s);
+}
+
+D8_INLINE void quantize64(const float* v, float recip, const QTableSimd& s, uint8_t* out) {
+  if (!s.t->fast) return quantize_n(v, 64, recip, *s.t, out);
+  const __m512 r = _mm512_set1_ps(recip);
+  store_codes64(quant_words16(v, r, s), quant_words16(v + 16, r, s), quant_words16(v + 32, r, s),
+                quant_words16(v + 48, r, s), out);
+}
+
+D8_INLINE __m512i absmax_bits16(const float* v, __m512i m) {
+  return _mm512_max_epu32(m, _mm512_and_si512(_mm512_castps_si512(_mm512_loadu_ps(v)), _mm512_set1_epi32(0x7FFFFFFF)));
+}
+
+D8_INLINE void dequantize64(const uint8_t* codes, float absmax, const QTable& t, float* out) {
+  const __m512 a = _mm512_set1_ps(absmax);
+#ifdef D8_VBMI
+  // Table lookup in registers: each byte plane of q is 4 zmm; vpermt2b picks from
+  // 128 entries by the low 7 bits, a blend on the top bit picks the half. Codes are
+  // permuted up front (4-byte groups transposed) so that the byte/word unpacks
+  // below leave the 64 floats in order.
+  const __m512i perm = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  const __m512i c = _mm512_permutexvar_epi32(perm, _mm512_loadu_si512(codes));
+  const __mmask64 upper = _mm512_movepi8_mask(c);
+  __m512i b[4];
+  for (int k = 0; k < 4; ++k) {
+    const uint8_t* p = t.planes[k];
+    const __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512(p), c, _mm512_load_si512(p + 64));
+    const __m512i hi = _mm512_permutex2var_epi8(_mm512_load_si512(p + 128), c, _mm512_load_si512(p + 192));
+    b[k] = _mm512_mask_blend_epi8(upper, lo, hi);
+  }
+  const __m512i w01l = _mm512_unpacklo_epi8(b[0], b[1]), w01h = _mm512_unpackhi_epi8(b[0], b[1]);
+  const __m512i w23l = _mm512_unpacklo_epi8(b[2], b[3]), w23h = _mm512_unpackhi_epi8(b[2], b[3]);
+  _mm512_storeu_ps(out, _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(w01l, w23l)), a));
+  _mm512_storeu_ps(out + 16, _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(w01l, w23l)), a));
+  _mm512_storeu_ps(out + 32, _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(w01h, w23h)), a));
+  _mm512_storeu_ps(out + 48, _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(w01h, w23h)), a));
+#else
+  for (int j = 0; j < 64; j += 16) {
+    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + j)));
+    _mm512_storeu_ps(out + j, _mm512_mul_ps(_mm512_i32gather_ps(c, t.q, 4), a));
+  }
+#endif
+}
+#else  // portable
+struct QTableSimd {
+  const QTable* t = nullptr;
+  QTableSimd() = default;
+  explicit QTableSimd(const QTable& tab) : t(&tab) {}
+};
+D8_INLINE void quantize64(const float* v, float recip, const QTableSimd& s, uint8_t* out) {
+  quantize_n(v, 64, recip, *s.t, out);
+}
+D8_INLINE void dequantize64(const uint8_t* codes, float absmax, const QTable& t, float* out) {
+  dequantize_n(codes, 64, absmax, t, out);
+}
+#endif
+
+// Whole arrays (quantize_blockwise / dequantize_blockwise ops and partial blocks).
+inline void quantize_block(const float* v, int64_t n, float recip, const QTable& t, uint8_t* out) {
+  int64_t i = 0;
+#ifdef D8_AVX512
+  const QTableSimd s(t);
+  for (; i + 64 <= n; i += 64) quantize64(v + i, recip, s, out + i);
+#endif
+  quantize_n(v + i, n - i, recip, t, out + i);
+}
+
+inline void dequantize_block(const uint8_t* codes, int64_t n, float absmax, const QTable& t, float* out) {
+  int64_t i = 0;
+#ifdef D8_AVX512
+  for (; i + 64 <= n; i += 64) dequantize64(codes + i, absmax, t, out + i);
+#endif
+  dequantize_n(codes + i, n - i, absmax, t, out + i);
+}
+
+}  // namespace dist8
