@@ -12,6 +12,8 @@ Environment:
     DIST8_BUILD_DIR   where to build (default: torch's extensions directory)
     DIST8_PORTABLE=1  build the CPU kernels without ``-march=native`` (scalar
                       quantization path, runs on any x86-64 / aarch64)
+    DIST8_CPU_FLAGS   extra compiler flags for the CPU kernels, e.g.
+                      "-mno-avx512vbmi" (built under a name of their own)
     DIST8_CUDA_ARCH   CUDA archs, e.g. "8.0;9.0" (default: the visible GPU's)
 """
 from __future__ import annotations
@@ -94,7 +96,17 @@ def _cpu_flags() -> list[str]:
             flags += ["-march=native", "-mprefer-vector-width=512"]
         else:
             flags += ["-mcpu=native"]
-    return flags
+    return flags + os.environ.get("DIST8_CPU_FLAGS", "").split()
+
+
+def _cpu_build_name() -> str:
+    name = "dist8_cpu" + ("_portable" if os.environ.get("DIST8_PORTABLE", "") not in ("", "0") else "")
+    extra = os.environ.get("DIST8_CPU_FLAGS", "").split()
+    if extra:
+        import hashlib
+
+        name += "_" + hashlib.sha1(" ".join(extra).encode()).hexdigest()[:8]
+    return name
 
 
 def _load_extension(kind: str) -> None:
@@ -103,7 +115,7 @@ def _load_extension(kind: str) -> None:
     src = csrc_dir()
     include = str(src / "include")
     if kind == "cpu":
-        name = "dist8_cpu" + ("_portable" if os.environ.get("DIST8_PORTABLE", "") not in ("", "0") else "")
+        name = _cpu_build_name()
         sources = [src / "cpu" / "dist8_cpu.cpp"]
         kwargs = dict(extra_cflags=_cpu_flags(), extra_ldflags=["-fopenmp"], with_cuda=False)
     elif kind == "cuda":
