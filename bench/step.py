@@ -12,13 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import socket
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -26,6 +23,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine  # noqa: E402
+
+
+def _cpu_isa() -> str:
+    """The vector extensions the CPU kernels can use here (they are built with -march=native)."""
+    try:
+        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return ""
+    return " ".join(f for f in ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512vbmi", "f16c") if f in flags)
 
 
 def parse_size(s: str) -> int:
@@ -107,12 +115,15 @@ def candidates(n, dtype, device, which):
 
         return step
 
-    def dist8_optim():
-        import dist8.optim
+    def dist8_optim(check_finite=True):
+        def factory():
+            import dist8.optim
 
-        p = make_param(n, dtype, device)
-        opt = dist8.optim.AdamW8bit([p], lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, block_size=256)
-        return opt.step
+            p = make_param(n, dtype, device)
+            opt = dist8.optim.AdamW8bit([p], lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, block_size=256,
+                                        check_finite=check_finite)
+            return opt.step
+        return factory
 
     def torch_adamw(**kw):
         def factory():
@@ -138,7 +149,9 @@ def candidates(n, dtype, device, which):
         return opt.step
 
     add("dist8 kernel AdamW8bit", dist8_kernel, bytes8)
-    add("dist8.optim.AdamW8bit", dist8_optim, bytes8)
+    add("dist8.optim.AdamW8bit", dist8_optim(), bytes8)
+    # Like for like with torch/bitsandbytes/torchao, which do not look for inf/NaN gradients.
+    add("dist8.optim.AdamW8bit no-check", dist8_optim(check_finite=False), bytes8)
     add("torch AdamW fused", torch_adamw(fused=True), bytes32)
     add("torch AdamW foreach", torch_adamw(foreach=True), bytes32)
     add("bitsandbytes AdamW8bit", bnb, bytes8)
@@ -157,7 +170,6 @@ def run(args):
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
             cands = candidates(n, dtype, device, [w for w in args.only.split(",") if w])
             live = {k: v for k, v in cands.items() if v[0] is not None}
-            errors = {k: v[2] for k, v in cands.items() if v[0] is not None and False}
             for name, (fn, _, err) in list(live.items()):
                 try:
                     for _ in range(args.warmup):
@@ -206,12 +218,8 @@ def main(argv=None):
                   f"{r['bound_ratio']:8.2f}")
         else:
             print(f"{r['size_label']:>6} {r['dtype']:>5}  {r['optimizer']:<26} {'FAILED':>9}  {r['error'][:70]}")
-    meta = {
-        "host": socket.gethostname(), "device": str(args.device), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-        "copy_bandwidth_gbps": bw, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
+    meta = dict(machine(), device=str(args.device), copy_bandwidth_gbps=bw, time=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                isa=_cpu_isa())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print(f"wrote {args.out}")
