@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
             "met": max(ratios) <= 0.26}
     print(f"goal: {goal['goal']}: worst {goal['worst_ratio']:.4f}: {'met' if goal['met'] else 'NOT met'}")
     payload = {"benchmark": "checkpoint", "machine": machine(), "preset": preset, "rows": rows, "goal": goal}
-    print(f"wrote {write_json('checkpoint', payload, args.out)}")
+    print(f"wrote {write_json('checkpoint-full' if args.full else 'checkpoint', payload, args.out)}")
     return payload
 
 

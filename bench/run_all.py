@@ -47,6 +47,8 @@ def main() -> int:
     combined = {"timings_s": timings}
     for name in args.only:
         f = HERE / "results" / f"{name}-{host}.json"
+        if args.full and (HERE / "results" / f"{name}-full-{host}.json").exists():
+            f = HERE / "results" / f"{name}-full-{host}.json"  # sharded/checkpoint --full write their own file
         if f.exists():
             combined[name] = json.loads(f.read_text())
     out = HERE / "results" / f"{host}-{datetime.date.today().isoformat()}.json"

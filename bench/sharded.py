@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
                           "bytes_met": r["state_bytes_per_param_per_rank"] <= target * 1.01,
                           "time_met": r["iter_vs_ddp_dist8"] is not None and r["iter_vs_ddp_dist8"] <= 1.0})
     payload = {"benchmark": "sharded", "machine": machine(), "preset": preset, "rows": rows, "goals": goals}
-    print(f"wrote {write_json('sharded', payload, args.out)}")
+    print(f"wrote {write_json('sharded-full' if args.full else 'sharded', payload, args.out)}")
     return payload
 
 

@@ -157,6 +157,7 @@ def quantize_inputs(n: int, gen: torch.Generator):
     out.append(("randn", torch.randn(n, generator=gen), q, 256))
     out.append(("tiny", torch.randn(n, generator=gen) * 1e-30, q, 2048))
     out.append(("huge", torch.randn(n, generator=gen) * 1e30, q, 64))
+    out.append(("subnormal", torch.randn(n, generator=gen) * 1e-40, q, 64))  # absmax below FLT_MIN: scale 1
     z = torch.randn(n, generator=gen)
     z[:512] = 0
     z[600:700] = -0.0

@@ -116,3 +116,21 @@ def test_any_shape_and_partial_last_block():
 def test_bad_block_size(bad):
     with pytest.raises(ValueError, match="block_size"):
         quantize_blockwise(torch.ones(10), dynamic_map(True), bad)
+
+
+def test_subnormal_and_special_absmax_normalise_by_one():
+    """Blocks whose absmax is zero, subnormal or NaN are multiplied by 1 (no overflowing reciprocal)."""
+    from dist8.quant import block_reciprocal
+
+    tiny = torch.finfo(torch.float32).tiny
+    a = torch.tensor([0.0, tiny / 4, tiny, 2.0, float("inf"), float("nan")])
+    r = block_reciprocal(a)
+    assert r[0] == 1 and r[1] == 1 and r[5] == 1
+    assert r[2] == torch.tensor(1.0) / torch.tensor(tiny) and r[3] == 0.5 and r[4] == 0
+    q = dynamic_map(True)
+    x = torch.full((64,), 3e-40)
+    x[::2] = -3e-40
+    codes, absmax = quantize_blockwise(x, q, 64)
+    zero_code = int((q == 0).nonzero())
+    assert absmax.item() == pytest.approx(3e-40, rel=1e-3) and codes.eq(zero_code).all()
+    assert dequantize_blockwise(codes, absmax, q, 64).eq(0).all()
