@@ -175,3 +175,11 @@ def test_ops_registered(backend):
     assert hasattr(torch.ops.dist8, "fused_update_")
     assert backend.name == "cpu"
     assert RULE_STATES  # the spec is importable alongside the ops
+
+
+def test_scalars_tuple_is_the_field_order():
+    """The kernels read Scalars positionally: as_tuple must list every field, in declaration order."""
+    from dataclasses import astuple, fields
+
+    s = Scalars(*[float(i) for i in range(len(fields(Scalars)))])
+    assert s.as_tuple() == astuple(s) and len(s.as_tuple()) == 12

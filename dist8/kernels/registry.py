@@ -49,7 +49,8 @@ def _load_native(kind: str):
 
 def get_backend(device: torch.device | str):
     """The backend that updates tensors on ``device``."""
-    device = torch.device(device)
+    if not isinstance(device, torch.device):  # called once per parameter per step: skip the constructor
+        device = torch.device(device)
     forced = _forced()
     if forced == "reference":
         return _reference

@@ -13,7 +13,7 @@ scaled by a trust ratio (LAMB, LARS: ``p <- p - lr * ratio * u`` afterwards).
 from __future__ import annotations
 
 import enum
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -70,7 +70,10 @@ class Scalars:
     update_wd: float = 0.0  # weight decay added to the update direction (LAMB)
 
     def as_tuple(self) -> tuple[float, ...]:
-        return astuple(self)
+        # not dataclasses.astuple: it deep-copies every field (a third of the per-parameter
+        # Python cost of an optimizer step)
+        return (self.lr, self.beta1, self.one_minus_beta1, self.beta2, self.one_minus_beta2, self.eps, self.grad_wd,
+                self.decay, self.bc1, self.bc2_sqrt, self.grad_scale, self.update_wd)
 
 
 def _f32(x: float) -> torch.Tensor:
