@@ -36,8 +36,18 @@ def _cpu_isa() -> str:
     return " ".join(f for f in ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512vbmi", "f16c") if f in flags)
 
 
+# GPT-2 small (124M parameters in 148 tensors): what a real model hands the optimizer --
+# many tensors of mixed sizes, so per-tensor overhead and the largest tensor matter.
+GPT2_SMALL = [(50257, 768), (1024, 768)] + 12 * [
+    (768,), (768,), (2304, 768), (2304,), (768, 768), (768,), (768,), (768,), (3072, 768), (3072,), (768, 3072), (768,)
+] + [(768,), (768,)]
+MODELS = {"GPT2": GPT2_SMALL}
+
+
 def parse_size(s: str) -> int:
     s = s.strip().upper()
+    if s in MODELS:
+        return sum(math.prod(shape) for shape in MODELS[s])
     mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(s[-1], 1)
     return int(float(s[:-1] if s[-1] in "KMG" else s) * mult)
 
@@ -63,15 +73,22 @@ def copy_bandwidth(device, n=1 << 26) -> float:
     return 2 * a.numel() * 4 / min(ts) / 1e9
 
 
-def make_param(n, dtype, device, seed=0):
+def make_params(size_label, n, dtype, device, seed=0):
+    """One tensor of n values, or the tensors of a model (``--sizes gpt2``)."""
+    shapes = MODELS.get(size_label.strip().upper(), [(n,)])
+    return [make_param(shape, dtype, device, seed + i) for i, shape in enumerate(shapes)]
+
+
+def make_param(shape, dtype, device, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
-    p = torch.nn.Parameter((torch.randn(n, generator=g) * 0.02).to(device=device, dtype=dtype))
-    p.grad = (torch.randn(n, generator=g) * 1e-3).to(device=device, dtype=dtype)
+    p = torch.nn.Parameter((torch.randn(shape, generator=g) * 0.02).to(device=device, dtype=dtype))
+    p.grad = (torch.randn(shape, generator=g) * 1e-3).to(device=device, dtype=dtype)
     return p
 
 
-def candidates(n, dtype, device, which):
+def candidates(n, dtype, device, which, size_label=""):
     """name -> (step callable, bytes moved per step)."""
+    model = size_label.strip().upper() in MODELS
     es = torch.tensor([], dtype=dtype).element_size()
     bytes8 = n * (2 * es + es + 2 * 2)  # param r/w, grad r, 2 uint8 states r/w (absmax negligible)
     bytes32 = n * (2 * es + es + 2 * 2 * es)  # torch keeps the states in the param dtype
@@ -93,7 +110,7 @@ def candidates(n, dtype, device, which):
         backend = get_backend(device)
         if backend.name == "reference":
             raise RuntimeError("native kernels unavailable (reference backend)")
-        p = make_param(n, dtype, device)
+        p = make_param((n,), dtype, device)
         bs = 256
         nb = (n + bs - 1) // bs
         s1 = torch.zeros(n, dtype=torch.uint8, device=device)
@@ -119,43 +136,43 @@ def candidates(n, dtype, device, which):
         def factory():
             import dist8.optim
 
-            p = make_param(n, dtype, device)
-            opt = dist8.optim.AdamW8bit([p], lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, block_size=256,
-                                        check_finite=check_finite)
+            params = make_params(size_label, n, dtype, device)
+            opt = dist8.optim.AdamW8bit(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                                        block_size=256, min_8bit_size=4096, check_finite=check_finite)
             return opt.step
         return factory
 
     def torch_adamw(**kw):
         def factory():
-            p = make_param(n, dtype, device)
-            opt = torch.optim.AdamW([p], lr=1e-3, **kw)
+            opt = torch.optim.AdamW(make_params(size_label, n, dtype, device), lr=1e-3, **kw)
             return opt.step
         return factory
 
     def bnb():
         import bitsandbytes as bnb_mod
 
-        p = make_param(n, dtype, device)
-        opt = bnb_mod.optim.AdamW8bit([p], lr=1e-3, min_8bit_size=0)
+        opt = bnb_mod.optim.AdamW8bit(make_params(size_label, n, dtype, device), lr=1e-3, min_8bit_size=4096)
         opt.step()  # fail here rather than in the timed loop
         return opt.step
 
     def torchao():
         from torchao.optim import AdamW8bit
 
-        p = make_param(n, dtype, device)
+        p = make_param((n,), dtype, device)
         opt = AdamW8bit([p], lr=1e-3, block_size=256)
         opt.step()
         return opt.step
 
-    add("dist8 kernel AdamW8bit", dist8_kernel, bytes8)
+    if not model:  # the bare kernel on one tensor
+        add("dist8 kernel AdamW8bit", dist8_kernel, bytes8)
     add("dist8.optim.AdamW8bit", dist8_optim(), bytes8)
     # Like for like with torch/bitsandbytes/torchao, which do not look for inf/NaN gradients.
     add("dist8.optim.AdamW8bit no-check", dist8_optim(check_finite=False), bytes8)
     add("torch AdamW fused", torch_adamw(fused=True), bytes32)
     add("torch AdamW foreach", torch_adamw(foreach=True), bytes32)
     add("bitsandbytes AdamW8bit", bnb, bytes8)
-    add("torchao AdamW8bit", torchao, bytes8)
+    if not model:  # torchao compiles a step per tensor shape on the CPU: minutes for a model
+        add("torchao AdamW8bit", torchao, bytes8)
     return out
 
 
@@ -168,7 +185,7 @@ def run(args):
         n = parse_size(size_s)
         for dtype_name in args.dtypes.split(","):
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-            cands = candidates(n, dtype, device, [w for w in args.only.split(",") if w])
+            cands = candidates(n, dtype, device, [w for w in args.only.split(",") if w], size_s)
             live = {k: v for k, v in cands.items() if v[0] is not None}
             for name, (fn, _, err) in list(live.items()):
                 try:
@@ -202,7 +219,7 @@ def run(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--sizes", default="1M,16M", help="comma list, e.g. 1M,16M,64M,256M")
+    ap.add_argument("--sizes", default="1M,16M", help="comma list, e.g. 1M,16M,64M,256M; gpt2 = the 148 tensors of GPT-2 small")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
