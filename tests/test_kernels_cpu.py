@@ -183,3 +183,12 @@ def test_scalars_tuple_is_the_field_order():
 
     s = Scalars(*[float(i) for i in range(len(fields(Scalars)))])
     assert s.as_tuple() == astuple(s) and len(s.as_tuple()) == 12
+
+
+def test_info_names_the_cpu_code_path(backend):
+    """`dist8 info` says which CPU code path the build uses (AVX-512 with or without VBMI, or portable)."""
+    from dist8.kernels.registry import backend_report
+
+    why = backend_report()["cpu"]["why"]
+    assert "native kernels built and loaded" in why
+    assert ("avx512" in why) or ("portable" in why), why

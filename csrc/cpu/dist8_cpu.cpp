@@ -525,8 +525,30 @@ bool all_finite_cpu(const at::Tensor& x) {
   return !bad.load();
 }
 
+// The code paths this build uses (for `dist8 info`).
+std::string cpu_build_features() {
+  std::string f;
+#ifdef D8_AVX512
+  f += "avx512 (one-gather exact codes, pipelined blocks)";
+#ifdef D8_VBMI
+  f += ", vbmi (permute dequantization)";
+#else
+  f += ", no vbmi (gather dequantization)";
+#endif
+#else
+  f += "portable scalar quantization";
+#endif
+#ifdef D8_F16C
+  f += ", f16c";
+#endif
+  return f;
+}
+
 }  // namespace
 }  // namespace dist8
+
+// Build information for `dist8 info`, in a namespace of its own (dist8's ops are defined from Python).
+TORCH_LIBRARY_FRAGMENT(dist8_cpu_info, m) { m.def("features() -> str", &dist8::cpu_build_features); }
 
 TORCH_LIBRARY_IMPL(dist8, CPU, m) {
   m.impl("fused_update_", &dist8::fused_update_cpu);

@@ -80,7 +80,13 @@ def backend_report() -> dict[str, dict[str, str]]:
         if backend is None:
             report[kind] = {"backend": "reference", "why": f"{kind} kernels failed: {_errors.get(kind, '?')}"}
         else:
-            report[kind] = {"backend": backend.name, "why": "native kernels built and loaded"}
+            why = "native kernels built and loaded"
+            if kind == "cpu":
+                try:
+                    why += f": {torch.ops.dist8_cpu_info.features()}"
+                except (AttributeError, RuntimeError):  # a build from before the features op
+                    pass
+            report[kind] = {"backend": backend.name, "why": why}
     if not torch.cuda.is_available():
         report["cuda"] = {"backend": "-", "why": "no CUDA device visible to torch"}
     return report
