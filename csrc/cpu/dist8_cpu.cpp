@@ -375,17 +375,15 @@ int64_t grain_blocks(int64_t block_size) { return std::max<int64_t>(1, 32768 / b
 // ---------------------------------------------------------------------------
 // Ops
 // ---------------------------------------------------------------------------
-void fused_update_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& state1,
-                      const at::Tensor& state2, const at::Tensor& absmax1, const at::Tensor& absmax2,
-                      const at::Tensor& qmap1, const at::Tensor& qmap2, c10::ArrayRef<double> scalars,
-                      int64_t flags, int64_t block_size, const at::Tensor& update_out) {
-  TORCH_CHECK(rule >= 0 && rule < NUM_RULES, "dist8: unknown rule ", rule);
-  TORCH_CHECK(scalars.size() == NUM_SCALARS, "dist8: expected ", NUM_SCALARS, " scalars, got ", scalars.size());
-  TORCH_CHECK(block_size >= 64 && (block_size & (block_size - 1)) == 0, "dist8: bad block_size ", block_size);
+// Validates one tensor's arguments and gathers them (shared by the single and the multi-tensor op).
+Update make_update(int64_t rule, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& state1,
+                   const at::Tensor& state2, const at::Tensor& absmax1, const at::Tensor& absmax2,
+                   const QTable* tables[2], const Scalars& c, int64_t block_size, const at::Tensor& update_out) {
   Update u;
   u.nstates = rule_num_states((int)rule);
   u.n = param.numel();
   u.block_size = block_size;
+  u.c = c;
   TORCH_CHECK(param.is_contiguous() && grad.is_contiguous(), "dist8: param/grad must be contiguous");
   TORCH_CHECK(grad.numel() == u.n, "dist8: grad size mismatch");
   TORCH_CHECK(is_supported_float(param.scalar_type()) && is_supported_float(grad.scalar_type()),
@@ -394,13 +392,8 @@ void fused_update_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& g
   const at::Tensor& out_t = u.writes_update ? update_out : param;
   TORCH_CHECK(out_t.is_contiguous() && out_t.numel() == u.n && is_supported_float(out_t.scalar_type()),
               "dist8: bad update_out");
-
-  float* cf = reinterpret_cast<float*>(&u.c);
-  for (int i = 0; i < NUM_SCALARS; ++i) cf[i] = static_cast<float>(scalars[i]);
-
   const at::Tensor* states[2] = {&state1, &state2};
   const at::Tensor* absmaxes[2] = {&absmax1, &absmax2};
-  const at::Tensor* qmaps[2] = {&qmap1, &qmap2};
   const int64_t nblocks = (u.n + block_size - 1) / block_size;
   for (int s = 0; s < u.nstates; ++s) {
     const at::Tensor& S = *states[s];
@@ -411,24 +404,91 @@ void fused_update_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& g
       TORCH_CHECK(S.scalar_type() == at::kByte, "dist8: 8-bit state", s + 1, " must be uint8");
       TORCH_CHECK(A.scalar_type() == at::kFloat && A.is_contiguous() && A.numel() == nblocks,
                   "dist8: absmax", s + 1, " must be float32 with ", nblocks, " entries");
+      TORCH_CHECK(tables[s] != nullptr, "dist8: 8-bit state", s + 1, " needs qmap", s + 1);
       u.st[s].q8 = true;
       u.st[s].codes = S.data_ptr<uint8_t>();
       u.st[s].absmax = A.data_ptr<float>();
-      u.st[s].table = get_table(*qmaps[s]);
+      u.st[s].table = tables[s];
     } else {
       TORCH_CHECK(S.scalar_type() == at::kFloat, "dist8: 32-bit state", s + 1, " must be float32");
       u.st[s].f32 = S.data_ptr<float>();
     }
   }
-  if (u.n == 0) return;
   u.param = param.data_ptr();
   u.grad = grad.data_ptr();
   u.out = out_t.data_ptr();
   u.pt = param.scalar_type();
   u.gt = grad.scalar_type();
   u.ot = out_t.scalar_type();
+  return u;
+}
+
+Scalars scalars_from(c10::ArrayRef<double> scalars) {
+  TORCH_CHECK(scalars.size() == NUM_SCALARS, "dist8: expected ", NUM_SCALARS, " scalars, got ", scalars.size());
+  Scalars c;
+  float* cf = reinterpret_cast<float*>(&c);
+  for (int i = 0; i < NUM_SCALARS; ++i) cf[i] = static_cast<float>(scalars[i]);
+  return c;
+}
+
+void check_rule_and_block(int64_t rule, int64_t block_size) {
+  TORCH_CHECK(rule >= 0 && rule < NUM_RULES, "dist8: unknown rule ", rule);
+  TORCH_CHECK(block_size >= 64 && (block_size & (block_size - 1)) == 0, "dist8: bad block_size ", block_size);
+}
+
+const QTable* table_or_null(const at::Tensor& qmap) { return qmap.defined() && qmap.numel() > 0 ? get_table(qmap) : nullptr; }
+
+void fused_update_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& state1,
+                      const at::Tensor& state2, const at::Tensor& absmax1, const at::Tensor& absmax2,
+                      const at::Tensor& qmap1, const at::Tensor& qmap2, c10::ArrayRef<double> scalars,
+                      int64_t flags, int64_t block_size, const at::Tensor& update_out) {
+  check_rule_and_block(rule, block_size);
+  const Scalars c = scalars_from(scalars);
+  const QTable* tables[2] = {nullptr, nullptr};
+  const int nstates = rule_num_states((int)rule);
+  if (absmax1.defined() && absmax1.numel() > 0) tables[0] = table_or_null(qmap1);
+  if (nstates > 1 && absmax2.defined() && absmax2.numel() > 0) tables[1] = table_or_null(qmap2);
+  const Update u = make_update(rule, param, grad, state1, state2, absmax1, absmax2, tables, c, block_size, update_out);
+  if (u.n == 0) return;
+  const int64_t nblocks = (u.n + block_size - 1) / block_size;
   const BlocksFn fn = pick_blocks_fn((int)rule, (int)flags);
   at::parallel_for(0, nblocks, grain_blocks(block_size), [&](int64_t b0, int64_t b1) { fn(u, b0, b1); });
+}
+
+// The same update for many tensors in one call (one rule, scalars, flags and block size;
+// dtypes and state layouts may differ per tensor): the per-call cost is paid once and the
+// blocks of all tensors are split over the threads together. No update_out (LAMB/LARS
+// use the single-tensor op).
+void fused_update_multi_cpu(int64_t rule, at::TensorList params, at::TensorList grads, at::TensorList state1,
+                            at::TensorList state2, at::TensorList absmax1, at::TensorList absmax2,
+                            const at::Tensor& qmap1, const at::Tensor& qmap2, c10::ArrayRef<double> scalars,
+                            int64_t flags, int64_t block_size) {
+  check_rule_and_block(rule, block_size);
+  TORCH_CHECK(!rule_writes_update((int)rule), "dist8: fused_update_multi_ does not take LAMB/LARS");
+  const size_t k = params.size();
+  TORCH_CHECK(grads.size() == k && state1.size() == k && state2.size() == k && absmax1.size() == k &&
+                  absmax2.size() == k,
+              "dist8: fused_update_multi_ needs one grad, state1, state2, absmax1, absmax2 per param");
+  const Scalars c = scalars_from(scalars);
+  const QTable* maps[2] = {table_or_null(qmap1), table_or_null(qmap2)};
+  const at::Tensor none;
+  std::vector<Update> ups;
+  std::vector<int64_t> first_block{0};  // prefix sums of the tensors' block counts
+  ups.reserve(k);
+  for (size_t i = 0; i < k; ++i) {
+    ups.push_back(make_update(rule, params[i], grads[i], state1[i], state2[i], absmax1[i], absmax2[i], maps, c,
+                              block_size, none));
+    first_block.push_back(first_block.back() + (ups.back().n + block_size - 1) / block_size);
+  }
+  const BlocksFn fn = pick_blocks_fn((int)rule, (int)flags);
+  at::parallel_for(0, first_block.back(), grain_blocks(block_size), [&](int64_t b0, int64_t b1) {
+    size_t t = std::upper_bound(first_block.begin(), first_block.end(), b0) - first_block.begin() - 1;
+    for (; t < k && first_block[t] < b1; ++t) {
+      const int64_t lo = std::max(b0, first_block[t]) - first_block[t];
+      const int64_t hi = std::min(b1, first_block[t + 1]) - first_block[t];
+      if (hi > lo) fn(ups[t], lo, hi);
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& x, const at::Tensor& qmap,
@@ -552,6 +612,7 @@ TORCH_LIBRARY_FRAGMENT(dist8_cpu_info, m) { m.def("features() -> str", &dist8::c
 
 TORCH_LIBRARY_IMPL(dist8, CPU, m) {
   m.impl("fused_update_", &dist8::fused_update_cpu);
+  m.impl("fused_update_multi_", &dist8::fused_update_multi_cpu);
   m.impl("quantize_blockwise", &dist8::quantize_blockwise_cpu);
   m.impl("dequantize_blockwise", &dist8::dequantize_blockwise_cpu);
   m.impl("all_finite", &dist8::all_finite_cpu);

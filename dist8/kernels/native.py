@@ -36,6 +36,12 @@ _SCHEMAS = {
         "Tensor(d!) absmax1, Tensor(e!) absmax2, Tensor qmap1, Tensor qmap2, float[] scalars, int flags, "
         "int block_size, Tensor(f!) update_out) -> ()"
     ),
+    # One update for many tensors (same rule, scalars, flags, block size; no update_out).
+    "fused_update_multi_": (
+        "fused_update_multi_(int rule, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
+        "Tensor(c!)[] state2, Tensor(d!)[] absmax1, Tensor(e!)[] absmax2, Tensor qmap1, Tensor qmap2, "
+        "float[] scalars, int flags, int block_size) -> ()"
+    ),
     "quantize_blockwise": "quantize_blockwise(Tensor x, Tensor qmap, int block_size) -> (Tensor, Tensor)",
     "dequantize_blockwise": "dequantize_blockwise(Tensor codes, Tensor absmax, Tensor qmap, int block_size) -> Tensor",
     "all_finite": "all_finite(Tensor x) -> bool",
@@ -251,6 +257,30 @@ class NativeBackend:
             self._ops.fused_update_(
                 int(rule), p, g, s1, s2, a1, a2, q1, q2, values, int(flags), int(block_size), out
             )
+
+    def fused_update_multi(self, rule: Rule, updates: list[tuple], qmap1, qmap2, scalars: Scalars, flags: int,
+                           block_size: int) -> None:
+        """:meth:`fused_update` for many tensors at once: ``updates`` holds one ``(param, grad,
+        state1, state2, absmax1, absmax2)`` per tensor (``None`` where absent), all with the same
+        rule, scalars, flags and block size and no ``update_out``. One kernel call on the CPU (the
+        per-call cost of ~30 us per tensor is paid once); one call per tensor elsewhere.
+        """
+        rule = Rule(rule)
+        if self._device_type != "cpu" or rule in (Rule.LAMB, Rule.LARS) or not updates:
+            for p, g, s1, s2, a1, a2 in updates:
+                self.fused_update(rule, p, g, s1, s2, a1, a2, qmap1, qmap2, scalars, flags, block_size)
+            return
+        device = updates[0][0].device
+        empty = self._none(device)
+        q1 = self._qmap(qmap1, "qmap1", device) if qmap1 is not None else empty
+        q2 = self._qmap(qmap2, "qmap2", device) if qmap2 is not None else empty
+        cols = [[], [], [], [], [], []]
+        for row in updates:
+            for col, t in zip(cols, row):
+                col.append(empty if t is None else t.detach())
+        values = [float(x) for x in (scalars.as_tuple() if isinstance(scalars, Scalars) else scalars)]
+        with torch.no_grad():
+            self._ops.fused_update_multi_(int(rule), *cols, q1, q2, values, int(flags), int(block_size))
 
     def quantize_blockwise(self, x: torch.Tensor, qmap: torch.Tensor, block_size: int = 256):
         """Like :func:`dist8.quant.quantize_blockwise` (bit-identical)."""

@@ -66,6 +66,12 @@ class ReferenceBackend:
         target = update_out if update_out is not None else param
         target.detach().copy_(out.view(target.shape))
 
+    def fused_update_multi(self, rule: Rule, updates: list[tuple], qmap1, qmap2, scalars: Scalars, flags: int,
+                           block_size: int) -> None:
+        """:meth:`fused_update` for each ``(param, grad, state1, state2, absmax1, absmax2)`` of ``updates``."""
+        for p, g, s1, s2, a1, a2 in updates:
+            self.fused_update(rule, p, g, s1, s2, a1, a2, qmap1, qmap2, scalars, flags, block_size)
+
     def all_finite(self, grad: torch.Tensor) -> bool:
         """True when every element of ``grad`` is finite."""
         return bool(torch.isfinite(grad).all())

@@ -275,14 +275,20 @@ class Optimizer8bit(torch.optim.Optimizer):
                 partials[n + slot] += float(grad.detach().double().square().sum())
         if sharded or self.check_finite or need_gnorm:
             partials = self._reduce(partials)
+        partials = partials.tolist()  # read once per parameter below: floats, not tensor indexing
         self.last_nonfinite = []
         trust_items = []
         edges = _dt.EdgeBatch() if self._dtensor else None  # shard-edge blocks, finished after the loop
+        # Plain tensors whose kernel calls differ only in the tensors go to the kernel together
+        # (one call instead of one per parameter; LAMB/LARS need their update direction back).
+        batches: dict[tuple, tuple[Scalars, list]] = {}
+        batchable = self.rule not in RULE_WRITES_UPDATE
         for slot, (p, settings, state) in zip(slots, items):
             if partials[slot] > 0:
                 self.nonfinite_skips += 1
                 self.last_nonfinite.append(settings.name)
                 if self.on_nonfinite == "raise":
+                    self._run_batches(batches)
                     if edges is not None:
                         edges.finish()
                     raise FloatingPointError(
@@ -295,11 +301,17 @@ class Optimizer8bit(torch.optim.Optimizer):
                 grad_scale = self._percentile_scale(state, float(partials[n + slot]), step, settings.hyper["percentile_clipping"])
             if _dt.is_dtensor(p):
                 update = _dt.update(self, p, state, settings, step, grad_scale, edges)
+            elif batchable:
+                scalars, flags = self._scalars(settings.hyper, step, grad_scale)
+                key = (scalars.as_tuple(), flags, settings.block_size, settings.use_8bit, p.device)
+                batches.setdefault(key, (scalars, []))[1].append(self._kernel_tensors(p, state))
+                update = None
             else:
                 update = self._update_one(p, state, settings, step, grad_scale)
             state["step"] = step
             if update is not None:
                 trust_items.append((slot, p, settings, update))
+        self._run_batches(batches)
         if edges is not None:
             edges.finish()
         if trust_items or (sharded and self.rule in RULE_WRITES_UPDATE):
@@ -312,27 +324,33 @@ class Optimizer8bit(torch.optim.Optimizer):
         clip_sq = float(torch.quantile(filled, percentile / 100.0, interpolation="lower"))
         return 1.0 if gnorm_sq <= clip_sq or gnorm_sq == 0 else math.sqrt(clip_sq / gnorm_sq)
 
+    def _kernel_tensors(self, p: torch.Tensor, state: dict) -> tuple:
+        """(param, grad, state1, state2, absmax1, absmax2) of one parameter for the kernels."""
+        two = len(RULE_STATES[self.rule]) == 2
+        return (p.detach(), p.grad.detach(), state["state1"], state["state2"] if two else None,
+                state.get("absmax1"), state.get("absmax2") if two else None)
+
+    def _kernel_qmaps(self, device: torch.device, use_8bit: bool) -> tuple:
+        signs = RULE_STATES[self.rule]
+        if not use_8bit:
+            return None, None
+        return self.qmap(device, signs[0]), (self.qmap(device, signs[1]) if len(signs) == 2 else None)
+
+    def _run_batches(self, batches: dict) -> None:
+        """One kernel call per group of parameters collected by _run_updates."""
+        for (_, flags, block_size, use_8bit, device), (scalars, rows) in batches.items():
+            q1, q2 = self._kernel_qmaps(device, use_8bit)
+            get_backend(device).fused_update_multi(self.rule, rows, q1, q2, scalars, flags, block_size)
+        batches.clear()
+
     def _update_one(self, p: torch.Tensor, state: dict, settings: ParamSettings, step: int, grad_scale: float):
         scalars, flags = self._scalars(settings.hyper, step, grad_scale)
-        signs = RULE_STATES[self.rule]
-        two = len(signs) == 2
         update = None
         if self.rule in RULE_WRITES_UPDATE:
             update = torch.empty(p.numel(), dtype=torch.float32, device=p.device)
+        q1, q2 = self._kernel_qmaps(p.device, settings.use_8bit)
         get_backend(p.device).fused_update(
-            self.rule,
-            p.detach(),
-            p.grad.detach(),
-            state["state1"],
-            state["state2"] if two else None,
-            state.get("absmax1"),
-            state.get("absmax2") if two else None,
-            self.qmap(p.device, signs[0]) if settings.use_8bit else None,
-            self.qmap(p.device, signs[1]) if settings.use_8bit and two else None,
-            scalars,
-            flags,
-            settings.block_size,
-            update,
+            self.rule, *self._kernel_tensors(p, state), q1, q2, scalars, flags, settings.block_size, update
         )
         return update
 
