@@ -105,6 +105,18 @@ void store_from_f32(const float* src, int64_t n, void* dst, at::ScalarType st, i
 #else
 #define D8_SIMD_LOOP _Pragma("GCC ivdep")
 #endif
+// The rules with one state (momentum, square average, sum, Lion's m).
+template <int R, int FL>
+D8_INLINE float one_state_rule(float p, float g, float& state, const Scalars& c) {
+  if constexpr (R == SGD || R == LARS) return rule_momentum<R == LARS>(p, g, state, c, FL);
+  else if constexpr (R == RMSPROP) return rule_rmsprop(p, g, state, c);
+  else if constexpr (R == ADAGRAD) return rule_adagrad(p, g, state, c);
+  else {
+    static_assert(R == LION, "unknown rule");
+    return rule_lion(p, g, state, c);
+  }
+}
+
 template <int R, int FL>
 D8_INLINE void apply_rule_n(const float* p, const float* g, float* s1, float* s2, float* out, int64_t n,
                          const Scalars& cs) {
@@ -117,34 +129,12 @@ D8_INLINE void apply_rule_n(const float* p, const float* g, float* s1, float* s2
       s1[i] = m;
       s2[i] = v;
     }
-  } else if constexpr (R == SGD || R == LARS) {
-    D8_SIMD_LOOP
-    for (int64_t i = 0; i < n; ++i) {
-      float m = s1[i];
-      out[i] = rule_momentum<R == LARS>(p[i], g[i], m, c, FL);
-      s1[i] = m;
-    }
-  } else if constexpr (R == RMSPROP) {
-    D8_SIMD_LOOP
-    for (int64_t i = 0; i < n; ++i) {
-      float v = s1[i];
-      out[i] = rule_rmsprop(p[i], g[i], v, c);
-      s1[i] = v;
-    }
-  } else if constexpr (R == ADAGRAD) {
-    D8_SIMD_LOOP
-    for (int64_t i = 0; i < n; ++i) {
-      float s = s1[i];
-      out[i] = rule_adagrad(p[i], g[i], s, c);
-      s1[i] = s;
-    }
   } else {
-    static_assert(R == LION, "unknown rule");
     D8_SIMD_LOOP
     for (int64_t i = 0; i < n; ++i) {
-      float m = s1[i];
-      out[i] = rule_lion(p[i], g[i], m, c);
-      s1[i] = m;
+      float state = s1[i];
+      out[i] = one_state_rule<R, FL>(p[i], g[i], state, c);
+      s1[i] = state;
     }
   }
 }
