@@ -221,3 +221,15 @@ def test_multi_tensor_op_equals_one_call_per_tensor(backend, rule, bits8):
             for name, a, b in zip(("param", "grad", "state1", "state2", "absmax1", "absmax2"), multi, single):
                 if a is not None:
                     assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), f"{name} of the {n}-value tensor"
+
+
+def test_all_finite_many(backend):
+    """One pass over many tensors: flags per tensor, any dtype, empty tensors, inf/NaN anywhere."""
+    xs = [torch.randn(n).to(dt) for n, dt in [(0, torch.float32), (70_000, torch.float32), (5, torch.bfloat16),
+                                               (200_001, torch.float16), (65_536, torch.float32), (3, torch.float64)]]
+    assert backend.all_finite_many(xs) == [True] * len(xs)
+    xs[1][-1] = float("nan")
+    xs[3][100_000] = float("inf")
+    xs[5][0] = float("-inf")
+    assert backend.all_finite_many(xs) == [True, False, True, False, True, False]
+    assert backend.all_finite_many([xs[2]]) == [True]

@@ -558,6 +558,12 @@ bool chunk_finite(const U* u, int64_t i0, int64_t i1, U magnitude_mask, U inf_bi
   return m < inf_bits;
 }
 
+bool range_finite(const void* p, at::ScalarType t, int64_t i0, int64_t i1) {
+  if (t == at::kFloat) return chunk_finite<uint32_t>(static_cast<const uint32_t*>(p), i0, i1, 0x7FFFFFFFu, 0x7F800000u);
+  if (t == at::kHalf) return chunk_finite<uint16_t>(static_cast<const uint16_t*>(p), i0, i1, 0x7FFF, 0x7C00);
+  return chunk_finite<uint16_t>(static_cast<const uint16_t*>(p), i0, i1, 0x7FFF, 0x7F80);
+}
+
 bool all_finite_cpu(const at::Tensor& x) {
   if (!at::isFloatingType(x.scalar_type())) return true;
   if (!is_supported_float(x.scalar_type())) return at::isfinite(x).all().item<bool>();
@@ -566,13 +572,41 @@ bool all_finite_cpu(const at::Tensor& x) {
   const void* p = xc.data_ptr();
   std::atomic<bool> bad{false};
   at::parallel_for(0, xc.numel(), 1 << 16, [&](int64_t i0, int64_t i1) {
-    bool ok;
-    if (t == at::kFloat) ok = chunk_finite<uint32_t>(static_cast<const uint32_t*>(p), i0, i1, 0x7FFFFFFFu, 0x7F800000u);
-    else if (t == at::kHalf) ok = chunk_finite<uint16_t>(static_cast<const uint16_t*>(p), i0, i1, 0x7FFF, 0x7C00);
-    else ok = chunk_finite<uint16_t>(static_cast<const uint16_t*>(p), i0, i1, 0x7FFF, 0x7F80);
-    if (!ok) bad.store(true, std::memory_order_relaxed);
+    if (!range_finite(p, t, i0, i1)) bad.store(true, std::memory_order_relaxed);
   });
   return !bad.load();
+}
+
+// all_finite of many tensors in one parallel pass (a model's gradients): one stream for
+// the threads instead of a fork/join and a cold start per tensor. 1 per tensor with an inf/NaN.
+std::vector<int64_t> all_finite_multi_cpu(at::TensorList xs) {
+  constexpr int64_t UNIT = 1 << 16;  // values per work item
+  std::vector<at::Tensor> keep;      // contiguous copies where needed
+  std::vector<int64_t> first_unit{0};
+  std::vector<int64_t> bad(xs.size(), 0);
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const at::Tensor& x = xs[i];
+    if (!is_supported_float(x.scalar_type())) {
+      if (at::isFloatingType(x.scalar_type()) && !at::isfinite(x).all().item<bool>()) bad[i] = 1;
+      keep.emplace_back();
+      first_unit.push_back(first_unit.back());
+      continue;
+    }
+    keep.push_back(x.contiguous());
+    first_unit.push_back(first_unit.back() + (x.numel() + UNIT - 1) / UNIT);
+  }
+  std::vector<std::atomic<bool>> found(xs.size());
+  for (auto& f : found) f.store(false, std::memory_order_relaxed);
+  at::parallel_for(0, first_unit.back(), 1, [&](int64_t u0, int64_t u1) {
+    size_t t = std::upper_bound(first_unit.begin(), first_unit.end(), u0) - first_unit.begin() - 1;
+    for (int64_t u = u0; u < u1; ++u) {
+      while (first_unit[t + 1] <= u) ++t;
+      const int64_t i0 = (u - first_unit[t]) * UNIT, i1 = std::min(keep[t].numel(), i0 + UNIT);
+      if (!range_finite(keep[t].data_ptr(), keep[t].scalar_type(), i0, i1)) found[t].store(true, std::memory_order_relaxed);
+    }
+  });
+  for (size_t i = 0; i < xs.size(); ++i) bad[i] |= found[i].load() ? 1 : 0;
+  return bad;
 }
 
 // The code paths this build uses (for `dist8 info`).
@@ -606,4 +640,5 @@ TORCH_LIBRARY_IMPL(dist8, CPU, m) {
   m.impl("quantize_blockwise", &dist8::quantize_blockwise_cpu);
   m.impl("dequantize_blockwise", &dist8::dequantize_blockwise_cpu);
   m.impl("all_finite", &dist8::all_finite_cpu);
+  m.impl("all_finite_multi", &dist8::all_finite_multi_cpu);
 }

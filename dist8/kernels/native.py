@@ -45,6 +45,7 @@ _SCHEMAS = {
     "quantize_blockwise": "quantize_blockwise(Tensor x, Tensor qmap, int block_size) -> (Tensor, Tensor)",
     "dequantize_blockwise": "dequantize_blockwise(Tensor codes, Tensor absmax, Tensor qmap, int block_size) -> Tensor",
     "all_finite": "all_finite(Tensor x) -> bool",
+    "all_finite_multi": "all_finite_multi(Tensor[] xs) -> int[]",
 }
 
 _lock = threading.Lock()
@@ -302,6 +303,12 @@ class NativeBackend:
     def all_finite(self, grad: torch.Tensor) -> bool:
         """True when every element of ``grad`` is finite."""
         return bool(self._ops.all_finite(grad.detach()))
+
+    def all_finite_many(self, grads: list[torch.Tensor]) -> list[bool]:
+        """:meth:`all_finite` of each tensor; on the CPU one parallel pass over all of them."""
+        if self._device_type == "cpu" and len(grads) > 1:
+            return [not bad for bad in self._ops.all_finite_multi([g.detach() for g in grads])]
+        return [self.all_finite(g) for g in grads]
 
 
 def load_backend(kind: str) -> NativeBackend:

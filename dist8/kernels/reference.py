@@ -75,3 +75,7 @@ class ReferenceBackend:
     def all_finite(self, grad: torch.Tensor) -> bool:
         """True when every element of ``grad`` is finite."""
         return bool(torch.isfinite(grad).all())
+
+    def all_finite_many(self, grads: list[torch.Tensor]) -> list[bool]:
+        """:meth:`all_finite` of each tensor."""
+        return [self.all_finite(g) for g in grads]

@@ -267,12 +267,18 @@ class Optimizer8bit(torch.optim.Optimizer):
         need_gnorm = any(g["percentile_clipping"] < 100 for g in self.param_groups) or any(
             s.hyper["percentile_clipping"] < 100 for _, s, _ in items
         )
+        to_check: dict[torch.device, list] = {}  # one pass over all gradients of a device
         for slot, (p, settings, _state) in zip(slots, items):
             grad = _dt.local(p.grad)
-            if self.check_finite and not get_backend(p.device).all_finite(grad):
-                partials[slot] = 1.0
+            if self.check_finite:
+                to_check.setdefault(grad.device, []).append((slot, grad))
             if need_gnorm and settings.hyper["percentile_clipping"] < 100:
                 partials[n + slot] += float(grad.detach().double().square().sum())
+        for device, pairs in to_check.items():
+            finite = get_backend(device).all_finite_many([g for _, g in pairs])
+            for (slot, _), ok in zip(pairs, finite):
+                if not ok:
+                    partials[slot] = 1.0
         if sharded or self.check_finite or need_gnorm:
             partials = self._reduce(partials)
         partials = partials.tolist()  # read once per parameter below: floats, not tensor indexing
