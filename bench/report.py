@@ -42,8 +42,16 @@ def _table(header: list[str], rows: list[list]) -> str:
 def step_section() -> str:
     parts = ["## 1. Optimizer step time\n",
              "Goal (issue 3): dist8 8-bit AdamW step <= 1.0x torch fused fp32 AdamW at 16M and 256M params on CPU; "
-             ">= 15x faster than bitsandbytes' CPU 8-bit; on GPU >= 85% of HBM bandwidth at 256M.\n"]
-    for f, d in _load("step"):
+             ">= 15x faster than bitsandbytes' CPU 8-bit; on GPU >= 85% of HBM bandwidth at 256M.\n",
+             "Rows: `dist8 kernel` is the bare fused kernel on one tensor; `dist8.optim.AdamW8bit` is what users "
+             "get, including its check of every gradient for inf/NaN (one more read of the gradient; torch, "
+             "bitsandbytes and torchao do not check); `no-check` is the same with `check_finite=False`, the like-for-"
+             "like comparison. `gpt2` is the 148 tensors of GPT-2 small (124M parameters).\n"]
+    steps = _load("step")
+    if not any(str(d["meta"].get("device", "")).startswith("cuda") for _, d in steps):
+        parts.append("No GPU rows yet: no GPU machine has been lent to a task so far; on one, "
+                     "`bash bench/gpu_check.sh OUTDIR` builds the CUDA kernels, runs their tests and this benchmark.\n")
+    for f, d in steps:
         meta = d["meta"]
         parts.append(f"`{f.name}` — {_machine_line(meta)}; vector ISA {meta.get('isa') or '?'}; "
                      f"copy bandwidth {meta.get('copy_bandwidth_gbps', 0):.1f} GB/s\n")
