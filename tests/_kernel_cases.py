@@ -13,6 +13,12 @@ from dist8.quant import dynamic_map, linear_map, quantize_blockwise
 
 REFERENCE = ReferenceBackend()
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Gradient/state magnitudes per rule: rules that square the gradient need magnitudes whose
+# squares stay finite and normal-ish.
+MAGNITUDES = {
+    Rule.ADAM: (1e-15, 1e15), Rule.LAMB: (1e-15, 1e15), Rule.RMSPROP: (1e-15, 1e15), Rule.ADAGRAD: (1e-15, 1e15),
+    Rule.SGD: (1e-30, 1e30), Rule.LARS: (1e-30, 1e30), Rule.LION: (1e-30, 1e30),
+}
 
 
 def scalars_for(rule: Rule, step: int, gen: torch.Generator) -> Scalars:

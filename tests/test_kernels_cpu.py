@@ -7,7 +7,7 @@ import torch
 from dist8.kernels.rules import RULE_STATES, Rule, Scalars
 from dist8.quant import dequantize_blockwise, dynamic_map, quantize_blockwise
 
-from _kernel_cases import DTYPES, Case, quantize_inputs, run_steps
+from _kernel_cases import DTYPES, MAGNITUDES, Case, quantize_inputs, run_steps
 
 from dist8.kernels import native
 
@@ -45,13 +45,6 @@ def test_nesterov(backend, rule):
     for bits8 in (True, False):
         case = Case(rule, 777, 64, bits8, torch.float32, torch.float32, "cpu", seed=3)
         run_steps(backend, case, steps=50, nesterov=True)
-
-
-MAGNITUDES = {
-    # rules that square the gradient need magnitudes whose squares stay finite and normal-ish
-    Rule.ADAM: (1e-15, 1e15), Rule.LAMB: (1e-15, 1e15), Rule.RMSPROP: (1e-15, 1e15), Rule.ADAGRAD: (1e-15, 1e15),
-    Rule.SGD: (1e-30, 1e30), Rule.LARS: (1e-30, 1e30), Rule.LION: (1e-30, 1e30),
-}
 
 
 @pytest.mark.parametrize("rule", ALL_RULES, ids=[r.name for r in ALL_RULES])

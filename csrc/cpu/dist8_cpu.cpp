@@ -333,6 +333,16 @@ void run_blocks(const Update& u, int64_t b0, int64_t b1) {
 }
 using BlocksFn = void (*)(const Update&, int64_t, int64_t);
 
+template <int R>
+BlocksFn with_flags(int flags) {  // momentum rules: first-step and Nesterov flags are compile-time
+  switch (flags & 3) {
+    case 0: return &run_blocks<R, 0>;
+    case 1: return &run_blocks<R, 1>;
+    case 2: return &run_blocks<R, 2>;
+    default: return &run_blocks<R, 3>;
+  }
+}
+
 BlocksFn pick_blocks_fn(int rule, int flags) {
   switch (rule) {
     case ADAM: return &run_blocks<ADAM, 0>;
@@ -340,20 +350,8 @@ BlocksFn pick_blocks_fn(int rule, int flags) {
     case RMSPROP: return &run_blocks<RMSPROP, 0>;
     case ADAGRAD: return &run_blocks<ADAGRAD, 0>;
     case LION: return &run_blocks<LION, 0>;
-    case SGD:
-      switch (flags & 3) {
-        case 0: return &run_blocks<SGD, 0>;
-        case 1: return &run_blocks<SGD, 1>;
-        case 2: return &run_blocks<SGD, 2>;
-        default: return &run_blocks<SGD, 3>;
-      }
-    case LARS:
-      switch (flags & 3) {
-        case 0: return &run_blocks<LARS, 0>;
-        case 1: return &run_blocks<LARS, 1>;
-        case 2: return &run_blocks<LARS, 2>;
-        default: return &run_blocks<LARS, 3>;
-      }
+    case SGD: return with_flags<SGD>(flags);
+    case LARS: return with_flags<LARS>(flags);
     default: TORCH_CHECK(false, "dist8: unknown rule ", rule);
   }
 }

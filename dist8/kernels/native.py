@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from dist8.kernels.rules import RULE_STATES, Rule, Scalars
+from dist8.kernels.rules import RULE_STATES, RULE_WRITES_UPDATE, Rule, Scalars
 
 __all__ = ["load_backend", "NativeBackend", "csrc_dir"]
 
@@ -174,6 +174,14 @@ def _check_tensor(t: torch.Tensor, name: str, numel: int, device: torch.device, 
     return t.detach()
 
 
+def _scalar_values(scalars) -> list[float]:
+    """The 12 per-step scalars as the ops take them."""
+    values = [float(x) for x in (scalars.as_tuple() if isinstance(scalars, Scalars) else scalars)]
+    if len(values) != 12:
+        raise ValueError(f"scalars must have 12 values, got {len(values)}")
+    return values
+
+
 class NativeBackend:
     """Fused update kernels of one device kind ("cpu" or "cuda")."""
 
@@ -247,12 +255,7 @@ class NativeBackend:
             out = _check_tensor(update_out, "update_out", n, device, _FLOATS)
         else:
             out = empty
-        if isinstance(scalars, Scalars):
-            values = [float(x) for x in scalars.as_tuple()]
-        else:
-            values = [float(x) for x in scalars]
-        if len(values) != 12:
-            raise ValueError(f"scalars must have 12 values, got {len(values)}")
+        values = _scalar_values(scalars)
         (s1, a1, q1), (s2, a2, q2) = args
         with torch.no_grad():
             self._ops.fused_update_(
@@ -267,7 +270,7 @@ class NativeBackend:
         per-call cost of ~30 us per tensor is paid once); one call per tensor elsewhere.
         """
         rule = Rule(rule)
-        if self._device_type != "cpu" or rule in (Rule.LAMB, Rule.LARS) or not updates:
+        if self._device_type != "cpu" or rule in RULE_WRITES_UPDATE or not updates:
             for p, g, s1, s2, a1, a2 in updates:
                 self.fused_update(rule, p, g, s1, s2, a1, a2, qmap1, qmap2, scalars, flags, block_size)
             return
@@ -279,7 +282,7 @@ class NativeBackend:
         for row in updates:
             for col, t in zip(cols, row):
                 col.append(empty if t is None else t.detach())
-        values = [float(x) for x in (scalars.as_tuple() if isinstance(scalars, Scalars) else scalars)]
+        values = _scalar_values(scalars)
         with torch.no_grad():
             self._ops.fused_update_multi_(int(rule), *cols, q1, q2, values, int(flags), int(block_size))
 
