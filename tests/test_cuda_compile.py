@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from _cuda_torch_headers import cuda_torch_include_root
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "csrc" / "cuda" / "dist8_cuda.cu"
 
@@ -24,19 +26,19 @@ def _nvcc() -> str | None:
     return None
 
 
-@pytest.mark.timeout(300)
-def test_cuda_kernels_compile(tmp_path):
+def _compile(tmp_path, includes: list[str], std: str) -> None:
+    """nvcc -c the kernels for sm_80 and sm_90 with torch's extension flags; assert both archs are in."""
     nvcc = _nvcc()
     if nvcc is None:
         print("SKIP reason: nvcc not found on PATH, in $CUDA_HOME or /usr/local/cuda")
         pytest.skip("nvcc not found (compile-only CUDA test)")
     from torch.utils import cpp_extension
 
-    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    includes = [f"-I{p}" for p in includes]
     includes += [f"-I{ROOT / 'csrc' / 'include'}", f"-I{sysconfig.get_paths()['include']}"]
     obj = tmp_path / "dist8_cuda.o"
     cmd = [
-        nvcc, "-c", str(SOURCE), "-o", str(obj), "-std=c++17", "-O3", "--fmad=false",
+        nvcc, "-c", str(SOURCE), "-o", str(obj), f"-std={std}", "-O3", "--fmad=false",
         *cpp_extension.COMMON_NVCC_FLAGS, "-Xcompiler", "-fPIC", "-Xcompiler", "-ffp-contract=off",
         "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
         "-diag-suppress", "3306", *includes,
@@ -51,3 +53,26 @@ def test_cuda_kernels_compile(tmp_path):
     listing = subprocess.run([cuobjdump, "--list-elf", str(obj)], capture_output=True, text=True)
     if listing.returncode == 0:
         assert "sm_80" in listing.stdout and "sm_90" in listing.stdout, listing.stdout
+
+
+@pytest.mark.timeout(300)
+def test_cuda_kernels_compile(tmp_path):
+    """Against the installed torch (here a CPU build: the fallback stream/guard branch)."""
+    from torch.utils import cpp_extension
+
+    _compile(tmp_path, cpp_extension.include_paths(), "c++17")
+
+
+@pytest.mark.timeout(600)
+def test_cuda_kernels_compile_with_cuda_torch(tmp_path):
+    """Against a CUDA build's headers: the branch a GPU machine builds (torch's stream, guard, launch check)."""
+    if _nvcc() is None:
+        print("SKIP reason: nvcc not found on PATH, in $CUDA_HOME or /usr/local/cuda")
+        pytest.skip("nvcc not found (compile-only CUDA test)")
+    root, why = cuda_torch_include_root()
+    if root is None:
+        print(f"SKIP reason: no CUDA torch headers: {why}")
+        pytest.skip(f"no CUDA torch headers: {why}")
+    aten = (root / "ATen" / "ATen.h").read_text()
+    std = "c++20" if "C++20 or later" in aten else "c++17"
+    _compile(tmp_path, [str(root), str(root / "torch" / "csrc" / "api" / "include")], std)

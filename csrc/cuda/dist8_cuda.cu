@@ -22,7 +22,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#define D8_STREAM() D8_STREAM().stream()
+#define D8_STREAM() c10::cuda::getCurrentCUDAStream().stream()
 #define D8_GUARD(device) const c10::cuda::CUDAGuard d8_guard_(device)
 #define D8_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
 #else
