@@ -29,7 +29,7 @@ timeout 150 python bench/step.py --device cuda --sizes 16M,64M,256M --dtypes fp3
 echo "bench rc=$?" | tee -a "$OUT/bench.log"
 tail -30 "$OUT/bench.log"
 
-echo "== bench: GPT-2 small's 148 tensors (per-tensor launch cost; no multi-tensor CUDA call yet)"
+echo "== bench: GPT-2 small's 148 tensors (multi-tensor update: one launch per 24 tensors)"
 timeout 45 python bench/step.py --device cuda --sizes gpt2 --dtypes fp32 --reps 10 --only dist8,fused,bitsandbytes \
   --out "$OUT/step-cuda-gpt2.json" > "$OUT/bench-gpt2.log" 2>&1
 echo "bench gpt2 rc=$?" | tee -a "$OUT/bench-gpt2.log"

@@ -173,3 +173,59 @@ def quantize_inputs(n: int, gen: torch.Generator):
     out.append(("random-bits", bits, q, 64))
     out.append(("random-bits-unsigned", bits.abs(), dynamic_map(False), 64))
     return out
+
+
+# Rules the multi-tensor op takes (LAMB/LARS need their update direction back, one call each).
+MULTI_RULES = [r for r in Rule if r not in RULE_WRITES_UPDATE]
+
+
+def check_multi_equals_single(backend, rule: Rule, bits8: bool, device: str) -> None:
+    """fused_update_multi over many tensors is bitwise the single-tensor op on each, for 3 steps.
+
+    Sizes and dtypes vary per tensor; 30 extra small tensors cross the CUDA launch's
+    24-tensor chunks; block size 8192 takes the CUDA path without shared-memory state.
+    """
+    sizes = [(1, torch.float32), (255, torch.bfloat16), (256, torch.float32), (1000, torch.float16),
+             (70_001, torch.float32), (3, torch.bfloat16), (4096 * 5 + 7, torch.float32)]
+    sizes += [(64 * (i % 5) + i + 1, (torch.float32, torch.bfloat16)[i % 2]) for i in range(30)]
+    gen = torch.Generator().manual_seed(21)
+    for block_size in (64, 8192):
+        rows_multi, rows_single = [], []
+        for n, dtype in sizes:
+            case = Case(rule, n, block_size, bits8, dtype, dtype, device,
+                        seed=int(torch.randint(0, 1000, (1,), generator=gen)))
+            d = case.dut
+            rows_multi.append((d["param"], case.grad(0).to(device), d["state1"], d.get("state2"), d["absmax1"],
+                               d.get("absmax2")))
+            rows_single.append(tuple(None if t is None else t.clone() for t in rows_multi[-1]))
+            q = [None if m is None else m.to(device) for m in case.qmaps + [None] * (2 - len(case.qmaps))]
+        for step in range(3):
+            scalars = scalars_for(rule, step, torch.Generator().manual_seed(step))
+            flags = flags_for(rule, step, False)
+            backend.fused_update_multi(rule, rows_multi, q[0], q[1], scalars, flags, block_size)
+            for p, g, s1, s2, a1, a2 in rows_single:
+                backend.fused_update(rule, p, g, s1, s2, a1, a2, q[0], q[1], scalars, flags, block_size)
+            for (n, _), multi, single in zip(sizes, rows_multi, rows_single):
+                for name, a, b in zip(("param", "grad", "state1", "state2", "absmax1", "absmax2"), multi, single):
+                    if a is not None:
+                        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (
+                            f"{name} of the {n}-value tensor, block size {block_size}, step {step + 1}")
+
+
+def check_all_finite_many(backend, device: str) -> None:
+    """One pass over many tensors: a flag per tensor, any dtype, empty tensors, inf/NaN anywhere;
+    100 extra tensors cross the CUDA launch's 64-tensor chunks."""
+    specs = [(0, torch.float32), (70_000, torch.float32), (5, torch.bfloat16), (200_001, torch.float16),
+             (65_536, torch.float32), (3, torch.float64), (2_000_003, torch.float32)]
+    xs = [torch.randn(n).to(dt).to(device) for n, dt in specs]
+    assert backend.all_finite_many(xs) == [True] * len(xs)
+    xs[1][-1] = float("nan")
+    xs[3][100_000] = float("inf")
+    xs[5][0] = float("-inf")
+    xs[6][1_999_999] = float("nan")  # far into a tensor the CUDA check strides over
+    assert backend.all_finite_many(xs) == [True, False, True, False, True, False, False]
+    assert backend.all_finite_many([xs[2]]) == [True]
+    many = [torch.randn(100 + i, device=device) for i in range(100)]
+    for i in (0, 63, 64, 99):
+        many[i][i] = float("inf")
+    assert backend.all_finite_many(many) == [i not in (0, 63, 64, 99) for i in range(100)]

@@ -7,7 +7,8 @@ import torch
 from dist8.kernels.rules import RULE_STATES, Rule, Scalars
 from dist8.quant import dequantize_blockwise, dynamic_map, quantize_blockwise
 
-from _kernel_cases import DTYPES, MAGNITUDES, Case, quantize_inputs, run_steps
+from _kernel_cases import (DTYPES, MAGNITUDES, MULTI_RULES, Case, check_all_finite_many, check_multi_equals_single,
+                           quantize_inputs, run_steps)
 
 from dist8.kernels import native
 
@@ -188,41 +189,12 @@ def test_info_names_the_cpu_code_path(backend):
 
 
 @pytest.mark.parametrize("bits8", [True, False], ids=["8bit", "32bit"])
-@pytest.mark.parametrize("rule", [Rule.ADAM, Rule.SGD, Rule.LION, Rule.RMSPROP, Rule.ADAGRAD], ids=lambda r: r.name)
+@pytest.mark.parametrize("rule", MULTI_RULES, ids=lambda r: r.name)
 def test_multi_tensor_op_equals_one_call_per_tensor(backend, rule, bits8):
     """fused_update_multi (one kernel call for many tensors) is bitwise the single-tensor op, per tensor."""
-    from _kernel_cases import flags_for, scalars_for
-
-    sizes = [(1, torch.float32), (255, torch.bfloat16), (256, torch.float32), (1000, torch.float16),
-             (70_001, torch.float32), (3, torch.bfloat16), (4096 * 5 + 7, torch.float32)]
-    gen = torch.Generator().manual_seed(21)
-    rows_multi, rows_single = [], []
-    for n, dtype in sizes:
-        case = Case(rule, n, 64, bits8, dtype, dtype, "cpu", seed=int(torch.randint(0, 1000, (1,), generator=gen)))
-        g = case.grad(0)
-        d = case.dut
-        rows_multi.append((d["param"], g, d["state1"], d.get("state2"), d["absmax1"], d.get("absmax2")))
-        rows_single.append(tuple(None if t is None else t.clone() for t in rows_multi[-1]))
-        qmaps = case.qmaps + [None] * (2 - len(case.qmaps))
-    for step in range(3):
-        scalars = scalars_for(rule, step, torch.Generator().manual_seed(step))
-        flags = flags_for(rule, step, False)
-        backend.fused_update_multi(rule, rows_multi, qmaps[0], qmaps[1], scalars, flags, 64)
-        for p, g, s1, s2, a1, a2 in rows_single:
-            backend.fused_update(rule, p, g, s1, s2, a1, a2, qmaps[0], qmaps[1], scalars, flags, 64)
-        for (n, _), multi, single in zip(sizes, rows_multi, rows_single):
-            for name, a, b in zip(("param", "grad", "state1", "state2", "absmax1", "absmax2"), multi, single):
-                if a is not None:
-                    assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), f"{name} of the {n}-value tensor"
+    check_multi_equals_single(backend, rule, bits8, "cpu")
 
 
 def test_all_finite_many(backend):
     """One pass over many tensors: flags per tensor, any dtype, empty tensors, inf/NaN anywhere."""
-    xs = [torch.randn(n).to(dt) for n, dt in [(0, torch.float32), (70_000, torch.float32), (5, torch.bfloat16),
-                                               (200_001, torch.float16), (65_536, torch.float32), (3, torch.float64)]]
-    assert backend.all_finite_many(xs) == [True] * len(xs)
-    xs[1][-1] = float("nan")
-    xs[3][100_000] = float("inf")
-    xs[5][0] = float("-inf")
-    assert backend.all_finite_many(xs) == [True, False, True, False, True, False]
-    assert backend.all_finite_many([xs[2]]) == [True]
+    check_all_finite_many(backend, "cpu")

@@ -7,7 +7,8 @@ import torch
 from dist8.kernels.rules import Rule
 from dist8.quant import dequantize_blockwise, quantize_blockwise
 
-from _kernel_cases import DTYPES, MAGNITUDES, Case, quantize_inputs, run_steps
+from _kernel_cases import (DTYPES, MAGNITUDES, MULTI_RULES, Case, check_all_finite_many, check_multi_equals_single,
+                           quantize_inputs, run_steps)
 
 pytestmark = [
     pytest.mark.cuda,
@@ -102,3 +103,15 @@ def test_all_finite(backend, dtype):
         y = x.clone()
         y[77_777] = bad
         assert not backend.all_finite(y)
+
+
+@pytest.mark.parametrize("bits8", [True, False], ids=["8bit", "32bit"])
+@pytest.mark.parametrize("rule", MULTI_RULES, ids=lambda r: r.name)
+def test_multi_tensor_op_equals_one_call_per_tensor(backend, rule, bits8):
+    """fused_update_multi (one launch per 24 tensors) is bitwise the single-tensor op, per tensor."""
+    check_multi_equals_single(backend, rule, bits8, "cuda")
+
+
+def test_all_finite_many(backend):
+    """Many tensors, one host sync: a flag per tensor."""
+    check_all_finite_many(backend, "cuda")

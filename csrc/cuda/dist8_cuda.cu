@@ -7,6 +7,10 @@
 // block sizes above 4096), a block reduction gives the new absmax, and the
 // block is requantized to the exact nearest code (the reference binary search
 // on the shared-memory qmap). Bit-identical to the reference backend.
+// fused_update_multi_ updates up to MULTI_MAX tensors per launch (thread block b
+// finds its tensor in the prefix sums of their block counts), and
+// all_finite_multi checks many tensors with one host sync: a step of a model
+// with hundreds of parameters costs a few launches, not hundreds.
 #include <ATen/ATen.h>
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
@@ -104,22 +108,42 @@ __device__ __forceinline__ uint32_t block_max_u32(uint32_t v, uint32_t* red) {
   return r;
 }
 
-struct FusedArgs {
+// What all tensors of one update call share.
+struct CommonArgs {
   int rule, flags, nstates;
-  int64_t n, block_size;
+  int64_t block_size;
   Scalars c;
-  void* param;
-  int pdt;
-  const void* grad;
-  int gdt;
-  void* out;
-  int odt;
-  uint8_t* codes[2];
-  float* f32[2];
-  float* absmax[2];
-  const float* qmap[2];
-  float* scratch;  // nullptr: shared memory
+  const float* qmap[2];  // nullptr: 32-bit state
 };
+
+// One tensor of an update call.
+struct TensorArgs {
+  void* param;
+  const void* grad;
+  void* out;             // param, or update_out (LAMB/LARS)
+  uint8_t* codes[2];     // 8-bit states, else nullptr
+  float* f32[2];         // 32-bit states, else nullptr
+  float* absmax[2];
+  float* scratch;        // nullptr: shared memory holds the block's new states
+  int64_t n;
+  int pdt, gdt, odt;
+};
+
+struct FusedArgs {
+  CommonArgs k;
+  TensorArgs t;
+};
+
+// Tensors per multi-tensor launch: the arguments stay under the 4 KB kernel-parameter limit.
+constexpr int MULTI_MAX = 24;
+
+struct MultiArgs {
+  CommonArgs k;
+  int ntensors;
+  int64_t first_block[MULTI_MAX + 1];  // prefix sums of the tensors' block counts
+  TensorArgs t[MULTI_MAX];
+};
+static_assert(sizeof(MultiArgs) <= 4000, "multi-tensor kernel arguments must fit the 4 KB parameter space");
 
 __device__ __forceinline__ float apply_rule(int rule, int flags, const Scalars& c, float p, float g, float& s1,
                                             float& s2) {
@@ -134,50 +158,74 @@ __device__ __forceinline__ float apply_rule(int rule, int flags, const Scalars& 
   }
 }
 
+__device__ __forceinline__ void load_qmaps(const CommonArgs& k, float (*q)[256]) {
+  for (int s = 0; s < k.nstates; ++s)
+    if (k.qmap[s])
+      for (int i = threadIdx.x; i < 256; i += blockDim.x) q[s][i] = k.qmap[s][i];
+  __syncthreads();
+}
+
+// Block `blk` of tensor `t`: dequantize, update, new absmax, requantize (q already in shared memory).
+__device__ __forceinline__ void update_block(const CommonArgs& k, const TensorArgs& t, int64_t blk,
+                                             const float (*q)[256], uint32_t* red, float* dyn) {
+  const int tid = threadIdx.x;
+  const int64_t off = blk * k.block_size;
+  const int64_t len = min(k.block_size, t.n - off);
+  float* buf = t.scratch ? t.scratch + off * k.nstates : dyn;  // buf[s * block_size + i]
+  float old_am[2] = {0.f, 0.f};
+  for (int s = 0; s < k.nstates; ++s)
+    if (t.codes[s]) old_am[s] = t.absmax[s][blk];
+  uint32_t mx[2] = {0u, 0u};
+  for (int64_t i = tid; i < len; i += blockDim.x) {
+    const int64_t j = off + i;
+    const float p = load_as_float(t.param, t.pdt, j);
+    const float g = load_as_float(t.grad, t.gdt, j);
+    float st[2] = {0.f, 0.f};
+    for (int s = 0; s < k.nstates; ++s)
+      st[s] = t.codes[s] ? fmul(q[s][t.codes[s][j]], old_am[s]) : t.f32[s][j];
+    const float o = apply_rule(k.rule, k.flags, k.c, p, g, st[0], st[1]);
+    store_from_float(t.out, t.odt, j, o);
+    for (int s = 0; s < k.nstates; ++s) {
+      if (t.codes[s]) {
+        buf[s * k.block_size + i] = st[s];
+        const uint32_t b = abs_bits(st[s]);
+        mx[s] = b > mx[s] ? b : mx[s];
+      } else {
+        t.f32[s][j] = st[s];
+      }
+    }
+  }
+  for (int s = 0; s < k.nstates; ++s) {
+    if (!t.codes[s]) continue;
+    const float am = absmax_from_bits(block_max_u32(mx[s], red));  // also orders the buf writes
+    if (tid == 0) t.absmax[s][blk] = am;
+    const float recip = block_reciprocal(am);
+    for (int64_t i = tid; i < len; i += blockDim.x)
+      t.codes[s][off + i] = (uint8_t)nearest_code(fmul(buf[s * k.block_size + i], recip), q[s]);
+  }
+}
+
 __global__ void fused_update_kernel(FusedArgs a) {
   __shared__ float q[2][256];
   __shared__ uint32_t red[33];
   extern __shared__ float dyn[];
-  const int tid = threadIdx.x;
-  for (int s = 0; s < a.nstates; ++s)
-    if (a.codes[s])
-      for (int i = tid; i < 256; i += blockDim.x) q[s][i] = a.qmap[s][i];
-  __syncthreads();
-  const int64_t blk = blockIdx.x;
-  const int64_t off = blk * a.block_size;
-  const int64_t len = min(a.block_size, a.n - off);
-  float* buf = a.scratch ? a.scratch + off * a.nstates : dyn;  // buf[s * block_size + i]
-  float old_am[2] = {0.f, 0.f};
-  for (int s = 0; s < a.nstates; ++s)
-    if (a.codes[s]) old_am[s] = a.absmax[s][blk];
-  uint32_t mx[2] = {0u, 0u};
-  for (int64_t i = tid; i < len; i += blockDim.x) {
-    const int64_t j = off + i;
-    const float p = load_as_float(a.param, a.pdt, j);
-    const float g = load_as_float(a.grad, a.gdt, j);
-    float st[2] = {0.f, 0.f};
-    for (int s = 0; s < a.nstates; ++s)
-      st[s] = a.codes[s] ? fmul(q[s][a.codes[s][j]], old_am[s]) : a.f32[s][j];
-    const float o = apply_rule(a.rule, a.flags, a.c, p, g, st[0], st[1]);
-    store_from_float(a.out, a.odt, j, o);
-    for (int s = 0; s < a.nstates; ++s) {
-      if (a.codes[s]) {
-        buf[s * a.block_size + i] = st[s];
-        const uint32_t b = abs_bits(st[s]);
-        mx[s] = b > mx[s] ? b : mx[s];
-      } else {
-        a.f32[s][j] = st[s];
-      }
-    }
+  load_qmaps(a.k, q);
+  update_block(a.k, a.t, blockIdx.x, q, red, dyn);
+}
+
+// Many tensors in one launch: thread block b updates block b - first_block[i] of tensor i.
+__global__ void fused_update_multi_kernel(MultiArgs a) {
+  __shared__ float q[2][256];
+  __shared__ uint32_t red[33];
+  extern __shared__ float dyn[];
+  load_qmaps(a.k, q);
+  const int64_t b = blockIdx.x;
+  int lo = 0, hi = a.ntensors - 1;  // last i with first_block[i] <= b
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (a.first_block[mid] <= b) lo = mid; else hi = mid - 1;
   }
-  for (int s = 0; s < a.nstates; ++s) {
-    if (!a.codes[s]) continue;
-    const float am = absmax_from_bits(block_max_u32(mx[s], red));
-    if (tid == 0) a.absmax[s][blk] = am;
-    const float recip = block_reciprocal(am);
-    for (int64_t i = tid; i < len; i += blockDim.x)
-      a.codes[s][off + i] = (uint8_t)nearest_code(fmul(buf[s * a.block_size + i], recip), q[s]);
-  }
+  update_block(a.k, a.t[lo], b - a.first_block[lo], q, red, dyn);
 }
 
 __global__ void quantize_kernel(const void* x, int dt, int64_t n, int64_t block_size, const float* qmap,
@@ -208,9 +256,9 @@ __global__ void dequantize_kernel(const uint8_t* codes, const float* absmax, con
   for (int64_t i = threadIdx.x; i < len; i += blockDim.x) out[off + i] = fmul(q[codes[off + i]], am);
 }
 
-__global__ void all_finite_kernel(const void* x, int dt, int64_t n, int* bad) {
-  int found = 0;
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+__device__ __forceinline__ bool any_nonfinite(const void* x, int dt, int64_t i0, int64_t n, int64_t stride) {
+  bool found = false;
+  for (int64_t i = i0; i < n; i += stride) {
     if (dt == DT_F32) {
       found |= (static_cast<const uint32_t*>(x)[i] & 0x7F800000u) == 0x7F800000u;
     } else {
@@ -218,7 +266,40 @@ __global__ void all_finite_kernel(const void* x, int dt, int64_t n, int* bad) {
       found |= (static_cast<const uint16_t*>(x)[i] & e) == e;
     }
   }
+  return found;
+}
+
+__global__ void all_finite_kernel(const void* x, int dt, int64_t n, int* bad) {
+  const bool found = any_nonfinite(x, dt, blockIdx.x * (int64_t)blockDim.x + threadIdx.x, n,
+                                   (int64_t)gridDim.x * blockDim.x);
   if (__syncthreads_or(found) && threadIdx.x == 0) atomicOr(bad, 1);
+}
+
+constexpr int FINITE_MULTI_MAX = 64;  // tensors per launch (kernel parameters under 4 KB)
+constexpr int FINITE_THREADS = 256;
+
+struct FiniteMultiArgs {
+  int ntensors;
+  int first_block[FINITE_MULTI_MAX + 1];  // thread blocks given to each tensor (prefix sums)
+  int slot[FINITE_MULTI_MAX];             // where its flag goes in `bad`
+  int dt[FINITE_MULTI_MAX];
+  int64_t n[FINITE_MULTI_MAX];
+  const void* x[FINITE_MULTI_MAX];
+};
+static_assert(sizeof(FiniteMultiArgs) <= 4000, "finite-check kernel arguments must fit the 4 KB parameter space");
+
+// Thread blocks first_block[i] .. first_block[i+1]-1 stride over tensor i; bad[slot[i]] |= non-finite seen.
+__global__ void all_finite_multi_kernel(FiniteMultiArgs a, int* bad) {
+  const int b = blockIdx.x;
+  int lo = 0, hi = a.ntensors - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (a.first_block[mid] <= b) lo = mid; else hi = mid - 1;
+  }
+  const int64_t nb = a.first_block[lo + 1] - a.first_block[lo];
+  const bool found = any_nonfinite(a.x[lo], a.dt[lo], (b - a.first_block[lo]) * (int64_t)blockDim.x + threadIdx.x,
+                                   a.n[lo], nb * blockDim.x);
+  if (__syncthreads_or(found) && threadIdx.x == 0) atomicOr(bad + a.slot[lo], 1);
 }
 
 int threads_for(int64_t block_size) { return (int)std::min<int64_t>(256, block_size); }
@@ -227,70 +308,140 @@ void check_block_size(int64_t block_size) {
   TORCH_CHECK(block_size >= 64 && (block_size & (block_size - 1)) == 0, "dist8: bad block_size ", block_size);
 }
 
+CommonArgs common_args(int64_t rule, int64_t flags, int64_t block_size, c10::ArrayRef<double> scalars,
+                       const at::Tensor& qmap1, const at::Tensor& qmap2) {
+  TORCH_CHECK(rule >= 0 && rule < NUM_RULES, "dist8: unknown rule ", rule);
+  TORCH_CHECK(scalars.size() == NUM_SCALARS, "dist8: expected ", NUM_SCALARS, " scalars");
+  check_block_size(block_size);
+  CommonArgs k{};
+  k.rule = (int)rule;
+  k.flags = (int)flags;
+  k.nstates = rule_num_states(k.rule);
+  k.block_size = block_size;
+  float* cf = reinterpret_cast<float*>(&k.c);
+  for (int i = 0; i < NUM_SCALARS; ++i) cf[i] = static_cast<float>(scalars[i]);
+  const at::Tensor* qmaps[2] = {&qmap1, &qmap2};
+  for (int s = 0; s < k.nstates; ++s) {
+    if (!qmaps[s]->defined() || qmaps[s]->numel() == 0) continue;
+    TORCH_CHECK(qmaps[s]->scalar_type() == at::kFloat && qmaps[s]->numel() == 256 && qmaps[s]->is_cuda() &&
+                    qmaps[s]->is_contiguous(),
+                "dist8: qmap", s + 1, " must be a contiguous float32[256] CUDA tensor");
+    k.qmap[s] = qmaps[s]->data_ptr<float>();
+  }
+  return k;
+}
+
+// Checks one tensor's arguments against the common ones; nq8 counts its 8-bit states.
+TensorArgs tensor_args(const CommonArgs& k, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& state1,
+                       const at::Tensor& state2, const at::Tensor& absmax1, const at::Tensor& absmax2,
+                       const at::Tensor& update_out, int& nq8) {
+  TensorArgs t{};
+  t.n = param.numel();
+  TORCH_CHECK(param.is_cuda() && param.is_contiguous() && grad.is_contiguous() && grad.numel() == t.n &&
+                  grad.device() == param.device(),
+              "dist8: param/grad must be contiguous CUDA tensors of equal size on one device");
+  const bool writes_update = update_out.defined() && update_out.numel() > 0;
+  const at::Tensor& out_t = writes_update ? update_out : param;
+  TORCH_CHECK(out_t.is_contiguous() && out_t.numel() == t.n, "dist8: bad update_out");
+  t.param = param.data_ptr();
+  t.pdt = dtype_code(param.scalar_type());
+  t.grad = grad.data_ptr();
+  t.gdt = dtype_code(grad.scalar_type());
+  t.out = out_t.data_ptr();
+  t.odt = dtype_code(out_t.scalar_type());
+  const at::Tensor* states[2] = {&state1, &state2};
+  const at::Tensor* absmaxes[2] = {&absmax1, &absmax2};
+  const int64_t nblocks = (t.n + k.block_size - 1) / k.block_size;
+  nq8 = 0;
+  for (int s = 0; s < k.nstates; ++s) {
+    TORCH_CHECK(states[s]->is_contiguous() && states[s]->numel() == t.n && states[s]->device() == param.device(),
+                "dist8: bad state", s + 1);
+    if (absmaxes[s]->defined() && absmaxes[s]->numel() > 0) {
+      TORCH_CHECK(states[s]->scalar_type() == at::kByte && absmaxes[s]->numel() == nblocks &&
+                      absmaxes[s]->scalar_type() == at::kFloat && absmaxes[s]->is_contiguous() &&
+                      absmaxes[s]->device() == param.device(),
+                  "dist8: bad 8-bit state", s + 1);
+      TORCH_CHECK(k.qmap[s] != nullptr, "dist8: 8-bit state", s + 1, " needs qmap", s + 1);
+      t.codes[s] = states[s]->data_ptr<uint8_t>();
+      t.absmax[s] = absmaxes[s]->data_ptr<float>();
+      ++nq8;
+    } else {
+      TORCH_CHECK(states[s]->scalar_type() == at::kFloat, "dist8: 32-bit state", s + 1, " must be float32");
+      t.f32[s] = states[s]->data_ptr<float>();
+    }
+  }
+  return t;
+}
+
+size_t state_smem_bytes(const CommonArgs& k, int nq8) {
+  return nq8 > 0 ? sizeof(float) * k.block_size * k.nstates : 0;
+}
+
 void fused_update_cuda(int64_t rule, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& state1,
                        const at::Tensor& state2, const at::Tensor& absmax1, const at::Tensor& absmax2,
                        const at::Tensor& qmap1, const at::Tensor& qmap2, c10::ArrayRef<double> scalars,
                        int64_t flags, int64_t block_size, const at::Tensor& update_out) {
-  TORCH_CHECK(rule >= 0 && rule < NUM_RULES, "dist8: unknown rule ", rule);
-  TORCH_CHECK(scalars.size() == NUM_SCALARS, "dist8: expected ", NUM_SCALARS, " scalars");
-  check_block_size(block_size);
   D8_GUARD(param.device());
   FusedArgs a{};
-  a.rule = (int)rule;
-  a.flags = (int)flags;
-  a.nstates = rule_num_states(a.rule);
-  a.n = param.numel();
-  a.block_size = block_size;
-  float* cf = reinterpret_cast<float*>(&a.c);
-  for (int i = 0; i < NUM_SCALARS; ++i) cf[i] = static_cast<float>(scalars[i]);
-  TORCH_CHECK(param.is_cuda() && param.is_contiguous() && grad.is_contiguous() && grad.numel() == a.n,
-              "dist8: param/grad must be contiguous CUDA tensors of equal size");
-  const bool writes_update = update_out.defined() && update_out.numel() > 0;
-  const at::Tensor& out_t = writes_update ? update_out : param;
-  TORCH_CHECK(out_t.is_contiguous() && out_t.numel() == a.n, "dist8: bad update_out");
-  a.param = param.data_ptr();
-  a.pdt = dtype_code(param.scalar_type());
-  a.grad = grad.data_ptr();
-  a.gdt = dtype_code(grad.scalar_type());
-  a.out = out_t.data_ptr();
-  a.odt = dtype_code(out_t.scalar_type());
-  const at::Tensor* states[2] = {&state1, &state2};
-  const at::Tensor* absmaxes[2] = {&absmax1, &absmax2};
-  const at::Tensor* qmaps[2] = {&qmap1, &qmap2};
-  const int64_t nblocks = (a.n + block_size - 1) / block_size;
+  a.k = common_args(rule, flags, block_size, scalars, qmap1, qmap2);
   int nq8 = 0;
-  for (int s = 0; s < a.nstates; ++s) {
-    TORCH_CHECK(states[s]->is_contiguous() && states[s]->numel() == a.n, "dist8: bad state", s + 1);
-    if (absmaxes[s]->defined() && absmaxes[s]->numel() > 0) {
-      TORCH_CHECK(states[s]->scalar_type() == at::kByte && absmaxes[s]->numel() == nblocks &&
-                      absmaxes[s]->scalar_type() == at::kFloat && absmaxes[s]->is_contiguous(),
-                  "dist8: bad 8-bit state", s + 1);
-      TORCH_CHECK(qmaps[s]->scalar_type() == at::kFloat && qmaps[s]->numel() == 256 && qmaps[s]->is_cuda() &&
-                      qmaps[s]->is_contiguous(),
-                  "dist8: qmap", s + 1, " must be a contiguous float32[256] CUDA tensor");
-      a.codes[s] = states[s]->data_ptr<uint8_t>();
-      a.absmax[s] = absmaxes[s]->data_ptr<float>();
-      a.qmap[s] = qmaps[s]->data_ptr<float>();
-      ++nq8;
-    } else {
-      TORCH_CHECK(states[s]->scalar_type() == at::kFloat, "dist8: 32-bit state", s + 1, " must be float32");
-      a.f32[s] = states[s]->data_ptr<float>();
-    }
-  }
-  if (a.n == 0) return;
+  a.t = tensor_args(a.k, param, grad, state1, state2, absmax1, absmax2, update_out, nq8);
+  if (a.t.n == 0) return;
+  const int64_t nblocks = (a.t.n + block_size - 1) / block_size;
   at::Tensor scratch;
-  size_t smem = 0;
-  if (nq8 > 0) {
-    if (block_size <= SMEM_STATE_LIMIT) {
-      smem = sizeof(float) * block_size * a.nstates;
-    } else {
-      scratch = at::empty({nblocks * block_size * a.nstates}, param.options().dtype(at::kFloat));
-      a.scratch = scratch.data_ptr<float>();
-    }
+  size_t smem = state_smem_bytes(a.k, nq8);
+  if (block_size > SMEM_STATE_LIMIT && nq8 > 0) {
+    scratch = at::empty({nblocks * block_size * a.k.nstates}, param.options().dtype(at::kFloat));
+    a.t.scratch = scratch.data_ptr<float>();
+    smem = 0;
   }
-  cudaStream_t stream = D8_STREAM();
-  fused_update_kernel<<<(unsigned)nblocks, threads_for(block_size), smem, stream>>>(a);
+  fused_update_kernel<<<(unsigned)nblocks, threads_for(block_size), smem, D8_STREAM()>>>(a);
   D8_LAUNCH_CHECK();
+}
+
+// One launch per MULTI_MAX tensors (block sizes above SMEM_STATE_LIMIT: one per tensor).
+void fused_update_multi_cuda(int64_t rule, at::TensorList params, at::TensorList grads, at::TensorList state1,
+                             at::TensorList state2, at::TensorList absmax1, at::TensorList absmax2,
+                             const at::Tensor& qmap1, const at::Tensor& qmap2, c10::ArrayRef<double> scalars,
+                             int64_t flags, int64_t block_size) {
+  const size_t count = params.size();
+  TORCH_CHECK(grads.size() == count && state1.size() == count && state2.size() == count &&
+                  absmax1.size() == count && absmax2.size() == count,
+              "dist8: fused_update_multi_ needs one grad, state1, state2, absmax1, absmax2 per param");
+  TORCH_CHECK(rule >= 0 && rule < NUM_RULES && !rule_writes_update((int)rule),
+              "dist8: fused_update_multi_ does not take LAMB/LARS");
+  if (count == 0) return;
+  const at::Tensor none;
+  if (block_size > SMEM_STATE_LIMIT) {
+    for (size_t i = 0; i < count; ++i)
+      fused_update_cuda(rule, params[i], grads[i], state1[i], state2[i], absmax1[i], absmax2[i], qmap1, qmap2,
+                        scalars, flags, block_size, none);
+    return;
+  }
+  D8_GUARD(params[0].device());
+  MultiArgs a{};
+  a.k = common_args(rule, flags, block_size, scalars, qmap1, qmap2);
+  size_t smem = 0;
+  auto launch = [&]() {
+    if (a.ntensors == 0) return;
+    fused_update_multi_kernel<<<(unsigned)a.first_block[a.ntensors], threads_for(block_size), smem, D8_STREAM()>>>(a);
+    D8_LAUNCH_CHECK();
+    a.ntensors = 0;
+    smem = 0;
+  };
+  for (size_t i = 0; i < count; ++i) {
+    TORCH_CHECK(params[i].device() == params[0].device(), "dist8: fused_update_multi_ tensors must share a device");
+    int nq8 = 0;
+    const TensorArgs t = tensor_args(a.k, params[i], grads[i], state1[i], state2[i], absmax1[i], absmax2[i], none, nq8);
+    if (t.n == 0) continue;
+    const int64_t nblocks = (t.n + block_size - 1) / block_size;
+    if (a.ntensors == MULTI_MAX || a.first_block[a.ntensors] + nblocks > INT32_MAX) launch();
+    a.t[a.ntensors] = t;
+    a.first_block[a.ntensors + 1] = a.first_block[a.ntensors] + nblocks;
+    ++a.ntensors;
+    smem = std::max(smem, state_smem_bytes(a.k, nq8));
+  }
+  launch();
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& x, const at::Tensor& qmap,
@@ -346,6 +497,48 @@ bool all_finite_cuda(const at::Tensor& x) {
   return bad.item<int>() == 0;
 }
 
+// Non-finite flag per tensor (1 = has inf/NaN), with one host sync for all of them.
+std::vector<int64_t> all_finite_multi_cuda(at::TensorList xs) {
+  std::vector<int64_t> result(xs.size(), 0);
+  if (xs.empty()) return result;
+  D8_GUARD(xs[0].device());
+  at::Tensor bad = at::zeros({(int64_t)xs.size()}, xs[0].options().dtype(at::kInt));
+  std::vector<at::Tensor> keep;  // contiguous copies live until their launch is queued
+  FiniteMultiArgs a{};
+  auto launch = [&]() {
+    if (a.ntensors == 0) return;
+    all_finite_multi_kernel<<<(unsigned)a.first_block[a.ntensors], FINITE_THREADS, 0, D8_STREAM()>>>(
+        a, bad.data_ptr<int>());
+    D8_LAUNCH_CHECK();
+    a.ntensors = 0;
+    keep.clear();
+  };
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const at::Tensor& x = xs[i];
+    TORCH_CHECK(x.device() == xs[0].device(), "dist8: all_finite_multi tensors must share a device");
+    if (!at::isFloatingType(x.scalar_type()) || x.numel() == 0) continue;
+    if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16) {
+      bad.narrow(0, (int64_t)i, 1).copy_(at::isfinite(x).all().logical_not().to(at::kInt).reshape({1}));
+      continue;
+    }
+    if (a.ntensors == FINITE_MULTI_MAX) launch();
+    keep.push_back(x.contiguous());
+    // ~4 values per thread, at most 1024 blocks per tensor (they stride over the rest)
+    const int64_t nb = std::min<int64_t>(1024, (x.numel() + 4 * FINITE_THREADS - 1) / (4 * FINITE_THREADS));
+    const int j = a.ntensors++;
+    a.x[j] = keep.back().data_ptr();
+    a.dt[j] = dtype_code(x.scalar_type());
+    a.n[j] = x.numel();
+    a.slot[j] = (int)i;
+    a.first_block[j + 1] = a.first_block[j] + (int)nb;
+  }
+  launch();
+  const at::Tensor host = bad.cpu();
+  const int* flags = host.data_ptr<int>();
+  for (size_t i = 0; i < xs.size(); ++i) result[i] = flags[i] != 0;
+  return result;
+}
+
 }  // namespace
 }  // namespace dist8
 
@@ -354,4 +547,6 @@ TORCH_LIBRARY_IMPL(dist8, CUDA, m) {
   m.impl("quantize_blockwise", &dist8::quantize_blockwise_cuda);
   m.impl("dequantize_blockwise", &dist8::dequantize_blockwise_cuda);
   m.impl("all_finite", &dist8::all_finite_cuda);
+  m.impl("fused_update_multi_", &dist8::fused_update_multi_cuda);
+  m.impl("all_finite_multi", &dist8::all_finite_multi_cuda);
 }
