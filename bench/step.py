@@ -228,13 +228,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
     args.reps = max(args.reps, 10)
     bw, results = run(args)
-    print(f"\n{'size':>6} {'dtype':>5}  {'optimizer':<26} {'ms/step':>9} {'GB/s':>7} {'of bound':>8}")
+    print(f"\n{'size':>6} {'dtype':>5}  {'optimizer':<30} {'ms/step':>9} {'GB/s':>7} {'of bound':>8}")
     for r in results:
         if "ms" in r:
-            print(f"{r['size_label']:>6} {r['dtype']:>5}  {r['optimizer']:<26} {r['ms']:9.2f} {r['gbps']:7.1f} "
+            print(f"{r['size_label']:>6} {r['dtype']:>5}  {r['optimizer']:<30} {r['ms']:9.2f} {r['gbps']:7.1f} "
                   f"{r['bound_ratio']:8.2f}")
         else:
-            print(f"{r['size_label']:>6} {r['dtype']:>5}  {r['optimizer']:<26} {'FAILED':>9}  {r['error'][:70]}")
+            print(f"{r['size_label']:>6} {r['dtype']:>5}  {r['optimizer']:<30} {'FAILED':>9}  {r['error'][:70]}")
     meta = dict(machine(), device=str(args.device), copy_bandwidth_gbps=bw, time=time.strftime("%Y-%m-%dT%H:%M:%S"),
                 isa=_cpu_isa())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

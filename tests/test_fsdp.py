@@ -279,6 +279,10 @@ def _all_opts_worker(rank, world_size):
         out[name] = {n: str(opt.state[p]["state1"].dtype) for n, p in model.named_parameters()}
         if name == "AdamW8bit":
             _state_dict_interop(model, opt, ref, ref_opt, mesh, cls, kw)
+            groups = len(opt.param_groups)
+            with pytest.raises(TypeError, match="is a plain tensor.*DTensors"):
+                opt.add_param_group({"params": [nn.Parameter(torch.randn(4))]})  # mixing plain and DTensor
+            assert len(opt.param_groups) == groups  # refused before anything was added
 
     # StableEmbedding under FSDP2: the mark is lost by fully_shard; dist8's fully_shard and prepare() keep it.
     for how in ("dist8.fully_shard", "prepare"):

@@ -181,6 +181,20 @@ def test_param_groups_have_their_own_hyperparameters():
     assert torch.equal(a, torch.ones(5000)) and not torch.equal(b, torch.ones(5000))
 
 
+def test_add_param_group_is_checked_and_stepped():
+    a, b = torch.nn.Parameter(torch.ones(5000)), torch.nn.Parameter(torch.ones(5000))
+    opt = Lion8bit([a], lr=0.0)
+    opt.add_param_group({"params": b, "lr": 0.1})
+    _step(opt, [a, b])
+    assert torch.equal(a, torch.ones(5000)) and not torch.equal(b, torch.ones(5000))
+    groups = len(opt.param_groups)
+    with pytest.raises(ValueError, match="lr"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(3))], "lr": -1.0})
+    with pytest.raises(TypeError, match="float64"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(3, dtype=torch.float64))]})
+    assert len(opt.param_groups) == groups
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -278,10 +278,10 @@ class NativeBackend:
         empty = self._none(device)
         q1 = self._qmap(qmap1, "qmap1", device) if qmap1 is not None else empty
         q2 = self._qmap(qmap2, "qmap2", device) if qmap2 is not None else empty
-        cols = [[], [], [], [], [], []]
+        cols = [[], [], [], [], [], []]  # no detach: the op runs under no_grad
         for row in updates:
             for col, t in zip(cols, row):
-                col.append(empty if t is None else t.detach())
+                col.append(empty if t is None else t)
         values = _scalar_values(scalars)
         with torch.no_grad():
             self._ops.fused_update_multi_(int(rule), *cols, q1, q2, values, int(flags), int(block_size))

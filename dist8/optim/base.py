@@ -106,14 +106,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         super().__init__(groups, defaults)
         for gi, group in enumerate(self.param_groups):
             self._check_group(group, gi)
-            for p in group["params"]:
-                if p.is_complex():
-                    raise TypeError(f"parameter {self.param_name(p)} is complex; dist8 optimizers need real tensors")
-                if p.dtype not in SUPPORTED_DTYPES:
-                    raise TypeError(
-                        f"parameter {self.param_name(p)} has dtype {p.dtype}; supported: float32, bfloat16, float16"
-                    )
-                _dt.check_param(self.param_name(p), p)  # refuses FSDP1 flat parameters
+            self._check_params(group["params"])
         self._dtensor = _dt.attach(self)  # DTensor (FSDP2) params: reduce_partials, state-dict hook
 
     # ---- hooks for subclasses -------------------------------------------------
@@ -152,9 +145,33 @@ class Optimizer8bit(torch.optim.Optimizer):
         self._check_hyper(group, where)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.add_param_group`` with dist8's checks; a refused group is not added."""
         super().add_param_group(param_group)
-        if hasattr(self, "overrides"):  # not during __init__, which checks all groups itself
+        if "_dtensor" not in self.__dict__:  # during __init__, which checks all groups itself
+            return
+        try:
             self._check_group(self.param_groups[-1], len(self.param_groups) - 1)
+            self._check_params(self.param_groups[-1]["params"])
+            for p in self.param_groups[-1]["params"]:
+                if _dt.is_dtensor(p) != bool(self._dtensor):  # all DTensors or none (the step relies on it)
+                    raise TypeError(
+                        f"parameter {self.param_name(p)} is {'a DTensor' if _dt.is_dtensor(p) else 'a plain tensor'} "
+                        f"but this optimizer's parameters are {'DTensors' if self._dtensor else 'plain tensors'}; "
+                        "give it an optimizer of its own"
+                    )
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+
+    def _check_params(self, params: list[torch.Tensor]) -> None:
+        for p in params:
+            if p.is_complex():
+                raise TypeError(f"parameter {self.param_name(p)} is complex; dist8 optimizers need real tensors")
+            if p.dtype not in SUPPORTED_DTYPES:
+                raise TypeError(
+                    f"parameter {self.param_name(p)} has dtype {p.dtype}; supported: float32, bfloat16, float16"
+                )
+            _dt.check_param(self.param_name(p), p)  # refuses FSDP1 flat parameters
 
     def param_name(self, p: torch.Tensor) -> str:
         """The parameter's name if known, else its position ``group G index I``."""
@@ -167,18 +184,22 @@ class Optimizer8bit(torch.optim.Optimizer):
             self._positions = positions
         return positions.get(p, "<unregistered parameter>")
 
-    def settings(self, p: torch.Tensor, group: dict[str, Any]) -> ParamSettings:
-        """Resolve group hyperparameters, module marks and name overrides for ``p``."""
-        name = self.param_name(p)
-        cache = self.__dict__.setdefault("_override_cache", {})
-        extra = cache.get(p)
-        if extra is None:  # name patterns and module marks do not change: match once per parameter
-            extra = cache[p] = match_overrides(self._names.get(p), p, self.overrides)
+    def settings(self, p: torch.Tensor, group: dict[str, Any], group_hyper: dict[str, Any] | None = None) -> ParamSettings:
+        """Resolve group hyperparameters, module marks and name overrides for ``p``.
+
+        ``group_hyper`` (the group's entries without ``params``, made once per step
+        by the caller) is shared, not copied, by parameters without overrides.
+        """
+        fixed = self.__dict__.setdefault("_fixed_settings", {}).get(p)
+        if fixed is None:  # name, name patterns, module marks and size do not change: resolve once
+            extra = match_overrides(self._names.get(p), p, self.overrides)
             if extra:
                 self._check_group(dict({k: v for k, v in group.items() if k != "params"}, **extra, params=[]), -1)
-        hyper = {k: v for k, v in group.items() if k != "params"}
-        hyper.update(extra)
-        numel = global_numel(p)
+            fixed = self._fixed_settings[p] = (self.param_name(p), extra, global_numel(p))
+        name, extra, numel = fixed
+        hyper = group_hyper if group_hyper is not None else {k: v for k, v in group.items() if k != "params"}
+        if extra:
+            hyper = dict(hyper, **extra)
         use_8bit = uses_8bit(hyper["optim_bits"], hyper["min_8bit_size"], numel)
         block = self.block_size if self.block_wise else max(64, 1 << max(numel - 1, 1).bit_length())
         return ParamSettings(name=name, use_8bit=use_8bit, block_size=block, hyper=hyper)
@@ -229,6 +250,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                 loss = closure()
         items = []
         for group in self.param_groups:
+            group_hyper = {k: v for k, v in group.items() if k != "params"}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -238,7 +260,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                     raise ValueError(
                         f"parameter {self.param_name(p)} has shape {tuple(p.shape)} but its gradient {tuple(p.grad.shape)}"
                     )
-                settings = self.settings(p, group)
+                settings = self.settings(p, group, group_hyper)
                 if not self.state[p]:
                     self.state[p] = self.init_state(p, settings)
                 items.append((p, settings, self.state[p]))
@@ -268,8 +290,9 @@ class Optimizer8bit(torch.optim.Optimizer):
             s.hyper["percentile_clipping"] < 100 for _, s, _ in items
         )
         to_check: dict[torch.device, list] = {}  # one pass over all gradients of a device
+        dtensors = bool(self._dtensor)  # all parameters are DTensors, or none (checked when added)
         for slot, (p, settings, _state) in zip(slots, items):
-            grad = _dt.local(p.grad)
+            grad = _dt.local(p.grad) if dtensors else p.grad
             if self.check_finite:
                 to_check.setdefault(grad.device, []).append((slot, grad))
             if need_gnorm and settings.hyper["percentile_clipping"] < 100:
@@ -288,6 +311,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         # Plain tensors whose kernel calls differ only in the tensors go to the kernel together
         # (one call instead of one per parameter; LAMB/LARS need their update direction back).
         batches: dict[tuple, tuple[Scalars, list]] = {}
+        scalars_memo: dict[tuple, tuple] = {}
         batchable = self.rule not in RULE_WRITES_UPDATE
         for slot, (p, settings, state) in zip(slots, items):
             if partials[slot] > 0:
@@ -305,11 +329,17 @@ class Optimizer8bit(torch.optim.Optimizer):
             grad_scale = 1.0
             if settings.hyper["percentile_clipping"] < 100:
                 grad_scale = self._percentile_scale(state, float(partials[n + slot]), step, settings.hyper["percentile_clipping"])
-            if _dt.is_dtensor(p):
+            if dtensors:
                 update = _dt.update(self, p, state, settings, step, grad_scale, edges)
             elif batchable:
-                scalars, flags = self._scalars(settings.hyper, step, grad_scale)
-                key = (scalars.as_tuple(), flags, settings.block_size, settings.use_8bit, p.device)
+                # Parameters sharing a hyper dict (a group without overrides) share their scalars.
+                memo_key = (id(settings.hyper), step, grad_scale)
+                memo = scalars_memo.get(memo_key)
+                if memo is None:
+                    scalars, flags = self._scalars(settings.hyper, step, grad_scale)
+                    memo = scalars_memo[memo_key] = (scalars, flags, scalars.as_tuple())
+                scalars, flags, values = memo
+                key = (values, flags, settings.block_size, settings.use_8bit, p.device)
                 batches.setdefault(key, (scalars, []))[1].append(self._kernel_tensors(p, state))
                 update = None
             else:
