@@ -148,6 +148,20 @@ def candidates(n, dtype, device, which, size_label=""):
             return opt.step
         return factory
 
+    def with_grad_scaler(factory):
+        """scaler.step + update around an optimizer (fp16 mixed precision): the scaler checks
+        the gradients for inf/NaN, the optimizer unscales inside its fused kernel."""
+        def make():
+            opt = factory().__self__
+            scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10)
+            scaler.scale(torch.ones((), device=device))  # initialises the scale
+
+            def step():
+                scaler.step(opt)
+                scaler.update()
+            return step
+        return make
+
     def bnb():
         import bitsandbytes as bnb_mod
 
@@ -169,6 +183,9 @@ def candidates(n, dtype, device, which, size_label=""):
     # Like for like with torch/bitsandbytes/torchao, which do not look for inf/NaN gradients.
     add("dist8.optim.AdamW8bit no-check", dist8_optim(check_finite=False), bytes8)
     add("torch AdamW fused", torch_adamw(fused=True), bytes32)
+    # Under torch.amp.GradScaler both check the gradients once (the scaler) and unscale in-kernel.
+    add("dist8.optim.AdamW8bit +GradScaler", with_grad_scaler(dist8_optim()), bytes8)
+    add("torch AdamW fused +GradScaler", with_grad_scaler(torch_adamw(fused=True)), bytes32)
     add("torch AdamW foreach", torch_adamw(foreach=True), bytes32)
     add("bitsandbytes AdamW8bit", bnb, bytes8)
     if not model:  # torchao compiles a step per tensor shape on the CPU: minutes for a model
@@ -228,13 +245,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
     args.reps = max(args.reps, 10)
     bw, results = run(args)
-    print(f"\n{'size':>6} {'dtype':>5}  {'optimizer':<30} {'ms/step':>9} {'GB/s':>7} {'of bound':>8}")
+    print(f"\n{'size':>6} {'dtype':>5}  {'optimizer':<34} {'ms/step':>9} {'GB/s':>7} {'of bound':>8}")
     for r in results:
         if "ms" in r:
-            print(f"{r['size_label']:>6} {r['dtype']:>5}  {r['optimizer']:<30} {r['ms']:9.2f} {r['gbps']:7.1f} "
+            print(f"{r['size_label']:>6} {r['dtype']:>5}  {r['optimizer']:<34} {r['ms']:9.2f} {r['gbps']:7.1f} "
                   f"{r['bound_ratio']:8.2f}")
         else:
-            print(f"{r['size_label']:>6} {r['dtype']:>5}  {r['optimizer']:<30} {'FAILED':>9}  {r['error'][:70]}")
+            print(f"{r['size_label']:>6} {r['dtype']:>5}  {r['optimizer']:<34} {'FAILED':>9}  {r['error'][:70]}")
     meta = dict(machine(), device=str(args.device), copy_bandwidth_gbps=bw, time=time.strftime("%Y-%m-%dT%H:%M:%S"),
                 isa=_cpu_isa())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -58,6 +58,9 @@ class Optimizer8bit(torch.optim.Optimizer):
     """
 
     rule: Rule
+    # torch.amp.GradScaler then sets ``grad_scale`` and ``found_inf`` before step() instead of
+    # unscaling the gradients itself: the kernels fold 1/scale into their gradient scale.
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -97,6 +100,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         self.on_nonfinite = on_nonfinite
         self.check_finite = bool(check_finite)
         self.nonfinite_skips = 0
+        self.amp_skips = 0  # steps skipped because torch.amp.GradScaler found inf/NaN
         self.last_nonfinite: list[str] = []
         self._qmaps: dict[tuple[torch.device, bool], torch.Tensor] = {}
         # Sums partial per-parameter reductions across shards (identity when unsharded).
@@ -266,8 +270,23 @@ class Optimizer8bit(torch.optim.Optimizer):
                 items.append((p, settings, self.state[p]))
         if not items and self.reduce_partials is None:
             return loss
-        self._run_updates(items)
+        self._run_updates(items, self._amp_scaling())
         return loss
+
+    def _amp_scaling(self) -> tuple[float, bool] | None:
+        """(1/scale, inf found) when torch.amp.GradScaler steps this optimizer, else None.
+
+        The scaler has checked every gradient of ``param_groups`` for inf/NaN
+        (``found_inf``) and left them scaled by ``grad_scale`` (None once the user
+        called ``scaler.unscale_``): the step is skipped whole when it found any, as
+        torch's optimizers do, and otherwise the gradients are unscaled inside the kernels.
+        """
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None:
+            return None
+        scale = getattr(self, "grad_scale", None)
+        inv_scale = 1.0 if scale is None else 1.0 / float(scale)
+        return inv_scale, float(found_inf) > 0
 
     def partial_slots(self, items: list) -> tuple[list[int], int]:
         """Slot of each item in the vectors of per-parameter partial sums, and their length.
@@ -281,30 +300,38 @@ class Optimizer8bit(torch.optim.Optimizer):
         slot_of, n = self.global_slots
         return [slot_of[p] for p, _, _ in items], n
 
-    def _run_updates(self, items: list) -> None:
+    def _run_updates(self, items: list, amp: tuple[float, bool] | None = None) -> None:
         slots, n = self.partial_slots(items)
         sharded = self.reduce_partials is not None
-        # Per-parameter partials, summed across shards in one call: [non-finite flags | grad squares].
-        partials = torch.zeros(2 * n, dtype=torch.float64)
+        # Per-parameter partials, summed across shards in one call:
+        # [non-finite flags | grad squares | GradScaler found inf (any rank)].
+        partials = torch.zeros(2 * n + 1, dtype=torch.float64)
         need_gnorm = any(g["percentile_clipping"] < 100 for g in self.param_groups) or any(
             s.hyper["percentile_clipping"] < 100 for _, s, _ in items
         )
+        inv_scale = 1.0 if amp is None else amp[0]
+        check = self.check_finite and amp is None  # GradScaler has checked every gradient already
+        if amp is not None and amp[1]:
+            partials[2 * n] = 1.0
         to_check: dict[torch.device, list] = {}  # one pass over all gradients of a device
         dtensors = bool(self._dtensor)  # all parameters are DTensors, or none (checked when added)
         for slot, (p, settings, _state) in zip(slots, items):
             grad = _dt.local(p.grad) if dtensors else p.grad
-            if self.check_finite:
+            if check:
                 to_check.setdefault(grad.device, []).append((slot, grad))
-            if need_gnorm and settings.hyper["percentile_clipping"] < 100:
-                partials[n + slot] += float(grad.detach().double().square().sum())
+            if need_gnorm and settings.hyper["percentile_clipping"] < 100:  # history holds unscaled norms
+                partials[n + slot] += float(grad.detach().double().square().sum()) * inv_scale * inv_scale
         for device, pairs in to_check.items():
             finite = get_backend(device).all_finite_many([g for _, g in pairs])
             for (slot, _), ok in zip(pairs, finite):
                 if not ok:
                     partials[slot] = 1.0
-        if sharded or self.check_finite or need_gnorm:
+        if sharded or check or need_gnorm:
             partials = self._reduce(partials)
         partials = partials.tolist()  # read once per parameter below: floats, not tensor indexing
+        if partials[2 * n] > 0:  # GradScaler found inf/NaN (on some rank): skip the whole step
+            self.amp_skips += 1
+            return
         self.last_nonfinite = []
         trust_items = []
         edges = _dt.EdgeBatch() if self._dtensor else None  # shard-edge blocks, finished after the loop
@@ -326,9 +353,9 @@ class Optimizer8bit(torch.optim.Optimizer):
                     )
                 continue
             step = state["step"] + 1
-            grad_scale = 1.0
+            grad_scale = inv_scale
             if settings.hyper["percentile_clipping"] < 100:
-                grad_scale = self._percentile_scale(state, float(partials[n + slot]), step, settings.hyper["percentile_clipping"])
+                grad_scale *= self._percentile_scale(state, float(partials[n + slot]), step, settings.hyper["percentile_clipping"])
             if dtensors:
                 update = _dt.update(self, p, state, settings, step, grad_scale, edges)
             elif batchable:

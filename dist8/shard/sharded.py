@@ -264,16 +264,38 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 else:
                     outer[key] = inner[key]
 
+    # torch.amp.GradScaler sets grad_scale/found_inf and lets step() unscale (see step).
+    _step_supports_amp_scaling = True
+
     @torch.no_grad()
     def step(self, closure=None):
-        """Update this rank's blocks, then all-gather the parameters."""
+        """Update this rank's blocks, then all-gather the parameters.
+
+        Under ``torch.amp.GradScaler`` (stage 1, or a single rank) the scaler's
+        ``found_inf`` and ``grad_scale`` go to the inner optimizer, which skips the
+        step or unscales inside its kernels. Stage 2 on several ranks refuses the
+        scaler: its gradients are still being reduced when the scaler reads them.
+        """
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and self.stage == 2 and self.world_size > 1:
+            raise RuntimeError(
+                "ShardedOptimizer(stage=2) on several ranks cannot be stepped by torch.amp.GradScaler: the scaler "
+                "reads the gradients while they are still being reduced. Use stage=1 under DDP, or bf16 autocast "
+                "(no scaler needed); nothing was updated"
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self._prepare_grads()
         self._sync_hyper(to_inner=True)
-        self.inner.step()
+        if found_inf is not None:
+            self.inner.grad_scale, self.inner.found_inf = getattr(self, "grad_scale", None), found_inf
+        try:
+            self.inner.step()
+        finally:
+            if found_inf is not None:
+                del self.inner.grad_scale, self.inner.found_inf
         self._grads_ready = False
         if self.master is not None:
             self.flat_param[self.shard_lo : self.shard_hi].copy_(self.master)
@@ -325,6 +347,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
     @property
     def nonfinite_skips(self) -> int:
         return self.inner.nonfinite_skips
+
+    @property
+    def amp_skips(self) -> int:
+        """Steps skipped because torch.amp.GradScaler found inf/NaN."""
+        return self.inner.amp_skips
 
     def shard_state(self) -> dict[int, dict[str, Any]]:
         """This rank's state: global parameter index -> state of its owned piece."""
