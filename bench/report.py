@@ -46,7 +46,10 @@ def step_section() -> str:
              "Rows: `dist8 kernel` is the bare fused kernel on one tensor; `dist8.optim.AdamW8bit` is what users "
              "get, including its check of every gradient for inf/NaN (one more read of the gradient; torch, "
              "bitsandbytes and torchao do not check); `no-check` is the same with `check_finite=False`, the like-for-"
-             "like comparison. `gpt2` is the 148 tensors of GPT-2 small (124M parameters).\n"]
+             "like comparison. `+GradScaler` rows step through `torch.amp.GradScaler` (fp16 mixed precision): there "
+             "the scaler checks every gradient for both (a read and a write), dist8 skips its own check and both "
+             "unscale inside their kernels, so `dist8 +GradScaler` vs `torch fused +GradScaler` is like for like "
+             "with checking. `gpt2` is the 148 tensors of GPT-2 small (124M parameters).\n"]
     steps = _load("step")
     if not any(str(d["meta"].get("device", "")).startswith("cuda") for _, d in steps):
         parts.append("No GPU rows yet: no GPU machine has been lent to a task so far; on one, "
@@ -79,6 +82,11 @@ def step_section() -> str:
             if not parts_v:
                 continue
             v = f"{size} {dtype}: dist8.optim.AdamW8bit " + ", ".join(parts_v)
+            amp = times.get((size, dtype, "dist8.optim.AdamW8bit +GradScaler"))
+            amp_torch = times.get((size, dtype, "torch AdamW fused +GradScaler"))
+            if amp and amp_torch:
+                v += f"; under GradScaler {amp / amp_torch:.2f}x torch fused under GradScaler " \
+                     f"({'met' if amp <= amp_torch else 'NOT met'})"
             if (size, dtype) in bnb and default:
                 v += f"; {bnb[(size, dtype)] / default:.1f}x faster than bitsandbytes " \
                      f"({'met' if bnb[(size, dtype)] / default >= 15 else 'NOT met'})"
