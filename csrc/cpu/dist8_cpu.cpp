@@ -617,6 +617,8 @@ std::string cpu_build_features() {
 #else
   f += ", no vbmi (gather dequantization)";
 #endif
+#elif defined(D8_AVX2)
+  f += "avx2 (one-gather exact codes, gather dequantization)";
 #else
   f += "portable scalar quantization";
 #endif

@@ -33,6 +33,9 @@
 #if defined(__AVX512VBMI__)
 #define D8_VBMI 1
 #endif
+#elif defined(__AVX2__) && !defined(DIST8_NO_SIMD)
+#include <immintrin.h>
+#define D8_AVX2 1  // AMD Zen 1-3, Intel client cores: 8-lane gathers for codes and dequantization
 #endif
 
 #if defined(__GNUC__)
@@ -217,6 +220,47 @@ D8_INLINE void dequantize64(const uint8_t* codes, float absmax, const QTable& t,
   }
 #endif
 }
+#elif defined(D8_AVX2)
+struct QTableSimd {
+  const QTable* t = nullptr;
+  __m128i shift = _mm_setzero_si128();
+  QTableSimd() = default;
+  explicit QTableSimd(const QTable& tab) : t(&tab), shift(_mm_cvtsi32_si128(tab.shift)) {}
+};
+
+// Code of 8 normalised values in the low byte of each lane (table must be fast).
+D8_INLINE __m256i codes8(const float* v, __m256 recip, const QTableSimd& s) {
+  const __m256i b = _mm256_castps_si256(_mm256_mul_ps(_mm256_loadu_ps(v), recip));
+  // monotone key: b ^ ((b >> 31) | 0x80000000), as float_key
+  const __m256i key = _mm256_xor_si256(b, _mm256_or_si256(_mm256_srai_epi32(b, 31), _mm256_set1_epi32((int)0x80000000u)));
+  const __m256i entry = _mm256_i32gather_epi32(reinterpret_cast<const int*>(s.t->lut.data()),
+                                               _mm256_srl_epi32(key, s.shift), 4);
+  return _mm256_srli_epi32(_mm256_add_epi32(entry, key), 24);
+}
+
+// 32 codes: pack four vectors of one code per lane to bytes, in order.
+D8_INLINE void store_codes32(__m256i a, __m256i b, __m256i c, __m256i d, uint8_t* out) {
+  const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d));
+  // per 128-bit lane the bytes are a0-3 b0-3 c0-3 d0-3 | a4-7 b4-7 c4-7 d4-7
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permutevar8x32_epi32(bytes, order));
+}
+
+D8_INLINE void quantize64(const float* v, float recip, const QTableSimd& s, uint8_t* out) {
+  if (!s.t->fast) return quantize_n(v, 64, recip, *s.t, out);
+  const __m256 r = _mm256_set1_ps(recip);
+  for (int j = 0; j < 64; j += 32)
+    store_codes32(codes8(v + j, r, s), codes8(v + j + 8, r, s), codes8(v + j + 16, r, s), codes8(v + j + 24, r, s),
+                  out + j);
+}
+
+D8_INLINE void dequantize64(const uint8_t* codes, float absmax, const QTable& t, float* out) {
+  const __m256 a = _mm256_set1_ps(absmax);
+  for (int j = 0; j < 64; j += 8) {
+    const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + j)));
+    _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_i32gather_ps(t.q, c, 4), a));
+  }
+}
 #else  // portable
 struct QTableSimd {
   const QTable* t = nullptr;
@@ -234,7 +278,7 @@ D8_INLINE void dequantize64(const uint8_t* codes, float absmax, const QTable& t,
 // Whole arrays (quantize_blockwise / dequantize_blockwise ops and partial blocks).
 inline void quantize_block(const float* v, int64_t n, float recip, const QTable& t, uint8_t* out) {
   int64_t i = 0;
-#ifdef D8_AVX512
+#if defined(D8_AVX512) || defined(D8_AVX2)
   const QTableSimd s(t);
   for (; i + 64 <= n; i += 64) quantize64(v + i, recip, s, out + i);
 #endif
@@ -243,7 +287,7 @@ inline void quantize_block(const float* v, int64_t n, float recip, const QTable&
 
 inline void dequantize_block(const uint8_t* codes, int64_t n, float absmax, const QTable& t, float* out) {
   int64_t i = 0;
-#ifdef D8_AVX512
+#if defined(D8_AVX512) || defined(D8_AVX2)
   for (; i + 64 <= n; i += 64) dequantize64(codes + i, absmax, t, out + i);
 #endif
   dequantize_n(codes + i, n - i, absmax, t, out + i);
