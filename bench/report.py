@@ -49,15 +49,21 @@ def step_section() -> str:
              "like comparison. `+GradScaler` rows step through `torch.amp.GradScaler` (fp16 mixed precision): there "
              "the scaler checks every gradient for both (a read and a write), dist8 skips its own check and both "
              "unscale inside their kernels, so `dist8 +GradScaler` vs `torch fused +GradScaler` is like for like "
-             "with checking. `gpt2` is the 148 tensors of GPT-2 small (124M parameters).\n"]
+             "with checking. `gpt2` is the 148 tensors of GPT-2 small (124M parameters). A file named `*-avx2` is this "
+             "machine with both libraries held to AVX2 (`DIST8_CPU_FLAGS=-mno-avx512f ATEN_CPU_CAPABILITY=avx2`), "
+             "standing in for CPUs without AVX-512 (AMD Zen 1-3, Intel client cores); it keeps this machine's memory "
+             "system and gather speed, so it is a stand-in, not a measurement of such a CPU.\n"]
     steps = _load("step")
     if not any(str(d["meta"].get("device", "")).startswith("cuda") for _, d in steps):
         parts.append("No GPU rows yet: no GPU machine has been lent to a task so far; on one, "
                      "`bash bench/gpu_check.sh OUTDIR` builds the CUDA kernels, runs their tests and this benchmark.\n")
     for f, d in steps:
         meta = d["meta"]
+        paths = ""
+        if meta.get("dist8_cpu_path"):
+            paths = f"; dist8 CPU path: {meta['dist8_cpu_path']}; torch CPU capability {meta.get('torch_cpu_capability')}"
         parts.append(f"`{f.name}` — {_machine_line(meta)}; vector ISA {meta.get('isa') or '?'}; "
-                     f"copy bandwidth {meta.get('copy_bandwidth_gbps', 0):.1f} GB/s\n")
+                     f"copy bandwidth {meta.get('copy_bandwidth_gbps', 0):.1f} GB/s{paths}\n")
         fused = {(r["size_label"], r["dtype"]): r["ms"] for r in d["results"] if r["optimizer"] == "torch AdamW fused"}
         bnb = {(r["size_label"], r["dtype"]): r["ms"] for r in d["results"] if "bitsandbytes" in r["optimizer"]}
         rows = []

@@ -36,6 +36,21 @@ def _cpu_isa() -> str:
     return " ".join(f for f in ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512vbmi", "f16c") if f in flags)
 
 
+def _code_paths(device) -> dict:
+    """The code paths actually used: dist8's CPU build (DIST8_CPU_FLAGS can restrict it, e.g.
+    "-mno-avx512f" for the AVX2 path) and torch's (ATEN_CPU_CAPABILITY=avx2 restricts it)."""
+    out = {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    if device.type == "cpu":
+        try:
+            from dist8.kernels import native
+
+            native.load_backend("cpu")
+            out["dist8_cpu_path"] = torch.ops.dist8_cpu_info.features()
+        except Exception as exc:  # noqa: BLE001 - reported, the rows say the rest
+            out["dist8_cpu_path"] = f"unavailable: {exc}"
+    return out
+
+
 # GPT-2 small (124M parameters in 148 tensors): what a real model hands the optimizer --
 # many tensors of mixed sizes, so per-tensor overhead and the largest tensor matter.
 GPT2_SMALL = [(50257, 768), (1024, 768)] + 12 * [
@@ -253,7 +268,7 @@ def main(argv=None):
         else:
             print(f"{r['size_label']:>6} {r['dtype']:>5}  {r['optimizer']:<34} {'FAILED':>9}  {r['error'][:70]}")
     meta = dict(machine(), device=str(args.device), copy_bandwidth_gbps=bw, time=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                isa=_cpu_isa())
+                isa=_cpu_isa(), **_code_paths(torch.device(args.device)))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print(f"wrote {args.out}")

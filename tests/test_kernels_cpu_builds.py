@@ -2,8 +2,9 @@
 
 The default build uses every instruction set of the machine (here: AVX-512 with VBMI). Users
 also run the AVX-512 path without VBMI (Skylake/Cascade Lake servers: gathers instead of byte
-permutes) and the portable scalar build (DIST8_PORTABLE=1, any x86-64 or aarch64); both are
-rebuilt here in a subprocess and held to the same bit-exact checks on a subset of cases.
+permutes), the AVX2 path (AMD Zen 1-3, Intel client cores: -mno-avx512f) and the portable
+scalar build (DIST8_PORTABLE=1, any x86-64 or aarch64); each is rebuilt here in a subprocess
+and held to the same bit-exact checks on a subset of cases.
 """
 from __future__ import annotations
 
@@ -29,9 +30,17 @@ def _has_avx512() -> bool:
     return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl"))
 
 
+def _has_avx2() -> bool:
+    try:
+        return " avx2" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
 VARIANTS = {
     "portable": ({"DIST8_PORTABLE": "1"}, None),
     "avx512-no-vbmi": ({"DIST8_CPU_FLAGS": "-mno-avx512vbmi"}, None if _has_avx512() else "CPU has no AVX-512"),
+    "avx2": ({"DIST8_CPU_FLAGS": "-mno-avx512f"}, None if _has_avx2() else "CPU has no AVX2"),
 }
 
 

@@ -247,7 +247,7 @@ void run_block_simple(const Update& u, int64_t blk, Scratch& w) {
   }
 }
 
-#ifdef D8_AVX512
+#if defined(D8_AVX512) || defined(D8_AVX2)
 // Full blocks [b0, b1) whose states are all 8-bit with a table (the common case),
 // pipelined: quantize block b-1 while updating block b, interleaved 16 values at a
 // time so that the scheduler always holds both divider work (the rule) and table
@@ -260,8 +260,8 @@ struct Pipeline {
   const Update& u;
   Scratch& w;
   QTableSimd qs[NS];
-  __m512i mx[NS];      // absmax bits of the block being updated
-  __m512 recip[NS];    // reciprocal of the new absmax of the block being quantized
+  MaxBits mx[NS];  // absmax bits of the block being updated
+  Recip recip[NS];  // reciprocal of the new absmax of the block being quantized
   float old_am[NS];
 
   Pipeline(const Update& up, Scratch& wk) : u(up), w(wk) {
@@ -277,7 +277,7 @@ struct Pipeline {
       prefetch_block(u, off + PREFETCH * B);
       sp = prepare_span(u, off, CHUNK, old_am, cur_stash, w);
     }
-    __m512i words[NS][4];
+    Words16 words[NS][4];
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
       if constexpr (CUR) {
@@ -299,14 +299,14 @@ struct Pipeline {
     if constexpr (CUR)
       for (int s = 0; s < NS; ++s) {
         old_am[s] = u.st[s].absmax[b];
-        mx[s] = _mm512_setzero_si512();
+        mx[s] = maxbits_zero();
       }
     for (int64_t i = 0; i < u.block_size; i += CHUNK) chunk<CUR, PREV>(b, i);
     if constexpr (CUR)
       for (int s = 0; s < NS; ++s) {
-        const float am = absmax_from_bits(_mm512_reduce_max_epu32(mx[s]));
+        const float am = absmax_from_bits(maxbits_reduce(mx[s]));
         u.st[s].absmax[b] = am;
-        recip[s] = _mm512_set1_ps(block_reciprocal(am));
+        recip[s] = recip_set(block_reciprocal(am));
       }
   }
 
@@ -324,7 +324,7 @@ void run_blocks(const Update& u, int64_t b0, int64_t b1) {
   const int64_t nfull = u.n / u.block_size;
   Scratch w(u.block_size);
   bool pipelined = false;
-#ifdef D8_AVX512
+#if defined(D8_AVX512) || defined(D8_AVX2)
   pipelined = true;
   for (int s = 0; s < u.nstates; ++s) pipelined = pipelined && u.st[s].q8 && u.st[s].table->fast;
   if (pipelined) Pipeline<R, FL>(u, w).run(b0, std::min(b1, nfull));
@@ -618,7 +618,7 @@ std::string cpu_build_features() {
   f += ", no vbmi (gather dequantization)";
 #endif
 #elif defined(D8_AVX2)
-  f += "avx2 (one-gather exact codes, gather dequantization)";
+  f += "avx2 (one-gather exact codes, pipelined blocks, gather dequantization)";
 #else
   f += "portable scalar quantization";
 #endif

@@ -190,6 +190,14 @@ D8_INLINE __m512i absmax_bits16(const float* v, __m512i m) {
   return _mm512_max_epu32(m, _mm512_and_si512(_mm512_castps_si512(_mm512_loadu_ps(v)), _mm512_set1_epi32(0x7FFFFFFF)));
 }
 
+// What the block pipeline (dist8_cpu.cpp) needs, named alike for AVX-512 and AVX2.
+using Words16 = __m512i;  // quant_words16 of 16 values
+using MaxBits = __m512i;  // running absmax bits
+using Recip = __m512;     // broadcast reciprocal
+D8_INLINE MaxBits maxbits_zero() { return _mm512_setzero_si512(); }
+D8_INLINE uint32_t maxbits_reduce(MaxBits m) { return _mm512_reduce_max_epu32(m); }
+D8_INLINE Recip recip_set(float r) { return _mm512_set1_ps(r); }
+
 D8_INLINE void dequantize64(const uint8_t* codes, float absmax, const QTable& t, float* out) {
   const __m512 a = _mm512_set1_ps(absmax);
 #ifdef D8_VBMI
@@ -252,6 +260,33 @@ D8_INLINE void quantize64(const float* v, float recip, const QTableSimd& s, uint
   for (int j = 0; j < 64; j += 32)
     store_codes32(codes8(v + j, r, s), codes8(v + j + 8, r, s), codes8(v + j + 16, r, s), codes8(v + j + 24, r, s),
                   out + j);
+}
+
+// The block pipeline's primitives (see the AVX-512 ones): 16 values are two 8-lane vectors.
+struct Words16 {
+  __m256i lo, hi;  // one code per lane
+};
+using MaxBits = __m256i;
+using Recip = __m256;
+D8_INLINE MaxBits maxbits_zero() { return _mm256_setzero_si256(); }
+D8_INLINE uint32_t maxbits_reduce(MaxBits m) {
+  __m128i x = _mm_max_epu32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+  x = _mm_max_epu32(x, _mm_shuffle_epi32(x, _MM_SHUFFLE(1, 0, 3, 2)));
+  x = _mm_max_epu32(x, _mm_shuffle_epi32(x, _MM_SHUFFLE(2, 3, 0, 1)));
+  return (uint32_t)_mm_cvtsi128_si32(x);
+}
+D8_INLINE Recip recip_set(float r) { return _mm256_set1_ps(r); }
+D8_INLINE MaxBits absmax_bits16(const float* v, MaxBits m) {
+  const __m256i mask = _mm256_set1_epi32(0x7FFFFFFF);
+  m = _mm256_max_epu32(m, _mm256_and_si256(_mm256_castps_si256(_mm256_loadu_ps(v)), mask));
+  return _mm256_max_epu32(m, _mm256_and_si256(_mm256_castps_si256(_mm256_loadu_ps(v + 8)), mask));
+}
+D8_INLINE Words16 quant_words16(const float* v, Recip recip, const QTableSimd& s) {
+  return {codes8(v, recip, s), codes8(v + 8, recip, s)};
+}
+D8_INLINE void store_codes64(Words16 w0, Words16 w1, Words16 w2, Words16 w3, uint8_t* out) {
+  store_codes32(w0.lo, w0.hi, w1.lo, w1.hi, out);
+  store_codes32(w2.lo, w2.hi, w3.lo, w3.hi, out + 32);
 }
 
 D8_INLINE void dequantize64(const uint8_t* codes, float absmax, const QTable& t, float* out) {
