@@ -11,14 +11,31 @@
 // finds its tensor in the prefix sums of their block counts), and
 // all_finite_multi checks many tensors with one host sync: a step of a model
 // with hundreds of parameters costs a few launches, not hundreds.
+#ifdef DIST8_CUDA_EMULATION
+// tests/cuda_emu: the kernels run as fibers on the CPU (no GPU needed to test their logic).
+#include "d8_cuda_emulation.h"
+#include <ATen/ATen.h>
+#include <torch/library.h>
+#else
 #include <ATen/ATen.h>
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <torch/library.h>
+#endif
 
 #include "dist8_rules.h"
 
+#if defined(DIST8_CUDA_EMULATION)
+#define D8_GUARD(device) (void)0
+#define D8_LAUNCH_CHECK() (void)0
+#define D8_ON_DEVICE(t) ((t).is_cpu())
+#define D8_LAUNCH(kernel, grid, threads, smem, ...) d8emu::launch(kernel, grid, threads, smem, __VA_ARGS__)
+#define D8_DYNAMIC_SHARED(type, name) type* name = d8emu::dynamic_shared<type>()
+#else
+#define D8_ON_DEVICE(t) ((t).is_cuda())
+#define D8_LAUNCH(kernel, grid, threads, smem, ...) kernel<<<grid, threads, smem, D8_STREAM()>>>(__VA_ARGS__)
+#define D8_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
 // A CUDA build of torch ships the c10/cuda headers: use torch's current stream,
 // device guard and launch check. Without them (CPU-only torch: the compile-only
 // test in tests/test_cuda_compile.py) fall back to the legacy default stream.
@@ -49,6 +66,7 @@ struct DeviceGuardFallback {
     const cudaError_t d8_err_ = cudaGetLastError();                                         \
     TORCH_CHECK(d8_err_ == cudaSuccess, "dist8: CUDA error: ", cudaGetErrorString(d8_err_)); \
   } while (0)
+#endif
 #endif
 
 namespace dist8 {
@@ -208,7 +226,7 @@ __device__ __forceinline__ void update_block(const CommonArgs& k, const TensorAr
 __global__ void fused_update_kernel(FusedArgs a) {
   __shared__ float q[2][256];
   __shared__ uint32_t red[33];
-  extern __shared__ float dyn[];
+  D8_DYNAMIC_SHARED(float, dyn);
   load_qmaps(a.k, q);
   update_block(a.k, a.t, blockIdx.x, q, red, dyn);
 }
@@ -217,7 +235,7 @@ __global__ void fused_update_kernel(FusedArgs a) {
 __global__ void fused_update_multi_kernel(MultiArgs a) {
   __shared__ float q[2][256];
   __shared__ uint32_t red[33];
-  extern __shared__ float dyn[];
+  D8_DYNAMIC_SHARED(float, dyn);
   load_qmaps(a.k, q);
   const int64_t b = blockIdx.x;
   int lo = 0, hi = a.ntensors - 1;  // last i with first_block[i] <= b
@@ -323,7 +341,7 @@ CommonArgs common_args(int64_t rule, int64_t flags, int64_t block_size, c10::Arr
   const at::Tensor* qmaps[2] = {&qmap1, &qmap2};
   for (int s = 0; s < k.nstates; ++s) {
     if (!qmaps[s]->defined() || qmaps[s]->numel() == 0) continue;
-    TORCH_CHECK(qmaps[s]->scalar_type() == at::kFloat && qmaps[s]->numel() == 256 && qmaps[s]->is_cuda() &&
+    TORCH_CHECK(qmaps[s]->scalar_type() == at::kFloat && qmaps[s]->numel() == 256 && D8_ON_DEVICE(*qmaps[s]) &&
                     qmaps[s]->is_contiguous(),
                 "dist8: qmap", s + 1, " must be a contiguous float32[256] CUDA tensor");
     k.qmap[s] = qmaps[s]->data_ptr<float>();
@@ -337,7 +355,7 @@ TensorArgs tensor_args(const CommonArgs& k, const at::Tensor& param, const at::T
                        const at::Tensor& update_out, int& nq8) {
   TensorArgs t{};
   t.n = param.numel();
-  TORCH_CHECK(param.is_cuda() && param.is_contiguous() && grad.is_contiguous() && grad.numel() == t.n &&
+  TORCH_CHECK(D8_ON_DEVICE(param) && param.is_contiguous() && grad.is_contiguous() && grad.numel() == t.n &&
                   grad.device() == param.device(),
               "dist8: param/grad must be contiguous CUDA tensors of equal size on one device");
   const bool writes_update = update_out.defined() && update_out.numel() > 0;
@@ -395,7 +413,7 @@ void fused_update_cuda(int64_t rule, const at::Tensor& param, const at::Tensor& 
     a.t.scratch = scratch.data_ptr<float>();
     smem = 0;
   }
-  fused_update_kernel<<<(unsigned)nblocks, threads_for(block_size), smem, D8_STREAM()>>>(a);
+  D8_LAUNCH(fused_update_kernel, (unsigned)nblocks, threads_for(block_size), smem, a);
   D8_LAUNCH_CHECK();
 }
 
@@ -424,7 +442,7 @@ void fused_update_multi_cuda(int64_t rule, at::TensorList params, at::TensorList
   size_t smem = 0;
   auto launch = [&]() {
     if (a.ntensors == 0) return;
-    fused_update_multi_kernel<<<(unsigned)a.first_block[a.ntensors], threads_for(block_size), smem, D8_STREAM()>>>(a);
+    D8_LAUNCH(fused_update_multi_kernel, (unsigned)a.first_block[a.ntensors], threads_for(block_size), smem, a);
     D8_LAUNCH_CHECK();
     a.ntensors = 0;
     smem = 0;
@@ -454,9 +472,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& x, 
   at::Tensor codes = at::empty(x.sizes(), x.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({nblocks}, x.options().dtype(at::kFloat));
   if (n > 0) {
-    quantize_kernel<<<(unsigned)nblocks, threads_for(block_size), 0, D8_STREAM()>>>(
-        xc.data_ptr(), dtype_code(xc.scalar_type()), n, block_size, q.data_ptr<float>(), codes.data_ptr<uint8_t>(),
-        absmax.data_ptr<float>());
+    D8_LAUNCH(quantize_kernel, (unsigned)nblocks, threads_for(block_size), 0, xc.data_ptr(),
+              dtype_code(xc.scalar_type()), n, block_size, q.data_ptr<float>(), codes.data_ptr<uint8_t>(),
+              absmax.data_ptr<float>());
     D8_LAUNCH_CHECK();
   }
   return {codes, absmax};
@@ -473,8 +491,8 @@ at::Tensor dequantize_blockwise_cuda(const at::Tensor& codes, const at::Tensor& 
   TORCH_CHECK(ac.numel() == nblocks && ac.scalar_type() == at::kFloat, "dist8: absmax must be float32[", nblocks, "]");
   at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
   if (n > 0) {
-    dequantize_kernel<<<(unsigned)nblocks, threads_for(block_size), 0, D8_STREAM()>>>(
-        cc.data_ptr<uint8_t>(), ac.data_ptr<float>(), q.data_ptr<float>(), n, block_size, out.data_ptr<float>());
+    D8_LAUNCH(dequantize_kernel, (unsigned)nblocks, threads_for(block_size), 0, cc.data_ptr<uint8_t>(),
+              ac.data_ptr<float>(), q.data_ptr<float>(), n, block_size, out.data_ptr<float>());
     D8_LAUNCH_CHECK();
   }
   return out;
@@ -491,8 +509,8 @@ bool all_finite_cuda(const at::Tensor& x) {
   at::Tensor bad = at::zeros({1}, x.options().dtype(at::kInt));
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, 4096);
-  all_finite_kernel<<<(unsigned)blocks, threads, 0, D8_STREAM()>>>(
-      xc.data_ptr(), dtype_code(xc.scalar_type()), n, bad.data_ptr<int>());
+  D8_LAUNCH(all_finite_kernel, (unsigned)blocks, threads, 0, xc.data_ptr(), dtype_code(xc.scalar_type()), n,
+            bad.data_ptr<int>());
   D8_LAUNCH_CHECK();
   return bad.item<int>() == 0;
 }
@@ -507,8 +525,8 @@ std::vector<int64_t> all_finite_multi_cuda(at::TensorList xs) {
   FiniteMultiArgs a{};
   auto launch = [&]() {
     if (a.ntensors == 0) return;
-    all_finite_multi_kernel<<<(unsigned)a.first_block[a.ntensors], FINITE_THREADS, 0, D8_STREAM()>>>(
-        a, bad.data_ptr<int>());
+    D8_LAUNCH(all_finite_multi_kernel, (unsigned)a.first_block[a.ntensors], FINITE_THREADS, 0, a,
+              bad.data_ptr<int>());
     D8_LAUNCH_CHECK();
     a.ntensors = 0;
     keep.clear();
@@ -542,7 +560,11 @@ std::vector<int64_t> all_finite_multi_cuda(at::TensorList xs) {
 }  // namespace
 }  // namespace dist8
 
+#ifdef DIST8_CUDA_EMULATION
+TORCH_LIBRARY_IMPL(dist8_cuda_emu, CPU, m) {
+#else
 TORCH_LIBRARY_IMPL(dist8, CUDA, m) {
+#endif
   m.impl("fused_update_", &dist8::fused_update_cuda);
   m.impl("quantize_blockwise", &dist8::quantize_blockwise_cuda);
   m.impl("dequantize_blockwise", &dist8::dequantize_blockwise_cuda);
