@@ -198,3 +198,30 @@ def test_multi_tensor_op_equals_one_call_per_tensor(backend, rule, bits8):
 def test_all_finite_many(backend):
     """One pass over many tensors: flags per tensor, any dtype, empty tensors, inf/NaN anywhere."""
     check_all_finite_many(backend, "cpu")
+
+
+def test_ops_trace_under_torch_compile(backend):
+    """Fake kernels: torch.compile(fullgraph=True) traces quantize/dequantize and the in-place update."""
+    from _kernel_cases import scalars_for
+
+    from dist8.kernels.native import _scalar_values
+    from dist8.quant import dynamic_map
+
+    q1, q2 = dynamic_map(True), dynamic_map(False)
+    values = _scalar_values(scalars_for(Rule.ADAM, 0, torch.Generator().manual_seed(0)))
+    empty = torch.empty(0)
+
+    def step(p, g, s1, s2, a1, a2):
+        torch.ops.dist8.fused_update_(int(Rule.ADAM), p, g, s1, s2, a1, a2, q1, q2, values, 0, 256, empty)
+        c, a = torch.ops.dist8.quantize_blockwise(p, q1, 256)
+        return torch.ops.dist8.dequantize_blockwise(c, a, q1, 256) * 2
+
+    case = Case(Rule.ADAM, 1000, 256, True, torch.float32, torch.float32, "cpu", seed=4)
+    d = case.dut
+    args = [d["param"], case.grad(0), d["state1"], d["state2"], d["absmax1"], d["absmax2"]]
+    twin = [t.clone() for t in args]
+    compiled = torch.compile(step, fullgraph=True)
+    out = compiled(*args)
+    assert torch.equal(out, step(*twin))
+    for a, b in zip(args, twin):
+        assert torch.equal(a, b)  # the compiled graph did the in-place updates too

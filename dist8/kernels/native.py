@@ -69,7 +69,30 @@ def _define_ops() -> None:
     lib = torch.library.Library("dist8", "DEF")  # noqa: TOR901 - the ops are implemented in C++
     for schema in _SCHEMAS.values():
         lib.define(schema)
+    _register_fakes(lib)
     _library = lib
+
+
+def _register_fakes(lib) -> None:
+    """Shapes without data, so that torch.compile / torch.export can trace the ops.
+
+    The update ops only mutate their arguments; the finite checks return host values
+    that depend on the data and stay outside traced graphs.
+    """
+    def no_output(*args):
+        return None
+
+    def quantize_fake(x, qmap, block_size):
+        blocks = (x.numel() + block_size - 1) // block_size
+        return x.new_empty(x.shape, dtype=torch.uint8), x.new_empty((blocks,), dtype=torch.float32)
+
+    def dequantize_fake(codes, absmax, qmap, block_size):
+        return codes.new_empty(codes.shape, dtype=torch.float32)
+
+    torch.library.register_fake("dist8::fused_update_", no_output, lib=lib)
+    torch.library.register_fake("dist8::fused_update_multi_", no_output, lib=lib)
+    torch.library.register_fake("dist8::quantize_blockwise", quantize_fake, lib=lib)
+    torch.library.register_fake("dist8::dequantize_blockwise", dequantize_fake, lib=lib)
 
 
 def _build_dir(name: str) -> str | None:
