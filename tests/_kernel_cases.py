@@ -229,3 +229,55 @@ def check_all_finite_many(backend, device: str) -> None:
     for i in (0, 63, 64, 99):
         many[i][i] = float("inf")
     assert backend.all_finite_many(many) == [i not in (0, 63, 64, 99) for i in range(100)]
+
+
+# Optimizer classes run end to end on another backend and compared with the CPU kernels.
+OPTIMIZER_CASES = {
+    "AdamW8bit": ("AdamW8bit", dict(lr=1e-2, weight_decay=0.1, min_8bit_size=256)),
+    "LAMB8bit": ("LAMB8bit", dict(lr=1e-2, min_8bit_size=256)),
+    "LARS8bit": ("LARS8bit", dict(lr=1e-2, momentum=0.9, min_8bit_size=256)),
+    "Lion8bit": ("Lion8bit", dict(lr=1e-3, min_8bit_size=256)),
+}
+
+
+def optimizer_run(name: str, device: str):
+    """30 parameters of mixed sizes, 6 steps: one NaN (that parameter skipped), then two under GradScaler."""
+    import dist8
+
+    cls_name, kw = OPTIMIZER_CASES[name]
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(64 * (i % 7) + 5 * i + 1,) for i in range(28)] + [(300, 70), (5000,)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
+    opt = getattr(dist8, cls_name)(params, **kw)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
+    scaler.scale(torch.ones((), device=device))  # initialises the scale
+    for step in range(6):
+        for i, p in enumerate(params):
+            p.grad = torch.randn(p.shape, generator=gen).to(device)
+            if step == 2 and i == 3:
+                p.grad.view(-1)[0] = float("nan")  # this parameter's step is skipped, state untouched
+        if step < 4:
+            opt.step()
+        else:
+            for p in params:
+                p.grad.mul_(scaler.get_scale())
+            scaler.step(opt)
+            scaler.update()
+    return [p.detach().cpu() for p in params], opt
+
+
+def check_optimizer_matches_cpu(name: str, device: str) -> None:
+    got, opt = optimizer_run(name, device)
+    ref, ref_opt = optimizer_run(name, "cpu")
+    assert opt.nonfinite_skips == ref_opt.nonfinite_skips == 1
+    for i, (a, b) in enumerate(zip(got, ref)):
+        if name in ("LAMB8bit", "LARS8bit"):  # trust-ratio norms: float64 sums in another order
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=f"{name} parameter {i}")
+        else:
+            assert torch.equal(a, b), f"{name} parameter {i}"
+    if name in ("LAMB8bit", "LARS8bit"):
+        return  # states follow parameters that may differ by an ulp (LARS' decay term): compared above
+    for pa, pb in zip(opt.param_groups[0]["params"], ref_opt.param_groups[0]["params"]):
+        for key, value in ref_opt.state[pb].items():
+            other = opt.state[pa][key]
+            assert (torch.equal(other.cpu(), value) if torch.is_tensor(value) else other == value), f"{name} {key}"

@@ -7,8 +7,8 @@ import torch
 from dist8.kernels.rules import Rule
 from dist8.quant import dequantize_blockwise, quantize_blockwise
 
-from _kernel_cases import (DTYPES, MAGNITUDES, MULTI_RULES, Case, check_all_finite_many, check_multi_equals_single,
-                           quantize_inputs, run_steps)
+from _kernel_cases import (DTYPES, MAGNITUDES, MULTI_RULES, OPTIMIZER_CASES, Case, check_all_finite_many,
+                           check_multi_equals_single, check_optimizer_matches_cpu, quantize_inputs, run_steps)
 
 pytestmark = [
     pytest.mark.cuda,
@@ -117,38 +117,8 @@ def test_all_finite_many(backend):
     check_all_finite_many(backend, "cuda")
 
 
-def test_optimizer_on_cuda_equals_optimizer_on_cpu(backend):
+@pytest.mark.parametrize("name", list(OPTIMIZER_CASES))
+def test_optimizer_on_cuda_equals_optimizer_on_cpu(backend, name):
     """The optimizer classes end to end on CUDA (multi-tensor launches over 30 parameters of mixed
     sizes, the finite check with one NaN, GradScaler unscaling in the kernels): bitwise the CPU run."""
-    import dist8
-
-    def run(device):
-        gen = torch.Generator().manual_seed(0)
-        shapes = [(64 * (i % 7) + 5 * i + 1,) for i in range(28)] + [(300, 70), (5000,)]
-        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
-        opt = dist8.AdamW8bit(params, lr=1e-2, weight_decay=0.1, min_8bit_size=256)
-        scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
-        scaler.scale(torch.ones((), device=device))  # initialises the scale
-        for step in range(6):
-            for i, p in enumerate(params):
-                p.grad = torch.randn(p.shape, generator=gen).to(device)
-                if step == 2 and i == 3:
-                    p.grad.view(-1)[0] = float("nan")  # this parameter's step is skipped, state untouched
-            if step < 4:
-                opt.step()
-            else:
-                for p in params:
-                    p.grad.mul_(scaler.get_scale())
-                scaler.step(opt)
-                scaler.update()
-        return [p.detach().cpu() for p in params], opt
-
-    got, opt = run("cuda")
-    ref, ref_opt = run("cpu")
-    assert opt.nonfinite_skips == ref_opt.nonfinite_skips == 1
-    for i, (a, b) in enumerate(zip(got, ref)):
-        assert torch.equal(a, b), f"parameter {i}"
-    for pa, pb in zip(opt.param_groups[0]["params"], ref_opt.param_groups[0]["params"]):
-        for key, value in ref_opt.state[pb].items():
-            other = opt.state[pa][key]
-            assert (torch.equal(other.cpu(), value) if torch.is_tensor(value) else other == value), key
+    check_optimizer_matches_cpu(name, "cuda")

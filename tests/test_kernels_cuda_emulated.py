@@ -16,8 +16,8 @@ from dist8.kernels.rules import Rule
 from dist8.quant import dequantize_blockwise, quantize_blockwise
 
 from _cuda_emulation import emulated_cuda_backend
-from _kernel_cases import (DTYPES, MAGNITUDES, MULTI_RULES, Case, check_all_finite_many, check_multi_equals_single,
-                           quantize_inputs, run_steps)
+from _kernel_cases import (DTYPES, MAGNITUDES, MULTI_RULES, OPTIMIZER_CASES, Case, check_all_finite_many,
+                           check_multi_equals_single, check_optimizer_matches_cpu, quantize_inputs, run_steps)
 
 ALL_RULES = list(Rule)
 # Small: every CUDA thread is a fiber. 64-value blocks take 64 threads, 256 and above 256;
@@ -95,3 +95,32 @@ def test_all_finite(backend):
 
 def test_all_finite_many(backend):
     check_all_finite_many(backend, "cpu")
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZER_CASES))
+def test_optimizer_through_emulated_cuda_kernels_equals_cpu_kernels(backend, name, monkeypatch):
+    """The optimizer classes end to end with every kernel call going to the CUDA code (multi-tensor
+    launches, finite checks, LAMB/LARS update_out, GradScaler): bitwise the CPU kernels' run."""
+    import dist8.optim.base as base
+
+    cpu_backend = base.get_backend(torch.device("cpu"))
+    calls = []
+
+    def emulated_on_first_run(device):
+        calls.append(device)
+        return backend
+
+    monkeypatch.setattr(base, "get_backend", emulated_on_first_run)
+    from _kernel_cases import optimizer_run
+
+    got, opt = optimizer_run(name, "cpu")
+    assert calls, "the optimizer never asked for a backend"
+    monkeypatch.setattr(base, "get_backend", lambda device: cpu_backend)
+    ref, ref_opt = optimizer_run(name, "cpu")
+    assert opt.nonfinite_skips == ref_opt.nonfinite_skips == 1
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert torch.equal(a, b), f"{name} parameter {i}"
+    for pa, pb in zip(opt.param_groups[0]["params"], ref_opt.param_groups[0]["params"]):
+        for key, value in ref_opt.state[pb].items():
+            other = opt.state[pa][key]
+            assert (torch.equal(other, value) if torch.is_tensor(value) else other == value), f"{name} {key}"
