@@ -19,14 +19,14 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 
 echo "== build"
 start=$(date +%s)
-timeout 240 "$PY" -c "
+timeout 200 "$PY" -c "
 from dist8.kernels import native
 b = native.load_backend('cuda'); print('loaded', b.name)
 " > "$OUT/build.log" 2>&1
 echo "build rc=$? in $(( $(date +%s) - start ))s" | tee -a "$OUT/build.log"
 
 echo "== tests"
-timeout 150 "$PY" -m pytest tests/test_kernels_cuda.py -q --maxfail=5 -p no:cacheprovider > "$OUT/test_kernels_cuda.log" 2>&1
+timeout 180 "$PY" -m pytest tests/test_kernels_cuda.py -q --maxfail=5 -p no:cacheprovider > "$OUT/test_kernels_cuda.log" 2>&1
 echo "tests rc=$?" | tee -a "$OUT/test_kernels_cuda.log"
 tail -3 "$OUT/test_kernels_cuda.log"
 

@@ -163,6 +163,22 @@ def candidates(n, dtype, device, which, size_label=""):
             return opt.step
         return factory
 
+    def cuda_variant(factory, variant):
+        """The step with DIST8_CUDA_KERNEL=variant (read by the CUDA ops at each call)."""
+        def make():
+            import os
+
+            inner = factory()
+
+            def step():
+                os.environ["DIST8_CUDA_KERNEL"] = variant
+                try:
+                    inner()
+                finally:
+                    os.environ.pop("DIST8_CUDA_KERNEL", None)
+            return step
+        return make
+
     def with_grad_scaler(factory):
         """scaler.step + update around an optimizer (fp16 mixed precision): the scaler checks
         the gradients for inf/NaN, the optimizer unscales inside its fused kernel."""
@@ -194,6 +210,10 @@ def candidates(n, dtype, device, which, size_label=""):
 
     if not model:  # the bare kernel on one tensor
         add("dist8 kernel AdamW8bit", dist8_kernel, bytes8)
+    if device.type == "cuda":  # the warp-per-block CUDA kernels, side by side (DIST8_CUDA_KERNEL=warp)
+        if not model:
+            add("dist8 kernel AdamW8bit warp", cuda_variant(dist8_kernel, "warp"), bytes8)
+        add("dist8.optim.AdamW8bit no-check warp", cuda_variant(dist8_optim(check_finite=False), "warp"), bytes8)
     add("dist8.optim.AdamW8bit", dist8_optim(), bytes8)
     # Like for like with torch/bitsandbytes/torchao, which do not look for inf/NaN gradients.
     add("dist8.optim.AdamW8bit no-check", dist8_optim(check_finite=False), bytes8)

@@ -19,11 +19,14 @@ ALL_RULES = list(Rule)
 SIZES_BLOCKS = [(1, 64), (255, 256), (257, 64), (4099, 2048), (3000, 256), (20_000, 8192)]
 
 
-@pytest.fixture(scope="module")
-def backend():
+@pytest.fixture(scope="module", params=["block", "warp"])
+def backend(request):
+    """Both kernel variants: a thread block per quantization block, or a warp (DIST8_CUDA_KERNEL)."""
     from dist8.kernels import native
 
-    return native.load_backend("cuda")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DIST8_CUDA_KERNEL", request.param)
+        yield native.load_backend("cuda")
 
 
 @pytest.mark.parametrize("bits8", [True, False], ids=["8bit", "32bit"])

@@ -25,9 +25,12 @@ ALL_RULES = list(Rule)
 SIZES_BLOCKS = [(1, 64), (255, 256), (257, 64), (1500, 1024), (9000, 8192)]
 
 
-@pytest.fixture(scope="module")
-def backend():
-    return emulated_cuda_backend()
+@pytest.fixture(scope="module", params=["block", "warp"])
+def backend(request):
+    """Both kernel variants: a thread block per quantization block, or a warp (DIST8_CUDA_KERNEL)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DIST8_CUDA_KERNEL", request.param)
+        yield emulated_cuda_backend()
 
 
 @pytest.mark.parametrize("bits8", [True, False], ids=["8bit", "32bit"])

@@ -24,6 +24,9 @@
 #include <torch/library.h>
 #endif
 
+#include <cstdlib>
+#include <string>
+
 #include "dist8_rules.h"
 
 #if defined(DIST8_CUDA_EMULATION)
@@ -246,6 +249,91 @@ __global__ void fused_update_multi_kernel(MultiArgs a) {
   update_block(a.k, a.t[lo], b - a.first_block[lo], q, red, dyn);
 }
 
+// ---- variant "warp": one warp per quantization block (block sizes 64..512) ----------
+// Each lane holds block_size/32 values in registers (strided by 32: coalesced), the new
+// absmax is a warp shuffle reduction: no shared-memory state buffer and no __syncthreads
+// after the qmaps are loaded. A thread block of 8 warps updates 8 quantization blocks.
+// Selected with DIST8_CUDA_KERNEL=warp until a GPU measurement picks the default.
+constexpr int WARPS_PER_CTA = 8;
+constexpr int WARP_MAX_BLOCK = 512;
+
+__device__ __forceinline__ uint32_t warp_max_u32(uint32_t v) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const uint32_t w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = w > v ? w : v;
+  }
+  return v;
+}
+
+template <int VPT>
+__device__ __forceinline__ void requantize_warp(const float (&vals)[VPT], uint32_t mx, uint8_t* codes, float* absmax,
+                                                int64_t blk, int64_t off, int64_t len, const float* q, int lane) {
+  const float am = absmax_from_bits(warp_max_u32(mx));
+  if (lane == 0) absmax[blk] = am;
+  const float recip = block_reciprocal(am);
+#pragma unroll
+  for (int v = 0; v < VPT; ++v) {
+    const int64_t i = lane + 32 * v;
+    if (i < len) codes[off + i] = (uint8_t)nearest_code(fmul(vals[v], recip), q);
+  }
+}
+
+template <int VPT>
+__device__ __forceinline__ void update_block_warp(const CommonArgs& k, const TensorArgs& t, int64_t blk,
+                                                  const float (*q)[256], int lane) {
+  const int64_t off = blk * k.block_size;
+  const int64_t len = min(k.block_size, t.n - off);
+  const float am0 = t.codes[0] ? t.absmax[0][blk] : 0.f;
+  const float am1 = k.nstates > 1 && t.codes[1] ? t.absmax[1][blk] : 0.f;
+  float st0[VPT], st1[VPT];  // the new states (registers: every index is a constant after unrolling)
+  uint32_t mx0 = 0u, mx1 = 0u;
+#pragma unroll
+  for (int v = 0; v < VPT; ++v) {
+    const int64_t i = lane + 32 * v;
+    st0[v] = st1[v] = 0.f;
+    if (i >= len) continue;
+    const int64_t j = off + i;
+    const float p = load_as_float(t.param, t.pdt, j);
+    const float g = load_as_float(t.grad, t.gdt, j);
+    float s0 = t.codes[0] ? fmul(q[0][t.codes[0][j]], am0) : t.f32[0][j];
+    float s1 = 0.f;
+    if (k.nstates > 1) s1 = t.codes[1] ? fmul(q[1][t.codes[1][j]], am1) : t.f32[1][j];
+    const float o = apply_rule(k.rule, k.flags, k.c, p, g, s0, s1);
+    store_from_float(t.out, t.odt, j, o);
+    st0[v] = s0;
+    st1[v] = s1;
+    if (t.codes[0]) mx0 = max(mx0, abs_bits(s0)); else t.f32[0][j] = s0;
+    if (k.nstates > 1) {
+      if (t.codes[1]) mx1 = max(mx1, abs_bits(s1)); else t.f32[1][j] = s1;
+    }
+  }
+  if (t.codes[0]) requantize_warp<VPT>(st0, mx0, t.codes[0], t.absmax[0], blk, off, len, q[0], lane);
+  if (k.nstates > 1 && t.codes[1]) requantize_warp<VPT>(st1, mx1, t.codes[1], t.absmax[1], blk, off, len, q[1], lane);
+}
+
+// VPT = block_size / 32 values per lane; the host picks the instantiation.
+template <int VPT>
+__global__ void fused_update_warp_kernel(FusedArgs a, int64_t nblocks) {
+  __shared__ float q[2][256];
+  load_qmaps(a.k, q);
+  const int64_t blk = (int64_t)blockIdx.x * WARPS_PER_CTA + (threadIdx.x >> 5);
+  if (blk < nblocks) update_block_warp<VPT>(a.k, a.t, blk, q, threadIdx.x & 31);
+}
+
+template <int VPT>
+__global__ void fused_update_multi_warp_kernel(MultiArgs a) {
+  __shared__ float q[2][256];
+  load_qmaps(a.k, q);
+  const int64_t b = (int64_t)blockIdx.x * WARPS_PER_CTA + (threadIdx.x >> 5);
+  if (b >= a.first_block[a.ntensors]) return;
+  int lo = 0, hi = a.ntensors - 1;  // last i with first_block[i] <= b
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (a.first_block[mid] <= b) lo = mid; else hi = mid - 1;
+  }
+  update_block_warp<VPT>(a.k, a.t[lo], b - a.first_block[lo], q, threadIdx.x & 31);
+}
+
 __global__ void quantize_kernel(const void* x, int dt, int64_t n, int64_t block_size, const float* qmap,
                                 uint8_t* codes, float* absmax) {
   __shared__ float q[256];
@@ -321,6 +409,15 @@ __global__ void all_finite_multi_kernel(FiniteMultiArgs a, int* bad) {
 }
 
 int threads_for(int64_t block_size) { return (int)std::min<int64_t>(256, block_size); }
+
+// DIST8_CUDA_KERNEL=warp picks the warp-per-block kernels (block sizes up to 512), read per call
+// so a benchmark can compare both in one process.
+bool use_warp_kernel(int64_t block_size) {
+  const char* v = std::getenv("DIST8_CUDA_KERNEL");
+  return v != nullptr && std::string(v) == "warp" && block_size <= WARP_MAX_BLOCK;
+}
+
+unsigned warp_grid(int64_t nblocks) { return (unsigned)((nblocks + WARPS_PER_CTA - 1) / WARPS_PER_CTA); }
 
 void check_block_size(int64_t block_size) {
   TORCH_CHECK(block_size >= 64 && (block_size & (block_size - 1)) == 0, "dist8: bad block_size ", block_size);
@@ -406,6 +503,17 @@ void fused_update_cuda(int64_t rule, const at::Tensor& param, const at::Tensor& 
   a.t = tensor_args(a.k, param, grad, state1, state2, absmax1, absmax2, update_out, nq8);
   if (a.t.n == 0) return;
   const int64_t nblocks = (a.t.n + block_size - 1) / block_size;
+  if (use_warp_kernel(block_size)) {
+    const unsigned grid = warp_grid(nblocks), threads = 32 * WARPS_PER_CTA;
+    switch (block_size) {
+      case 64: D8_LAUNCH(fused_update_warp_kernel<2>, grid, threads, 0, a, nblocks); break;
+      case 128: D8_LAUNCH(fused_update_warp_kernel<4>, grid, threads, 0, a, nblocks); break;
+      case 256: D8_LAUNCH(fused_update_warp_kernel<8>, grid, threads, 0, a, nblocks); break;
+      default: D8_LAUNCH(fused_update_warp_kernel<16>, grid, threads, 0, a, nblocks); break;
+    }
+    D8_LAUNCH_CHECK();
+    return;
+  }
   at::Tensor scratch;
   size_t smem = state_smem_bytes(a.k, nq8);
   if (block_size > SMEM_STATE_LIMIT && nq8 > 0) {
@@ -440,9 +548,20 @@ void fused_update_multi_cuda(int64_t rule, at::TensorList params, at::TensorList
   MultiArgs a{};
   a.k = common_args(rule, flags, block_size, scalars, qmap1, qmap2);
   size_t smem = 0;
+  const bool warp = use_warp_kernel(block_size);
   auto launch = [&]() {
     if (a.ntensors == 0) return;
-    D8_LAUNCH(fused_update_multi_kernel, (unsigned)a.first_block[a.ntensors], threads_for(block_size), smem, a);
+    if (warp) {
+      const unsigned grid = warp_grid(a.first_block[a.ntensors]), threads = 32 * WARPS_PER_CTA;
+      switch (block_size) {
+        case 64: D8_LAUNCH(fused_update_multi_warp_kernel<2>, grid, threads, 0, a); break;
+        case 128: D8_LAUNCH(fused_update_multi_warp_kernel<4>, grid, threads, 0, a); break;
+        case 256: D8_LAUNCH(fused_update_multi_warp_kernel<8>, grid, threads, 0, a); break;
+        default: D8_LAUNCH(fused_update_multi_warp_kernel<16>, grid, threads, 0, a); break;
+      }
+    } else {
+      D8_LAUNCH(fused_update_multi_kernel, (unsigned)a.first_block[a.ntensors], threads_for(block_size), smem, a);
+    }
     D8_LAUNCH_CHECK();
     a.ntensors = 0;
     smem = 0;
