@@ -194,19 +194,24 @@ __device__ __forceinline__ void update_block(const CommonArgs& k, const TensorAr
   const int64_t len = min(k.block_size, t.n - off);
   float* buf = t.scratch ? t.scratch + off * k.nstates : dyn;  // buf[s * block_size + i]
   float old_am[2] = {0.f, 0.f};
-  for (int s = 0; s < k.nstates; ++s)
-    if (t.codes[s]) old_am[s] = t.absmax[s][blk];
+  // Loops over states run to the constant 2 so they unroll and the arrays stay in registers.
+#pragma unroll
+  for (int s = 0; s < 2; ++s)
+    if (s < k.nstates && t.codes[s]) old_am[s] = t.absmax[s][blk];
   uint32_t mx[2] = {0u, 0u};
   for (int64_t i = tid; i < len; i += blockDim.x) {
     const int64_t j = off + i;
     const float p = load_as_float(t.param, t.pdt, j);
     const float g = load_as_float(t.grad, t.gdt, j);
     float st[2] = {0.f, 0.f};
-    for (int s = 0; s < k.nstates; ++s)
-      st[s] = t.codes[s] ? fmul(q[s][t.codes[s][j]], old_am[s]) : t.f32[s][j];
+#pragma unroll
+    for (int s = 0; s < 2; ++s)
+      if (s < k.nstates) st[s] = t.codes[s] ? fmul(q[s][t.codes[s][j]], old_am[s]) : t.f32[s][j];
     const float o = apply_rule(k.rule, k.flags, k.c, p, g, st[0], st[1]);
     store_from_float(t.out, t.odt, j, o);
-    for (int s = 0; s < k.nstates; ++s) {
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      if (s >= k.nstates) break;
       if (t.codes[s]) {
         buf[s * k.block_size + i] = st[s];
         const uint32_t b = abs_bits(st[s]);
@@ -216,8 +221,9 @@ __device__ __forceinline__ void update_block(const CommonArgs& k, const TensorAr
       }
     }
   }
-  for (int s = 0; s < k.nstates; ++s) {
-    if (!t.codes[s]) continue;
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    if (s >= k.nstates || !t.codes[s]) continue;
     const float am = absmax_from_bits(block_max_u32(mx[s], red));  // also orders the buf writes
     if (tid == 0) t.absmax[s][blk] = am;
     const float recip = block_reciprocal(am);
