@@ -55,8 +55,9 @@ def step_section() -> str:
              "system and gather speed, so it is a stand-in, not a measurement of such a CPU.\n"]
     steps = _load("step")
     if not any(str(d["meta"].get("device", "")).startswith("cuda") for _, d in steps):
-        parts.append("No GPU rows yet: no GPU machine has been lent to a task so far; on one, "
-                     "`bash bench/gpu_check.sh OUTDIR` builds the CUDA kernels, runs their tests and this benchmark.\n")
+        parts.append("No GPU rows yet: no GPU machine has been lent to a task so far. For one: `bash bench/gpu_wheels.sh` "
+                     "here (bitsandbytes and torchao as wheels), then `bash bench/gpu_check.sh OUTDIR` there with `.whl` "
+                     "carried: it builds the CUDA kernels, runs their tests (both kernel variants) and this benchmark.\n")
     for f, d in steps:
         meta = d["meta"]
         paths = ""

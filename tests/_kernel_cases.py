@@ -9,7 +9,7 @@ import torch
 
 from dist8.kernels.reference import ReferenceBackend
 from dist8.kernels.rules import FLAG_FIRST_STEP, FLAG_NESTEROV, RULE_STATES, RULE_WRITES_UPDATE, Rule, Scalars
-from dist8.quant import dynamic_map, linear_map, quantize_blockwise
+from dist8.quant import dequantize_blockwise, dynamic_map, linear_map, quantize_blockwise
 
 REFERENCE = ReferenceBackend()
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -281,3 +281,14 @@ def check_optimizer_matches_cpu(name: str, device: str) -> None:
         for key, value in ref_opt.state[pb].items():
             other = opt.state[pa][key]
             assert (torch.equal(other.cpu(), value) if torch.is_tensor(value) else other == value), f"{name} {key}"
+
+
+def check_quantize_matches_reference(backend, name, x, q, bs, device: str) -> None:
+    """quantize_blockwise / dequantize_blockwise on ``device``: bitwise the reference."""
+    codes, absmax = backend.quantize_blockwise(x.to(device), q.to(device), bs)
+    rc, ra = quantize_blockwise(x, q, bs)
+    assert torch.equal(absmax.cpu(), ra), name
+    mism = (codes.cpu() != rc).nonzero().flatten()
+    assert mism.numel() == 0, f"{name}: {mism.numel()} codes differ, e.g. x={x[mism[0]].item()!r}"
+    deq = backend.dequantize_blockwise(codes, absmax, q.to(device), bs)
+    assert torch.equal(deq.cpu(), dequantize_blockwise(rc, ra, q, bs)), name

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from dist8.kernels.rules import RULE_STATES, Rule, Scalars
-from dist8.quant import dequantize_blockwise, dynamic_map, quantize_blockwise
+from dist8.quant import dynamic_map, quantize_blockwise
 
 from _kernel_cases import (DTYPES, MAGNITUDES, MULTI_RULES, Case, check_all_finite_many, check_multi_equals_single,
-                           quantize_inputs, run_steps)
+                           check_quantize_matches_reference, quantize_inputs, run_steps)
 
 from dist8.kernels import native
 
@@ -124,12 +124,7 @@ def test_validation_errors(backend):
 @pytest.mark.parametrize("name,x,q,bs", quantize_inputs(20_000, torch.Generator().manual_seed(0)),
                          ids=lambda v: v if isinstance(v, str) else "")
 def test_quantize_matches_reference(backend, name, x, q, bs):
-    codes, absmax = backend.quantize_blockwise(x, q, bs)
-    rc, ra = quantize_blockwise(x, q, bs)
-    assert torch.equal(absmax, ra), name
-    mism = (codes != rc).nonzero().flatten()
-    assert mism.numel() == 0, f"{name}: {mism.numel()} codes differ, e.g. x={x[mism[0]].item()!r}"
-    assert torch.equal(backend.dequantize_blockwise(codes, absmax, q, bs), dequantize_blockwise(rc, ra, q, bs))
+    check_quantize_matches_reference(backend, name, x, q, bs, "cpu")
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))

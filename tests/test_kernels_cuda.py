@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from dist8.kernels.rules import Rule
-from dist8.quant import dequantize_blockwise, quantize_blockwise
 
 from _kernel_cases import (DTYPES, MAGNITUDES, MULTI_RULES, OPTIMIZER_CASES, Case, check_all_finite_many,
+                           check_quantize_matches_reference,
                            check_multi_equals_single, check_optimizer_matches_cpu, quantize_inputs, run_steps)
 
 pytestmark = [
@@ -90,12 +90,7 @@ def test_storage_offset_views(backend):
 @pytest.mark.parametrize("name,x,q,bs", quantize_inputs(20_000, torch.Generator().manual_seed(0)),
                          ids=lambda v: v if isinstance(v, str) else "")
 def test_quantize_matches_reference(backend, name, x, q, bs):
-    codes, absmax = backend.quantize_blockwise(x.cuda(), q.cuda(), bs)
-    rc, ra = quantize_blockwise(x, q, bs)
-    assert torch.equal(absmax.cpu(), ra), name
-    assert torch.equal(codes.cpu(), rc), name
-    deq = backend.dequantize_blockwise(codes, absmax, q.cuda(), bs)
-    assert torch.equal(deq.cpu(), dequantize_blockwise(rc, ra, q, bs))
+    check_quantize_matches_reference(backend, name, x, q, bs, "cuda")
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from dist8.kernels.rules import Rule
-from dist8.quant import dequantize_blockwise, quantize_blockwise
 
 from _cuda_emulation import emulated_cuda_backend
 from _kernel_cases import (DTYPES, MAGNITUDES, MULTI_RULES, OPTIMIZER_CASES, Case, check_all_finite_many,
-                           check_multi_equals_single, check_optimizer_matches_cpu, quantize_inputs, run_steps)
+                           check_quantize_matches_reference,
+                           check_multi_equals_single, quantize_inputs, run_steps)
 
 ALL_RULES = list(Rule)
 # Small: every CUDA thread is a fiber. 64-value blocks take 64 threads, 256 and above 256;
@@ -74,11 +74,7 @@ def test_storage_offset_views(backend):
 @pytest.mark.parametrize("name,x,q,bs", quantize_inputs(3000, torch.Generator().manual_seed(0)),
                          ids=lambda v: v if isinstance(v, str) else "")
 def test_quantize_matches_reference(backend, name, x, q, bs):
-    codes, absmax = backend.quantize_blockwise(x, q, bs)
-    rc, ra = quantize_blockwise(x, q, bs)
-    assert torch.equal(absmax, ra), name
-    assert torch.equal(codes, rc), name
-    assert torch.equal(backend.dequantize_blockwise(codes, absmax, q, bs), dequantize_blockwise(rc, ra, q, bs))
+    check_quantize_matches_reference(backend, name, x, q, bs, "cpu")
 
 
 @pytest.mark.parametrize("rule", MULTI_RULES, ids=lambda r: r.name)

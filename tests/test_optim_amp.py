@@ -19,7 +19,8 @@ CASES = {
 
 def _params():
     gen = torch.Generator().manual_seed(0)
-    return {"w": torch.nn.Parameter(torch.randn(3000, generator=gen)), "b": torch.nn.Parameter(torch.randn(70, generator=gen))}
+    return {"w": torch.nn.Parameter(torch.randn(3000, generator=gen)),
+            "b": torch.nn.Parameter(torch.randn(70, generator=gen))}
 
 
 def _targets(step):

@@ -1,5 +1,4 @@
 """32-bit mode equals torch's optimizers; 8-bit tracks its 32-bit counterpart."""
-import copy
 
 import pytest
 import torch

@@ -188,7 +188,9 @@ class Optimizer8bit(torch.optim.Optimizer):
             self._positions = positions
         return positions.get(p, "<unregistered parameter>")
 
-    def settings(self, p: torch.Tensor, group: dict[str, Any], group_hyper: dict[str, Any] | None = None) -> ParamSettings:
+    def settings(
+        self, p: torch.Tensor, group: dict[str, Any], group_hyper: dict[str, Any] | None = None
+    ) -> ParamSettings:
         """Resolve group hyperparameters, module marks and name overrides for ``p``.
 
         ``group_hyper`` (the group's entries without ``params``, made once per step
