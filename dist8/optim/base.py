@@ -38,6 +38,20 @@ class ParamSettings:
     hyper: dict[str, Any]
 
 
+def _square_sums(tensors: list[torch.Tensor]) -> list[float]:
+    """``sum(t.double() ** 2)`` of each tensor, copied to the host once per device, not once per
+    tensor (on a GPU each copy is a sync)."""
+    out = [0.0] * len(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    for idx in by_device.values():
+        values = torch.stack([tensors[i].detach().double().square().sum() for i in idx]).tolist()
+        for i, v in zip(idx, values):
+            out[i] = v
+    return out
+
+
 class Optimizer8bit(torch.optim.Optimizer):
     """Base class of dist8's optimizers; not used directly.
 
@@ -316,13 +330,16 @@ class Optimizer8bit(torch.optim.Optimizer):
         if amp is not None and amp[1]:
             partials[2 * n] = 1.0
         to_check: dict[torch.device, list] = {}  # one pass over all gradients of a device
+        to_norm: list = []  # (slot, gradient) for percentile clipping
         dtensors = bool(self._dtensor)  # all parameters are DTensors, or none (checked when added)
         for slot, (p, settings, _state) in zip(slots, items):
             grad = _dt.local(p.grad) if dtensors else p.grad
             if check:
                 to_check.setdefault(grad.device, []).append((slot, grad))
-            if need_gnorm and settings.hyper["percentile_clipping"] < 100:  # history holds unscaled norms
-                partials[n + slot] += float(grad.detach().double().square().sum()) * inv_scale * inv_scale
+            if need_gnorm and settings.hyper["percentile_clipping"] < 100:
+                to_norm.append((slot, grad))
+        for (slot, _), sq in zip(to_norm, _square_sums([g for _, g in to_norm])):
+            partials[n + slot] += sq * inv_scale * inv_scale  # the history holds unscaled norms
         for device, pairs in to_check.items():
             finite = get_backend(device).all_finite_many([g for _, g in pairs])
             for (slot, _), ok in zip(pairs, finite):
@@ -421,9 +438,10 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     def _apply_trust_ratios(self, trust_items: list, n_slots: int) -> None:
         sums = torch.zeros(2 * n_slots, dtype=torch.float64)
-        for slot, p, _settings, update in trust_items:
-            sums[2 * slot] += float(_dt.local(p.detach()).double().square().sum())
-            sums[2 * slot + 1] += float(update.double().square().sum())
+        squares = _square_sums([t for _, p, _, u in trust_items for t in (_dt.local(p), u)])
+        for k, (slot, _p, _settings, _update) in enumerate(trust_items):
+            sums[2 * slot] += squares[2 * k]
+            sums[2 * slot + 1] += squares[2 * k + 1]
         sums = self._reduce(sums)
         for slot, p, settings, update in trust_items:
             ratio = self._trust_ratio(settings.hyper, math.sqrt(sums[2 * slot]), math.sqrt(sums[2 * slot + 1]))
