@@ -83,6 +83,20 @@ def test_multi_tensor_op_equals_one_call_per_tensor(backend, rule):
     check_multi_equals_single(backend, rule, True, "cpu")
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_quantize_dtypes_and_nonfinite(backend, dtype):
+    from dist8.quant import dynamic_map, quantize_blockwise
+
+    x = (torch.randn(300, generator=torch.Generator().manual_seed(1)) * 3).to(DTYPES[dtype])
+    x[3], x[100], x[200] = float("nan"), float("inf"), float("-inf")
+    for q in (dynamic_map(True), dynamic_map(False)):
+        for bs in (64, 256):
+            codes, absmax = backend.quantize_blockwise(x, q, bs)
+            rc, ra = quantize_blockwise(x, q, bs)
+            torch.testing.assert_close(absmax, ra, rtol=0, atol=0, equal_nan=True)
+            assert torch.equal(codes, rc), (dtype, bs)
+
+
 def test_all_finite(backend):
     x = torch.randn(5003)
     assert backend.all_finite(x)
