@@ -47,6 +47,7 @@ def _load_native(kind: str):
     return backend
 
 
+@torch.compiler.disable  # host-side choice (and first-use build), never part of a traced graph
 def get_backend(device: torch.device | str):
     """The backend that updates tensors on ``device``."""
     if not isinstance(device, torch.device):  # called once per parameter per step: skip the constructor

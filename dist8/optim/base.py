@@ -38,6 +38,12 @@ class ParamSettings:
     hyper: dict[str, Any]
 
 
+@torch.compiler.disable
+def _map_on(name: str, signed: bool, device: torch.device) -> torch.Tensor:
+    """The quantization map on ``device``; made once, outside torch.compile (get_map is lru_cached)."""
+    return get_map(name, signed).to(device)
+
+
 def _square_sums(tensors: list[torch.Tensor]) -> list[float]:
     """``sum(t.double() ** 2)`` of each tensor, copied to the host once per device, not once per
     tensor (on a GPU each copy is a sync)."""
@@ -231,7 +237,7 @@ class Optimizer8bit(torch.optim.Optimizer):
     def qmap(self, device: torch.device, signed: bool) -> torch.Tensor:
         key = (device, signed)
         if key not in self._qmaps:
-            self._qmaps[key] = get_map(self.quant_map, signed).to(device)
+            self._qmaps[key] = _map_on(self.quant_map, signed, device)
         return self._qmaps[key]
 
     # ---- state ------------------------------------------------------------------
