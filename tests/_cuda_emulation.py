@@ -9,7 +9,6 @@ thread is a fiber): for small cases that check the kernels' logic without a GPU.
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 
 import torch
@@ -29,16 +28,12 @@ def emulated_cuda_backend() -> native.NativeBackend:
     for schema in native._SCHEMAS.values():
         _LIB.define(schema)
     src = native.csrc_dir()
-    build_dir = None
-    if os.environ.get("DIST8_BUILD_DIR"):
-        build_dir = os.path.join(os.environ["DIST8_BUILD_DIR"], "dist8_cuda_emu")
-        os.makedirs(build_dir, exist_ok=True)
     cpp_extension.load(
         name="dist8_cuda_emu",
         sources=[str(HERE / "cuda_emu" / "dist8_cuda_emu.cpp")],
         extra_include_paths=[str(src / "include"), str(HERE / "cuda_emu")],
         extra_cflags=["-O1", "-ffp-contract=off"],
-        build_directory=build_dir,
+        build_directory=native._build_dir("dist8_cuda_emu"),  # DIST8_BUILD_DIR, as for the real kernels
         is_python_module=False,
         with_cuda=False,
     )

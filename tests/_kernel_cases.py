@@ -266,21 +266,28 @@ def optimizer_run(name: str, device: str):
     return [p.detach().cpu() for p in params], opt
 
 
-def check_optimizer_matches_cpu(name: str, device: str) -> None:
-    got, opt = optimizer_run(name, device)
-    ref, ref_opt = optimizer_run(name, "cpu")
+def assert_same_runs(name: str, got, opt, ref, ref_opt, exact: bool = True) -> None:
+    """Two optimizer_run results agree: skips, parameters and state bitwise. ``exact=False``
+    lets LAMB/LARS parameters differ by float64 summation order (and skips their states,
+    which follow those parameters)."""
+    trust = name in ("LAMB8bit", "LARS8bit")
     assert opt.nonfinite_skips == ref_opt.nonfinite_skips == 1
     for i, (a, b) in enumerate(zip(got, ref)):
-        if name in ("LAMB8bit", "LARS8bit"):  # trust-ratio norms: float64 sums in another order
+        if trust and not exact:
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=f"{name} parameter {i}")
         else:
             assert torch.equal(a, b), f"{name} parameter {i}"
-    if name in ("LAMB8bit", "LARS8bit"):
-        return  # states follow parameters that may differ by an ulp (LARS' decay term): compared above
+    if trust and not exact:
+        return
     for pa, pb in zip(opt.param_groups[0]["params"], ref_opt.param_groups[0]["params"]):
         for key, value in ref_opt.state[pb].items():
             other = opt.state[pa][key]
             assert (torch.equal(other.cpu(), value) if torch.is_tensor(value) else other == value), f"{name} {key}"
+
+
+def check_optimizer_matches_cpu(name: str, device: str) -> None:
+    got, opt = optimizer_run(name, device)
+    assert_same_runs(name, got, opt, *optimizer_run(name, "cpu"), exact=False)
 
 
 def check_quantize_matches_reference(backend, name, x, q, bs, device: str) -> None:

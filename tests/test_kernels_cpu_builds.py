@@ -22,25 +22,21 @@ HERE = Path(__file__).resolve().parent
 CASES = "rules_fp32 and (ADAM or SGD or LION) or rules_dtypes and ADAM or linear_map or zero_blocks or quantize"
 
 
-def _has_avx512() -> bool:
+def _cpu_flags() -> set[str]:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl"))
+        return set()
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
 
 
-def _has_avx2() -> bool:
-    try:
-        return " avx2" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
+CPU_FLAGS = _cpu_flags()
 
 VARIANTS = {
     "portable": ({"DIST8_PORTABLE": "1"}, None),
-    "avx512-no-vbmi": ({"DIST8_CPU_FLAGS": "-mno-avx512vbmi"}, None if _has_avx512() else "CPU has no AVX-512"),
-    "avx2": ({"DIST8_CPU_FLAGS": "-mno-avx512f"}, None if _has_avx2() else "CPU has no AVX2"),
+    "avx512-no-vbmi": ({"DIST8_CPU_FLAGS": "-mno-avx512vbmi"},
+                       None if {"avx512f", "avx512bw", "avx512vl"} <= CPU_FLAGS else "CPU has no AVX-512"),
+    "avx2": ({"DIST8_CPU_FLAGS": "-mno-avx512f"}, None if "avx2" in CPU_FLAGS else "CPU has no AVX2"),
 }
 
 

@@ -7,8 +7,8 @@ import torch
 from dist8.kernels.rules import Rule
 
 from _kernel_cases import (DTYPES, MAGNITUDES, MULTI_RULES, OPTIMIZER_CASES, Case, check_all_finite_many,
-                           check_quantize_matches_reference,
-                           check_multi_equals_single, check_optimizer_matches_cpu, quantize_inputs, run_steps)
+                           check_multi_equals_single, check_optimizer_matches_cpu, check_quantize_matches_reference,
+                           quantize_inputs, run_steps)
 
 pytestmark = [
     pytest.mark.cuda,

@@ -15,9 +15,9 @@ import torch
 from dist8.kernels.rules import Rule
 
 from _cuda_emulation import emulated_cuda_backend
-from _kernel_cases import (DTYPES, MAGNITUDES, MULTI_RULES, OPTIMIZER_CASES, Case, check_all_finite_many,
-                           check_quantize_matches_reference,
-                           check_multi_equals_single, quantize_inputs, run_steps)
+from _kernel_cases import (DTYPES, MAGNITUDES, MULTI_RULES, OPTIMIZER_CASES, Case, assert_same_runs,
+                           check_all_finite_many, check_multi_equals_single, check_quantize_matches_reference,
+                           optimizer_run, quantize_inputs, run_steps)
 
 ALL_RULES = list(Rule)
 # Small: every CUDA thread is a fiber. 64-value blocks take 64 threads, 256 and above 256;
@@ -124,16 +124,7 @@ def test_optimizer_through_emulated_cuda_kernels_equals_cpu_kernels(backend, nam
         return backend
 
     monkeypatch.setattr(base, "get_backend", emulated_on_first_run)
-    from _kernel_cases import optimizer_run
-
     got, opt = optimizer_run(name, "cpu")
     assert calls, "the optimizer never asked for a backend"
     monkeypatch.setattr(base, "get_backend", lambda device: cpu_backend)
-    ref, ref_opt = optimizer_run(name, "cpu")
-    assert opt.nonfinite_skips == ref_opt.nonfinite_skips == 1
-    for i, (a, b) in enumerate(zip(got, ref)):
-        assert torch.equal(a, b), f"{name} parameter {i}"
-    for pa, pb in zip(opt.param_groups[0]["params"], ref_opt.param_groups[0]["params"]):
-        for key, value in ref_opt.state[pb].items():
-            other = opt.state[pa][key]
-            assert (torch.equal(other, value) if torch.is_tensor(value) else other == value), f"{name} {key}"
+    assert_same_runs(name, got, opt, *optimizer_run(name, "cpu"))

@@ -26,6 +26,7 @@
 
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #include "dist8_rules.h"
 
@@ -232,6 +233,17 @@ __device__ __forceinline__ void update_block(const CommonArgs& k, const TensorAr
   }
 }
 
+// The tensor a thread block (or warp) works on: the last i with first_block[i] <= b.
+template <typename Index>
+__device__ __forceinline__ int tensor_of(const Index* first_block, int ntensors, int64_t b) {
+  int lo = 0, hi = ntensors - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (first_block[mid] <= b) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
 __global__ void fused_update_kernel(FusedArgs a) {
   __shared__ float q[2][256];
   __shared__ uint32_t red[33];
@@ -247,11 +259,7 @@ __global__ void fused_update_multi_kernel(MultiArgs a) {
   D8_DYNAMIC_SHARED(float, dyn);
   load_qmaps(a.k, q);
   const int64_t b = blockIdx.x;
-  int lo = 0, hi = a.ntensors - 1;  // last i with first_block[i] <= b
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (a.first_block[mid] <= b) lo = mid; else hi = mid - 1;
-  }
+  const int lo = tensor_of(a.first_block, a.ntensors, b);
   update_block(a.k, a.t[lo], b - a.first_block[lo], q, red, dyn);
 }
 
@@ -332,11 +340,7 @@ __global__ void fused_update_multi_warp_kernel(MultiArgs a) {
   load_qmaps(a.k, q);
   const int64_t b = (int64_t)blockIdx.x * WARPS_PER_CTA + (threadIdx.x >> 5);
   if (b >= a.first_block[a.ntensors]) return;
-  int lo = 0, hi = a.ntensors - 1;  // last i with first_block[i] <= b
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (a.first_block[mid] <= b) lo = mid; else hi = mid - 1;
-  }
+  const int lo = tensor_of(a.first_block, a.ntensors, b);
   update_block_warp<VPT>(a.k, a.t[lo], b - a.first_block[lo], q, threadIdx.x & 31);
 }
 
@@ -403,11 +407,7 @@ static_assert(sizeof(FiniteMultiArgs) <= 4000, "finite-check kernel arguments mu
 // Thread blocks first_block[i] .. first_block[i+1]-1 stride over tensor i; bad[slot[i]] |= non-finite seen.
 __global__ void all_finite_multi_kernel(FiniteMultiArgs a, int* bad) {
   const int b = blockIdx.x;
-  int lo = 0, hi = a.ntensors - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (a.first_block[mid] <= b) lo = mid; else hi = mid - 1;
-  }
+  const int lo = tensor_of(a.first_block, a.ntensors, b);
   const int64_t nb = a.first_block[lo + 1] - a.first_block[lo];
   const bool found = any_nonfinite(a.x[lo], a.dt[lo], (b - a.first_block[lo]) * (int64_t)blockDim.x + threadIdx.x,
                                    a.n[lo], nb * blockDim.x);
@@ -424,6 +424,17 @@ bool use_warp_kernel(int64_t block_size) {
 }
 
 unsigned warp_grid(int64_t nblocks) { return (unsigned)((nblocks + WARPS_PER_CTA - 1) / WARPS_PER_CTA); }
+
+// f(std::integral_constant<int, block_size / 32>{}): picks the warp kernels' instantiation.
+template <typename F>
+void with_values_per_lane(int64_t block_size, F&& f) {
+  switch (block_size) {
+    case 64: f(std::integral_constant<int, 2>{}); break;
+    case 128: f(std::integral_constant<int, 4>{}); break;
+    case 256: f(std::integral_constant<int, 8>{}); break;
+    default: f(std::integral_constant<int, 16>{}); break;  // 512
+  }
+}
 
 void check_block_size(int64_t block_size) {
   TORCH_CHECK(block_size >= 64 && (block_size & (block_size - 1)) == 0, "dist8: bad block_size ", block_size);
@@ -510,13 +521,10 @@ void fused_update_cuda(int64_t rule, const at::Tensor& param, const at::Tensor& 
   if (a.t.n == 0) return;
   const int64_t nblocks = (a.t.n + block_size - 1) / block_size;
   if (use_warp_kernel(block_size)) {
-    const unsigned grid = warp_grid(nblocks), threads = 32 * WARPS_PER_CTA;
-    switch (block_size) {
-      case 64: D8_LAUNCH(fused_update_warp_kernel<2>, grid, threads, 0, a, nblocks); break;
-      case 128: D8_LAUNCH(fused_update_warp_kernel<4>, grid, threads, 0, a, nblocks); break;
-      case 256: D8_LAUNCH(fused_update_warp_kernel<8>, grid, threads, 0, a, nblocks); break;
-      default: D8_LAUNCH(fused_update_warp_kernel<16>, grid, threads, 0, a, nblocks); break;
-    }
+    with_values_per_lane(block_size, [&](auto vpt) {
+      D8_LAUNCH(fused_update_warp_kernel<decltype(vpt)::value>, warp_grid(nblocks), 32 * WARPS_PER_CTA, 0, a,
+                nblocks);
+    });
     D8_LAUNCH_CHECK();
     return;
   }
@@ -558,13 +566,10 @@ void fused_update_multi_cuda(int64_t rule, at::TensorList params, at::TensorList
   auto launch = [&]() {
     if (a.ntensors == 0) return;
     if (warp) {
-      const unsigned grid = warp_grid(a.first_block[a.ntensors]), threads = 32 * WARPS_PER_CTA;
-      switch (block_size) {
-        case 64: D8_LAUNCH(fused_update_multi_warp_kernel<2>, grid, threads, 0, a); break;
-        case 128: D8_LAUNCH(fused_update_multi_warp_kernel<4>, grid, threads, 0, a); break;
-        case 256: D8_LAUNCH(fused_update_multi_warp_kernel<8>, grid, threads, 0, a); break;
-        default: D8_LAUNCH(fused_update_multi_warp_kernel<16>, grid, threads, 0, a); break;
-      }
+      with_values_per_lane(block_size, [&](auto vpt) {
+        D8_LAUNCH(fused_update_multi_warp_kernel<decltype(vpt)::value>, warp_grid(a.first_block[a.ntensors]),
+                  32 * WARPS_PER_CTA, 0, a);
+      });
     } else {
       D8_LAUNCH(fused_update_multi_kernel, (unsigned)a.first_block[a.ntensors], threads_for(block_size), smem, a);
     }
