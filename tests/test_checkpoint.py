@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,6 +222,40 @@ def test_keep_last_rotation_and_latest(tmp_path):
     assert sorted(os.listdir(tmp_path / "run")) == ["latest", "step-00000003", "step-00000004"]
     assert ck.latest(tmp_path / "run").endswith("step-00000004")
     assert ck.latest(tmp_path / "empty") is None
+
+
+
+def test_rotation_killed_midway_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+    """A save killed while deleting an old checkpoint (rmtree removed the tensors, not yet
+    metadata.json) must not leave a step-* directory that latest() would pick after a restart."""
+    import shutil
+
+    import dist8.checkpoint.io as ckio
+
+    model = make_model()
+    opt = dist8.AdamW8bit(model.named_parameters(), **KW)
+    for step in (1, 2):
+        train(model, opt, 1, step)
+        ck.save(tmp_path / "run", model, opt, step=step, keep_last=2)
+    real_rmtree = shutil.rmtree
+
+    def killed_rmtree(path, ignore_errors=False):
+        for f in Path(path).glob("*.safetensors"):
+            f.unlink()
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(ckio.shutil, "rmtree", killed_rmtree)
+    train(model, opt, 1, 3)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save(tmp_path / "run", model, opt, step=3, keep_last=2)
+    monkeypatch.setattr(ckio.shutil, "rmtree", real_rmtree)
+    assert sorted(p.name for p in (tmp_path / "run").glob("step-*")) == ["step-00000002", "step-00000003"]
+    (tmp_path / "run" / ckio.LATEST).unlink()  # a restart that scans: only complete checkpoints are seen
+    fresh = make_model()
+    ck.load(ck.latest(tmp_path / "run"), fresh, dist8.AdamW8bit(fresh.named_parameters(), **KW))
+    train(model, opt, 1, 4)
+    ck.save(tmp_path / "run", model, opt, step=4, keep_last=2)
+    assert sorted(os.listdir(tmp_path / "run")) == ["latest", "step-00000003", "step-00000004"]  # trash cleared
 
 
 SAVER = r"""

@@ -152,9 +152,15 @@ def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
 
 
 def _rotate(root: Path, keep_last: int) -> None:
+    for stale in root.glob(".step-*.deleting"):  # left by a save killed while rotating
+        shutil.rmtree(stale, ignore_errors=True)
     done = sorted(p for p in root.glob("step-*") if (p / METADATA).is_file())
     for old in done[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        # Out of latest()'s sight in one rename before any file goes: a process killed inside
+        # rmtree must not leave a step-* directory whose metadata outlived its tensors.
+        trash = old.with_name(f".{old.name}.deleting")
+        os.replace(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def latest(root: str | os.PathLike) -> str | None:
