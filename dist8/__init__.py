@@ -2,22 +2,24 @@
 
 Block-wise dynamic quantization of optimizer state (Dettmers et al., ICLR 2022),
 with quantization blocks partitioned across data-parallel ranks.
+
+The names below are imported on first use (PEP 562), so that ``import dist8`` and the
+``dist8`` command's ``--help`` and argument errors do not wait for torch.
 """
-from dist8 import checkpoint, nn, optim, quant
-from dist8.shard import ShardedOptimizer
-from dist8.optim import (
-    LAMB8bit,
-    LARS8bit,
-    SGD8bit,
-    Adagrad8bit,
-    Adam8bit,
-    AdamW8bit,
-    Lion8bit,
-    RMSprop8bit,
-    get_optimizer_class,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+# name -> the module that defines it
+_EXPORTS = {
+    **{name: "dist8.optim" for name in ("Adagrad8bit", "Adam8bit", "AdamW8bit", "LAMB8bit", "LARS8bit", "Lion8bit",
+                                        "RMSprop8bit", "SGD8bit", "get_optimizer_class")},
+    "ShardedOptimizer": "dist8.shard",
+}
+_SUBMODULES = ("checkpoint", "nn", "optim", "quant")
 
 __all__ = [
     "Adagrad8bit",
@@ -36,3 +38,25 @@ __all__ = [
     "optim",
     "quant",
 ]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"dist8.{name}")
+    else:
+        raise AttributeError(f"module 'dist8' has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports these names stand for
+    from dist8 import checkpoint, nn, optim, quant
+    from dist8.optim import (Adagrad8bit, Adam8bit, AdamW8bit, LAMB8bit, LARS8bit, Lion8bit, RMSprop8bit, SGD8bit,
+                             get_optimizer_class)
+    from dist8.shard import ShardedOptimizer

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 
@@ -29,39 +30,76 @@ def _info(_args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dist8", description="Sharded 8-bit optimizers for PyTorch")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions and the kernel backend each device uses").set_defaults(func=_info)
-    for register in _subcommand_registrars():
-        register(sub)
-    from dist8.checkpoint import cli as ckpt_cli
+def _register_info(sub) -> None:
+    sub.add_parser("info", help=_COMMANDS["info"]).set_defaults(func=_info)
+
+
+def _register_train(sub) -> None:
+    from dist8.train import cli as train_cli
+
+    train_cli.register(sub)
+
+
+def _register_ckpt(sub) -> None:
+    from dist8.checkpoint import cli as ckpt_cli  # imports torch (the checkpoint package needs it)
 
     ckpt_sub = ckpt_cli.register(sub)
     # Converters of the integrations layer join `dist8 ckpt` here (checkpoint never imports integrations).
     from dist8.integrations import deepspeed_convert
 
     deepspeed_convert.register_cli(ckpt_sub, ckpt_cli.guard)
+
+
+# Sub-command -> one-line help. Only the sub-command being run gets its full parser (and imports
+# its layer); the others are listed by name, so `dist8 --help` and `dist8 train --bogus` answer
+# without importing torch.
+_COMMANDS = {
+    "info": "versions and the kernel backend each device uses",
+    "train": "train the reference GPT with a dist8 optimizer (YAML config)",
+    "ckpt": "inspect, verify and convert dist8 checkpoints",
+}
+_REGISTER = {"info": _register_info, "train": _register_train, "ckpt": _register_ckpt}
+
+
+def _command_in(argv: list[str]) -> str | None:
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in _COMMANDS else None
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``dist8`` parser: the full parser of sub-command ``command`` (``"all"``: of every one),
+    names and help only for the others."""
+    parser = argparse.ArgumentParser(prog="dist8", description="Sharded 8-bit optimizers for PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(_COMMANDS) + "}")
+    for name, help_text in _COMMANDS.items():
+        if command in (name, "all"):
+            _REGISTER[name](sub)
+        else:
+            sub.add_parser(name, help=help_text)
     return parser
 
 
-def _subcommand_registrars():
-    """Sub-commands that live with their layer (checkpoint, train), registered if importable."""
-    registrars = []
-    for module_name in ("dist8.train.cli",):
-        try:
-            module = __import__(module_name, fromlist=["register"])
-        except ImportError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        registrars.append(module.register)
-    return registrars
+def _follow_latest(args: argparse.Namespace) -> None:
+    """``dist8 ckpt info|verify|consolidate ROOT``: a checkpoint root stands for its newest checkpoint."""
+    path = getattr(args, "path", None)
+    if path is None or not os.path.isdir(path) or os.path.isfile(os.path.join(path, "metadata.json")):
+        return
+    from dist8.checkpoint import latest
+
+    found = latest(path)
+    if found is not None:
+        print(f"dist8 ckpt: {path} is a checkpoint root; using its newest checkpoint {found}", file=sys.stderr)
+        args.path = str(found)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = _command_in(argv)
+    args = build_parser(command).parse_args(argv)
+    if args.command == "ckpt":
+        _follow_latest(args)
     return int(args.func(args) or 0)
 
 

@@ -14,8 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from torch.utils import cpp_extension
-
 from dist8.kernels import native
 
 HERE = Path(__file__).resolve().parent
@@ -53,11 +51,10 @@ def test_build_variant_matches_reference(variant, tmp_path):
     assert out.returncode == 0, f"{variant} build failed its kernel tests:\n{tail}"
     assert " passed" in out.stdout and " failed" not in out.stdout, tail
     # and it really was that build (its own name, its own .so), not the default one
+    default_name = native.build_name("cpu")
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env_extra.items():
             mp.setenv(k, v)
-        name = native._cpu_build_name()
-    assert name != "dist8_cpu"
-    directory = os.environ.get("DIST8_BUILD_DIR")
-    directory = os.path.join(directory, name) if directory else cpp_extension._get_build_directory(name, verbose=False)
+        name, directory = native.build_name("cpu"), native.build_directory("cpu")
+    assert name != default_name
     assert list(Path(directory).glob(f"{name}*.so")), f"no {name} library in {directory}"

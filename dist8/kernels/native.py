@@ -28,7 +28,7 @@ import torch
 
 from dist8.kernels.rules import RULE_STATES, RULE_WRITES_UPDATE, Rule, Scalars
 
-__all__ = ["load_backend", "NativeBackend", "csrc_dir"]
+__all__ = ["build_directory", "build_name", "load_backend", "NativeBackend", "csrc_dir"]
 
 _SCHEMAS = {
     "fused_update_": (
@@ -129,23 +129,66 @@ def _cpu_flags() -> list[str]:
     return flags + os.environ.get("DIST8_CPU_FLAGS", "").split()
 
 
-def _cpu_build_name() -> str:
-    name = "dist8_cpu" + ("_portable" if os.environ.get("DIST8_PORTABLE", "") not in ("", "0") else "")
-    extra = os.environ.get("DIST8_CPU_FLAGS", "").split()
-    if extra:
-        import hashlib
+_CUDA_CFLAGS = ["-O3", "-ffp-contract=off"]
+_CUDA_NVCC_FLAGS = ["-O3", "--fmad=false", "-Xcompiler", "-ffp-contract=off"]
 
-        name += "_" + hashlib.sha1(" ".join(extra).encode()).hexdigest()[:8]
-    return name
+
+def _build_inputs(kind: str) -> tuple[list[Path], list[str]]:
+    """The files a ``kind`` build compiles or includes, and everything else its output depends on."""
+    src = csrc_dir()
+    sub = "cpu" if kind == "cpu" else "cuda"
+    files = sorted(p for d in (src / "include", src / sub) for p in d.iterdir() if p.is_file())
+    if kind == "cpu":
+        flags = _cpu_flags()
+    else:
+        flags = _CUDA_CFLAGS + _CUDA_NVCC_FLAGS + [os.environ.get("DIST8_CUDA_ARCH")
+                                                   or os.environ.get("TORCH_CUDA_ARCH_LIST") or "visible GPU"]
+        flags.append(str(torch.version.cuda))
+    # The checkout's path too: ninja rebuilds when the source paths in build.ninja change, so two
+    # checkouts with equal sources sharing a directory would still rebuild each other.
+    context = [str(src), torch.__version__, f"py{sys.version_info[0]}.{sys.version_info[1]}",
+               os.environ.get("CXX", "c++"), *flags]
+    return files, context
+
+
+def build_name(kind: str) -> str:
+    """The extension's name for this checkout: ``dist8_<kind>[_portable]_<12 hex digits>``.
+
+    The digits hash the sources' contents, the checkout's path, the compiler flags (also
+    ``DIST8_CPU_FLAGS``, ``DIST8_PORTABLE``, the CUDA archs), the compiler and the torch and Python
+    versions, so that checkouts, versions and build variants never share (and rebuild) one
+    build directory.
+    """
+    import hashlib
+
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"kind must be 'cpu' or 'cuda', got {kind!r}")
+    files, context = _build_inputs(kind)
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    h.update("\0".join(context).encode())
+    portable = "_portable" if kind == "cpu" and os.environ.get("DIST8_PORTABLE", "") not in ("", "0") else ""
+    return f"dist8_{kind}{portable}_{h.hexdigest()[:12]}"
+
+
+def build_directory(kind: str) -> str:
+    """Where the ``kind`` kernels of this checkout are built: ``$DIST8_BUILD_DIR/<name>``, else
+    torch's extensions directory (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``)."""
+    from torch.utils import cpp_extension
+
+    name = build_name(kind)
+    return _build_dir(name) or cpp_extension._get_build_directory(name, verbose=False)
 
 
 def _load_extension(kind: str) -> None:
+    import time
+
     from torch.utils import cpp_extension
 
     src = csrc_dir()
     include = str(src / "include")
     if kind == "cpu":
-        name = _cpu_build_name()
         sources = [src / "cpu" / "dist8_cpu.cpp"]
         kwargs = dict(extra_cflags=_cpu_flags(), extra_ldflags=["-fopenmp"], with_cuda=False)
     elif kind == "cuda":
@@ -153,19 +196,19 @@ def _load_extension(kind: str) -> None:
             raise RuntimeError("dist8: CUDA kernels requested but torch.cuda.is_available() is False")
         if os.environ.get("DIST8_CUDA_ARCH"):
             os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ["DIST8_CUDA_ARCH"]
-        name = "dist8_cuda"
         sources = [src / "cuda" / "dist8_cuda.cu"]
-        kwargs = dict(
-            extra_cflags=["-O3", "-ffp-contract=off"],
-            extra_cuda_cflags=["-O3", "--fmad=false", "-Xcompiler", "-ffp-contract=off"],
-            with_cuda=True,
-        )
+        kwargs = dict(extra_cflags=list(_CUDA_CFLAGS), extra_cuda_cflags=list(_CUDA_NVCC_FLAGS), with_cuda=True)
     else:
         raise ValueError(f"kind must be 'cpu' or 'cuda', got {kind!r}")
-    headers = [src / "include" / "dist8_rules.h", src / "cpu" / "quant_cpu.h"]
-    build_dir = _build_dir(name)
-    if _needs_build(name, build_dir, sources + headers):
-        print(f"dist8: building {kind} kernels (first use, ~1 min)...", file=sys.stderr, flush=True)
+    name = build_name(kind)
+    build_dir = build_directory(kind)
+    os.makedirs(build_dir, exist_ok=True)
+    building = _needs_build(name, build_dir, _build_inputs(kind)[0])
+    if building:
+        # Every build says so: a build nobody expected (e.g. a cache shared with another checkout) is visible.
+        print(f"dist8: building the {kind} kernels {name} in {build_dir} (once per source version; "
+              f"about 40 s of compiler time, 1-2 min on a busy machine)...", file=sys.stderr, flush=True)
+    tic = time.perf_counter()
     cpp_extension.load(
         name=name,
         sources=[str(s) for s in sources],
@@ -175,6 +218,8 @@ def _load_extension(kind: str) -> None:
         verbose=os.environ.get("DIST8_VERBOSE_BUILD", "") not in ("", "0"),
         **kwargs,
     )
+    if building:
+        print(f"dist8: built {name} in {time.perf_counter() - tic:.0f} s", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------

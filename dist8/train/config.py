@@ -28,7 +28,9 @@ __all__ = [
     "TrainConfig",
     "SHARDING_MODES",
     "apply_overrides",
+    "applicable_optimizer_args",
     "config_to_dict",
+    "fit_to_optimizer",
     "load_config",
 ]
 
@@ -92,14 +94,14 @@ class ShardingConfig:
 
 @dataclass
 class CheckpointConfig:
-    dir: str | None = None  # None: no checkpoints
+    dir: str | None = None  # None: no checkpoints; "{optimizer}" is replaced by the optimizer name
     every: int = 0  # steps between checkpoints; 0: only at the end / on SIGTERM
     keep: int = 2
 
 
 @dataclass
 class OutputConfig:
-    dir: str = "runs/tiny-gpt"
+    dir: str = "runs/tiny-gpt"  # "{optimizer}" is replaced by the optimizer name (lower case)
     plot: bool = True
 
 
@@ -252,12 +254,55 @@ def check_optimizer(name: str, args: dict[str, Any]) -> None:
     if "lr" in args:
         raise ConfigError("config key optimizer.args.lr: set the learning rate with train.lr (the schedule drives it)")
     dummy = torch.zeros(4, requires_grad=True)
-    params = [dummy] if cls.__module__.startswith("torch.") else [("dummy", dummy)]
+    params = [("dummy", dummy)]
+    if is_torch_optimizer(name):  # arguments that do not apply are dropped (fit_to_optimizer)
+        params, args = [dummy], applicable_optimizer_args(cls, args)[0]
     try:
         cls(params, lr=1e-3, **args)
     except (TypeError, ValueError, KeyError) as exc:
         msg = " ".join(str(exc).split())
         raise ConfigError(f"config key optimizer.args is not valid for {cls.__name__}: {msg}") from None
+
+
+def is_torch_optimizer(name: str) -> bool:
+    """True for the fp32 baselines ``torch.adamw`` / ``torch.adam`` / ``torch.sgd``."""
+    return name.lower() in TORCH_OPTIMIZERS
+
+
+def applicable_optimizer_args(cls: type, args: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Split ``optimizer.args`` into those ``cls`` accepts and the names of those it does not."""
+    import inspect
+
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
+    kept = {k: v for k, v in args.items() if k in accepted}
+    return kept, [k for k in args if k not in accepted]
+
+
+def fit_to_optimizer(cfg: Config) -> list[str]:
+    """Make a config written for a dist8 optimizer run with a torch baseline; returns one note per change.
+
+    ``--set optimizer.name=torch.adamw`` on a dist8 config is the fp32 baseline: arguments the
+    torch class does not take (``block_size``, ``min_8bit_size``, ...) are dropped, and the
+    dist8-only sharding modes (``dist8-zero1``/``dist8-zero2``) fall back to ``ddp``. Also
+    expands ``{optimizer}`` in ``output.dir`` and ``checkpoint.dir``.
+    """
+    notes = []
+    o, s = cfg.optimizer, cfg.sharding
+    if is_torch_optimizer(o.name):
+        cls = optimizer_class(o.name)
+        o.args, dropped = applicable_optimizer_args(cls, o.args)
+        if dropped:
+            what = f"optimizer.args.{dropped[0]} does" if len(dropped) == 1 else \
+                f"optimizer.args {', '.join(dropped)} do"
+            notes.append(f"{what} not apply to {o.name} (torch.optim.{cls.__name__}); dropped")
+        if s.mode in ("dist8-zero1", "dist8-zero2"):
+            notes.append(f"sharding.mode {s.mode} shards dist8 optimizers only; {o.name} runs under ddp")
+            s.mode = "ddp"
+    slug = o.name.lower()
+    cfg.output.dir = cfg.output.dir.replace("{optimizer}", slug)
+    if cfg.checkpoint.dir:
+        cfg.checkpoint.dir = cfg.checkpoint.dir.replace("{optimizer}", slug)
+    return notes
 
 
 def apply_overrides(raw: dict, sets: list[str]) -> dict:

@@ -83,7 +83,10 @@ def load_corpus(cfg: DataConfig, seq_len: int) -> ByteCorpus:
     source = str(root) if cfg.path is not None else f"CPython stdlib ({root})"
     if root.is_file():
         # One file: the last val_fraction of its bytes is the validation split.
-        data = root.read_bytes()[: cfg.max_bytes]
+        try:
+            data = root.read_bytes()[: cfg.max_bytes]
+        except OSError as exc:
+            raise ConfigError(f"config key data.path: cannot read {str(root)!r}: {exc.strerror or exc}") from None
         n_val = max(int(len(data) * cfg.val_fraction), seq_len + 2)
         train_b, val_b, n_files = data[:-n_val], data[-n_val:], (1, 1)
     else:

@@ -9,7 +9,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["MetricsWriter", "peak_memory_bytes", "plot_run", "summary_table", "read_metrics"]
+__all__ = ["MetricsWriter", "peak_memory_bytes", "plot_run", "run_summary", "summary_table", "read_metrics"]
+
+PLOT_INSTALL_HINT = 'python -m pip install matplotlib (or the plot extra: python -m pip install -e ".[plot]")'
+
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -55,15 +58,56 @@ class MetricsWriter:
         self._f.close()
 
 
-def plot_run(records: list[dict[str, Any]], summary: dict[str, Any], path: str | os.PathLike) -> bool:
-    """Loss curves and a memory bar chart as one PNG; False if matplotlib is missing."""
+def run_summary(path: str | os.PathLike, records: list[dict[str, Any]], attempt: dict[str, Any], *,
+                resumed: bool, **fields: Any) -> dict[str, Any]:
+    """The summary of the whole run, from ``metrics.jsonl`` and every attempt that trained it.
+
+    ``attempt`` is this process's share (``start_step``, ``end_step``, ``world_size``, ``wall_s``,
+    ``train_s``, ``tokens``, ``peak_mem_bytes``). A resumed run appends it to the attempts of the
+    summary already at ``path`` (those before the resumed step); an attempt that trained no step
+    (resuming a finished run) adds nothing. Losses come from the records, so a no-op resume
+    reports the run's final loss, and peak memory is the maximum over all attempts.
+    """
+    attempts: list[dict[str, Any]] = []
+    p = Path(path)
+    if resumed and p.is_file():
+        try:
+            attempts = list(json.loads(p.read_text()).get("attempts", []))
+        except (ValueError, AttributeError):  # an unreadable old summary: start the record again
+            attempts = []
+        start = attempt["start_step"]
+        attempts = [dict(a, end_step=min(a["end_step"], start)) for a in attempts if a.get("start_step", 0) < start]
+    if attempt["end_step"] > attempt["start_step"] or not attempts:
+        attempts.append(attempt)
+    losses = [r for r in records if r.get("loss") is not None]
+    evals = [r["val_loss"] for r in records if r.get("val_loss") is not None]
+    train_s = sum(a.get("train_s") or 0.0 for a in attempts)
+    peaks = [a.get("peak_mem_bytes") or 0 for a in attempts] + [r.get("peak_mem_bytes") or 0 for r in records]
+    summary = dict(fields)
+    summary.update(
+        world_size=attempts[-1]["world_size"],
+        step=losses[-1]["step"] if losses else attempt["end_step"],
+        final_loss=losses[-1]["loss"] if losses else None,
+        final_val_loss=evals[-1] if evals else None,
+        tokens_per_s=sum(a.get("tokens") or 0 for a in attempts) / train_s if train_s else 0.0,
+        peak_mem_bytes=max(peaks),
+        wall_s=sum(a.get("wall_s") or 0.0 for a in attempts),
+        attempts=attempts,
+    )
+    if records and records[-1].get("opt_state_bytes_per_rank") is not None:
+        summary["opt_state_bytes_per_rank"] = records[-1]["opt_state_bytes_per_rank"]
+    return summary
+
+
+def plot_run(records: list[dict[str, Any]], summary: dict[str, Any], path: str | os.PathLike) -> str | None:
+    """Loss curves and a memory bar chart as one PNG; returns None, or why it was skipped."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
+        return f"matplotlib is not installed; {PLOT_INSTALL_HINT}"
     fig, (ax_loss, ax_mem) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
@@ -92,7 +136,7 @@ def plot_run(records: list[dict[str, Any]], summary: dict[str, Any], path: str |
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
+    return None
 
 
 def _fmt_bytes(n: float) -> str:
@@ -110,13 +154,14 @@ def summary_table(summary: dict[str, Any]) -> str:
         ("optimizer", summary.get("optimizer")),
         ("world size", summary.get("world_size")),
         ("parameters", f"{summary.get('params', 0):,}"),
-        ("steps", f"{summary.get('step')} / {summary.get('steps')}"),
+        ("steps", f"{summary.get('step')} / {summary.get('steps')}"
+                  + (f" ({len(summary['attempts'])} attempts)" if len(summary.get("attempts", [])) > 1 else "")),
         ("final train loss", _f(summary.get("final_loss"))),
         ("final val loss", _f(summary.get("final_val_loss"))),
         ("tokens/s (global)", f"{summary.get('tokens_per_s', 0):,.0f}"),
         ("opt state / rank", _fmt_bytes(summary.get("opt_state_bytes_per_rank", 0))),
         ("peak memory (rank 0)", _fmt_bytes(summary.get("peak_mem_bytes", 0))),
-        ("wall time", f"{summary.get('wall_s', 0):.1f} s"),
+        ("wall time", f"{summary.get('wall_s', 0):.1f} s" + (" (all attempts)" if len(summary.get("attempts", [])) > 1 else "")),
     ]
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 30)

@@ -23,11 +23,12 @@ import torch
 import torch.distributed as dist
 
 from dist8.train.checkpointing import Checkpointer
-from dist8.train.config import Config, ConfigError, config_to_dict
+from dist8.train.config import Config, ConfigError, config_to_dict, fit_to_optimizer
 from dist8.train.data import load_corpus, sample_seed
 from dist8.train.engine import Engine, build_engine, optimizer_state_nbytes
 from dist8.train.model import GPT, GPTConfig
-from dist8.train.report import MetricsWriter, peak_memory_bytes, plot_run, read_metrics, summary_table
+from dist8.train.report import (MetricsWriter, peak_memory_bytes, plot_run, read_metrics, run_summary,
+                                summary_table)
 
 __all__ = ["lr_at", "run", "EXIT_SIGTERM"]
 
@@ -129,7 +130,14 @@ def _maybe_fault(cfg: Config, step: int, rank: int) -> None:
 
 
 def run(cfg: Config, *, resume: str | None = None, stop_at: int | None = None, run_name: str = "run") -> int:
-    """Train according to ``cfg``. Returns the process exit code (0, or 143 after SIGTERM)."""
+    """Train according to ``cfg``. Returns the process exit code (0, or 143 after SIGTERM).
+
+    ``resume``: ``"auto"`` (the newest complete checkpoint under ``checkpoint.dir``, if any), a
+    checkpoint directory, or a checkpoint root (its newest checkpoint). Expected failures raise
+    :class:`ConfigError` or :class:`dist8.checkpoint.CheckpointError` with a one-line message.
+    """
+    for note in fit_to_optimizer(cfg):  # a no-op when the CLI did it already
+        print(f"[dist8 train] note: {note}", file=sys.stderr, flush=True)
     if resume is not None and resume != "auto" and not os.path.isdir(resume):
         raise ConfigError(f"--resume: {resume!r} is not a checkpoint directory (use 'auto' or a path)")
     if resume == "auto" and not cfg.checkpoint.dir:
@@ -140,6 +148,35 @@ def run(cfg: Config, *, resume: str | None = None, stop_at: int | None = None, r
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _load_checkpoint(ckpt: Checkpointer, path: str) -> dict[str, Any]:
+    """``ckpt.load(path)`` with every failure of reading it as one CheckpointError line naming ``path``."""
+    from dist8.checkpoint import CheckpointError
+
+    try:
+        return ckpt.load(path)
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        # A missing/corrupt file, bad JSON, a shape or world-size mismatch of the torch.save
+        # writer: the user's checkpoint, not a bug here.
+        raise CheckpointError(f"cannot resume from {path}: {' '.join(str(exc).split())}") from None
+
+
+def _resume_path(ckpt: Checkpointer | None, resume: str | None, make) -> tuple[str | None, Checkpointer | None]:
+    """The checkpoint to resume from: auto -> newest under checkpoint.dir; a root -> its newest."""
+    if resume is None:
+        return None, ckpt
+    if resume == "auto":
+        return ckpt.latest(), ckpt
+    if any(os.path.isfile(os.path.join(resume, f)) for f in ("metadata.json", "train_meta.json")):
+        return resume, ckpt or make(os.path.dirname(os.path.abspath(resume)))
+    root = make(resume)  # a checkpoint root: follow its newest complete checkpoint
+    found = root.latest()
+    if found is None:
+        raise ConfigError(f"--resume: {resume!r} is neither a checkpoint nor a directory holding one")
+    return found, ckpt or root
 
 
 def _train(cfg: Config, resume, stop_at, run_name, rank, world, device) -> int:
@@ -156,14 +193,14 @@ def _train(cfg: Config, resume, stop_at, run_name, rank, world, device) -> int:
 
     start = 0
     ckpt_root = cfg.checkpoint.dir
-    ckpt = Checkpointer(ckpt_root, cfg.sharding.mode, engine.raw_model, engine.optimizer, cfg.checkpoint.keep) \
-        if ckpt_root else None
-    path = ckpt.latest() if resume == "auto" else resume
+
+    def make_checkpointer(root: str) -> Checkpointer:
+        return Checkpointer(root, cfg.sharding.mode, engine.raw_model, engine.optimizer, cfg.checkpoint.keep)
+
+    ckpt = make_checkpointer(ckpt_root) if ckpt_root else None
+    path, ckpt = _resume_path(ckpt, resume, make_checkpointer)
     if path is not None:
-        if ckpt is None:
-            ckpt = Checkpointer(os.path.dirname(os.path.abspath(path)), cfg.sharding.mode, engine.raw_model,
-                                engine.optimizer, cfg.checkpoint.keep)
-        extra = ckpt.load(path)
+        extra = _load_checkpoint(ckpt, path)
         start = int(extra.get("step", 0))
         _say(rank, f"resumed from {path} at step {start} ({ckpt.describe()})")
     elif resume == "auto":
@@ -272,33 +309,30 @@ def _train(cfg: Config, resume, stop_at, run_name, rank, world, device) -> int:
         if metrics is not None:
             metrics.close()
 
-    if rank == 0 and exit_code == 0:
+    if rank == 0 and exit_code in (0, EXIT_SIGTERM):  # a stopped run's record is kept up to date too
+        if start >= end:
+            _say(rank, f"nothing to train: resumed at step {start}, the run ends at step {end}")
         records = read_metrics(out_dir / "metrics.jsonl")
-        evals = [r["val_loss"] for r in records if r.get("val_loss") is not None]
-        steps_timed = [r["tokens_per_s"] for r in records if r.get("tokens_per_s")]
-        summary = {
-            "run": run_name,
-            "mode": cfg.sharding.mode,
-            "engine": engine.description,
-            "optimizer": cfg.optimizer.name,
+        this_attempt = {
+            "start_step": start,
+            "end_step": last["step"],
             "world_size": world,
-            "params": n_params,
-            "step": last["step"],
-            "steps": t.steps,
-            "final_loss": last["loss"],
-            "final_val_loss": evals[-1] if evals else None,
-            "tokens_per_s": tokens_per_step * total_steps / total_time if total_time else
-            (sum(steps_timed) / len(steps_timed) if steps_timed else 0.0),
-            "opt_state_bytes_per_rank": optimizer_state_nbytes(engine.optimizer),
-            "peak_mem_bytes": peak_memory_bytes(device),
             "wall_s": time.time() - t0,
-            "checkpoint_backend": ckpt.describe() if ckpt_root else None,
+            "train_s": total_time,
+            "tokens": tokens_per_step * total_steps,
+            "peak_mem_bytes": peak_memory_bytes(device),
         }
+        summary = run_summary(out_dir / "summary.json", records, this_attempt, resumed=path is not None,
+                              run=run_name, mode=cfg.sharding.mode, engine=engine.description,
+                              optimizer=cfg.optimizer.name, params=n_params, steps=t.steps,
+                              opt_state_bytes_per_rank=optimizer_state_nbytes(engine.optimizer),
+                              checkpoint_backend=ckpt.describe() if ckpt is not None else None)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        if cfg.output.plot and plot_run(records, summary, out_dir / "training.png"):
-            summary_note = f"plot: {out_dir / 'training.png'}"
+        if not cfg.output.plot:
+            summary_note = "plot off (output.plot: false)"
         else:
-            summary_note = "plot skipped"
+            plotted = plot_run(records, summary, out_dir / "training.png")
+            summary_note = f"plot: {out_dir / 'training.png'}" if plotted is None else f"plot skipped: {plotted}"
         print(summary_table(summary), flush=True)
         _say(rank, f"metrics: {out_dir / 'metrics.jsonl'}; {summary_note}")
     return exit_code
