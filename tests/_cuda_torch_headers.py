@@ -23,7 +23,7 @@ CUDA_TORCH_VERSION = "2.14.1"
 _MARKER = "c10/cuda/impl/cuda_cmake_macros.h"
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
     return Path(os.environ.get("DIST8_TEST_CACHE") or Path.home() / ".cache" / "dist8-tests")
 
 
@@ -34,7 +34,7 @@ def cuda_torch_include_root() -> tuple[Path | None, str]:
     for path in cpp_extension.include_paths():  # the installed torch is a CUDA build
         if (Path(path) / _MARKER).is_file():
             return Path(path), ""
-    target = _cache_root() / f"torch-{CUDA_TORCH_VERSION}-include"
+    target = cache_root() / f"torch-{CUDA_TORCH_VERSION}-include"
     include = target / "torch" / "include"
     if (include / _MARKER).is_file():
         return include, ""

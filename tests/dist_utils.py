@@ -1,4 +1,12 @@
-"""Spawn gloo process groups on this machine for multi-rank tests."""
+"""Spawn gloo process groups on this machine for multi-rank tests.
+
+Ranks are forked from a forkserver that imported torch and dist8 once (``_PRELOAD``), instead of
+each rank starting a fresh interpreter that imports them again (about 5 s of CPU per rank here,
+a minute of wall time per rank on a busy 2-core machine; the 4 -> 1,2,3,4 checkpoint test starts
+24 ranks). Each rank takes the test's current environment and working directory, as a spawned
+rank would.
+"""
+import multiprocessing
 import os
 import socket
 import sys
@@ -15,7 +23,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, out_dir):
+_PRELOAD = ["torch", "torch.distributed", "dist8.optim", "dist8.shard", "dist8.checkpoint", "dist_utils"]
+
+
+def _worker(rank, world_size, port, fn, args, out_dir, environ, cwd):
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(cwd)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -40,8 +54,10 @@ def run_ranks(fn, world_size, *args, tmp_path):
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; returns the per-rank results."""
     out_dir = str(tmp_path / f"ranks-{fn.__name__}-{world_size}-{free_port()}")
     os.makedirs(out_dir)
+    multiprocessing.get_context("forkserver").set_forkserver_preload(_PRELOAD)  # used when the server first starts
     try:
-        mp.spawn(_worker, args=(world_size, free_port(), fn, args, out_dir), nprocs=world_size, join=True)
+        mp.start_processes(_worker, args=(world_size, free_port(), fn, args, out_dir, dict(os.environ), os.getcwd()),
+                           nprocs=world_size, join=True, start_method="forkserver")
     except Exception as exc:
         errors = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir)) if f.endswith(".err")]
         raise AssertionError("rank failed:\n" + "\n".join(errors)) from exc

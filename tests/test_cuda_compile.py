@@ -1,6 +1,14 @@
-"""Compile-only check of the CUDA kernels (no GPU needed): nvcc -c for sm_80 and sm_90."""
+"""Compile-only check of the CUDA kernels (no GPU needed): nvcc -c for sm_80 and sm_90.
+
+A successful compile is remembered under ``DIST8_TEST_CACHE`` (default ``~/.cache/dist8-tests``)
+by a hash of everything it depends on (the kernel sources and headers, the nvcc command line,
+``nvcc --version``, the torch headers' version): an unchanged input is not recompiled on every
+test run (two nvcc compiles of both archs are minutes on a busy 2-core machine); any change to
+them compiles again.
+"""
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -9,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from _cuda_torch_headers import cuda_torch_include_root
+from _cuda_torch_headers import cache_root, cuda_torch_include_root
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "csrc" / "cuda" / "dist8_cuda.cu"
@@ -43,6 +51,9 @@ def _compile(tmp_path, includes: list[str], std: str) -> None:
         "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
         "-diag-suppress", "3306", *includes,
     ]
+    marker = _compiled_marker(nvcc, cmd, obj)
+    if marker.is_file():
+        return  # these exact inputs compiled before
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
     assert result.returncode == 0, f"nvcc failed:\n{' '.join(cmd)}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     assert obj.is_file() and obj.stat().st_size > 0
@@ -53,6 +64,24 @@ def _compile(tmp_path, includes: list[str], std: str) -> None:
     listing = subprocess.run([cuobjdump, "--list-elf", str(obj)], capture_output=True, text=True)
     if listing.returncode == 0:
         assert "sm_80" in listing.stdout and "sm_90" in listing.stdout, listing.stdout
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(" ".join(cmd))
+
+
+def _compiled_marker(nvcc: str, cmd: list[str], obj: Path) -> Path:
+    """The cache file that says this compile (sources, headers, command, nvcc, torch headers) succeeded."""
+    h = hashlib.sha256()
+    for path in sorted((ROOT / "csrc").rglob("*")):
+        if path.is_file() and path.suffix in (".cu", ".h", ".cuh"):
+            h.update(path.name.encode() + path.read_bytes())
+    h.update(" ".join(c for c in cmd if c != str(obj)).encode())
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True)
+    h.update(version.stdout.encode())
+    for flag in cmd:  # the torch headers the command includes: their version file
+        header = Path(flag[2:]) / "torch" / "version.h" if flag.startswith("-I") else None
+        if header is not None and header.is_file():
+            h.update(header.read_bytes())
+    return cache_root() / "nvcc-compiled" / h.hexdigest()[:24]
 
 
 @pytest.mark.timeout(300)

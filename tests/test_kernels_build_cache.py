@@ -10,7 +10,6 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
 
 from dist8.kernels import native

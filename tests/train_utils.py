@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dist_utils import free_port
 
-__all__ = ["REPO", "child_env", "free_port", "run", "tiny_sets", "torchrun_cmd", "train_cmd"]
+__all__ = ["REPO", "child_env", "free_port", "launch_cmd", "run", "tiny_sets", "torchrun_cmd", "train_cmd"]
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "tiny-gpt.yaml"
@@ -52,6 +52,12 @@ def tiny_sets(tmp: Path, steps: int = 40, **overrides) -> list[str]:
 
 def train_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "dist8.train", "--config", str(DEFAULT_CONFIG), *args]
+
+
+def launch_cmd(*args: str, nproc: int = 2) -> list[str]:
+    """``dist8 train --nproc-per-node N`` (the README's multi-rank command)."""
+    return [sys.executable, "-m", "dist8", "train", "--nproc-per-node", str(nproc), "--config", str(DEFAULT_CONFIG),
+            *args]
 
 
 def torchrun_cmd(*args: str, nproc: int = 2, port: int | None = None, extra: list[str] | None = None) -> list[str]:

@@ -306,7 +306,8 @@ def fit_to_optimizer(cfg: Config) -> list[str]:
 
 
 def apply_overrides(raw: dict, sets: list[str]) -> dict:
-    """Apply ``section.key=value`` overrides (values parsed with ``yaml.safe_load``)."""
+    """Apply ``section.key=value`` overrides (values parsed with ``yaml.safe_load``; text that is not YAML
+    is taken as a string)."""
     raw = dict(raw or {})
     for item in sets:
         if "=" not in item:
@@ -317,8 +318,8 @@ def apply_overrides(raw: dict, sets: list[str]) -> dict:
             raise ConfigError(f"--set key must be section.key (e.g. train.steps), got {key!r}")
         try:
             value = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {key}: cannot parse value {text!r}: {str(exc).splitlines()[0]}") from None
+        except yaml.YAMLError:
+            value = text  # not YAML (e.g. a glob such as *.txt): the text itself; the key's type check still applies
         node = raw
         for part in parts[:-1]:
             child = node.get(part)

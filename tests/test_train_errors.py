@@ -1,0 +1,117 @@
+"""Expected failures of ``dist8 train`` at run time: one line on stderr naming the file or key, exit code 2.
+
+Covers a corrupt checkpoint on resume, resume paths that hold no checkpoint, data paths
+without data, a world-size mismatch of the per-rank torch.save checkpoints, and the same
+line (once) from the ranks of ``dist8 train --nproc-per-node`` and of plain torchrun. Also
+that resuming a finished run keeps its summary. Config errors: tests/test_train.py.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from train_utils import REPO, child_env, launch_cmd, run, tiny_sets, torchrun_cmd, train_cmd
+
+
+def _ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\n--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-5000:]}"
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("dist8 train: error: ")]
+
+
+def _one_line(result: subprocess.CompletedProcess, expected: str) -> None:
+    """Exit 2 and stderr is exactly one error line (notes and kernel build notices aside) containing ``expected``."""
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith(("dist8: buil", "dist8 train: note: "))]
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith("dist8 train: error: "), result.stderr[-3000:]
+    assert expected in lines[0], (expected, lines[0])
+
+
+def _corrupt(checkpoint_dir) -> str:
+    """Flip one byte in the middle of the checkpoint's model tensors; returns that file's path."""
+    path = checkpoint_dir / "model.safetensors"
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    path.write_bytes(blob)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 10-step single-process run with dist8 checkpoints at steps 5 and 10."""
+    d = tmp_path_factory.mktemp("finished")
+    sets = tiny_sets(d, steps=10, **{"checkpoint.every": 5, "train.eval_every": 5})
+    _ok(run(train_cmd(*sets)))
+    return d, sets
+
+
+def test_resuming_a_finished_run_keeps_its_summary(finished_run):
+    d, sets = finished_run
+    before = json.loads((d / "out" / "summary.json").read_text())
+    assert before["final_loss"] is not None and len(before["attempts"]) == 1
+    again = run(train_cmd(*sets, "--resume", "auto"))
+    _ok(again)
+    assert "nothing to train: resumed at step 10" in again.stdout
+    after = json.loads((d / "out" / "summary.json").read_text())
+    for key in ("final_loss", "final_val_loss", "step", "peak_mem_bytes", "attempts", "wall_s"):
+        assert after[key] == before[key], key
+
+
+def test_resume_failures_are_one_line(finished_run, tmp_path):
+    d, _ = finished_run
+    corrupt_root = tmp_path / "corrupt"
+    shutil.copytree(d / "ckpt", corrupt_root)
+    corrupt_file = _corrupt(corrupt_root / "step-00000010")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "no-text").mkdir()
+    (tmp_path / "no-text" / "a.bin").write_bytes(b"\0" * 10)
+    cases = [
+        (["--resume", "auto"], {"checkpoint.dir": corrupt_root}, corrupt_file),
+        (["--resume", str(corrupt_root / "step-00000010")], {}, corrupt_file),
+        (["--resume", str(tmp_path / "empty")], {}, "is neither a checkpoint nor a directory holding one"),
+        (["--resume", str(tmp_path / "missing")], {}, "is not a checkpoint directory"),
+        ([], {"data.path": tmp_path / "no-text", "data.glob": "*.txt"}, "fewer than model.seq_len + 2"),
+        ([], {"data.path": tmp_path / "missing.txt"}, "data.path"),
+    ]
+    procs = []
+    for i, (args, overrides, _expected) in enumerate(cases):
+        sets = tiny_sets(tmp_path / f"case{i}", steps=12, **{k: str(v) for k, v in overrides.items()})
+        procs.append(subprocess.Popen(train_cmd(*sets, *args), cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    for p, (args, overrides, expected) in zip(procs, cases):
+        out, err = p.communicate(timeout=300)
+        _one_line(subprocess.CompletedProcess(p.args, p.returncode, out, err), expected)
+
+
+def test_rank_failures_are_one_line_with_several_ranks(finished_run, tmp_path):
+    """The ranks of `dist8 train --nproc-per-node 2` both fail on a corrupt checkpoint: one line, exit 2."""
+    d, _ = finished_run
+    root = tmp_path / "ckpt"
+    shutil.copytree(d / "ckpt", root)
+    corrupt_file = _corrupt(root / "step-00000010")
+    sets = tiny_sets(tmp_path, steps=12, **{"checkpoint.dir": str(root)})
+    _one_line(run(launch_cmd(*sets, "--resume", "auto")), corrupt_file)
+    # a config error is caught in the parent, before any rank starts
+    _one_line(run(launch_cmd(*sets, "--set", "train.stepz=1")), "unknown config key train.stepz")
+
+
+def test_torch_baseline_under_launcher_and_world_size_mismatch(tmp_path):
+    """The fp32 baseline on 2 ranks (per-rank torch.save checkpoints) resumed on 1: one line naming the mismatch,
+    from a plain process and from a rank under plain torchrun (whose own report follows it)."""
+    sets = tiny_sets(tmp_path, steps=4, **{"optimizer.name": "torch.adamw", "checkpoint.every": 4,
+                                           "train.eval_every": 4})
+    first = run(launch_cmd(*sets))
+    _ok(first)
+    assert "dist8 train: note: sharding.mode dist8-zero2 shards dist8 optimizers only" in first.stderr
+    assert "world size            2" in first.stdout
+    more = [*sets, "--set", "train.steps=8", "--resume", "auto"]
+    _one_line(run(train_cmd(*more)), "saved by 2 ranks, this job has 1")
+    under_torchrun = run(torchrun_cmd(*more, nproc=1))
+    assert under_torchrun.returncode != 0
+    lines = _error_lines(under_torchrun.stderr)
+    assert len(lines) == 1 and "saved by 2 ranks, this job has 1" in lines[0], under_torchrun.stderr[-3000:]
