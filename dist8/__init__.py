@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from dist8.version import __version__
 
 # name -> the module that defines it
 _EXPORTS = {
