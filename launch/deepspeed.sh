@@ -5,4 +5,4 @@
 # CPU only: DS_ACCELERATOR=cpu launch/deepspeed.sh 2   (gloo backend).
 set -euo pipefail
 GPUS=${1:-1}; NODES=${2:-1}; CONFIG=${3:-configs/tiny-gpt.yaml}; shift $(( $# < 3 ? $# : 3 ))
-exec deepspeed ${HOSTFILE:+--hostfile "$HOSTFILE"} --num_nodes "$NODES" --num_gpus "$GPUS" -m dist8.train --config "$CONFIG" "$@"
+exec deepspeed ${HOSTFILE:+--hostfile "$HOSTFILE"} --num_nodes "$NODES" --num_gpus "$GPUS" --no_local_rank --module dist8.train --config "$CONFIG" "$@"

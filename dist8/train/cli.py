@@ -39,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-restarts", "--max_restarts", dest="max_restarts", type=int, default=0, metavar="K",
                         help="with --nproc-per-node: restart the ranks up to K times after a failure; "
                              "add --resume auto to continue from the newest checkpoint")
+    # Launchers that pass the local rank as an argument (deepspeed, torch.distributed.launch) also set
+    # LOCAL_RANK, which is what the job reads.
+    parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
 
 
 def register(subparsers) -> None:

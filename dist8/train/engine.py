@@ -66,6 +66,8 @@ class Engine:
 def optimizer_state_nbytes(optimizer: Any) -> int:
     """Bytes of optimizer state held on this rank (``state_nbytes()`` when the optimizer has it)."""
     fn = getattr(optimizer, "state_nbytes", None)
+    if not callable(fn):  # DeepSpeed's ZeRO optimizers wrap the dist8 optimizer as .optimizer
+        fn = getattr(getattr(optimizer, "optimizer", None), "state_nbytes", None)
     if callable(fn):
         return int(fn())
     total = 0
