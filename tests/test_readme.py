@@ -218,3 +218,29 @@ def test_usage_block_prints_what_its_comment_says(workdir):
     assert claimed, "the Usage block's print must state its output"
     result = _sh(f"{shlex.quote(sys.executable)} -c {shlex.quote(block)}", work, env)
     assert result.stdout.split() == [claimed.group(1)]
+
+
+def test_public_optimizers_show_and_document_every_argument():
+    """help(dist8.AdamW8bit) etc.: the real signature (no ``*a, **kw``) and a line for every argument."""
+    import inspect
+
+    from dist8.optim import OPTIMIZERS
+
+    for name, cls in OPTIMIZERS.items():
+        params = inspect.signature(cls).parameters
+        assert not [p for p in params.values() if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)], name
+        assert {"lr", "block_size", "overrides", "on_nonfinite", "check_finite"} <= set(params), name
+        doc = inspect.getdoc(cls)
+        undocumented = [p for p in params if not re.search(rf"^\s*{p}( \(|:)", doc, flags=re.M)]
+        assert not undocumented, f"{name} does not document {undocumented}"
+
+
+def test_cli_help_and_argument_errors_do_not_import_torch():
+    probe = ("import sys; from dist8.cli import main\n"
+             "for argv in (['--help'], ['train', '--help'], ['train', '--bogus'], ['bogus']):\n"
+             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+             "print('torch imported' if 'torch' in sys.modules else 'no torch')")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=child_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert result.stdout.strip().splitlines()[-1] == "no torch", result.stdout + result.stderr
+    assert "usage: dist8" in result.stdout and "unrecognized arguments: --bogus" in result.stderr

@@ -6,6 +6,7 @@ from typing import Any
 
 from dist8.kernels import Rule, Scalars
 from dist8.optim.base import Optimizer8bit, bit_variants
+from dist8.optim.public_api import document
 
 __all__ = ["Adam", "Adam8bit", "Adam32bit", "AdamW", "AdamW8bit", "AdamW32bit"]
 
@@ -68,35 +69,58 @@ class _AdamBase(Optimizer8bit):
         )
 
 
+@document
 class AdamFamily(_AdamBase):
-    """The Adam family (shared by :class:`Adam8bit`, :class:`Adam32bit` and :class:`Adam`); not used directly.
+    """Adam (L2 weight decay added to the gradient) with block-wise quantized state: the family of
+    :class:`Adam8bit`, :class:`Adam32bit` and :class:`Adam` (not used directly).
 
-Adam (L2 weight decay added to the gradient) with 8-bit block-wise state.
+    State: ``m`` (signed map) and ``v`` (unsigned map), 2.03 bytes per value at 8 bits.
+    Arguments as ``bitsandbytes.optim.Adam8bit``:
 
-    Same arguments as ``bitsandbytes.optim.Adam8bit``: ``lr`` (default 1e-3),
-    ``betas`` (0.9, 0.999), ``eps`` 1e-8, ``weight_decay`` 0, ``optim_bits``,
-    ``min_8bit_size`` 4096, ``percentile_clipping`` 100, ``block_wise`` True;
-    plus dist8's keyword arguments of :class:`dist8.optim.base.Optimizer8bit`
-    (``block_size=256``, ``overrides``, ``on_nonfinite``, ...).
+    Args:
+        params: an iterable of parameters, of ``(name, parameter)`` pairs
+            (``model.named_parameters()``, needed for ``overrides``) or of param-group dicts.
+        lr (float): learning rate. Default 1e-3.
+        betas (tuple[float, float]): decay rates of ``m`` and ``v``, each in [0, 1).
+            Default (0.9, 0.999).
+        eps (float): added to ``sqrt(v_hat)`` in the denominator. Default 1e-8.
+        weight_decay (float): L2 penalty added to the gradient (``g + wd * p``). Default 0.
+        amsgrad (bool): not supported; must be False.
     """
 
 
 Adam8bit, Adam32bit, Adam = bit_variants(AdamFamily, "Adam", __name__)
 
 
+@document
 class AdamWFamily(_AdamBase):
-    """The AdamW family (shared by :class:`AdamW8bit`, :class:`AdamW32bit` and :class:`AdamW`); not used directly.
+    """AdamW (decoupled weight decay ``p *= 1 - lr * weight_decay``) with block-wise quantized
+    state: the family of :class:`AdamW8bit`, :class:`AdamW32bit` and :class:`AdamW` (not used
+    directly).
 
-AdamW (decoupled weight decay ``p *= 1 - lr * weight_decay``) with 8-bit block-wise state.
+    State: ``m`` (signed map) and ``v`` (unsigned map), 2.03 bytes per value at 8 bits.
+    Arguments as ``bitsandbytes.optim.AdamW8bit``:
 
-    Same arguments as ``bitsandbytes.optim.AdamW8bit`` (``weight_decay`` default
-    1e-2), plus ``block_size=256`` and dist8's other keyword arguments.
+    Args:
+        params: an iterable of parameters, of ``(name, parameter)`` pairs
+            (``model.named_parameters()``, needed for ``overrides``) or of param-group dicts.
+        lr (float): learning rate. Default 1e-3.
+        betas (tuple[float, float]): decay rates of ``m`` and ``v``, each in [0, 1).
+            Default (0.9, 0.999).
+        eps (float): added to ``sqrt(v_hat)`` in the denominator. Default 1e-8.
+        weight_decay (float): decoupled decay per step, ``p *= 1 - lr * weight_decay``.
+            Default 1e-2.
+        amsgrad (bool): not supported; must be False.
     """
 
     decoupled = True
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, *a, **kw):
-        super().__init__(params, lr, betas, eps, weight_decay, *a, **kw)
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, optim_bits: int | None = None, args: Any = None,
+                 min_8bit_size: int = 4096, percentile_clipping: int = 100, block_wise: bool = True,
+                 is_paged: bool = False, **kwargs: Any) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, optim_bits, args, min_8bit_size,
+                         percentile_clipping, block_wise, is_paged, **kwargs)
 
 
 AdamW8bit, AdamW32bit, AdamW = bit_variants(AdamWFamily, "AdamW", __name__)

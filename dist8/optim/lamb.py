@@ -6,21 +6,36 @@ from typing import Any
 
 from dist8.kernels import Rule, Scalars
 from dist8.optim.base import Optimizer8bit, bit_variants
+from dist8.optim.public_api import document
 
 __all__ = ["LAMB", "LAMB8bit", "LAMB32bit"]
 
 
+@document
 class LAMBFamily(Optimizer8bit):
-    """The LAMB family (shared by :class:`LAMB8bit`, :class:`LAMB32bit` and :class:`LAMB`); not used directly.
+    """LAMB (You et al. 2020) with block-wise quantized state: the family of :class:`LAMB8bit`,
+    :class:`LAMB32bit` and :class:`LAMB` (not used directly). State: ``m`` and ``v``, 2.03 bytes
+    per value at 8 bits.
 
-LAMB with 8-bit block-wise state.
+    ``u = m_hat / (sqrt(v_hat) + eps) + weight_decay * p`` (``adam_w_mode=True``; with False
+    the decay is added to the gradient instead), then ``p -= lr * (|p| / |u|) * u`` with the
+    ratio 1 where either norm is 0. Norms are over the whole parameter, also when it is
+    sharded. Arguments follow ``bitsandbytes.optim.LAMB8bit``:
 
-    ``u = m_hat / (sqrt(v_hat) + eps) + weight_decay * p`` (``adam_w_mode=True``;
-    with False the decay is added to the gradient instead), then
-    ``p -= lr * (|p| / |u|) * u`` with the ratio 1 where either norm is 0. Norms
-    are over the whole parameter, also when it is sharded. Arguments follow
-    ``bitsandbytes.optim.LAMB8bit``; its ``max_unorm`` clip is replaced by the true
-    trust ratio, so ``max_unorm`` is accepted for compatibility and has no effect.
+    Args:
+        params: an iterable of parameters, of ``(name, parameter)`` pairs
+            (``model.named_parameters()``, needed for ``overrides``) or of param-group dicts.
+        lr (float): learning rate. Default 1e-3.
+        bias_correction (bool): divide ``m`` and ``v`` by ``1 - beta^t``. Default True.
+        betas (tuple[float, float]): decay rates of ``m`` and ``v``, each in [0, 1).
+            Default (0.9, 0.999).
+        eps (float): added to ``sqrt(v_hat)``. Default 1e-8.
+        weight_decay (float): decay added to the update (``adam_w_mode``) or to the gradient.
+            Default 0.
+        amsgrad (bool): not supported; must be False.
+        adam_w_mode (bool): decay in the update (True) or in the gradient (False). Default True.
+        max_unorm (float): accepted for bitsandbytes compatibility, no effect (its clip of
+            ``|u|`` is replaced by the true trust ratio). Default 1.0.
     """
 
     rule = Rule.LAMB

@@ -5,16 +5,27 @@ from typing import Any
 
 from dist8.kernels import Rule, Scalars
 from dist8.optim.base import Optimizer8bit, bit_variants
+from dist8.optim.public_api import document
 
 __all__ = ["Lion", "Lion8bit", "Lion32bit"]
 
 
+@document
 class LionFamily(Optimizer8bit):
-    """The Lion family (shared by :class:`Lion8bit`, :class:`Lion32bit` and :class:`Lion`); not used directly.
+    """Lion (Chen et al. 2023) with a block-wise quantized momentum: the family of
+    :class:`Lion8bit`, :class:`Lion32bit` and :class:`Lion` (not used directly). State: the
+    momentum (signed map), 1.02 bytes per value at 8 bits.
 
-Lion: ``p -= lr * sign(beta1 * m + (1 - beta1) * g)``, then ``m = beta2 * m + (1 - beta2) * g``.
+    ``p -= lr * sign(beta1 * m + (1 - beta1) * g)``, then ``m = beta2 * m + (1 - beta2) * g``.
 
-    ``lr`` 1e-4, ``betas`` (0.9, 0.99), ``weight_decay`` 0 (decoupled: ``p *= 1 - lr * wd``).
+    Args:
+        params: an iterable of parameters, of ``(name, parameter)`` pairs
+            (``model.named_parameters()``, needed for ``overrides``) or of param-group dicts.
+        lr (float): learning rate. Default 1e-4.
+        betas (tuple[float, float]): interpolation (``beta1``) and momentum decay
+            (``beta2``), each in [0, 1). Default (0.9, 0.99).
+        weight_decay (float): decoupled decay per step, ``p *= 1 - lr * weight_decay``.
+            Default 0.
     """
 
     rule = Rule.LION

@@ -5,17 +5,26 @@ from typing import Any
 
 from dist8.kernels import Rule, Scalars
 from dist8.optim.base import Optimizer8bit, bit_variants
+from dist8.optim.public_api import document
 
 __all__ = ["RMSprop", "RMSprop8bit", "RMSprop32bit", "Adagrad", "Adagrad8bit", "Adagrad32bit"]
 
 
+@document
 class RMSpropFamily(Optimizer8bit):
-    """The RMSprop family (shared by :class:`RMSprop8bit`, :class:`RMSprop32bit` and :class:`RMSprop`); not used directly.
+    """RMSprop (``torch.optim.RMSprop`` semantics) with a block-wise quantized square average: the
+    family of :class:`RMSprop8bit`, :class:`RMSprop32bit` and :class:`RMSprop` (not used
+    directly). State: the square average (unsigned map), 1.02 bytes per value at 8 bits.
 
-RMSprop (``torch.optim.RMSprop`` semantics) with an 8-bit square average.
-
-    ``lr`` 1e-2, ``alpha`` 0.99, ``eps`` 1e-8, ``weight_decay`` 0 (L2). ``momentum``
-    and ``centered`` must stay at 0/False (as in bitsandbytes).
+    Args:
+        params: an iterable of parameters, of ``(name, parameter)`` pairs
+            (``model.named_parameters()``, needed for ``overrides``) or of param-group dicts.
+        lr (float): learning rate. Default 1e-2.
+        alpha (float): decay rate of the square average, in [0, 1). Default 0.99.
+        eps (float): added to the root of the square average. Default 1e-8.
+        weight_decay (float): L2 penalty added to the gradient. Default 0.
+        momentum (float): not supported (as in bitsandbytes); must be 0.
+        centered (bool): not supported (as in bitsandbytes); must be False.
     """
 
     rule = Rule.RMSPROP
@@ -45,13 +54,20 @@ RMSprop (``torch.optim.RMSprop`` semantics) with an 8-bit square average.
 RMSprop8bit, RMSprop32bit, RMSprop = bit_variants(RMSpropFamily, "RMSprop", __name__)
 
 
+@document
 class AdagradFamily(Optimizer8bit):
-    """The Adagrad family (shared by :class:`Adagrad8bit`, :class:`Adagrad32bit` and :class:`Adagrad`); not used directly.
+    """Adagrad (``torch.optim.Adagrad`` semantics) with a block-wise quantized sum of squares: the
+    family of :class:`Adagrad8bit`, :class:`Adagrad32bit` and :class:`Adagrad` (not used
+    directly). State: the sum of squares (unsigned map), 1.02 bytes per value at 8 bits.
 
-Adagrad (``torch.optim.Adagrad`` semantics) with an 8-bit sum of squares.
-
-    ``lr`` 1e-2, ``lr_decay`` 0, ``weight_decay`` 0 (L2), ``eps`` 1e-10;
-    ``initial_accumulator_value`` must be 0 (as in bitsandbytes).
+    Args:
+        params: an iterable of parameters, of ``(name, parameter)`` pairs
+            (``model.named_parameters()``, needed for ``overrides``) or of param-group dicts.
+        lr (float): learning rate. Default 1e-2.
+        lr_decay (float): step ``t`` uses ``lr / (1 + (t - 1) * lr_decay)``, >= 0. Default 0.
+        weight_decay (float): L2 penalty added to the gradient. Default 0.
+        initial_accumulator_value (float): not supported (as in bitsandbytes); must be 0.
+        eps (float): added to the root of the sum of squares. Default 1e-10.
     """
 
     rule = Rule.ADAGRAD

@@ -5,6 +5,7 @@ from typing import Any
 
 from dist8.kernels import FLAG_FIRST_STEP, FLAG_NESTEROV, Rule, Scalars
 from dist8.optim.base import Optimizer8bit, bit_variants
+from dist8.optim.public_api import document
 
 __all__ = ["SGD", "SGD8bit", "SGD32bit", "LARS", "LARS8bit", "LARS32bit"]
 
@@ -61,13 +62,22 @@ class _MomentumBase(Optimizer8bit):
         )
 
 
+@document
 class SGDFamily(_MomentumBase):
-    """The SGD family (shared by :class:`SGD8bit`, :class:`SGD32bit` and :class:`SGD`); not used directly.
+    """SGD with momentum (``torch.optim.SGD`` semantics, optional Nesterov) and a block-wise quantized
+    momentum buffer: the family of :class:`SGD8bit`, :class:`SGD32bit` and :class:`SGD` (not used
+    directly). State: the momentum (signed map), 1.02 bytes per value at 8 bits.
 
-SGD with momentum (``torch.optim.SGD`` semantics, optional Nesterov) and an 8-bit momentum buffer.
-
-    ``lr`` is required; ``momentum`` must be > 0 (there is no state otherwise);
-    ``dampening`` 0, ``weight_decay`` 0 (L2, added to the gradient), ``nesterov`` False.
+    Args:
+        params: an iterable of parameters, of ``(name, parameter)`` pairs
+            (``model.named_parameters()``, needed for ``overrides``) or of param-group dicts.
+        lr (float): learning rate; required.
+        momentum (float): momentum factor, in (0, 1); required in practice (the default 0
+            is refused: without momentum there is no state to quantize; use torch.optim.SGD).
+        dampening (float): the gradient enters the buffer times ``1 - dampening``, in [0, 1).
+            Default 0.
+        weight_decay (float): L2 penalty added to the gradient. Default 0.
+        nesterov (bool): Nesterov momentum (needs ``dampening=0``). Default False.
     """
 
     rule = Rule.SGD
@@ -76,15 +86,26 @@ SGD with momentum (``torch.optim.SGD`` semantics, optional Nesterov) and an 8-bi
 SGD8bit, SGD32bit, SGD = bit_variants(SGDFamily, "SGD", __name__)
 
 
+@document
 class LARSFamily(_MomentumBase):
-    """The LARS family (shared by :class:`LARS8bit`, :class:`LARS32bit` and :class:`LARS`); not used directly.
+    """LARS: momentum SGD whose step is scaled per parameter by ``trust_coefficient * |p| / |u|``,
+    with a block-wise quantized momentum buffer: the family of :class:`LARS8bit`,
+    :class:`LARS32bit` and :class:`LARS` (not used directly). State: the momentum, 1.02 bytes
+    per value at 8 bits.
 
-LARS: momentum SGD whose step is scaled per parameter by ``trust_coefficient * |p| / |u|``.
+    ``u`` is the momentum direction (weight decay included); the ratio is 1 where either norm
+    is 0; norms cover the whole parameter, also when it is sharded.
 
-    ``u`` is the momentum direction (weight decay included). The trust
-    coefficient is ``max_unorm`` (default 0.02, bitsandbytes' name and default).
-    The ratio is 1 where either norm is 0. Norms cover the whole parameter, also
-    when it is sharded.
+    Args:
+        params: an iterable of parameters, of ``(name, parameter)`` pairs
+            (``model.named_parameters()``, needed for ``overrides``) or of param-group dicts.
+        lr (float): learning rate; required.
+        momentum (float): momentum factor, in (0, 1); required in practice (0 is refused).
+        dampening (float): the gradient enters the buffer times ``1 - dampening``, in [0, 1).
+            Default 0.
+        weight_decay (float): L2 penalty added to the gradient. Default 0.
+        nesterov (bool): Nesterov momentum (needs ``dampening=0``). Default False.
+        max_unorm (float): the trust coefficient (bitsandbytes' name), > 0. Default 0.02.
     """
 
     rule = Rule.LARS
