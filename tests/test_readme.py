@@ -156,7 +156,7 @@ def workdir(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     return work, env
 
 
-def _sh(command: str, work: Path, env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
+def _sh(command: str, work: Path, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
     result = subprocess.run(["bash", "-c", command], cwd=work, env=env, capture_output=True, text=True,
                             timeout=timeout)
     assert result.returncode == 0, f"{command}\nexit {result.returncode}\n--- stdout\n{result.stdout[-3000:]}" \
@@ -194,7 +194,7 @@ def test_readme_commands_run_as_written(workdir):
             procs = [subprocess.Popen(["bash", "-c", c], cwd=work, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True) for c in cmds]
             for c, p in zip(cmds, procs):
-                out, err = p.communicate(timeout=240)
+                out, err = p.communicate(timeout=600)
                 assert p.returncode == 0, f"{c}\n{out[-2000:]}\n{err[-4000:]}"
         elif rule == "ckpt":
             result = _sh(command.replace("step-00001000", f"step-{STEPS:08d}"), work, env)

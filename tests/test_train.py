@@ -59,7 +59,7 @@ def test_default_config_trains_on_two_ranks(tmp_path):
     """The README's main job (`dist8 train --nproc-per-node 2`, default config), shortened to 150 steps."""
     result = run(launch_cmd("--set", "train.steps=150", "--set", "train.eval_every=50",
                               "--set", f"output.dir={tmp_path / 'out'}", "--set", f"checkpoint.dir={tmp_path / 'ckpt'}"),
-                 timeout=400)
+                 timeout=800)
     _ok(result)
     records = read_metrics(tmp_path / "out" / "metrics.jsonl")
     evals = [r["val_loss"] for r in records if r["val_loss"] is not None]
@@ -111,7 +111,7 @@ def test_two_nodes_train_together(tmp_path, reference):
                          cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)
     ]
-    outs = [p.communicate(timeout=300) for p in procs]
+    outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-4000:]
     assert "world size            2" in outs[0][0]

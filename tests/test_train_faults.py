@@ -58,13 +58,13 @@ def test_sigterm_saves_a_final_checkpoint(tmp_path):
     proc = subprocess.Popen(train_cmd(*sets), cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "out" / "metrics.jsonl"
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while time.time() < deadline and len(read_metrics(metrics)) < 5:
         if proc.poll() is not None:
             pytest.fail(f"run ended early: {proc.communicate()}")
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "Traceback" not in err
     stopped = read_metrics(metrics)[-1]["step"]

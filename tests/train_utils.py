@@ -68,6 +68,6 @@ def torchrun_cmd(*args: str, nproc: int = 2, port: int | None = None, extra: lis
     ]
 
 
-def run(cmd: list[str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+def run(cmd: list[str], timeout: float = 600, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, env=kw.pop("env", child_env()), capture_output=True, text=True,
                           timeout=timeout, **kw)
