@@ -99,7 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     command = _command_in(argv)
     args = build_parser(command).parse_args(argv)
     if args.command == "ckpt":
-        _follow_latest(args)
+        from dist8.checkpoint import CheckpointError
+
+        try:
+            _follow_latest(args)
+        except CheckpointError as exc:  # e.g. a `latest` pointer that leaves the root
+            print(f"dist8 ckpt: error: {exc}", file=sys.stderr)
+            return 2
     return int(args.func(args) or 0)
 
 

@@ -222,3 +222,32 @@ def test_lr_schedule_and_sampling_are_pure_functions():
     assert lr_at(cfg, 55) == pytest.approx(0.55)
     assert sample_seed(0, "train", 3, 1, 0) == sample_seed(0, "train", 3, 1, 0)
     assert len({sample_seed(0, "train", s, r, 0) for s in range(50) for r in range(4)}) == 200
+
+
+def test_plot_skipped_says_what_to_install(tmp_path, monkeypatch):
+    from dist8.train.report import plot_run
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    why = plot_run([{"step": 1, "loss": 1.0}], {"params": 10}, tmp_path / "p.png")
+    assert why == 'matplotlib is not installed; python -m pip install matplotlib (or the plot extra: ' \
+                  'python -m pip install -e ".[plot]")'
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_run_summary_covers_every_attempt(tmp_path):
+    from dist8.train.report import run_summary
+
+    path = tmp_path / "summary.json"
+    records = [{"step": s, "loss": 5.0 - s, "val_loss": None, "peak_mem_bytes": 100 + s} for s in range(1, 21)]
+    first = run_summary(path, records[:10], {"start_step": 0, "end_step": 10, "world_size": 2, "wall_s": 5.0,
+                                             "train_s": 4.0, "tokens": 400, "peak_mem_bytes": 500}, resumed=False)
+    path.write_text(json.dumps(first))
+    second = run_summary(path, records, {"start_step": 10, "end_step": 20, "world_size": 1, "wall_s": 3.0,
+                                         "train_s": 2.0, "tokens": 200, "peak_mem_bytes": 300}, resumed=True)
+    assert second["final_loss"] == records[-1]["loss"] and second["step"] == 20
+    assert second["wall_s"] == 8.0 and second["tokens_per_s"] == 600 / 6.0 and second["peak_mem_bytes"] == 500
+    assert [a["world_size"] for a in second["attempts"]] == [2, 1] and second["world_size"] == 1
+    path.write_text(json.dumps(second))
+    noop = run_summary(path, records, {"start_step": 20, "end_step": 20, "world_size": 1, "wall_s": 1.0,
+                                       "train_s": 0.0, "tokens": 0, "peak_mem_bytes": 9999}, resumed=True)
+    assert noop == second  # resuming a finished run changes nothing
