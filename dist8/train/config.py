@@ -3,7 +3,8 @@
 Every section is a dataclass; unknown keys, wrong types and impossible values
 raise :class:`ConfigError` with a one-line message that names the key (and,
 for unknown keys, lists the valid keys of that section). ``--set a.b=value``
-overrides are parsed with ``yaml.safe_load``.
+overrides are read as plain YAML data (:func:`dist8.train.yaml_io.load_yaml`: no aliases, bounded
+size and depth).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
+from dist8.train.yaml_io import MAX_BYTES, YamlError, load_yaml
 
 __all__ = [
     "CheckpointConfig",
@@ -306,8 +307,7 @@ def fit_to_optimizer(cfg: Config) -> list[str]:
 
 
 def apply_overrides(raw: dict, sets: list[str]) -> dict:
-    """Apply ``section.key=value`` overrides (values parsed with ``yaml.safe_load``; text that is not YAML
-    is taken as a string)."""
+    """Apply ``section.key=value`` overrides (values read as plain YAML; text that is not is taken as a string)."""
     raw = dict(raw or {})
     for item in sets:
         if "=" not in item:
@@ -317,9 +317,9 @@ def apply_overrides(raw: dict, sets: list[str]) -> dict:
         if len(parts) < 2 or not all(parts):
             raise ConfigError(f"--set key must be section.key (e.g. train.steps), got {key!r}")
         try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = text  # not YAML (e.g. a glob such as *.txt): the text itself; the key's type check still applies
+            value = load_yaml(text, f"--set {key}")
+        except YamlError:
+            value = text  # not plain YAML (e.g. a glob such as *.txt): the text itself; the key's type check applies
         node = raw
         for part in parts[:-1]:
             child = node.get(part)
@@ -336,11 +336,14 @@ def load_config(path: str | os.PathLike | None, sets: list[str] | None = None) -
     if path is not None:
         try:
             with open(path, encoding="utf-8") as f:
-                raw = yaml.safe_load(f)
+                text = f.read(MAX_BYTES + 1)  # one past the limit: an oversized file is refused, not cut
+            raw = load_yaml(text, f"config {str(path)!r}")
         except OSError as exc:
             raise ConfigError(f"cannot read config {str(path)!r}: {exc.strerror or exc}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config {str(path)!r} is not valid YAML: {' '.join(str(exc).split())}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config {str(path)!r} is not UTF-8 text: {exc.reason}") from None
+        except YamlError as exc:
+            raise ConfigError(str(exc)) from None
         if raw is not None and not isinstance(raw, dict):
             raise ConfigError(f"config {str(path)!r} must be a mapping of sections, got {type(raw).__name__}")
     raw = _deep_copy(raw or {})
