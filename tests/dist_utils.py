@@ -23,7 +23,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-_PRELOAD = ["torch", "torch.distributed", "dist8.optim", "dist8.shard", "dist8.checkpoint", "dist_utils"]
+_PRELOAD = ["torch", "torch.distributed", "torch.distributed.fsdp", "torch.distributed.checkpoint", "dist8.optim",
+            "dist8.shard", "dist8.checkpoint", "dist_utils"]
 
 
 def _worker(rank, world_size, port, fn, args, out_dir, environ, cwd):
