@@ -33,12 +33,13 @@ def _info(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     meta = read_metadata(args.path)
     verify_files(args.path, meta)
-    print(f"{args.path}: OK ({len(meta['files'])} files verified)")
+    manifest = "manifest sha256 checked" if meta.get("version", 1) >= 2 else "format v1: no manifest hash"
+    print(f"{args.path}: OK ({len(meta['files'])} files verified, {manifest})")
     return 0
 
 
 def _consolidate(args: argparse.Namespace) -> int:
-    out = consolidate(args.path, args.out)
+    out = consolidate(args.path, args.out, force=args.force)
     print(f"wrote {out} (world size 1)")
     return 0
 
@@ -49,7 +50,7 @@ def guard(func):
         try:
             return func(args)
         except CheckpointError as exc:
-            print(f"dist8 ckpt: error: {exc}", file=sys.stderr)
+            print(f"dist8 ckpt: error: {' '.join(str(exc).split())}", file=sys.stderr)
             return 2
 
     return run
@@ -67,6 +68,7 @@ def register(subparsers):
     p.set_defaults(func=guard(_verify))
     p = sub.add_parser("consolidate", help="rewrite as a one-file, world-size-1 checkpoint")
     p.add_argument("path")
-    p.add_argument("out")
+    p.add_argument("out", help="output directory; must not exist or be empty unless --force")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT (after the new one is written)")
     p.set_defaults(func=guard(_consolidate))
     return sub
