@@ -6,7 +6,8 @@ import math
 import sys
 
 from dist8.checkpoint.convert import consolidate, describe
-from dist8.checkpoint.format import CheckpointError, read_metadata, verify_files
+from dist8.checkpoint.format import METADATA, CheckpointError, read_metadata, verify_files
+from dist8.checkpoint.groups import check_saved_groups
 
 __all__ = ["register"]
 
@@ -33,6 +34,8 @@ def _info(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     meta = read_metadata(args.path)
     verify_files(args.path, meta)
+    groups = meta["optimizer"]["param_groups"]  # ranges and finiteness (types are checked again on load)
+    check_saved_groups(groups, f"{args.path}/{METADATA}")
     manifest = "manifest sha256 checked" if meta.get("version", 1) >= 2 else "format v1: no manifest hash"
     print(f"{args.path}: OK ({len(meta['files'])} files verified, {manifest})")
     return 0

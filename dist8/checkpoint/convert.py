@@ -17,6 +17,7 @@ from dist8.checkpoint.format import (
     METADATA,
     MODEL_FILE,
     CheckpointError,
+    check_output_dir,
     file_entry,
     install_dir,
     rank_file,
@@ -94,8 +95,7 @@ def consolidate(path: str | os.PathLike, out: str | os.PathLike, *, force: bool 
     path, out = Path(path), Path(out)
     if out.resolve() == path.resolve():
         raise CheckpointError(f"{out}: consolidating a checkpoint onto itself; choose another output directory")
-    if (out.is_symlink() or out.exists()) and not force and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"{out} exists and is not empty; pass --force (force=True) to replace it")
+    check_output_dir(out, force)
     meta = read_metadata(path)
     verify_files(path, meta)
     tensors: dict[str, list[tuple[int, torch.Tensor]]] = {}

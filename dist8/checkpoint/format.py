@@ -34,7 +34,7 @@ from dist8.checkpoint.files import check_name, member, read_text, sha256_file
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "CheckpointError", "METADATA", "MODEL_FILE",
            "STATE_KEYS", "STATE_DTYPES", "rank_file", "tensor_key", "split_tensor_key", "state_length",
-           "piece_range", "sha256_file", "file_entry", "manifest_hash", "check_metadata", "read_metadata",
+           "piece_range", "sha256_file", "check_output_dir", "file_entry", "manifest_hash", "check_metadata", "read_metadata",
            "write_metadata", "verify_files", "temp_dir", "install_dir", "write_json_atomic"]
 
 FORMAT = "dist8.checkpoint"
@@ -278,7 +278,7 @@ def check_metadata(meta: Any, where: str) -> dict[str, Any]:
     covered: dict[str, list[tuple[int, int, str]]] = {}
     for rank, plist in pieces.items():
         if not isinstance(rank, str) or not rank.isdigit() or int(rank) >= world or str(int(rank)) != rank:
-            c.fail(f"pieces.{_short(rank)}", f"is not a rank of world size {world}")
+            c.fail(f"pieces.{str(rank)[:20]}", f"is not a rank of world size {world}")
         fname = rank_file(int(rank), world)
         if fname not in files:
             c.fail(f"pieces.{rank}", f"needs {fname}, which 'files' does not list (so it could not be verified)")
@@ -366,6 +366,12 @@ def verify_files(path: str | os.PathLike, meta: dict[str, Any], names: list[str]
 
 
 # ---- directories and atomic writes ---------------------------------------------------------------
+def check_output_dir(out: Path, force: bool) -> None:
+    """Refuse to replace a non-empty ``out`` (a user's directory) unless ``force``."""
+    if (out.is_symlink() or out.exists()) and not force and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out} exists and is not empty; pass --force (force=True) to replace it")
+
+
 def temp_dir(final: Path) -> Path:
     """A fresh temporary directory beside ``final`` (a leftover from a crashed write is removed)."""
     tmp = final.with_name(f".{final.name}.tmp")

@@ -17,7 +17,7 @@ import torch
 
 from dist8.checkpoint.errors import CheckpointError
 
-__all__ = ["checked_groups"]
+__all__ = ["checked_groups", "check_saved_groups"]
 
 # key -> (low, high, low inclusive, high inclusive)
 _RANGES: dict[str, tuple[float, float, bool, bool]] = {
@@ -107,3 +107,19 @@ def checked_groups(saved_groups: list[dict[str, Any]], groups: list[dict[str, An
             raise CheckpointError(f"{at}: nesterov=True requires dampening=0")
         out.append(values)
     return out
+
+
+def check_saved_groups(saved_groups: list[dict[str, Any]], where: str) -> None:
+    """Check ``saved_groups`` without an optimizer (``dist8 ckpt verify``): known keys must be numbers in range."""
+    templates = []
+    for g in saved_groups:
+        t = {}
+        for k, v in g.items():
+            if k == "betas":
+                t[k] = (0.0, 0.0)
+            elif k in _RANGES or k in _CHOICES:
+                t[k] = 0 if k in ("optim_bits", "min_8bit_size") else 0.0
+            else:
+                t[k] = v
+        templates.append(t)
+    checked_groups(saved_groups, templates, where)

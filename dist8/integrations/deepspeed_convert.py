@@ -86,15 +86,18 @@ def _tag(ckpt_dir: Path, tag: str | None) -> tuple[Path, str]:
     return ckpt_dir, tag
 
 
-def from_deepspeed(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str | None = None) -> str:
+def from_deepspeed(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str | None = None, *,
+                   force: bool = False) -> str:
     """Convert DeepSpeed checkpoint ``ckpt_dir`` (tag ``tag``, default ``latest``) to dist8 checkpoint ``out``.
 
     ``ckpt_dir`` may also be the tag directory holding the ``mp_rank_*`` files. Files are read
     with ``torch.load(weights_only=True)`` and an allowlist of DeepSpeed classes: nothing is
     unpickled that could run code. Any malformed input raises CheckpointError naming the directory.
+    A non-empty ``out`` is refused unless ``force``.
     """
-    from dist8.checkpoint.format import CheckpointError
+    from dist8.checkpoint.format import CheckpointError, check_output_dir
 
+    check_output_dir(Path(out), force)
     try:
         return _convert(ckpt_dir, out, tag)
     except CheckpointError:
@@ -272,7 +275,7 @@ def _convert(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str | Non
 
 
 def _cli(args) -> int:
-    out = from_deepspeed(args.path, args.out, tag=args.tag)
+    out = from_deepspeed(args.path, args.out, tag=args.tag, force=args.force)
     print(f"wrote {out} (dist8 checkpoint, loads at any world size)")
     return 0
 
@@ -285,4 +288,5 @@ def register_cli(sub, guard=None) -> None:
                                 "holding the mp_rank_* files)")
     p.add_argument("out", help="output dist8 checkpoint directory")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the 'latest' file)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT (after the new one is written)")
     p.set_defaults(func=guard(_cli) if guard else _cli)
