@@ -20,7 +20,6 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import dist8
 from dist8.checkpoint.adapters import OptimizerAdapter, adapt
 from dist8.checkpoint.files import check_name, member, read_text
 from dist8.checkpoint.format import (
@@ -44,6 +43,7 @@ from dist8.checkpoint.format import (
 from dist8.checkpoint.groups import checked_groups
 from dist8.kernels import RULE_STATES
 from dist8.shard import ShardedOptimizer
+from dist8.version import __version__
 
 __all__ = ["save", "load", "latest", "checkpoints", "read_pieces", "LATEST"]
 
@@ -183,7 +183,7 @@ def _finish(ad, model, optimizer, gathered, tmp, final, root, step, extra, keep_
     group_of = ad.group_of()
     inner = ad.inner
     meta = {
-        "dist8_version": dist8.__version__,
+        "dist8_version": __version__,
         "torch_version": torch.__version__,
         "block_size": ad.layout.block_size,
         "world_size": saving_world,

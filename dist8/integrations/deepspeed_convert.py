@@ -110,7 +110,7 @@ def from_deepspeed(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str
 def _convert(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str | None) -> str:
     from safetensors.torch import save_file
 
-    import dist8
+    from dist8.version import __version__
     from dist8.checkpoint.format import (FORMAT, MODEL_FILE, CheckpointError, file_entry, install_dir, rank_file,
                                          temp_dir, tensor_key, write_metadata)
     from dist8.checkpoint.torch_files import load_torch_file, weights_only_loads
@@ -259,7 +259,7 @@ def _convert(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str | Non
         return list(v) if isinstance(v, tuple) else (v.item() if torch.is_tensor(v) and v.numel() == 1 else v)
 
     meta = {
-        "dist8_version": dist8.__version__,
+        "dist8_version": __version__,
         "torch_version": torch.__version__, "block_size": B, "world_size": 1, "step": step,
         "optimizer": {"class": cls.__name__, "rule": cls.rule.name, "quant_map": quant_map, "block_wise": True,
                       "param_groups": [{k: safe(v) for k, v in g.items()} for g in (groups_hyper or [])][:1]},
