@@ -5,7 +5,6 @@ failed load changes neither model nor optimizer; every metadata field is validat
 """
 import json
 import os
-import pickle
 import random
 import subprocess
 import sys
@@ -14,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_utils import run_ranks
 
 import dist8
 import dist8.checkpoint as ck
-from dist8.checkpoint.format import manifest_hash, rank_file
-from dist_utils import run_ranks
+from dist8.checkpoint.format import manifest_hash
 
 SHAPES = {"emb": (50, 40), "w1": (33, 100), "b1": (33,), "w2": (300, 7), "tiny": (3,)}
 KW = dict(lr=1e-2, weight_decay=0.1, min_8bit_size=0)
@@ -539,16 +538,37 @@ def _mutate(rng, path):
     return f"{choice} at {trail}", fix
 
 
+@pytest.fixture(scope="module")
+def two_rank(tmp_path_factory):
+    """A checkpoint saved by ShardedOptimizer on 2 gloo ranks (w1 and w2 are split across them)."""
+    base = tmp_path_factory.mktemp("two-rank")
+    run_ranks(_save_two_ranks, 2, str(base / "two"), tmp_path=base)
+    return base / "two"
+
+
+def test_swapped_rank_files_with_fixed_hashes_are_refused(tmp_path, two_rank):
+    import shutil
+
+    path = tmp_path / "two"
+    shutil.copytree(two_rank, path)
+    a, b = path / "optim-00000-of-00002.safetensors", path / "optim-00001-of-00002.safetensors"
+    os.replace(a, tmp_path / "a")
+    os.replace(b, a)
+    os.replace(tmp_path / "a", b)
+    refit_file(path, a.name)
+    refit_file(path, b.name)
+    refused(path, "optim-0000[01]-of-00002.safetensors")
+
+
 @pytest.mark.timeout(300)
-def test_random_mutations_are_refused_or_load_identically(tmp_path):
+def test_random_mutations_are_refused_or_load_identically(tmp_path, two_rank):
     """Seeded random corruptions of a 1-rank and a 2-rank checkpoint: a one-line CheckpointError naming
     the checkpoint with model and optimizer untouched, or a load equal to the original (edits whose
     hashes were re-fixed may also load as edited, but never raise anything else)."""
     import shutil
 
     one = saved(tmp_path, "one")[2]
-    two = tmp_path / "two"
-    run_ranks(_save_two_ranks, 2, str(two), tmp_path=tmp_path)
+    two = two_rank
     rng = random.Random(17)
     outcomes = {"refused": 0, "identical": 0, "valid edit": 0}
     for original in (one, two):
@@ -568,7 +588,7 @@ def test_random_mutations_are_refused_or_load_identically(tmp_path):
                 assert str(path) in str(exc), (what, str(exc))
                 assert same(before, state_of(model, opt)), f"{what}: failed load changed state"
                 outcomes["refused"] += 1
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 raise AssertionError(f"{what}: {type(exc).__name__}: {exc}") from exc
             else:  # with hashes re-fixed a valid edit (e.g. extra.step, lr=1) loads as edited
                 assert refit or same(reference, state_of(model, opt)), f"{what}: loaded something else"

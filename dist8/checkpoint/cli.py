@@ -6,7 +6,12 @@ import math
 import sys
 
 from dist8.checkpoint.convert import consolidate, describe
-from dist8.checkpoint.format import METADATA, CheckpointError, read_metadata, verify_files
+from dist8.checkpoint.format import (
+    METADATA,
+    CheckpointError,
+    read_metadata,
+    verify_files,
+)
 from dist8.checkpoint.groups import check_saved_groups
 
 __all__ = ["register"]
@@ -24,7 +29,7 @@ def _info(args: argparse.Namespace) -> int:
         n = math.prod(p["shape"])
         b = summary["state_bytes"].get(p["name"], 0)
         total_n, total_b = total_n + n, total_b + b
-        print(f"{p['name'][:40]:40s} {str(tuple(p['shape'])):>18s} {n:12d} {b:12d} {b / max(n, 1):10.3f}")
+        print(f"{p['name'][:40]:40s} {tuple(p['shape'])!s:>18s} {n:12d} {b:12d} {b / max(n, 1):10.3f}")
     print(f"{'total':40s} {'':>18s} {total_n:12d} {total_b:12d} {total_b / max(total_n, 1):10.3f}")
     for fname, f in sorted(meta["files"].items()):
         print(f"  {fname}  {f['size']} bytes  sha256 {f['sha256'][:16]}...")

@@ -17,8 +17,16 @@ from typing import Any
 
 from dist8.checkpoint.errors import CheckpointError
 
-__all__ = ["check_name", "member", "open_regular", "sha256_file", "read_text", "safetensors_header",
-           "MAX_HEADER_BYTES", "MAX_JSON_BYTES"]
+__all__ = [
+    "MAX_HEADER_BYTES",
+    "MAX_JSON_BYTES",
+    "check_name",
+    "member",
+    "open_regular",
+    "read_text",
+    "safetensors_header",
+    "sha256_file",
+]
 
 # safetensors itself refuses headers above 100 MB; metadata.json of a million-parameter model is ~200 MB.
 MAX_HEADER_BYTES = 100_000_000

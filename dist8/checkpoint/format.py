@@ -25,24 +25,56 @@ import json
 import math
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
+from dist8.checkpoint.dirs import (
+    check_output_dir,
+    install_dir,
+    temp_dir,
+    write_json_atomic,
+)
 from dist8.checkpoint.errors import CheckpointError
 from dist8.checkpoint.files import check_name, member, read_text, sha256_file
+from dist8.optim.state_schema import (
+    GNORM,
+    PERCENTILE_HISTORY,
+    flat_length,
+    is_absmax_key,
+)
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "CheckpointError", "METADATA", "MODEL_FILE",
-           "STATE_KEYS", "STATE_DTYPES", "rank_file", "tensor_key", "split_tensor_key", "state_length",
-           "piece_range", "sha256_file", "check_output_dir", "file_entry", "manifest_hash", "check_metadata", "read_metadata",
-           "write_metadata", "verify_files", "temp_dir", "install_dir", "write_json_atomic"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "METADATA",
+    "MODEL_FILE",
+    "READABLE_VERSIONS",
+    "STATE_DTYPES",
+    "STATE_KEYS",
+    "CheckpointError",
+    "check_metadata",
+    "check_output_dir",
+    "file_entry",
+    "install_dir",
+    "manifest_hash",
+    "piece_range",
+    "rank_file",
+    "read_metadata",
+    "sha256_file",
+    "split_tensor_key",
+    "state_length",
+    "temp_dir",
+    "tensor_key",
+    "verify_files",
+    "write_json_atomic",
+    "write_metadata",
+]
 
 FORMAT = "dist8.checkpoint"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 METADATA = "metadata.json"
 MODEL_FILE = "model.safetensors"
-GNORM_HISTORY = 100  # length of "gnorm_vec" (percentile clipping history)
 # Per-parameter tensors a rank file may hold, with their dtype: codes are uint8, everything else fp32.
 STATE_KEYS = ("state1", "state2", "absmax1", "absmax2", "gnorm_vec", "master")
 STATE_DTYPES = {"state1": ("uint8", "float32"), "state2": ("uint8", "float32"), "absmax1": ("float32",),
@@ -67,20 +99,16 @@ def split_tensor_key(key: str) -> tuple[str, str]:
 
 
 def state_length(key: str, numel: int, block_size: int) -> int:
-    """Length of the flattened tensor ``key`` of a piece of ``numel`` elements quantized in ``block_size`` blocks."""
-    if key.startswith("absmax"):
-        return (numel + block_size - 1) // block_size
-    if key == "gnorm_vec":
-        return GNORM_HISTORY
-    return numel
+    """Length of the flattened tensor ``key`` of a piece of ``numel`` elements (the optimizer's state schema)."""
+    return flat_length(key, numel, block_size)
 
 
 def piece_range(key: str, start: int, stop: int, block_size: int) -> tuple[int, int]:
     """Range of tensor ``key`` (of the whole parameter) holding elements ``[start, stop)``."""
-    if key.startswith("absmax"):
+    if is_absmax_key(key):
         return start // block_size, (stop + block_size - 1) // block_size
-    if key == "gnorm_vec":
-        return 0, GNORM_HISTORY
+    if key == GNORM:
+        return 0, PERCENTILE_HISTORY
     return start, stop
 
 
@@ -363,45 +391,3 @@ def verify_files(path: str | os.PathLike, meta: dict[str, Any], names: list[str]
             raise CheckpointError(f"{file} has {size} bytes, metadata says {info['size']} (truncated or replaced)")
         if checksums and sha256_file(file) != info["sha256"]:
             raise CheckpointError(f"{file} fails its sha256 check (corrupt)")
-
-
-# ---- directories and atomic writes ---------------------------------------------------------------
-def check_output_dir(out: Path, force: bool) -> None:
-    """Refuse to replace a non-empty ``out`` (a user's directory) unless ``force``."""
-    if (out.is_symlink() or out.exists()) and not force and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"{out} exists and is not empty; pass --force (force=True) to replace it")
-
-
-def temp_dir(final: Path) -> Path:
-    """A fresh temporary directory beside ``final`` (a leftover from a crashed write is removed)."""
-    tmp = final.with_name(f".{final.name}.tmp")
-    if tmp.exists() or tmp.is_symlink():
-        shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def install_dir(tmp: Path, final: Path) -> None:
-    """Rename the finished ``tmp`` into place; an existing ``final`` is kept aside until the new one is there."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".part")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=1, sort_keys=True, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"writing {path} failed: {exc.strerror or exc}") from exc

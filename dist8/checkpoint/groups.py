@@ -5,19 +5,21 @@ constructor's rules: each value must have the type the optimizer holds (number, 
 flat list of the same length, string), be finite, and lie in the key's range (lr, eps,
 weight_decay >= 0, betas in [0, 1), ...). A refusal names the group and key.
 
-The ranges mirror ``Optimizer8bit``'s constructor checks; dist8.optim has no public
-per-group validator yet (checkpoint-side copy, to be replaced when it has one).
+Types and finiteness are checked here (JSON can hold anything); the ranges are then the
+optimizer's own, through ``Optimizer8bit.validate_hyper`` (the table below also serves
+``dist8 ckpt verify``, which has no optimizer).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from dist8.checkpoint.errors import CheckpointError
 
-__all__ = ["checked_groups", "check_saved_groups"]
+__all__ = ["check_saved_groups", "checked_groups"]
 
 # key -> (low, high, low inclusive, high inclusive)
 _RANGES: dict[str, tuple[float, float, bool, bool]] = {
@@ -85,11 +87,12 @@ def _converted(key: str, saved: Any, current: Any, where: str) -> Any:
                           "which a checkpoint cannot set")
 
 
-def checked_groups(saved_groups: list[dict[str, Any]], groups: list[dict[str, Any]],
-                   where: str) -> list[dict[str, Any]]:
+def checked_groups(saved_groups: list[dict[str, Any]], groups: list[dict[str, Any]], where: str,
+                   validate: Callable[[dict[str, Any], str], None] | None = None) -> list[dict[str, Any]]:
     """The values each of the optimizer's ``groups`` gets from ``saved_groups``, validated (not applied).
 
-    Keys the optimizer's group does not have are ignored (they cannot affect it).
+    Keys the optimizer's group does not have are ignored (they cannot affect it). ``validate``
+    (``Optimizer8bit.validate_hyper``) then checks each resulting group with the constructor's rules.
     """
     if len(saved_groups) != len(groups):
         raise CheckpointError(f"{where}: the checkpoint has {len(saved_groups)} param groups, "
@@ -105,6 +108,11 @@ def checked_groups(saved_groups: list[dict[str, Any]], groups: list[dict[str, An
         if "nesterov" in group and values.get("nesterov", group["nesterov"]) and values.get(
                 "dampening", group.get("dampening", 0)) != 0:
             raise CheckpointError(f"{at}: nesterov=True requires dampening=0")
+        if validate is not None:
+            try:
+                validate(dict({k: v for k, v in group.items() if k != "params"}, **values), f"param group {gi}")
+            except (ValueError, TypeError, KeyError) as exc:
+                raise CheckpointError(f"{where}: {' '.join(str(exc).split())}") from None
         out.append(values)
     return out
 

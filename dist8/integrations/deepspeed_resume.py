@@ -42,7 +42,8 @@ def load_dist8_checkpoint(engine, path, *, load_model: bool = True) -> dict[str,
         if saved_value != mine:
             raise CheckpointError(f"{where}: saved with {what}={saved_value!r}, the engine's optimizer uses "
                                   f"{what}={mine!r}")
-    groups = checked_groups(saved_opt["param_groups"], opt.param_groups[:len(saved_opt["param_groups"])], where)
+    groups = checked_groups(saved_opt["param_groups"], opt.param_groups[:len(saved_opt["param_groups"])], where,
+                            opt.validate_hyper)
     shapes = {p["name"]: p["shape"] for p in meta["params"]}
     blocks = {p["name"]: p["block_size"] for p in meta["params"]}
     states = read_pieces(path, meta, {n: (0, math.prod(s)) for n, s in shapes.items()}, opt.rule)
