@@ -5,6 +5,7 @@ failed load changes neither model nor optimizer; every metadata field is validat
 """
 import json
 import os
+import pickle
 import random
 import subprocess
 import sys
@@ -595,3 +596,48 @@ def test_random_mutations_are_refused_or_load_identically(tmp_path, two_rank):
                 outcomes["identical" if same(reference, state_of(model, opt)) else "valid edit"] += 1
             shutil.rmtree(path)
     assert outcomes["refused"] > 30, outcomes
+
+
+# ---- the optimizer's own load_state_dict --------------------------------------------------------
+def test_optimizer_load_state_dict_refuses_foreign_or_corrupt_state():
+    import copy
+
+    w = torch.nn.Parameter(torch.randn(64, 300))
+    adam = dist8.AdamW8bit([w], min_8bit_size=0)
+    w.grad = torch.randn_like(w)
+    adam.step()
+    sd = adam.state_dict()
+    cases = [(dist8.SGD8bit([w], lr=0.1, momentum=0.9, min_8bit_size=0), sd, "state2.*SGD"),
+             (dist8.AdamW8bit([w], block_size=128, min_8bit_size=0), sd, "absmax1.*blocks of 128 need")]
+    nan = copy.deepcopy(sd)
+    nan["state"][0]["absmax1"][0] = float("nan")
+    neg = copy.deepcopy(sd)
+    neg["state"][0]["step"] = -4
+    cases += [(dist8.AdamW8bit([w], min_8bit_size=0), nan, "absmax1.*NaN"),
+              (dist8.AdamW8bit([w], min_8bit_size=0), neg, "step of parameter .* >= 0")]
+    for opt, state_dict, match in cases:
+        with pytest.raises((ValueError, KeyError), match=match):
+            opt.load_state_dict(state_dict)
+        assert not opt.state  # nothing installed
+    flat = dist8.AdamW8bit([torch.nn.Parameter(torch.randn(64, 300))], block_wise=False, min_8bit_size=0)
+    flat.param_groups[0]["params"][0].grad = torch.randn(64, 300)
+    flat.step()
+    again = dist8.AdamW8bit([torch.nn.Parameter(torch.randn(64, 300))], block_wise=False, min_8bit_size=0)
+    again.load_state_dict(flat.state_dict())  # block_wise=False: one absmax per parameter, accepted
+
+
+def test_dcp_metadata_pickle_is_allowlisted(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from dist8.checkpoint.torch_files import check_dcp_metadata
+
+    with pytest.warns(UserWarning):  # no process group: DCP saves in a single process
+        dcp.save({"w": torch.randn(4, 3), "step": 3, "groups": [{"lr": 0.1, "betas": (0.9, 0.99)}]},
+                 checkpoint_id=str(tmp_path / "dcp"))
+    check_dcp_metadata(tmp_path / "dcp" / ".metadata")  # DCP's own metadata passes
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "dcp" / ".metadata", "wb") as f:
+        pickle.dump(Marker(marker), f)
+    with pytest.raises(ck.CheckpointError, match="global .*open is not allowed"):
+        check_dcp_metadata(tmp_path / "dcp" / ".metadata")
+    assert not marker.exists()

@@ -60,7 +60,7 @@ class OptimizerAdapter:
         for i, st in states.items():
             p = self.params[i]
             st = {k: (v.view(p.shape) if k.startswith("state") else v) for k, v in st.items()}
-            self.inner.state[p] = self.inner.check_state(p, st)
+            self.inner.state[p] = self.inner.check_state(p, st, block_size=self.inner.state_block_size(p))
 
     def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Model tensors to write (rank 0)."""

@@ -19,7 +19,7 @@ import torch
 from dist8.checkpoint.errors import CheckpointError
 from dist8.checkpoint.files import open_regular
 
-__all__ = ["load_torch_file", "weights_only_loads"]
+__all__ = ["check_dcp_metadata", "load_torch_file", "weights_only_loads"]
 
 _FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
@@ -59,3 +59,37 @@ def load_torch_file(path: str | os.PathLike, allowed: Iterable[Any] = (), map_lo
                      str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise CheckpointError(f"{path} cannot be loaded without unpickling code (weights_only=True): "
                               f"{first[:200]}") from None
+
+
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata",)
+_DCP_GLOBALS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+                ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"), ("pathlib", "PosixPath"),
+                ("pathlib", "PurePosixPath"), ("copyreg", "_reconstructor"), ("copyreg", "__newobj__"),
+                ("builtins", "object"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice")}
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    """Unpickles only DCP's metadata classes, torch dtypes/Size and plain containers."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in _DCP_MODULES or (module, name) in _DCP_GLOBALS or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in DCP metadata")
+
+
+def check_dcp_metadata(path: str | os.PathLike) -> None:
+    """Refuse a torch.distributed.checkpoint ``.metadata`` file that would unpickle anything but DCP metadata.
+
+    DCP reads ``.metadata`` with plain ``pickle.load``; this check runs it through an allowlist
+    first (DCP's metadata dataclasses, torch dtypes and ``Size``, containers), so a crafted file
+    is refused, naming the global, before DCP opens it.
+    """
+    try:
+        with open_regular(path) as f:
+            _DcpMetadataUnpickler(f).load()
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a crafted or corrupt pickle fails in many ways
+        raise CheckpointError(f"{path} is not plain DCP metadata (nothing was run): "
+                              f"{' '.join(str(exc).split())[:200]}") from None

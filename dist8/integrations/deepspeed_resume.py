@@ -115,7 +115,7 @@ def load_dist8_checkpoint(engine, path, *, load_model: bool = True) -> dict[str,
                         settings = opt.settings(p, group)
                         st = make_state(full, 0, p.numel(), p.device, settings)
                         st = {k: (v.view(p.shape) if k.startswith("state") else v) for k, v in st.items()}
-                        opt.state[p] = opt.check_state(p, st)
+                        opt.state[p] = opt.check_state(p, st, block_size=settings.block_size)
                     continue
                 seg_states = []
                 for seg in segs:
@@ -126,8 +126,9 @@ def load_dist8_checkpoint(engine, path, *, load_model: bool = True) -> dict[str,
                     if full is None:
                         seg_states.append(None)
                         continue
-                    st = make_state(full, seg.param_start, seg.numel, p.device, opt.segment_settings(seg, group))
-                    seg_states.append(opt.check_state(view, st))
+                    settings = opt.segment_settings(seg, group)
+                    st = make_state(full, seg.param_start, seg.numel, p.device, settings)
+                    seg_states.append(opt.check_state(view, st, block_size=settings.block_size))
                 opt.state[p] = {"step": max([s["step"] for s in seg_states if s], default=0), "segments": seg_states,
                                 "segment_names": [s.name for s in segs],
                                 "segment_starts": [s.param_start for s in segs],

@@ -24,7 +24,9 @@ and nothing that :meth:`Checkpointer.latest` would pick; a write error removes t
 temporary directory and raises :class:`~dist8.checkpoint.CheckpointError` naming the file.
 
 Nothing is unpickled: ``torch`` files are read with ``torch.load(weights_only=True)``
-(plus the few DeepSpeed classes its optimizer states hold). ``latest()`` returns the
+(plus the few DeepSpeed classes its optimizer states hold); a ``dcp`` checkpoint's pickled
+``.metadata`` is checked against an allowlist of DCP's metadata classes before DCP reads it,
+and DCP's byte items are loaded under forced ``weights_only``. ``latest()`` returns the
 newest checkpoint that passes its integrity checks, saying which it skipped and why.
 """
 from __future__ import annotations
@@ -42,7 +44,7 @@ import torch.distributed as dist
 
 from dist8.checkpoint.errors import CheckpointError
 from dist8.checkpoint.files import member, read_text, sha256_file
-from dist8.checkpoint.torch_files import load_torch_file
+from dist8.checkpoint.torch_files import check_dcp_metadata, load_torch_file, weights_only_loads
 
 __all__ = ["Checkpointer"]
 
@@ -137,7 +139,12 @@ class Checkpointer:
         if self.kind == "dcp":
             from dist8.integrations import fsdp
 
-            fsdp.load_dcp(os.path.join(path, "dcp"), self.model, self.optimizer)
+            # DCP unpickles .metadata with plain pickle and its byte items with weights_only=False:
+            # the metadata goes through an allowlist first, the byte items under forced weights_only.
+            check_dcp_metadata(member(member(Path(path), "dcp", str(path), kind="dir"), ".metadata",
+                                      str(Path(path) / "dcp")))
+            with weights_only_loads():
+                fsdp.load_dcp(os.path.join(path, "dcp"), self.model, self.optimizer)
         else:
             rank, world = _rank_world()
             if meta["world_size"] != world:
