@@ -60,7 +60,7 @@ class OptimizerAdapter:
         for i, st in states.items():
             p = self.params[i]
             st = {k: (v.view(p.shape) if k.startswith("state") else v) for k, v in st.items()}
-            self.inner.state[p] = self.inner.check_state(p, st)
+            self.inner.state[p] = self.inner.check_state(p, st, block_size=self.inner.state_block_size(p))
 
     def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Model tensors to write (rank 0)."""
@@ -72,6 +72,38 @@ class OptimizerAdapter:
             for name, value in tensors.items():
                 if name in own:
                     own[name].copy_(value)
+
+    def effective_block(self, i: int) -> int:
+        """Quantization block size the optimizer uses for parameter ``i`` (differs from the layout's
+        only with ``block_wise=False``, where each parameter is one block)."""
+        inner = self.inner
+        if inner.block_wise:
+            return inner.block_size
+        if isinstance(self.optimizer, ShardedOptimizer):
+            views = {idx: view for view, idx in (inner.global_slots or ({}, 0))[0].items()}
+            p = views.get(i)
+        else:
+            p = self.params[i]
+        if p is None:  # this rank holds no piece of the parameter: it neither writes nor reads its state
+            return inner.block_size
+        group = next(g for g in inner.param_groups if any(q is p for q in g["params"]))
+        return inner.settings(p, group).block_size
+
+    def snapshot(self) -> Any:
+        """What :meth:`restore` needs to undo :meth:`load_states` and a param-group update."""
+        opt = self.optimizer
+        master = opt.master.clone() if isinstance(opt, ShardedOptimizer) and opt.master is not None else None
+        return dict(self.inner.state), [dict(g) for g in opt.param_groups], master
+
+    def restore(self, snap: Any) -> None:
+        state, groups, master = snap
+        self.inner.state.clear()
+        self.inner.state.update(state)
+        for g, saved in zip(self.optimizer.param_groups, groups):
+            g.clear()
+            g.update(saved)
+        if master is not None:
+            self.optimizer.master.copy_(master)
 
     def hyper(self) -> list[dict[str, Any]]:
         return [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]

@@ -6,7 +6,13 @@ import math
 import sys
 
 from dist8.checkpoint.convert import consolidate, describe
-from dist8.checkpoint.format import CheckpointError, read_metadata, verify_files
+from dist8.checkpoint.format import (
+    METADATA,
+    CheckpointError,
+    read_metadata,
+    verify_files,
+)
+from dist8.checkpoint.groups import check_saved_groups
 
 __all__ = ["register"]
 
@@ -23,7 +29,7 @@ def _info(args: argparse.Namespace) -> int:
         n = math.prod(p["shape"])
         b = summary["state_bytes"].get(p["name"], 0)
         total_n, total_b = total_n + n, total_b + b
-        print(f"{p['name'][:40]:40s} {str(tuple(p['shape'])):>18s} {n:12d} {b:12d} {b / max(n, 1):10.3f}")
+        print(f"{p['name'][:40]:40s} {tuple(p['shape'])!s:>18s} {n:12d} {b:12d} {b / max(n, 1):10.3f}")
     print(f"{'total':40s} {'':>18s} {total_n:12d} {total_b:12d} {total_b / max(total_n, 1):10.3f}")
     for fname, f in sorted(meta["files"].items()):
         print(f"  {fname}  {f['size']} bytes  sha256 {f['sha256'][:16]}...")
@@ -33,12 +39,15 @@ def _info(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     meta = read_metadata(args.path)
     verify_files(args.path, meta)
-    print(f"{args.path}: OK ({len(meta['files'])} files verified)")
+    groups = meta["optimizer"]["param_groups"]  # ranges and finiteness (types are checked again on load)
+    check_saved_groups(groups, f"{args.path}/{METADATA}")
+    manifest = "manifest sha256 checked" if meta.get("version", 1) >= 2 else "format v1: no manifest hash"
+    print(f"{args.path}: OK ({len(meta['files'])} files verified, {manifest})")
     return 0
 
 
 def _consolidate(args: argparse.Namespace) -> int:
-    out = consolidate(args.path, args.out)
+    out = consolidate(args.path, args.out, force=args.force)
     print(f"wrote {out} (world size 1)")
     return 0
 
@@ -49,7 +58,7 @@ def guard(func):
         try:
             return func(args)
         except CheckpointError as exc:
-            print(f"dist8 ckpt: error: {exc}", file=sys.stderr)
+            print(f"dist8 ckpt: error: {' '.join(str(exc).split())}", file=sys.stderr)
             return 2
 
     return run
@@ -67,6 +76,7 @@ def register(subparsers):
     p.set_defaults(func=guard(_verify))
     p = sub.add_parser("consolidate", help="rewrite as a one-file, world-size-1 checkpoint")
     p.add_argument("path")
-    p.add_argument("out")
+    p.add_argument("out", help="output directory; must not exist or be empty unless --force")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT (after the new one is written)")
     p.set_defaults(func=guard(_consolidate))
     return sub

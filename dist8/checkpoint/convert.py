@@ -1,7 +1,7 @@
 """Converters: bitsandbytes state dicts in, dequantized torch-Adam state out, and one-file consolidation."""
 from __future__ import annotations
 
-import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -11,18 +11,21 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from dist8.checkpoint.files import member, safetensors_header
 from dist8.checkpoint.format import (
     FORMAT,
     METADATA,
     MODEL_FILE,
     CheckpointError,
-    rank_file,
-    read_metadata,
+    check_output_dir,
     file_entry,
     install_dir,
+    rank_file,
+    read_metadata,
+    split_tensor_key,
     temp_dir,
     verify_files,
-    write_json_atomic,
+    write_metadata,
 )
 from dist8.quant import dequantize_blockwise, dynamic_map, num_blocks
 
@@ -83,58 +86,73 @@ def export_fp32_adam(state_dict: dict[str, Any], block_size: int = 256) -> dict[
     return {"state": out, "param_groups": groups}
 
 
-def consolidate(path: str | os.PathLike, out: str | os.PathLike) -> str:
-    """Rewrite checkpoint ``path`` as a world-size-1 checkpoint in ``out`` (one optimizer file)."""
+def consolidate(path: str | os.PathLike, out: str | os.PathLike, *, force: bool = False) -> str:
+    """Rewrite checkpoint ``path`` as a world-size-1 checkpoint in ``out`` (one optimizer file).
+
+    Every file is verified first. A non-empty ``out`` is refused unless ``force`` (then it is
+    replaced atomically: the old one is removed only after the new one is in place).
+    """
     path, out = Path(path), Path(out)
+    if out.resolve() == path.resolve():
+        raise CheckpointError(f"{out}: consolidating a checkpoint onto itself; choose another output directory")
+    check_output_dir(out, force)
     meta = read_metadata(path)
     verify_files(path, meta)
     tensors: dict[str, list[tuple[int, torch.Tensor]]] = {}
-    pieces = []
     for rank, plist in sorted(meta["pieces"].items(), key=lambda kv: int(kv[0])):
         fname = rank_file(int(rank), meta["world_size"])
-        with safe_open(str(path / fname), framework="pt") as handle:
-            for key in handle.keys():
-                name, _, skey = key.rpartition("::")
-                start = next(s for n, s, _e, _st in plist if n == name)
-                tensors.setdefault(key, []).append((start, handle.get_tensor(key)))
-        pieces += plist
+        starts = {n: s for n, s, _e, _st in plist}
+        try:
+            with safe_open(str(path / fname), framework="pt") as handle:
+                for key in handle.keys():
+                    name, _skey = split_tensor_key(key)
+                    if name not in starts:
+                        raise CheckpointError(f"{path / fname}: holds tensor {key[:100]!r} of no piece of rank {rank}")
+                    tensors.setdefault(key, []).append((starts[name], handle.get_tensor(key)))
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - safetensors raises several types for corrupt files
+            raise CheckpointError(f"{path / fname} cannot be read: {str(exc)[:200]}") from None
     merged = {}
     for key, parts in tensors.items():
         parts.sort(key=lambda t: t[0])
         merged[key] = parts[0][1] if key.endswith("gnorm_vec") else torch.cat([t for _, t in parts])
-    steps = {}
-    for name, _s, _e, step in pieces:
-        steps[name] = step
-    shapes = {p["name"]: p["shape"] for p in meta["params"]}
-    whole = [[name, 0, int(torch.tensor(shapes[name]).prod()), steps[name]] for name in steps]
+    steps = {name: step for plist in meta["pieces"].values() for name, _s, _e, step in plist}
+    whole = [[p["name"], 0, math.prod(p["shape"]), steps[p["name"]]] for p in meta["params"] if p["name"] in steps]
     tmp = temp_dir(out)
-    fname = rank_file(0, 1)
-    save_file(merged, str(tmp / fname), metadata={"format": FORMAT})
-    files = {fname: file_entry(tmp / fname)}
-    if MODEL_FILE in meta["files"]:
-        shutil.copyfile(path / MODEL_FILE, tmp / MODEL_FILE)
-        files[MODEL_FILE] = meta["files"][MODEL_FILE]
-    new_meta = dict(meta, world_size=1, pieces={"0": whole}, files=files, consolidated_from=meta["world_size"])
-    write_json_atomic(tmp / METADATA, new_meta)
-    install_dir(tmp, out)
+    try:
+        fname = rank_file(0, 1)
+        save_file(merged, str(tmp / fname), metadata={"format": FORMAT})
+        files = {fname: file_entry(tmp / fname)}
+        if MODEL_FILE in meta["files"]:
+            shutil.copyfile(path / MODEL_FILE, tmp / MODEL_FILE)
+            files[MODEL_FILE] = meta["files"][MODEL_FILE]
+        new_meta = dict(meta, world_size=1, pieces={"0": whole}, files=files, consolidated_from=meta["world_size"])
+        write_metadata(tmp, new_meta)
+        install_dir(tmp, out)
+    except OSError as exc:
+        raise CheckpointError(f"writing {out} failed: {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return str(out)
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
-    """Summary used by ``dist8 ckpt info``: params with bytes per parameter and totals."""
+    """Summary used by ``dist8 ckpt info``: params with bytes per parameter and totals.
+
+    Reads only metadata and safetensors headers, through :mod:`dist8.checkpoint.files`
+    (plain names inside the directory, regular files, bounded header length).
+    """
     meta = read_metadata(path)
     sizes: dict[str, int] = {}
     for fname in meta["files"]:
         if fname == MODEL_FILE:
             continue
-        header_len = int.from_bytes(open(Path(path) / fname, "rb").read(8), "little")
-        with open(Path(path) / fname, "rb") as f:
-            f.seek(8)
-            header = json.loads(f.read(header_len))
+        header = safetensors_header(member(path, fname, str(Path(path) / METADATA)))
         for key, info in header.items():
             if key == "__metadata__":
                 continue
-            name = key.rpartition("::")[0]
+            name = split_tensor_key(key)[0]
             a, b = info["data_offsets"]
             sizes[name] = sizes.get(name, 0) + b - a
     return {"meta": meta, "state_bytes": sizes}

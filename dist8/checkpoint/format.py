@@ -1,36 +1,87 @@
-"""The on-disk format: a directory with ``metadata.json`` and safetensors files (no pickle).
+"""The on-disk format, in one place: names, keys, versions, the metadata schema, its writer and its reader.
 
 ::
 
     CKPT/
-      metadata.json                        format, versions, layout, optimizer, steps, files + sha256
+      metadata.json                        format, version, layout, optimizer, steps, files + sha256, manifest
       model.safetensors                    model state (written by rank 0; parameters are replicated)
       optim-00000-of-00004.safetensors     one per saving rank: "<param>::state1", "::absmax1", ...
 
 Every optimizer tensor in a rank file is the rank's *piece* of a parameter, a
 range of whole blocks; ``metadata.json`` says which range, so any world size
-can re-slice the global sequence of blocks.
+can re-slice the global sequence of blocks. Nothing is pickled.
+
+Versions: 1 (dist8 <= 0.x before this module) has no manifest hash, quant map,
+rule, effective block sizes or state dtypes; :func:`read_metadata` upgrades it in
+memory (dynamic map, block-wise, the layout block size) and validates it like
+version 2. Version 2 adds those fields and ``manifest_sha256``: the sha256 of the
+metadata itself (canonical JSON without that key), so an edit of metadata.json
+that does not also fix the hash is refused.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import shutil
+import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointError", "rank_file", "MODEL_FILE", "METADATA", "sha256_file",
-           "read_metadata", "verify_files", "tensor_key", "file_entry", "temp_dir", "install_dir", "write_json_atomic"]
+from dist8.checkpoint.dirs import (
+    check_output_dir,
+    install_dir,
+    temp_dir,
+    write_json_atomic,
+)
+from dist8.checkpoint.errors import CheckpointError
+from dist8.checkpoint.files import check_name, member, read_text, sha256_file
+from dist8.optim.state_schema import (
+    GNORM,
+    PERCENTILE_HISTORY,
+    flat_length,
+    is_absmax_key,
+)
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "METADATA",
+    "MODEL_FILE",
+    "READABLE_VERSIONS",
+    "STATE_DTYPES",
+    "STATE_KEYS",
+    "CheckpointError",
+    "check_metadata",
+    "check_output_dir",
+    "file_entry",
+    "install_dir",
+    "manifest_hash",
+    "piece_range",
+    "rank_file",
+    "read_metadata",
+    "sha256_file",
+    "split_tensor_key",
+    "state_length",
+    "temp_dir",
+    "tensor_key",
+    "verify_files",
+    "write_json_atomic",
+    "write_metadata",
+]
 
 FORMAT = "dist8.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 METADATA = "metadata.json"
 MODEL_FILE = "model.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt or does not fit the model/optimizer; the message names the file or key."""
+# Per-parameter tensors a rank file may hold, with their dtype: codes are uint8, everything else fp32.
+STATE_KEYS = ("state1", "state2", "absmax1", "absmax2", "gnorm_vec", "master")
+STATE_DTYPES = {"state1": ("uint8", "float32"), "state2": ("uint8", "float32"), "absmax1": ("float32",),
+                "absmax2": ("float32",), "gnorm_vec": ("float32",), "master": ("float32",)}
+_RANK_FILE = re.compile(r"^optim-(\d{5})-of-(\d{5})\.safetensors$")
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+_MAX_DEPTH = 64
 
 
 def rank_file(rank: int, world_size: int) -> str:
@@ -41,12 +92,24 @@ def tensor_key(param_name: str, key: str) -> str:
     return f"{param_name}::{key}"
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def split_tensor_key(key: str) -> tuple[str, str]:
+    """``"<param>::<state key>"`` -> ``(param, state key)``."""
+    name, _, skey = key.rpartition("::")
+    return name, skey
+
+
+def state_length(key: str, numel: int, block_size: int) -> int:
+    """Length of the flattened tensor ``key`` of a piece of ``numel`` elements (the optimizer's state schema)."""
+    return flat_length(key, numel, block_size)
+
+
+def piece_range(key: str, start: int, stop: int, block_size: int) -> tuple[int, int]:
+    """Range of tensor ``key`` (of the whole parameter) holding elements ``[start, stop)``."""
+    if is_absmax_key(key):
+        return start // block_size, (stop + block_size - 1) // block_size
+    if key == GNORM:
+        return 0, PERCENTILE_HISTORY
+    return start, stop
 
 
 def file_entry(path: str | os.PathLike) -> dict[str, Any]:
@@ -54,72 +117,277 @@ def file_entry(path: str | os.PathLike) -> dict[str, Any]:
     return {"sha256": sha256_file(path), "size": Path(path).stat().st_size}
 
 
-def temp_dir(final: Path) -> Path:
-    """A fresh temporary directory beside ``final`` (a leftover from a crashed write is removed)."""
-    tmp = final.with_name(f".{final.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
+def manifest_hash(meta: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of ``meta`` without its ``manifest_sha256`` entry."""
+    body = {k: v for k, v in meta.items() if k != "manifest_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
-def install_dir(tmp: Path, final: Path) -> None:
-    """Rename the finished ``tmp`` into place; an existing ``final`` is kept aside until the new one is there."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
+# ---- validation -----------------------------------------------------------------------------------
+class _Check:
+    """Type checks that raise one line naming ``metadata.json`` and the key path."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def fail(self, key: str, what: str) -> None:
+        raise CheckpointError(f"{self.where}: {key} {what}")
+
+    def get(self, obj: dict, key: str, path: str) -> Any:
+        if key not in obj:
+            self.fail(path, "is missing")
+        return obj[key]
+
+    def int_(self, value: Any, path: str, lo: int = 0, hi: int = 1 << 62) -> int:
+        if type(value) is not int or not lo <= value <= hi:
+            self.fail(path, f"must be an integer in [{lo}, {hi}], got {_short(value)}")
+        return value
+
+    def str_(self, value: Any, path: str) -> str:
+        if not isinstance(value, str) or not value or len(value) > 4096:
+            self.fail(path, f"must be a non-empty string, got {_short(value)}")
+        return value
+
+    def dict_(self, value: Any, path: str) -> dict:
+        if not isinstance(value, dict):
+            self.fail(path, f"must be an object, got {_short(value)}")
+        return value
+
+    def list_(self, value: Any, path: str) -> list:
+        if not isinstance(value, list):
+            self.fail(path, f"must be a list, got {_short(value)}")
+        return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _depth(value: Any, limit: int = _MAX_DEPTH) -> int:
+    """Nesting depth of a JSON value, iteratively (no recursion), stopping past ``limit``."""
+    stack, deepest = [(value, 1)], 0
+    while stack:
+        item, d = stack.pop()
+        deepest = max(deepest, d)
+        if deepest > limit:
+            return deepest
+        if isinstance(item, dict):
+            stack.extend((v, d + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, d + 1) for v in item)
+    return deepest
+
+
+def _upgrade(meta: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 -> 2 in memory: the fields version 1 did not record, with the only values it could write."""
+    meta = dict(meta)
+    opt = dict(meta.get("optimizer") or {}) if isinstance(meta.get("optimizer"), dict) else meta.get("optimizer")
+    if isinstance(opt, dict):
+        opt.setdefault("quant_map", "dynamic")
+        opt.setdefault("block_wise", True)
+        opt.setdefault("rule", None)
+        meta["optimizer"] = opt
+    if isinstance(meta.get("params"), list):
+        meta["params"] = [dict(p, block_size=meta.get("block_size"), state=None) if isinstance(p, dict) else p
+                          for p in meta["params"]]
+    return meta
+
+
+def check_metadata(meta: Any, where: str) -> dict[str, Any]:
+    """Validate every field of parsed ``metadata.json`` (upgrading version 1); returns it.
+
+    Checks types and ranges of every entry, the block layout of ``params``, that
+    ``pieces`` cover every parameter exactly once (overlaps and gaps are named), that
+    ``files`` lists every rank file the pieces need and only plain file names, and
+    (version 2) the manifest hash. Raises one-line :class:`CheckpointError`.
+    """
+    c = _Check(where)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where} is not a JSON object")
+    if _depth(meta) > _MAX_DEPTH:
+        raise CheckpointError(f"{where} is nested more than {_MAX_DEPTH} levels deep")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{where}: format is {_short(meta.get('format'))}, expected {FORMAT!r}")
+    version = meta.get("version", 1)
+    if type(version) is not int:
+        c.fail("version", f"must be an integer, got {_short(version)}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{where}: format version {version} is newer than this dist8 reads "
+                              f"({FORMAT_VERSION}); upgrade dist8")
+    if version not in READABLE_VERSIONS:
+        c.fail("version", f"{version} is not a dist8 checkpoint version ({READABLE_VERSIONS})")
+    if version >= 2:
+        stored = meta.get("manifest_sha256")
+        if not isinstance(stored, str) or not _SHA.match(stored):
+            c.fail("manifest_sha256", "is missing or not a sha256 hex digest")
+        try:
+            actual = manifest_hash(meta)
+        except (ValueError, TypeError) as exc:
+            raise CheckpointError(f"{where} holds values JSON cannot represent ({exc})") from None
+        if actual != stored:
+            raise CheckpointError(f"{where} fails its manifest sha256 check (edited or corrupt)")
     else:
-        os.replace(tmp, final)
+        meta = _upgrade(meta)
+
+    block = c.int_(c.get(meta, "block_size", "block_size"), "block_size", 64, 1 << 30)
+    if block & (block - 1):
+        c.fail("block_size", f"must be a power of two, got {block}")
+    world = c.int_(c.get(meta, "world_size", "world_size"), "world_size", 1, 1 << 20)
+    if meta.get("step") is not None:
+        c.int_(meta["step"], "step")
+    if not isinstance(meta.get("extra", {}), dict):
+        c.fail("extra", "must be an object")
+
+    opt = c.dict_(c.get(meta, "optimizer", "optimizer"), "optimizer")
+    c.str_(c.get(opt, "class", "optimizer.class"), "optimizer.class")
+    if opt.get("rule") is not None:
+        c.str_(opt["rule"], "optimizer.rule")
+    if opt.get("quant_map") not in ("dynamic", "linear"):
+        c.fail("optimizer.quant_map", f"must be 'dynamic' or 'linear', got {_short(opt.get('quant_map'))}")
+    if type(opt.get("block_wise")) is not bool:
+        c.fail("optimizer.block_wise", f"must be true or false, got {_short(opt.get('block_wise'))}")
+    groups = c.list_(c.get(opt, "param_groups", "optimizer.param_groups"), "optimizer.param_groups")
+    for gi, g in enumerate(groups):
+        c.dict_(g, f"optimizer.param_groups[{gi}]")
+        for k, v in g.items():
+            ok = v is None or isinstance(v, (bool, int, float, str)) or (
+                isinstance(v, list) and all(isinstance(x, (bool, int, float, str)) or x is None for x in v))
+            if not ok:
+                c.fail(f"optimizer.param_groups[{gi}].{k}", f"must be a number, string or flat list, got {_short(v)}")
+
+    params = c.list_(c.get(meta, "params", "params"), "params")
+    numel_of: dict[str, int] = {}
+    next_block = 0
+    for i, p in enumerate(params):
+        at = f"params[{i}]"
+        c.dict_(p, at)
+        name = c.str_(c.get(p, "name", f"{at}.name"), f"{at}.name")
+        if "::" in name or name in numel_of:
+            c.fail(f"{at}.name", f"{name!r} is duplicated or contains '::'")
+        shape = c.list_(c.get(p, "shape", f"{at}.shape"), f"{at}.shape")
+        if len(shape) > 16:
+            c.fail(f"{at}.shape", "has more than 16 dimensions")
+        for d, s in enumerate(shape):
+            c.int_(s, f"{at}.shape[{d}]", 0, 1 << 40)
+        numel = math.prod(shape)
+        numel_of[name] = numel
+        c.str_(c.get(p, "dtype", f"{at}.dtype"), f"{at}.dtype")
+        nb = (numel + block - 1) // block
+        if c.get(p, "first_block", f"{at}.first_block") != next_block or c.get(p, "n_blocks", f"{at}.n_blocks") != nb:
+            c.fail(f"{at}.first_block/n_blocks", f"are {_short(p['first_block'])}/{_short(p['n_blocks'])}, the block "
+                                                  f"layout says {next_block}/{nb}")
+        next_block += nb
+        c.int_(c.get(p, "group", f"{at}.group"), f"{at}.group", 0, max(len(groups) - 1, 0))
+        eff = c.int_(c.get(p, "block_size", f"{at}.block_size"), f"{at}.block_size", 1, 1 << 62)
+        if eff & (eff - 1):
+            c.fail(f"{at}.block_size", f"must be a power of two, got {eff}")
+        state = p.get("state")
+        if state is not None:
+            c.dict_(state, f"{at}.state")
+            for k, dt in state.items():
+                if k not in STATE_DTYPES or dt not in STATE_DTYPES[k]:
+                    c.fail(f"{at}.state.{_short(k)}", f"must be one of {sorted(STATE_DTYPES)} with dtype "
+                                                      f"{STATE_DTYPES.get(k, '?')}, got {_short(dt)}")
+
+    files = c.dict_(c.get(meta, "files", "files"), "files")
+    for fname, info in files.items():
+        check_name(fname, f"{where}: files")
+        m = _RANK_FILE.match(fname)
+        if fname != MODEL_FILE and not (m and int(m.group(2)) == world and int(m.group(1)) < world):
+            c.fail(f"files.{fname}", f"is not {MODEL_FILE} or a rank file of world size {world}")
+        c.dict_(info, f"files.{fname}")
+        if not isinstance(info.get("sha256"), str) or not _SHA.match(info["sha256"]):
+            c.fail(f"files.{fname}.sha256", "must be a sha256 hex digest")
+        c.int_(info.get("size"), f"files.{fname}.size")
+
+    pieces = c.dict_(c.get(meta, "pieces", "pieces"), "pieces")
+    covered: dict[str, list[tuple[int, int, str]]] = {}
+    for rank, plist in pieces.items():
+        if not isinstance(rank, str) or not rank.isdigit() or int(rank) >= world or str(int(rank)) != rank:
+            c.fail(f"pieces.{str(rank)[:20]}", f"is not a rank of world size {world}")
+        fname = rank_file(int(rank), world)
+        if fname not in files:
+            c.fail(f"pieces.{rank}", f"needs {fname}, which 'files' does not list (so it could not be verified)")
+        for j, piece in enumerate(c.list_(plist, f"pieces.{rank}")):
+            at = f"pieces.{rank}[{j}]"
+            if not isinstance(piece, list) or len(piece) != 4:
+                c.fail(at, f"must be [name, start, stop, step], got {_short(piece)}")
+            name, start, stop, step = piece
+            if name not in numel_of:
+                c.fail(at, f"names parameter {_short(name)}, which 'params' does not list")
+            c.int_(start, f"{at} start")
+            c.int_(stop, f"{at} stop", start + 1 if numel_of[name] else 0, numel_of[name])
+            c.int_(step, f"{at} step")
+            if start % block:
+                c.fail(f"{at} start", f"{start} is not on a block boundary (block size {block})")
+            covered.setdefault(name, []).append((start, stop, rank))
+    for name, numel in numel_of.items():
+        spans = sorted(covered.get(name, []))
+        if not spans and numel == 0:
+            continue
+        if not spans:
+            raise CheckpointError(f"{where}: parameter {name} is in no piece (its state would be lost)")
+        at = 0
+        for start, stop, rank in spans:
+            if start < at:
+                raise CheckpointError(f"{where}: pieces of parameter {name} overlap at elements {start}..{at} "
+                                      f"(rank {rank})")
+            if start > at:
+                raise CheckpointError(f"{where}: pieces of parameter {name} leave elements {at}..{start} uncovered")
+            at = stop
+        if at != numel:
+            raise CheckpointError(f"{where}: pieces of parameter {name} leave elements {at}..{numel} uncovered")
+    return meta
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """Parse and check ``metadata.json`` of the checkpoint directory ``path``."""
+    """Read, parse and validate ``metadata.json`` of the checkpoint directory ``path`` (see :func:`check_metadata`)."""
     path = Path(path)
-    meta_path = path / METADATA
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
-    if not meta_path.is_file():
+    meta_path = path / METADATA
+    if not os.path.lexists(meta_path):
         raise CheckpointError(f"{meta_path} is missing: {path} is not a complete dist8 checkpoint")
+    member(path, METADATA, str(path))
+    text = read_text(meta_path)
     try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{meta_path} is not valid JSON: {exc}") from exc
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_path}: format is {meta.get('format')!r}, expected {FORMAT!r}")
-    if meta.get("version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{meta_path}: format version {meta['version']} is newer than this dist8 reads "
-                              f"({FORMAT_VERSION}); upgrade dist8")
-    for key in ("block_size", "params", "files", "pieces", "world_size"):
-        if key not in meta:
-            raise CheckpointError(f"{meta_path} has no {key!r} entry")
+        meta = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{meta_path} is not valid JSON: {str(exc)[:100]}") from None
+    return check_metadata(meta, str(meta_path))
+
+
+def write_metadata(directory: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Write ``meta`` (stamped with format, version and manifest hash) as ``directory/metadata.json``; returns it.
+
+    The one writer of metadata: every dist8 writer (save, consolidate, from-deepspeed) goes through here,
+    and the result is validated with :func:`check_metadata` before it is written.
+    """
+    meta = {k: v for k, v in meta.items() if k != "manifest_sha256"}
+    meta.update(format=FORMAT, version=FORMAT_VERSION)
+    meta["manifest_sha256"] = manifest_hash(meta)
+    check_metadata(json.loads(json.dumps(meta)), f"{directory / METADATA} (being written)")
+    write_json_atomic(directory / METADATA, meta)
     return meta
 
 
 def verify_files(path: str | os.PathLike, meta: dict[str, Any], names: list[str] | None = None,
                  checksums: bool = True) -> None:
-    """Check existence, size and (optionally) sha256 of the checkpoint's files; raise naming the first bad one."""
+    """Check size and (optionally) sha256 of the checkpoint's files; raise naming the first bad one.
+
+    ``names`` restricts the check to those files, each of which must be listed in ``files``.
+    """
     path = Path(path)
-    for name, info in meta["files"].items():
-        if names is not None and name not in names:
-            continue
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{file} is missing")
+    wanted = list(meta["files"]) if names is None else names
+    for name in wanted:
+        info = meta["files"].get(name)
+        if info is None:
+            raise CheckpointError(f"{path / name} is not listed in {METADATA} 'files' (cannot be verified)")
+        file = member(path, name, str(path / METADATA))
         size = file.stat().st_size
         if size != info["size"]:
             raise CheckpointError(f"{file} has {size} bytes, metadata says {info['size']} (truncated or replaced)")
         if checksums and sha256_file(file) != info["sha256"]:
             raise CheckpointError(f"{file} fails its sha256 check (corrupt)")
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -1,50 +1,69 @@
-"""save / load / latest: atomic, world-size-independent checkpoints of dist8 optimizers."""
+"""save / load / latest: atomic, world-size-independent, validated checkpoints of dist8 optimizers.
+
+``load`` reads and checks everything into new tensors first (metadata schema and
+manifest hash, hyperparameters, piece coverage, every file listed and hashed, every
+tensor's dtype, length and values) and only then installs it: a failed load changes
+neither the model nor the optimizer, on any rank.
+"""
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dist8.version import __version__
 from dist8.checkpoint.adapters import OptimizerAdapter, adapt
+from dist8.checkpoint.files import check_name, member, read_text
 from dist8.checkpoint.format import (
     FORMAT,
-    FORMAT_VERSION,
     METADATA,
     MODEL_FILE,
     CheckpointError,
-    rank_file,
-    read_metadata,
     file_entry,
     install_dir,
+    rank_file,
+    read_metadata,
     temp_dir,
     tensor_key,
     verify_files,
     write_json_atomic,
+    write_metadata,
 )
-from dist8.quant import num_blocks
+from dist8.checkpoint.groups import checked_groups
+from dist8.checkpoint.reader import read_model, read_pieces
 from dist8.shard import ShardedOptimizer
+from dist8.version import __version__
 
-__all__ = ["save", "load", "latest", "LATEST"]
+__all__ = ["LATEST", "checkpoints", "latest", "load", "read_pieces", "save"]
 
 LATEST = "latest"
 
 
-def _barrier(ad: OptimizerAdapter | None) -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier(group=ad.group if ad is not None else None)
-
-
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def _agree(ad: OptimizerAdapter, error: BaseException | None, what: str) -> None:
+    """Collective: raise on every rank when any rank failed (so no rank commits alone or hangs)."""
+    message = None if error is None else str(error)
+    if _distributed() and dist.get_world_size(ad.group) > 1:
+        everyone: list = [None] * dist.get_world_size(ad.group)
+        dist.all_gather_object(everyone, message, group=ad.group)
+        failed = [(r, m) for r, m in enumerate(everyone) if m is not None]
+    else:
+        failed = [(0, message)] if message is not None else []
+    if error is not None:
+        raise error
+    if failed:
+        rank, msg = failed[0]
+        raise CheckpointError(f"{what} failed on rank {rank}: {msg}")
 
 
 def _json_safe(value: Any) -> Any:
@@ -55,21 +74,33 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _shard_tensors(ad: OptimizerAdapter) -> tuple[dict[str, torch.Tensor], list[list]]:
+def _shard_tensors(ad: OptimizerAdapter) -> tuple[dict[str, torch.Tensor], list[list], dict[str, dict]]:
     tensors: dict[str, torch.Tensor] = {}
     pieces = []
+    described: dict[str, dict] = {}
     for piece in ad.pieces:
         name = ad.names[piece.param]
         st = ad.piece_state(piece.param)
+        keys: dict[str, str] = {}
         if st:
             for key, value in st.items():
                 if torch.is_tensor(value):
                     tensors[tensor_key(name, key)] = value.detach().reshape(-1).contiguous().cpu()
+                    keys[key] = str(value.dtype).split(".")[-1]
         master = ad.master_piece(piece)
         if master is not None:
             tensors[tensor_key(name, "master")] = master.detach().contiguous().cpu()
+            keys["master"] = "float32"
         pieces.append([name, piece.start, piece.stop, int(st.get("step", 0)) if st else 0])
-    return tensors, pieces
+        described[name] = {"state": keys, "block_size": ad.effective_block(piece.param)}
+    return tensors, pieces, described
+
+
+def _write(what: Path, write) -> None:
+    try:
+        write()
+    except OSError as exc:
+        raise CheckpointError(f"writing {what} failed: {exc.strerror or exc}") from exc
 
 
 def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, step: int | None = None,
@@ -87,7 +118,9 @@ def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
         extra: JSON-serialisable values returned by :func:`load` (e.g. data position).
 
     The directory is written under a temporary name and renamed into place, so a
-    crash at any point leaves the previous checkpoint loadable. Returns the path.
+    crash at any point leaves the previous checkpoint loadable; a write error (disk
+    full, ...) removes the temporary directory and raises :class:`CheckpointError`
+    naming the file, on every rank. Returns the path.
     """
     ad = adapt(model, optimizer)
     if hasattr(ad, "gather"):  # FSDP2: full quantized state onto rank 0 (collective)
@@ -103,52 +136,71 @@ def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
         final = root
     tmp = final.with_name(f".{final.name}.tmp")  # rank 0 creates it below; every rank writes into it
     saving_world = ad.world_size if isinstance(optimizer, ShardedOptimizer) else 1
-    if ad.rank == 0:
-        temp_dir(final)
-    _barrier(ad)
-    files: dict[str, dict[str, Any]] = {}
-    pieces: list = []
-    if ad.writes:
-        tensors, pieces = _shard_tensors(ad)
-        name = rank_file(ad.rank if saving_world > 1 else 0, saving_world)
-        save_file(tensors, str(tmp / name), metadata={"format": FORMAT})
-        files[name] = file_entry(tmp / name)
-    report = {"files": files, "pieces": pieces, "rank": ad.rank}
-    gathered = [report]
-    if _distributed() and saving_world > 1:
-        gathered = [None] * ad.world_size
-        dist.all_gather_object(gathered, report, group=ad.group)
-    if ad.rank == 0:
-        all_files = {k: v for rep in gathered for k, v in rep["files"].items()}
-        all_pieces = {str(rep["rank"]): rep["pieces"] for rep in gathered if rep["files"]}
-        if model is not None:
-            save_file(ad.model_state(model), str(tmp / MODEL_FILE), metadata={"format": FORMAT})
-            all_files[MODEL_FILE] = file_entry(tmp / MODEL_FILE)
-        group_of = ad.group_of()
-        meta = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "dist8_version": __version__,
-            "torch_version": torch.__version__,
-            "block_size": ad.layout.block_size,
-            "world_size": saving_world,
-            "step": step,
-            "optimizer": {"class": type(ad.inner).__name__,
-                          "param_groups": [{k: _json_safe(v) for k, v in g.items()} for g in ad.hyper()]},
-            "params": [{"name": p.name, "shape": list(p.shape), "dtype": str(ad.params[p.index].dtype).split(".")[-1],
-                        "first_block": p.first_block, "n_blocks": p.n_blocks, "group": group_of[p.index]}
-                       for p in ad.layout.params],
-            "pieces": all_pieces,
-            "files": all_files,
-            "extra": extra or {},
-        }
-        write_json_atomic(tmp / METADATA, meta)
-        install_dir(tmp, final)
-        if keep_last is not None:
-            write_json_atomic(root / LATEST, {"checkpoint": final.name, "step": step})
-            _rotate(root, keep_last)
-    _barrier(ad)
+    error: BaseException | None = None
+    try:
+        if ad.rank == 0:
+            _write(tmp, lambda: temp_dir(final))
+        _agree(ad, None, "save")
+        report: dict[str, Any] = {"files": {}, "pieces": [], "rank": ad.rank, "params": {}}
+        try:
+            if ad.writes:
+                tensors, report["pieces"], report["params"] = _shard_tensors(ad)
+                name = rank_file(ad.rank if saving_world > 1 else 0, saving_world)
+                _write(tmp / name, lambda: save_file(tensors, str(tmp / name), metadata={"format": FORMAT}))
+                report["files"][name] = file_entry(tmp / name)
+        except Exception as exc:  # noqa: BLE001 - every rank must learn of it (see _agree)
+            error = exc
+        _agree(ad, error, "save")
+        gathered = [report]
+        if _distributed() and saving_world > 1:
+            gathered = [None] * ad.world_size
+            dist.all_gather_object(gathered, report, group=ad.group)
+        if ad.rank == 0:
+            try:
+                _finish(ad, model, optimizer, gathered, tmp, final, root, step, extra, keep_last, saving_world)
+            except Exception as exc:  # noqa: BLE001
+                error = exc
+        _agree(ad, error, "save")
+    except BaseException:
+        if ad.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return str(final)
+
+
+def _finish(ad, model, optimizer, gathered, tmp, final, root, step, extra, keep_last, saving_world) -> None:
+    all_files = {k: v for rep in gathered for k, v in rep["files"].items()}
+    all_pieces = {str(rep["rank"]): rep["pieces"] for rep in gathered if rep["files"]}
+    described = {k: v for rep in gathered for k, v in rep["params"].items()}
+    if model is not None:
+        model_tensors = ad.model_state(model)
+        _write(tmp / MODEL_FILE, lambda: save_file(model_tensors, str(tmp / MODEL_FILE), metadata={"format": FORMAT}))
+        all_files[MODEL_FILE] = file_entry(tmp / MODEL_FILE)
+    group_of = ad.group_of()
+    inner = ad.inner
+    meta = {
+        "dist8_version": __version__,
+        "torch_version": torch.__version__,
+        "block_size": ad.layout.block_size,
+        "world_size": saving_world,
+        "step": step,
+        "optimizer": {"class": type(inner).__name__, "rule": inner.rule.name, "quant_map": inner.quant_map,
+                      "block_wise": inner.block_wise,
+                      "param_groups": [{k: _json_safe(v) for k, v in g.items()} for g in ad.hyper()]},
+        "params": [{"name": p.name, "shape": list(p.shape), "dtype": str(ad.params[p.index].dtype).split(".")[-1],
+                    "first_block": p.first_block, "n_blocks": p.n_blocks, "group": group_of[p.index],
+                    "block_size": described.get(p.name, {}).get("block_size", ad.layout.block_size),
+                    "state": described.get(p.name, {}).get("state", {})}
+                   for p in ad.layout.params],
+        "pieces": all_pieces,
+        "files": all_files,
+        "extra": extra or {},
+    }
+    write_metadata(tmp, meta)
+    _write(final, lambda: install_dir(tmp, final))
+    if keep_last is not None:
+        write_json_atomic(root / LATEST, {"checkpoint": final.name, "step": step})
+        _rotate(root, keep_last)
 
 
 def _rotate(root: Path, keep_last: int) -> None:
@@ -163,19 +215,34 @@ def _rotate(root: Path, keep_last: int) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+def checkpoints(root: str | os.PathLike) -> list[str]:
+    """Complete-looking ``step-*`` checkpoints under ``root``, newest first (symlinks are skipped)."""
+    root = Path(root)
+    found = [p for p in root.glob("step-*") if not p.is_symlink() and p.is_dir() and (p / METADATA).is_file()]
+    return [str(p) for p in sorted(found, reverse=True)]
+
+
 def latest(root: str | os.PathLike) -> str | None:
-    """The newest complete checkpoint under ``root`` (from the ``latest`` pointer, else by scanning), or None."""
+    """The newest complete checkpoint under ``root`` (from the ``latest`` pointer, else by scanning), or None.
+
+    A pointer naming anything but a directory directly inside ``root`` (an absolute
+    path, ``..``, a symlink) is refused with :class:`CheckpointError`.
+    """
     root = Path(root)
     pointer = root / LATEST
-    if pointer.is_file():
+    if os.path.lexists(pointer):
+        member(root, LATEST, str(root))
         try:
-            name = json.loads(pointer.read_text())["checkpoint"]
+            name = json.loads(read_text(pointer, limit=1 << 16))["checkpoint"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            name = None  # unreadable pointer (e.g. killed mid-write before the atomic rename existed): scan
+        if name is not None:
+            check_name(name, f"{pointer}: checkpoint")
             if (root / name / METADATA).is_file():
+                member(root, name, str(pointer), kind="dir")
                 return str(root / name)
-        except (ValueError, KeyError):
-            pass
-    done = sorted(p for p in root.glob("step-*") if (p / METADATA).is_file())
-    return str(done[-1]) if done else None
+    done = checkpoints(root)
+    return done[0] if done else None
 
 
 def _resolve(path: Path) -> Path:
@@ -186,25 +253,72 @@ def _resolve(path: Path) -> Path:
     return path
 
 
+@dataclass
+class _Plan:
+    """Everything a load installs, read and checked, not yet installed."""
+
+    states: dict[int, dict[str, Any]] = field(default_factory=dict)
+    masters: dict[int, torch.Tensor] = field(default_factory=dict)
+    model: dict[str, torch.Tensor] | None = None
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
 def load(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, strict: bool = True,
          verify: bool = True) -> dict[str, Any]:
     """Load a checkpoint saved by :func:`save` at any world size; returns its ``extra`` dict.
 
     Each rank reads only the block ranges it owns under the current world size.
-    ``strict=False`` loads the parameters that match by name and shape and warns
-    about the rest. ``verify`` checks the sha256 of every file this rank reads.
-    Raises :class:`CheckpointError` naming the file, parameter or key on any mismatch.
+    ``strict=False`` loads the parameters (and model tensors) that match by name and
+    shape and warns about the rest. ``verify`` checks the sha256 of every file this
+    rank reads. Everything is read and validated before anything is installed: on
+    :class:`CheckpointError` (naming the file, parameter or key) the model and
+    optimizer are unchanged on every rank.
     """
     path = _resolve(Path(path))
-    meta = read_metadata(path)
     ad = adapt(model, optimizer)
-    cls = type(ad.inner).__name__
-    if meta["optimizer"]["class"] != cls:
-        raise CheckpointError(f"{path / METADATA}: saved optimizer is {meta['optimizer']['class']}, "
-                              f"loading into {cls}")
-    if meta["block_size"] != ad.layout.block_size:
-        raise CheckpointError(f"{path / METADATA}: saved with block_size={meta['block_size']}, optimizer uses "
-                              f"block_size={ad.layout.block_size}")
+    plan, error = None, None
+    try:
+        plan = _read(path, ad, model, strict, verify)
+    except Exception as exc:  # noqa: BLE001 - re-raised below after every rank has learnt of it
+        error = exc
+    _agree(ad, error, f"loading {path}")
+    _commit(ad, model, plan, path)
+    return plan.extra
+
+
+def _commit(ad: OptimizerAdapter, model, plan: _Plan, path: Path) -> None:
+    snap = ad.snapshot()
+    try:
+        ad.load_states(plan.states, plan.masters)
+        for group, values in zip(ad.optimizer.param_groups, plan.groups):
+            group.update(values)
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        ad.restore(snap)
+        raise CheckpointError(f"{path}: state does not fit the optimizer: {exc}") from exc
+    if plan.model is not None:  # validated (names, shapes) above; copying cannot fail
+        ad.load_model_state(model, plan.model)
+
+
+def _check_optimizer(meta: dict[str, Any], ad: OptimizerAdapter, where: str) -> None:
+    inner, opt = ad.inner, meta["optimizer"]
+    checks = [("class", opt["class"], type(inner).__name__),
+              ("rule", opt["rule"] if opt["rule"] is not None else inner.rule.name, inner.rule.name),
+              ("quant_map", opt["quant_map"], inner.quant_map),
+              ("block_wise", opt["block_wise"], inner.block_wise),
+              ("block_size", meta["block_size"], ad.layout.block_size)]
+    for what, saved, mine in checks:
+        if saved != mine:
+            raise CheckpointError(f"{where}: saved with {what}={saved!r}, the optimizer uses {what}={mine!r}")
+
+
+def _read(path: Path, ad: OptimizerAdapter, model, strict: bool, verify: bool) -> _Plan:
+    meta = read_metadata(path)
+    where = str(path / METADATA)
+    _check_optimizer(meta, ad, where)
+    plan = _Plan(groups=checked_groups(meta["optimizer"]["param_groups"], ad.optimizer.param_groups, where,
+                                       ad.inner.validate_hyper),
+                 extra=meta["extra"])
     saved = {p["name"]: p for p in meta["params"]}
     problems = []
     for slot in ad.layout.params:
@@ -214,108 +328,37 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
         elif tuple(entry["shape"]) != slot.shape:
             problems.append(f"parameter {slot.name} has shape {tuple(entry['shape'])} in the checkpoint, "
                             f"{slot.shape} in the model")
-    unexpected = sorted(set(saved) - set(ad.names))
-    problems += [f"checkpoint parameter {n} is not in the optimizer" for n in unexpected]
+    problems += [f"checkpoint parameter {n} is not in the optimizer" for n in sorted(set(saved) - set(ad.names))]
     if problems and strict:
         raise CheckpointError(f"{path}: " + "; ".join(problems))
     if problems:
-        warnings.warn(f"dist8.checkpoint.load({path}, strict=False) skipped: " + "; ".join(problems), stacklevel=2)
+        warnings.warn(f"dist8.checkpoint.load({path}, strict=False) skipped: " + "; ".join(problems), stacklevel=3)
     skip = {s.name for s in ad.layout.params if s.name not in saved or tuple(saved[s.name]["shape"]) != s.shape}
-
-    where: dict[str, list[tuple[str, int, int]]] = {}
-    for rank, plist in meta["pieces"].items():
-        fname = rank_file(int(rank), meta["world_size"])
-        for name, start, stop, _step in plist:
-            where.setdefault(name, []).append((fname, start, stop))
-    steps = {name: step for plist in meta["pieces"].values() for name, _a, _b, step in plist}
-    needed = sorted({f for piece in ad.pieces if ad.names[piece.param] not in skip
-                     for f, _a, _b in where.get(ad.names[piece.param], [])})
-    verify_files(path, meta, needed + ([MODEL_FILE] if model is not None and MODEL_FILE in meta["files"] else []),
-                 checksums=verify)
-    handles = {}
-    try:
-        for f in needed:
-            try:
-                handles[f] = safe_open(str(path / f), framework="pt")
-            except Exception as exc:  # noqa: BLE001 - safetensors raises several types for corrupt headers
-                raise CheckpointError(f"{path / f} cannot be read: {exc}") from exc
-        states, masters = _read_pieces(ad, where, steps, handles, skip, path)
-    finally:
-        handles.clear()
-    if model is not None:
-        ad.load_model_state(model, _read_model(path / MODEL_FILE, model, strict))
-    ad.load_states(states, masters)
-    for group, saved_group in zip(ad.optimizer.param_groups, meta["optimizer"]["param_groups"]):
-        for k, v in saved_group.items():
-            if k in group and k != "params":
-                group[k] = tuple(v) if isinstance(group[k], tuple) else v
-    return meta.get("extra", {})
-
-
-def _read_pieces(ad: OptimizerAdapter, where, steps, handles, skip, path: Path):
-    B = ad.layout.block_size
-    states: dict[int, dict[str, Any]] = {}
-    masters: dict[int, torch.Tensor] = {}
     for piece in ad.pieces:
         name = ad.names[piece.param]
-        if name in skip or name not in where:
-            continue
-        parts: dict[str, list[torch.Tensor]] = {}
-        covered = piece.start
-        for fname, s0, s1 in sorted(where[name], key=lambda t: t[1]):
-            a, b = max(piece.start, s0), min(piece.stop, s1)
-            if a >= b:
-                continue
-            if a != covered:
-                raise CheckpointError(f"{path}: pieces of parameter {name} leave elements {covered}..{a} uncovered")
-            covered = b
-            handle = handles[fname]
-            for key in handle.keys():
-                pname, _, skey = key.rpartition("::")
-                if pname != name:
-                    continue
-                sl = handle.get_slice(key)
-                if skey.startswith("absmax"):
-                    lo, hi = (a - s0) // B, num_blocks(b - s0, B)
-                elif skey == "gnorm_vec":
-                    lo, hi = 0, sl.get_shape()[0]
-                    if skey in parts:
-                        continue
-                else:
-                    lo, hi = a - s0, b - s0
-                if hi > sl.get_shape()[0]:
-                    raise CheckpointError(f"{path / fname}: tensor {key} has {sl.get_shape()[0]} entries, needs {hi}")
-                parts.setdefault(skey, []).append(sl[lo:hi])
-        if covered != piece.stop:
-            if not parts:
-                continue  # no state saved for this parameter (never stepped)
-            raise CheckpointError(f"{path}: parameter {name} elements {covered}..{piece.stop} are in no shard file")
-        if not parts:
-            continue
-        st: dict[str, Any] = {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in parts.items() if k != "master"}
-        if "master" in parts:
-            masters[piece.param] = torch.cat(parts["master"])
+        if name not in skip and saved[name]["block_size"] != ad.effective_block(piece.param):
+            raise CheckpointError(f"{where}: parameter {name} was quantized in blocks of {saved[name]['block_size']}, "
+                                  f"the optimizer uses {ad.effective_block(piece.param)}")
+
+    load_model = model is not None
+    if load_model and MODEL_FILE not in meta["files"]:
+        raise CheckpointError(f"{path / MODEL_FILE} is not in the checkpoint (saved without a model?)")
+    _read_pieces(ad, meta, skip, path, plan, verify)
+    if load_model:
+        verify_files(path, meta, [MODEL_FILE], checksums=verify)
+        plan.model = read_model(path / MODEL_FILE, model, strict)
+    return plan
+
+
+def _read_pieces(ad: OptimizerAdapter, meta, skip, path: Path, plan: _Plan, verify: bool) -> None:
+    wanted = {ad.names[p.param]: (p.start, p.stop) for p in ad.pieces if ad.names[p.param] not in skip}
+    index = {ad.names[p.param]: p.param for p in ad.pieces}
+    for name, st in read_pieces(path, meta, wanted, ad.inner.rule, verify).items():
+        i = index[name]
+        master = st.pop("master", None)
+        if master is not None:
+            plan.masters[i] = master
         if any(k.startswith("state") for k in st):
-            st["step"] = steps.get(name, 0)
-            device = ad.params[piece.param].device
-            states[piece.param] = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in st.items()}
-    return states, masters
+            device = ad.params[i].device
+            plan.states[i] = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in st.items()}
 
-
-def _read_model(file: Path, model: torch.nn.Module, strict: bool) -> dict[str, torch.Tensor]:
-    if not file.is_file():
-        raise CheckpointError(f"{file} is missing (checkpoint saved without a model?)")
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(str(file))
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"{file} cannot be read: {exc}") from exc
-    own = model.state_dict()
-    for name, value in tensors.items():
-        if name in own and tuple(own[name].shape) != tuple(value.shape):
-            raise CheckpointError(f"{file}: {name} has shape {tuple(value.shape)}, model has {tuple(own[name].shape)}")
-    missing, unexpected = [k for k in own if k not in tensors], [k for k in tensors if k not in own]
-    if strict and (missing or unexpected):
-        raise CheckpointError(f"{file}: model keys missing {missing[:5]} unexpected {unexpected[:5]}")
-    return {k: v for k, v in tensors.items() if k in own}

@@ -20,7 +20,30 @@ from typing import Any
 
 import torch
 
-__all__ = ["from_deepspeed", "register_cli"]
+__all__ = ["from_deepspeed", "register_cli", "deepspeed_safe_globals"]
+
+# "module:qualname" of the non-tensor classes DeepSpeed puts into its checkpoints (found by loading real
+# ZeRO 0/2/3 checkpoints with weights_only=True); nothing else may be unpickled.
+_DEEPSPEED_GLOBALS = (
+    "deepspeed.runtime.zero.config:ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler:LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler:DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment:fragment_address",
+)
+
+
+def deepspeed_safe_globals() -> list:
+    """The DeepSpeed classes ``torch.load(weights_only=True)`` may rebuild from a DeepSpeed checkpoint."""
+    import importlib
+
+    out = []
+    for spec in _DEEPSPEED_GLOBALS:
+        module, _, name = spec.partition(":")
+        try:
+            out.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue  # another DeepSpeed version: the class does not exist, so no file can need it
+    return out
 
 
 def _find_base_state(obj: Any, depth: int = 0) -> dict | None:
@@ -37,25 +60,60 @@ def _find_base_state(obj: Any, depth: int = 0) -> dict | None:
     return None
 
 
-def _tag(ckpt_dir: Path, tag: str | None) -> str:
-    if tag is not None:
-        return tag
-    latest = ckpt_dir / "latest"
-    if latest.is_file():
-        return latest.read_text().strip()
-    subdirs = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir())
-    if len(subdirs) == 1:
-        return subdirs[0]
-    raise ValueError(f"{ckpt_dir}: no 'latest' file; pass tag= (one of {subdirs})")
+def _holds_states(directory: Path) -> bool:
+    return any(directory.glob("mp_rank_*_model_states.pt")) or any(directory.glob("zero_pp_rank_*_model_states.pt"))
 
 
-def from_deepspeed(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str | None = None) -> str:
-    """Convert DeepSpeed checkpoint ``ckpt_dir`` (tag ``tag``, default ``latest``) to dist8 checkpoint ``out``."""
+def _tag(ckpt_dir: Path, tag: str | None) -> tuple[Path, str]:
+    """(DeepSpeed root, tag): ``ckpt_dir`` may be the root (holding ``latest``) or the tag directory itself."""
+    from dist8.checkpoint.files import check_name, member, read_text
+    from dist8.checkpoint.format import CheckpointError
+
+    if tag is None and _holds_states(ckpt_dir):
+        return ckpt_dir.parent, ckpt_dir.name
+    if tag is None:
+        latest = ckpt_dir / "latest"
+        if os.path.lexists(latest):
+            tag = read_text(member(ckpt_dir, "latest", str(ckpt_dir)), limit=4096).strip()
+        else:
+            subdirs = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and _holds_states(p))
+            if len(subdirs) != 1:
+                raise CheckpointError(f"{ckpt_dir}: no 'latest' file and {len(subdirs)} tag directories "
+                                      f"{subdirs[:10]}; pass --tag or the tag directory itself")
+            tag = subdirs[0]
+    check_name(tag, f"{ckpt_dir}: tag")
+    member(ckpt_dir, tag, f"{ckpt_dir}: tag", kind="dir")
+    return ckpt_dir, tag
+
+
+def from_deepspeed(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str | None = None, *,
+                   force: bool = False) -> str:
+    """Convert DeepSpeed checkpoint ``ckpt_dir`` (tag ``tag``, default ``latest``) to dist8 checkpoint ``out``.
+
+    ``ckpt_dir`` may also be the tag directory holding the ``mp_rank_*`` files. Files are read
+    with ``torch.load(weights_only=True)`` and an allowlist of DeepSpeed classes: nothing is
+    unpickled that could run code. Any malformed input raises CheckpointError naming the directory.
+    A non-empty ``out`` is refused unless ``force``.
+    """
+    from dist8.checkpoint.format import CheckpointError, check_output_dir
+
+    check_output_dir(Path(out), force)
+    try:
+        return _convert(ckpt_dir, out, tag)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise CheckpointError(f"{ckpt_dir}: not a readable DeepSpeed checkpoint of a dist8 optimizer "
+                              f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+
+
+def _convert(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str | None) -> str:
     from safetensors.torch import save_file
 
     from dist8.version import __version__
-    from dist8.checkpoint.format import (FORMAT, FORMAT_VERSION, METADATA, MODEL_FILE, CheckpointError, rank_file,
-                                         file_entry, install_dir, temp_dir, tensor_key, write_json_atomic)
+    from dist8.checkpoint.format import (FORMAT, MODEL_FILE, CheckpointError, file_entry, install_dir, rank_file,
+                                         temp_dir, tensor_key, write_metadata)
+    from dist8.checkpoint.torch_files import load_torch_file, weights_only_loads
     from dist8.kernels import RULE_STATES
     from dist8.optim import get_optimizer_class
     from dist8.quant import dequantize_blockwise, get_map, num_blocks, quantize_blockwise
@@ -63,8 +121,9 @@ def from_deepspeed(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str
     ckpt_dir, out = Path(ckpt_dir), Path(out)
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"DeepSpeed checkpoint directory {ckpt_dir} does not exist")
-    tag = _tag(ckpt_dir, tag)
+    ckpt_dir, tag = _tag(ckpt_dir, tag)
     tdir = ckpt_dir / tag
+    allowed = deepspeed_safe_globals()
     # ZeRO 0-2: mp_rank_00_model_states.pt; ZeRO-3: zero_pp_rank_R_mp_rank_00_model_states.pt per rank.
     model_files = sorted(glob.glob(str(tdir / "mp_rank_*_model_states.pt")))
     if not model_files:
@@ -73,13 +132,15 @@ def from_deepspeed(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str
         raise CheckpointError(f"{tdir}: no mp_rank_*_model_states.pt (not a DeepSpeed checkpoint)")
     if len(model_files) > 1:
         raise CheckpointError(f"{tdir}: {len(model_files)} model-parallel ranks; only data parallelism is supported")
-    model_states = torch.load(model_files[0], map_location="cpu", weights_only=False)
+    model_states = load_torch_file(model_files[0], allowed)
+    if not isinstance(model_states, dict):
+        raise CheckpointError(f"{model_files[0]}: not a DeepSpeed model-states dict")
     optim_files = sorted(glob.glob(str(tdir / "*zero_pp_rank_*_optim_states.pt")),
                          key=lambda f: int(os.path.basename(f).split("zero_pp_rank_")[1].split("_")[0]))
     rank_states = []
     for f in optim_files:
-        sd = torch.load(f, map_location="cpu", weights_only=False)
-        base = _find_base_state(sd.get("optimizer_state_dict", sd))
+        sd = load_torch_file(f, allowed)
+        base = _find_base_state(sd.get("optimizer_state_dict", sd)) if isinstance(sd, dict) else None
         if base is None:
             raise CheckpointError(f"{f}: no optimizer state dict found")
         rank_states.append((f, base))
@@ -104,7 +165,8 @@ def from_deepspeed(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str
     if zero:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        with weights_only_loads(allowed):  # zero_to_fp32 asks torch.load for weights_only=False
+            weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     else:
         weights = model_states["module"]
     weights = {k: v.detach().float().contiguous() for k, v in weights.items()}
@@ -167,10 +229,12 @@ def from_deepspeed(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str
         numel = math.prod(shape)
         nb = num_blocks(numel, B)
         params_meta.append({"name": name, "shape": list(shape), "dtype": "float32", "first_block": block,
-                            "n_blocks": nb, "group": 0})
+                            "n_blocks": nb, "group": 0, "block_size": B, "state": {}})
         block += nb
         entry = full.get(name)
         if entry is None:
+            if numel:
+                pieces.append([name, 0, numel, 0])  # never stepped: no state
             continue
         for i in range(1, len(signs) + 1):
             vals = entry[f"state{i}"]
@@ -183,6 +247,8 @@ def from_deepspeed(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str
         if "gnorm_vec" in entry:
             tensors[tensor_key(name, "gnorm_vec")] = entry["gnorm_vec"].contiguous()
         pieces.append([name, 0, numel, entry["step"]])
+        params_meta[-1]["state"] = {k.split("::")[-1]: str(v.dtype).split(".")[-1] for k, v in tensors.items()
+                                    if k.rpartition("::")[0] == name}
     tmp = temp_dir(out)
     fname = rank_file(0, 1)
     save_file(tensors, str(tmp / fname), metadata={"format": FORMAT})
@@ -193,9 +259,9 @@ def from_deepspeed(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str
         return list(v) if isinstance(v, tuple) else (v.item() if torch.is_tensor(v) and v.numel() == 1 else v)
 
     meta = {
-        "format": FORMAT, "version": FORMAT_VERSION, "dist8_version": __version__,
+        "dist8_version": __version__,
         "torch_version": torch.__version__, "block_size": B, "world_size": 1, "step": step,
-        "optimizer": {"class": cls.__name__,
+        "optimizer": {"class": cls.__name__, "rule": cls.rule.name, "quant_map": quant_map, "block_wise": True,
                       "param_groups": [{k: safe(v) for k, v in g.items()} for g in (groups_hyper or [])][:1]},
         "params": params_meta, "pieces": {"0": pieces}, "files": files,
         "extra": {"converted_from": "deepspeed", "deepspeed_dir": str(ckpt_dir), "tag": tag,
@@ -203,13 +269,13 @@ def from_deepspeed(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str
                   "global_steps": model_states.get("global_steps"),
                   "global_samples": model_states.get("global_samples")},
     }
-    write_json_atomic(tmp / METADATA, meta)
+    write_metadata(tmp, meta)
     install_dir(tmp, out)
     return str(out)
 
 
 def _cli(args) -> int:
-    out = from_deepspeed(args.path, args.out, tag=args.tag)
+    out = from_deepspeed(args.path, args.out, tag=args.tag, force=args.force)
     print(f"wrote {out} (dist8 checkpoint, loads at any world size)")
     return 0
 
@@ -218,7 +284,9 @@ def register_cli(sub, guard=None) -> None:
     """Add ``from-deepspeed`` to the ``dist8 ckpt`` sub-parsers ``sub``."""
     p = sub.add_parser("from-deepspeed", help="convert a DeepSpeed checkpoint of a dist8.* optimizer "
                                               "to a dist8 checkpoint (any world size)")
-    p.add_argument("path", help="DeepSpeed checkpoint directory (the one holding 'latest')")
+    p.add_argument("path", help="DeepSpeed checkpoint directory (the one holding 'latest', or a tag directory "
+                                "holding the mp_rank_* files)")
     p.add_argument("out", help="output dist8 checkpoint directory")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the 'latest' file)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT (after the new one is written)")
     p.set_defaults(func=guard(_cli) if guard else _cli)

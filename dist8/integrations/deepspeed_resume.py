@@ -20,10 +20,13 @@ def load_dist8_checkpoint(engine, path, *, load_model: bool = True) -> dict[str,
     from the checkpoint's step. Segment ranges that do not start on a block boundary of the
     parameter are requantized (dequantize, re-slice, quantize); aligned ones are exact.
     """
-    from safetensors import safe_open
+    import math
 
-    from dist8.checkpoint.format import CheckpointError, rank_file, read_metadata, verify_files
+    from dist8.checkpoint.format import MODEL_FILE, CheckpointError, read_metadata, verify_files
+    from dist8.checkpoint.groups import checked_groups
+    from dist8.checkpoint.io import read_pieces
     from dist8.integrations.deepspeed_segments import DeepSpeedSegments
+    from dist8.kernels import RULE_STATES
     from dist8.quant import dequantize_blockwise, get_map, quantize_blockwise
 
     opt = engine.basic_optimizer
@@ -32,49 +35,50 @@ def load_dist8_checkpoint(engine, path, *, load_model: bool = True) -> dict[str,
                         "'dist8.*' DeepSpeed config")
     path = os.fspath(path)
     meta = read_metadata(path)
-    verify_files(path, meta)
-    if meta["optimizer"]["class"] != type(opt).__name__:
-        raise CheckpointError(f"{path}: saved optimizer is {meta['optimizer']['class']}, engine uses {type(opt).__name__}")
-    B = meta["block_size"]
-    files = {}
-    for rank, plist in meta["pieces"].items():
-        fname = rank_file(int(rank), meta["world_size"])
-        for name, start, stop, step in plist:
-            files.setdefault(name, []).append((fname, start, stop, step))
-    handles = {f: safe_open(os.path.join(path, f), framework="pt") for f in meta["files"] if f.startswith("optim-")}
+    where = os.path.join(path, "metadata.json")
+    saved_opt = meta["optimizer"]
+    for what, saved_value, mine in (("class", saved_opt["class"], type(opt).__name__),
+                                    ("quant_map", saved_opt["quant_map"], opt.quant_map)):
+        if saved_value != mine:
+            raise CheckpointError(f"{where}: saved with {what}={saved_value!r}, the engine's optimizer uses "
+                                  f"{what}={mine!r}")
+    groups = checked_groups(saved_opt["param_groups"], opt.param_groups[:len(saved_opt["param_groups"])], where,
+                            opt.validate_hyper)
     shapes = {p["name"]: p["shape"] for p in meta["params"]}
-    from dist8.kernels import RULE_STATES
-
+    blocks = {p["name"]: p["block_size"] for p in meta["params"]}
+    states = read_pieces(path, meta, {n: (0, math.prod(s)) for n, s in shapes.items()}, opt.rule)
     signs = RULE_STATES[opt.rule]
     qmaps = {s: get_map(opt.quant_map, s) for s in (True, False)}
 
     def full_state(name: str) -> dict[str, Any] | None:
         """Whole-parameter state of ``name``: fp32 state tensors (dequantized) + step + 8-bit flag."""
-        if name not in files:
+        st = states.get(name)
+        if st is None:
             return None
-        out: dict[str, Any] = {}
-        numel = int(torch.tensor(shapes[name]).prod())
+        out: dict[str, Any] = {"step": st["step"]}
         for i in range(1, len(signs) + 1):
-            vals = torch.zeros(numel, dtype=torch.float32)
-            is8 = False
-            for fname, start, stop, _step in files[name]:
-                h = handles[fname]
-                key = f"{name}::state{i}"
-                if key not in h.keys():
-                    return None
-                s = h.get_tensor(key)
-                if s.dtype == torch.uint8:
-                    is8 = True
-                    s = dequantize_blockwise(s, h.get_tensor(f"{name}::absmax{i}"), qmaps[signs[i - 1]], B)
-                vals[start:stop] = s.reshape(-1).float()
-            out[f"state{i}"] = vals
-            out[f"8bit{i}"] = is8
-        out["step"] = max(st for *_x, st in files[name])
-        gkey = f"{name}::gnorm_vec"
-        for fname, *_r in files[name]:
-            if gkey in handles[fname].keys():
-                out["gnorm_vec"] = handles[fname].get_tensor(gkey)
+            s = st[f"state{i}"]
+            out[f"8bit{i}"] = s.dtype == torch.uint8
+            if s.dtype == torch.uint8:
+                s = dequantize_blockwise(s, st[f"absmax{i}"], qmaps[signs[i - 1]], blocks[name])
+            out[f"state{i}"] = s.reshape(-1).float()
+        if "gnorm_vec" in st:
+            out["gnorm_vec"] = st["gnorm_vec"]
         return out
+
+    model_sd = None
+    if load_model and MODEL_FILE in meta["files"]:
+        from safetensors.torch import load_file
+
+        verify_files(path, meta, [MODEL_FILE])
+        try:
+            model_sd = load_file(os.path.join(path, MODEL_FILE))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises several types for corrupt files
+            raise CheckpointError(f"{os.path.join(path, MODEL_FILE)} cannot be read: {str(exc)[:200]}") from None
+        for name, p in engine.module.named_parameters():
+            if name in model_sd and model_sd[name].numel() != getattr(p, "ds_numel", p.numel()):
+                raise CheckpointError(f"{os.path.join(path, MODEL_FILE)}: {name} has {model_sd[name].numel()} "
+                                      f"elements, the model {getattr(p, 'ds_numel', p.numel())}")
 
     segs_of = getattr(opt, "ds_segments", {}) or {}
     cache: dict[str, Any] = {}
@@ -97,11 +101,6 @@ def load_dist8_checkpoint(engine, path, *, load_model: bool = True) -> dict[str,
             st["gnorm_vec"] = full["gnorm_vec"].to(device)
         return st
 
-    model_sd = None
-    if load_model and "model.safetensors" in meta["files"]:
-        from safetensors.torch import load_file
-
-        model_sd = load_file(os.path.join(path, "model.safetensors"))
     names = {p: n for n, p in engine.module.named_parameters()}
     with torch.no_grad():
         for group in opt.param_groups:
@@ -116,7 +115,7 @@ def load_dist8_checkpoint(engine, path, *, load_model: bool = True) -> dict[str,
                         settings = opt.settings(p, group)
                         st = make_state(full, 0, p.numel(), p.device, settings)
                         st = {k: (v.view(p.shape) if k.startswith("state") else v) for k, v in st.items()}
-                        opt.state[p] = opt.check_state(p, st)
+                        opt.state[p] = opt.check_state(p, st, block_size=settings.block_size)
                     continue
                 seg_states = []
                 for seg in segs:
@@ -127,21 +126,19 @@ def load_dist8_checkpoint(engine, path, *, load_model: bool = True) -> dict[str,
                     if full is None:
                         seg_states.append(None)
                         continue
-                    st = make_state(full, seg.param_start, seg.numel, p.device, opt.segment_settings(seg, group))
-                    seg_states.append(opt.check_state(view, st))
+                    settings = opt.segment_settings(seg, group)
+                    st = make_state(full, seg.param_start, seg.numel, p.device, settings)
+                    seg_states.append(opt.check_state(view, st, block_size=settings.block_size))
                 opt.state[p] = {"step": max([s["step"] for s in seg_states if s], default=0), "segments": seg_states,
                                 "segment_names": [s.name for s in segs],
                                 "segment_starts": [s.param_start for s in segs],
                                 "segment_shapes": [list(s.shape) for s in segs]}
         if model_sd is not None:
             _copy_model_weights(engine, model_sd)
-    for group, saved in zip(opt.param_groups, meta["optimizer"]["param_groups"]):
-        for k, v in saved.items():
-            if k in group and k != "params":
-                group[k] = tuple(v) if isinstance(group[k], tuple) else v
+    for group, values in zip(opt.param_groups, groups):
+        group.update(values)
     if meta.get("step") is not None:
         engine.global_steps = int(meta["step"])
-    handles.clear()
     return meta.get("extra", {})
 
 

@@ -302,20 +302,27 @@ class Optimizer8bit(torch.optim.Optimizer):
             if key not in id_map:
                 raise KeyError(f"state_dict has state for parameter id {key}, which no param group lists")
             p = id_map[key]
-            new_state[p] = self.check_state(p, st)
+            new_state[p] = self.check_state(p, st, block_size=self.state_block_size(p))
         for saved, group in zip(saved_groups, self.param_groups):
             for k, v in saved.items():
                 if k != "params":
                     group[k] = v
         self.state = new_state
 
-    def check_state(self, p: torch.Tensor, st: dict[str, Any]) -> dict[str, Any]:
+    def state_block_size(self, p: torch.Tensor) -> int | None:
+        """The block of ``p``'s absmax for load-time checks (None for a DTensor: checked on its shards)."""
+        if dtl.is_dtensor(p):
+            return None
+        return effective_block_size(self.block_size, self.block_wise, global_numel(p))
+
+    def check_state(self, p: torch.Tensor, st: dict[str, Any], block_size: int | None = None) -> dict[str, Any]:
         """Validate the loaded state ``st`` of parameter ``p`` (see :func:`dist8.optim.state_schema.check_state`).
 
-        Returns new tensors on ``p``'s device; for a DTensor parameter, this rank's local
-        shard of state saved at any world size. Raises KeyError/ValueError naming ``p``.
+        ``block_size``: ``p``'s effective block, to check absmax lengths (e.g. from
+        :meth:`state_block_size`). Returns new tensors on ``p``'s device; for a DTensor parameter,
+        this rank's local shard of state saved at any world size. Raises KeyError/ValueError naming ``p``.
         """
-        out = schema.check_state(self.rule, self.param_name(p), st, p.shape, p.device)
+        out = schema.check_state(self.rule, self.param_name(p), st, p.shape, p.device, block_size)
         return dtensor.localize_state(self, p, out) if dtl.is_dtensor(p) or dtl.has_dtensor(out) else out
 
 

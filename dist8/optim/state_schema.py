@@ -17,6 +17,8 @@ The state of one parameter under a rule with ``n = n_states(rule)`` states (1 or
 """
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 from typing import Any
 
@@ -120,13 +122,22 @@ def new_state(
     return state
 
 
-def check_state(rule: Rule, name: str, st: dict[str, Any], shape: Sequence[int], device: torch.device) -> dict[str, Any]:
+def check_state(rule: Rule, name: str, st: dict[str, Any], shape: Sequence[int], device: torch.device,
+                block_size: int | None = None) -> dict[str, Any]:
     """Validate a loaded state dict of parameter ``name`` against the schema; returns new tensors on ``device``.
 
     Checks that every state of ``rule`` is present with the parameter's ``shape`` and dtype
-    uint8 (with its absmax) or float32. Raises ``KeyError``/``ValueError`` naming the
-    parameter and key; nothing of ``st`` is modified.
+    uint8 (with its absmax) or float32, that no state of another rule is there (e.g. Adam's
+    ``state2`` loaded into SGD), that absmax, fp32 state and history are finite (absmax >= 0)
+    and ``step`` is an integer >= 0; with ``block_size`` (the parameter's effective block)
+    also that each absmax has one entry per block. Raises ``KeyError``/``ValueError`` naming
+    the parameter and key; nothing of ``st`` is modified.
     """
+    extra = [k for k in st if (is_state_key(k) and int(k[5:]) > n_states(rule))
+             or (is_absmax_key(k) and int(k[6:]) > n_states(rule))]
+    if extra:
+        raise ValueError(f"state of parameter {name} has {sorted(extra)}, which rule {Rule(rule).name} does not "
+                         "keep (state of another optimizer?)")
     out: dict[str, Any] = {}
     for i in state_indices(rule):
         key = state_key(i)
@@ -141,11 +152,32 @@ def check_state(rule: Rule, name: str, st: dict[str, Any], shape: Sequence[int],
             a = st.get(absmax_key(i))
             if not isinstance(a, torch.Tensor):
                 raise KeyError(f"8-bit {key} of parameter {name} has no {absmax_key(i)}")
+            if block_size is not None and a.numel() != num_blocks(math.prod(shape), block_size):
+                raise ValueError(f"{absmax_key(i)} of parameter {name} has {a.numel()} entries, blocks of "
+                                 f"{block_size} need {num_blocks(math.prod(shape), block_size)} (other block size?)")
+            if not _finite(a) or bool((a < 0).any()):
+                raise ValueError(f"{absmax_key(i)} of parameter {name} holds NaN, inf or negative values")
             out[absmax_key(i)] = a.to(device=device, dtype=torch.float32)
         elif s.dtype != torch.float32:
             raise ValueError(f"{key} of parameter {name} has dtype {s.dtype}; expected uint8 or float32")
+        elif not _finite(s):
+            raise ValueError(f"{key} of parameter {name} holds NaN or inf")
         out[key] = s.to(device)
-    out[STEP] = int(st.get(STEP, 0))
+    step = st.get(STEP, 0)
+    if isinstance(step, torch.Tensor) and step.numel() == 1:
+        step = step.item()
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or step != int(step) or step < 0:
+        raise ValueError(f"step of parameter {name} must be an integer >= 0, got {step!r}")
+    out[STEP] = int(step)
     if GNORM in st:
-        out[GNORM] = st[GNORM].to(device=device, dtype=torch.float32)
+        g = st[GNORM]
+        if not isinstance(g, torch.Tensor) or not _finite(g):
+            raise ValueError(f"{GNORM} of parameter {name} must be a finite tensor")
+        out[GNORM] = g.to(device=device, dtype=torch.float32)
     return out
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """All values finite (a DTensor is checked on its local shard: every rank checks its own)."""
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return bool(torch.isfinite(local).all())

@@ -15,9 +15,19 @@ Layout: ``<checkpoint.dir>/step-<8 digits>/`` per checkpoint, the newest
            same world size only.
 
 The atomic protocol of the ``dcp`` and ``torch`` writers: rank 0 creates
-``.step-N.tmp``; every rank writes; barrier; rank 0 writes ``train_meta.json``
-(step, extra), renames the directory into place and rotates old ones. A crash at
-any point leaves the previous checkpoint loadable.
+``.step-N.tmp``; every rank writes (``torch``: ``rankR.pt.part`` renamed to
+``rankR.pt``); barrier; rank 0 writes ``train_meta.json`` (step, extra, every
+file with its size and sha256) last, renames the directory into place (an
+existing one is renamed out of sight first) and rotates old ones by
+rename-then-delete. A crash at any point leaves the previous checkpoint loadable
+and nothing that :meth:`Checkpointer.latest` would pick; a write error removes the
+temporary directory and raises :class:`~dist8.checkpoint.CheckpointError` naming the file.
+
+Nothing is unpickled: ``torch`` files are read with ``torch.load(weights_only=True)``
+(plus the few DeepSpeed classes its optimizer states hold); a ``dcp`` checkpoint's pickled
+``.metadata`` is checked against an allowlist of DCP's metadata classes before DCP reads it,
+and DCP's byte items are loaded under forced ``weights_only``. ``latest()`` returns the
+newest checkpoint that passes its integrity checks, saying which it skipped and why.
 """
 from __future__ import annotations
 
@@ -25,11 +35,16 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from dist8.checkpoint.errors import CheckpointError
+from dist8.checkpoint.files import member, read_text, sha256_file
+from dist8.checkpoint.torch_files import check_dcp_metadata, load_torch_file, weights_only_loads
 
 __all__ = ["Checkpointer"]
 
@@ -87,62 +102,220 @@ class Checkpointer:
         return self._atomic_save(step, extra)
 
     def latest(self) -> str | None:
+        """The newest checkpoint under the root that passes its integrity checks (files listed, sizes,
+        sha256, metadata), or None; each newer one skipped is reported on stderr (rank 0) with the reason."""
         if not os.path.isdir(self.root):
             return None
         if self.kind == "dist8":
-            found = _dist8_api().latest(self.root)
-            return None if found is None else os.fspath(found)
-        steps = _complete_steps(Path(self.root))
-        return os.path.join(self.root, f"step-{max(steps):08d}") if steps else None
+            ckpt = _dist8_api()
+            first = ckpt.latest(self.root)
+            candidates = ([os.fspath(first)] if first is not None else []) + [
+                c for c in ckpt.checkpoints(self.root) if first is None or os.fspath(c) != os.fspath(first)]
+            check = _check_dist8
+        else:
+            candidates = [os.path.join(self.root, f"step-{s:08d}") for s in sorted(_complete_steps(Path(self.root)),
+                                                                                   reverse=True)]
+            check = _check_own
+        skipped = []
+        for path in candidates:
+            try:
+                check(Path(path))
+            except CheckpointError as exc:
+                skipped.append((path, exc))
+                continue
+            for bad, exc in skipped:
+                _say(f"checkpoint {bad} is not intact ({' '.join(str(exc).split())}); falling back to {path}")
+            return path
+        for bad, exc in skipped:
+            _say(f"checkpoint {bad} is not intact ({' '.join(str(exc).split())})")
+        if skipped:
+            raise CheckpointError(f"{self.root}: no intact checkpoint (newest {skipped[0][0]}: {skipped[0][1]})")
+        return None
 
     def load(self, path: str) -> dict[str, Any]:
         if self.kind == "dist8":
             return dict(_dist8_api().load(path, self.model, self.optimizer) or {})
-        meta = json.loads((Path(path) / _META).read_text())
+        meta = _read_meta(Path(path))
         if self.kind == "dcp":
             from dist8.integrations import fsdp
 
-            fsdp.load_dcp(os.path.join(path, "dcp"), self.model, self.optimizer)
+            # DCP unpickles .metadata with plain pickle and its byte items with weights_only=False:
+            # the metadata goes through an allowlist first, the byte items under forced weights_only.
+            check_dcp_metadata(member(member(Path(path), "dcp", str(path), kind="dir"), ".metadata",
+                                      str(Path(path) / "dcp")))
+            with weights_only_loads():
+                fsdp.load_dcp(os.path.join(path, "dcp"), self.model, self.optimizer)
         else:
             rank, world = _rank_world()
             if meta["world_size"] != world:
-                raise RuntimeError(f"checkpoint {path} was saved by {meta['world_size']} ranks, this job has {world}; "
+                raise CheckpointError(f"checkpoint {path} was saved by {meta['world_size']} ranks, this job has {world}; "
                                    "the per-rank torch.save format cannot reshard (dist8 optimizers use "
                                    "dist8.checkpoint, which can)")
-            blob = torch.load(Path(path) / f"rank{rank:05d}.pt", map_location="cpu", weights_only=False)
-            self.model.load_state_dict(blob["model"])
-            self.optimizer.load_state_dict(blob["optimizer"])
+            blob = load_torch_file(_verified(Path(path), meta, f"rank{rank:05d}.pt"), allowed=_allowed_globals())
+            if not isinstance(blob, dict) or "model" not in blob or "optimizer" not in blob:
+                raise CheckpointError(f"{path}/rank{rank:05d}.pt has no 'model' and 'optimizer' entries")
+            try:
+                self.model.load_state_dict(blob["model"])
+                self.optimizer.load_state_dict(blob["optimizer"])
+            except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{path}/rank{rank:05d}.pt does not fit the model/optimizer: "
+                                      f"{' '.join(str(exc).split())[:300]}") from None
         return dict(meta.get("extra", {}))
 
     # ---- the atomic directory protocol of the dcp / torch writers -----------------------
     def _atomic_save(self, step: int, extra: dict[str, Any]) -> str:
         rank, world = _rank_world()
-        final = Path(self.root) / f"step-{step:08d}"
+        root = Path(self.root)
+        final = root / f"step-{step:08d}"
         tmp = final.with_name(f".{final.name}.tmp")
+        error: BaseException | None = None
         if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        _barrier()
-        if self.kind == "dcp":
-            from dist8.integrations import fsdp
+            try:
+                _remove(tmp)
+                tmp.mkdir(parents=True)
+            except OSError as exc:
+                error = CheckpointError(f"writing {tmp} failed: {exc.strerror or exc}")
+        _agree(error)
+        entry: dict[str, Any] = {}
+        try:
+            if self.kind == "dcp":
+                from dist8.integrations import fsdp
 
-            fsdp.save_dcp(str(tmp / "dcp"), self.model, self.optimizer)
-        else:
-            blob = {"step": step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
-            part = tmp / f"rank{rank:05d}.pt.part"
-            torch.save(blob, part)
-            os.replace(part, tmp / f"rank{rank:05d}.pt")
-        _barrier()
+                fsdp.save_dcp(str(tmp / "dcp"), self.model, self.optimizer)
+            else:
+                blob = {"step": step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+                name = f"rank{rank:05d}.pt"
+                part = tmp / f"{name}.part"
+                try:
+                    torch.save(blob, part)
+                    os.replace(part, tmp / name)
+                except OSError as exc:
+                    raise CheckpointError(f"writing {part} failed: {exc.strerror or exc}") from exc
+                entry = {name: {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}}
+        except Exception as exc:  # noqa: BLE001 - every rank must learn of it
+            error = exc
+        _agree(error)
+        files = [entry]
+        if dist.is_initialized() and world > 1:
+            files = [None] * world
+            dist.all_gather_object(files, entry)
         if rank == 0:
-            meta = {"step": step, "world_size": world, "writer": self.kind, "extra": extra}
-            (tmp / _META).write_text(json.dumps(meta))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            for old in sorted(_complete_steps(final.parent))[: -self.keep_last]:
-                shutil.rmtree(final.parent / f"step-{old:08d}", ignore_errors=True)
-        _barrier()
+            try:
+                meta = {"step": step, "world_size": world, "writer": self.kind, "extra": extra,
+                        "files": {k: v for e in files for k, v in e.items()}}
+                part = tmp / f"{_META}.part"
+                part.write_text(json.dumps(meta))
+                os.replace(part, tmp / _META)
+                for stale in root.glob(".step-*.deleting"):  # left by a save killed while deleting
+                    _remove(stale)
+                if final.exists():  # replaced: out of latest()'s sight in one rename, then deleted
+                    trash = final.with_name(f".{final.name}.deleting")
+                    os.replace(final, trash)
+                    os.replace(tmp, final)
+                    _remove(trash)
+                else:
+                    os.replace(tmp, final)
+                for old in sorted(_complete_steps(root))[: -self.keep_last]:
+                    trash = root / f".step-{old:08d}.deleting"
+                    os.replace(root / f"step-{old:08d}", trash)
+                    _remove(trash)
+            except OSError as exc:
+                error = CheckpointError(f"writing checkpoint {final} failed: {exc.strerror or exc} "
+                                        f"({exc.filename or final})")
+        if error is not None and rank == 0:
+            _remove(tmp)
+        _agree(error)
         return str(final)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _agree(error: BaseException | None) -> None:
+    """Collective: every rank raises when any rank failed (no rank waits forever at the next barrier)."""
+    msg = None if error is None else str(error)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, msg)
+    else:
+        everyone = [msg]
+    if error is not None:
+        raise error
+    failed = [(r, m) for r, m in enumerate(everyone) if m is not None]
+    if failed:
+        raise CheckpointError(f"checkpoint save failed on rank {failed[0][0]}: {failed[0][1]}")
+
+
+def _say(msg: str) -> None:
+    if _rank_world()[0] == 0:
+        print(f"[dist8 train] {msg}", file=sys.stderr, flush=True)
+
+
+def _allowed_globals() -> list:
+    """Classes DeepSpeed's optimizer state dicts hold (empty when DeepSpeed is not installed)."""
+    try:
+        from dist8.integrations.deepspeed_convert import deepspeed_safe_globals
+    except ImportError:
+        return []
+    return deepspeed_safe_globals()
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """``train_meta.json`` of a dcp/torch checkpoint, type-checked."""
+    meta_path = member(path, _META, str(path))
+    try:
+        meta = json.loads(read_text(meta_path, limit=1 << 26))
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{meta_path} is not valid JSON: {str(exc)[:100]}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path} is not a JSON object")
+    for key, kind in (("step", int), ("world_size", int), ("extra", dict), ("files", dict)):
+        if key == "files" and key not in meta:
+            continue  # written before files were recorded
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise CheckpointError(f"{meta_path}: {key} must be {'an integer' if kind is int else 'an object'}")
+    if meta["world_size"] < 1 or meta["step"] < 0:
+        raise CheckpointError(f"{meta_path}: world_size must be >= 1 and step >= 0")
+    for name, info in meta.get("files", {}).items():
+        if not re.fullmatch(r"rank\d{5}\.pt", name) or not isinstance(info, dict) or type(info.get("size")) is not int \
+                or not isinstance(info.get("sha256"), str):
+            raise CheckpointError(f"{meta_path}: files entry {name[:80]!r} is malformed")
+    return meta
+
+
+def _verified(path: Path, meta: dict[str, Any], name: str) -> Path:
+    """``path/name`` after checking it is a regular file listed in train_meta.json with its size and sha256."""
+    file = member(path, name, str(path / _META))
+    info = meta.get("files", {}).get(name)
+    if info is None:
+        if "files" in meta:
+            raise CheckpointError(f"{file} is not listed in {path / _META} (cannot be verified)")
+        return file  # written before files were recorded
+    if file.stat().st_size != info["size"]:
+        raise CheckpointError(f"{file} has {file.stat().st_size} bytes, {_META} says {info['size']}")
+    if sha256_file(file) != info["sha256"]:
+        raise CheckpointError(f"{file} fails its sha256 check (corrupt)")
+    return file
+
+
+def _check_own(path: Path) -> None:
+    meta = _read_meta(path)
+    if meta.get("writer") == "dcp":
+        if not (path / "dcp" / ".metadata").is_file():
+            raise CheckpointError(f"{path / 'dcp' / '.metadata'} is missing")
+        return
+    for r in range(meta["world_size"]):
+        _verified(path, meta, f"rank{r:05d}.pt")
+
+
+def _check_dist8(path: Path) -> None:
+    from dist8.checkpoint import read_metadata, verify_files
+
+    verify_files(path, read_metadata(path))
 
 
 def _rank_world() -> tuple[int, int]:
@@ -160,6 +333,6 @@ def _complete_steps(root: Path) -> list[int]:
     steps = []
     for entry in root.iterdir() if root.is_dir() else []:
         m = _STEP_DIR.match(entry.name)
-        if m and (entry / _META).is_file():
+        if m and not entry.is_symlink() and (entry / _META).is_file():
             steps.append(int(m.group(1)))
     return steps

@@ -1,0 +1,53 @@
+"""Atomic writes of checkpoint directories and files: temporary name, fsync, rename into place."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from dist8.checkpoint.errors import CheckpointError
+
+__all__ = ["check_output_dir", "install_dir", "temp_dir", "write_json_atomic"]
+
+
+def check_output_dir(out: Path, force: bool) -> None:
+    """Refuse to replace a non-empty ``out`` (a user's directory) unless ``force``."""
+    if (out.is_symlink() or out.exists()) and not force and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out} exists and is not empty; pass --force (force=True) to replace it")
+
+
+def temp_dir(final: Path) -> Path:
+    """A fresh temporary directory beside ``final`` (a leftover from a crashed write is removed)."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists() or tmp.is_symlink():
+        shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def install_dir(tmp: Path, final: Path) -> None:
+    """Rename the finished ``tmp`` into place; an existing ``final`` is kept aside until the new one is there."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".part")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=1, sort_keys=True, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"writing {path} failed: {exc.strerror or exc}") from exc

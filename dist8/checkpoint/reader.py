@@ -1,0 +1,184 @@
+"""The one reader of checkpoint tensors: every tensor checked against the metadata before it is used.
+
+Used by :func:`dist8.checkpoint.load`, ``dist8 ckpt`` and the DeepSpeed resume. Reads only
+files listed (and verified) in ``metadata.json``; nothing is unpickled.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from dist8.checkpoint.format import (
+    METADATA,
+    CheckpointError,
+    piece_range,
+    rank_file,
+    split_tensor_key,
+    state_length,
+    tensor_key,
+    verify_files,
+)
+from dist8.optim.state_schema import is_signed, n_states
+
+__all__ = ["read_model", "read_pieces"]
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt")
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for corrupt headers
+        raise CheckpointError(f"{file} cannot be read: {str(exc)[:200]}") from None
+
+
+def _expected_keys(meta_state: dict[str, str] | None, found: dict[str, str], n_states: int, name: str,
+                   file: Path) -> dict[str, str]:
+    """State keys (-> dtype) of one parameter: as metadata declares them (v2) or as the file holds them (v1)."""
+    keys = dict(found) if meta_state is None else dict(meta_state)
+    if not keys:
+        return keys
+    for i in range(1, n_states + 1):
+        dt = keys.get(f"state{i}")
+        if dt is None:
+            raise CheckpointError(f"{file}: parameter {name} has no state{i} (the optimizer's rule needs {n_states})")
+        if (dt == "uint8") != (f"absmax{i}" in keys):
+            raise CheckpointError(f"{file}: parameter {name} has state{i} of dtype {dt} "
+                                  f"{'without' if dt == 'uint8' else 'with'} absmax{i}")
+    for k in keys:
+        if k.startswith(("state", "absmax")) and int(k[-1]) > n_states:
+            raise CheckpointError(f"{file}: parameter {name} has {k}, which the optimizer's rule does not have")
+    return keys
+
+
+def _check_values(key: str, t: torch.Tensor, signed: bool, file: Path, tkey: str) -> None:
+    if t.dtype == torch.uint8:
+        return
+    if not bool(torch.isfinite(t).all()):
+        raise CheckpointError(f"{file}: tensor {tkey} holds NaN or inf")
+    if (key.startswith("absmax") or key == "gnorm_vec" or (key.startswith("state") and not signed)) and bool(
+            (t < 0).any()):
+        raise CheckpointError(f"{file}: tensor {tkey} holds negative values (must be >= 0)")
+
+
+def read_pieces(path: str | os.PathLike, meta: dict[str, Any], wanted: dict[str, tuple[int, int]], rule,
+                verify: bool = True) -> dict[str, dict[str, Any]]:
+    """The one reader of optimizer tensors: elements ``[start, stop)`` of each parameter in ``wanted``.
+
+    ``meta`` comes from :func:`~dist8.checkpoint.format.read_metadata`. Verifies (size, and sha256
+    when ``verify``) the files it reads, then checks every tensor against the metadata: only
+    tensors of this rank's pieces, the keys the rule needs (declared ones in version 2), dtype,
+    exact length for its piece, absmax re-sliceable, and values (absmax, fp32 state and history
+    finite, non-negative where unsigned). Returns ``{name: {key: flat tensor, "step": int}}`` on the
+    CPU (``master`` included when saved); parameters without saved state are absent.
+    """
+    path = Path(path)
+    saved = {p["name"]: p for p in meta["params"]}
+    where_of: dict[str, list[tuple[str, int, int, int]]] = {}
+    rank_names: dict[str, set[str]] = {}
+    for rank, plist in meta["pieces"].items():
+        fname = rank_file(int(rank), meta["world_size"])
+        rank_names[fname] = {n for n, *_r in plist}
+        for name, start, stop, step in plist:
+            where_of.setdefault(name, []).append((fname, start, stop, step))
+    needed = sorted({f for name in wanted for f, *_r in where_of.get(name, [])})
+    verify_files(path, meta, needed, checksums=verify)
+    handles = {f: _open(path / f) for f in needed}
+    headers: dict[str, dict[str, str]] = {}
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        for fname, h in handles.items():
+            headers[fname] = {}
+            for tkey in h.keys():
+                name, skey = split_tensor_key(tkey)
+                if name not in rank_names[fname]:
+                    raise CheckpointError(f"{path / fname}: holds tensor {tkey[:100]!r} of no piece of this rank")
+                headers[fname][tkey] = _dtype_name(str(h.get_slice(tkey).get_dtype()))
+        for name, (start, stop) in wanted.items():
+            if name not in saved:
+                raise CheckpointError(f"{path / METADATA}: parameter {name} is not in the checkpoint")
+            entry, eff = saved[name], saved[name]["block_size"]
+            spans = sorted(where_of.get(name, []), key=lambda t: t[1])
+            if not spans:
+                continue  # empty parameter
+            found = {split_tensor_key(k)[1]: v for f, *_r in spans for k, v in headers[f].items()
+                     if split_tensor_key(k)[0] == name}
+            keys = _expected_keys(entry["state"], found, n_states(rule), name, path / spans[0][0])
+            if set(found) - set(keys):
+                raise CheckpointError(f"{path / spans[0][0]}: parameter {name} has tensors "
+                                      f"{sorted(set(found) - set(keys))} that metadata does not declare")
+            steps = {st for *_r, st in spans}
+            if len(steps) > 1:
+                raise CheckpointError(f"{path / METADATA}: pieces of parameter {name} disagree on the step {steps}")
+            if not keys:
+                continue  # never stepped: no state saved
+            parts: dict[str, list[torch.Tensor]] = {}
+            for fname, s0, s1, _step in spans:
+                a, b = max(start, s0), min(stop, s1)
+                if a >= b:
+                    continue
+                h, file = handles[fname], path / fname
+                for key, dt in keys.items():
+                    tkey = tensor_key(name, key)
+                    if tkey not in headers[fname]:
+                        raise CheckpointError(f"{file}: tensor {tkey} is missing")
+                    if headers[fname][tkey] != dt:
+                        raise CheckpointError(f"{file}: tensor {tkey} has dtype {headers[fname][tkey]}, expected {dt}")
+                    if key == "gnorm_vec" and key in parts:
+                        continue
+                    sl = h.get_slice(tkey)
+                    shape = sl.get_shape()
+                    want = state_length(key, s1 - s0, eff)
+                    if len(shape) != 1 or shape[0] != want:
+                        raise CheckpointError(f"{file}: tensor {tkey} has shape {list(shape)}, its piece "
+                                              f"[{s0}, {s1}) needs [{want}]")
+                    if key.startswith("absmax") and ((a - s0) % eff or (b != s1 and (b - s0) % eff)):
+                        raise CheckpointError(f"{file}: tensor {tkey} holds one absmax per {eff} elements, which "
+                                              f"cannot be re-sliced to elements [{a}, {b}) at this world size")
+                    lo, hi = piece_range(key, a - s0, b - s0, eff)
+                    t = sl[lo:hi].clone()
+                    _check_values(key, t, key[-1].isdigit() and is_signed(rule, int(key[-1])), file, tkey)
+                    parts.setdefault(key, []).append(t)
+            st: dict[str, Any] = {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in parts.items()}
+            for k, v in st.items():
+                want = state_length(k, stop - start, eff)
+                if v.numel() != want:
+                    raise CheckpointError(f"{path}: {k} of parameter {name} gathers {v.numel()} entries, needs {want}")
+            st["step"] = spans[0][3]
+            out[name] = st
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a corrupt file surfaces as many exception types inside safetensors
+        raise CheckpointError(f"{path}: a tensor file cannot be read: {str(exc)[:200]}") from None
+    finally:
+        handles.clear()
+    return out
+
+
+def _dtype_name(safetensors_dtype: str) -> str:
+    return {"u8": "uint8", "uint8": "uint8", "f32": "float32", "float32": "float32"}.get(
+        safetensors_dtype.lower(), safetensors_dtype.lower())
+
+
+def read_model(file: Path, model: torch.nn.Module, strict: bool) -> dict[str, torch.Tensor]:
+    try:
+        tensors = load_file(str(file))
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{file} cannot be read: {str(exc)[:200]}") from None
+    own = model.state_dict()
+    wrong = [f"{n} has shape {tuple(v.shape)}, model has {tuple(own[n].shape)}"
+             for n, v in tensors.items() if n in own and tuple(own[n].shape) != tuple(v.shape)]
+    missing, unexpected = [k for k in own if k not in tensors], [k for k in tensors if k not in own]
+    if strict and (wrong or missing or unexpected):
+        raise CheckpointError(f"{file}: " + "; ".join(wrong + [f"model keys missing {missing[:5]}"] * bool(missing)
+                                                      + [f"unexpected {unexpected[:5]}"] * bool(unexpected)))
+    if wrong or missing or unexpected:
+        warnings.warn(f"dist8.checkpoint.load(strict=False): {file}: skipped " + "; ".join(
+            wrong + [f"missing {missing[:5]}"] * bool(missing) + [f"unexpected {unexpected[:5]}"] * bool(unexpected)),
+            stacklevel=4)
+    bad = {n for n, v in tensors.items() if n in own and tuple(own[n].shape) != tuple(v.shape)}
+    return {k: v for k, v in tensors.items() if k in own and k not in bad}

@@ -1,0 +1,643 @@
+"""Hostile and corrupt checkpoints: every case of issue 17 refused with one line naming the file or key.
+
+Nothing on a load path unpickles code; paths never leave the checkpoint directory; a
+failed load changes neither model nor optimizer; every metadata field is validated.
+"""
+import json
+import os
+import pickle
+import random
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from dist_utils import run_ranks
+
+import dist8
+import dist8.checkpoint as ck
+from dist8.checkpoint.format import manifest_hash
+
+SHAPES = {"emb": (50, 40), "w1": (33, 100), "b1": (33,), "w2": (300, 7), "tiny": (3,)}
+KW = dict(lr=1e-2, weight_decay=0.1, min_8bit_size=0)
+OPTIM = "optim-00000-of-00001.safetensors"
+
+
+def make_model(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    model = torch.nn.Module()
+    for name, shape in SHAPES.items():
+        model.register_parameter(name, torch.nn.Parameter(torch.randn(shape, generator=gen)))
+    return model
+
+
+def train(model, opt, steps, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+
+
+def saved(tmp_path, name="c", steps=2, **kw):
+    model = make_model()
+    opt = dist8.AdamW8bit(model.named_parameters(), **dict(KW, **kw))
+    train(model, opt, steps)
+    return model, opt, Path(ck.save(str(tmp_path / name), model, opt, step=steps, extra={"step": steps}))
+
+
+def fresh(seed=7, **kw):
+    """A model and optimizer whose values differ from the saved ones (trained on other gradients)."""
+    model = make_model(seed)
+    opt = dist8.AdamW8bit(model.named_parameters(), **dict(KW, **kw))
+    train(model, opt, 1, seed=seed)
+    return model, opt
+
+
+def state_of(model, opt):
+    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "state": {n: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()}
+                      for n, p in model.named_parameters()},
+            "groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]}
+
+
+def same(a, b):
+    if a["groups"] != b["groups"] or a["params"].keys() != b["params"].keys():
+        return False
+    for n in a["params"]:
+        if not torch.equal(a["params"][n], b["params"][n]) or a["state"][n].keys() != b["state"][n].keys():
+            return False
+        for k, v in a["state"][n].items():
+            w = b["state"][n][k]
+            if not (torch.equal(v, w) and v.dtype == w.dtype if torch.is_tensor(v) else v == w):
+                return False
+    return True
+
+
+def edit_meta(path, fn, fix_hash=True):
+    meta_path = Path(path) / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    fn(meta)
+    if fix_hash and "manifest_sha256" in meta:
+        meta["manifest_sha256"] = manifest_hash(meta)
+    meta_path.write_text(json.dumps(meta))
+
+
+def refit_file(path, name):
+    """Re-record size and sha256 of file ``name`` (an attacker who edits a file and its entry)."""
+    def fn(meta):
+        meta["files"][name] = {"size": (Path(path) / name).stat().st_size,
+                               "sha256": ck.format.sha256_file(Path(path) / name)}
+    edit_meta(path, fn)
+
+
+def rewrite_tensors(path, name, fn):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(Path(path) / name))
+    fn(tensors)
+    save_file(tensors, str(Path(path) / name))
+    refit_file(path, name)
+
+
+def refused(path, match, model=None, opt=None, **kw):
+    """Load must raise one line naming ``match``, leaving model and optimizer exactly as they were."""
+    if opt is None:
+        model, opt = fresh()
+    before = state_of(model, opt)
+    with pytest.raises(ck.CheckpointError, match=match) as info:
+        ck.load(path, model, opt, **kw)
+    assert "\n" not in str(info.value), str(info.value)
+    assert same(before, state_of(model, opt)), "a failed load changed the model or optimizer"
+    return str(info.value)
+
+
+def cli(*args):
+    proc = subprocess.run([sys.executable, "-m", "dist8", *map(str, args)], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def in_process_cli(*args):
+    from dist8.cli import main
+
+    return main([str(a) for a in args])
+
+
+# ---- 1. no pickle, paths stay inside ------------------------------------------------------------
+class Marker:
+    """Unpickling this creates the marker file (what a crafted checkpoint would do)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_crafted_pickle_in_deepspeed_checkpoint_does_not_run(tmp_path):
+    from dist8.integrations.deepspeed_convert import from_deepspeed
+
+    marker = tmp_path / "pwned"
+    tag = tmp_path / "ds" / "global_step3"
+    tag.mkdir(parents=True)
+    torch.save({"module": {}, "optimizer": Marker(marker)}, tag / "mp_rank_00_model_states.pt")
+    (tmp_path / "ds" / "latest").write_text("global_step3")
+    with pytest.raises(ck.CheckpointError, match="mp_rank_00_model_states.pt.*weights_only"):
+        from_deepspeed(tmp_path / "ds", tmp_path / "out")
+    assert not marker.exists()
+    rc, _out, err = cli("ckpt", "from-deepspeed", tmp_path / "ds", tmp_path / "out2")
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and not marker.exists(), err
+
+
+def test_from_deepspeed_accepts_the_tag_directory(tmp_path):
+    from dist8.integrations.deepspeed_convert import _tag
+
+    tag = tmp_path / "ds" / "global_step3"
+    tag.mkdir(parents=True)
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"")
+    assert _tag(tag, None) == (tmp_path / "ds", "global_step3")
+    assert _tag(tmp_path / "ds", None) == (tmp_path / "ds", "global_step3")  # one tag, no 'latest'
+    (tmp_path / "ds" / "latest").write_text("../../etc")
+    with pytest.raises(ck.CheckpointError, match="not a plain file name"):
+        _tag(tmp_path / "ds", None)
+
+
+def test_crafted_pickle_in_train_torch_checkpoint_does_not_run(tmp_path):
+    from dist8.train.checkpointing import Checkpointer
+
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    ckpt = Checkpointer(str(tmp_path / "run"), "none", model, opt, keep_last=2)
+    assert ckpt.kind == "torch"
+    path = Path(ckpt.save(1, {"step": 1}))
+    marker = tmp_path / "pwned"
+    torch.save({"model": Marker(marker), "optimizer": {}}, path / "rank00000.pt")
+    meta = json.loads((path / "train_meta.json").read_text())
+    meta["files"]["rank00000.pt"] = {"size": (path / "rank00000.pt").stat().st_size,
+                                     "sha256": ck.format.sha256_file(path / "rank00000.pt")}
+    (path / "train_meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ck.CheckpointError, match="rank00000.pt.*weights_only"):
+        ckpt.load(str(path))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/etc/passwd", "..", "sub/optim-00000-of-00001.safetensors"])
+def test_file_names_from_metadata_never_leave_the_directory(tmp_path, name):
+    _m, _o, path = saved(tmp_path)
+    edit_meta(path, lambda m: m["files"].__setitem__(name, {"sha256": "0" * 64, "size": 1}))
+    refused(path, "not a plain file name|is not model.safetensors")
+    assert in_process_cli("ckpt", "verify", path) == 2
+    assert in_process_cli("ckpt", "info", path) == 2
+
+
+def test_symlinked_and_special_files_are_refused_without_opening(tmp_path):
+    _m, _o, path = saved(tmp_path)
+    outside = tmp_path / "outside.safetensors"
+    os.replace(path / OPTIM, outside)
+    os.symlink(outside, path / OPTIM)
+    refused(path, "symlink")
+    os.remove(path / OPTIM)
+    os.mkfifo(path / OPTIM)
+    done = []
+    worker = threading.Thread(target=lambda: done.append([in_process_cli("ckpt", c, path) for c in ("info", "verify")]),
+                              daemon=True)
+    worker.start()
+    worker.join(60)
+    assert done == [[2, 2]], "a FIFO in the checkpoint blocked or was accepted"
+    refused(path, "not a regular file")
+
+
+def test_huge_safetensors_header_length_is_refused_before_allocating(tmp_path):
+    _m, _o, path = saved(tmp_path)
+    data = (path / OPTIM).read_bytes()
+    (path / OPTIM).write_bytes((1 << 46).to_bytes(8, "little") + data[8:])
+    refit_file(path, OPTIM)
+    assert in_process_cli("ckpt", "info", path) == 2
+    refused(path, OPTIM)
+
+
+@pytest.mark.parametrize("target", ["/tmp", "../elsewhere", "step-00000001/../../x"])
+def test_latest_pointer_outside_the_root_is_refused(tmp_path, target):
+    model = make_model()
+    opt = dist8.AdamW8bit(model.named_parameters(), **KW)
+    train(model, opt, 1)
+    ck.save(tmp_path / "run", model, opt, step=1, keep_last=2)
+    (tmp_path / "run" / "latest").write_text(json.dumps({"checkpoint": target}))
+    with pytest.raises(ck.CheckpointError, match="not a plain file name"):
+        ck.latest(tmp_path / "run")
+
+
+# ---- 2./3. metadata: schema, manifest, hyperparameters, coverage ----------------------------------
+def test_metadata_edit_without_fixing_the_manifest_is_refused(tmp_path):
+    _m, _o, path = saved(tmp_path)
+    edit_meta(path, lambda m: m["optimizer"]["param_groups"][0].__setitem__("lr", 0.5), fix_hash=False)
+    refused(path, "metadata.json fails its manifest sha256 check")
+    assert in_process_cli("ckpt", "verify", path) == 2
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("lr", -1, "param group 0: lr = -1"), ("eps", -1, "eps = -1"), ("betas", [1.5, 0.999], r"betas\[0\] = 1.5"),
+    ("lr", "fast", "lr must be a number"), ("weight_decay", -0.1, "weight_decay"), ("optim_bits", 4, "optim_bits"),
+    ("betas", [0.9], "betas must be a list of 2")])
+def test_hyperparameters_are_validated_naming_the_group(tmp_path, key, value, match):
+    _m, _o, path = saved(tmp_path)
+    edit_meta(path, lambda m: m["optimizer"]["param_groups"][0].__setitem__(key, value))
+    refused(path, match)
+    assert in_process_cli("ckpt", "verify", path) == 2
+
+
+def test_nan_hyperparameter_and_negative_step_are_refused(tmp_path):
+    _m, _o, path = saved(tmp_path)
+    text = (path / "metadata.json").read_text()
+    meta = json.loads(text)
+    meta["optimizer"]["param_groups"][0]["lr"] = float("nan")
+    (path / "metadata.json").write_text(json.dumps(meta))  # NaN: JSON has no NaN, so no manifest can cover it
+    refused(path, "JSON cannot represent|lr is nan")
+    (path / "metadata.json").write_text(text)
+    edit_meta(path, lambda m: m["pieces"]["0"][1].__setitem__(3, -4))
+    refused(path, r"pieces.0\[1\] step")
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda m: m.__setitem__("params", "x"), "params must be a list"),
+    (lambda m: m["params"][1].__setitem__("shape", "abc"), r"params\[1\].shape must be a list"),
+    (lambda m: m["params"][1]["shape"].__setitem__(0, 33.5), r"params\[1\].shape\[0\]"),
+    (lambda m: m.__setitem__("pieces", []), "pieces must be an object"),
+    (lambda m: m.__setitem__("files", 3), "files must be an object"),
+    (lambda m: m.pop("world_size"), "world_size is missing"),
+    (lambda m: m["optimizer"].pop("class"), "optimizer.class is missing"),
+    (lambda m: m.__setitem__("block_size", 100), "block_size must be a power of two"),
+    (lambda m: m["pieces"]["0"].__setitem__(0, ["emb", 0]), r"pieces.0\[0\] must be \[name, start, stop, step\]"),
+    (lambda m: m["pieces"].__setitem__("7", []), "pieces.7 is not a rank"),
+    (lambda m: m["files"][OPTIM].__setitem__("size", "big"), "size must be an integer"),
+    (lambda m: m.__setitem__("extra", [1]), "extra must be an object"),
+    (lambda m: m["params"][0].__setitem__("state", {"state1": "float64"}), r"params\[0\].state"),
+])
+def test_malformed_metadata_is_one_line_naming_the_key(tmp_path, mutate, match, capsys):
+    _m, _o, path = saved(tmp_path)
+    edit_meta(path, mutate)
+    refused(path, match)
+    capsys.readouterr()
+    assert in_process_cli("ckpt", "info", path) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_cli_error_is_one_line_and_exit_2_in_a_fresh_process(tmp_path):
+    _m, _o, path = saved(tmp_path)
+    edit_meta(path, lambda m: m["params"][1].__setitem__("shape", "abc"))
+    for command in ("info", "verify"):
+        rc, _out, err = cli("ckpt", command, path)
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and "params[1].shape" in err, err
+
+
+def test_deeply_nested_and_non_json_metadata_is_one_line(tmp_path):
+    _m, _o, path = saved(tmp_path)
+    (path / "metadata.json").write_text("[" * 100000 + "]" * 100000)
+    refused(path, "metadata.json is not valid JSON|nested")
+    nested = {"a": None}
+    for _ in range(200):
+        nested = {"a": nested}
+    meta = json.loads(json.dumps({"format": "dist8.checkpoint", "version": 2, "extra": {}}))
+    meta["extra"] = nested
+    (path / "metadata.json").write_text(json.dumps(meta))
+    refused(path, "nested more than")
+    (path / "metadata.json").write_bytes(b"\xff\xfe{")
+    refused(path, "not UTF-8|not valid JSON")
+
+
+def test_parameter_missing_from_pieces_and_overlap_are_named(tmp_path):
+    _m, _o, path = saved(tmp_path)
+    original = (path / "metadata.json").read_text()
+    edit_meta(path, lambda m: m["pieces"]["0"].pop(1))
+    refused(path, "parameter w1 is in no piece")
+    (path / "metadata.json").write_text(original)
+    edit_meta(path, lambda m: m["pieces"]["0"].append(["w1", 0, 256, 2]))
+    refused(path, "pieces of parameter w1 overlap")
+
+
+def test_tensor_file_absent_from_files_is_refused(tmp_path):
+    _m, _o, path = saved(tmp_path)
+    data = bytearray((path / OPTIM).read_bytes())
+    data[-5] ^= 0xFF
+    (path / OPTIM).write_bytes(bytes(data))
+    edit_meta(path, lambda m: m["files"].pop(OPTIM))
+    refused(path, f"needs {OPTIM}, which 'files' does not list")
+
+
+def test_tensor_lengths_are_checked_against_pieces(tmp_path):
+    _m, _o, path = saved(tmp_path)
+    rewrite_tensors(path, OPTIM, lambda t: t.__setitem__("w1::state1", t["w1::state1"][:-256]))
+    refused(path, r"w1::state1 has shape \[3044\], its piece \[0, 3300\) needs \[3300\]")
+
+
+def test_failed_load_on_a_late_parameter_changes_nothing(tmp_path):
+    _m, _o, path = saved(tmp_path)
+    rewrite_tensors(path, OPTIM, lambda t: t["w2::absmax1"].__setitem__(3, float("nan")))
+    refused(path, "w2::absmax1 holds NaN")  # w2 is the 4th parameter; emb, w1, b1 read fine before it
+    rewrite_tensors(path, OPTIM, lambda t: t["w2::absmax1"].__setitem__(3, -1.0))
+    refused(path, "w2::absmax1 holds negative values")
+
+
+def test_quant_map_block_size_rule_and_class_are_checked(tmp_path):
+    _m, _o, path = saved(tmp_path)
+    model = make_model()
+    refused(path, "quant_map='linear'", model, dist8.AdamW8bit(model.named_parameters(), quant_map="linear", **KW))
+    refused(path, "block_size=256.*block_size=128", model,
+            dist8.AdamW8bit(model.named_parameters(), block_size=128, **KW))
+    refused(path, "class='AdamW8bit'.*SGD8bit", model, dist8.SGD8bit(model.named_parameters(), lr=0.1, momentum=0.9,
+                                                                    min_8bit_size=0))
+    _m2, _o2, linear = saved(tmp_path, "lin", quant_map="linear")
+    refused(linear, "quant_map='linear'.*'dynamic'")
+    edit_meta(path, lambda m: m["optimizer"].__setitem__("rule", "LION"))
+    refused(path, "rule='LION'")
+
+
+def test_block_wise_false_saves_and_loads_exactly(tmp_path):
+    model, opt, path = saved(tmp_path, block_wise=False)
+    m2, o2 = fresh(block_wise=False)
+    ck.load(path, m2, o2)
+    assert same(state_of(model, opt), state_of(m2, o2))
+    refused(path, "block_wise=False", *fresh())
+
+
+def test_strict_false_warns_on_model_shape_mismatch(tmp_path):
+    _m, _o, path = saved(tmp_path)
+    other = make_model()
+    other.b1 = torch.nn.Parameter(torch.zeros(34))
+    opt = dist8.AdamW8bit(other.named_parameters(), **KW)
+    with pytest.warns(UserWarning, match="b1"):
+        ck.load(path, other, opt, strict=False)
+    assert torch.equal(other.b1, torch.zeros(34)) and torch.equal(other.w1, _m.w1)
+
+
+def test_version_1_checkpoint_still_loads_exactly(tmp_path):
+    model, opt, path = saved(tmp_path)
+
+    def to_v1(m):
+        m["version"] = 1
+        for k in ("manifest_sha256",):
+            m.pop(k)
+        for k in ("rule", "quant_map", "block_wise"):
+            m["optimizer"].pop(k)
+        for p in m["params"]:
+            p.pop("block_size")
+            p.pop("state")
+
+    edit_meta(path, to_v1, fix_hash=False)
+    m2, o2 = fresh()
+    ck.load(path, m2, o2)
+    assert same(state_of(model, opt), state_of(m2, o2))
+    out = tmp_path / "v2"
+    assert in_process_cli("ckpt", "consolidate", path, out) == 0  # migrates: written as version 2
+    assert ck.read_metadata(out)["version"] == 2
+
+
+# ---- 4. writers ---------------------------------------------------------------------------------
+def test_consolidate_refuses_a_non_empty_out_without_force(tmp_path):
+    _m, _o, path = saved(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    assert in_process_cli("ckpt", "consolidate", path, out) == 2
+    assert (out / "precious.txt").read_text() == "keep me"
+    assert in_process_cli("ckpt", "consolidate", path, out, "--force") == 0
+    assert ck.read_metadata(out)["world_size"] == 1
+
+
+def test_disk_full_leaves_no_temporary_directory_and_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    import dist8.checkpoint.io as ckio
+
+    model, opt, _path = saved(tmp_path)
+    ck.save(tmp_path / "run", model, opt, step=1, keep_last=2)
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(ckio, "save_file", full)
+    with pytest.raises(ck.CheckpointError, match=r"writing .*\.step-00000002\.tmp/optim-00000-of-00001\.safetensors "
+                                                 "failed: No space left on device"):
+        ck.save(tmp_path / "run", model, opt, step=2, keep_last=2)
+    assert sorted(os.listdir(tmp_path / "run")) == ["latest", "step-00000001"]
+
+
+def _torch_ckpt(tmp_path):
+    from dist8.train.checkpointing import Checkpointer
+
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    return Checkpointer(str(tmp_path / "run"), "none", model, opt, keep_last=3)
+
+
+def test_resume_auto_falls_back_past_a_corrupt_newest_checkpoint(tmp_path, capsys):
+    ckpt = _torch_ckpt(tmp_path)
+    for step in (1, 2, 3):
+        ckpt.save(step, {"step": step})
+    newest = tmp_path / "run" / "step-00000003" / "rank00000.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    newest.write_bytes(bytes(data))
+    assert ckpt.latest().endswith("step-00000002")
+    assert "step-00000003 is not intact" in capsys.readouterr().err
+    assert ckpt.load(ckpt.latest())["step"] == 2
+    # the same for dist8's own writer
+    from dist8.train.checkpointing import Checkpointer
+
+    model, opt, _p = saved(tmp_path)
+    d8 = Checkpointer(str(tmp_path / "d8"), "none", model, opt, keep_last=3)
+    assert d8.kind == "dist8"
+    for step in (1, 2):
+        d8.save(step, {"step": step})
+    edit_meta(tmp_path / "d8" / "step-00000002", lambda m: m.__setitem__("step", 5), fix_hash=False)
+    assert d8.latest().endswith("step-00000001")
+    assert "step-00000002 is not intact" in capsys.readouterr().err
+
+
+def test_train_torch_writer_killed_while_rotating_leaves_nothing_latest_picks(tmp_path, monkeypatch):
+    import dist8.train.checkpointing as tc
+
+    ckpt = _torch_ckpt(tmp_path)
+    ckpt.keep_last = 1
+    ckpt.save(1, {"step": 1})
+
+    def killed(path, ignore_errors=False):
+        for f in Path(path).glob("*.pt"):
+            f.unlink()
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(tc.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(2, {"step": 2})
+    monkeypatch.undo()
+    assert ckpt.latest().endswith("step-00000002")
+    assert [p.name for p in (tmp_path / "run").glob("step-*")] == ["step-00000002"]
+    ckpt.save(2, {"step": 2})  # overwrite the same step: the old one goes out of sight first
+    assert ckpt.load(ckpt.latest())["step"] == 2
+    assert sorted(os.listdir(tmp_path / "run")) == ["step-00000002"]
+
+
+# ---- 5. random mutations of real checkpoints -----------------------------------------------------
+def _save_two_ranks(rank, world_size, path):
+    from dist8.shard import ShardedOptimizer
+
+    model = make_model()
+    opt = ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, **KW)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        grads = {n: torch.randn(p.shape, generator=gen) for n, p in model.named_parameters()}
+        for n, p in model.named_parameters():
+            p.grad = grads[n].clone()
+        opt.step()
+    ck.save(path, model, opt, step=2, extra={"step": 2})
+
+
+def _mutate(rng, path):
+    """One random corruption; returns (description, whether hashes were re-fixed).
+
+    Unfixed: a byte of any file, or a metadata field -- the sha256 of the file or the manifest
+    must catch it. Re-fixed (an attacker who also rewrites the hashes): a byte of a safetensors
+    header, or a metadata field -- validation must refuse it or the values must be valid.
+    """
+    files = sorted(p.name for p in path.iterdir())
+    kind = rng.choice(["byte", "byte", "field", "field"])
+    if kind == "byte":
+        name = rng.choice(files)
+        data = bytearray((path / name).read_bytes())
+        refit = name != "metadata.json" and rng.random() < 0.5
+        header = 8 + int.from_bytes(data[:8], "little") if name.endswith(".safetensors") else len(data)
+        i = rng.randrange(min(header, len(data)) if refit else len(data))
+        data[i] = rng.randrange(256)
+        (path / name).write_bytes(bytes(data))
+        if refit:
+            refit_file(path, name)
+        return f"byte {i} of {name}", refit
+    meta = json.loads((path / "metadata.json").read_text())
+    slots = []
+
+    def walk(obj, trail):
+        for k, v in (obj.items() if isinstance(obj, dict) else enumerate(obj)):
+            slots.append((obj, k, trail + [k]))
+            if isinstance(v, (dict, list)):
+                walk(v, trail + [k])
+
+    walk(meta, [])
+    obj, key, trail = rng.choice(slots)
+    choice = rng.choice(["int", "neg", "str", "none", "list", "drop", "big"])
+    new = {"int": 1, "neg": -3, "str": "x", "none": None, "list": [], "big": 1 << 40}.get(choice)
+    if choice == "drop" and isinstance(obj, dict):
+        obj.pop(key)
+    else:
+        obj[key] = new
+    fix = rng.random() < 0.7
+    edit_meta(path, lambda m: (m.clear(), m.update(meta)), fix_hash=fix)
+    return f"{choice} at {trail}", fix
+
+
+@pytest.fixture(scope="module")
+def two_rank(tmp_path_factory):
+    """A checkpoint saved by ShardedOptimizer on 2 gloo ranks (w1 and w2 are split across them)."""
+    base = tmp_path_factory.mktemp("two-rank")
+    run_ranks(_save_two_ranks, 2, str(base / "two"), tmp_path=base)
+    return base / "two"
+
+
+def test_swapped_rank_files_with_fixed_hashes_are_refused(tmp_path, two_rank):
+    import shutil
+
+    path = tmp_path / "two"
+    shutil.copytree(two_rank, path)
+    a, b = path / "optim-00000-of-00002.safetensors", path / "optim-00001-of-00002.safetensors"
+    os.replace(a, tmp_path / "a")
+    os.replace(b, a)
+    os.replace(tmp_path / "a", b)
+    refit_file(path, a.name)
+    refit_file(path, b.name)
+    refused(path, "optim-0000[01]-of-00002.safetensors")
+
+
+@pytest.mark.timeout(300)
+def test_random_mutations_are_refused_or_load_identically(tmp_path, two_rank):
+    """Seeded random corruptions of a 1-rank and a 2-rank checkpoint: a one-line CheckpointError naming
+    the checkpoint with model and optimizer untouched, or a load equal to the original (edits whose
+    hashes were re-fixed may also load as edited, but never raise anything else)."""
+    import shutil
+
+    one = saved(tmp_path, "one")[2]
+    two = two_rank
+    rng = random.Random(17)
+    outcomes = {"refused": 0, "identical": 0, "valid edit": 0}
+    for original in (one, two):
+        m0, o0 = fresh()
+        ck.load(original, m0, o0)
+        reference = state_of(m0, o0)
+        for trial in range(30):
+            path = tmp_path / f"m-{original.name}-{trial}"
+            shutil.copytree(original, path)
+            what, refit = _mutate(rng, path)
+            model, opt = fresh()
+            before = state_of(model, opt)
+            try:
+                ck.load(path, model, opt)
+            except ck.CheckpointError as exc:
+                assert "\n" not in str(exc), (what, str(exc))
+                assert str(path) in str(exc), (what, str(exc))
+                assert same(before, state_of(model, opt)), f"{what}: failed load changed state"
+                outcomes["refused"] += 1
+            except Exception as exc:
+                raise AssertionError(f"{what}: {type(exc).__name__}: {exc}") from exc
+            else:  # with hashes re-fixed a valid edit (e.g. extra.step, lr=1) loads as edited
+                assert refit or same(reference, state_of(model, opt)), f"{what}: loaded something else"
+                outcomes["identical" if same(reference, state_of(model, opt)) else "valid edit"] += 1
+            shutil.rmtree(path)
+    assert outcomes["refused"] > 30, outcomes
+
+
+# ---- the optimizer's own load_state_dict --------------------------------------------------------
+def test_optimizer_load_state_dict_refuses_foreign_or_corrupt_state():
+    import copy
+
+    w = torch.nn.Parameter(torch.randn(64, 300))
+    adam = dist8.AdamW8bit([w], min_8bit_size=0)
+    w.grad = torch.randn_like(w)
+    adam.step()
+    sd = adam.state_dict()
+    cases = [(dist8.SGD8bit([w], lr=0.1, momentum=0.9, min_8bit_size=0), sd, "state2.*SGD"),
+             (dist8.AdamW8bit([w], block_size=128, min_8bit_size=0), sd, "absmax1.*blocks of 128 need")]
+    nan = copy.deepcopy(sd)
+    nan["state"][0]["absmax1"][0] = float("nan")
+    neg = copy.deepcopy(sd)
+    neg["state"][0]["step"] = -4
+    cases += [(dist8.AdamW8bit([w], min_8bit_size=0), nan, "absmax1.*NaN"),
+              (dist8.AdamW8bit([w], min_8bit_size=0), neg, "step of parameter .* >= 0")]
+    for opt, state_dict, match in cases:
+        with pytest.raises((ValueError, KeyError), match=match):
+            opt.load_state_dict(state_dict)
+        assert not opt.state  # nothing installed
+    flat = dist8.AdamW8bit([torch.nn.Parameter(torch.randn(64, 300))], block_wise=False, min_8bit_size=0)
+    flat.param_groups[0]["params"][0].grad = torch.randn(64, 300)
+    flat.step()
+    again = dist8.AdamW8bit([torch.nn.Parameter(torch.randn(64, 300))], block_wise=False, min_8bit_size=0)
+    again.load_state_dict(flat.state_dict())  # block_wise=False: one absmax per parameter, accepted
+
+
+def test_dcp_metadata_pickle_is_allowlisted(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from dist8.checkpoint.torch_files import check_dcp_metadata
+
+    with pytest.warns(UserWarning):  # no process group: DCP saves in a single process
+        dcp.save({"w": torch.randn(4, 3), "step": 3, "groups": [{"lr": 0.1, "betas": (0.9, 0.99)}]},
+                 checkpoint_id=str(tmp_path / "dcp"))
+    check_dcp_metadata(tmp_path / "dcp" / ".metadata")  # DCP's own metadata passes
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "dcp" / ".metadata", "wb") as f:
+        pickle.dump(Marker(marker), f)
+    with pytest.raises(ck.CheckpointError, match="global .*open is not allowed"):
+        check_dcp_metadata(tmp_path / "dcp" / ".metadata")
+    assert not marker.exists()
