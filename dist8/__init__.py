@@ -5,6 +5,7 @@ with quantization blocks partitioned across data-parallel ranks.
 """
 from dist8 import checkpoint, nn, optim, quant
 from dist8.shard import ShardedOptimizer
+from dist8.optim.release import GradientRelease, gradient_release  # issue 19
 from dist8.optim import (
     LAMB8bit,
     LARS8bit,
@@ -29,6 +30,8 @@ __all__ = [
     "RMSprop8bit",
     "SGD8bit",
     "ShardedOptimizer",
+    "GradientRelease",
+    "gradient_release",
     "__version__",
     "checkpoint",
     "nn",
