@@ -5,6 +5,7 @@ with quantization blocks partitioned across data-parallel ranks.
 """
 from dist8 import checkpoint, nn, optim, quant
 from dist8.shard import ShardedOptimizer
+from dist8.nn.cast import cast_model  # issue 19
 from dist8.optim.release import GradientRelease, gradient_release  # issue 19
 from dist8.optim import (
     LAMB8bit,
@@ -31,6 +32,7 @@ __all__ = [
     "SGD8bit",
     "ShardedOptimizer",
     "GradientRelease",
+    "cast_model",
     "gradient_release",
     "__version__",
     "checkpoint",
