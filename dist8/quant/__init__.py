@@ -1,8 +1,10 @@
 """Quantization maps and block-wise quantize/dequantize (the bottom layer of dist8)."""
 from dist8.quant.blockwise import (
+    DEFAULT_BLOCK_SIZE,
     block_reciprocal,
     check_block_size,
     dequantize_blockwise,
+    effective_block_size,
     nearest_code,
     num_blocks,
     quantize_blockwise,
@@ -11,6 +13,7 @@ from dist8.quant.maps import MAP_NAMES, dynamic_map, get_map, linear_map
 from dist8.quant.master import MASTER_WEIGHT_BITS, check_master_weight_bits, decode_master, encode_master
 
 __all__ = [
+    "DEFAULT_BLOCK_SIZE",
     "MAP_NAMES",
     "MASTER_WEIGHT_BITS",
     "check_master_weight_bits",
@@ -20,6 +23,7 @@ __all__ = [
     "check_block_size",
     "dequantize_blockwise",
     "dynamic_map",
+    "effective_block_size",
     "get_map",
     "linear_map",
     "nearest_code",
