@@ -159,6 +159,23 @@ def test_remove_restores_normal_step():
     assert not h2.active
 
 
+def test_step_params_is_the_public_per_parameter_step():
+    ref_model, model = make(), make()
+    ref_opt = AdamW8bit(ref_model.parameters(), lr=1e-2, min_8bit_size=1000)
+    opt = AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=1000)
+    for s in range(2):
+        loss_of(ref_model, s).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        loss_of(model, s).backward()
+        for p in reversed(list(model.parameters())):
+            opt.step_params([p])
+        opt.zero_grad()
+    assert_same(ref_model, ref_opt, model, opt)
+    with pytest.raises(ValueError, match="step_params: parameter .* is not in this optimizer"):
+        opt.step_params([nn.Parameter(torch.zeros(3))])
+
+
 # ---- refusals -------------------------------------------------------------------------------------------
 def test_refuses_sharded_optimizer_and_torch_optimizers():
     model = make()

@@ -37,6 +37,7 @@ What is refused, and why:
   calls ``optimizer.step()`` (a no-op now), a second backward before it raises
   before touching anything; ``optimizer.step()`` after several backward passes
   raises too. A loop that never calls ``step()`` cannot be told apart.
+* Optimizer step hooks (``register_step_pre_hook``/``post_hook``) do not run while active.
 * A global ``torch.nn.utils.clip_grad_norm_`` over all parameters: it runs
   after backward, when every gradient is already released (it sees none and
   returns 0). This cannot be detected from here. Use ``max_grad_norm_per_param``
@@ -70,7 +71,6 @@ class GradientRelease:
         self.max_grad_norm_per_param = max_grad_norm_per_param
         self.steps = 0
         self._lock = threading.Lock()  # CUDA and CPU leaves may finish on different autograd threads
-        self._group_of: dict[torch.Tensor, dict[str, Any]] = {}
         self._updates_since_step: dict[torch.Tensor, int] = {}
         self._loop_calls_step = False
         self._hooks: list = []
@@ -82,11 +82,8 @@ class GradientRelease:
         opt = self.optimizer
         for group in opt.param_groups:
             for p in group["params"]:
-                opt.param_name(p)  # builds the name cache over all groups before any single-group step
                 if p.requires_grad:
-                    self._group_of[p] = group
-        for p in self._group_of:
-            self._hooks.append(p.register_post_accumulate_grad_hook(self._hook))
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._hook))
         for name in ("step", "zero_grad"):
             if name in opt.__dict__:  # e.g. an LR scheduler's step counter wrapper
                 self._saved_methods[name] = opt.__dict__[name]
@@ -136,20 +133,12 @@ class GradientRelease:
             p.grad = None  # released: the point of it all
 
     def step_param(self, p: torch.Tensor) -> None:
-        """Run the optimizer's update for ``p`` alone (with its current ``p.grad``).
+        """Run the optimizer's update for ``p`` alone (:meth:`Optimizer8bit.step_params`).
 
-        Uses only public API: the optimizer's ``param_groups`` are narrowed to
-        ``p``'s group holding ``p`` for the duration of one ``step`` (class
-        method, so its step hooks run), then restored.
+        The optimizer's ``register_step_pre_hook``/``post_hook`` hooks do not run while gradient
+        release is active (neither for these updates nor for the no-op ``optimizer.step()``).
         """
-        opt = self.optimizer
-        group = self._group_of[p]
-        saved = opt.param_groups
-        opt.param_groups = [dict(group, params=[p])]
-        try:
-            type(opt).step(opt)
-        finally:
-            opt.param_groups = saved
+        self.optimizer.step_params([p])
 
     # ---- replacements of step / zero_grad ------------------------------------------------------
     def _step_noop(self, closure: Any = None) -> Any:
