@@ -123,7 +123,7 @@ class GradientRelease:
                 raise RuntimeError(
                     f"gradient_release: parameter {self.optimizer.param_name(p)} got a second gradient before "
                     "optimizer.step(); gradient accumulation is incompatible with gradient release (each backward "
-                    "is a step). This backward updated nothing; remove the handle to accumulate"
+                    "is a step); this parameter was not updated again. Remove the handle to accumulate"
                 )
             if self.max_grad_norm_per_param is not None:
                 torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm_per_param)
