@@ -204,6 +204,9 @@ def measure(name: str, build: Callable, width: int, layers: int) -> dict[str, An
         dtype = next(m.fc.weight.dtype for m in model.modules() if isinstance(m, Block))
         x = torch.randn(2, width, generator=torch.Generator().manual_seed(0)).to(dtype)
         step(x)  # warm-up: creates the optimizer state
+        gc.collect()  # garbage in reference cycles would otherwise be freed at a random point of the step
+        if dist.is_initialized():
+            dist.barrier()
         params = sum(_tensor_bytes(p) for p in model.parameters())
         n_params = sum(p.numel() for p in model.parameters())  # global count (DTensor numel is global)
         with record_function("dist8.bench.measured_step"):

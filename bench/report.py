@@ -146,7 +146,10 @@ def memory_section() -> str:
         "peak adds the gradients (all of them for a normal step, one parameter's with gradient release) and the "
         "step's temporaries. The pure-bf16 rows are the ablation (no master: the precision loss the 24-bit master "
         "removes); `master_weight_bits=24` adds 1 byte/param of correction to them. bitsandbytes and torchao keep "
-        "8-bit state like dist8 but allocate fp32 temporaries in their CPU steps.\n")
+        "8-bit state like dist8 but allocate fp32 temporaries in their CPU steps. The FSDP2 peaks include the "
+        "unsharded parameters and gradients of the layers in flight and gloo's communication buffers, whose "
+        "lifetimes vary from run to run on CPU. DeepSpeed runs with `reduce_bucket_size` and "
+        "`allgather_bucket_size` set to 1e6 elements (its defaults are sized for large models).\n")
     return "\n".join(parts)
 
 
