@@ -5,7 +5,8 @@
   state bitwise equal to ``loss.backward(); opt.step(); opt.zero_grad()``;
 * gradients are freed inside backward (no parameter holds one afterwards, and
   at most one is alive when a hook runs);
-* ``max_grad_norm_per_param`` equals clipping each gradient, then stepping;
+* ``max_grad_norm_per_param`` equals clipping each gradient, then stepping; an LR scheduler
+  (created before or after the handle) drives the released steps as it drives normal ones;
 * FSDP2 at 2 gloo ranks: bitwise equal to FSDP2 with the normal step;
 * refusals: ShardedOptimizer, DDP, torch optimizers, GradScaler, gradient
   accumulation (both ways), double activation, foreign parameters, stale gradients;
@@ -110,6 +111,28 @@ def test_release_bf16_overrides_groups_and_32bit_state():
     handle.remove()
     assert handle.steps == 4 * len(list(rel_model.parameters()))
     assert rel_opt.state[rel_model.fc2.weight]["state1"].dtype == torch.float32
+    assert_same(ref_model, ref_opt, rel_model, rel_opt)
+
+
+@pytest.mark.parametrize("scheduler_first", [True, False])
+def test_lr_scheduler_drives_the_released_steps(scheduler_first):
+    ref_model, rel_model = make(), make()
+    ref_opt = AdamW8bit(ref_model.parameters(), lr=1e-2, min_8bit_size=1000)
+    rel_opt = AdamW8bit(rel_model.parameters(), lr=1e-2, min_8bit_size=1000)
+    ref_sched = torch.optim.lr_scheduler.LambdaLR(ref_opt, lambda s: 0.5 ** s)
+    if scheduler_first:
+        rel_sched = torch.optim.lr_scheduler.LambdaLR(rel_opt, lambda s: 0.5 ** s)
+        handle = dist8.gradient_release(rel_model, rel_opt)
+    else:
+        handle = dist8.gradient_release(rel_model, rel_opt)
+        rel_sched = torch.optim.lr_scheduler.LambdaLR(rel_opt, lambda s: 0.5 ** s)
+    for s in range(3):
+        for model, opt, sched in ((ref_model, ref_opt, ref_sched), (rel_model, rel_opt, rel_sched)):
+            loss_of(model, s).backward()
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+    handle.remove()
     assert_same(ref_model, ref_opt, rel_model, rel_opt)
 
 

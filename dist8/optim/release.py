@@ -38,6 +38,8 @@ What is refused, and why:
   before touching anything; ``optimizer.step()`` after several backward passes
   raises too. A loop that never calls ``step()`` cannot be told apart.
 * Optimizer step hooks (``register_step_pre_hook``/``post_hook``) do not run while active.
+  LR schedulers work (they change ``param_groups``, which each hook reads); create them after
+  ``gradient_release`` to avoid torch's warning that ``optimizer.step`` was overridden.
 * A global ``torch.nn.utils.clip_grad_norm_`` over all parameters: it runs
   after backward, when every gradient is already released (it sees none and
   returns 0). This cannot be detected from here. Use ``max_grad_norm_per_param``
@@ -47,6 +49,7 @@ What is refused, and why:
 from __future__ import annotations
 
 import threading
+import types
 from typing import Any
 
 import torch
@@ -87,8 +90,10 @@ class GradientRelease:
         for name in ("step", "zero_grad"):
             if name in opt.__dict__:  # e.g. an LR scheduler's step counter wrapper
                 self._saved_methods[name] = opt.__dict__[name]
-        opt.step = self._step_noop
-        opt.zero_grad = self._zero_grad_noop
+        # Bound to the optimizer (not to this handle): torch's LR schedulers re-bind ``step.__func__``
+        # to the optimizer when they wrap it.
+        opt.step = types.MethodType(_released_step, opt)
+        opt.zero_grad = types.MethodType(_released_zero_grad, opt)
         setattr(opt, _ACTIVE_ATTR, self)
         self.active = True
 
@@ -140,8 +145,9 @@ class GradientRelease:
         """
         self.optimizer.step_params([p])
 
-    # ---- replacements of step / zero_grad ------------------------------------------------------
-    def _step_noop(self, closure: Any = None) -> Any:
+    # ---- what optimizer.step() does while active --------------------------------------------
+    def released_step(self, closure: Any = None) -> Any:
+        """``optimizer.step()`` while active: no update (the hooks did them); refuses GradScaler and accumulation."""
         if getattr(self.optimizer, "found_inf", None) is not None:
             raise RuntimeError(
                 "gradient_release is incompatible with torch.amp.GradScaler: the parameters were stepped inside "
@@ -162,8 +168,13 @@ class GradientRelease:
                 return closure()
         return None
 
-    def _zero_grad_noop(self, set_to_none: bool = True) -> None:
-        """Gradients are already released; nothing to zero."""
+
+def _released_step(opt: Optimizer8bit, closure: Any = None) -> Any:
+    return getattr(opt, _ACTIVE_ATTR).released_step(closure)
+
+
+def _released_zero_grad(opt: Optimizer8bit, set_to_none: bool = True) -> None:
+    """Gradients are already released; nothing to zero."""
 
 
 def gradient_release(
