@@ -25,7 +25,7 @@ def main() -> int:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--quick", action="store_true", help="small sizes (default)")
     group.add_argument("--full", action="store_true")
-    parser.add_argument("--only", nargs="+", default=["step", "sharded", "checkpoint", "convergence"])
+    parser.add_argument("--only", nargs="+", default=["step", "sharded", "checkpoint", "convergence", "memory"])
     args = parser.parse_args()
     preset = "--full" if args.full else "--quick"
     host = socket.gethostname()
@@ -37,6 +37,7 @@ def main() -> int:
         "checkpoint": [sys.executable, str(HERE / "checkpoint.py"), preset],
         "convergence": [sys.executable, str(HERE / "convergence.py"), preset]
         + ([] if args.full else ["--steps", "200", "--seeds", "0", "1", "2"]),
+        "memory": [sys.executable, str(HERE / "memory.py")] + (["--world-sizes", "2", "4"] if args.full else []),
     }
     timings = {}
     for name in args.only:

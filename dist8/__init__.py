@@ -18,6 +18,9 @@ _EXPORTS = {
     **{name: "dist8.optim" for name in ("Adagrad8bit", "Adam8bit", "AdamW8bit", "LAMB8bit", "LARS8bit", "Lion8bit",
                                         "RMSprop8bit", "SGD8bit", "get_optimizer_class")},
     "ShardedOptimizer": "dist8.shard",
+    "cast_model": "dist8.nn.cast",
+    "GradientRelease": "dist8.optim.release",
+    "gradient_release": "dist8.optim.release",
 }
 _SUBMODULES = ("checkpoint", "nn", "optim", "quant")
 
@@ -25,6 +28,7 @@ __all__ = [
     "Adagrad8bit",
     "Adam8bit",
     "AdamW8bit",
+    "GradientRelease",
     "LAMB8bit",
     "LARS8bit",
     "Lion8bit",
@@ -32,9 +36,11 @@ __all__ = [
     "SGD8bit",
     "ShardedOptimizer",
     "__version__",
+    "cast_model",
     "checkpoint",
     "nn",
     "get_optimizer_class",
+    "gradient_release",
     "optim",
     "quant",
 ]
@@ -59,4 +65,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports these names s
     from dist8 import checkpoint, nn, optim, quant
     from dist8.optim import (Adagrad8bit, Adam8bit, AdamW8bit, LAMB8bit, LARS8bit, Lion8bit, RMSprop8bit, SGD8bit,
                              get_optimizer_class)
+    from dist8.nn.cast import cast_model
+    from dist8.optim.release import GradientRelease, gradient_release
     from dist8.shard import ShardedOptimizer

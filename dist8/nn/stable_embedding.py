@@ -28,4 +28,6 @@ class StableEmbedding(nn.Embedding):
         self._fill_padding_idx_with_zero()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self.norm(super().forward(input).to(self.norm.weight.dtype))
+        # The norm runs in its own dtype (fp32 after dist8.cast_model); the output has the
+        # embedding's dtype, as in bitsandbytes, so a bf16 model stays bf16 after it.
+        return self.norm(super().forward(input).to(self.norm.weight.dtype)).to(self.weight.dtype)

@@ -245,10 +245,44 @@ class Optimizer8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        items = self._update_items((group, group["params"]) for group in self.param_groups)
+        if not items and self.reduce_partials is None:
+            return loss
+        pipeline.run_updates(self, items, pipeline.amp_scaling(self))
+        return loss
+
+    @torch.no_grad()
+    def step_params(self, params: Iterable[torch.Tensor]) -> None:
+        """Update only ``params`` (those with a gradient), exactly as :meth:`step` updates them.
+
+        Every dist8 rule is per parameter (moments, percentile clipping, non-finite skips,
+        LAMB/LARS trust ratios), so stepping parameters one call at a time is bitwise one
+        :meth:`step` over all of them. Used by :func:`dist8.gradient_release`. With DTensor
+        parameters it is collective: call it with the same parameters in the same order on every rank.
+        """
+        params = list(params)
+        # Parameter -> its group, rebuilt when the groups change (add_param_group, replaced dicts).
+        groups_key = tuple(id(g) for g in self.param_groups)
+        cached = self.__dict__.get("_group_of_param")
+        if cached is None or cached[0] != groups_key or any(id(p) not in cached[1] for p in params):
+            cached = self._group_of_param = (groups_key, {id(p): g for g in self.param_groups for p in g["params"]})
+        pairs: dict[int, tuple[dict, list]] = {}
+        for p in params:
+            if id(p) not in cached[1]:
+                raise ValueError(f"step_params: parameter {self.param_name(p)} is not in this optimizer")
+            group = cached[1][id(p)]
+            pairs.setdefault(id(group), (group, []))[1].append(p)
+        items = self._update_items(pairs.values())
+        if not items and self.reduce_partials is None:
+            return
+        pipeline.run_updates(self, items, pipeline.amp_scaling(self))
+
+    def _update_items(self, groups: Iterable[tuple[dict[str, Any], list[torch.Tensor]]]) -> list[pipeline.UpdateItem]:
+        """The (parameter, settings, state) of each listed parameter that has a gradient; creates missing state."""
         items = []
-        for group in self.param_groups:
+        for group, group_params in groups:
             group_hyper = {k: v for k, v in group.items() if k != "params"}
-            for p in group["params"]:
+            for p in group_params:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
@@ -261,10 +295,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                 if not self.state[p]:
                     self.state[p] = self.init_state(p, settings)
                 items.append(pipeline.UpdateItem(p, settings, self.state[p]))
-        if not items and self.reduce_partials is None:
-            return loss
-        pipeline.run_updates(self, items, pipeline.amp_scaling(self))
-        return loss
+        return items
 
     def partial_slots(self, items: list[pipeline.UpdateItem]) -> tuple[list[int], int]:
         """Slot of each item in the vectors of per-parameter partial sums, and their length.

@@ -10,10 +10,15 @@ from dist8.quant.blockwise import (
     quantize_blockwise,
 )
 from dist8.quant.maps import MAP_NAMES, dynamic_map, get_map, linear_map
+from dist8.quant.master import MASTER_WEIGHT_BITS, check_master_weight_bits, decode_master, encode_master
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "MAP_NAMES",
+    "MASTER_WEIGHT_BITS",
+    "check_master_weight_bits",
+    "decode_master",
+    "encode_master",
     "block_reciprocal",
     "check_block_size",
     "dequantize_blockwise",

@@ -1,0 +1,121 @@
+"""cast_model: cast a model's parameters to bf16/fp16, keeping normalisation layers (and chosen names) in fp32.
+
+torch has ``model.to(torch.bfloat16)``, which casts everything, and autocast /
+FSDP2 ``MixedPrecisionPolicy``, which change the *compute* dtype but keep fp32
+parameters (4 bytes each, plus an fp32 gradient). Storing bf16 parameters while
+keeping the few, small, precision-sensitive norm layers in fp32 has no one-call
+helper in torch, hence this one.
+
+A kept module computes in fp32: a forward pre-hook casts its floating-point
+inputs to fp32 and a forward hook casts its floating-point outputs back to the
+dtype its first input had, so it sits between bf16 layers without dtype errors
+(and ``RMSNorm`` keeps its fused path).
+"""
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["NORM_LAYERS", "cast_model"]
+
+#: Module types kept in fp32 by default (``keep_norm_layers=True``).
+NORM_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+_CASTABLE = (torch.bfloat16, torch.float16, torch.float32)
+_KEPT_ATTR = "_dist8_kept_fp32"
+
+
+def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast_floats(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast_floats(v, dtype) for k, v in value.items()}
+    return value
+
+
+def _first_float_dtype(args: tuple, kwargs: dict) -> torch.dtype | None:
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v.dtype
+    return None
+
+
+def _pre_hook(module: nn.Module, args: tuple, kwargs: dict):
+    module._dist8_input_dtype = _first_float_dtype(args, kwargs)
+    return _cast_floats(args, torch.float32), _cast_floats(kwargs, torch.float32)
+
+
+def _post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    dtype = module.__dict__.pop("_dist8_input_dtype", None)
+    return output if dtype is None or dtype == torch.float32 else _cast_floats(output, dtype)
+
+
+def cast_model(
+    model: nn.Module,
+    dtype: torch.dtype = torch.bfloat16,
+    keep_fp32: Sequence[str] = (),
+    *,
+    keep_norm_layers: bool = True,
+) -> nn.Module:
+    """Cast ``model``'s floating-point parameters and buffers to ``dtype`` in place; returns ``model``.
+
+    Args:
+        model: the module to cast (before wrapping it with FSDP2 or creating the optimizer).
+        dtype: ``torch.bfloat16`` (default), ``torch.float16`` or ``torch.float32``.
+        keep_fp32: fnmatch patterns of module names (``"lm_head"``, ``"*.router"``) or
+            parameter names (``"lm_head.weight"``); a matching module (with everything
+            inside it) keeps its parameters and buffers in fp32 and computes in fp32. A pattern that matches
+            some but not all parameters of one module is refused (a module computes in one dtype).
+        keep_norm_layers: keep the modules in :data:`NORM_LAYERS` (LayerNorm, RMSNorm,
+            GroupNorm, BatchNorm, InstanceNorm, LocalResponseNorm) in fp32. Default True.
+
+    Kept modules get forward hooks that run them in fp32 and return outputs in their
+    input's dtype. Note: :class:`dist8.ShardedOptimizer` needs one parameter dtype, so
+    with it use ``keep_norm_layers=False`` or give the fp32 parameters their own optimizer.
+    """
+    if dtype not in _CASTABLE:
+        raise ValueError(f"cast_model: dtype must be one of {', '.join(map(str, _CASTABLE))}, got {dtype}")
+    if isinstance(keep_fp32, str):
+        keep_fp32 = [keep_fp32]
+    kept: list[nn.Module] = []
+    kept_prefixes: list[str] = []
+    for mod_name, module in model.named_modules():  # parents come before their children
+        own = [f"{mod_name}.{n}" if mod_name else n for n, _ in module.named_parameters(recurse=False)]
+        by_module = bool(mod_name) and (any(fnmatch.fnmatchcase(mod_name, pat) for pat in keep_fp32)
+                                        or any(mod_name.startswith(prefix + ".") for prefix in kept_prefixes))
+        by_param = [n for n in own if any(fnmatch.fnmatchcase(n, pat) for pat in keep_fp32)]
+        is_norm = keep_norm_layers and isinstance(module, NORM_LAYERS)
+        if by_param and len(by_param) != len(own) and not (by_module or is_norm):
+            rest = sorted(set(own) - set(by_param))
+            raise ValueError(
+                f"cast_model: keep_fp32 matches {', '.join(by_param)} but not {', '.join(rest)} of module "
+                f"{mod_name or '<root>'}; a module computes in one dtype, so match all of its parameters or its name"
+            )
+        if by_module:
+            kept_prefixes.append(mod_name)
+        if by_module or by_param or is_norm:
+            kept.append(module)
+    kept_ids = {id(m) for m in kept}
+    for module in model.modules():
+        target = torch.float32 if id(module) in kept_ids else dtype
+        for name, p in module.named_parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != target:
+                p.data = p.data.to(target)
+        for name, b in module.named_buffers(recurse=False):
+            if b.is_floating_point() and b.dtype != target:
+                setattr(module, name, b.to(target))
+    if dtype != torch.float32:
+        for module in kept:
+            if not getattr(module, _KEPT_ATTR, False):
+                module.register_forward_pre_hook(_pre_hook, with_kwargs=True)
+                module.register_forward_hook(_post_hook, with_kwargs=True)
+                setattr(module, _KEPT_ATTR, True)
+    return model

@@ -1,0 +1,235 @@
+"""Gradient release: each parameter is stepped inside backward as soon as its gradient is ready.
+
+``handle = dist8.gradient_release(model, optimizer)`` registers a
+``register_post_accumulate_grad_hook`` on every trainable parameter. When a
+parameter's gradient is complete, the hook runs the optimizer's update for that
+parameter alone and sets ``param.grad = None`` at once, so at most one
+parameter's gradient (plus autograd's in-flight buffers) is alive at any time
+instead of all of them: the gradient term drops out of bytes per parameter.
+While the handle is active ``optimizer.step()`` and ``optimizer.zero_grad()``
+are no-ops (a training loop written for the normal step keeps working, and
+cannot step twice); ``handle.remove()`` restores both.
+
+Exactness. Every dist8 update rule is per parameter: the moments, bias
+corrections, percentile clipping (a per-parameter gradient-norm history),
+non-finite skipping and the LAMB/LARS trust ratios (norms of one parameter)
+depend only on that parameter's gradient and state. Stepping parameter by
+parameter is therefore bitwise the same as one ``optimizer.step()`` over all
+of them (``tests/test_gradient_release.py`` holds every rule to it).
+
+FSDP2 (``fully_shard``). FSDP2 runs the post-accumulate-grad hooks of the
+sharded parameter right after its reduce-scatter, with the averaged local
+shard as ``grad``: the hook steps the local shard (collectives for edge blocks
+and partial sums run in hook order, the same on every rank) and frees it.
+
+What is refused, and why:
+
+* ``dist8.ShardedOptimizer``: stage 2 keeps one flat gradient buffer of the
+  whole model on every rank, so releasing parameters frees nothing; use the
+  dist8 optimizer directly with FSDP2 instead.
+* ``DistributedDataParallel`` models: the hooks would step with the local,
+  not yet averaged gradient.
+* ``torch.amp.GradScaler``: the hooks would step with scaled gradients before
+  the scaler has checked them. Detected at ``scaler.step(optimizer)`` (which
+  raises); by then one backward has updated the parameters, so use bf16
+  autocast (no scaler) with gradient release.
+* Gradient accumulation: there is no gradient left to accumulate. If the loop
+  calls ``optimizer.step()`` (a no-op now), a second backward before it raises
+  before touching anything; ``optimizer.step()`` after several backward passes
+  raises too. A loop that never calls ``step()`` cannot be told apart.
+* Optimizer step hooks (``register_step_pre_hook``/``post_hook``) do not run while active.
+  LR schedulers work (they change ``param_groups``, which each hook reads); create them after
+  ``gradient_release`` to avoid torch's warning that ``optimizer.step`` was overridden.
+* A global ``torch.nn.utils.clip_grad_norm_`` over all parameters: it runs
+  after backward, when every gradient is already released (it sees none and
+  returns 0). This cannot be detected from here. Use ``max_grad_norm_per_param``
+  (clips each parameter's gradient to that norm before its step) or the
+  optimizer's ``percentile_clipping``, both per parameter.
+"""
+from __future__ import annotations
+
+import threading
+import types
+from typing import Any
+
+import torch
+
+from dist8.optim.base import Optimizer8bit
+
+__all__ = ["GradientRelease", "gradient_release"]
+
+_ACTIVE_ATTR = "_dist8_gradient_release"
+
+
+class GradientRelease:
+    """Handle returned by :func:`gradient_release`; ``remove()`` (or leaving a ``with`` block) undoes it.
+
+    Attributes:
+        steps: parameter updates run by the hooks so far (one per parameter per backward).
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: Optimizer8bit, max_grad_norm_per_param: float | None) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.max_grad_norm_per_param = max_grad_norm_per_param
+        self.steps = 0
+        self._lock = threading.Lock()  # CUDA and CPU leaves may finish on different autograd threads
+        self._updates_since_step: dict[torch.Tensor, int] = {}
+        self._loop_calls_step = False
+        self._hooks: list = []
+        self._saved_methods: dict[str, Any] = {}
+        self.active = False
+
+    # ---- install / remove -------------------------------------------------------------
+    def _install(self) -> None:
+        opt = self.optimizer
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._hook))
+        for name in ("step", "zero_grad"):
+            if name in opt.__dict__:  # e.g. an LR scheduler's step counter wrapper
+                self._saved_methods[name] = opt.__dict__[name]
+        # Bound to the optimizer (not to this handle): torch's LR schedulers re-bind ``step.__func__``
+        # to the optimizer when they wrap it.
+        opt.step = types.MethodType(_released_step, opt)
+        opt.zero_grad = types.MethodType(_released_zero_grad, opt)
+        setattr(opt, _ACTIVE_ATTR, self)
+        self.active = True
+
+    def remove(self) -> None:
+        """Remove the hooks and give ``optimizer.step``/``zero_grad`` back their normal behaviour."""
+        if not self.active:
+            return
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        opt = self.optimizer
+        for name in ("step", "zero_grad"):
+            if name in self._saved_methods:
+                setattr(opt, name, self._saved_methods[name])
+            else:
+                opt.__dict__.pop(name, None)
+        opt.__dict__.pop(_ACTIVE_ATTR, None)
+        self.active = False
+
+    def __enter__(self) -> GradientRelease:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    # ---- the hook ------------------------------------------------------------------------
+    def _hook(self, p: torch.Tensor) -> None:
+        if p.grad is None:
+            return
+        with self._lock:
+            if self._loop_calls_step and self._updates_since_step.get(p, 0) > 0:
+                raise RuntimeError(
+                    f"gradient_release: parameter {self.optimizer.param_name(p)} got a second gradient before "
+                    "optimizer.step(); gradient accumulation is incompatible with gradient release (each backward "
+                    "is a step); this parameter was not updated again. Remove the handle to accumulate"
+                )
+            if self.max_grad_norm_per_param is not None:
+                torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm_per_param)
+            self.step_param(p)
+            self._updates_since_step[p] = self._updates_since_step.get(p, 0) + 1
+            self.steps += 1
+            p.grad = None  # released: the point of it all
+
+    def step_param(self, p: torch.Tensor) -> None:
+        """Run the optimizer's update for ``p`` alone (:meth:`Optimizer8bit.step_params`).
+
+        The optimizer's ``register_step_pre_hook``/``post_hook`` hooks do not run while gradient
+        release is active (neither for these updates nor for the no-op ``optimizer.step()``).
+        """
+        self.optimizer.step_params([p])
+
+    # ---- what optimizer.step() does while active --------------------------------------------
+    def released_step(self, closure: Any = None) -> Any:
+        """``optimizer.step()`` while active: no update (the hooks did them); refuses GradScaler and accumulation."""
+        if getattr(self.optimizer, "found_inf", None) is not None:
+            raise RuntimeError(
+                "gradient_release is incompatible with torch.amp.GradScaler: the parameters were stepped inside "
+                "backward with scaled, unchecked gradients. Use bf16 autocast without a scaler, or remove the "
+                "gradient_release handle"
+            )
+        repeated = [self.optimizer.param_name(p) for p, n in self._updates_since_step.items() if n > 1]
+        self._updates_since_step.clear()
+        self._loop_calls_step = True
+        if repeated:
+            raise RuntimeError(
+                f"gradient_release: parameters ({', '.join(repeated[:3])}{', ...' if len(repeated) > 3 else ''}) "
+                "were updated by several backward passes since the last optimizer.step(); gradient accumulation "
+                "is incompatible with gradient release (each backward is a step)"
+            )
+        if closure is not None:
+            with torch.enable_grad():
+                return closure()
+        return None
+
+
+def _released_step(opt: Optimizer8bit, closure: Any = None) -> Any:
+    return getattr(opt, _ACTIVE_ATTR).released_step(closure)
+
+
+def _released_zero_grad(opt: Optimizer8bit, set_to_none: bool = True) -> None:
+    """Gradients are already released; nothing to zero."""
+
+
+def gradient_release(
+    model: torch.nn.Module, optimizer: Optimizer8bit, *, max_grad_norm_per_param: float | None = None
+) -> GradientRelease:
+    """Step each parameter inside backward as soon as its gradient is ready, and free the gradient.
+
+    Args:
+        model: the module whose parameters ``optimizer`` updates (plain or FSDP2 ``fully_shard``).
+        optimizer: a dist8 optimizer (:class:`dist8.optim.Optimizer8bit`) over the model's parameters.
+        max_grad_norm_per_param: if set, clip each parameter's gradient to this L2 norm
+            before its step (the per-parameter replacement of a global
+            ``clip_grad_norm_``, which gradient release cannot support). Default None (off).
+
+    Returns:
+        A :class:`GradientRelease` handle; ``handle.remove()`` undoes everything.
+        While active, ``optimizer.step()`` and ``optimizer.zero_grad()`` are no-ops.
+
+    Raises a one-line error for: an optimizer that is not a dist8 optimizer
+    (``ShardedOptimizer`` named), a ``DistributedDataParallel`` model, an optimizer
+    that already has gradient release, a parameter of the optimizer that is not in
+    the model, a parameter that still holds a gradient, a bad clip value.
+    """
+    if type(optimizer).__name__ == "ShardedOptimizer":
+        raise TypeError(
+            "gradient_release does not support dist8.ShardedOptimizer: stage 2 keeps a flat gradient buffer of the "
+            "whole model on every rank, so releasing gradients frees nothing. Use the dist8 optimizer directly with "
+            "FSDP2 (fully_shard) for sharded gradient release"
+        )
+    if not isinstance(optimizer, Optimizer8bit):
+        raise TypeError(f"gradient_release needs a dist8 optimizer (dist8.optim.Optimizer8bit), got {type(optimizer).__name__}")
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        raise TypeError(
+            "gradient_release does not support DistributedDataParallel: the hooks would step with the local gradient "
+            "before DDP averages it. Use FSDP2 (fully_shard) with a dist8 optimizer"
+        )
+    if getattr(optimizer, _ACTIVE_ATTR, None) is not None:
+        raise RuntimeError("gradient_release is already active on this optimizer; remove() the first handle")
+    if max_grad_norm_per_param is not None and not (
+        isinstance(max_grad_norm_per_param, (int, float)) and max_grad_norm_per_param > 0
+    ):
+        raise ValueError(f"max_grad_norm_per_param must be a number > 0 or None, got {max_grad_norm_per_param!r}")
+    in_model = {id(p) for p in model.parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in in_model:
+                raise ValueError(
+                    f"optimizer parameter {optimizer.param_name(p)} is not a parameter of the model; gradient_release "
+                    "hooks the model's parameters and could not step it"
+                )
+            if p.grad is not None:
+                raise RuntimeError(
+                    f"parameter {optimizer.param_name(p)} still holds a gradient; call optimizer.zero_grad"
+                    "(set_to_none=True) before gradient_release (it would be added to the next one and stepped)"
+                )
+    handle = GradientRelease(model, optimizer, max_grad_norm_per_param)
+    handle._install()
+    return handle

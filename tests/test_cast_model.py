@@ -1,0 +1,96 @@
+"""dist8.cast_model: bf16/fp16 parameters with norm layers (and chosen names) kept and computed in fp32."""
+import pytest
+import torch
+from torch import nn
+
+import dist8
+from dist8.nn import StableEmbedding
+from dist8.optim import AdamW8bit
+
+
+class Block(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.fc(self.norm(x))
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = StableEmbedding(50, 32)  # has a LayerNorm inside
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.rms = nn.RMSNorm(32)
+        self.bn = nn.BatchNorm1d(32)
+        self.head = nn.Linear(32, 50)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        for b in self.blocks:
+            x = b(x)
+        x = self.bn(self.rms(x).transpose(1, 2)).transpose(1, 2)
+        return self.head(x)
+
+
+def dtypes(model):
+    return {n: p.dtype for n, p in model.named_parameters()}
+
+
+def test_norm_layers_stay_fp32_and_forward_backward_work():
+    torch.manual_seed(0)
+    model = dist8.cast_model(Model(), torch.bfloat16)
+    d = dtypes(model)
+    for n, dt in d.items():
+        norm = any(k in n for k in ("norm", "rms", "bn", "emb.norm"))
+        assert dt == (torch.float32 if norm else torch.bfloat16), n
+    assert model.bn.running_mean.dtype == torch.float32
+    idx = torch.randint(0, 50, (4, 6))
+    out = model(idx)
+    assert out.dtype == torch.bfloat16
+    loss = nn.functional.cross_entropy(out.float().reshape(-1, 50), idx.reshape(-1))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == p.dtype for p in model.parameters())
+    opt = AdamW8bit(model.named_parameters(), lr=1e-3, min_8bit_size=64)
+    opt.step()  # a dist8 optimizer takes the mixed model as it is
+
+
+def test_norm_output_matches_an_fp32_norm():
+    torch.manual_seed(0)
+    ln = nn.LayerNorm(16)
+    ref = nn.LayerNorm(16)
+    ref.load_state_dict(ln.state_dict())
+    dist8.cast_model(ln, torch.bfloat16)
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    assert torch.equal(ln(x), ref(x.float()).to(torch.bfloat16))
+
+
+def test_patterns_modules_params_and_children():
+    torch.manual_seed(0)
+    model = dist8.cast_model(Model(), torch.float16, keep_fp32=["head.*", "blocks.1"], keep_norm_layers=False)
+    d = dtypes(model)
+    assert d["head.weight"] == d["head.bias"] == torch.float32
+    assert d["blocks.1.fc.weight"] == d["blocks.1.norm.weight"] == torch.float32  # children of a kept module
+    assert d["blocks.0.norm.weight"] == d["rms.weight"] == d["blocks.0.fc.weight"] == torch.float16
+    out = model(torch.randint(0, 50, (2, 5)))
+    assert out.dtype == torch.float16  # head computes in fp32, returns its input's dtype
+
+
+def test_refusals():
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        dist8.cast_model(Model(), torch.int8)
+    with pytest.raises(ValueError, match="matches blocks.0.fc.bias but not blocks.0.fc.weight of module blocks.0.fc"):
+        dist8.cast_model(Model(), torch.bfloat16, keep_fp32=["*.bias"])
+
+
+def test_idempotent_and_fp32_is_a_no_op():
+    torch.manual_seed(0)
+    model = Model()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    dist8.cast_model(model, torch.float32)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    dist8.cast_model(model, torch.bfloat16)
+    dist8.cast_model(model, torch.bfloat16)
+    assert len(model.blocks[0].norm._forward_pre_hooks) == 1

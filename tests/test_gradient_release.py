@@ -1,0 +1,310 @@
+"""dist8.gradient_release: per-parameter steps inside backward, bitwise equal to the normal step.
+
+* every dist8 8-bit rule (and a 32-bit one, percentile clipping, a bf16 model,
+  name overrides, two param groups with an LR change), 4 steps: parameters and
+  state bitwise equal to ``loss.backward(); opt.step(); opt.zero_grad()``;
+* gradients are freed inside backward (no parameter holds one afterwards, and
+  at most one is alive when a hook runs);
+* ``max_grad_norm_per_param`` equals clipping each gradient, then stepping; an LR scheduler
+  (created before or after the handle) drives the released steps as it drives normal ones;
+* FSDP2 at 2 gloo ranks: bitwise equal to FSDP2 with the normal step;
+* refusals: ShardedOptimizer, DDP, torch optimizers, GradScaler, gradient
+  accumulation (both ways), double activation, foreign parameters, stale gradients;
+* ``remove()`` restores the normal step.
+"""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import dist8
+from dist8.optim import AdamW8bit, Lion8bit
+from dist_utils import run_ranks
+from optim_cases import CASES
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+class Net(nn.Module):
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.emb = nn.Embedding(64, 48)
+        self.fc1 = nn.Linear(48, 160)
+        self.ln = nn.LayerNorm(160)
+        self.fc2 = nn.Linear(160, 64)
+        self.to(dtype)
+
+    def forward(self, x):
+        return self.fc2(self.ln(torch.relu(self.fc1(self.emb(x)))))
+
+
+def make(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return Net(dtype)
+
+
+def loss_of(model, step):
+    gen = torch.Generator().manual_seed(100 + step)
+    x = torch.randint(0, 64, (16,), generator=gen)
+    return nn.functional.cross_entropy(model(x).float(), (5 * x + 3) % 64)
+
+
+def train(model, opt, steps, release=False, **release_kw):
+    handle = dist8.gradient_release(model, opt, **release_kw) if release else None
+    for s in range(steps):
+        loss_of(model, s).backward()
+        opt.step()
+        opt.zero_grad()
+    if handle is not None:
+        handle.remove()
+    return model
+
+
+def assert_same(m1, o1, m2, o2):
+    for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
+        assert torch.equal(a, b), f"parameter {n} differs"
+    p1 = [p for g in o1.param_groups for p in g["params"]]
+    p2 = [p for g in o2.param_groups for p in g["params"]]
+    for a, b in zip(p1, p2):
+        s1, s2 = o1.state[a], o2.state[b]
+        assert s1.keys() == s2.keys()
+        for k in s1:
+            if isinstance(s1[k], torch.Tensor):
+                assert torch.equal(s1[k], s2[k]), f"{o1.param_name(a)}.{k} differs"
+            else:
+                assert s1[k] == s2[k]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_release_equals_normal_step_bitwise(name):
+    cls, kw, _, _ = CASES[name]
+    kw = dict(kw, min_8bit_size=1000)  # the 8-bit path for the big matrices, 32-bit for biases
+    if name in ("Adam", "LAMB"):
+        kw["percentile_clipping"] = 90  # a per-parameter gradient-norm history
+    ref_model, rel_model = make(), make()
+    ref_opt = cls(ref_model.named_parameters(), **kw)
+    rel_opt = cls(rel_model.named_parameters(), **kw)
+    train(ref_model, ref_opt, 4)
+    train(rel_model, rel_opt, 4, release=True)
+    assert_same(ref_model, ref_opt, rel_model, rel_opt)
+    assert all(p.grad is None for p in rel_model.parameters())
+
+
+def test_release_bf16_overrides_groups_and_32bit_state():
+    def build(model):
+        decay = [(n, p) for n, p in model.named_parameters() if p.dim() > 1]
+        other = [(n, p) for n, p in model.named_parameters() if p.dim() <= 1]
+        return AdamW8bit([{"params": decay}, {"params": other, "weight_decay": 0.0, "lr": 3e-3}], lr=1e-2,
+                         min_8bit_size=1000, overrides={"fc2.*": {"optim_bits": 32}})
+
+    ref_model, rel_model = make(dtype=torch.bfloat16), make(dtype=torch.bfloat16)
+    ref_opt, rel_opt = build(ref_model), build(rel_model)
+    handle = dist8.gradient_release(rel_model, rel_opt)
+    for s in range(4):
+        for opt in (ref_opt, rel_opt):  # an LR schedule changes the group between steps
+            opt.param_groups[0]["lr"] = 1e-2 * (0.5 ** s)
+        loss_of(ref_model, s).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        loss_of(rel_model, s).backward()
+    handle.remove()
+    assert handle.steps == 4 * len(list(rel_model.parameters()))
+    assert rel_opt.state[rel_model.fc2.weight]["state1"].dtype == torch.float32
+    assert_same(ref_model, ref_opt, rel_model, rel_opt)
+
+
+@pytest.mark.parametrize("scheduler_first", [True, False])
+def test_lr_scheduler_drives_the_released_steps(scheduler_first):
+    ref_model, rel_model = make(), make()
+    ref_opt = AdamW8bit(ref_model.parameters(), lr=1e-2, min_8bit_size=1000)
+    rel_opt = AdamW8bit(rel_model.parameters(), lr=1e-2, min_8bit_size=1000)
+    ref_sched = torch.optim.lr_scheduler.LambdaLR(ref_opt, lambda s: 0.5 ** s)
+    if scheduler_first:
+        rel_sched = torch.optim.lr_scheduler.LambdaLR(rel_opt, lambda s: 0.5 ** s)
+        handle = dist8.gradient_release(rel_model, rel_opt)
+    else:
+        handle = dist8.gradient_release(rel_model, rel_opt)
+        rel_sched = torch.optim.lr_scheduler.LambdaLR(rel_opt, lambda s: 0.5 ** s)
+    for s in range(3):
+        for model, opt, sched in ((ref_model, ref_opt, ref_sched), (rel_model, rel_opt, rel_sched)):
+            loss_of(model, s).backward()
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+    handle.remove()
+    assert_same(ref_model, ref_opt, rel_model, rel_opt)
+
+
+def test_gradients_are_freed_inside_backward():
+    model = make()
+    opt = Lion8bit(model.parameters(), lr=1e-3)
+    alive = []
+
+    def count(_p):  # registered after gradient_release's hook: runs after the step and the release
+        alive.append(sum(q.grad is not None for q in model.parameters()))
+
+    dist8.gradient_release(model, opt)
+    hooks = [p.register_post_accumulate_grad_hook(count) for p in model.parameters()]
+    loss_of(model, 0).backward()
+    for h in hooks:
+        h.remove()
+    assert alive == [0] * len(list(model.parameters()))
+
+
+def test_per_parameter_clip_equals_clip_then_step():
+    ref_model, rel_model = make(), make()
+    ref_opt = AdamW8bit(ref_model.parameters(), lr=1e-2, min_8bit_size=1000)
+    rel_opt = AdamW8bit(rel_model.parameters(), lr=1e-2, min_8bit_size=1000)
+    for s in range(3):
+        loss_of(ref_model, s).backward()
+        for p in ref_model.parameters():
+            torch.nn.utils.clip_grad_norm_([p], 0.05)
+        ref_opt.step()
+        ref_opt.zero_grad()
+    train(rel_model, rel_opt, 3, release=True, max_grad_norm_per_param=0.05)
+    assert_same(ref_model, ref_opt, rel_model, rel_opt)
+
+
+def test_remove_restores_normal_step():
+    model = make()
+    opt = AdamW8bit(model.parameters(), lr=1e-2)
+    handle = dist8.gradient_release(model, opt)
+    handle.remove()
+    before = [p.detach().clone() for p in model.parameters()]
+    loss_of(model, 0).backward()
+    assert all(p.grad is not None for p in model.parameters())  # no hook released them
+    opt.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    opt.zero_grad()
+    with dist8.gradient_release(model, opt.__class__(model.parameters())) as h2:
+        assert h2.active
+    assert not h2.active
+
+
+def test_step_params_is_the_public_per_parameter_step():
+    ref_model, model = make(), make()
+    ref_opt = AdamW8bit(ref_model.parameters(), lr=1e-2, min_8bit_size=1000)
+    opt = AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=1000)
+    for s in range(2):
+        loss_of(ref_model, s).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        loss_of(model, s).backward()
+        for p in reversed(list(model.parameters())):
+            opt.step_params([p])
+        opt.zero_grad()
+    assert_same(ref_model, ref_opt, model, opt)
+    with pytest.raises(ValueError, match="step_params: parameter .* is not in this optimizer"):
+        opt.step_params([nn.Parameter(torch.zeros(3))])
+
+
+# ---- refusals -------------------------------------------------------------------------------------------
+def test_refuses_sharded_optimizer_and_torch_optimizers():
+    model = make()
+    sharded = dist8.ShardedOptimizer(model.named_parameters(), AdamW8bit, lr=1e-3)
+    with pytest.raises(TypeError, match="ShardedOptimizer.*flat gradient buffer"):
+        dist8.gradient_release(model, sharded)
+    with pytest.raises(TypeError, match="needs a dist8 optimizer.*AdamW"):
+        dist8.gradient_release(model, torch.optim.AdamW(model.parameters()))
+
+
+def test_refuses_ddp(tmp_path):
+    run_ranks(_ddp_worker, 1, tmp_path=tmp_path)
+
+
+def _ddp_worker(rank, world_size):
+    model = nn.parallel.DistributedDataParallel(make())
+    opt = AdamW8bit(model.parameters())
+    with pytest.raises(TypeError, match="DistributedDataParallel"):
+        dist8.gradient_release(model, opt)
+    return True
+
+
+def test_refuses_bad_setup():
+    model = make()
+    opt = AdamW8bit(model.parameters())
+    with pytest.raises(ValueError, match="max_grad_norm_per_param"):
+        dist8.gradient_release(model, opt, max_grad_norm_per_param=0)
+    other = make(1)
+    with pytest.raises(ValueError, match="not a parameter of the model"):
+        dist8.gradient_release(other, opt)
+    loss_of(model, 0).backward()
+    with pytest.raises(RuntimeError, match="still holds a gradient"):
+        dist8.gradient_release(model, opt)
+    model.zero_grad(set_to_none=True)
+    dist8.gradient_release(model, opt)
+    with pytest.raises(RuntimeError, match="already active"):
+        dist8.gradient_release(model, opt)
+
+
+def test_refuses_grad_scaler():
+    model = make()
+    opt = AdamW8bit(model.parameters(), lr=1e-2)
+    dist8.gradient_release(model, opt)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(loss_of(model, 0)).backward()
+    with pytest.raises(RuntimeError, match="incompatible with torch.amp.GradScaler"):
+        scaler.step(opt)
+
+
+def test_refuses_gradient_accumulation_before_updating():
+    model = make()
+    opt = AdamW8bit(model.parameters(), lr=1e-2)
+    dist8.gradient_release(model, opt)
+    loss_of(model, 0).backward()
+    opt.step()  # the loop calls step(): from now on a second backward before step() is refused
+    loss_of(model, 1).backward()
+    snapshot = [p.detach().clone() for p in model.parameters()]
+    steps = [st["step"] for st in opt.state.values()]
+    with pytest.raises(RuntimeError, match="gradient accumulation is incompatible"):
+        loss_of(model, 2).backward()
+    assert all(torch.equal(a, b) for a, b in zip(snapshot, model.parameters()))  # nothing updated
+    assert steps == [st["step"] for st in opt.state.values()]
+
+
+def test_refuses_accumulation_at_step():
+    model = make()
+    opt = AdamW8bit(model.parameters(), lr=1e-2)
+    dist8.gradient_release(model, opt)
+    loss_of(model, 0).backward()
+    loss_of(model, 1).backward()
+    with pytest.raises(RuntimeError, match="several backward passes"):
+        opt.step()
+
+
+# ---- FSDP2 --------------------------------------------------------------------------------------------
+def _fsdp_worker(rank, world_size, opt_name):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    cls, kw, _, _ = CASES[opt_name]
+    kw = dict(kw, min_8bit_size=1000)
+    mesh = init_device_mesh("cpu", (world_size,))
+    out = []
+    for release in (False, True):
+        model = make()
+        for m in (model.fc1, model.fc2):
+            fully_shard(m, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = cls(model.named_parameters(), **kw)
+        handle = dist8.gradient_release(model, opt) if release else None
+        for s in range(3):
+            gen = torch.Generator().manual_seed(10 * s + rank)  # a different batch per rank
+            x = torch.randint(0, 64, (16,), generator=gen)
+            nn.functional.cross_entropy(model(x), (5 * x + 3) % 64).backward()
+            if release:
+                assert all(p.grad is None for p in model.parameters())
+            opt.step()
+            opt.zero_grad()
+        if handle is not None:
+            handle.remove()
+        out.append({n: p.full_tensor().clone() for n, p in model.named_parameters()})
+    return out
+
+
+@pytest.mark.parametrize("opt_name", ["AdamW", "LAMB"])
+def test_fsdp2_release_equals_normal_step(tmp_path, opt_name):
+    for normal, released in run_ranks(_fsdp_worker, 2, opt_name, tmp_path=tmp_path):
+        for n in normal:
+            assert torch.equal(normal[n], released[n]), f"{opt_name}: {n} differs"
