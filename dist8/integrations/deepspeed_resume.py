@@ -119,7 +119,7 @@ def load_dist8_checkpoint(engine, path, *, load_model: bool = True) -> dict[str,
                     continue
                 seg_states = []
                 for seg in segs:
-                    view = opt._view(p, seg)
+                    view = opt.segment_view(p, seg)
                     if model_sd is not None and seg.name in model_sd:
                         view.copy_(model_sd[seg.name].reshape(-1)[seg.param_start:seg.param_start + seg.numel])
                     full = cached(seg.name)

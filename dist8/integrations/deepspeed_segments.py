@@ -57,7 +57,8 @@ class DeepSpeedSegments:
         return self.resolve_settings(seg.name, extra, seg.global_numel, hyper)
 
     @staticmethod
-    def _view(flat: torch.Tensor, seg: Segment) -> torch.Tensor:
+    def segment_view(flat: torch.Tensor, seg: Segment) -> torch.Tensor:
+        """The elements of ``seg`` in flat partition ``flat`` (a view, no copy)."""
         return flat.detach().view(-1).narrow(0, seg.offset, seg.numel)
 
     @torch.no_grad()
@@ -89,7 +90,7 @@ class DeepSpeedSegments:
                               segment_shapes=[list(s.shape) for s in segs])
                 grad = p.grad.detach().view(-1)
                 for i, seg in enumerate(segs):
-                    view = self._view(p, seg)
+                    view = self.segment_view(p, seg)
                     view.grad = grad.narrow(0, seg.offset, seg.numel)
                     settings = self.segment_settings(seg, group)
                     if st["segments"][i] is None:
@@ -157,7 +158,7 @@ class DeepSpeedSegments:
                                  f"{list(st['segment_names'])[:4]}..., which do not match this engine's partition "
                                  "(different world size or model? use `dist8 ckpt from-deepspeed` to reshard)")
             new = dict(st)
-            new["segments"] = [None if s is None else self.check_state(self._view(p, seg), s)
+            new["segments"] = [None if s is None else self.check_state(self.segment_view(p, seg), s)
                                for seg, s in zip(segs, st["segments"])]
             self.state[p] = new
 

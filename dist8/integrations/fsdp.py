@@ -121,14 +121,22 @@ def load_dcp(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, *, e
     """Load what :func:`save_dcp` wrote, at any world size (collective); returns ``extra`` if given.
 
     Pass ``extra`` with the same keys as at save (values are placeholders) to read it back.
+    Nothing is unpickled but DCP's own metadata classes: ``.metadata`` is checked against an
+    allowlist before DCP opens it, and tensors and byte items load with ``weights_only=True``.
     """
+    import os
+
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    from dist8.checkpoint.torch_files import check_dcp_metadata, weights_only_loads
 
     msd, osd = _state_dicts(model, optimizer, options)  # also creates the optimizer state to load into
     state = {"model": msd, "optim": osd}
     if extra:
         state["extra"] = dict(extra)
-    dcp.load(state, checkpoint_id=path, process_group=process_group)
+    check_dcp_metadata(os.path.join(path, ".metadata"))
+    with weights_only_loads():
+        dcp.load(state, checkpoint_id=path, process_group=process_group)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
     return state.get("extra")

@@ -42,9 +42,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+import dist8.checkpoint as dist8_checkpoint
 from dist8.checkpoint.errors import CheckpointError
 from dist8.checkpoint.files import member, read_text, sha256_file
 from dist8.checkpoint.torch_files import check_dcp_metadata, load_torch_file, weights_only_loads
+from dist8.optim import Optimizer8bit
+from dist8.shard import ShardedOptimizer
 
 __all__ = ["Checkpointer"]
 
@@ -52,27 +55,8 @@ _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _META = "train_meta.json"
 
 
-def _dist8_api():
-    """``dist8.checkpoint`` if it provides save/load/latest, else None."""
-    try:
-        import dist8.checkpoint as ckpt
-    except ImportError:
-        return None
-    if all(callable(getattr(ckpt, name, None)) for name in ("save", "load", "latest")):
-        return ckpt
-    return None
-
-
 def _is_dist8_optimizer(optimizer: Any) -> bool:
-    from dist8.optim import Optimizer8bit
-
-    if isinstance(optimizer, Optimizer8bit):
-        return True
-    try:
-        from dist8.shard import ShardedOptimizer
-    except ImportError:
-        return False
-    return isinstance(optimizer, ShardedOptimizer)
+    return isinstance(optimizer, (Optimizer8bit, ShardedOptimizer))
 
 
 class Checkpointer:
@@ -85,7 +69,7 @@ class Checkpointer:
         self.keep_last = keep_last
         if mode == "fsdp2":
             self.kind = "dcp"
-        elif _is_dist8_optimizer(optimizer) and _dist8_api() is not None:
+        elif _is_dist8_optimizer(optimizer):
             self.kind = "dist8"
         else:
             self.kind = "torch"
@@ -97,7 +81,7 @@ class Checkpointer:
     # ---- public -----------------------------------------------------------------
     def save(self, step: int, extra: dict[str, Any]) -> str:
         if self.kind == "dist8":
-            return _dist8_api().save(self.root, self.model, self.optimizer, step=step, extra=extra,
+            return dist8_checkpoint.save(self.root, self.model, self.optimizer, step=step, extra=extra,
                                      keep_last=self.keep_last)
         return self._atomic_save(step, extra)
 
@@ -107,7 +91,7 @@ class Checkpointer:
         if not os.path.isdir(self.root):
             return None
         if self.kind == "dist8":
-            ckpt = _dist8_api()
+            ckpt = dist8_checkpoint
             first = ckpt.latest(self.root)
             candidates = ([os.fspath(first)] if first is not None else []) + [
                 c for c in ckpt.checkpoints(self.root) if first is None or os.fspath(c) != os.fspath(first)]
@@ -134,7 +118,7 @@ class Checkpointer:
 
     def load(self, path: str) -> dict[str, Any]:
         if self.kind == "dist8":
-            return dict(_dist8_api().load(path, self.model, self.optimizer) or {})
+            return dict(dist8_checkpoint.load(path, self.model, self.optimizer) or {})
         meta = _read_meta(Path(path))
         if self.kind == "dcp":
             from dist8.integrations import fsdp

@@ -193,14 +193,13 @@ def _adapter_deepspeed(cfg: Config, model: nn.Module, opt_cls, opt_args, device)
     """DeepSpeed ZeRO: the engine owns backward, step (with clipping) and accumulation.
 
     Batch sizes and clipping in the JSON config are overridden from ``train.*`` so the
-    two cannot disagree. Uses ``dist8.integrations.deepspeed.initialize(...)`` when it
-    exists, else ``deepspeed.initialize`` with a dist8 optimizer instance.
+    two cannot disagree. The dist8 optimizer instance goes through
+    ``dist8.integrations.deepspeed.initialize(...)`` (per-parameter state in ZeRO's flat partitions).
     """
     import json
 
-    import deepspeed
+    from dist8.integrations.deepspeed import initialize as deepspeed_initialize
 
-    ds_mod = importlib.import_module("dist8.integrations.deepspeed")
     with open(cfg.sharding.deepspeed_config, encoding="utf-8") as f:
         ds_config = json.load(f)
     t = cfg.train
@@ -209,8 +208,7 @@ def _adapter_deepspeed(cfg: Config, model: nn.Module, opt_cls, opt_args, device)
     ds_config.pop("train_batch_size", None)
     ds_config.pop("optimizer", None)
     optimizer = opt_cls(list(model.named_parameters()), **opt_args)
-    init = getattr(ds_mod, "initialize", None) or deepspeed.initialize
-    engine, ds_optimizer, _, _ = init(model=model, optimizer=optimizer, config=ds_config)
+    engine, ds_optimizer, _, _ = deepspeed_initialize(model=model, optimizer=optimizer, config=ds_config)
 
     def clip_fn(_max_norm: float) -> float:  # deepspeed clips inside step(); report its norm
         norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
