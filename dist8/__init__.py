@@ -2,32 +2,46 @@
 
 Block-wise dynamic quantization of optimizer state (Dettmers et al., ICLR 2022),
 with quantization blocks partitioned across data-parallel ranks.
+
+Every optimizer class of :mod:`dist8.optim` is importable from here, in its three
+bitsandbytes names (``AdamW8bit``, ``AdamW32bit`` and ``AdamW``, 32-bit unless
+``optim_bits=8``), as is ``GlobalOptimManager``.
 """
 from dist8 import checkpoint, nn, optim, quant
-from dist8.shard import ShardedOptimizer
-from dist8.optim import (
-    LAMB8bit,
-    LARS8bit,
-    SGD8bit,
+from dist8.optim import OPTIMIZERS, GlobalOptimManager, get_optimizer_class
+from dist8.optim import (  # noqa: F401 - the public optimizer classes, listed in __all__ from OPTIMIZERS
+    LAMB,
+    LARS,
+    SGD,
+    Adagrad,
     Adagrad8bit,
+    Adagrad32bit,
+    Adam,
     Adam8bit,
+    Adam32bit,
+    AdamW,
     AdamW8bit,
+    AdamW32bit,
+    LAMB8bit,
+    LAMB32bit,
+    LARS8bit,
+    LARS32bit,
+    Lion,
     Lion8bit,
+    Lion32bit,
+    RMSprop,
     RMSprop8bit,
-    get_optimizer_class,
+    RMSprop32bit,
+    SGD8bit,
+    SGD32bit,
 )
+from dist8.shard import ShardedOptimizer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adagrad8bit",
-    "Adam8bit",
-    "AdamW8bit",
-    "LAMB8bit",
-    "LARS8bit",
-    "Lion8bit",
-    "RMSprop8bit",
-    "SGD8bit",
+    *OPTIMIZERS,
+    "GlobalOptimManager",
     "ShardedOptimizer",
     "__version__",
     "checkpoint",

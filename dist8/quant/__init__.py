@@ -7,12 +7,13 @@ from dist8.quant.blockwise import (
     num_blocks,
     quantize_blockwise,
 )
-from dist8.quant.maps import MAP_NAMES, dynamic_map, get_map, linear_map
+from dist8.quant.maps import MAP_NAMES, create_dynamic_map, dynamic_map, get_map, linear_map
 
 __all__ = [
     "MAP_NAMES",
     "block_reciprocal",
     "check_block_size",
+    "create_dynamic_map",
     "dequantize_blockwise",
     "dynamic_map",
     "get_map",
