@@ -37,7 +37,7 @@ from dist8.optim import (  # noqa: F401 - the public optimizer classes, listed i
 )
 from dist8.shard import ShardedOptimizer
 
-__version__ = "0.1.0"
+from dist8.version import __version__
 
 __all__ = [
     *OPTIMIZERS,
