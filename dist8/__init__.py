@@ -35,9 +35,12 @@ from dist8.optim import (  # noqa: F401 - the public optimizer classes, listed i
     SGD8bit,
     SGD32bit,
 )
+from dist8.integrations import deepspeed_hint
 from dist8.shard import ShardedOptimizer
 
 from dist8.version import __version__
+
+deepspeed_hint.arm()  # a DeepSpeed config naming dist8.* without the hook installed: an error saying so
 
 __all__ = [
     *OPTIMIZERS,

@@ -107,16 +107,18 @@ def _loss(model, x, y):
 
 
 def _accelerator_fsdp2():
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
                                             state_dict_type="SHARDED_STATE_DICT")
-    acc = Accelerator(fsdp_plugin=plugin)
+    acc = Accelerator(fsdp_plugin=plugin, cpu=True)
     if acc.distributed_type != DistributedType.FSDP:
         # accelerate takes its FSDP path only on accelerators (MULTI_GPU, ...); on CPU ranks it
-        # falls back to MULTI_CPU and ignores the plugin. Select it as on a GPU machine.
+        # falls back to MULTI_CPU and ignores the plugin. Select it as accelerate does on a GPU
+        # machine (AcceleratorState.__init__ writes FSDP into PartialState's shared state too).
         acc.state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
         acc.state.fsdp_plugin = plugin
     assert acc.is_fsdp2
     return acc
@@ -234,7 +236,9 @@ def _full_state(opt):
     sd = opt.state_dict()  # collective for DTensor parameters: codes as DTensors, absmax whole
     ids = [i for g in sd["param_groups"] for i in g["params"]]
     names = [opt.param_name(p) for g in opt.param_groups for p in g["params"]]
-    return {name: {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in sd["state"][i].items()}
+    # clone: on one rank full_tensor() may be the live state itself, which later steps change
+    return {name: {k: ((v.full_tensor() if hasattr(v, "full_tensor") else v).clone() if isinstance(v, torch.Tensor) else v)
+                   for k, v in sd["state"][i].items()}
             for i, name in zip(ids, names)}
 
 
@@ -252,3 +256,37 @@ def test_dcp_stateful_fsdp2_2_to_1(tmp_path):
     # summation order, so the continuations agree closely
     for n in saved_final:
         torch.testing.assert_close(loaded_final[n], saved_final[n], rtol=1e-4, atol=1e-5)
+
+
+# ---- torch ZeroRedundancyOptimizer ----------------------------------------------------------------
+def _zero_worker(rank, world_size):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    model, ref_model = _Net(), _Net()
+    kw = dict(lr=3e-3, weight_decay=0.1, min_8bit_size=1000)
+    zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=dist8.AdamW8bit, **kw)
+    ref = dist8.AdamW8bit(ref_model.parameters(), **kw)
+    for step in range(3):
+        x, y = _batch(step)  # the same batch on every rank: the gradients DDP would have averaged
+        _loss(model, x, y).backward()
+        _loss(ref_model, x, y).backward()
+        zero.step()
+        ref.step()
+        zero.zero_grad()
+        ref.zero_grad()
+    for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        assert torch.equal(p, q), f"{n}: ZeroRedundancyOptimizer run differs from the plain optimizer"
+    zero.consolidate_state_dict(to=0)
+    return (zero.state_dict() if rank == 0 else None), ref.state_dict()
+
+
+def test_zero_redundancy_optimizer_bitwise_and_consolidated_state_loads(tmp_path):
+    (consolidated, ref_sd), _ = run_ranks(_zero_worker, 2, tmp_path=tmp_path)
+    model = _Net()
+    opt = dist8.AdamW8bit(model.parameters(), lr=3e-3, weight_decay=0.1, min_8bit_size=1000)
+    opt.load_state_dict(consolidated)  # ZeRO's consolidated dict is a plain per-parameter state dict
+    assert consolidated["state"].keys() == ref_sd["state"].keys()
+    for i, st in ref_sd["state"].items():
+        for k, v in st.items():
+            got = opt.state_dict()["state"][i][k]
+            assert torch.equal(got, v) if isinstance(v, torch.Tensor) else got == v, (i, k)

@@ -152,6 +152,7 @@ def test_load_state_dict_and_state_dict_hooks_run(name, bits):
 
     params2 = clone_params(params)
     opt2 = make(name, bits, params2)
+    lrs = []
 
     def load_pre(o, state_dict):
         assert o is opt2
@@ -164,16 +165,16 @@ def test_load_state_dict_and_state_dict_hooks_run(name, bits):
     def load_post(o):
         assert o is opt2
         calls.append("load_post")
-        assert o.param_groups[0]["lr"] == 0.5  # runs after the pre hook's change was loaded
+        lrs.append(o.param_groups[0]["lr"])  # read after the load
 
     h1 = opt2.register_load_state_dict_pre_hook(load_pre)
     opt2.register_load_state_dict_post_hook(load_post)
     opt2.load_state_dict(sd)
-    assert calls[2:] == ["load_pre", "load_post"]
+    assert calls[2:] == ["load_pre", "load_post"] and lrs == [0.5]  # the pre hook's change was loaded
     assert opt2.state[params2[0]]["step"] == 1
     h1.remove()
     opt2.load_state_dict(opt.state_dict())  # 'extra' is ignored when no hook strips it
-    assert calls[-1] == "load_post" and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    assert calls[-1] == "load_post" and lrs[-1] == opt.param_groups[0]["lr"]
 
 
 def test_sharded_optimizer_runs_load_state_dict_hooks():
@@ -303,7 +304,12 @@ def test_schedulers_drive_the_optimizer(name, bits, sched):
         with pytest.raises(ValueError, match="momentum"):
             SCHEDULERS[sched](opt)
         return
-    scheduler = SCHEDULERS[sched](opt)
+    if sched in ("OneCycleLR", "CyclicLR") and name == "RMSprop":
+        # RMSprop exposes `momentum` as torch's does, but has no momentum buffer (see
+        # test_rmsprop_refuses_cycled_momentum_before_changing_anything): cycle the lr only
+        scheduler = _without_momentum(sched, opt)
+    else:
+        scheduler = SCHEDULERS[sched](opt)
     lrs = []
     for s in range(6):
         set_grads(params, s)
@@ -314,7 +320,8 @@ def test_schedulers_drive_the_optimizer(name, bits, sched):
     assert all(torch.isfinite(p).all() for p in params)
     if name in TORCH_CLASS:  # the same schedule as on torch's optimizer
         topt = TORCH_CLASS[name](clone_params(params), **OPTIMIZERS[name][1])
-        tsched = SCHEDULERS[sched](topt)
+        tsched = _without_momentum(sched, topt) if sched in ("OneCycleLR", "CyclicLR") and name == "RMSprop" \
+            else SCHEDULERS[sched](topt)
         tlrs = []
         for _ in range(6):
             topt.step()
@@ -327,19 +334,28 @@ def test_schedulers_drive_the_optimizer(name, bits, sched):
     assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
 
 
-def test_rmsprop_momentum_matches_torch():
-    """RMSprop8bit exposes ``momentum`` (what OneCycleLR cycles); in 32 bits it follows torch."""
+def _without_momentum(sched, opt):
+    if sched == "OneCycleLR":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10, cycle_momentum=False)
+    return torch.optim.lr_scheduler.CyclicLR(opt, base_lr=1e-4, max_lr=1e-2, step_size_up=2, cycle_momentum=False)
+
+
+@pytest.mark.parametrize("bits", [8, 32])
+def test_rmsprop_refuses_cycled_momentum_before_changing_anything(bits):
+    """RMSprop exposes ``momentum`` (torch's key, 0) so schedulers find it; a non-zero value
+    (OneCycleLR's default cycle_momentum=True sets one) is refused by step() with a message
+    naming momentum and cycle_momentum, before any parameter or state changes."""
     params = make_params()
-    tparams = clone_params(params)
-    opt = O.RMSprop32bit(params, lr=1e-3, momentum=0.9)
-    topt = torch.optim.RMSprop(tparams, lr=1e-3, momentum=0.9)
-    for s in range(5):
-        set_grads(params, s)
-        set_grads(tparams, s)
+    opt = make("RMSprop", bits, params)
+    assert opt.defaults["momentum"] == 0.0 and opt.param_groups[0]["momentum"] == 0.0
+    torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10)
+    set_grads(params, 0)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=r"momentum=0\.95 \(param group 0\).*cycle_momentum=False"):
         opt.step()
-        topt.step()
-    for p, q in zip(params, tparams):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(p, b) for p, b in zip(params, before)) and not opt.state
+    with pytest.raises(ValueError, match="momentum"):
+        make("RMSprop", bits, params, momentum=0.9)
 
 
 @cases
