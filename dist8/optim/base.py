@@ -270,12 +270,13 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
                 if not self.state[p]:
                     self.state[p] = self.init_state(p, settings)
                 state = self.state[p]
-                if not self.uses_dtensor:
-                    if p.numel() == 0 or p.device.type == "meta":  # no values to update: count the step only
+                # one cheap test on the common path (~0.3 us per parameter); the rest only when it fails
+                if not self.uses_dtensor and (p.is_meta or not (p.is_contiguous() and p.grad.is_contiguous())
+                                              or not p.numel()):
+                    if p.is_meta or not p.numel():  # no values to update: count the step only
                         state["step"] += 1
                         continue
-                    if not (p.is_contiguous() and p.grad.is_contiguous()):
-                        p = self.working_copy(p, written_back)
+                    p = self.working_copy(p, written_back)
                 items.append(pipeline.UpdateItem(p, settings, state))
         if not items and self.reduce_partials is None:
             return loss
