@@ -290,3 +290,48 @@ def test_zero_redundancy_optimizer_bitwise_and_consolidated_state_loads(tmp_path
         for k, v in st.items():
             got = opt.state_dict()["state"][i][k]
             assert torch.equal(got, v) if isinstance(v, torch.Tensor) else got == v, (i, k)
+
+
+# ---- state made on plain parameters, then FSDP2 applied -------------------------------------------
+def _late_shard_worker(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model, ref_model = _Net(), _Net()
+    kw = dict(lr=3e-3, weight_decay=0.1, min_8bit_size=1000)
+    opt = dist8.AdamW8bit(model.named_parameters(), overrides={"head.*": {"optim_bits": 32}}, **kw)
+    ref = dist8.AdamW8bit(ref_model.named_parameters(), overrides={"head.*": {"optim_bits": 32}}, **kw)
+    for step in range(2):  # plain (unsharded) steps first: state made for plain tensors
+        x, y = _batch(step)
+        for m, o in ((model, opt), (ref_model, ref)):
+            _loss(m, x, y).backward()
+            o.step()
+            o.zero_grad()
+    old = dict(model.named_parameters())
+    fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
+    new = dict(model.named_parameters())
+    by_old = {id(old[n]): new[n] for n in new}
+    for group in opt.param_groups:  # what accelerate's prepare does
+        group["params"] = [by_old[id(p)] for p in group["params"]]
+    names = list(new)
+    for step in range(2, 4):
+        x, y = _batch(step)
+        per = x.shape[0] // world_size
+        _loss(model, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]).backward()
+        for n, p in zip(names, model.parameters()):
+            dict(ref_model.named_parameters())[n].grad = p.grad.full_tensor()
+        opt.step()
+        ref.step()
+        opt.zero_grad()
+        ref.zero_grad()
+    for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        assert torch.equal(p.full_tensor(), q.detach()), f"{n} differs after the switch to FSDP2"
+    state = {opt.param_name(p): opt.state[p] for p in model.parameters()}
+    assert state["head.weight"]["state1"].dtype == torch.float32  # the name override survived the swap
+    assert state["emb.weight"]["state1"].shape == model.emb.weight.to_local().shape  # re-laid-out locally
+    return {n: st["step"] for n, st in state.items()}
+
+
+def test_state_made_before_fsdp2_is_relaid_out_exactly(tmp_path):
+    steps = run_ranks(_late_shard_worker, 2, tmp_path=tmp_path)
+    assert set(steps[0].values()) == {4} and steps[0] == steps[1]
