@@ -424,3 +424,23 @@ def test_repr_and_step_hooks(name, bits):
     opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
     run(opt, params, 1)
     assert calls == ["pre", "post"]
+
+
+@cases
+def test_parameters_swapped_into_param_groups_keep_name_state_and_overrides(name, bits):
+    """What FSDP2-after-the-optimizer (accelerate) does, here with plain tensors: a tensor put in
+    place of another takes its name, its overrides and its state, and steps as it would have."""
+    params = make_params()
+    ref_params = clone_params(params)
+    opt = make(name, bits, [("w", params[0]), ("b", params[1])], overrides={"b": {"lr": 0.0}})
+    ref = make(name, bits, [("w", ref_params[0]), ("b", ref_params[1])], overrides={"b": {"lr": 0.0}})
+    run(opt, params, 2)
+    run(ref, ref_params, 2)
+    swapped = clone_params(params)
+    opt.param_groups[0]["params"] = list(swapped)
+    run(opt, swapped, 2, start=2)
+    run(ref, ref_params, 2, start=2)
+    assert opt.param_name(swapped[1]) == "b" and len(opt.state) == 2
+    assert_same(swapped, ref_params, opt, ref)
+    sd = opt.state_dict()
+    assert sorted(sd["state"]) == [0, 1] and sd["state"][0]["step"] == 4

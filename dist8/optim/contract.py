@@ -18,6 +18,7 @@ import torch
 
 from dist8.optim import dtensor
 from dist8.optim.config import OVERRIDE_ATTR
+from dist8.optim.dtensor_layout import is_dtensor
 from dist8.optim.positions import ParamPositions
 
 __all__ = ["TorchContract"]
@@ -63,6 +64,16 @@ class TorchContract:
         """
         if not self._known.changed(self.param_groups):
             return
+        current = [p for g in self.param_groups for p in g["params"]]
+        kinds = {is_dtensor(p) for p in current}
+        if len(kinds) > 1:  # refused before anything changes: the optimizer stays as it was
+            plain = [self.param_name(p) for p in current if not is_dtensor(p)]
+            raise TypeError(
+                f"param_groups now mix DTensors (FSDP2) and plain tensors ({plain[:3]} are plain); one dist8 "
+                "optimizer needs all its parameters sharded the same way: apply fully_shard to the root module too"
+            )
+        for group in self.param_groups:
+            self._check_params(group["params"])
         moved = {}
         for r in self._known.replacements(self.param_groups):
             if r.name is not None and r.param not in self.param_names:
@@ -71,14 +82,12 @@ class TorchContract:
                 setattr(r.param, OVERRIDE_ATTR, r.marks)
             if r.old is not None and self.state.get(r.old):
                 moved[r.param] = self.state.pop(r.old)
-        current = {p for g in self.param_groups for p in g["params"]}
+        current = set(current)
         for stale in [q for q in self.state if q not in current]:  # parameters no longer stepped
             del self.state[stale]
         self._positions = None
         self._fixed_settings = {q: v for q, v in self._fixed_settings.items() if q in current}
         self.dtensor_layouts = {}
-        for group in self.param_groups:
-            self._check_params(group["params"])
         if self.uses_dtensor and not dtensor.has_dtensor_params(self):
             dtensor.detach(self)
         self.uses_dtensor = dtensor.attach(self)
