@@ -15,11 +15,14 @@ It also wraps ``DeepSpeedEngine._configure_optimizer`` to tell the optimizer, af
 has flattened and partitioned the parameters, which original parameter every range of each
 flat partition belongs to.
 
-``import dist8`` does **not** install the hook (it must not import DeepSpeed); call
-:func:`install` or :func:`initialize`, or set ``DIST8_DEEPSPEED=1`` and ``import
-dist8.integrations.deepspeed`` (the module installs itself on import when DeepSpeed is
-importable and the variable is set). ``dist8 train`` with ``sharding.mode: deepspeed``
-goes through :func:`initialize`, which installs it.
+The one way: ``import dist8.integrations.deepspeed`` installs the hook (when DeepSpeed is
+importable; ``DIST8_DEEPSPEED=0`` opts out), so a config with ``"type": "dist8.*"`` then works
+with plain ``deepspeed.initialize``, the HF Trainer and accelerate, with no other code change.
+:func:`install`/:func:`initialize` do the same explicitly. ``import dist8`` alone does **not**
+install it (it must not import DeepSpeed); it only arms a clear error
+(:mod:`dist8.integrations.deepspeed_hint`) for a ``dist8.*`` type met before the hook is
+installed, instead of DeepSpeed's "is not a supported DeepSpeed Optimizer".
+``dist8 train`` with ``sharding.mode: deepspeed`` goes through :func:`initialize`.
 
 The config translation is in :mod:`dist8.integrations.deepspeed_config`, the per-parameter
 segments of flat partitions in :mod:`dist8.integrations.deepspeed_segments`, resuming from a
@@ -191,8 +194,8 @@ def initialize(*args, config=None, config_params=None, **kwargs):
 
 
 
-if os.environ.get("DIST8_DEEPSPEED", "") not in ("", "0"):
+if os.environ.get("DIST8_DEEPSPEED", "") != "0":  # importing this module is the documented way to install
     try:
         install()
-    except ImportError:
+    except ImportError:  # no DeepSpeed: install()/initialize() raise INSTALL_HINT when called
         pass

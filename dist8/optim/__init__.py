@@ -2,6 +2,7 @@
 from dist8.optim.adam import Adam, Adam8bit, Adam32bit, AdamW, AdamW8bit, AdamW32bit
 from dist8.optim.base import Optimizer8bit, ParamSettings
 from dist8.optim.lamb import LAMB, LAMB8bit, LAMB32bit
+from dist8.optim.manager import GlobalOptimManager
 from dist8.optim.lion import Lion, Lion8bit, Lion32bit
 from dist8.optim.rmsprop import Adagrad, Adagrad8bit, Adagrad32bit, RMSprop, RMSprop8bit, RMSprop32bit
 from dist8.optim.sgd import LARS, SGD, LARS8bit, LARS32bit, SGD8bit, SGD32bit
@@ -23,4 +24,4 @@ def get_optimizer_class(name: str) -> type[Optimizer8bit]:
     raise ValueError(f"unknown dist8 optimizer {name!r}; valid names: {', '.join(OPTIMIZERS)}")
 
 
-__all__ = ["OPTIMIZERS", "Optimizer8bit", "ParamSettings", "get_optimizer_class", *OPTIMIZERS]
+__all__ = ["GlobalOptimManager", "OPTIMIZERS", "Optimizer8bit", "ParamSettings", "get_optimizer_class", *OPTIMIZERS]

@@ -24,6 +24,9 @@ from dist8.optim import dtensor, pipeline
 from dist8.optim import dtensor_layout as dtl
 from dist8.optim import state_schema as schema
 from dist8.optim.config import check_overrides, global_numel, match_overrides, split_named_params, uses_8bit
+from dist8.optim.hooks import load_state_dict_with_hooks
+from dist8.optim.contract import TorchContract
+from dist8.optim.positions import ParamPositions
 from dist8.optim.validation import SUPPORTED_DTYPES, check_group, check_param_types
 from dist8.quant import DEFAULT_BLOCK_SIZE, check_block_size, effective_block_size, get_map, num_blocks
 
@@ -46,7 +49,7 @@ def _map_on(name: str, signed: bool, device: torch.device) -> torch.Tensor:
     return get_map(name, signed).to(device)
 
 
-class Optimizer8bit(torch.optim.Optimizer):
+class Optimizer8bit(TorchContract, torch.optim.Optimizer):
     """Base class of dist8's optimizers; not used directly.
 
     Args common to all subclasses:
@@ -119,11 +122,13 @@ class Optimizer8bit(torch.optim.Optimizer):
         # Set by sharded wrappers: (piece -> index of its parameter, number of parameters).
         self.global_slots: tuple[dict[torch.Tensor, int], int] | None = None
         self.uses_dtensor = False
+        self.dtensor_hook = None  # handle of the DTensor state-dict hook (dist8.optim.dtensor.attach)
         super().__init__(groups, defaults)
         for gi, group in enumerate(self.param_groups):
             self._check_group(group, gi)
             self._check_params(group["params"])
         self.uses_dtensor = dtensor.attach(self)  # DTensor (FSDP2) params: reduce_partials, state-dict hook
+        self._known = ParamPositions(self.param_groups, self.param_names)
         self._constructed = True
 
     # ---- hooks for subclasses -------------------------------------------------
@@ -153,6 +158,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         if not self.__dict__.get("_constructed"):  # during __init__, which checks all groups itself
             return
         self._positions = None
+        self._known.add_group(self.param_groups[-1]["params"], self.param_names)
         try:
             self._check_group(self.param_groups[-1], len(self.param_groups) - 1)
             self._check_params(self.param_groups[-1]["params"])
@@ -165,6 +171,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                     )
         except (TypeError, ValueError):
             self.param_groups.pop()
+            self._known.pop_group()
             raise
 
     def _check_params(self, params: list[torch.Tensor]) -> None:
@@ -245,10 +252,10 @@ class Optimizer8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        items = self._update_items((group, group["params"]) for group in self.param_groups)
-        if not items and self.reduce_partials is None:
-            return loss
-        pipeline.run_updates(self, items, pipeline.amp_scaling(self))
+        self.follow_params()
+        written_back: list = []  # (parameter, contiguous working copy) of non-contiguous parameters
+        items = self._update_items(((group, group["params"]) for group in self.param_groups), written_back)
+        self._run_items(items, written_back)
         return loss
 
     @torch.no_grad()
@@ -272,13 +279,22 @@ class Optimizer8bit(torch.optim.Optimizer):
                 raise ValueError(f"step_params: parameter {self.param_name(p)} is not in this optimizer")
             group = cached[1][id(p)]
             pairs.setdefault(id(group), (group, []))[1].append(p)
-        items = self._update_items(pairs.values())
+        written_back: list = []
+        self._run_items(self._update_items(pairs.values(), written_back), written_back)
+
+    def _run_items(self, items: list[pipeline.UpdateItem], written_back: list) -> None:
         if not items and self.reduce_partials is None:
             return
-        pipeline.run_updates(self, items, pipeline.amp_scaling(self))
+        try:
+            pipeline.run_updates(self, items, pipeline.amp_scaling(self))
+        finally:
+            for p, work in written_back:
+                p.detach().copy_(work)
 
-    def _update_items(self, groups: Iterable[tuple[dict[str, Any], list[torch.Tensor]]]) -> list[pipeline.UpdateItem]:
-        """The (parameter, settings, state) of each listed parameter that has a gradient; creates missing state."""
+    def _update_items(self, groups: Iterable[tuple[dict[str, Any], list[torch.Tensor]]],
+                      written_back: list) -> list[pipeline.UpdateItem]:
+        """The (parameter, settings, state) of each listed parameter that has a gradient; creates missing
+        state. Non-contiguous parameters get a contiguous working copy, listed in ``written_back``."""
         items = []
         for group, group_params in groups:
             group_hyper = {k: v for k, v in group.items() if k != "params"}
@@ -294,7 +310,15 @@ class Optimizer8bit(torch.optim.Optimizer):
                 settings = self.settings(p, group, group_hyper)
                 if not self.state[p]:
                     self.state[p] = self.init_state(p, settings)
-                items.append(pipeline.UpdateItem(p, settings, self.state[p]))
+                state = self.state[p]
+                # one cheap test on the common path (~0.3 us per parameter); the rest only when it fails
+                if not self.uses_dtensor and (p.is_meta or not (p.is_contiguous() and p.grad.is_contiguous())
+                                              or not p.numel()):
+                    if p.is_meta or not p.numel():  # no values to update: count the step only
+                        state["step"] += 1
+                        continue
+                    p = self.working_copy(p, written_back)
+                items.append(pipeline.UpdateItem(p, settings, state))
         return items
 
     def partial_slots(self, items: list[pipeline.UpdateItem]) -> tuple[list[int], int]:
@@ -310,12 +334,22 @@ class Optimizer8bit(torch.optim.Optimizer):
         return [slot_of[it.param] for it in items], n
 
     # ---- state dict -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer.state_dict`` of the parameters now in ``param_groups``."""
+        self.follow_params()
+        return super().state_dict()
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict`; checks every tensor's shape and dtype.
 
         Unlike ``torch.optim.Optimizer`` this never casts state to the parameter
-        dtype (codes stay uint8, absmax and 32-bit state stay float32).
+        dtype (codes stay uint8, absmax and 32-bit state stay float32). The hooks of
+        ``register_load_state_dict_pre_hook``/``post_hook`` run as with torch's optimizers.
         """
+        self.follow_params()
+        load_state_dict_with_hooks(self, state_dict, self._load_checked)
+
+    def _load_checked(self, state_dict: dict[str, Any]) -> None:
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from optimizer.state_dict())")
         saved_groups = state_dict["param_groups"]

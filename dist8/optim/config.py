@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["OVERRIDE_ATTR", "GLOBAL_NUMEL_ATTR", "split_named_params", "match_overrides", "global_numel", "uses_8bit"]
+__all__ = ["OVERRIDABLE_KEYS", "OVERRIDE_ATTR", "GLOBAL_NUMEL_ATTR", "split_named_params", "match_overrides", "global_numel", "uses_8bit"]
 
 # Modules (e.g. StableEmbedding) mark parameters that need special optimizer settings.
 OVERRIDE_ATTR = "_dist8_overrides"

@@ -28,7 +28,7 @@ from dist8.optim.state_schema import absmax_key, is_absmax_key, is_state_key, ne
 if TYPE_CHECKING:
     from dist8.optim.base import Optimizer8bit, ParamSettings
 
-__all__ = ["layout_for", "init_state", "attach", "localize_state"]
+__all__ = ["layout_for", "init_state", "attach", "detach", "has_dtensor_params", "localize_state"]
 
 
 def layout_for(opt: Optimizer8bit, p, settings: ParamSettings) -> Layout:
@@ -66,7 +66,9 @@ def attach(opt: Optimizer8bit) -> bool:
     All parameters must then be DTensors sharded over one process group (one
     FSDP2 model): ``reduce_partials`` (non-finite flags, gradient norms for
     percentile clipping, LAMB/LARS norms) becomes an all-reduce(SUM) over it,
-    and the state-dict hook presents the state globally.
+    and the state-dict hook presents the state globally. Called again (by
+    ``Optimizer8bit.follow_params``) when DTensors are swapped into ``param_groups``
+    after construction; attaching twice registers nothing twice.
     """
     params = [(opt.param_name(p), p) for g in opt.param_groups for p in g["params"]]
     dparams = [(name, p) for name, p in params if is_dtensor(p)]
@@ -93,8 +95,24 @@ def attach(opt: Optimizer8bit) -> bool:
     group = next(iter(groups))
     if group is not None and opt.reduce_partials is None:
         opt.reduce_partials = _sum_over(group)
-    opt.register_state_dict_post_hook(_state_dict_post_hook)
+        opt.reduce_partials.dist8_dtensor = True  # made here: detach() may take it back
+    if opt.dtensor_hook is None:
+        opt.dtensor_hook = opt.register_state_dict_post_hook(_state_dict_post_hook)
     return True
+
+
+def has_dtensor_params(opt: Optimizer8bit) -> bool:
+    """Whether any parameter now in ``opt.param_groups`` is a DTensor."""
+    return any(is_dtensor(p) for g in opt.param_groups for p in g["params"])
+
+
+def detach(opt: Optimizer8bit) -> None:
+    """Undo :func:`attach` (the parameters are plain tensors again)."""
+    if opt.dtensor_hook is not None:
+        opt.dtensor_hook.remove()
+        opt.dtensor_hook = None
+    if getattr(opt.reduce_partials, "dist8_dtensor", False):
+        opt.reduce_partials = None
 
 
 def _group_of(opt, p) -> dict:

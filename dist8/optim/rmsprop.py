@@ -37,7 +37,9 @@ class RMSpropFamily(Optimizer8bit):
             raise ValueError(f"momentum={momentum} is not supported by RMSprop8bit (use 0)")
         if centered:
             raise ValueError("centered=True is not supported by RMSprop8bit")
-        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay),
+        # ``momentum`` is a group key (always 0) so that schedulers that look for it
+        # (OneCycleLR, CyclicLR) find it, as on torch.optim.RMSprop; step() refuses a non-zero one.
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=0.0),
                          optim_bits=self.default_bits if optim_bits is None else optim_bits, args=args,
                          min_8bit_size=min_8bit_size, percentile_clipping=percentile_clipping, block_wise=block_wise,
                          **kwargs)
@@ -45,10 +47,25 @@ class RMSpropFamily(Optimizer8bit):
     def check_hyper(self, hyper: dict[str, Any], where: str) -> None:
         if not 0.0 <= hyper["alpha"] < 1.0:
             raise ValueError(f"alpha must be in [0, 1) ({where}), got {hyper['alpha']}")
+        _check_no_momentum(hyper.get("momentum", 0.0), where)
+
+    def step(self, closure=None):
+        """One step; refuses (before changing anything) a group whose ``momentum`` was set non-zero."""
+        for gi, group in enumerate(self.param_groups):
+            _check_no_momentum(group.get("momentum", 0.0), f"param group {gi}")
+        return super().step(closure)
 
     def scalars(self, hyper: dict[str, Any], step: int, grad_scale: float) -> tuple[Scalars, int]:
         return Scalars(lr=float(hyper["lr"]), beta1=hyper["alpha"], one_minus_beta1=1.0 - hyper["alpha"],
                        eps=hyper["eps"], grad_wd=hyper["weight_decay"], grad_scale=grad_scale), 0
+
+
+def _check_no_momentum(momentum: float, where: str) -> None:
+    if momentum != 0:
+        raise ValueError(
+            f"momentum={momentum} ({where}) is not supported by dist8's RMSprop (no momentum buffer); a scheduler "
+            "that cycles momentum (OneCycleLR, CyclicLR) needs cycle_momentum=False here; nothing was updated"
+        )
 
 
 RMSprop8bit, RMSprop32bit, RMSprop = bit_variants(RMSpropFamily, "RMSprop", __name__)

@@ -9,7 +9,7 @@ from dist8.quant.blockwise import (
     num_blocks,
     quantize_blockwise,
 )
-from dist8.quant.maps import MAP_NAMES, dynamic_map, get_map, linear_map
+from dist8.quant.maps import MAP_NAMES, create_dynamic_map, dynamic_map, get_map, linear_map
 from dist8.quant.master import MASTER_WEIGHT_BITS, check_master_weight_bits, decode_master, encode_master
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "encode_master",
     "block_reciprocal",
     "check_block_size",
+    "create_dynamic_map",
     "dequantize_blockwise",
     "dynamic_map",
     "effective_block_size",

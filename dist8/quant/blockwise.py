@@ -105,10 +105,21 @@ def quantize_blockwise(
 
 
 def dequantize_blockwise(
-    codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor, block_size: int = 256
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    qmap: torch.Tensor,
+    block_size: int = 256,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Inverse of :func:`quantize_blockwise`: float32 tensor with the shape of ``codes``."""
+    """Inverse of :func:`quantize_blockwise`: a tensor with the shape of ``codes``.
+
+    ``out_dtype`` (default float32): the dtype returned, e.g. that of the tensor that
+    was quantized (bitsandbytes returns its input's dtype); the values are computed
+    in float32 and rounded once.
+    """
     check_block_size(block_size)
+    if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
+        raise TypeError(f"out_dtype must be a floating torch.dtype, got {out_dtype!r}")
     n = codes.numel()
     if absmax.numel() != num_blocks(n, block_size):
         raise ValueError(
@@ -116,5 +127,5 @@ def dequantize_blockwise(
             f"{num_blocks(n, block_size)}"
         )
     values = qmap.to(codes.device)[codes.reshape(-1).long()]
-    scale = absmax.repeat_interleave(block_size)[:n]
-    return (values * scale).view(codes.shape)
+    scale = absmax.float().repeat_interleave(block_size)[:n]
+    return (values * scale).view(codes.shape).to(out_dtype)

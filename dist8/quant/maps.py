@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-__all__ = ["dynamic_map", "linear_map", "get_map", "MAP_NAMES"]
+__all__ = ["create_dynamic_map", "dynamic_map", "linear_map", "get_map", "MAP_NAMES"]
 
 MAP_NAMES = ("dynamic", "linear")
 
@@ -22,18 +22,28 @@ def _dynamic_map_cached(signed: bool, max_exponent_bits: int) -> torch.Tensor:
     values: list[float] = []
     non_sign_bits = 7
     for exponent in range(max_exponent_bits):
-        # Each step towards larger magnitudes frees one more fraction bit.
-        n_fraction = 2 ** (exponent + non_sign_bits - max_exponent_bits + (0 if signed else 1))
-        edges = torch.linspace(0.1, 1, n_fraction + 1, dtype=torch.float32)
-        centres = (edges[:-1] + edges[1:]) / 2.0
-        scale = 10 ** (exponent - (max_exponent_bits - 1))
-        values += (scale * centres).tolist()
-        if signed:
-            values += (-scale * centres).tolist()
+        # Each step towards larger magnitudes frees one more fraction bit (a fractional count,
+        # with max_exponent_bits=8 at exponent 0, means no values at that exponent).
+        n_fraction = int(2 ** (exponent + non_sign_bits - max_exponent_bits + (0 if signed else 1)))
+        values += _run(n_fraction, 10 ** (exponent - (max_exponent_bits - 1)), signed)
+    # Fewer exponent bits than 7 leave codes over: one more linear run at the top exponent
+    # (bitsandbytes does the same, so every max_exponent_bits gives its map value for value).
+    spare = 2 ** (non_sign_bits - max_exponent_bits) - 1
+    if spare > 0:
+        values += _run(spare, 1.0, signed)
     values += [0.0, 1.0]
     values += [0.0] * (256 - len(values))
     values.sort()
     return torch.tensor(values, dtype=torch.float32)
+
+
+def _run(count: int, scale: float, signed: bool) -> list[float]:
+    """``count`` centres of equal steps over [0.1, 1], times ``scale`` (and their negatives)."""
+    if count < 1:
+        return []
+    edges = torch.linspace(0.1, 1, count + 1, dtype=torch.float32)
+    centres = (edges[:-1] + edges[1:]) / 2.0
+    return (scale * centres).tolist() + ((-scale * centres).tolist() if signed else [])
 
 
 def dynamic_map(signed: bool = True, max_exponent_bits: int = 7) -> torch.Tensor:
@@ -42,13 +52,27 @@ def dynamic_map(signed: bool = True, max_exponent_bits: int = 7) -> torch.Tensor
     Args:
         signed: True for signed state (first moments, momentum); False for the
             unsigned variant used for non-negative state (second moments).
-        max_exponent_bits: largest number of exponent bits (7, as in the paper).
+        max_exponent_bits: largest number of exponent bits, 1..7 (default 7, as in
+            the paper); 8 for the signed map (no fraction bit at the smallest exponent).
 
-    Equals ``bitsandbytes.functional.create_dynamic_map(signed)`` value for value.
+    Equals ``bitsandbytes.functional.create_dynamic_map(signed, max_exponent_bits)``
+    value for value.
     """
-    if not 1 <= max_exponent_bits <= 7:
-        raise ValueError(f"max_exponent_bits must be in 1..7, got {max_exponent_bits}")
+    if isinstance(max_exponent_bits, bool) or not isinstance(max_exponent_bits, int):
+        raise TypeError(f"max_exponent_bits must be an int, got {type(max_exponent_bits).__name__}")
+    top = 8 if signed else 7  # unsigned maps use the sign bit as a fraction bit: 8 would need 257 codes
+    if not 1 <= max_exponent_bits <= top:
+        raise ValueError(
+            f"max_exponent_bits must be in 1..{top} for a {'signed' if signed else 'unsigned'} map, got {max_exponent_bits}"
+        )
     return _dynamic_map_cached(bool(signed), int(max_exponent_bits)).clone()
+
+
+def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
+    """bitsandbytes' name and signature for :func:`dynamic_map` (``total_bits`` must be 8)."""
+    if total_bits != 8:
+        raise ValueError(f"total_bits must be 8 (dist8 state is 8-bit), got {total_bits}")
+    return dynamic_map(signed, max_exponent_bits)
 
 
 def linear_map(signed: bool = True) -> torch.Tensor:

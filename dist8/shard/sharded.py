@@ -16,6 +16,7 @@ import torch.distributed as dist
 from dist8.optim import AdamW8bit
 from dist8.optim.base import Optimizer8bit
 from dist8.optim.config import GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, split_named_params
+from dist8.optim.hooks import load_state_dict_with_hooks, state_dict_with_hooks
 from dist8.shard.grads import GradBuckets
 from dist8.shard.layout import BlockLayout
 from dist8.quant import DEFAULT_BLOCK_SIZE
@@ -370,7 +371,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's shard: per-parameter piece state plus the layout it belongs to."""
+        """This rank's shard: per-parameter piece state plus the layout it belongs to.
+
+        Runs the hooks of ``register_state_dict_pre_hook``/``post_hook`` as torch's optimizers do.
+        """
+        return state_dict_with_hooks(self, self._shard_state_dict)
+
+    def _shard_state_dict(self) -> dict[str, Any]:
         return {
             "format": "dist8.sharded/1",
             "rank": self.rank,
@@ -386,7 +393,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """Load a :meth:`state_dict` saved by the same rank of the same world size.
 
         To change the world size use :mod:`dist8.checkpoint` (which re-slices blocks).
+        Runs the hooks of ``register_load_state_dict_pre_hook``/``post_hook`` as torch's
+        optimizers do (post hooks only after a successful load).
         """
+        load_state_dict_with_hooks(self, state_dict, self._load_shard_state_dict)
+
+    def _load_shard_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict):
+            raise ValueError(f"state_dict must be a dict (from ShardedOptimizer.state_dict()), got {type(state_dict).__name__}")
         if state_dict.get("format") != "dist8.sharded/1":
             raise ValueError("not a ShardedOptimizer state_dict (missing format 'dist8.sharded/1')")
         if state_dict["fingerprint"] != self.layout.fingerprint():

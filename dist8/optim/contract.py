@@ -1,0 +1,111 @@
+"""torch.optim.Optimizer's contract beyond the update, for :class:`dist8.optim.base.Optimizer8bit`.
+
+What code written for any torch optimizer relies on and dist8's own state machinery would
+otherwise break:
+
+* copies: ``copy.deepcopy(opt)`` and pickling give an optimizer that steps identically
+  (torch's ``__getstate__`` keeps only defaults, state and param_groups);
+* parameters swapped into ``param_groups`` after construction (FSDP2 applied late, as
+  accelerate and HF Trainer do): :meth:`TorchContract.follow_params`;
+* non-contiguous parameters or gradients: a contiguous working copy, written back after the
+  step (:meth:`TorchContract.working_copy`), so the contiguous path pays nothing.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dist8.optim import dtensor
+from dist8.optim.config import OVERRIDE_ATTR
+from dist8.optim.dtensor_layout import is_dtensor
+from dist8.optim.positions import ParamPositions
+
+__all__ = ["TorchContract"]
+
+
+class TorchContract:
+    """Mixin of :class:`dist8.optim.base.Optimizer8bit` (uses its state, names and checks)."""
+
+    # ---- copies (copy.deepcopy, pickle) -------------------------------------------
+    # Rebuilt after a copy: keyed by id() or holding process groups / weak references.
+    _NOT_COPIED = ("dtensor_layouts", "_known", "dtensor_hook")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything a copy needs to step identically (torch's keeps only defaults, state and
+        param_groups); registered hooks are not copied, as with torch's optimizers."""
+        state = {k: v for k, v in self.__dict__.items()
+                 if k not in self._NOT_COPIED and not (k.startswith("_optimizer_") and k.endswith("_hooks"))}
+        if self.uses_dtensor:
+            state["reduce_partials"] = None  # a closure over a process group: attach() makes it again
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        had_differentiable = "differentiable" in state.get("defaults", {})
+        super().__setstate__(state)  # torch's: empty hook dicts, the profiled step
+        if not had_differentiable:  # torch adds it; a copy's defaults equal the original's
+            self.defaults.pop("differentiable", None)
+        self.dtensor_layouts = {}
+        self.dtensor_hook = None
+        if self.uses_dtensor:
+            self.uses_dtensor = dtensor.attach(self)
+        self._known = ParamPositions(self.param_groups, self.param_names)
+
+    # ---- parameters swapped in param_groups (FSDP2 applied after construction) ----------
+    def follow_params(self) -> None:
+        """Take the parameters now in ``param_groups`` as this optimizer's (run by step, state_dict
+        and load_state_dict; call it after replacing parameters by hand).
+
+        Code that applies FSDP2 after the optimizer was built (accelerate, HF Trainer) swaps DTensors
+        into ``param_groups``: a new parameter takes the name and module marks of the one it
+        replaced, state already made for the old one is re-laid-out onto the new one's local
+        shard (exactly: the state is defined on the global parameter), and DTensor mode is
+        decided again (a mix of DTensors and plain tensors is refused, naming them).
+        """
+        if not self._known.changed(self.param_groups):
+            return
+        current = [p for g in self.param_groups for p in g["params"]]
+        kinds = {is_dtensor(p) for p in current}
+        if len(kinds) > 1:  # refused before anything changes: the optimizer stays as it was
+            plain = [self.param_name(p) for p in current if not is_dtensor(p)]
+            raise TypeError(
+                f"param_groups now mix DTensors (FSDP2) and plain tensors ({plain[:3]} are plain); one dist8 "
+                "optimizer needs all its parameters sharded the same way: apply fully_shard to the root module too"
+            )
+        for group in self.param_groups:
+            self._check_params(group["params"])
+        moved = {}
+        for r in self._known.replacements(self.param_groups):
+            if r.name is not None and r.param not in self.param_names:
+                self.param_names[r.param] = r.name
+            if r.marks is not None and getattr(r.param, OVERRIDE_ATTR, None) is None:
+                setattr(r.param, OVERRIDE_ATTR, r.marks)
+            if r.old is not None and self.state.get(r.old):
+                moved[r.param] = self.state.pop(r.old)
+        current = set(current)
+        for stale in [q for q in self.state if q not in current]:  # parameters no longer stepped
+            del self.state[stale]
+        self._positions = None
+        self._fixed_settings = {q: v for q, v in self._fixed_settings.items() if q in current}
+        self.dtensor_layouts = {}
+        if self.uses_dtensor and not dtensor.has_dtensor_params(self):
+            dtensor.detach(self)
+        self.uses_dtensor = dtensor.attach(self)
+        self._known = ParamPositions(self.param_groups, self.param_names)
+        for p, st in moved.items():  # e.g. plain global state -> this rank's shard of the new DTensor
+            self.state[p] = self.check_state(p, st)
+
+    @staticmethod
+    def working_copy(p: torch.Tensor, written_back: list) -> torch.Tensor:
+        """A contiguous stand-in for ``p`` whose ``.grad`` is a contiguous copy of ``p.grad``.
+
+        The kernels read and write dense memory; only non-contiguous parameters or
+        gradients pay this copy (and a non-contiguous parameter the copy back after the step).
+        """
+        if p.is_contiguous():
+            work = p.detach()  # the same memory: updated in place, nothing to copy back
+        else:
+            work = p.detach().contiguous()
+            written_back.append((p, work))
+        work.grad = p.grad.detach().contiguous()
+        return work

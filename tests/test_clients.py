@@ -1,0 +1,336 @@
+"""dist8 under clients nobody on the project wrote: HF Trainer, accelerate + FSDP2, torch DCP's stateful API.
+
+* ``test_hf_trainer_save_and_resume_bitwise``: a tiny randomly initialised GPT-2 (from a
+  config, no downloads) trained by ``transformers.Trainer`` with
+  ``optimizer_cls_and_kwargs=(dist8.AdamW8bit, ...)``; a run saved at step 3 and resumed
+  (``resume_from_checkpoint``) ends bitwise equal to an uninterrupted run.
+* ``test_accelerate_fsdp2_optimizer_built_before_sharding``: 2 gloo ranks. The optimizer
+  is built on the plain model and ``accelerator.prepare`` applies FSDP2 afterwards,
+  swapping DTensors into ``param_groups`` (accelerate's FSDP2 path; accelerate only takes
+  it on accelerators, so the test selects it on CPU as a GPU machine would). Training
+  matches the unsharded optimizer bitwise; ``save_state``/``load_state`` resume exactly.
+* ``test_dcp_stateful_fsdp2_2_to_1``: a ``Stateful`` app state (model + optimizer through
+  ``get_state_dict``/``set_state_dict``) saved by ``torch.distributed.checkpoint`` on 2
+  FSDP2 ranks and loaded on 1, then stepping as the uninterrupted run does.
+"""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import dist8
+from dist_utils import run_ranks
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+# ---- HF Trainer ------------------------------------------------------------------------------------
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=2, n_head=2,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg)
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, n=48, seq=16):
+        gen = torch.Generator().manual_seed(0)
+        self.x = torch.randint(0, 128, (n, seq), generator=gen)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.x[i], "labels": self.x[i]}
+
+
+def _trainer(out_dir, max_steps):
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(out_dir), max_steps=max_steps, per_device_train_batch_size=4,
+                             save_strategy="steps", save_steps=3, report_to=[], use_cpu=True, seed=0,
+                             logging_steps=1, disable_tqdm=True, lr_scheduler_type="linear", warmup_steps=2)
+    return Trainer(model=_tiny_gpt2(), args=args, train_dataset=_Tokens(),
+                   optimizer_cls_and_kwargs=(dist8.AdamW8bit, {"lr": 3e-3, "min_8bit_size": 1024}))
+
+
+def test_hf_trainer_save_and_resume_bitwise(tmp_path):
+    pytest.importorskip("transformers", reason="transformers is in the [test] extras")
+    full = _trainer(tmp_path / "full", 6)
+    full.train()
+    assert isinstance(full.optimizer.optimizer if hasattr(full.optimizer, "optimizer") else full.optimizer,
+                      dist8.AdamW8bit)
+    kinds = {str(v["state1"].dtype) for v in _opt(full).state.values()}
+    assert kinds == {"torch.uint8", "torch.float32"}  # matrices 8-bit, LayerNorms and biases 32-bit
+
+    resumed = _trainer(tmp_path / "resumed", 6)  # a fresh process would look the same: new model, new optimizer
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    for (n, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), f"{n} differs after resume"
+    for p_full, p_res in zip(full.model.parameters(), resumed.model.parameters()):
+        sa, sb = _opt(full).state[p_full], _opt(resumed).state[p_res]
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor) else sa[k] == sb[k], k
+
+
+def _opt(trainer):
+    opt = trainer.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+# ---- accelerate, FSDP2 applied after the optimizer was built -----------------------------------------
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(64, 32)
+        self.block = nn.Sequential(nn.LayerNorm(32), nn.Linear(32, 96), nn.GELU(), nn.Linear(96, 32))
+        self.head = nn.Linear(32, 64, bias=False)
+
+    def forward(self, x):
+        h = self.emb(x)
+        return self.head(h + self.block(h))
+
+
+def _batch(step, n=8, seq=6):
+    gen = torch.Generator().manual_seed(1000 + step)
+    x = torch.randint(0, 64, (n, seq), generator=gen)
+    return x, (5 * x + 3) % 64
+
+
+def _loss(model, x, y):
+    return nn.functional.cross_entropy(model(x).reshape(-1, 64).float(), y.reshape(-1))
+
+
+def _accelerator_fsdp2():
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
+                                            state_dict_type="SHARDED_STATE_DICT")
+    acc = Accelerator(fsdp_plugin=plugin, cpu=True)
+    if acc.distributed_type != DistributedType.FSDP:
+        # accelerate takes its FSDP path only on accelerators (MULTI_GPU, ...); on CPU ranks it
+        # falls back to MULTI_CPU and ignores the plugin. Select it as accelerate does on a GPU
+        # machine (AcceleratorState.__init__ writes FSDP into PartialState's shared state too).
+        acc.state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        acc.state.fsdp_plugin = plugin
+    assert acc.is_fsdp2
+    return acc
+
+
+def _accelerate_worker(rank, world_size, out_dir):
+    from torch.distributed.tensor import DTensor
+
+    acc = _accelerator_fsdp2()
+    model = _Net()
+    ref_params = {n: nn.Parameter(p.detach().clone()) for n, p in model.named_parameters()}
+    kw = dict(lr=3e-3, weight_decay=0.1, min_8bit_size=1000)
+    opt = dist8.AdamW8bit(model.parameters(), **kw)  # built on the plain model, before FSDP2
+    ref = dist8.AdamW8bit(list(ref_params.items()), **kw)
+    model, opt = acc.prepare(model, opt)
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+
+    def train(steps, start):
+        for step in range(start, start + steps):
+            x, y = _batch(step)
+            per = x.shape[0] // world_size
+            loss = _loss(model, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per])
+            acc.backward(loss)
+            for n, p in zip(names, model.parameters()):
+                ref_params[n].grad = p.grad.full_tensor()
+            opt.step()
+            ref.step()
+            opt.zero_grad()
+            ref.zero_grad()
+            for n, p in zip(names, model.parameters()):
+                assert torch.equal(p.full_tensor(), ref_params[n].detach()), f"step {step}: {n} differs"
+
+    train(4, 0)
+    acc.save_state(out_dir)
+    after_save = {n: p.full_tensor().clone() for n, p in zip(names, model.parameters())}
+    train(2, 4)
+    uninterrupted = {n: p.full_tensor().clone() for n, p in zip(names, model.parameters())}
+    acc.load_state(out_dir)
+    for n, p in zip(names, model.parameters()):
+        assert torch.equal(p.full_tensor(), after_save[n]), f"{n} not restored by load_state"
+    # the same 2 steps again from the loaded state end where the uninterrupted run did
+    for step in range(4, 6):
+        x, y = _batch(step)
+        per = x.shape[0] // world_size
+        acc.backward(_loss(model, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]))
+        opt.step()
+        opt.zero_grad()
+    for n, p in zip(names, model.parameters()):
+        assert torch.equal(p.full_tensor(), uninterrupted[n]), f"{n}: resumed run differs"
+    kinds = {n: str(opt.optimizer.state[p]["state1"].dtype) for n, p in zip(names, model.parameters())}
+    return kinds
+
+
+def test_accelerate_fsdp2_optimizer_built_before_sharding(tmp_path):
+    pytest.importorskip("accelerate", reason="accelerate is in the [test] extras")
+    kinds = run_ranks(_accelerate_worker, 2, str(tmp_path / "acc-state"), tmp_path=tmp_path)
+    assert kinds[0] == kinds[1]
+    assert kinds[0]["emb.weight"] == "torch.uint8" and kinds[0]["block.0.weight"] == "torch.float32"
+
+
+# ---- DCP stateful API, FSDP2 2 -> 1 -----------------------------------------------------------------
+class _AppState:
+    """torch's recommended ``Stateful`` wrapper: model + optimizer through get/set_state_dict."""
+
+    def __init__(self, model, optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self):
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_state_dict(self, state_dict):
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.model, self.optimizer, model_state_dict=state_dict["model"],
+                       optim_state_dict=state_dict["optim"])
+
+
+def _dcp_worker(rank, world_size, path, save):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    model = _Net()
+    fully_shard(model, mesh=mesh)
+    opt = dist8.AdamW8bit(model.named_parameters(), lr=3e-3, min_8bit_size=1000)
+
+    def train(start, stop):
+        for step in range(start, stop):
+            x, y = _batch(step)
+            per = x.shape[0] // world_size
+            _loss(model, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]).backward()
+            opt.step()
+            opt.zero_grad()
+
+    if save:
+        train(0, 3)
+        dcp.save({"app": _AppState(model, opt)}, checkpoint_id=path)
+    else:
+        dcp.load({"app": _AppState(model, opt)}, checkpoint_id=path)
+    at_checkpoint = (_full_params(model), _full_state(opt))
+    train(3, 5)
+    return at_checkpoint, _full_params(model)
+
+
+def _full_params(model):
+    return {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+
+
+def _full_state(opt):
+    sd = opt.state_dict()  # collective for DTensor parameters: codes as DTensors, absmax whole
+    ids = [i for g in sd["param_groups"] for i in g["params"]]
+    names = [opt.param_name(p) for g in opt.param_groups for p in g["params"]]
+    # clone: on one rank full_tensor() may be the live state itself, which later steps change
+    return {name: {k: ((v.full_tensor() if hasattr(v, "full_tensor") else v).clone() if isinstance(v, torch.Tensor) else v)
+                   for k, v in sd["state"][i].items()}
+            for i, name in zip(ids, names)}
+
+
+def test_dcp_stateful_fsdp2_2_to_1(tmp_path):
+    path = str(tmp_path / "dcp")
+    (saved_params, saved_state), saved_final = run_ranks(_dcp_worker, 2, path, True, tmp_path=tmp_path)[0]
+    (loaded_params, loaded_state), loaded_final = run_ranks(_dcp_worker, 1, path, False, tmp_path=tmp_path)[0]
+    assert saved_state.keys() == loaded_state.keys() and saved_state
+    for n in saved_params:  # parameters and state (codes, absmax, step) reload exactly at 1 rank
+        assert torch.equal(loaded_params[n], saved_params[n]), n
+    for n, st in saved_state.items():
+        for k, v in st.items():
+            assert torch.equal(loaded_state[n][k], v) if isinstance(v, torch.Tensor) else loaded_state[n][k] == v, (n, k)
+    # then one rank sees the whole batch where two averaged two halves: the same gradients up to
+    # summation order, so the continuations agree closely
+    for n in saved_final:
+        torch.testing.assert_close(loaded_final[n], saved_final[n], rtol=1e-4, atol=1e-5)
+
+
+# ---- torch ZeroRedundancyOptimizer ----------------------------------------------------------------
+def _zero_worker(rank, world_size):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    model, ref_model = _Net(), _Net()
+    kw = dict(lr=3e-3, weight_decay=0.1, min_8bit_size=1000)
+    zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=dist8.AdamW8bit, **kw)
+    ref = dist8.AdamW8bit(ref_model.parameters(), **kw)
+    for step in range(3):
+        x, y = _batch(step)  # the same batch on every rank: the gradients DDP would have averaged
+        _loss(model, x, y).backward()
+        _loss(ref_model, x, y).backward()
+        zero.step()
+        ref.step()
+        zero.zero_grad()
+        ref.zero_grad()
+    for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        assert torch.equal(p, q), f"{n}: ZeroRedundancyOptimizer run differs from the plain optimizer"
+    zero.consolidate_state_dict(to=0)
+    return (zero.state_dict() if rank == 0 else None), ref.state_dict()
+
+
+def test_zero_redundancy_optimizer_bitwise_and_consolidated_state_loads(tmp_path):
+    (consolidated, ref_sd), _ = run_ranks(_zero_worker, 2, tmp_path=tmp_path)
+    model = _Net()
+    opt = dist8.AdamW8bit(model.parameters(), lr=3e-3, weight_decay=0.1, min_8bit_size=1000)
+    opt.load_state_dict(consolidated)  # ZeRO's consolidated dict is a plain per-parameter state dict
+    assert consolidated["state"].keys() == ref_sd["state"].keys()
+    for i, st in ref_sd["state"].items():
+        for k, v in st.items():
+            got = opt.state_dict()["state"][i][k]
+            assert torch.equal(got, v) if isinstance(v, torch.Tensor) else got == v, (i, k)
+
+
+# ---- state made on plain parameters, then FSDP2 applied -------------------------------------------
+def _late_shard_worker(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model, ref_model = _Net(), _Net()
+    kw = dict(lr=3e-3, weight_decay=0.1, min_8bit_size=1000)
+    opt = dist8.AdamW8bit(model.named_parameters(), overrides={"head.*": {"optim_bits": 32}}, **kw)
+    ref = dist8.AdamW8bit(ref_model.named_parameters(), overrides={"head.*": {"optim_bits": 32}}, **kw)
+    for step in range(2):  # plain (unsharded) steps first: state made for plain tensors
+        x, y = _batch(step)
+        for m, o in ((model, opt), (ref_model, ref)):
+            _loss(m, x, y).backward()
+            o.step()
+            o.zero_grad()
+    old = dict(model.named_parameters())
+    fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
+    new = dict(model.named_parameters())
+    by_old = {id(old[n]): new[n] for n in new}
+    for group in opt.param_groups:  # what accelerate's prepare does
+        group["params"] = [by_old[id(p)] for p in group["params"]]
+    names = list(new)
+    for step in range(2, 4):
+        x, y = _batch(step)
+        per = x.shape[0] // world_size
+        _loss(model, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]).backward()
+        for n, p in zip(names, model.parameters()):
+            dict(ref_model.named_parameters())[n].grad = p.grad.full_tensor()
+        opt.step()
+        ref.step()
+        opt.zero_grad()
+        ref.zero_grad()
+    for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        assert torch.equal(p.full_tensor(), q.detach()), f"{n} differs after the switch to FSDP2"
+    state = {opt.param_name(p): opt.state[p] for p in model.parameters()}
+    assert state["head.weight"]["state1"].dtype == torch.float32  # the name override survived the swap
+    assert state["emb.weight"]["state1"].shape == model.emb.weight.to_local().shape  # re-laid-out locally
+    return {n: st["step"] for n, st in state.items()}
+
+
+def test_state_made_before_fsdp2_is_relaid_out_exactly(tmp_path):
+    steps = run_ranks(_late_shard_worker, 2, tmp_path=tmp_path)
+    assert set(steps[0].values()) == {4} and steps[0] == steps[1]
