@@ -88,6 +88,19 @@ def test_resume_failures_are_one_line(finished_run, tmp_path):
         _one_line(subprocess.CompletedProcess(p.args, p.returncode, out, err), expected)
 
 
+def test_resume_auto_falls_back_past_a_corrupt_newest_checkpoint(finished_run, tmp_path):
+    """--resume auto skips a checkpoint that fails its checks, says so, and resumes from the newest intact one."""
+    d, _ = finished_run
+    root = tmp_path / "ckpt"
+    shutil.copytree(d / "ckpt", root)
+    _corrupt(root / "step-00000010")
+    sets = tiny_sets(tmp_path, steps=6, **{"checkpoint.dir": str(root), "checkpoint.every": 100})
+    result = run(train_cmd(*sets, "--resume", "auto"))
+    _ok(result)
+    assert "step-00000010 is not intact" in result.stderr and f"falling back to {root / 'step-00000005'}" in result.stderr
+    assert "nothing to train: resumed at step" not in result.stdout  # resumed at 5, trained to 6
+
+
 def test_rank_failures_are_one_line_with_several_ranks(finished_run, tmp_path):
     """The ranks of `dist8 train --nproc-per-node 2` both fail on a corrupt checkpoint: one line, exit 2."""
     d, _ = finished_run
@@ -95,7 +108,7 @@ def test_rank_failures_are_one_line_with_several_ranks(finished_run, tmp_path):
     shutil.copytree(d / "ckpt", root)
     corrupt_file = _corrupt(root / "step-00000010")
     sets = tiny_sets(tmp_path, steps=12, **{"checkpoint.dir": str(root)})
-    _one_line(run(launch_cmd(*sets, "--resume", "auto")), corrupt_file)
+    _one_line(run(launch_cmd(*sets, "--resume", str(root / "step-00000010"))), corrupt_file)
     # a config error is caught in the parent, before any rank starts
     _one_line(run(launch_cmd(*sets, "--set", "train.stepz=1")), "unknown config key train.stepz")
 
