@@ -67,11 +67,15 @@ def test_resume_failures_are_one_line(finished_run, tmp_path):
     corrupt_root = tmp_path / "corrupt"
     shutil.copytree(d / "ckpt", corrupt_root)
     corrupt_file = _corrupt(corrupt_root / "step-00000010")
+    all_corrupt = tmp_path / "all-corrupt"
+    shutil.copytree(d / "ckpt", all_corrupt)
+    _corrupt(all_corrupt / "step-00000005")
+    _corrupt(all_corrupt / "step-00000010")
     (tmp_path / "empty").mkdir()
     (tmp_path / "no-text").mkdir()
     (tmp_path / "no-text" / "a.bin").write_bytes(b"\0" * 10)
     cases = [
-        (["--resume", "auto"], {"checkpoint.dir": corrupt_root}, corrupt_file),
+        (["--resume", "auto"], {"checkpoint.dir": all_corrupt}, f"{all_corrupt}: no intact checkpoint"),
         (["--resume", str(corrupt_root / "step-00000010")], {}, corrupt_file),
         (["--resume", str(tmp_path / "empty")], {}, "is neither a checkpoint nor a directory holding one"),
         (["--resume", str(tmp_path / "missing")], {}, "is not a checkpoint directory"),
