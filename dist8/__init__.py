@@ -17,7 +17,7 @@ from dist8.optim import (
     get_optimizer_class,
 )
 
-__version__ = "0.1.0"
+from dist8.version import __version__
 
 __all__ = [
     "Adagrad8bit",

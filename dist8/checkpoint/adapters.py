@@ -60,7 +60,7 @@ class OptimizerAdapter:
         for i, st in states.items():
             p = self.params[i]
             st = {k: (v.view(p.shape) if k.startswith("state") else v) for k, v in st.items()}
-            self.inner.state[p] = self.inner._checked_state(p, st)
+            self.inner.state[p] = self.inner.check_state(p, st)
 
     def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Model tensors to write (rank 0)."""
@@ -140,12 +140,12 @@ def adapt(model: torch.nn.Module | None, optimizer) -> OptimizerAdapter:
     """Describe ``optimizer`` (sharded or plain) with parameter names taken from ``model`` when given."""
     model_names = {p: n for n, p in model.named_parameters()} if model is not None else {}
     if isinstance(optimizer, ShardedOptimizer):
-        params = optimizer._params
-        names = [model_names.get(p, n) for p, n in zip(params, optimizer._names)]
+        params = optimizer.params
+        names = [model_names.get(p, n) for p, n in zip(params, optimizer.names)]
         layout = BlockLayout(names, [p.shape for p in params], optimizer.layout.block_size)
         return OptimizerAdapter(layout, optimizer.rank, optimizer.world_size, optimizer.group, optimizer.pieces,
                                 True, optimizer, params, optimizer.inner)
-    if isinstance(optimizer, Optimizer8bit) and getattr(optimizer, "_dtensor", False):
+    if isinstance(optimizer, Optimizer8bit) and optimizer.uses_dtensor:
         if model is None:
             raise TypeError("dist8.checkpoint needs the model for an optimizer of FSDP2 (DTensor) parameters")
         params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -158,7 +158,7 @@ def adapt(model: torch.nn.Module | None, optimizer) -> OptimizerAdapter:
         return ad
     if isinstance(optimizer, Optimizer8bit):
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        names = [model_names.get(p) or (optimizer._names.get(p) if p in optimizer._names else f"param{i}")
+        names = [model_names.get(p) or optimizer.param_names.get(p, f"param{i}")
                  for i, p in enumerate(params)]
         layout = BlockLayout(names, [p.shape for p in params], optimizer.block_size)
         initialised = dist.is_available() and dist.is_initialized()

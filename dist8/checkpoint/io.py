@@ -13,7 +13,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import dist8
+from dist8.version import __version__
 from dist8.checkpoint.adapters import OptimizerAdapter, adapt
 from dist8.checkpoint.format import (
     FORMAT,
@@ -128,7 +128,7 @@ def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
         meta = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
-            "dist8_version": dist8.__version__,
+            "dist8_version": __version__,
             "torch_version": torch.__version__,
             "block_size": ad.layout.block_size,
             "world_size": saving_world,

@@ -53,7 +53,7 @@ def from_deepspeed(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str
     """Convert DeepSpeed checkpoint ``ckpt_dir`` (tag ``tag``, default ``latest``) to dist8 checkpoint ``out``."""
     from safetensors.torch import save_file
 
-    import dist8
+    from dist8.version import __version__
     from dist8.checkpoint.format import (FORMAT, FORMAT_VERSION, METADATA, MODEL_FILE, CheckpointError, rank_file,
                                          file_entry, install_dir, temp_dir, tensor_key, write_json_atomic)
     from dist8.kernels import RULE_STATES
@@ -193,7 +193,7 @@ def from_deepspeed(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str
         return list(v) if isinstance(v, tuple) else (v.item() if torch.is_tensor(v) and v.numel() == 1 else v)
 
     meta = {
-        "format": FORMAT, "version": FORMAT_VERSION, "dist8_version": dist8.__version__,
+        "format": FORMAT, "version": FORMAT_VERSION, "dist8_version": __version__,
         "torch_version": torch.__version__, "block_size": B, "world_size": 1, "step": step,
         "optimizer": {"class": cls.__name__,
                       "param_groups": [{k: safe(v) for k, v in g.items()} for g in (groups_hyper or [])][:1]},

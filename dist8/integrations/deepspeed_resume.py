@@ -1,6 +1,6 @@
 """Resume a DeepSpeed engine from a dist8 checkpoint, at any world size and ZeRO stage.
 
-Split from :mod:`dist8.integrations.deepspeed` (which re-exports :func:`load_dist8_checkpoint`).
+Public as :func:`dist8.integrations.deepspeed.load_dist8_checkpoint`.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def load_dist8_checkpoint(engine, path, *, load_model: bool = True) -> dict[str,
     from safetensors import safe_open
 
     from dist8.checkpoint.format import CheckpointError, rank_file, read_metadata, verify_files
-    from dist8.integrations.deepspeed import DeepSpeedSegments
+    from dist8.integrations.deepspeed_segments import DeepSpeedSegments
     from dist8.quant import dequantize_blockwise, get_map, quantize_blockwise
 
     opt = engine.basic_optimizer
@@ -108,7 +108,7 @@ def load_dist8_checkpoint(engine, path, *, load_model: bool = True) -> dict[str,
             for p in group["params"]:
                 segs = segs_of.get(p)
                 if segs is None:  # the optimizer holds a whole model parameter (no ZeRO)
-                    name = opt._names.get(p, names.get(p))
+                    name = opt.param_names.get(p, names.get(p))
                     if model_sd is not None and name in model_sd:
                         p.copy_(model_sd[name].view(p.shape))
                     full = cached(name) if name else None
@@ -116,7 +116,7 @@ def load_dist8_checkpoint(engine, path, *, load_model: bool = True) -> dict[str,
                         settings = opt.settings(p, group)
                         st = make_state(full, 0, p.numel(), p.device, settings)
                         st = {k: (v.view(p.shape) if k.startswith("state") else v) for k, v in st.items()}
-                        opt.state[p] = opt._checked_state(p, st)
+                        opt.state[p] = opt.check_state(p, st)
                     continue
                 seg_states = []
                 for seg in segs:
@@ -128,7 +128,7 @@ def load_dist8_checkpoint(engine, path, *, load_model: bool = True) -> dict[str,
                         seg_states.append(None)
                         continue
                     st = make_state(full, seg.param_start, seg.numel, p.device, opt.segment_settings(seg, group))
-                    seg_states.append(opt._checked_state(view, st))
+                    seg_states.append(opt.check_state(view, st))
                 opt.state[p] = {"step": max([s["step"] for s in seg_states if s], default=0), "segments": seg_states,
                                 "segment_names": [s.name for s in segs],
                                 "segment_starts": [s.param_start for s in segs],
@@ -147,7 +147,7 @@ def load_dist8_checkpoint(engine, path, *, load_model: bool = True) -> dict[str,
 
 def _copy_model_weights(engine, model_sd: dict[str, torch.Tensor]) -> None:
     """Write full fp32 weights into the engine's low-precision/partitioned model parameters."""
-    from dist8.integrations.deepspeed import _rank
+    from dist8.integrations.deepspeed_segments import dp_rank
 
     for name, p in engine.module.named_parameters():
         if name not in model_sd:
@@ -156,7 +156,7 @@ def _copy_model_weights(engine, model_sd: dict[str, torch.Tensor]) -> None:
         if hasattr(p, "ds_tensor"):  # ZeRO-3: only this rank's partition is resident
             part = p.ds_tensor
             pn = part.ds_numel
-            start = _rank(getattr(engine.optimizer, "dp_process_group", None)) * pn
+            start = dp_rank(getattr(engine.optimizer, "dp_process_group", None)) * pn
             real = max(0, min(pn, p.ds_numel - start))
             if real:
                 part.view(-1)[:real].copy_(full.reshape(-1)[start:start + real].to(part.dtype))

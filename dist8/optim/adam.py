@@ -5,7 +5,7 @@ import math
 from typing import Any
 
 from dist8.kernels import Rule, Scalars
-from dist8.optim.base import Optimizer8bit
+from dist8.optim.base import Optimizer8bit, bit_variants
 
 __all__ = ["Adam", "Adam8bit", "Adam32bit", "AdamW", "AdamW8bit", "AdamW32bit"]
 
@@ -45,7 +45,7 @@ class _AdamBase(Optimizer8bit):
             **kwargs,
         )
 
-    def _scalars(self, hyper: dict[str, Any], step: int, grad_scale: float) -> tuple[Scalars, int]:
+    def scalars(self, hyper: dict[str, Any], step: int, grad_scale: float) -> tuple[Scalars, int]:
         beta1, beta2 = hyper["betas"]
         lr, wd = float(hyper["lr"]), hyper["weight_decay"]
         bc1 = 1.0 - beta1**step
@@ -68,8 +68,10 @@ class _AdamBase(Optimizer8bit):
         )
 
 
-class Adam8bit(_AdamBase):
-    """Adam (L2 weight decay added to the gradient) with 8-bit block-wise state.
+class AdamFamily(_AdamBase):
+    """The Adam family (shared by :class:`Adam8bit`, :class:`Adam32bit` and :class:`Adam`); not used directly.
+
+Adam (L2 weight decay added to the gradient) with 8-bit block-wise state.
 
     Same arguments as ``bitsandbytes.optim.Adam8bit``: ``lr`` (default 1e-3),
     ``betas`` (0.9, 0.999), ``eps`` 1e-8, ``weight_decay`` 0, ``optim_bits``,
@@ -79,18 +81,13 @@ class Adam8bit(_AdamBase):
     """
 
 
-class Adam32bit(Adam8bit):
-    """:class:`Adam8bit` with 32-bit state (``optim_bits=32``)."""
-
-    default_bits = 32
+Adam8bit, Adam32bit, Adam = bit_variants(AdamFamily, "Adam", __name__)
 
 
-class Adam(Adam32bit):
-    """bitsandbytes-compatible ``Adam``: 32-bit state unless ``optim_bits=8``."""
+class AdamWFamily(_AdamBase):
+    """The AdamW family (shared by :class:`AdamW8bit`, :class:`AdamW32bit` and :class:`AdamW`); not used directly.
 
-
-class AdamW8bit(_AdamBase):
-    """AdamW (decoupled weight decay ``p *= 1 - lr * weight_decay``) with 8-bit block-wise state.
+AdamW (decoupled weight decay ``p *= 1 - lr * weight_decay``) with 8-bit block-wise state.
 
     Same arguments as ``bitsandbytes.optim.AdamW8bit`` (``weight_decay`` default
     1e-2), plus ``block_size=256`` and dist8's other keyword arguments.
@@ -102,11 +99,4 @@ class AdamW8bit(_AdamBase):
         super().__init__(params, lr, betas, eps, weight_decay, *a, **kw)
 
 
-class AdamW32bit(AdamW8bit):
-    """:class:`AdamW8bit` with 32-bit state."""
-
-    default_bits = 32
-
-
-class AdamW(AdamW32bit):
-    """bitsandbytes-compatible ``AdamW``: 32-bit state unless ``optim_bits=8``."""
+AdamW8bit, AdamW32bit, AdamW = bit_variants(AdamWFamily, "AdamW", __name__)

@@ -5,13 +5,15 @@ import math
 from typing import Any
 
 from dist8.kernels import Rule, Scalars
-from dist8.optim.base import Optimizer8bit
+from dist8.optim.base import Optimizer8bit, bit_variants
 
 __all__ = ["LAMB", "LAMB8bit", "LAMB32bit"]
 
 
-class LAMB8bit(Optimizer8bit):
-    """LAMB with 8-bit block-wise state.
+class LAMBFamily(Optimizer8bit):
+    """The LAMB family (shared by :class:`LAMB8bit`, :class:`LAMB32bit` and :class:`LAMB`); not used directly.
+
+LAMB with 8-bit block-wise state.
 
     ``u = m_hat / (sqrt(v_hat) + eps) + weight_decay * p`` (``adam_w_mode=True``;
     with False the decay is added to the gradient instead), then
@@ -36,7 +38,7 @@ class LAMB8bit(Optimizer8bit):
                          min_8bit_size=min_8bit_size, percentile_clipping=percentile_clipping, block_wise=block_wise,
                          max_unorm=max_unorm, **kwargs)
 
-    def _scalars(self, hyper: dict[str, Any], step: int, grad_scale: float) -> tuple[Scalars, int]:
+    def scalars(self, hyper: dict[str, Any], step: int, grad_scale: float) -> tuple[Scalars, int]:
         beta1, beta2 = hyper["betas"]
         bc1 = 1.0 - beta1**step if hyper["bias_correction"] else 1.0
         bc2 = 1.0 - beta2**step if hyper["bias_correction"] else 1.0
@@ -46,15 +48,8 @@ class LAMB8bit(Optimizer8bit):
                        bc1=bc1, bc2_sqrt=math.sqrt(bc2), grad_scale=grad_scale,
                        update_wd=wd if hyper["adam_w_mode"] else 0.0), 0
 
-    def _trust_ratio(self, hyper: dict[str, Any], p_norm: float, u_norm: float) -> float:
+    def trust_ratio(self, hyper: dict[str, Any], p_norm: float, u_norm: float) -> float:
         return 1.0 if p_norm == 0 or u_norm == 0 else p_norm / u_norm
 
 
-class LAMB32bit(LAMB8bit):
-    """:class:`LAMB8bit` with 32-bit state."""
-
-    default_bits = 32
-
-
-class LAMB(LAMB32bit):
-    """bitsandbytes-compatible ``LAMB``: 32-bit state unless ``optim_bits=8``."""
+LAMB8bit, LAMB32bit, LAMB = bit_variants(LAMBFamily, "LAMB", __name__)

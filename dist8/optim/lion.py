@@ -4,13 +4,15 @@ from __future__ import annotations
 from typing import Any
 
 from dist8.kernels import Rule, Scalars
-from dist8.optim.base import Optimizer8bit
+from dist8.optim.base import Optimizer8bit, bit_variants
 
 __all__ = ["Lion", "Lion8bit", "Lion32bit"]
 
 
-class Lion8bit(Optimizer8bit):
-    """Lion: ``p -= lr * sign(beta1 * m + (1 - beta1) * g)``, then ``m = beta2 * m + (1 - beta2) * g``.
+class LionFamily(Optimizer8bit):
+    """The Lion family (shared by :class:`Lion8bit`, :class:`Lion32bit` and :class:`Lion`); not used directly.
+
+Lion: ``p -= lr * sign(beta1 * m + (1 - beta1) * g)``, then ``m = beta2 * m + (1 - beta2) * g``.
 
     ``lr`` 1e-4, ``betas`` (0.9, 0.99), ``weight_decay`` 0 (decoupled: ``p *= 1 - lr * wd``).
     """
@@ -26,18 +28,11 @@ class Lion8bit(Optimizer8bit):
                          min_8bit_size=min_8bit_size, percentile_clipping=percentile_clipping, block_wise=block_wise,
                          is_paged=is_paged, **kwargs)
 
-    def _scalars(self, hyper: dict[str, Any], step: int, grad_scale: float) -> tuple[Scalars, int]:
+    def scalars(self, hyper: dict[str, Any], step: int, grad_scale: float) -> tuple[Scalars, int]:
         beta1, beta2 = hyper["betas"]
         lr = float(hyper["lr"])
         return Scalars(lr=lr, beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
                        decay=1.0 - lr * hyper["weight_decay"], grad_scale=grad_scale), 0
 
 
-class Lion32bit(Lion8bit):
-    """:class:`Lion8bit` with 32-bit state."""
-
-    default_bits = 32
-
-
-class Lion(Lion32bit):
-    """bitsandbytes-compatible ``Lion``: 32-bit state unless ``optim_bits=8``."""
+Lion8bit, Lion32bit, Lion = bit_variants(LionFamily, "Lion", __name__)

@@ -4,13 +4,15 @@ from __future__ import annotations
 from typing import Any
 
 from dist8.kernels import Rule, Scalars
-from dist8.optim.base import Optimizer8bit
+from dist8.optim.base import Optimizer8bit, bit_variants
 
 __all__ = ["RMSprop", "RMSprop8bit", "RMSprop32bit", "Adagrad", "Adagrad8bit", "Adagrad32bit"]
 
 
-class RMSprop8bit(Optimizer8bit):
-    """RMSprop (``torch.optim.RMSprop`` semantics) with an 8-bit square average.
+class RMSpropFamily(Optimizer8bit):
+    """The RMSprop family (shared by :class:`RMSprop8bit`, :class:`RMSprop32bit` and :class:`RMSprop`); not used directly.
+
+RMSprop (``torch.optim.RMSprop`` semantics) with an 8-bit square average.
 
     ``lr`` 1e-2, ``alpha`` 0.99, ``eps`` 1e-8, ``weight_decay`` 0 (L2). ``momentum``
     and ``centered`` must stay at 0/False (as in bitsandbytes).
@@ -31,27 +33,22 @@ class RMSprop8bit(Optimizer8bit):
                          min_8bit_size=min_8bit_size, percentile_clipping=percentile_clipping, block_wise=block_wise,
                          **kwargs)
 
-    def _check_hyper(self, hyper: dict[str, Any], where: str) -> None:
+    def check_hyper(self, hyper: dict[str, Any], where: str) -> None:
         if not 0.0 <= hyper["alpha"] < 1.0:
             raise ValueError(f"alpha must be in [0, 1) ({where}), got {hyper['alpha']}")
 
-    def _scalars(self, hyper: dict[str, Any], step: int, grad_scale: float) -> tuple[Scalars, int]:
+    def scalars(self, hyper: dict[str, Any], step: int, grad_scale: float) -> tuple[Scalars, int]:
         return Scalars(lr=float(hyper["lr"]), beta1=hyper["alpha"], one_minus_beta1=1.0 - hyper["alpha"],
                        eps=hyper["eps"], grad_wd=hyper["weight_decay"], grad_scale=grad_scale), 0
 
 
-class RMSprop32bit(RMSprop8bit):
-    """:class:`RMSprop8bit` with 32-bit state."""
-
-    default_bits = 32
+RMSprop8bit, RMSprop32bit, RMSprop = bit_variants(RMSpropFamily, "RMSprop", __name__)
 
 
-class RMSprop(RMSprop32bit):
-    """bitsandbytes-compatible ``RMSprop``: 32-bit state unless ``optim_bits=8``."""
+class AdagradFamily(Optimizer8bit):
+    """The Adagrad family (shared by :class:`Adagrad8bit`, :class:`Adagrad32bit` and :class:`Adagrad`); not used directly.
 
-
-class Adagrad8bit(Optimizer8bit):
-    """Adagrad (``torch.optim.Adagrad`` semantics) with an 8-bit sum of squares.
+Adagrad (``torch.optim.Adagrad`` semantics) with an 8-bit sum of squares.
 
     ``lr`` 1e-2, ``lr_decay`` 0, ``weight_decay`` 0 (L2), ``eps`` 1e-10;
     ``initial_accumulator_value`` must be 0 (as in bitsandbytes).
@@ -71,20 +68,13 @@ class Adagrad8bit(Optimizer8bit):
                          min_8bit_size=min_8bit_size, percentile_clipping=percentile_clipping, block_wise=block_wise,
                          **kwargs)
 
-    def _check_hyper(self, hyper: dict[str, Any], where: str) -> None:
+    def check_hyper(self, hyper: dict[str, Any], where: str) -> None:
         if hyper["lr_decay"] < 0:
             raise ValueError(f"lr_decay must be >= 0 ({where}), got {hyper['lr_decay']}")
 
-    def _scalars(self, hyper: dict[str, Any], step: int, grad_scale: float) -> tuple[Scalars, int]:
+    def scalars(self, hyper: dict[str, Any], step: int, grad_scale: float) -> tuple[Scalars, int]:
         clr = float(hyper["lr"]) / (1 + (step - 1) * hyper["lr_decay"])
         return Scalars(lr=clr, eps=hyper["eps"], grad_wd=hyper["weight_decay"], grad_scale=grad_scale), 0
 
 
-class Adagrad32bit(Adagrad8bit):
-    """:class:`Adagrad8bit` with 32-bit state."""
-
-    default_bits = 32
-
-
-class Adagrad(Adagrad32bit):
-    """bitsandbytes-compatible ``Adagrad``: 32-bit state unless ``optim_bits=8``."""
+Adagrad8bit, Adagrad32bit, Adagrad = bit_variants(AdagradFamily, "Adagrad", __name__)

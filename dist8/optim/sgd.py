@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from dist8.kernels import FLAG_FIRST_STEP, FLAG_NESTEROV, Rule, Scalars
-from dist8.optim.base import Optimizer8bit
+from dist8.optim.base import Optimizer8bit, bit_variants
 
 __all__ = ["SGD", "SGD8bit", "SGD32bit", "LARS", "LARS8bit", "LARS32bit"]
 
@@ -36,7 +36,7 @@ class _MomentumBase(Optimizer8bit):
             **kwargs,
         )
 
-    def _check_hyper(self, hyper: dict[str, Any], where: str) -> None:
+    def check_hyper(self, hyper: dict[str, Any], where: str) -> None:
         if not 0.0 < hyper["momentum"] < 1.0:
             raise ValueError(
                 f"momentum must be in (0, 1) ({where}), got {hyper['momentum']}; "
@@ -47,7 +47,7 @@ class _MomentumBase(Optimizer8bit):
         if hyper["nesterov"] and hyper["dampening"] != 0:
             raise ValueError(f"nesterov=True requires dampening=0 ({where})")
 
-    def _scalars(self, hyper: dict[str, Any], step: int, grad_scale: float) -> tuple[Scalars, int]:
+    def scalars(self, hyper: dict[str, Any], step: int, grad_scale: float) -> tuple[Scalars, int]:
         flags = (FLAG_FIRST_STEP if step == 1 else 0) | (FLAG_NESTEROV if hyper["nesterov"] else 0)
         return (
             Scalars(
@@ -61,8 +61,10 @@ class _MomentumBase(Optimizer8bit):
         )
 
 
-class SGD8bit(_MomentumBase):
-    """SGD with momentum (``torch.optim.SGD`` semantics, optional Nesterov) and an 8-bit momentum buffer.
+class SGDFamily(_MomentumBase):
+    """The SGD family (shared by :class:`SGD8bit`, :class:`SGD32bit` and :class:`SGD`); not used directly.
+
+SGD with momentum (``torch.optim.SGD`` semantics, optional Nesterov) and an 8-bit momentum buffer.
 
     ``lr`` is required; ``momentum`` must be > 0 (there is no state otherwise);
     ``dampening`` 0, ``weight_decay`` 0 (L2, added to the gradient), ``nesterov`` False.
@@ -71,18 +73,13 @@ class SGD8bit(_MomentumBase):
     rule = Rule.SGD
 
 
-class SGD32bit(SGD8bit):
-    """:class:`SGD8bit` with a 32-bit momentum buffer."""
-
-    default_bits = 32
+SGD8bit, SGD32bit, SGD = bit_variants(SGDFamily, "SGD", __name__)
 
 
-class SGD(SGD32bit):
-    """bitsandbytes-compatible ``SGD``: 32-bit state unless ``optim_bits=8``."""
+class LARSFamily(_MomentumBase):
+    """The LARS family (shared by :class:`LARS8bit`, :class:`LARS32bit` and :class:`LARS`); not used directly.
 
-
-class LARS8bit(_MomentumBase):
-    """LARS: momentum SGD whose step is scaled per parameter by ``trust_coefficient * |p| / |u|``.
+LARS: momentum SGD whose step is scaled per parameter by ``trust_coefficient * |p| / |u|``.
 
     ``u`` is the momentum direction (weight decay included). The trust
     coefficient is ``max_unorm`` (default 0.02, bitsandbytes' name and default).
@@ -101,17 +98,10 @@ class LARS8bit(_MomentumBase):
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, optim_bits, args, min_8bit_size,
                          percentile_clipping, max_unorm=max_unorm, **kwargs)
 
-    def _trust_ratio(self, hyper: dict[str, Any], p_norm: float, u_norm: float) -> float:
+    def trust_ratio(self, hyper: dict[str, Any], p_norm: float, u_norm: float) -> float:
         if p_norm == 0 or u_norm == 0:
             return 1.0
         return self.trust_coefficient * p_norm / u_norm
 
 
-class LARS32bit(LARS8bit):
-    """:class:`LARS8bit` with 32-bit state."""
-
-    default_bits = 32
-
-
-class LARS(LARS32bit):
-    """bitsandbytes-compatible ``LARS``: 32-bit state unless ``optim_bits=8``."""
+LARS8bit, LARS32bit, LARS = bit_variants(LARSFamily, "LARS", __name__)

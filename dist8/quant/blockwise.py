@@ -12,7 +12,10 @@ import torch
 
 __all__ = [
     "quantize_blockwise", "dequantize_blockwise", "nearest_code", "num_blocks", "check_block_size", "block_reciprocal",
+    "effective_block_size", "DEFAULT_BLOCK_SIZE",
 ]
+
+DEFAULT_BLOCK_SIZE = 256
 
 # Smallest normal float32: a block whose absmax is below it (zero, subnormal) or NaN is
 # normalised by 1, so its reciprocal never overflows.
@@ -26,6 +29,19 @@ def check_block_size(block_size: int, name: str = "block_size") -> int:
     if block_size < 64 or block_size & (block_size - 1):
         raise ValueError(f"{name} must be a power of two >= 64, got {block_size}")
     return block_size
+
+
+def effective_block_size(block_size: int, block_wise: bool, numel: int) -> int:
+    """The quantization block of a parameter of ``numel`` elements (of the whole, unsharded parameter).
+
+    ``block_wise=True``: ``block_size`` (validated). ``block_wise=False`` (the paper's ablation,
+    one absmax per parameter): the smallest power of two >= ``numel``, at least 64, so the
+    whole parameter is one block. Every layer asks this function; none recomputes it.
+    """
+    check_block_size(block_size)
+    if block_wise:
+        return block_size
+    return max(64, 1 << max(numel - 1, 1).bit_length())
 
 
 def num_blocks(numel: int, block_size: int) -> int:

@@ -12,23 +12,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dist8.kernels import RULE_STATES
+from dist8.optim.state_schema import GNORM, PERCENTILE_HISTORY, flat_length, is_absmax_key, n_states
 from dist8.quant import num_blocks
 
 __all__ = ["gather_state", "scatter_state", "all_gather_state", "state_key_sizes", "fp32_state_bytes"]
 
 
 def state_key_sizes(key: str, numel: int, block_size: int) -> int:
-    """Length of a flattened state tensor of a parameter with ``numel`` elements."""
-    if key.startswith("absmax"):
-        return num_blocks(numel, block_size)
-    if key == "gnorm_vec":
-        return 100
-    return numel
+    """Length of a flattened state tensor of a parameter with ``numel`` elements (the schema's answer)."""
+    return flat_length(key, numel, block_size)
 
 
 def _piece_range(key: str, start: int, stop: int, block_size: int) -> tuple[int, int]:
-    if key.startswith("absmax"):
+    if key == GNORM:  # the same history on every piece of a parameter
+        return 0, PERCENTILE_HISTORY
+    if is_absmax_key(key):
         return start // block_size, num_blocks(stop, block_size)
     return start, stop
 
@@ -86,9 +84,9 @@ def _transfers(spec: dict, pieces: list[tuple[int, int, int]], block_size: int):
     """``(owner, key, a, b)`` for every range of one parameter's state tensors held by one rank."""
     for owner, start, stop in pieces:
         for key in spec:
-            if key == "__step__" or (key == "gnorm_vec" and start != 0):  # gnorm_vec: same on every piece
+            if key == "__step__" or (key == GNORM and start != 0):  # gnorm_vec: same on every piece
                 continue
-            a, b = (0, 100) if key == "gnorm_vec" else _piece_range(key, start, stop, block_size)
+            a, b = _piece_range(key, start, stop, block_size)
             yield owner, key, a, b
 
 
@@ -147,7 +145,7 @@ def scatter_state(optimizer, full_state: dict[int, dict[str, Any]] | None, src: 
                         received.setdefault(i, {})[key] = desc
                     continue
                 dtype = getattr(torch, desc[0].split(".")[-1])
-                a, b = (0, 100) if key == "gnorm_vec" else _piece_range(key, start, stop, B)
+                a, b = _piece_range(key, start, stop, B)
                 if owner == optimizer.rank == src:
                     received.setdefault(i, {})[key] = full_state[i][key].reshape(-1)[a:b].clone().to(optimizer.device)
                 elif optimizer.rank == src:
@@ -186,5 +184,4 @@ def all_gather_state(optimizer) -> tuple[dict[int, dict[str, Any]], int]:
 
 def fp32_state_bytes(optimizer) -> int:
     """Bytes the same state would take in fp32 (one float per element per state tensor)."""
-    n_states = len(RULE_STATES[optimizer.inner.rule])
-    return 4 * n_states * sum(p.numel for p in optimizer.layout.params)
+    return 4 * n_states(optimizer.inner.rule) * sum(p.numel for p in optimizer.layout.params)

@@ -1,4 +1,9 @@
-"""ShardedOptimizer: ZeRO-1/2 with optimizer state partitioned at quantization-block granularity."""
+"""ShardedOptimizer: ZeRO-1/2 with optimizer state partitioned at quantization-block granularity.
+
+One concern, one class: the ZeRO-1/2 optimizer (flat parameter buffer, gradient hooks, step,
+all-gather, state dict). Gradient buckets live in ``grads.py``, the block layout in
+``layout.py``, the collectives that move quantized state in ``collectives.py``.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -13,6 +18,7 @@ from dist8.optim.base import Optimizer8bit
 from dist8.optim.config import GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, split_named_params
 from dist8.shard.grads import GradBuckets
 from dist8.shard.layout import BlockLayout
+from dist8.quant import DEFAULT_BLOCK_SIZE
 
 __all__ = ["ShardedOptimizer"]
 
@@ -65,27 +71,29 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.optimizer_class = optimizer_class
 
         groups, names = split_named_params(params)
-        self._params: list[torch.Tensor] = []
-        self._names: list[str] = []
+        self.params: list[torch.Tensor] = []  # the parameters in layout order (views of flat_param)
+        self.names: list[str] = []  # their names, same order
         self._group_of: list[int] = []
         for gi, group in enumerate(groups):
             for p in group["params"]:
                 if p.requires_grad:
-                    self._params.append(p)
-                    self._names.append(names.get(p, f"param{len(self._params) - 1}"))
+                    self.params.append(p)
+                    self.names.append(names.get(p, f"param{len(self.params) - 1}"))
                     self._group_of.append(gi)
-        if not self._params:
+        if not self.params:
             raise ValueError("ShardedOptimizer got no parameters that require grad")
         self._check_uniform()
-        block_size = defaults.get("block_size", 256)
-        self.layout = BlockLayout(self._names, [p.shape for p in self._params], block_size)
+        if defaults.get("block_wise", True) is False:
+            raise ValueError("ShardedOptimizer needs block_wise=True: its layout shards whole blocks of one block_size")
+        block_size = defaults.get("block_size", DEFAULT_BLOCK_SIZE)
+        self.layout = BlockLayout(self.names, [p.shape for p in self.params], block_size)
         self._check_same_layout_on_all_ranks()
 
-        self.device, self.dtype = self._params[0].device, self._params[0].dtype
+        self.device, self.dtype = self.params[0].device, self.params[0].dtype
         B = block_size
         self.flat_param = torch.zeros(self.layout.total_elements, dtype=self.dtype, device=self.device)
         self._ranges = []
-        for i, p in enumerate(self._params):
+        for i, p in enumerate(self.params):
             off = self.layout.element_offset(i)
             self._ranges.append((off, off + p.numel()))
             self.flat_param[off : off + p.numel()].copy_(p.detach().reshape(-1))
@@ -103,15 +111,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
         slot_of: dict[torch.Tensor, int] = {}
         for piece in self.pieces:
             view = self._owned(self._ranges[piece.param][0] + piece.start, piece.numel)
-            p = self._params[piece.param]
+            p = self.params[piece.param]
             setattr(view, GLOBAL_NUMEL_ATTR, p.numel())
             if hasattr(p, OVERRIDE_ATTR):
                 setattr(view, OVERRIDE_ATTR, getattr(p, OVERRIDE_ATTR))
-            inner_groups[self._group_of[piece.param]]["params"].append((self._names[piece.param], view))
+            inner_groups[self._group_of[piece.param]]["params"].append((self.names[piece.param], view))
             self._piece_views.append(view)
             slot_of[view] = piece.param
         self.inner = optimizer_class(inner_groups, **defaults)
-        self.inner.global_slots = (slot_of, len(self._params))
+        self.inner.global_slots = (slot_of, len(self.params))
         if self.world_size > 1:
             self.inner.reduce_partials = self._all_reduce_sum
 
@@ -124,20 +132,20 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if stage == 2:
             self.flat_grad = torch.zeros_like(self.flat_param)
             self.buckets = GradBuckets(self.flat_grad, self._ranges, self.rank_ranges, cap, self.group, self.rank)
-            self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(i)) for i, p in enumerate(self._params)]
+            self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(i)) for i, p in enumerate(self.params)]
             self._attach_grad_views()
         super().__init__(groups, dict(self.inner.defaults))
         self._sync_hyper(to_inner=False)
 
     # ---- construction checks ---------------------------------------------------
     def _check_uniform(self) -> None:
-        first = self._params[0]
-        for name, p in zip(self._names, self._params):
+        first = self.params[0]
+        for name, p in zip(self.names, self.params):
             if p.device != first.device:
-                raise ValueError(f"parameter {name} is on {p.device} but {self._names[0]} is on {first.device}; "
+                raise ValueError(f"parameter {name} is on {p.device} but {self.names[0]} is on {first.device}; "
                                  "ShardedOptimizer needs all parameters on one device")
             if p.dtype != first.dtype:
-                raise ValueError(f"parameter {name} has dtype {p.dtype} but {self._names[0]} has {first.dtype}; "
+                raise ValueError(f"parameter {name} has dtype {p.dtype} but {self.names[0]} has {first.dtype}; "
                                  "ShardedOptimizer needs one parameter dtype")
             if getattr(p, "_is_flat_param", False) or type(p).__name__ == "DTensor":
                 raise TypeError(f"parameter {name} is already sharded ({type(p).__name__}); use the dist8 optimizer "
@@ -170,7 +178,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return self.flat_param[flat_start : flat_start + numel]
 
     def _attach_grad_views(self) -> None:
-        for (a, b), p in zip(self._ranges, self._params):
+        for (a, b), p in zip(self._ranges, self.params):
             p.grad = self.flat_grad[a:b].view(p.shape)
 
     def _make_hook(self, index: int):
@@ -221,7 +229,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 own.div_(self.world_size)
         for piece, view in zip(self.pieces, self._piece_views):
             start = self._ranges[piece.param][0] + piece.start
-            p = self._params[piece.param]
+            p = self.params[piece.param]
             if self.stage == 2:
                 grad = self.flat_grad[start : start + piece.numel]
             elif p.grad is None:
@@ -329,7 +337,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._attach_grad_views()
             self.buckets.reset()
         else:
-            for p in self._params:
+            for p in self.params:
                 if p.grad is not None:
                     if set_to_none:
                         p.grad = None
@@ -397,7 +405,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             if st is None:
                 self.inner.state.pop(view, None)
                 continue
-            self.inner.state[view] = self.inner._checked_state(view, st)
+            self.inner.state[view] = self.inner.check_state(view, st)
 
     def consolidated_state_dict(self, dst: int = 0) -> dict[str, Any] | None:
         """The full state on rank ``dst`` (``None`` elsewhere), in the unsharded optimizer's format.
@@ -417,7 +425,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 index_of.setdefault(p, len(index_of))
         state = {}
         for i, st in full.items():
-            p = self._params[i]
+            p = self.params[i]
             state[index_of[p]] = {
                 k: (v.view(p.shape) if k.startswith("state") else v) for k, v in st.items()
             }

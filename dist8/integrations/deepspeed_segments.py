@@ -1,0 +1,236 @@
+"""Per-original-parameter optimizer state inside DeepSpeed's flat partitions (ZeRO 1/2/3, bf16 optimizer).
+
+DeepSpeed hands the optimizer one flat fp32 tensor per param group and rank. A dist8 optimizer
+class with the :class:`DeepSpeedSegments` mix-in keeps one *segment* of state per (original
+parameter, flat partition) range; :func:`attach_segments` reads DeepSpeed's engine to find
+those ranges after it has partitioned the parameters.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dist8.optim import pipeline
+from dist8.optim.base import Optimizer8bit, ParamSettings
+from dist8.optim.config import GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, match_overrides
+from dist8.optim.state_schema import state_key
+
+__all__ = ["Segment", "DeepSpeedSegments", "segmented_class", "attach_segments", "dp_rank"]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Elements ``[offset, offset + numel)`` of a flat partition are elements ``[param_start, ...)`` of parameter ``name``."""
+
+    name: str
+    offset: int
+    numel: int
+    param_start: int
+    shape: tuple[int, ...]
+    global_numel: int
+    marks: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+class _Marked:
+    def __init__(self, marks: dict) -> None:
+        setattr(self, OVERRIDE_ATTR, marks)
+
+
+class DeepSpeedSegments:
+    """Mix-in for a dist8 optimizer class: per-original-parameter state inside flat partitions.
+
+    ``self.ds_segments`` maps a flat tensor (as DeepSpeed put it in ``param_groups``) to its
+    :class:`Segment` list. Its state is ``{"step": n, "segments": [state per segment],
+    "segment_names": [...], "segment_starts": [...], "segment_shapes": [...]}``.
+    """
+
+    ds_segments: dict
+
+    def segment_settings(self, seg: Segment, group: dict[str, Any]) -> ParamSettings:
+        """Settings of one segment, decided on its whole original parameter (name, marks, size)."""
+        extra = match_overrides(seg.name, _Marked(seg.marks), self.overrides)
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        if extra:
+            self.validate_hyper(dict(hyper, **extra), f"overrides for parameter {seg.name}")
+        return self.resolve_settings(seg.name, extra, seg.global_numel, hyper)
+
+    @staticmethod
+    def _view(flat: torch.Tensor, seg: Segment) -> torch.Tensor:
+        return flat.detach().view(-1).narrow(0, seg.offset, seg.numel)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        segs_of = getattr(self, "ds_segments", None) or {}
+        if not segs_of:
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        items = []
+        owners = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                segs = segs_of.get(p)
+                if segs is None:
+                    settings = self.settings(p, group)
+                    if not self.state[p]:
+                        self.state[p] = self.init_state(p, settings)
+                    items.append(pipeline.UpdateItem(p, settings, self.state[p]))
+                    continue
+                st = self.state[p]
+                if not st:
+                    st.update(step=0, segments=[None] * len(segs), segment_names=[s.name for s in segs],
+                              segment_starts=[s.param_start for s in segs],
+                              segment_shapes=[list(s.shape) for s in segs])
+                grad = p.grad.detach().view(-1)
+                for i, seg in enumerate(segs):
+                    view = self._view(p, seg)
+                    view.grad = grad.narrow(0, seg.offset, seg.numel)
+                    settings = self.segment_settings(seg, group)
+                    if st["segments"][i] is None:
+                        st["segments"][i] = self.init_state(view, settings)
+                    items.append(pipeline.UpdateItem(view, settings, st["segments"][i]))
+                owners.append(st)
+        if items:
+            pipeline.run_updates(self, items)
+        for st in owners:
+            st["step"] = max([s["step"] for s in st["segments"] if s is not None], default=st["step"])
+        return loss
+
+    def state_nbytes(self) -> int:
+        total = 0
+        for st in self.state.values():
+            for v in st.values():
+                if isinstance(v, torch.Tensor):
+                    total += v.numel() * v.element_size()
+            for seg in st.get("segments", None) or []:
+                if seg:
+                    total += sum(v.numel() * v.element_size() for v in seg.values() if isinstance(v, torch.Tensor))
+        return total
+
+    def state_dtypes(self) -> dict[str, torch.dtype]:
+        """``{parameter name (or flat position): dtype of state1}`` over all state (for tests and reports)."""
+        out = {}
+        for p, st in self.state.items():
+            if "segments" in st:
+                for name, seg in zip(st["segment_names"], st["segments"]):
+                    if seg:
+                        out[name] = seg[state_key(1)].dtype
+            elif state_key(1) in st:
+                out[self.param_name(p)] = st[state_key(1)].dtype
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        names = {}
+        pid = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in self.param_names:
+                    names[pid] = self.param_names[p]
+                pid += 1
+        sd["dist8"] = {"class": type(self).__name__, "block_size": self.block_size, "names": names}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        segs_of = getattr(self, "ds_segments", None) or {}
+        if not segs_of:
+            return super().load_state_dict({k: v for k, v in state_dict.items() if k != "dist8"})
+        plain = {"state": {}, "param_groups": state_dict["param_groups"]}
+        seg_states = {}
+        for key, st in state_dict["state"].items():
+            (seg_states if "segments" in st else plain["state"])[key] = st
+        super().load_state_dict(plain)
+        id_map = {}
+        for saved, group in zip(state_dict["param_groups"], self.param_groups):
+            id_map.update(zip(saved["params"], group["params"]))
+        for key, st in seg_states.items():
+            p = id_map[key]
+            segs = segs_of.get(p)
+            if segs is None or [s.name for s in segs] != list(st["segment_names"]):
+                raise ValueError(f"DeepSpeed optimizer state for flat partition {key} holds parameters "
+                                 f"{list(st['segment_names'])[:4]}..., which do not match this engine's partition "
+                                 "(different world size or model? use `dist8 ckpt from-deepspeed` to reshard)")
+            new = dict(st)
+            new["segments"] = [None if s is None else self.check_state(self._view(p, seg), s)
+                               for seg, s in zip(segs, st["segments"])]
+            self.state[p] = new
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def segmented_class(cls: type[Optimizer8bit]) -> type[Optimizer8bit]:
+    """``cls`` with the :class:`DeepSpeedSegments` mix-in (same ``__name__``, so checkpoints name ``cls``)."""
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(cls.__name__, (DeepSpeedSegments, cls), {"__module__": "dist8.integrations.deepspeed",
+                                                                      "__doc__": cls.__doc__})
+    return _CLASSES[cls]
+
+
+def dp_rank(group) -> int:
+    """This process's rank in ``group`` (0 without torch.distributed)."""
+    import torch.distributed as dist
+
+    return dist.get_rank(group=group) if dist.is_available() and dist.is_initialized() else 0
+
+
+def attach_segments(engine) -> dict:
+    """Tell ``engine.basic_optimizer`` (a dist8 optimizer) what each flat partition holds."""
+    opt = engine.basic_optimizer
+    wrapper = engine.optimizer
+    module = engine.module
+    names = {p: n for n, p in module.named_parameters()}
+    segs: dict[torch.Tensor, list[Segment]] = {}
+    opt_params = [p for g in opt.param_groups for p in g["params"]]
+    if any(p in names for p in opt_params) and not hasattr(wrapper, "fp32_partitioned_groups_flat"):
+        opt.ds_segments = {}
+        return {}  # the optimizer holds the model's own parameters (no ZeRO, fp32)
+    if hasattr(wrapper, "fp32_partitioned_groups_flat") and hasattr(wrapper, "fp16_groups"):  # ZeRO-3
+        rank = dp_rank(getattr(wrapper, "dp_process_group", None))
+        for i, params in enumerate(wrapper.fp16_groups):
+            flat = wrapper.fp32_partitioned_groups_flat[i]
+            off = 0
+            lst = []
+            for p in params:
+                pn = p.ds_tensor.ds_numel
+                start = rank * pn
+                real = max(0, min(pn, p.ds_numel - start))
+                if real:
+                    lst.append(Segment(names.get(p, f"param{id(p)}"), off, real, start, tuple(p.ds_shape), p.ds_numel,
+                                       dict(getattr(p, OVERRIDE_ATTR, {}) or {})))
+                off += pn
+            segs[flat] = lst
+    else:
+        for n, p in module.named_parameters():
+            m = getattr(p, "_hp_mapping", None)
+            if m is None:
+                continue
+            flat = opt.param_groups[m.param_group_index]["params"][0]
+            segs.setdefault(flat, []).append(Segment(n, m.hp_fragment_address.start, m.hp_fragment_address.numel,
+                                                     m.lp_fragment_address.start, tuple(p.shape), p.numel(),
+                                                     dict(getattr(p, OVERRIDE_ATTR, {}) or {})))
+        for lst in segs.values():
+            lst.sort(key=lambda s: s.offset)
+        # fp16 unfused optimizer: per-parameter fp32 copies; name them.
+        if not segs and hasattr(wrapper, "fp32_groups") and hasattr(wrapper, "fp16_groups"):
+            for lp_group, hp_group in zip(wrapper.fp16_groups, wrapper.fp32_groups):
+                for lp, hp in zip(lp_group, hp_group):
+                    if lp in names:
+                        opt.param_names[hp] = names[lp]
+                        if getattr(lp, OVERRIDE_ATTR, None):
+                            setattr(hp, OVERRIDE_ATTR, getattr(lp, OVERRIDE_ATTR))
+    for g in opt.param_groups:  # anything left unmapped: decide on the model's size, not the shard's
+        for p in g["params"]:
+            if p not in segs and p not in names and p not in opt.param_names:
+                total = sum(q.numel() if not hasattr(q, "ds_numel") else q.ds_numel for q in names)
+                setattr(p, GLOBAL_NUMEL_ATTR, total)
+    opt.ds_segments = segs
+    return segs
+
+

@@ -1,0 +1,165 @@
+"""Where a rank's local shard of a DTensor (FSDP2 ``fully_shard``) parameter lies in the global
+flattened parameter, and the small DTensor helpers every layer uses (cheap when DTensor was
+never imported). The optimizer maths for those shards is in :mod:`dist8.optim.dtensor_update`,
+state and state dicts in :mod:`dist8.optim.dtensor`.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dist8.quant import num_blocks
+
+__all__ = ["is_dtensor", "local", "check_param", "shard_dim", "chunk", "Layout", "layout_of", "comm_device", "has_dtensor"]
+
+_FSDP1_MSG = (
+    "parameter {name} is an FSDP1 flat parameter (FullyShardedDataParallel); dist8 optimizers need the "
+    "original parameters: wrap the model with torch.distributed.fsdp.fully_shard (FSDP2) or use "
+    "dist8.ShardedOptimizer (ZeRO-1/2) instead"
+)
+
+
+def _dtensor_cls():
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None) if mod is not None else None
+
+
+def is_dtensor(t: Any) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (cheap when DTensor was never imported)."""
+    cls = _dtensor_cls()
+    return cls is not None and isinstance(t, cls)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (shares storage); other tensors unchanged."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def check_param(name: str, p: torch.Tensor) -> None:
+    """Refuse FSDP1 flat parameters with a message that says what to use instead."""
+    if type(p).__name__ == "FlatParameter" or getattr(p, "_fsdp_flattened", False):
+        raise TypeError(_FSDP1_MSG.format(name=name))
+    if is_dtensor(p):
+        shard_dim(p, name)  # validates the placements
+
+
+# ---- layout ------------------------------------------------------------------------------------
+def shard_dim(p, name: str) -> tuple[int, int] | None:
+    """``(mesh_dim, tensor_dim)`` of the one Shard placement, None if only Replicate."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    found = None
+    for mesh_dim, pl in enumerate(p.placements):
+        if type(pl) is Shard:
+            if found is not None:
+                raise NotImplementedError(
+                    f"parameter {name} is sharded on more than one mesh dimension ({p.placements}); dist8 supports "
+                    "one Shard placement (FSDP2/HSDP) plus Replicate"
+                )
+            found = (mesh_dim, pl.dim)
+        elif not isinstance(pl, Replicate):
+            raise NotImplementedError(
+                f"parameter {name} has placement {pl} ({p.placements}); dist8 supports Shard(d) and Replicate"
+            )
+    return found
+
+
+def chunk(size: int, parts: int, index: int) -> tuple[int, int]:
+    """``[start, stop)`` of chunk ``index`` of ``size`` split like ``torch.chunk`` (DTensor's Shard)."""
+    full = (size + parts - 1) // parts
+    start = min(full * index, size)
+    return start, min(start + full, size)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a rank's local shard of a DTensor parameter lies in the global flat parameter."""
+
+    numel: int  # global element count
+    block: int
+    nblocks: int  # global blocks
+    local_shape: tuple[int, ...]
+    contiguous: bool  # local elements are the global flat range [g0, g1) (Shard(0) or no Shard)
+    g0: int
+    g1: int
+    b0: int  # absmax held locally: global blocks [b0, b1)
+    b1: int
+    shared: tuple[int, ...]  # contiguous: global blocks cut by some rank's shard edge
+    # strided (Shard(d), d > 0): local shape seen as (outer, rows, inner) of the global (outer, dim, inner)
+    dim: int = 0
+    dim_size: int = 0
+    dim_offset: int = 0
+    group: Any = None  # process group over which the shards differ (None: nothing to reduce)
+
+    def global_index(self) -> torch.Tensor:
+        """Global flat index (int64) of every local element, in local flat order."""
+        if self.contiguous:
+            return torch.arange(self.g0, self.g1)
+        shape = self.local_shape
+        outer = 1
+        for s in shape[: self.dim]:
+            outer *= s
+        inner = 1
+        for s in shape[self.dim + 1:]:
+            inner *= s
+        a = torch.arange(outer).view(-1, 1, 1) * self.dim_size
+        j = (torch.arange(shape[self.dim]) + self.dim_offset).view(1, -1, 1)
+        return ((a + j) * inner + torch.arange(inner).view(1, 1, -1)).reshape(-1)
+
+    def slice_global(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of a tensor with the global shape."""
+        if self.contiguous:
+            return full.reshape(-1)[self.g0:self.g1].view(self.local_shape)
+        return full.narrow(self.dim, self.dim_offset, self.local_shape[self.dim])
+
+
+def layout_of(p, block: int, name: str = "?") -> Layout:
+    """Layout of DTensor ``p`` for quantization blocks of ``block`` elements."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape = tuple(p.shape)
+    n = p.numel()
+    nb = num_blocks(n, block)
+    local_shape = tuple(p.to_local().shape)
+    sd = shard_dim(p, name)
+    if sd is None or n == 0:
+        return Layout(n, block, nb, local_shape, True, 0, n, 0, nb, ())
+    mesh_dim, dim = sd
+    mesh = p.device_mesh
+    parts = mesh.size(mesh_dim)
+    coord = mesh.get_coordinate()[mesh_dim]
+    group = mesh.get_group(mesh_dim)
+    start, stop = chunk(shape[dim], parts, coord)
+    _, offset = compute_local_shape_and_global_offset(shape, mesh, p.placements)
+    if local_shape[dim] != stop - start or (stop > start and offset[dim] != start):
+        raise NotImplementedError(
+            f"parameter {name}: local shard {local_shape} at offset {offset} is not the torch.chunk split "
+            f"rows [{start}, {stop}) that dist8 assumes"
+        )
+    row = n // shape[dim] if shape[dim] else 0
+    if dim == 0 or all(s == 1 for s in shape[:dim]):
+        g0, g1 = start * row, stop * row
+        cuts = {x // block for x in (chunk(shape[dim], parts, r)[1] * row for r in range(parts - 1))
+                if 0 < x < n and x % block}
+        b0 = g0 // block
+        b1 = num_blocks(g1, block) if g1 > g0 else b0
+        return Layout(n, block, nb, local_shape, True, g0, g1, b0, b1, tuple(sorted(cuts)), group=group)
+    return Layout(n, block, nb, local_shape, False, 0, 0, 0, nb, (), dim, shape[dim], start, group)
+
+
+def comm_device(group) -> torch.device:
+    """The device collectives over ``group`` use (CUDA for NCCL, else CPU)."""
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def has_dtensor(st: dict) -> bool:
+    """True when any value of ``st`` is a DTensor."""
+    return any(is_dtensor(v) for v in st.values())

@@ -1,0 +1,225 @@
+"""The step pipeline of :class:`dist8.optim.base.Optimizer8bit`: from the parameters that have a
+gradient to kernel calls.
+
+One step, in order:
+
+1. per-parameter partial sums, summed across shards in one collective (identity when
+   unsharded): non-finite flags, squared gradient norms (percentile clipping), and
+   torch.amp.GradScaler's found-inf;
+2. skip the whole step if GradScaler found inf/NaN; else per parameter: skip (or raise on)
+   a non-finite gradient, scale for percentile clipping, and hand it to the kernel —
+   plain tensors sharing rule, scalars and block size in one multi-tensor call, DTensor
+   shards through :mod:`dist8.optim.dtensor_update`;
+3. LAMB/LARS: the trust ratio from the parameter and update norms (summed across shards),
+   then ``p -= lr * ratio * update``.
+
+Only the optimizer's public API is used here.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+
+from dist8.kernels import RULE_WRITES_UPDATE, Scalars, get_backend
+from dist8.optim import dtensor_layout as dtl
+from dist8.optim import dtensor_update
+from dist8.optim.state_schema import GNORM, PERCENTILE_HISTORY, absmax_key, is_signed, n_states, state_key
+
+if TYPE_CHECKING:
+    from dist8.optim.base import Optimizer8bit, ParamSettings
+
+__all__ = ["UpdateItem", "TrustItem", "run_updates", "amp_scaling", "square_sums"]
+
+
+class UpdateItem(NamedTuple):
+    """A parameter that has a gradient this step, with its resolved settings and state dict."""
+
+    param: torch.Tensor
+    settings: ParamSettings
+    state: dict[str, Any]
+
+
+class TrustItem(NamedTuple):
+    """A LAMB/LARS parameter whose kernel wrote its update direction (phase 2 pending)."""
+
+    slot: int
+    param: torch.Tensor
+    settings: ParamSettings
+    update: torch.Tensor
+
+
+def square_sums(tensors: list[torch.Tensor]) -> list[float]:
+    """``sum(t.double() ** 2)`` of each tensor, copied to the host once per device, not once per
+    tensor (on a GPU each copy is a sync)."""
+    out = [0.0] * len(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    for idx in by_device.values():
+        values = torch.stack([tensors[i].detach().double().square().sum() for i in idx]).tolist()
+        for i, v in zip(idx, values):
+            out[i] = v
+    return out
+
+
+def amp_scaling(opt: Optimizer8bit) -> tuple[float, bool] | None:
+    """(1/scale, inf found) when torch.amp.GradScaler steps ``opt``, else None.
+
+    The scaler has checked every gradient of ``param_groups`` for inf/NaN
+    (``found_inf``) and left them scaled by ``grad_scale`` (None once the user
+    called ``scaler.unscale_``): the step is skipped whole when it found any, as
+    torch's optimizers do, and otherwise the gradients are unscaled inside the kernels.
+    """
+    found_inf = getattr(opt, "found_inf", None)
+    if found_inf is None:
+        return None
+    scale = getattr(opt, "grad_scale", None)
+    inv_scale = 1.0 if scale is None else 1.0 / float(scale)
+    return inv_scale, float(found_inf) > 0
+
+
+def _reduce(opt: Optimizer8bit, values: torch.Tensor) -> torch.Tensor:
+    return opt.reduce_partials(values) if opt.reduce_partials is not None else values
+
+
+def run_updates(opt: Optimizer8bit, items: list[UpdateItem], amp: tuple[float, bool] | None = None) -> None:
+    """Update every item (see the module docstring)."""
+    slots, n = opt.partial_slots(items)
+    sharded = opt.reduce_partials is not None
+    # Per-parameter partials, summed across shards in one call:
+    # [non-finite flags | grad squares | GradScaler found inf (any rank)].
+    partials = torch.zeros(2 * n + 1, dtype=torch.float64)
+    need_gnorm = any(g["percentile_clipping"] < 100 for g in opt.param_groups) or any(
+        it.settings.hyper["percentile_clipping"] < 100 for it in items
+    )
+    inv_scale = 1.0 if amp is None else amp[0]
+    check = opt.check_finite and amp is None  # GradScaler has checked every gradient already
+    if amp is not None and amp[1]:
+        partials[2 * n] = 1.0
+    to_check: dict[torch.device, list] = {}  # one pass over all gradients of a device
+    to_norm: list = []  # (slot, gradient) for percentile clipping
+    dtensors = opt.uses_dtensor  # all parameters are DTensors, or none (checked when added)
+    for slot, (p, settings, _state) in zip(slots, items):
+        grad = dtl.local(p.grad) if dtensors else p.grad
+        if check:
+            to_check.setdefault(grad.device, []).append((slot, grad))
+        if need_gnorm and settings.hyper["percentile_clipping"] < 100:
+            to_norm.append((slot, grad))
+    for (slot, _), sq in zip(to_norm, square_sums([g for _, g in to_norm])):
+        partials[n + slot] += sq * inv_scale * inv_scale  # the history holds unscaled norms
+    for device, pairs in to_check.items():
+        finite = get_backend(device).all_finite_many([g for _, g in pairs])
+        for (slot, _), ok in zip(pairs, finite):
+            if not ok:
+                partials[slot] = 1.0
+    if sharded or check or need_gnorm:
+        partials = _reduce(opt, partials)
+    partials = partials.tolist()  # read once per parameter below: floats, not tensor indexing
+    if partials[2 * n] > 0:  # GradScaler found inf/NaN (on some rank): skip the whole step
+        opt.amp_skips += 1
+        return
+    opt.last_nonfinite = []
+    trust_items: list[TrustItem] = []
+    edges = dtensor_update.EdgeBatch() if dtensors else None  # shard-edge blocks, finished after the loop
+    # Plain tensors whose kernel calls differ only in the tensors go to the kernel together
+    # (one call instead of one per parameter; LAMB/LARS need their update direction back).
+    batches: dict[tuple, tuple[Scalars, list]] = {}
+    scalars_memo: dict[tuple, tuple] = {}
+    batchable = opt.rule not in RULE_WRITES_UPDATE
+    for slot, (p, settings, state) in zip(slots, items):
+        if partials[slot] > 0:
+            opt.nonfinite_skips += 1
+            opt.last_nonfinite.append(settings.name)
+            if opt.on_nonfinite == "raise":
+                _run_batches(opt, batches)
+                if edges is not None:
+                    edges.finish()
+                raise FloatingPointError(f"non-finite gradient in parameter {settings.name}; step skipped, state untouched")
+            continue
+        step = state["step"] + 1
+        grad_scale = inv_scale
+        if settings.hyper["percentile_clipping"] < 100:
+            grad_scale *= _percentile_scale(state, float(partials[n + slot]), step, settings.hyper["percentile_clipping"])
+        if dtensors:
+            update = dtensor_update.update(opt, p, state, settings, step, grad_scale, edges)
+        elif batchable:
+            # Parameters sharing a hyper dict (a group without overrides) share their scalars.
+            memo_key = (id(settings.hyper), step, grad_scale)
+            memo = scalars_memo.get(memo_key)
+            if memo is None:
+                scalars, flags = opt.scalars(settings.hyper, step, grad_scale)
+                memo = scalars_memo[memo_key] = (scalars, flags, scalars.as_tuple())
+            scalars, flags, values = memo
+            key = (values, flags, settings.block_size, settings.use_8bit, p.device)
+            batches.setdefault(key, (scalars, []))[1].append(kernel_tensors(opt, p, state))
+            update = None
+        else:
+            update = _update_one(opt, p, state, settings, step, grad_scale)
+        state["step"] = step
+        if update is not None:
+            trust_items.append(TrustItem(slot, p, settings, update))
+    _run_batches(opt, batches)
+    if edges is not None:
+        edges.finish()
+    if trust_items or (sharded and opt.rule in RULE_WRITES_UPDATE):
+        _apply_trust_ratios(opt, trust_items, n)
+
+
+def _percentile_scale(state: dict, gnorm_sq: float, step: int, percentile: float) -> float:
+    history = state[GNORM]
+    history[(step - 1) % PERCENTILE_HISTORY] = gnorm_sq
+    filled = history[: min(step, PERCENTILE_HISTORY)]
+    clip_sq = float(torch.quantile(filled, percentile / 100.0, interpolation="lower"))
+    return 1.0 if gnorm_sq <= clip_sq or gnorm_sq == 0 else math.sqrt(clip_sq / gnorm_sq)
+
+
+def kernel_tensors(opt: Optimizer8bit, p: torch.Tensor, state: dict) -> tuple:
+    """(param, grad, state1, state2, absmax1, absmax2) of one parameter, as the kernels take them."""
+    two = n_states(opt.rule) == 2
+    return (p.detach(), p.grad.detach(), state[state_key(1)], state[state_key(2)] if two else None,
+            state.get(absmax_key(1)), state.get(absmax_key(2)) if two else None)
+
+
+def kernel_qmaps(opt: Optimizer8bit, device: torch.device, use_8bit: bool) -> tuple:
+    """The (state1, state2) quantization maps on ``device`` (None for 32-bit state or a missing state)."""
+    if not use_8bit:
+        return None, None
+    two = n_states(opt.rule) == 2
+    return opt.qmap(device, is_signed(opt.rule, 1)), (opt.qmap(device, is_signed(opt.rule, 2)) if two else None)
+
+
+def _run_batches(opt: Optimizer8bit, batches: dict) -> None:
+    """One kernel call per group of parameters collected by run_updates."""
+    for (_, flags, block_size, use_8bit, device), (scalars, rows) in batches.items():
+        q1, q2 = kernel_qmaps(opt, device, use_8bit)
+        get_backend(device).fused_update_multi(opt.rule, rows, q1, q2, scalars, flags, block_size)
+    batches.clear()
+
+
+def _update_one(opt: Optimizer8bit, p: torch.Tensor, state: dict, settings: ParamSettings, step: int,
+                grad_scale: float) -> torch.Tensor | None:
+    scalars, flags = opt.scalars(settings.hyper, step, grad_scale)
+    update = None
+    if opt.rule in RULE_WRITES_UPDATE:
+        update = torch.empty(p.numel(), dtype=torch.float32, device=p.device)
+    q1, q2 = kernel_qmaps(opt, p.device, settings.use_8bit)
+    get_backend(p.device).fused_update(
+        opt.rule, *kernel_tensors(opt, p, state), q1, q2, scalars, flags, settings.block_size, update
+    )
+    return update
+
+
+def _apply_trust_ratios(opt: Optimizer8bit, trust_items: list[TrustItem], n_slots: int) -> None:
+    sums = torch.zeros(2 * n_slots, dtype=torch.float64)
+    squares = square_sums([t for it in trust_items for t in (dtl.local(it.param), it.update)])
+    for k, it in enumerate(trust_items):
+        sums[2 * it.slot] += squares[2 * k]
+        sums[2 * it.slot + 1] += squares[2 * k + 1]
+    sums = _reduce(opt, sums)
+    for it in trust_items:
+        ratio = opt.trust_ratio(it.settings.hyper, math.sqrt(sums[2 * it.slot]), math.sqrt(sums[2 * it.slot + 1]))
+        p = dtl.local(it.param)
+        new = p.detach().reshape(-1).float() - torch.tensor(it.settings.hyper["lr"] * ratio, dtype=torch.float32) * it.update
+        p.detach().copy_(new.view(p.shape))

@@ -1,0 +1,151 @@
+"""The optimizer-state schema: the one place that names, shapes and checks dist8's per-parameter state.
+
+Every layer (the optimizers, DTensor/FSDP2, ShardedOptimizer's collectives, the checkpoint
+format, the DeepSpeed segments and converters) asks this module instead of spelling keys.
+
+The state of one parameter under a rule with ``n = n_states(rule)`` states (1 or 2) is a dict:
+
+=================  ==========================================================================
+``"step"``         int, steps taken
+``"state{i}"``     ``i`` in ``1..n``: uint8 codes with the parameter's shape (8-bit), or float32
+                   of that shape (32-bit). State ``i`` uses the signed map when
+                   ``is_signed(rule, i)`` (Adam's first moment), else the unsigned one.
+``"absmax{i}"``    8-bit only: float32, one per quantization block of ``state{i}``
+``"gnorm_vec"``    percentile clipping only: float32[:data:`PERCENTILE_HISTORY`], the last
+                   squared gradient norms (identical on every shard of a parameter)
+=================  ==========================================================================
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from dist8.kernels import RULE_STATES, Rule
+from dist8.quant import num_blocks
+
+__all__ = [
+    "STEP",
+    "GNORM",
+    "PERCENTILE_HISTORY",
+    "state_key",
+    "absmax_key",
+    "n_states",
+    "is_signed",
+    "state_indices",
+    "is_state_key",
+    "is_absmax_key",
+    "flat_length",
+    "new_state",
+    "check_state",
+    "is_8bit_state",
+]
+
+STEP = "step"
+GNORM = "gnorm_vec"
+PERCENTILE_HISTORY = 100  # gradient norms kept for percentile clipping
+
+
+def state_key(i: int) -> str:
+    """Key of state ``i`` (1-based): codes (8-bit) or float32 values (32-bit)."""
+    return f"state{i}"
+
+
+def absmax_key(i: int) -> str:
+    """Key of the per-block absmax of 8-bit state ``i``."""
+    return f"absmax{i}"
+
+
+def n_states(rule: Rule) -> int:
+    """How many states ``rule`` keeps (1: momentum-like, 2: Adam-like)."""
+    return len(RULE_STATES[Rule(rule)])
+
+
+def is_signed(rule: Rule, i: int) -> bool:
+    """Whether state ``i`` (1-based) of ``rule`` is quantized with the signed map."""
+    return RULE_STATES[Rule(rule)][i - 1]
+
+
+def state_indices(rule: Rule) -> range:
+    """``1..n_states(rule)``."""
+    return range(1, n_states(rule) + 1)
+
+
+def is_state_key(key: str) -> bool:
+    return key.startswith("state") and key[5:].isdigit()
+
+
+def is_absmax_key(key: str) -> bool:
+    return key.startswith("absmax") and key[6:].isdigit()
+
+
+def flat_length(key: str, numel: int, block_size: int) -> int:
+    """Length of the flattened tensor ``key`` of a parameter with ``numel`` elements."""
+    if is_absmax_key(key):
+        return num_blocks(numel, block_size)
+    if key == GNORM:
+        return PERCENTILE_HISTORY
+    return numel
+
+
+def is_8bit_state(st: dict[str, Any]) -> bool:
+    """True when the state dict holds 8-bit codes."""
+    s = st.get(state_key(1))
+    return isinstance(s, torch.Tensor) and s.dtype == torch.uint8
+
+
+def new_state(
+    rule: Rule,
+    shape: Sequence[int],
+    nblocks: int,
+    use_8bit: bool,
+    percentile_clipping: float,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Fresh state: zero codes and ``nblocks`` zero absmax per state (8-bit), or zero float32 state.
+
+    ``shape`` is the shape of the parameter as this rank holds it (a local shard for
+    DTensors); ``nblocks`` the absmax entries this rank holds.
+    """
+    state: dict[str, Any] = {STEP: 0}
+    for i in state_indices(rule):
+        if use_8bit:
+            state[state_key(i)] = torch.zeros(tuple(shape), dtype=torch.uint8, device=device)
+            state[absmax_key(i)] = torch.zeros(nblocks, dtype=torch.float32, device=device)
+        else:
+            state[state_key(i)] = torch.zeros(tuple(shape), dtype=torch.float32, device=device)
+    if percentile_clipping < 100:
+        state[GNORM] = torch.zeros(PERCENTILE_HISTORY, dtype=torch.float32, device=device)
+    return state
+
+
+def check_state(rule: Rule, name: str, st: dict[str, Any], shape: Sequence[int], device: torch.device) -> dict[str, Any]:
+    """Validate a loaded state dict of parameter ``name`` against the schema; returns new tensors on ``device``.
+
+    Checks that every state of ``rule`` is present with the parameter's ``shape`` and dtype
+    uint8 (with its absmax) or float32. Raises ``KeyError``/``ValueError`` naming the
+    parameter and key; nothing of ``st`` is modified.
+    """
+    out: dict[str, Any] = {}
+    for i in state_indices(rule):
+        key = state_key(i)
+        if key not in st:
+            raise KeyError(f"state for parameter {name} has no {key!r} (keys: {sorted(st)})")
+        s = st[key]
+        if not isinstance(s, torch.Tensor):
+            raise ValueError(f"{key} of parameter {name} is a {type(s).__name__}, not a tensor")
+        if tuple(s.shape) != tuple(shape):
+            raise ValueError(f"{key} of parameter {name} has shape {tuple(s.shape)}, parameter has {tuple(shape)}")
+        if s.dtype == torch.uint8:
+            a = st.get(absmax_key(i))
+            if not isinstance(a, torch.Tensor):
+                raise KeyError(f"8-bit {key} of parameter {name} has no {absmax_key(i)}")
+            out[absmax_key(i)] = a.to(device=device, dtype=torch.float32)
+        elif s.dtype != torch.float32:
+            raise ValueError(f"{key} of parameter {name} has dtype {s.dtype}; expected uint8 or float32")
+        out[key] = s.to(device)
+    out[STEP] = int(st.get(STEP, 0))
+    if GNORM in st:
+        out[GNORM] = st[GNORM].to(device=device, dtype=torch.float32)
+    return out
