@@ -24,6 +24,7 @@ from dist8.optim import dtensor, pipeline
 from dist8.optim import dtensor_layout as dtl
 from dist8.optim import state_schema as schema
 from dist8.optim.config import check_overrides, global_numel, match_overrides, split_named_params, uses_8bit
+from dist8.optim.nonfinite import SkipCounter, check_mode
 from dist8.optim.validation import SUPPORTED_DTYPES, check_group, check_param_types
 from dist8.quant import DEFAULT_BLOCK_SIZE, check_block_size, effective_block_size, get_map, num_blocks
 
@@ -60,9 +61,14 @@ class Optimizer8bit(torch.optim.Optimizer):
         quant_map: ``"dynamic"`` (default) or ``"linear"`` (ablation).
         overrides: ``{"name-pattern": {"optim_bits": 32, "lr": ...}}`` applied to
             parameters passed as ``model.named_parameters()`` (fnmatch patterns).
-        on_nonfinite: ``"skip"`` (default: skip that parameter's step, count it in
-            ``nonfinite_skips``) or ``"raise"`` (``FloatingPointError`` naming it).
-        check_finite: check gradients for inf/NaN before each update (default True).
+        on_nonfinite: ``"skip"`` (default): a quantization block whose gradient (or new
+            state: overflow) is non-finite keeps its state and parameter, found by the kernel
+            itself (no extra read) and counted in ``nonfinite_skips`` (blocks) and
+            :meth:`nonfinite_skips_by_param`; ``"skip_param"``: gradients are checked before
+            the update and a parameter with any inf/NaN is skipped whole (counted once);
+            ``"raise"``: that check, and ``FloatingPointError`` naming the parameter.
+        check_finite: run the ``"skip_param"``/``"raise"`` check (default True; ``"skip"``
+            needs none). The kernels skip non-finite blocks in every mode.
     """
 
     rule: Rule
@@ -94,8 +100,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             raise ValueError("is_paged=True (paged optimizers) is not supported by dist8")
         if max_unorm and self.rule not in RULE_WRITES_UPDATE:
             raise ValueError(f"max_unorm={max_unorm} is not supported by {type(self).__name__}; use 0.0")
-        if on_nonfinite not in ("skip", "raise"):
-            raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {on_nonfinite!r}")
+        check_mode(on_nonfinite)
         check_block_size(block_size)
         get_map(quant_map, True)  # validates the name
         defaults = dict(defaults)
@@ -107,9 +112,8 @@ class Optimizer8bit(torch.optim.Optimizer):
         self.overrides = check_overrides(overrides)
         self.on_nonfinite = on_nonfinite
         self.check_finite = bool(check_finite)
-        self.nonfinite_skips = 0
+        self.skip_counter = SkipCounter()
         self.amp_skips = 0  # steps skipped because torch.amp.GradScaler found inf/NaN
-        self.last_nonfinite: list[str] = []
         self.dtensor_layouts: dict = {}  # (id(param), block) -> dtensor_layout.Layout, filled lazily
         self._qmaps: dict[tuple[torch.device, bool], torch.Tensor] = {}
         self._fixed_settings: dict[torch.Tensor, tuple] = {}
@@ -125,6 +129,26 @@ class Optimizer8bit(torch.optim.Optimizer):
             self._check_params(group["params"])
         self.uses_dtensor = dtensor.attach(self)  # DTensor (FSDP2) params: reduce_partials, state-dict hook
         self._constructed = True
+
+    # ---- non-finite skips ---------------------------------------------------------
+    @property
+    def nonfinite_skips(self) -> int:
+        """Skips so far: blocks (``on_nonfinite="skip"``, and overflows in any mode) plus whole
+        parameters (``"skip_param"``). Reading it copies pending device counts to the host."""
+        return self.skip_counter.total
+
+    @nonfinite_skips.setter
+    def nonfinite_skips(self, value: int) -> None:
+        self.skip_counter.total = value
+
+    @property
+    def last_nonfinite(self) -> list[str]:
+        """Names of the parameters with a skip in the last step."""
+        return self.skip_counter.last
+
+    def nonfinite_skips_by_param(self) -> dict[str, int]:
+        """``{parameter name: skips}`` for the parameters with any (same units as :attr:`nonfinite_skips`)."""
+        return self.skip_counter.by_name()
 
     # ---- hooks for subclasses -------------------------------------------------
     def check_hyper(self, hyper: dict[str, Any], where: str) -> None:
