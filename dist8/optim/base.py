@@ -25,7 +25,7 @@ from dist8.optim import dtensor_layout as dtl
 from dist8.optim import state_schema as schema
 from dist8.optim.config import check_overrides, global_numel, match_overrides, split_named_params, uses_8bit
 from dist8.optim.nonfinite import SkipCounter, check_mode
-from dist8.optim.validation import SUPPORTED_DTYPES, check_group, check_param_types
+from dist8.optim.validation import SUPPORTED_DTYPES, check_group, check_param_types, check_unique_params
 from dist8.quant import DEFAULT_BLOCK_SIZE, check_block_size, effective_block_size, get_map, num_blocks
 
 __all__ = ["Optimizer8bit", "ParamSettings", "SUPPORTED_DTYPES", "bit_variants"]
@@ -170,9 +170,27 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     def _check_group(self, group: dict[str, Any], gi: int) -> None:
         self.validate_hyper(group, f"param group {gi}")
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        for pattern, extra in self.overrides.items():  # at construction, not at the first step
+            self.validate_hyper(dict(hyper, **extra), f"override {pattern!r} on param group {gi}")
+
+    def check_loaded_group(self, saved: dict[str, Any], gi: int) -> None:
+        """Validate the hyperparameters of param group ``gi`` of a loaded state dict (or checkpoint)
+        as they would be after loading; ValueError naming the key and the group."""
+        hyper = {k: v for k, v in self.param_groups[gi].items() if k != "params"}
+        hyper.update({k: v for k, v in saved.items() if k != "params"})
+        self.validate_hyper(hyper, f"param group {gi} of the loaded state dict")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """``torch.optim.Optimizer.add_param_group`` with dist8's checks; a refused group is not added."""
+        """``torch.optim.Optimizer.add_param_group`` with dist8's checks; a refused group is not added.
+
+        A parameter listed twice (in this group or in an earlier one) is refused, naming it.
+        """
+        if isinstance(param_group, dict) and "params" in param_group:
+            plist = param_group["params"]
+            param_group = dict(param_group, params=[plist] if isinstance(plist, torch.Tensor) else list(plist))
+            check_unique_params(param_group["params"], getattr(self, "param_groups", []), self.param_name,
+                                f"param group {len(getattr(self, 'param_groups', []))}")
         super().add_param_group(param_group)
         if not self.__dict__.get("_constructed"):  # during __init__, which checks all groups itself
             return
@@ -321,6 +339,8 @@ class Optimizer8bit(torch.optim.Optimizer):
                     f"param group {gi}: state_dict has {len(saved['params'])} parameters, optimizer has {len(group['params'])}"
                 )
             id_map.update(zip(saved["params"], group["params"]))
+        for gi, saved in enumerate(saved_groups):
+            self.check_loaded_group(saved, gi)
         new_state: defaultdict = defaultdict(dict)
         for key, st in state_dict["state"].items():
             if key not in id_map:
