@@ -306,3 +306,19 @@ def test_compiled_step_equals_eager_step():
         ref_opt.step()
     for p, r in zip(ps, ref):
         assert torch.equal(p, r)
+
+
+def test_nonfinite_gradient_leaves_percentile_history_alone():
+    """Default per-block skip with percentile clipping: a NaN gradient's norm is not recorded,
+    so the parameter keeps training afterwards (a NaN in the history would clip it to NaN forever)."""
+    p = torch.nn.Parameter(torch.randn(5000))
+    opt = AdamW8bit([("p", p)], percentile_clipping=90)
+    for step in range(4):
+        p.grad = torch.randn(5000)
+        if step == 1:
+            p.grad[3] = float("nan")
+        before = p.detach().clone()
+        opt.step()
+        changed = (p.detach() != before).sum()
+        assert changed >= (5000 - 256 if step == 1 else 5000) - 10, f"step {step}: {int(changed)} values moved"
+    assert opt.nonfinite_skips == 1 and torch.isfinite(opt.state[p]["gnorm_vec"]).all()

@@ -172,6 +172,10 @@ def run_updates(opt: Optimizer8bit, items: list[UpdateItem], amp: tuple[float, b
 
 
 def _percentile_scale(state: dict, gnorm_sq: float, step: int, percentile: float) -> float:
+    if not math.isfinite(gnorm_sq):
+        # an inf/NaN gradient (on_nonfinite="skip": its blocks are skipped by the kernel): leave
+        # the history alone, or the NaN would clip every later step of this parameter to NaN
+        return 1.0
     history = state[GNORM]
     history[(step - 1) % PERCENTILE_HISTORY] = gnorm_sq
     filled = history[: min(step, PERCENTILE_HISTORY)]
