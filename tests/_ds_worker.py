@@ -102,8 +102,6 @@ def run_job(job, rank, world, out_dir):
         d8ds.load_dist8_checkpoint(engine, job["resume"])
     if job.get("ds_load"):
         engine.load_checkpoint(job["ds_load"])
-    dtype = torch.bfloat16 if cfg.get("bf16", {}).get("enabled") else torch.float16 if cfg.get("fp16", {}).get(
-        "enabled") else torch.float32
     losses = []
     t0 = time.time()
     first = job.get("first_step", 0)

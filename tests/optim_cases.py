@@ -1,10 +1,21 @@
 """Optimizer cases shared by the tests: dist8 class, its kwargs and the torch counterpart."""
+from typing import Any, NamedTuple
+
 import torch
 
 import dist8.optim as O
 
-# name: (dist8 class, kwargs, torch class or None, torch kwargs)
-CASES = {
+
+class OptimCase(NamedTuple):
+    """A dist8 optimizer with its kwargs, and the torch optimizer it matches (None where torch has none)."""
+
+    cls: type
+    kwargs: dict[str, Any]
+    torch_cls: type | None
+    torch_kwargs: dict[str, Any] | None
+
+
+_RAW = {
     "Adam": (O.Adam8bit, dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01), torch.optim.Adam,
              dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01)),
     "AdamW": (O.AdamW8bit, dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1), torch.optim.AdamW,
@@ -20,3 +31,5 @@ CASES = {
     "LAMB": (O.LAMB8bit, dict(lr=1e-2, weight_decay=0.01), None, None),
     "LARS": (O.LARS8bit, dict(lr=1e-1, momentum=0.9, weight_decay=1e-4), None, None),
 }
+
+CASES: dict[str, OptimCase] = {name: OptimCase(*case) for name, case in _RAW.items()}

@@ -7,7 +7,6 @@ Skipped with a reason when DeepSpeed is not installed.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _ds_worker as W  # noqa: E402
+from dist_utils import free_port  # noqa: E402
 
 try:
     import deepspeed  # noqa: F401
@@ -44,12 +44,6 @@ def cfg(stage, **extra):
          "zero_optimization": {"stage": stage}}
     c.update(extra)
     return c
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(world, jobs, out_dir, timeout=300):

@@ -27,7 +27,6 @@ What the tests prove:
   and an uninterrupted FSDP2 run on the new world size.
 """
 import os
-import zlib
 
 import pytest
 import torch
@@ -35,98 +34,16 @@ import torch.distributed as dist
 from torch import nn
 
 import dist8
-from dist8.nn import StableEmbedding
 from dist_utils import run_ranks
+from fsdp_utils import (MORE, SAVE_AT, assert_same_params, assert_same_state, batch, dcp_model,
+                        full_params, full_state, loss_fn, make_model, mesh_of, reference_copy, reference_run, run_steps,
+                        set_grads)
 
 pytest.importorskip("torch.distributed.fsdp")
 if not dist.is_available():  # pragma: no cover
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
-# ---- helpers ----------------------------------------------------------------------------------
-class TinyGPT(nn.Module):
-    """Token + position embeddings, one pre-norm MLP block, a LayerNorm and an output head."""
-
-    def __init__(self, vocab=50, d=40, hidden=100, seq=8, stable=False):
-        super().__init__()
-        self.tok = StableEmbedding(vocab, d) if stable else nn.Embedding(vocab, d)
-        self.pos = nn.Parameter(torch.randn(seq, d) * 0.02)
-        self.ln1 = nn.LayerNorm(d)
-        self.fc1 = nn.Linear(d, hidden)
-        self.fc2 = nn.Linear(hidden, d)
-        self.ln_f = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab, bias=False)
-
-    def forward(self, idx):
-        x = self.tok(idx) + self.pos[: idx.shape[1]]
-        x = x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln1(x))))
-        return self.head(self.ln_f(x))
-
-
-def make_model(seed=0, **kw):
-    torch.manual_seed(seed)
-    return TinyGPT(**kw)
-
-
-def batch(step, n=8, seq=8, vocab=50):
-    gen = torch.Generator().manual_seed(1000 + step)
-    x = torch.randint(0, vocab, (n, seq), generator=gen)
-    return x, (3 * x + 1) % vocab  # a learnable map, so the loss goes down
-
-
-def loss_fn(model, x, y):
-    logits = model(x)
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
-
-
-def mesh_of(world_size):
-    from torch.distributed.device_mesh import init_device_mesh
-
-    return init_device_mesh("cpu", (world_size,))
-
-
-def full_state(opt):
-    """Per parameter name: full codes / fp32 state (DTensors gathered) and full absmax."""
-    sd = opt.state_dict()
-    out = {}
-    ids = [i for g in sd["param_groups"] for i in g["params"]]
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for pid, p in zip(ids, params):
-        st = sd["state"].get(pid)
-        if not st:
-            continue
-        out[opt.param_name(p)] = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone()
-                                  if isinstance(v, torch.Tensor) else v for k, v in st.items()}
-    return out
-
-
-def full_params(model):
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-            for n, p in model.named_parameters()}
-
-
-def assert_same_state(a, b, where):
-    assert a.keys() == b.keys(), where
-    for name in a:
-        assert a[name].keys() == b[name].keys(), (where, name)
-        for k, v in a[name].items():
-            if isinstance(v, torch.Tensor):
-                assert v.dtype == b[name][k].dtype and torch.equal(v, b[name][k]), f"{where}: {name}.{k} differs"
-            else:
-                assert v == b[name][k], (where, name, k)
-
-
-def assert_same_params(a, b, where):
-    for name in a:
-        diff = (a[name].float() - b[name].float()).abs().max()
-        assert torch.equal(a[name], b[name]), f"{where}: parameter {name} differs (max {diff})"
-
-
-def reference_copy(model):
-    """Plain (unsharded) parameters with the same values and names."""
-    return {n: nn.Parameter(p.clone()) for n, p in full_params(model).items()}
 
 
 # ---- FSDP2 training vs unsharded / single process ------------------------------------------------
@@ -236,23 +153,6 @@ class Wide(nn.Module):
         self.c = nn.Parameter(torch.randn(5000))  # 1667/1667/1666: every edge cuts a block
 
 
-def synthetic_grad(name, shape, step):
-    gen = torch.Generator().manual_seed(zlib.crc32(f"{name}/{step}".encode()))
-    return torch.randn(shape, generator=gen)
-
-
-def set_grads(model, ref, step):
-    from torch.distributed.tensor import distribute_tensor
-
-    for n, p in model.named_parameters():
-        g = synthetic_grad(n, tuple(p.shape), step)
-        if step == 1 and n == "c":
-            g[7] = float("nan")  # non-finite on one rank only: every rank must skip the step of c
-        p.grad = distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None)
-        if ref is not None:
-            ref[n].grad = g.clone()
-
-
 def _all_opts_worker(rank, world_size):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
@@ -359,77 +259,32 @@ def test_all_optimizers_exact_on_uneven_and_shard1(tmp_path):
 
 
 # ---- DCP save / load at another world size -------------------------------------------------------
-class DcpModel(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(7)
-        self.l1 = nn.Linear(100, 128)  # weight (128, 100): rows 43/43/42 on 3 ranks; row length 100
-        self.l2 = nn.Linear(128, 33)  # weight (33, 128): 17/16 on 2 ranks; bias (33,): one block, all ranks
-
-    def forward(self, x):
-        return self.l2(torch.relu(self.l1(x)))
-
-
-DCP_KW = dict(lr=1e-2, weight_decay=0.1, min_8bit_size=0, percentile_clipping=90)
-SAVE_AT = 3
-MORE = 5
-
-
-def _dcp_model(world_size):
-    from torch.distributed.fsdp import fully_shard
-
-    model = DcpModel()
-    fully_shard(model, mesh=mesh_of(world_size))
-    return model, dist8.AdamW8bit(model.named_parameters(), **DCP_KW)
-
-
-def _reference(steps):
-    """Unsharded AdamW8bit after ``steps`` synthetic-gradient steps: (params, state)."""
-    model = DcpModel()
-    ref = reference_copy(model)
-    opt = dist8.AdamW8bit(list(ref.items()), **DCP_KW)
-    snapshots = {}
-    for step in range(steps):
-        for n, p in ref.items():
-            p.grad = synthetic_grad(n, tuple(p.shape), step)
-        opt.step()
-        snapshots[step + 1] = ({n: p.detach().clone() for n, p in ref.items()}, full_state(opt))
-    return snapshots
-
-
-def _steps(model, opt, start, stop):
-    for step in range(start, stop):
-        set_grads(model, None, step)
-        opt.step()
-        opt.zero_grad()
-
-
 def _dcp_worker(rank, world_size, root, load_from, save):
     from dist8.integrations.fsdp import load_dcp, save_dcp
 
-    ref = _reference(SAVE_AT + MORE)
+    ref = reference_run(SAVE_AT + MORE)
     out = {}
     if load_from is not None:
-        model, opt = _dcp_model(world_size)
+        model, opt = dcp_model(world_size)
         load_dcp(os.path.join(root, f"ws{load_from}"), model, opt)
         # The loaded state is bitwise the state saved at another world size.
         assert_same_params(full_params(model), ref[SAVE_AT][0], f"params loaded {load_from}->{world_size}")
         assert_same_state(full_state(opt), ref[SAVE_AT][1], f"state loaded {load_from}->{world_size}")
         for p in model.parameters():
             assert opt.state[p]["state1"].dtype == torch.uint8 and opt.state[p]["state1"].shape == p.to_local().shape
-        _steps(model, opt, SAVE_AT, SAVE_AT + MORE)
+        run_steps(model, opt, SAVE_AT, SAVE_AT + MORE)
         resumed = (full_params(model), full_state(opt))
         # Uninterrupted FSDP2 run on this world size, and the unsharded run: both bitwise equal.
-        model2, opt2 = _dcp_model(world_size)
-        _steps(model2, opt2, 0, SAVE_AT + MORE)
+        model2, opt2 = dcp_model(world_size)
+        run_steps(model2, opt2, 0, SAVE_AT + MORE)
         for where, (params, state) in {"unsharded": ref[SAVE_AT + MORE],
                                        f"fsdp ws{world_size}": (full_params(model2), full_state(opt2))}.items():
             assert_same_params(resumed[0], params, f"{load_from}->{world_size} +{MORE} steps vs {where}")
             assert_same_state(resumed[1], state, f"{load_from}->{world_size} +{MORE} steps vs {where}")
         out["loaded"] = load_from
     if save:
-        model, opt = _dcp_model(world_size)
-        _steps(model, opt, 0, SAVE_AT)
+        model, opt = dcp_model(world_size)
+        run_steps(model, opt, 0, SAVE_AT)
         save_dcp(os.path.join(root, f"ws{world_size}"), model, opt)
         dist.barrier()
         if rank == 0:

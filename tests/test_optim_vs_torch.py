@@ -6,7 +6,7 @@ import torch
 from dist8.quant import dequantize_blockwise
 from optim_cases import CASES
 
-TORCH_CASES = [k for k, v in CASES.items() if v[2] is not None]
+TORCH_CASES = [k for k, case in CASES.items() if case.torch_cls is not None]
 
 
 @pytest.mark.parametrize("name", TORCH_CASES)

@@ -1,0 +1,61 @@
+"""Reading YAML config text safely: plain data only, no aliases, bounded size and depth.
+
+``yaml.safe_load`` builds no objects from tags, but a 521-byte alias bomb (anchors that
+reference each other nine levels deep) expands into billions of entries when the config is
+walked, and a self-referencing alias gives a recursive structure. dist8 configs need neither,
+so aliases are refused while the document is read (before anything is expanded), as are
+documents over :data:`MAX_BYTES` or nested deeper than :data:`MAX_DEPTH`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+__all__ = ["YamlError", "load_yaml", "MAX_BYTES", "MAX_DEPTH"]
+
+MAX_BYTES = 1 << 20  # a config is a few hundred bytes; 1 MiB leaves room and bounds the parse
+MAX_DEPTH = 32
+
+
+class YamlError(ValueError):
+    """A YAML document dist8 refuses to read; the message names the source and line."""
+
+
+class _PlainLoader(yaml.SafeLoader):
+    """SafeLoader that refuses aliases and deep nesting while composing the node tree."""
+
+    source = "<yaml>"
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise YamlError(f"{self.source}: line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) "
+                            "are not allowed in dist8 configs; write the value out")
+        depth = getattr(self, "_dist8_depth", 0)
+        if depth >= MAX_DEPTH:
+            mark = self.peek_event().start_mark
+            raise YamlError(f"{self.source}: line {mark.line + 1}: nested deeper than {MAX_DEPTH} levels")
+        self._dist8_depth = depth + 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._dist8_depth = depth
+
+
+def load_yaml(text: str | bytes, source: str) -> Any:
+    """Parse one YAML document of plain data (``source`` names the file or option in errors)."""
+    if len(text) > MAX_BYTES:
+        raise YamlError(f"{source}: {len(text)} bytes; a dist8 config is at most {MAX_BYTES} bytes")
+    loader = _PlainLoader(text)
+    loader.source = source
+    try:
+        return loader.get_single_data()
+    except YamlError:
+        raise
+    except yaml.YAMLError as exc:
+        raise YamlError(f"{source}: not valid YAML ({' '.join(str(exc).split())})") from None
+    except RecursionError:
+        raise YamlError(f"{source}: nested too deeply") from None
+    finally:
+        loader.dispose()

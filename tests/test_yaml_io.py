@@ -1,0 +1,48 @@
+"""Config YAML is read as plain data: aliases, alias bombs, deep nesting and huge documents are refused
+with one line naming the source, before anything is expanded."""
+import time
+import tracemalloc
+
+import pytest
+
+from dist8.train.yaml_io import MAX_BYTES, YamlError, load_yaml
+
+BOMB = "\n".join(["a: &a [x, x, x, x, x, x, x, x, x]"] + [
+    f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+    f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]" for i in range(8)])
+
+
+def test_plain_config_reads():
+    assert load_yaml("train: {steps: 10, lr: 1.0e-3}\nmodel:\n  n_layer: 2\n", "cfg.yaml") == {
+        "train": {"steps": 10, "lr": 1e-3}, "model": {"n_layer": 2}}
+
+
+def test_alias_bomb_is_refused_fast_and_small():
+    assert len(BOMB) < 600
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    with pytest.raises(YamlError, match=r"bomb.yaml: line 2: YAML aliases \(\*a\)"):
+        load_yaml(BOMB, "bomb.yaml")
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert time.perf_counter() - t0 < 5 and peak < 10 * 2**20
+
+
+def test_self_referencing_alias_is_refused():
+    with pytest.raises(YamlError, match="aliases"):
+        load_yaml("a: &x [1, *x]\n", "self.yaml")
+
+
+def test_deep_nesting_and_size_are_bounded():
+    with pytest.raises(YamlError, match="deep.yaml: line 1: nested deeper"):
+        load_yaml("[" * 5000 + "]" * 5000, "deep.yaml")
+    with pytest.raises(YamlError, match="big.yaml"):
+        load_yaml("x: " + "a" * (MAX_BYTES + 1), "big.yaml")
+
+
+def test_syntax_errors_and_tags_are_one_line():
+    with pytest.raises(YamlError) as err:
+        load_yaml("a: [1, 2\n", "broken.yaml")
+    assert "broken.yaml: not valid YAML" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(YamlError, match="tag.yaml"):
+        load_yaml("a: !!python/object/apply:os.system ['true']\n", "tag.yaml")
