@@ -120,17 +120,17 @@ def test_all_finite_many(backend):
 def test_optimizer_through_emulated_cuda_kernels_equals_cpu_kernels(backend, name, monkeypatch):
     """The optimizer classes end to end with every kernel call going to the CUDA code (multi-tensor
     launches, finite checks, LAMB/LARS update_out, GradScaler): bitwise the CPU kernels' run."""
-    import dist8.optim.base as base
+    import dist8.optim.pipeline as pipeline  # where the step asks for its backend
 
-    cpu_backend = base.get_backend(torch.device("cpu"))
+    cpu_backend = pipeline.get_backend(torch.device("cpu"))
     calls = []
 
     def emulated_on_first_run(device):
         calls.append(device)
         return backend
 
-    monkeypatch.setattr(base, "get_backend", emulated_on_first_run)
+    monkeypatch.setattr(pipeline, "get_backend", emulated_on_first_run)
     got, opt = optimizer_run(name, "cpu")
     assert calls, "the optimizer never asked for a backend"
-    monkeypatch.setattr(base, "get_backend", lambda device: cpu_backend)
+    monkeypatch.setattr(pipeline, "get_backend", lambda device: cpu_backend)
     assert_same_runs(name, got, opt, *optimizer_run(name, "cpu"))
