@@ -64,10 +64,11 @@ class Case:
     """Identical optimizer state held twice: for the reference and for the backend under test."""
 
     def __init__(self, rule, n, block_size, bits8, pdtype, gdtype, device, seed=0, magnitude=1.0,
-                 zero_blocks=False, map_name="dynamic"):
+                 zero_blocks=False, map_name="dynamic", grad_fn=None):
         self.rule, self.n, self.block_size, self.bits8 = Rule(rule), n, block_size, bits8
         self.pdtype, self.gdtype, self.device, self.magnitude = pdtype, gdtype, device, magnitude
         self.zero_blocks = zero_blocks
+        self.grad_fn = grad_fn  # (gradient, step) -> gradient: non-finite and extreme cases
         self.gen = torch.Generator().manual_seed(seed)
         signs = RULE_STATES[self.rule]
         self.qmaps = qmaps(signs, map_name) if bits8 else [None] * len(signs)
@@ -90,6 +91,8 @@ class Case:
             else:
                 self.ref[f"state{i}"], self.ref[f"absmax{i}"] = s, None
                 self.dut[f"state{i}"], self.dut[f"absmax{i}"] = s.clone().to(device), None
+        self.ref["skipped"] = torch.zeros(1, dtype=torch.int64)  # blocks the kernel did not commit
+        self.dut["skipped"] = torch.zeros(1, dtype=torch.int64, device=device)
         if self.rule in RULE_WRITES_UPDATE:
             self.ref["update_out"] = torch.zeros(n, dtype=torch.float32)
             self.dut["update_out"] = torch.zeros(n, dtype=torch.float32, device=device)
@@ -100,6 +103,8 @@ class Case:
             g[: min(self.n, self.block_size)] = 0
         if step % 5 == 4:
             g[:: 7] = 0
+        if self.grad_fn is not None:
+            g = self.grad_fn(g, step)
         return g.to(self.gdtype)
 
     def _call(self, backend, d, g, scalars, flags):
@@ -107,7 +112,7 @@ class Case:
         backend.fused_update(
             self.rule, d["param"], g, d["state1"], d.get("state2"), d["absmax1"], d.get("absmax2"),
             q[0] if q[0] is None else q[0].to(d["state1"].device), q[1] if q[1] is None else q[1].to(d["state1"].device),
-            scalars, flags, self.block_size, d.get("update_out"),
+            scalars, flags, self.block_size, d.get("update_out"), d["skipped"],
         )
 
     def step(self, backend, step, nesterov=False):
@@ -299,3 +304,43 @@ def check_quantize_matches_reference(backend, name, x, q, bs, device: str) -> No
     assert mism.numel() == 0, f"{name}: {mism.numel()} codes differ, e.g. x={x[mism[0]].item()!r}"
     deq = backend.dequantize_blockwise(codes, absmax, q.to(device), bs)
     assert torch.equal(deq.cpu(), dequantize_blockwise(rc, ra, q, bs)), name
+
+
+def _set(g, index, value):
+    g = g.clone()
+    g[index] = value
+    return g
+
+
+# Gradients with inf/NaN where blocks meet and in the last (partial) block, and finite extremes
+# whose squares overflow (3e38, 1e19 * randn) or underflow (subnormals): (gradient, step) -> gradient.
+EXTREME_GRADS = {
+    "inf-at-block-edges": lambda g, s: _set(_set(g, 63, float("inf")), 64, float("-inf")) if s == 1 else g,
+    "nan-in-last-partial-block": lambda g, s: _set(g, -1, float("nan")) if s != 0 else g,
+    "nan-everywhere-once": lambda g, s: torch.full_like(g, float("nan")) if s == 1 else g,
+    "finite-3e38": lambda g, s: _set(g, 70, 3e38 if s % 2 else -3e38),
+    "finite-1e19": lambda g, s: g * 1e19,
+    "subnormal": lambda g, s: g * 1e-40,
+    "mixed-magnitudes": lambda g, s: torch.where(torch.arange(g.numel()) % 2 == 0, g * 1e19, g * 1e-30),
+}
+
+
+def check_extreme_gradients(backend, device: str, rules=tuple(Rule), sizes=((300, 64), (1000, 256))) -> None:
+    """Every rule, 8- and 32-bit state: bitwise the reference (skip counts included) on
+    EXTREME_GRADS, and no state, absmax or parameter ever becomes non-finite."""
+    for rule in rules:
+        for bits8 in (True, False):
+            for name, fn in EXTREME_GRADS.items():
+                for n, bs in sizes:
+                    case = Case(rule, n, bs, bits8, torch.float32, torch.float32, device, seed=5, grad_fn=fn)
+                    for step in range(3):
+                        case.step(backend, step)
+                        where = f" ({rule.name}, {'8' if bits8 else '32'}-bit, {name}, n={n}, step {step + 1})"
+                        case.assert_identical(where)
+                        for key, t in case.ref.items():
+                            if t is not None and t.dtype.is_floating_point:
+                                assert torch.isfinite(t).all(), f"{key} not finite{where}"
+                        for i, q in enumerate(case.qmaps, start=1):
+                            if q is not None:
+                                deq = dequantize_blockwise(case.ref[f"state{i}"], case.ref[f"absmax{i}"], q, bs)
+                                assert torch.isfinite(deq).all(), f"state{i} not finite{where}"

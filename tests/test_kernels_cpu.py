@@ -7,8 +7,8 @@ import torch
 from dist8.kernels.rules import RULE_STATES, Rule, Scalars
 from dist8.quant import dynamic_map, quantize_blockwise
 
-from _kernel_cases import (DTYPES, MAGNITUDES, MULTI_RULES, Case, check_all_finite_many, check_multi_equals_single,
-                           check_quantize_matches_reference, quantize_inputs, run_steps)
+from _kernel_cases import (DTYPES, MAGNITUDES, MULTI_RULES, Case, check_all_finite_many, check_extreme_gradients,
+                           check_multi_equals_single, check_quantize_matches_reference, quantize_inputs, run_steps)
 
 from dist8.kernels import native
 
@@ -57,6 +57,12 @@ def test_magnitudes_and_zero_blocks(backend, rule):
     run_steps(backend, case, steps=10)
     absmax = case.dut["absmax1"]
     assert absmax[0] == 0, "first block should stay all-zero"
+
+
+def test_extreme_gradients_skip_blocks_like_the_reference(backend):
+    """inf/NaN at block edges and in the last partial block, 3e38, 1e19, subnormals, mixed:
+    blocks with a non-finite new state or output are skipped, counted, and nothing goes non-finite."""
+    check_extreme_gradients(backend, "cpu")
 
 
 def test_linear_map_with_duplicate_entry(backend):
@@ -207,7 +213,7 @@ def test_ops_trace_under_torch_compile(backend):
     empty = torch.empty(0)
 
     def step(p, g, s1, s2, a1, a2):
-        torch.ops.dist8.fused_update_(int(Rule.ADAM), p, g, s1, s2, a1, a2, q1, q2, values, 0, 256, empty)
+        torch.ops.dist8.fused_update_(int(Rule.ADAM), p, g, s1, s2, a1, a2, q1, q2, values, 0, 256, empty, empty.long())
         c, a = torch.ops.dist8.quantize_blockwise(p, q1, 256)
         return torch.ops.dist8.dequantize_blockwise(c, a, q1, 256) * 2
 

@@ -17,7 +17,7 @@ import pytest
 from dist8.kernels import native
 
 HERE = Path(__file__).resolve().parent
-CASES = "rules_fp32 and (ADAM or SGD or LION) or rules_dtypes and ADAM or linear_map or zero_blocks or quantize"
+CASES = "rules_fp32 and (ADAM or SGD or LION) or rules_dtypes and ADAM or linear_map or zero_blocks or quantize or extreme"
 
 
 def _cpu_flags() -> set[str]:

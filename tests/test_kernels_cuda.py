@@ -7,7 +7,7 @@ import torch
 from dist8.kernels.rules import Rule
 
 from _kernel_cases import (DTYPES, MAGNITUDES, MULTI_RULES, OPTIMIZER_CASES, Case, check_all_finite_many,
-                           check_multi_equals_single, check_optimizer_matches_cpu, check_quantize_matches_reference,
+                           check_extreme_gradients, check_multi_equals_single, check_optimizer_matches_cpu, check_quantize_matches_reference,
                            quantize_inputs, run_steps)
 
 pytestmark = [
@@ -63,6 +63,12 @@ def test_magnitudes_and_zero_blocks(backend, rule):
     case = Case(rule, 1000, 128, True, torch.float32, torch.float32, "cuda", seed=12, zero_blocks=True)
     run_steps(backend, case, steps=10)
     assert case.dut["absmax1"][0].item() == 0
+
+
+@pytest.mark.parametrize("rule", ALL_RULES, ids=[r.name for r in ALL_RULES])
+def test_extreme_gradients_skip_blocks_like_the_reference(backend, rule):
+    """Per-block skip of non-finite new values, counted; finite extremes never poison a block."""
+    check_extreme_gradients(backend, "cuda", rules=(rule,), sizes=((300, 64), (1100, 1024), (9000, 4096)))
 
 
 def test_linear_map_with_duplicate_entry(backend):

@@ -16,8 +16,8 @@ from dist8.kernels.rules import Rule
 
 from _cuda_emulation import emulated_cuda_backend
 from _kernel_cases import (DTYPES, MAGNITUDES, MULTI_RULES, OPTIMIZER_CASES, Case, assert_same_runs,
-                           check_all_finite_many, check_multi_equals_single, check_quantize_matches_reference,
-                           optimizer_run, quantize_inputs, run_steps)
+                           check_all_finite_many, check_extreme_gradients, check_multi_equals_single,
+                           check_quantize_matches_reference, optimizer_run, quantize_inputs, run_steps)
 
 ALL_RULES = list(Rule)
 # Small: every CUDA thread is a fiber. 64-value blocks take 64 threads, 256 and above 256;
@@ -38,6 +38,12 @@ def backend(request):
 def test_rules_fp32(backend, rule, bits8):
     for i, (n, bs) in enumerate(SIZES_BLOCKS):
         run_steps(backend, Case(rule, n, bs, bits8, torch.float32, torch.float32, "cpu", seed=i), steps=3)
+
+
+@pytest.mark.parametrize("rule", ALL_RULES, ids=[r.name for r in ALL_RULES])
+def test_extreme_gradients_skip_blocks_like_the_reference(backend, rule):
+    """Per-block skip of non-finite new values, counted; finite extremes never poison a block."""
+    check_extreme_gradients(backend, "cpu", rules=(rule,), sizes=((300, 64), (1100, 1024)))
 
 
 @pytest.mark.parametrize("rule", [Rule.ADAM, Rule.LION], ids=["ADAM", "LION"])
@@ -114,17 +120,17 @@ def test_all_finite_many(backend):
 def test_optimizer_through_emulated_cuda_kernels_equals_cpu_kernels(backend, name, monkeypatch):
     """The optimizer classes end to end with every kernel call going to the CUDA code (multi-tensor
     launches, finite checks, LAMB/LARS update_out, GradScaler): bitwise the CPU kernels' run."""
-    import dist8.optim.base as base
+    import dist8.optim.pipeline as pipeline  # where the step asks for its backend
 
-    cpu_backend = base.get_backend(torch.device("cpu"))
+    cpu_backend = pipeline.get_backend(torch.device("cpu"))
     calls = []
 
     def emulated_on_first_run(device):
         calls.append(device)
         return backend
 
-    monkeypatch.setattr(base, "get_backend", emulated_on_first_run)
+    monkeypatch.setattr(pipeline, "get_backend", emulated_on_first_run)
     got, opt = optimizer_run(name, "cpu")
     assert calls, "the optimizer never asked for a backend"
-    monkeypatch.setattr(base, "get_backend", lambda device: cpu_backend)
+    monkeypatch.setattr(pipeline, "get_backend", lambda device: cpu_backend)
     assert_same_runs(name, got, opt, *optimizer_run(name, "cpu"))

@@ -120,9 +120,10 @@ def test_global_numel_mark_decides_8bit():
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nonfinite_gradient_skips_and_counts(bad):
+def test_nonfinite_gradient_skips_param_and_counts(bad):
+    """on_nonfinite="skip_param": the whole parameter's step is skipped, counted once."""
     a, b = torch.nn.Parameter(torch.randn(5000)), torch.nn.Parameter(torch.randn(5000))
-    opt = AdamW8bit([("a", a), ("b", b)])
+    opt = AdamW8bit([("a", a), ("b", b)], on_nonfinite="skip_param")
     _step(opt, [a, b])
     before = {k: v.clone() for k, v in opt.state[a].items() if torch.is_tensor(v)}
     a_before, b_before = a.detach().clone(), b.detach().clone()
@@ -134,9 +135,59 @@ def test_nonfinite_gradient_skips_and_counts(bad):
     assert all(torch.equal(v, opt.state[a][k]) for k, v in before.items())
     assert not torch.equal(b, b_before)
     assert opt.nonfinite_skips == 1 and opt.last_nonfinite == ["a"]
+    assert opt.nonfinite_skips_by_param() == {"a": 1}
     strict = AdamW8bit([("a", a)], on_nonfinite="raise")
     with pytest.raises(FloatingPointError, match="'?a'?"):
         strict.step()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_gradient_skips_blocks_by_default(bad):
+    """Default on_nonfinite="skip": only the blocks holding an inf/NaN keep their values; counted per block."""
+    a, b = torch.nn.Parameter(torch.randn(5000)), torch.nn.Parameter(torch.randn(5000))
+    opt = AdamW8bit([("a", a), ("b", b)])
+    _step(opt, [a, b])
+    before = {k: v.clone() for k, v in opt.state[a].items() if torch.is_tensor(v)}
+    a_before = a.detach().clone()
+    a.grad = torch.randn(5000)
+    a.grad[17] = bad  # block 0
+    a.grad[4999] = bad  # the last, partial block (4864..4999)
+    b.grad = torch.randn(5000)
+    opt.step()
+    skipped = torch.zeros(5000, dtype=torch.bool)
+    skipped[:256] = skipped[4864:] = True
+    assert torch.equal(a.detach()[skipped], a_before[skipped])
+    assert (a.detach()[~skipped] != a_before[~skipped]).all()
+    for key in ("state1", "state2"):
+        assert torch.equal(opt.state[a][key][skipped], before[key][skipped]), key
+    for key in ("absmax1", "absmax2"):
+        assert opt.state[a][key][0] == before[key][0] and opt.state[a][key][-1] == before[key][-1], key
+        assert torch.isfinite(opt.state[a][key]).all()
+    assert opt.state[a]["step"] == 2
+    assert opt.nonfinite_skips == 2 and opt.last_nonfinite == ["a"]
+    assert opt.nonfinite_skips_by_param() == {"a": 2}
+    opt.step()  # a.grad still holds the inf/NaN: the same two blocks again
+    assert opt.nonfinite_skips == 4 and opt.last_nonfinite == ["a"]
+    a.grad = torch.randn(5000)
+    opt.step()
+    assert opt.last_nonfinite == [] and torch.isfinite(a).all()
+
+
+def test_huge_finite_gradients_never_poison_state():
+    """A finite gradient whose square overflows (3e38) skips only its block; 1e19 is updated."""
+    p = torch.nn.Parameter(torch.randn(4096))
+    ref = torch.nn.Parameter(p.detach().clone())
+    opt, ref_opt = AdamW8bit([p]), torch.optim.AdamW([ref])
+    for step in range(4):
+        g = torch.randn(4096)
+        g[300] = 3e38 if step == 1 else 1e19
+        p.grad, ref.grad = g.clone(), g.clone()
+        opt.step()
+        ref_opt.step()
+    assert torch.isfinite(p).all() and torch.isfinite(ref).all()
+    for key in ("absmax1", "absmax2"):
+        assert torch.isfinite(opt.state[p][key]).all(), key
+    assert opt.nonfinite_skips == 1
 
 
 def test_percentile_clipping_limits_spikes():
@@ -255,3 +306,19 @@ def test_compiled_step_equals_eager_step():
         ref_opt.step()
     for p, r in zip(ps, ref):
         assert torch.equal(p, r)
+
+
+def test_nonfinite_gradient_leaves_percentile_history_alone():
+    """Default per-block skip with percentile clipping: a NaN gradient's norm is not recorded,
+    so the parameter keeps training afterwards (a NaN in the history would clip it to NaN forever)."""
+    p = torch.nn.Parameter(torch.randn(5000))
+    opt = AdamW8bit([("p", p)], percentile_clipping=90)
+    for step in range(4):
+        p.grad = torch.randn(5000)
+        if step == 1:
+            p.grad[3] = float("nan")
+        before = p.detach().clone()
+        opt.step()
+        changed = (p.detach() != before).sum()
+        assert changed >= (5000 - 256 if step == 1 else 5000) - 10, f"step {step}: {int(changed)} values moved"
+    assert opt.nonfinite_skips == 1 and torch.isfinite(opt.state[p]["gnorm_vec"]).all()

@@ -108,6 +108,64 @@ def test_bitwise_equal_to_unsharded(world_size, tmp_path):
                     assert full[key] == value
 
 
+def _inject_nonfinite(name, g, step):
+    """inf/NaN in a first block, a last partial block, and a finite 3e38 (its square overflows)."""
+    g = g.clone()
+    if step == 1 and name == "b.weight":
+        g.view(-1)[5] = float("nan")
+    if step == 2 and name == "e":
+        g.view(-1)[-1] = float("inf")
+    if step == 3 and name == "a.weight":
+        g.view(-1)[1000] = 3e38
+    return g
+
+
+def _nonfinite_sharded(rank, world_size):
+    out = {}
+    for opt_name in ("AdamW8bit", "SGD8bit"):
+        cls, kw = OPTIMIZERS[opt_name]
+        params = make_params()
+        opt = ShardedOptimizer(list(params.items()), cls, stage=1, **kw)
+        for step in range(5):
+            for n, p in params.items():
+                g = rank_grad(n, rank, step)
+                dist.all_reduce(g)
+                p.grad = _inject_nonfinite(n, g / world_size, step)
+            opt.step()
+        out[opt_name] = {"params": {n: p.detach().clone() for n, p in params.items()}, "skips": opt.nonfinite_skips,
+                         **opt.state_dict()}
+    return out
+
+
+def test_nonfinite_blocks_skipped_as_unsharded(tmp_path):
+    """Per-block skips (default on_nonfinite="skip") on 2 ranks: parameters and state bitwise the
+    unsharded run's, and the ranks' skip counts sum to its count."""
+    world_size = 2
+    results = run_ranks(_nonfinite_sharded, world_size, tmp_path=tmp_path)
+    for opt_name in ("AdamW8bit", "SGD8bit"):
+        cls, kw = OPTIMIZERS[opt_name]
+        params = make_params()
+        ref = cls(list(params.items()), **kw)
+        for step in range(5):
+            for n, p in params.items():
+                g = sum(rank_grad(n, r, step) for r in range(world_size)) / world_size
+                p.grad = _inject_nonfinite(n, g, step)
+            ref.step()
+        expected = 3 if opt_name == "AdamW8bit" else 2  # SGD's momentum holds 3e38
+        assert ref.nonfinite_skips == expected, opt_name
+        shards = [r[opt_name] for r in results]
+        assert sum(r["skips"] for r in shards) == expected, opt_name
+        for rank_result in shards:
+            for n, p in params.items():
+                assert torch.equal(rank_result["params"][n], p.detach()), f"{opt_name} {n}"
+                assert torch.isfinite(p).all()
+        for i, (n, p) in enumerate(params.items()):
+            full = assemble(shards, i, p.numel(), 256)
+            for key, value in ref.state[p].items():
+                if torch.is_tensor(value):
+                    assert torch.equal(full[key], value.reshape(-1)), f"{opt_name} {n} {key}"
+
+
 def test_stage1_bitwise_equal_and_bytes_match_layout(tmp_path):
     world_size = 3
     results = run_ranks(_all_optimizers, world_size, 1, 5, tmp_path=tmp_path)

@@ -142,6 +142,8 @@ D8_INLINE void apply_rule_n(const float* p, const float* g, float* s1, float* s2
 // ---- one call's arguments ------------------------------------------------------
 struct StateArg {
   bool q8 = false;
+  bool floored = false;   // read back with the floor (second-moment-like 8-bit state)
+  float floor_frac = 0.f;
   uint8_t* codes = nullptr;
   float* f32 = nullptr;
   float* absmax = nullptr;
@@ -158,11 +160,12 @@ struct Update {
   void* out = nullptr;  // param, or update_out for LAMB/LARS
   at::ScalarType pt = at::kFloat, gt = at::kFloat, ot = at::kFloat;
   bool writes_update = false;
+  int64_t* skipped = nullptr;  // += blocks not committed (non-finite new state or output), if set
 };
 
-// Scratch for one thread: fp32 copies of non-fp32 param/grad/out values and, per
-// 8-bit state, the new values of two blocks (the one being updated, the one being
-// quantized).
+// Scratch for one thread: fp32 copies of non-fp32 param/grad values, the new outputs of
+// the block being updated (written to the parameter once the block is known finite) and,
+// per state, the new values of two blocks (the one being updated, the one being quantized).
 struct Scratch {
   std::vector<float> mem;
   float *pbuf, *gbuf, *obuf, *stash[2][2];
@@ -177,8 +180,9 @@ struct Scratch {
   }
 };
 
-// fp32 views of the values [off, off+len) of one chunk or block, states dequantized
-// into the stash (8-bit) or pointing at the fp32 state; O is where the rule writes.
+// fp32 views of the values [off, off+len) of one chunk or block: states dequantized (8-bit,
+// floored where the rule says so) or copied (32-bit) into the stash, where the rule writes
+// their new values; O (in the block's output buffer) is where it writes the outputs.
 struct Span {
   float* P = nullptr;
   const float* G = nullptr;
@@ -186,8 +190,12 @@ struct Span {
   float* O = nullptr;
 };
 
+D8_INLINE void floor_n(float* v, int64_t n, float floor) {
+  for (int64_t i = 0; i < n; ++i) v[i] = floored(v[i], floor);
+}
+
 D8_INLINE Span prepare_span(const Update& u, int64_t off, int64_t len, const float* old_absmax, float* const* stash,
-                            Scratch& w) {
+                            Scratch& w, float* out) {
   Span sp;
   sp.P = u.pt == at::kFloat ? static_cast<float*>(u.param) + off : w.pbuf;
   if (u.pt != at::kFloat) load_f32(u.param, u.pt, off, len, w.pbuf);
@@ -198,11 +206,13 @@ D8_INLINE Span prepare_span(const Update& u, int64_t off, int64_t len, const flo
       sp.S[s] = stash[s];
       if (len == CHUNK) dequantize64(u.st[s].codes + off, old_absmax[s], *u.st[s].table, sp.S[s]);
       else dequantize_block(u.st[s].codes + off, len, old_absmax[s], *u.st[s].table, sp.S[s]);
+      if (u.st[s].floored) floor_n(sp.S[s], len, fmul(u.st[s].floor_frac, old_absmax[s]));
     } else {
-      sp.S[s] = u.st[s].f32 + off;
+      sp.S[s] = stash[s];
+      memcpy(sp.S[s], u.st[s].f32 + off, len * sizeof(float));
     }
   }
-  sp.O = u.ot == at::kFloat ? static_cast<float*>(u.out) + off : (u.writes_update ? w.obuf : sp.P);
+  sp.O = out;
   return sp;
 }
 
@@ -211,8 +221,13 @@ D8_INLINE void rule_span(const Update& u, const Span& sp, int64_t j, int64_t len
   apply_rule_n<R, FL>(sp.P + j, sp.G + j, sp.S[0] + j, sp.S[1] ? sp.S[1] + j : nullptr, sp.O + j, len, u.c);
 }
 
-D8_INLINE void finish_span(const Update& u, const Span& sp, int64_t off, int64_t len) {
-  if (u.ot != at::kFloat) store_from_f32(sp.O, len, u.out, u.ot, off);
+// The outputs of a block: its new values once committed, zeros (LAMB/LARS: no update) when skipped.
+D8_INLINE void commit_out(const Update& u, float* obuf, int64_t off, int64_t len, bool ok) {
+  if (!ok) {
+    if (!u.writes_update) return;  // the parameter keeps its values
+    std::fill(obuf, obuf + len, 0.0f);
+  }
+  store_from_f32(obuf, len, u.out, u.ot, off);
 }
 
 D8_INLINE void prefetch_block(const Update& u, int64_t off) {
@@ -227,24 +242,37 @@ D8_INLINE void prefetch_block(const Update& u, int64_t off) {
   }
 }
 
-// One block (full or partial) at a time: dequantize, rule, absmax, requantize.
-// Any state layout (8- or 32-bit, any map); also the last, partial block.
+// One block (full or partial) at a time: dequantize, rule, absmax, then commit (requantize,
+// write the outputs) if every new value is finite. Any state layout (8- or 32-bit, any map);
+// also the last, partial block. Returns 1 if the block was skipped.
 template <int R, int FL>
-void run_block_simple(const Update& u, int64_t blk, Scratch& w) {
+int64_t run_block_simple(const Update& u, int64_t blk, Scratch& w) {
   const int64_t off = blk * u.block_size, len = std::min(u.block_size, u.n - off);
   float old_am[2] = {0.f, 0.f};
   for (int s = 0; s < u.nstates; ++s)
     if (u.st[s].q8) old_am[s] = u.st[s].absmax[blk];
   float* stash[2] = {w.stash[0][0], w.stash[1][0]};
-  const Span sp = prepare_span(u, off, len, old_am, stash, w);
+  const Span sp = prepare_span(u, off, len, old_am, stash, w, w.obuf);
   rule_span<R, FL>(u, sp, 0, len);
-  finish_span(u, sp, off, len);
+  uint32_t bits = absmax_bits_n(w.obuf, len, 0u);
+  uint32_t state_bits[2] = {0u, 0u};
   for (int s = 0; s < u.nstates; ++s) {
-    if (!u.st[s].q8) continue;
-    const float am = absmax_from_bits(absmax_bits_n(stash[s], len, 0u));
+    state_bits[s] = absmax_bits_n(stash[s], len, 0u);
+    bits = std::max(bits, state_bits[s]);
+  }
+  const bool ok = bits < D8_INF_BITS;
+  commit_out(u, w.obuf, off, len, ok);
+  if (!ok) return 1;
+  for (int s = 0; s < u.nstates; ++s) {
+    if (!u.st[s].q8) {
+      memcpy(u.st[s].f32 + off, stash[s], len * sizeof(float));
+      continue;
+    }
+    const float am = absmax_from_bits(state_bits[s]);
     u.st[s].absmax[blk] = am;
     quantize_block(stash[s], len, block_reciprocal(am), *u.st[s].table, u.st[s].codes + off);
   }
+  return 0;
 }
 
 #if defined(D8_AVX512) || defined(D8_AVX2)
@@ -253,7 +281,9 @@ void run_block_simple(const Update& u, int64_t blk, Scratch& w) {
 // time so that the scheduler always holds both divider work (the rule) and table
 // loads (quantization); in runs of 64 the rule's divisions filled it and the two
 // took turns. Prologue (first block: update only) and epilogue (last block:
-// quantize only) are the same chunk code with one half compiled out.
+// quantize only) are the same chunk code with one half compiled out. A block is committed
+// (absmax, outputs, and its codes while the next block is updated) only if all its new
+// values are finite: the absmax reduction of the states and one more of the outputs say so.
 template <int R, int FL>
 struct Pipeline {
   static constexpr int NS = (R == ADAM || R == LAMB) ? 2 : 1;
@@ -261,7 +291,10 @@ struct Pipeline {
   Scratch& w;
   QTableSimd qs[NS];
   MaxBits mx[NS];  // absmax bits of the block being updated
+  MaxBits mo;       // magnitude bits of its outputs
   Recip recip[NS];  // reciprocal of the new absmax of the block being quantized
+  bool prev_ok = true;  // the block being quantized is committed
+  int64_t skips = 0;
   float old_am[NS];
 
   Pipeline(const Update& up, Scratch& wk) : u(up), w(wk) {
@@ -275,7 +308,7 @@ struct Pipeline {
     float* cur_stash[2] = {w.stash[0][b & 1] + i, w.stash[1][b & 1] + i};
     if constexpr (CUR) {
       prefetch_block(u, off + PREFETCH * B);
-      sp = prepare_span(u, off, CHUNK, old_am, cur_stash, w);
+      sp = prepare_span(u, off, CHUNK, old_am, cur_stash, w, w.obuf + i);
     }
     Words16 words[NS][4];
 #pragma GCC unroll 4
@@ -283,15 +316,16 @@ struct Pipeline {
       if constexpr (CUR) {
         rule_span<R, FL>(u, sp, 16 * j, 16);
         for (int s = 0; s < NS; ++s) mx[s] = absmax_bits16(cur_stash[s] + 16 * j, mx[s]);
+        mo = absmax_bits16(sp.O + 16 * j, mo);
       }
       if constexpr (PREV)
         for (int s = 0; s < NS; ++s)
           words[s][j] = quant_words16(w.stash[s][(b - 1) & 1] + i + 16 * j, recip[s], qs[s]);
     }
     if constexpr (PREV)
-      for (int s = 0; s < NS; ++s)
-        store_codes64(words[s][0], words[s][1], words[s][2], words[s][3], u.st[s].codes + (b - 1) * B + i);
-    if constexpr (CUR) finish_span(u, sp, off, CHUNK);
+      if (prev_ok)
+        for (int s = 0; s < NS; ++s)
+          store_codes64(words[s][0], words[s][1], words[s][2], words[s][3], u.st[s].codes + (b - 1) * B + i);
   }
 
   template <bool CUR, bool PREV>
@@ -301,17 +335,29 @@ struct Pipeline {
         old_am[s] = u.st[s].absmax[b];
         mx[s] = maxbits_zero();
       }
+    if constexpr (CUR) mo = maxbits_zero();
     for (int64_t i = 0; i < u.block_size; i += CHUNK) chunk<CUR, PREV>(b, i);
-    if constexpr (CUR)
+    if constexpr (CUR) {
+      uint32_t bits = maxbits_reduce(mo), state_bits[NS];
       for (int s = 0; s < NS; ++s) {
-        const float am = absmax_from_bits(maxbits_reduce(mx[s]));
-        u.st[s].absmax[b] = am;
-        recip[s] = recip_set(block_reciprocal(am));
+        state_bits[s] = maxbits_reduce(mx[s]);
+        bits = std::max(bits, state_bits[s]);
       }
+      prev_ok = bits < D8_INF_BITS;
+      skips += prev_ok ? 0 : 1;
+      commit_out(u, w.obuf, b * u.block_size, u.block_size, prev_ok);
+      if (prev_ok)
+        for (int s = 0; s < NS; ++s) {
+          const float am = absmax_from_bits(state_bits[s]);
+          u.st[s].absmax[b] = am;
+          recip[s] = recip_set(block_reciprocal(am));
+        }
+    }
   }
 
   void run(int64_t b0, int64_t b1) {
     if (b0 >= b1) return;
+    prev_ok = true;
     block<true, false>(b0);
     for (int64_t b = b0 + 1; b < b1; ++b) block<true, true>(b);
     block<false, true>(b1);
@@ -324,12 +370,18 @@ void run_blocks(const Update& u, int64_t b0, int64_t b1) {
   const int64_t nfull = u.n / u.block_size;
   Scratch w(u.block_size);
   bool pipelined = false;
+  int64_t skips = 0;
 #if defined(D8_AVX512) || defined(D8_AVX2)
   pipelined = true;
   for (int s = 0; s < u.nstates; ++s) pipelined = pipelined && u.st[s].q8 && u.st[s].table->fast;
-  if (pipelined) Pipeline<R, FL>(u, w).run(b0, std::min(b1, nfull));
+  if (pipelined) {
+    Pipeline<R, FL> pipe(u, w);
+    pipe.run(b0, std::min(b1, nfull));
+    skips += pipe.skips;
+  }
 #endif
-  for (int64_t b = pipelined ? std::max(b0, nfull) : b0; b < b1; ++b) run_block_simple<R, FL>(u, b, w);
+  for (int64_t b = pipelined ? std::max(b0, nfull) : b0; b < b1; ++b) skips += run_block_simple<R, FL>(u, b, w);
+  if (skips && u.skipped) __atomic_fetch_add(u.skipped, skips, __ATOMIC_RELAXED);
 }
 using BlocksFn = void (*)(const Update&, int64_t, int64_t);
 
@@ -397,6 +449,8 @@ Update make_update(int64_t rule, const at::Tensor& param, const at::Tensor& grad
       u.st[s].codes = S.data_ptr<uint8_t>();
       u.st[s].absmax = A.data_ptr<float>();
       u.st[s].table = tables[s];
+      u.st[s].floored = rule_state_floored((int)rule, s);
+      u.st[s].floor_frac = tables[s]->floor_frac;
     } else {
       TORCH_CHECK(S.scalar_type() == at::kFloat, "dist8: 32-bit state", s + 1, " must be float32");
       u.st[s].f32 = S.data_ptr<float>();
@@ -424,19 +478,28 @@ void check_rule_and_block(int64_t rule, int64_t block_size) {
   TORCH_CHECK(block_size >= 64 && (block_size & (block_size - 1)) == 0, "dist8: bad block_size ", block_size);
 }
 
+// Where a tensor's skipped blocks are counted: element i of `skipped` (int64), or nowhere when it is empty.
+int64_t* skipped_counter(const at::Tensor& skipped, int64_t i) {
+  if (!skipped.defined() || skipped.numel() == 0) return nullptr;
+  TORCH_CHECK(skipped.scalar_type() == at::kLong && skipped.is_contiguous() && skipped.numel() > i,
+              "dist8: skipped must be a contiguous int64 tensor with one element per tensor");
+  return skipped.data_ptr<int64_t>() + i;
+}
+
 const QTable* table_or_null(const at::Tensor& qmap) { return qmap.defined() && qmap.numel() > 0 ? get_table(qmap) : nullptr; }
 
 void fused_update_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& state1,
                       const at::Tensor& state2, const at::Tensor& absmax1, const at::Tensor& absmax2,
                       const at::Tensor& qmap1, const at::Tensor& qmap2, c10::ArrayRef<double> scalars,
-                      int64_t flags, int64_t block_size, const at::Tensor& update_out) {
+                      int64_t flags, int64_t block_size, const at::Tensor& update_out, const at::Tensor& skipped) {
   check_rule_and_block(rule, block_size);
   const Scalars c = scalars_from(scalars);
   const QTable* tables[2] = {nullptr, nullptr};
   const int nstates = rule_num_states((int)rule);
   if (absmax1.defined() && absmax1.numel() > 0) tables[0] = table_or_null(qmap1);
   if (nstates > 1 && absmax2.defined() && absmax2.numel() > 0) tables[1] = table_or_null(qmap2);
-  const Update u = make_update(rule, param, grad, state1, state2, absmax1, absmax2, tables, c, block_size, update_out);
+  Update u = make_update(rule, param, grad, state1, state2, absmax1, absmax2, tables, c, block_size, update_out);
+  u.skipped = skipped_counter(skipped, 0);
   if (u.n == 0) return;
   const int64_t nblocks = (u.n + block_size - 1) / block_size;
   const BlocksFn fn = pick_blocks_fn((int)rule, (int)flags);
@@ -450,7 +513,7 @@ void fused_update_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& g
 void fused_update_multi_cpu(int64_t rule, at::TensorList params, at::TensorList grads, at::TensorList state1,
                             at::TensorList state2, at::TensorList absmax1, at::TensorList absmax2,
                             const at::Tensor& qmap1, const at::Tensor& qmap2, c10::ArrayRef<double> scalars,
-                            int64_t flags, int64_t block_size) {
+                            int64_t flags, int64_t block_size, const at::Tensor& skipped) {
   check_rule_and_block(rule, block_size);
   TORCH_CHECK(!rule_writes_update((int)rule), "dist8: fused_update_multi_ does not take LAMB/LARS");
   const size_t k = params.size();
@@ -466,6 +529,7 @@ void fused_update_multi_cpu(int64_t rule, at::TensorList params, at::TensorList 
   for (size_t i = 0; i < k; ++i) {
     ups.push_back(make_update(rule, params[i], grads[i], state1[i], state2[i], absmax1[i], absmax2[i], maps, c,
                               block_size, none));
+    ups.back().skipped = skipped_counter(skipped, (int64_t)i);
     first_block.push_back(first_block.back() + (ups.back().n + block_size - 1) / block_size);
   }
   const BlocksFn fn = pick_blocks_fn((int)rule, (int)flags);

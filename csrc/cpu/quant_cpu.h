@@ -50,6 +50,7 @@ struct QTable {
   alignas(64) float q[256];
   alignas(64) uint8_t planes[4][256];  // byte k of every q[i] (for VBMI table lookups)
   bool fast = false;
+  float floor_frac = 0.f;  // state_floor_fraction(q): floor of second-moment-like states
   int shift = 32;
   uint32_t lowmask = 0;
   std::vector<uint32_t> lut;
@@ -64,6 +65,7 @@ struct QTable {
 
 inline void build_qtable(QTable& t, const float* qmap) {
   memcpy(t.q, qmap, sizeof(t.q));
+  t.floor_frac = state_floor_fraction(t.q);
   for (int i = 0; i < 256; ++i) {
     uint32_t u;
     memcpy(&u, &t.q[i], 4);

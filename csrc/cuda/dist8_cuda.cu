@@ -1,12 +1,14 @@
 // dist8_cuda.cu -- fused 8-bit optimizer kernels for CUDA.
 //
 // One thread block per quantization block: the two qmaps live in shared memory,
-// each thread dequantizes (old absmax), applies the rule (dist8_rules.h, no FMA
-// contraction: the rules use __f*_rn intrinsics and the file is built with
-// --fmad=false), keeps the new fp32 state in shared memory (global scratch for
-// block sizes above 4096), a block reduction gives the new absmax, and the
-// block is requantized to the exact nearest code (the reference binary search
-// on the shared-memory qmap). Bit-identical to the reference backend.
+// each thread dequantizes (old absmax; second-moment-like states with their floor),
+// applies the rule (dist8_rules.h, no FMA contraction: the rules use __f*_rn
+// intrinsics and the file is built with --fmad=false), keeps the new fp32 states and
+// outputs in shared memory (global scratch for block sizes above 2048), a block vote
+// says whether they are all finite (else the block is skipped: nothing is written but
+// a count), a block reduction gives the new absmax, and the block is requantized to
+// the exact nearest code (the reference binary search on the shared-memory qmap).
+// Bit-identical to the reference backend.
 // fused_update_multi_ updates up to MULTI_MAX tensors per launch (thread block b
 // finds its tensor in the prefix sums of their block counts), and
 // all_finite_multi checks many tensors with one host sync: a step of a model
@@ -77,7 +79,9 @@ namespace dist8 {
 namespace {
 
 constexpr int DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2;
-constexpr int SMEM_STATE_LIMIT = 4096;  // elements per state kept in shared memory
+// Block sizes whose new states and outputs ((nstates + 1) * block_size floats, 24 KiB at
+// most) are kept in shared memory; larger ones use global scratch.
+constexpr int SMEM_STATE_LIMIT = 2048;
 
 int dtype_code(at::ScalarType t) {
   switch (t) {
@@ -146,9 +150,11 @@ struct TensorArgs {
   uint8_t* codes[2];     // 8-bit states, else nullptr
   float* f32[2];         // 32-bit states, else nullptr
   float* absmax[2];
-  float* scratch;        // nullptr: shared memory holds the block's new states
+  float* scratch;        // nullptr: shared memory holds the block's new states and outputs
+  int64_t* skipped;      // += blocks not committed, or nullptr
   int64_t n;
   int pdt, gdt, odt;
+  int writes_update;     // out is update_out: a skipped block's direction is written as 0
 };
 
 struct FusedArgs {
@@ -180,6 +186,19 @@ __device__ __forceinline__ float apply_rule(int rule, int flags, const Scalars& 
   }
 }
 
+__device__ __forceinline__ void count_skip(int64_t* skipped) {
+  if (skipped) atomicAdd(reinterpret_cast<unsigned long long*>(skipped), 1ull);
+}
+
+// Floors of the 8-bit states that have one (-inf: none; nothing is below it, NaN stays NaN).
+__device__ __forceinline__ void state_floors(const CommonArgs& k, const TensorArgs& t, const float (*q)[256],
+                                             const float* old_am, float* floor) {
+#pragma unroll
+  for (int s = 0; s < 2; ++s)
+    floor[s] = (s < k.nstates && t.codes[s] && rule_state_floored(k.rule, s))
+                   ? fmul(state_floor_fraction(q[s]), old_am[s]) : u2f(0xFF800000u);
+}
+
 __device__ __forceinline__ void load_qmaps(const CommonArgs& k, float (*q)[256]) {
   for (int s = 0; s < k.nstates; ++s)
     if (k.qmap[s])
@@ -187,19 +206,23 @@ __device__ __forceinline__ void load_qmaps(const CommonArgs& k, float (*q)[256])
   __syncthreads();
 }
 
-// Block `blk` of tensor `t`: dequantize, update, new absmax, requantize (q already in shared memory).
+// Block `blk` of tensor `t`: dequantize, update, then (all new values finite) write the
+// outputs, new absmax and codes; else count the block as skipped (q already in shared memory).
 __device__ __forceinline__ void update_block(const CommonArgs& k, const TensorArgs& t, int64_t blk,
                                              const float (*q)[256], uint32_t* red, float* dyn) {
   const int tid = threadIdx.x;
   const int64_t off = blk * k.block_size;
   const int64_t len = min(k.block_size, t.n - off);
-  float* buf = t.scratch ? t.scratch + off * k.nstates : dyn;  // buf[s * block_size + i]
-  float old_am[2] = {0.f, 0.f};
+  // buf[s * block_size + i]: new state s; buf[nstates * block_size + i]: new output
+  float* buf = t.scratch ? t.scratch + off * (k.nstates + 1) : dyn;
+  float* obuf = buf + k.nstates * k.block_size;
+  float old_am[2] = {0.f, 0.f}, floor[2];
   // Loops over states run to the constant 2 so they unroll and the arrays stay in registers.
 #pragma unroll
   for (int s = 0; s < 2; ++s)
     if (s < k.nstates && t.codes[s]) old_am[s] = t.absmax[s][blk];
-  uint32_t mx[2] = {0u, 0u};
+  state_floors(k, t, q, old_am, floor);
+  uint32_t mx[2] = {0u, 0u}, bits = 0u;
   for (int64_t i = tid; i < len; i += blockDim.x) {
     const int64_t j = off + i;
     const float p = load_as_float(t.param, t.pdt, j);
@@ -207,25 +230,34 @@ __device__ __forceinline__ void update_block(const CommonArgs& k, const TensorAr
     float st[2] = {0.f, 0.f};
 #pragma unroll
     for (int s = 0; s < 2; ++s)
-      if (s < k.nstates) st[s] = t.codes[s] ? fmul(q[s][t.codes[s][j]], old_am[s]) : t.f32[s][j];
+      if (s < k.nstates) st[s] = t.codes[s] ? floored(fmul(q[s][t.codes[s][j]], old_am[s]), floor[s]) : t.f32[s][j];
     const float o = apply_rule(k.rule, k.flags, k.c, p, g, st[0], st[1]);
-    store_from_float(t.out, t.odt, j, o);
+    obuf[i] = o;
+    bits = max(bits, abs_bits(o));
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
       if (s >= k.nstates) break;
-      if (t.codes[s]) {
-        buf[s * k.block_size + i] = st[s];
-        const uint32_t b = abs_bits(st[s]);
-        mx[s] = b > mx[s] ? b : mx[s];
-      } else {
-        t.f32[s][j] = st[s];
-      }
+      buf[s * k.block_size + i] = st[s];
+      const uint32_t b = abs_bits(st[s]);
+      mx[s] = b > mx[s] ? b : mx[s];
+      bits = max(bits, b);
     }
   }
+  if (__syncthreads_or(bits >= D8_INF_BITS)) {  // also orders the buf writes
+    if (tid == 0) count_skip(t.skipped);
+    if (t.writes_update)
+      for (int64_t i = tid; i < len; i += blockDim.x) store_from_float(t.out, t.odt, off + i, 0.0f);
+    return;
+  }
+  for (int64_t i = tid; i < len; i += blockDim.x) store_from_float(t.out, t.odt, off + i, obuf[i]);
 #pragma unroll
   for (int s = 0; s < 2; ++s) {
-    if (s >= k.nstates || !t.codes[s]) continue;
-    const float am = absmax_from_bits(block_max_u32(mx[s], red));  // also orders the buf writes
+    if (s >= k.nstates) continue;
+    if (!t.codes[s]) {
+      for (int64_t i = tid; i < len; i += blockDim.x) t.f32[s][off + i] = buf[s * k.block_size + i];
+      continue;
+    }
+    const float am = absmax_from_bits(block_max_u32(mx[s], red));
     if (tid == 0) t.absmax[s][blk] = am;
     const float recip = block_reciprocal(am);
     for (int64_t i = tid; i < len; i += blockDim.x)
@@ -297,29 +329,48 @@ __device__ __forceinline__ void update_block_warp(const CommonArgs& k, const Ten
                                                   const float (*q)[256], int lane) {
   const int64_t off = blk * k.block_size;
   const int64_t len = min(k.block_size, t.n - off);
-  const float am0 = t.codes[0] ? t.absmax[0][blk] : 0.f;
-  const float am1 = k.nstates > 1 && t.codes[1] ? t.absmax[1][blk] : 0.f;
-  float st0[VPT], st1[VPT];  // the new states (registers: every index is a constant after unrolling)
-  uint32_t mx0 = 0u, mx1 = 0u;
+  float old_am[2];
+  old_am[0] = t.codes[0] ? t.absmax[0][blk] : 0.f;
+  old_am[1] = k.nstates > 1 && t.codes[1] ? t.absmax[1][blk] : 0.f;
+  float floor[2];
+  state_floors(k, t, q, old_am, floor);
+  // the new states and outputs (registers: every index is a constant after unrolling)
+  float st0[VPT], st1[VPT], ov[VPT];
+  uint32_t mx0 = 0u, mx1 = 0u, bits = 0u;
 #pragma unroll
   for (int v = 0; v < VPT; ++v) {
     const int64_t i = lane + 32 * v;
-    st0[v] = st1[v] = 0.f;
+    st0[v] = st1[v] = ov[v] = 0.f;
     if (i >= len) continue;
     const int64_t j = off + i;
     const float p = load_as_float(t.param, t.pdt, j);
     const float g = load_as_float(t.grad, t.gdt, j);
-    float s0 = t.codes[0] ? fmul(q[0][t.codes[0][j]], am0) : t.f32[0][j];
+    float s0 = t.codes[0] ? floored(fmul(q[0][t.codes[0][j]], old_am[0]), floor[0]) : t.f32[0][j];
     float s1 = 0.f;
-    if (k.nstates > 1) s1 = t.codes[1] ? fmul(q[1][t.codes[1][j]], am1) : t.f32[1][j];
-    const float o = apply_rule(k.rule, k.flags, k.c, p, g, s0, s1);
-    store_from_float(t.out, t.odt, j, o);
+    if (k.nstates > 1) s1 = t.codes[1] ? floored(fmul(q[1][t.codes[1][j]], old_am[1]), floor[1]) : t.f32[1][j];
+    ov[v] = apply_rule(k.rule, k.flags, k.c, p, g, s0, s1);
     st0[v] = s0;
     st1[v] = s1;
-    if (t.codes[0]) mx0 = max(mx0, abs_bits(s0)); else t.f32[0][j] = s0;
-    if (k.nstates > 1) {
-      if (t.codes[1]) mx1 = max(mx1, abs_bits(s1)); else t.f32[1][j] = s1;
+    bits = max(bits, abs_bits(ov[v]));
+    mx0 = max(mx0, abs_bits(s0));
+    mx1 = max(mx1, abs_bits(s1));
+  }
+  if (warp_max_u32(max(bits, max(mx0, mx1))) >= D8_INF_BITS) {  // skip the block
+    if (lane == 0) count_skip(t.skipped);
+#pragma unroll
+    for (int v = 0; v < VPT; ++v) {
+      const int64_t i = lane + 32 * v;
+      if (t.writes_update && i < len) store_from_float(t.out, t.odt, off + i, 0.0f);
     }
+    return;
+  }
+#pragma unroll
+  for (int v = 0; v < VPT; ++v) {
+    const int64_t i = lane + 32 * v;
+    if (i >= len) continue;
+    store_from_float(t.out, t.odt, off + i, ov[v]);
+    if (!t.codes[0]) t.f32[0][off + i] = st0[v];
+    if (k.nstates > 1 && !t.codes[1]) t.f32[1][off + i] = st1[v];
   }
   if (t.codes[0]) requantize_warp<VPT>(st0, mx0, t.codes[0], t.absmax[0], blk, off, len, q[0], lane);
   if (k.nstates > 1 && t.codes[1]) requantize_warp<VPT>(st1, mx1, t.codes[1], t.absmax[1], blk, off, len, q[1], lane);
@@ -473,6 +524,7 @@ TensorArgs tensor_args(const CommonArgs& k, const at::Tensor& param, const at::T
                   grad.device() == param.device(),
               "dist8: param/grad must be contiguous CUDA tensors of equal size on one device");
   const bool writes_update = update_out.defined() && update_out.numel() > 0;
+  t.writes_update = writes_update ? 1 : 0;
   const at::Tensor& out_t = writes_update ? update_out : param;
   TORCH_CHECK(out_t.is_contiguous() && out_t.numel() == t.n, "dist8: bad update_out");
   t.param = param.data_ptr();
@@ -505,19 +557,27 @@ TensorArgs tensor_args(const CommonArgs& k, const at::Tensor& param, const at::T
   return t;
 }
 
-size_t state_smem_bytes(const CommonArgs& k, int nq8) {
-  return nq8 > 0 ? sizeof(float) * k.block_size * k.nstates : 0;
+size_t state_smem_bytes(const CommonArgs& k) { return sizeof(float) * k.block_size * (k.nstates + 1); }
+
+// Where a tensor's skipped blocks are counted: element i of `skipped` (int64), or nowhere when it is empty.
+int64_t* skipped_counter(const at::Tensor& skipped, int64_t i) {
+  if (!skipped.defined() || skipped.numel() == 0) return nullptr;
+  TORCH_CHECK(skipped.scalar_type() == at::kLong && skipped.is_contiguous() && skipped.numel() > i &&
+                  D8_ON_DEVICE(skipped),
+              "dist8: skipped must be a contiguous int64 tensor with one element per tensor, on the device");
+  return skipped.data_ptr<int64_t>() + i;
 }
 
 void fused_update_cuda(int64_t rule, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& state1,
                        const at::Tensor& state2, const at::Tensor& absmax1, const at::Tensor& absmax2,
                        const at::Tensor& qmap1, const at::Tensor& qmap2, c10::ArrayRef<double> scalars,
-                       int64_t flags, int64_t block_size, const at::Tensor& update_out) {
+                       int64_t flags, int64_t block_size, const at::Tensor& update_out, const at::Tensor& skipped) {
   D8_GUARD(param.device());
   FusedArgs a{};
   a.k = common_args(rule, flags, block_size, scalars, qmap1, qmap2);
   int nq8 = 0;
   a.t = tensor_args(a.k, param, grad, state1, state2, absmax1, absmax2, update_out, nq8);
+  a.t.skipped = skipped_counter(skipped, 0);
   if (a.t.n == 0) return;
   const int64_t nblocks = (a.t.n + block_size - 1) / block_size;
   if (use_warp_kernel(block_size)) {
@@ -529,9 +589,9 @@ void fused_update_cuda(int64_t rule, const at::Tensor& param, const at::Tensor& 
     return;
   }
   at::Tensor scratch;
-  size_t smem = state_smem_bytes(a.k, nq8);
-  if (block_size > SMEM_STATE_LIMIT && nq8 > 0) {
-    scratch = at::empty({nblocks * block_size * a.k.nstates}, param.options().dtype(at::kFloat));
+  size_t smem = state_smem_bytes(a.k);
+  if (block_size > SMEM_STATE_LIMIT) {
+    scratch = at::empty({nblocks * block_size * (a.k.nstates + 1)}, param.options().dtype(at::kFloat));
     a.t.scratch = scratch.data_ptr<float>();
     smem = 0;
   }
@@ -543,7 +603,7 @@ void fused_update_cuda(int64_t rule, const at::Tensor& param, const at::Tensor& 
 void fused_update_multi_cuda(int64_t rule, at::TensorList params, at::TensorList grads, at::TensorList state1,
                              at::TensorList state2, at::TensorList absmax1, at::TensorList absmax2,
                              const at::Tensor& qmap1, const at::Tensor& qmap2, c10::ArrayRef<double> scalars,
-                             int64_t flags, int64_t block_size) {
+                             int64_t flags, int64_t block_size, const at::Tensor& skipped) {
   const size_t count = params.size();
   TORCH_CHECK(grads.size() == count && state1.size() == count && state2.size() == count &&
                   absmax1.size() == count && absmax2.size() == count,
@@ -553,9 +613,10 @@ void fused_update_multi_cuda(int64_t rule, at::TensorList params, at::TensorList
   if (count == 0) return;
   const at::Tensor none;
   if (block_size > SMEM_STATE_LIMIT) {
+    const bool counting = skipped.defined() && skipped.numel() > 0;
     for (size_t i = 0; i < count; ++i)
       fused_update_cuda(rule, params[i], grads[i], state1[i], state2[i], absmax1[i], absmax2[i], qmap1, qmap2,
-                        scalars, flags, block_size, none);
+                        scalars, flags, block_size, none, counting ? skipped.narrow(0, (int64_t)i, 1) : none);
     return;
   }
   D8_GUARD(params[0].device());
@@ -580,14 +641,15 @@ void fused_update_multi_cuda(int64_t rule, at::TensorList params, at::TensorList
   for (size_t i = 0; i < count; ++i) {
     TORCH_CHECK(params[i].device() == params[0].device(), "dist8: fused_update_multi_ tensors must share a device");
     int nq8 = 0;
-    const TensorArgs t = tensor_args(a.k, params[i], grads[i], state1[i], state2[i], absmax1[i], absmax2[i], none, nq8);
+    TensorArgs t = tensor_args(a.k, params[i], grads[i], state1[i], state2[i], absmax1[i], absmax2[i], none, nq8);
+    t.skipped = skipped_counter(skipped, (int64_t)i);
     if (t.n == 0) continue;
     const int64_t nblocks = (t.n + block_size - 1) / block_size;
     if (a.ntensors == MULTI_MAX || a.first_block[a.ntensors] + nblocks > INT32_MAX) launch();
     a.t[a.ntensors] = t;
     a.first_block[a.ntensors + 1] = a.first_block[a.ntensors] + nblocks;
     ++a.ntensors;
-    smem = std::max(smem, state_smem_bytes(a.k, nq8));
+    smem = state_smem_bytes(a.k);
   }
   launch();
 }

@@ -172,6 +172,26 @@ D8_HD uint32_t float_key(float x) {
 }
 D8_HD float key_float(uint32_t k) { return u2f((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k); }
 
+// ---- reading and committing 8-bit state (see dist8/kernels/rules.py) ---------
+// Second-moment-like states (unsigned map: Adam/LAMB state 2, RMSprop and Adagrad state 1)
+// are read back as max(q[code] * absmax, floor), floor = fl(floor_fraction * absmax): a
+// value stored as code 0 is below half the smallest positive code, and reading it as 0
+// let lr * m / eps through.
+D8_HD bool rule_state_floored(int rule, int s) {
+  return ((rule == ADAM || rule == LAMB) && s == 1) || ((rule == RMSPROP || rule == ADAGRAD) && s == 0);
+}
+// Half the first entry >= the smallest positive float (0 when none): dist8.kernels.rules.state_floor_fraction.
+D8_HD float state_floor_fraction(const float* qmap) {
+  const int i = lower_bound256(u2f(1u), qmap);
+  return i < 256 ? fmul(qmap[i], 0.5f) : 0.0f;
+}
+// NaN stays NaN (the comparison is false), as torch.where(v < floor, floor, v).
+D8_HD float floored(float v, float floor) { return v < floor ? floor : v; }
+
+// A block is committed only if all its new states and outputs are finite: with the
+// magnitude bits of all of them max-reduced (abs_bits), that is bits < D8_INF_BITS.
+constexpr uint32_t D8_INF_BITS = 0x7F800000u;
+
 // ---- reduced-precision conversions (bit-exact with c10 / torch .to()) -------
 D8_HD float bf16_bits_to_float(uint16_t h) { return u2f(((uint32_t)h) << 16); }
 // c10::BFloat16 round_to_nearest_even.

@@ -34,13 +34,13 @@ _SCHEMAS = {
     "fused_update_": (
         "fused_update_(int rule, Tensor(a!) param, Tensor grad, Tensor(b!) state1, Tensor(c!) state2, "
         "Tensor(d!) absmax1, Tensor(e!) absmax2, Tensor qmap1, Tensor qmap2, float[] scalars, int flags, "
-        "int block_size, Tensor(f!) update_out) -> ()"
+        "int block_size, Tensor(f!) update_out, Tensor(g!) skipped) -> ()"
     ),
     # One update for many tensors (same rule, scalars, flags, block size; no update_out).
     "fused_update_multi_": (
         "fused_update_multi_(int rule, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
         "Tensor(c!)[] state2, Tensor(d!)[] absmax1, Tensor(e!)[] absmax2, Tensor qmap1, Tensor qmap2, "
-        "float[] scalars, int flags, int block_size) -> ()"
+        "float[] scalars, int flags, int block_size, Tensor(f!) skipped) -> ()"
     ),
     "quantize_blockwise": "quantize_blockwise(Tensor x, Tensor qmap, int block_size) -> (Tensor, Tensor)",
     "dequantize_blockwise": "dequantize_blockwise(Tensor codes, Tensor absmax, Tensor qmap, int block_size) -> Tensor",
@@ -289,6 +289,7 @@ class NativeBackend:
         flags: int,
         block_size: int,
         update_out: torch.Tensor | None = None,
+        skipped: torch.Tensor | None = None,
     ) -> None:
         """Same contract as :meth:`ReferenceBackend.fused_update`, bit-identical results."""
         rule = Rule(rule)
@@ -325,13 +326,28 @@ class NativeBackend:
             out = empty
         values = _scalar_values(scalars)
         (s1, a1, q1), (s2, a2, q2) = args
+        counts = self._counts(skipped, 1, device)
         with torch.no_grad():
             self._ops.fused_update_(
-                int(rule), p, g, s1, s2, a1, a2, q1, q2, values, int(flags), int(block_size), out
+                int(rule), p, g, s1, s2, a1, a2, q1, q2, values, int(flags), int(block_size), out, counts
             )
 
+    def _counts(self, skipped, count: int, device: torch.device) -> torch.Tensor:
+        if skipped is None:
+            return self._empty_long(device)
+        if skipped.dtype != torch.int64 or skipped.numel() != count or skipped.device != device or not skipped.is_contiguous():
+            raise ValueError(f"skipped must be a contiguous int64 tensor of {count} element(s) on {device}")
+        return skipped
+
+    def _empty_long(self, device: torch.device) -> torch.Tensor:
+        key = (device, "long")
+        t = self._empty.get(key)
+        if t is None:
+            t = self._empty[key] = torch.empty(0, dtype=torch.int64, device=device)
+        return t
+
     def fused_update_multi(self, rule: Rule, updates: list[tuple], qmap1, qmap2, scalars: Scalars, flags: int,
-                           block_size: int) -> None:
+                           block_size: int, skipped: torch.Tensor | None = None) -> None:
         """:meth:`fused_update` for many tensors at once: ``updates`` holds one ``(param, grad,
         state1, state2, absmax1, absmax2)`` per tensor (``None`` where absent), all with the same
         rule, scalars, flags and block size and no ``update_out``. One kernel call on the CPU (the
@@ -339,8 +355,9 @@ class NativeBackend:
         """
         rule = Rule(rule)
         if rule in RULE_WRITES_UPDATE or not updates:
-            for p, g, s1, s2, a1, a2 in updates:
-                self.fused_update(rule, p, g, s1, s2, a1, a2, qmap1, qmap2, scalars, flags, block_size)
+            for i, (p, g, s1, s2, a1, a2) in enumerate(updates):
+                self.fused_update(rule, p, g, s1, s2, a1, a2, qmap1, qmap2, scalars, flags, block_size,
+                                  skipped=None if skipped is None else skipped[i:i + 1])
             return
         device = updates[0][0].device
         empty = self._none(device)
@@ -351,8 +368,9 @@ class NativeBackend:
             for col, t in zip(cols, row):
                 col.append(empty if t is None else t)
         values = _scalar_values(scalars)
+        counts = self._counts(skipped, len(updates), device)
         with torch.no_grad():
-            self._ops.fused_update_multi_(int(rule), *cols, q1, q2, values, int(flags), int(block_size))
+            self._ops.fused_update_multi_(int(rule), *cols, q1, q2, values, int(flags), int(block_size), counts)
 
     def quantize_blockwise(self, x: torch.Tensor, qmap: torch.Tensor, block_size: int = 256):
         """Like :func:`dist8.quant.quantize_blockwise` (bit-identical)."""

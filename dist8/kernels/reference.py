@@ -7,25 +7,37 @@ from __future__ import annotations
 
 import torch
 
-from dist8.kernels.rules import Rule, Scalars, apply_rule
+from dist8.kernels.rules import RULE_STATES, Rule, Scalars, apply_rule, finite_blocks, floor_state, state_floor_fraction, state_floored
 from dist8.quant import dequantize_blockwise, quantize_blockwise
 
 
-def _load_state(state: torch.Tensor | None, absmax: torch.Tensor | None, qmap, block_size: int):
+def _load_state(state: torch.Tensor | None, absmax: torch.Tensor | None, qmap, block_size: int, floored: bool):
     if state is None:
         return None
     if absmax is None:
         return state.reshape(-1).float()
-    return dequantize_blockwise(state.reshape(-1), absmax, qmap, block_size)
+    values = dequantize_blockwise(state.reshape(-1), absmax, qmap, block_size)
+    if floored:
+        values = floor_state(values, absmax, state_floor_fraction(qmap), block_size)
+    return values
 
 
-def _store_state(new: torch.Tensor, state: torch.Tensor, absmax: torch.Tensor | None, qmap, block_size: int) -> None:
+def _store_state(new: torch.Tensor, state: torch.Tensor, absmax: torch.Tensor | None, qmap, block_size: int,
+                 keep: torch.Tensor | None) -> None:
+    """Write the new state; ``keep`` (bool per value, or None) marks values of skipped blocks."""
+    flat = state.view(-1)
     if absmax is None:
-        state.copy_(new.view(state.shape))
+        new = new.view(-1)
+        flat.copy_(new if keep is None else torch.where(keep, flat, new))
         return
     codes, new_absmax = quantize_blockwise(new, qmap, block_size)
-    state.copy_(codes.view(state.shape))
-    absmax.copy_(new_absmax)
+    if keep is None:
+        flat.copy_(codes.view(-1))
+        absmax.copy_(new_absmax)
+        return
+    flat.copy_(torch.where(keep, flat, codes.view(-1)))
+    keep_block = keep[::block_size]
+    absmax.copy_(torch.where(keep_block, absmax, new_absmax))
 
 
 class ReferenceBackend:
@@ -48,29 +60,46 @@ class ReferenceBackend:
         flags: int,
         block_size: int,
         update_out: torch.Tensor | None = None,
+        skipped: torch.Tensor | None = None,
     ) -> None:
         """Update ``param`` (or write ``update_out``) and the states in place.
 
         ``state*`` are uint8 codes with float32 ``absmax*`` (8-bit) or float32
         tensors with ``absmax* = None`` (32-bit); all tensors hold the same
-        number of elements in the same (flattened) order.
+        number of elements in the same (flattened) order. A block whose new
+        states or outputs are not all finite is skipped (see
+        :mod:`dist8.kernels.rules`); ``skipped`` (int64, one element), when
+        given, is increased by the number of skipped blocks.
         """
+        rule = Rule(rule)
         p = param.detach().reshape(-1).float()
         g = grad.detach().reshape(-1).float()
-        s1 = _load_state(state1, absmax1, qmap1, block_size)
-        s2 = _load_state(state2, absmax2, qmap2, block_size)
-        out, s1_new, s2_new = apply_rule(Rule(rule), p, g, s1, s2, scalars, flags)
-        _store_state(s1_new, state1, absmax1, qmap1, block_size)
+        s1 = _load_state(state1, absmax1, qmap1, block_size, state_floored(rule, 0))
+        s2 = _load_state(state2, absmax2, qmap2, block_size, len(RULE_STATES[rule]) > 1 and state_floored(rule, 1))
+        out, s1_new, s2_new = apply_rule(rule, p, g, s1, s2, scalars, flags)
+        n = p.numel()
+        ok = finite_blocks(block_size, *(t for t in (out, s1_new, s2_new) if t is not None)) if n else None
+        keep = None
+        if ok is not None and not bool(ok.all()):
+            keep = (~ok).repeat_interleave(block_size)[:n]
+            if skipped is not None:
+                skipped.add_(int((~ok).sum()))
+        _store_state(s1_new, state1, absmax1, qmap1, block_size, keep)
         if s2_new is not None:
-            _store_state(s2_new, state2, absmax2, qmap2, block_size)
-        target = update_out if update_out is not None else param
-        target.detach().copy_(out.view(target.shape))
+            _store_state(s2_new, state2, absmax2, qmap2, block_size, keep)
+        target = (update_out if update_out is not None else param).detach()
+        if keep is not None:
+            old = torch.zeros_like(out) if update_out is not None else p
+            out = torch.where(keep, old, out)
+        target.copy_(out.view(target.shape))
 
     def fused_update_multi(self, rule: Rule, updates: list[tuple], qmap1, qmap2, scalars: Scalars, flags: int,
-                           block_size: int) -> None:
-        """:meth:`fused_update` for each ``(param, grad, state1, state2, absmax1, absmax2)`` of ``updates``."""
-        for p, g, s1, s2, a1, a2 in updates:
-            self.fused_update(rule, p, g, s1, s2, a1, a2, qmap1, qmap2, scalars, flags, block_size)
+                           block_size: int, skipped: torch.Tensor | None = None) -> None:
+        """:meth:`fused_update` for each ``(param, grad, state1, state2, absmax1, absmax2)`` of ``updates``;
+        ``skipped`` (int64, one element per tensor), when given, counts each tensor's skipped blocks."""
+        for i, (p, g, s1, s2, a1, a2) in enumerate(updates):
+            self.fused_update(rule, p, g, s1, s2, a1, a2, qmap1, qmap2, scalars, flags, block_size,
+                              skipped=None if skipped is None else skipped[i:i + 1])
 
     def all_finite(self, grad: torch.Tensor) -> bool:
         """True when every element of ``grad`` is finite."""

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Rule", "Scalars", "FLAG_FIRST_STEP", "FLAG_NESTEROV", "RULE_STATES", "RULE_WRITES_UPDATE", "apply_rule"]
+__all__ = [
+    "Rule", "Scalars", "FLAG_FIRST_STEP", "FLAG_NESTEROV", "RULE_STATES", "RULE_WRITES_UPDATE", "apply_rule",
+    "state_floored", "state_floor_fraction", "floor_state", "finite_blocks",
+]
 
 FLAG_FIRST_STEP = 1  # momentum buffer starts as the gradient (SGD/LARS)
 FLAG_NESTEROV = 2
@@ -161,3 +164,61 @@ def apply_rule(
         out, m = _lion(p, g, s1, c)
         return out, m, None
     raise ValueError(f"unknown rule {rule!r}")
+
+
+# ---- reading and committing 8-bit state (every backend does exactly this) ------------------
+#
+# Floor of second-moment-like states. A non-negative state (Adam's/LAMB's v, RMSprop's square
+# average, Adagrad's sum: the states with an unsigned map) whose value is below half the
+# smallest positive code times the block's absmax is stored as code 0, i.e. read back as 0,
+# while the element's first moment can keep a nonzero code: the next step then moves it by
+# lr * m / eps (18-290x lr on embedding rows absent from a batch). Its true value lies in
+# [0, floor) with floor = (smallest positive code / 2) * absmax, so it is read back as that
+# floor: the denominator can only be overestimated, never 0 while the block holds anything.
+# Codes and the stored format are unchanged (bitsandbytes import/export as before).
+#
+#     read value = max(q[code] * absmax, floor)      (NaN stays NaN)
+#     floor      = fl(floor_fraction * absmax),  floor_fraction = first q[i] > 0, halved
+#
+# Per-block commit. A block's new state values and outputs (parameter or update direction)
+# are written only if all of them are finite: a non-finite gradient always makes a new state
+# non-finite (every rule folds g into each state through finite coefficients, and 0 * inf is
+# NaN), and so does an overflow (g * g above 3.4e38). A block that is not committed keeps its
+# codes, absmax, 32-bit state and parameter; its update direction (LAMB/LARS) is written as 0.
+
+
+def state_floored(rule: Rule, index: int) -> bool:
+    """Whether 8-bit state ``index`` (0 or 1) of ``rule`` is read back with the floor."""
+    return not RULE_STATES[Rule(rule)][index]
+
+
+_DENORM_MIN = float(torch.finfo(torch.float32).smallest_normal) * 2.0**-23  # 2**-149
+
+
+def state_floor_fraction(qmap: torch.Tensor) -> float:
+    """``qmap[i] / 2`` for the first ``i`` with ``qmap[i] > 0`` (the search of the kernels: the
+    first entry >= the smallest positive float32); 0.0 when there is none."""
+    q = qmap.detach().float().cpu().reshape(-1)
+    i = int(torch.searchsorted(q, torch.tensor([_DENORM_MIN], dtype=torch.float32))[0])
+    if i >= q.numel():
+        return 0.0
+    return float(q[i] * torch.tensor(0.5, dtype=torch.float32))
+
+
+def floor_state(values: torch.Tensor, absmax: torch.Tensor, fraction: float, block_size: int) -> torch.Tensor:
+    """Apply the floor to dequantized float32 ``values`` (flat) of blocks with ``absmax``."""
+    floor = (torch.tensor(fraction, dtype=torch.float32) * absmax.float()).repeat_interleave(block_size)
+    floor = floor[: values.numel()]
+    return torch.where(values < floor, floor, values)
+
+
+def finite_blocks(block_size: int, *tensors: torch.Tensor) -> torch.Tensor:
+    """Bool per block: every value of every (flat, same-length) tensor in the block is finite."""
+    n = tensors[0].numel()
+    ok = torch.ones(n, dtype=torch.bool, device=tensors[0].device)
+    for t in tensors:
+        ok &= torch.isfinite(t.reshape(-1))
+    pad = (-n) % block_size
+    if pad:
+        ok = torch.cat([ok, ok.new_ones(pad)])
+    return ok.view(-1, block_size).all(dim=1)

@@ -7,6 +7,7 @@ from typing import Any
 from dist8.kernels import Rule, Scalars
 from dist8.optim.base import Optimizer8bit, bit_variants
 from dist8.optim.public_api import document
+from dist8.optim.validation import pair
 
 __all__ = ["Adam", "Adam8bit", "Adam32bit", "AdamW", "AdamW8bit", "AdamW32bit"]
 
@@ -36,7 +37,7 @@ class _AdamBase(Optimizer8bit):
             raise ValueError("amsgrad=True is not supported by dist8 8-bit Adam")
         super().__init__(
             params,
-            dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
+            dict(lr=lr, betas=pair(betas), eps=eps, weight_decay=weight_decay),
             optim_bits=self.default_bits if optim_bits is None else optim_bits,
             args=args,
             min_8bit_size=min_8bit_size,

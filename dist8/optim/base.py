@@ -24,10 +24,11 @@ from dist8.optim import dtensor, pipeline
 from dist8.optim import dtensor_layout as dtl
 from dist8.optim import state_schema as schema
 from dist8.optim.config import check_overrides, global_numel, match_overrides, split_named_params, uses_8bit
-from dist8.optim.hooks import load_state_dict_with_hooks
 from dist8.optim.contract import TorchContract
+from dist8.optim.hooks import load_state_dict_with_hooks
+from dist8.optim.nonfinite import SkipCounter, check_mode
 from dist8.optim.positions import ParamPositions
-from dist8.optim.validation import SUPPORTED_DTYPES, check_group, check_param_types
+from dist8.optim.validation import SUPPORTED_DTYPES, check_group, check_param_types, check_unique_params
 from dist8.quant import DEFAULT_BLOCK_SIZE, check_block_size, effective_block_size, get_map, num_blocks
 
 __all__ = ["Optimizer8bit", "ParamSettings", "SUPPORTED_DTYPES", "bit_variants"]
@@ -63,9 +64,14 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
         quant_map: ``"dynamic"`` (default) or ``"linear"`` (ablation).
         overrides: ``{"name-pattern": {"optim_bits": 32, "lr": ...}}`` applied to
             parameters passed as ``model.named_parameters()`` (fnmatch patterns).
-        on_nonfinite: ``"skip"`` (default: skip that parameter's step, count it in
-            ``nonfinite_skips``) or ``"raise"`` (``FloatingPointError`` naming it).
-        check_finite: check gradients for inf/NaN before each update (default True).
+        on_nonfinite: ``"skip"`` (default): a quantization block whose gradient (or new
+            state: overflow) is non-finite keeps its state and parameter, found by the kernel
+            itself (no extra read) and counted in ``nonfinite_skips`` (blocks) and
+            :meth:`nonfinite_skips_by_param`; ``"skip_param"``: gradients are checked before
+            the update and a parameter with any inf/NaN is skipped whole (counted once);
+            ``"raise"``: that check, and ``FloatingPointError`` naming the parameter.
+        check_finite: run the ``"skip_param"``/``"raise"`` check (default True; ``"skip"``
+            needs none). The kernels skip non-finite blocks in every mode.
     """
 
     rule: Rule
@@ -97,8 +103,7 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
             raise ValueError("is_paged=True (paged optimizers) is not supported by dist8")
         if max_unorm and self.rule not in RULE_WRITES_UPDATE:
             raise ValueError(f"max_unorm={max_unorm} is not supported by {type(self).__name__}; use 0.0")
-        if on_nonfinite not in ("skip", "raise"):
-            raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {on_nonfinite!r}")
+        check_mode(on_nonfinite)
         check_block_size(block_size)
         get_map(quant_map, True)  # validates the name
         defaults = dict(defaults)
@@ -110,9 +115,8 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
         self.overrides = check_overrides(overrides)
         self.on_nonfinite = on_nonfinite
         self.check_finite = bool(check_finite)
-        self.nonfinite_skips = 0
+        self.skip_counter = SkipCounter()
         self.amp_skips = 0  # steps skipped because torch.amp.GradScaler found inf/NaN
-        self.last_nonfinite: list[str] = []
         self.dtensor_layouts: dict = {}  # (id(param), block) -> dtensor_layout.Layout, filled lazily
         self._qmaps: dict[tuple[torch.device, bool], torch.Tensor] = {}
         self._fixed_settings: dict[torch.Tensor, tuple] = {}
@@ -130,6 +134,26 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
         self.uses_dtensor = dtensor.attach(self)  # DTensor (FSDP2) params: reduce_partials, state-dict hook
         self._known = ParamPositions(self.param_groups, self.param_names)
         self._constructed = True
+
+    # ---- non-finite skips ---------------------------------------------------------
+    @property
+    def nonfinite_skips(self) -> int:
+        """Skips so far: blocks (``on_nonfinite="skip"``, and overflows in any mode) plus whole
+        parameters (``"skip_param"``). Reading it copies pending device counts to the host."""
+        return self.skip_counter.total
+
+    @nonfinite_skips.setter
+    def nonfinite_skips(self, value: int) -> None:
+        self.skip_counter.total = value
+
+    @property
+    def last_nonfinite(self) -> list[str]:
+        """Names of the parameters with a skip in the last step."""
+        return self.skip_counter.last
+
+    def nonfinite_skips_by_param(self) -> dict[str, int]:
+        """``{parameter name: skips}`` for the parameters with any (same units as :attr:`nonfinite_skips`)."""
+        return self.skip_counter.by_name()
 
     # ---- hooks for subclasses -------------------------------------------------
     def check_hyper(self, hyper: dict[str, Any], where: str) -> None:
@@ -151,9 +175,27 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
 
     def _check_group(self, group: dict[str, Any], gi: int) -> None:
         self.validate_hyper(group, f"param group {gi}")
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        for pattern, extra in self.overrides.items():  # at construction, not at the first step
+            self.validate_hyper(dict(hyper, **extra), f"override {pattern!r} on param group {gi}")
+
+    def check_loaded_group(self, saved: dict[str, Any], gi: int) -> None:
+        """Validate the hyperparameters of param group ``gi`` of a loaded state dict (or checkpoint)
+        as they would be after loading; ValueError naming the key and the group."""
+        hyper = {k: v for k, v in self.param_groups[gi].items() if k != "params"}
+        hyper.update({k: v for k, v in saved.items() if k != "params"})
+        self.validate_hyper(hyper, f"param group {gi} of the loaded state dict")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """``torch.optim.Optimizer.add_param_group`` with dist8's checks; a refused group is not added."""
+        """``torch.optim.Optimizer.add_param_group`` with dist8's checks; a refused group is not added.
+
+        A parameter listed twice (in this group or in an earlier one) is refused, naming it.
+        """
+        if isinstance(param_group, dict) and "params" in param_group:
+            plist = param_group["params"]
+            param_group = dict(param_group, params=[plist] if isinstance(plist, torch.Tensor) else list(plist))
+            check_unique_params(param_group["params"], getattr(self, "param_groups", []), self.param_name,
+                                f"param group {len(getattr(self, 'param_groups', []))}")
         super().add_param_group(param_group)
         if not self.__dict__.get("_constructed"):  # during __init__, which checks all groups itself
             return
@@ -362,6 +404,8 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
                     f"param group {gi}: state_dict has {len(saved['params'])} parameters, optimizer has {len(group['params'])}"
                 )
             id_map.update(zip(saved["params"], group["params"]))
+        for gi, saved in enumerate(saved_groups):
+            self.check_loaded_group(saved, gi)
         new_state: defaultdict = defaultdict(dict)
         for key, st in state_dict["state"].items():
             if key not in id_map:

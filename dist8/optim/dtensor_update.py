@@ -12,6 +12,12 @@ rank's max |new state| of its piece is combined with one all-reduce(MAX) per ste
 edge blocks of all parameters, and the piece is then quantized with that global absmax.
 State and parameters are bitwise those of the unsharded optimizer on the full tensor.
 
+Non-finite blocks (see :mod:`dist8.kernels.rules`): a piece whose new states or outputs are
+not all finite contributes +inf to its block's max, so every rank holding part of the block
+sees the block as skipped and keeps its codes, absmax and parameter values (the outputs of an
+edge piece are written only after the all-reduce). The rank holding the block's first
+element counts it, so skip counts sum over ranks to the unsharded run's.
+
 Other placements ``Shard(d)``, ``d > 0``: the local elements are strided in the global flat
 order, so every block may be shared. The whole local shard is updated with the
 specification, the absmax of all the parameter's blocks is combined by all-reduce(MAX) and
@@ -25,6 +31,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from dist8.kernels import RULE_WRITES_UPDATE, Rule, apply_rule, get_backend
+from dist8.kernels.rules import state_floor_fraction, state_floored
 from dist8.optim.dtensor import layout_for
 from dist8.optim.dtensor_layout import Layout, comm_device
 from dist8.optim.state_schema import absmax_key, is_signed, state_key
@@ -41,12 +48,30 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 
 class EdgePiece(NamedTuple):
-    """Part of one block held by this rank: local flat ``[lo, hi)`` of global block ``block``, new fp32 values."""
+    """Part of one block held by this rank: local flat ``[lo, hi)`` of global block ``block``, new fp32 values.
+
+    ``bad``: per value, a new state or output of it is non-finite (the block is then skipped).
+    ``counted_here``: this rank holds the block's first element (it counts a skip).
+    """
 
     lo: int
     hi: int
     block: int
     values: torch.Tensor
+    bad: torch.Tensor
+    counted_here: bool = True
+
+
+@dataclass
+class EdgeOutputs:
+    """The new outputs of a parameter's edge pieces, written once their blocks are known committed."""
+
+    target: torch.Tensor  # flat parameter shard (or update direction) they go to
+    values: list[torch.Tensor]  # one per piece of the job they belong to
+    zero_skipped: bool  # LAMB/LARS: a skipped block's update direction is 0 (else the parameter stays)
+    flush: Any = None  # callable run after writing (copies a non-contiguous shard back)
+    name: str = ""
+    counter: Any = None  # dist8.optim.nonfinite.SkipCounter
 
 
 @dataclass
@@ -59,30 +84,55 @@ class EdgeJob:
     qmap: torch.Tensor
     pieces: list[EdgePiece]  # contiguous: the edge pieces; strided: one piece with the whole shard
     index: torch.Tensor | None = None  # strided: global block of every local element
+    outputs: EdgeOutputs | None = None  # on the job of the parameter's first state
 
     def contribution(self) -> torch.Tensor:
+        """Per shared block: max |new value| of this rank's piece, +inf where the piece has a non-finite value."""
         lay = self.lay
+        inf = torch.tensor(float("inf"), dtype=torch.float32, device=self.absmax.device)
         if lay.contiguous:
             vec = torch.zeros(len(lay.shared), dtype=torch.float32, device=self.absmax.device)
             for piece in self.pieces:
                 pos = lay.shared.index(piece.block)
-                vec[pos] = torch.maximum(vec[pos], piece.values.abs().max())
+                mx = inf if bool(piece.bad.any()) else piece.values.abs().max()
+                vec[pos] = torch.maximum(vec[pos], mx)
             return vec
-        new = self.pieces[0].values
+        new, bad = self.pieces[0].values, self.pieces[0].bad
         vec = torch.zeros(lay.nblocks, dtype=torch.float32, device=self.absmax.device)
-        return vec.scatter_reduce_(0, self.index, new.abs(), "amax")
+        vec.scatter_reduce_(0, self.index, torch.where(bad, inf, new.abs()), "amax")
+        return vec
 
     def finish(self, vec: torch.Tensor) -> None:
-        lay = self.lay
+        """Quantize with the global absmax ``vec``; blocks whose absmax is +inf are skipped."""
+        lay, out = self.lay, self.outputs
         if lay.contiguous:
-            for lo, hi, blk, new in self.pieces:  # noqa: B007 (EdgePiece fields)
+            for k, (lo, hi, blk, new, _bad, counted_here) in enumerate(self.pieces):
                 a = vec[lay.shared.index(blk)]
-                self.codes[lo:hi] = nearest_code(new * block_reciprocal(a), self.qmap).to(torch.uint8)
-                self.absmax[blk - lay.b0] = a
-            return
-        new = self.pieces[0].values
-        self.absmax.copy_(vec)
-        self.codes.copy_(nearest_code(new * block_reciprocal(vec)[self.index], self.qmap).to(torch.uint8))
+                ok = bool(torch.isfinite(a))
+                if ok:
+                    self.codes[lo:hi] = nearest_code(new * block_reciprocal(a), self.qmap).to(torch.uint8)
+                    self.absmax[blk - lay.b0] = a
+                if out is not None:
+                    if ok:
+                        out.target[lo:hi] = out.values[k]
+                    elif out.zero_skipped:
+                        out.target[lo:hi] = 0
+                    if not ok and counted_here and out.counter is not None:
+                        out.counter.add_blocks([out.name], torch.ones(1, dtype=torch.int64))
+        else:
+            new = self.pieces[0].values
+            skipped = ~torch.isfinite(vec)
+            keep = skipped[self.index]
+            self.codes.copy_(torch.where(keep, self.codes, nearest_code(new * block_reciprocal(vec)[self.index],
+                                                                          self.qmap).to(torch.uint8)))
+            self.absmax.copy_(torch.where(skipped, self.absmax, vec))
+            if out is not None:
+                old = torch.zeros_like(out.values[0]) if out.zero_skipped else out.target
+                out.target.copy_(torch.where(keep, old, out.values[0]).to(out.target.dtype))
+                if self.pieces[0].counted_here and out.counter is not None:
+                    out.counter.add_blocks([out.name], skipped.sum().reshape(1).to(torch.int64))
+        if out is not None and out.flush is not None:
+            out.flush()
 
 
 class EdgeBatch:
@@ -112,8 +162,15 @@ class EdgeBatch:
                 job.finish(part.to(job.absmax.device))
 
 
-def _dequant(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor, blocks: torch.Tensor | int):
-    return qmap[codes.long()] * absmax[blocks]
+def _dequant(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor, blocks: torch.Tensor | int,
+             floored: bool) -> torch.Tensor:
+    """The kernels' read of 8-bit state (second-moment-like states with their floor)."""
+    scale = absmax[blocks]
+    values = qmap[codes.long()] * scale
+    if floored:
+        floor = torch.tensor(state_floor_fraction(qmap), dtype=torch.float32, device=values.device) * scale
+        values = torch.where(values < floor, floor, values)
+    return values
 
 
 def update(opt: Optimizer8bit, p, state: dict, settings: ParamSettings, step: int, grad_scale: float,
@@ -139,22 +196,34 @@ def update(opt: Optimizer8bit, p, state: dict, settings: ParamSettings, step: in
     absmax = [state.get(absmax_key(i)) for i in range(1, n_states + 1)]
     qmaps = [opt.qmap(p_local.device, is_signed(opt.rule, i + 1)) if settings.use_8bit else None for i in range(n_states)]
     backend = get_backend(p_local.device)
+    target = upd if upd is not None else pf
 
     def kernel(lo: int, hi: int, a_lo: int, a_hi: int) -> None:
+        skipped = torch.zeros(1, dtype=torch.int64, device=p_local.device)
         backend.fused_update(
             opt.rule, pf[lo:hi], gf[lo:hi], codes[0][lo:hi], codes[1][lo:hi] if n_states == 2 else None,
             absmax[0][a_lo:a_hi] if absmax[0] is not None else None,
             absmax[1][a_lo:a_hi] if n_states == 2 and absmax[1] is not None else None,
             qmaps[0], qmaps[1] if n_states == 2 else None, scalars, flags, settings.block_size,
-            upd[lo:hi] if upd is not None else None,
+            upd[lo:hi] if upd is not None else None, skipped,
         )
+        opt.skip_counter.add_blocks([settings.name], skipped)
 
-    def spec(lo: int, hi: int, blocks) -> list[torch.Tensor]:
-        olds = [_dequant(codes[i][lo:hi], absmax[i], qmaps[i], blocks) for i in range(n_states)]
+    def spec(lo: int, hi: int, blocks) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(new outputs, per-value non-finite flag, new states) of local ``[lo, hi)``; nothing written."""
+        olds = [_dequant(codes[i][lo:hi], absmax[i], qmaps[i], blocks, state_floored(opt.rule, i))
+                for i in range(n_states)]
         out, s1, s2 = apply_rule(Rule(opt.rule), pf[lo:hi].float(), gf[lo:hi].float(), olds[0],
                                  olds[1] if n_states == 2 else None, scalars, flags)
-        (upd if upd is not None else pf)[lo:hi] = out
-        return [s1, s2][:n_states]
+        news = [s1, s2][:n_states]
+        bad = ~torch.isfinite(out)
+        for t in news:
+            bad |= ~torch.isfinite(t)
+        return out, bad, news
+
+    def copy_back() -> None:
+        if not p_contig or pf.data_ptr() != p_local.data_ptr():
+            p_local.copy_(pf.view(p_local.shape))
 
     if not settings.use_8bit:
         if n:
@@ -173,20 +242,26 @@ def update(opt: Optimizer8bit, p, state: dict, settings: ParamSettings, step: in
         if hi > lo:
             kernel(lo - g0, hi - g0, lo // B - lay.b0, num_blocks(hi, B) - lay.b0)
         jobs = [[] for _ in range(n_states)]
+        outs = EdgeOutputs(target, [], upd is not None, copy_back, settings.name, opt.skip_counter)
         for a, b, blk in pieces:
-            news = spec(a - g0, b - g0, blk - lay.b0)
+            out, bad, news = spec(a - g0, b - g0, blk - lay.b0)
+            outs.values.append(out)
             for i in range(n_states):
-                jobs[i].append(EdgePiece(a - g0, b - g0, blk, news[i]))
+                jobs[i].append(EdgePiece(a - g0, b - g0, blk, news[i], bad, a % B == 0))
         if lay.shared:
             for i in range(n_states):
-                batch.add(EdgeJob(lay, codes[i], absmax[i], qmaps[i], jobs[i]))
+                batch.add(EdgeJob(lay, codes[i], absmax[i], qmaps[i], jobs[i], outputs=outs if i == 0 else None))
     else:
+        import torch.distributed as dist
+
         index = lay.global_index().to(p_local.device) // lay.block
-        news = spec(0, n, index)
+        out, bad, news = spec(0, n, index)
+        outs = EdgeOutputs(target, [out], upd is not None, copy_back, settings.name, opt.skip_counter)
+        first = dist.get_rank(lay.group) == 0  # every block is shared: one rank counts
         for i in range(n_states):
-            batch.add(EdgeJob(lay, codes[i], absmax[i], qmaps[i], [EdgePiece(0, n, 0, news[i])], index))
-    if not p_contig or pf.data_ptr() != p_local.data_ptr():
-        p_local.copy_(pf.view(p_local.shape))
+            batch.add(EdgeJob(lay, codes[i], absmax[i], qmaps[i], [EdgePiece(0, n, 0, news[i], bad, first)], index,
+                              outputs=outs if i == 0 else None))
+    copy_back()
     return upd
 
 

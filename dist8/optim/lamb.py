@@ -7,6 +7,7 @@ from typing import Any
 from dist8.kernels import Rule, Scalars
 from dist8.optim.base import Optimizer8bit, bit_variants
 from dist8.optim.public_api import document
+from dist8.optim.validation import pair
 
 __all__ = ["LAMB", "LAMB8bit", "LAMB32bit"]
 
@@ -34,8 +35,10 @@ class LAMBFamily(Optimizer8bit):
             Default 0.
         amsgrad (bool): not supported; must be False.
         adam_w_mode (bool): decay in the update (True) or in the gradient (False). Default True.
-        max_unorm (float): accepted for bitsandbytes compatibility, no effect (its clip of
-            ``|u|`` is replaced by the true trust ratio). Default 1.0.
+        max_unorm (float): clips the applied update as bitsandbytes does, on top of the trust
+            ratio: where ``|ratio * u| > max_unorm * |p|`` the ratio becomes
+            ``max_unorm * |p| / |u|`` (never binding at 1.0 or above; not applied where
+            ``|p| = 0``). 0 turns it off. Default 1.0.
     """
 
     rule = Rule.LAMB
@@ -47,11 +50,12 @@ class LAMBFamily(Optimizer8bit):
                  percentile_clipping: int = 100, block_wise: bool = True, max_unorm: float = 1.0, **kwargs: Any):
         if amsgrad:
             raise ValueError("amsgrad=True is not supported by LAMB8bit")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                                      bias_correction=bool(bias_correction), adam_w_mode=bool(adam_w_mode)),
+        super().__init__(params, dict(lr=lr, betas=pair(betas), eps=eps, weight_decay=weight_decay,
+                                      bias_correction=bool(bias_correction), adam_w_mode=bool(adam_w_mode),
+                                      max_unorm=max_unorm),
                          optim_bits=self.default_bits if optim_bits is None else optim_bits, args=args,
                          min_8bit_size=min_8bit_size, percentile_clipping=percentile_clipping, block_wise=block_wise,
-                         max_unorm=max_unorm, **kwargs)
+                         **kwargs)
 
     def scalars(self, hyper: dict[str, Any], step: int, grad_scale: float) -> tuple[Scalars, int]:
         beta1, beta2 = hyper["betas"]
@@ -64,7 +68,13 @@ class LAMBFamily(Optimizer8bit):
                        update_wd=wd if hyper["adam_w_mode"] else 0.0), 0
 
     def trust_ratio(self, hyper: dict[str, Any], p_norm: float, u_norm: float) -> float:
-        return 1.0 if p_norm == 0 or u_norm == 0 else p_norm / u_norm
+        if p_norm == 0 or u_norm == 0:
+            return 1.0
+        ratio = p_norm / u_norm
+        max_unorm = float(hyper.get("max_unorm", 0.0))
+        if max_unorm > 0 and ratio * u_norm > max_unorm * p_norm:
+            ratio = max_unorm * p_norm / u_norm
+        return ratio
 
 
 LAMB8bit, LAMB32bit, LAMB = bit_variants(LAMBFamily, "LAMB", __name__)

@@ -6,6 +6,7 @@ from typing import Any
 from dist8.kernels import Rule, Scalars
 from dist8.optim.base import Optimizer8bit, bit_variants
 from dist8.optim.public_api import document
+from dist8.optim.validation import pair
 
 __all__ = ["Lion", "Lion8bit", "Lion32bit"]
 
@@ -34,7 +35,7 @@ class LionFamily(Optimizer8bit):
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
                  optim_bits: int | None = None, args: Any = None, min_8bit_size: int = 4096,
                  percentile_clipping: int = 100, block_wise: bool = True, is_paged: bool = False, **kwargs: Any):
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay),
+        super().__init__(params, dict(lr=lr, betas=pair(betas), weight_decay=weight_decay),
                          optim_bits=self.default_bits if optim_bits is None else optim_bits, args=args,
                          min_8bit_size=min_8bit_size, percentile_clipping=percentile_clipping, block_wise=block_wise,
                          is_paged=is_paged, **kwargs)

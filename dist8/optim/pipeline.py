@@ -7,7 +7,9 @@ One step, in order:
    unsharded): non-finite flags, squared gradient norms (percentile clipping), and
    torch.amp.GradScaler's found-inf;
 2. skip the whole step if GradScaler found inf/NaN; else per parameter: skip (or raise on)
-   a non-finite gradient, scale for percentile clipping, and hand it to the kernel —
+   a non-finite gradient (``on_nonfinite="skip_param"``/``"raise"`` only: the default
+   ``"skip"`` leaves it to the kernels, which skip non-finite blocks and count them, see
+   :mod:`dist8.optim.nonfinite`), scale for percentile clipping, and hand it to the kernel —
    plain tensors sharing rule, scalars and block size in one multi-tensor call, DTensor
    shards through :mod:`dist8.optim.dtensor_update`;
 3. LAMB/LARS: the trust ratio from the parameter and update norms (summed across shards),
@@ -95,7 +97,8 @@ def run_updates(opt: Optimizer8bit, items: list[UpdateItem], amp: tuple[float, b
         it.settings.hyper["percentile_clipping"] < 100 for it in items
     )
     inv_scale = 1.0 if amp is None else amp[0]
-    check = opt.check_finite and amp is None  # GradScaler has checked every gradient already
+    # GradScaler has checked every gradient already; "skip" needs no pre-pass (the kernels skip blocks)
+    check = opt.check_finite and amp is None and opt.on_nonfinite != "skip"
     if amp is not None and amp[1]:
         partials[2 * n] = 1.0
     to_check: dict[torch.device, list] = {}  # one pass over all gradients of a device
@@ -120,18 +123,17 @@ def run_updates(opt: Optimizer8bit, items: list[UpdateItem], amp: tuple[float, b
     if partials[2 * n] > 0:  # GradScaler found inf/NaN (on some rank): skip the whole step
         opt.amp_skips += 1
         return
-    opt.last_nonfinite = []
+    opt.skip_counter.new_step()
     trust_items: list[TrustItem] = []
     edges = dtensor_update.EdgeBatch() if dtensors else None  # shard-edge blocks, finished after the loop
     # Plain tensors whose kernel calls differ only in the tensors go to the kernel together
     # (one call instead of one per parameter; LAMB/LARS need their update direction back).
-    batches: dict[tuple, tuple[Scalars, list]] = {}
+    batches: dict[tuple, tuple[Scalars, list, list]] = {}  # key -> (scalars, kernel rows, names)
     scalars_memo: dict[tuple, tuple] = {}
     batchable = opt.rule not in RULE_WRITES_UPDATE
     for slot, (p, settings, state) in zip(slots, items):
         if partials[slot] > 0:
-            opt.nonfinite_skips += 1
-            opt.last_nonfinite.append(settings.name)
+            opt.skip_counter.add_param(settings.name)
             if opt.on_nonfinite == "raise":
                 _run_batches(opt, batches)
                 if edges is not None:
@@ -153,7 +155,9 @@ def run_updates(opt: Optimizer8bit, items: list[UpdateItem], amp: tuple[float, b
                 memo = scalars_memo[memo_key] = (scalars, flags, scalars.as_tuple())
             scalars, flags, values = memo
             key = (values, flags, settings.block_size, settings.use_8bit, p.device)
-            batches.setdefault(key, (scalars, []))[1].append(kernel_tensors(opt, p, state))
+            batch = batches.setdefault(key, (scalars, [], []))
+            batch[1].append(kernel_tensors(opt, p, state))
+            batch[2].append(settings.name)
             update = None
         else:
             update = _update_one(opt, p, state, settings, step, grad_scale)
@@ -168,6 +172,10 @@ def run_updates(opt: Optimizer8bit, items: list[UpdateItem], amp: tuple[float, b
 
 
 def _percentile_scale(state: dict, gnorm_sq: float, step: int, percentile: float) -> float:
+    if not math.isfinite(gnorm_sq):
+        # an inf/NaN gradient (on_nonfinite="skip": its blocks are skipped by the kernel): leave
+        # the history alone, or the NaN would clip every later step of this parameter to NaN
+        return 1.0
     history = state[GNORM]
     history[(step - 1) % PERCENTILE_HISTORY] = gnorm_sq
     filled = history[: min(step, PERCENTILE_HISTORY)]
@@ -192,9 +200,11 @@ def kernel_qmaps(opt: Optimizer8bit, device: torch.device, use_8bit: bool) -> tu
 
 def _run_batches(opt: Optimizer8bit, batches: dict) -> None:
     """One kernel call per group of parameters collected by run_updates."""
-    for (_, flags, block_size, use_8bit, device), (scalars, rows) in batches.items():
+    for (_, flags, block_size, use_8bit, device), (scalars, rows, names) in batches.items():
         q1, q2 = kernel_qmaps(opt, device, use_8bit)
-        get_backend(device).fused_update_multi(opt.rule, rows, q1, q2, scalars, flags, block_size)
+        skipped = torch.zeros(len(rows), dtype=torch.int64, device=device)
+        get_backend(device).fused_update_multi(opt.rule, rows, q1, q2, scalars, flags, block_size, skipped)
+        opt.skip_counter.add_blocks(names, skipped)
     batches.clear()
 
 
@@ -205,9 +215,11 @@ def _update_one(opt: Optimizer8bit, p: torch.Tensor, state: dict, settings: Para
     if opt.rule in RULE_WRITES_UPDATE:
         update = torch.empty(p.numel(), dtype=torch.float32, device=p.device)
     q1, q2 = kernel_qmaps(opt, p.device, settings.use_8bit)
+    skipped = torch.zeros(1, dtype=torch.int64, device=p.device)
     get_backend(p.device).fused_update(
-        opt.rule, *kernel_tensors(opt, p, state), q1, q2, scalars, flags, settings.block_size, update
+        opt.rule, *kernel_tensors(opt, p, state), q1, q2, scalars, flags, settings.block_size, update, skipped
     )
+    opt.skip_counter.add_blocks([settings.name], skipped)
     return update
 
 

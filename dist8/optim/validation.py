@@ -3,38 +3,63 @@ name overrides and state-dict loading. Every error is one line naming the key an
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+import numbers
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["SUPPORTED_DTYPES", "check_group", "check_param_types"]
+__all__ = ["SUPPORTED_DTYPES", "check_group", "check_number", "check_param_types", "check_unique_params", "pair"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def check_number(value: Any, key: str, where: str, *, lo: float | None = None, hi: float | None = None,
+                 lo_open: bool = False, hi_open: bool = False) -> float:
+    """A finite real number (a 0-d tensor counts) within the given bounds, else ValueError naming ``key``."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{key} must be a finite number ({where}), got {value!r}")
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        raise ValueError(f"{key} must be {'>' if lo_open else '>='} {lo} ({where}), got {value!r}")
+    if hi is not None and (value > hi or (hi_open and value == hi)):
+        raise ValueError(f"{key} must be {'<' if hi_open else '<='} {hi} ({where}), got {value!r}")
+    return float(value)
+
+
+# Bounds of the hyperparameters dist8's families share by name: (lo, hi, lo_open, hi_open).
+_BOUNDS = {
+    "lr": (0.0, None, False, False),
+    "eps": (0.0, None, False, False),
+    "weight_decay": (0.0, None, False, False),
+    "momentum": (0.0, 1.0, False, True),
+    "dampening": (0.0, 1.0, False, True),
+    "alpha": (0.0, 1.0, False, True),
+    "lr_decay": (0.0, None, False, False),
+    "max_unorm": (0.0, None, False, False),
+}
+
+
 def check_group(group: dict[str, Any], where: str) -> None:
-    """Check the hyperparameters every dist8 optimizer shares (``where`` names the group or override)."""
+    """Check the hyperparameters every dist8 optimizer shares (``where`` names the group or override).
+
+    NaN and inf are refused everywhere; ``betas`` must be a pair in [0, 1).
+    """
     if group["optim_bits"] not in (8, 32):
         raise ValueError(f"optim_bits must be 8 or 32 ({where}), got {group['optim_bits']}")
-    if not isinstance(group["min_8bit_size"], int) or group["min_8bit_size"] < 0:
+    if not isinstance(group["min_8bit_size"], int) or isinstance(group["min_8bit_size"], bool) or group["min_8bit_size"] < 0:
         raise ValueError(f"min_8bit_size must be a non-negative int ({where}), got {group['min_8bit_size']}")
-    if not 0 < group["percentile_clipping"] <= 100:
-        raise ValueError(f"percentile_clipping must be in (0, 100] ({where}), got {group['percentile_clipping']}")
-    lr = group["lr"]
-    if isinstance(lr, torch.Tensor):
-        lr = float(lr)
-    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
-        raise ValueError(f"lr must be a finite number >= 0 ({where}), got {group['lr']}")
-    if "weight_decay" in group and group["weight_decay"] < 0:
-        raise ValueError(f"weight_decay must be >= 0 ({where}), got {group['weight_decay']}")
-    if "eps" in group and group["eps"] < 0:
-        raise ValueError(f"eps must be >= 0 ({where}), got {group['eps']}")
+    check_number(group["percentile_clipping"], "percentile_clipping", where, lo=0.0, hi=100.0, lo_open=True)
+    for key, (lo, hi, lo_open, hi_open) in _BOUNDS.items():
+        if key in group:
+            check_number(group[key], key, where, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open)
     if "betas" in group:
-        b1, b2 = group["betas"]
-        for key, beta in (("betas[0]", b1), ("betas[1]", b2)):
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"{key} must be in [0, 1) ({where}), got {beta}")
+        betas = group["betas"]
+        if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2) ({where}), got {betas!r}")
+        for i, beta in enumerate(betas):
+            check_number(beta, f"betas[{i}]", where, lo=0.0, hi=1.0, hi_open=True)
 
 
 def check_param_types(params: Iterable[torch.Tensor], name_of: Callable[[torch.Tensor], str]) -> None:
@@ -44,3 +69,23 @@ def check_param_types(params: Iterable[torch.Tensor], name_of: Callable[[torch.T
             raise TypeError(f"parameter {name_of(p)} is complex; dist8 optimizers need real tensors")
         if p.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"parameter {name_of(p)} has dtype {p.dtype}; supported: float32, bfloat16, float16")
+
+
+def pair(value: Any) -> Any:
+    """``betas`` as a tuple when it is a list or tuple (any length: :func:`check_group` checks it), else as given."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def check_unique_params(new: list[torch.Tensor], groups: list[dict[str, Any]], name_of: Callable[[torch.Tensor], str],
+                        where: str) -> None:
+    """Refuse a parameter listed twice in the new group ``where`` or already in one of ``groups``."""
+    seen: set[torch.Tensor] = set()
+    for p in new:
+        if p in seen:
+            raise ValueError(f"parameter {name_of(p)} is listed twice in {where}; list each parameter once")
+        seen.add(p)
+    for gi, group in enumerate(groups):
+        for q in group["params"]:
+            if q in seen:
+                raise ValueError(f"parameter {name_of(q)} of {where} is already in param group {gi}; "
+                                 "list each parameter once")

@@ -187,6 +187,12 @@ inline int atomicOr(int* address, int v) {  // fibers never preempt each other
   return old;
 }
 
+inline unsigned long long atomicAdd(unsigned long long* address, unsigned long long v) {
+  const unsigned long long old = *address;
+  *address = old + v;
+  return old;
+}
+
 // cuda_fp16.h, as far as the kernels use it (c10::Half converts with round-to-nearest-even)
 struct __half {
   uint16_t x;

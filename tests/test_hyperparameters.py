@@ -1,0 +1,111 @@
+"""Every bad hyperparameter is refused with a ValueError naming it: at construction, in
+add_param_group, in name overrides (naming the pattern, at construction) and in
+load_state_dict (naming the group); duplicate parameters are refused naming them."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import dist8.optim as d8
+
+NAN = float("nan")
+BAD = [
+    (d8.AdamW8bit, dict(eps=NAN), "eps"),
+    (d8.AdamW8bit, dict(weight_decay=NAN), "weight_decay"),
+    (d8.AdamW8bit, dict(lr=NAN), "lr"),
+    (d8.AdamW8bit, dict(lr=-5), "lr"),
+    (d8.AdamW8bit, dict(lr=math.inf), "lr"),
+    (d8.AdamW8bit, dict(eps=-1e-8), "eps"),
+    (d8.AdamW8bit, dict(betas=(0.9,)), "betas"),
+    (d8.AdamW8bit, dict(betas=(0.9, 0.99, 0.999)), "betas"),
+    (d8.AdamW8bit, dict(betas=0.9), "betas"),
+    (d8.AdamW8bit, dict(betas=(NAN, 0.999)), r"betas\[0\]"),
+    (d8.AdamW8bit, dict(betas=(0.9, 1.0)), r"betas\[1\]"),
+    (d8.AdamW8bit, dict(percentile_clipping=NAN), "percentile_clipping"),
+    (d8.AdamW8bit, dict(min_8bit_size=-1), "min_8bit_size"),
+    (d8.AdamW8bit, dict(on_nonfinite="ignore"), "on_nonfinite"),
+    (d8.Lion8bit, dict(betas=(0.9, NAN)), r"betas\[1\]"),
+    (d8.LAMB8bit, dict(max_unorm=NAN), "max_unorm"),
+    (d8.LAMB8bit, dict(max_unorm=-1.0), "max_unorm"),
+    (d8.SGD8bit, dict(lr=0.1, momentum=NAN), "momentum"),
+    (d8.SGD8bit, dict(lr=0.1, momentum=0.9, dampening=NAN), "dampening"),
+    (d8.RMSprop8bit, dict(alpha=NAN), "alpha"),
+    (d8.Adagrad8bit, dict(lr_decay=NAN), "lr_decay"),
+    (d8.Adagrad8bit, dict(eps=math.inf), "eps"),
+]
+IDS = [f"{cls.__name__}-{key}-{i}" for i, (cls, _, key) in enumerate(BAD)]
+
+
+def _params():
+    return [("w", torch.nn.Parameter(torch.randn(8, 8)))]
+
+
+def _base_kwargs(cls):
+    return dict(lr=0.1, momentum=0.9) if cls is d8.SGD8bit else {}
+
+
+@pytest.mark.parametrize("cls,kw,key", BAD, ids=IDS)
+def test_construction_names_the_key(cls, kw, key):
+    with pytest.raises(ValueError, match=key):
+        cls(_params(), **dict(_base_kwargs(cls), **kw))
+
+
+@pytest.mark.parametrize("cls,kw,key", [b for b in BAD if b[2] != "on_nonfinite"],
+                         ids=[i for i, b in zip(IDS, BAD) if b[2] != "on_nonfinite"])
+def test_add_param_group_names_the_key_and_adds_nothing(cls, kw, key):
+    opt = cls(_params(), **_base_kwargs(cls))
+    with pytest.raises(ValueError, match=f"{key}.*param group 1"):
+        opt.add_param_group(dict({"params": [torch.nn.Parameter(torch.randn(3))]}, **kw))
+    assert len(opt.param_groups) == 1
+
+
+def test_override_checked_at_construction_naming_the_pattern():
+    for extra, key in (({"lr": -5}, "lr"), ({"eps": NAN}, "eps"), ({"betas": (0.9,)}, "betas")):
+        with pytest.raises(ValueError, match=f"{key}.*override 'w\\*'"):
+            d8.AdamW8bit(_params(), overrides={"w*": extra})
+
+
+def test_load_state_dict_names_the_group():
+    opt = d8.AdamW8bit(_params())
+    sd = opt.state_dict()
+    sd["param_groups"][0]["eps"] = NAN
+    with pytest.raises(ValueError, match="eps.*param group 0 of the loaded state dict"):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[0]["eps"] == 1e-8  # nothing loaded
+
+
+def test_duplicate_parameters_refused_naming_them():
+    w = torch.nn.Parameter(torch.randn(4))
+    with pytest.raises(ValueError, match="parameter w2? is listed twice in param group 0"):
+        d8.AdamW8bit([("w", w), ("w2", w)])
+    with pytest.raises(ValueError, match="is listed twice"):
+        d8.AdamW8bit([w, w])
+    v = torch.nn.Parameter(torch.randn(4))
+    with pytest.raises(ValueError, match="already in param group 0"):
+        d8.AdamW8bit([{"params": [w]}, {"params": [v, w]}])
+    opt = d8.AdamW8bit([w])
+    with pytest.raises(ValueError, match="already in param group 0"):
+        opt.add_param_group({"params": [w]})
+    assert len(opt.param_groups) == 1
+
+
+def test_lamb_max_unorm_clips_the_update():
+    """max_unorm clips |ratio * u| to max_unorm * |p| as bitsandbytes does; 0 (off) and the
+    default 1.0 give the plain trust ratio."""
+    def run(**kw):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(64, 64))
+        opt = d8.LAMB8bit([p], lr=0.1, min_8bit_size=0, **kw)
+        before = p.detach().clone()
+        p.grad = torch.randn(64, 64)
+        opt.step()
+        return float((p.detach() - before).norm()), float(before.norm())
+
+    plain, p_norm = run(max_unorm=0.0)
+    default, _ = run()
+    clipped, _ = run(max_unorm=0.01)
+    assert default == pytest.approx(plain, rel=1e-6)
+    assert plain == pytest.approx(0.1 * p_norm, rel=1e-3)  # the trust ratio: |lr * ratio * u| = lr * |p|
+    assert clipped == pytest.approx(0.1 * 0.01 * p_norm, rel=1e-3)
