@@ -1,5 +1,8 @@
 """Native (C++ / CUDA) fused update kernels, built on first use.
 
+One concern: loading the native kernels (keyed JIT build, op registration) and the backend
+that checks arguments and calls them.
+
 ``load_backend("cpu")`` / ``load_backend("cuda")`` JIT-compiles ``csrc/cpu/dist8_cpu.cpp``
 or ``csrc/cuda/dist8_cuda.cu`` with :func:`torch.utils.cpp_extension.load` (ninja;
 cached in the default torch extensions directory, or ``DIST8_BUILD_DIR``) and

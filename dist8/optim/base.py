@@ -1,5 +1,9 @@
 """The base class of every dist8 optimizer: construction, per-parameter settings, state, state dicts.
 
+One concern: the class users and every layer hold (its public attributes and methods);
+the step pipeline, validation, DTensor handling, torch-contract plumbing, hooks and skip
+counting live in their own modules beside it.
+
 A subclass names its update rule (:class:`dist8.kernels.Rule`), validates its
 hyperparameters (:meth:`Optimizer8bit.check_hyper`) and turns them into per-step
 :class:`dist8.kernels.Scalars` (:meth:`Optimizer8bit.scalars`). This class resolves the
