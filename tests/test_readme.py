@@ -76,6 +76,13 @@ PYTHON_FRAGMENTS = {
     "GradScaler": "tests/test_optim_amp.py",
     "fsdp.fully_shard": "tests/test_fsdp.py, tests/test_checkpoint_fsdp.py",
     "d8ds.initialize": "tests/test_deepspeed.py",
+    "transformers.Trainer(": "tests/test_clients.py::test_hf_trainer_save_and_resume_bitwise",
+    "GlobalOptimManager": "tests/test_bnb_parity.py",
+    "accelerator.prepare(": "tests/test_clients.py::test_accelerate_fsdp2_optimizer_built_before_sharding",
+    "import dist8.integrations.deepspeed  # installs": "tests/test_deepspeed_hint.py",
+    "checkpoint.stateful.Stateful": "tests/test_clients.py::test_dcp_stateful_fsdp2_2_to_1",
+    "ZeroRedundancyOptimizer(": "tests/test_clients.py::test_zero_redundancy_optimizer_bitwise_and_consolidated_state_loads",
+    "dist8.cast_model(": "tests/test_cast_model.py, tests/test_gradient_release.py",
 }
 
 

@@ -26,7 +26,7 @@ def _error_lines(stderr: str) -> list[str]:
 
 def _one_line(result: subprocess.CompletedProcess, expected: str) -> None:
     """Exit 2 and stderr is exactly one error line (notes and kernel build notices aside) containing ``expected``."""
-    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith(("dist8: buil", "dist8 train: note: "))]
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith(("dist8: buil", "dist8 train: note: ", "[dist8 train] note: "))]
     assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
     assert len(lines) == 1 and lines[0].startswith("dist8 train: error: "), result.stderr[-3000:]
     assert expected in lines[0], (expected, lines[0])

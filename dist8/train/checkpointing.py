@@ -236,7 +236,7 @@ def _agree(error: BaseException | None) -> None:
 
 def _say(msg: str) -> None:
     if _rank_world()[0] == 0:
-        print(f"[dist8 train] {msg}", file=sys.stderr, flush=True)
+        print(f"[dist8 train] note: {msg}", file=sys.stderr, flush=True)
 
 
 def _allowed_globals() -> list:
