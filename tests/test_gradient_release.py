@@ -131,7 +131,12 @@ def test_lr_scheduler_drives_the_released_steps(scheduler_first):
             loss_of(model, s).backward()
             opt.step()
             opt.zero_grad()
-            sched.step()
+            if scheduler_first and sched is rel_sched and s == 0:
+                # torch notices the replaced step() once (harmless; the docs say to create schedulers after)
+                with pytest.warns(UserWarning, match="overridden"):
+                    sched.step()
+            else:
+                sched.step()
     handle.remove()
     assert_same(ref_model, ref_opt, rel_model, rel_opt)
 
