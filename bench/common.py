@@ -16,6 +16,13 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def free_port() -> int:
+    """A free TCP port on loopback for a spawned process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     cpu = platform.processor() or platform.machine()

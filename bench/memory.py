@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, print_table, write_json  # noqa: E402
+from common import free_port, machine, print_table, write_json  # noqa: E402
 
 KW = dict(lr=1e-4, weight_decay=0.01)
 FLASHOPTIM = [  # arXiv 2602.23349 (FlashOptim), AdamW, documented (needs a GPU; not measured here)
@@ -281,9 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
     for n in args.world_sizes:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "rows.pt")
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
+            port = free_port()
             mp.spawn(_worker, args=(n, port, args.width, args.layers, skip, out), nprocs=n, join=True)
             rows += torch.load(out, weights_only=False)
     rows += NOT_YET + FLASHOPTIM

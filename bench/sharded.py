@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, print_table, write_json  # noqa: E402
+from common import free_port, machine, print_table, write_json  # noqa: E402
 
 PRESETS = {"quick": dict(width=1024, layers=8, batch=8, steps=6), "full": dict(width=2048, layers=12, batch=8, steps=12)}
 SYSTEMS = ["ddp+adamw", "ddp+dist8", "zero+adamw", "dist8-stage1", "dist8-stage2", "fsdp2+adamw", "fsdp2+torchao",
@@ -204,11 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     for n in args.world_sizes:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "r.pt")
-            import socket
-
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
+            port = free_port()
             mp.spawn(worker, args=(n, port, preset, out), nprocs=n, join=True)
             rows += torch.load(out)
     base = {r["world_size"]: r["iter_s"] for r in rows if r["system"] == "ddp+dist8"}

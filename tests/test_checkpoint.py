@@ -13,21 +13,12 @@ import torch
 
 import dist8
 import dist8.checkpoint as ck
+from ckpt_utils import KW, SHAPES, make_model
 from dist8.checkpoint.convert import export_fp32_adam, from_bitsandbytes
 from dist8.shard import ShardedOptimizer
 from dist8.shard.collectives import all_gather_state, fp32_state_bytes, gather_state, scatter_state
 from dist_utils import run_ranks
 
-SHAPES = {"emb": (50, 40), "w1": (33, 100), "b1": (33,), "w2": (300, 7), "tiny": (3,)}
-KW = dict(lr=1e-2, weight_decay=0.1, min_8bit_size=0)
-
-
-def make_model(seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    model = torch.nn.Module()
-    for name, shape in SHAPES.items():
-        model.register_parameter(name, torch.nn.Parameter(torch.randn(shape, generator=gen)))
-    return model
 
 
 def grads_for(step):

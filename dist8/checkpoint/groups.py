@@ -6,8 +6,8 @@ flat list of the same length, string), be finite, and lie in the key's range (lr
 weight_decay >= 0, betas in [0, 1), ...). A refusal names the group and key.
 
 Types and finiteness are checked here (JSON can hold anything); the ranges are then the
-optimizer's own, through ``Optimizer8bit.validate_hyper`` (the table below also serves
-``dist8 ckpt verify``, which has no optimizer).
+optimizer's own, through ``Optimizer8bit.validate_hyper`` (the table below, derived from the
+optimizers' bounds, also serves ``dist8 ckpt verify``, which has no optimizer).
 """
 from __future__ import annotations
 
@@ -18,24 +18,18 @@ from typing import Any
 import torch
 
 from dist8.checkpoint.errors import CheckpointError
+from dist8.optim.validation import HYPER_BOUNDS
 
 __all__ = ["check_saved_groups", "checked_groups"]
 
-# key -> (low, high, low inclusive, high inclusive)
+# key -> (low, high, low inclusive, high inclusive): the optimizers' own bounds
+# (dist8.optim.validation.HYPER_BOUNDS), plus the three check_group encodes inline.
 _RANGES: dict[str, tuple[float, float, bool, bool]] = {
-    "lr": (0.0, math.inf, True, False),
-    "eps": (0.0, math.inf, True, False),
-    "weight_decay": (0.0, math.inf, True, False),
-    "lr_decay": (0.0, math.inf, True, False),
-    "max_unorm": (0.0, math.inf, True, False),
-    "betas": (0.0, 1.0, True, False),
-    "momentum": (0.0, 1.0, True, False),
-    "dampening": (0.0, 1.0, True, False),
-    "alpha": (0.0, 1.0, True, False),
-    "percentile_clipping": (0.0, 100.0, False, True),
-    "min_8bit_size": (0.0, math.inf, True, False),
-    "trust_clip": (0.0, math.inf, True, False),
+    key: (lo, math.inf if hi is None else hi, not lo_open, not hi_open)
+    for key, (lo, hi, lo_open, hi_open) in HYPER_BOUNDS.items()
 }
+_RANGES.update(betas=(0.0, 1.0, True, False), percentile_clipping=(0.0, 100.0, False, True),
+               min_8bit_size=(0.0, math.inf, True, False))
 _CHOICES = {"optim_bits": (8, 32)}
 
 

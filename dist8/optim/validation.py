@@ -9,7 +9,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["SUPPORTED_DTYPES", "check_group", "check_number", "check_param_types", "check_unique_params", "pair"]
+__all__ = [
+    "HYPER_BOUNDS", "SUPPORTED_DTYPES", "check_group", "check_number", "check_param_types", "check_unique_params",
+    "pair",
+]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -29,7 +32,8 @@ def check_number(value: Any, key: str, where: str, *, lo: float | None = None, h
 
 
 # Bounds of the hyperparameters dist8's families share by name: (lo, hi, lo_open, hi_open).
-_BOUNDS = {
+# dist8.checkpoint.groups holds a checkpoint's param_groups to the same table.
+HYPER_BOUNDS = {
     "lr": (0.0, None, False, False),
     "eps": (0.0, None, False, False),
     "weight_decay": (0.0, None, False, False),
@@ -51,7 +55,7 @@ def check_group(group: dict[str, Any], where: str) -> None:
     if not isinstance(group["min_8bit_size"], int) or isinstance(group["min_8bit_size"], bool) or group["min_8bit_size"] < 0:
         raise ValueError(f"min_8bit_size must be a non-negative int ({where}), got {group['min_8bit_size']}")
     check_number(group["percentile_clipping"], "percentile_clipping", where, lo=0.0, hi=100.0, lo_open=True)
-    for key, (lo, hi, lo_open, hi_open) in _BOUNDS.items():
+    for key, (lo, hi, lo_open, hi_open) in HYPER_BOUNDS.items():
         if key in group:
             check_number(group[key], key, where, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open)
     if "betas" in group:
