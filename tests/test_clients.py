@@ -1,4 +1,5 @@
-"""dist8 under clients nobody on the project wrote: HF Trainer, accelerate + FSDP2, torch DCP's stateful API.
+"""dist8 under clients nobody on the project wrote: HF Trainer, accelerate + FSDP2, torch DCP's stateful API,
+ZeroRedundancyOptimizer and fairscale OSS.
 
 * ``test_hf_trainer_save_and_resume_bitwise``: a tiny randomly initialised GPT-2 (from a
   config, no downloads) trained by ``transformers.Trainer`` with
@@ -9,6 +10,8 @@
   swapping DTensors into ``param_groups`` (accelerate's FSDP2 path; accelerate only takes
   it on accelerators, so the test selects it on CPU as a GPU machine would). Training
   matches the unsharded optimizer bitwise; ``save_state``/``load_state`` resume exactly.
+* ``test_zero_redundancy_optimizer_...`` / ``test_fairscale_oss_...``: 2 gloo ranks, bitwise equal to the
+  plain optimizer; the consolidated state dict loads into a plain dist8 optimizer.
 * ``test_dcp_stateful_fsdp2_2_to_1``: a ``Stateful`` app state (model + optimizer through
   ``get_state_dict``/``set_state_dict``) saved by ``torch.distributed.checkpoint`` on 2
   FSDP2 ranks and loaded on 1, then stepping as the uninterrupted run does.
@@ -285,6 +288,40 @@ def test_zero_redundancy_optimizer_bitwise_and_consolidated_state_loads(tmp_path
     opt = dist8.AdamW8bit(model.parameters(), lr=3e-3, weight_decay=0.1, min_8bit_size=1000)
     opt.load_state_dict(consolidated)  # ZeRO's consolidated dict is a plain per-parameter state dict
     assert consolidated["state"].keys() == ref_sd["state"].keys()
+    for i, st in ref_sd["state"].items():
+        for k, v in st.items():
+            got = opt.state_dict()["state"][i][k]
+            assert torch.equal(got, v) if isinstance(v, torch.Tensor) else got == v, (i, k)
+
+
+# ---- fairscale OSS ----------------------------------------------------------------------------------
+def _oss_worker(rank, world_size):
+    from fairscale.optim import OSS
+
+    model, ref_model = _Net(), _Net()
+    kw = dict(lr=3e-3, weight_decay=0.1, min_8bit_size=1000)
+    oss = OSS(model.parameters(), optim=dist8.AdamW8bit, **kw)
+    ref = dist8.AdamW8bit(ref_model.parameters(), **kw)
+    for step in range(3):
+        x, y = _batch(step)  # the same batch on every rank: the gradients DDP would have averaged
+        _loss(model, x, y).backward()
+        _loss(ref_model, x, y).backward()
+        oss.step()
+        ref.step()
+        oss.zero_grad()
+        ref.zero_grad()
+    for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        assert torch.equal(p, q), f"{n}: fairscale OSS run differs from the plain optimizer"
+    oss.consolidate_state_dict(recipient_rank=0)
+    return (oss.state_dict() if rank == 0 else None), ref.state_dict()
+
+
+def test_fairscale_oss_bitwise_and_consolidated_state_loads(tmp_path):
+    pytest.importorskip("fairscale", reason="fairscale is in the [test] extra; this environment lacks it")
+    (consolidated, ref_sd), _ = run_ranks(_oss_worker, 2, tmp_path=tmp_path)
+    model = _Net()
+    opt = dist8.AdamW8bit(model.parameters(), lr=3e-3, weight_decay=0.1, min_8bit_size=1000)
+    opt.load_state_dict(consolidated)  # OSS's consolidated dict is a plain per-parameter state dict
     for i, st in ref_sd["state"].items():
         for k, v in st.items():
             got = opt.state_dict()["state"][i][k]
