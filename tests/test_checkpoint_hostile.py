@@ -632,3 +632,34 @@ def test_dcp_metadata_pickle_is_allowlisted(tmp_path):
     with pytest.raises(ck.CheckpointError, match="global .*open is not allowed"):
         check_dcp_metadata(tmp_path / "dcp" / ".metadata")
     assert not marker.exists()
+
+
+def test_load_dcp_refuses_hostile_metadata_before_dcp_reads_it(tmp_path):
+    # dist8.integrations.fsdp.load_dcp called directly (not through the train job) checks the
+    # pickle of .metadata against the allowlist before DCP's own pickle.load sees it.
+    import copy
+
+    from dist8.integrations.fsdp import load_dcp, save_dcp
+
+    model = torch.nn.Linear(16, 300)
+    opt = dist8.AdamW8bit(model.parameters(), min_8bit_size=0)
+    model(torch.randn(2, 16)).sum().backward()
+    opt.step()
+    with pytest.warns(UserWarning):  # no process group: DCP saves in a single process
+        save_dcp(str(tmp_path / "dcp"), model, opt, extra={"step": 1})
+    fresh_model = torch.nn.Linear(16, 300)
+    fresh = dist8.AdamW8bit(fresh_model.parameters(), min_8bit_size=0)
+    with pytest.warns(UserWarning):
+        assert load_dcp(str(tmp_path / "dcp"), fresh_model, fresh, extra={"step": 0}) == {"step": 1}
+    assert torch.equal(fresh_model.weight, model.weight)
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "dcp" / ".metadata", "wb") as f:
+        pickle.dump(Marker(marker), f)
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(ck.CheckpointError, match="global .*open is not allowed"):
+        load_dcp(str(tmp_path / "dcp"), fresh_model, fresh, extra={"step": 0})
+    assert not marker.exists()
+    for i, st in before["state"].items():
+        for k, v in st.items():
+            got = fresh.state_dict()["state"][i][k]
+            assert torch.equal(got, v) if isinstance(v, torch.Tensor) else got == v, (i, k)
