@@ -663,3 +663,36 @@ def test_load_dcp_refuses_hostile_metadata_before_dcp_reads_it(tmp_path):
         for k, v in st.items():
             got = fresh.state_dict()["state"][i][k]
             assert torch.equal(got, v) if isinstance(v, torch.Tensor) else got == v, (i, k)
+
+
+def test_state_dict_with_codes_cast_to_float_or_mixed_kinds_is_refused():
+    # torch.optim.Optimizer.load_state_dict casts floating state to the parameter's dtype; a
+    # converter that did the same to dist8's codes (uint8 -> float32 values 0..255) must not load
+    # as 32-bit state: that run stepped its parameter to 604 (lr 1e-3).
+    import copy
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(300, 5))
+    opt = dist8.AdamW8bit([w], min_8bit_size=0)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    sd = opt.state_dict()
+    cast = copy.deepcopy(sd)
+    cast["state"][0]["state1"] = cast["state"][0]["state1"].float()
+    mixed = copy.deepcopy(cast)
+    del mixed["state"][0]["absmax1"]
+    all32 = copy.deepcopy(mixed)
+    all32["state"][0]["state2"] = all32["state"][0]["state2"].float()
+    del all32["state"][0]["absmax2"]
+    cases = [(cast, "state1 .* has dtype torch.float32 but comes with absmax1"),
+             (mixed, "mixes 8-bit and 32-bit states"),
+             (all32, "is 32-bit, but the optimizer keeps 8-bit state")]
+    for state_dict, match in cases:
+        fresh = dist8.AdamW8bit([torch.nn.Parameter(torch.randn(300, 5))], min_8bit_size=0)
+        with pytest.raises(ValueError, match=match):
+            fresh.load_state_dict(state_dict)
+        assert not fresh.state
+    # the genuine article, and 32-bit state where the saved groups ask for it, still load
+    dist8.AdamW8bit([torch.nn.Parameter(torch.randn(300, 5))], min_8bit_size=0).load_state_dict(sd)
+    all32["param_groups"][0]["optim_bits"] = 32
+    dist8.AdamW8bit([torch.nn.Parameter(torch.randn(300, 5))], min_8bit_size=0).load_state_dict(all32)

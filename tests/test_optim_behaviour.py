@@ -322,3 +322,27 @@ def test_nonfinite_gradient_leaves_percentile_history_alone():
         changed = (p.detach() != before).sum()
         assert changed >= (5000 - 256 if step == 1 else 5000) - 10, f"step {step}: {int(changed)} values moved"
     assert opt.nonfinite_skips == 1 and torch.isfinite(opt.state[p]["gnorm_vec"]).all()
+
+
+def test_foreign_state_dicts_name_what_they_are_and_bnb_converts():
+    # A newcomer switching libraries mid-run loads the old optimizer's state dict: the error
+    # says whose it is and what to do; bitsandbytes' state goes through from_bitsandbytes.
+    import bitsandbytes as bnb
+
+    from dist8.checkpoint.convert import from_bitsandbytes
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 300), torch.nn.Linear(300, 2))
+    model(torch.randn(3, 8)).sum().backward()
+    plain = torch.optim.AdamW(model.parameters())
+    plain.step()
+    with pytest.raises(KeyError, match="a torch.optim state dict"):
+        dist8.AdamW8bit(model.parameters(), min_8bit_size=0).load_state_dict(plain.state_dict())
+    b = bnb.optim.AdamW8bit(model.parameters(), min_8bit_size=0)
+    b.step()
+    with pytest.raises(KeyError, match=r"from_bitsandbytes\(state_dict\)"):
+        dist8.AdamW8bit(model.parameters(), min_8bit_size=0).load_state_dict(b.state_dict())
+    opt = dist8.AdamW8bit(model.parameters(), min_8bit_size=0)
+    opt.load_state_dict(from_bitsandbytes(b.state_dict()))
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())

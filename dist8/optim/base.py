@@ -402,12 +402,16 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(saved_groups)} param groups, optimizer has {len(self.param_groups)}")
         id_map: dict[int, torch.Tensor] = {}
+        loaded_hyper: dict[torch.Tensor, dict[str, Any]] = {}  # the group entries each parameter will step with
         for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
                     f"param group {gi}: state_dict has {len(saved['params'])} parameters, optimizer has {len(group['params'])}"
                 )
             id_map.update(zip(saved["params"], group["params"]))
+            hyper = {k: v for k, v in group.items() if k != "params"}
+            hyper.update((k, v) for k, v in saved.items() if k != "params")
+            loaded_hyper.update((p, hyper) for p in group["params"])
         for gi, saved in enumerate(saved_groups):
             self.check_loaded_group(saved, gi)
         new_state: defaultdict = defaultdict(dict)
@@ -415,7 +419,8 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
             if key not in id_map:
                 raise KeyError(f"state_dict has state for parameter id {key}, which no param group lists")
             p = id_map[key]
-            new_state[p] = self.check_state(p, st, block_size=self.state_block_size(p))
+            expect_8bit = self.settings(p, loaded_hyper[p], loaded_hyper[p]).use_8bit
+            new_state[p] = self.check_state(p, st, block_size=self.state_block_size(p), expect_8bit=expect_8bit)
         for saved, group in zip(saved_groups, self.param_groups):
             for k, v in saved.items():
                 if k != "params":
@@ -428,14 +433,16 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
             return None
         return effective_block_size(self.block_size, self.block_wise, global_numel(p))
 
-    def check_state(self, p: torch.Tensor, st: dict[str, Any], block_size: int | None = None) -> dict[str, Any]:
+    def check_state(self, p: torch.Tensor, st: dict[str, Any], block_size: int | None = None,
+                    expect_8bit: bool | None = None) -> dict[str, Any]:
         """Validate the loaded state ``st`` of parameter ``p`` (see :func:`dist8.optim.state_schema.check_state`).
 
         ``block_size``: ``p``'s effective block, to check absmax lengths (e.g. from
-        :meth:`state_block_size`). Returns new tensors on ``p``'s device; for a DTensor parameter,
-        this rank's local shard of state saved at any world size. Raises KeyError/ValueError naming ``p``.
+        :meth:`state_block_size`); ``expect_8bit``: the kind of state ``p``'s settings give it.
+        Returns new tensors on ``p``'s device; for a DTensor parameter, this rank's local shard of
+        state saved at any world size. Raises KeyError/ValueError naming ``p``.
         """
-        out = schema.check_state(self.rule, self.param_name(p), st, p.shape, p.device, block_size)
+        out = schema.check_state(self.rule, self.param_name(p), st, p.shape, p.device, block_size, expect_8bit)
         return dtensor.localize_state(self, p, out) if dtl.is_dtensor(p) or dtl.has_dtensor(out) else out
 
 

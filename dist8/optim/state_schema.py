@@ -123,15 +123,19 @@ def new_state(
 
 
 def check_state(rule: Rule, name: str, st: dict[str, Any], shape: Sequence[int], device: torch.device,
-                block_size: int | None = None) -> dict[str, Any]:
+                block_size: int | None = None, expect_8bit: bool | None = None) -> dict[str, Any]:
     """Validate a loaded state dict of parameter ``name`` against the schema; returns new tensors on ``device``.
 
     Checks that every state of ``rule`` is present with the parameter's ``shape`` and dtype
     uint8 (with its absmax) or float32, that no state of another rule is there (e.g. Adam's
     ``state2`` loaded into SGD), that absmax, fp32 state and history are finite (absmax >= 0)
     and ``step`` is an integer >= 0; with ``block_size`` (the parameter's effective block)
-    also that each absmax has one entry per block. Raises ``KeyError``/``ValueError`` naming
-    the parameter and key; nothing of ``st`` is modified.
+    also that each absmax has one entry per block. All states of the parameter are of one kind
+    (8-bit codes, each with its absmax, or float32 without one); with ``expect_8bit`` that kind
+    must be the one the optimizer's settings give the parameter (a float32 tensor of codes, as
+    ``torch.optim.Optimizer.load_state_dict`` would cast them, is refused, not run as 32-bit
+    state). Raises ``KeyError``/``ValueError`` naming the parameter and key; nothing of ``st``
+    is modified.
     """
     extra = [k for k in st if (is_state_key(k) and int(k[5:]) > n_states(rule))
              or (is_absmax_key(k) and int(k[6:]) > n_states(rule))]
@@ -139,13 +143,18 @@ def check_state(rule: Rule, name: str, st: dict[str, Any], shape: Sequence[int],
         raise ValueError(f"state of parameter {name} has {sorted(extra)}, which rule {Rule(rule).name} does not "
                          "keep (state of another optimizer?)")
     out: dict[str, Any] = {}
+    kinds: dict[str, bool] = {}  # state key -> holds 8-bit codes
     for i in state_indices(rule):
         key = state_key(i)
         if key not in st:
-            raise KeyError(f"state for parameter {name} has no {key!r} (keys: {sorted(st)})")
+            raise KeyError(f"state for parameter {name} has no {key!r} (keys: {sorted(st)}){_foreign_hint(st)}")
         s = st[key]
         if not isinstance(s, torch.Tensor):
             raise ValueError(f"{key} of parameter {name} is a {type(s).__name__}, not a tensor")
+        kinds[key] = s.dtype == torch.uint8
+        if not kinds[key] and absmax_key(i) in st:
+            raise ValueError(f"{key} of parameter {name} has dtype {s.dtype} but comes with {absmax_key(i)}: "
+                             "8-bit codes must stay uint8 (cast by a state-dict conversion?)")
         if tuple(s.shape) != tuple(shape):
             raise ValueError(f"{key} of parameter {name} has shape {tuple(s.shape)}, parameter has {tuple(shape)}")
         if s.dtype == torch.uint8:
@@ -163,6 +172,13 @@ def check_state(rule: Rule, name: str, st: dict[str, Any], shape: Sequence[int],
         elif not _finite(s):
             raise ValueError(f"{key} of parameter {name} holds NaN or inf")
         out[key] = s.to(device)
+    if len(set(kinds.values())) > 1:
+        listing = ", ".join(f"{k}: {'uint8' if is8 else 'float32'}" for k, is8 in kinds.items())
+        raise ValueError(f"state of parameter {name} mixes 8-bit and 32-bit states ({listing})")
+    if expect_8bit is not None and kinds and next(iter(kinds.values())) != expect_8bit:
+        have, want = ("8-bit", "32-bit") if not expect_8bit else ("32-bit", "8-bit")
+        raise ValueError(f"state of parameter {name} is {have}, but the optimizer keeps {want} state for it "
+                         "(optim_bits, min_8bit_size or overrides differ from the run that saved it)")
     step = st.get(STEP, 0)
     if isinstance(step, torch.Tensor) and step.numel() == 1:
         step = step.item()
@@ -175,6 +191,15 @@ def check_state(rule: Rule, name: str, st: dict[str, Any], shape: Sequence[int],
             raise ValueError(f"{GNORM} of parameter {name} must be a finite tensor")
         out[GNORM] = g.to(device=device, dtype=torch.float32)
     return out
+
+
+def _foreign_hint(st: dict[str, Any]) -> str:
+    """What to do with another library's state dict (its keys say whose it is)."""
+    if "__bnb_optimizer_quant_state__" in st or "qmap1" in st:
+        return ": a bitsandbytes state dict; load dist8.checkpoint.convert.from_bitsandbytes(state_dict) instead"
+    if "exp_avg" in st or "momentum_buffer" in st or "square_avg" in st or "sum" in st:
+        return ": a torch.optim state dict; dist8 loads its own (quantized) state only"
+    return ""
 
 
 def _finite(t: torch.Tensor) -> bool:
