@@ -260,33 +260,42 @@ def test_dcp_stateful_fsdp2_2_to_1(tmp_path):
         torch.testing.assert_close(loaded_final[n], saved_final[n], rtol=1e-4, atol=1e-5)
 
 
-# ---- torch ZeroRedundancyOptimizer ----------------------------------------------------------------
-def _zero_worker(rank, world_size):
+# ---- torch ZeroRedundancyOptimizer and fairscale OSS ------------------------------------------------
+def _make_zero(params, **kw):
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
+    return ZeroRedundancyOptimizer(params, optimizer_class=dist8.AdamW8bit, **kw)
+
+
+def _make_oss(params, **kw):
+    from fairscale.optim import OSS
+
+    return OSS(params, optim=dist8.AdamW8bit, **kw)
+
+
+def _state_sharding_worker(rank, world_size, make, to_rank0):
     model, ref_model = _Net(), _Net()
     kw = dict(lr=3e-3, weight_decay=0.1, min_8bit_size=1000)
-    zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=dist8.AdamW8bit, **kw)
+    wrapper = make(model.parameters(), **kw)
     ref = dist8.AdamW8bit(ref_model.parameters(), **kw)
     for step in range(3):
         x, y = _batch(step)  # the same batch on every rank: the gradients DDP would have averaged
         _loss(model, x, y).backward()
         _loss(ref_model, x, y).backward()
-        zero.step()
+        wrapper.step()
         ref.step()
-        zero.zero_grad()
+        wrapper.zero_grad()
         ref.zero_grad()
     for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
-        assert torch.equal(p, q), f"{n}: ZeroRedundancyOptimizer run differs from the plain optimizer"
-    zero.consolidate_state_dict(to=0)
-    return (zero.state_dict() if rank == 0 else None), ref.state_dict()
+        assert torch.equal(p, q), f"{n}: {type(wrapper).__name__} run differs from the plain optimizer"
+    wrapper.consolidate_state_dict(**to_rank0)
+    return (wrapper.state_dict() if rank == 0 else None), ref.state_dict()
 
 
-def test_zero_redundancy_optimizer_bitwise_and_consolidated_state_loads(tmp_path):
-    (consolidated, ref_sd), _ = run_ranks(_zero_worker, 2, tmp_path=tmp_path)
+def _check_consolidated_loads(consolidated, ref_sd):
     model = _Net()
     opt = dist8.AdamW8bit(model.parameters(), lr=3e-3, weight_decay=0.1, min_8bit_size=1000)
-    opt.load_state_dict(consolidated)  # ZeRO's consolidated dict is a plain per-parameter state dict
+    opt.load_state_dict(consolidated)  # the consolidated dict is a plain per-parameter state dict
     assert consolidated["state"].keys() == ref_sd["state"].keys()
     for i, st in ref_sd["state"].items():
         for k, v in st.items():
@@ -294,38 +303,15 @@ def test_zero_redundancy_optimizer_bitwise_and_consolidated_state_loads(tmp_path
             assert torch.equal(got, v) if isinstance(v, torch.Tensor) else got == v, (i, k)
 
 
-# ---- fairscale OSS ----------------------------------------------------------------------------------
-def _oss_worker(rank, world_size):
-    from fairscale.optim import OSS
-
-    model, ref_model = _Net(), _Net()
-    kw = dict(lr=3e-3, weight_decay=0.1, min_8bit_size=1000)
-    oss = OSS(model.parameters(), optim=dist8.AdamW8bit, **kw)
-    ref = dist8.AdamW8bit(ref_model.parameters(), **kw)
-    for step in range(3):
-        x, y = _batch(step)  # the same batch on every rank: the gradients DDP would have averaged
-        _loss(model, x, y).backward()
-        _loss(ref_model, x, y).backward()
-        oss.step()
-        ref.step()
-        oss.zero_grad()
-        ref.zero_grad()
-    for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
-        assert torch.equal(p, q), f"{n}: fairscale OSS run differs from the plain optimizer"
-    oss.consolidate_state_dict(recipient_rank=0)
-    return (oss.state_dict() if rank == 0 else None), ref.state_dict()
+def test_zero_redundancy_optimizer_bitwise_and_consolidated_state_loads(tmp_path):
+    (consolidated, ref_sd), _ = run_ranks(_state_sharding_worker, 2, _make_zero, {"to": 0}, tmp_path=tmp_path)
+    _check_consolidated_loads(consolidated, ref_sd)
 
 
 def test_fairscale_oss_bitwise_and_consolidated_state_loads(tmp_path):
-    pytest.importorskip("fairscale", reason="fairscale is in the [test] extra; this environment lacks it")
-    (consolidated, ref_sd), _ = run_ranks(_oss_worker, 2, tmp_path=tmp_path)
-    model = _Net()
-    opt = dist8.AdamW8bit(model.parameters(), lr=3e-3, weight_decay=0.1, min_8bit_size=1000)
-    opt.load_state_dict(consolidated)  # OSS's consolidated dict is a plain per-parameter state dict
-    for i, st in ref_sd["state"].items():
-        for k, v in st.items():
-            got = opt.state_dict()["state"][i][k]
-            assert torch.equal(got, v) if isinstance(v, torch.Tensor) else got == v, (i, k)
+    pytest.importorskip("fairscale", reason="fairscale is in the [test] extras")
+    (consolidated, ref_sd), _ = run_ranks(_state_sharding_worker, 2, _make_oss, {"recipient_rank": 0}, tmp_path=tmp_path)
+    _check_consolidated_loads(consolidated, ref_sd)
 
 
 # ---- state made on plain parameters, then FSDP2 applied -------------------------------------------
