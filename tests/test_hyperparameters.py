@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import dist8
 import dist8.optim as d8
 
 NAN = float("nan")
@@ -109,3 +110,36 @@ def test_lamb_max_unorm_clips_the_update():
     assert default == pytest.approx(plain, rel=1e-6)
     assert plain == pytest.approx(0.1 * p_norm, rel=1e-3)  # the trust ratio: |lr * ratio * u| = lr * |p|
     assert clipped == pytest.approx(0.1 * 0.01 * p_norm, rel=1e-3)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("lr", float("nan"), "lr must be a finite number"),
+    ("lr", -1.0, "lr must be >= 0"),
+    ("betas", (0.9,), "betas must be a pair"),
+    ("weight_decay", float("inf"), "weight_decay must be a finite number"),
+])
+def test_hyperparameter_changed_between_steps_is_refused_before_anything_moves(key, value, match):
+    # A scheduler or user code writing a bad value into param_groups between steps: the next
+    # step names it instead of silently skipping every block as non-finite (or stepping uphill).
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(300, 5))
+    opt = dist8.AdamW8bit([p], min_8bit_size=0)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    before = (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)})
+    opt.param_groups[0][key] = value
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    assert torch.equal(p, before[0]) and all(torch.equal(opt.state[p][k], v) for k, v in before[1].items())
+    assert opt.nonfinite_skips == 0
+
+
+def test_tensor_lr_filled_in_place_with_nan_is_refused():
+    p = torch.nn.Parameter(torch.randn(300, 5))
+    lr = torch.tensor(1e-3)
+    opt = dist8.AdamW8bit([p], lr=lr, min_8bit_size=0)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    lr.fill_(float("nan"))  # what torch's schedulers do to a tensor lr
+    with pytest.raises(ValueError, match="lr must be a finite number"):
+        opt.step()

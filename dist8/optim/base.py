@@ -124,6 +124,7 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
         self.dtensor_layouts: dict = {}  # (id(param), block) -> dtensor_layout.Layout, filled lazily
         self._qmaps: dict[tuple[torch.device, bool], torch.Tensor] = {}
         self._fixed_settings: dict[torch.Tensor, tuple] = {}
+        self._checked_hyper: dict[int, tuple] = {}  # id(group) -> (group, its hyperparameters when last checked)
         self._positions: dict[torch.Tensor, str] | None = None
         # Sums partial per-parameter reductions across shards (identity when unsharded).
         self.reduce_partials: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -182,6 +183,22 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
         hyper = {k: v for k, v in group.items() if k != "params"}
         for pattern, extra in self.overrides.items():  # at construction, not at the first step
             self.validate_hyper(dict(hyper, **extra), f"override {pattern!r} on param group {gi}")
+
+    def check_changed_group(self, group: dict[str, Any], group_hyper: dict[str, Any]) -> None:
+        """Validate ``group`` again at a step if its hyperparameters changed since they were last
+        checked (a scheduler or user code writing ``group["lr"] = nan`` or ``betas = (0.9,)``):
+        a bad value raises naming the key before anything is updated, instead of the step
+        skipping every block as non-finite. One dict comparison per group when nothing changed."""
+        # CPU tensor values (a tensor lr, which schedulers fill_ in place) are compared by value;
+        # CUDA ones by identity, never read back (no host sync per step).
+        snapshot = {k: v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 and v.device.type == "cpu" else v
+                    for k, v in group_hyper.items()}
+        checked = self._checked_hyper.get(id(group))
+        if checked is not None and checked[0] is group and checked[1] == snapshot:
+            return
+        gi = next((i for i, g in enumerate(self.param_groups) if g is group), -1)
+        self._check_group(group, gi)
+        self._checked_hyper[id(group)] = (group, snapshot)
 
     def check_loaded_group(self, saved: dict[str, Any], gi: int) -> None:
         """Validate the hyperparameters of param group ``gi`` of a loaded state dict (or checkpoint)
@@ -344,6 +361,7 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
         items = []
         for group, group_params in groups:
             group_hyper = {k: v for k, v in group.items() if k != "params"}
+            self.check_changed_group(group, group_hyper)
             for p in group_params:
                 if p.grad is None:
                     continue

@@ -29,7 +29,7 @@ class TorchContract:
 
     # ---- copies (copy.deepcopy, pickle) -------------------------------------------
     # Rebuilt after a copy: keyed by id() or holding process groups / weak references.
-    _NOT_COPIED = ("dtensor_layouts", "_known", "dtensor_hook")
+    _NOT_COPIED = ("dtensor_layouts", "_known", "dtensor_hook", "_checked_hyper")
 
     def __getstate__(self) -> dict[str, Any]:
         """Everything a copy needs to step identically (torch's keeps only defaults, state and
@@ -47,6 +47,7 @@ class TorchContract:
             self.defaults.pop("differentiable", None)
         self.dtensor_layouts = {}
         self.dtensor_hook = None
+        self._checked_hyper = {}
         if self.uses_dtensor:
             self.uses_dtensor = dtensor.attach(self)
         self._known = ParamPositions(self.param_groups, self.param_names)
