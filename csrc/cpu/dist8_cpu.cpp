@@ -692,6 +692,30 @@ std::string cpu_build_features() {
   return f;
 }
 
+// LAMB/LARS phase 2 over a whole tensor: param <- rule_trust_step(param, update, lr * ratio) in
+// float32, stored back in the parameter's dtype (round to nearest even, as torch's copy_).
+void trust_step_cpu(const at::Tensor& param, const at::Tensor& update, double lr_times_ratio) {
+  TORCH_CHECK(is_supported_float(param.scalar_type()) && param.is_contiguous(),
+              "dist8: trust_step_ param must be a contiguous float32/bfloat16/float16 tensor");
+  TORCH_CHECK(update.scalar_type() == at::kFloat && update.is_contiguous() && update.numel() == param.numel(),
+              "dist8: trust_step_ update must be a contiguous float32 tensor with the parameter's length");
+  const int64_t n = param.numel();
+  if (n == 0) return;
+  const float lr_ratio = static_cast<float>(lr_times_ratio);  // fl32(lr * ratio), as the reference
+  const at::ScalarType st = param.scalar_type();
+  void* p = param.data_ptr();
+  const float* u = update.data_ptr<float>();
+  at::parallel_for(0, (n + CHUNK - 1) / CHUNK, 512, [&](int64_t c0, int64_t c1) {
+    float buf[CHUNK];
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t off = c * CHUNK, len = std::min(CHUNK, n - off);
+      load_f32(p, st, off, len, buf);
+      D8_SIMD_LOOP for (int64_t i = 0; i < len; ++i) buf[i] = rule_trust_step(buf[i], u[off + i], lr_ratio);
+      store_from_f32(buf, len, p, st, off);
+    }
+  });
+}
+
 }  // namespace
 }  // namespace dist8
 
@@ -705,4 +729,5 @@ TORCH_LIBRARY_IMPL(dist8, CPU, m) {
   m.impl("dequantize_blockwise", &dist8::dequantize_blockwise_cpu);
   m.impl("all_finite", &dist8::all_finite_cpu);
   m.impl("all_finite_multi", &dist8::all_finite_multi_cpu);
+  m.impl("trust_step_", &dist8::trust_step_cpu);
 }

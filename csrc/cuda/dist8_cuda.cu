@@ -363,6 +363,22 @@ std::vector<int64_t> all_finite_multi_cuda(at::TensorList xs) {
   return result;
 }
 
+void trust_step_cuda(const at::Tensor& param, const at::Tensor& update, double lr_times_ratio) {
+  TORCH_CHECK(D8_ON_DEVICE(param) && D8_ON_DEVICE(update) && param.device() == update.device(),
+              "dist8: trust_step_ param and update must be on one CUDA device");
+  TORCH_CHECK(param.is_contiguous(), "dist8: trust_step_ param must be contiguous");
+  TORCH_CHECK(update.scalar_type() == at::kFloat && update.is_contiguous() && update.numel() == param.numel(),
+              "dist8: trust_step_ update must be a contiguous float32 tensor with the parameter's length");
+  const int64_t n = param.numel();
+  if (n == 0) return;
+  D8_GUARD(param.device());
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, 4096);
+  D8_LAUNCH(trust_step_kernel, (unsigned)blocks, threads, 0, param.data_ptr(), dtype_code(param.scalar_type()),
+            update.data_ptr<float>(), n, static_cast<float>(lr_times_ratio));
+  D8_LAUNCH_CHECK();
+}
+
 }  // namespace
 }  // namespace dist8
 
@@ -377,4 +393,5 @@ TORCH_LIBRARY_IMPL(dist8, CUDA, m) {
   m.impl("all_finite", &dist8::all_finite_cuda);
   m.impl("fused_update_multi_", &dist8::fused_update_multi_cuda);
   m.impl("all_finite_multi", &dist8::all_finite_multi_cuda);
+  m.impl("trust_step_", &dist8::trust_step_cuda);
 }

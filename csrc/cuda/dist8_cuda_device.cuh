@@ -403,5 +403,11 @@ __global__ void all_finite_multi_kernel(FiniteMultiArgs a, int* bad) {
   if (__syncthreads_or(found) && threadIdx.x == 0) atomicOr(bad + a.slot[lo], 1);
 }
 
+// LAMB/LARS phase 2: p[i] <- rule_trust_step(p[i], u[i], lr * ratio), grid-stride over the tensor.
+__global__ void trust_step_kernel(void* p, int dt, const float* u, int64_t n, float lr_times_ratio) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    store_from_float(p, dt, i, rule_trust_step(load_as_float(p, dt, i), u[i], lr_times_ratio));
+}
+
 }  // namespace
 }  // namespace dist8

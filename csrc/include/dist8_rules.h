@@ -126,6 +126,10 @@ D8_HD float rule_lion(float p, float g, float& m, const Scalars& c) {
   return p;
 }
 
+// LAMB/LARS phase 2 (dist8.kernels.rules.trust_step): p - fl32(lr * trust ratio) * u, where u is
+// the update direction rule_adam<true> / rule_momentum<true> wrote.
+D8_HD float rule_trust_step(float p, float u, float lr_times_ratio) { return fsub(p, fmul(lr_times_ratio, u)); }
+
 // ---- block-wise quantization (see dist8/quant/blockwise.py) ----------------
 // The factor a block's values are multiplied by before the code search (see
 // dist8.quant.blockwise.block_reciprocal): fl(1 / absmax) when absmax is a normal

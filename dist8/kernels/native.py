@@ -9,7 +9,7 @@ cached in the default torch extensions directory, or ``DIST8_BUILD_DIR``) and
 returns a backend with the interface of
 :class:`dist8.kernels.reference.ReferenceBackend`. The ops are registered in the
 ``dist8`` torch.library namespace: ``torch.ops.dist8.fused_update_``,
-``quantize_blockwise``, ``dequantize_blockwise`` and ``all_finite``.
+``quantize_blockwise``, ``dequantize_blockwise``, ``all_finite`` and ``trust_step_``.
 
 Environment:
     DIST8_BUILD_DIR   where to build (default: torch's extensions directory)
@@ -49,6 +49,8 @@ _SCHEMAS = {
     "dequantize_blockwise": "dequantize_blockwise(Tensor codes, Tensor absmax, Tensor qmap, int block_size) -> Tensor",
     "all_finite": "all_finite(Tensor x) -> bool",
     "all_finite_multi": "all_finite_multi(Tensor[] xs) -> int[]",
+    # LAMB/LARS phase 2: param <- param - fl32(lr * trust ratio) * update (rules.trust_step).
+    "trust_step_": "trust_step_(Tensor(a!) param, Tensor update, float lr_times_ratio) -> ()",
 }
 
 _lock = threading.Lock()
@@ -94,6 +96,7 @@ def _register_fakes(lib) -> None:
 
     torch.library.register_fake("dist8::fused_update_", no_output, lib=lib)
     torch.library.register_fake("dist8::fused_update_multi_", no_output, lib=lib)
+    torch.library.register_fake("dist8::trust_step_", no_output, lib=lib)
     torch.library.register_fake("dist8::quantize_blockwise", quantize_fake, lib=lib)
     torch.library.register_fake("dist8::dequantize_blockwise", dequantize_fake, lib=lib)
 
@@ -374,6 +377,17 @@ class NativeBackend:
         counts = self._counts(skipped, len(updates), device)
         with torch.no_grad():
             self._ops.fused_update_multi_(int(rule), *cols, q1, q2, values, int(flags), int(block_size), counts)
+
+    def trust_step(self, param: torch.Tensor, update: torch.Tensor, lr_times_ratio: float) -> None:
+        """Same contract as :meth:`ReferenceBackend.trust_step`, bit-identical results."""
+        device = param.device
+        if device.type != self._device_type:
+            raise ValueError(f"param is on {device}; the {self.name} backend updates {self._device_type} tensors")
+        n = param.numel()
+        p = _check_tensor(param, "param", n, device, _FLOATS)
+        u = _check_tensor(update, "update", n, device, (torch.float32,))
+        with torch.no_grad():
+            self._ops.trust_step_(p, u, float(lr_times_ratio))
 
     def quantize_blockwise(self, x: torch.Tensor, qmap: torch.Tensor, block_size: int = 256):
         """Like :func:`dist8.quant.quantize_blockwise` (bit-identical)."""

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from dist8.kernels.rules import RULE_STATES, Rule, Scalars, apply_rule, finite_blocks, floor_state, state_floor_fraction, state_floored
+from dist8.kernels.rules import (RULE_STATES, Rule, Scalars, apply_rule, finite_blocks, floor_state, state_floor_fraction,
+                                 state_floored, trust_step)
 from dist8.quant import dequantize_blockwise, quantize_blockwise
 
 
@@ -100,6 +101,14 @@ class ReferenceBackend:
         for i, (p, g, s1, s2, a1, a2) in enumerate(updates):
             self.fused_update(rule, p, g, s1, s2, a1, a2, qmap1, qmap2, scalars, flags, block_size,
                               skipped=None if skipped is None else skipped[i:i + 1])
+
+    def trust_step(self, param: torch.Tensor, update: torch.Tensor, lr_times_ratio: float) -> None:
+        """LAMB/LARS phase 2 in place: ``param <- param - fl32(lr_times_ratio) * update``
+        (:func:`dist8.kernels.rules.trust_step` in float32, stored in ``param``'s dtype).
+        ``update`` is the float32 direction :meth:`fused_update` wrote to ``update_out``."""
+        p = param.detach()
+        new = trust_step(p.reshape(-1).float(), update.detach().reshape(-1).float(), lr_times_ratio)
+        p.copy_(new.view(p.shape))
 
     def all_finite(self, grad: torch.Tensor) -> bool:
         """True when every element of ``grad`` is finite."""

@@ -53,12 +53,10 @@ class _AdamBase(Optimizer8bit):
         bc1 = 1.0 - beta1**step
         bc2 = 1.0 - beta2**step
         return (
-            Scalars(
+            Scalars.for_adam(
                 lr=lr / bc1,
                 beta1=beta1,
-                one_minus_beta1=1.0 - beta1,
                 beta2=beta2,
-                one_minus_beta2=1.0 - beta2,
                 eps=hyper["eps"],
                 grad_wd=0.0 if self.decoupled else wd,
                 decay=1.0 - lr * wd if self.decoupled else 1.0,

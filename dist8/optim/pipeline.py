@@ -13,7 +13,7 @@ One step, in order:
    plain tensors sharing rule, scalars and block size in one multi-tensor call, DTensor
    shards through :mod:`dist8.optim.dtensor_update`;
 3. LAMB/LARS: the trust ratio from the parameter and update norms (summed across shards),
-   then ``p -= lr * ratio * update``.
+   then ``p -= lr * ratio * update`` (the backend's ``trust_step``: rule spec + kernels).
 
 Only the optimizer's public API is used here.
 """
@@ -233,5 +233,4 @@ def _apply_trust_ratios(opt: Optimizer8bit, trust_items: list[TrustItem], n_slot
     for it in trust_items:
         ratio = opt.trust_ratio(it.settings.hyper, math.sqrt(sums[2 * it.slot]), math.sqrt(sums[2 * it.slot + 1]))
         p = dtl.local(it.param)
-        new = p.detach().reshape(-1).float() - torch.tensor(it.settings.hyper["lr"] * ratio, dtype=torch.float32) * it.update
-        p.detach().copy_(new.view(p.shape))
+        get_backend(p.device).trust_step(p, it.update, it.settings.hyper["lr"] * ratio)
