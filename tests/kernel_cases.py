@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from dist8.kernels.reference import ReferenceBackend
@@ -15,6 +16,38 @@ from dist8.kernels.rules import FLAG_FIRST_STEP, FLAG_NESTEROV, RULE_STATES, RUL
 from dist8.quant import dequantize_blockwise, dynamic_map, linear_map, quantize_blockwise
 
 REFERENCE = ReferenceBackend()
+
+# ---- the backends under test (fixtures in tests/conftest.py) ---------------------------------
+BACKEND_IDS = ("cpu", "cuda-block", "cuda-warp", "emulated-block", "emulated-warp")
+_NO_CUDA = "no CUDA device (torch.cuda.is_available() is False)"
+_MARKS = {"cpu": (), "emulated": (),
+          "cuda": (pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason=_NO_CUDA))}
+
+
+def _id(value) -> str | None:
+    if isinstance(value, Rule):
+        return value.name
+    if isinstance(value, bool):
+        return "8bit" if value else "32bit"
+    if isinstance(value, (str, int)):
+        return str(value)
+    return None  # tensors and None: not part of the id
+
+
+def per_backend(argnames: str, **rows_by_kind):
+    """``parametrize("backend_id,<argnames>")``: each backend runs the rows given for its kind
+    (``cpu=``, ``cuda=``, ``emulated=``), else those given as ``all=``; rows are tuples (or one
+    value). A kind given no rows runs nothing; the cuda-* rows skip, saying why, without a GPU."""
+    names = [n for n in argnames.split(",") if n]
+    params = []
+    for backend_id in BACKEND_IDS:
+        kind = backend_id.split("-")[0]
+        for row in rows_by_kind.get(kind, rows_by_kind.get("all", ())):
+            row = row if isinstance(row, tuple) else (row,)
+            ident = "-".join(x for x in (backend_id, *map(_id, row)) if x is not None)
+            params.append(pytest.param(backend_id, *row, id=ident, marks=_MARKS[kind]))
+    return pytest.mark.parametrize(",".join(["backend_id", *names]), params)
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Gradient/state magnitudes per rule: rules that square the gradient need magnitudes whose
 # squares stay finite and normal-ish.

@@ -1,6 +1,7 @@
 """Every kernel backend held to the reference backend (dist8.kernels.reference), bit for bit.
 
-Backends (``backend_id``; the ``backend`` fixture loads it, ``device`` is where its tensors live):
+Backends (``backend_id``; the ``backend`` fixture of tests/conftest.py loads it, ``device`` is where
+its tensors live; kernel_cases.per_backend parametrizes a test over them):
 
     cpu              the C++ kernels (csrc/cpu), built for this machine
     cuda-block       the CUDA kernels, a thread block per quantization block   } need a CUDA device:
@@ -31,65 +32,14 @@ from itertools import product
 import pytest
 import torch
 
-from dist8.kernels import native
 from dist8.kernels.reference import ReferenceBackend
 from dist8.kernels.rules import RULE_STATES, Rule, Scalars
 from dist8.quant import dynamic_map, quantize_blockwise
 
-from _cuda_emulation import emulated_cuda_backend
 from kernel_cases import (DTYPES, MAGNITUDES, MULTI_RULES, OPTIMIZER_CASES, Case, assert_same_runs,
                           check_all_finite_many, check_extreme_gradients, check_multi_equals_single,
-                          check_optimizer_matches_cpu, check_quantize_matches_reference, optimizer_run, quantize_inputs,
-                          run_steps, scalars_for)
-
-BACKEND_IDS = ("cpu", "cuda-block", "cuda-warp", "emulated-block", "emulated-warp")
-_NO_CUDA = "no CUDA device (torch.cuda.is_available() is False)"
-_MARKS = {"cpu": (), "emulated": (),
-          "cuda": (pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason=_NO_CUDA))}
-
-
-def _id(value) -> str | None:
-    if isinstance(value, Rule):
-        return value.name
-    if isinstance(value, bool):
-        return "8bit" if value else "32bit"
-    if isinstance(value, (str, int)):
-        return str(value)
-    return None  # tensors: not part of the id
-
-
-def per_backend(argnames: str, **rows_by_kind):
-    """``parametrize("backend_id,<argnames>")``: each backend runs the rows given for its kind
-    (``cpu=``, ``cuda=``, ``emulated=``), else those given as ``all=``; rows are tuples (or one value)."""
-    names = [n for n in argnames.split(",") if n]
-    params = []
-    for backend_id in BACKEND_IDS:
-        kind = backend_id.split("-")[0]
-        for row in rows_by_kind.get(kind, rows_by_kind.get("all", ())):
-            row = row if isinstance(row, tuple) else (row,)
-            ident = "-".join(x for x in (backend_id, *map(_id, row)) if x is not None)
-            params.append(pytest.param(backend_id, *row, id=ident, marks=_MARKS[kind]))
-    return pytest.mark.parametrize(",".join(["backend_id", *names]), params)
-
-
-@pytest.fixture
-def kind(backend_id) -> str:
-    return backend_id.split("-")[0]
-
-
-@pytest.fixture
-def device(kind) -> str:
-    return "cuda" if kind == "cuda" else "cpu"
-
-
-@pytest.fixture
-def backend(backend_id, kind, monkeypatch):
-    """The backend under test; the CUDA variants (block / warp kernel) are picked per call by DIST8_CUDA_KERNEL."""
-    if kind == "cpu":
-        return native.load_backend("cpu")
-    monkeypatch.setenv("DIST8_CUDA_KERNEL", backend_id.split("-")[1])
-    return native.load_backend("cuda") if kind == "cuda" else emulated_cuda_backend()
-
+                          check_optimizer_matches_cpu, check_quantize_matches_reference, optimizer_run, per_backend,
+                          quantize_inputs, run_steps, scalars_for)
 
 ALL_RULES = list(Rule)
 BITS = (True, False)
@@ -239,25 +189,37 @@ def test_multi_tensor_op_equals_one_call_per_tensor(backend, device, rule, bits8
 TRUST_SIZES = {"cpu": (1, 63, 64, 1000, 70_001), "cuda": (1, 63, 64, 1000, 70_001), "emulated": (1, 63, 64, 1000, 5000)}
 
 
-@per_backend("pdtype", all=list(DTYPES))
-def test_trust_step_matches_reference(backend, kind, device, pdtype):
+TRUST_CASES = [("fp32", None), ("bf16", None), ("fp16", None), ("bf16", 24), ("bf16", 32), ("fp16", 24), ("fp16", 32)]
+
+
+@per_backend("pdtype,master_bits", all=TRUST_CASES)
+def test_trust_step_matches_reference(backend, kind, device, pdtype, master_bits):
     """``param -= fl32(lr * ratio) * update`` (rules.trust_step) in float32, stored in the
     parameter's dtype: bitwise the reference, for sizes that end in partial chunks, an update
-    with zeros (skipped blocks), scales that round differently in float32, and a view at an offset."""
+    with zeros (skipped blocks), scales that round differently in float32, and a view at an
+    offset; with master weights (an int8/int16 correction) on the decoded master, re-encoded."""
     reference = ReferenceBackend()
     gen = torch.Generator().manual_seed(3)
+    cdtype = {None: None, 24: torch.int8, 32: torch.int16}[master_bits]
     for n in TRUST_SIZES[kind]:
         for lr_times_ratio in (1e-3 * 1.2345678901, 0.0, -0.7, 3.3e30):
             p = (torch.randn(n, generator=gen) * 0.1).to(DTYPES[pdtype])
             u = torch.randn(n, generator=gen) * 1e-2
             u[::5] = 0
-            want = p.clone()
-            reference.trust_step(want, u, lr_times_ratio)
+            corr = None
+            if cdtype is not None:
+                info = torch.iinfo(cdtype)
+                corr = torch.randint(info.min, info.max + 1, (n,), generator=gen, dtype=torch.int64).to(cdtype)
+            want, want_c = p.clone(), None if corr is None else corr.clone()
+            reference.trust_step(want, u, lr_times_ratio, want_c)
             flat = torch.zeros(n + 3, dtype=p.dtype, device=device)
             got = flat[3:]
             got.copy_(p)
-            backend.trust_step(got, u.to(device), lr_times_ratio)
-            assert torch.equal(got.cpu(), want), f"n={n}, lr*ratio={lr_times_ratio}"
+            got_c = None if corr is None else corr.clone().to(device)
+            backend.trust_step(got, u.to(device), lr_times_ratio, got_c)
+            where = f"n={n}, lr*ratio={lr_times_ratio}"
+            assert torch.equal(got.cpu(), want), where
+            assert corr is None or torch.equal(got_c.cpu(), want_c), f"correction, {where}"
             assert flat[:3].eq(0).all()
             if lr_times_ratio == -0.7 and n > 1:  # a step large enough to move bf16/fp16 values
                 assert not torch.equal(want, p), "the step moved nothing: the test would not see a broken kernel"
@@ -383,8 +345,10 @@ def test_ops_trace_under_torch_compile(backend):
     empty = torch.empty(0)
 
     def step(p, g, s1, s2, a1, a2):
-        torch.ops.dist8.fused_update_(int(Rule.ADAM), p, g, s1, s2, a1, a2, q1, q2, values, 0, 256, empty, empty.long())
-        torch.ops.dist8.trust_step_(p, g.float(), 0.5)
+        no_correction = empty.to(torch.int8)
+        torch.ops.dist8.fused_update_(int(Rule.ADAM), p, g, s1, s2, a1, a2, q1, q2, values, 0, 256, empty, empty.long(),
+                                      no_correction)
+        torch.ops.dist8.trust_step_(p, g.float(), 0.5, no_correction)
         c, a = torch.ops.dist8.quantize_blockwise(p, q1, 256)
         return torch.ops.dist8.dequantize_blockwise(c, a, q1, 256) * 2
 
