@@ -26,7 +26,7 @@ b = native.load_backend('cuda'); print('loaded', b.name)
 echo "build rc=$? in $(( $(date +%s) - start ))s" | tee -a "$OUT/build.log"
 
 echo "== tests"
-timeout 180 "$PY" -m pytest tests/test_kernels_cuda.py -q --maxfail=5 -p no:cacheprovider > "$OUT/test_kernels_cuda.log" 2>&1
+timeout 180 "$PY" -m pytest tests/test_kernels.py -k cuda- -q --maxfail=5 -p no:cacheprovider > "$OUT/test_kernels_cuda.log" 2>&1
 echo "tests rc=$?" | tee -a "$OUT/test_kernels_cuda.log"
 tail -3 "$OUT/test_kernels_cuda.log"
 

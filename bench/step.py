@@ -141,8 +141,8 @@ def candidates(n, dtype, device, which, size_label=""):
             state["t"] += 1
             t = state["t"]
             bc1, bc2 = 1 - 0.9**t, 1 - 0.999**t
-            c = Scalars(lr=1e-3 / bc1, beta1=0.9, one_minus_beta1=0.1, beta2=0.999, one_minus_beta2=1 - 0.999,
-                        eps=1e-8, decay=1 - 1e-3 * 1e-2, bc2_sqrt=math.sqrt(bc2))
+            c = Scalars.for_adam(lr=1e-3 / bc1, beta1=0.9, beta2=0.999, eps=1e-8, decay=1 - 1e-3 * 1e-2,
+                                 bc2_sqrt=math.sqrt(bc2))
             backend.fused_update(Rule.ADAM, p.data, p.grad, s1, s2, a1, a2, q1, q2, c, 0, bs)
 
         return step

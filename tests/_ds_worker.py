@@ -86,6 +86,7 @@ def run_job(job, rank, world, out_dir):
     cfg.setdefault("train_micro_batch_size_per_gpu", GLOBAL_BATCH // world // gas)
     model = make_model()
     via = job.get("via", "initialize")
+    client = None
     if via == "client":
         import dist8
 
@@ -132,6 +133,11 @@ def run_job(job, rank, world, out_dir):
         "devices": sorted({str(p.device) for g in opt.param_groups for p in g["params"]}),
         "n_segments": sum(len(v) for v in (getattr(opt, "ds_segments", {}) or {}).values()),
     }
+    if client is not None:  # initialize(optimizer=client) steps a copy and leaves the client as it was
+        facts["client_unchanged"] = (type(client).__name__ == "AdamW8bit" and type(client).__module__ == "dist8.optim.adam"
+                                     and opt is not client and not client.state
+                                     and [id(p) for g in client.param_groups for p in g["params"]]
+                                     == [id(p) for p in model.parameters()])
     with open(os.path.join(out_dir, f"{job['name']}-rank{rank}.json"), "w") as f:
         json.dump(facts, f)
     engine.destroy() if hasattr(engine, "destroy") else None

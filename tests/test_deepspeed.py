@@ -5,6 +5,7 @@ accelerator (DS_ACCELERATOR=cpu). The first DeepSpeed run on a machine JIT-build
 DeepSpeed's shm comm op (~90 s on 2 cores; cached in ~/.cache/torch_extensions).
 Skipped with a reason when DeepSpeed is not installed.
 """
+import copy
 import json
 import os
 import subprocess
@@ -151,6 +152,7 @@ def test_client_optimizer_instance(stages, reference):
     """dist8.train passes an optimizer instance: same per-parameter handling, offload allowed."""
     facts = stages["client"]
     assert facts[0]["n_segments"] > 0 and close(facts[0]["losses"], reference)
+    assert all(f["client_unchanged"] for f in facts), "initialize changed the optimizer passed in"
     _check_8bit(facts)
 
 
@@ -247,6 +249,36 @@ def test_import_dist8_does_not_import_deepspeed():
     code = "import sys, dist8, dist8.integrations; print('deepspeed' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_segmented_copy_steps_like_the_original_and_leaves_it_alone():
+    """initialize(optimizer=client) hands DeepSpeed a segmented copy: same settings, names, hooks
+    and steps (bitwise); rewriting the copy's param_groups (as ZeRO does) never reaches the client."""
+    import dist8
+    from dist8.integrations.deepspeed_segments import DeepSpeedSegments, segmented_copy
+
+    model = torch.nn.Sequential(torch.nn.Linear(80, 64), torch.nn.Linear(64, 3))
+    twin_model = copy.deepcopy(model)
+    client = dist8.AdamW8bit(model.named_parameters(), lr=1e-2, min_8bit_size=256, overrides={"1.bias": {"lr": 0.0}})
+    calls = []
+    client.register_step_post_hook(lambda *a: calls.append(1))
+    twin = segmented_copy(client)
+    assert type(client) is dist8.AdamW8bit and isinstance(twin, DeepSpeedSegments) and isinstance(twin, dist8.AdamW8bit)
+    assert type(twin).__name__ == "AdamW8bit" and twin.param_names == client.param_names
+    # the copy steps the same parameters: compare against a fresh client on a twin model
+    ref = dist8.AdamW8bit(twin_model.named_parameters(), lr=1e-2, min_8bit_size=256, overrides={"1.bias": {"lr": 0.0}})
+    for step in range(3):
+        for m in (model, twin_model):
+            m.zero_grad()
+            m(torch.ones(2, 80) * (step + 1)).square().sum().backward()
+        twin.step()
+        ref.step()
+    assert calls == [1, 1, 1] and not client.state
+    for a, b in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(a, b)
+    twin.param_groups[0]["params"].append(torch.zeros(3))
+    twin.param_groups[0]["params"] = [torch.zeros(3)]
+    assert [id(p) for p in client.param_groups[0]["params"]] == [id(p) for p in model.parameters()]
 
 
 @needs_ds

@@ -61,6 +61,13 @@ def train(model, opt, steps, release=False, **release_kw):
     return model
 
 
+def twin_runs():
+    """(model, optimizer) twice over, identical: AdamW8bit, 8-bit state for the big matrices."""
+    ref_model, model = make(), make()
+    return (ref_model, AdamW8bit(ref_model.parameters(), lr=1e-2, min_8bit_size=1000),
+            model, AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=1000))
+
+
 def assert_same(m1, o1, m2, o2):
     for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
         assert torch.equal(a, b), f"parameter {n} differs"
@@ -116,9 +123,7 @@ def test_release_bf16_overrides_groups_and_32bit_state():
 
 @pytest.mark.parametrize("scheduler_first", [True, False])
 def test_lr_scheduler_drives_the_released_steps(scheduler_first):
-    ref_model, rel_model = make(), make()
-    ref_opt = AdamW8bit(ref_model.parameters(), lr=1e-2, min_8bit_size=1000)
-    rel_opt = AdamW8bit(rel_model.parameters(), lr=1e-2, min_8bit_size=1000)
+    ref_model, ref_opt, rel_model, rel_opt = twin_runs()
     ref_sched = torch.optim.lr_scheduler.LambdaLR(ref_opt, lambda s: 0.5 ** s)
     if scheduler_first:
         rel_sched = torch.optim.lr_scheduler.LambdaLR(rel_opt, lambda s: 0.5 ** s)
@@ -158,9 +163,7 @@ def test_gradients_are_freed_inside_backward():
 
 
 def test_per_parameter_clip_equals_clip_then_step():
-    ref_model, rel_model = make(), make()
-    ref_opt = AdamW8bit(ref_model.parameters(), lr=1e-2, min_8bit_size=1000)
-    rel_opt = AdamW8bit(rel_model.parameters(), lr=1e-2, min_8bit_size=1000)
+    ref_model, ref_opt, rel_model, rel_opt = twin_runs()
     for s in range(3):
         loss_of(ref_model, s).backward()
         for p in ref_model.parameters():
@@ -188,9 +191,7 @@ def test_remove_restores_normal_step():
 
 
 def test_step_params_is_the_public_per_parameter_step():
-    ref_model, model = make(), make()
-    ref_opt = AdamW8bit(ref_model.parameters(), lr=1e-2, min_8bit_size=1000)
-    opt = AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=1000)
+    ref_model, ref_opt, model, opt = twin_runs()
     for s in range(2):
         loss_of(ref_model, s).backward()
         ref_opt.step()

@@ -17,7 +17,9 @@ import pytest
 from dist8.kernels import native
 
 HERE = Path(__file__).resolve().parent
-CASES = "rules_fp32 and (ADAM or SGD or LION) or rules_dtypes and ADAM or linear_map or zero_blocks or quantize or extreme"
+# the cpu backend's cases of tests/test_kernels.py (ids start with the backend: "cpu-...")
+CASES = ("cpu- and (rules_fp32 and (ADAM or SGD or LION) or rules_dtypes and ADAM or linear_map or zero_blocks "
+         "or quantize or extreme or trust_step)")
 
 
 def _cpu_flags() -> set[str]:
@@ -44,7 +46,7 @@ def test_build_variant_matches_reference(variant, tmp_path):
     if skip_reason:
         pytest.skip(f"{variant}: {skip_reason}")
     env = dict(os.environ, **env_extra)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(HERE / "test_kernels_cpu.py"),
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(HERE / "test_kernels.py"),
            "-k", CASES]
     out = subprocess.run(cmd, env=env, cwd=HERE.parent, capture_output=True, text=True, timeout=900)
     tail = (out.stdout + out.stderr)[-3000:]

@@ -61,7 +61,7 @@ from typing import Any
 
 from dist8.integrations.deepspeed_config import check_config, is_dist8_type, load_config, optimizer_kwargs, resolve_auto
 from dist8.integrations.deepspeed_resume import load_dist8_checkpoint
-from dist8.integrations.deepspeed_segments import DeepSpeedSegments, attach_segments, segmented_class
+from dist8.integrations.deepspeed_segments import DeepSpeedSegments, attach_segments, segmented_class, segmented_copy
 from dist8.optim import get_optimizer_class
 from dist8.optim.base import Optimizer8bit
 
@@ -170,9 +170,11 @@ def is_installed() -> bool:
 def initialize(*args, config=None, config_params=None, **kwargs):
     """:func:`install`, check the config, then ``deepspeed.initialize(...)`` (same arguments).
 
-    Accepts a ``dist8.*`` optimizer section, or a dist8 optimizer instance as ``optimizer=``
-    (it then gets the same per-parameter treatment of flat partitions, and neither
-    ``zero_allow_untested_optimizer`` nor ``zero_force_ds_cpu_optimizer: false`` is needed).
+    Accepts a ``dist8.*`` optimizer section, or a dist8 optimizer instance as ``optimizer=``: it
+    gets the same per-parameter treatment of flat partitions (neither ``zero_allow_untested_optimizer``
+    nor ``zero_force_ds_cpu_optimizer: false`` is needed) through a copy of it with the segments
+    (:func:`~dist8.integrations.deepspeed_segments.segmented_copy`), which DeepSpeed partitions
+    and steps; use the optimizer ``initialize`` returns, the instance passed in stays unchanged.
     ``"auto"`` values left in the config mean DeepSpeed's defaults.
     """
     deepspeed, _ = _require_deepspeed()
@@ -184,7 +186,7 @@ def initialize(*args, config=None, config_params=None, **kwargs):
     client = kwargs.get("optimizer")
     if isinstance(client, Optimizer8bit):
         if not isinstance(client, DeepSpeedSegments):
-            client.__class__ = segmented_class(type(client))
+            kwargs["optimizer"] = segmented_copy(client)
         cfg = dict(cfg or {})
         cfg.setdefault("zero_allow_untested_optimizer", True)
         cfg.setdefault("zero_force_ds_cpu_optimizer", False)  # offload steps the dist8 optimizer on the host

@@ -7,6 +7,7 @@ those ranges after it has partitioned the parameters.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +18,7 @@ from dist8.optim.base import Optimizer8bit, ParamSettings
 from dist8.optim.config import GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, match_overrides
 from dist8.optim.state_schema import state_key
 
-__all__ = ["Segment", "DeepSpeedSegments", "segmented_class", "attach_segments", "dp_rank"]
+__all__ = ["Segment", "DeepSpeedSegments", "segmented_class", "segmented_copy", "attach_segments", "dp_rank"]
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,10 @@ class DeepSpeedSegments:
     def step(self, closure=None):
         segs_of = getattr(self, "ds_segments", None) or {}
         if not segs_of:
-            return super().step(closure)
+            # The class's step is torch's hook-running wrapper, and so is the dist8 class's below:
+            # call the latter unwrapped, or step hooks would run twice.
+            parent = super().step
+            return getattr(parent, "__wrapped__", parent.__func__)(self, closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -172,6 +176,29 @@ def segmented_class(cls: type[Optimizer8bit]) -> type[Optimizer8bit]:
         _CLASSES[cls] = type(cls.__name__, (DeepSpeedSegments, cls), {"__module__": "dist8.integrations.deepspeed",
                                                                       "__doc__": cls.__doc__})
     return _CLASSES[cls]
+
+
+def segmented_copy(opt: Optimizer8bit) -> Optimizer8bit:
+    """A new optimizer of ``segmented_class(type(opt))`` with ``opt``'s settings, parameter groups,
+    names, state and hooks, for DeepSpeed to partition; ``opt`` itself is left as it was.
+
+    Built as ``copy.copy`` would build it (the optimizer's own ``__getstate__``/``__setstate__``,
+    which deep copies and pickles also use), with the containers DeepSpeed or the segments
+    rewrite (``param_groups`` and their ``params`` lists, ``state``, the name dict) copied, so
+    nothing written into the copy reaches ``opt``. Parameters and state tensors are shared.
+    """
+    cls = segmented_class(type(opt))
+    fields = {k: (copy.copy(v) if isinstance(v, (dict, list)) else v) for k, v in opt.__getstate__().items()}
+    fields["param_groups"] = [dict(g, params=list(g["params"])) for g in opt.param_groups]
+    fields["state"] = copy.copy(opt.state)
+    for p, st in opt.state.items():
+        fields["state"][p] = dict(st)
+    twin = cls.__new__(cls)
+    twin.__setstate__(fields)
+    for key, hooks in opt.__dict__.items():  # torch drops hooks in copies; this one replaces opt
+        if key.startswith("_optimizer_") and key.endswith("_hooks"):
+            setattr(twin, key, copy.copy(hooks))
+    return twin
 
 
 def dp_rank(group) -> int:

@@ -8,7 +8,8 @@ CUDA kernels produce bit-identical state. Change both together.
 Every rule receives float32 ``p`` (parameter), ``g`` (gradient), the float32
 states and a :class:`Scalars`; it returns ``(out, s1, s2)`` where ``out`` is the
 new parameter, or the update direction ``u`` for rules whose final step is
-scaled by a trust ratio (LAMB, LARS: ``p <- p - lr * ratio * u`` afterwards).
+scaled by a trust ratio (LAMB, LARS: ``p <- p - lr * ratio * u`` afterwards, by
+:func:`trust_step` once the ratio is known from the norms of ``p`` and ``u``).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 
 __all__ = [
     "Rule", "Scalars", "FLAG_FIRST_STEP", "FLAG_NESTEROV", "RULE_STATES", "RULE_WRITES_UPDATE", "apply_rule",
-    "state_floored", "state_floor_fraction", "floor_state", "finite_blocks",
+    "state_floored", "state_floor_fraction", "floor_state", "finite_blocks", "trust_step",
 ]
 
 FLAG_FIRST_STEP = 1  # momentum buffer starts as the gradient (SGD/LARS)
@@ -56,7 +57,22 @@ RULE_WRITES_UPDATE = frozenset({Rule.LAMB, Rule.LARS})
 class Scalars:
     """Per-step scalars; the kernels receive them as float32 in this field order.
 
-    Meanings depend on the rule (see each rule below); unused ones are ignored.
+    The fields are kernel slots: generic names whose meaning depends on the rule (see each
+    rule below); unused ones are ignored. Build them with the rule's constructor, which takes
+    the rule's own names and fills the slots:
+
+    =================  ===============================================================
+    constructor        slots filled (rule name -> slot)
+    =================  ===============================================================
+    ``for_adam``       Adam/AdamW/LAMB: beta1, beta2, eps, bc1, bc2_sqrt, grad_wd,
+                       decay, update_wd (LAMB's decoupled decay on the update)
+    ``for_momentum``   SGD/LARS: momentum -> beta1, 1 - dampening -> one_minus_beta1,
+                       weight_decay -> grad_wd
+    ``for_rmsprop``    alpha -> beta1, 1 - alpha -> one_minus_beta1, eps,
+                       weight_decay -> grad_wd
+    ``for_adagrad``    eps, weight_decay -> grad_wd (``lr`` already decayed)
+    ``for_lion``       beta1 (interpolation), beta2 (momentum decay), decay
+    =================  ===============================================================
     """
 
     lr: float = 0.0  # step size (Adam: lr / bias_correction1; Adagrad: decayed lr)
@@ -71,6 +87,37 @@ class Scalars:
     bc2_sqrt: float = 1.0  # sqrt of the bias correction of the second moment
     grad_scale: float = 1.0  # gradient scale (percentile clipping)
     update_wd: float = 0.0  # weight decay added to the update direction (LAMB)
+
+    @classmethod
+    def for_adam(cls, *, lr: float, beta1: float, beta2: float, eps: float, bc1: float = 1.0, bc2_sqrt: float = 1.0,
+                 grad_wd: float = 0.0, decay: float = 1.0, update_wd: float = 0.0, grad_scale: float = 1.0) -> Scalars:
+        """Adam/AdamW (``lr`` already divided by ``bc1``) and LAMB (``bc1`` applied in the rule)."""
+        return cls(lr=lr, beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2, eps=eps,
+                   grad_wd=grad_wd, decay=decay, bc1=bc1, bc2_sqrt=bc2_sqrt, grad_scale=grad_scale, update_wd=update_wd)
+
+    @classmethod
+    def for_momentum(cls, *, lr: float, momentum: float, dampening: float = 0.0, weight_decay: float = 0.0,
+                     grad_scale: float = 1.0) -> Scalars:
+        """SGD with momentum and LARS: ``m = momentum * m + (1 - dampening) * g``."""
+        return cls(lr=lr, beta1=momentum, one_minus_beta1=1.0 - dampening, grad_wd=weight_decay, grad_scale=grad_scale)
+
+    @classmethod
+    def for_rmsprop(cls, *, lr: float, alpha: float, eps: float, weight_decay: float = 0.0,
+                    grad_scale: float = 1.0) -> Scalars:
+        """RMSprop: ``v = alpha * v + (1 - alpha) * g * g``."""
+        return cls(lr=lr, beta1=alpha, one_minus_beta1=1.0 - alpha, eps=eps, grad_wd=weight_decay,
+                   grad_scale=grad_scale)
+
+    @classmethod
+    def for_adagrad(cls, *, lr: float, eps: float, weight_decay: float = 0.0, grad_scale: float = 1.0) -> Scalars:
+        """Adagrad (``lr`` already decayed for this step)."""
+        return cls(lr=lr, eps=eps, grad_wd=weight_decay, grad_scale=grad_scale)
+
+    @classmethod
+    def for_lion(cls, *, lr: float, beta1: float, beta2: float, decay: float = 1.0, grad_scale: float = 1.0) -> Scalars:
+        """Lion: the sign of ``beta1 * m + (1 - beta1) * g``; then ``m = beta2 * m + (1 - beta2) * g``."""
+        return cls(lr=lr, beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
+                   decay=decay, grad_scale=grad_scale)
 
     def as_tuple(self) -> tuple[float, ...]:
         # not dataclasses.astuple: it deep-copies every field (a third of the per-parameter
@@ -164,6 +211,16 @@ def apply_rule(
         out, m = _lion(p, g, s1, c)
         return out, m, None
     raise ValueError(f"unknown rule {rule!r}")
+
+
+def trust_step(p: torch.Tensor, u: torch.Tensor, lr_times_ratio: float) -> torch.Tensor:
+    """LAMB/LARS phase 2 on float32 tensors: ``p - fl32(lr * ratio) * u``.
+
+    ``u`` is the update direction the rule wrote (0 in skipped blocks, so their parameter stays);
+    ``lr_times_ratio`` is rounded to float32 first, as the kernels receive it. The caller stores
+    the result in the parameter's dtype (round to nearest even).
+    """
+    return p - _f32(lr_times_ratio) * u
 
 
 # ---- reading and committing 8-bit state (every backend does exactly this) ------------------

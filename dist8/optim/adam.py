@@ -53,12 +53,10 @@ class _AdamBase(Optimizer8bit):
         bc1 = 1.0 - beta1**step
         bc2 = 1.0 - beta2**step
         return (
-            Scalars(
+            Scalars.for_adam(
                 lr=lr / bc1,
                 beta1=beta1,
-                one_minus_beta1=1.0 - beta1,
                 beta2=beta2,
-                one_minus_beta2=1.0 - beta2,
                 eps=hyper["eps"],
                 grad_wd=0.0 if self.decoupled else wd,
                 decay=1.0 - lr * wd if self.decoupled else 1.0,
@@ -70,13 +68,13 @@ class _AdamBase(Optimizer8bit):
         )
 
 
-@document
-class AdamFamily(_AdamBase):
-    """Adam (L2 weight decay added to the gradient) with block-wise quantized state: the family of
-    :class:`Adam8bit`, :class:`Adam32bit` and :class:`Adam` (not used directly).
+def _family_doc(what: str, name: str, weight_decay: str) -> str:
+    """The docstring of the Adam and AdamW families, which differ only in their weight decay."""
+    return f"""{what} with block-wise quantized state: the family of :class:`{name}8bit`,
+    :class:`{name}32bit` and :class:`{name}` (not used directly).
 
     State: ``m`` (signed map) and ``v`` (unsigned map), 2.03 bytes per value at 8 bits.
-    Arguments as ``bitsandbytes.optim.Adam8bit``:
+    Arguments as ``bitsandbytes.optim.{name}8bit``:
 
     Args:
         params: an iterable of parameters, of ``(name, parameter)`` pairs
@@ -85,9 +83,15 @@ class AdamFamily(_AdamBase):
         betas (tuple[float, float]): decay rates of ``m`` and ``v``, each in [0, 1).
             Default (0.9, 0.999).
         eps (float): added to ``sqrt(v_hat)`` in the denominator. Default 1e-8.
-        weight_decay (float): L2 penalty added to the gradient (``g + wd * p``). Default 0.
+        weight_decay (float): {weight_decay}
         amsgrad (bool): not supported; must be False.
     """
+
+
+@document
+class AdamFamily(_AdamBase):
+    __doc__ = _family_doc("Adam (L2 weight decay added to the gradient)", "Adam",
+                          "L2 penalty added to the gradient (``g + wd * p``). Default 0.")
 
 
 Adam8bit, Adam32bit, Adam = bit_variants(AdamFamily, "Adam", __name__)
@@ -95,24 +99,8 @@ Adam8bit, Adam32bit, Adam = bit_variants(AdamFamily, "Adam", __name__)
 
 @document
 class AdamWFamily(_AdamBase):
-    """AdamW (decoupled weight decay ``p *= 1 - lr * weight_decay``) with block-wise quantized
-    state: the family of :class:`AdamW8bit`, :class:`AdamW32bit` and :class:`AdamW` (not used
-    directly).
-
-    State: ``m`` (signed map) and ``v`` (unsigned map), 2.03 bytes per value at 8 bits.
-    Arguments as ``bitsandbytes.optim.AdamW8bit``:
-
-    Args:
-        params: an iterable of parameters, of ``(name, parameter)`` pairs
-            (``model.named_parameters()``, needed for ``overrides``) or of param-group dicts.
-        lr (float): learning rate. Default 1e-3.
-        betas (tuple[float, float]): decay rates of ``m`` and ``v``, each in [0, 1).
-            Default (0.9, 0.999).
-        eps (float): added to ``sqrt(v_hat)`` in the denominator. Default 1e-8.
-        weight_decay (float): decoupled decay per step, ``p *= 1 - lr * weight_decay``.
-            Default 1e-2.
-        amsgrad (bool): not supported; must be False.
-    """
+    __doc__ = _family_doc("AdamW (decoupled weight decay ``p *= 1 - lr * weight_decay``)", "AdamW",
+                          "decoupled decay per step, ``p *= 1 - lr * weight_decay``. Default 1e-2.")
 
     decoupled = True
 

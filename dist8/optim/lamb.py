@@ -62,10 +62,9 @@ class LAMBFamily(Optimizer8bit):
         bc1 = 1.0 - beta1**step if hyper["bias_correction"] else 1.0
         bc2 = 1.0 - beta2**step if hyper["bias_correction"] else 1.0
         wd = hyper["weight_decay"]
-        return Scalars(lr=float(hyper["lr"]), beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2,
-                       one_minus_beta2=1.0 - beta2, eps=hyper["eps"], grad_wd=0.0 if hyper["adam_w_mode"] else wd,
-                       bc1=bc1, bc2_sqrt=math.sqrt(bc2), grad_scale=grad_scale,
-                       update_wd=wd if hyper["adam_w_mode"] else 0.0), 0
+        return Scalars.for_adam(lr=float(hyper["lr"]), beta1=beta1, beta2=beta2, eps=hyper["eps"],
+                                grad_wd=0.0 if hyper["adam_w_mode"] else wd, bc1=bc1, bc2_sqrt=math.sqrt(bc2),
+                                grad_scale=grad_scale, update_wd=wd if hyper["adam_w_mode"] else 0.0), 0
 
     def trust_ratio(self, hyper: dict[str, Any], p_norm: float, u_norm: float) -> float:
         if p_norm == 0 or u_norm == 0:

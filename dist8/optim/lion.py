@@ -43,8 +43,8 @@ class LionFamily(Optimizer8bit):
     def scalars(self, hyper: dict[str, Any], step: int, grad_scale: float) -> tuple[Scalars, int]:
         beta1, beta2 = hyper["betas"]
         lr = float(hyper["lr"])
-        return Scalars(lr=lr, beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
-                       decay=1.0 - lr * hyper["weight_decay"], grad_scale=grad_scale), 0
+        return Scalars.for_lion(lr=lr, beta1=beta1, beta2=beta2, decay=1.0 - lr * hyper["weight_decay"],
+                                grad_scale=grad_scale), 0
 
 
 Lion8bit, Lion32bit, Lion = bit_variants(LionFamily, "Lion", __name__)

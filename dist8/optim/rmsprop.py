@@ -56,8 +56,8 @@ class RMSpropFamily(Optimizer8bit):
         return super().step(closure)
 
     def scalars(self, hyper: dict[str, Any], step: int, grad_scale: float) -> tuple[Scalars, int]:
-        return Scalars(lr=float(hyper["lr"]), beta1=hyper["alpha"], one_minus_beta1=1.0 - hyper["alpha"],
-                       eps=hyper["eps"], grad_wd=hyper["weight_decay"], grad_scale=grad_scale), 0
+        return Scalars.for_rmsprop(lr=float(hyper["lr"]), alpha=hyper["alpha"], eps=hyper["eps"],
+                                   weight_decay=hyper["weight_decay"], grad_scale=grad_scale), 0
 
 
 def _check_no_momentum(momentum: float, where: str) -> None:
@@ -107,7 +107,7 @@ class AdagradFamily(Optimizer8bit):
 
     def scalars(self, hyper: dict[str, Any], step: int, grad_scale: float) -> tuple[Scalars, int]:
         clr = float(hyper["lr"]) / (1 + (step - 1) * hyper["lr_decay"])
-        return Scalars(lr=clr, eps=hyper["eps"], grad_wd=hyper["weight_decay"], grad_scale=grad_scale), 0
+        return Scalars.for_adagrad(lr=clr, eps=hyper["eps"], weight_decay=hyper["weight_decay"], grad_scale=grad_scale), 0
 
 
 Adagrad8bit, Adagrad32bit, Adagrad = bit_variants(AdagradFamily, "Adagrad", __name__)

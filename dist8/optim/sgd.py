@@ -51,11 +51,11 @@ class _MomentumBase(Optimizer8bit):
     def scalars(self, hyper: dict[str, Any], step: int, grad_scale: float) -> tuple[Scalars, int]:
         flags = (FLAG_FIRST_STEP if step == 1 else 0) | (FLAG_NESTEROV if hyper["nesterov"] else 0)
         return (
-            Scalars(
+            Scalars.for_momentum(
                 lr=float(hyper["lr"]),
-                beta1=hyper["momentum"],
-                one_minus_beta1=1.0 - hyper["dampening"],
-                grad_wd=hyper["weight_decay"],
+                momentum=hyper["momentum"],
+                dampening=hyper["dampening"],
+                weight_decay=hyper["weight_decay"],
                 grad_scale=grad_scale,
             ),
             flags,

@@ -163,11 +163,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def _build_section(cls: type, raw: Any, section: str) -> Any:
+def _mapping(raw: Any, what: str) -> dict:
+    """``raw`` as a mapping (an empty YAML section is None), else a ConfigError: '<what>, got <type>'."""
     if raw is None:
-        raw = {}
+        return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"config section {section!r} must be a mapping, got {type(raw).__name__}")
+        raise ConfigError(f"{what}, got {type(raw).__name__}")
+    return raw
+
+
+def _build_section(cls: type, raw: Any, section: str) -> Any:
+    raw = _mapping(raw, f"config section {section!r} must be a mapping")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -181,10 +187,7 @@ def _build_section(cls: type, raw: Any, section: str) -> Any:
 
 def config_from_dict(raw: Any) -> Config:
     """Build and validate a :class:`Config` from a parsed YAML mapping."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config must be a mapping of sections, got {type(raw).__name__}")
+    raw = _mapping(raw, "config must be a mapping of sections")
     hints = typing.get_type_hints(Config)
     sections = [f.name for f in dataclasses.fields(Config)]
     kwargs = {}

@@ -1,6 +1,6 @@
 // d8_cuda_emulation.h -- the CUDA features csrc/cuda/dist8_cuda.cu uses, emulated on the
 // CPU so that its kernels' logic (indexing, chunked multi-tensor launches, partial blocks,
-// block reductions) is tested on machines without a GPU (tests/test_kernels_cuda_emulated.py).
+// block reductions) is tested on machines without a GPU (tests/test_kernels.py, the emulated-* backends).
 //
 // A launch runs its thread blocks one after another on the calling thread; each block
 // runs as blockDim.x fibers (ucontext). __syncthreads is a block barrier and a warp

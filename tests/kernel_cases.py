@@ -1,10 +1,14 @@
-"""Shared cases for the native-kernel tests (CPU and CUDA): every rule, 8/32-bit
-state, param/grad dtypes, odd sizes, block sizes, flags and magnitudes, stepped
-side by side with the reference backend on identical inputs."""
+"""The cases of tests/test_kernels.py (every backend against the reference): every rule, 8/32-bit
+state, param/grad dtypes, odd sizes, block sizes, flags and magnitudes, stepped side by side
+with the reference backend on identical inputs, and the checks shared by several tests.
+
+A new rule needs a branch in :func:`scalars_for` (and, if its states square the gradient,
+an entry in MAGNITUDES); everything else follows ``RULE_STATES`` / ``RULE_WRITES_UPDATE``."""
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from dist8.kernels.reference import ReferenceBackend
@@ -12,6 +16,38 @@ from dist8.kernels.rules import FLAG_FIRST_STEP, FLAG_NESTEROV, RULE_STATES, RUL
 from dist8.quant import dequantize_blockwise, dynamic_map, linear_map, quantize_blockwise
 
 REFERENCE = ReferenceBackend()
+
+# ---- the backends under test (fixtures in tests/conftest.py) ---------------------------------
+BACKEND_IDS = ("cpu", "cuda-block", "cuda-warp", "emulated-block", "emulated-warp")
+_NO_CUDA = "no CUDA device (torch.cuda.is_available() is False)"
+_MARKS = {"cpu": (), "emulated": (),
+          "cuda": (pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason=_NO_CUDA))}
+
+
+def _id(value) -> str | None:
+    if isinstance(value, Rule):
+        return value.name
+    if isinstance(value, bool):
+        return "8bit" if value else "32bit"
+    if isinstance(value, (str, int)):
+        return str(value)
+    return None  # tensors and None: not part of the id
+
+
+def per_backend(argnames: str, **rows_by_kind):
+    """``parametrize("backend_id,<argnames>")``: each backend runs the rows given for its kind
+    (``cpu=``, ``cuda=``, ``emulated=``), else those given as ``all=``; rows are tuples (or one
+    value). A kind given no rows runs nothing; the cuda-* rows skip, saying why, without a GPU."""
+    names = [n for n in argnames.split(",") if n]
+    params = []
+    for backend_id in BACKEND_IDS:
+        kind = backend_id.split("-")[0]
+        for row in rows_by_kind.get(kind, rows_by_kind.get("all", ())):
+            row = row if isinstance(row, tuple) else (row,)
+            ident = "-".join(x for x in (backend_id, *map(_id, row)) if x is not None)
+            params.append(pytest.param(backend_id, *row, id=ident, marks=_MARKS[kind]))
+    return pytest.mark.parametrize(",".join(["backend_id", *names]), params)
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Gradient/state magnitudes per rule: rules that square the gradient need magnitudes whose
 # squares stay finite and normal-ish.
@@ -29,20 +65,18 @@ def scalars_for(rule: Rule, step: int, gen: torch.Generator) -> Scalars:
     if rule in (Rule.ADAM, Rule.LAMB):
         b1, b2, lr, wd = 0.9, 0.999, 1e-3, 0.01
         bc1, bc2 = 1 - b1**t, 1 - b2**t
-        return Scalars(
-            lr=lr / bc1, beta1=b1, one_minus_beta1=1 - b1, beta2=b2, one_minus_beta2=1 - b2, eps=1e-8,
-            grad_wd=0.01 if step % 2 else 0.0, decay=1 - lr * wd, bc1=bc1, bc2_sqrt=math.sqrt(bc2),
-            grad_scale=grad_scale, update_wd=0.01 if rule == Rule.LAMB else 0.0,
+        return Scalars.for_adam(
+            lr=lr / bc1, beta1=b1, beta2=b2, eps=1e-8, grad_wd=0.01 if step % 2 else 0.0, decay=1 - lr * wd,
+            bc1=bc1, bc2_sqrt=math.sqrt(bc2), grad_scale=grad_scale, update_wd=0.01 if rule == Rule.LAMB else 0.0,
         )
     if rule in (Rule.SGD, Rule.LARS):
-        return Scalars(lr=0.01, beta1=0.9, one_minus_beta1=1 - 0.1, grad_wd=1e-4, grad_scale=grad_scale)
+        return Scalars.for_momentum(lr=0.01, momentum=0.9, dampening=0.1, weight_decay=1e-4, grad_scale=grad_scale)
     if rule == Rule.RMSPROP:
-        return Scalars(lr=1e-3, beta1=0.99, one_minus_beta1=1 - 0.99, eps=1e-8, grad_wd=1e-4, grad_scale=grad_scale)
+        return Scalars.for_rmsprop(lr=1e-3, alpha=0.99, eps=1e-8, weight_decay=1e-4, grad_scale=grad_scale)
     if rule == Rule.ADAGRAD:
-        return Scalars(lr=0.01 / (1 + step * 0.01), eps=1e-10, grad_wd=1e-4, grad_scale=grad_scale)
+        return Scalars.for_adagrad(lr=0.01 / (1 + step * 0.01), eps=1e-10, weight_decay=1e-4, grad_scale=grad_scale)
     if rule == Rule.LION:
-        return Scalars(lr=1e-4, beta1=0.9, one_minus_beta1=0.1, beta2=0.99, one_minus_beta2=0.01, decay=1 - 1e-5,
-                       grad_scale=grad_scale)
+        return Scalars.for_lion(lr=1e-4, beta1=0.9, beta2=0.99, decay=1 - 1e-5, grad_scale=grad_scale)
     raise AssertionError(rule)
 
 
