@@ -1,4 +1,4 @@
-"""Training configuration: YAML -> validated dataclasses.
+"""Training configuration: YAML -> validated dataclasses (one concern: the schema and its checks).
 
 Every section is a dataclass; unknown keys, wrong types and impossible values
 raise :class:`ConfigError` with a one-line message that names the key (and,
