@@ -183,3 +183,211 @@ def test_argument_checks():
         decode_master(p, torch.zeros(4, dtype=torch.int16), 24)
     with pytest.raises(ValueError, match="shape"):
         decode_master(p, torch.zeros(3, dtype=torch.int8))
+
+
+# ---- master_weight_bits in the optimizers -------------------------------------------------------
+import copy  # noqa: E402
+
+import dist8  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(32, 96)
+        self.ln = nn.LayerNorm(96)
+        self.fc2 = nn.Linear(96, 32)
+
+    def forward(self, x):
+        return self.fc2(self.ln(torch.relu(self.fc1(x))))
+
+
+def _model(dtype, seed=0):
+    """bf16/fp16 linears (LayerNorm kept fp32, as dist8.cast_model does), or all fp32 from the same values."""
+    torch.manual_seed(seed)
+    net = _Net()
+    if dtype != torch.float32:
+        dist8.cast_model(net, dtype)
+    return net
+
+
+def _fp32_twin(net):
+    """An fp32 copy holding exactly net's (rounded) values: the fp32-master baseline."""
+    twin = _Net()
+    twin.load_state_dict({k: v.float() for k, v in net.state_dict().items()})
+    return twin
+
+
+def _train(net, opt, steps, start=0, release=False):
+    handle = dist8.gradient_release(net, opt) if release else None
+    for s in range(start, start + steps):
+        gen = torch.Generator().manual_seed(s)
+        x = torch.randn(16, 32, generator=gen)
+        loss = (net(x.to(net.fc1.weight.dtype)).float() - x.flip(1)).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    if handle is not None:
+        handle.remove()
+
+
+OPT_CASES = {
+    "AdamW8bit": lambda ps, **kw: dist8.AdamW8bit(ps, lr=1e-3, min_8bit_size=64, **kw),
+    "SGD8bit": lambda ps, **kw: dist8.SGD8bit(ps, lr=1e-2, momentum=0.9, min_8bit_size=64, **kw),
+    "Lion8bit": lambda ps, **kw: dist8.Lion8bit(ps, lr=1e-4, min_8bit_size=64, **kw),
+    "RMSprop8bit": lambda ps, **kw: dist8.RMSprop8bit(ps, lr=1e-4, min_8bit_size=64, **kw),
+    "LAMB8bit": lambda ps, **kw: dist8.LAMB8bit(ps, lr=1e-3, min_8bit_size=64, **kw),
+}
+
+
+def _master_weights(net, opt):
+    out = {}
+    for name, p in net.named_parameters():
+        c = opt.state[p].get("correction")
+        out[name] = decode_master(p.detach(), c) if c is not None else p.detach().float()
+    return out
+
+
+@pytest.mark.parametrize("name", ["AdamW8bit", "LAMB8bit"])
+def test_bf16_24bit_tracks_the_fp32_master_run(name):
+    """100 steps with the same (bf16-valued) gradients: bf16 + 24-bit master stays within a few correction
+    units of the same optimizer on fp32 parameters (same start values), far closer than pure bf16."""
+    gen = torch.Generator().manual_seed(0)
+    start = [(torch.randn(96, 64, generator=gen) * 0.05).to(torch.bfloat16), torch.ones(96)]  # + an fp32 param
+    p24 = [nn.Parameter(t.clone()) for t in start]
+    ref = [nn.Parameter(t.float()) for t in start]
+    plain = [nn.Parameter(t.clone()) for t in start]
+    opts = [OPT_CASES[name](p24, master_weight_bits=24), OPT_CASES[name](ref), OPT_CASES[name](plain)]
+    for _ in range(100):
+        grads = [torch.randn(t.shape, generator=gen).to(t.dtype) for t in start]
+        for params, opt in zip((p24, ref, plain), opts):
+            for p, g in zip(params, grads):
+                p.grad = g.to(p.dtype)
+            opt.step()
+    master = decode_master(p24[0].detach(), opts[0].state[p24[0]]["correction"])
+    err24 = (master - ref[0].detach()).abs().max().item()
+    err_plain = (plain[0].detach().float() - ref[0].detach()).abs().max().item()
+    moved = (ref[0].detach() - start[0].float()).abs().max().item()
+    assert err_plain > moved / 10  # pure bf16 loses much of the movement
+    assert err24 < err_plain / 100, (err24, err_plain)
+    unit = correction_unit(p24[0].detach(), master_format(torch.bfloat16, 24)).max().item()
+    assert err24 < 100 * unit  # 100 steps, each re-encoded within u(p)
+    assert "correction" not in opts[0].state[p24[1]] and torch.equal(p24[1], ref[1])  # fp32: unaffected
+
+
+@pytest.mark.parametrize("name", list(OPT_CASES))
+@pytest.mark.parametrize("dtype,bits", [(torch.bfloat16, 24), (torch.float16, 32)], ids=["bf16-24", "fp16-32"])
+def test_reference_and_cpu_optimizers_agree_bitwise(name, dtype, bits, monkeypatch):
+    """The whole optimizer (batched kernel calls; LAMB's phase 2 in torch) on the reference and CPU backends."""
+    runs = []
+    for backend in ("reference", "cpu"):
+        monkeypatch.setenv("DIST8_BACKEND", backend)
+        net = _model(dtype)
+        opt = OPT_CASES[name](net.parameters(), master_weight_bits=bits)
+        _train(net, opt, 6)
+        runs.append((net, opt))
+    (n1, o1), (n2, o2) = runs
+    for p1, p2 in zip(n1.parameters(), n2.parameters()):
+        assert torch.equal(p1.view(torch.uint8) if p1.dtype != torch.float32 else p1, 
+                           p2.view(torch.uint8) if p2.dtype != torch.float32 else p2)
+        for k, v in o1.state[p1].items():
+            assert (v == o2.state[p2][k]) if not isinstance(v, torch.Tensor) else torch.equal(v, o2.state[p2][k]), k
+
+
+@pytest.mark.parametrize("name", ["AdamW8bit", "LAMB8bit"])
+def test_gradient_release_equals_the_normal_step(name):
+    runs = []
+    for release in (False, True):
+        net = _model(torch.bfloat16)
+        opt = OPT_CASES[name](net.parameters(), master_weight_bits=24)
+        _train(net, opt, 4, release=release)
+        runs.append((net, opt))
+    (n1, o1), (n2, o2) = runs
+    for p1, p2 in zip(n1.parameters(), n2.parameters()):
+        assert torch.equal(p1, p2)
+        for k, v in o1.state[p1].items():
+            assert (v == o2.state[p2][k]) if not isinstance(v, torch.Tensor) else torch.equal(v, o2.state[p2][k]), k
+
+
+def test_state_dict_round_trip_continues_bitwise():
+    net = _model(torch.bfloat16)
+    opt = OPT_CASES["AdamW8bit"](net.parameters(), master_weight_bits=24)
+    _train(net, opt, 3)
+    sd = opt.state_dict()
+    assert sd["state"][0]["correction"].dtype == torch.int8
+    assert sd["param_groups"][0]["master_weight_bits"] == 24
+    nbytes = opt.state_nbytes()
+    assert nbytes - sum(p.numel() for p in net.parameters() if p.dtype == torch.bfloat16) == \
+        sum(v.numel() * v.element_size() for st in opt.state.values() for k, v in st.items()
+            if isinstance(v, torch.Tensor) and k != "correction")
+    net2 = _model(torch.bfloat16)
+    net2.load_state_dict(net.state_dict())
+    opt2 = OPT_CASES["AdamW8bit"](net2.parameters())  # the group's master_weight_bits comes with the state dict
+    opt2.load_state_dict(copy.deepcopy(sd))  # state_dict() returns the live tensors
+    _train(net, opt, 3, start=3)
+    _train(net2, opt2, 3, start=3)
+    for p1, p2 in zip(net.parameters(), net2.parameters()):
+        assert torch.equal(p1, p2) and torch.equal(opt.state[p1].get("correction", torch.zeros(0)),
+                                                   opt2.state[p2].get("correction", torch.zeros(0)))
+
+
+def test_changing_the_setting_converts_the_correction():
+    net = _model(torch.bfloat16)
+    opt = OPT_CASES["AdamW8bit"](net.parameters(), master_weight_bits=24)
+    _train(net, opt, 2)
+    w = net.fc1.weight
+    before = decode_master(w.detach(), opt.state[w]["correction"])
+    opt.param_groups[0]["master_weight_bits"] = 32
+    opt.zero_grad()
+    opt.step()  # no gradients: nothing updated, nothing converted
+    assert opt.state[w]["correction"].dtype == torch.int8
+    _train(net, opt, 1, start=2)
+    assert opt.state[w]["correction"].dtype == torch.int16
+    assert (decode_master(w.detach(), opt.state[w]["correction"]) - before).abs().max() < 1e-2
+    opt.param_groups[0]["master_weight_bits"] = None
+    _train(net, opt, 1, start=3)
+    assert "correction" not in opt.state[w]
+
+
+def test_overrides_choose_per_parameter():
+    net = _model(torch.bfloat16)
+    opt = dist8.AdamW8bit(net.named_parameters(), lr=1e-3, overrides={"fc2.*": {"master_weight_bits": 32}})
+    _train(net, opt, 1)
+    assert "correction" not in opt.state[net.fc1.weight]
+    assert opt.state[net.fc2.weight]["correction"].dtype == torch.int16
+
+
+def test_refusals_are_one_line_value_errors_naming_the_option():
+    fp32 = _model(torch.float32)
+    with pytest.raises(ValueError, match=r"^master_weight_bits=24 needs bfloat16/float16 parameters[^\n]*$"):
+        dist8.AdamW8bit(fp32.parameters(), master_weight_bits=24)
+    net = _model(torch.bfloat16)
+    for bad in (16, "24", 24.0, True):
+        with pytest.raises(ValueError, match=r"^master_weight_bits must be None, 24 or 32 \(param group 0\)[^\n]*$"):
+            dist8.AdamW8bit(net.parameters(), master_weight_bits=bad)
+    with pytest.raises(ValueError, match=r"master_weight_bits must be None, 24 or 32 \(override 'fc1\.\*'"):
+        dist8.AdamW8bit(net.named_parameters(), overrides={"fc1.*": {"master_weight_bits": 8}})
+    opt = dist8.AdamW8bit([net.fc1.weight], master_weight_bits=24)
+    with pytest.raises(ValueError, match=r"master_weight_bits must be None, 24 or 32 \(param group 1\)"):
+        opt.add_param_group({"params": [net.fc1.bias], "master_weight_bits": 12})
+    assert len(opt.param_groups) == 1
+    opt_fp32 = dist8.AdamW8bit([fp32.fc1.weight])
+    with pytest.raises(ValueError, match="master_weight_bits=32 needs bfloat16/float16"):
+        opt_fp32.add_param_group({"params": [fp32.fc1.bias], "master_weight_bits": 32})
+    assert len(opt_fp32.param_groups) == 1
+    # load_state_dict: a bad value, a correction of the wrong dtype, a correction the parameter cannot keep
+    opt = OPT_CASES["AdamW8bit"](net.parameters(), master_weight_bits=24)
+    _train(net, opt, 1)
+    sd = opt.state_dict()
+    bad_groups = {"state": sd["state"], "param_groups": [dict(sd["param_groups"][0], master_weight_bits=20)]}
+    with pytest.raises(ValueError, match=r"^master_weight_bits must be None, 24 or 32 \(param group 0 of the loaded"):
+        opt.load_state_dict(bad_groups)
+    wrong = {"state": {k: dict(v) for k, v in sd["state"].items()}, "param_groups": sd["param_groups"]}
+    wrong["state"][0]["correction"] = wrong["state"][0]["correction"].to(torch.int16)
+    with pytest.raises(ValueError, match=r"^correction of parameter group 0 index 0 is torch.int16 \(master_weight_bits=32\)"):
+        opt.load_state_dict(wrong)
+    off = {"state": sd["state"], "param_groups": [dict(sd["param_groups"][0], master_weight_bits=None)]}
+    with pytest.raises(ValueError, match=r"^state of parameter group 0 index 0 has a correction"):
+        opt.load_state_dict(off)
+    assert opt.state[net.fc1.weight]["correction"].dtype == torch.int8  # nothing lost

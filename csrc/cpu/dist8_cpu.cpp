@@ -161,6 +161,9 @@ struct Update {
   at::ScalarType pt = at::kFloat, gt = at::kFloat, ot = at::kFloat;
   bool writes_update = false;
   int64_t* skipped = nullptr;  // += blocks not committed (non-finite new state or output), if set
+  void* corr = nullptr;  // master-weight correction (int8 or int16), or none
+  int corr_bits = 0;     // 8, 16, or 0: no correction
+  MasterFormat mf{};
 };
 
 // Scratch for one thread: fp32 copies of non-fp32 param/grad values, the new outputs of
@@ -194,11 +197,33 @@ D8_INLINE void floor_n(float* v, int64_t n, float floor) {
   for (int64_t i = 0; i < n; ++i) v[i] = floored(v[i], floor);
 }
 
+// Master weights: the rule sees decode(param, correction) and the committed outputs are
+// re-encoded into both (dist8_rules.h master_decode / master_encode).
+template <typename C>
+D8_INLINE void master_decode_n(const Update& u, int64_t off, int64_t len, float* dst) {
+  const uint16_t* pb = static_cast<const uint16_t*>(u.param) + off;
+  const C* c = static_cast<const C*>(u.corr) + off;
+  for (int64_t i = 0; i < len; ++i) dst[i] = master_decode(pb[i], (int32_t)c[i], u.mf);
+}
+
+template <typename C>
+D8_INLINE void master_encode_n(const Update& u, const float* src, int64_t off, int64_t len) {
+  uint16_t* pb = static_cast<uint16_t*>(u.param) + off;
+  C* c = static_cast<C*>(u.corr) + off;
+  for (int64_t i = 0; i < len; ++i) {
+    int32_t ci;
+    pb[i] = master_encode(src[i], u.mf, ci);
+    c[i] = (C)ci;
+  }
+}
+
 D8_INLINE Span prepare_span(const Update& u, int64_t off, int64_t len, const float* old_absmax, float* const* stash,
                             Scratch& w, float* out) {
   Span sp;
   sp.P = u.pt == at::kFloat ? static_cast<float*>(u.param) + off : w.pbuf;
   if (u.pt != at::kFloat) load_f32(u.param, u.pt, off, len, w.pbuf);
+  if (u.corr_bits == 8) master_decode_n<int8_t>(u, off, len, w.pbuf);
+  else if (u.corr_bits == 16) master_decode_n<int16_t>(u, off, len, w.pbuf);
   sp.G = u.gt == at::kFloat ? static_cast<const float*>(u.grad) + off : w.gbuf;
   if (u.gt != at::kFloat) load_f32(u.grad, u.gt, off, len, w.gbuf);
   for (int s = 0; s < u.nstates; ++s) {
@@ -226,6 +251,11 @@ D8_INLINE void commit_out(const Update& u, float* obuf, int64_t off, int64_t len
   if (!ok) {
     if (!u.writes_update) return;  // the parameter keeps its values
     std::fill(obuf, obuf + len, 0.0f);
+  }
+  if (u.corr_bits && !u.writes_update) {  // the new master into param + correction
+    if (u.corr_bits == 8) master_encode_n<int8_t>(u, obuf, off, len);
+    else master_encode_n<int16_t>(u, obuf, off, len);
+    return;
   }
   store_from_f32(obuf, len, u.out, u.ot, off);
 }
@@ -418,7 +448,8 @@ int64_t grain_blocks(int64_t block_size) { return std::max<int64_t>(1, 32768 / b
 // Validates one tensor's arguments and gathers them (shared by the single and the multi-tensor op).
 Update make_update(int64_t rule, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& state1,
                    const at::Tensor& state2, const at::Tensor& absmax1, const at::Tensor& absmax2,
-                   const QTable* tables[2], const Scalars& c, int64_t block_size, const at::Tensor& update_out) {
+                   const QTable* tables[2], const Scalars& c, int64_t block_size, const at::Tensor& update_out,
+                   const at::Tensor& correction = at::Tensor()) {
   Update u;
   u.nstates = rule_num_states((int)rule);
   u.n = param.numel();
@@ -462,6 +493,18 @@ Update make_update(int64_t rule, const at::Tensor& param, const at::Tensor& grad
   u.pt = param.scalar_type();
   u.gt = grad.scalar_type();
   u.ot = out_t.scalar_type();
+  if (correction.defined() && correction.numel() > 0) {
+    const at::ScalarType ct = correction.scalar_type();
+    TORCH_CHECK(ct == at::kChar || ct == at::kShort,
+                "dist8: correction must be int8 (24-bit master) or int16 (32-bit), got ", ct);
+    TORCH_CHECK(u.pt == at::kBFloat16 || u.pt == at::kHalf,
+                "dist8: a master-weight correction needs a bfloat16/float16 param, got ", u.pt);
+    TORCH_CHECK(correction.is_contiguous() && correction.numel() == u.n,
+                "dist8: correction must be contiguous with the param's ", u.n, " elements");
+    u.corr = correction.data_ptr();
+    u.corr_bits = ct == at::kChar ? 8 : 16;
+    u.mf = master_format(u.pt == at::kHalf, u.corr_bits);
+  }
   return u;
 }
 
@@ -491,14 +534,16 @@ const QTable* table_or_null(const at::Tensor& qmap) { return qmap.defined() && q
 void fused_update_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& state1,
                       const at::Tensor& state2, const at::Tensor& absmax1, const at::Tensor& absmax2,
                       const at::Tensor& qmap1, const at::Tensor& qmap2, c10::ArrayRef<double> scalars,
-                      int64_t flags, int64_t block_size, const at::Tensor& update_out, const at::Tensor& skipped) {
+                      int64_t flags, int64_t block_size, const at::Tensor& update_out, const at::Tensor& skipped,
+                      const at::Tensor& correction) {
   check_rule_and_block(rule, block_size);
   const Scalars c = scalars_from(scalars);
   const QTable* tables[2] = {nullptr, nullptr};
   const int nstates = rule_num_states((int)rule);
   if (absmax1.defined() && absmax1.numel() > 0) tables[0] = table_or_null(qmap1);
   if (nstates > 1 && absmax2.defined() && absmax2.numel() > 0) tables[1] = table_or_null(qmap2);
-  Update u = make_update(rule, param, grad, state1, state2, absmax1, absmax2, tables, c, block_size, update_out);
+  Update u = make_update(rule, param, grad, state1, state2, absmax1, absmax2, tables, c, block_size, update_out,
+                         correction);
   u.skipped = skipped_counter(skipped, 0);
   if (u.n == 0) return;
   const int64_t nblocks = (u.n + block_size - 1) / block_size;
@@ -513,13 +558,16 @@ void fused_update_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& g
 void fused_update_multi_cpu(int64_t rule, at::TensorList params, at::TensorList grads, at::TensorList state1,
                             at::TensorList state2, at::TensorList absmax1, at::TensorList absmax2,
                             const at::Tensor& qmap1, const at::Tensor& qmap2, c10::ArrayRef<double> scalars,
-                            int64_t flags, int64_t block_size, const at::Tensor& skipped) {
+                            int64_t flags, int64_t block_size, const at::Tensor& skipped,
+                            at::TensorList correction) {
   check_rule_and_block(rule, block_size);
   TORCH_CHECK(!rule_writes_update((int)rule), "dist8: fused_update_multi_ does not take LAMB/LARS");
   const size_t k = params.size();
   TORCH_CHECK(grads.size() == k && state1.size() == k && state2.size() == k && absmax1.size() == k &&
                   absmax2.size() == k,
               "dist8: fused_update_multi_ needs one grad, state1, state2, absmax1, absmax2 per param");
+  TORCH_CHECK(correction.size() == 0 || correction.size() == k,
+              "dist8: fused_update_multi_ needs no correction list or one correction per param");
   const Scalars c = scalars_from(scalars);
   const QTable* maps[2] = {table_or_null(qmap1), table_or_null(qmap2)};
   const at::Tensor none;
@@ -528,7 +576,7 @@ void fused_update_multi_cpu(int64_t rule, at::TensorList params, at::TensorList 
   ups.reserve(k);
   for (size_t i = 0; i < k; ++i) {
     ups.push_back(make_update(rule, params[i], grads[i], state1[i], state2[i], absmax1[i], absmax2[i], maps, c,
-                              block_size, none));
+                              block_size, none, correction.size() ? correction[i] : none));
     ups.back().skipped = skipped_counter(skipped, (int64_t)i);
     first_block.push_back(first_block.back() + (ups.back().n + block_size - 1) / block_size);
   }

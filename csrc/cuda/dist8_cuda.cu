@@ -131,7 +131,7 @@ CommonArgs common_args(int64_t rule, int64_t flags, int64_t block_size, c10::Arr
 // Checks one tensor's arguments against the common ones; nq8 counts its 8-bit states.
 TensorArgs tensor_args(const CommonArgs& k, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& state1,
                        const at::Tensor& state2, const at::Tensor& absmax1, const at::Tensor& absmax2,
-                       const at::Tensor& update_out, int& nq8) {
+                       const at::Tensor& update_out, int& nq8, const at::Tensor& correction = at::Tensor()) {
   TensorArgs t{};
   t.n = param.numel();
   TORCH_CHECK(D8_ON_DEVICE(param) && param.is_contiguous() && grad.is_contiguous() && grad.numel() == t.n &&
@@ -147,6 +147,17 @@ TensorArgs tensor_args(const CommonArgs& k, const at::Tensor& param, const at::T
   t.gdt = dtype_code(grad.scalar_type());
   t.out = out_t.data_ptr();
   t.odt = dtype_code(out_t.scalar_type());
+  if (correction.defined() && correction.numel() > 0) {
+    const at::ScalarType ct = correction.scalar_type();
+    TORCH_CHECK(ct == at::kChar || ct == at::kShort,
+                "dist8: correction must be int8 (24-bit master) or int16 (32-bit), got ", ct);
+    TORCH_CHECK(t.pdt == DT_BF16 || t.pdt == DT_F16,
+                "dist8: a master-weight correction needs a bfloat16/float16 param, got ", param.scalar_type());
+    TORCH_CHECK(correction.is_contiguous() && correction.numel() == t.n && correction.device() == param.device(),
+                "dist8: correction must be contiguous with the param's ", t.n, " elements, on its device");
+    t.corr = correction.data_ptr();
+    t.cbits = ct == at::kChar ? 8 : 16;
+  }
   const at::Tensor* states[2] = {&state1, &state2};
   const at::Tensor* absmaxes[2] = {&absmax1, &absmax2};
   const int64_t nblocks = (t.n + k.block_size - 1) / k.block_size;
@@ -185,12 +196,13 @@ int64_t* skipped_counter(const at::Tensor& skipped, int64_t i) {
 void fused_update_cuda(int64_t rule, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& state1,
                        const at::Tensor& state2, const at::Tensor& absmax1, const at::Tensor& absmax2,
                        const at::Tensor& qmap1, const at::Tensor& qmap2, c10::ArrayRef<double> scalars,
-                       int64_t flags, int64_t block_size, const at::Tensor& update_out, const at::Tensor& skipped) {
+                       int64_t flags, int64_t block_size, const at::Tensor& update_out, const at::Tensor& skipped,
+                       const at::Tensor& correction) {
   D8_GUARD(param.device());
   FusedArgs a{};
   a.k = common_args(rule, flags, block_size, scalars, qmap1, qmap2);
   int nq8 = 0;
-  a.t = tensor_args(a.k, param, grad, state1, state2, absmax1, absmax2, update_out, nq8);
+  a.t = tensor_args(a.k, param, grad, state1, state2, absmax1, absmax2, update_out, nq8, correction);
   a.t.skipped = skipped_counter(skipped, 0);
   if (a.t.n == 0) return;
   const int64_t nblocks = (a.t.n + block_size - 1) / block_size;
@@ -217,20 +229,24 @@ void fused_update_cuda(int64_t rule, const at::Tensor& param, const at::Tensor& 
 void fused_update_multi_cuda(int64_t rule, at::TensorList params, at::TensorList grads, at::TensorList state1,
                              at::TensorList state2, at::TensorList absmax1, at::TensorList absmax2,
                              const at::Tensor& qmap1, const at::Tensor& qmap2, c10::ArrayRef<double> scalars,
-                             int64_t flags, int64_t block_size, const at::Tensor& skipped) {
+                             int64_t flags, int64_t block_size, const at::Tensor& skipped,
+                             at::TensorList correction) {
   const size_t count = params.size();
   TORCH_CHECK(grads.size() == count && state1.size() == count && state2.size() == count &&
                   absmax1.size() == count && absmax2.size() == count,
               "dist8: fused_update_multi_ needs one grad, state1, state2, absmax1, absmax2 per param");
   TORCH_CHECK(rule >= 0 && rule < NUM_RULES && !rule_writes_update((int)rule),
               "dist8: fused_update_multi_ does not take LAMB/LARS");
+  TORCH_CHECK(correction.size() == 0 || correction.size() == count,
+              "dist8: fused_update_multi_ needs no correction list or one correction per param");
   if (count == 0) return;
   const at::Tensor none;
   if (block_size > SMEM_STATE_LIMIT) {
     const bool counting = skipped.defined() && skipped.numel() > 0;
     for (size_t i = 0; i < count; ++i)
       fused_update_cuda(rule, params[i], grads[i], state1[i], state2[i], absmax1[i], absmax2[i], qmap1, qmap2,
-                        scalars, flags, block_size, none, counting ? skipped.narrow(0, (int64_t)i, 1) : none);
+                        scalars, flags, block_size, none, counting ? skipped.narrow(0, (int64_t)i, 1) : none,
+                        correction.size() ? correction[i] : none);
     return;
   }
   D8_GUARD(params[0].device());
@@ -255,7 +271,8 @@ void fused_update_multi_cuda(int64_t rule, at::TensorList params, at::TensorList
   for (size_t i = 0; i < count; ++i) {
     TORCH_CHECK(params[i].device() == params[0].device(), "dist8: fused_update_multi_ tensors must share a device");
     int nq8 = 0;
-    TensorArgs t = tensor_args(a.k, params[i], grads[i], state1[i], state2[i], absmax1[i], absmax2[i], none, nq8);
+    TensorArgs t = tensor_args(a.k, params[i], grads[i], state1[i], state2[i], absmax1[i], absmax2[i], none, nq8,
+                               correction.size() ? correction[i] : none);
     t.skipped = skipped_counter(skipped, (int64_t)i);
     if (t.n == 0) continue;
     const int64_t nblocks = (t.n + block_size - 1) / block_size;

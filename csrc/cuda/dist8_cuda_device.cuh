@@ -93,6 +93,8 @@ struct TensorArgs {
   int64_t n;
   int pdt, gdt, odt;
   int writes_update;     // out is update_out: a skipped block's direction is written as 0
+  void* corr;            // master-weight correction (int8/int16; bf16/fp16 param), or nullptr
+  int cbits;             // 8, 16, or 0: no correction
 };
 
 struct FusedArgs {
@@ -122,6 +124,26 @@ __device__ __forceinline__ float apply_rule(int rule, int flags, const Scalars& 
     case ADAGRAD: return rule_adagrad(p, g, s1, c);
     default: return rule_lion(p, g, s1, c);
   }
+}
+
+// The parameter value the rule sees: the decoded master with a correction (dist8_rules.h master_decode).
+__device__ __forceinline__ float load_param(const TensorArgs& t, int64_t j) {
+  if (!t.cbits) return load_as_float(t.param, t.pdt, j);
+  const int32_t c = t.cbits == 8 ? (int32_t) static_cast<const int8_t*>(t.corr)[j]
+                                 : (int32_t) static_cast<const int16_t*>(t.corr)[j];
+  return master_decode(static_cast<const uint16_t*>(t.param)[j], c, master_format(t.pdt == DT_F16, t.cbits));
+}
+
+// A committed output: the new parameter (re-encoded into param + correction with one) or direction.
+__device__ __forceinline__ void store_output(const TensorArgs& t, int64_t j, float v) {
+  if (!t.cbits || t.writes_update) {
+    store_from_float(t.out, t.odt, j, v);
+    return;
+  }
+  int32_t c;
+  static_cast<uint16_t*>(t.param)[j] = master_encode(v, master_format(t.pdt == DT_F16, t.cbits), c);
+  if (t.cbits == 8) static_cast<int8_t*>(t.corr)[j] = (int8_t)c;
+  else static_cast<int16_t*>(t.corr)[j] = (int16_t)c;
 }
 
 __device__ __forceinline__ void count_skip(int64_t* skipped) {
@@ -163,7 +185,7 @@ __device__ __forceinline__ void update_block(const CommonArgs& k, const TensorAr
   uint32_t mx[2] = {0u, 0u}, bits = 0u;
   for (int64_t i = tid; i < len; i += blockDim.x) {
     const int64_t j = off + i;
-    const float p = load_as_float(t.param, t.pdt, j);
+    const float p = load_param(t, j);
     const float g = load_as_float(t.grad, t.gdt, j);
     float st[2] = {0.f, 0.f};
 #pragma unroll
@@ -187,7 +209,7 @@ __device__ __forceinline__ void update_block(const CommonArgs& k, const TensorAr
       for (int64_t i = tid; i < len; i += blockDim.x) store_from_float(t.out, t.odt, off + i, 0.0f);
     return;
   }
-  for (int64_t i = tid; i < len; i += blockDim.x) store_from_float(t.out, t.odt, off + i, obuf[i]);
+  for (int64_t i = tid; i < len; i += blockDim.x) store_output(t, off + i, obuf[i]);
 #pragma unroll
   for (int s = 0; s < 2; ++s) {
     if (s >= k.nstates) continue;
@@ -281,7 +303,7 @@ __device__ __forceinline__ void update_block_warp(const CommonArgs& k, const Ten
     st0[v] = st1[v] = ov[v] = 0.f;
     if (i >= len) continue;
     const int64_t j = off + i;
-    const float p = load_as_float(t.param, t.pdt, j);
+    const float p = load_param(t, j);
     const float g = load_as_float(t.grad, t.gdt, j);
     float s0 = t.codes[0] ? floored(fmul(q[0][t.codes[0][j]], old_am[0]), floor[0]) : t.f32[0][j];
     float s1 = 0.f;
@@ -306,7 +328,7 @@ __device__ __forceinline__ void update_block_warp(const CommonArgs& k, const Ten
   for (int v = 0; v < VPT; ++v) {
     const int64_t i = lane + 32 * v;
     if (i >= len) continue;
-    store_from_float(t.out, t.odt, off + i, ov[v]);
+    store_output(t, off + i, ov[v]);
     if (!t.codes[0]) t.f32[0][off + i] = st0[v];
     if (k.nstates > 1 && !t.codes[1]) t.f32[1][off + i] = st1[v];
   }

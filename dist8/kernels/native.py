@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from dist8.kernels.reference import check_correction
 from dist8.kernels.rules import RULE_STATES, RULE_WRITES_UPDATE, Rule, Scalars
 
 __all__ = ["build_directory", "build_name", "load_backend", "NativeBackend", "csrc_dir"]
@@ -37,13 +38,13 @@ _SCHEMAS = {
     "fused_update_": (
         "fused_update_(int rule, Tensor(a!) param, Tensor grad, Tensor(b!) state1, Tensor(c!) state2, "
         "Tensor(d!) absmax1, Tensor(e!) absmax2, Tensor qmap1, Tensor qmap2, float[] scalars, int flags, "
-        "int block_size, Tensor(f!) update_out, Tensor(g!) skipped) -> ()"
+        "int block_size, Tensor(f!) update_out, Tensor(g!) skipped, Tensor(h!) correction) -> ()"
     ),
     # One update for many tensors (same rule, scalars, flags, block size; no update_out).
     "fused_update_multi_": (
         "fused_update_multi_(int rule, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
         "Tensor(c!)[] state2, Tensor(d!)[] absmax1, Tensor(e!)[] absmax2, Tensor qmap1, Tensor qmap2, "
-        "float[] scalars, int flags, int block_size, Tensor(f!) skipped) -> ()"
+        "float[] scalars, int flags, int block_size, Tensor(f!) skipped, Tensor(h!)[] correction) -> ()"
     ),
     "quantize_blockwise": "quantize_blockwise(Tensor x, Tensor qmap, int block_size) -> (Tensor, Tensor)",
     "dequantize_blockwise": "dequantize_blockwise(Tensor codes, Tensor absmax, Tensor qmap, int block_size) -> Tensor",
@@ -293,6 +294,7 @@ class NativeBackend:
         block_size: int,
         update_out: torch.Tensor | None = None,
         skipped: torch.Tensor | None = None,
+        correction: torch.Tensor | None = None,
     ) -> None:
         """Same contract as :meth:`ReferenceBackend.fused_update`, bit-identical results."""
         rule = Rule(rule)
@@ -330,10 +332,25 @@ class NativeBackend:
         values = _scalar_values(scalars)
         (s1, a1, q1), (s2, a2, q2) = args
         counts = self._counts(skipped, 1, device)
+        corr = self._correction(p, correction)
         with torch.no_grad():
             self._ops.fused_update_(
-                int(rule), p, g, s1, s2, a1, a2, q1, q2, values, int(flags), int(block_size), out, counts
+                int(rule), p, g, s1, s2, a1, a2, q1, q2, values, int(flags), int(block_size), out, counts, corr
             )
+
+    def _correction(self, param: torch.Tensor, correction: torch.Tensor | None) -> torch.Tensor:
+        """The op's correction argument: the checked tensor, or an empty one (no master weights)."""
+        if correction is None or not correction.numel():
+            return self._empty_int8(param.device)
+        check_correction(param, correction)
+        return correction.detach()
+
+    def _empty_int8(self, device: torch.device) -> torch.Tensor:
+        key = (device, "int8")
+        t = self._empty.get(key)
+        if t is None:
+            t = self._empty[key] = torch.empty(0, dtype=torch.int8, device=device)
+        return t
 
     def _counts(self, skipped, count: int, device: torch.device) -> torch.Tensor:
         if skipped is None:
@@ -350,18 +367,23 @@ class NativeBackend:
         return t
 
     def fused_update_multi(self, rule: Rule, updates: list[tuple], qmap1, qmap2, scalars: Scalars, flags: int,
-                           block_size: int, skipped: torch.Tensor | None = None) -> None:
+                           block_size: int, skipped: torch.Tensor | None = None,
+                           corrections: list[torch.Tensor | None] | None = None) -> None:
         """:meth:`fused_update` for many tensors at once: ``updates`` holds one ``(param, grad,
         state1, state2, absmax1, absmax2)`` per tensor (``None`` where absent), all with the same
-        rule, scalars, flags and block size and no ``update_out``. One kernel call on the CPU (the
+        rule, scalars, flags and block size and no ``update_out``; ``corrections`` one master-weight
+        correction per tensor (None where it has none). One kernel call on the CPU (the
         per-call cost of ~30 us per tensor is paid once), one launch per 24 tensors on CUDA.
         """
         rule = Rule(rule)
         if rule in RULE_WRITES_UPDATE or not updates:
             for i, (p, g, s1, s2, a1, a2) in enumerate(updates):
                 self.fused_update(rule, p, g, s1, s2, a1, a2, qmap1, qmap2, scalars, flags, block_size,
-                                  skipped=None if skipped is None else skipped[i:i + 1])
+                                  skipped=None if skipped is None else skipped[i:i + 1],
+                                  correction=None if corrections is None else corrections[i])
             return
+        if corrections is not None and len(corrections) != len(updates):
+            raise ValueError(f"corrections has {len(corrections)} entries for {len(updates)} tensors")
         device = updates[0][0].device
         empty = self._none(device)
         q1 = self._qmap(qmap1, "qmap1", device) if qmap1 is not None else empty
@@ -372,8 +394,11 @@ class NativeBackend:
                 col.append(empty if t is None else t)
         values = _scalar_values(scalars)
         counts = self._counts(skipped, len(updates), device)
+        corrs = [self._correction(row[0], None if corrections is None else corrections[i])
+                 for i, row in enumerate(updates)]
         with torch.no_grad():
-            self._ops.fused_update_multi_(int(rule), *cols, q1, q2, values, int(flags), int(block_size), counts)
+            self._ops.fused_update_multi_(int(rule), *cols, q1, q2, values, int(flags), int(block_size), counts,
+                                          corrs)
 
     def quantize_blockwise(self, x: torch.Tensor, qmap: torch.Tensor, block_size: int = 256):
         """Like :func:`dist8.quant.quantize_blockwise` (bit-identical)."""

@@ -9,6 +9,7 @@ import torch
 
 from dist8.kernels.rules import RULE_STATES, Rule, Scalars, apply_rule, finite_blocks, floor_state, state_floor_fraction, state_floored
 from dist8.quant import dequantize_blockwise, quantize_blockwise
+from dist8.quant.master import decode_master, encode_master
 
 
 def _load_state(state: torch.Tensor | None, absmax: torch.Tensor | None, qmap, block_size: int, floored: bool):
@@ -40,6 +41,16 @@ def _store_state(new: torch.Tensor, state: torch.Tensor, absmax: torch.Tensor | 
     absmax.copy_(torch.where(keep_block, absmax, new_absmax))
 
 
+def check_correction(param: torch.Tensor, correction: torch.Tensor) -> None:
+    """ValueError unless ``correction`` fits ``param``: int8/int16, same element count, and a bf16/fp16 ``param``."""
+    if correction.dtype not in (torch.int8, torch.int16):
+        raise ValueError(f"correction must be int8 (24-bit master) or int16 (32-bit), got {correction.dtype}")
+    if param.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"correction needs a bfloat16/float16 param (an fp32 param is its own master), got {param.dtype}")
+    if correction.numel() != param.numel() or correction.device != param.device or not correction.is_contiguous():
+        raise ValueError(f"correction must be contiguous with the param's {param.numel()} elements on {param.device}")
+
+
 class ReferenceBackend:
     """Runs :func:`dist8.kernels.rules.apply_rule` on whole tensors."""
 
@@ -61,6 +72,7 @@ class ReferenceBackend:
         block_size: int,
         update_out: torch.Tensor | None = None,
         skipped: torch.Tensor | None = None,
+        correction: torch.Tensor | None = None,
     ) -> None:
         """Update ``param`` (or write ``update_out``) and the states in place.
 
@@ -69,10 +81,17 @@ class ReferenceBackend:
         number of elements in the same (flattened) order. A block whose new
         states or outputs are not all finite is skipped (see
         :mod:`dist8.kernels.rules`); ``skipped`` (int64, one element), when
-        given, is increased by the number of skipped blocks.
+        given, is increased by the number of skipped blocks. ``correction`` (int8: 24-bit, int16:
+        32-bit master weights; bf16/fp16 ``param`` only): the rule sees the decoded master
+        (:func:`dist8.quant.master.decode_master`) and the new value is re-encoded into ``param`` and
+        ``correction`` (:func:`~dist8.quant.master.encode_master`); a skipped block keeps both.
         """
         rule = Rule(rule)
-        p = param.detach().reshape(-1).float()
+        corr = None
+        if correction is not None and correction.numel():
+            check_correction(param, correction)
+            corr = correction.detach().view(-1)
+        p = param.detach().reshape(-1).float() if corr is None else decode_master(param.detach().reshape(-1), corr)
         g = grad.detach().reshape(-1).float()
         s1 = _load_state(state1, absmax1, qmap1, block_size, state_floored(rule, 0))
         s2 = _load_state(state2, absmax2, qmap2, block_size, len(RULE_STATES[rule]) > 1 and state_floored(rule, 1))
@@ -88,18 +107,30 @@ class ReferenceBackend:
         if s2_new is not None:
             _store_state(s2_new, state2, absmax2, qmap2, block_size, keep)
         target = (update_out if update_out is not None else param).detach()
+        if corr is not None and update_out is None:
+            bits = 24 if corr.dtype == torch.int8 else 32
+            new_p, new_c = encode_master(out, param.dtype, bits)
+            if keep is not None:
+                new_p = torch.where(keep, param.detach().reshape(-1), new_p)
+                new_c = torch.where(keep, corr, new_c)
+            corr.copy_(new_c)
+            target.copy_(new_p.view(target.shape))
+            return
         if keep is not None:
             old = torch.zeros_like(out) if update_out is not None else p
             out = torch.where(keep, old, out)
         target.copy_(out.view(target.shape))
 
     def fused_update_multi(self, rule: Rule, updates: list[tuple], qmap1, qmap2, scalars: Scalars, flags: int,
-                           block_size: int, skipped: torch.Tensor | None = None) -> None:
+                           block_size: int, skipped: torch.Tensor | None = None,
+                           corrections: list[torch.Tensor | None] | None = None) -> None:
         """:meth:`fused_update` for each ``(param, grad, state1, state2, absmax1, absmax2)`` of ``updates``;
-        ``skipped`` (int64, one element per tensor), when given, counts each tensor's skipped blocks."""
+        ``skipped`` (int64, one element per tensor), when given, counts each tensor's skipped blocks;
+        ``corrections`` (one per tensor, None where it has none) as ``correction`` of :meth:`fused_update`."""
         for i, (p, g, s1, s2, a1, a2) in enumerate(updates):
             self.fused_update(rule, p, g, s1, s2, a1, a2, qmap1, qmap2, scalars, flags, block_size,
-                              skipped=None if skipped is None else skipped[i:i + 1])
+                              skipped=None if skipped is None else skipped[i:i + 1],
+                              correction=None if corrections is None else corrections[i])
 
     def all_finite(self, grad: torch.Tensor) -> bool:
         """True when every element of ``grad`` is finite."""

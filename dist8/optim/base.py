@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from dist8.kernels import RULE_WRITES_UPDATE, Rule, Scalars
-from dist8.optim import dtensor, pipeline
+from dist8.optim import dtensor, master_weights, pipeline
 from dist8.optim import dtensor_layout as dtl
 from dist8.optim import state_schema as schema
 from dist8.optim.config import check_overrides, global_numel, match_overrides, split_named_params, uses_8bit
@@ -46,6 +46,8 @@ class ParamSettings:
     use_8bit: bool
     block_size: int
     hyper: dict[str, Any]
+    # The correction this parameter keeps (int8: 24-bit master, int16: 32-bit), None for none.
+    correction: torch.dtype | None = None
 
 
 @torch.compiler.disable
@@ -76,6 +78,12 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
             ``"raise"``: that check, and ``FloatingPointError`` naming the parameter.
         check_finite: run the ``"skip_param"``/``"raise"`` check (default True; ``"skip"``
             needs none). The kernels skip non-finite blocks in every mode.
+        master_weight_bits: None (default), 24 or 32 (FlashOptim's name): bf16/fp16 parameters
+            keep an int8 (24) or int16 (32) correction so that parameter + correction is a
+            24/32-bit master weight, decoded, updated and re-encoded in the fused kernel
+            (:mod:`dist8.quant.master`: error bound ``2**(E(p) - min(t + b, 24))``, e.g. 3.1e-5
+            relative for bf16 + 24). fp32 parameters are their own master and are unaffected;
+            refused (ValueError) when no parameter is bf16/fp16. A group key and an override key.
     """
 
     rule: Rule
@@ -100,6 +108,7 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
         max_unorm: float = 0.0,
         args: Any = None,
         is_paged: bool = False,
+        master_weight_bits: int | None = None,
     ) -> None:
         if args is not None:
             raise ValueError("args (a bitsandbytes config object) is not supported; pass keyword arguments")
@@ -111,7 +120,8 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
         check_block_size(block_size)
         get_map(quant_map, True)  # validates the name
         defaults = dict(defaults)
-        defaults.update(optim_bits=optim_bits, min_8bit_size=min_8bit_size, percentile_clipping=percentile_clipping)
+        defaults.update(optim_bits=optim_bits, min_8bit_size=min_8bit_size, percentile_clipping=percentile_clipping,
+                        master_weight_bits=master_weight_bits)
         groups, self.param_names = split_named_params(params)
         self.block_size = block_size
         self.block_wise = bool(block_wise)
@@ -136,6 +146,7 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
             self._check_group(group, gi)
             self._check_params(group["params"])
         self.uses_dtensor = dtensor.attach(self)  # DTensor (FSDP2) params: reduce_partials, state-dict hook
+        master_weights.check_applies(self)
         self._known = ParamPositions(self.param_groups, self.param_names)
         self._constructed = True
 
@@ -215,6 +226,7 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
                         f"but this optimizer's parameters are {'DTensors' if self.uses_dtensor else 'plain tensors'}; "
                         "give it an optimizer of its own"
                     )
+            master_weights.check_applies(self)
         except (TypeError, ValueError):
             self.param_groups.pop()
             self._known.pop_group()
@@ -253,17 +265,22 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
             fixed = self._fixed_settings[p] = (self.param_name(p), extra, global_numel(p))
         name, extra, numel = fixed
         hyper = group_hyper if group_hyper is not None else {k: v for k, v in group.items() if k != "params"}
-        return self.resolve_settings(name, extra, numel, hyper)
+        return self.resolve_settings(name, extra, numel, hyper, p.dtype)
 
-    def resolve_settings(self, name: str, extra: dict[str, Any], numel: int, hyper: dict[str, Any]) -> ParamSettings:
+    def resolve_settings(self, name: str, extra: dict[str, Any], numel: int, hyper: dict[str, Any],
+                         dtype: torch.dtype | None = None) -> ParamSettings:
         """Settings of a parameter (or DeepSpeed segment) ``name`` with ``numel`` elements in the whole,
         unsharded parameter: group hyperparameters ``hyper`` with the override entries ``extra``
-        applied, the fp32-vs-8-bit decision and the effective block size. The one place both are decided."""
+        applied, the fp32-vs-8-bit decision, the effective block size and (given the parameter's
+        ``dtype``) its master-weight correction. The one place these are decided."""
         if extra:
             hyper = dict(hyper, **extra)
         use_8bit = uses_8bit(hyper["optim_bits"], hyper["min_8bit_size"], numel)
         block = effective_block_size(self.block_size, self.block_wise, numel)
-        return ParamSettings(name=name, use_8bit=use_8bit, block_size=block, hyper=hyper)
+        correction = None
+        if dtype is not None and hyper.get("master_weight_bits") is not None:
+            correction = schema.correction_dtype(dtype, hyper["master_weight_bits"])
+        return ParamSettings(name=name, use_8bit=use_8bit, block_size=block, hyper=hyper, correction=correction)
 
     def rule_state_signed(self, index: int) -> bool:
         """Whether state ``index`` (1 or 2) uses the signed map."""
@@ -282,10 +299,10 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
         if dtl.is_dtensor(p):
             return dtensor.init_state(self, p, settings)
         return schema.new_state(self.rule, p.shape, num_blocks(p.numel(), settings.block_size), settings.use_8bit,
-                                settings.hyper["percentile_clipping"], p.device)
+                                settings.hyper["percentile_clipping"], p.device, settings.correction)
 
     def state_nbytes(self) -> int:
-        """Bytes held by optimizer state tensors (codes, absmax, fp32 state, history)."""
+        """Bytes held by optimizer state tensors (codes, absmax, fp32 state, history, master-weight corrections)."""
         return sum(
             v.numel() * v.element_size() for st in self.state.values() for v in st.values() if isinstance(v, torch.Tensor)
         )
@@ -357,6 +374,8 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
                 if not self.state[p]:
                     self.state[p] = self.init_state(p, settings)
                 state = self.state[p]
+                if settings.correction is not None or schema.CORRECTION in state:  # the setting may have changed
+                    master_weights.sync_correction(p, state, settings.correction)
                 # one cheap test on the common path (~0.3 us per parameter); the rest only when it fails
                 if not self.uses_dtensor and (p.is_meta or not (p.is_contiguous() and p.grad.is_contiguous())
                                               or not p.numel()):
@@ -402,12 +421,14 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(saved_groups)} param groups, optimizer has {len(self.param_groups)}")
         id_map: dict[int, torch.Tensor] = {}
+        group_of: dict[int, int] = {}
         for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
                     f"param group {gi}: state_dict has {len(saved['params'])} parameters, optimizer has {len(group['params'])}"
                 )
             id_map.update(zip(saved["params"], group["params"]))
+            group_of.update((key, gi) for key in saved["params"])
         for gi, saved in enumerate(saved_groups):
             self.check_loaded_group(saved, gi)
         new_state: defaultdict = defaultdict(dict)
@@ -415,7 +436,12 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
             if key not in id_map:
                 raise KeyError(f"state_dict has state for parameter id {key}, which no param group lists")
             p = id_map[key]
-            new_state[p] = self.check_state(p, st, block_size=self.state_block_size(p))
+            # the correction the parameter needs once the saved group's values are loaded
+            loaded = dict(self.param_groups[group_of[key]], **saved_groups[group_of[key]])
+            extra = match_overrides(self.param_names.get(p), p, self.overrides)
+            settings = self.resolve_settings(self.param_name(p), extra, global_numel(p),
+                                             {k: v for k, v in loaded.items() if k != "params"}, p.dtype)
+            new_state[p] = self.check_state(p, st, block_size=self.state_block_size(p), correction=settings.correction)
         for saved, group in zip(saved_groups, self.param_groups):
             for k, v in saved.items():
                 if k != "params":
@@ -428,14 +454,16 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
             return None
         return effective_block_size(self.block_size, self.block_wise, global_numel(p))
 
-    def check_state(self, p: torch.Tensor, st: dict[str, Any], block_size: int | None = None) -> dict[str, Any]:
+    def check_state(self, p: torch.Tensor, st: dict[str, Any], block_size: int | None = None,
+                    correction: torch.dtype | None | str = schema.ANY_CORRECTION) -> dict[str, Any]:
         """Validate the loaded state ``st`` of parameter ``p`` (see :func:`dist8.optim.state_schema.check_state`).
 
         ``block_size``: ``p``'s effective block, to check absmax lengths (e.g. from
-        :meth:`state_block_size`). Returns new tensors on ``p``'s device; for a DTensor parameter,
+        :meth:`state_block_size`). ``correction``: the master-weight correction dtype ``p`` needs (None:
+        none; default: either, see :func:`dist8.optim.state_schema.check_state`). Returns new tensors on ``p``'s device; for a DTensor parameter,
         this rank's local shard of state saved at any world size. Raises KeyError/ValueError naming ``p``.
         """
-        out = schema.check_state(self.rule, self.param_name(p), st, p.shape, p.device, block_size)
+        out = schema.check_state(self.rule, self.param_name(p), st, p.shape, p.device, block_size, correction)
         return dtensor.localize_state(self, p, out) if dtl.is_dtensor(p) or dtl.has_dtensor(out) else out
 
 

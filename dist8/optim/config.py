@@ -19,7 +19,8 @@ OVERRIDE_ATTR = "_dist8_overrides"
 GLOBAL_NUMEL_ATTR = "_dist8_global_numel"
 
 OVERRIDABLE_KEYS = frozenset(
-    {"optim_bits", "lr", "betas", "eps", "weight_decay", "momentum", "alpha", "min_8bit_size", "percentile_clipping"}
+    {"optim_bits", "lr", "betas", "eps", "weight_decay", "momentum", "alpha", "min_8bit_size", "percentile_clipping",
+     "master_weight_bits"}
 )
 
 

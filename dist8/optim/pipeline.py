@@ -15,6 +15,10 @@ One step, in order:
 3. LAMB/LARS: the trust ratio from the parameter and update norms (summed across shards),
    then ``p -= lr * ratio * update``.
 
+With ``master_weight_bits`` a parameter's ``"correction"`` goes to the kernel with it (decode,
+rule, re-encode in one pass); LAMB/LARS phase 2 decodes and re-encodes with
+:mod:`dist8.quant.master` (the parameter norm is the master's).
+
 Only the optimizer's public API is used here.
 """
 from __future__ import annotations
@@ -27,7 +31,8 @@ import torch
 from dist8.kernels import RULE_WRITES_UPDATE, Scalars, get_backend
 from dist8.optim import dtensor_layout as dtl
 from dist8.optim import dtensor_update
-from dist8.optim.state_schema import GNORM, PERCENTILE_HISTORY, absmax_key, is_signed, n_states, state_key
+from dist8.optim.master_weights import master_value, store_master
+from dist8.optim.state_schema import CORRECTION, GNORM, PERCENTILE_HISTORY, absmax_key, is_signed, n_states, state_key
 
 if TYPE_CHECKING:
     from dist8.optim.base import Optimizer8bit, ParamSettings
@@ -50,6 +55,7 @@ class TrustItem(NamedTuple):
     param: torch.Tensor
     settings: ParamSettings
     update: torch.Tensor
+    correction: torch.Tensor | None = None  # master_weight_bits: the parameter's correction
 
 
 def square_sums(tensors: list[torch.Tensor]) -> list[float]:
@@ -155,15 +161,16 @@ def run_updates(opt: Optimizer8bit, items: list[UpdateItem], amp: tuple[float, b
                 memo = scalars_memo[memo_key] = (scalars, flags, scalars.as_tuple())
             scalars, flags, values = memo
             key = (values, flags, settings.block_size, settings.use_8bit, p.device)
-            batch = batches.setdefault(key, (scalars, [], []))
+            batch = batches.setdefault(key, (scalars, [], [], []))
             batch[1].append(kernel_tensors(opt, p, state))
             batch[2].append(settings.name)
+            batch[3].append(state.get(CORRECTION))
             update = None
         else:
             update = _update_one(opt, p, state, settings, step, grad_scale)
         state["step"] = step
         if update is not None:
-            trust_items.append(TrustItem(slot, p, settings, update))
+            trust_items.append(TrustItem(slot, p, settings, update, state.get(CORRECTION)))
     _run_batches(opt, batches)
     if edges is not None:
         edges.finish()
@@ -200,10 +207,11 @@ def kernel_qmaps(opt: Optimizer8bit, device: torch.device, use_8bit: bool) -> tu
 
 def _run_batches(opt: Optimizer8bit, batches: dict) -> None:
     """One kernel call per group of parameters collected by run_updates."""
-    for (_, flags, block_size, use_8bit, device), (scalars, rows, names) in batches.items():
+    for (_, flags, block_size, use_8bit, device), (scalars, rows, names, corrections) in batches.items():
         q1, q2 = kernel_qmaps(opt, device, use_8bit)
         skipped = torch.zeros(len(rows), dtype=torch.int64, device=device)
-        get_backend(device).fused_update_multi(opt.rule, rows, q1, q2, scalars, flags, block_size, skipped)
+        extra = {"corrections": corrections} if any(c is not None for c in corrections) else {}
+        get_backend(device).fused_update_multi(opt.rule, rows, q1, q2, scalars, flags, block_size, skipped, **extra)
         opt.skip_counter.add_blocks(names, skipped)
     batches.clear()
 
@@ -216,8 +224,9 @@ def _update_one(opt: Optimizer8bit, p: torch.Tensor, state: dict, settings: Para
         update = torch.empty(p.numel(), dtype=torch.float32, device=p.device)
     q1, q2 = kernel_qmaps(opt, p.device, settings.use_8bit)
     skipped = torch.zeros(1, dtype=torch.int64, device=p.device)
+    extra = {"correction": state[CORRECTION]} if CORRECTION in state else {}
     get_backend(p.device).fused_update(
-        opt.rule, *kernel_tensors(opt, p, state), q1, q2, scalars, flags, settings.block_size, update, skipped
+        opt.rule, *kernel_tensors(opt, p, state), q1, q2, scalars, flags, settings.block_size, update, skipped, **extra
     )
     opt.skip_counter.add_blocks([settings.name], skipped)
     return update
@@ -225,13 +234,14 @@ def _update_one(opt: Optimizer8bit, p: torch.Tensor, state: dict, settings: Para
 
 def _apply_trust_ratios(opt: Optimizer8bit, trust_items: list[TrustItem], n_slots: int) -> None:
     sums = torch.zeros(2 * n_slots, dtype=torch.float64)
-    squares = square_sums([t for it in trust_items for t in (dtl.local(it.param), it.update)])
+    masters = [master_value(dtl.local(it.param), it.correction) for it in trust_items]
+    squares = square_sums([t for it, m in zip(trust_items, masters) for t in (m, it.update)])
     for k, it in enumerate(trust_items):
         sums[2 * it.slot] += squares[2 * k]
         sums[2 * it.slot + 1] += squares[2 * k + 1]
     sums = _reduce(opt, sums)
-    for it in trust_items:
+    for it, master in zip(trust_items, masters):
         ratio = opt.trust_ratio(it.settings.hyper, math.sqrt(sums[2 * it.slot]), math.sqrt(sums[2 * it.slot + 1]))
         p = dtl.local(it.param)
-        new = p.detach().reshape(-1).float() - torch.tensor(it.settings.hyper["lr"] * ratio, dtype=torch.float32) * it.update
-        p.detach().copy_(new.view(p.shape))
+        new = master - torch.tensor(it.settings.hyper["lr"] * ratio, dtype=torch.float32) * it.update
+        store_master(p, it.correction, new)

@@ -13,6 +13,11 @@ The state of one parameter under a rule with ``n = n_states(rule)`` states (1 or
 ``"absmax{i}"``    8-bit only: float32, one per quantization block of ``state{i}``
 ``"gnorm_vec"``    percentile clipping only: float32[:data:`PERCENTILE_HISTORY`], the last
                    squared gradient norms (identical on every shard of a parameter)
+``"correction"``   ``master_weight_bits`` only (bf16/fp16 parameters): int8 (24-bit master) or
+                   int16 (32-bit) with the parameter's shape, elementwise (no per-block scale:
+                   any sharding is exact); ``decode_master(param, correction)`` of
+                   :mod:`dist8.quant.master` is the fp32 master value. Not ShardedOptimizer's
+                   fp32 ``"master"`` copy of the checkpoint format.
 =================  ==========================================================================
 """
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 
 from dist8.kernels import RULE_STATES, Rule
 from dist8.quant import num_blocks
+from dist8.quant.master import master_format
 
 __all__ = [
     "STEP",
@@ -42,11 +48,24 @@ __all__ = [
     "new_state",
     "check_state",
     "is_8bit_state",
+    "CORRECTION",
+    "correction_dtype",
+    "ANY_CORRECTION",
 ]
 
 STEP = "step"
 GNORM = "gnorm_vec"
 PERCENTILE_HISTORY = 100  # gradient norms kept for percentile clipping
+CORRECTION = "correction"  # master-weight correction (int8/int16, the parameter's shape)
+ANY_CORRECTION = "any"  # check_state: accept a well-formed correction of either dtype, or none
+
+
+def correction_dtype(param_dtype: torch.dtype, master_weight_bits: int | None) -> torch.dtype | None:
+    """The correction's dtype for a parameter of ``param_dtype`` (int8: 24 bits, int16: 32 bits), or
+    None when the parameter keeps none (``master_weight_bits`` None, or an fp32 parameter: its own master)."""
+    if master_weight_bits is None or param_dtype not in (torch.bfloat16, torch.float16):
+        return None
+    return master_format(param_dtype, master_weight_bits).correction_dtype
 
 
 def state_key(i: int) -> str:
@@ -104,11 +123,13 @@ def new_state(
     use_8bit: bool,
     percentile_clipping: float,
     device: torch.device,
+    correction: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Fresh state: zero codes and ``nblocks`` zero absmax per state (8-bit), or zero float32 state.
 
     ``shape`` is the shape of the parameter as this rank holds it (a local shard for
-    DTensors); ``nblocks`` the absmax entries this rank holds.
+    DTensors); ``nblocks`` the absmax entries this rank holds. ``correction`` (int8/int16,
+    from :func:`correction_dtype`): a zero master-weight correction (the parameter is the master).
     """
     state: dict[str, Any] = {STEP: 0}
     for i in state_indices(rule):
@@ -119,19 +140,25 @@ def new_state(
             state[state_key(i)] = torch.zeros(tuple(shape), dtype=torch.float32, device=device)
     if percentile_clipping < 100:
         state[GNORM] = torch.zeros(PERCENTILE_HISTORY, dtype=torch.float32, device=device)
+    if correction is not None:
+        state[CORRECTION] = torch.zeros(tuple(shape), dtype=correction, device=device)
     return state
 
 
 def check_state(rule: Rule, name: str, st: dict[str, Any], shape: Sequence[int], device: torch.device,
-                block_size: int | None = None) -> dict[str, Any]:
+                block_size: int | None = None,
+                correction: torch.dtype | None | str = ANY_CORRECTION) -> dict[str, Any]:
     """Validate a loaded state dict of parameter ``name`` against the schema; returns new tensors on ``device``.
 
     Checks that every state of ``rule`` is present with the parameter's ``shape`` and dtype
     uint8 (with its absmax) or float32, that no state of another rule is there (e.g. Adam's
     ``state2`` loaded into SGD), that absmax, fp32 state and history are finite (absmax >= 0)
     and ``step`` is an integer >= 0; with ``block_size`` (the parameter's effective block)
-    also that each absmax has one entry per block. Raises ``KeyError``/``ValueError`` naming
-    the parameter and key; nothing of ``st`` is modified.
+    also that each absmax has one entry per block. ``"correction"``, when present, must be int8
+    or int16 with the parameter's shape; ``correction`` (the dtype the parameter's
+    ``master_weight_bits`` needs, None for none, default :data:`ANY_CORRECTION`: either) also
+    checks its dtype (a missing correction is fine: zero, the parameter is the master). Raises
+    ``KeyError``/``ValueError`` naming the parameter and key; nothing of ``st`` is modified.
     """
     extra = [k for k in st if (is_state_key(k) and int(k[5:]) > n_states(rule))
              or (is_absmax_key(k) and int(k[6:]) > n_states(rule))]
@@ -174,7 +201,27 @@ def check_state(rule: Rule, name: str, st: dict[str, Any], shape: Sequence[int],
         if not isinstance(g, torch.Tensor) or not _finite(g):
             raise ValueError(f"{GNORM} of parameter {name} must be a finite tensor")
         out[GNORM] = g.to(device=device, dtype=torch.float32)
+    if CORRECTION in st:
+        out[CORRECTION] = _checked_correction(name, st[CORRECTION], shape, device, correction)
     return out
+
+
+def _checked_correction(name: str, c: Any, shape: Sequence[int], device: torch.device,
+                        expected: torch.dtype | None | str) -> torch.Tensor:
+    if not isinstance(c, torch.Tensor) or c.dtype not in (torch.int8, torch.int16):
+        kind = c.dtype if isinstance(c, torch.Tensor) else type(c).__name__
+        raise ValueError(f"{CORRECTION} of parameter {name} is {kind}; expected an int8 (master_weight_bits=24) "
+                         "or int16 (32) tensor")
+    if tuple(c.shape) != tuple(shape):
+        raise ValueError(f"{CORRECTION} of parameter {name} has shape {tuple(c.shape)}, parameter has {tuple(shape)}")
+    if expected is None:
+        raise ValueError(f"state of parameter {name} has a {CORRECTION} ({c.dtype}) but the parameter keeps none "
+                         "(master_weight_bits=None or an fp32 parameter); set master_weight_bits to load it")
+    if expected != ANY_CORRECTION and c.dtype != expected:
+        bits = 24 if c.dtype == torch.int8 else 32
+        raise ValueError(f"{CORRECTION} of parameter {name} is {c.dtype} (master_weight_bits={bits}) but the "
+                         f"optimizer's master_weight_bits needs {expected}")
+    return c.to(device)
 
 
 def _finite(t: torch.Tensor) -> bool:

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from dist8.quant.master import check_master_weight_bits
+
 __all__ = [
     "HYPER_BOUNDS", "SUPPORTED_DTYPES", "check_group", "check_number", "check_param_types", "check_unique_params",
     "pair",
@@ -55,6 +57,8 @@ def check_group(group: dict[str, Any], where: str) -> None:
     if not isinstance(group["min_8bit_size"], int) or isinstance(group["min_8bit_size"], bool) or group["min_8bit_size"] < 0:
         raise ValueError(f"min_8bit_size must be a non-negative int ({where}), got {group['min_8bit_size']}")
     check_number(group["percentile_clipping"], "percentile_clipping", where, lo=0.0, hi=100.0, lo_open=True)
+    # the value only here (bf16 stands for "a 16-bit parameter"); which parameters it applies to: base.py
+    check_master_weight_bits(group.get("master_weight_bits"), torch.bfloat16, where)
     for key, (lo, hi, lo_open, hi_open) in HYPER_BOUNDS.items():
         if key in group:
             check_number(group[key], key, where, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open)

@@ -120,7 +120,8 @@ def check_master_weight_bits(master_weight_bits: int | None, param_dtype: torch.
     """
     if master_weight_bits is None:
         return
-    if master_weight_bits not in MASTER_WEIGHT_BITS or isinstance(master_weight_bits, bool):
+    if (isinstance(master_weight_bits, bool) or not isinstance(master_weight_bits, int)
+            or master_weight_bits not in MASTER_WEIGHT_BITS):
         raise ValueError(f"master_weight_bits must be None, 24 or 32 ({name}), got {master_weight_bits!r}")
     if param_dtype not in _PARAM_DTYPES:
         raise ValueError(

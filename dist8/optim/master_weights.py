@@ -1,0 +1,95 @@
+"""``master_weight_bits`` in the optimizers: which parameters keep a correction, and the torch-side
+decode/encode of the steps that do not run in a kernel (LAMB/LARS phase 2, a changed setting).
+
+A bf16/fp16 parameter of a group (or name override) with ``master_weight_bits=24`` (32) keeps an
+int8 (int16) ``"correction"`` in its state (:mod:`dist8.optim.state_schema`); the fused kernels
+decode ``(param, correction)`` to the fp32 master, apply the rule and re-encode both
+(:mod:`dist8.quant.master` is the specification, ``dist8_rules.h`` its kernel twin). fp32
+parameters are their own master and are unaffected, so a model cast with
+:func:`dist8.cast_model` (norm layers kept fp32) can use the option; an optimizer whose
+parameters are all fp32 refuses it.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from dist8.optim import dtensor_layout as dtl
+from dist8.optim.config import match_overrides
+from dist8.optim.state_schema import CORRECTION
+from dist8.quant.master import decode_master, encode_master
+
+if TYPE_CHECKING:
+    from dist8.optim.base import Optimizer8bit
+
+__all__ = ["HALF_DTYPES", "check_applies", "sync_correction", "master_value", "store_master"]
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _requested(opt: Optimizer8bit) -> int | None:
+    """Some non-None ``master_weight_bits`` of a group or override, else None."""
+    for group in opt.param_groups:
+        if group.get("master_weight_bits") is not None:
+            return group["master_weight_bits"]
+    for extra in opt.overrides.values():
+        if extra.get("master_weight_bits") is not None:
+            return extra["master_weight_bits"]
+    for group in opt.param_groups:  # module marks (config.OVERRIDE_ATTR)
+        for p in group["params"]:
+            bits = match_overrides(None, p, {}).get("master_weight_bits")
+            if bits is not None:
+                return bits
+    return None
+
+
+def check_applies(opt: Optimizer8bit) -> None:
+    """ValueError naming ``master_weight_bits`` when it is set but no parameter is bf16/fp16, or
+    the parameters are DTensors (FSDP2: not wired yet)."""
+    bits = _requested(opt)
+    if bits is None:
+        return
+    params = [p for group in opt.param_groups for p in group["params"]]
+    if opt.uses_dtensor or any(dtl.is_dtensor(p) for p in params):
+        raise ValueError(f"master_weight_bits={bits} is not supported with DTensor (FSDP2) parameters yet; "
+                         "use master_weight_bits=None")
+    if not any(p.dtype in HALF_DTYPES for p in params):
+        raise ValueError(f"master_weight_bits={bits} needs bfloat16/float16 parameters, but all parameters are "
+                         "float32 (their own master); cast the model (dist8.cast_model) or use master_weight_bits=None")
+
+
+def sync_correction(p: torch.Tensor, state: dict[str, Any], want: torch.dtype | None) -> None:
+    """Make ``state``'s correction match ``want`` (the dtype the parameter's setting needs now):
+    created as zeros (the parameter is the master), re-encoded when the bits changed (24 <-> 32),
+    dropped when the setting was turned off (the parameter keeps its rounded value)."""
+    have = state.get(CORRECTION)
+    if want is None:
+        if have is not None:
+            del state[CORRECTION]
+        return
+    if have is None:
+        state[CORRECTION] = torch.zeros(p.shape, dtype=want, device=p.device)
+    elif have.dtype != want:
+        bits = 24 if want == torch.int8 else 32
+        new_p, state[CORRECTION] = encode_master(decode_master(p.detach(), have), p.dtype, bits)
+        p.detach().copy_(new_p)
+
+
+def master_value(p: torch.Tensor, correction: torch.Tensor | None) -> torch.Tensor:
+    """The flat fp32 master of ``p`` (decoded with its correction, or ``p`` itself)."""
+    flat = p.detach().reshape(-1)
+    if correction is None:
+        return flat.float()
+    return decode_master(flat, correction.view(-1))
+
+
+def store_master(p: torch.Tensor, correction: torch.Tensor | None, new: torch.Tensor) -> None:
+    """Write the flat fp32 master ``new`` into ``p`` (re-encoded with ``correction`` when given)."""
+    if correction is None:
+        p.detach().copy_(new.view(p.shape))
+        return
+    bits = 24 if correction.dtype == torch.int8 else 32
+    new_p, new_c = encode_master(new, p.dtype, bits)
+    p.detach().copy_(new_p.view(p.shape))
+    correction.copy_(new_c.view(correction.shape))
