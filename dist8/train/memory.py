@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["CORRECTION_KEY", "MEMORY_PARTS", "memory_breakdown"]
+from dist8.optim.state_schema import CORRECTION
 
-#: The optimizer-state key of the master-weight correction.
-CORRECTION_KEY = "correction"
+__all__ = ["MEMORY_PARTS", "memory_breakdown"]
+
 MEMORY_PARTS = ("params", "grads", "correction", "master", "optimizer_state")
 
 
@@ -61,7 +61,7 @@ def memory_breakdown(model: nn.Module, optimizer: Any, *, gradient_release: bool
     for st in _state_dicts(optimizer):
         for key, v in st.items():
             if isinstance(v, torch.Tensor):
-                if key == CORRECTION_KEY:
+                if key == CORRECTION:
                     correction += _nbytes(v)
                 else:
                     state += _nbytes(v)
