@@ -8,6 +8,9 @@ Variants (the paper's ablation in miniature, plus the anchors where installed):
   no-blockwise    dist8.AdamW8bit with one absmax per tensor (ablation)
   bitsandbytes    bitsandbytes.optim.AdamW8bit
   torchao         torchao.optim.AdamW8bit
+  bf16-master24   dist8.AdamW8bit on bf16 parameters (dist8.cast_model: norms fp32) with
+                  master_weight_bits=24 (issue 19); anchor: dist8 (fp32 parameters = fp32 master)
+  bf16-pure       the same without the correction (ablation: pure bf16 parameters)
   sparse-*        fp32 / dist8 / bitsandbytes on the same GPT whose input is a plain nn.Embedding
                   (no StableEmbedding) of 4093 hashed byte bigrams: most rows get no gradient in
                   a step, the workload where 8-bit Adam's zeroed second moments used to make
@@ -16,7 +19,7 @@ Variants (the paper's ablation in miniature, plus the anchors where installed):
 Usage: python bench/convergence.py [--quick | --full] [--seeds 0 1 2] [--variants ...] [--out FILE]
 Prints a table of final validation loss (mean and spread over seeds) and writes JSON.
 Goals: dist8 8-bit / fp32 final validation loss <= 1.01 (issue 2), and the same for the
-sparse-embedding rows (sparse-dist8 / sparse-fp32, issue 15).
+sparse-embedding rows (sparse-dist8 / sparse-fp32, issue 15) and for bf16-master24 / dist8 (issue 19).
 """
 from __future__ import annotations
 
@@ -42,8 +45,10 @@ PRESETS = {
     "full": dict(n_layer=4, d_model=256, n_head=8, seq_len=256, batch=32, steps=2000, lr=1e-3, eval_batches=64),
 }
 BASE_VARIANTS = ["fp32", "dist8", "dist8+stable", "linear", "no-blockwise", "bitsandbytes", "torchao"]
+BF16_VARIANTS = ["bf16-master24", "bf16-pure"]
 SPARSE_VARIANTS = ["sparse-fp32", "sparse-dist8", "sparse-bitsandbytes"]
-ALL_VARIANTS = BASE_VARIANTS + SPARSE_VARIANTS
+ALL_VARIANTS = BASE_VARIANTS + BF16_VARIANTS + SPARSE_VARIANTS
+ANCHORS = {"sparse-": "sparse-fp32", "bf16-": "dist8"}  # variant prefix -> the row its ratio is taken to
 SPARSE_VOCAB = 4093  # hashed byte bigrams (prime: the hash spreads)
 
 
@@ -53,8 +58,10 @@ def make_optimizer(variant: str, model: torch.nn.Module, lr: float):
     named = list(model.named_parameters())
     if variant == "fp32":
         return torch.optim.AdamW([p for _, p in named], **kw)
-    if variant in ("dist8", "dist8+stable"):
+    if variant in ("dist8", "dist8+stable", "bf16-pure"):
         return dist8.AdamW8bit(named, **kw)
+    if variant == "bf16-master24":
+        return dist8.AdamW8bit(named, master_weight_bits=24, **kw)
     if variant == "linear":
         return dist8.AdamW8bit(named, quant_map="linear", **kw)
     if variant == "no-blockwise":
@@ -94,6 +101,8 @@ def make_model(variant: str, preset: dict, seed: int) -> tuple[GPT, GPTConfig]:
     if sparse:  # bigram ids in, next byte out
         model.head = torch.nn.Linear(cfg.d_model, 256, bias=False)
         torch.nn.init.normal_(model.head.weight, mean=0.0, std=0.02)
+    if variant.startswith("bf16-"):
+        dist8.cast_model(model, torch.bfloat16)  # the same initial values, rounded; norm layers stay fp32
     return model, cfg
 
 
@@ -137,11 +146,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=ALL_VARIANTS, choices=ALL_VARIANTS)
     parser.add_argument("--sparse", action="store_true", help="only the sparse-embedding rows")
+    parser.add_argument("--bf16", action="store_true", help="only the bf16 rows and their anchor (issue 19)")
     parser.add_argument("--steps", type=int, default=None, help="override the preset's steps")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.sparse:
         args.variants = SPARSE_VARIANTS
+    if args.bf16:
+        args.variants = ["dist8", *BF16_VARIANTS]
     preset = dict(PRESETS["full" if args.full else "quick"])
     if args.steps:
         preset["steps"] = args.steps
@@ -159,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
                 break
     rows = []
     for variant in args.variants:
-        anchor = "sparse-fp32" if variant.startswith("sparse-") else "fp32"
+        anchor = next((a for prefix, a in ANCHORS.items() if variant.startswith(prefix)), "fp32")
         fp32 = [r["val_loss"] for r in runs if r["variant"] == anchor]
         vals = [r["val_loss"] for r in runs if r["variant"] == variant and not r["diverged"]]
         all_runs = [r for r in runs if r["variant"] == variant]
@@ -170,9 +182,14 @@ def main(argv: list[str] | None = None) -> dict:
                      "val_loss_spread": (max(vals) - min(vals)) if len(vals) > 1 else 0.0,
                      "diverged": f"{sum(r['diverged'] for r in all_runs)}/{len(all_runs)}",
                      "ratio_to_fp32": mean / statistics.mean(fp32) if fp32 and vals else None})
-    print_table(rows, ["variant", "seeds", "val_loss_mean", "val_loss_spread", "diverged", "ratio_to_fp32"])
+    for row in rows:
+        row["anchor"] = next((a for prefix, a in ANCHORS.items() if row["variant"].startswith(prefix)), "fp32")
+        step_s = [r["seconds"] / preset["steps"] for r in runs if r["variant"] == row["variant"]]
+        row["ms_per_step"] = 1000 * statistics.median(step_s) if step_s else None
+    print_table(rows, ["variant", "seeds", "val_loss_mean", "val_loss_spread", "diverged", "ratio_to_fp32", "anchor",
+                       "ms_per_step"])
     goals = []
-    for name, anchor in (("dist8", "fp32"), ("sparse-dist8", "sparse-fp32")):
+    for name, anchor in (("dist8", "fp32"), ("sparse-dist8", "sparse-fp32"), ("bf16-master24", "dist8")):
         row = next((r for r in rows if r["variant"] == name), None)
         if row is None:
             continue

@@ -14,10 +14,10 @@ per rank, divided by the model's parameter count:
   params/state  tensor accounting at the same moment (local shards), to read the peak by
 
 Nothing is computed from a formula: a number here is what the allocator held.
-Systems needing ``master_weight_bits`` are listed as "not yet" (the kernels do
-not have it yet); FlashOptim's figures (GPU only) are quoted from its paper.
+FlashOptim's figures (GPU only) are quoted from its paper. The goals of issue 19
+are printed next to the rows they apply to (``goal`` column).
 
-Usage: python bench/memory.py [--width 1024] [--layers 8] [--world-sizes 2] [--skip torchao,...] [--out FILE]
+Usage: python bench/memory.py [--width 1024] [--layers 8] [--world-sizes 2 4] [--skip torchao,...] [--out FILE]
 """
 from __future__ import annotations
 
@@ -43,11 +43,6 @@ FLASHOPTIM = [  # arXiv 2602.23349 (FlashOptim), AdamW, documented (needs a GPU;
     {"system": "FlashOptim AdamW: bf16 + 24-bit master, bf16 grads, 8-bit state (documented)", "world_size": 1,
      "peak": 7.0, "status": "documented"},
     {"system": "FlashOptim AdamW + gradient release (documented)", "world_size": 1, "peak": 5.0, "status": "documented"},
-]
-NOT_YET = [
-    {"system": "dist8 AdamW8bit, bf16 + 24-bit master (master_weight_bits=24)", "world_size": 1, "status": "not yet"},
-    {"system": "dist8 AdamW8bit + gradient release, bf16 + 24-bit master", "world_size": 1, "status": "not yet"},
-    {"system": "FSDP2 + dist8 AdamW8bit + gradient release, bf16 + 24-bit master", "world_size": 2, "status": "not yet"},
 ]
 
 
@@ -102,25 +97,31 @@ def _torchao(w, n):
     return model, _plain_step(model, AdamW8bit(model.parameters(), **KW))
 
 
-def _dist8(w, n, dtype=None, release=False):
+def _dist8(w, n, dtype=None, release=False, bits=None):
     import dist8
 
     model = build_model(w, n, dtype)
-    opt = dist8.AdamW8bit(model.named_parameters(), **KW)
+    opt = dist8.AdamW8bit(model.named_parameters(), **KW, **_mw(bits))
     if release:
         dist8.gradient_release(model, opt)
     return model, _plain_step(model, opt)
 
 
-def _sharded(w, n):
+def _mw(bits):
+    return {} if bits is None else {"master_weight_bits": bits}
+
+
+def _sharded(w, n, dtype=None, bits=None):
     import dist8
 
     model = build_model(w, n, None)
-    opt = dist8.ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, stage=2, **KW)
+    if dtype is not None:  # ShardedOptimizer needs one parameter dtype: the norm layers too
+        model.to(dtype)
+    opt = dist8.ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, stage=2, **KW, **_mw(bits))
     return model, _plain_step(model, opt)
 
 
-def _fsdp2(w, n, dtype=None, release=False):
+def _fsdp2(w, n, dtype=None, release=False, bits=None):
     import dist8
     from torch.distributed.fsdp import fully_shard
 
@@ -129,7 +130,7 @@ def _fsdp2(w, n, dtype=None, release=False):
         fully_shard(block.norm)
         fully_shard(block.fc)
     fully_shard(model)
-    opt = dist8.AdamW8bit(model.named_parameters(), **KW)
+    opt = dist8.AdamW8bit(model.named_parameters(), **KW, **_mw(bits))
     if release:
         dist8.gradient_release(model, opt)
     return model, _plain_step(model, opt)
@@ -166,13 +167,23 @@ SINGLE: list[tuple[str, Callable]] = [
     ("dist8 AdamW8bit, pure bf16 params (no master; ablation)", lambda w, n: _dist8(w, n, torch.bfloat16)),
     ("dist8 AdamW8bit + gradient release, pure bf16 params (no master)",
      lambda w, n: _dist8(w, n, torch.bfloat16, release=True)),
+    ("dist8 AdamW8bit, bf16 + 24-bit master (master_weight_bits=24)", lambda w, n: _dist8(w, n, torch.bfloat16, bits=24)),
+    ("dist8 AdamW8bit + gradient release, bf16 + 24-bit master",
+     lambda w, n: _dist8(w, n, torch.bfloat16, release=True, bits=24)),
 ]
 MULTI: list[tuple[str, Callable]] = [
-    ("dist8 ShardedOptimizer stage 2, fp32 params", _sharded),
+    ("dist8 ShardedOptimizer stage 2, fp32 params", lambda w, n: _sharded(w, n)),
+    ("dist8 ShardedOptimizer stage 2, bf16 params (fp32 master of the owned range)",
+     lambda w, n: _sharded(w, n, torch.bfloat16)),
+    ("dist8 ShardedOptimizer stage 2, bf16 + 24-bit master", lambda w, n: _sharded(w, n, torch.bfloat16, bits=24)),
     ("FSDP2 + dist8 AdamW8bit, fp32 params", lambda w, n: _fsdp2(w, n)),
+    ("FSDP2 + dist8 AdamW8bit, pure bf16 params (no master)", lambda w, n: _fsdp2(w, n, torch.bfloat16)),
     ("FSDP2 + dist8 AdamW8bit + gradient release, fp32 params", lambda w, n: _fsdp2(w, n, release=True)),
     ("FSDP2 + dist8 AdamW8bit + gradient release, pure bf16 params (no master)",
      lambda w, n: _fsdp2(w, n, torch.bfloat16, release=True)),
+    ("FSDP2 + dist8 AdamW8bit, bf16 + 24-bit master", lambda w, n: _fsdp2(w, n, torch.bfloat16, bits=24)),
+    ("FSDP2 + dist8 AdamW8bit + gradient release, bf16 + 24-bit master",
+     lambda w, n: _fsdp2(w, n, torch.bfloat16, release=True, bits=24)),
     ("DeepSpeed ZeRO-2 + torch AdamW, bf16 (fp32 master)", lambda w, n: _deepspeed(w, n, bf16=True)),
 ]
 
@@ -229,6 +240,23 @@ def measure(name: str, build: Callable, width: int, layers: int) -> dict[str, An
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def goal(row: dict[str, Any], width: int) -> str:
+    """Issue 19's goal for this row's peak bytes/param, with whether it was met (``""`` where none applies)."""
+    name, n, peak = row["system"], row.get("world_size", 1), row.get("peak")
+    if "24-bit master" not in name or "FlashOptim" in name or "ShardedOptimizer" in name:
+        return ""
+    if name.startswith("FSDP2"):
+        # (2 param + 1 correction + 2.03 state + 2 grad) / N + one layer's unsharded transient:
+        # a layer is width*(width+1) bf16 weights + 2*width fp32 norm; unsharded param and grad, 2 bytes each.
+        layer = (width * (width + 1) * 2 * 2 + 2 * width * 4 * 2) / row["params"] if row.get("params") else 0.0
+        limit = (2 + 1 + 2.03 + 2) / n + layer
+    else:
+        limit = 5.1 if "gradient release" in name else 7.1
+    if peak is None:
+        return f"<= {limit:.2f}"
+    return f"<= {limit:.2f} {'met' if peak <= limit else 'MISSED'}"
+
+
 def run_systems(systems, width: int, layers: int, skip: set[str], world_size: int) -> list[dict[str, Any]]:
     rows = []
     for name, build in systems:
@@ -270,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--world-sizes", type=int, nargs="*", default=[2])
+    parser.add_argument("--world-sizes", type=int, nargs="*", default=[2, 4])
     parser.add_argument("--skip", default="", help="comma-separated substrings of system names to skip")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -283,8 +311,10 @@ def main(argv: list[str] | None = None) -> dict:
             port = free_port()
             mp.spawn(_worker, args=(n, port, args.width, args.layers, skip, out), nprocs=n, join=True)
             rows += torch.load(out, weights_only=False)
-    rows += NOT_YET + FLASHOPTIM
-    print_table(rows, ["system", "world_size", "peak", "steady", "param_bytes", "status"])
+    rows += FLASHOPTIM
+    for row in rows:
+        row["goal"] = goal(row, args.width)
+    print_table(rows, ["system", "world_size", "peak", "steady", "param_bytes", "goal", "status"])
     payload = {"benchmark": "memory", "machine": machine(), "width": args.width, "layers": args.layers,
                "unit": "bytes per parameter per rank (allocator)", "rows": rows}
     print(f"wrote {write_json('memory', payload, args.out)}")

@@ -82,7 +82,8 @@ PYTHON_FRAGMENTS = {
     "import dist8.integrations.deepspeed  # installs": "tests/test_deepspeed_hint.py",
     "checkpoint.stateful.Stateful": "tests/test_clients.py::test_dcp_stateful_fsdp2_2_to_1",
     "ZeroRedundancyOptimizer(": "tests/test_clients.py::test_zero_redundancy_optimizer_bitwise_and_consolidated_state_loads",
-    "dist8.cast_model(": "tests/test_cast_model.py, tests/test_gradient_release.py",
+    "dist8.cast_model(": "tests/test_cast_model.py, tests/test_gradient_release.py, tests/test_master_weights.py",
+    "load_fp32_weights(": "tests/test_sharded_master.py::test_consolidate_fp32_weights_and_load_them_back",
 }
 
 

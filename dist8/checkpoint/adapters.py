@@ -13,9 +13,15 @@ import torch
 import torch.distributed as dist
 
 from dist8.optim.base import Optimizer8bit
+from dist8.optim.state_schema import CORRECTION, is_state_key
 from dist8.shard import BlockLayout, Piece, ShardedOptimizer
 
 __all__ = ["OptimizerAdapter", "adapt"]
+
+
+def _shaped(key: str) -> bool:
+    """State tensors with the parameter's shape (stored flat): states and the master-weight correction."""
+    return is_state_key(key) or key == CORRECTION
 
 
 @dataclass
@@ -57,10 +63,13 @@ class OptimizerAdapter:
                     if piece.param in masters:
                         self.master_piece(piece).copy_(masters[piece.param])
             return
+        group_of = {p: g for g in self.inner.param_groups for p in g["params"]}
         for i, st in states.items():
             p = self.params[i]
-            st = {k: (v.view(p.shape) if k.startswith("state") else v) for k, v in st.items()}
-            self.inner.state[p] = self.inner.check_state(p, st, block_size=self.inner.state_block_size(p))
+            st = {k: (v.view(p.shape) if _shaped(k) else v) for k, v in st.items()}
+            correction = self.inner.settings(p, group_of[p]).correction  # the dtype master_weight_bits needs
+            self.inner.state[p] = self.inner.check_state(p, st, block_size=self.inner.state_block_size(p),
+                                                         correction=correction)
 
     def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Model tensors to write (rank 0)."""
@@ -159,7 +168,7 @@ class FSDP2Adapter(OptimizerAdapter):
         full_state = {}
         for i, st in states.items():
             shape = self.layout.params[i].shape
-            full_state[self.names[i]] = {k: (v.view(shape) if k.startswith("state") else v) for k, v in st.items()}
+            full_state[self.names[i]] = {k: (v.view(shape) if _shaped(k) else v) for k, v in st.items()}
         groups = []
         for g in self.optimizer.param_groups:
             fqns = [self.names[j] for j, p in enumerate(self.params) if any(q is p for q in g["params"])]

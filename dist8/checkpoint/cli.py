@@ -47,8 +47,9 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _consolidate(args: argparse.Namespace) -> int:
-    out = consolidate(args.path, args.out, force=args.force)
-    print(f"wrote {out} (world size 1)")
+    out = consolidate(args.path, args.out, force=args.force, fp32_weights_file=args.fp32_weights)
+    extra = ", fp32 master weights in model-fp32.safetensors" if args.fp32_weights else ""
+    print(f"wrote {out} (world size 1{extra})")
     return 0
 
 
@@ -78,5 +79,8 @@ def register(subparsers):
     p.add_argument("path")
     p.add_argument("out", help="output directory; must not exist or be empty unless --force")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT (after the new one is written)")
+    p.add_argument("--fp32-weights", action="store_true",
+                   help="also write OUT/model-fp32.safetensors: fp32 weights, bf16/fp16 parameters decoded with their "
+                        "master_weight_bits correction")
     p.set_defaults(func=guard(_consolidate))
     return sub

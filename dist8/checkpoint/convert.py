@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from dist8.checkpoint.files import member, safetensors_header
 from dist8.checkpoint.format import (
     FORMAT,
+    FP32_WEIGHTS_FILE,
     METADATA,
     MODEL_FILE,
     CheckpointError,
@@ -24,12 +25,13 @@ from dist8.checkpoint.format import (
     read_metadata,
     split_tensor_key,
     temp_dir,
+    tensor_key,
     verify_files,
     write_metadata,
 )
 from dist8.quant import dequantize_blockwise, dynamic_map, num_blocks
 
-__all__ = ["from_bitsandbytes", "export_fp32_adam", "consolidate"]
+__all__ = ["from_bitsandbytes", "export_fp32_adam", "consolidate", "fp32_weights"]
 
 BNB_WRAPPER = "__bnb_optimizer_quant_state__"
 _BNB_DROP = {"qmap1", "qmap2", "unorm_vec", "gnorm_vec", "max1", "max2", "new_max1", "new_max2"}
@@ -86,11 +88,42 @@ def export_fp32_adam(state_dict: dict[str, Any], block_size: int = 256) -> dict[
     return {"state": out, "param_groups": groups}
 
 
-def consolidate(path: str | os.PathLike, out: str | os.PathLike, *, force: bool = False) -> str:
+def fp32_weights(model_tensors: dict[str, torch.Tensor], merged: dict[str, torch.Tensor],
+                 where: str) -> dict[str, torch.Tensor]:
+    """The model with fp32 masters: ``decode_master(param, correction)`` where the optimizer tensors
+    ``merged`` (``"<param>::correction"``, whole parameters) hold a correction, ``float()`` elsewhere.
+
+    ``where`` names the checkpoint in errors (a correction whose parameter is not a bf16/fp16
+    model tensor of the same number of elements is refused).
+    """
+    from dist8.optim.state_schema import CORRECTION
+    from dist8.quant.master import decode_master
+
+    out = {}
+    for name, value in model_tensors.items():
+        correction = merged.get(tensor_key(name, CORRECTION))
+        if correction is None:
+            out[name] = value.float() if value.is_floating_point() else value
+            continue
+        if value.dtype not in (torch.bfloat16, torch.float16) or correction.numel() != value.numel():
+            raise CheckpointError(f"{where}: {name}::{CORRECTION} ({correction.dtype}, {correction.numel()} values) "
+                                  f"does not fit model tensor {name} ({value.dtype}, {value.numel()} values)")
+        try:
+            out[name] = decode_master(value, correction.view(value.shape))
+        except ValueError as exc:
+            raise CheckpointError(f"{where}: {name}::{CORRECTION}: {exc}") from None
+    return out
+
+
+def consolidate(path: str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
+                fp32_weights_file: bool = False) -> str:
     """Rewrite checkpoint ``path`` as a world-size-1 checkpoint in ``out`` (one optimizer file).
 
     Every file is verified first. A non-empty ``out`` is refused unless ``force`` (then it is
     replaced atomically: the old one is removed only after the new one is in place).
+    ``fp32_weights_file``: also write ``model-fp32.safetensors``, the model with its fp32 master
+    weights (:func:`fp32_weights`: bf16/fp16 parameters decoded with their ``master_weight_bits``
+    correction, everything else cast to fp32), listed and hashed in the metadata like every file.
     """
     path, out = Path(path), Path(out)
     if out.resolve() == path.resolve():
@@ -127,6 +160,14 @@ def consolidate(path: str | os.PathLike, out: str | os.PathLike, *, force: bool 
         if MODEL_FILE in meta["files"]:
             shutil.copyfile(path / MODEL_FILE, tmp / MODEL_FILE)
             files[MODEL_FILE] = meta["files"][MODEL_FILE]
+        if fp32_weights_file:
+            if MODEL_FILE not in meta["files"]:
+                raise CheckpointError(f"{path}: --fp32-weights needs the model, but the checkpoint has no {MODEL_FILE}")
+            from dist8.checkpoint.reader import read_model_tensors
+
+            weights = fp32_weights(read_model_tensors(path / MODEL_FILE), merged, str(path))
+            save_file(weights, str(tmp / FP32_WEIGHTS_FILE), metadata={"format": FORMAT})
+            files[FP32_WEIGHTS_FILE] = file_entry(tmp / FP32_WEIGHTS_FILE)
         new_meta = dict(meta, world_size=1, pieces={"0": whole}, files=files, consolidated_from=meta["world_size"])
         write_metadata(tmp, new_meta)
         install_dir(tmp, out)
@@ -146,7 +187,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     meta = read_metadata(path)
     sizes: dict[str, int] = {}
     for fname in meta["files"]:
-        if fname == MODEL_FILE:
+        if fname in (MODEL_FILE, FP32_WEIGHTS_FILE):
             continue
         header = safetensors_header(member(path, fname, str(Path(path) / METADATA)))
         for key, info in header.items():

@@ -1,4 +1,5 @@
-"""The on-disk format, in one place: names, keys, versions, the metadata schema, its writer and its reader.
+"""The on-disk format, in one place (one concern, hence one file): names, keys, versions, the metadata schema,
+its writer and its reader.
 
 ::
 
@@ -6,6 +7,12 @@
       metadata.json                        format, version, layout, optimizer, steps, files + sha256, manifest
       model.safetensors                    model state (written by rank 0; parameters are replicated)
       optim-00000-of-00004.safetensors     one per saving rank: "<param>::state1", "::absmax1", ...
+      model-fp32.safetensors               optional (``dist8 ckpt consolidate --fp32-weights``): the model
+                                           with fp32 masters, decode(param, correction) where a
+                                           parameter keeps a master-weight correction
+
+The master-weight correction (``master_weight_bits``: int8/int16, elementwise, no
+per-block scale) is stored like state, ``"<param>::correction"``, each rank its piece.
 
 Every optimizer tensor in a rank file is the rank's *piece* of a parameter, a
 range of whole blocks; ``metadata.json`` says which range, so any world size
@@ -46,6 +53,7 @@ from dist8.optim.state_schema import (
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "FP32_WEIGHTS_FILE",
     "METADATA",
     "MODEL_FILE",
     "READABLE_VERSIONS",
@@ -75,10 +83,13 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 METADATA = "metadata.json"
 MODEL_FILE = "model.safetensors"
+FP32_WEIGHTS_FILE = "model-fp32.safetensors"
 # Per-parameter tensors a rank file may hold, with their dtype: codes are uint8, everything else fp32.
-STATE_KEYS = ("state1", "state2", "absmax1", "absmax2", "gnorm_vec", "master")
+# "correction" (master_weight_bits, dist8.optim.state_schema.CORRECTION): int8 (24-bit) or int16 (32-bit).
+STATE_KEYS = ("state1", "state2", "absmax1", "absmax2", "gnorm_vec", "master", "correction")
 STATE_DTYPES = {"state1": ("uint8", "float32"), "state2": ("uint8", "float32"), "absmax1": ("float32",),
-                "absmax2": ("float32",), "gnorm_vec": ("float32",), "master": ("float32",)}
+                "absmax2": ("float32",), "gnorm_vec": ("float32",), "master": ("float32",),
+                "correction": ("int8", "int16")}
 _RANK_FILE = re.compile(r"^optim-(\d{5})-of-(\d{5})\.safetensors$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _MAX_DEPTH = 64
@@ -295,8 +306,8 @@ def check_metadata(meta: Any, where: str) -> dict[str, Any]:
     for fname, info in files.items():
         check_name(fname, f"{where}: files")
         m = _RANK_FILE.match(fname)
-        if fname != MODEL_FILE and not (m and int(m.group(2)) == world and int(m.group(1)) < world):
-            c.fail(f"files.{fname}", f"is not {MODEL_FILE} or a rank file of world size {world}")
+        if fname not in (MODEL_FILE, FP32_WEIGHTS_FILE) and not (m and int(m.group(2)) == world and int(m.group(1)) < world):
+            c.fail(f"files.{fname}", f"is not {MODEL_FILE}, {FP32_WEIGHTS_FILE} or a rank file of world size {world}")
         c.dict_(info, f"files.{fname}")
         if not isinstance(info.get("sha256"), str) or not _SHA.match(info["sha256"]):
             c.fail(f"files.{fname}.sha256", "must be a sha256 hex digest")

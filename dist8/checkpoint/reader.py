@@ -26,7 +26,7 @@ from dist8.checkpoint.format import (
 )
 from dist8.optim.state_schema import is_signed, n_states
 
-__all__ = ["read_model", "read_pieces"]
+__all__ = ["read_model", "read_model_tensors", "read_pieces"]
 
 
 def _open(file: Path):
@@ -160,15 +160,21 @@ def read_pieces(path: str | os.PathLike, meta: dict[str, Any], wanted: dict[str,
 
 
 def _dtype_name(safetensors_dtype: str) -> str:
-    return {"u8": "uint8", "uint8": "uint8", "f32": "float32", "float32": "float32"}.get(
+    return {"u8": "uint8", "uint8": "uint8", "f32": "float32", "float32": "float32", "i8": "int8", "int8": "int8",
+            "i16": "int16", "int16": "int16"}.get(
         safetensors_dtype.lower(), safetensors_dtype.lower())
 
 
-def read_model(file: Path, model: torch.nn.Module, strict: bool) -> dict[str, torch.Tensor]:
+def read_model_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a (verified) model file; a corrupt file is one CheckpointError naming it."""
     try:
-        tensors = load_file(str(file))
+        return load_file(str(file))
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"{file} cannot be read: {str(exc)[:200]}") from None
+
+
+def read_model(file: Path, model: torch.nn.Module, strict: bool) -> dict[str, torch.Tensor]:
+    tensors = read_model_tensors(file)
     own = model.state_dict()
     wrong = [f"{n} has shape {tuple(v.shape)}, model has {tuple(own[n].shape)}"
              for n, v in tensors.items() if n in own and tuple(own[n].shape) != tuple(v.shape)]

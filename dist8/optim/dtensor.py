@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dist8.optim.dtensor_layout import Layout, comm_device, is_dtensor, layout_of, shard_dim
-from dist8.optim.state_schema import absmax_key, is_absmax_key, is_state_key, new_state, state_indices, state_key
+from dist8.optim.state_schema import (CORRECTION, absmax_key, is_absmax_key, is_state_key, new_state, state_indices,
+                                      state_key)
 
 if TYPE_CHECKING:
     from dist8.optim.base import Optimizer8bit, ParamSettings
@@ -42,10 +43,11 @@ def layout_for(opt: Optimizer8bit, p, settings: ParamSettings) -> Layout:
 
 # ---- state -------------------------------------------------------------------------------------
 def init_state(opt: Optimizer8bit, p, settings: ParamSettings) -> dict[str, Any]:
-    """Fresh state with the local shard's shape; absmax for the blocks the shard overlaps."""
+    """Fresh state with the local shard's shape; absmax for the blocks the shard overlaps; the
+    master-weight correction (elementwise) of the local shard."""
     lay = layout_for(opt, p, settings)
     return new_state(opt.rule, lay.local_shape, lay.b1 - lay.b0, settings.use_8bit,
-                     settings.hyper["percentile_clipping"], p.device)
+                     settings.hyper["percentile_clipping"], p.device, settings.correction)
 
 
 # ---- cross-shard sums and attaching -----------------------------------------------------------------
@@ -139,6 +141,10 @@ def _state_dict_post_hook(opt, state_dict: dict) -> dict:
         settings = opt.settings(p, _group_of(opt, p))
         lay = layout_for(opt, p, settings)
         st = dict(st)
+        c = st.get(CORRECTION)  # elementwise like the parameter: sharded like it
+        if isinstance(c, torch.Tensor) and not is_dtensor(c):
+            st[CORRECTION] = DTensor.from_local(c, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                                stride=p.stride())
         for i in state_indices(opt.rule):
             s = st.get(state_key(i))
             if isinstance(s, torch.Tensor) and not is_dtensor(s):
@@ -174,7 +180,7 @@ def localize_state(opt: Optimizer8bit, p, st: dict[str, Any]) -> dict[str, Any]:
     for key, v in st.items():
         if not isinstance(v, torch.Tensor):
             continue
-        if is_state_key(key):
+        if is_state_key(key) or key == CORRECTION:
             if is_dtensor(v):
                 if v.device_mesh != p.device_mesh or tuple(v.placements) != tuple(p.placements):
                     v = v.redistribute(p.device_mesh, p.placements)

@@ -34,9 +34,10 @@ from dist8.kernels import RULE_WRITES_UPDATE, Rule, apply_rule, get_backend
 from dist8.kernels.rules import state_floor_fraction, state_floored
 from dist8.optim.dtensor import layout_for
 from dist8.optim.dtensor_layout import Layout, comm_device
-from dist8.optim.state_schema import absmax_key, is_signed, state_key
+from dist8.optim.state_schema import CORRECTION, absmax_key, is_signed, state_key
 from dist8.optim.state_schema import n_states as n_states_of
 from dist8.quant import block_reciprocal, nearest_code, num_blocks
+from dist8.quant.master import decode_master, encode_master
 
 if TYPE_CHECKING:
     from dist8.optim.base import Optimizer8bit, ParamSettings
@@ -72,6 +73,17 @@ class EdgeOutputs:
     flush: Any = None  # callable run after writing (copies a non-contiguous shard back)
     name: str = ""
     counter: Any = None  # dist8.optim.nonfinite.SkipCounter
+    correction: torch.Tensor | None = None  # flat local master-weight correction: outputs are fp32 masters
+
+    def write(self, lo: int | None, hi: int | None, values: torch.Tensor) -> None:
+        """``target[lo:hi] = values`` (fp32 masters encoded into parameter + correction when there is one)."""
+        if self.correction is None:
+            self.target[lo:hi] = values
+            return
+        bits = 24 if self.correction.dtype == torch.int8 else 32
+        rounded, correction = encode_master(values.float().contiguous(), self.target.dtype, bits)
+        self.target[lo:hi] = rounded
+        self.correction[lo:hi] = correction
 
 
 @dataclass
@@ -114,7 +126,7 @@ class EdgeJob:
                     self.absmax[blk - lay.b0] = a
                 if out is not None:
                     if ok:
-                        out.target[lo:hi] = out.values[k]
+                        out.write(lo, hi, out.values[k])
                     elif out.zero_skipped:
                         out.target[lo:hi] = 0
                     if not ok and counted_here and out.counter is not None:
@@ -127,8 +139,14 @@ class EdgeJob:
                                                                           self.qmap).to(torch.uint8)))
             self.absmax.copy_(torch.where(skipped, self.absmax, vec))
             if out is not None:
-                old = torch.zeros_like(out.values[0]) if out.zero_skipped else out.target
-                out.target.copy_(torch.where(keep, old, out.values[0]).to(out.target.dtype))
+                if out.correction is not None:  # skipped blocks keep their (parameter, correction) pairs
+                    bits = 24 if out.correction.dtype == torch.int8 else 32
+                    rounded, correction = encode_master(out.values[0].float().contiguous(), out.target.dtype, bits)
+                    out.target.copy_(torch.where(keep, out.target, rounded))
+                    out.correction.copy_(torch.where(keep, out.correction, correction))
+                else:
+                    old = torch.zeros_like(out.values[0]) if out.zero_skipped else out.target
+                    out.target.copy_(torch.where(keep, old, out.values[0]).to(out.target.dtype))
                 if self.pieces[0].counted_here and out.counter is not None:
                     out.counter.add_blocks([out.name], skipped.sum().reshape(1).to(torch.int64))
         if out is not None and out.flush is not None:
@@ -197,6 +215,8 @@ def update(opt: Optimizer8bit, p, state: dict, settings: ParamSettings, step: in
     qmaps = [opt.qmap(p_local.device, is_signed(opt.rule, i + 1)) if settings.use_8bit else None for i in range(n_states)]
     backend = get_backend(p_local.device)
     target = upd if upd is not None else pf
+    corr = state.get(CORRECTION)
+    cf = corr.view(-1) if corr is not None else None  # local, contiguous (made so by init/localize)
 
     def kernel(lo: int, hi: int, a_lo: int, a_hi: int) -> None:
         skipped = torch.zeros(1, dtype=torch.int64, device=p_local.device)
@@ -206,6 +226,7 @@ def update(opt: Optimizer8bit, p, state: dict, settings: ParamSettings, step: in
             absmax[1][a_lo:a_hi] if n_states == 2 and absmax[1] is not None else None,
             qmaps[0], qmaps[1] if n_states == 2 else None, scalars, flags, settings.block_size,
             upd[lo:hi] if upd is not None else None, skipped,
+            **({"correction": cf[lo:hi]} if cf is not None else {}),
         )
         opt.skip_counter.add_blocks([settings.name], skipped)
 
@@ -213,7 +234,8 @@ def update(opt: Optimizer8bit, p, state: dict, settings: ParamSettings, step: in
         """(new outputs, per-value non-finite flag, new states) of local ``[lo, hi)``; nothing written."""
         olds = [_dequant(codes[i][lo:hi], absmax[i], qmaps[i], blocks, state_floored(opt.rule, i))
                 for i in range(n_states)]
-        out, s1, s2 = apply_rule(Rule(opt.rule), pf[lo:hi].float(), gf[lo:hi].float(), olds[0],
+        master = decode_master(pf[lo:hi], cf[lo:hi]) if cf is not None else pf[lo:hi].float()
+        out, s1, s2 = apply_rule(Rule(opt.rule), master, gf[lo:hi].float(), olds[0],
                                  olds[1] if n_states == 2 else None, scalars, flags)
         news = [s1, s2][:n_states]
         bad = ~torch.isfinite(out)
@@ -242,7 +264,8 @@ def update(opt: Optimizer8bit, p, state: dict, settings: ParamSettings, step: in
         if hi > lo:
             kernel(lo - g0, hi - g0, lo // B - lay.b0, num_blocks(hi, B) - lay.b0)
         jobs = [[] for _ in range(n_states)]
-        outs = EdgeOutputs(target, [], upd is not None, copy_back, settings.name, opt.skip_counter)
+        outs = EdgeOutputs(target, [], upd is not None, copy_back, settings.name, opt.skip_counter,
+                           cf if upd is None else None)
         for a, b, blk in pieces:
             out, bad, news = spec(a - g0, b - g0, blk - lay.b0)
             outs.values.append(out)
@@ -256,7 +279,8 @@ def update(opt: Optimizer8bit, p, state: dict, settings: ParamSettings, step: in
 
         index = lay.global_index().to(p_local.device) // lay.block
         out, bad, news = spec(0, n, index)
-        outs = EdgeOutputs(target, [out], upd is not None, copy_back, settings.name, opt.skip_counter)
+        outs = EdgeOutputs(target, [out], upd is not None, copy_back, settings.name, opt.skip_counter,
+                           cf if upd is None else None)
         first = dist.get_rank(lay.group) == 0  # every block is shared: one rank counts
         for i in range(n_states):
             batch.add(EdgeJob(lay, codes[i], absmax[i], qmaps[i], [EdgePiece(0, n, 0, news[i], bad, first)], index,

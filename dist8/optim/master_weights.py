@@ -45,15 +45,14 @@ def _requested(opt: Optimizer8bit) -> int | None:
 
 
 def check_applies(opt: Optimizer8bit) -> None:
-    """ValueError naming ``master_weight_bits`` when it is set but no parameter is bf16/fp16, or
-    the parameters are DTensors (FSDP2: not wired yet)."""
+    """ValueError naming ``master_weight_bits`` when it is set but no parameter is bf16/fp16.
+
+    DTensor (FSDP2) parameters keep the correction of their local shard (elementwise, so exact):
+    :mod:`dist8.optim.dtensor_update` passes it to the kernel and decodes/encodes the shard-edge blocks."""
     bits = _requested(opt)
     if bits is None:
         return
     params = [p for group in opt.param_groups for p in group["params"]]
-    if opt.uses_dtensor or any(dtl.is_dtensor(p) for p in params):
-        raise ValueError(f"master_weight_bits={bits} is not supported with DTensor (FSDP2) parameters yet; "
-                         "use master_weight_bits=None")
     if not any(p.dtype in HALF_DTYPES for p in params):
         raise ValueError(f"master_weight_bits={bits} needs bfloat16/float16 parameters, but all parameters are "
                          "float32 (their own master); cast the model (dist8.cast_model) or use master_weight_bits=None")
@@ -68,12 +67,13 @@ def sync_correction(p: torch.Tensor, state: dict[str, Any], want: torch.dtype | 
         if have is not None:
             del state[CORRECTION]
         return
+    p = dtl.local(p.detach())  # a DTensor keeps the correction of its local shard
     if have is None:
         state[CORRECTION] = torch.zeros(p.shape, dtype=want, device=p.device)
     elif have.dtype != want:
         bits = 24 if want == torch.int8 else 32
-        new_p, state[CORRECTION] = encode_master(decode_master(p.detach(), have), p.dtype, bits)
-        p.detach().copy_(new_p)
+        new_p, state[CORRECTION] = encode_master(decode_master(p, have), p.dtype, bits)
+        p.copy_(new_p)
 
 
 def master_value(p: torch.Tensor, correction: torch.Tensor | None) -> torch.Tensor:

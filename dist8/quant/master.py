@@ -72,6 +72,7 @@ __all__ = [
     "correction_unit",
     "decode_master",
     "encode_master",
+    "encode_master_exact",
     "exponent_of",
     "master_format",
 ]
@@ -171,3 +172,28 @@ def decode_master(param: torch.Tensor, correction: torch.Tensor, master_weight_b
         )
     exact = param.double() + correction.double() * correction_unit(param, fmt)  # exact in float64
     return torch.where(correction == 0, param.float(), exact.float())  # one rounding to fp32
+
+
+def encode_master_exact(master: torch.Tensor, param_dtype: torch.dtype, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`encode_master`, but exact for every value a (param, correction) pair decodes to.
+
+    ``encode_master`` rounds the parameter to nearest-even. A pair with correction ``-Q`` decodes to the
+    midpoint below its parameter; re-encoding that midpoint can pick the lower, even neighbour, whose
+    correction ``+Q`` clamps to ``Q - 1`` (one unit lost, within the documented bound). Where that happens
+    the upper neighbour with ``-Q`` is taken instead, so exported fp32 masters load back bit for bit.
+    """
+    param, correction = encode_master(master, param_dtype, bits)
+    fmt = master_format(param_dtype, bits)
+    lost = (correction == fmt.q - 1) & (decode_master(param, correction, bits) != master)
+    if bool(lost.any()):
+        # a clamped +Q means the master lies above the parameter: the neighbour toward +inf
+        up = torch.nextafter(param[lost], torch.full_like(param[lost], float("inf")))
+        up_correction = torch.round((master[lost].double() - up.double()) / correction_unit(up, fmt))
+        ok = (up_correction >= -fmt.q) & (up_correction < fmt.q)
+        up_correction = up_correction.clamp(-fmt.q, fmt.q - 1).to(fmt.correction_dtype)
+        ok &= decode_master(up, up_correction, bits) == master[lost]
+        idx = lost.nonzero(as_tuple=True)
+        sel = tuple(i[ok] for i in idx)
+        param[sel] = up[ok]
+        correction[sel] = up_correction[ok]
+    return param, correction

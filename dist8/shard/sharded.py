@@ -17,6 +17,7 @@ from dist8.optim import AdamW8bit
 from dist8.optim.base import Optimizer8bit
 from dist8.optim.config import GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, split_named_params
 from dist8.optim.hooks import load_state_dict_with_hooks, state_dict_with_hooks
+from dist8.optim.state_schema import CORRECTION, is_state_key
 from dist8.shard.grads import GradBuckets
 from dist8.shard.layout import BlockLayout
 from dist8.quant import DEFAULT_BLOCK_SIZE
@@ -42,7 +43,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     Parameters become views into one flat buffer (so the all-gather after each
     step writes them in place). bf16/fp16 parameters get an fp32 master copy of
-    the owned range on the owning rank only.
+    the owned range on the owning rank only (4 bytes per owned value), or, with
+    ``master_weight_bits=24|32``, the inner optimizer's int8/int16 correction of
+    the owned range (1 or 2 bytes per owned value; laid out and partitioned like
+    the other state, saved and re-sliced by :mod:`dist8.checkpoint`); the step is
+    then bitwise the unsharded optimizer's with the same option.
     """
 
     def __init__(
@@ -102,7 +107,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.rank_ranges = [(a * B, b * B) for a, b in self.layout.block_ranges(self.world_size)]
         self.shard_lo, self.shard_hi = self.rank_ranges[self.rank]
         self.master = None
-        if self.dtype != torch.float32:
+        # bf16/fp16 parameters: an fp32 master copy of the owned range, unless master_weight_bits keeps an
+        # int8/int16 correction per owned value instead (inner optimizer state, partitioned like the rest).
+        self.master_weight_bits = self._master_weight_bits(groups, defaults)
+        if self.dtype != torch.float32 and self.master_weight_bits is None:
             self.master = self.flat_param[self.shard_lo : self.shard_hi].float()
         self.pieces = self.layout.pieces(self.rank, self.world_size)
 
@@ -151,6 +159,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
             if getattr(p, "_is_flat_param", False) or type(p).__name__ == "DTensor":
                 raise TypeError(f"parameter {name} is already sharded ({type(p).__name__}); use the dist8 optimizer "
                                 "directly with FSDP2 instead of ShardedOptimizer")
+
+    @staticmethod
+    def _master_weight_bits(groups: list[dict[str, Any]], defaults: dict[str, Any]) -> int | None:
+        """The groups' ``master_weight_bits`` (None: no correction); one value for all groups, or an error."""
+        values = {g.get("master_weight_bits", defaults.get("master_weight_bits")) for g in groups}
+        if len(values) > 1:
+            raise ValueError(f"ShardedOptimizer needs one master_weight_bits for all parameter groups, got "
+                             f"{sorted(values, key=str)}; a rank's range mixes the groups' parameters")
+        return values.pop()
 
     def _check_same_layout_on_all_ranks(self) -> None:
         if self.world_size == 1:
@@ -349,7 +366,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     # ---- introspection and state ------------------------------------------------------
     def state_nbytes(self) -> int:
-        """Bytes of optimizer state on this rank (codes, absmax, 32-bit state, fp32 master)."""
+        """Bytes of optimizer state on this rank (codes, absmax, 32-bit state, correction, fp32 master)."""
         master = self.master.numel() * 4 if self.master is not None else 0
         return self.inner.state_nbytes() + master
 
@@ -413,13 +430,50 @@ class ShardedOptimizer(torch.optim.Optimizer):
             group.update(saved)
 
     def load_shard_state(self, shard_state: dict[int, dict[str, Any]]) -> None:
-        """Install per-piece state (global parameter index -> state); checks shapes via the inner optimizer."""
+        """Install per-piece state (global parameter index -> state); checks shapes (and the correction's
+        dtype against ``master_weight_bits``) via the inner optimizer."""
+        group_of = {view: g for g in self.inner.param_groups for view in g["params"]}
         for piece, view in zip(self.pieces, self._piece_views):
             st = shard_state.get(piece.param)
             if st is None:
                 self.inner.state.pop(view, None)
                 continue
-            self.inner.state[view] = self.inner.check_state(view, st)
+            correction = self.inner.settings(view, group_of[view]).correction
+            self.inner.state[view] = self.inner.check_state(view, st, correction=correction)
+
+    @torch.no_grad()
+    def load_fp32_master(self, weights: dict[int, torch.Tensor]) -> None:
+        """Set parameters (global index -> fp32 tensor of its shape) from fp32 master values; collective.
+
+        Each rank encodes its owned pieces and then every rank's range is broadcast, as after a step.
+        bf16/fp16 parameters with ``master_weight_bits``: the owned parameter values and corrections
+        are :func:`dist8.quant.master.encode_master_exact` of the masters, so the next step continues
+        from the fp32 values; with the fp32 master copy, the owned range of the copy takes them; fp32
+        parameters take them as they are. Other state is kept (fresh state created where there was none).
+        """
+        from dist8.quant.master import encode_master, encode_master_exact
+
+        group_of = {view: g for g in self.inner.param_groups for view in g["params"]}
+        for piece, view in zip(self.pieces, self._piece_views):
+            if piece.param not in weights:
+                continue
+            master = weights[piece.param].reshape(-1)[piece.start : piece.stop].float().contiguous()
+            start = self._ranges[piece.param][0] + piece.start
+            settings = self.inner.settings(view, group_of[view])
+            rounded, correction = master, None
+            if settings.correction is not None:
+                bits = 24 if settings.correction == torch.int8 else 32
+                rounded, correction = encode_master_exact(master, self.dtype, bits)
+            elif self.dtype != torch.float32:  # round to nearest even, saturating
+                rounded = encode_master(master, self.dtype, 24)[0]
+            self.flat_param[start : start + piece.numel].copy_(rounded)
+            if settings.correction is not None:
+                if not self.inner.state.get(view):
+                    self.inner.state[view] = self.inner.init_state(view, settings)
+                self.inner.state[view][CORRECTION] = correction
+            elif self.master is not None:
+                view.copy_(master)
+        self._all_gather_params()
 
     def consolidated_state_dict(self, dst: int = 0) -> dict[str, Any] | None:
         """The full state on rank ``dst`` (``None`` elsewhere), in the unsharded optimizer's format.
@@ -441,7 +495,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         for i, st in full.items():
             p = self.params[i]
             state[index_of[p]] = {
-                k: (v.view(p.shape) if k.startswith("state") else v) for k, v in st.items()
+                k: (v.view(p.shape) if is_state_key(k) or k == CORRECTION else v) for k, v in st.items()
             }
         groups = [dict({k: v for k, v in g.items() if k != "params"}, params=[index_of[p] for p in g["params"]])
                   for g in self.param_groups]

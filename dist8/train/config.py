@@ -1,4 +1,4 @@
-"""Training configuration: YAML -> validated dataclasses.
+"""Training configuration: YAML -> validated dataclasses (one concern: the schema and its checks).
 
 Every section is a dataclass; unknown keys, wrong types and impossible values
 raise :class:`ConfigError` with a one-line message that names the key (and,
@@ -27,6 +27,7 @@ __all__ = [
     "OutputConfig",
     "ShardingConfig",
     "TrainConfig",
+    "MODEL_DTYPES",
     "SHARDING_MODES",
     "apply_overrides",
     "applicable_optimizer_args",
@@ -35,6 +36,7 @@ __all__ = [
     "load_config",
 ]
 
+MODEL_DTYPES = ("fp32", "bf16", "fp16")
 SHARDING_MODES = ("ddp", "dist8-zero1", "dist8-zero2", "fsdp2", "deepspeed")
 TORCH_OPTIMIZERS = ("torch.adamw", "torch.adam", "torch.sgd")
 
@@ -50,6 +52,7 @@ class ModelConfig:
     d_model: int = 128
     seq_len: int = 128
     stable_embedding: bool = True
+    dtype: str = "fp32"  # parameter dtype: fp32 | bf16 | fp16 (dist8.cast_model; norm layers stay fp32)
 
 
 @dataclass
@@ -75,6 +78,8 @@ class TrainConfig:
     eval_every: int = 200
     eval_batches: int = 8
     log_every: int = 10
+    # Step each parameter inside backward and free its gradient (dist8.gradient_release).
+    gradient_release: bool = False
     # Test-only fault injection: rank ``fault_rank`` SIGKILLs itself right after
     # step ``fault_kill_step`` (first attempt only: TORCHELASTIC_RESTART_COUNT == 0).
     fault_kill_step: int | None = None
@@ -229,9 +234,42 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key train.precision must be fp32 or bf16, got {t.precision!r}")
     if s.mode not in SHARDING_MODES:
         raise ConfigError(f"config key sharding.mode: unknown mode {s.mode!r}; valid modes: {', '.join(SHARDING_MODES)}")
+    if m.dtype not in MODEL_DTYPES:
+        raise ConfigError(f"config key model.dtype must be one of {', '.join(MODEL_DTYPES)}; got {m.dtype!r}")
+    if t.gradient_release:
+        check_gradient_release(cfg)
     if c.every < 0 or c.keep < 1:
         raise ConfigError(f"config keys checkpoint.every (>= 0) / checkpoint.keep (>= 1) out of range: {c.every}, {c.keep}")
-    check_optimizer(o.name, o.args)
+    check_optimizer(o.name, o.args, m.dtype)
+
+
+def check_gradient_release(cfg: Config) -> None:
+    """Refuse, naming the key, what ``train.gradient_release`` cannot do (see :mod:`dist8.optim.release`).
+
+    DDP at world size > 1 is refused when the engine is built (the world size is not known here).
+    """
+    t, s, o, m = cfg.train, cfg.sharding, cfg.optimizer, cfg.model
+    why = "each parameter is stepped inside backward and its gradient freed"
+    if t.grad_accum > 1:
+        raise ConfigError(f"config key train.grad_accum={t.grad_accum} is incompatible with train.gradient_release "
+                          f"({why}: no gradient is left to accumulate); set train.grad_accum: 1")
+    if t.clip > 0:
+        raise ConfigError(f"config key train.clip={t.clip} (a global gradient-norm clip) is incompatible with "
+                          f"train.gradient_release ({why} before any global norm exists); set train.clip: 0 "
+                          "(optimizer.args.percentile_clipping clips per parameter)")
+    if m.dtype == "fp16":
+        raise ConfigError("config key model.dtype=fp16 needs loss scaling (GradScaler), which is incompatible with "
+                          "train.gradient_release (parameters step with unchecked scaled gradients); use model.dtype: bf16")
+    if s.mode == "deepspeed":
+        raise ConfigError("config key sharding.mode=deepspeed is incompatible with train.gradient_release (DeepSpeed "
+                          "owns backward and the step); use sharding.mode fsdp2")
+    if s.mode in ("dist8-zero1", "dist8-zero2"):
+        raise ConfigError(f"config key sharding.mode={s.mode} is incompatible with train.gradient_release "
+                          "(ShardedOptimizer keeps a flat gradient buffer, so nothing would be freed); use sharding.mode "
+                          "fsdp2 (or ddp on one process)")
+    if is_torch_optimizer(o.name):
+        raise ConfigError(f"config key optimizer.name={o.name} is incompatible with train.gradient_release "
+                          "(it needs a dist8 optimizer)")
 
 
 def optimizer_class(name: str) -> type:
@@ -250,14 +288,25 @@ def optimizer_class(name: str) -> type:
         raise ConfigError(f"config key optimizer.name: unknown optimizer {name!r}; valid names: {valid}") from None
 
 
-def check_optimizer(name: str, args: dict[str, Any]) -> None:
-    """Fail early on a bad optimizer name or arguments by building it on a dummy parameter."""
+def torch_dtype(name: str) -> Any:
+    """The torch dtype of ``model.dtype`` (``fp32`` / ``bf16`` / ``fp16``)."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def check_optimizer(name: str, args: dict[str, Any], model_dtype: str = "fp32") -> None:
+    """Fail early on a bad optimizer name or arguments by building it on a dummy parameter.
+
+    The dummy has the model's parameter dtype, so arguments that depend on it
+    (``master_weight_bits`` needs bf16/fp16 parameters) are checked by the optimizer itself.
+    """
     import torch
 
     cls = optimizer_class(name)
     if "lr" in args:
         raise ConfigError("config key optimizer.args.lr: set the learning rate with train.lr (the schedule drives it)")
-    dummy = torch.zeros(4, requires_grad=True)
+    dummy = torch.zeros(4, dtype=torch_dtype(model_dtype), requires_grad=True)
     params = [("dummy", dummy)]
     if is_torch_optimizer(name):  # arguments that do not apply are dropped (fit_to_optimizer)
         params, args = [dummy], applicable_optimizer_args(cls, args)[0]

@@ -46,6 +46,8 @@ class Engine:
     # backward(loss) unscaled and step() after every micro-batch, and reads the
     # gradient norm after step().
     owns_accumulation: bool = False
+    # dist8.gradient_release handle when train.gradient_release is on (step/zero_grad are no-ops then).
+    release: Any = None
 
     def __post_init__(self) -> None:
         if self.step is None:
@@ -117,7 +119,25 @@ def check_mode_available(cfg: Config) -> None:
 
 
 def build_engine(cfg: Config, model: nn.Module, device: torch.device) -> Engine:
-    """Wrap ``model`` (already on ``device``) and build the optimizer for ``cfg.sharding.mode``."""
+    """Wrap ``model`` (already on ``device``) and build the optimizer for ``cfg.sharding.mode``.
+
+    With ``train.gradient_release`` the optimizer steps each parameter inside backward
+    (:func:`dist8.gradient_release`); the loop's ``step``/``zero_grad`` calls become no-ops.
+    """
+    engine = _build_engine(cfg, model, device)
+    if cfg.train.gradient_release:
+        if isinstance(engine.model, nn.parallel.DistributedDataParallel):
+            raise ConfigError("config key train.gradient_release is incompatible with sharding.mode ddp on several "
+                              "ranks (DDP averages gradients after the hooks would step); use sharding.mode fsdp2")
+        from dist8.optim.release import gradient_release
+
+        engine.release = gradient_release(engine.raw_model, engine.optimizer)
+        engine.step = engine.optimizer.step  # the released (no-op) step
+        engine.description += " + gradient release"
+    return engine
+
+
+def _build_engine(cfg: Config, model: nn.Module, device: torch.device) -> Engine:
     mode = cfg.sharding.mode
     opt_cls = optimizer_class(cfg.optimizer.name)
     opt_args = dict(cfg.optimizer.args)
@@ -169,7 +189,12 @@ def _adapter_fsdp2(cfg: Config, model: nn.Module, opt_cls, opt_args, device) -> 
     optimizer directly on the DTensor parameters (it updates the local shards).
     Checkpoints go through ``fsdp.save_dcp`` / ``load_dcp`` (see :mod:`dist8.train.checkpointing`)."""
     from dist8.integrations import fsdp
+    from dist8.nn.cast import NORM_LAYERS
 
+    if cfg.model.dtype != "fp32":  # FSDP2 groups need one dtype: the norm layers (kept fp32) get their own
+        for module in model.modules():
+            if isinstance(module, NORM_LAYERS):
+                fsdp.fully_shard(module)
     for block in model.blocks:
         fsdp.fully_shard(block)
     fsdp.fully_shard(model)

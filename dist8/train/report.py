@@ -96,6 +96,8 @@ def run_summary(path: str | os.PathLike, records: list[dict[str, Any]], attempt:
     )
     if records and records[-1].get("opt_state_bytes_per_rank") is not None:
         summary["opt_state_bytes_per_rank"] = records[-1]["opt_state_bytes_per_rank"]
+    if records and records[-1].get("memory_bytes_per_rank") is not None:
+        summary["memory_bytes_per_rank"] = records[-1]["memory_bytes_per_rank"]
     return summary
 
 
@@ -120,23 +122,38 @@ def plot_run(records: list[dict[str, Any]], summary: dict[str, Any], path: str |
     ax_loss.set_title(f"{summary.get('optimizer')} / {summary.get('mode')} x{summary.get('world_size')}")
     ax_loss.grid(alpha=0.3)
     ax_loss.legend()
-    mib = 2**20
-    bars = {
-        "optimizer state\n(this rank)": summary.get("opt_state_bytes_per_rank", 0) / mib,
-        "fp32 Adam state\n(unsharded, est.)": 8 * summary.get("params", 0) / mib,
-        "peak memory\n(rank 0)": summary.get("peak_mem_bytes", 0) / mib,
-    }
-    ax_mem.bar(list(bars), list(bars.values()), color=["tab:green", "tab:gray", "tab:blue"])
-    for i, v in enumerate(bars.values()):
-        ax_mem.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
-    ax_mem.set_ylabel("MiB")
-    ax_mem.set_yscale("log")
-    ax_mem.set_title("memory")
-    ax_mem.tick_params(axis="x", labelsize=7)
+    _plot_memory(ax_mem, summary)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
+
+
+_MEMORY_COLORS = {"params": "tab:blue", "grads": "tab:orange", "correction": "tab:purple", "master": "tab:brown",
+                  "optimizer_state": "tab:green"}
+
+
+def _plot_memory(ax: Any, summary: dict[str, Any]) -> None:
+    """Stacked bars, bytes per parameter: this run's rank 0 (tensor accounting) next to fp32 AdamW."""
+    n = max(1, summary.get("params", 0))
+    mem = summary.get("memory_bytes_per_rank") or {}
+    this = {k: mem.get(k, 0) / n for k in _MEMORY_COLORS}
+    if not mem:  # an old run without the breakdown: its optimizer state only
+        this["optimizer_state"] = summary.get("opt_state_bytes_per_rank", 0) / n
+    fp32 = {"params": 4.0, "grads": 4.0, "correction": 0.0, "master": 0.0, "optimizer_state": 8.0}
+    for i, column in enumerate((this, fp32)):
+        bottom = 0.0
+        for key, color in _MEMORY_COLORS.items():
+            if column[key]:
+                ax.bar(i, column[key], bottom=bottom, color=color, label=key.replace("_", " "))
+                bottom += column[key]
+        ax.text(i, bottom, f"{bottom:.2f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks([0, 1], ["this run\n(rank 0)", "fp32 AdamW\n(unsharded)"], fontsize=7)
+    ax.set_ylabel("bytes per parameter")
+    ax.set_title(f"memory (peak RSS {summary.get('peak_mem_bytes', 0) / 2**20:.0f} MiB)", fontsize=9)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=7)
 
 
 def _fmt_bytes(n: float) -> str:

@@ -23,9 +23,11 @@ import torch
 import torch.distributed as dist
 
 from dist8.train.checkpointing import Checkpointer
-from dist8.train.config import Config, ConfigError, config_to_dict, fit_to_optimizer
+from dist8.nn.cast import cast_model
+from dist8.train.config import Config, ConfigError, config_to_dict, fit_to_optimizer, torch_dtype
 from dist8.train.data import load_corpus, sample_seed
 from dist8.train.engine import Engine, build_engine, optimizer_state_nbytes
+from dist8.train.memory import memory_breakdown
 from dist8.train.model import GPT, GPTConfig
 from dist8.train.report import (MetricsWriter, peak_memory_bytes, plot_run, read_metrics, run_summary,
                                 summary_table)
@@ -186,6 +188,8 @@ def _train(cfg: Config, resume, stop_at, run_name, rank, world, device) -> int:
     torch.manual_seed(t.seed)
     model = GPT(GPTConfig(n_layer=cfg.model.n_layer, n_head=cfg.model.n_head, d_model=cfg.model.d_model,
                           seq_len=cfg.model.seq_len, stable_embedding=cfg.model.stable_embedding)).to(device)
+    if cfg.model.dtype != "fp32":
+        cast_model(model, torch_dtype(cfg.model.dtype))  # norm layers stay (and compute in) fp32
     n_params = model.num_params()
     engine = build_engine(cfg, model, device)
     _say(rank, f"{run_name}: {n_params:,} parameters, {engine.description}, optimizer {cfg.optimizer.name}, "
@@ -252,6 +256,8 @@ def _train(cfg: Config, resume, stop_at, run_name, rank, world, device) -> int:
                 loss_sum += loss.detach().double()
             if engine.owns_accumulation:
                 grad_norm = engine.clip_grad_norm(t.clip)
+            elif engine.release is not None:  # stepped inside backward; no gradient is left to measure
+                grad_norm = None
             else:
                 grad_norm = engine.clip_grad_norm(t.clip)
                 engine.step()
@@ -286,6 +292,8 @@ def _train(cfg: Config, resume, stop_at, run_name, rank, world, device) -> int:
                     "tokens_per_s": tps,
                     "opt_state_bytes_per_rank": optimizer_state_nbytes(engine.optimizer),
                     "peak_mem_bytes": peak_memory_bytes(device),
+                    "memory_bytes_per_rank": memory_breakdown(engine.raw_model, engine.optimizer,
+                                                              gradient_release=engine.release is not None),
                 }
                 window_time, window_steps = 0.0, 0
                 if metrics is not None:

@@ -1,0 +1,94 @@
+"""fp32 master weights in and out of a bf16/fp16 model trained with ``master_weight_bits``.
+
+Out: ``dist8 ckpt consolidate CKPT OUT --fp32-weights`` writes ``OUT/model-fp32.safetensors``
+(:func:`dist8.checkpoint.convert.fp32_weights`: ``decode_master(param, correction)``).
+
+In: :func:`load_fp32_weights` loads fp32 weights (such a file, a Hugging Face export, a
+``state_dict``) into a model whose parameters are bf16/fp16 and whose dist8 optimizer keeps a
+correction: each parameter and its correction become ``encode_master_exact(weight)``
+(:mod:`dist8.quant.master`), so training continues from the fp32 value (to the master's error
+bound) rather than from the rounded bf16 one. A round trip
+``consolidate --fp32-weights`` -> ``load_fp32_weights`` restores every fp32 master value bitwise (the
+(parameter, correction) pairs too, except where two pairs decode to the same value).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from dist8.checkpoint.format import CheckpointError
+from dist8.checkpoint.reader import read_model_tensors
+from dist8.optim.base import Optimizer8bit
+from dist8.optim.state_schema import CORRECTION
+from dist8.quant.master import encode_master, encode_master_exact
+from dist8.shard import ShardedOptimizer
+
+__all__ = ["load_fp32_weights"]
+
+
+@torch.no_grad()
+def load_fp32_weights(source: str | os.PathLike | dict[str, torch.Tensor], model: torch.nn.Module,
+                      optimizer: Optimizer8bit | ShardedOptimizer | None = None, *, strict: bool = True) -> None:
+    """Load fp32 weights into ``model``, re-encoding the master-weight correction of ``optimizer``.
+
+    Args:
+        source: a safetensors file (e.g. ``model-fp32.safetensors``) or a ``{name: tensor}`` dict
+            keyed like ``model.state_dict()``.
+        model: the model (bf16/fp16 parameters, fp32 norm layers: any mix).
+        optimizer: the model's dist8 optimizer or :class:`dist8.ShardedOptimizer` (same parameters).
+            Parameters whose settings keep a correction (``master_weight_bits``) get
+            ``encode_master(weight)``: the rounded parameter and its correction; others take the
+            weight cast to their dtype. None: every parameter is cast (the fp32 remainder is lost).
+        strict: refuse missing or unexpected names (default True); shapes must always match.
+
+    Raises :class:`CheckpointError` (one line naming the file and tensor) before changing anything.
+    Call it on every rank with the same weights (parameters are replicated under
+    ``ShardedOptimizer``; each rank encodes the correction of its own pieces). DTensor (FSDP2)
+    parameters are not supported yet.
+    """
+    where = str(source) if not isinstance(source, dict) else "fp32 weights"
+    tensors = read_model_tensors(Path(source)) if not isinstance(source, dict) else dict(source)
+    own = model.state_dict()
+    problems = [f"{n} has shape {tuple(t.shape)}, the model has {tuple(own[n].shape)}"
+                for n, t in tensors.items() if n in own and tuple(t.shape) != tuple(own[n].shape)]
+    problems += [f"{n} is {t.dtype}, not a floating-point tensor" for n, t in tensors.items()
+                 if n in own and own[n].is_floating_point() and not t.is_floating_point()]
+    if strict:
+        problems += [f"model tensor {n} is missing" for n in own if n not in tensors]
+        problems += [f"{n} is not a tensor of the model" for n in tensors if n not in own]
+    if problems:
+        raise CheckpointError(f"{where}: " + "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else ""))
+    params = dict(model.named_parameters())
+    if any(hasattr(p, "to_local") for p in params.values()):
+        raise CheckpointError(f"{where}: load_fp32_weights does not support DTensor (FSDP2) parameters yet")
+    if isinstance(optimizer, ShardedOptimizer):
+        index = {id(p): i for i, p in enumerate(optimizer.params)}
+        optimizer.load_fp32_master({index[id(p)]: tensors[n] for n, p in params.items()
+                                    if n in tensors and id(p) in index})
+        done = {n for n, p in params.items() if id(p) in index}
+    else:
+        done = set()
+        group_of = {p: g for g in (optimizer.param_groups if optimizer is not None else []) for p in g["params"]}
+        for n, p in params.items():
+            if n not in tensors or p not in group_of:
+                continue
+            settings = optimizer.settings(p, group_of[p])
+            w = tensors[n].float().contiguous()
+            if settings.correction is None:
+                continue
+            bits = 24 if settings.correction == torch.int8 else 32
+            rounded, correction = encode_master_exact(w, p.dtype, bits)
+            p.copy_(rounded)
+            if not optimizer.state.get(p):
+                optimizer.state[p] = optimizer.init_state(p, settings)
+            optimizer.state[p][CORRECTION] = correction.to(p.device)
+            done.add(n)
+    for n, t in tensors.items():
+        if n in own and n not in done:
+            target = own[n]
+            value = t.float() if target.is_floating_point() else t
+            if target.dtype in (torch.bfloat16, torch.float16):  # round to nearest, saturating like encode
+                value = encode_master(value.contiguous(), target.dtype, 24)[0]
+            target.copy_(value)

@@ -1,0 +1,158 @@
+"""master_weight_bits on FSDP2 (DTensor) parameters: the local shard's correction, bitwise the unsharded
+optimizer's on uneven Shard(0) (shard-edge blocks) and Shard(1) (strided) placements, with gradient
+release, and through full and plain <-> FSDP2 state dicts."""
+import zlib
+
+import pytest
+import torch
+from torch import nn
+
+import dist8
+from dist8.optim.state_schema import CORRECTION
+from dist_utils import run_ranks
+from fsdp_utils import assert_same_params, assert_same_state, full_params, mesh_of
+from fsdp_utils import full_state as _full_state
+
+
+def full_state(opt):
+    """fsdp_utils.full_state, gathering an int16 correction as int32 (gloo has no int16 collectives)."""
+    saved = {}
+    for st in opt.state.values():
+        c = st.get(CORRECTION)
+        if c is not None and c.dtype == torch.int16:
+            saved[id(st)] = c
+            st[CORRECTION] = c.to(torch.int32)
+    try:
+        out = _full_state(opt)
+    finally:
+        for st in opt.state.values():
+            if id(st) in saved:
+                st[CORRECTION] = saved[id(st)]
+    for st in out.values():
+        if st.get(CORRECTION) is not None and st[CORRECTION].dtype == torch.int32:
+            st[CORRECTION] = st[CORRECTION].to(torch.int16)
+    return out
+
+OPTS = {
+    "AdamW8bit": (dist8.AdamW8bit, dict(lr=1e-2, weight_decay=0.1)),
+    "Lion8bit": (dist8.Lion8bit, dict(lr=1e-3, weight_decay=0.1)),
+    "SGD8bit": (dist8.SGD8bit, dict(lr=1e-2, momentum=0.9)),
+    "LAMB8bit": (dist8.LAMB8bit, dict(lr=1e-2, weight_decay=0.01)),
+}
+
+
+class Wide(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.a = nn.Linear(100, 33)  # weight (33, 100): 17/16 rows, a shard edge inside a block
+        self.b = nn.Linear(34, 70, bias=False)  # weight (70, 34), sharded on dim 1: strided local elements
+        self.c = nn.Parameter(torch.randn(5000))
+
+
+def _grad(name, shape, step):
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{name}/{step}".encode()))
+    return torch.randn(shape, generator=gen).to(torch.bfloat16)
+
+
+def _sharded_model(mesh):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    model = Wide().to(torch.bfloat16)
+    fully_shard(model, mesh=mesh, shard_placement_fn=lambda p: Shard(1) if p.shape == (70, 34) else Shard(0))
+    return model
+
+
+def _worker(rank, world_size):
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh = mesh_of(world_size)
+    out = {}
+    for name, (cls, kw) in OPTS.items():
+        for bits in (24, 32):
+            model = _sharded_model(mesh)
+            ref = {n: nn.Parameter(p.clone()) for n, p in full_params(model).items()}
+            kw2 = dict(kw, min_8bit_size=0, master_weight_bits=bits)
+            opt = cls(model.named_parameters(), **kw2)
+            ref_opt = cls(list(ref.items()), **kw2)
+            for step in range(4):
+                for n, p in model.named_parameters():
+                    g = _grad(n, tuple(p.shape), step)
+                    p.grad = distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None)
+                    ref[n].grad = g.clone()
+                opt.step()
+                ref_opt.step()
+                opt.zero_grad()
+                ref_opt.zero_grad()
+                if name != "LAMB8bit":
+                    assert_same_params(full_params(model), {n: p.detach() for n, p in ref.items()}, f"{name}/{bits}")
+            if name == "LAMB8bit":  # trust-ratio norms summed across ranks: equal to float64 rounding
+                for n, p in full_params(model).items():
+                    torch.testing.assert_close(p.float(), ref[n].detach().float(), rtol=1e-2, atol=1e-3)
+                continue
+            expected = full_state(ref_opt)
+            assert all(st[CORRECTION].dtype == (torch.int8 if bits == 24 else torch.int16) for st in expected.values())
+            assert_same_state(full_state(opt), expected, f"{name}/{bits}")
+            if name == "AdamW8bit" and bits == 24:
+                out["local_correction"] = {n: tuple(opt.state[p][CORRECTION].shape) for n, p in model.named_parameters()}
+                _interop(model, opt, ref, ref_opt, mesh, cls, kw2)
+    out["release"] = _release(mesh)
+    return out
+
+
+def _interop(model, opt, ref, ref_opt, mesh, cls, kw):
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    expected = full_state(ref_opt)
+    full = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+    assert full["state"]["a.weight"][CORRECTION].shape == (33, 100)
+    m2 = _sharded_model(mesh)
+    o2 = cls(m2.named_parameters(), **kw)
+    set_optimizer_state_dict(m2, o2, full, options=StateDictOptions(full_state_dict=True))
+    assert_same_state(full_state(o2), expected, "full state dict round trip")
+    m3 = _sharded_model(mesh)
+    o3 = cls(m3.named_parameters(), **kw)
+    o3.load_state_dict(ref_opt.state_dict())  # unsharded -> FSDP2
+    assert_same_state(full_state(o3), expected, "unsharded -> FSDP2")
+    plain = cls(list({n: nn.Parameter(p.detach().clone()) for n, p in ref.items()}.items()), **kw)
+    plain.load_state_dict(opt.state_dict())  # FSDP2 -> unsharded
+    assert_same_state(full_state(plain), expected, "FSDP2 -> unsharded")
+
+
+def _release(mesh):
+    """Gradient release on an FSDP2 bf16 model with a 24-bit master == the normal step, bitwise."""
+    from torch.distributed.fsdp import fully_shard
+
+    results = []
+    for release in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(40, 64), nn.GELU(), nn.Linear(64, 40)).to(torch.bfloat16)
+        for layer in (model[0], model[2]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = dist8.AdamW8bit(model.named_parameters(), lr=1e-2, min_8bit_size=0, master_weight_bits=24)
+        handle = dist8.gradient_release(model, opt) if release else None
+        for step in range(3):
+            gen = torch.Generator().manual_seed(step)
+            x = torch.randn(8, 40, generator=gen).to(torch.bfloat16)
+            model(x).float().square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        if handle is not None:
+            handle.remove()
+        results.append((full_params(model), full_state(opt)))
+    assert_same_params(results[0][0], results[1][0], "gradient release")
+    assert_same_state(results[0][1], results[1][1], "gradient release")
+    return True
+
+
+def test_fsdp2_master_weights_exact(tmp_path):
+    results = run_ranks(_worker, 2, tmp_path=tmp_path)
+    for r in results:
+        assert r["release"]
+    # each rank holds the correction of its local shard only
+    assert results[0]["local_correction"]["a.weight"] == (17, 100)
+    assert results[1]["local_correction"]["a.weight"] == (16, 100)
+    assert results[0]["local_correction"]["b.weight"] == (70, 17)

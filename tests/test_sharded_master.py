@@ -1,0 +1,286 @@
+"""master_weight_bits with ShardedOptimizer and dist8.checkpoint (issue 19): the correction is partitioned
+like state (sharded == unsharded bitwise, stages 1 and 2), saved world-size independently (N -> M exact),
+validated on load, consolidated to fp32 weights, and re-encoded from fp32 weights."""
+import json
+import zlib
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import dist8
+import dist8.checkpoint as ckpt
+from dist8.checkpoint import CheckpointError
+from dist8.optim.state_schema import CORRECTION
+from dist8.quant.master import decode_master
+from dist8.shard import ShardedOptimizer
+from dist_utils import run_ranks
+
+SHAPES = {"a.weight": (33, 100), "a.bias": (33,), "b.weight": (7, 300), "c": (1,), "e": (513,)}
+KW = dict(lr=1e-2, weight_decay=0.1, min_8bit_size=0)
+STEPS = 6
+
+
+def make_model(dtype=torch.bfloat16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    model = torch.nn.Module()
+    for name, shape in SHAPES.items():
+        model.register_parameter(name.replace(".", "_"), torch.nn.Parameter(torch.randn(shape, generator=gen).to(dtype)))
+    return model
+
+
+def rank_grad(name, shape, rank, step, dtype=torch.bfloat16):
+    """Integers of at most 8 significant bits / 1024: exact in bf16, and so are their sums over 2 ranks."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{name}/{rank}/{step}".encode()))
+    return (torch.randint(-128, 128, shape, generator=gen).float() / 1024).to(dtype)
+
+
+def _backward(model, rank, step):
+    loss = sum((p.float() * rank_grad(n, p.shape, rank, step).float()).sum() for n, p in model.named_parameters())
+    loss.backward()
+
+
+def _set_mean_grads(model, world_size, step):
+    for n, p in model.named_parameters():
+        p.grad = (sum(rank_grad(n, p.shape, r, step).float() for r in range(world_size)) / world_size).to(p.dtype)
+
+
+def _sharded_run(rank, world_size, stage, bits, steps, first=0, model=None, opt=None):
+    model = model or make_model()
+    opt = opt or ShardedOptimizer(list(model.named_parameters()), dist8.AdamW8bit, stage=stage,
+                                  master_weight_bits=bits, **KW)
+    for step in range(first, first + steps):
+        opt.zero_grad()
+        if stage == 2:
+            _backward(model, rank, step)
+        else:
+            _set_mean_grads(model, world_size, step)
+        opt.step()
+    return model, opt
+
+
+def _reference(world_size, bits, steps):
+    model = make_model()
+    opt = dist8.AdamW8bit(list(model.named_parameters()), master_weight_bits=bits, **KW)
+    for step in range(steps):
+        _set_mean_grads(model, world_size, step)
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def _full_corrections(opt: ShardedOptimizer) -> dict[int, torch.Tensor]:
+    full = opt.consolidated_state_dict(dst=0)
+    return {i: st[CORRECTION].clone() for i, st in (full or {"state": {}})["state"].items()}
+
+
+def _sharded_results(rank, world_size, steps):
+    out = {}
+    for stage in (1, 2):
+        for bits in (24, 32):
+            model, opt = _sharded_run(rank, world_size, stage, bits, steps)
+            assert opt.master is None  # the correction replaces the fp32 master copy
+            out[(stage, bits)] = {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
+                                  "corrections": _full_corrections(opt), "nbytes": opt.state_nbytes()}
+    return out
+
+
+def test_sharded_equals_unsharded_bitwise_with_correction(tmp_path):
+    results = run_ranks(_sharded_results, 2, STEPS, tmp_path=tmp_path)
+    for (stage, bits), _ in results[0].items():
+        ref_model, ref_opt = _reference(2, bits, STEPS)
+        ref_params = list(ref_model.parameters())
+        for r in results:
+            for n, p in ref_model.named_parameters():
+                assert torch.equal(r[(stage, bits)]["params"][n], p.detach()), (stage, bits, n, "rank")
+        corrections = results[0][(stage, bits)]["corrections"]
+        for i, p in enumerate(ref_params):
+            ref_c = ref_opt.state[p][CORRECTION]
+            assert ref_c.dtype == (torch.int8 if bits == 24 else torch.int16)
+            assert torch.equal(corrections[i].view(p.shape), ref_c), (stage, bits, i)
+            assert bool((ref_c != 0).any())  # the correction is in use
+    # the correction is partitioned: int16 costs one byte more than int8 per value, each value on one rank
+    n = sum(torch.Size(s).numel() for s in SHAPES.values())
+    extra = [r[(2, 32)]["nbytes"] - r[(2, 24)]["nbytes"] for r in results]
+    assert sum(extra) == n and all(0 < e < n for e in extra), extra
+
+
+def test_sharded_refuses_mixed_master_weight_bits():
+    model = make_model()
+    params = list(model.named_parameters())
+    with pytest.raises(ValueError, match="one master_weight_bits for all parameter groups"):
+        ShardedOptimizer([{"params": params[:2], "master_weight_bits": 24}, {"params": params[2:]}],
+                         dist8.AdamW8bit, **KW)
+    with pytest.raises(ValueError, match="master_weight_bits=24 needs bfloat16/float16 parameters"):
+        ShardedOptimizer(list(make_model(torch.float32).named_parameters()), dist8.AdamW8bit,
+                         master_weight_bits=24, **KW)
+
+
+# ---- checkpoints: N -> M with the correction --------------------------------------------------
+def _save_sharded(rank, world_size, path):
+    model, opt = _sharded_run(rank, world_size, 2, 24, STEPS // 2)
+    ckpt.save(path, model, opt, step=STEPS // 2)
+    return None
+
+
+def _load_sharded_and_continue(rank, world_size, path):
+    model = make_model(seed=7)  # different weights: all must come from the checkpoint
+    opt = ShardedOptimizer(list(model.named_parameters()), dist8.AdamW8bit, stage=2, master_weight_bits=24, **KW)
+    ckpt.load(path, model, opt)
+    _sharded_run(rank, world_size, 2, 24, STEPS - STEPS // 2, first=STEPS // 2, model=model, opt=opt)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _plain_continue(model, opt, first, steps, world_size=2):
+    for step in range(first, first + steps):
+        _set_mean_grads(model, world_size, step)
+        opt.step()
+        opt.zero_grad()
+
+
+def test_checkpoint_2_to_1_and_back_is_exact_with_correction(tmp_path):
+    on2 = tmp_path / "on2"
+    run_ranks(_save_sharded, 2, str(on2), tmp_path=tmp_path)
+    meta = json.loads((on2 / "metadata.json").read_text())
+    assert all(p["state"].get(CORRECTION) == "int8" for p in meta["params"])
+    ref_model, _ = _reference(2, 24, STEPS)
+
+    # 2 -> 1: a plain optimizer on one process continues exactly
+    model = make_model(seed=7)
+    opt = dist8.AdamW8bit(list(model.named_parameters()), master_weight_bits=24, **KW)
+    ckpt.load(on2, model, opt)
+    assert all(st[CORRECTION].dtype == torch.int8 for st in opt.state.values())
+    on1 = tmp_path / "on1"
+    ckpt.save(on1, model, opt, step=STEPS // 2)
+    _plain_continue(model, opt, STEPS // 2, STEPS - STEPS // 2)
+    for (n, p), q in zip(ref_model.named_parameters(), model.parameters()):
+        assert torch.equal(p, q), n
+
+    # 1 -> 2: back onto two ranks of ShardedOptimizer
+    resumed = run_ranks(_load_sharded_and_continue, 2, str(on1), tmp_path=tmp_path)
+    for r in resumed:
+        for n, p in ref_model.named_parameters():
+            assert torch.equal(r[n], p.detach()), n
+
+
+def _one_process_checkpoint(tmp_path, bits=24):
+    model = make_model()
+    opt = dist8.AdamW8bit(list(model.named_parameters()), master_weight_bits=bits, **KW)
+    _plain_continue(model, opt, 0, 2)
+    path = tmp_path / "ck"
+    ckpt.save(path, model, opt, step=2)
+    return model, opt, path
+
+
+def test_correction_is_validated_on_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from dist8.checkpoint.format import file_entry, read_metadata, write_metadata
+
+    _, _, path = _one_process_checkpoint(tmp_path)
+    fname = "optim-00000-of-00001.safetensors"
+
+    def tamper(edit, meta_edit=None):
+        bad = tmp_path / f"bad{len(list(tmp_path.iterdir()))}"
+        import shutil
+
+        shutil.copytree(path, bad)
+        tensors = load_file(str(bad / fname))
+        edit(tensors)
+        save_file(tensors, str(bad / fname))
+        meta = read_metadata(bad)
+        meta["files"][fname] = file_entry(bad / fname)
+        if meta_edit:
+            meta_edit(meta)
+        write_metadata(bad, meta)
+        return bad
+
+    key = "a_weight::correction"
+    cases = [
+        (lambda t: t.__setitem__(key, t[key].float()), None, "tensor a_weight::correction has dtype float32, expected int8"),
+        (lambda t: t.__setitem__(key, t[key][:-1].clone()), None, "tensor a_weight::correction has shape [3299]"),
+        (lambda t: t.__setitem__(key, t[key].to(torch.int16)),
+         lambda m: m["params"][0]["state"].__setitem__("correction", "int16"), "correction"),
+    ]
+    for edit, meta_edit, expected in cases:
+        bad = tamper(edit, meta_edit)
+        model = make_model(seed=3)
+        opt = dist8.AdamW8bit(list(model.named_parameters()), master_weight_bits=24, **KW)
+        with pytest.raises(CheckpointError) as info:
+            ckpt.load(bad, model, opt)
+        msg = str(info.value)
+        assert "\n" not in msg and expected in msg, msg
+        assert not opt.state  # nothing installed
+    # metadata declaring another dtype for the correction (hash fixed up, as an editor would)
+    from dist8.checkpoint.format import manifest_hash
+
+    bad = tmp_path / "bad-meta"
+    import shutil
+
+    shutil.copytree(path, bad)
+    meta = json.loads((bad / "metadata.json").read_text())
+    meta["params"][0]["state"]["correction"] = "uint8"
+    meta["manifest_sha256"] = manifest_hash(meta)
+    (bad / "metadata.json").write_text(json.dumps(meta))
+    model = make_model(seed=3)
+    with pytest.raises(CheckpointError, match=r"metadata.json: params\[0\].state.'correction' must be one of"):
+        ckpt.load(bad, model, dist8.AdamW8bit(list(model.named_parameters()), master_weight_bits=24, **KW))
+
+
+def test_consolidate_fp32_weights_and_load_them_back(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from dist8.cli import main
+
+    model, opt, path = _one_process_checkpoint(tmp_path)
+    out = tmp_path / "fp32"
+    assert main(["ckpt", "consolidate", str(path), str(out), "--fp32-weights"]) == 0
+    assert "model-fp32.safetensors" in capsys.readouterr().out
+    assert main(["ckpt", "verify", str(out)]) == 0
+    weights = load_file(str(out / "model-fp32.safetensors"))
+    for n, p in model.named_parameters():
+        assert weights[n].dtype == torch.float32
+        assert torch.equal(weights[n], decode_master(p.detach(), opt.state[p][CORRECTION]))
+
+    # fp32 weights into a bf16 model with master_weight_bits: the correction is re-encoded, exactly
+    fresh = make_model(seed=5)
+    fresh_opt = dist8.AdamW8bit(list(fresh.named_parameters()), master_weight_bits=24, **KW)
+    ckpt.load_fp32_weights(out / "model-fp32.safetensors", fresh, fresh_opt)
+    for (n, p), q in zip(model.named_parameters(), fresh.parameters()):
+        # the same fp32 masters bit for bit (pairs decoding to the same value may differ)
+        assert torch.equal(decode_master(q.detach(), fresh_opt.state[q][CORRECTION]), weights[n]), n
+        assert torch.equal(decode_master(q.detach(), fresh_opt.state[q][CORRECTION]),
+                           decode_master(p.detach(), opt.state[p][CORRECTION])), n
+    # checkpoint (moments) + fp32 weights continue exactly like the checkpoint alone
+    ckpt.load(path, fresh, fresh_opt)
+    ckpt.load_fp32_weights(out / "model-fp32.safetensors", fresh, fresh_opt)
+    ref = make_model(seed=9)
+    ref_opt = dist8.AdamW8bit(list(ref.named_parameters()), master_weight_bits=24, **KW)
+    ckpt.load(path, ref, ref_opt)
+    _plain_continue(ref, ref_opt, 2, 2)
+    _plain_continue(fresh, fresh_opt, 2, 2)
+    for (n, p), q in zip(ref.named_parameters(), fresh.parameters()):
+        assert torch.equal(p, q) and torch.equal(ref_opt.state[p][CORRECTION], fresh_opt.state[q][CORRECTION]), n
+    with pytest.raises(CheckpointError, match="model-fp32.safetensors.*b_weight has shape"):
+        other = make_model()
+        other.b_weight = torch.nn.Parameter(torch.zeros(3, 3, dtype=torch.bfloat16))
+        ckpt.load_fp32_weights(out / "model-fp32.safetensors", other,
+                               dist8.AdamW8bit(list(other.named_parameters()), master_weight_bits=24, **KW))
+
+
+@pytest.mark.parametrize("dtype,bits", [(torch.bfloat16, 24), (torch.float16, 24), (torch.bfloat16, 32)])
+def test_encode_master_exact_round_trips_every_pair(dtype, bits):
+    from dist8.quant.master import encode_master, encode_master_exact, master_format
+
+    fmt = master_format(dtype, bits)
+    gen = torch.Generator().manual_seed(1)
+    param = (torch.randn(20000, generator=gen) * 3).to(dtype)
+    correction = torch.randint(-fmt.q, fmt.q, (20000,), generator=gen).to(fmt.correction_dtype)
+    correction[::7] = -fmt.q  # the pairs whose decoded value is a midpoint
+    master = decode_master(param, correction, bits)
+    assert not torch.equal(decode_master(*encode_master(master, dtype, bits), bits), master)  # RNE loses some
+    p2, c2 = encode_master_exact(master, dtype, bits)
+    assert torch.equal(decode_master(p2, c2, bits), master)
+    plain_p, plain_c = encode_master(master, dtype, bits)
+    same = decode_master(plain_p, plain_c, bits) == master
+    assert torch.equal(p2[same], plain_p[same]) and torch.equal(c2[same], plain_c[same])  # only the lost ones change
