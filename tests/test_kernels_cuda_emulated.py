@@ -46,7 +46,7 @@ def test_extreme_gradients_skip_blocks_like_the_reference(backend, rule):
     check_extreme_gradients(backend, "cpu", rules=(rule,), sizes=((300, 64), (1100, 1024)))
 
 
-@pytest.mark.parametrize("rule", [Rule.ADAM, Rule.LION], ids=["ADAM", "LION"])
+@pytest.mark.parametrize("rule", [Rule.ADAM, Rule.LION, Rule.ADEMAMIX], ids=["ADAM", "LION", "ADEMAMIX"])
 def test_rules_dtypes(backend, rule):
     for pd, gd in [("bf16", "bf16"), ("fp16", "fp32"), ("fp32", "bf16"), ("fp16", "fp16")]:
         case = Case(rule, 300, 64, True, DTYPES[pd], DTYPES[gd], "cpu", seed=7)
