@@ -36,6 +36,7 @@ OPTIMIZERS = {
     "Lion": (O.Lion8bit, dict(lr=1e-3, weight_decay=0.1)),
     "LAMB": (O.LAMB8bit, dict(lr=1e-2, weight_decay=0.01)),
     "LARS": (O.LARS8bit, dict(lr=1e-1, momentum=0.9)),
+    "AdEMAMix": (O.AdEMAMix8bit, dict(lr=1e-3, t_alpha=5, t_beta3=5)),
 }
 CASES = [(name, bits) for name in OPTIMIZERS for bits in (8, 32)]
 IDS = [f"{name}-{bits}bit" for name, bits in CASES]

@@ -76,9 +76,10 @@ READABLE_VERSIONS = (1, 2)
 METADATA = "metadata.json"
 MODEL_FILE = "model.safetensors"
 # Per-parameter tensors a rank file may hold, with their dtype: codes are uint8, everything else fp32.
-STATE_KEYS = ("state1", "state2", "absmax1", "absmax2", "gnorm_vec", "master")
+STATE_KEYS = ("state1", "state2", "absmax1", "absmax2", "gnorm_vec", "master", "state3", "absmax3")
 STATE_DTYPES = {"state1": ("uint8", "float32"), "state2": ("uint8", "float32"), "absmax1": ("float32",),
-                "absmax2": ("float32",), "gnorm_vec": ("float32",), "master": ("float32",)}
+                "absmax2": ("float32",), "gnorm_vec": ("float32",), "master": ("float32",),
+                "state3": ("uint8", "float32"), "absmax3": ("float32",)}  # state3: AdEMAMix's slow EMA
 _RANK_FILE = re.compile(r"^optim-(\d{5})-of-(\d{5})\.safetensors$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _MAX_DEPTH = 64
