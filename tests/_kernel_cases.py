@@ -18,7 +18,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAGNITUDES = {
     Rule.ADAM: (1e-15, 1e15), Rule.LAMB: (1e-15, 1e15), Rule.RMSPROP: (1e-15, 1e15), Rule.ADAGRAD: (1e-15, 1e15),
     Rule.SGD: (1e-30, 1e30), Rule.LARS: (1e-30, 1e30), Rule.LION: (1e-30, 1e30),
-    Rule.ADEMAMIX: (1e-15, 1e15),
+    Rule.ADEMAMIX: (1e-15, 1e15), Rule.RMSPROP_MOMENTUM: (1e-15, 1e15),
 }
 
 
@@ -37,6 +37,9 @@ def scalars_for(rule: Rule, step: int, gen: torch.Generator) -> Scalars:
         )
     if rule in (Rule.SGD, Rule.LARS):
         return Scalars(lr=0.01, beta1=0.9, one_minus_beta1=1 - 0.1, grad_wd=1e-4, grad_scale=grad_scale)
+    if rule == Rule.RMSPROP_MOMENTUM:  # beta2: the momentum
+        return Scalars(lr=1e-3, beta1=0.99, one_minus_beta1=1 - 0.99, beta2=0.9 if step % 4 else 0.0, eps=1e-8,
+                       grad_wd=1e-4, grad_scale=grad_scale)
     if rule == Rule.RMSPROP:
         return Scalars(lr=1e-3, beta1=0.99, one_minus_beta1=1 - 0.99, eps=1e-8, grad_wd=1e-4, grad_scale=grad_scale)
     if rule == Rule.ADAGRAD:

@@ -130,6 +130,14 @@ D8_INLINE void apply_rule_n(const float* p, const float* g, float* s1, float* s2
       s2[i] = nu;
       s3[i] = m2;
     }
+  } else if constexpr (R == RMSPROP_MOMENTUM) {
+    D8_SIMD_LOOP
+    for (int64_t i = 0; i < n; ++i) {
+      float v = s1[i], buf = s2[i];
+      out[i] = rule_rmsprop_momentum(p[i], g[i], v, buf, c);
+      s1[i] = v;
+      s2[i] = buf;
+    }
   } else if constexpr (R == ADAM || R == LAMB) {
     D8_SIMD_LOOP
     for (int64_t i = 0; i < n; ++i) {
@@ -296,7 +304,7 @@ int64_t run_block_simple(const Update& u, int64_t blk, Scratch& w) {
 // values are finite: the absmax reduction of the states and one more of the outputs say so.
 template <int R, int FL>
 struct Pipeline {
-  static constexpr int NS = R == ADEMAMIX ? 3 : (R == ADAM || R == LAMB) ? 2 : 1;
+  static constexpr int NS = R == ADEMAMIX ? 3 : (R == ADAM || R == LAMB || R == RMSPROP_MOMENTUM) ? 2 : 1;
   const Update& u;
   Scratch& w;
   QTableSimd qs[NS];
@@ -413,6 +421,7 @@ BlocksFn pick_blocks_fn(int rule, int flags) {
     case ADAGRAD: return &run_blocks<ADAGRAD, 0>;
     case LION: return &run_blocks<LION, 0>;
     case ADEMAMIX: return &run_blocks<ADEMAMIX, 0>;
+    case RMSPROP_MOMENTUM: return &run_blocks<RMSPROP_MOMENTUM, 0>;
     case SGD: return with_flags<SGD>(flags);
     case LARS: return with_flags<LARS>(flags);
     default: TORCH_CHECK(false, "dist8: unknown rule ", rule);

@@ -116,6 +116,7 @@ __device__ __forceinline__ float apply_rule(int rule, int flags, const Scalars& 
                                             float& s2, float& s3) {
   switch (rule) {
     case ADEMAMIX: return rule_ademamix(p, g, s1, s2, s3, c);
+    case RMSPROP_MOMENTUM: return rule_rmsprop_momentum(p, g, s1, s2, c);
     case ADAM: return rule_adam<false>(p, g, s1, s2, c);
     case LAMB: return rule_adam<true>(p, g, s1, s2, c);
     case SGD: return rule_momentum<false>(p, g, s1, c, flags);

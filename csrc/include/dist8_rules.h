@@ -23,8 +23,10 @@
 namespace dist8 {
 
 // Rule ids: keep in sync with dist8.kernels.rules.Rule.
-enum Rule : int { ADAM = 0, LAMB = 1, SGD = 2, LARS = 3, RMSPROP = 4, ADAGRAD = 5, LION = 6, ADEMAMIX = 7 };
-constexpr int NUM_RULES = 8;
+enum Rule : int {
+  ADAM = 0, LAMB = 1, SGD = 2, LARS = 3, RMSPROP = 4, ADAGRAD = 5, LION = 6, ADEMAMIX = 7, RMSPROP_MOMENTUM = 8
+};
+constexpr int NUM_RULES = 9;
 constexpr int MAX_STATES = 3;  // AdEMAMix: m1, nu, m2
 constexpr int FLAG_FIRST_STEP = 1;
 constexpr int FLAG_NESTEROV = 2;
@@ -36,7 +38,9 @@ struct Scalars {
 };
 constexpr int NUM_SCALARS = 15;
 
-D8_HD int rule_num_states(int rule) { return rule == ADEMAMIX ? 3 : (rule == ADAM || rule == LAMB) ? 2 : 1; }
+D8_HD int rule_num_states(int rule) {
+  return rule == ADEMAMIX ? 3 : (rule == ADAM || rule == LAMB || rule == RMSPROP_MOMENTUM) ? 2 : 1;
+}
 // The quantization map of 8-bit state s (0-based): qmap1 for state 0, qmap2 for state 1, and
 // qmap1 again for AdEMAMix's third state (m2, signed like m1): dist8.kernels.rules.state_qmap_index.
 D8_HD int state_qmap_index(int s) { return s == 2 ? 0 : s; }
@@ -109,6 +113,15 @@ D8_HD float rule_rmsprop(float p, float g, float& v, const Scalars& c) {
   g = fadd(g, fmul(c.grad_wd, p));
   v = fadd(fmul(c.beta1, v), fmul(c.one_minus_beta1, fmul(g, g)));
   return fsub(p, fmul(c.lr, fdiv(g, fadd(fsqrt(v), c.eps))));
+}
+
+// torch's RMSprop with momentum (beta2 = momentum): v square average, buf momentum buffer.
+D8_HD float rule_rmsprop_momentum(float p, float g, float& v, float& buf, const Scalars& c) {
+  g = fmul(g, c.grad_scale);
+  g = fadd(g, fmul(c.grad_wd, p));
+  v = fadd(fmul(c.beta1, v), fmul(c.one_minus_beta1, fmul(g, g)));
+  buf = fadd(fmul(c.beta2, buf), fdiv(g, fadd(fsqrt(v), c.eps)));
+  return fsub(p, fmul(c.lr, buf));
 }
 
 D8_HD float rule_adagrad(float p, float g, float& s, const Scalars& c) {
@@ -193,7 +206,8 @@ D8_HD float key_float(uint32_t k) { return u2f((k & 0x80000000u) ? (k & 0x7FFFFF
 // value stored as code 0 is below half the smallest positive code, and reading it as 0
 // let lr * m / eps through.
 D8_HD bool rule_state_floored(int rule, int s) {
-  return ((rule == ADAM || rule == LAMB || rule == ADEMAMIX) && s == 1) || ((rule == RMSPROP || rule == ADAGRAD) && s == 0);
+  return ((rule == ADAM || rule == LAMB || rule == ADEMAMIX) && s == 1) ||
+         ((rule == RMSPROP || rule == ADAGRAD || rule == RMSPROP_MOMENTUM) && s == 0);
 }
 // Half the first entry >= the smallest positive float (0 when none): dist8.kernels.rules.state_floor_fraction.
 D8_HD float state_floor_fraction(const float* qmap) {

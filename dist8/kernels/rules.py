@@ -37,6 +37,7 @@ class Rule(enum.IntEnum):
     ADAGRAD = 5
     LION = 6
     ADEMAMIX = 7
+    RMSPROP_MOMENTUM = 8
 
 
 # Number of states and, per state, whether it is signed (signed dynamic map) or
@@ -51,6 +52,8 @@ RULE_STATES: dict[Rule, tuple[bool, ...]] = {
     Rule.LION: (True,),
     # m1 (fast EMA), nu (second moment), m2 (slow EMA; quantized with state 1's map, qmap1)
     Rule.ADEMAMIX: (True, False, True),
+    # torch's RMSprop with momentum: square average (unsigned), momentum buffer (signed)
+    Rule.RMSPROP_MOMENTUM: (False, True),
 }
 RULE_WRITES_UPDATE = frozenset({Rule.LAMB, Rule.LARS})
 
@@ -126,6 +129,16 @@ def _rmsprop(p, g, v, c):
     return p - c.lr * (g / (_sqrt(v) + c.eps)), v
 
 
+def _rmsprop_momentum(p, g, v, buf, c):
+    # torch.optim.RMSprop(momentum > 0): buf = momentum * buf + g / (sqrt(v) + eps); p -= lr * buf.
+    # beta2 is the momentum (beta1 the square average's alpha, as for RMSPROP).
+    g = g * c.grad_scale
+    g = g + c.grad_wd * p
+    v = c.beta1 * v + c.one_minus_beta1 * (g * g)
+    buf = c.beta2 * buf + g / (_sqrt(v) + c.eps)
+    return p - c.lr * buf, v, buf
+
+
 def _adagrad(p, g, s, c):
     g = g * c.grad_scale
     g = g + c.grad_wd * p
@@ -199,6 +212,8 @@ def apply_rule(
     if rule == Rule.RMSPROP:
         out, v = _rmsprop(p, g, s1, c)
         return out, v, None
+    if rule == Rule.RMSPROP_MOMENTUM:
+        return _rmsprop_momentum(p, g, s1, s2, c)
     if rule == Rule.ADAGRAD:
         out, s = _adagrad(p, g, s1, c)
         return out, s, None
