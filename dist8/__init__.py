@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from dist8.integrations import deepspeed_hint
 from dist8.version import __version__
 
-FAMILIES = ("Adam", "AdamW", "SGD", "LARS", "RMSprop", "Adagrad", "LAMB", "Lion")
+FAMILIES = ("Adam", "AdamW", "SGD", "LARS", "RMSprop", "Adagrad", "LAMB", "Lion", "AdEMAMix")
 OPTIMIZER_NAMES = tuple(f"{family}{bits}" for family in FAMILIES for bits in ("", "8bit", "32bit"))
 
 # name -> the module that defines it
@@ -71,5 +71,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports these names s
                              AdamW, AdamW8bit, AdamW32bit, GlobalOptimManager, LAMB8bit, LAMB32bit, LARS8bit, LARS32bit,
                              Lion, Lion8bit, Lion32bit, RMSprop, RMSprop8bit, RMSprop32bit, SGD8bit, SGD32bit,
                              get_optimizer_class)
+    from dist8.optim import AdEMAMix, AdEMAMix8bit, AdEMAMix32bit  # noqa: F401 (listed via OPTIMIZER_NAMES)
     from dist8.optim.release import GradientRelease, gradient_release
     from dist8.shard import ShardedOptimizer

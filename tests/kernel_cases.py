@@ -54,6 +54,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAGNITUDES = {
     Rule.ADAM: (1e-15, 1e15), Rule.LAMB: (1e-15, 1e15), Rule.RMSPROP: (1e-15, 1e15), Rule.ADAGRAD: (1e-15, 1e15),
     Rule.SGD: (1e-30, 1e30), Rule.LARS: (1e-30, 1e30), Rule.LION: (1e-30, 1e30),
+    Rule.ADEMAMIX: (1e-15, 1e15), Rule.RMSPROP_MOMENTUM: (1e-15, 1e15),
 }
 
 
@@ -71,10 +72,19 @@ def scalars_for(rule: Rule, step: int, gen: torch.Generator) -> Scalars:
         )
     if rule in (Rule.SGD, Rule.LARS):
         return Scalars.for_momentum(lr=0.01, momentum=0.9, dampening=0.1, weight_decay=1e-4, grad_scale=grad_scale)
+    if rule == Rule.RMSPROP_MOMENTUM:
+        return Scalars.for_rmsprop(lr=1e-3, alpha=0.99, eps=1e-8, weight_decay=1e-4, momentum=0.9 if step % 4 else 0.0,
+                                   grad_scale=grad_scale)
     if rule == Rule.RMSPROP:
         return Scalars.for_rmsprop(lr=1e-3, alpha=0.99, eps=1e-8, weight_decay=1e-4, grad_scale=grad_scale)
     if rule == Rule.ADAGRAD:
         return Scalars.for_adagrad(lr=0.01 / (1 + step * 0.01), eps=1e-10, weight_decay=1e-4, grad_scale=grad_scale)
+    if rule == Rule.ADEMAMIX:  # the warm-up schedulers' values vary per step
+        b1, b2, lr, wd = 0.9, 0.999, 1e-3, 0.01
+        b3 = min(0.9999, 0.9 + 0.01 * t)
+        return Scalars.for_ademamix(lr=lr, beta1=b1, beta2=b2, beta3=b3, alpha=min(5.0, 5.0 * t / 3) + u, eps=1e-8,
+                                    bc1=1 - b1**t, bc2_sqrt=math.sqrt(1 - b2**t), decay=1 - lr * wd,
+                                    grad_scale=grad_scale)
     if rule == Rule.LION:
         return Scalars.for_lion(lr=1e-4, beta1=0.9, beta2=0.99, decay=1 - 1e-5, grad_scale=grad_scale)
     raise AssertionError(rule)
@@ -143,10 +153,11 @@ class Case:
 
     def _call(self, backend, d, g, scalars, flags):
         q = self.qmaps + [None] * (2 - len(self.qmaps))
+        three = {"state3": d["state3"], "absmax3": d["absmax3"]} if "state3" in d else {}
         backend.fused_update(
             self.rule, d["param"], g, d["state1"], d.get("state2"), d["absmax1"], d.get("absmax2"),
             q[0] if q[0] is None else q[0].to(d["state1"].device), q[1] if q[1] is None else q[1].to(d["state1"].device),
-            scalars, flags, self.block_size, d.get("update_out"), d["skipped"],
+            scalars, flags, self.block_size, d.get("update_out"), d["skipped"], **three,
         )
 
     def step(self, backend, step, nesterov=False):
@@ -235,17 +246,19 @@ def check_multi_equals_single(backend, rule: Rule, bits8: bool, device: str) -> 
                         seed=int(torch.randint(0, 1000, (1,), generator=gen)))
             d = case.dut
             rows_multi.append((d["param"], case.grad(0).to(device), d["state1"], d.get("state2"), d["absmax1"],
-                               d.get("absmax2")))
+                               d.get("absmax2")) + ((d["state3"], d["absmax3"]) if "state3" in d else ()))
             rows_single.append(tuple(None if t is None else t.clone() for t in rows_multi[-1]))
             q = [None if m is None else m.to(device) for m in case.qmaps + [None] * (2 - len(case.qmaps))]
         for step in range(3):
             scalars = scalars_for(rule, step, torch.Generator().manual_seed(step))
             flags = flags_for(rule, step, False)
             backend.fused_update_multi(rule, rows_multi, q[0], q[1], scalars, flags, block_size)
-            for p, g, s1, s2, a1, a2 in rows_single:
-                backend.fused_update(rule, p, g, s1, s2, a1, a2, q[0], q[1], scalars, flags, block_size)
+            for row in rows_single:
+                extra = dict(state3=row[6], absmax3=row[7]) if len(row) > 6 else {}
+                backend.fused_update(rule, *row[:6], q[0], q[1], scalars, flags, block_size, **extra)
             for (n, _), multi, single in zip(sizes, rows_multi, rows_single):
-                for name, a, b in zip(("param", "grad", "state1", "state2", "absmax1", "absmax2"), multi, single):
+                for name, a, b in zip(("param", "grad", "state1", "state2", "absmax1", "absmax2", "state3", "absmax3"),
+                                      multi, single):
                     if a is not None:
                         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (
                             f"{name} of the {n}-value tensor, block size {block_size}, step {step + 1}")
@@ -276,6 +289,7 @@ OPTIMIZER_CASES = {
     "LAMB8bit": ("LAMB8bit", dict(lr=1e-2, min_8bit_size=256)),
     "LARS8bit": ("LARS8bit", dict(lr=1e-2, momentum=0.9, min_8bit_size=256)),
     "Lion8bit": ("Lion8bit", dict(lr=1e-3, min_8bit_size=256)),
+    "AdEMAMix8bit": ("AdEMAMix8bit", dict(lr=1e-2, t_alpha=4, t_beta3=4, min_8bit_size=256)),
 }
 
 

@@ -20,7 +20,7 @@ from dist8.quant import create_dynamic_map, dequantize_blockwise, quantize_block
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is in the [test] extras; parity needs it")
 
 BNB_NAMES = [n for n in dir(bnb.optim) if n[0].isupper() and not n.startswith("Paged")
-             and n not in ("GlobalOptimManager", "PytorchLARS") and not n.startswith("AdEMAMix")]
+             and n not in ("GlobalOptimManager", "PytorchLARS")]
 
 
 @pytest.fixture

@@ -141,6 +141,7 @@ ALL_OPTS = {
     "Adagrad8bit": (dist8.Adagrad8bit, dict(lr=1e-2)),
     "LAMB8bit": (dist8.LAMB8bit, dict(lr=1e-2, weight_decay=0.01, percentile_clipping=95)),
     "LARS8bit": (dist8.LARS8bit, dict(lr=1e-1, momentum=0.9, weight_decay=1e-4)),
+    "AdEMAMix8bit": (dist8.AdEMAMix8bit, dict(lr=1e-2, t_alpha=3, t_beta3=3)),  # three states at the edges
 }
 
 

@@ -35,6 +35,19 @@ BAD = [
     (d8.RMSprop8bit, dict(alpha=NAN), "alpha"),
     (d8.Adagrad8bit, dict(lr_decay=NAN), "lr_decay"),
     (d8.Adagrad8bit, dict(eps=math.inf), "eps"),
+    (d8.RMSprop8bit, dict(alpha=1.0), "alpha"),
+    (d8.AdEMAMix8bit, dict(betas=(0.9, 0.999)), "betas"),
+    (d8.AdEMAMix8bit, dict(betas=(0.9, 0.999, 1.0)), r"betas\[2\]"),
+    (d8.AdEMAMix8bit, dict(betas=(0.9, NAN, 0.9999)), r"betas\[1\]"),
+    (d8.AdEMAMix8bit, dict(alpha=NAN), "alpha"),
+    (d8.AdEMAMix8bit, dict(alpha=-1.0), "alpha"),
+    (d8.AdEMAMix8bit, dict(alpha=math.inf), "alpha"),
+    (d8.AdEMAMix8bit, dict(t_alpha=-1), "t_alpha"),
+    (d8.AdEMAMix8bit, dict(t_alpha=2.5), "t_alpha"),
+    (d8.AdEMAMix8bit, dict(t_beta3="100"), "t_beta3"),
+    (d8.AdEMAMix8bit, dict(t_beta3=100, betas=(0.0, 0.999, 0.9999)), "betas"),
+    (d8.AdEMAMix8bit, dict(weight_decay=NAN), "weight_decay"),
+    (d8.AdEMAMix8bit, dict(eps=-1.0), "eps"),
 ]
 IDS = [f"{cls.__name__}-{key}-{i}" for i, (cls, _, key) in enumerate(BAD)]
 

@@ -62,7 +62,7 @@ def test_rules_fp32(backend, kind, device, rule, bits8):
 
 
 @per_backend("rule,pdtype,gdtype", all=[(r, p, g) for r in ALL_RULES for p, g in MIXED_DTYPES],
-             emulated=[(r, p, g) for r in (Rule.ADAM, Rule.LION)
+             emulated=[(r, p, g) for r in (Rule.ADAM, Rule.LION, Rule.ADEMAMIX)
                        for p, g in [("bf16", "bf16"), ("fp16", "fp32"), ("fp32", "bf16"), ("fp16", "fp16")]])
 def test_rules_dtypes(backend, kind, device, rule, pdtype, gdtype):
     if kind == "emulated":
@@ -347,7 +347,7 @@ def test_ops_trace_under_torch_compile(backend):
     def step(p, g, s1, s2, a1, a2):
         no_correction = empty.to(torch.int8)
         torch.ops.dist8.fused_update_(int(Rule.ADAM), p, g, s1, s2, a1, a2, q1, q2, values, 0, 256, empty, empty.long(),
-                                      no_correction)
+                                      empty, empty, no_correction)
         torch.ops.dist8.trust_step_(p, g.float(), 0.5, no_correction)
         c, a = torch.ops.dist8.quantize_blockwise(p, q1, 256)
         return torch.ops.dist8.dequantize_blockwise(c, a, q1, 256) * 2

@@ -138,7 +138,8 @@ def test_kernel_argument_checks(backend):
     with pytest.raises(RuntimeError, match="bfloat16/float16 param"):
         backend._ops.fused_update_(int(Rule.SGD), t["param"].float(), g, t["state1"], torch.empty(0), t["absmax1"],
                                    torch.empty(0), maps[0], torch.empty(0), list(scalars.as_tuple()), 1, BLOCK,
-                                   torch.empty(0), torch.empty(0, dtype=torch.int64), t["correction"])
+                                   torch.empty(0), torch.empty(0, dtype=torch.int64), torch.empty(0), torch.empty(0),
+                                   t["correction"])
 
 
 def test_decode_matches_spec_for_every_parameter_value():

@@ -29,7 +29,7 @@ def _resync(opt8, opt32, p8, p32):
     st8, st32 = opt8.state[p8], opt32.state[p32]
     with torch.no_grad():
         p32.copy_(p8)
-    for i in (1, 2):
+    for i in (1, 2, 3):
         if f"state{i}" not in st8:
             continue
         signed = opt8.rule_state_signed(i)
@@ -40,7 +40,7 @@ def _resync(opt8, opt32, p8, p32):
 
 # Relative one-step error |dp8 - dp32| / |dp32| bounds (whole tensor, L2), measured with margin.
 ONE_STEP_BOUND = {"Adam": 0.02, "AdamW": 0.02, "SGD": 0.01, "SGD-nesterov": 0.01, "RMSprop": 0.02,
-                  "Adagrad": 0.02, "Lion": 0.05, "LAMB": 0.02, "LARS": 0.01}
+                  "Adagrad": 0.02, "Lion": 0.05, "LAMB": 0.02, "LARS": 0.01, "RMSprop-momentum": 0.02, "AdEMAMix": 0.02}
 
 
 @pytest.mark.parametrize("shape", [(1,), (255,), (257,), (33, 100)])
@@ -93,7 +93,7 @@ def _train(opt_factory, steps=200, seed=0):
 
 
 DRIFT_LR = {"Adam": 1e-3, "AdamW": 1e-3, "SGD": 5e-2, "SGD-nesterov": 5e-2, "RMSprop": 1e-4, "Adagrad": 1e-2,
-            "Lion": 1e-4, "LAMB": 1e-3, "LARS": 1.0}
+            "Lion": 1e-4, "LAMB": 1e-3, "LARS": 1.0, "RMSprop-momentum": 1e-4, "AdEMAMix": 1e-3}
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -15,6 +15,7 @@ OPTIMIZERS = {
     "SGD8bit": (dist8.SGD8bit, dict(lr=1e-2, momentum=0.9, min_8bit_size=0)),
     "Lion8bit": (dist8.Lion8bit, dict(lr=1e-3, weight_decay=0.1, min_8bit_size=0)),
     "LAMB8bit": (dist8.LAMB8bit, dict(lr=1e-2, weight_decay=0.01, min_8bit_size=0)),
+    "AdEMAMix8bit": (dist8.AdEMAMix8bit, dict(lr=1e-2, t_alpha=5, t_beta3=5, min_8bit_size=0)),  # three states
 }
 
 

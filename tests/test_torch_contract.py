@@ -36,6 +36,7 @@ OPTIMIZERS = {
     "Lion": (O.Lion8bit, dict(lr=1e-3, weight_decay=0.1)),
     "LAMB": (O.LAMB8bit, dict(lr=1e-2, weight_decay=0.01)),
     "LARS": (O.LARS8bit, dict(lr=1e-1, momentum=0.9)),
+    "AdEMAMix": (O.AdEMAMix8bit, dict(lr=1e-3, t_alpha=5, t_beta3=5)),
 }
 CASES = [(name, bits) for name in OPTIMIZERS for bits in (8, 32)]
 IDS = [f"{name}-{bits}bit" for name, bits in CASES]
@@ -354,8 +355,36 @@ def test_rmsprop_refuses_cycled_momentum_before_changing_anything(bits):
     with pytest.raises(ValueError, match=r"momentum=0\.95 \(param group 0\).*cycle_momentum=False"):
         opt.step()
     assert all(torch.equal(p, b) for p, b in zip(params, before)) and not opt.state
-    with pytest.raises(ValueError, match="momentum"):
-        make("RMSprop", bits, params, momentum=0.9)
+
+
+@pytest.mark.parametrize("bits", [8, 32])
+def test_rmsprop_with_momentum_under_one_cycle_lr_follows_torch(bits):
+    """RMSprop constructed with momentum > 0 keeps torch's momentum buffer (a second state, signed
+    map); OneCycleLR(cycle_momentum=True) then cycles it. 32-bit equals torch.optim.RMSprop on the
+    same schedule; 8-bit tracks it."""
+    params = make_params()
+    tparams = clone_params(params)
+    opt = make("RMSprop", bits, params, momentum=0.9, weight_decay=1e-3)
+    topt = torch.optim.RMSprop(tparams, lr=1e-3, momentum=0.9, weight_decay=1e-3)
+    scheds = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1e-2, total_steps=10) for o in (opt, topt)]
+    momenta = []
+    for s in range(8):
+        set_grads(params, s)
+        set_grads(tparams, s)
+        opt.step()
+        topt.step()
+        for sched in scheds:
+            sched.step()
+        momenta.append(opt.param_groups[0]["momentum"])
+    assert len(set(momenta)) > 1 and momenta[-1] == topt.param_groups[0]["momentum"]
+    st = opt.state[params[0]]
+    assert st["state2"].dtype == (torch.uint8 if bits == 8 else torch.float32)  # the momentum buffer
+    for p, q, p0 in zip(params, tparams, make_params()):
+        if bits == 32:
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        else:
+            rel = float((p - q).norm() / (q - p0).norm())
+            assert rel < 0.05, f"8-bit displacement differs from torch's by {rel:.4f}"
 
 
 @cases

@@ -119,9 +119,26 @@ D8_INLINE float one_state_rule(float p, float g, float& state, const Scalars& c)
 
 template <int R, int FL>
 D8_INLINE void apply_rule_n(const float* p, const float* g, float* s1, float* s2, float* out, int64_t n,
-                         const Scalars& cs) {
+                         const Scalars& cs, float* s3 = nullptr) {
   const Scalars c = cs;
-  if constexpr (R == ADAM || R == LAMB) {
+  if constexpr (R == ADEMAMIX) {
+    D8_SIMD_LOOP
+    for (int64_t i = 0; i < n; ++i) {
+      float m1 = s1[i], nu = s2[i], m2 = s3[i];
+      out[i] = rule_ademamix(p[i], g[i], m1, nu, m2, c);
+      s1[i] = m1;
+      s2[i] = nu;
+      s3[i] = m2;
+    }
+  } else if constexpr (R == RMSPROP_MOMENTUM) {
+    D8_SIMD_LOOP
+    for (int64_t i = 0; i < n; ++i) {
+      float v = s1[i], buf = s2[i];
+      out[i] = rule_rmsprop_momentum(p[i], g[i], v, buf, c);
+      s1[i] = v;
+      s2[i] = buf;
+    }
+  } else if constexpr (R == ADAM || R == LAMB) {
     D8_SIMD_LOOP
     for (int64_t i = 0; i < n; ++i) {
       float m = s1[i], v = s2[i];
@@ -153,7 +170,7 @@ struct StateArg {
 struct Update {
   int64_t n = 0, block_size = 0;
   int nstates = 0;
-  StateArg st[2];
+  StateArg st[MAX_STATES];
   Scalars c;
   void* param = nullptr;
   const void* grad = nullptr;
@@ -171,14 +188,14 @@ struct Update {
 // per state, the new values of two blocks (the one being updated, the one being quantized).
 struct Scratch {
   std::vector<float> mem;
-  float *pbuf, *gbuf, *obuf, *stash[2][2];
-  explicit Scratch(int64_t span) : mem(7 * span + 16) {
+  float *pbuf, *gbuf, *obuf, *stash[MAX_STATES][2];
+  explicit Scratch(int64_t span) : mem((3 + 2 * MAX_STATES) * span + 16) {
     float* base = mem.data();
     base += (64 - reinterpret_cast<uintptr_t>(base) % 64) % 64 / sizeof(float);
     pbuf = base;
     gbuf = pbuf + span;
     obuf = gbuf + span;
-    for (int s = 0; s < 2; ++s)
+    for (int s = 0; s < MAX_STATES; ++s)
       for (int k = 0; k < 2; ++k) stash[s][k] = obuf + span * (1 + 2 * s + k);
   }
 };
@@ -189,7 +206,7 @@ struct Scratch {
 struct Span {
   float* P = nullptr;
   const float* G = nullptr;
-  float* S[2] = {nullptr, nullptr};
+  float* S[MAX_STATES] = {nullptr, nullptr, nullptr};
   float* O = nullptr;
 };
 
@@ -243,7 +260,8 @@ D8_INLINE Span prepare_span(const Update& u, int64_t off, int64_t len, const flo
 
 template <int R, int FL>
 D8_INLINE void rule_span(const Update& u, const Span& sp, int64_t j, int64_t len) {
-  apply_rule_n<R, FL>(sp.P + j, sp.G + j, sp.S[0] + j, sp.S[1] ? sp.S[1] + j : nullptr, sp.O + j, len, u.c);
+  apply_rule_n<R, FL>(sp.P + j, sp.G + j, sp.S[0] + j, sp.S[1] ? sp.S[1] + j : nullptr, sp.O + j, len, u.c,
+                      sp.S[2] ? sp.S[2] + j : nullptr);
 }
 
 // The outputs of a block: its new values once committed, zeros (LAMB/LARS: no update) when skipped.
@@ -278,14 +296,14 @@ D8_INLINE void prefetch_block(const Update& u, int64_t off) {
 template <int R, int FL>
 int64_t run_block_simple(const Update& u, int64_t blk, Scratch& w) {
   const int64_t off = blk * u.block_size, len = std::min(u.block_size, u.n - off);
-  float old_am[2] = {0.f, 0.f};
+  float old_am[MAX_STATES] = {0.f, 0.f, 0.f};
   for (int s = 0; s < u.nstates; ++s)
     if (u.st[s].q8) old_am[s] = u.st[s].absmax[blk];
-  float* stash[2] = {w.stash[0][0], w.stash[1][0]};
+  float* stash[MAX_STATES] = {w.stash[0][0], w.stash[1][0], w.stash[2][0]};
   const Span sp = prepare_span(u, off, len, old_am, stash, w, w.obuf);
   rule_span<R, FL>(u, sp, 0, len);
   uint32_t bits = absmax_bits_n(w.obuf, len, 0u);
-  uint32_t state_bits[2] = {0u, 0u};
+  uint32_t state_bits[MAX_STATES] = {0u, 0u, 0u};
   for (int s = 0; s < u.nstates; ++s) {
     state_bits[s] = absmax_bits_n(stash[s], len, 0u);
     bits = std::max(bits, state_bits[s]);
@@ -316,7 +334,7 @@ int64_t run_block_simple(const Update& u, int64_t blk, Scratch& w) {
 // values are finite: the absmax reduction of the states and one more of the outputs say so.
 template <int R, int FL>
 struct Pipeline {
-  static constexpr int NS = (R == ADAM || R == LAMB) ? 2 : 1;
+  static constexpr int NS = R == ADEMAMIX ? 3 : (R == ADAM || R == LAMB || R == RMSPROP_MOMENTUM) ? 2 : 1;
   const Update& u;
   Scratch& w;
   QTableSimd qs[NS];
@@ -335,7 +353,7 @@ struct Pipeline {
   D8_INLINE void chunk(int64_t b, int64_t i) {
     const int64_t B = u.block_size, off = b * B + i;
     Span sp;
-    float* cur_stash[2] = {w.stash[0][b & 1] + i, w.stash[1][b & 1] + i};
+    float* cur_stash[MAX_STATES] = {w.stash[0][b & 1] + i, w.stash[1][b & 1] + i, w.stash[2][b & 1] + i};
     if constexpr (CUR) {
       prefetch_block(u, off + PREFETCH * B);
       sp = prepare_span(u, off, CHUNK, old_am, cur_stash, w, w.obuf + i);
@@ -432,6 +450,8 @@ BlocksFn pick_blocks_fn(int rule, int flags) {
     case RMSPROP: return &run_blocks<RMSPROP, 0>;
     case ADAGRAD: return &run_blocks<ADAGRAD, 0>;
     case LION: return &run_blocks<LION, 0>;
+    case ADEMAMIX: return &run_blocks<ADEMAMIX, 0>;
+    case RMSPROP_MOMENTUM: return &run_blocks<RMSPROP_MOMENTUM, 0>;
     case SGD: return with_flags<SGD>(flags);
     case LARS: return with_flags<LARS>(flags);
     default: TORCH_CHECK(false, "dist8: unknown rule ", rule);
@@ -448,8 +468,8 @@ int64_t grain_blocks(int64_t block_size) { return std::max<int64_t>(1, 32768 / b
 // Validates one tensor's arguments and gathers them (shared by the single and the multi-tensor op).
 Update make_update(int64_t rule, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& state1,
                    const at::Tensor& state2, const at::Tensor& absmax1, const at::Tensor& absmax2,
-                   const QTable* tables[2], const Scalars& c, int64_t block_size, const at::Tensor& update_out,
-                   const at::Tensor& correction = at::Tensor()) {
+                   const QTable* const* tables, const Scalars& c, int64_t block_size, const at::Tensor& update_out,
+                   const at::Tensor& state3, const at::Tensor& absmax3, const at::Tensor& correction) {
   Update u;
   u.nstates = rule_num_states((int)rule);
   u.n = param.numel();
@@ -463,8 +483,8 @@ Update make_update(int64_t rule, const at::Tensor& param, const at::Tensor& grad
   const at::Tensor& out_t = u.writes_update ? update_out : param;
   TORCH_CHECK(out_t.is_contiguous() && out_t.numel() == u.n && is_supported_float(out_t.scalar_type()),
               "dist8: bad update_out");
-  const at::Tensor* states[2] = {&state1, &state2};
-  const at::Tensor* absmaxes[2] = {&absmax1, &absmax2};
+  const at::Tensor* states[MAX_STATES] = {&state1, &state2, &state3};
+  const at::Tensor* absmaxes[MAX_STATES] = {&absmax1, &absmax2, &absmax3};
   const int64_t nblocks = (u.n + block_size - 1) / block_size;
   for (int s = 0; s < u.nstates; ++s) {
     const at::Tensor& S = *states[s];
@@ -535,15 +555,16 @@ void fused_update_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& g
                       const at::Tensor& state2, const at::Tensor& absmax1, const at::Tensor& absmax2,
                       const at::Tensor& qmap1, const at::Tensor& qmap2, c10::ArrayRef<double> scalars,
                       int64_t flags, int64_t block_size, const at::Tensor& update_out, const at::Tensor& skipped,
-                      const at::Tensor& correction) {
+                      const at::Tensor& state3, const at::Tensor& absmax3, const at::Tensor& correction) {
   check_rule_and_block(rule, block_size);
   const Scalars c = scalars_from(scalars);
-  const QTable* tables[2] = {nullptr, nullptr};
+  const QTable* tables[MAX_STATES] = {nullptr, nullptr, nullptr};
   const int nstates = rule_num_states((int)rule);
   if (absmax1.defined() && absmax1.numel() > 0) tables[0] = table_or_null(qmap1);
   if (nstates > 1 && absmax2.defined() && absmax2.numel() > 0) tables[1] = table_or_null(qmap2);
+  if (nstates > 2 && absmax3.defined() && absmax3.numel() > 0) tables[2] = table_or_null(qmap1);  // state 3: qmap1
   Update u = make_update(rule, param, grad, state1, state2, absmax1, absmax2, tables, c, block_size, update_out,
-                         correction);
+                         state3, absmax3, correction);
   u.skipped = skipped_counter(skipped, 0);
   if (u.n == 0) return;
   const int64_t nblocks = (u.n + block_size - 1) / block_size;
@@ -558,25 +579,29 @@ void fused_update_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& g
 void fused_update_multi_cpu(int64_t rule, at::TensorList params, at::TensorList grads, at::TensorList state1,
                             at::TensorList state2, at::TensorList absmax1, at::TensorList absmax2,
                             const at::Tensor& qmap1, const at::Tensor& qmap2, c10::ArrayRef<double> scalars,
-                            int64_t flags, int64_t block_size, const at::Tensor& skipped,
-                            at::TensorList correction) {
+                            int64_t flags, int64_t block_size, const at::Tensor& skipped, at::TensorList state3,
+                            at::TensorList absmax3, at::TensorList correction) {
   check_rule_and_block(rule, block_size);
   TORCH_CHECK(!rule_writes_update((int)rule), "dist8: fused_update_multi_ does not take LAMB/LARS");
   const size_t k = params.size();
   TORCH_CHECK(grads.size() == k && state1.size() == k && state2.size() == k && absmax1.size() == k &&
                   absmax2.size() == k,
               "dist8: fused_update_multi_ needs one grad, state1, state2, absmax1, absmax2 per param");
+  const bool three = rule_num_states((int)rule) > 2;
+  TORCH_CHECK(three ? (state3.size() == k && absmax3.size() == k) : (state3.empty() && absmax3.empty()),
+              "dist8: fused_update_multi_ needs one state3, absmax3 per param for a rule with three states, none else");
   TORCH_CHECK(correction.size() == 0 || correction.size() == k,
               "dist8: fused_update_multi_ needs no correction list or one correction per param");
   const Scalars c = scalars_from(scalars);
-  const QTable* maps[2] = {table_or_null(qmap1), table_or_null(qmap2)};
+  const QTable* maps[MAX_STATES] = {table_or_null(qmap1), table_or_null(qmap2), table_or_null(qmap1)};
   const at::Tensor none;
   std::vector<Update> ups;
   std::vector<int64_t> first_block{0};  // prefix sums of the tensors' block counts
   ups.reserve(k);
   for (size_t i = 0; i < k; ++i) {
     ups.push_back(make_update(rule, params[i], grads[i], state1[i], state2[i], absmax1[i], absmax2[i], maps, c,
-                              block_size, none, correction.size() ? correction[i] : none));
+                              block_size, none, three ? state3[i] : none, three ? absmax3[i] : none,
+                              correction.size() ? correction[i] : none));
     ups.back().skipped = skipped_counter(skipped, (int64_t)i);
     first_block.push_back(first_block.back() + (ups.back().n + block_size - 1) / block_size);
   }

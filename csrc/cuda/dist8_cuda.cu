@@ -118,7 +118,7 @@ CommonArgs common_args(int64_t rule, int64_t flags, int64_t block_size, c10::Arr
   float* cf = reinterpret_cast<float*>(&k.c);
   for (int i = 0; i < NUM_SCALARS; ++i) cf[i] = static_cast<float>(scalars[i]);
   const at::Tensor* qmaps[2] = {&qmap1, &qmap2};
-  for (int s = 0; s < k.nstates; ++s) {
+  for (int s = 0; s < k.nstates && s < 2; ++s) {  // a third state uses qmap1 (state_qmap_index)
     if (!qmaps[s]->defined() || qmaps[s]->numel() == 0) continue;
     TORCH_CHECK(qmaps[s]->scalar_type() == at::kFloat && qmaps[s]->numel() == 256 && D8_ON_DEVICE(*qmaps[s]) &&
                     qmaps[s]->is_contiguous(),
@@ -131,7 +131,8 @@ CommonArgs common_args(int64_t rule, int64_t flags, int64_t block_size, c10::Arr
 // Checks one tensor's arguments against the common ones; nq8 counts its 8-bit states.
 TensorArgs tensor_args(const CommonArgs& k, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& state1,
                        const at::Tensor& state2, const at::Tensor& absmax1, const at::Tensor& absmax2,
-                       const at::Tensor& update_out, int& nq8, const at::Tensor& correction = at::Tensor()) {
+                       const at::Tensor& update_out, int& nq8, const at::Tensor& state3, const at::Tensor& absmax3,
+                       const at::Tensor& correction) {
   TensorArgs t{};
   t.n = param.numel();
   TORCH_CHECK(D8_ON_DEVICE(param) && param.is_contiguous() && grad.is_contiguous() && grad.numel() == t.n &&
@@ -158,8 +159,8 @@ TensorArgs tensor_args(const CommonArgs& k, const at::Tensor& param, const at::T
     t.corr = correction.data_ptr();
     t.cbits = ct == at::kChar ? 8 : 16;
   }
-  const at::Tensor* states[2] = {&state1, &state2};
-  const at::Tensor* absmaxes[2] = {&absmax1, &absmax2};
+  const at::Tensor* states[MAX_STATES] = {&state1, &state2, &state3};
+  const at::Tensor* absmaxes[MAX_STATES] = {&absmax1, &absmax2, &absmax3};
   const int64_t nblocks = (t.n + k.block_size - 1) / k.block_size;
   nq8 = 0;
   for (int s = 0; s < k.nstates; ++s) {
@@ -170,7 +171,8 @@ TensorArgs tensor_args(const CommonArgs& k, const at::Tensor& param, const at::T
                       absmaxes[s]->scalar_type() == at::kFloat && absmaxes[s]->is_contiguous() &&
                       absmaxes[s]->device() == param.device(),
                   "dist8: bad 8-bit state", s + 1);
-      TORCH_CHECK(k.qmap[s] != nullptr, "dist8: 8-bit state", s + 1, " needs qmap", s + 1);
+      TORCH_CHECK(k.qmap[state_qmap_index(s)] != nullptr, "dist8: 8-bit state", s + 1, " needs qmap",
+                  state_qmap_index(s) + 1);
       t.codes[s] = states[s]->data_ptr<uint8_t>();
       t.absmax[s] = absmaxes[s]->data_ptr<float>();
       ++nq8;
@@ -197,12 +199,12 @@ void fused_update_cuda(int64_t rule, const at::Tensor& param, const at::Tensor& 
                        const at::Tensor& state2, const at::Tensor& absmax1, const at::Tensor& absmax2,
                        const at::Tensor& qmap1, const at::Tensor& qmap2, c10::ArrayRef<double> scalars,
                        int64_t flags, int64_t block_size, const at::Tensor& update_out, const at::Tensor& skipped,
-                       const at::Tensor& correction) {
+                       const at::Tensor& state3, const at::Tensor& absmax3, const at::Tensor& correction) {
   D8_GUARD(param.device());
   FusedArgs a{};
   a.k = common_args(rule, flags, block_size, scalars, qmap1, qmap2);
   int nq8 = 0;
-  a.t = tensor_args(a.k, param, grad, state1, state2, absmax1, absmax2, update_out, nq8, correction);
+  a.t = tensor_args(a.k, param, grad, state1, state2, absmax1, absmax2, update_out, nq8, state3, absmax3, correction);
   a.t.skipped = skipped_counter(skipped, 0);
   if (a.t.n == 0) return;
   const int64_t nblocks = (a.t.n + block_size - 1) / block_size;
@@ -229,14 +231,17 @@ void fused_update_cuda(int64_t rule, const at::Tensor& param, const at::Tensor& 
 void fused_update_multi_cuda(int64_t rule, at::TensorList params, at::TensorList grads, at::TensorList state1,
                              at::TensorList state2, at::TensorList absmax1, at::TensorList absmax2,
                              const at::Tensor& qmap1, const at::Tensor& qmap2, c10::ArrayRef<double> scalars,
-                             int64_t flags, int64_t block_size, const at::Tensor& skipped,
-                             at::TensorList correction) {
+                             int64_t flags, int64_t block_size, const at::Tensor& skipped, at::TensorList state3,
+                             at::TensorList absmax3, at::TensorList correction) {
   const size_t count = params.size();
   TORCH_CHECK(grads.size() == count && state1.size() == count && state2.size() == count &&
                   absmax1.size() == count && absmax2.size() == count,
               "dist8: fused_update_multi_ needs one grad, state1, state2, absmax1, absmax2 per param");
   TORCH_CHECK(rule >= 0 && rule < NUM_RULES && !rule_writes_update((int)rule),
               "dist8: fused_update_multi_ does not take LAMB/LARS");
+  const bool three = rule_num_states((int)rule) > 2;
+  TORCH_CHECK(three ? (state3.size() == count && absmax3.size() == count) : (state3.empty() && absmax3.empty()),
+              "dist8: fused_update_multi_ needs one state3, absmax3 per param for a rule with three states, none else");
   TORCH_CHECK(correction.size() == 0 || correction.size() == count,
               "dist8: fused_update_multi_ needs no correction list or one correction per param");
   if (count == 0) return;
@@ -246,7 +251,7 @@ void fused_update_multi_cuda(int64_t rule, at::TensorList params, at::TensorList
     for (size_t i = 0; i < count; ++i)
       fused_update_cuda(rule, params[i], grads[i], state1[i], state2[i], absmax1[i], absmax2[i], qmap1, qmap2,
                         scalars, flags, block_size, none, counting ? skipped.narrow(0, (int64_t)i, 1) : none,
-                        correction.size() ? correction[i] : none);
+                        three ? state3[i] : none, three ? absmax3[i] : none, correction.size() ? correction[i] : none);
     return;
   }
   D8_GUARD(params[0].device());
@@ -272,6 +277,7 @@ void fused_update_multi_cuda(int64_t rule, at::TensorList params, at::TensorList
     TORCH_CHECK(params[i].device() == params[0].device(), "dist8: fused_update_multi_ tensors must share a device");
     int nq8 = 0;
     TensorArgs t = tensor_args(a.k, params[i], grads[i], state1[i], state2[i], absmax1[i], absmax2[i], none, nq8,
+                               three ? state3[i] : none, three ? absmax3[i] : none,
                                correction.size() ? correction[i] : none);
     t.skipped = skipped_counter(skipped, (int64_t)i);
     if (t.n == 0) continue;

@@ -27,8 +27,9 @@ namespace dist8 {
 namespace {
 
 constexpr int DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2;
-// Block sizes whose new states and outputs ((nstates + 1) * block_size floats, 24 KiB at
-// most) are kept in shared memory; larger ones use global scratch.
+// Block sizes whose new states and outputs ((nstates + 1) * block_size floats, 32 KiB at
+// most with AdEMAMix's three states, under the 48 KiB default limit of dynamic shared memory
+// with the maps' 2 KiB) are kept in shared memory; larger ones use global scratch.
 constexpr int SMEM_STATE_LIMIT = 2048;
 
 __device__ __forceinline__ float load_as_float(const void* p, int dt, int64_t i) {
@@ -77,7 +78,7 @@ struct CommonArgs {
   int rule, flags, nstates;
   int64_t block_size;
   Scalars c;
-  const float* qmap[2];  // nullptr: 32-bit state
+  const float* qmap[2];  // nullptr: 32-bit state (a third state uses qmap[0]: state_qmap_index)
 };
 
 // One tensor of an update call.
@@ -85,9 +86,9 @@ struct TensorArgs {
   void* param;
   const void* grad;
   void* out;             // param, or update_out (LAMB/LARS)
-  uint8_t* codes[2];     // 8-bit states, else nullptr
-  float* f32[2];         // 32-bit states, else nullptr
-  float* absmax[2];
+  uint8_t* codes[MAX_STATES];  // 8-bit states, else nullptr
+  float* f32[MAX_STATES];       // 32-bit states, else nullptr
+  float* absmax[MAX_STATES];
   float* scratch;        // nullptr: shared memory holds the block's new states and outputs
   int64_t* skipped;      // += blocks not committed, or nullptr
   int64_t n;
@@ -114,8 +115,10 @@ struct MultiArgs {
 static_assert(sizeof(MultiArgs) <= 4000, "multi-tensor kernel arguments must fit the 4 KB parameter space");
 
 __device__ __forceinline__ float apply_rule(int rule, int flags, const Scalars& c, float p, float g, float& s1,
-                                            float& s2) {
+                                            float& s2, float& s3) {
   switch (rule) {
+    case ADEMAMIX: return rule_ademamix(p, g, s1, s2, s3, c);
+    case RMSPROP_MOMENTUM: return rule_rmsprop_momentum(p, g, s1, s2, c);
     case ADAM: return rule_adam<false>(p, g, s1, s2, c);
     case LAMB: return rule_adam<true>(p, g, s1, s2, c);
     case SGD: return rule_momentum<false>(p, g, s1, c, flags);
@@ -154,13 +157,13 @@ __device__ __forceinline__ void count_skip(int64_t* skipped) {
 __device__ __forceinline__ void state_floors(const CommonArgs& k, const TensorArgs& t, const float (*q)[256],
                                              const float* old_am, float* floor) {
 #pragma unroll
-  for (int s = 0; s < 2; ++s)
+  for (int s = 0; s < MAX_STATES; ++s)
     floor[s] = (s < k.nstates && t.codes[s] && rule_state_floored(k.rule, s))
-                   ? fmul(state_floor_fraction(q[s]), old_am[s]) : u2f(0xFF800000u);
+                   ? fmul(state_floor_fraction(q[state_qmap_index(s)]), old_am[s]) : u2f(0xFF800000u);
 }
 
 __device__ __forceinline__ void load_qmaps(const CommonArgs& k, float (*q)[256]) {
-  for (int s = 0; s < k.nstates; ++s)
+  for (int s = 0; s < k.nstates && s < 2; ++s)  // a third state uses qmap[0] (state_qmap_index)
     if (k.qmap[s])
       for (int i = threadIdx.x; i < 256; i += blockDim.x) q[s][i] = k.qmap[s][i];
   __syncthreads();
@@ -176,26 +179,27 @@ __device__ __forceinline__ void update_block(const CommonArgs& k, const TensorAr
   // buf[s * block_size + i]: new state s; buf[nstates * block_size + i]: new output
   float* buf = t.scratch ? t.scratch + off * (k.nstates + 1) : dyn;
   float* obuf = buf + k.nstates * k.block_size;
-  float old_am[2] = {0.f, 0.f}, floor[2];
-  // Loops over states run to the constant 2 so they unroll and the arrays stay in registers.
+  float old_am[MAX_STATES] = {0.f, 0.f, 0.f}, floor[MAX_STATES];
+  // Loops over states run to the constant MAX_STATES so they unroll and the arrays stay in registers.
 #pragma unroll
-  for (int s = 0; s < 2; ++s)
+  for (int s = 0; s < MAX_STATES; ++s)
     if (s < k.nstates && t.codes[s]) old_am[s] = t.absmax[s][blk];
   state_floors(k, t, q, old_am, floor);
-  uint32_t mx[2] = {0u, 0u}, bits = 0u;
+  uint32_t mx[MAX_STATES] = {0u, 0u, 0u}, bits = 0u;
   for (int64_t i = tid; i < len; i += blockDim.x) {
     const int64_t j = off + i;
     const float p = load_param(t, j);
     const float g = load_as_float(t.grad, t.gdt, j);
-    float st[2] = {0.f, 0.f};
+    float st[MAX_STATES] = {0.f, 0.f, 0.f};
 #pragma unroll
-    for (int s = 0; s < 2; ++s)
-      if (s < k.nstates) st[s] = t.codes[s] ? floored(fmul(q[s][t.codes[s][j]], old_am[s]), floor[s]) : t.f32[s][j];
-    const float o = apply_rule(k.rule, k.flags, k.c, p, g, st[0], st[1]);
+    for (int s = 0; s < MAX_STATES; ++s)
+      if (s < k.nstates)
+        st[s] = t.codes[s] ? floored(fmul(q[state_qmap_index(s)][t.codes[s][j]], old_am[s]), floor[s]) : t.f32[s][j];
+    const float o = apply_rule(k.rule, k.flags, k.c, p, g, st[0], st[1], st[2]);
     obuf[i] = o;
     bits = max(bits, abs_bits(o));
 #pragma unroll
-    for (int s = 0; s < 2; ++s) {
+    for (int s = 0; s < MAX_STATES; ++s) {
       if (s >= k.nstates) break;
       buf[s * k.block_size + i] = st[s];
       const uint32_t b = abs_bits(st[s]);
@@ -211,7 +215,7 @@ __device__ __forceinline__ void update_block(const CommonArgs& k, const TensorAr
   }
   for (int64_t i = tid; i < len; i += blockDim.x) store_output(t, off + i, obuf[i]);
 #pragma unroll
-  for (int s = 0; s < 2; ++s) {
+  for (int s = 0; s < MAX_STATES; ++s) {
     if (s >= k.nstates) continue;
     if (!t.codes[s]) {
       for (int64_t i = tid; i < len; i += blockDim.x) t.f32[s][off + i] = buf[s * k.block_size + i];
@@ -221,7 +225,7 @@ __device__ __forceinline__ void update_block(const CommonArgs& k, const TensorAr
     if (tid == 0) t.absmax[s][blk] = am;
     const float recip = block_reciprocal(am);
     for (int64_t i = tid; i < len; i += blockDim.x)
-      t.codes[s][off + i] = (uint8_t)nearest_code(fmul(buf[s * k.block_size + i], recip), q[s]);
+      t.codes[s][off + i] = (uint8_t)nearest_code(fmul(buf[s * k.block_size + i], recip), q[state_qmap_index(s)]);
   }
 }
 
@@ -289,33 +293,38 @@ __device__ __forceinline__ void update_block_warp(const CommonArgs& k, const Ten
                                                   const float (*q)[256], int lane) {
   const int64_t off = blk * k.block_size;
   const int64_t len = min(k.block_size, t.n - off);
-  float old_am[2];
+  float old_am[MAX_STATES];
   old_am[0] = t.codes[0] ? t.absmax[0][blk] : 0.f;
   old_am[1] = k.nstates > 1 && t.codes[1] ? t.absmax[1][blk] : 0.f;
-  float floor[2];
+  old_am[2] = k.nstates > 2 && t.codes[2] ? t.absmax[2][blk] : 0.f;
+  float floor[MAX_STATES];
   state_floors(k, t, q, old_am, floor);
   // the new states and outputs (registers: every index is a constant after unrolling)
-  float st0[VPT], st1[VPT], ov[VPT];
-  uint32_t mx0 = 0u, mx1 = 0u, bits = 0u;
+  float st0[VPT], st1[VPT], st2[VPT], ov[VPT];
+  uint32_t mx0 = 0u, mx1 = 0u, mx2 = 0u, bits = 0u;
 #pragma unroll
   for (int v = 0; v < VPT; ++v) {
     const int64_t i = lane + 32 * v;
-    st0[v] = st1[v] = ov[v] = 0.f;
+    st0[v] = st1[v] = st2[v] = ov[v] = 0.f;
     if (i >= len) continue;
     const int64_t j = off + i;
     const float p = load_param(t, j);
     const float g = load_as_float(t.grad, t.gdt, j);
     float s0 = t.codes[0] ? floored(fmul(q[0][t.codes[0][j]], old_am[0]), floor[0]) : t.f32[0][j];
-    float s1 = 0.f;
+    float s1 = 0.f, s2 = 0.f;
     if (k.nstates > 1) s1 = t.codes[1] ? floored(fmul(q[1][t.codes[1][j]], old_am[1]), floor[1]) : t.f32[1][j];
-    ov[v] = apply_rule(k.rule, k.flags, k.c, p, g, s0, s1);
+    if (k.nstates > 2) s2 = t.codes[2] ? floored(fmul(q[state_qmap_index(2)][t.codes[2][j]], old_am[2]), floor[2])
+                                       : t.f32[2][j];
+    ov[v] = apply_rule(k.rule, k.flags, k.c, p, g, s0, s1, s2);
     st0[v] = s0;
     st1[v] = s1;
+    st2[v] = s2;
     bits = max(bits, abs_bits(ov[v]));
     mx0 = max(mx0, abs_bits(s0));
     mx1 = max(mx1, abs_bits(s1));
+    mx2 = max(mx2, abs_bits(s2));
   }
-  if (warp_max_u32(max(bits, max(mx0, mx1))) >= D8_INF_BITS) {  // skip the block
+  if (warp_max_u32(max(max(bits, mx2), max(mx0, mx1))) >= D8_INF_BITS) {  // skip the block
     if (lane == 0) count_skip(t.skipped);
 #pragma unroll
     for (int v = 0; v < VPT; ++v) {
@@ -331,9 +340,12 @@ __device__ __forceinline__ void update_block_warp(const CommonArgs& k, const Ten
     store_output(t, off + i, ov[v]);
     if (!t.codes[0]) t.f32[0][off + i] = st0[v];
     if (k.nstates > 1 && !t.codes[1]) t.f32[1][off + i] = st1[v];
+    if (k.nstates > 2 && !t.codes[2]) t.f32[2][off + i] = st2[v];
   }
   if (t.codes[0]) requantize_warp<VPT>(st0, mx0, t.codes[0], t.absmax[0], blk, off, len, q[0], lane);
   if (k.nstates > 1 && t.codes[1]) requantize_warp<VPT>(st1, mx1, t.codes[1], t.absmax[1], blk, off, len, q[1], lane);
+  if (k.nstates > 2 && t.codes[2])
+    requantize_warp<VPT>(st2, mx2, t.codes[2], t.absmax[2], blk, off, len, q[state_qmap_index(2)], lane);
 }
 
 // VPT = block_size / 32 values per lane; the host picks the instantiation.

@@ -23,19 +23,27 @@
 namespace dist8 {
 
 // Rule ids: keep in sync with dist8.kernels.rules.Rule.
-enum Rule : int { ADAM = 0, LAMB = 1, SGD = 2, LARS = 3, RMSPROP = 4, ADAGRAD = 5, LION = 6 };
-constexpr int NUM_RULES = 7;
+enum Rule : int {
+  ADAM = 0, LAMB = 1, SGD = 2, LARS = 3, RMSPROP = 4, ADAGRAD = 5, LION = 6, ADEMAMIX = 7, RMSPROP_MOMENTUM = 8
+};
+constexpr int NUM_RULES = 9;
+constexpr int MAX_STATES = 3;  // AdEMAMix: m1, nu, m2
 constexpr int FLAG_FIRST_STEP = 1;
 constexpr int FLAG_NESTEROV = 2;
 
 // Field order of dist8.kernels.rules.Scalars (all float32).
 struct Scalars {
   float lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, grad_wd, decay, bc1, bc2_sqrt,
-      grad_scale, update_wd;
+      grad_scale, update_wd, beta3, one_minus_beta3, alpha;
 };
-constexpr int NUM_SCALARS = 12;
+constexpr int NUM_SCALARS = 15;
 
-D8_HD int rule_num_states(int rule) { return (rule == ADAM || rule == LAMB) ? 2 : 1; }
+D8_HD int rule_num_states(int rule) {
+  return rule == ADEMAMIX ? 3 : (rule == ADAM || rule == LAMB || rule == RMSPROP_MOMENTUM) ? 2 : 1;
+}
+// The quantization map of 8-bit state s (0-based): qmap1 for state 0, qmap2 for state 1, and
+// qmap1 again for AdEMAMix's third state (m2, signed like m1): dist8.kernels.rules.state_qmap_index.
+D8_HD int state_qmap_index(int s) { return s == 2 ? 0 : s; }
 D8_HD bool rule_writes_update(int rule) { return rule == LAMB || rule == LARS; }
 
 // ---- float32 arithmetic that is never contracted into an FMA --------------
@@ -107,6 +115,15 @@ D8_HD float rule_rmsprop(float p, float g, float& v, const Scalars& c) {
   return fsub(p, fmul(c.lr, fdiv(g, fadd(fsqrt(v), c.eps))));
 }
 
+// torch's RMSprop with momentum (beta2 = momentum): v square average, buf momentum buffer.
+D8_HD float rule_rmsprop_momentum(float p, float g, float& v, float& buf, const Scalars& c) {
+  g = fmul(g, c.grad_scale);
+  g = fadd(g, fmul(c.grad_wd, p));
+  v = fadd(fmul(c.beta1, v), fmul(c.one_minus_beta1, fmul(g, g)));
+  buf = fadd(fmul(c.beta2, buf), fdiv(g, fadd(fsqrt(v), c.eps)));
+  return fsub(p, fmul(c.lr, buf));
+}
+
 D8_HD float rule_adagrad(float p, float g, float& s, const Scalars& c) {
   g = fmul(g, c.grad_scale);
   g = fadd(g, fmul(c.grad_wd, p));
@@ -129,6 +146,16 @@ D8_HD float rule_lion(float p, float g, float& m, const Scalars& c) {
 // LAMB/LARS phase 2 (dist8.kernels.rules.trust_step): p - fl32(lr * trust ratio) * u, where u is
 // the update direction rule_adam<true> / rule_momentum<true> wrote.
 D8_HD float rule_trust_step(float p, float u, float lr_times_ratio) { return fsub(p, fmul(lr_times_ratio, u)); }
+// AdEMAMix (Pagliardini et al. 2024, as bitsandbytes): m1 fast EMA, nu second moment, m2 slow EMA.
+D8_HD float rule_ademamix(float p, float g, float& m1, float& nu, float& m2, const Scalars& c) {
+  g = fmul(g, c.grad_scale);
+  m1 = fadd(fmul(c.beta1, m1), fmul(c.one_minus_beta1, g));
+  m2 = fadd(fmul(c.beta3, m2), fmul(c.one_minus_beta3, g));
+  nu = fadd(fmul(c.beta2, nu), fmul(c.one_minus_beta2, fmul(g, g)));
+  const float denom = fadd(fdiv(fsqrt(nu), c.bc2_sqrt), c.eps);
+  p = fmul(p, c.decay);
+  return fsub(p, fmul(c.lr, fdiv(fadd(fdiv(m1, c.bc1), fmul(c.alpha, m2)), denom)));
+}
 
 // ---- block-wise quantization (see dist8/quant/blockwise.py) ----------------
 // The factor a block's values are multiplied by before the code search (see
@@ -182,7 +209,8 @@ D8_HD float key_float(uint32_t k) { return u2f((k & 0x80000000u) ? (k & 0x7FFFFF
 // value stored as code 0 is below half the smallest positive code, and reading it as 0
 // let lr * m / eps through.
 D8_HD bool rule_state_floored(int rule, int s) {
-  return ((rule == ADAM || rule == LAMB) && s == 1) || ((rule == RMSPROP || rule == ADAGRAD) && s == 0);
+  return ((rule == ADAM || rule == LAMB || rule == ADEMAMIX) && s == 1) ||
+         ((rule == RMSPROP || rule == ADAGRAD || rule == RMSPROP_MOMENTUM) && s == 0);
 }
 // Half the first entry >= the smallest positive float (0 when none): dist8.kernels.rules.state_floor_fraction.
 D8_HD float state_floor_fraction(const float* qmap) {

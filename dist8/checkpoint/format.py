@@ -85,11 +85,12 @@ METADATA = "metadata.json"
 MODEL_FILE = "model.safetensors"
 FP32_WEIGHTS_FILE = "model-fp32.safetensors"
 # Per-parameter tensors a rank file may hold, with their dtype: codes are uint8, everything else fp32.
-# "correction" (master_weight_bits, dist8.optim.state_schema.CORRECTION): int8 (24-bit) or int16 (32-bit).
-STATE_KEYS = ("state1", "state2", "absmax1", "absmax2", "gnorm_vec", "master", "correction")
+# "correction" (master_weight_bits, dist8.optim.state_schema.CORRECTION): int8 (24-bit) or int16 (32-bit);
+# state3/absmax3: AdEMAMix's slow EMA.
+STATE_KEYS = ("state1", "state2", "absmax1", "absmax2", "gnorm_vec", "master", "correction", "state3", "absmax3")
 STATE_DTYPES = {"state1": ("uint8", "float32"), "state2": ("uint8", "float32"), "absmax1": ("float32",),
                 "absmax2": ("float32",), "gnorm_vec": ("float32",), "master": ("float32",),
-                "correction": ("int8", "int16")}
+                "correction": ("int8", "int16"), "state3": ("uint8", "float32"), "absmax3": ("float32",)}
 _RANK_FILE = re.compile(r"^optim-(\d{5})-of-(\d{5})\.safetensors$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _MAX_DEPTH = 64

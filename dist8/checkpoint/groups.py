@@ -118,7 +118,7 @@ def check_saved_groups(saved_groups: list[dict[str, Any]], where: str) -> None:
         t = {}
         for k, v in g.items():
             if k == "betas":
-                t[k] = (0.0, 0.0)
+                t[k] = tuple(0.0 for _ in v) if isinstance(v, list) and len(v) in (2, 3) else (0.0, 0.0)
             elif k in _RANGES or k in _CHOICES:
                 t[k] = 0 if k in ("optim_bits", "min_8bit_size") else 0.0
             else:

@@ -114,7 +114,7 @@ def _convert(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str | Non
     from dist8.checkpoint.format import (FORMAT, MODEL_FILE, CheckpointError, file_entry, install_dir, rank_file,
                                          temp_dir, tensor_key, write_metadata)
     from dist8.checkpoint.torch_files import load_torch_file, weights_only_loads
-    from dist8.kernels import RULE_STATES
+    from dist8.kernels import RULE_STATES, Rule
     from dist8.optim import get_optimizer_class
     from dist8.quant import dequantize_blockwise, get_map, num_blocks, quantize_blockwise
 
@@ -157,7 +157,8 @@ def _convert(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str | Non
                               "(DeepSpeed config optimizer.type must be 'dist8.<Name>')")
     cls = get_optimizer_class(info["class"])
     B = int(info["block_size"])
-    signs = RULE_STATES[cls.rule]
+    rule = Rule[info["rule"]] if info.get("rule") in Rule.__members__ else cls.rule  # older saves: the class's
+    signs = RULE_STATES[rule]
     quant_map = "dynamic"
     qmaps = {s: get_map(quant_map, s) for s in (True, False)}
 
@@ -261,7 +262,7 @@ def _convert(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str | Non
     meta = {
         "dist8_version": __version__,
         "torch_version": torch.__version__, "block_size": B, "world_size": 1, "step": step,
-        "optimizer": {"class": cls.__name__, "rule": cls.rule.name, "quant_map": quant_map, "block_wise": True,
+        "optimizer": {"class": cls.__name__, "rule": rule.name, "quant_map": quant_map, "block_wise": True,
                       "param_groups": [{k: safe(v) for k, v in g.items()} for g in (groups_hyper or [])][:1]},
         "params": params_meta, "pieces": {"0": pieces}, "files": files,
         "extra": {"converted_from": "deepspeed", "deepspeed_dir": str(ckpt_dir), "tag": tag,

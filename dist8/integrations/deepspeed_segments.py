@@ -139,7 +139,8 @@ class DeepSpeedSegments:
                 if p in self.param_names:
                     names[pid] = self.param_names[p]
                 pid += 1
-        sd["dist8"] = {"class": type(self).__name__, "block_size": self.block_size, "names": names}
+        sd["dist8"] = {"class": type(self).__name__, "block_size": self.block_size, "names": names,
+                       "rule": self.rule.name}  # per instance for RMSprop (momentum buffer or not)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -32,19 +32,24 @@ import torch
 from dist8.kernels.reference import check_correction
 from dist8.kernels.rules import RULE_STATES, RULE_WRITES_UPDATE, Rule, Scalars
 
+NUM_SCALARS = len(Scalars().as_tuple())
+
 __all__ = ["build_directory", "build_name", "load_backend", "NativeBackend", "csrc_dir"]
 
 _SCHEMAS = {
     "fused_update_": (
         "fused_update_(int rule, Tensor(a!) param, Tensor grad, Tensor(b!) state1, Tensor(c!) state2, "
         "Tensor(d!) absmax1, Tensor(e!) absmax2, Tensor qmap1, Tensor qmap2, float[] scalars, int flags, "
-        "int block_size, Tensor(f!) update_out, Tensor(g!) skipped, Tensor(h!) correction) -> ()"
+        "int block_size, Tensor(f!) update_out, Tensor(g!) skipped, Tensor(i!) state3, Tensor(j!) absmax3, "
+        "Tensor(h!) correction) -> ()"
     ),
     # One update for many tensors (same rule, scalars, flags, block size; no update_out).
+    # state3/absmax3: a third state (AdEMAMix's slow EMA, quantized with qmap1); empty = absent.
     "fused_update_multi_": (
         "fused_update_multi_(int rule, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
         "Tensor(c!)[] state2, Tensor(d!)[] absmax1, Tensor(e!)[] absmax2, Tensor qmap1, Tensor qmap2, "
-        "float[] scalars, int flags, int block_size, Tensor(f!) skipped, Tensor(h!)[] correction) -> ()"
+        "float[] scalars, int flags, int block_size, Tensor(f!) skipped, Tensor(i!)[] state3, Tensor(j!)[] absmax3, "
+        "Tensor(h!)[] correction) -> ()"
     ),
     "quantize_blockwise": "quantize_blockwise(Tensor x, Tensor qmap, int block_size) -> (Tensor, Tensor)",
     "dequantize_blockwise": "dequantize_blockwise(Tensor codes, Tensor absmax, Tensor qmap, int block_size) -> Tensor",
@@ -251,10 +256,10 @@ def _check_tensor(t: torch.Tensor, name: str, numel: int, device: torch.device, 
 
 
 def _scalar_values(scalars) -> list[float]:
-    """The 12 per-step scalars as the ops take them."""
+    """The per-step scalars (NUM_SCALARS of them) as the ops take them."""
     values = [float(x) for x in (scalars.as_tuple() if isinstance(scalars, Scalars) else scalars)]
-    if len(values) != 12:
-        raise ValueError(f"scalars must have 12 values, got {len(values)}")
+    if len(values) != NUM_SCALARS:
+        raise ValueError(f"scalars must have {NUM_SCALARS} values, got {len(values)}")
     return values
 
 
@@ -300,6 +305,8 @@ class NativeBackend:
         block_size: int,
         update_out: torch.Tensor | None = None,
         skipped: torch.Tensor | None = None,
+        state3: torch.Tensor | None = None,
+        absmax3: torch.Tensor | None = None,
         correction: torch.Tensor | None = None,
     ) -> None:
         """Same contract as :meth:`ReferenceBackend.fused_update`, bit-identical results."""
@@ -318,7 +325,8 @@ class NativeBackend:
         nstates = len(RULE_STATES[rule])
         empty = self._none(device)
         args = []
-        for i, (state, absmax, qmap) in enumerate(((state1, absmax1, qmap1), (state2, absmax2, qmap2)), start=1):
+        slots = ((state1, absmax1, qmap1), (state2, absmax2, qmap2), (state3, absmax3, qmap1))  # state 3: qmap1
+        for i, (state, absmax, qmap) in enumerate(slots, start=1):
             if i > nstates:
                 args.append((empty, empty, empty))
                 continue
@@ -336,12 +344,12 @@ class NativeBackend:
         else:
             out = empty
         values = _scalar_values(scalars)
-        (s1, a1, q1), (s2, a2, q2) = args
+        (s1, a1, q1), (s2, a2, q2), (s3, a3, _) = args
         counts = self._counts(skipped, 1, device)
         corr = self._correction(p, correction)
         with torch.no_grad():
             self._ops.fused_update_(
-                int(rule), p, g, s1, s2, a1, a2, q1, q2, values, int(flags), int(block_size), out, counts, corr
+                int(rule), p, g, s1, s2, a1, a2, q1, q2, values, int(flags), int(block_size), out, counts, s3, a3, corr
             )
 
     def _correction(self, param: torch.Tensor, correction: torch.Tensor | None) -> torch.Tensor:
@@ -362,15 +370,16 @@ class NativeBackend:
                            block_size: int, skipped: torch.Tensor | None = None,
                            corrections: list[torch.Tensor | None] | None = None) -> None:
         """:meth:`fused_update` for many tensors at once: ``updates`` holds one ``(param, grad,
-        state1, state2, absmax1, absmax2)`` per tensor (``None`` where absent), all with the same
+        state1, state2, absmax1, absmax2)`` per tensor (rules with a third state: ``(..., state3,
+        absmax3)``; ``None`` where absent), all with the same
         rule, scalars, flags and block size and no ``update_out``; ``corrections`` one master-weight
         correction per tensor (None where it has none). One kernel call on the CPU (the
         per-call cost of ~30 us per tensor is paid once), one launch per 24 tensors on CUDA.
         """
         rule = Rule(rule)
         if rule in RULE_WRITES_UPDATE or not updates:
-            for i, (p, g, s1, s2, a1, a2) in enumerate(updates):
-                self.fused_update(rule, p, g, s1, s2, a1, a2, qmap1, qmap2, scalars, flags, block_size,
+            for i, row in enumerate(updates):
+                self.fused_update(rule, *row[:6], qmap1, qmap2, scalars, flags, block_size,
                                   skipped=None if skipped is None else skipped[i:i + 1],
                                   correction=None if corrections is None else corrections[i])
             return
@@ -380,17 +389,22 @@ class NativeBackend:
         empty = self._none(device)
         q1 = self._qmap(qmap1, "qmap1", device) if qmap1 is not None else empty
         q2 = self._qmap(qmap2, "qmap2", device) if qmap2 is not None else empty
-        cols = [[], [], [], [], [], []]  # no detach: the op runs under no_grad
+        three = len(RULE_STATES[rule]) > 2
+        cols = [[] for _ in range(8 if three else 6)]  # no detach: the op runs under no_grad
         for row in updates:
+            if three and len(row) < 8:
+                raise ValueError(f"{rule.name} keeps three states: each update needs (param, grad, state1, state2, "
+                                 "absmax1, absmax2, state3, absmax3)")
             for col, t in zip(cols, row):
                 col.append(empty if t is None else t)
         values = _scalar_values(scalars)
         counts = self._counts(skipped, len(updates), device)
+        s3, a3 = (cols[6], cols[7]) if three else ([], [])
         corrs = [self._correction(row[0], None if corrections is None else corrections[i])
                  for i, row in enumerate(updates)]
         with torch.no_grad():
-            self._ops.fused_update_multi_(int(rule), *cols, q1, q2, values, int(flags), int(block_size), counts,
-                                          corrs)
+            self._ops.fused_update_multi_(int(rule), *cols[:6], q1, q2, values, int(flags), int(block_size), counts,
+                                          s3, a3, corrs)
 
     def trust_step(self, param: torch.Tensor, update: torch.Tensor, lr_times_ratio: float,
                    correction: torch.Tensor | None = None) -> None:

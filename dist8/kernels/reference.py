@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from dist8.kernels.rules import (RULE_STATES, Rule, Scalars, apply_rule, finite_blocks, floor_state, state_floor_fraction,
-                                 state_floored, trust_step)
+from dist8.kernels.rules import (RULE_STATES, Rule, Scalars, apply_rule_states, finite_blocks, floor_state,
+                                 state_floor_fraction, state_floored, trust_step)
 from dist8.quant import dequantize_blockwise, quantize_blockwise
 from dist8.quant.master import decode_master, encode_master
 
@@ -73,13 +73,17 @@ class ReferenceBackend:
         block_size: int,
         update_out: torch.Tensor | None = None,
         skipped: torch.Tensor | None = None,
+        state3: torch.Tensor | None = None,
+        absmax3: torch.Tensor | None = None,
         correction: torch.Tensor | None = None,
     ) -> None:
         """Update ``param`` (or write ``update_out``) and the states in place.
 
         ``state*`` are uint8 codes with float32 ``absmax*`` (8-bit) or float32
         tensors with ``absmax* = None`` (32-bit); all tensors hold the same
-        number of elements in the same (flattened) order. A block whose new
+        number of elements in the same (flattened) order. ``state3``/``absmax3``:
+        the third state of a rule that keeps one (AdEMAMix's slow EMA; quantized
+        with ``qmap1``), else None. A block whose new
         states or outputs are not all finite is skipped (see
         :mod:`dist8.kernels.rules`); ``skipped`` (int64, one element), when
         given, is increased by the number of skipped blocks. ``correction`` (int8: 24-bit, int16:
@@ -88,25 +92,25 @@ class ReferenceBackend:
         ``correction`` (:func:`~dist8.quant.master.encode_master`); a skipped block keeps both.
         """
         rule = Rule(rule)
+        nstates = len(RULE_STATES[rule])
         corr = None
         if correction is not None and correction.numel():
             check_correction(param, correction)
             corr = correction.detach().view(-1)
         p = param.detach().reshape(-1).float() if corr is None else decode_master(param.detach().reshape(-1), corr)
         g = grad.detach().reshape(-1).float()
-        s1 = _load_state(state1, absmax1, qmap1, block_size, state_floored(rule, 0))
-        s2 = _load_state(state2, absmax2, qmap2, block_size, len(RULE_STATES[rule]) > 1 and state_floored(rule, 1))
-        out, s1_new, s2_new = apply_rule(rule, p, g, s1, s2, scalars, flags)
+        slots = [(state1, absmax1, qmap1), (state2, absmax2, qmap2), (state3, absmax3, qmap1)][:nstates]
+        olds = [_load_state(s, a, q, block_size, state_floored(rule, i)) for i, (s, a, q) in enumerate(slots)]
+        out, news = apply_rule_states(rule, p, g, olds, scalars, flags)
         n = p.numel()
-        ok = finite_blocks(block_size, *(t for t in (out, s1_new, s2_new) if t is not None)) if n else None
+        ok = finite_blocks(block_size, out, *news) if n else None
         keep = None
         if ok is not None and not bool(ok.all()):
             keep = (~ok).repeat_interleave(block_size)[:n]
             if skipped is not None:
                 skipped.add_(int((~ok).sum()))
-        _store_state(s1_new, state1, absmax1, qmap1, block_size, keep)
-        if s2_new is not None:
-            _store_state(s2_new, state2, absmax2, qmap2, block_size, keep)
+        for new, (s, a, q) in zip(news, slots):
+            _store_state(new, s, a, q, block_size, keep)
         target = (update_out if update_out is not None else param).detach()
         if corr is not None and update_out is None:
             bits = 24 if corr.dtype == torch.int8 else 32
@@ -125,12 +129,15 @@ class ReferenceBackend:
     def fused_update_multi(self, rule: Rule, updates: list[tuple], qmap1, qmap2, scalars: Scalars, flags: int,
                            block_size: int, skipped: torch.Tensor | None = None,
                            corrections: list[torch.Tensor | None] | None = None) -> None:
-        """:meth:`fused_update` for each ``(param, grad, state1, state2, absmax1, absmax2)`` of ``updates``;
-        ``skipped`` (int64, one element per tensor), when given, counts each tensor's skipped blocks;
-        ``corrections`` (one per tensor, None where it has none) as ``correction`` of :meth:`fused_update`."""
-        for i, (p, g, s1, s2, a1, a2) in enumerate(updates):
+        """:meth:`fused_update` for each ``(param, grad, state1, state2, absmax1, absmax2)`` of ``updates``
+        (rules with a third state: ``(..., state3, absmax3)``); ``skipped`` (int64, one element per
+        tensor), when given, counts each tensor's skipped blocks; ``corrections`` (one per tensor, None
+        where it has none) as ``correction`` of :meth:`fused_update`."""
+        for i, row in enumerate(updates):
+            p, g, s1, s2, a1, a2 = row[:6]
+            s3, a3 = row[6:8] if len(row) > 6 else (None, None)
             self.fused_update(rule, p, g, s1, s2, a1, a2, qmap1, qmap2, scalars, flags, block_size,
-                              skipped=None if skipped is None else skipped[i:i + 1],
+                              skipped=None if skipped is None else skipped[i:i + 1], state3=s3, absmax3=a3,
                               correction=None if corrections is None else corrections[i])
 
     def trust_step(self, param: torch.Tensor, update: torch.Tensor, lr_times_ratio: float,

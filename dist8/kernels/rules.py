@@ -6,8 +6,8 @@ operation for operation (same order, no fused multiply-add) so that the C++ and
 CUDA kernels produce bit-identical state. Change both together.
 
 Every rule receives float32 ``p`` (parameter), ``g`` (gradient), the float32
-states and a :class:`Scalars`; it returns ``(out, s1, s2)`` where ``out`` is the
-new parameter, or the update direction ``u`` for rules whose final step is
+states and a :class:`Scalars`; it returns ``(out, s1, s2)`` (AdEMAMix: ``(out, s1, s2, s3)``)
+where ``out`` is the new parameter, or the update direction ``u`` for rules whose final step is
 scaled by a trust ratio (LAMB, LARS: ``p <- p - lr * ratio * u`` afterwards, by
 :func:`trust_step` once the ratio is known from the norms of ``p`` and ``u``).
 """
@@ -20,7 +20,8 @@ import torch
 
 __all__ = [
     "Rule", "Scalars", "FLAG_FIRST_STEP", "FLAG_NESTEROV", "RULE_STATES", "RULE_WRITES_UPDATE", "apply_rule",
-    "state_floored", "state_floor_fraction", "floor_state", "finite_blocks", "trust_step",
+    "state_floored", "state_floor_fraction", "floor_state", "finite_blocks", "trust_step", "apply_rule_states",
+    "state_qmap_index",
 ]
 
 FLAG_FIRST_STEP = 1  # momentum buffer starts as the gradient (SGD/LARS)
@@ -37,6 +38,8 @@ class Rule(enum.IntEnum):
     RMSPROP = 4
     ADAGRAD = 5
     LION = 6
+    ADEMAMIX = 7
+    RMSPROP_MOMENTUM = 8
 
 
 # Number of states and, per state, whether it is signed (signed dynamic map) or
@@ -49,6 +52,10 @@ RULE_STATES: dict[Rule, tuple[bool, ...]] = {
     Rule.RMSPROP: (False,),
     Rule.ADAGRAD: (False,),
     Rule.LION: (True,),
+    # m1 (fast EMA), nu (second moment), m2 (slow EMA; quantized with state 1's map, qmap1)
+    Rule.ADEMAMIX: (True, False, True),
+    # torch's RMSprop with momentum: square average (unsigned), momentum buffer (signed)
+    Rule.RMSPROP_MOMENTUM: (False, True),
 }
 RULE_WRITES_UPDATE = frozenset({Rule.LAMB, Rule.LARS})
 
@@ -72,6 +79,8 @@ class Scalars:
                        weight_decay -> grad_wd
     ``for_adagrad``    eps, weight_decay -> grad_wd (``lr`` already decayed)
     ``for_lion``       beta1 (interpolation), beta2 (momentum decay), decay
+    ``for_rmsprop``    with momentum (RMSPROP_MOMENTUM): momentum -> beta2
+    ``for_ademamix``   Adam's slots plus beta3 / one_minus_beta3 (slow EMA), alpha
     =================  ===============================================================
     """
 
@@ -87,6 +96,9 @@ class Scalars:
     bc2_sqrt: float = 1.0  # sqrt of the bias correction of the second moment
     grad_scale: float = 1.0  # gradient scale (percentile clipping)
     update_wd: float = 0.0  # weight decay added to the update direction (LAMB)
+    beta3: float = 0.0  # AdEMAMix: decay of the slow EMA m2 (after its warm-up scheduler)
+    one_minus_beta3: float = 1.0
+    alpha: float = 0.0  # AdEMAMix: weight of the slow EMA (after its warm-up scheduler)
 
     @classmethod
     def for_adam(cls, *, lr: float, beta1: float, beta2: float, eps: float, bc1: float = 1.0, bc2_sqrt: float = 1.0,
@@ -102,10 +114,11 @@ class Scalars:
         return cls(lr=lr, beta1=momentum, one_minus_beta1=1.0 - dampening, grad_wd=weight_decay, grad_scale=grad_scale)
 
     @classmethod
-    def for_rmsprop(cls, *, lr: float, alpha: float, eps: float, weight_decay: float = 0.0,
+    def for_rmsprop(cls, *, lr: float, alpha: float, eps: float, weight_decay: float = 0.0, momentum: float = 0.0,
                     grad_scale: float = 1.0) -> Scalars:
-        """RMSprop: ``v = alpha * v + (1 - alpha) * g * g``."""
-        return cls(lr=lr, beta1=alpha, one_minus_beta1=1.0 - alpha, eps=eps, grad_wd=weight_decay,
+        """RMSprop: ``v = alpha * v + (1 - alpha) * g * g``; with ``momentum`` (rule RMSPROP_MOMENTUM)
+        ``buf = momentum * buf + g / (sqrt(v) + eps)``."""
+        return cls(lr=lr, beta1=alpha, one_minus_beta1=1.0 - alpha, beta2=momentum, eps=eps, grad_wd=weight_decay,
                    grad_scale=grad_scale)
 
     @classmethod
@@ -119,11 +132,21 @@ class Scalars:
         return cls(lr=lr, beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
                    decay=decay, grad_scale=grad_scale)
 
+    @classmethod
+    def for_ademamix(cls, *, lr: float, beta1: float, beta2: float, beta3: float, alpha: float, eps: float, bc1: float,
+                     bc2_sqrt: float, decay: float = 1.0, grad_scale: float = 1.0) -> Scalars:
+        """AdEMAMix: Adam's slots plus the slow EMA's decay ``beta3`` and weight ``alpha`` (both after
+        their warm-up schedulers)."""
+        return cls(lr=lr, beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2, eps=eps,
+                   decay=decay, bc1=bc1, bc2_sqrt=bc2_sqrt, grad_scale=grad_scale, beta3=beta3,
+                   one_minus_beta3=1.0 - beta3, alpha=alpha)
+
     def as_tuple(self) -> tuple[float, ...]:
         # not dataclasses.astuple: it deep-copies every field (a third of the per-parameter
         # Python cost of an optimizer step)
         return (self.lr, self.beta1, self.one_minus_beta1, self.beta2, self.one_minus_beta2, self.eps, self.grad_wd,
-                self.decay, self.bc1, self.bc2_sqrt, self.grad_scale, self.update_wd)
+                self.decay, self.bc1, self.bc2_sqrt, self.grad_scale, self.update_wd, self.beta3,
+                self.one_minus_beta3, self.alpha)
 
 
 def _f32(x: float) -> torch.Tensor:
@@ -166,6 +189,16 @@ def _rmsprop(p, g, v, c):
     return p - c.lr * (g / (_sqrt(v) + c.eps)), v
 
 
+def _rmsprop_momentum(p, g, v, buf, c):
+    # torch.optim.RMSprop(momentum > 0): buf = momentum * buf + g / (sqrt(v) + eps); p -= lr * buf.
+    # beta2 is the momentum (beta1 the square average's alpha, as for RMSPROP).
+    g = g * c.grad_scale
+    g = g + c.grad_wd * p
+    v = c.beta1 * v + c.one_minus_beta1 * (g * g)
+    buf = c.beta2 * buf + g / (_sqrt(v) + c.eps)
+    return p - c.lr * buf, v, buf
+
+
 def _adagrad(p, g, s, c):
     g = g * c.grad_scale
     g = g + c.grad_wd * p
@@ -182,6 +215,37 @@ def _lion(p, g, m, c):
     return p, m
 
 
+def _ademamix(p, g, m1, nu, m2, c):
+    # Pagliardini et al. 2024, as bitsandbytes: bias-corrected fast EMA m1 plus alpha times the
+    # slow EMA m2 (no bias correction), over Adam's denominator; decoupled weight decay first
+    # (decay = 1 - lr * wd, the paper's p -= lr * wd * p_old).
+    g = g * c.grad_scale
+    m1 = c.beta1 * m1 + c.one_minus_beta1 * g
+    m2 = c.beta3 * m2 + c.one_minus_beta3 * g
+    nu = c.beta2 * nu + c.one_minus_beta2 * (g * g)
+    denom = _sqrt(nu) / c.bc2_sqrt + c.eps
+    p = p * c.decay
+    return p - c.lr * ((m1 / c.bc1 + c.alpha * m2) / denom), m1, nu, m2
+
+
+def state_qmap_index(rule: Rule, index: int) -> int:
+    """Which quantization map (0: ``qmap1``, 1: ``qmap2``) 8-bit state ``index`` (0-based) of ``rule``
+    uses: state ``i`` uses map ``i``, except AdEMAMix's third state (m2), which uses ``qmap1``."""
+    return 0 if index == 2 else index
+
+
+def apply_rule_states(rule: Rule, p: torch.Tensor, g: torch.Tensor, states: list, scalars: Scalars,
+                      flags: int = 0) -> tuple[torch.Tensor, list]:
+    """:func:`apply_rule` for any number of states: ``states`` holds ``len(RULE_STATES[rule])``
+    float32 tensors; returns ``(new_param_or_update, new_states)``."""
+    n = len(RULE_STATES[Rule(rule)])
+    if n == 3:
+        out, s1, s2, s3 = apply_rule(rule, p, g, states[0], states[1], scalars, flags, s3=states[2])
+        return out, [s1, s2, s3]
+    out, s1, s2 = apply_rule(rule, p, g, states[0], states[1] if n > 1 else None, scalars, flags)
+    return out, [s1, s2][:n]
+
+
 def apply_rule(
     rule: Rule,
     p: torch.Tensor,
@@ -190,12 +254,16 @@ def apply_rule(
     s2: torch.Tensor | None,
     scalars: Scalars,
     flags: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Run ``rule`` on float32 tensors; returns ``(new_param_or_update, new_s1, new_s2)``.
+    s3: torch.Tensor | None = None,
+) -> tuple:
+    """Run ``rule`` on float32 tensors; returns ``(new_param_or_update, new_s1, new_s2)``, and for
+    AdEMAMix (three states; ``s3`` is its slow EMA m2) ``(new_param, new_m1, new_nu, new_m2)``.
 
     Scalars are rounded to float32 first, exactly as the kernels receive them.
     """
     c = Scalars(*(float(_f32(x)) for x in scalars.as_tuple()))
+    if rule == Rule.ADEMAMIX:
+        return _ademamix(p, g, s1, s2, s3, c)
     if rule in (Rule.ADAM, Rule.LAMB):
         return _adam(p, g, s1, s2, c, flags, rule == Rule.LAMB)
     if rule in (Rule.SGD, Rule.LARS):
@@ -204,6 +272,8 @@ def apply_rule(
     if rule == Rule.RMSPROP:
         out, v = _rmsprop(p, g, s1, c)
         return out, v, None
+    if rule == Rule.RMSPROP_MOMENTUM:
+        return _rmsprop_momentum(p, g, s1, s2, c)
     if rule == Rule.ADAGRAD:
         out, s = _adagrad(p, g, s1, c)
         return out, s, None
@@ -245,7 +315,7 @@ def trust_step(p: torch.Tensor, u: torch.Tensor, lr_times_ratio: float) -> torch
 
 
 def state_floored(rule: Rule, index: int) -> bool:
-    """Whether 8-bit state ``index`` (0 or 1) of ``rule`` is read back with the floor."""
+    """Whether 8-bit state ``index`` (0-based) of ``rule`` is read back with the floor."""
     return not RULE_STATES[Rule(rule)][index]
 
 

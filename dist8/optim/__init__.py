@@ -1,5 +1,6 @@
 """dist8's optimizers: drop-in replacements for ``bitsandbytes.optim`` with block-wise 8-bit state."""
 from dist8.optim.adam import Adam, Adam8bit, Adam32bit, AdamW, AdamW8bit, AdamW32bit
+from dist8.optim.ademamix import AdEMAMix, AdEMAMix8bit, AdEMAMix32bit
 from dist8.optim.base import Optimizer8bit, ParamSettings
 from dist8.optim.lamb import LAMB, LAMB8bit, LAMB32bit
 from dist8.optim.manager import GlobalOptimManager
@@ -11,7 +12,7 @@ OPTIMIZERS = {
     cls.__name__: cls
     for cls in (Adam, Adam8bit, Adam32bit, AdamW, AdamW8bit, AdamW32bit, SGD, SGD8bit, SGD32bit, RMSprop, RMSprop8bit,
                 RMSprop32bit, Adagrad, Adagrad8bit, Adagrad32bit, Lion, Lion8bit, Lion32bit, LAMB, LAMB8bit, LAMB32bit,
-                LARS, LARS8bit, LARS32bit)
+                LARS, LARS8bit, LARS32bit, AdEMAMix, AdEMAMix8bit, AdEMAMix32bit)
 }
 
 

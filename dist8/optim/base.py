@@ -87,6 +87,7 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
     """
 
     rule: Rule
+    n_betas = 2  # length of the ``betas`` hyperparameter, where the family has one (AdEMAMix: 3)
     # torch.amp.GradScaler then sets ``grad_scale`` and ``found_inf`` before step() instead of
     # unscaling the gradients itself: the kernels fold 1/scale into their gradient scale.
     _step_supports_amp_scaling = True
@@ -186,7 +187,7 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
     # ---- settings ---------------------------------------------------------------
     def validate_hyper(self, hyper: dict[str, Any], where: str) -> None:
         """Check a param group's (or override's) hyperparameters; ValueError naming the key and ``where``."""
-        check_group(hyper, where)
+        check_group(hyper, where, self.n_betas)
         self.check_hyper(hyper, where)
 
     def _check_group(self, group: dict[str, Any], gi: int) -> None:
@@ -300,7 +301,7 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
         return ParamSettings(name=name, use_8bit=use_8bit, block_size=block, hyper=hyper, correction=correction)
 
     def rule_state_signed(self, index: int) -> bool:
-        """Whether state ``index`` (1 or 2) uses the signed map."""
+        """Whether state ``index`` (1-based) uses the signed map."""
         return schema.is_signed(self.rule, index)
 
     def qmap(self, device: torch.device, signed: bool) -> torch.Tensor:

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from dist8.kernels import RULE_WRITES_UPDATE, Rule, apply_rule, get_backend
-from dist8.kernels.rules import state_floor_fraction, state_floored
+from dist8.kernels import RULE_WRITES_UPDATE, Rule, get_backend
+from dist8.kernels.rules import apply_rule_states, state_floor_fraction, state_floored
 from dist8.optim.dtensor import layout_for
 from dist8.optim.dtensor_layout import Layout, comm_device
 from dist8.optim.state_schema import CORRECTION, absmax_key, is_signed, state_key
@@ -221,12 +221,14 @@ def update(opt: Optimizer8bit, p, state: dict, settings: ParamSettings, step: in
     def kernel(lo: int, hi: int, a_lo: int, a_hi: int) -> None:
         skipped = torch.zeros(1, dtype=torch.int64, device=p_local.device)
         backend.fused_update(
-            opt.rule, pf[lo:hi], gf[lo:hi], codes[0][lo:hi], codes[1][lo:hi] if n_states == 2 else None,
+            opt.rule, pf[lo:hi], gf[lo:hi], codes[0][lo:hi], codes[1][lo:hi] if n_states >= 2 else None,
             absmax[0][a_lo:a_hi] if absmax[0] is not None else None,
-            absmax[1][a_lo:a_hi] if n_states == 2 and absmax[1] is not None else None,
-            qmaps[0], qmaps[1] if n_states == 2 else None, scalars, flags, settings.block_size,
+            absmax[1][a_lo:a_hi] if n_states >= 2 and absmax[1] is not None else None,
+            qmaps[0], qmaps[1] if n_states >= 2 else None, scalars, flags, settings.block_size,
             upd[lo:hi] if upd is not None else None, skipped,
             **({"correction": cf[lo:hi]} if cf is not None else {}),
+            **({"state3": codes[2][lo:hi], "absmax3": absmax[2][a_lo:a_hi] if absmax[2] is not None else None}
+               if n_states > 2 else {}),
         )
         opt.skip_counter.add_blocks([settings.name], skipped)
 
@@ -235,9 +237,7 @@ def update(opt: Optimizer8bit, p, state: dict, settings: ParamSettings, step: in
         olds = [_dequant(codes[i][lo:hi], absmax[i], qmaps[i], blocks, state_floored(opt.rule, i))
                 for i in range(n_states)]
         master = decode_master(pf[lo:hi], cf[lo:hi]) if cf is not None else pf[lo:hi].float()
-        out, s1, s2 = apply_rule(Rule(opt.rule), master, gf[lo:hi].float(), olds[0],
-                                 olds[1] if n_states == 2 else None, scalars, flags)
-        news = [s1, s2][:n_states]
+        out, news = apply_rule_states(Rule(opt.rule), master, gf[lo:hi].float(), olds, scalars, flags)
         bad = ~torch.isfinite(out)
         for t in news:
             bad |= ~torch.isfinite(t)

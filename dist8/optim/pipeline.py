@@ -191,17 +191,22 @@ def _percentile_scale(state: dict, gnorm_sq: float, step: int, percentile: float
 
 
 def kernel_tensors(opt: Optimizer8bit, p: torch.Tensor, state: dict) -> tuple:
-    """(param, grad, state1, state2, absmax1, absmax2) of one parameter, as the kernels take them."""
-    two = n_states(opt.rule) == 2
-    return (p.detach(), p.grad.detach(), state[state_key(1)], state[state_key(2)] if two else None,
-            state.get(absmax_key(1)), state.get(absmax_key(2)) if two else None)
+    """(param, grad, state1, state2, absmax1, absmax2) of one parameter, as the kernels take them;
+    rules with a third state (AdEMAMix) add (state3, absmax3)."""
+    count = n_states(opt.rule)
+    two = count >= 2
+    row = (p.detach(), p.grad.detach(), state[state_key(1)], state[state_key(2)] if two else None,
+           state.get(absmax_key(1)), state.get(absmax_key(2)) if two else None)
+    if count > 2:
+        row += (state[state_key(3)], state.get(absmax_key(3)))
+    return row
 
 
 def kernel_qmaps(opt: Optimizer8bit, device: torch.device, use_8bit: bool) -> tuple:
     """The (state1, state2) quantization maps on ``device`` (None for 32-bit state or a missing state)."""
     if not use_8bit:
         return None, None
-    two = n_states(opt.rule) == 2
+    two = n_states(opt.rule) >= 2  # a third state is quantized with the first map (kernels: state_qmap_index)
     return opt.qmap(device, is_signed(opt.rule, 1)), (opt.qmap(device, is_signed(opt.rule, 2)) if two else None)
 
 
@@ -224,9 +229,12 @@ def _update_one(opt: Optimizer8bit, p: torch.Tensor, state: dict, settings: Para
         update = torch.empty(p.numel(), dtype=torch.float32, device=p.device)
     q1, q2 = kernel_qmaps(opt, p.device, settings.use_8bit)
     skipped = torch.zeros(1, dtype=torch.int64, device=p.device)
-    extra = {"correction": state[CORRECTION]} if CORRECTION in state else {}
+    row = kernel_tensors(opt, p, state)
+    extra = dict(state3=row[6], absmax3=row[7]) if len(row) > 6 else {}
+    if CORRECTION in state:
+        extra["correction"] = state[CORRECTION]
     get_backend(p.device).fused_update(
-        opt.rule, *kernel_tensors(opt, p, state), q1, q2, scalars, flags, settings.block_size, update, skipped, **extra
+        opt.rule, *row[:6], q1, q2, scalars, flags, settings.block_size, update, skipped, **extra
     )
     opt.skip_counter.add_blocks([settings.name], skipped)
     return update

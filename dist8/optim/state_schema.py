@@ -3,7 +3,8 @@
 Every layer (the optimizers, DTensor/FSDP2, ShardedOptimizer's collectives, the checkpoint
 format, the DeepSpeed segments and converters) asks this module instead of spelling keys.
 
-The state of one parameter under a rule with ``n = n_states(rule)`` states (1 or 2) is a dict:
+The state of one parameter under a rule with ``n = n_states(rule)`` states (1, 2, or 3 for
+AdEMAMix: m1, nu and the slow EMA m2) is a dict:
 
 =================  ==========================================================================
 ``"step"``         int, steps taken
@@ -79,7 +80,7 @@ def absmax_key(i: int) -> str:
 
 
 def n_states(rule: Rule) -> int:
-    """How many states ``rule`` keeps (1: momentum-like, 2: Adam-like)."""
+    """How many states ``rule`` keeps (1: momentum-like, 2: Adam-like, 3: AdEMAMix)."""
     return len(RULE_STATES[Rule(rule)])
 
 

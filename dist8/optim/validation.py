@@ -41,16 +41,19 @@ HYPER_BOUNDS = {
     "weight_decay": (0.0, None, False, False),
     "momentum": (0.0, 1.0, False, True),
     "dampening": (0.0, 1.0, False, True),
-    "alpha": (0.0, 1.0, False, True),
+    # RMSprop's alpha (< 1) and AdEMAMix's alpha (slow-EMA weight, any >= 0) share the name:
+    # the shared bound is >= 0; RMSprop's family checks alpha < 1 itself.
+    "alpha": (0.0, None, False, False),
     "lr_decay": (0.0, None, False, False),
     "max_unorm": (0.0, None, False, False),
 }
 
 
-def check_group(group: dict[str, Any], where: str) -> None:
+def check_group(group: dict[str, Any], where: str, n_betas: int = 2) -> None:
     """Check the hyperparameters every dist8 optimizer shares (``where`` names the group or override).
 
-    NaN and inf are refused everywhere; ``betas`` must be a pair in [0, 1).
+    NaN and inf are refused everywhere; ``betas`` must hold ``n_betas`` values (a pair; AdEMAMix:
+    three) in [0, 1).
     """
     if group["optim_bits"] not in (8, 32):
         raise ValueError(f"optim_bits must be 8 or 32 ({where}), got {group['optim_bits']}")
@@ -64,8 +67,9 @@ def check_group(group: dict[str, Any], where: str) -> None:
             check_number(group[key], key, where, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open)
     if "betas" in group:
         betas = group["betas"]
-        if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2) ({where}), got {betas!r}")
+        if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != n_betas:
+            what = "a pair (beta1, beta2)" if n_betas == 2 else f"{n_betas} values (beta1, ..., beta{n_betas})"
+            raise ValueError(f"betas must be {what} ({where}), got {betas!r}")
         for i, beta in enumerate(betas):
             check_number(beta, f"betas[{i}]", where, lo=0.0, hi=1.0, hi_open=True)
 
