@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dist8.kernels.native import load_backend
 from dist8.kernels.reference import ReferenceBackend
 from dist8.kernels.rules import RULE_STATES, RULE_WRITES_UPDATE, Rule, Scalars
 from dist8.quant import quantize_blockwise
