@@ -103,3 +103,25 @@ def test_release_config_trains_and_resumes_exactly(tmp_path):
     assert "at step 10" in second.stdout
     losses = [(r["step"], r["loss"], r["val_loss"]) for r in read_metrics(part / "out" / "metrics.jsonl")]
     assert losses == [(r["step"], r["loss"], r["val_loss"]) for r in records]
+
+
+def test_release_config_on_fsdp2_two_ranks_resumes_exactly(tmp_path):
+    """The same config under FSDP2 on 2 ranks (bf16 local shards + their corrections, DCP checkpoints)."""
+    from train_utils import torchrun_cmd
+
+    def cmd(d, *extra):
+        args = torchrun_cmd(*tiny_sets(d, steps=10, **{"sharding.mode": "fsdp2", "train.eval_every": 5,
+                                                       "checkpoint.every": 5}), *extra)
+        return [a if a != str(REPO / "configs" / "tiny-gpt.yaml") else str(RELEASE_CONFIG) for a in args]
+
+    full = run(cmd(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr[-4000:]
+    assert "FSDP2 x2 + gradient release" in full.stdout
+    first = run(cmd(tmp_path / "part", "--stop-at", "5"))
+    assert first.returncode == 0, first.stderr[-4000:]
+    second = run(cmd(tmp_path / "part", "--resume", "auto"))
+    assert second.returncode == 0, second.stderr[-4000:]
+    records = read_metrics(tmp_path / "full" / "out" / "metrics.jsonl")
+    assert records[-1]["memory_bytes_per_rank"]["correction"] > 0
+    assert [(r["step"], r["loss"], r["val_loss"]) for r in read_metrics(tmp_path / "part" / "out" / "metrics.jsonl")] \
+        == [(r["step"], r["loss"], r["val_loss"]) for r in records]

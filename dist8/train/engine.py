@@ -26,7 +26,7 @@ from torch import nn
 
 from dist8.train.config import Config, ConfigError, optimizer_class
 
-__all__ = ["Engine", "build_engine", "check_mode_available", "optimizer_state_nbytes"]
+__all__ = ["Engine", "build_engine", "check_mode_available", "install_gradient_release", "optimizer_state_nbytes"]
 
 
 @dataclass
@@ -121,20 +121,28 @@ def check_mode_available(cfg: Config) -> None:
 def build_engine(cfg: Config, model: nn.Module, device: torch.device) -> Engine:
     """Wrap ``model`` (already on ``device``) and build the optimizer for ``cfg.sharding.mode``.
 
-    With ``train.gradient_release`` the optimizer steps each parameter inside backward
-    (:func:`dist8.gradient_release`); the loop's ``step``/``zero_grad`` calls become no-ops.
+    With ``train.gradient_release`` the DDP-on-several-ranks refusal happens here; the release
+    itself is installed by :func:`install_gradient_release` once a checkpoint is loaded.
     """
     engine = _build_engine(cfg, model, device)
     if cfg.train.gradient_release:
         if isinstance(engine.model, nn.parallel.DistributedDataParallel):
             raise ConfigError("config key train.gradient_release is incompatible with sharding.mode ddp on several "
                               "ranks (DDP averages gradients after the hooks would step); use sharding.mode fsdp2")
-        from dist8.optim.release import gradient_release
-
-        engine.release = gradient_release(engine.raw_model, engine.optimizer)
-        engine.step = engine.optimizer.step  # the released (no-op) step
         engine.description += " + gradient release"
     return engine
+
+
+def install_gradient_release(engine: Engine) -> None:
+    """Step each parameter inside backward (:func:`dist8.gradient_release`); the loop's ``step`` and
+    ``zero_grad`` become no-ops. Called after resuming: loading optimizer state (DCP's
+    ``set_optimizer_state_dict`` steps the optimizer on zero gradients to create state) must see
+    the normal ``step``/``zero_grad``."""
+    from dist8.optim.release import gradient_release
+
+    engine.optimizer.zero_grad(set_to_none=True)
+    engine.release = gradient_release(engine.raw_model, engine.optimizer)
+    engine.step = engine.optimizer.step  # the released (no-op) step
 
 
 def _build_engine(cfg: Config, model: nn.Module, device: torch.device) -> Engine:

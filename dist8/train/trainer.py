@@ -26,7 +26,7 @@ from dist8.train.checkpointing import Checkpointer
 from dist8.nn.cast import cast_model
 from dist8.train.config import Config, ConfigError, config_to_dict, fit_to_optimizer, torch_dtype
 from dist8.train.data import load_corpus, sample_seed
-from dist8.train.engine import Engine, build_engine, optimizer_state_nbytes
+from dist8.train.engine import Engine, build_engine, install_gradient_release, optimizer_state_nbytes
 from dist8.train.memory import memory_breakdown
 from dist8.train.model import GPT, GPTConfig
 from dist8.train.report import (MetricsWriter, peak_memory_bytes, plot_run, read_metrics, run_summary,
@@ -209,6 +209,8 @@ def _train(cfg: Config, resume, stop_at, run_name, rank, world, device) -> int:
         _say(rank, f"resumed from {path} at step {start} ({ckpt.describe()})")
     elif resume == "auto":
         _say(rank, f"no checkpoint under {ckpt_root}; starting at step 0")
+    if t.gradient_release:
+        install_gradient_release(engine)
 
     out_dir = Path(cfg.output.dir)
     metrics = None
