@@ -286,3 +286,24 @@ def test_sharded_checkpoint_loads_unsharded_bitwise(tmp_path):
         for key, value in ref_opt.state[q].items():
             got = opt.state[p][key]
             assert torch.equal(got, value) if torch.is_tensor(value) else got == value, f"{n} {key}"
+
+
+def test_checkpoint_sets_the_warmup_lengths_and_checks_them(tmp_path):
+    """t_alpha / t_beta3 are None or an integer: a checkpoint may carry either into an optimizer built
+    with the other; a bad value is refused naming the key."""
+    import json
+
+    model = _model()
+    opt = dist8.AdEMAMix8bit(model.named_parameters(), lr=1e-2, t_alpha=7, t_beta3=None)
+    _train(model, opt, 0, 1)
+    ck.save(tmp_path / "a", model, opt, step=1)
+    other = dist8.AdEMAMix8bit(_model().named_parameters(), lr=1e-2, t_alpha=None, t_beta3=9)
+    ck.load(tmp_path / "a", _model(), other)
+    assert other.param_groups[0]["t_alpha"] == 7 and other.param_groups[0]["t_beta3"] is None
+    meta_path = tmp_path / "a" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["optimizer"]["param_groups"][0]["t_alpha"] == 7
+    with pytest.raises(ValueError, match="t_alpha"):  # the optimizer's own check, on load_state_dict
+        sd = opt.state_dict()
+        sd["param_groups"][0] = dict(sd["param_groups"][0], t_alpha=-3)
+        dist8.AdEMAMix8bit(_model().named_parameters(), lr=1e-2).load_state_dict(sd)

@@ -24,6 +24,7 @@ SECOND_MOMENT = {
     "LAMB8bit": (dist8.LAMB8bit, dist8.LAMB32bit, {}),
     "RMSprop8bit": (dist8.RMSprop8bit, dist8.RMSprop32bit, {}),
     "Adagrad8bit": (dist8.Adagrad8bit, dist8.Adagrad32bit, {}),
+    "AdEMAMix8bit": (dist8.AdEMAMix8bit, dist8.AdEMAMix32bit, {}),
 }
 BETAS = {"default": None, "b2=0.95": (0.9, 0.95)}
 
@@ -38,6 +39,8 @@ def _kwargs(name: str, betas) -> dict:
     if betas is not None:
         if name.startswith(("Adam", "LAMB")):
             kw["betas"] = betas
+        elif name.startswith("AdEMAMix"):
+            kw["betas"] = (*betas, 0.9999)
         else:
             kw["alpha"] = betas[1]
     return kw

@@ -31,6 +31,9 @@ _RANGES: dict[str, tuple[float, float, bool, bool]] = {
 _RANGES.update(betas=(0.0, 1.0, True, False), percentile_clipping=(0.0, 100.0, False, True),
                min_8bit_size=(0.0, math.inf, True, False))
 _CHOICES = {"optim_bits": (8, 32)}
+# Keys whose value is None or a number (AdEMAMix's warm-up lengths): either may replace the other;
+# the optimizer's validate_hyper then checks the value.
+_NONE_OR_NUMBER = ("t_alpha", "t_beta3")
 
 
 def _number(v: Any) -> bool:
@@ -52,6 +55,10 @@ def _check_value(key: str, value: Any, where: str) -> None:
 
 def _converted(key: str, saved: Any, current: Any, where: str) -> Any:
     """``saved`` in the type of ``current`` after checking it, else CheckpointError."""
+    if key in _NONE_OR_NUMBER and (saved is None or _number(saved)) and (current is None or _number(current)):
+        if saved is not None:
+            _check_value(key, saved, where)
+        return saved
     if isinstance(current, bool):
         if not isinstance(saved, bool):
             raise CheckpointError(f"{where}: {key} must be true/false like the optimizer's, got {saved!r}")
