@@ -51,6 +51,23 @@ def _code_paths(device) -> dict:
     return out
 
 
+def _other_lookup_mode(device) -> str:
+    """'hw' or 'scalar': the AVX2 CPU path's table-lookup mode that is not this CPU's default
+    (DIST8_CPU_GATHER); '' where there is no choice (AVX-512, portable, CUDA)."""
+    if device.type != "cpu":
+        return ""
+    try:
+        from dist8.kernels import native
+
+        native.load_backend("cpu")
+        features = torch.ops.dist8_cpu_info.features()
+    except Exception:  # noqa: BLE001 - no native build: no variant row
+        return ""
+    if not features.startswith("avx2"):
+        return ""
+    return "hw" if "scalar-load lookups" in features else "scalar"
+
+
 # GPT-2 small (124M parameters in 148 tensors): what a real model hands the optimizer --
 # many tensors of mixed sizes, so per-tensor overhead and the largest tensor matter.
 GPT2_SMALL = [(50257, 768), (1024, 768)] + 12 * [
@@ -179,6 +196,26 @@ def candidates(n, dtype, device, which, size_label=""):
             return step
         return make
 
+    def env_variant(factory, key, value):
+        """The step with os.environ[key] = value during each call (read by the ops at each call)."""
+        def make():
+            import os
+
+            inner = factory()
+
+            def step():
+                old = os.environ.get(key)
+                os.environ[key] = value
+                try:
+                    inner()
+                finally:
+                    if old is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = old
+            return step
+        return make
+
     def with_grad_scaler(factory):
         """scaler.step + update around an optimizer (fp16 mixed precision): the scaler checks
         the gradients for inf/NaN, the optimizer unscales inside its fused kernel."""
@@ -218,6 +255,12 @@ def candidates(n, dtype, device, which, size_label=""):
     add("dist8.optim.AdamW8bit", dist8_optim(), bytes8)
     # The whole-parameter contract: one more read of every gradient before the update.
     add("dist8.optim.AdamW8bit skip_param", dist8_optim("skip_param"), bytes8)
+    # The AVX2 build's other table-lookup mode (hardware gathers vs scalar loads; the default
+    # depends on the CPU vendor, docs/design.md "Kernels"), side by side with the default.
+    other = _other_lookup_mode(device)
+    if other:
+        add(f"dist8.optim.AdamW8bit DIST8_CPU_GATHER={other}", env_variant(dist8_optim(), "DIST8_CPU_GATHER", other),
+            bytes8)
     add("torch AdamW fused", torch_adamw(fused=True), bytes32)
     # Under torch.amp.GradScaler both check the gradients once (the scaler) and unscale in-kernel.
     add("dist8.optim.AdamW8bit +GradScaler", with_grad_scaler(dist8_optim()), bytes8)

@@ -65,6 +65,25 @@ def test_extreme_gradients_skip_blocks_like_the_reference(backend):
     check_extreme_gradients(backend, "cpu")
 
 
+@pytest.mark.parametrize("mode", ["hw", "scalar"])
+def test_table_lookup_modes_match_reference(backend, monkeypatch, mode):
+    """DIST8_CPU_GATHER picks how the AVX2 path loads table entries (hardware gathers or scalar
+    loads; other paths ignore it): neither changes a bit, in the fused update or the quantize ops."""
+    monkeypatch.setenv("DIST8_CPU_GATHER", mode)
+    for i, rule in enumerate((Rule.ADAM, Rule.SGD, Rule.LION)):
+        case = Case(rule, 4099, 256, True, torch.float32, torch.float32, "cpu", seed=20 + i)
+        run_steps(backend, case, steps=10)
+    for name, x, q, bs in quantize_inputs(5_000, torch.Generator().manual_seed(1)):
+        check_quantize_matches_reference(backend, name, x, q, bs, "cpu")
+
+
+def test_bad_table_lookup_mode_is_refused(backend, monkeypatch):
+    monkeypatch.setenv("DIST8_CPU_GATHER", "fast")
+    x = torch.randn(1000)
+    with pytest.raises((RuntimeError, ValueError), match="DIST8_CPU_GATHER"):
+        backend.quantize_blockwise(x, dynamic_map(True), 256)
+
+
 def test_linear_map_with_duplicate_entry(backend):
     # the signed linear map repeats 1.0: exercises ties and duplicate codes
     for rule in (Rule.ADAM, Rule.SGD):
