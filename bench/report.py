@@ -24,7 +24,8 @@ def _load(prefix: str) -> list[tuple[Path, dict]]:
 
 
 def _machine_line(m: dict) -> str:
-    keys = ("cpu", "gpu", "device", "cores", "threads", "torch", "bitsandbytes", "torchao", "deepspeed", "date", "time")
+    keys = ("cpu", "gpu", "device", "cores", "threads", "torch", "bitsandbytes", "torchao", "deepspeed", "date", "time",
+            "load_average")
     return ", ".join(f"{k} {m[k]}" for k in keys if m.get(k) not in (None, ""))
 
 
@@ -89,7 +90,7 @@ def step_section() -> str:
             for label in ("skip_param", "no-check"):
                 t = times.get((size, dtype, f"dist8.optim.AdamW8bit {label}"))
                 if t:
-                    parts_v.append(f"{label} {t / ms:.2f}x")
+                    parts_v.append(f"{label} {t / ms:.2f}x torch fused ({'met' if t <= ms else 'NOT met'})")
             others = ", ".join(parts_v)
             parts_v = []
             for label, t in (("default", default),):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import socket
 import statistics
 import sys
@@ -49,6 +50,13 @@ def _code_paths(device) -> dict:
         except Exception as exc:  # noqa: BLE001 - reported, the rows say the rest
             out["dist8_cpu_path"] = f"unavailable: {exc}"
     return out
+
+
+def _load_average() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "?"
 
 
 def _other_lookup_mode(device) -> str:
@@ -323,6 +331,7 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / f"step-{socket.gethostname()}.json"))
     args = ap.parse_args(argv)
     args.reps = max(args.reps, 10)
+    load_before = _load_average()
     bw, results = run(args)
     print(f"\n{'size':>6} {'dtype':>5}  {'optimizer':<34} {'ms/step':>9} {'GB/s':>7} {'of bound':>8}")
     for r in results:
@@ -332,6 +341,9 @@ def main(argv=None):
         else:
             print(f"{r['size_label']:>6} {r['dtype']:>5}  {r['optimizer']:<34} {'FAILED':>9}  {r['error'][:70]}")
     meta = dict(machine(), device=str(args.device), copy_bandwidth_gbps=bw, time=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                # 1-minute load average before and after the run: a shared machine's other work slows the
+                # compute-bound rows more than the memory-bound ones, so ratios from a loaded run mislead
+                load_average=f"{load_before} -> {_load_average()}",
                 isa=_cpu_isa(), **_code_paths(torch.device(args.device)))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
