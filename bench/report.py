@@ -24,7 +24,8 @@ def _load(prefix: str) -> list[tuple[Path, dict]]:
 
 
 def _machine_line(m: dict) -> str:
-    keys = ("cpu", "gpu", "device", "cores", "threads", "torch", "bitsandbytes", "torchao", "deepspeed", "date", "time")
+    keys = ("cpu", "gpu", "device", "cores", "threads", "torch", "bitsandbytes", "torchao", "deepspeed", "date", "time",
+            "load_average")
     return ", ".join(f"{k} {m[k]}" for k in keys if m.get(k) not in (None, ""))
 
 
@@ -39,17 +40,31 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _loaded(meta: dict) -> str:
+    """Why a run's goal verdicts are void: a load average above the core count (``""`` if not)."""
+    la, cores = str(meta.get("load_average") or ""), meta.get("cores")
+    try:
+        worst = max(float(x) for x in la.split("->"))
+    except ValueError:
+        return ""
+    return f"load average {la} on {cores} cores" if cores and worst > cores else ""
+
+
 def step_section() -> str:
     parts = ["## 1. Optimizer step time\n",
              "Goal (issue 3): dist8 8-bit AdamW step <= 1.0x torch fused fp32 AdamW at 16M and 256M params on CPU; "
              ">= 15x faster than bitsandbytes' CPU 8-bit; on GPU >= 85% of HBM bandwidth at 256M.\n",
              "Rows: `dist8 kernel` is the bare fused kernel on one tensor; `dist8.optim.AdamW8bit` is what users "
-             "get, including its check of every gradient for inf/NaN (one more read of the gradient; torch, "
-             "bitsandbytes and torchao do not check); `no-check` is the same with `check_finite=False`, the like-for-"
-             "like comparison. `+GradScaler` rows step through `torch.amp.GradScaler` (fp16 mixed precision): there "
-             "the scaler checks every gradient for both (a read and a write), dist8 skips its own check and both "
-             "unscale inside their kernels, so `dist8 +GradScaler` vs `torch fused +GradScaler` is like for like "
-             "with checking. `gpt2` is the 148 tensors of GPT-2 small (124M parameters). A file named `*-avx2` is this "
+             "get by default (`on_nonfinite=\"skip\"`: a block whose gradient or new state is inf/NaN keeps its "
+             "old values, decided inside the kernel from the values it already reads, no extra pass; torch, "
+             "bitsandbytes and torchao do not check); `skip_param` is the whole-parameter contract "
+             "(`on_nonfinite=\"skip_param\"`: one more read of every gradient before the update). Files older "
+             "than issue 15 have a `no-check` row instead (the old default without its gradient check). "
+             "`DIST8_CPU_GATHER=...` rows are the default with the AVX2 path's other table-lookup mode (hardware "
+             "gathers or scalar loads; see docs/design.md, Kernels). `+GradScaler` rows step through "
+             "`torch.amp.GradScaler` (fp16 mixed precision): there the scaler checks every gradient for both (a "
+             "read and a write), dist8 skips its own check and both unscale inside their kernels, so `dist8 "
+             "+GradScaler` vs `torch fused +GradScaler` is like for like with checking. `gpt2` is the 148 tensors of GPT-2 small (124M parameters). A file named `*-avx2` is this "
              "machine with both libraries held to AVX2 (`DIST8_CPU_FLAGS=-mno-avx512f ATEN_CPU_CAPABILITY=avx2`), "
              "standing in for CPUs without AVX-512 (AMD Zen 1-3, Intel client cores); it keeps this machine's memory "
              "system and gather speed, so it is a stand-in, not a measurement of such a CPU.\n"]
@@ -78,16 +93,23 @@ def step_section() -> str:
         times = {(r["size_label"], r["dtype"], r["optimizer"]): r["ms"] for r in d["results"] if r.get("ms")}
         for (size, dtype), ms in fused.items():
             # What users get: the optimizer class (the bare kernel row is shown above for reference),
-            # by default (it checks gradients for inf/NaN, which torch/bitsandbytes/torchao do not)
-            # and without that check (like for like).
+            # by default (per-block non-finite skip in the kernel) and with the whole-parameter
+            # pre-pass (`skip_param`); files from before issue 15 have `no-check` instead.
             default = times.get((size, dtype, "dist8.optim.AdamW8bit"))
-            nocheck = times.get((size, dtype, "dist8.optim.AdamW8bit no-check"))
             parts_v = []
-            for label, t in (("default", default), ("no-check", nocheck)):
+            for label in ("skip_param", "no-check"):
+                t = times.get((size, dtype, f"dist8.optim.AdamW8bit {label}"))
+                if t:
+                    parts_v.append(f"{label} {t / ms:.2f}x torch fused ({'met' if t <= ms else 'NOT met'})")
+            others = ", ".join(parts_v)
+            parts_v = []
+            for label, t in (("default", default),):
                 if t:
                     parts_v.append(f"{label} {t / ms:.2f}x torch fused ({'met' if t <= ms else 'NOT met'})")
             if not parts_v:
                 continue
+            if others:
+                parts_v.append(others)
             v = f"{size} {dtype}: dist8.optim.AdamW8bit " + ", ".join(parts_v)
             amp = times.get((size, dtype, "dist8.optim.AdamW8bit +GradScaler"))
             amp_torch = times.get((size, dtype, "torch AdamW fused +GradScaler"))
@@ -98,6 +120,13 @@ def step_section() -> str:
                 v += f"; {bnb[(size, dtype)] / default:.1f}x faster than bitsandbytes " \
                      f"({'met' if bnb[(size, dtype)] / default >= 15 else 'NOT met'})"
             verdicts.append(v)
+        loaded = _loaded(meta)
+        if loaded:  # the ratios stand as measured, but they decide nothing
+            verdicts = [v.replace("(NOT met)", "(no verdict)").replace("(met)", "(no verdict)") for v in verdicts]
+            verdicts.insert(0, f"**No verdict from this run**: {loaded}. Other work on the CPUs slows the "
+                               "compute-bound and the memory-bound rows unequally (and threads wait for each "
+                               "other), so only rows of the same library compare like with like here (e.g. the "
+                               "`DIST8_CPU_GATHER` row against the default).")
         parts.append("\n" + "\n".join(f"- {v}" for v in verdicts) + "\n")
     return "\n".join(parts)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import socket
 import statistics
 import sys
@@ -49,6 +50,30 @@ def _code_paths(device) -> dict:
         except Exception as exc:  # noqa: BLE001 - reported, the rows say the rest
             out["dist8_cpu_path"] = f"unavailable: {exc}"
     return out
+
+
+def _load_average() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "?"
+
+
+def _other_lookup_mode(device) -> str:
+    """'hw' or 'scalar': the AVX2 CPU path's table-lookup mode that is not this CPU's default
+    (DIST8_CPU_GATHER); '' where there is no choice (AVX-512, portable, CUDA)."""
+    if device.type != "cpu":
+        return ""
+    try:
+        from dist8.kernels import native
+
+        native.load_backend("cpu")
+        features = torch.ops.dist8_cpu_info.features()
+    except Exception:  # noqa: BLE001 - no native build: no variant row
+        return ""
+    if not features.startswith("avx2"):
+        return ""
+    return "hw" if "scalar-load lookups" in features else "scalar"
 
 
 # GPT-2 small (124M parameters in 148 tensors): what a real model hands the optimizer --
@@ -179,6 +204,26 @@ def candidates(n, dtype, device, which, size_label=""):
             return step
         return make
 
+    def env_variant(factory, key, value):
+        """The step with os.environ[key] = value during each call (read by the ops at each call)."""
+        def make():
+            import os
+
+            inner = factory()
+
+            def step():
+                old = os.environ.get(key)
+                os.environ[key] = value
+                try:
+                    inner()
+                finally:
+                    if old is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = old
+            return step
+        return make
+
     def with_grad_scaler(factory):
         """scaler.step + update around an optimizer (fp16 mixed precision): the scaler checks
         the gradients for inf/NaN, the optimizer unscales inside its fused kernel."""
@@ -218,6 +263,12 @@ def candidates(n, dtype, device, which, size_label=""):
     add("dist8.optim.AdamW8bit", dist8_optim(), bytes8)
     # The whole-parameter contract: one more read of every gradient before the update.
     add("dist8.optim.AdamW8bit skip_param", dist8_optim("skip_param"), bytes8)
+    # The AVX2 build's other table-lookup mode (hardware gathers vs scalar loads; the default
+    # depends on the CPU vendor, docs/design.md "Kernels"), side by side with the default.
+    other = _other_lookup_mode(device)
+    if other:
+        add(f"dist8.optim.AdamW8bit DIST8_CPU_GATHER={other}", env_variant(dist8_optim(), "DIST8_CPU_GATHER", other),
+            bytes8)
     add("torch AdamW fused", torch_adamw(fused=True), bytes32)
     # Under torch.amp.GradScaler both check the gradients once (the scaler) and unscale in-kernel.
     add("dist8.optim.AdamW8bit +GradScaler", with_grad_scaler(dist8_optim()), bytes8)
@@ -280,6 +331,7 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / f"step-{socket.gethostname()}.json"))
     args = ap.parse_args(argv)
     args.reps = max(args.reps, 10)
+    load_before = _load_average()
     bw, results = run(args)
     print(f"\n{'size':>6} {'dtype':>5}  {'optimizer':<34} {'ms/step':>9} {'GB/s':>7} {'of bound':>8}")
     for r in results:
@@ -289,6 +341,9 @@ def main(argv=None):
         else:
             print(f"{r['size_label']:>6} {r['dtype']:>5}  {r['optimizer']:<34} {'FAILED':>9}  {r['error'][:70]}")
     meta = dict(machine(), device=str(args.device), copy_bandwidth_gbps=bw, time=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                # 1-minute load average before and after the run: a shared machine's other work slows the
+                # compute-bound rows more than the memory-bound ones, so ratios from a loaded run mislead
+                load_average=f"{load_before} -> {_load_average()}",
                 isa=_cpu_isa(), **_code_paths(torch.device(args.device)))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))

@@ -325,6 +325,25 @@ def test_ops_registered(backend):
     assert RULE_STATES  # the spec is importable alongside the ops
 
 
+@per_backend("mode", cpu=["hw", "scalar"])
+def test_table_lookup_modes_match_reference(backend, monkeypatch, mode):
+    """DIST8_CPU_GATHER picks how the AVX2 path loads table entries (hardware gathers or scalar
+    loads; other paths ignore it): neither changes a bit, in the fused update or the quantize ops."""
+    monkeypatch.setenv("DIST8_CPU_GATHER", mode)
+    for i, rule in enumerate((Rule.ADAM, Rule.SGD, Rule.LION)):
+        case = Case(rule, 4099, 256, True, torch.float32, torch.float32, "cpu", seed=20 + i)
+        run_steps(backend, case, steps=10)
+    for name, x, q, bs in quantize_inputs(5_000, torch.Generator().manual_seed(1)):
+        check_quantize_matches_reference(backend, name, x, q, bs, "cpu")
+
+
+@per_backend("", cpu=[()])
+def test_bad_table_lookup_mode_is_refused(backend, monkeypatch):
+    monkeypatch.setenv("DIST8_CPU_GATHER", "fast")
+    with pytest.raises((RuntimeError, ValueError), match="DIST8_CPU_GATHER"):
+        backend.quantize_blockwise(torch.randn(1000), dynamic_map(True), 256)
+
+
 @per_backend("", cpu=[()])
 def test_info_names_the_cpu_code_path(backend):
     """`dist8 info` says which CPU code path the build uses (AVX-512 with or without VBMI, AVX2, portable)."""
@@ -368,8 +387,14 @@ def test_scalars_tuple_is_the_field_order():
     """The kernels read Scalars positionally: as_tuple must list every field, in declaration order."""
     from dataclasses import astuple, fields
 
+    import re
+
+    from dist8.kernels.native import csrc_dir
+
+    header = (csrc_dir() / "include" / "dist8_rules.h").read_text()
     s = Scalars(*[float(i) for i in range(len(fields(Scalars)))])
-    assert s.as_tuple() == astuple(s) and len(s.as_tuple()) == len(fields(Scalars))
+    assert s.as_tuple() == astuple(s)
+    assert len(s.as_tuple()) == int(re.search(r"NUM_SCALARS = (\d+)", header).group(1))  # what the kernels read
 
 
 def test_per_rule_scalars_fill_the_documented_slots():

@@ -2,7 +2,8 @@
 
 The default build uses every instruction set of the machine (here: AVX-512 with VBMI). Users
 also run the AVX-512 path without VBMI (Skylake/Cascade Lake servers: gathers instead of byte
-permutes), the AVX2 path (AMD Zen 1-3, Intel client cores: -mno-avx512f) and the portable
+permutes), the AVX2 path (AMD Zen 1-3, Intel client cores: -mno-avx512f; with hardware gathers
+and with scalar-load table lookups, DIST8_CPU_GATHER) and the portable
 scalar build (DIST8_PORTABLE=1, any x86-64 or aarch64); each is rebuilt here in a subprocess
 and held to the same bit-exact checks on a subset of cases.
 """
@@ -36,7 +37,12 @@ VARIANTS = {
     "portable": ({"DIST8_PORTABLE": "1"}, None),
     "avx512-no-vbmi": ({"DIST8_CPU_FLAGS": "-mno-avx512vbmi"},
                        None if {"avx512f", "avx512bw", "avx512vl"} <= CPU_FLAGS else "CPU has no AVX-512"),
-    "avx2": ({"DIST8_CPU_FLAGS": "-mno-avx512f"}, None if "avx2" in CPU_FLAGS else "CPU has no AVX2"),
+    # The AVX2 build with each of its table-lookup modes (DIST8_CPU_GATHER; one build, the
+    # default mode depends on the CPU vendor): hardware gathers and scalar loads.
+    "avx2-gather": ({"DIST8_CPU_FLAGS": "-mno-avx512f", "DIST8_CPU_GATHER": "hw"},
+                    None if "avx2" in CPU_FLAGS else "CPU has no AVX2"),
+    "avx2-scalar": ({"DIST8_CPU_FLAGS": "-mno-avx512f", "DIST8_CPU_GATHER": "scalar"},
+                    None if "avx2" in CPU_FLAGS else "CPU has no AVX2"),
 }
 
 

@@ -556,6 +556,7 @@ void fused_update_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& g
                       const at::Tensor& qmap1, const at::Tensor& qmap2, c10::ArrayRef<double> scalars,
                       int64_t flags, int64_t block_size, const at::Tensor& update_out, const at::Tensor& skipped,
                       const at::Tensor& state3, const at::Tensor& absmax3, const at::Tensor& correction) {
+  refresh_lookup_mode();  // AVX2: gather or scalar-load table lookups (quant_cpu.h)
   check_rule_and_block(rule, block_size);
   const Scalars c = scalars_from(scalars);
   const QTable* tables[MAX_STATES] = {nullptr, nullptr, nullptr};
@@ -581,6 +582,7 @@ void fused_update_multi_cpu(int64_t rule, at::TensorList params, at::TensorList 
                             const at::Tensor& qmap1, const at::Tensor& qmap2, c10::ArrayRef<double> scalars,
                             int64_t flags, int64_t block_size, const at::Tensor& skipped, at::TensorList state3,
                             at::TensorList absmax3, at::TensorList correction) {
+  refresh_lookup_mode();  // AVX2: gather or scalar-load table lookups (quant_cpu.h)
   check_rule_and_block(rule, block_size);
   TORCH_CHECK(!rule_writes_update((int)rule), "dist8: fused_update_multi_ does not take LAMB/LARS");
   const size_t k = params.size();
@@ -618,6 +620,7 @@ void fused_update_multi_cpu(int64_t rule, at::TensorList params, at::TensorList 
 
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& x, const at::Tensor& qmap,
                                                           int64_t block_size) {
+  refresh_lookup_mode();  // AVX2: gather or scalar-load table lookups (quant_cpu.h)
   TORCH_CHECK(block_size >= 64 && (block_size & (block_size - 1)) == 0, "dist8: bad block_size ", block_size);
   TORCH_CHECK(is_supported_float(x.scalar_type()), "dist8: x must be float32, bfloat16 or float16");
   at::Tensor xc = x.contiguous();
@@ -647,6 +650,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& x, c
 
 at::Tensor dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& qmap,
                                     int64_t block_size) {
+  refresh_lookup_mode();  // AVX2: gather or scalar-load table lookups (quant_cpu.h)
   TORCH_CHECK(block_size >= 64 && (block_size & (block_size - 1)) == 0, "dist8: bad block_size ", block_size);
   TORCH_CHECK(codes.scalar_type() == at::kByte, "dist8: codes must be uint8");
   at::Tensor cc = codes.contiguous();
@@ -755,7 +759,11 @@ std::string cpu_build_features() {
   f += ", no vbmi (gather dequantization)";
 #endif
 #elif defined(D8_AVX2)
-  f += "avx2 (one-gather exact codes, pipelined blocks, gather dequantization)";
+  refresh_lookup_mode();
+  f += "avx2 (one-lookup exact codes, pipelined blocks, table dequantization; ";
+  f += lookup_mode_name();
+  f += lookup_mode() == default_lookup_mode() ? " (this CPU's default" : " (set by DIST8_CPU_GATHER";
+  f += "; DIST8_CPU_GATHER=hw|scalar))";
 #else
   f += "portable scalar quantization";
 #endif
