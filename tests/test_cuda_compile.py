@@ -1,4 +1,8 @@
-"""Compile-only check of the CUDA kernels (no GPU needed): nvcc -c for sm_80 and sm_90.
+"""Compile-only check of the CUDA kernels (no GPU needed): nvcc -c against the installed torch's
+headers for sm_80, and (tests/test_cuda_compile_cuda_torch.py) against a CUDA build's headers for
+sm_90. One architecture per compile: each is minutes of a 2-core machine (cudafe++, cicc, ptxas and
+the host compile measured 69 + 96 + 49 + 61 s for sm_90 at load average 5), and the two files run on
+different pytest-xdist workers; both architectures are still built in every run.
 
 A successful compile is remembered under ``DIST8_TEST_CACHE`` (default ``~/.cache/dist8-tests``)
 by a hash of everything it depends on (the kernel sources and headers, the nvcc command line,
@@ -23,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "csrc" / "cuda" / "dist8_cuda.cu"
 
 
-def _nvcc() -> str | None:
+def find_nvcc() -> str | None:
     found = shutil.which("nvcc")
     if found:
         return found
@@ -34,9 +38,9 @@ def _nvcc() -> str | None:
     return None
 
 
-def _compile(tmp_path, includes: list[str], std: str) -> None:
-    """nvcc -c the kernels for sm_80 and sm_90 with torch's extension flags; assert both archs are in."""
-    nvcc = _nvcc()
+def compile_kernels(tmp_path, includes: list[str], std: str, arch: int) -> None:
+    """nvcc -c the kernels for ``sm_<arch>`` with torch's extension flags; assert the arch is in."""
+    nvcc = find_nvcc()
     if nvcc is None:
         print("SKIP reason: nvcc not found on PATH, in $CUDA_HOME or /usr/local/cuda")
         pytest.skip("nvcc not found (compile-only CUDA test)")
@@ -48,21 +52,21 @@ def _compile(tmp_path, includes: list[str], std: str) -> None:
     cmd = [
         nvcc, "-c", str(SOURCE), "-o", str(obj), f"-std={std}", "-O3", "--fmad=false",
         *cpp_extension.COMMON_NVCC_FLAGS, "-Xcompiler", "-fPIC", "-Xcompiler", "-ffp-contract=off",
-        "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
+        "-gencode", f"arch=compute_{arch},code=sm_{arch}",
         "-diag-suppress", "3306", *includes,
     ]
     marker = _compiled_marker(nvcc, cmd, obj)
     if marker.is_file():
         return  # these exact inputs compiled before
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=840)
     assert result.returncode == 0, f"nvcc failed:\n{' '.join(cmd)}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     assert obj.is_file() and obj.stat().st_size > 0
-    # both architectures made it into the fat binary
+    # the architecture made it into the fat binary
     cuobjdump = shutil.which("cuobjdump") or str(Path(nvcc).with_name("cuobjdump"))
     if Path(cuobjdump).is_file():
         listing = subprocess.run([cuobjdump, "--list-elf", str(obj)], capture_output=True, text=True)
         if listing.returncode == 0:
-            assert "sm_80" in listing.stdout and "sm_90" in listing.stdout, listing.stdout
+            assert f"sm_{arch}" in listing.stdout, listing.stdout
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(" ".join(cmd))
 
@@ -83,24 +87,9 @@ def _compiled_marker(nvcc: str, cmd: list[str], obj: Path) -> Path:
     return cache_root() / "nvcc-compiled" / h.hexdigest()[:24]
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_cuda_kernels_compile(tmp_path):
-    """Against the installed torch (here a CPU build: the fallback stream/guard branch)."""
+    """Against the installed torch (here a CPU build: the fallback stream/guard branch), sm_80."""
     from torch.utils import cpp_extension
 
-    _compile(tmp_path, cpp_extension.include_paths(), "c++17")
-
-
-@pytest.mark.timeout(600)
-def test_cuda_kernels_compile_with_cuda_torch(tmp_path):
-    """Against a CUDA build's headers: the branch a GPU machine builds (torch's stream, guard, launch check)."""
-    if _nvcc() is None:
-        print("SKIP reason: nvcc not found on PATH, in $CUDA_HOME or /usr/local/cuda")
-        pytest.skip("nvcc not found (compile-only CUDA test)")
-    root, why = cuda_torch_include_root()
-    if root is None:
-        print(f"SKIP reason: no CUDA torch headers: {why}")
-        pytest.skip(f"no CUDA torch headers: {why}")
-    aten = (root / "ATen" / "ATen.h").read_text()
-    std = "c++20" if "C++20 or later" in aten else "c++17"
-    _compile(tmp_path, [str(root), str(root / "torch" / "csrc" / "api" / "include")], std)
+    compile_kernels(tmp_path, cpp_extension.include_paths(), "c++17", 80)
