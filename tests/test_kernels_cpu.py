@@ -213,7 +213,8 @@ def test_ops_trace_under_torch_compile(backend):
     empty = torch.empty(0)
 
     def step(p, g, s1, s2, a1, a2):
-        torch.ops.dist8.fused_update_(int(Rule.ADAM), p, g, s1, s2, a1, a2, q1, q2, values, 0, 256, empty, empty.long())
+        torch.ops.dist8.fused_update_(int(Rule.ADAM), p, g, s1, s2, a1, a2, q1, q2, values, 0, 256, empty, empty.long(),
+                                      empty.to(torch.int8))  # no master-weight correction
         c, a = torch.ops.dist8.quantize_blockwise(p, q1, 256)
         return torch.ops.dist8.dequantize_blockwise(c, a, q1, 256) * 2
 
