@@ -166,3 +166,23 @@ def test_decode_matches_spec_for_every_parameter_value():
             assert torch.equal(outs[0][1], outs[1][1]), (dtype, bits, cval)
             m = decode_master(p, c)
             assert torch.equal(decode_master(*outs[1]), decode_master(*encode_master(m, dtype, bits)))
+
+
+@pytest.mark.parametrize("dtype,bits", FORMATS, ids=[f"{str(d)[6:]}-{b}" for d, b in FORMATS])
+def test_encode_of_every_value_class_matches_the_spec(backend, dtype, bits):
+    """The kernels' encode of arbitrary fp32 masters (the value classes of test_master_weights: ties,
+    near-ties, fp32 subnormals, random bit patterns, near overflow, saturation) == master.py's. An SGD
+    step with lr = -1 from p = 0 writes the gradient itself as the new master value."""
+    from test_master_weights import value_classes
+
+    m = torch.cat(list(value_classes(dtype, torch.Generator().manual_seed(8)).values()))
+    m = torch.where(m == 0, torch.zeros_like(m), m)  # 0 - (-1 * -0.0) is +0.0: -0.0 cannot be injected this way
+    if backend.name != "cpu":  # emulated CUDA: every thread is a fiber
+        m = m[torch.randperm(m.numel(), generator=torch.Generator().manual_seed(9))[:20000]]
+    p = torch.zeros(m.numel(), dtype=dtype)
+    c = torch.zeros(m.numel(), dtype=torch.int8 if bits == 24 else torch.int16)
+    state = torch.zeros(m.numel())
+    backend.fused_update(Rule.SGD, p, m, state, None, None, None, None, None, Scalars(lr=-1.0), 1, 256,
+                         correction=c)
+    want_p, want_c = encode_master(m, dtype, bits)
+    assert torch.equal(p.view(torch.int16), want_p.view(torch.int16)) and torch.equal(c, want_c)

@@ -216,22 +216,39 @@ D8_INLINE void floor_n(float* v, int64_t n, float floor) {
 
 // Master weights: the rule sees decode(param, correction) and the committed outputs are
 // re-encoded into both (dist8_rules.h master_decode / master_encode).
+// The parameter format is a template argument so that the loops vectorise without a select per value.
+template <typename C, bool HALF>
+D8_INLINE void master_decode_loop(const uint16_t* pb, const C* c, int64_t len, float* dst) {
+  const MasterFormat f = master_format(HALF, 8 * (int)sizeof(C));
+  D8_SIMD_LOOP
+  for (int64_t i = 0; i < len; ++i) dst[i] = master_decode(pb[i], (int32_t)c[i], f);
+}
+
 template <typename C>
 D8_INLINE void master_decode_n(const Update& u, int64_t off, int64_t len, float* dst) {
   const uint16_t* pb = static_cast<const uint16_t*>(u.param) + off;
   const C* c = static_cast<const C*>(u.corr) + off;
-  for (int64_t i = 0; i < len; ++i) dst[i] = master_decode(pb[i], (int32_t)c[i], u.mf);
+  if (u.mf.half) master_decode_loop<C, true>(pb, c, len, dst);
+  else master_decode_loop<C, false>(pb, c, len, dst);
+}
+
+template <typename C, bool HALF>
+D8_INLINE void master_encode_loop(const float* src, int64_t len, uint16_t* pb, C* c) {
+  const MasterFormat f = master_format(HALF, 8 * (int)sizeof(C));
+  D8_SIMD_LOOP
+  for (int64_t i = 0; i < len; ++i) {
+    int32_t ci;
+    pb[i] = master_encode(src[i], f, ci);
+    c[i] = (C)ci;
+  }
 }
 
 template <typename C>
 D8_INLINE void master_encode_n(const Update& u, const float* src, int64_t off, int64_t len) {
   uint16_t* pb = static_cast<uint16_t*>(u.param) + off;
   C* c = static_cast<C*>(u.corr) + off;
-  for (int64_t i = 0; i < len; ++i) {
-    int32_t ci;
-    pb[i] = master_encode(src[i], u.mf, ci);
-    c[i] = (C)ci;
-  }
+  if (u.mf.half) master_encode_loop<C, true>(src, len, pb, c);
+  else master_encode_loop<C, false>(src, len, pb, c);
 }
 
 D8_INLINE Span prepare_span(const Update& u, int64_t off, int64_t len, const float* old_absmax, float* const* stash,

@@ -234,6 +234,16 @@ D8_HD uint16_t float_to_bf16_bits(float f) {
   return (uint16_t)((u + bias) >> 16);
 }
 
+// The master-weight functions are always inlined (gcc otherwise keeps master_encode out of line
+// in some of the CPU kernel's instantiations, and the loop over it is not vectorised).
+#if defined(__CUDACC__)
+#define D8_HD_FORCE D8_HD
+#elif defined(__GNUC__)
+#define D8_HD_FORCE inline __attribute__((always_inline))
+#else
+#define D8_HD_FORCE inline
+#endif
+
 // ---- master weights (see dist8/quant/master.py, the specification) --------------
 // A bf16/fp16 parameter p plus an int8 (24-bit master) or int16 (32-bit) correction c:
 // decode(p, c) = p if c == 0, else fp32(p + c * 2**(E(p) - shift)); encode(m) = (N(m) with
@@ -249,7 +259,7 @@ struct MasterFormat {
 };
 
 // The format of a bf16 (half = false) or fp16 parameter with a correction of 8 or 16 bits.
-D8_HD MasterFormat master_format(bool half, int correction_bits) {
+D8_HD_FORCE MasterFormat master_format(bool half, int correction_bits) {
   MasterFormat f;
   f.half = half;
   f.fraction = half ? 10 : 7;
@@ -260,77 +270,85 @@ D8_HD MasterFormat master_format(bool half, int correction_bits) {
   return f;
 }
 
+// The master-weight functions below are written with selects, not branches, so that the CPU
+// loops over them vectorise (and GPU warps do not diverge).
+D8_HD_FORCE float rint_even(float a) {  // round to nearest, ties to even (the default rounding mode)
+#if defined(__CUDA_ARCH__)
+  return rintf(a);
+#else
+  return std::rint(a);
+#endif
+}
+
+// cond ? a : b as a bit mask: gcc turns a select between values computed with float operations
+// into a branch (they might trap) and then does not vectorise the loop.
+D8_HD_FORCE uint32_t mask_select(bool cond, uint32_t a, uint32_t b) {
+  const uint32_t m = 0u - (uint32_t)cond;
+  return (a & m) | (b & ~m);
+}
+
 // fp16 bits -> float (exact).
-D8_HD float f16_bits_to_float(uint16_t h) {
+D8_HD_FORCE float f16_bits_to_float(uint16_t h) {
   const uint32_t sign = ((uint32_t)h & 0x8000u) << 16, e = ((uint32_t)h >> 10) & 0x1Fu, m = (uint32_t)h & 0x3FFu;
-  if (e == 0) {  // zero, subnormal: m * 2**-24 (exact)
-    const float v = fmul((float)m, u2f(0x33800000u));
-    return u2f(f2u(v) | sign);
-  }
-  if (e == 31) return u2f(sign | 0x7F800000u | (m << 13));
-  return u2f(sign | ((e + 112u) << 23) | (m << 13));
+  const uint32_t sub = f2u(fmul((float)m, u2f(0x33800000u)));  // zero, subnormal: m * 2**-24 (exact)
+  const uint32_t biased = e == 31 ? 255u : e + 112u;            // inf, NaN: all ones
+  const uint32_t bits = mask_select(e == 0, sub, (biased << 23) | (m << 13));
+  return u2f(sign | bits);
 }
 
 // float -> fp16 bits, round to nearest even (== c10::Half / torch .to(float16) for non-NaN values).
-D8_HD uint16_t float_to_f16_bits(float f) {
+D8_HD_FORCE uint16_t float_to_f16_bits(float f) {
   const uint32_t u = f2u(f), sign = (u >> 16) & 0x8000u, a = u & 0x7FFFFFFFu;
-  if (a > 0x7F800000u) return (uint16_t)(sign | 0x7E00u);  // NaN
-  if (a >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u);  // >= 65520 rounds to inf
-  if (a < 0x38800000u) {  // below 2**-14: subnormal fp16, rne(|f| * 2**24) (1024 = the smallest normal)
-    const float v = fmul(u2f(a), u2f(0x4B800000u));  // exact
-#if defined(__CUDA_ARCH__)
-    return (uint16_t)(sign | (uint32_t)rintf(v));
-#else
-    return (uint16_t)(sign | (uint32_t)std::rint(v));
-#endif
-  }
-  uint32_t h = ((((a >> 23) - 112u) << 10) | ((a >> 13) & 0x3FFu));
+  const bool is_sub = a < 0x38800000u;  // below 2**-14: subnormal fp16, rne(|f| * 2**24) (1024: smallest normal)
+  const uint32_t sub = (uint32_t)rint_even(fmul(u2f(mask_select(is_sub, a, 0u)), u2f(0x4B800000u)));  // exact product
+  uint32_t h = (((a >> 23) - 112u) << 10) | ((a >> 13) & 0x3FFu);
   const uint32_t rest = a & 0x1FFFu;
-  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;  // a carry into the exponent is right
-  return (uint16_t)(sign | h);
+  h += (uint32_t)((rest + (h & 1u)) > 0x1000u);  // nearest, ties to even; a carry into the exponent is right
+  const uint32_t mag = mask_select(a > 0x7F800000u, 0x7E00u,                // NaN
+                                  mask_select(a >= 0x477FF000u, 0x7C00u,   // >= 65520 rounds to inf
+                                              mask_select(is_sub, sub, h)));
+  return (uint16_t)(sign | mag);
 }
 
 // E(p) from the parameter's bits.
-D8_HD int master_exponent(uint16_t pbits, const MasterFormat& f) {
+D8_HD_FORCE int master_exponent(uint16_t pbits, const MasterFormat& f) {
   const int field = (int)((pbits & 0x7FFFu) >> f.fraction);
   return (field > 1 ? field : 1) - f.bias;
 }
 
 // 2**k as a float for -126 <= k <= 127 (exact).
-D8_HD float pow2i(int k) { return u2f((uint32_t)(k + 127) << 23); }
+D8_HD_FORCE float pow2i(int k) { return u2f((uint32_t)(k + 127) << 23); }
 
-// x * 2**k by two exact power-of-two multiplies (2**k alone may not be a float): k1 = floor(k / 2).
-D8_HD float ldexp_exact(float x, int k) {
-  const int k1 = k >= 0 ? k / 2 : (k - 1) / 2;
+// x * 2**k by two exact power-of-two multiplies (2**k alone may not be a float): k1 = floor(k / 2)
+// (>> on a negative int is an arithmetic shift with gcc, clang and nvcc; defined so in C++20).
+D8_HD_FORCE float ldexp_exact(float x, int k) {
+  const int k1 = k >> 1;
   return fmul(fmul(x, pow2i(k1)), pow2i(k - k1));
 }
 
-D8_HD float master_param_float(uint16_t pbits, const MasterFormat& f) {
+D8_HD_FORCE float master_param_float(uint16_t pbits, const MasterFormat& f) {
   return f.half ? f16_bits_to_float(pbits) : bf16_bits_to_float(pbits);
 }
 
 // The fp32 master of (parameter bits, correction).
-D8_HD float master_decode(uint16_t pbits, int32_t c, const MasterFormat& f) {
+D8_HD_FORCE float master_decode(uint16_t pbits, int32_t c, const MasterFormat& f) {
   const float p = master_param_float(pbits, f);
-  if (c == 0) return p;  // keeps -0.0, inf, NaN
-  return fadd(p, ldexp_exact((float)c, master_exponent(pbits, f) - f.shift));
+  const float m = fadd(p, ldexp_exact((float)c, master_exponent(pbits, f) - f.shift));
+  return u2f(mask_select(c != 0, f2u(m), f2u(p)));  // c == 0 keeps p (-0.0, inf, NaN)
 }
 
 // The parameter bits of the fp32 master m; its correction in c.
-D8_HD uint16_t master_encode(float m, const MasterFormat& f, int32_t& c) {
+D8_HD_FORCE uint16_t master_encode(float m, const MasterFormat& f, int32_t& c) {
   const bool finite = abs_bits(m) < 0x7F800000u;
-  const float x = !finite ? m : (m > f.max_finite ? f.max_finite : (m < -f.max_finite ? -f.max_finite : m));
-  const uint16_t pbits = f.half ? float_to_f16_bits(x) : float_to_bf16_bits(x);
-  c = 0;
-  if (!finite) return pbits;
+  const float clamped = m > f.max_finite ? f.max_finite : (m < -f.max_finite ? -f.max_finite : m);
+  const float x = u2f(mask_select(finite, f2u(clamped), f2u(m)));  // finite: saturated; inf/NaN pass
+  const uint32_t u = f2u(x);  // bf16: float_to_bf16_bits, as selects
+  const uint16_t bf = x != x ? (uint16_t)0x7FC0u : (uint16_t)((u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16);
+  const uint16_t pbits = f.half ? float_to_f16_bits(x) : bf;
   const float e = fsub(m, master_param_float(pbits, f));  // exact (Sterbenz)
   float r = ldexp_exact(e, f.shift - master_exponent(pbits, f));  // exact
   r = r < -f.q ? -f.q : (r > f.q - 1.0f ? f.q - 1.0f : r);  // clamp, then round: same as the reverse
-#if defined(__CUDA_ARCH__)
-  c = (int32_t)rintf(r);
-#else
-  c = (int32_t)std::rint(r);  // the default rounding mode: nearest, ties to even
-#endif
+  c = (int32_t)rint_even(u2f(mask_select(finite, f2u(r), 0u)));
   return pbits;
 }
 

@@ -400,8 +400,7 @@ class NativeBackend:
         values = _scalar_values(scalars)
         counts = self._counts(skipped, len(updates), device)
         s3, a3 = (cols[6], cols[7]) if three else ([], [])
-        corrs = [self._correction(row[0], None if corrections is None else corrections[i])
-                 for i, row in enumerate(updates)]
+        corrs = [] if corrections is None else [self._correction(row[0], c) for row, c in zip(updates, corrections)]
         with torch.no_grad():
             self._ops.fused_update_multi_(int(rule), *cols[:6], q1, q2, values, int(flags), int(block_size), counts,
                                           s3, a3, corrs)
