@@ -20,6 +20,7 @@ Variants (the paper's ablation in miniature, plus the anchors where installed):
                   lr * m / eps steps (issue 15). betas (0.9, 0.95) as every row here.
 
 Usage: python bench/convergence.py [--quick | --full] [--seeds 0 1 2] [--variants ...] [--out FILE]
+       python bench/convergence.py --merge A.json B.json --out FILE   (variants run in separate processes)
 Prints a table of final validation loss (mean and spread over seeds) and writes JSON.
 Goals: dist8 8-bit / fp32 final validation loss <= 1.01 (issue 2), and the same for the
 sparse-embedding rows (sparse-dist8 / sparse-fp32, issue 15) and for bf16-master24 / dist8 and
@@ -28,6 +29,7 @@ bf16-master24 / bf16-master32 (issue 19).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -143,39 +145,10 @@ def run_one(variant: str, seed: int, preset: dict, corpus) -> dict:
             "seconds": time.perf_counter() - t0, "curve": curve[:: max(1, len(curve) // 100)]}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small preset (default)")
-    parser.add_argument("--full", action="store_true", help="larger preset for a real machine")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=ALL_VARIANTS, choices=ALL_VARIANTS)
-    parser.add_argument("--sparse", action="store_true", help="only the sparse-embedding rows")
-    parser.add_argument("--bf16", action="store_true", help="only the bf16 rows and their anchor (issue 19)")
-    parser.add_argument("--steps", type=int, default=None, help="override the preset's steps")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
-    if args.sparse:
-        args.variants = SPARSE_VARIANTS
-    if args.bf16:
-        args.variants = ["dist8", *BF16_VARIANTS]
-    preset = dict(PRESETS["full" if args.full else "quick"])
-    if args.steps:
-        preset["steps"] = args.steps
-    corpus = load_corpus(DataConfig(max_bytes=4_000_000), preset["seq_len"])
-    runs, errors = [], {}
-    for seed in args.seeds:  # seeds outer: a partial run (killed, timed out) already compares the variants
-        for variant in args.variants:
-            if variant in errors:
-                continue
-            try:
-                runs.append(run_one(variant, seed, preset, corpus))
-                print(f"{variant:14s} seed {seed}: val loss {runs[-1]['val_loss']:.4f} ({runs[-1]['seconds']:.0f}s)",
-                      flush=True)
-            except Exception as exc:  # noqa: BLE001 - an anchor that fails is recorded, not fatal
-                errors[variant] = f"{type(exc).__name__}: {exc}"
-                print(f"{variant}: failed: {errors[variant]}", flush=True)
+def summarize(runs: list[dict], variants: list[str], preset: dict, errors: dict) -> dict:
+    """Rows (mean, spread, ratio to the row's anchor, ms/step), goal verdicts and the JSON payload of ``runs``."""
     rows = []
-    for variant in args.variants:
+    for variant in variants:
         anchor = next((a for prefix, a in ANCHORS.items() if variant.startswith(prefix)), "fp32")
         fp32 = [r["val_loss"] for r in runs if r["variant"] == anchor]
         vals = [r["val_loss"] for r in runs if r["variant"] == variant and not r["diverged"]]
@@ -205,7 +178,62 @@ def main(argv: list[str] | None = None) -> dict:
         goals.append(goal)
     payload = {"benchmark": "convergence", "machine": machine(), "preset": preset, "rows": rows, "runs": runs,
                "errors": errors, "goal": goals[0] if goals else None, "goals": goals}
+    return payload
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small preset (default)")
+    parser.add_argument("--full", action="store_true", help="larger preset for a real machine")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=ALL_VARIANTS, choices=ALL_VARIANTS)
+    parser.add_argument("--sparse", action="store_true", help="only the sparse-embedding rows")
+    parser.add_argument("--bf16", action="store_true", help="only the bf16 rows and their anchor (issue 19)")
+    parser.add_argument("--steps", type=int, default=None, help="override the preset's steps")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                        help="combine the runs of earlier result files (same preset) into one, running nothing")
+    args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
+    if args.sparse:
+        args.variants = SPARSE_VARIANTS
+    if args.bf16:
+        args.variants = ["dist8", *BF16_VARIANTS]
+    preset = dict(PRESETS["full" if args.full else "quick"])
+    if args.steps:
+        preset["steps"] = args.steps
+    corpus = load_corpus(DataConfig(max_bytes=4_000_000), preset["seq_len"])
+    runs, errors = [], {}
+    for seed in args.seeds:  # seeds outer: a partial run (killed, timed out) already compares the variants
+        for variant in args.variants:
+            if variant in errors:
+                continue
+            try:
+                runs.append(run_one(variant, seed, preset, corpus))
+                print(f"{variant:14s} seed {seed}: val loss {runs[-1]['val_loss']:.4f} ({runs[-1]['seconds']:.0f}s)",
+                      flush=True)
+            except Exception as exc:  # noqa: BLE001 - an anchor that fails is recorded, not fatal
+                errors[variant] = f"{type(exc).__name__}: {exc}"
+                print(f"{variant}: failed: {errors[variant]}", flush=True)
+    payload = summarize(runs, args.variants, preset, errors)
     print(f"wrote {write_json('convergence', payload, args.out)}")
+    return payload
+
+
+def merge(files: list[str], out: str | None) -> dict:
+    """One result from several partial runs (e.g. variants run in separate processes): runs concatenated,
+    rows and goals recomputed; the presets must agree."""
+    loaded = [json.loads(Path(f).read_text()) for f in files]
+    presets = {json.dumps(d["preset"], sort_keys=True) for d in loaded}
+    if len(presets) != 1:
+        raise SystemExit(f"--merge: the files were run with different presets: {sorted(presets)}")
+    runs = [r for d in loaded for r in d["runs"]]
+    errors = {k: v for d in loaded for k, v in d.get("errors", {}).items()}
+    variants = [v for v in ALL_VARIANTS if any(r["variant"] == v for r in runs)]
+    payload = summarize(runs, variants, loaded[0]["preset"], errors)
+    payload["machine"] = loaded[0]["machine"]
+    print(f"wrote {write_json('convergence', payload, out)}")
     return payload
 
 
