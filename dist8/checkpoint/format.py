@@ -44,10 +44,14 @@ from dist8.checkpoint.dirs import (
 from dist8.checkpoint.errors import CheckpointError
 from dist8.checkpoint.files import check_name, member, read_text, sha256_file
 from dist8.optim.state_schema import (
+    CORRECTION,
     GNORM,
+    MAX_STATES,
     PERCENTILE_HISTORY,
+    absmax_key,
     flat_length,
     is_absmax_key,
+    state_key,
 )
 
 __all__ = [
@@ -84,13 +88,17 @@ READABLE_VERSIONS = (1, 2)
 METADATA = "metadata.json"
 MODEL_FILE = "model.safetensors"
 FP32_WEIGHTS_FILE = "model-fp32.safetensors"
-# Per-parameter tensors a rank file may hold, with their dtype: codes are uint8, everything else fp32.
-# "correction" (master_weight_bits, dist8.optim.state_schema.CORRECTION): int8 (24-bit) or int16 (32-bit);
-# state3/absmax3: AdEMAMix's slow EMA.
-STATE_KEYS = ("state1", "state2", "absmax1", "absmax2", "gnorm_vec", "master", "correction", "state3", "absmax3")
-STATE_DTYPES = {"state1": ("uint8", "float32"), "state2": ("uint8", "float32"), "absmax1": ("float32",),
-                "absmax2": ("float32",), "gnorm_vec": ("float32",), "master": ("float32",),
-                "correction": ("int8", "int16"), "state3": ("uint8", "float32"), "absmax3": ("float32",)}
+# Per-parameter tensors a rank file may hold, with their dtypes: the optimizer state schema's keys
+# (codes uint8 or 32-bit state, absmax, clipping history, the master-weight correction int8/int16)
+# and the checkpoint's own "master" (ShardedOptimizer's fp32 master copy).
+STATE_DTYPES = {
+    **{state_key(i): ("uint8", "float32") for i in range(1, MAX_STATES + 1)},
+    **{absmax_key(i): ("float32",) for i in range(1, MAX_STATES + 1)},
+    GNORM: ("float32",),
+    "master": ("float32",),
+    CORRECTION: ("int8", "int16"),
+}
+STATE_KEYS = tuple(STATE_DTYPES)
 _RANK_FILE = re.compile(r"^optim-(\d{5})-of-(\d{5})\.safetensors$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _MAX_DEPTH = 64

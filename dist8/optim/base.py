@@ -456,10 +456,7 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
                 raise KeyError(f"state_dict has state for parameter id {key}, which no param group lists")
             p = id_map[key]
             # the kind of state and the correction the parameter needs once the saved group's values are loaded
-            loaded = dict(self.param_groups[group_of[key]], **saved_groups[group_of[key]])
-            extra = match_overrides(self.param_names.get(p), p, self.overrides)
-            settings = self.resolve_settings(self.param_name(p), extra, global_numel(p),
-                                             {k: v for k, v in loaded.items() if k != "params"}, p.dtype)
+            settings = self.settings(p, dict(self.param_groups[group_of[key]], **saved_groups[group_of[key]]))
             new_state[p] = self.check_state(p, st, block_size=self.state_block_size(p), expect_8bit=settings.use_8bit,
                                              correction=settings.correction)
         for saved, group in zip(saved_groups, self.param_groups):

@@ -59,6 +59,7 @@ GNORM = "gnorm_vec"
 PERCENTILE_HISTORY = 100  # gradient norms kept for percentile clipping
 CORRECTION = "correction"  # master-weight correction (int8/int16, the parameter's shape)
 ANY_CORRECTION = "any"  # check_state: accept a well-formed correction of either dtype, or none
+MAX_STATES = max(len(signs) for signs in RULE_STATES.values())  # quantized states of the widest rule
 
 
 def correction_dtype(param_dtype: torch.dtype, master_weight_bits: int | None) -> torch.dtype | None:
