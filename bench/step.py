@@ -120,9 +120,10 @@ def make_params(size_label, n, dtype, device, seed=0):
 
 
 def make_param(shape, dtype, device, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    p = torch.nn.Parameter((torch.randn(shape, generator=g) * 0.02).to(device=device, dtype=dtype))
-    p.grad = (torch.randn(shape, generator=g) * 1e-3).to(device=device, dtype=dtype)
+    # drawn where they live: 256M values drawn on the CPU would cost a GPU lease seconds per candidate
+    g = torch.Generator(device=device).manual_seed(seed)
+    p = torch.nn.Parameter((torch.randn(shape, generator=g, device=device) * 0.02).to(dtype=dtype))
+    p.grad = (torch.randn(shape, generator=g, device=device) * 1e-3).to(dtype=dtype)
     return p
 
 
@@ -156,8 +157,8 @@ def candidates(n, dtype, device, which, size_label=""):
         s1 = torch.zeros(n, dtype=torch.uint8, device=device)
         s2 = torch.zeros(n, dtype=torch.uint8, device=device)
         q1, q2 = dynamic_map(True).to(device), dynamic_map(False).to(device)
-        s1.fill_(int(torch.searchsorted(q1, torch.tensor(0.0))))
-        s2.fill_(int(torch.searchsorted(q2, torch.tensor(0.0))))
+        s1.fill_(int(torch.searchsorted(q1, torch.tensor(0.0, device=device))))
+        s2.fill_(int(torch.searchsorted(q2, torch.tensor(0.0, device=device))))
         a1 = torch.zeros(nb, device=device)
         a2 = torch.zeros(nb, device=device)
         state = {"t": 0}
@@ -172,13 +173,25 @@ def candidates(n, dtype, device, which, size_label=""):
 
         return step
 
-    def dist8_optim(on_nonfinite="skip"):
+    def dist8_optim(on_nonfinite="skip", master_weight_bits=None):
         def factory():
             import dist8.optim
 
             params = make_params(size_label, n, dtype, device)
             opt = dist8.optim.AdamW8bit(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                                        block_size=256, min_8bit_size=4096, on_nonfinite=on_nonfinite)
+                                        block_size=256, min_8bit_size=4096, on_nonfinite=on_nonfinite,
+                                        master_weight_bits=master_weight_bits)
+            return opt.step
+        return factory
+
+    def flashoptim(master_weight_bits):
+        """FlashOptim's FlashAdamW (Triton, GPU only): 8-bit companded states (+ its 8-bit correction)."""
+        def factory():
+            from flashoptim import FlashAdamW
+
+            opt = FlashAdamW(make_params(size_label, n, dtype, device), lr=1e-3, weight_decay=1e-2,
+                             master_weight_bits=master_weight_bits)
+            opt.step()  # fail here rather than in the timed loop
             return opt.step
         return factory
 
@@ -271,10 +284,17 @@ def candidates(n, dtype, device, which, size_label=""):
             bytes8)
     add("torch AdamW fused", torch_adamw(fused=True), bytes32)
     # Under torch.amp.GradScaler both check the gradients once (the scaler) and unscale in-kernel.
-    add("dist8.optim.AdamW8bit +GradScaler", with_grad_scaler(dist8_optim()), bytes8)
-    add("torch AdamW fused +GradScaler", with_grad_scaler(torch_adamw(fused=True)), bytes32)
+    # (GradScaler is fp16's tool; torch's CUDA unscale refuses bf16 gradients.)
+    if not (device.type == "cuda" and dtype == torch.bfloat16):
+        add("dist8.optim.AdamW8bit +GradScaler", with_grad_scaler(dist8_optim()), bytes8)
+        add("torch AdamW fused +GradScaler", with_grad_scaler(torch_adamw(fused=True)), bytes32)
     add("torch AdamW foreach", torch_adamw(foreach=True), bytes32)
     add("bitsandbytes AdamW8bit", bnb, bytes8)
+    if dtype != torch.float32:  # 24-bit master weights: bf16 param + int8 correction (read and written)
+        add("dist8.optim.AdamW8bit master_weight_bits=24", dist8_optim(master_weight_bits=24), bytes8 + 2 * n)
+    if device.type == "cuda":
+        add("FlashOptim FlashAdamW" + (" master_weight_bits=24" if dtype != torch.float32 else ""),
+            flashoptim(24 if dtype != torch.float32 else None), bytes8 + (2 * n if dtype != torch.float32 else 0))
     if not model:  # torchao compiles a step per tensor shape on the CPU: minutes for a model
         add("torchao AdamW8bit", torchao, bytes8)
     return out
@@ -336,7 +356,7 @@ def main(argv=None):
     print(f"\n{'size':>6} {'dtype':>5}  {'optimizer':<34} {'ms/step':>9} {'GB/s':>7} {'of bound':>8}")
     for r in results:
         if "ms" in r:
-            print(f"{r['size_label']:>6} {r['dtype']:>5}  {r['optimizer']:<34} {r['ms']:9.2f} {r['gbps']:7.1f} "
+            print(f"{r['size_label']:>6} {r['dtype']:>5}  {r['optimizer']:<34} {r['ms']:9.3f} {r['gbps']:7.1f} "
                   f"{r['bound_ratio']:8.2f}")
         else:
             print(f"{r['size_label']:>6} {r['dtype']:>5}  {r['optimizer']:<34} {'FAILED':>9}  {r['error'][:70]}")

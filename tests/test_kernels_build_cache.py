@@ -66,3 +66,27 @@ def test_two_checkouts_do_not_rebuild_each_other(tmp_path, monkeypatch, capfd):
                 assert "dist8: building" not in err, (label, err)
                 assert built == first[label], f"checkout {label} was rebuilt"
     assert len(os.listdir(tmp_path / "builds")) == 2  # one build directory per checkout
+
+
+def test_prebuilt_cuda_kernels_must_match_the_sources(tmp_path, monkeypatch):
+    """DIST8_CUDA_PREBUILT (bench/gpu_prebuild.sh's library for a short GPU lease) is loaded only with
+    a .sources stamp equal to this checkout's CUDA sources: a stale or unlabelled one is refused
+    in one line naming the variable, before anything is loaded."""
+    import pytest
+
+    lib = tmp_path / "dist8_cuda.so"
+    lib.write_bytes(b"not a library")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("DIST8_CUDA_PREBUILT", str(lib))
+    monkeypatch.setattr(torch.ops, "load_library", lambda path: pytest.fail("a refused library was loaded"))
+    with pytest.raises(RuntimeError, match=r"DIST8_CUDA_PREBUILT=.*needs the library and its dist8_cuda.so.sources"):
+        native.load_backend("cuda")
+    (tmp_path / "dist8_cuda.so.sources").write_text("0" * 64 + "\ntorch-x sm_90\n")
+    with pytest.raises(RuntimeError, match=r"DIST8_CUDA_PREBUILT=.*built from other sources than .*csrc"):
+        native.load_backend("cuda")
+    loaded = []
+    monkeypatch.setattr(torch.ops, "load_library", loaded.append)
+    monkeypatch.setattr(native, "NativeBackend", lambda kind: kind)  # no real ops behind the fake library
+    monkeypatch.setattr(native, "_backends", {})
+    (tmp_path / "dist8_cuda.so.sources").write_text(native.cuda_sources_digest() + "\ntorch-x sm_90\n")
+    assert native.load_backend("cuda") == "cuda" and loaded == [str(lib)]

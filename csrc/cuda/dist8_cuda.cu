@@ -88,7 +88,23 @@ bool use_warp_kernel(int64_t block_size) {
   return v != nullptr && std::string(v) == "warp" && block_size <= WARP_MAX_BLOCK;
 }
 
-unsigned warp_grid(int64_t nblocks) { return (unsigned)((nblocks + WARPS_PER_CTA - 1) / WARPS_PER_CTA); }
+// Thread blocks of a warp-kernel launch: one per WARPS_PER_CTA quantization blocks, at most
+// WARP_CTAS_PER_SM per multiprocessor (the kernels stride over the rest). The emulation has 2
+// "multiprocessors", so its tests run the striding with several blocks per warp.
+constexpr int64_t WARP_CTAS_PER_SM = 8;
+int64_t multiprocessors() {
+#if defined(DIST8_CUDA_EMULATION)
+  return 2;
+#else
+  int device = 0, count = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
+  return count > 0 ? count : 1;
+#endif
+}
+unsigned warp_grid(int64_t nblocks) {
+  return (unsigned)std::min((nblocks + WARPS_PER_CTA - 1) / WARPS_PER_CTA, WARP_CTAS_PER_SM * multiprocessors());
+}
 
 // f(std::integral_constant<int, block_size / 32>{}): picks the warp kernels' instantiation.
 template <typename F>

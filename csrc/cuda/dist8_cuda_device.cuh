@@ -281,10 +281,13 @@ __device__ __forceinline__ void requantize_warp(const float (&vals)[VPT], uint32
   const float am = absmax_from_bits(warp_max_u32(mx));
   if (lane == 0) absmax[blk] = am;
   const float recip = block_reciprocal(am);
+  uint8_t c[VPT];  // every code first, then the stores: the VPT searches interleave
+#pragma unroll
+  for (int v = 0; v < VPT; ++v) c[v] = (uint8_t)nearest_code(fmul(vals[v], recip), q);
 #pragma unroll
   for (int v = 0; v < VPT; ++v) {
     const int64_t i = lane + 32 * v;
-    if (i < len) codes[off + i] = (uint8_t)nearest_code(fmul(vals[v], recip), q);
+    if (i < len) codes[off + i] = c[v];
   }
 }
 
@@ -348,23 +351,27 @@ __device__ __forceinline__ void update_block_warp(const CommonArgs& k, const Ten
     requantize_warp<VPT>(st2, mx2, t.codes[2], t.absmax[2], blk, off, len, q[state_qmap_index(2)], lane);
 }
 
-// VPT = block_size / 32 values per lane; the host picks the instantiation.
+// VPT = block_size / 32 values per lane; the host picks the instantiation. Persistent: the
+// grid is capped (warp_grid) and each warp strides over the blocks, so the maps are loaded
+// once per thread block, not once per 8 quantization blocks.
 template <int VPT>
 __global__ void fused_update_warp_kernel(FusedArgs a, int64_t nblocks) {
   __shared__ float q[2][256];
   load_qmaps(a.k, q);
-  const int64_t blk = (int64_t)blockIdx.x * WARPS_PER_CTA + (threadIdx.x >> 5);
-  if (blk < nblocks) update_block_warp<VPT>(a.k, a.t, blk, q, threadIdx.x & 31);
+  const int64_t stride = (int64_t)gridDim.x * WARPS_PER_CTA;
+  for (int64_t blk = (int64_t)blockIdx.x * WARPS_PER_CTA + (threadIdx.x >> 5); blk < nblocks; blk += stride)
+    update_block_warp<VPT>(a.k, a.t, blk, q, threadIdx.x & 31);
 }
 
 template <int VPT>
 __global__ void fused_update_multi_warp_kernel(MultiArgs a) {
   __shared__ float q[2][256];
   load_qmaps(a.k, q);
-  const int64_t b = (int64_t)blockIdx.x * WARPS_PER_CTA + (threadIdx.x >> 5);
-  if (b >= a.first_block[a.ntensors]) return;
-  const int lo = tensor_of(a.first_block, a.ntensors, b);
-  update_block_warp<VPT>(a.k, a.t[lo], b - a.first_block[lo], q, threadIdx.x & 31);
+  const int64_t stride = (int64_t)gridDim.x * WARPS_PER_CTA, total = a.first_block[a.ntensors];
+  for (int64_t b = (int64_t)blockIdx.x * WARPS_PER_CTA + (threadIdx.x >> 5); b < total; b += stride) {
+    const int lo = tensor_of(a.first_block, a.ntensors, b);
+    update_block_warp<VPT>(a.k, a.t[lo], b - a.first_block[lo], q, threadIdx.x & 31);
+  }
 }
 
 __global__ void quantize_kernel(const void* x, int dt, int64_t n, int64_t block_size, const float* qmap,

@@ -171,13 +171,20 @@ D8_HD uint32_t abs_bits(float x) { return f2u(x) & 0x7FFFFFFFu; }
 D8_HD float absmax_from_bits(uint32_t b) { return u2f(b); }
 
 // torch.searchsorted(side='left') on 256 entries: the first index i with
-// qmap[i] >= x (256 when none; NaN gives 256). Same binary search as torch.
+// qmap[i] >= x (256 when none; NaN gives 256). Same binary search as torch, with
+// a fixed trip count: every step at least halves end - start (256 -> 0 in 9), and a
+// step with start == end changes nothing, so 9 predicated steps visit the same
+// midpoints as torch's loop for any map. No data-dependent branch: a GPU thread's
+// searches for several values interleave instead of waiting on each load in turn.
 D8_HD int lower_bound256(float x, const float* qmap) {
   int start = 0, end = 256;
-  while (start < end) {
+#pragma unroll
+  for (int step = 0; step < 9; ++step) {
     const int mid = start + ((end - start) >> 1);
-    if (!(qmap[mid] >= x)) start = mid + 1;
-    else end = mid;
+    const bool right = !(qmap[mid < 255 ? mid : 255] >= x);  // mid == 256 only once start == end
+    const bool active = start < end;
+    start = (active && right) ? mid + 1 : start;
+    end = (active && !right) ? mid : end;
   }
   return start;
 }

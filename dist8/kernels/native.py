@@ -18,6 +18,9 @@ Environment:
     DIST8_CPU_FLAGS   extra compiler flags for the CPU kernels, e.g.
                       "-mno-avx512vbmi" (built under a name of their own)
     DIST8_CUDA_ARCH   CUDA archs, e.g. "8.0;9.0" (default: the visible GPU's)
+    DIST8_CUDA_PREBUILT  path of CUDA kernels built ahead (``bench/gpu_prebuild.sh``, against
+                      the exact torch wheel this process runs) to load instead of building; refused
+                      if its ``.sources`` file names other sources than this checkout's csrc/
 """
 from __future__ import annotations
 
@@ -164,6 +167,30 @@ def _build_inputs(kind: str) -> tuple[list[Path], list[str]]:
     return files, context
 
 
+def cuda_sources_digest() -> str:
+    """sha256 of the CUDA build's sources (names and contents): what a prebuilt library must match."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in _build_inputs("cuda")[0]:
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _load_prebuilt_cuda(path: str) -> None:
+    """Load CUDA kernels built ahead (DIST8_CUDA_PREBUILT), refusing a stale or unlabelled one."""
+    stamp = Path(path + ".sources")
+    if not Path(path).is_file() or not stamp.is_file():
+        raise RuntimeError(f"DIST8_CUDA_PREBUILT={path}: needs the library and its {stamp.name} "
+                           "(bench/gpu_prebuild.sh writes both)")
+    lines = stamp.read_text().split()
+    if not lines or lines[0] != cuda_sources_digest():
+        raise RuntimeError(f"DIST8_CUDA_PREBUILT={path}: built from other sources than {csrc_dir()} "
+                           "(rebuild it with bench/gpu_prebuild.sh, or unset DIST8_CUDA_PREBUILT to build here)")
+    torch.ops.load_library(path)
+    print(f"dist8: loaded the prebuilt CUDA kernels {path} ({' '.join(lines[1:])})", file=sys.stderr, flush=True)
+
+
 def build_name(kind: str) -> str:
     """The extension's name for this checkout: ``dist8_<kind>[_portable]_<12 hex digits>``.
 
@@ -207,6 +234,9 @@ def _load_extension(kind: str) -> None:
     elif kind == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("dist8: CUDA kernels requested but torch.cuda.is_available() is False")
+        if os.environ.get("DIST8_CUDA_PREBUILT"):
+            _load_prebuilt_cuda(os.environ["DIST8_CUDA_PREBUILT"])
+            return
         if os.environ.get("DIST8_CUDA_ARCH"):
             os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ["DIST8_CUDA_ARCH"]
         sources = [src / "cuda" / "dist8_cuda.cu"]

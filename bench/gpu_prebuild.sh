@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Build the CUDA kernels here, for a GPU machine whose short lease should not pay the 3-5 minute
+# nvcc compile: against the exact torch wheel the GPU machine runs (its headers to compile, its
+# libraries to link), for one architecture. Writes .prebuilt/dist8_cuda.so and, beside it,
+# dist8_cuda.so.sources (the hash of csrc/ it was built from); dist8 loads it when
+# DIST8_CUDA_PREBUILT names it and refuses it if csrc/ changed since (native.py).
+#
+#   bash bench/gpu_prebuild.sh path/to/torch-2.11.0-cp312-cp312-manylinux_2_28_x86_64.whl [arch=90]
+#
+# The wheel: `pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
+# --platform manylinux_2_28_x86_64 torch==<the GPU machine's version> -d DIR`. .prebuilt/ is
+# git-ignored; carry it with the GPU call (bench/gpu_check.sh falls back to a build there).
+set -euo pipefail
+WHEEL="${1:?usage: bench/gpu_prebuild.sh TORCH_CUDA_WHEEL [ARCH]}"
+ARCH="${2:-90}"
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+TORCH_DIR="${DIST8_PREBUILD_CACHE:-/tmp/dist8-prebuild}/$(basename "$WHEEL" .whl)"
+if [ ! -f "$TORCH_DIR/torch/lib/libtorch_cuda.so" ]; then
+  mkdir -p "$TORCH_DIR"
+  unzip -q -o "$WHEEL" 'torch/include/*' 'torch/lib/libc10.so' 'torch/lib/libc10_cuda.so' \
+    'torch/lib/libtorch.so' 'torch/lib/libtorch_cpu.so' 'torch/lib/libtorch_cuda.so' -d "$TORCH_DIR"
+fi
+INC="$TORCH_DIR/torch/include"
+grep -q "C++20 or later" "$INC/ATen/ATen.h" && STD=c++20 || STD=c++17
+NVCC="${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}"
+CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$NVCC")")")}"
+CUDART_DIR="$(dirname "$(find "$CUDA_HOME/lib64/" "$CUDA_HOME/lib/" /usr/local/cuda/lib64/ -name 'libcudart.so' 2>/dev/null | head -1)")"
+mkdir -p .prebuilt
+OBJ=.prebuilt/dist8_cuda.o
+SO=.prebuilt/dist8_cuda.so
+# The flags torch.utils.cpp_extension gives a CUDA extension, plus native.py's own (_CUDA_NVCC_FLAGS).
+time "$NVCC" -c csrc/cuda/dist8_cuda.cu -o "$OBJ" -std="$STD" -O3 --fmad=false \
+  -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
+  -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr -D_GLIBCXX_USE_CXX11_ABI=1 \
+  -DTORCH_API_INCLUDE_EXTENSION_H -Xcompiler -fPIC -Xcompiler -ffp-contract=off -Xcompiler -O3 \
+  -gencode "arch=compute_${ARCH},code=sm_${ARCH}" -diag-suppress 3306 \
+  -isystem "$INC" -isystem "$INC/torch/csrc/api/include" -I csrc/include
+c++ "$OBJ" -shared -o "$SO" -L"$TORCH_DIR/torch/lib" -lc10 -lc10_cuda -ltorch_cpu -ltorch_cuda -ltorch \
+  -L"$CUDART_DIR" -lcudart
+rm -f "$OBJ"
+python3 -c "import sys; sys.path.insert(0, '$ROOT'); from dist8.kernels.native import cuda_sources_digest; print(cuda_sources_digest())" \
+  > "$SO.sources"
+echo "$(basename "$WHEEL") sm_${ARCH}" >> "$SO.sources"
+ls -la .prebuilt
