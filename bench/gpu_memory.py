@@ -114,6 +114,9 @@ def main(argv=None) -> None:
     ap.add_argument("--models", default="8x4096,32x2048", help="comma list of LAYERSxWIDTH")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{__file__}: needs a CUDA device (torch.cuda.is_available() is False); on a CPU "
+                         "machine use bench/memory.py / bench/step.py --device cpu")
     rows = []
     for spec in args.models.split(","):
         layers, width = (int(v) for v in spec.lower().split("x"))

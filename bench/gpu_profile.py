@@ -16,6 +16,9 @@ import dist8
 
 
 def main(n: int = 1 << 24) -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{__file__}: needs a CUDA device (torch.cuda.is_available() is False); on a CPU "
+                         "machine use bench/memory.py / bench/step.py --device cpu")
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(n, device="cuda") * 0.02)
     p.grad = torch.randn(n, device="cuda") * 1e-3

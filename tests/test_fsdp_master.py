@@ -1,6 +1,6 @@
 """master_weight_bits on FSDP2 (DTensor) parameters: the local shard's correction, bitwise the unsharded
 optimizer's on uneven Shard(0) (shard-edge blocks) and Shard(1) (strided) placements, with gradient
-release, and through full and plain <-> FSDP2 state dicts."""
+release, through full and plain <-> FSDP2 state dicts, and load_fp32_weights into the shards."""
 import zlib
 
 import pytest
@@ -98,7 +98,42 @@ def _worker(rank, world_size):
                 out["local_correction"] = {n: tuple(opt.state[p][CORRECTION].shape) for n, p in model.named_parameters()}
                 _interop(model, opt, ref, ref_opt, mesh, cls, kw2)
     out["release"] = _release(mesh)
+    out["fp32_weights"] = _load_fp32_weights(mesh)
     return out
+
+
+def _load_fp32_weights(mesh):
+    """dist8.checkpoint.load_fp32_weights into an FSDP2 bf16 model: each rank encodes its local shard
+    (uneven Shard(0), strided Shard(1)), bitwise what the unsharded call gives that shard; a plain fp32
+    tensor the optimizer does not hold (no correction) is rounded to nearest like the unsharded call."""
+    from torch.distributed.tensor import distribute_tensor
+
+    from dist8.checkpoint import load_fp32_weights
+
+    gen = torch.Generator().manual_seed(11)
+    weights = {n: torch.randn(p.shape, generator=gen) * 0.1 for n, p in Wide().named_parameters()}
+    for bits in (24, 32):
+        model = _sharded_model(mesh)
+        opt = dist8.AdamW8bit(model.named_parameters(), lr=1e-2, min_8bit_size=0, master_weight_bits=bits)
+        load_fp32_weights(weights, model, opt)
+        ref = Wide().to(torch.bfloat16)
+        ref_opt = dist8.AdamW8bit(ref.named_parameters(), lr=1e-2, min_8bit_size=0, master_weight_bits=bits)
+        load_fp32_weights(weights, ref, ref_opt)
+        for n, p in model.named_parameters():
+            r = dict(ref.named_parameters())[n]
+            want_p = distribute_tensor(r.detach(), p.device_mesh, p.placements, src_data_rank=None).to_local()
+            want_c = distribute_tensor(ref_opt.state[r][CORRECTION], p.device_mesh, p.placements,
+                                       src_data_rank=None).to_local()
+            assert torch.equal(p.to_local().view(torch.int16), want_p.view(torch.int16)), (n, bits)
+            assert torch.equal(opt.state[p][CORRECTION], want_c), (n, bits)
+            assert opt.state[p][CORRECTION].ne(0).any(), (n, bits)
+        plain = _sharded_model(mesh)  # no optimizer: every weight rounded to nearest bf16
+        load_fp32_weights(weights, plain)
+        for n, p in plain.named_parameters():
+            want = distribute_tensor(weights[n].to(torch.bfloat16), p.device_mesh, p.placements,
+                                     src_data_rank=None).to_local()
+            assert torch.equal(p.to_local(), want), n
+    return True
 
 
 def _interop(model, opt, ref, ref_opt, mesh, cls, kw):
@@ -151,7 +186,7 @@ def _release(mesh):
 def test_fsdp2_master_weights_exact(tmp_path):
     results = run_ranks(_worker, 2, tmp_path=tmp_path)
     for r in results:
-        assert r["release"]
+        assert r["release"] and r["fp32_weights"]
     # each rank holds the correction of its local shard only
     assert results[0]["local_correction"]["a.weight"] == (17, 100)
     assert results[1]["local_correction"]["a.weight"] == (16, 100)

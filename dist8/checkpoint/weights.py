@@ -20,6 +20,7 @@ import torch
 
 from dist8.checkpoint.format import CheckpointError
 from dist8.checkpoint.reader import read_model_tensors
+from dist8.optim import dtensor_layout as dtl
 from dist8.optim.base import Optimizer8bit
 from dist8.optim.state_schema import CORRECTION
 from dist8.quant.master import encode_master, encode_master_exact
@@ -44,9 +45,10 @@ def load_fp32_weights(source: str | os.PathLike | dict[str, torch.Tensor], model
         strict: refuse missing or unexpected names (default True); shapes must always match.
 
     Raises :class:`CheckpointError` (one line naming the file and tensor) before changing anything.
-    Call it on every rank with the same weights (parameters are replicated under
-    ``ShardedOptimizer``; each rank encodes the correction of its own pieces). DTensor (FSDP2)
-    parameters are not supported yet.
+    Call it on every rank with the same (full) weights: parameters are replicated under
+    ``ShardedOptimizer`` (each rank encodes the correction of its own pieces); DTensor (FSDP2)
+    parameters take their local shard of each weight (no communication) and the optimizer keeps
+    that shard's correction, as it does in training.
     """
     where = str(source) if not isinstance(source, dict) else "fp32 weights"
     tensors = read_model_tensors(Path(source)) if not isinstance(source, dict) else dict(source)
@@ -61,8 +63,6 @@ def load_fp32_weights(source: str | os.PathLike | dict[str, torch.Tensor], model
     if problems:
         raise CheckpointError(f"{where}: " + "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else ""))
     params = dict(model.named_parameters())
-    if any(hasattr(p, "to_local") for p in params.values()):
-        raise CheckpointError(f"{where}: load_fp32_weights does not support DTensor (FSDP2) parameters yet")
     if isinstance(optimizer, ShardedOptimizer):
         index = {id(p): i for i, p in enumerate(optimizer.params)}
         optimizer.load_fp32_master({index[id(p)]: tensors[n] for n, p in params.items()
@@ -75,12 +75,12 @@ def load_fp32_weights(source: str | os.PathLike | dict[str, torch.Tensor], model
             if n not in tensors or p not in group_of:
                 continue
             settings = optimizer.settings(p, group_of[p])
-            w = tensors[n].float().contiguous()
             if settings.correction is None:
                 continue
             bits = 24 if settings.correction == torch.int8 else 32
+            w = _local_part(tensors[n].float(), p).contiguous()
             rounded, correction = encode_master_exact(w, p.dtype, bits)
-            p.copy_(rounded)
+            dtl.local(p).copy_(rounded)
             if not optimizer.state.get(p):
                 optimizer.state[p] = optimizer.init_state(p, settings)
             optimizer.state[p][CORRECTION] = correction.to(p.device)
@@ -88,7 +88,17 @@ def load_fp32_weights(source: str | os.PathLike | dict[str, torch.Tensor], model
     for n, t in tensors.items():
         if n in own and n not in done:
             target = own[n]
-            value = t.float() if target.is_floating_point() else t
+            value = _local_part(t.float() if target.is_floating_point() else t, target)
             if target.dtype in (torch.bfloat16, torch.float16):  # round to nearest, saturating like encode
                 value = encode_master(value.contiguous(), target.dtype, 24)[0]
-            target.copy_(value)
+            dtl.local(target).copy_(value)
+
+
+def _local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` itself, or, for a DTensor ``like``, the part of ``full`` its local shard holds
+    (sliced on this rank by DTensor's own placement rules, no communication)."""
+    if not dtl.is_dtensor(like):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None).to_local()
