@@ -155,7 +155,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
                                  "ShardedOptimizer needs all parameters on one device")
             if p.dtype != first.dtype:
                 raise ValueError(f"parameter {name} has dtype {p.dtype} but {self.names[0]} has {first.dtype}; "
-                                 "ShardedOptimizer needs one parameter dtype")
+                                 "ShardedOptimizer needs one parameter dtype (after dist8.cast_model, which keeps "
+                                 "norm layers fp32: pass keep_norm_layers=False, or give the fp32 parameters an "
+                                 "optimizer of their own)")
             if getattr(p, "_is_flat_param", False) or type(p).__name__ == "DTensor":
                 raise TypeError(f"parameter {name} is already sharded ({type(p).__name__}); use the dist8 optimizer "
                                 "directly with FSDP2 instead of ShardedOptimizer")
