@@ -17,7 +17,8 @@ Nothing is computed from a formula: a number here is what the allocator held.
 FlashOptim's figures (GPU only) are quoted from its paper. The goals of issue 19
 are printed next to the rows they apply to (``goal`` column).
 
-Usage: python bench/memory.py [--width 1024] [--layers 8] [--world-sizes 2 4] [--skip torchao,...] [--out FILE]
+Usage: python bench/memory.py [--width 1024] [--layers 8] [--world-sizes 2 4] [--skip torchao,...]
+       [--only "FSDP2 + dist8 AdamW8bit + gradient release, bf16",...] [--out FILE]
 """
 from __future__ import annotations
 
@@ -121,7 +122,7 @@ def _sharded(w, n, dtype=None, bits=None):
     return model, _plain_step(model, opt)
 
 
-def _fsdp2(w, n, dtype=None, release=False, bits=None):
+def _fsdp2(w, n, dtype=None, release=False, bits=None, backward_prefetch=True):
     import dist8
     from torch.distributed.fsdp import fully_shard
 
@@ -130,6 +131,10 @@ def _fsdp2(w, n, dtype=None, release=False, bits=None):
         fully_shard(block.norm)
         fully_shard(block.fc)
     fully_shard(model)
+    if not backward_prefetch:  # FSDP2 unshards the next layer during each layer's backward unless a
+        for block in model:    # module names its own prefetch list: itself (already unsharded) = none
+            for m in (block.norm, block.fc):
+                m.set_modules_to_backward_prefetch([m])
     opt = dist8.AdamW8bit(model.named_parameters(), **KW, **_mw(bits))
     if release:
         dist8.gradient_release(model, opt)
@@ -184,6 +189,8 @@ MULTI: list[tuple[str, Callable]] = [
     ("FSDP2 + dist8 AdamW8bit, bf16 + 24-bit master", lambda w, n: _fsdp2(w, n, torch.bfloat16, bits=24)),
     ("FSDP2 + dist8 AdamW8bit + gradient release, bf16 + 24-bit master",
      lambda w, n: _fsdp2(w, n, torch.bfloat16, release=True, bits=24)),
+    ("FSDP2 without backward prefetch + dist8 AdamW8bit + gradient release, bf16 + 24-bit master",
+     lambda w, n: _fsdp2(w, n, torch.bfloat16, release=True, bits=24, backward_prefetch=False)),
     ("DeepSpeed ZeRO-2 + torch AdamW, bf16 (fp32 master)", lambda w, n: _deepspeed(w, n, bf16=True)),
 ]
 
@@ -257,10 +264,12 @@ def goal(row: dict[str, Any], width: int) -> str:
     return f"<= {limit:.2f} {'met' if peak <= limit else 'MISSED'}"
 
 
-def run_systems(systems, width: int, layers: int, skip: set[str], world_size: int) -> list[dict[str, Any]]:
+def run_systems(systems, width: int, layers: int, skip: set[str], world_size: int,
+                only: set[str] = frozenset()) -> list[dict[str, Any]]:
     rows = []
     for name, build in systems:
-        if any(s and s.lower() in name.lower() for s in skip):
+        if any(s and s.lower() in name.lower() for s in skip) or (only and not any(s.lower() in name.lower()
+                                                                                    for s in only)):
             rows.append({"system": name, "world_size": world_size, "status": "skipped (--skip)"})
             continue
         try:
@@ -275,12 +284,13 @@ def run_systems(systems, width: int, layers: int, skip: set[str], world_size: in
     return rows
 
 
-def _worker(rank: int, world_size: int, port: int, width: int, layers: int, skip: set[str], out: str) -> None:
+def _worker(rank: int, world_size: int, port: int, width: int, layers: int, skip: set[str], out: str,
+            only: set[str] = frozenset()) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    rows = run_systems(MULTI, width, layers, skip, world_size)
+    rows = run_systems(MULTI, width, layers, skip, world_size, only)
     gathered: list = [None] * world_size
     dist.all_gather_object(gathered, rows)
     if rank == 0:  # the largest rank's numbers: what one machine must hold
@@ -300,16 +310,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--world-sizes", type=int, nargs="*", default=[2, 4])
     parser.add_argument("--skip", default="", help="comma-separated substrings of system names to skip")
+    parser.add_argument("--only", default="", help="comma-separated substrings: run only the systems they name")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    rows = run_systems(SINGLE, args.width, args.layers, skip, 1)
+    rows = run_systems(SINGLE, args.width, args.layers, skip, 1, only)
     for n in args.world_sizes:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "rows.pt")
             port = free_port()
-            mp.spawn(_worker, args=(n, port, args.width, args.layers, skip, out), nprocs=n, join=True)
+            mp.spawn(_worker, args=(n, port, args.width, args.layers, skip, out, only), nprocs=n, join=True)
             rows += torch.load(out, weights_only=False)
     rows += FLASHOPTIM
     for row in rows:

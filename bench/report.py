@@ -242,7 +242,7 @@ def memory_section() -> str:
         parts.append(f"`{f.name}` — {_machine_line(d['machine'])}; model {first.get('params', 0):,} params "
                      f"({d['layers']} x [LayerNorm, Linear({d['width']}, {d['width']})])\n")
         rows = [[r["system"], r["world_size"], r.get("peak"), r.get("steady"), r.get("param_bytes"),
-                 r.get("goal") or "", r["status"]] for r in d["rows"]]
+                 r.get("goal") or "", r["status"]] for r in d["rows"] if r["status"] != "skipped (--skip)"]
         parts.append(_table(["system", "ranks", "peak bytes/param", "steady bytes/param", "param bytes/param",
                              "goal (peak)", "status"], rows) + "\n")
     parts.append(
