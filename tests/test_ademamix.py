@@ -140,6 +140,47 @@ def test_8bit_tracks_bitsandbytes(bnb, config):
         assert rel < 0.02, f"{name}: relative difference {rel:.4f}"
 
 
+@pytest.mark.parametrize("bits", [8, 32])
+def test_bitsandbytes_state_dict_converts(bnb, bits):
+    """A run started with bitsandbytes' AdEMAMix(8bit) continues in dist8 through from_bitsandbytes:
+    bnb's stacked (2, n) state1 becomes state1 = m1 and state3 = m2, codes and absmax unchanged;
+    the continued run then tracks bitsandbytes' own continuation (32-bit: equal to rounding)."""
+    from dist8.checkpoint.convert import from_bitsandbytes
+
+    kw = dict(CONFIGS["warmup-wd"])
+    p0 = torch.randn(8192, generator=torch.Generator().manual_seed(8))
+    first, then = _grads(p0.shape, 5, seed=9), _grads(p0.shape, 10, seed=10)
+    bnb_cls, cls = (bnb.optim.AdEMAMix8bit, dist8.AdEMAMix8bit) if bits == 8 else (bnb.optim.AdEMAMix,
+                                                                                    dist8.AdEMAMix32bit)
+    start, bopt = _run(bnb_cls, p0, first, **kw)
+    start = start.clone()  # _run returns the live parameter's data; bitsandbytes continues below
+    sd = bopt.state_dict()
+    raw = dict(sd["state"][0])
+    raw.update(raw.pop("__bnb_optimizer_quant_state__", {}))
+    assert raw["state1"].shape == (2, 8192)
+    converted = from_bitsandbytes(sd)
+    live = {t.untyped_storage().data_ptr() for t in raw.values() if torch.is_tensor(t)}
+    assert not live & {t.untyped_storage().data_ptr() for t in converted["state"][0].values() if torch.is_tensor(t)}
+    p = torch.nn.Parameter(start.clone())
+    opt = cls([p], **kw)
+    opt.load_state_dict(converted)
+    st = opt.state[p]
+    assert torch.equal(st["state1"], raw["state1"][0]) and torch.equal(st["state3"], raw["state1"][1])
+    assert torch.equal(st["state2"], raw["state2"]) and st["step"] == 5
+    if bits == 8:
+        assert torch.equal(st["absmax1"], raw["absmax1"][0]) and torch.equal(st["absmax3"], raw["absmax1"][1])
+    for g in then:
+        p.grad = g.clone()
+        opt.step()
+    bp = bopt.param_groups[0]["params"][0]
+    for g in then:
+        bp.grad = g.clone()
+        bopt.step()
+    d_ours, d_theirs = p.detach() - start, bp.detach() - start
+    rel = float((d_ours - d_theirs).norm() / d_theirs.norm())
+    assert rel < (0.02 if bits == 8 else 1e-5), f"relative difference of the continued displacements {rel:.2e}"
+
+
 def test_every_bitsandbytes_ademamix_name_is_in_dist8(bnb):
     for name in ("AdEMAMix", "AdEMAMix8bit", "AdEMAMix32bit"):
         assert getattr(dist8, name) is getattr(dist8.optim, name) and name in dist8.__all__

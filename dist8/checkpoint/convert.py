@@ -42,13 +42,17 @@ def from_bitsandbytes(state_dict: dict[str, Any], block_size: int = 256) -> dict
 
     Unwraps ``__bnb_optimizer_quant_state__``; keeps ``state1/2`` codes, ``absmax1/2`` and
     ``step``; checks that bitsandbytes' maps equal dist8's dynamic maps and that absmax
-    has one entry per ``block_size`` values. Load the result with ``optimizer.load_state_dict``.
+    has one entry per ``block_size`` values. AdEMAMix (bitsandbytes stacks its two EMAs as a
+    ``(2, n)`` ``state1``, with a ``(2, blocks)`` ``absmax1``) becomes dist8's ``state1`` (the fast
+    EMA m1) and ``state3`` (the slow EMA m2), ``state2`` staying nu. The result's tensors are
+    copies (none shared with the bitsandbytes optimizer). Load it with ``optimizer.load_state_dict``.
     """
     out_state = {}
     for pid, st in state_dict["state"].items():
         st = dict(st)
         st.update(st.pop(BNB_WRAPPER, {}))
-        for i, signed in ((1, True), (2, False)):
+        st = _unstack_ademamix(pid, st)
+        for i, signed in ((1, True), (2, False), (3, True)):
             q = st.get(f"qmap{i}")
             if q is not None and not torch.equal(q.float().cpu(), dynamic_map(signed)):
                 raise CheckpointError(f"parameter {pid}: qmap{i} is not the dynamic map dist8 uses")
@@ -61,10 +65,31 @@ def from_bitsandbytes(state_dict: dict[str, Any], block_size: int = 256) -> dict
         step = new.get("step", 0)
         new["step"] = int(step.item() if torch.is_tensor(step) else step)
         for k, v in list(new.items()):
-            if torch.is_tensor(v) and k.startswith("state") and v.dtype != torch.uint8:
-                new[k] = v.float()
+            if torch.is_tensor(v):  # copies: the bitsandbytes optimizer may go on stepping its own tensors
+                new[k] = v.float() if k.startswith("state") and v.dtype != torch.uint8 else v.clone()
+                if new[k] is v:
+                    new[k] = v.clone()
         out_state[pid] = new
     return {"state": out_state, "param_groups": [dict(g) for g in state_dict["param_groups"]]}
+
+
+def _unstack_ademamix(pid: Any, st: dict[str, Any]) -> dict[str, Any]:
+    """bitsandbytes AdEMAMix's ``state1`` of shape (2, n) (rows m1, m2; ``absmax1`` (2, blocks) when
+    8-bit) as dist8's ``state1`` = m1 and ``state3`` = m2; other states unchanged."""
+    s1, s2 = st.get("state1"), st.get("state2")
+    if not (torch.is_tensor(s1) and s1.dim() == 2 and s1.shape[0] == 2 and torch.is_tensor(s2)
+            and s1.shape[1] == s2.numel()):
+        return st
+    if "state3" in st:
+        raise CheckpointError(f"parameter {pid}: a stacked (2, n) state1 next to a state3 is not a bitsandbytes "
+                              "AdEMAMix state")
+    st = dict(st, state1=s1[0].contiguous(), state3=s1[1].contiguous())
+    a1 = st.get("absmax1")
+    if torch.is_tensor(a1):
+        if a1.dim() != 2 or a1.shape[0] != 2:
+            raise CheckpointError(f"parameter {pid}: AdEMAMix absmax1 must be (2, blocks), got {tuple(a1.shape)}")
+        st.update(absmax1=a1[0].contiguous(), absmax3=a1[1].contiguous())
+    return st
 
 
 def export_fp32_adam(state_dict: dict[str, Any], block_size: int = 256) -> dict[str, Any]:
