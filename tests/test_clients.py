@@ -50,14 +50,20 @@ class _Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.x[i], "labels": self.x[i]}
 
 
-def _trainer(out_dir, max_steps):
+def _trainer(out_dir, max_steps, bf16_master=False):
+    """``bf16_master``: the model cast to bf16 (dist8.cast_model: LayerNorms stay fp32) and the
+    optimizer keeping 24-bit masters (``master_weight_bits=24``)."""
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(output_dir=str(out_dir), max_steps=max_steps, per_device_train_batch_size=4,
                              save_strategy="steps", save_steps=3, report_to=[], use_cpu=True, seed=0,
                              logging_steps=1, disable_tqdm=True, lr_scheduler_type="linear", warmup_steps=2)
-    return Trainer(model=_tiny_gpt2(), args=args, train_dataset=_Tokens(),
-                   optimizer_cls_and_kwargs=(dist8.AdamW8bit, {"lr": 3e-3, "min_8bit_size": 1024}))
+    model = _tiny_gpt2()
+    kwargs = {"lr": 3e-3, "min_8bit_size": 1024}
+    if bf16_master:
+        dist8.cast_model(model, torch.bfloat16)
+        kwargs["master_weight_bits"] = 24
+    return Trainer(model=model, args=args, train_dataset=_Tokens(), optimizer_cls_and_kwargs=(dist8.AdamW8bit, kwargs))
 
 
 def test_hf_trainer_save_and_resume_bitwise(tmp_path):
@@ -75,6 +81,26 @@ def test_hf_trainer_save_and_resume_bitwise(tmp_path):
         assert torch.equal(a, b), f"{n} differs after resume"
     for p_full, p_res in zip(full.model.parameters(), resumed.model.parameters()):
         sa, sb = _opt(full).state[p_full], _opt(resumed).state[p_res]
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor) else sa[k] == sb[k], k
+
+
+def test_hf_trainer_bf16_master_weights_save_and_resume_bitwise(tmp_path):
+    """The same with a bf16 model and master_weight_bits=24: the corrections travel through the
+    Trainer's own optimizer checkpoint (torch.save / weights-only load) and the resumed run is bitwise."""
+    pytest.importorskip("transformers", reason="transformers is in the [test] extras")
+    full = _trainer(tmp_path / "full", 6, bf16_master=True)
+    full.train()
+    opt = _opt(full)
+    with_correction = [p for p in full.model.parameters() if "correction" in opt.state[p]]
+    assert with_correction and all(p.dtype == torch.bfloat16 for p in with_correction)
+    assert all(opt.state[p]["correction"].dtype == torch.int8 for p in with_correction)
+    resumed = _trainer(tmp_path / "resumed", 6, bf16_master=True)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    for (n, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), f"{n} differs after resume"
+    for p_full, p_res in zip(full.model.parameters(), resumed.model.parameters()):
+        sa, sb = opt.state[p_full], _opt(resumed).state[p_res]
         for k in sa:
             assert torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor) else sa[k] == sb[k], k
 
