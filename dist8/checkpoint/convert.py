@@ -66,9 +66,8 @@ def from_bitsandbytes(state_dict: dict[str, Any], block_size: int = 256) -> dict
         new["step"] = int(step.item() if torch.is_tensor(step) else step)
         for k, v in list(new.items()):
             if torch.is_tensor(v):  # copies: the bitsandbytes optimizer may go on stepping its own tensors
-                new[k] = v.float() if k.startswith("state") and v.dtype != torch.uint8 else v.clone()
-                if new[k] is v:
-                    new[k] = v.clone()
+                fp32_state = k.startswith("state") and v.dtype != torch.uint8
+                new[k] = v.to(torch.float32, copy=True) if fp32_state else v.clone()
         out_state[pid] = new
     return {"state": out_state, "param_groups": [dict(g) for g in state_dict["param_groups"]]}
 
