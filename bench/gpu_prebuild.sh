@@ -15,6 +15,9 @@ WHEEL="${1:?usage: bench/gpu_prebuild.sh TORCH_CUDA_WHEEL [ARCH]}"
 ARCH="${2:-90}"
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
+[ -f "$WHEEL" ] || { echo "gpu_prebuild.sh: $WHEEL: no such file (a torch wheel, see the header)" >&2; exit 2; }
+unzip -l "$WHEEL" 'torch/lib/libtorch_cuda.so' > /dev/null 2>&1 ||
+  { echo "gpu_prebuild.sh: $WHEEL is not a CUDA build of torch (no torch/lib/libtorch_cuda.so)" >&2; exit 2; }
 TORCH_DIR="${DIST8_PREBUILD_CACHE:-/tmp/dist8-prebuild}/$(basename "$WHEEL" .whl)"
 if [ ! -f "$TORCH_DIR/torch/lib/libtorch_cuda.so" ]; then
   mkdir -p "$TORCH_DIR"
