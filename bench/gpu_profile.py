@@ -31,4 +31,8 @@ def main(n: int = 1 << 24) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 1 << 24)
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("n", nargs="?", type=int, default=1 << 24, help="values in the tensor (default 16M)")
+    main(ap.parse_args().n)
