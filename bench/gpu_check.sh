@@ -32,18 +32,18 @@ nvidia-smi >> "$LOG" 2>&1 || true
 
 say "== kernels"
 start=$(date +%s)
-if [ -f .prebuilt/dist8_cuda.so ]; then
+LOAD="from dist8.kernels import native; b = native.load_backend('cuda'); print('loaded', b.name)"
+rc=1
+if [ -f .prebuilt/dist8_cuda.so ]; then  # one load: it is the check (a refused or broken library fails it)
   export DIST8_CUDA_PREBUILT="$PWD/.prebuilt/dist8_cuda.so"
-  if ! timeout 60 "$PY" -c "from dist8.kernels import native; native.load_backend('cuda')" >> "$LOG" 2>&1; then
-    say "prebuilt kernels refused or failed to load (above); building here"
-    unset DIST8_CUDA_PREBUILT
-  fi
+  timeout 60 "$PY" -c "$LOAD" >> "$LOG" 2>&1 && rc=0 ||
+    { say "prebuilt kernels refused or failed to load (above); building here"; unset DIST8_CUDA_PREBUILT; }
 fi
-timeout 300 "$PY" -c "
-from dist8.kernels import native
-b = native.load_backend('cuda'); print('loaded', b.name, native.build_directory('cuda'))
-" >> "$LOG" 2>&1
-say "kernels rc=$? in $(( $(date +%s) - start ))s (DIST8_CUDA_PREBUILT=${DIST8_CUDA_PREBUILT:-unset})"
+if [ $rc -ne 0 ]; then
+  timeout 300 "$PY" -c "$LOAD" >> "$LOG" 2>&1
+  rc=$?
+fi
+say "kernels rc=$rc in $(( $(date +%s) - start ))s (DIST8_CUDA_PREBUILT=${DIST8_CUDA_PREBUILT:-unset})"
 if [ -z "${DIST8_CUDA_PREBUILT:-}" ]; then  # built here: send it back for a rerun
   so=$(ls "$DIST8_BUILD_DIR"/dist8_cuda_*/dist8_cuda_*.so 2>/dev/null | head -1)
   [ -n "$so" ] && cp "$so" "$OUT/dist8_cuda.so" && "$PY" -c "from dist8.kernels.native import cuda_sources_digest as d; print(d())" > "$OUT/dist8_cuda.so.sources"

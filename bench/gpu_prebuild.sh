@@ -2,8 +2,8 @@
 # Build the CUDA kernels here, for a GPU machine whose short lease should not pay the 3-5 minute
 # nvcc compile: against the exact torch wheel the GPU machine runs (its headers to compile, its
 # libraries to link), for one architecture. Writes .prebuilt/dist8_cuda.so and, beside it,
-# dist8_cuda.so.sources (the hash of csrc/ it was built from); dist8 loads it when
-# DIST8_CUDA_PREBUILT names it and refuses it if csrc/ changed since (native.py).
+# dist8_cuda.so.sources (the hash of csrc/ and of dist8's nvcc flags); dist8 loads it when
+# DIST8_CUDA_PREBUILT names it and refuses it if either changed since (native.py).
 #
 #   bash bench/gpu_prebuild.sh path/to/torch-2.11.0-cp312-cp312-manylinux_2_28_x86_64.whl [arch=90]
 #
@@ -32,17 +32,16 @@ CUDART_DIR="$(dirname "$(find "$CUDA_HOME/lib64/" "$CUDA_HOME/lib/" /usr/local/c
 mkdir -p .prebuilt
 OBJ=.prebuilt/dist8_cuda.o
 SO=.prebuilt/dist8_cuda.so
-# The flags torch.utils.cpp_extension gives a CUDA extension, plus native.py's own (_CUDA_NVCC_FLAGS).
-time "$NVCC" -c csrc/cuda/dist8_cuda.cu -o "$OBJ" -std="$STD" -O3 --fmad=false \
-  -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
-  -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr -D_GLIBCXX_USE_CXX11_ABI=1 \
-  -DTORCH_API_INCLUDE_EXTENSION_H -Xcompiler -fPIC -Xcompiler -ffp-contract=off -Xcompiler -O3 \
-  -gencode "arch=compute_${ARCH},code=sm_${ARCH}" -diag-suppress 3306 \
-  -isystem "$INC" -isystem "$INC/torch/csrc/api/include" -I csrc/include
+NATIVE="import sys; sys.path.insert(0, '$ROOT'); from dist8.kernels import native"
+# The CUDA build's own nvcc flags (torch's extension defaults + dist8's), as torch.utils.cpp_extension
+# passes them to nvcc for a .cu source, with the ABI torch's wheels use.
+read -r -a FLAGS <<< "$(python3 -c "$NATIVE; print(' '.join(native.cuda_nvcc_flags()))")"
+time "$NVCC" -c csrc/cuda/dist8_cuda.cu -o "$OBJ" -std="$STD" "${FLAGS[@]}" -D_GLIBCXX_USE_CXX11_ABI=1 \
+  -DTORCH_API_INCLUDE_EXTENSION_H -Xcompiler -fPIC -gencode "arch=compute_${ARCH},code=sm_${ARCH}" \
+  -diag-suppress 3306 -isystem "$INC" -isystem "$INC/torch/csrc/api/include" -I csrc/include
 c++ "$OBJ" -shared -o "$SO" -L"$TORCH_DIR/torch/lib" -lc10 -lc10_cuda -ltorch_cpu -ltorch_cuda -ltorch \
   -L"$CUDART_DIR" -lcudart
 rm -f "$OBJ"
-python3 -c "import sys; sys.path.insert(0, '$ROOT'); from dist8.kernels.native import cuda_sources_digest; print(cuda_sources_digest())" \
-  > "$SO.sources"
+python3 -c "$NATIVE; print(native.cuda_sources_digest())" > "$SO.sources"
 echo "$(basename "$WHEEL") sm_${ARCH}" >> "$SO.sources"
 ls -la .prebuilt

@@ -290,11 +290,12 @@ def candidates(n, dtype, device, which, size_label=""):
         add("torch AdamW fused +GradScaler", with_grad_scaler(torch_adamw(fused=True)), bytes32)
     add("torch AdamW foreach", torch_adamw(foreach=True), bytes32)
     add("bitsandbytes AdamW8bit", bnb, bytes8)
-    if dtype != torch.float32:  # 24-bit master weights: bf16 param + int8 correction (read and written)
-        add("dist8.optim.AdamW8bit master_weight_bits=24", dist8_optim(master_weight_bits=24), bytes8 + 2 * n)
+    # 24-bit master weights for 16-bit params: bf16 param + int8 correction (read and written)
+    master, suffix, master_bytes = (24, " master_weight_bits=24", 2 * n) if dtype != torch.float32 else (None, "", 0)
+    if master:
+        add("dist8.optim.AdamW8bit" + suffix, dist8_optim(master_weight_bits=master), bytes8 + master_bytes)
     if device.type == "cuda":
-        add("FlashOptim FlashAdamW" + (" master_weight_bits=24" if dtype != torch.float32 else ""),
-            flashoptim(24 if dtype != torch.float32 else None), bytes8 + (2 * n if dtype != torch.float32 else 0))
+        add("FlashOptim FlashAdamW" + suffix, flashoptim(master), bytes8 + master_bytes)
     if not model:  # torchao compiles a step per tensor shape on the CPU: minutes for a model
         add("torchao AdamW8bit", torchao, bytes8)
     return out

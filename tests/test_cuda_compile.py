@@ -44,14 +44,13 @@ def compile_kernels(tmp_path, includes: list[str], std: str, arch: int) -> None:
     if nvcc is None:
         print("SKIP reason: nvcc not found on PATH, in $CUDA_HOME or /usr/local/cuda")
         pytest.skip("nvcc not found (compile-only CUDA test)")
-    from torch.utils import cpp_extension
+    from dist8.kernels.native import cuda_nvcc_flags
 
     includes = [f"-I{p}" for p in includes]
     includes += [f"-I{ROOT / 'csrc' / 'include'}", f"-I{sysconfig.get_paths()['include']}"]
     obj = tmp_path / "dist8_cuda.o"
     cmd = [
-        nvcc, "-c", str(SOURCE), "-o", str(obj), f"-std={std}", "-O3", "--fmad=false",
-        *cpp_extension.COMMON_NVCC_FLAGS, "-Xcompiler", "-fPIC", "-Xcompiler", "-ffp-contract=off",
+        nvcc, "-c", str(SOURCE), "-o", str(obj), f"-std={std}", *cuda_nvcc_flags(), "-Xcompiler", "-fPIC",
         "-gencode", f"arch=compute_{arch},code=sm_{arch}",
         "-diag-suppress", "3306", *includes,
     ]

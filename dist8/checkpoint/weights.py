@@ -23,6 +23,7 @@ from dist8.checkpoint.reader import read_model_tensors
 from dist8.optim import dtensor_layout as dtl
 from dist8.optim.base import Optimizer8bit
 from dist8.optim.state_schema import CORRECTION
+from dist8.quant import DEFAULT_BLOCK_SIZE
 from dist8.quant.master import encode_master, encode_master_exact
 from dist8.shard import ShardedOptimizer
 
@@ -96,9 +97,7 @@ def load_fp32_weights(source: str | os.PathLike | dict[str, torch.Tensor], model
 
 def _local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``full`` itself, or, for a DTensor ``like``, the part of ``full`` its local shard holds
-    (sliced on this rank by DTensor's own placement rules, no communication)."""
+    (the optimizer's own shard layout, as when it localizes loaded state; no communication)."""
     if not dtl.is_dtensor(like):
         return full
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None).to_local()
+    return dtl.layout_of(like, DEFAULT_BLOCK_SIZE).slice_global(full.to(like.device))  # any block: slicing only

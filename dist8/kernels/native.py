@@ -20,7 +20,7 @@ Environment:
     DIST8_CUDA_ARCH   CUDA archs, e.g. "8.0;9.0" (default: the visible GPU's)
     DIST8_CUDA_PREBUILT  path of CUDA kernels built ahead (``bench/gpu_prebuild.sh``, against
                       the exact torch wheel this process runs) to load instead of building; refused
-                      if its ``.sources`` file names other sources than this checkout's csrc/
+                      if its ``.sources`` stamp names other sources (csrc/) or nvcc flags
 """
 from __future__ import annotations
 
@@ -167,14 +167,29 @@ def _build_inputs(kind: str) -> tuple[list[Path], list[str]]:
     return files, context
 
 
-def cuda_sources_digest() -> str:
-    """sha256 of the CUDA build's sources (names and contents): what a prebuilt library must match."""
+def _digest(files: list[Path], context: list[str]) -> str:
+    """sha256 (hex) of ``files`` (names and contents) and the strings of ``context``."""
     import hashlib
 
     h = hashlib.sha256()
-    for path in _build_inputs("cuda")[0]:
+    for path in files:
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    h.update("\0".join(context).encode())
     return h.hexdigest()
+
+
+def cuda_nvcc_flags() -> list[str]:
+    """The nvcc flags of the CUDA build (torch's extension defaults, then dist8's own): also what
+    ``bench/gpu_prebuild.sh`` and the compile-only tests pass, so every build compiles alike."""
+    from torch.utils import cpp_extension
+
+    return [*cpp_extension.COMMON_NVCC_FLAGS, *_CUDA_NVCC_FLAGS]
+
+
+def cuda_sources_digest() -> str:
+    """What a prebuilt library must match: the CUDA build's sources (names and contents) and
+    dist8's own nvcc flags."""
+    return _digest(_build_inputs("cuda")[0], _CUDA_NVCC_FLAGS)
 
 
 def _load_prebuilt_cuda(path: str) -> None:
@@ -186,7 +201,7 @@ def _load_prebuilt_cuda(path: str) -> None:
     lines = stamp.read_text().split()
     if not lines or lines[0] != cuda_sources_digest():
         raise RuntimeError(f"DIST8_CUDA_PREBUILT={path}: built from other sources than {csrc_dir()} "
-                           "(rebuild it with bench/gpu_prebuild.sh, or unset DIST8_CUDA_PREBUILT to build here)")
+                           "or flags (rebuild it with bench/gpu_prebuild.sh, or unset DIST8_CUDA_PREBUILT to build here)")
     torch.ops.load_library(path)
     print(f"dist8: loaded the prebuilt CUDA kernels {path} ({' '.join(lines[1:])})", file=sys.stderr, flush=True)
 
@@ -199,17 +214,10 @@ def build_name(kind: str) -> str:
     versions, so that checkouts, versions and build variants never share (and rebuild) one
     build directory.
     """
-    import hashlib
-
     if kind not in ("cpu", "cuda"):
         raise ValueError(f"kind must be 'cpu' or 'cuda', got {kind!r}")
-    files, context = _build_inputs(kind)
-    h = hashlib.sha256()
-    for path in files:
-        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    h.update("\0".join(context).encode())
     portable = "_portable" if kind == "cpu" and os.environ.get("DIST8_PORTABLE", "") not in ("", "0") else ""
-    return f"dist8_{kind}{portable}_{h.hexdigest()[:12]}"
+    return f"dist8_{kind}{portable}_{_digest(*_build_inputs(kind))[:12]}"
 
 
 def build_directory(kind: str) -> str:
