@@ -115,9 +115,7 @@ def _mw(bits):
 def _sharded(w, n, dtype=None, bits=None):
     import dist8
 
-    model = build_model(w, n, None)
-    if dtype is not None:  # ShardedOptimizer needs one parameter dtype: the norm layers too
-        model.to(dtype)
+    model = build_model(w, n, dtype)  # bf16: the norm layers stay fp32 (one flat buffer per dtype)
     opt = dist8.ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, stage=2, **KW, **_mw(bits))
     return model, _plain_step(model, opt)
 

@@ -125,3 +125,28 @@ def test_release_config_on_fsdp2_two_ranks_resumes_exactly(tmp_path):
     assert records[-1]["memory_bytes_per_rank"]["correction"] > 0
     assert [(r["step"], r["loss"], r["val_loss"]) for r in read_metrics(tmp_path / "part" / "out" / "metrics.jsonl")] \
         == [(r["step"], r["loss"], r["val_loss"]) for r in records]
+
+
+def test_bf16_master24_on_dist8_zero2_two_ranks_resumes_exactly(tmp_path):
+    """model.dtype bf16 (LayerNorms stay fp32) + master_weight_bits 24 under ShardedOptimizer stage 2 on 2 ranks:
+    one flat buffer per dtype; the corrections and the fp32 norms' state are partitioned, checkpointed and
+    resumed bit for bit (the job used to stop with a traceback: one parameter dtype only)."""
+    from train_utils import torchrun_cmd
+
+    def cmd(d, *extra):
+        args = torchrun_cmd(*tiny_sets(d, steps=10, **{"sharding.mode": "dist8-zero2", "train.gradient_release": False,
+                                                       "train.eval_every": 5, "checkpoint.every": 5}), *extra)
+        return [a if a != str(REPO / "configs" / "tiny-gpt.yaml") else str(RELEASE_CONFIG) for a in args]
+
+    full = run(cmd(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr[-4000:]
+    assert "dist8 ZeRO-2 x2" in full.stdout
+    first = run(cmd(tmp_path / "part", "--stop-at", "5"))
+    assert first.returncode == 0, first.stderr[-4000:]
+    second = run(cmd(tmp_path / "part", "--resume", "auto"))
+    assert second.returncode == 0, second.stderr[-4000:]
+    records = read_metrics(tmp_path / "full" / "out" / "metrics.jsonl")
+    mem = records[-1]["memory_bytes_per_rank"]
+    assert mem["correction"] > 0 and mem["master"] == 0 and mem["grads"] > 0
+    assert [(r["step"], r["loss"], r["val_loss"]) for r in read_metrics(tmp_path / "part" / "out" / "metrics.jsonl")] \
+        == [(r["step"], r["loss"], r["val_loss"]) for r in records]

@@ -48,20 +48,17 @@ class OptimizerAdapter:
 
     def master_piece(self, piece: Piece) -> torch.Tensor | None:
         opt = self.optimizer
-        if isinstance(opt, ShardedOptimizer) and opt.master is not None:
-            start = opt.layout.element_offset(piece.param) + piece.start - opt.shard_lo
-            return opt.master[start : start + piece.numel]
-        return None
+        return opt.master_piece(piece) if isinstance(opt, ShardedOptimizer) else None
 
     def load_states(self, states: dict[int, dict[str, Any]], masters: dict[int, torch.Tensor]) -> None:
         opt = self.optimizer
         if isinstance(opt, ShardedOptimizer):
             opt.load_shard_state(states)
-            if opt.master is not None:
-                opt.master.copy_(opt.flat_param[opt.shard_lo : opt.shard_hi])
-                for piece in self.pieces:
-                    if piece.param in masters:
-                        self.master_piece(piece).copy_(masters[piece.param])
+            opt.refresh_masters()
+            for piece in self.pieces:
+                master = opt.master_piece(piece)
+                if master is not None and piece.param in masters:
+                    master.copy_(masters[piece.param])
             return
         group_of = {p: g for g in self.inner.param_groups for p in g["params"]}
         for i, st in states.items():
@@ -101,18 +98,18 @@ class OptimizerAdapter:
     def snapshot(self) -> Any:
         """What :meth:`restore` needs to undo :meth:`load_states` and a param-group update."""
         opt = self.optimizer
-        master = opt.master.clone() if isinstance(opt, ShardedOptimizer) and opt.master is not None else None
-        return dict(self.inner.state), [dict(g) for g in opt.param_groups], master
+        masters = opt.masters_snapshot() if isinstance(opt, ShardedOptimizer) else None
+        return dict(self.inner.state), [dict(g) for g in opt.param_groups], masters
 
     def restore(self, snap: Any) -> None:
-        state, groups, master = snap
+        state, groups, masters = snap
         self.inner.state.clear()
         self.inner.state.update(state)
         for g, saved in zip(self.optimizer.param_groups, groups):
             g.clear()
             g.update(saved)
-        if master is not None:
-            self.optimizer.master.copy_(master)
+        if masters is not None:
+            self.optimizer.restore_masters(masters)
 
     def hyper(self) -> list[dict[str, Any]]:
         return [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]

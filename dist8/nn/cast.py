@@ -78,8 +78,8 @@ def cast_model(
             GroupNorm, BatchNorm, InstanceNorm, LocalResponseNorm) in fp32. Default True.
 
     Kept modules get forward hooks that run them in fp32 and return outputs in their
-    input's dtype. Note: :class:`dist8.ShardedOptimizer` needs one parameter dtype, so
-    with it use ``keep_norm_layers=False`` or give the fp32 parameters their own optimizer.
+    input's dtype. Every dist8 optimizer, :class:`dist8.ShardedOptimizer` and FSDP2 take the
+    resulting mix of bf16 and fp32 parameters.
     """
     if dtype not in _CASTABLE:
         raise ValueError(f"cast_model: dtype must be one of {', '.join(map(str, _CASTABLE))}, got {dtype}")

@@ -24,7 +24,7 @@ and partial sums run in hook order, the same on every rank) and frees it.
 
 What is refused, and why:
 
-* ``dist8.ShardedOptimizer``: stage 2 keeps one flat gradient buffer of the
+* ``dist8.ShardedOptimizer``: stage 2 keeps flat gradient buffers of the
   whole model on every rank, so releasing parameters frees nothing; use the
   dist8 optimizer directly with FSDP2 instead.
 * ``DistributedDataParallel`` models: the hooks would step with the local,

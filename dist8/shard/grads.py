@@ -1,6 +1,8 @@
 """Stage-2 gradient buckets: reduce each bucket to the ranks that own its blocks as soon as it is ready."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 
@@ -10,43 +12,59 @@ __all__ = ["GradBuckets"]
 class GradBuckets:
     """Groups parameters (in reverse order, as backward produces them) into buckets of flat-buffer ranges.
 
-    When every parameter of a bucket has its gradient, the bucket's range of the
-    flat gradient buffer is summed onto the rank(s) owning those blocks with
-    ``dist.reduce`` (one call per owning rank, asynchronous), so each rank ends
-    with the summed gradient of its own blocks only. Buckets are launched in a
-    fixed order on every rank, so collectives always match.
+    Args:
+        flat_grads: the flat gradient buffers (one per parameter dtype, see :mod:`dist8.shard.flat`).
+        param_spans: per parameter, ``(buffer index, start, stop)`` of its gradient in its buffer.
+        rank_ranges: per buffer, the element range ``[lo, hi)`` each rank owns.
+        cap_bytes: a bucket is closed once its ranges hold at least this many bytes.
+        group: the process group; rank: this rank in it.
+
+    When every parameter of a bucket has its gradient, each of the bucket's buffer ranges
+    is summed onto the rank(s) owning those blocks with ``dist.reduce`` (one call per
+    owning rank and buffer, asynchronous), so each rank ends with the summed gradient of
+    its own blocks only. Buckets (and the buffers within a bucket) are launched in a
+    fixed order on every rank, so collectives always match, whatever order the hooks
+    of different dtypes fire in.
     """
 
     def __init__(
         self,
-        flat_grad: torch.Tensor,
-        param_ranges: list[tuple[int, int]],
-        rank_ranges: list[tuple[int, int]],
-        cap_elements: int,
+        flat_grads: Sequence[torch.Tensor],
+        param_spans: Sequence[tuple[int, int, int]],
+        rank_ranges: Sequence[Sequence[tuple[int, int]]],
+        cap_bytes: int,
         group: dist.ProcessGroup | None,
         rank: int = 0,
     ) -> None:
-        self.flat_grad = flat_grad
+        self.flat_grads = list(flat_grads)
         self.rank = rank
         self.rank_ranges = rank_ranges
         self.group = group
-        self.buckets: list[tuple[int, int, list[int]]] = []  # (start, stop, param indices)
-        current: list[int] = []
-        for index in reversed(range(len(param_ranges))):
-            current.append(index)
-            start = param_ranges[current[-1]][0]
-            stop = param_ranges[current[0]][1]
-            if stop - start >= cap_elements:
-                self.buckets.append((start, stop, current))
-                current = []
-        if current:
-            self.buckets.append((param_ranges[current[-1]][0], param_ranges[current[0]][1], current))
-        self.bucket_of = {i: b for b, (_, _, members) in enumerate(self.buckets) for i in members}
+        # (spans: buffer -> (start, stop), member parameter indices); a bucket's members of one
+        # buffer are consecutive there, so each buffer contributes one range.
+        self.buckets: list[tuple[dict[int, tuple[int, int]], list[int]]] = []
+        spans: dict[int, tuple[int, int]] = {}
+        members: list[int] = []
+
+        def nbytes(s: dict[int, tuple[int, int]]) -> int:
+            return sum((b - a) * self.flat_grads[k].element_size() for k, (a, b) in s.items())
+
+        for index in reversed(range(len(param_spans))):
+            k, start, stop = param_spans[index]
+            a, b = spans.get(k, (start, stop))
+            spans[k] = (min(a, start), max(b, stop))
+            members.append(index)
+            if nbytes(spans) >= cap_bytes:
+                self.buckets.append((spans, members))
+                spans, members = {}, []
+        if members:
+            self.buckets.append((spans, members))
+        self.bucket_of = {i: b for b, (_, members) in enumerate(self.buckets) for i in members}
         self.bytes_sent = 0
         self.reset()
 
     def reset(self) -> None:
-        self.pending = [len(members) for _, _, members in self.buckets]
+        self.pending = [len(members) for _, members in self.buckets]
         self.next_bucket = 0
         self.works: list = []
 
@@ -59,16 +77,18 @@ class GradBuckets:
             self.next_bucket += 1
 
     def _launch(self, b: int) -> None:
-        start, stop, _ = self.buckets[b]
-        for owner, (lo, hi) in enumerate(self.rank_ranges):
-            a, z = max(start, lo), min(stop, hi)
-            if a >= z:
-                continue
-            chunk = self.flat_grad[a:z]
-            if owner != self.rank:
-                self.bytes_sent += chunk.numel() * chunk.element_size()
-            dst = owner if self.group is None else dist.get_global_rank(self.group, owner)
-            self.works.append(dist.reduce(chunk, dst=dst, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
+        spans, _ = self.buckets[b]
+        for k in sorted(spans):
+            start, stop = spans[k]
+            for owner, (lo, hi) in enumerate(self.rank_ranges[k]):
+                a, z = max(start, lo), min(stop, hi)
+                if a >= z:
+                    continue
+                chunk = self.flat_grads[k][a:z]
+                if owner != self.rank:
+                    self.bytes_sent += chunk.numel() * chunk.element_size()
+                dst = owner if self.group is None else dist.get_global_rank(self.group, owner)
+                self.works.append(dist.reduce(chunk, dst=dst, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
 
     def flush(self) -> None:
         """Launch the buckets not yet launched (parameters without gradients) and wait for all."""

@@ -19,7 +19,8 @@ from dist8.optim.config import GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, split_named_par
 from dist8.optim.hooks import load_state_dict_with_hooks, state_dict_with_hooks
 from dist8.optim.state_schema import CORRECTION, is_state_key
 from dist8.shard.grads import GradBuckets
-from dist8.shard.layout import BlockLayout
+from dist8.shard.flat import flat_buffers
+from dist8.shard.layout import BlockLayout, Piece
 from dist8.quant import DEFAULT_BLOCK_SIZE
 
 __all__ = ["ShardedOptimizer"]
@@ -41,8 +42,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         bucket_cap_mb: size of gradient-reduction and parameter-gather buckets (MiB).
         **defaults: arguments of ``optimizer_class`` (``lr``, ``betas``, ``block_size``, ...).
 
-    Parameters become views into one flat buffer (so the all-gather after each
-    step writes them in place). bf16/fp16 parameters get an fp32 master copy of
+    Parameters become views into one flat buffer per dtype (so the all-gather after
+    each step writes them in place); a model with several dtypes (``dist8.cast_model``
+    keeps norm layers fp32 next to bf16 weights) is partitioned exactly as a single-dtype
+    one, since the block layout and rank ranges depend on names and shapes only.
+    bf16/fp16 parameters get an fp32 master copy of
     the owned range on the owning rank only (4 bytes per owned value), or, with
     ``master_weight_bits=24|32``, the inner optimizer's int8/int16 correction of
     the owned range (1 or 2 bytes per owned value; laid out and partitioned like
@@ -77,7 +81,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.optimizer_class = optimizer_class
 
         groups, names = split_named_params(params)
-        self.params: list[torch.Tensor] = []  # the parameters in layout order (views of flat_param)
+        self.params: list[torch.Tensor] = []  # the parameters in layout order (views of their flat buffer)
         self.names: list[str] = []  # their names, same order
         self._group_of: list[int] = []
         for gi, group in enumerate(groups):
@@ -95,31 +99,33 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.layout = BlockLayout(self.names, [p.shape for p in self.params], block_size)
         self._check_same_layout_on_all_ranks()
 
-        self.device, self.dtype = self.params[0].device, self.params[0].dtype
+        self.device = self.params[0].device
         B = block_size
-        self.flat_param = torch.zeros(self.layout.total_elements, dtype=self.dtype, device=self.device)
-        self._ranges = []
-        for i, p in enumerate(self.params):
-            off = self.layout.element_offset(i)
-            self._ranges.append((off, off + p.numel()))
-            self.flat_param[off : off + p.numel()].copy_(p.detach().reshape(-1))
-            p.data = self.flat_param[off : off + p.numel()].view(p.shape)
-        self.rank_ranges = [(a * B, b * B) for a, b in self.layout.block_ranges(self.world_size)]
-        self.shard_lo, self.shard_hi = self.rank_ranges[self.rank]
-        self.master = None
-        # bf16/fp16 parameters: an fp32 master copy of the owned range, unless master_weight_bits keeps an
-        # int8/int16 correction per owned value instead (inner optimizer state, partitioned like the rest).
+        # One flat buffer per parameter dtype (dist8.shard.flat); parameters become views of theirs.
+        self.buffers = flat_buffers(self.layout, [p.dtype for p in self.params], self.device, self.world_size)
+        self._buffer_of: list[int] = [0] * len(self.params)
+        for k, buf in enumerate(self.buffers):
+            for i in buf.members:
+                self._buffer_of[i] = k
+                p = self.params[i]
+                view = buf.view(i, p.numel())
+                view.copy_(p.detach().reshape(-1))
+                p.data = view.view(p.shape)
+        # bf16/fp16 parameters: an fp32 master copy of the owned range of their buffer, unless
+        # master_weight_bits keeps an int8/int16 correction per owned value instead (inner optimizer
+        # state, partitioned like the rest). Index k: the master of buffer k, or None.
         self.master_weight_bits = self._master_weight_bits(groups, defaults)
-        if self.dtype != torch.float32 and self.master_weight_bits is None:
-            self.master = self.flat_param[self.shard_lo : self.shard_hi].float()
+        self.masters: list[torch.Tensor | None] = [
+            buf.owned(self.rank).float() if buf.dtype != torch.float32 and self.master_weight_bits is None else None
+            for buf in self.buffers]
         self.pieces = self.layout.pieces(self.rank, self.world_size)
 
-        # Inner optimizer over this rank's pieces (views of the flat buffer or of the fp32 master).
+        # Inner optimizer over this rank's pieces (views of the flat buffers or of the fp32 masters).
         self._piece_views: list[torch.Tensor] = []
         inner_groups = [dict({k: v for k, v in g.items() if k != "params"}, params=[]) for g in groups]
         slot_of: dict[torch.Tensor, int] = {}
         for piece in self.pieces:
-            view = self._owned(self._ranges[piece.param][0] + piece.start, piece.numel)
+            view = self._owned(piece)
             p = self.params[piece.param]
             setattr(view, GLOBAL_NUMEL_ATTR, p.numel())
             if hasattr(p, OVERRIDE_ATTR):
@@ -132,15 +138,20 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if self.world_size > 1:
             self.inner.reduce_partials = self._all_reduce_sum
 
-        self.flat_grad = None
+        self.grad_buffers: list[torch.Tensor] | None = None
         self.buckets = None
         self._accumulating = False
-        cap = max(B, int(bucket_cap_mb * 2**20 / self.flat_param.element_size()) // B * B)
-        self.gather_chunk = cap
+        self.gather_chunks = [max(B, int(bucket_cap_mb * 2**20 / buf.flat.element_size()) // B * B)
+                              for buf in self.buffers]
         self.bytes_gathered = 0
         if stage == 2:
-            self.flat_grad = torch.zeros_like(self.flat_param)
-            self.buckets = GradBuckets(self.flat_grad, self._ranges, self.rank_ranges, cap, self.group, self.rank)
+            self.grad_buffers = [torch.zeros_like(buf.flat) for buf in self.buffers]
+            spans = [(k, self.buffers[k].offset[i], self.buffers[k].offset[i] + p.numel())
+                     for i, (k, p) in enumerate(zip(self._buffer_of, self.params))]
+            size0 = self.buffers[0].flat.element_size()
+            cap_bytes = max(B, int(bucket_cap_mb * 2**20 / size0) // B * B) * size0
+            self.buckets = GradBuckets(self.grad_buffers, spans, [buf.rank_ranges for buf in self.buffers], cap_bytes,
+                                       self.group, self.rank)
             self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(i)) for i, p in enumerate(self.params)]
             self._attach_grad_views()
         super().__init__(groups, dict(self.inner.defaults))
@@ -153,11 +164,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
             if p.device != first.device:
                 raise ValueError(f"parameter {name} is on {p.device} but {self.names[0]} is on {first.device}; "
                                  "ShardedOptimizer needs all parameters on one device")
-            if p.dtype != first.dtype:
-                raise ValueError(f"parameter {name} has dtype {p.dtype} but {self.names[0]} has {first.dtype}; "
-                                 "ShardedOptimizer needs one parameter dtype (after dist8.cast_model, which keeps "
-                                 "norm layers fp32: pass keep_norm_layers=False, or give the fp32 parameters an "
-                                 "optimizer of their own)")
             if getattr(p, "_is_flat_param", False) or type(p).__name__ == "DTensor":
                 raise TypeError(f"parameter {name} is already sharded ({type(p).__name__}); use the dist8 optimizer "
                                 "directly with FSDP2 instead of ShardedOptimizer")
@@ -191,20 +197,49 @@ class ShardedOptimizer(torch.optim.Optimizer):
         raise ValueError("parameter layout (block size) differs across ranks")
 
     # ---- views -------------------------------------------------------------------
-    def _owned(self, flat_start: int, numel: int) -> torch.Tensor:
-        """View of owned elements: into the fp32 master (low-precision params) or the flat parameter."""
-        if self.master is not None:
-            return self.master[flat_start - self.shard_lo : flat_start - self.shard_lo + numel]
-        return self.flat_param[flat_start : flat_start + numel]
+    def _flat(self, index: int, start: int, numel: int, grads: bool = False) -> torch.Tensor:
+        """Elements ``[start, start + numel)`` of parameter ``index`` in its flat (gradient) buffer."""
+        k = self._buffer_of[index]
+        off = self.buffers[k].offset[index] + start
+        return (self.grad_buffers[k] if grads else self.buffers[k].flat)[off : off + numel]
+
+    def _owned(self, piece: Piece) -> torch.Tensor:
+        """View of an owned piece: into its buffer's fp32 master (low-precision params) or the buffer."""
+        k = self._buffer_of[piece.param]
+        buf, master = self.buffers[k], self.masters[k]
+        off = buf.offset[piece.param] + piece.start
+        if master is not None:
+            off -= buf.rank_ranges[self.rank][0]
+            return master[off : off + piece.numel]
+        return buf.flat[off : off + piece.numel]
+
+    def master_piece(self, piece: Piece) -> torch.Tensor | None:
+        """The fp32 master copy of an owned piece (a view), or None where its parameter's dtype has none
+        (fp32 parameters, or 16-bit ones whose master is ``master_weight_bits``' correction)."""
+        return self._owned(piece) if self.masters[self._buffer_of[piece.param]] is not None else None
+
+    def refresh_masters(self) -> None:
+        """Set the fp32 master copies from the (16-bit) parameters they shadow."""
+        for buf, master in zip(self.buffers, self.masters):
+            if master is not None:
+                master.copy_(buf.owned(self.rank))
+
+    def masters_snapshot(self) -> list[torch.Tensor | None]:
+        """Copies of the fp32 master copies (for :meth:`restore_masters`)."""
+        return [m.clone() if m is not None else None for m in self.masters]
+
+    def restore_masters(self, snapshot: list[torch.Tensor | None]) -> None:
+        for master, saved in zip(self.masters, snapshot):
+            if master is not None:
+                master.copy_(saved)
 
     def _attach_grad_views(self) -> None:
-        for (a, b), p in zip(self._ranges, self.params):
-            p.grad = self.flat_grad[a:b].view(p.shape)
+        for i, p in enumerate(self.params):
+            p.grad = self._flat(i, 0, p.numel(), grads=True).view(p.shape)
 
     def _make_hook(self, index: int):
         def hook(p: torch.Tensor) -> None:
-            a, b = self._ranges[index]
-            view = self.flat_grad[a:b]
+            view = self._flat(index, 0, p.numel(), grads=True)
             if p.grad.data_ptr() != view.data_ptr():  # e.g. after model.zero_grad(set_to_none=True)
                 view.copy_(p.grad.reshape(-1))
                 p.grad = view.view(p.shape)
@@ -244,20 +279,20 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if self.stage == 2:
             if self.world_size > 1:
                 self.buckets.flush()
-            own = self.flat_grad[self.shard_lo : self.shard_hi]
             if self.world_size > 1:
-                own.div_(self.world_size)
+                for buf, grads in zip(self.buffers, self.grad_buffers):
+                    lo, hi = buf.rank_ranges[self.rank]
+                    grads[lo:hi].div_(self.world_size)
         for piece, view in zip(self.pieces, self._piece_views):
-            start = self._ranges[piece.param][0] + piece.start
             p = self.params[piece.param]
             if self.stage == 2:
-                grad = self.flat_grad[start : start + piece.numel]
+                grad = self._flat(piece.param, piece.start, piece.numel, grads=True)
             elif p.grad is None:
                 view.grad = None
                 continue
             else:
                 grad = p.grad.reshape(-1)[piece.start : piece.stop]
-            view.grad = grad.float() if self.master is not None else grad
+            view.grad = grad.float() if self.masters[self._buffer_of[piece.param]] is not None else grad
         self._grads_ready = True
 
     @torch.no_grad()
@@ -325,8 +360,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             if found_inf is not None:
                 del self.inner.grad_scale, self.inner.found_inf
         self._grads_ready = False
-        if self.master is not None:
-            self.flat_param[self.shard_lo : self.shard_hi].copy_(self.master)
+        for buf, master in zip(self.buffers, self.masters):
+            if master is not None:
+                buf.owned(self.rank).copy_(master)
         self._all_gather_params()
         return loss
 
@@ -339,13 +375,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if self.world_size == 1:
             return
         works = []
-        for r, (lo, hi) in enumerate(self.rank_ranges):
-            for a in range(lo, hi, self.gather_chunk):
-                b = min(a + self.gather_chunk, hi)
-                src = r if self.group is None else dist.get_global_rank(self.group, r)
-                works.append(dist.broadcast(self.flat_param[a:b], src=src, group=self.group, async_op=True))
-                if r == self.rank:
-                    self.bytes_gathered += (b - a) * self.flat_param.element_size() * (self.world_size - 1)
+        for buf, chunk in zip(self.buffers, self.gather_chunks):
+            for r, (lo, hi) in enumerate(buf.rank_ranges):
+                for a in range(lo, hi, chunk):
+                    b = min(a + chunk, hi)
+                    src = r if self.group is None else dist.get_global_rank(self.group, r)
+                    works.append(dist.broadcast(buf.flat[a:b], src=src, group=self.group, async_op=True))
+                    if r == self.rank:
+                        self.bytes_gathered += (b - a) * buf.flat.element_size() * (self.world_size - 1)
         for work in works:
             work.wait()
 
@@ -353,7 +390,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """Zero gradients. Stage 2 keeps gradients as views of its flat buffer and zeroes it in place."""
         self._grads_ready = False
         if self.stage == 2:
-            self.flat_grad.zero_()
+            for grads in self.grad_buffers:
+                grads.zero_()
             self._attach_grad_views()
             self.buckets.reset()
         else:
@@ -369,8 +407,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
     # ---- introspection and state ------------------------------------------------------
     def state_nbytes(self) -> int:
         """Bytes of optimizer state on this rank (codes, absmax, 32-bit state, correction, fp32 master)."""
-        master = self.master.numel() * 4 if self.master is not None else 0
-        return self.inner.state_nbytes() + master
+        return self.inner.state_nbytes() + self.master_nbytes()
+
+    def master_nbytes(self) -> int:
+        """Bytes of this rank's fp32 master copies (0 with fp32 parameters or ``master_weight_bits``)."""
+        return sum(m.numel() * m.element_size() for m in self.masters if m is not None)
+
+    def grad_buffer_nbytes(self) -> int:
+        """Bytes of the stage-2 flat gradient buffers (the whole model's gradients; 0 at stage 1)."""
+        return sum(g.numel() * g.element_size() for g in self.grad_buffers or [])
 
     @property
     def nonfinite_skips(self) -> int:
@@ -460,20 +505,20 @@ class ShardedOptimizer(torch.optim.Optimizer):
             if piece.param not in weights:
                 continue
             master = weights[piece.param].reshape(-1)[piece.start : piece.stop].float().contiguous()
-            start = self._ranges[piece.param][0] + piece.start
+            dtype = self.params[piece.param].dtype
             settings = self.inner.settings(view, group_of[view])
             rounded, correction = master, None
             if settings.correction is not None:
                 bits = 24 if settings.correction == torch.int8 else 32
-                rounded, correction = encode_master_exact(master, self.dtype, bits)
-            elif self.dtype != torch.float32:  # round to nearest even, saturating
-                rounded = encode_master(master, self.dtype, 24)[0]
-            self.flat_param[start : start + piece.numel].copy_(rounded)
+                rounded, correction = encode_master_exact(master, dtype, bits)
+            elif dtype != torch.float32:  # round to nearest even, saturating
+                rounded = encode_master(master, dtype, 24)[0]
+            self._flat(piece.param, piece.start, piece.numel).copy_(rounded)
             if settings.correction is not None:
                 if not self.inner.state.get(view):
                     self.inner.state[view] = self.inner.init_state(view, settings)
                 self.inner.state[view][CORRECTION] = correction
-            elif self.master is not None:
+            elif self.master_piece(piece) is not None:
                 view.copy_(master)
         self._all_gather_params()
 

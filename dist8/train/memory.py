@@ -4,7 +4,7 @@ What this rank holds, in bytes, counted from the tensors themselves (``numel * e
 of local shards):
 
 ``params``           the model's parameters (the local shard under FSDP2)
-``grads``            the gradients a step holds at once: one per parameter (one flat buffer for
+``grads``            the gradients a step holds at once: one per parameter (the flat buffers of
                      ``ShardedOptimizer`` stage 2), or only the largest parameter's under
                      gradient release (each is freed as soon as its parameter stepped)
 ``correction``       the master-weight correction (``master_weight_bits``), stored as optimizer state
@@ -50,9 +50,8 @@ def memory_breakdown(model: nn.Module, optimizer: Any, *, gradient_release: bool
     """Bytes this rank holds for ``model`` trained by ``optimizer`` (see the module docstring)."""
     params = [p for p in model.parameters()]
     trainable = [p for p in params if p.requires_grad]
-    flat_grad = getattr(optimizer, "flat_grad", None)
-    if isinstance(flat_grad, torch.Tensor):
-        grads = _nbytes(flat_grad)
+    if getattr(optimizer, "grad_buffers", None) is not None:  # ShardedOptimizer stage 2: flat buffers
+        grads = optimizer.grad_buffer_nbytes()
     elif gradient_release:
         grads = max((_nbytes(p) for p in trainable), default=0)
     else:
@@ -65,8 +64,7 @@ def memory_breakdown(model: nn.Module, optimizer: Any, *, gradient_release: bool
                     correction += _nbytes(v)
                 else:
                     state += _nbytes(v)
-    master_t = getattr(optimizer, "master", None)
-    master = _nbytes(master_t) if isinstance(master_t, torch.Tensor) else 0
+    master = optimizer.master_nbytes() if hasattr(optimizer, "master_nbytes") else 0
     n_params = sum(p.numel() for p in params)  # global (a DTensor's numel is global)
     return {"params": sum(_nbytes(p) for p in params), "grads": grads, "correction": correction, "master": master,
             "optimizer_state": state, "fp32_adamw": 16 * n_params}
