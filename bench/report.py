@@ -262,7 +262,11 @@ def memory_section() -> str:
         "8-bit state like dist8 but allocate fp32 temporaries in their CPU steps. The FSDP2 peaks include the "
         "unsharded parameters and gradients of the layers in flight and gloo's communication buffers, whose "
         "lifetimes vary from run to run on CPU. DeepSpeed runs with `reduce_bucket_size` and "
-        "`allgather_bucket_size` set to 1e6 elements (its defaults are sized for large models).\n")
+        "`allgather_bucket_size` set to 1e6 elements (its defaults are sized for large models). "
+        "`memory-vm-sharded-mixed.json` re-measures the ShardedOptimizer rows on the model `dist8.cast_model` gives "
+        "(LayerNorms fp32 next to bf16 weights: one flat buffer per dtype); in `memory-vm.json` the norms were cast "
+        "to bf16 too, because ShardedOptimizer then took one parameter dtype only. The fp32 norms add 0.004 "
+        "bytes/param; the rest is unchanged.\n")
     return "\n".join(parts)
 
 
