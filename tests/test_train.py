@@ -140,6 +140,9 @@ CONFIG_ERRORS = [
     (["--set", "sharding.mode=zero3"], "unknown mode 'zero3'"),
     (["--set", "sharding.mode=deepspeed"], "mode not available"),
     (["--set", "train.lr=-1"], "train.lr must be >= 0"),
+    (["--set", "train.lr=-1e-3"], "train.lr must be >= 0"),  # an exponent float without a dot is a number
+    (["--set", "model.dtype=fp16", "--set", "optimizer.name=torch.adamw"],
+     "torch's Adam keeps fp16 moments for fp16 parameters and its eps=1e-08 is 0 in fp16"),
     (["--set", "train.steps"], "--set expects key=value"),
     (["--set", "data.path=/nonexistent/corpus"], "config key data.path: '/nonexistent/corpus' does not exist"),
     (["--nproc-per-node", "2", "--set", "train.stepz=5"], "unknown config key train.stepz"),  # checked before launching
@@ -180,6 +183,9 @@ def test_set_overrides_and_validation_in_process():
                       ["train.steps=7", "optimizer.args.betas=[0.8, 0.9]", "data.max_bytes=1000000",
                        "model.stable_embedding=false"])
     assert cfg.train.steps == 7 and cfg.optimizer.args["betas"] == [0.8, 0.9]
+    assert load_config(None, ["train.lr=3e-4"]).train.lr == 3e-4  # YAML 1.1 would read the string '3e-4'
+    assert load_config(None, ["model.dtype=fp16", "optimizer.name=torch.adamw", "optimizer.args={eps: 1.0e-4}"]) \
+        .model.dtype == "fp16"  # an eps that fp16 holds is fine
     assert cfg.data.max_bytes == 1_000_000 and cfg.model.stable_embedding is False
     assert cfg.optimizer.args["weight_decay"] == 0.1  # untouched sibling keys survive
     with pytest.raises(ConfigError, match="model.d_model .* divisible"):

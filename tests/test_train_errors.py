@@ -132,3 +132,13 @@ def test_torch_baseline_under_launcher_and_world_size_mismatch(tmp_path):
     assert under_torchrun.returncode != 0
     lines = _error_lines(under_torchrun.stderr)
     assert len(lines) == 1 and "saved by 2 ranks, this job has 1" in lines[0], under_torchrun.stderr[-3000:]
+
+
+def test_diverged_loss_is_one_line_exit_2(tmp_path):
+    """A loss that becomes NaN (lr 1e30) stops the job with one line naming the step, not a traceback."""
+    result = run(train_cmd(*tiny_sets(tmp_path, steps=6, **{"train.lr": "1e30", "train.warmup_steps": 0,
+                                                            "train.clip": 0, "checkpoint.dir": "null"})))
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert _error_lines(result.stderr) == ["dist8 train: error: loss is nan at step 2; stopping (lower train.lr?)"], \
+        result.stderr[-3000:]

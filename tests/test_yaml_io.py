@@ -17,6 +17,16 @@ def test_plain_config_reads():
         "train": {"steps": 10, "lr": 1e-3}, "model": {"n_layer": 2}}
 
 
+def test_exponent_floats_without_a_dot_are_numbers():
+    """PyYAML (YAML 1.1) reads `3e-4` as a string; a learning rate written so is a number here (YAML 1.2, JSON)."""
+    assert load_yaml("lr: 3e-4\nbig: -1E+30\nunder: 1_0e2\ndotted: 1.5e-3\nn: 12", "cfg.yaml") == {
+        "lr": 3e-4, "big": -1e30, "under": 1000.0, "dotted": 1.5e-3, "n": 12}
+    assert load_yaml("'3e-4'", "q") == "3e-4" and load_yaml("3e-4x", "s") == "3e-4x" and load_yaml("1e", "s") == "1e"
+    import yaml
+
+    assert yaml.safe_load("1e3") == "1e3"  # only dist8's loader changed, not PyYAML's
+
+
 def test_alias_bomb_is_refused_fast_and_small():
     assert len(BOMB) < 600
     tracemalloc.start()

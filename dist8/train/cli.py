@@ -5,8 +5,9 @@
     torchrun --nproc_per_node=2 -m dist8.train --config configs/tiny-gpt.yaml
 
 Expected failures (unknown key, wrong type, unknown optimizer, sharding mode not
-available, missing data path, corrupt checkpoint, world-size mismatch, ...) print
-one line on stderr and exit with code 2, also from the ranks of a multi-process job.
+available, missing data path, corrupt checkpoint, world-size mismatch, a loss that
+became inf/NaN, ...) print one line on stderr and exit with code 2, also from the ranks
+of a multi-process job.
 """
 from __future__ import annotations
 
@@ -92,9 +93,9 @@ def _note(msg: str) -> None:
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from dist8.checkpoint import CheckpointError
-    from dist8.train.config import ConfigError
+    from dist8.train.config import ConfigError, TrainingDiverged
 
-    return ConfigError, CheckpointError
+    return ConfigError, CheckpointError, TrainingDiverged
 
 
 def _prepare(args: argparse.Namespace):

@@ -45,6 +45,10 @@ class ConfigError(ValueError):
     """A bad configuration; the message is one line meant for the user."""
 
 
+class TrainingDiverged(FloatingPointError):
+    """The training loss became inf/NaN; the job stops with this one line (no traceback), like a ConfigError."""
+
+
 @dataclass
 class ModelConfig:
     n_layer: int = 2
@@ -241,6 +245,15 @@ def validate(cfg: Config) -> None:
     if c.every < 0 or c.keep < 1:
         raise ConfigError(f"config keys checkpoint.every (>= 0) / checkpoint.keep (>= 1) out of range: {c.every}, {c.keep}")
     check_optimizer(o.name, o.args, m.dtype)
+    if m.dtype == "fp16" and o.name.lower() in ("torch.adamw", "torch.adam"):
+        import torch
+
+        eps = o.args.get("eps", 1e-8)
+        if float(torch.tensor(eps, dtype=torch.float16)) == 0.0:
+            raise ConfigError(f"config key model.dtype=fp16 with optimizer.name={o.name}: torch's Adam keeps fp16 "
+                              f"moments for fp16 parameters and its eps={eps:g} is 0 in fp16, so the step divides "
+                              "by zero (loss NaN within a few steps); use model.dtype: bf16, or a dist8 optimizer "
+                              "(fp32 arithmetic on 8-bit state)")
 
 
 def check_gradient_release(cfg: Config) -> None:

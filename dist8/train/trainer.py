@@ -24,7 +24,8 @@ import torch.distributed as dist
 
 from dist8.train.checkpointing import Checkpointer
 from dist8.nn.cast import cast_model
-from dist8.train.config import Config, ConfigError, config_to_dict, fit_to_optimizer, torch_dtype
+from dist8.train.config import (Config, ConfigError, TrainingDiverged, config_to_dict, fit_to_optimizer,
+                               torch_dtype)
 from dist8.train.data import load_corpus, sample_seed
 from dist8.train.engine import Engine, build_engine, install_gradient_release, optimizer_state_nbytes
 from dist8.train.memory import memory_breakdown
@@ -276,7 +277,7 @@ def _train(cfg: Config, resume, stop_at, run_name, rank, world, device) -> int:
             total_time += dt
             total_steps += 1
             if not math.isfinite(step_loss):
-                raise FloatingPointError(f"loss is {step_loss} at step {step}; stopping (lower train.lr?)")
+                raise TrainingDiverged(f"loss is {step_loss} at step {step}; stopping (lower train.lr?)")
 
             evaluated = bool(t.eval_every and step % t.eval_every == 0) or step == t.steps
             val_loss = _evaluate(cfg, engine, corpus, device, rank, world) if evaluated else None

@@ -8,6 +8,7 @@ documents over :data:`MAX_BYTES` or nested deeper than :data:`MAX_DEPTH`.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -41,6 +42,13 @@ class _PlainLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self._dist8_depth = depth
+
+
+# YAML 1.1 (PyYAML) reads `1e-4` as the string "1e-4": its floats need a dot (`1.0e-4`). A learning
+# rate written as 3e-4 in a config or a --set is a number to everyone else (YAML 1.2, JSON, Python),
+# so exponent floats without a dot are floats here too.
+_PlainLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 def load_yaml(text: str | bytes, source: str) -> Any:
