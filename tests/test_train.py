@@ -18,7 +18,7 @@ from dist8.train.report import read_metrics
 # 150 steps reaches a validation loss of about 2.41 nats/byte (measured: 2.4074 with ddp and with
 # dist8-zero2; a uniform byte model has ln 256 = 5.55, a unigram model of Python source about 3.1).
 VAL_LOSS_THRESHOLD = 2.6
-SHARDED_MODES = ["ddp", "dist8-zero2", "fsdp2"]
+SHARDED_MODES = ["ddp", "dist8-zero2", "fsdp2", "deepspeed"]  # deepspeed: ZeRO-2 (configs/deepspeed-zero2.json)
 
 
 def _mode_available(mode: str) -> bool:
@@ -98,6 +98,34 @@ def test_resume_is_exact(tmp_path, reference, mode):
     assert summary["final_loss"] == records[-1]["loss"] and summary["step"] == 40
     # keep=2 rotation
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("step-*")) == ["step-00000030", "step-00000040"]
+
+
+def test_deepspeed_without_a_launcher_is_a_world_of_one(tmp_path):
+    """`dist8 train --set sharding.mode=deepspeed` in one process: DeepSpeed asserts a launcher's LOCAL_RANK."""
+    if not _mode_available("deepspeed"):
+        pytest.skip("sharding mode deepspeed not available")
+    result = run(train_cmd(*tiny_sets(tmp_path, steps=3, **{"sharding.mode": "deepspeed", "train.eval_every": 3})))
+    _ok(result)
+    assert "DeepSpeed x1" in result.stdout
+
+
+def test_deepspeed_zero3_resume_is_exact(tmp_path):
+    """ZeRO-3 partitions the parameters: the resume takes them from the optimizer's saved fp32 partitions
+    (every rank's state dict, as DeepSpeed's own loader passes them) and only buffers from the model entry."""
+    if not _mode_available("deepspeed"):
+        pytest.skip("sharding mode deepspeed not available")
+
+    def sets(d):
+        return tiny_sets(d, steps=8, **{"sharding.mode": "deepspeed", "checkpoint.every": 4, "train.eval_every": 4,
+                                        "sharding.deepspeed_config": str(REPO / "configs" / "deepspeed-zero3.json")})
+
+    _ok(run(torchrun_cmd(*sets(tmp_path / "full"))))
+    _ok(run(torchrun_cmd(*sets(tmp_path / "part"), "--stop-at", "4")))
+    second = run(torchrun_cmd(*sets(tmp_path / "part"), "--resume", "auto"))
+    _ok(second)
+    assert "at step 4" in second.stdout
+    assert _losses(read_metrics(tmp_path / "part" / "out" / "metrics.jsonl")) == \
+        _losses(read_metrics(tmp_path / "full" / "out" / "metrics.jsonl"))
 
 
 def test_two_nodes_train_together(tmp_path, reference):

@@ -135,16 +135,39 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint {path} was saved by {meta['world_size']} ranks, this job has {world}; "
                                    "the per-rank torch.save format cannot reshard (dist8 optimizers use "
                                    "dist8.checkpoint, which can)")
-            blob = load_torch_file(_verified(Path(path), meta, f"rank{rank:05d}.pt"), allowed=_allowed_globals())
-            if not isinstance(blob, dict) or "model" not in blob or "optimizer" not in blob:
-                raise CheckpointError(f"{path}/rank{rank:05d}.pt has no 'model' and 'optimizer' entries")
+            blobs = {rank: self._rank_blob(Path(path), meta, rank)}
             try:
-                self.model.load_state_dict(blob["model"])
-                self.optimizer.load_state_dict(blob["optimizer"])
-            except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+                model_sd = blobs[rank]["model"]
+                if any(hasattr(p, "ds_tensor") for p in self.model.parameters()):
+                    # ZeRO-3 partitions the parameters (placeholders here); its optimizer restores them from
+                    # the saved fp32 partitions below, so only the buffers come from the model entry.
+                    params = dict(self.model.named_parameters())
+                    model_sd = {k: v for k, v in model_sd.items() if k not in params}
+                    missing = set(self.model.state_dict()) - set(params) - set(model_sd)
+                    if missing:
+                        raise KeyError(f"buffers {sorted(missing)} are not in the checkpoint")
+                    self.model.load_state_dict(model_sd, strict=False)
+                else:
+                    self.model.load_state_dict(model_sd)
+                if _takes_every_rank(self.optimizer):
+                    # DeepSpeed's ZeRO optimizers load the list of every rank's state dict (their fp32 master
+                    # partitions are restored from all of them), as engine.load_checkpoint passes it.
+                    sds = [(blobs[r] if r in blobs else self._rank_blob(Path(path), meta, r))["optimizer"]
+                           for r in range(world)]
+                    self.optimizer.load_state_dict(sds, load_from_fp32_weights=True)
+                else:
+                    self.optimizer.load_state_dict(blobs[rank]["optimizer"])
+            except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
                 raise CheckpointError(f"{path}/rank{rank:05d}.pt does not fit the model/optimizer: "
                                       f"{' '.join(str(exc).split())[:300]}") from None
         return dict(meta.get("extra", {}))
+
+    @staticmethod
+    def _rank_blob(path: Path, meta: dict[str, Any], rank: int) -> dict[str, Any]:
+        blob = load_torch_file(_verified(path, meta, f"rank{rank:05d}.pt"), allowed=_allowed_globals())
+        if not isinstance(blob, dict) or "model" not in blob or "optimizer" not in blob:
+            raise CheckpointError(f"{path}/rank{rank:05d}.pt has no 'model' and 'optimizer' entries")
+        return blob
 
     # ---- the atomic directory protocol of the dcp / torch writers -----------------------
     def _atomic_save(self, step: int, extra: dict[str, Any]) -> str:
@@ -237,6 +260,16 @@ def _agree(error: BaseException | None) -> None:
 def _say(msg: str) -> None:
     if _rank_world()[0] == 0:
         print(f"[dist8 train] note: {msg}", file=sys.stderr, flush=True)
+
+
+def _takes_every_rank(optimizer: Any) -> bool:
+    """Whether ``optimizer.load_state_dict`` wants every rank's state dict (DeepSpeed ZeRO's ``state_dict_list``)."""
+    import inspect
+
+    try:
+        return "state_dict_list" in inspect.signature(optimizer.load_state_dict).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _allowed_globals() -> list:
