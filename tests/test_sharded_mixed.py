@@ -83,15 +83,16 @@ def _results(rank, world_size, steps):
     return out
 
 
-def _unsharded(world_size, bits, steps):
-    """The same training, unsharded; without master_weight_bits, a ShardedOptimizer on one process
-    (its fp32 master copies of the bf16 parameters are what sharding partitions)."""
+def _unsharded(world_sizes, bits):
+    """The same training, unsharded, step i averaging the gradients of ``world_sizes[i]`` ranks; without
+    master_weight_bits, a ShardedOptimizer on one process (its fp32 master copies of the bf16 parameters
+    are what sharding partitions)."""
     model = make_model()
     if bits is None:
         opt = ShardedOptimizer(list(model.named_parameters()), dist8.AdamW8bit, stage=1, **KW)
     else:
         opt = dist8.AdamW8bit(list(model.named_parameters()), master_weight_bits=bits, **KW)
-    for step in range(steps):
+    for step, world_size in enumerate(world_sizes):
         opt.zero_grad()
         _set_mean_grads(model, world_size, step)
         opt.step()
@@ -103,7 +104,7 @@ def test_mixed_dtypes_sharded_equals_unsharded_bitwise(tmp_path, world_size):
     results = run_ranks(_results, world_size, STEPS, tmp_path=tmp_path)
     bf16_padded = sum(-(-torch.Size(s).numel() // 256) * 256 for s, dt in PARAMS.values() if dt == torch.bfloat16)
     for (stage, bits) in results[0]:
-        ref_model, ref_opt = _unsharded(world_size, bits, STEPS)
+        ref_model, ref_opt = _unsharded([world_size] * STEPS, bits)
         for r in results:
             for n, p in ref_model.named_parameters():
                 got = r[(stage, bits)]["params"][n]
@@ -164,15 +165,7 @@ def test_mixed_dtypes_checkpoint_3_to_2_is_exact(tmp_path, bits):
     run_ranks(_save, 3, str(on3), bits, tmp_path=tmp_path)
     resumed = run_ranks(_load_and_continue, 2, str(on3), bits, tmp_path=tmp_path)
     # reference: 3 ranks' gradients for the first half, then 2 ranks'
-    model = make_model()
-    if bits is None:
-        opt = ShardedOptimizer(list(model.named_parameters()), dist8.AdamW8bit, stage=1, **KW)
-    else:
-        opt = dist8.AdamW8bit(list(model.named_parameters()), master_weight_bits=bits, **KW)
-    for step in range(STEPS):
-        opt.zero_grad()
-        _set_mean_grads(model, 3 if step < STEPS // 2 else 2, step)
-        opt.step()
+    model, _ = _unsharded([3] * (STEPS // 2) + [2] * (STEPS - STEPS // 2), bits)
     for r in resumed:
         for n, p in model.named_parameters():
             assert torch.equal(r[n], p.detach()), (bits, n)

@@ -25,7 +25,7 @@ class FlatBuffer:
     Args:
         layout: the optimizer's block layout (all parameters).
         members: indices (into ``layout.params``) of this buffer's parameters, ascending.
-        dtype: their dtype; device: their device.
+        dtype: their dtype; device: where the buffer lives.
         rank_block_ranges: ``layout.block_ranges(world_size)`` (layout blocks per rank).
 
     Attributes:
@@ -37,7 +37,7 @@ class FlatBuffer:
     def __init__(self, layout: BlockLayout, members: Sequence[int], dtype: torch.dtype, device: torch.device,
                  rank_block_ranges: Sequence[tuple[int, int]]) -> None:
         B = layout.block_size
-        self.dtype, self.device, self.members = dtype, device, list(members)
+        self.dtype, self.members = dtype, list(members)
         self.offset: dict[int, int] = {}
         starts = []  # (first layout block, first local block, blocks) per member
         local = 0
@@ -58,10 +58,11 @@ class FlatBuffer:
 
         self.rank_ranges = [(local_block(a) * B, local_block(b) * B) for a, b in rank_block_ranges]
 
-    def view(self, index: int, numel: int) -> torch.Tensor:
-        """The flat elements of parameter ``index`` (its first ``numel``, without block padding)."""
-        off = self.offset[index]
-        return self.flat[off : off + numel]
+    def view(self, index: int, start: int, numel: int, of: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements ``[start, start + numel)`` of parameter ``index`` in ``flat``, or in ``of``, a tensor laid
+        out like it (the stage-2 gradient buffer)."""
+        off = self.offset[index] + start
+        return (self.flat if of is None else of)[off : off + numel]
 
     def owned(self, rank: int) -> torch.Tensor:
         lo, hi = self.rank_ranges[rank]
@@ -74,9 +75,6 @@ class FlatBuffer:
 def flat_buffers(layout: BlockLayout, dtypes: Sequence[torch.dtype], device: torch.device,
                  world_size: int) -> list[FlatBuffer]:
     """One :class:`FlatBuffer` per distinct dtype in ``dtypes`` (one per layout parameter), in order of first use."""
-    order: list[torch.dtype] = []
-    for dt in dtypes:
-        if dt not in order:
-            order.append(dt)
     ranges = layout.block_ranges(world_size)
-    return [FlatBuffer(layout, [i for i, d in enumerate(dtypes) if d == dt], dt, device, ranges) for dt in order]
+    return [FlatBuffer(layout, [i for i, d in enumerate(dtypes) if d == dt], dt, device, ranges)
+            for dt in dict.fromkeys(dtypes)]

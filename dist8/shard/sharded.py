@@ -108,7 +108,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             for i in buf.members:
                 self._buffer_of[i] = k
                 p = self.params[i]
-                view = buf.view(i, p.numel())
+                view = buf.view(i, 0, p.numel())
                 view.copy_(p.detach().reshape(-1))
                 p.data = view.view(p.shape)
         # bf16/fp16 parameters: an fp32 master copy of the owned range of their buffer, unless
@@ -200,8 +200,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _flat(self, index: int, start: int, numel: int, grads: bool = False) -> torch.Tensor:
         """Elements ``[start, start + numel)`` of parameter ``index`` in its flat (gradient) buffer."""
         k = self._buffer_of[index]
-        off = self.buffers[k].offset[index] + start
-        return (self.grad_buffers[k] if grads else self.buffers[k].flat)[off : off + numel]
+        return self.buffers[k].view(index, start, numel, of=self.grad_buffers[k] if grads else None)
 
     def _owned(self, piece: Piece) -> torch.Tensor:
         """View of an owned piece: into its buffer's fp32 master (low-precision params) or the buffer."""

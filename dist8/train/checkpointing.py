@@ -135,9 +135,9 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint {path} was saved by {meta['world_size']} ranks, this job has {world}; "
                                    "the per-rank torch.save format cannot reshard (dist8 optimizers use "
                                    "dist8.checkpoint, which can)")
-            blobs = {rank: self._rank_blob(Path(path), meta, rank)}
+            own = self._rank_blob(Path(path), meta, rank)
             try:
-                model_sd = blobs[rank]["model"]
+                model_sd = own["model"]
                 if any(hasattr(p, "ds_tensor") for p in self.model.parameters()):
                     # ZeRO-3 partitions the parameters (placeholders here); its optimizer restores them from
                     # the saved fp32 partitions below, so only the buffers come from the model entry.
@@ -152,11 +152,11 @@ class Checkpointer:
                 if _takes_every_rank(self.optimizer):
                     # DeepSpeed's ZeRO optimizers load the list of every rank's state dict (their fp32 master
                     # partitions are restored from all of them), as engine.load_checkpoint passes it.
-                    sds = [(blobs[r] if r in blobs else self._rank_blob(Path(path), meta, r))["optimizer"]
+                    sds = [(own if r == rank else self._rank_blob(Path(path), meta, r))["optimizer"]
                            for r in range(world)]
                     self.optimizer.load_state_dict(sds, load_from_fp32_weights=True)
                 else:
-                    self.optimizer.load_state_dict(blobs[rank]["optimizer"])
+                    self.optimizer.load_state_dict(own["optimizer"])
             except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
                 raise CheckpointError(f"{path}/rank{rank:05d}.pt does not fit the model/optimizer: "
                                       f"{' '.join(str(exc).split())[:300]}") from None

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -242,9 +241,6 @@ def _adapter_deepspeed(cfg: Config, model: nn.Module, opt_cls, opt_args, device)
     ds_config.pop("train_batch_size", None)
     ds_config.pop("optimizer", None)
     optimizer = opt_cls(list(model.named_parameters()), **opt_args)
-    if "LOCAL_RANK" not in os.environ and dist.get_world_size() == 1:
-        # `dist8 train` without a launcher is a world of one; DeepSpeed asserts that a launcher set LOCAL_RANK.
-        os.environ["LOCAL_RANK"] = "0"
     engine, ds_optimizer, _, _ = deepspeed_initialize(model=model, optimizer=optimizer, config=ds_config)
 
     def clip_fn(_max_norm: float) -> float:  # deepspeed clips inside step(); report its norm

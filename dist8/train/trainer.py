@@ -74,6 +74,7 @@ def _init_distributed() -> tuple[int, int, int, torch.device]:
             dist.init_process_group(backend, timeout=timeout)
     else:
         local_rank = 0
+        os.environ["LOCAL_RANK"] = "0"  # what a launcher sets (DeepSpeed asserts it), for this world of one
         dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), local_rank, device
