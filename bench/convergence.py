@@ -5,6 +5,8 @@ Variants (the paper's ablation in miniature, plus the anchors where installed):
   dist8           dist8.AdamW8bit: dynamic map, block-wise (256)
   dist8+stable    dist8.AdamW8bit with StableEmbedding (32-bit embedding state)
   linear          dist8.AdamW8bit with the linear map (ablation)
+  fp8             dist8.AdamW8bit with quant_map="fp8" (e4m3 m / e5m3 v codes computed from the
+                  float bits on AVX2 CPUs; sparse-fp8: the same on the sparse task)
   no-blockwise    dist8.AdamW8bit with one absmax per tensor (ablation)
   bitsandbytes    bitsandbytes.optim.AdamW8bit
   torchao         torchao.optim.AdamW8bit
@@ -14,7 +16,7 @@ Variants (the paper's ablation in miniature, plus the anchors where installed):
   bf16-master32   the same with master_weight_bits=32 (bf16 + int16: an fp32-precision master
                   with the same bf16 compute), the like-for-like anchor of bf16-master24
   bf16-pure       the same without the correction (ablation: pure bf16 parameters)
-  sparse-*        fp32 / dist8 / bitsandbytes on the same GPT whose input is a plain nn.Embedding
+  sparse-*        fp32 / dist8 / bitsandbytes (/ fp8) on the same GPT whose input is a plain nn.Embedding
                   (no StableEmbedding) of 4093 hashed byte bigrams: most rows get no gradient in
                   a step, the workload where 8-bit Adam's zeroed second moments used to make
                   lr * m / eps steps (issue 15). betas (0.9, 0.95) as every row here.
@@ -50,10 +52,11 @@ PRESETS = {
     "quick": dict(n_layer=2, d_model=128, n_head=4, seq_len=128, batch=16, steps=300, lr=3e-3, eval_batches=16),
     "full": dict(n_layer=4, d_model=256, n_head=8, seq_len=256, batch=32, steps=2000, lr=1e-3, eval_batches=64),
 }
-BASE_VARIANTS = ["fp32", "dist8", "dist8+stable", "linear", "no-blockwise", "bitsandbytes", "torchao"]
+BASE_VARIANTS = ["fp32", "dist8", "dist8+stable", "linear", "fp8", "no-blockwise", "bitsandbytes", "torchao"]
 BF16_VARIANTS = ["bf16-master32", "bf16-master24", "bf16-pure"]
 SPARSE_VARIANTS = ["sparse-fp32", "sparse-dist8", "sparse-bitsandbytes"]
-ALL_VARIANTS = BASE_VARIANTS + BF16_VARIANTS + SPARSE_VARIANTS
+FP8_VARIANTS = ["fp32", "dist8", "fp8", "sparse-fp32", "sparse-dist8", "sparse-fp8"]  # quant_map="fp8" (issue 15)
+ALL_VARIANTS = BASE_VARIANTS + BF16_VARIANTS + SPARSE_VARIANTS + ["sparse-fp8"]
 ANCHORS = {"sparse-": "sparse-fp32", "bf16-": "dist8"}  # variant prefix -> the row its ratio is taken to
 SPARSE_VOCAB = 4093  # hashed byte bigrams (prime: the hash spreads)
 
@@ -68,8 +71,8 @@ def make_optimizer(variant: str, model: torch.nn.Module, lr: float):
         return dist8.AdamW8bit(named, **kw)
     if variant in ("bf16-master24", "bf16-master32"):
         return dist8.AdamW8bit(named, master_weight_bits=int(variant[-2:]), **kw)
-    if variant == "linear":
-        return dist8.AdamW8bit(named, quant_map="linear", **kw)
+    if variant in ("linear", "fp8"):
+        return dist8.AdamW8bit(named, quant_map=variant, **kw)
     if variant == "no-blockwise":
         return dist8.AdamW8bit(named, block_wise=False, **kw)
     if variant == "bitsandbytes":
@@ -189,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variants", nargs="+", default=ALL_VARIANTS, choices=ALL_VARIANTS)
     parser.add_argument("--sparse", action="store_true", help="only the sparse-embedding rows")
     parser.add_argument("--bf16", action="store_true", help="only the bf16 rows and their anchor (issue 19)")
+    parser.add_argument("--fp8", action="store_true", help='only quant_map="fp8" and its anchors, dense and sparse')
     parser.add_argument("--steps", type=int, default=None, help="override the preset's steps")
     parser.add_argument("--out", default=None)
     parser.add_argument("--merge", nargs="+", metavar="JSON", default=None,
@@ -200,6 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.variants = SPARSE_VARIANTS
     if args.bf16:
         args.variants = ["dist8", *BF16_VARIANTS]
+    if args.fp8:
+        args.variants = FP8_VARIANTS
     preset = dict(PRESETS["full" if args.full else "quick"])
     if args.steps:
         preset["steps"] = args.steps

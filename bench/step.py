@@ -143,10 +143,10 @@ def candidates(n, dtype, device, which, size_label=""):
         except Exception as exc:  # noqa: BLE001 - record and go on
             out[name] = (None, nbytes, f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
 
-    def dist8_kernel():
+    def dist8_kernel(quant_map="dynamic"):
         from dist8.kernels import get_backend
         from dist8.kernels.rules import Rule, Scalars
-        from dist8.quant import dynamic_map
+        from dist8.quant import get_map
 
         backend = get_backend(device)
         if backend.name == "reference":
@@ -156,7 +156,7 @@ def candidates(n, dtype, device, which, size_label=""):
         nb = (n + bs - 1) // bs
         s1 = torch.zeros(n, dtype=torch.uint8, device=device)
         s2 = torch.zeros(n, dtype=torch.uint8, device=device)
-        q1, q2 = dynamic_map(True).to(device), dynamic_map(False).to(device)
+        q1, q2 = get_map(quant_map, True).to(device), get_map(quant_map, False).to(device)
         s1.fill_(int(torch.searchsorted(q1, torch.tensor(0.0, device=device))))
         s2.fill_(int(torch.searchsorted(q2, torch.tensor(0.0, device=device))))
         a1 = torch.zeros(nb, device=device)
@@ -173,14 +173,14 @@ def candidates(n, dtype, device, which, size_label=""):
 
         return step
 
-    def dist8_optim(on_nonfinite="skip", master_weight_bits=None):
+    def dist8_optim(on_nonfinite="skip", master_weight_bits=None, quant_map="dynamic"):
         def factory():
             import dist8.optim
 
             params = make_params(size_label, n, dtype, device)
             opt = dist8.optim.AdamW8bit(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                                         block_size=256, min_8bit_size=4096, on_nonfinite=on_nonfinite,
-                                        master_weight_bits=master_weight_bits)
+                                        master_weight_bits=master_weight_bits, quant_map=quant_map)
             return opt.step
         return factory
 
@@ -268,6 +268,7 @@ def candidates(n, dtype, device, which, size_label=""):
 
     if not model:  # the bare kernel on one tensor
         add("dist8 kernel AdamW8bit", dist8_kernel, bytes8)
+        add('dist8 kernel AdamW8bit quant_map="fp8"', lambda: dist8_kernel("fp8"), bytes8)
     if device.type == "cuda":  # the warp-per-block CUDA kernels, side by side (DIST8_CUDA_KERNEL=warp)
         if not model:
             add("dist8 kernel AdamW8bit warp", cuda_variant(dist8_kernel, "warp"), bytes8)
@@ -282,6 +283,9 @@ def candidates(n, dtype, device, which, size_label=""):
     if other:
         add(f"dist8.optim.AdamW8bit DIST8_CPU_GATHER={other}", env_variant(dist8_optim(), "DIST8_CPU_GATHER", other),
             bytes8)
+    # The fp8 map: codes computed from the float bits on AVX2 CPUs instead of four table lookups
+    # per value (a different state format: docs/design.md "The fp8 map").
+    add('dist8.optim.AdamW8bit quant_map="fp8"', dist8_optim(quant_map="fp8"), bytes8)
     add("torch AdamW fused", torch_adamw(fused=True), bytes32)
     # Under torch.amp.GradScaler both check the gradients once (the scaler) and unscale in-kernel.
     # (GradScaler is fp16's tool; torch's CUDA unscale refuses bf16 gradients.)

@@ -13,7 +13,7 @@ import torch
 
 from dist8.kernels.reference import ReferenceBackend
 from dist8.kernels.rules import FLAG_FIRST_STEP, FLAG_NESTEROV, RULE_STATES, RULE_WRITES_UPDATE, Rule, Scalars
-from dist8.quant import dequantize_blockwise, dynamic_map, linear_map, quantize_blockwise
+from dist8.quant import dequantize_blockwise, dynamic_map, fp8_map, get_map, linear_map, quantize_blockwise
 
 REFERENCE = ReferenceBackend()
 
@@ -100,8 +100,7 @@ def flags_for(rule: Rule, step: int, nesterov: bool) -> int:
 
 
 def qmaps(signs, map_name: str):
-    make = dynamic_map if map_name == "dynamic" else linear_map
-    return [make(signed) for signed in signs]
+    return [get_map(map_name, signed) for signed in signs]
 
 
 class Case:
@@ -198,7 +197,7 @@ def quantize_inputs(n: int, gen: torch.Generator):
     """Inputs that exercise every code boundary: map entries, midpoints and their float neighbours."""
     out = []
     for signed in (True, False):
-        for make in (dynamic_map, linear_map):
+        for make in (dynamic_map, linear_map, fp8_map):
             q = make(signed)
             mids = (q[:-1] + q[1:]) / 2
             pts = torch.cat([q, mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0)),
@@ -209,6 +208,10 @@ def quantize_inputs(n: int, gen: torch.Generator):
             blocks = pts[: (pts.numel() // 63) * 63].view(-1, 63)
             x = torch.cat([torch.ones(blocks.shape[0], 1), blocks], dim=1).reshape(-1)
             out.append((f"boundaries-{make.__name__}-{signed}", x, q, 64))
+    for signed in (True, False):  # fp8 maps: every binade, both signs, subnormal and huge inputs
+        bits = torch.randint(0, 0x7F800000, (n,), generator=gen, dtype=torch.int64)
+        bits = torch.where(torch.rand(n, generator=gen) < 0.5, bits, bits + 0x80000000 - (1 << 32))
+        out.append((f"random-bits-fp8_map-{signed}", bits.to(torch.int32).view(torch.float32), fp8_map(signed), 64))
     q = dynamic_map(True)
     out.append(("randn", torch.randn(n, generator=gen), q, 256))
     out.append(("tiny", torch.randn(n, generator=gen) * 1e-30, q, 2048))

@@ -119,6 +119,27 @@ def test_linear_map_with_duplicate_entry(backend, device):
         run_steps(backend, case, steps=20)
 
 
+@per_backend("rule", all=ALL_RULES, emulated=[Rule.ADAM, Rule.RMSPROP, Rule.LION])
+def test_fp8_map(backend, kind, device, rule):
+    """quant_map="fp8": the AVX2 CPU kernel computes codes and values from the float bits
+    (checked below), every other backend looks them up; all equal the reference bit for bit,
+    also in a partial last block, with bf16 parameters and for tiny/huge state magnitudes."""
+    if kind == "cpu":
+        from dist8.quant import fp8_map
+
+        computed = torch.ops.dist8_cpu_info.features().startswith("avx2")
+        for signed in (True, False):
+            assert torch.ops.dist8_cpu_info.map_codes(fp8_map(signed)) == ("fp8 codec" if computed else "key table")
+    sizes = [(300, 64, torch.float32)] if kind == "emulated" else [(3000, 256, torch.float32), (1000, 64, torch.bfloat16)]
+    for i, (n, bs, pdtype) in enumerate(sizes):
+        run_steps(backend, Case(rule, n, bs, True, pdtype, pdtype, device, seed=20 + i, map_name="fp8"),
+                  steps=3 if kind == "emulated" else 20)
+    if kind != "emulated":
+        for mag in (1e-30, 1e-6, 1e6):
+            run_steps(backend, Case(rule, 1000, 256, True, torch.float32, torch.float32, device, seed=30,
+                                    magnitude=mag, map_name="fp8"), steps=5)
+
+
 @per_backend("", cpu=[()], cuda=[()])
 def test_adam_large(backend, device):
     run_steps(backend, Case(Rule.ADAM, 10**6 + 3, 256, True, torch.float32, torch.float32, device, seed=1), steps=3)

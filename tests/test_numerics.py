@@ -4,7 +4,7 @@
   below half the smallest code of its block used to read back as 0 while the first moment
   did not, so the next zero-gradient step moved the element by lr * m / eps (18-290x lr).
   The 8-bit optimizers' largest single-step |dp| / lr must stay within 1.5x of the same
-  optimizer with 32-bit state on the same gradients.
+  optimizer with 32-bit state on the same gradients, with the dynamic map and the fp8 map.
 """
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ BETAS = {"default": None, "b2=0.95": (0.9, 0.95)}
 
 # (optimizer, betas) cases; Adagrad has no betas (its default case covers it), RMSprop's
 # alpha plays beta2's part.
-CASES = [(name, b) for name in SECOND_MOMENT for b in BETAS if b == "default" or name != "Adagrad8bit"]
+CASES = [(name, b, m) for name in SECOND_MOMENT for b in BETAS if b == "default" or name != "Adagrad8bit"
+         for m in ("dynamic", "fp8")]
+IDS = [f"{n}-{b}-{m}" for n, b, m in CASES]
 
 
 def _kwargs(name: str, betas) -> dict:
@@ -73,12 +75,12 @@ def worst_step_on(grads: list[torch.Tensor], make_opt) -> float:
     return worst
 
 
-@pytest.mark.parametrize("name,betas", CASES, ids=[f"{n}-{b}" for n, b in CASES])
-def test_sparse_rows_no_update_spike(name, betas):
+@pytest.mark.parametrize("name,betas,quant_map", CASES, ids=IDS)
+def test_sparse_rows_no_update_spike(name, betas, quant_map):
     cls8, cls32, _ = SECOND_MOMENT[name]
     kw = _kwargs(name, BETAS[betas])
     grads = sparse_row_grads()
-    w8 = worst_step_on(grads, lambda ps: cls8(ps, **kw))
+    w8 = worst_step_on(grads, lambda ps: cls8(ps, quant_map=quant_map, **kw))
     w32 = worst_step_on(grads, lambda ps: cls32(ps, **kw))
     assert w8 <= SPIKE_TOLERANCE * w32, f"{name}: worst |dp|/lr {w8:.2f} (8-bit) vs {w32:.2f} (32-bit)"
 
@@ -113,10 +115,10 @@ def worst_embedding_step(make_opt, steps: int = STEPS) -> float:
     return worst
 
 
-@pytest.mark.parametrize("name,betas", CASES, ids=[f"{n}-{b}" for n, b in CASES])
-def test_embedding_no_update_spike(name, betas):
+@pytest.mark.parametrize("name,betas,quant_map", CASES, ids=IDS)
+def test_embedding_no_update_spike(name, betas, quant_map):
     cls8, cls32, _ = SECOND_MOMENT[name]
     kw = dict(_kwargs(name, BETAS[betas]), min_8bit_size=4096)
-    w8 = worst_embedding_step(lambda ps: cls8(ps, **kw))
+    w8 = worst_embedding_step(lambda ps: cls8(ps, quant_map=quant_map, **kw))
     w32 = worst_embedding_step(lambda ps: cls32(ps, **kw))
     assert w8 <= SPIKE_TOLERANCE * w32, f"{name}: worst |dp|/lr {w8:.2f} (8-bit) vs {w32:.2f} (32-bit)"

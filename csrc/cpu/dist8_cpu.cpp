@@ -438,7 +438,7 @@ void run_blocks(const Update& u, int64_t b0, int64_t b1) {
   int64_t skips = 0;
 #if defined(D8_AVX512) || defined(D8_AVX2)
   pipelined = true;
-  for (int s = 0; s < u.nstates; ++s) pipelined = pipelined && u.st[s].q8 && u.st[s].table->fast;
+  for (int s = 0; s < u.nstates; ++s) pipelined = pipelined && u.st[s].q8 && u.st[s].table->simd_codes();
   if (pipelined) {
     Pipeline<R, FL> pipe(u, w);
     pipe.run(b0, std::min(b1, nfull));
@@ -777,7 +777,7 @@ std::string cpu_build_features() {
 #endif
 #elif defined(D8_AVX2)
   refresh_lookup_mode();
-  f += "avx2 (one-lookup exact codes, pipelined blocks, table dequantization; ";
+  f += "avx2 (one-lookup exact codes, pipelined blocks, table dequantization, fp8 maps computed; ";
   f += lookup_mode_name();
   f += lookup_mode() == default_lookup_mode() ? " (this CPU's default" : " (set by DIST8_CPU_GATHER";
   f += "; DIST8_CPU_GATHER=hw|scalar))";
@@ -788,6 +788,17 @@ std::string cpu_build_features() {
   f += ", f16c";
 #endif
   return f;
+}
+
+// How this build finds the codes of a map in the block loop (tests check that fp8 maps take
+// the computed path): "fp8 codec" (from the float bits, no table), "key table" (one load per
+// value), or "binary search" (maps without a key table: unsorted or repeated entries).
+std::string map_codes(const at::Tensor& qmap) {
+  const QTable* t = get_table(qmap);
+#if defined(D8_AVX2)
+  if (t->fp8) return "fp8 codec";
+#endif
+  return t->fast ? "key table" : "binary search";
 }
 
 // LAMB/LARS phase 2 over a whole tensor: param <- rule_trust_step(param, update, lr * ratio) in
@@ -842,7 +853,10 @@ void trust_step_cpu(const at::Tensor& param, const at::Tensor& update, double lr
 }  // namespace dist8
 
 // Build information for `dist8 info`, in a namespace of its own (dist8's ops are defined from Python).
-TORCH_LIBRARY_FRAGMENT(dist8_cpu_info, m) { m.def("features() -> str", &dist8::cpu_build_features); }
+TORCH_LIBRARY_FRAGMENT(dist8_cpu_info, m) {
+  m.def("features() -> str", &dist8::cpu_build_features);
+  m.def("map_codes(Tensor qmap) -> str", &dist8::map_codes);
+}
 
 TORCH_LIBRARY_IMPL(dist8, CPU, m) {
   m.impl("fused_update_", &dist8::fused_update_cpu);

@@ -16,6 +16,12 @@
 // threshold): one load, one add, no compare. Maps for which no such table
 // exists (unsorted, repeated entries, infinities) use the per-value binary
 // search of dist8_rules.h.
+//
+// The fp8 maps (dist8.quant.maps.fp8_map) need no table at all: a code is the
+// float's bits with the mantissa rounded to 3 bits and the exponent rebiased, and
+// a value is the code's bits shifted back (Fp8Codec). build_qtable recognises such
+// a map by checking the codec against it -- every value, and the code on both sides
+// of every threshold -- and the AVX2 path then computes instead of loading.
 #pragma once
 
 #include <stdint.h>
@@ -53,6 +59,60 @@
 
 namespace dist8 {
 
+// Codes of an fp8 map from the float bits (dist8.quant.maps.fp8_map). A magnitude k has
+// exponent field k >> 3 and 3 mantissa bits; k < 8 are subnormal codes k * 2^-(bias + 2).
+// Signed maps (e4m3, bias 15): code 128 + k is +mag(k), 128 - k is -mag(k) (k <= 128).
+// Unsigned maps (e5m3, bias 31): code k. Rounding: to the nearest code, ties to the smaller
+// magnitude (dist8's tie rule); NaN -> 255, beyond the ends -> the end codes.
+struct Fp8Codec {
+  bool is_signed = false;
+  uint32_t rebias = 0;      // (127 - bias) << 3: normal k = (bits rounded to 3 mantissa bits >> 20) - rebias
+  uint32_t normal_min = 0;  // float bits of the smallest normal code, mag(8) = 2^(1 - bias)
+  float to_sub = 0.f;       // 2^(bias + 2): a subnormal code's k is round(|y| * to_sub)
+  float from_sub = 0.f;     // 2^-(bias + 2)
+  int kmax_pos = 0, kmax_neg = 0;
+
+  static Fp8Codec make(bool is_signed) {
+    Fp8Codec c;
+    const int bias = is_signed ? 15 : 31;
+    c.is_signed = is_signed;
+    c.rebias = uint32_t(127 - bias) << 3;
+    c.normal_min = uint32_t(128 - bias) << 23;
+    c.to_sub = std::ldexp(1.0f, bias + 2);
+    c.from_sub = std::ldexp(1.0f, -(bias + 2));
+    c.kmax_pos = is_signed ? 127 : 255;
+    c.kmax_neg = is_signed ? 128 : 0;
+    return c;
+  }
+
+  uint8_t encode(float y) const {
+    const uint32_t b = f2u(y), ab = b & 0x7FFFFFFFu;
+    if (ab > 0x7F800000u) return 255;  // NaN
+    const bool neg = (b >> 31) != 0;
+    if (neg && !is_signed) return 0;
+    int k;
+    if (ab < normal_min) {
+      // |y| * to_sub is exact; ceil(t - 0.5) rounds half down (t - 0.5 is exact where it matters, t >= 0.25)
+      k = (int)std::ceil(fsub(fmul(u2f(ab), to_sub), 0.5f));
+    } else {
+      k = (int)((ab + 0x7FFFFu) >> 20) - (int)rebias;  // round the 20 dropped mantissa bits, half down
+    }
+    k = std::min(k, neg ? kmax_neg : kmax_pos);
+    return (uint8_t)(is_signed ? (neg ? 128 - k : 128 + k) : k);
+  }
+
+  float decode(uint8_t code) const {
+    int k = code;
+    uint32_t sign = 0;
+    if (is_signed) {
+      k = code >= 128 ? code - 128 : 128 - code;
+      sign = code < 128 ? 0x80000000u : 0u;
+    }
+    const float mag = k < 8 ? fmul((float)k, from_sub) : u2f(((uint32_t)k + rebias) << 20);
+    return u2f(f2u(mag) | sign);
+  }
+};
+
 struct QTable {
   alignas(64) float q[256];
   alignas(64) uint8_t planes[4][256];  // byte k of every q[i] (for VBMI table lookups)
@@ -61,6 +121,17 @@ struct QTable {
   int shift = 32;
   uint32_t lowmask = 0;
   std::vector<uint32_t> lut;
+  bool fp8 = false;  // q is an fp8 map: codec computes codes and values (AVX2 path)
+  Fp8Codec codec;
+
+  // The 64-value quantizer of this build has a vector path for this map.
+  bool simd_codes() const {
+#if defined(D8_AVX2)
+    return fast || fp8;
+#else
+    return fast;
+#endif
+  }
 
   // Code of one normalised value (bit-identical to dist8.quant.nearest_code).
   inline uint8_t code(float y) const {
@@ -96,6 +167,20 @@ inline void build_qtable(QTable& t, const float* qmap) {
     }
     thr[k] = hi;
     if (thr[k] <= thr[k - 1]) return;  // a code that is never nearest
+  }
+  // An fp8 map: the codec must give every value, and the code on both sides of every
+  // threshold (both are monotone step functions in key order), NaN and the infinities.
+  for (const bool is_signed : {true, false}) {
+    const Fp8Codec c = Fp8Codec::make(is_signed);
+    bool same = true;
+    for (int i = 0; i < 256 && same; ++i) same = f2u(c.decode((uint8_t)i)) == f2u(q[i]);
+    auto agrees = [&](uint32_t k) { return c.encode(key_float(k)) == (uint8_t)code_at(k); };
+    for (int k = 0; k < 256 && same; ++k) same = agrees(thr[k]) && agrees(thr[k] - 1);
+    for (float y : {NAN, -NAN, INFINITY, -INFINITY, 0.0f, -0.0f}) same = same && c.encode(y) == nearest_code(y, q);
+    if (same) {
+      t.fp8 = true;
+      t.codec = c;
+    }
   }
   int bits = -1;
   for (int b = 9; b <= 20 && bits < 0; ++b) {
@@ -289,13 +374,63 @@ D8_INLINE void dequantize64(const uint8_t* codes, float absmax, const QTable& t,
 #endif
 }
 #elif defined(D8_AVX2)
+// Fp8Codec for 8 lanes, bit-identical to its scalar encode/decode.
+struct Fp8Simd {
+  bool is_signed = false;
+  __m256i rebias, normal_min, kmax_pos, kmax_neg;
+  __m256 to_sub, from_sub;
+  Fp8Simd() = default;
+  explicit Fp8Simd(const Fp8Codec& c)
+      : is_signed(c.is_signed),
+        rebias(_mm256_set1_epi32((int)c.rebias)),
+        normal_min(_mm256_set1_epi32((int)c.normal_min)),
+        kmax_pos(_mm256_set1_epi32(c.kmax_pos)),
+        kmax_neg(_mm256_set1_epi32(c.kmax_neg)),
+        to_sub(_mm256_set1_ps(c.to_sub)),
+        from_sub(_mm256_set1_ps(c.from_sub)) {}
+};
+
+// Codes (one per lane) of 8 normalised values.
+D8_INLINE __m256i fp8_codes8(__m256 y, const Fp8Simd& f) {
+  const __m256i b = _mm256_castps_si256(y);
+  const __m256i ab = _mm256_and_si256(b, _mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i normal = _mm256_sub_epi32(_mm256_srli_epi32(_mm256_add_epi32(ab, _mm256_set1_epi32(0x7FFFF)), 20), f.rebias);
+  const __m256 t = _mm256_sub_ps(_mm256_mul_ps(_mm256_castsi256_ps(ab), f.to_sub), _mm256_set1_ps(0.5f));
+  const __m256i sub = _mm256_cvttps_epi32(_mm256_round_ps(t, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC));
+  __m256i k = _mm256_blendv_epi8(normal, sub, _mm256_cmpgt_epi32(f.normal_min, ab));
+  __m256i code;
+  if (f.is_signed) {
+    k = _mm256_min_epi32(k, _mm256_blendv_epi8(f.kmax_pos, f.kmax_neg, _mm256_srai_epi32(b, 31)));
+    code = _mm256_add_epi32(_mm256_set1_epi32(128), _mm256_sign_epi32(k, b));  // b < 0: 128 - k
+  } else {
+    code = _mm256_andnot_si256(_mm256_srai_epi32(b, 31), _mm256_min_epi32(k, f.kmax_pos));  // negative: 0
+  }
+  const __m256i nan = _mm256_cmpgt_epi32(ab, _mm256_set1_epi32(0x7F800000));
+  return _mm256_max_epi32(code, _mm256_and_si256(nan, _mm256_set1_epi32(255)));  // NaN: 255
+}
+
+// Values of 8 codes (one per lane).
+D8_INLINE __m256 fp8_values8(__m256i c, const Fp8Simd& f) {
+  __m256i k = c, sign = _mm256_setzero_si256();
+  if (f.is_signed) {
+    const __m256i d = _mm256_sub_epi32(c, _mm256_set1_epi32(128));
+    k = _mm256_abs_epi32(d);
+    sign = _mm256_and_si256(d, _mm256_set1_epi32((int)0x80000000u));
+  }
+  const __m256 normal = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, f.rebias), 20));
+  const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(k), f.from_sub);
+  const __m256 mag = _mm256_blendv_ps(normal, sub, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), k)));
+  return _mm256_or_ps(mag, _mm256_castsi256_ps(sign));
+}
+
 struct QTableSimd {
   const QTable* t = nullptr;
   __m128i shift = _mm_setzero_si128();
   bool scalar = false;  // LOOKUP_SCALAR
+  Fp8Simd fp8;          // t->fp8: codes computed, no table
   QTableSimd() = default;
   explicit QTableSimd(const QTable& tab)
-      : t(&tab), shift(_mm_cvtsi32_si128(tab.shift)), scalar(lookup_mode() == LOOKUP_SCALAR) {}
+      : t(&tab), shift(_mm_cvtsi32_si128(tab.shift)), scalar(lookup_mode() == LOOKUP_SCALAR), fp8(tab.codec) {}
 };
 
 // Four table entries L[i], i = the low and high halves of a and b, as the lanes of one vector.
@@ -318,6 +453,7 @@ D8_INLINE __m256 lookup8_scalar(const float* L, __m256i idx) {
 
 // Code of 8 normalised values in the low byte of each lane (table must be fast).
 D8_INLINE __m256i codes8(const float* v, __m256 recip, const QTableSimd& s) {
+  if (s.t->fp8) return fp8_codes8(_mm256_mul_ps(_mm256_loadu_ps(v), recip), s.fp8);
   const __m256i b = _mm256_castps_si256(_mm256_mul_ps(_mm256_loadu_ps(v), recip));
   // monotone key: b ^ ((b >> 31) | 0x80000000), as float_key
   const __m256i key = _mm256_xor_si256(b, _mm256_or_si256(_mm256_srai_epi32(b, 31), _mm256_set1_epi32((int)0x80000000u)));
@@ -337,7 +473,7 @@ D8_INLINE void store_codes32(__m256i a, __m256i b, __m256i c, __m256i d, uint8_t
 }
 
 D8_INLINE void quantize64(const float* v, float recip, const QTableSimd& s, uint8_t* out) {
-  if (!s.t->fast) return quantize_n(v, 64, recip, *s.t, out);
+  if (!s.t->simd_codes()) return quantize_n(v, 64, recip, *s.t, out);
   const __m256 r = _mm256_set1_ps(recip);
   for (int j = 0; j < 64; j += 32)
     store_codes32(codes8(v + j, r, s), codes8(v + j + 8, r, s), codes8(v + j + 16, r, s), codes8(v + j + 24, r, s),
@@ -373,6 +509,14 @@ D8_INLINE void store_codes64(Words16 w0, Words16 w1, Words16 w2, Words16 w3, uin
 
 D8_INLINE void dequantize64(const uint8_t* codes, float absmax, const QTable& t, float* out) {
   const __m256 a = _mm256_set1_ps(absmax);
+  if (t.fp8) {
+    const Fp8Simd f(t.codec);
+    for (int j = 0; j < 64; j += 8) {
+      const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + j)));
+      _mm256_storeu_ps(out + j, _mm256_mul_ps(fp8_values8(c, f), a));
+    }
+    return;
+  }
   if (lookup_mode() == LOOKUP_SCALAR) {
     // Byte loads as indices (the codes are in L1 after the prefetch); 8 values per vector.
     const float* q = t.q;

@@ -43,6 +43,7 @@ from dist8.checkpoint.dirs import (
 )
 from dist8.checkpoint.errors import CheckpointError
 from dist8.checkpoint.files import check_name, member, read_text, sha256_file
+from dist8.quant import MAP_NAMES
 from dist8.optim.state_schema import (
     CORRECTION,
     GNORM,
@@ -264,8 +265,8 @@ def check_metadata(meta: Any, where: str) -> dict[str, Any]:
     c.str_(c.get(opt, "class", "optimizer.class"), "optimizer.class")
     if opt.get("rule") is not None:
         c.str_(opt["rule"], "optimizer.rule")
-    if opt.get("quant_map") not in ("dynamic", "linear"):
-        c.fail("optimizer.quant_map", f"must be 'dynamic' or 'linear', got {_short(opt.get('quant_map'))}")
+    if opt.get("quant_map") not in MAP_NAMES:
+        c.fail("optimizer.quant_map", f"must be one of {', '.join(MAP_NAMES)}, got {_short(opt.get('quant_map'))}")
     if type(opt.get("block_wise")) is not bool:
         c.fail("optimizer.block_wise", f"must be true or false, got {_short(opt.get('block_wise'))}")
     groups = c.list_(c.get(opt, "param_groups", "optimizer.param_groups"), "optimizer.param_groups")

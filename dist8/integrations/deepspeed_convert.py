@@ -116,7 +116,7 @@ def _convert(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str | Non
     from dist8.checkpoint.torch_files import load_torch_file, weights_only_loads
     from dist8.kernels import RULE_STATES, Rule
     from dist8.optim import get_optimizer_class
-    from dist8.quant import dequantize_blockwise, get_map, num_blocks, quantize_blockwise
+    from dist8.quant import MAP_NAMES, dequantize_blockwise, get_map, num_blocks, quantize_blockwise
 
     ckpt_dir, out = Path(ckpt_dir), Path(out)
     if not ckpt_dir.is_dir():
@@ -159,7 +159,10 @@ def _convert(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str | Non
     B = int(info["block_size"])
     rule = Rule[info["rule"]] if info.get("rule") in Rule.__members__ else cls.rule  # older saves: the class's
     signs = RULE_STATES[rule]
-    quant_map = "dynamic"
+    quant_map = info.get("quant_map", "dynamic")  # recorded since the fp8 map; older saves: the default
+    if quant_map not in MAP_NAMES:
+        raise CheckpointError(f"{rank_states[0][0]}: optimizer state names quant_map={quant_map!r}, "
+                              f"not one of {', '.join(MAP_NAMES)}")
     qmaps = {s: get_map(quant_map, s) for s in (True, False)}
 
     # Model weights (fp32): ZeRO -> zero_to_fp32 (master weights); stage 0 -> the module state.

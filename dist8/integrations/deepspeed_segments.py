@@ -140,7 +140,8 @@ class DeepSpeedSegments:
                     names[pid] = self.param_names[p]
                 pid += 1
         sd["dist8"] = {"class": type(self).__name__, "block_size": self.block_size, "names": names,
-                       "rule": self.rule.name}  # per instance for RMSprop (momentum buffer or not)
+                       "rule": self.rule.name,  # per instance for RMSprop (momentum buffer or not)
+                       "quant_map": self.quant_map}  # the segments hold codes of this map
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -151,6 +152,14 @@ class DeepSpeedSegments:
         seg_states = {}
         for key, st in state_dict["state"].items():
             (seg_states if "segments" in st else plain["state"])[key] = st
+        # Segments hold raw 8-bit codes: read with another map (or block size) they would be other
+        # numbers. Saves from before the map was recorded used the default map.
+        info = state_dict.get("dist8") or {}
+        for what, saved, mine in (("quant_map", info.get("quant_map", "dynamic"), self.quant_map),
+                                  ("block_size", info.get("block_size", self.block_size), self.block_size)):
+            if seg_states and saved != mine:
+                raise ValueError(f"DeepSpeed optimizer state was saved with {what}={saved!r}, this engine's "
+                                 f"optimizer uses {what}={mine!r}: construct it with {what}={saved!r}")
         super().load_state_dict(plain)
         id_map = {}
         for saved, group in zip(state_dict["param_groups"], self.param_groups):

@@ -9,7 +9,7 @@ from dist8.quant.blockwise import (
     num_blocks,
     quantize_blockwise,
 )
-from dist8.quant.maps import MAP_NAMES, create_dynamic_map, dynamic_map, get_map, linear_map
+from dist8.quant.maps import MAP_NAMES, create_dynamic_map, dynamic_map, fp8_map, get_map, linear_map
 from dist8.quant.master import MASTER_WEIGHT_BITS, check_master_weight_bits, decode_master, encode_master
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "dequantize_blockwise",
     "dynamic_map",
     "effective_block_size",
+    "fp8_map",
     "get_map",
     "linear_map",
     "nearest_code",

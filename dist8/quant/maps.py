@@ -5,6 +5,11 @@ its bits on a variable exponent (a run of zeros ended by an indicator bit) and a
 linear fraction, so it covers magnitudes 1e-7..1 with relative error that stays
 roughly constant. ``signed=False`` reuses the sign bit as one more fraction bit
 and is meant for non-negative state (Adam's second moment).
+
+The fp8 map is a small-float grid whose code follows from a value's float32 bits
+(round the mantissa, rebias the exponent) instead of a search of 256 entries, so a
+CPU without in-register 256-entry lookups (AVX2) quantizes and dequantizes without
+table loads. Every layer still treats it as a sorted 256-entry map.
 """
 from __future__ import annotations
 
@@ -12,9 +17,9 @@ import functools
 
 import torch
 
-__all__ = ["create_dynamic_map", "dynamic_map", "linear_map", "get_map", "MAP_NAMES"]
+__all__ = ["create_dynamic_map", "dynamic_map", "linear_map", "fp8_map", "get_map", "MAP_NAMES"]
 
-MAP_NAMES = ("dynamic", "linear")
+MAP_NAMES = ("dynamic", "linear", "fp8")
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,10 +92,56 @@ def linear_map(signed: bool = True) -> torch.Tensor:
     return torch.arange(256, dtype=torch.float32) / 255.0
 
 
+# The fp8 grids: (exponent bias, number of magnitudes). A magnitude k (0..count-1) has
+# exponent field e = k >> 3 and 3 mantissa bits m = k & 7; e = 0 are subnormals.
+_FP8_SIGNED = (15, 129)     # e4m3: k = 120 is 1.0, the largest code a normalised value needs
+_FP8_UNSIGNED = (31, 256)   # e5m3: k = 248 is 1.0; 2^-33 .. 1 (3 mantissa bits on v ~ 4 on sqrt(v))
+
+
+def _fp8_magnitudes(bias: int, count: int) -> torch.Tensor:
+    k = torch.arange(count, dtype=torch.float64)
+    e, m = torch.div(k, 8, rounding_mode="floor"), torch.remainder(k, 8)
+    normal = torch.exp2(e - bias) * (1 + m / 8)
+    subnormal = m * 2.0 ** (1 - bias - 3)
+    return torch.where(e > 0, normal, subnormal).float()  # every value is exact in float32
+
+
+@functools.lru_cache(maxsize=None)
+def _fp8_map_cached(signed: bool) -> torch.Tensor:
+    if signed:
+        mag = _fp8_magnitudes(*_FP8_SIGNED)
+        # Negatives use magnitudes 1..128 and positives 0..127, so 0 appears once and the map is
+        # strictly increasing: code = 128 + k for +k, 128 - k for -k.
+        return torch.cat([-mag[1:].flip(0), mag[:128]])
+    return _fp8_magnitudes(*_FP8_UNSIGNED)
+
+
+def fp8_map(signed: bool = True) -> torch.Tensor:
+    """An FP8-like 8-bit map as a sorted float32 tensor of 256 values (``quant_map="fp8"``).
+
+    Args:
+        signed: True (first moments, momentum): sign and an e4m3 magnitude with
+            subnormals, exponent bias 15, so values run 2^-17 .. 1 (plus the unused
+            codes above 1: -2.0 .. 1.875 in all); code ``128 + k`` is ``+mag(k)`` and
+            ``128 - k`` is ``-mag(k)``. False (second moments): an unsigned e5m3
+            magnitude with subnormals, bias 31: 2^-33 .. 1 (1.875 at code 255).
+
+    Where ``mag(k) = 2^(e - bias) * (1 + m / 8)`` for ``e = k >> 3 > 0``, ``m = k & 7``,
+    and ``m * 2^(-bias - 2)`` for ``e = 0``. Codes are the exact nearest entry with
+    dist8's tie rule, like every map; the CPU kernels compute them from the float
+    bits instead of searching (bit-identical; checked when the map is first used).
+    Not a bitsandbytes map: a checkpoint with it converts to bitsandbytes only
+    through dequantized state.
+    """
+    return _fp8_map_cached(bool(signed)).clone()
+
+
 def get_map(name: str, signed: bool) -> torch.Tensor:
-    """Map by name (``"dynamic"`` or ``"linear"``)."""
+    """Map by name: one of :data:`MAP_NAMES` (``"dynamic"``, ``"linear"``, ``"fp8"``)."""
     if name == "dynamic":
         return dynamic_map(signed)
     if name == "linear":
         return linear_map(signed)
+    if name == "fp8":
+        return fp8_map(signed)
     raise ValueError(f"quant_map must be one of {MAP_NAMES}, got {name!r}")
