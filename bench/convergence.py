@@ -172,7 +172,7 @@ def summarize(runs: list[dict], variants: list[str], preset: dict, errors: dict)
     goals = []
     means = {r["variant"]: r["val_loss_mean"] for r in rows}
     for name, anchor in (("dist8", "fp32"), ("sparse-dist8", "sparse-fp32"), ("bf16-master24", "dist8"),
-                         ("bf16-master24", "bf16-master32")):
+                         ("bf16-master24", "bf16-master32"), ("fp8", "fp32"), ("sparse-fp8", "sparse-fp32")):
         if name not in means or anchor not in means:
             continue
         goal = {"goal": f"{name} / {anchor} final validation loss <= 1.01", "ratio": means[name] / means[anchor]}

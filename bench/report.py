@@ -61,7 +61,9 @@ def step_section() -> str:
              "(`on_nonfinite=\"skip_param\"`: one more read of every gradient before the update). Files older "
              "than issue 15 have a `no-check` row instead (the old default without its gradient check). "
              "`DIST8_CPU_GATHER=...` rows are the default with the AVX2 path's other table-lookup mode (hardware "
-             "gathers or scalar loads; see docs/design.md, Kernels). `+GradScaler` rows step through "
+             "gathers or scalar loads; see docs/design.md, Kernels). `quant_map=\"fp8\"` rows use the fp8 map "
+             "(codes computed from the float bits on AVX2 CPUs instead of looked up; a different state format, "
+             "opt-in; docs/design.md, Quantization). `+GradScaler` rows step through "
              "`torch.amp.GradScaler` (fp16 mixed precision): there the scaler checks every gradient for both (a "
              "read and a write), dist8 skips its own check and both unscale inside their kernels, so `dist8 "
              "+GradScaler` vs `torch fused +GradScaler` is like for like with checking. `gpt2` is the 148 tensors of GPT-2 small (124M parameters). A file named `*-avx2` is this "
@@ -108,7 +110,7 @@ def step_section() -> str:
             # pre-pass (`skip_param`); files from before issue 15 have `no-check` instead.
             default = times.get((size, dtype, "dist8.optim.AdamW8bit"))
             parts_v = []
-            for label in ("skip_param", "no-check"):
+            for label in ("skip_param", "no-check", 'quant_map="fp8"'):
                 t = times.get((size, dtype, f"dist8.optim.AdamW8bit {label}"))
                 if t:
                     parts_v.append(f"{label} {t / ms:.2f}x torch fused ({'met' if t <= ms else 'NOT met'})")
