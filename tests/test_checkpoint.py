@@ -13,7 +13,8 @@ import torch
 
 import dist8
 import dist8.checkpoint as ck
-from ckpt_utils import KW, SHAPES, make_model
+from ckpt_utils import (KW, SHAPES, assert_same, make_model, resume_sharded, save_sharded, snapshot, train,
+                        uninterrupted_sharded)
 from dist8.checkpoint.convert import export_fp32_adam, from_bitsandbytes
 from dist8.shard import ShardedOptimizer
 from dist8.shard.collectives import all_gather_state, fp32_state_bytes, gather_state, scatter_state
@@ -21,76 +22,25 @@ from dist_utils import run_ranks
 
 
 
-def grads_for(step):
-    """Identical on every rank and dyadic, so averaging over any world size gives exactly these."""
-    gen = torch.Generator().manual_seed(1000 + step)
-    return {n: torch.randint(-256, 256, s, generator=gen).float() / 512 for n, s in SHAPES.items()}
-
-
-def train(model, opt, steps, first):
-    for step in range(first, first + steps):
-        opt.zero_grad()
-        g = grads_for(step)
-        sum((p * g[n]).sum() for n, p in model.named_parameters()).backward()
-        opt.step()
-
-
-def snapshot(model, opt):
-    state = opt.consolidated_state_dict() if isinstance(opt, ShardedOptimizer) else opt.state_dict()
-    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "state": state}
-
-
-def _save_on_ranks(rank, world_size, path):
-    model = make_model()
-    opt = ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, **KW)
-    train(model, opt, 10, 0)
-    ck.save(path, model, opt, step=10, extra={"data_position": 10})
-    return None
-
-
-def _load_and_continue(rank, world_size, path):
-    model = make_model(seed=99)  # different init: everything must come from the checkpoint
-    opt = ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, **KW)
-    extra = ck.load(path, model, opt)
-    train(model, opt, 10, extra["data_position"])
-    return snapshot(model, opt)
-
-
-def _uninterrupted(rank, world_size):
-    model = make_model()
-    opt = ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, **KW)
-    train(model, opt, 20, 0)
-    return snapshot(model, opt)
-
-
-def _assert_same(a, b):
-    for n in a["params"]:
-        assert torch.equal(a["params"][n], b["params"][n]), n
-    for i, st in a["state"]["state"].items():
-        for k, v in st.items():
-            other = b["state"]["state"][i][k]
-            assert (torch.equal(v, other) if torch.is_tensor(v) else v == other), (i, k)
-
-
 def test_save_on_4_load_on_1_2_3_4_is_exact(tmp_path):
     path = str(tmp_path / "ckpt")
-    run_ranks(_save_on_ranks, 4, path, tmp_path=tmp_path)
+    run_ranks(save_sharded, 4, path, 10, {}, tmp_path=tmp_path)
     meta = json.loads(open(os.path.join(path, "metadata.json")).read())
     assert meta["world_size"] == 4 and len([f for f in meta["files"] if f.startswith("optim-")]) == 4
     reference = None
     for m in (1, 2, 3, 4):
-        resumed = run_ranks(_load_and_continue, m, path, tmp_path=tmp_path)[0]
-        uninterrupted = run_ranks(_uninterrupted, m, tmp_path=tmp_path)[0]
-        _assert_same(resumed, uninterrupted)
+        resumed = run_ranks(resume_sharded, m, path, 10, {}, tmp_path=tmp_path)[0]
+        uninterrupted = run_ranks(uninterrupted_sharded, m, 20, {}, tmp_path=tmp_path)[0]
+        assert_same(resumed, uninterrupted)
         if reference is not None:
-            _assert_same(resumed, reference)
+            assert_same(resumed, reference)
         reference = resumed
     # and into the plain optimizer on one process
     model = make_model(seed=5)
     opt = dist8.AdamW8bit(model.named_parameters(), **KW)
     ck.load(path, model, opt)
     train(model, opt, 10, 10)
-    _assert_same(snapshot(model, opt), reference)
+    assert_same(snapshot(model, opt), reference)
 
 
 def _collectives(rank, world_size):

@@ -12,7 +12,8 @@ import os
 
 import pytest
 import torch
-from ckpt_utils import KW, make_model
+from ckpt_utils import (KW, assert_same, make_model, resume_sharded, save_sharded, snapshot, train,
+                        uninterrupted_sharded)
 from dist_utils import run_ranks
 
 import dist8
@@ -21,7 +22,6 @@ from dist8.checkpoint import CheckpointError
 from dist8.checkpoint.format import manifest_hash
 from dist8.kernels.rules import state_floor_fraction
 from dist8.quant import MAP_NAMES, dequantize_blockwise, fp8_map, get_map, quantize_blockwise
-from dist8.shard import ShardedOptimizer
 
 
 def _magnitude(k: int, bias: int) -> float:
@@ -91,74 +91,24 @@ def test_optimizers_match_the_reference_backend(name, monkeypatch):
         assert torch.equal(s_cpu[k], s_ref[k]), (name, k)
 
 
-def _grads(step):
-    gen = torch.Generator().manual_seed(1000 + step)  # dyadic: averaging over any world size is exact
-    return {n: torch.randint(-256, 256, p.shape, generator=gen).float() / 512
-            for n, p in make_model().named_parameters()}
-
-
-def _run(model, opt, first, steps):
-    for step in range(first, first + steps):
-        opt.zero_grad()
-        g = _grads(step)
-        sum((p * g[n]).sum() for n, p in model.named_parameters()).backward()
-        opt.step()
-
-
-def _snapshot(model, opt):
-    state = opt.consolidated_state_dict() if isinstance(opt, ShardedOptimizer) else opt.state_dict()
-    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "state": state}
-
-
-def _save_fp8(rank, world_size, path):
-    model = make_model()
-    opt = ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, quant_map="fp8", **KW)
-    _run(model, opt, 0, 6)
-    ck.save(path, model, opt, step=6)
-
-
-def _resume_fp8(rank, world_size, path):
-    model = make_model(seed=9)
-    opt = ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, quant_map="fp8", **KW)
-    ck.load(path, model, opt)
-    _run(model, opt, 6, 6)
-    return _snapshot(model, opt)
-
-
-def _uninterrupted_fp8(rank, world_size):
-    model = make_model()
-    opt = ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, quant_map="fp8", **KW)
-    _run(model, opt, 0, 12)
-    return _snapshot(model, opt)
-
-
-def _assert_same(a, b):
-    for n in a["params"]:
-        assert torch.equal(a["params"][n], b["params"][n]), n
-    for i, st in a["state"]["state"].items():
-        for k, v in st.items():
-            other = b["state"]["state"][i][k]
-            assert (torch.equal(v, other) if torch.is_tensor(v) else v == other), (i, k)
-
-
 def test_checkpoint_saved_on_2_ranks_resumes_exactly_on_3_and_1(tmp_path):
-    path = str(tmp_path / "fp8")
-    run_ranks(_save_fp8, 2, path, tmp_path=tmp_path)
+    path, fp8 = str(tmp_path / "fp8"), {"quant_map": "fp8"}
+    run_ranks(save_sharded, 2, path, 6, fp8, tmp_path=tmp_path)
     meta = json.loads(open(os.path.join(path, "metadata.json")).read())
     assert meta["optimizer"]["quant_map"] == "fp8"
-    uninterrupted = run_ranks(_uninterrupted_fp8, 3, tmp_path=tmp_path)[0]
-    _assert_same(run_ranks(_resume_fp8, 3, path, tmp_path=tmp_path)[0], uninterrupted)
+    uninterrupted = run_ranks(uninterrupted_sharded, 3, 12, fp8, tmp_path=tmp_path)[0]
+    assert_same(run_ranks(resume_sharded, 3, path, 6, fp8, tmp_path=tmp_path)[0], uninterrupted)
     model = make_model(seed=5)  # and into the plain optimizer on one process
     opt = dist8.AdamW8bit(model.named_parameters(), quant_map="fp8", **KW)
     ck.load(path, model, opt)
-    _run(model, opt, 6, 6)
-    _assert_same(_snapshot(model, opt), uninterrupted)
+    train(model, opt, 6, 6)
+    assert_same(snapshot(model, opt), uninterrupted)
 
 
 def test_checkpoint_map_mismatch_and_unknown_map_are_refused(tmp_path):
     model = make_model()
     opt = dist8.AdamW8bit(model.named_parameters(), quant_map="fp8", **KW)
-    _run(model, opt, 0, 2)
+    train(model, opt, 2, 0)
     path = ck.save(str(tmp_path / "c"), model, opt, step=2)
     other = make_model(seed=3)
     with pytest.raises(CheckpointError, match="quant_map='fp8'.*'dynamic'"):
