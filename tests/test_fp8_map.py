@@ -121,3 +121,34 @@ def test_checkpoint_map_mismatch_and_unknown_map_are_refused(tmp_path):
     open(meta_path, "w").write(json.dumps(meta))
     with pytest.raises(CheckpointError, match="optimizer.quant_map.*dynamic, linear, fp8.*fp9"):
         ck.load(path, other, dist8.AdamW8bit(other.named_parameters(), quant_map="fp8", **KW))
+
+
+def test_state_dict_names_its_map_and_another_map_refuses_it(tmp_path):
+    """opt.state_dict() carries uint8 codes; it records their map ("dist8": {"quant_map": ...}, kept by
+    torch.save/torch.load(weights_only=True)), an optimizer with another map refuses it naming both, and
+    export_fp32_adam reads the codes with the recorded map."""
+    from dist8.checkpoint.convert import export_fp32_adam
+
+    p = torch.nn.Parameter(torch.randn(5000))
+    opt = dist8.AdamW8bit([p], quant_map="fp8")
+    for _ in range(3):
+        p.grad = torch.randn(5000) * 1e-12
+        p.grad[::256] = 1e6  # second moments 2^-100 of their block's absmax: code 0
+        opt.step()
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    sd = torch.load(tmp_path / "opt.pt", weights_only=True)
+    assert sd["dist8"] == {"quant_map": "fp8"} and sd["state"][0]["state1"].dtype == torch.uint8
+    other = dist8.AdamW8bit([p])
+    with pytest.raises(ValueError, match="quant_map='fp8'.*quant_map='dynamic'"):
+        other.load_state_dict(sd)
+    assert not other.state  # nothing loaded
+    same = dist8.AdamW8bit([p], quant_map="fp8")
+    same.load_state_dict(sd)
+    assert torch.equal(same.state[p]["state1"], opt.state[p]["state1"])
+    exported = export_fp32_adam(sd)["state"][0]
+    st = opt.state[p]
+    assert torch.equal(exported["exp_avg"], dequantize_blockwise(st["state1"], st["absmax1"], fp8_map(True), 256))
+    v = dequantize_blockwise(st["state2"], st["absmax2"], fp8_map(False), 256)
+    floor = (st["absmax2"] * 2.0 ** -34).repeat_interleave(256)[:5000]  # code 0 reads as half the smallest code
+    assert bool((st["state2"] == 0).any()), "the case the floor is for"
+    assert torch.equal(exported["exp_avg_sq"], torch.where(v < floor, floor, v))

@@ -29,7 +29,9 @@ from dist8.checkpoint.format import (
     verify_files,
     write_metadata,
 )
-from dist8.quant import dequantize_blockwise, dynamic_map, num_blocks
+from dist8.quant import dequantize_blockwise, dynamic_map, get_map, num_blocks
+from dist8.kernels.rules import floor_state, state_floor_fraction
+from dist8.optim.state_schema import STATE_DICT_INFO
 
 __all__ = ["from_bitsandbytes", "export_fp32_adam", "consolidate", "fp32_weights"]
 
@@ -94,15 +96,27 @@ def _unstack_ademamix(pid: Any, st: dict[str, Any]) -> dict[str, Any]:
 def export_fp32_adam(state_dict: dict[str, Any], block_size: int = 256) -> dict[str, Any]:
     """Dequantize an (Adam/AdamW-family) dist8 ``state_dict`` into torch.optim.AdamW's layout.
 
-    ``state1 -> exp_avg``, ``state2 -> exp_avg_sq`` (fp32), ``step`` as a float tensor.
+    ``state1 -> exp_avg``, ``state2 -> exp_avg_sq`` (fp32), ``step`` as a float tensor. 8-bit
+    codes are read with the map the state dict names (``state_dict["dist8"]["quant_map"]``;
+    the dynamic map when it names none) and ``block_size``, and ``exp_avg_sq`` as the optimizer
+    reads it: a code 0 is half the smallest code of its block, not 0 (a zero second moment
+    under a nonzero first moment is the ``lr * m / eps`` step the floor exists to prevent).
     """
+    info = state_dict.get(STATE_DICT_INFO)
+    quant_map = info.get("quant_map", "dynamic") if isinstance(info, dict) else "dynamic"
     out = {}
     for pid, st in state_dict["state"].items():
         entry: dict[str, Any] = {"step": torch.tensor(float(st["step"]))}
         for i, key, signed in ((1, "exp_avg", True), (2, "exp_avg_sq", False)):
             s = st[f"state{i}"]
-            entry[key] = (dequantize_blockwise(s, st[f"absmax{i}"].cpu(), dynamic_map(signed).to(s.device), block_size)
-                          if s.dtype == torch.uint8 else s.float().clone())
+            if s.dtype != torch.uint8:
+                entry[key] = s.float().clone()
+                continue
+            qmap, absmax = get_map(quant_map, signed).to(s.device), st[f"absmax{i}"].float().to(s.device)
+            values = dequantize_blockwise(s, absmax, qmap, block_size)
+            if not signed:  # dist8.kernels.rules.state_floored: unsigned states are read with the floor
+                values = floor_state(values.reshape(-1), absmax, state_floor_fraction(qmap), block_size)
+            entry[key] = values.view(s.shape)
         out[pid] = entry
     groups = []
     for g in state_dict["param_groups"]:

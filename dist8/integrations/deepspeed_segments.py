@@ -16,7 +16,7 @@ import torch
 from dist8.optim import pipeline
 from dist8.optim.base import Optimizer8bit, ParamSettings
 from dist8.optim.config import GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, match_overrides
-from dist8.optim.state_schema import state_key
+from dist8.optim.state_schema import STATE_DICT_INFO, check_state_dict_map, state_key
 
 __all__ = ["Segment", "DeepSpeedSegments", "segmented_class", "segmented_copy", "attach_segments", "dp_rank"]
 
@@ -139,27 +139,26 @@ class DeepSpeedSegments:
                 if p in self.param_names:
                     names[pid] = self.param_names[p]
                 pid += 1
-        sd["dist8"] = {"class": type(self).__name__, "block_size": self.block_size, "names": names,
-                       "rule": self.rule.name,  # per instance for RMSprop (momentum buffer or not)
-                       "quant_map": self.quant_map}  # the segments hold codes of this map
+        sd[STATE_DICT_INFO] = {**sd.get(STATE_DICT_INFO, {}),  # quant_map: the codes' map
+                               "class": type(self).__name__, "block_size": self.block_size, "names": names,
+                               "rule": self.rule.name}  # per instance for RMSprop (momentum buffer or not)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         segs_of = getattr(self, "ds_segments", None) or {}
         if not segs_of:
-            return super().load_state_dict({k: v for k, v in state_dict.items() if k != "dist8"})
+            return super().load_state_dict(state_dict)
+        # Segments hold raw 8-bit codes: read with another map or block size they would be other numbers.
+        check_state_dict_map(state_dict, self.quant_map)
         plain = {"state": {}, "param_groups": state_dict["param_groups"]}
         seg_states = {}
         for key, st in state_dict["state"].items():
             (seg_states if "segments" in st else plain["state"])[key] = st
-        # Segments hold raw 8-bit codes: read with another map (or block size) they would be other
-        # numbers. Saves from before the map was recorded used the default map.
-        info = state_dict.get("dist8") or {}
-        for what, saved, mine in (("quant_map", info.get("quant_map", "dynamic"), self.quant_map),
-                                  ("block_size", info.get("block_size", self.block_size), self.block_size)):
-            if seg_states and saved != mine:
-                raise ValueError(f"DeepSpeed optimizer state was saved with {what}={saved!r}, this engine's "
-                                 f"optimizer uses {what}={mine!r}: construct it with {what}={saved!r}")
+        saved_block = (state_dict.get(STATE_DICT_INFO) or {}).get("block_size", self.block_size)
+        if seg_states and saved_block != self.block_size:
+            raise ValueError(f"DeepSpeed optimizer state was saved with block_size={saved_block!r}, this engine's "
+                             f"optimizer uses block_size={self.block_size!r}: construct it with "
+                             f"block_size={saved_block!r}")
         super().load_state_dict(plain)
         id_map = {}
         for saved, group in zip(state_dict["param_groups"], self.param_groups):

@@ -424,7 +424,9 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim.Optimizer.state_dict`` of the parameters now in ``param_groups``."""
         self.follow_params()
-        return super().state_dict()
+        sd = super().state_dict()
+        sd[schema.STATE_DICT_INFO] = schema.state_dict_info(self.quant_map)
+        return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict`; checks every tensor's shape and dtype.
@@ -439,6 +441,7 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
     def _load_checked(self, state_dict: dict[str, Any]) -> None:
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from optimizer.state_dict())")
+        schema.check_state_dict_map(state_dict, self.quant_map)
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(saved_groups)} param groups, optimizer has {len(self.param_groups)}")

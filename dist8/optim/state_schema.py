@@ -20,6 +20,12 @@ AdEMAMix: m1, nu and the slow EMA m2) is a dict:
                    :mod:`dist8.quant.master` is the fp32 master value. Not ShardedOptimizer's
                    fp32 ``"master"`` copy of the checkpoint format.
 =================  ==========================================================================
+
+``optimizer.state_dict()`` is torch's ``{"state", "param_groups"}`` plus ``"dist8"``
+(:data:`STATE_DICT_INFO`): ``{"quant_map": name}``, the map the uint8 codes were written with
+(DeepSpeed's segments add their own keys). Loading refuses codes of another map
+(:func:`check_state_dict_map`); a dict without it (older, or passed through a library that keeps
+only ``state`` and ``param_groups``) is read with the loading optimizer's map, as before.
 """
 from __future__ import annotations
 
@@ -52,6 +58,9 @@ __all__ = [
     "CORRECTION",
     "correction_dtype",
     "ANY_CORRECTION",
+    "STATE_DICT_INFO",
+    "state_dict_info",
+    "check_state_dict_map",
 ]
 
 STEP = "step"
@@ -60,6 +69,35 @@ PERCENTILE_HISTORY = 100  # gradient norms kept for percentile clipping
 CORRECTION = "correction"  # master-weight correction (int8/int16, the parameter's shape)
 ANY_CORRECTION = "any"  # check_state: accept a well-formed correction of either dtype, or none
 MAX_STATES = max(len(signs) for signs in RULE_STATES.values())  # quantized states of the widest rule
+STATE_DICT_INFO = "dist8"  # the state dict's top-level key for what the codes need to be read
+
+
+def state_dict_info(quant_map: str) -> dict[str, Any]:
+    """The ``state_dict()[STATE_DICT_INFO]`` entry of an optimizer using ``quant_map``."""
+    return {"quant_map": quant_map}
+
+
+def _holds_codes(obj: Any) -> bool:
+    """Any uint8 tensor in ``obj`` (per-parameter dicts, DeepSpeed's lists of segment dicts)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.dtype == torch.uint8
+    if isinstance(obj, dict):
+        return any(_holds_codes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_holds_codes(v) for v in obj)
+    return False
+
+
+def check_state_dict_map(state_dict: dict[str, Any], quant_map: str) -> None:
+    """Refuse a state dict whose uint8 codes were written with another map than ``quant_map``."""
+    info = state_dict.get(STATE_DICT_INFO)
+    saved = info.get("quant_map") if isinstance(info, dict) else None
+    if saved is None or saved == quant_map:
+        return
+    if _holds_codes(state_dict.get("state")):
+        raise ValueError(f"state_dict holds 8-bit state written with quant_map={saved!r}; this optimizer uses "
+                         f"quant_map={quant_map!r} and would read those codes as other numbers "
+                         f"(construct it with quant_map={saved!r})")
 
 
 def correction_dtype(param_dtype: torch.dtype, master_weight_bits: int | None) -> torch.dtype | None:

@@ -17,7 +17,7 @@ from dist8.optim import AdamW8bit
 from dist8.optim.base import Optimizer8bit
 from dist8.optim.config import GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, split_named_params
 from dist8.optim.hooks import load_state_dict_with_hooks, state_dict_with_hooks
-from dist8.optim.state_schema import CORRECTION, is_state_key
+from dist8.optim.state_schema import CORRECTION, STATE_DICT_INFO, check_state_dict_map, is_state_key, state_dict_info
 from dist8.shard.grads import GradBuckets
 from dist8.shard.flat import flat_buffers
 from dist8.shard.layout import BlockLayout, Piece
@@ -450,6 +450,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             "pieces": [[p.param, p.start, p.stop] for p in self.pieces],
             "state": self.shard_state(),
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
+            STATE_DICT_INFO: state_dict_info(self.inner.quant_map),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -471,6 +472,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if state_dict["world_size"] != self.world_size or state_dict["rank"] != self.rank:
             raise ValueError(f"state_dict is rank {state_dict['rank']} of {state_dict['world_size']}; this is rank "
                              f"{self.rank} of {self.world_size}; use dist8.checkpoint to load at another world size")
+        check_state_dict_map(state_dict, self.inner.quant_map)
         self.load_shard_state(state_dict["state"])
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             group.update(saved)
@@ -545,7 +547,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             }
         groups = [dict({k: v for k, v in g.items() if k != "params"}, params=[index_of[p] for p in g["params"]])
                   for g in self.param_groups]
-        return {"state": state, "param_groups": groups}
+        return {"state": state, "param_groups": groups, STATE_DICT_INFO: state_dict_info(self.inner.quant_map)}
 
     def __repr__(self) -> str:
         return (f"ShardedOptimizer({self.optimizer_class.__name__}, stage={self.stage}, rank {self.rank}/"
