@@ -152,3 +152,18 @@ def test_state_dict_names_its_map_and_another_map_refuses_it(tmp_path):
     floor = (st["absmax2"] * 2.0 ** -34).repeat_interleave(256)[:5000]  # code 0 reads as half the smallest code
     assert bool((st["state2"] == 0).any()), "the case the floor is for"
     assert torch.equal(exported["exp_avg_sq"], torch.where(v < floor, floor, v))
+
+
+def test_bitsandbytes_state_converted_for_dist8_is_refused_by_the_fp8_map():
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes not installable here")
+    from dist8.checkpoint.convert import from_bitsandbytes
+
+    p = torch.nn.Parameter(torch.randn(5000))
+    theirs = bnb.optim.AdamW8bit([p], lr=1e-3)
+    p.grad = torch.randn(5000)
+    theirs.step()
+    converted = from_bitsandbytes(theirs.state_dict())
+    assert converted["dist8"] == {"quant_map": "dynamic"}
+    with pytest.raises(ValueError, match="quant_map='dynamic'.*quant_map='fp8'"):
+        dist8.AdamW8bit([p], quant_map="fp8").load_state_dict(converted)
+    dist8.AdamW8bit([p]).load_state_dict(converted)  # the dynamic map takes bitsandbytes' codes as they are

@@ -31,7 +31,7 @@ from dist8.checkpoint.format import (
 )
 from dist8.quant import dequantize_blockwise, dynamic_map, get_map, num_blocks
 from dist8.kernels.rules import floor_state, state_floor_fraction
-from dist8.optim.state_schema import STATE_DICT_INFO
+from dist8.optim.state_schema import STATE_DICT_INFO, state_dict_info
 
 __all__ = ["from_bitsandbytes", "export_fp32_adam", "consolidate", "fp32_weights"]
 
@@ -47,7 +47,8 @@ def from_bitsandbytes(state_dict: dict[str, Any], block_size: int = 256) -> dict
     has one entry per ``block_size`` values. AdEMAMix (bitsandbytes stacks its two EMAs as a
     ``(2, n)`` ``state1``, with a ``(2, blocks)`` ``absmax1``) becomes dist8's ``state1`` (the fast
     EMA m1) and ``state3`` (the slow EMA m2), ``state2`` staying nu. The result's tensors are
-    copies (none shared with the bitsandbytes optimizer). Load it with ``optimizer.load_state_dict``.
+    copies (none shared with the bitsandbytes optimizer). Load it with ``optimizer.load_state_dict``
+    of an optimizer with the dynamic map (the default; the result names it, so another map refuses it).
     """
     out_state = {}
     for pid, st in state_dict["state"].items():
@@ -71,7 +72,9 @@ def from_bitsandbytes(state_dict: dict[str, Any], block_size: int = 256) -> dict
                 fp32_state = k.startswith("state") and v.dtype != torch.uint8
                 new[k] = v.to(torch.float32, copy=True) if fp32_state else v.clone()
         out_state[pid] = new
-    return {"state": out_state, "param_groups": [dict(g) for g in state_dict["param_groups"]]}
+    # bitsandbytes' codes are the dynamic map's: an optimizer with another quant_map refuses them
+    return {"state": out_state, "param_groups": [dict(g) for g in state_dict["param_groups"]],
+            STATE_DICT_INFO: state_dict_info("dynamic")}
 
 
 def _unstack_ademamix(pid: Any, st: dict[str, Any]) -> dict[str, Any]:
