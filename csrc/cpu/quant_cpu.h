@@ -451,7 +451,7 @@ D8_INLINE __m256 lookup8_scalar(const float* L, __m256i idx) {
   return _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
 }
 
-// Code of 8 normalised values in the low byte of each lane (table must be fast).
+// Code of 8 normalised values in the low byte of each lane (table must be fast, or an fp8 map).
 D8_INLINE __m256i codes8(const float* v, __m256 recip, const QTableSimd& s) {
   if (s.t->fp8) return fp8_codes8(_mm256_mul_ps(_mm256_loadu_ps(v), recip), s.fp8);
   const __m256i b = _mm256_castps_si256(_mm256_mul_ps(_mm256_loadu_ps(v), recip));
