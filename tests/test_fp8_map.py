@@ -167,3 +167,29 @@ def test_bitsandbytes_state_converted_for_dist8_is_refused_by_the_fp8_map():
     with pytest.raises(ValueError, match="quant_map='dynamic'.*quant_map='fp8'"):
         dist8.AdamW8bit([p], quant_map="fp8").load_state_dict(converted)
     dist8.AdamW8bit([p]).load_state_dict(converted)  # the dynamic map takes bitsandbytes' codes as they are
+
+
+def test_deepspeed_segments_of_another_map_are_refused():
+    """DeepSpeed's flat-partition state keeps a list of per-segment dicts of codes; the map check looks
+    inside them, and DeepSpeedSegments.load_state_dict runs it before installing anything."""
+    from dist8.integrations.deepspeed_segments import DeepSpeedSegments
+    from dist8.optim.state_schema import check_state_dict_map
+
+    seg = {"state1": torch.zeros(256, dtype=torch.uint8), "absmax1": torch.ones(1), "step": 1}
+    sd = {"state": {0: {"segments": [None, seg], "segment_names": ["a", "b"]}}, "param_groups": [],
+          "dist8": {"quant_map": "fp8", "block_size": 256}}
+    with pytest.raises(ValueError, match="written with quant_map='fp8'.*uses quant_map='dynamic'"):
+        check_state_dict_map(sd, "dynamic")
+    check_state_dict_map(sd, "fp8")
+    check_state_dict_map({k: v for k, v in sd.items() if k != "dist8"}, "dynamic")  # older dicts: as before
+    # an engine's optimizer (segments attached) with the default map refuses them before installing anything
+    from dist8.integrations.deepspeed_segments import segmented_copy
+
+    p = torch.nn.Parameter(torch.zeros(512))
+    opt = segmented_copy(dist8.AdamW8bit([p], min_8bit_size=0))
+    assert isinstance(opt, DeepSpeedSegments)
+    opt.ds_segments = {p: ["a", "b"]}
+    sd["param_groups"] = [dict(opt.state_dict()["param_groups"][0])]
+    with pytest.raises(ValueError, match="written with quant_map='fp8'.*uses quant_map='dynamic'"):
+        opt.load_state_dict(sd)
+    assert not opt.state
