@@ -29,9 +29,9 @@ from dist8.checkpoint.format import (
     verify_files,
     write_metadata,
 )
-from dist8.quant import dequantize_blockwise, dynamic_map, get_map, num_blocks
-from dist8.kernels.rules import floor_state, state_floor_fraction
+from dist8.kernels.rules import Rule, read_state, state_floored
 from dist8.optim.state_schema import STATE_DICT_INFO, state_dict_info
+from dist8.quant import dynamic_map, get_map, num_blocks
 
 __all__ = ["from_bitsandbytes", "export_fp32_adam", "consolidate", "fp32_weights"]
 
@@ -116,10 +116,7 @@ def export_fp32_adam(state_dict: dict[str, Any], block_size: int = 256) -> dict[
                 entry[key] = s.float().clone()
                 continue
             qmap, absmax = get_map(quant_map, signed).to(s.device), st[f"absmax{i}"].float().to(s.device)
-            values = dequantize_blockwise(s, absmax, qmap, block_size)
-            if not signed:  # dist8.kernels.rules.state_floored: unsigned states are read with the floor
-                values = floor_state(values.reshape(-1), absmax, state_floor_fraction(qmap), block_size)
-            entry[key] = values.view(s.shape)
+            entry[key] = read_state(s, absmax, qmap, block_size, state_floored(Rule.ADAM, i - 1)).view(s.shape)
         out[pid] = entry
     groups = []
     for g in state_dict["param_groups"]:

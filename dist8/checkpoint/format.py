@@ -43,7 +43,6 @@ from dist8.checkpoint.dirs import (
 )
 from dist8.checkpoint.errors import CheckpointError
 from dist8.checkpoint.files import check_name, member, read_text, sha256_file
-from dist8.quant import MAP_NAMES
 from dist8.optim.state_schema import (
     CORRECTION,
     GNORM,
@@ -54,6 +53,7 @@ from dist8.optim.state_schema import (
     is_absmax_key,
     state_key,
 )
+from dist8.quant import MAP_NAMES
 
 __all__ = [
     "FORMAT",

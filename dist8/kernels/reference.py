@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from dist8.kernels.rules import (RULE_STATES, Rule, Scalars, apply_rule_states, finite_blocks, floor_state,
-                                 state_floor_fraction, state_floored, trust_step)
-from dist8.quant import dequantize_blockwise, quantize_blockwise
+from dist8.kernels.rules import (RULE_STATES, Rule, Scalars, apply_rule_states, finite_blocks, read_state,
+                                 state_floored, trust_step)
+from dist8.quant import quantize_blockwise
 from dist8.quant.master import decode_master, encode_master
 
 
@@ -18,10 +18,7 @@ def _load_state(state: torch.Tensor | None, absmax: torch.Tensor | None, qmap, b
         return None
     if absmax is None:
         return state.reshape(-1).float()
-    values = dequantize_blockwise(state.reshape(-1), absmax, qmap, block_size)
-    if floored:
-        values = floor_state(values, absmax, state_floor_fraction(qmap), block_size)
-    return values
+    return read_state(state, absmax, qmap, block_size, floored)
 
 
 def _store_state(new: torch.Tensor, state: torch.Tensor, absmax: torch.Tensor | None, qmap, block_size: int,

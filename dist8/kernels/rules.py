@@ -18,9 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
+from dist8.quant import dequantize_blockwise
+
 __all__ = [
     "Rule", "Scalars", "FLAG_FIRST_STEP", "FLAG_NESTEROV", "RULE_STATES", "RULE_WRITES_UPDATE", "apply_rule",
-    "state_floored", "state_floor_fraction", "floor_state", "finite_blocks", "trust_step", "apply_rule_states",
+    "state_floored", "state_floor_fraction", "floor_state", "read_state", "finite_blocks", "trust_step",
+    "apply_rule_states",
     "state_qmap_index",
 ]
 
@@ -337,6 +340,16 @@ def floor_state(values: torch.Tensor, absmax: torch.Tensor, fraction: float, blo
     floor = (torch.tensor(fraction, dtype=torch.float32) * absmax.float()).repeat_interleave(block_size)
     floor = floor[: values.numel()]
     return torch.where(values < floor, floor, values)
+
+
+def read_state(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor, block_size: int,
+               floored: bool) -> torch.Tensor:
+    """8-bit state as every backend reads it (flat float32): ``codes`` dequantized with ``absmax``
+    and ``qmap``, and, where ``floored`` (:func:`state_floored`), with :func:`floor_state`'s floor."""
+    values = dequantize_blockwise(codes.reshape(-1), absmax, qmap, block_size)
+    if floored:
+        values = floor_state(values, absmax, state_floor_fraction(qmap), block_size)
+    return values
 
 
 def finite_blocks(block_size: int, *tensors: torch.Tensor) -> torch.Tensor:
