@@ -46,7 +46,7 @@ fi
 say "kernels rc=$rc in $(( $(date +%s) - start ))s (DIST8_CUDA_PREBUILT=${DIST8_CUDA_PREBUILT:-unset})"
 if [ -z "${DIST8_CUDA_PREBUILT:-}" ]; then  # built here: send it back for a rerun
   so=$(ls "$DIST8_BUILD_DIR"/dist8_cuda_*/dist8_cuda_*.so 2>/dev/null | head -1)
-  [ -n "$so" ] && cp "$so" "$OUT/dist8_cuda.so" && "$PY" -c "from dist8.kernels.native import cuda_sources_digest as d; print(d())" > "$OUT/dist8_cuda.so.sources"
+  [ -n "$so" ] && cp "$so" "$OUT/dist8_cuda.so" && "$PY" -c "from dist8.kernels.build import cuda_sources_digest as d; print(d())" > "$OUT/dist8_cuda.so.sources"
 fi
 
 if [[ " $PARTS " == *" profile "* ]]; then

@@ -3,7 +3,7 @@
 # nvcc compile: against the exact torch wheel the GPU machine runs (its headers to compile, its
 # libraries to link), for one architecture. Writes .prebuilt/dist8_cuda.so and, beside it,
 # dist8_cuda.so.sources (the hash of csrc/ and of dist8's nvcc flags); dist8 loads it when
-# DIST8_CUDA_PREBUILT names it and refuses it if either changed since (native.py).
+# DIST8_CUDA_PREBUILT names it and refuses it if either changed since (dist8/kernels/build.py).
 #
 #   bash bench/gpu_prebuild.sh path/to/torch-2.11.0-cp312-cp312-manylinux_2_28_x86_64.whl [arch=90]
 #
@@ -32,16 +32,16 @@ CUDART_DIR="$(dirname "$(find "$CUDA_HOME/lib64/" "$CUDA_HOME/lib/" /usr/local/c
 mkdir -p .prebuilt
 OBJ=.prebuilt/dist8_cuda.o
 SO=.prebuilt/dist8_cuda.so
-NATIVE="import sys; sys.path.insert(0, '$ROOT'); from dist8.kernels import native"
+BUILD="import sys; sys.path.insert(0, '$ROOT'); from dist8.kernels import build"
 # The CUDA build's own nvcc flags (torch's extension defaults + dist8's), as torch.utils.cpp_extension
 # passes them to nvcc for a .cu source, with the ABI torch's wheels use.
-read -r -a FLAGS <<< "$(python3 -c "$NATIVE; print(' '.join(native.cuda_nvcc_flags()))")"
+read -r -a FLAGS <<< "$(python3 -c "$BUILD; print(' '.join(build.cuda_nvcc_flags()))")"
 time "$NVCC" -c csrc/cuda/dist8_cuda.cu -o "$OBJ" -std="$STD" "${FLAGS[@]}" -D_GLIBCXX_USE_CXX11_ABI=1 \
   -DTORCH_API_INCLUDE_EXTENSION_H -Xcompiler -fPIC -gencode "arch=compute_${ARCH},code=sm_${ARCH}" \
   -diag-suppress 3306 -isystem "$INC" -isystem "$INC/torch/csrc/api/include" -I csrc/include
 c++ "$OBJ" -shared -o "$SO" -L"$TORCH_DIR/torch/lib" -lc10 -lc10_cuda -ltorch_cpu -ltorch_cuda -ltorch \
   -L"$CUDART_DIR" -lcudart
 rm -f "$OBJ"
-python3 -c "$NATIVE; print(native.cuda_sources_digest())" > "$SO.sources"
+python3 -c "$BUILD; print(build.cuda_sources_digest())" > "$SO.sources"
 echo "$(basename "$WHEEL") sm_${ARCH}" >> "$SO.sources"
 ls -la .prebuilt

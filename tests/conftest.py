@@ -4,10 +4,34 @@ The kernel backends under test (tests/test_kernels.py, tests/test_kernels_master
 parametrized with ``kernel_cases.per_backend`` gets ``backend_id`` ("cpu", "cuda-block",
 "cuda-warp", "emulated-block", "emulated-warp"); ``backend`` loads that backend, ``kind`` is
 "cpu", "cuda" or "emulated" and ``device`` is where the backend's tensors live.
+
+Order: the two pytest-xdist workers take whole files (``--dist loadfile``) from one queue, so
+the longest files go first (longest-processing-time-first) and short ones fill the gaps at the
+end; xdist's own order (by number of tests, ``--no-loadscope-reorder`` turns it off) started the
+few-test multi-process files last and left one worker running them alone for minutes.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+
+# CPU seconds per file on the 2-core CI machine (warm kernel caches; the nvcc compiles cold), measured
+# 2026-12-01. Files not listed run after these, in collection order. Refresh with
+# `python -m pytest --junitxml=j.xml` when a file's time changes a lot; a stale entry costs balance, not correctness.
+FILE_SECONDS = {
+    "test_train.py": 310, "test_kernels.py": 240, "test_readme.py": 130, "test_train_memory.py": 110,
+    "test_deepspeed.py": 110, "test_optim_vs_torch.py": 90, "test_train_errors.py": 80,
+    "test_cuda_compile_cuda_torch.py": 75, "test_kernels_master.py": 75, "test_kernels_cpu_builds.py": 70,
+    "test_cuda_compile.py": 70, "test_checkpoint_hostile.py": 60, "test_checkpoint.py": 45,
+    "test_train_faults.py": 45, "test_fsdp.py": 40, "test_deepspeed_hint.py": 30, "test_sharded.py": 25,
+    "test_clients.py": 20,
+}
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Longest files first (stable: the tests of a file keep their order)."""
+    items.sort(key=lambda item: -FILE_SECONDS.get(Path(str(item.fspath)).name, 0))
 
 
 @pytest.fixture

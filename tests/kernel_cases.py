@@ -238,11 +238,13 @@ def check_multi_equals_single(backend, rule: Rule, bits8: bool, device: str) -> 
     Sizes and dtypes vary per tensor; 30 extra small tensors cross the CUDA launch's
     24-tensor chunks; block size 8192 takes the CUDA path without shared-memory state.
     """
-    # (the emulated CUDA kernels run every thread as a fiber: their largest tensor is smaller, still
-    # more blocks than the emulated grid has warps, so the persistent warp kernel strides)
-    large = 12_001 if backend.name == "cuda-emulated" else 70_001
+    # (the emulated CUDA kernels run every thread as a fiber: their large tensors are smaller, still
+    # more blocks than the emulated grid has warps, so the persistent warp kernel strides; and a tensor
+    # of several 8192-value blocks ending in a partial one)
+    emulated = backend.name == "cuda-emulated"
+    large, several = (12_001, 4096 * 2 + 7) if emulated else (70_001, 4096 * 5 + 7)
     sizes = [(1, torch.float32), (255, torch.bfloat16), (256, torch.float32), (1000, torch.float16),
-             (large, torch.float32), (3, torch.bfloat16), (4096 * 5 + 7, torch.float32)]
+             (large, torch.float32), (3, torch.bfloat16), (several, torch.float32)]
     sizes += [(64 * (i % 5) + i + 1, (torch.float32, torch.bfloat16)[i % 2]) for i in range(30)]
     gen = torch.Generator().manual_seed(21)
     for block_size in (64, 8192):

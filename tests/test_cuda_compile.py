@@ -5,10 +5,10 @@ the host compile measured 69 + 96 + 49 + 61 s for sm_90 at load average 5), and 
 different pytest-xdist workers; both architectures are still built in every run.
 
 A successful compile is remembered under ``DIST8_TEST_CACHE`` (default ``~/.cache/dist8-tests``)
-by a hash of everything it depends on (the kernel sources and headers, the nvcc command line,
-``nvcc --version``, the torch headers' version): an unchanged input is not recompiled on every
-test run (two nvcc compiles of both archs are minutes on a busy 2-core machine); any change to
-them compiles again.
+by a hash of everything it depends on (the CUDA sources and the headers they include, the nvcc
+command line without the checkout's path, ``nvcc --version``, the torch headers' version): an
+unchanged input is not recompiled on every test run or clone (two nvcc compiles of both archs
+are minutes on a busy 2-core machine); any change to them compiles again.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from _cuda_torch_headers import cache_root, cuda_torch_include_root
+from _cuda_torch_headers import cache_root
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "csrc" / "cuda" / "dist8_cuda.cu"
@@ -44,7 +44,7 @@ def compile_kernels(tmp_path, includes: list[str], std: str, arch: int) -> None:
     if nvcc is None:
         print("SKIP reason: nvcc not found on PATH, in $CUDA_HOME or /usr/local/cuda")
         pytest.skip("nvcc not found (compile-only CUDA test)")
-    from dist8.kernels.native import cuda_nvcc_flags
+    from dist8.kernels.build import cuda_nvcc_flags
 
     includes = [f"-I{p}" for p in includes]
     includes += [f"-I{ROOT / 'csrc' / 'include'}", f"-I{sysconfig.get_paths()['include']}"]
@@ -71,12 +71,17 @@ def compile_kernels(tmp_path, includes: list[str], std: str, arch: int) -> None:
 
 
 def _compiled_marker(nvcc: str, cmd: list[str], obj: Path) -> Path:
-    """The cache file that says this compile (sources, headers, command, nvcc, torch headers) succeeded."""
+    """The cache file that says this compile (sources, headers, command, nvcc, torch headers) succeeded.
+
+    Keyed by contents, not by where the checkout is: the CUDA sources and headers it includes
+    (csrc/include, csrc/cuda), the command with this checkout's path taken out, nvcc's version and
+    the torch headers' version, so a fresh clone of unchanged sources does not compile again.
+    """
     h = hashlib.sha256()
-    for path in sorted((ROOT / "csrc").rglob("*")):
-        if path.is_file() and path.suffix in (".cu", ".h", ".cuh"):
-            h.update(path.name.encode() + path.read_bytes())
-    h.update(" ".join(c for c in cmd if c != str(obj)).encode())
+    for path in sorted(p for d in ("include", "cuda") for p in (ROOT / "csrc" / d).rglob("*")):
+        if path.is_file():
+            h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    h.update(" ".join(c.replace(str(ROOT), "<checkout>") for c in cmd if c != str(obj)).encode())
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True)
     h.update(version.stdout.encode())
     for flag in cmd:  # the torch headers the command includes: their version file

@@ -378,10 +378,10 @@ def test_info_names_the_cpu_code_path(backend):
 @per_backend("", cpu=[()])
 def test_ops_trace_under_torch_compile(backend):
     """Fake kernels: torch.compile(fullgraph=True) traces quantize/dequantize and the in-place updates."""
-    from dist8.kernels.native import _scalar_values
+    from dist8.kernels.native import scalar_values
 
     q1, q2 = dynamic_map(True), dynamic_map(False)
-    values = _scalar_values(scalars_for(Rule.ADAM, 0, torch.Generator().manual_seed(0)))
+    values = scalar_values(scalars_for(Rule.ADAM, 0, torch.Generator().manual_seed(0)))
     empty = torch.empty(0)
 
     def step(p, g, s1, s2, a1, a2):
@@ -410,7 +410,7 @@ def test_scalars_tuple_is_the_field_order():
 
     import re
 
-    from dist8.kernels.native import csrc_dir
+    from dist8.kernels.build import csrc_dir
 
     header = (csrc_dir() / "include" / "dist8_rules.h").read_text()
     s = Scalars(*[float(i) for i in range(len(fields(Scalars)))])

@@ -1,24 +1,26 @@
-"""The JIT kernel build is keyed by its inputs: two checkouts (or versions) never rebuild each other.
+"""The JIT kernel build is keyed by what it is built from: equal sources share one build wherever
+they are checked out, and other sources, flags or versions never rebuild each other.
 
-Each checkout here is a copy of ``csrc/`` whose kernel source is replaced by a one-line C++
-file (no torch headers), so the real ``torch.utils.cpp_extension.load`` + ninja path runs in
-seconds instead of minutes.
+Each checkout here is a copy of ``csrc/`` whose ops file is replaced by a one-line C++ file
+(no torch headers) and whose block-loop files are left out, so the real
+``torch.utils.cpp_extension.load`` + ninja path runs in seconds instead of minutes.
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from dist8.kernels import native
+from dist8.kernels import build, native
 
 
 def _checkout(root: Path, body: str) -> Path:
     src = root / "csrc"
-    shutil.copytree(native.csrc_dir(), src)
+    shutil.copytree(build.csrc_dir(), src)
     (src / "cpu" / "dist8_cpu.cpp").write_text(f"extern \"C\" int dist8_build_cache_probe() {{ {body} }}\n")
+    for blocks in (src / "cpu").glob("blocks_*_cpu.cpp"):
+        blocks.unlink()
     return src
 
 
@@ -26,46 +28,67 @@ def _mtimes(directory: str) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in Path(directory).iterdir() if p.suffix in (".o", ".so")}
 
 
-def test_build_name_keys_sources_flags_torch_and_checkout(tmp_path, monkeypatch):
+def test_build_name_keys_sources_flags_and_torch_not_the_checkout(tmp_path, monkeypatch):
     a = _checkout(tmp_path / "a", "return 1;")
     b = _checkout(tmp_path / "b", "return 2;")
     b_same = _checkout(tmp_path / "b-copy", "return 2;")
+    (a / "include" / "dist8_rules.h").write_text((a / "include" / "dist8_rules.h").read_text() + "\n// a header edit\n")
     names = {}
-    for label, src in (("a", a), ("b", b), ("b-copy", b_same)):
-        monkeypatch.setattr(native, "csrc_dir", lambda src=src: src)
-        names[label] = native.build_name("cpu")
-        assert names[label] == native.build_name("cpu")  # stable
-    assert len(set(names.values())) == 3  # other sources, or another checkout of the same sources
-    monkeypatch.setattr(native, "csrc_dir", lambda: a)
+    for label, src in (("b", b), ("b-copy", b_same), ("a-header", a)):
+        monkeypatch.setattr(build, "csrc_dir", lambda src=src: src)
+        names[label] = build.build_name("cpu")
+        assert names[label] == build.build_name("cpu")  # stable
+    assert names["b"] == names["b-copy"]  # the same sources elsewhere: one build
+    assert names["a-header"] != names["b"]  # an included header is an input too
+    monkeypatch.setattr(build, "csrc_dir", lambda: b)
     monkeypatch.setenv("DIST8_CPU_FLAGS", "-mno-avx512vbmi")
-    with_flags = native.build_name("cpu")
+    with_flags = build.build_name("cpu")
     monkeypatch.delenv("DIST8_CPU_FLAGS")
+    monkeypatch.setenv("DIST8_PORTABLE", "1")
+    portable = build.build_name("cpu")
+    monkeypatch.delenv("DIST8_PORTABLE")
     monkeypatch.setattr(torch, "__version__", "0.0.0-other")
-    other_torch = native.build_name("cpu")
-    assert len({names["a"], with_flags, other_torch}) == 3
+    other_torch = build.build_name("cpu")
+    assert len({names["b"], with_flags, portable, other_torch}) == 4
+    assert portable.startswith("dist8_cpu_portable_")
     assert all(n.startswith("dist8_cpu_") for n in (*names.values(), with_flags, other_torch))
 
 
-def test_two_checkouts_do_not_rebuild_each_other(tmp_path, monkeypatch, capfd):
-    """Build checkout A, then B (other sources), then A and B again: two builds, the second round reuses them."""
+def test_checkouts_share_equal_builds_and_never_rebuild_each_other(tmp_path, monkeypatch, capfd):
+    """Build checkout A, then B (other sources), then A's copy elsewhere, A and B again: two builds;
+    the copy and the second round load the finished libraries without compiling."""
     monkeypatch.setenv("DIST8_BUILD_DIR", str(tmp_path / "builds"))
-    checkouts = {"a": _checkout(tmp_path / "a", "return 1;"), "b": _checkout(tmp_path / "b", "return 2;")}
-    first: dict[str, dict[str, int]] = {}
-    for round_ in range(2):
-        for label, src in checkouts.items():
-            monkeypatch.setattr(native, "csrc_dir", lambda src=src: src)
-            native._load_extension("cpu")
-            directory = native.build_directory("cpu")
-            err = capfd.readouterr().err
-            built = _mtimes(directory)
-            assert any(n.endswith(".so") for n in built), (label, os.listdir(directory))
-            if round_ == 0:
-                assert f"dist8: building the cpu kernels {native.build_name('cpu')}" in err, err
-                first[label] = built
-            else:
-                assert "dist8: building" not in err, (label, err)
-                assert built == first[label], f"checkout {label} was rebuilt"
-    assert len(os.listdir(tmp_path / "builds")) == 2  # one build directory per checkout
+    checkouts = {"a": _checkout(tmp_path / "a", "return 1;"), "b": _checkout(tmp_path / "b", "return 2;"),
+                 "a-copy": _checkout(tmp_path / "elsewhere" / "a", "return 1;")}
+    built: dict[str, dict[str, int]] = {}
+    for label in ("a", "b", "a-copy", "a", "b"):
+        monkeypatch.setattr(build, "csrc_dir", lambda src=checkouts[label]: src)
+        build.load_kernels("cpu")
+        directory = build.build_directory("cpu")
+        err = capfd.readouterr().err
+        mtimes = _mtimes(directory)
+        assert any(n.endswith(".so") for n in mtimes), (label, list(Path(directory).iterdir()))
+        key = label.removesuffix("-copy")
+        if key not in built:
+            assert f"dist8: building {build.build_name('cpu')}" in err, err
+            built[key] = mtimes
+        else:
+            assert "dist8: building" not in err, (label, err)
+            assert mtimes == built[key], f"checkout {label} was rebuilt"
+    assert len(list((tmp_path / "builds").iterdir())) == 2  # one build directory per distinct source
+
+
+def test_an_unfinished_build_is_built_again_not_loaded(tmp_path, monkeypatch, capfd):
+    """A library without its stamp (a build killed while linking) is never loaded as it is."""
+    monkeypatch.setenv("DIST8_BUILD_DIR", str(tmp_path / "builds"))
+    src = _checkout(tmp_path / "a", "return 1;")
+    monkeypatch.setattr(build, "csrc_dir", lambda: src)
+    directory = Path(build.build_directory("cpu"))
+    directory.mkdir(parents=True)
+    (directory / f"{build.build_name('cpu')}.so").write_bytes(b"half a library")
+    build.load_kernels("cpu")
+    assert "dist8: building" in capfd.readouterr().err
+    assert (directory / f"{build.build_name('cpu')}.built").is_file()
 
 
 def test_prebuilt_cuda_kernels_must_match_the_sources(tmp_path, monkeypatch):
@@ -88,5 +111,5 @@ def test_prebuilt_cuda_kernels_must_match_the_sources(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.ops, "load_library", loaded.append)
     monkeypatch.setattr(native, "NativeBackend", lambda kind: kind)  # no real ops behind the fake library
     monkeypatch.setattr(native, "_backends", {})
-    (tmp_path / "dist8_cuda.so.sources").write_text(native.cuda_sources_digest() + "\ntorch-x sm_90\n")
+    (tmp_path / "dist8_cuda.so.sources").write_text(build.cuda_sources_digest() + "\ntorch-x sm_90\n")
     assert native.load_backend("cuda") == "cuda" and loaded == [str(lib)]

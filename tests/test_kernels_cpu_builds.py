@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from dist8.kernels import native
+from dist8.kernels import build, native
 
 HERE = Path(__file__).resolve().parent
 # the cpu backend's cases of tests/test_kernels.py (ids start with the backend: "cpu", "cpu-...")
@@ -70,10 +70,10 @@ def test_build_variant_matches_reference(variant, tmp_path):
     if native_is_avx2:
         return
     # and it really was that build (its own name, its own .so), not the default one
-    default_name = native.build_name("cpu")
+    default_name = build.build_name("cpu")
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env_extra.items():
             mp.setenv(k, v)
-        name, directory = native.build_name("cpu"), native.build_directory("cpu")
+        name, directory = build.build_name("cpu"), build.build_directory("cpu")
     assert name != default_name
     assert list(Path(directory).glob(f"{name}*.so")), f"no {name} library in {directory}"

@@ -151,7 +151,7 @@ def test_kernel_argument_checks(backend, device):
     # the op itself refuses too (TORCH_CHECK), for callers that skip the Python checks
     with pytest.raises(RuntimeError, match="bfloat16/float16 param"):
         none = torch.empty(0, device=device)
-        backend._ops.fused_update_(int(Rule.SGD), t["param"].float(), g, t["state1"], none, t["absmax1"],
+        backend.ops.fused_update_(int(Rule.SGD), t["param"].float(), g, t["state1"], none, t["absmax1"],
                                    none, maps[0], none, list(scalars.as_tuple()), 1, BLOCK,
                                    none, torch.empty(0, dtype=torch.int64, device=device), none, none,
                                    t["correction"])

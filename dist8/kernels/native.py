@@ -1,45 +1,30 @@
-"""Native (C++ / CUDA) fused update kernels, built on first use.
+"""Native (C++ / CUDA) fused update kernels: their ops and the backend that calls them.
 
-One concern: loading the native kernels (keyed JIT build, op registration) and the backend
-that checks arguments and calls them.
-
-``load_backend("cpu")`` / ``load_backend("cuda")`` JIT-compiles ``csrc/cpu/dist8_cpu.cpp``
-or ``csrc/cuda/dist8_cuda.cu`` with :func:`torch.utils.cpp_extension.load` (ninja;
-cached in the default torch extensions directory, or ``DIST8_BUILD_DIR``) and
-returns a backend with the interface of
-:class:`dist8.kernels.reference.ReferenceBackend`. The ops are registered in the
-``dist8`` torch.library namespace: ``torch.ops.dist8.fused_update_``,
-``quantize_blockwise``, ``dequantize_blockwise``, ``all_finite`` and ``trust_step_``.
-
-Environment:
-    DIST8_BUILD_DIR   where to build (default: torch's extensions directory)
-    DIST8_PORTABLE=1  build the CPU kernels without ``-march=native`` (scalar
-                      quantization path, runs on any x86-64 / aarch64)
-    DIST8_CPU_FLAGS   extra compiler flags for the CPU kernels, e.g.
-                      "-mno-avx512vbmi" (built under a name of their own)
-    DIST8_CUDA_ARCH   CUDA archs, e.g. "8.0;9.0" (default: the visible GPU's)
-    DIST8_CUDA_PREBUILT  path of CUDA kernels built ahead (``bench/gpu_prebuild.sh``, against
-                      the exact torch wheel this process runs) to load instead of building; refused
-                      if its ``.sources`` stamp names other sources (csrc/) or nvcc flags
+One concern: the ops' schemas (registered in the ``dist8`` torch.library namespace:
+``torch.ops.dist8.fused_update_``, ``fused_update_multi_``, ``quantize_blockwise``,
+``dequantize_blockwise``, ``all_finite``, ``all_finite_multi`` and ``trust_step_``) and
+:class:`NativeBackend`, which checks arguments and calls them, with the interface of
+:class:`dist8.kernels.reference.ReferenceBackend`. ``load_backend("cpu")`` /
+``load_backend("cuda")`` builds the kernels on first use (:mod:`dist8.kernels.build`:
+``csrc/cpu/*.cpp`` or ``csrc/cuda/dist8_cuda.cu``, keyed by their contents; its docstring
+lists the environment variables) and returns the backend.
 """
 from __future__ import annotations
 
-import glob
-import os
-import sys
 import threading
-from pathlib import Path
 
 import torch
 
+from dist8.kernels.build import load_kernels
 from dist8.kernels.reference import check_correction
 from dist8.kernels.rules import RULE_STATES, RULE_WRITES_UPDATE, Rule, Scalars
 
 NUM_SCALARS = len(Scalars().as_tuple())
 
-__all__ = ["build_directory", "build_name", "load_backend", "NativeBackend", "csrc_dir"]
+__all__ = ["load_backend", "NativeBackend", "OP_SCHEMAS", "scalar_values"]
 
-_SCHEMAS = {
+# The ops the kernels implement, by name: the one list the CPU, CUDA and emulated CUDA builds register.
+OP_SCHEMAS = {
     "fused_update_": (
         "fused_update_(int rule, Tensor(a!) param, Tensor grad, Tensor(b!) state1, Tensor(c!) state2, "
         "Tensor(d!) absmax1, Tensor(e!) absmax2, Tensor qmap1, Tensor qmap2, float[] scalars, int flags, "
@@ -68,21 +53,12 @@ _library = None
 _backends: dict[str, "NativeBackend"] = {}
 
 
-def csrc_dir() -> Path:
-    """The kernel sources: ``<repo>/csrc`` (source checkout) or ``dist8/csrc`` (installed)."""
-    here = Path(__file__).resolve()
-    for candidate in (here.parents[2] / "csrc", here.parents[1] / "csrc"):
-        if (candidate / "include" / "dist8_rules.h").is_file():
-            return candidate
-    raise FileNotFoundError("dist8: kernel sources (csrc/) not found next to the package")
-
-
 def _define_ops() -> None:
     global _library
     if _library is not None:
         return
     lib = torch.library.Library("dist8", "DEF")  # noqa: TOR901 - the ops are implemented in C++
-    for schema in _SCHEMAS.values():
+    for schema in OP_SCHEMAS.values():
         lib.define(schema)
     _register_fakes(lib)
     _library = lib
@@ -111,168 +87,6 @@ def _register_fakes(lib) -> None:
     torch.library.register_fake("dist8::dequantize_blockwise", dequantize_fake, lib=lib)
 
 
-def _build_dir(name: str) -> str | None:
-    root = os.environ.get("DIST8_BUILD_DIR")
-    if not root:
-        return None
-    path = os.path.join(root, name)
-    os.makedirs(path, exist_ok=True)
-    return path
-
-
-def _needs_build(name: str, build_dir: str | None, sources: list[Path]) -> bool:
-    from torch.utils import cpp_extension
-
-    directory = build_dir or cpp_extension._get_build_directory(name, verbose=False)
-    built = glob.glob(os.path.join(directory, f"{name}*.so"))
-    if not built:
-        return True
-    newest_src = max(p.stat().st_mtime for p in sources)
-    return max(os.path.getmtime(b) for b in built) < newest_src
-
-
-def _cpu_flags() -> list[str]:
-    flags = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
-    if os.environ.get("DIST8_PORTABLE", "") not in ("", "0"):
-        flags.append("-DDIST8_NO_SIMD")
-    else:
-        import platform
-
-        if platform.machine() in ("x86_64", "AMD64"):
-            flags += ["-march=native", "-mprefer-vector-width=512"]
-        else:
-            flags += ["-mcpu=native"]
-    return flags + os.environ.get("DIST8_CPU_FLAGS", "").split()
-
-
-_CUDA_CFLAGS = ["-O3", "-ffp-contract=off"]
-_CUDA_NVCC_FLAGS = ["-O3", "--fmad=false", "-Xcompiler", "-ffp-contract=off"]
-
-
-def _build_inputs(kind: str) -> tuple[list[Path], list[str]]:
-    """The files a ``kind`` build compiles or includes, and everything else its output depends on."""
-    src = csrc_dir()
-    sub = "cpu" if kind == "cpu" else "cuda"
-    files = sorted(p for d in (src / "include", src / sub) for p in d.iterdir() if p.is_file())
-    if kind == "cpu":
-        flags = _cpu_flags()
-    else:
-        flags = _CUDA_CFLAGS + _CUDA_NVCC_FLAGS + [os.environ.get("DIST8_CUDA_ARCH")
-                                                   or os.environ.get("TORCH_CUDA_ARCH_LIST") or "visible GPU"]
-        flags.append(str(torch.version.cuda))
-    # The checkout's path too: ninja rebuilds when the source paths in build.ninja change, so two
-    # checkouts with equal sources sharing a directory would still rebuild each other.
-    context = [str(src), torch.__version__, f"py{sys.version_info[0]}.{sys.version_info[1]}",
-               os.environ.get("CXX", "c++"), *flags]
-    return files, context
-
-
-def _digest(files: list[Path], context: list[str]) -> str:
-    """sha256 (hex) of ``files`` (names and contents) and the strings of ``context``."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for path in files:
-        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    h.update("\0".join(context).encode())
-    return h.hexdigest()
-
-
-def cuda_nvcc_flags() -> list[str]:
-    """The nvcc flags of the CUDA build (torch's extension defaults, then dist8's own): also what
-    ``bench/gpu_prebuild.sh`` and the compile-only tests pass, so every build compiles alike."""
-    from torch.utils import cpp_extension
-
-    return [*cpp_extension.COMMON_NVCC_FLAGS, *_CUDA_NVCC_FLAGS]
-
-
-def cuda_sources_digest() -> str:
-    """What a prebuilt library must match: the CUDA build's sources (names and contents) and
-    dist8's own nvcc flags."""
-    return _digest(_build_inputs("cuda")[0], _CUDA_NVCC_FLAGS)
-
-
-def _load_prebuilt_cuda(path: str) -> None:
-    """Load CUDA kernels built ahead (DIST8_CUDA_PREBUILT), refusing a stale or unlabelled one."""
-    stamp = Path(path + ".sources")
-    if not Path(path).is_file() or not stamp.is_file():
-        raise RuntimeError(f"DIST8_CUDA_PREBUILT={path}: needs the library and its {stamp.name} "
-                           "(bench/gpu_prebuild.sh writes both)")
-    lines = stamp.read_text().split()
-    if not lines or lines[0] != cuda_sources_digest():
-        raise RuntimeError(f"DIST8_CUDA_PREBUILT={path}: built from other sources than {csrc_dir()} "
-                           "or flags (rebuild it with bench/gpu_prebuild.sh, or unset DIST8_CUDA_PREBUILT to build here)")
-    torch.ops.load_library(path)
-    print(f"dist8: loaded the prebuilt CUDA kernels {path} ({' '.join(lines[1:])})", file=sys.stderr, flush=True)
-
-
-def build_name(kind: str) -> str:
-    """The extension's name for this checkout: ``dist8_<kind>[_portable]_<12 hex digits>``.
-
-    The digits hash the sources' contents, the checkout's path, the compiler flags (also
-    ``DIST8_CPU_FLAGS``, ``DIST8_PORTABLE``, the CUDA archs), the compiler and the torch and Python
-    versions, so that checkouts, versions and build variants never share (and rebuild) one
-    build directory.
-    """
-    if kind not in ("cpu", "cuda"):
-        raise ValueError(f"kind must be 'cpu' or 'cuda', got {kind!r}")
-    portable = "_portable" if kind == "cpu" and os.environ.get("DIST8_PORTABLE", "") not in ("", "0") else ""
-    return f"dist8_{kind}{portable}_{_digest(*_build_inputs(kind))[:12]}"
-
-
-def build_directory(kind: str) -> str:
-    """Where the ``kind`` kernels of this checkout are built: ``$DIST8_BUILD_DIR/<name>``, else
-    torch's extensions directory (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``)."""
-    from torch.utils import cpp_extension
-
-    name = build_name(kind)
-    return _build_dir(name) or cpp_extension._get_build_directory(name, verbose=False)
-
-
-def _load_extension(kind: str) -> None:
-    import time
-
-    from torch.utils import cpp_extension
-
-    src = csrc_dir()
-    include = str(src / "include")
-    if kind == "cpu":
-        sources = [src / "cpu" / "dist8_cpu.cpp"]
-        kwargs = dict(extra_cflags=_cpu_flags(), extra_ldflags=["-fopenmp"], with_cuda=False)
-    elif kind == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("dist8: CUDA kernels requested but torch.cuda.is_available() is False")
-        if os.environ.get("DIST8_CUDA_PREBUILT"):
-            _load_prebuilt_cuda(os.environ["DIST8_CUDA_PREBUILT"])
-            return
-        if os.environ.get("DIST8_CUDA_ARCH"):
-            os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ["DIST8_CUDA_ARCH"]
-        sources = [src / "cuda" / "dist8_cuda.cu"]
-        kwargs = dict(extra_cflags=list(_CUDA_CFLAGS), extra_cuda_cflags=list(_CUDA_NVCC_FLAGS), with_cuda=True)
-    else:
-        raise ValueError(f"kind must be 'cpu' or 'cuda', got {kind!r}")
-    name = build_name(kind)
-    build_dir = build_directory(kind)
-    os.makedirs(build_dir, exist_ok=True)
-    building = _needs_build(name, build_dir, _build_inputs(kind)[0])
-    if building:
-        # Every build says so: a build nobody expected (e.g. a cache shared with another checkout) is visible.
-        print(f"dist8: building the {kind} kernels {name} in {build_dir} (once per source version; "
-              f"about 40 s of compiler time, 1-2 min on a busy machine)...", file=sys.stderr, flush=True)
-    tic = time.perf_counter()
-    cpp_extension.load(
-        name=name,
-        sources=[str(s) for s in sources],
-        extra_include_paths=[include],
-        build_directory=build_dir,
-        is_python_module=False,
-        verbose=os.environ.get("DIST8_VERBOSE_BUILD", "") not in ("", "0"),
-        **kwargs,
-    )
-    if building:
-        print(f"dist8: built {name} in {time.perf_counter() - tic:.0f} s", file=sys.stderr, flush=True)
-
-
 # ---------------------------------------------------------------------------
 # Validation helpers
 # ---------------------------------------------------------------------------
@@ -293,7 +107,7 @@ def _check_tensor(t: torch.Tensor, name: str, numel: int, device: torch.device, 
     return t.detach()
 
 
-def _scalar_values(scalars) -> list[float]:
+def scalar_values(scalars) -> list[float]:
     """The per-step scalars (NUM_SCALARS of them) as the ops take them."""
     values = [float(x) for x in (scalars.as_tuple() if isinstance(scalars, Scalars) else scalars)]
     if len(values) != NUM_SCALARS:
@@ -302,13 +116,23 @@ def _scalar_values(scalars) -> list[float]:
 
 
 class NativeBackend:
-    """Fused update kernels of one device kind ("cpu" or "cuda")."""
+    """Fused update kernels of one device kind.
 
-    def __init__(self, kind: str):
-        self.name = kind
+    Args:
+        kind: "cpu" or "cuda": the device type of the tensors the ops take.
+        ops: the torch.ops namespace that implements :data:`OP_SCHEMAS`. Default None: ``torch.ops.dist8``
+            (the tests pass another build of the same ops, e.g. the emulated CUDA kernels).
+        name: the backend's name in messages. Default None: ``kind``.
+
+    Attributes:
+        ops: the ops namespace it calls.
+    """
+
+    def __init__(self, kind: str, ops=None, name: str | None = None):
+        self.name = name or kind
         self._device_type = kind
         self._empty: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        self._ops = torch.ops.dist8
+        self.ops = ops if ops is not None else torch.ops.dist8
 
     def _none(self, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """An empty tensor that stands for an absent argument (cached per device and dtype)."""
@@ -381,12 +205,12 @@ class NativeBackend:
             out = _check_tensor(update_out, "update_out", n, device, _FLOATS)
         else:
             out = empty
-        values = _scalar_values(scalars)
+        values = scalar_values(scalars)
         (s1, a1, q1), (s2, a2, q2), (s3, a3, _) = args
         counts = self._counts(skipped, 1, device)
         corr = self._correction(p, correction)
         with torch.no_grad():
-            self._ops.fused_update_(
+            self.ops.fused_update_(
                 int(rule), p, g, s1, s2, a1, a2, q1, q2, values, int(flags), int(block_size), out, counts, s3, a3, corr
             )
 
@@ -435,12 +259,12 @@ class NativeBackend:
                                  "absmax1, absmax2, state3, absmax3)")
             for col, t in zip(cols, row):
                 col.append(empty if t is None else t)
-        values = _scalar_values(scalars)
+        values = scalar_values(scalars)
         counts = self._counts(skipped, len(updates), device)
         s3, a3 = (cols[6], cols[7]) if three else ([], [])
         corrs = [] if corrections is None else [self._correction(row[0], c) for row, c in zip(updates, corrections)]
         with torch.no_grad():
-            self._ops.fused_update_multi_(int(rule), *cols[:6], q1, q2, values, int(flags), int(block_size), counts,
+            self.ops.fused_update_multi_(int(rule), *cols[:6], q1, q2, values, int(flags), int(block_size), counts,
                                           s3, a3, corrs)
 
     def trust_step(self, param: torch.Tensor, update: torch.Tensor, lr_times_ratio: float,
@@ -453,14 +277,14 @@ class NativeBackend:
         p = _check_tensor(param, "param", n, device, _FLOATS)
         u = _check_tensor(update, "update", n, device, (torch.float32,))
         with torch.no_grad():
-            self._ops.trust_step_(p, u, float(lr_times_ratio), self._correction(p, correction))
+            self.ops.trust_step_(p, u, float(lr_times_ratio), self._correction(p, correction))
 
     def quantize_blockwise(self, x: torch.Tensor, qmap: torch.Tensor, block_size: int = 256):
         """Like :func:`dist8.quant.quantize_blockwise` (bit-identical)."""
         if block_size < 64 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 64, got {block_size}")
         q = self._qmap(qmap, "qmap", x.device)
-        return self._ops.quantize_blockwise(x.detach(), q, int(block_size))
+        return self.ops.quantize_blockwise(x.detach(), q, int(block_size))
 
     def dequantize_blockwise(self, codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor, block_size: int = 256):
         """Like :func:`dist8.quant.dequantize_blockwise` (bit-identical)."""
@@ -470,16 +294,16 @@ class NativeBackend:
         if absmax.numel() != nb:
             raise ValueError(f"absmax has {absmax.numel()} entries but {codes.numel()} codes need {nb}")
         q = self._qmap(qmap, "qmap", codes.device)
-        return self._ops.dequantize_blockwise(codes.detach(), absmax.detach(), q, int(block_size))
+        return self.ops.dequantize_blockwise(codes.detach(), absmax.detach(), q, int(block_size))
 
     def all_finite(self, grad: torch.Tensor) -> bool:
         """True when every element of ``grad`` is finite."""
-        return bool(self._ops.all_finite(grad.detach()))
+        return bool(self.ops.all_finite(grad.detach()))
 
     def all_finite_many(self, grads: list[torch.Tensor]) -> list[bool]:
         """:meth:`all_finite` of each tensor: one parallel pass over all of them (CUDA: one host sync)."""
         if len(grads) > 1:
-            return [not bad for bad in self._ops.all_finite_multi([g.detach() for g in grads])]
+            return [not bad for bad in self.ops.all_finite_multi([g.detach() for g in grads])]
         return [self.all_finite(g) for g in grads]
 
 
@@ -491,6 +315,6 @@ def load_backend(kind: str) -> NativeBackend:
         backend = _backends.get(kind)
         if backend is None:
             _define_ops()
-            _load_extension(kind)
+            load_kernels(kind)
             backend = _backends[kind] = NativeBackend(kind)
         return backend
