@@ -145,3 +145,13 @@ def test_long_files_state_their_one_concern():
             if "one concern" not in head:
                 bad.append(f"{path.relative_to(PKG.parent)} has {len(lines)} lines and no 'one concern' reason at its top")
     assert not bad, "\n".join(bad)
+
+
+def test_suite_order_names_existing_test_files():
+    """tests/conftest.py orders the files for the xdist workers by FILE_SECONDS: a renamed or deleted
+    file left in it would silently fall to the end of the queue."""
+    from conftest import FILE_SECONDS
+
+    here = Path(__file__).resolve().parent
+    missing = [name for name in FILE_SECONDS if not (here / name).is_file()]
+    assert not missing, f"tests/conftest.py FILE_SECONDS names files that do not exist: {missing}"

@@ -47,9 +47,19 @@ def test_build_name_keys_sources_flags_and_torch_not_the_checkout(tmp_path, monk
     monkeypatch.setenv("DIST8_PORTABLE", "1")
     portable = build.build_name("cpu")
     monkeypatch.delenv("DIST8_PORTABLE")
+    # another CPU (a build cache on a home directory shared by different machines): -march=native
+    # builds differ, the portable build is the same
+    real_cpu = build.cpu_identity()
+    assert real_cpu and build.cpu_identity() == real_cpu
+    monkeypatch.setattr(build, "cpu_identity", lambda: real_cpu + " another-model")
+    other_cpu = build.build_name("cpu")
+    monkeypatch.setenv("DIST8_PORTABLE", "1")
+    assert build.build_name("cpu") == portable
+    monkeypatch.delenv("DIST8_PORTABLE")
+    monkeypatch.setattr(build, "cpu_identity", lambda: real_cpu)
     monkeypatch.setattr(torch, "__version__", "0.0.0-other")
     other_torch = build.build_name("cpu")
-    assert len({names["b"], with_flags, portable, other_torch}) == 4
+    assert len({names["b"], with_flags, portable, other_cpu, other_torch}) == 5
     assert portable.startswith("dist8_cpu_portable_")
     assert all(n.startswith("dist8_cpu_") for n in (*names.values(), with_flags, other_torch))
 

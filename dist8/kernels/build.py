@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 __all__ = [
-    "build_directory", "build_name", "build_root", "content_name", "csrc_dir", "cuda_nvcc_flags",
+    "build_directory", "build_name", "build_root", "content_name", "cpu_identity", "csrc_dir", "cuda_nvcc_flags",
     "cuda_sources_digest", "jit_load", "load_kernels",
 ]
 
@@ -117,6 +117,27 @@ def _cpu_flags() -> list[str]:
     return flags + os.environ.get("DIST8_CPU_FLAGS", "").split()
 
 
+def cpu_identity() -> str:
+    """What ``-march=native`` compiles for: this CPU's model name and instruction-set flags (Linux:
+    ``/proc/cpuinfo``; elsewhere the platform's processor string). Part of a native build's key, so
+    a build cache shared by different machines (an NFS home on a cluster) never hands one CPU a
+    library compiled for another's instructions."""
+    import platform
+
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    wanted = ("model name", "flags", "Features", "CPU implementer", "CPU part")  # x86, aarch64
+    seen = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() in wanted:
+            seen.setdefault(key.strip(), " ".join(sorted(value.split())) if key.strip() in ("flags", "Features")
+                            else value.strip())
+    return "; ".join(f"{k}={seen[k]}" for k in sorted(seen)) or f"{platform.machine()} {platform.processor()}"
+
+
 def _inputs(kind: str) -> tuple[list[Path], list[str]]:
     """The files a ``kind`` build compiles or includes, and its flags (with what else its output depends on)."""
     if kind not in ("cpu", "cuda"):
@@ -124,7 +145,9 @@ def _inputs(kind: str) -> tuple[list[Path], list[str]]:
     src = csrc_dir()
     files = [p for d in (src / "include", src / kind) for p in d.iterdir() if p.is_file()]
     if kind == "cpu":
-        return files, _cpu_flags()
+        flags = _cpu_flags()
+        native = any(f.startswith(("-march=native", "-mcpu=native")) for f in flags)
+        return files, flags + ([cpu_identity()] if native else [])
     arch = os.environ.get("DIST8_CUDA_ARCH") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "visible GPU"
     return files, [*_CUDA_CFLAGS, *_CUDA_NVCC_FLAGS, arch, str(torch.version.cuda)]
 
@@ -132,7 +155,8 @@ def _inputs(kind: str) -> tuple[list[Path], list[str]]:
 def build_name(kind: str) -> str:
     """The name of the ``kind`` ("cpu" or "cuda") kernels of these sources and flags:
     ``dist8_<kind>[_portable]_<12 hex digits>`` (:func:`content_name`; ``DIST8_CPU_FLAGS``,
-    ``DIST8_PORTABLE`` and the CUDA archs included), so build variants never share a directory."""
+    ``DIST8_PORTABLE``, the CUDA archs and, for ``-march=native`` builds, :func:`cpu_identity`
+    included), so build variants and CPUs never share a directory."""
     portable = "_portable" if kind == "cpu" and os.environ.get("DIST8_PORTABLE", "") not in ("", "0") else ""
     return content_name(f"dist8_{kind}{portable}", *_inputs(kind))
 
