@@ -1,8 +1,8 @@
 """A regular install (a wheel, ``pip install .``), not only the editable one the README uses, ships
 the kernel sources and runs the native kernels.
 
-The wheel is built from a copy of the project files (the build writes ``build/`` and
-``*.egg-info`` next to its sources) and installed with ``pip --target`` into a directory that a
+An sdist is built from a copy of the project files (the build writes ``build/`` and
+``*.egg-info`` next to its sources), a wheel from the sdist, and the wheel is installed with ``pip --target`` into a directory that a
 fresh interpreter puts first on its path. Before setup.py copied ``csrc/`` into the package, such
 an install found no kernel sources and fell back to the reference backend with one warning.
 """
@@ -40,7 +40,12 @@ def test_wheel_ships_the_kernel_sources_and_runs_the_native_kernels(tmp_path):
     for name in PROJECT_FILES:
         (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, src / name)
     pip = [sys.executable, "-m", "pip"]
-    built = subprocess.run([*pip, "wheel", "-q", "--no-build-isolation", "--no-deps", str(src), "-w", str(tmp_path / "wheel")],
+    # the sdist first (MANIFEST.in), then the wheel from it (setup.py), as `pip install dist8-*.tar.gz` does
+    sdist = subprocess.run([sys.executable, "-c", f"from setuptools import build_meta; print(build_meta.build_sdist({str(tmp_path / 'sdist')!r}))"],
+                           cwd=src, capture_output=True, text=True, timeout=600)
+    assert sdist.returncode == 0, sdist.stderr[-3000:]
+    (tarball,) = (tmp_path / "sdist").glob("dist8-*.tar.gz")
+    built = subprocess.run([*pip, "wheel", "-q", "--no-build-isolation", "--no-deps", str(tarball), "-w", str(tmp_path / "wheel")],
                            capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = (tmp_path / "wheel").glob("dist8-*.whl")
