@@ -367,11 +367,13 @@ def test_bad_table_lookup_mode_is_refused(backend, monkeypatch):
 
 @per_backend("", cpu=[()])
 def test_info_names_the_cpu_code_path(backend):
-    """`dist8 info` says which CPU code path the build uses (AVX-512 with or without VBMI, AVX2, portable)."""
+    """`dist8 info` says which CPU code path the build uses (AVX-512 with or without VBMI, AVX2, portable)
+    and where the build lives."""
+    from dist8.kernels import build
     from dist8.kernels.registry import backend_report
 
     why = backend_report()["cpu"]["why"]
-    assert "native kernels built and loaded" in why
+    assert f"native kernels built and loaded from {build.build_directory('cpu')}:" in why
     assert any(path in why for path in ("avx512", "avx2", "portable")), why
 
 

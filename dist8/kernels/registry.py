@@ -11,6 +11,7 @@ import warnings
 
 import torch
 
+from dist8.kernels import build
 from dist8.kernels.reference import ReferenceBackend
 
 __all__ = ["get_backend", "backend_report", "BACKEND_NAMES"]
@@ -82,6 +83,8 @@ def backend_report() -> dict[str, dict[str, str]]:
             report[kind] = {"backend": "reference", "why": f"{kind} kernels failed: {_errors.get(kind, '?')}"}
         else:
             why = "native kernels built and loaded"
+            if not (kind == "cuda" and os.environ.get("DIST8_CUDA_PREBUILT")):
+                why += f" from {build.build_directory(kind)}"
             if kind == "cpu":
                 try:
                     why += f": {torch.ops.dist8_cpu_info.features()}"
