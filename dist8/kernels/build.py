@@ -24,6 +24,7 @@ Environment:
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import sys
@@ -57,13 +58,18 @@ def build_root() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "torch_extensions"
 
 
+def _hash_files(h, files: list[Path]) -> None:
+    """Feed each file's name and contents, in the given order, to the hash ``h``."""
+    for path in files:
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+
+
 def content_name(prefix: str, files: list[Path], flags: list[str]) -> str:
     """``<prefix>_<12 hex digits>``: sha256 of ``files`` (names and contents), ``flags``, the
     compiler (``$CXX``) and the torch and Python versions. Not the files' location: equal
     sources anywhere share one build."""
     h = hashlib.sha256()
-    for path in sorted(files, key=lambda p: p.name):
-        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    _hash_files(h, sorted(files, key=lambda p: p.name))
     context = [torch.__version__, f"py{sys.version_info[0]}.{sys.version_info[1]}", os.environ.get("CXX", "c++"), *flags]
     h.update("\0".join(context).encode())
     return f"{prefix}_{h.hexdigest()[:12]}"
@@ -85,8 +91,8 @@ def jit_load(name: str, sources: list[Path], include_dirs: list[Path], **cpp_ext
         return False
     directory.mkdir(parents=True, exist_ok=True)
     # Every build says so: a build nobody expected (e.g. a changed flag) is visible.
-    print(f"dist8: building {name} in {directory} (once per source version; about 50 s on two idle "
-          "cores, 1-2 min on a busy machine)...", file=sys.stderr, flush=True)
+    print(f"dist8: building {name} in {directory} (once per source version; the CPU kernels take about 50 s "
+          "on two idle cores, the CUDA kernels minutes)...", file=sys.stderr, flush=True)
     tic = time.perf_counter()
     cpp_extension.load(
         name=name,
@@ -117,6 +123,7 @@ def _cpu_flags() -> list[str]:
     return flags + os.environ.get("DIST8_CPU_FLAGS", "").split()
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_identity() -> str:
     """What ``-march=native`` compiles for: this CPU's model name and instruction-set flags (Linux:
     ``/proc/cpuinfo``; elsewhere the platform's processor string). Part of a native build's key, so
@@ -178,8 +185,7 @@ def cuda_sources_digest() -> str:
     """What a prebuilt library must match: the CUDA build's sources (names and contents) and
     dist8's own nvcc flags."""
     h = hashlib.sha256()
-    for path in sorted(_inputs("cuda")[0]):
-        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    _hash_files(h, sorted(_inputs("cuda")[0]))  # by path: the order the stamps of existing prebuilt libraries used
     h.update("\0".join(_CUDA_NVCC_FLAGS).encode())
     return h.hexdigest()
 
