@@ -42,11 +42,11 @@ def systems():
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         return opt.step, lambda: opt.zero_grad(set_to_none=True)
 
-    def dist8_adamw(master=None, release=False):
+    def dist8_adamw(master=None, release=False, chunk=None):
         def build(model):
             opt = dist8.AdamW8bit(model.parameters(), lr=1e-4, master_weight_bits=master)
-            if release:
-                dist8.gradient_release(model, opt)  # steps inside backward; step/zero_grad become no-ops
+            if release:  # steps inside backward; step/zero_grad become no-ops
+                dist8.gradient_release(model, opt, linear_grad_chunk=chunk)
             return opt.step, lambda: opt.zero_grad(set_to_none=True)
         return build
 
@@ -77,6 +77,8 @@ def systems():
         "dist8 AdamW8bit bf16 + 24-bit master": (torch.bfloat16, dist8_adamw(24)),
         "FlashOptim FlashAdamW bf16 + 24-bit master": (torch.bfloat16, flash_adamw(24)),
         "dist8 AdamW8bit bf16 + 24-bit master + gradient release": (torch.bfloat16, dist8_adamw(24, True)),
+        "dist8 AdamW8bit bf16 + 24-bit master + gradient release (linear_grad_chunk=1048576)":
+            (torch.bfloat16, dist8_adamw(24, True, chunk=1 << 20)),
         "FlashOptim FlashAdamW bf16 + 24-bit master + gradient release": (torch.bfloat16, flash_adamw(24, True)),
     }
 

@@ -351,20 +351,26 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
         :meth:`step` over all of them. Used by :func:`dist8.gradient_release`. With DTensor
         parameters it is collective: call it with the same parameters in the same order on every rank.
         """
-        params = list(params)
-        # Parameter -> its group, rebuilt when the groups change (add_param_group, replaced dicts).
-        groups_key = tuple(id(g) for g in self.param_groups)
-        cached = self.__dict__.get("_group_of_param")
-        if cached is None or cached[0] != groups_key or any(id(p) not in cached[1] for p in params):
-            cached = self._group_of_param = (groups_key, {id(p): g for g in self.param_groups for p in g["params"]})
         pairs: dict[int, tuple[dict, list]] = {}
         for p in params:
-            if id(p) not in cached[1]:
-                raise ValueError(f"step_params: parameter {self.param_name(p)} is not in this optimizer")
-            group = cached[1][id(p)]
+            try:
+                group = self.group_of(p)
+            except ValueError as e:
+                raise ValueError(f"step_params: {e}") from None
             pairs.setdefault(id(group), (group, []))[1].append(p)
         written_back: list = []
         self._run_items(self._update_items(pairs.values(), written_back), written_back)
+
+    def group_of(self, p: torch.Tensor) -> dict[str, Any]:
+        """The param group that holds ``p`` (ValueError naming it if none does)."""
+        # Parameter -> its group, rebuilt when the groups change (add_param_group, replaced dicts).
+        groups_key = tuple(id(g) for g in self.param_groups)
+        cached = self.__dict__.get("_group_of_param")
+        if cached is None or cached[0] != groups_key or id(p) not in cached[1]:
+            cached = self._group_of_param = (groups_key, {id(q): g for g in self.param_groups for q in g["params"]})
+        if id(p) not in cached[1]:
+            raise ValueError(f"parameter {self.param_name(p)} is not in this optimizer")
+        return cached[1][id(p)]
 
     def _run_items(self, items: list[pipeline.UpdateItem], written_back: list) -> None:
         if not items and self.reduce_partials is None:

@@ -55,6 +55,8 @@ from typing import Any
 import torch
 
 from dist8.optim.base import Optimizer8bit
+from dist8.optim.range_step import optimizer_range_refusal
+from dist8.optim.release_linear import ChunkedLinears
 
 __all__ = ["GradientRelease", "gradient_release"]
 
@@ -68,12 +70,15 @@ class GradientRelease:
         steps: parameter updates run by the hooks so far (one per parameter per backward).
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: Optimizer8bit, max_grad_norm_per_param: float | None) -> None:
+    def __init__(self, model: torch.nn.Module, optimizer: Optimizer8bit, max_grad_norm_per_param: float | None,
+                 linear_grad_chunk: int | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
         self.max_grad_norm_per_param = max_grad_norm_per_param
+        self.linear_grad_chunk = linear_grad_chunk
+        self.linears: ChunkedLinears | None = None
         self.steps = 0
-        self._lock = threading.Lock()  # CUDA and CPU leaves may finish on different autograd threads
+        self.lock = threading.Lock()  # CUDA and CPU leaves may finish on different autograd threads
         self._updates_since_step: dict[torch.Tensor, int] = {}
         self._loop_calls_step = False
         self._hooks: list = []
@@ -96,11 +101,15 @@ class GradientRelease:
         opt.zero_grad = types.MethodType(_released_zero_grad, opt)
         setattr(opt, _ACTIVE_ATTR, self)
         self.active = True
+        if self.linear_grad_chunk is not None:
+            self.linears = ChunkedLinears(self, self.model, self.linear_grad_chunk)
 
     def remove(self) -> None:
         """Remove the hooks and give ``optimizer.step``/``zero_grad`` back their normal behaviour."""
         if not self.active:
             return
+        if self.linears is not None:
+            self.linears.remove()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -121,21 +130,29 @@ class GradientRelease:
 
     # ---- the hook ------------------------------------------------------------------------
     def _hook(self, p: torch.Tensor) -> None:
-        if p.grad is None:
+        if p.grad is None:  # none, or stepped in chunks by its layer's backward (linear_grad_chunk)
             return
-        with self._lock:
-            if self._loop_calls_step and self._updates_since_step.get(p, 0) > 0:
-                raise RuntimeError(
-                    f"gradient_release: parameter {self.optimizer.param_name(p)} got a second gradient before "
-                    "optimizer.step(); gradient accumulation is incompatible with gradient release (each backward "
-                    "is a step); this parameter was not updated again. Remove the handle to accumulate"
-                )
+        with self.lock:
+            self.before_update(p)
             if self.max_grad_norm_per_param is not None:
                 torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm_per_param)
             self.step_param(p)
-            self._updates_since_step[p] = self._updates_since_step.get(p, 0) + 1
-            self.steps += 1
+            self.after_update(p)
             p.grad = None  # released: the point of it all
+
+    def before_update(self, p: torch.Tensor) -> None:
+        """Refuse a second update of ``p`` before ``optimizer.step()`` (gradient accumulation). Hold :attr:`lock`."""
+        if self._loop_calls_step and self._updates_since_step.get(p, 0) > 0:
+            raise RuntimeError(
+                f"gradient_release: parameter {self.optimizer.param_name(p)} got a second gradient before "
+                "optimizer.step(); gradient accumulation is incompatible with gradient release (each backward "
+                "is a step); this parameter was not updated again. Remove the handle to accumulate"
+            )
+
+    def after_update(self, p: torch.Tensor) -> None:
+        """Count an update of ``p`` (by the hook or by its layer's chunks). Hold :attr:`lock`."""
+        self._updates_since_step[p] = self._updates_since_step.get(p, 0) + 1
+        self.steps += 1
 
     def step_param(self, p: torch.Tensor) -> None:
         """Run the optimizer's update for ``p`` alone (:meth:`Optimizer8bit.step_params`).
@@ -178,7 +195,8 @@ def _released_zero_grad(opt: Optimizer8bit, set_to_none: bool = True) -> None:
 
 
 def gradient_release(
-    model: torch.nn.Module, optimizer: Optimizer8bit, *, max_grad_norm_per_param: float | None = None
+    model: torch.nn.Module, optimizer: Optimizer8bit, *, max_grad_norm_per_param: float | None = None,
+    linear_grad_chunk: int | None = None,
 ) -> GradientRelease:
     """Step each parameter inside backward as soon as its gradient is ready, and free the gradient.
 
@@ -188,6 +206,13 @@ def gradient_release(
         max_grad_norm_per_param: if set, clip each parameter's gradient to this L2 norm
             before its step (the per-parameter replacement of a global
             ``clip_grad_norm_``, which gradient release cannot support). Default None (off).
+        linear_grad_chunk: if set (elements, e.g. 65536), every plain ``nn.Linear`` of the model
+            computes its weight gradient in row chunks of about this many elements (whole
+            quantization blocks) inside its backward and steps each chunk at once, so no layer's
+            weight gradient exists whole (:mod:`dist8.optim.release_linear`; bitwise the same
+            step). ``handle.linears.chunked`` names those modules, ``handle.linears.unchunked``
+            the others with the reason. Not with LAMB/LARS, ``on_nonfinite="skip_param"``/
+            ``"raise"``, ``max_grad_norm_per_param`` or FSDP2. Default None (off).
 
     Returns:
         A :class:`GradientRelease` handle; ``handle.remove()`` undoes everything.
@@ -217,6 +242,8 @@ def gradient_release(
         isinstance(max_grad_norm_per_param, (int, float)) and max_grad_norm_per_param > 0
     ):
         raise ValueError(f"max_grad_norm_per_param must be a number > 0 or None, got {max_grad_norm_per_param!r}")
+    if linear_grad_chunk is not None:
+        _check_linear_grad_chunk(optimizer, linear_grad_chunk, max_grad_norm_per_param)
     in_model = {id(p) for p in model.parameters()}
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -230,6 +257,21 @@ def gradient_release(
                     f"parameter {optimizer.param_name(p)} still holds a gradient; call optimizer.zero_grad"
                     "(set_to_none=True) before gradient_release (it would be added to the next one and stepped)"
                 )
-    handle = GradientRelease(model, optimizer, max_grad_norm_per_param)
+    handle = GradientRelease(model, optimizer, max_grad_norm_per_param, linear_grad_chunk)
     handle._install()
     return handle
+
+
+def _check_linear_grad_chunk(optimizer: Optimizer8bit, chunk: Any, max_grad_norm_per_param: float | None) -> None:
+    """ValueError naming ``linear_grad_chunk`` for a bad value or an optimizer setting that cannot chunk."""
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
+        raise ValueError(f"linear_grad_chunk must be a number of elements > 0 or None, got {chunk!r}")
+    if max_grad_norm_per_param is not None:
+        raise ValueError("linear_grad_chunk cannot be combined with max_grad_norm_per_param: the clip needs the whole "
+                         "gradient's norm before any chunk is stepped")
+    if optimizer.uses_dtensor:
+        raise ValueError("linear_grad_chunk does not apply to FSDP2 (DTensor) parameters: their gradients arrive "
+                         "whole from the reduce-scatter; use gradient_release without it")
+    refusal = optimizer_range_refusal(optimizer)
+    if refusal is not None:
+        raise ValueError(f"linear_grad_chunk cannot be used with this optimizer: {refusal}")

@@ -212,7 +212,7 @@ def _train(cfg: Config, resume, stop_at, run_name, rank, world, device) -> int:
     elif resume == "auto":
         _say(rank, f"no checkpoint under {ckpt_root}; starting at step 0")
     if t.gradient_release:
-        install_gradient_release(engine)
+        install_gradient_release(engine, t.linear_grad_chunk)
 
     out_dir = Path(cfg.output.dir)
     metrics = None
@@ -297,7 +297,7 @@ def _train(cfg: Config, resume, stop_at, run_name, rank, world, device) -> int:
                     "opt_state_bytes_per_rank": optimizer_state_nbytes(engine.optimizer),
                     "peak_mem_bytes": peak_memory_bytes(device),
                     "memory_bytes_per_rank": memory_breakdown(engine.raw_model, engine.optimizer,
-                                                              gradient_release=engine.release is not None),
+                                                              gradient_release=engine.release or False),
                 }
                 window_time, window_steps = 0.0, 0
                 if metrics is not None:

@@ -1,0 +1,296 @@
+"""gradient_release(..., linear_grad_chunk=N): nn.Linear weights stepped chunk by chunk inside backward.
+
+* every rule that can split (8- and 32-bit state, fp32 and bf16 + 24-bit master, 3-D inputs,
+  layers with and without bias, chunks of one row group up to the whole weight), on the native
+  and the reference backend: parameters and state bitwise equal to the normal step over 4 steps;
+  no weight gradient is ever whole (every chunk the kernel sees is at most the asked size, and no
+  Linear weight holds a ``.grad``); the step counter advances once per step;
+* non-finite gradient values: the same blocks are skipped and counted as by the normal step;
+* where the whole gradient is used instead (still bitwise equal): a layer called twice in one
+  graph, autocast, a weight tied to another module, percentile clipping on one parameter;
+* ``torch.autograd.grad(loss, inputs)`` steps nothing; gradient accumulation is refused as
+  without chunks; ``remove()`` gives the modules their forward back;
+* refusals with one-line errors naming ``linear_grad_chunk``: bad values, LAMB/LARS,
+  ``on_nonfinite="skip_param"``/``"raise"``, ``max_grad_norm_per_param``;
+* :class:`dist8.optim.range_step.RangeStep` refuses ranges off block edges and an incomplete step.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import dist8
+from dist8.optim import range_step as rs
+from dist8.optim.release_linear import chunk_rows
+from optim_cases import CASES
+
+SPLITTABLE = [name for name in CASES if name not in ("LAMB", "LARS")]
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(48, 160)
+        self.fc2 = nn.Linear(160, 96, bias=False)
+        self.ln = nn.LayerNorm(96)
+        self.head = nn.Linear(96, 40)
+
+    def forward(self, x):
+        return self.head(self.ln(torch.relu(self.fc2(torch.relu(self.fc1(x))))))
+
+
+def make(dtype=torch.float32):
+    torch.manual_seed(0)
+    model = Net()
+    return dist8.cast_model(model, dtype) if dtype != torch.float32 else model
+
+
+def batch(step, dtype):
+    gen = torch.Generator().manual_seed(100 + step)
+    return torch.randn(3, 5, 48, generator=gen).to(dtype)  # 3-D input: (batch, tokens, features)
+
+
+def loss_of(model, step, dtype=torch.float32):
+    return model(batch(step, dtype)).float().square().mean()
+
+
+def assert_same(m1, o1, m2, o2):
+    for (name, a), b in zip(m1.named_parameters(), m2.parameters()):
+        assert torch.equal(a, b), f"parameter {name} differs"
+        s1, s2 = o1.state[a], o2.state[b]
+        assert s1.keys() == s2.keys(), name
+        for k in s1:
+            same = torch.equal(s1[k], s2[k]) if isinstance(s1[k], torch.Tensor) else s1[k] == s2[k]
+            assert same, f"{name}.{k} differs"
+
+
+def twins(cls=dist8.AdamW8bit, dtype=torch.float32, **kw):
+    ref, rel = make(dtype), make(dtype)
+    return ref, cls(ref.named_parameters(), **kw), rel, cls(rel.named_parameters(), **kw)
+
+
+def run_normal(model, opt, steps, dtype=torch.float32):
+    for s in range(steps):
+        loss_of(model, s, dtype).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def spy_ranges(monkeypatch):
+    """Record (parameter numel, start, chunk numel) of every range the chunked path steps."""
+    seen = []
+    update = rs.RangeStep.update
+
+    def recording(self, start, grad):
+        seen.append((self.param.numel(), start, grad.numel()))
+        return update(self, start, grad)
+
+    monkeypatch.setattr(rs.RangeStep, "update", recording)
+    return seen
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("name", SPLITTABLE)
+def test_chunked_release_equals_normal_step_bitwise(name, backend, monkeypatch):
+    if backend == "reference":
+        monkeypatch.setenv("DIST8_BACKEND", "reference")
+    cls, kw, _, _ = CASES[name]
+    kw = dict(kw, min_8bit_size=4000)  # 8-bit state for fc1/fc2/head weights, 32-bit for the rest
+    ref, ref_opt, rel, rel_opt = twins(cls, **kw)
+    seen = spy_ranges(monkeypatch)
+    handle = dist8.gradient_release(rel, rel_opt, linear_grad_chunk=1024)
+    assert handle.linears.chunked == ["fc1", "fc2", "head"] and not handle.linears.unchunked
+    run_normal(ref, ref_opt, 4)
+    for s in range(4):
+        loss_of(rel, s).backward()
+        assert all(m.weight.grad is None for m in (rel.fc1, rel.fc2, rel.head))  # stepped in chunks, never whole
+        rel_opt.step()
+        rel_opt.zero_grad()
+    handle.remove()
+    assert_same(ref, ref_opt, rel, rel_opt)
+    assert rel_opt.state[rel.fc1.weight]["step"] == 4
+    assert handle.steps == 4 * len(list(rel.parameters()))
+    # 1024 elements asked, blocks of 256: fc1 (160 x 48) in row groups of 16 rows = 768 elements, head
+    # (40 x 96) of 8 rows = 768; fc2 (96 x 160) has no block-aligned row group under 1024: 8 rows = 1280
+    assert {(n, c) for n, _, c in seen} == {(160 * 48, 768), (96 * 160, 1280), (40 * 96, 768)}
+    assert all(start % 256 == 0 for _, start, _ in seen)
+
+
+@pytest.mark.parametrize("chunk", [1, 5000, 10**9])
+def test_bf16_master_weights_and_chunk_sizes(chunk, monkeypatch):
+    kw = dict(lr=1e-2, weight_decay=0.1, min_8bit_size=4000, master_weight_bits=24)
+    ref, ref_opt, rel, rel_opt = twins(dtype=torch.bfloat16, **kw)
+    seen = spy_ranges(monkeypatch)
+    handle = dist8.gradient_release(rel, rel_opt, linear_grad_chunk=chunk)
+    run_normal(ref, ref_opt, 4, torch.bfloat16)
+    run_normal(rel, rel_opt, 4, torch.bfloat16)
+    handle.remove()
+    assert_same(ref, ref_opt, rel, rel_opt)
+    assert "correction" in rel_opt.state[rel.fc1.weight]
+    largest = {1: 1280, 5000: 4608, 10**9: 160 * 96}[chunk]  # fc2: one row group / fc1: 6 groups / fc2 whole
+    assert max(c for _, _, c in seen) == largest
+
+
+def test_nonfinite_gradient_values_skip_the_same_blocks():
+    ref, ref_opt, rel, rel_opt = twins(min_8bit_size=4000)
+    handle = dist8.gradient_release(rel, rel_opt, linear_grad_chunk=1024)
+
+    def poisoned(model, step):
+        x = batch(step, torch.float32)
+        x[0, 0, 7] = float("inf") if step == 1 else x[0, 0, 7]  # column 7 of every fc1 row's gradient: inf/NaN
+        return model(x).float().square().mean()
+
+    for s in range(3):
+        poisoned(ref, s).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        poisoned(rel, s).backward()
+    handle.remove()
+    assert ref_opt.nonfinite_skips > 0
+    assert rel_opt.nonfinite_skips_by_param() == ref_opt.nonfinite_skips_by_param()
+    assert_same(ref, ref_opt, rel, rel_opt)
+
+
+class Shared(nn.Module):
+    """fc2 runs twice per forward: its weight gets two gradient contributions."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(48, 96)
+        self.fc2 = nn.Linear(96, 96)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc2(self.fc1(x))))
+
+
+def test_layer_called_twice_uses_its_whole_gradient(monkeypatch):
+    torch.manual_seed(1)
+    ref = Shared()
+    rel = copy.deepcopy(ref)
+    ref_opt = dist8.AdamW8bit(ref.parameters(), lr=1e-2, min_8bit_size=1000)
+    rel_opt = dist8.AdamW8bit(rel.parameters(), lr=1e-2, min_8bit_size=1000)
+    seen = spy_ranges(monkeypatch)
+    handle = dist8.gradient_release(rel, rel_opt, linear_grad_chunk=256)
+    for s in range(3):
+        for model, opt in ((ref, ref_opt), (rel, rel_opt)):
+            model(batch(s, torch.float32)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    handle.remove()
+    assert_same(ref, ref_opt, rel, rel_opt)
+    assert {n for n, _, _ in seen} == {96 * 48}  # fc1 chunked; fc2 stepped whole by its hook, once per step
+
+
+def test_autocast_tied_weights_and_percentile_clipping_fall_back():
+    ref, rel = make(), make()
+    rel.extra = nn.Linear(160, 96, bias=False)
+    rel.extra.weight = rel.fc2.weight  # tied: one Parameter, two modules
+    ref.extra = nn.Linear(160, 96, bias=False)
+    ref.extra.weight = ref.fc2.weight
+    kw = dict(lr=1e-2, min_8bit_size=4000, overrides={"head.weight": {"percentile_clipping": 90}})
+    ref_opt = dist8.AdamW8bit(ref.named_parameters(), **kw)
+    rel_opt = dist8.AdamW8bit(rel.named_parameters(), **kw)
+    handle = dist8.gradient_release(rel, rel_opt, linear_grad_chunk=1024)
+    assert handle.linears.chunked == ["fc1"]
+    assert "tied" in handle.linears.unchunked["fc2"] and "tied" in handle.linears.unchunked["extra"]
+    assert "percentile_clipping" in handle.linears.unchunked["head"]
+    for s in range(3):
+        for model, opt in ((ref, ref_opt), (rel, rel_opt)):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=s == 1):  # fp32 weights: autocast casts
+                loss = loss_of(model, s)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    handle.remove()
+    assert_same(ref, ref_opt, rel, rel_opt)
+
+
+def test_autocast_to_the_weights_dtype_is_chunked(monkeypatch):
+    kw = dict(lr=1e-2, min_8bit_size=4000, master_weight_bits=24)
+    ref, ref_opt, rel, rel_opt = twins(dtype=torch.bfloat16, **kw)
+    seen = spy_ranges(monkeypatch)
+    handle = dist8.gradient_release(rel, rel_opt, linear_grad_chunk=1024)
+    for s in range(3):
+        for model, opt in ((ref, ref_opt), (rel, rel_opt)):
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # the training job's precision: bf16 on bf16 weights
+                loss = loss_of(model, s, torch.bfloat16)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    handle.remove()
+    assert_same(ref, ref_opt, rel, rel_opt)
+    assert len({n for n, _, _ in seen}) == 3
+
+
+def test_autograd_grad_steps_nothing_and_accumulation_is_refused():
+    model = make()
+    opt = dist8.AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=4000)
+    handle = dist8.gradient_release(model, opt, linear_grad_chunk=1024)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = batch(0, torch.float32).requires_grad_()
+    (gx,) = torch.autograd.grad(model(x).square().mean(), x)  # a gradient penalty's input gradient
+    assert gx.shape == x.shape and handle.steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    loss_of(model, 0).backward()
+    opt.step()
+    loss_of(model, 1).backward()
+    with pytest.raises(RuntimeError, match="gradient accumulation is incompatible"):
+        loss_of(model, 2).backward()
+    handle.remove()
+    assert "forward" not in model.fc1.__dict__ and model.fc1.forward.__func__ is nn.Linear.forward
+
+
+@pytest.mark.parametrize("bad", [0, -5, True, 1.5, "64k"])
+def test_bad_chunk_values_are_refused(bad):
+    model = make()
+    opt = dist8.AdamW8bit(model.parameters())
+    with pytest.raises(ValueError, match="linear_grad_chunk must be"):
+        dist8.gradient_release(model, opt, linear_grad_chunk=bad)
+    assert "forward" not in model.fc1.__dict__
+
+
+@pytest.mark.parametrize("make_opt, match", [
+    (lambda ps: dist8.optim.LAMB8bit(ps), "trust ratio"),
+    (lambda ps: dist8.optim.LARS8bit(ps, lr=0.1, momentum=0.9), "trust ratio"),
+    (lambda ps: dist8.AdamW8bit(ps, on_nonfinite="skip_param"), "on_nonfinite='skip_param'"),
+    (lambda ps: dist8.AdamW8bit(ps, on_nonfinite="raise"), "on_nonfinite='raise'"),
+])
+def test_settings_that_cannot_split_are_refused(make_opt, match):
+    model = make()
+    with pytest.raises(ValueError, match=f"linear_grad_chunk cannot be used.*{match}"):
+        dist8.gradient_release(model, make_opt(model.parameters()), linear_grad_chunk=1024)
+
+
+def test_per_parameter_clip_is_refused():
+    model = make()
+    with pytest.raises(ValueError, match="linear_grad_chunk cannot be combined with max_grad_norm_per_param"):
+        dist8.gradient_release(model, dist8.AdamW8bit(model.parameters()), linear_grad_chunk=1024,
+                               max_grad_norm_per_param=1.0)
+
+
+def test_range_step_checks_its_ranges():
+    w = nn.Parameter(torch.randn(10, 100))  # 1000 elements, blocks of 256: last block partial
+    opt = dist8.AdamW8bit([w], min_8bit_size=0)
+    step = rs.RangeStep(opt, w)
+    with pytest.raises(ValueError, match=r"range \[100, 356\) .* blocks of 256"):
+        step.update(100, torch.zeros(256))
+    with pytest.raises(ValueError, match=r"range \[0, 300\)"):
+        step.update(0, torch.zeros(300))
+    with pytest.raises(ValueError, match="torch.bfloat16"):
+        step.update(0, torch.zeros(256, dtype=torch.bfloat16))
+    step.update(768, torch.zeros(232))  # the partial last block
+    with pytest.raises(RuntimeError, match="covered 232 of 1000 elements; the step is not counted"):
+        step.finish()
+    assert opt.state[w]["step"] == 0
+    lamb = dist8.optim.LAMB8bit([w])
+    with pytest.raises(ValueError, match="cannot be stepped range by range: LAMB8bit's trust ratio"):
+        rs.RangeStep(lamb, w)
+
+
+def test_chunk_rows():
+    assert chunk_rows(160, 48, 256, 1024) == 16  # 16 rows x 48 = 768 = 3 blocks
+    assert chunk_rows(160, 48, 256, 1) == 16  # at least one block-aligned row group
+    assert chunk_rows(4096, 4096, 256, 1 << 20) == 256
+    assert chunk_rows(10, 4096, 256, 1) == 1
+    assert chunk_rows(8, 100, 256, 10**9) == 8  # never more than the weight
