@@ -182,6 +182,52 @@ def test_layer_called_twice_uses_its_whole_gradient(monkeypatch):
     assert {n for n, _, _ in seen} == {96 * 48}  # fc1 chunked; fc2 stepped whole by its hook, once per step
 
 
+class Checkpointed(nn.Module):
+    """Two residual blocks under activation checkpointing; ``shared`` runs block 0 twice."""
+
+    def __init__(self, reentrant, shared=False):
+        super().__init__()
+        torch.manual_seed(2)
+        self.blocks = nn.ModuleList(nn.ModuleDict({"up": nn.Linear(64, 256), "down": nn.Linear(256, 64)})
+                                    for _ in range(2))
+        self.reentrant, self.shared, self.checkpointed = reentrant, shared, True
+
+    def block(self, i, x):
+        b = self.blocks[i]
+        return x + b["down"](torch.relu(b["up"](x)))
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        for i in ([0, 0, 1] if self.shared else [0, 1]):
+            x = checkpoint(self.block, i, x, use_reentrant=self.reentrant) if self.checkpointed else self.block(i, x)
+        return x
+
+
+# Not (reentrant, shared): each reentrant checkpoint runs its own inner backward, so a block run twice
+# gets two gradients and two updates with or without chunks (gradient release's accumulation refusal).
+@pytest.mark.parametrize("reentrant, shared", [(False, False), (False, True), (True, False)])
+def test_activation_checkpointing_is_chunked_and_exact(reentrant, shared, monkeypatch):
+    ref, rel = Checkpointed(reentrant, shared), Checkpointed(reentrant, shared)
+    ref.checkpointed = False
+    ref_opt = dist8.AdamW8bit(ref.parameters(), lr=1e-2, min_8bit_size=0)
+    rel_opt = dist8.AdamW8bit(rel.parameters(), lr=1e-2, min_8bit_size=0)
+    seen = spy_ranges(monkeypatch)
+    handle = dist8.gradient_release(rel, rel_opt, linear_grad_chunk=256)
+    for s in range(3):
+        x = torch.randn(8, 64, generator=torch.Generator().manual_seed(s)).requires_grad_(reentrant)
+        for model, opt in ((ref, ref_opt), (rel, rel_opt)):
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    handle.remove()
+    assert_same(ref, ref_opt, rel, rel_opt)
+    # every layer is chunked (recomputed forwards belong to their backward), except a block run twice
+    # chunks of 8 rows (MIN_CHUNK_ROWS): "up" (256 x 64) in 32 chunks of 512 elements, "down" (64 x 256) in 8 of 2048
+    assert handle.steps == 3 * 8 and {c for _, _, c in seen} == {512, 2048}
+    assert len(seen) == 3 * (1 if shared else 2) * (32 + 8)
+
+
 def test_autocast_tied_weights_and_percentile_clipping_fall_back():
     ref, rel = make(), make()
     rel.extra = nn.Linear(160, 96, bias=False)
@@ -292,5 +338,6 @@ def test_chunk_rows():
     assert chunk_rows(160, 48, 256, 1024) == 16  # 16 rows x 48 = 768 = 3 blocks
     assert chunk_rows(160, 48, 256, 1) == 16  # at least one block-aligned row group
     assert chunk_rows(4096, 4096, 256, 1 << 20) == 256
-    assert chunk_rows(10, 4096, 256, 1) == 1
+    assert chunk_rows(10, 4096, 256, 1) == 8  # MIN_CHUNK_ROWS: fewer rows take the BLAS's matrix-vector path
+    assert chunk_rows(64, 256, 256, 256) == 8
     assert chunk_rows(8, 100, 256, 10**9) == 8  # never more than the weight

@@ -37,6 +37,10 @@ What is refused, and why:
   calls ``optimizer.step()`` (a no-op now), a second backward before it raises
   before touching anything; ``optimizer.step()`` after several backward passes
   raises too. A loop that never calls ``step()`` cannot be told apart.
+* Reentrant activation checkpointing (``use_reentrant=True``) of a module run more than once
+  per forward: each reentrant checkpoint runs a backward of its own, so that module's
+  parameters get two gradients and two updates (refused as accumulation from the second
+  iteration on). The default ``use_reentrant=False`` accumulates first and is exact.
 * Optimizer step hooks (``register_step_pre_hook``/``post_hook``) do not run while active.
   LR schedulers work (they change ``param_groups``, which each hook reads); create them after
   ``gradient_release`` to avoid torch's warning that ``optimizer.step`` was overridden.

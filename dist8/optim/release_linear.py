@@ -6,9 +6,11 @@ elements (whole quantization blocks) and steps each chunk at once (:class:`dist8
 so the largest gradient alive is one chunk instead of the largest layer's weight gradient: the
 term that kept gradient release's peak above its steady bytes per parameter.
 
-Exactness: a chunk's rows of ``grad_out^T @ input`` are the same rows the whole product has
-(bitwise with torch's CPU BLAS; a GPU BLAS may sum in another order), and block-aligned ranges
-step bitwise like the whole parameter. The input gradient is computed before the weight moves.
+Exactness: block-aligned ranges step bitwise like the whole parameter, and a chunk's rows of
+``grad_out^T @ input`` are the rows the whole product has up to the BLAS's summation order: bitwise
+with torch's CPU BLAS here for chunks of at least :data:`MIN_CHUNK_ROWS` rows (fewer rows take a
+matrix-vector path); a GPU BLAS may sum in another order. Activation checkpointing (reentrant or
+not) is chunked too: a forward recomputed inside a backward belongs to that backward's graph. The input gradient is computed before the weight moves.
 The bias keeps the ordinary release hook.
 
 Where the whole gradient is used instead (correct, not chunked, for that backward): a module
@@ -37,18 +39,27 @@ from dist8.optim.range_step import RangeStep, range_step_refusal
 if TYPE_CHECKING:
     from dist8.optim.release import GradientRelease
 
-__all__ = ["ChunkedLinears", "chunk_rows"]
+__all__ = ["ChunkedLinears", "MIN_CHUNK_ROWS", "chunk_rows"]
 
 # Says whether the running backward will execute a graph node (here: the weight's
 # AccumulateGrad); used by torch's own multi-grad hooks. Absent in some build: assume it will.
 _will_execute = getattr(torch._C, "_will_engine_execute_node", None)
+# The id of the backward running on this thread (-1 outside one): a forward run inside a backward is
+# activation checkpointing's recompute and belongs to that backward's graph, not to the outer one.
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+# Fewer rows make the BLAS take a matrix-vector path whose sums differ from the whole product's
+# (1-2 row fp32 chunks were 1 ulp off on this CPU's oneDNN); 8 rows and up matched bitwise.
+MIN_CHUNK_ROWS = 8
 
 
 def chunk_rows(out_features: int, in_features: int, block_size: int, chunk_numel: int) -> int:
     """Rows of a ``[out_features, in_features]`` weight per chunk: whole quantization blocks of
-    ``block_size`` elements, about ``chunk_numel`` elements (at least one block-aligned row group)."""
+    ``block_size`` elements, about ``chunk_numel`` elements, and at least :data:`MIN_CHUNK_ROWS` rows
+    (rounded up to whole blocks)."""
     unit = block_size // math.gcd(in_features, block_size)  # rows whose elements fill whole blocks
-    rows = max(unit, chunk_numel // in_features // unit * unit)
+    least = unit * -(-MIN_CHUNK_ROWS // unit)
+    rows = max(least, chunk_numel // in_features // unit * unit)
     return min(out_features, rows)
 
 
@@ -59,18 +70,20 @@ class _LinearUse:
         self.owner = owner
         self.module = module
         self.name = name
-        self.pending: list[weakref.ref] = []
+        self.pending: list[tuple[weakref.ref, int]] = []  # (forward's node, graph task it ran in)
 
     def started(self, ctx: Any) -> None:
-        """A forward in a graph: chunk only if no other forward of this module waits for backward."""
-        live = [r for r in self.pending if (c := r()) is not None and not c.done]
+        """A forward in a graph: chunk only if no other forward of this module in the same graph
+        (same running backward, or none) waits for backward."""
+        task = _graph_task_id()
+        self.pending = [(r, t) for r, t in self.pending if (c := r()) is not None and not c.done]
         ctx.done = False
-        ctx.chunked = not live
-        for r in live:  # a shared layer: every use of this graph returns its whole gradient
+        ctx.chunked = True
+        for r, t in self.pending:  # a shared layer: every use of this graph returns its whole gradient
             c = r()
-            if c is not None:
-                c.chunked = False
-        self.pending = live + [weakref.ref(ctx)]
+            if t == task and c is not None:
+                c.chunked = ctx.chunked = False
+        self.pending.append((weakref.ref(ctx), task))
 
 
 class _ChunkedWeightGrad(torch.autograd.Function):
