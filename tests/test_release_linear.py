@@ -341,3 +341,29 @@ def test_chunk_rows():
     assert chunk_rows(10, 4096, 256, 1) == 8  # MIN_CHUNK_ROWS: fewer rows take the BLAS's matrix-vector path
     assert chunk_rows(64, 256, 256, 256) == 8
     assert chunk_rows(8, 100, 256, 10**9) == 8  # never more than the weight
+
+
+def test_hf_llama_is_chunked_and_exact(monkeypatch):
+    """A client library's model as users build it: transformers' Llama (tied embeddings, GQA, rotary)."""
+    transformers = pytest.importorskip("transformers", reason="transformers is in the test extras")
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=True)
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(cfg)
+    rel = copy.deepcopy(ref)
+    ref_opt = dist8.AdamW8bit(ref.named_parameters(), lr=1e-3, min_8bit_size=1000)
+    rel_opt = dist8.AdamW8bit(rel.named_parameters(), lr=1e-3, min_8bit_size=1000)
+    seen = spy_ranges(monkeypatch)
+    handle = dist8.gradient_release(rel, rel_opt, linear_grad_chunk=2048)
+    assert len(handle.linears.chunked) == 14  # 7 per decoder layer
+    assert handle.linears.unchunked == {"lm_head": "its weight is shared with another module (tied)"}
+    for s in range(3):
+        ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(s))
+        for model, opt in ((ref, ref_opt), (rel, rel_opt)):
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    handle.remove()
+    assert_same(ref, ref_opt, rel, rel_opt)
+    assert len({n for n, _, _ in seen}) == 3  # q/o (64 x 64), k/v (32 x 64), gate/up/down (176 x 64 and 64 x 176)

@@ -71,7 +71,11 @@ class GradientRelease:
     """Handle returned by :func:`gradient_release`; ``remove()`` (or leaving a ``with`` block) undoes it.
 
     Attributes:
-        steps: parameter updates run by the hooks so far (one per parameter per backward).
+        steps: parameter updates run so far (one per parameter per backward), by the hooks or,
+            with ``linear_grad_chunk``, by a Linear's backward chunk by chunk.
+        linears: the :class:`~dist8.optim.release_linear.ChunkedLinears` of ``linear_grad_chunk``
+            (``.chunked``: module names, ``.unchunked``: ``{name: reason}``), or None.
+        lock: held while a parameter is updated (autograd may run leaves on several threads).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: Optimizer8bit, max_grad_norm_per_param: float | None,
