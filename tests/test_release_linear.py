@@ -287,6 +287,14 @@ def test_autograd_grad_steps_nothing_and_accumulation_is_refused():
     assert "forward" not in model.fc1.__dict__ and model.fc1.forward.__func__ is nn.Linear.forward
 
 
+def test_numpy_integer_chunk_is_accepted():
+    np = pytest.importorskip("numpy")
+    model = make()
+    handle = dist8.gradient_release(model, dist8.AdamW8bit(model.parameters()), linear_grad_chunk=np.int64(4096))
+    assert handle.linears.chunk_numel == 4096 and type(handle.linears.chunk_numel) is int
+    handle.remove()
+
+
 @pytest.mark.parametrize("bad", [0, -5, True, 1.5, "64k"])
 def test_bad_chunk_values_are_refused(bad):
     model = make()

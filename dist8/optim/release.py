@@ -52,6 +52,7 @@ What is refused, and why:
 """
 from __future__ import annotations
 
+import numbers
 import threading
 import types
 from typing import Any
@@ -265,14 +266,15 @@ def gradient_release(
                     f"parameter {optimizer.param_name(p)} still holds a gradient; call optimizer.zero_grad"
                     "(set_to_none=True) before gradient_release (it would be added to the next one and stepped)"
                 )
-    handle = GradientRelease(model, optimizer, max_grad_norm_per_param, linear_grad_chunk)
+    chunk = None if linear_grad_chunk is None else int(linear_grad_chunk)
+    handle = GradientRelease(model, optimizer, max_grad_norm_per_param, chunk)
     handle._install()
     return handle
 
 
 def _check_linear_grad_chunk(optimizer: Optimizer8bit, chunk: Any, max_grad_norm_per_param: float | None) -> None:
     """ValueError naming ``linear_grad_chunk`` for a bad value or an optimizer setting that cannot chunk."""
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
+    if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk <= 0:
         raise ValueError(f"linear_grad_chunk must be a number of elements > 0 or None, got {chunk!r}")
     if max_grad_norm_per_param is not None:
         raise ValueError("linear_grad_chunk cannot be combined with max_grad_norm_per_param: the clip needs the whole "
