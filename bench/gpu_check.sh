@@ -106,6 +106,6 @@ if [[ " $PARTS " == *" cpu "* ]]; then
   say "cpu rc=$? in $(( $(date +%s) - start ))s"
 fi
 # The device tool returns at most 8 files: the result files travel as one tar.
-( cd "$OUT" && files=$(ls step-*.json gpu-memory.json clocks.csv 2>/dev/null) && [ -n "$files" ] &&
+( cd "$OUT" && files=$(ls step-*.json gpu-memory.json clocks.csv 2>/dev/null; true) && [ -n "$files" ] &&
   tar -cf results.tar $files && rm -f $files )
 grep -E "^ +(16M|64M|256M|GPT2|gpt2)|copy bandwidth|bytes/param|error" "$LOG" | tail -70
