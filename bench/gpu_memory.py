@@ -46,7 +46,7 @@ def systems():
         def build(model):
             opt = dist8.AdamW8bit(model.parameters(), lr=1e-4, master_weight_bits=master)
             if release:  # steps inside backward; step/zero_grad become no-ops
-                dist8.gradient_release(model, opt, linear_grad_chunk=chunk)
+                dist8.gradient_release(model, opt, weight_grad_chunk=chunk)
             return opt.step, lambda: opt.zero_grad(set_to_none=True)
         return build
 
@@ -77,7 +77,7 @@ def systems():
         "dist8 AdamW8bit bf16 + 24-bit master": (torch.bfloat16, dist8_adamw(24)),
         "FlashOptim FlashAdamW bf16 + 24-bit master": (torch.bfloat16, flash_adamw(24)),
         "dist8 AdamW8bit bf16 + 24-bit master + gradient release": (torch.bfloat16, dist8_adamw(24, True)),
-        "dist8 AdamW8bit bf16 + 24-bit master + gradient release (linear_grad_chunk=1048576)":
+        "dist8 AdamW8bit bf16 + 24-bit master + gradient release (weight_grad_chunk=1048576)":
             (torch.bfloat16, dist8_adamw(24, True, chunk=1 << 20)),
         "FlashOptim FlashAdamW bf16 + 24-bit master + gradient release": (torch.bfloat16, flash_adamw(24, True)),
     }

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import free_port, machine, print_table, write_json  # noqa: E402
 
 KW = dict(lr=1e-4, weight_decay=0.01)
-CHUNKS = (65536, 262144)  # linear_grad_chunk of the chunked gradient-release rows (elements)
+CHUNKS = (65536, 262144)  # weight_grad_chunk of the chunked gradient-release rows (elements)
 FLASHOPTIM = [  # arXiv 2602.23349 (FlashOptim), AdamW, documented (needs a GPU; not measured here)
     {"system": "FlashOptim AdamW: bf16 + 24-bit master, bf16 grads, 8-bit state (documented)", "world_size": 1,
      "peak": 7.0, "status": "documented"},
@@ -105,7 +105,7 @@ def _dist8(w, n, dtype=None, release=False, bits=None, chunk=None):
     model = build_model(w, n, dtype)
     opt = dist8.AdamW8bit(model.named_parameters(), **KW, **_mw(bits))
     if release:
-        dist8.gradient_release(model, opt, linear_grad_chunk=chunk)
+        dist8.gradient_release(model, opt, weight_grad_chunk=chunk)
     return model, _plain_step(model, opt)
 
 
@@ -174,9 +174,9 @@ SINGLE: list[tuple[str, Callable]] = [
     ("dist8 AdamW8bit, bf16 + 24-bit master (master_weight_bits=24)", lambda w, n: _dist8(w, n, torch.bfloat16, bits=24)),
     ("dist8 AdamW8bit + gradient release, bf16 + 24-bit master",
      lambda w, n: _dist8(w, n, torch.bfloat16, release=True, bits=24)),
-    (f"dist8 AdamW8bit + gradient release (linear_grad_chunk={CHUNKS[0]}), fp32 params",
+    (f"dist8 AdamW8bit + gradient release (weight_grad_chunk={CHUNKS[0]}), fp32 params",
      lambda w, n: _dist8(w, n, release=True, chunk=CHUNKS[0])),
-    *((f"dist8 AdamW8bit + gradient release (linear_grad_chunk={c}), bf16 + 24-bit master",
+    *((f"dist8 AdamW8bit + gradient release (weight_grad_chunk={c}), bf16 + 24-bit master",
        lambda w, n, c=c: _dist8(w, n, torch.bfloat16, release=True, bits=24, chunk=c)) for c in CHUNKS),
 ]
 MULTI: list[tuple[str, Callable]] = [

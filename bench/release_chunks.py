@@ -1,4 +1,4 @@
-"""What ``linear_grad_chunk`` costs in time: one training iteration, chunked gradient release vs the rest.
+"""What ``weight_grad_chunk`` costs in time: one training iteration, chunked gradient release vs the rest.
 
 Same model as bench/memory.py (LAYERS x [LayerNorm, Linear(WIDTH, WIDTH)], bf16 weights with
 fp32 norms, ``master_weight_bits=24``, AdamW8bit), one iteration = forward, backward and the
@@ -7,7 +7,7 @@ process (each round runs every system once, in a rotating order), median over ro
 
   normal step                 ``loss.backward(); opt.step(); opt.zero_grad()``
   gradient release            ``dist8.gradient_release(model, opt)``
-  release + chunks of N       ``dist8.gradient_release(model, opt, linear_grad_chunk=N)``
+  release + chunks of N       ``dist8.gradient_release(model, opt, weight_grad_chunk=N)``
 
 Usage: python bench/release_chunks.py [--width 1024] [--layers 8] [--tokens 256] [--rounds 15]
        [--chunks 65536 262144] [--out FILE]
@@ -33,7 +33,7 @@ def build(width: int, layers: int, release: bool, chunk: int | None):
     model = build_model(width, layers, torch.bfloat16)
     opt = dist8.AdamW8bit(model.named_parameters(), **KW, master_weight_bits=24)
     if release:
-        dist8.gradient_release(model, opt, linear_grad_chunk=chunk)
+        dist8.gradient_release(model, opt, weight_grad_chunk=chunk)
     return model, opt
 
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     systems = {"normal step": (False, None), "gradient release": (True, None)}
-    systems.update({f"release + linear_grad_chunk={c}": (True, c) for c in args.chunks})
+    systems.update({f"release + weight_grad_chunk={c}": (True, c) for c in args.chunks})
     built = {name: build(args.width, args.layers, *spec) for name, spec in systems.items()}
     x = torch.randn(args.tokens, args.width, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
 

@@ -203,7 +203,7 @@ def test_config_error_of_a_fresh_process_is_one_line_exit_2():
     assert result.stderr.splitlines() == [
         "dist8 train: error: unknown config key train.stepz; valid keys of 'train': steps, batch_size, grad_accum, "
         "lr, warmup_steps, min_lr, schedule, clip, seed, precision, eval_every, eval_batches, log_every, "
-        "gradient_release, linear_grad_chunk"]
+        "gradient_release, weight_grad_chunk"]
 
 
 def test_set_overrides_and_validation_in_process():

@@ -24,10 +24,10 @@ REFUSALS = [  # (--set overrides on the release config, words the one-line error
     (["sharding.mode=dist8-zero1"], "config key sharding.mode=dist8-zero1 is incompatible"),
     (["optimizer.name=torch.adamw", "optimizer.args={}"], "config key optimizer.name=torch.adamw is incompatible"),
     (["model.dtype=fp64"], "config key model.dtype must be one of fp32, bf16, fp16; got 'fp64'"),
-    (["sharding.mode=fsdp2"], "config key train.linear_grad_chunk is incompatible with sharding.mode fsdp2"),
-    (["train.linear_grad_chunk=0"], "config key train.linear_grad_chunk must be a number of elements > 0 or null"),
-    (["train.gradient_release=false"], "config key train.linear_grad_chunk needs train.gradient_release: true"),
-    (["optimizer.name=LAMB8bit"], "config key train.linear_grad_chunk is incompatible with optimizer.name=LAMB8bit"),
+    (["sharding.mode=fsdp2"], "config key train.weight_grad_chunk is incompatible with sharding.mode fsdp2"),
+    (["train.weight_grad_chunk=0"], "config key train.weight_grad_chunk must be a number of elements > 0 or null"),
+    (["train.gradient_release=false"], "config key train.weight_grad_chunk needs train.gradient_release: true"),
+    (["optimizer.name=LAMB8bit"], "config key train.weight_grad_chunk is incompatible with optimizer.name=LAMB8bit"),
     (["optimizer.args.on_nonfinite=raise"], "incompatible with optimizer.args.on_nonfinite=raise"),
 ]
 
@@ -83,7 +83,7 @@ def test_release_config_trains_and_resumes_exactly(tmp_path):
     """configs/tiny-gpt-bf16-release.yaml at tiny size: trains, plots the breakdown, resumes bitwise."""
     full = tmp_path / "full"
     result = run(_release_cmd(*tiny_sets(full, steps=20, **{"output.plot": True, "train.eval_every": 10,
-                                                            "train.linear_grad_chunk": 4096})))
+                                                            "train.weight_grad_chunk": 4096})))
     assert result.returncode == 0, result.stderr[-4000:]
     assert "gradient release" in result.stdout
     records = read_metrics(full / "out" / "metrics.jsonl")
@@ -101,7 +101,7 @@ def test_release_config_trains_and_resumes_exactly(tmp_path):
 
     # Stop at 10 (checkpoint with bf16 params + correction), resume: the same curve bit for bit.
     part = tmp_path / "part"
-    sets = tiny_sets(part, steps=20, **{"train.eval_every": 10, "train.linear_grad_chunk": 4096})
+    sets = tiny_sets(part, steps=20, **{"train.eval_every": 10, "train.weight_grad_chunk": 4096})
     first = run(_release_cmd(*sets, "--stop-at", "10"))
     assert first.returncode == 0, first.stderr[-4000:]
     second = run(_release_cmd(*sets, "--resume", "auto"))
@@ -117,7 +117,7 @@ def test_release_config_on_fsdp2_two_ranks_resumes_exactly(tmp_path):
 
     def cmd(d, *extra):
         args = torchrun_cmd(*tiny_sets(d, steps=10, **{"sharding.mode": "fsdp2", "train.eval_every": 5,
-                                                       "checkpoint.every": 5, "train.linear_grad_chunk": "null"}),
+                                                       "checkpoint.every": 5, "train.weight_grad_chunk": "null"}),
                             *extra)
         return [a if a != str(REPO / "configs" / "tiny-gpt.yaml") else str(RELEASE_CONFIG) for a in args]
 
@@ -142,7 +142,7 @@ def test_bf16_master24_on_dist8_zero2_two_ranks_resumes_exactly(tmp_path):
 
     def cmd(d, *extra):
         args = torchrun_cmd(*tiny_sets(d, steps=10, **{"sharding.mode": "dist8-zero2", "train.gradient_release": False,
-                                                       "train.linear_grad_chunk": "null", "train.eval_every": 5,
+                                                       "train.weight_grad_chunk": "null", "train.eval_every": 5,
                                                        "checkpoint.every": 5}), *extra)
         return [a if a != str(REPO / "configs" / "tiny-gpt.yaml") else str(RELEASE_CONFIG) for a in args]
 

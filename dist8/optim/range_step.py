@@ -3,14 +3,14 @@
 ``RangeStep(opt, p)`` resolves ``p``'s settings and state once, ``update(start, grad)`` runs the
 fused kernel on elements ``[start, start + grad.numel())`` of the flattened parameter with that
 part of the gradient, and ``finish()`` counts the step. Used by gradient release
-(:mod:`dist8.optim.release_linear`) so that a layer's weight gradient never exists whole.
+(:mod:`dist8.optim.chunked_grads`) so that a layer's weight gradient never exists whole.
 
 Exactness. The kernels update every quantization block independently (dequantize, rule,
 absmax of the new state, requantize, per-block non-finite skip) with scalars that depend only
 on the step number and the hyperparameters. A range that starts on a block edge and ends on
 one (or at the parameter's end) therefore gets bitwise the values that one whole-parameter
 step gives those blocks: updating the ranges one at a time is one :meth:`Optimizer8bit.step`
-of the parameter (``tests/test_release_linear.py``).
+of the parameter (``tests/test_chunked_grads.py``).
 
 What cannot be split, and why (:func:`range_step_refusal` says which applies):
 

@@ -61,7 +61,7 @@ import torch
 
 from dist8.optim.base import Optimizer8bit
 from dist8.optim.range_step import optimizer_range_refusal
-from dist8.optim.release_linear import ChunkedLinears
+from dist8.optim.chunked_grads import ChunkedWeights
 
 __all__ = ["GradientRelease", "gradient_release"]
 
@@ -73,19 +73,19 @@ class GradientRelease:
 
     Attributes:
         steps: parameter updates run so far (one per parameter per backward), by the hooks or,
-            with ``linear_grad_chunk``, by a Linear's backward chunk by chunk.
-        linears: the :class:`~dist8.optim.release_linear.ChunkedLinears` of ``linear_grad_chunk``
+            with ``weight_grad_chunk``, by a Linear's or Embedding's backward chunk by chunk.
+        chunks: the :class:`~dist8.optim.chunked_grads.ChunkedWeights` of ``weight_grad_chunk``
             (``.chunked``: module names, ``.unchunked``: ``{name: reason}``), or None.
         lock: held while a parameter is updated (autograd may run leaves on several threads).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: Optimizer8bit, max_grad_norm_per_param: float | None,
-                 linear_grad_chunk: int | None = None) -> None:
+                 weight_grad_chunk: int | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
         self.max_grad_norm_per_param = max_grad_norm_per_param
-        self.linear_grad_chunk = linear_grad_chunk
-        self.linears: ChunkedLinears | None = None
+        self.weight_grad_chunk = weight_grad_chunk
+        self.chunks: ChunkedWeights | None = None
         self.steps = 0
         self.lock = threading.Lock()  # CUDA and CPU leaves may finish on different autograd threads
         self._updates_since_step: dict[torch.Tensor, int] = {}
@@ -110,15 +110,15 @@ class GradientRelease:
         opt.zero_grad = types.MethodType(_released_zero_grad, opt)
         setattr(opt, _ACTIVE_ATTR, self)
         self.active = True
-        if self.linear_grad_chunk is not None:
-            self.linears = ChunkedLinears(self, self.model, self.linear_grad_chunk)
+        if self.weight_grad_chunk is not None:
+            self.chunks = ChunkedWeights(self, self.model, self.weight_grad_chunk)
 
     def remove(self) -> None:
         """Remove the hooks and give ``optimizer.step``/``zero_grad`` back their normal behaviour."""
         if not self.active:
             return
-        if self.linears is not None:
-            self.linears.remove()
+        if self.chunks is not None:
+            self.chunks.remove()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -139,7 +139,7 @@ class GradientRelease:
 
     # ---- the hook ------------------------------------------------------------------------
     def _hook(self, p: torch.Tensor) -> None:
-        if p.grad is None:  # none, or stepped in chunks by its layer's backward (linear_grad_chunk)
+        if p.grad is None:  # none, or stepped in chunks by its layer's backward (weight_grad_chunk)
             return
         with self.lock:
             self.before_update(p)
@@ -205,7 +205,7 @@ def _released_zero_grad(opt: Optimizer8bit, set_to_none: bool = True) -> None:
 
 def gradient_release(
     model: torch.nn.Module, optimizer: Optimizer8bit, *, max_grad_norm_per_param: float | None = None,
-    linear_grad_chunk: int | None = None,
+    weight_grad_chunk: int | None = None,
 ) -> GradientRelease:
     """Step each parameter inside backward as soon as its gradient is ready, and free the gradient.
 
@@ -215,11 +215,11 @@ def gradient_release(
         max_grad_norm_per_param: if set, clip each parameter's gradient to this L2 norm
             before its step (the per-parameter replacement of a global
             ``clip_grad_norm_``, which gradient release cannot support). Default None (off).
-        linear_grad_chunk: if set (elements, e.g. 65536), every plain ``nn.Linear`` of the model
-            computes its weight gradient in row chunks of about this many elements (whole
-            quantization blocks) inside its backward and steps each chunk at once, so no layer's
-            weight gradient exists whole (:mod:`dist8.optim.release_linear`; bitwise the same
-            step). ``handle.linears.chunked`` names those modules, ``handle.linears.unchunked``
+        weight_grad_chunk: if set (elements, e.g. 262144), every plain ``nn.Linear`` and
+            ``nn.Embedding`` of the model computes its weight gradient in row chunks of about this
+            many elements (whole quantization blocks) inside its backward and steps each chunk at
+            once, so no layer's weight gradient exists whole (:mod:`dist8.optim.chunked_grads`;
+            bitwise the same step). ``handle.chunks.chunked`` names those modules, ``handle.chunks.unchunked``
             the others with the reason. Not with LAMB/LARS, ``on_nonfinite="skip_param"``/
             ``"raise"``, ``max_grad_norm_per_param`` or FSDP2. Default None (off).
 
@@ -251,8 +251,8 @@ def gradient_release(
         isinstance(max_grad_norm_per_param, (int, float)) and max_grad_norm_per_param > 0
     ):
         raise ValueError(f"max_grad_norm_per_param must be a number > 0 or None, got {max_grad_norm_per_param!r}")
-    if linear_grad_chunk is not None:
-        _check_linear_grad_chunk(optimizer, linear_grad_chunk, max_grad_norm_per_param)
+    if weight_grad_chunk is not None:
+        _check_weight_grad_chunk(optimizer, weight_grad_chunk, max_grad_norm_per_param)
     in_model = {id(p) for p in model.parameters()}
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -266,22 +266,22 @@ def gradient_release(
                     f"parameter {optimizer.param_name(p)} still holds a gradient; call optimizer.zero_grad"
                     "(set_to_none=True) before gradient_release (it would be added to the next one and stepped)"
                 )
-    chunk = None if linear_grad_chunk is None else int(linear_grad_chunk)
+    chunk = None if weight_grad_chunk is None else int(weight_grad_chunk)
     handle = GradientRelease(model, optimizer, max_grad_norm_per_param, chunk)
     handle._install()
     return handle
 
 
-def _check_linear_grad_chunk(optimizer: Optimizer8bit, chunk: Any, max_grad_norm_per_param: float | None) -> None:
-    """ValueError naming ``linear_grad_chunk`` for a bad value or an optimizer setting that cannot chunk."""
+def _check_weight_grad_chunk(optimizer: Optimizer8bit, chunk: Any, max_grad_norm_per_param: float | None) -> None:
+    """ValueError naming ``weight_grad_chunk`` for a bad value or an optimizer setting that cannot chunk."""
     if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk <= 0:
-        raise ValueError(f"linear_grad_chunk must be a number of elements > 0 or None, got {chunk!r}")
+        raise ValueError(f"weight_grad_chunk must be a number of elements > 0 or None, got {chunk!r}")
     if max_grad_norm_per_param is not None:
-        raise ValueError("linear_grad_chunk cannot be combined with max_grad_norm_per_param: the clip needs the whole "
+        raise ValueError("weight_grad_chunk cannot be combined with max_grad_norm_per_param: the clip needs the whole "
                          "gradient's norm before any chunk is stepped")
     if optimizer.uses_dtensor:
-        raise ValueError("linear_grad_chunk does not apply to FSDP2 (DTensor) parameters: their gradients arrive "
+        raise ValueError("weight_grad_chunk does not apply to FSDP2 (DTensor) parameters: their gradients arrive "
                          "whole from the reduce-scatter; use gradient_release without it")
     refusal = optimizer_range_refusal(optimizer)
     if refusal is not None:
-        raise ValueError(f"linear_grad_chunk cannot be used with this optimizer: {refusal}")
+        raise ValueError(f"weight_grad_chunk cannot be used with this optimizer: {refusal}")

@@ -84,9 +84,9 @@ class TrainConfig:
     log_every: int = 10
     # Step each parameter inside backward and free its gradient (dist8.gradient_release).
     gradient_release: bool = False
-    # With gradient_release: nn.Linear weight gradients computed and stepped in chunks of about
-    # this many elements inside backward (dist8.gradient_release(..., linear_grad_chunk=)); null: off.
-    linear_grad_chunk: int | None = None
+    # With gradient_release: nn.Linear/nn.Embedding weight gradients computed and stepped in chunks of about
+    # this many elements inside backward (dist8.gradient_release(..., weight_grad_chunk=)); null: off.
+    weight_grad_chunk: int | None = None
     # Test-only fault injection: rank ``fault_rank`` SIGKILLs itself right after
     # step ``fault_kill_step`` (first attempt only: TORCHELASTIC_RESTART_COUNT == 0).
     fault_kill_step: int | None = None
@@ -245,8 +245,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key model.dtype must be one of {', '.join(MODEL_DTYPES)}; got {m.dtype!r}")
     if t.gradient_release:
         check_gradient_release(cfg)
-    if t.linear_grad_chunk is not None:
-        check_linear_grad_chunk(cfg)
+    if t.weight_grad_chunk is not None:
+        check_weight_grad_chunk(cfg)
     if c.every < 0 or c.keep < 1:
         raise ConfigError(f"config keys checkpoint.every (>= 0) / checkpoint.keep (>= 1) out of range: {c.every}, {c.keep}")
     check_optimizer(o.name, o.args, m.dtype)
@@ -290,23 +290,23 @@ def check_gradient_release(cfg: Config) -> None:
                           "(it needs a dist8 optimizer)")
 
 
-def check_linear_grad_chunk(cfg: Config) -> None:
-    """Refuse, naming the key, a ``train.linear_grad_chunk`` that cannot apply (see :mod:`dist8.optim.release_linear`)."""
+def check_weight_grad_chunk(cfg: Config) -> None:
+    """Refuse, naming the key, a ``train.weight_grad_chunk`` that cannot apply (see :mod:`dist8.optim.chunked_grads`)."""
     t, s, o = cfg.train, cfg.sharding, cfg.optimizer
-    chunk = t.linear_grad_chunk
+    chunk = t.weight_grad_chunk
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
-        raise ConfigError(f"config key train.linear_grad_chunk must be a number of elements > 0 or null, got {chunk!r}")
+        raise ConfigError(f"config key train.weight_grad_chunk must be a number of elements > 0 or null, got {chunk!r}")
     if not t.gradient_release:
-        raise ConfigError("config key train.linear_grad_chunk needs train.gradient_release: true (the chunks are "
+        raise ConfigError("config key train.weight_grad_chunk needs train.gradient_release: true (the chunks are "
                           "stepped inside backward)")
     if s.mode == "fsdp2":
-        raise ConfigError("config key train.linear_grad_chunk is incompatible with sharding.mode fsdp2 (FSDP2 "
+        raise ConfigError("config key train.weight_grad_chunk is incompatible with sharding.mode fsdp2 (FSDP2 "
                           "reduce-scatters whole gradients); set it to null")
     if o.name.split(".")[-1].lower().startswith(("lamb", "lars")):
-        raise ConfigError(f"config key train.linear_grad_chunk is incompatible with optimizer.name={o.name} (its "
+        raise ConfigError(f"config key train.weight_grad_chunk is incompatible with optimizer.name={o.name} (its "
                           "trust ratio needs the whole update); set it to null")
     if o.args.get("on_nonfinite", "skip") != "skip":
-        raise ConfigError(f"config key train.linear_grad_chunk is incompatible with optimizer.args.on_nonfinite="
+        raise ConfigError(f"config key train.weight_grad_chunk is incompatible with optimizer.args.on_nonfinite="
                           f"{o.args['on_nonfinite']} (it checks the whole gradient first); use skip or set it to null")
 
 

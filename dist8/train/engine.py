@@ -133,16 +133,16 @@ def build_engine(cfg: Config, model: nn.Module, device: torch.device) -> Engine:
     return engine
 
 
-def install_gradient_release(engine: Engine, linear_grad_chunk: int | None = None) -> None:
+def install_gradient_release(engine: Engine, weight_grad_chunk: int | None = None) -> None:
     """Step each parameter inside backward (:func:`dist8.gradient_release`); the loop's ``step`` and
     ``zero_grad`` become no-ops. Called after resuming: loading optimizer state (DCP's
     ``set_optimizer_state_dict`` steps the optimizer on zero gradients to create state) must see
-    the normal ``step``/``zero_grad``. ``linear_grad_chunk``: ``train.linear_grad_chunk``."""
+    the normal ``step``/``zero_grad``. ``weight_grad_chunk``: ``train.weight_grad_chunk``."""
     from dist8.optim.release import gradient_release
 
     engine.optimizer.zero_grad(set_to_none=True)
     engine.release = gradient_release(engine.raw_model, engine.optimizer,
-                                      linear_grad_chunk=linear_grad_chunk)
+                                      weight_grad_chunk=weight_grad_chunk)
     engine.step = engine.optimizer.step  # the released (no-op) step
 
 

@@ -212,7 +212,7 @@ def _train(cfg: Config, resume, stop_at, run_name, rank, world, device) -> int:
     elif resume == "auto":
         _say(rank, f"no checkpoint under {ckpt_root}; starting at step 0")
     if t.gradient_release:
-        install_gradient_release(engine, t.linear_grad_chunk)
+        install_gradient_release(engine, t.weight_grad_chunk)
 
     out_dir = Path(cfg.output.dir)
     metrics = None

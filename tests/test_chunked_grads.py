@@ -1,4 +1,4 @@
-"""gradient_release(..., linear_grad_chunk=N): nn.Linear weights stepped chunk by chunk inside backward.
+"""gradient_release(..., weight_grad_chunk=N): nn.Linear / nn.Embedding weights stepped chunk by chunk inside backward.
 
 * every rule that can split (8- and 32-bit state, fp32 and bf16 + 24-bit master, 3-D inputs,
   layers with and without bias, chunks of one row group up to the whole weight), on the native
@@ -10,9 +10,11 @@
   graph, autocast, a weight tied to another module, percentile clipping on one parameter;
 * ``torch.autograd.grad(loss, inputs)`` steps nothing; gradient accumulation is refused as
   without chunks; ``remove()`` gives the modules their forward back;
-* refusals with one-line errors naming ``linear_grad_chunk``: bad values, LAMB/LARS,
+* refusals with one-line errors naming ``weight_grad_chunk``: bad values, LAMB/LARS,
   ``on_nonfinite="skip_param"``/``"raise"``, ``max_grad_norm_per_param``;
-* :class:`dist8.optim.range_step.RangeStep` refuses ranges off block edges and an incomplete step.
+* :class:`dist8.optim.range_step.RangeStep` refuses ranges off block edges and an incomplete step;
+* nn.Embedding (repeated ids, padding_idx, fp32 and bf16 + 24-bit master) and transformers' Llama
+  (tied and untied embeddings) bitwise equal to the normal step.
 """
 import copy
 
@@ -22,7 +24,7 @@ from torch import nn
 
 import dist8
 from dist8.optim import range_step as rs
-from dist8.optim.release_linear import chunk_rows
+from dist8.optim.chunked_grads import chunk_rows
 from optim_cases import CASES
 
 SPLITTABLE = [name for name in CASES if name not in ("LAMB", "LARS")]
@@ -99,8 +101,8 @@ def test_chunked_release_equals_normal_step_bitwise(name, backend, monkeypatch):
     kw = dict(kw, min_8bit_size=4000)  # 8-bit state for fc1/fc2/head weights, 32-bit for the rest
     ref, ref_opt, rel, rel_opt = twins(cls, **kw)
     seen = spy_ranges(monkeypatch)
-    handle = dist8.gradient_release(rel, rel_opt, linear_grad_chunk=1024)
-    assert handle.linears.chunked == ["fc1", "fc2", "head"] and not handle.linears.unchunked
+    handle = dist8.gradient_release(rel, rel_opt, weight_grad_chunk=1024)
+    assert handle.chunks.chunked == ["fc1", "fc2", "head"] and not handle.chunks.unchunked
     run_normal(ref, ref_opt, 4)
     for s in range(4):
         loss_of(rel, s).backward()
@@ -122,7 +124,7 @@ def test_bf16_master_weights_and_chunk_sizes(chunk, monkeypatch):
     kw = dict(lr=1e-2, weight_decay=0.1, min_8bit_size=4000, master_weight_bits=24)
     ref, ref_opt, rel, rel_opt = twins(dtype=torch.bfloat16, **kw)
     seen = spy_ranges(monkeypatch)
-    handle = dist8.gradient_release(rel, rel_opt, linear_grad_chunk=chunk)
+    handle = dist8.gradient_release(rel, rel_opt, weight_grad_chunk=chunk)
     run_normal(ref, ref_opt, 4, torch.bfloat16)
     run_normal(rel, rel_opt, 4, torch.bfloat16)
     handle.remove()
@@ -134,7 +136,7 @@ def test_bf16_master_weights_and_chunk_sizes(chunk, monkeypatch):
 
 def test_nonfinite_gradient_values_skip_the_same_blocks():
     ref, ref_opt, rel, rel_opt = twins(min_8bit_size=4000)
-    handle = dist8.gradient_release(rel, rel_opt, linear_grad_chunk=1024)
+    handle = dist8.gradient_release(rel, rel_opt, weight_grad_chunk=1024)
 
     def poisoned(model, step):
         x = batch(step, torch.float32)
@@ -171,7 +173,7 @@ def test_layer_called_twice_uses_its_whole_gradient(monkeypatch):
     ref_opt = dist8.AdamW8bit(ref.parameters(), lr=1e-2, min_8bit_size=1000)
     rel_opt = dist8.AdamW8bit(rel.parameters(), lr=1e-2, min_8bit_size=1000)
     seen = spy_ranges(monkeypatch)
-    handle = dist8.gradient_release(rel, rel_opt, linear_grad_chunk=256)
+    handle = dist8.gradient_release(rel, rel_opt, weight_grad_chunk=256)
     for s in range(3):
         for model, opt in ((ref, ref_opt), (rel, rel_opt)):
             model(batch(s, torch.float32)).square().mean().backward()
@@ -213,7 +215,7 @@ def test_activation_checkpointing_is_chunked_and_exact(reentrant, shared, monkey
     ref_opt = dist8.AdamW8bit(ref.parameters(), lr=1e-2, min_8bit_size=0)
     rel_opt = dist8.AdamW8bit(rel.parameters(), lr=1e-2, min_8bit_size=0)
     seen = spy_ranges(monkeypatch)
-    handle = dist8.gradient_release(rel, rel_opt, linear_grad_chunk=256)
+    handle = dist8.gradient_release(rel, rel_opt, weight_grad_chunk=256)
     for s in range(3):
         x = torch.randn(8, 64, generator=torch.Generator().manual_seed(s)).requires_grad_(reentrant)
         for model, opt in ((ref, ref_opt), (rel, rel_opt)):
@@ -237,10 +239,10 @@ def test_autocast_tied_weights_and_percentile_clipping_fall_back():
     kw = dict(lr=1e-2, min_8bit_size=4000, overrides={"head.weight": {"percentile_clipping": 90}})
     ref_opt = dist8.AdamW8bit(ref.named_parameters(), **kw)
     rel_opt = dist8.AdamW8bit(rel.named_parameters(), **kw)
-    handle = dist8.gradient_release(rel, rel_opt, linear_grad_chunk=1024)
-    assert handle.linears.chunked == ["fc1"]
-    assert "tied" in handle.linears.unchunked["fc2"] and "tied" in handle.linears.unchunked["extra"]
-    assert "percentile_clipping" in handle.linears.unchunked["head"]
+    handle = dist8.gradient_release(rel, rel_opt, weight_grad_chunk=1024)
+    assert handle.chunks.chunked == ["fc1"]
+    assert "tied" in handle.chunks.unchunked["fc2"] and "tied" in handle.chunks.unchunked["extra"]
+    assert "percentile_clipping" in handle.chunks.unchunked["head"]
     for s in range(3):
         for model, opt in ((ref, ref_opt), (rel, rel_opt)):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=s == 1):  # fp32 weights: autocast casts
@@ -256,7 +258,7 @@ def test_autocast_to_the_weights_dtype_is_chunked(monkeypatch):
     kw = dict(lr=1e-2, min_8bit_size=4000, master_weight_bits=24)
     ref, ref_opt, rel, rel_opt = twins(dtype=torch.bfloat16, **kw)
     seen = spy_ranges(monkeypatch)
-    handle = dist8.gradient_release(rel, rel_opt, linear_grad_chunk=1024)
+    handle = dist8.gradient_release(rel, rel_opt, weight_grad_chunk=1024)
     for s in range(3):
         for model, opt in ((ref, ref_opt), (rel, rel_opt)):
             with torch.autocast("cpu", dtype=torch.bfloat16):  # the training job's precision: bf16 on bf16 weights
@@ -272,7 +274,7 @@ def test_autocast_to_the_weights_dtype_is_chunked(monkeypatch):
 def test_autograd_grad_steps_nothing_and_accumulation_is_refused():
     model = make()
     opt = dist8.AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=4000)
-    handle = dist8.gradient_release(model, opt, linear_grad_chunk=1024)
+    handle = dist8.gradient_release(model, opt, weight_grad_chunk=1024)
     before = [p.detach().clone() for p in model.parameters()]
     x = batch(0, torch.float32).requires_grad_()
     (gx,) = torch.autograd.grad(model(x).square().mean(), x)  # a gradient penalty's input gradient
@@ -290,8 +292,8 @@ def test_autograd_grad_steps_nothing_and_accumulation_is_refused():
 def test_numpy_integer_chunk_is_accepted():
     np = pytest.importorskip("numpy")
     model = make()
-    handle = dist8.gradient_release(model, dist8.AdamW8bit(model.parameters()), linear_grad_chunk=np.int64(4096))
-    assert handle.linears.chunk_numel == 4096 and type(handle.linears.chunk_numel) is int
+    handle = dist8.gradient_release(model, dist8.AdamW8bit(model.parameters()), weight_grad_chunk=np.int64(4096))
+    assert handle.chunks.chunk_numel == 4096 and type(handle.chunks.chunk_numel) is int
     handle.remove()
 
 
@@ -299,8 +301,8 @@ def test_numpy_integer_chunk_is_accepted():
 def test_bad_chunk_values_are_refused(bad):
     model = make()
     opt = dist8.AdamW8bit(model.parameters())
-    with pytest.raises(ValueError, match="linear_grad_chunk must be"):
-        dist8.gradient_release(model, opt, linear_grad_chunk=bad)
+    with pytest.raises(ValueError, match="weight_grad_chunk must be"):
+        dist8.gradient_release(model, opt, weight_grad_chunk=bad)
     assert "forward" not in model.fc1.__dict__
 
 
@@ -312,14 +314,14 @@ def test_bad_chunk_values_are_refused(bad):
 ])
 def test_settings_that_cannot_split_are_refused(make_opt, match):
     model = make()
-    with pytest.raises(ValueError, match=f"linear_grad_chunk cannot be used.*{match}"):
-        dist8.gradient_release(model, make_opt(model.parameters()), linear_grad_chunk=1024)
+    with pytest.raises(ValueError, match=f"weight_grad_chunk cannot be used.*{match}"):
+        dist8.gradient_release(model, make_opt(model.parameters()), weight_grad_chunk=1024)
 
 
 def test_per_parameter_clip_is_refused():
     model = make()
-    with pytest.raises(ValueError, match="linear_grad_chunk cannot be combined with max_grad_norm_per_param"):
-        dist8.gradient_release(model, dist8.AdamW8bit(model.parameters()), linear_grad_chunk=1024,
+    with pytest.raises(ValueError, match="weight_grad_chunk cannot be combined with max_grad_norm_per_param"):
+        dist8.gradient_release(model, dist8.AdamW8bit(model.parameters()), weight_grad_chunk=1024,
                                max_grad_norm_per_param=1.0)
 
 
@@ -351,21 +353,26 @@ def test_chunk_rows():
     assert chunk_rows(8, 100, 256, 10**9) == 8  # never more than the weight
 
 
-def test_hf_llama_is_chunked_and_exact(monkeypatch):
-    """A client library's model as users build it: transformers' Llama (tied embeddings, GQA, rotary)."""
+@pytest.mark.parametrize("tied", [True, False])
+def test_hf_llama_is_chunked_and_exact(tied, monkeypatch):
+    """A client library's model as users build it: transformers' Llama (GQA, rotary; tied or untied embeddings)."""
     transformers = pytest.importorskip("transformers", reason="transformers is in the test extras")
     cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=True)
+                                   tie_word_embeddings=tied)
     torch.manual_seed(0)
     ref = transformers.LlamaForCausalLM(cfg)
     rel = copy.deepcopy(ref)
     ref_opt = dist8.AdamW8bit(ref.named_parameters(), lr=1e-3, min_8bit_size=1000)
     rel_opt = dist8.AdamW8bit(rel.named_parameters(), lr=1e-3, min_8bit_size=1000)
     seen = spy_ranges(monkeypatch)
-    handle = dist8.gradient_release(rel, rel_opt, linear_grad_chunk=2048)
-    assert len(handle.linears.chunked) == 14  # 7 per decoder layer
-    assert handle.linears.unchunked == {"lm_head": "its weight is shared with another module (tied)"}
+    handle = dist8.gradient_release(rel, rel_opt, weight_grad_chunk=2048)
+    if tied:  # one Parameter, two modules: its gradient has two parts and arrives whole
+        assert len(handle.chunks.chunked) == 14  # 7 Linears per decoder layer
+        assert handle.chunks.unchunked == {"model.embed_tokens": "its weight is shared with another module (tied)",
+                                           "lm_head": "its weight is shared with another module (tied)"}
+    else:
+        assert len(handle.chunks.chunked) == 16 and not handle.chunks.unchunked
     for s in range(3):
         ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(s))
         for model, opt in ((ref, ref_opt), (rel, rel_opt)):
@@ -374,4 +381,63 @@ def test_hf_llama_is_chunked_and_exact(monkeypatch):
             opt.zero_grad()
     handle.remove()
     assert_same(ref, ref_opt, rel, rel_opt)
-    assert len({n for n, _, _ in seen}) == 3  # q/o (64 x 64), k/v (32 x 64), gate/up/down (176 x 64 and 64 x 176)
+    # q/o (64 x 64), k/v (32 x 64), gate/up/down (176 x 64 and 64 x 176); untied: embedding and head (256 x 64)
+    assert len({n for n, _, _ in seen}) == (3 if tied else 4)
+
+
+class LM(nn.Module):
+    """Token embedding (padding row 5) into a Linear head: the embedding's gradient is a scatter of rows."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.emb = nn.Embedding(301, 48, padding_idx=5)
+        self.head = nn.Linear(48, 301)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+def lm_loss(model, step):
+    gen = torch.Generator().manual_seed(200 + step)
+    ids = torch.randint(0, 301, (6, 20), generator=gen)  # most rows absent, some repeated
+    ids[0, :4] = 5  # the padding row gets no gradient
+    ids[1, :6] = torch.tensor([300, 300, 288, 17, 17, 17])  # the last chunk's rows, a repeated id
+    return nn.functional.cross_entropy(model(ids).float().flatten(0, 1), ids.flatten().roll(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [1, 3000, 10**9])
+def test_embedding_is_chunked_and_exact(dtype, chunk, monkeypatch):
+    ref, rel = LM(), LM()
+    if dtype != torch.float32:
+        ref, rel = dist8.cast_model(ref, dtype), dist8.cast_model(rel, dtype)
+    kw = dict(lr=1e-2, weight_decay=0.1, min_8bit_size=1000, **({"master_weight_bits": 24} if dtype != torch.float32
+                                                                 else {}))
+    ref_opt = dist8.AdamW8bit(ref.named_parameters(), **kw)
+    rel_opt = dist8.AdamW8bit(rel.named_parameters(), **kw)
+    seen = spy_ranges(monkeypatch)
+    handle = dist8.gradient_release(rel, rel_opt, weight_grad_chunk=chunk)
+    assert handle.chunks.chunked == ["emb", "head"]
+    for s in range(4):
+        for model, opt in ((ref, ref_opt), (rel, rel_opt)):
+            lm_loss(model, s).backward()
+            opt.step()
+            opt.zero_grad()
+    handle.remove()
+    assert_same(ref, ref_opt, rel, rel_opt)
+    assert not rel.emb.weight[5].any()  # the padding row: zero from nn.Embedding, never a gradient
+    emb_chunks = {c for n, _, c in seen if n == 301 * 48}
+    # 48 features, blocks of 256: row groups of 16 rows (768 elements), the last chunk 13 rows (624)
+    assert emb_chunks == {1: {768, 624}, 3000: {2304, 624}, 10**9: {301 * 48}}[chunk]
+    assert "forward" not in rel.emb.__dict__
+
+
+@pytest.mark.parametrize("kw, why", [(dict(sparse=True), "sparse"), (dict(scale_grad_by_freq=True), "sparse"),
+                                     (dict(max_norm=1.0), "max_norm")])
+def test_embeddings_torch_must_compute_are_left_whole(kw, why):
+    model = nn.Sequential(nn.Embedding(300, 48, **kw), nn.Linear(48, 8))
+    opt = dist8.AdamW8bit(model.named_parameters(), min_8bit_size=0)
+    handle = dist8.gradient_release(model, opt, weight_grad_chunk=1024)
+    assert handle.chunks.chunked == ["1"] and why in handle.chunks.unchunked["0"]
+    handle.remove()

@@ -1,33 +1,36 @@
-"""Gradient release for ``nn.Linear`` weights in chunks: no layer's weight gradient exists whole.
+"""Gradient release in chunks: no ``nn.Linear`` or ``nn.Embedding`` weight gradient exists whole.
 
-With ``dist8.gradient_release(model, opt, linear_grad_chunk=N)`` every eligible plain
-``nn.Linear`` computes its weight gradient inside its own backward in row chunks of about ``N``
-elements (whole quantization blocks) and steps each chunk at once (:class:`dist8.optim.range_step.RangeStep`),
-so the largest gradient alive is one chunk instead of the largest layer's weight gradient: the
-term that kept gradient release's peak above its steady bytes per parameter.
+With ``dist8.gradient_release(model, opt, weight_grad_chunk=N)`` every eligible plain
+``nn.Linear`` and ``nn.Embedding`` computes its weight gradient inside its own backward in row
+chunks of about ``N`` elements (whole quantization blocks) and steps each chunk at once
+(:class:`dist8.optim.range_step.RangeStep`), so the largest gradient alive is one chunk instead of
+the largest layer's weight gradient: the term that kept gradient release's peak above its steady
+bytes per parameter (for a language model, its embedding and output head are the largest).
 
-Exactness: block-aligned ranges step bitwise like the whole parameter, and a chunk's rows of
-``grad_out^T @ input`` are the rows the whole product has up to the BLAS's summation order: bitwise
-with torch's CPU BLAS here for chunks of at least :data:`MIN_CHUNK_ROWS` rows (fewer rows take a
-matrix-vector path); a GPU BLAS may sum in another order. Activation checkpointing (reentrant or
-not) is chunked too: a forward recomputed inside a backward belongs to that backward's graph. The input gradient is computed before the weight moves.
-The bias keeps the ordinary release hook.
+Exactness: block-aligned ranges step bitwise like the whole parameter. A Linear chunk is the rows
+``grad_out[:, rows]^T @ input`` of the whole product, equal up to the BLAS's summation order:
+bitwise with torch's CPU BLAS here for chunks of at least :data:`MIN_CHUNK_ROWS` rows (fewer rows
+take a matrix-vector path); a GPU BLAS may sum in another order. An Embedding chunk is torch's own
+``embedding_dense_backward`` over the tokens whose ids fall in its rows (bitwise on the CPU, bf16
+included). The input gradient of a Linear is computed before its weight moves; biases keep the
+ordinary release hook. Activation checkpointing (reentrant or not) is chunked too: a forward
+recomputed inside a backward belongs to that backward's graph.
 
 Where the whole gradient is used instead (correct, not chunked, for that backward): a module
 called more than once in one graph (a shared layer; found at the second call, the earlier calls
-are switched too), forward under an autocast to another dtype than the weight's (autocast to the
-weight's own dtype, e.g. bf16 weights under bf16 autocast, casts nothing and is chunked), an
-input whose dtype is not the weight's, a
-parameter whose settings stop allowing it (e.g. ``percentile_clipping`` set later by a
-scheduler or an override). A backward that does not accumulate the weight's gradient
-(``torch.autograd.grad(loss, inputs)``) computes no weight gradient and steps nothing, as the
-ordinary release hook does.
+are switched too), a Linear forward under an autocast to another dtype than the weight's
+(autocast to the weight's own dtype, e.g. bf16 weights under bf16 autocast, casts nothing and is
+chunked) or with an input of another dtype, a parameter whose settings stop allowing it (e.g.
+``percentile_clipping`` set later by an override). A backward that does not accumulate the
+weight's gradient (``torch.autograd.grad(loss, inputs)``) computes no weight gradient and steps
+nothing, as the ordinary release hook does.
 """
 from __future__ import annotations
 
 import math
 import types
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,7 +42,7 @@ from dist8.optim.range_step import RangeStep, range_step_refusal
 if TYPE_CHECKING:
     from dist8.optim.release import GradientRelease
 
-__all__ = ["ChunkedLinears", "MIN_CHUNK_ROWS", "chunk_rows"]
+__all__ = ["ChunkedWeights", "MIN_CHUNK_ROWS", "chunk_rows"]
 
 # Says whether the running backward will execute a graph node (here: the weight's
 # AccumulateGrad); used by torch's own multi-grad hooks. Absent in some build: assume it will.
@@ -52,6 +55,8 @@ _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 # (1-2 row fp32 chunks were 1 ulp off on this CPU's oneDNN); 8 rows and up matched bitwise.
 MIN_CHUNK_ROWS = 8
 
+_USE_ATTR = "dist8_chunked_grad"  # the patched module's bookkeeping (_ModuleUse)
+
 
 def chunk_rows(out_features: int, in_features: int, block_size: int, chunk_numel: int) -> int:
     """Rows of a ``[out_features, in_features]`` weight per chunk: whole quantization blocks of
@@ -63,10 +68,10 @@ def chunk_rows(out_features: int, in_features: int, block_size: int, chunk_numel
     return min(out_features, rows)
 
 
-class _LinearUse:
-    """Bookkeeping of one patched ``nn.Linear``: which of its graph nodes still wait for backward."""
+class _ModuleUse:
+    """Bookkeeping of one patched module: which of its graph nodes still wait for backward."""
 
-    def __init__(self, owner: ChunkedLinears, module: torch.nn.Linear, name: str) -> None:
+    def __init__(self, owner: ChunkedWeights, module: torch.nn.Module, name: str) -> None:
         self.owner = owner
         self.module = module
         self.name = name
@@ -86,9 +91,9 @@ class _LinearUse:
         self.pending.append((weakref.ref(ctx), task))
 
 
-class _ChunkedWeightGrad(torch.autograd.Function):
+class _ChunkedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use: _LinearUse) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use: _ModuleUse) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.use = use
         use.started(ctx)
@@ -104,16 +109,50 @@ class _ChunkedWeightGrad(torch.autograd.Function):
         go = grad_out.reshape(-1, grad_out.shape[-1])
         xs = x.reshape(-1, x.shape[-1])
         grad_b = go.sum(0) if ctx.needs_input_grad[2] else None
-        grad_w = ctx.use.owner.weight_grad(ctx.use, bool(ctx.chunked), go, xs) if ctx.needs_input_grad[1] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = ctx.use.owner.weight_grad(ctx.use, bool(ctx.chunked), lambda r0, r1: go[:, r0:r1].t().mm(xs),
+                                               lambda: go.t().mm(xs))
         return grad_x, grad_w, grad_b, None
 
 
-class ChunkedLinears:
-    """The ``nn.Linear`` modules whose weights a :class:`~dist8.optim.release.GradientRelease` steps in chunks.
+class _ChunkedEmbedding(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, ids: torch.Tensor, weight: torch.Tensor, padding_idx: int | None, use: _ModuleUse) -> torch.Tensor:
+        ctx.save_for_backward(ids)
+        ctx.use = use
+        ctx.padding_idx = padding_idx
+        ctx.num_weights = weight.shape[0]
+        use.started(ctx)
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
+        ctx.done = True
+        (ids,) = ctx.saved_tensors
+        ids = ids.reshape(-1)
+        go = grad_out.reshape(ids.numel(), -1)
+        pad = -1 if ctx.padding_idx is None else ctx.padding_idx
+
+        def rows(r0: int, r1: int) -> torch.Tensor:  # torch's own backward over the tokens of these rows
+            sel = ((ids >= r0) & (ids < r1)).nonzero().squeeze(1)
+            return torch.ops.aten.embedding_dense_backward(go[sel], ids[sel] - r0, r1 - r0,
+                                                           pad - r0 if r0 <= pad < r1 else -1, False)
+
+        grad_w = ctx.use.owner.weight_grad(
+            ctx.use, bool(ctx.chunked), rows,
+            lambda: torch.ops.aten.embedding_dense_backward(go, ids, ctx.num_weights, pad, False))
+        return None, grad_w, None, None
+
+
+class ChunkedWeights:
+    """The modules whose weights a :class:`~dist8.optim.release.GradientRelease` steps in chunks.
 
     Attributes:
-        chunked: names of the modules whose weight gradients are chunked.
-        unchunked: ``{name: reason}`` of the plain ``nn.Linear`` modules left to the whole-gradient hook.
+        chunked: names of the ``nn.Linear``/``nn.Embedding`` modules whose weight gradients are chunked.
+        unchunked: ``{name: reason}`` of the other plain ``nn.Linear``/``nn.Embedding`` modules (left
+            to the whole-gradient hook).
         chunk_numel: elements per chunk asked for (rounded to whole blocks per module).
     """
 
@@ -129,7 +168,12 @@ class ChunkedLinears:
             uses[id(p)] = uses.get(id(p), 0) + 1
         in_opt = {id(p) for group in opt.param_groups for p in group["params"]}
         for name, module in model.named_modules():
-            if type(module) is not torch.nn.Linear:  # subclasses (LoRA, quantized layers) compute their own way
+            # exact types: subclasses (LoRA, quantized layers, StableEmbedding) compute their own way
+            if type(module) is torch.nn.Linear:
+                forward = _released_linear_forward
+            elif type(module) is torch.nn.Embedding:
+                forward = _released_embedding_forward
+            else:
                 continue
             w = module.weight
             reason = None
@@ -139,13 +183,16 @@ class ChunkedLinears:
                 reason = "its weight is shared with another module (tied)"
             elif "forward" in module.__dict__:
                 reason = "its forward is already replaced (e.g. by accelerate's hooks)"
+            elif isinstance(module, torch.nn.Embedding) and (module.sparse or module.scale_grad_by_freq
+                                                             or module.max_norm is not None):
+                reason = "sparse, scale_grad_by_freq or max_norm embeddings keep torch's backward"
             else:
                 reason = range_step_refusal(opt, w)
             if reason is not None:
                 self.unchunked[name] = reason
                 continue
-            module.forward = types.MethodType(_released_linear_forward, module)
-            module._dist8_linear_use = _LinearUse(self, module, name)
+            module.forward = types.MethodType(forward, module)
+            setattr(module, _USE_ATTR, _ModuleUse(self, module, name))
             self._patched.append(module)
             self.chunked.append(name)
 
@@ -162,11 +209,13 @@ class ChunkedLinears:
         """Give every patched module its own forward back."""
         for module in self._patched:
             module.__dict__.pop("forward", None)
-            module.__dict__.pop("_dist8_linear_use", None)
+            module.__dict__.pop(_USE_ATTR, None)
         self._patched.clear()
 
-    def weight_grad(self, use: _LinearUse, chunked: bool, go: torch.Tensor, xs: torch.Tensor) -> torch.Tensor | None:
-        """Step ``use``'s weight chunk by chunk and return None, or return its whole gradient."""
+    def weight_grad(self, use: _ModuleUse, chunked: bool, rows: Callable[[int, int], torch.Tensor],
+                    whole: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        """Step ``use``'s weight chunk by chunk (``rows(r0, r1)``: the gradient of rows ``[r0, r1)``)
+        and return None, or return its whole gradient (``whole()``)."""
         w = use.module.weight
         if _will_execute is not None:
             with torch.enable_grad():
@@ -175,14 +224,14 @@ class ChunkedLinears:
                 return None
         release = self.release
         if not (chunked and release.active) or range_step_refusal(release.optimizer, w) is not None:
-            return go.t().mm(xs)
+            return whole()
         with release.lock:
             release.before_update(w)
             step = RangeStep(release.optimizer, w)
             out_features, in_features = w.shape
-            rows = chunk_rows(out_features, in_features, step.block_size, self.chunk_numel)
-            for r0 in range(0, out_features, rows):
-                step.update(r0 * in_features, go[:, r0:r0 + rows].t().mm(xs))
+            n = chunk_rows(out_features, in_features, step.block_size, self.chunk_numel)
+            for r0 in range(0, out_features, n):
+                step.update(r0 * in_features, rows(r0, min(r0 + n, out_features)))
             step.finish()
             release.after_update(w)
         return None
@@ -194,4 +243,11 @@ def _released_linear_forward(self: torch.nn.Linear, input: torch.Tensor) -> torc
     if (not torch.is_grad_enabled() or not self.weight.requires_grad or input.dtype != self.weight.dtype
             or (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != self.weight.dtype)):
         return F.linear(input, self.weight, self.bias)  # autocast would cast: autograd's own backward
-    return _ChunkedWeightGrad.apply(input, self.weight, self.bias, self._dist8_linear_use)
+    return _ChunkedLinear.apply(input, self.weight, self.bias, getattr(self, _USE_ATTR))
+
+
+def _released_embedding_forward(self: torch.nn.Embedding, input: torch.Tensor) -> torch.Tensor:
+    """``nn.Embedding.forward`` whose backward steps the weight in chunks (see the module docstring)."""
+    if not torch.is_grad_enabled() or not self.weight.requires_grad:
+        return F.embedding(input, self.weight, self.padding_idx)
+    return _ChunkedEmbedding.apply(input, self.weight, self.padding_idx, getattr(self, _USE_ATTR))
