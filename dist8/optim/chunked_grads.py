@@ -78,9 +78,11 @@ class _ModuleUse:
         self.pending: list[tuple[weakref.ref, int]] = []  # (forward's node, graph task it ran in)
 
     def started(self, ctx: Any) -> None:
-        """A forward in a graph: chunk only if no other forward of this module in the same graph
-        (same running backward, or none) waits for backward."""
+        """A forward in a graph (``ctx``: its node, which gets ``use``, ``done`` and ``chunked``): chunk
+        only if no other forward of this module in the same graph (same running backward, or none)
+        waits for backward."""
         task = _graph_task_id()
+        ctx.use = self
         self.pending = [(r, t) for r, t in self.pending if (c := r()) is not None and not c.done]
         ctx.done = False
         ctx.chunked = True
@@ -95,7 +97,6 @@ class _ChunkedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use: _ModuleUse) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.use = use
         use.started(ctx)
         return F.linear(x, weight, bias)
 
@@ -120,9 +121,7 @@ class _ChunkedEmbedding(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, ids: torch.Tensor, weight: torch.Tensor, padding_idx: int | None, use: _ModuleUse) -> torch.Tensor:
         ctx.save_for_backward(ids)
-        ctx.use = use
-        ctx.padding_idx = padding_idx
-        ctx.num_weights = weight.shape[0]
+        ctx.padding_idx, ctx.num_weights = padding_idx, weight.shape[0]
         use.started(ctx)
         return F.embedding(ids, weight, padding_idx)
 
