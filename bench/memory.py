@@ -17,7 +17,7 @@ Nothing is computed from a formula: a number here is what the allocator held.
 FlashOptim's figures (GPU only) are quoted from its paper. The goals of issue 19
 are printed next to the rows they apply to (``goal`` column).
 
-Usage: python bench/memory.py [--width 1024] [--layers 8] [--world-sizes 2 4] [--skip torchao,...]
+Usage: python bench/memory.py [--width 1024] [--layers 8] [--world-sizes 2 4] [--vocab 0] [--skip torchao,...]
        [--only "FSDP2 + dist8 AdamW8bit + gradient release, bf16",...] [--out FILE]
 """
 from __future__ import annotations
@@ -58,11 +58,16 @@ class Block(nn.Module):
         return x + nn.functional.gelu(self.fc(self.norm(x)))
 
 
+VOCAB = 0  # --vocab: a language model's untied embedding and output head around the blocks (one process)
+
+
 def build_model(width: int, layers: int, dtype: torch.dtype | None) -> nn.Module:
     import dist8
 
     torch.manual_seed(0)
     model = nn.Sequential(*[Block(width) for _ in range(layers)])
+    if VOCAB:
+        model = nn.Sequential(nn.Embedding(VOCAB, width), *model, nn.Linear(width, VOCAB, bias=False))
     if dtype is not None:
         dist8.cast_model(model, dtype)  # norm layers stay fp32
     return model
@@ -223,6 +228,8 @@ def measure(name: str, build: Callable, width: int, layers: int) -> dict[str, An
         model, step = build(width, layers)
         dtype = next(m.fc.weight.dtype for m in model.modules() if isinstance(m, Block))
         x = torch.randn(2, width, generator=torch.Generator().manual_seed(0)).to(dtype)
+        if VOCAB:  # token ids into the embedding
+            x = torch.randint(0, VOCAB, (2,), generator=torch.Generator().manual_seed(0))
         step(x)  # warm-up: creates the optimizer state
         gc.collect()  # garbage in reference cycles would otherwise be freed at a random point of the step
         if dist.is_initialized():
@@ -314,8 +321,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--world-sizes", type=int, nargs="*", default=[2, 4])
     parser.add_argument("--skip", default="", help="comma-separated substrings of system names to skip")
     parser.add_argument("--only", default="", help="comma-separated substrings: run only the systems they name")
+    parser.add_argument("--vocab", type=int, default=0,
+                        help="add an untied nn.Embedding(VOCAB, WIDTH) and output head (one-process rows only)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.vocab and args.world_sizes:
+        parser.error("--vocab measures the one-process rows: pass --world-sizes with no values")
+    global VOCAB
+    VOCAB = args.vocab
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -330,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict:
     for row in rows:
         row["goal"] = goal(row, args.width)
     print_table(rows, ["system", "world_size", "peak", "steady", "param_bytes", "goal", "status"])
-    payload = {"benchmark": "memory", "machine": machine(), "width": args.width, "layers": args.layers,
+    payload = {"benchmark": "memory", "machine": machine(), "width": args.width, "layers": args.layers, "vocab": args.vocab,
                "unit": "bytes per parameter per rank (allocator)", "rows": rows}
     print(f"wrote {write_json('memory', payload, args.out)}")
     return payload

@@ -241,8 +241,11 @@ def memory_section() -> str:
              "FlashOptim's figures are quoted from its paper (GPU only), not measured.\n"]
     for f, d in _load("memory"):
         first = next((r for r in d["rows"] if r.get("params")), {})
+        blocks = f"{d['layers']} x [LayerNorm, Linear({d['width']}, {d['width']})]"
+        if d.get("vocab"):
+            blocks = f"Embedding({d['vocab']}, {d['width']}), {blocks}, Linear({d['width']}, {d['vocab']}) head"
         parts.append(f"`{f.name}` — {_machine_line(d['machine'])}; model {first.get('params', 0):,} params "
-                     f"({d['layers']} x [LayerNorm, Linear({d['width']}, {d['width']})])\n")
+                     f"({blocks})\n")
         rows = [[r["system"], r["world_size"], r.get("peak"), r.get("steady"), r.get("param_bytes"),
                  r.get("goal") or "", r["status"]] for r in d["rows"] if r["status"] != "skipped (--skip)"]
         parts.append(_table(["system", "ranks", "peak bytes/param", "steady bytes/param", "param bytes/param",
