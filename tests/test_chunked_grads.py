@@ -388,10 +388,10 @@ def test_hf_llama_is_chunked_and_exact(tied, monkeypatch):
 class LM(nn.Module):
     """Token embedding (padding row 5) into a Linear head: the embedding's gradient is a scatter of rows."""
 
-    def __init__(self):
+    def __init__(self, stable=False):
         super().__init__()
         torch.manual_seed(3)
-        self.emb = nn.Embedding(301, 48, padding_idx=5)
+        self.emb = (dist8.nn.StableEmbedding if stable else nn.Embedding)(301, 48, padding_idx=5)
         self.head = nn.Linear(48, 301)
 
     def forward(self, ids):
@@ -406,10 +406,12 @@ def lm_loss(model, step):
     return nn.functional.cross_entropy(model(ids).float().flatten(0, 1), ids.flatten().roll(1))
 
 
+@pytest.mark.parametrize("stable", [False, True], ids=["Embedding", "StableEmbedding"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk", [1, 3000, 10**9])
-def test_embedding_is_chunked_and_exact(dtype, chunk, monkeypatch):
-    ref, rel = LM(), LM()
+def test_embedding_is_chunked_and_exact(dtype, chunk, stable, monkeypatch):
+    """nn.Embedding, and dist8's StableEmbedding (its ``lookup`` replaced; 32-bit state, fp32 norm)."""
+    ref, rel = LM(stable), LM(stable)
     if dtype != torch.float32:
         ref, rel = dist8.cast_model(ref, dtype), dist8.cast_model(rel, dtype)
     kw = dict(lr=1e-2, weight_decay=0.1, min_8bit_size=1000, **({"master_weight_bits": 24} if dtype != torch.float32
@@ -430,7 +432,9 @@ def test_embedding_is_chunked_and_exact(dtype, chunk, monkeypatch):
     emb_chunks = {c for n, _, c in seen if n == 301 * 48}
     # 48 features, blocks of 256: row groups of 16 rows (768 elements), the last chunk 13 rows (624)
     assert emb_chunks == {1: {768, 624}, 3000: {2304, 624}, 10**9: {301 * 48}}[chunk]
-    assert "forward" not in rel.emb.__dict__
+    assert "forward" not in rel.emb.__dict__ and "lookup" not in rel.emb.__dict__
+    if stable:
+        assert rel_opt.state[rel.emb.weight]["state1"].dtype == torch.float32  # the paper's 32-bit embedding state
 
 
 @pytest.mark.parametrize("kw, why", [(dict(sparse=True), "sparse"), (dict(scale_grad_by_freq=True), "sparse"),

@@ -27,7 +27,12 @@ class StableEmbedding(nn.Embedding):
         nn.init.xavier_uniform_(self.weight)
         self._fill_padding_idx_with_zero()
 
+    def lookup(self, input: torch.Tensor) -> torch.Tensor:
+        """The rows of ``input``'s ids (``nn.Embedding.forward``); gradient release with
+        ``weight_grad_chunk`` replaces it to step the weight in chunks (dist8.optim.chunked_grads)."""
+        return super().forward(input)
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         # The norm runs in its own dtype (fp32 after dist8.cast_model); the output has the
         # embedding's dtype, as in bitsandbytes, so a bf16 model stays bf16 after it.
-        return self.norm(super().forward(input).to(self.norm.weight.dtype)).to(self.weight.dtype)
+        return self.norm(self.lookup(input).to(self.norm.weight.dtype)).to(self.weight.dtype)

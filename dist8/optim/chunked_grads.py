@@ -1,7 +1,8 @@
 """Gradient release in chunks: no ``nn.Linear`` or ``nn.Embedding`` weight gradient exists whole.
 
 With ``dist8.gradient_release(model, opt, weight_grad_chunk=N)`` every eligible plain
-``nn.Linear`` and ``nn.Embedding`` computes its weight gradient inside its own backward in row
+``nn.Linear`` and ``nn.Embedding`` (and an Embedding subclass with a ``lookup(input)`` method, such
+as :class:`dist8.nn.StableEmbedding`) computes its weight gradient inside its own backward in row
 chunks of about ``N`` elements (whole quantization blocks) and steps each chunk at once
 (:class:`dist8.optim.range_step.RangeStep`), so the largest gradient alive is one chunk instead of
 the largest layer's weight gradient: the term that kept gradient release's peak above its steady
@@ -160,18 +161,23 @@ class ChunkedWeights:
         self.chunk_numel = chunk_numel
         self.chunked: list[str] = []
         self.unchunked: dict[str, str] = {}
-        self._patched: list[torch.nn.Module] = []
+        self._patched: list[tuple[torch.nn.Module, str]] = []  # (module, the method replaced)
         opt = release.optimizer
         uses: dict[int, int] = {}
         for _, p in model.named_parameters(remove_duplicate=False):
             uses[id(p)] = uses.get(id(p), 0) + 1
         in_opt = {id(p) for group in opt.param_groups for p in group["params"]}
         for name, module in model.named_modules():
-            # exact types: subclasses (LoRA, quantized layers, StableEmbedding) compute their own way
+            # Exact types (subclasses such as LoRA or quantized layers compute their own way), and
+            # Embedding subclasses that get their rows through a ``lookup(input)`` method (dist8's
+            # StableEmbedding): that method is replaced instead of ``forward``.
+            attr = "forward"
             if type(module) is torch.nn.Linear:
                 forward = _released_linear_forward
             elif type(module) is torch.nn.Embedding:
                 forward = _released_embedding_forward
+            elif isinstance(module, torch.nn.Embedding) and callable(getattr(type(module), "lookup", None)):
+                forward, attr = _released_embedding_forward, "lookup"
             else:
                 continue
             w = module.weight
@@ -180,8 +186,8 @@ class ChunkedWeights:
                 reason = "its weight is frozen or not in the optimizer"
             elif uses.get(id(w), 0) > 1:
                 reason = "its weight is shared with another module (tied)"
-            elif "forward" in module.__dict__:
-                reason = "its forward is already replaced (e.g. by accelerate's hooks)"
+            elif attr in module.__dict__:
+                reason = f"its {attr} is already replaced (e.g. by accelerate's hooks)"
             elif isinstance(module, torch.nn.Embedding) and (module.sparse or module.scale_grad_by_freq
                                                              or module.max_norm is not None):
                 reason = "sparse, scale_grad_by_freq or max_norm embeddings keep torch's backward"
@@ -190,14 +196,14 @@ class ChunkedWeights:
             if reason is not None:
                 self.unchunked[name] = reason
                 continue
-            module.forward = types.MethodType(forward, module)
+            setattr(module, attr, types.MethodType(forward, module))
             setattr(module, _USE_ATTR, _ModuleUse(self, module, name))
-            self._patched.append(module)
+            self._patched.append((module, attr))
             self.chunked.append(name)
 
     def grad_numel(self, p: torch.Tensor) -> int:
         """Elements of ``p``'s gradient alive at once: one chunk for a chunked weight, else all of it."""
-        for module in self._patched:
+        for module, _ in self._patched:
             if module.weight is p:
                 opt = self.release.optimizer
                 block = opt.settings(p, opt.group_of(p)).block_size
@@ -206,8 +212,8 @@ class ChunkedWeights:
 
     def remove(self) -> None:
         """Give every patched module its own forward back."""
-        for module in self._patched:
-            module.__dict__.pop("forward", None)
+        for module, attr in self._patched:
+            module.__dict__.pop(attr, None)
             module.__dict__.pop(_USE_ATTR, None)
         self._patched.clear()
 
@@ -246,7 +252,7 @@ def _released_linear_forward(self: torch.nn.Linear, input: torch.Tensor) -> torc
 
 
 def _released_embedding_forward(self: torch.nn.Embedding, input: torch.Tensor) -> torch.Tensor:
-    """``nn.Embedding.forward`` whose backward steps the weight in chunks (see the module docstring)."""
+    """``nn.Embedding.forward`` (or a subclass's ``lookup``) whose backward steps the weight in chunks."""
     if not torch.is_grad_enabled() or not self.weight.requires_grad:
         return F.embedding(input, self.weight, self.padding_idx)
     return _ChunkedEmbedding.apply(input, self.weight, self.padding_idx, getattr(self, _USE_ATTR))
