@@ -102,6 +102,15 @@ class RangeStep:
         self.step = state["step"] + 1
         self.scalars, self.flags = opt.scalars(settings.hyper, self.step, 1.0)
         self.qmaps = kernel_qmaps(opt, p.device, settings.use_8bit)
+        self.backend = get_backend(p.device)
+        # Flat views made once: a chunk's update slices them (per-chunk Python work is the cost of
+        # small chunks). Values: the parameter, states 1..3 and the correction; scales: the absmax.
+        count = n_states(opt.rule)
+        keys = [state_key(i) for i in range(1, count + 1)] + ([CORRECTION] if CORRECTION in state else [])
+        self._values = {"param": p.detach().view(-1), **{k: state[k].view(-1) for k in keys}}
+        self._scales = {k: state[k] for k in (absmax_key(i) for i in range(1, count + 1)) if k in state}
+        self._count = count
+        self.skipped = torch.zeros(1, dtype=torch.int64, device=p.device)  # blocks skipped, all ranges
         self.done = 0  # elements updated so far
         opt.skip_counter.new_step()
 
@@ -117,34 +126,26 @@ class RangeStep:
             raise ValueError(f"gradient range of parameter {self.settings.name} is {grad.dtype} on {grad.device}, "
                              f"the parameter {p.dtype} on {p.device}")
         b0, b1 = start // block, -(-end // block)
-        state = self.state
-
-        def values(key: str) -> torch.Tensor | None:
-            t = state.get(key)
-            return None if t is None else t.view(-1)[start:end]
-
-        def scales(key: str) -> torch.Tensor | None:
-            t = state.get(key)
-            return None if t is None else t[b0:b1]
-
-        count = n_states(self.opt.rule)
+        values = {k: t[start:end] for k, t in self._values.items()}
+        scales = {k: t[b0:b1] for k, t in self._scales.items()}
+        k1, k2, k3 = (state_key(i) for i in (1, 2, 3))
+        a1, a2, a3 = (absmax_key(i) for i in (1, 2, 3))
         extra = {}
-        if count > 2:
-            extra.update(state3=values(state_key(3)), absmax3=scales(absmax_key(3)))
-        if CORRECTION in state:
-            extra["correction"] = values(CORRECTION)
-        skipped = torch.zeros(1, dtype=torch.int64, device=p.device)
-        get_backend(p.device).fused_update(
-            self.opt.rule, p.detach().view(-1)[start:end], grad.detach().reshape(-1),
-            values(state_key(1)), values(state_key(2)) if count >= 2 else None,
-            scales(absmax_key(1)), scales(absmax_key(2)) if count >= 2 else None,
-            *self.qmaps, self.scalars, self.flags, block, None, skipped, **extra,
+        if self._count > 2:
+            extra.update(state3=values[k3], absmax3=scales.get(a3))
+        if CORRECTION in values:
+            extra["correction"] = values[CORRECTION]
+        two = self._count >= 2
+        self.backend.fused_update(
+            self.opt.rule, values["param"], grad.detach().reshape(-1), values[k1], values[k2] if two else None,
+            scales.get(a1), scales.get(a2) if two else None, *self.qmaps, self.scalars, self.flags, block, None,
+            self.skipped, **extra,
         )
-        self.opt.skip_counter.add_blocks([self.settings.name], skipped)
         self.done += end - start
 
     def finish(self) -> None:
         """Count the step (``state["step"]``); every element must have been updated once."""
+        self.opt.skip_counter.add_blocks([self.settings.name], self.skipped)
         if self.done != self.param.numel():
             raise RuntimeError(f"parameter {self.settings.name}: ranges covered {self.done} of "
                                f"{self.param.numel()} elements; the step is not counted")
