@@ -7,7 +7,8 @@
 # the anchors' wheels come from .whl/ (bench/gpu_wheels.sh), and OUTDIR receives at most 6 files
 # (the device tool returns 8): check.log (environment, build, test summary, tables), ncu.txt (Nsight
 # Compute on the update kernels), tests.log, results.tar (step-cuda-16M.json, step-cuda-256M.json,
-# step-cuda-gpt2.json, gpu-memory.json, clocks.csv: SM/memory clocks sampled during the benchmarks,
+# step-cuda-gpt2.json, gpu-memory.json, release-chunks-cuda.json (bench/release_chunks.py),
+# clocks.csv: SM/memory clocks sampled during the benchmarks,
 # step-cpu-host.json: the host CPU's step, issue 15), and dist8_cuda.so(.sources) when built here
 # (carry them back as .prebuilt/ for a rerun).
 set -u
@@ -93,6 +94,10 @@ if [[ " $PARTS " == *" memory "* ]]; then
   say "== memory: bytes/param during a training step (CUDA allocator peak)"
   timeout 60 "$PY" bench/gpu_memory.py --out "$OUT/gpu-memory.json" >> "$LOG" 2>&1
   say "memory rc=$?"
+  say "== memory: what weight_grad_chunk costs in iteration time (8 x 4096 bf16, 4096 tokens)"
+  timeout 60 "$PY" bench/release_chunks.py --device cuda --width 4096 --tokens 4096 --rounds 10 \
+    --chunks 1048576 4194304 --out "$OUT/release-chunks-cuda.json" >> "$LOG" 2>&1
+  say "release chunks rc=$?"
 fi
 if [[ " $PARTS " == *" cpu "* ]]; then
   # Issue 15's CPU line measured on this host's CPU (an AVX-512 server CPU on the H200 hosts seen so
@@ -106,6 +111,6 @@ if [[ " $PARTS " == *" cpu "* ]]; then
   say "cpu rc=$? in $(( $(date +%s) - start ))s"
 fi
 # The device tool returns at most 8 files: the result files travel as one tar.
-( cd "$OUT" && files=$(ls step-*.json gpu-memory.json clocks.csv 2>/dev/null; true) && [ -n "$files" ] &&
+( cd "$OUT" && files=$(ls step-*.json release-chunks-*.json gpu-memory.json clocks.csv 2>/dev/null; true) && [ -n "$files" ] &&
   tar -cf results.tar $files && rm -f $files )
 grep -E "^ +(16M|64M|256M|GPT2|gpt2)|copy bandwidth|bytes/param|error" "$LOG" | tail -70

@@ -10,7 +10,7 @@ process (each round runs every system once, in a rotating order), median over ro
   release + chunks of N       ``dist8.gradient_release(model, opt, weight_grad_chunk=N)``
 
 Usage: python bench/release_chunks.py [--width 1024] [--layers 8] [--tokens 256] [--rounds 15]
-       [--chunks 65536 262144] [--out FILE]
+       [--chunks 65536 262144] [--device cpu|cuda] [--out FILE]
 """
 from __future__ import annotations
 
@@ -27,10 +27,10 @@ from common import machine, print_table, write_json  # noqa: E402
 from memory import KW, build_model  # noqa: E402
 
 
-def build(width: int, layers: int, release: bool, chunk: int | None):
+def build(width: int, layers: int, release: bool, chunk: int | None, device: torch.device):
     import dist8
 
-    model = build_model(width, layers, torch.bfloat16)
+    model = build_model(width, layers, torch.bfloat16).to(device)
     opt = dist8.AdamW8bit(model.named_parameters(), **KW, master_weight_bits=24)
     if release:
         dist8.gradient_release(model, opt, weight_grad_chunk=chunk)
@@ -44,12 +44,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tokens", type=int, default=256, help="rows of the batch (tokens) per iteration")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--chunks", type=int, nargs="*", default=[65536, 262144])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     systems = {"normal step": (False, None), "gradient release": (True, None)}
     systems.update({f"release + weight_grad_chunk={c}": (True, c) for c in args.chunks})
-    built = {name: build(args.width, args.layers, *spec) for name, spec in systems.items()}
-    x = torch.randn(args.tokens, args.width, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    built = {name: build(args.width, args.layers, *spec, device) for name, spec in systems.items()}
+    x = torch.randn(args.tokens, args.width, generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
 
     def iteration(model, opt):
         model(x).float().square().mean().backward()
@@ -63,14 +66,17 @@ def main(argv: list[str] | None = None) -> dict:
     names = list(built)
     for r in range(args.rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
+            sync()
             t0 = time.perf_counter()
             iteration(*built[name])
+            sync()
             times[name].append(time.perf_counter() - t0)
     base = statistics.median(times["normal step"])
     rows = [{"system": name, "ms": 1e3 * statistics.median(t), "x normal step": statistics.median(t) / base,
              "min ms": 1e3 * min(t)} for name, t in times.items()]
     print_table(rows, ["system", "ms", "min ms", "x normal step"])
-    payload = {"benchmark": "release_chunks", "machine": machine(), "width": args.width, "layers": args.layers,
+    payload = {"benchmark": "release_chunks", "machine": machine(), "device": str(device), "width": args.width,
+               "layers": args.layers,
                "tokens": args.tokens, "rounds": args.rounds, "unit": "ms per iteration (median)", "rows": rows}
     print(f"wrote {write_json('release-chunks', payload, args.out)}")
     return payload
