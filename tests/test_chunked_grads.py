@@ -445,3 +445,21 @@ def test_embeddings_torch_must_compute_are_left_whole(kw, why):
     handle = dist8.gradient_release(model, opt, weight_grad_chunk=1024)
     assert handle.chunks.chunked == ["1"] and why in handle.chunks.unchunked["0"]
     handle.remove()
+
+
+def test_copies_of_a_chunked_model_compute_like_plain_modules(tmp_path):
+    """copy.deepcopy (an EMA model) and torch.save of the whole module work while chunks are active;
+    the copies are not in the optimizer, so they train with ordinary autograd."""
+    model = LM()
+    opt = dist8.AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=1000)
+    handle = dist8.gradient_release(model, opt, weight_grad_chunk=1024)
+    copies = [copy.deepcopy(model)]
+    torch.save(model, tmp_path / "model.pt")
+    copies.append(torch.load(tmp_path / "model.pt", weights_only=False))
+    for twin in copies:
+        lm_loss(twin, 0).backward()
+        assert twin.emb.weight.grad is not None and twin.head.weight.grad is not None  # whole, by autograd
+        assert torch.equal(twin.head.weight, model.head.weight)  # not stepped
+    lm_loss(model, 0).backward()
+    assert model.head.weight.grad is None and handle.steps == 3  # the original still steps in chunks
+    handle.remove()

@@ -28,8 +28,8 @@ nothing, as the ordinary release hook does.
 """
 from __future__ import annotations
 
+import functools
 import math
-import types
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -77,6 +77,14 @@ class _ModuleUse:
         self.module = module
         self.name = name
         self.pending: list[tuple[weakref.ref, int]] = []  # (forward's node, graph task it ran in)
+
+    # A copy of a patched module (copy.deepcopy, pickle / torch.save) gets None here and computes
+    # like a plain module: its weight is not in the handle's optimizer.
+    def __deepcopy__(self, memo: dict) -> None:
+        return None
+
+    def __reduce__(self) -> tuple:
+        return _none, ()
 
     def started(self, ctx: Any) -> None:
         """A forward in a graph (``ctx``: its node, which gets ``use``, ``done`` and ``chunked``): chunk
@@ -196,7 +204,8 @@ class ChunkedWeights:
             if reason is not None:
                 self.unchunked[name] = reason
                 continue
-            setattr(module, attr, types.MethodType(forward, module))
+            # a partial of a module-level function, not a bound method: it pickles and deep-copies
+            setattr(module, attr, functools.partial(forward, module))
             setattr(module, _USE_ATTR, _ModuleUse(self, module, name))
             self._patched.append((module, attr))
             self.chunked.append(name)
@@ -242,17 +251,29 @@ class ChunkedWeights:
         return None
 
 
+def _none() -> None:
+    return None
+
+
+def _use_of(module: torch.nn.Module) -> _ModuleUse | None:
+    """The module's bookkeeping while chunked, else None (a copy, or a removed handle)."""
+    use = module.__dict__.get(_USE_ATTR)
+    return use if use is not None and use.owner.release.active else None
+
+
 def _released_linear_forward(self: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
     """``nn.Linear.forward`` whose backward steps the weight in chunks (see the module docstring)."""
     device = input.device.type
-    if (not torch.is_grad_enabled() or not self.weight.requires_grad or input.dtype != self.weight.dtype
+    use = _use_of(self)
+    if (use is None or not torch.is_grad_enabled() or not self.weight.requires_grad or input.dtype != self.weight.dtype
             or (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != self.weight.dtype)):
         return F.linear(input, self.weight, self.bias)  # autocast would cast: autograd's own backward
-    return _ChunkedLinear.apply(input, self.weight, self.bias, getattr(self, _USE_ATTR))
+    return _ChunkedLinear.apply(input, self.weight, self.bias, use)
 
 
 def _released_embedding_forward(self: torch.nn.Embedding, input: torch.Tensor) -> torch.Tensor:
     """``nn.Embedding.forward`` (or a subclass's ``lookup``) whose backward steps the weight in chunks."""
-    if not torch.is_grad_enabled() or not self.weight.requires_grad:
+    use = _use_of(self)
+    if use is None or not torch.is_grad_enabled() or not self.weight.requires_grad:
         return F.embedding(input, self.weight, self.padding_idx)
-    return _ChunkedEmbedding.apply(input, self.weight, self.padding_idx, getattr(self, _USE_ATTR))
+    return _ChunkedEmbedding.apply(input, self.weight, self.padding_idx, use)
