@@ -463,3 +463,19 @@ def test_copies_of_a_chunked_model_compute_like_plain_modules(tmp_path):
     lm_loss(model, 0).backward()
     assert model.head.weight.grad is None and handle.steps == 3  # the original still steps in chunks
     handle.remove()
+
+
+def test_functional_call_with_other_weights_is_plain_autograd():
+    """torch.func.functional_call swaps tensors into the module: they are not the optimizer's, so
+    they get ordinary gradients and the optimizer's parameters do not move."""
+    model = LM()
+    opt = dist8.AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=1000)
+    handle = dist8.gradient_release(model, opt, weight_grad_chunk=1024)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    swapped = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
+    ids = torch.randint(0, 301, (2, 5), generator=torch.Generator().manual_seed(0))
+    out = torch.func.functional_call(model, swapped, (ids,))
+    grads = torch.autograd.grad(out.square().mean(), list(swapped.values()))
+    assert all(g is not None and g.abs().sum() > 0 for g in grads[1:])  # head weight and bias (and emb rows)
+    assert all(torch.equal(before[k], v) for k, v in model.named_parameters()) and handle.steps == 0
+    handle.remove()

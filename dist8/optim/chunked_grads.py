@@ -76,6 +76,7 @@ class _ModuleUse:
         self.owner = owner
         self.module = module
         self.name = name
+        self.param = module.weight  # the optimizer's parameter; another tensor there computes plainly
         self.pending: list[tuple[weakref.ref, int]] = []  # (forward's node, graph task it ran in)
 
     # A copy of a patched module (copy.deepcopy, pickle / torch.save) gets None here and computes
@@ -230,7 +231,7 @@ class ChunkedWeights:
                     whole: Callable[[], torch.Tensor]) -> torch.Tensor | None:
         """Step ``use``'s weight chunk by chunk (``rows(r0, r1)``: the gradient of rows ``[r0, r1)``)
         and return None, or return its whole gradient (``whole()``)."""
-        w = use.module.weight
+        w = use.param
         if _will_execute is not None:
             with torch.enable_grad():
                 accumulate = w.view_as(w).grad_fn.next_functions[0][0]
@@ -258,7 +259,9 @@ def _none() -> None:
 def _use_of(module: torch.nn.Module) -> _ModuleUse | None:
     """The module's bookkeeping while chunked, else None (a copy, or a removed handle)."""
     use = module.__dict__.get(_USE_ATTR)
-    return use if use is not None and use.owner.release.active else None
+    # module.weight is not the parameter when torch.func.functional_call swapped it in, or when
+    # user code replaced it: that tensor is not in the optimizer, autograd computes its gradient
+    return use if use is not None and use.owner.release.active and module.weight is use.param else None
 
 
 def _released_linear_forward(self: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
