@@ -100,9 +100,9 @@ if [[ " $PARTS " == *" memory "* ]]; then
   say "release chunks rc=$?"
 fi
 if [[ " $PARTS " == *" cpu "* ]]; then
-  # Issue 15's CPU line measured on this host's CPU (an AVX-512 server CPU on the H200 hosts seen so
-  # far, where the 2-core dev VM has AVX2 only), held to 2 threads like the dev VM: the dist8 kernels
-  # are compiled here for it (-march=native, ~20 s).
+  # Issue 15's CPU line measured on this host's CPU (model and ISA recorded in the file), held to 2
+  # threads like the dev VM: one more CPU for the decision between judging the line on AVX-512
+  # CPUs and changing the format. The dist8 kernels are compiled here for it (-march=native, ~20 s).
   say "== cpu: dist8 AdamW8bit step vs torch fused AdamW on the host CPU, 2 threads"
   grep -m1 "model name" /proc/cpuinfo | tee -a "$LOG"
   start=$(date +%s)
