@@ -60,8 +60,8 @@ def _load_average() -> str:
 
 
 def _other_lookup_mode(device) -> str:
-    """'hw' or 'scalar': the AVX2 CPU path's table-lookup mode that is not this CPU's default
-    (DIST8_CPU_GATHER); '' where there is no choice (AVX-512, portable, CUDA)."""
+    """'hw' or 'scalar': the AVX2/AVX-512 CPU path's table-lookup mode that is not this CPU's default
+    (DIST8_CPU_GATHER); '' where there is no choice (portable, CUDA)."""
     if device.type != "cpu":
         return ""
     try:
@@ -71,7 +71,7 @@ def _other_lookup_mode(device) -> str:
         features = torch.ops.dist8_cpu_info.features()
     except Exception:  # noqa: BLE001 - no native build: no variant row
         return ""
-    if not features.startswith("avx2"):
+    if not features.startswith(("avx2", "avx512")):
         return ""
     return "hw" if "scalar-load lookups" in features else "scalar"
 

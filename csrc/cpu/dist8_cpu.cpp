@@ -166,7 +166,7 @@ void fused_update_cpu(int64_t rule, const at::Tensor& param, const at::Tensor& g
                       const at::Tensor& qmap1, const at::Tensor& qmap2, c10::ArrayRef<double> scalars,
                       int64_t flags, int64_t block_size, const at::Tensor& update_out, const at::Tensor& skipped,
                       const at::Tensor& state3, const at::Tensor& absmax3, const at::Tensor& correction) {
-  refresh_lookup_mode();  // AVX2: gather or scalar-load table lookups (quant_cpu.h)
+  refresh_lookup_mode();  // AVX2/AVX-512: gather or scalar-load table lookups (quant_cpu.h)
   check_rule_and_block(rule, block_size);
   const Scalars c = scalars_from(scalars);
   const QTable* tables[MAX_STATES] = {nullptr, nullptr, nullptr};
@@ -192,7 +192,7 @@ void fused_update_multi_cpu(int64_t rule, at::TensorList params, at::TensorList 
                             const at::Tensor& qmap1, const at::Tensor& qmap2, c10::ArrayRef<double> scalars,
                             int64_t flags, int64_t block_size, const at::Tensor& skipped, at::TensorList state3,
                             at::TensorList absmax3, at::TensorList correction) {
-  refresh_lookup_mode();  // AVX2: gather or scalar-load table lookups (quant_cpu.h)
+  refresh_lookup_mode();  // AVX2/AVX-512: gather or scalar-load table lookups (quant_cpu.h)
   check_rule_and_block(rule, block_size);
   TORCH_CHECK(!rule_writes_update((int)rule), "dist8: fused_update_multi_ does not take LAMB/LARS");
   const size_t k = params.size();
@@ -230,7 +230,7 @@ void fused_update_multi_cpu(int64_t rule, at::TensorList params, at::TensorList 
 
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& x, const at::Tensor& qmap,
                                                           int64_t block_size) {
-  refresh_lookup_mode();  // AVX2: gather or scalar-load table lookups (quant_cpu.h)
+  refresh_lookup_mode();  // AVX2/AVX-512: gather or scalar-load table lookups (quant_cpu.h)
   TORCH_CHECK(block_size >= 64 && (block_size & (block_size - 1)) == 0, "dist8: bad block_size ", block_size);
   TORCH_CHECK(is_supported_float(x.scalar_type()), "dist8: x must be float32, bfloat16 or float16");
   at::Tensor xc = x.contiguous();
@@ -260,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& x, c
 
 at::Tensor dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& qmap,
                                     int64_t block_size) {
-  refresh_lookup_mode();  // AVX2: gather or scalar-load table lookups (quant_cpu.h)
+  refresh_lookup_mode();  // AVX2/AVX-512: gather or scalar-load table lookups (quant_cpu.h)
   TORCH_CHECK(block_size >= 64 && (block_size & (block_size - 1)) == 0, "dist8: bad block_size ", block_size);
   TORCH_CHECK(codes.scalar_type() == at::kByte, "dist8: codes must be uint8");
   at::Tensor cc = codes.contiguous();
@@ -361,19 +361,21 @@ std::vector<int64_t> all_finite_multi_cpu(at::TensorList xs) {
 // The code paths this build uses (for `dist8 info`).
 std::string cpu_build_features() {
   std::string f;
+#if defined(D8_AVX512) || defined(D8_AVX2)
+  refresh_lookup_mode();
+  const std::string mode = std::string(lookup_mode_name()) +
+                           (lookup_mode() == default_lookup_mode() ? " (this CPU's default" : " (set by DIST8_CPU_GATHER") +
+                           "; DIST8_CPU_GATHER=hw|scalar)";
+#endif
 #ifdef D8_AVX512
-  f += "avx512 (one-gather exact codes, pipelined blocks)";
+  f += "avx512 (one-lookup exact codes, " + mode + ", pipelined blocks)";
 #ifdef D8_VBMI
   f += ", vbmi (permute dequantization)";
 #else
   f += ", no vbmi (gather dequantization)";
 #endif
 #elif defined(D8_AVX2)
-  refresh_lookup_mode();
-  f += "avx2 (one-lookup exact codes, pipelined blocks, table dequantization, fp8 maps computed; ";
-  f += lookup_mode_name();
-  f += lookup_mode() == default_lookup_mode() ? " (this CPU's default" : " (set by DIST8_CPU_GATHER";
-  f += "; DIST8_CPU_GATHER=hw|scalar))";
+  f += "avx2 (one-lookup exact codes, pipelined blocks, table dequantization, fp8 maps computed; " + mode + ")";
 #else
   f += "portable scalar quantization";
 #endif
