@@ -217,7 +217,7 @@ inline void build_qtable(QTable& t, const float* qmap) {
 // (its dequantization uses VBMI permutes, or gathers without VBMI). HW_GATHER: one vpgatherdd; fast
 // on Intel (Haswell on), microcoded and slow on AMD Zen 1-3, slow on Zen 4. SCALAR: scalar loads
 // into the lanes, which run on the load ports and the shuffle units; measured 1.3-1.4x faster per
-// lookup than the gather on a Zen 3 EPYC, and the AVX-512 step ~10% faster on a Zen 4 EPYC. Default:
+// lookup than the gather on a Zen 3 EPYC, and the AVX-512 step 2-18% faster on a Zen 4 EPYC. Default:
 // SCALAR on AMD, HW_GATHER elsewhere; DIST8_CPU_GATHER=hw|scalar overrides (read at each op call,
 // so a benchmark can compare both in one process). Bit-identical either way. The portable path has
 // no vectors.
@@ -299,25 +299,24 @@ D8_INLINE __m512i float_key16(__m512 x) {
   return _mm512_ternarylogic_epi32(b, _mm512_srai_epi32(b, 31), _mm512_set1_epi32((int)0x80000000u), 0x1E);
 }
 
-// L[i] for the four indices in the low and high halves of a and b, as the lanes of one vector.
-D8_INLINE __m128i lookup4_u32(const uint32_t* L, uint64_t a, uint64_t b) {
+// L[idx] for the four lanes of idx with scalar loads; the indices leave the vector through two
+// 64-bit extracts. Integer inserts, where the AVX2 path's lookup4 uses insertps: with insertps this
+// path's scalar mode measured ~3% slower on a Zen 4 EPYC (bench/lookup_modes.py, three runs each).
+D8_INLINE __m128i lookup4_u32(const uint32_t* L, __m128i idx) {
+  const uint64_t a = (uint64_t)_mm_cvtsi128_si64(idx), b = (uint64_t)_mm_extract_epi64(idx, 1);
   __m128i x = _mm_cvtsi32_si128((int)L[(uint32_t)a]);
   x = _mm_insert_epi32(x, (int)L[a >> 32], 1);
   x = _mm_insert_epi32(x, (int)L[(uint32_t)b], 2);
   return _mm_insert_epi32(x, (int)L[b >> 32], 3);
 }
 
-// L[idx] for 16 lanes with scalar loads (the indices leave the vector through 64-bit extracts):
-// on AMD Zen 4 ~10% faster per step than vpgatherdd (16M values, Adam, 2 threads: 16.6 vs 18.6 ms).
+// L[idx] for 16 lanes with scalar loads (LOOKUP_SCALAR): on AMD Zen 4 the step is a few percent
+// faster than with vpgatherdd (bench/lookup_modes.py).
 D8_INLINE __m512i lookup16_scalar(const uint32_t* L, __m512i idx) {
-  const __m128i i0 = _mm512_castsi512_si128(idx), i1 = _mm512_extracti32x4_epi32(idx, 1),
-                i2 = _mm512_extracti32x4_epi32(idx, 2), i3 = _mm512_extracti32x4_epi32(idx, 3);
-  const __m128i q0 = lookup4_u32(L, (uint64_t)_mm_cvtsi128_si64(i0), (uint64_t)_mm_extract_epi64(i0, 1));
-  const __m128i q1 = lookup4_u32(L, (uint64_t)_mm_cvtsi128_si64(i1), (uint64_t)_mm_extract_epi64(i1, 1));
-  const __m128i q2 = lookup4_u32(L, (uint64_t)_mm_cvtsi128_si64(i2), (uint64_t)_mm_extract_epi64(i2, 1));
-  const __m128i q3 = lookup4_u32(L, (uint64_t)_mm_cvtsi128_si64(i3), (uint64_t)_mm_extract_epi64(i3, 1));
-  const __m256i lo = _mm256_inserti128_si256(_mm256_castsi128_si256(q0), q1, 1);
-  const __m256i hi = _mm256_inserti128_si256(_mm256_castsi128_si256(q2), q3, 1);
+  const __m256i lo = _mm256_inserti128_si256(_mm256_castsi128_si256(lookup4_u32(L, _mm512_castsi512_si128(idx))),
+                                             lookup4_u32(L, _mm512_extracti32x4_epi32(idx, 1)), 1);
+  const __m256i hi = _mm256_inserti128_si256(_mm256_castsi128_si256(lookup4_u32(L, _mm512_extracti32x4_epi32(idx, 2))),
+                                             lookup4_u32(L, _mm512_extracti32x4_epi32(idx, 3)), 1);
   return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
 }
 

@@ -322,6 +322,16 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
         return schema.new_state(self.rule, p.shape, num_blocks(p.numel(), settings.block_size), settings.use_8bit,
                                 settings.hyper["percentile_clipping"], p.device, settings.correction)
 
+    def param_state(self, p: torch.Tensor, settings: ParamSettings) -> dict[str, Any]:
+        """``p``'s state for a step with ``settings``: created if missing, its master-weight
+        correction made to match the setting (which may have changed since the last step)."""
+        if not self.state[p]:
+            self.state[p] = self.init_state(p, settings)
+        state = self.state[p]
+        if settings.correction is not None or schema.CORRECTION in state:
+            master_weights.sync_correction(p, state, settings.correction)
+        return state
+
     def state_nbytes(self) -> int:
         """Bytes held by optimizer state tensors (codes, absmax, fp32 state, history, master-weight corrections)."""
         return sum(
@@ -399,11 +409,7 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
                         f"parameter {self.param_name(p)} has shape {tuple(p.shape)} but its gradient {tuple(p.grad.shape)}"
                     )
                 settings = self.settings(p, group, group_hyper)
-                if not self.state[p]:
-                    self.state[p] = self.init_state(p, settings)
-                state = self.state[p]
-                if settings.correction is not None or schema.CORRECTION in state:  # the setting may have changed
-                    master_weights.sync_correction(p, state, settings.correction)
+                state = self.param_state(p, settings)
                 # one cheap test on the common path (~0.3 us per parameter); the rest only when it fails
                 if not self.uses_dtensor and (p.is_meta or not (p.is_contiguous() and p.grad.is_contiguous())
                                               or not p.numel()):

@@ -37,7 +37,7 @@ from dist8.optim.state_schema import CORRECTION, GNORM, PERCENTILE_HISTORY, absm
 if TYPE_CHECKING:
     from dist8.optim.base import Optimizer8bit, ParamSettings
 
-__all__ = ["UpdateItem", "TrustItem", "run_updates", "amp_scaling", "square_sums"]
+__all__ = ["UpdateItem", "TrustItem", "run_updates", "amp_scaling", "square_sums", "fused_update_state"]
 
 
 class UpdateItem(NamedTuple):
@@ -190,12 +190,13 @@ def _percentile_scale(state: dict, gnorm_sq: float, step: int, percentile: float
     return 1.0 if gnorm_sq <= clip_sq or gnorm_sq == 0 else math.sqrt(clip_sq / gnorm_sq)
 
 
-def kernel_tensors(opt: Optimizer8bit, p: torch.Tensor, state: dict) -> tuple:
+def kernel_tensors(opt: Optimizer8bit, p: torch.Tensor, state: dict, grad: torch.Tensor | None = None) -> tuple:
     """(param, grad, state1, state2, absmax1, absmax2) of one parameter, as the kernels take them;
-    rules with a third state (AdEMAMix) add (state3, absmax3)."""
+    rules with a third state (AdEMAMix) add (state3, absmax3). ``grad``: default ``p.grad``."""
     count = n_states(opt.rule)
     two = count >= 2
-    row = (p.detach(), p.grad.detach(), state[state_key(1)], state[state_key(2)] if two else None,
+    grad = p.grad if grad is None else grad
+    row = (p.detach(), grad.detach(), state[state_key(1)], state[state_key(2)] if two else None,
            state.get(absmax_key(1)), state.get(absmax_key(2)) if two else None)
     if count > 2:
         row += (state[state_key(3)], state.get(absmax_key(3)))
@@ -227,17 +228,26 @@ def _update_one(opt: Optimizer8bit, p: torch.Tensor, state: dict, settings: Para
     update = None
     if opt.rule in RULE_WRITES_UPDATE:
         update = torch.empty(p.numel(), dtype=torch.float32, device=p.device)
-    q1, q2 = kernel_qmaps(opt, p.device, settings.use_8bit)
     skipped = torch.zeros(1, dtype=torch.int64, device=p.device)
-    row = kernel_tensors(opt, p, state)
+    fused_update_state(opt, p, p.grad, state, kernel_qmaps(opt, p.device, settings.use_8bit), scalars, flags,
+                       settings.block_size, update, skipped)
+    opt.skip_counter.add_blocks([settings.name], skipped)
+    return update
+
+
+def fused_update_state(opt: Optimizer8bit, p: torch.Tensor, grad: torch.Tensor, state: dict, qmaps: tuple,
+                       scalars: Scalars, flags: int, block_size: int, update: torch.Tensor | None,
+                       skipped: torch.Tensor, backend: Any = None) -> None:
+    """One fused kernel call: ``p`` (a parameter, or a flat block-aligned range of one) with
+    ``grad`` and its ``state`` dict (or views of the same range), through ``backend`` (default:
+    ``p``'s device's). ``skipped`` is increased by the blocks skipped."""
+    row = kernel_tensors(opt, p, state, grad)
     extra = dict(state3=row[6], absmax3=row[7]) if len(row) > 6 else {}
     if CORRECTION in state:
         extra["correction"] = state[CORRECTION]
-    get_backend(p.device).fused_update(
-        opt.rule, *row[:6], q1, q2, scalars, flags, settings.block_size, update, skipped, **extra
+    (backend or get_backend(p.device)).fused_update(
+        opt.rule, *row[:6], *qmaps, scalars, flags, block_size, update, skipped, **extra
     )
-    opt.skip_counter.add_blocks([settings.name], skipped)
-    return update
 
 
 def _apply_trust_ratios(opt: Optimizer8bit, trust_items: list[TrustItem], n_slots: int) -> None:

@@ -28,9 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dist8.kernels import RULE_WRITES_UPDATE, get_backend
-from dist8.optim import dtensor_layout as dtl
-from dist8.optim import master_weights
-from dist8.optim.pipeline import kernel_qmaps
+from dist8.optim.pipeline import fused_update_state, kernel_qmaps
 from dist8.optim.state_schema import CORRECTION, absmax_key, n_states, state_key
 
 if TYPE_CHECKING:
@@ -55,11 +53,9 @@ def range_step_refusal(opt: Optimizer8bit, p: torch.Tensor, settings: ParamSetti
 
     ``settings``: ``p``'s resolved settings if the caller has them (else resolved here).
     """
-    refusal = optimizer_range_refusal(opt)
+    refusal = optimizer_range_refusal(opt)  # DTensors: all of opt's parameters are, or none
     if refusal is not None:
         return refusal
-    if dtl.is_dtensor(p):
-        return "DTensor (FSDP2) parameters step their shard-edge blocks with collectives"
     if not p.is_contiguous() or not p.numel() or p.is_meta:
         return "the parameter is empty, meta or not contiguous"
     if settings is None:
@@ -89,11 +85,7 @@ class RangeStep:
         refusal = range_step_refusal(opt, p, settings)
         if refusal is not None:
             raise ValueError(f"parameter {settings.name} cannot be stepped range by range: {refusal}")
-        if not opt.state[p]:
-            opt.state[p] = opt.init_state(p, settings)
-        state = opt.state[p]
-        if settings.correction is not None or CORRECTION in state:  # the setting may have changed
-            master_weights.sync_correction(p, state, settings.correction)
+        state = opt.param_state(p, settings)
         self.opt = opt
         self.param = p
         self.settings = settings
@@ -104,12 +96,12 @@ class RangeStep:
         self.qmaps = kernel_qmaps(opt, p.device, settings.use_8bit)
         self.backend = get_backend(p.device)
         # Flat views made once: a chunk's update slices them (per-chunk Python work is the cost of
-        # small chunks). Values: the parameter, states 1..3 and the correction; scales: the absmax.
+        # small chunks). Per value: states 1..3 and the correction; per block: the absmax.
         count = n_states(opt.rule)
         keys = [state_key(i) for i in range(1, count + 1)] + ([CORRECTION] if CORRECTION in state else [])
-        self._values = {"param": p.detach().view(-1), **{k: state[k].view(-1) for k in keys}}
+        self._flat_param = p.detach().view(-1)
+        self._values = {k: state[k].view(-1) for k in keys}
         self._scales = {k: state[k] for k in (absmax_key(i) for i in range(1, count + 1)) if k in state}
-        self._count = count
         self.skipped = torch.zeros(1, dtype=torch.int64, device=p.device)  # blocks skipped, all ranges
         self.done = 0  # elements updated so far
         opt.skip_counter.new_step()
@@ -126,21 +118,10 @@ class RangeStep:
             raise ValueError(f"gradient range of parameter {self.settings.name} is {grad.dtype} on {grad.device}, "
                              f"the parameter {p.dtype} on {p.device}")
         b0, b1 = start // block, -(-end // block)
-        values = {k: t[start:end] for k, t in self._values.items()}
-        scales = {k: t[b0:b1] for k, t in self._scales.items()}
-        k1, k2, k3 = (state_key(i) for i in (1, 2, 3))
-        a1, a2, a3 = (absmax_key(i) for i in (1, 2, 3))
-        extra = {}
-        if self._count > 2:
-            extra.update(state3=values[k3], absmax3=scales.get(a3))
-        if CORRECTION in values:
-            extra["correction"] = values[CORRECTION]
-        two = self._count >= 2
-        self.backend.fused_update(
-            self.opt.rule, values["param"], grad.detach().reshape(-1), values[k1], values[k2] if two else None,
-            scales.get(a1), scales.get(a2) if two else None, *self.qmaps, self.scalars, self.flags, block, None,
-            self.skipped, **extra,
-        )
+        view = {k: t[start:end] for k, t in self._values.items()}  # the range's state, as a state dict
+        view.update((k, t[b0:b1]) for k, t in self._scales.items())
+        fused_update_state(self.opt, self._flat_param[start:end], grad.reshape(-1), view, self.qmaps, self.scalars,
+                           self.flags, block, None, self.skipped, self.backend)
         self.done += end - start
 
     def finish(self) -> None:

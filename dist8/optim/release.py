@@ -279,9 +279,6 @@ def _check_weight_grad_chunk(optimizer: Optimizer8bit, chunk: Any, max_grad_norm
     if max_grad_norm_per_param is not None:
         raise ValueError("weight_grad_chunk cannot be combined with max_grad_norm_per_param: the clip needs the whole "
                          "gradient's norm before any chunk is stepped")
-    if optimizer.uses_dtensor:
-        raise ValueError("weight_grad_chunk does not apply to FSDP2 (DTensor) parameters: their gradients arrive "
-                         "whole from the reduce-scatter; use gradient_release without it")
-    refusal = optimizer_range_refusal(optimizer)
+    refusal = optimizer_range_refusal(optimizer)  # LAMB/LARS, whole-gradient checks, FSDP2
     if refusal is not None:
         raise ValueError(f"weight_grad_chunk cannot be used with this optimizer: {refusal}")

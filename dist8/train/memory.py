@@ -7,7 +7,7 @@ of local shards):
 ``grads``            the gradients a step holds at once: one per parameter (the flat buffers of
                      ``ShardedOptimizer`` stage 2), or only the largest parameter's under
                      gradient release (each is freed as soon as its parameter stepped; with
-                     ``weight_grad_chunk`` a chunked ``nn.Linear`` weight counts one chunk)
+                     ``weight_grad_chunk`` a chunked Linear/Embedding weight counts one chunk)
 ``correction``       the master-weight correction (``master_weight_bits``), stored as optimizer state
 ``master``           fp32 master copies (``ShardedOptimizer``'s owned range for bf16/fp16 parameters)
 ``optimizer_state``  the rest of the optimizer state (codes, absmax, 32-bit state, histories)
@@ -51,7 +51,7 @@ def memory_breakdown(model: nn.Module, optimizer: Any, *, gradient_release: Any 
     """Bytes this rank holds for ``model`` trained by ``optimizer`` (see the module docstring).
 
     ``gradient_release``: False, True, or the :class:`dist8.optim.release.GradientRelease` handle
-    (with ``weight_grad_chunk``, a chunked ``nn.Linear`` weight counts one chunk of its gradient).
+    (with ``weight_grad_chunk``, a chunked Linear/Embedding weight counts one chunk of its gradient).
     """
     params = [p for p in model.parameters()]
     trainable = [p for p in params if p.requires_grad]
