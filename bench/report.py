@@ -62,7 +62,7 @@ def step_section() -> str:
              "than issue 15 have a `no-check` row instead (the old default without its gradient check). "
              "`DIST8_CPU_GATHER=...` rows are the default with the AVX2 path's other table-lookup mode (hardware "
              "gathers or scalar loads; see docs/design.md, Kernels). `quant_map=\"fp8\"` rows use the fp8 map "
-             "(codes computed from the float bits on AVX2 CPUs instead of looked up; a different state format, "
+             "(codes computed from the float bits on AVX2 and AVX-512 CPUs instead of looked up; a different state format, "
              "opt-in; docs/design.md, Quantization). `+GradScaler` rows step through "
              "`torch.amp.GradScaler` (fp16 mixed precision): there the scaler checks every gradient for both (a "
              "read and a write), dist8 skips its own check and both unscale inside their kernels, so `dist8 "
@@ -141,6 +141,28 @@ def step_section() -> str:
                                "other), so only rows of the same library compare like with like here (e.g. the "
                                "`DIST8_CPU_GATHER` row against the default).")
         parts.append("\n" + "\n".join(f"- {v}" for v in verdicts) + "\n")
+    parts.append(ablation_part())
+    return "\n".join(parts)
+
+
+def ablation_part() -> str:
+    """bench/step_phases.py: the CPU step rebuilt without its encode and/or decode (wrong results,
+    benchmark-only builds) against torch fused AdamW: what the rest of the step costs."""
+    files = _load("ablation")
+    if not files:
+        return ""
+    parts = ["### What the CPU step costs without its 8-bit conversions (`bench/step_phases.py`)\n",
+             "Ablation builds of the CPU kernels (`-DDIST8_ABLATE_ENCODE`: no codes computed; "
+             "`-DDIST8_ABLATE_DECODE`: no states dequantized; results wrong, never a normal build), each in its "
+             "own process interleaved with torch fused AdamW on the same tensor. The build without both "
+             "conversions is the floor: an 8-bit state format meets the issue-15 line (<= 1.0x) on that machine "
+             "only if its conversions cost less than the gap between that floor and 1.0x (section 14 below).\n"]
+    for f, d in files:
+        parts.append(f"`{f.name}` — {_machine_line(d['machine'])}; size {d['size']}, {d['rounds']} rounds x "
+                     f"{d['reps']} steps; dist8 CPU path (full build): {d['dist8_cpu_path'].get('full step', '?')}\n")
+        parts.append(_table(["map", "build", "dist8 ms", "torch fused ms", "dist8 / torch fused", "range over rounds"],
+                            [[r["map"], r["build"], r["dist8 ms"], r["torch fused ms"], r["dist8 / torch fused"],
+                              r["range"]] for r in d["rows"]]) + "\n")
     return "\n".join(parts)
 
 

@@ -100,7 +100,10 @@ def flags_for(rule: Rule, step: int, nesterov: bool) -> int:
 
 
 def qmaps(signs, map_name: str):
-    return [get_map(map_name, signed) for signed in signs]
+    """One map per state; ``"a+b"`` gives the first state map a and the others map b (a kernel call
+    whose states use different maps: the CPU kernel runs such calls block by block)."""
+    first, _, rest = map_name.partition("+")
+    return [get_map(first if i == 0 or not rest else rest, signed) for i, signed in enumerate(signs)]
 
 
 class Case:

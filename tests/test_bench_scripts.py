@@ -27,3 +27,20 @@ def test_python_script_answers_help(script, monkeypatch, capsys):
 def test_shell_script_parses(script):
     out = subprocess.run(["bash", "-n", str(BENCH / script)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, f"{script}: {out.stderr}"
+
+
+def test_ablation_builds_of_step_phases_compile(tmp_path):
+    """bench/step_phases.py rebuilds the CPU kernels with -DDIST8_ABLATE_ENCODE/-DDIST8_ABLATE_DECODE;
+    a change to the block pipeline must keep those builds compiling (syntax and templates, one block
+    file, this machine's vector path)."""
+    from torch.utils import cpp_extension
+
+    from dist8.kernels import build
+
+    csrc = build.csrc_dir()
+    includes = [f"-I{p}" for p in (*cpp_extension.include_paths(), csrc / "cpu", csrc / "include")]
+    flags = [f for f in build.cpu_compile_flags() if f != "-fopenmp"]
+    out = subprocess.run(["c++", "-std=c++17", "-fsyntax-only", *flags, "-DDIST8_ABLATE_ENCODE",
+                          "-DDIST8_ABLATE_DECODE", *includes, str(csrc / "cpu" / "blocks_adam_cpu.cpp")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]

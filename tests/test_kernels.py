@@ -121,13 +121,13 @@ def test_linear_map_with_duplicate_entry(backend, device):
 
 @per_backend("rule", all=ALL_RULES, emulated=[Rule.ADAM, Rule.RMSPROP, Rule.LION])
 def test_fp8_map(backend, kind, device, rule):
-    """quant_map="fp8": the AVX2 CPU kernel computes codes and values from the float bits
-    (checked below), every other backend looks them up; all equal the reference bit for bit,
+    """quant_map="fp8": the AVX2 and AVX-512 CPU kernels compute codes and values from the float
+    bits (checked below), every other backend looks them up; all equal the reference bit for bit,
     also in a partial last block, with bf16 parameters and for tiny/huge state magnitudes."""
     if kind == "cpu":
         from dist8.quant import fp8_map
 
-        computed = torch.ops.dist8_cpu_info.features().startswith("avx2")
+        computed = torch.ops.dist8_cpu_info.features().startswith(("avx2", "avx512"))
         for signed in (True, False):
             assert torch.ops.dist8_cpu_info.map_codes(fp8_map(signed)) == ("fp8 codec" if computed else "key table")
     sizes = [(300, 64, torch.float32)] if kind == "emulated" else [(3000, 256, torch.float32), (1000, 64, torch.bfloat16)]
@@ -363,6 +363,17 @@ def test_bad_table_lookup_mode_is_refused(backend, monkeypatch):
     monkeypatch.setenv("DIST8_CPU_GATHER", "fast")
     with pytest.raises((RuntimeError, ValueError), match="DIST8_CPU_GATHER"):
         backend.quantize_blockwise(torch.randn(1000), dynamic_map(True), 256)
+
+
+@per_backend("rule", all=[Rule.ADAM, Rule.ADEMAMIX], emulated=[Rule.ADAM])
+def test_states_with_different_maps(backend, kind, device, rule):
+    """A call whose states use different maps (fp8 for the first, the dynamic map for the others,
+    and the reverse): the CPU kernel's pipeline compiles one codec in, so it runs such a call block by
+    block; every backend still equals the reference bit for bit."""
+    n = 300 if kind == "emulated" else 2000
+    for i, maps in enumerate(("fp8+dynamic", "dynamic+fp8")):
+        run_steps(backend, Case(rule, n, 64 if kind == "emulated" else 256, True, torch.float32, torch.float32, device,
+                                seed=40 + i, map_name=maps), steps=3 if kind == "emulated" else 10)
 
 
 @per_backend("", cpu=[()])

@@ -4,6 +4,11 @@
 // for LAMB/LARS). Included only by the blocks_*_cpu.cpp files, which instantiate
 // run_blocks for their rules.
 //
+// Benchmark-only ablations (bench/step_phases.py; never in a normal build, and `dist8 info` says
+// so): DIST8_ABLATE_ENCODE stores the scaled values' top bytes instead of computing codes,
+// DIST8_ABLATE_DECODE leaves the previous block's values in the stash instead of dequantizing.
+// The results are wrong; they measure what the rest of the step costs.
+//
 // Software pipelining: the rule is bound by the divider (sqrt and two divisions
 // per value for Adam) and quantization by table loads, so each thread runs them
 // side by side -- while it dequantizes and updates block b, 64 values at a time,
@@ -139,6 +144,7 @@ D8_INLINE void master_encode_n(const Update& u, const float* src, int64_t off, i
   else master_encode_loop<C, false>(src, len, pb, c);
 }
 
+template <int CODEC = CODEC_ANY>
 D8_INLINE Span prepare_span(const Update& u, int64_t off, int64_t len, const float* old_absmax, float* const* stash,
                             Scratch& w, float* out) {
   Span sp;
@@ -151,7 +157,10 @@ D8_INLINE Span prepare_span(const Update& u, int64_t off, int64_t len, const flo
   for (int s = 0; s < u.nstates; ++s) {
     if (u.st[s].q8) {
       sp.S[s] = stash[s];
-      if (len == CHUNK) dequantize64(u.st[s].codes + off, old_absmax[s], *u.st[s].table, sp.S[s]);
+#ifdef DIST8_ABLATE_DECODE
+      if (len == CHUNK) continue;
+#endif
+      if (len == CHUNK) dequantize64<CODEC>(u.st[s].codes + off, old_absmax[s], *u.st[s].table, sp.S[s]);
       else dequantize_block(u.st[s].codes + off, len, old_absmax[s], *u.st[s].table, sp.S[s]);
       if (u.st[s].floored) floor_n(sp.S[s], len, fmul(u.st[s].floor_frac, old_absmax[s]));
     } else {
@@ -229,6 +238,18 @@ int64_t run_block_simple(const Update& u, int64_t blk, Scratch& w) {
 }
 
 #if defined(D8_AVX512) || defined(D8_AVX2)
+#ifdef DIST8_ABLATE_ENCODE
+// Stand-in words for 16 values: a byte of each scaled value's bits (not its code).
+D8_INLINE Words16 ablated_words16(const float* v, Recip recip) {
+#ifdef D8_AVX512
+  return _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(v), recip));
+#else
+  return {_mm256_srli_epi32(_mm256_castps_si256(_mm256_mul_ps(_mm256_loadu_ps(v), recip)), 24),
+          _mm256_srli_epi32(_mm256_castps_si256(_mm256_mul_ps(_mm256_loadu_ps(v + 8), recip)), 24)};
+#endif
+}
+#endif
+
 // Full blocks [b0, b1) whose states are all 8-bit with a table (the common case),
 // pipelined: quantize block b-1 while updating block b, interleaved 16 values at a
 // time so that the scheduler always holds both divider work (the rule) and table
@@ -237,7 +258,9 @@ int64_t run_block_simple(const Update& u, int64_t blk, Scratch& w) {
 // quantize only) are the same chunk code with one half compiled out. A block is committed
 // (absmax, outputs, and its codes while the next block is updated) only if all its new
 // values are finite: the absmax reduction of the states and one more of the outputs say so.
-template <int R, int FL>
+// CODEC: every state's codes and values come from the key table (CODEC_TABLE) or the fp8 codec
+// (CODEC_FP8), compiled in.
+template <int R, int FL, int CODEC>
 struct Pipeline {
   static constexpr int NS = R == ADEMAMIX ? 3 : (R == ADAM || R == LAMB || R == RMSPROP_MOMENTUM) ? 2 : 1;
   const Update& u;
@@ -261,7 +284,7 @@ struct Pipeline {
     float* cur_stash[MAX_STATES] = {w.stash[0][b & 1] + i, w.stash[1][b & 1] + i, w.stash[2][b & 1] + i};
     if constexpr (CUR) {
       prefetch_block(u, off + PREFETCH * B);
-      sp = prepare_span(u, off, CHUNK, old_am, cur_stash, w, w.obuf + i);
+      sp = prepare_span<CODEC>(u, off, CHUNK, old_am, cur_stash, w, w.obuf + i);
     }
     Words16 words[NS][4];
 #pragma GCC unroll 4
@@ -273,7 +296,11 @@ struct Pipeline {
       }
       if constexpr (PREV)
         for (int s = 0; s < NS; ++s)
-          words[s][j] = quant_words16(w.stash[s][(b - 1) & 1] + i + 16 * j, recip[s], qs[s]);
+#ifdef DIST8_ABLATE_ENCODE
+          words[s][j] = ablated_words16(w.stash[s][(b - 1) & 1] + i + 16 * j, recip[s]);
+#else
+          words[s][j] = quant_words16<CODEC>(w.stash[s][(b - 1) & 1] + i + 16 * j, recip[s], qs[s]);
+#endif
     }
     if constexpr (PREV)
       if (prev_ok)
@@ -318,6 +345,15 @@ struct Pipeline {
 };
 #endif
 
+#if defined(D8_AVX512) || defined(D8_AVX2)
+template <typename P>
+int64_t run_pipeline(const Update& u, Scratch& w, int64_t b0, int64_t b1) {
+  P pipe(u, w);
+  pipe.run(b0, b1);
+  return pipe.skips;
+}
+#endif
+
 template <int R, int FL>
 void run_blocks(const Update& u, int64_t b0, int64_t b1) {
   const int64_t nfull = u.n / u.block_size;
@@ -325,12 +361,18 @@ void run_blocks(const Update& u, int64_t b0, int64_t b1) {
   bool pipelined = false;
   int64_t skips = 0;
 #if defined(D8_AVX512) || defined(D8_AVX2)
-  pipelined = true;
-  for (int s = 0; s < u.nstates; ++s) pipelined = pipelined && u.st[s].q8 && u.st[s].table->simd_codes();
+  // Pipelined when every state is 8-bit with one vector codec, the same for all (one quant_map per
+  // optimizer); anything else (32-bit state, maps without a key table, mixed codecs) block by block.
+  bool all_fp8 = true, all_table = true;
+  for (int s = 0; s < u.nstates; ++s) {
+    const bool q8 = u.st[s].q8;
+    all_fp8 = all_fp8 && q8 && u.st[s].table->fp8;
+    all_table = all_table && q8 && !u.st[s].table->fp8 && u.st[s].table->fast;
+  }
+  pipelined = all_fp8 || all_table;
   if (pipelined) {
-    Pipeline<R, FL> pipe(u, w);
-    pipe.run(b0, std::min(b1, nfull));
-    skips += pipe.skips;
+    skips += all_fp8 ? run_pipeline<Pipeline<R, FL, CODEC_FP8>>(u, w, b0, std::min(b1, nfull))
+                     : run_pipeline<Pipeline<R, FL, CODEC_TABLE>>(u, w, b0, std::min(b1, nfull));
   }
 #endif
   for (int64_t b = pipelined ? std::max(b0, nfull) : b0; b < b1; ++b) skips += run_block_simple<R, FL>(u, b, w);

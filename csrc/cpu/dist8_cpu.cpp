@@ -368,7 +368,7 @@ std::string cpu_build_features() {
                            "; DIST8_CPU_GATHER=hw|scalar)";
 #endif
 #ifdef D8_AVX512
-  f += "avx512 (one-lookup exact codes, " + mode + ", pipelined blocks)";
+  f += "avx512 (one-lookup exact codes, " + mode + ", pipelined blocks, fp8 maps computed)";
 #ifdef D8_VBMI
   f += ", vbmi (permute dequantization)";
 #else
@@ -382,6 +382,16 @@ std::string cpu_build_features() {
 #ifdef D8_F16C
   f += ", f16c";
 #endif
+#if defined(DIST8_ABLATE_ENCODE) || defined(DIST8_ABLATE_DECODE)
+  f += ", ABLATED (benchmark build, wrong results:";
+#ifdef DIST8_ABLATE_ENCODE
+  f += " no encode";
+#endif
+#ifdef DIST8_ABLATE_DECODE
+  f += " no decode";
+#endif
+  f += ")";
+#endif
   return f;
 }
 
@@ -390,7 +400,7 @@ std::string cpu_build_features() {
 // value), or "binary search" (maps without a key table: unsorted or repeated entries).
 std::string map_codes(const at::Tensor& qmap) {
   const QTable* t = get_table(qmap);
-#if defined(D8_AVX2)
+#if defined(D8_AVX2) || defined(D8_AVX512)
   if (t->fp8) return "fp8 codec";
 #endif
   return t->fast ? "key table" : "binary search";

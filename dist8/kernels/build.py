@@ -109,7 +109,10 @@ def jit_load(name: str, sources: list[Path], include_dirs: list[Path], **cpp_ext
 
 
 # ---- the kernels of dist8 ------------------------------------------------------------------------
-def _cpu_flags() -> list[str]:
+def cpu_compile_flags() -> list[str]:
+    """The compiler flags of the CPU kernels' build: optimisation and exact-float flags, OpenMP,
+    ``-march=native`` (x86-64; ``-mcpu=native`` elsewhere) or ``-DDIST8_NO_SIMD`` under
+    ``DIST8_PORTABLE=1``, then ``DIST8_CPU_FLAGS``."""
     flags = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
     if os.environ.get("DIST8_PORTABLE", "") not in ("", "0"):
         flags.append("-DDIST8_NO_SIMD")
@@ -152,7 +155,7 @@ def _inputs(kind: str) -> tuple[list[Path], list[str]]:
     src = csrc_dir()
     files = [p for d in (src / "include", src / kind) for p in d.iterdir() if p.is_file()]
     if kind == "cpu":
-        flags = _cpu_flags()
+        flags = cpu_compile_flags()
         native = any(f.startswith(("-march=native", "-mcpu=native")) for f in flags)
         return files, flags + ([cpu_identity()] if native else [])
     arch = os.environ.get("DIST8_CUDA_ARCH") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "visible GPU"
@@ -212,7 +215,7 @@ def load_kernels(kind: str) -> None:
         # The ops (the longest file: ATen's headers) first, then the block loops, a few rules per
         # file: ninja compiles them side by side (one file with every rule took ~80 s of one core).
         sources = [src / "cpu" / "dist8_cpu.cpp", *sorted((src / "cpu").glob("blocks_*_cpu.cpp"))]
-        kwargs = dict(extra_cflags=_cpu_flags(), extra_ldflags=["-fopenmp"], with_cuda=False)
+        kwargs = dict(extra_cflags=cpu_compile_flags(), extra_ldflags=["-fopenmp"], with_cuda=False)
     elif kind == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("dist8: CUDA kernels requested but torch.cuda.is_available() is False")

@@ -68,8 +68,8 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
         block_size: quantization block size in elements, a power of two >= 64. Default 256.
         block_wise: False quantizes each parameter with one absmax (the paper's ablation).
         quant_map: ``"dynamic"`` (default, the paper's dynamic tree map; bitsandbytes' maps),
-            ``"linear"`` (ablation) or ``"fp8"`` (small-float codes the AVX2 CPU kernel
-            computes from the float bits instead of looking up: a faster CPU step, about twice
+            ``"linear"`` (ablation) or ``"fp8"`` (small-float codes the AVX2 and AVX-512 CPU kernels
+            compute from the float bits instead of looking up: a faster CPU step, about twice
             the dynamic map's second-moment rounding error; :func:`dist8.quant.fp8_map`).
         overrides: ``{"name-pattern": {"optim_bits": 32, "lr": ...}}`` applied to
             parameters passed as ``model.named_parameters()`` (fnmatch patterns).

@@ -26,7 +26,7 @@ SHARED_ARGS_DOC = """
             Default 256 (8-bit state costs 1 + 4/256 bytes per value per state).
         quant_map (str): ``"dynamic"`` (the paper's dynamic tree map, as bitsandbytes),
             ``"linear"`` (ablation) or ``"fp8"`` (e4m3/e5m3 small-float codes that the AVX2
-            CPU kernel computes instead of looking up: faster there, about twice the dynamic
+            and AVX-512 CPU kernels compute instead of looking up: faster there, about twice the dynamic
             map's second-moment rounding error). Default ``"dynamic"``.
         overrides (dict | None): ``{"name pattern": {"lr": ..., "optim_bits": 32, ...}}``,
             fnmatch patterns over the names of ``model.named_parameters()``; later patterns
