@@ -66,6 +66,33 @@ def test_construction_names_the_key(cls, kw, key):
         cls(_params(), **dict(_base_kwargs(cls), **kw))
 
 
+@pytest.mark.parametrize("kw,key", [
+    (dict(eps=torch.full((300,), 1e-8)), "eps"),
+    (dict(lr=torch.arange(100.0)), "lr"),
+    (dict(weight_decay=torch.zeros(2, 40)), "weight_decay"),
+    (dict(betas=torch.tensor([0.9, 0.999, 0.5])), "betas"),
+    (dict(betas=tuple([0.9] * 200)), "betas"),
+    (dict(on_nonfinite=torch.zeros(30)), "on_nonfinite"),
+    (dict(quant_map=torch.linspace(-1, 1, 256)), "quant_map"),
+    (dict(optim_bits=torch.tensor([8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8])), "optim_bits"),
+    (dict(master_weight_bits=torch.tensor([24, 24])), "master_weight_bits"),
+    (dict(max_unorm=torch.ones(3)), "max_unorm"),
+    # flags: a tensor or a string would otherwise fail as "Boolean value of Tensor ... is ambiguous"
+    # or be read as True
+    (dict(block_wise=torch.ones(3)), "block_wise"),
+    (dict(amsgrad=torch.ones(3)), "amsgrad"),
+    (dict(is_paged="no"), "is_paged"),
+    (dict(check_finite=torch.ones(3)), "check_finite"),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_bad_value_error_is_one_short_line(kw, key):
+    """A tensor (or a long sequence) where a number or name belongs: the error names the key on one
+    line of bounded length, not the value's multi-line repr."""
+    with pytest.raises(ValueError, match=key) as info:
+        d8.AdamW8bit(_params(), **kw)
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 200, message
+
+
 @pytest.mark.parametrize("cls,kw,key", [b for b in BAD if b[2] != "on_nonfinite"],
                          ids=[i for i, b in zip(IDS, BAD) if b[2] != "on_nonfinite"])
 def test_add_param_group_names_the_key_and_adds_nothing(cls, kw, key):

@@ -43,6 +43,7 @@ from dist8.checkpoint.dirs import (
 )
 from dist8.checkpoint.errors import CheckpointError
 from dist8.checkpoint.files import check_name, member, read_text, sha256_file
+from dist8.messages import brief
 from dist8.optim.state_schema import (
     CORRECTION,
     GNORM,
@@ -182,8 +183,7 @@ class _Check:
 
 
 def _short(value: Any) -> str:
-    text = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
-    return text if len(text) <= 60 else text[:57] + "..."
+    return type(value).__name__ if isinstance(value, (dict, list)) else brief(value)
 
 
 def _depth(value: Any, limit: int = _MAX_DEPTH) -> int:

@@ -7,7 +7,7 @@ from typing import Any
 from dist8.kernels import Rule, Scalars
 from dist8.optim.base import Optimizer8bit, bit_variants
 from dist8.optim.public_api import document
-from dist8.optim.validation import pair
+from dist8.optim.validation import check_flag, pair
 
 __all__ = ["Adam", "Adam8bit", "Adam32bit", "AdamW", "AdamW8bit", "AdamW32bit"]
 
@@ -33,7 +33,7 @@ class _AdamBase(Optimizer8bit):
         is_paged: bool = False,
         **kwargs: Any,
     ) -> None:
-        if amsgrad:
+        if check_flag(amsgrad, "amsgrad"):
             raise ValueError("amsgrad=True is not supported by dist8 8-bit Adam")
         super().__init__(
             params,

@@ -32,7 +32,14 @@ from dist8.optim.contract import TorchContract
 from dist8.optim.hooks import load_state_dict_with_hooks
 from dist8.optim.nonfinite import SkipCounter, check_mode
 from dist8.optim.positions import ParamPositions
-from dist8.optim.validation import SUPPORTED_DTYPES, check_group, check_param_types, check_unique_params
+from dist8.optim.validation import (
+    SUPPORTED_DTYPES,
+    check_flag,
+    check_group,
+    check_number,
+    check_param_types,
+    check_unique_params,
+)
 from dist8.quant import DEFAULT_BLOCK_SIZE, check_block_size, effective_block_size, get_map, num_blocks
 
 __all__ = ["Optimizer8bit", "ParamSettings", "SUPPORTED_DTYPES", "bit_variants"]
@@ -116,9 +123,9 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
     ) -> None:
         if args is not None:
             raise ValueError("args (a bitsandbytes config object) is not supported; pass keyword arguments")
-        if is_paged:
+        if check_flag(is_paged, "is_paged"):
             raise ValueError("is_paged=True (paged optimizers) is not supported by dist8")
-        if max_unorm and self.rule not in RULE_WRITES_UPDATE:
+        if check_number(max_unorm, "max_unorm", "constructor", lo=0.0) and self.rule not in RULE_WRITES_UPDATE:
             raise ValueError(f"max_unorm={max_unorm} is not supported by {type(self).__name__}; use 0.0")
         check_mode(on_nonfinite)
         check_block_size(block_size)
@@ -128,11 +135,11 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
                         master_weight_bits=master_weight_bits)
         groups, self.param_names = split_named_params(params)
         self.block_size = block_size
-        self.block_wise = bool(block_wise)
+        self.block_wise = check_flag(block_wise, "block_wise")
         self.quant_map = quant_map
         self.overrides = check_overrides(overrides)
         self.on_nonfinite = on_nonfinite
-        self.check_finite = bool(check_finite)
+        self.check_finite = check_flag(check_finite, "check_finite")
         self.skip_counter = SkipCounter()
         self.amp_skips = 0  # steps skipped because torch.amp.GradScaler found inf/NaN
         self.dtensor_layouts: dict = {}  # (id(param), block) -> dtensor_layout.Layout, filled lazily

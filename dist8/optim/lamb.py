@@ -7,7 +7,7 @@ from typing import Any
 from dist8.kernels import Rule, Scalars
 from dist8.optim.base import Optimizer8bit, bit_variants
 from dist8.optim.public_api import document
-from dist8.optim.validation import pair
+from dist8.optim.validation import check_flag, pair
 
 __all__ = ["LAMB", "LAMB8bit", "LAMB32bit"]
 
@@ -48,7 +48,7 @@ class LAMBFamily(Optimizer8bit):
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, adam_w_mode: bool = True,
                  optim_bits: int | None = None, args: Any = None, min_8bit_size: int = 4096,
                  percentile_clipping: int = 100, block_wise: bool = True, max_unorm: float = 1.0, **kwargs: Any):
-        if amsgrad:
+        if check_flag(amsgrad, "amsgrad"):
             raise ValueError("amsgrad=True is not supported by LAMB8bit")
         super().__init__(params, dict(lr=lr, betas=pair(betas), eps=eps, weight_decay=weight_decay,
                                       bias_correction=bool(bias_correction), adam_w_mode=bool(adam_w_mode),

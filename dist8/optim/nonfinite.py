@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from dist8.messages import brief
+
 __all__ = ["NONFINITE_MODES", "SkipCounter", "check_mode"]
 
 NONFINITE_MODES = ("skip", "skip_param", "raise")
@@ -23,8 +25,8 @@ _MAX_PENDING = 256
 
 def check_mode(mode: str) -> str:
     """Validate an ``on_nonfinite`` value."""
-    if mode not in NONFINITE_MODES:
-        raise ValueError(f"on_nonfinite must be one of {NONFINITE_MODES}, got {mode!r}")
+    if not isinstance(mode, str) or mode not in NONFINITE_MODES:
+        raise ValueError(f"on_nonfinite must be one of {NONFINITE_MODES}, got {brief(mode)}")
     return mode
 
 

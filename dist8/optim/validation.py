@@ -9,14 +9,23 @@ from typing import Any
 
 import torch
 
+from dist8.messages import brief
 from dist8.quant.master import check_master_weight_bits
 
 __all__ = [
-    "HYPER_BOUNDS", "SUPPORTED_DTYPES", "check_group", "check_number", "check_param_types", "check_unique_params",
-    "pair",
+    "HYPER_BOUNDS", "SUPPORTED_DTYPES", "check_flag", "check_group", "check_number", "check_param_types",
+    "check_unique_params", "pair",
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_flag(value: Any, key: str) -> bool:
+    """A bool (0 and 1 count), else ValueError naming ``key``: a tensor or a string here would
+    otherwise fail later as "Boolean value of Tensor ... is ambiguous" or be read as True."""
+    if isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1)):
+        return bool(value)
+    raise ValueError(f"{key} must be True or False, got {brief(value)}")
 
 
 def check_number(value: Any, key: str, where: str, *, lo: float | None = None, hi: float | None = None,
@@ -25,11 +34,11 @@ def check_number(value: Any, key: str, where: str, *, lo: float | None = None, h
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
         value = float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{key} must be a finite number ({where}), got {value!r}")
+        raise ValueError(f"{key} must be a finite number ({where}), got {brief(value)}")
     if lo is not None and (value < lo or (lo_open and value == lo)):
-        raise ValueError(f"{key} must be {'>' if lo_open else '>='} {lo} ({where}), got {value!r}")
+        raise ValueError(f"{key} must be {'>' if lo_open else '>='} {lo} ({where}), got {brief(value)}")
     if hi is not None and (value > hi or (hi_open and value == hi)):
-        raise ValueError(f"{key} must be {'<' if hi_open else '<='} {hi} ({where}), got {value!r}")
+        raise ValueError(f"{key} must be {'<' if hi_open else '<='} {hi} ({where}), got {brief(value)}")
     return float(value)
 
 
@@ -55,10 +64,11 @@ def check_group(group: dict[str, Any], where: str, n_betas: int = 2) -> None:
     NaN and inf are refused everywhere; ``betas`` must hold ``n_betas`` values (a pair; AdEMAMix:
     three) in [0, 1).
     """
-    if group["optim_bits"] not in (8, 32):
-        raise ValueError(f"optim_bits must be 8 or 32 ({where}), got {group['optim_bits']}")
+    bits = group["optim_bits"]
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or bits not in (8, 32):
+        raise ValueError(f"optim_bits must be 8 or 32 ({where}), got {brief(group['optim_bits'])}")
     if not isinstance(group["min_8bit_size"], int) or isinstance(group["min_8bit_size"], bool) or group["min_8bit_size"] < 0:
-        raise ValueError(f"min_8bit_size must be a non-negative int ({where}), got {group['min_8bit_size']}")
+        raise ValueError(f"min_8bit_size must be a non-negative int ({where}), got {brief(group['min_8bit_size'])}")
     check_number(group["percentile_clipping"], "percentile_clipping", where, lo=0.0, hi=100.0, lo_open=True)
     # the value only here (bf16 stands for "a 16-bit parameter"); which parameters it applies to: base.py
     check_master_weight_bits(group.get("master_weight_bits"), torch.bfloat16, where)
@@ -69,7 +79,7 @@ def check_group(group: dict[str, Any], where: str, n_betas: int = 2) -> None:
         betas = group["betas"]
         if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != n_betas:
             what = "a pair (beta1, beta2)" if n_betas == 2 else f"{n_betas} values (beta1, ..., beta{n_betas})"
-            raise ValueError(f"betas must be {what} ({where}), got {betas!r}")
+            raise ValueError(f"betas must be {what} ({where}), got {brief(betas)}")
         for i, beta in enumerate(betas):
             check_number(beta, f"betas[{i}]", where, lo=0.0, hi=1.0, hi_open=True)
 

@@ -17,6 +17,8 @@ import functools
 
 import torch
 
+from dist8.messages import brief
+
 __all__ = ["create_dynamic_map", "dynamic_map", "linear_map", "fp8_map", "get_map", "MAP_NAMES"]
 
 MAP_NAMES = ("dynamic", "linear", "fp8")
@@ -138,10 +140,11 @@ def fp8_map(signed: bool = True) -> torch.Tensor:
 
 def get_map(name: str, signed: bool) -> torch.Tensor:
     """Map by name: one of :data:`MAP_NAMES` (``"dynamic"``, ``"linear"``, ``"fp8"``)."""
-    if name == "dynamic":
-        return dynamic_map(signed)
-    if name == "linear":
-        return linear_map(signed)
-    if name == "fp8":
-        return fp8_map(signed)
-    raise ValueError(f"quant_map must be one of {MAP_NAMES}, got {name!r}")
+    if isinstance(name, str):
+        if name == "dynamic":
+            return dynamic_map(signed)
+        if name == "linear":
+            return linear_map(signed)
+        if name == "fp8":
+            return fp8_map(signed)
+    raise ValueError(f"quant_map must be one of {MAP_NAMES}, got {brief(name)}")

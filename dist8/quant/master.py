@@ -65,6 +65,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dist8.messages import brief
+
 __all__ = [
     "MASTER_WEIGHT_BITS",
     "MasterFormat",
@@ -123,7 +125,7 @@ def check_master_weight_bits(master_weight_bits: int | None, param_dtype: torch.
         return
     if (isinstance(master_weight_bits, bool) or not isinstance(master_weight_bits, int)
             or master_weight_bits not in MASTER_WEIGHT_BITS):
-        raise ValueError(f"master_weight_bits must be None, 24 or 32 ({name}), got {master_weight_bits!r}")
+        raise ValueError(f"master_weight_bits must be None, 24 or 32 ({name}), got {brief(master_weight_bits)}")
     if param_dtype not in _PARAM_DTYPES:
         raise ValueError(
             f"master_weight_bits={master_weight_bits} needs a bfloat16 or float16 parameter, but {name} is "
