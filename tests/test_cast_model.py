@@ -83,6 +83,22 @@ def test_refusals():
         dist8.cast_model(Model(), torch.int8)
     with pytest.raises(ValueError, match="matches blocks.0.fc.bias but not blocks.0.fc.weight of module blocks.0.fc"):
         dist8.cast_model(Model(), torch.bfloat16, keep_fp32=["*.bias"])
+    with pytest.raises(ValueError, match="dtype must be one of .*, got 'bf16'"):
+        dist8.cast_model(Model(), "bf16")
+    for bad in (torch.ones(3), [1], ["head", None], 5):  # not name patterns: refused before anything is cast
+        model = Model()
+        with pytest.raises(TypeError, match="keep_fp32 must be a name pattern or a list of them"):
+            dist8.cast_model(model, torch.bfloat16, keep_fp32=bad)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_stable_embedding_refuses_bad_sizes_naming_them():
+    for args, key in (((-1, 8), "num_embeddings"), ((10, 0), "embedding_dim"), ((torch.ones(3), 8), "num_embeddings"),
+                      ((10, 2.5), "embedding_dim"), ((True, 8), "num_embeddings")):
+        with pytest.raises(ValueError, match=f"StableEmbedding: {key} must be an int > 0") as info:
+            dist8.nn.StableEmbedding(*args)
+        assert "\n" not in str(info.value)
+    assert dist8.nn.StableEmbedding(10, 8, padding_idx=0).weight.shape == (10, 8)
 
 
 def test_idempotent_and_fp32_is_a_no_op():

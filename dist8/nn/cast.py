@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dist8.messages import brief
+
 __all__ = ["NORM_LAYERS", "cast_model"]
 
 #: Module types kept in fp32 by default (``keep_norm_layers=True``).
@@ -82,9 +84,11 @@ def cast_model(
     resulting mix of bf16 and fp32 parameters.
     """
     if dtype not in _CASTABLE:
-        raise ValueError(f"cast_model: dtype must be one of {', '.join(map(str, _CASTABLE))}, got {dtype}")
+        raise ValueError(f"cast_model: dtype must be one of {', '.join(map(str, _CASTABLE))}, got {brief(dtype)}")
     if isinstance(keep_fp32, str):
         keep_fp32 = [keep_fp32]
+    if not isinstance(keep_fp32, (Sequence, set, frozenset)) or not all(isinstance(p, str) for p in keep_fp32):
+        raise TypeError(f"cast_model: keep_fp32 must be a name pattern or a list of them (str), got {brief(keep_fp32)}")
     kept: list[nn.Module] = []
     kept_prefixes: list[str] = []
     for mod_name, module in model.named_modules():  # parents come before their children

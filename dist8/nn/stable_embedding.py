@@ -1,9 +1,12 @@
 """The stable embedding layer of the 8-bit optimizers paper (section 2.3)."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
+from dist8.messages import brief
 from dist8.optim.config import OVERRIDE_ATTR
 
 __all__ = ["StableEmbedding"]
@@ -19,6 +22,9 @@ class StableEmbedding(nn.Embedding):
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *args, **kwargs) -> None:
+        for key, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+                raise ValueError(f"StableEmbedding: {key} must be an int > 0, got {brief(value)}")
         super().__init__(num_embeddings, embedding_dim, *args, **kwargs)
         self.norm = nn.LayerNorm(embedding_dim, device=self.weight.device)
         setattr(self.weight, OVERRIDE_ATTR, {"optim_bits": 32})

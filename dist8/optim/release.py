@@ -59,6 +59,7 @@ from typing import Any
 
 import torch
 
+from dist8.messages import brief
 from dist8.optim.base import Optimizer8bit
 from dist8.optim.range_step import optimizer_range_refusal
 from dist8.optim.chunked_grads import ChunkedWeights
@@ -250,7 +251,7 @@ def gradient_release(
     if max_grad_norm_per_param is not None and not (
         isinstance(max_grad_norm_per_param, (int, float)) and max_grad_norm_per_param > 0
     ):
-        raise ValueError(f"max_grad_norm_per_param must be a number > 0 or None, got {max_grad_norm_per_param!r}")
+        raise ValueError(f"max_grad_norm_per_param must be a number > 0 or None, got {brief(max_grad_norm_per_param)}")
     if weight_grad_chunk is not None:
         _check_weight_grad_chunk(optimizer, weight_grad_chunk, max_grad_norm_per_param)
     in_model = {id(p) for p in model.parameters()}
@@ -275,7 +276,7 @@ def gradient_release(
 def _check_weight_grad_chunk(optimizer: Optimizer8bit, chunk: Any, max_grad_norm_per_param: float | None) -> None:
     """ValueError naming ``weight_grad_chunk`` for a bad value or an optimizer setting that cannot chunk."""
     if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk <= 0:
-        raise ValueError(f"weight_grad_chunk must be a number of elements > 0 or None, got {chunk!r}")
+        raise ValueError(f"weight_grad_chunk must be a number of elements > 0 or None, got {brief(chunk)}")
     if max_grad_norm_per_param is not None:
         raise ValueError("weight_grad_chunk cannot be combined with max_grad_norm_per_param: the clip needs the whole "
                          "gradient's norm before any chunk is stepped")
