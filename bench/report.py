@@ -158,7 +158,9 @@ def ablation_part() -> str:
              "conversions is the floor: an 8-bit state format meets the issue-15 line (<= 1.0x) on that machine "
              "only if its conversions cost less than the gap between that floor and 1.0x (section 14 below).\n"]
     for f, d in files:
-        parts.append(f"`{f.name}` — {_machine_line(d['machine'])}; size {d['size']}, {d['rounds']} rounds x "
+        held = (" **AVX2 stand-in**: every build `-mno-avx512f`, torch held to AVX2 (`ATEN_CPU_CAPABILITY=avx2`);"
+                if d.get("avx2") else "")
+        parts.append(f"`{f.name}` — {_machine_line(d['machine'])};{held} size {d['size']}, {d['rounds']} rounds x "
                      f"{d['reps']} steps; dist8 CPU path (full build): {d['dist8_cpu_path'].get('full step', '?')}\n")
         parts.append(_table(["map", "build", "dist8 ms", "torch fused ms", "dist8 / torch fused", "range over rounds"],
                             [[r["map"], r["build"], r["dist8 ms"], r["torch fused ms"], r["dist8 / torch fused"],

@@ -14,7 +14,11 @@ Each variant runs in its own process (one build per process), interleaved with t
 AdamW on the same size; the rounds cycle through the variants so that load on a shared machine
 hits all of them. Reported: median dist8 / torch fused ratio per variant, and the medians in ms.
 
-Usage: python bench/step_phases.py [--size 16M] [--rounds 5] [--maps dynamic,fp8] [--out FILE]
+``--avx2`` builds every variant for the AVX2 path (``-mno-avx512f``) and holds torch to AVX2
+(``ATEN_CPU_CAPABILITY=avx2``): on an AVX-512 machine, a stand-in for CPUs without AVX-512 (it keeps
+this machine's memory system and load ports).
+
+Usage: python bench/step_phases.py [--size 16M] [--rounds 5] [--maps dynamic,fp8] [--avx2] [--out FILE]
 """
 from __future__ import annotations
 
@@ -49,7 +53,11 @@ def child(size: int, quant_map: str, reps: int) -> dict:
     native.load_backend("cpu")
     features = torch.ops.dist8_cpu_info.features()
     flags = os.environ.get("DIST8_CPU_FLAGS", "")
-    assert ("ABLATED" in features) == bool(flags), f"build does not match DIST8_CPU_FLAGS={flags!r}: {features}"
+    ablated = "DIST8_ABLATE" in flags
+    assert ("ABLATED" in features) == ablated, f"build does not match DIST8_CPU_FLAGS={flags!r}: {features}"
+    if "-mno-avx512f" in flags:
+        assert features.startswith("avx2"), f"the AVX2 build was asked for: {features}"
+    features += f"; torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
     gen = torch.Generator().manual_seed(0)
     p8 = torch.nn.Parameter(torch.randn(size, generator=gen))
     p32 = torch.nn.Parameter(p8.detach().clone())
@@ -69,8 +77,10 @@ def child(size: int, quant_map: str, reps: int) -> dict:
     return {"features": features, "dist8": times["dist8"], "torch": times["torch"]}
 
 
-def run_child(flags: str, size: int, quant_map: str, reps: int) -> dict:
-    env = dict(os.environ, DIST8_CPU_FLAGS=flags)
+def run_child(flags: str, size: int, quant_map: str, reps: int, avx2: bool = False) -> dict:
+    env = dict(os.environ, DIST8_CPU_FLAGS=" ".join(f for f in (flags, "-mno-avx512f" if avx2 else "") if f))
+    if avx2:
+        env["ATEN_CPU_CAPABILITY"] = "avx2"
     cmd = [sys.executable, __file__, "--child", "--size", str(size), "--maps", quant_map, "--reps", str(reps)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -84,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--maps", default="dynamic,fp8")
     parser.add_argument("--rounds", type=int, default=5, help="passes over all variants")
     parser.add_argument("--reps", type=int, default=6, help="interleaved steps per process and optimizer")
+    parser.add_argument("--avx2", action="store_true", help="the AVX2 path (and torch held to AVX2)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -96,11 +107,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     runs = {(m, v): [] for m in maps for v in VARIANTS}
     features = {}
     for key in runs:  # build every variant once before timing anything
-        run_child(VARIANTS[key[1]], 1 << 16, key[0], 1)
+        run_child(VARIANTS[key[1]], 1 << 16, key[0], 1, args.avx2)
     for r in range(args.rounds):
         keys = list(runs) if r % 2 == 0 else list(reversed(runs))
         for key in keys:
-            res = run_child(VARIANTS[key[1]], size, key[0], args.reps)
+            res = run_child(VARIANTS[key[1]], size, key[0], args.reps, args.avx2)
             features[key[1]] = res["features"]
             runs[key].append(res)
     rows = []
@@ -113,12 +124,13 @@ def main(argv: list[str] | None = None) -> dict | None:
                      "range": f"{min(ratios):.2f}-{max(ratios):.2f}"})
     print_table(rows, ["map", "build", "dist8 ms", "torch fused ms", "dist8 / torch fused", "range"])
     meta = dict(machine(), load_average=f"{load_before:.1f} -> {os.getloadavg()[0]:.1f}")
-    payload = {"benchmark": "step_phases", "machine": meta, "size": args.size, "rounds": args.rounds,
+    payload = {"benchmark": "step_phases", "machine": meta, "size": args.size, "avx2": args.avx2,
+               "rounds": args.rounds,
                "reps": args.reps, "builds": {v: VARIANTS[v] for v in VARIANTS}, "dist8_cpu_path": features,
                "unit": "ms per step (median over rounds x reps), fp32, 2 threads; ratio: median over rounds of "
                        "each process's dist8 / torch fused medians",
                "rows": rows}
-    print(f"wrote {write_json('ablation', payload, args.out)}")
+    print(f"wrote {write_json('ablation-avx2' if args.avx2 else 'ablation', payload, args.out)}")
     return payload
 
 
