@@ -131,6 +131,9 @@ def test_corruptions_are_rejected_naming_the_file(tmp_path):
         ck.load(path, model, opt)
     with pytest.raises(ck.CheckpointError, match="does not exist"):
         ck.load(str(tmp_path / "nope"), model, opt)
+    (tmp_path / "a_file").write_text("not a checkpoint")
+    with pytest.raises(ck.CheckpointError, match="a_file is a file, not a checkpoint directory"):
+        ck.load(str(tmp_path / "a_file"), model, opt)
 
 
 def test_mismatches_are_rejected_naming_the_parameter(tmp_path):

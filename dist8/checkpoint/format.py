@@ -367,7 +367,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """Read, parse and validate ``metadata.json`` of the checkpoint directory ``path`` (see :func:`check_metadata`)."""
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
+        what = "is a file, not a checkpoint directory" if path.exists() else "does not exist"
+        raise CheckpointError(f"checkpoint directory {path} {what}")
     meta_path = path / METADATA
     if not os.path.lexists(meta_path):
         raise CheckpointError(f"{meta_path} is missing: {path} is not a complete dist8 checkpoint")
