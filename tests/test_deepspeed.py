@@ -257,6 +257,43 @@ def test_auto_values_mean_defaults():
     assert optimizer_kwargs(dist8.Lion8bit, {"lr": 1e-4, "min_8bit_size": 0}) == {"lr": 1e-4, "min_8bit_size": 0}
 
 
+def test_bad_config_values_are_one_line_naming_the_key(tmp_path):
+    """The config translation refuses what it cannot use with one line naming the key or file
+    (before: AttributeError on a non-dict params, "could not convert string to float" for lr,
+    a bare JSONDecodeError for a broken file)."""
+    import dist8
+    from dist8.integrations.deepspeed_config import check_config, load_config, optimizer_kwargs
+
+    cases = [
+        ([0.9, 0.999], "optimizer.params must be a dict"),
+        ({"lr": "abc"}, "optimizer.params.lr must be a number, got 'abc'"),
+        ({"eps": [1e-8]}, None),  # not a number type: left for the optimizer's own check (below)
+        ({"betas": "0.9,0.95"}, "optimizer.params.betas must be a list of numbers"),
+        ({"betas": [0.9, None]}, "optimizer.params.betas must be a list of numbers"),
+    ]
+    for params, match in cases:
+        if match is None:
+            with pytest.raises(ValueError, match="eps must be a finite number"):
+                dist8.AdamW8bit([torch.nn.Parameter(torch.zeros(4))], **optimizer_kwargs(dist8.AdamW8bit, params))
+            continue
+        with pytest.raises(ValueError, match=match) as info:
+            check_config({"optimizer": {"type": "dist8.AdamW8bit", "params": params}})
+        assert "\n" not in str(info.value)
+    assert optimizer_kwargs(dist8.AdamW8bit, {"lr": "3e-4"}) == {"lr": 3e-4}  # JSON writers leave strings
+    check_config({"optimizer": "adam"})  # not a dist8 section: DeepSpeed judges it
+    broken = tmp_path / "ds.json"
+    broken.write_text("{bad json")
+    with pytest.raises(ValueError, match="ds.json is not valid JSON"):
+        load_config(str(broken))
+    broken.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="ds.json must hold a JSON object, got list"):
+        load_config(broken)
+    with pytest.raises(ValueError, match="missing.json: cannot read it"):
+        load_config(str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="must be a dict or a path"):
+        load_config(42)
+
+
 def test_deepspeed_missing_says_how_to_install(monkeypatch):
     import dist8.integrations.deepspeed as d8ds
 

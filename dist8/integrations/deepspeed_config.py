@@ -4,10 +4,12 @@ from __future__ import annotations
 import inspect
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from dist8.messages import brief
 from dist8.optim import get_optimizer_class
 from dist8.optim.base import Optimizer8bit
 
@@ -45,6 +47,9 @@ def optimizer_kwargs(cls: type[Optimizer8bit], params: dict[str, Any] | None) ->
     """
     valid = valid_keys(cls)
     out: dict[str, Any] = {}
+    if params is not None and not isinstance(params, dict):
+        raise ValueError(f"DeepSpeed config optimizer.params must be a dict of keyword arguments for "
+                         f"dist8.{cls.__name__}, got {brief(params)}")
     for key, value in (params or {}).items():
         if key not in valid:
             hint = ""
@@ -55,26 +60,59 @@ def optimizer_kwargs(cls: type[Optimizer8bit], params: dict[str, Any] | None) ->
         if value is None or (isinstance(value, str) and value.lower() == "auto"):
             continue
         if key == "betas":
+            if not isinstance(value, (list, tuple)) or not all(_is_number(b) for b in value):
+                raise ValueError(f"DeepSpeed config optimizer.params.betas must be a list of numbers, got {brief(value)}")
             value = tuple(float(b) for b in value)
         elif key in ("lr", "eps", "weight_decay") and isinstance(value, (int, float, str)):
+            if not _is_number(value):
+                raise ValueError(f"DeepSpeed config optimizer.params.{key} must be a number, got {brief(value)}")
             value = float(value)
         out[key] = value
     return out
 
 
+def _is_number(value: Any) -> bool:
+    """An int or float (not a bool), or a string that float() reads ("3e-4", as JSON writers leave it)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return True
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return False
+        return True
+    return False
+
+
 def load_config(config) -> dict:
-    """A DeepSpeed config given as a path to a JSON file, a dict or None, as a new dict."""
+    """A DeepSpeed config given as a path to a JSON file, a dict or None, as a new dict.
+
+    A file that cannot be read or is not a JSON object raises ValueError naming the file."""
     if config is None:
         return {}
     if isinstance(config, (str, os.PathLike)):
-        with open(config) as f:
-            return json.load(f)
+        try:
+            with open(config) as f:
+                loaded = json.load(f)
+        except OSError as exc:
+            raise ValueError(f"DeepSpeed config {os.fspath(config)}: cannot read it ({exc.strerror})") from None
+        except (ValueError, RecursionError) as exc:
+            raise ValueError(f"DeepSpeed config {os.fspath(config)} is not valid JSON: {str(exc)[:100]}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"DeepSpeed config {os.fspath(config)} must hold a JSON object, got {type(loaded).__name__}")
+        return loaded
+    if not isinstance(config, Mapping):
+        raise ValueError(f"DeepSpeed config must be a dict or a path to a JSON file, got {brief(config)}")
     return dict(config)
 
 
 def check_config(config: dict) -> None:
     """Raise early (ValueError naming the key) on a bad ``dist8.*`` optimizer section."""
-    opt = config.get("optimizer") or {}
+    opt = config.get("optimizer")
+    if not isinstance(opt, dict):  # absent, or not ours to judge (DeepSpeed reports its own)
+        return
     if is_dist8_type(opt.get("type")):
         cls = get_optimizer_class(opt["type"])
         optimizer_kwargs(cls, opt.get("params"))  # raise early on unknown keys
