@@ -409,14 +409,8 @@ D8_INLINE void store_codes64(__m512i w0, __m512i w1, __m512i w2, __m512i w3, uin
 template <int CODEC = CODEC_ANY>
 D8_INLINE __m512i quant_words16(const float* v, __m512 recip, const QTableSimd& s) {
   const __m512 y = _mm512_mul_ps(_mm512_loadu_ps(v), recip);
-  if constexpr (CODEC == CODEC_ANY) {
-    if (s.t->fp8) return _mm512_slli_epi32(fp8_codes16(y, s.fp8), 24);
-    return code_words16(y, s);
-  } else if constexpr (CODEC == CODEC_FP8) {
-    return _mm512_slli_epi32(fp8_codes16(y, s.fp8), 24);
-  } else {
-    return code_words16(y, s);
-  }
+  const bool fp8 = CODEC == CODEC_FP8 || (CODEC == CODEC_ANY && s.t->fp8);  // folded when CODEC is fixed
+  return fp8 ? _mm512_slli_epi32(fp8_codes16(y, s.fp8), 24) : code_words16(y, s);
 }
 
 D8_INLINE void quantize64(const float* v, float recip, const QTableSimd& s, uint8_t* out) {
@@ -559,9 +553,8 @@ D8_INLINE __m256 lookup8_scalar(const float* L, __m256i idx) {
 // CODEC_FP8: an fp8 map).
 template <int CODEC = CODEC_ANY>
 D8_INLINE __m256i codes8(const float* v, __m256 recip, const QTableSimd& s) {
-  if constexpr (CODEC == CODEC_FP8) return fp8_codes8(_mm256_mul_ps(_mm256_loadu_ps(v), recip), s.fp8);
-  if constexpr (CODEC == CODEC_ANY)
-    if (s.t->fp8) return fp8_codes8(_mm256_mul_ps(_mm256_loadu_ps(v), recip), s.fp8);
+  if (CODEC == CODEC_FP8 || (CODEC == CODEC_ANY && s.t->fp8))  // folded when CODEC is fixed
+    return fp8_codes8(_mm256_mul_ps(_mm256_loadu_ps(v), recip), s.fp8);
   const __m256i b = _mm256_castps_si256(_mm256_mul_ps(_mm256_loadu_ps(v), recip));
   // monotone key: b ^ ((b >> 31) | 0x80000000), as float_key
   const __m256i key = _mm256_xor_si256(b, _mm256_or_si256(_mm256_srai_epi32(b, 31), _mm256_set1_epi32((int)0x80000000u)));
@@ -668,9 +661,7 @@ D8_INLINE void dequantize64(const uint8_t* codes, float absmax, const QTable& t,
 // Values of 64 codes times absmax (CODEC_TABLE / CODEC_FP8 as for quant_words16).
 template <int CODEC = CODEC_ANY>
 D8_INLINE void dequantize64(const uint8_t* codes, float absmax, const QTable& t, float* out) {
-  if constexpr (CODEC == CODEC_FP8) dequantize64_fp8(codes, absmax, t, out);
-  else if constexpr (CODEC == CODEC_TABLE) dequantize64_table(codes, absmax, t, out);
-  else if (t.fp8) dequantize64_fp8(codes, absmax, t, out);
+  if (CODEC == CODEC_FP8 || (CODEC == CODEC_ANY && t.fp8)) dequantize64_fp8(codes, absmax, t, out);  // folded
   else dequantize64_table(codes, absmax, t, out);
 }
 #endif
