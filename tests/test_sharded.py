@@ -261,6 +261,31 @@ def test_single_process_errors():
     assert "rank 1" in layout.table(2) and layout.total_blocks == 3
 
 
+def test_single_process_state_dict_names_and_bad_groups_refused_before_loading():
+    import copy
+
+    model = torch.nn.Linear(64, 64)
+    opt = ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, lr=1e-3, min_8bit_size=0)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["param_names"] == ["weight", "bias"]  # torch's named-parameter contract
+    assert opt.consolidated_state_dict()["param_groups"][0]["param_names"] == ["weight", "bias"]
+    state = {k: v.clone() for k, v in opt.inner.state[opt.inner.param_groups[0]["params"][0]].items()
+             if isinstance(v, torch.Tensor)}
+    for change, match in ((lambda d: d["param_groups"][0].update(lr=float("nan")),
+                           r"^lr must be a finite number \(param group 0 of the loaded state dict\)"),
+                          (lambda d: d["param_groups"].append({}), r"^state_dict has 2 param groups, optimizer has 1")):
+        bad = copy.deepcopy(sd)
+        bad["state"] = {i: {k: (v + 1 if k == "absmax1" else v) for k, v in st.items()} for i, st in bad["state"].items()}
+        change(bad)
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(bad)
+        after = opt.inner.state[opt.inner.param_groups[0]["params"][0]]
+        assert all(torch.equal(after[k], v) for k, v in state.items()) and opt.param_groups[0]["lr"] == 1e-3
+
+
 def _gpt_losses(rank, world_size, stage):
     from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -103,6 +103,60 @@ def test_state_dict_round_trip_through_torch_save(name, bits):
     assert_same(params, params2, opt, opt2)
 
 
+@cases
+@pytest.mark.parametrize("named_from,named_to", [(True, True), (True, False), (False, True), (False, False)])
+def test_param_names_in_state_dict_and_loads_across_named_and_unnamed(name, bits, named_from, named_to):
+    """torch's ``test_can_load_from_to_named_state_dict``: an optimizer given named parameters lists
+    them under ``param_groups[i]["param_names"]`` (and its state dict does); a state dict loads into
+    an optimizer built either way, the loaded names win, and the run continues bitwise."""
+    names = ["w", "b"]
+    params = make_params()
+    opt = make(name, bits, list(zip(names, params)) if named_from else params)
+    run(opt, params, 3)
+    sd = copy.deepcopy(opt.state_dict())
+    assert sd["param_groups"][0].get("param_names") == (names if named_from else None)
+    params2 = clone_params(params)
+    opt2 = make(name, bits, list(zip(names, params2)) if named_to else params2)
+    opt2.load_state_dict(sd)
+    run(opt, params, 2, start=3)
+    run(opt2, params2, 2, start=3)
+    assert_same(params, params2, opt, opt2)
+    assert opt2.state_dict()["param_groups"][0].get("param_names") == (names if named_from or named_to else None)
+
+
+def test_param_names_mixed_with_unnamed_parameters_are_listed_by_position():
+    """torch.optim refuses named next to unnamed parameters; dist8 always took them (names are for
+    ``overrides``), so an unnamed one is listed in ``param_names`` by its position, and an
+    ``add_param_group`` that refuses a group takes back every name it gave."""
+    a, b, c, d = make_params(shapes=((40, 30), (30,), (7,), (5,)))
+    opt = dist8.AdamW8bit([("a", a), b])
+    assert opt.param_groups[0]["param_names"] == ["a", "group 0 index 1"] and opt.param_name(b) == "group 0 index 1"
+    opt = dist8.AdamW8bit([{"params": [a]}, {"params": [("b", b)], "lr": 1e-4}], overrides={"b": {"lr": 0.5}})
+    assert [g["param_names"] for g in opt.param_groups] == [["group 0 index 0"], ["b"]]
+    assert opt.settings(b, opt.param_groups[1]).hyper["lr"] == 0.5 and opt.settings(a, opt.param_groups[0]).hyper["lr"] == 1e-3
+    # torch's own spelling: a group that carries param_names; a list that does not fit is no names
+    opt = dist8.AdamW8bit([{"params": [a, b], "param_names": ["a", "b"]}], overrides={"b": {"lr": 0.5}})
+    assert opt.param_name(b) == "b" and opt.state_dict()["param_groups"][0]["param_names"] == ["a", "b"]
+    stale = dist8.AdamW8bit([{"params": [a, b], "param_names": ["a", "b", "x"]}])  # a repartitioned copy
+    assert "param_names" not in stale.param_groups[0] and stale.param_name(a) == "group 0 index 0"
+    # an unnamed optimizer gets a named group: the earlier groups are listed by position
+    opt = dist8.AdamW8bit([a, b])
+    with pytest.raises(ValueError, match=r"^lr must be a finite number \(param group 1\)"):
+        opt.add_param_group({"params": [("c", c)], "lr": float("nan")})
+    assert len(opt.param_groups) == 1 and "param_names" not in opt.param_groups[0] and c not in opt.param_names
+    opt.add_param_group({"params": [("c", c)], "lr": 1e-4})
+    opt.add_param_group({"params": [d]})
+    assert [g["param_names"] for g in opt.param_groups] == [["group 0 index 0", "group 0 index 1"], ["c"],
+                                                           ["group 2 index 0"]]
+    assert opt.param_name(c) == "c"
+    # a loaded state dict's names replace the groups' only where they fit
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["param_names"] = ["x", "y"]
+    sd["param_groups"][1]["param_names"] = "c"
+    opt.load_state_dict(sd)
+    assert [g["param_names"] for g in opt.param_groups] == [["x", "y"], ["c"], ["group 2 index 0"]]
+
+
 PUBLIC_ATTRS = ("block_size", "block_wise", "quant_map", "overrides", "on_nonfinite", "check_finite",
                 "nonfinite_skips", "amp_skips", "last_nonfinite", "defaults")
 

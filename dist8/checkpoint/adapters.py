@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from dist8.optim.base import Optimizer8bit
+from dist8.optim.config import hyperparameters_of
 from dist8.optim.state_schema import CORRECTION, is_state_key
 from dist8.shard import BlockLayout, Piece, ShardedOptimizer
 
@@ -112,7 +113,7 @@ class OptimizerAdapter:
             self.optimizer.restore_masters(masters)
 
     def hyper(self) -> list[dict[str, Any]]:
-        return [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        return [hyperparameters_of(g) for g in self.optimizer.param_groups]
 
     def group_of(self) -> list[int]:
         out = []
@@ -169,7 +170,7 @@ class FSDP2Adapter(OptimizerAdapter):
         groups = []
         for g in self.optimizer.param_groups:
             fqns = [self.names[j] for j, p in enumerate(self.params) if any(q is p for q in g["params"])]
-            groups.append(dict({k: v for k, v in g.items() if k != "params"}, params=fqns))
+            groups.append(dict(hyperparameters_of(g), params=fqns))
         set_optimizer_state_dict(self.model, self.optimizer, {"state": full_state, "param_groups": groups},
                                  options=StateDictOptions(full_state_dict=True))
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from dist8.checkpoint.errors import CheckpointError
+from dist8.optim.config import PARAM_LIST_KEYS, hyperparameters_of
 from dist8.optim.validation import HYPER_BOUNDS
 
 __all__ = ["check_saved_groups", "checked_groups"]
@@ -103,7 +104,7 @@ def checked_groups(saved_groups: list[dict[str, Any]], groups: list[dict[str, An
         at = f"{where}: param group {gi}"
         values = {}
         for key, value in saved.items():
-            if key == "params" or key not in group:
+            if key in PARAM_LIST_KEYS or key not in group:
                 continue
             values[key] = _converted(key, value, group[key], at)
         if "nesterov" in group and values.get("nesterov", group["nesterov"]) and values.get(
@@ -111,7 +112,7 @@ def checked_groups(saved_groups: list[dict[str, Any]], groups: list[dict[str, An
             raise CheckpointError(f"{at}: nesterov=True requires dampening=0")
         if validate is not None:
             try:
-                validate(dict({k: v for k, v in group.items() if k != "params"}, **values), f"param group {gi}")
+                validate(dict(hyperparameters_of(group), **values), f"param group {gi}")
             except (ValueError, TypeError, KeyError) as exc:
                 raise CheckpointError(f"{where}: {' '.join(str(exc).split())}") from None
         out.append(values)

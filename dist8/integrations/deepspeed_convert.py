@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from dist8.optim.config import hyperparameters_of
+
 __all__ = ["from_deepspeed", "register_cli", "deepspeed_safe_globals"]
 
 # "module:qualname" of the non-tensor classes DeepSpeed puts into its checkpoints (found by loading real
@@ -204,7 +206,7 @@ def _convert(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str | Non
     for fname, base in rank_states:
         names = base.get("dist8", {}).get("names", {})
         if groups_hyper is None:
-            groups_hyper = [{k: v for k, v in g.items() if k != "params"} for g in base["param_groups"]]
+            groups_hyper = [hyperparameters_of(g) for g in base["param_groups"]]
         for pid, st in base["state"].items():
             if "segments" in st:
                 for name, start, shape, seg in zip(st["segment_names"], st["segment_starts"], st["segment_shapes"],

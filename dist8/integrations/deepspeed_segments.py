@@ -15,7 +15,7 @@ import torch
 
 from dist8.optim import pipeline
 from dist8.optim.base import Optimizer8bit, ParamSettings
-from dist8.optim.config import GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, match_overrides
+from dist8.optim.config import GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, hyperparameters_of, match_overrides
 from dist8.optim.state_schema import STATE_DICT_INFO, check_state_dict_map, state_key
 
 __all__ = ["Segment", "DeepSpeedSegments", "segmented_class", "segmented_copy", "attach_segments", "dp_rank"]
@@ -52,7 +52,7 @@ class DeepSpeedSegments:
     def segment_settings(self, seg: Segment, group: dict[str, Any]) -> ParamSettings:
         """Settings of one segment, decided on its whole original parameter (name, marks, size)."""
         extra = match_overrides(seg.name, _Marked(seg.marks), self.overrides)
-        hyper = {k: v for k, v in group.items() if k != "params"}
+        hyper = hyperparameters_of(group)
         if extra:
             self.validate_hyper(dict(hyper, **extra), f"overrides for parameter {seg.name}")
         return self.resolve_settings(seg.name, extra, seg.global_numel, hyper)
@@ -262,6 +262,9 @@ def attach_segments(engine) -> dict:
                         opt.param_names[hp] = names[lp]
                         if getattr(lp, OVERRIDE_ATTR, None):
                             setattr(hp, OVERRIDE_ATTR, getattr(lp, OVERRIDE_ATTR))
+    for g in opt.param_groups:  # DeepSpeed replaced the named parameters with its flat partitions
+        if "param_names" in g and len(g["param_names"]) != len(g["params"]):
+            del g["param_names"]
     for g in opt.param_groups:  # anything left unmapped: decide on the model's size, not the shard's
         for p in g["params"]:
             if p not in segs and p not in names and p not in opt.param_names:

@@ -27,7 +27,8 @@ from dist8.kernels import RULE_WRITES_UPDATE, Rule, Scalars
 from dist8.optim import dtensor, master_weights, pipeline
 from dist8.optim import dtensor_layout as dtl
 from dist8.optim import state_schema as schema
-from dist8.optim.config import check_overrides, global_numel, match_overrides, split_named_params, uses_8bit
+from dist8.optim.config import (check_overrides, fits_param_names, global_numel, hyperparameters_of, match_overrides,
+                                name_every_group, positional_name, split_named_params, uses_8bit)
 from dist8.optim.contract import TorchContract
 from dist8.optim.hooks import load_state_dict_with_hooks
 from dist8.optim.nonfinite import SkipCounter, check_mode
@@ -202,7 +203,7 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
 
     def _check_group(self, group: dict[str, Any], gi: int) -> None:
         self.validate_hyper(group, f"param group {gi}")
-        hyper = {k: v for k, v in group.items() if k != "params"}
+        hyper = hyperparameters_of(group)
         for pattern, extra in self.overrides.items():  # at construction, not at the first step
             self.validate_hyper(dict(hyper, **extra), f"override {pattern!r} on param group {gi}")
 
@@ -225,8 +226,8 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
     def check_loaded_group(self, saved: dict[str, Any], gi: int) -> None:
         """Validate the hyperparameters of param group ``gi`` of a loaded state dict (or checkpoint)
         as they would be after loading; ValueError naming the key and the group."""
-        hyper = {k: v for k, v in self.param_groups[gi].items() if k != "params"}
-        hyper.update({k: v for k, v in saved.items() if k != "params"})
+        hyper = hyperparameters_of(self.param_groups[gi])
+        hyper.update(hyperparameters_of(saved))
         self.validate_hyper(hyper, f"param group {gi} of the loaded state dict")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -234,17 +235,26 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
 
         A parameter listed twice (in this group or in an earlier one) is refused, naming it.
         """
+        existing = getattr(self, "param_groups", [])
+        names: dict[torch.Tensor, str] = {}
+        named_now: list[dict] = []  # existing groups given positional names for this group's sake
         if isinstance(param_group, dict) and "params" in param_group:
-            plist = param_group["params"]
-            param_group = dict(param_group, params=[plist] if isinstance(plist, torch.Tensor) else list(plist))
-            check_unique_params(param_group["params"], getattr(self, "param_groups", []), self.param_name,
-                                f"param group {len(getattr(self, 'param_groups', []))}")
-        super().add_param_group(param_group)
-        if not self.__dict__.get("_constructed"):  # during __init__, which checks all groups itself
-            return
-        self._positions = None
-        self._known.add_group(self.param_groups[-1]["params"], self.param_names)
+            (param_group,), names = split_named_params([param_group], first_index=len(existing))
+            check_unique_params(param_group["params"], existing, self.param_name, f"param group {len(existing)}")
+            if existing and "param_names" in existing[0]:
+                name_every_group([param_group], len(existing))
+            elif "param_names" in param_group:  # the first named group: list the others by position
+                named_now = list(existing)
+                name_every_group(existing)
+        added_names = {p: n for p, n in names.items() if p not in self.param_names}
+        n_groups = len(existing)
         try:
+            super().add_param_group(param_group)
+            if not self.__dict__.get("_constructed"):  # during __init__, which checks all groups itself
+                return
+            self.param_names.update(added_names)
+            self._positions = None
+            self._known.add_group(self.param_groups[-1]["params"], self.param_names)
             self._check_group(self.param_groups[-1], len(self.param_groups) - 1)
             self._check_params(self.param_groups[-1]["params"])
             for p in self.param_groups[-1]["params"]:
@@ -255,9 +265,15 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
                         "give it an optimizer of its own"
                     )
             master_weights.check_applies(self)
-        except (TypeError, ValueError):
-            self.param_groups.pop()
-            self._known.pop_group()
+        except (TypeError, ValueError):  # take back everything this call changed
+            if self.__dict__.get("_constructed") and len(self.param_groups) > n_groups:
+                self.param_groups.pop()
+                self._known.pop_group()
+                self._positions = None
+            for p in added_names:
+                self.param_names.pop(p, None)
+            for group in named_now:
+                del group["param_names"]
             raise
 
     def _check_params(self, params: list[torch.Tensor]) -> None:
@@ -271,7 +287,7 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
             return self.param_names[p]
         positions = self._positions
         if positions is None or p not in positions:  # built once (and again after add_param_group)
-            positions = {q: f"group {gi} index {pi}" for gi, group in enumerate(getattr(self, "param_groups", []))
+            positions = {q: positional_name(gi, pi) for gi, group in enumerate(getattr(self, "param_groups", []))
                          for pi, q in enumerate(group["params"])}
             self._positions = positions
         return positions.get(p, "<unregistered parameter>")
@@ -281,18 +297,18 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
     ) -> ParamSettings:
         """Resolve group hyperparameters, module marks and name overrides for ``p``.
 
-        ``group_hyper`` (the group's entries without ``params``, made once per step
+        ``group_hyper`` (the group's hyperparameters, ``hyperparameters_of(group)``, made once per step
         by the caller) is shared, not copied, by parameters without overrides.
         """
         fixed = self._fixed_settings.get(p)
         if fixed is None:  # name, name patterns, module marks and size do not change: resolve once
             extra = match_overrides(self.param_names.get(p), p, self.overrides)
             if extra:
-                self.validate_hyper(dict({k: v for k, v in group.items() if k != "params"}, **extra),
+                self.validate_hyper(dict(hyperparameters_of(group), **extra),
                                     f"overrides for parameter {self.param_name(p)}")
             fixed = self._fixed_settings[p] = (self.param_name(p), extra, global_numel(p))
         name, extra, numel = fixed
-        hyper = group_hyper if group_hyper is not None else {k: v for k, v in group.items() if k != "params"}
+        hyper = group_hyper if group_hyper is not None else hyperparameters_of(group)
         return self.resolve_settings(name, extra, numel, hyper, p.dtype)
 
     def resolve_settings(self, name: str, extra: dict[str, Any], numel: int, hyper: dict[str, Any],
@@ -404,7 +420,7 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
         state. Non-contiguous parameters get a contiguous working copy, listed in ``written_back``."""
         items = []
         for group, group_params in groups:
-            group_hyper = {k: v for k, v in group.items() if k != "params"}
+            group_hyper = hyperparameters_of(group)
             self.check_changed_group(group, group_hyper)
             for p in group_params:
                 if p.grad is None:
@@ -475,6 +491,7 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
             group_of.update((key, gi) for key in saved["params"])
         for gi, saved in enumerate(saved_groups):
             self.check_loaded_group(saved, gi)
+
         new_state: defaultdict = defaultdict(dict)
         for key, st in state_dict["state"].items():
             if key not in id_map:
@@ -485,9 +502,10 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
             new_state[p] = self.check_state(p, st, block_size=self.state_block_size(p), expect_8bit=settings.use_8bit,
                                              correction=settings.correction)
         for saved, group in zip(saved_groups, self.param_groups):
-            for k, v in saved.items():
-                if k != "params":
-                    group[k] = v
+            group.update(hyperparameters_of(saved))
+            # torch's rule: loaded names replace the group's (only names that fit: see fits_param_names)
+            if fits_param_names(saved.get("param_names"), len(group["params"])):
+                group["param_names"] = list(saved["param_names"])
         self.state = new_state
 
     def state_block_size(self, p: torch.Tensor) -> int | None:

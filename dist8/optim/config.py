@@ -11,7 +11,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["OVERRIDABLE_KEYS", "OVERRIDE_ATTR", "GLOBAL_NUMEL_ATTR", "split_named_params", "match_overrides", "global_numel", "uses_8bit"]
+__all__ = ["OVERRIDABLE_KEYS", "OVERRIDE_ATTR", "GLOBAL_NUMEL_ATTR", "PARAM_LIST_KEYS", "hyperparameters_of",
+           "positional_name", "fits_param_names", "name_every_group", "split_named_params",
+           "match_overrides", "global_numel", "uses_8bit"]
 
 # Modules (e.g. StableEmbedding) mark parameters that need special optimizer settings.
 OVERRIDE_ATTR = "_dist8_overrides"
@@ -24,10 +26,48 @@ OVERRIDABLE_KEYS = frozenset(
 )
 
 
-def split_named_params(params: Any) -> tuple[list[dict], dict[torch.Tensor, str]]:
-    """Normalise ``params`` (tensors, ``(name, tensor)`` pairs or param-group dicts).
+# The per-parameter lists of a param group: its tensors and, when the optimizer was given named
+# parameters, their names (torch.optim keeps them as ``param_names`` and returns them in
+# ``state_dict()``). Every other entry of a group is a hyperparameter.
+PARAM_LIST_KEYS = ("params", "param_names")
 
-    Returns param groups holding plain tensors and a map from parameter to name.
+
+def hyperparameters_of(group: Mapping[str, Any]) -> dict[str, Any]:
+    """A param group's hyperparameters: every entry but the lists of :data:`PARAM_LIST_KEYS`."""
+    return {k: v for k, v in group.items() if k not in PARAM_LIST_KEYS}
+
+
+def positional_name(group_index: int, index: int) -> str:
+    """What a parameter given without a name is called: its position ``group G index I``."""
+    return f"group {group_index} index {index}"
+
+
+def fits_param_names(names: Any, n_params: int) -> bool:
+    """Whether ``names`` (a group's ``param_names``) lists one string per parameter. Wrappers that
+    repartition param groups (DeepSpeed's flat partitions, ZeRO-style optimizers copying a group for
+    a subset of its parameters) can leave stale lists behind; those are not names."""
+    return (isinstance(names, (list, tuple)) and len(names) == n_params
+            and all(isinstance(n, str) for n in names))
+
+
+def name_every_group(groups: list[dict], first_index: int = 0) -> None:
+    """Give every group without ``param_names`` its parameters' positional names (``groups[i]`` is
+    param group ``first_index + i``), so that named and unnamed groups can be mixed: torch.optim
+    needs all groups to have ``param_names`` or none."""
+    for gi, group in enumerate(groups, start=first_index):
+        if "param_names" not in group:
+            group["param_names"] = [positional_name(gi, pi) for pi in range(len(group["params"]))]
+
+
+def split_named_params(params: Any, first_index: int = 0) -> tuple[list[dict], dict[torch.Tensor, str]]:
+    """Normalise ``params`` (tensors, ``(name, tensor)`` pairs or param-group dicts; the first of them
+    is param group ``first_index``).
+
+    Returns param groups holding plain tensors and a map from parameter to name. As in
+    ``torch.optim``, parameters given with names are listed under each group's ``param_names``
+    (and so in ``state_dict()``); a parameter without a name next to named ones is listed by its
+    position (:func:`positional_name`). A group may also carry torch's ``param_names`` list itself
+    (ignored unless it has one string per parameter, see :func:`fits_param_names`).
     """
     if isinstance(params, torch.Tensor):
         raise TypeError("params must be an iterable of tensors, (name, tensor) pairs or dicts, got a Tensor")
@@ -37,24 +77,31 @@ def split_named_params(params: Any) -> tuple[list[dict], dict[torch.Tensor, str]
     groups = items if isinstance(items[0], Mapping) else [{"params": items}]
     names: dict[torch.Tensor, str] = {}
     out: list[dict] = []
-    for gi, group in enumerate(groups):
+    for gi, group in enumerate(groups, start=first_index):
         if not isinstance(group, Mapping):
             raise TypeError(f"param group {gi} is a {type(group).__name__}; mix of dicts and tensors is not allowed")
         group = dict(group)
         plist = group["params"]
         plist = [plist] if isinstance(plist, torch.Tensor) else list(plist)
-        tensors = []
+        tensors, group_names = [], []
         for pi, entry in enumerate(plist):
+            name = None
             if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str):
-                name, tensor = entry
-                names[tensor] = name
-            else:
-                tensor = entry
-            if not isinstance(tensor, torch.Tensor):
-                raise TypeError(f"param group {gi} entry {pi} is a {type(tensor).__name__}, not a tensor")
-            tensors.append(tensor)
+                name, entry = entry
+            if not isinstance(entry, torch.Tensor):
+                raise TypeError(f"param group {gi} entry {pi} is a {type(entry).__name__}, not a tensor")
+            tensors.append(entry)
+            group_names.append(name)
+        given = group.pop("param_names", None)
+        if fits_param_names(given, len(tensors)):
+            group_names = [n if n is not None else g for n, g in zip(group_names, given)]
+        if any(n is not None for n in group_names):
+            names.update((t, n) for t, n in zip(tensors, group_names) if n is not None)
+            group["param_names"] = [n if n is not None else positional_name(gi, pi) for pi, n in enumerate(group_names)]
         group["params"] = tensors
         out.append(group)
+    if any("param_names" in g for g in out):
+        name_every_group(out, first_index)
     return out, names
 
 

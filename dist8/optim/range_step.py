@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dist8.kernels import RULE_WRITES_UPDATE, get_backend
+from dist8.optim.config import hyperparameters_of
 from dist8.optim.pipeline import fused_update_state, kernel_qmaps
 from dist8.optim.state_schema import CORRECTION, absmax_key, n_states, state_key
 
@@ -79,7 +80,7 @@ class RangeStep:
 
     def __init__(self, opt: Optimizer8bit, p: torch.Tensor) -> None:
         group = opt.group_of(p)
-        group_hyper = {k: v for k, v in group.items() if k != "params"}
+        group_hyper = hyperparameters_of(group)
         opt.check_changed_group(group, group_hyper)
         settings = opt.settings(p, group, group_hyper)
         refusal = range_step_refusal(opt, p, settings)

@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 from dist8.optim import AdamW8bit
 from dist8.optim.base import Optimizer8bit
-from dist8.optim.config import GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, split_named_params
+from dist8.optim.config import (GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, PARAM_LIST_KEYS, fits_param_names, hyperparameters_of,
+                                split_named_params)
 from dist8.optim.hooks import load_state_dict_with_hooks, state_dict_with_hooks
 from dist8.optim.state_schema import CORRECTION, STATE_DICT_INFO, check_state_dict_map, is_state_key, state_dict_info
 from dist8.shard.grads import GradBuckets
@@ -122,7 +123,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
         # Inner optimizer over this rank's pieces (views of the flat buffers or of the fp32 masters).
         self._piece_views: list[torch.Tensor] = []
-        inner_groups = [dict({k: v for k, v in g.items() if k != "params"}, params=[]) for g in groups]
+        inner_groups = [dict(hyperparameters_of(g), params=[]) for g in groups]
         slot_of: dict[torch.Tensor, int] = {}
         for piece in self.pieces:
             view = self._owned(piece)
@@ -319,7 +320,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _sync_hyper(self, to_inner: bool) -> None:
         for outer, inner in zip(self.param_groups, self.inner.param_groups):
             for key in inner:
-                if key == "params":
+                if key in PARAM_LIST_KEYS:  # the inner groups list pieces, the outer ones parameters
                     continue
                 if to_inner:
                     inner[key] = outer[key]
@@ -473,9 +474,16 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"state_dict is rank {state_dict['rank']} of {state_dict['world_size']}; this is rank "
                              f"{self.rank} of {self.world_size}; use dist8.checkpoint to load at another world size")
         check_state_dict_map(state_dict, self.inner.quant_map)
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved_groups)} param groups, optimizer has {len(self.param_groups)}")
+        for gi, saved in enumerate(saved_groups):  # before anything is loaded
+            self.inner.check_loaded_group(saved, gi)
         self.load_shard_state(state_dict["state"])
-        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
-            group.update(saved)
+        for group, saved in zip(self.param_groups, saved_groups):
+            group.update(hyperparameters_of(saved))
+            if fits_param_names(saved.get("param_names"), len(group["params"])):
+                group["param_names"] = list(saved["param_names"])
 
     def load_shard_state(self, shard_state: dict[int, dict[str, Any]]) -> None:
         """Install per-piece state (global parameter index -> state); checks shapes (and the correction's
