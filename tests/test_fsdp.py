@@ -136,10 +136,10 @@ ALL_OPTS = {
     "Adam8bit": (dist8.Adam8bit, dict(lr=1e-2, weight_decay=0.01, percentile_clipping=90)),
     "AdamW8bit": (dist8.AdamW8bit, dict(lr=1e-2, weight_decay=0.1)),
     "SGD8bit": (dist8.SGD8bit, dict(lr=1e-2, momentum=0.9, nesterov=True)),
-    "Lion8bit": (dist8.Lion8bit, dict(lr=1e-3, weight_decay=0.1)),
+    "Lion8bit": (dist8.Lion8bit, dict(lr=1e-3, weight_decay=0.1, maximize=True)),  # the sign on DTensor shards
     "RMSprop8bit": (dist8.RMSprop8bit, dict(lr=1e-3, alpha=0.9, block_wise=False)),
     "Adagrad8bit": (dist8.Adagrad8bit, dict(lr=1e-2)),
-    "LAMB8bit": (dist8.LAMB8bit, dict(lr=1e-2, weight_decay=0.01, percentile_clipping=95)),
+    "LAMB8bit": (dist8.LAMB8bit, dict(lr=1e-2, weight_decay=0.01, percentile_clipping=95, maximize=True)),
     "LARS8bit": (dist8.LARS8bit, dict(lr=1e-1, momentum=0.9, weight_decay=1e-4)),
     "AdEMAMix8bit": (dist8.AdEMAMix8bit, dict(lr=1e-2, t_alpha=3, t_beta3=3)),  # three states at the edges
 }

@@ -89,6 +89,8 @@ def test_release_equals_normal_step_bitwise(name):
     kw = dict(kw, min_8bit_size=1000)  # the 8-bit path for the big matrices, 32-bit for biases
     if name in ("Adam", "LAMB"):
         kw["percentile_clipping"] = 90  # a per-parameter gradient-norm history
+    if name in ("AdamW", "Lion"):
+        kw["maximize"] = True  # the released step's kernel scalars carry the sign too
     ref_model, rel_model = make(), make()
     ref_opt = cls(ref_model.named_parameters(), **kw)
     rel_opt = cls(rel_model.named_parameters(), **kw)

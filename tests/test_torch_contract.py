@@ -157,6 +157,38 @@ def test_param_names_mixed_with_unnamed_parameters_are_listed_by_position():
     assert [g["param_names"] for g in opt.param_groups] == [["x", "y"], ["c"], ["group 2 index 0"]]
 
 
+@cases
+def test_maximize_is_the_minimizing_step_on_the_negated_gradient(name, bits):
+    """torch.optim's ``maximize=True``: bitwise the step on ``-grad`` (every backend folds the sign
+    into the gradient scale), and for optimizers torch has, torch's own result in 32 bits."""
+    params, negated = make_params(), make_params()
+    opt = make(name, bits, params, maximize=True)
+    ref = make(name, bits, negated)
+    assert opt.param_groups[0]["maximize"] is True and ref.param_groups[0]["maximize"] is False
+    for s in range(4):
+        set_grads(params, s)
+        for p, q in zip(params, negated):
+            q.grad = -p.grad
+        opt.step()
+        ref.step()
+    assert_same(params, negated, opt, ref)
+    if bits == 32 and name in TORCH_CLASS:
+        cls, kw = OPTIMIZERS[name]
+        theirs = make_params()
+        torch_opt = TORCH_CLASS[name](theirs, maximize=True, **kw)
+        ours = make_params()
+        opt = make(name, bits, ours, maximize=True)
+        for s in range(4):
+            set_grads(ours, s)
+            set_grads(theirs, s)
+            opt.step()
+            torch_opt.step()
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"^maximize must be True or False, got 'yes'"):
+        make(name, bits, make_params(), maximize="yes")
+
+
 PUBLIC_ATTRS = ("block_size", "block_wise", "quant_map", "overrides", "on_nonfinite", "check_finite",
                 "nonfinite_skips", "amp_skips", "last_nonfinite", "defaults")
 

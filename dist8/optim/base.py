@@ -95,6 +95,9 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
             (:mod:`dist8.quant.master`: error bound ``2**(E(p) - min(t + b, 24))``, e.g. 3.1e-5
             relative for bf16 + 24). fp32 parameters are their own master and are unaffected;
             refused (ValueError) when no parameter is bf16/fp16. A group key and an override key.
+        maximize: False (default); True maximizes the objective, as torch.optim's ``maximize``:
+            the gradient's sign is folded into the kernel's gradient scale (exact: the step
+            equals the minimizing step on the negated gradient bitwise). A group key.
     """
 
     rule: Rule
@@ -121,6 +124,7 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
         args: Any = None,
         is_paged: bool = False,
         master_weight_bits: int | None = None,
+        maximize: bool = False,
     ) -> None:
         if args is not None:
             raise ValueError("args (a bitsandbytes config object) is not supported; pass keyword arguments")
@@ -133,7 +137,7 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
         get_map(quant_map, True)  # validates the name
         defaults = dict(defaults)
         defaults.update(optim_bits=optim_bits, min_8bit_size=min_8bit_size, percentile_clipping=percentile_clipping,
-                        master_weight_bits=master_weight_bits)
+                        master_weight_bits=master_weight_bits, maximize=check_flag(maximize, "maximize"))
         groups, self.param_names = split_named_params(params)
         self.block_size = block_size
         self.block_wise = check_flag(block_wise, "block_wise")
@@ -191,6 +195,11 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
         """The kernel scalars and flags of one step (``step`` counts from 1) for hyperparameters ``hyper``."""
         raise NotImplementedError
 
+    def kernel_scalars(self, hyper: dict[str, Any], step: int, grad_scale: float) -> tuple[Scalars, int]:
+        """:meth:`scalars` with ``maximize`` applied, what every update path hands the kernels: each
+        rule starts with ``g * grad_scale``, so a negated scale is torch's ``-grad`` exactly."""
+        return self.scalars(hyper, step, -grad_scale if hyper.get("maximize") else grad_scale)
+
     def trust_ratio(self, hyper: dict[str, Any], p_norm: float, u_norm: float) -> float:
         """LAMB/LARS: the factor on ``lr`` from the parameter and update norms (1 for other rules)."""
         return 1.0
@@ -238,9 +247,10 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
         existing = getattr(self, "param_groups", [])
         names: dict[torch.Tensor, str] = {}
         named_now: list[dict] = []  # existing groups given positional names for this group's sake
-        if isinstance(param_group, dict) and "params" in param_group:
+        if isinstance(param_group, dict):
             (param_group,), names = split_named_params([param_group], first_index=len(existing))
-            check_unique_params(param_group["params"], existing, self.param_name, f"param group {len(existing)}")
+            check_unique_params(param_group["params"], existing, self.param_name, f"param group {len(existing)}",
+                                param_group.get("param_names"))
             if existing and "param_names" in existing[0]:
                 name_every_group([param_group], len(existing))
             elif "param_names" in param_group:  # the first named group: list the others by position

@@ -6,7 +6,7 @@ a shard, so that wrapping, flattening or sharding cannot change them.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -69,8 +69,9 @@ def split_named_params(params: Any, first_index: int = 0) -> tuple[list[dict], d
     position (:func:`positional_name`). A group may also carry torch's ``param_names`` list itself
     (ignored unless it has one string per parameter, see :func:`fits_param_names`).
     """
-    if isinstance(params, torch.Tensor):
-        raise TypeError("params must be an iterable of tensors, (name, tensor) pairs or dicts, got a Tensor")
+    if isinstance(params, (torch.Tensor, str, bytes, Mapping)) or not isinstance(params, Iterable):
+        kind = "a Tensor" if isinstance(params, torch.Tensor) else type(params).__name__
+        raise TypeError(f"params must be an iterable of tensors, (name, tensor) pairs or dicts, got {kind}")
     items = list(params)
     if not items:
         raise ValueError("optimizer got an empty parameter list")
@@ -79,9 +80,15 @@ def split_named_params(params: Any, first_index: int = 0) -> tuple[list[dict], d
     out: list[dict] = []
     for gi, group in enumerate(groups, start=first_index):
         if not isinstance(group, Mapping):
-            raise TypeError(f"param group {gi} is a {type(group).__name__}; mix of dicts and tensors is not allowed")
+            raise TypeError(f"param group {gi} is of type {type(group).__name__}; a params list is all dicts "
+                            "(param groups) or none")
         group = dict(group)
+        if "params" not in group:
+            raise ValueError(f"param group {gi} has no 'params' entry")
         plist = group["params"]
+        if isinstance(plist, (str, bytes, Mapping)) or not isinstance(plist, (torch.Tensor, Iterable)):
+            raise TypeError(f"param group {gi}: params must be a tensor or an iterable of tensors, "
+                            f"got {type(plist).__name__}")
         plist = [plist] if isinstance(plist, torch.Tensor) else list(plist)
         tensors, group_names = [], []
         for pi, entry in enumerate(plist):
@@ -89,7 +96,7 @@ def split_named_params(params: Any, first_index: int = 0) -> tuple[list[dict], d
             if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str):
                 name, entry = entry
             if not isinstance(entry, torch.Tensor):
-                raise TypeError(f"param group {gi} entry {pi} is a {type(entry).__name__}, not a tensor")
+                raise TypeError(f"param group {gi} entry {pi} is of type {type(entry).__name__}, not a tensor")
             tensors.append(entry)
             group_names.append(name)
         given = group.pop("param_names", None)

@@ -200,7 +200,7 @@ def update(opt: Optimizer8bit, p, state: dict, settings: ParamSettings, step: in
             "create the optimizer with all its FSDP2 parameters"
         )
     lay = layout_for(opt, p, settings)
-    scalars, flags = opt.scalars(settings.hyper, step, grad_scale)
+    scalars, flags = opt.kernel_scalars(settings.hyper, step, grad_scale)
     n_states = n_states_of(opt.rule)
     p_local = p.detach().to_local()
     g_local = p.grad.detach().to_local()

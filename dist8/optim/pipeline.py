@@ -157,7 +157,7 @@ def run_updates(opt: Optimizer8bit, items: list[UpdateItem], amp: tuple[float, b
             memo_key = (id(settings.hyper), step, grad_scale)
             memo = scalars_memo.get(memo_key)
             if memo is None:
-                scalars, flags = opt.scalars(settings.hyper, step, grad_scale)
+                scalars, flags = opt.kernel_scalars(settings.hyper, step, grad_scale)
                 memo = scalars_memo[memo_key] = (scalars, flags, scalars.as_tuple())
             scalars, flags, values = memo
             key = (values, flags, settings.block_size, settings.use_8bit, p.device)
@@ -224,7 +224,7 @@ def _run_batches(opt: Optimizer8bit, batches: dict) -> None:
 
 def _update_one(opt: Optimizer8bit, p: torch.Tensor, state: dict, settings: ParamSettings, step: int,
                 grad_scale: float) -> torch.Tensor | None:
-    scalars, flags = opt.scalars(settings.hyper, step, grad_scale)
+    scalars, flags = opt.kernel_scalars(settings.hyper, step, grad_scale)
     update = None
     if opt.rule in RULE_WRITES_UPDATE:
         update = torch.empty(p.numel(), dtype=torch.float32, device=p.device)

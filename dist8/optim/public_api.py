@@ -31,12 +31,16 @@ SHARED_ARGS_DOC = """
         overrides (dict | None): ``{"name pattern": {"lr": ..., "optim_bits": 32, ...}}``,
             fnmatch patterns over the names of ``model.named_parameters()``; later patterns
             win. Default None.
-        on_nonfinite (str): ``"skip"``: a parameter whose gradient holds inf/NaN is not
-            updated and its state is untouched (counted in ``nonfinite_skips``);
-            ``"raise"``: ``FloatingPointError`` naming it. Default ``"skip"``.
-        check_finite (bool): look for inf/NaN in every gradient before updating (one more
-            read of each gradient); pass False where something else already checks.
-            Under ``torch.amp.GradScaler`` the scaler's check is used instead. Default True.
+        on_nonfinite (str): ``"skip"``: a quantization block whose gradient (or new state:
+            overflow) holds inf/NaN keeps its state and parameter values, found by the kernel
+            itself (no extra read), counted in ``nonfinite_skips`` (blocks) and
+            ``nonfinite_skips_by_param()``; ``"skip_param"``: gradients are checked before the
+            update and a parameter with any inf/NaN is skipped whole (counted once);
+            ``"raise"``: that check, and ``FloatingPointError`` naming the parameter.
+            Default ``"skip"``.
+        check_finite (bool): run the ``"skip_param"``/``"raise"`` check (one more read of each
+            gradient); pass False where something else already checks. ``"skip"`` needs none,
+            and under ``torch.amp.GradScaler`` the scaler's check is used instead. Default True.
         max_unorm (float): bitsandbytes' update-norm clip; dist8's LAMB and LARS use it as
             described above, the others accept only 0.0. Default 0.0.
         args: bitsandbytes' config object; not supported, must be None.
@@ -47,6 +51,9 @@ SHARED_ARGS_DOC = """
             re-encoded in the fused kernel (relative error 3.1e-5 for bf16 + 24, see
             dist8.quant.master). fp32 parameters are their own master and unaffected; refused
             when no parameter is bf16/fp16. Also a param-group and ``overrides`` key. Default None.
+        maximize (bool): maximize the objective (torch.optim's ``maximize``): the gradient's
+            sign is folded into the kernel's gradient scale, so the step is bitwise the
+            minimizing step on ``-grad``. A param-group key. Default False.
 """
 
 

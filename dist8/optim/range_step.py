@@ -93,7 +93,7 @@ class RangeStep:
         self.state = state
         self.block_size = settings.block_size
         self.step = state["step"] + 1
-        self.scalars, self.flags = opt.scalars(settings.hyper, self.step, 1.0)
+        self.scalars, self.flags = opt.kernel_scalars(settings.hyper, self.step, 1.0)
         self.qmaps = kernel_qmaps(opt, p.device, settings.use_8bit)
         self.backend = get_backend(p.device)
         # Flat views made once: a chunk's update slices them (per-chunk Python work is the cost of

@@ -6,6 +6,7 @@ from typing import Any
 from dist8.kernels import FLAG_FIRST_STEP, FLAG_NESTEROV, Rule, Scalars
 from dist8.optim.base import Optimizer8bit, bit_variants
 from dist8.optim.public_api import document
+from dist8.optim.validation import check_flag
 
 __all__ = ["SGD", "SGD8bit", "SGD32bit", "LARS", "LARS8bit", "LARS32bit"]
 
@@ -16,7 +17,7 @@ class _MomentumBase(Optimizer8bit):
     def __init__(
         self,
         params,
-        lr: float,
+        lr: float = 1e-3,
         momentum: float = 0.0,
         dampening: float = 0.0,
         weight_decay: float = 0.0,
@@ -29,7 +30,8 @@ class _MomentumBase(Optimizer8bit):
     ) -> None:
         super().__init__(
             params,
-            dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=bool(nesterov)),
+            dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                 nesterov=check_flag(nesterov, "nesterov")),
             optim_bits=self.default_bits if optim_bits is None else optim_bits,
             args=args,
             min_8bit_size=min_8bit_size,
@@ -71,7 +73,7 @@ class SGDFamily(_MomentumBase):
     Args:
         params: an iterable of parameters, of ``(name, parameter)`` pairs
             (``model.named_parameters()``, needed for ``overrides``) or of param-group dicts.
-        lr (float): learning rate; required.
+        lr (float): learning rate. Default 1e-3 (torch's; bitsandbytes requires one).
         momentum (float): momentum factor, in (0, 1); required in practice (the default 0
             is refused: without momentum there is no state to quantize; use torch.optim.SGD).
         dampening (float): the gradient enters the buffer times ``1 - dampening``, in [0, 1).

@@ -75,6 +75,8 @@ def check_group(group: dict[str, Any], where: str, n_betas: int = 2) -> None:
     for key, (lo, hi, lo_open, hi_open) in HYPER_BOUNDS.items():
         if key in group:
             check_number(group[key], key, where, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open)
+    if "maximize" in group:
+        check_flag(group["maximize"], f"maximize ({where})")
     if "betas" in group:
         betas = group["betas"]
         if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != n_betas:
@@ -99,15 +101,23 @@ def pair(value: Any) -> Any:
 
 
 def check_unique_params(new: list[torch.Tensor], groups: list[dict[str, Any]], name_of: Callable[[torch.Tensor], str],
-                        where: str) -> None:
-    """Refuse a parameter listed twice in the new group ``where`` or already in one of ``groups``."""
-    seen: set[torch.Tensor] = set()
-    for p in new:
-        if p in seen:
-            raise ValueError(f"parameter {name_of(p)} is listed twice in {where}; list each parameter once")
-        seen.add(p)
+                        where: str, new_names: list[str] | None = None) -> None:
+    """Refuse a parameter listed twice in the new group ``where`` or already in one of ``groups``.
+
+    ``new_names``: the new group's ``param_names`` if it has them; else its parameters are called by
+    their index in it (they are not registered yet, so ``name_of`` knows only the earlier groups').
+    """
+    def label(i: int) -> str:
+        return new_names[i] if new_names is not None else f"index {i}"
+
+    first: dict[torch.Tensor, int] = {}
+    for i, p in enumerate(new):
+        if p in first:
+            raise ValueError(f"parameter {label(i)} is listed twice in {where} (also as {label(first[p])}); "
+                             "list each parameter once")
+        first[p] = i
     for gi, group in enumerate(groups):
         for q in group["params"]:
-            if q in seen:
-                raise ValueError(f"parameter {name_of(q)} of {where} is already in param group {gi}; "
-                                 "list each parameter once")
+            if q in first:
+                raise ValueError(f"parameter {label(first[q])} of {where} is already in param group {gi} "
+                                 f"(as {name_of(q)}); list each parameter once")
