@@ -84,6 +84,7 @@ PYTHON_FRAGMENTS = {
     "ZeroRedundancyOptimizer(": "tests/test_clients.py::test_zero_redundancy_optimizer_bitwise_and_consolidated_state_loads",
     "dist8.cast_model(": "tests/test_cast_model.py, tests/test_gradient_release.py, tests/test_master_weights.py",
     "load_fp32_weights(": "tests/test_sharded_master.py::test_consolidate_fp32_weights_and_load_them_back",
+    "from_torch_optim(": "tests/test_from_torch.py",
 }
 
 

@@ -267,7 +267,8 @@ def _foreign_hint(st: dict[str, Any]) -> str:
     if "__bnb_optimizer_quant_state__" in st or "qmap1" in st:
         return ": a bitsandbytes state dict; load dist8.checkpoint.convert.from_bitsandbytes(state_dict) instead"
     if "exp_avg" in st or "momentum_buffer" in st or "square_avg" in st or "sum" in st:
-        return ": a torch.optim state dict; dist8 loads its own (quantized) state only"
+        return (": a torch.optim state dict; convert it with "
+                "dist8.checkpoint.from_torch_optim(state_dict, optimizer) and load that")
     return ""
 
 
