@@ -346,3 +346,37 @@ def test_foreign_state_dicts_name_what_they_are_and_bnb_converts():
     opt.load_state_dict(from_bitsandbytes(b.state_dict()))
     opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("bits", [8, 32])
+def test_state_that_no_longer_fits_its_parameter_is_named(bits):
+    # Code that resizes a parameter in place (p.data = a bigger tensor) or changes optim_bits in a
+    # group after the first step: one line naming the parameter and the way out, before any kernel
+    # runs; `del opt.state[p]` gives fresh state.
+    p = torch.nn.Parameter(torch.randn(5000))
+    opt = AdamW8bit([("emb", p)], optim_bits=bits)
+    _step(opt, [p])
+    p.data = torch.randn(6000)
+    with pytest.raises(ValueError, match=r"^parameter emb has shape \(6000,\) but its optimizer state was made for "
+                                         r"\(5000,\) \(resized after its first step\?\); give it fresh state with "
+                                         r"del optimizer.state\[param\]"):
+        _step(opt, [p])
+    del opt.state[p]
+    _step(opt, [p])
+    assert opt.state[p]["step"] == 1 and opt.state[p]["state1"].shape == (6000,)
+    opt.param_groups[0]["optim_bits"] = 40 - bits  # 8 <-> 32
+    other = "32" if bits == 8 else "8"
+    with pytest.raises(ValueError, match=rf"^parameter emb has {bits}-bit state but its settings now give it "
+                                         rf"{other}-bit state"):
+        _step(opt, [p])
+
+
+def test_resized_parameter_under_gradient_release_is_named():
+    model = torch.nn.Linear(100, 60)
+    opt = AdamW8bit(model.named_parameters(), min_8bit_size=0)
+    handle = dist8.gradient_release(model, opt)
+    model(torch.randn(2, 100)).sum().backward()
+    model.weight.data = torch.randn(60, 101)
+    with pytest.raises(ValueError, match=r"parameter weight has shape \(60, 101\) but its optimizer state was made"):
+        model(torch.randn(2, 101)).sum().backward()
+    handle.remove()

@@ -443,6 +443,7 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
                     )
                 settings = self.settings(p, group, group_hyper)
                 state = self.param_state(p, settings)
+                self.check_state_fits(p, settings, state)
                 # one cheap test on the common path (~0.3 us per parameter); the rest only when it fails
                 if not self.uses_dtensor and (p.is_meta or not (p.is_contiguous() and p.grad.is_contiguous())
                                               or not p.numel()):
@@ -452,6 +453,23 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
                     p = self.working_copy(p, written_back)
                 items.append(pipeline.UpdateItem(p, settings, state))
         return items
+
+    def check_state_fits(self, p: torch.Tensor, settings: ParamSettings, state: dict[str, Any]) -> None:
+        """Refuse, naming ``p``, state made for another shape or kind than ``p`` and its settings now have
+        (a parameter resized, or optim_bits/min_8bit_size changed, after its state was made), which
+        the kernels would otherwise reject without a name."""
+        first = state.get(schema.state_key(1))
+        if first is None:
+            return
+        if not self.uses_dtensor and first.shape != p.shape:
+            raise ValueError(f"parameter {self.param_name(p)} has shape {tuple(p.shape)} but its optimizer state was "
+                             f"made for {tuple(first.shape)} (resized after its first step?); give it fresh state "
+                             "with del optimizer.state[param]")
+        if (first.dtype == torch.uint8) != settings.use_8bit:
+            had, now = ("8", "32") if settings.use_8bit is False else ("32", "8")
+            raise ValueError(f"parameter {self.param_name(p)} has {had}-bit state but its settings now give it {now}-bit "
+                             "state (optim_bits or min_8bit_size changed after its first step?); give it fresh state "
+                             "with del optimizer.state[param]")
 
     def partial_slots(self, items: list[pipeline.UpdateItem]) -> tuple[list[int], int]:
         """Slot of each item in the vectors of per-parameter partial sums, and their length.

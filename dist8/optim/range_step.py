@@ -87,6 +87,7 @@ class RangeStep:
         if refusal is not None:
             raise ValueError(f"parameter {settings.name} cannot be stepped range by range: {refusal}")
         state = opt.param_state(p, settings)
+        opt.check_state_fits(p, settings, state)
         self.opt = opt
         self.param = p
         self.settings = settings
