@@ -7,6 +7,8 @@
   continuation stays close to torch's;
 * torch's param-group values (lr, betas, ...) and ``initial_lr`` come along; a full state dict
   keyed by parameter names (torch.distributed.checkpoint's) converts by name;
+* dist8 -> torch layout (``export_fp32_adam``) -> dist8 is bitwise for 32-bit state; lion-pytorch's
+  layout (``exp_avg``, no step) continues bitwise;
 * what does not fit is refused with one line naming the parameter and key, before anything loads.
 """
 import copy
@@ -154,3 +156,37 @@ def test_load_state_dict_of_a_torch_state_dict_names_the_converter():
     with pytest.raises(KeyError, match=r"a torch.optim state dict; convert it with "
                                        r"dist8.checkpoint.from_torch_optim\(state_dict, optimizer\)"):
         opt.load_state_dict(topt.state_dict())
+
+
+def test_32bit_round_trip_through_torch_layout_is_bitwise():
+    # dist8 -> torch AdamW layout (export_fp32_adam) -> dist8 (from_torch_optim): 32-bit state is
+    # copied, so the run continues bitwise as if never converted.
+    model = make_model()
+    opt = dist8.AdamW32bit(model.parameters(), lr=1e-2, weight_decay=0.1)
+    train(model, opt, 0, 3)
+    twin = copy.deepcopy(model)
+    again = dist8.AdamW32bit(twin.parameters(), lr=1.0)
+    again.load_state_dict(from_torch_optim(export_fp32_adam(opt.state_dict()), again))
+    train(model, opt, 3, 6)
+    train(twin, again, 3, 6)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_lion_pytorch_layout():
+    # lion-pytorch keeps {"exp_avg"} per parameter and no step; its groups: lr, betas, weight_decay.
+    model = make_model()
+    opt = dist8.Lion32bit(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    train(model, opt, 0, 3)
+    ids = list(range(len(list(model.parameters()))))
+    lion_pytorch_sd = {"state": {i: {"exp_avg": opt.state[p]["state1"].clone()}
+                                 for i, p in zip(ids, model.parameters())},
+                       "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.1, "params": ids}]}
+    twin = copy.deepcopy(model)
+    again = dist8.Lion32bit(twin.parameters(), lr=1.0)
+    again.load_state_dict(from_torch_optim(lion_pytorch_sd, again))
+    assert again.state[twin[0].weight]["step"] == 1 and again.param_groups[0]["betas"] == (0.9, 0.99)
+    train(model, opt, 3, 6)
+    train(twin, again, 3, 6)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
