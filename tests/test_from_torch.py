@@ -3,7 +3,7 @@
 * every torch optimizer with a dist8 counterpart (Adam, AdamW, SGD with momentum, RMSprop with
   and without momentum, Adagrad): converted into the dist8 optimizer with 32-bit state, the run
   continues as torch's does (to float rounding: the same numbers went in); with 8-bit state, each
-  state value is its nearest code (dequantized within one code gap of torch's value) and the
+  state value is its nearest code (the map value nearest to torch's value over the block's absmax) and the
   continuation stays close to torch's;
 * torch's param-group values (lr, betas, ...) and ``initial_lr`` come along; a full state dict
   keyed by parameter names (torch.distributed.checkpoint's) converts by name;
