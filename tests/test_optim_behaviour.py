@@ -380,3 +380,13 @@ def test_resized_parameter_under_gradient_release_is_named():
     with pytest.raises(ValueError, match=r"parameter weight has shape \(60, 101\) but its optimizer state was made"):
         model(torch.randn(2, 101)).sum().backward()
     handle.remove()
+
+
+def test_gradient_of_an_unsupported_dtype_is_named():
+    p = torch.nn.Parameter(torch.randn(5000))
+    p.grad_dtype = None  # torch then takes a gradient of another dtype
+    p.grad = torch.randn(5000, dtype=torch.float64)
+    opt = AdamW8bit([("w", p)])
+    with pytest.raises(TypeError, match=r"^parameter w has a torch.float64 gradient; supported: float32, bfloat16"):
+        opt.step()
+    assert not opt.state[p]

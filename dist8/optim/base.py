@@ -437,6 +437,9 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise TypeError(f"parameter {self.param_name(p)} has a sparse gradient; dist8 needs dense gradients")
+                if p.grad.dtype not in SUPPORTED_DTYPES:
+                    raise TypeError(f"parameter {self.param_name(p)} has a {p.grad.dtype} gradient; supported: "
+                                    "float32, bfloat16, float16")
                 if p.grad.shape != p.shape:
                     raise ValueError(
                         f"parameter {self.param_name(p)} has shape {tuple(p.shape)} but its gradient {tuple(p.grad.shape)}"
