@@ -5,6 +5,7 @@
 * ``GlobalOptimManager`` (``get_instance``, ``register_parameters``, ``override_config``,
   ``register_module_override``): the Hugging Face "embeddings in 32 bits" recipe gives the
   same 8/32-bit decisions as in bitsandbytes, also through ``ShardedOptimizer``;
+* ``bnb.nn.Embedding`` and ``StableEmbedding`` are in ``dist8.nn``: same init, output and 32-bit state;
 * ``create_dynamic_map(signed, max_exponent_bits)`` equals bitsandbytes' for every value
   bitsandbytes accepts (incl. ``max_exponent_bits=8``); ``dequantize_blockwise(out_dtype=)``
   returns the dtype asked for, with bitsandbytes' values.
@@ -136,6 +137,29 @@ def test_manager_refuses_unknown_keys_and_initialize_takes_marks_back(manager):
 
 
 # ---- functional -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["Embedding", "StableEmbedding"])
+def test_bitsandbytes_embeddings_are_in_dist8_nn(name):
+    """``bnb.nn.Embedding`` / ``StableEmbedding`` -> ``dist8.nn``: the same initial weights for the
+    same seed, the same output, and 32-bit optimizer state for the weight (an ``nn.Embedding`` of
+    the same size gets 8-bit state)."""
+    kw = dict(padding_idx=3)
+    torch.manual_seed(0)
+    ours = getattr(dist8.nn, name)(5000, 16, **kw)
+    torch.manual_seed(0)
+    theirs = getattr(bnb.nn, name)(5000, 16, **kw)
+    assert torch.equal(ours.weight, theirs.weight) and float(ours.weight[3].abs().sum()) == 0.0
+    ids = torch.tensor([[1, 3, 4999], [0, 2, 7]])
+    assert torch.equal(ours(ids), theirs(ids))
+    plain = torch.nn.Embedding(5000, 16)
+    opt = dist8.AdamW8bit(list(ours.parameters()) + list(plain.parameters()))
+    (ours(ids).sum() + plain(ids).sum()).backward()
+    opt.step()
+    assert opt.state[ours.weight]["state1"].dtype == torch.float32
+    assert opt.state[plain.weight]["state1"].dtype == torch.uint8
+    with pytest.raises(ValueError, match=rf"^{name}: embedding_dim must be an int > 0, got 0"):
+        getattr(dist8.nn, name)(5000, 0)
+
+
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("max_exponent_bits", range(1, 9))
 def test_create_dynamic_map_equals_bitsandbytes(signed, max_exponent_bits):
