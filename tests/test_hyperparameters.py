@@ -186,3 +186,14 @@ def test_tensor_lr_filled_in_place_with_nan_is_refused():
     lr.fill_(float("nan"))  # what torch's schedulers do to a tensor lr
     with pytest.raises(ValueError, match="lr must be a finite number"):
         opt.step()
+
+
+def test_a_key_deleted_from_a_live_group_is_named_at_the_next_step():
+    p = torch.nn.Parameter(torch.randn(5000))
+    opt = d8.AdamW8bit([p])
+    p.grad = torch.randn(5000)
+    opt.step()
+    del opt.param_groups[0]["eps"]
+    with pytest.raises(ValueError, match=r"^param group 0 has no 'eps'; every group of AdamW8bit needs \["):
+        opt.step()
+    assert opt.state[p]["step"] == 1

@@ -211,6 +211,10 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
         self.check_hyper(hyper, where)
 
     def _check_group(self, group: dict[str, Any], gi: int) -> None:
+        missing = [k for k in self.defaults if k not in group]
+        if missing:  # a key deleted from a live group (torch fills them in only when a group is added)
+            raise ValueError(f"param group {gi} has no {missing[0]!r}; every group of {type(self).__name__} needs "
+                             f"{sorted(self.defaults)}")
         self.validate_hyper(group, f"param group {gi}")
         hyper = hyperparameters_of(group)
         for pattern, extra in self.overrides.items():  # at construction, not at the first step
