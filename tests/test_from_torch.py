@@ -190,3 +190,19 @@ def test_lion_pytorch_layout():
     train(twin, again, 3, 6)
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
+
+
+def test_maximize_travels_both_ways():
+    # a maximizing dist8 run exported to torch's layout keeps maximize=True, and comes back with it
+    model = make_model()
+    opt = dist8.AdamW32bit(model.parameters(), lr=1e-2, maximize=True)
+    train(model, opt, 0, 2)
+    exported = export_fp32_adam(opt.state_dict())
+    assert exported["param_groups"][0]["maximize"] is True
+    theirs = copy.deepcopy(model)
+    torch_opt = torch.optim.AdamW(theirs.parameters())
+    torch_opt.load_state_dict(exported)
+    assert torch_opt.param_groups[0]["maximize"] is True
+    again = dist8.AdamW32bit(copy.deepcopy(model).parameters())
+    again.load_state_dict(from_torch_optim(torch_opt.state_dict(), again))
+    assert again.param_groups[0]["maximize"] is True

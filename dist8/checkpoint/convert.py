@@ -121,7 +121,8 @@ def export_fp32_adam(state_dict: dict[str, Any], block_size: int = 256) -> dict[
     groups = []
     for g in state_dict["param_groups"]:
         keep = {k: g[k] for k in ("lr", "betas", "eps", "weight_decay", "params") if k in g}
-        keep.update(amsgrad=False, maximize=False, foreach=None, capturable=False, differentiable=False, fused=None)
+        keep.update(amsgrad=False, maximize=bool(g.get("maximize", False)), foreach=None, capturable=False,
+                    differentiable=False, fused=None)
         groups.append(keep)
     return {"state": out, "param_groups": groups}
 

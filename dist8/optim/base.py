@@ -526,7 +526,6 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
             group_of.update((key, gi) for key in saved["params"])
         for gi, saved in enumerate(saved_groups):
             self.check_loaded_group(saved, gi)
-
         new_state: defaultdict = defaultdict(dict)
         for key, st in state_dict["state"].items():
             if key not in id_map:
