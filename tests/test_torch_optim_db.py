@@ -12,6 +12,8 @@ tested without anyone here writing it down:
   without the schedulers; 8- and 32-bit state) or is refused at construction with a one-line
   error naming one of its keys (what dist8 does not implement: ``amsgrad``, ``centered``,
   ``initial_accumulator_value``, SGD without momentum, torch's implementation switches);
+* each configuration dist8 accepts follows torch's own optimizer with 32-bit state (the same
+  parameters to float rounding over 8 steps of the same gradients);
 * each input torch refuses, dist8 refuses too, except the deviations listed in
   ``DEVIATIONS`` with the reason.
 """
@@ -105,6 +107,40 @@ def test_torch_inputs_train_in_the_right_direction_or_are_refused_naming_a_key(i
                     assert final < initial, what
                 trained += 1
     assert trained > 0, f"{name}: no torch configuration trained"  # the test must be able to fail
+
+
+@pytest.mark.parametrize("info", INFOS, ids=IDS)
+def test_torch_inputs_in_32_bits_follow_torchs_own_optimizer(info):
+    """Each configuration dist8 accepts, with 32-bit state, against torch's own optimizer (its
+    for-loop implementation) on the same gradients: the same parameters to float rounding."""
+    name = info.optim_cls.__name__
+    compared = 0
+    for optim_input in info.optim_inputs_func(device="cpu"):
+        kwargs = dict(optim_input.kwargs)
+        what = f"{name} {optim_input.desc!r} {kwargs}"
+        gen = torch.Generator().manual_seed(1)
+        start = [torch.randn(10, 5, generator=gen), torch.randn(10, generator=gen)]
+        ours = [Parameter(t.clone()) for t in start]
+        theirs = [Parameter(t.clone()) for t in start]
+        try:
+            opt = _construct(info, ours, kwargs, 32)
+        except (ValueError, TypeError) as exc:
+            _assert_refusal_names_a_key(exc, kwargs, what)
+            continue
+        ref_kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}  # torch's defaults
+        if "foreach" in info.supported_impls:
+            ref_kwargs["foreach"] = False
+        ref = info.optim_cls(theirs, **ref_kwargs)
+        for step in range(8):
+            grads = [torch.randn(t.shape, generator=gen) for t in start]
+            for p, q, g in zip(ours, theirs, grads):
+                p.grad, q.grad = g.clone(), g.clone()
+            opt.step()
+            ref.step()
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
+        compared += 1
+    assert compared > 0, f"{name}: no torch configuration compared"
 
 
 @pytest.mark.parametrize("info", [i for i in INFOS if i.optim_error_inputs_func is not None],
