@@ -5,6 +5,8 @@ ZeroRedundancyOptimizer and fairscale OSS.
   config, no downloads) trained by ``transformers.Trainer`` with
   ``optimizer_cls_and_kwargs=(dist8.AdamW8bit, ...)``; a run saved at step 3 and resumed
   (``resume_from_checkpoint``) ends bitwise equal to an uninterrupted run.
+* ``test_hf_trainer_run_started_with_torch_adamw_continues_with_dist8``: a checkpoint of a Trainer
+  run with torch's AdamW resumes with dist8 after ``from_torch_optim`` converts its ``optimizer.pt``.
 * ``test_accelerate_fsdp2_optimizer_built_before_sharding``: 2 gloo ranks. The optimizer
   is built on the plain model and ``accelerator.prepare`` applies FSDP2 afterwards,
   swapping DTensors into ``param_groups`` (accelerate's FSDP2 path; accelerate only takes
@@ -50,7 +52,7 @@ class _Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.x[i], "labels": self.x[i]}
 
 
-def _trainer(out_dir, max_steps, bf16_master=False):
+def _trainer(out_dir, max_steps, bf16_master=False, min_8bit_size=1024):
     """``bf16_master``: the model cast to bf16 (dist8.cast_model: LayerNorms stay fp32) and the
     optimizer keeping 24-bit masters (``master_weight_bits=24``)."""
     from transformers import Trainer, TrainingArguments
@@ -59,7 +61,7 @@ def _trainer(out_dir, max_steps, bf16_master=False):
                              save_strategy="steps", save_steps=3, report_to=[], use_cpu=True, seed=0,
                              logging_steps=1, disable_tqdm=True, lr_scheduler_type="linear", warmup_steps=2)
     model = _tiny_gpt2()
-    kwargs = {"lr": 3e-3, "min_8bit_size": 1024}
+    kwargs = {"lr": 3e-3, "min_8bit_size": min_8bit_size}
     if bf16_master:
         dist8.cast_model(model, torch.bfloat16)
         kwargs["master_weight_bits"] = 24
@@ -103,6 +105,44 @@ def test_hf_trainer_bf16_master_weights_save_and_resume_bitwise(tmp_path):
         sa, sb = opt.state[p_full], _opt(resumed).state[p_res]
         for k in sa:
             assert torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor) else sa[k] == sb[k], k
+
+
+def test_hf_trainer_run_started_with_torch_adamw_continues_with_dist8(tmp_path):
+    """A Trainer run saved with ``optim="adamw_torch"`` resumes with dist8: the checkpoint's
+    ``optimizer.pt`` converted by ``dist8.checkpoint.from_torch_optim`` for the new Trainer's optimizer
+    (the same two param groups: decay / no decay). With 32-bit state the resumed run is torch's run to
+    float rounding (moments, step count and group values carried over); with 8-bit state it continues
+    from the moments' nearest codes."""
+    pytest.importorskip("transformers", reason="transformers is in the [test] extras")
+    import shutil
+
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path / "torch"), max_steps=6, per_device_train_batch_size=4,
+                             save_strategy="steps", save_steps=3, report_to=[], use_cpu=True, seed=0,
+                             logging_steps=1, disable_tqdm=True, lr_scheduler_type="linear", warmup_steps=2,
+                             learning_rate=3e-3, optim="adamw_torch")
+    torch_full = Trainer(model=_tiny_gpt2(), args=args, train_dataset=_Tokens())
+    torch_full.train()
+    assert isinstance(_opt(torch_full), torch.optim.AdamW)
+    for min_8bit_size in (10**9, 1024):  # all 32-bit state; the matrices 8-bit
+        ckpt = tmp_path / f"checkpoint-3-{min_8bit_size}"
+        shutil.copytree(tmp_path / "torch" / "checkpoint-3", ckpt)
+        resumed = _trainer(tmp_path / f"dist8-{min_8bit_size}", 6, min_8bit_size=min_8bit_size)
+        resumed.create_optimizer()
+        opt = _opt(resumed)
+        converted = dist8.checkpoint.from_torch_optim(torch.load(ckpt / "optimizer.pt", weights_only=True), opt)
+        torch.save(converted, ckpt / "optimizer.pt")
+        resumed.train(resume_from_checkpoint=str(ckpt))
+        wte = resumed.model.transformer.wte.weight
+        assert opt.state[wte]["step"] == 6
+        pairs = list(zip(resumed.model.named_parameters(), torch_full.model.parameters()))
+        if min_8bit_size > 1024:
+            for (n, a), b in pairs:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+        else:
+            assert opt.state[wte]["state1"].dtype == torch.uint8
+            assert all(torch.isfinite(a).all() for (_, a), _ in pairs)
 
 
 def _opt(trainer):
