@@ -14,6 +14,8 @@ tested without anyone here writing it down:
   ``initial_accumulator_value``, SGD without momentum, torch's implementation switches);
 * each configuration dist8 accepts follows torch's own optimizer with 32-bit state (the same
   parameters to float rounding over 8 steps of the same gradients);
+* zero gradients without weight decay leave the parameters alone (torch's
+  ``test_step_is_noop_for_zero_grads``);
 * each input torch refuses, dist8 refuses too, except the deviations listed in
   ``DEVIATIONS`` with the reason.
 """
@@ -141,6 +143,32 @@ def test_torch_inputs_in_32_bits_follow_torchs_own_optimizer(info):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
         compared += 1
     assert compared > 0, f"{name}: no torch configuration compared"
+
+
+@pytest.mark.parametrize("bits", [8, 32])
+@pytest.mark.parametrize("info", INFOS, ids=IDS)
+def test_zero_gradients_leave_parameters_alone(info, bits):
+    """torch's ``test_step_is_noop_for_zero_grads``: without weight decay, steps on zero gradients
+    change no parameter (an all-zero block's absmax is 0; nothing divides by it)."""
+    checked = 0
+    # torch's inputs, and one without weight decay for those (AdamW) whose default has it
+    for kwargs in [dict(i.kwargs) for i in info.optim_inputs_func(device="cpu")] + [{"weight_decay": 0.0}]:
+        params = [Parameter(torch.randn(300, 20, generator=torch.Generator().manual_seed(2))), Parameter(torch.randn(7))]
+        before = [p.detach().clone() for p in params]
+        try:
+            opt = _construct(info, params, kwargs, bits)
+        except (ValueError, TypeError):
+            continue  # refusals: test_torch_inputs_train_in_the_right_direction_or_are_refused_naming_a_key
+        if opt.param_groups[0]["weight_decay"] != 0:  # given, or the default (AdamW's 0.01, as torch's)
+            continue
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            opt.step()
+        for p, b in zip(params, before):
+            assert torch.equal(p, b), f"{info.optim_cls.__name__} {kwargs} ({bits}-bit)"
+        checked += 1
+    assert checked > 0
 
 
 @pytest.mark.parametrize("info", [i for i in INFOS if i.optim_error_inputs_func is not None],
