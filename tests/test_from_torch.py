@@ -105,6 +105,22 @@ def test_full_state_dict_keyed_by_names_and_initial_lr():
     opt = dist8.AdamW8bit(model.named_parameters(), min_8bit_size=1000)
     opt.load_state_dict(from_torch_optim(full, opt))
     assert opt.param_groups[0]["initial_lr"] == 1e-2 and opt.state[model[0].weight]["step"] == 4
+    # listed by name in another order: each state still lands on its own parameter
+    shuffled = copy.deepcopy(full)
+    shuffled["param_groups"][0]["params"] = list(reversed(shuffled["param_groups"][0]["params"]))
+    again = dist8.AdamW8bit(model.named_parameters(), min_8bit_size=1000)
+    again.load_state_dict(from_torch_optim(shuffled, again))
+    for p in model.parameters():
+        assert all(torch.equal(again.state[p][k], v) if torch.is_tensor(v) else again.state[p][k] == v
+                   for k, v in opt.state[p].items())
+    two_groups = dist8.AdamW8bit([{"params": [("0.weight", model[0].weight)]},
+                                  {"params": [(n, p) for n, p in model.named_parameters() if n != "0.weight"]}])
+    split = copy.deepcopy(full)
+    split["param_groups"] = [dict(split["param_groups"][0], params=["0.bias"]),
+                             dict(split["param_groups"][0], params=["0.weight", "2.weight", "2.bias"])]
+    with pytest.raises(CheckpointError, match=r"^param group 0: the torch state dict lists parameter '0.bias' there, "
+                                              r"the optimizer in another group"):
+        from_torch_optim(split, two_groups)
     unnamed = dist8.AdamW8bit(model.parameters())
     with pytest.raises(CheckpointError, match=r"names parameter '0.weight', which the optimizer does not have "
                                               r"\(build it from model.named_parameters\(\)"):

@@ -17,6 +17,7 @@ import torch
 
 from dist8.checkpoint.format import CheckpointError
 from dist8.kernels.rules import Rule
+from dist8.messages import brief
 from dist8.optim import state_schema as schema
 from dist8.optim.base import Optimizer8bit
 from dist8.optim.config import hyperparameters_of
@@ -77,6 +78,7 @@ def from_torch_optim(state_dict: dict[str, Any], optimizer: Optimizer8bit) -> di
     groups = []
     first_id = 0  # the output numbers parameters in group order, as optimizer.state_dict() does
     for gi, (saved, group) in enumerate(zip(saved_groups, optimizer.param_groups)):
+        index_of = {id(p): first_id + pi for pi, p in enumerate(group["params"])}
         ids = saved.get("params") if isinstance(saved, dict) else None
         if not isinstance(ids, list) or len(ids) != len(group["params"]):
             raise CheckpointError(f"param group {gi}: the torch state dict lists "
@@ -85,14 +87,19 @@ def from_torch_optim(state_dict: dict[str, Any], optimizer: Optimizer8bit) -> di
         hyper = {k: v for k, v in saved.items() if k in hyperparameters_of(group) or k in _KEPT_GROUP_KEYS}
         out_group = dict(hyperparameters_of(group), **hyper)
         for pi, key in enumerate(ids):
+            if isinstance(key, bool) or not isinstance(key, (int, str)):
+                raise CheckpointError(f"param group {gi}: parameter ids must be ints or names, got {brief(key)}")
             p = by_name.get(key) if isinstance(key, str) else group["params"][pi]
             if p is None:
                 hint = "" if optimizer.param_names else " (build it from model.named_parameters() to give it names)"
                 raise CheckpointError(f"param group {gi}: the torch state dict names parameter {key!r}, which the "
                                       f"optimizer does not have{hint}")
+            if id(p) not in index_of:
+                raise CheckpointError(f"param group {gi}: the torch state dict lists parameter {key!r} there, the "
+                                      "optimizer in another group")
             if key in state_dict["state"]:
                 settings = optimizer.settings(p, dict(group, **hyper))
-                state[first_id + pi] = _converted(optimizer, p, settings, state_dict["state"][key], keys)
+                state[index_of[id(p)]] = _converted(optimizer, p, settings, state_dict["state"][key], keys)
         groups.append(dict(out_group, params=list(range(first_id, first_id + len(ids)))))
         first_id += len(ids)
     return {"state": state, "param_groups": groups, schema.STATE_DICT_INFO: schema.state_dict_info(optimizer.quant_map)}
