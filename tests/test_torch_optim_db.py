@@ -62,7 +62,7 @@ def _assert_refusal_names_a_key(exc: Exception, kwargs: dict, what: str) -> None
     msg = str(exc)
     assert isinstance(exc, (ValueError, TypeError)), f"{what}: {type(exc).__name__}: {msg}"
     assert "\n" not in msg.strip(), f"{what}: a multi-line error: {msg!r}"
-    keys = set(kwargs) | {"lr", "momentum"}  # SGD8bit: lr has no default, momentum must be > 0
+    keys = set(kwargs) | {"momentum"}  # SGD8bit refuses torch's default momentum 0, naming it
     assert any(k in msg for k in keys), f"{what}: the error names none of {sorted(keys)}: {msg}"
 
 
@@ -185,7 +185,7 @@ def test_inputs_torch_refuses_are_refused(info):
         params = optim_input.params if optim_input.params is not None else [Parameter(torch.randn(10, 5))]
         kwargs = dict(optim_input.kwargs)
         if info.optim_cls is torch.optim.SGD:
-            kwargs = {"lr": 1e-3, "momentum": 0.9, **kwargs}  # SGD8bit has no lr default and needs momentum
+            kwargs = {"momentum": 0.9, **kwargs}  # SGD8bit needs momentum (no state without it)
         what = f"{name} {desc!r} {kwargs}"
         try:
             opt = COUNTERPART[info.optim_cls](params, **kwargs)

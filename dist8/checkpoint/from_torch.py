@@ -114,7 +114,7 @@ def _converted(optimizer: Optimizer8bit, p: torch.Tensor, settings: Any, st: Any
             raise CheckpointError(f"state of parameter {name} has {key!r} ({why}), which dist8 does not implement")
     missing = [k for k in keys if not isinstance(st.get(k), torch.Tensor)]
     if missing:
-        raise CheckpointError(f"state of parameter {name} has no tensor {missing[0]!r} (keys: {sorted(st)}); "
+        raise CheckpointError(f"state of parameter {name} has no tensor {missing[0]!r} (keys: {sorted(map(str, st))}); "
                               f"{type(optimizer).__name__} continues from {list(keys)}")
     shape = tuple(p.shape)
     out = schema.new_state(optimizer.rule, shape, num_blocks(math.prod(shape), settings.block_size),
@@ -147,5 +147,5 @@ def _step(step: Any, name: str) -> int:
     value = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
             or value < 0 or value != int(value):
-        raise CheckpointError(f"step of parameter {name} must be a whole number >= 0, got {value!r}")
+        raise CheckpointError(f"step of parameter {name} must be a whole number >= 0, got {brief(value)}")
     return int(value)
