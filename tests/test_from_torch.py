@@ -178,6 +178,14 @@ def test_load_state_dict_of_a_torch_state_dict_names_the_converter():
         opt.load_state_dict(topt.state_dict())
 
 
+def assert_continues_bitwise(model, opt, twin, again):
+    """Three more steps of (model, opt) and of its converted twin (twin, again) end bitwise equal."""
+    train(model, opt, 3, 6)
+    train(twin, again, 3, 6)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_32bit_round_trip_through_torch_layout_is_bitwise():
     # dist8 -> torch AdamW layout (export_fp32_adam) -> dist8 (from_torch_optim): 32-bit state is
     # copied, so the run continues bitwise as if never converted.
@@ -187,10 +195,7 @@ def test_32bit_round_trip_through_torch_layout_is_bitwise():
     twin = copy.deepcopy(model)
     again = dist8.AdamW32bit(twin.parameters(), lr=1.0)
     again.load_state_dict(from_torch_optim(export_fp32_adam(opt.state_dict()), again))
-    train(model, opt, 3, 6)
-    train(twin, again, 3, 6)
-    for a, b in zip(model.parameters(), twin.parameters()):
-        assert torch.equal(a, b)
+    assert_continues_bitwise(model, opt, twin, again)
 
 
 def test_lion_pytorch_layout():
@@ -206,10 +211,7 @@ def test_lion_pytorch_layout():
     again = dist8.Lion32bit(twin.parameters(), lr=1.0)
     again.load_state_dict(from_torch_optim(lion_pytorch_sd, again))
     assert again.state[twin[0].weight]["step"] == 1 and again.param_groups[0]["betas"] == (0.9, 0.99)
-    train(model, opt, 3, 6)
-    train(twin, again, 3, 6)
-    for a, b in zip(model.parameters(), twin.parameters()):
-        assert torch.equal(a, b)
+    assert_continues_bitwise(model, opt, twin, again)
 
 
 def test_maximize_travels_both_ways():

@@ -84,8 +84,9 @@ def from_torch_optim(state_dict: dict[str, Any], optimizer: Optimizer8bit) -> di
             raise CheckpointError(f"param group {gi}: the torch state dict lists "
                                   f"{len(ids) if isinstance(ids, list) else 'no'} parameters, the optimizer "
                                   f"{len(group['params'])}")
-        hyper = {k: v for k, v in saved.items() if k in hyperparameters_of(group) or k in _KEPT_GROUP_KEYS}
-        out_group = dict(hyperparameters_of(group), **hyper)
+        own = hyperparameters_of(group)
+        hyper = {k: v for k, v in saved.items() if k in own or k in _KEPT_GROUP_KEYS}
+        out_group = dict(own, **hyper)
         for pi, key in enumerate(ids):
             if isinstance(key, bool) or not isinstance(key, (int, str)):
                 raise CheckpointError(f"param group {gi}: parameter ids must be ints or names, got {brief(key)}")

@@ -15,7 +15,7 @@ import torch
 
 from dist8.optim import pipeline
 from dist8.optim.base import Optimizer8bit, ParamSettings
-from dist8.optim.config import GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, hyperparameters_of, match_overrides
+from dist8.optim.config import GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, fits_param_names, hyperparameters_of, match_overrides
 from dist8.optim.state_schema import STATE_DICT_INFO, check_state_dict_map, state_key
 
 __all__ = ["Segment", "DeepSpeedSegments", "segmented_class", "segmented_copy", "attach_segments", "dp_rank"]
@@ -263,7 +263,7 @@ def attach_segments(engine) -> dict:
                         if getattr(lp, OVERRIDE_ATTR, None):
                             setattr(hp, OVERRIDE_ATTR, getattr(lp, OVERRIDE_ATTR))
     for g in opt.param_groups:  # DeepSpeed replaced the named parameters with its flat partitions
-        if "param_names" in g and len(g["param_names"]) != len(g["params"]):
+        if "param_names" in g and not fits_param_names(g["param_names"], len(g["params"])):
             del g["param_names"]
     for g in opt.param_groups:  # anything left unmapped: decide on the model's size, not the shard's
         for p in g["params"]:

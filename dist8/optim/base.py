@@ -27,7 +27,7 @@ from dist8.kernels import RULE_WRITES_UPDATE, Rule, Scalars
 from dist8.optim import dtensor, master_weights, pipeline
 from dist8.optim import dtensor_layout as dtl
 from dist8.optim import state_schema as schema
-from dist8.optim.config import (check_overrides, fits_param_names, global_numel, hyperparameters_of, match_overrides,
+from dist8.optim.config import (check_overrides, global_numel, hyperparameters_of, load_group_values, match_overrides,
                                 name_every_group, positional_name, split_named_params, uses_8bit)
 from dist8.optim.contract import TorchContract
 from dist8.optim.hooks import load_state_dict_with_hooks
@@ -473,7 +473,7 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
                              f"made for {tuple(first.shape)} (resized after its first step?); give it fresh state "
                              "with del optimizer.state[param]")
         if (first.dtype == torch.uint8) != settings.use_8bit:
-            had, now = ("8", "32") if settings.use_8bit is False else ("32", "8")
+            had, now = ("32", "8") if settings.use_8bit else ("8", "32")
             raise ValueError(f"parameter {self.param_name(p)} has {had}-bit state but its settings now give it {now}-bit "
                              "state (optim_bits or min_8bit_size changed after its first step?); give it fresh state "
                              "with del optimizer.state[param]")
@@ -536,10 +536,7 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
             new_state[p] = self.check_state(p, st, block_size=self.state_block_size(p), expect_8bit=settings.use_8bit,
                                              correction=settings.correction)
         for saved, group in zip(saved_groups, self.param_groups):
-            group.update(hyperparameters_of(saved))
-            # torch's rule: loaded names replace the group's (only names that fit: see fits_param_names)
-            if fits_param_names(saved.get("param_names"), len(group["params"])):
-                group["param_names"] = list(saved["param_names"])
+            load_group_values(group, saved)
         self.state = new_state
 
     def state_block_size(self, p: torch.Tensor) -> int | None:

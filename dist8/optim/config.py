@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 __all__ = ["OVERRIDABLE_KEYS", "OVERRIDE_ATTR", "GLOBAL_NUMEL_ATTR", "PARAM_LIST_KEYS", "hyperparameters_of",
-           "positional_name", "fits_param_names", "name_every_group", "split_named_params",
+           "positional_name", "fits_param_names", "load_group_values", "name_every_group", "split_named_params",
            "match_overrides", "global_numel", "uses_8bit"]
 
 # Modules (e.g. StableEmbedding) mark parameters that need special optimizer settings.
@@ -48,6 +48,15 @@ def fits_param_names(names: Any, n_params: int) -> bool:
     a subset of its parameters) can leave stale lists behind; those are not names."""
     return (isinstance(names, (list, tuple)) and len(names) == n_params
             and all(isinstance(n, str) for n in names))
+
+
+def load_group_values(group: dict[str, Any], saved: Mapping[str, Any]) -> None:
+    """Give the live param ``group`` the values of its ``saved`` counterpart (a loaded state dict's,
+    already validated): every hyperparameter, and torch's rule for names: the saved ``param_names``
+    replace the group's where they fit (:func:`fits_param_names`)."""
+    group.update(hyperparameters_of(saved))
+    if fits_param_names(saved.get("param_names"), len(group["params"])):
+        group["param_names"] = list(saved["param_names"])
 
 
 def name_every_group(groups: list[dict], first_index: int = 0) -> None:

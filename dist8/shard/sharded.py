@@ -15,8 +15,8 @@ import torch.distributed as dist
 
 from dist8.optim import AdamW8bit
 from dist8.optim.base import Optimizer8bit
-from dist8.optim.config import (GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, PARAM_LIST_KEYS, fits_param_names, hyperparameters_of,
-                                split_named_params)
+from dist8.optim.config import (GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, PARAM_LIST_KEYS, hyperparameters_of,
+                                load_group_values, split_named_params)
 from dist8.optim.hooks import load_state_dict_with_hooks, state_dict_with_hooks
 from dist8.optim.state_schema import CORRECTION, STATE_DICT_INFO, check_state_dict_map, is_state_key, state_dict_info
 from dist8.shard.grads import GradBuckets
@@ -481,9 +481,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self.inner.check_loaded_group(saved, gi)
         self.load_shard_state(state_dict["state"])
         for group, saved in zip(self.param_groups, saved_groups):
-            group.update(hyperparameters_of(saved))
-            if fits_param_names(saved.get("param_names"), len(group["params"])):
-                group["param_names"] = list(saved["param_names"])
+            load_group_values(group, saved)
 
     def load_shard_state(self, shard_state: dict[int, dict[str, Any]]) -> None:
         """Install per-piece state (global parameter index -> state); checks shapes (and the correction's
