@@ -104,6 +104,24 @@ def test_state_dict_round_trip_through_torch_save(name, bits):
 
 
 @cases
+def test_stepping_after_a_load_leaves_the_loaded_state_dict_alone(name, bits):
+    """An in-memory snapshot (``copy.deepcopy(opt.state_dict())``) loads, the run goes on, and the
+    snapshot loads again unchanged: loaded state never shares memory with the dict it came from
+    (as bitsandbytes; torch's own optimizers alias it)."""
+    params = make_params()
+    opt = make(name, bits, params)
+    run(opt, params, 3)
+    snapshot = copy.deepcopy(opt.state_dict())
+    kept = copy.deepcopy(snapshot)
+    opt.load_state_dict(snapshot)
+    run(opt, params, 2, start=3)
+    for key, st in kept["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                assert torch.equal(snapshot["state"][key][k], v), (key, k)
+
+
+@cases
 @pytest.mark.parametrize("named_from,named_to", [(True, True), (True, False), (False, True), (False, False)])
 def test_param_names_in_state_dict_and_loads_across_named_and_unnamed(name, bits, named_from, named_to):
     """torch's ``test_can_load_from_to_named_state_dict``: an optimizer given named parameters lists

@@ -54,7 +54,7 @@ class OptimizerAdapter:
     def load_states(self, states: dict[int, dict[str, Any]], masters: dict[int, torch.Tensor]) -> None:
         opt = self.optimizer
         if isinstance(opt, ShardedOptimizer):
-            opt.load_shard_state(states)
+            opt.load_shard_state(states, copy=False)  # read from the checkpoint: ours alone
             opt.refresh_masters()
             for piece in self.pieces:
                 master = opt.master_piece(piece)
@@ -67,7 +67,7 @@ class OptimizerAdapter:
             st = {k: (v.view(p.shape) if _shaped(k) else v) for k, v in st.items()}
             correction = self.inner.settings(p, group_of[p]).correction  # the dtype master_weight_bits needs
             self.inner.state[p] = self.inner.check_state(p, st, block_size=self.inner.state_block_size(p),
-                                                         correction=correction)
+                                                         correction=correction, copy=False)  # read from the file
 
     def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Model tensors to write (rank 0)."""

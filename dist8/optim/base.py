@@ -547,17 +547,18 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
 
     def check_state(self, p: torch.Tensor, st: dict[str, Any], block_size: int | None = None,
                     expect_8bit: bool | None = None,
-                    correction: torch.dtype | None | str = schema.ANY_CORRECTION) -> dict[str, Any]:
+                    correction: torch.dtype | None | str = schema.ANY_CORRECTION, copy: bool = True) -> dict[str, Any]:
         """Validate the loaded state ``st`` of parameter ``p`` (see :func:`dist8.optim.state_schema.check_state`).
 
         ``block_size``: ``p``'s effective block, to check absmax lengths (e.g. from
         :meth:`state_block_size`); ``expect_8bit``: the kind of state ``p``'s settings give it;
-        ``correction``: the master-weight correction dtype ``p`` needs (None: none; default: either).
-        Returns new tensors on ``p``'s device; for a DTensor parameter, this rank's local shard of
+        ``correction``: the master-weight correction dtype ``p`` needs (None: none; default: either);
+        ``copy``: False when ``st`` is the caller's alone (see the schema's ``check_state``).
+        Returns tensors on ``p``'s device (copies unless ``copy=False``); for a DTensor parameter, this rank's local shard of
         state saved at any world size. Raises KeyError/ValueError naming ``p``.
         """
         out = schema.check_state(self.rule, self.param_name(p), st, p.shape, p.device, block_size, expect_8bit,
-                                 correction)
+                                 correction, copy)
         return dtensor.localize_state(self, p, out) if dtl.is_dtensor(p) or dtl.has_dtensor(out) else out
 
 

@@ -94,7 +94,7 @@ class TorchContract:
         self.uses_dtensor = dtensor.attach(self)
         self._known = ParamPositions(self.param_groups, self.param_names)
         for p, st in moved.items():  # e.g. plain global state -> this rank's shard of the new DTensor
-            self.state[p] = self.check_state(p, st)
+            self.state[p] = self.check_state(p, st, copy=False)  # moved: the old entry is gone
 
     @staticmethod
     def working_copy(p: torch.Tensor, written_back: list) -> torch.Tensor:

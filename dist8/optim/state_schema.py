@@ -187,7 +187,7 @@ def new_state(
 
 def check_state(rule: Rule, name: str, st: dict[str, Any], shape: Sequence[int], device: torch.device,
                 block_size: int | None = None, expect_8bit: bool | None = None,
-                correction: torch.dtype | None | str = ANY_CORRECTION) -> dict[str, Any]:
+                correction: torch.dtype | None | str = ANY_CORRECTION, copy: bool = True) -> dict[str, Any]:
     """Validate a loaded state dict of parameter ``name`` against the schema; returns new tensors on ``device``.
 
     Checks that every state of ``rule`` is present with the parameter's ``shape`` and dtype
@@ -202,7 +202,12 @@ def check_state(rule: Rule, name: str, st: dict[str, Any], shape: Sequence[int],
     or int16 with the parameter's shape; ``correction`` (the dtype the parameter's
     ``master_weight_bits`` needs, None for none, default :data:`ANY_CORRECTION`: either) also
     checks its dtype (a missing correction is fine: zero, the parameter is the master). Raises
-    ``KeyError``/``ValueError`` naming the parameter and key; nothing of ``st`` is modified.
+    ``KeyError``/``ValueError`` naming the parameter and key; nothing of ``st`` is modified. With
+    ``copy`` (default) the tensors returned never share memory with ``st`` (as bitsandbytes, unlike
+    torch's optimizers: stepping after a load must not change the state dict loaded, e.g. an
+    in-memory snapshot loaded again later); ``copy=False`` is for callers whose ``st`` is already
+    theirs alone (received from a collective, read from a file, moved from another parameter),
+    where a copy would only double the memory of the load.
     """
     extra = [k for k in st if (is_state_key(k) and int(k[5:]) > n_states(rule))
              or (is_absmax_key(k) and int(k[6:]) > n_states(rule))]
@@ -233,12 +238,12 @@ def check_state(rule: Rule, name: str, st: dict[str, Any], shape: Sequence[int],
                                  f"{block_size} need {num_blocks(math.prod(shape), block_size)} (other block size?)")
             if not _finite(a) or bool((a < 0).any()):
                 raise ValueError(f"{absmax_key(i)} of parameter {name} holds NaN, inf or negative values")
-            out[absmax_key(i)] = a.to(device=device, dtype=torch.float32)
+            out[absmax_key(i)] = a.to(device=device, dtype=torch.float32, copy=copy)
         elif s.dtype != torch.float32:
             raise ValueError(f"{key} of parameter {name} has dtype {s.dtype}; expected uint8 or float32")
         elif not _finite(s):
             raise ValueError(f"{key} of parameter {name} holds NaN or inf")
-        out[key] = s.to(device)
+        out[key] = s.to(device, copy=copy)
     if len(set(kinds.values())) > 1:
         listing = ", ".join(f"{k}: {'uint8' if is8 else 'float32'}" for k, is8 in kinds.items())
         raise ValueError(f"state of parameter {name} mixes 8-bit and 32-bit states ({listing})")
@@ -256,9 +261,9 @@ def check_state(rule: Rule, name: str, st: dict[str, Any], shape: Sequence[int],
         g = st[GNORM]
         if not isinstance(g, torch.Tensor) or not _finite(g):
             raise ValueError(f"{GNORM} of parameter {name} must be a finite tensor")
-        out[GNORM] = g.to(device=device, dtype=torch.float32)
+        out[GNORM] = g.to(device=device, dtype=torch.float32, copy=copy)
     if CORRECTION in st:
-        out[CORRECTION] = _checked_correction(name, st[CORRECTION], shape, device, correction)
+        out[CORRECTION] = _checked_correction(name, st[CORRECTION], shape, device, correction, copy)
     return out
 
 
@@ -273,7 +278,7 @@ def _foreign_hint(st: dict[str, Any]) -> str:
 
 
 def _checked_correction(name: str, c: Any, shape: Sequence[int], device: torch.device,
-                        expected: torch.dtype | None | str) -> torch.Tensor:
+                        expected: torch.dtype | None | str, copy: bool) -> torch.Tensor:
     if not isinstance(c, torch.Tensor) or c.dtype not in (torch.int8, torch.int16):
         kind = c.dtype if isinstance(c, torch.Tensor) else type(c).__name__
         raise ValueError(f"{CORRECTION} of parameter {name} is {kind}; expected an int8 (master_weight_bits=24) "
@@ -287,7 +292,7 @@ def _checked_correction(name: str, c: Any, shape: Sequence[int], device: torch.d
         bits = 24 if c.dtype == torch.int8 else 32
         raise ValueError(f"{CORRECTION} of parameter {name} is {c.dtype} (master_weight_bits={bits}) but the "
                          f"optimizer's master_weight_bits needs {expected}")
-    return c.to(device)
+    return c.to(device, copy=copy)
 
 
 def _finite(t: torch.Tensor) -> bool:

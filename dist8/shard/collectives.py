@@ -156,7 +156,7 @@ def scatter_state(optimizer, full_state: dict[int, dict[str, Any]] | None, src: 
                     buf = torch.empty(b - a, dtype=dtype, device=optimizer.device)
                     dist.recv(buf, src=_global(optimizer, src), group=optimizer.group)
                     received.setdefault(i, {})[key] = buf
-    optimizer.load_shard_state(received)
+    optimizer.load_shard_state(received, copy=False)  # received tensors are this rank's alone
     return sent
 
 

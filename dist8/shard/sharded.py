@@ -483,9 +483,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         for group, saved in zip(self.param_groups, saved_groups):
             load_group_values(group, saved)
 
-    def load_shard_state(self, shard_state: dict[int, dict[str, Any]]) -> None:
+    def load_shard_state(self, shard_state: dict[int, dict[str, Any]], copy: bool = True) -> None:
         """Install per-piece state (global parameter index -> state); checks shapes (and the correction's
-        dtype against ``master_weight_bits``) via the inner optimizer."""
+        dtype against ``master_weight_bits``) via the inner optimizer. ``copy=False`` installs the
+        tensors themselves: for state that is the caller's alone (received, read from a file)."""
         group_of = {view: g for g in self.inner.param_groups for view in g["params"]}
         for piece, view in zip(self.pieces, self._piece_views):
             st = shard_state.get(piece.param)
@@ -493,7 +494,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 self.inner.state.pop(view, None)
                 continue
             correction = self.inner.settings(view, group_of[view]).correction
-            self.inner.state[view] = self.inner.check_state(view, st, correction=correction)
+            self.inner.state[view] = self.inner.check_state(view, st, correction=correction, copy=copy)
 
     @torch.no_grad()
     def load_fp32_master(self, weights: dict[int, torch.Tensor]) -> None:
