@@ -102,7 +102,7 @@ def run_job(job, rank, world, out_dir):
     if job.get("resume"):
         d8ds.load_dist8_checkpoint(engine, job["resume"])
     if job.get("ds_load"):
-        engine.load_checkpoint(job["ds_load"])
+        engine.load_checkpoint(job["ds_load"], **job.get("ds_load_kwargs", {}))
     losses = []
     t0 = time.time()
     first = job.get("first_step", 0)
@@ -127,8 +127,8 @@ def run_job(job, rank, world, out_dir):
         "seconds": elapsed,
         "class": type(opt).__name__,
         "mro": [c.__name__ for c in type(opt).__mro__],
-        "dtypes": {k: str(v) for k, v in opt.state_dtypes().items()},
-        "state_bytes": opt.state_nbytes(),
+        "dtypes": {k: str(v) for k, v in opt.state_dtypes().items()} if hasattr(opt, "state_dtypes") else {},
+        "state_bytes": opt.state_nbytes() if hasattr(opt, "state_nbytes") else None,  # None: not dist8
         "wrapper": type(engine.optimizer).__name__,
         "devices": sorted({str(p.device) for g in opt.param_groups for p in g["params"]}),
         "n_segments": sum(len(v) for v in (getattr(opt, "ds_segments", {}) or {}).values()),

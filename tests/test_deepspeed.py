@@ -166,15 +166,32 @@ def test_gradient_accumulation_and_bf16(stages, reference):
 
 @needs_ds
 def test_checkpoint_same_world_size_and_reshard(stages, tmp_path):
-    """2 ranks save at step 10; resume (a) with engine.load_checkpoint at 2 ranks, (b) converted at 1 rank."""
+    """2 ranks save at step 10; resume (a) with engine.load_checkpoint at 2 ranks (also without the optimizer
+    states, as DeepSpeed's own AdamW), (b) converted at 1 rank."""
     full = stages["z2"][0]["losses"]
     ds_dir, conv = tmp_path / "ds", tmp_path / "d8"
     half = STEPS // 2
-    launch(2, [{"name": "save2", "steps": half, "config": cfg(2), "save": str(ds_dir)},
-               {"name": "load2", "steps": half, "first_step": half, "config": cfg(2), "ds_load": str(ds_dir)}],
-           tmp_path)
-    res = json.loads((tmp_path / "load2-rank0.json").read_text())["losses"]
+    torch_cfg = cfg(2, optimizer={"type": "AdamW", "params": {k: v for k, v in PARAMS.items() if k in ("lr", "betas",
+                                                                                                   "weight_decay")}})
+    fresh = {"steps": 3, "first_step": half, "config": cfg(2), "ds_load": str(ds_dir)}
+    runs = launch(2, [{"name": "save2", "steps": half, "config": cfg(2), "save": str(ds_dir)},
+                      {"name": "load2", "steps": half, "first_step": half, "config": cfg(2), "ds_load": str(ds_dir)},
+                      # fine-tuning from the weights with a fresh optimizer, DeepSpeed's two ways
+                      dict(fresh, name="fresh2", ds_load_kwargs={"load_optimizer_states": False}),
+                      dict(fresh, name="module2", ds_load_kwargs={"load_module_only": True}),
+                      # the same with DeepSpeed's own AdamW, what both must match
+                      {"name": "tsave2", "steps": half, "config": torch_cfg, "save": str(tmp_path / "ds-torch")},
+                      dict(fresh, name="tfresh2", config=torch_cfg, ds_load=str(tmp_path / "ds-torch"),
+                           ds_load_kwargs={"load_optimizer_states": False})],
+                  tmp_path)
+    res = runs["load2"][0]["losses"]
     assert close(res, full[half:], tol=1e-4), (res, full[half:])
+    theirs = runs["tfresh2"][0]["losses"]
+    for name in ("fresh2", "module2"):
+        ours = runs[name][0]["losses"]
+        assert abs(ours[0] - full[half]) <= 1e-4 * full[half], (name, ours, full[half])  # the weights came back
+        assert close(ours, theirs), (name, ours, theirs)  # and the optimizer started fresh, as DeepSpeed's does
+        assert not close(ours[1:], res[1:3], tol=1e-3), (name, ours, res)  # (not the saved state)
     subprocess.run([sys.executable, "-m", "dist8", "ckpt", "from-deepspeed", str(ds_dir), str(conv)], check=True)
     meta = json.loads((conv / "metadata.json").read_text())
     assert meta["world_size"] == 1 and meta["optimizer"]["class"] == "AdamW8bit"
