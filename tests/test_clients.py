@@ -5,6 +5,9 @@ ZeroRedundancyOptimizer and fairscale OSS.
   config, no downloads) trained by ``transformers.Trainer`` with
   ``optimizer_cls_and_kwargs=(dist8.AdamW8bit, ...)``; a run saved at step 3 and resumed
   (``resume_from_checkpoint``) ends bitwise equal to an uninterrupted run.
+* ``test_hf_trainer_with_a_deepspeed_config_naming_dist8_resumes_exactly``: the Trainer given a
+  DeepSpeed config (ZeRO 2 and 3) whose optimizer is ``"type": "dist8.AdamW8bit"`` with "auto"
+  values; resuming from its checkpoint repeats the uninterrupted run's losses and weights exactly.
 * ``test_hf_trainer_run_started_with_torch_adamw_continues_with_dist8``: a checkpoint of a Trainer
   run with torch's AdamW resumes with dist8 after ``from_torch_optim`` converts its ``optimizer.pt``.
 * ``test_accelerate_fsdp2_optimizer_built_before_sharding``: 2 gloo ranks. The optimizer
@@ -148,6 +151,55 @@ def test_hf_trainer_run_started_with_torch_adamw_continues_with_dist8(tmp_path):
 def _opt(trainer):
     opt = trainer.optimizer
     return getattr(opt, "optimizer", opt)
+
+
+# ---- HF Trainer with a DeepSpeed config that names dist8 ---------------------------------------------
+def _hf_deepspeed_run(rank, world, out_dir, stage):
+    """Train 6 steps saving at 3, then resume from step 3 in a new Trainer; DeepSpeed builds the
+    optimizer from the config's ``"type": "dist8.AdamW8bit"`` (HF fills the "auto" values)."""
+    import dist8.integrations.deepspeed  # noqa: F401  (the one import the README asks for)
+    from transformers import Trainer, TrainingArguments
+
+    ds_config = {
+        "optimizer": {"type": "dist8.AdamW8bit", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                            "weight_decay": "auto", "min_8bit_size": 1024}},
+        "zero_optimization": {"stage": stage}, "gradient_clipping": "auto", "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+    }
+    out = {}
+    for name, resume in (("full", None), ("resumed", os.path.join(out_dir, "full", "checkpoint-3"))):
+        args = TrainingArguments(output_dir=os.path.join(out_dir, name), max_steps=6, per_device_train_batch_size=4,
+                                 save_strategy="steps", save_steps=3, report_to=[], seed=0, logging_steps=1,
+                                 disable_tqdm=True, learning_rate=3e-3, deepspeed=ds_config)
+        trainer = Trainer(model=_tiny_gpt2(), args=args, train_dataset=_Tokens())
+        trainer.train(resume_from_checkpoint=resume)
+        basic = trainer.deepspeed.basic_optimizer
+        out[name] = {"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+                     "class": type(basic).__name__, "wrapper": type(trainer.deepspeed.optimizer).__name__,
+                     "dtypes": sorted({str(v) for v in basic.state_dtypes().values()}),
+                     "params": [p.detach().clone() for p in trainer.model.parameters()]}
+    return out
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_hf_trainer_with_a_deepspeed_config_naming_dist8_resumes_exactly(tmp_path, monkeypatch, stage):
+    """``TrainingArguments(deepspeed={... "optimizer": {"type": "dist8.AdamW8bit", "params": {"lr": "auto", ...}}})``:
+    DeepSpeed builds dist8's optimizer inside its ZeRO wrapper, with 8-bit state for the matrices,
+    and ``resume_from_checkpoint`` (DeepSpeed's own checkpoint, through the Trainer) continues
+    exactly: the same losses and the same weights as the uninterrupted run."""
+    pytest.importorskip("transformers", reason="transformers is in the [test] extras")
+    pytest.importorskip("deepspeed", reason="deepspeed is in the [test] extras")
+    for key, value in {"DS_ACCELERATOR": "cpu", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)  # what torchrun / the deepspeed launcher set for one rank
+    out_dir = tmp_path / "hf-ds"
+    out_dir.mkdir()
+    (result,) = run_ranks(_hf_deepspeed_run, 1, str(out_dir), stage, tmp_path=tmp_path)
+    full, resumed = result["full"], result["resumed"]
+    assert full["class"] == resumed["class"] == "AdamW8bit"
+    assert full["wrapper"] == ("DeepSpeedZeroOptimizer" if stage < 3 else "DeepSpeedZeroOptimizer_Stage3")
+    assert full["dtypes"] == ["torch.float32", "torch.uint8"]  # matrices 8-bit, LayerNorms and biases 32-bit
+    assert len(full["losses"]) == 6 and resumed["losses"] == full["losses"]
+    assert all(torch.equal(a, b) for a, b in zip(full["params"], resumed["params"]))
 
 
 # ---- accelerate, FSDP2 applied after the optimizer was built -----------------------------------------
