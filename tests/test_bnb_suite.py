@@ -122,13 +122,22 @@ def _shapes(names, dims_fp32, dims_16bit, skip=()):
             for d in (dims_fp32 if dt == torch.float32 else dims_16bit)]
 
 
-@pytest.mark.parametrize("name,dtype,dim2", _shapes(CASES_8BIT, (32, 4097), (32,)), ids=str)
-def test_optimizer8bit(name, dtype, dim2):
-    make_ref, make, ref_states = CASES_8BIT[name]
+def _pair(make_ref, make, dtype: torch.dtype, dim2: int):
+    """bitsandbytes' set-up: a (1024, dim2) parameter of ``dtype`` for dist8 and its float32 copy for the reference."""
     torch.manual_seed(0)
     p2 = torch.randn(1024, dim2, dtype=dtype) * 0.1
     p1 = p2.float().clone()  # a tensor of its own also when p2 is float32
-    ref, opt = make_ref([p1]), make([p2])
+    return p1, p2, make_ref([p1]), make([p2])
+
+
+# bitsandbytes' 32-bit tolerances (atol, rtol) per parameter dtype
+TOLERANCE_32BIT = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (1e-3, 1e-2), torch.float16: (1e-4, 1e-3)}
+
+
+@pytest.mark.parametrize("name,dtype,dim2", _shapes(CASES_8BIT, (32, 4097), (32,)), ids=str)
+def test_optimizer8bit(name, dtype, dim2):
+    make_ref, make, ref_states = CASES_8BIT[name]
+    p1, p2, ref, opt = _pair(make_ref, make, dtype, dim2)
     patol, prtol = (1e-4, 1e-2) if dtype == torch.bfloat16 else (1e-5, 1e-3)
     err_bound, rel_bound = (0.00017, 0.0016) if dtype == torch.bfloat16 else (0.00006, 0.0006)
     for step in range(50):
@@ -161,11 +170,8 @@ def test_optimizer8bit(name, dtype, dim2):
                          ids=str)
 def test_optimizer32bit(name, dtype, dim2):
     make_ref, make, ref_states = CASES_32BIT[name]
-    torch.manual_seed(0)
-    p2 = torch.randn(1024, dim2, dtype=dtype) * 0.1
-    p1 = p2.float().clone()  # a tensor of its own also when p2 is float32
-    ref, opt = make_ref([p1]), make([p2])
-    atol, rtol = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (1e-3, 1e-2), torch.float16: (1e-4, 1e-3)}[dtype]
+    p1, p2, ref, opt = _pair(make_ref, make, dtype, dim2)
+    atol, rtol = TOLERANCE_32BIT[dtype]
     steps = 20
     for step in range(steps):
         g = torch.randn(1024, dim2, dtype=dtype) * 0.01
@@ -184,11 +190,9 @@ def test_optimizer32bit(name, dtype, dim2):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_lion_weight_decay_is_decoupled(dtype):
-    torch.manual_seed(0)
-    p2 = torch.randn(1024, 32, dtype=dtype) * 0.1
-    p1 = p2.float().clone()  # a tensor of its own also when p2 is float32
-    ref, opt = ReferenceLion([p1], weight_decay=0.1), d8.Lion([p2], weight_decay=0.1)
-    atol, rtol = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (1e-3, 1e-2), torch.float16: (1e-4, 1e-3)}[dtype]
+    p1, p2, ref, opt = _pair(lambda p: ReferenceLion(p, weight_decay=0.1), lambda p: d8.Lion(p, weight_decay=0.1),
+                             dtype, 32)
+    atol, rtol = TOLERANCE_32BIT[dtype]
     for _ in range(20):
         g = torch.randn(1024, 32, dtype=dtype) * 0.01
         p1.grad, p2.grad = g.float(), g.clone()
