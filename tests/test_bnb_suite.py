@@ -282,3 +282,10 @@ def test_8bit_error_against_fp32_is_at_most_bitsandbytes(name):
         theirs, ours = errors
         assert ours.mean() <= 1.02 * theirs.mean(), (seed, ours.mean().item(), theirs.mean().item())
         assert ours.max() <= 1.02 * theirs.max(), (seed, ours.max().item(), theirs.max().item())
+
+
+def test_lars_max_unorm_0_is_refused_naming_the_optimizer_that_does_what_bitsandbytes_means():
+    """bitsandbytes' LARS with ``max_unorm=0`` does not clip (momentum SGD); dist8's LARS reads
+    ``max_unorm`` as the paper's trust coefficient, so 0 would never move: refused, naming SGD8bit."""
+    with pytest.raises(ValueError, match="max_unorm.*SGD8bit"):
+        d8.LARS8bit([torch.nn.Parameter(torch.randn(64))], lr=0.01, momentum=0.9, max_unorm=0.0)

@@ -116,7 +116,8 @@ class LARSFamily(_MomentumBase):
                  nesterov: bool = False, optim_bits: int | None = None, args: Any = None, min_8bit_size: int = 4096,
                  percentile_clipping: int = 100, max_unorm: float = 0.02, **kwargs: Any) -> None:
         if not max_unorm > 0:
-            raise ValueError(f"max_unorm (the LARS trust coefficient) must be > 0, got {max_unorm}")
+            raise ValueError(f"max_unorm (the LARS trust coefficient) must be > 0, got {max_unorm}; for "
+                             "bitsandbytes' max_unorm=0 (no clipping: plain momentum SGD) use SGD8bit")
         self.trust_coefficient = float(max_unorm)
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, optim_bits, args, min_8bit_size,
                          percentile_clipping, max_unorm=max_unorm, **kwargs)
