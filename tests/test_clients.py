@@ -18,8 +18,9 @@ ZeroRedundancyOptimizer and fairscale OSS.
 * ``test_zero_redundancy_optimizer_...`` / ``test_fairscale_oss_...``: 2 gloo ranks, bitwise equal to the
   plain optimizer; the consolidated state dict loads into a plain dist8 optimizer.
 * ``test_dcp_stateful_fsdp2_2_to_1``: a ``Stateful`` app state (model + optimizer through
-  ``get_state_dict``/``set_state_dict``) saved by ``torch.distributed.checkpoint`` on 2
-  FSDP2 ranks and loaded on 1, then stepping as the uninterrupted run does.
+  ``get_state_dict``/``set_state_dict``, nested or flattened as torchtitan saves it) saved by
+  ``torch.distributed.checkpoint`` on 2 FSDP2 ranks and loaded on 1, then stepping as the
+  uninterrupted run does.
 """
 import os
 
@@ -302,25 +303,30 @@ def test_accelerate_fsdp2_optimizer_built_before_sharding(tmp_path):
 
 # ---- DCP stateful API, FSDP2 2 -> 1 -----------------------------------------------------------------
 class _AppState:
-    """torch's recommended ``Stateful`` wrapper: model + optimizer through get/set_state_dict."""
+    """torch's recommended ``Stateful`` wrapper: model + optimizer through get/set_state_dict.
+    ``flatten``: ``StateDictOptions(flatten_optimizer_state_dict=True)``, torchtitan's setting (one
+    flat key per state tensor, ``state.<fqn>.state1``)."""
 
-    def __init__(self, model, optimizer):
+    def __init__(self, model, optimizer, flatten=False):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
         self.model, self.optimizer = model, optimizer
+        self.options = StateDictOptions(flatten_optimizer_state_dict=flatten)
 
     def state_dict(self):
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self.options)
         return {"model": model_sd, "optim": optim_sd}
 
     def load_state_dict(self, state_dict):
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         set_state_dict(self.model, self.optimizer, model_state_dict=state_dict["model"],
-                       optim_state_dict=state_dict["optim"])
+                       optim_state_dict=state_dict["optim"], options=self.options)
 
 
-def _dcp_worker(rank, world_size, path, save):
+def _dcp_worker(rank, world_size, path, save, flatten=False):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -340,9 +346,9 @@ def _dcp_worker(rank, world_size, path, save):
 
     if save:
         train(0, 3)
-        dcp.save({"app": _AppState(model, opt)}, checkpoint_id=path)
+        dcp.save({"app": _AppState(model, opt, flatten)}, checkpoint_id=path)
     else:
-        dcp.load({"app": _AppState(model, opt)}, checkpoint_id=path)
+        dcp.load({"app": _AppState(model, opt, flatten)}, checkpoint_id=path)
     at_checkpoint = (_full_params(model), _full_state(opt))
     train(3, 5)
     return at_checkpoint, _full_params(model)
@@ -362,10 +368,11 @@ def _full_state(opt):
             for i, name in zip(ids, names)}
 
 
-def test_dcp_stateful_fsdp2_2_to_1(tmp_path):
+@pytest.mark.parametrize("flatten", [False, True], ids=["nested", "flattened"])
+def test_dcp_stateful_fsdp2_2_to_1(tmp_path, flatten):
     path = str(tmp_path / "dcp")
-    (saved_params, saved_state), saved_final = run_ranks(_dcp_worker, 2, path, True, tmp_path=tmp_path)[0]
-    (loaded_params, loaded_state), loaded_final = run_ranks(_dcp_worker, 1, path, False, tmp_path=tmp_path)[0]
+    (saved_params, saved_state), saved_final = run_ranks(_dcp_worker, 2, path, True, flatten, tmp_path=tmp_path)[0]
+    (loaded_params, loaded_state), loaded_final = run_ranks(_dcp_worker, 1, path, False, flatten, tmp_path=tmp_path)[0]
     assert saved_state.keys() == loaded_state.keys() and saved_state
     for n in saved_params:  # parameters and state (codes, absmax, step) reload exactly at 1 rank
         assert torch.equal(loaded_params[n], saved_params[n]), n
