@@ -25,6 +25,9 @@ What the tests prove:
   absmax is stored full length): the loaded state is bitwise the saved one and 5
   more steps are bitwise equal to an uninterrupted run, both the unsharded one
   and an uninterrupted FSDP2 run on the new world size.
+* ``test_tensor_parallel_...`` (2 ranks): ``parallelize_module`` (ColwiseParallel, RowwiseParallel):
+  Shard(0)/Shard(1) weights step bitwise as unsharded, the replicated bias in its own optimizer;
+  all of them in one optimizer is refused in one line naming the bias and the fix.
 """
 import os
 
@@ -311,3 +314,48 @@ def test_dcp_reshard(tmp_path):
             assert len(codes) == 8 and set(codes.values()) == {"torch.uint8"}, dtypes
             assert len(absmax) == 8 and set(absmax.values()) == {"torch.float32"}, dtypes
             assert not any(k.endswith(("exp_avg", "exp_avg_sq")) for k in dtypes)
+
+
+# ---- tensor parallelism (DTensor Shard(0) / Shard(1) / Replicate on one mesh) ----------------------------------
+def _tensor_parallel_worker(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    def mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64))
+
+    model, ref = mlp(), mlp()
+    mesh = init_device_mesh("cpu", (world_size,))
+    parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    kw = dict(lr=1e-3, min_8bit_size=1024)
+    try:
+        dist8.AdamW8bit(model.named_parameters(), **kw)
+        refusal = None
+    except NotImplementedError as exc:
+        refusal = str(exc)
+    sharded = [model[0].weight, model[0].bias, model[2].weight]  # Shard(0), Shard(0), Shard(1)
+    opts = [dist8.AdamW8bit(sharded, **kw), dist8.AdamW8bit([model[2].bias], **kw)]  # + the Replicate bias
+    ref_opt = dist8.AdamW8bit(ref.parameters(), **kw)
+    for step in range(4):
+        x = torch.randn(8, 64, generator=torch.Generator().manual_seed(step))
+        for m, optimizers in ((model, opts), (ref, [ref_opt])):
+            m(x).sum().backward()
+            for opt in optimizers:
+                opt.step()
+                opt.zero_grad()
+    same = all(torch.equal(p.full_tensor(), q) for p, q in zip(model.parameters(), ref.parameters()))
+    codes = opts[0].state[model[2].weight]["state1"]  # the Shard(1) weight's local codes
+    return refusal, same, str(codes.dtype), tuple(codes.shape)
+
+
+def test_tensor_parallel_parameters_step_bitwise_with_replicated_ones_in_their_own_optimizer(tmp_path):
+    """``parallelize_module`` with ColwiseParallel / RowwiseParallel (2 ranks): one dist8 optimizer over
+    all parameters is refused in one line naming the replicated bias and the fix; with the replicated
+    bias in an optimizer of its own, the Shard(0) and Shard(1) parameters (8-bit codes of the local
+    shard) and the replicated one step bitwise as the unsharded model's optimizer."""
+    for refusal, same, dtype, shape in run_ranks(_tensor_parallel_worker, 2, tmp_path=tmp_path):
+        assert refusal is not None and "\n" not in refusal
+        assert "2.bias is only replicated" in refusal and "optimizer of their own" in refusal, refusal
+        assert same
+        assert dtype == "torch.uint8" and shape == (64, 128)

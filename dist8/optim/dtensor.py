@@ -89,10 +89,17 @@ def attach(opt: Optimizer8bit) -> bool:
         group = p.device_mesh.get_group(sd[0]) if sd is not None else None
         groups.setdefault(group, name)
     if len(groups) > 1:
+        if None in groups:  # e.g. tensor parallelism: RowwiseParallel's bias next to sharded weights
+            sharded = next(name for group, name in groups.items() if group is not None)
+            raise NotImplementedError(
+                f"parameter {groups[None]} is only replicated while {sharded} is sharded; one dist8 optimizer "
+                "steps parameters sharded over one process group: give the replicated parameters a dist8 "
+                "optimizer of their own"
+            )
         names = list(groups.values())
         raise NotImplementedError(
-            f"parameters {names[0]} and {names[1]} are sharded over different process groups (or one is only "
-            "replicated); one dist8 optimizer supports one FSDP2 mesh: use one optimizer per mesh"
+            f"parameters {names[0]} and {names[1]} are sharded over different process groups; one dist8 "
+            "optimizer supports one FSDP2 mesh: use one optimizer per mesh"
         )
     group = next(iter(groups))
     if group is not None and opt.reduce_partials is None:
