@@ -10,6 +10,8 @@ ZeroRedundancyOptimizer and fairscale OSS.
   values; resuming from its checkpoint repeats the uninterrupted run's losses and weights exactly.
 * ``test_hf_trainer_run_started_with_torch_adamw_continues_with_dist8``: a checkpoint of a Trainer
   run with torch's AdamW resumes with dist8 after ``from_torch_optim`` converts its ``optimizer.pt``.
+* ``test_accelerate_sees_grad_scaler_skips_as_with_torch_fused_adamw``: accelerate's
+  ``step_was_skipped`` under a GradScaler reports what it reports for torch's fused AdamW.
 * ``test_accelerate_fsdp2_optimizer_built_before_sharding``: 2 gloo ranks. The optimizer
   is built on the plain model and ``accelerator.prepare`` applies FSDP2 afterwards,
   swapping DTensors into ``param_groups`` (accelerate's FSDP2 path; accelerate only takes
@@ -201,6 +203,50 @@ def test_hf_trainer_with_a_deepspeed_config_naming_dist8_resumes_exactly(tmp_pat
     assert full["dtypes"] == ["torch.float32", "torch.uint8"]  # matrices 8-bit, LayerNorms and biases 32-bit
     assert len(full["losses"]) == 6 and resumed["losses"] == full["losses"]
     assert all(torch.equal(a, b) for a, b in zip(full["params"], resumed["params"]))
+
+
+# ---- accelerate's AcceleratedOptimizer with a GradScaler ---------------------------------------------
+def test_accelerate_sees_grad_scaler_skips_as_with_torch_fused_adamw():
+    """accelerate reports ``step_was_skipped`` (HF Trainer then holds the LR scheduler) by noticing that
+    ``GradScaler.step`` did not call ``optimizer.step``. Optimizers that take the scaler's check
+    themselves (``_step_supports_amp_scaling``: torch's fused AdamW, dist8) are always called, so
+    accelerate reports no skip for either; dist8 counts its skipped steps in ``amp_skips``."""
+    pytest.importorskip("accelerate", reason="accelerate is in the [test] extras")
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.state import AcceleratorState
+
+    Accelerator(cpu=True)  # AcceleratedOptimizer reads the accelerator's state
+    try:
+        reports = _scaler_skip_reports(AcceleratedOptimizer)
+    finally:
+        AcceleratorState._reset_state()
+    assert reports["dist8"] == reports["torch fused"] == [(False, True), (False, False), (False, True)]
+
+
+def _scaler_skip_reports(AcceleratedOptimizer):
+    """(step_was_skipped, parameters moved) for three steps, the second with a NaN gradient."""
+    reports = {}
+    for name, make in (("torch fused", lambda p: torch.optim.AdamW(p, lr=0.1, fused=True)),
+                       ("dist8", lambda p: dist8.AdamW8bit(p, lr=0.1, min_8bit_size=0))):
+        torch.manual_seed(0)
+        model = nn.Linear(5, 5)
+        opt = make(model.parameters())
+        scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+        wrapped = AcceleratedOptimizer(opt, device_placement=False, scaler=scaler)
+        reports[name] = []
+        for overflow in (False, True, False):
+            scaler.scale(model(torch.randn(2, 5)).sum()).backward()
+            if overflow:
+                model.bias.grad[0] = float("nan")
+            before = [p.detach().clone() for p in model.parameters()]
+            wrapped.step()
+            wrapped.zero_grad()
+            moved = any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+            reports[name].append((wrapped.step_was_skipped, moved))
+        if name == "dist8":
+            assert opt.amp_skips == 1
+    return reports
 
 
 # ---- accelerate, FSDP2 applied after the optimizer was built -----------------------------------------
