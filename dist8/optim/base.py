@@ -554,8 +554,8 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
         :meth:`state_block_size`); ``expect_8bit``: the kind of state ``p``'s settings give it;
         ``correction``: the master-weight correction dtype ``p`` needs (None: none; default: either);
         ``copy``: False when ``st`` is the caller's alone (see the schema's ``check_state``).
-        Returns tensors on ``p``'s device (copies unless ``copy=False``); for a DTensor parameter, this rank's local shard of
-        state saved at any world size. Raises KeyError/ValueError naming ``p``.
+        Returns tensors on ``p``'s device (copies unless ``copy=False``); for a DTensor parameter,
+        this rank's local shard of state saved at any world size. Raises KeyError/ValueError naming ``p``.
         """
         out = schema.check_state(self.rule, self.param_name(p), st, p.shape, p.device, block_size, expect_8bit,
                                  correction, copy)

@@ -188,7 +188,7 @@ def new_state(
 def check_state(rule: Rule, name: str, st: dict[str, Any], shape: Sequence[int], device: torch.device,
                 block_size: int | None = None, expect_8bit: bool | None = None,
                 correction: torch.dtype | None | str = ANY_CORRECTION, copy: bool = True) -> dict[str, Any]:
-    """Validate a loaded state dict of parameter ``name`` against the schema; returns new tensors on ``device``.
+    """Validate a loaded state dict of parameter ``name`` against the schema; returns its tensors on ``device``.
 
     Checks that every state of ``rule`` is present with the parameter's ``shape`` and dtype
     uint8 (with its absmax) or float32, that no state of another rule is there (e.g. Adam's
