@@ -29,6 +29,7 @@ What the tests prove:
   Shard(0)/Shard(1) weights step bitwise as unsharded, the replicated bias in its own optimizer;
   all of them in one optimizer is refused in one line naming the bias and the fix.
 """
+import copy
 import os
 
 import pytest
@@ -337,16 +338,27 @@ def _tensor_parallel_worker(rank, world_size):
     sharded = [model[0].weight, model[0].bias, model[2].weight]  # Shard(0), Shard(0), Shard(1)
     opts = [dist8.AdamW8bit(sharded, **kw), dist8.AdamW8bit([model[2].bias], **kw)]  # + the Replicate bias
     ref_opt = dist8.AdamW8bit(ref.parameters(), **kw)
-    for step in range(4):
-        x = torch.randn(8, 64, generator=torch.Generator().manual_seed(step))
-        for m, optimizers in ((model, opts), (ref, [ref_opt])):
-            m(x).sum().backward()
-            for opt in optimizers:
-                opt.step()
-                opt.zero_grad()
+
+    def train(steps):
+        for step in steps:
+            x = torch.randn(8, 64, generator=torch.Generator().manual_seed(step))
+            for m, optimizers in ((model, opts), (ref, [ref_opt])):
+                m(x).sum().backward()
+                for opt in optimizers:
+                    opt.step()
+                    opt.zero_grad()
+
+    train(range(2))
+    # a snapshot loaded back is not stepped by the run that goes on (DTensor state copies out its shard)
+    snapshot = copy.deepcopy(opts[0].state_dict())
+    kept = copy.deepcopy(snapshot)
+    opts[0].load_state_dict(snapshot)
+    train(range(2, 4))
+    snapshot_unchanged = all(torch.equal(snapshot["state"][i]["state1"].to_local(), st["state1"].to_local())
+                             for i, st in kept["state"].items())
     same = all(torch.equal(p.full_tensor(), q) for p, q in zip(model.parameters(), ref.parameters()))
     codes = opts[0].state[model[2].weight]["state1"]  # the Shard(1) weight's local codes
-    return refusal, same, str(codes.dtype), tuple(codes.shape)
+    return refusal, same and snapshot_unchanged, str(codes.dtype), tuple(codes.shape)
 
 
 def test_tensor_parallel_parameters_step_bitwise_with_replicated_ones_in_their_own_optimizer(tmp_path):

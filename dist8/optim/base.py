@@ -557,9 +557,10 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
         Returns tensors on ``p``'s device (copies unless ``copy=False``); for a DTensor parameter,
         this rank's local shard of state saved at any world size. Raises KeyError/ValueError naming ``p``.
         """
+        local = dtl.is_dtensor(p)  # localize_state copies out this rank's part: no whole copy first
         out = schema.check_state(self.rule, self.param_name(p), st, p.shape, p.device, block_size, expect_8bit,
-                                 correction, copy)
-        return dtensor.localize_state(self, p, out) if dtl.is_dtensor(p) or dtl.has_dtensor(out) else out
+                                 correction, copy and not local)
+        return dtensor.localize_state(self, p, out) if local or dtl.has_dtensor(out) else out
 
 
 def bit_variants(family: type[Optimizer8bit], name: str, module: str) -> tuple[type, type, type]:

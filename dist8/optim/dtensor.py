@@ -177,7 +177,8 @@ def _state_dict_post_hook(opt, state_dict: dict) -> dict:
 
 
 def localize_state(opt: Optimizer8bit, p, st: dict[str, Any]) -> dict[str, Any]:
-    """Turn loaded state of global shape (DTensor or plain) into this rank's local state of ``p``."""
+    """Turn loaded state of global shape (DTensor or plain) into this rank's local state of ``p``
+    (for a DTensor ``p``, new tensors: nothing returned shares memory with ``st``)."""
     name = opt.param_name(p)
     if not is_dtensor(p):
         return {k: (v.full_tensor() if is_dtensor(v) else v) for k, v in st.items()}
@@ -208,4 +209,6 @@ def localize_state(opt: Optimizer8bit, p, st: dict[str, Any]) -> dict[str, Any]:
             out[key] = v.reshape(-1)[lay.b0:lay.b1].to(p.device, torch.float32).clone()
         elif is_dtensor(v):
             out[key] = v.full_tensor()
+        else:  # the percentile-clipping history, identical on every shard
+            out[key] = v.clone()
     return out
