@@ -25,9 +25,9 @@ What the tests prove:
   absmax is stored full length): the loaded state is bitwise the saved one and 5
   more steps are bitwise equal to an uninterrupted run, both the unsharded one
   and an uninterrupted FSDP2 run on the new world size.
-* ``test_tensor_parallel_...`` (2 ranks): ``parallelize_module`` (ColwiseParallel, RowwiseParallel):
-  Shard(0)/Shard(1) weights step bitwise as unsharded, the replicated bias in its own optimizer;
-  all of them in one optimizer is refused in one line naming the bias and the fix.
+* ``test_tensor_parallel_parameters_in_one_optimizer_step_bitwise`` (2 ranks): ``parallelize_module``
+  (ColwiseParallel, RowwiseParallel) in one optimizer: Shard(0)/Shard(1) weights and the
+  replicated bias step bitwise as unsharded (AdamW, LAMB with percentile clipping, 32-bit Lion).
 """
 import copy
 import os
@@ -318,56 +318,77 @@ def test_dcp_reshard(tmp_path):
 
 
 # ---- tensor parallelism (DTensor Shard(0) / Shard(1) / Replicate on one mesh) ----------------------------------
+TP_CASES = {  # one optimizer over all parameters; LAMB and percentile clipping sum norms across ranks
+    "AdamW8bit": (dist8.AdamW8bit, dict(lr=1e-3, min_8bit_size=1024)),
+    "LAMB8bit": (dist8.LAMB8bit, dict(lr=1e-2, min_8bit_size=1024, percentile_clipping=50)),
+    "Lion8bit-32bit": (dist8.Lion8bit, dict(lr=1e-3, optim_bits=32, percentile_clipping=50)),
+}
+
+
 def _tensor_parallel_worker(rank, world_size):
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     def mlp():
         torch.manual_seed(0)
         return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64))
 
-    model, ref = mlp(), mlp()
     mesh = init_device_mesh("cpu", (world_size,))
-    parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
-    kw = dict(lr=1e-3, min_8bit_size=1024)
+    results = {}
+    for name, (cls, kw) in TP_CASES.items():
+        model, ref = mlp(), mlp()
+        parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        opt = cls(model.named_parameters(), **kw)  # Shard(0), Shard(0), Shard(1) and the Replicate bias
+        ref_opt = cls(ref.named_parameters(), **kw)
+
+        def train(steps):
+            for step in steps:
+                x = torch.randn(8, 64, generator=torch.Generator().manual_seed(step))
+                for m, o in ((model, opt), (ref, ref_opt)):
+                    m(x).sum().backward()
+                    o.step()
+                    o.zero_grad()
+
+        train(range(2))
+        # a snapshot loaded back is not stepped by the run that goes on (DTensor state copies out its shard)
+        snapshot = copy.deepcopy(opt.state_dict())
+        kept = copy.deepcopy(snapshot)
+        opt.load_state_dict(snapshot)
+        train(range(2, 5))
+        results[name] = {
+            "same": all(torch.equal(p.full_tensor(), q) for p, q in zip(model.parameters(), ref.parameters())),
+            # the gradient-norm history of percentile clipping: global norms, each replica counted once
+            "history_same": all(torch.equal(opt.state[p]["gnorm_vec"], ref_opt.state[q]["gnorm_vec"])
+                                for p, q in zip(model.parameters(), ref.parameters()) if "gnorm_vec" in opt.state[p]),
+            "snapshot_unchanged": all(torch.equal(snapshot["state"][i]["state1"].to_local(), st["state1"].to_local())
+                                      for i, st in kept["state"].items()),
+            "codes": {n: (str(opt.state[p]["state1"].dtype), tuple(opt.state[p]["state1"].shape))
+                      for n, p in model.named_parameters()},
+        }
+    # a replicated parameter whose replicas are not the ranks the others are sharded over: refused
+    mesh2d = init_device_mesh("cpu", (world_size, 1), mesh_dim_names=("shard", "alone"))
+    sharded = nn.Parameter(DTensor.from_local(torch.randn(8), mesh2d["shard"], [Shard(0)]))
+    lonely = nn.Parameter(DTensor.from_local(torch.randn(8), mesh2d["alone"], [Replicate()]))
     try:
-        dist8.AdamW8bit(model.named_parameters(), **kw)
-        refusal = None
+        dist8.AdamW8bit([("sharded", sharded), ("lonely", lonely)])
+        results["refusal"] = None
     except NotImplementedError as exc:
-        refusal = str(exc)
-    sharded = [model[0].weight, model[0].bias, model[2].weight]  # Shard(0), Shard(0), Shard(1)
-    opts = [dist8.AdamW8bit(sharded, **kw), dist8.AdamW8bit([model[2].bias], **kw)]  # + the Replicate bias
-    ref_opt = dist8.AdamW8bit(ref.parameters(), **kw)
-
-    def train(steps):
-        for step in steps:
-            x = torch.randn(8, 64, generator=torch.Generator().manual_seed(step))
-            for m, optimizers in ((model, opts), (ref, [ref_opt])):
-                m(x).sum().backward()
-                for opt in optimizers:
-                    opt.step()
-                    opt.zero_grad()
-
-    train(range(2))
-    # a snapshot loaded back is not stepped by the run that goes on (DTensor state copies out its shard)
-    snapshot = copy.deepcopy(opts[0].state_dict())
-    kept = copy.deepcopy(snapshot)
-    opts[0].load_state_dict(snapshot)
-    train(range(2, 4))
-    snapshot_unchanged = all(torch.equal(snapshot["state"][i]["state1"].to_local(), st["state1"].to_local())
-                             for i, st in kept["state"].items())
-    same = all(torch.equal(p.full_tensor(), q) for p, q in zip(model.parameters(), ref.parameters()))
-    codes = opts[0].state[model[2].weight]["state1"]  # the Shard(1) weight's local codes
-    return refusal, same and snapshot_unchanged, str(codes.dtype), tuple(codes.shape)
+        results["refusal"] = str(exc)
+    return results
 
 
-def test_tensor_parallel_parameters_step_bitwise_with_replicated_ones_in_their_own_optimizer(tmp_path):
-    """``parallelize_module`` with ColwiseParallel / RowwiseParallel (2 ranks): one dist8 optimizer over
-    all parameters is refused in one line naming the replicated bias and the fix; with the replicated
-    bias in an optimizer of its own, the Shard(0) and Shard(1) parameters (8-bit codes of the local
-    shard) and the replicated one step bitwise as the unsharded model's optimizer."""
-    for refusal, same, dtype, shape in run_ranks(_tensor_parallel_worker, 2, tmp_path=tmp_path):
-        assert refusal is not None and "\n" not in refusal
-        assert "2.bias is only replicated" in refusal and "optimizer of their own" in refusal, refusal
-        assert same
-        assert dtype == "torch.uint8" and shape == (64, 128)
+def test_tensor_parallel_parameters_in_one_optimizer_step_bitwise(tmp_path):
+    """``parallelize_module`` with ColwiseParallel / RowwiseParallel (2 ranks), all parameters in one dist8
+    optimizer: the Shard(0) and Shard(1) parameters (8-bit codes of the local shard) and the
+    replicated bias step bitwise as the unsharded model's optimizer, also for LAMB's trust ratio and
+    percentile clipping (norms summed across ranks, the replicated bias counted once). A replicated
+    parameter on other ranks than the sharded ones is refused in one line naming it."""
+    for results in run_ranks(_tensor_parallel_worker, 2, tmp_path=tmp_path):
+        for name in TP_CASES:
+            assert results[name]["same"] and results[name]["snapshot_unchanged"] and results[name]["history_same"], name
+        codes = results["AdamW8bit"]["codes"]
+        assert codes["0.weight"] == ("torch.uint8", (128, 64)) and codes["2.weight"] == ("torch.uint8", (64, 128))
+        assert codes["2.bias"] == ("torch.float32", (64,))  # replicated, whole on each rank (< min_8bit_size)
+        refusal = results["refusal"]
+        assert refusal is not None and "\n" not in refusal and "lonely" in refusal and "own" in refusal, refusal

@@ -154,6 +154,9 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
         self._positions: dict[torch.Tensor, str] | None = None
         # Sums partial per-parameter reductions across shards (identity when unsharded).
         self.reduce_partials: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # id() of parameters whose partials another rank adds to that sum (replicated DTensors: one
+        # replica counts; see dist8.optim.dtensor.attach).
+        self.partials_counted_elsewhere: frozenset[int] = frozenset()
         # Set by sharded wrappers: (piece -> index of its parameter, number of parameters).
         self.global_slots: tuple[dict[torch.Tensor, int], int] | None = None
         self.uses_dtensor = False

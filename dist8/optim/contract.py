@@ -29,7 +29,7 @@ class TorchContract:
 
     # ---- copies (copy.deepcopy, pickle) -------------------------------------------
     # Rebuilt after a copy: keyed by id() or holding process groups / weak references.
-    _NOT_COPIED = ("dtensor_layouts", "_known", "dtensor_hook", "_checked_hyper")
+    _NOT_COPIED = ("dtensor_layouts", "_known", "dtensor_hook", "_checked_hyper", "partials_counted_elsewhere")
 
     def __getstate__(self) -> dict[str, Any]:
         """Everything a copy needs to step identically (torch's keeps only defaults, state and
@@ -48,6 +48,7 @@ class TorchContract:
         self.dtensor_layouts = {}
         self.dtensor_hook = None
         self._checked_hyper = {}
+        self.partials_counted_elsewhere = frozenset()
         if self.uses_dtensor:
             self.uses_dtensor = dtensor.attach(self)
         self._known = ParamPositions(self.param_groups, self.param_names)

@@ -7,8 +7,9 @@ its edge blocks: :mod:`dist8.optim.dtensor_update`.
 
 Each rank stores codes with its local shard's shape and the absmax of the blocks its elements
 overlap (edge blocks are held, with identical values, by every rank that overlaps them).
-``Replicate`` mesh dimensions (HSDP) are allowed; ``_StridedShard``, ``Partial`` and
-parameters sharded on more than one mesh dimension raise ``NotImplementedError``.
+``Replicate`` mesh dimensions (HSDP) are allowed, and so are parameters only replicated over the
+ranks the others are sharded over (tensor parallelism's biases and norms); ``_StridedShard``,
+``Partial`` and parameters sharded on more than one mesh dimension raise ``NotImplementedError``.
 
 State dict. :meth:`torch.optim.Optimizer.state_dict` presents codes (and 32-bit state) as
 DTensors with the parameter's mesh and placements, and absmax as a plain full-length tensor
@@ -66,11 +67,14 @@ def attach(opt: Optimizer8bit) -> bool:
     """Prepare ``opt`` for DTensor parameters; returns False (and does nothing) when it has none.
 
     All parameters must then be DTensors sharded over one process group (one
-    FSDP2 model): ``reduce_partials`` (non-finite flags, gradient norms for
-    percentile clipping, LAMB/LARS norms) becomes an all-reduce(SUM) over it,
-    and the state-dict hook presents the state globally. Called again (by
-    ``Optimizer8bit.follow_params``) when DTensors are swapped into ``param_groups``
-    after construction; attaching twice registers nothing twice.
+    FSDP2 model), or only replicated on a mesh that holds that group's ranks (tensor
+    parallelism's replicated biases and norms): ``reduce_partials`` (non-finite flags,
+    gradient norms for percentile clipping, LAMB/LARS norms) becomes an all-reduce(SUM)
+    over the group, to which only the group's rank 0 adds a replicated parameter's partials
+    (``partials_counted_elsewhere`` lists them on the other ranks), and the state-dict hook
+    presents the state globally. Called again (by ``Optimizer8bit.follow_params``) when
+    DTensors are swapped into ``param_groups`` after construction; attaching twice registers
+    nothing twice.
     """
     params = [(opt.param_name(p), p) for g in opt.param_groups for p in g["params"]]
     dparams = [(name, p) for name, p in params if is_dtensor(p)]
@@ -83,31 +87,45 @@ def attach(opt: Optimizer8bit) -> bool:
             "optimizer needs all its parameters sharded the same way: apply fully_shard to the root module too, "
             "or give the plain parameters their own optimizer"
         )
-    groups = {}
+    groups: dict[Any, str] = {}
+    replicated = []
     for name, p in dparams:
         sd = shard_dim(p, name)
-        group = p.device_mesh.get_group(sd[0]) if sd is not None else None
-        groups.setdefault(group, name)
+        if sd is None:
+            replicated.append((name, p))
+        else:
+            groups.setdefault(p.device_mesh.get_group(sd[0]), name)
     if len(groups) > 1:
-        if None in groups:  # e.g. tensor parallelism: RowwiseParallel's bias next to sharded weights
-            sharded = next(name for group, name in groups.items() if group is not None)
-            raise NotImplementedError(
-                f"parameter {groups[None]} is only replicated while {sharded} is sharded; one dist8 optimizer "
-                "steps parameters sharded over one process group: give the replicated parameters a dist8 "
-                "optimizer of their own"
-            )
         names = list(groups.values())
         raise NotImplementedError(
             f"parameters {names[0]} and {names[1]} are sharded over different process groups; one dist8 "
             "optimizer supports one FSDP2 mesh: use one optimizer per mesh"
         )
-    group = next(iter(groups))
+    group = next(iter(groups), None)
+    opt.partials_counted_elsewhere = _counted_elsewhere(group, replicated, next(iter(groups.values()), ""))
     if group is not None and opt.reduce_partials is None:
         opt.reduce_partials = _sum_over(group)
         opt.reduce_partials.dist8_dtensor = True  # made here: detach() may take it back
     if opt.dtensor_hook is None:
         opt.dtensor_hook = opt.register_state_dict_post_hook(_state_dict_post_hook)
     return True
+
+
+def _counted_elsewhere(group, replicated: list, sharded_name: str) -> frozenset[int]:
+    """``id()`` of the replicated parameters whose partial sums another rank of ``group`` adds (all of
+    them but on the group's rank 0); each must be replicated on every rank of ``group``."""
+    if group is None or not replicated:
+        return frozenset()
+    import torch.distributed as dist
+
+    ranks = set(dist.get_process_group_ranks(group))
+    for name, p in replicated:
+        if not ranks <= set(p.device_mesh.mesh.flatten().tolist()):
+            raise NotImplementedError(
+                f"parameter {name} is replicated on other ranks than those {sharded_name} is sharded over; one "
+                "dist8 optimizer steps parameters of one mesh: give it a dist8 optimizer of its own"
+            )
+    return frozenset() if dist.get_rank(group) == 0 else frozenset(id(p) for _, p in replicated)
 
 
 def has_dtensor_params(opt: Optimizer8bit) -> bool:
@@ -122,6 +140,7 @@ def detach(opt: Optimizer8bit) -> None:
         opt.dtensor_hook = None
     if getattr(opt.reduce_partials, "dist8_dtensor", False):
         opt.reduce_partials = None
+    opt.partials_counted_elsewhere = frozenset()
 
 
 def _group_of(opt, p) -> dict:

@@ -114,7 +114,7 @@ def run_updates(opt: Optimizer8bit, items: list[UpdateItem], amp: tuple[float, b
         grad = dtl.local(p.grad) if dtensors else p.grad
         if check:
             to_check.setdefault(grad.device, []).append((slot, grad))
-        if need_gnorm and settings.hyper["percentile_clipping"] < 100:
+        if need_gnorm and settings.hyper["percentile_clipping"] < 100 and id(p) not in opt.partials_counted_elsewhere:
             to_norm.append((slot, grad))
     for (slot, _), sq in zip(to_norm, square_sums([g for _, g in to_norm])):
         partials[n + slot] += sq * inv_scale * inv_scale  # the history holds unscaled norms
@@ -255,6 +255,8 @@ def _apply_trust_ratios(opt: Optimizer8bit, trust_items: list[TrustItem], n_slot
     masters = [master_value(dtl.local(it.param), it.correction) for it in trust_items]
     squares = square_sums([t for it, m in zip(trust_items, masters) for t in (m, it.update)])
     for k, it in enumerate(trust_items):
+        if id(it.param) in opt.partials_counted_elsewhere:  # a replica: another rank adds its norms
+            continue
         sums[2 * it.slot] += squares[2 * k]
         sums[2 * it.slot + 1] += squares[2 * k + 1]
     sums = _reduce(opt, sums)
