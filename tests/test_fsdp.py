@@ -28,6 +28,8 @@ What the tests prove:
 * ``test_tensor_parallel_parameters_in_one_optimizer_step_bitwise`` (2 ranks): ``parallelize_module``
   (ColwiseParallel, RowwiseParallel) in one optimizer: Shard(0)/Shard(1) weights and the
   replicated bias step bitwise as unsharded (AdamW, LAMB with percentile clipping, 32-bit Lion).
+  ``test_tensor_parallel_dcp_checkpoint_loads_on_one_rank_and_continues_bitwise``: its DCP
+  checkpoint (get_state_dict/set_state_dict) loads on 1 rank and continues bitwise.
 """
 import copy
 import os
@@ -392,3 +394,46 @@ def test_tensor_parallel_parameters_in_one_optimizer_step_bitwise(tmp_path):
         assert codes["2.bias"] == ("torch.float32", (64,))  # replicated, whole on each rank (< min_8bit_size)
         refusal = results["refusal"]
         assert refusal is not None and "\n" not in refusal and "lonely" in refusal and "own" in refusal, refusal
+
+
+def _tensor_parallel_dcp_worker(rank, world_size, path, save):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64))
+    if world_size > 1:
+        parallelize_module(model, init_device_mesh("cpu", (world_size,)), {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    opt = dist8.AdamW8bit(model.named_parameters(), lr=1e-3, min_8bit_size=1024, percentile_clipping=50)
+
+    def train(steps):
+        for step in steps:
+            model(torch.randn(8, 64, generator=torch.Generator().manual_seed(step))).sum().backward()
+            opt.step()
+            opt.zero_grad()
+
+    if save:
+        train(range(3))
+        model_sd, optim_sd = get_state_dict(model, opt)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    else:
+        model_sd, optim_sd = get_state_dict(model, opt)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train(range(3, 5))
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()}
+
+
+def test_tensor_parallel_dcp_checkpoint_loads_on_one_rank_and_continues_bitwise(tmp_path):
+    """The tensor-parallel optimizer of the test above (codes of Shard(0) and Shard(1) weights, a replicated
+    bias, percentile-clipping history) saved through torch.distributed.checkpoint on 2 ranks loads into
+    the plain model on 1 rank, and both continue bitwise alike."""
+    path = str(tmp_path / "tp-dcp")
+    saved = run_ranks(_tensor_parallel_dcp_worker, 2, path, True, tmp_path=tmp_path)[0]
+    loaded = run_ranks(_tensor_parallel_dcp_worker, 1, path, False, tmp_path=tmp_path)[0]
+    assert saved.keys() == loaded.keys()
+    for name in saved:
+        assert torch.equal(saved[name], loaded[name]), name
