@@ -25,7 +25,8 @@ def main() -> int:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--quick", action="store_true", help="small sizes (default)")
     group.add_argument("--full", action="store_true")
-    parser.add_argument("--only", nargs="+", default=["step", "sharded", "checkpoint", "convergence", "memory"])
+    parser.add_argument("--only", nargs="+", default=["step", "sharded", "checkpoint", "convergence", "memory",
+                                                      "accuracy"])
     args = parser.parse_args()
     preset = "--full" if args.full else "--quick"
     host = socket.gethostname()
@@ -38,6 +39,7 @@ def main() -> int:
         "convergence": [sys.executable, str(HERE / "convergence.py"), preset]
         + ([] if args.full else ["--steps", "200", "--seeds", "0", "1", "2"]),
         "memory": [sys.executable, str(HERE / "memory.py")] + (["--world-sizes", "2", "4"] if args.full else []),
+        "accuracy": [sys.executable, str(HERE / "accuracy.py")] + ([] if args.full else ["--seeds", "3"]),
     }
     timings = {}
     for name in args.only:
