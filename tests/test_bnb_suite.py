@@ -31,6 +31,8 @@ agree wherever the clip binds, which is the regime of the 32-bit protocol below)
 """
 import copy
 import io
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,25 +43,11 @@ from dist8.quant import dequantize_blockwise
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is in the [test] extras; its protocols need it")
 from bitsandbytes.optim.ademamix import _ReferenceAdEMAMix  # noqa: E402  (bitsandbytes' reference)
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from common import ReferenceLion  # noqa: E402  (the benchmarks' fp32 Lion, one home)
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SCHEDULE = 100  # t_alpha = t_beta3 of the scheduled AdEMAMix cases (bitsandbytes' 8-bit value)
-
-
-class ReferenceLion(torch.optim.Optimizer):
-    """Lion as lion-pytorch writes it (Chen et al. 2023): decoupled decay, sign of the interpolation."""
-
-    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                exp_avg = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_((exp_avg * beta1 + p.grad * (1 - beta1)).sign_(), alpha=-group["lr"])
-                exp_avg.mul_(beta2).add_(p.grad, alpha=1 - beta2)
 
 
 def _ademamix_states(state):
