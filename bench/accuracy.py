@@ -50,8 +50,9 @@ def cases() -> dict[str, tuple]:
     return out
 
 
-def run(name: str, seeds: int, steps: int, lr: float) -> list[dict]:
-    reference, libraries, extra = cases()[name]
+def run(name: str, case: tuple, seeds: int, steps: int, lr: float) -> list[dict]:
+    """Rows of one case of :func:`cases` after ``steps`` steps, ``seeds`` seeds each."""
+    reference, libraries, extra = case
     kwargs = dict({"lr": lr}, **extra)  # a case's own lr wins
     errors: dict[str, list[tuple[float, float]]] = {lib: [] for lib in libraries}
     for seed in range(seeds):
@@ -91,11 +92,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3, help="learning rate of every optimizer (default 1e-3)")
     ap.add_argument("--out", default=None, help="result JSON (default bench/results/accuracy-<host>.json)")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
-    for name in cases():
+    for name, case in cases().items():
         for steps in [int(s) for s in args.steps.split(",")]:
-            rows += run(name, args.seeds, steps, args.lr)
+            rows += run(name, case, args.seeds, steps, args.lr)
     print_table(rows, ["optimizer", "library", "steps", "mean_abs_err", "max_abs_err", "mean_vs_bitsandbytes"])
     path = write_json("accuracy", {"machine": machine(), "rows": rows}, args.out)
     print(f"wrote {path}")

@@ -393,8 +393,8 @@ def accuracy_section() -> str:
              "on more seeds: each 8-bit optimizer and its fp32 reference (torch's, or a lion-pytorch-style Lion) start "
              "from the same weights and see the same batches; the table gives the distance of the parameters to the "
              "reference's after `steps` steps (mean and max absolute difference over all 165k parameters, median over "
-             "seeds), lr 1e-3 (momentum SGD 1e-4, which diverges at 1e-3 for every library). The ReLU leaves many exactly-zero gradient entries, where 8-bit second moments matter "
-             "most. `tests/test_bnb_suite.py` asserts dist8 <= bitsandbytes (mean and max) on 3 seeds at 10 steps. "
+             "seeds), lr 1e-3 (momentum SGD 1e-4, which diverges at 1e-3 for every library). The ReLU leaves many "
+             "exactly-zero gradient entries, where 8-bit second moments matter most. `tests/test_bnb_suite.py` asserts dist8 <= bitsandbytes (mean and max) on 3 seeds at 10 steps. "
              "torchao's error is a few elements of the first weight moving by orders of magnitude more than lr (seed 0, "
              "2 steps: 3 elements moved by 13.3 where fp32 AdamW moved them by 0.0017), the update spike of issue 15 "
              "(a second moment read as 0 beside a nonzero first moment) that dist8's second-moment floor removes.\n"]
@@ -407,10 +407,8 @@ def accuracy_section() -> str:
         seeds = {r["seeds"] for r in d["rows"]}
         parts.append(f"\n{', '.join(map(str, sorted(seeds)))} seeds per row.")
         worse = [r for r in d["rows"] if r["library"] == "dist8" and (r.get("mean_vs_bitsandbytes") or 0) > 1.0]
-        parts.append("\n- dist8 further from fp32 than bitsandbytes (mean): "
-                     + (", ".join(f"{r['optimizer']} at {r['steps']} steps ({r['mean_vs_bitsandbytes']:.3f}x)" for r in worse)
-                        if worse else "in no row")
-                     + "\n")
+        listed = ", ".join(f"{r['optimizer']} at {r['steps']} steps ({r['mean_vs_bitsandbytes']:.3f}x)" for r in worse)
+        parts.append(f"\n- dist8 further from fp32 than bitsandbytes (mean): {listed or 'in no row'}\n")
     return "\n".join(parts)
 
 

@@ -24,8 +24,8 @@ which is not a dependency):
   bitsandbytes' are.
 
 Deviations, on purpose (each documented in the classes' help): dist8's ``Adagrad8bit``
-honours ``optim_bits=32``, as every dist8 ``X8bit`` class does, where bitsandbytes refuses it; dist8's LARS scales every step by the
-paper's trust ratio ``max_unorm * |p| / |u|`` where bitsandbytes only clips with it (the two
+honours ``optim_bits=32``, as every dist8 ``X8bit`` class does, where bitsandbytes refuses it;
+dist8's LARS scales every step by the paper's trust ratio ``max_unorm * |p| / |u|`` where bitsandbytes only clips with it (the two
 agree wherever the clip binds, which is the regime of the 32-bit protocol below), so
 ``max_unorm=0`` is refused rather than meaning "no clip".
 """

@@ -58,14 +58,21 @@ class _Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.x[i], "labels": self.x[i]}
 
 
+def _training_args(out_dir, max_steps=6, **extra):
+    """The Trainer settings every test here shares: batch 4, a checkpoint every 3 steps, a loss per step."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=str(out_dir), max_steps=max_steps, per_device_train_batch_size=4,
+                             save_strategy="steps", save_steps=3, report_to=[], seed=0, logging_steps=1,
+                             disable_tqdm=True, **extra)
+
+
 def _trainer(out_dir, max_steps, bf16_master=False, min_8bit_size=1024):
     """``bf16_master``: the model cast to bf16 (dist8.cast_model: LayerNorms stay fp32) and the
     optimizer keeping 24-bit masters (``master_weight_bits=24``)."""
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
-    args = TrainingArguments(output_dir=str(out_dir), max_steps=max_steps, per_device_train_batch_size=4,
-                             save_strategy="steps", save_steps=3, report_to=[], use_cpu=True, seed=0,
-                             logging_steps=1, disable_tqdm=True, lr_scheduler_type="linear", warmup_steps=2)
+    args = _training_args(out_dir, max_steps, use_cpu=True, lr_scheduler_type="linear", warmup_steps=2)
     model = _tiny_gpt2()
     kwargs = {"lr": 3e-3, "min_8bit_size": min_8bit_size}
     if bf16_master:
@@ -122,12 +129,10 @@ def test_hf_trainer_run_started_with_torch_adamw_continues_with_dist8(tmp_path):
     pytest.importorskip("transformers", reason="transformers is in the [test] extras")
     import shutil
 
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
-    args = TrainingArguments(output_dir=str(tmp_path / "torch"), max_steps=6, per_device_train_batch_size=4,
-                             save_strategy="steps", save_steps=3, report_to=[], use_cpu=True, seed=0,
-                             logging_steps=1, disable_tqdm=True, lr_scheduler_type="linear", warmup_steps=2,
-                             learning_rate=3e-3, optim="adamw_torch")
+    args = _training_args(tmp_path / "torch", use_cpu=True, lr_scheduler_type="linear", warmup_steps=2,
+                          learning_rate=3e-3, optim="adamw_torch")
     torch_full = Trainer(model=_tiny_gpt2(), args=args, train_dataset=_Tokens())
     torch_full.train()
     assert isinstance(_opt(torch_full), torch.optim.AdamW)
@@ -161,7 +166,7 @@ def _hf_deepspeed_run(rank, world, out_dir, stage):
     """Train 6 steps saving at 3, then resume from step 3 in a new Trainer; DeepSpeed builds the
     optimizer from the config's ``"type": "dist8.AdamW8bit"`` (HF fills the "auto" values)."""
     import dist8.integrations.deepspeed  # noqa: F401  (the one import the README asks for)
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     ds_config = {
         "optimizer": {"type": "dist8.AdamW8bit", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
@@ -171,9 +176,7 @@ def _hf_deepspeed_run(rank, world, out_dir, stage):
     }
     out = {}
     for name, resume in (("full", None), ("resumed", os.path.join(out_dir, "full", "checkpoint-3"))):
-        args = TrainingArguments(output_dir=os.path.join(out_dir, name), max_steps=6, per_device_train_batch_size=4,
-                                 save_strategy="steps", save_steps=3, report_to=[], seed=0, logging_steps=1,
-                                 disable_tqdm=True, learning_rate=3e-3, deepspeed=ds_config)
+        args = _training_args(os.path.join(out_dir, name), learning_rate=3e-3, deepspeed=ds_config)
         trainer = Trainer(model=_tiny_gpt2(), args=args, train_dataset=_Tokens())
         trainer.train(resume_from_checkpoint=resume)
         basic = trainer.deepspeed.basic_optimizer

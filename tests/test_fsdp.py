@@ -405,7 +405,8 @@ def _tensor_parallel_dcp_worker(rank, world_size, path, save):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64))
     if world_size > 1:
-        parallelize_module(model, init_device_mesh("cpu", (world_size,)), {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        mesh = init_device_mesh("cpu", (world_size,))
+        parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
     opt = dist8.AdamW8bit(model.named_parameters(), lr=1e-3, min_8bit_size=1024, percentile_clipping=50)
 
     def train(steps):
@@ -424,7 +425,8 @@ def _tensor_parallel_dcp_worker(rank, world_size, path, save):
         dcp.load(state, checkpoint_id=path)
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     train(range(3, 5))
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()}
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for n, p in model.named_parameters()}
 
 
 def test_tensor_parallel_dcp_checkpoint_loads_on_one_rank_and_continues_bitwise(tmp_path):
