@@ -173,14 +173,15 @@ def candidates(n, dtype, device, which, size_label=""):
 
         return step
 
-    def dist8_optim(on_nonfinite="skip", master_weight_bits=None, quant_map="dynamic"):
+    def dist8_optim(on_nonfinite="skip", master_weight_bits=None, quant_map="dynamic", amp_unscale="kernel"):
         def factory():
             import dist8.optim
 
             params = make_params(size_label, n, dtype, device)
             opt = dist8.optim.AdamW8bit(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                                         block_size=256, min_8bit_size=4096, on_nonfinite=on_nonfinite,
-                                        master_weight_bits=master_weight_bits, quant_map=quant_map)
+                                        master_weight_bits=master_weight_bits, quant_map=quant_map,
+                                        amp_unscale=amp_unscale)
             return opt.step
         return factory
 
@@ -237,12 +238,14 @@ def candidates(n, dtype, device, which, size_label=""):
             return step
         return make
 
-    def with_grad_scaler(factory):
+    def with_grad_scaler(factory, init_scale=2.0**10):
         """scaler.step + update around an optimizer (fp16 mixed precision): the scaler checks
-        the gradients for inf/NaN, the optimizer unscales inside its fused kernel."""
+        the gradients for inf/NaN; a fused optimizer unscales inside its kernel, any other is
+        handed gradients the scaler unscaled in place (``init_scale=1.0`` there: the same pass,
+        without shrinking the gradients step after step into subnormals)."""
         def make():
             opt = factory().__self__
-            scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10)
+            scaler = torch.amp.GradScaler(device.type, init_scale=init_scale)
             scaler.scale(torch.ones((), device=device))  # initialises the scale
 
             def step():
@@ -291,6 +294,9 @@ def candidates(n, dtype, device, which, size_label=""):
     # (GradScaler is fp16's tool; torch's CUDA unscale refuses bf16 gradients.)
     if not (device.type == "cuda" and dtype == torch.bfloat16):
         add("dist8.optim.AdamW8bit +GradScaler", with_grad_scaler(dist8_optim()), bytes8)
+        # amp_unscale="scaler": the scaler's unscale_ pass instead of its check pass, step() as unfused
+        add('dist8.optim.AdamW8bit +GradScaler amp_unscale="scaler"',
+            with_grad_scaler(dist8_optim(amp_unscale="scaler"), init_scale=1.0), bytes8)
         add("torch AdamW fused +GradScaler", with_grad_scaler(torch_adamw(fused=True)), bytes32)
     add("torch AdamW foreach", torch_adamw(foreach=True), bytes32)
     add("bitsandbytes AdamW8bit", bnb, bytes8)

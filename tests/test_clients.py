@@ -10,8 +10,9 @@ ZeroRedundancyOptimizer and fairscale OSS.
   values; resuming from its checkpoint repeats the uninterrupted run's losses and weights exactly.
 * ``test_hf_trainer_run_started_with_torch_adamw_continues_with_dist8``: a checkpoint of a Trainer
   run with torch's AdamW resumes with dist8 after ``from_torch_optim`` converts its ``optimizer.pt``.
-* ``test_accelerate_sees_grad_scaler_skips_as_with_torch_fused_adamw``: accelerate's
-  ``step_was_skipped`` under a GradScaler reports what it reports for torch's fused AdamW.
+* ``test_accelerate_sees_grad_scaler_skips_as_with_torch_adamw``: accelerate's
+  ``step_was_skipped`` under a GradScaler reports what it reports for torch's fused AdamW, and with
+  ``amp_unscale="scaler"`` what it reports for torch's non-fused AdamW (the skip).
 * ``test_accelerate_fsdp2_optimizer_built_before_sharding``: 2 gloo ranks. The optimizer
   is built on the plain model and ``accelerator.prepare`` applies FSDP2 afterwards,
   swapping DTensors into ``param_groups`` (accelerate's FSDP2 path; accelerate only takes
@@ -209,11 +210,12 @@ def test_hf_trainer_with_a_deepspeed_config_naming_dist8_resumes_exactly(tmp_pat
 
 
 # ---- accelerate's AcceleratedOptimizer with a GradScaler ---------------------------------------------
-def test_accelerate_sees_grad_scaler_skips_as_with_torch_fused_adamw():
+def test_accelerate_sees_grad_scaler_skips_as_with_torch_adamw():
     """accelerate reports ``step_was_skipped`` (HF Trainer then holds the LR scheduler) by noticing that
     ``GradScaler.step`` did not call ``optimizer.step``. Optimizers that take the scaler's check
-    themselves (``_step_supports_amp_scaling``: torch's fused AdamW, dist8) are always called, so
-    accelerate reports no skip for either; dist8 counts its skipped steps in ``amp_skips``."""
+    themselves (``_step_supports_amp_scaling``: torch's fused AdamW, dist8's default) are always called, so
+    accelerate reports no skip for either; dist8 counts its skipped steps in ``amp_skips``. With
+    ``amp_unscale="scaler"`` dist8 is stepped like torch's non-fused AdamW, and accelerate sees the skip."""
     pytest.importorskip("accelerate", reason="accelerate is in the [test] extras")
     from accelerate import Accelerator
     from accelerate.optimizer import AcceleratedOptimizer
@@ -225,13 +227,16 @@ def test_accelerate_sees_grad_scaler_skips_as_with_torch_fused_adamw():
     finally:
         AcceleratorState._reset_state()
     assert reports["dist8"] == reports["torch fused"] == [(False, True), (False, False), (False, True)]
+    assert reports["dist8 scaler"] == reports["torch"] == [(False, True), (True, False), (False, True)]
 
 
 def _scaler_skip_reports(AcceleratedOptimizer):
     """(step_was_skipped, parameters moved) for three steps, the second with a NaN gradient."""
     reports = {}
     for name, make in (("torch fused", lambda p: torch.optim.AdamW(p, lr=0.1, fused=True)),
-                       ("dist8", lambda p: dist8.AdamW8bit(p, lr=0.1, min_8bit_size=0))):
+                       ("dist8", lambda p: dist8.AdamW8bit(p, lr=0.1, min_8bit_size=0)),
+                       ("torch", lambda p: torch.optim.AdamW(p, lr=0.1)),
+                       ("dist8 scaler", lambda p: dist8.AdamW8bit(p, lr=0.1, min_8bit_size=0, amp_unscale="scaler"))):
         torch.manual_seed(0)
         model = nn.Linear(5, 5)
         opt = make(model.parameters())
@@ -247,8 +252,8 @@ def _scaler_skip_reports(AcceleratedOptimizer):
             wrapped.zero_grad()
             moved = any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
             reports[name].append((wrapped.step_was_skipped, moved))
-        if name == "dist8":
-            assert opt.amp_skips == 1
+        if name.startswith("dist8"):
+            assert opt.amp_skips == (1 if name == "dist8" else 0)
     return reports
 
 

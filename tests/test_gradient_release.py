@@ -256,6 +256,16 @@ def test_refuses_grad_scaler():
         scaler.step(opt)
 
 
+def test_refuses_scaler_amp_unscale_at_once():
+    """With amp_unscale="scaler" the scaler would not tell step() anything: refused before any hook exists."""
+    model = make()
+    opt = AdamW8bit(model.parameters(), lr=1e-2, amp_unscale="scaler")
+    with pytest.raises(ValueError, match="gradient_release does not support amp_unscale='scaler'"):
+        dist8.gradient_release(model, opt)
+    loss_of(model, 0).backward()  # no hook: the gradients stay for a normal step
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_refuses_gradient_accumulation_before_updating():
     model = make()
     opt = AdamW8bit(model.parameters(), lr=1e-2)

@@ -1,4 +1,6 @@
-"""torch.amp.GradScaler driving dist8 optimizers: unscaling inside the kernels, whole-step skips."""
+"""torch.amp.GradScaler driving dist8 optimizers: unscaling inside the kernels, whole-step skips
+(``amp_unscale="kernel"``, the default), or the scaler unscaling and skipping ``step()`` itself
+(``amp_unscale="scaler"``, torch's non-fused contract)."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -99,10 +101,47 @@ def test_grad_scaler_inf_skips_the_whole_step_and_backs_off():
             assert (torch.equal(v, state[n][k]) if torch.is_tensor(v) else v == state[n][k]), f"{n} {k}"
 
 
-def _sharded_amp(rank, world_size, stage, bad_step):
+@pytest.mark.parametrize("name", list(CASES))
+def test_scaler_mode_steps_as_the_unscaled_step(name):
+    """amp_unscale="scaler": the scaler unscales the gradients itself (torch's non-fused contract); bitwise the
+    unscaled run, LAMB included (its norms now see unscaled gradients)."""
+    cls, kw = CASES[name]
+    ref, _ = _run(cls, kw, 6)
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE, growth_interval=1)
+    got, opt = _run(cls, dict(kw, amp_unscale="scaler"), 6, scaler=scaler)
+    assert opt._step_supports_amp_scaling is False  # torch's protocol attribute, read by GradScaler and Lightning
+    for n in ref:
+        assert torch.equal(got[n], ref[n]), f"{name}: {n}"
+        assert torch.equal(got[n].grad, ref[n].grad), n  # unscaled by the scaler
+    assert opt.amp_skips == 0 and scaler.get_scale() == SCALE * 64
+
+
+def test_scaler_mode_inf_leaves_step_uncalled():
+    """On inf/NaN the scaler itself skips ``step()`` (what accelerate's optimizer_step_was_skipped sees)."""
+    cls, kw = CASES["AdamW8bit"]
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
+    params, opt = _run(cls, dict(kw, amp_unscale="scaler"), 2, scaler=scaler)
+    calls = []
+    opt.register_step_pre_hook(lambda *_: calls.append(1))
+    before = {n: p.detach().clone() for n, p in params.items()}
+    opt.zero_grad()
+    scaler.scale(_loss(params, 2)).backward()
+    params["b"].grad[3] = float("nan")
+    scaler.step(opt)
+    scaler.update()
+    assert calls == [] and opt.amp_skips == 0 and opt.nonfinite_skips == 0
+    assert scaler.get_scale() == SCALE / 2
+    for n, p in params.items():
+        assert torch.equal(p.detach(), before[n]), n
+
+
+def _sharded_amp(rank, world_size, stage, bad_step, amp_unscale="kernel"):
     cls, kw = CASES["AdamW8bit"]
     params = _params()
-    opt = ShardedOptimizer(list(params.items()), cls, stage=stage, **kw)
+    try:
+        opt = ShardedOptimizer(list(params.items()), cls, stage=stage, amp_unscale=amp_unscale, **kw)
+    except ValueError as err:
+        return {"error": str(err), "untouched": torch.equal(params["w"].detach(), _params()["w"])}
     scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
     for step in range(4):
         opt.zero_grad()
@@ -122,8 +161,17 @@ def _sharded_amp(rank, world_size, stage, bad_step):
             "scale": scaler.get_scale()}
 
 
+def _sharded_amp_both_modes(rank, world_size, stage, bad_step):
+    return {mode: _sharded_amp(rank, world_size, stage, bad_step, mode) for mode in ("kernel", "scaler")}
+
+
 def test_sharded_stage1_with_grad_scaler_matches_unsharded(tmp_path):
-    results = run_ranks(_sharded_amp, 2, 1, 1, tmp_path=tmp_path)
+    both = run_ranks(_sharded_amp_both_modes, 2, 1, 1, tmp_path=tmp_path)
+    results = [res["kernel"] for res in both]
+    for res in both:  # amp_unscale="scaler": the scaler unscales and skips step(); same parameters
+        assert res["scaler"]["skips"] == 0 and res["scaler"]["scale"] == SCALE / 2
+        for n in res["kernel"]["params"]:
+            assert torch.equal(res["scaler"]["params"][n], res["kernel"]["params"][n]), n
     cls, kw = CASES["AdamW8bit"]
     ref, _ = _run(cls, kw, 4, scaler=torch.amp.GradScaler("cpu", init_scale=SCALE), bad_step=1)
     for res in results:
@@ -133,9 +181,13 @@ def test_sharded_stage1_with_grad_scaler_matches_unsharded(tmp_path):
 
 
 def test_sharded_stage2_on_several_ranks_refuses_grad_scaler(tmp_path):
-    results = run_ranks(_sharded_amp, 2, 2, None, tmp_path=tmp_path)
-    for res in results:
-        assert "stage=2" in res["error"] and "GradScaler" in res["error"] and "nothing was updated" in res["error"]
+    both = run_ranks(_sharded_amp_both_modes, 2, 2, None, tmp_path=tmp_path)
+    for res in both:
+        err = res["kernel"]["error"]
+        assert "stage=2" in err and "GradScaler" in err and "nothing was updated" in err
+        # amp_unscale="scaler" would let the scaler read gradients mid-reduction: refused at construction
+        err = res["scaler"]["error"]
+        assert "amp_unscale='scaler'" in err and "stage=2" in err and res["scaler"]["untouched"]
 
 
 class _Two(torch.nn.Module):
@@ -155,6 +207,11 @@ def _fsdp2_amp(rank, world_size, bad_rank):
     model = _Two()
     fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
     cls, kw = CASES["AdamW8bit"]
+    try:  # each rank's scaler would decide alone whether to call step(): refused
+        cls(model.named_parameters(), amp_unscale="scaler", **kw)
+        refusal = None
+    except ValueError as err:
+        refusal = str(err)
     opt = cls(model.named_parameters(), **kw)
     scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
     for step in range(4):
@@ -165,7 +222,7 @@ def _fsdp2_amp(rank, world_size, bad_rank):
         scaler.step(opt)
         scaler.update()
     return {"params": {n: p.full_tensor() for n, p in model.named_parameters()}, "skips": opt.amp_skips,
-            "scale": scaler.get_scale()}
+            "scale": scaler.get_scale(), "refusal": refusal}
 
 
 def test_fsdp2_with_grad_scaler_matches_unsharded(tmp_path):
@@ -175,5 +232,6 @@ def test_fsdp2_with_grad_scaler_matches_unsharded(tmp_path):
     for res in results:
         assert res["skips"] == 1
         assert res["scale"] == SCALE / 2, "every rank's scaler must back off, not only the one that saw inf"
+        assert "amp_unscale='scaler'" in res["refusal"] and "DTensor" in res["refusal"]
         for n in ref:
             assert torch.equal(res["params"][n], ref[n]), n

@@ -25,6 +25,7 @@ import torch
 
 from dist8.kernels import RULE_WRITES_UPDATE, Rule, Scalars
 from dist8.optim import dtensor, master_weights, pipeline
+from dist8.optim.amp import amp_scaling, check_amp_unscale
 from dist8.optim import dtensor_layout as dtl
 from dist8.optim import state_schema as schema
 from dist8.optim.config import (check_overrides, global_numel, hyperparameters_of, load_group_values, match_overrides,
@@ -98,13 +99,18 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
         maximize: False (default); True maximizes the objective, as torch.optim's ``maximize``:
             the gradient's sign is folded into the kernel's gradient scale (exact: the step
             equals the minimizing step on the negated gradient bitwise). A group key.
+        amp_unscale: who unscales under ``torch.amp.GradScaler`` (:mod:`dist8.optim.amp`).
+            ``"kernel"`` (default): the scaler hands its scale and found-inf to ``step()``,
+            which skips itself on inf/NaN (``amp_skips``, one decision on every rank) or
+            unscales inside the kernels, as torch's fused AdamW. ``"scaler"``: the scaler
+            unscales the gradients and does not call ``step()`` on inf/NaN, as torch's other
+            optimizers and bitsandbytes'; needed for PyTorch Lightning's gradient clipping
+            under mixed precision and for accelerate's ``optimizer_step_was_skipped``.
+            Refused with DTensor (FSDP2) parameters and by gradient release.
     """
 
     rule: Rule
     n_betas = 2  # length of the ``betas`` hyperparameter, where the family has one (AdEMAMix: 3)
-    # torch.amp.GradScaler then sets ``grad_scale`` and ``found_inf`` before step() instead of
-    # unscaling the gradients itself: the kernels fold 1/scale into their gradient scale.
-    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -125,6 +131,7 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
         is_paged: bool = False,
         master_weight_bits: int | None = None,
         maximize: bool = False,
+        amp_unscale: str = "kernel",
     ) -> None:
         if args is not None:
             raise ValueError("args (a bitsandbytes config object) is not supported; pass keyword arguments")
@@ -133,6 +140,7 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
         if check_number(max_unorm, "max_unorm", "constructor", lo=0.0) and self.rule not in RULE_WRITES_UPDATE:
             raise ValueError(f"max_unorm={max_unorm} is not supported by {type(self).__name__}; use 0.0")
         check_mode(on_nonfinite)
+        self.amp_unscale = check_amp_unscale(amp_unscale)
         check_block_size(block_size)
         get_map(quant_map, True)  # validates the name
         defaults = dict(defaults)
@@ -169,6 +177,12 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
         master_weights.check_applies(self)
         self._known = ParamPositions(self.param_groups, self.param_names)
         self._constructed = True
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        # torch.amp.GradScaler's protocol (also read by Lightning and accelerate): True makes the
+        # scaler set ``grad_scale``/``found_inf`` and always call step() (see dist8.optim.amp).
+        return self.amp_unscale == "kernel"
 
     # ---- non-finite skips ---------------------------------------------------------
     @property
@@ -426,7 +440,7 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
         if not items and self.reduce_partials is None:
             return
         try:
-            pipeline.run_updates(self, items, pipeline.amp_scaling(self))
+            pipeline.run_updates(self, items, amp_scaling(self))
         finally:
             for p, work in written_back:
                 p.detach().copy_(work)

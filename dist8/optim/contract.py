@@ -49,6 +49,7 @@ class TorchContract:
         self.dtensor_hook = None
         self._checked_hyper = {}
         self.partials_counted_elsewhere = frozenset()
+        self.__dict__.setdefault("amp_unscale", "kernel")  # copies pickled before it existed
         if self.uses_dtensor:
             self.uses_dtensor = dtensor.attach(self)
         self._known = ParamPositions(self.param_groups, self.param_names)

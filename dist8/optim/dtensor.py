@@ -80,6 +80,12 @@ def attach(opt: Optimizer8bit) -> bool:
     dparams = [(name, p) for name, p in params if is_dtensor(p)]
     if not dparams:
         return False
+    if opt.amp_unscale == "scaler":
+        raise ValueError(
+            f"amp_unscale='scaler' is not supported with DTensor (FSDP2) parameters such as {dparams[0][0]}: each "
+            "rank's GradScaler would decide alone whether to call step(), and a rank that skips it leaves the "
+            "others waiting in its collectives. Use the default amp_unscale='kernel' (one decision on every rank)"
+        )
     plain = [name for name, p in params if not is_dtensor(p)]
     if plain:
         raise TypeError(

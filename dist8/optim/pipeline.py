@@ -37,7 +37,7 @@ from dist8.optim.state_schema import CORRECTION, GNORM, PERCENTILE_HISTORY, absm
 if TYPE_CHECKING:
     from dist8.optim.base import Optimizer8bit, ParamSettings
 
-__all__ = ["UpdateItem", "TrustItem", "run_updates", "amp_scaling", "square_sums", "fused_update_state"]
+__all__ = ["UpdateItem", "TrustItem", "run_updates", "square_sums", "fused_update_state"]
 
 
 class UpdateItem(NamedTuple):
@@ -70,22 +70,6 @@ def square_sums(tensors: list[torch.Tensor]) -> list[float]:
         for i, v in zip(idx, values):
             out[i] = v
     return out
-
-
-def amp_scaling(opt: Optimizer8bit) -> tuple[float, bool] | None:
-    """(1/scale, inf found) when torch.amp.GradScaler steps ``opt``, else None.
-
-    The scaler has checked every gradient of ``param_groups`` for inf/NaN
-    (``found_inf``) and left them scaled by ``grad_scale`` (None once the user
-    called ``scaler.unscale_``): the step is skipped whole when it found any, as
-    torch's optimizers do, and otherwise the gradients are unscaled inside the kernels.
-    """
-    found_inf = getattr(opt, "found_inf", None)
-    if found_inf is None:
-        return None
-    scale = getattr(opt, "grad_scale", None)
-    inv_scale = 1.0 if scale is None else 1.0 / float(scale)
-    return inv_scale, float(found_inf) > 0
 
 
 def _reduce(opt: Optimizer8bit, values: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,14 @@ SHARED_ARGS_DOC = """
         maximize (bool): maximize the objective (torch.optim's ``maximize``): the gradient's
             sign is folded into the kernel's gradient scale, so the step is bitwise the
             minimizing step on ``-grad``. A param-group key. Default False.
+        amp_unscale (str): who unscales under ``torch.amp.GradScaler``. ``"kernel"``: the
+            scaler hands its scale and found-inf to ``step()``, which skips itself on inf/NaN
+            (counted in ``amp_skips``, the same decision on every rank, FSDP2 included) or
+            unscales inside the kernels, as torch's fused AdamW. ``"scaler"``: the scaler
+            unscales the gradients and skips calling ``step()`` on inf/NaN, as torch's other
+            optimizers and bitsandbytes'; PyTorch Lightning needs it for ``gradient_clip_val``
+            under mixed precision, accelerate for ``optimizer_step_was_skipped``. Refused
+            with DTensor (FSDP2) parameters and by gradient release. Default ``"kernel"``.
 """
 
 

@@ -32,7 +32,8 @@ What is refused, and why:
 * ``torch.amp.GradScaler``: the hooks would step with scaled gradients before
   the scaler has checked them. Detected at ``scaler.step(optimizer)`` (which
   raises); by then one backward has updated the parameters, so use bf16
-  autocast (no scaler) with gradient release.
+  autocast (no scaler) with gradient release. An optimizer with
+  ``amp_unscale="scaler"`` is refused at once: the scaler would not tell its step.
 * Gradient accumulation: there is no gradient left to accumulate. If the loop
   calls ``optimizer.step()`` (a no-op now), a second backward before it raises
   before touching anything; ``optimizer.step()`` after several backward passes
@@ -245,6 +246,12 @@ def gradient_release(
         raise TypeError(
             "gradient_release does not support DistributedDataParallel: the hooks would step with the local gradient "
             "before DDP averages it. Use FSDP2 (fully_shard) with a dist8 optimizer"
+        )
+    if optimizer.amp_unscale == "scaler":
+        raise ValueError(
+            "gradient_release does not support amp_unscale='scaler': a GradScaler would unscale and check the "
+            "gradients after the hooks had already stepped with them, unseen. Use bf16 autocast (no scaler) with "
+            "the default amp_unscale='kernel'"
         )
     if getattr(optimizer, _ACTIVE_ATTR, None) is not None:
         raise RuntimeError("gradient_release is already active on this optimizer; remove() the first handle")

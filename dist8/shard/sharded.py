@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from dist8.optim import AdamW8bit
+from dist8.optim.amp import check_amp_unscale
 from dist8.optim.base import Optimizer8bit
 from dist8.optim.config import (GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, PARAM_LIST_KEYS, hyperparameters_of,
                                 load_group_values, split_named_params)
@@ -72,6 +73,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if bucket_cap_mb <= 0:
             raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}")
         initialised = dist.is_available() and dist.is_initialized()
+        amp_unscale = check_amp_unscale(defaults.get("amp_unscale", "kernel"))
+        if (amp_unscale == "scaler" and stage == 2 and initialised
+                and dist.get_world_size(process_group) > 1):
+            raise ValueError(
+                "amp_unscale='scaler' is not supported by ShardedOptimizer(stage=2) on several ranks: the scaler "
+                "would read the gradients while they are still being reduced. Use stage=1 under DDP, or the "
+                "default amp_unscale='kernel'"
+            )
         if process_group is not None and not initialised:
             raise RuntimeError("process_group was given but torch.distributed is not initialised; "
                                "call torch.distributed.init_process_group first")
@@ -327,8 +336,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 else:
                     outer[key] = inner[key]
 
-    # torch.amp.GradScaler sets grad_scale/found_inf and lets step() unscale (see step).
-    _step_supports_amp_scaling = True
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        # torch.amp.GradScaler's protocol, as the inner optimizer's amp_unscale says (dist8.optim.amp):
+        # True makes the scaler set grad_scale/found_inf and let step() unscale (see step).
+        return self.inner.amp_unscale == "kernel"
 
     @torch.no_grad()
     def step(self, closure=None):
