@@ -120,6 +120,8 @@ class DcpModel(nn.Module):
         torch.manual_seed(7)
         self.l1 = nn.Linear(100, 128)  # weight (128, 100): rows 43/43/42 on 3 ranks; row length 100
         self.l2 = nn.Linear(128, 33)  # weight (33, 128): 17/16 on 2 ranks; bias (33,): one block, all ranks
+        # 3 rows: 1/1/1/0 on 4 ranks, an empty shard starting mid-block (2100 % 256); 2/1 on 2 ranks
+        self.e = nn.Parameter(torch.randn(3, 700))
 
     def forward(self, x):
         return self.l2(torch.relu(self.l1(x)))

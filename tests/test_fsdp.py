@@ -158,6 +158,8 @@ class Wide(nn.Module):
         self.a = nn.Linear(100, 33)  # (33, 100): rows 11 per rank on 3 ranks, edges at 1100, 2200
         self.b = nn.Linear(33, 70)  # (70, 33): Shard(1) below; 24/24/22 rows under Shard(0)
         self.c = nn.Parameter(torch.randn(5000))  # 1667/1667/1666: every edge cuts a block
+        # fewer rows than ranks (1/1/0): rank 2's shard is empty and starts mid-block (2200 % 256)
+        self.d = nn.Parameter(torch.randn(2, 1100))
 
 
 def _all_opts_worker(rank, world_size):
@@ -193,6 +195,24 @@ def _all_opts_worker(rank, world_size):
             with pytest.raises(TypeError, match="is a plain tensor.*DTensors"):
                 opt.add_param_group({"params": [nn.Parameter(torch.randn(4))]})  # mixing plain and DTensor
             assert len(opt.param_groups) == groups  # refused before anything was added
+
+    # A gradient from DTensor ops on the sharded parameter itself (a penalty outside forward): DTensor lays
+    # the gradient of this uneven Shard(0) parameter out otherwise (Replicate, with torch 2.13); the step
+    # redistributes it for itself
+    # and leaves .grad as it was (the second backward accumulates into it, as without dist8).
+    model = Wide()
+    fully_shard(model, mesh=mesh)
+    ref = reference_copy(model)
+    opt, ref_opt = dist8.AdamW8bit([model.d], lr=1e-2), dist8.AdamW8bit([ref["d"]], lr=1e-2)
+    for step in range(2):
+        (model.d ** 2).sum().backward()
+        (ref["d"] ** 2).sum().backward()
+        out["penalty grad"] = str(model.d.grad.placements)
+        opt.step()
+        ref_opt.step()
+        assert str(model.d.grad.placements) == out["penalty grad"]
+        assert torch.equal(model.d.grad.full_tensor(), ref["d"].grad)
+    assert torch.equal(model.d.full_tensor(), ref["d"].detach())
 
     # StableEmbedding under FSDP2: the mark is lost by fully_shard; dist8's fully_shard and prepare() keep it.
     for how in ("dist8.fully_shard", "prepare"):
@@ -257,12 +277,13 @@ def test_all_optimizers_exact_on_uneven_and_shard1(tmp_path):
         # min_8bit_size=2000 on the global size: a.weight (3300) and c (5000) are 8-bit although every
         # local shard (1100, 1667) is smaller; b.weight (2310) too; biases stay 32-bit.
         assert res[name] == {"a.weight": "torch.uint8", "a.bias": "torch.float32", "b.weight": "torch.uint8",
-                             "b.bias": "torch.float32", "c": "torch.uint8"}, name
+                             "b.bias": "torch.float32", "c": "torch.uint8", "d": "torch.uint8"}, name
     for how in ("dist8.fully_shard", "prepare"):
         assert res[how]["tok.weight"] == "torch.float32", how  # StableEmbedding: 32-bit state
         assert res[how]["tok.norm.weight"] == "torch.float32"
         assert res[how]["fc1.weight"] == res[how]["head.weight"] == "torch.uint8"
     assert "dist8.ShardedOptimizer" in res["fsdp1"][0]
+    assert res["penalty grad"] != "(Shard(dim=0),)"  # not the parameter's placement: redistributed by the step
 
 
 # ---- DCP save / load at another world size -------------------------------------------------------
@@ -314,8 +335,8 @@ def test_dcp_reshard(tmp_path):
             dtypes = results[0]["dtypes"]
             codes = {k: v for k, v in dtypes.items() if ".state1" in k or ".state2" in k}
             absmax = {k: v for k, v in dtypes.items() if ".absmax" in k}
-            assert len(codes) == 8 and set(codes.values()) == {"torch.uint8"}, dtypes
-            assert len(absmax) == 8 and set(absmax.values()) == {"torch.float32"}, dtypes
+            assert len(codes) == 10 and set(codes.values()) == {"torch.uint8"}, dtypes
+            assert len(absmax) == 10 and set(absmax.values()) == {"torch.float32"}, dtypes
             assert not any(k.endswith(("exp_avg", "exp_avg_sq")) for k in dtypes)
 
 

@@ -75,7 +75,8 @@ class _Module(L.LightningModule):
 
 def _trainer(steps, **kw):
     kw.setdefault("enable_checkpointing", False)
-    return L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_progress_bar=False,
+    kw.setdefault("devices", 1)
+    return L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
                      enable_model_summary=False, **kw)
 
 
@@ -179,3 +180,76 @@ def test_fabric_save_and_load_resume_bitwise(tmp_path):
     assert losses == full_losses[3:]
     for a, b in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+# ---- ModelParallelStrategy (FSDP2) on gloo ranks ---------------------------------------------------
+class _ShardedModule(_Module):
+    """FSDP2 through Lightning's ModelParallelStrategy: ``configure_model`` shards each layer and the root."""
+
+    def __init__(self, record_at=None):
+        super().__init__()
+        self.record_at = record_at
+        self.recorded = None
+
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in (self.net[0], self.net[2]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+    def _record(self):  # the optimizer's global state (a collective: every rank records)
+        state = self.optimizers().optimizer.state_dict()["state"]
+        names = [name for name, _ in self.net.named_parameters()]
+        # clone: on one rank full_tensor() is the live state, which the next steps change
+        self.recorded = {names[i]: {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone()
+                                    if torch.is_tensor(v) else v for k, v in st.items()}
+                         for i, st in state.items()}
+
+    def on_train_batch_start(self, batch, i):
+        if self.global_step == self.record_at:  # the state the step about to run starts from
+            self._record()
+
+
+def _lightning_fsdp2(rank, world_size, ckpt_dir, distributed_ckpt, resume_from, record_at):
+    import os
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    # torchrun's environment: Lightning joins the process group run_ranks made instead of launching
+    os.environ.update(TORCHELASTIC_RUN_ID="dist8", LOCAL_RANK=str(rank), GROUP_RANK="0",
+                      LOCAL_WORLD_SIZE=str(world_size))
+    warnings.simplefilter("ignore")
+    module = _ShardedModule(record_at=record_at)
+    strategy = ModelParallelStrategy(data_parallel_size=world_size, tensor_parallel_size=1,
+                                     save_distributed_checkpoint=distributed_ckpt)
+    callbacks = [] if resume_from else [ModelCheckpoint(ckpt_dir, every_n_epochs=1, save_top_k=-1)]
+    _trainer(8, devices=world_size, strategy=strategy, callbacks=callbacks,
+             enable_checkpointing=not resume_from).fit(module, _data(), ckpt_path=resume_from)
+    opt = module.optimizers().optimizer
+    return {"losses": module.losses, "recorded": module.recorded, "class": type(opt).__name__,
+            "params": {n: p.full_tensor() for n, p in module.net.named_parameters()}}
+
+
+@pytest.mark.parametrize("distributed_ckpt", [True, False])
+def test_model_parallel_strategy_resumes_bitwise_and_at_another_world_size(tmp_path, distributed_ckpt):
+    """2 ranks save (a DCP folder per rank, or one full file from rank 0); 2 ranks resume bitwise, and 1 rank
+    loads exactly the state the 2 ranks had at that step."""
+    from dist_utils import run_ranks
+
+    ckpt_dir = str(tmp_path / "ckpt")
+    full = run_ranks(_lightning_fsdp2, 2, ckpt_dir, distributed_ckpt, None, 4, tmp_path=tmp_path)
+    ckpt = str(tmp_path / "ckpt" / "epoch=3-step=4.ckpt")
+    resumed = run_ranks(_lightning_fsdp2, 2, ckpt_dir, distributed_ckpt, ckpt, 4, tmp_path=tmp_path)
+    for a, b in zip(full, resumed):
+        assert b["losses"] == a["losses"][4:]
+        for n in a["params"]:
+            assert torch.equal(a["params"][n], b["params"][n]), n
+    (single,) = run_ranks(_lightning_fsdp2, 1, ckpt_dir, distributed_ckpt, ckpt, 4, tmp_path=tmp_path)
+    assert single["class"] == "AdamW8bit"
+    for name, state in full[0]["recorded"].items():
+        for key, value in state.items():
+            got = single["recorded"][name][key]
+            assert (torch.equal(got, value) if torch.is_tensor(value) else got == value), f"{name} {key}"
+    assert {v["state1"].dtype for v in single["recorded"].values()} == {torch.uint8}

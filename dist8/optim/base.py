@@ -16,6 +16,7 @@ calls, LAMB/LARS trust ratios). DTensor (FSDP2) parameters go through
 """
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -401,9 +402,7 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.follow_params()
-        written_back: list = []  # (parameter, contiguous working copy) of non-contiguous parameters
-        items = self._update_items(((group, group["params"]) for group in self.param_groups), written_back)
-        self._run_items(items, written_back)
+        self._update(((group, group["params"]) for group in self.param_groups))
         return loss
 
     @torch.no_grad()
@@ -422,8 +421,7 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
             except ValueError as e:
                 raise ValueError(f"step_params: {e}") from None
             pairs.setdefault(id(group), (group, []))[1].append(p)
-        written_back: list = []
-        self._run_items(self._update_items(pairs.values(), written_back), written_back)
+        self._update(pairs.values())
 
     def group_of(self, p: torch.Tensor) -> dict[str, Any]:
         """The param group that holds ``p`` (ValueError naming it if none does)."""
@@ -436,19 +434,23 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
             raise ValueError(f"parameter {self.param_name(p)} is not in this optimizer")
         return cached[1][id(p)]
 
-    def _run_items(self, items: list[pipeline.UpdateItem], written_back: list) -> None:
-        if not items and self.reduce_partials is None:
-            return
+    def _update(self, groups: Iterable[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
+        # Run after the update, also when it fails: non-contiguous parameters get their working copies
+        # back, DTensor gradients redistributed for the step are the caller's again.
+        after_step: list[Callable[[], Any]] = []
         try:
-            pipeline.run_updates(self, items, amp_scaling(self))
+            items = self._update_items(groups, after_step)
+            if items or self.reduce_partials is not None:
+                pipeline.run_updates(self, items, amp_scaling(self))
         finally:
-            for p, work in written_back:
-                p.detach().copy_(work)
+            for undo in after_step:
+                undo()
 
     def _update_items(self, groups: Iterable[tuple[dict[str, Any], list[torch.Tensor]]],
-                      written_back: list) -> list[pipeline.UpdateItem]:
+                      after_step: list[Callable[[], Any]]) -> list[pipeline.UpdateItem]:
         """The (parameter, settings, state) of each listed parameter that has a gradient; creates missing
-        state. Non-contiguous parameters get a contiguous working copy, listed in ``written_back``."""
+        state. Non-contiguous parameters get a contiguous working copy and DTensor parameters a
+        gradient laid out like them; what undoes either after the step goes to ``after_step``."""
         items = []
         for group, group_params in groups:
             group_hyper = hyperparameters_of(group)
@@ -465,6 +467,10 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
                     raise ValueError(
                         f"parameter {self.param_name(p)} has shape {tuple(p.shape)} but its gradient {tuple(p.grad.shape)}"
                     )
+                if self.uses_dtensor:
+                    original = p.grad
+                    if dtensor.align_grad(p, self.param_name(p)):
+                        after_step.append(functools.partial(setattr, p, "grad", original))
                 settings = self.settings(p, group, group_hyper)
                 state = self.param_state(p, settings)
                 self.check_state_fits(p, settings, state)
@@ -474,7 +480,7 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
                     if p.is_meta or not p.numel():  # no values to update: count the step only
                         state["step"] += 1
                         continue
-                    p = self.working_copy(p, written_back)
+                    p = self.working_copy(p, after_step)
                 items.append(pipeline.UpdateItem(p, settings, state))
         return items
 

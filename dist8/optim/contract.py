@@ -12,6 +12,8 @@ otherwise break:
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Any
 
 import torch
@@ -99,16 +101,17 @@ class TorchContract:
             self.state[p] = self.check_state(p, st, copy=False)  # moved: the old entry is gone
 
     @staticmethod
-    def working_copy(p: torch.Tensor, written_back: list) -> torch.Tensor:
+    def working_copy(p: torch.Tensor, after_step: list) -> torch.Tensor:
         """A contiguous stand-in for ``p`` whose ``.grad`` is a contiguous copy of ``p.grad``.
 
         The kernels read and write dense memory; only non-contiguous parameters or
-        gradients pay this copy (and a non-contiguous parameter the copy back after the step).
+        gradients pay this copy (and a non-contiguous parameter the copy back after the step,
+        appended to ``after_step`` as a callable).
         """
         if p.is_contiguous():
             work = p.detach()  # the same memory: updated in place, nothing to copy back
         else:
             work = p.detach().contiguous()
-            written_back.append((p, work))
+            after_step.append(functools.partial(p.detach().copy_, work))
         work.grad = p.grad.detach().contiguous()
         return work

@@ -30,7 +30,7 @@ from dist8.optim.state_schema import (CORRECTION, absmax_key, is_absmax_key, is_
 if TYPE_CHECKING:
     from dist8.optim.base import Optimizer8bit, ParamSettings
 
-__all__ = ["layout_for", "init_state", "attach", "detach", "has_dtensor_params", "localize_state"]
+__all__ = ["layout_for", "init_state", "align_grad", "attach", "detach", "has_dtensor_params", "localize_state"]
 
 
 def layout_for(opt: Optimizer8bit, p, settings: ParamSettings) -> Layout:
@@ -49,6 +49,25 @@ def init_state(opt: Optimizer8bit, p, settings: ParamSettings) -> dict[str, Any]
     lay = layout_for(opt, p, settings)
     return new_state(opt.rule, lay.local_shape, lay.b1 - lay.b0, settings.use_8bit,
                      settings.hyper["percentile_clipping"], p.device, settings.correction)
+
+
+def align_grad(p, name: str) -> bool:
+    """Give DTensor ``p`` a gradient laid out like itself for the step; True if it was replaced (the
+    caller puts the original back after the step, as torch's optimizers leave ``.grad`` alone).
+
+    FSDP2's reduce-scatter gives that layout; a gradient that also went through DTensor ops outside
+    the module's forward (a penalty computed on the sharded parameter) may come back with other
+    placements (``Shard(1)`` for an uneven ``Shard(0)``, or ``Partial``), whose local values are not
+    the parameter's local elements: redistributed here (a collective; placements are the same on
+    every rank, so every rank takes it)."""
+    g = p.grad
+    if not is_dtensor(g):
+        raise TypeError(f"parameter {name} is a DTensor but its gradient is a {type(g).__name__}; assign a DTensor "
+                        "gradient with the parameter's mesh and placements")
+    if g.device_mesh == p.device_mesh and tuple(g.placements) == tuple(p.placements):
+        return False
+    p.grad = g.redistribute(p.device_mesh, p.placements)
+    return True
 
 
 # ---- cross-shard sums and attaching -----------------------------------------------------------------

@@ -253,7 +253,7 @@ def update(opt: Optimizer8bit, p, state: dict, settings: ParamSettings, step: in
     elif lay.contiguous:
         B, g0, g1 = lay.block, lay.g0, lay.g1
         pieces, lo, hi = [], g0, g1
-        if g0 % B:
+        if g0 % B and g1 > g0:  # an empty shard (fewer rows than ranks) holds no piece of any block
             end = min(g1, (g0 // B + 1) * B)
             pieces.append((g0, end, g0 // B))
             lo = end
