@@ -40,10 +40,11 @@ import torch.distributed as dist
 from torch import nn
 
 import dist8
+import dist8.checkpoint as ck
 from dist_utils import run_ranks
 from fsdp_utils import (MORE, SAVE_AT, assert_same_params, assert_same_state, batch, dcp_model,
                         full_params, full_state, loss_fn, make_model, mesh_of, reference_copy, reference_run, run_steps,
-                        set_grads)
+                        set_grads, synthetic_grad)
 
 pytest.importorskip("torch.distributed.fsdp")
 if not dist.is_available():  # pragma: no cover
@@ -151,6 +152,25 @@ ALL_OPTS = {
 }
 
 
+def _steps_as_unsharded(model, cls, kw, set_grads_fn, name, steps=4):
+    """Step the sharded ``model`` and an unsharded copy with the same gradients: parameters after every
+    step, then state and skip counts (summed over ranks) bitwise equal. Returns (opt, ref, ref_opt)."""
+    ref = reference_copy(model)
+    opt = cls(model.named_parameters(), **kw)
+    ref_opt = cls(list(ref.items()), **kw)
+    for step in range(steps):
+        set_grads_fn(model, ref, step)
+        opt.step()
+        ref_opt.step()
+        assert_same_params(full_params(model), {n: p.detach() for n, p in ref.items()}, f"{name} step {step}")
+    # each rank counts the blocks it skipped (an edge block on the rank holding its first element)
+    skips = torch.tensor([opt.nonfinite_skips], dtype=torch.int64)
+    dist.all_reduce(skips)
+    assert int(skips) == ref_opt.nonfinite_skips, f"{name}: {int(skips)} skips over ranks"
+    assert_same_state(full_state(opt), full_state(ref_opt), name)
+    return opt, ref, ref_opt
+
+
 class Wide(nn.Module):
     def __init__(self):
         super().__init__()
@@ -174,20 +194,9 @@ def _all_opts_worker(rank, world_size):
         model = Wide()
         fully_shard(model, mesh=mesh, shard_placement_fn=lambda p: Shard(1) if p.shape == (70, 33) else Shard(0))
         assert model.b.weight.placements == (Shard(1),)
-        ref = reference_copy(model)
         kw = dict(kw, min_8bit_size=2000)
-        opt = cls(model.named_parameters(), **kw)
-        ref_opt = cls(list(ref.items()), **kw)
-        for step in range(4):
-            set_grads(model, ref, step)
-            opt.step()
-            ref_opt.step()
-            assert_same_params(full_params(model), {n: p.detach() for n, p in ref.items()}, f"{name} step {step}")
-        # each rank counts the blocks it skipped (an edge block on the rank holding its first element)
-        skips = torch.tensor([opt.nonfinite_skips], dtype=torch.int64)
-        dist.all_reduce(skips)
-        assert int(skips) == ref_opt.nonfinite_skips == 1, f"{name}: {int(skips)} skips over ranks"
-        assert_same_state(full_state(opt), full_state(ref_opt), name)
+        opt, ref, ref_opt = _steps_as_unsharded(model, cls, kw, set_grads, name)
+        assert ref_opt.nonfinite_skips == 1, name
         out[name] = {n: str(opt.state[p]["state1"].dtype) for n, p in model.named_parameters()}
         if name == "AdamW8bit":
             _state_dict_interop(model, opt, ref, ref_opt, mesh, cls, kw)
@@ -460,3 +469,105 @@ def test_tensor_parallel_dcp_checkpoint_loads_on_one_rank_and_continues_bitwise(
     assert saved.keys() == loaded.keys()
     for name in saved:
         assert torch.equal(saved[name], loaded[name]), name
+
+
+# ---- FSDP + TP on a 2-D mesh (_StridedShard, two Shard placements) ----------------------------------------
+TWO_D_CASES = dict(TP_CASES, **{"AdEMAMix8bit": (dist8.AdEMAMix8bit, dict(lr=1e-3, t_alpha=3, t_beta3=3,
+                                                                           min_8bit_size=1024))})
+
+
+def _two_d_model():
+    torch.manual_seed(5)
+    # 0.weight (200, 64): TP rows 100 per rank, FSDP's strided shard 50 of them (blocks cut mid-row);
+    # 2.weight (48, 200): TP columns, FSDP rows: a box that is not a flat range; 2.bias replicated over
+    # TP; the LayerNorm only on FSDP's 1-D mesh
+    return nn.Sequential(nn.Linear(64, 200), nn.ReLU(), nn.Linear(200, 48), nn.LayerNorm(48))
+
+
+def _box_grads(model, ref, step):
+    """Synthetic gradients: each rank gives every parameter the box of the full gradient it holds."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for n, p in model.named_parameters():
+        g = synthetic_grad(n, tuple(p.shape), step)
+        if step == 1 and n == "0.weight":
+            g[7, 3] = float("nan")  # in one rank's box: every rank holding that block must skip it
+        shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        box = g
+        for d, (size, start) in enumerate(zip(shape, offset)):
+            box = box.narrow(d, start, size)
+        p.grad = DTensor.from_local(box.contiguous(), p.device_mesh, p.placements, run_check=False,
+                                    shape=p.shape, stride=p.stride())
+        if ref is not None:
+            ref[n].grad = g.clone()
+
+
+def _two_d_worker(rank, world_size, path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    out = {}
+    for name, (cls, kw) in TWO_D_CASES.items():
+        model = _two_d_model()
+        parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        fully_shard(model, mesh=mesh["dp"])
+        opt, ref, ref_opt = _steps_as_unsharded(model, cls, kw, _box_grads, name)
+        assert ref_opt.nonfinite_skips >= 1, name
+        out[name] = {n: (str(p.placements), str(opt.state[p]["state1"].dtype)) for n, p in model.named_parameters()}
+        if name == "LAMB8bit":  # the percentile history holds global norms, each shard counted once
+            out["history"] = all(torch.equal(opt.state[p]["gnorm_vec"], ref_opt.state[ref[n]]["gnorm_vec"])
+                                 for n, p in model.named_parameters())
+        if name == "AdamW8bit":
+            out["reference"] = (full_state(ref_opt), {n: p.detach().clone() for n, p in ref.items()})
+            dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
+            ck.save(path + "-dist8", model, opt, step=4)  # dist8's format: gathered, world-size independent
+    return out
+
+
+def _one_d_load_worker(rank, world_size, path):
+    """The 2-D checkpoint into FSDP alone (1-D mesh) or, on one rank, the plain model."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    model = _two_d_model()
+    if world_size > 1:
+        fully_shard(model, mesh=mesh_of(world_size))
+    cls, kw = TWO_D_CASES["AdamW8bit"]
+    opt = cls(model.named_parameters(), **kw)
+    state = {"optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=path)
+    set_optimizer_state_dict(model, opt, state["optim"])
+    out = {"dcp": full_state(opt)}
+    model = _two_d_model()
+    if world_size > 1:
+        fully_shard(model, mesh=mesh_of(world_size))
+    opt = cls(model.named_parameters(), **kw)
+    ck.load(path + "-dist8", model, opt)
+    out["dist8"] = (full_state(opt), full_params(model))
+    return out
+
+
+def test_fsdp_and_tensor_parallel_on_a_2d_mesh_step_bitwise_and_reshard(tmp_path):
+    """FSDP + TP (torchtitan's 2-D layout, 2x2 gloo ranks): FSDP's strided shard of TP's row shard, a box of
+    TP columns x FSDP rows, TP-replicated biases and FSDP-only norms in one optimizer step bitwise as the
+    unsharded optimizer (8-bit codes, edge blocks, a NaN skipped by every rank holding its block, LAMB's
+    norms and percentile clipping summed with each shard once); the DCP checkpoint loads exactly into
+    FSDP alone on 2 ranks and into the plain model on 1 rank, and so does dist8's own checkpoint."""
+    path = str(tmp_path / "2d-dcp")
+    results = run_ranks(_two_d_worker, 4, path, tmp_path=tmp_path)
+    res = results[0]
+    assert res["AdamW8bit"]["0.weight"] == ("(_StridedShard(dim=0, sf=2), Shard(dim=0))", "torch.uint8")
+    assert res["AdamW8bit"]["2.weight"] == ("(Shard(dim=0), Shard(dim=1))", "torch.uint8")
+    assert all(r["history"] for r in results)
+    want_state, want_params = res["reference"]
+    for world_size in (2, 1):
+        loaded = run_ranks(_one_d_load_worker, world_size, path, tmp_path=tmp_path)[0]
+        assert_same_state(loaded["dcp"], want_state, f"2-D DCP checkpoint loaded on {world_size} rank(s)")
+        assert_same_state(loaded["dist8"][0], want_state, f"2-D dist8 checkpoint loaded on {world_size} rank(s)")
+        assert_same_params(loaded["dist8"][1], want_params, f"2-D dist8 checkpoint loaded on {world_size} rank(s)")

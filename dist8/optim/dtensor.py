@@ -8,8 +8,9 @@ its edge blocks: :mod:`dist8.optim.dtensor_update`.
 Each rank stores codes with its local shard's shape and the absmax of the blocks its elements
 overlap (edge blocks are held, with identical values, by every rank that overlaps them).
 ``Replicate`` mesh dimensions (HSDP) are allowed, and so are parameters only replicated over the
-ranks the others are sharded over (tensor parallelism's biases and norms); ``_StridedShard``,
-``Partial`` and parameters sharded on more than one mesh dimension raise ``NotImplementedError``.
+ranks the others are sharded over (tensor parallelism's biases and norms) and parameters sharded on
+several mesh dimensions of a mesh of all ranks (FSDP + TP, ``_StridedShard`` included: each shard
+is the box of the global tensor torch's DCP reads it as); ``Partial`` raises ``NotImplementedError``.
 
 State dict. :meth:`torch.optim.Optimizer.state_dict` presents codes (and 32-bit state) as
 DTensors with the parameter's mesh and placements, and absmax as a plain full-length tensor
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dist8.optim.dtensor_layout import Layout, comm_device, is_dtensor, layout_of, shard_dim
+from dist8.optim.dtensor_layout import Layout, comm_device, is_dtensor, layout_of, one_plain_shard, shard_dims, world_group
 from dist8.optim.state_schema import (CORRECTION, absmax_key, is_absmax_key, is_state_key, new_state, state_indices,
                                       state_key)
 
@@ -85,13 +86,15 @@ def _sum_over(group):
 def attach(opt: Optimizer8bit) -> bool:
     """Prepare ``opt`` for DTensor parameters; returns False (and does nothing) when it has none.
 
-    All parameters must then be DTensors sharded over one process group (one
-    FSDP2 model), or only replicated on a mesh that holds that group's ranks (tensor
-    parallelism's replicated biases and norms): ``reduce_partials`` (non-finite flags,
+    All parameters must then be DTensors. When they are sharded over one process group (one
+    FSDP2 model) or only replicated on a mesh that holds that group's ranks (tensor
+    parallelism's replicated biases and norms), ``reduce_partials`` (non-finite flags,
     gradient norms for percentile clipping, LAMB/LARS norms) becomes an all-reduce(SUM)
     over the group, to which only the group's rank 0 adds a replicated parameter's partials
-    (``partials_counted_elsewhere`` lists them on the other ranks), and the state-dict hook
-    presents the state globally. Called again (by ``Optimizer8bit.follow_params``) when
+    (``partials_counted_elsewhere`` lists them on the other ranks). When some are sharded on
+    several mesh dimensions (FSDP + TP) or over different groups, the sum runs over every rank
+    and each distinct shard is added by the lowest rank that holds it (the shards' boxes are
+    all-gathered once). The state-dict hook presents the state globally. Called again (by ``Optimizer8bit.follow_params``) when
     DTensors are swapped into ``param_groups`` after construction; attaching twice registers
     nothing twice.
     """
@@ -114,20 +117,24 @@ def attach(opt: Optimizer8bit) -> bool:
         )
     groups: dict[Any, str] = {}
     replicated = []
+    several = []  # sharded on more than one mesh dimension (FSDP + TP)
     for name, p in dparams:
-        sd = shard_dim(p, name)
-        if sd is None:
+        dims = shard_dims(p, name)
+        if not dims:
             replicated.append((name, p))
+        elif one_plain_shard(p, dims):
+            groups.setdefault(p.device_mesh.get_group(dims[0][0]), name)
         else:
-            groups.setdefault(p.device_mesh.get_group(sd[0]), name)
-    if len(groups) > 1:
-        names = list(groups.values())
-        raise NotImplementedError(
-            f"parameters {names[0]} and {names[1]} are sharded over different process groups; one dist8 "
-            "optimizer supports one FSDP2 mesh: use one optimizer per mesh"
-        )
-    group = next(iter(groups), None)
-    opt.partials_counted_elsewhere = _counted_elsewhere(group, replicated, next(iter(groups.values()), ""))
+            several.append((name, p))
+    if several or len(groups) > 1:
+        # FSDP + TP (2-D): the partials are summed over every rank, each distinct shard counted once
+        import torch.distributed as dist
+
+        group = world_group(several[0][1], several[0][0]) if several else dist.group.WORLD
+        opt.partials_counted_elsewhere = _counted_elsewhere_2d(dparams)
+    else:
+        group = next(iter(groups), None)
+        opt.partials_counted_elsewhere = _counted_elsewhere(group, replicated, next(iter(groups.values()), ""))
     if group is not None and opt.reduce_partials is None:
         opt.reduce_partials = _sum_over(group)
         opt.reduce_partials.dist8_dtensor = True  # made here: detach() may take it back
@@ -151,6 +158,29 @@ def _counted_elsewhere(group, replicated: list, sharded_name: str) -> frozenset[
                 "dist8 optimizer steps parameters of one mesh: give it a dist8 optimizer of its own"
             )
     return frozenset() if dist.get_rank(group) == 0 else frozenset(id(p) for _, p in replicated)
+
+
+def _counted_elsewhere_2d(dparams: list) -> frozenset[int]:
+    """``id()`` of the parameters whose local shard a lower rank also holds (it adds their partial sums
+    to the sum over all ranks): the box of every rank's shard of every parameter, all-gathered once."""
+    import torch.distributed as dist
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    boxes = [(name, tuple(compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)[1]),
+              tuple(p.to_local().shape)) for name, p in dparams]
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, boxes)
+    rank = dist.get_rank()
+    elsewhere = set()
+    for i, (name, p) in enumerate(dparams):
+        if any(len(theirs) != len(boxes) or theirs[i][0] != name for theirs in everyone):
+            raise NotImplementedError(
+                f"parameter {name}: the ranks hold different parameter lists; a dist8 optimizer over parameters "
+                "sharded on several mesh dimensions needs the same parameters, in the same order, on every rank"
+            )
+        if any(theirs[i] == boxes[i] for theirs in everyone[:rank]):
+            elsewhere.add(id(p))
+    return frozenset(elsewhere)
 
 
 def has_dtensor_params(opt: Optimizer8bit) -> bool:

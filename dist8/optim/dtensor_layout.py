@@ -13,7 +13,8 @@ import torch
 
 from dist8.quant import num_blocks
 
-__all__ = ["is_dtensor", "local", "check_param", "shard_dim", "chunk", "Layout", "layout_of", "comm_device", "has_dtensor"]
+__all__ = ["is_dtensor", "local", "check_param", "shard_dims", "one_plain_shard", "world_group", "chunk", "Layout",
+           "layout_of", "comm_device", "has_dtensor"]
 
 _FSDP1_MSG = (
     "parameter {name} is an FSDP1 flat parameter (FullyShardedDataParallel); dist8 optimizers need the "
@@ -43,28 +44,48 @@ def check_param(name: str, p: torch.Tensor) -> None:
     if type(p).__name__ == "FlatParameter" or getattr(p, "_fsdp_flattened", False):
         raise TypeError(_FSDP1_MSG.format(name=name))
     if is_dtensor(p):
-        shard_dim(p, name)  # validates the placements
+        shard_dims(p, name)  # validates the placements
 
 
 # ---- layout ------------------------------------------------------------------------------------
-def shard_dim(p, name: str) -> tuple[int, int] | None:
-    """``(mesh_dim, tensor_dim)`` of the one Shard placement, None if only Replicate."""
+def shard_dims(p, name: str) -> tuple[tuple[int, int], ...]:
+    """``(mesh_dim, tensor_dim)`` of each Shard placement of DTensor ``p`` in mesh order (FSDP's
+    ``_StridedShard``, FSDP + TP on one tensor dimension, included); ``()`` if only Replicate."""
     from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard  # FSDP's, on a dim TP shards too
 
-    found = None
+    found = []
     for mesh_dim, pl in enumerate(p.placements):
-        if type(pl) is Shard:
-            if found is not None:
-                raise NotImplementedError(
-                    f"parameter {name} is sharded on more than one mesh dimension ({p.placements}); dist8 supports "
-                    "one Shard placement (FSDP2/HSDP) plus Replicate"
-                )
-            found = (mesh_dim, pl.dim)
+        if isinstance(pl, (Shard, _StridedShard)):
+            found.append((mesh_dim, pl.dim))
         elif not isinstance(pl, Replicate):
             raise NotImplementedError(
-                f"parameter {name} has placement {pl} ({p.placements}); dist8 supports Shard(d) and Replicate"
+                f"parameter {name} has placement {pl} ({p.placements}); dist8 supports Shard(d) (FSDP's strided "
+                "Shard included) and Replicate"
             )
-    return found
+    return tuple(found)
+
+
+def one_plain_shard(p, dims: tuple[tuple[int, int], ...]) -> bool:
+    """True when ``p`` is sharded by exactly one plain ``Shard`` (FSDP2, HSDP, 1-D tensor parallelism):
+    the shards of one process group, laid out by ``torch.chunk``."""
+    from torch.distributed.tensor import Shard
+
+    return len(dims) == 1 and type(p.placements[dims[0][0]]) is Shard
+
+
+def world_group(p, name: str):
+    """The default process group, for a parameter sharded on several mesh dimensions (FSDP + TP):
+    its reductions run over every rank, so its mesh must hold every rank."""
+    import torch.distributed as dist
+
+    if p.device_mesh.size() != dist.get_world_size():
+        raise NotImplementedError(
+            f"parameter {name} is sharded on several mesh dimensions ({p.placements}) of a mesh of "
+            f"{p.device_mesh.size()} ranks out of {dist.get_world_size()}; dist8 supports such parameters on a mesh "
+            "of all ranks"
+        )
+    return dist.group.WORLD
 
 
 def chunk(size: int, parts: int, index: int) -> tuple[int, int]:
@@ -88,32 +109,32 @@ class Layout:
     b0: int  # absmax held locally: global blocks [b0, b1)
     b1: int
     shared: tuple[int, ...]  # contiguous: global blocks cut by some rank's shard edge
-    # strided (Shard(d), d > 0): local shape seen as (outer, rows, inner) of the global (outer, dim, inner)
-    dim: int = 0
-    dim_size: int = 0
-    dim_offset: int = 0
+    # not contiguous (Shard(d), d > 0; FSDP + TP): the local shard is the box of the global tensor
+    # that starts at ``offsets`` (one per dimension) with the local shape
+    global_shape: tuple[int, ...] = ()
+    offsets: tuple[int, ...] = ()
     group: Any = None  # process group over which the shards differ (None: nothing to reduce)
 
     def global_index(self) -> torch.Tensor:
         """Global flat index (int64) of every local element, in local flat order."""
         if self.contiguous:
             return torch.arange(self.g0, self.g1)
-        shape = self.local_shape
-        outer = 1
-        for s in shape[: self.dim]:
-            outer *= s
-        inner = 1
-        for s in shape[self.dim + 1:]:
-            inner *= s
-        a = torch.arange(outer).view(-1, 1, 1) * self.dim_size
-        j = (torch.arange(shape[self.dim]) + self.dim_offset).view(1, -1, 1)
-        return ((a + j) * inner + torch.arange(inner).view(1, 1, -1)).reshape(-1)
+        index = torch.zeros((), dtype=torch.int64)
+        stride = 1
+        for d in reversed(range(len(self.global_shape))):
+            view = [1] * len(self.global_shape)
+            view[d] = -1
+            index = index + ((torch.arange(self.local_shape[d]) + self.offsets[d]) * stride).view(view)
+            stride *= self.global_shape[d]
+        return index.reshape(-1)
 
     def slice_global(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's shard of a tensor with the global shape."""
         if self.contiguous:
             return full.reshape(-1)[self.g0:self.g1].view(self.local_shape)
-        return full.narrow(self.dim, self.dim_offset, self.local_shape[self.dim])
+        for d, (offset, size) in enumerate(zip(self.offsets, self.local_shape)):
+            full = full.narrow(d, offset, size)
+        return full
 
 
 def layout_of(p, block: int, name: str = "?") -> Layout:
@@ -124,10 +145,18 @@ def layout_of(p, block: int, name: str = "?") -> Layout:
     n = p.numel()
     nb = num_blocks(n, block)
     local_shape = tuple(p.to_local().shape)
-    sd = shard_dim(p, name)
-    if sd is None or n == 0:
+    dims = shard_dims(p, name)
+    if not dims or n == 0:
         return Layout(n, block, nb, local_shape, True, 0, n, 0, nb, ())
-    mesh_dim, dim = sd
+    if not one_plain_shard(p, dims):  # FSDP + TP: the box torch's DCP also reads the shard as
+        box_shape, offset = compute_local_shape_and_global_offset(shape, p.device_mesh, p.placements)
+        if tuple(box_shape) != local_shape:
+            raise NotImplementedError(
+                f"parameter {name}: local shard {local_shape} is not the box {tuple(box_shape)} at {tuple(offset)} that "
+                f"torch computes for {p.placements}"
+            )
+        return Layout(n, block, nb, local_shape, False, 0, 0, 0, nb, (), shape, tuple(offset), world_group(p, name))
+    mesh_dim, dim = dims[0]
     mesh = p.device_mesh
     parts = mesh.size(mesh_dim)
     coord = mesh.get_coordinate()[mesh_dim]
@@ -147,7 +176,8 @@ def layout_of(p, block: int, name: str = "?") -> Layout:
         b0 = g0 // block
         b1 = num_blocks(g1, block) if g1 > g0 else b0
         return Layout(n, block, nb, local_shape, True, g0, g1, b0, b1, tuple(sorted(cuts)), group=group)
-    return Layout(n, block, nb, local_shape, False, 0, 0, 0, nb, (), dim, shape[dim], start, group)
+    offsets = tuple(start if d == dim else 0 for d in range(len(shape)))
+    return Layout(n, block, nb, local_shape, False, 0, 0, 0, nb, (), shape, offsets, group)
 
 
 def comm_device(group) -> torch.device:
