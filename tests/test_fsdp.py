@@ -519,6 +519,9 @@ def _two_d_worker(rank, world_size, path):
         opt, ref, ref_opt = _steps_as_unsharded(model, cls, kw, _box_grads, name)
         assert ref_opt.nonfinite_skips >= 1, name
         out[name] = {n: (str(p.placements), str(opt.state[p]["state1"].dtype)) for n, p in model.named_parameters()}
+        # which path: a shard that is one run of the flattened weight (TP rows) takes the fused kernel
+        out[name]["fused"] = {n: lay.contiguous for n, p in model.named_parameters()
+                              for (key, _), lay in opt.dtensor_layouts.items() if key == id(p)}
         if name == "LAMB8bit":  # the percentile history holds global norms, each shard counted once
             out["history"] = all(torch.equal(opt.state[p]["gnorm_vec"], ref_opt.state[ref[n]]["gnorm_vec"])
                                  for n, p in model.named_parameters())
@@ -564,6 +567,8 @@ def test_fsdp_and_tensor_parallel_on_a_2d_mesh_step_bitwise_and_reshard(tmp_path
     res = results[0]
     assert res["AdamW8bit"]["0.weight"] == ("(_StridedShard(dim=0, sf=2), Shard(dim=0))", "torch.uint8")
     assert res["AdamW8bit"]["2.weight"] == ("(Shard(dim=0), Shard(dim=1))", "torch.uint8")
+    assert res["AdamW8bit"]["fused"] == {"0.weight": True, "0.bias": True, "2.weight": False, "2.bias": True,
+                                         "3.weight": True, "3.bias": True}
     assert all(r["history"] for r in results)
     want_state, want_params = res["reference"]
     for world_size in (2, 1):

@@ -157,6 +157,7 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
         self.skip_counter = SkipCounter()
         self.amp_skips = 0  # steps skipped because torch.amp.GradScaler found inf/NaN
         self.dtensor_layouts: dict = {}  # (id(param), block) -> dtensor_layout.Layout, filled lazily
+        self.dtensor_boxes: dict = {}  # FSDP + TP: id(param) -> every rank's (offset, shape), see dtensor.attach
         self._qmaps: dict[tuple[torch.device, bool], torch.Tensor] = {}
         self._fixed_settings: dict[torch.Tensor, tuple] = {}
         self._checked_hyper: dict[int, tuple] = {}  # id(group) -> (group, its hyperparameters when last checked)

@@ -31,7 +31,8 @@ class TorchContract:
 
     # ---- copies (copy.deepcopy, pickle) -------------------------------------------
     # Rebuilt after a copy: keyed by id() or holding process groups / weak references.
-    _NOT_COPIED = ("dtensor_layouts", "_known", "dtensor_hook", "_checked_hyper", "partials_counted_elsewhere")
+    _NOT_COPIED = ("dtensor_layouts", "dtensor_boxes", "_known", "dtensor_hook", "_checked_hyper",
+                   "partials_counted_elsewhere")
 
     def __getstate__(self) -> dict[str, Any]:
         """Everything a copy needs to step identically (torch's keeps only defaults, state and
@@ -51,6 +52,7 @@ class TorchContract:
         self.dtensor_hook = None
         self._checked_hyper = {}
         self.partials_counted_elsewhere = frozenset()
+        self.dtensor_boxes = {}
         self.__dict__.setdefault("amp_unscale", "kernel")  # copies pickled before it existed
         if self.uses_dtensor:
             self.uses_dtensor = dtensor.attach(self)

@@ -39,7 +39,7 @@ def layout_for(opt: Optimizer8bit, p, settings: ParamSettings) -> Layout:
     key = (id(p), settings.block_size)
     cache = opt.dtensor_layouts
     if key not in cache:
-        cache[key] = layout_of(p, settings.block_size, settings.name)
+        cache[key] = layout_of(p, settings.block_size, settings.name, opt.dtensor_boxes.get(id(p)))
     return cache[key]
 
 
@@ -131,7 +131,7 @@ def attach(opt: Optimizer8bit) -> bool:
         import torch.distributed as dist
 
         group = world_group(several[0][1], several[0][0]) if several else dist.group.WORLD
-        opt.partials_counted_elsewhere = _counted_elsewhere_2d(dparams)
+        opt.partials_counted_elsewhere, opt.dtensor_boxes = _counted_elsewhere_2d(dparams)
     else:
         group = next(iter(groups), None)
         opt.partials_counted_elsewhere = _counted_elsewhere(group, replicated, next(iter(groups.values()), ""))
@@ -160,9 +160,10 @@ def _counted_elsewhere(group, replicated: list, sharded_name: str) -> frozenset[
     return frozenset() if dist.get_rank(group) == 0 else frozenset(id(p) for _, p in replicated)
 
 
-def _counted_elsewhere_2d(dparams: list) -> frozenset[int]:
+def _counted_elsewhere_2d(dparams: list) -> tuple[frozenset[int], dict[int, list]]:
     """``id()`` of the parameters whose local shard a lower rank also holds (it adds their partial sums
-    to the sum over all ranks): the box of every rank's shard of every parameter, all-gathered once."""
+    to the sum over all ranks), and per parameter ``id()`` the box (global offset, local shape) of every
+    rank's shard: all-gathered once."""
     import torch.distributed as dist
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -180,7 +181,7 @@ def _counted_elsewhere_2d(dparams: list) -> frozenset[int]:
             )
         if any(theirs[i] == boxes[i] for theirs in everyone[:rank]):
             elsewhere.add(id(p))
-    return frozenset(elsewhere)
+    return frozenset(elsewhere), {id(p): [theirs[i][1:] for theirs in everyone] for i, (_, p) in enumerate(dparams)}
 
 
 def has_dtensor_params(opt: Optimizer8bit) -> bool:
@@ -196,6 +197,7 @@ def detach(opt: Optimizer8bit) -> None:
     if getattr(opt.reduce_partials, "dist8_dtensor", False):
         opt.reduce_partials = None
     opt.partials_counted_elsewhere = frozenset()
+    opt.dtensor_boxes = {}
 
 
 def _group_of(opt, p) -> dict:

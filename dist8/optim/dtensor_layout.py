@@ -14,7 +14,7 @@ import torch
 from dist8.quant import num_blocks
 
 __all__ = ["is_dtensor", "local", "check_param", "shard_dims", "one_plain_shard", "world_group", "chunk", "Layout",
-           "layout_of", "comm_device", "has_dtensor"]
+           "flat_range", "layout_of", "comm_device", "has_dtensor"]
 
 _FSDP1_MSG = (
     "parameter {name} is an FSDP1 flat parameter (FullyShardedDataParallel); dist8 optimizers need the "
@@ -137,8 +137,29 @@ class Layout:
         return full
 
 
-def layout_of(p, block: int, name: str = "?") -> Layout:
-    """Layout of DTensor ``p`` for quantization blocks of ``block`` elements."""
+def flat_range(shape: tuple[int, ...], offset: tuple[int, ...], size: tuple[int, ...]) -> tuple[int, int] | None:
+    """``[start, stop)`` in the flattened tensor of ``shape`` when the box at ``offset`` of ``size`` is one
+    run of it (its leading dimensions of size 1, then one partial dimension, then whole ones), else None."""
+    strides = [1] * len(shape)
+    for d in reversed(range(len(shape) - 1)):
+        strides[d] = strides[d + 1] * shape[d + 1]
+    start = sum(o * st for o, st in zip(offset, strides))
+    count = 1
+    for s in size:
+        count *= s
+    if count == 0:
+        return start, start
+    partial = [d for d in range(len(shape)) if size[d] != shape[d]]  # every later dimension is whole
+    if partial and any(size[d] != 1 for d in range(partial[-1])):
+        return None
+    return start, start + count
+
+
+def layout_of(p, block: int, name: str = "?", boxes: list | None = None) -> Layout:
+    """Layout of DTensor ``p`` for quantization blocks of ``block`` elements; ``boxes``: every rank's
+    (offset, local shape) of ``p`` (parameters sharded on several mesh dimensions: see
+    ``dtensor.attach``), which lets a shard that is one run of the flattened tensor take the fused
+    kernel with edge blocks."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     shape = tuple(p.shape)
@@ -155,7 +176,16 @@ def layout_of(p, block: int, name: str = "?") -> Layout:
                 f"parameter {name}: local shard {local_shape} is not the box {tuple(box_shape)} at {tuple(offset)} that "
                 f"torch computes for {p.placements}"
             )
-        return Layout(n, block, nb, local_shape, False, 0, 0, 0, nb, (), shape, tuple(offset), world_group(p, name))
+        group = world_group(p, name)
+        ranges = [flat_range(shape, tuple(o), tuple(sz)) for o, sz in boxes] if boxes else [None]
+        mine = flat_range(shape, tuple(offset), local_shape)
+        if mine is not None and all(r is not None for r in ranges):  # FSDP + TP on rows: flat runs
+            g0, g1 = mine
+            cuts = {x // block for a, b in ranges if b > a for x in (a, b) if 0 < x < n and x % block}
+            b0 = g0 // block
+            b1 = num_blocks(g1, block) if g1 > g0 else b0
+            return Layout(n, block, nb, local_shape, True, g0, g1, b0, b1, tuple(sorted(cuts)), group=group)
+        return Layout(n, block, nb, local_shape, False, 0, 0, 0, nb, (), shape, tuple(offset), group)
     mesh_dim, dim = dims[0]
     mesh = p.device_mesh
     parts = mesh.size(mesh_dim)
