@@ -8,7 +8,10 @@ or passed to ``Fabric.setup``, used the way Lightning's users use it.
   fused AdamW); ``amp_unscale="scaler"`` makes dist8 a non-fused optimizer to the scaler, and
   ``16-mixed`` with clipping and an overflowing step then equals the plain torch.amp loop bitwise;
 * Fabric: ``fabric.save``/``fabric.load`` of the optimizer resumes bitwise under ``bf16-mixed``
-  with ``fabric.clip_gradients``.
+  with ``fabric.clip_gradients``;
+* ``ModelParallelStrategy`` (FSDP2, and FSDP + TP on a 2x2 mesh, in ``configure_model``): resuming
+  from its DCP folder or full file is bitwise, and one rank loads the state exactly (this found the
+  empty-shard bug of a ``Linear(128, 1)`` on 2 ranks, docs/design.md "FSDP2").
 
 Lightning resumes an epoch from its start (its data loaders are not stateful), so the
 resumed runs here use one batch per epoch: every checkpoint is on an epoch boundary.
@@ -182,7 +185,7 @@ def test_fabric_save_and_load_resume_bitwise(tmp_path):
         assert torch.equal(a, b)
 
 
-# ---- ModelParallelStrategy (FSDP2) on gloo ranks ---------------------------------------------------
+# ---- ModelParallelStrategy (FSDP2, FSDP + TP) on gloo ranks ---------------------------------------
 class _ShardedModule(_Module):
     """FSDP2 through Lightning's ModelParallelStrategy: ``configure_model`` shards each layer and the root."""
 
@@ -193,7 +196,11 @@ class _ShardedModule(_Module):
 
     def configure_model(self):
         from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+        if self.device_mesh["tensor_parallel"].size() > 1:  # FSDP + TP, torchtitan's 2-D layout
+            parallelize_module(self.net, self.device_mesh["tensor_parallel"],
+                               {"0": ColwiseParallel(), "2": RowwiseParallel()})
         mesh = self.device_mesh["data_parallel"]
         for layer in (self.net[0], self.net[2]):
             fully_shard(layer, mesh=mesh)
@@ -212,7 +219,7 @@ class _ShardedModule(_Module):
             self._record()
 
 
-def _lightning_fsdp2(rank, world_size, ckpt_dir, distributed_ckpt, resume_from, record_at):
+def _lightning_fsdp2(rank, world_size, ckpt_dir, distributed_ckpt, resume_from, record_at, tp=1):
     import os
 
     from lightning.pytorch.strategies import ModelParallelStrategy
@@ -222,26 +229,30 @@ def _lightning_fsdp2(rank, world_size, ckpt_dir, distributed_ckpt, resume_from, 
                       LOCAL_WORLD_SIZE=str(world_size))
     warnings.simplefilter("ignore")
     module = _ShardedModule(record_at=record_at)
-    strategy = ModelParallelStrategy(data_parallel_size=world_size, tensor_parallel_size=1,
+    strategy = ModelParallelStrategy(data_parallel_size=world_size // tp, tensor_parallel_size=tp,
                                      save_distributed_checkpoint=distributed_ckpt)
     callbacks = [] if resume_from else [ModelCheckpoint(ckpt_dir, every_n_epochs=1, save_top_k=-1)]
     _trainer(8, devices=world_size, strategy=strategy, callbacks=callbacks,
              enable_checkpointing=not resume_from).fit(module, _data(), ckpt_path=resume_from)
     opt = module.optimizers().optimizer
     return {"losses": module.losses, "recorded": module.recorded, "class": type(opt).__name__,
-            "params": {n: p.full_tensor() for n, p in module.net.named_parameters()}}
+            "params": {n: p.full_tensor() for n, p in module.net.named_parameters()},
+            "placements": {n: str(p.placements) for n, p in module.net.named_parameters()}}
 
 
-@pytest.mark.parametrize("distributed_ckpt", [True, False])
-def test_model_parallel_strategy_resumes_bitwise_and_at_another_world_size(tmp_path, distributed_ckpt):
-    """2 ranks save (a DCP folder per rank, or one full file from rank 0); 2 ranks resume bitwise, and 1 rank
-    loads exactly the state the 2 ranks had at that step."""
+@pytest.mark.parametrize("ranks,tp,distributed_ckpt", [(2, 1, True), (2, 1, False), (4, 2, True)],
+                         ids=["fsdp-dcp", "fsdp-full-file", "fsdp+tp-dcp"])
+def test_model_parallel_strategy_resumes_bitwise_and_at_another_world_size(tmp_path, ranks, tp, distributed_ckpt):
+    """FSDP2 on 2 ranks, or FSDP + TP on 2x2 ranks, save (a DCP folder per rank, or one full file from
+    rank 0); as many ranks resume bitwise, and 1 rank loads exactly the state they had at that step."""
     from dist_utils import run_ranks
 
     ckpt_dir = str(tmp_path / "ckpt")
-    full = run_ranks(_lightning_fsdp2, 2, ckpt_dir, distributed_ckpt, None, 4, tmp_path=tmp_path)
+    full = run_ranks(_lightning_fsdp2, ranks, ckpt_dir, distributed_ckpt, None, 4, tp, tmp_path=tmp_path)
     ckpt = str(tmp_path / "ckpt" / "epoch=3-step=4.ckpt")
-    resumed = run_ranks(_lightning_fsdp2, 2, ckpt_dir, distributed_ckpt, ckpt, 4, tmp_path=tmp_path)
+    resumed = run_ranks(_lightning_fsdp2, ranks, ckpt_dir, distributed_ckpt, ckpt, 4, tp, tmp_path=tmp_path)
+    if tp > 1:
+        assert full[0]["placements"]["0.weight"] == "(_StridedShard(dim=0, sf=2), Shard(dim=0))"
     for a, b in zip(full, resumed):
         assert b["losses"] == a["losses"][4:]
         for n in a["params"]:
