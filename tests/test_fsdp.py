@@ -529,7 +529,45 @@ def _two_d_worker(rank, world_size, path):
             out["reference"] = (full_state(ref_opt), {n: p.detach().clone() for n, p in ref.items()})
             dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
             ck.save(path + "-dist8", model, opt, step=4)  # dist8's format: gathered, world-size independent
+    out.update(_two_d_release_and_scaler(mesh, rank))
     return out
+
+
+def _two_d_release_and_scaler(mesh, rank):
+    """With TP's own forward: gradient release steps bitwise as the normal step, and a GradScaler's NaN
+    on one rank skips the step on every rank."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    def build():
+        model = _two_d_model()
+        parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        fully_shard(model, mesh=mesh["dp"])
+        return model, dist8.AdamW8bit(model.parameters(), lr=1e-3, min_8bit_size=1024)
+
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(rank // 2))  # one batch per FSDP rank
+    finals = []
+    for release in (False, True):
+        model, opt = build()
+        handle = dist8.gradient_release(model, opt) if release else None
+        for _ in range(3):
+            model(x).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        finals.append(full_params(model))
+        if handle is not None:
+            handle.remove()
+    model, opt = build()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for step in range(3):
+        scaler.scale(model(x).sum()).backward()
+        if step == 1 and rank == 3:
+            model[2].weight.grad.to_local()[0, 0] = float("nan")
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    return {"release same": all(torch.equal(finals[0][n], finals[1][n]) for n in finals[0]),
+            "amp": (opt.amp_skips, scaler.get_scale())}
 
 
 def _one_d_load_worker(rank, world_size, path):
@@ -560,7 +598,8 @@ def test_fsdp_and_tensor_parallel_on_a_2d_mesh_step_bitwise_and_reshard(tmp_path
     """FSDP + TP (torchtitan's 2-D layout, 2x2 gloo ranks): FSDP's strided shard of TP's row shard, a box of
     TP columns x FSDP rows, TP-replicated biases and FSDP-only norms in one optimizer step bitwise as the
     unsharded optimizer (8-bit codes, edge blocks, a NaN skipped by every rank holding its block, LAMB's
-    norms and percentile clipping summed with each shard once); the DCP checkpoint loads exactly into
+    norms and percentile clipping summed with each shard once; gradient release as the normal step, a
+    GradScaler NaN on one rank skipping everywhere); the DCP checkpoint loads exactly into
     FSDP alone on 2 ranks and into the plain model on 1 rank, and so does dist8's own checkpoint."""
     path = str(tmp_path / "2d-dcp")
     results = run_ranks(_two_d_worker, 4, path, tmp_path=tmp_path)
@@ -569,7 +608,7 @@ def test_fsdp_and_tensor_parallel_on_a_2d_mesh_step_bitwise_and_reshard(tmp_path
     assert res["AdamW8bit"]["2.weight"] == ("(Shard(dim=0), Shard(dim=1))", "torch.uint8")
     assert res["AdamW8bit"]["fused"] == {"0.weight": True, "0.bias": True, "2.weight": False, "2.bias": True,
                                          "3.weight": True, "3.bias": True}
-    assert all(r["history"] for r in results)
+    assert all(r["history"] and r["release same"] and r["amp"] == (1, 512.0) for r in results)
     want_state, want_params = res["reference"]
     for world_size in (2, 1):
         loaded = run_ranks(_one_d_load_worker, world_size, path, tmp_path=tmp_path)[0]
