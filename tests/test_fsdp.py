@@ -180,6 +180,10 @@ class Wide(nn.Module):
         self.c = nn.Parameter(torch.randn(5000))  # 1667/1667/1666: every edge cuts a block
         # fewer rows than ranks (1/1/0): rank 2's shard is empty and starts mid-block (2200 % 256)
         self.d = nn.Parameter(torch.randn(2, 1100))
+        self.e = nn.Parameter(torch.randn(6, 768))  # Shard(1): 256 columns per rank, runs of whole blocks
+
+
+SHARD1 = ((70, 33), (6, 768))  # the Wide parameters sharded on their columns
 
 
 def _all_opts_worker(rank, world_size):
@@ -192,13 +196,15 @@ def _all_opts_worker(rank, world_size):
     out = {}
     for name, (cls, kw) in ALL_OPTS.items():
         model = Wide()
-        fully_shard(model, mesh=mesh, shard_placement_fn=lambda p: Shard(1) if p.shape == (70, 33) else Shard(0))
+        fully_shard(model, mesh=mesh, shard_placement_fn=lambda p: Shard(1) if p.shape in SHARD1 else Shard(0))
         assert model.b.weight.placements == (Shard(1),)
         kw = dict(kw, min_8bit_size=2000)
         opt, ref, ref_opt = _steps_as_unsharded(model, cls, kw, set_grads, name)
         assert ref_opt.nonfinite_skips == 1, name
         out[name] = {n: str(opt.state[p]["state1"].dtype) for n, p in model.named_parameters()}
         if name == "AdamW8bit":
+            out["e on whole blocks"] = any(lay.block_index is not None for (key, _), lay in opt.dtensor_layouts.items()
+                                           if key == id(model.e))
             _state_dict_interop(model, opt, ref, ref_opt, mesh, cls, kw)
             groups = len(opt.param_groups)
             with pytest.raises(TypeError, match="is a plain tensor.*DTensors"):
@@ -265,7 +271,7 @@ def _state_dict_interop(model, opt, ref, ref_opt, mesh, cls, kw):
 
     def fresh():
         m = Wide()
-        fully_shard(m, mesh=mesh, shard_placement_fn=lambda p: Shard(1) if p.shape == (70, 33) else Shard(0))
+        fully_shard(m, mesh=mesh, shard_placement_fn=lambda p: Shard(1) if p.shape in SHARD1 else Shard(0))
         return m, cls(m.named_parameters(), **kw)
 
     m2, o2 = fresh()
@@ -286,12 +292,14 @@ def test_all_optimizers_exact_on_uneven_and_shard1(tmp_path):
         # min_8bit_size=2000 on the global size: a.weight (3300) and c (5000) are 8-bit although every
         # local shard (1100, 1667) is smaller; b.weight (2310) too; biases stay 32-bit.
         assert res[name] == {"a.weight": "torch.uint8", "a.bias": "torch.float32", "b.weight": "torch.uint8",
-                             "b.bias": "torch.float32", "c": "torch.uint8", "d": "torch.uint8"}, name
+                             "b.bias": "torch.float32", "c": "torch.uint8", "d": "torch.uint8",
+                             "e": "torch.uint8"}, name
     for how in ("dist8.fully_shard", "prepare"):
         assert res[how]["tok.weight"] == "torch.float32", how  # StableEmbedding: 32-bit state
         assert res[how]["tok.norm.weight"] == "torch.float32"
         assert res[how]["fc1.weight"] == res[how]["head.weight"] == "torch.uint8"
     assert "dist8.ShardedOptimizer" in res["fsdp1"][0]
+    assert res["e on whole blocks"]  # Shard(1) with 256 columns per rank: the fused kernel
     assert res["penalty grad"] != "(Shard(dim=0),)"  # not the parameter's placement: redistributed by the step
 
 
@@ -480,8 +488,19 @@ def _two_d_model():
     torch.manual_seed(5)
     # 0.weight (200, 64): TP rows 100 per rank, FSDP's strided shard 50 of them (blocks cut mid-row);
     # 2.weight (48, 200): TP columns, FSDP rows: a box that is not a flat range; 2.bias replicated over
-    # TP; the LayerNorm only on FSDP's 1-D mesh
-    return nn.Sequential(nn.Linear(64, 200), nn.ReLU(), nn.Linear(200, 48), nn.LayerNorm(48))
+    # TP; the LayerNorm only on FSDP's 1-D mesh; 6.weight (16, 512): TP columns of 256, whole blocks
+    return nn.Sequential(nn.Linear(64, 200), nn.ReLU(), nn.Linear(200, 48), nn.LayerNorm(48),
+                         nn.Linear(48, 512), nn.ReLU(), nn.Linear(512, 16))
+
+
+def _two_d_parallelize(model, mesh):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel(),
+                                           "4": ColwiseParallel(), "6": RowwiseParallel()})
+    fully_shard(model, mesh=mesh["dp"])
+    return model
 
 
 def _box_grads(model, ref, step):
@@ -507,21 +526,19 @@ def _two_d_worker(rank, world_size, path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     out = {}
     for name, (cls, kw) in TWO_D_CASES.items():
-        model = _two_d_model()
-        parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
-        fully_shard(model, mesh=mesh["dp"])
+        model = _two_d_parallelize(_two_d_model(), mesh)
         opt, ref, ref_opt = _steps_as_unsharded(model, cls, kw, _box_grads, name)
         assert ref_opt.nonfinite_skips >= 1, name
         out[name] = {n: (str(p.placements), str(opt.state[p]["state1"].dtype)) for n, p in model.named_parameters()}
-        # which path: a shard that is one run of the flattened weight (TP rows) takes the fused kernel
-        out[name]["fused"] = {n: lay.contiguous for n, p in model.named_parameters()
-                              for (key, _), lay in opt.dtensor_layouts.items() if key == id(p)}
+        # which path: a shard that is one run of the flattened weight (TP rows) or runs of whole blocks
+        # (TP columns) takes the fused kernel, any other box the specification
+        out[name]["path"] = {n: "run" if lay.contiguous else "blocks" if lay.block_index is not None else "spec"
+                             for n, p in model.named_parameters()
+                             for (key, _), lay in opt.dtensor_layouts.items() if key == id(p)}
         if name == "LAMB8bit":  # the percentile history holds global norms, each shard counted once
             out["history"] = all(torch.equal(opt.state[p]["gnorm_vec"], ref_opt.state[ref[n]]["gnorm_vec"])
                                  for n, p in model.named_parameters())
@@ -536,13 +553,8 @@ def _two_d_worker(rank, world_size, path):
 def _two_d_release_and_scaler(mesh, rank):
     """With TP's own forward: gradient release steps bitwise as the normal step, and a GradScaler's NaN
     on one rank skips the step on every rank."""
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
     def build():
-        model = _two_d_model()
-        parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
-        fully_shard(model, mesh=mesh["dp"])
+        model = _two_d_parallelize(_two_d_model(), mesh)
         return model, dist8.AdamW8bit(model.parameters(), lr=1e-3, min_8bit_size=1024)
 
     x = torch.randn(8, 64, generator=torch.Generator().manual_seed(rank // 2))  # one batch per FSDP rank
@@ -606,8 +618,9 @@ def test_fsdp_and_tensor_parallel_on_a_2d_mesh_step_bitwise_and_reshard(tmp_path
     res = results[0]
     assert res["AdamW8bit"]["0.weight"] == ("(_StridedShard(dim=0, sf=2), Shard(dim=0))", "torch.uint8")
     assert res["AdamW8bit"]["2.weight"] == ("(Shard(dim=0), Shard(dim=1))", "torch.uint8")
-    assert res["AdamW8bit"]["fused"] == {"0.weight": True, "0.bias": True, "2.weight": False, "2.bias": True,
-                                         "3.weight": True, "3.bias": True}
+    assert res["AdamW8bit"]["path"] == {"0.weight": "run", "0.bias": "run", "2.weight": "spec", "2.bias": "run",
+                                        "3.weight": "run", "3.bias": "run", "4.weight": "run", "4.bias": "run",
+                                        "6.weight": "blocks", "6.bias": "run"}
     assert all(r["history"] and r["release same"] and r["amp"] == (1, 512.0) for r in results)
     want_state, want_params = res["reference"]
     for world_size in (2, 1):

@@ -234,10 +234,9 @@ def _state_dict_post_hook(opt, state_dict: dict) -> dict:
                 st[state_key(i)] = DTensor.from_local(s, p.device_mesh, p.placements, run_check=False,
                                                      shape=p.shape, stride=p.stride())
             a = st.get(absmax_key(i))
-            if isinstance(a, torch.Tensor) and lay.contiguous and lay.group is not None:
-                full = torch.zeros(lay.nblocks, dtype=torch.float32, device=a.device)
-                full[lay.b0:lay.b1] = a
-                st[absmax_key(i)] = full
+            holds_part = lay.contiguous or lay.block_index is not None  # else every rank holds the whole absmax
+            if isinstance(a, torch.Tensor) and holds_part and lay.group is not None:
+                st[absmax_key(i)] = lay.full_absmax(a)
                 gathers.setdefault(lay.group, []).append((st, absmax_key(i)))
         new_state[key] = st
     for group, entries in gathers.items():
@@ -282,7 +281,7 @@ def localize_state(opt: Optimizer8bit, p, st: dict[str, Any]) -> dict[str, Any]:
                     f"{key} of parameter {name} has {v.numel()} entries; the parameter ({lay.numel} elements in "
                     f"blocks of {lay.block}) has {lay.nblocks} blocks (saved with another block_size?)"
                 )
-            out[key] = v.reshape(-1)[lay.b0:lay.b1].to(p.device, torch.float32).clone()
+            out[key] = lay.local_absmax(v).to(p.device, torch.float32).clone()
         elif is_dtensor(v):
             out[key] = v.full_tensor()
         else:  # the percentile-clipping history, identical on every shard

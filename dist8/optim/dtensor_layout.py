@@ -14,7 +14,7 @@ import torch
 from dist8.quant import num_blocks
 
 __all__ = ["is_dtensor", "local", "check_param", "shard_dims", "one_plain_shard", "world_group", "chunk", "Layout",
-           "flat_range", "layout_of", "comm_device", "has_dtensor"]
+           "flat_range", "whole_block_runs", "layout_of", "comm_device", "has_dtensor"]
 
 _FSDP1_MSG = (
     "parameter {name} is an FSDP1 flat parameter (FullyShardedDataParallel); dist8 optimizers need the "
@@ -114,6 +114,25 @@ class Layout:
     global_shape: tuple[int, ...] = ()
     offsets: tuple[int, ...] = ()
     group: Any = None  # process group over which the shards differ (None: nothing to reduce)
+    # a box whose runs are whole blocks (TP columns of a multiple of the block): the global block of each
+    # local block, in local order (absmax held in that order; the fused kernel, no edges); else None
+    block_index: torch.Tensor | None = None
+
+    def local_absmax(self, full: torch.Tensor) -> torch.Tensor:
+        """The absmax entries this rank holds, from the parameter's full-length absmax."""
+        full = full.reshape(-1)
+        if self.block_index is not None:
+            return full[self.block_index.to(full.device)]
+        return full[self.b0:self.b1]
+
+    def full_absmax(self, held: torch.Tensor) -> torch.Tensor:
+        """A full-length absmax with this rank's entries in place and zeros elsewhere (to max-reduce)."""
+        full = torch.zeros(self.nblocks, dtype=torch.float32, device=held.device)
+        if self.block_index is not None:
+            full[self.block_index.to(held.device)] = held
+        else:
+            full[self.b0:self.b1] = held
+        return full
 
     def global_index(self) -> torch.Tensor:
         """Global flat index (int64) of every local element, in local flat order."""
@@ -155,6 +174,40 @@ def flat_range(shape: tuple[int, ...], offset: tuple[int, ...], size: tuple[int,
     return start, start + count
 
 
+def whole_block_runs(shape: tuple[int, ...], offset: tuple[int, ...], size: tuple[int, ...],
+                     block: int) -> torch.Tensor | None:
+    """The global block of every local block when each run of the box (the part of it along its last
+    partial dimension and the whole ones after it) is whole blocks, in local order; else None."""
+    partial = [d for d in range(len(shape)) if size[d] != shape[d]]
+    if not partial:
+        return None
+    k = partial[-1]
+    inner = 1
+    for s in shape[k + 1:]:
+        inner *= s
+    run, start, row = size[k] * inner, offset[k] * inner, shape[k] * inner
+    if run % block or start % block or row % block:
+        return None
+    starts = torch.full((), start, dtype=torch.int64)
+    stride = row
+    for d in reversed(range(k)):  # every combination of the leading dimensions' indices, in local order
+        view = [1] * k
+        view[d] = -1
+        starts = starts + ((torch.arange(size[d]) + offset[d]) * stride).view(view)
+        stride *= shape[d]
+    return ((starts.reshape(-1, 1) + torch.arange(0, run, block).view(1, -1)) // block).reshape(-1)
+
+
+def _box_layout(n: int, block: int, nb: int, local_shape: tuple[int, ...], shape: tuple[int, ...],
+                offset: tuple[int, ...], group) -> Layout:
+    """A shard that is not one flat run: whole-block runs on the fused kernel, anything else on the
+    specification with every block's absmax."""
+    blocks = whole_block_runs(shape, offset, local_shape, block)
+    if blocks is not None:
+        return Layout(n, block, nb, local_shape, False, 0, 0, 0, blocks.numel(), (), shape, offset, group, blocks)
+    return Layout(n, block, nb, local_shape, False, 0, 0, 0, nb, (), shape, offset, group)
+
+
 def layout_of(p, block: int, name: str = "?", boxes: list | None = None) -> Layout:
     """Layout of DTensor ``p`` for quantization blocks of ``block`` elements; ``boxes``: every rank's
     (offset, local shape) of ``p`` (parameters sharded on several mesh dimensions: see
@@ -185,7 +238,7 @@ def layout_of(p, block: int, name: str = "?", boxes: list | None = None) -> Layo
             b0 = g0 // block
             b1 = num_blocks(g1, block) if g1 > g0 else b0
             return Layout(n, block, nb, local_shape, True, g0, g1, b0, b1, tuple(sorted(cuts)), group=group)
-        return Layout(n, block, nb, local_shape, False, 0, 0, 0, nb, (), shape, tuple(offset), group)
+        return _box_layout(n, block, nb, local_shape, shape, tuple(offset), group)
     mesh_dim, dim = dims[0]
     mesh = p.device_mesh
     parts = mesh.size(mesh_dim)
@@ -207,7 +260,7 @@ def layout_of(p, block: int, name: str = "?", boxes: list | None = None) -> Layo
         b1 = num_blocks(g1, block) if g1 > g0 else b0
         return Layout(n, block, nb, local_shape, True, g0, g1, b0, b1, tuple(sorted(cuts)), group=group)
     offsets = tuple(start if d == dim else 0 for d in range(len(shape)))
-    return Layout(n, block, nb, local_shape, False, 0, 0, 0, nb, (), shape, offsets, group)
+    return _box_layout(n, block, nb, local_shape, shape, offsets, group)
 
 
 def comm_device(group) -> torch.device:

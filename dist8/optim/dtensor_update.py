@@ -274,6 +274,9 @@ def update(opt: Optimizer8bit, p, state: dict, settings: ParamSettings, step: in
         if lay.shared:
             for i in range(n_states):
                 batch.add(EdgeJob(lay, codes[i], absmax[i], qmaps[i], jobs[i], outputs=outs if i == 0 else None))
+    elif lay.block_index is not None:  # runs of whole blocks: the fused kernel on the whole shard, no edges
+        if n:
+            kernel(0, n, 0, lay.b1)
     else:
         import torch.distributed as dist
 
