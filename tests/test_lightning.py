@@ -264,3 +264,45 @@ def test_model_parallel_strategy_resumes_bitwise_and_at_another_world_size(tmp_p
             got = single["recorded"][name][key]
             assert (torch.equal(got, value) if torch.is_tensor(value) else got == value), f"{name} {key}"
     assert {v["state1"].dtype for v in single["recorded"].values()} == {torch.uint8}
+
+
+# ---- DDP with dist8.ShardedOptimizer (ZeRO-1) ---------------------------------------------------------
+class _ZeroModule(_Module):
+    def configure_optimizers(self):
+        from dist8.shard import ShardedOptimizer
+
+        return ShardedOptimizer(self.named_parameters(), dist8.AdamW8bit, stage=1, lr=1e-3, weight_decay=0.01,
+                                min_8bit_size=0, full_state_dict=True)
+
+
+def _lightning_ddp_zero(rank, world_size, ckpt_dir, resume_from):
+    import os
+
+    os.environ.update(TORCHELASTIC_RUN_ID="dist8", LOCAL_RANK=str(rank), GROUP_RANK="0",
+                      LOCAL_WORLD_SIZE=str(world_size))
+    warnings.simplefilter("ignore")
+    module = _ZeroModule()
+    callbacks = [] if resume_from else [ModelCheckpoint(ckpt_dir, every_n_epochs=1, save_top_k=-1)]
+    _trainer(6, devices=world_size, strategy="ddp", callbacks=callbacks,
+             enable_checkpointing=not resume_from).fit(module, _data(), ckpt_path=resume_from)
+    return {"losses": module.losses, "params": [p.detach().clone() for p in module.parameters()]}
+
+
+def test_ddp_with_sharded_optimizer_resumes_from_rank_0s_checkpoint(tmp_path):
+    """Lightning's DDP saves rank 0's ``optimizer.state_dict()`` and loads it on every rank: with
+    ``ShardedOptimizer(full_state_dict=True)`` that is the whole quantized state, so 2 ranks resume
+    bitwise and 1 rank resumes too. (A shard state dict, the default, is refused on rank 1 naming the
+    option: tests/test_sharded.py.)"""
+    from dist_utils import run_ranks
+
+    ckpt_dir = str(tmp_path / "ckpt")
+    full = run_ranks(_lightning_ddp_zero, 2, ckpt_dir, None, tmp_path=tmp_path)
+    ckpt = str(tmp_path / "ckpt" / "epoch=2-step=3.ckpt")
+    saved = torch.load(ckpt, weights_only=True)["optimizer_states"][0]
+    assert saved["state"][0]["state1"].dtype == torch.uint8 and saved["state"][0]["state1"].shape == (128, 32)
+    resumed = run_ranks(_lightning_ddp_zero, 2, ckpt_dir, ckpt, tmp_path=tmp_path)
+    for a, b in zip(full, resumed):
+        assert b["losses"] == a["losses"][3:]
+        assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
+    (single,) = run_ranks(_lightning_ddp_zero, 1, ckpt_dir, ckpt, tmp_path=tmp_path)
+    assert len(single["losses"]) == 3

@@ -252,6 +252,93 @@ def test_empty_shard_rank_works(tmp_path):
     assert torch.equal(results[0]["p"], ref.detach())
 
 
+# ---- full state dicts: what clients that save rank 0's optimizer.state_dict() need ---------------------------
+FULL_CASES = ("AdamW8bit", "LAMB8bit", "AdEMAMix8bit")
+
+
+def _averaged_grads(params, step, world_size):
+    for n, p in params.items():  # what DDP gives stage 1: dyadic, so the average is exact
+        p.grad = sum(rank_grad(n, r, step) for r in range(world_size)) / world_size
+
+
+def _full_state_dicts(rank, world_size):
+    out = {}
+    for name in FULL_CASES:
+        cls, kw = OPTIMIZERS[name]
+        params = make_params()
+        opt = ShardedOptimizer(list(params.items()), cls, stage=1, full_state_dict=True, percentile_clipping=90, **kw)
+        for step in range(3):
+            _averaged_grads(params, step, world_size)
+            opt.step()
+        out[name] = opt.state_dict()
+    # the default's shard state dict, rank 0's loaded on every rank (what such a client does): refused on rank 1
+    cls, kw = OPTIMIZERS["AdamW8bit"]
+    params = make_params()
+    opt = ShardedOptimizer(list(params.items()), cls, stage=1, **kw)
+    _averaged_grads(params, 0, world_size)
+    opt.step()
+    rank0 = [opt.state_dict()]
+    dist.broadcast_object_list(rank0, src=0)
+    try:
+        opt.load_state_dict(rank0[0])
+        out["shard refusal"] = None
+    except ValueError as err:
+        out["shard refusal"] = str(err)
+    return out
+
+
+def _same_state_dict(a, b, where):
+    assert a["state"].keys() == b["state"].keys(), where
+    for i, st in b["state"].items():
+        assert a["state"][i].keys() == st.keys(), (where, i)
+        for k, v in st.items():
+            assert torch.equal(a["state"][i][k], v) if torch.is_tensor(v) else a["state"][i][k] == v, (where, i, k)
+
+
+def test_full_state_dict_is_the_unsharded_one_and_loads_at_any_world_size(tmp_path):
+    """``full_state_dict=True``: every rank's ``state_dict()`` is bitwise the unsharded optimizer's (8-bit codes,
+    absmax, the percentile history; three states for AdEMAMix), and it loads into one process (or any world
+    size) and continues bitwise. The unsharded optimizer's own state dict loads the same way. The default's
+    shard dict loaded on another rank is refused naming the option; a full dict with a tensor of the wrong
+    size is refused naming the parameter, before anything is loaded."""
+    import copy
+
+    results = run_ranks(_full_state_dicts, 2, tmp_path=tmp_path)
+    assert results[0]["shard refusal"] is None
+    assert "full_state_dict=True" in results[1]["shard refusal"] and "rank 0 of 2" in results[1]["shard refusal"]
+    for name in FULL_CASES:
+        cls, kw = OPTIMIZERS[name]
+        kw = dict(kw, percentile_clipping=90)
+        ref_params = make_params()
+        ref = cls(list(ref_params.items()), **kw)
+        for step in range(3):
+            _averaged_grads(ref_params, step, 2)
+            ref.step()
+        for r in results:
+            _same_state_dict(r[name], ref.state_dict(), f"{name} rank state dict")
+        for source in ("2 ranks' full state dict", "the unsharded optimizer's"):
+            params = {n: torch.nn.Parameter(p.detach().clone()) for n, p in ref_params.items()}
+            one = ShardedOptimizer(list(params.items()), cls, stage=1, **kw)  # one process, default mode
+            one.load_state_dict(results[0][name] if source.startswith("2") else ref.state_dict())
+            cont_params = {n: torch.nn.Parameter(p.detach().clone()) for n, p in ref_params.items()}
+            cont_ref = cls(list(cont_params.items()), **kw)  # the unsharded run, continued from the same state
+            cont_ref.load_state_dict(ref.state_dict())
+            for step in range(3, 5):
+                _averaged_grads(params, step, 2)
+                _averaged_grads(cont_params, step, 2)
+                one.step()
+                cont_ref.step()
+            for n in params:
+                assert torch.equal(params[n], cont_params[n]), (name, source, n)
+    bad = copy.deepcopy(results[0]["AdamW8bit"])
+    bad["state"][2]["state1"] = bad["state"][2]["state1"].reshape(-1)[:100]  # b.weight: 100 codes of 2100
+    cls, kw = OPTIMIZERS["AdamW8bit"]
+    one = ShardedOptimizer(list(make_params().items()), cls, stage=1, **kw)
+    with pytest.raises(ValueError, match=r"^state1 of parameter b\.weight has 100 entries, expected 2100"):
+        one.load_state_dict(bad)
+    assert not any(one.inner.state.values())
+
+
 def test_single_process_errors():
     with pytest.raises(RuntimeError, match="not initialised"):
         ShardedOptimizer([torch.nn.Parameter(torch.zeros(4))], process_group=object())

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from dist8.optim.state_schema import GNORM, PERCENTILE_HISTORY, flat_length, is_absmax_key, n_states
 from dist8.quant import num_blocks
 
-__all__ = ["gather_state", "scatter_state", "all_gather_state", "state_key_sizes", "fp32_state_bytes"]
+__all__ = ["gather_state", "scatter_state", "all_gather_state", "state_key_sizes", "piece_range", "fp32_state_bytes"]
 
 
 def state_key_sizes(key: str, numel: int, block_size: int) -> int:
@@ -23,7 +23,9 @@ def state_key_sizes(key: str, numel: int, block_size: int) -> int:
     return flat_length(key, numel, block_size)
 
 
-def _piece_range(key: str, start: int, stop: int, block_size: int) -> tuple[int, int]:
+def piece_range(key: str, start: int, stop: int, block_size: int) -> tuple[int, int]:
+    """``[a, b)`` of the flattened state tensor ``key`` that the piece ``[start, stop)`` of a parameter holds
+    (whole blocks: absmax entries of its blocks; the percentile history whole)."""
     if key == GNORM:  # the same history on every piece of a parameter
         return 0, PERCENTILE_HISTORY
     if is_absmax_key(key):
@@ -86,7 +88,7 @@ def _transfers(spec: dict, pieces: list[tuple[int, int, int]], block_size: int):
         for key in spec:
             if key == "__step__" or (key == GNORM and start != 0):  # gnorm_vec: same on every piece
                 continue
-            a, b = _piece_range(key, start, stop, block_size)
+            a, b = piece_range(key, start, stop, block_size)
             yield owner, key, a, b
 
 
@@ -145,7 +147,7 @@ def scatter_state(optimizer, full_state: dict[int, dict[str, Any]] | None, src: 
                         received.setdefault(i, {})[key] = desc
                     continue
                 dtype = getattr(torch, desc[0].split(".")[-1])
-                a, b = _piece_range(key, start, stop, B)
+                a, b = piece_range(key, start, stop, B)
                 if owner == optimizer.rank == src:
                     received.setdefault(i, {})[key] = full_state[i][key].reshape(-1)[a:b].clone().to(optimizer.device)
                 elif optimizer.rank == src:

@@ -19,13 +19,20 @@ from dist8.optim.base import Optimizer8bit
 from dist8.optim.config import (GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, PARAM_LIST_KEYS, hyperparameters_of,
                                 load_group_values, split_named_params)
 from dist8.optim.hooks import load_state_dict_with_hooks, state_dict_with_hooks
-from dist8.optim.state_schema import CORRECTION, STATE_DICT_INFO, check_state_dict_map, is_state_key, state_dict_info
+from dist8.optim.state_schema import (CORRECTION, GNORM, STATE_DICT_INFO, check_state_dict_map, is_absmax_key,
+                                      is_state_key, state_dict_info)
 from dist8.shard.grads import GradBuckets
 from dist8.shard.flat import flat_buffers
 from dist8.shard.layout import BlockLayout, Piece
 from dist8.quant import DEFAULT_BLOCK_SIZE
 
 __all__ = ["ShardedOptimizer"]
+
+
+def _sliced(key: str, value: Any) -> bool:
+    """Whether a full state-dict entry is laid out on the parameter's elements or blocks (a piece takes
+    its part of it) rather than shared by every piece (``step``)."""
+    return torch.is_tensor(value) and (is_state_key(key) or is_absmax_key(key) or key in (CORRECTION, GNORM))
 
 
 class ShardedOptimizer(torch.optim.Optimizer):
@@ -42,6 +49,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
         process_group: the data-parallel group (default: the world). Without an
             initialised ``torch.distributed`` the optimizer runs as a single rank.
         bucket_cap_mb: size of gradient-reduction and parameter-gather buckets (MiB).
+        full_state_dict: False (default): :meth:`state_dict` is this rank's shard (loads on the
+            same rank of the same world size; :mod:`dist8.checkpoint` reshards). True: it is the
+            whole state in the unsharded optimizer's format, the same on every rank (a collective;
+            every rank holds the full quantized state, 2.03 bytes per parameter, while it exists) --
+            for clients that save rank 0's ``optimizer.state_dict()`` and load that file on every
+            rank (PyTorch Lightning's and HF Trainer's DDP). :meth:`load_state_dict` takes either
+            format in both modes, the full one at any world size.
         **defaults: arguments of ``optimizer_class`` (``lr``, ``betas``, ``block_size``, ...).
 
     Parameters become views into one flat buffer per dtype (so the all-gather after
@@ -64,6 +78,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         stage: int = 2,
         process_group: dist.ProcessGroup | None = None,
         bucket_cap_mb: float = 25,
+        full_state_dict: bool = False,
         **defaults: Any,
     ) -> None:
         if stage not in (1, 2):
@@ -89,6 +104,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.rank = dist.get_rank(process_group) if initialised else 0
         self.stage = stage
         self.optimizer_class = optimizer_class
+        if not isinstance(full_state_dict, bool):
+            raise ValueError(f"full_state_dict must be True or False, got {full_state_dict!r}")
+        self.full_state_dict = full_state_dict
 
         groups, names = split_named_params(params)
         self.params: list[torch.Tensor] = []  # the parameters in layout order (views of their flat buffer)
@@ -447,11 +465,21 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's shard: per-parameter piece state plus the layout it belongs to.
+        """This rank's shard (per-parameter piece state plus the layout it belongs to), or with
+        ``full_state_dict=True`` the whole state in the unsharded optimizer's format on every rank
+        (collective).
 
         Runs the hooks of ``register_state_dict_pre_hook``/``post_hook`` as torch's optimizers do.
         """
+        if self.full_state_dict:
+            return state_dict_with_hooks(self, self._full_state_dict)
         return state_dict_with_hooks(self, self._shard_state_dict)
+
+    def _full_state_dict(self) -> dict[str, Any]:
+        from dist8.shard.collectives import all_gather_state
+
+        full, self.last_state_bytes_sent = all_gather_state(self)
+        return self._unsharded_format(full)
 
     def _shard_state_dict(self) -> dict[str, Any]:
         return {
@@ -467,24 +495,76 @@ class ShardedOptimizer(torch.optim.Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict` saved by the same rank of the same world size.
+        """Load a :meth:`state_dict`: a shard saved by the same rank of the same world size, or a full
+        one (``full_state_dict=True``, :meth:`consolidated_state_dict`, or the unsharded dist8
+        optimizer's own) at any world size, each rank taking its blocks.
 
-        To change the world size use :mod:`dist8.checkpoint` (which re-slices blocks).
+        To reshard files use :mod:`dist8.checkpoint` (which re-slices blocks).
         Runs the hooks of ``register_load_state_dict_pre_hook``/``post_hook`` as torch's
         optimizers do (post hooks only after a successful load).
         """
-        load_state_dict_with_hooks(self, state_dict, self._load_shard_state_dict)
+        load_state_dict_with_hooks(self, state_dict, self._load_any_state_dict)
 
-    def _load_shard_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def _load_any_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not isinstance(state_dict, dict):
             raise ValueError(f"state_dict must be a dict (from ShardedOptimizer.state_dict()), got {type(state_dict).__name__}")
+        if "format" not in state_dict and "state" in state_dict and "param_groups" in state_dict:
+            self._load_full_state_dict(state_dict)
+        else:
+            self._load_shard_state_dict(state_dict)
+
+    def _load_full_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The unsharded format: every rank slices the blocks of its pieces (whole blocks: exact)."""
+        from dist8.optim.state_schema import flat_length
+        from dist8.shard.collectives import piece_range
+
+        check_state_dict_map(state_dict, self.inner.quant_map)
+        saved_groups, state = state_dict["param_groups"], state_dict["state"]
+        if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved_groups) if isinstance(saved_groups, list) else 'no list of'} "
+                             f"param groups, optimizer has {len(self.param_groups)}")
+        if not isinstance(state, dict):
+            raise ValueError(f"state_dict['state'] must be a dict, got {type(state).__name__}")
+        index_of = self._unsharded_indices()
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):  # before anything is loaded
+            self.inner.check_loaded_group(saved, gi)
+            if not isinstance(saved.get("params"), list) or len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"param group {gi} of state_dict lists {len(saved.get('params') or [])} parameters, "
+                                 f"the optimizer's has {len(group['params'])}")
+        by_slot = {}
+        B = self.layout.block_size
+        for i, p in enumerate(self.params):
+            st = state.get(index_of[p])
+            if st is None:
+                continue
+            if not isinstance(st, dict):
+                raise ValueError(f"state of parameter {self.names[i]} must be a dict, got {type(st).__name__}")
+            for key, v in st.items():
+                if _sliced(key, v) and v.numel() != flat_length(key, p.numel(), B):
+                    raise ValueError(f"{key} of parameter {self.names[i]} has {v.numel()} entries, expected "
+                                     f"{flat_length(key, p.numel(), B)} (another parameter, shape or block_size?)")
+            by_slot[i] = st
+        received: dict[int, dict[str, Any]] = {}
+        for piece in self.pieces:
+            st = by_slot.get(piece.param)
+            if st is None:
+                continue
+            received[piece.param] = {
+                k: v.reshape(-1)[slice(*piece_range(k, piece.start, piece.stop, B))] if _sliced(k, v) else v
+                for k, v in st.items()}
+        self.load_shard_state(received)  # copies: the slices are views of the caller's dict
+        for group, saved in zip(self.param_groups, saved_groups):
+            load_group_values(group, saved)
+
+    def _load_shard_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("format") != "dist8.sharded/1":
             raise ValueError("not a ShardedOptimizer state_dict (missing format 'dist8.sharded/1')")
         if state_dict["fingerprint"] != self.layout.fingerprint():
             raise ValueError("state_dict was saved for different parameters (layout fingerprint differs)")
         if state_dict["world_size"] != self.world_size or state_dict["rank"] != self.rank:
-            raise ValueError(f"state_dict is rank {state_dict['rank']} of {state_dict['world_size']}; this is rank "
-                             f"{self.rank} of {self.world_size}; use dist8.checkpoint to load at another world size")
+            raise ValueError(f"state_dict is rank {state_dict['rank']} of {state_dict['world_size']}'s shard; this is "
+                             f"rank {self.rank} of {self.world_size}. A client that saves rank 0's state dict only "
+                             "needs ShardedOptimizer(full_state_dict=True); dist8.checkpoint loads at another world size")
         check_state_dict_map(state_dict, self.inner.quant_map)
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
@@ -554,10 +634,19 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.last_state_bytes_sent = sent
         if full is None:
             return None
-        index_of = {}
+        return self._unsharded_format(full)
+
+    def _unsharded_indices(self) -> dict[torch.Tensor, int]:
+        """Parameter -> its index in the unsharded optimizer's state dict (param_groups order)."""
+        index_of: dict[torch.Tensor, int] = {}
         for group in self.param_groups:
             for p in group["params"]:
                 index_of.setdefault(p, len(index_of))
+        return index_of
+
+    def _unsharded_format(self, full: dict[int, dict[str, Any]]) -> dict[str, Any]:
+        """Gathered per-layout-index state as the unsharded dist8 optimizer's state dict."""
+        index_of = self._unsharded_indices()
         state = {}
         for i, st in full.items():
             p = self.params[i]
