@@ -10,6 +10,9 @@ ZeroRedundancyOptimizer and fairscale OSS.
   values; resuming from its checkpoint repeats the uninterrupted run's losses and weights exactly.
 * ``test_hf_trainer_run_started_with_torch_adamw_continues_with_dist8``: a checkpoint of a Trainer
   run with torch's AdamW resumes with dist8 after ``from_torch_optim`` converts its ``optimizer.pt``.
+* ``test_hf_trainer_ddp_with_sharded_optimizer_resumes_bitwise``: 2 DDP ranks, ``ShardedOptimizer``
+  with ``full_state_dict=True`` and ``ShardedStateDictCallback``: rank 0's ``optimizer.pt`` holds
+  every rank's blocks and the resumed run is bitwise.
 * ``test_accelerate_sees_grad_scaler_skips_as_with_torch_adamw``: accelerate's
   ``step_was_skipped`` under a GradScaler reports what it reports for torch's fused AdamW, and with
   ``amp_unscale="scaler"`` what it reports for torch's non-fused AdamW (the skip).
@@ -207,6 +210,51 @@ def test_hf_trainer_with_a_deepspeed_config_naming_dist8_resumes_exactly(tmp_pat
     assert full["dtypes"] == ["torch.float32", "torch.uint8"]  # matrices 8-bit, LayerNorms and biases 32-bit
     assert len(full["losses"]) == 6 and resumed["losses"] == full["losses"]
     assert all(torch.equal(a, b) for a, b in zip(full["params"], resumed["params"]))
+
+
+# ---- HF Trainer's DDP with dist8.ShardedOptimizer (ZeRO-1) -----------------------------------------------
+def _hf_ddp_zero(rank, world_size, out_dir, resume_from):
+    import os
+    import warnings
+
+    from transformers import Trainer
+
+    from dist8.integrations.hf_trainer import ShardedStateDictCallback
+    from dist8.shard import ShardedOptimizer
+
+    warnings.simplefilter("ignore")
+    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))  # torchrun's, beside run_ranks'
+    trainer = Trainer(model=_tiny_gpt2(), args=_training_args(out_dir, 6, use_cpu=True, ddp_backend="gloo"),
+                      train_dataset=_Tokens(), callbacks=[ShardedStateDictCallback()],
+                      optimizer_cls_and_kwargs=(ShardedOptimizer, {"optimizer_class": dist8.AdamW8bit, "stage": 1,
+                                                                   "full_state_dict": True, "lr": 3e-3,
+                                                                   "min_8bit_size": 1024}))
+    trainer.train(resume_from_checkpoint=resume_from)
+    return {"wrapped": type(trainer.model_wrapped).__name__, "optimizer": type(_opt(trainer)).__name__,
+            "params": [p.detach().clone() for p in trainer.model.parameters()]}
+
+
+def test_hf_trainer_ddp_with_sharded_optimizer_resumes_bitwise(tmp_path):
+    """HF Trainer saves rank 0's ``optimizer.state_dict()`` only: ``ShardedOptimizer(full_state_dict=True)``
+    with ``ShardedStateDictCallback`` (which gathers the state on every rank before each save, so rank 0's
+    call needs no collective) gives a checkpoint with every rank's blocks, and 2 DDP ranks resume bitwise.
+    Without ``full_state_dict=True`` the callback refuses at the start of training."""
+    pytest.importorskip("transformers", reason="transformers is in the [test] extras")
+    from dist8.integrations.hf_trainer import ShardedStateDictCallback
+    from dist8.shard import ShardedOptimizer
+
+    full = run_ranks(_hf_ddp_zero, 2, str(tmp_path / "full"), None, tmp_path=tmp_path)
+    assert full[0]["wrapped"] == "DistributedDataParallel" and full[0]["optimizer"] == "ShardedOptimizer"
+    saved = torch.load(tmp_path / "full" / "checkpoint-3" / "optimizer.pt", weights_only=True)
+    assert any(st["state1"].dtype == torch.uint8 and st["state1"].dim() == 2 for st in saved["state"].values())
+    resumed = run_ranks(_hf_ddp_zero, 2, str(tmp_path / "resumed"), str(tmp_path / "full" / "checkpoint-3"),
+                        tmp_path=tmp_path)
+    for a, b in zip(full, resumed):
+        assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
+    shard_mode = ShardedOptimizer([torch.nn.Parameter(torch.zeros(8))], dist8.AdamW8bit)
+    shard_mode.world_size = 2  # as on a rank of two (the refusal is decided before any collective)
+    with pytest.raises(ValueError, match="needs full_state_dict=True"):
+        ShardedStateDictCallback().on_train_begin(None, None, None, optimizer=shard_mode)
 
 
 # ---- accelerate's AcceleratedOptimizer with a GradScaler ---------------------------------------------

@@ -54,8 +54,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
             whole state in the unsharded optimizer's format, the same on every rank (a collective;
             every rank holds the full quantized state, 2.03 bytes per parameter, while it exists) --
             for clients that save rank 0's ``optimizer.state_dict()`` and load that file on every
-            rank (PyTorch Lightning's and HF Trainer's DDP). :meth:`load_state_dict` takes either
-            format in both modes, the full one at any world size.
+            rank (PyTorch Lightning's DDP; HF Trainer's with
+            :class:`dist8.integrations.hf_trainer.ShardedStateDictCallback`, since it calls
+            ``state_dict()`` on rank 0 only). :meth:`load_state_dict` takes either format in both
+            modes, the full one at any world size.
         **defaults: arguments of ``optimizer_class`` (``lr``, ``betas``, ``block_size``, ...).
 
     Parameters become views into one flat buffer per dtype (so the all-gather after
@@ -107,6 +109,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if not isinstance(full_state_dict, bool):
             raise ValueError(f"full_state_dict must be True or False, got {full_state_dict!r}")
         self.full_state_dict = full_state_dict
+        self._gathered_state: dict[int, dict[str, Any]] | None = None  # prepare_full_state_dict's, until a step
 
         groups, names = split_named_params(params)
         self.params: list[torch.Tensor] = []  # the parameters in layout order (views of their flat buffer)
@@ -380,6 +383,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._gathered_state = None  # the state changes now
         self._prepare_grads()
         self._sync_hyper(to_inner=True)
         if found_inf is not None:
@@ -475,11 +479,20 @@ class ShardedOptimizer(torch.optim.Optimizer):
             return state_dict_with_hooks(self, self._full_state_dict)
         return state_dict_with_hooks(self, self._shard_state_dict)
 
-    def _full_state_dict(self) -> dict[str, Any]:
+    def prepare_full_state_dict(self) -> None:
+        """Gather the whole state now (collective), so that the next :meth:`state_dict` of a
+        ``full_state_dict=True`` optimizer needs no collective, until the next step or load: for
+        clients that call ``state_dict()`` on rank 0 only (HF Trainer; see
+        :class:`dist8.integrations.hf_trainer.ShardedStateDictCallback`), where a collective there
+        would wait for the other ranks forever."""
         from dist8.shard.collectives import all_gather_state
 
-        full, self.last_state_bytes_sent = all_gather_state(self)
-        return self._unsharded_format(full)
+        self._gathered_state, self.last_state_bytes_sent = all_gather_state(self)
+
+    def _full_state_dict(self) -> dict[str, Any]:
+        if self._gathered_state is None:
+            self.prepare_full_state_dict()
+        return self._unsharded_format(self._gathered_state)
 
     def _shard_state_dict(self) -> dict[str, Any]:
         return {
@@ -579,6 +592,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """Install per-piece state (global parameter index -> state); checks shapes (and the correction's
         dtype against ``master_weight_bits``) via the inner optimizer. ``copy=False`` installs the
         tensors themselves: for state that is the caller's alone (received, read from a file)."""
+        self._gathered_state = None
         group_of = {view: g for g in self.inner.param_groups for view in g["params"]}
         for piece, view in zip(self.pieces, self._piece_views):
             st = shard_state.get(piece.param)
