@@ -11,7 +11,9 @@ or passed to ``Fabric.setup``, used the way Lightning's users use it.
   with ``fabric.clip_gradients``;
 * ``ModelParallelStrategy`` (FSDP2, and FSDP + TP on a 2x2 mesh, in ``configure_model``): resuming
   from its DCP folder or full file is bitwise, and one rank loads the state exactly (this found the
-  empty-shard bug of a ``Linear(128, 1)`` on 2 ranks, docs/design.md "FSDP2").
+  empty-shard bug of a ``Linear(128, 1)`` on 2 ranks, docs/design.md "FSDP2");
+* DDP with ``dist8.ShardedOptimizer(full_state_dict=True)``: rank 0's checkpoint holds every rank's
+  blocks and resumes bitwise on 2 ranks, and on 1.
 
 Lightning resumes an epoch from its start (its data loaders are not stateful), so the
 resumed runs here use one batch per epoch: every checkpoint is on an epoch boundary.

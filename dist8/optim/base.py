@@ -26,9 +26,9 @@ import torch
 
 from dist8.kernels import RULE_WRITES_UPDATE, Rule, Scalars
 from dist8.optim import dtensor, master_weights, pipeline
-from dist8.optim.amp import amp_scaling, check_amp_unscale
 from dist8.optim import dtensor_layout as dtl
 from dist8.optim import state_schema as schema
+from dist8.optim.amp import amp_scaling, check_amp_unscale
 from dist8.optim.config import (check_overrides, global_numel, hyperparameters_of, load_group_values, match_overrides,
                                 name_every_group, positional_name, split_named_params, uses_8bit)
 from dist8.optim.contract import TorchContract

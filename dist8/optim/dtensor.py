@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dist8.optim.dtensor_layout import Layout, comm_device, is_dtensor, layout_of, one_plain_shard, shard_dims, world_group
+from dist8.optim.dtensor_layout import (Layout, comm_device, is_dtensor, layout_of, one_plain_shard, shard_dims,
+                                       world_group)
 from dist8.optim.state_schema import (CORRECTION, absmax_key, is_absmax_key, is_state_key, new_state, state_indices,
                                       state_key)
 
@@ -94,9 +95,9 @@ def attach(opt: Optimizer8bit) -> bool:
     (``partials_counted_elsewhere`` lists them on the other ranks). When some are sharded on
     several mesh dimensions (FSDP + TP) or over different groups, the sum runs over every rank
     and each distinct shard is added by the lowest rank that holds it (the shards' boxes are
-    all-gathered once). The state-dict hook presents the state globally. Called again (by ``Optimizer8bit.follow_params``) when
-    DTensors are swapped into ``param_groups`` after construction; attaching twice registers
-    nothing twice.
+    all-gathered once). The state-dict hook presents the state globally. Called again (by
+    ``Optimizer8bit.follow_params``) when DTensors are swapped into ``param_groups`` after
+    construction; attaching twice registers nothing twice.
     """
     params = [(opt.param_name(p), p) for g in opt.param_groups for p in g["params"]]
     dparams = [(name, p) for name, p in params if is_dtensor(p)]
@@ -135,7 +136,8 @@ def attach(opt: Optimizer8bit) -> bool:
     else:
         group = next(iter(groups), None)
         opt.partials_counted_elsewhere = _counted_elsewhere(group, replicated, next(iter(groups.values()), ""))
-    if group is not None and opt.reduce_partials is None:
+    made_here = getattr(opt.reduce_partials, "dist8_dtensor", False)  # a sharded wrapper's own stays
+    if group is not None and (opt.reduce_partials is None or made_here):  # the group may have changed
         opt.reduce_partials = _sum_over(group)
         opt.reduce_partials.dist8_dtensor = True  # made here: detach() may take it back
     if opt.dtensor_hook is None:

@@ -575,9 +575,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if state_dict["fingerprint"] != self.layout.fingerprint():
             raise ValueError("state_dict was saved for different parameters (layout fingerprint differs)")
         if state_dict["world_size"] != self.world_size or state_dict["rank"] != self.rank:
-            raise ValueError(f"state_dict is rank {state_dict['rank']} of {state_dict['world_size']}'s shard; this is "
-                             f"rank {self.rank} of {self.world_size}. A client that saves rank 0's state dict only "
-                             "needs ShardedOptimizer(full_state_dict=True); dist8.checkpoint loads at another world size")
+            raise ValueError(
+                f"state_dict is rank {state_dict['rank']} of {state_dict['world_size']}'s shard; this is rank "
+                f"{self.rank} of {self.world_size}. A client that saves rank 0's state dict only needs "
+                "ShardedOptimizer(full_state_dict=True); dist8.checkpoint loads at another world size")
         check_state_dict_map(state_dict, self.inner.quant_map)
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
