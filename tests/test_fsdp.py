@@ -524,7 +524,7 @@ def _box_grads(model, ref, step):
 
 def _two_d_worker(rank, world_size, path):
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
@@ -545,6 +545,8 @@ def _two_d_worker(rank, world_size, path):
         if name == "AdamW8bit":
             out["reference"] = (full_state(ref_opt), {n: p.detach().clone() for n, p in ref.items()})
             dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
+            flat = StateDictOptions(flatten_optimizer_state_dict=True)  # torchtitan's setting
+            dcp.save({"optim": get_optimizer_state_dict(model, opt, options=flat)}, checkpoint_id=path + "-flat")
             ck.save(path + "-dist8", model, opt, step=4)  # dist8's format: gathered, world-size independent
     out.update(_two_d_release_and_scaler(mesh, rank))
     return out
@@ -583,24 +585,30 @@ def _two_d_release_and_scaler(mesh, rank):
 
 
 def _one_d_load_worker(rank, world_size, path):
-    """The 2-D checkpoint into FSDP alone (1-D mesh) or, on one rank, the plain model."""
+    """The 2-D checkpoints (DCP nested and flattened, dist8's) into FSDP alone (1-D mesh) or, on one rank,
+    the plain model."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
     from torch.distributed.fsdp import fully_shard
 
-    model = _two_d_model()
-    if world_size > 1:
-        fully_shard(model, mesh=mesh_of(world_size))
     cls, kw = TWO_D_CASES["AdamW8bit"]
-    opt = cls(model.named_parameters(), **kw)
-    state = {"optim": get_optimizer_state_dict(model, opt)}
-    dcp.load(state, checkpoint_id=path)
-    set_optimizer_state_dict(model, opt, state["optim"])
-    out = {"dcp": full_state(opt)}
-    model = _two_d_model()
-    if world_size > 1:
-        fully_shard(model, mesh=mesh_of(world_size))
-    opt = cls(model.named_parameters(), **kw)
+
+    def fresh():
+        model = _two_d_model()
+        if world_size > 1:
+            fully_shard(model, mesh=mesh_of(world_size))
+        return model, cls(model.named_parameters(), **kw)
+
+    out = {}
+    for kind, flatten in (("dcp", False), ("dcp flattened", True)):
+        model, opt = fresh()
+        options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+        state = {"optim": get_optimizer_state_dict(model, opt, options=options)}
+        dcp.load(state, checkpoint_id=path + ("-flat" if flatten else ""))
+        set_optimizer_state_dict(model, opt, state["optim"], options=options)
+        out[kind] = full_state(opt)
+    model, opt = fresh()
     ck.load(path + "-dist8", model, opt)
     out["dist8"] = (full_state(opt), full_params(model))
     return out
@@ -612,7 +620,8 @@ def test_fsdp_and_tensor_parallel_on_a_2d_mesh_step_bitwise_and_reshard(tmp_path
     unsharded optimizer (8-bit codes, edge blocks, a NaN skipped by every rank holding its block, LAMB's
     norms and percentile clipping summed with each shard once; gradient release as the normal step, a
     GradScaler NaN on one rank skipping everywhere); the DCP checkpoint loads exactly into
-    FSDP alone on 2 ranks and into the plain model on 1 rank, and so does dist8's own checkpoint."""
+    FSDP alone on 2 ranks and into the plain model on 1 rank (also flattened, torchtitan's setting), and so
+    does dist8's own checkpoint."""
     path = str(tmp_path / "2d-dcp")
     results = run_ranks(_two_d_worker, 4, path, tmp_path=tmp_path)
     res = results[0]
@@ -626,5 +635,6 @@ def test_fsdp_and_tensor_parallel_on_a_2d_mesh_step_bitwise_and_reshard(tmp_path
     for world_size in (2, 1):
         loaded = run_ranks(_one_d_load_worker, world_size, path, tmp_path=tmp_path)[0]
         assert_same_state(loaded["dcp"], want_state, f"2-D DCP checkpoint loaded on {world_size} rank(s)")
+        assert_same_state(loaded["dcp flattened"], want_state, f"2-D flattened DCP checkpoint on {world_size} rank(s)")
         assert_same_state(loaded["dist8"][0], want_state, f"2-D dist8 checkpoint loaded on {world_size} rank(s)")
         assert_same_params(loaded["dist8"][1], want_params, f"2-D dist8 checkpoint loaded on {world_size} rank(s)")
