@@ -221,15 +221,20 @@ class _ShardedModule(_Module):
             self._record()
 
 
-def _lightning_fsdp2(rank, world_size, ckpt_dir, distributed_ckpt, resume_from, record_at, tp=1):
+def _as_torchrun_rank(rank, world_size):
+    """torchrun's environment in a run_ranks rank: Lightning joins the process group already made
+    instead of launching processes of its own."""
     import os
 
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    # torchrun's environment: Lightning joins the process group run_ranks made instead of launching
     os.environ.update(TORCHELASTIC_RUN_ID="dist8", LOCAL_RANK=str(rank), GROUP_RANK="0",
                       LOCAL_WORLD_SIZE=str(world_size))
     warnings.simplefilter("ignore")
+
+
+def _lightning_fsdp2(rank, world_size, ckpt_dir, distributed_ckpt, resume_from, record_at, tp=1):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    _as_torchrun_rank(rank, world_size)
     module = _ShardedModule(record_at=record_at)
     strategy = ModelParallelStrategy(data_parallel_size=world_size // tp, tensor_parallel_size=tp,
                                      save_distributed_checkpoint=distributed_ckpt)
@@ -278,11 +283,7 @@ class _ZeroModule(_Module):
 
 
 def _lightning_ddp_zero(rank, world_size, ckpt_dir, resume_from):
-    import os
-
-    os.environ.update(TORCHELASTIC_RUN_ID="dist8", LOCAL_RANK=str(rank), GROUP_RANK="0",
-                      LOCAL_WORLD_SIZE=str(world_size))
-    warnings.simplefilter("ignore")
+    _as_torchrun_rank(rank, world_size)
     module = _ZeroModule()
     callbacks = [] if resume_from else [ModelCheckpoint(ckpt_dir, every_n_epochs=1, save_top_k=-1)]
     _trainer(6, devices=world_size, strategy="ddp", callbacks=callbacks,

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dist8.optim.dtensor_layout import (Layout, comm_device, is_dtensor, layout_of, one_plain_shard, shard_dims,
-                                       world_group)
+from dist8.optim.dtensor_layout import (Layout, box_of, comm_device, is_dtensor, layout_of, one_plain_shard,
+                                       shard_dims, world_group)
 from dist8.optim.state_schema import (CORRECTION, absmax_key, is_absmax_key, is_state_key, new_state, state_indices,
                                       state_key)
 
@@ -167,10 +167,8 @@ def _counted_elsewhere_2d(dparams: list) -> tuple[frozenset[int], dict[int, list
     to the sum over all ranks), and per parameter ``id()`` the box (global offset, local shape) of every
     rank's shard: all-gathered once."""
     import torch.distributed as dist
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    boxes = [(name, tuple(compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)[1]),
-              tuple(p.to_local().shape)) for name, p in dparams]
+    boxes = [(name, *box_of(p, name)) for name, p in dparams]
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, boxes)
     rank = dist.get_rank()
@@ -236,8 +234,7 @@ def _state_dict_post_hook(opt, state_dict: dict) -> dict:
                 st[state_key(i)] = DTensor.from_local(s, p.device_mesh, p.placements, run_check=False,
                                                      shape=p.shape, stride=p.stride())
             a = st.get(absmax_key(i))
-            holds_part = lay.contiguous or lay.block_index is not None  # else every rank holds the whole absmax
-            if isinstance(a, torch.Tensor) and holds_part and lay.group is not None:
+            if isinstance(a, torch.Tensor) and not lay.holds_every_block and lay.group is not None:
                 st[absmax_key(i)] = lay.full_absmax(a)
                 gathers.setdefault(lay.group, []).append((st, absmax_key(i)))
         new_state[key] = st

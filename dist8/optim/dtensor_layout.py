@@ -5,16 +5,17 @@ state and state dicts in :mod:`dist8.optim.dtensor`.
 """
 from __future__ import annotations
 
+import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from dist8.quant import num_blocks
 
-__all__ = ["is_dtensor", "local", "check_param", "shard_dims", "one_plain_shard", "world_group", "chunk", "Layout",
-           "flat_range", "whole_block_runs", "layout_of", "comm_device", "has_dtensor"]
+__all__ = ["is_dtensor", "local", "check_param", "shard_dims", "one_plain_shard", "world_group", "box_of", "chunk",
+           "Layout", "flat_range", "whole_block_runs", "layout_of", "comm_device", "has_dtensor"]
 
 _FSDP1_MSG = (
     "parameter {name} is an FSDP1 flat parameter (FullyShardedDataParallel); dist8 optimizers need the "
@@ -88,6 +89,21 @@ def world_group(p, name: str):
     return dist.group.WORLD
 
 
+def box_of(p, name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(global offset, local shape) of this rank's shard of DTensor ``p``: the box of the global tensor
+    that torch (and its DCP) reads the shard as, checked against the local tensor."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    box_shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    local_shape = tuple(p.to_local().shape)
+    if tuple(box_shape) != local_shape:
+        raise NotImplementedError(
+            f"parameter {name}: local shard {local_shape} is not the box {tuple(box_shape)} at {tuple(offset)} that "
+            f"torch computes for {p.placements}"
+        )
+    return tuple(offset), local_shape
+
+
 def chunk(size: int, parts: int, index: int) -> tuple[int, int]:
     """``[start, stop)`` of chunk ``index`` of ``size`` split like ``torch.chunk`` (DTensor's Shard)."""
     full = (size + parts - 1) // parts
@@ -116,7 +132,12 @@ class Layout:
     group: Any = None  # process group over which the shards differ (None: nothing to reduce)
     # a box whose runs are whole blocks (TP columns of a multiple of the block): the global block of each
     # local block, in local order (absmax held in that order; the fused kernel, no edges); else None
-    block_index: torch.Tensor | None = None
+    block_index: torch.Tensor | None = field(default=None, compare=False)
+
+    @property
+    def holds_every_block(self) -> bool:
+        """Whether this rank keeps the absmax of every block (the specification path's box shards)."""
+        return not self.contiguous and self.block_index is None
 
     def local_absmax(self, full: torch.Tensor) -> torch.Tensor:
         """The absmax entries this rank holds, from the parameter's full-length absmax."""
@@ -163,9 +184,7 @@ def flat_range(shape: tuple[int, ...], offset: tuple[int, ...], size: tuple[int,
     for d in reversed(range(len(shape) - 1)):
         strides[d] = strides[d + 1] * shape[d + 1]
     start = sum(o * st for o, st in zip(offset, strides))
-    count = 1
-    for s in size:
-        count *= s
+    count = math.prod(size)
     if count == 0:
         return start, start
     partial = [d for d in range(len(shape)) if size[d] != shape[d]]  # every later dimension is whole
@@ -182,9 +201,7 @@ def whole_block_runs(shape: tuple[int, ...], offset: tuple[int, ...], size: tupl
     if not partial:
         return None
     k = partial[-1]
-    inner = 1
-    for s in shape[k + 1:]:
-        inner *= s
+    inner = math.prod(shape[k + 1:])
     run, start, row = size[k] * inner, offset[k] * inner, shape[k] * inner
     if run % block or start % block or row % block:
         return None
@@ -196,6 +213,16 @@ def whole_block_runs(shape: tuple[int, ...], offset: tuple[int, ...], size: tupl
         starts = starts + ((torch.arange(size[d]) + offset[d]) * stride).view(view)
         stride *= shape[d]
     return ((starts.reshape(-1, 1) + torch.arange(0, run, block).view(1, -1)) // block).reshape(-1)
+
+
+def _run_layout(n: int, block: int, nb: int, local_shape: tuple[int, ...], g0: int, g1: int, edges,
+                group) -> Layout:
+    """A shard that is the flat run ``[g0, g1)``; ``edges``: every rank's run boundaries, which give the
+    blocks two ranks share."""
+    cuts = {x // block for x in edges if 0 < x < n and x % block}
+    b0 = g0 // block
+    b1 = num_blocks(g1, block) if g1 > g0 else b0
+    return Layout(n, block, nb, local_shape, True, g0, g1, b0, b1, tuple(sorted(cuts)), group=group)
 
 
 def _box_layout(n: int, block: int, nb: int, local_shape: tuple[int, ...], shape: tuple[int, ...],
@@ -213,8 +240,6 @@ def layout_of(p, block: int, name: str = "?", boxes: list | None = None) -> Layo
     (offset, local shape) of ``p`` (parameters sharded on several mesh dimensions: see
     ``dtensor.attach``), which lets a shard that is one run of the flattened tensor take the fused
     kernel with edge blocks."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
     shape = tuple(p.shape)
     n = p.numel()
     nb = num_blocks(n, block)
@@ -222,30 +247,22 @@ def layout_of(p, block: int, name: str = "?", boxes: list | None = None) -> Layo
     dims = shard_dims(p, name)
     if not dims or n == 0:
         return Layout(n, block, nb, local_shape, True, 0, n, 0, nb, ())
-    if not one_plain_shard(p, dims):  # FSDP + TP: the box torch's DCP also reads the shard as
-        box_shape, offset = compute_local_shape_and_global_offset(shape, p.device_mesh, p.placements)
-        if tuple(box_shape) != local_shape:
-            raise NotImplementedError(
-                f"parameter {name}: local shard {local_shape} is not the box {tuple(box_shape)} at {tuple(offset)} that "
-                f"torch computes for {p.placements}"
-            )
+    if not one_plain_shard(p, dims):  # FSDP + TP
+        offset, _ = box_of(p, name)
         group = world_group(p, name)
-        ranges = [flat_range(shape, tuple(o), tuple(sz)) for o, sz in boxes] if boxes else [None]
-        mine = flat_range(shape, tuple(offset), local_shape)
-        if mine is not None and all(r is not None for r in ranges):  # FSDP + TP on rows: flat runs
-            g0, g1 = mine
-            cuts = {x // block for a, b in ranges if b > a for x in (a, b) if 0 < x < n and x % block}
-            b0 = g0 // block
-            b1 = num_blocks(g1, block) if g1 > g0 else b0
-            return Layout(n, block, nb, local_shape, True, g0, g1, b0, b1, tuple(sorted(cuts)), group=group)
-        return _box_layout(n, block, nb, local_shape, shape, tuple(offset), group)
+        ranges = [flat_range(shape, tuple(o), tuple(sz)) for o, sz in boxes or ()]
+        mine = flat_range(shape, offset, local_shape)
+        if boxes and mine is not None and None not in ranges:  # FSDP + TP on rows: every shard a flat run
+            edges = (x for a, b in ranges if b > a for x in (a, b))
+            return _run_layout(n, block, nb, local_shape, *mine, edges, group)
+        return _box_layout(n, block, nb, local_shape, shape, offset, group)
     mesh_dim, dim = dims[0]
     mesh = p.device_mesh
     parts = mesh.size(mesh_dim)
     coord = mesh.get_coordinate()[mesh_dim]
     group = mesh.get_group(mesh_dim)
     start, stop = chunk(shape[dim], parts, coord)
-    _, offset = compute_local_shape_and_global_offset(shape, mesh, p.placements)
+    offset, _ = box_of(p, name)
     if local_shape[dim] != stop - start or (stop > start and offset[dim] != start):
         raise NotImplementedError(
             f"parameter {name}: local shard {local_shape} at offset {offset} is not the torch.chunk split "
@@ -253,12 +270,8 @@ def layout_of(p, block: int, name: str = "?", boxes: list | None = None) -> Layo
         )
     row = n // shape[dim] if shape[dim] else 0
     if dim == 0 or all(s == 1 for s in shape[:dim]):
-        g0, g1 = start * row, stop * row
-        cuts = {x // block for x in (chunk(shape[dim], parts, r)[1] * row for r in range(parts - 1))
-                if 0 < x < n and x % block}
-        b0 = g0 // block
-        b1 = num_blocks(g1, block) if g1 > g0 else b0
-        return Layout(n, block, nb, local_shape, True, g0, g1, b0, b1, tuple(sorted(cuts)), group=group)
+        edges = (chunk(shape[dim], parts, r)[1] * row for r in range(parts - 1))
+        return _run_layout(n, block, nb, local_shape, start * row, stop * row, edges, group)
     offsets = tuple(start if d == dim else 0 for d in range(len(shape)))
     return _box_layout(n, block, nb, local_shape, shape, offsets, group)
 

@@ -17,22 +17,16 @@ from dist8.optim import AdamW8bit
 from dist8.optim.amp import check_amp_unscale
 from dist8.optim.base import Optimizer8bit
 from dist8.optim.config import (GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, PARAM_LIST_KEYS, hyperparameters_of,
-                                load_group_values, split_named_params)
+                                split_named_params)
 from dist8.optim.hooks import load_state_dict_with_hooks, state_dict_with_hooks
-from dist8.optim.state_schema import (CORRECTION, GNORM, STATE_DICT_INFO, check_state_dict_map, is_absmax_key,
-                                      is_state_key, state_dict_info)
+from dist8.shard import state_dicts
+from dist8.optim.state_schema import CORRECTION
 from dist8.shard.grads import GradBuckets
 from dist8.shard.flat import flat_buffers
 from dist8.shard.layout import BlockLayout, Piece
 from dist8.quant import DEFAULT_BLOCK_SIZE
 
 __all__ = ["ShardedOptimizer"]
-
-
-def _sliced(key: str, value: Any) -> bool:
-    """Whether a full state-dict entry is laid out on the parameter's elements or blocks (a piece takes
-    its part of it) rather than shared by every piece (``step``)."""
-    return torch.is_tensor(value) and (is_state_key(key) or is_absmax_key(key) or key in (CORRECTION, GNORM))
 
 
 class ShardedOptimizer(torch.optim.Optimizer):
@@ -90,20 +84,19 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if bucket_cap_mb <= 0:
             raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}")
         initialised = dist.is_available() and dist.is_initialized()
-        amp_unscale = check_amp_unscale(defaults.get("amp_unscale", "kernel"))
-        if (amp_unscale == "scaler" and stage == 2 and initialised
-                and dist.get_world_size(process_group) > 1):
-            raise ValueError(
-                "amp_unscale='scaler' is not supported by ShardedOptimizer(stage=2) on several ranks: the scaler "
-                "would read the gradients while they are still being reduced. Use stage=1 under DDP, or the "
-                "default amp_unscale='kernel'"
-            )
         if process_group is not None and not initialised:
             raise RuntimeError("process_group was given but torch.distributed is not initialised; "
                                "call torch.distributed.init_process_group first")
         self.group = process_group
         self.world_size = dist.get_world_size(process_group) if initialised else 1
         self.rank = dist.get_rank(process_group) if initialised else 0
+        amp_unscale = check_amp_unscale(defaults.get("amp_unscale", "kernel"))
+        if amp_unscale == "scaler" and stage == 2 and self.world_size > 1:
+            raise ValueError(
+                "amp_unscale='scaler' is not supported by ShardedOptimizer(stage=2) on several ranks: the scaler "
+                "would read the gradients while they are still being reduced. Use stage=1 under DDP, or the "
+                "default amp_unscale='kernel'"
+            )
         self.stage = stage
         self.optimizer_class = optimizer_class
         if not isinstance(full_state_dict, bool):
@@ -477,7 +470,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """
         if self.full_state_dict:
             return state_dict_with_hooks(self, self._full_state_dict)
-        return state_dict_with_hooks(self, self._shard_state_dict)
+        return state_dict_with_hooks(self, lambda: state_dicts.shard_format(self))
 
     def prepare_full_state_dict(self) -> None:
         """Gather the whole state now (collective), so that the next :meth:`state_dict` of a
@@ -492,20 +485,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _full_state_dict(self) -> dict[str, Any]:
         if self._gathered_state is None:
             self.prepare_full_state_dict()
-        return self._unsharded_format(self._gathered_state)
-
-    def _shard_state_dict(self) -> dict[str, Any]:
-        return {
-            "format": "dist8.sharded/1",
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "layout": self.layout.describe(),
-            "fingerprint": self.layout.fingerprint(),
-            "pieces": [[p.param, p.start, p.stop] for p in self.pieces],
-            "state": self.shard_state(),
-            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
-            STATE_DICT_INFO: state_dict_info(self.inner.quant_map),
-        }
+        return state_dicts.unsharded_format(self, self._gathered_state)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict`: a shard saved by the same rank of the same world size, or a full
@@ -516,78 +496,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         Runs the hooks of ``register_load_state_dict_pre_hook``/``post_hook`` as torch's
         optimizers do (post hooks only after a successful load).
         """
-        load_state_dict_with_hooks(self, state_dict, self._load_any_state_dict)
-
-    def _load_any_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not isinstance(state_dict, dict):
-            raise ValueError(f"state_dict must be a dict (from ShardedOptimizer.state_dict()), got {type(state_dict).__name__}")
-        if "format" not in state_dict and "state" in state_dict and "param_groups" in state_dict:
-            self._load_full_state_dict(state_dict)
-        else:
-            self._load_shard_state_dict(state_dict)
-
-    def _load_full_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """The unsharded format: every rank slices the blocks of its pieces (whole blocks: exact)."""
-        from dist8.optim.state_schema import flat_length
-        from dist8.shard.collectives import piece_range
-
-        check_state_dict_map(state_dict, self.inner.quant_map)
-        saved_groups, state = state_dict["param_groups"], state_dict["state"]
-        if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(saved_groups) if isinstance(saved_groups, list) else 'no list of'} "
-                             f"param groups, optimizer has {len(self.param_groups)}")
-        if not isinstance(state, dict):
-            raise ValueError(f"state_dict['state'] must be a dict, got {type(state).__name__}")
-        index_of = self._unsharded_indices()
-        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):  # before anything is loaded
-            self.inner.check_loaded_group(saved, gi)
-            if not isinstance(saved.get("params"), list) or len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"param group {gi} of state_dict lists {len(saved.get('params') or [])} parameters, "
-                                 f"the optimizer's has {len(group['params'])}")
-        by_slot = {}
-        B = self.layout.block_size
-        for i, p in enumerate(self.params):
-            st = state.get(index_of[p])
-            if st is None:
-                continue
-            if not isinstance(st, dict):
-                raise ValueError(f"state of parameter {self.names[i]} must be a dict, got {type(st).__name__}")
-            for key, v in st.items():
-                if _sliced(key, v) and v.numel() != flat_length(key, p.numel(), B):
-                    raise ValueError(f"{key} of parameter {self.names[i]} has {v.numel()} entries, expected "
-                                     f"{flat_length(key, p.numel(), B)} (another parameter, shape or block_size?)")
-            by_slot[i] = st
-        received: dict[int, dict[str, Any]] = {}
-        for piece in self.pieces:
-            st = by_slot.get(piece.param)
-            if st is None:
-                continue
-            received[piece.param] = {
-                k: v.reshape(-1)[slice(*piece_range(k, piece.start, piece.stop, B))] if _sliced(k, v) else v
-                for k, v in st.items()}
-        self.load_shard_state(received)  # copies: the slices are views of the caller's dict
-        for group, saved in zip(self.param_groups, saved_groups):
-            load_group_values(group, saved)
-
-    def _load_shard_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("format") != "dist8.sharded/1":
-            raise ValueError("not a ShardedOptimizer state_dict (missing format 'dist8.sharded/1')")
-        if state_dict["fingerprint"] != self.layout.fingerprint():
-            raise ValueError("state_dict was saved for different parameters (layout fingerprint differs)")
-        if state_dict["world_size"] != self.world_size or state_dict["rank"] != self.rank:
-            raise ValueError(
-                f"state_dict is rank {state_dict['rank']} of {state_dict['world_size']}'s shard; this is rank "
-                f"{self.rank} of {self.world_size}. A client that saves rank 0's state dict only needs "
-                "ShardedOptimizer(full_state_dict=True); dist8.checkpoint loads at another world size")
-        check_state_dict_map(state_dict, self.inner.quant_map)
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(saved_groups)} param groups, optimizer has {len(self.param_groups)}")
-        for gi, saved in enumerate(saved_groups):  # before anything is loaded
-            self.inner.check_loaded_group(saved, gi)
-        self.load_shard_state(state_dict["state"])
-        for group, saved in zip(self.param_groups, saved_groups):
-            load_group_values(group, saved)
+        load_state_dict_with_hooks(self, state_dict, lambda sd: state_dicts.load(self, sd))
 
     def load_shard_state(self, shard_state: dict[int, dict[str, Any]], copy: bool = True) -> None:
         """Install per-piece state (global parameter index -> state); checks shapes (and the correction's
@@ -649,28 +558,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.last_state_bytes_sent = sent
         if full is None:
             return None
-        return self._unsharded_format(full)
-
-    def _unsharded_indices(self) -> dict[torch.Tensor, int]:
-        """Parameter -> its index in the unsharded optimizer's state dict (param_groups order)."""
-        index_of: dict[torch.Tensor, int] = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                index_of.setdefault(p, len(index_of))
-        return index_of
-
-    def _unsharded_format(self, full: dict[int, dict[str, Any]]) -> dict[str, Any]:
-        """Gathered per-layout-index state as the unsharded dist8 optimizer's state dict."""
-        index_of = self._unsharded_indices()
-        state = {}
-        for i, st in full.items():
-            p = self.params[i]
-            state[index_of[p]] = {
-                k: (v.view(p.shape) if is_state_key(k) or k == CORRECTION else v) for k, v in st.items()
-            }
-        groups = [dict({k: v for k, v in g.items() if k != "params"}, params=[index_of[p] for p in g["params"]])
-                  for g in self.param_groups]
-        return {"state": state, "param_groups": groups, STATE_DICT_INFO: state_dict_info(self.inner.quant_map)}
+        return state_dicts.unsharded_format(self, full)
 
     def __repr__(self) -> str:
         return (f"ShardedOptimizer({self.optimizer_class.__name__}, stage={self.stage}, rank {self.rank}/"

@@ -1,0 +1,146 @@
+"""The two state-dict formats of :class:`dist8.shard.ShardedOptimizer`, written and read here.
+
+* **Shard** (``format: "dist8.sharded/1"``): this rank's pieces, the layout fingerprint, rank
+  and world size; loads only on the same rank of the same world size (:mod:`dist8.checkpoint`
+  reshards files).
+* **Unsharded**: the whole state in the unsharded dist8 optimizer's own format (parameter index
+  -> codes with the parameter's shape, full absmax, ...), as ``full_state_dict=True`` and
+  ``consolidated_state_dict`` give it; loads at any world size, every rank slicing the whole
+  blocks of its pieces (exact), after every tensor's length is checked against its parameter.
+
+Only the optimizer's public attributes are used (``params``, ``names``, ``pieces``, ``layout``,
+``inner``, ``load_shard_state``, ...).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from dist8.optim.config import load_group_values
+from dist8.optim.state_schema import (CORRECTION, GNORM, STATE_DICT_INFO, check_state_dict_map, flat_length,
+                                      is_absmax_key, is_state_key, state_dict_info)
+from dist8.shard.collectives import piece_range
+
+if TYPE_CHECKING:
+    from dist8.shard.sharded import ShardedOptimizer
+
+__all__ = ["shard_format", "unsharded_format", "load"]
+
+SHARD_FORMAT = "dist8.sharded/1"
+
+
+def _sliced(key: str, value: Any) -> bool:
+    """Whether a full state-dict entry is laid out on the parameter's elements or blocks (a piece takes
+    its part of it) rather than shared by every piece (``step``)."""
+    return torch.is_tensor(value) and (is_state_key(key) or is_absmax_key(key) or key in (CORRECTION, GNORM))
+
+
+def _unsharded_indices(opt: ShardedOptimizer) -> dict[torch.Tensor, int]:
+    """Parameter -> its index in the unsharded optimizer's state dict (param_groups order)."""
+    index_of: dict[torch.Tensor, int] = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            index_of.setdefault(p, len(index_of))
+    return index_of
+
+
+def shard_format(opt: ShardedOptimizer) -> dict[str, Any]:
+    """This rank's shard: per-parameter piece state plus the layout it belongs to."""
+    return {
+        "format": SHARD_FORMAT,
+        "rank": opt.rank,
+        "world_size": opt.world_size,
+        "layout": opt.layout.describe(),
+        "fingerprint": opt.layout.fingerprint(),
+        "pieces": [[p.param, p.start, p.stop] for p in opt.pieces],
+        "state": opt.shard_state(),
+        "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+        STATE_DICT_INFO: state_dict_info(opt.inner.quant_map),
+    }
+
+
+def unsharded_format(opt: ShardedOptimizer, full: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Gathered per-layout-index state as the unsharded dist8 optimizer's state dict."""
+    index_of = _unsharded_indices(opt)
+    state = {}
+    for i, st in full.items():
+        p = opt.params[i]
+        state[index_of[p]] = {
+            k: (v.view(p.shape) if is_state_key(k) or k == CORRECTION else v) for k, v in st.items()
+        }
+    groups = [dict({k: v for k, v in g.items() if k != "params"}, params=[index_of[p] for p in g["params"]])
+              for g in opt.param_groups]
+    return {"state": state, "param_groups": groups, STATE_DICT_INFO: state_dict_info(opt.inner.quant_map)}
+
+
+def load(opt: ShardedOptimizer, state_dict: dict[str, Any]) -> None:
+    """Load either format into ``opt`` (the unsharded one is told by its missing ``format`` key)."""
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"state_dict must be a dict (from ShardedOptimizer.state_dict()), got {type(state_dict).__name__}")
+    if "format" not in state_dict and "state" in state_dict and "param_groups" in state_dict:
+        _load_unsharded(opt, state_dict)
+    else:
+        _load_shard(opt, state_dict)
+
+
+def _load_unsharded(opt: ShardedOptimizer, state_dict: dict[str, Any]) -> None:
+    """The unsharded format: every rank slices the blocks of its pieces (whole blocks: exact)."""
+    check_state_dict_map(state_dict, opt.inner.quant_map)
+    saved_groups, state = state_dict["param_groups"], state_dict["state"]
+    if not isinstance(saved_groups, list) or len(saved_groups) != len(opt.param_groups):
+        raise ValueError(f"state_dict has {len(saved_groups) if isinstance(saved_groups, list) else 'no list of'} "
+                         f"param groups, optimizer has {len(opt.param_groups)}")
+    if not isinstance(state, dict):
+        raise ValueError(f"state_dict['state'] must be a dict, got {type(state).__name__}")
+    index_of = _unsharded_indices(opt)
+    for gi, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):  # before anything is loaded
+        opt.inner.check_loaded_group(saved, gi)
+        if not isinstance(saved.get("params"), list) or len(saved["params"]) != len(group["params"]):
+            raise ValueError(f"param group {gi} of state_dict lists {len(saved.get('params') or [])} parameters, "
+                             f"the optimizer's has {len(group['params'])}")
+    by_slot = {}
+    B = opt.layout.block_size
+    for i, p in enumerate(opt.params):
+        st = state.get(index_of[p])
+        if st is None:
+            continue
+        if not isinstance(st, dict):
+            raise ValueError(f"state of parameter {opt.names[i]} must be a dict, got {type(st).__name__}")
+        for key, v in st.items():
+            if _sliced(key, v) and v.numel() != flat_length(key, p.numel(), B):
+                raise ValueError(f"{key} of parameter {opt.names[i]} has {v.numel()} entries, expected "
+                                 f"{flat_length(key, p.numel(), B)} (another parameter, shape or block_size?)")
+        by_slot[i] = st
+    received: dict[int, dict[str, Any]] = {}
+    for piece in opt.pieces:
+        st = by_slot.get(piece.param)
+        if st is None:
+            continue
+        received[piece.param] = {
+            k: v.reshape(-1)[slice(*piece_range(k, piece.start, piece.stop, B))] if _sliced(k, v) else v
+            for k, v in st.items()}
+    opt.load_shard_state(received)  # copies: the slices are views of the caller's dict
+    for group, saved in zip(opt.param_groups, saved_groups):
+        load_group_values(group, saved)
+
+
+def _load_shard(opt: ShardedOptimizer, state_dict: dict[str, Any]) -> None:
+    if state_dict.get("format") != SHARD_FORMAT:
+        raise ValueError(f"not a ShardedOptimizer state_dict (missing format {SHARD_FORMAT!r})")
+    if state_dict["fingerprint"] != opt.layout.fingerprint():
+        raise ValueError("state_dict was saved for different parameters (layout fingerprint differs)")
+    if state_dict["world_size"] != opt.world_size or state_dict["rank"] != opt.rank:
+        raise ValueError(
+            f"state_dict is rank {state_dict['rank']} of {state_dict['world_size']}'s shard; this is rank "
+            f"{opt.rank} of {opt.world_size}. A client that saves rank 0's state dict only needs "
+            "ShardedOptimizer(full_state_dict=True); dist8.checkpoint loads at another world size")
+    check_state_dict_map(state_dict, opt.inner.quant_map)
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(opt.param_groups):
+        raise ValueError(f"state_dict has {len(saved_groups)} param groups, optimizer has {len(opt.param_groups)}")
+    for gi, saved in enumerate(saved_groups):  # before anything is loaded
+        opt.inner.check_loaded_group(saved, gi)
+    opt.load_shard_state(state_dict["state"])
+    for group, saved in zip(opt.param_groups, saved_groups):
+        load_group_values(group, saved)
