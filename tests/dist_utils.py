@@ -8,6 +8,7 @@ rank would.
 """
 import multiprocessing
 import os
+import random
 import socket
 import sys
 import traceback
@@ -17,10 +18,33 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port that nothing listens on now, chosen outside the kernel's ephemeral range.
+
+    ``bind(0)`` would hand out an ephemeral port, which any outgoing connection (gloo opens many
+    between ranks of the tests running beside this one) may take before the rendezvous store
+    binds it; one CI run lost a test to exactly that. Below the range only listeners compete,
+    and the bind check rules out those already there."""
+    low, high = _ephemeral_range()
+    lo, hi = (20000, low - 1) if low > 21000 else (high + 1, 65535)
+    rng = random.Random()  # unseeded: tests that seed the global RNG must not draw the same port
+    for _ in range(200):
+        port = rng.randint(lo, hi)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port in {lo}-{hi}")
 
 
 _PRELOAD = ["torch", "torch.distributed", "torch.distributed.fsdp", "torch.distributed.checkpoint", "dist8.optim",

@@ -154,7 +154,7 @@ def workdir(tmp_path_factory) -> tuple[Path, dict[str, str]]:
         "python": f'exec {py} "$@"',
         # SLURM stand-ins: a one-node allocation on this machine.
         "sbatch": 'script="$1"; shift; export SLURM_JOB_NODELIST=localhost SLURM_JOB_NUM_NODES=1 '
-                  f'SLURM_JOB_ID=1 SLURM_GPUS_ON_NODE=1 MASTER_PORT={free_port()}; exec bash "$script" "$@"',
+                  'SLURM_JOB_ID=1 SLURM_GPUS_ON_NODE=1; exec bash "$script" "$@"',  # MASTER_PORT: _sh
         "scontrol": "echo 127.0.0.1",
         "srun": 'while [[ "$1" == --* ]]; do shift; done; exec "$@"',
     }
@@ -163,14 +163,14 @@ def workdir(tmp_path_factory) -> tuple[Path, dict[str, str]]:
         path.write_text(f"#!/usr/bin/env bash\n{body}\n")
         path.chmod(0o755)
     env = child_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-                    PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
-                    MASTER_PORT=str(free_port()))
+                    PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
     return work, env
 
 
 def _sh(command: str, work: Path, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(["bash", "-c", command], cwd=work, env=env, capture_output=True, text=True,
-                            timeout=timeout)
+    # A port chosen now, not when the fixture was built: minutes of other tests' traffic lie between.
+    result = subprocess.run(["bash", "-c", command], cwd=work, env={**env, "MASTER_PORT": str(free_port())},
+                            capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{command}\nexit {result.returncode}\n--- stdout\n{result.stdout[-3000:]}" \
                                    f"\n--- stderr\n{result.stderr[-5000:]}"
     return result
@@ -256,3 +256,12 @@ def test_cli_help_and_argument_errors_do_not_import_torch():
                             timeout=120)
     assert result.stdout.strip().splitlines()[-1] == "no torch", result.stdout + result.stderr
     assert "usage: dist8" in result.stdout and "unrecognized arguments: --bogus" in result.stderr
+
+
+def test_rendezvous_ports_are_outside_the_ephemeral_range():
+    # A port from the ephemeral range can be taken by any outgoing connection between choosing and
+    # binding it; one CI run lost the sbatch command to that (a 60 s rendezvous timeout).
+    from dist_utils import _ephemeral_range
+    low, high = _ephemeral_range()
+    ports = {free_port() for _ in range(20)}
+    assert not any(low <= p <= high for p in ports) and len(ports) > 1
