@@ -18,7 +18,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _ephemeral_range() -> tuple[int, int]:
+def ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (inclusive)."""
     try:
         low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
         return low, high
@@ -33,7 +34,7 @@ def free_port() -> int:
     between ranks of the tests running beside this one) may take before the rendezvous store
     binds it; one CI run lost a test to exactly that. Below the range only listeners compete,
     and the bind check rules out those already there."""
-    low, high = _ephemeral_range()
+    low, high = ephemeral_port_range()
     lo, hi = (20000, low - 1) if low > 21000 else (high + 1, 65535)
     rng = random.Random()  # unseeded: tests that seed the global RNG must not draw the same port
     for _ in range(200):

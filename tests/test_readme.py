@@ -258,10 +258,10 @@ def test_cli_help_and_argument_errors_do_not_import_torch():
     assert "usage: dist8" in result.stdout and "unrecognized arguments: --bogus" in result.stderr
 
 
-def test_rendezvous_ports_are_outside_the_ephemeral_range():
+def test_rendezvous_ports_are_outside_theephemeral_port_range():
     # A port from the ephemeral range can be taken by any outgoing connection between choosing and
     # binding it; one CI run lost the sbatch command to that (a 60 s rendezvous timeout).
-    from dist_utils import _ephemeral_range
-    low, high = _ephemeral_range()
+    from dist_utils import ephemeral_port_range
+    low, high = ephemeral_port_range()
     ports = {free_port() for _ in range(20)}
     assert not any(low <= p <= high for p in ports) and len(ports) > 1
