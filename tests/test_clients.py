@@ -16,6 +16,8 @@ ZeroRedundancyOptimizer and fairscale OSS.
 * ``test_accelerate_sees_grad_scaler_skips_as_with_torch_adamw``: accelerate's
   ``step_was_skipped`` under a GradScaler reports what it reports for torch's fused AdamW, and with
   ``amp_unscale="scaler"`` what it reports for torch's non-fused AdamW (the skip).
+* ``test_accelerate_ddp_with_sharded_optimizer_resumes_bitwise``: 2 DDP ranks, ``ShardedOptimizer``
+  stage 2 with ``full_state_dict=True``: accelerate's ``save_state``/``load_state`` resume bitwise.
 * ``test_accelerate_fsdp2_optimizer_built_before_sharding``: 2 gloo ranks. The optimizer
   is built on the plain model and ``accelerator.prepare`` applies FSDP2 afterwards,
   swapping DTensors into ``param_groups`` (accelerate's FSDP2 path; accelerate only takes
@@ -401,6 +403,57 @@ def test_accelerate_fsdp2_optimizer_built_before_sharding(tmp_path):
     kinds = run_ranks(_accelerate_worker, 2, str(tmp_path / "acc-state"), tmp_path=tmp_path)
     assert kinds[0] == kinds[1]
     assert kinds[0]["emb.weight"] == "torch.uint8" and kinds[0]["block.0.weight"] == "torch.float32"
+
+
+# ---- accelerate's DDP with dist8.ShardedOptimizer: save_state / load_state ----------------------------
+def _accelerate_ddp_zero(rank, world_size, out_dir, full_state_dict):
+    import os
+
+    from accelerate import Accelerator
+
+    from dist8.shard import ShardedOptimizer
+
+    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))  # torchrun's, beside run_ranks'
+    acc = Accelerator(cpu=True)
+    model = _Net()
+    opt = ShardedOptimizer(model.parameters(), dist8.AdamW8bit, stage=2, full_state_dict=full_state_dict, lr=3e-3,
+                           weight_decay=0.1, min_8bit_size=1000)
+    model, opt = acc.prepare(model, opt)
+
+    def train(start, steps):
+        for step in range(start, start + steps):
+            x, y = _batch(step)
+            per = x.shape[0] // world_size
+            acc.backward(_loss(model, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]))
+            opt.step()
+            opt.zero_grad()
+
+    train(0, 3)
+    acc.save_state(out_dir)  # every rank calls optimizer.state_dict(); the main process writes it
+    train(3, 3)
+    uninterrupted = [p.detach().clone() for p in model.parameters()]
+    acc.load_state(out_dir)  # every rank loads the main process's file
+    train(3, 3)
+    return {"distributed": str(acc.distributed_type), "wrapped": type(model).__name__,
+            "resumed_equal": all(torch.equal(a, b) for a, b in zip(uninterrupted, model.parameters()))}
+
+
+def test_accelerate_ddp_with_sharded_optimizer_resumes_bitwise(tmp_path):
+    """accelerate's ``save_state`` calls ``optimizer.state_dict()`` on every rank and writes the main
+    process's, and ``load_state`` loads that file on every rank: with ``full_state_dict=True`` it holds
+    every rank's blocks (the unsharded format) and 2 DDP ranks of ``ShardedOptimizer`` stage 2 resume
+    bitwise. No callback is needed (unlike HF Trainer, which calls ``state_dict()`` on rank 0 alone).
+    In the default shard mode the file is rank 0's shard, and rank 1 refuses it naming the option."""
+    pytest.importorskip("accelerate", reason="accelerate is in the [test] extras")
+    out = run_ranks(_accelerate_ddp_zero, 2, str(tmp_path / "acc"), True, tmp_path=tmp_path)
+    assert out[0]["distributed"] == "DistributedType.MULTI_CPU" and out[0]["wrapped"] == "DistributedDataParallel"
+    assert out[0]["resumed_equal"] and out[1]["resumed_equal"]
+    saved = torch.load(tmp_path / "acc" / "optimizer.bin", weights_only=True)
+    assert saved["state"][0]["state1"].dtype == torch.uint8  # the embedding's 2048 values: 8-bit
+    assert saved["state"][0]["state1"].numel() == 64 * 32, "every rank's blocks are in the main process's file"
+    # Without the option, rank 1 is handed rank 0's shard and refuses it, naming the option.
+    with pytest.raises(AssertionError, match=r"rank 0 of 2's shard; this is rank 1 of 2.*full_state_dict=True"):
+        run_ranks(_accelerate_ddp_zero, 2, str(tmp_path / "acc-shard"), False, tmp_path=tmp_path)
 
 
 # ---- DCP stateful API, FSDP2 2 -> 1 -----------------------------------------------------------------
