@@ -24,8 +24,8 @@ FILE_SECONDS = {
     "test_deepspeed.py": 110, "test_optim_vs_torch.py": 90, "test_train_errors.py": 80,
     "test_cuda_compile_cuda_torch.py": 75, "test_kernels_master.py": 75, "test_kernels_cpu_builds.py": 70,
     "test_cuda_compile.py": 70, "test_checkpoint_hostile.py": 60, "test_checkpoint.py": 45,
-    "test_train_faults.py": 45, "test_fsdp.py": 40, "test_deepspeed_hint.py": 30, "test_sharded.py": 25,
-    "test_clients.py": 40, "test_bnb_suite.py": 65,
+    "test_train_faults.py": 45, "test_fsdp.py": 25, "test_tensor_parallel.py": 20, "test_deepspeed_hint.py": 30,
+    "test_sharded.py": 25, "test_clients.py": 40, "test_bnb_suite.py": 65,
 }
 
 

@@ -2,6 +2,7 @@
 import zlib
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import dist8
@@ -10,7 +11,7 @@ from dist8.nn import StableEmbedding
 __all__ = [
     "TinyGPT", "make_model", "batch", "loss_fn", "mesh_of", "full_state", "full_params", "assert_same_state",
     "assert_same_params", "reference_copy", "synthetic_grad", "set_grads", "DcpModel", "DCP_KW", "SAVE_AT", "MORE",
-    "dcp_model", "reference_run", "run_steps",
+    "dcp_model", "reference_run", "run_steps", "steps_as_unsharded",
 ]
 
 
@@ -161,3 +162,22 @@ def run_steps(model, opt, start, stop):
         set_grads(model, None, step)
         opt.step()
         opt.zero_grad()
+
+
+def steps_as_unsharded(model, cls, kw, set_grads_fn, name, steps=4):
+    """Step the sharded ``model`` and an unsharded copy with the same gradients: parameters after every
+    step, then state and skip counts (summed over ranks) bitwise equal. Returns (opt, ref, ref_opt)."""
+    ref = reference_copy(model)
+    opt = cls(model.named_parameters(), **kw)
+    ref_opt = cls(list(ref.items()), **kw)
+    for step in range(steps):
+        set_grads_fn(model, ref, step)
+        opt.step()
+        ref_opt.step()
+        assert_same_params(full_params(model), {n: p.detach() for n, p in ref.items()}, f"{name} step {step}")
+    # each rank counts the blocks it skipped (an edge block on the rank holding its first element)
+    skips = torch.tensor([opt.nonfinite_skips], dtype=torch.int64)
+    dist.all_reduce(skips)
+    assert int(skips) == ref_opt.nonfinite_skips, f"{name}: {int(skips)} skips over ranks"
+    assert_same_state(full_state(opt), full_state(ref_opt), name)
+    return opt, ref, ref_opt

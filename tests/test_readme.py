@@ -76,7 +76,7 @@ PYTHON_FRAGMENTS = {
     "GradScaler": "tests/test_optim_amp.py",
     "def configure_optimizers(": "tests/test_lightning.py",
     "ShardedStateDictCallback": "tests/test_clients.py::test_hf_trainer_ddp_with_sharded_optimizer_resumes_bitwise",
-    "fsdp.fully_shard": "tests/test_fsdp.py, tests/test_checkpoint_fsdp.py",
+    "fsdp.fully_shard": "tests/test_fsdp.py, tests/test_tensor_parallel.py, tests/test_checkpoint_fsdp.py",
     "d8ds.initialize": "tests/test_deepspeed.py",
     "transformers.Trainer(": "tests/test_clients.py::test_hf_trainer_save_and_resume_bitwise",
     '"type": "dist8.AdamW8bit"': "tests/test_clients.py::test_hf_trainer_with_a_deepspeed_config_naming_dist8_resumes_exactly",
