@@ -339,6 +339,32 @@ def test_full_state_dict_is_the_unsharded_one_and_loads_at_any_world_size(tmp_pa
     assert not any(one.inner.state.values())
 
 
+def _late_rank_full_state_dict(rank, world_size):
+    import time
+    import warnings
+
+    from dist8.shard import collectives
+
+    collectives.WAIT_WARN_SECONDS = 1.0
+    opt = ShardedOptimizer(list(make_params().items()), dist8.AdamW8bit, stage=1, full_state_dict=True)
+    if rank == 1:
+        time.sleep(4.0)  # as a client that calls state_dict() on rank 0 only would, for a while
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.state_dict()
+    return [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def test_full_state_dict_called_on_one_rank_says_why_it_waits(tmp_path):
+    """``state_dict()`` with ``full_state_dict=True`` is collective; a rank that calls it alone (HF Trainer
+    without the callback) warns after ``collectives.WAIT_WARN_SECONDS`` naming what is missing, instead
+    of waiting without a word. The rank that comes late does not warn."""
+    warned = run_ranks(_late_rank_full_state_dict, 2, tmp_path=tmp_path)
+    assert len(warned[0]) == 1 and warned[1] == []
+    assert warned[0][0].startswith("rank 0 has waited 1 s in ShardedOptimizer.state_dict() (full_state_dict=True)")
+    assert "every rank must call it" in warned[0][0] and "ShardedStateDictCallback" in warned[0][0]
+
+
 def test_single_process_errors():
     with pytest.raises(RuntimeError, match="not initialised"):
         ShardedOptimizer([torch.nn.Parameter(torch.zeros(4))], process_group=object())

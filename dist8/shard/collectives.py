@@ -7,6 +7,8 @@ Every function returns the bytes it put on the wire so callers can report them.
 """
 from __future__ import annotations
 
+import time
+import warnings
 from typing import Any
 
 import torch
@@ -15,7 +17,11 @@ import torch.distributed as dist
 from dist8.optim.state_schema import GNORM, PERCENTILE_HISTORY, flat_length, is_absmax_key, n_states
 from dist8.quant import num_blocks
 
-__all__ = ["gather_state", "scatter_state", "all_gather_state", "state_key_sizes", "piece_range", "fp32_state_bytes"]
+__all__ = ["gather_state", "scatter_state", "all_gather_state", "state_key_sizes", "piece_range", "fp32_state_bytes",
+           "wait_for_every_rank", "WAIT_WARN_SECONDS"]
+
+#: Seconds a rank waits in :func:`wait_for_every_rank` before it warns that the others have not come.
+WAIT_WARN_SECONDS = 60.0
 
 
 def state_key_sizes(key: str, numel: int, block_size: int) -> int:
@@ -187,3 +193,23 @@ def all_gather_state(optimizer) -> tuple[dict[int, dict[str, Any]], int]:
 def fp32_state_bytes(optimizer) -> int:
     """Bytes the same state would take in fp32 (one float per element per state tensor)."""
     return 4 * n_states(optimizer.inner.rule) * sum(p.numel for p in optimizer.layout.params)
+
+
+def wait_for_every_rank(group: dist.ProcessGroup | None, where: str, hint: str) -> None:
+    """A barrier that explains itself: a collective that one rank enters alone (a client calling a
+    collective method on rank 0 only) otherwise waits without a word until the process group's
+    timeout. After :data:`WAIT_WARN_SECONDS` this warns once, naming ``where`` and ``hint``; if the
+    barrier fails (the group's timeout), the error says the same."""
+    work = dist.barrier(group=group, async_op=True)
+    start, warned = time.monotonic(), False
+    while not work.is_completed():
+        if not warned and time.monotonic() - start > WAIT_WARN_SECONDS:
+            rank = dist.get_rank(group)
+            warnings.warn(f"rank {rank} has waited {WAIT_WARN_SECONDS:.0f} s in {where} for the other ranks: "
+                          f"it is collective, every rank must call it. {hint}", RuntimeWarning, stacklevel=3)
+            warned = True
+        time.sleep(0.005)
+    try:
+        work.wait()
+    except RuntimeError as exc:
+        raise RuntimeError(f"{where}: the other ranks did not join this collective call. {hint}") from exc

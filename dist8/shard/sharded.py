@@ -484,6 +484,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _full_state_dict(self) -> dict[str, Any]:
         if self._gathered_state is None:
+            if self.world_size > 1:
+                from dist8.shard.collectives import wait_for_every_rank
+
+                wait_for_every_rank(self.group, "ShardedOptimizer.state_dict() (full_state_dict=True)",
+                                    "A client that calls state_dict() on rank 0 only (HF Trainer) needs "
+                                    "prepare_full_state_dict() on every rank first: "
+                                    "dist8.integrations.hf_trainer.ShardedStateDictCallback does that.")
             self.prepare_full_state_dict()
         return state_dicts.unsharded_format(self, self._gathered_state)
 
