@@ -195,12 +195,13 @@ def fp32_state_bytes(optimizer) -> int:
     return 4 * n_states(optimizer.inner.rule) * sum(p.numel for p in optimizer.layout.params)
 
 
-def wait_for_every_rank(group: dist.ProcessGroup | None, where: str, hint: str) -> None:
+def wait_for_every_rank(group: dist.ProcessGroup | None, device: torch.device, where: str, hint: str) -> None:
     """A barrier that explains itself: a collective that one rank enters alone (a client calling a
     collective method on rank 0 only) otherwise waits without a word until the process group's
     timeout. After :data:`WAIT_WARN_SECONDS` this warns once, naming ``where`` and ``hint``; if the
-    barrier fails (the group's timeout), the error says the same."""
-    work = dist.barrier(group=group, async_op=True)
+    barrier fails (the group's timeout), the error says the same. The barrier is a one-element
+    all-reduce on ``device`` (``dist.barrier`` under NCCL would guess a GPU, and warn)."""
+    work = dist.all_reduce(torch.zeros(1, device=device), group=group, async_op=True)
     start, warned = time.monotonic(), False
     while not work.is_completed():
         if not warned and time.monotonic() - start > WAIT_WARN_SECONDS:

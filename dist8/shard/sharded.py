@@ -487,7 +487,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             if self.world_size > 1:
                 from dist8.shard.collectives import wait_for_every_rank
 
-                wait_for_every_rank(self.group, "ShardedOptimizer.state_dict() (full_state_dict=True)",
+                wait_for_every_rank(self.group, self.device, "ShardedOptimizer.state_dict() (full_state_dict=True)",
                                     "A client that calls state_dict() on rank 0 only (HF Trainer) needs "
                                     "prepare_full_state_dict() on every rank first: "
                                     "dist8.integrations.hf_trainer.ShardedStateDictCallback does that.")
