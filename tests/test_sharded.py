@@ -389,7 +389,11 @@ def test_single_process_state_dict_names_and_bad_groups_refused_before_loading()
              if isinstance(v, torch.Tensor)}
     for change, match in ((lambda d: d["param_groups"][0].update(lr=float("nan")),
                            r"^lr must be a finite number \(param group 0 of the loaded state dict\)"),
-                          (lambda d: d["param_groups"].append({}), r"^state_dict has 2 param groups, optimizer has 1")):
+                          (lambda d: d["param_groups"].append({}), r"^state_dict has 2 param groups, optimizer has 1"),
+                          (lambda d: d["state"].update({7: d["state"][0]}),
+                           r"^state_dict has state for parameter id 7, which this optimizer's shard does not hold"),
+                          (lambda d: d["state"][0].update(step=torch.tensor(float("nan"))),
+                           r"^step of parameter weight must be an integer >= 0, got nan")):
         bad = copy.deepcopy(sd)
         bad["state"] = {i: {k: (v + 1 if k == "absmax1" else v) for k, v in st.items()} for i, st in bad["state"].items()}
         change(bad)
@@ -397,6 +401,18 @@ def test_single_process_state_dict_names_and_bad_groups_refused_before_loading()
             opt.load_state_dict(bad)
         after = opt.inner.state[opt.inner.param_groups[0]["params"][0]]
         assert all(torch.equal(after[k], v) for k, v in state.items()) and opt.param_groups[0]["lr"] == 1e-3
+    # the same in the unsharded format (full_state_dict=True's, or the unsharded optimizer's own)
+    full = opt.consolidated_state_dict()
+    for change, match in ((lambda d: d["state"].update({"w": d["state"][0]}),
+                           r"^state_dict has state for parameter id 'w', which this optimizer's shard does not hold"),
+                          (lambda d: d["state"][1].update(step=float("nan")),
+                           r"^step of parameter bias must be an integer >= 0, got nan")):
+        bad = copy.deepcopy(full)
+        change(bad)
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(bad)
+        after = opt.inner.state[opt.inner.param_groups[0]["params"][0]]
+        assert all(torch.equal(after[k], v) for k, v in state.items())
 
 
 def _gpt_losses(rank, world_size, stage):

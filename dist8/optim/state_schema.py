@@ -30,7 +30,6 @@ only ``state`` and ``param_groups``) is read with the loading optimizer's map, a
 from __future__ import annotations
 
 import math
-
 from collections.abc import Sequence
 from typing import Any
 
@@ -254,7 +253,8 @@ def check_state(rule: Rule, name: str, st: dict[str, Any], shape: Sequence[int],
     step = st.get(STEP, 0)
     if isinstance(step, torch.Tensor) and step.numel() == 1:
         step = step.item()
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or step != int(step) or step < 0:
+    if (isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step)
+            or step != int(step) or step < 0):
         raise ValueError(f"step of parameter {name} must be an integer >= 0, got {step!r}")
     out[STEP] = int(step)
     if GNORM in st:

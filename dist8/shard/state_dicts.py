@@ -94,6 +94,7 @@ def _load_unsharded(opt: ShardedOptimizer, state_dict: dict[str, Any]) -> None:
     if not isinstance(state, dict):
         raise ValueError(f"state_dict['state'] must be a dict, got {type(state).__name__}")
     index_of = _unsharded_indices(opt)
+    _refuse_unknown_ids(state, set(index_of.values()))
     for gi, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):  # before anything is loaded
         opt.inner.check_loaded_group(saved, gi)
         if not isinstance(saved.get("params"), list) or len(saved["params"]) != len(group["params"]):
@@ -125,6 +126,15 @@ def _load_unsharded(opt: ShardedOptimizer, state_dict: dict[str, Any]) -> None:
         load_group_values(group, saved)
 
 
+def _refuse_unknown_ids(state: dict, known: set[int]) -> None:
+    """State for a parameter id this optimizer (or this rank's shard) does not hold means the dict
+    belongs to other parameters: refused, as the unsharded optimizer refuses it, before loading."""
+    unknown = [k for k in state if k not in known]
+    if unknown:
+        raise ValueError(f"state_dict has state for parameter id {unknown[0]!r}, which this optimizer's "
+                         f"shard does not hold (ids it holds: {sorted(known)[:8]}{'...' if len(known) > 8 else ''})")
+
+
 def _load_shard(opt: ShardedOptimizer, state_dict: dict[str, Any]) -> None:
     if state_dict.get("format") != SHARD_FORMAT:
         raise ValueError(f"not a ShardedOptimizer state_dict (missing format {SHARD_FORMAT!r})")
@@ -141,6 +151,9 @@ def _load_shard(opt: ShardedOptimizer, state_dict: dict[str, Any]) -> None:
         raise ValueError(f"state_dict has {len(saved_groups)} param groups, optimizer has {len(opt.param_groups)}")
     for gi, saved in enumerate(saved_groups):  # before anything is loaded
         opt.inner.check_loaded_group(saved, gi)
+    if not isinstance(state_dict["state"], dict):
+        raise ValueError(f"state_dict['state'] must be a dict, got {type(state_dict['state']).__name__}")
+    _refuse_unknown_ids(state_dict["state"], {piece.param for piece in opt.pieces})
     opt.load_shard_state(state_dict["state"])
     for group, saved in zip(opt.param_groups, saved_groups):
         load_group_values(group, saved)
