@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -166,6 +167,16 @@ def test_keep_last_rotation_and_latest(tmp_path):
     assert sorted(os.listdir(tmp_path / "run")) == ["latest", "step-00000003", "step-00000004"]
     assert ck.latest(tmp_path / "run").endswith("step-00000004")
     assert ck.latest(tmp_path / "empty") is None
+    # a step that is not a whole number >= 0 is refused before anything is written; integer
+    # numpy and torch scalars name the directory like ints
+    for bad in (float("nan"), -1, 2.5, "5", True, torch.tensor(5.0)):
+        with pytest.raises(ValueError, match=r"^save\(step=\.\.\.\) must be an integer >= 0, got "):
+            ck.save(tmp_path / "run", model, opt, step=bad, keep_last=2)
+    assert sorted(os.listdir(tmp_path / "run")) == ["latest", "step-00000003", "step-00000004"]
+    ck.save(tmp_path / "run", model, opt, step=torch.tensor(5), keep_last=2)
+    ck.save(tmp_path / "run", model, opt, step=np.int64(6), keep_last=2)
+    assert sorted(os.listdir(tmp_path / "run")) == ["latest", "step-00000005", "step-00000006"]
+    assert ck.read_metadata(ck.latest(tmp_path / "run"))["step"] == 6
 
 
 

@@ -620,6 +620,39 @@ def test_optimizer_load_state_dict_refuses_foreign_or_corrupt_state():
     again.load_state_dict(flat.state_dict())  # block_wise=False: one absmax per parameter, accepted
 
 
+def test_bitsandbytes_conversion_refuses_malformed_state_dicts_naming_what():
+    """``from_bitsandbytes`` on something that is not a bitsandbytes state dict, or one whose parts are
+    malformed, raises a one-line CheckpointError naming the parameter and key (no AttributeError,
+    KeyError or an unnamed "cannot convert float NaN to integer")."""
+    import copy
+
+    from dist8.checkpoint.convert import from_bitsandbytes
+    from dist8.checkpoint.format import CheckpointError
+    from dist8.quant import dynamic_map
+
+    w = torch.nn.Parameter(torch.randn(2000))
+    opt = dist8.AdamW8bit([w], min_8bit_size=0)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    mine = opt.state_dict()
+    st = {k: v for k, v in mine["state"][0].items() if k != "step"}
+    bnb_like = {"state": {0: {"step": 1, "__bnb_optimizer_quant_state__": dict(
+        st, qmap1=dynamic_map(True), qmap2=dynamic_map(False))}}, "param_groups": copy.deepcopy(mine["param_groups"])}
+    assert from_bitsandbytes(bnb_like)["state"][0]["step"] == 1  # the well-formed one converts
+    cases = [(lambda d: d.update(state=[1]), r"^not an optimizer state dict: expected a dict with a dict 'state'"),
+             (lambda d: d.pop("param_groups"), r"^not an optimizer state dict"),
+             (lambda d: d["state"].update({0: [1]}), r"^parameter 0: state must be a dict, got list$"),
+             (lambda d: d["state"][0].update(step=float("nan")), r"^step of parameter 0 must be a whole number >= 0, got nan$"),
+             (lambda d: d["state"][0].update(step=torch.tensor(-2)), r"^step of parameter 0 must be a whole number >= 0"),
+             (lambda d: d["state"][0]["__bnb_optimizer_quant_state__"]["qmap2"].neg_(),
+              r"^parameter 0: qmap2 is not the dynamic map dist8 uses")]
+    for mutate, match in cases:
+        bad = copy.deepcopy(bnb_like)
+        mutate(bad)
+        with pytest.raises(CheckpointError, match=match):
+            from_bitsandbytes(bad)
+
+
 def test_dcp_metadata_pickle_is_allowlisted(tmp_path):
     import torch.distributed.checkpoint as dcp
 

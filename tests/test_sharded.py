@@ -393,7 +393,7 @@ def test_single_process_state_dict_names_and_bad_groups_refused_before_loading()
                           (lambda d: d["state"].update({7: d["state"][0]}),
                            r"^state_dict has state for parameter id 7, which this optimizer's shard does not hold"),
                           (lambda d: d["state"][0].update(step=torch.tensor(float("nan"))),
-                           r"^step of parameter weight must be an integer >= 0, got nan")):
+                           r"^step of parameter weight must be a whole number >= 0, got nan")):
         bad = copy.deepcopy(sd)
         bad["state"] = {i: {k: (v + 1 if k == "absmax1" else v) for k, v in st.items()} for i, st in bad["state"].items()}
         change(bad)
@@ -406,7 +406,7 @@ def test_single_process_state_dict_names_and_bad_groups_refused_before_loading()
     for change, match in ((lambda d: d["state"].update({"w": d["state"][0]}),
                            r"^state_dict has state for parameter id 'w', which this optimizer's shard does not hold"),
                           (lambda d: d["state"][1].update(step=float("nan")),
-                           r"^step of parameter bias must be an integer >= 0, got nan")):
+                           r"^step of parameter bias must be a whole number >= 0, got nan")):
         bad = copy.deepcopy(full)
         change(bad)
         with pytest.raises(ValueError, match=match):

@@ -30,7 +30,7 @@ from dist8.checkpoint.format import (
     write_metadata,
 )
 from dist8.kernels.rules import Rule, read_state, state_floored
-from dist8.optim.state_schema import STATE_DICT_INFO, state_dict_info
+from dist8.optim.state_schema import STATE_DICT_INFO, checked_step, state_dict_info
 from dist8.quant import dynamic_map, get_map, num_blocks
 
 __all__ = ["from_bitsandbytes", "export_fp32_adam", "consolidate", "fp32_weights"]
@@ -50,8 +50,14 @@ def from_bitsandbytes(state_dict: dict[str, Any], block_size: int = 256) -> dict
     copies (none shared with the bitsandbytes optimizer). Load it with ``optimizer.load_state_dict``
     of an optimizer with the dynamic map (the default; the result names it, so another map refuses it).
     """
+    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict) \
+            or not isinstance(state_dict.get("param_groups"), list):
+        raise CheckpointError("not an optimizer state dict: expected a dict with a dict 'state' and a list "
+                              "'param_groups'")
     out_state = {}
     for pid, st in state_dict["state"].items():
+        if not isinstance(st, dict):
+            raise CheckpointError(f"parameter {pid}: state must be a dict, got {type(st).__name__}")
         st = dict(st)
         st.update(st.pop(BNB_WRAPPER, {}))
         st = _unstack_ademamix(pid, st)
@@ -65,8 +71,10 @@ def from_bitsandbytes(state_dict: dict[str, Any], block_size: int = 256) -> dict
                     raise CheckpointError(f"parameter {pid}: absmax{i} does not hold one value per {block_size} "
                                           "codes (not a block-wise 8-bit state)")
         new = {k: v for k, v in st.items() if k not in _BNB_DROP}
-        step = new.get("step", 0)
-        new["step"] = int(step.item() if torch.is_tensor(step) else step)
+        try:
+            new["step"] = checked_step(new.get("step", 0), str(pid))
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
         for k, v in list(new.items()):
             if torch.is_tensor(v):  # copies: the bitsandbytes optimizer may go on stepping its own tensors
                 fp32_state = k.startswith("state") and v.dtype != torch.uint8

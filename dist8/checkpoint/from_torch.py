@@ -10,7 +10,6 @@ does); 32-bit state is copied exactly.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 import torch
@@ -145,8 +144,7 @@ def _converted(optimizer: Optimizer8bit, p: torch.Tensor, settings: Any, st: Any
 
 
 def _step(step: Any, name: str) -> int:
-    value = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or value < 0 or value != int(value):
-        raise CheckpointError(f"step of parameter {name} must be a whole number >= 0, got {brief(value)}")
-    return int(value)
+    try:
+        return schema.checked_step(step, name)
+    except ValueError as exc:  # a conversion's errors are the checkpoint's
+        raise CheckpointError(str(exc)) from None

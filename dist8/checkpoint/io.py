@@ -8,6 +8,7 @@ neither the model nor the optimizer, on any rank.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import shutil
 import warnings
@@ -38,6 +39,7 @@ from dist8.checkpoint.format import (
 )
 from dist8.checkpoint.groups import checked_groups
 from dist8.checkpoint.reader import read_model, read_pieces
+from dist8.messages import brief
 from dist8.shard import ShardedOptimizer
 from dist8.version import __version__
 
@@ -122,6 +124,12 @@ def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
     full, ...) removes the temporary directory and raises :class:`CheckpointError`
     naming the file, on every rank. Returns the path.
     """
+    if step is not None:  # before anything is gathered or written (a NaN would reach the JSON writer)
+        if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_floating_point():
+            step = step.item()
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+            raise ValueError(f"save(step=...) must be an integer >= 0, got {brief(step)}")
+        step = int(step)  # numpy and torch integers too: the metadata is JSON
     ad = adapt(model, optimizer)
     if hasattr(ad, "gather"):  # FSDP2: full quantized state onto rank 0 (collective)
         ad.gather(model)

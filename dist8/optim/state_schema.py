@@ -30,16 +30,19 @@ only ``state`` and ``param_groups``) is read with the loading optimizer's map, a
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from dist8.kernels import RULE_STATES, Rule
+from dist8.messages import brief
 from dist8.quant import num_blocks
 from dist8.quant.master import master_format
 
 __all__ = [
+    "checked_step",
     "STEP",
     "GNORM",
     "PERCENTILE_HISTORY",
@@ -250,13 +253,7 @@ def check_state(rule: Rule, name: str, st: dict[str, Any], shape: Sequence[int],
         have, want = ("8-bit", "32-bit") if not expect_8bit else ("32-bit", "8-bit")
         raise ValueError(f"state of parameter {name} is {have}, but the optimizer keeps {want} state for it "
                          "(optim_bits, min_8bit_size or overrides differ from the run that saved it)")
-    step = st.get(STEP, 0)
-    if isinstance(step, torch.Tensor) and step.numel() == 1:
-        step = step.item()
-    if (isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step)
-            or step != int(step) or step < 0):
-        raise ValueError(f"step of parameter {name} must be an integer >= 0, got {step!r}")
-    out[STEP] = int(step)
+    out[STEP] = checked_step(st.get(STEP, 0), name)
     if GNORM in st:
         g = st[GNORM]
         if not isinstance(g, torch.Tensor) or not _finite(g):
@@ -293,6 +290,16 @@ def _checked_correction(name: str, c: Any, shape: Sequence[int], device: torch.d
         raise ValueError(f"{CORRECTION} of parameter {name} is {c.dtype} (master_weight_bits={bits}) but the "
                          f"optimizer's master_weight_bits needs {expected}")
     return c.to(device, copy=copy)
+
+
+def checked_step(step: Any, name: str) -> int:
+    """A loaded ``step`` as an int: a whole number >= 0 (a Python or numpy number, or a one-element
+    tensor); anything else (NaN, 2.5, -1, a list, a bool) is a ValueError naming the parameter."""
+    value = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+            or value < 0 or value != int(value)):
+        raise ValueError(f"step of parameter {name} must be a whole number >= 0, got {brief(value)}")
+    return int(value)
 
 
 def _finite(t: torch.Tensor) -> bool:
