@@ -653,6 +653,38 @@ def test_bitsandbytes_conversion_refuses_malformed_state_dicts_naming_what():
             from_bitsandbytes(bad)
 
 
+def test_fp32_export_refuses_what_it_cannot_read_naming_the_parameter():
+    """``export_fp32_adam`` on a state dict without a second moment (Lion), with a missing, short or NaN
+    absmax, a NaN step or no state dict at all: a CheckpointError naming the parameter, never NaN
+    moments handed on to torch's AdamW."""
+    import copy
+
+    from dist8.checkpoint.convert import export_fp32_adam
+    from dist8.checkpoint.format import CheckpointError
+
+    w = torch.nn.Parameter(torch.randn(2000))
+    adam, lion = dist8.AdamW8bit([w], min_8bit_size=0), dist8.Lion8bit([w], min_8bit_size=0)
+    for opt in (adam, lion):
+        w.grad = torch.randn_like(w)
+        opt.step()
+    sd = adam.state_dict()
+    assert set(export_fp32_adam(sd)["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+    cases = [(lambda d: d.update(state=5), r"^not an optimizer state dict"),
+             (lambda d: d["state"][0].pop("absmax2"), r"^parameter 0: 8-bit state2 has no tensor absmax2$"),
+             (lambda d: d["state"][0].update(absmax1=d["state"][0]["absmax1"][:3]),
+              r"^parameter 0: absmax has 3 entries but 2000 codes in blocks of 256 need 8"),
+             (lambda d: d["state"][0]["absmax1"].__setitem__(0, float("nan")),
+              r"^parameter 0: absmax1 holds NaN, inf or negative values$"),
+             (lambda d: d["state"][0].update(step=float("nan")), r"^step of parameter 0 must be a whole number >= 0")]
+    for mutate, match in cases:
+        bad = copy.deepcopy(sd)
+        mutate(bad)
+        with pytest.raises(CheckpointError, match=match):
+            export_fp32_adam(bad)
+    with pytest.raises(CheckpointError, match=r"^parameter 0: no tensor state2 \(exp_avg_sq\); export_fp32_adam needs"):
+        export_fp32_adam(lion.state_dict())
+
+
 def test_dcp_metadata_pickle_is_allowlisted(tmp_path):
     import torch.distributed.checkpoint as dcp
 

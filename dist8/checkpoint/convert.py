@@ -50,14 +50,9 @@ def from_bitsandbytes(state_dict: dict[str, Any], block_size: int = 256) -> dict
     copies (none shared with the bitsandbytes optimizer). Load it with ``optimizer.load_state_dict``
     of an optimizer with the dynamic map (the default; the result names it, so another map refuses it).
     """
-    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict) \
-            or not isinstance(state_dict.get("param_groups"), list):
-        raise CheckpointError("not an optimizer state dict: expected a dict with a dict 'state' and a list "
-                              "'param_groups'")
+    _check_structure(state_dict)
     out_state = {}
     for pid, st in state_dict["state"].items():
-        if not isinstance(st, dict):
-            raise CheckpointError(f"parameter {pid}: state must be a dict, got {type(st).__name__}")
         st = dict(st)
         st.update(st.pop(BNB_WRAPPER, {}))
         st = _unstack_ademamix(pid, st)
@@ -71,10 +66,7 @@ def from_bitsandbytes(state_dict: dict[str, Any], block_size: int = 256) -> dict
                     raise CheckpointError(f"parameter {pid}: absmax{i} does not hold one value per {block_size} "
                                           "codes (not a block-wise 8-bit state)")
         new = {k: v for k, v in st.items() if k not in _BNB_DROP}
-        try:
-            new["step"] = checked_step(new.get("step", 0), str(pid))
-        except ValueError as exc:
-            raise CheckpointError(str(exc)) from None
+        new["step"] = _step(new.get("step", 0), pid)
         for k, v in list(new.items()):
             if torch.is_tensor(v):  # copies: the bitsandbytes optimizer may go on stepping its own tensors
                 fp32_state = k.startswith("state") and v.dtype != torch.uint8
@@ -83,6 +75,25 @@ def from_bitsandbytes(state_dict: dict[str, Any], block_size: int = 256) -> dict
     # bitsandbytes' codes are the dynamic map's: an optimizer with another quant_map refuses them
     return {"state": out_state, "param_groups": [dict(g) for g in state_dict["param_groups"]],
             STATE_DICT_INFO: state_dict_info("dynamic")}
+
+
+def _check_structure(state_dict: Any) -> None:
+    """An optimizer state dict's outline: a dict with a dict ``state`` of per-parameter dicts and a
+    list ``param_groups``; anything else is refused naming what is wrong."""
+    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict) \
+            or not isinstance(state_dict.get("param_groups"), list):
+        raise CheckpointError("not an optimizer state dict: expected a dict with a dict 'state' and a list "
+                              "'param_groups'")
+    for pid, st in state_dict["state"].items():
+        if not isinstance(st, dict):
+            raise CheckpointError(f"parameter {pid}: state must be a dict, got {type(st).__name__}")
+
+
+def _step(step: Any, pid: Any) -> int:
+    try:
+        return checked_step(step, str(pid))
+    except ValueError as exc:  # a conversion's errors are the checkpoint's
+        raise CheckpointError(str(exc)) from None
 
 
 def _unstack_ademamix(pid: Any, st: dict[str, Any]) -> dict[str, Any]:
@@ -113,18 +124,30 @@ def export_fp32_adam(state_dict: dict[str, Any], block_size: int = 256) -> dict[
     reads it: a code 0 is half the smallest code of its block, not 0 (a zero second moment
     under a nonzero first moment is the ``lr * m / eps`` step the floor exists to prevent).
     """
+    _check_structure(state_dict)
     info = state_dict.get(STATE_DICT_INFO)
     quant_map = info.get("quant_map", "dynamic") if isinstance(info, dict) else "dynamic"
     out = {}
     for pid, st in state_dict["state"].items():
-        entry: dict[str, Any] = {"step": torch.tensor(float(st["step"]))}
+        entry: dict[str, Any] = {"step": torch.tensor(float(_step(st.get("step", 0), pid)))}
         for i, key, signed in ((1, "exp_avg", True), (2, "exp_avg_sq", False)):
-            s = st[f"state{i}"]
+            s = st.get(f"state{i}")
+            if not isinstance(s, torch.Tensor):
+                raise CheckpointError(f"parameter {pid}: no tensor state{i} ({key}); export_fp32_adam needs an "
+                                      "Adam-family state (state1 = m, state2 = v), not Lion's, SGD's, ...")
             if s.dtype != torch.uint8:
                 entry[key] = s.float().clone()
                 continue
-            qmap, absmax = get_map(quant_map, signed).to(s.device), st[f"absmax{i}"].float().to(s.device)
-            entry[key] = read_state(s, absmax, qmap, block_size, state_floored(Rule.ADAM, i - 1)).view(s.shape)
+            absmax = st.get(f"absmax{i}")
+            if not isinstance(absmax, torch.Tensor):
+                raise CheckpointError(f"parameter {pid}: 8-bit state{i} has no tensor absmax{i}")
+            qmap, absmax = get_map(quant_map, signed).to(s.device), absmax.float().to(s.device)
+            if not bool(torch.isfinite(absmax).all()) or bool((absmax < 0).any()):
+                raise CheckpointError(f"parameter {pid}: absmax{i} holds NaN, inf or negative values")
+            try:
+                entry[key] = read_state(s, absmax, qmap, block_size, state_floored(Rule.ADAM, i - 1)).view(s.shape)
+            except ValueError as exc:
+                raise CheckpointError(f"parameter {pid}: {exc}") from None
         out[pid] = entry
     groups = []
     for g in state_dict["param_groups"]:
