@@ -241,9 +241,15 @@ def test_refuses_bad_setup():
     with pytest.raises(RuntimeError, match="still holds a gradient"):
         dist8.gradient_release(model, opt)
     model.zero_grad(set_to_none=True)
-    dist8.gradient_release(model, opt)
+    handle = dist8.gradient_release(model, opt)
     with pytest.raises(RuntimeError, match="already active"):
         dist8.gradient_release(model, opt)
+    # a second optimizer over a released parameter would never see its gradient (the first hook frees it)
+    second = AdamW8bit(list(model.named_parameters())[-1:])
+    with pytest.raises(RuntimeError, match=r"^parameter \S+ is already released by another optimizer's "):
+        dist8.gradient_release(model, second)
+    handle.remove()
+    dist8.gradient_release(model, second).remove()  # free again once the first handle is removed
 
 
 def test_refuses_grad_scaler():

@@ -59,6 +59,7 @@ import types
 from typing import Any
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from dist8.messages import brief
 from dist8.optim.base import Optimizer8bit
@@ -68,6 +69,8 @@ from dist8.optim.chunked_grads import ChunkedWeights
 __all__ = ["GradientRelease", "gradient_release"]
 
 _ACTIVE_ATTR = "_dist8_gradient_release"
+# parameter -> the active handle whose hook steps it (by identity: a tensor's == is elementwise)
+_RELEASED_BY: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 class GradientRelease:
@@ -103,6 +106,7 @@ class GradientRelease:
             for p in group["params"]:
                 if p.requires_grad:
                     self._hooks.append(p.register_post_accumulate_grad_hook(self._hook))
+                    _RELEASED_BY[p] = self
         for name in ("step", "zero_grad"):
             if name in opt.__dict__:  # e.g. an LR scheduler's step counter wrapper
                 self._saved_methods[name] = opt.__dict__[name]
@@ -124,6 +128,10 @@ class GradientRelease:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if _RELEASED_BY.get(p) is self:
+                    del _RELEASED_BY[p]
         opt = self.optimizer
         for name in ("step", "zero_grad"):
             if name in self._saved_methods:
@@ -231,8 +239,9 @@ def gradient_release(
 
     Raises a one-line error for: an optimizer that is not a dist8 optimizer
     (``ShardedOptimizer`` named), a ``DistributedDataParallel`` model, an optimizer
-    that already has gradient release, a parameter of the optimizer that is not in
-    the model, a parameter that still holds a gradient, a bad clip value.
+    that already has gradient release, a parameter another optimizer's gradient release
+    already steps, a parameter of the optimizer that is not in the model, a parameter
+    that still holds a gradient, a bad clip value.
     """
     if type(optimizer).__name__ == "ShardedOptimizer":
         raise TypeError(
@@ -268,6 +277,12 @@ def gradient_release(
                 raise ValueError(
                     f"optimizer parameter {optimizer.param_name(p)} is not a parameter of the model; gradient_release "
                     "hooks the model's parameters and could not step it"
+                )
+            if p in _RELEASED_BY:
+                raise RuntimeError(
+                    f"parameter {optimizer.param_name(p)} is already released by another optimizer's "
+                    "gradient_release: its hook steps the parameter and frees the gradient, so this optimizer "
+                    "would never see one; remove() that handle first"
                 )
             if p.grad is not None:
                 raise RuntimeError(
