@@ -85,6 +85,11 @@ def test_refusals():
         dist8.cast_model(Model(), torch.bfloat16, keep_fp32=["*.bias"])
     with pytest.raises(ValueError, match="dtype must be one of .*, got 'bf16'"):
         dist8.cast_model(Model(), "bf16")
+    model = Model()
+    with pytest.raises(ValueError, match=r"^cast_model: keep_fp32 pattern 'haed' matches no module or parameter "
+                                         r"name of the model \(names look like "):
+        dist8.cast_model(model, torch.bfloat16, keep_fp32=["head", "haed"])  # a typo: refused, nothing cast
+    assert all(p.dtype == torch.float32 for p in model.parameters())
     for bad in (torch.ones(3), [1], ["head", None], 5):  # not name patterns: refused before anything is cast
         model = Model()
         with pytest.raises(TypeError, match="keep_fp32 must be a name pattern or a list of them"):

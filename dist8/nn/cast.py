@@ -75,7 +75,8 @@ def cast_model(
         keep_fp32: fnmatch patterns of module names (``"lm_head"``, ``"*.router"``) or
             parameter names (``"lm_head.weight"``); a matching module (with everything
             inside it) keeps its parameters and buffers in fp32 and computes in fp32. A pattern that matches
-            some but not all parameters of one module is refused (a module computes in one dtype).
+            some but not all parameters of one module is refused (a module computes in one dtype),
+            and so is a pattern that matches nothing (a typo would leave the module in ``dtype``).
         keep_norm_layers: keep the modules in :data:`NORM_LAYERS` (LayerNorm, RMSNorm,
             GroupNorm, BatchNorm, InstanceNorm, LocalResponseNorm) in fp32. Default True.
 
@@ -89,6 +90,11 @@ def cast_model(
         keep_fp32 = [keep_fp32]
     if not isinstance(keep_fp32, (Sequence, set, frozenset)) or not all(isinstance(p, str) for p in keep_fp32):
         raise TypeError(f"cast_model: keep_fp32 must be a name pattern or a list of them (str), got {brief(keep_fp32)}")
+    names = [n for n, _ in model.named_modules() if n] + [n for n, _ in model.named_parameters()]
+    unmatched = [pat for pat in keep_fp32 if not any(fnmatch.fnmatchcase(n, pat) for n in names)]
+    if unmatched:  # a typo would silently leave the module in low precision
+        raise ValueError(f"cast_model: keep_fp32 pattern {unmatched[0]!r} matches no module or parameter name of "
+                         f"the model (names look like {', '.join(names[:4])})")
     kept: list[nn.Module] = []
     kept_prefixes: list[str] = []
     for mod_name, module in model.named_modules():  # parents come before their children
