@@ -1,5 +1,6 @@
 """Every bad hyperparameter is refused with a ValueError naming it: at construction, in
-add_param_group, in name overrides (naming the pattern, at construction) and in
+add_param_group, in name overrides (naming the pattern, at construction; a pattern matching no
+parameter is refused too) and in
 load_state_dict (naming the group); duplicate parameters are refused naming them."""
 from __future__ import annotations
 
@@ -106,6 +107,23 @@ def test_override_checked_at_construction_naming_the_pattern():
     for extra, key in (({"lr": -5}, "lr"), ({"eps": NAN}, "eps"), ({"betas": (0.9,)}, "betas")):
         with pytest.raises(ValueError, match=f"{key}.*override 'w\\*'"):
             d8.AdamW8bit(_params(), overrides={"w*": extra})
+
+
+def test_override_pattern_that_matches_no_parameter_is_refused():
+    """A typo in an overrides pattern would silently leave the parameter at the defaults: refused at
+    construction naming the pattern, for the unsharded optimizer and ShardedOptimizer (which checks
+    every parameter's name, not only its own rank's pieces); unnamed parameters cannot be matched."""
+    from dist8.shard import ShardedOptimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    for make in (lambda ov: d8.AdamW8bit(model.named_parameters(), overrides=ov),
+                 lambda ov: ShardedOptimizer(model.named_parameters(), d8.AdamW8bit, overrides=ov)):
+        make({"*.bias": {"lr": 0.5}, "1.weight": {"optim_bits": 32}})
+        with pytest.raises(ValueError, match=r"^overrides pattern 'lm_head\.\*' matches no parameter name "
+                                             r"\(names look like 0\.weight, 0\.bias"):
+            make({"*.bias": {"lr": 0.5}, "lm_head.*": {"lr": 0.5}})
+    with pytest.raises(ValueError, match=r"^overrides match parameter names, and these parameters have none"):
+        d8.AdamW8bit(model.parameters(), overrides={"*.bias": {"lr": 0.5}})
 
 
 def test_load_state_dict_names_the_group():

@@ -29,8 +29,9 @@ from dist8.optim import dtensor, master_weights, pipeline
 from dist8.optim import dtensor_layout as dtl
 from dist8.optim import state_schema as schema
 from dist8.optim.amp import amp_scaling, check_amp_unscale
-from dist8.optim.config import (check_overrides, global_numel, hyperparameters_of, load_group_values, match_overrides,
-                                name_every_group, positional_name, split_named_params, uses_8bit)
+from dist8.optim.config import (GLOBAL_NUMEL_ATTR, check_overrides, check_overrides_match, global_numel,
+                                hyperparameters_of, load_group_values, match_overrides, name_every_group,
+                                positional_name, split_named_params, uses_8bit)
 from dist8.optim.contract import TorchContract
 from dist8.optim.hooks import load_state_dict_with_hooks
 from dist8.optim.nonfinite import SkipCounter, check_mode
@@ -177,6 +178,8 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
             self._check_params(group["params"])
         self.uses_dtensor = dtensor.attach(self)  # DTensor (FSDP2) params: reduce_partials, state-dict hook
         master_weights.check_applies(self)
+        if not any(hasattr(p, GLOBAL_NUMEL_ATTR) for g in self.param_groups for p in g["params"]):
+            check_overrides_match(self.overrides, self.param_names.values())  # a wrapper's pieces: it checks
         self._known = ParamPositions(self.param_groups, self.param_names)
         self._constructed = True
 

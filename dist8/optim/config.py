@@ -13,7 +13,7 @@ import torch
 
 __all__ = ["OVERRIDABLE_KEYS", "OVERRIDE_ATTR", "GLOBAL_NUMEL_ATTR", "PARAM_LIST_KEYS", "hyperparameters_of",
            "positional_name", "fits_param_names", "load_group_values", "name_every_group", "split_named_params",
-           "match_overrides", "global_numel", "uses_8bit"]
+           "match_overrides", "check_overrides_match", "global_numel", "uses_8bit"]
 
 # Modules (e.g. StableEmbedding) mark parameters that need special optimizer settings.
 OVERRIDE_ATTR = "_dist8_overrides"
@@ -129,6 +129,19 @@ def match_overrides(name: str | None, param: torch.Tensor, overrides: Mapping[st
             if fnmatch.fnmatchcase(name, pattern):
                 found.update(settings)
     return found
+
+
+def check_overrides_match(overrides: Mapping[str, Mapping[str, Any]], names: Iterable[str]) -> None:
+    """Refuse an ``overrides`` pattern that matches none of ``names`` (all the optimizer's parameter
+    names): a typo would silently leave the parameter at the defaults."""
+    names = list(names)
+    if overrides and not names:
+        raise ValueError("overrides match parameter names, and these parameters have none: pass "
+                         "model.named_parameters() (or (name, parameter) pairs)")
+    for pattern in overrides:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise ValueError(f"overrides pattern {pattern!r} matches no parameter name (names look like "
+                             f"{', '.join(names[:4])})")
 
 
 def check_overrides(overrides: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:

@@ -16,8 +16,8 @@ import torch.distributed as dist
 from dist8.optim import AdamW8bit
 from dist8.optim.amp import check_amp_unscale
 from dist8.optim.base import Optimizer8bit
-from dist8.optim.config import (GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, PARAM_LIST_KEYS, hyperparameters_of,
-                                split_named_params)
+from dist8.optim.config import (GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, PARAM_LIST_KEYS, check_overrides,
+                                check_overrides_match, hyperparameters_of, split_named_params)
 from dist8.optim.hooks import load_state_dict_with_hooks, state_dict_with_hooks
 from dist8.shard import state_dicts
 from dist8.optim.state_schema import CORRECTION
@@ -116,6 +116,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     self._group_of.append(gi)
         if not self.params:
             raise ValueError("ShardedOptimizer got no parameters that require grad")
+        check_overrides_match(check_overrides(defaults.get("overrides")), names.values())
         self._check_uniform()
         if defaults.get("block_wise", True) is False:
             raise ValueError("ShardedOptimizer needs block_wise=True: its layout shards whole blocks of one block_size")
