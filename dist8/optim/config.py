@@ -137,7 +137,8 @@ def check_overrides_match(overrides: Mapping[str, Mapping[str, Any]], names: Ite
     names = list(names)
     if overrides and not names:
         raise ValueError("overrides match parameter names, and these parameters have none: pass "
-                         "model.named_parameters() (or (name, parameter) pairs)")
+                         "model.named_parameters() (or (name, parameter) pairs), or mark modules with "
+                         "dist8.GlobalOptimManager (for clients that pass unnamed groups, e.g. HF Trainer)")
     for pattern in overrides:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             raise ValueError(f"overrides pattern {pattern!r} matches no parameter name (names look like "
