@@ -365,6 +365,72 @@ def test_full_state_dict_called_on_one_rank_says_why_it_waits(tmp_path):
     assert "every rank must call it" in warned[0][0] and "ShardedStateDictCallback" in warned[0][0]
 
 
+# Which parameters take part in each rank's backward, per step (stage 2 tests): a parameter used on
+# one rank only (MoE-like), one used by no rank (an unused branch), and back.
+USED = {0: {0: "abc", 1: "abc"}, 1: {0: "ac", 1: "abc"}, 2: {0: "a", 1: "ab"}, 3: {0: "bc", 1: "b"}}
+
+
+def _used(step, rank):
+    return [n for n in SHAPES if n[0] in USED[step][rank]]
+
+
+def _stage2_without_some_grads(rank, world_size, zero):
+    out = {}
+    for name in ("AdamW8bit", "SGD8bit"):
+        cls, kw = OPTIMIZERS[name]
+        params = make_params()
+        opt = ShardedOptimizer(list(params.items()), cls, stage=2, **kw)
+        for step in USED:
+            if zero == "optimizer":
+                opt.zero_grad()
+            else:  # as model.zero_grad() does: .grad = None, the flat buffer untouched
+                for p in params.values():
+                    p.grad = None
+            used = _used(step, rank)
+            if zero == "assigned":  # gradients set by hand, no backward
+                for n in used:
+                    params[n].grad = rank_grad(n, rank, step)
+            elif used:
+                sum((params[n] * rank_grad(n, rank, step)).sum() for n in used).backward()
+            opt.step()
+        out[name] = {n: p.detach().clone() for n, p in params.items()}
+    if zero == "assigned" and world_size > 1:  # a gradient replaced after backward reduced it: refused
+        params = make_params()
+        opt = ShardedOptimizer(list(params.items()), dist8.AdamW8bit, stage=2)
+        sum(p.sum() for p in params.values()).backward()
+        params["b.weight"].grad = params["b.weight"].grad * 2
+        try:
+            opt.step()
+        except ValueError as exc:
+            out["replaced"] = str(exc)
+    return out
+
+
+@pytest.mark.parametrize("zero", ["optimizer", "model", "assigned"])
+def test_stage2_skips_parameters_without_a_gradient_as_torch_does(zero, tmp_path):
+    """Stage 2 keeps ``.grad`` as views of its flat buffer; a parameter no rank's backward reached must
+    still be skipped as torch's optimizers skip a None gradient (no momentum or weight-decay move),
+    after ``optimizer.zero_grad()`` and after ``model.zero_grad()`` (which used to leave the last
+    gradient in the buffer, applied again), and gradients assigned to ``.grad`` without backward are
+    used. A parameter used on one rank only steps with the average (zeros from the other). Bitwise
+    the unsharded optimizer given what DDP would give it."""
+    results = run_ranks(_stage2_without_some_grads, 2, zero, tmp_path=tmp_path)
+    for name in ("AdamW8bit", "SGD8bit"):
+        cls, kw = OPTIMIZERS[name]
+        params = make_params()
+        ref = cls(list(params.items()), **kw)
+        for step in USED:
+            for n, p in params.items():
+                users = [r for r in range(2) if n in _used(step, r)]
+                p.grad = sum(rank_grad(n, r, step) for r in users) / 2 if users else None
+            ref.step()
+        for r, res in enumerate(results):
+            for n, p in params.items():
+                assert torch.equal(res[name][n], p.detach()), f"{zero}: {name} {n} on rank {r}"
+    if zero == "assigned":
+        assert results[0]["replaced"].startswith("parameter b.weight: .grad was replaced after backward")
+
+
 def test_single_process_errors():
     with pytest.raises(RuntimeError, match="not initialised"):
         ShardedOptimizer([torch.nn.Parameter(torch.zeros(4))], process_group=object())

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["GradBuckets"]
+__all__ = ["GradBuckets", "GradPresence"]
 
 
 class GradBuckets:
@@ -98,3 +98,34 @@ class GradBuckets:
         for work in self.works:
             work.wait()
         self.reset()
+
+
+class GradPresence:
+    """Which parameters hold a gradient in torch's sense (``p.grad is not None``) under stage 2.
+
+    Stage 2 keeps every ``.grad`` as a view of the flat gradient buffer, so "no gradient" cannot be
+    read off ``.grad``: a parameter that took no part in backward (an unused branch, an expert no
+    token was routed to) would otherwise step with zeros (momentum and weight decay moving it) after
+    ``optimizer.zero_grad()``, or with its last gradient again after ``model.zero_grad()`` (which
+    sets ``.grad`` to None but leaves the buffer). torch's optimizers skip such parameters; this
+    records what torch would see, so :class:`~dist8.shard.ShardedOptimizer` can skip them too.
+
+    ``has[i]``: parameter ``i`` holds a gradient (set by its backward hook, by
+    ``zero_grad(set_to_none=False)``, or a gradient assigned to ``.grad``; cleared by
+    ``zero_grad()``). ``fired[i]``: its hook ran since the last step or ``zero_grad``, so its
+    bucket may already be reduced.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.has = [False] * n
+        self.fired = [False] * n
+
+    def backward_hook(self, index: int) -> None:
+        self.has[index] = self.fired[index] = True
+
+    def zeroed(self, set_to_none: bool) -> None:
+        self.has = [not set_to_none] * len(self.has)
+        self.fired = [False] * len(self.fired)
+
+    def stepped(self) -> None:
+        self.fired = [False] * len(self.fired)

@@ -21,7 +21,7 @@ from dist8.optim.config import (GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, PARAM_LIST_KEY
 from dist8.optim.hooks import load_state_dict_with_hooks, state_dict_with_hooks
 from dist8.shard import state_dicts
 from dist8.optim.state_schema import CORRECTION
-from dist8.shard.grads import GradBuckets
+from dist8.shard.grads import GradBuckets, GradPresence
 from dist8.shard.flat import flat_buffers
 from dist8.shard.layout import BlockLayout, Piece
 from dist8.quant import DEFAULT_BLOCK_SIZE
@@ -177,6 +177,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             cap_bytes = max(B, int(bucket_cap_mb * 2**20 / size0) // B * B) * size0
             self.buckets = GradBuckets(self.grad_buffers, spans, [buf.rank_ranges for buf in self.buffers], cap_bytes,
                                        self.group, self.rank)
+            self.grad_presence = GradPresence(len(self.params))
             self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(i)) for i, p in enumerate(self.params)]
             self._attach_grad_views()
         super().__init__(groups, dict(self.inner.defaults))
@@ -267,6 +268,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             if p.grad.data_ptr() != view.data_ptr():  # e.g. after model.zero_grad(set_to_none=True)
                 view.copy_(p.grad.reshape(-1))
                 p.grad = view.view(p.shape)
+            self.grad_presence.backward_hook(index)
             if not self._accumulating and self.world_size > 1:
                 self.buckets.mark_ready(index)
 
@@ -300,7 +302,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """Give every owned piece its averaged gradient (stage 2: reduce the buckets first)."""
         if getattr(self, "_grads_ready", False):
             return
+        has_grad = None
         if self.stage == 2:
+            has_grad = self._stage2_grad_presence()
             if self.world_size > 1:
                 self.buckets.flush()
             if self.world_size > 1:
@@ -310,6 +314,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         for piece, view in zip(self.pieces, self._piece_views):
             p = self.params[piece.param]
             if self.stage == 2:
+                if not has_grad[piece.param]:  # no rank has a gradient for it: skipped, as torch does
+                    view.grad = None
+                    continue
                 grad = self._flat(piece.param, piece.start, piece.numel, grads=True)
             elif p.grad is None:
                 view.grad = None
@@ -318,6 +325,30 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 grad = p.grad.reshape(-1)[piece.start : piece.stop]
             view.grad = grad.float() if self.masters[self._buffer_of[piece.param]] is not None else grad
         self._grads_ready = True
+
+    def _stage2_grad_presence(self) -> list[bool]:
+        """Before the buckets are flushed: bring ``.grad`` changes made outside backward into the buffer
+        (None: no gradient, its range zeroed; a tensor assigned: copied in), then which parameters hold a
+        gradient on any rank (one small all-reduce)."""
+        presence = self.grad_presence
+        for i, p in enumerate(self.params):
+            view = self._flat(i, 0, p.numel(), grads=True)
+            if p.grad is None:  # model.zero_grad(), or set by hand: no gradient, as torch sees it
+                if not presence.fired[i]:
+                    view.zero_()  # its bucket is reduced at the flush: no stale gradient goes with it
+                presence.has[i] = False
+            elif p.grad.data_ptr() != view.data_ptr():  # a gradient assigned to .grad, not accumulated by backward
+                if presence.fired[i] and self.world_size > 1:
+                    raise ValueError(f"parameter {self.names[i]}: .grad was replaced after backward had reduced it "
+                                     "across ranks (stage 2 reduces gradients inside backward); modify it in place "
+                                     "(p.grad.mul_(...)) or use stage=1")
+                view.copy_(p.grad.reshape(-1))
+                p.grad = view.view(p.shape)
+                presence.has[i] = True
+        has = torch.tensor(presence.has, dtype=torch.uint8, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(has, op=dist.ReduceOp.MAX, group=self.group)
+        return [bool(h) for h in has.tolist()]
 
     @torch.no_grad()
     def clip_grad_norm(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
@@ -388,6 +419,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             if found_inf is not None:
                 del self.inner.grad_scale, self.inner.found_inf
         self._grads_ready = False
+        if self.stage == 2:
+            self.grad_presence.stepped()
         for buf, master in zip(self.buffers, self.masters):
             if master is not None:
                 buf.owned(self.rank).copy_(master)
@@ -422,6 +455,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 grads.zero_()
             self._attach_grad_views()
             self.buckets.reset()
+            self.grad_presence.zeroed(set_to_none)
         else:
             for p in self.params:
                 if p.grad is not None:
