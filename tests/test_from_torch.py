@@ -162,8 +162,19 @@ def test_what_does_not_fit_is_refused_naming_parameter_and_key():
     with pytest.raises(ValueError, match=r"^lr must be a finite number \(param group 0 of the loaded state dict\)"):
         opt.load_state_dict(bad_lr)  # torch's group values go through the optimizer's own checks
     assert opt.state_dict()["param_groups"] == before["param_groups"] and not opt.state
-    with pytest.raises(CheckpointError, match=r"^state of parameter 0.weight has no tensor 'momentum_buffer'"):
+    with pytest.raises(CheckpointError, match=r"^state of parameter 0.weight has 'exp_avg', which SGD8bit does not "
+                                              r"continue from \(it continues from \['momentum_buffer'\]\): another"):
         from_torch_optim(sd, dist8.SGD8bit(model.named_parameters(), lr=1e-2, momentum=0.9))
+    rms = torch.optim.RMSprop(model.parameters(), momentum=0.9)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    rms.step()
+    with pytest.raises(CheckpointError, match=r"has 'momentum_buffer', which RMSprop8bit does not continue from .*"
+                                              r"continues in an RMSprop built with momentum > 0$"):
+        from_torch_optim(rms.state_dict(), dist8.RMSprop8bit(model.named_parameters()))
+    # lion-pytorch's state is exp_avg too, but torch AdamW's also holds exp_avg_sq: not taken for Lion's
+    with pytest.raises(CheckpointError, match=r"^state of parameter 0.weight has 'exp_avg_sq', which Lion8bit does not"):
+        from_torch_optim(sd, dist8.Lion8bit(model.named_parameters()))
     with pytest.raises(CheckpointError, match=r"LAMB8bit \(LAMB\) has no torch.optim counterpart"):
         from_torch_optim(sd, dist8.LAMB8bit(model.parameters()))
     with pytest.raises(TypeError, match="not ShardedOptimizer"):

@@ -112,6 +112,13 @@ def _converted(optimizer: Optimizer8bit, p: torch.Tensor, settings: Any, st: Any
     for key, why in _NOT_CONTINUABLE.items():
         if key in st:
             raise CheckpointError(f"state of parameter {name} has {key!r} ({why}), which dist8 does not implement")
+    foreign = sorted({k for ks in TORCH_STATE_KEYS.values() for k in ks} - set(keys))
+    extra = [k for k in foreign if isinstance(st.get(k), torch.Tensor)]
+    if extra:  # e.g. torch AdamW's state into Lion: it would take exp_avg and Adam's betas, and drop the rest
+        hint = ("; a torch RMSprop with momentum continues in an RMSprop built with momentum > 0"
+                if extra == ["momentum_buffer"] and optimizer.rule is Rule.RMSPROP else ": another optimizer's state")
+        raise CheckpointError(f"state of parameter {name} has {extra[0]!r}, which {type(optimizer).__name__} does not "
+                              f"continue from (it continues from {list(keys)}){hint}")
     missing = [k for k in keys if not isinstance(st.get(k), torch.Tensor)]
     if missing:
         raise CheckpointError(f"state of parameter {name} has no tensor {missing[0]!r} (keys: {sorted(map(str, st))}); "
