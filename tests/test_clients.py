@@ -17,7 +17,8 @@ ZeroRedundancyOptimizer and fairscale OSS.
   ``step_was_skipped`` under a GradScaler reports what it reports for torch's fused AdamW, and with
   ``amp_unscale="scaler"`` what it reports for torch's non-fused AdamW (the skip).
 * ``test_accelerate_ddp_with_sharded_optimizer_resumes_bitwise``: 2 DDP ranks, ``ShardedOptimizer``
-  stage 2 with ``full_state_dict=True``: accelerate's ``save_state``/``load_state`` resume bitwise.
+  stage 1 (the stage for a DDP model) with ``full_state_dict=True``: accelerate's
+  ``save_state``/``load_state`` resume bitwise.
 * ``test_accelerate_fsdp2_optimizer_built_before_sharding``: 2 gloo ranks. The optimizer
   is built on the plain model and ``accelerator.prepare`` applies FSDP2 afterwards,
   swapping DTensors into ``param_groups`` (accelerate's FSDP2 path; accelerate only takes
@@ -416,7 +417,7 @@ def _accelerate_ddp_zero(rank, world_size, out_dir, full_state_dict):
     os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))  # torchrun's, beside run_ranks'
     acc = Accelerator(cpu=True)
     model = _Net()
-    opt = ShardedOptimizer(model.parameters(), dist8.AdamW8bit, stage=2, full_state_dict=full_state_dict, lr=3e-3,
+    opt = ShardedOptimizer(model.parameters(), dist8.AdamW8bit, stage=1, full_state_dict=full_state_dict, lr=3e-3,
                            weight_decay=0.1, min_8bit_size=1000)
     model, opt = acc.prepare(model, opt)
 
@@ -441,8 +442,8 @@ def _accelerate_ddp_zero(rank, world_size, out_dir, full_state_dict):
 def test_accelerate_ddp_with_sharded_optimizer_resumes_bitwise(tmp_path):
     """accelerate's ``save_state`` calls ``optimizer.state_dict()`` on every rank and writes the main
     process's, and ``load_state`` loads that file on every rank: with ``full_state_dict=True`` it holds
-    every rank's blocks (the unsharded format) and 2 DDP ranks of ``ShardedOptimizer`` stage 2 resume
-    bitwise. No callback is needed (unlike HF Trainer, which calls ``state_dict()`` on rank 0 alone).
+    every rank's blocks (the unsharded format) and 2 DDP ranks of ``ShardedOptimizer`` stage 1 (the stage
+    under DDP) resume bitwise. No callback is needed (unlike HF Trainer, which calls ``state_dict()`` on rank 0 alone).
     In the default shard mode the file is rank 0's shard, and rank 1 refuses it naming the option."""
     pytest.importorskip("accelerate", reason="accelerate is in the [test] extras")
     out = run_ranks(_accelerate_ddp_zero, 2, str(tmp_path / "acc"), True, tmp_path=tmp_path)
