@@ -301,3 +301,30 @@ def test_ckpt_cli_info_verify_consolidate(tmp_path, capsys):
     for (name, p), q in zip(model.named_parameters(), [p for g in fresh.param_groups for p in g["params"]]):
         assert torch.equal(opt.state[p]["state1"], fresh.state[q]["state1"]), name
     assert main(["ckpt", "verify", str(tmp_path / "missing")]) == 2
+
+
+
+def test_consolidate_never_writes_over_or_into_the_checkpoint_it_reads(tmp_path, capsys):
+    """``dist8 ckpt consolidate run/c run --force`` used to replace ``run``, deleting the checkpoint it was
+    reading; the output may not be the source, hold it or lie inside it, whatever ``--force``."""
+    from dist8.cli import main
+
+    root = tmp_path / "run"
+    _, _, path = _tiny_save(root)
+    for out, said in ((path, "writing the output onto the checkpoint being read"),
+                      (str(root), "holds the checkpoint being read"),
+                      (str(tmp_path), "holds the checkpoint being read"),
+                      (os.path.join(path, "one"), "lies inside the checkpoint being read")):
+        capsys.readouterr()
+        assert main(["ckpt", "consolidate", path, out, "--force"]) == 2
+        assert said in capsys.readouterr().err
+        assert main(["ckpt", "verify", path]) == 0  # the source is whole
+    assert sorted(os.listdir(path)) == ["metadata.json", "model.safetensors", "optim-00000-of-00001.safetensors"]
+    from dist8.checkpoint.format import CheckpointError
+    from dist8.integrations.deepspeed_convert import from_deepspeed
+
+    ds = tmp_path / "ds" / "global_step1"
+    ds.mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="holds the checkpoint being read"):  # checked before any read
+        from_deepspeed(str(ds), str(tmp_path / "ds"), force=True)
+    assert ds.is_dir()

@@ -190,15 +190,14 @@ def consolidate(path: str | os.PathLike, out: str | os.PathLike, *, force: bool 
     """Rewrite checkpoint ``path`` as a world-size-1 checkpoint in ``out`` (one optimizer file).
 
     Every file is verified first. A non-empty ``out`` is refused unless ``force`` (then it is
-    replaced atomically: the old one is removed only after the new one is in place).
+    replaced atomically: the old one is removed only after the new one is in place); an ``out``
+    that is ``path``, holds it or lies inside it is refused whatever ``force``.
     ``fp32_weights_file``: also write ``model-fp32.safetensors``, the model with its fp32 master
     weights (:func:`fp32_weights`: bf16/fp16 parameters decoded with their ``master_weight_bits``
     correction, everything else cast to fp32), listed and hashed in the metadata like every file.
     """
     path, out = Path(path), Path(out)
-    if out.resolve() == path.resolve():
-        raise CheckpointError(f"{out}: consolidating a checkpoint onto itself; choose another output directory")
-    check_output_dir(out, force)
+    check_output_dir(out, force, reading=path)
     meta = read_metadata(path)
     verify_files(path, meta)
     tensors: dict[str, list[tuple[int, torch.Tensor]]] = {}

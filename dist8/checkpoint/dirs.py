@@ -12,8 +12,21 @@ from dist8.checkpoint.errors import CheckpointError
 __all__ = ["check_output_dir", "install_dir", "temp_dir", "write_json_atomic"]
 
 
-def check_output_dir(out: Path, force: bool) -> None:
-    """Refuse to replace a non-empty ``out`` (a user's directory) unless ``force``."""
+def check_output_dir(out: Path, force: bool, reading: Path | None = None) -> None:
+    """Refuse to replace a non-empty ``out`` (a user's directory) unless ``force``, and, whatever
+    ``force``, an ``out`` that is the directory ``reading`` (the checkpoint being converted), holds
+    it (replacing ``out`` would delete the source) or lies inside it."""
+    if reading is not None:
+        o, r = out.resolve(), Path(reading).resolve()
+        if o == r:
+            raise CheckpointError(f"{out}: writing the output onto the checkpoint being read; choose another "
+                                  "output directory")
+        if o in r.parents:
+            raise CheckpointError(f"{out} holds the checkpoint being read ({reading}); replacing it would delete "
+                                  "the source: choose another output directory")
+        if r in o.parents:
+            raise CheckpointError(f"{out} lies inside the checkpoint being read ({reading}); choose an output "
+                                  "directory outside it")
     if (out.is_symlink() or out.exists()) and not force and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out} exists and is not empty; pass --force (force=True) to replace it")
 

@@ -95,11 +95,12 @@ def from_deepspeed(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str
     ``ckpt_dir`` may also be the tag directory holding the ``mp_rank_*`` files. Files are read
     with ``torch.load(weights_only=True)`` and an allowlist of DeepSpeed classes: nothing is
     unpickled that could run code. Any malformed input raises CheckpointError naming the directory.
-    A non-empty ``out`` is refused unless ``force``.
+    A non-empty ``out`` is refused unless ``force``; an ``out`` that is, holds or lies inside
+    ``ckpt_dir`` is refused.
     """
     from dist8.checkpoint.format import CheckpointError, check_output_dir
 
-    check_output_dir(Path(out), force)
+    check_output_dir(Path(out), force, reading=Path(ckpt_dir))
     try:
         return _convert(ckpt_dir, out, tag)
     except CheckpointError:
