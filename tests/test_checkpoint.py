@@ -304,6 +304,29 @@ def test_ckpt_cli_info_verify_consolidate(tmp_path, capsys):
 
 
 
+def test_save_never_replaces_a_directory_that_is_not_a_checkpoint(tmp_path):
+    """``save(path)`` replaces an earlier checkpoint at ``path``; a non-empty directory without
+    ``metadata.json`` (a user's project directory) or a file is refused before anything is written,
+    where it used to be replaced, deleting what it held."""
+    model = make_model()
+    opt = dist8.AdamW8bit(model.named_parameters(), **KW)
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "train.py").write_text("precious")
+    with pytest.raises(ck.CheckpointError, match=r"project exists, is not empty and is not a checkpoint "
+                                                 r"\(no metadata\.json\)"):
+        ck.save(project, model, opt, step=1)
+    assert (project / "src" / "train.py").read_text() == "precious"
+    assert sorted(os.listdir(tmp_path)) == ["project"]  # no temporary directory left
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ck.CheckpointError, match=r"notes\.txt exists and is not a checkpoint directory"):
+        ck.save(tmp_path / "notes.txt", model, opt)
+    (tmp_path / "empty").mkdir()
+    ck.save(tmp_path / "empty", model, opt, step=1)  # an empty directory, then a checkpoint: replaced
+    ck.save(tmp_path / "empty", model, opt, step=2)
+    assert ck.read_metadata(tmp_path / "empty")["step"] == 2
+
+
 def test_consolidate_never_writes_over_or_into_the_checkpoint_it_reads(tmp_path, capsys):
     """``dist8 ckpt consolidate run/c run --force`` used to replace ``run``, deleting the checkpoint it was
     reading; the output may not be the source, hold it or lie inside it, whatever ``--force``."""

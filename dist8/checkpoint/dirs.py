@@ -9,7 +9,7 @@ from typing import Any
 
 from dist8.checkpoint.errors import CheckpointError
 
-__all__ = ["check_output_dir", "install_dir", "temp_dir", "write_json_atomic"]
+__all__ = ["check_output_dir", "check_replaceable", "install_dir", "temp_dir", "write_json_atomic"]
 
 
 def check_output_dir(out: Path, force: bool, reading: Path | None = None) -> None:
@@ -29,6 +29,17 @@ def check_output_dir(out: Path, force: bool, reading: Path | None = None) -> Non
                                   "directory outside it")
     if (out.is_symlink() or out.exists()) and not force and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out} exists and is not empty; pass --force (force=True) to replace it")
+
+
+def check_replaceable(final: Path, metadata_name: str) -> None:
+    """``final`` may be replaced by a new checkpoint: absent, an empty directory, or a checkpoint (it
+    holds ``metadata_name``). Anything else is a user's file or directory, which saving there would
+    delete: refused naming it."""
+    if final.is_symlink() or (final.exists() and not final.is_dir()):
+        raise CheckpointError(f"{final} exists and is not a checkpoint directory; choose another path")
+    if final.is_dir() and any(final.iterdir()) and not (final / metadata_name).is_file():
+        raise CheckpointError(f"{final} exists, is not empty and is not a checkpoint (no {metadata_name}); "
+                              "saving there would replace it: choose a new directory")
 
 
 def temp_dir(final: Path) -> Path:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from dist8.checkpoint.adapters import OptimizerAdapter, adapt
+from dist8.checkpoint.dirs import check_replaceable
 from dist8.checkpoint.files import check_name, member, read_text
 from dist8.checkpoint.format import (
     FORMAT,
@@ -119,6 +120,9 @@ def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
         step: training step recorded in the metadata.
         extra: JSON-serialisable values returned by :func:`load` (e.g. data position).
 
+    ``path`` (or ``path/step-XXXXXXXX``) may be new, empty or an earlier checkpoint, which is replaced; a
+    directory holding anything else is refused (saving there would delete it).
+
     The directory is written under a temporary name and renamed into place, so a
     crash at any point leaves the previous checkpoint loadable; a write error (disk
     full, ...) removes the temporary directory and raises :class:`CheckpointError`
@@ -130,9 +134,6 @@ def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
         if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
             raise ValueError(f"save(step=...) must be an integer >= 0, got {brief(step)}")
         step = int(step)  # numpy and torch integers too: the metadata is JSON
-    ad = adapt(model, optimizer)
-    if hasattr(ad, "gather"):  # FSDP2: full quantized state onto rank 0 (collective)
-        ad.gather(model)
     root = Path(path)
     if keep_last is not None:
         if step is None:
@@ -142,6 +143,10 @@ def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
         final = root / f"step-{int(step):08d}"
     else:
         final = root
+    check_replaceable(final, METADATA)  # before any collective: every rank refuses alike
+    ad = adapt(model, optimizer)
+    if hasattr(ad, "gather"):  # FSDP2: full quantized state onto rank 0 (collective)
+        ad.gather(model)
     tmp = final.with_name(f".{final.name}.tmp")  # rank 0 creates it below; every rank writes into it
     saving_world = ad.world_size if isinstance(optimizer, ShardedOptimizer) else 1
     error: BaseException | None = None
