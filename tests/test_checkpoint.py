@@ -167,6 +167,9 @@ def test_keep_last_rotation_and_latest(tmp_path):
     assert sorted(os.listdir(tmp_path / "run")) == ["latest", "step-00000003", "step-00000004"]
     assert ck.latest(tmp_path / "run").endswith("step-00000004")
     assert ck.latest(tmp_path / "empty") is None
+    with pytest.raises(ck.CheckpointError, match=r"run is a checkpoint root .*: load dist8\.checkpoint\.latest\(root\), "
+                                                 r"here .*step-00000004$"):
+        ck.load(tmp_path / "run", model, opt)  # the root is not a checkpoint; the error says which one to load
     # a step that is not a whole number >= 0 is refused before anything is written; integer
     # numpy and torch scalars name the directory like ints
     for bad in (float("nan"), -1, 2.5, "5", True, torch.tensor(5.0)):

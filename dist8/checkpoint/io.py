@@ -289,6 +289,11 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
     optimizer are unchanged on every rank.
     """
     path = _resolve(Path(path))
+    if path.is_dir() and not os.path.lexists(path / METADATA):
+        found = latest(path)
+        if found is not None:  # a newcomer's save(root, keep_last=K) then load(root)
+            raise CheckpointError(f"{path} is a checkpoint root (step-* checkpoints and a {LATEST!r} pointer, as "
+                                  f"save(..., keep_last=K) writes): load dist8.checkpoint.latest(root), here {found}")
     ad = adapt(model, optimizer)
     plan, error = None, None
     try:
