@@ -126,6 +126,15 @@ def test_override_pattern_that_matches_no_parameter_is_refused():
         d8.AdamW8bit(model.parameters(), overrides={"*.bias": {"lr": 0.5}})
 
 
+def test_module_override_marks_checked_at_construction():
+    """``GlobalOptimManager`` marks made before the optimizer exists are validated when it is built,
+    like ``overrides=`` patterns, not at the first step."""
+    emb = torch.nn.Embedding(100, 16)
+    d8.GlobalOptimManager.get_instance().register_module_override(emb, "weight", {"optim_bits": 7})
+    with pytest.raises(ValueError, match=r"^optim_bits must be 8 or 32 \(overrides for parameter weight\), got 7"):
+        d8.AdamW8bit(emb.named_parameters())
+
+
 def test_load_state_dict_names_the_group():
     opt = d8.AdamW8bit(_params())
     sd = opt.state_dict()

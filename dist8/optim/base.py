@@ -29,9 +29,9 @@ from dist8.optim import dtensor, master_weights, pipeline
 from dist8.optim import dtensor_layout as dtl
 from dist8.optim import state_schema as schema
 from dist8.optim.amp import amp_scaling, check_amp_unscale
-from dist8.optim.config import (GLOBAL_NUMEL_ATTR, check_overrides, check_overrides_match, global_numel,
-                                hyperparameters_of, load_group_values, match_overrides, name_every_group,
-                                positional_name, split_named_params, uses_8bit)
+from dist8.optim.config import (GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, check_overrides, check_overrides_match,
+                                global_numel, hyperparameters_of, load_group_values, match_overrides,
+                                name_every_group, positional_name, split_named_params, uses_8bit)
 from dist8.optim.contract import TorchContract
 from dist8.optim.hooks import load_state_dict_with_hooks
 from dist8.optim.nonfinite import SkipCounter, check_mode
@@ -241,6 +241,10 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
         hyper = hyperparameters_of(group)
         for pattern, extra in self.overrides.items():  # at construction, not at the first step
             self.validate_hyper(dict(hyper, **extra), f"override {pattern!r} on param group {gi}")
+        for p in group["params"]:  # module marks (GlobalOptimManager) made before construction: the same
+            marks = getattr(p, OVERRIDE_ATTR, None)
+            if marks:
+                self.validate_hyper(dict(hyper, **marks), f"overrides for parameter {self.param_name(p)}")
 
     def check_changed_group(self, group: dict[str, Any], group_hyper: dict[str, Any]) -> None:
         """Validate ``group`` again at a step if its hyperparameters changed since they were last
