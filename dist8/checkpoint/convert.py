@@ -66,7 +66,7 @@ def from_bitsandbytes(state_dict: dict[str, Any], block_size: int = 256) -> dict
                     raise CheckpointError(f"parameter {pid}: absmax{i} does not hold one value per {block_size} "
                                           "codes (not a block-wise 8-bit state)")
         new = {k: v for k, v in st.items() if k not in _BNB_DROP}
-        new["step"] = _step(new.get("step", 0), pid)
+        new["step"] = checked_step(new.get("step", 0), str(pid), CheckpointError)
         for k, v in list(new.items()):
             if torch.is_tensor(v):  # copies: the bitsandbytes optimizer may go on stepping its own tensors
                 fp32_state = k.startswith("state") and v.dtype != torch.uint8
@@ -87,13 +87,6 @@ def _check_structure(state_dict: Any) -> None:
     for pid, st in state_dict["state"].items():
         if not isinstance(st, dict):
             raise CheckpointError(f"parameter {pid}: state must be a dict, got {type(st).__name__}")
-
-
-def _step(step: Any, pid: Any) -> int:
-    try:
-        return checked_step(step, str(pid))
-    except ValueError as exc:  # a conversion's errors are the checkpoint's
-        raise CheckpointError(str(exc)) from None
 
 
 def _unstack_ademamix(pid: Any, st: dict[str, Any]) -> dict[str, Any]:
@@ -129,7 +122,8 @@ def export_fp32_adam(state_dict: dict[str, Any], block_size: int = 256) -> dict[
     quant_map = info.get("quant_map", "dynamic") if isinstance(info, dict) else "dynamic"
     out = {}
     for pid, st in state_dict["state"].items():
-        entry: dict[str, Any] = {"step": torch.tensor(float(_step(st.get("step", 0), pid)))}
+        step = checked_step(st.get("step", 0), str(pid), CheckpointError)
+        entry: dict[str, Any] = {"step": torch.tensor(float(step))}
         for i, key, signed in ((1, "exp_avg", True), (2, "exp_avg_sq", False)):
             s = st.get(f"state{i}")
             if not isinstance(s, torch.Tensor):

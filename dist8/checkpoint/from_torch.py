@@ -33,6 +33,7 @@ TORCH_STATE_KEYS: dict[Rule, tuple[str, ...]] = {
     Rule.ADAGRAD: ("sum",),
     Rule.LION: ("exp_avg",),  # lion-pytorch's layout
 }
+_ALL_TORCH_KEYS = frozenset(k for keys in TORCH_STATE_KEYS.values() for k in keys)
 # torch state that a dist8 rule cannot continue from: its key -> what produced it
 _NOT_CONTINUABLE = {"max_exp_avg_sq": "amsgrad=True", "grad_avg": "centered=True RMSprop"}
 # group entries of torch's that are kept although the dist8 group has no such key (LR schedulers read it)
@@ -112,8 +113,7 @@ def _converted(optimizer: Optimizer8bit, p: torch.Tensor, settings: Any, st: Any
     for key, why in _NOT_CONTINUABLE.items():
         if key in st:
             raise CheckpointError(f"state of parameter {name} has {key!r} ({why}), which dist8 does not implement")
-    foreign = sorted({k for ks in TORCH_STATE_KEYS.values() for k in ks} - set(keys))
-    extra = [k for k in foreign if isinstance(st.get(k), torch.Tensor)]
+    extra = [k for k in sorted(_ALL_TORCH_KEYS - set(keys)) if isinstance(st.get(k), torch.Tensor)]
     if extra:  # e.g. torch AdamW's state into Lion: it would take exp_avg and Adam's betas, and drop the rest
         hint = ("; a torch RMSprop with momentum continues in an RMSprop built with momentum > 0"
                 if extra == ["momentum_buffer"] and optimizer.rule is Rule.RMSPROP else ": another optimizer's state")
@@ -127,7 +127,7 @@ def _converted(optimizer: Optimizer8bit, p: torch.Tensor, settings: Any, st: Any
     out = schema.new_state(optimizer.rule, shape, num_blocks(math.prod(shape), settings.block_size),
                            settings.use_8bit, settings.hyper["percentile_clipping"], torch.device("cpu"),
                            settings.correction)
-    out[schema.STEP] = _step(st.get("step", 1), name)
+    out[schema.STEP] = schema.checked_step(st.get("step", 1), name, CheckpointError)
     for i, key in zip(schema.state_indices(optimizer.rule), keys):
         x = st[key]
         if x.layout is not torch.strided or hasattr(x, "to_local"):
@@ -148,10 +148,3 @@ def _converted(optimizer: Optimizer8bit, p: torch.Tensor, settings: Any, st: Any
         else:
             out[schema.state_key(i)] = x.clone()
     return out
-
-
-def _step(step: Any, name: str) -> int:
-    try:
-        return schema.checked_step(step, name)
-    except ValueError as exc:  # a conversion's errors are the checkpoint's
-        raise CheckpointError(str(exc)) from None

@@ -292,13 +292,14 @@ def _checked_correction(name: str, c: Any, shape: Sequence[int], device: torch.d
     return c.to(device, copy=copy)
 
 
-def checked_step(step: Any, name: str) -> int:
+def checked_step(step: Any, name: str, error: type[ValueError] = ValueError) -> int:
     """A loaded ``step`` as an int: a whole number >= 0 (a Python or numpy number, or a one-element
-    tensor); anything else (NaN, 2.5, -1, a list, a bool) is a ValueError naming the parameter."""
+    tensor); anything else (NaN, 2.5, -1, a list, a bool) raises ``error`` (a ValueError; converters
+    pass their CheckpointError) naming the parameter."""
     value = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
     if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
             or value < 0 or value != int(value)):
-        raise ValueError(f"step of parameter {name} must be a whole number >= 0, got {brief(value)}")
+        raise error(f"step of parameter {name} must be a whole number >= 0, got {brief(value)}")
     return int(value)
 
 

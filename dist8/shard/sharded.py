@@ -178,6 +178,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self.buckets = GradBuckets(self.grad_buffers, spans, [buf.rank_ranges for buf in self.buffers], cap_bytes,
                                        self.group, self.rank)
             self.grad_presence = GradPresence(len(self.params))
+            # each parameter's .grad under stage 2: its range of the gradient buffer, made once
+            self._grad_views = [self._flat(i, 0, p.numel(), grads=True).view(p.shape)
+                                for i, p in enumerate(self.params)]
             self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(i)) for i, p in enumerate(self.params)]
             self._attach_grad_views()
         super().__init__(groups, dict(self.inner.defaults))
@@ -259,15 +262,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 master.copy_(saved)
 
     def _attach_grad_views(self) -> None:
-        for i, p in enumerate(self.params):
-            p.grad = self._flat(i, 0, p.numel(), grads=True).view(p.shape)
+        for p, view in zip(self.params, self._grad_views):
+            p.grad = view
 
     def _make_hook(self, index: int):
         def hook(p: torch.Tensor) -> None:
-            view = self._flat(index, 0, p.numel(), grads=True)
+            view = self._grad_views[index]
             if p.grad.data_ptr() != view.data_ptr():  # e.g. after model.zero_grad(set_to_none=True)
-                view.copy_(p.grad.reshape(-1))
-                p.grad = view.view(p.shape)
+                view.copy_(p.grad)
+                p.grad = view
             self.grad_presence.backward_hook(index)
             if not self._accumulating and self.world_size > 1:
                 self.buckets.mark_ready(index)
@@ -331,8 +334,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         (None: no gradient, its range zeroed; a tensor assigned: copied in), then which parameters hold a
         gradient on any rank (one small all-reduce)."""
         presence = self.grad_presence
-        for i, p in enumerate(self.params):
-            view = self._flat(i, 0, p.numel(), grads=True)
+        for i, (p, view) in enumerate(zip(self.params, self._grad_views)):
             if p.grad is None:  # model.zero_grad(), or set by hand: no gradient, as torch sees it
                 if not presence.fired[i]:
                     view.zero_()  # its bucket is reduced at the flush: no stale gradient goes with it
@@ -342,8 +344,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"parameter {self.names[i]}: .grad was replaced after backward had reduced it "
                                      "across ranks (stage 2 reduces gradients inside backward); modify it in place "
                                      "(p.grad.mul_(...)) or use stage=1")
-                view.copy_(p.grad.reshape(-1))
-                p.grad = view.view(p.shape)
+                view.copy_(p.grad)
+                p.grad = view
                 presence.has[i] = True
         has = torch.tensor(presence.has, dtype=torch.uint8, device=self.device)
         if self.world_size > 1:
