@@ -124,6 +124,11 @@ def test_override_pattern_that_matches_no_parameter_is_refused():
             make({"*.bias": {"lr": 0.5}, "lm_head.*": {"lr": 0.5}})
     with pytest.raises(ValueError, match=r"^overrides match parameter names, and these parameters have none"):
         d8.AdamW8bit(model.parameters(), overrides={"*.bias": {"lr": 0.5}})
+    # torch names a tied weight once (named_parameters() drops duplicates): the message says so
+    tied = torch.nn.ModuleDict({"wte": torch.nn.Embedding(10, 8), "lm_head": torch.nn.Linear(8, 10, bias=False)})
+    tied.lm_head.weight = tied.wte.weight
+    with pytest.raises(ValueError, match=r"'lm_head\.weight' matches no .*wte\.weight; a tied weight.* is named once"):
+        d8.AdamW8bit(tied.named_parameters(), overrides={"lm_head.weight": {"lr": 0.5}})
 
 
 def test_module_override_marks_checked_at_construction():

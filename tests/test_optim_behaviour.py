@@ -1,5 +1,7 @@
 """State layout, state dicts, overrides, non-finite gradients, clipping and bad input."""
 import io
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -282,30 +284,49 @@ def test_bad_tensors_raise_type_error():
         SGD8bit([torch.nn.Parameter(torch.randn(4))], lr=0.1)
 
 
+def test_unknown_keyword_arguments_name_the_class_and_torchs_switches_get_a_hint():
+    """Code written for ``torch.optim.AdamW(fused=True)`` meets a one-line TypeError naming the
+    optimizer and what to do; any other unknown keyword is named without the hint."""
+    p = [torch.nn.Parameter(torch.randn(10))]
+    for flag in ("fused", "foreach", "capturable", "differentiable"):
+        with pytest.raises(TypeError, match=rf"^AdamW8bit got unexpected keyword argument\(s\) '{flag}'; "
+                                            r"torch\.optim's .*dist8 always runs its own fused kernel: drop them$"):
+            AdamW8bit(p, **{flag: True})
+    with pytest.raises(TypeError, match=r"^Lion8bit got unexpected keyword argument\(s\) 'learning_rate'$"):
+        Lion8bit(p, learning_rate=1e-3)
+
+
+def test_import_is_light_and_a_first_call_under_torch_compile_stays_eager():
+    """torch.compile(opt.step) runs (graph breaks where the step reads host values), equals the
+    eager step and warns about nothing (e.g. dynamo tracing into backend loading or cached maps).
+    In a fresh process: ``import dist8`` does not import torch._dynamo (about 1 s of start-up;
+    dist8's host-side functions are kept out of graphs lazily, dist8.kernels.eager), so the
+    compiled step is what makes the process's first backend choice."""
+    code = (
+        "import sys, torch, dist8, dist8.checkpoint, dist8.shard, dist8.train.trainer\n"
+        "assert 'torch._dynamo' not in sys.modules, 'importing dist8 imported torch._dynamo'\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "ps = [torch.nn.Parameter(torch.randn(5000, generator=g)) for _ in range(3)]\n"
+        "ref = [torch.nn.Parameter(p.detach().clone()) for p in ps]\n"
+        "opt, ref_opt = dist8.AdamW8bit(ps, lr=1e-2), dist8.AdamW8bit(ref, lr=1e-2)\n"
+        "step = torch.compile(opt.step)\n"
+        "for _ in range(3):\n"
+        "    for p, r in zip(ps, ref):\n"
+        "        p.grad = torch.randn(5000, generator=g); r.grad = p.grad.clone()\n"
+        "    step(); ref_opt.step()\n"
+        "assert all(torch.equal(p, r) for p, r in zip(ps, ref))\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
 def test_get_optimizer_class_by_name():
     assert get_optimizer_class("dist8.AdamW8bit") is dist8.AdamW8bit
     assert get_optimizer_class("lion8bit") is dist8.Lion8bit
     with pytest.raises(ValueError, match="AdamW8bit"):
         get_optimizer_class("AdamW9bit")
-
-
-@pytest.mark.filterwarnings("error::UserWarning")  # e.g. dynamo tracing into backend loading or cached maps
-def test_compiled_step_equals_eager_step():
-    """torch.compile(opt.step) runs (graph breaks where the step reads host values), matches eager
-    and warns about nothing of dist8's."""
-    gen = torch.Generator().manual_seed(0)
-    ps = [torch.nn.Parameter(torch.randn(5000, generator=gen)) for _ in range(3)]
-    ref = [torch.nn.Parameter(p.detach().clone()) for p in ps]
-    opt, ref_opt = AdamW8bit(ps, lr=1e-2), AdamW8bit(ref, lr=1e-2)
-    step = torch.compile(opt.step)
-    for _ in range(3):
-        for p, r in zip(ps, ref):
-            p.grad = torch.randn(5000, generator=gen)
-            r.grad = p.grad.clone()
-        step()
-        ref_opt.step()
-    for p, r in zip(ps, ref):
-        assert torch.equal(p, r)
 
 
 def test_nonfinite_gradient_leaves_percentile_history_alone():

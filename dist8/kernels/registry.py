@@ -12,6 +12,7 @@ import warnings
 import torch
 
 from dist8.kernels import build
+from dist8.kernels.eager import eager_only
 from dist8.kernels.reference import ReferenceBackend
 
 __all__ = ["get_backend", "backend_report", "BACKEND_NAMES"]
@@ -48,7 +49,7 @@ def _load_native(kind: str):
     return backend
 
 
-@torch.compiler.disable  # host-side choice (and first-use build), never part of a traced graph
+@eager_only  # host-side choice (and first-use build), never part of a traced graph
 def get_backend(device: torch.device | str):
     """The backend that updates tensors on ``device``."""
     if not isinstance(device, torch.device):  # called once per parameter per step: skip the constructor

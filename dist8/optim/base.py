@@ -25,13 +25,15 @@ from typing import Any
 import torch
 
 from dist8.kernels import RULE_WRITES_UPDATE, Rule, Scalars
+from dist8.kernels.eager import eager_only
 from dist8.optim import dtensor, master_weights, pipeline
 from dist8.optim import dtensor_layout as dtl
 from dist8.optim import state_schema as schema
 from dist8.optim.amp import amp_scaling, check_amp_unscale
 from dist8.optim.config import (GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, check_overrides, check_overrides_match,
                                 global_numel, hyperparameters_of, load_group_values, match_overrides,
-                                name_every_group, positional_name, split_named_params, uses_8bit)
+                                name_every_group, positional_name, split_named_params, unknown_arguments_message,
+                                uses_8bit)
 from dist8.optim.contract import TorchContract
 from dist8.optim.hooks import load_state_dict_with_hooks
 from dist8.optim.nonfinite import SkipCounter, check_mode
@@ -61,7 +63,7 @@ class ParamSettings:
     correction: torch.dtype | None = None
 
 
-@torch.compiler.disable
+@eager_only
 def _map_on(name: str, signed: bool, device: torch.device) -> torch.Tensor:
     """The quantization map on ``device``; made once, outside torch.compile (get_map is lru_cached)."""
     return get_map(name, signed).to(device)
@@ -134,7 +136,10 @@ class Optimizer8bit(TorchContract, torch.optim.Optimizer):
         master_weight_bits: int | None = None,
         maximize: bool = False,
         amp_unscale: str = "kernel",
+        **unknown: Any,
     ) -> None:
+        if unknown:
+            raise TypeError(unknown_arguments_message(type(self).__name__, unknown))
         if args is not None:
             raise ValueError("args (a bitsandbytes config object) is not supported; pass keyword arguments")
         if check_flag(is_paged, "is_paged"):

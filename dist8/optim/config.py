@@ -13,7 +13,8 @@ import torch
 
 __all__ = ["OVERRIDABLE_KEYS", "OVERRIDE_ATTR", "GLOBAL_NUMEL_ATTR", "PARAM_LIST_KEYS", "hyperparameters_of",
            "positional_name", "fits_param_names", "load_group_values", "name_every_group", "split_named_params",
-           "match_overrides", "check_overrides_match", "global_numel", "uses_8bit"]
+           "match_overrides", "check_overrides_match", "global_numel", "uses_8bit", "TORCH_STEP_FLAGS",
+           "unknown_arguments_message"]
 
 # Modules (e.g. StableEmbedding) mark parameters that need special optimizer settings.
 OVERRIDE_ATTR = "_dist8_overrides"
@@ -142,7 +143,8 @@ def check_overrides_match(overrides: Mapping[str, Mapping[str, Any]], names: Ite
     for pattern in overrides:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             raise ValueError(f"overrides pattern {pattern!r} matches no parameter name (names look like "
-                             f"{', '.join(names[:4])})")
+                             f"{', '.join(names[:4])}; a tied weight, e.g. lm_head.weight = wte.weight, is "
+                             f"named once, by its first module)")
 
 
 def check_overrides(overrides: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
@@ -173,3 +175,18 @@ def global_numel(param: torch.Tensor) -> int:
 def uses_8bit(optim_bits: int, min_8bit_size: int, numel: int) -> bool:
     """8-bit state iff ``optim_bits == 8`` and the global parameter has >= ``min_8bit_size`` elements."""
     return optim_bits == 8 and numel >= min_8bit_size
+
+
+# torch.optim's implementation switches: dist8 has one implementation (a fused kernel per step).
+TORCH_STEP_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})
+
+
+def unknown_arguments_message(class_name: str, unknown: dict) -> str:
+    """The one-line TypeError for keyword arguments an optimizer does not take, with a hint for
+    torch.optim's implementation switches (code written for ``torch.optim.AdamW(fused=True)``)."""
+    names = sorted(unknown)
+    message = f"{class_name} got unexpected keyword argument(s) {', '.join(repr(n) for n in names)}"
+    if set(names) & TORCH_STEP_FLAGS:
+        message += ("; torch.optim's foreach/fused/capturable/differentiable choose between torch's "
+                    "implementations, dist8 always runs its own fused kernel: drop them")
+    return message

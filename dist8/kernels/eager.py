@@ -1,0 +1,39 @@
+"""Keeping host-side functions out of torch.compile graphs without importing torch._dynamo.
+
+``torch.compiler.disable`` imports ``torch._dynamo`` (with sympy and inductor's config: about
+1 s of every process's start-up on a 2-core CPU, paid by each rank of a launch that never
+compiles). A compile can only be running once something has imported ``torch._dynamo``, so
+:func:`eager_only` applies ``torch.compiler.disable`` at the first call that finds it
+imported; until then it calls the function directly.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, TypeVar
+
+import torch
+
+__all__ = ["eager_only"]
+
+F = TypeVar("F", bound=Callable)
+
+
+def eager_only(fn: F) -> F:
+    """``torch.compiler.disable(fn)``, made at the first call after ``torch._dynamo`` is imported.
+
+    Under a compile the first call graph-breaks at the ``disable`` itself (torch runs it
+    eagerly) and every later trace skips ``fn`` as a disabled function, as the decorator would.
+    """
+    disabled: list[Callable] = []
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if disabled:
+            return disabled[0](*args, **kwargs)
+        if "torch._dynamo" not in sys.modules:  # nothing can be compiling
+            return fn(*args, **kwargs)
+        disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
