@@ -405,8 +405,11 @@ def test_resized_parameter_under_gradient_release_is_named():
 
 def test_gradient_of_an_unsupported_dtype_is_named():
     p = torch.nn.Parameter(torch.randn(5000))
-    p.grad_dtype = None  # torch then takes a gradient of another dtype
-    p.grad = torch.randn(5000, dtype=torch.float64)
+    p.grad = torch.randn(5000)
+    try:
+        p.grad.data = torch.randn(5000, dtype=torch.float64)  # past torch's own dtype check (2.6, 2.13)
+    except RuntimeError as exc:
+        pytest.skip(f"torch {torch.__version__} refuses such a gradient itself, so dist8's check is unreachable: {exc}")
     opt = AdamW8bit([("w", p)])
     with pytest.raises(TypeError, match=r"^parameter w has a torch.float64 gradient; supported: float32, bfloat16"):
         opt.step()

@@ -5,6 +5,7 @@ An sdist is built from a copy of the project files (the build writes ``build/`` 
 ``*.egg-info`` next to its sources), a wheel from the sdist, and the wheel is installed with ``pip --target`` into a directory that a
 fresh interpreter puts first on its path. Before setup.py copied ``csrc/`` into the package, such
 an install found no kernel sources and fell back to the reference backend with one warning.
+Also: the torch floor, one number in pyproject.toml and dist8.version, enforced at import.
 """
 from __future__ import annotations
 
@@ -67,3 +68,27 @@ def test_wheel_ships_the_kernel_sources_and_runs_the_native_kernels(tmp_path):
     assert seen["backend"] == "cpu", seen  # the native kernels, not the reference fallback
     # keyed by content: the installed sources share this checkout's build (no second compile)
     assert seen["name"] == build.build_name("cpu"), seen
+
+
+def test_torch_floor_is_one_number_and_older_torch_is_refused_naming_both_versions():
+    """pyproject.toml's torch dependency and ``dist8.version.MIN_TORCH`` say the same floor, and a
+    torch below it gets one ImportError naming both versions from the first dist8 module that
+    uses torch (a user with an old torch and ``pip install --no-deps``), not an ImportError of
+    some torch.distributed name deep inside FSDP code."""
+    import re
+
+    import pytest
+    from dist8.version import MIN_TORCH, check_torch_version
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert re.search(r'"torch>=(\d+)\.(\d+)"', text).groups() == tuple(str(v) for v in MIN_TORCH)
+    for version in ("2.6.0", "2.13.0+cpu", "2.10.1+cu130", "3.0.0", "2.14.0a0+git1234", "unknown"):
+        check_torch_version(version)
+    for version in ("2.4.1+cu121", "2.5.0", "1.13.1"):
+        with pytest.raises(ImportError, match=rf"^dist8 needs torch >= 2\.6, found torch {re.escape(version)} "):
+            check_torch_version(version)
+    code = ("import torch; torch.__version__ = '2.4.1+cu121'\n"
+            "import dist8\n"
+            "try:\n    dist8.AdamW8bit\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.startswith("dist8 needs torch >= 2.6, found torch 2.4.1+cu121"), out.stdout + out.stderr

@@ -1,4 +1,10 @@
 """Quantization maps and block-wise quantize/dequantize (the bottom layer of dist8)."""
+import torch as _torch
+
+from dist8.version import check_torch_version
+
+check_torch_version(_torch.__version__)  # the bottom layer: every path to torch code passes here first
+
 from dist8.quant.blockwise import (
     DEFAULT_BLOCK_SIZE,
     block_reciprocal,
