@@ -702,6 +702,26 @@ def test_dcp_metadata_pickle_is_allowlisted(tmp_path):
     assert not marker.exists()
 
 
+def test_dcp_metadata_of_python_3_13_pickles_a_path_from_pathlib_local(tmp_path, monkeypatch):
+    """Python 3.13 moved pathlib's classes to ``pathlib._local``, and DCP's metadata pickles the
+    checkpoint's path: on 3.13 every DCP checkpoint was refused ("global pathlib._local.PosixPath
+    is not allowed", found in a Python 3.13.0 venv). Here the 3.13 pickle is written on any
+    Python: the metadata names ``pathlib._local`` (made an alias of pathlib where it is absent)."""
+    import pathlib
+
+    from dist8.checkpoint.torch_files import check_dcp_metadata
+
+    if not hasattr(sys.modules.get("pathlib._local"), "PosixPath"):
+        monkeypatch.setitem(sys.modules, "pathlib._local", pathlib)
+    module_before = pathlib.PosixPath.__module__
+    monkeypatch.setattr(pathlib.PosixPath, "__module__", "pathlib._local")
+    monkeypatch.setattr(pathlib.PurePosixPath, "__module__", "pathlib._local")
+    with open(tmp_path / ".metadata", "wb") as f:
+        pickle.dump({"path": pathlib.PosixPath("/ckpt"), "pure": pathlib.PurePosixPath("a/b")}, f, protocol=4)
+    assert b"pathlib._local" in (tmp_path / ".metadata").read_bytes(), module_before
+    check_dcp_metadata(tmp_path / ".metadata")
+
+
 def test_load_dcp_refuses_hostile_metadata_before_dcp_reads_it(tmp_path):
     # dist8.integrations.fsdp.load_dcp called directly (not through the train job) checks the
     # pickle of .metadata against the allowlist before DCP's own pickle.load sees it.

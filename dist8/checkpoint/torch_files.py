@@ -62,9 +62,12 @@ def load_torch_file(path: str | os.PathLike, allowed: Iterable[Any] = (), map_lo
 
 
 _DCP_MODULES = ("torch.distributed.checkpoint.metadata",)
+# DCP pickles the checkpoint's path: pathlib's classes live in pathlib._local from Python 3.13 on
+# (pickles name that module there), in pathlib before.
 _DCP_GLOBALS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-                ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"), ("pathlib", "PosixPath"),
-                ("pathlib", "PurePosixPath"), ("copyreg", "_reconstructor"), ("copyreg", "__newobj__"),
+                ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+                *((module, name) for module in ("pathlib", "pathlib._local") for name in ("PosixPath", "PurePosixPath")),
+                ("copyreg", "_reconstructor"), ("copyreg", "__newobj__"),
                 ("builtins", "object"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice")}
 
 
