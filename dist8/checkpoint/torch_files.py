@@ -66,7 +66,8 @@ _DCP_MODULES = ("torch.distributed.checkpoint.metadata",)
 # (pickles name that module there), in pathlib before.
 _DCP_GLOBALS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
                 ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-                *((module, name) for module in ("pathlib", "pathlib._local") for name in ("PosixPath", "PurePosixPath")),
+                ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+                ("pathlib._local", "PosixPath"), ("pathlib._local", "PurePosixPath"),
                 ("copyreg", "_reconstructor"), ("copyreg", "__newobj__"),
                 ("builtins", "object"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice")}
 
