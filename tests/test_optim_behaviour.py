@@ -296,19 +296,26 @@ def test_unknown_keyword_arguments_name_the_class_and_torchs_switches_get_a_hint
         Lion8bit(p, learning_rate=1e-3)
 
 
-def test_import_is_light_and_a_first_call_under_torch_compile_stays_eager():
+def test_import_is_light_and_a_first_call_under_torch_compile_stays_eager(tmp_path):
     """torch.compile(opt.step) runs (graph breaks where the step reads host values), equals the
     eager step and warns about nothing (e.g. dynamo tracing into backend loading or cached maps).
-    In a fresh process: ``import dist8`` does not import torch._dynamo (about 1 s of start-up;
-    dist8's host-side functions are kept out of graphs lazily, dist8.kernels.eager), so the
-    compiled step is what makes the process's first backend choice."""
+    In a fresh process: neither ``import dist8`` nor an optimizer's life (construct, step,
+    zero_grad, state_dict, load_state_dict, add_param_group; ShardedOptimizer on a world of 1)
+    imports torch._dynamo (about 1 s of every rank's start-up; dist8.kernels.eager,
+    dist8.optim.lazy_dynamo), so the compiled step is what makes the process's first backend choice."""
     code = (
-        "import sys, torch, dist8, dist8.checkpoint, dist8.shard, dist8.train.trainer\n"
+        "import sys, torch, torch.distributed as dist, dist8, dist8.checkpoint, dist8.shard, dist8.train.trainer\n"
         "assert 'torch._dynamo' not in sys.modules, 'importing dist8 imported torch._dynamo'\n"
         "g = torch.Generator().manual_seed(0)\n"
         "ps = [torch.nn.Parameter(torch.randn(5000, generator=g)) for _ in range(3)]\n"
         "ref = [torch.nn.Parameter(p.detach().clone()) for p in ps]\n"
         "opt, ref_opt = dist8.AdamW8bit(ps, lr=1e-2), dist8.AdamW8bit(ref, lr=1e-2)\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, world_size=1)\n"
+        "model = torch.nn.Linear(300, 300)\n"
+        "for o in (dist8.Lion8bit(model.parameters()), dist8.shard.ShardedOptimizer(model.named_parameters())):\n"
+        "    model(torch.randn(2, 300)).sum().backward(); o.step(); o.zero_grad(); o.load_state_dict(o.state_dict())\n"
+        "opt.add_param_group({'params': [torch.nn.Parameter(torch.zeros(3))]})\n"
+        "assert 'torch._dynamo' not in sys.modules, 'an optimizer method imported torch._dynamo'\n"
         "step = torch.compile(opt.step)\n"
         "for _ in range(3):\n"
         "    for p, r in zip(ps, ref):\n"

@@ -4,7 +4,10 @@
 1 s of every process's start-up on a 2-core CPU, paid by each rank of a launch that never
 compiles). A compile can only be running once something has imported ``torch._dynamo``, so
 :func:`eager_only` applies ``torch.compiler.disable`` at the first call that finds it
-imported; until then it calls the function directly.
+imported; until then it calls the function directly. :func:`call_torch_eager` does the same
+for torch's own functions that torch wraps in its lazy ``_disable_dynamo`` (``Optimizer``'s
+``add_param_group``, ``zero_grad``, ``state_dict``, ``load_state_dict``): their first call
+imports dynamo, in every rank of a launch, for every optimizer.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-__all__ = ["eager_only"]
+__all__ = ["call_torch_eager", "eager_only"]
 
 F = TypeVar("F", bound=Callable)
 
@@ -37,3 +40,16 @@ def eager_only(fn: F) -> F:
         return disabled[0](*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def call_torch_eager(method: Callable, *args, **kwargs):
+    """Call ``method``, a torch function wrapped in torch's ``_disable_dynamo``, without that
+    wrapper's import of ``torch._dynamo`` while nothing has imported it.
+
+    With dynamo imported (a compile may be running) the wrapped function is called, as torch
+    would; before, the function it wraps (``functools.wraps``' ``__wrapped__``; ``method``
+    itself where a torch version has none).
+    """
+    if "torch._dynamo" in sys.modules:
+        return method(*args, **kwargs)
+    return getattr(method, "__wrapped__", method)(*args, **kwargs)

@@ -36,6 +36,7 @@ from dist8.optim.config import (GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, check_override
                                 uses_8bit)
 from dist8.optim.contract import TorchContract
 from dist8.optim.hooks import load_state_dict_with_hooks
+from dist8.optim.lazy_dynamo import LazyDynamoOptimizer
 from dist8.optim.nonfinite import SkipCounter, check_mode
 from dist8.optim.positions import ParamPositions
 from dist8.optim.validation import (
@@ -69,7 +70,7 @@ def _map_on(name: str, signed: bool, device: torch.device) -> torch.Tensor:
     return get_map(name, signed).to(device)
 
 
-class Optimizer8bit(TorchContract, torch.optim.Optimizer):
+class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
     """Base class of dist8's optimizers; not used directly.
 
     Args common to all subclasses:

@@ -19,6 +19,7 @@ from dist8.optim.base import Optimizer8bit
 from dist8.optim.config import (GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, PARAM_LIST_KEYS, check_overrides,
                                 check_overrides_match, hyperparameters_of, split_named_params)
 from dist8.optim.hooks import load_state_dict_with_hooks, state_dict_with_hooks
+from dist8.optim.lazy_dynamo import LazyDynamoOptimizer
 from dist8.shard import state_dicts
 from dist8.optim.state_schema import CORRECTION
 from dist8.shard.grads import GradBuckets, GradPresence
@@ -29,7 +30,7 @@ from dist8.quant import DEFAULT_BLOCK_SIZE
 __all__ = ["ShardedOptimizer"]
 
 
-class ShardedOptimizer(torch.optim.Optimizer):
+class ShardedOptimizer(LazyDynamoOptimizer):
     """Wraps a dist8 optimizer so each rank keeps the state of a contiguous range of whole blocks.
 
     Args:
