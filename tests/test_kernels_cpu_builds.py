@@ -61,7 +61,8 @@ def test_build_variant_matches_reference(variant, tmp_path):
         assert torch.ops.dist8_cpu_info.features().startswith("avx2"), torch.ops.dist8_cpu_info.features()
         env_extra = {k: v for k, v in env_extra.items() if k != "DIST8_CPU_FLAGS"}
     env = dict(os.environ, **env_extra)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(HERE / "test_kernels.py"),
+    # -n 0: one process (the project's addopts start two xdist workers, each importing torch)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider", str(HERE / "test_kernels.py"),
            "-k", CASES]
     out = subprocess.run(cmd, env=env, cwd=HERE.parent, capture_output=True, text=True, timeout=900)
     tail = (out.stdout + out.stderr)[-3000:]
