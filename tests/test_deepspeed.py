@@ -133,6 +133,8 @@ def test_zero_stage_matches_plain_dist8(stages, reference, stage):
     _check_8bit(facts, replicated=stage == 0)
     if stage:
         assert facts[0]["n_segments"] > 0  # per-parameter state inside DeepSpeed's flat partitions
+    # DeepSpeed's ZeRO check counts dist8 as supported: no false "untested optimizer" warning
+    assert all(f["zero_supported"] for f in facts), facts
 
 
 @needs_ds
@@ -362,7 +364,17 @@ def test_install_is_idempotent():
 
     import dist8.integrations.deepspeed as d8ds
 
+    import deepspeed.runtime.engine as engine_module
+
     d8ds.install()
     first = DeepSpeedEngine._configure_basic_optimizer
+    zero_check = engine_module.is_zero_supported_optimizer
     d8ds.install()
     assert DeepSpeedEngine._configure_basic_optimizer is first and d8ds.is_installed()
+    assert engine_module.is_zero_supported_optimizer is zero_check
+    d8ds.uninstall()
+    try:
+        assert engine_module.is_zero_supported_optimizer is not zero_check  # DeepSpeed's own again
+        assert DeepSpeedEngine._configure_basic_optimizer is not first
+    finally:
+        d8ds.install()

@@ -11,6 +11,9 @@ so that an optimizer ``type`` starting with ``dist8.`` (any name of :data:`dist8
 case-insensitive) builds that dist8 optimizer from the config's ``params`` (``"auto"`` values,
 as HF Trainer leaves them, mean "dist8's default"; unknown keys fail naming the key and the
 valid ones), and marks it as tested for ZeRO so ``zero_allow_untested_optimizer`` is not needed.
+DeepSpeed's ZeRO check (``is_zero_supported_optimizer``, as the engine module names it) counts
+every dist8 optimizer as supported: they are tested under ZeRO 0-3, so DeepSpeed's "using ZeRO
+with an untested optimizer, proceed with caution" warning would be false.
 It also wraps ``DeepSpeedEngine._configure_optimizer`` to tell the optimizer, after DeepSpeed
 has flattened and partitioned the parameters, which original parameter every range of each
 flat partition belongs to.
@@ -77,7 +80,7 @@ __all__ = [
 
 INSTALL_HINT = "DeepSpeed is not installed: pip install dist8[deepspeed]  (or: pip install deepspeed)"
 
-_state: dict[str, Any] = {"installed": False, "originals": {}}
+_state: dict[str, Any] = {"installed": False, "originals": {}, "module_originals": {}}
 
 
 def _require_deepspeed():
@@ -116,6 +119,9 @@ def install() -> None:
     if _state["installed"]:
         return
     _deepspeed, Engine = _require_deepspeed()
+    import deepspeed.runtime.engine as engine_module
+
+    orig_zero_supported = engine_module.is_zero_supported_optimizer
     orig_basic = Engine._configure_basic_optimizer
     orig_configure = Engine._configure_optimizer
     orig_supported = Engine._is_supported_optimizer
@@ -143,6 +149,9 @@ def install() -> None:
         if isinstance(getattr(self, "basic_optimizer", None), DeepSpeedSegments):
             attach_segments(self)
 
+    def is_zero_supported_optimizer(optimizer):
+        return isinstance(optimizer, Optimizer8bit) or orig_zero_supported(optimizer)
+
     _configure_basic_optimizer.__wrapped__ = orig_basic
     _configure_optimizer.__wrapped__ = orig_configure
     _state["originals"] = {"_configure_basic_optimizer": orig_basic, "_configure_optimizer": orig_configure,
@@ -150,6 +159,8 @@ def install() -> None:
     Engine._is_supported_optimizer = _is_supported_optimizer
     Engine._configure_basic_optimizer = _configure_basic_optimizer
     Engine._configure_optimizer = _configure_optimizer
+    _state["module_originals"] = {"is_zero_supported_optimizer": orig_zero_supported}
+    engine_module.is_zero_supported_optimizer = is_zero_supported_optimizer
     _state["installed"] = True
 
 
@@ -158,8 +169,12 @@ def uninstall() -> None:
     if not _state["installed"]:
         return
     _d, Engine = _require_deepspeed()
+    import deepspeed.runtime.engine as engine_module
+
     for k, v in _state["originals"].items():
         setattr(Engine, k, v)
+    for k, v in _state["module_originals"].items():
+        setattr(engine_module, k, v)
     _state["installed"] = False
 
 
