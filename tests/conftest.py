@@ -12,20 +12,34 @@ few-test multi-process files last and left one worker running them alone for min
 """
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
 
-# CPU seconds per file on the 2-core CI machine (warm kernel caches; the nvcc compiles cold), measured
-# 2026-12-01. Files not listed run after these, in collection order. Refresh with
-# `python -m pytest --junitxml=j.xml` when a file's time changes a lot; a stale entry costs balance, not correctness.
+# One intra-op thread per test process (and the processes tests start), unless the caller chose:
+# the two xdist workers share the 2-core machine, and torch's default of a thread per core in each
+# spent ~40% more CPU spinning in OpenMP for the same wall time (tests/test_bnb_suite.py and
+# test_optim_vs_torch.py: 162 s -> 99 s of CPU), CPU the multi-process tests beside them wait for.
+# The kernels' independence of the thread count has its own test with 4 threads
+# (test_kernels.py::test_results_do_not_depend_on_the_thread_count).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+if "torch" in sys.modules:  # imported before this file (a plugin): the variable came too late
+    sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+# CPU seconds per file on the 2-core CI machine (warm kernel caches; the two nvcc compiles cold), measured
+# 2026-12-02 with one intra-op thread per process. Files not listed run after these, in collection order.
+# Refresh with `python -m pytest --junitxml=j.xml` when a file's time changes a lot; a stale entry costs
+# balance, not correctness.
 FILE_SECONDS = {
-    "test_train.py": 310, "test_kernels.py": 240, "test_readme.py": 130, "test_train_memory.py": 110,
-    "test_deepspeed.py": 110, "test_optim_vs_torch.py": 90, "test_train_errors.py": 80,
-    "test_cuda_compile_cuda_torch.py": 75, "test_kernels_master.py": 75, "test_kernels_cpu_builds.py": 70,
-    "test_cuda_compile.py": 70, "test_checkpoint_hostile.py": 60, "test_checkpoint.py": 45,
-    "test_train_faults.py": 45, "test_fsdp.py": 25, "test_tensor_parallel.py": 20, "test_deepspeed_hint.py": 30,
-    "test_sharded.py": 25, "test_clients.py": 40, "test_bnb_suite.py": 65,
+    "test_train.py": 200, "test_bnb_suite.py": 90, "test_deepspeed.py": 80, "test_lightning.py": 75,
+    "test_cuda_compile_cuda_torch.py": 75, "test_readme.py": 70, "test_cuda_compile.py": 70, "test_clients.py": 60,
+    "test_train_memory.py": 60, "test_kernels_cpu_builds.py": 50, "test_train_errors.py": 50, "test_kernels.py": 35,
+    "test_fsdp.py": 30, "test_sharded.py": 25, "test_train_faults.py": 20, "test_checkpoint.py": 20,
+    "test_optim_behaviour.py": 15, "test_tensor_parallel.py": 15, "test_checkpoint_hostile.py": 15,
+    "test_deepspeed_hint.py": 15, "test_optim_vs_torch.py": 10, "test_torch_optim_db.py": 8, "test_sharded_mixed.py": 8,
+    "test_packaging.py": 7, "test_kernels_master.py": 5,
 }
 
 

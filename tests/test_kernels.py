@@ -206,6 +206,43 @@ def test_multi_tensor_op_equals_one_call_per_tensor(backend, device, rule, bits8
     check_multi_equals_single(backend, rule, bits8, device)
 
 
+@pytest.fixture
+def threads():
+    """Run with this many intra-op threads, then restore (pytest processes run with 1: conftest.py)."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def _plant_nonfinite(g: torch.Tensor, step: int) -> torch.Tensor:
+    g[[5, 70_000 + 3 * step, 150_000]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    return g
+
+
+@per_backend("", cpu=[()])
+def test_results_do_not_depend_on_the_thread_count(backend, threads):
+    """The CPU kernels split blocks (and values) over torch's intra-op threads; with 4 threads
+    and tensors of hundreds of blocks every op is still the reference bit for bit, skipped
+    blocks counted once. The other tests here run single-threaded (tests/conftest.py), so this
+    is the test that sees a kernel whose result depends on how the work was split."""
+    threads(4)
+    for i, rule in enumerate(ALL_RULES):
+        for bits8 in BITS:
+            case = Case(rule, 200_003, 256, bits8, torch.float32, torch.bfloat16, "cpu", seed=i,
+                        grad_fn=_plant_nonfinite)
+            run_steps(backend, case, steps=3)
+            assert bits8 is False or int(case.dut["skipped"]) > 0, rule  # the planted blocks were skipped
+    check_multi_equals_single(backend, Rule.ADAM, True, "cpu")
+    check_all_finite_many(backend, "cpu")
+    x = torch.randn(300_001, generator=torch.Generator().manual_seed(1)) * 5
+    check_quantize_matches_reference(backend, "300k values", x, dynamic_map(True), 256, "cpu")
+    p, u = torch.randn(100_001).to(torch.bfloat16), torch.randn(100_001)
+    want, got = p.clone(), p.clone()
+    ReferenceBackend().trust_step(want, u, 1e-2)
+    backend.trust_step(got, u, 1e-2)
+    assert torch.equal(got, want)
+
+
 # ---- LAMB/LARS phase 2 -------------------------------------------------------------------------
 TRUST_SIZES = {"cpu": (1, 63, 64, 1000, 70_001), "cuda": (1, 63, 64, 1000, 70_001), "emulated": (1, 63, 64, 1000, 5000)}
 

@@ -22,7 +22,7 @@ from dist8.kernels import build, native
 HERE = Path(__file__).resolve().parent
 # the cpu backend's cases of tests/test_kernels.py (ids start with the backend: "cpu", "cpu-...")
 CASES = ("cpu and (rules_fp32 and (ADAM or SGD or LION) or rules_dtypes and ADAM or linear_map or fp8_map or zero_blocks "
-         "or quantize or extreme or trust_step)")
+         "or quantize or extreme or trust_step or thread_count)")
 
 
 def _cpu_flags() -> set[str]:
