@@ -101,7 +101,7 @@ def test_torch_inputs_train_in_the_right_direction_or_are_refused_naming_a_key(i
                 for _ in range(20):
                     loss = opt.step(closure)
                     for sched in scheds:
-                        sched.step(loss) if isinstance(sched, ReduceLROnPlateau) else sched.step()
+                        sched.step(loss.detach()) if isinstance(sched, ReduceLROnPlateau) else sched.step()
                 final = closure().item()
                 if kwargs.get("maximize", False):
                     assert final > initial, what
