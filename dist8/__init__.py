@@ -20,10 +20,14 @@ from dist8.version import __version__
 
 FAMILIES = ("Adam", "AdamW", "SGD", "LARS", "RMSprop", "Adagrad", "LAMB", "Lion", "AdEMAMix")
 OPTIMIZER_NAMES = tuple(f"{family}{bits}" for family in FAMILIES for bits in ("", "8bit", "32bit"))
+# bitsandbytes' paged classes (dist8.optim.paged): importable, and calling one says what to use instead
+PAGED_NAMES = tuple(f"Paged{family}{bits}" for family in ("Adam", "AdamW", "Lion", "AdEMAMix")
+                    for bits in ("", "8bit", "32bit"))
 
 # name -> the module that defines it
 _EXPORTS = {
-    **{name: "dist8.optim" for name in (*OPTIMIZER_NAMES, "OPTIMIZERS", "GlobalOptimManager", "get_optimizer_class")},
+    **{name: "dist8.optim" for name in (*OPTIMIZER_NAMES, *PAGED_NAMES, "OPTIMIZERS", "GlobalOptimManager",
+                                        "get_optimizer_class")},
     "ShardedOptimizer": "dist8.shard",
     "cast_model": "dist8.nn.cast",
     "GradientRelease": "dist8.optim.release",

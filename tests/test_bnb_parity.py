@@ -47,7 +47,18 @@ def test_every_bitsandbytes_optimizer_name_is_in_dist8(name):
 
 
 def test_paged_optimizers_are_refused_clearly():
-    with pytest.raises(ValueError, match="is_paged"):
+    """bitsandbytes' Paged* classes (QLoRA's paged_adamw_8bit) import from dist8 and dist8.optim as
+    bitsandbytes-style code expects; building one, or is_paged=True, is one line naming what to use."""
+    import dist8.optim
+
+    paged = sorted(n for n in dir(bnb.optim) if n.startswith("Paged"))
+    assert paged and sorted(dist8.PAGED_NAMES) == paged
+    for name in paged:
+        for module in (dist8, dist8.optim):
+            with pytest.raises(ValueError, match=rf"^dist8\.{name}: dist8 has no paged optimizers .*: "
+                                                 rf"use dist8\.{name[len('Paged'):]}$"):
+                getattr(module, name)([torch.nn.Parameter(torch.randn(10))], lr=1e-3)
+    with pytest.raises(ValueError, match=r"^AdamW8bit\(is_paged=True\): .*use AdamW8bit\(is_paged=False\)"):
         dist8.AdamW8bit([torch.nn.Parameter(torch.randn(10))], is_paged=True)
 
 

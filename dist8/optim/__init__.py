@@ -5,6 +5,7 @@ from dist8.optim.base import Optimizer8bit, ParamSettings
 from dist8.optim.lamb import LAMB, LAMB8bit, LAMB32bit
 from dist8.optim.manager import GlobalOptimManager
 from dist8.optim.lion import Lion, Lion8bit, Lion32bit
+from dist8.optim.paged import PAGED
 from dist8.optim.rmsprop import Adagrad, Adagrad8bit, Adagrad32bit, RMSprop, RMSprop8bit, RMSprop32bit
 from dist8.optim.sgd import LARS, SGD, LARS8bit, LARS32bit, SGD8bit, SGD32bit
 
@@ -24,5 +25,8 @@ def get_optimizer_class(name: str) -> type[Optimizer8bit]:
             return cls
     raise ValueError(f"unknown dist8 optimizer {name!r}; valid names: {', '.join(OPTIMIZERS)}")
 
+
+# bitsandbytes' PagedAdamW8bit etc.: importable, calling one raises ValueError naming the class to use
+globals().update(PAGED)
 
 __all__ = ["GlobalOptimManager", "OPTIMIZERS", "Optimizer8bit", "ParamSettings", "get_optimizer_class", *OPTIMIZERS]

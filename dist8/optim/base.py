@@ -38,6 +38,7 @@ from dist8.optim.contract import TorchContract
 from dist8.optim.hooks import load_state_dict_with_hooks
 from dist8.optim.lazy_dynamo import LazyDynamoOptimizer
 from dist8.optim.nonfinite import SkipCounter, check_mode
+from dist8.optim.paged import paged_message
 from dist8.optim.positions import ParamPositions
 from dist8.optim.validation import (
     SUPPORTED_DTYPES,
@@ -144,7 +145,8 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
         if args is not None:
             raise ValueError("args (a bitsandbytes config object) is not supported; pass keyword arguments")
         if check_flag(is_paged, "is_paged"):
-            raise ValueError("is_paged=True (paged optimizers) is not supported by dist8")
+            name = type(self).__name__
+            raise ValueError(paged_message(f"{name}(is_paged=True)", f"{name}(is_paged=False), the default"))
         if check_number(max_unorm, "max_unorm", "constructor", lo=0.0) and self.rule not in RULE_WRITES_UPDATE:
             raise ValueError(f"max_unorm={max_unorm} is not supported by {type(self).__name__}; use 0.0")
         check_mode(on_nonfinite)
