@@ -60,6 +60,9 @@ def test_paged_optimizers_are_refused_clearly():
                 getattr(module, name)([torch.nn.Parameter(torch.randn(10))], lr=1e-3)
     with pytest.raises(ValueError, match=r"^AdamW8bit\(is_paged=True\): .*use AdamW8bit\(is_paged=False\)"):
         dist8.AdamW8bit([torch.nn.Parameter(torch.randn(10))], is_paged=True)
+    # by name (a DeepSpeed config's "type": "dist8.PagedAdamW8bit", the training job's optimizer.name)
+    with pytest.raises(ValueError, match=r"^'dist8.PagedAdamW8bit': dist8 has no paged .*use dist8\.AdamW8bit$"):
+        dist8.get_optimizer_class("dist8.PagedAdamW8bit")
 
 
 # ---- GlobalOptimManager -------------------------------------------------------------------------

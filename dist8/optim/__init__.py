@@ -5,7 +5,7 @@ from dist8.optim.base import Optimizer8bit, ParamSettings
 from dist8.optim.lamb import LAMB, LAMB8bit, LAMB32bit
 from dist8.optim.manager import GlobalOptimManager
 from dist8.optim.lion import Lion, Lion8bit, Lion32bit
-from dist8.optim.paged import PAGED
+from dist8.optim.paged import PAGED, paged_message
 from dist8.optim.rmsprop import Adagrad, Adagrad8bit, Adagrad32bit, RMSprop, RMSprop8bit, RMSprop32bit
 from dist8.optim.sgd import LARS, SGD, LARS8bit, LARS32bit, SGD8bit, SGD32bit
 
@@ -23,6 +23,9 @@ def get_optimizer_class(name: str) -> type[Optimizer8bit]:
     for cls_name, cls in OPTIMIZERS.items():
         if cls_name.lower() == key:
             return cls
+    if key.startswith("paged") and key[len("paged"):] in {n.lower() for n in OPTIMIZERS}:
+        plain = next(n for n in OPTIMIZERS if n.lower() == key[len("paged"):])
+        raise ValueError(paged_message(repr(name), f"dist8.{plain}"))
     raise ValueError(f"unknown dist8 optimizer {name!r}; valid names: {', '.join(OPTIMIZERS)}")
 
 
