@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -42,7 +42,7 @@ def eager_only(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def call_torch_eager(method: Callable, *args, **kwargs):
+def call_torch_eager(method: Callable, *args: Any, **kwargs: Any) -> Any:
     """Call ``method``, a torch function wrapped in torch's ``_disable_dynamo``, without that
     wrapper's import of ``torch._dynamo`` while nothing has imported it.
 
