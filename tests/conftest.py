@@ -24,9 +24,10 @@ import pytest
 # test_optim_vs_torch.py: 162 s -> 99 s of CPU), CPU the multi-process tests beside them wait for.
 # The kernels' independence of the thread count has its own test with 4 threads
 # (test_kernels.py::test_results_do_not_depend_on_the_thread_count).
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-if "torch" in sys.modules:  # imported before this file (a plugin): the variable came too late
-    sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:  # imported before this file (a plugin): the variable came too late
+        sys.modules["torch"].set_num_threads(1)
 
 # CPU seconds per file on the 2-core CI machine (warm kernel caches; the two nvcc compiles cold), measured
 # 2026-12-02 with one intra-op thread per process. Files not listed run after these, in collection order.
