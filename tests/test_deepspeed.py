@@ -360,11 +360,10 @@ def test_segmented_copy_steps_like_the_original_and_leaves_it_alone():
 
 @needs_ds
 def test_install_is_idempotent():
+    import deepspeed.runtime.engine as engine_module
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     import dist8.integrations.deepspeed as d8ds
-
-    import deepspeed.runtime.engine as engine_module
 
     d8ds.install()
     first = DeepSpeedEngine._configure_basic_optimizer
