@@ -10,7 +10,8 @@ __version__ = "0.1.0"
 
 # The oldest torch the whole test suite has passed on (README, "Which torch"); pyproject.toml's
 # dependency says the same (tests/test_packaging.py holds them equal). FSDP2 on CPU ranks needs
-# 2.7: torch 2.6's fully_shard all-gather calls Stream.record_event, which CPU streams lack.
+# 2.9: torch 2.6's fully_shard all-gather calls Stream.record_event, which CPU streams lack, and
+# 2.7/2.8 sum the ranks' gradients instead of averaging them.
 MIN_TORCH = (2, 6)
 
 

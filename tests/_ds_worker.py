@@ -133,7 +133,7 @@ def run_job(job, rank, world, out_dir):
         "devices": sorted({str(p.device) for g in opt.param_groups for p in g["params"]}),
         "n_segments": sum(len(v) for v in (getattr(opt, "ds_segments", {}) or {}).values()),
         # DeepSpeed's ZeRO check as the engine calls it (False: "untested optimizer" warning)
-        "zero_supported": __import__("deepspeed.runtime.engine").runtime.engine.is_zero_supported_optimizer(opt),
+        "zero_supported": deepspeed.runtime.engine.is_zero_supported_optimizer(opt),
     }
     if client is not None:  # initialize(optimizer=client) steps a copy and leaves the client as it was
         facts["client_unchanged"] = (type(client).__name__ == "AdamW8bit" and type(client).__module__ == "dist8.optim.adam"

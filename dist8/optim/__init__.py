@@ -23,8 +23,8 @@ def get_optimizer_class(name: str) -> type[Optimizer8bit]:
     for cls_name, cls in OPTIMIZERS.items():
         if cls_name.lower() == key:
             return cls
-    if key.startswith("paged") and key[len("paged"):] in {n.lower() for n in OPTIMIZERS}:
-        plain = next(n for n in OPTIMIZERS if n.lower() == key[len("paged"):])
+    plain = next((n for n in OPTIMIZERS if f"paged{n.lower()}" == key), None)
+    if plain is not None:  # bitsandbytes' PagedAdamW8bit etc.
         raise ValueError(paged_message(repr(name), f"dist8.{plain}"))
     raise ValueError(f"unknown dist8 optimizer {name!r}; valid names: {', '.join(OPTIMIZERS)}")
 
