@@ -1,12 +1,20 @@
-"""Stage-2 gradient buckets: reduce each bucket to the ranks that own its blocks as soon as it is ready."""
+"""Stage-2 gradients of ShardedOptimizer: a flat gradient buffer per parameter dtype whose buckets are
+reduced to the ranks that own their blocks as soon as backward completes them.
+
+:class:`Stage2Grads` is what ShardedOptimizer(stage=2) holds: the buffers, the parameters' ``.grad``
+views of them, the backward hooks, the buckets (:class:`GradBuckets`) and which parameters hold a
+gradient in torch's sense (:class:`GradPresence`).
+"""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["GradBuckets", "GradPresence"]
+from dist8.shard.flat import FlatBuffer
+
+__all__ = ["GradBuckets", "GradPresence", "Stage2Grads"]
 
 
 class GradBuckets:
@@ -129,3 +137,108 @@ class GradPresence:
 
     def stepped(self) -> None:
         self.fired = [False] * len(self.fired)
+
+
+class Stage2Grads:
+    """The stage-2 gradients of ShardedOptimizer's parameters.
+
+    Args:
+        params: the parameters in layout order (views of their flat parameter buffers);
+            names: their names, same order (for error messages).
+        buffers: the flat parameter buffers (:func:`dist8.shard.flat.flat_buffers`);
+            buffer_of: per parameter, the index of its buffer.
+        rank, world_size, group: this rank, the number of ranks and the process group.
+        bucket_cap_bytes: a gradient bucket is closed once it holds this many bytes.
+        accumulating: returns True while backward passes only accumulate (``no_sync``).
+
+    Every parameter's ``.grad`` is its range of a flat gradient buffer laid out like its
+    parameter buffer. A hook after each parameter's gradient accumulation marks it present
+    and, on several ranks and unless accumulating, launches every bucket that is complete;
+    :meth:`reduce` then finishes the reductions and averages this rank's owned range.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], names: Sequence[str], buffers: Sequence[FlatBuffer],
+                 buffer_of: Sequence[int], rank: int, world_size: int, group: dist.ProcessGroup | None,
+                 bucket_cap_bytes: int, accumulating: Callable[[], bool]) -> None:
+        self.params, self.names = list(params), list(names)
+        self.buffers, self.buffer_of = list(buffers), list(buffer_of)
+        self.rank, self.world_size = rank, world_size
+        self.accumulating = accumulating
+        self.flat = [torch.zeros_like(buf.flat) for buf in self.buffers]
+        spans = [(k, self.buffers[k].offset[i], self.buffers[k].offset[i] + p.numel())
+                 for i, (k, p) in enumerate(zip(self.buffer_of, self.params))]
+        self.buckets = GradBuckets(self.flat, spans, [buf.rank_ranges for buf in self.buffers], bucket_cap_bytes,
+                                   group, rank)
+        self.group = group
+        self.presence = GradPresence(len(self.params))
+        # each parameter's .grad: its range of the gradient buffer, made once
+        self.views = [self.view(i, 0, p.numel()).view(p.shape) for i, p in enumerate(self.params)]
+        self.hooks = [p.register_post_accumulate_grad_hook(self._make_hook(i)) for i, p in enumerate(self.params)]
+        self.attach_views()
+
+    def view(self, index: int, start: int, numel: int) -> torch.Tensor:
+        """Elements ``[start, start + numel)`` of parameter ``index``'s gradient (flat)."""
+        k = self.buffer_of[index]
+        return self.buffers[k].view(index, start, numel, of=self.flat[k])
+
+    def attach_views(self) -> None:
+        for p, view in zip(self.params, self.views):
+            p.grad = view
+
+    def _make_hook(self, index: int) -> Callable[[torch.Tensor], None]:
+        def hook(p: torch.Tensor) -> None:
+            view = self.views[index]
+            if p.grad.data_ptr() != view.data_ptr():  # e.g. after model.zero_grad(set_to_none=True)
+                view.copy_(p.grad)
+                p.grad = view
+            self.presence.backward_hook(index)
+            if self.world_size > 1 and not self.accumulating():
+                self.buckets.mark_ready(index)
+
+        return hook
+
+    def present_on_any_rank(self, device: torch.device) -> list[bool]:
+        """Before :meth:`reduce`: bring ``.grad`` changes made outside backward into the buffer (None: no
+        gradient, its range zeroed; a tensor assigned: copied in), then which parameters hold a gradient
+        on any rank (one small all-reduce)."""
+        presence = self.presence
+        for i, (p, view) in enumerate(zip(self.params, self.views)):
+            if p.grad is None:  # model.zero_grad(), or set by hand: no gradient, as torch sees it
+                if not presence.fired[i]:
+                    view.zero_()  # its bucket is reduced at the flush: no stale gradient goes with it
+                presence.has[i] = False
+            elif p.grad.data_ptr() != view.data_ptr():  # a gradient assigned to .grad, not accumulated by backward
+                if presence.fired[i] and self.world_size > 1:
+                    raise ValueError(f"parameter {self.names[i]}: .grad was replaced after backward had reduced it "
+                                     "across ranks (stage 2 reduces gradients inside backward); modify it in place "
+                                     "(p.grad.mul_(...)) or use stage=1")
+                view.copy_(p.grad)
+                p.grad = view
+                presence.has[i] = True
+        has = torch.tensor(presence.has, dtype=torch.uint8, device=device)
+        if self.world_size > 1:
+            dist.all_reduce(has, op=dist.ReduceOp.MAX, group=self.group)
+        return [bool(h) for h in has.tolist()]
+
+    def reduce(self) -> None:
+        """Finish the bucket reductions and average this rank's owned range (several ranks)."""
+        if self.world_size == 1:
+            return
+        self.buckets.flush()
+        for buf, grads in zip(self.buffers, self.flat):
+            lo, hi = buf.rank_ranges[self.rank]
+            grads[lo:hi].div_(self.world_size)
+
+    def stepped(self) -> None:
+        self.presence.stepped()
+
+    def zero(self, set_to_none: bool) -> None:
+        """Zero the buffers in place and give every parameter its view again."""
+        for grads in self.flat:
+            grads.zero_()
+        self.attach_views()
+        self.buckets.reset()
+        self.presence.zeroed(set_to_none)
+
+    def nbytes(self) -> int:
+        return sum(g.numel() * g.element_size() for g in self.flat)

@@ -1,8 +1,9 @@
 """ShardedOptimizer: ZeRO-1/2 with optimizer state partitioned at quantization-block granularity.
 
-One concern, one class: the ZeRO-1/2 optimizer (flat parameter buffer, gradient hooks, step,
-all-gather, state dict). Gradient buckets live in ``grads.py``, the block layout in
-``layout.py``, the collectives that move quantized state in ``collectives.py``.
+One concern, one class: the ZeRO-1/2 optimizer (flat parameter buffers, fp32 master copies, step,
+all-gather, state dict). Stage-2 gradients (buffer, hooks, buckets) live in ``grads.py``, the flat
+buffers in ``flat.py``, the block layout in ``layout.py``, the collectives that move quantized state
+in ``collectives.py``, the state-dict formats in ``state_dicts.py``.
 """
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ from dist8.optim.config import (GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, PARAM_LIST_KEY
                                 check_overrides_match, hyperparameters_of, split_named_params)
 from dist8.optim.hooks import load_state_dict_with_hooks, state_dict_with_hooks
 from dist8.optim.lazy_dynamo import LazyDynamoOptimizer
-from dist8.shard import state_dicts
 from dist8.optim.state_schema import CORRECTION
-from dist8.shard.grads import GradBuckets, GradPresence
+from dist8.shard import state_dicts
 from dist8.shard.flat import flat_buffers
+from dist8.shard.grads import Stage2Grads
 from dist8.shard.layout import BlockLayout, Piece
 from dist8.quant import DEFAULT_BLOCK_SIZE
 
@@ -164,26 +165,18 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         if self.world_size > 1:
             self.inner.reduce_partials = self._all_reduce_sum
 
-        self.grad_buffers: list[torch.Tensor] | None = None
-        self.buckets = None
         self._accumulating = False
         self.gather_chunks = [max(B, int(bucket_cap_mb * 2**20 / buf.flat.element_size()) // B * B)
                               for buf in self.buffers]
         self.bytes_gathered = 0
+        # stage 2: the flat gradient buffers, the parameters' .grad views of them and the reduction hooks
+        self.stage2_grads: Stage2Grads | None = None
         if stage == 2:
-            self.grad_buffers = [torch.zeros_like(buf.flat) for buf in self.buffers]
-            spans = [(k, self.buffers[k].offset[i], self.buffers[k].offset[i] + p.numel())
-                     for i, (k, p) in enumerate(zip(self._buffer_of, self.params))]
             size0 = self.buffers[0].flat.element_size()
             cap_bytes = max(B, int(bucket_cap_mb * 2**20 / size0) // B * B) * size0
-            self.buckets = GradBuckets(self.grad_buffers, spans, [buf.rank_ranges for buf in self.buffers], cap_bytes,
-                                       self.group, self.rank)
-            self.grad_presence = GradPresence(len(self.params))
-            # each parameter's .grad under stage 2: its range of the gradient buffer, made once
-            self._grad_views = [self._flat(i, 0, p.numel(), grads=True).view(p.shape)
-                                for i, p in enumerate(self.params)]
-            self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(i)) for i, p in enumerate(self.params)]
-            self._attach_grad_views()
+            self.stage2_grads = Stage2Grads(self.params, self.names, self.buffers, self._buffer_of, self.rank,
+                                            self.world_size, self.group, cap_bytes, lambda: self._accumulating)
+        self.buckets = self.stage2_grads.buckets if self.stage2_grads else None  # bytes_sent for bench/sharded.py
         super().__init__(groups, dict(self.inner.defaults))
         self._sync_hyper(to_inner=False)
 
@@ -227,10 +220,9 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         raise ValueError("parameter layout (block size) differs across ranks")
 
     # ---- views -------------------------------------------------------------------
-    def _flat(self, index: int, start: int, numel: int, grads: bool = False) -> torch.Tensor:
-        """Elements ``[start, start + numel)`` of parameter ``index`` in its flat (gradient) buffer."""
-        k = self._buffer_of[index]
-        return self.buffers[k].view(index, start, numel, of=self.grad_buffers[k] if grads else None)
+    def _flat(self, index: int, start: int, numel: int) -> torch.Tensor:
+        """Elements ``[start, start + numel)`` of parameter ``index`` in its flat buffer."""
+        return self.buffers[self._buffer_of[index]].view(index, start, numel)
 
     def _owned(self, piece: Piece) -> torch.Tensor:
         """View of an owned piece: into its buffer's fp32 master (low-precision params) or the buffer."""
@@ -262,22 +254,6 @@ class ShardedOptimizer(LazyDynamoOptimizer):
             if master is not None:
                 master.copy_(saved)
 
-    def _attach_grad_views(self) -> None:
-        for p, view in zip(self.params, self._grad_views):
-            p.grad = view
-
-    def _make_hook(self, index: int):
-        def hook(p: torch.Tensor) -> None:
-            view = self._grad_views[index]
-            if p.grad.data_ptr() != view.data_ptr():  # e.g. after model.zero_grad(set_to_none=True)
-                view.copy_(p.grad)
-                p.grad = view
-            self.grad_presence.backward_hook(index)
-            if not self._accumulating and self.world_size > 1:
-                self.buckets.mark_ready(index)
-
-        return hook
-
     # ---- gradient handling --------------------------------------------------------
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -306,22 +282,18 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         """Give every owned piece its averaged gradient (stage 2: reduce the buckets first)."""
         if getattr(self, "_grads_ready", False):
             return
+        grads = self.stage2_grads
         has_grad = None
-        if self.stage == 2:
-            has_grad = self._stage2_grad_presence()
-            if self.world_size > 1:
-                self.buckets.flush()
-            if self.world_size > 1:
-                for buf, grads in zip(self.buffers, self.grad_buffers):
-                    lo, hi = buf.rank_ranges[self.rank]
-                    grads[lo:hi].div_(self.world_size)
+        if grads is not None:
+            has_grad = grads.present_on_any_rank(self.device)
+            grads.reduce()
         for piece, view in zip(self.pieces, self._piece_views):
             p = self.params[piece.param]
-            if self.stage == 2:
+            if grads is not None:
                 if not has_grad[piece.param]:  # no rank has a gradient for it: skipped, as torch does
                     view.grad = None
                     continue
-                grad = self._flat(piece.param, piece.start, piece.numel, grads=True)
+                grad = grads.view(piece.param, piece.start, piece.numel)
             elif p.grad is None:
                 view.grad = None
                 continue
@@ -329,29 +301,6 @@ class ShardedOptimizer(LazyDynamoOptimizer):
                 grad = p.grad.reshape(-1)[piece.start : piece.stop]
             view.grad = grad.float() if self.masters[self._buffer_of[piece.param]] is not None else grad
         self._grads_ready = True
-
-    def _stage2_grad_presence(self) -> list[bool]:
-        """Before the buckets are flushed: bring ``.grad`` changes made outside backward into the buffer
-        (None: no gradient, its range zeroed; a tensor assigned: copied in), then which parameters hold a
-        gradient on any rank (one small all-reduce)."""
-        presence = self.grad_presence
-        for i, (p, view) in enumerate(zip(self.params, self._grad_views)):
-            if p.grad is None:  # model.zero_grad(), or set by hand: no gradient, as torch sees it
-                if not presence.fired[i]:
-                    view.zero_()  # its bucket is reduced at the flush: no stale gradient goes with it
-                presence.has[i] = False
-            elif p.grad.data_ptr() != view.data_ptr():  # a gradient assigned to .grad, not accumulated by backward
-                if presence.fired[i] and self.world_size > 1:
-                    raise ValueError(f"parameter {self.names[i]}: .grad was replaced after backward had reduced it "
-                                     "across ranks (stage 2 reduces gradients inside backward); modify it in place "
-                                     "(p.grad.mul_(...)) or use stage=1")
-                view.copy_(p.grad)
-                p.grad = view
-                presence.has[i] = True
-        has = torch.tensor(presence.has, dtype=torch.uint8, device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(has, op=dist.ReduceOp.MAX, group=self.group)
-        return [bool(h) for h in has.tolist()]
 
     @torch.no_grad()
     def clip_grad_norm(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
@@ -422,8 +371,8 @@ class ShardedOptimizer(LazyDynamoOptimizer):
             if found_inf is not None:
                 del self.inner.grad_scale, self.inner.found_inf
         self._grads_ready = False
-        if self.stage == 2:
-            self.grad_presence.stepped()
+        if self.stage2_grads is not None:
+            self.stage2_grads.stepped()
         for buf, master in zip(self.buffers, self.masters):
             if master is not None:
                 buf.owned(self.rank).copy_(master)
@@ -453,12 +402,8 @@ class ShardedOptimizer(LazyDynamoOptimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero gradients. Stage 2 keeps gradients as views of its flat buffer and zeroes it in place."""
         self._grads_ready = False
-        if self.stage == 2:
-            for grads in self.grad_buffers:
-                grads.zero_()
-            self._attach_grad_views()
-            self.buckets.reset()
-            self.grad_presence.zeroed(set_to_none)
+        if self.stage2_grads is not None:
+            self.stage2_grads.zero(set_to_none)
         else:
             for p in self.params:
                 if p.grad is not None:
@@ -480,7 +425,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
 
     def grad_buffer_nbytes(self) -> int:
         """Bytes of the stage-2 flat gradient buffers (the whole model's gradients; 0 at stage 1)."""
-        return sum(g.numel() * g.element_size() for g in self.grad_buffers or [])
+        return self.stage2_grads.nbytes() if self.stage2_grads is not None else 0
 
     @property
     def nonfinite_skips(self) -> int:
