@@ -192,6 +192,25 @@ def test_huge_finite_gradients_never_poison_state():
     assert opt.nonfinite_skips == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_percentile_clipping_takes_finite_gradients_whose_square_norm_overflows_fp32(dtype):
+    """|g| ~ 1e30 is finite in fp32 and bf16 but its square norm is not: the step clips it (the norm
+    history saturates at fp32's max) instead of raising mid-step, and everything stays finite."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4099).to(dtype))
+    opt = AdamW8bit([("p", p)], percentile_clipping=50)
+    for step in range(4):
+        p.grad = (torch.randn(4099) * (1e30 if step % 2 else 1.0)).to(dtype)
+        before = p.detach().clone()
+        opt.step()
+        assert opt.state[p]["step"] == step + 1
+        assert torch.isfinite(p).all() and not torch.equal(p, before), f"step {step}"
+    history = opt.state[p]["gnorm_vec"]
+    assert torch.isfinite(history).all() and history[1] == torch.finfo(torch.float32).max
+    for key in ("absmax1", "absmax2"):
+        assert torch.isfinite(opt.state[p][key]).all(), key
+
+
 def test_percentile_clipping_limits_spikes():
     p = torch.nn.Parameter(torch.zeros(5000))
     q = torch.nn.Parameter(torch.zeros(5000))

@@ -162,13 +162,18 @@ def run_updates(opt: Optimizer8bit, items: list[UpdateItem], amp: tuple[float, b
         _apply_trust_ratios(opt, trust_items, n)
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 def _percentile_scale(state: dict, gnorm_sq: float, step: int, percentile: float) -> float:
     if not math.isfinite(gnorm_sq):
         # an inf/NaN gradient (on_nonfinite="skip": its blocks are skipped by the kernel): leave
         # the history alone, or the NaN would clip every later step of this parameter to NaN
         return 1.0
     history = state[GNORM]
-    history[(step - 1) % PERCENTILE_HISTORY] = gnorm_sq
+    # the fp32 history saturates: a finite gradient's square norm above 3.4e38 (|g| ~ 1.8e19) is
+    # still clipped (by the float64 ratio below), not turned into an overflow error mid-step
+    history[(step - 1) % PERCENTILE_HISTORY] = min(gnorm_sq, FLOAT32_MAX)
     filled = history[: min(step, PERCENTILE_HISTORY)]
     clip_sq = float(torch.quantile(filled, percentile / 100.0, interpolation="lower"))
     return 1.0 if gnorm_sq <= clip_sq or gnorm_sq == 0 else math.sqrt(clip_sq / gnorm_sq)
