@@ -28,16 +28,19 @@ def eager_only(fn: F) -> F:
     Under a compile the first call graph-breaks at the ``disable`` itself (torch runs it
     eagerly) and every later trace skips ``fn`` as a disabled function, as the decorator would.
     """
-    disabled: list[Callable] = []
+    disabled: Callable | None = None
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if disabled:
-            return disabled[0](*args, **kwargs)
+        # a closure cell, not a list: dynamo before torch 2.13 graph-breaks with a UserWarning at
+        # list.append while tracing the first call
+        nonlocal disabled
+        if disabled is not None:
+            return disabled(*args, **kwargs)
         if "torch._dynamo" not in sys.modules:  # nothing can be compiling
             return fn(*args, **kwargs)
-        disabled.append(torch.compiler.disable(fn))
-        return disabled[0](*args, **kwargs)
+        disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
 
