@@ -114,6 +114,52 @@ def test_sharded_refuses_mixed_master_weight_bits():
     with pytest.raises(ValueError, match="master_weight_bits=24 needs bfloat16/float16 parameters"):
         ShardedOptimizer(list(make_model(torch.float32).named_parameters()), dist8.AdamW8bit,
                          master_weight_bits=24, **KW)
+    # a parameter's own setting (name override or module mark): the groups' or refused, naming it
+    # (was: "all parameters are float32", the inner optimizer seeing the fp32 master copies)
+    with pytest.raises(ValueError, match="parameter a_weight has 24 from overrides"):
+        ShardedOptimizer(list(make_model().named_parameters()), dist8.AdamW8bit,
+                         overrides={"a_weight": {"master_weight_bits": 24}}, **KW)
+    with pytest.raises(ValueError, match=r"parameter b_weight has 32 from overrides .*\(the groups': 24\)"):
+        ShardedOptimizer(list(make_model().named_parameters()), dist8.AdamW8bit, master_weight_bits=24,
+                         overrides={"b_*": {"master_weight_bits": 32}}, **KW)
+    model = make_model()
+    dist8.GlobalOptimManager.get_instance().register_module_override(model, "e", {"master_weight_bits": 32})
+    with pytest.raises(ValueError, match="parameter e has 32 from overrides or a module mark"):
+        ShardedOptimizer(list(model.named_parameters()), dist8.AdamW8bit, master_weight_bits=24, **KW)
+    opt = ShardedOptimizer(list(make_model().named_parameters()), dist8.AdamW8bit, master_weight_bits=24,
+                           overrides={"b_*": {"master_weight_bits": 24, "lr": 0.1}}, **KW)
+    assert opt.master_nbytes() == 0
+
+
+def _one_block_run(rank, world_size, stage):
+    """One bf16 parameter of one block: one rank owns it, the other owns nothing."""
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.randn(200, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16))
+    opt = ShardedOptimizer([("w", model.w)], dist8.AdamW8bit, stage=stage, master_weight_bits=24, **KW)
+    for step in range(3):
+        opt.zero_grad()
+        if stage == 2:
+            _backward(model, rank, step)
+        else:
+            _set_mean_grads(model, world_size, step)
+        opt.step()
+    return {"pieces": len(opt.pieces), "w": model.w.detach().clone()}
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_rank_that_owns_no_block_takes_master_weight_bits(tmp_path, stage):
+    """A rank whose range is empty builds an inner optimizer without parameters; the check that
+    master_weight_bits meets a bf16/fp16 parameter is made on all parameters, on every rank
+    (it used to refuse on the empty rank while the other waited in the next collective)."""
+    results = run_ranks(_one_block_run, 2, stage, tmp_path=tmp_path)
+    assert sorted(r["pieces"] for r in results) == [0, 1]
+    ref = torch.nn.Parameter(torch.randn(200, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16))
+    opt = dist8.AdamW8bit([("w", ref)], master_weight_bits=24, **KW)
+    for step in range(3):
+        ref.grad = (sum(rank_grad("w", ref.shape, r, step).float() for r in range(2)) / 2).to(ref.dtype)
+        opt.step()
+    for r in results:
+        assert torch.equal(r["w"], ref.detach())
 
 
 # ---- checkpoints: N -> M with the correction --------------------------------------------------

@@ -23,7 +23,7 @@ from dist8.quant.master import decode_master, encode_master
 if TYPE_CHECKING:
     from dist8.optim.base import Optimizer8bit
 
-__all__ = ["HALF_DTYPES", "check_applies", "sync_correction", "master_value"]
+__all__ = ["HALF_DTYPES", "check_applies", "check_half_params", "sync_correction", "master_value"]
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -50,10 +50,14 @@ def check_applies(opt: Optimizer8bit) -> None:
     DTensor (FSDP2) parameters keep the correction of their local shard (elementwise, so exact):
     :mod:`dist8.optim.dtensor_update` passes it to the kernel and decodes/encodes the shard-edge blocks."""
     bits = _requested(opt)
-    if bits is None:
-        return
     params = [p for group in opt.param_groups for p in group["params"]]
-    if not any(p.dtype in HALF_DTYPES for p in params):
+    if params:  # none: the inner optimizer of a rank that owns no blocks (ShardedOptimizer checks all)
+        check_half_params(bits, [p.dtype for p in params])
+
+
+def check_half_params(bits: int | None, dtypes: list[torch.dtype]) -> None:
+    """ValueError naming ``master_weight_bits`` when it is set (``bits``) but none of ``dtypes`` is bf16/fp16."""
+    if bits is not None and not any(dtype in HALF_DTYPES for dtype in dtypes):
         raise ValueError(f"master_weight_bits={bits} needs bfloat16/float16 parameters, but all parameters are "
                          "float32 (their own master); cast the model (dist8.cast_model) or use master_weight_bits=None")
 

@@ -18,9 +18,10 @@ from dist8.optim import AdamW8bit
 from dist8.optim.amp import check_amp_unscale
 from dist8.optim.base import Optimizer8bit
 from dist8.optim.config import (GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, PARAM_LIST_KEYS, check_overrides,
-                                check_overrides_match, hyperparameters_of, split_named_params)
+                                check_overrides_match, hyperparameters_of, match_overrides, split_named_params)
 from dist8.optim.hooks import load_state_dict_with_hooks, state_dict_with_hooks
 from dist8.optim.lazy_dynamo import LazyDynamoOptimizer
+from dist8.optim.master_weights import check_half_params
 from dist8.optim.state_schema import CORRECTION
 from dist8.shard import state_dicts
 from dist8.shard.flat import flat_buffers
@@ -142,6 +143,9 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         # master_weight_bits keeps an int8/int16 correction per owned value instead (inner optimizer
         # state, partitioned like the rest). Index k: the master of buffer k, or None.
         self.master_weight_bits = self._master_weight_bits(groups, defaults)
+        self._check_no_master_weight_override(check_overrides(defaults.get("overrides")))
+        # here, on every rank alike: a rank's inner optimizer sees only its pieces (none on a rank owning no block)
+        check_half_params(self.master_weight_bits, [p.dtype for p in self.params])
         self.masters: list[torch.Tensor | None] = [
             buf.owned(self.rank).float() if buf.dtype != torch.float32 and self.master_weight_bits is None else None
             for buf in self.buffers]
@@ -199,6 +203,16 @@ class ShardedOptimizer(LazyDynamoOptimizer):
             raise ValueError(f"ShardedOptimizer needs one master_weight_bits for all parameter groups, got "
                              f"{sorted(values, key=str)}; a rank's range mixes the groups' parameters")
         return values.pop()
+
+    def _check_no_master_weight_override(self, overrides: dict[str, dict[str, Any]]) -> None:
+        """A parameter's own ``master_weight_bits`` (name override or module mark) must be the groups': the
+        fp32 master copy or the correction is chosen per flat buffer, not per parameter."""
+        for name, p in zip(self.names, self.params):
+            bits = match_overrides(name, p, overrides).get("master_weight_bits", self.master_weight_bits)
+            if bits != self.master_weight_bits:
+                raise ValueError(f"ShardedOptimizer needs one master_weight_bits for all parameters, but parameter "
+                                 f"{name} has {bits} from overrides or a module mark (the groups': "
+                                 f"{self.master_weight_bits}); set it for the whole optimizer")
 
     def _check_same_layout_on_all_ranks(self) -> None:
         if self.world_size == 1:
