@@ -211,6 +211,25 @@ def test_percentile_clipping_takes_finite_gradients_whose_square_norm_overflows_
         assert torch.isfinite(opt.state[p][key]).all(), key
 
 
+@pytest.mark.parametrize("name", ["LAMB8bit", "LAMB32bit", "LARS8bit"])
+def test_trust_ratio_beyond_fp32_keeps_parameters_finite(name):
+    """Gradients of 1e-40 (subnormal): LAMB's p_norm / u_norm is ~1e40, past fp32's range, and an fp32
+    lr * ratio made every parameter inf/NaN after one step. The step is what the rule says: LAMB moves
+    by lr * p_norm along the update's direction, whatever its size."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(9000))
+    kw = dict(momentum=0.9, lr=1e3) if name.startswith("LARS") else dict(betas=(0.5, 0.999), eps=1.0, lr=0.1)
+    opt = getattr(dist8, name)([p], min_8bit_size=0, **kw)
+    for step in range(3):
+        before = p.detach().clone()
+        p.grad = torch.randn(9000) * 1e-40
+        opt.step()
+        assert torch.isfinite(p).all() and opt.nonfinite_skips == 0, step
+        if name.startswith("LAMB"):
+            moved, expected = (p - before).norm().item(), kw["lr"] * before.norm().item()
+            assert abs(moved - expected) < 1e-3 * expected, (step, moved, expected)
+
+
 def test_percentile_clipping_limits_spikes():
     p = torch.nn.Parameter(torch.zeros(5000))
     q = torch.nn.Parameter(torch.zeros(5000))

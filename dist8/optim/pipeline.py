@@ -163,6 +163,7 @@ def run_updates(opt: Optimizer8bit, items: list[UpdateItem], amp: tuple[float, b
 
 
 FLOAT32_MAX = torch.finfo(torch.float32).max
+TRUST_SCALE_LIMIT = 2.0**100  # lr * trust ratio above this goes to the kernel partly as a power of two on the update
 
 
 def _percentile_scale(state: dict, gnorm_sq: float, step: int, percentile: float) -> float:
@@ -252,5 +253,16 @@ def _apply_trust_ratios(opt: Optimizer8bit, trust_items: list[TrustItem], n_slot
     for it, master in zip(trust_items, masters):
         ratio = opt.trust_ratio(it.settings.hyper, math.sqrt(sums[2 * it.slot]), math.sqrt(sums[2 * it.slot + 1]))
         p = dtl.local(it.param)
+        scale = it.settings.hyper["lr"] * ratio
+        update = it.update
+        if scale > TRUST_SCALE_LIMIT:
+            # A tiny update direction (subnormal-scale gradients) has a ratio p_norm / u_norm beyond
+            # fp32's range, which the kernel's fp32 scale would make inf (parameters inf/NaN after one
+            # step). The product scale * update is moderate (about lr * p_norm per unit direction), so
+            # move powers of two from the scale to the update: exact, and the same result wherever
+            # the fp32 scale would have been finite.
+            shift = math.frexp(scale)[1] - math.frexp(TRUST_SCALE_LIMIT)[1]
+            update = update * 2.0**shift
+            scale = math.ldexp(scale, -shift)
         # the kernel decodes (param, correction) to the master, steps it and re-encodes both
-        get_backend(p.device).trust_step(p, it.update, it.settings.hyper["lr"] * ratio, it.correction)
+        get_backend(p.device).trust_step(p, update, scale, it.correction)
