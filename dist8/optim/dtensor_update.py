@@ -18,6 +18,10 @@ sees the block as skipped and keeps its codes, absmax and parameter values (the 
 edge piece are written only after the all-reduce). The rank holding the block's first
 element counts it, so skip counts sum over ranks to the unsharded run's.
 
+32-bit state (parameters under ``min_8bit_size``, ``optim_bits=32``) takes the same paths: it
+needs no absmax, but a skip is decided per global block, so an edge block is skipped on every
+rank that holds part of it or on none (the all-reduced max is only read for being +inf).
+
 Other placements ``Shard(d)``, ``d > 0``: the local elements are strided in the global flat
 order, so every block may be shared. The whole local shard is updated with the
 specification, the absmax of all the parameter's blocks is combined by all-reduce(MAX) and
@@ -88,12 +92,13 @@ class EdgeOutputs:
 
 @dataclass
 class EdgeJob:
-    """One 8-bit state of one parameter whose new absmax needs a cross-rank max."""
+    """One state of one parameter whose shared blocks need a cross-rank max: the new absmax of an 8-bit
+    state, whether the block is skipped for both kinds."""
 
     lay: Layout
-    codes: torch.Tensor
-    absmax: torch.Tensor
-    qmap: torch.Tensor
+    codes: torch.Tensor  # the state: uint8 codes, or fp32 values for a 32-bit state (qmap None)
+    absmax: torch.Tensor | None
+    qmap: torch.Tensor | None
     pieces: list[EdgePiece]  # contiguous: the edge pieces; strided: one piece with the whole shard
     index: torch.Tensor | None = None  # strided: global block of every local element
     outputs: EdgeOutputs | None = None  # on the job of the parameter's first state
@@ -101,16 +106,16 @@ class EdgeJob:
     def contribution(self) -> torch.Tensor:
         """Per shared block: max |new value| of this rank's piece, +inf where the piece has a non-finite value."""
         lay = self.lay
-        inf = torch.tensor(float("inf"), dtype=torch.float32, device=self.absmax.device)
+        inf = torch.tensor(float("inf"), dtype=torch.float32, device=self.codes.device)
         if lay.contiguous:
-            vec = torch.zeros(len(lay.shared), dtype=torch.float32, device=self.absmax.device)
+            vec = torch.zeros(len(lay.shared), dtype=torch.float32, device=self.codes.device)
             for piece in self.pieces:
                 pos = lay.shared.index(piece.block)
                 mx = inf if bool(piece.bad.any()) else piece.values.abs().max()
                 vec[pos] = torch.maximum(vec[pos], mx)
             return vec
         new, bad = self.pieces[0].values, self.pieces[0].bad
-        vec = torch.zeros(lay.nblocks, dtype=torch.float32, device=self.absmax.device)
+        vec = torch.zeros(lay.nblocks, dtype=torch.float32, device=self.codes.device)
         vec.scatter_reduce_(0, self.index, torch.where(bad, inf, new.abs()), "amax")
         return vec
 
@@ -121,7 +126,9 @@ class EdgeJob:
             for k, (lo, hi, blk, new, _bad, counted_here) in enumerate(self.pieces):
                 a = vec[lay.shared.index(blk)]
                 ok = bool(torch.isfinite(a))
-                if ok:
+                if ok and self.qmap is None:
+                    self.codes[lo:hi] = new
+                elif ok:
                     self.codes[lo:hi] = nearest_code(new * block_reciprocal(a), self.qmap).to(torch.uint8)
                     self.absmax[blk - lay.b0] = a
                 if out is not None:
@@ -135,9 +142,12 @@ class EdgeJob:
             new = self.pieces[0].values
             skipped = ~torch.isfinite(vec)
             keep = skipped[self.index]
-            self.codes.copy_(torch.where(keep, self.codes, nearest_code(new * block_reciprocal(vec)[self.index],
-                                                                          self.qmap).to(torch.uint8)))
-            self.absmax.copy_(torch.where(skipped, self.absmax, vec))
+            if self.qmap is None:
+                self.codes.copy_(torch.where(keep, self.codes, new))
+            else:
+                self.codes.copy_(torch.where(keep, self.codes, nearest_code(new * block_reciprocal(vec)[self.index],
+                                                                              self.qmap).to(torch.uint8)))
+                self.absmax.copy_(torch.where(skipped, self.absmax, vec))
             if out is not None:
                 if out.correction is not None:  # skipped blocks keep their (parameter, correction) pairs
                     bits = 24 if out.correction.dtype == torch.int8 else 32
@@ -177,7 +187,7 @@ class EdgeBatch:
             vec = torch.cat([t.to(comm_device(group)) for t in parts])
             dist.all_reduce(vec, op=dist.ReduceOp.MAX, group=group)
             for job, part in zip(group_jobs, torch.split(vec, sizes)):
-                job.finish(part.to(job.absmax.device))
+                job.finish(part.to(job.codes.device))
 
 
 def _dequant(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor, blocks: torch.Tensor | int,
@@ -235,7 +245,7 @@ def update(opt: Optimizer8bit, p, state: dict, settings: ParamSettings, step: in
     def spec(lo: int, hi: int, blocks) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """(new outputs, per-value non-finite flag, new states) of local ``[lo, hi)``; nothing written."""
         olds = [_dequant(codes[i][lo:hi], absmax[i], qmaps[i], blocks, state_floored(opt.rule, i))
-                for i in range(n_states)]
+                if settings.use_8bit else codes[i][lo:hi] for i in range(n_states)]
         master = decode_master(pf[lo:hi], cf[lo:hi]) if cf is not None else pf[lo:hi].float()
         out, news = apply_rule_states(Rule(opt.rule), master, gf[lo:hi].float(), olds, scalars, flags)
         bad = ~torch.isfinite(out)
@@ -247,10 +257,7 @@ def update(opt: Optimizer8bit, p, state: dict, settings: ParamSettings, step: in
         if not p_contig or pf.data_ptr() != p_local.data_ptr():
             p_local.copy_(pf.view(p_local.shape))
 
-    if not settings.use_8bit:
-        if n:
-            kernel(0, n, 0, 0)
-    elif lay.contiguous:
+    if lay.contiguous:
         B, g0, g1 = lay.block, lay.g0, lay.g1
         pieces, lo, hi = [], g0, g1
         if g0 % B and g1 > g0:  # an empty shard (fewer rows than ranks) holds no piece of any block
