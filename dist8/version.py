@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["__version__", "MIN_TORCH", "check_torch_version"]
+__all__ = ["__version__", "MIN_TORCH", "check_torch_version", "major_minor"]
 
 __version__ = "0.1.0"
 
@@ -15,14 +15,20 @@ __version__ = "0.1.0"
 MIN_TORCH = (2, 6)
 
 
+def major_minor(version: str) -> tuple[int, int] | None:
+    """``(major, minor)`` of a version string (``"2.8.0a0+git..."`` -> ``(2, 8)``), None if it has none."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
 def check_torch_version(version: str) -> None:
     """ImportError naming both versions when torch ``version`` (``torch.__version__``) is older than
     :data:`MIN_TORCH`; development and local builds (``2.8.0a0+git...``, ``2.13.0+cpu``) compare by
     their major.minor."""
-    match = re.match(r"(\d+)\.(\d+)", version)
-    if match is None:
+    have = major_minor(version)
+    if have is None:
         return  # an unversioned source build: nothing to compare
-    if (int(match.group(1)), int(match.group(2))) < MIN_TORCH:
+    if have < MIN_TORCH:
         need = ".".join(map(str, MIN_TORCH))
         raise ImportError(f"dist8 needs torch >= {need}, found torch {version} "
                           f"(pip install 'torch>={need}'; the README's 'Which torch' says what was tested)")
