@@ -254,6 +254,7 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
             if marks:
                 self.validate_hyper(dict(hyper, **marks), f"overrides for parameter {self.param_name(p)}")
 
+    @eager_only  # host-side bookkeeping: torch 2.6's dynamo warns at its id()/dict.get when tracing it
     def check_changed_group(self, group: dict[str, Any], group_hyper: dict[str, Any]) -> None:
         """Validate ``group`` again at a step if its hyperparameters changed since they were last
         checked (a scheduler or user code writing ``group["lr"] = nan`` or ``betas = (0.9,)``):
