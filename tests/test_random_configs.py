@@ -12,7 +12,9 @@ zeros, a NaN). Then:
 * so do the CUDA kernels, emulated on the CPU (both kernel variants);
 * ShardedOptimizer on 2 ranks steps bitwise as the unsharded optimizer, and so does the optimizer on
   FSDP2 (DTensor) parameters of 2-D shapes whose shard edges cut blocks, skip counts included;
-* a checkpoint saved on 2 ranks and loaded into the unsharded optimizer continues bitwise.
+* a checkpoint saved on 2 ranks and loaded into the unsharded optimizer continues bitwise;
+* steps inside backward (gradient release) and a state-dict round trip through
+  ``torch.load(weights_only=True)`` halfway equal the plain steps, bitwise.
 
 These found bugs the hand-written tests missed: a finite gradient of 1e30 raised mid-step under
 percentile clipping (fp32 norm history), LAMB/LARS made every parameter inf/NaN in one step on
@@ -170,6 +172,65 @@ def test_cpu_kernels_equal_the_reference_and_stay_finite(monkeypatch):
                 assert not t.is_floating_point() or bool(t.isfinite().all()), f"{case}: a non-finite value"
     # the draw exercises the optimizers, not only their refusals
     assert outcomes["ok"] > 0.8 * CPU_CASES, outcomes
+
+
+RELEASE_CASES = 100
+
+
+def _backward(case: Case, model: torch.nn.Module, step: int) -> None:
+    """A backward whose gradients are exactly ``case.grad`` (in the parameters' dtype)."""
+    loss = sum((p.float() * case.grad(step, i, p.numel()).float()).sum() for i, p in enumerate(model.parameters()))
+    loss.backward()
+
+
+def test_gradient_release_and_state_dict_round_trips_equal_the_plain_steps():
+    """Per case: steps inside backward (``dist8.gradient_release``), and a run whose optimizer goes
+    through ``state_dict()`` -> ``torch.save`` -> ``torch.load(weights_only=True)`` -> a new optimizer
+    halfway, both bitwise the plain run (parameters, state, skip counts)."""
+    import io
+
+    checked = 0
+    for index in range(RELEASE_CASES):
+        case = Case(SEED, index)
+        try:
+            getattr(dist8, case.name)(list(case.model().named_parameters()), **case.kw)
+        except (ValueError, TypeError):
+            continue
+        checked += 1
+        plain = case.model()
+        opt = getattr(dist8, case.name)(list(plain.named_parameters()), **case.kw)
+        for step in range(STEPS):
+            _backward(case, plain, step)
+            opt.step()
+            opt.zero_grad()
+        released = case.model()
+        opt_r = getattr(dist8, case.name)(list(released.named_parameters()), **case.kw)
+        handle = dist8.gradient_release(released, opt_r)
+        for step in range(STEPS):
+            _backward(case, released, step)
+        handle.remove()
+        resumed = case.model()
+        opt_a = getattr(dist8, case.name)(list(resumed.named_parameters()), **case.kw)
+        for step in range(STEPS):
+            if step == STEPS // 2:
+                buffer = io.BytesIO()
+                torch.save(opt_a.state_dict(), buffer)
+                buffer.seek(0)
+                opt_a = getattr(dist8, case.name)(list(resumed.named_parameters()), **case.kw)
+                opt_a.load_state_dict(torch.load(buffer, weights_only=True))
+            _backward(case, resumed, step)
+            opt_a.step()
+            opt_a.zero_grad()
+        for what, model, other in (("gradient release", released, opt_r), ("state-dict round trip", resumed, opt_a)):
+            assert all(_same(a.detach(), b.detach()) for a, b in zip(model.parameters(), plain.parameters())), \
+                f"{case}: {what}: parameters differ"
+            for p, q in zip(model.parameters(), plain.parameters()):
+                mine, ref = other.state[p], opt.state[q]
+                assert sorted(mine) == sorted(ref), f"{case}: {what}: state keys"
+                assert all(_same(mine[k], ref[k]) for k in ref if torch.is_tensor(ref[k])), f"{case}: {what}: state"
+        # skips counted once per block either way (the round trip starts a new counter halfway)
+        assert opt_r.nonfinite_skips == opt.nonfinite_skips, f"{case}: gradient release skips"
+    assert checked > 0.8 * RELEASE_CASES, checked
 
 
 EMULATED_CASES = 150
