@@ -136,13 +136,7 @@ def _one_block_run(rank, world_size, stage):
     model = torch.nn.Module()
     model.w = torch.nn.Parameter(torch.randn(200, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16))
     opt = ShardedOptimizer([("w", model.w)], dist8.AdamW8bit, stage=stage, master_weight_bits=24, **KW)
-    for step in range(3):
-        opt.zero_grad()
-        if stage == 2:
-            _backward(model, rank, step)
-        else:
-            _set_mean_grads(model, world_size, step)
-        opt.step()
+    _sharded_run(rank, world_size, stage, 24, 3, model=model, opt=opt)
     return {"pieces": len(opt.pieces), "w": model.w.detach().clone()}
 
 

@@ -162,14 +162,13 @@ class Stage2Grads:
                  bucket_cap_bytes: int, accumulating: Callable[[], bool]) -> None:
         self.params, self.names = list(params), list(names)
         self.buffers, self.buffer_of = list(buffers), list(buffer_of)
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.group = rank, world_size, group
         self.accumulating = accumulating
         self.flat = [torch.zeros_like(buf.flat) for buf in self.buffers]
         spans = [(k, self.buffers[k].offset[i], self.buffers[k].offset[i] + p.numel())
                  for i, (k, p) in enumerate(zip(self.buffer_of, self.params))]
         self.buckets = GradBuckets(self.flat, spans, [buf.rank_ranges for buf in self.buffers], bucket_cap_bytes,
                                    group, rank)
-        self.group = group
         self.presence = GradPresence(len(self.params))
         # each parameter's .grad: its range of the gradient buffer, made once
         self.views = [self.view(i, 0, p.numel()).view(p.shape) for i, p in enumerate(self.params)]
