@@ -10,7 +10,8 @@ zeros, a NaN). Then:
   counts, or the same one-line error; with finite gradients (and no parameter pushed past fp16's
   range by lr) every parameter and state value stays finite;
 * so do the CUDA kernels, emulated on the CPU (both kernel variants);
-* ShardedOptimizer on 2 ranks steps bitwise as the unsharded optimizer, and so does the optimizer on
+* ShardedOptimizer on 2 ranks (stage 1, and stage 2 with its reduction inside backward) steps
+  bitwise as the unsharded optimizer, skip counts included, and so does the optimizer on
   FSDP2 (DTensor) parameters of 2-D shapes whose shard edges cut blocks, skip counts included;
 * a checkpoint saved on 2 ranks and loaded into the unsharded optimizer continues bitwise;
 * steps inside backward (gradient release) and a state-dict round trip through
@@ -122,11 +123,22 @@ class Case:
         return max(float(self.grad(step, i, n).float().nan_to_num(float("inf")).abs().max())
                    for step in range(STEPS) for i, n in enumerate(self.sizes))
 
-    def steps(self, model: torch.nn.Module, opt, first: int, count: int = STEPS) -> None:
+    def backward(self, model: torch.nn.Module, step: int) -> None:
+        """A backward whose gradients are exactly :meth:`grad` (in the parameters' dtype)."""
+        loss = sum((p.float() * self.grad(step, i, p.numel()).float()).sum() for i, p in enumerate(model.parameters()))
+        loss.backward()
+
+    def steps(self, model: torch.nn.Module, opt, first: int, count: int = STEPS, backward: bool = False) -> None:
+        """Steps with :meth:`grad` assigned to ``.grad``, or accumulated by a backward (then zeroed after)."""
         for step in range(first, first + count):
-            for i, p in enumerate(model.parameters()):
-                p.grad = self.grad(step, i, p.numel())
+            if backward:
+                self.backward(model, step)
+            else:
+                for i, p in enumerate(model.parameters()):
+                    p.grad = self.grad(step, i, p.numel())
             opt.step()
+            if backward:
+                opt.zero_grad()
 
 
 def _run(case: Case) -> tuple:
@@ -177,12 +189,6 @@ def test_cpu_kernels_equal_the_reference_and_stay_finite(monkeypatch):
 RELEASE_CASES = 100
 
 
-def _backward(case: Case, model: torch.nn.Module, step: int) -> None:
-    """A backward whose gradients are exactly ``case.grad`` (in the parameters' dtype)."""
-    loss = sum((p.float() * case.grad(step, i, p.numel()).float()).sum() for i, p in enumerate(model.parameters()))
-    loss.backward()
-
-
 def test_gradient_release_and_state_dict_round_trips_equal_the_plain_steps():
     """Per case: steps inside backward (``dist8.gradient_release``), and a run whose optimizer goes
     through ``state_dict()`` -> ``torch.save`` -> ``torch.load(weights_only=True)`` -> a new optimizer
@@ -200,14 +206,14 @@ def test_gradient_release_and_state_dict_round_trips_equal_the_plain_steps():
         plain = case.model()
         opt = getattr(dist8, case.name)(list(plain.named_parameters()), **case.kw)
         for step in range(STEPS):
-            _backward(case, plain, step)
+            case.backward(plain, step)
             opt.step()
             opt.zero_grad()
         released = case.model()
         opt_r = getattr(dist8, case.name)(list(released.named_parameters()), **case.kw)
         handle = dist8.gradient_release(released, opt_r)
         for step in range(STEPS):
-            _backward(case, released, step)
+            case.backward(released, step)
         handle.remove()
         resumed = case.model()
         opt_a = getattr(dist8, case.name)(list(resumed.named_parameters()), **case.kw)
@@ -218,7 +224,7 @@ def test_gradient_release_and_state_dict_round_trips_equal_the_plain_steps():
                 buffer.seek(0)
                 opt_a = getattr(dist8, case.name)(list(resumed.named_parameters()), **case.kw)
                 opt_a.load_state_dict(torch.load(buffer, weights_only=True))
-            _backward(case, resumed, step)
+            case.backward(resumed, step)
             opt_a.step()
             opt_a.zero_grad()
         for what, model, other in (("gradient release", released, opt_r), ("state-dict round trip", resumed, opt_a)):
@@ -266,25 +272,29 @@ def test_emulated_cuda_kernels_equal_the_cpu_kernels(monkeypatch, variant):
 SHARDED_CASES = 60
 
 
-def _sharded_outcomes(rank, world_size, seed, root):
+def _sharded_outcomes(rank, world_size, seed, root, stage):
     out = {}
     for index in range(SHARDED_CASES):
         case = Case(seed, index, sharded=True)
         model = case.model()
         try:
-            opt = ShardedOptimizer(list(model.named_parameters()), getattr(dist8, case.name), stage=1, **case.kw)
+            opt = ShardedOptimizer(list(model.named_parameters()), getattr(dist8, case.name), stage=stage, **case.kw)
         except (ValueError, TypeError) as exc:
             out[index] = f"{type(exc).__name__}: {exc}"
             continue
-        case.steps(model, opt, 0)
+        # stage 2: every rank's backward gives the same gradients, so their mean is exactly them
+        case.steps(model, opt, 0, backward=stage == 2)
         ckpt.save(os.path.join(root, f"case{index}"), model, opt, step=STEPS)
-        case.steps(model, opt, STEPS)
-        out[index] = [p.detach().clone() for p in model.parameters()]
+        case.steps(model, opt, STEPS, backward=stage == 2)
+        skips = torch.tensor([opt.nonfinite_skips])
+        dist.all_reduce(skips)
+        out[index] = ([p.detach().clone() for p in model.parameters()], int(skips))
     return out
 
 
-def test_sharded_steps_and_checkpoints_equal_the_unsharded_optimizer(tmp_path):
-    results = run_ranks(_sharded_outcomes, 2, SEED, str(tmp_path), tmp_path=tmp_path)
+@pytest.mark.parametrize("stage", [1, 2])
+def test_sharded_steps_and_checkpoints_equal_the_unsharded_optimizer(tmp_path, stage):
+    results = run_ranks(_sharded_outcomes, 2, SEED, str(tmp_path), stage, tmp_path=tmp_path)
     stepped = 0
     for index in range(SHARDED_CASES):
         case = Case(SEED, index, sharded=True)
@@ -296,7 +306,8 @@ def test_sharded_steps_and_checkpoints_equal_the_unsharded_optimizer(tmp_path):
             assert sharded == f"{type(exc).__name__}: {exc}", case
             continue
         assert not isinstance(sharded, str), f"{case}: ShardedOptimizer refused what the optimizer takes: {sharded}"
-        assert all(_same(a, b) for a, b in zip(results[1][index], sharded)), f"{case}: ranks differ"
+        sharded, skips = sharded
+        assert all(_same(a, b) for a, b in zip(results[1][index][0], sharded)), f"{case}: ranks differ"
         case.steps(model, opt, 0)
         resumed = case.model()
         continuing = getattr(dist8, case.name)(list(resumed.named_parameters()), **case.kw)
@@ -306,6 +317,7 @@ def test_sharded_steps_and_checkpoints_equal_the_unsharded_optimizer(tmp_path):
         for a, b, c in zip(model.parameters(), resumed.parameters(), sharded):
             assert _same(a.detach(), c), f"{case}: sharded steps differ from the unsharded ones"
             assert _same(b.detach(), c), f"{case}: the 2-rank checkpoint does not continue bitwise on 1"
+        assert skips == opt.nonfinite_skips, f"{case}: {skips} blocks skipped over the ranks, {opt.nonfinite_skips} unsharded"
         stepped += 1
     assert stepped > 0.8 * SHARDED_CASES, stepped
 
