@@ -175,8 +175,9 @@ def worker(rank: int, world_size: int, port: int, preset: dict, out: str) -> Non
             times.append(t2 - t0)
             opt_times.append(t2 - t1)
         sent = None
-        if hasattr(opt, "buckets"):
-            sent = ((opt.buckets.bytes_sent if opt.buckets else 0) + opt.bytes_gathered) / (preset["steps"] + 2)
+        if hasattr(opt, "stage2_grads"):
+            reduced = opt.stage2_grads.buckets.bytes_sent if opt.stage2_grads else 0
+            sent = (reduced + opt.bytes_gathered) / (preset["steps"] + 2)
         local = torch.tensor([state_bytes(opt)], dtype=torch.float64)
         gathered = [torch.zeros(1, dtype=torch.float64) for _ in range(world_size)]
         dist.all_gather(gathered, local)

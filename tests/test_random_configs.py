@@ -119,6 +119,10 @@ class Case:
             x[n // 2] = float("nan")
         return x.to(self.dtype)
 
+    def optimizer(self, model: torch.nn.Module):
+        """The case's dist8 optimizer over ``model``'s named parameters."""
+        return getattr(dist8, self.name)(list(model.named_parameters()), **self.kw)
+
     def largest_gradient(self) -> float:
         """The largest |gradient| of the run, in the parameters' dtype (1e30 is inf in fp16; NaN counts as inf)."""
         return max(float(self.grad(step, i, n).float().nan_to_num(float("inf")).abs().max())
@@ -146,7 +150,7 @@ def _run(case: Case) -> tuple:
     """("ok", parameters, state tensors, skips) or ("error", one-line message)."""
     model = case.model()
     try:
-        opt = getattr(dist8, case.name)(list(model.named_parameters()), **case.kw)
+        opt = case.optimizer(model)
         case.steps(model, opt, 0)
     except (ValueError, TypeError) as exc:
         return ("error", f"{type(exc).__name__}: {exc}")
@@ -215,34 +219,29 @@ def test_gradient_release_and_state_dict_round_trips_equal_the_plain_steps():
     for index in range(RELEASE_CASES):
         case = Case(SEED, index)
         try:
-            getattr(dist8, case.name)(list(case.model().named_parameters()), **case.kw)
+            case.optimizer(case.model())
         except (ValueError, TypeError):
             continue
         checked += 1
         plain = case.model()
-        opt = getattr(dist8, case.name)(list(plain.named_parameters()), **case.kw)
-        for step in range(STEPS):
-            case.backward(plain, step)
-            opt.step()
-            opt.zero_grad()
+        opt = case.optimizer(plain)
+        case.steps(plain, opt, 0, backward=True)
         released = case.model()
-        opt_r = getattr(dist8, case.name)(list(released.named_parameters()), **case.kw)
+        opt_r = case.optimizer(released)
         handle = dist8.gradient_release(released, opt_r)
         for step in range(STEPS):
             case.backward(released, step)
         handle.remove()
         resumed = case.model()
-        opt_a = getattr(dist8, case.name)(list(resumed.named_parameters()), **case.kw)
-        for step in range(STEPS):
-            if step == STEPS // 2:
-                buffer = io.BytesIO()
-                torch.save(opt_a.state_dict(), buffer)
-                buffer.seek(0)
-                opt_a = getattr(dist8, case.name)(list(resumed.named_parameters()), **case.kw)
-                opt_a.load_state_dict(torch.load(buffer, weights_only=True))
-            case.backward(resumed, step)
-            opt_a.step()
-            opt_a.zero_grad()
+        opt_a = case.optimizer(resumed)
+        half = STEPS // 2
+        case.steps(resumed, opt_a, 0, half, backward=True)
+        buffer = io.BytesIO()
+        torch.save(opt_a.state_dict(), buffer)
+        buffer.seek(0)
+        opt_a = case.optimizer(resumed)
+        opt_a.load_state_dict(torch.load(buffer, weights_only=True))
+        case.steps(resumed, opt_a, half, STEPS - half, backward=True)
         for what, model, other in (("gradient release", released, opt_r), ("state-dict round trip", resumed, opt_a)):
             assert all(_same(a.detach(), b.detach()) for a, b in zip(model.parameters(), plain.parameters())), \
                 f"{case}: {what}: parameters differ"
@@ -317,7 +316,7 @@ def test_sharded_steps_and_checkpoints_equal_the_unsharded_optimizer(tmp_path, s
         sharded = results[0][index]
         model = case.model()
         try:
-            opt = getattr(dist8, case.name)(list(model.named_parameters()), **case.kw)
+            opt = case.optimizer(model)
         except (ValueError, TypeError) as exc:
             assert sharded == f"{type(exc).__name__}: {exc}", case
             continue
@@ -326,7 +325,7 @@ def test_sharded_steps_and_checkpoints_equal_the_unsharded_optimizer(tmp_path, s
         assert all(_same(a, b) for a, b in zip(results[1][index][0], sharded)), f"{case}: ranks differ"
         case.steps(model, opt, 0)
         resumed = case.model()
-        continuing = getattr(dist8, case.name)(list(resumed.named_parameters()), **case.kw)
+        continuing = case.optimizer(resumed)
         ckpt.load(tmp_path / f"case{index}", resumed, continuing)
         case.steps(model, opt, STEPS)
         case.steps(resumed, continuing, STEPS)
@@ -373,7 +372,7 @@ def _fsdp_outcomes(rank, world_size, seed):
         model = _fsdp_model(case)
         fully_shard(model, mesh=mesh)
         try:
-            opt = getattr(dist8, case.name)(list(model.named_parameters()), **case.kw)
+            opt = case.optimizer(model)
         except (ValueError, TypeError) as exc:
             out[index] = f"{type(exc).__name__}: {exc}"
             continue
@@ -399,7 +398,7 @@ def test_fsdp2_steps_equal_the_unsharded_optimizer(tmp_path):
         case = Case(SEED, index, sharded=True)
         model = _fsdp_model(case)
         try:
-            opt = getattr(dist8, case.name)(list(model.named_parameters()), **case.kw)
+            opt = case.optimizer(model)
         except (ValueError, TypeError) as exc:
             assert results[0][index] == f"{type(exc).__name__}: {exc}", case
             continue

@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 
 __all__ = ["UpdateItem", "TrustItem", "run_updates", "square_sums", "fused_update_state"]
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+TRUST_SCALE_LIMIT = 2.0**100  # lr * trust ratio above this goes to the kernel partly as a power of two on the update
+
 
 class UpdateItem(NamedTuple):
     """A parameter that has a gradient this step, with its resolved settings and state dict."""
@@ -160,10 +163,6 @@ def run_updates(opt: Optimizer8bit, items: list[UpdateItem], amp: tuple[float, b
         edges.finish()
     if trust_items or (sharded and opt.rule in RULE_WRITES_UPDATE):
         _apply_trust_ratios(opt, trust_items, n)
-
-
-FLOAT32_MAX = torch.finfo(torch.float32).max
-TRUST_SCALE_LIMIT = 2.0**100  # lr * trust ratio above this goes to the kernel partly as a power of two on the update
 
 
 def _percentile_scale(state: dict, gnorm_sq: float, step: int, percentile: float) -> float:

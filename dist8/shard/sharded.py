@@ -119,7 +119,8 @@ class ShardedOptimizer(LazyDynamoOptimizer):
                     self._group_of.append(gi)
         if not self.params:
             raise ValueError("ShardedOptimizer got no parameters that require grad")
-        check_overrides_match(check_overrides(defaults.get("overrides")), names.values())
+        overrides = check_overrides(defaults.get("overrides"))
+        check_overrides_match(overrides, names.values())
         self._check_uniform()
         if defaults.get("block_wise", True) is False:
             raise ValueError("ShardedOptimizer needs block_wise=True: its layout shards whole blocks of one block_size")
@@ -143,7 +144,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         # master_weight_bits keeps an int8/int16 correction per owned value instead (inner optimizer
         # state, partitioned like the rest). Index k: the master of buffer k, or None.
         self.master_weight_bits = self._master_weight_bits(groups, defaults)
-        self._check_no_master_weight_override(check_overrides(defaults.get("overrides")))
+        self._check_no_master_weight_override(overrides)
         # here, on every rank alike: a rank's inner optimizer sees only its pieces (none on a rank owning no block)
         check_half_params(self.master_weight_bits, [p.dtype for p in self.params])
         self.masters: list[torch.Tensor | None] = [
@@ -180,7 +181,6 @@ class ShardedOptimizer(LazyDynamoOptimizer):
             cap_bytes = max(B, int(bucket_cap_mb * 2**20 / size0) // B * B) * size0
             self.stage2_grads = Stage2Grads(self.params, self.names, self.buffers, self._buffer_of, self.rank,
                                             self.world_size, self.group, cap_bytes, lambda: self._accumulating)
-        self.buckets = self.stage2_grads.buckets if self.stage2_grads else None  # bytes_sent for bench/sharded.py
         super().__init__(groups, dict(self.inner.defaults))
         self._sync_hyper(to_inner=False)
 
