@@ -175,6 +175,16 @@ CONFIG_ERRORS = [
     (["--set", "data.path=/nonexistent/corpus"], "config key data.path: '/nonexistent/corpus' does not exist"),
     (["--nproc-per-node", "2", "--set", "train.stepz=5"], "unknown config key train.stepz"),  # checked before launching
     (["--config", "/nonexistent/cfg.yaml"], "cannot read config"),
+    (["--set", "train.lr=.nan"], "config key train.lr: expected a finite number, got nan"),  # passed every range check
+    (["--set", "train.clip=.inf"], "config key train.clip: expected a finite number, got inf"),
+    (["--set", "train.steps=99999999999999999999999"], "config key train.steps: 99999999999999999999999 is out of range"),
+    (["--set", "train.min_lr=1"], "config key train.min_lr (1) must be <= train.lr (0.003) with train.schedule cosine"),
+    (["--set", "train.max_nonfinite_steps=-1"], "config key train.max_nonfinite_steps must be >= 0"),
+    (["--set", "data.glob=*.nothing"], "config key data.glob: no file under CPython stdlib"),
+    (["--set", "model.n_layer=100000", "--set", "model.d_model=8192", "--set", "model.n_head=8"],
+     "config keys model.n_layer=100000, model.d_model=8192: the model's"),
+    (["--set", "train.batch_size=1000000000", "--set", "sharding.mode=ddp"],
+     "config keys train.batch_size=1000000000, model.seq_len=128: one batch's logits alone need"),
 ]
 
 
@@ -186,6 +196,7 @@ def test_config_errors_one_line_exit_2(args, expected, monkeypatch, capsys):
     from dist8.cli import main
 
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # importing deepspeed fails: mode "not available"
+    monkeypatch.delenv("LOCAL_RANK", raising=False)  # a run-time check sets it as a launcher would; undone after
     monkeypatch.chdir(REPO)
     argv = ["train", *args] if args[0] == "--config" else ["train", "--config", str(REPO / "configs" / "tiny-gpt.yaml"), *args]
     assert main(argv) == 2
@@ -203,7 +214,7 @@ def test_config_error_of_a_fresh_process_is_one_line_exit_2():
     assert result.stderr.splitlines() == [
         "dist8 train: error: unknown config key train.stepz; valid keys of 'train': steps, batch_size, grad_accum, "
         "lr, warmup_steps, min_lr, schedule, clip, seed, precision, eval_every, eval_batches, log_every, "
-        "gradient_release, weight_grad_chunk"]
+        "gradient_release, weight_grad_chunk, max_nonfinite_steps"]
 
 
 def test_set_overrides_and_validation_in_process():

@@ -95,7 +95,8 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from dist8.checkpoint import CheckpointError
     from dist8.train.config import ConfigError, TrainingDiverged
 
-    return ConfigError, CheckpointError, TrainingDiverged
+    # FloatingPointError: also the optimizer's on_nonfinite="raise" ("non-finite gradient in parameter ...").
+    return ConfigError, CheckpointError, TrainingDiverged, FloatingPointError
 
 
 def _prepare(args: argparse.Namespace):

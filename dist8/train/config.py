@@ -9,6 +9,7 @@ size and depth).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -39,6 +40,7 @@ __all__ = [
 MODEL_DTYPES = ("fp32", "bf16", "fp16")
 SHARDING_MODES = ("ddp", "dist8-zero1", "dist8-zero2", "fsdp2", "deepspeed")
 TORCH_OPTIMIZERS = ("torch.adamw", "torch.adam", "torch.sgd")
+INT_LIMIT = 2**63
 
 
 class ConfigError(ValueError):
@@ -87,9 +89,13 @@ class TrainConfig:
     # With gradient_release: nn.Linear/nn.Embedding weight gradients computed and stepped in chunks of about
     # this many elements inside backward (dist8.gradient_release(..., weight_grad_chunk=)); null: off.
     weight_grad_chunk: int | None = None
-    # Test-only fault injection: rank ``fault_rank`` SIGKILLs itself right after
-    # step ``fault_kill_step`` (first attempt only: TORCHELASTIC_RESTART_COUNT == 0).
+    # More than this many consecutive steps whose gradients hold inf/NaN stop the run (dist8.train.guards).
+    max_nonfinite_steps: int = 10
+    # Test-only fault injection (dist8.train.faults): rank ``fault_rank`` SIGKILLs itself right after step
+    # ``fault_kill_step``; its loss gives NaN gradients in ``fault_nan_grad_count`` steps from ``fault_nan_grad_step``.
     fault_kill_step: int | None = None
+    fault_nan_grad_step: int | None = None
+    fault_nan_grad_count: int = 1
     fault_rank: int = 1
 
 
@@ -166,7 +172,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif tp is float:
         if isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+            value = float(value) if abs(value) < 2**1024 else (math.inf if value > 0 else -math.inf)  # float() would raise
         ok = isinstance(value, float)
     elif tp is str:
         ok = isinstance(value, str)
@@ -193,8 +199,18 @@ def _build_section(cls: type, raw: Any, section: str) -> Any:
         if key not in names:
             public = [n for n in names if not n.startswith("fault_")]
             raise ConfigError(f"unknown config key {section}.{key}; valid keys of {section!r}: {', '.join(public)}")
-        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+        kwargs[key] = _check_number(_coerce(value, hints[key], f"{section}.{key}"), f"{section}.{key}")
     return cls(**kwargs)
+
+
+def _check_number(value: Any, where: str) -> Any:
+    """Numbers every key can hold: finite floats (nan passes every range check and would reach the
+    step) and 64-bit integers (what torch and the seeds take)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key {where}: expected a finite number, got {value}")
+    if isinstance(value, int) and not isinstance(value, bool) and not -INT_LIMIT <= value < INT_LIMIT:
+        raise ConfigError(f"config key {where}: {value} is out of range (|value| < 2**63)")
+    return value
 
 
 def config_from_dict(raw: Any) -> Config:
@@ -231,12 +247,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key data.path: {d.path!r} does not exist")
     for key in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches"):
         _positive(getattr(t, key), f"train.{key}")
-    for key in ("warmup_steps", "eval_every"):
+    for key in ("warmup_steps", "eval_every", "max_nonfinite_steps"):
         _positive(getattr(t, key), f"train.{key}", allow_zero=True)
     for key in ("lr", "min_lr", "clip"):
         _positive(getattr(t, key), f"train.{key}", allow_zero=True)
     if t.schedule not in ("cosine", "constant", "linear"):
         raise ConfigError(f"config key train.schedule must be one of cosine, linear, constant; got {t.schedule!r}")
+    if t.schedule != "constant" and t.min_lr > t.lr:  # the decay would climb to min_lr instead
+        raise ConfigError(f"config key train.min_lr ({t.min_lr:g}) must be <= train.lr ({t.lr:g}) with train.schedule "
+                          f"{t.schedule}; the schedule decays from train.lr to train.min_lr")
     if t.precision not in ("fp32", "bf16"):
         raise ConfigError(f"config key train.precision must be fp32 or bf16, got {t.precision!r}")
     if s.mode not in SHARDING_MODES:

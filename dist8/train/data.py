@@ -95,7 +95,11 @@ def load_corpus(cfg: DataConfig, seq_len: int) -> ByteCorpus:
         sizes = {False: 0, True: 0}
         caps = {False: train_cap, True: val_cap}
         counts = {False: 0, True: 0}
-        for path in _list_files(root, pattern):
+        files = _list_files(root, pattern)
+        if not files:
+            key = "data.glob" if cfg.glob else "data.path"
+            raise ConfigError(f"config key {key}: no file under {source} matches {pattern!r}")
+        for path in files:
             rel = path.relative_to(root).as_posix()
             is_val = _is_val(rel, cfg.val_fraction)
             if sizes[is_val] >= caps[is_val]:

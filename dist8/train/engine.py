@@ -37,7 +37,7 @@ class Engine:
     raw_model: nn.Module  # the unwrapped module (checkpoints, parameter names)
     optimizer: Any
     no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-    clip_grad_norm: Callable[[float], float] | None = None
+    clip_grad_norm: Callable[[float], float | None] | None = None
     backward: Callable[[torch.Tensor], None] = field(default=lambda loss: loss.backward())
     step: Callable[[], None] | None = None
     zero_grad: Callable[[], None] | None = None
@@ -48,12 +48,16 @@ class Engine:
     owns_accumulation: bool = False
     # dist8.gradient_release handle when train.gradient_release is on (step/zero_grad are no-ops then).
     release: Any = None
+    # Reads the dist8 optimizer's cumulative count of skipped inf/NaN blocks; None for torch's optimizers.
+    nonfinite_skips: Callable[[], int] | None = None
 
     def __post_init__(self) -> None:
         if self.step is None:
             self.step = self.optimizer.step
         if self.zero_grad is None:
             self.zero_grad = lambda: self.optimizer.zero_grad(set_to_none=True)
+        if self.nonfinite_skips is None and hasattr(self.optimizer, "nonfinite_skips"):
+            self.nonfinite_skips = lambda: self.optimizer.nonfinite_skips
         if self.clip_grad_norm is None:
             params = [p for p in self.raw_model.parameters() if p.requires_grad]
             self.clip_grad_norm = lambda max_norm: float(
@@ -244,11 +248,12 @@ def _adapter_deepspeed(cfg: Config, model: nn.Module, opt_cls, opt_args, device)
     optimizer = opt_cls(list(model.named_parameters()), **opt_args)
     engine, ds_optimizer, _, _ = deepspeed_initialize(model=model, optimizer=optimizer, config=ds_config)
 
-    def clip_fn(_max_norm: float) -> float:  # deepspeed clips inside step(); report its norm
+    def clip_fn(_max_norm: float) -> float | None:  # deepspeed clips inside step(); report its norm
         norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
-        return float(norm) if norm is not None else float("nan")
+        return float(norm) if norm is not None else None
 
     return Engine(model=engine, raw_model=engine.module, optimizer=ds_optimizer or optimizer,
                   backward=engine.backward, step=engine.step, zero_grad=lambda: None,
                   clip_grad_norm=clip_fn, owns_accumulation=True,
+                  nonfinite_skips=(lambda: optimizer.nonfinite_skips) if hasattr(optimizer, "nonfinite_skips") else None,
                   description=f"DeepSpeed x{dist.get_world_size()}")

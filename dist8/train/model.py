@@ -29,6 +29,13 @@ class GPTConfig:
     seq_len: int = 128
     stable_embedding: bool = False
 
+    def num_params(self) -> int:
+        """Parameters of :class:`GPT` with this config, without building it (``GPT.num_params()``)."""
+        d = self.d_model
+        block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
+        embeddings = (self.vocab_size + self.seq_len) * d + (2 * d if self.stable_embedding else 0)
+        return self.n_layer * block + embeddings + 2 * d + self.vocab_size * d
+
 
 class _Attention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:

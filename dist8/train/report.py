@@ -91,6 +91,7 @@ def run_summary(path: str | os.PathLike, records: list[dict[str, Any]], attempt:
         final_val_loss=evals[-1] if evals else None,
         tokens_per_s=sum(a.get("tokens") or 0 for a in attempts) / train_s if train_s else 0.0,
         peak_mem_bytes=max(peaks),
+        nonfinite_steps=sum(r.get("nonfinite_steps") or 0 for r in records),
         wall_s=sum(a.get("wall_s") or 0.0 for a in attempts),
         attempts=attempts,
     )
@@ -175,6 +176,7 @@ def summary_table(summary: dict[str, Any]) -> str:
                   + (f" ({len(summary['attempts'])} attempts)" if len(summary.get("attempts", [])) > 1 else "")),
         ("final train loss", _f(summary.get("final_loss"))),
         ("final val loss", _f(summary.get("final_val_loss"))),
+        ("steps with inf/NaN grads", summary.get("nonfinite_steps", 0)),
         ("tokens/s (global)", f"{summary.get('tokens_per_s', 0):,.0f}"),
         ("opt state / rank", _fmt_bytes(summary.get("opt_state_bytes_per_rank", 0))),
         ("peak memory (rank 0)", _fmt_bytes(summary.get("peak_mem_bytes", 0))),

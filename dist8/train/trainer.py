@@ -28,6 +28,8 @@ from dist8.train.config import (Config, ConfigError, TrainingDiverged, config_to
                                torch_dtype)
 from dist8.train.data import load_corpus, sample_seed
 from dist8.train.engine import Engine, build_engine, install_gradient_release, optimizer_state_nbytes
+from dist8.train.faults import maybe_kill, maybe_nan_gradients
+from dist8.train.guards import NonfiniteSteps, check_fits
 from dist8.train.memory import memory_breakdown
 from dist8.train.model import GPT, GPTConfig
 from dist8.train.report import (MetricsWriter, peak_memory_bytes, plot_run, read_metrics, run_summary,
@@ -125,15 +127,6 @@ def _evaluate(cfg: Config, engine: Engine, corpus, device: torch.device, rank: i
     return float(total) / (cfg.train.eval_batches * world)
 
 
-def _maybe_fault(cfg: Config, step: int, rank: int) -> None:
-    """Test-only fault injection (train.fault_kill_step): SIGKILL this rank on the first attempt."""
-    t = cfg.train
-    if t.fault_kill_step is not None and step == t.fault_kill_step and rank == t.fault_rank:
-        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
-            print(f"[dist8 train] fault injection: rank {rank} SIGKILLs itself at step {step}", file=sys.stderr, flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
 def run(cfg: Config, *, resume: str | None = None, stop_at: int | None = None, run_name: str = "run") -> int:
     """Train according to ``cfg``. Returns the process exit code (0, or 143 after SIGTERM).
 
@@ -208,10 +201,12 @@ def _resume_path(ckpt: Checkpointer | None, resume: str | None, make) -> tuple[s
 def _train(cfg: Config, resume, stop_at, run_name, rank, world, device) -> int:
     t0 = time.time()
     t = cfg.train
+    gpt = GPTConfig(n_layer=cfg.model.n_layer, n_head=cfg.model.n_head, d_model=cfg.model.d_model,
+                    seq_len=cfg.model.seq_len, stable_embedding=cfg.model.stable_embedding)
+    check_fits(cfg, gpt, device, world)
     corpus = load_corpus(cfg.data, cfg.model.seq_len)
     torch.manual_seed(t.seed)
-    model = GPT(GPTConfig(n_layer=cfg.model.n_layer, n_head=cfg.model.n_head, d_model=cfg.model.d_model,
-                          seq_len=cfg.model.seq_len, stable_embedding=cfg.model.stable_embedding)).to(device)
+    model = GPT(gpt).to(device)
     if cfg.model.dtype != "fp32":
         cast_model(model, torch_dtype(cfg.model.dtype))  # norm layers stay (and compute in) fp32
     n_params = model.num_params()
@@ -243,6 +238,7 @@ def _train(cfg: Config, resume, stop_at, run_name, rank, world, device) -> int:
         (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
         metrics = MetricsWriter(out_dir / "metrics.jsonl", resume_step=start if path is not None else None)
 
+    nonfinite = NonfiniteSteps(t.max_nonfinite_steps, engine.nonfinite_skips)
     stop = _StopFlag()
     stop.install()
     tokens_per_step = t.batch_size * cfg.model.seq_len * t.grad_accum * world
@@ -259,10 +255,11 @@ def _train(cfg: Config, resume, stop_at, run_name, rank, world, device) -> int:
     step = start
     try:
         for step in range(start + 1, end + 1):
-            _maybe_fault(cfg, step, rank)
+            maybe_kill(cfg, step, rank)
             tic = time.perf_counter()
             lr = lr_at(cfg, step)
             engine.set_lr(lr)
+            nonfinite.begin_step()
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             for micro in range(t.grad_accum):
                 x, y = corpus.batch("train", sample_seed(t.seed, "train", step, rank, micro), cfg.model.seq_len,
@@ -271,29 +268,36 @@ def _train(cfg: Config, resume, stop_at, run_name, rank, world, device) -> int:
                 if engine.owns_accumulation:
                     with _autocast(cfg, device):
                         _, loss = engine.model(x, y)
-                    engine.backward(loss)
+                    engine.backward(maybe_nan_gradients(cfg, step, rank, loss))
                     engine.step()
                 else:
                     sync = micro == t.grad_accum - 1
                     with (contextlib.nullcontext() if sync else engine.no_sync()):
                         with _autocast(cfg, device):
                             _, loss = engine.model(x, y)
-                        engine.backward(loss / t.grad_accum)
+                        engine.backward(maybe_nan_gradients(cfg, step, rank, loss) / t.grad_accum)
                 loss_sum += loss.detach().double()
+            skipped_step = False
             if engine.owns_accumulation:
                 grad_norm = engine.clip_grad_norm(t.clip)
             elif engine.release is not None:  # stepped inside backward; no gradient is left to measure
                 grad_norm = None
             else:
                 grad_norm = engine.clip_grad_norm(t.clip)
-                engine.step()
+                # The norm is global (every rank skips alike); a non-finite one has made every gradient
+                # inf/NaN or 0 through the clip coefficient, so the step would train nothing right.
+                skipped_step = not math.isfinite(grad_norm)
+                if not skipped_step:
+                    engine.step()
                 engine.zero_grad()
-            # One small all-reduce per step: the global mean loss and "anyone got SIGTERM".
-            shared = torch.stack([loss_sum / t.grad_accum,
-                                  torch.tensor(float(stop.requested), dtype=torch.float64, device=device)])
+            # One small all-reduce per step: the global mean loss, "anyone got SIGTERM", "anyone saw inf/NaN".
+            shared = torch.tensor([float(stop.requested), nonfinite.flag(grad_norm)], dtype=torch.float64,
+                                  device=device)
+            shared = torch.cat([(loss_sum / t.grad_accum).reshape(1), shared])
             dist.all_reduce(shared)
             step_loss = float(shared[0]) / world
             stop_now = bool(shared[1] > 0)
+            saw_nonfinite = bool(shared[2] > 0)
             dt = time.perf_counter() - tic
             window_time += dt
             window_steps += 1
@@ -301,20 +305,22 @@ def _train(cfg: Config, resume, stop_at, run_name, rank, world, device) -> int:
             total_steps += 1
             if not math.isfinite(step_loss):
                 raise TrainingDiverged(f"loss is {step_loss} at step {step}; stopping (lower train.lr?)")
+            nonfinite.update(saw_nonfinite, step, lambda msg: _say(rank, msg), skipped_step)
 
             evaluated = bool(t.eval_every and step % t.eval_every == 0) or step == t.steps
             val_loss = _evaluate(cfg, engine, corpus, device, rank, world) if evaluated else None
             if val_loss is not None:
                 last["val_loss"] = val_loss
             last.update(loss=step_loss, step=step)
-            if step % t.log_every == 0 or evaluated or step == end:
+            if step % t.log_every == 0 or evaluated or step == end or saw_nonfinite:
                 tps = tokens_per_step * window_steps / max(window_time, 1e-9)
                 record = {
                     "step": step,
                     "loss": step_loss,
                     "val_loss": val_loss,
                     "lr": lr,
-                    "grad_norm": grad_norm,
+                    "grad_norm": grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
+                    "nonfinite_steps": nonfinite.take_window(),
                     "tokens_per_s": tps,
                     "opt_state_bytes_per_rank": optimizer_state_nbytes(engine.optimizer),
                     "peak_mem_bytes": peak_memory_bytes(device),
