@@ -5,6 +5,7 @@ import tracemalloc
 
 import pytest
 
+from dist8.train.config import ConfigError, load_config
 from dist8.train.yaml_io import MAX_BYTES, YamlError, load_yaml
 
 BOMB = "\n".join(["a: &a [x, x, x, x, x, x, x, x, x]"] + [
@@ -56,3 +57,15 @@ def test_syntax_errors_and_tags_are_one_line():
     assert "broken.yaml: not valid YAML" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(YamlError, match="tag.yaml"):
         load_yaml("a: !!python/object/apply:os.system ['true']\n", "tag.yaml")
+
+
+def test_integer_beyond_pythons_text_limit_is_one_line(tmp_path):
+    """Python refuses to read integers of more than 4300 digits (a ValueError from PyYAML, was a traceback)."""
+    with pytest.raises(YamlError, match="huge.yaml: a value cannot be read: Exceeds the limit"):
+        load_yaml("train:\n  steps: " + "9" * 5000 + "\n", "huge.yaml")
+    config = tmp_path / "huge.yaml"
+    config.write_text("train:\n  steps: " + "9" * 5000 + "\n")
+    with pytest.raises(ConfigError, match=r"huge.yaml.*a value cannot be read"):
+        load_config(config)
+    with pytest.raises(ConfigError, match=r"config key train.steps: expected integer, got str '9{59}\.\.\. \(5002 characters\)$"):
+        load_config(None, ["train.steps=" + "9" * 5000])  # --set: text that is not YAML is a string

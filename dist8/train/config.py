@@ -145,6 +145,12 @@ def _type_name(tp: Any) -> str:
     return {int: "integer", float: "number", str: "string", bool: "boolean"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters (an error message stays one readable line)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -158,12 +164,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, a, where)
             except ConfigError:
                 pass
-        raise ConfigError(f"config key {where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"config key {where}: expected {_type_name(tp)}, got {type(value).__name__} {_short(value)}")
     if origin is dict:
         if value is None:
             return {}
         if not isinstance(value, dict):
-            raise ConfigError(f"config key {where}: expected a mapping, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"config key {where}: expected a mapping, got {type(value).__name__} {_short(value)}")
         return dict(value)
     ok = False
     if tp is bool:
@@ -177,7 +183,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     elif tp is str:
         ok = isinstance(value, str)
     if not ok:
-        raise ConfigError(f"config key {where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"config key {where}: expected {_type_name(tp)}, got {type(value).__name__} {_short(value)}")
     return value
 
 
@@ -209,7 +215,7 @@ def _check_number(value: Any, where: str) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"config key {where}: expected a finite number, got {value}")
     if isinstance(value, int) and not isinstance(value, bool) and not -INT_LIMIT <= value < INT_LIMIT:
-        raise ConfigError(f"config key {where}: {value} is out of range (|value| < 2**63)")
+        raise ConfigError(f"config key {where}: {_short(value)} is out of range (|value| < 2**63)")
     return value
 
 
@@ -252,16 +258,16 @@ def validate(cfg: Config) -> None:
     for key in ("lr", "min_lr", "clip"):
         _positive(getattr(t, key), f"train.{key}", allow_zero=True)
     if t.schedule not in ("cosine", "constant", "linear"):
-        raise ConfigError(f"config key train.schedule must be one of cosine, linear, constant; got {t.schedule!r}")
+        raise ConfigError(f"config key train.schedule must be one of cosine, linear, constant; got {_short(t.schedule)}")
     if t.schedule != "constant" and t.min_lr > t.lr:  # the decay would climb to min_lr instead
         raise ConfigError(f"config key train.min_lr ({t.min_lr:g}) must be <= train.lr ({t.lr:g}) with train.schedule "
                           f"{t.schedule}; the schedule decays from train.lr to train.min_lr")
     if t.precision not in ("fp32", "bf16"):
-        raise ConfigError(f"config key train.precision must be fp32 or bf16, got {t.precision!r}")
+        raise ConfigError(f"config key train.precision must be fp32 or bf16, got {_short(t.precision)}")
     if s.mode not in SHARDING_MODES:
-        raise ConfigError(f"config key sharding.mode: unknown mode {s.mode!r}; valid modes: {', '.join(SHARDING_MODES)}")
+        raise ConfigError(f"config key sharding.mode: unknown mode {_short(s.mode)}; valid modes: {', '.join(SHARDING_MODES)}")
     if m.dtype not in MODEL_DTYPES:
-        raise ConfigError(f"config key model.dtype must be one of {', '.join(MODEL_DTYPES)}; got {m.dtype!r}")
+        raise ConfigError(f"config key model.dtype must be one of {', '.join(MODEL_DTYPES)}; got {_short(m.dtype)}")
     if t.gradient_release:
         check_gradient_release(cfg)
     if t.weight_grad_chunk is not None:

@@ -65,5 +65,7 @@ def load_yaml(text: str | bytes, source: str) -> Any:
         raise YamlError(f"{source}: not valid YAML ({' '.join(str(exc).split())})") from None
     except RecursionError:
         raise YamlError(f"{source}: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits (Python's int-from-text limit)
+        raise YamlError(f"{source}: a value cannot be read: {' '.join(str(exc).split())}") from None
     finally:
         loader.dispose()
