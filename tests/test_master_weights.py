@@ -350,6 +350,26 @@ def test_changing_the_setting_converts_the_correction():
     assert "correction" not in opt.state[w]
 
 
+@pytest.mark.parametrize("saved,built", [(24, None), (None, 24), (24, 32), (32, 24)])
+def test_a_checkpoint_restores_its_master_weight_bits_as_load_state_dict_does(tmp_path, saved, built):
+    """dist8.checkpoint.load gives the groups the saved master_weight_bits with the correction saved for it
+    (it used to refuse: 'must be a string or null', 'needs torch.int16'), as load_state_dict does."""
+    import dist8.checkpoint as ckpt
+
+    net = _model(torch.bfloat16)
+    opt = OPT_CASES["AdamW8bit"](net.parameters(), master_weight_bits=saved)
+    _train(net, opt, 2)
+    path = ckpt.save(tmp_path / "ck", net, opt, step=2)
+    net2 = _model(torch.bfloat16)
+    opt2 = OPT_CASES["AdamW8bit"](net2.parameters(), master_weight_bits=built)
+    ckpt.load(path, net2, opt2)
+    assert opt2.param_groups[0]["master_weight_bits"] == saved
+    _train(net, opt, 2, start=2)
+    _train(net2, opt2, 2, start=2)
+    for p1, p2 in zip(net.parameters(), net2.parameters()):
+        assert torch.equal(p1, p2)
+
+
 def test_overrides_choose_per_parameter():
     net = _model(torch.bfloat16)
     opt = dist8.AdamW8bit(net.named_parameters(), lr=1e-3, overrides={"fc2.*": {"master_weight_bits": 32}})

@@ -165,6 +165,13 @@ def _save_sharded(rank, world_size, path):
 
 def _load_sharded_and_continue(rank, world_size, path):
     model = make_model(seed=7)  # different weights: all must come from the checkpoint
+    # A plain optimizer takes the checkpoint's master_weight_bits (as load_state_dict does); ShardedOptimizer
+    # chooses its fp32 master copies when it is built, so a different value is refused, changing nothing.
+    without = ShardedOptimizer(list(model.named_parameters()), dist8.AdamW8bit, stage=1, **KW)
+    with pytest.raises(CheckpointError, match="param group 0 was saved with master_weight_bits=24, this "
+                                              "ShardedOptimizer was built with None"):
+        ckpt.load(path, model, without)
+    assert not without.shard_state()
     opt = ShardedOptimizer(list(model.named_parameters()), dist8.AdamW8bit, stage=2, master_weight_bits=24, **KW)
     ckpt.load(path, model, opt)
     _sharded_run(rank, world_size, 2, 24, STEPS - STEPS // 2, first=STEPS // 2, model=model, opt=opt)

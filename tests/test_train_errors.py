@@ -16,6 +16,17 @@ import pytest
 from train_utils import REPO, child_env, launch_cmd, run, tiny_sets, torchrun_cmd, train_cmd
 
 
+def _mode_available(mode: str) -> bool:
+    from dist8.train.config import ConfigError, load_config
+    from dist8.train.engine import check_mode_available
+
+    try:
+        check_mode_available(load_config(REPO / "configs" / "tiny-gpt.yaml", [f"sharding.mode={mode}"]))
+    except ConfigError:
+        return False
+    return True
+
+
 def _ok(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, f"exit {result.returncode}\n--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-5000:]}"
 
@@ -62,6 +73,21 @@ def test_resuming_a_finished_run_keeps_its_summary(finished_run):
         assert after[key] == before[key], key
 
 
+@pytest.mark.parametrize("args", [["--set", "optimizer.name=torch.adamw"],
+                                  ["--set", "optimizer.name=torch.adamw", "--resume", "auto"],
+                                  ["--set", "sharding.mode=fsdp2", "--resume", "auto"]], ids=["baseline", "baseline-resume", "fsdp2-resume"])
+def test_a_checkpoint_dir_written_by_another_writer_is_refused_and_kept(finished_run, args):
+    """The torch baseline (torch.save per rank) and FSDP2 (DCP) did not see dist8.checkpoint's directories: they
+    said "no checkpoint; starting at step 0" and then replaced step-00000010 and rotated step-00000005 away."""
+    d, sets = finished_run
+    if "sharding.mode=fsdp2" in args and not _mode_available("fsdp2"):
+        pytest.skip("sharding mode fsdp2 not available with this torch")
+    before = {p: p.read_bytes() for p in sorted((d / "ckpt").rglob("*")) if p.is_file()}
+    _one_line(run(train_cmd(*sets, *args)),
+              f"{d / 'ckpt' / 'step-00000010'} was written by dist8.checkpoint; this run (")
+    assert {p: p.read_bytes() for p in sorted((d / "ckpt").rglob("*")) if p.is_file()} == before
+
+
 def test_resume_failures_are_one_line(finished_run, tmp_path):
     d, _ = finished_run
     corrupt_root = tmp_path / "corrupt"
@@ -79,7 +105,11 @@ def test_resume_failures_are_one_line(finished_run, tmp_path):
         (["--resume", str(corrupt_root / "step-00000010")], {}, corrupt_file),
         (["--resume", str(tmp_path / "empty")], {}, "is neither a checkpoint nor a directory holding one"),
         (["--resume", str(tmp_path / "missing")], {}, "is not a checkpoint directory"),
-        ([], {"data.path": tmp_path / "no-text", "data.glob": "*.txt"}, "fewer than model.seq_len + 2"),
+        # loading restores the checkpoint's hyperparameters: a changed one would be ignored without a word
+        (["--resume", "auto"], {"checkpoint.dir": d / "ckpt", "optimizer.args.betas": "[0.8, 0.9]"},
+         f"config key optimizer.args.betas is [0.8, 0.9] but {d / 'ckpt' / 'step-00000010'} was saved with [0.9, 0.95]"),
+        ([], {"data.path": tmp_path / "no-text", "data.glob": "*.txt"}, "config key data.glob: no file under"),
+        ([], {"data.path": tmp_path / "no-text", "data.glob": "*.bin"}, "fewer than model.seq_len + 2"),
         ([], {"data.path": tmp_path / "missing.txt"}, "data.path"),
     ]
     procs = []

@@ -32,9 +32,10 @@ _RANGES: dict[str, tuple[float, float, bool, bool]] = {
 _RANGES.update(betas=(0.0, 1.0, True, False), percentile_clipping=(0.0, 100.0, False, True),
                min_8bit_size=(0.0, math.inf, True, False))
 _CHOICES = {"optim_bits": (8, 32)}
-# Keys whose value is None or a number (AdEMAMix's warm-up lengths): either may replace the other;
-# the optimizer's validate_hyper then checks the value.
-_NONE_OR_NUMBER = ("t_alpha", "t_beta3")
+# Keys whose value is None or a number (AdEMAMix's warm-up lengths; master_weight_bits, whose
+# correction the checkpoint holds in its own kind): either may replace the other; the optimizer's
+# validate_hyper then checks the value.
+_NONE_OR_NUMBER = ("t_alpha", "t_beta3", "master_weight_bits")
 
 
 def _number(v: Any) -> bool:
@@ -70,6 +71,8 @@ def _converted(key: str, saved: Any, current: Any, where: str) -> Any:
         _check_value(key, saved, where)
         return torch.tensor(saved, dtype=current.dtype, device=current.device)
     if _number(current):
+        if saved is None:
+            raise CheckpointError(f"{where}: {key} is null in the checkpoint, {current!r} in the optimizer")
         if not _number(saved) or (isinstance(current, int) and key in ("min_8bit_size", "optim_bits")
                                   and not isinstance(saved, int)):
             raise CheckpointError(f"{where}: {key} must be a number like the optimizer's {current!r}, got {saved!r}")

@@ -308,9 +308,11 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
 def _commit(ad: OptimizerAdapter, model, plan: _Plan, path: Path) -> None:
     snap = ad.snapshot()
     try:
-        ad.load_states(plan.states, plan.masters)
+        # the groups first: the kind of state each parameter takes (e.g. its master_weight_bits correction)
+        # follows the loaded values, as with load_state_dict
         for group, values in zip(ad.optimizer.param_groups, plan.groups):
             group.update(values)
+        ad.load_states(plan.states, plan.masters)
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         ad.restore(snap)
         raise CheckpointError(f"{path}: state does not fit the optimizer: {exc}") from exc
@@ -337,6 +339,12 @@ def _read(path: Path, ad: OptimizerAdapter, model, strict: bool, verify: bool) -
     plan = _Plan(groups=checked_groups(meta["optimizer"]["param_groups"], ad.optimizer.param_groups, where,
                                        ad.inner.validate_hyper),
                  extra=meta["extra"])
+    if isinstance(ad.optimizer, ShardedOptimizer):  # its fp32 master copies are chosen when it is built
+        for gi, (group, values) in enumerate(zip(ad.optimizer.param_groups, plan.groups)):
+            if values.get("master_weight_bits", group.get("master_weight_bits")) != group.get("master_weight_bits"):
+                raise CheckpointError(f"{where}: param group {gi} was saved with master_weight_bits="
+                                      f"{values['master_weight_bits']!r}, this ShardedOptimizer was built with "
+                                      f"{group.get('master_weight_bits')!r} (it chooses its master copies when built)")
     saved = {p["name"]: p for p in meta["params"]}
     problems = []
     for slot in ad.layout.params:

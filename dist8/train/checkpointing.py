@@ -45,14 +45,33 @@ import torch.distributed as dist
 import dist8.checkpoint as dist8_checkpoint
 from dist8.checkpoint.errors import CheckpointError
 from dist8.checkpoint.files import member, read_text, sha256_file
+from dist8.checkpoint.format import METADATA
 from dist8.checkpoint.torch_files import check_dcp_metadata, load_torch_file, weights_only_loads
 from dist8.optim import Optimizer8bit
 from dist8.shard import ShardedOptimizer
 
-__all__ = ["Checkpointer"]
+__all__ = ["Checkpointer", "writer_of"]
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _META = "train_meta.json"
+
+
+_WRITERS = {"dist8": "dist8.checkpoint", "dcp": "torch.distributed.checkpoint (dist8.integrations.fsdp)",
+            "torch": "torch.save per rank"}
+
+
+def writer_of(path: Path) -> str | None:
+    """Which writer made the checkpoint directory ``path``: ``dist8``, ``dcp`` or ``torch``; None if it holds none."""
+    if (path / METADATA).is_file():
+        return "dist8"
+    if not (path / _META).is_file():
+        return None
+    try:
+        meta = json.loads(read_text(path / _META, limit=1 << 26))
+    except (CheckpointError, ValueError, RecursionError):
+        return None  # unreadable: latest() reports it when it gets there
+    writer = meta.get("writer", "torch") if isinstance(meta, dict) else None  # written before "writer" existed
+    return writer if writer in ("dcp", "torch") else None
 
 
 def _is_dist8_optimizer(optimizer: Any) -> bool:
@@ -74,9 +93,23 @@ class Checkpointer:
         else:
             self.kind = "torch"
 
+        self._refuse_other_writers(mode)
+
     def describe(self) -> str:
-        return {"dist8": "dist8.checkpoint", "dcp": "torch.distributed.checkpoint (dist8.integrations.fsdp)",
-                "torch": "torch.save per rank"}[self.kind]
+        return _WRITERS[self.kind]
+
+    def _refuse_other_writers(self, mode: str) -> None:
+        """One line when the root holds checkpoints of another writer: this run could not resume them
+        (``latest()`` would not see them) and its saves would replace or rotate them away."""
+        root = Path(self.root)
+        for entry in sorted(root.iterdir(), reverse=True) if root.is_dir() else []:
+            writer = writer_of(entry) if _STEP_DIR.match(entry.name) and not entry.is_symlink() else None
+            if writer is not None and writer != self.kind:
+                why = {"dcp": "sharding.mode fsdp2", "dist8": "a dist8 optimizer"}.get(
+                    self.kind, f"sharding.mode {mode}, optimizer {type(self.optimizer).__name__}")
+                raise CheckpointError(f"{entry} was written by {_WRITERS[writer]}; this run ({why}) writes "
+                                      f"{_WRITERS[self.kind]}, so it could not resume it and would replace it: run with the "
+                                      "optimizer and sharding.mode that wrote it, or use another checkpoint.dir")
 
     # ---- public -----------------------------------------------------------------
     def save(self, step: int, extra: dict[str, Any]) -> str:

@@ -2,6 +2,8 @@
 
 - :func:`check_fits`: a model or batch that cannot fit in this rank's memory (a config typo such
   as ``model.n_layer: 20000``) is refused naming the keys, before anything is allocated.
+- :func:`check_resumed_hyperparameters`: a config that changes an optimizer hyperparameter of
+  the run it resumes is refused naming the key (the loaded checkpoint's value would win silently).
 - :class:`NonfiniteSteps`: a step whose gradients hold inf/NaN changes no parameter -- the job
   skips it when the global gradient norm is not finite, and otherwise (gradient release,
   DeepSpeed) the dist8 optimizer skips the blocks concerned. Loss stays finite, so without a
@@ -13,14 +15,14 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from dist8.train.config import Config, ConfigError, TrainingDiverged, torch_dtype
 from dist8.train.model import GPTConfig
 
-__all__ = ["NonfiniteSteps", "check_fits", "memory_of"]
+__all__ = ["NonfiniteSteps", "check_fits", "check_resumed_hyperparameters", "memory_of"]
 
 
 def memory_of(device: torch.device) -> int:
@@ -54,6 +56,34 @@ def check_fits(cfg: Config, model: GPTConfig, device: torch.device, world: int) 
     if logits > available:
         raise ConfigError(f"config keys train.batch_size={cfg.train.batch_size}, model.seq_len={cfg.model.seq_len}: "
                           f"one batch's logits alone need {_gib(logits)}, more than the {_gib(available)} of {where}")
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor) and a.numel() == 1:
+        a = a.item()
+    return type(a) is type(b) and a == b if isinstance(a, (str, bool)) or isinstance(b, (str, bool)) else a == b
+
+
+def check_resumed_hyperparameters(cfg: Config, optimizer: Any, path: str) -> None:
+    """Refuse, naming the key, a config whose ``optimizer.args`` differ from the checkpoint's just loaded.
+
+    Loading a state dict gives the param groups the checkpoint's hyperparameters (torch's rule), so
+    a value changed in the config for the resumed run would be silently ignored.
+    """
+    for key, wanted in cfg.optimizer.args.items():
+        for group in getattr(optimizer, "param_groups", []):
+            if key in group and not _same(group[key], wanted):
+                raise ConfigError(f"config key optimizer.args.{key} is {wanted!r} but {path} was saved with "
+                                  f"{_plain(group[key])!r}, which loading it restores; resume with the checkpoint's "
+                                  "value, or start a new run (another checkpoint.dir)")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
 
 
 class NonfiniteSteps:

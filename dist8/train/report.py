@@ -176,7 +176,7 @@ def summary_table(summary: dict[str, Any]) -> str:
                   + (f" ({len(summary['attempts'])} attempts)" if len(summary.get("attempts", [])) > 1 else "")),
         ("final train loss", _f(summary.get("final_loss"))),
         ("final val loss", _f(summary.get("final_val_loss"))),
-        ("steps with inf/NaN grads", summary.get("nonfinite_steps", 0)),
+        ("inf/NaN grad steps", summary.get("nonfinite_steps", 0)),
         ("tokens/s (global)", f"{summary.get('tokens_per_s', 0):,.0f}"),
         ("opt state / rank", _fmt_bytes(summary.get("opt_state_bytes_per_rank", 0))),
         ("peak memory (rank 0)", _fmt_bytes(summary.get("peak_mem_bytes", 0))),

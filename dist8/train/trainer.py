@@ -29,7 +29,7 @@ from dist8.train.config import (Config, ConfigError, TrainingDiverged, config_to
 from dist8.train.data import load_corpus, sample_seed
 from dist8.train.engine import Engine, build_engine, install_gradient_release, optimizer_state_nbytes
 from dist8.train.faults import maybe_kill, maybe_nan_gradients
-from dist8.train.guards import NonfiniteSteps, check_fits
+from dist8.train.guards import NonfiniteSteps, check_fits, check_resumed_hyperparameters
 from dist8.train.memory import memory_breakdown
 from dist8.train.model import GPT, GPTConfig
 from dist8.train.report import (MetricsWriter, peak_memory_bytes, plot_run, read_metrics, run_summary,
@@ -224,6 +224,7 @@ def _train(cfg: Config, resume, stop_at, run_name, rank, world, device) -> int:
     path, ckpt = _resume_path(ckpt, resume, make_checkpointer)
     if path is not None:
         extra = _load_checkpoint(ckpt, path)
+        check_resumed_hyperparameters(cfg, engine.optimizer, path)
         start = int(extra.get("step", 0))
         _say(rank, f"resumed from {path} at step {start} ({ckpt.describe()})")
     elif resume == "auto":
