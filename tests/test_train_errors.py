@@ -164,6 +164,16 @@ def test_torch_baseline_under_launcher_and_world_size_mismatch(tmp_path):
     assert len(lines) == 1 and "saved by 2 ranks, this job has 1" in lines[0], under_torchrun.stderr[-3000:]
 
 
+def test_deepspeed_checkpoint_at_another_world_size_says_how_many_ranks(tmp_path):
+    if not _mode_available("deepspeed"):
+        pytest.skip("sharding mode deepspeed not available (the [deepspeed] extra)")
+    sets = tiny_sets(tmp_path, steps=2, **{"sharding.mode": "deepspeed", "checkpoint.every": 2, "train.eval_every": 2})
+    _ok(run(launch_cmd(*sets)))
+    _one_line(run(train_cmd(*sets, "--set", "train.steps=4", "--resume", "auto")),
+              "was saved by 2 ranks, this job has 1; the per-rank torch.save format cannot reshard (resume with 2 "
+              "ranks (each file holds its rank's DeepSpeed ZeRO partition))")
+
+
 def test_diverged_loss_is_one_line_exit_2(tmp_path):
     """A loss that becomes NaN (lr 1e30) stops the job with one line naming the step, not a traceback."""
     result = run(train_cmd(*tiny_sets(tmp_path, steps=6, **{"train.lr": "1e30", "train.warmup_steps": 0,

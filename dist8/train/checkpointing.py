@@ -86,6 +86,7 @@ class Checkpointer:
         self.model = model
         self.optimizer = optimizer
         self.keep_last = keep_last
+        self.mode = mode
         if mode == "fsdp2":
             self.kind = "dcp"
         elif _is_dist8_optimizer(optimizer):
@@ -165,9 +166,10 @@ class Checkpointer:
         else:
             rank, world = _rank_world()
             if meta["world_size"] != world:
+                hint = (f"resume with {meta['world_size']} ranks (each file holds its rank's DeepSpeed ZeRO partition)"
+                        if self.mode == "deepspeed" else "dist8 optimizers use dist8.checkpoint, which can")
                 raise CheckpointError(f"checkpoint {path} was saved by {meta['world_size']} ranks, this job has {world}; "
-                                   "the per-rank torch.save format cannot reshard (dist8 optimizers use "
-                                   "dist8.checkpoint, which can)")
+                                      f"the per-rank torch.save format cannot reshard ({hint})")
             own = self._rank_blob(Path(path), meta, rank)
             try:
                 model_sd = own["model"]
