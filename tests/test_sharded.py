@@ -431,6 +431,50 @@ def test_stage2_skips_parameters_without_a_gradient_as_torch_does(zero, tmp_path
         assert results[0]["replaced"].startswith("parameter b.weight: .grad was replaced after backward")
 
 
+def _changed_after_backward(rank, world_size, who):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    opt = ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, stage=2, lr=1e-2, min_8bit_size=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(rank))
+    model(x).square().mean().backward()
+    if who == "clip":
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # this rank's partial sums: a per-rank norm
+    elif rank == 0:
+        model[0].weight.grad.mul_(0.5)  # one rank only: the other must not wait forever
+    try:
+        opt.step()
+        refused = None
+    except ValueError as exc:
+        refused = str(exc)
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    opt.zero_grad()  # and the optimizer goes on: the right way to clip
+    model(x).square().mean().backward()
+    norm = float(opt.clip_grad_norm(1.0))
+    opt.step()
+    return {"refused": refused, "unchanged": unchanged, "norm": norm,
+            "params": [p.detach().clone() for p in model.parameters()]}
+
+
+@pytest.mark.parametrize("who", ["clip", "one-rank"])
+def test_stage2_refuses_gradients_changed_in_place_after_backward(who, tmp_path):
+    """torch.nn.utils.clip_grad_norm_ on stage 2's .grad views read each rank's partial sums mid-reduction:
+    norms 0.194 and 0.203 on two ranks for a global 0.150, and a silently different run. Now refused on
+    every rank (also when one rank alone changed them), nothing stepped, and opt.clip_grad_norm works after."""
+    results = run_ranks(_changed_after_backward, 2, who, tmp_path=tmp_path)
+    mine = "gradients were changed in place after backward (torch.nn.utils.clip_grad_norm_? p.grad.mul_?)"
+    if who == "clip":
+        assert all(r["refused"].startswith(mine) for r in results), results[0]["refused"]
+    else:
+        assert results[0]["refused"].startswith(mine)
+        assert results[1]["refused"].startswith("another rank refused this step's gradients")
+    assert all("opt.clip_grad_norm(max_norm)" in r["refused"] for r in results)
+    assert all(r["unchanged"] for r in results)
+    assert results[0]["norm"] == results[1]["norm"]
+    for a, b in zip(results[0]["params"], results[1]["params"]):
+        assert torch.equal(a, b)
+
+
 def test_single_process_errors():
     with pytest.raises(RuntimeError, match="not initialised"):
         ShardedOptimizer([torch.nn.Parameter(torch.zeros(4))], process_group=object())

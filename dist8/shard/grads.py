@@ -170,6 +170,11 @@ class Stage2Grads:
         self.buckets = GradBuckets(self.flat, spans, [buf.rank_ranges for buf in self.buffers], bucket_cap_bytes,
                                    group, rank)
         self.presence = GradPresence(len(self.params))
+        # The buffers' version counters right after this step's last write of ours, once a bucket was
+        # launched (None before): in-place ops bump them (views share their base's counter), collectives
+        # do not. A different count at the step means the gradients were changed after their reduction
+        # began (torch.nn.utils.clip_grad_norm_, p.grad.mul_): see present_on_any_rank.
+        self.launch_versions: list[int] | None = None
         # each parameter's .grad: its range of the gradient buffer, made once
         self.views = [self.view(i, 0, p.numel()).view(p.shape) for i, p in enumerate(self.params)]
         self.hooks = [p.register_post_accumulate_grad_hook(self._make_hook(i)) for i, p in enumerate(self.params)]
@@ -193,6 +198,7 @@ class Stage2Grads:
             self.presence.backward_hook(index)
             if self.world_size > 1 and not self.accumulating():
                 self.buckets.mark_ready(index)
+                self.launch_versions = [g._version for g in self.flat]
 
         return hook
 
@@ -201,6 +207,12 @@ class Stage2Grads:
         gradient, its range zeroed; a tensor assigned: copied in), then which parameters hold a gradient
         on any rank (one small all-reduce)."""
         presence = self.presence
+        problem = None  # refused on every rank alike (one rank raising alone would leave the others waiting)
+        why = ("stage 2 sums each gradient onto the rank that owns it during backward, so a change made after "
+               "backward reaches only this rank's partial sums")
+        fix = "clip with opt.clip_grad_norm(max_norm) (the global norm), scale the loss instead, or use stage=1"
+        if self.launch_versions is not None and [g._version for g in self.flat] != self.launch_versions:
+            problem = f"gradients were changed in place after backward (torch.nn.utils.clip_grad_norm_? p.grad.mul_?); {why}: {fix}"
         for i, (p, view) in enumerate(zip(self.params, self.views)):
             if p.grad is None:  # model.zero_grad(), or set by hand: no gradient, as torch sees it
                 if not presence.fired[i]:
@@ -208,16 +220,18 @@ class Stage2Grads:
                 presence.has[i] = False
             elif p.grad.data_ptr() != view.data_ptr():  # a gradient assigned to .grad, not accumulated by backward
                 if presence.fired[i] and self.world_size > 1:
-                    raise ValueError(f"parameter {self.names[i]}: .grad was replaced after backward had reduced it "
-                                     "across ranks (stage 2 reduces gradients inside backward); modify it in place "
-                                     "(p.grad.mul_(...)) or use stage=1")
+                    problem = problem or f"parameter {self.names[i]}: .grad was replaced after backward; {why}: {fix}"
+                    continue
                 view.copy_(p.grad)
                 p.grad = view
                 presence.has[i] = True
-        has = torch.tensor(presence.has, dtype=torch.uint8, device=device)
+        has = torch.tensor([*presence.has, problem is not None], dtype=torch.uint8, device=device)
         if self.world_size > 1:
             dist.all_reduce(has, op=dist.ReduceOp.MAX, group=self.group)
-        return [bool(h) for h in has.tolist()]
+        if has[-1]:
+            self.buckets.flush()  # no reduction left in flight into a buffer the caller will zero next
+            raise ValueError(problem or f"another rank refused this step's gradients ({why}): {fix}")
+        return [bool(h) for h in has[:-1].tolist()]
 
     def reduce(self) -> None:
         """Finish the bucket reductions and average this rank's owned range (several ranks)."""
@@ -227,14 +241,17 @@ class Stage2Grads:
         for buf, grads in zip(self.buffers, self.flat):
             lo, hi = buf.rank_ranges[self.rank]
             grads[lo:hi].div_(self.world_size)
+        self.launch_versions = None  # reduced and averaged: changes from here on (opt.clip_grad_norm) are right
 
     def stepped(self) -> None:
         self.presence.stepped()
+        self.launch_versions = None
 
     def zero(self, set_to_none: bool) -> None:
         """Zero the buffers in place and give every parameter its view again."""
         for grads in self.flat:
             grads.zero_()
+        self.launch_versions = None
         self.attach_views()
         self.buckets.reset()
         self.presence.zeroed(set_to_none)
