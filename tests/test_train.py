@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from train_utils import REPO, child_env, free_port, launch_cmd, run, tiny_sets, torchrun_cmd, train_cmd
+from train_utils import REPO, child_env, free_port, launch_cmd, mode_available, run, tiny_sets, torchrun_cmd, train_cmd
 from dist8.train.config import ConfigError, load_config
 from dist8.train.report import read_metrics
 
@@ -19,16 +19,6 @@ from dist8.train.report import read_metrics
 # dist8-zero2; a uniform byte model has ln 256 = 5.55, a unigram model of Python source about 3.1).
 VAL_LOSS_THRESHOLD = 2.6
 SHARDED_MODES = ["ddp", "dist8-zero2", "fsdp2", "deepspeed"]  # deepspeed: ZeRO-2 (configs/deepspeed-zero2.json)
-
-
-def _mode_available(mode: str) -> bool:
-    from dist8.train.engine import check_mode_available
-
-    try:
-        check_mode_available(load_config(REPO / "configs" / "tiny-gpt.yaml", [f"sharding.mode={mode}"]))
-    except ConfigError:
-        return False
-    return True
 
 
 def _ok(result: subprocess.CompletedProcess) -> None:
@@ -82,7 +72,7 @@ def test_default_config_trains_on_two_ranks(tmp_path):
 
 @pytest.mark.parametrize("mode", SHARDED_MODES)
 def test_resume_is_exact(tmp_path, reference, mode):
-    if not _mode_available(mode):
+    if not mode_available(mode):
         pytest.skip(f"sharding mode {mode} not available")
     sets = tiny_sets(tmp_path, **{"sharding.mode": mode})
     _ok(run(torchrun_cmd(*sets, "--resume", "auto", "--stop-at", "20")))
@@ -102,7 +92,7 @@ def test_resume_is_exact(tmp_path, reference, mode):
 
 def test_deepspeed_without_a_launcher_is_a_world_of_one(tmp_path):
     """`dist8 train --set sharding.mode=deepspeed` in one process: DeepSpeed asserts a launcher's LOCAL_RANK."""
-    if not _mode_available("deepspeed"):
+    if not mode_available("deepspeed"):
         pytest.skip("sharding mode deepspeed not available")
     result = run(train_cmd(*tiny_sets(tmp_path, steps=3, **{"sharding.mode": "deepspeed", "train.eval_every": 3})))
     _ok(result)
@@ -112,7 +102,7 @@ def test_deepspeed_without_a_launcher_is_a_world_of_one(tmp_path):
 def test_deepspeed_zero3_resume_is_exact(tmp_path):
     """ZeRO-3 partitions the parameters: the resume takes them from the optimizer's saved fp32 partitions
     (every rank's state dict, as DeepSpeed's own loader passes them) and only buffers from the model entry."""
-    if not _mode_available("deepspeed"):
+    if not mode_available("deepspeed"):
         pytest.skip("sharding mode deepspeed not available")
 
     def sets(d):
@@ -130,7 +120,7 @@ def test_deepspeed_zero3_resume_is_exact(tmp_path):
 
 def test_two_nodes_train_together(tmp_path, reference):
     """Two torchrun invocations (--nnodes=2, one process each) on a 127.0.0.1 rendezvous."""
-    mode = "dist8-zero2" if _mode_available("dist8-zero2") else "ddp"
+    mode = "dist8-zero2" if mode_available("dist8-zero2") else "ddp"
     port = free_port()
     sets = tiny_sets(tmp_path, **{"sharding.mode": mode})
     procs = [

@@ -13,18 +13,7 @@ import subprocess
 
 import pytest
 
-from train_utils import REPO, child_env, launch_cmd, run, tiny_sets, torchrun_cmd, train_cmd
-
-
-def _mode_available(mode: str) -> bool:
-    from dist8.train.config import ConfigError, load_config
-    from dist8.train.engine import check_mode_available
-
-    try:
-        check_mode_available(load_config(REPO / "configs" / "tiny-gpt.yaml", [f"sharding.mode={mode}"]))
-    except ConfigError:
-        return False
-    return True
+from train_utils import REPO, child_env, launch_cmd, mode_available, run, tiny_sets, torchrun_cmd, train_cmd
 
 
 def _ok(result: subprocess.CompletedProcess) -> None:
@@ -80,7 +69,7 @@ def test_a_checkpoint_dir_written_by_another_writer_is_refused_and_kept(finished
     """The torch baseline (torch.save per rank) and FSDP2 (DCP) did not see dist8.checkpoint's directories: they
     said "no checkpoint; starting at step 0" and then replaced step-00000010 and rotated step-00000005 away."""
     d, sets = finished_run
-    if "sharding.mode=fsdp2" in args and not _mode_available("fsdp2"):
+    if "sharding.mode=fsdp2" in args and not mode_available("fsdp2"):
         pytest.skip("sharding mode fsdp2 not available with this torch")
     before = {p: p.read_bytes() for p in sorted((d / "ckpt").rglob("*")) if p.is_file()}
     _one_line(run(train_cmd(*sets, *args)),
@@ -165,7 +154,7 @@ def test_torch_baseline_under_launcher_and_world_size_mismatch(tmp_path):
 
 
 def test_deepspeed_checkpoint_at_another_world_size_says_how_many_ranks(tmp_path):
-    if not _mode_available("deepspeed"):
+    if not mode_available("deepspeed"):
         pytest.skip("sharding mode deepspeed not available (the [deepspeed] extra)")
     sets = tiny_sets(tmp_path, steps=2, **{"sharding.mode": "deepspeed", "checkpoint.every": 2, "train.eval_every": 2})
     _ok(run(launch_cmd(*sets)))

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from dist_utils import free_port
 
-__all__ = ["REPO", "child_env", "free_port", "launch_cmd", "run", "tiny_sets", "torchrun_cmd", "train_cmd"]
+__all__ = ["REPO", "child_env", "free_port", "launch_cmd", "mode_available", "run", "tiny_sets", "torchrun_cmd",
+           "train_cmd"]
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "tiny-gpt.yaml"
@@ -22,6 +23,18 @@ def child_env(**extra: str) -> dict[str, str]:
     env.pop("LOCAL_RANK", None)
     env.update(extra)
     return env
+
+
+def mode_available(mode: str) -> bool:
+    """Whether ``sharding.mode`` ``mode`` can run here (its package installed, torch new enough)."""
+    from dist8.train.config import ConfigError, load_config
+    from dist8.train.engine import check_mode_available
+
+    try:
+        check_mode_available(load_config(DEFAULT_CONFIG, [f"sharding.mode={mode}"]))
+    except ConfigError:
+        return False
+    return True
 
 
 def tiny_sets(tmp: Path, steps: int = 40, **overrides) -> list[str]:
