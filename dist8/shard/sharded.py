@@ -41,8 +41,10 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         optimizer_class: a :class:`dist8.optim.Optimizer8bit` subclass (default
             :class:`dist8.optim.AdamW8bit`).
         stage: 2 (default): gradients are summed onto their owning rank by hooks
-            during backward, no DDP wrapper needed; 1: gradients are already averaged
-            (e.g. by DDP) and only the state is sharded.
+            during backward, no DDP wrapper needed (so each rank's ``.grad`` holds partial
+            sums after backward: clip with :meth:`clip_grad_norm`; a gradient changed in place
+            after backward, e.g. by ``torch.nn.utils.clip_grad_norm_``, is refused at the step);
+            1: gradients are already averaged (e.g. by DDP) and only the state is sharded.
         process_group: the data-parallel group (default: the world). Without an
             initialised ``torch.distributed`` the optimizer runs as a single rank.
         bucket_cap_mb: size of gradient-reduction and parameter-gather buckets (MiB).
