@@ -186,7 +186,9 @@ def test_config_errors_one_line_exit_2(args, expected, monkeypatch, capsys):
     from dist8.cli import main
 
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # importing deepspeed fails: mode "not available"
-    monkeypatch.delenv("LOCAL_RANK", raising=False)  # a run-time check sets it as a launcher would; undone after
+    # A run-time check (model size) runs the job in this process, which sets LOCAL_RANK as a launcher would;
+    # setenv makes monkeypatch remove it afterwards (accelerate in a later test of this worker reads it).
+    monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.chdir(REPO)
     argv = ["train", *args] if args[0] == "--config" else ["train", "--config", str(REPO / "configs" / "tiny-gpt.yaml"), *args]
     assert main(argv) == 2
