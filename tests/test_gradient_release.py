@@ -12,6 +12,7 @@
   accumulation (both ways), double activation, foreign parameters, stale gradients;
 * ``remove()`` restores the normal step.
 """
+import copy
 import os
 
 import pytest
@@ -295,6 +296,66 @@ def test_refuses_accumulation_at_step():
     loss_of(model, 1).backward()
     with pytest.raises(RuntimeError, match="several backward passes"):
         opt.step()
+
+
+class _SharedBlock(nn.Module):
+    """One Linear run three times per forward (ALBERT-style sharing), optionally under activation checkpointing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared, self.head = nn.Linear(16, 16), nn.Linear(16, 1)
+        self.reentrant: bool | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        for _ in range(3):
+            layer = lambda t: torch.tanh(self.shared(t))  # noqa: E731
+            x = layer(x) if self.reentrant is None else checkpoint(layer, x, use_reentrant=self.reentrant)
+        return self.head(x).sum()
+
+
+def test_reentrant_checkpointing_of_a_shared_module_is_refused_at_its_second_partial_gradient():
+    """Each reentrant checkpoint runs a backward of its own, so the shared Linear's hook fired three times per
+    backward, stepping it with three partial gradients (silently, in a loop that does not call step())."""
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0)).requires_grad_()  # reentrant needs one
+    torch.manual_seed(0)
+    ref = _SharedBlock()
+    models = {"plain": ref}
+    for mode in (False, True):
+        models[mode] = copy.deepcopy(ref)
+        models[mode].reentrant = mode
+    opts = {k: AdamW8bit(m.named_parameters(), lr=1e-2, min_8bit_size=0) for k, m in models.items()}
+    for k in (False, True):
+        dist8.gradient_release(models[k], opts[k])
+    for _ in range(2):
+        models["plain"](x).backward()
+        opts["plain"].step()
+        opts["plain"].zero_grad()
+        models[False](x).backward()  # non-reentrant: one accumulated gradient, bitwise the normal step
+    for a, b in zip(models["plain"].parameters(), models[False].parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match=r"parameter shared\.(weight|bias) got a second gradient from one forward pass "
+                                           r".*Use use_reentrant=False"):
+        models[True](x).backward()
+    assert opts[True].state[models[True].shared.weight]["step"] == 1  # the first partial only
+
+
+def test_a_second_backward_of_one_forward_is_refused_at_once_and_submodule_calls_are_not_counted():
+    model = make()
+    opt = AdamW8bit(model.named_parameters(), lr=1e-2)
+    dist8.gradient_release(model, opt)
+    loss = loss_of(model, 0)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="got a second gradient from one forward pass"):
+        loss.backward()
+    torch.manual_seed(0)
+    other = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 1))
+    opt = AdamW8bit(other.named_parameters(), lr=1e-2)
+    dist8.gradient_release(other, opt)
+    for _ in range(3):  # the model itself never runs (only its layers): no forward is counted, nothing refused
+        other[1](other[0](torch.ones(2, 8))).sum().backward()
+    assert all(st["step"] == 3 for st in opt.state.values())
 
 
 # ---- FSDP2 --------------------------------------------------------------------------------------------

@@ -40,8 +40,10 @@ What is refused, and why:
   raises too. A loop that never calls ``step()`` cannot be told apart.
 * Reentrant activation checkpointing (``use_reentrant=True``) of a module run more than once
   per forward: each reentrant checkpoint runs a backward of its own, so that module's
-  parameters get two gradients and two updates (refused as accumulation from the second
-  iteration on). The default ``use_reentrant=False`` accumulates first and is exact.
+  parameters get a partial gradient from each. The second is refused (a forward pre-hook on
+  the model counts its forward passes), but the first has been stepped by then; a model
+  that is never called itself (only its submodules) is not counted, and the refusal then
+  comes from ``optimizer.step()``. The default ``use_reentrant=False`` accumulates first and is exact.
 * Optimizer step hooks (``register_step_pre_hook``/``post_hook``) do not run while active.
   LR schedulers work (they change ``param_groups``, which each hook reads); create them after
   ``gradient_release`` to avoid torch's warning that ``optimizer.step`` was overridden.
@@ -53,9 +55,12 @@ What is refused, and why:
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import numbers
 import threading
 import types
+import weakref
 from typing import Any
 
 import torch
@@ -95,6 +100,10 @@ class GradientRelease:
         self.lock = threading.Lock()  # CUDA and CPU leaves may finish on different autograd threads
         self._updates_since_step: dict[torch.Tensor, int] = {}
         self._loop_calls_step = False
+        # Forward passes of the model seen by a forward pre-hook, and the one each parameter was last
+        # updated in: a second update within one forward is a partial gradient (see before_update).
+        self._forwards = 0
+        self._updated_in_forward: dict[torch.Tensor, int] = {}
         self._hooks: list = []
         self._saved_methods: dict[str, Any] = {}
         self.active = False
@@ -115,6 +124,7 @@ class GradientRelease:
         opt.step = types.MethodType(_released_step, opt)
         opt.zero_grad = types.MethodType(_released_zero_grad, opt)
         setattr(opt, _ACTIVE_ATTR, self)
+        self._hooks.append(self.model.register_forward_pre_hook(_forward_counter(self)))
         self.active = True
         if self.weight_grad_chunk is not None:
             self.chunks = ChunkedWeights(self, self.model, self.weight_grad_chunk)
@@ -147,6 +157,11 @@ class GradientRelease:
     def __exit__(self, *exc: Any) -> None:
         self.remove()
 
+    def forward_started(self) -> None:
+        """Count a forward pass of the model (its forward pre-hook)."""
+        with self.lock:
+            self._forwards += 1
+
     # ---- the hook ------------------------------------------------------------------------
     def _hook(self, p: torch.Tensor) -> None:
         if p.grad is None:  # none, or stepped in chunks by its layer's backward (weight_grad_chunk)
@@ -160,7 +175,15 @@ class GradientRelease:
             p.grad = None  # released: the point of it all
 
     def before_update(self, p: torch.Tensor) -> None:
-        """Refuse a second update of ``p`` before ``optimizer.step()`` (gradient accumulation). Hold :attr:`lock`."""
+        """Refuse a second update of ``p`` from one forward pass of the model, or before ``optimizer.step()``
+        (gradient accumulation). Hold :attr:`lock`."""
+        if self._forwards and self._updated_in_forward.get(p) == self._forwards:
+            raise RuntimeError(
+                f"gradient_release: parameter {self.optimizer.param_name(p)} got a second gradient from one forward "
+                "pass of the model (reentrant activation checkpointing, use_reentrant=True, of a module run more than "
+                "once: each checkpoint's backward brings a partial gradient; or several backward passes of one "
+                "forward); the first was stepped, this one was not. Use use_reentrant=False, or remove the handle"
+            )
         if self._loop_calls_step and self._updates_since_step.get(p, 0) > 0:
             raise RuntimeError(
                 f"gradient_release: parameter {self.optimizer.param_name(p)} got a second gradient before "
@@ -171,6 +194,7 @@ class GradientRelease:
     def after_update(self, p: torch.Tensor) -> None:
         """Count an update of ``p`` (by the hook or by its layer's chunks). Hold :attr:`lock`."""
         self._updates_since_step[p] = self._updates_since_step.get(p, 0) + 1
+        self._updated_in_forward[p] = self._forwards
         self.steps += 1
 
     def step_param(self, p: torch.Tensor) -> None:
@@ -203,6 +227,24 @@ class GradientRelease:
             with torch.enable_grad():
                 return closure()
         return None
+
+
+# The model's forward pre-hook reaches its handle through a token, so that copies of the model
+# (copy.deepcopy, torch.save) carry a plain picklable partial, not the handle and its lock.
+_TOKENS = itertools.count()
+_HANDLES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _forward_counter(handle: GradientRelease) -> Any:
+    token = next(_TOKENS)
+    _HANDLES[token] = handle
+    return functools.partial(_count_forward, token)
+
+
+def _count_forward(token: int, module: torch.nn.Module, args: Any) -> None:  # noqa: ARG001
+    handle = _HANDLES.get(token)
+    if handle is not None and handle.model is module:  # a copy of the model is not the model
+        handle.forward_started()
 
 
 def _released_step(opt: Optimizer8bit, closure: Any = None) -> Any:
