@@ -199,6 +199,38 @@ def test_config_errors_one_line_exit_2(args, expected, monkeypatch, capsys):
     assert expected in lines[0], (args, lines[0])
 
 
+HOSTILE = [".nan", ".inf", "-.inf", "-1", "0", "1e30", "99999999999999999999999", "'x'", "[1, 2]", "{a: 1}", "null", "true"]
+
+
+def test_every_config_key_refuses_hostile_values_naming_it_or_holds_a_sane_value():
+    """Every key of every section against values a typo or a script could produce: refused with a ConfigError
+    naming the key, or accepted as a finite number, a 64-bit integer, a bool or a string. (A fuzz running each
+    accepted value for two steps found nan/inf learning rates and clips passing every range check.)"""
+    import dataclasses
+    import math
+
+    from dist8.train.config import Config
+
+    refused = accepted = 0
+    for section in dataclasses.fields(Config):
+        for field in dataclasses.fields(section.default_factory()):
+            key = f"{section.name}.{field.name}"
+            if field.name.startswith("fault_") or key == "optimizer.args":
+                continue
+            for value in HOSTILE:
+                try:
+                    cfg = load_config(REPO / "configs" / "tiny-gpt.yaml", [f"{key}={value}"])
+                except ConfigError as exc:
+                    assert key in str(exc) and "\n" not in str(exc), (key, value, str(exc))
+                    refused += 1
+                    continue
+                got = getattr(getattr(cfg, section.name), field.name)
+                assert got is None or isinstance(got, (bool, str)) or (isinstance(got, float) and math.isfinite(got)) \
+                    or (isinstance(got, int) and abs(got) < 2**63), (key, value, got)
+                accepted += 1
+    assert refused > 300 and accepted > 10, (refused, accepted)  # 385 and 23 when written
+
+
 def test_config_error_of_a_fresh_process_is_one_line_exit_2():
     result = subprocess.run([sys.executable, "-m", "dist8", "train", "--set", "train.stepz=5"], cwd=REPO,
                             env=child_env(), capture_output=True, text=True, timeout=300)
