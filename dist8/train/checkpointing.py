@@ -23,6 +23,9 @@ rename-then-delete. A crash at any point leaves the previous checkpoint loadable
 and nothing that :meth:`Checkpointer.latest` would pick; a write error removes the
 temporary directory and raises :class:`~dist8.checkpoint.CheckpointError` naming the file.
 
+A root that holds another writer's checkpoints (:func:`writer_of`) is refused when the
+:class:`Checkpointer` is made: this run could not resume them and would replace them.
+
 Nothing is unpickled: ``torch`` files are read with ``torch.load(weights_only=True)``
 (plus the few DeepSpeed classes its optimizer states hold); a ``dcp`` checkpoint's pickled
 ``.metadata`` is checked against an allowlist of DCP's metadata classes before DCP reads it,
@@ -93,13 +96,12 @@ class Checkpointer:
             self.kind = "dist8"
         else:
             self.kind = "torch"
-
-        self._refuse_other_writers(mode)
+        self._refuse_other_writers()
 
     def describe(self) -> str:
         return _WRITERS[self.kind]
 
-    def _refuse_other_writers(self, mode: str) -> None:
+    def _refuse_other_writers(self) -> None:
         """One line when the root holds checkpoints of another writer: this run could not resume them
         (``latest()`` would not see them) and its saves would replace or rotate them away."""
         root = Path(self.root)
@@ -107,7 +109,7 @@ class Checkpointer:
             writer = writer_of(entry) if _STEP_DIR.match(entry.name) and not entry.is_symlink() else None
             if writer is not None and writer != self.kind:
                 why = {"dcp": "sharding.mode fsdp2", "dist8": "a dist8 optimizer"}.get(
-                    self.kind, f"sharding.mode {mode}, optimizer {type(self.optimizer).__name__}")
+                    self.kind, f"sharding.mode {self.mode}, optimizer {type(self.optimizer).__name__}")
                 raise CheckpointError(f"{entry} was written by {_WRITERS[writer]}; this run ({why}) writes "
                                       f"{_WRITERS[self.kind]}, so it could not resume it and would replace it: run with the "
                                       "optimizer and sharding.mode that wrote it, or use another checkpoint.dir")

@@ -59,11 +59,17 @@ def check_fits(cfg: Config, model: GPTConfig, device: torch.device, world: int) 
 
 
 def _same(a: Any, b: Any) -> bool:
+    """Whether a param group's value ``a`` is the config's ``b``: lists and tuples alike, a one-element
+    tensor as its number, but True is not 1 and "1" is not 1."""
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, torch.Tensor) and a.numel() == 1:
+    if isinstance(a, torch.Tensor):
+        if a.numel() != 1:
+            return False
         a = a.item()
-    return type(a) is type(b) and a == b if isinstance(a, (str, bool)) or isinstance(b, (str, bool)) else a == b
+    if isinstance(a, (str, bool)) or isinstance(b, (str, bool)):
+        return type(a) is type(b) and a == b
+    return a == b
 
 
 def check_resumed_hyperparameters(cfg: Config, optimizer: Any, path: str) -> None:
