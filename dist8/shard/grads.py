@@ -75,9 +75,17 @@ class GradBuckets:
         self.pending = [len(members) for _, members in self.buckets]
         self.next_bucket = 0
         self.works: list = []
+        self.marked = [False] * len(self.bucket_of)
+
+    def wait(self) -> None:
+        """Wait for the reductions already launched (none is left writing into a buffer about to change)."""
+        for work in self.works:
+            work.wait()
+        self.works = []
 
     def mark_ready(self, param_index: int) -> None:
         """A parameter's gradient is complete; launch every bucket that is now ready, in order."""
+        self.marked[param_index] = True
         b = self.bucket_of[param_index]
         self.pending[b] -= 1
         while self.next_bucket < len(self.buckets) and self.pending[self.next_bucket] <= 0:
@@ -197,6 +205,12 @@ class Stage2Grads:
                 p.grad = view
             self.presence.backward_hook(index)
             if self.world_size > 1 and not self.accumulating():
+                if self.buckets.marked[index]:  # its bucket may be reduced already: the new gradient would be lost
+                    raise RuntimeError(
+                        f"parameter {self.names[index]} got a second gradient before step(): ShardedOptimizer(stage=2) "
+                        "sums each gradient onto the rank that owns it during backward, so gradients cannot "
+                        "accumulate over several backward passes by themselves; wrap all but the last in "
+                        "`with opt.no_sync():` (as with DDP), or use stage=1")
                 self.buckets.mark_ready(index)
                 self.launch_versions = [g._version for g in self.flat]
 
@@ -249,6 +263,7 @@ class Stage2Grads:
 
     def zero(self, set_to_none: bool) -> None:
         """Zero the buffers in place and give every parameter its view again."""
+        self.buckets.wait()  # after a refused step or backward, reductions may still be writing
         for grads in self.flat:
             grads.zero_()
         self.launch_versions = None
