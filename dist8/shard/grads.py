@@ -111,8 +111,7 @@ class GradBuckets:
         while self.next_bucket < len(self.buckets):
             self._launch(self.next_bucket)
             self.next_bucket += 1
-        for work in self.works:
-            work.wait()
+        self.wait()
         self.reset()
 
 

@@ -70,10 +70,9 @@ def writer_of(path: Path) -> str | None:
     if not (path / _META).is_file():
         return None
     try:
-        meta = json.loads(read_text(path / _META, limit=1 << 26))
-    except (CheckpointError, ValueError, RecursionError):
+        writer = _read_meta(path).get("writer", "torch")  # written before "writer" existed: torch
+    except CheckpointError:
         return None  # unreadable: latest() reports it when it gets there
-    writer = meta.get("writer", "torch") if isinstance(meta, dict) else None  # written before "writer" existed
     return writer if writer in ("dcp", "torch") else None
 
 

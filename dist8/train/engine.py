@@ -26,7 +26,8 @@ from torch import nn
 
 from dist8.train.config import Config, ConfigError, optimizer_class
 
-__all__ = ["Engine", "build_engine", "check_mode_available", "install_gradient_release", "optimizer_state_nbytes"]
+__all__ = ["Engine", "build_engine", "check_mode_available", "install_gradient_release", "optimizer_state_nbytes",
+           "skip_counter"]
 
 
 @dataclass
@@ -56,8 +57,8 @@ class Engine:
             self.step = self.optimizer.step
         if self.zero_grad is None:
             self.zero_grad = lambda: self.optimizer.zero_grad(set_to_none=True)
-        if self.nonfinite_skips is None and hasattr(self.optimizer, "nonfinite_skips"):
-            self.nonfinite_skips = lambda: self.optimizer.nonfinite_skips
+        if self.nonfinite_skips is None:
+            self.nonfinite_skips = skip_counter(self.optimizer)
         if self.clip_grad_norm is None:
             params = [p for p in self.raw_model.parameters() if p.requires_grad]
             self.clip_grad_norm = lambda max_norm: float(
@@ -67,6 +68,11 @@ class Engine:
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+
+
+def skip_counter(optimizer: Any) -> Callable[[], int] | None:
+    """Reads ``optimizer.nonfinite_skips`` (a dist8 optimizer's skipped inf/NaN blocks), or None for one without it."""
+    return (lambda: optimizer.nonfinite_skips) if hasattr(optimizer, "nonfinite_skips") else None
 
 
 def optimizer_state_nbytes(optimizer: Any) -> int:
@@ -255,5 +261,5 @@ def _adapter_deepspeed(cfg: Config, model: nn.Module, opt_cls, opt_args, device)
     return Engine(model=engine, raw_model=engine.module, optimizer=ds_optimizer or optimizer,
                   backward=engine.backward, step=engine.step, zero_grad=lambda: None,
                   clip_grad_norm=clip_fn, owns_accumulation=True,
-                  nonfinite_skips=(lambda: optimizer.nonfinite_skips) if hasattr(optimizer, "nonfinite_skips") else None,
+                  nonfinite_skips=skip_counter(optimizer),  # the dist8 optimizer inside DeepSpeed's wrapper
                   description=f"DeepSpeed x{dist.get_world_size()}")

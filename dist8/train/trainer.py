@@ -292,9 +292,8 @@ def _train(cfg: Config, resume, stop_at, run_name, rank, world, device) -> int:
                     engine.step()
                 engine.zero_grad()
             # One small all-reduce per step: the global mean loss, "anyone got SIGTERM", "anyone saw inf/NaN".
-            shared = torch.tensor([float(stop.requested), nonfinite.flag(grad_norm)], dtype=torch.float64,
-                                  device=device)
-            shared = torch.cat([(loss_sum / t.grad_accum).reshape(1), shared])
+            flags = torch.tensor([float(stop.requested), nonfinite.flag(grad_norm)], dtype=torch.float64, device=device)
+            shared = torch.cat([(loss_sum / t.grad_accum).reshape(1), flags])
             dist.all_reduce(shared)
             step_loss = float(shared[0]) / world
             stop_now = bool(shared[1] > 0)
