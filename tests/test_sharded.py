@@ -516,6 +516,38 @@ def test_stage2_refuses_accumulating_over_backward_passes_without_no_sync(tmp_pa
             assert torch.allclose(a, b, rtol=0, atol=1e-6)  # sums in another order
 
 
+def _stage2_under_ddp(rank, world_size, accumulate):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, lr=1e-2, min_8bit_size=0)  # stage 2: the default
+    wrapped = DDP(model)
+    gen = torch.Generator().manual_seed(rank)
+    try:
+        for micro in range(2 if accumulate else 1):
+            with wrapped.no_sync() if accumulate and micro == 0 else contextlib.nullcontext():
+                wrapped(torch.randn(16, 64, generator=gen)).square().mean().backward()
+        opt.step()
+        refused = None
+    except (ValueError, RuntimeError) as exc:
+        refused = str(exc)
+    return {"refused": refused, "unchanged": all(torch.equal(a, b) for a, b in zip(before, model.parameters()))}
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_stage2_under_ddp_is_refused_naming_ddp(accumulate, tmp_path):
+    """ShardedOptimizer's default stage 2 on a DDP-wrapped model (README: stage=1 under DDP) was refused
+    naming clip_grad_norm_ (DDP's in-place average looked like a change after backward) or no_sync()
+    (DDP's accumulation), neither of which the user called; now the message names DDP and stage=1, on
+    every rank, with nothing stepped."""
+    for r in run_ranks(_stage2_under_ddp, 2, accumulate, tmp_path=tmp_path):
+        assert r["refused"] is not None and r["refused"].startswith(
+            "these parameters' model is wrapped in DistributedDataParallel"), r["refused"]
+        assert "use stage=1 under DDP" in r["refused"] and r["unchanged"]
+
+
 def test_single_process_errors():
     with pytest.raises(RuntimeError, match="not initialised"):
         ShardedOptimizer([torch.nn.Parameter(torch.zeros(4))], process_group=object())

@@ -14,7 +14,28 @@ import torch.distributed as dist
 
 from dist8.shard.flat import FlatBuffer
 
-__all__ = ["GradBuckets", "GradPresence", "Stage2Grads"]
+__all__ = ["GradBuckets", "GradPresence", "Stage2Grads", "ddp_problem"]
+
+
+def ddp_problem(params: Sequence[torch.Tensor]) -> str | None:
+    """The refusal to give when a DistributedDataParallel wrapper holds any of ``params``, else None.
+
+    DDP and stage 2 both reduce the gradients (DDP averages them in place after backward, or sums
+    accumulation passes under its own no_sync()), which stage 2's checks see as gradients changed
+    after backward or a second backward pass: that message would name clipping or no_sync(), not
+    the cause. DDP leaves no mark on the parameters, so the wrappers alive in the process are
+    looked up (on this error path only: a walk over the objects the garbage collector tracks)."""
+    import gc
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    ours = {id(p) for p in params}
+    for obj in gc.get_objects():
+        if isinstance(obj, DistributedDataParallel) and any(id(q) in ours for q in obj.module.parameters()):
+            return ("these parameters' model is wrapped in DistributedDataParallel, which reduces their gradients "
+                    "itself; ShardedOptimizer(stage=2) reduces them during backward too: use stage=1 under DDP "
+                    "(or stage=2 without the DDP wrapper)")
+    return None
 
 
 class GradBuckets:
@@ -205,11 +226,11 @@ class Stage2Grads:
             self.presence.backward_hook(index)
             if self.world_size > 1 and not self.accumulating():
                 if self.buckets.marked[index]:  # its bucket may be reduced already: the new gradient would be lost
-                    raise RuntimeError(
+                    raise RuntimeError(ddp_problem(self.params) or (
                         f"parameter {self.names[index]} got a second gradient before step(): ShardedOptimizer(stage=2) "
                         "sums each gradient onto the rank that owns it during backward, so gradients cannot "
                         "accumulate over several backward passes by themselves; wrap all but the last in "
-                        "`with opt.no_sync():` (as with DDP), or use stage=1")
+                        "`with opt.no_sync():` (as with DDP), or use stage=1"))
                 self.buckets.mark_ready(index)
                 self.launch_versions = [g._version for g in self.flat]
 
@@ -225,7 +246,8 @@ class Stage2Grads:
                "backward reaches only this rank's partial sums")
         fix = "clip with opt.clip_grad_norm(max_norm) (the global norm), scale the loss instead, or use stage=1"
         if self.launch_versions is not None and [g._version for g in self.flat] != self.launch_versions:
-            problem = f"gradients were changed in place after backward (torch.nn.utils.clip_grad_norm_? p.grad.mul_?); {why}: {fix}"
+            problem = ddp_problem(self.params) or (
+                f"gradients were changed in place after backward (torch.nn.utils.clip_grad_norm_? p.grad.mul_?); {why}: {fix}")
         for i, (p, view) in enumerate(zip(self.params, self.views)):
             if p.grad is None:  # model.zero_grad(), or set by hand: no gradient, as torch sees it
                 if not presence.fired[i]:
@@ -233,7 +255,8 @@ class Stage2Grads:
                 presence.has[i] = False
             elif p.grad.data_ptr() != view.data_ptr():  # a gradient assigned to .grad, not accumulated by backward
                 if presence.fired[i] and self.world_size > 1:
-                    problem = problem or f"parameter {self.names[i]}: .grad was replaced after backward; {why}: {fix}"
+                    problem = problem or ddp_problem(self.params) or (
+                        f"parameter {self.names[i]}: .grad was replaced after backward; {why}: {fix}")
                     continue
                 view.copy_(p.grad)
                 p.grad = view
