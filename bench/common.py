@@ -23,6 +23,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cpu_generation(vendor: str, family: int, model: int) -> str | None:
+    """The microarchitecture of an x86 CPU from its cpuid family and model, where it is one this
+    project has measured on or a neighbour of those (a VM's model name, e.g. "AMD EPYC", hides it;
+    the CPU speed line differs by generation: BENCHMARKS.md sections 13-15)."""
+    if vendor == "AuthenticAMD":
+        if family == 23:
+            return "Zen 2" if model >= 0x30 else "Zen/Zen+"
+        if family == 25:
+            return "Zen 4" if 0x10 <= model <= 0x1F or 0x60 <= model <= 0x7F or 0xA0 <= model <= 0xAF else "Zen 3"
+        if family == 26:
+            return "Zen 5"
+    return None
+
+
+def cpuid_line() -> str | None:
+    """"AuthenticAMD family 26 model 2 (Zen 5)" from /proc/cpuinfo, or None where it has no such lines."""
+    fields: dict[str, str] = {}
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("vendor_id", "cpu family", "model") and key not in fields:
+                fields[key] = value.strip()
+            if not line.strip():
+                break  # the first processor's block is enough
+    except OSError:
+        return None
+    try:
+        vendor, family, model = fields["vendor_id"], int(fields["cpu family"]), int(fields["model"])
+    except (KeyError, ValueError):
+        return None
+    generation = cpu_generation(vendor, family, model)
+    return f"{vendor} family {family} model {model}" + (f" ({generation})" if generation else "")
+
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     cpu = platform.processor() or platform.machine()
@@ -36,6 +71,7 @@ def machine() -> dict[str, Any]:
     info = {
         "host": socket.gethostname(),
         "cpu": cpu,
+        "cpuid": cpuid_line(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),

@@ -24,7 +24,7 @@ def _load(prefix: str) -> list[tuple[Path, dict]]:
 
 
 def _machine_line(m: dict) -> str:
-    keys = ("cpu", "gpu", "device", "cores", "threads", "torch", "bitsandbytes", "torchao", "deepspeed", "date", "time",
+    keys = ("cpu", "cpuid", "gpu", "device", "cores", "threads", "torch", "bitsandbytes", "torchao", "deepspeed", "date", "time",
             "load_average")
     return ", ".join(f"{k} {m[k]}" for k in keys if m.get(k) not in (None, ""))
 
@@ -395,7 +395,7 @@ def _plot(f: Path, d: dict, draw: bool = True) -> Path | None:
 
 
 def accuracy_section() -> str:
-    parts = ["## 15. Distance to the fp32 optimizer, side by side (`bench/accuracy.py`)\n",
+    parts = ["## 16. Distance to the fp32 optimizer, side by side (`bench/accuracy.py`)\n",
              "torchao's 8-bit AdamW check (an MLP, Linear(32, 1024), ReLU, Linear(1024, 128), batch 4), run longer and "
              "on more seeds: each 8-bit optimizer and its fp32 reference (torch's, or a lion-pytorch-style Lion) start "
              "from the same weights and see the same batches; the table gives the distance of the parameters to the "

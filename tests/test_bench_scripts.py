@@ -44,3 +44,18 @@ def test_ablation_builds_of_step_phases_compile(tmp_path):
                           "-DDIST8_ABLATE_DECODE", *includes, str(csrc / "cpu" / "blocks_adam_cpu.cpp")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_machine_record_names_the_cpu_generation(monkeypatch):
+    """A VM's model name ("AMD EPYC") hides which CPU ran a benchmark, and the CPU speed line
+    differs by generation, so the record carries cpuid's family and model and, for the CPUs
+    measured so far, the generation's name (BENCHMARKS.md sections 13-16)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import common
+
+    measured = {(23, 49): "Zen 2", (25, 1): "Zen 3", (25, 17): "Zen 4", (26, 2): "Zen 5"}
+    for (family, model), name in measured.items():
+        assert common.cpu_generation("AuthenticAMD", family, model) == name
+    assert common.cpu_generation("GenuineIntel", 6, 143) is None
+    line = common.machine()["cpuid"]
+    assert line is None or " family " in line
