@@ -168,6 +168,105 @@ def _opt(trainer):
     return getattr(opt, "optimizer", opt)
 
 
+def _release_trainer(out_dir, callback=True, **args_extra):
+    """A bf16 + 24-bit-master tiny GPT-2 under the Trainer, with GradientReleaseCallback (or without
+    it: the normal step), one epoch-free 6-step run saving at step 3."""
+    from transformers import Trainer
+
+    from dist8.integrations.hf_trainer import GradientReleaseCallback
+
+    args_extra.setdefault("max_grad_norm", 0)
+    args = _training_args(out_dir, 6, use_cpu=True, lr_scheduler_type="linear", warmup_steps=2, **args_extra)
+    model = dist8.cast_model(_tiny_gpt2(), torch.bfloat16)
+    kwargs = {"lr": 3e-3, "min_8bit_size": 1024, "master_weight_bits": 24}
+    return Trainer(model=model, args=args, train_dataset=_Tokens(), optimizer_cls_and_kwargs=(dist8.AdamW8bit, kwargs),
+                   callbacks=[GradientReleaseCallback()] * callback + [_GradsBeforeStep()])
+
+
+class _GradsBeforeStep:
+    """Records, right before each optimizer step, how many parameters still hold a gradient
+    (under gradient release: none, each was stepped and freed inside backward)."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class Recorder(TrainerCallback):
+            def __init__(self):
+                self.counts = []
+
+            def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+                self.counts.append(sum(p.grad is not None for p in model.parameters()))
+
+        return Recorder()
+
+
+def test_hf_trainer_gradient_release_callback_is_the_normal_step_and_resumes_bitwise(tmp_path, recwarn):
+    """GradientReleaseCallback: the Trainer's run with gradient release (bf16 + 24-bit masters, FlashOptim's
+    5-bytes-per-parameter setting) is bitwise the run without it, a resumed run is bitwise the whole run,
+    torch's LR scheduler does not warn that optimizer.step was overridden, and the optimizer steps normally
+    again after train()."""
+    pytest.importorskip("transformers", reason="transformers is in the [test] extras")
+    normal = _release_trainer(tmp_path / "normal", callback=False)
+    normal.train()
+    released = _release_trainer(tmp_path / "released")
+    released.train()
+    assert not any("overridden" in str(w.message) for w in recwarn), [str(w.message) for w in recwarn]
+    resumed = _release_trainer(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "released" / "checkpoint-3"))
+    for (n, a), b, c in zip(normal.model.named_parameters(), released.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b) and torch.equal(a, c), n
+    grads_at_step = {name: next(c.counts for c in t.callback_handler.callbacks if hasattr(c, "counts")) for name, t in
+                     (("normal", normal), ("released", released), ("resumed", resumed))}
+    assert grads_at_step == {"normal": [len(list(normal.model.parameters()))] * 6, "released": [0] * 6,
+                             "resumed": [0] * 3}, grads_at_step
+    opt = _opt(released)
+    assert "step" not in opt.__dict__ or getattr(opt.step, "__func__", None) is not None
+    p = next(released.model.parameters())
+    p.grad = torch.ones_like(p)
+    before = p.detach().clone()
+    opt.step()  # released no more: a normal step
+    assert not torch.equal(before, p.detach())
+
+
+@pytest.mark.parametrize("setting, match", [
+    ({"max_grad_norm": 1.0}, r"^GradientReleaseCallback needs TrainingArguments\(max_grad_norm=0\), got 1.0: "),
+    ({"gradient_accumulation_steps": 2}, r"^GradientReleaseCallback needs TrainingArguments\(gradient_accumulation_steps=1\)"),
+])
+def test_hf_trainer_gradient_release_callback_refuses_settings_that_cannot_work(tmp_path, setting, match):
+    """The Trainer's default max_grad_norm=1.0 under gradient release clipped nothing and logged grad_norm 0
+    (every gradient is stepped and freed inside backward), silently; accumulation was refused only at the
+    second backward. Both are refused when training starts, before any step."""
+    pytest.importorskip("transformers", reason="transformers is in the [test] extras")
+    trainer = _release_trainer(tmp_path, **setting)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.raises(ValueError, match=match):
+        trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_hf_trainer_gradient_release_callback_refuses_ddp():
+    """On several ranks the Trainer gives callbacks the unwrapped model; without FSDP2 that is DDP, whose
+    averaging comes after the release hooks have stepped each rank's local gradient. Refused before
+    anything is hooked (the Trainer's arguments stood in for: the check reads three of them)."""
+    pytest.importorskip("transformers", reason="transformers is in the [test] extras")
+    from types import SimpleNamespace
+
+    from dist8.integrations.hf_trainer import GradientReleaseCallback
+
+    model = nn.Linear(8, 8)
+    opt = dist8.AdamW8bit(model.parameters())
+    args = SimpleNamespace(max_grad_norm=0.0, gradient_accumulation_steps=1, world_size=2)
+    with pytest.raises(ValueError, match=r"^GradientReleaseCallback on 2 ranks needs an FSDP2 model: under DDP"):
+        GradientReleaseCallback().on_train_begin(args, None, None, model=model, optimizer=opt)
+    assert "step" not in opt.__dict__  # nothing hooked
+    args.world_size = 1
+    callback = GradientReleaseCallback()
+    callback.on_train_begin(args, None, None, model=model, optimizer=opt)
+    assert "step" in opt.__dict__
+    callback.on_train_end(args, None, None)
+    assert "step" not in opt.__dict__
+
+
 # ---- HF Trainer with a DeepSpeed config that names dist8 ---------------------------------------------
 def _hf_deepspeed_run(rank, world, out_dir, stage):
     """Train 6 steps saving at 3, then resume from step 3 in a new Trainer; DeepSpeed builds the

@@ -79,6 +79,7 @@ PYTHON_FRAGMENTS = {
     "fsdp.fully_shard": "tests/test_fsdp.py, tests/test_tensor_parallel.py, tests/test_checkpoint_fsdp.py",
     "d8ds.initialize": "tests/test_deepspeed.py",
     "transformers.Trainer(": "tests/test_clients.py::test_hf_trainer_save_and_resume_bitwise",
+    "GradientReleaseCallback": "tests/test_clients.py::test_hf_trainer_gradient_release_callback_is_the_normal_step_and_resumes_bitwise",
     '"type": "dist8.AdamW8bit"': "tests/test_clients.py::test_hf_trainer_with_a_deepspeed_config_naming_dist8_resumes_exactly",
     "GlobalOptimManager": "tests/test_bnb_parity.py",
     "accelerator.prepare(": "tests/test_clients.py::test_accelerate_fsdp2_optimizer_built_before_sharding",

@@ -9,6 +9,15 @@ Trainer's own ``state_dict()`` call finds it ready::
     trainer = Trainer(..., optimizer_cls_and_kwargs=(dist8.ShardedOptimizer, {
                           "optimizer_class": dist8.AdamW8bit, "stage": 1, "full_state_dict": True, "lr": 3e-4}),
                       callbacks=[ShardedStateDictCallback()])
+
+and gradient release (:func:`dist8.gradient_release`) under the Trainer:
+:class:`GradientReleaseCallback` installs it when training starts and removes it when training
+ends, after refusing the Trainer settings that cannot work with it (its global gradient clipping,
+on by default, would see no gradients and clip nothing; gradient accumulation; DDP)::
+
+    trainer = Trainer(..., args=TrainingArguments(..., max_grad_norm=0),
+                      optimizer_cls_and_kwargs=(dist8.AdamW8bit, {"lr": 3e-4}),
+                      callbacks=[GradientReleaseCallback(max_grad_norm_per_param=1.0)])
 """
 from __future__ import annotations
 
@@ -16,9 +25,10 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from dist8.optim.release import GradientRelease, gradient_release
 from dist8.shard import ShardedOptimizer
 
-__all__ = ["ShardedStateDictCallback"]
+__all__ = ["GradientReleaseCallback", "ShardedStateDictCallback"]
 
 
 def _sharded(optimizer: Any) -> ShardedOptimizer | None:
@@ -48,4 +58,60 @@ class ShardedStateDictCallback(TrainerCallback):
         opt = _sharded(optimizer)
         if opt is not None and opt.full_state_dict and control.should_save:
             opt.prepare_full_state_dict()  # collective, on every rank; rank 0's save then reads it
+        return control
+
+
+class GradientReleaseCallback(TrainerCallback):
+    """Runs the Trainer's training with :func:`dist8.gradient_release`: each parameter steps inside
+    backward and its gradient is freed at once (bytes per parameter: README, "Fewer bytes per parameter").
+
+    Args:
+        max_grad_norm_per_param: clip each parameter's gradient to this L2 norm before its step (the
+            per-parameter stand-in for the Trainer's global clipping, which has to be off). Default None.
+        weight_grad_chunk: elements per chunk of the Linear/Embedding weight gradients
+            (:func:`dist8.gradient_release`). Default None (whole gradients).
+
+    At the start of training (before any step) it refuses, with a ValueError naming the setting:
+    ``TrainingArguments.max_grad_norm`` > 0 (the Trainer's default is 1.0: its clipping runs after
+    backward, when every gradient has been stepped and freed, so it would clip nothing and log
+    ``grad_norm`` 0), ``gradient_accumulation_steps`` > 1 (each backward is a step), and several
+    ranks without FSDP2 (DDP averages gradients after the hooks have stepped with the local ones);
+    :func:`dist8.gradient_release` refuses an optimizer that is not a dist8 optimizer. The release is
+    removed when training ends (and replaced if ``train()`` is called again), so the optimizer steps
+    normally outside ``trainer.train()``.
+    """
+
+    def __init__(self, max_grad_norm_per_param: float | None = None, weight_grad_chunk: int | None = None) -> None:
+        self.max_grad_norm_per_param = max_grad_norm_per_param
+        self.weight_grad_chunk = weight_grad_chunk
+        self.handle: GradientRelease | None = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.handle is not None:  # a train() that raised never reached on_train_end
+            self.handle.remove()
+            self.handle = None
+        if args.max_grad_norm:
+            raise ValueError(
+                f"GradientReleaseCallback needs TrainingArguments(max_grad_norm=0), got {args.max_grad_norm}: the "
+                "Trainer clips after backward, when gradient release has stepped and freed every gradient, so it "
+                "would clip nothing (and log grad_norm 0); clip per parameter with "
+                "GradientReleaseCallback(max_grad_norm_per_param=...)")
+        if args.gradient_accumulation_steps > 1:
+            raise ValueError(
+                f"GradientReleaseCallback needs TrainingArguments(gradient_accumulation_steps=1), got "
+                f"{args.gradient_accumulation_steps}: with gradient release each backward pass is an optimizer step")
+        params = [p for p in model.parameters()]
+        if args.world_size > 1 and not any(type(p).__name__ == "DTensor" for p in params):
+            raise ValueError(
+                f"GradientReleaseCallback on {args.world_size} ranks needs an FSDP2 model: under DDP the release "
+                "hooks would step with each rank's local gradient before DDP averages it")
+        self.handle = gradient_release(model, getattr(optimizer, "optimizer", optimizer),
+                                       max_grad_norm_per_param=self.max_grad_norm_per_param,
+                                       weight_grad_chunk=self.weight_grad_chunk)
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
         return control
