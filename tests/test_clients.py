@@ -231,11 +231,13 @@ def test_hf_trainer_gradient_release_callback_is_the_normal_step_and_resumes_bit
 @pytest.mark.parametrize("setting, match", [
     ({"max_grad_norm": 1.0}, r"^GradientReleaseCallback needs TrainingArguments\(max_grad_norm=0\), got 1.0: "),
     ({"gradient_accumulation_steps": 2}, r"^GradientReleaseCallback needs TrainingArguments\(gradient_accumulation_steps=1\)"),
+    ({"fp16": True}, r"^GradientReleaseCallback does not support TrainingArguments\(fp16=True\)"),
 ])
 def test_hf_trainer_gradient_release_callback_refuses_settings_that_cannot_work(tmp_path, setting, match):
     """The Trainer's default max_grad_norm=1.0 under gradient release clipped nothing and logged grad_norm 0
     (every gradient is stepped and freed inside backward), silently; accumulation was refused only at the
-    second backward. Both are refused when training starts, before any step."""
+    second backward, fp16's GradScaler only at the first step, after the hooks had stepped with scaled
+    gradients. Each is refused when training starts, before any step."""
     pytest.importorskip("transformers", reason="transformers is in the [test] extras")
     trainer = _release_trainer(tmp_path, **setting)
     before = [p.detach().clone() for p in trainer.model.parameters()]
@@ -247,7 +249,7 @@ def test_hf_trainer_gradient_release_callback_refuses_settings_that_cannot_work(
 def test_hf_trainer_gradient_release_callback_refuses_ddp():
     """On several ranks the Trainer gives callbacks the unwrapped model; without FSDP2 that is DDP, whose
     averaging comes after the release hooks have stepped each rank's local gradient. Refused before
-    anything is hooked (the Trainer's arguments stood in for: the check reads three of them)."""
+    anything is hooked (the Trainer's arguments stood in for: the checks read four of them)."""
     pytest.importorskip("transformers", reason="transformers is in the [test] extras")
     from types import SimpleNamespace
 
@@ -255,7 +257,7 @@ def test_hf_trainer_gradient_release_callback_refuses_ddp():
 
     model = nn.Linear(8, 8)
     opt = dist8.AdamW8bit(model.parameters())
-    args = SimpleNamespace(max_grad_norm=0.0, gradient_accumulation_steps=1, world_size=2)
+    args = SimpleNamespace(max_grad_norm=0.0, gradient_accumulation_steps=1, world_size=2, fp16=False)
     with pytest.raises(ValueError, match=r"^GradientReleaseCallback on 2 ranks needs an FSDP2 model: under DDP"):
         GradientReleaseCallback().on_train_begin(args, None, None, model=model, optimizer=opt)
     assert "step" not in opt.__dict__  # nothing hooked

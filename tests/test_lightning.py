@@ -309,3 +309,67 @@ def test_ddp_with_sharded_optimizer_resumes_from_rank_0s_checkpoint(tmp_path):
         assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
     (single,) = run_ranks(_lightning_ddp_zero, 1, ckpt_dir, ckpt, tmp_path=tmp_path)
     assert len(single["losses"]) == 3
+
+
+class _Grads(L.Callback):
+    """How many parameters hold a gradient right before each optimizer step (under gradient release: none)."""
+
+    def __init__(self):
+        self.counts = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.counts.append(sum(p.grad is not None for p in pl_module.parameters()))
+
+
+def test_gradient_release_callback_is_the_normal_step_and_resumes_bitwise(tmp_path, recwarn):
+    """``GradientReleaseCallback``: fit() with gradient release is bitwise fit() without it (LR scheduler
+    included, no warning that optimizer.step was overridden), a run resumed from its ModelCheckpoint is
+    bitwise the whole run, and the optimizer steps normally after fit()."""
+    from dist8.integrations.lightning import GradientReleaseCallback
+
+    normal, grads = _Module(), _Grads()
+    _trainer(6, callbacks=[grads]).fit(normal, _data())
+    released, release, grads_released = _Module(), GradientReleaseCallback(), _Grads()
+    _trainer(6, callbacks=[release, grads_released, ModelCheckpoint(tmp_path, every_n_epochs=1, save_top_k=-1)],
+             enable_checkpointing=True).fit(released, _data())
+    assert not any("overridden" in str(w.message) for w in recwarn), [str(w.message) for w in recwarn]
+    resumed, grads_resumed = _Module(), _Grads()
+    _trainer(6, callbacks=[GradientReleaseCallback(), grads_resumed]).fit(
+        resumed, _data(), ckpt_path=tmp_path / "epoch=2-step=3.ckpt")
+    assert released.losses == normal.losses and resumed.losses == normal.losses[3:]
+    for a, b, c in zip(normal.parameters(), released.parameters(), resumed.parameters()):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert (grads.counts, grads_released.counts, grads_resumed.counts) == ([4] * 6, [0] * 6, [0] * 3)
+    assert release.handle is None
+    opt = released.trainer.optimizers[0]
+    before = [p.detach().clone() for p in released.parameters()]
+    for p in released.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()  # released no more
+    assert not any(torch.equal(a, b) for a, b in zip(before, released.parameters()))
+
+
+@pytest.mark.parametrize("setting, match", [
+    ({"gradient_clip_val": 1.0}, r"^GradientReleaseCallback needs Trainer\(gradient_clip_val=None\), got 1.0: "),
+    ({"accumulate_grad_batches": 2}, r"^GradientReleaseCallback needs Trainer\(accumulate_grad_batches=1\), got 2"),
+    ({"plugins": "fp16 scaler"}, r"^GradientReleaseCallback does not support Trainer\(precision='16-mixed'\)"),
+])
+def test_gradient_release_callback_refuses_settings_that_cannot_work(setting, match):
+    """``gradient_clip_val`` under gradient release clipped nothing, silently (the run was bitwise the run
+    without clipping: every gradient is stepped and freed inside backward); accumulation and the fp16
+    scaler fail later or not at all. Each is refused when fitting starts, before any step, and the
+    optimizer is left unreleased."""
+    from dist8.integrations.lightning import GradientReleaseCallback
+
+    if setting.get("plugins") == "fp16 scaler":  # on CPU Lightning turns precision="16-mixed" into bf16
+        setting = {"plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=SCALE))]}
+    module, release = _Module(), GradientReleaseCallback()
+    before = [p.detach().clone() for p in module.parameters()]
+    with pytest.raises(ValueError, match=match):
+        _trainer(2, callbacks=[release], **setting).fit(module, _data())
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
+    assert release.handle is None
+    for p in module.parameters():
+        p.grad = torch.ones_like(p)
+    module.trainer.optimizers[0].step()  # not released: a normal step
+    assert not any(torch.equal(a, b) for a, b in zip(before, module.parameters()))

@@ -13,7 +13,7 @@ Trainer's own ``state_dict()`` call finds it ready::
 and gradient release (:func:`dist8.gradient_release`) under the Trainer:
 :class:`GradientReleaseCallback` installs it when training starts and removes it when training
 ends, after refusing the Trainer settings that cannot work with it (its global gradient clipping,
-on by default, would see no gradients and clip nothing; gradient accumulation; DDP)::
+on by default, would see no gradients and clip nothing; gradient accumulation; fp16's GradScaler; DDP)::
 
     trainer = Trainer(..., args=TrainingArguments(..., max_grad_norm=0),
                       optimizer_cls_and_kwargs=(dist8.AdamW8bit, {"lr": 3e-4}),
@@ -74,7 +74,8 @@ class GradientReleaseCallback(TrainerCallback):
     At the start of training (before any step) it refuses, with a ValueError naming the setting:
     ``TrainingArguments.max_grad_norm`` > 0 (the Trainer's default is 1.0: its clipping runs after
     backward, when every gradient has been stepped and freed, so it would clip nothing and log
-    ``grad_norm`` 0), ``gradient_accumulation_steps`` > 1 (each backward is a step), and several
+    ``grad_norm`` 0), ``gradient_accumulation_steps`` > 1 (each backward is a step), ``fp16=True`` (its
+    GradScaler would check gradients already stepped with; ``bf16=True`` works), and several
     ranks without FSDP2 (DDP averages gradients after the hooks have stepped with the local ones);
     :func:`dist8.gradient_release` refuses an optimizer that is not a dist8 optimizer. The release is
     removed when training ends (and replaced if ``train()`` is called again), so the optimizer steps
@@ -100,6 +101,10 @@ class GradientReleaseCallback(TrainerCallback):
             raise ValueError(
                 f"GradientReleaseCallback needs TrainingArguments(gradient_accumulation_steps=1), got "
                 f"{args.gradient_accumulation_steps}: with gradient release each backward pass is an optimizer step")
+        if getattr(args, "fp16", False):
+            raise ValueError(
+                "GradientReleaseCallback does not support TrainingArguments(fp16=True): its GradScaler checks the "
+                "gradients after the release hooks have stepped with them; use bf16=True")
         params = [p for p in model.parameters()]
         if args.world_size > 1 and not any(type(p).__name__ == "DTensor" for p in params):
             raise ValueError(

@@ -45,8 +45,8 @@ What is refused, and why:
   that is never called itself (only its submodules) is not counted, and the refusal then
   comes from ``optimizer.step()``. The default ``use_reentrant=False`` accumulates first and is exact.
 * Optimizer step hooks (``register_step_pre_hook``/``post_hook``) do not run while active.
-  LR schedulers work (they change ``param_groups``, which each hook reads); create them after
-  ``gradient_release`` to avoid torch's warning that ``optimizer.step`` was overridden.
+  LR schedulers work (they change ``param_groups``, which each hook reads), made before or after
+  ``gradient_release`` (no warning that ``optimizer.step`` was overridden either way).
 * A global ``torch.nn.utils.clip_grad_norm_`` over all parameters: it runs
   after backward, when every gradient is already released (it sees none and
   returns 0). This cannot be detected from here. Use ``max_grad_norm_per_param``
@@ -122,6 +122,8 @@ class GradientRelease:
         # Bound to the optimizer (not to this handle): torch's LR schedulers re-bind ``step.__func__``
         # to the optimizer when they wrap it.
         opt.step = types.MethodType(_released_step, opt)
+        if getattr(self._saved_methods.get("step"), "_wrapped_by_lr_sched", False):
+            opt.step = _as_scheduler_wrapped(opt)
         opt.zero_grad = types.MethodType(_released_zero_grad, opt)
         setattr(opt, _ACTIVE_ATTR, self)
         self._hooks.append(self.model.register_forward_pre_hook(_forward_counter(self)))
@@ -249,6 +251,24 @@ def _count_forward(token: int, module: torch.nn.Module, args: Any) -> None:  # n
 
 def _released_step(opt: Optimizer8bit, closure: Any = None) -> Any:
     return getattr(opt, _ACTIVE_ATTR).released_step(closure)
+
+
+def _as_scheduler_wrapped(opt: Optimizer8bit) -> Any:
+    """The released step as torch's LR schedulers wrap ``optimizer.step``, for a release installed
+    after a scheduler was made (HF Trainer and Lightning make theirs before any callback runs).
+
+    A scheduler marks the step it wraps (``_wrapped_by_lr_sched``) and the wrapper records each call
+    on the optimizer (``_opt_called``); at its first ``step()`` it warns that ``optimizer.step`` "has
+    been overridden" when the mark is gone, or was not called first. Both are torch's private names;
+    were they to change, the cost is that warning, nothing else."""
+    released = types.MethodType(_released_step, opt)
+
+    def step(closure: Any = None) -> Any:
+        opt._opt_called = True  # type: ignore[attr-defined]
+        return released(closure)
+
+    step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    return step
 
 
 def _released_zero_grad(opt: Optimizer8bit, set_to_none: bool = True) -> None:
