@@ -31,7 +31,8 @@ def ddp_problem(params: Sequence[torch.Tensor]) -> str | None:
 
     ours = {id(p) for p in params}
     for obj in gc.get_objects():
-        if isinstance(obj, DistributedDataParallel) and any(id(q) in ours for q in obj.module.parameters()):
+        # type(), not isinstance(): isinstance may ask obj.__class__, which proxies answer with code
+        if issubclass(type(obj), DistributedDataParallel) and any(id(q) in ours for q in obj.module.parameters()):
             return ("these parameters' model is wrapped in DistributedDataParallel, which reduces their gradients "
                     "itself; ShardedOptimizer(stage=2) reduces them during backward too: use stage=1 under DDP "
                     "(or stage=2 without the DDP wrapper)")
