@@ -25,7 +25,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from dist8.optim.release import GradientRelease, gradient_release
+from dist8.integrations.trainer_release import ReleaseDuringTraining
+from dist8.optim.release import GradientRelease
 from dist8.shard import ShardedOptimizer
 
 __all__ = ["GradientReleaseCallback", "ShardedStateDictCallback"]
@@ -83,40 +84,22 @@ class GradientReleaseCallback(TrainerCallback):
     """
 
     def __init__(self, max_grad_norm_per_param: float | None = None, weight_grad_chunk: int | None = None) -> None:
-        self.max_grad_norm_per_param = max_grad_norm_per_param
-        self.weight_grad_chunk = weight_grad_chunk
-        self.handle: GradientRelease | None = None
+        self.release = ReleaseDuringTraining(max_grad_norm_per_param, weight_grad_chunk)
+
+    @property
+    def handle(self) -> GradientRelease | None:
+        """The active :class:`dist8.GradientRelease` during training, else None."""
+        return self.release.handle
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if self.handle is not None:  # a train() that raised never reached on_train_end
-            self.handle.remove()
-            self.handle = None
-        if args.max_grad_norm:
-            raise ValueError(
-                f"GradientReleaseCallback needs TrainingArguments(max_grad_norm=0), got {args.max_grad_norm}: the "
-                "Trainer clips after backward, when gradient release has stepped and freed every gradient, so it "
-                "would clip nothing (and log grad_norm 0); clip per parameter with "
-                "GradientReleaseCallback(max_grad_norm_per_param=...)")
-        if args.gradient_accumulation_steps > 1:
-            raise ValueError(
-                f"GradientReleaseCallback needs TrainingArguments(gradient_accumulation_steps=1), got "
-                f"{args.gradient_accumulation_steps}: with gradient release each backward pass is an optimizer step")
-        if getattr(args, "fp16", False):
-            raise ValueError(
-                "GradientReleaseCallback does not support TrainingArguments(fp16=True): its GradScaler checks the "
-                "gradients after the release hooks have stepped with them; use bf16=True")
-        params = [p for p in model.parameters()]
-        if args.world_size > 1 and not any(type(p).__name__ == "DTensor" for p in params):
-            raise ValueError(
-                f"GradientReleaseCallback on {args.world_size} ranks needs an FSDP2 model: under DDP the release "
-                "hooks would step with each rank's local gradient before DDP averages it")
-        self.handle = gradient_release(model, getattr(optimizer, "optimizer", optimizer),
-                                       max_grad_norm_per_param=self.max_grad_norm_per_param,
-                                       weight_grad_chunk=self.weight_grad_chunk)
+        self.release.start(model, getattr(optimizer, "optimizer", optimizer),
+                           clip=("TrainingArguments(max_grad_norm=0)", args.max_grad_norm),
+                           accumulation=("TrainingArguments(gradient_accumulation_steps=1)",
+                                         args.gradient_accumulation_steps),
+                           fp16_scaler=("TrainingArguments(fp16=True)", "bf16=True") if args.fp16 else None,
+                           world_size=args.world_size)
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.handle is not None:
-            self.handle.remove()
-            self.handle = None
+        self.release.stop()
         return control

@@ -15,7 +15,8 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
-from dist8.optim.release import GradientRelease, gradient_release
+from dist8.integrations.trainer_release import ReleaseDuringTraining
+from dist8.optim.release import GradientRelease
 
 __all__ = ["GradientReleaseCallback"]
 
@@ -41,44 +42,28 @@ class GradientReleaseCallback(Callback):
     """
 
     def __init__(self, max_grad_norm_per_param: float | None = None, weight_grad_chunk: int | None = None) -> None:
-        self.max_grad_norm_per_param = max_grad_norm_per_param
-        self.weight_grad_chunk = weight_grad_chunk
-        self.handle: GradientRelease | None = None
+        self.release = ReleaseDuringTraining(max_grad_norm_per_param, weight_grad_chunk)
+
+    @property
+    def handle(self) -> GradientRelease | None:
+        """The active :class:`dist8.GradientRelease` during ``fit()``, else None."""
+        return self.release.handle
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        self._remove()  # a fit() that failed before on_exception could run
-        if trainer.gradient_clip_val:
-            raise ValueError(
-                f"GradientReleaseCallback needs Trainer(gradient_clip_val=None), got {trainer.gradient_clip_val}: "
-                "Lightning clips after backward, when gradient release has stepped and freed every gradient, so it "
-                "would clip nothing; clip per parameter with GradientReleaseCallback(max_grad_norm_per_param=...)")
-        if trainer.accumulate_grad_batches > 1:
-            raise ValueError(
-                f"GradientReleaseCallback needs Trainer(accumulate_grad_batches=1), got "
-                f"{trainer.accumulate_grad_batches}: with gradient release each backward pass is an optimizer step")
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
-            raise ValueError(
-                f"GradientReleaseCallback does not support Trainer(precision={trainer.precision!r}): its GradScaler "
-                "checks the gradients after the release hooks have stepped with them; use precision='bf16-mixed'")
         if len(trainer.optimizers) != 1:
             raise ValueError(
                 f"GradientReleaseCallback needs configure_optimizers to return one dist8 optimizer, got "
                 f"{len(trainer.optimizers)} optimizers")
-        if trainer.world_size > 1 and not any(type(p).__name__ == "DTensor" for p in pl_module.parameters()):
-            raise ValueError(
-                f"GradientReleaseCallback on {trainer.world_size} ranks needs an FSDP2 model (ModelParallelStrategy): "
-                "under DDP the release hooks would step with each rank's local gradient before DDP averages it")
-        self.handle = gradient_release(pl_module, trainer.optimizers[0],
-                                       max_grad_norm_per_param=self.max_grad_norm_per_param,
-                                       weight_grad_chunk=self.weight_grad_chunk)
+        scaler = getattr(trainer.precision_plugin, "scaler", None) is not None
+        self.release.start(pl_module, trainer.optimizers[0],
+                           clip=("Trainer(gradient_clip_val=None)", trainer.gradient_clip_val),
+                           accumulation=("Trainer(accumulate_grad_batches=1)", trainer.accumulate_grad_batches),
+                           fp16_scaler=(f"Trainer(precision={trainer.precision!r})", "precision='bf16-mixed'")
+                           if scaler else None,
+                           world_size=trainer.world_size)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        self._remove()
+        self.release.stop()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._remove()
-
-    def _remove(self) -> None:
-        if self.handle is not None:
-            self.handle.remove()
-            self.handle = None
+        self.release.stop()
