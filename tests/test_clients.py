@@ -382,6 +382,37 @@ def test_accelerate_sees_grad_scaler_skips_as_with_torch_adamw():
     assert reports["dist8 scaler"] == reports["torch"] == [(False, True), (True, False), (False, True)]
 
 
+def test_accelerate_prepared_optimizer_takes_gradient_release():
+    """``dist8.gradient_release(model, opt)`` with the optimizer ``accelerator.prepare`` returned (an
+    AcceleratedOptimizer) was refused ("needs a dist8 optimizer"); the release now goes on the wrapped
+    optimizer, and the loop accelerate's users write (``accelerator.backward``, ``opt.step()``,
+    ``opt.zero_grad()``) is bitwise the normal step."""
+    pytest.importorskip("accelerate", reason="accelerate is in the [test] extras")
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    def run(release):
+        accelerator = Accelerator(cpu=True)
+        try:
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+            model, opt = accelerator.prepare(model, dist8.AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=0))
+            handle = dist8.gradient_release(model, opt) if release else None
+            gen = torch.Generator().manual_seed(1)
+            for _ in range(3):
+                accelerator.backward(model(torch.randn(8, 64, generator=gen)).square().mean())
+                opt.step()
+                opt.zero_grad()
+            if handle is not None:
+                assert handle.steps == 3 * 4 and opt.optimizer.state[model[0].weight]["step"] == 3
+            return [p.detach().clone() for p in model.parameters()]
+        finally:
+            AcceleratorState._reset_state()
+
+    for a, b in zip(run(False), run(True)):
+        assert torch.equal(a, b)
+
+
 def _scaler_skip_reports(AcceleratedOptimizer):
     """(step_was_skipped, parameters moved) for three steps, the second with a NaN gradient."""
     reports = {}

@@ -283,7 +283,10 @@ def gradient_release(
 
     Args:
         model: the module whose parameters ``optimizer`` updates (plain or FSDP2 ``fully_shard``).
-        optimizer: a dist8 optimizer (:class:`dist8.optim.Optimizer8bit`) over the model's parameters.
+        optimizer: a dist8 optimizer (:class:`dist8.optim.Optimizer8bit`) over the model's parameters,
+            or a client's wrapper of one that keeps it as ``.optimizer`` (accelerate's
+            ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``): the release goes on the
+            wrapped optimizer, whose no-op ``step()`` the wrapper's calls.
         max_grad_norm_per_param: if set, clip each parameter's gradient to this L2 norm
             before its step (the per-parameter replacement of a global
             ``clip_grad_norm_``, which gradient release cannot support). Default None (off).
@@ -305,6 +308,9 @@ def gradient_release(
     already steps, a parameter of the optimizer that is not in the model, a parameter
     that still holds a gradient, a bad clip value.
     """
+    inner = getattr(optimizer, "optimizer", None)  # a client's wrapper (accelerate's AcceleratedOptimizer, ...)
+    if not isinstance(optimizer, Optimizer8bit) and isinstance(inner, torch.optim.Optimizer):
+        optimizer = inner  # its step() calls the wrapped optimizer's, which the release makes a no-op
     if type(optimizer).__name__ == "ShardedOptimizer":
         raise TypeError(
             "gradient_release does not support dist8.ShardedOptimizer: stage 2 keeps a flat gradient buffer of the "
