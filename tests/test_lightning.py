@@ -373,3 +373,39 @@ def test_gradient_release_callback_refuses_settings_that_cannot_work(setting, ma
         p.grad = torch.ones_like(p)
     module.trainer.optimizers[0].step()  # not released: a normal step
     assert not any(torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+def _release_under_strategies(rank, world_size):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from dist8.integrations.lightning import GradientReleaseCallback
+
+    _as_torchrun_rank(rank, world_size)
+    out = {}
+    for name, release in (("normal", False), ("released", True)):
+        module, grads = _ShardedModule(), _Grads()
+        callbacks = [grads] + ([GradientReleaseCallback()] if release else [])
+        _trainer(4, devices=world_size, strategy=ModelParallelStrategy(data_parallel_size=world_size, tensor_parallel_size=1),
+                 callbacks=callbacks).fit(module, _data())
+        out[name] = {"losses": module.losses, "grads": grads.counts,
+                     "params": {n: p.full_tensor() for n, p in module.net.named_parameters()}}
+    try:
+        _trainer(2, devices=world_size, strategy="ddp", callbacks=[GradientReleaseCallback()]).fit(_Module(), _data())
+        out["ddp"] = None
+    except ValueError as exc:
+        out["ddp"] = str(exc)
+    return out
+
+
+def test_gradient_release_callback_under_fsdp2_and_refused_under_ddp(tmp_path):
+    """The release callback on ModelParallelStrategy (FSDP2, 2 gloo ranks: the sharded 5-bytes-per-parameter
+    setting) steps each local shard inside backward and is bitwise the normal FSDP2 run; under Lightning's
+    DDP strategy it is refused when fitting starts, naming FSDP2."""
+    from dist_utils import run_ranks
+
+    for r in run_ranks(_release_under_strategies, 2, tmp_path=tmp_path):
+        assert r["released"]["losses"] == r["normal"]["losses"]
+        for n, p in r["normal"]["params"].items():
+            assert torch.equal(p, r["released"]["params"][n]), n
+        assert r["released"]["grads"] == [0] * 4 and all(c > 0 for c in r["normal"]["grads"])
+        assert r["ddp"] is not None and r["ddp"].startswith("GradientReleaseCallback on 2 ranks needs an FSDP2 model")
