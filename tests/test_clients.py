@@ -246,6 +246,43 @@ def test_hf_trainer_gradient_release_callback_refuses_settings_that_cannot_work(
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
 
 
+def test_hf_trainer_llama_with_chunked_weight_gradients_is_the_normal_step(tmp_path):
+    """``GradientReleaseCallback(weight_grad_chunk=...)`` on a tiny Llama (grouped-query attention, rotary
+    embeddings, gated MLP, untied head; bf16 + 24-bit masters): every nn.Linear and the embedding compute
+    their weight gradients in chunks stepped inside backward, and the Trainer's run is bitwise its run
+    with the normal step."""
+    pytest.importorskip("transformers", reason="transformers is in the [test] extras")
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback
+
+    from dist8.integrations.hf_trainer import GradientReleaseCallback
+
+    class Chunked(TrainerCallback):  # what the release chunked, read while it is installed
+        def __init__(self, release):
+            self.release, self.seen = release, None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            chunks = self.release.handle.chunks
+            self.seen = self.seen or (len(chunks.chunked), dict(chunks.unchunked))
+
+    def run(callbacks):
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+        model = dist8.cast_model(LlamaForCausalLM(cfg), torch.bfloat16)
+        kwargs = {"lr": 3e-3, "min_8bit_size": 1024, "master_weight_bits": 24}
+        trainer = Trainer(model=model, args=_training_args(tmp_path / str(len(callbacks)), 4, use_cpu=True, max_grad_norm=0),
+                          train_dataset=_Tokens(), optimizer_cls_and_kwargs=(dist8.AdamW8bit, kwargs), callbacks=callbacks)
+        trainer.train()
+        return [p.detach().clone() for p in trainer.model.parameters()]
+
+    release = GradientReleaseCallback(weight_grad_chunk=2048)
+    seen = Chunked(release)
+    chunked = run([release, seen])
+    assert seen.seen == (2 * 7 + 2, {})  # 7 Linears per layer, the head and the embedding; none left whole
+    for a, b in zip(run([]), chunked):
+        assert torch.equal(a, b)
+
+
 def test_hf_trainer_gradient_release_callback_refuses_ddp():
     """On several ranks the Trainer gives callbacks the unwrapped model; without FSDP2 that is DDP, whose
     averaging comes after the release hooks have stepped each rank's local gradient. Refused before
