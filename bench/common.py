@@ -37,19 +37,22 @@ def cpu_generation(vendor: str, family: int, model: int) -> str | None:
     return None
 
 
-def cpuid_line() -> str | None:
-    """"AuthenticAMD family 26 model 2 (Zen 5)" from /proc/cpuinfo, or None where it has no such lines."""
+def first_cpu_fields() -> dict[str, str]:
+    """The first processor's block of /proc/cpuinfo as key -> value (empty where there is none)."""
     fields: dict[str, str] = {}
     try:
         for line in open("/proc/cpuinfo"):
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key in ("vendor_id", "cpu family", "model") and key not in fields:
-                fields[key] = value.strip()
             if not line.strip():
                 break  # the first processor's block is enough
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
-        return None
+        pass
+    return fields
+
+
+def cpuid_line(fields: dict[str, str]) -> str | None:
+    """"AuthenticAMD family 26 model 2 (Zen 5)" from :func:`first_cpu_fields`, or None without those keys."""
     try:
         vendor, family, model = fields["vendor_id"], int(fields["cpu family"]), int(fields["model"])
     except (KeyError, ValueError):
@@ -60,18 +63,11 @@ def cpuid_line() -> str | None:
 
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    fields = first_cpu_fields()
     info = {
         "host": socket.gethostname(),
-        "cpu": cpu,
-        "cpuid": cpuid_line(),
+        "cpu": fields.get("model name") or platform.processor() or platform.machine(),
+        "cpuid": cpuid_line(fields),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),

@@ -180,24 +180,22 @@ def _release_trainer(out_dir, callback=True, **args_extra):
     model = dist8.cast_model(_tiny_gpt2(), torch.bfloat16)
     kwargs = {"lr": 3e-3, "min_8bit_size": 1024, "master_weight_bits": 24}
     return Trainer(model=model, args=args, train_dataset=_Tokens(), optimizer_cls_and_kwargs=(dist8.AdamW8bit, kwargs),
-                   callbacks=[GradientReleaseCallback()] * callback + [_GradsBeforeStep()])
+                   callbacks=([GradientReleaseCallback()] if callback else []) + [_grads_before_step()])
 
 
-class _GradsBeforeStep:
-    """Records, right before each optimizer step, how many parameters still hold a gradient
-    (under gradient release: none, each was stepped and freed inside backward)."""
+def _grads_before_step():
+    """A callback that records, right before each optimizer step, how many parameters still hold a
+    gradient (under gradient release: none, each was stepped and freed inside backward)."""
+    from transformers import TrainerCallback
 
-    def __new__(cls):
-        from transformers import TrainerCallback
+    class Recorder(TrainerCallback):
+        def __init__(self):
+            self.counts = []
 
-        class Recorder(TrainerCallback):
-            def __init__(self):
-                self.counts = []
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            self.counts.append(sum(p.grad is not None for p in model.parameters()))
 
-            def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-                self.counts.append(sum(p.grad is not None for p in model.parameters()))
-
-        return Recorder()
+    return Recorder()
 
 
 def test_hf_trainer_gradient_release_callback_is_the_normal_step_and_resumes_bitwise(tmp_path, recwarn):

@@ -92,7 +92,7 @@ class GradientReleaseCallback(TrainerCallback):
         return self.release.handle
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        self.release.start(model, getattr(optimizer, "optimizer", optimizer),
+        self.release.start(model, optimizer,  # accelerate's wrapper: gradient_release takes the optimizer inside
                            clip=("TrainingArguments(max_grad_norm=0)", args.max_grad_norm),
                            accumulation=("TrainingArguments(gradient_accumulation_steps=1)",
                                          args.gradient_accumulation_steps),

@@ -121,9 +121,8 @@ class GradientRelease:
                 self._saved_methods[name] = opt.__dict__[name]
         # Bound to the optimizer (not to this handle): torch's LR schedulers re-bind ``step.__func__``
         # to the optimizer when they wrap it.
-        opt.step = types.MethodType(_released_step, opt)
-        if getattr(self._saved_methods.get("step"), "_wrapped_by_lr_sched", False):
-            opt.step = _as_scheduler_wrapped(opt)
+        scheduled = getattr(self._saved_methods.get("step"), "_wrapped_by_lr_sched", False)
+        opt.step = _as_scheduler_wrapped(opt) if scheduled else types.MethodType(_released_step, opt)
         opt.zero_grad = types.MethodType(_released_zero_grad, opt)
         setattr(opt, _ACTIVE_ATTR, self)
         self._hooks.append(self.model.register_forward_pre_hook(_forward_counter(self)))
