@@ -115,3 +115,77 @@ def test_idempotent_and_fp32_is_a_no_op():
     dist8.cast_model(model, torch.bfloat16)
     dist8.cast_model(model, torch.bfloat16)
     assert len(model.blocks[0].norm._forward_pre_hooks) == 1
+
+
+class LlamaStyleRMSNorm(nn.Module):  # transformers writes its norms as own classes, computing in fp32 inside
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+
+
+class LayerNormLinear(nn.Linear):  # a fused layer: its matrix is not a norm's scale
+    pass
+
+
+class PreNorm(nn.Module):  # a container: kept, its fn would compute in fp32 with bf16 weights
+    def __init__(self, d, fn):
+        super().__init__()
+        self.norm, self.fn = nn.LayerNorm(d), fn
+
+    def forward(self, x):
+        return self.fn(self.norm(x))
+
+
+class Normalizer(nn.Module):  # "Normal..." is not a norm
+    def __init__(self, d):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def test_norm_classes_of_other_libraries_are_kept():
+    """A norm layer written as its own class (transformers' LlamaRMSNorm, T5LayerNorm ...) stays fp32 like
+    torch's; look-alikes that are not norms (a fused matrix, a container, "Normal...") are cast."""
+    torch.manual_seed(0)
+    model = nn.Sequential(LlamaStyleRMSNorm(16), LayerNormLinear(16, 16), PreNorm(16, nn.Linear(16, 16)),
+                          Normalizer(16))
+    assert [dist8.nn.is_norm_layer(m) for m in model] == [True, False, False, False]
+    dist8.cast_model(model, torch.bfloat16)
+    d = dtypes(model)
+    assert d["0.weight"] == d["2.norm.weight"] == torch.float32
+    assert d["1.weight"] == d["2.fn.weight"] == d["3.scale"] == torch.bfloat16
+    assert dist8.nn.is_kept_fp32(model[0]) and not dist8.nn.is_kept_fp32(model[2])
+    out = model(torch.randn(2, 16).to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    dist8.AdamW8bit(model.parameters(), lr=1e-3, master_weight_bits=24).step()
+
+
+@pytest.mark.parametrize("arch", ["llama", "t5", "gemma2"])
+def test_transformers_norm_layers_stay_fp32(arch):
+    """transformers' RMSNorm / T5LayerNorm classes are kept like nn.LayerNorm (before: all cast to bf16)."""
+    transformers = pytest.importorskip("transformers")
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    build = {
+        "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**small, num_key_value_heads=1)),
+        "gemma2": lambda: transformers.Gemma2ForCausalLM(
+            transformers.Gemma2Config(**small, num_key_value_heads=1, head_dim=16)),
+        "t5": lambda: transformers.T5ForConditionalGeneration(transformers.T5Config(
+            vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16)),
+    }[arch]
+    torch.manual_seed(0)
+    model = dist8.cast_model(build(), torch.bfloat16)
+    norms = {n: p.dtype for n, p in model.named_parameters() if "norm" in n}
+    assert norms and set(norms.values()) == {torch.float32}, norms
+    assert {p.dtype for n, p in model.named_parameters() if n not in norms} == {torch.bfloat16}
+    ids = torch.randint(0, 64, (2, 8))
+    extra = {"decoder_input_ids": ids[:, :4]} if arch == "t5" else {}
+    model(input_ids=ids, **extra).logits.float().square().mean().backward()
+    dist8.AdamW8bit(model.parameters(), lr=1e-3, master_weight_bits=24).step()

@@ -191,3 +191,54 @@ def test_fsdp2_master_weights_exact(tmp_path):
     assert results[0]["local_correction"]["a.weight"] == (17, 100)
     assert results[1]["local_correction"]["a.weight"] == (16, 100)
     assert results[0]["local_correction"]["b.weight"] == (70, 17)
+
+
+# ---- a cast_model'd transformers Llama under dist8's fully_shard ---------------------------------
+def _cast_llama():
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    return dist8.cast_model(transformers.LlamaForCausalLM(cfg), torch.bfloat16)  # RMSNorms stay fp32
+
+
+def _cast_llama_worker(rank, world_size):
+    """fsdp.fully_shard per decoder layer and at the root, nothing else: the fp32 RMSNorms inside each
+    group become groups of their own; the run (the same batch on every rank) is bitwise the unsharded one."""
+    from dist8.integrations import fsdp
+
+    mesh = mesh_of(world_size)
+    runs = []
+    for sharded in (False, True):
+        model = _cast_llama()
+        if sharded:
+            for layer in model.model.layers:
+                fsdp.fully_shard(layer, mesh=mesh)
+            fsdp.fully_shard(model, mesh=mesh)
+        opt = dist8.AdamW8bit(model.named_parameters(), lr=1e-2, min_8bit_size=0, master_weight_bits=24)
+        for step in range(3):
+            ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(step))
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        runs.append((full_params(model), full_state(opt)))
+    assert_same_params(runs[0][0], runs[1][0], "FSDP2 vs unsharded")
+    assert_same_state(runs[0][1], runs[1][1], "FSDP2 vs unsharded")
+    norm_dtypes = sorted({str(p.dtype) for n, p in model.named_parameters() if "norm" in n})
+    mixed = nn.Linear(4, 4).to(torch.bfloat16)
+    mixed.register_parameter("scale", nn.Parameter(torch.ones(4)))  # fp32, not kept by cast_model
+    try:
+        fsdp.fully_shard(mixed, mesh=mesh)
+        refusal = None
+    except ValueError as e:
+        refusal = str(e)
+    return {"norm_dtypes": norm_dtypes, "refusal": refusal}
+
+
+def test_cast_model_llama_under_fsdp2_is_the_unsharded_run(tmp_path):
+    pytest.importorskip("transformers")
+    for r in run_ranks(_cast_llama_worker, 2, tmp_path=tmp_path):
+        assert r["norm_dtypes"] == ["torch.float32"]
+        assert r["refusal"] == ("fully_shard(Linear): its parameters mix bfloat16 (weight) and float32 (scale); FSDP2 "
+                                "needs one dtype per fully_shard group: fully_shard the submodules of the other dtype first")

@@ -81,12 +81,69 @@ def prepare(model: nn.Module) -> nn.Module:
     return model
 
 
+def _group_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The trainable parameters ``fully_shard(module)`` would put in its group: those of ``module``
+    not inside a submodule that is already sharded (FSDP2 checks their dtypes at the first forward)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    found: dict[int, tuple[str, nn.Parameter]] = {}
+
+    def visit(m: nn.Module, prefix: str) -> None:
+        for name, p in m.named_parameters(recurse=False):
+            if p.requires_grad:
+                found.setdefault(id(p), (prefix + name, p))
+        for name, child in m.named_children():
+            if not isinstance(child, FSDPModule):
+                visit(child, f"{prefix}{name}.")
+
+    visit(module, "")
+    return list(found.values())
+
+
+def _shard_kept_fp32_first(module: nn.Module, shard, kwargs: dict) -> None:
+    """FSDP2 needs one parameter dtype per group; ``dist8.cast_model`` keeps norm layers fp32 next to
+    bf16 weights. When ``module``'s group would mix dtypes, the outermost fp32 modules cast_model kept
+    inside it become groups of their own first; a mix that remains is refused, naming one parameter
+    of each dtype, before torch's assertion at the first forward would name none."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from dist8.nn import is_kept_fp32
+
+    if len({p.dtype for _, p in _group_params(module)}) <= 1 or is_kept_fp32(module):
+        return
+
+    def visit(m: nn.Module) -> None:
+        for child in m.children():
+            if isinstance(child, FSDPModule):
+                continue
+            if is_kept_fp32(child):
+                if any(p.requires_grad for p in child.parameters()):
+                    shard(child, **kwargs)
+            else:
+                visit(child)
+
+    visit(module)
+    by_dtype: dict[torch.dtype, str] = {}
+    for name, p in _group_params(module):
+        by_dtype.setdefault(p.dtype, name)
+    if len(by_dtype) > 1:
+        kinds = " and ".join(f"{str(dt).replace('torch.', '')} ({name})" for dt, name in by_dtype.items())
+        raise ValueError(f"fully_shard({type(module).__name__}): its parameters mix {kinds}; FSDP2 needs one dtype "
+                         f"per fully_shard group: fully_shard the submodules of the other dtype first")
+
+
 def fully_shard(module: nn.Module, **kwargs: Any):
-    """``torch.distributed.fsdp.fully_shard(module, **kwargs)`` keeping dist8's parameter marks."""
+    """``torch.distributed.fsdp.fully_shard(module, **kwargs)`` keeping dist8's parameter marks.
+
+    FSDP2 needs one parameter dtype per group: the fp32 modules :func:`dist8.cast_model` kept inside
+    ``module`` (norm layers next to bf16 weights) are sharded as groups of their own first, with the
+    same ``kwargs``; any other mix of dtypes is refused with one line naming a parameter of each.
+    """
     from torch.distributed.fsdp import fully_shard as _fully_shard
 
     check_not_fsdp1(module)
     marks = _marks(module)
+    _shard_kept_fp32_first(module, _fully_shard, kwargs)
     out = _fully_shard(module, **kwargs)
     _restore(module, marks)
     return out

@@ -14,6 +14,7 @@ dtype its first input had, so it sits between bf16 layers without dtype errors
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,15 +23,42 @@ from torch import nn
 
 from dist8.messages import brief
 
-__all__ = ["NORM_LAYERS", "cast_model"]
+__all__ = ["NORM_LAYERS", "cast_model", "is_kept_fp32", "is_norm_layer"]
 
-#: Module types kept in fp32 by default (``keep_norm_layers=True``).
+#: torch's module types kept in fp32 by default (``keep_norm_layers=True``); see :func:`is_norm_layer`
+#: for the norm layers of other libraries.
 NORM_LAYERS: tuple[type[nn.Module], ...] = (
     nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._BatchNorm,
     nn.modules.instancenorm._InstanceNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
 )
 _CASTABLE = (torch.bfloat16, torch.float16, torch.float32)
 _KEPT_ATTR = "_dist8_kept_fp32"
+# "Norm" as a word of the class name: LlamaRMSNorm, T5LayerNorm, MambaRMSNormGated, FusedRMSNorm, BatchNorm2d;
+# not Normal, Normalize, NormalizedEmbedding.
+_NORM_CLASS_NAME = re.compile(r"Norm(?![a-z])")
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """True for the modules ``cast_model(keep_norm_layers=True)`` keeps in fp32.
+
+    torch's norm layers (:data:`NORM_LAYERS`), and the norm layers other libraries write as their
+    own classes -- transformers' ``LlamaRMSNorm``, ``Qwen2RMSNorm``, ``GemmaRMSNorm``,
+    ``T5LayerNorm``, ``MambaRMSNormGated`` ...: a module whose class name has ``Norm`` as a word,
+    with no submodules and at least one parameter, every one of them a vector (a scale or a
+    shift). That leaves out containers such as ``PreNorm(dim, fn)`` (their ``fn`` would compute in
+    fp32 with low-precision weights) and fused layers such as ``LayerNormLinear`` (a matrix).
+    """
+    if isinstance(module, NORM_LAYERS):
+        return True
+    if not _NORM_CLASS_NAME.search(type(module).__name__) or next(module.children(), None) is not None:
+        return False
+    own = list(module.parameters(recurse=False))
+    return bool(own) and all(p.dim() <= 1 for p in own)
+
+
+def is_kept_fp32(module: nn.Module) -> bool:
+    """True for a module that :func:`cast_model` kept in fp32 (and runs in fp32) next to low-precision ones."""
+    return bool(getattr(module, _KEPT_ATTR, False))
 
 
 def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
@@ -77,12 +105,14 @@ def cast_model(
             inside it) keeps its parameters and buffers in fp32 and computes in fp32. A pattern that matches
             some but not all parameters of one module is refused (a module computes in one dtype),
             and so is a pattern that matches nothing (a typo would leave the module in ``dtype``).
-        keep_norm_layers: keep the modules in :data:`NORM_LAYERS` (LayerNorm, RMSNorm,
-            GroupNorm, BatchNorm, InstanceNorm, LocalResponseNorm) in fp32. Default True.
+        keep_norm_layers: keep the norm layers (:func:`is_norm_layer`: torch's LayerNorm, RMSNorm,
+            GroupNorm, BatchNorm, InstanceNorm, LocalResponseNorm, and other libraries' norm classes
+            such as transformers' ``LlamaRMSNorm`` or ``T5LayerNorm``) in fp32. Default True.
 
     Kept modules get forward hooks that run them in fp32 and return outputs in their
-    input's dtype. Every dist8 optimizer, :class:`dist8.ShardedOptimizer` and FSDP2 take the
-    resulting mix of bf16 and fp32 parameters.
+    input's dtype. Every dist8 optimizer and :class:`dist8.ShardedOptimizer` take the
+    resulting mix of bf16 and fp32 parameters; FSDP2 needs one dtype per ``fully_shard`` group,
+    which :func:`dist8.integrations.fsdp.fully_shard` arranges (the kept modules get their own).
     """
     if dtype not in _CASTABLE:
         raise ValueError(f"cast_model: dtype must be one of {', '.join(map(str, _CASTABLE))}, got {brief(dtype)}")
@@ -102,7 +132,7 @@ def cast_model(
         by_module = bool(mod_name) and (any(fnmatch.fnmatchcase(mod_name, pat) for pat in keep_fp32)
                                         or any(mod_name.startswith(prefix + ".") for prefix in kept_prefixes))
         by_param = [n for n in own if any(fnmatch.fnmatchcase(n, pat) for pat in keep_fp32)]
-        is_norm = keep_norm_layers and isinstance(module, NORM_LAYERS)
+        is_norm = keep_norm_layers and is_norm_layer(module)
         if by_param and len(by_param) != len(own) and not (by_module or is_norm):
             rest = sorted(set(own) - set(by_param))
             raise ValueError(

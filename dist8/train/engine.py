@@ -208,12 +208,8 @@ def _adapter_fsdp2(cfg: Config, model: nn.Module, opt_cls, opt_args, device) -> 
     optimizer directly on the DTensor parameters (it updates the local shards).
     Checkpoints go through ``fsdp.save_dcp`` / ``load_dcp`` (see :mod:`dist8.train.checkpointing`)."""
     from dist8.integrations import fsdp
-    from dist8.nn.cast import NORM_LAYERS
 
-    if cfg.model.dtype != "fp32":  # FSDP2 groups need one dtype: the norm layers (kept fp32) get their own
-        for module in model.modules():
-            if isinstance(module, NORM_LAYERS):
-                fsdp.fully_shard(module)
+    # FSDP2 groups need one dtype: fsdp.fully_shard gives the norm layers cast_model kept fp32 their own
     for block in model.blocks:
         fsdp.fully_shard(block)
     fsdp.fully_shard(model)
