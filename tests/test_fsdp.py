@@ -205,13 +205,24 @@ def _all_opts_worker(rank, world_size):
     assert torch.equal(model.d.full_tensor(), ref["d"].detach())
 
     # StableEmbedding under FSDP2: the mark is lost by fully_shard; dist8's fully_shard and prepare() keep it.
-    for how in ("dist8.fully_shard", "prepare"):
-        model = make_model(stable=True, vocab=200)
+    # Meta-device init: to_empty swaps every DTensor parameter (torch.utils.swap_tensors), which takes the
+    # parameter's attributes with it; the embedding puts its mark back (it was silently 8-bit).
+    for how in ("dist8.fully_shard", "prepare", "meta init + to_empty"):
+        with torch.device("meta" if how.startswith("meta") else "cpu"):
+            model = make_model(stable=True, vocab=200)
         if how == "prepare":
             fully_shard(model, mesh=mesh)
             d8fsdp.prepare(model)
         else:
             d8fsdp.fully_shard(model, mesh=mesh)
+        if how.startswith("meta"):
+            model.to_empty(device="cpu")
+            torch.manual_seed(0)
+            for module in model.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+            with torch.no_grad():
+                model.pos.zero_()
         opt = dist8.AdamW8bit(model.named_parameters(), lr=1e-3, min_8bit_size=1000)
         loss_fn(model, *batch(0)).backward()
         opt.step()
@@ -269,7 +280,7 @@ def test_all_optimizers_exact_on_uneven_and_shard1(tmp_path):
         assert res[name] == {"a.weight": "torch.uint8", "a.bias": "torch.float32", "b.weight": "torch.uint8",
                              "b.bias": "torch.float32", "c": "torch.uint8", "d": "torch.uint8",
                              "e": "torch.uint8"}, name
-    for how in ("dist8.fully_shard", "prepare"):
+    for how in ("dist8.fully_shard", "prepare", "meta init + to_empty"):
         assert res[how]["tok.weight"] == "torch.float32", how  # StableEmbedding: 32-bit state
         assert res[how]["tok.norm.weight"] == "torch.float32"
         assert res[how]["fc1.weight"] == res[how]["head.weight"] == "torch.uint8"

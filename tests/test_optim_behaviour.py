@@ -113,6 +113,32 @@ def test_overrides_by_name_and_stable_embedding():
     assert opt8.state[model["head"].weight]["state1"].dtype == torch.uint8
 
 
+@pytest.mark.parametrize("how", ["to() with swapped parameters", "load_state_dict(assign=True)"])
+def test_embedding_keeps_its_32bit_mark_when_the_weight_is_swapped_or_replaced(how):
+    """torch.utils.swap_tensors (Module.to under set_swap_module_params_on_conversion, and always for
+    FSDP2's DTensors) takes a parameter's attributes with it; assign=True puts in a new parameter. The
+    embeddings' weights then got 8-bit state silently; they mark the new contents again."""
+    from dist8.nn import Embedding
+
+    for cls in (StableEmbedding, Embedding):
+        model = cls(1000, 16)
+        if how.startswith("to()"):
+            swap = torch.__future__.get_swap_module_params_on_conversion()
+            torch.__future__.set_swap_module_params_on_conversion(True)
+            try:
+                weight = model.weight
+                model.to(torch.bfloat16)
+                assert model.weight is weight  # swapped in place, attributes exchanged
+            finally:
+                torch.__future__.set_swap_module_params_on_conversion(swap)
+        else:
+            model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+        opt = AdamW8bit(model.parameters())
+        model(torch.randint(0, 1000, (4, 8))).float().sum().backward()
+        opt.step()
+        assert opt.state[model.weight]["state1"].dtype == torch.float32, cls.__name__
+
+
 def test_global_numel_mark_decides_8bit():
     shard = torch.nn.Parameter(torch.randn(100))
     shard._dist8_global_numel = 100_000  # a shard of a big parameter

@@ -25,7 +25,24 @@ class Embedding(nn.Embedding):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
                 raise ValueError(f"{type(self).__name__}: {key} must be an int > 0, got {brief(value)}")
         super().__init__(num_embeddings, embedding_dim, *args, **kwargs)
-        setattr(self.weight, OVERRIDE_ATTR, {"optim_bits": 32})
+        self._mark_weight()
+
+    def _mark_weight(self) -> None:
+        if isinstance(self.weight, torch.Tensor) and getattr(self.weight, OVERRIDE_ATTR, None) is None:
+            setattr(self.weight, OVERRIDE_ATTR, {"optim_bits": 32})
+
+    # The mark is an attribute of the parameter, and torch.utils.swap_tensors exchanges a parameter's
+    # attributes with its new contents: Module.to / to_empty / cuda on FSDP2 (DTensor) parameters always
+    # swap (meta-device init), other parameters under torch.__future__.set_swap_module_params_on_conversion;
+    # load_state_dict(assign=True) puts in a new parameter. The weight would silently get 8-bit state.
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._mark_weight()
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._mark_weight()
 
     def reset_parameters(self) -> None:
         nn.init.xavier_uniform_(self.weight)
