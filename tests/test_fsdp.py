@@ -207,7 +207,9 @@ def _all_opts_worker(rank, world_size):
     # StableEmbedding under FSDP2: the mark is lost by fully_shard; dist8's fully_shard and prepare() keep it.
     # Meta-device init: to_empty swaps every DTensor parameter (torch.utils.swap_tensors), which takes the
     # parameter's attributes with it; the embedding puts its mark back (it was silently 8-bit).
-    for how in ("dist8.fully_shard", "prepare", "meta init + to_empty"):
+    # The optimizer may also be built before to_empty (torch's are): it holds no weak reference to a
+    # parameter, which swap_tensors refuses ("Couldn't swap FSDPLinear.weight").
+    for how in ("dist8.fully_shard", "prepare", "meta init + to_empty", "meta init + to_empty after the optimizer"):
         with torch.device("meta" if how.startswith("meta") else "cpu"):
             model = make_model(stable=True, vocab=200)
         if how == "prepare":
@@ -215,6 +217,8 @@ def _all_opts_worker(rank, world_size):
             d8fsdp.prepare(model)
         else:
             d8fsdp.fully_shard(model, mesh=mesh)
+        if how.endswith("after the optimizer"):
+            opt = dist8.AdamW8bit(model.named_parameters(), lr=1e-3, min_8bit_size=1000)
         if how.startswith("meta"):
             model.to_empty(device="cpu")
             torch.manual_seed(0)
@@ -223,7 +227,8 @@ def _all_opts_worker(rank, world_size):
                     module.reset_parameters()
             with torch.no_grad():
                 model.pos.zero_()
-        opt = dist8.AdamW8bit(model.named_parameters(), lr=1e-3, min_8bit_size=1000)
+        if not how.endswith("after the optimizer"):
+            opt = dist8.AdamW8bit(model.named_parameters(), lr=1e-3, min_8bit_size=1000)
         loss_fn(model, *batch(0)).backward()
         opt.step()
         out[how] = {n: str(opt.state[p]["state1"].dtype) for n, p in model.named_parameters()}
@@ -280,7 +285,7 @@ def test_all_optimizers_exact_on_uneven_and_shard1(tmp_path):
         assert res[name] == {"a.weight": "torch.uint8", "a.bias": "torch.float32", "b.weight": "torch.uint8",
                              "b.bias": "torch.float32", "c": "torch.uint8", "d": "torch.uint8",
                              "e": "torch.uint8"}, name
-    for how in ("dist8.fully_shard", "prepare", "meta init + to_empty"):
+    for how in ("dist8.fully_shard", "prepare", "meta init + to_empty", "meta init + to_empty after the optimizer"):
         assert res[how]["tok.weight"] == "torch.float32", how  # StableEmbedding: 32-bit state
         assert res[how]["tok.norm.weight"] == "torch.float32"
         assert res[how]["fc1.weight"] == res[how]["head.weight"] == "torch.uint8"

@@ -102,6 +102,34 @@ def test_release_equals_normal_step_bitwise(name):
     assert all(p.grad is None for p in rel_model.parameters())
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_release_survives_a_swap_of_the_parameters(chunked):
+    """Module.to with swap_tensors (every FSDP2 model; any under set_swap_module_params_on_conversion)
+    gives each parameter a new C++ tensor without its post-accumulate-grad hook: the release stopped
+    stepping, silently (opt.step() is a no-op). It hooks them again at the next forward; the run with a
+    swap after 2 steps is bitwise the normal run with the same swap."""
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        (ref_model, ref_opt, model, opt) = twin_runs()
+        handle = dist8.gradient_release(model, opt, weight_grad_chunk=512 if chunked else None)
+        for m, o in ((ref_model, ref_opt), (model, opt)):
+            for s in range(4):
+                if s == 2:
+                    weight = m.fc1.weight
+                    m.to(torch.bfloat16)
+                    assert m.fc1.weight is weight  # swapped, not replaced
+                loss_of(m, s).backward()
+                o.step()
+                o.zero_grad()
+        assert handle.steps == 4 * len(list(model.parameters())) or chunked
+        handle.remove()
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    assert_same(ref_model, ref_opt, model, opt)
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_release_bf16_overrides_groups_and_32bit_state():
     def build(model):
         decay = [(n, p) for n, p in model.named_parameters() if p.dim() > 1]

@@ -139,6 +139,51 @@ def test_embedding_keeps_its_32bit_mark_when_the_weight_is_swapped_or_replaced(h
         assert opt.state[model.weight]["state1"].dtype == torch.float32, cls.__name__
 
 
+def test_parameters_swapped_after_the_optimizer_was_built_keep_their_marks_and_state():
+    """Module.to with swap_tensors after the optimizer exists: torch's optimizers allow it; dist8's held
+    weak references to the parameters, which swap_tensors refuses ("Couldn't swap Linear.weight"). Now
+    the swap works, a GlobalOptimManager mark it took away comes back, and the run is the run that
+    built the optimizer after the swap, bitwise."""
+    from dist8.optim import GlobalOptimManager
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb, self.fc = StableEmbedding(300, 16), torch.nn.Linear(16, 300)
+
+        def forward(self, x):
+            return self.fc(self.emb(x)).float().square().mean()
+
+    x = torch.randint(0, 300, (4, 8))
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    mng = GlobalOptimManager.get_instance()
+    try:
+        runs = []
+        for built_before in (True, False):
+            model = Model()
+            mng.register_module_override(model.fc, "weight", {"optim_bits": 32})
+            if built_before:
+                opt = AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=0)
+            model.to(torch.bfloat16)
+            if not built_before:
+                opt = AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=0)
+            for _ in range(2):
+                model(x).backward()
+                opt.step()
+                opt.zero_grad()
+            runs.append([p.detach().clone() for p in model.parameters()])
+            kinds = {n: opt.state[p]["state1"].dtype for n, p in model.named_parameters()}
+            assert kinds["emb.weight"] == kinds["fc.weight"] == torch.float32, kinds
+            assert kinds["fc.bias"] == torch.uint8
+            mng.initialize()
+        assert all(torch.equal(a, b) for a, b in zip(*runs))
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+        mng.initialize()
+
+
 def test_global_numel_mark_decides_8bit():
     shard = torch.nn.Parameter(torch.randn(100))
     shard._dist8_global_numel = 100_000  # a shard of a big parameter

@@ -37,6 +37,7 @@ from dist8.optim.config import (GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, check_override
 from dist8.optim.contract import TorchContract
 from dist8.optim.hooks import load_state_dict_with_hooks
 from dist8.optim.lazy_dynamo import LazyDynamoOptimizer
+from dist8.optim.manager import restore_module_marks
 from dist8.optim.nonfinite import SkipCounter, check_mode
 from dist8.optim.paged import paged_message
 from dist8.optim.positions import ParamPositions
@@ -157,6 +158,7 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
         defaults.update(optim_bits=optim_bits, min_8bit_size=min_8bit_size, percentile_clipping=percentile_clipping,
                         master_weight_bits=master_weight_bits, maximize=check_flag(maximize, "maximize"))
         groups, self.param_names = split_named_params(params)
+        restore_module_marks()  # before the marks are read
         self.block_size = block_size
         self.block_wise = check_flag(block_wise, "block_wise")
         self.quant_map = quant_map

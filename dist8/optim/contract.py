@@ -21,6 +21,7 @@ import torch
 from dist8.optim import dtensor
 from dist8.optim.config import OVERRIDE_ATTR
 from dist8.optim.dtensor_layout import is_dtensor
+from dist8.optim.manager import restore_module_marks
 from dist8.optim.positions import ParamPositions
 
 __all__ = ["TorchContract"]
@@ -69,6 +70,7 @@ class TorchContract:
         shard (exactly: the state is defined on the global parameter), and DTensor mode is
         decided again (a mix of DTensors and plain tensors is refused, naming them).
         """
+        restore_module_marks()  # GlobalOptimManager's module overrides a swap took away
         if not self._known.changed(self.param_groups):
             return
         current = [p for g in self.param_groups for p in g["params"]]
@@ -82,7 +84,8 @@ class TorchContract:
         for group in self.param_groups:
             self._check_params(group["params"])
         moved = {}
-        for r in self._known.replacements(self.param_groups):
+        alive = {id(q): q for q in (*self.state, *self.param_names)}
+        for r in self._known.replacements(self.param_groups, alive):
             if r.name is not None and r.param not in self.param_names:
                 self.param_names[r.param] = r.name
             if r.marks is not None and getattr(r.param, OVERRIDE_ATTR, None) is None:

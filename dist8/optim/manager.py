@@ -19,7 +19,6 @@ before it (they may be set after the optimizer was built).
 """
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -27,7 +26,7 @@ import torch
 
 from dist8.optim.config import OVERRIDABLE_KEYS, OVERRIDE_ATTR
 
-__all__ = ["GlobalOptimManager"]
+__all__ = ["GlobalOptimManager", "restore_module_marks"]
 
 _UNSET = object()
 
@@ -60,16 +59,14 @@ class GlobalOptimManager:
 
     def initialize(self) -> None:
         """Forget every override and take back the marks this manager put on parameters."""
-        for ref, previous in reversed(getattr(self, "_marked", [])):
-            p = ref()
-            if p is None:
-                continue
+        for attrs, previous in reversed(getattr(self, "_marked", [])):
             if previous is _UNSET:
-                if hasattr(p, OVERRIDE_ATTR):
-                    delattr(p, OVERRIDE_ATTR)
+                attrs.pop(OVERRIDE_ATTR, None)
             else:
-                setattr(p, OVERRIDE_ATTR, previous)
-        self._marked: list[tuple[weakref.ref, Any]] = []
+                attrs[OVERRIDE_ATTR] = previous
+        # (the attribute dict of each parameter marked, and its mark before): no reference to the tensor,
+        # whose weak references would make torch.utils.swap_tensors (Module.to on FSDP2 models) refuse it
+        self._marked: list[tuple[dict, Any]] = []
         self.pid2config: dict[int, dict[str, Any]] = {}
         self.index2config: dict[tuple[int, int], dict[str, Any]] = {}
         self.optimizer = None
@@ -141,7 +138,25 @@ class GlobalOptimManager:
 
     def _mark(self, p: torch.Tensor, config: dict[str, Any]) -> None:
         previous = getattr(p, OVERRIDE_ATTR, _UNSET)
-        self._marked.append((weakref.ref(p), previous))
+        self._marked.append((p.__dict__, previous))
         merged = dict(previous) if isinstance(previous, Mapping) else {}
         merged.update(config)
         setattr(p, OVERRIDE_ATTR, merged)  # a new dict: a module's shared marks are never mutated
+
+
+def restore_module_marks() -> None:
+    """Mark again the parameters of ``register_module_override`` that lost their mark.
+
+    torch.utils.swap_tensors (``Module.to`` / ``to_empty`` on FSDP2 models, any module under
+    ``torch.__future__.set_swap_module_params_on_conversion``) exchanges a parameter's attributes, and
+    ``load_state_dict(assign=True)`` puts in a new parameter: the override would silently not apply.
+    A module override names the module's attribute, so it finds the current parameter (as
+    bitsandbytes resolves it). Dist8 optimizers call this when built and before each step.
+    """
+    mng = GlobalOptimManager._instance
+    if mng is None:
+        return
+    for module, name, config in mng.module_weight_config_triple:
+        p = getattr(module, name, None)
+        if isinstance(p, torch.Tensor) and getattr(p, OVERRIDE_ATTR, None) is None:
+            mng._mark(p, config)

@@ -64,7 +64,6 @@ import weakref
 from typing import Any
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from dist8.messages import brief
 from dist8.optim.base import Optimizer8bit
@@ -74,8 +73,23 @@ from dist8.optim.chunked_grads import ChunkedWeights
 __all__ = ["GradientRelease", "gradient_release"]
 
 _ACTIVE_ATTR = "_dist8_gradient_release"
-# parameter -> the active handle whose hook steps it (by identity: a tensor's == is elementwise)
-_RELEASED_BY: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# id(parameter) -> the active handle whose hook steps it. Not keyed by the tensor: a weak reference to a
+# parameter makes torch.utils.swap_tensors refuse it (Module.to / to_empty on FSDP2 models). The handle is
+# held weakly (its hooks on the parameter keep it alive), and _released_by checks that it holds the parameter.
+_RELEASED_BY: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _impl_of(p: torch.Tensor) -> int | None:
+    """The address of ``p``'s C++ tensor, which swap_tensors changes (None if torch stops exposing it:
+    the hooks are then installed again at every forward)."""
+    return getattr(p, "_cdata", None)
+
+
+def _released_by(p: torch.Tensor) -> GradientRelease | None:
+    handle = _RELEASED_BY.get(id(p))
+    if handle is None or not any(q is p for g in handle.optimizer.param_groups for q in g["params"]):
+        return None  # an id reused by another tensor
+    return handle
 
 
 class GradientRelease:
@@ -105,6 +119,8 @@ class GradientRelease:
         self._forwards = 0
         self._updated_in_forward: dict[torch.Tensor, int] = {}
         self._hooks: list = []
+        self._param_hooks: list[tuple[torch.Tensor, Any]] = []  # (parameter, its hook's RemovableHandle)
+        self._impls: dict[int, int | None] = {}  # id(parameter) -> its C++ tensor when hooked (_impl_of)
         self._saved_methods: dict[str, Any] = {}
         self.active = False
 
@@ -114,8 +130,9 @@ class GradientRelease:
         for group in opt.param_groups:
             for p in group["params"]:
                 if p.requires_grad:
-                    self._hooks.append(p.register_post_accumulate_grad_hook(self._hook))
-                    _RELEASED_BY[p] = self
+                    self._param_hooks.append((p, p.register_post_accumulate_grad_hook(self._hook)))
+                    self._impls[id(p)] = _impl_of(p)
+                    _RELEASED_BY[id(p)] = self
         for name in ("step", "zero_grad"):
             if name in opt.__dict__:  # e.g. an LR scheduler's step counter wrapper
                 self._saved_methods[name] = opt.__dict__[name]
@@ -136,13 +153,15 @@ class GradientRelease:
             return
         if self.chunks is not None:
             self.chunks.remove()
-        for h in self._hooks:
+        for h in [*self._hooks, *(h for _, h in self._param_hooks)]:
             h.remove()
         self._hooks.clear()
+        self._param_hooks.clear()
+        self._impls.clear()
         for group in self.optimizer.param_groups:
             for p in group["params"]:
-                if _RELEASED_BY.get(p) is self:
-                    del _RELEASED_BY[p]
+                if _RELEASED_BY.get(id(p)) is self:
+                    del _RELEASED_BY[id(p)]
         opt = self.optimizer
         for name in ("step", "zero_grad"):
             if name in self._saved_methods:
@@ -162,6 +181,19 @@ class GradientRelease:
         """Count a forward pass of the model (its forward pre-hook)."""
         with self.lock:
             self._forwards += 1
+            self._hook_swapped_params()
+
+    def _hook_swapped_params(self) -> None:
+        """Hook again a parameter whose hook a swap took away. torch.utils.swap_tensors (Module.to /
+        to_empty / cuda on FSDP2 models, any module under set_swap_module_params_on_conversion) keeps the
+        parameter object and its Python hook dict, but gives it another C++ tensor, which has no hook:
+        the parameter would silently stop being stepped, opt.step() being a no-op. Assigning the dict
+        again installs it on the new tensor. One comparison per parameter and forward."""
+        for p, _ in self._param_hooks:
+            impl = _impl_of(p)
+            if impl is None or impl != self._impls.get(id(p)):
+                p._post_accumulate_grad_hooks = p._post_accumulate_grad_hooks
+                self._impls[id(p)] = impl
 
     # ---- the hook ------------------------------------------------------------------------
     def _hook(self, p: torch.Tensor) -> None:
@@ -345,7 +377,7 @@ def gradient_release(
                     f"optimizer parameter {optimizer.param_name(p)} is not a parameter of the model; gradient_release "
                     "hooks the model's parameters and could not step it"
                 )
-            if p in _RELEASED_BY:
+            if _released_by(p) is not None:
                 raise RuntimeError(
                     f"parameter {optimizer.param_name(p)} is already released by another optimizer's "
                     "gradient_release: its hook steps the parameter and frees the gradient, so this optimizer "
