@@ -189,3 +189,34 @@ def test_transformers_norm_layers_stay_fp32(arch):
     extra = {"decoder_input_ids": ids[:, :4]} if arch == "t5" else {}
     model(input_ids=ids, **extra).logits.float().square().mean().backward()
     dist8.AdamW8bit(model.parameters(), lr=1e-3, master_weight_bits=24).step()
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 32)
+        self.body = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 50, bias=False)
+        self.head.weight = self.emb.weight  # GPT-2's tied output head
+
+    def forward(self, idx):
+        return self.head(self.body(self.emb(idx)))
+
+
+def test_kept_embedding_returns_the_cast_dtype_and_tied_weights_are_kept_together():
+    """keep_fp32=["emb"]: an embedding's input has no floats, so its fp32 rows met the next bf16 layer with
+    a dtype mismatch. keep_fp32=["head"] on a head tied to the embedding (one tensor) kept it fp32 while the
+    embedding's module computed in bf16: the first forward failed naming neither; now refused at once."""
+    torch.manual_seed(0)
+    model = dist8.cast_model(TiedLM(), torch.bfloat16, keep_fp32=["emb", "head"])
+    assert model.emb.weight.dtype == torch.float32 and model.body.weight.dtype == torch.bfloat16
+    out = model(torch.randint(0, 50, (2, 6)))
+    assert out.dtype == torch.bfloat16
+    out.float().square().mean().backward()
+    dist8.AdamW8bit(model.parameters(), lr=1e-3, master_weight_bits=24).step()
+
+    model = TiedLM()
+    with pytest.raises(ValueError, match=r"^cast_model: head.weight is kept fp32 but is the same tensor as emb.weight "
+                                         r"\(tied weights\), whose module is cast to bfloat16: keep both modules"):
+        dist8.cast_model(model, torch.bfloat16, keep_fp32=["head"])
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # refused before anything was cast

@@ -33,6 +33,7 @@ NORM_LAYERS: tuple[type[nn.Module], ...] = (
 )
 _CASTABLE = (torch.bfloat16, torch.float16, torch.float32)
 _KEPT_ATTR = "_dist8_kept_fp32"
+_OUTPUT_DTYPE_ATTR = "_dist8_cast_dtype"  # the dtype cast_model gave the model (a kept module's outputs)
 # "Norm" as a word of the class name: LlamaRMSNorm, T5LayerNorm, MambaRMSNormGated, FusedRMSNorm, BatchNorm2d;
 # not Normal, Normalize, NormalizedEmbedding.
 _NORM_CLASS_NAME = re.compile(r"Norm(?![a-z])")
@@ -84,8 +85,28 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict):
 
 
 def _post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-    dtype = module.__dict__.pop("_dist8_input_dtype", None)
+    # An input without floats (an embedding's ids) returns in the model's cast dtype: fp32 rows would
+    # meet the next bf16 layer with a dtype mismatch.
+    dtype = module.__dict__.pop("_dist8_input_dtype", None) or module.__dict__.get(_OUTPUT_DTYPE_ATTR)
     return output if dtype is None or dtype == torch.float32 else _cast_floats(output, dtype)
+
+
+def _refuse_split_ties(model: nn.Module, kept_ids: set[int], dtype: torch.dtype) -> None:
+    """A parameter shared by a kept module and a cast one (GPT-2's output head tied to its token
+    embedding, with ``keep_fp32=["lm_head"]``) can have one dtype only: the other module would fail
+    at the first forward with a dtype mismatch naming neither. Refused before anything is cast."""
+    owners: dict[int, list[tuple[str, bool]]] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for name, p in module.named_parameters(recurse=False):
+            if p.is_floating_point():
+                owners.setdefault(id(p), []).append((f"{mod_name}.{name}" if mod_name else name, id(module) in kept_ids))
+    for found in owners.values():
+        kept = [n for n, k in found if k]
+        cast = [n for n, k in found if not k]
+        if kept and cast:
+            raise ValueError(f"cast_model: {kept[0]} is kept fp32 but is the same tensor as {cast[0]} (tied weights), "
+                             f"whose module is cast to {str(dtype).replace('torch.', '')}: keep both modules in "
+                             "fp32 (keep_fp32) or neither")
 
 
 def cast_model(
@@ -144,6 +165,8 @@ def cast_model(
         if by_module or by_param or is_norm:
             kept.append(module)
     kept_ids = {id(m) for m in kept}
+    if dtype != torch.float32:
+        _refuse_split_ties(model, kept_ids, dtype)
     for module in model.modules():
         target = torch.float32 if id(module) in kept_ids else dtype
         for name, p in module.named_parameters(recurse=False):
@@ -154,6 +177,7 @@ def cast_model(
                 setattr(module, name, b.to(target))
     if dtype != torch.float32:
         for module in kept:
+            module.__dict__[_OUTPUT_DTYPE_ATTR] = dtype
             if not getattr(module, _KEPT_ATTR, False):
                 module.register_forward_pre_hook(_pre_hook, with_kwargs=True)
                 module.register_forward_hook(_post_hook, with_kwargs=True)
