@@ -396,29 +396,39 @@ def _fsdp_worker(rank, world_size, opt_name):
     kw = dict(kw, min_8bit_size=1000)
     mesh = init_device_mesh("cpu", (world_size,))
     out = []
-    for release in (False, True):
-        model = make()
-        for m in (model.fc1, model.fc2):
-            fully_shard(m, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        opt = cls(model.named_parameters(), **kw)
-        handle = dist8.gradient_release(model, opt) if release else None
-        for s in range(3):
-            gen = torch.Generator().manual_seed(10 * s + rank)  # a different batch per rank
-            x = torch.randint(0, 64, (16,), generator=gen)
-            nn.functional.cross_entropy(model(x), (5 * x + 3) % 64).backward()
-            if release:
-                assert all(p.grad is None for p in model.parameters())
-            opt.step()
-            opt.zero_grad()
-        if handle is not None:
-            handle.remove()
-        out.append({n: p.full_tensor().clone() for n, p in model.named_parameters()})
+    # accumulate=2: FSDP2's own accumulation (set_requires_gradient_sync(False) on all but the last
+    # micro-batch) keeps the unsharded gradients and reduce-scatters once, so the sharded parameters'
+    # hooks run once per step: the release is exact there, unlike a plain model's accumulation (refused).
+    for accumulate in (1, 2):
+        for release in (False, True):
+            model = make()
+            for m in (model.fc1, model.fc2):
+                fully_shard(m, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            opt = cls(model.named_parameters(), **kw)
+            handle = dist8.gradient_release(model, opt) if release else None
+            for s in range(3):
+                for micro in range(accumulate):
+                    model.set_requires_gradient_sync(micro == accumulate - 1)
+                    gen = torch.Generator().manual_seed(10 * s + 3 * micro + rank)  # a different batch per rank
+                    x = torch.randint(0, 64, (16,), generator=gen)
+                    nn.functional.cross_entropy(model(x), (5 * x + 3) % 64).backward()
+                if release:
+                    assert all(p.grad is None for p in model.parameters())
+                    assert handle.steps == (s + 1) * len(list(model.parameters()))  # once per step
+                opt.step()
+                opt.zero_grad()
+            if handle is not None:
+                handle.remove()
+            out.append({n: p.full_tensor().clone() for n, p in model.named_parameters()})
     return out
 
 
 @pytest.mark.parametrize("opt_name", ["AdamW", "LAMB"])
 def test_fsdp2_release_equals_normal_step(tmp_path, opt_name):
-    for normal, released in run_ranks(_fsdp_worker, 2, opt_name, tmp_path=tmp_path):
+    for normal, released, normal_accumulated, released_accumulated in run_ranks(_fsdp_worker, 2, opt_name,
+                                                                                tmp_path=tmp_path):
         for n in normal:
             assert torch.equal(normal[n], released[n]), f"{opt_name}: {n} differs"
+            assert torch.equal(normal_accumulated[n], released_accumulated[n]), f"{opt_name}, accumulated: {n} differs"
+            assert not torch.equal(normal[n], normal_accumulated[n])  # the second micro-batch counted
