@@ -1,5 +1,7 @@
 """Gradient release: each parameter is stepped inside backward as soon as its gradient is ready.
 
+(One file, one concern: the hooks' lifetime -- checks, install, step, surviving swaps, removal.)
+
 ``handle = dist8.gradient_release(model, optimizer)`` registers a
 ``register_post_accumulate_grad_hook`` on every trainable parameter. When a
 parameter's gradient is complete, the hook runs the optimizer's update for that
