@@ -289,6 +289,37 @@ def test_bitsandbytes_state_dict_import_round_trip():
     assert ours["step"] == 3
 
 
+@pytest.mark.parametrize("name", ["RMSprop8bit", "Adagrad8bit"])
+def test_bitsandbytes_square_average_written_with_the_signed_map_is_requantized(name):
+    """bitsandbytes writes RMSprop's and Adagrad's square average with the signed dynamic map, dist8 with
+    the unsigned one: the converted codes were read as other numbers (up to 45% of absmax off), silently.
+    Without the optimizer the load is refused naming the fix; with it the state is quantized again."""
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes not installable here")
+    from dist8.kernels.rules import read_state
+    from dist8.quant import dequantize_blockwise, dynamic_map
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(64, 300))
+    b_opt = getattr(bnb.optim, name)([w], lr=1e-3, min_8bit_size=0)
+    for _ in range(3):
+        w.grad = torch.randn_like(w)
+        b_opt.step()
+    raw = b_opt.state[w]
+    theirs = dequantize_blockwise(raw["state1"].reshape(-1), raw["absmax1"], dynamic_map(True))
+    sd = b_opt.state_dict()
+    mine = getattr(dist8, name)([torch.nn.Parameter(w.detach().clone())], lr=1e-3, min_8bit_size=0)
+    with pytest.raises(ValueError, match=r"state1 codes were written with the signed dynamic map .*"
+                                         r"from_bitsandbytes\(state_dict, optimizer=optimizer\)"):
+        mine.load_state_dict(from_bitsandbytes(sd))
+    assert not mine.state  # refused before anything was loaded
+    mine.load_state_dict(from_bitsandbytes(sd, optimizer=mine))
+    ours = mine.state[mine.param_groups[0]["params"][0]]
+    values = read_state(ours["state1"], ours["absmax1"], dynamic_map(False), 256, False)
+    err = (values - theirs).abs().view(-1, 256).amax(1) / raw["absmax1"]
+    assert err.max() < 0.02, err.max()  # within a step of the unsigned map (was 0.45)
+    assert ours["step"] == 3
+
+
 def test_ckpt_cli_info_verify_consolidate(tmp_path, capsys):
     from dist8.cli import main
 

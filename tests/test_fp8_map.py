@@ -163,7 +163,7 @@ def test_bitsandbytes_state_converted_for_dist8_is_refused_by_the_fp8_map():
     p.grad = torch.randn(5000)
     theirs.step()
     converted = from_bitsandbytes(theirs.state_dict())
-    assert converted["dist8"] == {"quant_map": "dynamic"}
+    assert converted["dist8"] == {"quant_map": "dynamic", "state_signed": {"1": True, "2": False}}
     with pytest.raises(ValueError, match="quant_map='dynamic'.*quant_map='fp8'"):
         dist8.AdamW8bit([p], quant_map="fp8").load_state_dict(converted)
     dist8.AdamW8bit([p]).load_state_dict(converted)  # the dynamic map takes bitsandbytes' codes as they are

@@ -30,8 +30,8 @@ from dist8.checkpoint.format import (
     write_metadata,
 )
 from dist8.kernels.rules import Rule, read_state, state_floored
-from dist8.optim.state_schema import STATE_DICT_INFO, checked_step, state_dict_info
-from dist8.quant import dynamic_map, get_map, num_blocks
+from dist8.optim.state_schema import STATE_DICT_INFO, checked_step, is_signed, n_states, state_dict_info
+from dist8.quant import dequantize_blockwise, dynamic_map, get_map, num_blocks, quantize_blockwise
 
 __all__ = ["from_bitsandbytes", "export_fp32_adam", "consolidate", "fp32_weights"]
 
@@ -39,8 +39,14 @@ BNB_WRAPPER = "__bnb_optimizer_quant_state__"
 _BNB_DROP = {"qmap1", "qmap2", "unorm_vec", "gnorm_vec", "max1", "max2", "new_max1", "new_max2"}
 
 
-def from_bitsandbytes(state_dict: dict[str, Any], block_size: int = 256) -> dict[str, Any]:
-    """Turn a bitsandbytes block-wise 8-bit optimizer ``state_dict`` into a dist8 one (exact: same maps).
+# bitsandbytes' maps per state: qmap1 "dynamic" (signed) for every optimizer -- RMSprop's and Adagrad's
+# square averages too, which dist8 writes with the unsigned map -- qmap2 "udynamic", AdEMAMix's slow EMA qmap1
+_BNB_SIGNED = {1: True, 2: False, 3: True}
+
+
+def from_bitsandbytes(state_dict: dict[str, Any], block_size: int = 256,
+                      optimizer: Any | None = None) -> dict[str, Any]:
+    """Turn a bitsandbytes block-wise 8-bit optimizer ``state_dict`` into a dist8 one.
 
     Unwraps ``__bnb_optimizer_quant_state__``; keeps ``state1/2`` codes, ``absmax1/2`` and
     ``step``; checks that bitsandbytes' maps equal dist8's dynamic maps and that absmax
@@ -49,14 +55,25 @@ def from_bitsandbytes(state_dict: dict[str, Any], block_size: int = 256) -> dict
     EMA m1) and ``state3`` (the slow EMA m2), ``state2`` staying nu. The result's tensors are
     copies (none shared with the bitsandbytes optimizer). Load it with ``optimizer.load_state_dict``
     of an optimizer with the dynamic map (the default; the result names it, so another map refuses it).
+
+    Exact (the same codes) where bitsandbytes and dist8 use the same map for a state. They differ for
+    RMSprop's and Adagrad's state (bitsandbytes: the signed map, dist8: the unsigned one, which has
+    twice the codes for non-negative values): pass ``optimizer`` (the dist8 optimizer that will load
+    the result) and those states are decoded and quantized again with its map (within half a step of
+    the unsigned map). The result records which map wrote each state, so an optimizer whose map differs
+    refuses it at ``load_state_dict`` instead of reading the codes as other numbers.
     """
     _check_structure(state_dict)
+    rule = None if optimizer is None else getattr(optimizer, "rule", None)
+    if optimizer is not None and rule is None:
+        raise CheckpointError(f"optimizer must be a dist8 optimizer, got {type(optimizer).__name__}")
+    signs: dict[str, bool] = {}
     out_state = {}
     for pid, st in state_dict["state"].items():
         st = dict(st)
         st.update(st.pop(BNB_WRAPPER, {}))
         st = _unstack_ademamix(pid, st)
-        for i, signed in ((1, True), (2, False), (3, True)):
+        for i, signed in _BNB_SIGNED.items():
             q = st.get(f"qmap{i}")
             if q is not None and not torch.equal(q.float().cpu(), dynamic_map(signed)):
                 raise CheckpointError(f"parameter {pid}: qmap{i} is not the dynamic map dist8 uses")
@@ -71,10 +88,21 @@ def from_bitsandbytes(state_dict: dict[str, Any], block_size: int = 256) -> dict
             if torch.is_tensor(v):  # copies: the bitsandbytes optimizer may go on stepping its own tensors
                 fp32_state = k.startswith("state") and v.dtype != torch.uint8
                 new[k] = v.to(torch.float32, copy=True) if fp32_state else v.clone()
+        for i, signed in _BNB_SIGNED.items():
+            s = new.get(f"state{i}")
+            if not (isinstance(s, torch.Tensor) and s.dtype == torch.uint8):
+                continue
+            if rule is not None and i <= n_states(rule) and is_signed(rule, i) != signed:
+                values = dequantize_blockwise(s.reshape(-1), new[f"absmax{i}"].float(), dynamic_map(signed), block_size)
+                codes, absmax = quantize_blockwise(values, dynamic_map(not signed), block_size)
+                new[f"state{i}"], new[f"absmax{i}"] = codes.view(s.shape), absmax
+                signed = not signed
+            signs[str(i)] = signed
         out_state[pid] = new
     # bitsandbytes' codes are the dynamic map's: an optimizer with another quant_map refuses them
+    info = dict(state_dict_info("dynamic"), **({"state_signed": signs} if signs else {}))
     return {"state": out_state, "param_groups": [dict(g) for g in state_dict["param_groups"]],
-            STATE_DICT_INFO: state_dict_info("dynamic")}
+            STATE_DICT_INFO: info}
 
 
 def _check_structure(state_dict: Any) -> None:

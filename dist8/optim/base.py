@@ -553,7 +553,7 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
     def _load_checked(self, state_dict: dict[str, Any]) -> None:
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from optimizer.state_dict())")
-        schema.check_state_dict_map(state_dict, self.quant_map)
+        schema.check_state_dict_map(state_dict, self.quant_map, self.rule)
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(saved_groups)} param groups, optimizer has {len(self.param_groups)}")

@@ -90,16 +90,30 @@ def _holds_codes(obj: Any) -> bool:
     return False
 
 
-def check_state_dict_map(state_dict: dict[str, Any], quant_map: str) -> None:
-    """Refuse a state dict whose uint8 codes were written with another map than ``quant_map``."""
+def check_state_dict_map(state_dict: dict[str, Any], quant_map: str, rule: Rule | None = None) -> None:
+    """Refuse a state dict whose uint8 codes were written with another map than ``quant_map`` -- or, where
+    the dict records it (``"state_signed"``: a bitsandbytes conversion), with the other sign of the map
+    than ``rule`` reads state ``i`` with (bitsandbytes writes RMSprop's and Adagrad's state signed)."""
     info = state_dict.get(STATE_DICT_INFO)
     saved = info.get("quant_map") if isinstance(info, dict) else None
-    if saved is None or saved == quant_map:
-        return
-    if _holds_codes(state_dict.get("state")):
+    if saved is not None and saved != quant_map and _holds_codes(state_dict.get("state")):
         raise ValueError(f"state_dict holds 8-bit state written with quant_map={saved!r}; this optimizer uses "
                          f"quant_map={quant_map!r} and would read those codes as other numbers "
                          f"(construct it with quant_map={saved!r})")
+    signed = info.get("state_signed") if isinstance(info, dict) else None
+    if rule is None or not isinstance(signed, dict):
+        return
+    for key, was_signed in signed.items():
+        i = int(key) if isinstance(key, str) and key.isdigit() else 0
+        if not 1 <= i <= n_states(rule) or bool(was_signed) == is_signed(rule, i):
+            continue
+        if _holds_codes({k: {state_key(i): v.get(state_key(i))} for k, v in state_dict.get("state", {}).items()
+                         if isinstance(v, dict)}):
+            kinds = ("unsigned", "signed") if was_signed else ("signed", "unsigned")
+            raise ValueError(f"state_dict's {state_key(i)} codes were written with the {kinds[1]} dynamic map "
+                             f"(bitsandbytes' convention); this optimizer reads {state_key(i)} with the {kinds[0]} "
+                             "one and would read other numbers: convert with dist8.checkpoint.convert."
+                             "from_bitsandbytes(state_dict, optimizer=optimizer), which quantizes them again")
 
 
 def correction_dtype(param_dtype: torch.dtype, master_weight_bits: int | None) -> torch.dtype | None:

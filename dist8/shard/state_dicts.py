@@ -86,7 +86,7 @@ def load(opt: ShardedOptimizer, state_dict: dict[str, Any]) -> None:
 
 def _load_unsharded(opt: ShardedOptimizer, state_dict: dict[str, Any]) -> None:
     """The unsharded format: every rank slices the blocks of its pieces (whole blocks: exact)."""
-    check_state_dict_map(state_dict, opt.inner.quant_map)
+    check_state_dict_map(state_dict, opt.inner.quant_map, opt.inner.rule)
     saved_groups, state = state_dict["param_groups"], state_dict["state"]
     if not isinstance(saved_groups, list) or len(saved_groups) != len(opt.param_groups):
         raise ValueError(f"state_dict has {len(saved_groups) if isinstance(saved_groups, list) else 'no list of'} "
@@ -145,7 +145,7 @@ def _load_shard(opt: ShardedOptimizer, state_dict: dict[str, Any]) -> None:
             f"state_dict is rank {state_dict['rank']} of {state_dict['world_size']}'s shard; this is rank "
             f"{opt.rank} of {opt.world_size}. A client that saves rank 0's state dict only needs "
             "ShardedOptimizer(full_state_dict=True); dist8.checkpoint loads at another world size")
-    check_state_dict_map(state_dict, opt.inner.quant_map)
+    check_state_dict_map(state_dict, opt.inner.quant_map, opt.inner.rule)
     saved_groups = state_dict["param_groups"]
     if len(saved_groups) != len(opt.param_groups):
         raise ValueError(f"state_dict has {len(saved_groups)} param groups, optimizer has {len(opt.param_groups)}")
