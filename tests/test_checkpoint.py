@@ -16,7 +16,7 @@ import dist8
 import dist8.checkpoint as ck
 from ckpt_utils import (KW, SHAPES, assert_same, make_model, resume_sharded, save_sharded, snapshot, train,
                         uninterrupted_sharded)
-from dist8.checkpoint.convert import export_fp32_adam, from_bitsandbytes
+from dist8.checkpoint.convert import export_fp32_adam, from_bitsandbytes, to_bitsandbytes
 from dist8.shard import ShardedOptimizer
 from dist8.shard.collectives import all_gather_state, fp32_state_bytes, gather_state, scatter_state
 from dist_utils import run_ranks
@@ -318,6 +318,71 @@ def test_bitsandbytes_square_average_written_with_the_signed_map_is_requantized(
     err = (values - theirs).abs().view(-1, 256).amax(1) / raw["absmax1"]
     assert err.max() < 0.02, err.max()  # within a step of the unsigned map (was 0.45)
     assert ours["step"] == 3
+
+
+TO_BNB = {"AdamW8bit": dict(lr=1e-3), "RMSprop8bit": dict(lr=1e-3), "Adagrad8bit": dict(lr=1e-2),
+          "Lion8bit": dict(lr=1e-4), "SGD8bit": dict(lr=1e-2, momentum=0.9), "LAMB8bit": dict(lr=1e-3),
+          "AdEMAMix8bit": dict(lr=1e-3)}
+
+
+@pytest.mark.parametrize("name", list(TO_BNB))
+def test_to_bitsandbytes_then_back(name):
+    """A dist8 run continues in bitsandbytes (to_bitsandbytes) and comes back (from_bitsandbytes): the same
+    codes, absmax and step where both use the same map (RMSprop/Adagrad: within a step of each map), a
+    matrix (AdEMAMix stacks (2, 64, 300): its conversion took 1-D parameters only) and a bias."""
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes not installable here")
+    from dist8.optim.state_schema import is_signed
+    from dist8.quant import dequantize_blockwise, dynamic_map
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(64, 300)), torch.nn.Parameter(torch.randn(300))]
+    mine = getattr(dist8, name)(params, min_8bit_size=0, **TO_BNB[name])
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        mine.step()
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    theirs = getattr(bnb.optim, name)(copies, min_8bit_size=0, **TO_BNB[name])
+    theirs.load_state_dict(to_bitsandbytes(mine, theirs))
+    back = getattr(dist8, name)([torch.nn.Parameter(p.detach().clone()) for p in params], min_8bit_size=0,
+                                **TO_BNB[name])
+    back.load_state_dict(from_bitsandbytes(theirs.state_dict(), optimizer=back))
+    for p, q in zip(params, back.param_groups[0]["params"]):
+        ours, again = mine.state[p], back.state[q]
+        assert again["step"] == ours["step"] == 3
+        for key in (k for k in ours if k.startswith("state")):
+            i = int(key[5:])
+            signed = is_signed(mine.rule, i)
+            a = dequantize_blockwise(ours[key].reshape(-1), ours[f"absmax{i}"], dynamic_map(signed))
+            b = dequantize_blockwise(again[key].reshape(-1), again[f"absmax{i}"], dynamic_map(signed))
+            if signed == (i != 2):  # bitsandbytes' map for this state: the codes travel unchanged
+                assert torch.equal(ours[key], again[key]) and torch.equal(ours[f"absmax{i}"], again[f"absmax{i}"])
+            else:
+                assert ((a - b).abs().max() / ours[f"absmax{i}"].max()) < 0.02, key
+    for c in copies:
+        c.grad = torch.randn_like(c)
+    theirs.step()  # bitsandbytes steps from the converted state
+    assert all(torch.isfinite(c).all() for c in copies)
+
+
+def test_to_bitsandbytes_refuses_what_bitsandbytes_cannot_hold():
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes not installable here")
+    p = torch.nn.Parameter(torch.randn(300))
+    p.grad = torch.randn(300)
+    for kw, match in ((dict(quant_map="fp8"), "dynamic map in blocks of 256"), (dict(block_size=128), "blocks of 128"),
+                      (dict(maximize=True), "param group 0 has maximize=True")):
+        opt = dist8.AdamW8bit([p], min_8bit_size=0, **kw)
+        opt.step()
+        with pytest.raises(ck.CheckpointError, match=match):
+            to_bitsandbytes(opt, bnb.optim.AdamW8bit([p], min_8bit_size=0))
+    h = torch.nn.Parameter(torch.randn(300, dtype=torch.bfloat16))
+    h.grad = torch.randn(300, dtype=torch.bfloat16)
+    opt = dist8.AdamW8bit([h], min_8bit_size=0, master_weight_bits=24)
+    opt.step()
+    with pytest.raises(ck.CheckpointError, match="parameter 0 has a master-weight correction"):
+        to_bitsandbytes(opt, bnb.optim.AdamW8bit([h], min_8bit_size=0))
+    with pytest.raises(ck.CheckpointError, match=r"sizes \[1\] \(dist8\) and \[2\] \(bitsandbytes\)"):
+        to_bitsandbytes(dist8.AdamW8bit([p]), bnb.optim.AdamW8bit([p, torch.nn.Parameter(torch.randn(3))]))
 
 
 def test_ckpt_cli_info_verify_consolidate(tmp_path, capsys):

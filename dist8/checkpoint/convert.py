@@ -30,10 +30,11 @@ from dist8.checkpoint.format import (
     write_metadata,
 )
 from dist8.kernels.rules import Rule, read_state, state_floored
-from dist8.optim.state_schema import STATE_DICT_INFO, checked_step, is_signed, n_states, state_dict_info
+from dist8.optim.state_schema import (CORRECTION, GNORM, STATE_DICT_INFO, checked_step, is_signed, n_states,
+                                      state_dict_info, state_indices)
 from dist8.quant import dequantize_blockwise, dynamic_map, get_map, num_blocks, quantize_blockwise
 
-__all__ = ["from_bitsandbytes", "export_fp32_adam", "consolidate", "fp32_weights"]
+__all__ = ["from_bitsandbytes", "to_bitsandbytes", "export_fp32_adam", "consolidate", "fp32_weights"]
 
 BNB_WRAPPER = "__bnb_optimizer_quant_state__"
 _BNB_DROP = {"qmap1", "qmap2", "unorm_vec", "gnorm_vec", "max1", "max2", "new_max1", "new_max2"}
@@ -105,6 +106,70 @@ def from_bitsandbytes(state_dict: dict[str, Any], block_size: int = 256,
             STATE_DICT_INFO: info}
 
 
+def to_bitsandbytes(optimizer: Any, bnb_optimizer: Any) -> dict[str, Any]:
+    """dist8 ``optimizer``'s state as the state dict ``bnb_optimizer.load_state_dict`` takes.
+
+    ``bnb_optimizer``: the bitsandbytes optimizer of the same kind over the same parameters in the same
+    order; it keeps its own hyperparameters except ``lr`` (and a scheduler's ``initial_lr``), taken from
+    dist8's groups. Exact (the same codes, absmax and step) where both use the same map for a state;
+    RMSprop's and Adagrad's square average is quantized again with bitsandbytes' signed map (within a
+    step of it). Refused, naming what, with a ``CheckpointError``: a map other than the dynamic one or
+    blocks other than 256 (all bitsandbytes reads), ``maximize`` or master weights (bitsandbytes has
+    neither), RMSprop with momentum (two states; bitsandbytes' keeps one), other group sizes.
+    """
+    rule = getattr(optimizer, "rule", None)
+    if rule is None or not callable(getattr(bnb_optimizer, "load_state_dict", None)):
+        raise CheckpointError("to_bitsandbytes(optimizer, bnb_optimizer) takes a dist8 optimizer and a bitsandbytes one")
+    if optimizer.quant_map != "dynamic" or optimizer.block_size != 256:
+        raise CheckpointError(f"bitsandbytes reads the dynamic map in blocks of 256; this optimizer writes "
+                              f"quant_map={optimizer.quant_map!r} in blocks of {optimizer.block_size}")
+    if rule == Rule.RMSPROP_MOMENTUM:
+        raise CheckpointError("RMSprop with momentum keeps a momentum buffer that bitsandbytes' RMSprop8bit has not")
+    mine, theirs = optimizer.state_dict(), bnb_optimizer.state_dict()
+    sizes = [[len(g["params"]) for g in d["param_groups"]] for d in (mine, theirs)]
+    if sizes[0] != sizes[1]:
+        raise CheckpointError(f"parameter groups of sizes {sizes[0]} (dist8) and {sizes[1]} (bitsandbytes) differ")
+    for gi, g in enumerate(mine["param_groups"]):
+        if g.get("maximize"):
+            raise CheckpointError(f"param group {gi} has maximize=True, which bitsandbytes does not have")
+    unorm = float(getattr(getattr(bnb_optimizer, "args", None), "max_unorm", 0.0) or 0.0) > 0
+    out_state = {}
+    for pid, st in mine["state"].items():
+        if CORRECTION in st:
+            raise CheckpointError(f"parameter {pid} has a master-weight correction, which bitsandbytes does not keep")
+        quant: dict[str, torch.Tensor] = {}
+        for i in state_indices(rule):
+            s = st.get(f"state{i}")
+            if not isinstance(s, torch.Tensor):
+                continue
+            if s.dtype != torch.uint8:
+                quant[f"state{i}"] = s.float().clone()
+                continue
+            codes, absmax, signed = s, st[f"absmax{i}"].float(), _BNB_SIGNED[i]
+            if is_signed(rule, i) != signed:
+                values = dequantize_blockwise(codes.reshape(-1), absmax, dynamic_map(not signed), 256)
+                codes, absmax = quantize_blockwise(values, dynamic_map(signed), 256)
+            quant.update({f"state{i}": codes.reshape(s.shape).clone(), f"absmax{i}": absmax.clone(),
+                          f"qmap{i}": dynamic_map(signed)})
+        if rule == Rule.ADEMAMIX and "state3" in quant:  # bitsandbytes stacks m1 and m2: (2, *param shape)
+            quant["state1"] = torch.stack([quant["state1"], quant.pop("state3")])
+            if "absmax3" in quant:
+                quant["absmax1"] = torch.stack([quant["absmax1"], quant.pop("absmax3")])
+                quant.pop("qmap3")
+        if isinstance(st.get(GNORM), torch.Tensor):
+            quant["gnorm_vec"] = st[GNORM].clone()
+        if unorm:
+            quant["unorm_vec"] = torch.zeros(1)  # scratch of bitsandbytes' max_unorm, made only by its init
+        out_state[pid] = {"step": checked_step(st.get("step", 0), str(pid), CheckpointError), BNB_WRAPPER: quant}
+    groups = []
+    for g_mine, g_theirs in zip(mine["param_groups"], theirs["param_groups"]):
+        g = dict(g_theirs, lr=g_mine["lr"])
+        if "initial_lr" in g_mine:
+            g["initial_lr"] = g_mine["initial_lr"]
+        groups.append(g)
+    return {"state": out_state, "param_groups": groups}
+
+
 def _check_structure(state_dict: Any) -> None:
     """An optimizer state dict's outline: a dict with a dict ``state`` of per-parameter dicts and a
     list ``param_groups``; anything else is refused naming what is wrong."""
@@ -118,16 +183,16 @@ def _check_structure(state_dict: Any) -> None:
 
 
 def _unstack_ademamix(pid: Any, st: dict[str, Any]) -> dict[str, Any]:
-    """bitsandbytes AdEMAMix's ``state1`` of shape (2, n) (rows m1, m2; ``absmax1`` (2, blocks) when
-    8-bit) as dist8's ``state1`` = m1 and ``state3`` = m2; other states unchanged."""
+    """bitsandbytes AdEMAMix's ``state1`` of shape (2, *param shape) (m1, m2; ``absmax1`` (2, blocks) when
+    8-bit) as dist8's ``state1`` = m1 and ``state3`` = m2 (state2's shape); other states unchanged."""
     s1, s2 = st.get("state1"), st.get("state2")
-    if not (torch.is_tensor(s1) and s1.dim() == 2 and s1.shape[0] == 2 and torch.is_tensor(s2)
-            and s1.shape[1] == s2.numel()):
+    if not (torch.is_tensor(s1) and s1.dim() >= 2 and s1.shape[0] == 2 and torch.is_tensor(s2)
+            and s1[0].numel() == s2.numel() and (s1.dim() == 2 or s1.shape[1:] == s2.shape)):
         return st
     if "state3" in st:
-        raise CheckpointError(f"parameter {pid}: a stacked (2, n) state1 next to a state3 is not a bitsandbytes "
+        raise CheckpointError(f"parameter {pid}: a stacked (2, ...) state1 next to a state3 is not a bitsandbytes "
                               "AdEMAMix state")
-    st = dict(st, state1=s1[0].contiguous(), state3=s1[1].contiguous())
+    st = dict(st, state1=s1[0].reshape(s2.shape).contiguous(), state3=s1[1].reshape(s2.shape).contiguous())
     a1 = st.get("absmax1")
     if torch.is_tensor(a1):
         if a1.dim() != 2 or a1.shape[0] != 2:
