@@ -784,3 +784,19 @@ def test_state_dict_with_codes_cast_to_float_or_mixed_kinds_is_refused():
     dist8.AdamW8bit([torch.nn.Parameter(torch.randn(300, 5))], min_8bit_size=0).load_state_dict(sd)
     all32["param_groups"][0]["optim_bits"] = 32
     dist8.AdamW8bit([torch.nn.Parameter(torch.randn(300, 5))], min_8bit_size=0).load_state_dict(all32)
+
+
+def test_malformed_state_signed_record_is_one_line():
+    """from_bitsandbytes records the sign of each state's map (dist8.state_signed); a mutated record is refused
+    naming the key, before anything loads."""
+    p = torch.nn.Parameter(torch.randn(300))
+    p.grad = torch.randn(300)
+    opt = dist8.RMSprop8bit([p], min_8bit_size=0)
+    opt.step()
+    for bad in ({"1": torch.ones(3)}, {"x": True}, {"1": "yes"}, {1: True}):
+        sd = opt.state_dict()
+        sd["dist8"]["state_signed"] = bad
+        fresh = dist8.RMSprop8bit([p], min_8bit_size=0)
+        with pytest.raises(ValueError, match=r"^state_dict's dist8.state_signed must map state numbers") as info:
+            fresh.load_state_dict(sd)
+        assert "\n" not in str(info.value) and not fresh.state

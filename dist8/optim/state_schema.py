@@ -104,8 +104,11 @@ def check_state_dict_map(state_dict: dict[str, Any], quant_map: str, rule: Rule 
     if rule is None or not isinstance(signed, dict):
         return
     for key, was_signed in signed.items():
-        i = int(key) if isinstance(key, str) and key.isdigit() else 0
-        if not 1 <= i <= n_states(rule) or bool(was_signed) == is_signed(rule, i):
+        if not (isinstance(key, str) and key.isdigit() and isinstance(was_signed, bool)):
+            raise ValueError(f"state_dict's {STATE_DICT_INFO}.state_signed must map state numbers ('1', '2', ...) "
+                             f"to true/false, got {brief(key)}: {brief(was_signed)}")
+        i = int(key)
+        if not 1 <= i <= n_states(rule) or was_signed == is_signed(rule, i):
             continue
         if _holds_codes({k: {state_key(i): v.get(state_key(i))} for k, v in state_dict.get("state", {}).items()
                          if isinstance(v, dict)}):
