@@ -573,6 +573,39 @@ def test_accelerate_fsdp2_optimizer_built_before_sharding(tmp_path):
     assert kinds[0]["emb.weight"] == "torch.uint8" and kinds[0]["block.0.weight"] == "torch.float32"
 
 
+def _accelerate_cast_llama_worker(rank, world_size):
+    """accelerate's FSDP2 calls torch's fully_shard, one group for the model here: a cast_model'd Llama
+    keeps its RMSNorms fp32 next to bf16 weights, which torch refuses at the first forward (naming no
+    module); keep_norm_layers=False casts them too (the README's advice for this path)."""
+    import transformers
+
+    acc = _accelerator_fsdp2()
+    out = {}
+    for keep in (True, False):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1))
+        dist8.cast_model(model, torch.bfloat16, keep_norm_layers=keep)
+        opt = dist8.AdamW8bit(model.parameters(), lr=1e-3, master_weight_bits=24)
+        model, opt = acc.prepare(model, opt)
+        ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(rank))
+        try:
+            acc.backward(model(input_ids=ids, labels=ids).loss)
+            opt.step()
+            out[keep] = sorted({str(p.dtype) for p in model.parameters()})
+        except AssertionError as e:
+            out[keep] = str(e)
+    return out
+
+
+def test_accelerate_fsdp2_takes_a_cast_llama_with_keep_norm_layers_false(tmp_path):
+    pytest.importorskip("accelerate", reason="accelerate is in the [test] extras")
+    for out in run_ranks(_accelerate_cast_llama_worker, 2, tmp_path=tmp_path):
+        assert "uniform original parameter dtype" in out[True]
+        assert out[False] == ["torch.bfloat16"]
+
+
 # ---- accelerate's DDP with dist8.ShardedOptimizer: save_state / load_state ----------------------------
 def _accelerate_ddp_zero(rank, world_size, out_dir, full_state_dict):
     import os
