@@ -168,9 +168,10 @@ def test_norm_classes_of_other_libraries_are_kept():
     dist8.AdamW8bit(model.parameters(), lr=1e-3, master_weight_bits=24).step()
 
 
-@pytest.mark.parametrize("arch", ["llama", "t5", "gemma2"])
+@pytest.mark.parametrize("arch", ["llama", "t5", "gemma2", "mamba"])
 def test_transformers_norm_layers_stay_fp32(arch):
-    """transformers' RMSNorm / T5LayerNorm classes are kept like nn.LayerNorm (before: all cast to bf16)."""
+    """transformers' RMSNorm / T5LayerNorm classes are kept like nn.LayerNorm (before: all cast to bf16).
+    Mamba casts the norm's input to the norm's weight dtype (fp32 now): the kept norm still returns bf16."""
     transformers = pytest.importorskip("transformers")
     small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     build = {
@@ -179,6 +180,8 @@ def test_transformers_norm_layers_stay_fp32(arch):
             transformers.Gemma2Config(**small, num_key_value_heads=1, head_dim=16)),
         "t5": lambda: transformers.T5ForConditionalGeneration(transformers.T5Config(
             vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16)),
+        "mamba": lambda: transformers.MambaForCausalLM(transformers.MambaConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=1, state_size=8)),
     }[arch]
     torch.manual_seed(0)
     model = dist8.cast_model(build(), torch.bfloat16)

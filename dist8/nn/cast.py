@@ -8,8 +8,9 @@ helper in torch, hence this one.
 
 A kept module computes in fp32: a forward pre-hook casts its floating-point
 inputs to fp32 and a forward hook casts its floating-point outputs back to the
-dtype its first input had, so it sits between bf16 layers without dtype errors
-(and ``RMSNorm`` keeps its fused path).
+dtype its first input had (to the model's cast dtype when that input was fp32 or
+not a float), so it sits between bf16 layers without dtype errors (and
+``RMSNorm`` keeps its fused path).
 """
 from __future__ import annotations
 
@@ -85,9 +86,13 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict):
 
 
 def _post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-    # An input without floats (an embedding's ids) returns in the model's cast dtype: fp32 rows would
-    # meet the next bf16 layer with a dtype mismatch.
-    dtype = module.__dict__.pop("_dist8_input_dtype", None) or module.__dict__.get(_OUTPUT_DTYPE_ATTR)
+    # Outputs take the input's low-precision dtype; an fp32 input (Mamba casts the norm's input to the
+    # norm's weight dtype; a model's first BatchNorm gets fp32 images) or none (an embedding's ids)
+    # returns in the model's cast dtype: fp32 activations would meet the next bf16 layer with a dtype
+    # mismatch.
+    dtype = module.__dict__.pop("_dist8_input_dtype", None)
+    if dtype is None or dtype == torch.float32:
+        dtype = module.__dict__.get(_OUTPUT_DTYPE_ATTR)
     return output if dtype is None or dtype == torch.float32 else _cast_floats(output, dtype)
 
 
