@@ -119,7 +119,9 @@ def to_bitsandbytes(optimizer: Any, bnb_optimizer: Any) -> dict[str, Any]:
     """
     rule = getattr(optimizer, "rule", None)
     if rule is None or not callable(getattr(bnb_optimizer, "load_state_dict", None)):
-        raise CheckpointError("to_bitsandbytes(optimizer, bnb_optimizer) takes a dist8 optimizer and a bitsandbytes one")
+        raise CheckpointError(f"to_bitsandbytes(optimizer, bnb_optimizer) takes a dist8 optimizer and a bitsandbytes one, "
+                              f"got {type(optimizer).__name__} and {type(bnb_optimizer).__name__} (a ShardedOptimizer: "
+                              "built with full_state_dict=True, load its state_dict() into a plain dist8 optimizer first)")
     if optimizer.quant_map != "dynamic" or optimizer.block_size != 256:
         raise CheckpointError(f"bitsandbytes reads the dynamic map in blocks of 256; this optimizer writes "
                               f"quant_map={optimizer.quant_map!r} in blocks of {optimizer.block_size}")
