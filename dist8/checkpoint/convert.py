@@ -45,6 +45,15 @@ _BNB_DROP = {"qmap1", "qmap2", "unorm_vec", "gnorm_vec", "max1", "max2", "new_ma
 _BNB_SIGNED = {1: True, 2: False, 3: True}
 
 
+def _requantize(codes: torch.Tensor, absmax: torch.Tensor, signed: bool,
+                block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes written with the dynamic map of sign ``signed``, decoded and quantized again with the other
+    sign's map (within half a step of it): (codes of ``codes``' shape, absmax)."""
+    values = dequantize_blockwise(codes.reshape(-1), absmax.float(), dynamic_map(signed), block_size)
+    new_codes, new_absmax = quantize_blockwise(values, dynamic_map(not signed), block_size)
+    return new_codes.view(codes.shape), new_absmax
+
+
 def from_bitsandbytes(state_dict: dict[str, Any], block_size: int = 256,
                       optimizer: Any | None = None) -> dict[str, Any]:
     """Turn a bitsandbytes block-wise 8-bit optimizer ``state_dict`` into a dist8 one.
@@ -94,9 +103,7 @@ def from_bitsandbytes(state_dict: dict[str, Any], block_size: int = 256,
             if not (isinstance(s, torch.Tensor) and s.dtype == torch.uint8):
                 continue
             if rule is not None and i <= n_states(rule) and is_signed(rule, i) != signed:
-                values = dequantize_blockwise(s.reshape(-1), new[f"absmax{i}"].float(), dynamic_map(signed), block_size)
-                codes, absmax = quantize_blockwise(values, dynamic_map(not signed), block_size)
-                new[f"state{i}"], new[f"absmax{i}"] = codes.view(s.shape), absmax
+                new[f"state{i}"], new[f"absmax{i}"] = _requantize(s, new[f"absmax{i}"], signed, block_size)
                 signed = not signed
             signs[str(i)] = signed
         out_state[pid] = new
@@ -112,8 +119,8 @@ def to_bitsandbytes(optimizer: Any, bnb_optimizer: Any) -> dict[str, Any]:
     ``bnb_optimizer``: the bitsandbytes optimizer of the same kind over the same parameters in the same
     order; it keeps its own hyperparameters except ``lr`` (and a scheduler's ``initial_lr``), taken from
     dist8's groups. Exact (the same codes, absmax and step) where both use the same map for a state;
-    RMSprop's and Adagrad's square average is quantized again with bitsandbytes' signed map (within a
-    step of it). Refused, naming what, with a ``CheckpointError``: a map other than the dynamic one or
+    RMSprop's and Adagrad's square average is quantized again with bitsandbytes' signed map (within
+    half a step of it). Refused, naming what, with a ``CheckpointError``: a map other than the dynamic one or
     blocks other than 256 (all bitsandbytes reads), ``maximize`` or master weights (bitsandbytes has
     neither), RMSprop with momentum (two states; bitsandbytes' keeps one), other group sizes.
     """
@@ -149,8 +156,7 @@ def to_bitsandbytes(optimizer: Any, bnb_optimizer: Any) -> dict[str, Any]:
                 continue
             codes, absmax, signed = s, st[f"absmax{i}"].float(), _BNB_SIGNED[i]
             if is_signed(rule, i) != signed:
-                values = dequantize_blockwise(codes.reshape(-1), absmax, dynamic_map(not signed), 256)
-                codes, absmax = quantize_blockwise(values, dynamic_map(signed), 256)
+                codes, absmax = _requantize(codes, absmax, not signed, 256)
             quant.update({f"state{i}": codes.reshape(s.shape).clone(), f"absmax{i}": absmax.clone(),
                           f"qmap{i}": dynamic_map(signed)})
         if rule == Rule.ADEMAMIX and "state3" in quant:  # bitsandbytes stacks m1 and m2: (2, *param shape)
