@@ -121,8 +121,8 @@ class GradientRelease:
         self._forwards = 0
         self._updated_in_forward: dict[torch.Tensor, int] = {}
         self._hooks: list = []
-        self._param_hooks: list[tuple[torch.Tensor, Any]] = []  # (parameter, its hook's RemovableHandle)
-        self._impls: dict[int, int | None] = {}  # id(parameter) -> its C++ tensor when hooked (_impl_of)
+        # [parameter, its hook's RemovableHandle, its C++ tensor when hooked (_impl_of)]
+        self._param_hooks: list[list] = []
         self._saved_methods: dict[str, Any] = {}
         self.active = False
 
@@ -132,8 +132,7 @@ class GradientRelease:
         for group in opt.param_groups:
             for p in group["params"]:
                 if p.requires_grad:
-                    self._param_hooks.append((p, p.register_post_accumulate_grad_hook(self._hook)))
-                    self._impls[id(p)] = _impl_of(p)
+                    self._param_hooks.append([p, p.register_post_accumulate_grad_hook(self._hook), _impl_of(p)])
                     _RELEASED_BY[id(p)] = self
         for name in ("step", "zero_grad"):
             if name in opt.__dict__:  # e.g. an LR scheduler's step counter wrapper
@@ -155,11 +154,10 @@ class GradientRelease:
             return
         if self.chunks is not None:
             self.chunks.remove()
-        for h in [*self._hooks, *(h for _, h in self._param_hooks)]:
+        for h in [*self._hooks, *(entry[1] for entry in self._param_hooks)]:
             h.remove()
         self._hooks.clear()
         self._param_hooks.clear()
-        self._impls.clear()
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 if _RELEASED_BY.get(id(p)) is self:
@@ -191,11 +189,11 @@ class GradientRelease:
         parameter object and its Python hook dict, but gives it another C++ tensor, which has no hook:
         the parameter would silently stop being stepped, opt.step() being a no-op. Assigning the dict
         again installs it on the new tensor. One comparison per parameter and forward."""
-        for p, _ in self._param_hooks:
-            impl = _impl_of(p)
-            if impl is None or impl != self._impls.get(id(p)):
+        for entry in self._param_hooks:
+            p, impl = entry[0], _impl_of(entry[0])
+            if impl is None or impl != entry[2]:
                 p._post_accumulate_grad_hooks = p._post_accumulate_grad_hooks
-                self._impls[id(p)] = impl
+                entry[2] = impl
 
     # ---- the hook ------------------------------------------------------------------------
     def _hook(self, p: torch.Tensor) -> None:

@@ -110,8 +110,7 @@ def check_state_dict_map(state_dict: dict[str, Any], quant_map: str, rule: Rule 
         i = int(key)
         if not 1 <= i <= n_states(rule) or was_signed == is_signed(rule, i):
             continue
-        if _holds_codes({k: {state_key(i): v.get(state_key(i))} for k, v in state_dict.get("state", {}).items()
-                         if isinstance(v, dict)}):
+        if _holds_codes([v.get(state_key(i)) for v in state_dict.get("state", {}).values() if isinstance(v, dict)]):
             kinds = ("unsigned", "signed") if was_signed else ("signed", "unsigned")
             raise ValueError(f"state_dict's {state_key(i)} codes were written with the {kinds[1]} dynamic map "
                              f"(bitsandbytes' convention); this optimizer reads {state_key(i)} with the {kinds[0]} "
