@@ -232,7 +232,8 @@ def test_metadata_edit_without_fixing_the_manifest_is_refused(tmp_path):
 @pytest.mark.parametrize("key,value,match", [
     ("lr", -1, "param group 0: lr = -1"), ("eps", -1, "eps = -1"), ("betas", [1.5, 0.999], r"betas\[0\] = 1.5"),
     ("lr", "fast", "lr must be a number"), ("weight_decay", -0.1, "weight_decay"), ("optim_bits", 4, "optim_bits"),
-    ("betas", [0.9], "betas must be a list of 2")])
+    ("betas", [0.9], "betas must be a list of 2"),
+    ("lr", 1e300, r"lr = 1e\+300 is outside \[0.0, 3.4028")])  # inf as the kernels' float32
 def test_hyperparameters_are_validated_naming_the_group(tmp_path, key, value, match):
     _m, _o, path = saved(tmp_path)
     edit_meta(path, lambda m: m["optimizer"]["param_groups"][0].__setitem__(key, value))

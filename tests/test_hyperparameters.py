@@ -49,6 +49,12 @@ BAD = [
     (d8.AdEMAMix8bit, dict(t_beta3=100, betas=(0.0, 0.999, 0.9999)), "betas"),
     (d8.AdEMAMix8bit, dict(weight_decay=NAN), "weight_decay"),
     (d8.AdEMAMix8bit, dict(eps=-1.0), "eps"),
+    # finite, but inf as the kernels' float32: LAMB/LARS made every parameter inf, the others
+    # skipped every block as non-finite, step after step
+    (d8.LAMB8bit, dict(lr=1e300), "lr must be within float32's range"),
+    (d8.LARS8bit, dict(lr=1e39), "lr must be within float32's range"),
+    (d8.AdamW8bit, dict(weight_decay=4e38), "weight_decay must be within float32's range"),
+    (d8.AdEMAMix8bit, dict(alpha=1e39), "alpha must be within float32's range"),
 ]
 IDS = [f"{cls.__name__}-{key}-{i}" for i, (cls, _, key) in enumerate(BAD)]
 
@@ -58,7 +64,7 @@ def _params():
 
 
 def _base_kwargs(cls):
-    return dict(lr=0.1, momentum=0.9) if cls is d8.SGD8bit else {}
+    return dict(lr=0.1, momentum=0.9) if cls in (d8.SGD8bit, d8.LARS8bit) else {}
 
 
 @pytest.mark.parametrize("cls,kw,key", BAD, ids=IDS)
@@ -192,6 +198,7 @@ def test_lamb_max_unorm_clips_the_update():
     ("lr", -1.0, "lr must be >= 0"),
     ("betas", (0.9,), "betas must be a pair"),
     ("weight_decay", float("inf"), "weight_decay must be a finite number"),
+    ("lr", 1e300, "lr must be within float32's range"),
 ])
 def test_hyperparameter_changed_between_steps_is_refused_before_anything_moves(key, value, match):
     # A scheduler or user code writing a bad value into param_groups between steps: the next

@@ -19,6 +19,9 @@ __all__ = [
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# the kernels take every hyperparameter as float32: a larger finite number would reach them as inf
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
 
 def check_flag(value: Any, key: str) -> bool:
     """A bool (0 and 1 count), else ValueError naming ``key``: a tensor or a string here would
@@ -30,11 +33,14 @@ def check_flag(value: Any, key: str) -> bool:
 
 def check_number(value: Any, key: str, where: str, *, lo: float | None = None, hi: float | None = None,
                  lo_open: bool = False, hi_open: bool = False) -> float:
-    """A finite real number (a 0-d tensor counts) within the given bounds, else ValueError naming ``key``."""
+    """A finite real number (a 0-d tensor counts) within the given bounds and float32's range (the
+    kernels' type), else ValueError naming ``key``."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
         value = float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{key} must be a finite number ({where}), got {brief(value)}")
+    if abs(value) > _FLOAT32_MAX:
+        raise ValueError(f"{key} must be within float32's range, |{key}| <= 3.4e38 ({where}), got {brief(value)}")
     if lo is not None and (value < lo or (lo_open and value == lo)):
         raise ValueError(f"{key} must be {'>' if lo_open else '>='} {lo} ({where}), got {brief(value)}")
     if hi is not None and (value > hi or (hi_open and value == hi)):
