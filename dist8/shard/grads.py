@@ -7,6 +7,7 @@ gradient in torch's sense (:class:`GradPresence`).
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -209,6 +210,12 @@ class Stage2Grads:
         self.hooks = [p.register_post_accumulate_grad_hook(self._make_hook(i)) for i, p in enumerate(self.params)]
         self.attach_views()
 
+    def remove(self) -> None:
+        """Take the backward hooks off the parameters (a newer ShardedOptimizer took them over)."""
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks = []
+
     def view(self, index: int, start: int, numel: int) -> torch.Tensor:
         """Elements ``[start, start + numel)`` of parameter ``index``'s gradient (flat)."""
         k = self.buffer_of[index]
@@ -219,23 +226,33 @@ class Stage2Grads:
             p.grad = view
 
     def _make_hook(self, index: int) -> Callable[[torch.Tensor], None]:
+        # The parameter holds its hook; the hook holds these buffers only weakly, so an optimizer
+        # that is dropped frees them (its hooks then do nothing).
+        ref = weakref.ref(self)
+
         def hook(p: torch.Tensor) -> None:
-            view = self.views[index]
-            if p.grad.data_ptr() != view.data_ptr():  # e.g. after model.zero_grad(set_to_none=True)
-                view.copy_(p.grad)
-                p.grad = view
-            self.presence.backward_hook(index)
-            if self.world_size > 1 and not self.accumulating():
-                if self.buckets.marked[index]:  # its bucket may be reduced already: the new gradient would be lost
-                    raise RuntimeError(ddp_problem(self.params) or (
-                        f"parameter {self.names[index]} got a second gradient before step(): ShardedOptimizer(stage=2) "
-                        "sums each gradient onto the rank that owns it during backward, so gradients cannot "
-                        "accumulate over several backward passes by themselves; wrap all but the last in "
-                        "`with opt.no_sync():` (as with DDP), or use stage=1"))
-                self.buckets.mark_ready(index)
-                self.launch_versions = [g._version for g in self.flat]
+            grads = ref()
+            if grads is not None:
+                grads.on_gradient(index, p)
 
         return hook
+
+    def on_gradient(self, index: int, p: torch.Tensor) -> None:
+        """Parameter ``index``'s gradient was accumulated by backward: into the buffer, bucket marked."""
+        view = self.views[index]
+        if p.grad.data_ptr() != view.data_ptr():  # e.g. after model.zero_grad(set_to_none=True)
+            view.copy_(p.grad)
+            p.grad = view
+        self.presence.backward_hook(index)
+        if self.world_size > 1 and not self.accumulating():
+            if self.buckets.marked[index]:  # its bucket may be reduced already: the new gradient would be lost
+                raise RuntimeError(ddp_problem(self.params) or (
+                    f"parameter {self.names[index]} got a second gradient before step(): ShardedOptimizer(stage=2) "
+                    "sums each gradient onto the rank that owns it during backward, so gradients cannot "
+                    "accumulate over several backward passes by themselves; wrap all but the last in "
+                    "`with opt.no_sync():` (as with DDP), or use stage=1"))
+            self.buckets.mark_ready(index)
+            self.launch_versions = [g._version for g in self.flat]
 
     def present_on_any_rank(self, device: torch.device) -> list[bool]:
         """Before :meth:`reduce`: bring ``.grad`` changes made outside backward into the buffer (None: no

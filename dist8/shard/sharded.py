@@ -8,6 +8,7 @@ in ``collectives.py``, the state-dict formats in ``state_dicts.py``.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -30,6 +31,10 @@ from dist8.shard.layout import BlockLayout, Piece
 from dist8.quant import DEFAULT_BLOCK_SIZE
 
 __all__ = ["ShardedOptimizer"]
+
+# The ShardedOptimizer each parameter is laid out in, by id() (no weak reference to a parameter:
+# torch.utils.swap_tensors refuses those); an entry is checked against the optimizer's own list.
+_LAID_OUT_IN: weakref.WeakValueDictionary[int, ShardedOptimizer] = weakref.WeakValueDictionary()
 
 
 class ShardedOptimizer(LazyDynamoOptimizer):
@@ -113,12 +118,17 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         self.params: list[torch.Tensor] = []  # the parameters in layout order (views of their flat buffer)
         self.names: list[str] = []  # their names, same order
         self._group_of: list[int] = []
+        # parameters frozen now are left out of the layout (no flat buffer, gradient buffer or state);
+        # one that gets a gradient later is refused at the step (_refuse_gradients_outside_the_layout)
+        self._outside_layout: list[tuple[torch.Tensor, str]] = []
         for gi, group in enumerate(groups):
-            for p in group["params"]:
+            for i, p in enumerate(group["params"]):
                 if p.requires_grad:
                     self.params.append(p)
                     self.names.append(names.get(p, f"param{len(self.params) - 1}"))
                     self._group_of.append(gi)
+                else:
+                    self._outside_layout.append((p, names.get(p, f"group {gi} index {i}")))
         if not self.params:
             raise ValueError("ShardedOptimizer got no parameters that require grad")
         overrides = check_overrides(defaults.get("overrides"))
@@ -184,7 +194,29 @@ class ShardedOptimizer(LazyDynamoOptimizer):
             self.stage2_grads = Stage2Grads(self.params, self.names, self.buffers, self._buffer_of, self.rank,
                                             self.world_size, self.group, cap_bytes, lambda: self._accumulating)
         super().__init__(groups, dict(self.inner.defaults))
+        self._laid_out = True  # from now on add_param_group is refused
         self._sync_hyper(to_inner=False)
+        self._superseded_by: str | None = None
+        self._take_over_parameters()
+
+    def _take_over_parameters(self) -> None:
+        """An earlier ShardedOptimizer over any of these parameters (rebuilt after unfreezing, a second
+        ``train()``, a notebook cell run again) gives them up: its stage-2 hooks would otherwise go on
+        reducing into its own buffers (and refuse the second backward), and its step would write
+        buffers the parameters no longer view. Stepping it is refused from now on."""
+        for p, name in zip(self.params, self.names):
+            earlier = _LAID_OUT_IN.get(id(p))
+            if earlier is not None and earlier is not self and any(q is p for q in earlier.params):
+                earlier.give_up(name)
+            _LAID_OUT_IN[id(p)] = self
+
+    def give_up(self, name: str) -> None:
+        """Stop serving the parameters (a newer ShardedOptimizer over parameter ``name`` took them):
+        backward hooks removed, :meth:`step` refused."""
+        if self._superseded_by is None:
+            self._superseded_by = name
+            if self.stage2_grads is not None:
+                self.stage2_grads.remove()
 
     # ---- construction checks ---------------------------------------------------
     def _check_uniform(self) -> None:
@@ -270,6 +302,44 @@ class ShardedOptimizer(LazyDynamoOptimizer):
             if master is not None:
                 master.copy_(saved)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Refused once built (ValueError, nothing added): the block layout, flat buffers, gradient
+        hooks and rank ranges are fixed when the optimizer is built (torch calls this while building)."""
+        if not getattr(self, "_laid_out", False):
+            super().add_param_group(param_group)
+            return
+        params = param_group.get("params") if isinstance(param_group, dict) else None
+        params = [params] if isinstance(params, torch.Tensor) else list(params or [])
+        first = f" (parameter {self._name_of(params[0])}{', ...' if len(params) > 1 else ''})" if params else ""
+        raise ValueError(f"ShardedOptimizer cannot add param group {len(self.param_groups)}{first}: its block layout "
+                         "is fixed when it is built, from the parameters that require grad then; build a new one "
+                         "with every group that will train (it takes the parameters over); nothing was added")
+
+    def _name_of(self, p: Any) -> str:
+        for q, name in zip(self.params, self.names):
+            if q is p:
+                return name
+        for q, name in self._outside_layout:
+            if q is p:
+                return name
+        return f"of shape {tuple(p.shape)}" if isinstance(p, torch.Tensor) else repr(p)[:40]
+
+    def _refuse_gradients_outside_the_layout(self) -> None:
+        """A parameter frozen when the optimizer was built has no place in the layout: a gradient
+        it got after being unfrozen would never be applied (silently), so the step is refused, on
+        every rank alike (one small all-reduce per step, only when some parameter was left out)."""
+        if not self._outside_layout:
+            return
+        found = max((i + 1 for i, (p, _) in enumerate(self._outside_layout) if p.grad is not None), default=0)
+        if self.world_size > 1:
+            flag = torch.tensor([found], dtype=torch.int64, device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+            found = int(flag[0])
+        if found:
+            raise ValueError(f"parameter {self._outside_layout[found - 1][1]} did not require grad when the "
+                             "ShardedOptimizer was built, so it has no place in its layout, and now has a gradient; "
+                             "build the ShardedOptimizer after unfreezing it (nothing was updated)")
+
     # ---- gradient handling --------------------------------------------------------
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -296,8 +366,13 @@ class ShardedOptimizer(LazyDynamoOptimizer):
 
     def _prepare_grads(self) -> None:
         """Give every owned piece its averaged gradient (stage 2: reduce the buckets first)."""
+        if self._superseded_by is not None:
+            raise RuntimeError(f"this ShardedOptimizer was superseded: a newer one was built over its parameter "
+                               f"{self._superseded_by} and took its parameters over; step that one (nothing was "
+                               "updated)")
         if getattr(self, "_grads_ready", False):
             return
+        self._refuse_gradients_outside_the_layout()
         grads = self.stage2_grads
         has_grad = None
         if grads is not None:

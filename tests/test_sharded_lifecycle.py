@@ -1,0 +1,133 @@
+"""ShardedOptimizer over a model whose trainable parameters change, and rebuilt over the same model.
+
+Its block layout, flat buffers and stage-2 gradient hooks are fixed when it is built. What users do
+around that -- unfreeze a backbone and ``add_param_group`` it (PyTorch Lightning's
+``BackboneFinetuning``), unfreeze a parameter the optimizer was built without, build a second
+optimizer over the same model (after unfreezing, a second ``train()``, a notebook cell run again),
+drop one -- must either work exactly or be refused naming the parameter, losing nothing. Before:
+the added or unfrozen parameters were silently never trained, and a second stage-2 optimizer's
+second backward failed in the first one's hooks (which also kept its buffers alive).
+"""
+import gc
+import weakref
+
+import pytest
+import torch
+
+import dist8
+from dist8.shard import ShardedOptimizer
+from dist_utils import run_ranks
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64))
+
+
+def _loss(model, rank, step):
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(100 * rank + step))
+    return model(x).square().mean()
+
+
+def _sharded(model, stage, **kw):
+    return ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, stage=stage, lr=1e-2, min_8bit_size=0, **kw)
+
+
+def _train(model, opt, rank, world, steps, first=0):
+    for step in range(first, first + steps):
+        _loss(model, rank, step).backward()
+        if opt.stage == 1 and world > 1:  # stage 1 takes averaged gradients (DDP's job)
+            for p in model.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad.div_(world)
+        opt.step()
+        opt.zero_grad()
+
+
+def _refusals(rank, world, stage):
+    model = _model()
+    model[0].weight.requires_grad_(False)  # frozen when the optimizer is built: left out of its layout
+    opt = _sharded(model, stage)
+    out = {}
+    with pytest.raises(ValueError) as info:
+        opt.add_param_group({"params": [model[0].weight], "lr": 1e-3})
+    out["add"] = str(info.value)
+    out["groups"] = len(opt.param_groups)
+    _train(model, opt, rank, world, 1)
+    model[0].weight.requires_grad_(True)  # unfrozen afterwards
+    if rank == 0 or world == 1:
+        before = [p.detach().clone() for p in model.parameters()]
+        state = [{k: v.clone() for k, v in st.items() if torch.is_tensor(v)} for st in opt.inner.state.values()]
+    _loss(model, rank, 1).backward()
+    if rank == 1:  # a gradient on one rank only: every rank refuses (none waits in a collective)
+        model[0].weight.grad = None
+    if rank == 0 or world == 1:
+        with pytest.raises(ValueError) as info:
+            opt.step()
+        out["step"] = str(info.value)
+        out["unchanged"] = all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and all(
+            torch.equal(v, state[i][k]) for i, st in enumerate(opt.inner.state.values())
+            for k, v in st.items() if torch.is_tensor(v))
+    else:
+        with pytest.raises(ValueError) as info:
+            opt.step()
+        out["step"] = str(info.value)
+    return out
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_parameters_frozen_at_build_and_added_groups_are_refused_naming_them(stage, tmp_path):
+    for out in run_ranks(_refusals, 2, stage, tmp_path=tmp_path):
+        assert out["add"].startswith("ShardedOptimizer cannot add param group 1 (parameter 0.weight): its block "
+                                     "layout is fixed when it is built") and out["groups"] == 1
+        assert out["step"].startswith("parameter 0.weight did not require grad when the ShardedOptimizer was built")
+        assert out.get("unchanged", True)
+
+
+def _rebuilt(rank, world, stage):
+    model, reference = _model(), _model()
+    first = _sharded(model, stage)
+    _train(model, first, rank, world, 2)
+    reference.load_state_dict(model.state_dict())
+    # a second optimizer over the same parameters, the first still alive (as a scheduler or a
+    # trainer would keep it): it takes the parameters over
+    second = _sharded(model, stage)
+    _train(model, second, rank, world, 3, first=2)
+    _train(reference, _sharded(reference, stage), rank, world, 3, first=2)
+    out = {"same": all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))}
+    _loss(model, rank, 9).backward()
+    with pytest.raises(RuntimeError) as info:
+        first.step()
+    out["old_step"] = str(info.value)
+    del info  # its traceback holds the first optimizer's frames
+    second.zero_grad()
+    # dropped, its buffers are freed (the parameters' hooks hold them weakly); a third one over a
+    # parameter the second is laid out in is refused nothing
+    buffers = weakref.ref(first.buffers[0].flat)
+    grads = weakref.ref(first.stage2_grads) if first.stage2_grads is not None else None
+    del first
+    gc.collect()
+    out["freed"] = buffers() is None and (grads is None or grads() is None)
+    return out
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_rebuilt_optimizer_takes_the_parameters_over(stage, tmp_path):
+    for out in run_ranks(_rebuilt, 2, stage, tmp_path=tmp_path):
+        assert out["same"], "the second optimizer's run differs from a fresh optimizer's"
+        assert out["old_step"].startswith("this ShardedOptimizer was superseded: a newer one was built over its "
+                                          "parameter 0.weight")
+        assert out["freed"]
+
+
+def test_a_dropped_stage2_optimizer_frees_its_gradient_buffers():
+    model = _model()
+    opt = _sharded(model, 2)
+    _train(model, opt, 0, 1, 1)
+    grads = weakref.ref(opt.stage2_grads)
+    del opt
+    gc.collect()
+    assert grads() is None
+    _loss(model, 0, 1).backward()  # its hooks, still on the parameters, do nothing
+    assert all(p.grad is not None for p in model.parameters())
