@@ -223,3 +223,32 @@ def test_kept_embedding_returns_the_cast_dtype_and_tied_weights_are_kept_togethe
                                          r"\(tied weights\), whose module is cast to bfloat16: keep both modules"):
         dist8.cast_model(model, torch.bfloat16, keep_fp32=["head"])
     assert {p.dtype for p in model.parameters()} == {torch.float32}  # refused before anything was cast
+
+
+def _recast_with_lightning_bf16_true(model):
+    from lightning.fabric.plugins.precision import HalfPrecision
+    return HalfPrecision("bf16-true").convert_module(model)  # what Fabric/Trainer(precision="bf16-true") call
+
+
+@pytest.mark.parametrize("recast, dtype", [
+    (lambda m: m.float(), torch.float32), (lambda m: m.to(torch.bfloat16), torch.bfloat16),
+    (lambda m: m.half(), torch.float16), (lambda m: m.double(), torch.float64),
+    (_recast_with_lightning_bf16_true, torch.bfloat16)], ids=["float", "to-bf16", "half", "double", "lightning-bf16-true"])
+def test_a_cast_model_cast_again_as_a_whole_runs_like_a_plain_model_of_that_dtype(recast, dtype):
+    """``model.float()`` (to evaluate or export), ``.to(torch.bfloat16)``, ``.half()`` or Lightning's
+    ``bf16-true`` after cast_model: the kept modules are cast with the rest, and their hooks now follow
+    (they cast the output to the dtype cast_model had used, or the input to fp32: every one of these
+    failed at the first forward with a dtype mismatch naming nothing). The result is bitwise a plain
+    model of that dtype with the same weights."""
+    torch.manual_seed(0)
+    model = dist8.cast_model(Model(), torch.bfloat16)
+    plain = Model()
+    plain.load_state_dict(model.state_dict())
+    model = recast(model)
+    plain = plain.to(dtype)
+    model.eval(), plain.eval()
+    idx = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        out, expected = model(idx), plain(idx)
+    assert out.dtype == dtype and torch.equal(out, expected)
+    assert {p.dtype for p in model.parameters()} == {dtype}

@@ -8,9 +8,12 @@ helper in torch, hence this one.
 
 A kept module computes in fp32: a forward pre-hook casts its floating-point
 inputs to fp32 and a forward hook casts its floating-point outputs back to the
-dtype its first input had (to the model's cast dtype when that input was fp32 or
+dtype its first input had (to the model's dtype when that input was fp32 or
 not a float), so it sits between bf16 layers without dtype errors (and
-``RMSNorm`` keeps its fused path).
+``RMSNorm`` keeps its fused path). The hooks follow a later ``model.float()``,
+``.to(torch.bfloat16)`` or ``.half()`` of the whole model: a kept module computes in
+its own parameters' dtype, and "the model's dtype" is read from one cast parameter
+at each call.
 """
 from __future__ import annotations
 
@@ -35,6 +38,8 @@ NORM_LAYERS: tuple[type[nn.Module], ...] = (
 _CASTABLE = (torch.bfloat16, torch.float16, torch.float32)
 _KEPT_ATTR = "_dist8_kept_fp32"
 _OUTPUT_DTYPE_ATTR = "_dist8_cast_dtype"  # the dtype cast_model gave the model (a kept module's outputs)
+# (module, attribute name) of one parameter cast_model cast: its dtype now is the model's dtype now
+_MODEL_PARAM_ATTR = "_dist8_model_param"
 # "Norm" as a word of the class name: LlamaRMSNorm, T5LayerNorm, MambaRMSNormGated, FusedRMSNorm, BatchNorm2d;
 # not Normal, Normalize, NormalizedEmbedding.
 _NORM_CLASS_NAME = re.compile(r"Norm(?![a-z])")
@@ -80,20 +85,57 @@ def _first_float_dtype(args: tuple, kwargs: dict) -> torch.dtype | None:
     return None
 
 
+def _own_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a kept module computes in: its parameters' (fp32, unless the whole model was cast
+    again afterwards, e.g. ``model.to(torch.bfloat16)``)."""
+    for t in module.parameters():
+        if t.is_floating_point():
+            return t.dtype
+    for t in module.buffers():
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def _model_dtype(module: nn.Module) -> torch.dtype | None:
+    """The model's dtype now: that of the parameter cast_model recorded (``model.float()`` later makes
+    it fp32); the dtype cast_model cast to if that parameter is gone."""
+    ref = module.__dict__.get(_MODEL_PARAM_ATTR)
+    if ref is not None:
+        p = getattr(ref[0], ref[1], None)
+        if isinstance(p, torch.Tensor) and p.is_floating_point():
+            return p.dtype
+    return module.__dict__.get(_OUTPUT_DTYPE_ATTR)
+
+
 def _pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     module._dist8_input_dtype = _first_float_dtype(args, kwargs)
-    return _cast_floats(args, torch.float32), _cast_floats(kwargs, torch.float32)
+    own = _own_dtype(module)
+    return _cast_floats(args, own), _cast_floats(kwargs, own)
 
 
 def _post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
     # Outputs take the input's low-precision dtype; an fp32 input (Mamba casts the norm's input to the
     # norm's weight dtype; a model's first BatchNorm gets fp32 images) or none (an embedding's ids)
-    # returns in the model's cast dtype: fp32 activations would meet the next bf16 layer with a dtype
-    # mismatch.
+    # returns in the model's dtype: fp32 activations would meet the next bf16 layer with a dtype
+    # mismatch. A module cast again with the whole model (no longer fp32) returns its own dtype.
     dtype = module.__dict__.pop("_dist8_input_dtype", None)
+    if _own_dtype(module) != torch.float32:
+        return output
     if dtype is None or dtype == torch.float32:
-        dtype = module.__dict__.get(_OUTPUT_DTYPE_ATTR)
+        dtype = _model_dtype(module)
     return output if dtype is None or dtype == torch.float32 else _cast_floats(output, dtype)
+
+
+def _a_cast_parameter(model: nn.Module, kept_ids: set[int]) -> tuple[nn.Module, str] | None:
+    """(module, attribute name) of the first floating-point parameter cast_model casts."""
+    for module in model.modules():
+        if id(module) in kept_ids:
+            continue
+        for name, p in module.named_parameters(recurse=False):
+            if p.is_floating_point():
+                return module, name
+    return None
 
 
 def _refuse_split_ties(model: nn.Module, kept_ids: set[int], dtype: torch.dtype) -> None:
@@ -181,8 +223,10 @@ def cast_model(
             if b.is_floating_point() and b.dtype != target:
                 setattr(module, name, b.to(target))
     if dtype != torch.float32:
+        reference = _a_cast_parameter(model, kept_ids)
         for module in kept:
             module.__dict__[_OUTPUT_DTYPE_ATTR] = dtype
+            module.__dict__[_MODEL_PARAM_ATTR] = reference  # not a registered submodule: __dict__ directly
             if not getattr(module, _KEPT_ATTR, False):
                 module.register_forward_pre_hook(_pre_hook, with_kwargs=True)
                 module.register_forward_hook(_post_hook, with_kwargs=True)
