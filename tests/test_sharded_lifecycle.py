@@ -131,3 +131,21 @@ def test_a_dropped_stage2_optimizer_frees_its_gradient_buffers():
     assert grads() is None
     _loss(model, 0, 1).backward()  # its hooks, still on the parameters, do nothing
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("recast", ["to-bf16", "half", "one-module"])
+def test_a_model_cast_after_the_optimizer_was_built_is_refused_naming_the_parameter(stage, recast):
+    """Parameters are views of the optimizer's flat buffers; ``model.to(dtype)`` (or ``.cuda()``) after
+    building gives them new storage. Stage 2 then trained nothing, silently; stage 1 failed on a
+    gradient dtype. Now refused at the step naming the parameter, nothing updated."""
+    model = _model()
+    opt = _sharded(model, stage)
+    {"to-bf16": lambda: model.to(torch.bfloat16), "half": model.half, "one-module": model[2].half}[recast]()
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(8, 64, dtype=model[0].weight.dtype)
+    model[2](model[1](model[0](x)).to(model[2].weight.dtype)).float().square().mean().backward()
+    which = "2.weight" if recast == "one-module" else "0.weight"
+    with pytest.raises(RuntimeError, match=f"^parameter {which} no longer lives in the ShardedOptimizer's flat buffer"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

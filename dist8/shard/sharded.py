@@ -198,6 +198,8 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         self._sync_hyper(to_inner=False)
         self._superseded_by: str | None = None
         self._take_over_parameters()
+        # where each parameter's values live (its view of a flat buffer), to notice a replaced storage
+        self._storage = [p.data_ptr() for p in self.params]
 
     def _take_over_parameters(self) -> None:
         """An earlier ShardedOptimizer over any of these parameters (rebuilt after unfreezing, a second
@@ -324,6 +326,21 @@ class ShardedOptimizer(LazyDynamoOptimizer):
                 return name
         return f"of shape {tuple(p.shape)}" if isinstance(p, torch.Tensor) else repr(p)[:40]
 
+    def _refuse_parameters_off_their_buffers(self) -> None:
+        """A parameter whose storage was replaced after the optimizer was built (``model.to(dtype)``,
+        ``.cuda()``, ``.half()``) no longer views its flat buffer: the step would update the buffer and
+        the all-gather would write it, while the model reads the new tensor, never trained (stage 2:
+        silently). Refused naming it; the same code runs on every rank, so every rank refuses."""
+        for p, name, ptr, k in zip(self.params, self.names, self._storage, self._buffer_of):
+            if p.data_ptr() != ptr:
+                buf = self.buffers[k].flat
+                now = f"{str(p.dtype).replace('torch.', '')} on {p.device}"
+                was = f"{str(buf.dtype).replace('torch.', '')} on {buf.device}"
+                raise RuntimeError(f"parameter {name} no longer lives in the ShardedOptimizer's flat buffer ({now}, "
+                                   f"was {was}): the model was moved or cast after the optimizer was built "
+                                   "(model.to(...), .cuda(), .half()); move or cast it first, then build the "
+                                   "ShardedOptimizer (nothing was updated)")
+
     def _refuse_gradients_outside_the_layout(self) -> None:
         """A parameter frozen when the optimizer was built has no place in the layout: a gradient
         it got after being unfrozen would never be applied (silently), so the step is refused, on
@@ -372,6 +389,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
                                "updated)")
         if getattr(self, "_grads_ready", False):
             return
+        self._refuse_parameters_off_their_buffers()
         self._refuse_gradients_outside_the_layout()
         grads = self.stage2_grads
         has_grad = None
