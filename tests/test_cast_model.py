@@ -252,3 +252,20 @@ def test_a_cast_model_cast_again_as_a_whole_runs_like_a_plain_model_of_that_dtyp
         out, expected = model(idx), plain(idx)
     assert out.dtype == dtype and torch.equal(out, expected)
     assert {p.dtype for p in model.parameters()} == {dtype}
+
+
+def test_a_block_copied_out_of_a_cast_model_follows_its_own_casts():
+    """What the kept modules read the model's dtype from travels with them (an empty buffer, not in
+    ``state_dict``): a block deep-copied out of the cast model and cast to fp32 runs in fp32, the
+    model it came from still in bf16."""
+    import copy
+
+    torch.manual_seed(0)
+    model = dist8.cast_model(Model(), torch.bfloat16)
+    assert not any("_dist8" in k for k in model.state_dict())
+    block = copy.deepcopy(model.blocks[0]).float()
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        assert block(x).dtype == torch.float32
+        assert model.blocks[0](x.bfloat16()).dtype == torch.bfloat16
+        assert model(torch.randint(0, 50, (2, 7))).dtype == torch.bfloat16

@@ -12,8 +12,8 @@ dtype its first input had (to the model's dtype when that input was fp32 or
 not a float), so it sits between bf16 layers without dtype errors (and
 ``RMSNorm`` keeps its fused path). The hooks follow a later ``model.float()``,
 ``.to(torch.bfloat16)`` or ``.half()`` of the whole model: a kept module computes in
-its own parameters' dtype, and "the model's dtype" is read from one cast parameter
-at each call.
+its own parameters' dtype, and "the model's dtype" is that of an empty buffer the
+cast converts with the rest.
 """
 from __future__ import annotations
 
@@ -38,8 +38,10 @@ NORM_LAYERS: tuple[type[nn.Module], ...] = (
 _CASTABLE = (torch.bfloat16, torch.float16, torch.float32)
 _KEPT_ATTR = "_dist8_kept_fp32"
 _OUTPUT_DTYPE_ATTR = "_dist8_cast_dtype"  # the dtype cast_model gave the model (a kept module's outputs)
-# (module, attribute name) of one parameter cast_model cast: its dtype now is the model's dtype now
-_MODEL_PARAM_ATTR = "_dist8_model_param"
+# A kept module's empty, non-persistent buffer in the model's dtype: casts of the whole model
+# (model.float(), .to(torch.bfloat16), .half()) convert it with the rest, so its dtype is the
+# model's dtype now. Not in state_dict; costs nothing to copy, pickle or move.
+_MODEL_DTYPE_BUFFER = "_dist8_model_dtype"
 # "Norm" as a word of the class name: LlamaRMSNorm, T5LayerNorm, MambaRMSNormGated, FusedRMSNorm, BatchNorm2d;
 # not Normal, Normalize, NormalizedEmbedding.
 _NORM_CLASS_NAME = re.compile(r"Norm(?![a-z])")
@@ -91,21 +93,16 @@ def _own_dtype(module: nn.Module) -> torch.dtype:
     for t in module.parameters():
         if t.is_floating_point():
             return t.dtype
-    for t in module.buffers():
-        if t.is_floating_point():
+    for name, t in module.named_buffers():
+        if t.is_floating_point() and not name.endswith(_MODEL_DTYPE_BUFFER):
             return t.dtype
     return torch.float32
 
 
 def _model_dtype(module: nn.Module) -> torch.dtype | None:
-    """The model's dtype now: that of the parameter cast_model recorded (``model.float()`` later makes
-    it fp32); the dtype cast_model cast to if that parameter is gone."""
-    ref = module.__dict__.get(_MODEL_PARAM_ATTR)
-    if ref is not None:
-        p = getattr(ref[0], ref[1], None)
-        if isinstance(p, torch.Tensor) and p.is_floating_point():
-            return p.dtype
-    return module.__dict__.get(_OUTPUT_DTYPE_ATTR)
+    """The model's dtype now (``model.float()`` after cast_model makes it fp32)."""
+    probe = module._buffers.get(_MODEL_DTYPE_BUFFER)
+    return probe.dtype if probe is not None else module.__dict__.get(_OUTPUT_DTYPE_ATTR)
 
 
 def _pre_hook(module: nn.Module, args: tuple, kwargs: dict):
@@ -126,16 +123,6 @@ def _post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any
         dtype = _model_dtype(module)
     return output if dtype is None or dtype == torch.float32 else _cast_floats(output, dtype)
 
-
-def _a_cast_parameter(model: nn.Module, kept_ids: set[int]) -> tuple[nn.Module, str] | None:
-    """(module, attribute name) of the first floating-point parameter cast_model casts."""
-    for module in model.modules():
-        if id(module) in kept_ids:
-            continue
-        for name, p in module.named_parameters(recurse=False):
-            if p.is_floating_point():
-                return module, name
-    return None
 
 
 def _refuse_split_ties(model: nn.Module, kept_ids: set[int], dtype: torch.dtype) -> None:
@@ -223,10 +210,12 @@ def cast_model(
             if b.is_floating_point() and b.dtype != target:
                 setattr(module, name, b.to(target))
     if dtype != torch.float32:
-        reference = _a_cast_parameter(model, kept_ids)
         for module in kept:
             module.__dict__[_OUTPUT_DTYPE_ATTR] = dtype
-            module.__dict__[_MODEL_PARAM_ATTR] = reference  # not a registered submodule: __dict__ directly
+            probe = module._buffers.get(_MODEL_DTYPE_BUFFER)
+            device = probe.device if probe is not None else next(
+                (t.device for t in (*module.parameters(), *module.buffers())), torch.device("cpu"))
+            module.register_buffer(_MODEL_DTYPE_BUFFER, torch.empty(0, dtype=dtype, device=device), persistent=False)
             if not getattr(module, _KEPT_ATTR, False):
                 module.register_forward_pre_hook(_pre_hook, with_kwargs=True)
                 module.register_forward_hook(_post_hook, with_kwargs=True)
