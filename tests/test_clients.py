@@ -264,13 +264,20 @@ def _accelerate_ddp_zero(rank, world_size, out_dir, full_state_dict):
             opt.step()
             opt.zero_grad()
 
+    initial = [p.detach().clone() for p in model.parameters()]
     train(0, 3)
-    acc.save_state(out_dir)  # every rank calls optimizer.state_dict(); the main process writes it
+    # prepare() copied every parameter (model.to("cpu:0")) after the optimizer was built: until
+    # 2026-12-02 the optimizer went on updating its own buffers and the model never trained (both
+    # runs below were the initial model, so "resumed_equal" held trivially)
+    trained = all(not torch.equal(a, b) for a, b in zip(initial, model.parameters()))
+    # every rank calls optimizer.state_dict(); the main process writes it. safetensors' load_model
+    # refuses parameters that are views of one storage (ShardedOptimizer's flat buffers): torch files
+    acc.save_state(out_dir, safe_serialization=False)
     train(3, 3)
     uninterrupted = [p.detach().clone() for p in model.parameters()]
     acc.load_state(out_dir)  # every rank loads the main process's file
     train(3, 3)
-    return {"distributed": str(acc.distributed_type), "wrapped": type(model).__name__,
+    return {"distributed": str(acc.distributed_type), "wrapped": type(model).__name__, "trained": trained,
             "resumed_equal": all(torch.equal(a, b) for a, b in zip(uninterrupted, model.parameters()))}
 
 
@@ -283,6 +290,7 @@ def test_accelerate_ddp_with_sharded_optimizer_resumes_bitwise(tmp_path):
     pytest.importorskip("accelerate", reason="accelerate is in the [test] extras")
     out = run_ranks(_accelerate_ddp_zero, 2, str(tmp_path / "acc"), True, tmp_path=tmp_path)
     assert out[0]["distributed"] == "DistributedType.MULTI_CPU" and out[0]["wrapped"] == "DistributedDataParallel"
+    assert out[0]["trained"] and out[1]["trained"]
     assert out[0]["resumed_equal"] and out[1]["resumed_equal"]
     saved = torch.load(tmp_path / "acc" / "optimizer.bin", weights_only=True)
     assert saved["state"][0]["state1"].dtype == torch.uint8  # the embedding's 2048 values: 8-bit

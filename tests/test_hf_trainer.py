@@ -350,14 +350,17 @@ def _hf_ddp_zero(rank, world_size, out_dir, resume_from):
 
     warnings.simplefilter("ignore")
     os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))  # torchrun's, beside run_ranks'
-    trainer = Trainer(model=_tiny_gpt2(), args=_training_args(out_dir, 6, use_cpu=True, ddp_backend="gloo"),
+    model = _tiny_gpt2()
+    initial = [p.detach().clone() for p in model.parameters()]
+    trainer = Trainer(model=model, args=_training_args(out_dir, 6, use_cpu=True, ddp_backend="gloo"),
                       train_dataset=_Tokens(), callbacks=[ShardedStateDictCallback()],
                       optimizer_cls_and_kwargs=(ShardedOptimizer, {"optimizer_class": dist8.AdamW8bit, "stage": 1,
                                                                    "full_state_dict": True, "lr": 3e-3,
                                                                    "min_8bit_size": 1024}))
     trainer.train(resume_from_checkpoint=resume_from)
+    params = [p.detach().clone() for p in trainer.model.parameters()]
     return {"wrapped": type(trainer.model_wrapped).__name__, "optimizer": type(_opt(trainer)).__name__,
-            "params": [p.detach().clone() for p in trainer.model.parameters()]}
+            "params": params, "trained": [not torch.equal(a, b) for a, b in zip(initial, params)]}
 
 
 def test_hf_trainer_ddp_with_sharded_optimizer_resumes_bitwise(tmp_path):
@@ -371,6 +374,9 @@ def test_hf_trainer_ddp_with_sharded_optimizer_resumes_bitwise(tmp_path):
 
     full = run_ranks(_hf_ddp_zero, 2, str(tmp_path / "full"), None, tmp_path=tmp_path)
     assert full[0]["wrapped"] == "DistributedDataParallel" and full[0]["optimizer"] == "ShardedOptimizer"
+    # the Trainer's accelerate prepare() copies every parameter after the optimizer is built
+    # (model.to("cpu:0")): until 2026-12-02 the model never trained and both runs were the initial model
+    assert all(r["trained"][0] and sum(r["trained"]) >= len(r["trained"]) - 2 for r in full), full[0]["trained"]
     saved = torch.load(tmp_path / "full" / "checkpoint-3" / "optimizer.pt", weights_only=True)
     assert any(st["state1"].dtype == torch.uint8 and st["state1"].dim() == 2 for st in saved["state"].values())
     resumed = run_ranks(_hf_ddp_zero, 2, str(tmp_path / "resumed"), str(tmp_path / "full" / "checkpoint-3"),

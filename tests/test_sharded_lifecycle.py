@@ -149,3 +149,38 @@ def test_a_model_cast_after_the_optimizer_was_built_is_refused_naming_the_parame
     with pytest.raises(RuntimeError, match=f"^parameter {which} no longer lives in the ShardedOptimizer's flat buffer"):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def _copied(rank, world, stage, when):
+    moved, still = _model(), _model()
+    opt_moved, opt_still = _sharded(moved, stage), _sharded(still, stage)
+    if when == "after build":
+        moved.to("cpu:0")
+    for step in range(3):
+        for model in (moved, still):
+            _loss(model, rank, step).backward()
+            if stage == 1 and world > 1:
+                for p in model.parameters():
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad.div_(world)
+        if when == "between backward and step" and step == 1:
+            moved.to("cpu:0")
+        for opt in (opt_moved, opt_still):
+            opt.step()
+            opt.zero_grad()
+    return {"same": all(torch.equal(a, b) for a, b in zip(moved.parameters(), still.parameters())),
+            "trained": not torch.equal(moved[0].weight, _model()[0].weight),
+            "views": all(p.data_ptr() == q for p, q in zip(opt_moved.params, opt_moved._storage))}
+
+
+@pytest.mark.parametrize("when", ["after build", "between backward and step"])
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_copy_with_the_same_values_is_taken_back(stage, when, tmp_path):
+    """accelerate's ``prepare`` (HF Trainer's too) does ``model.to("cpu:0")`` after the optimizer was
+    built, which copies every CPU tensor -- parameters and gradients (``param.grad.data``, the very
+    view object stage 2 hands out) -- with the same values, dtype and device. The copies are taken back
+    into the flat buffers and training is bitwise the run without them, on 1 and 2 ranks (before: the
+    model never trained)."""
+    assert _copied(0, 1, stage, when) == {"same": True, "trained": True, "views": True}
+    for out in run_ranks(_copied, 2, stage, when, tmp_path=tmp_path):
+        assert out == {"same": True, "trained": True, "views": True}

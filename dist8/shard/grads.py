@@ -207,6 +207,7 @@ class Stage2Grads:
         self.launch_versions: list[int] | None = None
         # each parameter's .grad: its range of the gradient buffer, made once
         self.views = [self.view(i, 0, p.numel()).view(p.shape) for i, p in enumerate(self.params)]
+        self.view_ptrs = [v.data_ptr() for v in self.views]  # where each view must point (see repair_view)
         self.hooks = [p.register_post_accumulate_grad_hook(self._make_hook(i)) for i, p in enumerate(self.params)]
         self.attach_views()
 
@@ -221,9 +222,20 @@ class Stage2Grads:
         k = self.buffer_of[index]
         return self.buffers[k].view(index, start, numel, of=self.flat[k])
 
+    def repair_view(self, index: int) -> bool:
+        """Give parameter ``index`` a fresh view of its gradient range if its view object was re-pointed
+        elsewhere: ``model.to(...)`` sets ``param.grad.data`` to a converted copy (accelerate's
+        ``prepare`` copies every CPU tensor with ``model.to("cpu:0")``), and the view object is
+        ``param.grad``. True if it was."""
+        if self.views[index].data_ptr() == self.view_ptrs[index]:
+            return False
+        self.views[index] = self.view(index, 0, self.params[index].numel()).view(self.params[index].shape)
+        return True
+
     def attach_views(self) -> None:
-        for p, view in zip(self.params, self.views):
-            p.grad = view
+        for i, p in enumerate(self.params):
+            self.repair_view(i)
+            p.grad = self.views[i]
 
     def _make_hook(self, index: int) -> Callable[[torch.Tensor], None]:
         # The parameter holds its hook; the hook holds these buffers only weakly, so an optimizer
@@ -239,6 +251,11 @@ class Stage2Grads:
 
     def on_gradient(self, index: int, p: torch.Tensor) -> None:
         """Parameter ``index``'s gradient was accumulated by backward: into the buffer, bucket marked."""
+        flat = self.flat[self.buffer_of[index]]
+        if p.dtype != flat.dtype or p.device.type != flat.device.type or (p.device.index or 0) != (
+                flat.device.index or 0):
+            return  # cast or moved after the optimizer was built: its step refuses, naming the parameter
+        self.repair_view(index)  # then p.grad (the re-pointed view) holds the gradient: copied in below
         view = self.views[index]
         if p.grad.data_ptr() != view.data_ptr():  # e.g. after model.zero_grad(set_to_none=True)
             view.copy_(p.grad)
@@ -266,7 +283,11 @@ class Stage2Grads:
         if self.launch_versions is not None and [g._version for g in self.flat] != self.launch_versions:
             problem = ddp_problem(self.params) or (
                 f"gradients were changed in place after backward (torch.nn.utils.clip_grad_norm_? p.grad.mul_?); {why}: {fix}")
-        for i, (p, view) in enumerate(zip(self.params, self.views)):
+        for i, p in enumerate(self.params):
+            # re-pointed since backward (the model moved): it holds a copy of the range, nothing to bring in
+            if self.repair_view(i) and p.grad is not None and p.grad.data_ptr() != self.views[i].data_ptr():
+                p.grad = self.views[i]
+            view = self.views[i]
             if p.grad is None:  # model.zero_grad(), or set by hand: no gradient, as torch sees it
                 if not presence.fired[i]:
                     view.zero_()  # its bucket is reduced at the flush: no stale gradient goes with it

@@ -326,20 +326,32 @@ class ShardedOptimizer(LazyDynamoOptimizer):
                 return name
         return f"of shape {tuple(p.shape)}" if isinstance(p, torch.Tensor) else repr(p)[:40]
 
-    def _refuse_parameters_off_their_buffers(self) -> None:
-        """A parameter whose storage was replaced after the optimizer was built (``model.to(dtype)``,
-        ``.cuda()``, ``.half()``) no longer views its flat buffer: the step would update the buffer and
-        the all-gather would write it, while the model reads the new tensor, never trained (stage 2:
-        silently). Refused naming it; the same code runs on every rank, so every rank refuses."""
-        for p, name, ptr, k in zip(self.params, self.names, self._storage, self._buffer_of):
-            if p.data_ptr() != ptr:
-                buf = self.buffers[k].flat
-                now = f"{str(p.dtype).replace('torch.', '')} on {p.device}"
-                was = f"{str(buf.dtype).replace('torch.', '')} on {buf.device}"
-                raise RuntimeError(f"parameter {name} no longer lives in the ShardedOptimizer's flat buffer ({now}, "
-                                   f"was {was}): the model was moved or cast after the optimizer was built "
-                                   "(model.to(...), .cuda(), .half()); move or cast it first, then build the "
-                                   "ShardedOptimizer (nothing was updated)")
+    def _check_parameter_storage(self) -> None:
+        """Parameters whose storage was replaced after the optimizer was built no longer view its flat
+        buffers: the step would update the buffers and the all-gather write them while the model reads
+        other tensors, never trained (stage 2: silently).
+
+        A copy with the same values, dtype and device is taken back (the values go nowhere): accelerate's
+        ``prepare`` (so HF Trainer's) does ``model.to("cpu:0")``, which copies every CPU tensor. Anything
+        else -- ``model.to(dtype)``, ``.cuda()``, ``.half()``, ``load_state_dict(assign=True)`` -- is
+        refused naming the parameter; the same code runs on every rank, so every rank refuses."""
+        for i, (p, name, ptr, k) in enumerate(zip(self.params, self.names, self._storage, self._buffer_of)):
+            if p.data_ptr() == ptr:
+                continue
+            view = self.buffers[k].view(i, 0, p.numel())
+            same_place = (p.dtype == view.dtype and p.device.type == view.device.type
+                          and (p.device.index or 0) == (view.device.index or 0))
+            if same_place and torch.equal(p.detach().reshape(-1), view):
+                p.data = view.view(p.shape)
+                self._storage[i] = p.data_ptr()
+                continue
+            now = f"{str(p.dtype).replace('torch.', '')} on {p.device}"
+            was = f"{str(view.dtype).replace('torch.', '')} on {view.device}"
+            why = "other values" if same_place else f"{now}, was {was}"
+            raise RuntimeError(f"parameter {name} no longer lives in the ShardedOptimizer's flat buffer ({why}): the "
+                               "model was moved, cast or loaded with assign=True after the optimizer was built "
+                               "(model.to(...), .cuda(), .half()); do that first, then build the ShardedOptimizer "
+                               "(nothing was updated)")
 
     def _refuse_gradients_outside_the_layout(self) -> None:
         """A parameter frozen when the optimizer was built has no place in the layout: a gradient
@@ -389,7 +401,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
                                "updated)")
         if getattr(self, "_grads_ready", False):
             return
-        self._refuse_parameters_off_their_buffers()
+        self._check_parameter_storage()
         self._refuse_gradients_outside_the_layout()
         grads = self.stage2_grads
         has_grad = None
