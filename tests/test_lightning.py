@@ -285,10 +285,13 @@ class _ZeroModule(_Module):
 def _lightning_ddp_zero(rank, world_size, ckpt_dir, resume_from):
     _as_torchrun_rank(rank, world_size)
     module = _ZeroModule()
+    initial = [p.detach().clone() for p in module.parameters()]
     callbacks = [] if resume_from else [ModelCheckpoint(ckpt_dir, every_n_epochs=1, save_top_k=-1)]
     _trainer(6, devices=world_size, strategy="ddp", callbacks=callbacks,
              enable_checkpointing=not resume_from).fit(module, _data(), ckpt_path=resume_from)
-    return {"losses": module.losses, "params": [p.detach().clone() for p in module.parameters()]}
+    params = [p.detach().clone() for p in module.parameters()]
+    return {"losses": module.losses, "params": params,
+            "trained": all(not torch.equal(a, b) for a, b in zip(initial, params))}
 
 
 def test_ddp_with_sharded_optimizer_resumes_from_rank_0s_checkpoint(tmp_path):
@@ -300,6 +303,7 @@ def test_ddp_with_sharded_optimizer_resumes_from_rank_0s_checkpoint(tmp_path):
 
     ckpt_dir = str(tmp_path / "ckpt")
     full = run_ranks(_lightning_ddp_zero, 2, ckpt_dir, None, tmp_path=tmp_path)
+    assert full[0]["trained"] and full[1]["trained"]  # (accelerate's and HF's did not, until 2026-12-02)
     ckpt = str(tmp_path / "ckpt" / "epoch=2-step=3.ckpt")
     saved = torch.load(ckpt, weights_only=True)["optimizer_states"][0]
     assert saved["state"][0]["state1"].dtype == torch.uint8 and saved["state"][0]["state1"].shape == (128, 32)
