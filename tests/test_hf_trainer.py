@@ -331,6 +331,7 @@ def test_hf_trainer_with_a_deepspeed_config_naming_dist8_resumes_exactly(tmp_pat
     out_dir.mkdir()
     (result,) = run_ranks(_hf_deepspeed_run, 1, str(out_dir), stage, tmp_path=tmp_path)
     full, resumed = result["full"], result["resumed"]
+    assert not any(torch.equal(a, b) for a, b in zip(full["params"], _tiny_gpt2().parameters()))  # trained
     assert full["class"] == resumed["class"] == "AdamW8bit"
     assert full["wrapper"] == ("DeepSpeedZeroOptimizer" if stage < 3 else "DeepSpeedZeroOptimizer_Stage3")
     assert full["dtypes"] == ["torch.float32", "torch.uint8"]  # matrices 8-bit, LayerNorms and biases 32-bit

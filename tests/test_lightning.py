@@ -183,8 +183,8 @@ def test_fabric_save_and_load_resume_bitwise(tmp_path):
     full, full_losses = _fabric_run(tmp_path, 6, save_at=3)
     resumed, losses = _fabric_run(tmp_path, 6, load=True)
     assert losses == full_losses[3:]
-    for a, b in zip(full.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
+    for a, b, initial in zip(full.parameters(), resumed.parameters(), _net().parameters()):
+        assert torch.equal(a, b) and not torch.equal(a, initial)  # equal, and trained
 
 
 # ---- ModelParallelStrategy (FSDP2, FSDP + TP) on gloo ranks ---------------------------------------

@@ -84,3 +84,12 @@ def torchrun_cmd(*args: str, nproc: int = 2, port: int | None = None, extra: lis
 def run(cmd: list[str], timeout: float = 600, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, env=kw.pop("env", child_env()), capture_output=True, text=True,
                           timeout=timeout, **kw)
+
+
+def assert_trained(records: list[dict], by: float = 0.5) -> None:
+    """The run's training loss fell by at least ``by`` (nats) from its first step to its last: an
+    equality between two runs says nothing when neither trained (an optimizer stepping buffers the
+    model no longer views left both runs at the initial model, 2026-12-02)."""
+    first, last = records[0]["loss"], records[-1]["loss"]
+    assert last < first - by, f"the run did not train: loss {first:.3f} at step {records[0]['step']}, " \
+                              f"{last:.3f} at step {records[-1]['step']}"
