@@ -277,8 +277,19 @@ def _accelerate_ddp_zero(rank, world_size, out_dir, full_state_dict):
     uninterrupted = [p.detach().clone() for p in model.parameters()]
     acc.load_state(out_dir)  # every rank loads the main process's file
     train(3, 3)
+    resumed_equal = all(torch.equal(a, b) for a, b in zip(uninterrupted, model.parameters()))
+    # a new process's resume: prepare() copies the parameters, load_state() loads the weights into the
+    # copies and then the optimizer state (refused as "other values" until the optimizer took them back)
+    acc = Accelerator(cpu=True)
+    model = _Net()
+    opt = ShardedOptimizer(model.parameters(), dist8.AdamW8bit, stage=1, full_state_dict=full_state_dict, lr=3e-3,
+                           weight_decay=0.1, min_8bit_size=1000)
+    model, opt = acc.prepare(model, opt)
+    acc.load_state(out_dir)
+    train(3, 3)
     return {"distributed": str(acc.distributed_type), "wrapped": type(model).__name__, "trained": trained,
-            "resumed_equal": all(torch.equal(a, b) for a, b in zip(uninterrupted, model.parameters()))}
+            "resumed_equal": resumed_equal,
+            "fresh_equal": all(torch.equal(a, b) for a, b in zip(uninterrupted, model.parameters()))}
 
 
 def test_accelerate_ddp_with_sharded_optimizer_resumes_bitwise(tmp_path):
@@ -292,6 +303,7 @@ def test_accelerate_ddp_with_sharded_optimizer_resumes_bitwise(tmp_path):
     assert out[0]["distributed"] == "DistributedType.MULTI_CPU" and out[0]["wrapped"] == "DistributedDataParallel"
     assert out[0]["trained"] and out[1]["trained"]
     assert out[0]["resumed_equal"] and out[1]["resumed_equal"]
+    assert out[0]["fresh_equal"] and out[1]["fresh_equal"]
     saved = torch.load(tmp_path / "acc" / "optimizer.bin", weights_only=True)
     assert saved["state"][0]["state1"].dtype == torch.uint8  # the embedding's 2048 values: 8-bit
     assert saved["state"][0]["state1"].numel() == 64 * 32, "every rank's blocks are in the main process's file"

@@ -184,3 +184,62 @@ def test_a_copy_with_the_same_values_is_taken_back(stage, when, tmp_path):
     assert _copied(0, 1, stage, when) == {"same": True, "trained": True, "views": True}
     for out in run_ranks(_copied, 2, stage, when, tmp_path=tmp_path):
         assert out == {"same": True, "trained": True, "views": True}
+
+
+@pytest.mark.parametrize("bits", [None, 24])
+def test_weights_loaded_into_replaced_parameters_are_taken_back_and_restart_the_masters(bits):
+    """Weights a client loads into the copies ``prepare`` made (accelerate's ``load_state`` in a new
+    process) put other values in the parameters' place: they are taken back, and their 16-bit
+    parameters' fp32 master copies (``bits=None``) or corrections (``master_weight_bits=24``) restart
+    from them, as for weights loaded into a 16-bit model. Before, the step refused them (and before
+    that, trained nothing)."""
+    model = _model().to(torch.bfloat16)
+    opt = ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, stage=1, lr=1e-2, min_8bit_size=0,
+                           master_weight_bits=bits)
+    for step in range(2):
+        x = torch.randn(8, 64, generator=torch.Generator().manual_seed(step)).bfloat16()
+        model(x).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    if bits is None:
+        assert any(not torch.equal(m, b.owned(0).float()) for m, b in zip(opt.masters, opt.buffers) if m is not None)
+    else:
+        assert any(st["correction"].any() for st in opt.inner.state.values())
+    new = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    model.to("cpu:0")  # copies
+    model.load_state_dict(new)  # into the copies
+    opt.adopt_parameters()
+    assert all(torch.equal(p, new[n]) for n, p in model.named_parameters())
+    assert all(p.data_ptr() == q for p, q in zip(opt.params, opt._storage))
+    for master, buf in zip(opt.masters, opt.buffers):
+        if master is not None:
+            assert torch.equal(master, buf.owned(0).float())
+    assert all(not st["correction"].any() for st in opt.inner.state.values() if "correction" in st)
+    assert (bits is None) == all(m is not None for m in opt.masters)
+
+
+def test_a_dist8_checkpoint_loaded_into_copied_parameters_continues_exactly(tmp_path):
+    """``dist8.checkpoint.load`` into a model whose parameters were copied after the optimizer was built
+    (accelerate's ``prepare``) takes them back before it loads the weights, so the checkpoint's fp32
+    master copies of bf16 parameters are kept (taken back after, the masters would restart from the
+    bf16 weights)."""
+    def build():
+        model = _model().to(torch.bfloat16)
+        return model, ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, stage=1, lr=1e-2, min_8bit_size=0)
+
+    def train(model, opt, steps):
+        for step in steps:
+            x = torch.randn(8, 64, generator=torch.Generator().manual_seed(step)).bfloat16()
+            model(x).float().square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+
+    model, opt = build()
+    train(model, opt, range(3))
+    dist8.checkpoint.save(tmp_path / "ckpt", model, opt, step=3)
+    train(model, opt, range(3, 6))
+    resumed, opt2 = build()
+    resumed.to("cpu:0")  # copies every parameter
+    dist8.checkpoint.load(tmp_path / "ckpt", resumed, opt2)
+    train(resumed, opt2, range(3, 6))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))

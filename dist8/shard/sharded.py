@@ -326,32 +326,54 @@ class ShardedOptimizer(LazyDynamoOptimizer):
                 return name
         return f"of shape {tuple(p.shape)}" if isinstance(p, torch.Tensor) else repr(p)[:40]
 
-    def _check_parameter_storage(self) -> None:
-        """Parameters whose storage was replaced after the optimizer was built no longer view its flat
-        buffers: the step would update the buffers and the all-gather write them while the model reads
-        other tensors, never trained (stage 2: silently).
+    @torch.no_grad()
+    def adopt_parameters(self) -> None:
+        """Take parameters whose storage was replaced since the optimizer was built back into its flat
+        buffers; called by :meth:`step`, :meth:`clip_grad_norm`, :meth:`load_state_dict` and
+        :func:`dist8.checkpoint.load` before they read or write a parameter.
 
-        A copy with the same values, dtype and device is taken back (the values go nowhere): accelerate's
-        ``prepare`` (so HF Trainer's) does ``model.to("cpu:0")``, which copies every CPU tensor. Anything
-        else -- ``model.to(dtype)``, ``.cuda()``, ``.half()``, ``load_state_dict(assign=True)`` -- is
-        refused naming the parameter; the same code runs on every rank, so every rank refuses."""
+        Parameters are views of the flat buffers: the step updates and all-gathers the buffers. A
+        tensor put in a parameter's place would never be trained (stage 2: silently). One with the same
+        dtype and device is taken back with its values: accelerate's ``prepare`` (so HF Trainer's) does
+        ``model.to("cpu:0")``, which copies every CPU tensor, and weights a client then loads go into
+        those copies (accelerate's ``load_state`` in a new process). Where the values differ, the
+        parameter's fp32 master copy (or ``master_weight_bits`` correction) restarts from them, as for
+        weights loaded into a 16-bit model. Another dtype or device (``model.to(dtype)``, ``.cuda()``,
+        ``.half()`` after building) is refused naming the parameter; the same code runs on every rank,
+        so every rank refuses.
+        """
         for i, (p, name, ptr, k) in enumerate(zip(self.params, self.names, self._storage, self._buffer_of)):
             if p.data_ptr() == ptr:
                 continue
             view = self.buffers[k].view(i, 0, p.numel())
-            same_place = (p.dtype == view.dtype and p.device.type == view.device.type
-                          and (p.device.index or 0) == (view.device.index or 0))
-            if same_place and torch.equal(p.detach().reshape(-1), view):
-                p.data = view.view(p.shape)
-                self._storage[i] = p.data_ptr()
+            if not (p.dtype == view.dtype and p.device.type == view.device.type
+                    and (p.device.index or 0) == (view.device.index or 0)):
+                now = f"{str(p.dtype).replace('torch.', '')} on {p.device}"
+                was = f"{str(view.dtype).replace('torch.', '')} on {view.device}"
+                raise RuntimeError(f"parameter {name} no longer lives in the ShardedOptimizer's flat buffer ({now}, "
+                                   f"was {was}): the model was moved or cast after the optimizer was built "
+                                   "(model.to(...), .cuda(), .half()); do that first, then build the "
+                                   "ShardedOptimizer (nothing was updated)")
+            changed = not torch.equal(p.detach().reshape(-1), view)
+            if changed:
+                view.copy_(p.detach().reshape(-1))
+            p.data = view.view(p.shape)
+            self._storage[i] = p.data_ptr()
+            if changed:
+                self._restart_masters(i)
+
+    def _restart_masters(self, index: int) -> None:
+        """Parameter ``index`` took new values: its owned pieces' fp32 master copies become them and
+        their ``master_weight_bits`` corrections 0 (the 16-bit values are then the masters)."""
+        for piece, view in zip(self.pieces, self._piece_views):
+            if piece.param != index:
                 continue
-            now = f"{str(p.dtype).replace('torch.', '')} on {p.device}"
-            was = f"{str(view.dtype).replace('torch.', '')} on {view.device}"
-            why = "other values" if same_place else f"{now}, was {was}"
-            raise RuntimeError(f"parameter {name} no longer lives in the ShardedOptimizer's flat buffer ({why}): the "
-                               "model was moved, cast or loaded with assign=True after the optimizer was built "
-                               "(model.to(...), .cuda(), .half()); do that first, then build the ShardedOptimizer "
-                               "(nothing was updated)")
+            master = self.master_piece(piece)
+            if master is not None:
+                master.copy_(self._flat(index, piece.start, piece.numel))
+            correction = (self.inner.state.get(view) or {}).get(CORRECTION)
+            if correction is not None:
+                correction.zero_()
 
     def _refuse_gradients_outside_the_layout(self) -> None:
         """A parameter frozen when the optimizer was built has no place in the layout: a gradient
@@ -401,7 +423,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
                                "updated)")
         if getattr(self, "_grads_ready", False):
             return
-        self._check_parameter_storage()
+        self.adopt_parameters()
         self._refuse_gradients_outside_the_layout()
         grads = self.stage2_grads
         has_grad = None
@@ -607,6 +629,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         Runs the hooks of ``register_load_state_dict_pre_hook``/``post_hook`` as torch's
         optimizers do (post hooks only after a successful load).
         """
+        self.adopt_parameters()  # weights a client loaded into copies of the parameters (accelerate) go in first
         load_state_dict_with_hooks(self, state_dict, lambda sd: state_dicts.load(self, sd))
 
     def load_shard_state(self, shard_state: dict[int, dict[str, Any]], copy: bool = True) -> None:
