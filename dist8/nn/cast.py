@@ -124,7 +124,6 @@ def _post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any
     return output if dtype is None or dtype == torch.float32 else _cast_floats(output, dtype)
 
 
-
 def _refuse_split_ties(model: nn.Module, kept_ids: set[int], dtype: torch.dtype) -> None:
     """A parameter shared by a kept module and a cast one (GPT-2's output head tied to its token
     embedding, with ``keep_fp32=["lm_head"]``) can have one dtype only: the other module would fail

@@ -1,7 +1,9 @@
 """ShardedOptimizer: ZeRO-1/2 with optimizer state partitioned at quantization-block granularity.
 
 One concern, one class: the ZeRO-1/2 optimizer (flat parameter buffers, fp32 master copies, step,
-all-gather, state dict). Stage-2 gradients (buffer, hooks, buckets) live in ``grads.py``, the flat
+all-gather, state dict, and keeping the parameters its buffers' views over their lifetime: taken over
+from an earlier optimizer, taken back after a client copied them, refused when frozen at
+construction or added later). Stage-2 gradients (buffer, hooks, buckets) live in ``grads.py``, the flat
 buffers in ``flat.py``, the block layout in ``layout.py``, the collectives that move quantized state
 in ``collectives.py``, the state-dict formats in ``state_dicts.py``.
 """
@@ -209,10 +211,10 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         for p, name in zip(self.params, self.names):
             earlier = _LAID_OUT_IN.get(id(p))
             if earlier is not None and earlier is not self and any(q is p for q in earlier.params):
-                earlier.give_up(name)
+                earlier._give_up(name)
             _LAID_OUT_IN[id(p)] = self
 
-    def give_up(self, name: str) -> None:
+    def _give_up(self, name: str) -> None:
         """Stop serving the parameters (a newer ShardedOptimizer over parameter ``name`` took them):
         backward hooks removed, :meth:`step` refused."""
         if self._superseded_by is None:
