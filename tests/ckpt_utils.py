@@ -39,7 +39,9 @@ def snapshot(model, opt):
 
 
 def assert_same(a, b):
-    """Two snapshots are bit for bit equal."""
+    """Two snapshots are bit for bit equal, and hold a trained optimizer (two untrained ones would be too)."""
+    assert a["state"]["state"] and all(st.get("step", 0) > 0 for st in a["state"]["state"].values()), \
+        "no optimizer state: nothing was trained"
     for n in a["params"]:
         assert torch.equal(a["params"][n], b["params"][n]), n
     for i, st in a["state"]["state"].items():
