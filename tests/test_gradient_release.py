@@ -71,6 +71,8 @@ def twin_runs():
 
 
 def assert_same(m1, o1, m2, o2):
+    # two runs that did not train would be equal too: the first one stepped every parameter
+    assert all(o1.state[p].get("step", 0) for g in o1.param_groups for p in g["params"]), "a parameter never stepped"
     for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
         assert torch.equal(a, b), f"parameter {n} differs"
     p1 = [p for g in o1.param_groups for p in g["params"]]

@@ -90,6 +90,8 @@ def test_bitwise_equal_to_unsharded(world_size, tmp_path):
     results = run_ranks(_all_optimizers, world_size, 2, steps, tmp_path=tmp_path)
     for opt_name in OPTIMIZERS:
         ref_params, ref_opt = _train_reference(opt_name, world_size, steps)
+        # equal to a reference that trained (two runs that did not would be equal too)
+        assert all(ref_opt.state[p]["step"] == steps for p in ref_params.values()), opt_name
         shards = [r[opt_name] for r in results]
         if opt_name == "LAMB8bit":
             # Trust ratios sum squares across ranks in another order than one process does: equal

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from train_utils import REPO, run, tiny_sets
+from train_utils import REPO, assert_trained, run, tiny_sets
 from dist8.train.config import ConfigError, load_config
 from dist8.train.report import read_metrics
 
@@ -88,7 +88,7 @@ def test_release_config_trains_and_resumes_exactly(tmp_path):
     assert "gradient release" in result.stdout
     records = read_metrics(full / "out" / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 21))
-    assert records[-1]["val_loss"] < records[0]["loss"]
+    assert_trained(records)  # (a val loss below the first step's loss held without training too)
     assert all(r["grad_norm"] is None for r in records)  # released: nothing left to measure
     mem = records[-1]["memory_bytes_per_rank"]
     summary = json.loads((full / "out" / "summary.json").read_text())
