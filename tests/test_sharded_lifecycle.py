@@ -243,3 +243,18 @@ def test_a_dist8_checkpoint_loaded_into_copied_parameters_continues_exactly(tmp_
     dist8.checkpoint.load(tmp_path / "ckpt", resumed, opt2)
     train(resumed, opt2, range(3, 6))
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
+
+
+def test_fp32_weights_loaded_after_the_parameters_were_copied_reach_the_model():
+    """``load_fp32_master`` (``dist8.checkpoint.load_fp32_weights``) writes the flat buffers: into
+    parameters a client copied, the values would have stayed in the buffers and the copies' old
+    values been taken back at the step."""
+    model = _model().to(torch.bfloat16)
+    opt = ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, stage=1, lr=1e-2, min_8bit_size=0,
+                           master_weight_bits=24)
+    model.to("cpu:0")
+    weights = {i: torch.randn(p.shape) for i, p in enumerate(opt.params)}
+    opt.load_fp32_master(weights)
+    opt.adopt_parameters()
+    for i, p in enumerate(opt.params):
+        assert torch.equal(p, weights[i].bfloat16()), opt.names[i]

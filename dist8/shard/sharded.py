@@ -331,8 +331,9 @@ class ShardedOptimizer(LazyDynamoOptimizer):
     @torch.no_grad()
     def adopt_parameters(self) -> None:
         """Take parameters whose storage was replaced since the optimizer was built back into its flat
-        buffers; called by :meth:`step`, :meth:`clip_grad_norm`, :meth:`load_state_dict` and
-        :func:`dist8.checkpoint.load` before they read or write a parameter.
+        buffers; called by :meth:`step`, :meth:`clip_grad_norm`, :meth:`load_state_dict`,
+        :meth:`load_shard_state`, :meth:`load_fp32_master` and :func:`dist8.checkpoint.load` before
+        they read or write a parameter.
 
         Parameters are views of the flat buffers: the step updates and all-gathers the buffers. A
         tensor put in a parameter's place would never be trained (stage 2: silently). One with the same
@@ -638,6 +639,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         """Install per-piece state (global parameter index -> state); checks shapes (and the correction's
         dtype against ``master_weight_bits``) via the inner optimizer. ``copy=False`` installs the
         tensors themselves: for state that is the caller's alone (received, read from a file)."""
+        self.adopt_parameters()  # first: taken back later with other values, they would reset the corrections
         self._gathered_state = None
         group_of = {view: g for g in self.inner.param_groups for view in g["params"]}
         for piece, view in zip(self.pieces, self._piece_views):
@@ -660,6 +662,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         """
         from dist8.quant.master import encode_master, encode_master_exact
 
+        self.adopt_parameters()  # first: the values go into the buffers the parameters view
         group_of = {view: g for g in self.inner.param_groups for view in g["params"]}
         for piece, view in zip(self.pieces, self._piece_views):
             if piece.param not in weights:
