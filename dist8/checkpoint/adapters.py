@@ -54,7 +54,6 @@ class OptimizerAdapter:
     def load_states(self, states: dict[int, dict[str, Any]], masters: dict[int, torch.Tensor]) -> None:
         opt = self.optimizer
         if isinstance(opt, ShardedOptimizer):
-            opt.adopt_parameters()  # before the model's weights are loaded into the parameters
             opt.load_shard_state(states, copy=False)  # read from the checkpoint: ours alone
             opt.refresh_masters()
             for piece in self.pieces:

@@ -144,6 +144,8 @@ def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
     else:
         final = root
     check_replaceable(final, METADATA)  # before any collective: every rank refuses alike
+    if isinstance(optimizer, ShardedOptimizer):  # parameters a client copied (accelerate's prepare) first
+        optimizer.adopt_parameters()
     ad = adapt(model, optimizer)
     if hasattr(ad, "gather"):  # FSDP2: full quantized state onto rank 0 (collective)
         ad.gather(model)
@@ -294,6 +296,8 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
         if found is not None:  # a newcomer's save(root, keep_last=K) then load(root)
             raise CheckpointError(f"{path} is a checkpoint root (step-* checkpoints and a {LATEST!r} pointer, as "
                                   f"save(..., keep_last=K) writes): load dist8.checkpoint.latest(root), here {found}")
+    if isinstance(optimizer, ShardedOptimizer):  # parameters a client copied (accelerate's prepare) first
+        optimizer.adopt_parameters()
     ad = adapt(model, optimizer)
     plan, error = None, None
     try:
