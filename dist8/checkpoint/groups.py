@@ -19,16 +19,15 @@ import torch
 
 from dist8.checkpoint.errors import CheckpointError
 from dist8.optim.config import PARAM_LIST_KEYS, hyperparameters_of
-from dist8.optim.validation import HYPER_BOUNDS
+from dist8.optim.validation import FLOAT32_MAX, HYPER_BOUNDS
 
 __all__ = ["check_saved_groups", "checked_groups"]
 
 # key -> (low, high, low inclusive, high inclusive): the optimizers' own bounds
 # (dist8.optim.validation.HYPER_BOUNDS, open ones ending at float32's largest value, as the
 # kernels take them), plus the three check_group encodes inline.
-_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 _RANGES: dict[str, tuple[float, float, bool, bool]] = {
-    key: (lo, _FLOAT32_MAX if hi is None else hi, not lo_open, not hi_open)
+    key: (lo, FLOAT32_MAX if hi is None else hi, not lo_open, not hi_open)
     for key, (lo, hi, lo_open, hi_open) in HYPER_BOUNDS.items()
 }
 _RANGES.update(betas=(0.0, 1.0, True, False), percentile_clipping=(0.0, 100.0, False, True),

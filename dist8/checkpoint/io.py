@@ -296,8 +296,6 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
         if found is not None:  # a newcomer's save(root, keep_last=K) then load(root)
             raise CheckpointError(f"{path} is a checkpoint root (step-* checkpoints and a {LATEST!r} pointer, as "
                                   f"save(..., keep_last=K) writes): load dist8.checkpoint.latest(root), here {found}")
-    if isinstance(optimizer, ShardedOptimizer):  # parameters a client copied (accelerate's prepare) first
-        optimizer.adopt_parameters()
     ad = adapt(model, optimizer)
     plan, error = None, None
     try:

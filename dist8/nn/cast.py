@@ -18,6 +18,7 @@ cast converts with the rest.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -37,7 +38,6 @@ NORM_LAYERS: tuple[type[nn.Module], ...] = (
 )
 _CASTABLE = (torch.bfloat16, torch.float16, torch.float32)
 _KEPT_ATTR = "_dist8_kept_fp32"
-_OUTPUT_DTYPE_ATTR = "_dist8_cast_dtype"  # the dtype cast_model gave the model (a kept module's outputs)
 # A kept module's empty, non-persistent buffer in the model's dtype: casts of the whole model
 # (model.float(), .to(torch.bfloat16), .half()) convert it with the rest, so its dtype is the
 # model's dtype now. Not in state_dict; costs nothing to copy, pickle or move.
@@ -102,12 +102,12 @@ def _own_dtype(module: nn.Module) -> torch.dtype:
 def _model_dtype(module: nn.Module) -> torch.dtype | None:
     """The model's dtype now (``model.float()`` after cast_model makes it fp32)."""
     probe = module._buffers.get(_MODEL_DTYPE_BUFFER)
-    return probe.dtype if probe is not None else module.__dict__.get(_OUTPUT_DTYPE_ATTR)
+    return probe.dtype if probe is not None else None
 
 
 def _pre_hook(module: nn.Module, args: tuple, kwargs: dict):
-    module._dist8_input_dtype = _first_float_dtype(args, kwargs)
     own = _own_dtype(module)
+    module._dist8_dtypes = (_first_float_dtype(args, kwargs), own)  # for _post_hook
     return _cast_floats(args, own), _cast_floats(kwargs, own)
 
 
@@ -116,8 +116,8 @@ def _post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any
     # norm's weight dtype; a model's first BatchNorm gets fp32 images) or none (an embedding's ids)
     # returns in the model's dtype: fp32 activations would meet the next bf16 layer with a dtype
     # mismatch. A module cast again with the whole model (no longer fp32) returns its own dtype.
-    dtype = module.__dict__.pop("_dist8_input_dtype", None)
-    if _own_dtype(module) != torch.float32:
+    dtype, own = module.__dict__.pop("_dist8_dtypes", (None, torch.float32))
+    if own != torch.float32:
         return output
     if dtype is None or dtype == torch.float32:
         dtype = _model_dtype(module)
@@ -210,10 +210,8 @@ def cast_model(
                 setattr(module, name, b.to(target))
     if dtype != torch.float32:
         for module in kept:
-            module.__dict__[_OUTPUT_DTYPE_ATTR] = dtype
-            probe = module._buffers.get(_MODEL_DTYPE_BUFFER)
-            device = probe.device if probe is not None else next(
-                (t.device for t in (*module.parameters(), *module.buffers())), torch.device("cpu"))
+            first = next(itertools.chain(module.parameters(), module.buffers()), None)
+            device = first.device if first is not None else torch.device("cpu")
             module.register_buffer(_MODEL_DTYPE_BUFFER, torch.empty(0, dtype=dtype, device=device), persistent=False)
             if not getattr(module, _KEPT_ATTR, False):
                 module.register_forward_pre_hook(_pre_hook, with_kwargs=True)

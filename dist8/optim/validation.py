@@ -13,14 +13,14 @@ from dist8.messages import brief
 from dist8.quant.master import check_master_weight_bits
 
 __all__ = [
-    "HYPER_BOUNDS", "SUPPORTED_DTYPES", "check_flag", "check_group", "check_number", "check_param_types",
+    "FLOAT32_MAX", "HYPER_BOUNDS", "SUPPORTED_DTYPES", "check_flag", "check_group", "check_number", "check_param_types",
     "check_unique_params", "pair",
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# the kernels take every hyperparameter as float32: a larger finite number would reach them as inf
-_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+#: The kernels take every hyperparameter as float32: a larger finite number would reach them as inf.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def check_flag(value: Any, key: str) -> bool:
@@ -39,7 +39,7 @@ def check_number(value: Any, key: str, where: str, *, lo: float | None = None, h
         value = float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{key} must be a finite number ({where}), got {brief(value)}")
-    if abs(value) > _FLOAT32_MAX:
+    if abs(value) > FLOAT32_MAX:
         raise ValueError(f"{key} must be within float32's range, |{key}| <= 3.4e38 ({where}), got {brief(value)}")
     if lo is not None and (value < lo or (lo_open and value == lo)):
         raise ValueError(f"{key} must be {'>' if lo_open else '>='} {lo} ({where}), got {brief(value)}")

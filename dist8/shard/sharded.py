@@ -331,9 +331,9 @@ class ShardedOptimizer(LazyDynamoOptimizer):
     @torch.no_grad()
     def adopt_parameters(self) -> None:
         """Take parameters whose storage was replaced since the optimizer was built back into its flat
-        buffers; called by :meth:`step`, :meth:`clip_grad_norm`, :meth:`load_state_dict`,
-        :meth:`load_shard_state`, :meth:`load_fp32_master` and :func:`dist8.checkpoint.load` before
-        they read or write a parameter.
+        buffers; called by :meth:`step`, :meth:`clip_grad_norm`, :meth:`load_shard_state` (so by
+        :meth:`load_state_dict` and :func:`dist8.checkpoint.load`), :meth:`load_fp32_master` and
+        :func:`dist8.checkpoint.save` before they read or write a parameter.
 
         Parameters are views of the flat buffers: the step updates and all-gathers the buffers. A
         tensor put in a parameter's place would never be trained (stage 2: silently). One with the same
@@ -632,14 +632,15 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         Runs the hooks of ``register_load_state_dict_pre_hook``/``post_hook`` as torch's
         optimizers do (post hooks only after a successful load).
         """
-        self.adopt_parameters()  # weights a client loaded into copies of the parameters (accelerate) go in first
         load_state_dict_with_hooks(self, state_dict, lambda sd: state_dicts.load(self, sd))
 
     def load_shard_state(self, shard_state: dict[int, dict[str, Any]], copy: bool = True) -> None:
         """Install per-piece state (global parameter index -> state); checks shapes (and the correction's
         dtype against ``master_weight_bits``) via the inner optimizer. ``copy=False`` installs the
         tensors themselves: for state that is the caller's alone (received, read from a file)."""
-        self.adopt_parameters()  # first: taken back later with other values, they would reset the corrections
+        # first (every state load comes here): weights a client loaded into copies of the parameters
+        # (accelerate), taken back after, would reset the corrections just loaded
+        self.adopt_parameters()
         self._gathered_state = None
         group_of = {view: g for g in self.inner.param_groups for view in g["params"]}
         for piece, view in zip(self.pieces, self._piece_views):
