@@ -258,6 +258,20 @@ def _ddp_worker(rank, world_size):
     opt = AdamW8bit(model.parameters())
     with pytest.raises(TypeError, match="DistributedDataParallel"):
         dist8.gradient_release(model, opt)
+    # Wrapped after the release (or the release put on accelerate's unwrapped model): the hooks would
+    # step with the local gradient, and the ranks drift apart silently. Refused in the forward.
+    inner = make()
+    opt = AdamW8bit(inner.parameters(), min_8bit_size=0)
+    handle = dist8.gradient_release(inner, opt)
+    wrapped = nn.parallel.DistributedDataParallel(inner)
+    before = [p.detach().clone() for p in inner.parameters()]
+    with pytest.raises(RuntimeError, match=r"inside DistributedDataParallel.*parameter emb\.weight.*Nothing was stepped"):
+        loss_of(wrapped, 0)
+    assert all(torch.equal(b, p) for b, p in zip(before, inner.parameters()))
+    handle.remove()  # then DDP trains with the normal step
+    loss_of(wrapped, 0).backward()
+    opt.step()
+    assert not torch.equal(before[0], inner.emb.weight)
     return True
 
 

@@ -30,7 +30,9 @@ What is refused, and why:
   whole model on every rank, so releasing parameters frees nothing; use the
   dist8 optimizer directly with FSDP2 instead.
 * ``DistributedDataParallel`` models: the hooks would step with the local,
-  not yet averaged gradient.
+  not yet averaged gradient. A model wrapped in DDP *after* ``gradient_release`` is refused
+  at its first forward under DDP (the forward pre-hook sees DDP's forward running, through
+  torch's private ``DistributedDataParallel._active_ddp_module``), before any backward.
 * ``torch.amp.GradScaler``: the hooks would step with scaled gradients before
   the scaler has checked them. Detected at ``scaler.step(optimizer)`` (which
   raises); by then one backward has updated the parameters, so use bf16
@@ -124,6 +126,7 @@ class GradientRelease:
         # [parameter, its hook's RemovableHandle, its C++ tensor when hooked (_impl_of)]
         self._param_hooks: list[list] = []
         self._saved_methods: dict[str, Any] = {}
+        self._ddp_checked: weakref.WeakSet = weakref.WeakSet()  # DDP modules found not to reduce our parameters
         self.active = False
 
     # ---- install / remove -------------------------------------------------------------
@@ -180,8 +183,28 @@ class GradientRelease:
     def forward_started(self) -> None:
         """Count a forward pass of the model (its forward pre-hook)."""
         with self.lock:
+            self._refuse_ddp_forward()
             self._forwards += 1
             self._hook_swapped_params()
+
+    def _refuse_ddp_forward(self) -> None:
+        """Refuse a forward inside DistributedDataParallel whose gradients DDP averages: the model was
+        wrapped after ``gradient_release``, so the hooks would step with each rank's local gradient and
+        the ranks' weights would drift apart, silently. Raised in the forward, before any of it is stepped."""
+        ddp = getattr(torch.nn.parallel.DistributedDataParallel, "_active_ddp_module", None)
+        if ddp is None or ddp in self._ddp_checked:
+            return
+        ignored = set(getattr(ddp, "parameters_to_ignore", ()))
+        reduced = {id(p) for name, p in ddp.module.named_parameters() if name not in ignored and p.requires_grad}
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        for entry in self._param_hooks:
+            if id(entry[0]) in reduced:
+                raise RuntimeError(
+                    f"gradient_release: the model runs inside DistributedDataParallel, which averages the gradient "
+                    f"of parameter {names.get(id(entry[0]), self.optimizer.param_name(entry[0]))} after backward; the hooks would step with "
+                    "each rank's local gradient and the ranks would drift apart. Nothing was stepped. Use FSDP2 "
+                    "(fully_shard) for gradient release across ranks, or remove() the handle to train with DDP")
+        self._ddp_checked.add(ddp)
 
     def _hook_swapped_params(self) -> None:
         """Hook again a parameter whose hook a swap took away. torch.utils.swap_tensors (Module.to /
@@ -334,7 +357,8 @@ def gradient_release(
         While active, ``optimizer.step()`` and ``optimizer.zero_grad()`` are no-ops.
 
     Raises a one-line error for: an optimizer that is not a dist8 optimizer
-    (``ShardedOptimizer`` named), a ``DistributedDataParallel`` model, an optimizer
+    (``ShardedOptimizer`` named), a ``DistributedDataParallel`` model (or, at its first forward,
+    a model wrapped in DDP afterwards), an optimizer
     that already has gradient release, a parameter another optimizer's gradient release
     already steps, a parameter of the optimizer that is not in the model, a parameter
     that still holds a gradient, a bad clip value.
