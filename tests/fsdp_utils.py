@@ -110,6 +110,8 @@ def set_grads(model, ref, step):
         g = synthetic_grad(n, tuple(p.shape), step)
         if step == 1 and n == "c":
             g[7] = float("nan")  # non-finite on one rank only: every rank must skip the step of c
+        if step == 1 and n == "b.weight":  # Wide's Shard(1) box (the specification path): a block across ranks
+            g[40, 20] = float("inf")  # skipped on every rank holding part of it, its absmax kept for the next steps
         p.grad = distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None)
         if ref is not None:
             ref[n].grad = g.clone()
