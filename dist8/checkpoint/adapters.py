@@ -70,8 +70,9 @@ class OptimizerAdapter:
                                                          correction=correction, copy=False)  # read from the file
 
     def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """Model tensors to write (rank 0)."""
-        return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        """Model tensors to write (rank 0); the writer (:mod:`dist8.checkpoint.model_file`) folds tied
+        weights and copies to the CPU."""
+        return {k: v.detach() for k, v in model.state_dict().items()}
 
     def load_model_state(self, model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         own = model.state_dict()
@@ -153,7 +154,7 @@ class FSDP2Adapter(OptimizerAdapter):
         return st or None
 
     def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return {k: v.detach().contiguous().cpu() for k, v in self.full_model.items()}
+        return {k: v.detach() for k, v in self.full_model.items()}
 
     def load_model_state(self, model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict

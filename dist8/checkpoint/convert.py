@@ -327,10 +327,11 @@ def consolidate(path: str | os.PathLike, out: str | os.PathLike, *, force: bool 
         if fp32_weights_file:
             if MODEL_FILE not in meta["files"]:
                 raise CheckpointError(f"{path}: --fp32-weights needs the model, but the checkpoint has no {MODEL_FILE}")
-            from dist8.checkpoint.reader import read_model_tensors
+            from dist8.checkpoint.model_file import read_model_file, write_model_file
 
-            weights = fp32_weights(read_model_tensors(path / MODEL_FILE), merged, str(path))
-            save_file(weights, str(tmp / FP32_WEIGHTS_FILE), metadata={"format": FORMAT})
+            stored, aliases = read_model_file(path / MODEL_FILE, expand=False)  # a tied weight decoded once
+            weights = fp32_weights(stored, merged, str(path))
+            write_model_file(tmp / FP32_WEIGHTS_FILE, weights, {"format": FORMAT}, aliases=aliases)
             files[FP32_WEIGHTS_FILE] = file_entry(tmp / FP32_WEIGHTS_FILE)
         new_meta = dict(meta, world_size=1, pieces={"0": whole}, files=files, consolidated_from=meta["world_size"])
         write_metadata(tmp, new_meta)

@@ -5,7 +5,8 @@ its writer and its reader.
 
     CKPT/
       metadata.json                        format, version, layout, optimizer, steps, files + sha256, manifest
-      model.safetensors                    model state (written by rank 0; parameters are replicated)
+      model.safetensors                    model state (written by rank 0; parameters are replicated); a tied
+                                           tensor once, its other names in the header (dist8.checkpoint.model_file)
       optim-00000-of-00004.safetensors     one per saving rank: "<param>::state1", "::absmax1", ...
       model-fp32.safetensors               optional (``dist8 ckpt consolidate --fp32-weights``): the model
                                            with fp32 masters, decode(param, correction) where a

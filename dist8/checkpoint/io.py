@@ -39,6 +39,7 @@ from dist8.checkpoint.format import (
     write_metadata,
 )
 from dist8.checkpoint.groups import checked_groups
+from dist8.checkpoint.model_file import write_model_file
 from dist8.checkpoint.reader import read_model, read_pieces
 from dist8.messages import brief
 from dist8.shard import ShardedOptimizer
@@ -189,7 +190,7 @@ def _finish(ad, model, optimizer, gathered, tmp, final, root, step, extra, keep_
     described = {k: v for rep in gathered for k, v in rep["params"].items()}
     if model is not None:
         model_tensors = ad.model_state(model)
-        _write(tmp / MODEL_FILE, lambda: save_file(model_tensors, str(tmp / MODEL_FILE), metadata={"format": FORMAT}))
+        _write(tmp / MODEL_FILE, lambda: write_model_file(tmp / MODEL_FILE, model_tensors, {"format": FORMAT}))
         all_files[MODEL_FILE] = file_entry(tmp / MODEL_FILE)
     group_of = ad.group_of()
     inner = ad.inner

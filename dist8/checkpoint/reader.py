@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from dist8.checkpoint.format import (
     METADATA,
@@ -24,6 +23,7 @@ from dist8.checkpoint.format import (
     tensor_key,
     verify_files,
 )
+from dist8.checkpoint.model_file import read_model_file
 from dist8.optim.state_schema import is_signed, n_states
 
 __all__ = ["read_model", "read_model_tensors", "read_pieces"]
@@ -165,12 +165,10 @@ def _dtype_name(safetensors_dtype: str) -> str:
         safetensors_dtype.lower(), safetensors_dtype.lower())
 
 
-def read_model_tensors(file: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a (verified) model file; a corrupt file is one CheckpointError naming it."""
-    try:
-        return load_file(str(file))
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"{file} cannot be read: {str(exc)[:200]}") from None
+def read_model_tensors(file: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a (verified) model file under every name (tied weights: one tensor under each of
+    its names, :mod:`dist8.checkpoint.model_file`); a corrupt file is one CheckpointError naming it."""
+    return read_model_file(file)[0]
 
 
 def read_model(file: Path, model: torch.nn.Module, strict: bool) -> dict[str, torch.Tensor]:

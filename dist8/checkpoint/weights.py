@@ -53,7 +53,7 @@ def load_fp32_weights(source: str | os.PathLike | dict[str, torch.Tensor], model
     """
     where = str(source) if not isinstance(source, dict) else "fp32 weights"
     tensors = read_model_tensors(Path(source)) if not isinstance(source, dict) else dict(source)
-    own = model.state_dict()
+    own = model.state_dict(keep_vars=True)  # the parameters themselves: tied names share one object
     problems = [f"{n} has shape {tuple(t.shape)}, the model has {tuple(own[n].shape)}"
                 for n, t in tensors.items() if n in own and tuple(t.shape) != tuple(own[n].shape)]
     problems += [f"{n} is {t.dtype}, not a floating-point tensor" for n, t in tensors.items()
@@ -61,6 +61,13 @@ def load_fp32_weights(source: str | os.PathLike | dict[str, torch.Tensor], model
     if strict:
         problems += [f"model tensor {n} is missing" for n in own if n not in tensors]
         problems += [f"{n} is not a tensor of the model" for n in tensors if n not in own]
+    names_of: dict[int, list[str]] = {}
+    for n, t in own.items():
+        if n in tensors:
+            names_of.setdefault(id(t), []).append(n)
+    for first, *others in names_of.values():
+        problems += [f"{first} and {n} are one tied tensor of the model, but their weights differ" for n in others
+                     if tensors[n].shape == tensors[first].shape and not torch.equal(tensors[n], tensors[first])]
     if problems:
         raise CheckpointError(f"{where}: " + "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else ""))
     params = dict(model.named_parameters())
@@ -86,8 +93,9 @@ def load_fp32_weights(source: str | os.PathLike | dict[str, torch.Tensor], model
                 optimizer.state[p] = optimizer.init_state(p, settings)
             optimizer.state[p][CORRECTION] = correction.to(p.device)
             done.add(n)
+    done_ids = {id(params[n]) for n in done}  # a tied weight's other names: encoded already
     for n, t in tensors.items():
-        if n in own and n not in done:
+        if n in own and n not in done and id(own[n]) not in done_ids:
             target = own[n]
             value = _local_part(t.float() if target.is_floating_point() else t, target)
             if target.dtype in (torch.bfloat16, torch.float16):  # round to nearest, saturating like encode

@@ -114,6 +114,7 @@ def _convert(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str | Non
     from safetensors.torch import save_file
 
     from dist8.version import __version__
+    from dist8.checkpoint.model_file import write_model_file
     from dist8.checkpoint.format import (FORMAT, MODEL_FILE, CheckpointError, file_entry, install_dir, rank_file,
                                          temp_dir, tensor_key, write_metadata)
     from dist8.checkpoint.torch_files import load_torch_file, weights_only_loads
@@ -259,7 +260,7 @@ def _convert(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str | Non
     tmp = temp_dir(out)
     fname = rank_file(0, 1)
     save_file(tensors, str(tmp / fname), metadata={"format": FORMAT})
-    save_file({n: weights[n] for n in names_in_order}, str(tmp / MODEL_FILE), metadata={"format": FORMAT})
+    write_model_file(tmp / MODEL_FILE, {n: weights[n] for n in names_in_order}, {"format": FORMAT})
     files = {f: file_entry(tmp / f) for f in (fname, MODEL_FILE)}
 
     def safe(v):

@@ -68,13 +68,10 @@ def load_dist8_checkpoint(engine, path, *, load_model: bool = True) -> dict[str,
 
     model_sd = None
     if load_model and MODEL_FILE in meta["files"]:
-        from safetensors.torch import load_file
+        from dist8.checkpoint.reader import read_model_tensors
 
         verify_files(path, meta, [MODEL_FILE])
-        try:
-            model_sd = load_file(os.path.join(path, MODEL_FILE))
-        except Exception as exc:  # noqa: BLE001 - safetensors raises several types for corrupt files
-            raise CheckpointError(f"{os.path.join(path, MODEL_FILE)} cannot be read: {str(exc)[:200]}") from None
+        model_sd = read_model_tensors(os.path.join(path, MODEL_FILE))
         for name, p in engine.module.named_parameters():
             if name in model_sd and model_sd[name].numel() != getattr(p, "ds_numel", p.numel()):
                 raise CheckpointError(f"{os.path.join(path, MODEL_FILE)}: {name} has {model_sd[name].numel()} "
