@@ -166,3 +166,17 @@ def test_fp32_weights_for_a_tied_tensor_under_both_names_load_or_are_refused_whe
                                                  "their weights differ"):
         ck.load_fp32_weights(weights, model, opt)
     assert all(torch.equal(p, before[n]) for n, p in params_of(model).items())
+
+
+def test_model_file_folds_exact_aliases_copies_overlaps_and_keeps_disjoint_views(tmp_path):
+    from dist8.checkpoint.model_file import read_model_file, write_model_file
+
+    base = torch.arange(100.0)
+    tensors = {"a": base, "b": base[10:20], "c": base[50:60], "d": base, "e": torch.ones(3),
+               "f": base.view(10, 10)[:, 0], "empty": torch.zeros(0),
+               "x": torch.arange(30.0)[:10]}  # a view of a storage nothing else here holds
+    file = tmp_path / "m.safetensors"
+    write_model_file(file, tensors, {"format": "dist8.checkpoint"})
+    loaded, aliases = read_model_file(file)
+    assert aliases == {"d": "a"} and loaded["d"] is loaded["a"]
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], v) for k, v in tensors.items())

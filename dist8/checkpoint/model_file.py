@@ -49,14 +49,17 @@ def write_model_file(file: str | os.PathLike, tensors: dict[str, torch.Tensor], 
         if key is not None:
             first_of[key] = name
         stored[name] = t
-    # Whatever still shares memory (partial overlaps) goes as a copy of its own; contiguous CPU for safetensors.
-    seen: set[tuple] = set()
-    out: dict[str, torch.Tensor] = {}
-    for name, t in stored.items():
-        storage = (t.device, t.untyped_storage().data_ptr())
-        shared = t.numel() > 0 and storage in seen
-        seen.add(storage)
-        out[name] = (t.clone() if shared else t).contiguous().cpu()
+    # Contiguous CPU tensors for safetensors; whatever still overlaps another one's bytes (a buffer that
+    # is a slice of a parameter) goes as a copy. Disjoint views of one storage (ShardedOptimizer's
+    # parameters in its flat buffer) are written as they are, without copying the model.
+    out = {name: t.contiguous().cpu() for name, t in stored.items()}
+    spans = sorted((t.untyped_storage().data_ptr(), t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), name)
+                   for name, t in out.items() if t.numel())
+    reach: dict[int, int] = {}  # per storage: the end of the bytes already written
+    for storage, start, end, name in spans:
+        if start < reach.get(storage, start):
+            out[name] = out[name].clone()
+        reach[storage] = max(reach.get(storage, end), end)
     meta = dict(metadata)
     if folded:
         meta[ALIASES] = json.dumps(folded, sort_keys=True)
