@@ -197,6 +197,8 @@ def _clip_and_accumulate(rank, world_size):
     model(xs[1]).square().sum().backward()
     norm = opt.clip_grad_norm(0.5)
     clipped = {i: v.grad.clone() for i, v in zip([p.param for p in opt.pieces], opt._piece_views)}
+    opt.clip_grad_norm(1e6)  # above the norm: the gradients stay as they are (coefficient capped at 1)
+    assert all(torch.equal(v.grad, clipped[p.param]) for p, v in zip(opt.pieces, opt._piece_views))
     return {"norm": norm, "clipped": clipped, "pieces": [[p.param, p.start, p.stop] for p in opt.pieces],
             "xs": xs, "init": {n: p.detach().clone() for n, p in model.named_parameters()}}
 
