@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from dist8.checkpoint.errors import CheckpointError
 
-__all__ = ["ALIASES", "read_model_file", "write_model_file"]
+__all__ = ["ALIASES", "read_model_file", "tied_conflicts", "write_model_file"]
 
 ALIASES = "aliases"  # header metadata key: {"<alias>": "<stored name>"}
 
@@ -93,3 +93,16 @@ def read_model_file(file: str | os.PathLike, expand: bool = True) -> tuple[dict[
     if expand:
         tensors.update({alias: tensors[target] for alias, target in aliases.items()})
     return tensors, aliases
+
+
+def tied_conflicts(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Problems (one phrase each) where names of one tied tensor of the model carry different values in
+    ``tensors`` (one would silently win). ``own``: ``model.state_dict(keep_vars=True)``, whose tied names
+    share one object."""
+    names_of: dict[int, list[str]] = {}
+    for n, t in own.items():
+        if n in tensors:
+            names_of.setdefault(id(t), []).append(n)
+    return [f"{first} and {n} are one tied tensor of the model, but their values differ"
+            for first, *others in names_of.values() for n in others
+            if tensors[n].shape == tensors[first].shape and not torch.equal(tensors[n], tensors[first])]

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from dist8.checkpoint.format import CheckpointError
+from dist8.checkpoint.model_file import tied_conflicts
 from dist8.checkpoint.reader import read_model_tensors
 from dist8.optim import dtensor_layout as dtl
 from dist8.optim.base import Optimizer8bit
@@ -61,13 +62,7 @@ def load_fp32_weights(source: str | os.PathLike | dict[str, torch.Tensor], model
     if strict:
         problems += [f"model tensor {n} is missing" for n in own if n not in tensors]
         problems += [f"{n} is not a tensor of the model" for n in tensors if n not in own]
-    names_of: dict[int, list[str]] = {}
-    for n, t in own.items():
-        if n in tensors:
-            names_of.setdefault(id(t), []).append(n)
-    for first, *others in names_of.values():
-        problems += [f"{first} and {n} are one tied tensor of the model, but their weights differ" for n in others
-                     if tensors[n].shape == tensors[first].shape and not torch.equal(tensors[n], tensors[first])]
+    problems += tied_conflicts(own, tensors)
     if problems:
         raise CheckpointError(f"{where}: " + "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else ""))
     params = dict(model.named_parameters())
