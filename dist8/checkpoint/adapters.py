@@ -12,12 +12,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dist8.checkpoint.names import parameter_names, state_dict_by_name
 from dist8.optim.base import Optimizer8bit
 from dist8.optim.config import hyperparameters_of
 from dist8.optim.state_schema import CORRECTION, is_state_key
 from dist8.shard import BlockLayout, Piece, ShardedOptimizer
 
-__all__ = ["OptimizerAdapter", "adapt"]
+__all__ = ["FSDP2Adapter", "OptimizerAdapter", "adapt"]
 
 
 def _shaped(key: str) -> bool:
@@ -36,6 +37,7 @@ class OptimizerAdapter:
     optimizer: Any
     params: list[torch.Tensor]
     inner: Optimizer8bit
+    wrapped: bool = False  # model names with the wrappers' components (checkpoints before names.py)
 
     @property
     def names(self) -> list[str]:
@@ -72,10 +74,10 @@ class OptimizerAdapter:
     def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Model tensors to write (rank 0); the writer (:mod:`dist8.checkpoint.model_file`) folds tied
         weights and copies to the CPU."""
-        return {k: v.detach() for k, v in model.state_dict().items()}
+        return {k: v.detach() for k, v in state_dict_by_name(model, self.wrapped).items()}
 
     def load_model_state(self, model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        own = model.state_dict()
+        own = state_dict_by_name(model, self.wrapped)
         with torch.no_grad():
             for name, value in tensors.items():
                 if name in own:
@@ -176,15 +178,16 @@ class FSDP2Adapter(OptimizerAdapter):
                                  options=StateDictOptions(full_state_dict=True))
 
 
-def adapt(model: torch.nn.Module | None, optimizer) -> OptimizerAdapter:
-    """Describe ``optimizer`` (sharded or plain) with parameter names taken from ``model`` when given."""
-    model_names = {p: n for n, p in model.named_parameters()} if model is not None else {}
+def adapt(model: torch.nn.Module | None, optimizer, wrapped: bool = False) -> OptimizerAdapter:
+    """Describe ``optimizer`` (sharded or plain) with parameter names taken from ``model`` when given
+    (without the wrappers' components, :mod:`dist8.checkpoint.names`, unless ``wrapped``)."""
+    model_names = parameter_names(model, wrapped) if model is not None else {}
     if isinstance(optimizer, ShardedOptimizer):
         params = optimizer.params
         names = [model_names.get(p, n) for p, n in zip(params, optimizer.names)]
         layout = BlockLayout(names, [p.shape for p in params], optimizer.layout.block_size)
         return OptimizerAdapter(layout, optimizer.rank, optimizer.world_size, optimizer.group, optimizer.pieces,
-                                True, optimizer, params, optimizer.inner)
+                                True, optimizer, params, optimizer.inner, wrapped)
     if isinstance(optimizer, Optimizer8bit) and optimizer.uses_dtensor:
         if model is None:
             raise TypeError("dist8.checkpoint needs the model for an optimizer of FSDP2 (DTensor) parameters")
@@ -205,5 +208,5 @@ def adapt(model: torch.nn.Module | None, optimizer) -> OptimizerAdapter:
         rank = dist.get_rank() if initialised else 0
         pieces = layout.pieces(0, 1)
         return OptimizerAdapter(layout, rank, dist.get_world_size() if initialised else 1, None, pieces, rank == 0,
-                                optimizer, params, optimizer)
+                                optimizer, params, optimizer, wrapped)
     raise TypeError(f"dist8.checkpoint supports dist8 optimizers and ShardedOptimizer, got {type(optimizer).__name__}")

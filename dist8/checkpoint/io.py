@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from dist8.checkpoint.adapters import OptimizerAdapter, adapt
+from dist8.checkpoint.adapters import FSDP2Adapter, OptimizerAdapter, adapt
 from dist8.checkpoint.dirs import check_replaceable
 from dist8.checkpoint.files import check_name, member, read_text
 from dist8.checkpoint.format import (
@@ -300,7 +300,7 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
     ad = adapt(model, optimizer)
     plan, error = None, None
     try:
-        plan = _read(path, ad, model, strict, verify)
+        ad, plan = _read(path, ad, model, strict, verify)
     except Exception as exc:  # noqa: BLE001 - re-raised below after every rank has learnt of it
         error = exc
     _agree(ad, error, f"loading {path}")
@@ -335,9 +335,15 @@ def _check_optimizer(meta: dict[str, Any], ad: OptimizerAdapter, where: str) -> 
             raise CheckpointError(f"{where}: saved with {what}={saved!r}, the optimizer uses {what}={mine!r}")
 
 
-def _read(path: Path, ad: OptimizerAdapter, model, strict: bool, verify: bool) -> _Plan:
+def _read(path: Path, ad: OptimizerAdapter, model, strict: bool,
+          verify: bool) -> tuple[OptimizerAdapter, _Plan]:
     meta = read_metadata(path)
     where = str(path / METADATA)
+    saved_names = {p["name"] for p in meta["params"]}
+    if model is not None and not set(ad.names) <= saved_names and not isinstance(ad, FSDP2Adapter):
+        wrapped = adapt(model, ad.optimizer, wrapped=True)
+        if set(wrapped.names) <= saved_names:  # written before checkpoints dropped the wrappers' names
+            ad = wrapped
     _check_optimizer(meta, ad, where)
     plan = _Plan(groups=checked_groups(meta["optimizer"]["param_groups"], ad.optimizer.param_groups, where,
                                        ad.inner.validate_hyper),
@@ -375,8 +381,8 @@ def _read(path: Path, ad: OptimizerAdapter, model, strict: bool, verify: bool) -
     _read_pieces(ad, meta, skip, path, plan, verify)
     if load_model:
         verify_files(path, meta, [MODEL_FILE], checksums=verify)
-        plan.model = read_model(path / MODEL_FILE, model, strict)
-    return plan
+        plan.model = read_model(path / MODEL_FILE, model, strict, ad.wrapped)
+    return ad, plan
 
 
 def _read_pieces(ad: OptimizerAdapter, meta, skip, path: Path, plan: _Plan, verify: bool) -> None:

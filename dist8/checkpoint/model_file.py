@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from dist8.checkpoint.errors import CheckpointError
 
-__all__ = ["ALIASES", "read_model_file", "tied_conflicts", "write_model_file"]
+__all__ = ["ALIASES", "missing_names", "read_model_file", "tied_conflicts", "write_model_file"]
 
 ALIASES = "aliases"  # header metadata key: {"<alias>": "<stored name>"}
 
@@ -106,3 +106,10 @@ def tied_conflicts(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor
     return [f"{first} and {n} are one tied tensor of the model, but their values differ"
             for first, *others in names_of.values() for n in others
             if tensors[n].shape == tensors[first].shape and not torch.equal(tensors[n], tensors[first])]
+
+
+def missing_names(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of ``own`` (``model.state_dict(keep_vars=True)``) that ``tensors`` lacks, leaving out a tied
+    tensor's other names when one of them is there (Hugging Face's files store a tied weight once)."""
+    present = {id(t) for n, t in own.items() if n in tensors}
+    return [n for n, t in own.items() if n not in tensors and id(t) not in present]

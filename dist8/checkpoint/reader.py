@@ -23,7 +23,8 @@ from dist8.checkpoint.format import (
     tensor_key,
     verify_files,
 )
-from dist8.checkpoint.model_file import read_model_file, tied_conflicts
+from dist8.checkpoint.model_file import missing_names, read_model_file, tied_conflicts
+from dist8.checkpoint.names import state_dict_by_name
 from dist8.optim.state_schema import is_signed, n_states
 
 __all__ = ["read_model", "read_model_tensors", "read_pieces"]
@@ -171,15 +172,17 @@ def read_model_tensors(file: str | os.PathLike) -> dict[str, torch.Tensor]:
     return read_model_file(file)[0]
 
 
-def read_model(file: Path, model: torch.nn.Module, strict: bool) -> dict[str, torch.Tensor]:
+def read_model(file: Path, model: torch.nn.Module, strict: bool, wrapped: bool = False) -> dict[str, torch.Tensor]:
+    """The model file's tensors that ``model`` takes (names and shapes checked as ``strict`` says), keyed by
+    :func:`~dist8.checkpoint.names.state_dict_by_name` (``wrapped``: the wrappers' components kept)."""
     tensors = read_model_tensors(file)
-    own = model.state_dict(keep_vars=True)  # tied names share one object
+    own = state_dict_by_name(model, wrapped, keep_vars=True)  # tied names share one object
     tied = tied_conflicts(own, {n: v for n, v in tensors.items() if n in own and v.shape == own[n].shape})
     if tied:  # whatever strict says: one of the values would silently win
         raise CheckpointError(f"{file}: " + "; ".join(tied[:3]))
     wrong = [f"{n} has shape {tuple(v.shape)}, model has {tuple(own[n].shape)}"
              for n, v in tensors.items() if n in own and tuple(own[n].shape) != tuple(v.shape)]
-    missing, unexpected = [k for k in own if k not in tensors], [k for k in tensors if k not in own]
+    missing, unexpected = missing_names(own, tensors), [k for k in tensors if k not in own]
     if strict and (wrong or missing or unexpected):
         raise CheckpointError(f"{file}: " + "; ".join(wrong + [f"model keys missing {missing[:5]}"] * bool(missing)
                                                       + [f"unexpected {unexpected[:5]}"] * bool(unexpected)))

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from dist8.checkpoint.format import CheckpointError
-from dist8.checkpoint.model_file import tied_conflicts
+from dist8.checkpoint.model_file import missing_names, tied_conflicts
+from dist8.checkpoint.names import parameter_names, state_dict_by_name
 from dist8.checkpoint.reader import read_model_tensors
 from dist8.optim import dtensor_layout as dtl
 from dist8.optim.base import Optimizer8bit
@@ -38,7 +39,8 @@ def load_fp32_weights(source: str | os.PathLike | dict[str, torch.Tensor], model
 
     Args:
         source: a safetensors file (e.g. ``model-fp32.safetensors``) or a ``{name: tensor}`` dict
-            keyed like ``model.state_dict()``.
+            keyed like ``model.state_dict()`` (its names with or without the components of wrappers such as
+            ``torch.compile``'s ``_orig_mod.``, :mod:`dist8.checkpoint.names`).
         model: the model (bf16/fp16 parameters, fp32 norm layers: any mix).
         optimizer: the model's dist8 optimizer or :class:`dist8.ShardedOptimizer` (same parameters).
             Parameters whose settings keep a correction (``master_weight_bits``) get
@@ -54,18 +56,23 @@ def load_fp32_weights(source: str | os.PathLike | dict[str, torch.Tensor], model
     """
     where = str(source) if not isinstance(source, dict) else "fp32 weights"
     tensors = read_model_tensors(Path(source)) if not isinstance(source, dict) else dict(source)
-    own = model.state_dict(keep_vars=True)  # the parameters themselves: tied names share one object
+    # the parameters themselves (tied names share one object), named without the wrappers around the model
+    own, wrapped = state_dict_by_name(model, keep_vars=True), False
+    if missing_names(own, tensors):  # weights keyed by a wrapped model's state_dict (torch.compile's _orig_mod.)
+        names = state_dict_by_name(model, wrapped=True, keep_vars=True)
+        if not missing_names(names, tensors):
+            own, wrapped = names, True
     problems = [f"{n} has shape {tuple(t.shape)}, the model has {tuple(own[n].shape)}"
                 for n, t in tensors.items() if n in own and tuple(t.shape) != tuple(own[n].shape)]
     problems += [f"{n} is {t.dtype}, not a floating-point tensor" for n, t in tensors.items()
                  if n in own and own[n].is_floating_point() and not t.is_floating_point()]
     if strict:
-        problems += [f"model tensor {n} is missing" for n in own if n not in tensors]
+        problems += [f"model tensor {n} is missing" for n in missing_names(own, tensors)]
         problems += [f"{n} is not a tensor of the model" for n in tensors if n not in own]
     problems += tied_conflicts(own, tensors)
     if problems:
         raise CheckpointError(f"{where}: " + "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else ""))
-    params = dict(model.named_parameters())
+    params = {n: p for p, n in parameter_names(model, wrapped).items()}
     if isinstance(optimizer, ShardedOptimizer):
         index = {id(p): i for i, p in enumerate(optimizer.params)}
         optimizer.load_fp32_master({index[id(p)]: tensors[n] for n, p in params.items()
