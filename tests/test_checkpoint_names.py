@@ -135,3 +135,31 @@ def test_fp32_weights_keyed_by_a_compiled_model_or_without_a_tied_name_load(tmp_
     assert torch.equal(tied.head.weight, hf_style["emb.weight"]) and tied.head.weight is tied.emb.weight
     with pytest.raises(ck.CheckpointError, match="model tensor mid.bias is missing"):
         ck.load_fp32_weights({n: t for n, t in hf_style.items() if n != "mid.bias"}, tied)
+
+
+def test_a_meta_model_and_non_tensor_extra_state_are_refused_in_one_line(tmp_path):
+    model = Net()
+    opt = dist8.AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=0)
+    run(model, opt, 0, 1)
+    path = ck.save(tmp_path / "c", model, opt, step=1)
+    with torch.device("meta"):
+        on_meta = Net()
+    with pytest.raises(ck.CheckpointError, match=r"parameter body.0.weight is on the meta device; materialize"):
+        ck.load(path, on_meta, dist8.AdamW8bit(on_meta.parameters()))
+    on_meta.body[0].weight = nn.Parameter(torch.zeros(300, 32))  # the optimizer's are real, a model tensor is not
+    with pytest.raises(ck.CheckpointError, match=r"model tensor body.0.bias is on the meta device"), \
+            pytest.warns(UserWarning, match="checkpoint parameter body.0.bias is not in the optimizer"):
+        ck.load(path, on_meta, dist8.AdamW8bit([on_meta.body[0].weight]), strict=False)
+
+    class WithExtraState(nn.Linear):
+        def get_extra_state(self):
+            return {"scale": 1.0}
+
+        def set_extra_state(self, state):
+            pass
+
+    odd = nn.Sequential(WithExtraState(4, 4))
+    with pytest.raises(TypeError, match=r"model state entry 0._extra_state is a dict, not a tensor"):
+        ck.save(tmp_path / "c", odd, dist8.AdamW8bit(odd.parameters()), step=1)
+    fresh = Net()
+    assert ck.load(path, fresh, dist8.AdamW8bit(fresh.parameters())) == {}  # the earlier checkpoint is intact

@@ -74,7 +74,7 @@ class OptimizerAdapter:
     def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Model tensors to write (rank 0); the writer (:mod:`dist8.checkpoint.model_file`) folds tied
         weights and copies to the CPU."""
-        return {k: v.detach() for k, v in state_dict_by_name(model, self.wrapped).items()}
+        return dict(state_dict_by_name(model, self.wrapped))  # the writer checks and detaches
 
     def load_model_state(self, model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         own = state_dict_by_name(model, self.wrapped)

@@ -339,6 +339,10 @@ def _read(path: Path, ad: OptimizerAdapter, model, strict: bool,
           verify: bool) -> tuple[OptimizerAdapter, _Plan]:
     meta = read_metadata(path)
     where = str(path / METADATA)
+    on_meta = [n for n, p in zip(ad.names, ad.params) if p.is_meta]
+    if on_meta:
+        raise CheckpointError(f"{path}: parameter {on_meta[0]} is on the meta device; materialize the model "
+                              "(model.to_empty(device=...)) before loading into it")
     saved_names = {p["name"] for p in meta["params"]}
     if model is not None and not set(ad.names) <= saved_names and not isinstance(ad, FSDP2Adapter):
         wrapped = adapt(model, ad.optimizer, wrapped=True)

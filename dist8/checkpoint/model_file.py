@@ -41,6 +41,9 @@ def write_model_file(file: str | os.PathLike, tensors: dict[str, torch.Tensor], 
     folded = dict(aliases or {})
     first_of: dict[tuple, str] = {}
     for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"model state entry {name} is a {type(t).__name__}, not a tensor (a module's "
+                            "get_extra_state?); dist8 checkpoints hold tensors only (safetensors, nothing pickled)")
         t = t.detach()
         key = _identity(t) if t.numel() else None  # empty tensors share no bytes
         if key is not None and key in first_of:

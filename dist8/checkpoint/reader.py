@@ -177,6 +177,10 @@ def read_model(file: Path, model: torch.nn.Module, strict: bool, wrapped: bool =
     :func:`~dist8.checkpoint.names.state_dict_by_name` (``wrapped``: the wrappers' components kept)."""
     tensors = read_model_tensors(file)
     own = state_dict_by_name(model, wrapped, keep_vars=True)  # tied names share one object
+    on_meta = [n for n in tensors if n in own and own[n].is_meta]
+    if on_meta:  # copying into a meta tensor does nothing
+        raise CheckpointError(f"{file}: model tensor {on_meta[0]} is on the meta device; materialize the model "
+                              "(model.to_empty(device=...)) before loading into it")
     tied = tied_conflicts(own, {n: v for n, v in tensors.items() if n in own and v.shape == own[n].shape})
     if tied:  # whatever strict says: one of the values would silently win
         raise CheckpointError(f"{file}: " + "; ".join(tied[:3]))
