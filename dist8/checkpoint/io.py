@@ -1,5 +1,8 @@
 """save / load / latest: atomic, world-size-independent, validated checkpoints of dist8 optimizers.
 
+One concern: the save and load procedures (their order, atomicity and agreement across ranks); the
+format lives in ``format.py``, the tensor readers in ``reader.py``/``model_file.py``, names in ``names.py``.
+
 ``load`` reads and checks everything into new tensors first (metadata schema and
 manifest hash, hyperparameters, piece coverage, every file listed and hashed, every
 tensor's dtype, length and values) and only then installs it: a failed load changes

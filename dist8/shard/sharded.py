@@ -513,6 +513,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
             self.inner.grad_scale, self.inner.found_inf = getattr(self, "grad_scale", None), found_inf
         try:
             self.inner.step()
+            self._has_state = True  # on every rank alike (see state)
         finally:
             if found_inf is not None:
                 del self.inner.grad_scale, self.inner.found_inf
@@ -590,13 +591,31 @@ class ShardedOptimizer(LazyDynamoOptimizer):
                 out[piece.param] = self.inner.state[view]
         return out
 
+    @property
+    def state(self) -> state_dicts.OwnedState:
+        """Parameter -> the state of this rank's piece of it (read-only view; true once the optimizer has
+        state on any rank)."""
+        owned = {self.params[piece.param]: self.inner.state[view]
+                 for piece, view in zip(self.pieces, self._piece_views) if self.inner.state.get(view)}
+        return state_dicts.OwnedState(owned, self._has_state)
+
+    @state.setter
+    def state(self, value: Any) -> None:  # torch.optim.Optimizer.__init__ assigns an empty dict
+        self._has_state = bool(value)
+
     def state_dict(self) -> dict[str, Any]:
         """This rank's shard (per-parameter piece state plus the layout it belongs to), or with
         ``full_state_dict=True`` the whole state in the unsharded optimizer's format on every rank
-        (collective).
+        (collective). torch.distributed.checkpoint's ``get/set_optimizer_state_dict`` (on every rank)
+        always get the whole state: a shard under the parameters' names would be taken for replicated
+        tensors; an optimizer without state first gets it as DCP gives torch's optimizers theirs.
 
         Runs the hooks of ``register_state_dict_pre_hook``/``post_hook`` as torch's optimizers do.
         """
+        if state_dicts.called_by_dcp():
+            if not self._has_state:
+                state_dicts.initialize_for_dcp(self)
+            return state_dict_with_hooks(self, self._full_state_dict)
         if self.full_state_dict:
             return state_dict_with_hooks(self, self._full_state_dict)
         return state_dict_with_hooks(self, lambda: state_dicts.shard_format(self))
@@ -650,6 +669,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
                 continue
             correction = self.inner.settings(view, group_of[view]).correction
             self.inner.state[view] = self.inner.check_state(view, st, correction=correction, copy=copy)
+        self._has_state = True  # every rank loads (see state)
 
     @torch.no_grad()
     def load_fp32_master(self, weights: dict[int, torch.Tensor]) -> None:

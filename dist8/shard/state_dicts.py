@@ -13,6 +13,7 @@ Only the optimizer's public attributes are used (``params``, ``names``, ``pieces
 """
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,9 +26,55 @@ from dist8.shard.collectives import piece_range
 if TYPE_CHECKING:
     from dist8.shard.sharded import ShardedOptimizer
 
-__all__ = ["shard_format", "unsharded_format", "load"]
+__all__ = ["OwnedState", "called_by_dcp", "initialize_for_dcp", "shard_format", "unsharded_format", "load"]
 
 SHARD_FORMAT = "dist8.sharded/1"
+
+
+class OwnedState(dict):
+    """``ShardedOptimizer.state``: parameter -> the state of this rank's piece of it (a read-only view),
+    true as soon as the optimizer has state on any rank (stepped or loaded: the same on every rank),
+    even on a rank that owns no piece. torch.distributed.checkpoint steps an optimizer whose ``state``
+    is false once with zero gradients to create its state; on a trained one that step was a real one."""
+
+    def __init__(self, items: Any, has_state: bool) -> None:
+        super().__init__(items)
+        self.has_state = has_state
+
+    def __bool__(self) -> bool:
+        return self.has_state
+
+
+def called_by_dcp() -> bool:
+    """Whether torch.distributed.checkpoint's ``get/set_optimizer_state_dict`` is the caller of the
+    ``state_dict()`` asking (it calls ``optim.state_dict()`` directly; its module's name is the mark)."""
+    frame = sys._getframe(2)  # 0: here, 1: ShardedOptimizer.state_dict, 2: its caller
+    for _ in range(3):
+        if frame is None:
+            return False
+        if frame.f_globals.get("__name__") == "torch.distributed.checkpoint.state_dict":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def initialize_for_dcp(opt: ShardedOptimizer) -> None:
+    """Create the state of an optimizer that has none (on every rank, collective), as
+    torch.distributed.checkpoint does for torch's optimizers: one step with zero gradients at
+    ``lr=0`` (the parameters do not move). Without it DCP would find no state to load into and load
+    nothing, silently (stage 2 keeps ``.grad`` views, so DCP's own initialisation skips it)."""
+    lrs = [g["lr"] for g in opt.param_groups]
+    try:
+        for g in opt.param_groups:
+            g["lr"] = 0.0
+        for p in opt.params:
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+        opt.step()
+    finally:
+        for g, lr in zip(opt.param_groups, lrs):
+            g["lr"] = lr
+        opt.zero_grad()
 
 
 def _sliced(key: str, value: Any) -> bool:
@@ -93,17 +140,18 @@ def _load_unsharded(opt: ShardedOptimizer, state_dict: dict[str, Any]) -> None:
                          f"param groups, optimizer has {len(opt.param_groups)}")
     if not isinstance(state, dict):
         raise ValueError(f"state_dict['state'] must be a dict, got {type(state).__name__}")
-    index_of = _unsharded_indices(opt)
-    _refuse_unknown_ids(state, set(index_of.values()))
+    key_of: dict[torch.Tensor, Any] = {}  # parameter -> its key in the dict, by position as torch matches them
     for gi, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):  # before anything is loaded
         opt.inner.check_loaded_group(saved, gi)
         if not isinstance(saved.get("params"), list) or len(saved["params"]) != len(group["params"]):
             raise ValueError(f"param group {gi} of state_dict lists {len(saved.get('params') or [])} parameters, "
                              f"the optimizer's has {len(group['params'])}")
+        key_of.update(zip(group["params"], saved["params"]))  # ids, or names (torch.distributed.checkpoint's)
+    _refuse_unknown_ids(state, set(key_of.values()))
     by_slot = {}
     B = opt.layout.block_size
     for i, p in enumerate(opt.params):
-        st = state.get(index_of[p])
+        st = state.get(key_of[p])
         if st is None:
             continue
         if not isinstance(st, dict):
