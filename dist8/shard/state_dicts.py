@@ -32,7 +32,8 @@ SHARD_FORMAT = "dist8.sharded/1"
 
 
 class OwnedState(dict):
-    """``ShardedOptimizer.state``: parameter -> the state of this rank's piece of it (a read-only view),
+    """``ShardedOptimizer.state``: parameter -> the state of this rank's piece of it (a read-only view;
+    ``state[p]`` of a parameter without a piece here is ``{}``),
     true as soon as the optimizer has state on any rank (stepped or loaded: the same on every rank),
     even on a rank that owns no piece. torch.distributed.checkpoint steps an optimizer whose ``state``
     is false once with zero gradients to create its state; on a trained one that step was a real one."""
@@ -43,6 +44,12 @@ class OwnedState(dict):
 
     def __bool__(self) -> bool:
         return self.has_state
+
+    def __missing__(self, param: Any) -> dict:
+        """No state here for ``param`` (another rank owns it, or it has none): an empty dict, as torch's
+        ``defaultdict`` state answers, not inserted. DCP's ``flatten_optimizer_state_dict`` loader reads
+        ``optim.state[p]`` for every parameter to know which entries to take (a KeyError before)."""
+        return {}
 
 
 def called_by_dcp() -> bool:
