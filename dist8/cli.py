@@ -106,7 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         except CheckpointError as exc:  # e.g. a `latest` pointer that leaves the root
             print(f"dist8 ckpt: error: {exc}", file=sys.stderr)
             return 2
-    return int(args.func(args) or 0)
+    from dist8.env import EnvironmentSettingError
+
+    try:
+        return int(args.func(args) or 0)
+    except EnvironmentSettingError as exc:  # a mistyped DIST8_* switch: one line, not a traceback
+        print(f"dist8 {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

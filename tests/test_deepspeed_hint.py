@@ -36,3 +36,12 @@ def test_importing_the_integration_installs_the_hook():
     out = _run("import os\nos.environ['DIST8_DEEPSPEED'] = '0'\nimport dist8.integrations.deepspeed as d8ds\n"
                "print('installed', d8ds.is_installed())\n" + ASK)
     assert "installed False" in out and "error" in out, out  # opted out: the hint still explains
+
+
+def test_a_mistyped_opt_out_is_refused_naming_the_variable():
+    """Before: any DIST8_DEEPSPEED but "0" installed the hook ("off" and "false" too)."""
+    out = _run("import os\nos.environ['DIST8_DEEPSPEED'] = 'off'\nimport dist8.integrations.deepspeed as d8ds\n"
+               "print('installed', d8ds.is_installed())\n"
+               "import sys\nsys.modules.pop('dist8.integrations.deepspeed')\nos.environ['DIST8_DEEPSPEED'] = 'of'\n"
+               "try:\n    import dist8.integrations.deepspeed\nexcept ValueError as e:\n    print('refused', e)\n")
+    assert "installed False" in out and "refused DIST8_DEEPSPEED must be 1 or 0" in out and "got 'of'" in out, out

@@ -402,6 +402,14 @@ def test_bad_table_lookup_mode_is_refused(backend, monkeypatch):
         backend.quantize_blockwise(torch.randn(1000), dynamic_map(True), 256)
 
 
+@per_backend("", emulated=[()], cuda=[()])
+def test_bad_cuda_kernel_variant_is_refused(backend, device, monkeypatch):
+    """Before: any DIST8_CUDA_KERNEL but "warp" (a typo too) ran the block kernels, silently."""
+    monkeypatch.setenv("DIST8_CUDA_KERNEL", "wrap")
+    with pytest.raises(RuntimeError, match="DIST8_CUDA_KERNEL must be 'block' or 'warp', got 'wrap'"):
+        run_steps(backend, Case(Rule.ADAM, 300, 64, True, torch.float32, torch.float32, device, seed=3), steps=1)
+
+
 @per_backend("rule", all=[Rule.ADAM, Rule.ADEMAMIX], emulated=[Rule.ADAM])
 def test_states_with_different_maps(backend, kind, device, rule):
     """A call whose states use different maps (fp8 for the first, the dynamic map for the others,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 from dist8.kernels import build, native
@@ -123,3 +124,30 @@ def test_prebuilt_cuda_kernels_must_match_the_sources(tmp_path, monkeypatch):
     monkeypatch.setattr(native, "_backends", {})
     (tmp_path / "dist8_cuda.so.sources").write_text(build.cuda_sources_digest() + "\ntorch-x sm_90\n")
     assert native.load_backend("cuda") == "cuda" and loaded == [str(lib)]
+
+
+def test_build_switches_take_the_usual_spellings_and_refuse_typos(monkeypatch, capsys):
+    """Before: any DIST8_PORTABLE but "" or "0" meant a portable build ("false" too), and a failed
+    build of any kind fell back to the reference backend with a warning, so a typo did as well."""
+    from dist8.env import EnvironmentSettingError
+    from dist8.kernels import registry
+
+    monkeypatch.setenv("DIST8_PORTABLE", "1")
+    portable = build.build_name("cpu")
+    for off in ("", "0", "false", "No", " off "):
+        monkeypatch.setenv("DIST8_PORTABLE", off)
+        assert build.build_name("cpu") != portable, off
+    for on in ("true", "YES", "on"):
+        monkeypatch.setenv("DIST8_PORTABLE", on)
+        assert build.build_name("cpu") == portable, on
+    monkeypatch.setenv("DIST8_PORTABLE", "maybe")
+    monkeypatch.setattr(registry, "_native", {})  # as in a process that has not loaded the kernels yet
+    monkeypatch.setattr(registry, "_errors", {})
+    monkeypatch.setattr(native, "_backends", {})
+    with pytest.raises(EnvironmentSettingError, match="DIST8_PORTABLE must be 1 or 0 .*got 'maybe'"):
+        registry.get_backend("cpu")
+    assert registry._errors == {}  # not recorded as a failed build
+    from dist8.cli import main
+
+    assert main(["info"]) == 2
+    assert "dist8 info: error: DIST8_PORTABLE must be 1 or 0" in capsys.readouterr().err

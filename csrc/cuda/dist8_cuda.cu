@@ -81,11 +81,15 @@ int dtype_code(at::ScalarType t) {
 }
 int threads_for(int64_t block_size) { return (int)std::min<int64_t>(256, block_size); }
 
-// DIST8_CUDA_KERNEL=warp picks the warp-per-block kernels (block sizes up to 512), read per call
-// so a benchmark can compare both in one process.
+// DIST8_CUDA_KERNEL=warp picks the warp-per-block kernels (block sizes up to 512), =block (or unset)
+// the block-per-CTA ones; read per call so a benchmark can compare both in one process. A typo is an
+// error, not a silent choice.
 bool use_warp_kernel(int64_t block_size) {
   const char* v = std::getenv("DIST8_CUDA_KERNEL");
-  return v != nullptr && std::string(v) == "warp" && block_size <= WARP_MAX_BLOCK;
+  const std::string kernel = v == nullptr ? "" : v;
+  TORCH_CHECK(kernel.empty() || kernel == "block" || kernel == "warp",
+              "dist8: DIST8_CUDA_KERNEL must be 'block' or 'warp', got '", kernel, "'");
+  return kernel == "warp" && block_size <= WARP_MAX_BLOCK;
 }
 
 // Thread blocks of a warp-kernel launch: one per WARPS_PER_CTA quantization blocks, at most

@@ -59,9 +59,9 @@ size) -- or load it into a plain dist8 optimizer with :func:`dist8.checkpoint.lo
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
+from dist8.env import env_flag
 from dist8.integrations.deepspeed_config import check_config, is_dist8_type, load_config, optimizer_kwargs, resolve_auto
 from dist8.integrations.deepspeed_resume import load_dist8_checkpoint
 from dist8.integrations.deepspeed_segments import DeepSpeedSegments, attach_segments, segmented_class, segmented_copy
@@ -211,7 +211,7 @@ def initialize(*args, config=None, config_params=None, **kwargs):
 
 
 
-if os.environ.get("DIST8_DEEPSPEED", "") != "0":  # importing this module is the documented way to install
+if env_flag("DIST8_DEEPSPEED", default=True):  # importing this module is the documented way to install
     try:
         install()
     except ImportError:  # no DeepSpeed: install()/initialize() raise INSTALL_HINT when called

@@ -21,6 +21,8 @@ Environment:
                       the exact torch wheel this process runs) to load instead of building; refused
                       if its ``.sources`` stamp names other sources (csrc/) or nvcc flags
     DIST8_VERBOSE_BUILD=1  show the compiler's commands
+The switches (``DIST8_PORTABLE``, ``DIST8_VERBOSE_BUILD``) take 1/0, true/false, yes/no, on/off;
+anything else is refused naming the variable (:func:`dist8.env.env_flag`).
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from dist8.env import env_flag
 
 __all__ = [
     "build_directory", "build_name", "build_root", "content_name", "cpu_identity", "csrc_dir", "cuda_nvcc_flags",
@@ -100,7 +104,7 @@ def jit_load(name: str, sources: list[Path], include_dirs: list[Path], **cpp_ext
         extra_include_paths=[str(d) for d in include_dirs],
         build_directory=str(directory),
         is_python_module=False,
-        verbose=os.environ.get("DIST8_VERBOSE_BUILD", "") not in ("", "0"),
+        verbose=env_flag("DIST8_VERBOSE_BUILD"),
         **cpp_extension_kwargs,
     )
     stamp.write_text(f"{' '.join(str(s) for s in sources)}\n")
@@ -114,7 +118,7 @@ def cpu_compile_flags() -> list[str]:
     ``-march=native`` (x86-64; ``-mcpu=native`` elsewhere) or ``-DDIST8_NO_SIMD`` under
     ``DIST8_PORTABLE=1``, then ``DIST8_CPU_FLAGS``."""
     flags = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
-    if os.environ.get("DIST8_PORTABLE", "") not in ("", "0"):
+    if env_flag("DIST8_PORTABLE"):
         flags.append("-DDIST8_NO_SIMD")
     else:
         import platform
@@ -167,7 +171,7 @@ def build_name(kind: str) -> str:
     ``dist8_<kind>[_portable]_<12 hex digits>`` (:func:`content_name`; ``DIST8_CPU_FLAGS``,
     ``DIST8_PORTABLE``, the CUDA archs and, for ``-march=native`` builds, :func:`cpu_identity`
     included), so build variants and CPUs never share a directory."""
-    portable = "_portable" if kind == "cpu" and os.environ.get("DIST8_PORTABLE", "") not in ("", "0") else ""
+    portable = "_portable" if kind == "cpu" and env_flag("DIST8_PORTABLE") else ""
     return content_name(f"dist8_{kind}{portable}", *_inputs(kind))
 
 

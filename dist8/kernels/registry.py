@@ -2,7 +2,7 @@
 
 ``DIST8_BACKEND=reference|cpu|cuda`` forces one. A native backend that fails to
 build falls back to the reference with a one-line warning; ``dist8 info`` shows
-why.
+why. A DIST8_* switch with a value it does not take is an error, not a failed build.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import warnings
 
 import torch
 
+from dist8.env import EnvironmentSettingError
 from dist8.kernels import build
 from dist8.kernels.eager import eager_only
 from dist8.kernels.reference import ReferenceBackend
@@ -41,6 +42,8 @@ def _load_native(kind: str):
         from dist8.kernels import native
 
         backend = native.load_backend(kind)
+    except EnvironmentSettingError:  # a typo in a DIST8_* switch is the user's to fix, not a build failure
+        raise
     except Exception as exc:  # noqa: BLE001 - any build/import failure means: use the reference
         _errors[kind] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
         warnings.warn(f"dist8: {kind} kernels unavailable ({_errors[kind]}); using the reference backend", stacklevel=3)
