@@ -59,6 +59,14 @@ def _worker(rank, world_size, root):
         out[f"full{stage}"] = opt.state_dict()["state"]
         opt.full_state_dict = False
         assert same(before, snapshot(opt)), f"stage {stage}: getting the state dict changed the state"
+        if flatten:  # also the one-file way: a full state dict saved by rank 0, broadcast from it at load
+            full = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            other_model = make()
+            other = dist8.ShardedOptimizer(other_model.named_parameters(), dist8.AdamW8bit, stage=stage, lr=1e-2,
+                                           min_8bit_size=0)
+            set_optimizer_state_dict(other_model, other, full if rank == 0 else {},
+                                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+            assert same(before, snapshot(other)), "full_state_dict + broadcast_from_rank0 loaded other state"
 
         fresh = make()
         fresh_opt = dist8.ShardedOptimizer(fresh.named_parameters(), dist8.AdamW8bit, stage=stage, lr=1e-2,
