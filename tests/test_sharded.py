@@ -552,6 +552,46 @@ def test_stage2_under_ddp_is_refused_naming_ddp(accumulate, tmp_path):
         assert "use stage=1 under DDP" in r["refused"] and r["unchanged"]
 
 
+def _stage1(rank, world_size, how):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, stage=1, lr=1e-2, min_8bit_size=0)
+    forward = DDP(model) if how == "ddp" else model
+    out = {}
+    for step in range(2):
+        x = torch.randn(16, 64, generator=torch.Generator().manual_seed(10 * step + (rank if how in ("no ddp", "ddp") else 0)))
+        forward(x).square().mean().backward()
+        if how == "one rank has no bias gradient" and rank == 1:
+            model[2].bias.grad = None
+        try:
+            opt.step()
+        except RuntimeError as exc:
+            out[step] = str(exc)
+        opt.zero_grad()
+    out["unchanged"] = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    return out
+
+
+@pytest.mark.parametrize("how", ["no ddp", "one rank has no bias gradient", "ddp", "same data"])
+def test_stage1_refuses_gradients_that_differ_between_ranks(how, tmp_path):
+    """stage=1 updates each rank's blocks with that rank's .grad: without DDP (whose average is bitwise
+    the same on every rank) each block was trained on its owner's batch alone, silently. The first
+    step with gradients compares an exact fingerprint per parameter across ranks and refuses,
+    naming the parameter, stepping nothing; later steps are not checked (one read of the gradients)."""
+    for r in run_ranks(_stage1, 2, how, tmp_path=tmp_path):
+        if how in ("ddp", "same data"):
+            assert r == {"unchanged": False}, r
+            continue
+        name = "0.weight" if how == "no ddp" else "2.bias"
+        assert r[0].startswith(f"ShardedOptimizer(stage=1) takes gradients already averaged across ranks "
+                               f"(DDP averages them), but parameter {name}'s gradient differs"), r[0]
+        assert "Wrap the model in DistributedDataParallel, or use stage=2" in r[0] and r[1] == r[0]
+        assert r["unchanged"]
+
+
 def test_single_process_errors():
     with pytest.raises(RuntimeError, match="not initialised"):
         ShardedOptimizer([torch.nn.Parameter(torch.zeros(4))], process_group=object())

@@ -29,6 +29,7 @@ from dist8.optim.state_schema import CORRECTION
 from dist8.shard import state_dicts
 from dist8.shard.flat import flat_buffers
 from dist8.shard.grads import Stage2Grads
+from dist8.shard.replicated_grads import first_difference, gradient_fingerprints
 from dist8.shard.layout import BlockLayout, Piece
 from dist8.quant import DEFAULT_BLOCK_SIZE
 
@@ -51,7 +52,9 @@ class ShardedOptimizer(LazyDynamoOptimizer):
             during backward, no DDP wrapper needed (so each rank's ``.grad`` holds partial
             sums after backward: clip with :meth:`clip_grad_norm`; a gradient changed in place
             after backward, e.g. by ``torch.nn.utils.clip_grad_norm_``, is refused at the step);
-            1: gradients are already averaged (e.g. by DDP) and only the state is sharded.
+            1: gradients are already averaged (e.g. by DDP) and only the state is sharded (the first
+            step with gradients checks that they are equal on every rank, refusing them naming a
+            parameter if not: a model without DDP).
         process_group: the data-parallel group (default: the world). Without an
             initialised ``torch.distributed`` the optimizer runs as a single rank.
         bucket_cap_mb: size of gradient-reduction and parameter-gather buckets (MiB).
@@ -110,6 +113,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
                 "default amp_unscale='kernel'"
             )
         self.stage = stage
+        self._stage1_grads_checked = False  # stage 1: gradients compared across ranks once (replicated_grads)
         self.optimizer_class = optimizer_class
         if not isinstance(full_state_dict, bool):
             raise ValueError(f"full_state_dict must be True or False, got {full_state_dict!r}")
@@ -433,6 +437,8 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         if grads is not None:
             has_grad = grads.present_on_any_rank(self.device)
             grads.reduce()
+        elif self.world_size > 1 and not self._stage1_grads_checked:
+            self._refuse_gradients_not_averaged()
         for piece, view in zip(self.pieces, self._piece_views):
             p = self.params[piece.param]
             if grads is not None:
@@ -447,6 +453,18 @@ class ShardedOptimizer(LazyDynamoOptimizer):
                 grad = p.grad.reshape(-1)[piece.start : piece.stop]
             view.grad = grad.float() if self.masters[self._buffer_of[piece.param]] is not None else grad
         self._grads_ready = True
+
+    def _refuse_gradients_not_averaged(self) -> None:
+        """Stage 1, first step with gradients: refuse gradients that differ between ranks (no DDP)."""
+        grads = [p.grad for p in self.params]
+        index = first_difference(gradient_fingerprints(grads, self.device), self.group)
+        if index is not None:
+            raise RuntimeError(
+                f"ShardedOptimizer(stage=1) takes gradients already averaged across ranks (DDP averages them), but "
+                f"parameter {self.names[index]}'s gradient differs between ranks: each rank's blocks would be "
+                "trained on its own batch alone. Wrap the model in DistributedDataParallel, or use stage=2, which "
+                "averages the gradients itself during backward; nothing was updated")
+        self._stage1_grads_checked = any(g is not None for g in grads)
 
     @torch.no_grad()
     def clip_grad_norm(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
