@@ -592,6 +592,49 @@ def test_stage1_refuses_gradients_that_differ_between_ranks(how, tmp_path):
         assert r["unchanged"]
 
 
+def _patchwork(rank, world_size, stage, dtype):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).to(dtype)
+    if rank != 0:  # weights loaded on rank 0 only (DDP's habit), the other ranks' left at another random init
+        torch.manual_seed(rank)
+        for p in model.parameters():
+            torch.nn.init.normal_(p)
+    opt = ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, stage=stage, lr=1e-2, min_8bit_size=0)
+    start = [p.detach().clone() for p in model.parameters()]
+    forward = DDP(model) if stage == 1 else model
+    for step in range(2):
+        x = torch.randn(16, 64, generator=torch.Generator().manual_seed(10 * step + rank)).to(dtype)
+        forward(x).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return start, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("stage,dtype", [(2, torch.float32), (2, torch.bfloat16), (1, torch.float32)])
+def test_parameters_start_from_the_first_ranks_values(stage, dtype, tmp_path):
+    """Each rank's blocks used to start from that rank's values: weights loaded on rank 0 only, or a
+    different random init per rank, left the model a patchwork of the ranks' values after the first
+    step (stage 2; with bf16 the fp32 masters took each rank's values too). The optimizer now
+    broadcasts the first rank's values at construction, as DDP does; the run equals one in which
+    every rank starts from rank 0's values."""
+    runs = run_ranks(_patchwork, 2, stage, dtype, tmp_path=tmp_path)
+    torch.manual_seed(0)
+    reference = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).to(dtype)
+    for start, end in runs:
+        assert all(torch.equal(a, b) for a, b in zip(start, reference.parameters()))
+        assert all(torch.equal(a, b) for a, b in zip(end, runs[0][1]))
+    assert not all(torch.equal(a, b) for a, b in zip(runs[0][1], reference.parameters()))  # it trained
+
+
+def test_meta_parameters_are_refused_at_construction():
+    with torch.device("meta"):
+        model = torch.nn.Linear(300, 30)
+    with pytest.raises(ValueError, match="parameter weight is on the meta device: materialise the model"):
+        ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, lr=1e-2)
+
+
 def test_single_process_errors():
     with pytest.raises(RuntimeError, match="not initialised"):
         ShardedOptimizer([torch.nn.Parameter(torch.zeros(4))], process_group=object())

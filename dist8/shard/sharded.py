@@ -70,7 +70,8 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         **defaults: arguments of ``optimizer_class`` (``lr``, ``betas``, ``block_size``, ...).
 
     Parameters become views into one flat buffer per dtype (so the all-gather after
-    each step writes them in place); a model with several dtypes (``dist8.cast_model``
+    each step writes them in place), holding the first rank's values on every rank (broadcast
+    at construction, as DDP does); a model with several dtypes (``dist8.cast_model``
     keeps norm layers fp32 next to bf16 weights) is partitioned exactly as a single-dtype
     one, since the block layout and rank ranges depend on names and shapes only.
     bf16/fp16 parameters get an fp32 master copy of
@@ -137,6 +138,11 @@ class ShardedOptimizer(LazyDynamoOptimizer):
                     self._outside_layout.append((p, names.get(p, f"group {gi} index {i}")))
         if not self.params:
             raise ValueError("ShardedOptimizer got no parameters that require grad")
+        meta = [n for p, n in zip(self.params, self.names) if p.is_meta]
+        if meta:  # it would copy nothing into its flat buffers and fail at the first step on Tensor.item()
+            raise ValueError(f"parameter {meta[0]} is on the meta device: materialise the model (to_empty() and "
+                             "initialise or load its weights) before building ShardedOptimizer, whose flat "
+                             "buffers take the parameters' values")
         overrides = check_overrides(defaults.get("overrides"))
         check_overrides_match(overrides, names.values())
         self._check_uniform()
@@ -158,6 +164,8 @@ class ShardedOptimizer(LazyDynamoOptimizer):
                 view = buf.view(i, 0, p.numel())
                 view.copy_(p.detach().reshape(-1))
                 p.data = view.view(p.shape)
+        if self.world_size > 1:
+            self._broadcast_parameters()
         # bf16/fp16 parameters: an fp32 master copy of the owned range of their buffer, unless
         # master_weight_bits keeps an int8/int16 correction per owned value instead (inner optimizer
         # state, partitioned like the rest). Index k: the master of buffer k, or None.
@@ -206,6 +214,15 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         self._take_over_parameters()
         # where each parameter's values live (its view of a flat buffer), to notice a replaced storage
         self._storage = [p.data_ptr() for p in self.params]
+
+    def _broadcast_parameters(self) -> None:
+        """The group's first rank's parameter values to every rank (collective), before any master copy
+        is taken, as DDP and DeepSpeed do at construction. Each rank's blocks start from that rank's
+        values, so weights loaded on rank 0 only (DDP's habit), or a different random init per rank,
+        left the model a patchwork of the ranks' values after the first step, silently."""
+        src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
+        for buf in self.buffers:
+            dist.broadcast(buf.flat, src=src, group=self.group)
 
     def _take_over_parameters(self) -> None:
         """An earlier ShardedOptimizer over any of these parameters (rebuilt after unfreezing, a second
