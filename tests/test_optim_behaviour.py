@@ -530,3 +530,65 @@ def test_gradient_of_an_unsupported_dtype_is_named():
     with pytest.raises(TypeError, match=r"^parameter w has a torch.float64 gradient; supported: float32, bfloat16"):
         opt.step()
     assert not opt.state[p]
+
+
+def _fully_shard_after_the_optimizer(rank, world_size, late):
+    import warnings
+
+    from torch.distributed.fsdp import fully_shard
+
+    from fsdp_utils import mesh_of
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 300), torch.nn.GELU(), torch.nn.Linear(300, 8))
+    if not late:
+        fully_shard(model, mesh=mesh_of(world_size))
+    opt = dist8.AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=0)
+    if late:  # the new DTensor parameters are not the optimizer's: it steps nothing
+        fully_shard(model, mesh=mesh_of(world_size))
+    before = [p.full_tensor().clone() for p in model.parameters()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            model(torch.randn(4, 32)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    trained = not all(torch.equal(a, p.full_tensor()) for a, p in zip(before, model.parameters()))
+    return trained, [str(w.message) for w in caught if "had a gradient" in str(w.message)]
+
+
+def test_steps_that_never_find_a_gradient_warn_once(tmp_path):
+    """An optimizer built before torch's fully_shard holds parameters backward never reaches: every
+    step did nothing, silently (as torch's AdamW does). One step without gradients stays a no-op
+    (torch's contract); the second in a row, before any gradient was seen, warns once."""
+    import warnings
+
+    from dist_utils import run_ranks
+
+    p = torch.nn.Parameter(torch.randn(300))
+    opt = dist8.AdamW8bit([p], lr=1e-2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+        assert not caught
+        opt.step()
+        opt.step()
+    assert len(caught) == 1 and str(caught[0].message).startswith(
+        "dist8: AdamW8bit.step() ran twice and none of its 1 parameters had a gradient either time"), caught
+    assert "torch's fully_shard" in str(caught[0].message) and "warn_without_gradients = False" in str(caught[0].message)
+    for silenced in (True, False):  # after a gradient was seen, or silenced: no warning
+        q = torch.nn.Parameter(torch.randn(300))
+        opt = dist8.Lion8bit([q], lr=1e-3)
+        if silenced:
+            opt.warn_without_gradients = False
+        else:
+            _step(opt, [q])
+            q.grad = None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                opt.step()
+        assert not caught, silenced
+    late, early = (run_ranks(_fully_shard_after_the_optimizer, 1, late, tmp_path=tmp_path)[0] for late in (True, False))
+    assert late[0] is False and len(late[1]) == 1, late
+    assert early == (True, []), early

@@ -421,6 +421,7 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
             with torch.enable_grad():
                 loss = closure()
         self.follow_params()
+        self.notice_steps_without_gradients()
         self._update(((group, group["params"]) for group in self.param_groups))
         return loss
 

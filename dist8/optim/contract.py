@@ -8,12 +8,14 @@ otherwise break:
 * parameters swapped into ``param_groups`` after construction (FSDP2 applied late, as
   accelerate and HF Trainer do): :meth:`TorchContract.follow_params`;
 * non-contiguous parameters or gradients: a contiguous working copy, written back after the
-  step (:meth:`TorchContract.working_copy`), so the contiguous path pays nothing.
+  step (:meth:`TorchContract.working_copy`), so the contiguous path pays nothing;
+* steps that never find a gradient, the mark of parameters replaced after construction (fully_shard
+  applied late by hand): one warning (:meth:`TorchContract.notice_steps_without_gradients`).
 """
 from __future__ import annotations
 
 import functools
-
+import warnings
 from typing import Any
 
 import torch
@@ -104,6 +106,31 @@ class TorchContract:
         self._known = ParamPositions(self.param_groups, self.param_names)
         for p, st in moved.items():  # e.g. plain global state -> this rank's shard of the new DTensor
             self.state[p] = self.check_state(p, st, copy=False)  # moved: the old entry is gone
+
+    # ---- steps that never find a gradient (parameters replaced after construction) ------
+    #: Warn (once) when the second ``step()`` in a row finds no gradient on any parameter before any
+    #: parameter ever had one; False silences it (parameters frozen on purpose).
+    warn_without_gradients: bool = True
+
+    def notice_steps_without_gradients(self) -> None:
+        """Called by ``step()``. torch's ``fully_shard`` (and PEFT's adapters) put new parameters in the
+        model: an optimizer built before holds the old ones, which backward never reaches, and every
+        step does nothing, silently, as torch's optimizers do. One step without gradients is a no-op
+        by torch's contract; two in a row before any gradient was seen get one warning."""
+        if self.__dict__.get("_seen_gradient") or not self.warn_without_gradients:
+            return
+        params = [p for g in self.param_groups for p in g["params"]]
+        if any(p.grad is not None for p in params):
+            self._seen_gradient = True
+            return
+        self._steps_without_gradients = self.__dict__.get("_steps_without_gradients", 0) + 1
+        if self._steps_without_gradients == 2 and params:
+            warnings.warn(
+                f"dist8: {type(self).__name__}.step() ran twice and none of its {len(params)} parameters had a "
+                "gradient either time: backward does not reach the parameters it was built with. Build the "
+                "optimizer after anything that replaces the model's parameters (torch's fully_shard does; DDP "
+                "and model.to() do not) and after adding adapters (PEFT); if they are frozen on purpose, set "
+                "opt.warn_without_gradients = False", stacklevel=3)
 
     @staticmethod
     def working_copy(p: torch.Tensor, after_step: list) -> torch.Tensor:

@@ -192,6 +192,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
             self._piece_views.append(view)
             slot_of[view] = piece.param
         self.inner = optimizer_class(inner_groups, **defaults)
+        self.inner.warn_without_gradients = False  # a rank's pieces may all lack gradients (an unused branch)
         self.inner.global_slots = (slot_of, len(self.params))
         if self.world_size > 1:
             self.inner.reduce_partials = self._all_reduce_sum
