@@ -635,6 +635,31 @@ def test_meta_parameters_are_refused_at_construction():
         ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, lr=1e-2)
 
 
+def _compiled_step(rank, world_size, compiled):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 300), torch.nn.GELU(), torch.nn.Linear(300, 8))
+    opt = ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, lr=1e-2, min_8bit_size=0)
+
+    def update():
+        opt.clip_grad_norm(0.05)
+        opt.step()
+
+    update = torch.compile(update) if compiled else update
+    for step in range(3):
+        model(torch.randn(8, 32, generator=torch.Generator().manual_seed(10 * step + rank))).square().mean().backward()
+        update()
+        opt.zero_grad()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_compiled_step_is_the_eager_step(tmp_path):
+    """torch.compile over ShardedOptimizer.step traced its collectives and moved parameters by up to
+    10x the learning rate, silently (ranks agreeing); step and clip_grad_norm now run eagerly inside
+    a compiled function (a graph break), bitwise the eager run."""
+    eager, compiled = (run_ranks(_compiled_step, 2, c, tmp_path=tmp_path)[0] for c in (False, True))
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+
+
 def test_single_process_errors():
     with pytest.raises(RuntimeError, match="not initialised"):
         ShardedOptimizer([torch.nn.Parameter(torch.zeros(4))], process_group=object())

@@ -413,9 +413,13 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
         )
 
     # ---- the step -----------------------------------------------------------------
+    @eager_only  # the kernels are opaque ops: tracing the host-side rest gains nothing and broke (see below)
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One optimizer step over all parameters that have a gradient."""
+        """One optimizer step over all parameters that have a gradient.
+
+        Runs eagerly under ``torch.compile`` (one graph break): traced, FSDP2 (DTensor) parameters' state
+        layout went into an inductor graph that failed (NameError in generated code)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -23,6 +23,7 @@ from dist8.optim.base import Optimizer8bit
 from dist8.optim.config import (GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, PARAM_LIST_KEYS, check_overrides,
                                 check_overrides_match, hyperparameters_of, match_overrides, split_named_params)
 from dist8.optim.hooks import load_state_dict_with_hooks, state_dict_with_hooks
+from dist8.kernels.eager import eager_only
 from dist8.optim.lazy_dynamo import LazyDynamoOptimizer
 from dist8.optim.master_weights import check_half_params
 from dist8.optim.state_schema import CORRECTION
@@ -484,6 +485,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
                 "averages the gradients itself during backward; nothing was updated")
         self._stage1_grads_checked = any(g is not None for g in grads)
 
+    @eager_only  # collectives on the gradient views: never traced
     @torch.no_grad()
     def clip_grad_norm(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip the global gradient (all ranks' blocks) to ``max_norm``; returns the total norm.
@@ -522,9 +524,13 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         # True makes the scaler set grad_scale/found_inf and let step() unscale (see step).
         return self.inner.amp_unscale == "kernel"
 
+    @eager_only  # host-driven collectives into the flat buffers: never traced (see the docstring)
     @torch.no_grad()
     def step(self, closure=None):
         """Update this rank's blocks, then all-gather the parameters.
+
+        Runs eagerly under ``torch.compile`` (a graph break): traced, the step moved parameters by
+        10x the learning rate, silently (stage 2, 2 ranks).
 
         Under ``torch.amp.GradScaler`` (stage 1, or a single rank) the scaler's
         ``found_inf`` and ``grad_scale`` go to the inner optimizer, which skips the
