@@ -17,21 +17,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dist8.kernels.eager import eager_only
 from dist8.optim import AdamW8bit
 from dist8.optim.amp import check_amp_unscale
 from dist8.optim.base import Optimizer8bit
 from dist8.optim.config import (GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, PARAM_LIST_KEYS, check_overrides,
                                 check_overrides_match, hyperparameters_of, match_overrides, split_named_params)
 from dist8.optim.hooks import load_state_dict_with_hooks, state_dict_with_hooks
-from dist8.kernels.eager import eager_only
 from dist8.optim.lazy_dynamo import LazyDynamoOptimizer
 from dist8.optim.master_weights import check_half_params
 from dist8.optim.state_schema import CORRECTION
 from dist8.shard import state_dicts
 from dist8.shard.flat import flat_buffers
 from dist8.shard.grads import Stage2Grads
-from dist8.shard.replicated_grads import first_difference, gradient_fingerprints
 from dist8.shard.layout import BlockLayout, Piece
+from dist8.shard.replicated_grads import first_difference, gradient_fingerprints
 from dist8.quant import DEFAULT_BLOCK_SIZE
 
 __all__ = ["ShardedOptimizer"]
