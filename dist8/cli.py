@@ -106,11 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         except CheckpointError as exc:  # e.g. a `latest` pointer that leaves the root
             print(f"dist8 ckpt: error: {exc}", file=sys.stderr)
             return 2
-    from dist8.env import EnvironmentSettingError
+    from dist8.env import EnvironmentSettingError, check_environment
 
     try:
+        check_environment()  # before any rank starts: `dist8 train` ranks would each fail on it
         return int(args.func(args) or 0)
-    except EnvironmentSettingError as exc:  # a mistyped DIST8_* switch: one line, not a traceback
+    except EnvironmentSettingError as exc:  # a mistyped DIST8_* variable: one line, not a traceback
         print(f"dist8 {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -2,19 +2,30 @@
 
 A switch read as "anything but empty or 0 is on" turns ``DIST8_PORTABLE=false`` into a portable
 build and ``DIST8_DEEPSPEED=off`` into an installed hook, silently. :func:`env_flag` takes the usual
-spellings and refuses anything else naming the variable. Imports nothing of dist8 but
-:mod:`dist8.messages`, so every layer may use it.
+spellings and refuses anything else naming the variable. Imports nothing but the standard library
+(not torch: the ``dist8`` command checks the environment before it imports any layer), so every
+layer may use it.
 """
 from __future__ import annotations
 
 import os
 
-from dist8.messages import brief
+__all__ = ["env_flag", "env_choice", "check_environment", "EnvironmentSettingError", "SWITCHES", "CHOICES"]
 
-__all__ = ["env_flag", "EnvironmentSettingError"]
+#: dist8's on/off environment variables (read with :func:`env_flag`).
+SWITCHES = ("DIST8_PORTABLE", "DIST8_VERBOSE_BUILD", "DIST8_DEEPSPEED")
+#: dist8's environment variables that name one of a few choices (read with :func:`env_choice`; the
+#: kernels read DIST8_CPU_GATHER and DIST8_CUDA_KERNEL themselves, exactly as spelled here).
+CHOICES = {"DIST8_BACKEND": ("reference", "cpu", "cuda"), "DIST8_CPU_GATHER": ("hw", "scalar"),
+           "DIST8_CUDA_KERNEL": ("block", "warp")}
 
 _ON = ("1", "true", "yes", "on")
 _OFF = ("0", "false", "no", "off")
+
+
+def _shown(raw: str) -> str:
+    text = repr(raw)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class EnvironmentSettingError(ValueError):
@@ -34,4 +45,26 @@ def env_flag(name: str, default: bool = False) -> bool:
         return True
     if value in _OFF:
         return False
-    raise EnvironmentSettingError(f"{name} must be 1 or 0 (or true/false, yes/no, on/off), got {brief(raw)}")
+    raise EnvironmentSettingError(f"{name} must be 1 or 0 (or true/false, yes/no, on/off), got {_shown(raw)}")
+
+
+def env_choice(name: str) -> str | None:
+    """The choice ``name`` (one of :data:`CHOICES`) names, or None when unset or empty; anything else
+    raises :class:`EnvironmentSettingError` naming ``name``. DIST8_BACKEND is read in any case and
+    with blanks around it; the kernels' own variables exactly."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    value = raw.strip().lower() if name == "DIST8_BACKEND" else raw
+    if value not in CHOICES[name]:
+        raise EnvironmentSettingError(f"{name} must be one of {', '.join(CHOICES[name])}, got {_shown(raw)}")
+    return value
+
+
+def check_environment() -> None:
+    """Every DIST8_* switch and choice read now, so that a launcher refuses a typo in one line
+    before it starts ranks that would each fail on it."""
+    for name in SWITCHES:
+        env_flag(name)
+    for name in CHOICES:
+        env_choice(name)

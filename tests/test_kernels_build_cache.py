@@ -151,3 +151,14 @@ def test_build_switches_take_the_usual_spellings_and_refuse_typos(monkeypatch, c
 
     assert main(["info"]) == 2
     assert "dist8 info: error: DIST8_PORTABLE must be 1 or 0" in capsys.readouterr().err
+    # the dist8 command checks every variable before its sub-command starts (dist8 train's ranks each
+    # failed with a traceback)
+    monkeypatch.setenv("DIST8_PORTABLE", "0")
+    for name, value, message in (("DIST8_CUDA_KERNEL", "wrap", "must be one of block, warp, got 'wrap'"),
+                                 ("DIST8_BACKEND", "gpu", "must be one of reference, cpu, cuda, got 'gpu'"),
+                                 ("DIST8_CPU_GATHER", "HW", "must be one of hw, scalar, got 'HW'"),
+                                 ("DIST8_VERBOSE_BUILD", "2", "must be 1 or 0")):
+        monkeypatch.setenv(name, value)
+        assert main(["train", "--config", "configs/tiny-gpt.yaml"]) == 2
+        assert capsys.readouterr().err.startswith(f"dist8 train: error: {name} {message}")
+        monkeypatch.delenv(name)

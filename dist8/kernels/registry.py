@@ -11,26 +11,21 @@ import warnings
 
 import torch
 
-from dist8.env import EnvironmentSettingError
+from dist8.env import CHOICES, EnvironmentSettingError, env_choice
 from dist8.kernels import build
 from dist8.kernels.eager import eager_only
 from dist8.kernels.reference import ReferenceBackend
 
 __all__ = ["get_backend", "backend_report", "BACKEND_NAMES"]
 
-BACKEND_NAMES = ("reference", "cpu", "cuda")
+BACKEND_NAMES = CHOICES["DIST8_BACKEND"]  # one list: dist8.env reads the variable
 _reference = ReferenceBackend()
 _native: dict[str, object] = {}
 _errors: dict[str, str] = {}
 
 
 def _forced() -> str | None:
-    value = os.environ.get("DIST8_BACKEND", "").strip().lower()
-    if not value:
-        return None
-    if value not in BACKEND_NAMES:
-        raise ValueError(f"DIST8_BACKEND must be one of {BACKEND_NAMES}, got {value!r}")
-    return value
+    return env_choice("DIST8_BACKEND")
 
 
 def _load_native(kind: str):
