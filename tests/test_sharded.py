@@ -665,6 +665,13 @@ def test_single_process_errors():
         ShardedOptimizer([torch.nn.Parameter(torch.zeros(4))], process_group=object())
     with pytest.raises(ValueError, match="stage"):
         ShardedOptimizer([torch.nn.Parameter(torch.zeros(4))], stage=3)
+    # before: True/2.0 passed as stages, nan/inf failed in int(), a string in a comparison, True was 1 MiB
+    for bad in (True, 2.0, "2"):
+        with pytest.raises(ValueError, match=f"stage must be 1 or 2, got {bad!r}"):
+            ShardedOptimizer([torch.nn.Parameter(torch.zeros(4))], stage=bad)
+    for bad in (float("nan"), float("inf"), "25", True, 0, -1):
+        with pytest.raises(ValueError, match="bucket_cap_mb must be"):
+            ShardedOptimizer([torch.nn.Parameter(torch.zeros(4))], bucket_cap_mb=bad)
     layout = BlockLayout(["a", "b"], [(300,), (10,)], 256)
     assert "rank 1" in layout.table(2) and layout.total_blocks == 3
 

@@ -10,6 +10,7 @@ in ``collectives.py``, the state-dict formats in ``state_dicts.py``.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -27,6 +28,7 @@ from dist8.optim.hooks import load_state_dict_with_hooks, state_dict_with_hooks
 from dist8.optim.lazy_dynamo import LazyDynamoOptimizer
 from dist8.optim.master_weights import check_half_params
 from dist8.optim.state_schema import CORRECTION
+from dist8.optim.validation import check_number
 from dist8.shard import state_dicts
 from dist8.shard.flat import flat_buffers
 from dist8.shard.grads import Stage2Grads
@@ -94,12 +96,12 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         full_state_dict: bool = False,
         **defaults: Any,
     ) -> None:
-        if stage not in (1, 2):
-            raise ValueError(f"stage must be 1 or 2, got {stage}")
+        if isinstance(stage, bool) or not isinstance(stage, numbers.Integral) or stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage!r}")
         if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, Optimizer8bit)):
             raise TypeError(f"optimizer_class must be a dist8 optimizer class, got {optimizer_class!r}")
-        if bucket_cap_mb <= 0:
-            raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}")
+        # nan/inf failed later in int(), a string in a comparison, True passed as 1 MiB
+        bucket_cap_mb = check_number(bucket_cap_mb, "bucket_cap_mb", "ShardedOptimizer", lo=0, lo_open=True)
         initialised = dist.is_available() and dist.is_initialized()
         if process_group is not None and not initialised:
             raise RuntimeError("process_group was given but torch.distributed is not initialised; "
