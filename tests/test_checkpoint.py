@@ -180,6 +180,12 @@ def test_keep_last_rotation_and_latest(tmp_path):
     ck.save(tmp_path / "run", model, opt, step=np.int64(6), keep_last=2)
     assert sorted(os.listdir(tmp_path / "run")) == ["latest", "step-00000005", "step-00000006"]
     assert ck.read_metadata(ck.latest(tmp_path / "run"))["step"] == 6
+    # keep_last likewise, before anything is written (2.5 and "all" failed after writing, while rotating;
+    # True kept one)
+    for bad in (0, -1, 2.5, "all", True, float("nan")):
+        with pytest.raises(ValueError, match=r"^keep_last must be an integer >= 1, got "):
+            ck.save(tmp_path / "run", model, opt, step=7, keep_last=bad)
+    assert sorted(os.listdir(tmp_path / "run")) == ["latest", "step-00000005", "step-00000006"]
 
 
 

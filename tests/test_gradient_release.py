@@ -278,8 +278,9 @@ def _ddp_worker(rank, world_size):
 def test_refuses_bad_setup():
     model = make()
     opt = AdamW8bit(model.parameters())
-    with pytest.raises(ValueError, match="max_grad_norm_per_param"):
-        dist8.gradient_release(model, opt, max_grad_norm_per_param=0)
+    for bad in (0, -1.0, float("nan"), "1", True):  # True passed as 1.0
+        with pytest.raises(ValueError, match="max_grad_norm_per_param must be a number > 0 or None"):
+            dist8.gradient_release(model, opt, max_grad_norm_per_param=bad)
     other = make(1)
     with pytest.raises(ValueError, match="not a parameter of the model"):
         dist8.gradient_release(other, opt)

@@ -142,8 +142,10 @@ def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
     if keep_last is not None:
         if step is None:
             raise ValueError("save(..., keep_last=K) needs step= to name the checkpoint directory")
-        if keep_last < 1:
-            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        # True passed as 1; 2.5 and strings failed after the checkpoint was written (while rotating)
+        if isinstance(keep_last, bool) or not isinstance(keep_last, numbers.Integral) or keep_last < 1:
+            raise ValueError(f"keep_last must be an integer >= 1, got {brief(keep_last)}")
+        keep_last = int(keep_last)
         final = root / f"step-{int(step):08d}"
     else:
         final = root

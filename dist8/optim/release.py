@@ -387,8 +387,9 @@ def gradient_release(
         )
     if getattr(optimizer, _ACTIVE_ATTR, None) is not None:
         raise RuntimeError("gradient_release is already active on this optimizer; remove() the first handle")
-    if max_grad_norm_per_param is not None and not (
-        isinstance(max_grad_norm_per_param, (int, float)) and max_grad_norm_per_param > 0
+    if max_grad_norm_per_param is not None and (  # True passed as 1.0
+        isinstance(max_grad_norm_per_param, bool)
+        or not (isinstance(max_grad_norm_per_param, (int, float)) and max_grad_norm_per_param > 0)
     ):
         raise ValueError(f"max_grad_norm_per_param must be a number > 0 or None, got {brief(max_grad_norm_per_param)}")
     if weight_grad_chunk is not None:
