@@ -186,6 +186,13 @@ def test_keep_last_rotation_and_latest(tmp_path):
         with pytest.raises(ValueError, match=r"^keep_last must be an integer >= 1, got "):
             ck.save(tmp_path / "run", model, opt, step=7, keep_last=bad)
     assert sorted(os.listdir(tmp_path / "run")) == ["latest", "step-00000005", "step-00000006"]
+    for bad in (None, "yes", torch.tensor(True)):  # None loaded non-strict, silently
+        with pytest.raises(ValueError, match="strict must be True or False"):
+            ck.load(ck.latest(tmp_path / "run"), model, opt, strict=bad)
+        with pytest.raises(ValueError, match="verify must be True or False"):
+            ck.load(ck.latest(tmp_path / "run"), model, opt, verify=bad)
+        with pytest.raises(ValueError, match="strict must be True or False"):
+            ck.load_fp32_weights(model.state_dict(), model, strict=bad)
 
 
 

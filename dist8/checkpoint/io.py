@@ -45,6 +45,7 @@ from dist8.checkpoint.groups import checked_groups
 from dist8.checkpoint.model_file import write_model_file
 from dist8.checkpoint.reader import read_model, read_pieces
 from dist8.messages import brief
+from dist8.optim.validation import check_flag
 from dist8.shard import ShardedOptimizer
 from dist8.version import __version__
 
@@ -296,6 +297,7 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
     :class:`CheckpointError` (naming the file, parameter or key) the model and
     optimizer are unchanged on every rank.
     """
+    strict, verify = check_flag(strict, "strict"), check_flag(verify, "verify")  # None/"yes" were truthiness
     path = _resolve(Path(path))
     if path.is_dir() and not os.path.lexists(path / METADATA):
         found = latest(path)

@@ -25,6 +25,7 @@ from dist8.checkpoint.reader import read_model_tensors
 from dist8.optim import dtensor_layout as dtl
 from dist8.optim.base import Optimizer8bit
 from dist8.optim.state_schema import CORRECTION
+from dist8.optim.validation import check_flag
 from dist8.quant import DEFAULT_BLOCK_SIZE
 from dist8.quant.master import encode_master, encode_master_exact
 from dist8.shard import ShardedOptimizer
@@ -54,6 +55,7 @@ def load_fp32_weights(source: str | os.PathLike | dict[str, torch.Tensor], model
     parameters take their local shard of each weight (no communication) and the optimizer keeps
     that shard's correction, as it does in training.
     """
+    strict = check_flag(strict, "strict")  # None/"yes" were truthiness
     where = str(source) if not isinstance(source, dict) else "fp32 weights"
     tensors = read_model_tensors(Path(source)) if not isinstance(source, dict) else dict(source)
     # the parameters themselves (tied names share one object), named without the wrappers around the model
