@@ -95,6 +95,11 @@ def test_refusals():
         with pytest.raises(TypeError, match="keep_fp32 must be a name pattern or a list of them"):
             dist8.cast_model(model, torch.bfloat16, keep_fp32=bad)
         assert all(p.dtype == torch.float32 for p in model.parameters())
+    for bad in ("no", None, torch.tensor(False)):  # "no" kept the norm layers (a truthy string)
+        model = Model()
+        with pytest.raises(ValueError, match="keep_norm_layers must be True or False"):
+            dist8.cast_model(model, torch.bfloat16, keep_norm_layers=bad)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
 def test_stable_embedding_refuses_bad_sizes_naming_them():
