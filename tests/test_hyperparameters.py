@@ -55,7 +55,13 @@ BAD = [
     (d8.LARS8bit, dict(lr=1e39), "lr must be within float32's range"),
     (d8.AdamW8bit, dict(weight_decay=4e38), "weight_decay must be within float32's range"),
     (d8.AdEMAMix8bit, dict(alpha=1e39), "alpha must be within float32's range"),
+    # booleans read by their truthiness before: "no" meant True, None False
+    (d8.LAMB8bit, dict(bias_correction="no"), "bias_correction"),
+    (d8.LAMB8bit, dict(adam_w_mode=None), "adam_w_mode"),
+    (d8.SGD8bit, dict(lr=0.1, momentum=0.9, nesterov="yes"), "nesterov"),
+    (d8.RMSprop8bit, dict(centered="no"), "centered"),
 ]
+CONSTRUCTOR_ONLY = ("on_nonfinite", "centered")  # not group keys
 IDS = [f"{cls.__name__}-{key}-{i}" for i, (cls, _, key) in enumerate(BAD)]
 
 
@@ -100,8 +106,8 @@ def test_bad_value_error_is_one_short_line(kw, key):
     assert "\n" not in message and len(message) < 200, message
 
 
-@pytest.mark.parametrize("cls,kw,key", [b for b in BAD if b[2] != "on_nonfinite"],
-                         ids=[i for i, b in zip(IDS, BAD) if b[2] != "on_nonfinite"])
+@pytest.mark.parametrize("cls,kw,key", [b for b in BAD if b[2] not in CONSTRUCTOR_ONLY],
+                         ids=[i for i, b in zip(IDS, BAD) if b[2] not in CONSTRUCTOR_ONLY])
 def test_add_param_group_names_the_key_and_adds_nothing(cls, kw, key):
     opt = cls(_params(), **_base_kwargs(cls))
     with pytest.raises(ValueError, match=f"{key}.*param group 1"):

@@ -51,7 +51,8 @@ class LAMBFamily(Optimizer8bit):
         if check_flag(amsgrad, "amsgrad"):
             raise ValueError("amsgrad=True is not supported by LAMB8bit")
         super().__init__(params, dict(lr=lr, betas=pair(betas), eps=eps, weight_decay=weight_decay,
-                                      bias_correction=bool(bias_correction), adam_w_mode=bool(adam_w_mode),
+                                      bias_correction=check_flag(bias_correction, "bias_correction"),
+                                      adam_w_mode=check_flag(adam_w_mode, "adam_w_mode"),
                                       max_unorm=max_unorm),
                          optim_bits=self.default_bits if optim_bits is None else optim_bits, args=args,
                          min_8bit_size=min_8bit_size, percentile_clipping=percentile_clipping, block_wise=block_wise,

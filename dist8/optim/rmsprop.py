@@ -7,6 +7,7 @@ from typing import Any
 from dist8.kernels import Rule, Scalars
 from dist8.optim.base import Optimizer8bit, bit_variants
 from dist8.optim.public_api import document
+from dist8.optim.validation import check_flag
 
 __all__ = ["RMSprop", "RMSprop8bit", "RMSprop32bit", "Adagrad", "Adagrad8bit", "Adagrad32bit"]
 
@@ -40,7 +41,7 @@ class RMSpropFamily(Optimizer8bit):
     def __init__(self, params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0,
                  momentum: float = 0.0, centered: bool = False, optim_bits: int | None = None, args: Any = None,
                  min_8bit_size: int = 4096, percentile_clipping: int = 100, block_wise: bool = True, **kwargs: Any):
-        if centered:
+        if check_flag(centered, "centered"):
             raise ValueError("centered=True is not supported by RMSprop8bit")
         # The rule (and with it the state: a momentum buffer or not) is fixed at construction;
         # a bad momentum (NaN, negative, >= 1) is refused by the shared checks below, naming it.

@@ -13,7 +13,7 @@ from dist8.messages import brief
 from dist8.quant.master import check_master_weight_bits
 
 __all__ = [
-    "FLOAT32_MAX", "HYPER_BOUNDS", "SUPPORTED_DTYPES", "check_flag", "check_group", "check_number", "check_param_types",
+    "FLAG_KEYS", "FLOAT32_MAX", "HYPER_BOUNDS", "SUPPORTED_DTYPES", "check_flag", "check_group", "check_number", "check_param_types",
     "check_unique_params", "pair",
 ]
 
@@ -64,6 +64,10 @@ HYPER_BOUNDS = {
 }
 
 
+#: Group keys that are booleans, in any family that has them (checked wherever groups are).
+FLAG_KEYS = ("maximize", "nesterov", "bias_correction", "adam_w_mode")
+
+
 def check_group(group: dict[str, Any], where: str, n_betas: int = 2) -> None:
     """Check the hyperparameters every dist8 optimizer shares (``where`` names the group or override).
 
@@ -81,8 +85,9 @@ def check_group(group: dict[str, Any], where: str, n_betas: int = 2) -> None:
     for key, (lo, hi, lo_open, hi_open) in HYPER_BOUNDS.items():
         if key in group:
             check_number(group[key], key, where, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open)
-    if "maximize" in group:
-        check_flag(group["maximize"], f"maximize ({where})")
+    for key in FLAG_KEYS:  # a string or None would be read by its truthiness ("no" meant True)
+        if key in group:
+            check_flag(group[key], f"{key} ({where})")
     if "betas" in group:
         betas = group["betas"]
         if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != n_betas:
