@@ -186,6 +186,14 @@ def test_keep_last_rotation_and_latest(tmp_path):
         with pytest.raises(ValueError, match=r"^keep_last must be an integer >= 1, got "):
             ck.save(tmp_path / "run", model, opt, step=7, keep_last=bad)
     assert sorted(os.listdir(tmp_path / "run")) == ["latest", "step-00000005", "step-00000006"]
+    # extra must come back as it went in: refused before anything is written (inf/NaN and tensors
+    # failed after the tensor files were written; an int key came back as a string)
+    for bad, match in (({"best": float("inf")}, "must be JSON data"), ({"t": torch.tensor(1.0)}, "must be JSON data"),
+                       ({3: "epoch"}, "key 3 is not a string"), ({"a": [{"b": {4: 1}}]}, "key 4 under 'b' is not"),
+                       ([1, 2], "must be a dict")):
+        with pytest.raises(ValueError, match=r"^save\(extra=\.\.\.\)" + ".*" + match):
+            ck.save(tmp_path / "run", model, opt, step=7, keep_last=2, extra=bad)
+    assert sorted(os.listdir(tmp_path / "run")) == ["latest", "step-00000005", "step-00000006"]
     for bad in (None, "yes", torch.tensor(True)):  # None loaded non-strict, silently
         with pytest.raises(ValueError, match="strict must be True or False"):
             ck.load(ck.latest(tmp_path / "run"), model, opt, strict=bad)

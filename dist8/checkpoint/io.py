@@ -139,6 +139,7 @@ def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
         if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
             raise ValueError(f"save(step=...) must be an integer >= 0, got {brief(step)}")
         step = int(step)  # numpy and torch integers too: the metadata is JSON
+    _check_extra(extra)
     root = Path(path)
     if keep_last is not None:
         if step is None:
@@ -188,6 +189,34 @@ def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return str(final)
+
+
+def _check_extra(extra: Any) -> None:
+    """``save(extra=...)`` must come back from :func:`load` as it went in: JSON data with string keys.
+    Refused before anything is gathered or written (inf/NaN and tensors failed at the metadata, after
+    the tensor files; an int key came back as a string)."""
+    if extra is None:
+        return
+    if not isinstance(extra, dict):
+        raise ValueError(f"save(extra=...) must be a dict, got {brief(extra)}")
+
+    def keys_ok(value: Any, where: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if not isinstance(k, str):
+                    raise ValueError(f"save(extra=...): key {brief(k)} {where}is not a string (JSON would give it "
+                                     f"back as {str(k)!r})")
+                keys_ok(v, f"under {k!r} ")
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                keys_ok(v, where)
+
+    keys_ok(extra, "")
+    try:
+        json.dumps(extra, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"save(extra=...) must be JSON data (str, finite numbers, bool, None, lists, dicts): "
+                         f"{exc}") from None
 
 
 def _finish(ad, model, optimizer, gathered, tmp, final, root, step, extra, keep_last, saving_world) -> None:
