@@ -67,6 +67,7 @@ __all__ = [
     "STATE_DTYPES",
     "STATE_KEYS",
     "CheckpointError",
+    "check_extra",
     "check_metadata",
     "check_output_dir",
     "file_entry",
@@ -362,6 +363,34 @@ def check_metadata(meta: Any, where: str) -> dict[str, Any]:
         if at != numel:
             raise CheckpointError(f"{where}: pieces of parameter {name} leave elements {at}..{numel} uncovered")
     return meta
+
+
+def check_extra(extra: Any) -> None:
+    """``save(extra=...)``, the metadata's ``extra`` object, must come back from ``load`` as it went in:
+    JSON data with string keys. :func:`dist8.checkpoint.save` asks this first: refused before anything is gathered or written (inf/NaN and tensors failed at the metadata, after
+    the tensor files; an int key came back as a string)."""
+    if extra is None:
+        return
+    if not isinstance(extra, dict):
+        raise ValueError(f"save(extra=...) must be a dict, got {brief(extra)}")
+
+    def keys_ok(value: Any, where: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if not isinstance(k, str):
+                    raise ValueError(f"save(extra=...): key {brief(k)} {where}is not a string (JSON would give it "
+                                     f"back as {str(k)!r})")
+                keys_ok(v, f"under {k!r} ")
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                keys_ok(v, where)
+
+    keys_ok(extra, "")
+    try:
+        json.dumps(extra, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"save(extra=...) must be JSON data (str, finite numbers, bool, None, lists, dicts): "
+                         f"{exc}") from None
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

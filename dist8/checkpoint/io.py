@@ -31,6 +31,7 @@ from dist8.checkpoint.format import (
     METADATA,
     MODEL_FILE,
     CheckpointError,
+    check_extra,
     file_entry,
     install_dir,
     rank_file,
@@ -136,16 +137,16 @@ def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
     if step is not None:  # before anything is gathered or written (a NaN would reach the JSON writer)
         if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_floating_point():
             step = step.item()
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+        if not _is_integer_at_least(step, 0):
             raise ValueError(f"save(step=...) must be an integer >= 0, got {brief(step)}")
         step = int(step)  # numpy and torch integers too: the metadata is JSON
-    _check_extra(extra)
+    check_extra(extra)
     root = Path(path)
     if keep_last is not None:
         if step is None:
             raise ValueError("save(..., keep_last=K) needs step= to name the checkpoint directory")
         # True passed as 1; 2.5 and strings failed after the checkpoint was written (while rotating)
-        if isinstance(keep_last, bool) or not isinstance(keep_last, numbers.Integral) or keep_last < 1:
+        if not _is_integer_at_least(keep_last, 1):
             raise ValueError(f"keep_last must be an integer >= 1, got {brief(keep_last)}")
         keep_last = int(keep_last)
         final = root / f"step-{int(step):08d}"
@@ -191,32 +192,9 @@ def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
     return str(final)
 
 
-def _check_extra(extra: Any) -> None:
-    """``save(extra=...)`` must come back from :func:`load` as it went in: JSON data with string keys.
-    Refused before anything is gathered or written (inf/NaN and tensors failed at the metadata, after
-    the tensor files; an int key came back as a string)."""
-    if extra is None:
-        return
-    if not isinstance(extra, dict):
-        raise ValueError(f"save(extra=...) must be a dict, got {brief(extra)}")
-
-    def keys_ok(value: Any, where: str) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                if not isinstance(k, str):
-                    raise ValueError(f"save(extra=...): key {brief(k)} {where}is not a string (JSON would give it "
-                                     f"back as {str(k)!r})")
-                keys_ok(v, f"under {k!r} ")
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                keys_ok(v, where)
-
-    keys_ok(extra, "")
-    try:
-        json.dumps(extra, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"save(extra=...) must be JSON data (str, finite numbers, bool, None, lists, dicts): "
-                         f"{exc}") from None
+def _is_integer_at_least(value: Any, lowest: int) -> bool:
+    """An integer (numpy's and torch's integer scalars too; not a bool, which Python counts as one) >= ``lowest``."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= lowest
 
 
 def _finish(ad, model, optimizer, gathered, tmp, final, root, step, extra, keep_last, saving_world) -> None:
