@@ -31,10 +31,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import os
 import re
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from dist8.checkpoint.dirs import (
     check_output_dir,
@@ -69,6 +72,7 @@ __all__ = [
     "CheckpointError",
     "check_extra",
     "check_metadata",
+    "metadata_param_groups",
     "check_output_dir",
     "file_entry",
     "install_dir",
@@ -391,6 +395,55 @@ def check_extra(extra: Any) -> None:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"save(extra=...) must be JSON data (str, finite numbers, bool, None, lists, dicts): "
                          f"{exc}") from None
+
+
+class _NotStorable(Exception):
+    pass
+
+
+def _group_scalar(value: Any) -> Any:
+    """One param-group value as JSON holds it, else _NotStorable."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()  # torch's tensor lr / betas; a bool tensor gives a bool
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):  # numpy's integers too (bool is caught above)
+        return int(value)
+    if isinstance(value, numbers.Real):  # numpy's float32 from a scheduler too
+        as_float = float(value)
+        if math.isfinite(as_float):
+            return as_float
+    raise _NotStorable
+
+
+def metadata_param_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The optimizer's param groups (hyperparameters only, no parameter lists) as ``metadata.json`` holds them.
+
+    A value is stored if the same optimizer can load it back: None, a boolean, a finite number or a
+    string, or a flat list of those (a tuple is stored as a list; a one-element tensor and a numpy
+    scalar as the Python number). Anything else -- a NaN, a multi-element tensor, a dict, a nested
+    list, an object -- is refused with a ValueError naming the group and the key. Every writer of
+    optimizer metadata converts through here, before any file is written (such values failed in the
+    JSON writer after the tensor files, naming nothing, or were written and then refused on load).
+    """
+    out = []
+    for gi, group in enumerate(groups):
+        stored: dict[str, Any] = {}
+        for key, value in group.items():
+            if not isinstance(key, str):
+                raise ValueError(f"param group {gi} has the key {brief(key)}; a checkpoint stores string keys only")
+            try:
+                if isinstance(value, (list, tuple)):
+                    stored[key] = [_group_scalar(v) for v in value]
+                else:
+                    stored[key] = _group_scalar(value)
+            except _NotStorable:
+                raise ValueError(
+                    f"param group {gi} key {key!r} holds {brief(value)}, which a checkpoint cannot store: param "
+                    "group values must be None, booleans, finite numbers, strings or flat lists of them; "
+                    "remove or convert it before saving") from None
+        out.append(stored)
+    return out
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

@@ -12,6 +12,7 @@ optimizers' bounds, also serves ``dist8 ckpt verify``, which has no optimizer).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -40,7 +41,8 @@ _NONE_OR_NUMBER = ("t_alpha", "t_beta3", "master_weight_bits")
 
 
 def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    # numpy's scalars too: a scheduler computing in float32 leaves an np.float32 lr in the group
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def _check_value(key: str, value: Any, where: str) -> None:
@@ -70,11 +72,11 @@ def _converted(key: str, saved: Any, current: Any, where: str) -> Any:
         if not _number(saved):
             raise CheckpointError(f"{where}: {key} must be a number, got {saved!r}")
         _check_value(key, saved, where)
-        return torch.tensor(saved, dtype=current.dtype, device=current.device)
+        return torch.tensor(saved, dtype=current.dtype, device=current.device).reshape(current.shape)
     if _number(current):
         if saved is None:
             raise CheckpointError(f"{where}: {key} is null in the checkpoint, {current!r} in the optimizer")
-        if not _number(saved) or (isinstance(current, int) and key in ("min_8bit_size", "optim_bits")
+        if not _number(saved) or (isinstance(current, numbers.Integral) and key in ("min_8bit_size", "optim_bits")
                                   and not isinstance(saved, int)):
             raise CheckpointError(f"{where}: {key} must be a number like the optimizer's {current!r}, got {saved!r}")
         _check_value(key, saved, where)

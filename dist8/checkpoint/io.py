@@ -34,6 +34,7 @@ from dist8.checkpoint.format import (
     check_extra,
     file_entry,
     install_dir,
+    metadata_param_groups,
     rank_file,
     read_metadata,
     temp_dir,
@@ -73,14 +74,6 @@ def _agree(ad: OptimizerAdapter, error: BaseException | None, what: str) -> None
     if failed:
         rank, msg = failed[0]
         raise CheckpointError(f"{what} failed on rank {rank}: {msg}")
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    if isinstance(value, tuple):
-        return list(value)
-    return value
 
 
 def _shard_tensors(ad: OptimizerAdapter) -> tuple[dict[str, torch.Tensor], list[list], dict[str, dict]]:
@@ -156,6 +149,9 @@ def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
     if isinstance(optimizer, ShardedOptimizer):  # parameters a client copied (accelerate's prepare) first
         optimizer.adopt_parameters()
     ad = adapt(model, optimizer)
+    # every rank, before anything is gathered or written: a value JSON cannot hold (or the optimizer could
+    # not load back) failed in the metadata writer after the tensor files
+    groups_meta = metadata_param_groups(ad.hyper())
     if hasattr(ad, "gather"):  # FSDP2: full quantized state onto rank 0 (collective)
         ad.gather(model)
     tmp = final.with_name(f".{final.name}.tmp")  # rank 0 creates it below; every rank writes into it
@@ -181,7 +177,8 @@ def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
             dist.all_gather_object(gathered, report, group=ad.group)
         if ad.rank == 0:
             try:
-                _finish(ad, model, optimizer, gathered, tmp, final, root, step, extra, keep_last, saving_world)
+                _finish(ad, model, optimizer, gathered, tmp, final, root, step, extra, keep_last, saving_world,
+                        groups_meta)
             except Exception as exc:  # noqa: BLE001
                 error = exc
         _agree(ad, error, "save")
@@ -197,7 +194,8 @@ def _is_integer_at_least(value: Any, lowest: int) -> bool:
     return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= lowest
 
 
-def _finish(ad, model, optimizer, gathered, tmp, final, root, step, extra, keep_last, saving_world) -> None:
+def _finish(ad, model, optimizer, gathered, tmp, final, root, step, extra, keep_last, saving_world,
+            groups_meta) -> None:
     all_files = {k: v for rep in gathered for k, v in rep["files"].items()}
     all_pieces = {str(rep["rank"]): rep["pieces"] for rep in gathered if rep["files"]}
     described = {k: v for rep in gathered for k, v in rep["params"].items()}
@@ -215,7 +213,7 @@ def _finish(ad, model, optimizer, gathered, tmp, final, root, step, extra, keep_
         "step": step,
         "optimizer": {"class": type(inner).__name__, "rule": inner.rule.name, "quant_map": inner.quant_map,
                       "block_wise": inner.block_wise,
-                      "param_groups": [{k: _json_safe(v) for k, v in g.items()} for g in ad.hyper()]},
+                      "param_groups": groups_meta},
         "params": [{"name": p.name, "shape": list(p.shape), "dtype": str(ad.params[p.index].dtype).split(".")[-1],
                     "first_block": p.first_block, "n_blocks": p.n_blocks, "group": group_of[p.index],
                     "block_size": described.get(p.name, {}).get("block_size", ad.layout.block_size),

@@ -115,7 +115,8 @@ def _convert(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str | Non
 
     from dist8.version import __version__
     from dist8.checkpoint.model_file import write_model_file
-    from dist8.checkpoint.format import (FORMAT, MODEL_FILE, CheckpointError, file_entry, install_dir, rank_file,
+    from dist8.checkpoint.format import (FORMAT, MODEL_FILE, CheckpointError, file_entry, install_dir,
+                                         metadata_param_groups, rank_file,
                                          temp_dir, tensor_key, write_metadata)
     from dist8.checkpoint.torch_files import load_torch_file, weights_only_loads
     from dist8.kernels import RULE_STATES, Rule
@@ -257,20 +258,18 @@ def _convert(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str | Non
         pieces.append([name, 0, numel, entry["step"]])
         params_meta[-1]["state"] = {k.split("::")[-1]: str(v.dtype).split(".")[-1] for k, v in tensors.items()
                                     if k.rpartition("::")[0] == name}
+    groups_meta = metadata_param_groups((groups_hyper or [])[:1])  # refused before any file is written
     tmp = temp_dir(out)
     fname = rank_file(0, 1)
     save_file(tensors, str(tmp / fname), metadata={"format": FORMAT})
     write_model_file(tmp / MODEL_FILE, {n: weights[n] for n in names_in_order}, {"format": FORMAT})
     files = {f: file_entry(tmp / f) for f in (fname, MODEL_FILE)}
 
-    def safe(v):
-        return list(v) if isinstance(v, tuple) else (v.item() if torch.is_tensor(v) and v.numel() == 1 else v)
-
     meta = {
         "dist8_version": __version__,
         "torch_version": torch.__version__, "block_size": B, "world_size": 1, "step": step,
         "optimizer": {"class": cls.__name__, "rule": rule.name, "quant_map": quant_map, "block_wise": True,
-                      "param_groups": [{k: safe(v) for k, v in g.items()} for g in (groups_hyper or [])][:1]},
+                      "param_groups": groups_meta},
         "params": params_meta, "pieces": {"0": pieces}, "files": files,
         "extra": {"converted_from": "deepspeed", "deepspeed_dir": str(ckpt_dir), "tag": tag,
                   "deepspeed_world_size": len(rank_states) if zero else 1,

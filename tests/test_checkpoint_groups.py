@@ -1,0 +1,96 @@
+"""Param groups in a checkpoint: what clients put into them comes back into the same optimizer, or the
+save is refused naming the group and key before any file is written.
+
+Found by saving the groups other code leaves: a scheduler computing in numpy float32 (np.float32 lr),
+torch's tensor betas, timm's ``lr_scale``/``param_names``, a user's ``name``. Before, an np.float32
+or a tensor inside a tuple failed in the JSON writer after every tensor file was written, naming
+nothing; a 2-element tensor was written and then refused by the load into the same optimizer.
+"""
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import dist8
+import dist8.checkpoint as ck
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 4))
+
+
+def _optimizer(model, extra, **kw):
+    groups = [{"params": list(model[0].parameters()), **extra}, {"params": list(model[1].parameters())}]
+    return dist8.AdamW8bit(groups, **{"lr": 1e-2, "min_8bit_size": 0, **kw})
+
+
+def _step(model, opt):
+    opt.zero_grad()
+    model(torch.randn(4, 32)).pow(2).mean().backward()
+    opt.step()
+
+
+STORABLE = {
+    "np.float32 lr (a numpy scheduler)": ({"lr": np.float32(1e-3)}, {}),
+    "np.int64 and np.float64": ({"layer_id": np.int64(3), "lr_scale": np.float64(0.25)}, {}),
+    "tensor betas (torch's API)": ({}, {"betas": (torch.tensor(0.9), torch.tensor(0.99))}),
+    "one-element tensor lr of shape (1,)": ({}, {"lr": torch.tensor([1e-3])}),
+    "timm's keys": ({"lr_scale": 0.5, "param_names": ["0.weight", "0.bias"], "name": "encoder"}, {}),
+    "tuple, None, bool, big int": ({"tup": (1, 2.5), "opt": None, "frozen": False, "big": 10 ** 30}, {}),
+}
+
+
+@pytest.mark.parametrize("case", list(STORABLE))
+def test_group_values_clients_leave_come_back_into_the_same_optimizer(tmp_path, case):
+    extra, kw = STORABLE[case]
+    model = _model()
+    opt = _optimizer(model, extra, **kw)
+    _step(model, opt)
+    ck.save(tmp_path / "ck", model, opt, step=1)
+    # the fresh optimizer's numbers differ: the checkpoint's must replace them
+    fresh = _optimizer(model, {k: (0 if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) else v)
+                               for k, v in extra.items()}, **kw)
+    ck.load(tmp_path / "ck", model, fresh)
+    for gi, (got, want) in enumerate(zip(fresh.param_groups, opt.param_groups)):
+        for key, value in want.items():
+            if key == "params":
+                continue
+            if isinstance(value, torch.Tensor):  # stays a tensor of its shape
+                assert isinstance(got[key], torch.Tensor) and got[key].shape == value.shape, (gi, key)
+                assert torch.equal(got[key], value), (gi, key)
+            elif isinstance(value, tuple) and any(isinstance(v, torch.Tensor) for v in value):
+                assert [float(v) for v in got[key]] == [float(v) for v in value], (gi, key)
+            else:
+                assert got[key] == (list(value) if isinstance(value, tuple) and isinstance(got[key], list) else value), \
+                    (gi, key)
+    _step(model, fresh)  # and it steps
+
+
+NOT_STORABLE = {
+    "a 2-element tensor": {"ema": torch.tensor([1.0, 2.0])},
+    "NaN": {"best": float("nan")},
+    "np.float32 inf": {"best": np.float32("inf")},
+    "a dict": {"meta": {"layer": 3}},
+    "a nested list": {"nl": [[1, 2], [3]]},
+    "a set": {"s": {1, 2}},
+    "a function": {"fn": print},
+    "a tensor in a list": {"pair": [torch.tensor([1.0, 2.0]), 1.0]},
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_STORABLE))
+def test_group_values_a_checkpoint_cannot_hold_are_refused_before_anything_is_written(tmp_path, case):
+    extra = NOT_STORABLE[case]
+    model = _model()
+    opt = _optimizer(model, extra)
+    _step(model, opt)
+    key = next(iter(extra))
+    with pytest.raises(ValueError, match=rf"^param group 0 key '{key}' holds .*, which a checkpoint cannot store"):
+        ck.save(tmp_path / "ck", model, opt, step=1)
+    assert os.listdir(tmp_path) == []  # no directory, no temporary files
+    with pytest.raises(ValueError, match=rf"^param group 0 key '{key}' holds "):
+        ck.save(tmp_path / "run", model, opt, step=1, keep_last=2)
+    assert os.listdir(tmp_path) == []
