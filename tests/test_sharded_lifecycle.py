@@ -26,7 +26,7 @@ def _model(seed=0):
 
 def _loss(model, rank, step):
     x = torch.randn(8, 64, generator=torch.Generator().manual_seed(100 * rank + step))
-    return model(x).square().mean()
+    return model(x.to(next(model.parameters()).dtype)).float().square().mean()
 
 
 def _sharded(model, stage, **kw):
@@ -258,3 +258,70 @@ def test_fp32_weights_loaded_after_the_parameters_were_copied_reach_the_model():
     opt.adopt_parameters()
     for i, p in enumerate(opt.params):
         assert torch.equal(p, weights[i].bfloat16()), opt.names[i]
+
+
+def _bf16_model(seed=0):
+    return _model(seed).to(torch.bfloat16)
+
+
+def _written_in_place(rank, world, stage):
+    """Each way a client writes 16-bit parameters in place, against the run that did not need to."""
+    pretrained = _bf16_model(seed=5).state_dict()
+    out = {}
+    # weights loaded after the optimizer was built: through the parameters (version counter) and
+    # through .data (no counter moves; the first step's comparison finds it) == loaded before building
+    for how in ("load_state_dict", "data_copy"):
+        late = _bf16_model()
+        opt = _sharded(late, stage)
+        if how == "load_state_dict":
+            late.load_state_dict(pretrained)
+        else:
+            for name, p in late.named_parameters():
+                p.data.copy_(pretrained[name])
+        _train(late, opt, rank, world, 2)
+        early = _bf16_model()
+        early.load_state_dict(pretrained)
+        _train(early, _sharded(early, stage), rank, world, 2)
+        out[how] = all(torch.equal(a, b) for a, b in zip(late.parameters(), early.parameters()))
+    # a resume from torch-format state dicts (HF Trainer, accelerate, DCP: no fp32 masters in them),
+    # optimizer state first, then the model == the model first, then an optimizer built on it
+    model = _bf16_model()
+    opt = _sharded(model, stage)
+    _train(model, opt, rank, world, 2)
+    model_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    opt_sd = opt.state_dict()
+    resumed = _bf16_model()
+    opt_resumed = _sharded(resumed, stage)
+    opt_resumed.load_state_dict(opt_sd)
+    resumed.load_state_dict(model_sd)
+    _train(resumed, opt_resumed, rank, world, 2, first=2)
+    reference = _bf16_model()
+    reference.load_state_dict(model_sd)
+    opt_reference = _sharded(reference, stage)
+    opt_reference.load_state_dict(opt_sd)
+    _train(reference, opt_reference, rank, world, 2, first=2)
+    out["resume"] = all(torch.equal(a, b) for a, b in zip(resumed.parameters(), reference.parameters()))
+    # a constraint applied in place mid-training (clamp under no_grad) stays: a step with lr 0 moves nothing
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.clamp_(-0.05, 0.05)
+    clamped = [p.detach().clone() for p in reference.parameters()]
+    for group in opt_reference.param_groups:
+        group["lr"] = 0.0
+    _train(reference, opt_reference, rank, world, 1, first=4)
+    out["clamp"] = all(torch.equal(a, b) for a, b in zip(reference.parameters(), clamped))
+    return out
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_16bit_parameters_written_in_place_after_building_are_what_the_step_continues_from(stage, tmp_path):
+    """bf16 parameters keep fp32 master copies; the step wrote their rounding over whatever was in the
+    parameters, so weights loaded in place after the optimizer was built (``model.load_state_dict``, a
+    resume from torch-format state dicts, which hold no masters), or a clamp under ``no_grad``, were
+    undone by the next step: the model went back to the values it had when the optimizer was built,
+    silently (``lr=1e-3``: 0.0015 from the initial weights, 0.25 from the loaded ones). Now the masters
+    follow parameters written in place, on 1 and 2 ranks, bitwise the run that loaded before building."""
+    want = {"load_state_dict": True, "data_copy": True, "resume": True, "clamp": True}
+    assert _written_in_place(0, 1, stage) == want
+    for out in run_ranks(_written_in_place, 2, stage, tmp_path=tmp_path):
+        assert out == want

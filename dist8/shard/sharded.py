@@ -218,6 +218,8 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         self._take_over_parameters()
         # where each parameter's values live (its view of a flat buffer), to notice a replaced storage
         self._storage = [p.data_ptr() for p in self.params]
+        # the parameters' version counters when the masters last matched them (None: compare at the next look)
+        self._param_versions: list[int] | None = None
 
     def _broadcast_parameters(self) -> None:
         """The group's first rank's parameter values to every rank (collective), before any master copy
@@ -330,6 +332,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         for master, saved in zip(self.masters, snapshot):
             if master is not None:
                 master.copy_(saved)
+        self._param_versions = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Refused once built (ValueError, nothing added): the block layout, flat buffers, gradient
@@ -389,6 +392,33 @@ class ShardedOptimizer(LazyDynamoOptimizer):
             self._storage[i] = p.data_ptr()
             if changed:
                 self._restart_masters(i)
+        self._follow_parameter_writes()
+
+    def _follow_parameter_writes(self) -> None:
+        """The fp32 master copies follow 16-bit parameter values written in place since the last look.
+
+        The step updates a master and writes its rounding into the parameter; a value written into the
+        parameter by anyone else (``model.load_state_dict`` after the optimizer was built, a resume
+        whose optimizer state holds no masters, torch DCP, a clamp under ``no_grad``) was overwritten
+        by the next step from the stale master: the model went back to the values it had when the
+        optimizer was built, silently. The parameters are the truth, the masters their extra
+        precision: an element whose parameter no longer equals its master's rounding takes the
+        parameter's value. Compared on the first look after construction or any load
+        (``_param_versions`` None) and whenever a parameter's version counter moved (writes through
+        the parameter object); the step's own writes go through the flat buffers and move none.
+        """
+        if all(master is None for master in self.masters):
+            return
+        versions = [p._version for p in self.params]
+        if versions == self._param_versions:
+            return
+        for buf, master in zip(self.buffers, self.masters):
+            if master is not None:
+                owned = buf.owned(self.rank)
+                written = owned != master.to(owned.dtype)
+                if written.any():
+                    master.copy_(torch.where(written, owned.float(), master))
+        self._param_versions = versions
 
     def _restart_masters(self, index: int) -> None:
         """Parameter ``index`` took new values: its owned pieces' fp32 master copies become them and
@@ -714,6 +744,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
             correction = self.inner.settings(view, group_of[view]).correction
             self.inner.state[view] = self.inner.check_state(view, st, correction=correction, copy=copy)
         self._has_state = True  # every rank loads (see state)
+        self._param_versions = None  # masters a load installs meet the parameters at the next look
 
     @torch.no_grad()
     def load_fp32_master(self, weights: dict[int, torch.Tensor]) -> None:
