@@ -65,7 +65,7 @@ def _sharded_model(mesh):
     return model
 
 
-def _worker(rank, world_size):
+def _worker(rank, world_size, fp32_checkpoint):
     from torch.distributed.tensor import distribute_tensor
 
     mesh = mesh_of(world_size)
@@ -104,24 +104,47 @@ def _worker(rank, world_size):
                 out["local_correction"] = {n: tuple(opt.state[p][CORRECTION].shape) for n, p in model.named_parameters()}
                 _interop(model, opt, ref, ref_opt, mesh, cls, kw2)
     out["release"] = _release(mesh)
-    out["fp32_weights"] = _load_fp32_weights(mesh)
+    out["fp32_weights"] = _load_fp32_weights(mesh, fp32_checkpoint)
     return out
 
 
-def _load_fp32_weights(mesh):
+def _fp32_weights():
+    gen = torch.Generator().manual_seed(11)
+    return {n: torch.randn(p.shape, generator=gen) * 0.1 for n, p in Wide().named_parameters()}
+
+
+def _fp32_checkpoint(path):
+    """A dist8 checkpoint of an fp32 run holding :func:`_fp32_weights` (its optimizer never stepped)."""
+    import dist8.checkpoint as ckpt
+
+    model = Wide()
+    model.load_state_dict(_fp32_weights())
+    ckpt.save(path, model, dist8.AdamW8bit(model.named_parameters(), lr=1e-2, min_8bit_size=0))
+
+
+def _load_fp32_weights(mesh, fp32_checkpoint):
     """dist8.checkpoint.load_fp32_weights into an FSDP2 bf16 model: each rank encodes its local shard
     (uneven Shard(0), strided Shard(1)), bitwise what the unsharded call gives that shard; a plain fp32
-    tensor the optimizer does not hold (no correction) is rounded to nearest like the unsharded call."""
+    tensor the optimizer does not hold (no correction) is rounded to nearest like the unsharded call.
+    ``dist8.checkpoint.load`` of an fp32 run's checkpoint does the same (it rounded the weights and kept
+    the group's master_weight_bits=None: pure bf16 from then on)."""
+    import dist8.checkpoint as ckpt
     from torch.distributed.tensor import distribute_tensor
 
     from dist8.checkpoint import load_fp32_weights
 
-    gen = torch.Generator().manual_seed(11)
-    weights = {n: torch.randn(p.shape, generator=gen) * 0.1 for n, p in Wide().named_parameters()}
+    weights = _fp32_weights()
     for bits in (24, 32):
         model = _sharded_model(mesh)
         opt = dist8.AdamW8bit(model.named_parameters(), lr=1e-2, min_8bit_size=0, master_weight_bits=bits)
         load_fp32_weights(weights, model, opt)
+        resumed = _sharded_model(mesh)
+        resumed_opt = dist8.AdamW8bit(resumed.named_parameters(), lr=1e-2, min_8bit_size=0, master_weight_bits=bits)
+        ckpt.load(fp32_checkpoint, resumed, resumed_opt)
+        assert resumed_opt.param_groups[0]["master_weight_bits"] == bits
+        for (n, p), q in zip(model.named_parameters(), resumed.parameters()):
+            assert torch.equal(p.to_local().view(torch.int16), q.to_local().view(torch.int16)), (n, bits)
+            assert torch.equal(opt.state[p][CORRECTION], resumed_opt.state[q][CORRECTION]), (n, bits)
         ref = Wide().to(torch.bfloat16)
         ref_opt = dist8.AdamW8bit(ref.named_parameters(), lr=1e-2, min_8bit_size=0, master_weight_bits=bits)
         load_fp32_weights(weights, ref, ref_opt)
@@ -190,7 +213,8 @@ def _release(mesh):
 
 
 def test_fsdp2_master_weights_exact(tmp_path):
-    results = run_ranks(_worker, 2, tmp_path=tmp_path)
+    _fp32_checkpoint(tmp_path / "fp32")
+    results = run_ranks(_worker, 2, str(tmp_path / "fp32"), tmp_path=tmp_path)
     for r in results:
         assert r["release"] and r["fp32_weights"]
     # each rank holds the correction of its local shard only

@@ -350,10 +350,11 @@ def test_changing_the_setting_converts_the_correction():
     assert "correction" not in opt.state[w]
 
 
-@pytest.mark.parametrize("saved,built", [(24, None), (None, 24), (24, 32), (32, 24)])
+@pytest.mark.parametrize("saved,built", [(24, None), (24, 32), (32, 24)])
 def test_a_checkpoint_restores_its_master_weight_bits_as_load_state_dict_does(tmp_path, saved, built):
     """dist8.checkpoint.load gives the groups the saved master_weight_bits with the correction saved for it
-    (it used to refuse: 'must be a string or null', 'needs torch.int16'), as load_state_dict does."""
+    (it used to refuse: 'must be a string or null', 'needs torch.int16'), as load_state_dict does. A saved
+    None keeps the optimizer's own (next test)."""
     import dist8.checkpoint as ckpt
 
     net = _model(torch.bfloat16)
@@ -368,6 +369,41 @@ def test_a_checkpoint_restores_its_master_weight_bits_as_load_state_dict_does(tm
     _train(net2, opt2, 2, start=2)
     for p1, p2 in zip(net.parameters(), net2.parameters()):
         assert torch.equal(p1, p2)
+
+
+@pytest.mark.parametrize("load", ["checkpoint", "state_dict"])
+@pytest.mark.parametrize("saved_dtype", [torch.float32, torch.bfloat16])
+def test_a_run_without_corrections_does_not_turn_off_the_optimizers_master_weights(tmp_path, load, saved_dtype):
+    """An optimizer built with master_weight_bits=24 resuming a run that had no corrections (fp32
+    parameters, or plain bf16 ones) took the saved None and trained pure bf16 from then on, silently.
+    It keeps 24 now; its corrections start from the loaded weights, and an fp32 checkpoint's weights
+    are encoded into parameter and correction (masters within the 24-bit bound of the fp32 values,
+    where a plain cast is off by up to half a bf16 ulp, ~2e-3 relative)."""
+    import dist8.checkpoint as ckpt
+
+    net = _model(saved_dtype)
+    opt = OPT_CASES["AdamW8bit"](net.parameters())
+    _train(net, opt, 2)
+    net2 = _model(torch.bfloat16, seed=1)
+    opt2 = OPT_CASES["AdamW8bit"](net2.parameters(), master_weight_bits=24)
+    if load == "checkpoint":
+        ckpt.load(ckpt.save(tmp_path / "ck", net, opt, step=2), net2, opt2)
+    else:
+        net2.load_state_dict(net.state_dict())
+        opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert opt2.param_groups[0]["master_weight_bits"] == 24
+    for (name, p), q in zip(net2.named_parameters(), net.parameters()):
+        if p.dtype == torch.float32:
+            assert torch.equal(p, q), name
+            continue
+        master = decode_master(p.detach(), opt2.state[p]["correction"]) if "correction" in opt2.state[p] else p.float()
+        if saved_dtype == torch.float32 and load == "checkpoint":  # encoded, not cast
+            assert (master - q).abs().max() <= q.abs().max() * 2.0 ** -15, name
+            assert (p.float() - q).abs().max() > 0, name  # the cast alone would be this far off
+        else:
+            assert torch.equal(master, q.detach().bfloat16().float()), name
+    _train(net2, opt2, 1, start=2)
+    assert all(opt2.state[p]["correction"].dtype == torch.int8 for p in net2.parameters() if p.dtype == torch.bfloat16)
 
 
 def test_overrides_choose_per_parameter():
@@ -408,6 +444,10 @@ def test_refusals_are_one_line_value_errors_naming_the_option():
     with pytest.raises(ValueError, match=r"^correction of parameter group 0 index 0 is torch.int16 \(master_weight_bits=32\)"):
         opt.load_state_dict(wrong)
     off = {"state": sd["state"], "param_groups": [dict(sd["param_groups"][0], master_weight_bits=None)]}
-    with pytest.raises(ValueError, match=r"^state of parameter group 0 index 0 has a correction"):
-        opt.load_state_dict(off)
+    opt_none = OPT_CASES["AdamW8bit"](net.parameters())  # a saved None keeps the optimizer's None
+    with pytest.raises(ValueError, match=r"^state of parameter group 0 index 0 has a correction \(torch.int8\) but "
+                                         r"the parameter keeps none: a bf16/fp16 parameter needs the optimizer built "
+                                         r"with master_weight_bits=24; an fp32 one [^\n]*load_fp32_weights\)$"):
+        opt_none.load_state_dict(off)
+    assert not opt_none.state
     assert opt.state[net.fc1.weight]["correction"].dtype == torch.int8  # nothing lost

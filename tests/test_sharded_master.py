@@ -331,3 +331,42 @@ def test_encode_master_exact_round_trips_every_pair(dtype, bits):
     plain_p, plain_c = encode_master(master, dtype, bits)
     same = decode_master(plain_p, plain_c, bits) == master
     assert torch.equal(p2[same], plain_p[same]) and torch.equal(c2[same], plain_c[same])  # only the lost ones change
+
+
+def _fp32_checkpoint_into_bf16(rank, world_size, path, bits):
+    model = make_model(torch.bfloat16, seed=3)
+    opt = ShardedOptimizer(list(model.named_parameters()), dist8.AdamW8bit, stage=2, master_weight_bits=bits, **KW)
+    ckpt.load(path, model, opt)
+    assert opt.param_groups[0]["master_weight_bits"] == bits
+    masters = {}
+    for piece, view in zip(opt.pieces, opt._piece_views):
+        if bits is None:
+            value = opt.master_piece(piece).clone()
+        else:
+            flat = opt.params[piece.param].detach().reshape(-1)[piece.start:piece.stop]
+            value = decode_master(flat, opt.inner.state[view][CORRECTION].reshape(-1))
+        masters[(piece.param, piece.start, piece.stop)] = value
+    return masters
+
+
+@pytest.mark.parametrize("bits", [None, 24])
+def test_an_fp32_checkpoint_gives_a_bf16_sharded_model_its_fp32_values(tmp_path, bits):
+    """A checkpoint of fp32 parameters loaded into a bf16 model under ShardedOptimizer: the masters (its
+    fp32 copies, or master_weight_bits' corrections) were those of the bf16-rounded weights (up to half a
+    bf16 ulp off), and with master_weight_bits=24 the load was refused ('saved with None'). Now the
+    fp32 weights are encoded into them, on each rank for its own pieces."""
+    fp32 = make_model(torch.float32)
+    opt = dist8.AdamW8bit(list(fp32.named_parameters()), **KW)
+    _plain_continue(fp32, opt, 0, 2)
+    path = tmp_path / "fp32"
+    ckpt.save(path, fp32, opt, step=2)
+    weights = [p.detach().reshape(-1) for p in fp32.parameters()]
+    for masters in run_ranks(_fp32_checkpoint_into_bf16, 2, str(path), bits, tmp_path=tmp_path):
+        assert masters
+        for (i, start, stop), value in masters.items():
+            want = weights[i][start:stop]
+            if bits is None:
+                assert torch.equal(value, want), i
+            else:
+                assert (value - want).abs().max() <= want.abs().max() * 2.0 ** -15, i
+            assert not torch.equal(want.bfloat16().float(), want)  # what a cast alone would have kept

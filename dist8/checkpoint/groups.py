@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from dist8.checkpoint.errors import CheckpointError
-from dist8.optim.config import PARAM_LIST_KEYS, hyperparameters_of
+from dist8.optim.config import PARAM_LIST_KEYS, hyperparameters_of, master_weight_bits_after_load
 from dist8.optim.validation import FLOAT32_MAX, HYPER_BOUNDS
 
 __all__ = ["check_saved_groups", "checked_groups"]
@@ -96,7 +96,8 @@ def _converted(key: str, saved: Any, current: Any, where: str) -> Any:
 
 
 def checked_groups(saved_groups: list[dict[str, Any]], groups: list[dict[str, Any]], where: str,
-                   validate: Callable[[dict[str, Any], str], None] | None = None) -> list[dict[str, Any]]:
+                   validate: Callable[[dict[str, Any], str], None] | None = None,
+                   fixed_master_weight_bits: bool = False) -> list[dict[str, Any]]:
     """The values each of the optimizer's ``groups`` gets from ``saved_groups``, validated (not applied).
 
     Keys the optimizer's group does not have are ignored (they cannot affect it). ``validate``
@@ -113,6 +114,13 @@ def checked_groups(saved_groups: list[dict[str, Any]], groups: list[dict[str, An
             if key in PARAM_LIST_KEYS or key not in group:
                 continue
             values[key] = _converted(key, value, group[key], at)
+        if "master_weight_bits" in values:  # a saved None keeps the optimizer's own (an fp32 run has no corrections)
+            values["master_weight_bits"] = master_weight_bits_after_load(values["master_weight_bits"],
+                                                                         group.get("master_weight_bits"))
+            if fixed_master_weight_bits and values["master_weight_bits"] != group.get("master_weight_bits"):
+                raise CheckpointError(f"{at} was saved with master_weight_bits={values['master_weight_bits']!r}, "
+                                      f"this ShardedOptimizer was built with {group.get('master_weight_bits')!r} "
+                                      "(it chooses its master copies when built)")
         if "nesterov" in group and values.get("nesterov", group["nesterov"]) and values.get(
                 "dampening", group.get("dampening", 0)) != 0:
             raise CheckpointError(f"{at}: nesterov=True requires dampening=0")

@@ -45,7 +45,9 @@ from dist8.checkpoint.format import (
 )
 from dist8.checkpoint.groups import checked_groups
 from dist8.checkpoint.model_file import write_model_file
+from dist8.checkpoint.names import state_dict_by_name
 from dist8.checkpoint.reader import read_model, read_pieces
+from dist8.checkpoint.weights import load_fp32_weights
 from dist8.messages import brief
 from dist8.optim.validation import check_flag
 from dist8.shard import ShardedOptimizer
@@ -332,7 +334,29 @@ def _commit(ad: OptimizerAdapter, model, plan: _Plan, path: Path) -> None:
         ad.restore(snap)
         raise CheckpointError(f"{path}: state does not fit the optimizer: {exc}") from exc
     if plan.model is not None:  # validated (names, shapes) above; copying cannot fail
+        wider = _wider_than_their_parameters(ad, model, plan.model)  # first: torch's FSDP2 load edits the dict
         ad.load_model_state(model, plan.model)
+        if wider:
+            load_fp32_weights(wider, model, ad.optimizer, strict=False)
+
+
+def _wider_than_their_parameters(ad: OptimizerAdapter, model: torch.nn.Module,
+                                 tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The fp32 tensors of a checkpoint (of an fp32 run) whose parameters here are bf16/fp16.
+
+    The model load rounds them, and an optimizer that keeps more precision (``master_weight_bits``'
+    correction, ``ShardedOptimizer``'s fp32 master copies) would continue from the rounded values (up
+    to half a bf16 ulp off, 5e-4 on unit weights): :func:`_commit` loads them again through
+    :func:`load_fp32_weights`, which encodes the fp32 values into parameter and correction or master.
+    Decided from the model file and the model alone, the same on every rank (the ShardedOptimizer's
+    load is collective). A 16-bit parameter never had a correction or master in an fp32 run, so
+    nothing loaded from the checkpoint is replaced.
+    """
+    own = state_dict_by_name(model, ad.wrapped, keep_vars=True)
+    params = {id(p) for p in ad.params}
+    return {name: t for name, t in tensors.items()
+            if t.dtype == torch.float32 and name in own and id(own[name]) in params
+            and own[name].dtype in (torch.bfloat16, torch.float16)}
 
 
 def _check_optimizer(meta: dict[str, Any], ad: OptimizerAdapter, where: str) -> None:
@@ -362,14 +386,9 @@ def _read(path: Path, ad: OptimizerAdapter, model, strict: bool,
             ad = wrapped
     _check_optimizer(meta, ad, where)
     plan = _Plan(groups=checked_groups(meta["optimizer"]["param_groups"], ad.optimizer.param_groups, where,
-                                       ad.inner.validate_hyper),
+                                       ad.inner.validate_hyper,
+                                       fixed_master_weight_bits=isinstance(ad.optimizer, ShardedOptimizer)),
                  extra=meta["extra"])
-    if isinstance(ad.optimizer, ShardedOptimizer):  # its fp32 master copies are chosen when it is built
-        for gi, (group, values) in enumerate(zip(ad.optimizer.param_groups, plan.groups)):
-            if values.get("master_weight_bits", group.get("master_weight_bits")) != group.get("master_weight_bits"):
-                raise CheckpointError(f"{where}: param group {gi} was saved with master_weight_bits="
-                                      f"{values['master_weight_bits']!r}, this ShardedOptimizer was built with "
-                                      f"{group.get('master_weight_bits')!r} (it chooses its master copies when built)")
     saved = {p["name"]: p for p in meta["params"]}
     problems = []
     for slot in ad.layout.params:

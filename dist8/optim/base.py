@@ -31,9 +31,9 @@ from dist8.optim import dtensor_layout as dtl
 from dist8.optim import state_schema as schema
 from dist8.optim.amp import amp_scaling, check_amp_unscale
 from dist8.optim.config import (GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, check_overrides, check_overrides_match,
-                                global_numel, hyperparameters_of, load_group_values, match_overrides,
-                                name_every_group, positional_name, split_named_params, unknown_arguments_message,
-                                uses_8bit)
+                                global_numel, hyperparameters_of, load_group_values, loaded_hyperparameters,
+                                match_overrides, name_every_group, positional_name, split_named_params,
+                                unknown_arguments_message, uses_8bit)
 from dist8.optim.contract import TorchContract
 from dist8.optim.hooks import load_state_dict_with_hooks
 from dist8.optim.lazy_dynamo import LazyDynamoOptimizer
@@ -276,9 +276,8 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
     def check_loaded_group(self, saved: dict[str, Any], gi: int) -> None:
         """Validate the hyperparameters of param group ``gi`` of a loaded state dict (or checkpoint)
         as they would be after loading; ValueError naming the key and the group."""
-        hyper = hyperparameters_of(self.param_groups[gi])
-        hyper.update(hyperparameters_of(saved))
-        self.validate_hyper(hyper, f"param group {gi} of the loaded state dict")
+        self.validate_hyper(loaded_hyperparameters(self.param_groups[gi], saved),
+                            f"param group {gi} of the loaded state dict")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.add_param_group`` with dist8's checks; a refused group is not added.
@@ -579,7 +578,8 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
                 raise KeyError(f"state_dict has state for parameter id {key}, which no param group lists")
             p = id_map[key]
             # the kind of state and the correction the parameter needs once the saved group's values are loaded
-            settings = self.settings(p, dict(self.param_groups[group_of[key]], **saved_groups[group_of[key]]))
+            group = self.param_groups[group_of[key]]
+            settings = self.settings(p, dict(group, **loaded_hyperparameters(group, saved_groups[group_of[key]])))
             new_state[p] = self.check_state(p, st, block_size=self.state_block_size(p), expect_8bit=settings.use_8bit,
                                              correction=settings.correction)
         for saved, group in zip(saved_groups, self.param_groups):

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 __all__ = ["OVERRIDABLE_KEYS", "OVERRIDE_ATTR", "GLOBAL_NUMEL_ATTR", "PARAM_LIST_KEYS", "hyperparameters_of",
-           "positional_name", "fits_param_names", "load_group_values", "name_every_group", "split_named_params",
+           "positional_name", "fits_param_names", "load_group_values", "loaded_hyperparameters",
+           "master_weight_bits_after_load", "name_every_group", "split_named_params",
            "match_overrides", "check_overrides_match", "global_numel", "uses_8bit", "TORCH_STEP_FLAGS",
            "unknown_arguments_message"]
 
@@ -51,11 +52,38 @@ def fits_param_names(names: Any, n_params: int) -> bool:
             and all(isinstance(n, str) for n in names))
 
 
+def master_weight_bits_after_load(saved: Any, own: Any) -> Any:
+    """The ``master_weight_bits`` a param group keeps when a state dict or checkpoint saved with ``saved``
+    is loaded into it (``own``: the optimizer's).
+
+    The saved value replaces the optimizer's, as every hyperparameter does (torch's rule: the saved
+    corrections come back with the setting that made them), except that a saved ``None`` (an fp32 or
+    plain 16-bit run, which has no corrections) keeps ``own``: taken from such a run, ``None``
+    silently turned an optimizer built with ``master_weight_bits=24`` into pure bf16 training. Its
+    corrections then start from the loaded weights (``dist8.checkpoint.load`` encodes an fp32
+    checkpoint's weights into them). (``ShardedOptimizer`` chooses its master copies when built and
+    refuses a saved value other than its own: ``dist8.checkpoint.groups``, ``dist8.shard``.)
+    """
+    return own if saved is None else saved
+
+
+def loaded_hyperparameters(group: Mapping[str, Any], saved: Mapping[str, Any]) -> dict[str, Any]:
+    """``group``'s hyperparameters once ``saved`` (a loaded state dict's or checkpoint's group) is loaded:
+    the saved values replace the group's (torch's rule), ``master_weight_bits`` as
+    :func:`master_weight_bits_after_load` says."""
+    values = dict(hyperparameters_of(group))
+    values.update(hyperparameters_of(saved))
+    if "master_weight_bits" in saved or "master_weight_bits" in group:
+        values["master_weight_bits"] = master_weight_bits_after_load(saved.get("master_weight_bits"),
+                                                                     group.get("master_weight_bits"))
+    return values
+
+
 def load_group_values(group: dict[str, Any], saved: Mapping[str, Any]) -> None:
     """Give the live param ``group`` the values of its ``saved`` counterpart (a loaded state dict's,
-    already validated): every hyperparameter, and torch's rule for names: the saved ``param_names``
-    replace the group's where they fit (:func:`fits_param_names`)."""
-    group.update(hyperparameters_of(saved))
+    already validated): every hyperparameter (:func:`loaded_hyperparameters`), and torch's rule for
+    names: the saved ``param_names`` replace the group's where they fit (:func:`fits_param_names`)."""
+    group.update(loaded_hyperparameters(group, saved))
     if fits_param_names(saved.get("param_names"), len(group["params"])):
         group["param_names"] = list(saved["param_names"])
 

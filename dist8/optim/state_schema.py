@@ -299,8 +299,11 @@ def _checked_correction(name: str, c: Any, shape: Sequence[int], device: torch.d
     if tuple(c.shape) != tuple(shape):
         raise ValueError(f"{CORRECTION} of parameter {name} has shape {tuple(c.shape)}, parameter has {tuple(shape)}")
     if expected is None:
-        raise ValueError(f"state of parameter {name} has a {CORRECTION} ({c.dtype}) but the parameter keeps none "
-                         "(master_weight_bits=None or an fp32 parameter); set master_weight_bits to load it")
+        bits = 24 if c.dtype == torch.int8 else 32
+        raise ValueError(f"state of parameter {name} has a {CORRECTION} ({c.dtype}) but the parameter keeps none: "
+                         f"a bf16/fp16 parameter needs the optimizer built with master_weight_bits={bits}; an fp32 one "
+                         "(a run continued in fp32) takes the checkpoint's fp32 weights instead (dist8 ckpt "
+                         "consolidate CKPT OUT --fp32-weights, then dist8.checkpoint.load_fp32_weights)")
     if expected != ANY_CORRECTION and c.dtype != expected:
         bits = 24 if c.dtype == torch.int8 else 32
         raise ValueError(f"{CORRECTION} of parameter {name} is {c.dtype} (master_weight_bits={bits}) but the "
