@@ -371,8 +371,11 @@ def test_full_state_dict_called_on_one_rank_says_why_it_waits(tmp_path):
 
 
 # Which parameters take part in each rank's backward, per step (stage 2 tests): a parameter used on
-# one rank only (MoE-like), one used by no rank (an unused branch), and back.
-USED = {0: {0: "abc", 1: "abc"}, 1: {0: "ac", 1: "abc"}, 2: {0: "a", 1: "ab"}, 3: {0: "bc", 1: "b"}}
+# one rank only (MoE-like), one used by no rank (an unused branch), and back. Step 4: one rank uses
+# every parameter, so its backward launches every bucket while the other's waits for "e" (every rank
+# hung in the step until 2026-12-03: the collectives were issued in different orders).
+USED = {0: {0: "abc", 1: "abc"}, 1: {0: "ac", 1: "abc"}, 2: {0: "a", 1: "ab"}, 3: {0: "bc", 1: "b"},
+        4: {0: "abcd", 1: "abcde"}}
 
 
 def _used(step, rank):
@@ -380,6 +383,10 @@ def _used(step, rank):
 
 
 def _stage2_without_some_grads(rank, world_size, zero):
+    import faulthandler
+    import sys
+
+    faulthandler.dump_traceback_later(240, exit=True, file=sys.stderr)  # a hang fails in minutes, with stacks
     out = {}
     for name in ("AdamW8bit", "SGD8bit"):
         cls, kw = OPTIMIZERS[name]
@@ -408,6 +415,7 @@ def _stage2_without_some_grads(rank, world_size, zero):
             opt.step()
         except ValueError as exc:
             out["replaced"] = str(exc)
+    faulthandler.cancel_dump_traceback_later()
     return out
 
 

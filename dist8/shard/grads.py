@@ -129,11 +129,15 @@ class GradBuckets:
                 dst = owner if self.group is None else dist.get_global_rank(self.group, owner)
                 self.works.append(dist.reduce(chunk, dst=dst, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
 
-    def flush(self) -> None:
-        """Launch the buckets not yet launched (parameters without gradients) and wait for all."""
+    def launch_remaining(self) -> None:
+        """Launch the buckets not yet launched (some parameter of theirs got no gradient here), in order."""
         while self.next_bucket < len(self.buckets):
             self._launch(self.next_bucket)
             self.next_bucket += 1
+
+    def flush(self) -> None:
+        """Launch the buckets not yet launched and wait for all."""
+        self.launch_remaining()
         self.wait()
         self.reset()
 
@@ -302,6 +306,11 @@ class Stage2Grads:
                 presence.has[i] = True
         has = torch.tensor([*presence.has, problem is not None], dtype=torch.uint8, device=device)
         if self.world_size > 1:
+            # The buckets backward left unlaunched here first: a parameter used on another rank only (a
+            # branch, an expert) had its bucket launched there during backward, so launching ours after
+            # this all-reduce paired each rank's collectives with different ones, and every rank hung.
+            # Bucket order is fixed, so every rank now issues the same reductions, then the all-reduce.
+            self.buckets.launch_remaining()
             dist.all_reduce(has, op=dist.ReduceOp.MAX, group=self.group)
         if has[-1]:
             self.buckets.flush()  # no reduction left in flight into a buffer the caller will zero next
