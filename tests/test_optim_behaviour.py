@@ -97,6 +97,57 @@ def test_load_state_dict_rejects_wrong_shape_naming_parameter():
         opt2.load_state_dict(sd)
 
 
+def _corrupted(mutate):
+    import copy
+
+    p = torch.nn.Parameter(torch.randn(64, 64))
+    opt = AdamW8bit([("layer.weight", p)], min_8bit_size=0, percentile_clipping=50)
+    _step(opt, [p])
+    sd = copy.deepcopy(opt.state_dict())
+    mutate(sd["state"][0], sd)
+    return sd, p
+
+
+CORRUPT = {
+    # a cast to 16 bits rounds every block's scale (was converted back silently)
+    "absmax cast to fp16": (lambda st, sd: st.__setitem__("absmax1", st["absmax1"].half()),
+                            r"^absmax1 of parameter layer\.weight has dtype torch.float16; expected torch.float32"),
+    # moments without their step count restarted the bias correction at step 1
+    "step missing": (lambda st, sd: st.pop("step"), r"state for parameter layer\.weight has no 'step'"),
+    # a short clipping history was indexed out of range steps later; negative norms were taken
+    "clipping history short": (lambda st, sd: st.__setitem__("gnorm_vec", st["gnorm_vec"][:5]),
+                               r"^gnorm_vec of parameter layer\.weight must be 100 finite float32 squared gradient "
+                               r"norms >= 0, got a tensor of shape \(5,\)"),
+    "clipping history negative": (lambda st, sd: st["gnorm_vec"].fill_(-1.0), r"^gnorm_vec of parameter layer"),
+    # was an AttributeError ("'int' object has no attribute 'startswith'") and a NotImplementedError
+    "state not a dict": (lambda st, sd: sd["state"].__setitem__(0, [1, 2]),
+                         r"^state of parameter layer\.weight must be a dict with string keys, got \[1, 2\]$"),
+    "state on the meta device": (lambda st, sd: st.__setitem__("state1", torch.empty_like(st["state1"],
+                                                                                          device="meta")),
+                                 r"^state1 of parameter layer\.weight is on the meta device"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPT))
+def test_corrupted_state_dicts_are_refused_naming_parameter_and_key(case):
+    mutate, match = CORRUPT[case]
+    sd, p = _corrupted(mutate)
+    opt2 = AdamW8bit([("layer.weight", p)], min_8bit_size=0, percentile_clipping=50)
+    with pytest.raises((ValueError, KeyError), match=match):
+        opt2.load_state_dict(sd)
+    assert not opt2.state  # nothing loaded
+
+
+def test_a_state_tensor_given_as_a_view_loads_in_its_logical_order():
+    """A non-contiguous state tensor of the right shape (a conversion's transpose) was refused at the first
+    step by the kernel ('state1 must be contiguous'), naming no parameter; its values load in logical order."""
+    sd, p = _corrupted(lambda st, sd: st.__setitem__("state1", st["state1"].t().contiguous().t()))
+    opt2 = AdamW8bit([("layer.weight", p)], min_8bit_size=0, percentile_clipping=50)
+    opt2.load_state_dict(sd)
+    assert opt2.state[p]["state1"].is_contiguous() and torch.equal(opt2.state[p]["state1"], sd["state"][0]["state1"])
+    _step(opt2, [p], seed=1)
+
+
 def test_overrides_by_name_and_stable_embedding():
     model = torch.nn.ModuleDict({"embed": StableEmbedding(1000, 16), "head": torch.nn.Linear(16, 1000)})
     opt = AdamW8bit(model.named_parameters(), overrides={"head.weight": {"optim_bits": 32}})

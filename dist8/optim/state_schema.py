@@ -227,6 +227,11 @@ def check_state(rule: Rule, name: str, st: dict[str, Any], shape: Sequence[int],
     theirs alone (received from a collective, read from a file, moved from another parameter),
     where a copy would only double the memory of the load.
     """
+    if not isinstance(st, dict) or not all(isinstance(k, str) for k in st):
+        raise ValueError(f"state of parameter {name} must be a dict with string keys, got {brief(st)}")
+    meta = [k for k, v in st.items() if isinstance(v, torch.Tensor) and v.is_meta]
+    if meta:
+        raise ValueError(f"{meta[0]} of parameter {name} is on the meta device (no values to load)")
     extra = [k for k in st if (is_state_key(k) and int(k[5:]) > n_states(rule))
              or (is_absmax_key(k) and int(k[6:]) > n_states(rule))]
     if extra:
@@ -254,6 +259,9 @@ def check_state(rule: Rule, name: str, st: dict[str, Any], shape: Sequence[int],
             if block_size is not None and a.numel() != num_blocks(math.prod(shape), block_size):
                 raise ValueError(f"{absmax_key(i)} of parameter {name} has {a.numel()} entries, blocks of "
                                  f"{block_size} need {num_blocks(math.prod(shape), block_size)} (other block size?)")
+            if a.dtype != torch.float32:  # a cast to 16 bits would have rounded every block's scale
+                raise ValueError(f"{absmax_key(i)} of parameter {name} has dtype {a.dtype}; expected torch.float32 "
+                                 "(cast by a state-dict conversion?)")
             if not _finite(a) or bool((a < 0).any()):
                 raise ValueError(f"{absmax_key(i)} of parameter {name} holds NaN, inf or negative values")
             out[absmax_key(i)] = a.to(device=device, dtype=torch.float32, copy=copy)
@@ -261,7 +269,7 @@ def check_state(rule: Rule, name: str, st: dict[str, Any], shape: Sequence[int],
             raise ValueError(f"{key} of parameter {name} has dtype {s.dtype}; expected uint8 or float32")
         elif not _finite(s):
             raise ValueError(f"{key} of parameter {name} holds NaN or inf")
-        out[key] = s.to(device, copy=copy)
+        out[key] = s.to(device, copy=copy).contiguous()  # the kernels read memory order; a view's logical order
     if len(set(kinds.values())) > 1:
         listing = ", ".join(f"{k}: {'uint8' if is8 else 'float32'}" for k, is8 in kinds.items())
         raise ValueError(f"state of parameter {name} mixes 8-bit and 32-bit states ({listing})")
@@ -269,11 +277,15 @@ def check_state(rule: Rule, name: str, st: dict[str, Any], shape: Sequence[int],
         have, want = ("8-bit", "32-bit") if not expect_8bit else ("32-bit", "8-bit")
         raise ValueError(f"state of parameter {name} is {have}, but the optimizer keeps {want} state for it "
                          "(optim_bits, min_8bit_size or overrides differ from the run that saved it)")
-    out[STEP] = checked_step(st.get(STEP, 0), name)
+    if STEP not in st:  # moments without their step count would restart the bias correction at step 1
+        raise KeyError(f"state for parameter {name} has no 'step' (keys: {sorted(st)})")
+    out[STEP] = checked_step(st[STEP], name)
     if GNORM in st:
         g = st[GNORM]
-        if not isinstance(g, torch.Tensor) or not _finite(g):
-            raise ValueError(f"{GNORM} of parameter {name} must be a finite tensor")
+        if (not isinstance(g, torch.Tensor) or g.dtype != torch.float32 or g.numel() != PERCENTILE_HISTORY
+                or not _finite(g) or bool((g < 0).any())):
+            raise ValueError(f"{GNORM} of parameter {name} must be {PERCENTILE_HISTORY} finite float32 squared "
+                             f"gradient norms >= 0, got {brief(g)}")
         out[GNORM] = g.to(device=device, dtype=torch.float32, copy=copy)
     if CORRECTION in st:
         out[CORRECTION] = _checked_correction(name, st[CORRECTION], shape, device, correction, copy)
@@ -308,7 +320,7 @@ def _checked_correction(name: str, c: Any, shape: Sequence[int], device: torch.d
         bits = 24 if c.dtype == torch.int8 else 32
         raise ValueError(f"{CORRECTION} of parameter {name} is {c.dtype} (master_weight_bits={bits}) but the "
                          f"optimizer's master_weight_bits needs {expected}")
-    return c.to(device, copy=copy)
+    return c.to(device, copy=copy).contiguous()
 
 
 def checked_step(step: Any, name: str, error: type[ValueError] = ValueError) -> int:
