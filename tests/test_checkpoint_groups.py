@@ -36,6 +36,7 @@ def _step(model, opt):
 STORABLE = {
     "np.float32 lr (a numpy scheduler)": ({"lr": np.float32(1e-3)}, {}),
     "np.int64 and np.float64": ({"layer_id": np.int64(3), "lr_scale": np.float64(0.25)}, {}),
+    "np.bool_": ({"frozen": np.bool_(True)}, {}),
     "tensor betas (torch's API)": ({}, {"betas": (torch.tensor(0.9), torch.tensor(0.99))}),
     "one-element tensor lr of shape (1,)": ({}, {"lr": torch.tensor([1e-3])}),
     "timm's keys": ({"lr_scale": 0.5, "param_names": ["0.weight", "0.bias"], "name": "encoder"}, {}),

@@ -405,11 +405,13 @@ def _group_scalar(value: Any) -> Any:
     """One param-group value as JSON holds it, else _NotStorable."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
         value = value.item()  # torch's tensor lr / betas; a bool tensor gives a bool
+    elif type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        value = value.item()  # a numpy scalar (np.float32 from a scheduler, np.bool_) as the Python value
     if value is None or isinstance(value, (bool, str)):
         return value
-    if isinstance(value, numbers.Integral):  # numpy's integers too (bool is caught above)
+    if isinstance(value, numbers.Integral):  # bool is caught above
         return int(value)
-    if isinstance(value, numbers.Real):  # numpy's float32 from a scheduler too
+    if isinstance(value, numbers.Real):
         as_float = float(value)
         if math.isfinite(as_float):
             return as_float

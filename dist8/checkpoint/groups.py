@@ -60,6 +60,8 @@ def _check_value(key: str, value: Any, where: str) -> None:
 
 def _converted(key: str, saved: Any, current: Any, where: str) -> Any:
     """``saved`` in the type of ``current`` after checking it, else CheckpointError."""
+    if type(current).__module__ == "numpy" and getattr(current, "ndim", None) == 0:
+        current = current.item()  # a numpy scalar (np.bool_, np.float32) is its Python value's kind
     if key in _NONE_OR_NUMBER and (saved is None or _number(saved)) and (current is None or _number(current)):
         if saved is not None:
             _check_value(key, saved, where)
