@@ -680,6 +680,17 @@ def test_single_process_errors():
     for bad in (float("nan"), float("inf"), "25", True, 0, -1):
         with pytest.raises(ValueError, match="bucket_cap_mb must be"):
             ShardedOptimizer([torch.nn.Parameter(torch.zeros(4))], bucket_cap_mb=bad)
+    # the optimizer class: an instance's repr spread the message over many lines; a bitsandbytes paged
+    # name (a drop-in user's PagedAdamW8bit) was "a function", not why dist8 has none
+    w = torch.nn.Parameter(torch.zeros(4))
+    with pytest.raises(TypeError, match=r"^optimizer_class must be a dist8 optimizer class, got an instance of "
+                                        r"AdamW8bit: pass the class[^\n]*$"):
+        ShardedOptimizer([w], dist8.AdamW8bit([w]))
+    with pytest.raises(ValueError, match=r"^dist8\.PagedAdamW8bit: dist8 has no paged optimizers[^\n]*use "
+                                         r"dist8\.AdamW8bit$"):
+        ShardedOptimizer([w], dist8.PagedAdamW8bit)
+    with pytest.raises(TypeError, match=r"^optimizer_class must be a dist8 optimizer class, got <class 'torch"):
+        ShardedOptimizer([w], torch.optim.AdamW)
     layout = BlockLayout(["a", "b"], [(300,), (10,)], 256)
     assert "rank 1" in layout.table(2) and layout.total_blocks == 3
 

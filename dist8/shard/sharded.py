@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from dist8.kernels.eager import eager_only
+from dist8.messages import brief
 from dist8.optim import AdamW8bit
 from dist8.optim.amp import check_amp_unscale
 from dist8.optim.base import Optimizer8bit
@@ -27,6 +28,7 @@ from dist8.optim.config import (GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, PARAM_LIST_KEY
 from dist8.optim.hooks import load_state_dict_with_hooks, state_dict_with_hooks
 from dist8.optim.lazy_dynamo import LazyDynamoOptimizer
 from dist8.optim.master_weights import check_half_params
+from dist8.optim.paged import PAGED, paged_message
 from dist8.optim.state_schema import CORRECTION
 from dist8.optim.validation import check_number
 from dist8.shard import state_dicts
@@ -41,6 +43,19 @@ __all__ = ["ShardedOptimizer"]
 # The ShardedOptimizer each parameter is laid out in, by id() (no weak reference to a parameter:
 # torch.utils.swap_tensors refuses those); an entry is checked against the optimizer's own list.
 _LAID_OUT_IN: weakref.WeakValueDictionary[int, ShardedOptimizer] = weakref.WeakValueDictionary()
+
+
+def _check_optimizer_class(given: Any) -> None:
+    """Refuse, in one line, a ``optimizer_class`` that is not a dist8 optimizer class."""
+    if isinstance(given, type) and issubclass(given, Optimizer8bit):
+        return
+    if any(given is paged for paged in PAGED.values()):  # bitsandbytes' paged names: why, as calling one says
+        raise ValueError(paged_message(f"dist8.{given.__name__}", f"dist8.{given.__name__[len('Paged'):]}"))
+    if isinstance(given, Optimizer8bit):  # an instance (its repr spans many lines)
+        raise TypeError(f"optimizer_class must be a dist8 optimizer class, got an instance of {type(given).__name__}: "
+                        f"pass the class and its arguments, ShardedOptimizer(params, dist8.{type(given).__name__}, "
+                        "lr=...)")
+    raise TypeError(f"optimizer_class must be a dist8 optimizer class, got {brief(given)}")
 
 
 class ShardedOptimizer(LazyDynamoOptimizer):
@@ -98,8 +113,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
     ) -> None:
         if isinstance(stage, bool) or not isinstance(stage, numbers.Integral) or stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage!r}")
-        if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, Optimizer8bit)):
-            raise TypeError(f"optimizer_class must be a dist8 optimizer class, got {optimizer_class!r}")
+        _check_optimizer_class(optimizer_class)
         # nan/inf failed later in int(), a string in a comparison, True passed as 1 MiB
         bucket_cap_mb = check_number(bucket_cap_mb, "bucket_cap_mb", "ShardedOptimizer", lo=0, lo_open=True)
         initialised = dist.is_available() and dist.is_initialized()
