@@ -444,6 +444,27 @@ def test_bad_tensors_raise_type_error():
         SGD8bit([torch.nn.Parameter(torch.randn(4))], lr=0.1)
 
 
+def test_a_model_and_an_optimizer_given_in_each_others_place_are_named(tmp_path):
+    """Swapped arguments (and a module given as params) failed deep inside with AttributeErrors
+    ("'AdamW8bit' object has no attribute 'named_parameters'"), or named a layer as a bad tensor."""
+    import dist8.checkpoint as ckpt
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    opt = AdamW8bit(model.parameters())
+    swapped = r"must be a torch\.nn\.Module( or None)?, got AdamW8bit \(model and optimizer swapped\?\)$"
+    with pytest.raises(TypeError, match=r"^dist8\.checkpoint\.save: model " + swapped):
+        ckpt.save(tmp_path / "ck", opt, model)
+    with pytest.raises(TypeError, match=r"^dist8\.checkpoint\.load: model " + swapped):
+        ckpt.load(tmp_path / "ck", opt, model)
+    with pytest.raises(TypeError, match=r"^load_fp32_weights: model " + swapped):
+        ckpt.load_fp32_weights({}, opt, model)
+    with pytest.raises(TypeError, match=r"^cast_model: model " + swapped):
+        dist8.cast_model(opt, torch.bfloat16)
+    with pytest.raises(TypeError, match=r"^params is a torch\.nn\.Module \(Sequential\): pass model\.parameters\(\)"):
+        AdamW8bit(model)
+    assert not (tmp_path / "ck").exists()
+
+
 def test_unknown_keyword_arguments_name_the_class_and_torchs_switches_get_a_hint():
     """Code written for ``torch.optim.AdamW(fused=True)`` meets a one-line TypeError naming the
     optimizer and what to do; any other unknown keyword is named without the hint."""

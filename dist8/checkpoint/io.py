@@ -49,7 +49,7 @@ from dist8.checkpoint.names import state_dict_by_name
 from dist8.checkpoint.reader import read_model, read_pieces
 from dist8.checkpoint.weights import load_fp32_weights
 from dist8.messages import brief
-from dist8.optim.validation import check_flag
+from dist8.optim.validation import check_flag, check_module
 from dist8.shard import ShardedOptimizer
 from dist8.version import __version__
 
@@ -129,6 +129,7 @@ def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
     full, ...) removes the temporary directory and raises :class:`CheckpointError`
     naming the file, on every rank. Returns the path.
     """
+    check_module(model, "dist8.checkpoint.save: model", optional=True)
     if step is not None:  # before anything is gathered or written (a NaN would reach the JSON writer)
         if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_floating_point():
             step = step.item()
@@ -305,6 +306,7 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
     optimizer are unchanged on every rank.
     """
     strict, verify = check_flag(strict, "strict"), check_flag(verify, "verify")  # None/"yes" were truthiness
+    check_module(model, "dist8.checkpoint.load: model", optional=True)
     path = _resolve(Path(path))
     if path.is_dir() and not os.path.lexists(path / METADATA):
         found = latest(path)

@@ -25,7 +25,7 @@ from dist8.checkpoint.reader import read_model_tensors
 from dist8.optim import dtensor_layout as dtl
 from dist8.optim.base import Optimizer8bit
 from dist8.optim.state_schema import CORRECTION
-from dist8.optim.validation import check_flag
+from dist8.optim.validation import check_flag, check_module
 from dist8.quant import DEFAULT_BLOCK_SIZE
 from dist8.quant.master import encode_master, encode_master_exact
 from dist8.shard import ShardedOptimizer
@@ -56,6 +56,7 @@ def load_fp32_weights(source: str | os.PathLike | dict[str, torch.Tensor], model
     that shard's correction, as it does in training.
     """
     strict = check_flag(strict, "strict")  # None/"yes" were truthiness
+    check_module(model, "load_fp32_weights: model")
     where = str(source) if not isinstance(source, dict) else "fp32 weights"
     tensors = read_model_tensors(Path(source)) if not isinstance(source, dict) else dict(source)
     # the parameters themselves (tied names share one object), named without the wrappers around the model

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from dist8.messages import brief
-from dist8.optim.validation import check_flag
+from dist8.optim.validation import check_flag, check_module
 
 __all__ = ["NORM_LAYERS", "cast_model", "is_kept_fp32", "is_norm_layer"]
 
@@ -171,6 +171,7 @@ def cast_model(
     """
     if dtype not in _CASTABLE:
         raise ValueError(f"cast_model: dtype must be one of {', '.join(map(str, _CASTABLE))}, got {brief(dtype)}")
+    check_module(model, "cast_model: model")
     keep_norm_layers = check_flag(keep_norm_layers, "cast_model: keep_norm_layers")  # "no" kept them (truthy)
     if isinstance(keep_fp32, str):
         keep_fp32 = [keep_fp32]

@@ -107,6 +107,9 @@ def split_named_params(params: Any, first_index: int = 0) -> tuple[list[dict], d
     position (:func:`positional_name`). A group may also carry torch's ``param_names`` list itself
     (ignored unless it has one string per parameter, see :func:`fits_param_names`).
     """
+    if isinstance(params, torch.nn.Module):  # iterating a Sequential gives its layers
+        raise TypeError(f"params is a torch.nn.Module ({type(params).__name__}): pass model.parameters() or "
+                        "model.named_parameters()")
     if isinstance(params, (torch.Tensor, str, bytes, Mapping)) or not isinstance(params, Iterable):
         kind = "a Tensor" if isinstance(params, torch.Tensor) else type(params).__name__
         raise TypeError(f"params must be an iterable of tensors, (name, tensor) pairs or dicts, got {kind}")

@@ -13,7 +13,7 @@ from dist8.messages import brief
 from dist8.quant.master import check_master_weight_bits
 
 __all__ = [
-    "FLAG_KEYS", "FLOAT32_MAX", "HYPER_BOUNDS", "SUPPORTED_DTYPES", "check_flag", "check_group", "check_number", "check_param_types",
+    "FLAG_KEYS", "FLOAT32_MAX", "HYPER_BOUNDS", "SUPPORTED_DTYPES", "check_flag", "check_group", "check_module", "check_number", "check_param_types",
     "check_unique_params", "pair",
 ]
 
@@ -29,6 +29,16 @@ def check_flag(value: Any, key: str) -> bool:
     if isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1)):
         return bool(value)
     raise ValueError(f"{key} must be True or False, got {brief(value)}")
+
+
+def check_module(value: Any, what: str, optional: bool = False) -> None:
+    """TypeError naming ``what`` unless ``value`` is a ``torch.nn.Module`` (or None when ``optional``): an
+    optimizer given in the model's place (arguments swapped) failed deep inside with an AttributeError."""
+    if (value is None and optional) or isinstance(value, torch.nn.Module):
+        return
+    swapped = " (model and optimizer swapped?)" if isinstance(value, torch.optim.Optimizer) else ""
+    raise TypeError(f"{what} must be a torch.nn.Module{' or None' if optional else ''}, got "
+                    f"{type(value).__name__}{swapped}")
 
 
 def check_number(value: Any, key: str, where: str, *, lo: float | None = None, hi: float | None = None,
