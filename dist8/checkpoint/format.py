@@ -75,6 +75,7 @@ __all__ = [
     "metadata_param_groups",
     "check_output_dir",
     "file_entry",
+    "from_numpy_scalar",
     "install_dir",
     "manifest_hash",
     "piece_range",
@@ -401,12 +402,19 @@ class _NotStorable(Exception):
     pass
 
 
+def from_numpy_scalar(value: Any) -> Any:
+    """A numpy scalar (np.float32 from a scheduler, np.bool_, a 0-d array) as the Python value it holds;
+    anything else unchanged. Param-group values are stored, and compared on load, as Python values."""
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return value
+
+
 def _group_scalar(value: Any) -> Any:
     """One param-group value as JSON holds it, else _NotStorable."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
         value = value.item()  # torch's tensor lr / betas; a bool tensor gives a bool
-    elif type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
-        value = value.item()  # a numpy scalar (np.float32 from a scheduler, np.bool_) as the Python value
+    value = from_numpy_scalar(value)
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, numbers.Integral):  # bool is caught above

@@ -12,13 +12,13 @@ optimizers' bounds, also serves ``dist8 ckpt verify``, which has no optimizer).
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from dist8.checkpoint.errors import CheckpointError
+from dist8.checkpoint.format import from_numpy_scalar
 from dist8.optim.config import PARAM_LIST_KEYS, hyperparameters_of, master_weight_bits_after_load
 from dist8.optim.validation import FLOAT32_MAX, HYPER_BOUNDS
 
@@ -41,8 +41,7 @@ _NONE_OR_NUMBER = ("t_alpha", "t_beta3", "master_weight_bits")
 
 
 def _number(v: Any) -> bool:
-    # numpy's scalars too: a scheduler computing in float32 leaves an np.float32 lr in the group
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _check_value(key: str, value: Any, where: str) -> None:
@@ -60,8 +59,7 @@ def _check_value(key: str, value: Any, where: str) -> None:
 
 def _converted(key: str, saved: Any, current: Any, where: str) -> Any:
     """``saved`` in the type of ``current`` after checking it, else CheckpointError."""
-    if type(current).__module__ == "numpy" and getattr(current, "ndim", None) == 0:
-        current = current.item()  # a numpy scalar (np.bool_, np.float32) is its Python value's kind
+    current = from_numpy_scalar(current)  # np.bool_, np.float32: their Python value's kind (saved is JSON)
     if key in _NONE_OR_NUMBER and (saved is None or _number(saved)) and (current is None or _number(current)):
         if saved is not None:
             _check_value(key, saved, where)
@@ -78,7 +76,7 @@ def _converted(key: str, saved: Any, current: Any, where: str) -> Any:
     if _number(current):
         if saved is None:
             raise CheckpointError(f"{where}: {key} is null in the checkpoint, {current!r} in the optimizer")
-        if not _number(saved) or (isinstance(current, numbers.Integral) and key in ("min_8bit_size", "optim_bits")
+        if not _number(saved) or (isinstance(current, int) and key in ("min_8bit_size", "optim_bits")
                                   and not isinstance(saved, int)):
             raise CheckpointError(f"{where}: {key} must be a number like the optimizer's {current!r}, got {saved!r}")
         _check_value(key, saved, where)

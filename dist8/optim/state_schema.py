@@ -264,7 +264,7 @@ def check_state(rule: Rule, name: str, st: dict[str, Any], shape: Sequence[int],
                                  "(cast by a state-dict conversion?)")
             if not _finite(a) or bool((a < 0).any()):
                 raise ValueError(f"{absmax_key(i)} of parameter {name} holds NaN, inf or negative values")
-            out[absmax_key(i)] = a.to(device=device, dtype=torch.float32, copy=copy)
+            out[absmax_key(i)] = a.to(device, copy=copy)  # float32, checked above
         elif s.dtype != torch.float32:
             raise ValueError(f"{key} of parameter {name} has dtype {s.dtype}; expected uint8 or float32")
         elif not _finite(s):
@@ -286,7 +286,7 @@ def check_state(rule: Rule, name: str, st: dict[str, Any], shape: Sequence[int],
                 or not _finite(g) or bool((g < 0).any())):
             raise ValueError(f"{GNORM} of parameter {name} must be {PERCENTILE_HISTORY} finite float32 squared "
                              f"gradient norms >= 0, got {brief(g)}")
-        out[GNORM] = g.to(device=device, dtype=torch.float32, copy=copy)
+        out[GNORM] = g.to(device, copy=copy)  # float32, checked above
     if CORRECTION in st:
         out[CORRECTION] = _checked_correction(name, st[CORRECTION], shape, device, correction, copy)
     return out
