@@ -528,6 +528,35 @@ def test_stage2_refuses_accumulating_over_backward_passes_without_no_sync(tmp_pa
             assert torch.allclose(a, b, rtol=0, atol=1e-6)  # sums in another order
 
 
+def _checkpointed_inside_and_outside(rank, world_size, reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(40, 40), "b": torch.nn.Linear(40, 40)})
+    opt = ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, stage=2, bucket_cap_mb=0.001)
+    x = torch.randn(8, 40, generator=torch.Generator().manual_seed(rank))
+    try:
+        h = checkpoint(lambda t: model["b"](torch.relu(model["a"](t))), x.requires_grad_(), use_reentrant=reentrant)
+        model["a"](h).square().mean().backward()  # "a" is used outside the checkpointed block too
+        opt.step()
+    except RuntimeError as exc:
+        return {"refused": str(exc)}
+    return {"params": [p.detach().clone() for p in model.parameters()]}
+
+
+def test_stage2_names_reentrant_checkpointing_when_a_parameter_gets_two_gradients_in_one_backward(tmp_path):
+    """A parameter used inside and outside a reentrant activation checkpoint gets its gradient in two parts
+    within one backward (the checkpoint's recomputation runs a backward of its own); the refusal told only of
+    several backward passes and no_sync(). It names use_reentrant=False now; that setting steps."""
+    reentrant, plain = (run_ranks(_checkpointed_inside_and_outside, 2, flag, tmp_path=tmp_path) for flag in (True, False))
+    for r in reentrant:
+        assert r["refused"].startswith("parameter a.") and "got a second gradient before step()" in r["refused"], r
+        assert "use use_reentrant=False" in r["refused"] and "with opt.no_sync():" in r["refused"]
+    assert all("params" in r for r in plain), plain
+    for a, b in zip(*(r["params"] for r in plain)):
+        assert torch.equal(a, b)
+
+
 def _stage2_under_ddp(rank, world_size, accumulate):
     from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -269,9 +269,11 @@ class Stage2Grads:
             if self.buckets.marked[index]:  # its bucket may be reduced already: the new gradient would be lost
                 raise RuntimeError(ddp_problem(self.params) or (
                     f"parameter {self.names[index]} got a second gradient before step(): ShardedOptimizer(stage=2) "
-                    "sums each gradient onto the rank that owns it during backward, so gradients cannot "
-                    "accumulate over several backward passes by themselves; wrap all but the last in "
-                    "`with opt.no_sync():` (as with DDP), or use stage=1"))
+                    "sums each gradient onto the rank that owns it as soon as backward has accumulated it, so a "
+                    "parameter takes one gradient per step. Accumulating over several backward passes: wrap all but "
+                    "the last in `with opt.no_sync():` (as with DDP). A parameter used both inside and outside a "
+                    "reentrant activation checkpoint (use_reentrant=True, whose recomputation runs a backward of its "
+                    "own): use use_reentrant=False. Or use stage=1"))
             self.buckets.mark_ready(index)
             self.launch_versions = [g._version for g in self.flat]
 
