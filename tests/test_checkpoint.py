@@ -447,6 +447,48 @@ def test_save_never_replaces_a_directory_that_is_not_a_checkpoint(tmp_path):
     assert ck.read_metadata(tmp_path / "empty")["step"] == 2
 
 
+def _one_rank_finds_another_directory(rank, world_size, root, sharded):
+    """Rank 1 sees what a node-local disk can hold: at save, a user's directory where rank 0 sees none; at
+    load, a checkpoint root (``keep_last``) where rank 0 sees a checkpoint."""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(120, exit=True)  # a rank left waiting: a failure, not a 15-minute hang
+    model = make_model()
+    opt = (ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, **KW) if sharded
+           else dist8.AdamW8bit(model.named_parameters(), **KW))
+    out = {}
+    try:
+        ck.save(root / ("fresh" if rank == 0 else "project"), model, opt, step=1)
+    except ck.CheckpointError as exc:
+        out["save"] = str(exc)
+    try:
+        ck.load(root / ("ckpt" if rank == 0 else "root"), model, opt)
+    except ck.CheckpointError as exc:
+        out["load"] = str(exc)
+    return out
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_target_refused_on_one_rank_is_refused_on_every_rank(tmp_path, sharded):
+    """``save`` checked its target directory, and ``load`` whether it was handed a checkpoint root, on each
+    rank before the first collective: with disks whose contents differ between nodes, one rank refused and
+    the others waited for it forever. The ranks agree first now: every rank raises, naming the rank and its
+    reason, and nothing is left at rank 0's target."""
+    (tmp_path / "project" / "src").mkdir(parents=True)
+    (tmp_path / "project" / "src" / "train.py").write_text("precious")
+    model = make_model()
+    opt = dist8.AdamW8bit(model.named_parameters(), **KW)
+    ck.save(tmp_path / "ckpt", model, opt, step=1)
+    ck.save(tmp_path / "root", model, opt, step=1, keep_last=1)
+    results = run_ranks(_one_rank_finds_another_directory, 2, tmp_path, sharded, tmp_path=tmp_path)
+    assert results[1]["save"].startswith(f"{tmp_path / 'project'} exists, is not empty and is not a checkpoint")
+    assert results[0]["save"].startswith("save failed on rank 1: ") and "is not a checkpoint" in results[0]["save"]
+    assert not (tmp_path / "fresh").exists() and not (tmp_path / ".fresh.tmp").exists()
+    assert (tmp_path / "project" / "src" / "train.py").read_text() == "precious"
+    assert "is a checkpoint root" in results[1]["load"]
+    assert results[0]["load"].startswith(f"loading {tmp_path / 'ckpt'} failed on rank 1: ")
+
+
 def test_consolidate_never_writes_over_or_into_the_checkpoint_it_reads(tmp_path, capsys):
     """``dist8 ckpt consolidate run/c run --force`` used to replace ``run``, deleting the checkpoint it was
     reading; the output may not be the source, hold it or lie inside it, whatever ``--force``."""

@@ -17,7 +17,7 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -52,6 +52,9 @@ from dist8.messages import brief
 from dist8.optim.validation import check_flag, check_module
 from dist8.shard import ShardedOptimizer
 from dist8.version import __version__
+
+if TYPE_CHECKING:
+    from dist8.optim.base import Optimizer8bit
 
 __all__ = ["LATEST", "checkpoints", "latest", "load", "read_pieces", "save"]
 
@@ -107,8 +110,8 @@ def _write(what: Path, write) -> None:
         raise CheckpointError(f"writing {what} failed: {exc.strerror or exc}") from exc
 
 
-def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, step: int | None = None,
-         extra: dict[str, Any] | None = None, keep_last: int | None = None) -> str:
+def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer: Optimizer8bit | ShardedOptimizer, *,
+         step: int | None = None, extra: dict[str, Any] | None = None, keep_last: int | None = None) -> str:
     """Save ``model`` and ``optimizer`` state; collective when torch.distributed is initialised.
 
     Args:
@@ -118,8 +121,11 @@ def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
         model: saved to ``model.safetensors`` by rank 0 (parameters are replicated
             under ShardedOptimizer); ``None`` saves only the optimizer.
         optimizer: a dist8 optimizer or :class:`dist8.ShardedOptimizer`.
-        step: training step recorded in the metadata.
-        extra: JSON-serialisable values returned by :func:`load` (e.g. data position).
+        step: training step recorded in the metadata (an int >= 0). Default None.
+        extra: JSON-serialisable values returned by :func:`load` (e.g. data position). Default None ({}).
+        keep_last: an int >= 1: save into ``path/step-XXXXXXXX`` (needs ``step``), then keep only the
+            newest ``keep_last`` complete ``step-*`` checkpoints under ``path`` (by step number),
+            deleting the older ones. Default None (``path`` is the checkpoint directory, nothing is deleted).
 
     ``path`` (or ``path/step-XXXXXXXX``) may be new, empty or an earlier checkpoint, which is replaced; a
     directory holding anything else is refused (saving there would delete it).
@@ -148,7 +154,13 @@ def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
         final = root / f"step-{int(step):08d}"
     else:
         final = root
-    check_replaceable(final, METADATA)  # before any collective: every rank refuses alike
+    # Every rank checks the target, and the ranks agree at their first collective below: on disks whose
+    # contents differ between nodes, one rank refusing alone left the others waiting for it forever.
+    refused: CheckpointError | None = None
+    try:
+        check_replaceable(final, METADATA)
+    except CheckpointError as exc:
+        refused = exc
     if isinstance(optimizer, ShardedOptimizer):  # parameters a client copied (accelerate's prepare) first
         optimizer.adopt_parameters()
     ad = adapt(model, optimizer)
@@ -161,9 +173,9 @@ def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, s
     saving_world = ad.world_size if isinstance(optimizer, ShardedOptimizer) else 1
     error: BaseException | None = None
     try:
-        if ad.rank == 0:
+        if ad.rank == 0 and refused is None:
             _write(tmp, lambda: temp_dir(final))
-        _agree(ad, None, "save")
+        _agree(ad, refused, "save")
         report: dict[str, Any] = {"files": {}, "pieces": [], "rank": ad.rank, "params": {}}
         try:
             if ad.writes:
@@ -246,7 +258,14 @@ def _rotate(root: Path, keep_last: int) -> None:
 
 
 def checkpoints(root: str | os.PathLike) -> list[str]:
-    """Complete-looking ``step-*`` checkpoints under ``root``, newest first (symlinks are skipped)."""
+    """Complete-looking ``step-*`` checkpoints under ``root``, newest first (symlinks are skipped).
+
+    Args:
+        root: the directory ``save(root, ..., keep_last=K)`` writes into. A missing one holds none ([]).
+
+    A directory counts when it holds a ``metadata.json``; newest means the highest step number
+    (the zero-padded names sorted).
+    """
     root = Path(root)
     found = [p for p in root.glob("step-*") if not p.is_symlink() and p.is_dir() and (p / METADATA).is_file()]
     return [str(p) for p in sorted(found, reverse=True)]
@@ -255,7 +274,12 @@ def checkpoints(root: str | os.PathLike) -> list[str]:
 def latest(root: str | os.PathLike) -> str | None:
     """The newest complete checkpoint under ``root`` (from the ``latest`` pointer, else by scanning), or None.
 
-    A pointer naming anything but a directory directly inside ``root`` (an absolute
+    Args:
+        root: the directory ``save(root, ..., keep_last=K)`` writes into.
+
+    Returns the checkpoint directory's path, or None when there is none. An unreadable pointer, or
+    one naming a checkpoint without ``metadata.json``, falls back to :func:`checkpoints`. A pointer
+    naming anything but a directory directly inside ``root`` (an absolute
     path, ``..``, a symlink) is refused with :class:`CheckpointError`.
     """
     root = Path(root)
@@ -294,28 +318,43 @@ class _Plan:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def load(path: str | os.PathLike, model: torch.nn.Module | None, optimizer, *, strict: bool = True,
-         verify: bool = True) -> dict[str, Any]:
+def load(path: str | os.PathLike, model: torch.nn.Module | None, optimizer: Optimizer8bit | ShardedOptimizer, *,
+         strict: bool = True, verify: bool = True) -> dict[str, Any]:
     """Load a checkpoint saved by :func:`save` at any world size; returns its ``extra`` dict.
 
+    Args:
+        path: the checkpoint directory: for a ``keep_last`` save, one ``step-*`` directory such
+            as :func:`latest` returns (the root raises :class:`CheckpointError` naming its newest).
+            If it is missing but an interrupted save left a complete ``.NAME.old`` beside it,
+            that one is loaded, with a warning.
+        model: the model whose tensors are loaded from the checkpoint's ``model.safetensors``, and
+            whose parameter names match the saved ones. None: only the optimizer state is loaded
+            (names from the optimizer); not for an optimizer of FSDP2 (DTensor) parameters.
+        optimizer: a dist8 optimizer or :class:`dist8.ShardedOptimizer` of the saved class, update
+            rule, quantization map and block size, at any world size.
+        strict: True (default): every parameter of the optimizer and the checkpoint (and every model
+            tensor) must be in both, with the same shape. False loads the parameters (and model
+            tensors) that match by name and shape and warns about the rest.
+        verify: check the sha256 of every file this rank reads (default True); False checks the sizes
+            and everything else but skips the hashing.
+
     Each rank reads only the block ranges it owns under the current world size.
-    ``strict=False`` loads the parameters (and model tensors) that match by name and
-    shape and warns about the rest. ``verify`` checks the sha256 of every file this
-    rank reads. Everything is read and validated before anything is installed: on
+    Everything is read and validated before anything is installed: on
     :class:`CheckpointError` (naming the file, parameter or key) the model and
     optimizer are unchanged on every rank.
     """
     strict, verify = check_flag(strict, "strict"), check_flag(verify, "verify")  # None/"yes" were truthiness
     check_module(model, "dist8.checkpoint.load: model", optional=True)
     path = _resolve(Path(path))
-    if path.is_dir() and not os.path.lexists(path / METADATA):
-        found = latest(path)
-        if found is not None:  # a newcomer's save(root, keep_last=K) then load(root)
-            raise CheckpointError(f"{path} is a checkpoint root (step-* checkpoints and a {LATEST!r} pointer, as "
-                                  f"save(..., keep_last=K) writes): load dist8.checkpoint.latest(root), here {found}")
     ad = adapt(model, optimizer)
     plan, error = None, None
-    try:
+    try:  # what each rank finds on its disk is agreed below (one rank refusing alone left the others waiting)
+        if path.is_dir() and not os.path.lexists(path / METADATA):
+            found = latest(path)
+            if found is not None:  # a newcomer's save(root, keep_last=K) then load(root)
+                raise CheckpointError(f"{path} is a checkpoint root (step-* checkpoints and a {LATEST!r} pointer, "
+                                      f"as save(..., keep_last=K) writes): load dist8.checkpoint.latest(root), "
+                                      f"here {found}")
         ad, plan = _read(path, ad, model, strict, verify)
     except Exception as exc:  # noqa: BLE001 - re-raised below after every rank has learnt of it
         error = exc
