@@ -174,6 +174,27 @@ def test_bitsandbytes_embeddings_are_in_dist8_nn(name):
         getattr(dist8.nn, name)(5000, 0)
 
 
+@pytest.mark.parametrize("name", ["Embedding", "StableEmbedding"])
+def test_bitsandbytes_embeddings_take_their_arguments_in_bitsandbytes_order(name):
+    """Every argument bitsandbytes' embedding takes by position lands in the same place here. The
+    constructors passed ``*args`` on to torch's, whose ninth is ``_freeze`` where bitsandbytes has
+    ``device``: ``StableEmbedding(n, d, None, None, 2.0, False, False, None, "cpu")`` failed (device as
+    ``_freeze``, dtype as device); ``help()`` showed ``*args, **kwargs``."""
+    import inspect
+
+    ours, theirs = (list(inspect.signature(getattr(lib.nn, name).__init__).parameters.values())
+                    for lib in (dist8, bnb))
+    positional = [p.name for p in ours if p.kind == p.POSITIONAL_OR_KEYWORD]
+    assert positional[: len(theirs)] == [p.name for p in theirs]
+    assert [p.name for p in ours if p.kind == p.KEYWORD_ONLY] == ["_freeze"]  # torch's, not bitsandbytes'
+    args = (None, None, 2.0, False, False, None, "cpu") + ((torch.bfloat16,) if name == "StableEmbedding" else ())
+    emb = getattr(dist8.nn, name)(10, 4, *args)
+    assert emb.weight.device.type == "cpu" and emb.weight.requires_grad
+    assert emb.weight.dtype == (torch.bfloat16 if name == "StableEmbedding" else torch.float32)
+    frozen = getattr(dist8.nn, name).from_pretrained(torch.ones(3, 4))  # torch passes _freeze by keyword
+    assert not frozen.weight.requires_grad and getattr(frozen.weight, OVERRIDE_ATTR) == {"optim_bits": 32}
+
+
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("max_exponent_bits", range(1, 9))
 def test_create_dynamic_map_equals_bitsandbytes(signed, max_exponent_bits):

@@ -457,7 +457,14 @@ def metadata_param_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """Read, parse and validate ``metadata.json`` of the checkpoint directory ``path`` (see :func:`check_metadata`)."""
+    """Read, parse and validate ``metadata.json`` of the checkpoint directory ``path`` (see :func:`check_metadata`).
+
+    Args:
+        path: a checkpoint directory (one ``step-*`` directory, not the root of a ``keep_last`` save).
+
+    Returns the metadata as a dict. Raises :class:`CheckpointError` naming the file when ``path`` is
+    not a directory, ``metadata.json`` is missing, not a regular file, not JSON or not valid metadata.
+    """
     path = Path(path)
     if not path.is_dir():
         what = "is a file, not a checkpoint directory" if path.exists() else "does not exist"
@@ -492,7 +499,16 @@ def verify_files(path: str | os.PathLike, meta: dict[str, Any], names: list[str]
                  checksums: bool = True) -> None:
     """Check size and (optionally) sha256 of the checkpoint's files; raise naming the first bad one.
 
-    ``names`` restricts the check to those files, each of which must be listed in ``files``.
+    Args:
+        path: the checkpoint directory.
+        meta: its metadata, as :func:`read_metadata` returns it (its ``files``: name -> size and sha256).
+        names: file names to check, each of which must be listed in ``meta["files"]``. Default None
+            (every listed file).
+        checksums: also compare each file's sha256 (reads the whole file); False checks the sizes
+            only. Default True.
+
+    Raises :class:`CheckpointError` for the first file that is not listed, missing, not a regular
+    file (a symlink), of the wrong size or (with ``checksums``) of the wrong sha256.
     """
     path = Path(path)
     wanted = list(meta["files"]) if names is None else names

@@ -43,13 +43,14 @@ _KEPT_GROUP_KEYS = ("initial_lr",)
 def from_torch_optim(state_dict: dict[str, Any], optimizer: Optimizer8bit) -> dict[str, Any]:
     """A ``torch.optim`` ``state_dict`` as a state dict for the dist8 ``optimizer`` (8-bit where it keeps 8-bit state).
 
-    ``state_dict``: from ``torch.optim.Adam``/``AdamW`` (``exp_avg``, ``exp_avg_sq``), ``SGD`` with
-    momentum (``momentum_buffer``), ``RMSprop`` (``square_avg``, plus ``momentum_buffer`` when the
-    dist8 RMSprop has momentum), ``Adagrad`` (``sum``) or lion-pytorch's ``Lion`` (``exp_avg``),
-    for the same parameters in the same param groups as ``optimizer``'s (matched by position, or
-    by name where the state dict lists names, as torch's distributed full state dicts do).
-    ``optimizer``: a dist8 optimizer of the matching rule (not ShardedOptimizer: convert into an
-    unsharded one and save a dist8 checkpoint, which loads at any world size).
+    Args:
+        state_dict: from ``torch.optim.Adam``/``AdamW`` (``exp_avg``, ``exp_avg_sq``), ``SGD`` with
+            momentum (``momentum_buffer``), ``RMSprop`` (``square_avg``, plus ``momentum_buffer`` when the
+            dist8 RMSprop has momentum), ``Adagrad`` (``sum``) or lion-pytorch's ``Lion`` (``exp_avg``),
+            for the same parameters in the same param groups as ``optimizer``'s (matched by position, or
+            by name where the state dict lists names, as torch's distributed full state dicts do).
+        optimizer: a dist8 optimizer of the matching rule (not ShardedOptimizer, which raises TypeError:
+            convert into an unsharded one and save a dist8 checkpoint, which loads at any world size).
 
     Returns ``{"state", "param_groups", "dist8"}`` for ``optimizer.load_state_dict``: each state
     tensor is quantized with the optimizer's map and block size where the optimizer keeps 8-bit

@@ -59,7 +59,9 @@ size) -- or load it into a plain dist8 optimizer with :func:`dist8.checkpoint.lo
 """
 from __future__ import annotations
 
-from typing import Any
+import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from dist8.env import env_flag
 from dist8.integrations.deepspeed_config import check_config, is_dist8_type, load_config, optimizer_kwargs, resolve_auto
@@ -67,6 +69,10 @@ from dist8.integrations.deepspeed_resume import load_dist8_checkpoint
 from dist8.integrations.deepspeed_segments import DeepSpeedSegments, attach_segments, segmented_class, segmented_copy
 from dist8.optim import get_optimizer_class
 from dist8.optim.base import Optimizer8bit
+
+if TYPE_CHECKING:  # DeepSpeed is imported only by install() / initialize()
+    import torch
+    from deepspeed.runtime.engine import DeepSpeedEngine
 
 __all__ = [
     "install",
@@ -92,10 +98,20 @@ def _require_deepspeed():
     return deepspeed, DeepSpeedEngine
 
 
-def optimizer_from_config(name: str, params: dict[str, Any] | None, model_parameters, named=None):
+def optimizer_from_config(name: str, params: dict[str, Any] | None,
+                          model_parameters: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+                          named: dict[torch.Tensor, str] | None = None) -> Optimizer8bit:
     """Build the DeepSpeed-aware dist8 optimizer ``name`` (``"dist8.AdamW8bit"``) for ``model_parameters``.
 
-    ``named`` maps parameter -> name (``model.named_parameters()``); names drive ``overrides``.
+    Args:
+        name: the config's optimizer ``type``, a name :func:`dist8.get_optimizer_class` knows
+            (``"dist8.AdamW8bit"``; case-insensitive). Unknown: ValueError listing the valid ones.
+        params: the config's optimizer ``params``: the class's keyword arguments; ``"auto"`` or None
+            values (and None for the whole dict) mean dist8's defaults, an unknown key raises ValueError.
+        model_parameters: the parameters (tensors), or param-group dicts with a ``"params"`` list,
+            as DeepSpeed passes them.
+        named: parameter -> name (``{p: n for n, p in model.named_parameters()}``); names drive
+            ``overrides``. Default None (no names).
     """
     cls = get_optimizer_class(name)
     kwargs = optimizer_kwargs(cls, params)
@@ -182,7 +198,9 @@ def is_installed() -> bool:
     return bool(_state["installed"])
 
 
-def initialize(*args, config=None, config_params=None, **kwargs):
+def initialize(*args: Any, config: dict[str, Any] | str | os.PathLike | None = None,
+               config_params: dict[str, Any] | str | os.PathLike | None = None,
+               **kwargs: Any) -> tuple[DeepSpeedEngine, Any, Any, Any]:
     """:func:`install`, check the config, then ``deepspeed.initialize(...)`` (same arguments).
 
     Accepts a ``dist8.*`` optimizer section, or a dist8 optimizer instance as ``optimizer=``: it
@@ -191,6 +209,20 @@ def initialize(*args, config=None, config_params=None, **kwargs):
     (:func:`~dist8.integrations.deepspeed_segments.segmented_copy`), which DeepSpeed partitions
     and steps; use the optimizer ``initialize`` returns, the instance passed in stays unchanged.
     ``"auto"`` values left in the config mean DeepSpeed's defaults.
+
+    Args:
+        *args: ``deepspeed.initialize``'s positional arguments (``args``, ``model``, ...), passed on unchanged.
+        config: the DeepSpeed config, a dict or the path of a JSON file: read, top-level ``"auto"``
+            values dropped (``"enabled": "auto"`` turned off), its ``dist8.*`` optimizer section
+            checked, then passed on as ``config=``. Default None.
+        config_params: DeepSpeed's other name for ``config``, used (and passed on as ``config=``)
+            when ``config`` is None, ignored otherwise. Default None.
+        **kwargs: ``deepspeed.initialize``'s other keyword arguments (``model=``,
+            ``model_parameters=``, ``optimizer=``, ...), passed on unchanged except a dist8
+            ``optimizer=``, which is replaced by its copy with segments (above).
+
+    Returns what ``deepspeed.initialize`` returns: ``(engine, optimizer, dataloader, lr_scheduler)``.
+    Raises ImportError naming the install command when DeepSpeed is missing.
     """
     deepspeed, _ = _require_deepspeed()
     install()

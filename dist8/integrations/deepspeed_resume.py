@@ -5,20 +5,32 @@ Public as :func:`dist8.integrations.deepspeed.load_dist8_checkpoint`.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from deepspeed.runtime.engine import DeepSpeedEngine
 
 __all__ = ["load_dist8_checkpoint"]
 
 
-def load_dist8_checkpoint(engine, path, *, load_model: bool = True) -> dict[str, Any]:
+def load_dist8_checkpoint(engine: DeepSpeedEngine, path: str | os.PathLike, *,
+                          load_model: bool = True) -> dict[str, Any]:
     """Load a dist8 checkpoint (e.g. from ``dist8 ckpt from-deepspeed``) into a DeepSpeed ``engine``.
 
     Works at any world size and ZeRO stage: every rank reads the whole-parameter state and
     keeps its own ranges. Returns the checkpoint's ``extra`` dict; sets ``engine.global_steps``
     from the checkpoint's step. Segment ranges that do not start on a block boundary of the
     parameter are requantized (dequantize, re-slice, quantize); aligned ones are exact.
+
+    Args:
+        engine: a DeepSpeed engine whose optimizer dist8 set up (a ``dist8.*`` config type, or a dist8
+            optimizer passed to :func:`~dist8.integrations.deepspeed.initialize`; anything else raises
+            ``TypeError``), of the checkpoint's optimizer class and quantization map.
+        path: a dist8 checkpoint directory (:func:`dist8.checkpoint.save`, ``dist8 ckpt from-deepspeed``).
+        load_model: also copy the checkpoint's ``model.safetensors`` weights into the engine's model
+            and the optimizer's fp32 partitions (skipped when the checkpoint has none). Default True.
     """
     import math
 

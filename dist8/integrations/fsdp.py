@@ -27,12 +27,16 @@ Typical use::
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from dist8.optim.config import OVERRIDE_ATTR
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 __all__ = ["fully_shard", "prepare", "save_dcp", "load_dcp", "check_not_fsdp1"]
 
@@ -43,7 +47,12 @@ _FSDP1_MSG = (
 
 
 def check_not_fsdp1(model: nn.Module) -> None:
-    """Raise ``TypeError`` if ``model`` (or a submodule) is an FSDP1 ``FullyShardedDataParallel``."""
+    """Raise ``TypeError`` if ``model`` (or a submodule) is an FSDP1 ``FullyShardedDataParallel``.
+
+    Args:
+        model: the module to check: it and its submodules (by class name), and its parameters
+            (FSDP1's ``FlatParameter``).
+    """
     for name, module in model.named_modules():
         if type(module).__name__ == "FullyShardedDataParallel":
             raise TypeError(_FSDP1_MSG.format(what=f"module {name or '<root>'!r}"))
@@ -71,6 +80,9 @@ def prepare(model: nn.Module) -> nn.Module:
     modules for 32-bit state (FSDP2 replaces parameters, dropping the mark). Call it
     after ``fully_shard`` and before creating the optimizer; :func:`fully_shard` does
     both for you.
+
+    Args:
+        model: the model wrapped with torch's ``fully_shard`` (it and all its submodules are visited).
     """
     from dist8.nn import StableEmbedding
 
@@ -132,12 +144,20 @@ def _shard_kept_fp32_first(module: nn.Module, shard, kwargs: dict) -> None:
                          f"per fully_shard group: fully_shard the submodules of the other dtype first")
 
 
-def fully_shard(module: nn.Module, **kwargs: Any):
+def fully_shard(module: nn.Module, **kwargs: Any) -> nn.Module:
     """``torch.distributed.fsdp.fully_shard(module, **kwargs)`` keeping dist8's parameter marks.
 
     FSDP2 needs one parameter dtype per group: the fp32 modules :func:`dist8.cast_model` kept inside
     ``module`` (norm layers next to bf16 weights) are sharded as groups of their own first, with the
     same ``kwargs``; any other mix of dtypes is refused with one line naming a parameter of each.
+
+    Args:
+        module: the module to shard (each block first, then the root), as for torch's ``fully_shard``;
+            FSDP1-wrapped modules are refused with ``TypeError``.
+        **kwargs: torch's ``fully_shard`` keyword arguments (``mesh``, ``reshard_after_forward``,
+            ``mp_policy``, ``offload_policy``, ...), passed on unchanged.
+
+    Returns what torch's ``fully_shard`` returns: ``module``, now an ``FSDPModule``.
     """
     from torch.distributed.fsdp import fully_shard as _fully_shard
 
@@ -156,13 +176,21 @@ def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, options=Non
 
 
 def save_dcp(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, *, extra: dict | None = None,
-             process_group=None, options=None) -> None:
+             process_group: ProcessGroup | None = None, options: StateDictOptions | None = None) -> None:
     """Save model and optimizer with ``torch.distributed.checkpoint.save`` (collective).
 
     The optimizer part holds, per parameter, ``state1``/``state2`` (uint8 codes, or
     fp32 for 32-bit state) as DTensors sharded like the parameter, ``absmax1``/
-    ``absmax2`` as one full-length fp32 tensor, and ``step``. ``extra`` (e.g.
-    ``{"step": 100}``) is stored too.
+    ``absmax2`` as one full-length fp32 tensor, and ``step``.
+
+    Args:
+        path: the checkpoint directory (DCP's ``checkpoint_id``), written by every rank.
+        model: the model (e.g. sharded with :func:`fully_shard`), saved under ``"model"``.
+        optimizer: its dist8 optimizer, saved under ``"optim"``.
+        extra: values to store too (e.g. ``{"step": 100}``), under ``"extra"``; :func:`load_dcp` reads
+            them back. Default None (nothing; an empty dict stores nothing either).
+        process_group: passed to ``dcp.save``. Default None (the default process group).
+        options: torch's ``StateDictOptions`` for ``get_state_dict``. Default None (torch's defaults).
     """
     import torch.distributed.checkpoint as dcp
 
@@ -174,12 +202,21 @@ def save_dcp(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, *, e
 
 
 def load_dcp(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, *, extra: dict | None = None,
-             process_group=None, options=None) -> dict | None:
+             process_group: ProcessGroup | None = None, options: StateDictOptions | None = None) -> dict | None:
     """Load what :func:`save_dcp` wrote, at any world size (collective); returns ``extra`` if given.
 
-    Pass ``extra`` with the same keys as at save (values are placeholders) to read it back.
     Nothing is unpickled but DCP's own metadata classes: ``.metadata`` is checked against an
     allowlist before DCP opens it, and tensors and byte items load with ``weights_only=True``.
+
+    Args:
+        path: the checkpoint directory :func:`save_dcp` wrote.
+        model: the model to load into, built and sharded as at save (any world size).
+        optimizer: its dist8 optimizer, created before the call (its state is created here to load into).
+        extra: a dict with the same keys as at save (values are placeholders) to read them back: the
+            loaded dict is returned. Default None (not read; returns None, as for an empty dict).
+        process_group: passed to ``dcp.load``. Default None (the default process group).
+        options: torch's ``StateDictOptions`` for ``get_state_dict`` and ``set_state_dict``. Default
+            None (torch's defaults).
     """
     import os
 

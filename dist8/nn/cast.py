@@ -57,6 +57,9 @@ def is_norm_layer(module: nn.Module) -> bool:
     with no submodules and at least one parameter, every one of them a vector (a scale or a
     shift). That leaves out containers such as ``PreNorm(dim, fn)`` (their ``fn`` would compute in
     fp32 with low-precision weights) and fused layers such as ``LayerNormLinear`` (a matrix).
+
+    Args:
+        module: the module to classify (by its own class and parameters; its submodules are not searched).
     """
     if isinstance(module, NORM_LAYERS):
         return True
@@ -67,7 +70,12 @@ def is_norm_layer(module: nn.Module) -> bool:
 
 
 def is_kept_fp32(module: nn.Module) -> bool:
-    """True for a module that :func:`cast_model` kept in fp32 (and runs in fp32) next to low-precision ones."""
+    """True for a module that :func:`cast_model` kept in fp32 (and runs in fp32) next to low-precision ones.
+
+    Args:
+        module: any module; False for one :func:`cast_model` did not keep, and for every module of
+            a model cast to ``torch.float32`` (nothing is kept apart then).
+    """
     return bool(getattr(module, _KEPT_ATTR, False))
 
 

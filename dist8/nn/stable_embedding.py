@@ -15,16 +15,40 @@ __all__ = ["Embedding", "StableEmbedding"]
 class Embedding(nn.Embedding):
     """bitsandbytes' ``bnb.nn.Embedding``: :class:`torch.nn.Embedding` with Xavier-uniform init whose
     weight is marked for 32-bit optimizer state, which every dist8 optimizer honours (the recipe
-    for embeddings under 8-bit optimizers, without :class:`StableEmbedding`'s LayerNorm). Arguments
-    are :class:`torch.nn.Embedding`'s: ``num_embeddings`` and ``embedding_dim`` (ints > 0), then
-    ``padding_idx``, ``max_norm``, ... .
+    for embeddings under 8-bit optimizers, without :class:`StableEmbedding`'s LayerNorm).
+
+    Args:
+        num_embeddings (int): rows of ``weight`` (the vocabulary size), an int > 0.
+        embedding_dim (int): columns of ``weight`` (the size of each vector), an int > 0.
+        padding_idx (int, optional): a row (negative: counted from the end) that gets no gradient
+            and starts as zeros. Default None (none).
+        max_norm (float, optional): rows looked up with a larger ``norm_type``-norm are rescaled to
+            this norm, in ``weight`` itself. Default None (off).
+        norm_type (float): the p of the p-norm for ``max_norm``. Default 2.0.
+        scale_grad_by_freq (bool): divide the gradient of each row by the number of times its id
+            occurs in the batch. Default False.
+        sparse (bool): make ``weight.grad`` a sparse tensor. Default False; dist8 optimizers refuse
+            sparse gradients.
+        _weight (Tensor, optional): torch's: the initial weight, shape (num_embeddings,
+            embedding_dim), used as it is (no Xavier init, no zeroed padding row; its own device
+            and dtype). Default None.
+        device: where ``weight`` is created. Default None (torch's default device).
+        dtype: ``weight``'s dtype. Default None (torch's default dtype, normally float32).
+        _freeze (bool): torch's, keyword only (``nn.Embedding.from_pretrained`` passes it so; the
+            positional order is bitsandbytes'): create ``weight`` with ``requires_grad=False``. Default False.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, *args, **kwargs) -> None:
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
+                 max_norm: float | None = None, norm_type: float = 2.0, scale_grad_by_freq: bool = False,
+                 sparse: bool = False, _weight: torch.Tensor | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
+                 _freeze: bool = False) -> None:
         for key, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
                 raise ValueError(f"{type(self).__name__}: {key} must be an int > 0, got {brief(value)}")
-        super().__init__(num_embeddings, embedding_dim, *args, **kwargs)
+        super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx, max_norm=max_norm,
+                         norm_type=norm_type, scale_grad_by_freq=scale_grad_by_freq, sparse=sparse,
+                         _weight=_weight, _freeze=_freeze, device=device, dtype=dtype)
         self._mark_weight()
 
     def _mark_weight(self) -> None:
@@ -62,12 +86,41 @@ class StableEmbedding(Embedding):
 
     Its weight is marked for 32-bit optimizer state, which every dist8
     optimizer honours (the paper keeps the embedding's state in 32 bits because
-    its gradient is sparse in rows and spiky). Extra arguments go to
-    :class:`torch.nn.Embedding`.
+    its gradient is sparse in rows and spiky). The arguments are :class:`torch.nn.Embedding`'s
+    in bitsandbytes' ``StableEmbedding``'s order (``_freeze``, which it lacks, is keyword only).
+
+    Args:
+        num_embeddings (int): rows of ``weight`` (the vocabulary size), an int > 0.
+        embedding_dim (int): columns of ``weight`` and the LayerNorm's size, an int > 0.
+        padding_idx (int, optional): a row (negative: counted from the end) that gets no gradient
+            and starts as zeros. Default None (none).
+        max_norm (float, optional): rows looked up with a larger ``norm_type``-norm are rescaled to
+            this norm, in ``weight`` itself. Default None (off).
+        norm_type (float): the p of the p-norm for ``max_norm``. Default 2.0.
+        scale_grad_by_freq (bool): divide the gradient of each row by the number of times its id
+            occurs in the batch. Default False.
+        sparse (bool): make ``weight.grad`` a sparse tensor. Default False; dist8 optimizers refuse
+            sparse gradients.
+        _weight (Tensor, optional): torch's: the initial weight, shape (num_embeddings,
+            embedding_dim), used as it is (no Xavier init, no zeroed padding row; its own device
+            and dtype). Default None.
+        device: where ``weight`` is created; the LayerNorm (``norm``) is created on ``weight``'s
+            device. Default None (torch's default device).
+        dtype: ``weight``'s dtype. Default None (torch's default dtype, normally float32). The
+            LayerNorm is created in torch's default dtype, not this one; it computes in its own
+            dtype (fp32 after :func:`dist8.cast_model`) and its output is cast back to ``weight``'s.
+        _freeze (bool): torch's, keyword only (``nn.Embedding.from_pretrained`` passes it so; the
+            positional order is bitsandbytes'): create ``weight`` with ``requires_grad=False``. Default False.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, *args, **kwargs) -> None:
-        super().__init__(num_embeddings, embedding_dim, *args, **kwargs)
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
+                 max_norm: float | None = None, norm_type: float = 2.0, scale_grad_by_freq: bool = False,
+                 sparse: bool = False, _weight: torch.Tensor | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
+                 _freeze: bool = False) -> None:
+        super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx, max_norm=max_norm,
+                         norm_type=norm_type, scale_grad_by_freq=scale_grad_by_freq, sparse=sparse,
+                         _weight=_weight, _freeze=_freeze, device=device, dtype=dtype)
         self.norm = nn.LayerNorm(embedding_dim, device=self.weight.device)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

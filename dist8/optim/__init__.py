@@ -18,7 +18,14 @@ OPTIMIZERS = {
 
 
 def get_optimizer_class(name: str) -> type[Optimizer8bit]:
-    """Optimizer class by name (``"AdamW8bit"``, ``"dist8.AdamW8bit"``; case-insensitive)."""
+    """Optimizer class by name (``"AdamW8bit"``, ``"dist8.AdamW8bit"``; case-insensitive).
+
+    Args:
+        name: a key of :data:`OPTIMIZERS`; only the part after the last ``.`` is looked up, ignoring case.
+
+    Raises ValueError for an unknown name, listing the valid ones (for bitsandbytes' ``Paged*``
+    names: naming the dist8 class to use instead).
+    """
     key = name.split(".")[-1].lower()
     for cls_name, cls in OPTIMIZERS.items():
         if cls_name.lower() == key:

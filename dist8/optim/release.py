@@ -99,6 +99,19 @@ def _released_by(p: torch.Tensor) -> GradientRelease | None:
 class GradientRelease:
     """Handle returned by :func:`gradient_release`; ``remove()`` (or leaving a ``with`` block) undoes it.
 
+    Users call ``dist8.gradient_release(model, optimizer, ...)``, which checks the arguments, makes
+    the handle and installs its hooks; constructing one directly checks and installs nothing.
+    The arguments are :func:`gradient_release`'s:
+
+    Args:
+        model: the module whose parameters ``optimizer`` updates.
+        optimizer: the dist8 optimizer (:class:`dist8.optim.Optimizer8bit`; a client's wrapper
+            already unwrapped) whose ``step``/``zero_grad`` become no-ops while the handle is active.
+        max_grad_norm_per_param: clip each parameter's gradient to this L2 norm before its
+            step, or None (off).
+        weight_grad_chunk: elements per row chunk of the weight gradients of plain ``nn.Linear``
+            and ``nn.Embedding`` modules, stepped chunk by chunk, or None (off). Default None.
+
     Attributes:
         steps: parameter updates run so far (one per parameter per backward), by the hooks or,
             with ``weight_grad_chunk``, by a Linear's or Embedding's backward chunk by chunk.
