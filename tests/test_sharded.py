@@ -235,6 +235,38 @@ def test_parameters_differing_across_ranks_named(tmp_path):
     assert all(m is not None and "p1" in m for m in messages)
 
 
+def _one_rank_differs(rank, world_size, how):
+    import faulthandler
+
+    faulthandler.dump_traceback_later(120, exit=True)  # a rank left waiting: a failure, not a 15-minute hang
+    if rank == 1 and how == "meta":  # the low-memory habit: ranks > 0 build on meta, rank 0 holds the weights
+        with torch.device("meta"):
+            model = torch.nn.Linear(64, 64)
+    else:
+        model = torch.nn.Linear(64, 64)
+        if rank == 1 and how == "dtype":
+            model.bias.data = model.bias.data.to(torch.bfloat16)
+    try:
+        ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("how", ["meta", "dtype"])
+def test_a_refusal_on_one_rank_at_construction_is_raised_on_every_rank(tmp_path, how):
+    """A model on the meta device on one rank only was refused there, before the layout check, while the
+    other ranks waited in that check's collective forever; a parameter of another dtype on one rank passed
+    the check (names and shapes only) and broke the parameter broadcast. Both are one line on every rank."""
+    messages = run_ranks(_one_rank_differs, 2, how, tmp_path=tmp_path)
+    if how == "meta":
+        assert messages[1].startswith("parameter weight is on the meta device: materialise the model")
+        assert messages[0] == f"ShardedOptimizer was refused on rank 1: {messages[1]}"
+    else:
+        assert messages == ["parameters differ across ranks: parameter bias is float32 on rank 0 but bfloat16 on "
+                            "rank 1; cast the model the same way on every rank"] * 2
+
+
 def _more_ranks_than_blocks(rank, world_size):
     p = torch.nn.Parameter(torch.arange(300, dtype=torch.float32))  # 2 blocks on 4 ranks
     opt = ShardedOptimizer([("p", p)], dist8.AdamW8bit, lr=0.1, min_8bit_size=0)

@@ -155,19 +155,21 @@ class ShardedOptimizer(LazyDynamoOptimizer):
                     self._outside_layout.append((p, names.get(p, f"group {gi} index {i}")))
         if not self.params:
             raise ValueError("ShardedOptimizer got no parameters that require grad")
-        meta = [n for p, n in zip(self.params, self.names) if p.is_meta]
-        if meta:  # it would copy nothing into its flat buffers and fail at the first step on Tensor.item()
-            raise ValueError(f"parameter {meta[0]} is on the meta device: materialise the model (to_empty() and "
-                             "initialise or load its weights) before building ShardedOptimizer, whose flat "
-                             "buffers take the parameters' values")
+        # What this rank's own tensors forbid is raised at the layout agreement below, on every rank: one
+        # rank refusing alone (ranks > 0 often build the model on the meta device and leave the weights to
+        # rank 0) left the others waiting in that collective forever.
+        local_problem: Exception | None = None
+        try:
+            self._check_tensors()
+        except (TypeError, ValueError) as exc:
+            local_problem = exc
         overrides = check_overrides(defaults.get("overrides"))
         check_overrides_match(overrides, names.values())
-        self._check_uniform()
         if defaults.get("block_wise", True) is False:
             raise ValueError("ShardedOptimizer needs block_wise=True: its layout shards whole blocks of one block_size")
         block_size = defaults.get("block_size", DEFAULT_BLOCK_SIZE)
         self.layout = BlockLayout(self.names, [p.shape for p in self.params], block_size)
-        self._check_same_layout_on_all_ranks()
+        self._check_same_layout_on_all_ranks(local_problem)
 
         self.device = self.params[0].device
         B = block_size
@@ -264,7 +266,13 @@ class ShardedOptimizer(LazyDynamoOptimizer):
                 self.stage2_grads.remove()
 
     # ---- construction checks ---------------------------------------------------
-    def _check_uniform(self) -> None:
+    def _check_tensors(self) -> None:
+        """This rank's parameters can be laid out: materialised, on one device, not already sharded."""
+        meta = [n for p, n in zip(self.params, self.names) if p.is_meta]
+        if meta:  # it would copy nothing into its flat buffers and fail at the first step on Tensor.item()
+            raise ValueError(f"parameter {meta[0]} is on the meta device: materialise the model (to_empty() and "
+                             "initialise or load its weights) before building ShardedOptimizer, whose flat "
+                             "buffers take the parameters' values")
         first = self.params[0]
         for name, p in zip(self.names, self.params):
             if p.device != first.device:
@@ -293,13 +301,29 @@ class ShardedOptimizer(LazyDynamoOptimizer):
                                  f"{name} has {bits} from overrides or a module mark (the groups': "
                                  f"{self.master_weight_bits}); set it for the whole optimizer")
 
-    def _check_same_layout_on_all_ranks(self) -> None:
+    def _check_same_layout_on_all_ranks(self, local_problem: Exception | None) -> None:
+        """Collective: every rank lays out the same parameters (names, shapes, dtypes, block size), and
+        ``local_problem`` (a rank's refusal of its own tensors, :meth:`_check_tensors`) is raised on every
+        rank, the others naming the rank."""
         if self.world_size == 1:
+            if local_problem is not None:
+                raise local_problem
             return
-        mine = self.layout.fingerprint()
-        prints: list = [None] * self.world_size
-        dist.all_gather_object(prints, mine, group=self.group)
-        if all(fp == mine for fp in prints):
+        dtypes = [str(p.dtype).replace("torch.", "") for p in self.params]
+        mine = (self.layout.fingerprint(), dtypes, None if local_problem is None else str(local_problem))
+        everyone: list = [None] * self.world_size
+        dist.all_gather_object(everyone, mine, group=self.group)
+        if local_problem is not None:
+            raise local_problem
+        for r, (_, _, problem) in enumerate(everyone):
+            if problem is not None:
+                raise ValueError(f"ShardedOptimizer was refused on rank {r}: {problem}")
+        if all(fp == mine[0] for fp, _, _ in everyone):
+            for r, (_, theirs, _) in enumerate(everyone):
+                for name, a, b in zip(self.names, everyone[0][1], theirs):
+                    if a != b:  # flat buffers per dtype: their sizes and the broadcast would not match
+                        raise ValueError(f"parameters differ across ranks: parameter {name} is {a} on rank 0 "
+                                         f"but {b} on rank {r}; cast the model the same way on every rank")
             return
         lists: list = [None] * self.world_size
         dist.all_gather_object(lists, [(p.name, p.shape) for p in self.layout.params], group=self.group)
