@@ -451,6 +451,39 @@ def test_resume_auto_falls_back_past_a_corrupt_newest_checkpoint(tmp_path, capsy
     assert "step-00000002 is not intact" in capsys.readouterr().err
 
 
+def _latest_seen_by_each_rank(rank, world_size, root):
+    import dist8.train.checkpointing as tc
+
+    checked = []
+
+    def check(path):  # rank 1's read of the newest fails (a network filesystem's hiccup on that node)
+        checked.append(path.name)
+        if rank == 1 and path.name == "step-00000002":
+            raise ck.CheckpointError(f"{path}/metadata.json: read failed")
+        ck.verify_files(path, ck.read_metadata(path))
+
+    tc._check_dist8 = check
+    model = make_model()
+    found = tc.Checkpointer(root, "none", model, dist8.AdamW8bit(model.named_parameters(), **KW), keep_last=3).latest()
+    return {"found": found, "checked": checked}
+
+
+def test_every_rank_resumes_from_the_checkpoint_rank_0_found(tmp_path):
+    """Each rank looked for the newest intact checkpoint on its own: a read failing on one rank only sent
+    that rank back to the older checkpoint while the others resumed from the newest, silently (and every
+    rank hashed every file). Rank 0 checks now, and every rank takes its answer."""
+    from dist8.train.checkpointing import Checkpointer
+
+    model = make_model()
+    writer = Checkpointer(str(tmp_path / "run"), "none", model, dist8.AdamW8bit(model.named_parameters(), **KW),
+                          keep_last=3)
+    for step in (1, 2):
+        writer.save(step, {"step": step})
+    results = run_ranks(_latest_seen_by_each_rank, 2, str(tmp_path / "run"), tmp_path=tmp_path)
+    assert [r["found"] for r in results] == [str(tmp_path / "run" / "step-00000002")] * 2
+    assert results[0]["checked"] == ["step-00000002"] and results[1]["checked"] == []
+
+
 def test_train_torch_writer_killed_while_rotating_leaves_nothing_latest_picks(tmp_path, monkeypatch):
     import dist8.train.checkpointing as tc
 
@@ -752,6 +785,38 @@ def test_load_dcp_refuses_hostile_metadata_before_dcp_reads_it(tmp_path):
         for k, v in st.items():
             got = fresh.state_dict()["state"][i][k]
             assert torch.equal(got, v) if isinstance(v, torch.Tensor) else got == v, (i, k)
+
+
+def _load_dcp_refused_on_rank_1(rank, world_size, root):
+    import faulthandler
+
+    import dist8.checkpoint.torch_files as torch_files
+    from dist8.integrations.fsdp import load_dcp, save_dcp
+
+    faulthandler.dump_traceback_later(120, exit=True)  # a rank left waiting: a failure, not a 15-minute hang
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 300)
+    opt = dist8.AdamW8bit(model.parameters(), min_8bit_size=0)
+    model(torch.randn(2, 16)).sum().backward()
+    opt.step()
+    save_dcp(root, model, opt)
+    if rank == 1:  # what a crafted .metadata, or one this node's disk holds alone, makes the check raise
+        def refuse(path):
+            raise ck.CheckpointError(f"{path}: global os.system is not allowed")
+        torch_files.check_dcp_metadata = refuse
+    try:
+        load_dcp(root, model, opt)
+    except (ck.CheckpointError, RuntimeError) as exc:
+        return str(exc)
+    return None
+
+
+def test_load_dcp_refused_on_one_rank_is_refused_on_every_rank(tmp_path):
+    """load_dcp checked .metadata on each rank before DCP's collectives: a rank that refused it alone left
+    the others waiting in dcp.load forever. Every rank raises now, the others naming the rank."""
+    messages = run_ranks(_load_dcp_refused_on_rank_1, 2, str(tmp_path / "dcp"), tmp_path=tmp_path)
+    assert messages[1].endswith("global os.system is not allowed")
+    assert messages[0] == f"load_dcp({str(tmp_path / 'dcp')!r}) failed on rank 1: {messages[1]}"
 
 
 def test_state_dict_with_codes_cast_to_float_or_mixed_kinds_is_refused():

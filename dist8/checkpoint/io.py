@@ -51,6 +51,7 @@ from dist8.checkpoint.weights import load_fp32_weights
 from dist8.messages import brief
 from dist8.optim.validation import check_flag, check_module
 from dist8.shard import ShardedOptimizer
+from dist8.shard.agreement import raise_on_every_rank
 from dist8.version import __version__
 
 if TYPE_CHECKING:
@@ -67,18 +68,7 @@ def _distributed() -> bool:
 
 def _agree(ad: OptimizerAdapter, error: BaseException | None, what: str) -> None:
     """Collective: raise on every rank when any rank failed (so no rank commits alone or hangs)."""
-    message = None if error is None else str(error)
-    if _distributed() and dist.get_world_size(ad.group) > 1:
-        everyone: list = [None] * dist.get_world_size(ad.group)
-        dist.all_gather_object(everyone, message, group=ad.group)
-        failed = [(r, m) for r, m in enumerate(everyone) if m is not None]
-    else:
-        failed = [(0, message)] if message is not None else []
-    if error is not None:
-        raise error
-    if failed:
-        rank, msg = failed[0]
-        raise CheckpointError(f"{what} failed on rank {rank}: {msg}")
+    raise_on_every_rank(error, ad.group, what, CheckpointError)
 
 
 def _shard_tensors(ad: OptimizerAdapter) -> tuple[dict[str, torch.Tensor], list[list], dict[str, dict]]:

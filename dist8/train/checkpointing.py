@@ -1,4 +1,5 @@
-"""Checkpoints of the training job.
+"""Checkpoints of the training job (one concern: the job's checkpoint directories -- which writer, the
+atomic protocol of its own writers, finding the newest intact one, loading it).
 
 Layout: ``<checkpoint.dir>/step-<8 digits>/`` per checkpoint, the newest
 ``checkpoint.keep`` kept. Which writer is used depends on what is being trained:
@@ -122,7 +123,27 @@ class Checkpointer:
 
     def latest(self) -> str | None:
         """The newest checkpoint under the root that passes its integrity checks (files listed, sizes,
-        sha256, metadata), or None; each newer one skipped is reported on stderr (rank 0) with the reason."""
+        sha256, metadata), or None; each newer one skipped is reported on stderr (rank 0) with the reason.
+
+        Collective on several ranks: rank 0 checks and every rank takes its answer. Each rank used to
+        check on its own, so a read that failed on one rank only (a network filesystem's hiccup) sent
+        that rank back to an older checkpoint than the others, silently, and every rank read every
+        file of the checkpoint for its hashes."""
+        rank, world = _rank_world()
+        if world == 1:
+            return self._latest_intact()
+        answer: list = [None, None]  # the path, or the refusal's message
+        if rank == 0:
+            try:
+                answer[0] = self._latest_intact()
+            except CheckpointError as exc:
+                answer[1] = str(exc)
+        dist.broadcast_object_list(answer, src=0)
+        if answer[1] is not None:
+            raise CheckpointError(answer[1])
+        return answer[0]
+
+    def _latest_intact(self) -> str | None:
         if not os.path.isdir(self.root):
             return None
         if self.kind == "dist8":
