@@ -235,6 +235,43 @@ def test_parameters_swapped_after_the_optimizer_was_built_keep_their_marks_and_s
         mng.initialize()
 
 
+@pytest.mark.parametrize("edit", ["remove the first", "reverse", "insert a new one first"])
+@pytest.mark.parametrize("named", [True, False])
+def test_parameters_moved_within_param_groups_keep_their_own_state(edit, named):
+    """Editing ``param_groups[i]["params"]`` by hand (removing a parameter to stop training it, reordering,
+    inserting one) moved parameters to positions other ones held, and each took the state and name of the
+    one recorded there, as FSDP2's swapped-in parameters do: same-shaped layers trained on their
+    neighbours' moments, silently (0.04 off torch's semantics after two steps at lr 1e-2). State stays with
+    its parameter now, as torch keys it; the result is the run whose optimizer was built with the edited list."""
+    def run(edit_by_hand):
+        torch.manual_seed(0)
+        layers = [torch.nn.Parameter(torch.randn(64, 64) * 0.1) for _ in range(3)]
+        newcomer = torch.nn.Parameter(torch.randn(64, 64) * 0.1)
+        params = [(f"layer{i}", p) for i, p in enumerate(layers)] if named else layers
+        edited = {"remove the first": layers[1:], "reverse": layers[::-1],
+                  "insert a new one first": [newcomer, *layers]}[edit]
+        opt = AdamW8bit(params, lr=1e-2, min_8bit_size=0)
+        gen = torch.Generator().manual_seed(1)
+        for step in range(5):
+            if step == 2:
+                if edit_by_hand:
+                    opt.param_groups[0]["params"] = list(edited)
+                else:  # the same parameters, their state carried over by object as torch keeps it
+                    state = {p: opt.state[p] for p in edited if p in opt.state}
+                    opt = AdamW8bit(list(edited), lr=1e-2, min_8bit_size=0)
+                    opt.state.update(state)
+            for p in (*layers, newcomer):
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return [p.detach().clone() for p in (*layers, newcomer)], opt
+
+    (by_hand, opt), (rebuilt, _) = run(True), run(False)
+    for a, b in zip(by_hand, rebuilt):
+        assert torch.equal(a, b)
+    assert sorted(opt.state[p]["step"] for p in opt.param_groups[0]["params"]) == (
+        [3, 5, 5, 5] if edit.startswith("insert") else [5] * len(opt.param_groups[0]["params"]))
+
+
 def test_global_numel_mark_decides_8bit():
     shard = torch.nn.Parameter(torch.randn(100))
     shard._dist8_global_numel = 100_000  # a shard of a big parameter

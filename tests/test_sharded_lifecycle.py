@@ -9,6 +9,7 @@ the added or unfrozen parameters were silently never trained, and a second stage
 second backward failed in the first one's hooks (which also kept its buffers alive).
 """
 import gc
+import re
 import weakref
 
 import pytest
@@ -119,6 +120,45 @@ def test_a_rebuilt_optimizer_takes_the_parameters_over(stage, tmp_path):
         assert out["old_step"].startswith("this ShardedOptimizer was superseded: a newer one was built over its "
                                           "parameter 0.weight")
         assert out["freed"]
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_parameters_removed_from_or_put_in_param_groups_by_hand_are_refused_and_freezing_works(stage):
+    """Removing a parameter from ``param_groups`` (torch's optimizers then stop training it) left it trained,
+    silently (moved 0.011 at lr 1e-2 the next step), and one put in was never trained: both are refused
+    naming the parameter, nothing updated. A reorder changes nothing; freezing a parameter skips it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    opt = ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, lr=1e-2, stage=stage)
+
+    def step():
+        model(torch.randn(4, 64)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    step()
+    group = opt.param_groups[0]
+    before = [p.detach().clone() for p in model.parameters()]
+    for edit, message in [(lambda: group["params"][2:], "parameter 0.weight was removed from param group 0"),
+                          (lambda: [*group["params"], torch.nn.Parameter(torch.zeros(3))],
+                           "parameter of shape (3,) was put in param group 0")]:
+        kept, group["params"] = group["params"], edit()
+        refusal = rf"^{re.escape(message)} after the ShardedOptimizer was built: .*requires_grad_"
+        with pytest.raises(ValueError, match=refusal):
+            step()
+        opt.zero_grad()
+        group["params"] = kept
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    group["params"].reverse()  # the layout does not depend on the order
+    step()
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    frozen = [p.detach().clone() for p in model[0].parameters()]
+    step()
+    assert all(torch.equal(a, b) for a, b in zip(frozen, model[0].parameters()))
+    opt.param_groups.append(dict(group, params=[]))
+    with pytest.raises(ValueError, match=r"^ShardedOptimizer was built with 1 param groups and now has 2"):
+        step()
 
 
 def test_a_dropped_stage2_optimizer_frees_its_gradient_buffers():

@@ -86,7 +86,13 @@ class ParamPositions:
         """Every parameter now at a position that held another one, and every swapped one without its
         marks. ``alive``: the tensors the optimizer still references (its state's and names' keys) by
         ``id()``, where a replaced parameter that has state is found; marks are the old parameter's
-        current ones if it is found, else those it had when recorded."""
+        current ones if it is found, else those it had when recorded.
+
+        A parameter that only moved is no replacement: the one recorded at its position is still in
+        ``param_groups`` (a reorder, an insertion before it), or it is itself one the optimizer holds
+        (``alive``: removing a parameter shifts the ones after it). Taken for replacements, they took
+        the state of their neighbours, silently (torch keys state by parameter, wherever it sits)."""
+        current = {id(q) for group in param_groups for q in group["params"]}
         out = []
         for gi, group in enumerate(param_groups):
             for pi, p in enumerate(group["params"]):
@@ -96,6 +102,8 @@ class ParamPositions:
                 if id(p) == entry.pid:
                     if self._lost_marks(entry, p):
                         out.append(Replacement(p, None, entry.name, entry.marks))
+                    continue
+                if entry.pid in current or alive.get(id(p)) is p:
                     continue
                 old, marks = alive.get(entry.pid), entry.marks
                 if old is not None and getattr(old, OVERRIDE_ATTR, None) is not None:

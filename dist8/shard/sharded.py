@@ -229,6 +229,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
                                             self.world_size, self.group, cap_bytes, lambda: self._accumulating)
         super().__init__(groups, dict(self.inner.defaults))
         self._laid_out = True  # from now on add_param_group is refused
+        self._group_members = [{id(p): p for p in g["params"]} for g in self.param_groups]  # see _refuse_edited_groups
         self._sync_hyper(to_inner=False)
         self._superseded_by: str | None = None
         self._take_over_parameters()
@@ -471,6 +472,27 @@ class ShardedOptimizer(LazyDynamoOptimizer):
             if correction is not None:
                 correction.zero_()
 
+    def _refuse_edited_groups(self) -> None:
+        """The parameters of each group are fixed with the layout. One removed from ``param_groups`` by
+        hand (to stop training it, as torch's optimizers then do) was still trained, silently, and one
+        put in was never trained: refused naming it, nothing updated (the same edit on every rank
+        refuses on every rank). Reordering a group's parameters changes nothing and is allowed."""
+        if len(self.param_groups) != len(self._group_members):
+            raise ValueError(f"ShardedOptimizer was built with {len(self._group_members)} param groups and now has "
+                             f"{len(self.param_groups)}: its block layout is fixed when it is built; build a new one "
+                             "(nothing was updated)")
+        for gi, (group, members) in enumerate(zip(self.param_groups, self._group_members)):
+            now = {id(p): p for p in group["params"]}
+            if now.keys() == members.keys():
+                continue
+            removed = [p for i, p in members.items() if i not in now]
+            what = (f"parameter {self._name_of(removed[0])} was removed from" if removed else
+                    f"parameter {self._name_of(next(p for i, p in now.items() if i not in members))} was put in")
+            raise ValueError(f"{what} param group {gi} after the ShardedOptimizer was built: its block layout is fixed "
+                             "when it is built, so the change would not take effect. To stop training a parameter, "
+                             "freeze it (requires_grad_(False): one without a gradient is skipped, as torch skips "
+                             "it); otherwise build a new ShardedOptimizer (nothing was updated)")
+
     def _refuse_gradients_outside_the_layout(self) -> None:
         """A parameter frozen when the optimizer was built has no place in the layout: a gradient
         it got after being unfrozen would never be applied (silently), so the step is refused, on
@@ -519,6 +541,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
                                "updated)")
         if getattr(self, "_grads_ready", False):
             return
+        self._refuse_edited_groups()
         self.adopt_parameters()
         self._refuse_gradients_outside_the_layout()
         grads = self.stage2_grads
