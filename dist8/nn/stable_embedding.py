@@ -12,14 +12,8 @@ from dist8.optim.config import OVERRIDE_ATTR
 __all__ = ["Embedding", "StableEmbedding"]
 
 
-class Embedding(nn.Embedding):
-    """bitsandbytes' ``bnb.nn.Embedding``: :class:`torch.nn.Embedding` with Xavier-uniform init whose
-    weight is marked for 32-bit optimizer state, which every dist8 optimizer honours (the recipe
-    for embeddings under 8-bit optimizers, without :class:`StableEmbedding`'s LayerNorm).
-
-    Args:
-        num_embeddings (int): rows of ``weight`` (the vocabulary size), an int > 0.
-        embedding_dim (int): columns of ``weight`` (the size of each vector), an int > 0.
+# The arguments both embeddings take alike (torch.nn.Embedding's, in bitsandbytes' positional order).
+_SHARED_ARGS = """\
         padding_idx (int, optional): a row (negative: counted from the end) that gets no gradient
             and starts as zeros. Default None (none).
         max_norm (float, optional): rows looked up with a larger ``norm_type``-norm are rescaled to
@@ -32,11 +26,24 @@ class Embedding(nn.Embedding):
         _weight (Tensor, optional): torch's: the initial weight, shape (num_embeddings,
             embedding_dim), used as it is (no Xavier init, no zeroed padding row; its own device
             and dtype). Default None.
-        device: where ``weight`` is created. Default None (torch's default device).
-        dtype: ``weight``'s dtype. Default None (torch's default dtype, normally float32).
+"""
+_FREEZE_ARG = """\
         _freeze (bool): torch's, keyword only (``nn.Embedding.from_pretrained`` passes it so; the
             positional order is bitsandbytes'): create ``weight`` with ``requires_grad=False``. Default False.
-    """
+"""
+
+
+class Embedding(nn.Embedding):
+    __doc__ = f"""bitsandbytes' ``bnb.nn.Embedding``: :class:`torch.nn.Embedding` with Xavier-uniform init whose
+    weight is marked for 32-bit optimizer state, which every dist8 optimizer honours (the recipe
+    for embeddings under 8-bit optimizers, without :class:`StableEmbedding`'s LayerNorm).
+
+    Args:
+        num_embeddings (int): rows of ``weight`` (the vocabulary size), an int > 0.
+        embedding_dim (int): columns of ``weight`` (the size of each vector), an int > 0.
+{_SHARED_ARGS}        device: where ``weight`` is created. Default None (torch's default device).
+        dtype: ``weight``'s dtype. Default None (torch's default dtype, normally float32).
+{_FREEZE_ARG}    """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
                  max_norm: float | None = None, norm_type: float = 2.0, scale_grad_by_freq: bool = False,
@@ -50,6 +57,10 @@ class Embedding(nn.Embedding):
                          norm_type=norm_type, scale_grad_by_freq=scale_grad_by_freq, sparse=sparse,
                          _weight=_weight, _freeze=_freeze, device=device, dtype=dtype)
         self._mark_weight()
+        self._add_layers()
+
+    def _add_layers(self) -> None:
+        """Layers a subclass puts beside the weight, made at the end of ``__init__`` (none here)."""
 
     def _mark_weight(self) -> None:
         if isinstance(self.weight, torch.Tensor) and getattr(self.weight, OVERRIDE_ATTR, None) is None:
@@ -82,7 +93,7 @@ class Embedding(nn.Embedding):
 
 
 class StableEmbedding(Embedding):
-    """Embedding with Xavier-uniform init and a LayerNorm on its output (the paper's section 2.3).
+    __doc__ = f"""Embedding with Xavier-uniform init and a LayerNorm on its output (the paper's section 2.3).
 
     Its weight is marked for 32-bit optimizer state, which every dist8
     optimizer honours (the paper keeps the embedding's state in 32 bits because
@@ -92,36 +103,15 @@ class StableEmbedding(Embedding):
     Args:
         num_embeddings (int): rows of ``weight`` (the vocabulary size), an int > 0.
         embedding_dim (int): columns of ``weight`` and the LayerNorm's size, an int > 0.
-        padding_idx (int, optional): a row (negative: counted from the end) that gets no gradient
-            and starts as zeros. Default None (none).
-        max_norm (float, optional): rows looked up with a larger ``norm_type``-norm are rescaled to
-            this norm, in ``weight`` itself. Default None (off).
-        norm_type (float): the p of the p-norm for ``max_norm``. Default 2.0.
-        scale_grad_by_freq (bool): divide the gradient of each row by the number of times its id
-            occurs in the batch. Default False.
-        sparse (bool): make ``weight.grad`` a sparse tensor. Default False; dist8 optimizers refuse
-            sparse gradients.
-        _weight (Tensor, optional): torch's: the initial weight, shape (num_embeddings,
-            embedding_dim), used as it is (no Xavier init, no zeroed padding row; its own device
-            and dtype). Default None.
-        device: where ``weight`` is created; the LayerNorm (``norm``) is created on ``weight``'s
+{_SHARED_ARGS}        device: where ``weight`` is created; the LayerNorm (``norm``) is created on ``weight``'s
             device. Default None (torch's default device).
         dtype: ``weight``'s dtype. Default None (torch's default dtype, normally float32). The
             LayerNorm is created in torch's default dtype, not this one; it computes in its own
             dtype (fp32 after :func:`dist8.cast_model`) and its output is cast back to ``weight``'s.
-        _freeze (bool): torch's, keyword only (``nn.Embedding.from_pretrained`` passes it so; the
-            positional order is bitsandbytes'): create ``weight`` with ``requires_grad=False``. Default False.
-    """
+{_FREEZE_ARG}    """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
-                 max_norm: float | None = None, norm_type: float = 2.0, scale_grad_by_freq: bool = False,
-                 sparse: bool = False, _weight: torch.Tensor | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
-                 _freeze: bool = False) -> None:
-        super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx, max_norm=max_norm,
-                         norm_type=norm_type, scale_grad_by_freq=scale_grad_by_freq, sparse=sparse,
-                         _weight=_weight, _freeze=_freeze, device=device, dtype=dtype)
-        self.norm = nn.LayerNorm(embedding_dim, device=self.weight.device)
+    def _add_layers(self) -> None:
+        self.norm = nn.LayerNorm(self.embedding_dim, device=self.weight.device)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         # The norm runs in its own dtype (fp32 after dist8.cast_model); the output has the
