@@ -302,6 +302,23 @@ def test_nonfinite_gradient_skips_param_and_counts(bad):
         strict.step()
 
 
+def test_on_nonfinite_raise_steps_no_parameter():
+    """``on_nonfinite="raise"`` raised at the flagged parameter, after stepping every parameter before it in
+    the step's order ("step skipped, state untouched" said the message); it raises before any update now."""
+    first, bad = torch.nn.Parameter(torch.randn(5000)), torch.nn.Parameter(torch.randn(5000))
+    opt = AdamW8bit([("first", first), ("bad", bad)], on_nonfinite="raise")
+    _step(opt, [first, bad])
+    before = {p: (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)})
+              for p in (first, bad)}
+    first.grad, bad.grad = torch.randn(5000), torch.randn(5000)
+    bad.grad[4999] = float("nan")
+    with pytest.raises(FloatingPointError, match="^non-finite gradient in parameter bad; step skipped"):
+        opt.step()
+    for p, (value, state) in before.items():
+        assert torch.equal(p, value) and opt.state[p]["step"] == 1
+        assert all(torch.equal(v, opt.state[p][k]) for k, v in state.items())
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nonfinite_gradient_skips_blocks_by_default(bad):
     """Default on_nonfinite="skip": only the blocks holding an inf/NaN keep their values; counted per block."""

@@ -267,6 +267,43 @@ def test_a_refusal_on_one_rank_at_construction_is_raised_on_every_rank(tmp_path,
                             "rank 1; cast the model the same way on every rank"] * 2
 
 
+def _raise_on_a_parameter_one_rank_holds(rank, world_size, stage):
+    import faulthandler
+
+    faulthandler.dump_traceback_later(120, exit=True)  # a rank left waiting: a failure, not a 15-minute hang
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    opt = ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, stage=stage, on_nonfinite="raise",
+                           min_8bit_size=0)
+    # a NaN in backward's gradient of 1.bias, which stage 2 sums onto the owner of 1.bias alone
+    model[1].bias.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), float("nan")))
+    model(torch.randn(4, 64)).sum().backward()
+    if stage == 1:  # the gradients DDP would give: averaged, the same on every rank
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= world_size
+    owns = any(opt.names[piece.param] == "1.bias" for piece in opt.pieces)
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        opt.step()
+    except FloatingPointError as exc:
+        return {"owns": owns, "refused": str(exc),
+                "unchanged": all(torch.equal(a, b) for a, b in zip(before, model.parameters()))}
+    return {"owns": owns, "refused": None}
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_on_nonfinite_raise_is_raised_on_every_rank_before_any_update(stage, tmp_path):
+    """A non-finite gradient in a parameter one rank holds alone (a small bias): that rank raised, the others
+    went on into the parameter all-gather and waited there forever; every rank raises now, naming it, with
+    nothing updated."""
+    results = run_ranks(_raise_on_a_parameter_one_rank_holds, 2, stage, tmp_path=tmp_path)
+    assert sorted(r["owns"] for r in results) == [False, True]
+    for r in results:
+        assert r["refused"] == "non-finite gradient in parameter 1.bias; step skipped, state untouched", r
+        assert r["unchanged"]
+
+
 def _more_ranks_than_blocks(rank, world_size):
     p = torch.nn.Parameter(torch.arange(300, dtype=torch.float32))  # 2 blocks on 4 ranks
     opt = ShardedOptimizer([("p", p)], dist8.AdamW8bit, lr=0.1, min_8bit_size=0)

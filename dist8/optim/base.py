@@ -180,6 +180,9 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
         self.partials_counted_elsewhere: frozenset[int] = frozenset()
         # Set by sharded wrappers: (piece -> index of its parameter, number of parameters).
         self.global_slots: tuple[dict[torch.Tensor, int], int] | None = None
+        # Set by sharded wrappers: the name of each global slot's parameter (messages name parameters
+        # whose pieces other ranks hold).
+        self.global_slot_names: list[str] | None = None
         self.uses_dtensor = False
         self.dtensor_hook = None  # handle of the DTensor state-dict hook (dist8.optim.dtensor.attach)
         super().__init__(groups, defaults)

@@ -117,6 +117,16 @@ def run_updates(opt: Optimizer8bit, items: list[UpdateItem], amp: tuple[float, b
         opt.amp_skips += 1
         return
     opt.skip_counter.new_step()
+    if opt.on_nonfinite == "raise" and check:
+        # Before any update, on every rank (the flags are summed across shards): raised at the first
+        # flagged parameter of the loop below, it stepped the parameters before it, and a rank holding no
+        # piece of the flagged one went on into the parameter all-gather alone, where the others never came.
+        bad = next((slot for slot in range(n) if partials[slot] > 0), None)
+        if bad is not None:
+            names = {slot: settings.name for slot, (_, settings, _) in zip(slots, items)}
+            name = names.get(bad) or (opt.global_slot_names[bad] if opt.global_slot_names else f"in slot {bad}")
+            opt.skip_counter.add_param(name)
+            raise FloatingPointError(f"non-finite gradient in parameter {name}; step skipped, state untouched")
     trust_items: list[TrustItem] = []
     edges = dtensor_update.EdgeBatch() if dtensors else None  # shard-edge blocks, finished after the loop
     # Plain tensors whose kernel calls differ only in the tensors go to the kernel together
@@ -127,11 +137,6 @@ def run_updates(opt: Optimizer8bit, items: list[UpdateItem], amp: tuple[float, b
     for slot, (p, settings, state) in zip(slots, items):
         if partials[slot] > 0:
             opt.skip_counter.add_param(settings.name)
-            if opt.on_nonfinite == "raise":
-                _run_batches(opt, batches)
-                if edges is not None:
-                    edges.finish()
-                raise FloatingPointError(f"non-finite gradient in parameter {settings.name}; step skipped, state untouched")
             continue
         step = state["step"] + 1
         grad_scale = inv_scale

@@ -213,6 +213,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         self.inner = optimizer_class(inner_groups, **defaults)
         self.inner.warn_without_gradients = False  # a rank's pieces may all lack gradients (an unused branch)
         self.inner.global_slots = (slot_of, len(self.params))
+        self.inner.global_slot_names = list(self.names)
         if self.world_size > 1:
             self.inner.reduce_partials = self._all_reduce_sum
 
