@@ -243,6 +243,20 @@ def test_quant_map_travels_through_deepspeed_checkpoints(tmp_path):
     assert close(resumed, full[3:], tol=5e-3), (resumed, full[3:])
 
 
+@needs_ds
+def test_whole_parameter_sums_over_a_parameter_split_across_partitions_are_refused_on_every_rank(tmp_path):
+    """LAMB/LARS trust ratios, percentile clipping and on_nonfinite="skip_param"/"raise" decide from sums over a
+    whole parameter; under ZeRO each rank stepped its part of a split parameter from its own part's sums (a
+    64x64 weight halved: 0.14x and 1.4x the unsharded LAMB update), silently. Refused on every rank, naming
+    the parameter and what needs the sums; AdamW8bit's default settings stay exact (above)."""
+    lamb = cfg(2, optimizer={"type": "dist8.LAMB8bit", "params": {"lr": 1e-3, "percentile_clipping": 90}})
+    with pytest.raises(AssertionError, match=r"ranks \[0, 1\] failed") as failed:
+        launch(2, [{"name": "lamb", "steps": 1, "config": lamb}], tmp_path)
+    said = str(failed.value)
+    assert said.count("is split across DeepSpeed's ZeRO partitions, and dist8 does not sum over a parameter across "
+                      "them, which LAMB8bit's trust ratio and percentile_clipping=90 need") == 2, said[-2000:]
+
+
 # ---- errors (no ranks needed) -------------------------------------------------------------------------
 @needs_ds
 def test_unknown_optimizer_name():

@@ -13,10 +13,12 @@ from typing import Any
 
 import torch
 
+from dist8.kernels import RULE_WRITES_UPDATE
 from dist8.optim import pipeline
 from dist8.optim.base import Optimizer8bit, ParamSettings
 from dist8.optim.config import GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, fits_param_names, hyperparameters_of, match_overrides
 from dist8.optim.state_schema import STATE_DICT_INFO, check_state_dict_map, state_key
+from dist8.shard.agreement import raise_on_every_rank
 
 __all__ = ["Segment", "DeepSpeedSegments", "segmented_class", "segmented_copy", "attach_segments", "dp_rank"]
 
@@ -271,6 +273,40 @@ def attach_segments(engine) -> dict:
                 total = sum(q.numel() if not hasattr(q, "ds_numel") else q.ds_numel for q in names)
                 setattr(p, GLOBAL_NUMEL_ATTR, total)
     opt.ds_segments = segs
+    problem = None
+    try:
+        _refuse_whole_parameter_sums(opt, segs)
+    except ValueError as exc:
+        problem = exc
+    # every rank, so that all refuse together (a rank holding no split parameter would go on alone)
+    raise_on_every_rank(problem, getattr(wrapper, "dp_process_group", None), "dist8 under DeepSpeed", ValueError)
     return segs
+
+
+def _refuse_whole_parameter_sums(opt: Optimizer8bit, segs: dict[torch.Tensor, list[Segment]]) -> None:
+    """Refuse what needs sums over a whole parameter when DeepSpeed split one across ranks' partitions.
+
+    LAMB/LARS trust ratios, percentile clipping's gradient norm and ``on_nonfinite="skip_param"``/
+    ``"raise"`` decide per parameter from sums over all its elements, and this optimizer steps each
+    segment from its own rank's elements only: a 64x64 weight split in two took 0.14x and 1.4x the
+    unsharded LAMB update on its two halves, silently. Parameters kept whole on one rank are exact.
+    """
+    # the flat partition's param group (ZeRO-3 keys its partitions by other tensor objects: any group then)
+    group_of = {p.data_ptr(): g for g in opt.param_groups for p in g["params"]}
+    for flat, lst in segs.items():
+        for seg in lst:
+            if seg.numel == seg.global_numel:
+                continue
+            groups = [group_of[flat.data_ptr()]] if flat.data_ptr() in group_of else opt.param_groups
+            clip = min(opt.segment_settings(seg, g).hyper["percentile_clipping"] for g in groups)
+            needs = ([f"{type(opt).__name__}'s trust ratio"] if opt.rule in RULE_WRITES_UPDATE else []) + (
+                [f"percentile_clipping={clip}"] if clip < 100 else []) + (
+                [f"on_nonfinite={opt.on_nonfinite!r}"] if opt.on_nonfinite in ("skip_param", "raise") else [])
+            if needs:
+                raise ValueError(
+                    f"parameter {seg.name} is split across DeepSpeed's ZeRO partitions, and dist8 does not sum over "
+                    f"a parameter across them, which {' and '.join(needs)} {'needs' if len(needs) == 1 else 'need'} "
+                    "(each rank would decide from its own part, silently): use ShardedOptimizer or FSDP2, which "
+                    "are exact, or drop that setting")
 
 
