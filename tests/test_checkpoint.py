@@ -513,3 +513,106 @@ def test_consolidate_never_writes_over_or_into_the_checkpoint_it_reads(tmp_path,
     with pytest.raises(CheckpointError, match="holds the checkpoint being read"):  # checked before any read
         from_deepspeed(str(ds), str(tmp_path / "ds"), force=True)
     assert ds.is_dir()
+
+
+def _half_model(fp32_head):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 4)).to(torch.bfloat16)
+    if fp32_head:  # a new run that keeps its head in fp32, where the checkpoint has a bf16 head with a correction
+        model[1].float()
+    return model
+
+
+def _state_one_rank_cannot_take(rank, world_size, path):
+    import faulthandler
+
+    faulthandler.dump_traceback_later(120, exit=True)  # a rank left waiting: a failure, not a 15-minute hang
+    model = _half_model(False)
+    opt = ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, lr=1e-3, master_weight_bits=24, min_8bit_size=1)
+    model(torch.randn(8, 64, dtype=torch.bfloat16)).float().sum().backward()
+    opt.step()
+    ck.save(path, model, opt, step=1)
+    fresh = _half_model(True)
+    opt2 = ShardedOptimizer(fresh.named_parameters(), dist8.AdamW8bit, lr=1e-3, master_weight_bits=24,
+                            min_8bit_size=1)
+    before = [p.detach().clone() for p in fresh.parameters()]
+    holds_head = any(opt2.names[piece.param].startswith("1.") for piece in opt2.pieces)
+    try:
+        ck.load(path, fresh, opt2)
+    except ck.CheckpointError as exc:
+        return {"refused": str(exc), "holds_head": holds_head, "state": len(opt2.shard_state()),
+                "unchanged": all(torch.equal(a, b) for a, b in zip(before, fresh.parameters()))}
+    return {"refused": None, "holds_head": holds_head}
+
+
+def test_state_one_rank_refuses_at_install_is_refused_on_every_rank_and_installed_on_none(tmp_path):
+    """Each rank checks the state of its own pieces when it installs them: a rank that refused alone (here the
+    owner of a now-fp32 head, whose checkpoint holds a 24-bit correction) raised, while the others had loaded
+    the checkpoint and trained on. Every rank now refuses, the others naming the rank, and undoes its part."""
+    results = run_ranks(_state_one_rank_cannot_take, 2, tmp_path / "ckpt", tmp_path=tmp_path)
+    assert sorted(r["holds_head"] for r in results) == [False, True]
+    for r in results:
+        assert r["refused"] is not None and "correction" in r["refused"], r
+        assert r["state"] == 0 and r["unchanged"]
+    other = next(r for r in results if not r["holds_head"])
+    assert other["refused"].startswith(f"loading {tmp_path / 'ckpt'} failed on rank ")
+
+
+def _fp32_weights_one_rank_cannot_read(rank, world_size, root):
+    import faulthandler
+
+    from safetensors.torch import save_file
+
+    faulthandler.dump_traceback_later(120, exit=True)  # a rank left waiting: a failure, not a 15-minute hang
+    model = _half_model(False)
+    opt = ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, lr=1e-3, master_weight_bits=24)
+    weights = root / f"node{rank}" / "model-fp32.safetensors"  # a node-local copy: node 1's never arrived
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        save_file({k: v.float().contiguous() for k, v in model.state_dict().items()}, str(weights))
+    try:
+        ck.load_fp32_weights(weights, model, opt)
+    except ck.CheckpointError as exc:
+        return str(exc)
+    return None
+
+
+def test_fp32_weights_one_rank_cannot_read_are_refused_on_every_rank(tmp_path):
+    """``load_fp32_weights`` into a ``ShardedOptimizer`` read and checked the file on each rank, then entered the
+    optimizer's collective load: a rank that could not read its copy raised, the others waited forever."""
+    messages = run_ranks(_fp32_weights_one_rank_cannot_read, 2, tmp_path, tmp_path=tmp_path)
+    assert messages[1] is not None and "model-fp32.safetensors" in messages[1]
+    assert messages[0] == f"load_fp32_weights failed on rank 1: {messages[1]}"
+
+
+def _one_rank_sees_only_the_interrupted_saves_old_copy(rank, world_size, root):
+    import faulthandler
+    import shutil
+    import warnings
+
+    faulthandler.dump_traceback_later(120, exit=True)
+    model = make_model()
+    opt = ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, **KW)
+    for step in (1, 2):
+        train(model, opt, 1, step)
+        ck.save(root / f"s{step}", model, opt, step=step, extra={"step": step})
+    torch.distributed.barrier()
+    if rank == 0:  # node-local copies: node 1's was taken while a save was renaming (only .ckpt.old there)
+        shutil.copytree(root / "s2", root / "node0" / "ckpt")
+        shutil.copytree(root / "s1", root / "node1" / ".ckpt.old")
+    torch.distributed.barrier()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return {"loaded": ck.load(root / f"node{rank}" / "ckpt", model, opt)}
+        except ck.CheckpointError as exc:
+            return {"refused": str(exc)}
+
+
+def test_ranks_never_load_an_interrupted_saves_old_copy_on_some_ranks_only(tmp_path):
+    """``load(path)`` takes ``.NAME.old`` where ``NAME`` is missing (a save interrupted between its renames).
+    Decided on each rank's disk, one rank loaded step 1's copy while the other loaded step 2, silently. The
+    ranks compare their choice now and refuse, naming the ranks."""
+    results = run_ranks(_one_rank_sees_only_the_interrupted_saves_old_copy, 2, tmp_path, tmp_path=tmp_path)
+    for r in results:
+        assert r.get("refused", "").endswith("the ranks' disks differ; give every rank the same checkpoint"), r

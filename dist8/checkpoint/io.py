@@ -297,6 +297,21 @@ def _resolve(path: Path) -> Path:
     return path
 
 
+def _same_fallback_on_every_rank(ad: OptimizerAdapter, given: Path, path: Path) -> None:
+    """Collective: every rank takes an interrupted save's ``.NAME.old`` (:func:`_resolve`), or none does.
+    Each rank decided from its own disk: a rank that saw only the old directory loaded it while the others
+    loaded the new one, and the ranks trained on from two different steps, silently."""
+    if not (_distributed() and dist.get_world_size(ad.group) > 1):
+        return
+    everyone: list = [None] * dist.get_world_size(ad.group)
+    dist.all_gather_object(everyone, path != given, group=ad.group)
+    if len(set(everyone)) > 1:
+        old, new = everyone.index(True), everyone.index(False)
+        raise CheckpointError(f"{given} is missing on rank {old}, which would load the interrupted save's "
+                              f".{given.name}.old instead, while rank {new} loads the checkpoint itself: the ranks' "
+                              "disks differ; give every rank the same checkpoint")
+
+
 @dataclass
 class _Plan:
     """Everything a load installs, read and checked, not yet installed."""
@@ -335,8 +350,10 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None, optimizer: Opti
     """
     strict, verify = check_flag(strict, "strict"), check_flag(verify, "verify")  # None/"yes" were truthiness
     check_module(model, "dist8.checkpoint.load: model", optional=True)
-    path = _resolve(Path(path))
+    given = Path(path)
+    path = _resolve(given)
     ad = adapt(model, optimizer)
+    _same_fallback_on_every_rank(ad, given, path)
     plan, error = None, None
     try:  # what each rank finds on its disk is agreed below (one rank refusing alone left the others waiting)
         if path.is_dir() and not os.path.lexists(path / METADATA):
@@ -355,6 +372,7 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None, optimizer: Opti
 
 def _commit(ad: OptimizerAdapter, model, plan: _Plan, path: Path) -> None:
     snap = ad.snapshot()
+    error: CheckpointError | None = None
     try:
         # the groups first: the kind of state each parameter takes (e.g. its master_weight_bits correction)
         # follows the loaded values, as with load_state_dict
@@ -363,7 +381,16 @@ def _commit(ad: OptimizerAdapter, model, plan: _Plan, path: Path) -> None:
         ad.load_states(plan.states, plan.masters)
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         ad.restore(snap)
-        raise CheckpointError(f"{path}: state does not fit the optimizer: {exc}") from exc
+        error = CheckpointError(f"{path}: state does not fit the optimizer: {exc}")
+        error.__cause__ = exc
+    # A rank checks the state of its own pieces only: one refusing alone left the others loaded (and
+    # training on, or waiting in load_fp32_weights' collective) while it raised. Every rank undoes it.
+    try:
+        _agree(ad, error, f"loading {path}")
+    except CheckpointError:
+        if error is None:
+            ad.restore(snap)
+        raise
     if plan.model is not None:  # validated (names, shapes) above; copying cannot fail
         wider = _wider_than_their_parameters(ad, model, plan.model)  # first: torch's FSDP2 load edits the dict
         ad.load_model_state(model, plan.model)

@@ -29,6 +29,7 @@ from dist8.optim.validation import check_flag, check_module
 from dist8.quant import DEFAULT_BLOCK_SIZE
 from dist8.quant.master import encode_master, encode_master_exact
 from dist8.shard import ShardedOptimizer
+from dist8.shard.agreement import raise_on_every_rank
 
 __all__ = ["load_fp32_weights"]
 
@@ -58,23 +59,15 @@ def load_fp32_weights(source: str | os.PathLike | dict[str, torch.Tensor], model
     strict = check_flag(strict, "strict")  # None/"yes" were truthiness
     check_module(model, "load_fp32_weights: model")
     where = str(source) if not isinstance(source, dict) else "fp32 weights"
-    tensors = read_model_tensors(Path(source)) if not isinstance(source, dict) else dict(source)
-    # the parameters themselves (tied names share one object), named without the wrappers around the model
-    own, wrapped = state_dict_by_name(model, keep_vars=True), False
-    if missing_names(own, tensors):  # weights keyed by a wrapped model's state_dict (torch.compile's _orig_mod.)
-        names = state_dict_by_name(model, wrapped=True, keep_vars=True)
-        if not missing_names(names, tensors):
-            own, wrapped = names, True
-    problems = [f"{n} has shape {tuple(t.shape)}, the model has {tuple(own[n].shape)}"
-                for n, t in tensors.items() if n in own and tuple(t.shape) != tuple(own[n].shape)]
-    problems += [f"{n} is {t.dtype}, not a floating-point tensor" for n, t in tensors.items()
-                 if n in own and own[n].is_floating_point() and not t.is_floating_point()]
-    if strict:
-        problems += [f"model tensor {n} is missing" for n in missing_names(own, tensors)]
-        problems += [f"{n} is not a tensor of the model" for n in tensors if n not in own]
-    problems += tied_conflicts(own, tensors)
-    if problems:
-        raise CheckpointError(f"{where}: " + "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else ""))
+    refused: CheckpointError | None = None
+    try:
+        tensors, own, wrapped = _checked_weights(source, model, strict, where)
+    except CheckpointError as exc:
+        refused = exc
+    if isinstance(optimizer, ShardedOptimizer):  # its load is collective: a rank refusing alone left the others in it
+        raise_on_every_rank(refused, optimizer.group, "load_fp32_weights", CheckpointError)
+    elif refused is not None:
+        raise refused
     params = {n: p for p, n in parameter_names(model, wrapped).items()}
     if isinstance(optimizer, ShardedOptimizer):
         index = {id(p): i for i, p in enumerate(optimizer.params)}
@@ -106,6 +99,30 @@ def load_fp32_weights(source: str | os.PathLike | dict[str, torch.Tensor], model
             if target.dtype in (torch.bfloat16, torch.float16):  # round to nearest, saturating like encode
                 value = encode_master(value.contiguous(), target.dtype, 24)[0]
             dtl.local(target).copy_(value)
+
+
+def _checked_weights(source: str | os.PathLike | dict[str, torch.Tensor], model: torch.nn.Module, strict: bool,
+                     where: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], bool]:
+    """The weights (read from ``source``), the model's tensors by name and whether those are the wrapped
+    model's names, after every check; :class:`CheckpointError` naming ``where`` otherwise."""
+    tensors = read_model_tensors(Path(source)) if not isinstance(source, dict) else dict(source)
+    # the parameters themselves (tied names share one object), named without the wrappers around the model
+    own, wrapped = state_dict_by_name(model, keep_vars=True), False
+    if missing_names(own, tensors):  # weights keyed by a wrapped model's state_dict (torch.compile's _orig_mod.)
+        names = state_dict_by_name(model, wrapped=True, keep_vars=True)
+        if not missing_names(names, tensors):
+            own, wrapped = names, True
+    problems = [f"{n} has shape {tuple(t.shape)}, the model has {tuple(own[n].shape)}"
+                for n, t in tensors.items() if n in own and tuple(t.shape) != tuple(own[n].shape)]
+    problems += [f"{n} is {t.dtype}, not a floating-point tensor" for n, t in tensors.items()
+                 if n in own and own[n].is_floating_point() and not t.is_floating_point()]
+    if strict:
+        problems += [f"model tensor {n} is missing" for n in missing_names(own, tensors)]
+        problems += [f"{n} is not a tensor of the model" for n in tensors if n not in own]
+    problems += tied_conflicts(own, tensors)
+    if problems:
+        raise CheckpointError(f"{where}: " + "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else ""))
+    return tensors, own, wrapped
 
 
 def _local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
