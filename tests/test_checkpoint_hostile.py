@@ -484,6 +484,44 @@ def test_every_rank_resumes_from_the_checkpoint_rank_0_found(tmp_path):
     assert results[0]["checked"] == ["step-00000002"] and results[1]["checked"] == []
 
 
+def _resume_where_one_rank_sees_another_disk(rank, world_size, root):
+    import faulthandler
+
+    import dist8.train.trainer as tr
+    from dist8.train.checkpointing import Checkpointer
+
+    faulthandler.dump_traceback_later(120, exit=True)  # a rank left waiting: a failure, not a 15-minute hang
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    ckpt = Checkpointer(str(root), "ddp", model, opt, keep_last=3)
+    ckpt.save(1, {"step": 1})
+    torch.distributed.barrier()
+    newest = root / "step-00000001"
+    if rank == 1:  # this node's copy of the checkpoint: its file is damaged, and --resume's probe misses it
+        blob = newest / "rank00001.pt"
+        blob.write_bytes(blob.read_bytes()[:-7] + b"garbage")
+        real_isfile = os.path.isfile
+        tr.os.path.isfile = lambda f: False if str(f).startswith(str(newest)) else real_isfile(f)
+    out = {"path": tr._resume_path(None, str(newest), lambda r: Checkpointer(r, "ddp", model, opt, 3))[0]}
+    try:
+        ckpt.load(out["path"])
+    except ck.CheckpointError as exc:
+        out["refused"] = str(exc)
+    return out
+
+
+def test_a_resume_one_rank_sees_differently_is_decided_once_and_refused_on_every_rank(tmp_path):
+    """``--resume PATH``: each rank asked its disk whether PATH is a checkpoint or a root, and a rank told
+    "root" went into ``latest()``, a collective, alone. Loading: a rank whose own file failed its check
+    raised while the others loaded and trained on. Rank 0 decides the first; the second is refused on every
+    rank, the others naming the rank (the checkpoint is the torch writer's, as the job's ``torch.adamw``
+    baseline writes it)."""
+    results = run_ranks(_resume_where_one_rank_sees_another_disk, 2, tmp_path / "run", tmp_path=tmp_path)
+    assert [r["path"] for r in results] == [str(tmp_path / "run" / "step-00000001")] * 2
+    assert "rank00001.pt" in results[1]["refused"]
+    assert results[0]["refused"].startswith(f"resuming from {tmp_path / 'run' / 'step-00000001'} failed on rank 1: ")
+
+
 def test_train_torch_writer_killed_while_rotating_leaves_nothing_latest_picks(tmp_path, monkeypatch):
     import dist8.train.checkpointing as tc
 

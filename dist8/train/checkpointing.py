@@ -53,6 +53,7 @@ from dist8.checkpoint.format import METADATA
 from dist8.checkpoint.torch_files import check_dcp_metadata, load_torch_file, weights_only_loads
 from dist8.optim import Optimizer8bit
 from dist8.shard import ShardedOptimizer
+from dist8.shard.agreement import raise_on_every_rank
 
 __all__ = ["Checkpointer", "writer_of"]
 
@@ -175,49 +176,68 @@ class Checkpointer:
     def load(self, path: str) -> dict[str, Any]:
         if self.kind == "dist8":
             return dict(dist8_checkpoint.load(path, self.model, self.optimizer) or {})
-        meta = _read_meta(Path(path))
-        if self.kind == "dcp":
-            from dist8.integrations import fsdp
-
-            # DCP unpickles .metadata with plain pickle and its byte items with weights_only=False:
-            # the metadata goes through an allowlist first, the byte items under forced weights_only.
-            check_dcp_metadata(member(member(Path(path), "dcp", str(path), kind="dir"), ".metadata",
-                                      str(Path(path) / "dcp")))
-            with weights_only_loads():
-                fsdp.load_dcp(os.path.join(path, "dcp"), self.model, self.optimizer)
-        else:
-            rank, world = _rank_world()
-            if meta["world_size"] != world:
-                hint = (f"resume with {meta['world_size']} ranks (each file holds its rank's DeepSpeed ZeRO partition)"
-                        if self.mode == "deepspeed" else "dist8 optimizers use dist8.checkpoint, which can")
-                raise CheckpointError(f"checkpoint {path} was saved by {meta['world_size']} ranks, this job has {world}; "
-                                      f"the per-rank torch.save format cannot reshard ({hint})")
-            own = self._rank_blob(Path(path), meta, rank)
-            try:
-                model_sd = own["model"]
-                if any(hasattr(p, "ds_tensor") for p in self.model.parameters()):
-                    # ZeRO-3 partitions the parameters (placeholders here); its optimizer restores them from
-                    # the saved fp32 partitions below, so only the buffers come from the model entry.
-                    params = dict(self.model.named_parameters())
-                    model_sd = {k: v for k, v in model_sd.items() if k not in params}
-                    missing = set(self.model.state_dict()) - set(params) - set(model_sd)
-                    if missing:
-                        raise KeyError(f"buffers {sorted(missing)} are not in the checkpoint")
-                    self.model.load_state_dict(model_sd, strict=False)
-                else:
-                    self.model.load_state_dict(model_sd)
+        rank, world = _rank_world()
+        # Every rank reads and checks its files first, and the ranks agree before anything is loaded: one
+        # rank refusing alone (its copy unreadable) left the others in load_dcp's collectives, or training.
+        problem: Exception | None = None
+        meta: dict[str, Any] = {}
+        own: dict[str, Any] = {}
+        every_rank: list | None = None
+        try:
+            meta = _read_meta(Path(path))
+            if self.kind == "dcp":
+                # DCP unpickles .metadata with plain pickle and its byte items with weights_only=False:
+                # the metadata goes through an allowlist first, the byte items under forced weights_only.
+                check_dcp_metadata(member(member(Path(path), "dcp", str(path), kind="dir"), ".metadata",
+                                          str(Path(path) / "dcp")))
+            else:
+                if meta["world_size"] != world:
+                    hint = (f"resume with {meta['world_size']} ranks (each file holds its rank's DeepSpeed ZeRO "
+                            "partition)" if self.mode == "deepspeed" else
+                            "dist8 optimizers use dist8.checkpoint, which can")
+                    raise CheckpointError(f"checkpoint {path} was saved by {meta['world_size']} ranks, this job has "
+                                          f"{world}; the per-rank torch.save format cannot reshard ({hint})")
+                own = self._rank_blob(Path(path), meta, rank)
                 if _takes_every_rank(self.optimizer):
                     # DeepSpeed's ZeRO optimizers load the list of every rank's state dict (their fp32 master
                     # partitions are restored from all of them), as engine.load_checkpoint passes it.
-                    sds = [(own if r == rank else self._rank_blob(Path(path), meta, r))["optimizer"]
-                           for r in range(world)]
-                    self.optimizer.load_state_dict(sds, load_from_fp32_weights=True)
-                else:
-                    self.optimizer.load_state_dict(own["optimizer"])
+                    every_rank = [(own if r == rank else self._rank_blob(Path(path), meta, r))["optimizer"]
+                                  for r in range(world)]
+        except Exception as exc:  # noqa: BLE001 - raised on every rank below
+            problem = exc
+        raise_on_every_rank(problem, None, f"resuming from {path}", CheckpointError)
+        if self.kind == "dcp":
+            from dist8.integrations import fsdp
+
+            with weights_only_loads():
+                fsdp.load_dcp(os.path.join(path, "dcp"), self.model, self.optimizer)
+        else:
+            try:
+                self._install(own, every_rank)
             except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
-                raise CheckpointError(f"{path}/rank{rank:05d}.pt does not fit the model/optimizer: "
-                                      f"{' '.join(str(exc).split())[:300]}") from None
+                problem = CheckpointError(f"{path}/rank{rank:05d}.pt does not fit the model/optimizer: "
+                                          f"{' '.join(str(exc).split())[:300]}")
+            raise_on_every_rank(problem, None, f"resuming from {path}", CheckpointError)
         return dict(meta.get("extra", {}))
+
+    def _install(self, own: dict[str, Any], every_rank: list | None) -> None:
+        """Load this rank's file (and, for DeepSpeed's ZeRO optimizers, every rank's optimizer state)."""
+        model_sd = own["model"]
+        if any(hasattr(p, "ds_tensor") for p in self.model.parameters()):
+            # ZeRO-3 partitions the parameters (placeholders here); its optimizer restores them from
+            # the saved fp32 partitions below, so only the buffers come from the model entry.
+            params = dict(self.model.named_parameters())
+            model_sd = {k: v for k, v in model_sd.items() if k not in params}
+            missing = set(self.model.state_dict()) - set(params) - set(model_sd)
+            if missing:
+                raise KeyError(f"buffers {sorted(missing)} are not in the checkpoint")
+            self.model.load_state_dict(model_sd, strict=False)
+        else:
+            self.model.load_state_dict(model_sd)
+        if every_rank is not None:
+            self.optimizer.load_state_dict(every_rank, load_from_fp32_weights=True)
+        else:
+            self.optimizer.load_state_dict(own["optimizer"])
 
     @staticmethod
     def _rank_blob(path: Path, meta: dict[str, Any], rank: int) -> dict[str, Any]:

@@ -189,7 +189,12 @@ def _resume_path(ckpt: Checkpointer | None, resume: str | None, make) -> tuple[s
         return None, ckpt
     if resume == "auto":
         return ckpt.latest(), ckpt
-    if any(os.path.isfile(os.path.join(resume, f)) for f in ("metadata.json", "train_meta.json")):
+    is_checkpoint = [any(os.path.isfile(os.path.join(resume, f)) for f in ("metadata.json", "train_meta.json"))]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        # rank 0's view on every rank: a rank whose disk said otherwise took the other branch, whose latest()
+        # is collective, and waited there forever
+        dist.broadcast_object_list(is_checkpoint, src=0)
+    if is_checkpoint[0]:
         return resume, ckpt or make(os.path.dirname(os.path.abspath(resume)))
     root = make(resume)  # a checkpoint root: follow its newest complete checkpoint
     found = root.latest()
