@@ -364,6 +364,38 @@ def _hf_ddp_zero(rank, world_size, out_dir, resume_from):
             "params": params, "trained": [not torch.equal(a, b) for a, b in zip(initial, params)]}
 
 
+def _hf_ddp_zero_saving_per_epoch(rank, world_size, out_dir):
+    import faulthandler
+    import os
+    import warnings
+
+    from transformers import Trainer, TrainingArguments
+
+    from dist8.integrations.hf_trainer import ShardedStateDictCallback
+    from dist8.shard import ShardedOptimizer
+
+    faulthandler.dump_traceback_later(240, exit=True)  # rank 0 left waiting at the save: a failure, not a hang
+    warnings.simplefilter("ignore")
+    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    args = TrainingArguments(output_dir=out_dir, num_train_epochs=1, per_device_train_batch_size=4,
+                             save_strategy="epoch", report_to=[], seed=0, disable_tqdm=True, use_cpu=True,
+                             ddp_backend="gloo")
+    trainer = Trainer(model=_tiny_gpt2(), args=args, train_dataset=_Tokens(), callbacks=[ShardedStateDictCallback()],
+                      optimizer_cls_and_kwargs=(ShardedOptimizer, {"optimizer_class": dist8.AdamW8bit, "stage": 1,
+                                                                   "full_state_dict": True, "lr": 3e-3}))
+    trainer.train()
+    return trainer.state.global_step
+
+
+def test_hf_trainer_ddp_with_sharded_optimizer_saves_per_epoch(tmp_path):
+    """``save_strategy="epoch"`` decides to save in ``on_epoch_end``, after the callback's ``on_step_end``: the
+    state was not gathered and rank 0's save waited for the other ranks forever. The callback gathers there too."""
+    pytest.importorskip("transformers", reason="transformers is in the [test] extras")
+    steps = run_ranks(_hf_ddp_zero_saving_per_epoch, 2, str(tmp_path / "epoch"), tmp_path=tmp_path)
+    saved = torch.load(tmp_path / "epoch" / f"checkpoint-{steps[0]}" / "optimizer.pt", weights_only=True)
+    assert steps == [6, 6] and any(st["state1"].dtype == torch.uint8 for st in saved["state"].values())
+
+
 def test_hf_trainer_ddp_with_sharded_optimizer_resumes_bitwise(tmp_path):
     """HF Trainer saves rank 0's ``optimizer.state_dict()`` only: ``ShardedOptimizer(full_state_dict=True)``
     with ``ShardedStateDictCallback`` (which gathers the state on every rank before each save, so rank 0's

@@ -3,7 +3,8 @@
 The Trainer saves ``optimizer.state_dict()`` on rank 0 only and loads that file on every rank.
 A ``ShardedOptimizer(full_state_dict=True)`` can give rank 0 the whole state, but gathering it is
 a collective, which rank 0 alone would wait on forever. :class:`ShardedStateDictCallback` gathers
-it on every rank right before each save (``on_step_end`` with ``control.should_save``), so the
+it on every rank right before each save (``on_step_end`` and ``on_epoch_end`` with ``control.should_save``,
+and at each evaluation under ``save_strategy="best"``), so the
 Trainer's own ``state_dict()`` call finds it ready::
 
     trainer = Trainer(..., optimizer_cls_and_kwargs=(dist8.ShardedOptimizer, {
@@ -59,6 +60,19 @@ class ShardedStateDictCallback(TrainerCallback):
         opt = _sharded(optimizer)
         if opt is not None and opt.full_state_dict and control.should_save:
             opt.prepare_full_state_dict()  # collective, on every rank; rank 0's save then reads it
+        return control
+
+    # save_strategy="epoch" decides to save in on_epoch_end, after on_step_end: rank 0's save then waited for
+    # the others forever. The Trainer's own flow callback runs before this one and has set should_save.
+    on_epoch_end = on_step_end
+
+    def on_evaluate(self, args, state, control, optimizer=None, **kwargs):
+        # save_strategy="best" decides after the evaluation, once every callback has run: the state is
+        # gathered at each evaluation (every rank evaluates), whether or not it turns out a new best
+        opt = _sharded(optimizer)
+        if opt is not None and opt.full_state_dict and str(getattr(args.save_strategy, "value",
+                                                                   args.save_strategy)) == "best":
+            opt.prepare_full_state_dict()
         return control
 
 
