@@ -313,3 +313,37 @@ def test_fsdp_and_tensor_parallel_on_a_2d_mesh_step_bitwise_and_reshard(tmp_path
         assert_same_state(loaded["dcp flattened"], want_state, f"2-D flattened DCP checkpoint on {world_size} rank(s)")
         assert_same_state(loaded["dist8"][0], want_state, f"2-D dist8 checkpoint loaded on {world_size} rank(s)")
         assert_same_params(loaded["dist8"][1], want_params, f"2-D dist8 checkpoint loaded on {world_size} rank(s)")
+
+
+# ---- uneven Shard(1) boxes: one update path on every rank ------------------------------------------------------
+def _uneven_column_boxes(rank, world_size):
+    import faulthandler
+
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    faulthandler.dump_traceback_later(120, exit=True)  # a rank left waiting: a failure, not a 15-minute hang
+    mesh = mesh_of(world_size)
+    out = {}
+    for shape in [(4, 2, 32), (2, 8, 32)]:  # Shard(1) on 3 ranks: 1/1/0 and 3/3/2 columns of 32 values
+        torch.manual_seed(0)
+        full = torch.randn(*shape)
+        p = nn.Parameter(distribute_tensor(full.clone(), mesh, [Shard(1)]))
+        ref = nn.Parameter(full.clone())
+        kw = dict(lr=1e-2, min_8bit_size=1, block_size=64)
+        opt, ref_opt = dist8.AdamW8bit([("w", p)], **kw), dist8.AdamW8bit([("w", ref)], **kw)
+        for step in range(3):
+            g = synthetic_grad("w", shape, step)
+            p.grad = distribute_tensor(g, mesh, [Shard(1)], src_data_rank=None)
+            ref.grad = g.clone()
+            opt.step()
+            ref_opt.step()
+        out[shape] = torch.equal(p.full_tensor(), ref.detach())
+    return out
+
+
+def test_uneven_column_boxes_take_one_update_path_on_every_rank(tmp_path):
+    """A Shard(1) parameter whose boxes are whole-block runs on some ranks only (uneven columns, an empty
+    box): those ranks took the fused kernel, the others the specification path, whose edge all-reduce they
+    then waited in forever. The path is decided from every rank's box now; bitwise the unsharded run."""
+    for result in run_ranks(_uneven_column_boxes, 3, tmp_path=tmp_path):
+        assert all(result.values()), result

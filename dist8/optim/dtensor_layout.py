@@ -226,10 +226,20 @@ def _run_layout(n: int, block: int, nb: int, local_shape: tuple[int, ...], g0: i
 
 
 def _box_layout(n: int, block: int, nb: int, local_shape: tuple[int, ...], shape: tuple[int, ...],
-                offset: tuple[int, ...], group) -> Layout:
+                offset: tuple[int, ...], group, every_box: list | None = None) -> Layout:
     """A shard that is not one flat run: whole-block runs on the fused kernel, anything else on the
-    specification with every block's absmax."""
+    specification with every block's absmax. ``every_box``: every rank's (offset, local shape); the
+    fused kernel only when every non-empty box is whole-block runs, for the specification path's edge
+    reduction is a collective: with uneven shards one rank took the kernel, the others the
+    specification, and they waited in its all-reduce forever."""
     blocks = whole_block_runs(shape, offset, local_shape, block)
+    if every_box is not None:
+        others_fit = all(whole_block_runs(shape, tuple(o), tuple(sz), block) is not None
+                         for o, sz in every_box if math.prod(sz))
+        if not others_fit:
+            blocks = None
+        elif not math.prod(local_shape):  # an empty box beside whole-block ones: the kernel's path, no blocks
+            blocks = torch.zeros(0, dtype=torch.int64)
     if blocks is not None:
         return Layout(n, block, nb, local_shape, False, 0, 0, 0, blocks.numel(), (), shape, offset, group, blocks)
     return Layout(n, block, nb, local_shape, False, 0, 0, 0, nb, (), shape, offset, group)
@@ -255,7 +265,7 @@ def layout_of(p, block: int, name: str = "?", boxes: list | None = None) -> Layo
         if boxes and mine is not None and None not in ranges:  # FSDP + TP on rows: every shard a flat run
             edges = (x for a, b in ranges if b > a for x in (a, b))
             return _run_layout(n, block, nb, local_shape, *mine, edges, group)
-        return _box_layout(n, block, nb, local_shape, shape, offset, group)
+        return _box_layout(n, block, nb, local_shape, shape, offset, group, boxes)
     mesh_dim, dim = dims[0]
     mesh = p.device_mesh
     parts = mesh.size(mesh_dim)
@@ -273,7 +283,13 @@ def layout_of(p, block: int, name: str = "?", boxes: list | None = None) -> Layo
         edges = (chunk(shape[dim], parts, r)[1] * row for r in range(parts - 1))
         return _run_layout(n, block, nb, local_shape, start * row, stop * row, edges, group)
     offsets = tuple(start if d == dim else 0 for d in range(len(shape)))
-    return _box_layout(n, block, nb, local_shape, shape, offsets, group)
+
+    def box(r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        a, b = chunk(shape[dim], parts, r)
+        return (tuple(a if d == dim else 0 for d in range(len(shape))),
+                tuple(b - a if d == dim else shape[d] for d in range(len(shape))))
+
+    return _box_layout(n, block, nb, local_shape, shape, offsets, group, [box(r) for r in range(parts)])
 
 
 def comm_device(group) -> torch.device:
