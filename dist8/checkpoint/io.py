@@ -51,7 +51,7 @@ from dist8.checkpoint.weights import load_fp32_weights
 from dist8.messages import brief
 from dist8.optim.validation import check_flag, check_module
 from dist8.shard import ShardedOptimizer
-from dist8.shard.agreement import raise_on_every_rank
+from dist8.shard.agreement import from_every_rank, raise_on_every_rank
 from dist8.version import __version__
 
 if TYPE_CHECKING:
@@ -301,10 +301,7 @@ def _same_fallback_on_every_rank(ad: OptimizerAdapter, given: Path, path: Path) 
     """Collective: every rank takes an interrupted save's ``.NAME.old`` (:func:`_resolve`), or none does.
     Each rank decided from its own disk: a rank that saw only the old directory loaded it while the others
     loaded the new one, and the ranks trained on from two different steps, silently."""
-    if not (_distributed() and dist.get_world_size(ad.group) > 1):
-        return
-    everyone: list = [None] * dist.get_world_size(ad.group)
-    dist.all_gather_object(everyone, path != given, group=ad.group)
+    everyone = from_every_rank(path != given, ad.group)
     if len(set(everyone)) > 1:
         old, new = everyone.index(True), everyone.index(False)
         raise CheckpointError(f"{given} is missing on rank {old}, which would load the interrupted save's "

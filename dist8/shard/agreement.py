@@ -1,14 +1,33 @@
-"""One verdict for all ranks: an error found on some ranks is raised on every rank.
+"""One verdict for all ranks: what some rank found is known to, or raised on, every rank.
 
-A check that reads what only this rank sees (its disk, its tensors) and raises before a collective
-leaves the other ranks waiting in that collective forever. Callers run such checks first, keep the
-error, and hand it here at the point where every rank meets anyway.
+A check that reads what only this rank sees (its disk, its tensors) and raises, or branches, before a
+collective leaves the other ranks waiting in that collective forever, or going on with another
+answer. Callers run such checks first and share the outcome here, where every rank meets anyway.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import torch.distributed as dist
 
-__all__ = ["raise_on_every_rank"]
+__all__ = ["from_every_rank", "raise_on_every_rank", "rank_0_answer"]
+
+T = TypeVar("T")
+
+
+def _several_ranks(group: dist.ProcessGroup | None) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def from_every_rank(value: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
+    """Every rank's ``value`` (picklable), in rank order: ``[value]`` without several ranks in ``group``,
+    else one ``all_gather_object`` (collective)."""
+    if not _several_ranks(group):
+        return [value]
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, value, group=group)
+    return everyone
 
 
 def raise_on_every_rank(error: BaseException | None, group: dist.ProcessGroup | None, what: str,
@@ -16,17 +35,33 @@ def raise_on_every_rank(error: BaseException | None, group: dist.ProcessGroup | 
     """Raise ``error`` where it happened and, on every other rank of ``group``, ``error_type("{what}
     failed on rank R: ...")`` naming the first rank that failed; return on every rank when none did.
 
-    Collective (one ``all_gather_object`` of the message) when torch.distributed is initialised and
+    Collective (:func:`from_every_rank` of the message) when torch.distributed is initialised and
     ``group`` has several ranks; otherwise ``error`` is raised if given.
     """
-    message = None if error is None else str(error)
-    failed: list[tuple[int, str]] = []
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        everyone: list = [None] * dist.get_world_size(group)
-        dist.all_gather_object(everyone, message, group=group)
-        failed = [(r, m) for r, m in enumerate(everyone) if m is not None]
+    messages = from_every_rank(None if error is None else str(error), group)
     if error is not None:
         raise error
+    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
     if failed:
         rank, msg = failed[0]
         raise error_type(f"{what} failed on rank {rank}: {msg}")
+
+
+def rank_0_answer(question: Callable[[], T], group: dist.ProcessGroup | None = None,
+                  error_type: type[Exception] = RuntimeError) -> T:
+    """``question()`` asked on the group's first rank only and its answer returned on every rank (one
+    ``broadcast_object_list``; without several ranks, simply ``question()``). An ``error_type`` it
+    raises is raised on every rank, with its message."""
+    if not _several_ranks(group):
+        return question()
+    answer: list = [None, None]  # the answer, or the refusal's message
+    if dist.get_rank(group) == 0:
+        try:
+            answer[0] = question()
+        except error_type as exc:
+            answer[1] = str(exc)
+    src = 0 if group is None else dist.get_global_rank(group, 0)
+    dist.broadcast_object_list(answer, src=src, group=group)
+    if answer[1] is not None:
+        raise error_type(answer[1])
+    return answer[0]

@@ -32,6 +32,7 @@ from dist8.optim.paged import PAGED, paged_message
 from dist8.optim.state_schema import CORRECTION
 from dist8.optim.validation import check_number
 from dist8.shard import state_dicts
+from dist8.shard.agreement import from_every_rank
 from dist8.shard.flat import flat_buffers
 from dist8.shard.grads import Stage2Grads
 from dist8.shard.layout import BlockLayout, Piece
@@ -313,8 +314,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
             return
         dtypes = [str(p.dtype).replace("torch.", "") for p in self.params]
         mine = (self.layout.fingerprint(), dtypes, None if local_problem is None else str(local_problem))
-        everyone: list = [None] * self.world_size
-        dist.all_gather_object(everyone, mine, group=self.group)
+        everyone = from_every_rank(mine, self.group)
         if local_problem is not None:
             raise local_problem
         for r, (_, _, problem) in enumerate(everyone):

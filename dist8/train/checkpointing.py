@@ -53,7 +53,7 @@ from dist8.checkpoint.format import METADATA
 from dist8.checkpoint.torch_files import check_dcp_metadata, load_torch_file, weights_only_loads
 from dist8.optim import Optimizer8bit
 from dist8.shard import ShardedOptimizer
-from dist8.shard.agreement import raise_on_every_rank
+from dist8.shard.agreement import raise_on_every_rank, rank_0_answer
 
 __all__ = ["Checkpointer", "writer_of"]
 
@@ -130,19 +130,7 @@ class Checkpointer:
         check on its own, so a read that failed on one rank only (a network filesystem's hiccup) sent
         that rank back to an older checkpoint than the others, silently, and every rank read every
         file of the checkpoint for its hashes."""
-        rank, world = _rank_world()
-        if world == 1:
-            return self._latest_intact()
-        answer: list = [None, None]  # the path, or the refusal's message
-        if rank == 0:
-            try:
-                answer[0] = self._latest_intact()
-            except CheckpointError as exc:
-                answer[1] = str(exc)
-        dist.broadcast_object_list(answer, src=0)
-        if answer[1] is not None:
-            raise CheckpointError(answer[1])
-        return answer[0]
+        return rank_0_answer(self._latest_intact, error_type=CheckpointError)
 
     def _latest_intact(self) -> str | None:
         if not os.path.isdir(self.root):
@@ -321,17 +309,7 @@ def _remove(path: Path) -> None:
 
 def _agree(error: BaseException | None) -> None:
     """Collective: every rank raises when any rank failed (no rank waits forever at the next barrier)."""
-    msg = None if error is None else str(error)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        everyone: list = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, msg)
-    else:
-        everyone = [msg]
-    if error is not None:
-        raise error
-    failed = [(r, m) for r, m in enumerate(everyone) if m is not None]
-    if failed:
-        raise CheckpointError(f"checkpoint save failed on rank {failed[0][0]}: {failed[0][1]}")
+    raise_on_every_rank(error, None, "checkpoint save", CheckpointError)
 
 
 def _say(msg: str) -> None:

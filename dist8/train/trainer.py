@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dist8.shard.agreement import rank_0_answer
 from dist8.train.checkpointing import Checkpointer
 from dist8.nn.cast import cast_model
 from dist8.train.config import (Config, ConfigError, TrainingDiverged, config_to_dict, fit_to_optimizer,
@@ -189,12 +190,10 @@ def _resume_path(ckpt: Checkpointer | None, resume: str | None, make) -> tuple[s
         return None, ckpt
     if resume == "auto":
         return ckpt.latest(), ckpt
-    is_checkpoint = [any(os.path.isfile(os.path.join(resume, f)) for f in ("metadata.json", "train_meta.json"))]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        # rank 0's view on every rank: a rank whose disk said otherwise took the other branch, whose latest()
-        # is collective, and waited there forever
-        dist.broadcast_object_list(is_checkpoint, src=0)
-    if is_checkpoint[0]:
+    # rank 0's view on every rank: a rank whose disk said otherwise took the other branch, whose latest()
+    # is collective, and waited there forever
+    marks = ("metadata.json", "train_meta.json")
+    if rank_0_answer(lambda: any(os.path.isfile(os.path.join(resume, f)) for f in marks)):
         return resume, ckpt or make(os.path.dirname(os.path.abspath(resume)))
     root = make(resume)  # a checkpoint root: follow its newest complete checkpoint
     found = root.latest()
