@@ -119,6 +119,14 @@ def run_job(job, rank, world, out_dir):
         dist.all_reduce(t)
         losses.append(float(t) / world)
     elapsed = time.time() - t0
+    if job.get("weights_out"):  # the full trained parameters (ZeRO-3: gathered), rank 0 writes them
+        from safetensors.torch import save_file
+
+        stage3 = cfg["zero_optimization"]["stage"] == 3
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=stage3):
+            full = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+        if rank == 0:
+            save_file(full, os.path.join(out_dir, f"{job['name']}-weights.safetensors"))
     if job.get("save"):
         engine.save_checkpoint(job["save"], tag="final")
     opt = engine.basic_optimizer

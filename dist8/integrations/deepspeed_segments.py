@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from dist8.optim import pipeline
 from dist8.optim.base import Optimizer8bit, ParamSettings
 from dist8.optim.config import GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, fits_param_names, hyperparameters_of, match_overrides
 from dist8.optim.state_schema import STATE_DICT_INFO, check_state_dict_map, state_key
+from dist8.integrations.deepspeed_sums import PartitionSums
 from dist8.shard.agreement import raise_on_every_rank
 
 __all__ = ["Segment", "DeepSpeedSegments", "segmented_class", "segmented_copy", "attach_segments", "dp_rank"]
@@ -78,16 +80,22 @@ class DeepSpeedSegments:
                 loss = closure()
         items = []
         owners = []
+        sums = getattr(self, "ds_sums", None)
+        slot_of: dict[torch.Tensor, int] = {}  # item tensor -> its parameter's slot in the summed partials
+        position = -1
         for group in self.param_groups:
             for p in group["params"]:
+                position += 1
                 if p.grad is None:
                     continue
                 segs = segs_of.get(p)
-                if segs is None:
+                if segs is None:  # a flat partition holding only padding
                     settings = self.settings(p, group)
                     if not self.state[p]:
                         self.state[p] = self.init_state(p, settings)
                     items.append(pipeline.UpdateItem(p, settings, self.state[p]))
+                    if sums is not None:
+                        slot_of[p] = sums.slot("", ("padding", position))
                     continue
                 st = self.state[p]
                 if not st:
@@ -102,8 +110,19 @@ class DeepSpeedSegments:
                     if st["segments"][i] is None:
                         st["segments"][i] = self.init_state(view, settings)
                     items.append(pipeline.UpdateItem(view, settings, st["segments"][i]))
+                    if sums is not None:
+                        slot_of[view] = sums.slot(seg.name, (seg.name, position))
                 owners.append(st)
-        if items:
+        if sums is not None and sums.active(self):
+            # Sums over whole parameters (trust ratios, clipping norms, skip_param/raise flags) add every
+            # rank's part: every rank runs the pipeline, with or without items of its own.
+            self.global_slots, self.global_slot_names = (slot_of, sums.n_slots), sums.slot_names
+            self.reduce_partials = sums.all_reduce
+            try:
+                pipeline.run_updates(self, items)
+            finally:
+                self.global_slots = self.global_slot_names = self.reduce_partials = None
+        elif items:
             pipeline.run_updates(self, items)
         for st in owners:
             st["step"] = max([s["step"] for s in st["segments"] if s is not None], default=st["step"])
@@ -273,29 +292,57 @@ def attach_segments(engine) -> dict:
                 total = sum(q.numel() if not hasattr(q, "ds_numel") else q.ds_numel for q in names)
                 setattr(p, GLOBAL_NUMEL_ATTR, total)
     opt.ds_segments = segs
+    group = getattr(wrapper, "dp_process_group", None)
+    model_names = [n for n, _ in module.named_parameters()]
+    named = set(model_names)
+    # MoE: expert groups are partitioned over other process groups than the data-parallel one
+    experts = _has_expert_groups(wrapper, group)
     problem = None
     try:
-        _refuse_whole_parameter_sums(opt, segs)
+        _refuse_whole_parameter_sums(opt, segs, lambda seg: experts or seg.name not in named)
     except ValueError as exc:
         problem = exc
     # every rank, so that all refuse together (a rank holding no split parameter would go on alone)
-    raise_on_every_rank(problem, getattr(wrapper, "dp_process_group", None), "dist8 under DeepSpeed", ValueError)
+    raise_on_every_rank(problem, group, "dist8 under DeepSpeed", ValueError)
+    opt.ds_sums = None
+    if not experts:
+        private = []  # what no name stands for on every rank (see PartitionSums)
+        position = -1
+        for g in opt.param_groups:
+            for p in g["params"]:
+                position += 1
+                if p not in segs:
+                    private.append(("padding", position))
+                private += [(seg.name, position) for seg in segs.get(p, []) if seg.name not in named]
+        split_here = any(seg.numel != seg.global_numel for lst in segs.values() for seg in lst)
+        opt.ds_sums = PartitionSums.agreed(model_names, private, group, torch.device(engine.device),
+                                           [dict(getattr(p, OVERRIDE_ATTR, {}) or {}) for p in module.parameters()],
+                                           split_here)
     return segs
 
 
-def _refuse_whole_parameter_sums(opt: Optimizer8bit, segs: dict[torch.Tensor, list[Segment]]) -> None:
-    """Refuse what needs sums over a whole parameter when DeepSpeed split one across ranks' partitions.
+def _has_expert_groups(wrapper, group) -> bool:
+    """Whether DeepSpeed partitions some param group over another process group than ``group`` (MoE
+    expert parameters: ``real_dp_process_group``)."""
+    return any(g is not group for g in getattr(wrapper, "real_dp_process_group", None) or [])
+
+
+def _refuse_whole_parameter_sums(opt: Optimizer8bit, segs: dict[torch.Tensor, list[Segment]],
+                                 unsummed: Callable[[Segment], bool]) -> None:
+    """Refuse what needs sums over a whole parameter when DeepSpeed split one across ranks' partitions
+    and ``unsummed(segment)`` says dist8 does not sum over that parameter's parts: a model with expert
+    (MoE) groups, partitioned over other process groups, or a parameter the model does not name.
 
     LAMB/LARS trust ratios, percentile clipping's gradient norm and ``on_nonfinite="skip_param"``/
-    ``"raise"`` decide per parameter from sums over all its elements, and this optimizer steps each
-    segment from its own rank's elements only: a 64x64 weight split in two took 0.14x and 1.4x the
-    unsharded LAMB update on its two halves, silently. Parameters kept whole on one rank are exact.
+    ``"raise"`` decide per parameter from sums over all its elements; a rank summing only its own part
+    of a split parameter would step it wrongly, silently (a 64x64 weight split in two took 0.14x and
+    1.4x the unsharded LAMB update). Parameters kept whole on one rank are exact.
     """
     # the flat partition's param group (ZeRO-3 keys its partitions by other tensor objects: any group then)
     group_of = {p.data_ptr(): g for g in opt.param_groups for p in g["params"]}
     for flat, lst in segs.items():
         for seg in lst:
-            if seg.numel == seg.global_numel:
+            if seg.numel == seg.global_numel or not unsummed(seg):
                 continue
             groups = [group_of[flat.data_ptr()]] if flat.data_ptr() in group_of else opt.param_groups
             clip = min(opt.segment_settings(seg, g).hyper["percentile_clipping"] for g in groups)
@@ -304,9 +351,7 @@ def _refuse_whole_parameter_sums(opt: Optimizer8bit, segs: dict[torch.Tensor, li
                 [f"on_nonfinite={opt.on_nonfinite!r}"] if opt.on_nonfinite in ("skip_param", "raise") else [])
             if needs:
                 raise ValueError(
-                    f"parameter {seg.name} is split across DeepSpeed's ZeRO partitions, and dist8 does not sum over "
-                    f"a parameter across them, which {' and '.join(needs)} {'needs' if len(needs) == 1 else 'need'} "
-                    "(each rank would decide from its own part, silently): use ShardedOptimizer or FSDP2, which "
-                    "are exact, or drop that setting")
-
-
+                    f"parameter {seg.name} is split across DeepSpeed's ZeRO partitions of a model with expert (MoE) "
+                    f"groups or outside the model's named parameters, and dist8 does not sum over such a parameter "
+                    f"across ranks, which {' and '.join(needs)} {'needs' if len(needs) == 1 else 'need'} (each rank "
+                    "would decide from its own part, silently): drop that setting, or use ShardedOptimizer or FSDP2")
