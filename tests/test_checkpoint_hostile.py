@@ -522,6 +522,42 @@ def test_a_resume_one_rank_sees_differently_is_decided_once_and_refused_on_every
     assert results[0]["refused"].startswith(f"resuming from {tmp_path / 'run' / 'step-00000001'} failed on rank 1: ")
 
 
+def _checkpointer_where_one_rank_sees_another_writer(rank, world_size, root, seeing_rank):
+    import faulthandler
+
+    import dist8.train.checkpointing as tc
+
+    faulthandler.dump_traceback_later(120, exit=True)  # a rank left waiting: a failure, not a 15-minute hang
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    tc.Checkpointer(str(root), "ddp", model, opt, keep_last=3).save(1, {"step": 1})  # one file per rank
+    torch.distributed.barrier()
+    if rank == seeing_rank:  # this node's disk: the step directory looks like another writer's
+        tc.writer_of = lambda path: "dcp"
+    out = {}
+    try:
+        ckpt = tc.Checkpointer(str(root), "ddp", model, opt, keep_last=3)
+        out["latest"] = ckpt.latest()  # collective
+    except ck.CheckpointError as exc:
+        out["refused"] = str(exc)
+    return out
+
+
+@pytest.mark.parametrize("seeing_rank", [0, 1])
+def test_another_writers_checkpoints_seen_by_one_rank_are_decided_by_rank_0(tmp_path, seeing_rank):
+    """The training job's checkpointer refuses a root holding another writer's checkpoints. Each rank asked
+    its own disk, and a rank that alone saw one raised while the others went into the next collective
+    (``latest()``) and waited there forever. Rank 0's view decides for every rank, as for ``latest()``."""
+    results = run_ranks(_checkpointer_where_one_rank_sees_another_writer, 2, tmp_path / "run", seeing_rank,
+                        tmp_path=tmp_path)
+    if seeing_rank == 0:
+        assert [sorted(r) for r in results] == [["refused"]] * 2
+        assert results[0]["refused"] == results[1]["refused"]
+        assert "was written by torch.distributed.checkpoint" in results[1]["refused"]
+    else:
+        assert [r.get("latest") for r in results] == [str(tmp_path / "run" / "step-00000001")] * 2
+
+
 def test_train_torch_writer_killed_while_rotating_leaves_nothing_latest_picks(tmp_path, monkeypatch):
     import dist8.train.checkpointing as tc
 

@@ -23,6 +23,7 @@ from dist8.train.config import ConfigError, load_config
 from dist8.train.guards import check_fits
 from dist8.train.model import GPT, GPTConfig
 from dist8.train.report import read_metrics
+from dist_utils import run_ranks
 from train_utils import REPO, launch_cmd, mode_available, run, tiny_sets, train_cmd
 
 
@@ -79,6 +80,36 @@ def test_nan_gradients_on_one_rank_for_too_long_stop_every_rank_in_one_line(tmp_
     assert _error_lines(result) == [
         "dist8 train: error: gradients held inf/NaN in 3 consecutive steps (the last at step 4), more than "
         "train.max_nonfinite_steps=2; stopping (lower train.lr? check the data and the model)"], result.stderr[-3000:]
+
+
+def _train_where_one_rank_cannot_read_the_data(rank, world_size, tmp):
+    import faulthandler
+    from pathlib import Path
+
+    import dist8.train.trainer as tr
+
+    faulthandler.dump_traceback_later(120, exit=True)  # a rank left waiting: a failure, not a 15-minute hang
+    if rank == 1:  # this node's disk lacks the corpus
+        def unreadable(cfg, seq_len):
+            raise ConfigError(f"config key data.path: cannot read {cfg.path!r}: No such file or directory")
+        tr.load_corpus = unreadable
+    sets = tiny_sets(Path(tmp), steps=2, **{"checkpoint.dir": "null"})
+    cfg = load_config(None, [kv for kv in sets if kv != "--set"])
+    try:
+        tr._train(cfg, None, None, "run", rank, world_size, torch.device("cpu"))
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+def test_data_one_rank_cannot_read_is_refused_on_every_rank_before_the_first_collective(tmp_path):
+    """The data were read and the model sized per rank before the first collective (the model's broadcast):
+    a rank that alone could not read them (another node's disk) raised, and the others waited in the
+    broadcast forever under launchers other than torchrun (whose agent tears the job down). Every rank
+    refuses now, the others naming the rank."""
+    said = run_ranks(_train_where_one_rank_cannot_read_the_data, 2, str(tmp_path), tmp_path=tmp_path)
+    assert said[1].startswith("config key data.path: cannot read"), said
+    assert said[0].startswith("reading the data and sizing the model failed on rank 1: config key data.path"), said
 
 
 def test_model_and_batch_sizes_beyond_memory_are_refused_naming_the_keys():

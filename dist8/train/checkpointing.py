@@ -97,7 +97,9 @@ class Checkpointer:
             self.kind = "dist8"
         else:
             self.kind = "torch"
-        self._refuse_other_writers()
+        # rank 0's view on every rank, as latest(): a rank refusing alone left the others waiting in the next
+        # collective
+        rank_0_answer(self._refuse_other_writers, error_type=CheckpointError)
 
     def describe(self) -> str:
         return _WRITERS[self.kind]
