@@ -549,7 +549,7 @@ def test_stage2_refuses_gradients_changed_in_place_after_backward(who, tmp_path)
         assert all(r["refused"].startswith(mine) for r in results), results[0]["refused"]
     else:
         assert results[0]["refused"].startswith(mine)
-        assert results[1]["refused"].startswith("another rank refused this step's gradients")
+        assert results[1]["refused"].startswith(f"this step's gradients were refused on rank 0: {mine}")
     assert all("opt.clip_grad_norm(max_norm)" in r["refused"] for r in results)
     assert all(r["unchanged"] for r in results)
     assert results[0]["norm"] == results[1]["norm"]
@@ -564,14 +564,14 @@ def _two_backwards(rank, world_size, use_no_sync):
                            bucket_cap_mb=0.001)
     gen = torch.Generator().manual_seed(10 + rank)
     for _ in range(3):
-        for micro in range(2):
-            x = torch.randn(8, 64, generator=gen)
-            try:
+        try:
+            for micro in range(2):
+                x = torch.randn(8, 64, generator=gen)
                 with opt.no_sync() if use_no_sync and micro == 0 else contextlib.nullcontext():
                     model(x).square().mean().backward()
-            except RuntimeError as exc:
-                return {"refused": str(exc)}
-        opt.step()
+            opt.step()
+        except RuntimeError as exc:
+            return {"refused": str(exc)}
         opt.zero_grad()
     return {"params": [p.detach().clone() for p in model.parameters()]}
 
@@ -598,18 +598,23 @@ def test_stage2_refuses_accumulating_over_backward_passes_without_no_sync(tmp_pa
 
 
 def _checkpointed_inside_and_outside(rank, world_size, reentrant):
+    import faulthandler
+
     from torch.utils.checkpoint import checkpoint
 
+    faulthandler.dump_traceback_later(120, exit=True)  # a rank left waiting: a failure, not a 15-minute hang
     torch.manual_seed(0)
     model = torch.nn.ModuleDict({"a": torch.nn.Linear(40, 40), "b": torch.nn.Linear(40, 40)})
     opt = ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, stage=2, bucket_cap_mb=0.001)
     x = torch.randn(8, 40, generator=torch.Generator().manual_seed(rank))
+    reentrant = reentrant == "rank 1" and rank == 1 or reentrant is True
+    before = [p.detach().clone() for p in model.parameters()]
     try:
         h = checkpoint(lambda t: model["b"](torch.relu(model["a"](t))), x.requires_grad_(), use_reentrant=reentrant)
         model["a"](h).square().mean().backward()  # "a" is used outside the checkpointed block too
         opt.step()
     except RuntimeError as exc:
-        return {"refused": str(exc)}
+        return {"refused": str(exc), "unchanged": all(torch.equal(a, p) for a, p in zip(before, model.parameters()))}
     return {"params": [p.detach().clone() for p in model.parameters()]}
 
 
@@ -624,6 +629,17 @@ def test_stage2_names_reentrant_checkpointing_when_a_parameter_gets_two_gradient
     assert all("params" in r for r in plain), plain
     for a, b in zip(*(r["params"] for r in plain)):
         assert torch.equal(a, b)
+
+
+def test_stage2_a_second_gradient_on_one_rank_only_is_refused_on_every_rank(tmp_path):
+    """The refusal of a second gradient was raised inside backward, on the rank that got it: when only one
+    rank did (a reentrant checkpoint on a data-dependent branch), the others went on into the step's
+    reductions and waited there forever. It is raised at the step now, on every rank, the others naming
+    the rank; nothing is stepped."""
+    one = run_ranks(_checkpointed_inside_and_outside, 2, "rank 1", tmp_path=tmp_path)
+    assert one[1]["refused"].startswith("parameter a.") and "got a second gradient before step()" in one[1]["refused"]
+    assert one[0]["refused"] == f"this step's gradients were refused on rank 1: {one[1]['refused']}", one[0]
+    assert one[0]["unchanged"] and one[1]["unchanged"]
 
 
 def _stage2_under_ddp(rank, world_size, accumulate):

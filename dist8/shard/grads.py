@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from dist8.shard.agreement import from_every_rank
 from dist8.shard.flat import FlatBuffer
 
 __all__ = ["GradBuckets", "GradPresence", "Stage2Grads", "ddp_problem"]
@@ -209,6 +210,8 @@ class Stage2Grads:
         # do not. A different count at the step means the gradients were changed after their reduction
         # began (torch.nn.utils.clip_grad_norm_, p.grad.mul_): see present_on_any_rank.
         self.launch_versions: list[int] | None = None
+        # a parameter's second gradient since the last step (see on_gradient): the refusal, raised at the step
+        self.second_gradient: str | None = None
         # each parameter's .grad: its range of the gradient buffer, made once
         self.views = [self.view(i, 0, p.numel()).view(p.shape) for i, p in enumerate(self.params)]
         self.view_ptrs = [v.data_ptr() for v in self.views]  # where each view must point (see repair_view)
@@ -267,13 +270,16 @@ class Stage2Grads:
         self.presence.backward_hook(index)
         if self.world_size > 1 and not self.accumulating():
             if self.buckets.marked[index]:  # its bucket may be reduced already: the new gradient would be lost
-                raise RuntimeError(ddp_problem(self.params) or (
+                # Refused at the step, on every rank (present_on_any_rank): raised here, inside one rank's
+                # backward (a data-dependent branch), it left the other ranks waiting in the reductions.
+                self.second_gradient = self.second_gradient or ddp_problem(self.params) or (
                     f"parameter {self.names[index]} got a second gradient before step(): ShardedOptimizer(stage=2) "
                     "sums each gradient onto the rank that owns it as soon as backward has accumulated it, so a "
                     "parameter takes one gradient per step. Accumulating over several backward passes: wrap all but "
                     "the last in `with opt.no_sync():` (as with DDP). A parameter used both inside and outside a "
                     "reentrant activation checkpoint (use_reentrant=True, whose recomputation runs a backward of its "
-                    "own): use use_reentrant=False. Or use stage=1"))
+                    "own): use use_reentrant=False. Or use stage=1")
+                return
             self.buckets.mark_ready(index)
             self.launch_versions = [g._version for g in self.flat]
 
@@ -282,11 +288,13 @@ class Stage2Grads:
         gradient, its range zeroed; a tensor assigned: copied in), then which parameters hold a gradient
         on any rank (one small all-reduce)."""
         presence = self.presence
-        problem = None  # refused on every rank alike (one rank raising alone would leave the others waiting)
+        # refused on every rank alike (one rank raising alone would leave the others waiting)
+        problem = self.second_gradient
         why = ("stage 2 sums each gradient onto the rank that owns it during backward, so a change made after "
                "backward reaches only this rank's partial sums")
         fix = "clip with opt.clip_grad_norm(max_norm) (the global norm), scale the loss instead, or use stage=1"
-        if self.launch_versions is not None and [g._version for g in self.flat] != self.launch_versions:
+        changed = self.launch_versions is not None and [g._version for g in self.flat] != self.launch_versions
+        if problem is None and changed:
             problem = ddp_problem(self.params) or (
                 f"gradients were changed in place after backward (torch.nn.utils.clip_grad_norm_? p.grad.mul_?); {why}: {fix}")
         for i, p in enumerate(self.params):
@@ -316,7 +324,14 @@ class Stage2Grads:
             dist.all_reduce(has, op=dist.ReduceOp.MAX, group=self.group)
         if has[-1]:
             self.buckets.flush()  # no reduction left in flight into a buffer the caller will zero next
-            raise ValueError(problem or f"another rank refused this step's gradients ({why}): {fix}")
+            # every rank's verdict, so that the others name the rank and the cause (collective: has[-1] is agreed)
+            kind = RuntimeError if problem is not None and problem == self.second_gradient else ValueError
+            verdicts = from_every_rank(None if problem is None else (kind.__name__, problem), self.group)
+            if problem is not None:
+                raise kind(problem)
+            rank, (kind_name, message) = next((r, v) for r, v in enumerate(verdicts) if v is not None)
+            kind = RuntimeError if kind_name == "RuntimeError" else ValueError
+            raise kind(f"this step's gradients were refused on rank {rank}: {message}")
         return [bool(h) for h in has[:-1].tolist()]
 
     def reduce(self) -> None:
@@ -332,6 +347,7 @@ class Stage2Grads:
     def stepped(self) -> None:
         self.presence.stepped()
         self.launch_versions = None
+        self.second_gradient = None
 
     def zero(self, set_to_none: bool) -> None:
         """Zero the buffers in place and give every parameter its view again."""
@@ -339,6 +355,7 @@ class Stage2Grads:
         for grads in self.flat:
             grads.zero_()
         self.launch_versions = None
+        self.second_gradient = None
         self.attach_views()
         self.buckets.reset()
         self.presence.zeroed(set_to_none)
