@@ -1,11 +1,12 @@
 """ShardedOptimizer: ZeRO-1/2 with optimizer state partitioned at quantization-block granularity.
 
-One concern, one class: the ZeRO-1/2 optimizer (flat parameter buffers, fp32 master copies, step,
+One concern, one class: the ZeRO-1/2 optimizer (flat parameter buffers, step,
 all-gather, state dict, and keeping the parameters its buffers' views over their lifetime: taken over
 from an earlier optimizer, taken back after a client copied them, refused when frozen at
 construction or added later). Stage-2 gradients (buffer, hooks, buckets) live in ``grads.py``, the flat
 buffers in ``flat.py``, the block layout in ``layout.py``, the collectives that move quantized state
-in ``collectives.py``, the state-dict formats in ``state_dicts.py``.
+in ``collectives.py``, the state-dict formats in ``state_dicts.py``, the checks made while it is built in
+``construction.py``, the fp32 master copies of 16-bit parameters in ``masters.py``.
 """
 from __future__ import annotations
 
@@ -19,23 +20,23 @@ import torch
 import torch.distributed as dist
 
 from dist8.kernels.eager import eager_only
-from dist8.messages import brief
 from dist8.optim import AdamW8bit
 from dist8.optim.amp import check_amp_unscale
 from dist8.optim.base import Optimizer8bit
 from dist8.optim.config import (GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, PARAM_LIST_KEYS, check_overrides,
-                                check_overrides_match, hyperparameters_of, match_overrides, split_named_params)
+                                check_overrides_match, hyperparameters_of, split_named_params)
 from dist8.optim.hooks import load_state_dict_with_hooks, state_dict_with_hooks
 from dist8.optim.lazy_dynamo import LazyDynamoOptimizer
 from dist8.optim.master_weights import check_half_params
-from dist8.optim.paged import PAGED, paged_message
 from dist8.optim.state_schema import CORRECTION
 from dist8.optim.validation import check_number
 from dist8.shard import state_dicts
-from dist8.shard.agreement import from_every_rank
+from dist8.shard.construction import (check_no_master_weight_override, check_optimizer_class,
+                                     check_same_layout_on_all_ranks, check_tensors, master_weight_bits_of)
 from dist8.shard.flat import flat_buffers
 from dist8.shard.grads import Stage2Grads
 from dist8.shard.layout import BlockLayout, Piece
+from dist8.shard.masters import MasterCopies
 from dist8.shard.replicated_grads import first_difference, gradient_fingerprints
 from dist8.quant import DEFAULT_BLOCK_SIZE
 
@@ -44,19 +45,6 @@ __all__ = ["ShardedOptimizer"]
 # The ShardedOptimizer each parameter is laid out in, by id() (no weak reference to a parameter:
 # torch.utils.swap_tensors refuses those); an entry is checked against the optimizer's own list.
 _LAID_OUT_IN: weakref.WeakValueDictionary[int, ShardedOptimizer] = weakref.WeakValueDictionary()
-
-
-def _check_optimizer_class(given: Any) -> None:
-    """Refuse, in one line, a ``optimizer_class`` that is not a dist8 optimizer class."""
-    if isinstance(given, type) and issubclass(given, Optimizer8bit):
-        return
-    if any(given is paged for paged in PAGED.values()):  # bitsandbytes' paged names: why, as calling one says
-        raise ValueError(paged_message(f"dist8.{given.__name__}", f"dist8.{given.__name__[len('Paged'):]}"))
-    if isinstance(given, Optimizer8bit):  # an instance (its repr spans many lines)
-        raise TypeError(f"optimizer_class must be a dist8 optimizer class, got an instance of {type(given).__name__}: "
-                        f"pass the class and its arguments, ShardedOptimizer(params, dist8.{type(given).__name__}, "
-                        "lr=...)")
-    raise TypeError(f"optimizer_class must be a dist8 optimizer class, got {brief(given)}")
 
 
 class ShardedOptimizer(LazyDynamoOptimizer):
@@ -114,7 +102,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
     ) -> None:
         if isinstance(stage, bool) or not isinstance(stage, numbers.Integral) or stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage!r}")
-        _check_optimizer_class(optimizer_class)
+        check_optimizer_class(optimizer_class)
         # nan/inf failed later in int(), a string in a comparison, True passed as 1 MiB
         bucket_cap_mb = check_number(bucket_cap_mb, "bucket_cap_mb", "ShardedOptimizer", lo=0, lo_open=True)
         initialised = dist.is_available() and dist.is_initialized()
@@ -161,7 +149,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         # rank 0) left the others waiting in that collective forever.
         local_problem: Exception | None = None
         try:
-            self._check_tensors()
+            check_tensors(self.params, self.names)
         except (TypeError, ValueError) as exc:
             local_problem = exc
         overrides = check_overrides(defaults.get("overrides"))
@@ -170,7 +158,8 @@ class ShardedOptimizer(LazyDynamoOptimizer):
             raise ValueError("ShardedOptimizer needs block_wise=True: its layout shards whole blocks of one block_size")
         block_size = defaults.get("block_size", DEFAULT_BLOCK_SIZE)
         self.layout = BlockLayout(self.names, [p.shape for p in self.params], block_size)
-        self._check_same_layout_on_all_ranks(local_problem)
+        check_same_layout_on_all_ranks(self.layout, self.params, self.names, self.group, self.world_size,
+                                       local_problem)
 
         self.device = self.params[0].device
         B = block_size
@@ -189,13 +178,11 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         # bf16/fp16 parameters: an fp32 master copy of the owned range of their buffer, unless
         # master_weight_bits keeps an int8/int16 correction per owned value instead (inner optimizer
         # state, partitioned like the rest). Index k: the master of buffer k, or None.
-        self.master_weight_bits = self._master_weight_bits(groups, defaults)
-        self._check_no_master_weight_override(overrides)
+        self.master_weight_bits = master_weight_bits_of(groups, defaults)
+        check_no_master_weight_override(self.params, self.names, overrides, self.master_weight_bits)
         # here, on every rank alike: a rank's inner optimizer sees only its pieces (none on a rank owning no block)
         check_half_params(self.master_weight_bits, [p.dtype for p in self.params])
-        self.masters: list[torch.Tensor | None] = [
-            buf.owned(self.rank).float() if buf.dtype != torch.float32 and self.master_weight_bits is None else None
-            for buf in self.buffers]
+        self.masters = MasterCopies(self.buffers, self.rank, self.master_weight_bits)
         self.pieces = self.layout.pieces(self.rank, self.world_size)
 
         # Inner optimizer over this rank's pieces (views of the flat buffers or of the fp32 masters).
@@ -237,8 +224,6 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         self._take_over_parameters()
         # where each parameter's values live (its view of a flat buffer), to notice a replaced storage
         self._storage = [p.data_ptr() for p in self.params]
-        # the parameters' version counters when the masters last matched them (None: compare at the next look)
-        self._param_versions: list[int] | None = None
 
     def _broadcast_parameters(self) -> None:
         """The group's first rank's parameter values to every rank (collective), before any master copy
@@ -268,76 +253,6 @@ class ShardedOptimizer(LazyDynamoOptimizer):
             if self.stage2_grads is not None:
                 self.stage2_grads.remove()
 
-    # ---- construction checks ---------------------------------------------------
-    def _check_tensors(self) -> None:
-        """This rank's parameters can be laid out: materialised, on one device, not already sharded."""
-        meta = [n for p, n in zip(self.params, self.names) if p.is_meta]
-        if meta:  # it would copy nothing into its flat buffers and fail at the first step on Tensor.item()
-            raise ValueError(f"parameter {meta[0]} is on the meta device: materialise the model (to_empty() and "
-                             "initialise or load its weights) before building ShardedOptimizer, whose flat "
-                             "buffers take the parameters' values")
-        first = self.params[0]
-        for name, p in zip(self.names, self.params):
-            if p.device != first.device:
-                raise ValueError(f"parameter {name} is on {p.device} but {self.names[0]} is on {first.device}; "
-                                 "ShardedOptimizer needs all parameters on one device")
-            if getattr(p, "_is_flat_param", False) or type(p).__name__ == "DTensor":
-                raise TypeError(f"parameter {name} is already sharded ({type(p).__name__}); use the dist8 optimizer "
-                                "directly with FSDP2 instead of ShardedOptimizer")
-
-    @staticmethod
-    def _master_weight_bits(groups: list[dict[str, Any]], defaults: dict[str, Any]) -> int | None:
-        """The groups' ``master_weight_bits`` (None: no correction); one value for all groups, or an error."""
-        values = {g.get("master_weight_bits", defaults.get("master_weight_bits")) for g in groups}
-        if len(values) > 1:
-            raise ValueError(f"ShardedOptimizer needs one master_weight_bits for all parameter groups, got "
-                             f"{sorted(values, key=str)}; a rank's range mixes the groups' parameters")
-        return values.pop()
-
-    def _check_no_master_weight_override(self, overrides: dict[str, dict[str, Any]]) -> None:
-        """A parameter's own ``master_weight_bits`` (name override or module mark) must be the groups': the
-        fp32 master copy or the correction is chosen per flat buffer, not per parameter."""
-        for name, p in zip(self.names, self.params):
-            bits = match_overrides(name, p, overrides).get("master_weight_bits", self.master_weight_bits)
-            if bits != self.master_weight_bits:
-                raise ValueError(f"ShardedOptimizer needs one master_weight_bits for all parameters, but parameter "
-                                 f"{name} has {bits} from overrides or a module mark (the groups': "
-                                 f"{self.master_weight_bits}); set it for the whole optimizer")
-
-    def _check_same_layout_on_all_ranks(self, local_problem: Exception | None) -> None:
-        """Collective: every rank lays out the same parameters (names, shapes, dtypes, block size), and
-        ``local_problem`` (a rank's refusal of its own tensors, :meth:`_check_tensors`) is raised on every
-        rank, the others naming the rank."""
-        if self.world_size == 1:
-            if local_problem is not None:
-                raise local_problem
-            return
-        dtypes = [str(p.dtype).replace("torch.", "") for p in self.params]
-        mine = (self.layout.fingerprint(), dtypes, None if local_problem is None else str(local_problem))
-        everyone = from_every_rank(mine, self.group)
-        if local_problem is not None:
-            raise local_problem
-        for r, (_, _, problem) in enumerate(everyone):
-            if problem is not None:
-                raise ValueError(f"ShardedOptimizer was refused on rank {r}: {problem}")
-        if all(fp == mine[0] for fp, _, _ in everyone):
-            for r, (_, theirs, _) in enumerate(everyone):
-                for name, a, b in zip(self.names, everyone[0][1], theirs):
-                    if a != b:  # flat buffers per dtype: their sizes and the broadcast would not match
-                        raise ValueError(f"parameters differ across ranks: parameter {name} is {a} on rank 0 "
-                                         f"but {b} on rank {r}; cast the model the same way on every rank")
-            return
-        lists: list = [None] * self.world_size
-        dist.all_gather_object(lists, [(p.name, p.shape) for p in self.layout.params], group=self.group)
-        for r, other in enumerate(lists):
-            for i, (a, b) in enumerate(zip(lists[0], other)):
-                if a != b:
-                    raise ValueError(f"parameters differ across ranks: parameter {i} is {a[0]} {a[1]} on rank 0 "
-                                     f"but {b[0]} {b[1]} on rank {r}")
-            if len(other) != len(lists[0]):
-                raise ValueError(f"rank {r} has {len(other)} parameters, rank 0 has {len(lists[0])}")
-        raise ValueError("parameter layout (block size) differs across ranks")
-
     # ---- views -------------------------------------------------------------------
     def _flat(self, index: int, start: int, numel: int) -> torch.Tensor:
         """Elements ``[start, start + numel)`` of parameter ``index`` in its flat buffer."""
@@ -360,19 +275,15 @@ class ShardedOptimizer(LazyDynamoOptimizer):
 
     def refresh_masters(self) -> None:
         """Set the fp32 master copies from the (16-bit) parameters they shadow."""
-        for buf, master in zip(self.buffers, self.masters):
-            if master is not None:
-                master.copy_(buf.owned(self.rank))
+        self.masters.refresh()
 
     def masters_snapshot(self) -> list[torch.Tensor | None]:
         """Copies of the fp32 master copies (for :meth:`restore_masters`)."""
-        return [m.clone() if m is not None else None for m in self.masters]
+        return self.masters.snapshot()
 
     def restore_masters(self, snapshot: list[torch.Tensor | None]) -> None:
-        for master, saved in zip(self.masters, snapshot):
-            if master is not None:
-                master.copy_(saved)
-        self._param_versions = None
+        """Put back a :meth:`masters_snapshot`."""
+        self.masters.restore(snapshot)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Refused once built (ValueError, nothing added): the block layout, flat buffers, gradient
@@ -432,33 +343,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
             self._storage[i] = p.data_ptr()
             if changed:
                 self._restart_masters(i)
-        self._follow_parameter_writes()
-
-    def _follow_parameter_writes(self) -> None:
-        """The fp32 master copies follow 16-bit parameter values written in place since the last look.
-
-        The step updates a master and writes its rounding into the parameter; a value written into the
-        parameter by anyone else (``model.load_state_dict`` after the optimizer was built, a resume
-        whose optimizer state holds no masters, torch DCP, a clamp under ``no_grad``) was overwritten
-        by the next step from the stale master: the model went back to the values it had when the
-        optimizer was built, silently. The parameters are the truth, the masters their extra
-        precision: an element whose parameter no longer equals its master's rounding takes the
-        parameter's value. Compared on the first look after construction or any load
-        (``_param_versions`` None) and whenever a parameter's version counter moved (writes through
-        the parameter object); the step's own writes go through the flat buffers and move none.
-        """
-        if all(master is None for master in self.masters):
-            return
-        versions = [p._version for p in self.params]
-        if versions == self._param_versions:
-            return
-        for buf, master in zip(self.buffers, self.masters):
-            if master is not None:
-                owned = buf.owned(self.rank)
-                written = owned != master.to(owned.dtype)
-                if written.any():
-                    master.copy_(torch.where(written, owned.float(), master))
-        self._param_versions = versions
+        self.masters.follow_writes(self.params)
 
     def _restart_masters(self, index: int) -> None:
         """Parameter ``index`` took new values: its owned pieces' fp32 master copies become them and
@@ -656,9 +541,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         self._grads_ready = False
         if self.stage2_grads is not None:
             self.stage2_grads.stepped()
-        for buf, master in zip(self.buffers, self.masters):
-            if master is not None:
-                buf.owned(self.rank).copy_(master)
+        self.masters.write_back()
         self._all_gather_params()
         return loss
 
@@ -704,7 +587,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
 
     def master_nbytes(self) -> int:
         """Bytes of this rank's fp32 master copies (0 with fp32 parameters or ``master_weight_bits``)."""
-        return sum(m.numel() * m.element_size() for m in self.masters if m is not None)
+        return self.masters.nbytes()
 
     def grad_buffer_nbytes(self) -> int:
         """Bytes of the stage-2 flat gradient buffers (the whole model's gradients; 0 at stage 1)."""
@@ -806,7 +689,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
             correction = self.inner.settings(view, group_of[view]).correction
             self.inner.state[view] = self.inner.check_state(view, st, correction=correction, copy=copy)
         self._has_state = True  # every rank loads (see state)
-        self._param_versions = None  # masters a load installs meet the parameters at the next look
+        self.masters.versions = None  # masters a load installs meet the parameters at the next look
 
     @torch.no_grad()
     def load_fp32_master(self, weights: dict[int, torch.Tensor]) -> None:
