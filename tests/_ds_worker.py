@@ -37,25 +37,37 @@ class Block(torch.nn.Module):
 
 
 class TinyGPT(torch.nn.Module):
-    def __init__(self, d=64, layers=2):
+    def __init__(self, d=64, layers=2, temperature=False):
         super().__init__()
         self.tok = torch.nn.Embedding(VOCAB, d)
         self.pos = torch.nn.Parameter(torch.zeros(SEQ, d))
         self.blocks = torch.nn.ModuleList(Block(d) for _ in range(layers))
         self.ln = torch.nn.LayerNorm(d)
         self.head = torch.nn.Linear(d, VOCAB)
+        # a one-value parameter (CLIP's logit_scale), given its own param group by param_groups()
+        self.temperature = torch.nn.Parameter(torch.ones(1)) if temperature else None
 
     def forward(self, idx, targets):
         x = self.tok(idx) + self.pos[: idx.shape[1]].to(self.tok.weight.dtype)
         for blk in self.blocks:
             x = blk(x)
         logits = self.head(self.ln(x)).float()
+        if self.temperature is not None:
+            logits = logits * self.temperature
         return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
 
 
-def make_model(seed=0):
+def make_model(seed=0, temperature=False):
     torch.manual_seed(seed)
-    return TinyGPT()
+    return TinyGPT(temperature=temperature)
+
+
+def param_groups(model):
+    """Named param groups: the temperature (when the model has one) alone in a second group, without weight
+    decay -- under ZeRO-1/2 on 2 ranks one rank's partition of that group holds only padding."""
+    named = list(model.named_parameters())
+    return [{"params": [(n, p) for n, p in named if n != "temperature"]},
+            {"params": [(n, p) for n, p in named if n == "temperature"], "weight_decay": 0.0}]
 
 
 def batch(step):
@@ -84,7 +96,7 @@ def run_job(job, rank, world, out_dir):
     gas = cfg.get("gradient_accumulation_steps", 1)
     cfg.setdefault("train_batch_size", GLOBAL_BATCH)
     cfg.setdefault("train_micro_batch_size_per_gpu", GLOBAL_BATCH // world // gas)
-    model = make_model()
+    model = make_model(temperature=job.get("temperature", False))
     via = job.get("via", "initialize")
     client = None
     if via == "client":
@@ -98,7 +110,8 @@ def run_job(job, rank, world, out_dir):
         d8ds.install()
         engine, _opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     else:
-        engine, _opt, _, _ = d8ds.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+        groups = param_groups(model) if job.get("temperature") else model.parameters()
+        engine, _opt, _, _ = d8ds.initialize(model=model, model_parameters=groups, config=cfg)
     if job.get("resume"):
         d8ds.load_dist8_checkpoint(engine, job["resume"])
     if job.get("ds_load"):
@@ -178,13 +191,14 @@ if __name__ == "__main__":
     main()
 
 
-def reference(steps, params, clip=1.0, cls_name="AdamW8bit"):
-    """The same training without DeepSpeed: one process, the full global batch, a plain dist8 optimizer."""
+def reference(steps, params, clip=1.0, cls_name="AdamW8bit", temperature=False):
+    """The same training without DeepSpeed: one process, the full global batch, a plain dist8 optimizer
+    (``temperature``: the model with one, in param_groups()' two groups)."""
     import dist8
 
-    model = make_model()
+    model = make_model(temperature=temperature)
     kw = {k: (tuple(v) if k == "betas" else v) for k, v in params.items() if v != "auto"}
-    opt = dist8.get_optimizer_class(cls_name)(model.named_parameters(), **kw)
+    opt = dist8.get_optimizer_class(cls_name)(param_groups(model) if temperature else model.named_parameters(), **kw)
     losses = []
     for step in range(steps):
         x, y = batch(step)

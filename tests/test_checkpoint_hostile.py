@@ -558,6 +558,23 @@ def test_another_writers_checkpoints_seen_by_one_rank_are_decided_by_rank_0(tmp_
         assert [r.get("latest") for r in results] == [str(tmp_path / "run" / "step-00000001")] * 2
 
 
+def test_a_checkpoint_root_that_cannot_be_listed_is_one_line_naming_it(tmp_path, monkeypatch):
+    """The other-writer check lists the root; an OSError there (permissions, a network filesystem) is one
+    CheckpointError naming checkpoint.dir, which rank 0 then shares with every rank (an OSError was raised
+    on rank 0 alone, leaving the others waiting for its answer)."""
+    from dist8.train.checkpointing import Checkpointer
+
+    (tmp_path / "run").mkdir()
+
+    def unreadable(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "iterdir", unreadable)
+    model = torch.nn.Linear(4, 3)
+    with pytest.raises(ck.CheckpointError, match=r"^cannot read checkpoint.dir .*run: Permission denied$"):
+        Checkpointer(str(tmp_path / "run"), "ddp", model, torch.optim.AdamW(model.parameters()), keep_last=3)
+
+
 def test_train_torch_writer_killed_while_rotating_leaves_nothing_latest_picks(tmp_path, monkeypatch):
     import dist8.train.checkpointing as tc
 

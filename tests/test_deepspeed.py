@@ -276,6 +276,33 @@ def test_whole_parameter_sums_add_every_ranks_part_of_a_split_parameter(tmp_path
         assert max(far.values()) <= 1e-4, (name, sorted(far.items(), key=lambda kv: -kv[1])[:4])
 
 
+@needs_ds
+def test_a_param_group_whose_partition_on_a_rank_is_only_padding(tmp_path):
+    """A one-value parameter in its own param group (CLIP's logit_scale, a temperature): under ZeRO-1/2 on 2
+    ranks one rank's partition of that group holds only padding. ZeRO-1/2 steps the optimizer once per group,
+    and the whole-parameter sums' slots for such partitions were keyed by their place in param_groups, which
+    that changes: a KeyError on that rank, the other left waiting (plain AdamW8bit too). Both run now and match
+    one process with the same two groups (32-bit state, as above)."""
+    from safetensors.torch import load_file
+
+    runs = {"adamw2": ("AdamW8bit", 2), "lamb1": ("LAMB8bit", 1)}
+    params = {"AdamW8bit": {"lr": 1e-2, "optim_bits": 32},
+              "LAMB8bit": {"lr": 1e-2, "percentile_clipping": 90, "optim_bits": 32}}
+    jobs = [{"name": name, "steps": 3, "weights_out": True, "temperature": True,
+             "config": cfg(stage, optimizer={"type": f"dist8.{cls}", "params": params[cls]})}
+            for name, (cls, stage) in runs.items()]
+    out = launch(2, jobs, tmp_path)
+    start = dict(W.make_model(temperature=True).named_parameters())
+    for name, (cls, _) in runs.items():
+        _, ref_opt = W.reference(3, params[cls], cls_name=cls, temperature=True)
+        ref = {ref_opt.param_names[p]: p.detach() for g in ref_opt.param_groups for p in g["params"]}
+        got = load_file(tmp_path / f"{name}-weights.safetensors")
+        assert not torch.equal(got["temperature"], start["temperature"]), name  # trained
+        far = {n: float((got[n] - ref[n]).norm() / (ref[n] - start[n]).norm()) for n in got
+               if not n.endswith("qkv.bias")}
+        assert max(far.values()) <= 1e-4, (name, sorted(far.items(), key=lambda kv: -kv[1])[:4])
+
+
 def test_parameters_split_where_dist8_does_not_sum_are_refused_naming_them():
     """With expert (MoE) groups, which DeepSpeed partitions over other process groups, or a parameter the
     model does not name, a split parameter whose step needs whole-parameter sums is still refused (each

@@ -81,11 +81,12 @@ class DeepSpeedSegments:
         items = []
         owners = []
         sums = getattr(self, "ds_sums", None)
+        sums = sums if sums is not None and sums.active(self) else None
         slot_of: dict[torch.Tensor, int] = {}  # item tensor -> its parameter's slot in the summed partials
-        position = -1
+        # (DeepSpeed steps one param group, ZeRO-1/2, or one sub-group's partition, ZeRO-3, per call, so
+        # private slots are keyed by the partition itself, not by its place in param_groups)
         for group in self.param_groups:
             for p in group["params"]:
-                position += 1
                 if p.grad is None:
                     continue
                 segs = segs_of.get(p)
@@ -95,7 +96,7 @@ class DeepSpeedSegments:
                         self.state[p] = self.init_state(p, settings)
                     items.append(pipeline.UpdateItem(p, settings, self.state[p]))
                     if sums is not None:
-                        slot_of[p] = sums.slot("", ("padding", position))
+                        slot_of[p] = sums.slot("", ("padding", id(p)))
                     continue
                 st = self.state[p]
                 if not st:
@@ -111,9 +112,9 @@ class DeepSpeedSegments:
                         st["segments"][i] = self.init_state(view, settings)
                     items.append(pipeline.UpdateItem(view, settings, st["segments"][i]))
                     if sums is not None:
-                        slot_of[view] = sums.slot(seg.name, (seg.name, position))
+                        slot_of[view] = sums.slot(seg.name, (seg.name, id(p)))
                 owners.append(st)
-        if sums is not None and sums.active(self):
+        if sums is not None:
             # Sums over whole parameters (trust ratios, clipping norms, skip_param/raise flags) add every
             # rank's part: every rank runs the pipeline, with or without items of its own.
             self.global_slots, self.global_slot_names = (slot_of, sums.n_slots), sums.slot_names
@@ -306,14 +307,11 @@ def attach_segments(engine) -> dict:
     raise_on_every_rank(problem, group, "dist8 under DeepSpeed", ValueError)
     opt.ds_sums = None
     if not experts:
-        private = []  # what no name stands for on every rank (see PartitionSums)
-        position = -1
-        for g in opt.param_groups:
-            for p in g["params"]:
-                position += 1
-                if p not in segs:
-                    private.append(("padding", position))
-                private += [(seg.name, position) for seg in segs.get(p, []) if seg.name not in named]
+        # what no name stands for on every rank (see PartitionSums), keyed by the partition: ZeRO-1/2 partitions
+        # holding only padding (param_groups hold every group now, one per step() call later), and segments of
+        # parameters the model does not name (ZeRO-3, whose param_groups are empty now)
+        private = [("padding", id(p)) for g in opt.param_groups for p in g["params"] if p not in segs]
+        private += [(seg.name, id(flat)) for flat, lst in segs.items() for seg in lst if seg.name not in named]
         split_here = any(seg.numel != seg.global_numel for lst in segs.values() for seg in lst)
         opt.ds_sums = PartitionSums.agreed(model_names, private, group, torch.device(engine.device),
                                            [dict(getattr(p, OVERRIDE_ATTR, {}) or {}) for p in module.parameters()],

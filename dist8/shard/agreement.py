@@ -51,17 +51,25 @@ def rank_0_answer(question: Callable[[], T], group: dist.ProcessGroup | None = N
                   error_type: type[Exception] = RuntimeError) -> T:
     """``question()`` asked on the group's first rank only and its answer returned on every rank (one
     ``broadcast_object_list``; without several ranks, simply ``question()``). An ``error_type`` it
-    raises is raised on every rank, with its message."""
+    raises is raised on every rank, with its message; any other exception is raised on the first rank
+    as it is and, on the others, as ``error_type("... on rank 0: TYPE: message")`` (never left for the
+    others to wait on)."""
     if not _several_ranks(group):
         return question()
     answer: list = [None, None]  # the answer, or the refusal's message
+    failure: Exception | None = None
     if dist.get_rank(group) == 0:
         try:
             answer[0] = question()
         except error_type as exc:
             answer[1] = str(exc)
+        except Exception as exc:  # noqa: BLE001 -- shared, then raised below
+            failure = exc
+            answer[1] = f"the question asked on rank 0 failed there: {type(exc).__name__}: {exc}"
     src = 0 if group is None else dist.get_global_rank(group, 0)
     dist.broadcast_object_list(answer, src=src, group=group)
+    if failure is not None:
+        raise failure
     if answer[1] is not None:
         raise error_type(answer[1])
     return answer[0]

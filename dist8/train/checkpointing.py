@@ -108,7 +108,11 @@ class Checkpointer:
         """One line when the root holds checkpoints of another writer: this run could not resume them
         (``latest()`` would not see them) and its saves would replace or rotate them away."""
         root = Path(self.root)
-        for entry in sorted(root.iterdir(), reverse=True) if root.is_dir() else []:
+        try:
+            entries = sorted(root.iterdir(), reverse=True) if root.is_dir() else []
+        except OSError as exc:
+            raise CheckpointError(f"cannot read checkpoint.dir {self.root}: {exc.strerror or exc}") from None
+        for entry in entries:
             writer = writer_of(entry) if _STEP_DIR.match(entry.name) and not entry.is_symlink() else None
             if writer is not None and writer != self.kind:
                 why = {"dcp": "sharding.mode fsdp2", "dist8": "a dist8 optimizer"}.get(

@@ -211,7 +211,7 @@ def _train(cfg: Config, resume, stop_at, run_name, rank, world, device) -> int:
     try:
         check_fits(cfg, gpt, device, world)
         corpus = load_corpus(cfg.data, cfg.model.seq_len)
-    except ConfigError as exc:
+    except Exception as exc:  # noqa: BLE001 -- whatever it is, every rank hears of it before a collective
         problem = exc
     # every rank, before the first collective (build_engine): a rank that alone could not read the data
     # (another node's disk) or fit the model (another GPU) left the others waiting there forever
