@@ -301,7 +301,7 @@ def attach_segments(engine) -> dict:
     problem = None
     try:
         _refuse_whole_parameter_sums(opt, segs, lambda seg: experts or seg.name not in named)
-    except ValueError as exc:
+    except Exception as exc:  # noqa: BLE001 -- whatever it is, every rank hears of it (next line)
         problem = exc
     # every rank, so that all refuse together (a rank holding no split parameter would go on alone)
     raise_on_every_rank(problem, group, "dist8 under DeepSpeed", ValueError)
