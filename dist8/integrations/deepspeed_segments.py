@@ -8,18 +8,18 @@ those ranges after it has partitioned the parameters.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from dist8.integrations.deepspeed_sums import PartitionSums
 from dist8.kernels import RULE_WRITES_UPDATE
 from dist8.optim import pipeline
 from dist8.optim.base import Optimizer8bit, ParamSettings
 from dist8.optim.config import GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, fits_param_names, hyperparameters_of, match_overrides
 from dist8.optim.state_schema import STATE_DICT_INFO, check_state_dict_map, state_key
-from dist8.integrations.deepspeed_sums import PartitionSums
 from dist8.shard.agreement import raise_on_every_rank
 
 __all__ = ["Segment", "DeepSpeedSegments", "segmented_class", "segmented_copy", "attach_segments", "dp_rank"]
