@@ -265,7 +265,7 @@ def test_whole_parameter_sums_add_every_ranks_part_of_a_split_parameter(tmp_path
              "config": cfg(stage, optimizer={"type": f"dist8.{cls}", "params": params[cls]})}
             for name, (cls, stage) in runs.items()]
     out = launch(2, jobs, tmp_path)
-    start = dict(W.make_model().named_parameters())
+    start = {n: p.detach() for n, p in W.make_model().named_parameters()}
     for name, (cls, stage) in runs.items():
         assert out[name][0]["n_segments"] > 0, name  # the segmented path
         _, ref_opt = W.reference(3, params[cls], cls_name=cls)
@@ -292,7 +292,7 @@ def test_a_param_group_whose_partition_on_a_rank_is_only_padding(tmp_path):
              "config": cfg(stage, optimizer={"type": f"dist8.{cls}", "params": params[cls]})}
             for name, (cls, stage) in runs.items()]
     out = launch(2, jobs, tmp_path)
-    start = dict(W.make_model(temperature=True).named_parameters())
+    start = {n: p.detach() for n, p in W.make_model(temperature=True).named_parameters()}
     for name, (cls, _) in runs.items():
         _, ref_opt = W.reference(3, params[cls], cls_name=cls, temperature=True)
         ref = {ref_opt.param_names[p]: p.detach() for g in ref_opt.param_groups for p in g["params"]}
