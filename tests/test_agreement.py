@@ -16,7 +16,7 @@ class Refused(Exception):
 def _verdicts(rank, world_size):
     import faulthandler
 
-    from dist8.shard.agreement import from_every_rank, raise_on_every_rank, rank_0_answer
+    from dist8.shard.agreement import failures_on_every_rank, from_every_rank, raise_on_every_rank, rank_0_answer
 
     faulthandler.dump_traceback_later(120, exit=True)  # a rank left waiting: a failure, not a 15-minute hang
     out = {"gathered": from_every_rank(f"rank {rank}"), "answer": rank_0_answer(lambda: f"asked on rank {rank}")}
@@ -37,6 +37,14 @@ def _verdicts(rank, world_size):
     except (Refused, ValueError) as exc:
         out["raised"] = f"{type(exc).__name__}: {exc}"
     raise_on_every_rank(None, None, "the check", Refused)  # nobody failed: returns on every rank
+    try:
+        with failures_on_every_rank(None, "reading", Refused):
+            if rank == 0:
+                raise OSError("unreadable")
+    except (Refused, OSError) as exc:
+        out["block"] = f"{type(exc).__name__}: {exc}"
+    with failures_on_every_rank(None, "reading", Refused):  # nobody failed: the block's results stay
+        out["kept"] = rank
     return out
 
 
@@ -50,6 +58,8 @@ def test_verdicts_reach_every_rank(tmp_path):
     assert r1["crashed"] == "Refused: the question asked on rank 0 failed there: OSError: disk gone on rank 0"
     assert r1["raised"] == "ValueError: mine"
     assert r0["raised"] == "Refused: the check failed on rank 1: mine"
+    assert r0["block"] == "OSError: unreadable" and r1["block"] == "Refused: reading failed on rank 0: unreadable"
+    assert (r0["kept"], r1["kept"]) == (0, 1)
 
 
 def test_one_rank_alone_needs_no_process_group():

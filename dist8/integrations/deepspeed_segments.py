@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 
-from dist8.integrations.deepspeed_sums import PartitionSums
+from dist8.integrations.deepspeed_sums import PartitionSums, clips
 from dist8.kernels import RULE_WRITES_UPDATE
 from dist8.optim import pipeline
 from dist8.optim.base import Optimizer8bit, ParamSettings
 from dist8.optim.config import GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, fits_param_names, hyperparameters_of, match_overrides
 from dist8.optim.state_schema import STATE_DICT_INFO, check_state_dict_map, state_key
-from dist8.shard.agreement import raise_on_every_rank
+from dist8.shard.agreement import failures_on_every_rank
 
 __all__ = ["Segment", "DeepSpeedSegments", "segmented_class", "segmented_copy", "attach_segments", "dp_rank"]
 
@@ -298,13 +298,9 @@ def attach_segments(engine) -> dict:
     named = set(model_names)
     # MoE: expert groups are partitioned over other process groups than the data-parallel one
     experts = _has_expert_groups(wrapper, group)
-    problem = None
-    try:
-        _refuse_whole_parameter_sums(opt, segs, lambda seg: experts or seg.name not in named)
-    except Exception as exc:  # noqa: BLE001 -- whatever it is, every rank hears of it (next line)
-        problem = exc
     # every rank, so that all refuse together (a rank holding no split parameter would go on alone)
-    raise_on_every_rank(problem, group, "dist8 under DeepSpeed", ValueError)
+    with failures_on_every_rank(group, "dist8 under DeepSpeed", ValueError):
+        _refuse_whole_parameter_sums(opt, segs, lambda seg: experts or seg.name not in named)
     opt.ds_sums = None
     if not experts:
         # what no name stands for on every rank (see PartitionSums), keyed by the partition: ZeRO-1/2 partitions
@@ -313,8 +309,8 @@ def attach_segments(engine) -> dict:
         private = [("padding", id(p)) for g in opt.param_groups for p in g["params"] if p not in segs]
         private += [(seg.name, id(flat)) for flat, lst in segs.items() for seg in lst if seg.name not in named]
         split_here = any(seg.numel != seg.global_numel for lst in segs.values() for seg in lst)
-        opt.ds_sums = PartitionSums.agreed(model_names, private, group, torch.device(engine.device),
-                                           [dict(getattr(p, OVERRIDE_ATTR, {}) or {}) for p in module.parameters()],
+        marks_clip = any(clips(getattr(p, OVERRIDE_ATTR, None) or {}) for p in module.parameters())
+        opt.ds_sums = PartitionSums.agreed(model_names, private, group, torch.device(engine.device), marks_clip,
                                            split_here)
     return segs
 

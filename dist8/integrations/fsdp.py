@@ -224,18 +224,15 @@ def load_dcp(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, *, e
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     from dist8.checkpoint.torch_files import check_dcp_metadata, weights_only_loads
-    from dist8.shard.agreement import raise_on_every_rank
+    from dist8.shard.agreement import failures_on_every_rank
 
     msd, osd = _state_dicts(model, optimizer, options)  # also creates the optimizer state to load into
     state = {"model": msd, "optim": osd}
     if extra:
         state["extra"] = dict(extra)
-    refused = None
-    try:
+    # one rank refusing alone left the others waiting in dcp.load (a disk whose files differ between nodes)
+    with failures_on_every_rank(process_group, f"load_dcp({path!r})"):
         check_dcp_metadata(os.path.join(path, ".metadata"))
-    except Exception as exc:  # noqa: BLE001 - raised on every rank below: one rank refusing alone left the
-        refused = exc  # others waiting in dcp.load (a disk whose files differ between nodes)
-    raise_on_every_rank(refused, process_group, f"load_dcp({path!r})")
     with weights_only_loads():
         dcp.load(state, checkpoint_id=path, process_group=process_group)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)

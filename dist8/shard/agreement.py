@@ -6,12 +6,13 @@ answer. Callers run such checks first and share the outcome here, where every ra
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch.distributed as dist
 
-__all__ = ["from_every_rank", "raise_on_every_rank", "rank_0_answer"]
+__all__ = ["from_every_rank", "raise_on_every_rank", "failures_on_every_rank", "rank_0_answer"]
 
 T = TypeVar("T")
 
@@ -45,6 +46,19 @@ def raise_on_every_rank(error: BaseException | None, group: dist.ProcessGroup | 
     if failed:
         rank, msg = failed[0]
         raise error_type(f"{what} failed on rank {rank}: {msg}")
+
+
+@contextlib.contextmanager
+def failures_on_every_rank(group: dist.ProcessGroup | None, what: str,
+                           error_type: type[Exception] = RuntimeError) -> Iterator[None]:
+    """Run the ``with`` block, then :func:`raise_on_every_rank` whatever it raised (any ``Exception``):
+    for checks of what one rank alone sees, made before a collective. Collective on leaving the block."""
+    error: Exception | None = None
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 -- shared below, then raised where it happened
+        error = exc
+    raise_on_every_rank(error, group, what, error_type)
 
 
 def rank_0_answer(question: Callable[[], T], group: dist.ProcessGroup | None = None,

@@ -53,7 +53,7 @@ from dist8.checkpoint.format import METADATA
 from dist8.checkpoint.torch_files import check_dcp_metadata, load_torch_file, weights_only_loads
 from dist8.optim import Optimizer8bit
 from dist8.shard import ShardedOptimizer
-from dist8.shard.agreement import raise_on_every_rank, rank_0_answer
+from dist8.shard.agreement import failures_on_every_rank, raise_on_every_rank, rank_0_answer
 
 __all__ = ["Checkpointer", "writer_of"]
 
@@ -173,11 +173,8 @@ class Checkpointer:
         rank, world = _rank_world()
         # Every rank reads and checks its files first, and the ranks agree before anything is loaded: one
         # rank refusing alone (its copy unreadable) left the others in load_dcp's collectives, or training.
-        problem: Exception | None = None
-        meta: dict[str, Any] = {}
-        own: dict[str, Any] = {}
         every_rank: list | None = None
-        try:
+        with failures_on_every_rank(None, f"resuming from {path}", CheckpointError):
             meta = _read_meta(Path(path))
             if self.kind == "dcp":
                 # DCP unpickles .metadata with plain pickle and its byte items with weights_only=False:
@@ -197,15 +194,13 @@ class Checkpointer:
                     # partitions are restored from all of them), as engine.load_checkpoint passes it.
                     every_rank = [(own if r == rank else self._rank_blob(Path(path), meta, r))["optimizer"]
                                   for r in range(world)]
-        except Exception as exc:  # noqa: BLE001 - raised on every rank below
-            problem = exc
-        raise_on_every_rank(problem, None, f"resuming from {path}", CheckpointError)
         if self.kind == "dcp":
             from dist8.integrations import fsdp
 
             with weights_only_loads():
                 fsdp.load_dcp(os.path.join(path, "dcp"), self.model, self.optimizer)
         else:
+            problem = None
             try:
                 self._install(own, every_rank)
             except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dist8.shard.agreement import raise_on_every_rank, rank_0_answer
+from dist8.shard.agreement import failures_on_every_rank, rank_0_answer
 from dist8.train.checkpointing import Checkpointer
 from dist8.nn.cast import cast_model
 from dist8.train.config import (Config, ConfigError, TrainingDiverged, config_to_dict, fit_to_optimizer,
@@ -207,15 +207,11 @@ def _train(cfg: Config, resume, stop_at, run_name, rank, world, device) -> int:
     t = cfg.train
     gpt = GPTConfig(n_layer=cfg.model.n_layer, n_head=cfg.model.n_head, d_model=cfg.model.d_model,
                     seq_len=cfg.model.seq_len, stable_embedding=cfg.model.stable_embedding)
-    problem = None
-    try:
-        check_fits(cfg, gpt, device, world)
-        corpus = load_corpus(cfg.data, cfg.model.seq_len)
-    except Exception as exc:  # noqa: BLE001 -- whatever it is, every rank hears of it before a collective
-        problem = exc
     # every rank, before the first collective (build_engine): a rank that alone could not read the data
     # (another node's disk) or fit the model (another GPU) left the others waiting there forever
-    raise_on_every_rank(problem, None, "reading the data and sizing the model", ConfigError)
+    with failures_on_every_rank(None, "reading the data and sizing the model", ConfigError):
+        check_fits(cfg, gpt, device, world)
+        corpus = load_corpus(cfg.data, cfg.model.seq_len)
     torch.manual_seed(t.seed)
     model = GPT(gpt).to(device)
     if cfg.model.dtype != "fp32":
