@@ -2,7 +2,8 @@
 
 ``python tests/_ds_worker.py SPEC.json OUT_DIR``; SPEC holds a list of "jobs", each
 {"name", "config" (DeepSpeed dict), "steps", "save": dir|None, "resume": dist8 ckpt dir|None,
-"first_step": int}. Writes OUT_DIR/<job>-rank<r>.json with global losses and state facts.
+"first_step": int, and the optional keys read in run_job}. Writes OUT_DIR/<job>-rank<r>.json with global
+losses and state facts.
 """
 import json
 import os
@@ -106,6 +107,11 @@ def run_job(job, rank, world, out_dir):
         kw = {k: (tuple(v) if k == "betas" else v) for k, v in job["client"].items()}
         client = dist8.AdamW8bit(model.named_parameters(), **kw)
         engine, _opt, _, _ = d8ds.initialize(model=model, optimizer=client, config=cfg)
+    elif via == "torch":  # a torch.optim client optimizer, as the anchor for dist8's run of the same config
+        cfg.pop("optimizer")
+        cfg["zero_allow_untested_optimizer"] = True
+        anchor = getattr(torch.optim, job["torch"]["cls"])(model.parameters(), **job["torch"]["kwargs"])
+        engine, _opt, _, _ = deepspeed.initialize(model=model, optimizer=anchor, config=cfg)
     elif via == "plain":
         d8ds.install()
         engine, _opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
@@ -125,7 +131,8 @@ def run_job(job, rank, world, out_dir):
         total = 0.0
         for m in range(gas):
             loss = engine(x[m * mb:(m + 1) * mb], y[m * mb:(m + 1) * mb])
-            engine.backward(loss)
+            # loss_factor {step: f}: an fp16 overflow on purpose (1e30), which the step must skip
+            engine.backward(loss * job.get("loss_factor", {}).get(str(step), 1.0))
             engine.step()
             total += float(loss.detach()) / gas
         t = torch.tensor([total])

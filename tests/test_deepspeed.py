@@ -303,6 +303,36 @@ def test_a_param_group_whose_partition_on_a_rank_is_only_padding(tmp_path):
         assert max(far.values()) <= 1e-4, (name, sorted(far.items(), key=lambda kv: -kv[1])[:4])
 
 
+@needs_ds
+def test_torch_autocast_fp16_unscales_and_skips_an_overflowing_step_as_torch_does(tmp_path):
+    """DeepSpeed's ``torch_autocast`` with fp16 under ZeRO scales the loss with a torch GradScaler and steps
+    through ``scaler.step(optimizer)``, which (dist8 declaring ``_step_supports_amp_scaling``) leaves the
+    gradients scaled and hands the scale to dist8's step on the flat partitions. dist8's 32-bit SGD with
+    momentum against torch's SGD in the same configuration, with a step whose loss is multiplied by 1e30 (its
+    fp16 gradients overflow; DeepSpeed skips it): the same weights. SGD moves by lr times the gradient, so a
+    scale left in (65536) or an overflow stepped shows at once. Measured: every parameter within 1.7e-6 (distance /
+    update) of torch's; before the segment step read the scale, 2e4 (the gradients were stepped scaled)."""
+    from safetensors.torch import load_file
+
+    sgd = {"lr": 0.05, "momentum": 0.9}
+    amp = {"torch_autocast": {"enabled": True, "dtype": "torch.float16"}, "gradient_clipping": 0.0}
+    jobs = []
+    for stage in (2, 3):
+        for via in ("initialize", "torch"):
+            jobs.append({"name": f"{via}{stage}", "steps": 4, "weights_out": True, "via": via,
+                         "torch": {"cls": "SGD", "kwargs": sgd}, "loss_factor": {"1": 1e30},
+                         "config": cfg(stage, optimizer={"type": "dist8.SGD32bit", "params": sgd}, **amp)})
+    out = launch(2, jobs, tmp_path)
+    start = {n: p.detach() for n, p in W.make_model().named_parameters()}
+    for stage in (2, 3):
+        assert out[f"initialize{stage}"][0]["n_segments"] > 0 and out[f"torch{stage}"][0]["class"] == "SGD"
+        got = load_file(tmp_path / f"initialize{stage}-weights.safetensors")
+        ref = load_file(tmp_path / f"torch{stage}-weights.safetensors")
+        assert all(torch.isfinite(t).all() for t in got.values()), stage
+        far = {n: float((got[n] - ref[n]).norm() / (ref[n] - start[n]).norm().clamp_min(1e-12)) for n in got}
+        assert max(far.values()) <= 1e-4, (stage, sorted(far.items(), key=lambda kv: -kv[1])[:4])
+
+
 def test_parameters_split_where_dist8_does_not_sum_are_refused_naming_them():
     """With expert (MoE) groups, which DeepSpeed partitions over other process groups, or a parameter the
     model does not name, a split parameter whose step needs whole-parameter sums is still refused (each

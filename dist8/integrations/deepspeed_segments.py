@@ -17,6 +17,7 @@ import torch
 from dist8.integrations.deepspeed_sums import PartitionSums, clips
 from dist8.kernels import RULE_WRITES_UPDATE
 from dist8.optim import pipeline
+from dist8.optim.amp import amp_scaling
 from dist8.optim.base import Optimizer8bit, ParamSettings
 from dist8.optim.config import GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, fits_param_names, hyperparameters_of, match_overrides
 from dist8.optim.state_schema import STATE_DICT_INFO, check_state_dict_map, state_key
@@ -114,17 +115,20 @@ class DeepSpeedSegments:
                     if sums is not None:
                         slot_of[view] = sums.slot(seg.name, (seg.name, id(p)))
                 owners.append(st)
+        # DeepSpeed's torch_autocast with fp16 steps through torch.amp.GradScaler, which left the
+        # gradients scaled and set this optimizer's grad_scale/found_inf (dist8.optim.amp)
+        amp = amp_scaling(self)
         if sums is not None:
             # Sums over whole parameters (trust ratios, clipping norms, skip_param/raise flags) add every
             # rank's part: every rank runs the pipeline, with or without items of its own.
             self.global_slots, self.global_slot_names = (slot_of, sums.n_slots), sums.slot_names
             self.reduce_partials = sums.all_reduce
             try:
-                pipeline.run_updates(self, items)
+                pipeline.run_updates(self, items, amp)
             finally:
                 self.global_slots = self.global_slot_names = self.reduce_partials = None
         elif items:
-            pipeline.run_updates(self, items)
+            pipeline.run_updates(self, items, amp)
         for st in owners:
             st["step"] = max([s["step"] for s in st["segments"] if s is not None], default=st["step"])
         return loss
