@@ -353,6 +353,41 @@ def test_gradient_release_callback_is_the_normal_step_and_resumes_bitwise(tmp_pa
     assert not any(torch.equal(a, b) for a, b in zip(before, released.parameters()))
 
 
+class _Finetuned(_Module):
+    """The module BackboneFinetuning expects: a ``backbone`` it freezes, then unfreezes into a new param group."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = self.net[0]
+
+    def configure_optimizers(self):
+        return _optimizer([p for p in self.parameters() if p.requires_grad])
+
+
+def test_gradient_release_callback_steps_the_group_backbone_finetuning_adds():
+    """Lightning's ``BackboneFinetuning`` freezes the backbone, then at an epoch unfreezes it and adds it to the
+    optimizer as a new param group (scaling its lr every epoch after). Under ``GradientReleaseCallback`` that
+    group was never stepped (the release hooked only the parameters it found at the start, ``step()`` is a
+    no-op), silently; it is hooked at the next forward now, and the run is bitwise the run without release."""
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    from dist8.integrations.lightning import GradientReleaseCallback
+
+    runs = []
+    for release in (False, True):
+        module = _Finetuned()
+        start = module.backbone.weight.detach().clone()
+        callbacks = [BackboneFinetuning(unfreeze_backbone_at_epoch=2)] + ([GradientReleaseCallback()] if release else [])
+        _trainer(6, callbacks=callbacks).fit(module, _data())
+        assert len(module.trainer.optimizers[0].param_groups) == 2  # the backbone's group was added
+        assert not torch.equal(module.backbone.weight, start)  # and trained
+        runs.append(module)
+    normal, released = runs
+    assert released.losses == normal.losses
+    for a, b in zip(normal.parameters(), released.parameters()):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("setting, match", [
     ({"gradient_clip_val": 1.0}, r"^GradientReleaseCallback needs Trainer\(gradient_clip_val=None\), got 1.0: "),
     ({"accumulate_grad_batches": 2}, r"^GradientReleaseCallback needs Trainer\(accumulate_grad_batches=1\), got 2"),

@@ -171,6 +171,7 @@ class ChunkedWeights:
         self.chunked: list[str] = []
         self.unchunked: dict[str, str] = {}
         self._patched: list[tuple[torch.nn.Module, str]] = []  # (module, the method replaced)
+        self._weights: dict[str, torch.Tensor] = {}  # name -> weight of a module left unchunked as _FROZEN
         opt = release.optimizer
         uses: dict[int, int] = {}
         for _, p in model.named_parameters(remove_duplicate=False):
@@ -192,7 +193,8 @@ class ChunkedWeights:
             w = module.weight
             reason = None
             if not w.requires_grad or id(w) not in in_opt:
-                reason = "its weight is frozen or not in the optimizer"
+                reason = _FROZEN
+                self._weights[name] = w
             elif uses.get(id(w), 0) > 1:
                 reason = "its weight is shared with another module (tied)"
             elif attr in module.__dict__:
@@ -210,6 +212,14 @@ class ChunkedWeights:
             setattr(module, _USE_ATTR, _ModuleUse(self, module, name))
             self._patched.append((module, attr))
             self.chunked.append(name)
+
+    def became_trainable(self, params: list[torch.Tensor]) -> None:
+        """Record why the modules of ``params`` (weights unfrozen or added to the optimizer after the
+        release) stay unchunked: their hooks step them whole."""
+        ids = {id(p) for p in params}
+        for name, reason in list(self.unchunked.items()):
+            if reason == _FROZEN and id(self._weights.get(name)) in ids:
+                self.unchunked[name] = "its weight became trainable after gradient_release: stepped whole"
 
     def grad_numel(self, p: torch.Tensor) -> int:
         """Elements of ``p``'s gradient alive at once: one chunk for a chunked weight, else all of it."""
@@ -250,6 +260,9 @@ class ChunkedWeights:
             step.finish()
             release.after_update(w)
         return None
+
+
+_FROZEN = "its weight is frozen or not in the optimizer"
 
 
 def _none() -> None:

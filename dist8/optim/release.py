@@ -48,6 +48,12 @@ What is refused, and why:
   the model counts its forward passes), but the first has been stepped by then; a model
   that is never called itself (only its submodules) is not counted, and the refusal then
   comes from ``optimizer.step()``. The default ``use_reentrant=False`` accumulates first and is exact.
+* Parameters that become trainable later (``add_param_group``, ``requires_grad_(True)``) are hooked
+  at the next forward of the model, or stepped by the no-op ``optimizer.step()`` if they got a
+  gradient first (a model never called itself); they stay unchunked under ``weight_grad_chunk``.
+* ``zero_grad`` is a no-op: each step is that of a loop calling ``zero_grad(set_to_none=True)``.
+  With ``set_to_none=False`` the normal step also steps a parameter that got no gradient this step
+  (a zero gradient: momentum and weight decay go on); released, it has no gradient and is not stepped.
 * Optimizer step hooks (``register_step_pre_hook``/``post_hook``) do not run while active.
   LR schedulers work (they change ``param_groups``, which each hook reads), made before or after
   ``gradient_release`` (no warning that ``optimizer.step`` was overridden either way).
@@ -136,8 +142,10 @@ class GradientRelease:
         self._forwards = 0
         self._updated_in_forward: dict[torch.Tensor, int] = {}
         self._hooks: list = []
-        # [parameter, its hook's RemovableHandle, its C++ tensor when hooked (_impl_of)]
+        # [parameter, its hook's RemovableHandle, its C++ tensor when hooked (_impl_of)]; each entry holds
+        # its parameter, so an id in _hooked_ids is not reused by another tensor while hooked
         self._param_hooks: list[list] = []
+        self._hooked_ids: set[int] = set()
         self._saved_methods: dict[str, Any] = {}
         self._ddp_checked: weakref.WeakSet = weakref.WeakSet()  # DDP modules found not to reduce our parameters
         self.active = False
@@ -148,8 +156,7 @@ class GradientRelease:
         for group in opt.param_groups:
             for p in group["params"]:
                 if p.requires_grad:
-                    self._param_hooks.append([p, p.register_post_accumulate_grad_hook(self._hook), _impl_of(p)])
-                    _RELEASED_BY[id(p)] = self
+                    self._hook_param(p)
         for name in ("step", "zero_grad"):
             if name in opt.__dict__:  # e.g. an LR scheduler's step counter wrapper
                 self._saved_methods[name] = opt.__dict__[name]
@@ -174,6 +181,7 @@ class GradientRelease:
             h.remove()
         self._hooks.clear()
         self._param_hooks.clear()
+        self._hooked_ids.clear()
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 if _RELEASED_BY.get(id(p)) is self:
@@ -199,6 +207,7 @@ class GradientRelease:
             self._refuse_ddp_forward()
             self._forwards += 1
             self._hook_swapped_params()
+            self._hook_new_params()
 
     def _refuse_ddp_forward(self) -> None:
         """Refuse a forward inside DistributedDataParallel whose gradients DDP averages: the model was
@@ -230,6 +239,31 @@ class GradientRelease:
             if impl is None or impl != entry[2]:
                 p._post_accumulate_grad_hooks = p._post_accumulate_grad_hooks
                 entry[2] = impl
+
+    def _hook_param(self, p: torch.Tensor) -> None:
+        self._param_hooks.append([p, p.register_post_accumulate_grad_hook(self._hook), _impl_of(p)])
+        self._hooked_ids.add(id(p))
+        _RELEASED_BY[id(p)] = self
+
+    def _hook_new_params(self) -> None:
+        """Hook a parameter that became trainable after the release was installed: added with
+        ``add_param_group`` (Lightning's ``BackboneFinetuning``) or unfrozen (``requires_grad_(True)``).
+        Unhooked, it was never stepped (``optimizer.step()`` is a no-op) and its gradient grew, silently.
+        Checked as :func:`gradient_release` checks the parameters it hooks. One set lookup per parameter
+        and forward (and per ``optimizer.step()``, for a model that is never called itself)."""
+        new = [p for group in self.optimizer.param_groups for p in group["params"]
+               if p.requires_grad and id(p) not in self._hooked_ids]
+        if not new:
+            return
+        # A gradient it holds already (it got gradients before it was added) is summed with the next one
+        # and stepped by its hook, as the normal step would step the sum. Not checked against the model's
+        # parameters: inside FSDP2's forward those are the unsharded tensors, not the optimizer's shards.
+        check_releasable(None, self.optimizer, new, "it became trainable after gradient_release (added "
+                         "to the optimizer or unfrozen) and ", gradient_ok=True)
+        for p in new:
+            self._hook_param(p)
+        if self.chunks is not None:  # stepped whole by its hook, not in chunks
+            self.chunks.became_trainable(new)
 
     # ---- the hook ------------------------------------------------------------------------
     def _hook(self, p: torch.Tensor) -> None:
@@ -292,6 +326,18 @@ class GradientRelease:
                 "were updated by several backward passes since the last optimizer.step(); gradient accumulation "
                 "is incompatible with gradient release (each backward is a step)"
             )
+        with self.lock:
+            # A parameter that became trainable after the release and got a gradient before any forward of
+            # the model hooked it (a model never called itself): stepped here, as the normal step would, and
+            # hooked from now on. The same parameters in the same order on every rank (FSDP2: collective).
+            late = [p for group in self.optimizer.param_groups for p in group["params"]
+                    if p.grad is not None and id(p) not in self._hooked_ids]
+            if late:
+                self.optimizer.step_params(late)
+                self.steps += len(late)  # stepped at this optimizer.step(): nothing counted towards the next
+                for p in late:
+                    p.grad = None
+            self._hook_new_params()
         if closure is not None:
             with torch.enable_grad():
                 return closure()
@@ -407,29 +453,33 @@ def gradient_release(
         raise ValueError(f"max_grad_norm_per_param must be a number > 0 or None, got {brief(max_grad_norm_per_param)}")
     if weight_grad_chunk is not None:
         _check_weight_grad_chunk(optimizer, weight_grad_chunk, max_grad_norm_per_param)
-    in_model = {id(p) for p in model.parameters()}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if id(p) not in in_model:
-                raise ValueError(
-                    f"optimizer parameter {optimizer.param_name(p)} is not a parameter of the model; gradient_release "
-                    "hooks the model's parameters and could not step it"
-                )
-            if _released_by(p) is not None:
-                raise RuntimeError(
-                    f"parameter {optimizer.param_name(p)} is already released by another optimizer's "
-                    "gradient_release: its hook steps the parameter and frees the gradient, so this optimizer "
-                    "would never see one; remove() that handle first"
-                )
-            if p.grad is not None:
-                raise RuntimeError(
-                    f"parameter {optimizer.param_name(p)} still holds a gradient; call optimizer.zero_grad"
-                    "(set_to_none=True) before gradient_release (it would be added to the next one and stepped)"
-                )
+    check_releasable(model, optimizer, [p for group in optimizer.param_groups for p in group["params"]])
     chunk = None if weight_grad_chunk is None else int(weight_grad_chunk)
     handle = GradientRelease(model, optimizer, max_grad_norm_per_param, chunk)
     handle._install()
     return handle
+
+
+def check_releasable(model: torch.nn.Module | None, optimizer: Optimizer8bit, params: list[torch.Tensor],
+                     why: str = "", gradient_ok: bool = False) -> None:
+    """Refuse, naming it, a parameter of ``params`` that gradient release could not step: not in ``model``
+    (None: not checked), already released by another optimizer's handle, or (unless ``gradient_ok``) holding a
+    gradient. ``why`` prefixes the reason."""
+    in_model = None if model is None else {id(p) for p in model.parameters()}
+    for p in params:
+        name = optimizer.param_name(p)
+        if in_model is not None and id(p) not in in_model:
+            raise ValueError(f"optimizer parameter {name} is not a parameter of the model; {why}gradient_release "
+                             "hooks the model's parameters and could not step it")
+        if _released_by(p) is not None:
+            raise RuntimeError(
+                f"parameter {name} is already released by another optimizer's gradient_release; {why}its hook "
+                "steps the parameter and frees the gradient, so this optimizer would never see one; remove() that "
+                "handle first")
+        if p.grad is not None and not gradient_ok:
+            raise RuntimeError(
+                f"parameter {name} still holds a gradient; {why}its next gradient would be added to it and stepped: "
+                "set its .grad to None first (optimizer.zero_grad(set_to_none=True) before gradient_release)")
 
 
 def _check_weight_grad_chunk(optimizer: Optimizer8bit, chunk: Any, max_grad_norm_per_param: float | None) -> None:
