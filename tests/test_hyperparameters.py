@@ -242,3 +242,38 @@ def test_a_key_deleted_from_a_live_group_is_named_at_the_next_step():
     with pytest.raises(ValueError, match=r"^param group 0 has no 'eps'; every group of AdamW8bit needs \["):
         opt.step()
     assert opt.state[p]["step"] == 1
+
+
+def test_an_lr_override_is_fixed_and_said_so_when_a_scheduler_is_seen():
+    """An ``lr`` in ``overrides`` replaces the group's lr, as bitsandbytes' GlobalOptimManager's does, so an LR
+    scheduler does not move it: with ``LambdaLR(lambda t: 0.0)`` the other parameters stand still and the
+    overridden one goes on at its lr (found by an audit; it was said nowhere). Kept -- bitsandbytes-style
+    code relies on it (``{"lr": 0.0}`` freezes a parameter) -- and warned once per optimizer, naming the
+    parameter, when its group has a scheduler's ``initial_lr``; a param group of its own is scheduled."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    opt = d8.AdamW32bit(model.named_parameters(), lr=1e-2, overrides={"1.*": {"lr": 5e-3}})
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.0)
+    start = [p.detach().clone() for p in model.parameters()]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            model(torch.randn(4, 8)).square().mean().backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+    fixed = [str(w.message) for w in seen if "lr override" in str(w.message)]
+    assert fixed == ["parameter 1.weight has an lr override (0.005), which is fixed: LR schedulers change the param "
+                     "groups' lr, not overrides (as with bitsandbytes' GlobalOptimManager). To schedule it, give it a "
+                     "param group of its own with that lr"]
+    moved = [not torch.equal(p, s) for p, s in zip(model.parameters(), start)]
+    assert moved == [False, False, True, True]
+    # no scheduler, no warning
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        opt = d8.AdamW32bit(model.named_parameters(), lr=1e-2, overrides={"1.*": {"lr": 5e-3}})
+        model(torch.randn(4, 8)).square().mean().backward()
+        opt.step()
+    assert not [w for w in seen if "lr override" in str(w.message)]

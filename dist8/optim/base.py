@@ -17,6 +17,7 @@ calls, LAMB/LARS trust ratios). DTensor (FSDP2) parameters go through
 from __future__ import annotations
 
 import functools
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from dist8.optim import dtensor_layout as dtl
 from dist8.optim import state_schema as schema
 from dist8.optim.amp import amp_scaling, check_amp_unscale
 from dist8.optim.config import (GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, check_overrides, check_overrides_match,
+                                fixed_lr_override_message,
                                 global_numel, hyperparameters_of, load_group_values, loaded_hyperparameters,
                                 match_overrides, name_every_group, positional_name, split_named_params,
                                 unknown_arguments_message, uses_8bit)
@@ -88,7 +90,10 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
             compute from the float bits instead of looking up: a faster CPU step, about twice
             the dynamic map's second-moment rounding error; :func:`dist8.quant.fp8_map`).
         overrides: ``{"name-pattern": {"optim_bits": 32, "lr": ...}}`` applied to
-            parameters passed as ``model.named_parameters()`` (fnmatch patterns).
+            parameters passed as ``model.named_parameters()`` (fnmatch patterns). An ``lr`` there
+            is fixed, as in bitsandbytes' ``GlobalOptimManager``: LR schedulers change the groups'
+            ``lr``, not overrides (warned once when a scheduler is seen); a param group of its own
+            is scheduled.
         on_nonfinite: ``"skip"`` (default): a quantization block whose gradient (or new
             state: overflow) is non-finite keeps its state and parameter, found by the kernel
             itself (no extra read) and counted in ``nonfinite_skips`` (blocks) and
@@ -360,6 +365,9 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
                 self.validate_hyper(dict(hyperparameters_of(group), **extra),
                                     f"overrides for parameter {self.param_name(p)}")
             fixed = self._fixed_settings[p] = (self.param_name(p), extra, global_numel(p))
+            if "lr" in extra and "initial_lr" in group and not self.__dict__.get("_warned_fixed_lr"):
+                self._warned_fixed_lr = True  # once per optimizer
+                warnings.warn(fixed_lr_override_message(fixed[0], extra["lr"]), UserWarning, stacklevel=3)
         name, extra, numel = fixed
         hyper = group_hyper if group_hyper is not None else hyperparameters_of(group)
         return self.resolve_settings(name, extra, numel, hyper, p.dtype)

@@ -15,7 +15,7 @@ __all__ = ["OVERRIDABLE_KEYS", "OVERRIDE_ATTR", "GLOBAL_NUMEL_ATTR", "PARAM_LIST
            "positional_name", "fits_param_names", "load_group_values", "loaded_hyperparameters",
            "master_weight_bits_after_load", "name_every_group", "split_named_params",
            "match_overrides", "check_overrides_match", "global_numel", "uses_8bit", "TORCH_STEP_FLAGS",
-           "unknown_arguments_message"]
+           "unknown_arguments_message", "fixed_lr_override_message"]
 
 # Modules (e.g. StableEmbedding) mark parameters that need special optimizer settings.
 OVERRIDE_ATTR = "_dist8_overrides"
@@ -151,6 +151,13 @@ def split_named_params(params: Any, first_index: int = 0) -> tuple[list[dict], d
     if any("param_names" in g for g in out):
         name_every_group(out, first_index)
     return out, names
+
+
+def fixed_lr_override_message(name: str, lr: Any) -> str:
+    """The warning for an ``lr`` override met with an LR scheduler (the group has ``initial_lr``)."""
+    return (f"parameter {name} has an lr override ({lr!r}), which is fixed: LR schedulers change the param groups' "
+            "lr, not overrides (as with bitsandbytes' GlobalOptimManager). To schedule it, give it a param group of "
+            "its own with that lr")
 
 
 def match_overrides(name: str | None, param: torch.Tensor, overrides: Mapping[str, Mapping[str, Any]]) -> dict:
