@@ -277,3 +277,56 @@ def test_an_lr_override_is_fixed_and_said_so_when_a_scheduler_is_seen():
         model(torch.randn(4, 8)).square().mean().backward()
         opt.step()
     assert not [w for w in seen if "lr override" in str(w.message)]
+
+
+def test_numbers_beyond_float_range_and_huge_blocks_are_one_line_naming_the_key():
+    """Found by an audit: ``lr=10**400`` (a Python int, as JSON or YAML give one) failed as a bare
+    OverflowError naming nothing, in the constructor and in a DeepSpeed config; ``block_size=2**30`` was
+    accepted and the first step died in the kernel (std::bad_alloc: a block's values are held per thread)."""
+    from dist8.integrations.deepspeed_config import check_config
+
+    p = torch.nn.Parameter(torch.randn(64, 64))
+    with pytest.raises(ValueError, match=r"^lr must be within float32's range"):
+        d8.AdamW8bit([p], lr=10**400)
+    with pytest.raises(ValueError, match=r"^eps must be within float32's range"):
+        d8.AdamW8bit([p], eps=-10**400)
+    with pytest.raises(ValueError, match=r"^block_size must be a power of two in \[64, 65536\], got 1073741824"):
+        d8.AdamW8bit([p], block_size=1 << 30)
+    d8.AdamW8bit([p], block_size=1 << 16)  # the largest taken
+    with pytest.raises(ValueError, match=r"^DeepSpeed config optimizer.params.lr must be a number \(within float's"):
+        check_config({"optimizer": {"type": "dist8.AdamW8bit", "params": {"lr": int("1" * 400)}}})
+
+
+def test_malformed_state_dicts_are_one_line_naming_the_entry():
+    """Found by an audit: a state dict whose ``state`` is a list, whose ``param_groups`` is None or holds a
+    non-dict, or a group without ``params`` failed as bare AttributeError/TypeError/KeyError naming nothing; a
+    malformed ``"dist8"`` entry (5, a quant_map of None, another key) was ignored, so codes written with
+    the dynamic map loaded into an fp8-map optimizer as other numbers; a step of 10**30 was taken and the
+    next checkpoint save failed on it naming its own temp file."""
+    import copy
+
+    p = torch.nn.Parameter(torch.randn(64, 64))
+    opt = d8.AdamW8bit([("w", p)], min_8bit_size=0)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    good = opt.state_dict()
+    cases = [(lambda d: d.update(state=[1]), r"^state_dict\['state'\] must be a dict of per-parameter state, got \[1\]"),
+             (lambda d: d.update(param_groups=None), r"^state_dict\['param_groups'\] must be a list of dicts, got None"),
+             (lambda d: d.update(param_groups=[5]), r"^state_dict\['param_groups'\]\[0\] must be a dict with a 'params'"),
+             (lambda d: d["param_groups"][0].pop("params"), r"^state_dict\['param_groups'\]\[0\] must be a dict with"),
+             (lambda d: d.update(dist8=5), r"^state_dict\['dist8'\] must be a dict whose 'quant_map' names the map"),
+             (lambda d: d.update(dist8={"quant_map": None}), r"^state_dict\['dist8'\] must be a dict whose"),
+             (lambda d: d.update(dist8={"map": "dynamic"}), r"^state_dict\['dist8'\] must be a dict whose"),
+             (lambda d: d["state"][0].update(step=10**30), r"^step of parameter w must be a whole number in \[0, 2"),
+             (lambda d: d["state"][0].update(step=1 << 63), r"^step of parameter w must be a whole number in \[0, 2")]
+    fp8 = d8.AdamW8bit([("w", p)], min_8bit_size=0, quant_map="fp8")  # the one a bad "dist8" entry fooled
+    for target, its_cases in ((opt, cases), (fp8, cases[:7])):
+        for mutate, match in its_cases:
+            bad = copy.deepcopy(good)
+            mutate(bad)
+            with pytest.raises(ValueError, match=match):
+                target.load_state_dict(bad)
+    assert torch.equal(opt.state[p]["state1"], good["state"][0]["state1"])  # nothing loaded by a refusal
+    ok = copy.deepcopy(good)
+    ok["state"][0]["step"] = 1 << 62
+    opt.load_state_dict(ok)

@@ -828,7 +828,17 @@ def test_single_process_state_dict_names_and_bad_groups_refused_before_loading()
                           (lambda d: d["state"].update({7: d["state"][0]}),
                            r"^state_dict has state for parameter id 7, which this optimizer's shard does not hold"),
                           (lambda d: d["state"][0].update(step=torch.tensor(float("nan"))),
-                           r"^step of parameter weight must be a whole number >= 0, got nan")):
+                           r"^step of parameter weight must be a whole number in \[0, 2\*\*62\], got nan"),
+                          # bare KeyErrors / TypeErrors, and "rank 0 of 1's shard; this is rank 0 of 1", before
+                          (lambda d: d.pop("fingerprint"),
+                           r"^ShardedOptimizer shard state_dict entry 'fingerprint' must be a string, got nothing"),
+                          (lambda d: d.update(world_size="1"),
+                           r"^ShardedOptimizer shard state_dict entry 'world_size' must be an int, got '1'"),
+                          (lambda d: d.update(param_groups=None),
+                           r"^ShardedOptimizer shard state_dict entry 'param_groups' must be a list, got None"),
+                          (lambda d: d.update(param_groups=[5]),
+                           r"^ShardedOptimizer shard state_dict param_groups\[0\] must be a dict, got 5"),
+                          (lambda d: d.update(dist8=5), r"^state_dict\['dist8'\] must be a dict whose 'quant_map'")):
         bad = copy.deepcopy(sd)
         bad["state"] = {i: {k: (v + 1 if k == "absmax1" else v) for k, v in st.items()} for i, st in bad["state"].items()}
         change(bad)
@@ -841,7 +851,9 @@ def test_single_process_state_dict_names_and_bad_groups_refused_before_loading()
     for change, match in ((lambda d: d["state"].update({"w": d["state"][0]}),
                            r"^state_dict has state for parameter id 'w', which this optimizer's shard does not hold"),
                           (lambda d: d["state"][1].update(step=float("nan")),
-                           r"^step of parameter bias must be a whole number >= 0, got nan")):
+                           r"^step of parameter bias must be a whole number in \[0, 2\*\*62\], got nan"),
+                          (lambda d: d["param_groups"][0].pop("params"),
+                           r"^state_dict\['param_groups'\]\[0\] must be a dict with a 'params' list")):
         bad = copy.deepcopy(full)
         change(bad)
         with pytest.raises(ValueError, match=match):

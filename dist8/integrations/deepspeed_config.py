@@ -65,25 +65,23 @@ def optimizer_kwargs(cls: type[Optimizer8bit], params: dict[str, Any] | None) ->
             value = tuple(float(b) for b in value)
         elif key in ("lr", "eps", "weight_decay") and isinstance(value, (int, float, str)):
             if not _is_number(value):
-                raise ValueError(f"DeepSpeed config optimizer.params.{key} must be a number, got {brief(value)}")
+                raise ValueError(f"DeepSpeed config optimizer.params.{key} must be a number (within float's range), "
+                                 f"got {brief(value)}")
             value = float(value)
         out[key] = value
     return out
 
 
 def _is_number(value: Any) -> bool:
-    """An int or float (not a bool), or a string that float() reads ("3e-4", as JSON writers leave it)."""
-    if isinstance(value, bool):
+    """An int or float (not a bool), or a string that float() reads ("3e-4", as JSON writers leave it); an
+    int beyond float's range (JSON allows any digits) is not one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         return False
-    if isinstance(value, (int, float)):
-        return True
-    if isinstance(value, str):
-        try:
-            float(value)
-        except ValueError:
-            return False
-        return True
-    return False
+    try:
+        float(value)
+    except (ValueError, OverflowError):
+        return False
+    return True
 
 
 def load_config(config) -> dict:

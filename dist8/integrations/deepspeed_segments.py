@@ -20,7 +20,7 @@ from dist8.optim import pipeline
 from dist8.optim.amp import amp_scaling
 from dist8.optim.base import Optimizer8bit, ParamSettings
 from dist8.optim.config import GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, fits_param_names, hyperparameters_of, match_overrides
-from dist8.optim.state_schema import STATE_DICT_INFO, check_state_dict_map, state_key
+from dist8.optim.state_schema import STATE_DICT_INFO, check_state_dict_layout, check_state_dict_map, state_key
 from dist8.shard.agreement import failures_on_every_rank
 
 __all__ = ["Segment", "DeepSpeedSegments", "segmented_class", "segmented_copy", "attach_segments", "dp_rank"]
@@ -175,6 +175,7 @@ class DeepSpeedSegments:
         if not segs_of:
             return super().load_state_dict(state_dict)
         # Segments hold raw 8-bit codes: read with another map or block size they would be other numbers.
+        check_state_dict_layout(state_dict)
         check_state_dict_map(state_dict, self.quant_map)
         plain = {"state": {}, "param_groups": state_dict["param_groups"]}
         seg_states = {}

@@ -51,7 +51,7 @@ from dist8.optim.validation import (
     check_param_types,
     check_unique_params,
 )
-from dist8.quant import DEFAULT_BLOCK_SIZE, check_block_size, effective_block_size, get_map, num_blocks
+from dist8.quant import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, check_block_size, effective_block_size, get_map, num_blocks
 
 __all__ = ["Optimizer8bit", "ParamSettings", "SUPPORTED_DTYPES", "bit_variants"]
 
@@ -83,7 +83,7 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
             parameter) keep 32-bit state. Default 4096.
         percentile_clipping: clip each parameter's gradient to this percentile of
             its last 100 gradient norms (100 = off, the default).
-        block_size: quantization block size in elements, a power of two >= 64. Default 256.
+        block_size: quantization block size in elements, a power of two in [64, 65536]. Default 256.
         block_wise: False quantizes each parameter with one absmax (the paper's ablation).
         quant_map: ``"dynamic"`` (default, the paper's dynamic tree map; bitsandbytes' maps),
             ``"linear"`` (ablation) or ``"fp8"`` (small-float codes the AVX2 and AVX-512 CPU kernels
@@ -157,7 +157,7 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
             raise ValueError(f"max_unorm={max_unorm} is not supported by {type(self).__name__}; use 0.0")
         check_mode(on_nonfinite)
         self.amp_unscale = check_amp_unscale(amp_unscale)
-        check_block_size(block_size)
+        check_block_size(block_size, largest=MAX_BLOCK_SIZE)
         get_map(quant_map, True)  # validates the name
         defaults = dict(defaults)
         defaults.update(optim_bits=optim_bits, min_8bit_size=min_8bit_size, percentile_clipping=percentile_clipping,
@@ -566,8 +566,7 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
         load_state_dict_with_hooks(self, state_dict, self._load_checked)
 
     def _load_checked(self, state_dict: dict[str, Any]) -> None:
-        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from optimizer.state_dict())")
+        schema.check_state_dict_layout(state_dict)
         schema.check_state_dict_map(state_dict, self.quant_map, self.rule)
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):

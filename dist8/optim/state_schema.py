@@ -38,7 +38,7 @@ import torch
 
 from dist8.kernels import RULE_STATES, Rule
 from dist8.messages import brief
-from dist8.quant import num_blocks
+from dist8.quant import MAP_NAMES, num_blocks
 from dist8.quant.master import master_format
 
 __all__ = [
@@ -61,11 +61,17 @@ __all__ = [
     "correction_dtype",
     "ANY_CORRECTION",
     "STATE_DICT_INFO",
+    "MAX_STEP",
+    "check_state_dict_layout",
+    "check_state_dict_info",
     "state_dict_info",
     "check_state_dict_map",
 ]
 
 STEP = "step"
+#: The largest step a state dict may hold: the checkpoint format's bound on its integers (dist8.checkpoint
+#: refused a step of 10**30 that load_state_dict had taken, at the next save, naming its own temp file).
+MAX_STEP = 1 << 62
 GNORM = "gnorm_vec"
 PERCENTILE_HISTORY = 100  # gradient norms kept for percentile clipping
 CORRECTION = "correction"  # master-weight correction (int8/int16, the parameter's shape)
@@ -88,6 +94,37 @@ def _holds_codes(obj: Any) -> bool:
     if isinstance(obj, (list, tuple)):
         return any(_holds_codes(v) for v in obj)
     return False
+
+
+def check_state_dict_layout(state_dict: Any) -> None:
+    """Refuse, in one line naming the entry, a state dict not shaped as ``optimizer.state_dict()`` writes
+    it: a dict with ``"state"`` (a dict) and ``"param_groups"`` (a list of dicts, each with a ``"params"``
+    list), and -- where present -- a ``"dist8"`` entry that is a dict naming its ``quant_map``. A list for
+    ``state`` or a group without ``params`` failed as a bare AttributeError/KeyError naming nothing, and a
+    malformed ``"dist8"`` entry was ignored, so codes of another map loaded as other numbers."""
+    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from optimizer.state_dict()), "
+                         f"got {brief(state_dict)}")
+    if not isinstance(state_dict["state"], dict):
+        raise ValueError(f"state_dict['state'] must be a dict of per-parameter state, got {brief(state_dict['state'])}")
+    groups = state_dict["param_groups"]
+    if not isinstance(groups, (list, tuple)):
+        raise ValueError(f"state_dict['param_groups'] must be a list of dicts, got {brief(groups)}")
+    for gi, group in enumerate(groups):
+        if not isinstance(group, dict) or not isinstance(group.get("params"), (list, tuple)):
+            raise ValueError(f"state_dict['param_groups'][{gi}] must be a dict with a 'params' list, got {brief(group)}")
+    check_state_dict_info(state_dict)
+
+
+def check_state_dict_info(state_dict: dict[str, Any]) -> None:
+    """Refuse a ``"dist8"`` entry (:data:`STATE_DICT_INFO`) that is not a dict naming a known ``quant_map``
+    (a dict without the entry, as torch's and bitsandbytes' optimizers write them, says nothing to check)."""
+    if STATE_DICT_INFO in state_dict:
+        info = state_dict[STATE_DICT_INFO]
+        saved = info.get("quant_map") if isinstance(info, dict) else None
+        if not isinstance(saved, str) or saved not in MAP_NAMES:
+            raise ValueError(f"state_dict['{STATE_DICT_INFO}'] must be a dict whose 'quant_map' names the map the "
+                             f"codes were written with (one of {', '.join(MAP_NAMES)}), got {brief(info)}")
 
 
 def check_state_dict_map(state_dict: dict[str, Any], quant_map: str, rule: Rule | None = None) -> None:
@@ -328,9 +365,10 @@ def checked_step(step: Any, name: str, error: type[ValueError] = ValueError) -> 
     tensor); anything else (NaN, 2.5, -1, a list, a bool) raises ``error`` (a ValueError; converters
     pass their CheckpointError) naming the parameter."""
     value = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
-    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
-            or value < 0 or value != int(value)):
-        raise error(f"step of parameter {name} must be a whole number >= 0, got {brief(value)}")
+    whole = not isinstance(value, bool) and (isinstance(value, numbers.Integral) or (
+        isinstance(value, numbers.Real) and math.isfinite(value) and value == int(value)))
+    if not whole or not 0 <= value <= MAX_STEP:
+        raise error(f"step of parameter {name} must be a whole number in [0, 2**62], got {brief(value)}")
     return int(value)
 
 

@@ -47,7 +47,7 @@ def check_number(value: Any, key: str, where: str, *, lo: float | None = None, h
     kernels' type), else ValueError naming ``key``."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
         value = float(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not _finite(value):
         raise ValueError(f"{key} must be a finite number ({where}), got {brief(value)}")
     if abs(value) > FLOAT32_MAX:
         raise ValueError(f"{key} must be within float32's range, |{key}| <= 3.4e38 ({where}), got {brief(value)}")
@@ -56,6 +56,13 @@ def check_number(value: Any, key: str, where: str, *, lo: float | None = None, h
     if hi is not None and (value > hi or (hi_open and value == hi)):
         raise ValueError(f"{key} must be {'<' if hi_open else '<='} {hi} ({where}), got {brief(value)}")
     return float(value)
+
+
+def _finite(value: numbers.Real) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float's range: finite, and refused by the float32 range check
+        return True
 
 
 # Bounds of the hyperparameters dist8's families share by name: (lo, hi, lo_open, hi_open).

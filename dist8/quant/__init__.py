@@ -7,6 +7,7 @@ check_torch_version(_torch.__version__)  # the bottom layer: every path to torch
 
 from dist8.quant.blockwise import (
     DEFAULT_BLOCK_SIZE,
+    MAX_BLOCK_SIZE,
     block_reciprocal,
     check_block_size,
     dequantize_blockwise,
@@ -21,6 +22,7 @@ from dist8.quant.master import MASTER_WEIGHT_BITS, check_master_weight_bits, dec
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "MAP_NAMES",
+    "MAX_BLOCK_SIZE",
     "MASTER_WEIGHT_BITS",
     "check_master_weight_bits",
     "decode_master",

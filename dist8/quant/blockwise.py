@@ -12,22 +12,29 @@ import torch
 
 __all__ = [
     "quantize_blockwise", "dequantize_blockwise", "nearest_code", "num_blocks", "check_block_size", "block_reciprocal",
-    "effective_block_size", "DEFAULT_BLOCK_SIZE",
+    "effective_block_size", "DEFAULT_BLOCK_SIZE", "MAX_BLOCK_SIZE",
 ]
 
 DEFAULT_BLOCK_SIZE = 256
+#: The largest ``block_size`` an optimizer takes (``block_wise=False``, one block per parameter, is not bound
+#: by it): a block of 2**30 values was accepted and the first step died in the kernel's per-thread buffer
+#: (std::bad_alloc, naming nothing).
+MAX_BLOCK_SIZE = 1 << 16
 
 # Smallest normal float32: a block whose absmax is below it (zero, subnormal) or NaN is
 # normalised by 1, so its reciprocal never overflows.
 _FLT_MIN = torch.finfo(torch.float32).tiny
 
 
-def check_block_size(block_size: int, name: str = "block_size") -> int:
-    """Validate a block size: a power of two and at least 64."""
+def check_block_size(block_size: int, name: str = "block_size", largest: int | None = None) -> int:
+    """Validate a block size: a power of two, at least 64 and (if given) at most ``largest``."""
     if isinstance(block_size, bool) or not isinstance(block_size, int):
         raise TypeError(f"{name} must be an int, got {type(block_size).__name__}")
     if block_size < 64 or block_size & (block_size - 1):
         raise ValueError(f"{name} must be a power of two >= 64, got {block_size}")
+    if largest is not None and block_size > largest:
+        raise ValueError(f"{name} must be a power of two in [64, {largest}], got {block_size}: the kernels hold a "
+                         "block's values in a buffer per thread (bitsandbytes' largest block is 4096)")
     return block_size
 
 

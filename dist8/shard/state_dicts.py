@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dist8.messages import brief
 from dist8.optim.config import load_group_values
-from dist8.optim.state_schema import (CORRECTION, GNORM, STATE_DICT_INFO, check_state_dict_map, flat_length,
+from dist8.optim.state_schema import (CORRECTION, GNORM, STATE_DICT_INFO, check_state_dict_info,
+                                      check_state_dict_layout, check_state_dict_map, flat_length,
                                       is_absmax_key, is_state_key, state_dict_info)
 from dist8.shard.collectives import piece_range
 
@@ -140,6 +142,7 @@ def load(opt: ShardedOptimizer, state_dict: dict[str, Any]) -> None:
 
 def _load_unsharded(opt: ShardedOptimizer, state_dict: dict[str, Any]) -> None:
     """The unsharded format: every rank slices the blocks of its pieces (whole blocks: exact)."""
+    check_state_dict_layout(state_dict)
     check_state_dict_map(state_dict, opt.inner.quant_map, opt.inner.rule)
     saved_groups, state = state_dict["param_groups"], state_dict["state"]
     if not isinstance(saved_groups, list) or len(saved_groups) != len(opt.param_groups):
@@ -190,9 +193,29 @@ def _refuse_unknown_ids(state: dict, known: set[int]) -> None:
                          f"shard does not hold (ids it holds: {sorted(known)[:8]}{'...' if len(known) > 8 else ''})")
 
 
+# The entries of the shard format (shard_format) and the types load reads them as.
+_SHARD_ENTRIES = {"rank": (int, "an int"), "world_size": (int, "an int"), "fingerprint": (str, "a string"),
+                  "state": (dict, "a dict"), "param_groups": (list, "a list")}
+
+
+def _check_shard_entries(state_dict: dict[str, Any]) -> None:
+    """One line naming the entry a shard dict lacks or holds as another type (a bare KeyError, or a message
+    reading 'rank 0 of 1's shard; this is rank 0 of 1' for a world_size of "1", before)."""
+    for key, (kind, what) in _SHARD_ENTRIES.items():
+        value = state_dict.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(f"ShardedOptimizer shard state_dict entry {key!r} must be {what}, got "
+                             f"{brief(value) if key in state_dict else 'nothing (missing)'}")
+    for gi, group in enumerate(state_dict["param_groups"]):
+        if not isinstance(group, dict):
+            raise ValueError(f"ShardedOptimizer shard state_dict param_groups[{gi}] must be a dict, got {brief(group)}")
+    check_state_dict_info(state_dict)
+
+
 def _load_shard(opt: ShardedOptimizer, state_dict: dict[str, Any]) -> None:
     if state_dict.get("format") != SHARD_FORMAT:
         raise ValueError(f"not a ShardedOptimizer state_dict (missing format {SHARD_FORMAT!r})")
+    _check_shard_entries(state_dict)
     if state_dict["fingerprint"] != opt.layout.fingerprint():
         raise ValueError("state_dict was saved for different parameters (layout fingerprint differs)")
     if state_dict["world_size"] != opt.world_size or state_dict["rank"] != opt.rank:
