@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dist8.checkpoint.files import member, safetensors_header
@@ -29,6 +28,8 @@ from dist8.checkpoint.format import (
     verify_files,
     write_metadata,
 )
+from dist8.checkpoint.groups import check_saved_groups
+from dist8.checkpoint.reader import read_whole
 from dist8.kernels.rules import Rule, read_state, state_floored
 from dist8.optim.state_schema import (CORRECTION, GNORM, STATE_DICT_INFO, checked_step, is_signed, n_states,
                                       state_dict_info, state_indices)
@@ -284,9 +285,15 @@ def consolidate(path: str | os.PathLike, out: str | os.PathLike, *, force: bool 
                 fp32_weights_file: bool = False) -> str:
     """Rewrite checkpoint ``path`` as a world-size-1 checkpoint in ``out`` (one optimizer file).
 
-    Every file is verified first. A non-empty ``out`` is refused unless ``force`` (then it is
-    replaced atomically: the old one is removed only after the new one is in place); an ``out``
-    that is ``path``, holds it or lies inside it is refused whatever ``force``.
+    ``path`` is read as :func:`dist8.checkpoint.load` reads it (every file verified, the param groups
+    checked as ``dist8 ckpt verify`` checks them, every tensor through the one reader,
+    :func:`~dist8.checkpoint.reader.read_whole`): what ``load`` refuses is refused, not rewritten as a
+    fresh, hash-stamped checkpoint. Version 1 is written as version 2, its state keys declared.
+    ``out`` is checked first (:func:`~dist8.checkpoint.dirs.check_output_dir`): a non-empty directory
+    is refused unless ``force`` (then it is replaced atomically: the old one is removed only after the
+    new one is in place); a file or symlink, a path that cannot be created, and an ``out`` that is
+    ``path``, holds it, lies inside it or would remove it (``path`` at ``out``'s temporary or kept-aside
+    name) are refused whatever ``force``.
     ``fp32_weights_file``: also write ``model-fp32.safetensors``, the model with its fp32 master
     weights (:func:`fp32_weights`: bf16/fp16 parameters decoded with their ``master_weight_bits``
     correction, everything else cast to fp32), listed and hashed in the metadata like every file.
@@ -295,52 +302,58 @@ def consolidate(path: str | os.PathLike, out: str | os.PathLike, *, force: bool 
     check_output_dir(out, force, reading=path)
     meta = read_metadata(path)
     verify_files(path, meta)
-    tensors: dict[str, list[tuple[int, torch.Tensor]]] = {}
-    for rank, plist in sorted(meta["pieces"].items(), key=lambda kv: int(kv[0])):
-        fname = rank_file(int(rank), meta["world_size"])
-        starts = {n: s for n, s, _e, _st in plist}
-        try:
-            with safe_open(str(path / fname), framework="pt") as handle:
-                for key in handle.keys():
-                    name, _skey = split_tensor_key(key)
-                    if name not in starts:
-                        raise CheckpointError(f"{path / fname}: holds tensor {key[:100]!r} of no piece of rank {rank}")
-                    tensors.setdefault(key, []).append((starts[name], handle.get_tensor(key)))
-        except CheckpointError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - safetensors raises several types for corrupt files
-            raise CheckpointError(f"{path / fname} cannot be read: {str(exc)[:200]}") from None
-    merged = {}
-    for key, parts in tensors.items():
-        parts.sort(key=lambda t: t[0])
-        merged[key] = parts[0][1] if key.endswith("gnorm_vec") else torch.cat([t for _, t in parts])
-    steps = {name: step for plist in meta["pieces"].values() for name, _s, _e, step in plist}
-    whole = [[p["name"], 0, math.prod(p["shape"]), steps[p["name"]]] for p in meta["params"] if p["name"] in steps]
+    if fp32_weights_file and MODEL_FILE not in meta["files"]:
+        raise CheckpointError(f"{path}: --fp32-weights needs the model, but the checkpoint has no {MODEL_FILE}")
+    check_saved_groups(meta["optimizer"]["param_groups"], str(path / METADATA))
+    states = read_whole(path, meta, verify=False)  # hashes checked just above
+    merged = {tensor_key(name, k): v for name, st in states.items() for k, v in st.items() if k != "step"}
     tmp = temp_dir(out)
     try:
-        fname = rank_file(0, 1)
-        save_file(merged, str(tmp / fname), metadata={"format": FORMAT})
-        files = {fname: file_entry(tmp / fname)}
-        if MODEL_FILE in meta["files"]:
-            shutil.copyfile(path / MODEL_FILE, tmp / MODEL_FILE)
-            files[MODEL_FILE] = meta["files"][MODEL_FILE]
-        if fp32_weights_file:
-            if MODEL_FILE not in meta["files"]:
-                raise CheckpointError(f"{path}: --fp32-weights needs the model, but the checkpoint has no {MODEL_FILE}")
-            from dist8.checkpoint.model_file import read_model_file, write_model_file
-
-            stored, aliases = read_model_file(path / MODEL_FILE, expand=False)  # a tied weight decoded once
-            weights = fp32_weights(stored, merged, str(path))
-            write_model_file(tmp / FP32_WEIGHTS_FILE, weights, {"format": FORMAT}, aliases=aliases)
-            files[FP32_WEIGHTS_FILE] = file_entry(tmp / FP32_WEIGHTS_FILE)
-        new_meta = dict(meta, world_size=1, pieces={"0": whole}, files=files, consolidated_from=meta["world_size"])
-        write_metadata(tmp, new_meta)
+        files = _write_consolidated(path, meta, merged, tmp, fp32_weights_file)
+        write_metadata(tmp, dict(meta, world_size=1, pieces={"0": _whole_pieces(meta)}, files=files,
+                                 params=_declared_params(meta, states), consolidated_from=meta["world_size"]))
         install_dir(tmp, out)
     except OSError as exc:
         raise CheckpointError(f"writing {out} failed: {exc.strerror or exc}") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(out)
+
+
+def _write_consolidated(path: Path, meta: dict[str, Any], merged: dict[str, torch.Tensor], tmp: Path,
+                        fp32_weights_file: bool) -> dict[str, Any]:
+    """The files of the consolidated checkpoint in ``tmp``; returns their ``files`` entries."""
+    fname = rank_file(0, 1)
+    save_file(merged, str(tmp / fname), metadata={"format": FORMAT})
+    files = {fname: file_entry(tmp / fname)}
+    if MODEL_FILE in meta["files"]:
+        shutil.copyfile(path / MODEL_FILE, tmp / MODEL_FILE)
+        files[MODEL_FILE] = meta["files"][MODEL_FILE]
+    if fp32_weights_file:
+        from dist8.checkpoint.model_file import read_model_file, write_model_file
+
+        stored, aliases = read_model_file(path / MODEL_FILE, expand=False)  # a tied weight decoded once
+        weights = fp32_weights(stored, merged, str(path))
+        write_model_file(tmp / FP32_WEIGHTS_FILE, weights, {"format": FORMAT}, aliases=aliases)
+        files[FP32_WEIGHTS_FILE] = file_entry(tmp / FP32_WEIGHTS_FILE)
+    return files
+
+
+def _whole_pieces(meta: dict[str, Any]) -> list[list]:
+    """World size 1's pieces: each parameter saved in pieces, whole, at its (agreed) step."""
+    steps = {name: step for plist in meta["pieces"].values() for name, _s, _e, step in plist}
+    return [[p["name"], 0, math.prod(p["shape"]), steps[p["name"]]] for p in meta["params"] if p["name"] in steps]
+
+
+def _declared_params(meta: dict[str, Any], states: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """``params`` with every state key declared: a version 1 entry (``state`` None) gets what was read."""
+    def declared(p: dict[str, Any]) -> dict[str, str]:
+        if p["state"] is not None:
+            return p["state"]
+        st = states.get(p["name"], {})
+        return {k: str(v.dtype).split(".")[-1] for k, v in st.items() if torch.is_tensor(v)}
+
+    return [dict(p, state=declared(p)) for p in meta["params"]]
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:

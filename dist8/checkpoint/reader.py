@@ -5,6 +5,7 @@ files listed (and verified) in ``metadata.json``; nothing is unpickled.
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -15,6 +16,7 @@ from safetensors import safe_open
 
 from dist8.checkpoint.format import (
     METADATA,
+    STATE_DTYPES,
     CheckpointError,
     piece_range,
     rank_file,
@@ -25,9 +27,11 @@ from dist8.checkpoint.format import (
 )
 from dist8.checkpoint.model_file import missing_names, read_model_file, tied_conflicts
 from dist8.checkpoint.names import state_dict_by_name
+from dist8.kernels import Rule
+from dist8.optim import get_optimizer_class
 from dist8.optim.state_schema import is_signed, n_states
 
-__all__ = ["read_model", "read_model_tensors", "read_pieces"]
+__all__ = ["read_model", "read_model_tensors", "read_pieces", "read_whole", "saved_rule"]
 
 
 def _open(file: Path):
@@ -43,6 +47,11 @@ def _expected_keys(meta_state: dict[str, str] | None, found: dict[str, str], n_s
     keys = dict(found) if meta_state is None else dict(meta_state)
     if not keys:
         return keys
+    for k, dt in keys.items():  # version 2 declares only these (check_metadata); version 1: the files must too
+        if dt not in STATE_DTYPES.get(k, ()):
+            allowed = "/".join(STATE_DTYPES[k]) if k in STATE_DTYPES else f"one of {', '.join(STATE_DTYPES)}"
+            raise CheckpointError(f"{file}: parameter {name} has tensor {k[:40]!r} of dtype {dt}, which is not "
+                                  f"optimizer state (key and dtype: {allowed})")
     for i in range(1, n_states + 1):
         dt = keys.get(f"state{i}")
         if dt is None:
@@ -158,6 +167,29 @@ def read_pieces(path: str | os.PathLike, meta: dict[str, Any], wanted: dict[str,
     finally:
         handles.clear()
     return out
+
+
+def saved_rule(meta: dict[str, Any], where: str) -> Rule:
+    """The update rule a checkpoint was written by, which says which state keys it holds and which are
+    signed: the metadata's ``optimizer.rule`` (version 2), else its optimizer class's rule (version 1
+    predates RMSprop's per-instance momentum rule, so the class's is the instance's)."""
+    opt = meta["optimizer"]
+    if opt["rule"] is not None:
+        if opt["rule"] not in Rule.__members__:
+            raise CheckpointError(f"{where}: optimizer.rule {opt['rule'][:40]!r} is not a dist8 update rule "
+                                  f"({', '.join(Rule.__members__)})")
+        return Rule[opt["rule"]]
+    try:
+        return get_optimizer_class(opt["class"]).rule
+    except ValueError:
+        raise CheckpointError(f"{where}: optimizer.class {opt['class'][:40]!r} is not a dist8 optimizer") from None
+
+
+def read_whole(path: str | os.PathLike, meta: dict[str, Any], verify: bool = True) -> dict[str, dict[str, Any]]:
+    """Every parameter's whole state, as one rank of world size 1 reads it: :func:`read_pieces` (every
+    check ``load`` applies to tensors) over each parameter's elements, with the rule the metadata names."""
+    wanted = {p["name"]: (0, math.prod(p["shape"])) for p in meta["params"]}
+    return read_pieces(path, meta, wanted, saved_rule(meta, str(Path(path) / METADATA)), verify)
 
 
 def _dtype_name(safetensors_dtype: str) -> str:
