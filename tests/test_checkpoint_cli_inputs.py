@@ -265,6 +265,19 @@ def test_consolidate_refuses_what_load_refuses(tmp_path, capsys, source, bf16_so
         ck.load(path, model, opt)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_verify_refuses_what_load_refuses(tmp_path, capsys, source, bf16_source, case):
+    """``dist8 ckpt verify`` checked sizes, hashes and param groups only: a NaN absmax, a float64 code tensor or
+    an undeclared tensor written with a fixed hash passed as OK. It reads every tensor as load does now."""
+    bf16, edit, said = CASES[case]
+    path = tmp_path / "ck"
+    shutil.copytree(bf16_source if bf16 else source, path)
+    assert cli(capsys, "ckpt", "verify", path) == (0, "")
+    edit(path)
+    err = refused(capsys, "ckpt", "verify", path)
+    assert said in err and str(path) in err
+
+
 def test_consolidated_version_1_declares_its_state_keys(tmp_path, capsys, source):
     """A version 1 checkpoint was rewritten as version 2 with ``state`` null (nothing declared, so the
     reader went on trusting the files); now the keys and dtypes read are declared."""
