@@ -9,18 +9,31 @@ writes a world-size-1 dist8 checkpoint with ``model.safetensors`` holding the fp
 weights (DeepSpeed's ``zero_to_fp32`` for ZeRO, the module state otherwise). Load it at
 any world size: :func:`dist8.integrations.deepspeed.load_dist8_checkpoint` (DeepSpeed),
 or :func:`dist8.checkpoint.load` (plain dist8 / ShardedOptimizer).
+
+One concern, the conversion, in one file (over 400 lines because every input is checked before
+anything is written): the files DeepSpeed's ``zero_to_fp32`` will open are checked as dist8 reads its
+own (regular files inside the tag directory, ``weights_only`` loads); the saved class, block size, map,
+rule and param groups go through the optimizer class's own construction and ``validate_hyper``; each
+piece of state through ``state_schema.check_state`` (what ``load_state_dict`` uses), its start and shape
+against the parameter, and the pieces must cover every element exactly once.
 """
 from __future__ import annotations
 
 import glob
+import inspect
 import math
+import numbers
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dist8.messages import brief
 from dist8.optim.config import hyperparameters_of
+
+if TYPE_CHECKING:
+    from dist8.optim import Optimizer8bit
 
 __all__ = ["from_deepspeed", "register_cli", "deepspeed_safe_globals"]
 
@@ -94,9 +107,9 @@ def from_deepspeed(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str
 
     ``ckpt_dir`` may also be the tag directory holding the ``mp_rank_*`` files. Files are read
     with ``torch.load(weights_only=True)`` and an allowlist of DeepSpeed classes: nothing is
-    unpickled that could run code. Any malformed input raises CheckpointError naming the directory.
-    A non-empty ``out`` is refused unless ``force``; an ``out`` that is, holds or lies inside
-    ``ckpt_dir`` is refused.
+    unpickled that could run code. Any malformed input raises CheckpointError naming the directory,
+    file or key, before anything is written. A non-empty ``out`` is refused unless ``force``; an
+    ``out`` that is, holds or lies inside ``ckpt_dir`` is refused.
     """
     from dist8.checkpoint.format import CheckpointError, check_output_dir
 
@@ -105,23 +118,22 @@ def from_deepspeed(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str
         return _convert(ckpt_dir, out, tag)
     except CheckpointError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+    # RuntimeError/OverflowError: torch's answer to values no check above foresaw; still one line, not a traceback
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, OverflowError) as exc:
         raise CheckpointError(f"{ckpt_dir}: not a readable DeepSpeed checkpoint of a dist8 optimizer "
-                              f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+                              f"({type(exc).__name__}: {_message(exc)[:200]})") from None
+
+
+def _message(exc: BaseException) -> str:
+    """``exc``'s message on one line (a KeyError's without the quotes its str() adds)."""
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    return " ".join(str(text).split())
 
 
 def _convert(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str | None) -> str:
-    from safetensors.torch import save_file
-
-    from dist8.version import __version__
-    from dist8.checkpoint.model_file import write_model_file
-    from dist8.checkpoint.format import (FORMAT, MODEL_FILE, CheckpointError, file_entry, install_dir,
-                                         metadata_param_groups, rank_file,
-                                         temp_dir, tensor_key, write_metadata)
-    from dist8.checkpoint.torch_files import load_torch_file, weights_only_loads
-    from dist8.kernels import RULE_STATES, Rule
+    from dist8.checkpoint.format import CheckpointError
     from dist8.optim import get_optimizer_class
-    from dist8.quant import MAP_NAMES, dequantize_blockwise, get_map, num_blocks, quantize_blockwise
+    from dist8.optim.state_schema import STATE_DICT_INFO
 
     ckpt_dir, out = Path(ckpt_dir), Path(out)
     if not ckpt_dir.is_dir():
@@ -129,10 +141,56 @@ def _convert(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str | Non
     ckpt_dir, tag = _tag(ckpt_dir, tag)
     tdir = ckpt_dir / tag
     allowed = deepspeed_safe_globals()
+    model_file, model_states = _read_model_states(tdir, allowed)
+    rank_states = _read_rank_states(tdir, allowed)
+    zero = bool(rank_states)
+    if not zero:
+        base = _find_base_state(model_states.get("optimizer"))
+        if base is None:
+            raise CheckpointError(f"{model_file}: no optimizer state (saved without the optimizer?)")
+        rank_states.append((model_file, base))
+
+    first_file, first = rank_states[0]
+    info = first.get(STATE_DICT_INFO)
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{first_file}: optimizer state was not written by a dist8 optimizer "
+                              "(DeepSpeed config optimizer.type must be 'dist8.<Name>')")
+    groups_hyper = [hyperparameters_of(g) for g in first["param_groups"]]
+    opt = _checked_optimizer(get_optimizer_class(info["class"]), info, groups_hyper, first_file)
+
+    # Every piece of state is checked against the parameter shapes before DeepSpeed's code reads anything more.
+    shapes = _param_shapes(model_file, model_states, zero)
+    assembly = _StateAssembly(shapes, opt)
+    for fname, base in rank_states:
+        _add_rank_state(assembly, fname, base)
+    assembly.check_coverage(tdir)
+
+    # Model weights (fp32): ZeRO -> zero_to_fp32 (master weights); stage 0 -> the module state.
+    if zero:
+        _check_zero_to_fp32_inputs(tdir, {Path(f) for f, _ in [*rank_states, (model_file, None)]}, allowed)
+        weights = _zero_to_fp32_weights(ckpt_dir, tag, allowed)
+    else:
+        weights = model_states["module"]
+    weights = {k: v.detach().float().contiguous() for k, v in weights.items()}
+    entries = assembly.assemble(weights, f"{tdir}: zero_to_fp32" if zero else model_file)
+    names_in_order = [n for n in shapes if n in weights] or list(weights)
+    extra = {"converted_from": "deepspeed", "deepspeed_dir": str(ckpt_dir), "tag": tag,
+             "deepspeed_world_size": len(rank_states) if zero else 1,
+             "global_steps": model_states.get("global_steps"),
+             "global_samples": model_states.get("global_samples")}
+    return _write(out, opt, {n: weights[n] for n in names_in_order}, entries, groups_hyper, extra)
+
+
+def _read_model_states(tdir: Path, allowed: list) -> tuple[str, dict]:
+    """(file, contents) of the tag directory's one model-states file."""
+    from dist8.checkpoint.format import CheckpointError
+    from dist8.checkpoint.torch_files import load_torch_file
+
+    here = glob.escape(str(tdir))
     # ZeRO 0-2: mp_rank_00_model_states.pt; ZeRO-3: zero_pp_rank_R_mp_rank_00_model_states.pt per rank.
-    model_files = sorted(glob.glob(str(tdir / "mp_rank_*_model_states.pt")))
+    model_files = sorted(glob.glob(os.path.join(here, "mp_rank_*_model_states.pt")))
     if not model_files:
-        model_files = sorted(glob.glob(str(tdir / "zero_pp_rank_0_mp_rank_*_model_states.pt")))
+        model_files = sorted(glob.glob(os.path.join(here, "zero_pp_rank_0_mp_rank_*_model_states.pt")))
     if not model_files:
         raise CheckpointError(f"{tdir}: no mp_rank_*_model_states.pt (not a DeepSpeed checkpoint)")
     if len(model_files) > 1:
@@ -140,7 +198,38 @@ def _convert(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str | Non
     model_states = load_torch_file(model_files[0], allowed)
     if not isinstance(model_states, dict):
         raise CheckpointError(f"{model_files[0]}: not a DeepSpeed model-states dict")
-    optim_files = sorted(glob.glob(str(tdir / "*zero_pp_rank_*_optim_states.pt")),
+    return model_files[0], model_states
+
+
+def _param_shapes(model_file: str, model_states: dict, zero: bool) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of the trainable parameters: ZeRO's ``param_shapes`` (what zero_to_fp32 builds the
+    weights from; one dict per param group), else the module state's tensors."""
+    from dist8.checkpoint.format import CheckpointError
+
+    if not zero:
+        module = model_states.get("module")
+        if not isinstance(module, dict) or not all(isinstance(v, torch.Tensor) for v in module.values()):
+            raise CheckpointError(f"{model_file}: 'module' is not a dict of tensors")
+        return {n: tuple(v.shape) for n, v in module.items()}
+    shapes: dict[str, tuple[int, ...]] = {}
+    groups = model_states.get("param_shapes")
+    for entry in groups if isinstance(groups, (list, tuple)) else [None]:
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{model_file}: param_shapes must be a list of {{name: shape}} dicts, "
+                                  f"got {brief(groups)}")
+        for n, shape in entry.items():
+            if not (isinstance(shape, (list, tuple)) and all(_is_int(d) and d >= 0 for d in shape)):
+                raise CheckpointError(f"{model_file}: param_shapes gives parameter {brief(n)} the shape {brief(shape)}")
+            shapes[n] = tuple(int(d) for d in shape)
+    return shapes
+
+
+def _read_rank_states(tdir: Path, allowed: list) -> list[tuple[str, dict]]:
+    """(file, dist8 optimizer state dict) of every ZeRO rank file, in rank order (none without ZeRO)."""
+    from dist8.checkpoint.format import CheckpointError
+    from dist8.checkpoint.torch_files import load_torch_file
+
+    optim_files = sorted(glob.glob(os.path.join(glob.escape(str(tdir)), "*zero_pp_rank_*_optim_states.pt")),
                          key=lambda f: int(os.path.basename(f).split("zero_pp_rank_")[1].split("_")[0]))
     rank_states = []
     for f in optim_files:
@@ -149,132 +238,294 @@ def _convert(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str | Non
         if base is None:
             raise CheckpointError(f"{f}: no optimizer state dict found")
         rank_states.append((f, base))
-    zero = bool(rank_states)
-    if not zero:
-        base = _find_base_state(model_states.get("optimizer"))
-        if base is None:
-            raise CheckpointError(f"{model_files[0]}: no optimizer state (saved without the optimizer?)")
-        rank_states.append((model_files[0], base))
+    return rank_states
 
-    info = rank_states[0][1].get("dist8")
-    if info is None:
-        raise CheckpointError(f"{rank_states[0][0]}: optimizer state was not written by a dist8 optimizer "
-                              "(DeepSpeed config optimizer.type must be 'dist8.<Name>')")
-    cls = get_optimizer_class(info["class"])
-    B = int(info["block_size"])
-    rule = Rule[info["rule"]] if info.get("rule") in Rule.__members__ else cls.rule  # older saves: the class's
-    signs = RULE_STATES[rule]
+
+def _constructor_arguments(cls: type[Optimizer8bit], hyper: dict[str, Any]) -> dict[str, Any]:
+    """The entries of a saved param group that ``cls``'s constructor takes (not, e.g., a scheduler's
+    ``initial_lr``). Every key of a dist8 group is a constructor argument of its class or of the base."""
+    from dist8.optim import Optimizer8bit
+
+    names = set(inspect.signature(cls.__init__).parameters) | set(inspect.signature(Optimizer8bit.__init__).parameters)
+    names -= {"self", "params", "defaults", "args"}
+    return {k: v for k, v in hyper.items() if k in names}
+
+
+def _checked_optimizer(cls: type[Optimizer8bit], info: dict, groups_hyper: list[dict[str, Any]],
+                       where: str) -> Optimizer8bit:
+    """``cls`` built as the saved run built it, over one placeholder parameter: the saved block size and map
+    and the first param group's constructor arguments. The class's own checks refuse what it would refuse
+    at construction (naming the key), its ``validate_hyper`` checks every saved group, and the instance's
+    rule is the one those settings give (RMSprop: with a momentum buffer or not), which the saved
+    ``rule`` must be: the rule decides which states exist, and another one would drop or invent some."""
+    from dist8.checkpoint.format import CheckpointError
+    from dist8.quant import MAP_NAMES
+
     quant_map = info.get("quant_map", "dynamic")  # recorded since the fp8 map; older saves: the default
     if quant_map not in MAP_NAMES:
-        raise CheckpointError(f"{rank_states[0][0]}: optimizer state names quant_map={quant_map!r}, "
+        raise CheckpointError(f"{where}: optimizer state names quant_map={quant_map!r}, "
                               f"not one of {', '.join(MAP_NAMES)}")
-    qmaps = {s: get_map(quant_map, s) for s in (True, False)}
+    first = groups_hyper[0] if groups_hyper else {}
+    # master_weight_bits is refused over fp32 parameters only; the value itself is what is checked here
+    dtype = torch.float32 if first.get("master_weight_bits") is None else torch.bfloat16
+    placeholder = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
+    try:
+        opt = cls([placeholder], block_size=info.get("block_size"), quant_map=quant_map,
+                  **_constructor_arguments(cls, first))
+        for gi, hyper in enumerate(groups_hyper):
+            opt.validate_hyper(hyper, f"param group {gi}")
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: {cls.__name__} refuses the saved settings: {_message(exc)}") from None
+    saved_rule = info.get("rule")  # older saves: none, the class's
+    if saved_rule is not None and saved_rule != opt.rule.name:
+        raise CheckpointError(f"{where}: optimizer state says rule={saved_rule!r}, but {cls.__name__} with the saved "
+                              f"settings uses {opt.rule.name} (state of another optimizer?)")
+    return opt
 
-    # Model weights (fp32): ZeRO -> zero_to_fp32 (master weights); stage 0 -> the module state.
-    if zero:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+# The files DeepSpeed's zero_to_fp32 opens: every match of these in the tag directory, found by its own glob.
+_ZERO_TO_FP32_GLOBS = ("*_model_states.pt", "*_optim_states.pt")
+
+
+def _check_zero_to_fp32_inputs(tdir: Path, read: set[Path], allowed: list) -> None:
+    """Check every file zero_to_fp32 will ``torch.load``, as dist8 reads its own: inside the tag directory, a
+    regular file (a FIFO there hung the conversion, a symlink was followed out of the directory) and
+    loadable with ``weights_only`` (its own load of a crafted pickle ended in a multi-line traceback).
+    Files in ``read`` were loaded that way already."""
+    from dist8.checkpoint.files import member
+    from dist8.checkpoint.format import CheckpointError
+    from dist8.checkpoint.torch_files import load_torch_file
+
+    for pattern in _ZERO_TO_FP32_GLOBS:
+        for found in sorted(glob.glob(os.path.join(str(tdir), pattern))):  # unescaped, as zero_to_fp32 globs
+            path = Path(found)
+            if path.parent != tdir:  # a glob character in the directory's path matched another directory
+                raise CheckpointError(f"{found}: DeepSpeed's zero_to_fp32 would read it from outside {tdir} "
+                                      "(rename the directory without glob characters)")
+            member(tdir, path.name, str(tdir))
+            if path not in read:
+                load_torch_file(path, allowed)
+
+
+def _zero_to_fp32_weights(ckpt_dir: Path, tag: str, allowed: list) -> dict[str, torch.Tensor]:
+    """The fp32 master weights, by DeepSpeed's ``zero_to_fp32``, with its failures as one line."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from dist8.checkpoint.format import CheckpointError
+    from dist8.checkpoint.torch_files import weights_only_loads
+
+    try:
         with weights_only_loads(allowed):  # zero_to_fp32 asks torch.load for weights_only=False
             weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    else:
-        weights = model_states["module"]
-    weights = {k: v.detach().float().contiguous() for k, v in weights.items()}
-    param_shapes: dict[str, tuple[int, ...]] = {}
-    for entry in model_states.get("param_shapes") or []:
-        for n, s in entry.items():
-            param_shapes[n] = tuple(s)
-    if not param_shapes:
-        param_shapes = {n: tuple(v.shape) for n, v in weights.items()}
+    except Exception as exc:  # noqa: BLE001 - DeepSpeed's own code, which fails in many ways on a bad checkpoint
+        raise CheckpointError(f"{ckpt_dir / tag}: DeepSpeed's zero_to_fp32 cannot read it "
+                              f"({type(exc).__name__}: {_message(exc)[:300]})") from None
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{ckpt_dir / tag}: DeepSpeed's zero_to_fp32 returned {type(weights).__name__}")
+    return weights
 
-    # Collect per-parameter pieces of dequantized state.
-    full: dict[str, dict[str, Any]] = {}
 
-    def put(name, shape, start, st):
-        numel = math.prod(shape)
-        entry = full.setdefault(name, {"shape": tuple(shape), "step": 0, "8bit": False, "covered": 0,
-                                       **{f"state{i}": torch.zeros(numel) for i in range(1, len(signs) + 1)}})
-        for i in range(1, len(signs) + 1):
-            s = st[f"state{i}"]
-            if s.dtype == torch.uint8:
-                entry["8bit"] = True
-                s = dequantize_blockwise(s.reshape(-1), st[f"absmax{i}"].float(), qmaps[signs[i - 1]], B)
-            s = s.reshape(-1).float()
-            entry[f"state{i}"][start:start + s.numel()] = s
-        entry["covered"] += st["state1"].numel()
-        entry["step"] = max(entry["step"], int(st.get("step", 0)))
-        if "gnorm_vec" in st:
-            entry["gnorm_vec"] = st["gnorm_vec"].float()
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
-    groups_hyper = None
-    for fname, base in rank_states:
-        names = base.get("dist8", {}).get("names", {})
-        if groups_hyper is None:
-            groups_hyper = [hyperparameters_of(g) for g in base["param_groups"]]
-        for pid, st in base["state"].items():
-            if "segments" in st:
-                for name, start, shape, seg in zip(st["segment_names"], st["segment_starts"], st["segment_shapes"],
-                                                   st["segments"]):
-                    if seg is not None:
-                        put(name, tuple(shape), int(start), seg)
-            elif "state1" in st:
-                name = names.get(pid)
-                if name is None:
-                    raise CheckpointError(f"{fname}: optimizer state {pid} has no parameter name")
-                put(name, tuple(st["state1"].shape), 0, st)
-    for name, entry in full.items():
-        if entry["covered"] != math.prod(entry["shape"]):
-            raise CheckpointError(f"{ckpt_dir}: state of parameter {name} covers {entry['covered']} of "
-                                  f"{math.prod(entry['shape'])} elements (missing rank files?)")
 
-    # Write the dist8 checkpoint (world size 1; loads at any world size).
-    names_in_order = [n for n in param_shapes if n in weights] or list(weights)
+_SEGMENT_KEYS = ("segment_names", "segment_starts", "segment_shapes", "segments")
+
+
+def _add_rank_state(assembly: _StateAssembly, fname: str, base: dict) -> None:
+    """Add one rank file's optimizer state (segments of flat partitions, or whole parameters) to ``assembly``."""
+    from dist8.checkpoint.format import CheckpointError
+    from dist8.optim.state_schema import STATE_DICT_INFO, state_key
+
+    info = base.get(STATE_DICT_INFO)
+    names = info.get("names", {}) if isinstance(info, dict) else {}
+    state = base["state"]
+    if not isinstance(state, dict) or not isinstance(names, dict):
+        raise CheckpointError(f"{fname}: optimizer state and {STATE_DICT_INFO}.names must be dicts")
+    for pid, st in state.items():
+        where = f"{fname}: optimizer state {pid}"
+        if not isinstance(st, dict):
+            raise CheckpointError(f"{where} is {brief(st)}, not a dict")
+        if "segments" in st:
+            lists = [st.get(k) for k in _SEGMENT_KEYS]
+            if not all(isinstance(v, (list, tuple)) for v in lists) or len({len(v) for v in lists}) != 1:
+                raise CheckpointError(f"{where}: {', '.join(_SEGMENT_KEYS)} must be lists of one length "
+                                      "(a segment's name, start, parameter shape and state)")
+            for i, (name, start, shape, seg) in enumerate(zip(*lists)):
+                if seg is not None:  # a segment never stepped
+                    assembly.add(f"{where} segment {i}", name, start, seg, shape)
+        elif state_key(1) in st:
+            name = names.get(pid)
+            if name is None:
+                raise CheckpointError(f"{where} has no parameter name")
+            assembly.add(where, name, 0, st, None)
+
+
+class _StateAssembly:
+    """Whole-parameter fp32 state put together from the rank files' pieces (segments or whole parameters).
+
+    :meth:`add` checks each piece before anything is allocated: the optimizer's own state check
+    (``state_schema.check_state``, what ``load_state_dict`` uses: keys of the rule, dtypes, lengths,
+    absmax finite and >= 0, step a whole number >= 0, ...), its start and shape against the parameter's
+    shape in ``shapes``; :meth:`check_coverage` then asks for every element covered exactly once, and
+    :meth:`assemble` (after the weights are read) dequantizes the pieces into whole parameters.
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], opt: Optimizer8bit) -> None:
+        self.shapes = shapes
+        self.rule, self.block_size, self.quant_map = opt.rule, opt.block_size, opt.quant_map
+        # name -> (start, stop, where, checked state) of each piece
+        self.pieces: dict[str, list[tuple[int, int, str, dict[str, Any]]]] = {}
+
+    def add(self, where: str, name: Any, start: Any, st: Any, saved_shape: Any) -> None:
+        """Piece ``st`` of parameter ``name`` from element ``start``; ``saved_shape`` (a segment's record of its
+        parameter's shape) or None for a whole parameter, whose state has the parameter's shape."""
+        from dist8.checkpoint.format import CheckpointError
+        from dist8.optim.state_schema import is_8bit_state, state_key
+
+        param_shape = self.shapes.get(name) if isinstance(name, str) else None
+        if param_shape is None:
+            raise CheckpointError(f"{where}: state of parameter {brief(name)}, which the checkpoint's model does "
+                                  "not have (another model's rank file?)")
+        numel = math.prod(param_shape)
+        if saved_shape is None:
+            shape = param_shape
+        else:
+            if not (isinstance(saved_shape, (list, tuple)) and all(_is_int(d) for d in saved_shape)
+                    and tuple(saved_shape) == param_shape):
+                raise CheckpointError(f"{where}: segment_shapes says parameter {name} has shape {brief(saved_shape)}, "
+                                      f"the checkpoint's model {param_shape}")
+            first = st.get(state_key(1)) if isinstance(st, dict) else None
+            shape = (first.numel(),) if isinstance(first, torch.Tensor) else (0,)  # segments are flat
+        if not (_is_int(start) and 0 <= start <= numel - math.prod(shape)):
+            raise CheckpointError(f"{where}: a segment of {math.prod(shape)} elements starting at {brief(start)} "
+                                  f"does not fit parameter {name} ({numel} elements)")
+        checked = self._checked(where, name, st, shape)
+        earlier = self.pieces.setdefault(name, [])
+        if earlier and is_8bit_state(earlier[0][3]) != is_8bit_state(checked):
+            kinds = [f"{8 if is_8bit_state(st) else 32}-bit" for st in (checked, earlier[0][3])]
+            raise CheckpointError(f"{where}: parameter {name} has {kinds[0]} state here, {kinds[1]} state in "
+                                  f"{earlier[0][2]} (mixed rank files?)")
+        earlier.append((int(start), int(start) + math.prod(shape), where, checked))
+
+    def _checked(self, where: str, name: str, st: Any, shape: tuple[int, ...]) -> dict[str, Any]:
+        from dist8.checkpoint.format import CheckpointError
+        from dist8.optim.state_schema import check_state
+
+        try:  # DeepSpeed's partitions are fp32: no master-weight correction
+            return check_state(self.rule, name, st, shape, torch.device("cpu"), block_size=self.block_size,
+                               correction=None, copy=False)
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{where}: {_message(exc)}") from None
+
+    def check_coverage(self, tdir: Path) -> None:
+        """Every element of a parameter with state covered by exactly one piece (counting elements, two pieces
+        over the same range -- a duplicated or mixed rank file -- passed and left another range zero)."""
+        from dist8.checkpoint.format import CheckpointError
+
+        for name, pieces in self.pieces.items():
+            numel, covered, last, gap_end = math.prod(self.shapes[name]), 0, "", None
+            for start, stop, where, _ in sorted(pieces, key=lambda piece: piece[:2]):
+                if start < covered:
+                    raise CheckpointError(f"{where}: state of parameter {name} for elements [{start}, {stop}) "
+                                          f"overlaps the piece of {last} (a duplicated or mixed rank file?)")
+                if start > covered:
+                    gap_end = start
+                    break
+                covered, last = stop, where
+            if covered != numel:
+                raise CheckpointError(f"{tdir}: parameter {name} has no state for elements [{covered}, "
+                                      f"{gap_end or numel}) of {numel} (missing rank files?)")
+
+    def assemble(self, weights: dict[str, torch.Tensor], source: str) -> dict[str, dict[str, Any]]:
+        """``{name: {"step", "8bit", "state{i}" (fp32, dequantized), "gnorm_vec"?}}`` of every parameter with
+        state; ``weights`` (read by ``source``) must have the shapes the pieces were checked against."""
+        from dist8.checkpoint.format import CheckpointError
+        from dist8.optim.state_schema import (GNORM, STEP, absmax_key, is_8bit_state, is_signed, state_indices,
+                                              state_key)
+        from dist8.quant import dequantize_blockwise, get_map
+
+        qmaps = {s: get_map(self.quant_map, s) for s in (True, False)}
+        entries = {}
+        for name, pieces in self.pieces.items():
+            weight = weights.get(name)
+            if weight is None or tuple(weight.shape) != self.shapes[name]:
+                raise CheckpointError(f"{source}: weights of parameter {name} are "
+                                      f"{brief(weight if weight is None else tuple(weight.shape))}, its state has "
+                                      f"shape {self.shapes[name]}")
+            is8 = is_8bit_state(pieces[0][3])
+            entry: dict[str, Any] = {STEP: 0, "8bit": is8}
+            for i in state_indices(self.rule):
+                entry[state_key(i)] = torch.zeros(weight.numel())
+                for start, stop, _, st in pieces:
+                    s = st[state_key(i)].reshape(-1)
+                    if is8:
+                        s = dequantize_blockwise(s, st[absmax_key(i)], qmaps[is_signed(self.rule, i)], self.block_size)
+                    entry[state_key(i)][start:stop] = s.reshape(-1).float()
+            for _, _, _, st in pieces:
+                entry[STEP] = max(entry[STEP], st[STEP])
+                if GNORM in st:
+                    entry[GNORM] = st[GNORM]
+            entries[name] = entry
+        return entries
+
+
+def _write(out: Path, opt: Optimizer8bit, weights: dict[str, torch.Tensor], entries: dict[str, dict[str, Any]],
+           groups_hyper: list[dict[str, Any]], extra: dict[str, Any]) -> str:
+    """Write the world-size-1 dist8 checkpoint (loads at any world size); nothing before every check passed."""
+    from safetensors.torch import save_file
+
+    from dist8.checkpoint.format import (FORMAT, MODEL_FILE, file_entry, install_dir, metadata_param_groups,
+                                         rank_file, temp_dir, tensor_key, write_metadata)
+    from dist8.checkpoint.model_file import write_model_file
+    from dist8.optim.state_schema import GNORM, STEP, absmax_key, is_signed, state_indices, state_key
+    from dist8.quant import get_map, num_blocks, quantize_blockwise
+    from dist8.version import __version__
+
+    B = opt.block_size
+    qmaps = {s: get_map(opt.quant_map, s) for s in (True, False)}
     tensors: dict[str, torch.Tensor] = {}
     pieces = []
     params_meta = []
     block = 0
-    step = max([e["step"] for e in full.values()], default=0)
-    for name in names_in_order:
-        shape = tuple(weights[name].shape)
+    for name, weight in weights.items():
+        shape = tuple(weight.shape)
         numel = math.prod(shape)
         nb = num_blocks(numel, B)
         params_meta.append({"name": name, "shape": list(shape), "dtype": "float32", "first_block": block,
                             "n_blocks": nb, "group": 0, "block_size": B, "state": {}})
         block += nb
-        entry = full.get(name)
+        entry = entries.get(name)
         if entry is None:
             if numel:
                 pieces.append([name, 0, numel, 0])  # never stepped: no state
             continue
-        for i in range(1, len(signs) + 1):
-            vals = entry[f"state{i}"]
+        for i in state_indices(opt.rule):
+            vals = entry[state_key(i)]
             if entry["8bit"]:
-                codes, absmax = quantize_blockwise(vals, qmaps[signs[i - 1]], B)
-                tensors[tensor_key(name, f"state{i}")] = codes.contiguous()
-                tensors[tensor_key(name, f"absmax{i}")] = absmax.contiguous()
+                codes, absmax = quantize_blockwise(vals, qmaps[is_signed(opt.rule, i)], B)
+                tensors[tensor_key(name, state_key(i))] = codes.contiguous()
+                tensors[tensor_key(name, absmax_key(i))] = absmax.contiguous()
             else:
-                tensors[tensor_key(name, f"state{i}")] = vals.contiguous()
-        if "gnorm_vec" in entry:
-            tensors[tensor_key(name, "gnorm_vec")] = entry["gnorm_vec"].contiguous()
-        pieces.append([name, 0, numel, entry["step"]])
+                tensors[tensor_key(name, state_key(i))] = vals.contiguous()
+        if GNORM in entry:
+            tensors[tensor_key(name, GNORM)] = entry[GNORM].contiguous()
+        pieces.append([name, 0, numel, entry[STEP]])
         params_meta[-1]["state"] = {k.split("::")[-1]: str(v.dtype).split(".")[-1] for k, v in tensors.items()
                                     if k.rpartition("::")[0] == name}
-    groups_meta = metadata_param_groups((groups_hyper or [])[:1])  # refused before any file is written
+    groups_meta = metadata_param_groups(groups_hyper[:1])  # refused before any file is written
     tmp = temp_dir(out)
     fname = rank_file(0, 1)
     save_file(tensors, str(tmp / fname), metadata={"format": FORMAT})
-    write_model_file(tmp / MODEL_FILE, {n: weights[n] for n in names_in_order}, {"format": FORMAT})
+    write_model_file(tmp / MODEL_FILE, weights, {"format": FORMAT})
     files = {f: file_entry(tmp / f) for f in (fname, MODEL_FILE)}
-
     meta = {
         "dist8_version": __version__,
-        "torch_version": torch.__version__, "block_size": B, "world_size": 1, "step": step,
-        "optimizer": {"class": cls.__name__, "rule": rule.name, "quant_map": quant_map, "block_wise": True,
-                      "param_groups": groups_meta},
-        "params": params_meta, "pieces": {"0": pieces}, "files": files,
-        "extra": {"converted_from": "deepspeed", "deepspeed_dir": str(ckpt_dir), "tag": tag,
-                  "deepspeed_world_size": len(rank_states) if zero else 1,
-                  "global_steps": model_states.get("global_steps"),
-                  "global_samples": model_states.get("global_samples")},
+        "torch_version": torch.__version__, "block_size": B, "world_size": 1,
+        "step": max([e[STEP] for e in entries.values()], default=0),
+        "optimizer": {"class": type(opt).__name__, "rule": opt.rule.name, "quant_map": opt.quant_map,
+                      "block_wise": True, "param_groups": groups_meta},
+        "params": params_meta, "pieces": {"0": pieces}, "files": files, "extra": extra,
     }
     write_metadata(tmp, meta)
     install_dir(tmp, out)
