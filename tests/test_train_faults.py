@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from train_utils import REPO, assert_trained, child_env, run, tiny_sets, torchrun_cmd, train_cmd
+from train_utils import REPO, assert_trained, child_env, fault_env, run, tiny_sets, torchrun_cmd, train_cmd
 from dist8.train.config import ConfigError, load_config
 from dist8.train.report import read_metrics
 
@@ -42,7 +42,7 @@ def test_killed_rank_restarts_resumes_and_matches(tmp_path):
     _ok(run(torchrun_cmd(*tiny_sets(ref, **{"sharding.mode": mode}))))
     faulty = tmp_path / "faulty"
     sets = tiny_sets(faulty, **{"sharding.mode": mode, "train.fault_kill_step": 25, "train.fault_rank": 1})
-    result = run(torchrun_cmd(*sets, "--resume", "auto", extra=["--max-restarts=1"]))
+    result = run(torchrun_cmd(*sets, "--resume", "auto", extra=["--max-restarts=1"]), env=fault_env())
     _ok(result)
     assert "fault injection: rank 1 SIGKILLs itself at step 25" in result.stderr
     assert "resumed from" in result.stdout and "at step 20" in result.stdout

@@ -24,7 +24,7 @@ from dist8.train.guards import check_fits
 from dist8.train.model import GPT, GPTConfig
 from dist8.train.report import read_metrics
 from dist_utils import run_ranks
-from train_utils import REPO, launch_cmd, mode_available, run, tiny_sets, train_cmd
+from train_utils import REPO, fault_env, launch_cmd, mode_available, run, tiny_sets, train_cmd
 
 
 def _error_lines(result: subprocess.CompletedProcess) -> list[str]:
@@ -49,7 +49,7 @@ RUNS = {
 def test_a_step_with_nan_gradients_changes_no_parameter_and_is_counted(tmp_path, name):
     sets = tiny_sets(tmp_path, steps=4, **{"checkpoint.every": 1, "checkpoint.keep": 4, "sharding.mode": "ddp",
                                            "train.fault_nan_grad_step": 3, "train.fault_rank": 0})
-    result = run(train_cmd(*RUNS[name], *sets))
+    result = run(train_cmd(*RUNS[name], *sets), env=fault_env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 3: gradients hold inf/NaN" in result.stdout
     weights = {s: _weights(tmp_path / "ckpt" / f"step-0000000{s}") for s in (1, 2, 3, 4)}
@@ -75,7 +75,7 @@ def test_nan_gradients_on_one_rank_for_too_long_stop_every_rank_in_one_line(tmp_
     sets = tiny_sets(tmp_path, steps=20, **{"sharding.mode": mode, "checkpoint.dir": "null",
                                             "train.fault_nan_grad_step": 2, "train.fault_nan_grad_count": 100,
                                             "train.fault_rank": 1, "train.max_nonfinite_steps": 2})
-    result = run(launch_cmd(*sets), timeout=300)
+    result = run(launch_cmd(*sets), timeout=300, env=fault_env())
     assert result.returncode == 2, result.stderr[-3000:]
     assert _error_lines(result) == [
         "dist8 train: error: gradients held inf/NaN in 3 consecutive steps (the last at step 4), more than "
@@ -109,7 +109,8 @@ def test_data_one_rank_cannot_read_is_refused_on_every_rank_before_the_first_col
     refuses now, the others naming the rank."""
     said = run_ranks(_train_where_one_rank_cannot_read_the_data, 2, str(tmp_path), tmp_path=tmp_path)
     assert said[1].startswith("config key data.path: cannot read"), said
-    assert said[0].startswith("reading the data and sizing the model failed on rank 1: config key data.path"), said
+    assert said[0].startswith("reading the data, sizing the model and creating output.dir failed on rank 1: "
+                              "config key data.path"), said
 
 
 def test_model_and_batch_sizes_beyond_memory_are_refused_naming_the_keys():

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from dist_utils import free_port
 
-__all__ = ["REPO", "child_env", "free_port", "launch_cmd", "mode_available", "run", "tiny_sets", "torchrun_cmd",
-           "train_cmd"]
+__all__ = ["REPO", "child_env", "fault_env", "free_port", "launch_cmd", "mode_available", "run", "tiny_sets",
+           "torchrun_cmd", "train_cmd"]
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "tiny-gpt.yaml"
@@ -23,6 +23,13 @@ def child_env(**extra: str) -> dict[str, str]:
     env.pop("LOCAL_RANK", None)
     env.update(extra)
     return env
+
+
+def fault_env(**extra: str) -> dict[str, str]:
+    """:func:`child_env` for runs that use the test-only ``train.fault_*`` keys (refused without it)."""
+    from dist8.train.config import FAULTS_ENV
+
+    return child_env(**{FAULTS_ENV: "1"}, **extra)
 
 
 def mode_available(mode: str) -> bool:

@@ -110,7 +110,8 @@ def _prepare(args: argparse.Namespace):
     cfg = load_config(config_path, args.sets)
     for note in fit_to_optimizer(cfg):
         _note(note)
-    check_mode_available(cfg)
+    for note in check_mode_available(cfg):
+        _note(note)
     if args.nproc_per_node is not None and args.nproc_per_node < 1:
         raise ConfigError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
     if args.resume not in (None, "auto") and not os.path.isdir(args.resume):

@@ -14,9 +14,10 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from dist8.train.yaml_io import MAX_BYTES, YamlError, load_yaml
+from dist8.train.yaml_io import MAX_BYTES, DuplicateKeyError, YamlError, load_yaml
 
 __all__ = [
     "CheckpointConfig",
@@ -30,8 +31,10 @@ __all__ = [
     "TrainConfig",
     "MODEL_DTYPES",
     "SHARDING_MODES",
+    "FAULTS_ENV",
     "apply_overrides",
     "applicable_optimizer_args",
+    "check_override_patterns",
     "config_to_dict",
     "fit_to_optimizer",
     "load_config",
@@ -41,6 +44,12 @@ MODEL_DTYPES = ("fp32", "bf16", "fp16")
 SHARDING_MODES = ("ddp", "dist8-zero1", "dist8-zero2", "fsdp2", "deepspeed")
 TORCH_OPTIMIZERS = ("torch.adamw", "torch.adam", "torch.sgd")
 INT_LIMIT = 2**63
+# The test-only train.fault_* keys (dist8.train.faults: SIGKILL a rank, NaN gradients) are refused unless the
+# environment sets this to 1: a user config holding one would kill or corrupt a real run.
+FAULTS_ENV = "DIST8_TRAIN_TEST_FAULTS"
+# optimizer.args keys the job sets itself, anywhere in optimizer.args (overrides included): the value a
+# config gave would replace the job's and the metrics would log the job's.
+JOB_OWNED_ARGS = {"lr": "set the learning rate with train.lr (the schedule drives it)"}
 
 
 class ConfigError(ValueError):
@@ -205,6 +214,9 @@ def _build_section(cls: type, raw: Any, section: str) -> Any:
         if key not in names:
             public = [n for n in names if not n.startswith("fault_")]
             raise ConfigError(f"unknown config key {section}.{key}; valid keys of {section!r}: {', '.join(public)}")
+        if key.startswith("fault_") and os.environ.get(FAULTS_ENV) != "1":
+            raise ConfigError(f"config key {section}.{key} is test-only fault injection (it kills or corrupts the "
+                              f"run); refused unless the environment sets {FAULTS_ENV}=1")
         kwargs[key] = _check_number(_coerce(value, hints[key], f"{section}.{key}"), f"{section}.{key}")
     return cls(**kwargs)
 
@@ -219,6 +231,19 @@ def _check_number(value: Any, where: str) -> Any:
     return value
 
 
+def _check_numbers_within(value: Any, where: str) -> None:
+    """:func:`_check_number` on every number inside a mapping/list (``optimizer.args`` is free-form: a
+    400-digit ``eps`` reached the optimizer as an OverflowError traceback)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_numbers_within(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_numbers_within(item, f"{where}[{i}]")
+    else:
+        _check_number(value, where)
+
+
 def config_from_dict(raw: Any) -> Config:
     """Build and validate a :class:`Config` from a parsed YAML mapping."""
     raw = _mapping(raw, "config must be a mapping of sections")
@@ -230,6 +255,7 @@ def config_from_dict(raw: Any) -> Config:
             raise ConfigError(f"unknown config section {key!r}; valid sections: {', '.join(sections)}")
         kwargs[key] = _build_section(hints[key], value, key)
     cfg = Config(**kwargs)
+    _check_numbers_within(cfg.optimizer.args, "optimizer.args")
     validate(cfg)
     return cfg
 
@@ -272,6 +298,9 @@ def validate(cfg: Config) -> None:
         check_gradient_release(cfg)
     if t.weight_grad_chunk is not None:
         check_weight_grad_chunk(cfg)
+    check_directory_path(cfg.output.dir, "output.dir")
+    if c.dir:
+        check_directory_path(c.dir, "checkpoint.dir")
     if c.every < 0 or c.keep < 1:
         raise ConfigError(f"config keys checkpoint.every (>= 0) / checkpoint.keep (>= 1) out of range: {c.every}, {c.keep}")
     check_optimizer(o.name, o.args, m.dtype)
@@ -284,6 +313,20 @@ def validate(cfg: Config) -> None:
                               f"moments for fp16 parameters and its eps={eps:g} is 0 in fp16, so the step divides "
                               "by zero (loss NaN within a few steps); use model.dtype: bf16, or a dist8 optimizer "
                               "(fp32 arithmetic on 8-bit state)")
+
+
+def check_directory_path(path: str, key: str) -> None:
+    """Refuse, naming ``key``, a directory path that cannot be one: an existing non-directory, or a path
+    under a regular file (mkdir failed with a traceback at the first write, after the model was built).
+    ``{optimizer}`` in it stays a literal here; it does not change which parts exist."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"config key {key}: {path!r} exists and is not a directory")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"config key {key}: {path!r} cannot be created: {str(parent)!r} is not a directory")
+            return
 
 
 def check_gradient_release(cfg: Config) -> None:
@@ -358,26 +401,79 @@ def torch_dtype(name: str) -> Any:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
+# The config check's stand-in parameter; its name is replaced by the pattern in the optimizer's messages.
+_DUMMY = "__dist8_config_check__"
+
+
 def check_optimizer(name: str, args: dict[str, Any], model_dtype: str = "fp32") -> None:
     """Fail early on a bad optimizer name or arguments by building it on a dummy parameter.
 
     The dummy has the model's parameter dtype, so arguments that depend on it
     (``master_weight_bits`` needs bf16/fp16 parameters) are checked by the optimizer itself.
+    Each ``overrides`` pattern's settings are checked on the dummy too; whether the pattern names
+    a parameter is checked against the model's names once it exists (:func:`check_override_patterns`).
     """
     import torch
 
     cls = optimizer_class(name)
-    if "lr" in args:
-        raise ConfigError("config key optimizer.args.lr: set the learning rate with train.lr (the schedule drives it)")
+    overrides = _override_items(args.get("overrides"))
+    _refuse_job_owned(args, "optimizer.args")
+    for pattern, settings in overrides:
+        _refuse_job_owned(settings, f"optimizer.args.overrides[{pattern!r}]")
     dummy = torch.zeros(4, dtype=torch_dtype(model_dtype), requires_grad=True)
-    params = [("dummy", dummy)]
     if is_torch_optimizer(name):  # arguments that do not apply are dropped (fit_to_optimizer)
-        params, args = [dummy], applicable_optimizer_args(cls, args)[0]
+        _build_on(cls, [dummy], applicable_optimizer_args(cls, args)[0], "optimizer.args")
+        return
+    plain = {k: v for k, v in args.items() if k != "overrides"}
+    _build_on(cls, [(_DUMMY, dummy)], plain, "optimizer.args")
+    for pattern, settings in overrides:
+        _build_on(cls, [(_DUMMY, dummy)], dict(plain, overrides={_DUMMY: settings}),
+                  f"optimizer.args.overrides[{pattern!r}]", pattern)
+
+
+def _build_on(cls: type, params: list, args: dict[str, Any], where: str, pattern: str | None = None) -> None:
+    """Build ``cls`` on the dummy; its refusal becomes a ConfigError naming ``where``."""
     try:
         cls(params, lr=1e-3, **args)
-    except (TypeError, ValueError, KeyError) as exc:
+    except (TypeError, ValueError, KeyError, OverflowError) as exc:
         msg = " ".join(str(exc).split())
-        raise ConfigError(f"config key optimizer.args is not valid for {cls.__name__}: {msg}") from None
+        if pattern is not None:
+            msg = msg.replace(repr(_DUMMY), repr(pattern))
+        raise ConfigError(f"config key {where} is not valid for {cls.__name__}: {msg}") from None
+
+
+def _override_items(overrides: Any) -> list[tuple[str, dict[str, Any]]]:
+    """``optimizer.args.overrides`` as (pattern, settings) pairs, its shape checked."""
+    if overrides is None:
+        return []
+    if not isinstance(overrides, dict):
+        raise ConfigError("config key optimizer.args.overrides must be a mapping of parameter-name pattern -> "
+                          f"settings, got {type(overrides).__name__} {_short(overrides)}")
+    for pattern, settings in overrides.items():
+        if not isinstance(pattern, str) or not isinstance(settings, dict):
+            raise ConfigError(f"config key optimizer.args.overrides[{pattern!r}] must map a parameter-name pattern "
+                              f"(a string) to a mapping of settings, got {type(settings).__name__} {_short(settings)}")
+    return list(overrides.items())
+
+
+def _refuse_job_owned(args: dict[str, Any], where: str) -> None:
+    for key, why in JOB_OWNED_ARGS.items():
+        if key in args:
+            raise ConfigError(f"config key {where}.{key}: {why}; a value here would replace the job's while the "
+                              "metrics log the job's")
+
+
+def check_override_patterns(args: dict[str, Any], names: list[str]) -> None:
+    """Refuse an ``optimizer.args.overrides`` pattern that matches none of the model's parameter ``names``
+    (a typo would leave the parameter at the defaults). Called once the model exists, before the optimizer
+    is built; every rank builds the same model, so every rank refuses alike."""
+    from dist8.optim.config import check_overrides_match
+
+    overrides = dict(_override_items(args.get("overrides")))
+    try:
+        check_overrides_match(overrides, names)
+    except ValueError as exc:
+        raise ConfigError(f"config key optimizer.args.overrides: {' '.join(str(exc).split())}") from None
 
 
 def is_torch_optimizer(name: str) -> bool:
@@ -433,6 +529,8 @@ def apply_overrides(raw: dict, sets: list[str]) -> dict:
             raise ConfigError(f"--set key must be section.key (e.g. train.steps), got {key!r}")
         try:
             value = load_yaml(text, f"--set {key}")
+        except DuplicateKeyError as exc:  # plain YAML, but it says one thing twice
+            raise ConfigError(str(exc)) from None
         except YamlError:
             value = text  # not plain YAML (e.g. a glob such as *.txt): the text itself; the key's type check applies
         node = raw
@@ -459,7 +557,10 @@ def load_config(path: str | os.PathLike | None, sets: list[str] | None = None) -
             raise ConfigError(f"config {str(path)!r} is not UTF-8 text: {exc.reason}") from None
         except YamlError as exc:
             raise ConfigError(str(exc)) from None
-        if raw is not None and not isinstance(raw, dict):
+        if raw is None:  # empty or only comments: most likely a file that lost its contents, not "all defaults"
+            raise ConfigError(f"config {str(path)!r} is empty (no sections, only comments or blank); write the "
+                              "sections to change, or run without --config for the built-in defaults")
+        if not isinstance(raw, dict):
             raise ConfigError(f"config {str(path)!r} must be a mapping of sections, got {type(raw).__name__}")
     raw = _deep_copy(raw or {})
     raw = apply_overrides(raw, list(sets or []))

@@ -34,8 +34,10 @@ def _list_files(root: Path, pattern: str) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
         for name in filenames:
-            if fnmatch.fnmatch(name, pattern):
-                files.append(Path(dirpath) / name)
+            path = Path(dirpath) / name
+            # regular files only: reading a FIFO (or a device) waits for a writer forever
+            if fnmatch.fnmatch(name, pattern) and path.is_file():
+                files.append(path)
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -81,6 +83,8 @@ def load_corpus(cfg: DataConfig, seq_len: int) -> ByteCorpus:
     train_cap = max(cfg.max_bytes - val_cap, seq_len + 2)
     root = Path(cfg.path) if cfg.path is not None else stdlib_dir()
     source = str(root) if cfg.path is not None else f"CPython stdlib ({root})"
+    if not root.is_file() and not root.is_dir():  # a FIFO or device: reading it would wait forever
+        raise ConfigError(f"config key data.path: {str(root)!r} is neither a regular file nor a directory")
     if root.is_file():
         # One file: the last val_fraction of its bytes is the validation split.
         try:

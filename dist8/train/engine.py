@@ -98,8 +98,11 @@ def _import(name: str, attr: str | None = None) -> Any:
     return getattr(module, attr) if attr else module
 
 
-def check_mode_available(cfg: Config) -> None:
-    """Raise ConfigError('... mode not available: ...') unless the sharding mode can run here."""
+def check_mode_available(cfg: Config) -> list[str]:
+    """Raise ConfigError('... mode not available: ...') unless the sharding mode can run here.
+
+    Under ``deepspeed`` also reads and checks ``sharding.deepspeed_config`` (:func:`check_deepspeed_config`);
+    returns notes for the user (its optimizer section, unused)."""
     mode = cfg.sharding.mode
     needs = {
         "ddp": [],
@@ -126,6 +129,8 @@ def check_mode_available(cfg: Config) -> None:
 
         if not os.path.isfile(path):
             raise ConfigError(f"config key sharding.deepspeed_config: {path!r} does not exist")
+        return check_deepspeed_config(cfg)
+    return []
 
 
 def build_engine(cfg: Config, model: nn.Module, device: torch.device) -> Engine:
@@ -236,17 +241,10 @@ def _adapter_deepspeed(cfg: Config, model: nn.Module, opt_cls, opt_args, device)
     two cannot disagree. The dist8 optimizer instance goes through
     ``dist8.integrations.deepspeed.initialize(...)`` (per-parameter state in ZeRO's flat partitions).
     """
-    import json
-
     from dist8.integrations.deepspeed import initialize as deepspeed_initialize
 
-    with open(cfg.sharding.deepspeed_config, encoding="utf-8") as f:
-        ds_config = json.load(f)
-    t = cfg.train
-    ds_config.update(train_micro_batch_size_per_gpu=t.batch_size, gradient_accumulation_steps=t.grad_accum,
-                     gradient_clipping=t.clip)
-    ds_config.pop("train_batch_size", None)
-    ds_config.pop("optimizer", None)
+    ds_config = deepspeed_json(cfg)
+    ds_config.pop("optimizer", None)  # checked to agree with the job's (check_deepspeed_config); the job's decides
     optimizer = opt_cls(list(model.named_parameters()), **opt_args)
     engine, ds_optimizer, _, _ = deepspeed_initialize(model=model, optimizer=optimizer, config=ds_config)
 
@@ -259,3 +257,119 @@ def _adapter_deepspeed(cfg: Config, model: nn.Module, opt_cls, opt_args, device)
                   clip_grad_norm=clip_fn, owns_accumulation=True,
                   nonfinite_skips=skip_counter(optimizer),  # the dist8 optimizer inside DeepSpeed's wrapper
                   description=f"DeepSpeed x{dist.get_world_size()}")
+
+
+def deepspeed_json(cfg: Config) -> dict[str, Any]:
+    """``sharding.deepspeed_config`` read (a JSON object, else a ConfigError naming the file), with its batch
+    sizes and clipping set from ``train.*`` so the two cannot disagree."""
+    from dist8.integrations.deepspeed_config import load_config
+
+    try:
+        ds_config = load_config(cfg.sharding.deepspeed_config)
+    except ValueError as exc:
+        raise ConfigError(f"config key sharding.deepspeed_config: {' '.join(str(exc).split())}") from None
+    t = cfg.train
+    ds_config.update(train_micro_batch_size_per_gpu=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+                     gradient_clipping=t.clip)
+    ds_config.pop("train_batch_size", None)
+    return ds_config
+
+
+def check_deepspeed_config(cfg: Config) -> list[str]:
+    """Refuse, in one line naming the file, a DeepSpeed JSON the job would not run as written: not a JSON
+    object, a ``scheduler`` section (``train.lr``/``train.schedule`` set the learning rate), an ``optimizer``
+    section that disagrees with the job's optimizer section (which decides), or a value DeepSpeed's own
+    config check refuses (its multi-line pydantic report, once the model was built). Returns a note for an
+    agreeing optimizer section: it is not used."""
+    from dist8.integrations.deepspeed_config import resolve_auto
+
+    path = cfg.sharding.deepspeed_config
+    ds_config = deepspeed_json(cfg)
+    if "scheduler" in ds_config:
+        raise ConfigError(f"config key sharding.deepspeed_config: {path} has a 'scheduler' section; the job's "
+                          "train.lr and train.schedule set the learning rate: remove it")
+    notes = _check_deepspeed_optimizer(cfg, ds_config.pop("optimizer", None))
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    try:
+        DeepSpeedConfig(resolve_auto(ds_config))
+    except (ValueError, TypeError, KeyError, AssertionError) as exc:  # pydantic's ValidationError is a ValueError
+        raise ConfigError(f"config key sharding.deepspeed_config: DeepSpeed refuses {path}: "
+                          f"{_deepspeed_refusal(exc)}") from None
+    return notes
+
+
+def _deepspeed_refusal(exc: BaseException) -> str:
+    """One line for DeepSpeed's config error: a pydantic report's first error (model.field: why, the value)."""
+    errors = getattr(exc, "errors", None)
+    try:
+        found = errors() if callable(errors) else []
+    except Exception:  # noqa: BLE001 - not pydantic's: fall back to the text
+        found = []
+    if not found:
+        return " ".join(str(exc).split())[:300] or type(exc).__name__
+    first = found[0]
+    where = ".".join([getattr(exc, "title", "config"), *(str(part) for part in first.get("loc", ()))])
+    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    return f"{where}: {first.get('msg')}, got {first.get('input')!r}{more}"
+
+
+_DS_DECIDES = "the job's optimizer section (optimizer.name, optimizer.args) and train.lr decide"
+
+
+def _check_deepspeed_optimizer(cfg: Config, section: Any) -> list[str]:
+    """The DeepSpeed JSON's ``optimizer`` section must agree with the job's (type and every parameter but
+    ``lr``): it used to be dropped without a word, so ``dist8.Lion8bit`` with a bogus key trained AdamW8bit."""
+    if section is None:
+        return []
+    from dist8.integrations.deepspeed_config import is_dist8_type, optimizer_kwargs
+    from dist8.optim import get_optimizer_class
+
+    path = cfg.sharding.deepspeed_config
+    where = f"config key sharding.deepspeed_config: {path}: its optimizer section"
+    job_cls = optimizer_class(cfg.optimizer.name)
+    kind = section.get("type") if isinstance(section, dict) else section
+    if cfg.optimizer.name.lower().startswith("torch."):  # the fp32 baseline of a dist8 config: as its dist8-only args
+        return [f"sharding.deepspeed_config {path}: its optimizer section ({kind}) does not apply to "
+                f"{cfg.optimizer.name}; not used"]
+    try:
+        ds_cls = get_optimizer_class(kind) if is_dist8_type(kind) else None
+    except ValueError:
+        ds_cls = None
+    if ds_cls is not job_cls:
+        raise ConfigError(f"{where} names {kind!r}, but the job trains optimizer.name {cfg.optimizer.name}; "
+                          f"{_DS_DECIDES}: remove the section")
+    try:
+        kwargs = optimizer_kwargs(ds_cls, section.get("params"))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {' '.join(str(exc).split())}; {_DS_DECIDES}: remove the section") from None
+    for key, value in kwargs.items():
+        job_value = cfg.optimizer.args.get(key, _default_of(job_cls, key))
+        if key != "lr" and not _same_value(value, job_value):
+            raise ConfigError(f"{where} sets params.{key} = {value!r}, but the job uses optimizer.args.{key} = "
+                              f"{job_value!r}; {_DS_DECIDES}: remove the section or make it agree")
+    lr = kwargs.get("lr")
+    unused = f", nor its lr {lr:g} (train.lr {cfg.train.lr:g} and its schedule set it)" if lr is not None else ""
+    return [f"sharding.deepspeed_config {path}: its optimizer section agrees with the job's and is not used{unused}; "
+            f"{_DS_DECIDES}"]
+
+
+def _default_of(cls: type, key: str) -> Any:
+    """The default of keyword ``key`` of ``cls`` (its own ``__init__`` or a base class's); None if it has none."""
+    import inspect
+
+    for klass in cls.__mro__:
+        init = vars(klass).get("__init__")
+        if init is None:
+            continue
+        param = inspect.signature(init).parameters.get(key)
+        if param is not None and param.default is not inspect.Parameter.empty:
+            return param.default
+    return None
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal as config values: a JSON/YAML list equals a tuple with the same items."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    return a == b

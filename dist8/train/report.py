@@ -4,12 +4,14 @@ from __future__ import annotations
 import json
 import os
 import resource
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["MetricsWriter", "peak_memory_bytes", "plot_run", "run_summary", "summary_table", "read_metrics"]
+__all__ = ["CONFIG_FILE", "MetricsWriter", "peak_memory_bytes", "plot_run", "run_summary", "summary_table",
+           "read_metrics"]
 
 PLOT_INSTALL_HINT = 'python -m pip install matplotlib (or the plot extra: python -m pip install -e ".[plot]")'
 
@@ -37,25 +39,67 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return out
 
 
-class MetricsWriter:
-    """Appends one JSON object per line; on resume drops records after the resumed step."""
+# What a run leaves in output.dir besides metrics.jsonl: a fresh run's first record makes them stale.
+CONFIG_FILE = "config.json"
+STALE_AFTER_FRESH_START = ("summary.json", "training.png")
 
-    def __init__(self, path: str | os.PathLike, resume_step: int | None) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            self.path.write_text("")
-        else:
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all (a crash mid-write leaves the old file)."""
+    part = path.with_name(f".{path.name}.part")
+    part.write_text(text, encoding="utf-8")
+    os.replace(part, path)
+
+
+class MetricsWriter:
+    """``<out_dir>/metrics.jsonl`` (one JSON object per line) and ``config.json`` of this run.
+
+    A fresh run (``resume_step`` None) leaves a previous run's files in ``out_dir`` untouched until
+    its first record (or :meth:`begin`): a run that fails before it (a bad input found late, a crash
+    at step 1) loses nothing, as a checkpoint is replaced only by a complete new one. Then
+    ``config.json`` and ``metrics.jsonl`` are replaced and the previous run's summary and plot, which
+    would describe metrics that are gone, removed; ``on_replace`` is called with the names of the
+    previous run's files it replaced (none: not called). A resumed run keeps the records up to the
+    resumed step (rewritten whole) and appends.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, config: dict[str, Any], resume_step: int | None,
+                 on_replace: Callable[[list[str]], None] | None = None) -> None:
+        self.dir = Path(out_dir)
+        self.path = self.dir / "metrics.jsonl"
+        self._config_text = json.dumps(config, indent=2)
+        self._on_replace = on_replace
+        self._f: Any = None
+        if resume_step is not None:
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self._f = open(self.path, "a", encoding="utf-8")
+            _replace_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            _replace_text(self.dir / CONFIG_FILE, self._config_text)
+            self._f = open(self.path, "a", encoding="utf-8")
+
+    @property
+    def started(self) -> bool:
+        return self._f is not None
+
+    def begin(self) -> None:
+        """Replace the previous run's files now (no-op once started)."""
+        if self._f is not None:
+            return
+        replaced = [n for n in (CONFIG_FILE, self.path.name, *STALE_AFTER_FRESH_START) if (self.dir / n).exists()]
+        for name in STALE_AFTER_FRESH_START:
+            (self.dir / name).unlink(missing_ok=True)
+        _replace_text(self.dir / CONFIG_FILE, self._config_text)
+        self._f = open(self.path, "w", encoding="utf-8")
+        if replaced and self._on_replace is not None:
+            self._on_replace(replaced)
 
     def write(self, record: dict[str, Any]) -> None:
+        self.begin()
         self._f.write(json.dumps(record) + "\n")
         self._f.flush()
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None and not self._f.closed:
+            self._f.close()
 
 
 def run_summary(path: str | os.PathLike, records: list[dict[str, Any]], attempt: dict[str, Any], *,

@@ -25,8 +25,8 @@ import torch.distributed as dist
 from dist8.shard.agreement import failures_on_every_rank, rank_0_answer
 from dist8.train.checkpointing import Checkpointer
 from dist8.nn.cast import cast_model
-from dist8.train.config import (Config, ConfigError, TrainingDiverged, config_to_dict, fit_to_optimizer,
-                               torch_dtype)
+from dist8.train.config import (Config, ConfigError, TrainingDiverged, check_override_patterns, config_to_dict,
+                               fit_to_optimizer, torch_dtype)
 from dist8.train.data import load_corpus, sample_seed
 from dist8.train.engine import Engine, build_engine, install_gradient_release, optimizer_state_nbytes
 from dist8.train.faults import maybe_kill, maybe_nan_gradients
@@ -202,18 +202,32 @@ def _resume_path(ckpt: Checkpointer | None, resume: str | None, make) -> tuple[s
     return found, ckpt or root
 
 
+def _make_output_dir(out_dir: Path) -> None:
+    """``output.dir`` created (rank 0), or a ConfigError naming it."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"config key output.dir: cannot create {str(out_dir)!r}: {exc.strerror or exc}") from None
+
+
 def _train(cfg: Config, resume, stop_at, run_name, rank, world, device) -> int:
     t0 = time.time()
     t = cfg.train
     gpt = GPTConfig(n_layer=cfg.model.n_layer, n_head=cfg.model.n_head, d_model=cfg.model.d_model,
                     seq_len=cfg.model.seq_len, stable_embedding=cfg.model.stable_embedding)
     # every rank, before the first collective (build_engine): a rank that alone could not read the data
-    # (another node's disk) or fit the model (another GPU) left the others waiting there forever
-    with failures_on_every_rank(None, "reading the data and sizing the model", ConfigError):
+    # (another node's disk), fit the model (another GPU) or create output.dir (rank 0) left the others
+    # waiting there forever
+    out_dir = Path(cfg.output.dir)
+    with failures_on_every_rank(None, "reading the data, sizing the model and creating output.dir", ConfigError):
         check_fits(cfg, gpt, device, world)
         corpus = load_corpus(cfg.data, cfg.model.seq_len)
+        if rank == 0:
+            _make_output_dir(out_dir)
     torch.manual_seed(t.seed)
     model = GPT(gpt).to(device)
+    # the same model on every rank: every rank refuses alike, before the first collective (build_engine)
+    check_override_patterns(cfg.optimizer.args, [name for name, _ in model.named_parameters()])
     if cfg.model.dtype != "fp32":
         cast_model(model, torch_dtype(cfg.model.dtype))  # norm layers stay (and compute in) fp32
     n_params = model.num_params()
@@ -239,12 +253,11 @@ def _train(cfg: Config, resume, stop_at, run_name, rank, world, device) -> int:
     if t.gradient_release:
         install_gradient_release(engine, t.weight_grad_chunk)
 
-    out_dir = Path(cfg.output.dir)
     metrics = None
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
-        metrics = MetricsWriter(out_dir / "metrics.jsonl", resume_step=start if path is not None else None)
+    if rank == 0:  # a fresh run replaces a previous run's files at its first record, not here
+        metrics = MetricsWriter(out_dir, config_to_dict(cfg), resume_step=start if path is not None else None,
+                                on_replace=lambda names: _say(rank, f"replacing the previous run's {', '.join(names)} "
+                                                                    f"in {out_dir}"))
 
     nonfinite = NonfiniteSteps(t.max_nonfinite_steps, engine.nonfinite_skips)
     stop = _StopFlag()
@@ -349,6 +362,8 @@ def _train(cfg: Config, resume, stop_at, run_name, rank, world, device) -> int:
                 _say(rank, f"SIGTERM: stopped at step {step}" + (f", checkpoint saved in {ckpt_root}" if ckpt_root else ""))
                 exit_code = EXIT_SIGTERM
                 break
+        if metrics is not None:
+            metrics.begin()  # a run that logged nothing (--stop-at 0) still replaces what its summary describes
     finally:
         stop.uninstall()
         if bar is not None:

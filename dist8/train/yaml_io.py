@@ -4,7 +4,9 @@
 reference each other nine levels deep) expands into billions of entries when the config is
 walked, and a self-referencing alias gives a recursive structure. dist8 configs need neither,
 so aliases are refused while the document is read (before anything is expanded), as are
-documents over :data:`MAX_BYTES` or nested deeper than :data:`MAX_DEPTH`.
+documents over :data:`MAX_BYTES` or nested deeper than :data:`MAX_DEPTH`. A key given twice in one
+mapping is refused naming it and both lines: YAML keeps the last one silently, so a second ``train:``
+section appended to change one key threw the whole first section away.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["YamlError", "load_yaml", "MAX_BYTES", "MAX_DEPTH"]
+__all__ = ["DuplicateKeyError", "YamlError", "load_yaml", "MAX_BYTES", "MAX_DEPTH"]
 
 MAX_BYTES = 1 << 20  # a config is a few hundred bytes; 1 MiB leaves room and bounds the parse
 MAX_DEPTH = 32
@@ -21,6 +23,10 @@ MAX_DEPTH = 32
 
 class YamlError(ValueError):
     """A YAML document dist8 refuses to read; the message names the source and line."""
+
+
+class DuplicateKeyError(YamlError):
+    """A mapping that gives one key twice (YAML would keep the last one without a word)."""
 
 
 class _PlainLoader(yaml.SafeLoader):
@@ -42,6 +48,27 @@ class _PlainLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self._dist8_depth = depth
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            self._refuse_duplicate_keys(node)
+        return super().construct_mapping(node, deep=deep)
+
+    def _refuse_duplicate_keys(self, node: yaml.MappingNode) -> None:
+        first_line: dict[Any, int] = {}
+        for key_node, _value in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` merges by design
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                earlier = first_line.get(key)
+            except TypeError:  # an unhashable key: SafeLoader refuses it itself
+                continue
+            if earlier is not None:
+                raise DuplicateKeyError(f"{self.source}: line {line}: duplicate key {key!r} (first on line {earlier}); "
+                                        "YAML would keep only the last one: remove one or merge them")
+            first_line[key] = line
 
 
 # YAML 1.1 (PyYAML) reads `1e-4` as the string "1e-4": its floats need a dot (`1.0e-4`). A learning
