@@ -293,7 +293,8 @@ def test_numbers_beyond_float_range_and_huge_blocks_are_one_line_naming_the_key(
     with pytest.raises(ValueError, match=r"^block_size must be a power of two in \[64, 65536\], got 1073741824"):
         d8.AdamW8bit([p], block_size=1 << 30)
     d8.AdamW8bit([p], block_size=1 << 16)  # the largest taken
-    with pytest.raises(ValueError, match=r"^DeepSpeed config optimizer.params.lr must be a number \(within float's"):
+    with pytest.raises(ValueError,
+                       match=r"^DeepSpeed config optimizer.params.lr must be a number within float's range, got 1111"):
         check_config({"optimizer": {"type": "dist8.AdamW8bit", "params": {"lr": int("1" * 400)}}})
 
 
@@ -310,9 +311,9 @@ def test_malformed_state_dicts_are_one_line_naming_the_entry():
     p.grad = torch.randn_like(p)
     opt.step()
     good = opt.state_dict()
-    cases = [(lambda d: d.update(state=[1]), r"^state_dict\['state'\] must be a dict of per-parameter state, got \[1\]"),
-             (lambda d: d.update(param_groups=None), r"^state_dict\['param_groups'\] must be a list of dicts, got None"),
-             (lambda d: d.update(param_groups=[5]), r"^state_dict\['param_groups'\]\[0\] must be a dict with a 'params'"),
+    cases = [(lambda d: d.update(state=[1]), r"^state_dict\['state'\] must be a dict of per-parameter state"),
+             (lambda d: d.update(param_groups=None), r"^state_dict\['param_groups'\] must be a list of dicts"),
+             (lambda d: d.update(param_groups=[5]), r"^state_dict\['param_groups'\]\[0\] must be a dict with"),
              (lambda d: d["param_groups"][0].pop("params"), r"^state_dict\['param_groups'\]\[0\] must be a dict with"),
              (lambda d: d.update(dist8=5), r"^state_dict\['dist8'\] must be a dict whose 'quant_map' names the map"),
              (lambda d: d.update(dist8={"quant_map": None}), r"^state_dict\['dist8'\] must be a dict whose"),

@@ -377,7 +377,8 @@ def test_gradient_release_callback_steps_the_group_backbone_finetuning_adds():
     for release in (False, True):
         module = _Finetuned()
         start = module.backbone.weight.detach().clone()
-        callbacks = [BackboneFinetuning(unfreeze_backbone_at_epoch=2)] + ([GradientReleaseCallback()] if release else [])
+        callbacks = [BackboneFinetuning(unfreeze_backbone_at_epoch=2)]
+        callbacks += [GradientReleaseCallback()] if release else []
         _trainer(6, callbacks=callbacks).fit(module, _data())
         assert len(module.trainer.optimizers[0].param_groups) == 2  # the backbone's group was added
         assert not torch.equal(module.backbone.weight, start)  # and trained

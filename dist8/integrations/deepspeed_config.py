@@ -65,8 +65,8 @@ def optimizer_kwargs(cls: type[Optimizer8bit], params: dict[str, Any] | None) ->
             value = tuple(float(b) for b in value)
         elif key in ("lr", "eps", "weight_decay") and isinstance(value, (int, float, str)):
             if not _is_number(value):
-                raise ValueError(f"DeepSpeed config optimizer.params.{key} must be a number (within float's range), "
-                                 f"got {brief(value)}")
+                huge = " within float's range" if isinstance(value, int) else ""  # JSON allows any digits
+                raise ValueError(f"DeepSpeed config optimizer.params.{key} must be a number{huge}, got {brief(value)}")
             value = float(value)
         out[key] = value
     return out

@@ -112,7 +112,8 @@ def check_state_dict_layout(state_dict: Any) -> None:
         raise ValueError(f"state_dict['param_groups'] must be a list of dicts, got {brief(groups)}")
     for gi, group in enumerate(groups):
         if not isinstance(group, dict) or not isinstance(group.get("params"), (list, tuple)):
-            raise ValueError(f"state_dict['param_groups'][{gi}] must be a dict with a 'params' list, got {brief(group)}")
+            raise ValueError(f"state_dict['param_groups'][{gi}] must be a dict with a 'params' list, "
+                             f"got {brief(group)}")
     check_state_dict_info(state_dict)
 
 
