@@ -238,15 +238,21 @@ def test_rotation_killed_midway_leaves_no_half_deleted_checkpoint(tmp_path, monk
 
 
 SAVER = r"""
-import sys, torch, dist8, dist8.checkpoint as ck
+import os, sys, torch, dist8, dist8.checkpoint as ck
 model = torch.nn.Linear(2000, 2000)
 opt = dist8.AdamW8bit(model.parameters(), min_8bit_size=0)
-for step in range(1, 1000):
+# resumed from the killed attempt's newest checkpoint, as a restarted job is (a save of a lower step
+# than keep_last newer ones is refused: its own rotation would delete it)
+found = ck.latest(sys.argv[1]) if os.path.isdir(sys.argv[1]) else None
+if found:
+    ck.load(found, model, opt)
+first = ck.read_metadata(found)["step"] + 1 if found else 1
+for step in range(first, first + 1000):
     model.weight.grad = torch.full_like(model.weight, float(step)); model.bias.grad = torch.ones(2000)
     opt.step()
     ck.save(sys.argv[1], model, opt, step=step, keep_last=2)
     ck.save(sys.argv[2], model, opt, step=step)
-    print(step, flush=True)
+    print(step - first + 1, flush=True)
 """
 
 

@@ -487,7 +487,7 @@ def test_every_rank_resumes_from_the_checkpoint_rank_0_found(tmp_path):
 def _resume_where_one_rank_sees_another_disk(rank, world_size, root):
     import faulthandler
 
-    import dist8.train.trainer as tr
+    import dist8.train.resume as tr
     from dist8.train.checkpointing import Checkpointer
 
     faulthandler.dump_traceback_later(120, exit=True)  # a rank left waiting: a failure, not a 15-minute hang
@@ -502,7 +502,7 @@ def _resume_where_one_rank_sees_another_disk(rank, world_size, root):
         blob.write_bytes(blob.read_bytes()[:-7] + b"garbage")
         real_isfile = os.path.isfile
         tr.os.path.isfile = lambda f: False if str(f).startswith(str(newest)) else real_isfile(f)
-    out = {"path": tr._resume_path(None, str(newest), lambda r: Checkpointer(r, "ddp", model, opt, 3))[0]}
+    out = {"path": tr.resume_path(None, str(newest), lambda r: Checkpointer(r, "ddp", model, opt, 3))[0]}
     try:
         ckpt.load(out["path"])
     except ck.CheckpointError as exc:
@@ -961,3 +961,22 @@ def test_malformed_state_signed_record_is_one_line():
         with pytest.raises(ValueError, match=r"^state_dict's dist8.state_signed must map state numbers") as info:
             fresh.load_state_dict(sd)
         assert "\n" not in str(info.value) and not fresh.state
+
+
+def test_a_save_its_own_rotation_would_delete_at_once_is_refused(tmp_path):
+    """``save(root, step=5, keep_last=2)`` into a root holding an earlier, longer run's step-15 and step-20:
+    the save went through, the rotation removed it at once and ``latest`` named a checkpoint that was gone,
+    silently. Refused before anything is written, naming the root and the later checkpoints."""
+    import dist8.checkpoint as ck
+    from dist8.checkpoint import CheckpointError
+
+    model = torch.nn.Linear(8, 8)
+    opt = dist8.AdamW8bit(model.parameters())
+    for step in (15, 20):
+        ck.save(tmp_path, model, opt, step=step, keep_last=2)
+    with pytest.raises(CheckpointError, match=r"holds 2 checkpoints of later steps than 5 \(step-00000020, "
+                                              r"step-00000015\), an earlier run's: keeping the newest 2 would delete"):
+        ck.save(tmp_path, model, opt, step=5, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000015", "step-00000020"]
+    ck.save(tmp_path, model, opt, step=5, keep_last=3)  # kept: nothing to refuse
+    assert ck.latest(tmp_path).endswith("step-00000005")

@@ -331,3 +331,27 @@ def test_malformed_state_dicts_are_one_line_naming_the_entry():
     ok = copy.deepcopy(good)
     ok["state"][0]["step"] = 1 << 62
     opt.load_state_dict(ok)
+
+
+def test_loading_a_state_of_the_other_kind_says_the_constructors_choice_is_not_used():
+    """A loaded group's values replace the optimizer's (torch's rule), ``optim_bits``/``min_8bit_size`` included,
+    so the saved state keeps its kind: an optimizer built with ``optim_bits=32`` went on in 8 bits after loading
+    an 8-bit state (and an 8-bit one stayed fp32 after a 32-bit state), without a word (found by an audit of
+    client resumes). Kept, and warned naming the key; loading the same settings says nothing."""
+    import warnings
+
+    p = torch.nn.Parameter(torch.randn(64, 128))
+    saved = d8.AdamW8bit([p], min_8bit_size=0)
+    p.grad = torch.randn_like(p)
+    saved.step()
+    sd = saved.state_dict()
+    for kw, said in (({"optim_bits": 32}, "optim_bits=8 (this optimizer: 32)"),
+                     ({"min_8bit_size": 10**6}, "min_8bit_size=0 (this optimizer: 1000000)"),
+                     ({}, None)):
+        opt = d8.AdamW8bit([p], **dict({"min_8bit_size": 0}, **kw))
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            opt.load_state_dict(sd)
+        told = [str(w.message) for w in seen if "keeps its 8-bit/32-bit kind" in str(w.message)]
+        assert told == ([] if said is None else [told[0]]) and (said is None or said in told[0]), (kw, told)
+        assert opt.state[p]["state1"].dtype == torch.uint8  # the saved kind, as torch's rule gives

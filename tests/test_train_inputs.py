@@ -265,3 +265,26 @@ def test_a_failed_run_keeps_the_previous_runs_files_and_patterns_name_real_param
         "name (names look like tok.weight, pos.weight, blocks.0.ln1.weight, blocks.0.ln1.bias; a tied weight, e.g. "
         "lm_head.weight = wte.weight, is named once, by its first module)"]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_fresh_run_into_a_checkpoint_dir_of_an_earlier_run_is_refused_and_changes_nothing(tiny, monkeypatch,
+                                                                                            capsys):
+    """A fresh run (no --resume) into a checkpoint.dir holding a longer earlier run's checkpoints saved beside
+    them; checkpoint.keep rotated its own lower-numbered ones away at once, `latest` pointed at a deleted
+    checkpoint and --resume auto then continued the earlier run (found reading the rotation, reproduced:
+    steps 5 and 10 saved and gone). Refused now before anything is trained or written."""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    ckpt = tiny.with_name("ckpt")
+    keep = ("checkpoint.dir=" + str(ckpt), "checkpoint.every=2", "checkpoint.keep=2")
+    assert _train(tiny, "train.steps=6", *keep) == 0
+    before = {p.relative_to(tiny.parent): p.read_bytes() for p in tiny.parent.rglob("*") if p.is_file()}
+    assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-00000004", "step-00000006"]
+    capsys.readouterr()
+    assert _train(tiny, "train.steps=4", *keep) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        f"dist8 train: error: config key checkpoint.dir: {ckpt} holds an earlier run's checkpoints (newest "
+        "step-00000006); a fresh run would save beside them and checkpoint.keep would rotate its own away: pass "
+        "--resume auto to continue that run, or use another checkpoint.dir (or remove them)")
+    assert {p.relative_to(tiny.parent): p.read_bytes() for p in tiny.parent.rglob("*") if p.is_file()} == before

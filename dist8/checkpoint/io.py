@@ -149,6 +149,8 @@ def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer: Opti
     refused: CheckpointError | None = None
     try:
         check_replaceable(final, METADATA)
+        if keep_last is not None:
+            _check_not_rotated_away(root, step, keep_last)
     except CheckpointError as exc:
         refused = exc
     if isinstance(optimizer, ShardedOptimizer):  # parameters a client copied (accelerate's prepare) first
@@ -233,6 +235,18 @@ def _finish(ad, model, optimizer, gathered, tmp, final, root, step, extra, keep_
     if keep_last is not None:
         write_json_atomic(root / LATEST, {"checkpoint": final.name, "step": step})
         _rotate(root, keep_last)
+
+
+def _check_not_rotated_away(root: Path, step: int, keep_last: int) -> None:
+    """Refuse a save that its own rotation would delete at once: ``root`` already holds ``keep_last`` or
+    more complete checkpoints of higher steps (an earlier, longer run's). The save went through, the
+    rotation removed it, and ``latest`` pointed at a checkpoint that was gone, silently."""
+    newer = [name for name in (Path(p).name for p in checkpoints(root)) if name > f"step-{step:08d}"]
+    if len(newer) >= keep_last:
+        raise CheckpointError(f"{root} holds {len(newer)} checkpoints of later steps than {step} ({', '.join(newer[:3])}"
+                              f"{', ...' if len(newer) > 3 else ''}), an earlier run's: keeping the newest "
+                              f"{keep_last} would delete this save at once; continue that run, or save into "
+                              "another directory")
 
 
 def _rotate(root: Path, keep_last: int) -> None:

@@ -6,6 +6,7 @@ a shard, so that wrapping, flattening or sharding cannot change them.
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -15,7 +16,7 @@ __all__ = ["OVERRIDABLE_KEYS", "OVERRIDE_ATTR", "GLOBAL_NUMEL_ATTR", "PARAM_LIST
            "positional_name", "fits_param_names", "load_group_values", "loaded_hyperparameters",
            "master_weight_bits_after_load", "name_every_group", "split_named_params",
            "match_overrides", "check_overrides_match", "global_numel", "uses_8bit", "TORCH_STEP_FLAGS",
-           "unknown_arguments_message", "fixed_lr_override_message"]
+           "unknown_arguments_message", "fixed_lr_override_message", "STATE_KIND_KEYS"]
 
 # Modules (e.g. StableEmbedding) mark parameters that need special optimizer settings.
 OVERRIDE_ATTR = "_dist8_overrides"
@@ -79,10 +80,23 @@ def loaded_hyperparameters(group: Mapping[str, Any], saved: Mapping[str, Any]) -
     return values
 
 
+#: Group values that decide each parameter's kind of state (8-bit codes or fp32): a loaded group's replace
+#: the optimizer's (torch's rule) and the saved state keeps its kind, so a different constructor value is
+#: said (an optimizer built with optim_bits=32 went on in 8 bits after loading an 8-bit state, silently).
+STATE_KIND_KEYS = ("optim_bits", "min_8bit_size")
+
+
 def load_group_values(group: dict[str, Any], saved: Mapping[str, Any]) -> None:
     """Give the live param ``group`` the values of its ``saved`` counterpart (a loaded state dict's,
     already validated): every hyperparameter (:func:`loaded_hyperparameters`), and torch's rule for
-    names: the saved ``param_names`` replace the group's where they fit (:func:`fits_param_names`)."""
+    names: the saved ``param_names`` replace the group's where they fit (:func:`fits_param_names`).
+    Warns when a :data:`STATE_KIND_KEYS` value differs from the group's."""
+    changed = [f"{key}={saved[key]!r} (this optimizer: {group[key]!r})" for key in STATE_KIND_KEYS
+               if key in saved and key in group and saved[key] != group[key]]
+    if changed:
+        warnings.warn(f"the loaded state dict's param group has {', '.join(changed)}: loaded values replace the "
+                      "optimizer's (torch's rule) and the saved state keeps its 8-bit/32-bit kind; to change "
+                      "it, do not load the optimizer state (it starts afresh)", UserWarning, stacklevel=3)
     group.update(loaded_hyperparameters(group, saved))
     if fits_param_names(saved.get("param_names"), len(group["params"])):
         group["param_names"] = list(saved["param_names"])

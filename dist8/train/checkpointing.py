@@ -138,6 +138,18 @@ class Checkpointer:
         file of the checkpoint for its hashes."""
         return rank_0_answer(self._latest_intact, error_type=CheckpointError)
 
+    def newest_present(self) -> str | None:
+        """The newest checkpoint of this writer under the root, complete-looking but not checked, or None;
+        rank 0's answer on every rank (collective on several ranks)."""
+        return rank_0_answer(self._newest_present, error_type=CheckpointError)
+
+    def _newest_present(self) -> str | None:
+        if self.kind == "dist8":
+            found = dist8_checkpoint.checkpoints(self.root)
+            return found[0] if found else None
+        steps = _complete_steps(Path(self.root))
+        return os.path.join(self.root, f"step-{max(steps):08d}") if steps else None
+
     def _latest_intact(self) -> str | None:
         if not os.path.isdir(self.root):
             return None

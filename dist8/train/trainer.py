@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dist8.shard.agreement import failures_on_every_rank, rank_0_answer
+from dist8.shard.agreement import failures_on_every_rank
 from dist8.train.checkpointing import Checkpointer
 from dist8.nn.cast import cast_model
 from dist8.train.config import (Config, ConfigError, TrainingDiverged, check_override_patterns, config_to_dict,
@@ -35,6 +35,7 @@ from dist8.train.memory import memory_breakdown
 from dist8.train.model import GPT, GPTConfig
 from dist8.train.report import (MetricsWriter, peak_memory_bytes, plot_run, read_metrics, run_summary,
                                 summary_table)
+from dist8.train.resume import resume_path
 from dist8.version import major_minor
 
 __all__ = ["lr_at", "run", "EXIT_SIGTERM"]
@@ -184,24 +185,6 @@ def _load_checkpoint(ckpt: Checkpointer, path: str) -> dict[str, Any]:
         raise CheckpointError(f"cannot resume from {path}: {' '.join(str(exc).split())}") from None
 
 
-def _resume_path(ckpt: Checkpointer | None, resume: str | None, make) -> tuple[str | None, Checkpointer | None]:
-    """The checkpoint to resume from: auto -> newest under checkpoint.dir; a root -> its newest."""
-    if resume is None:
-        return None, ckpt
-    if resume == "auto":
-        return ckpt.latest(), ckpt
-    # rank 0's view on every rank: a rank whose disk said otherwise took the other branch, whose latest()
-    # is collective, and waited there forever
-    marks = ("metadata.json", "train_meta.json")
-    if rank_0_answer(lambda: any(os.path.isfile(os.path.join(resume, f)) for f in marks)):
-        return resume, ckpt or make(os.path.dirname(os.path.abspath(resume)))
-    root = make(resume)  # a checkpoint root: follow its newest complete checkpoint
-    found = root.latest()
-    if found is None:
-        raise ConfigError(f"--resume: {resume!r} is neither a checkpoint nor a directory holding one")
-    return found, ckpt or root
-
-
 def _make_output_dir(out_dir: Path) -> None:
     """``output.dir`` created (rank 0), or a ConfigError naming it."""
     try:
@@ -242,7 +225,7 @@ def _train(cfg: Config, resume, stop_at, run_name, rank, world, device) -> int:
         return Checkpointer(root, cfg.sharding.mode, engine.raw_model, engine.optimizer, cfg.checkpoint.keep)
 
     ckpt = make_checkpointer(ckpt_root) if ckpt_root else None
-    path, ckpt = _resume_path(ckpt, resume, make_checkpointer)
+    path, ckpt = resume_path(ckpt, resume, make_checkpointer)
     if path is not None:
         extra = _load_checkpoint(ckpt, path)
         check_resumed_hyperparameters(cfg, engine.optimizer, path)
