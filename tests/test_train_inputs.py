@@ -207,7 +207,17 @@ def test_a_deepspeed_json_the_job_would_not_run_as_written_is_refused_naming_it(
         assert check_mode_available(shipped) == [
             f"sharding.deepspeed_config {REPO / 'configs' / name}: its optimizer section agrees with the job's and "
             "is not used, nor its lr 0.0003 (train.lr 0.003 and its schedule set it); the job's optimizer section "
-            "(optimizer.name, optimizer.args) and train.lr decide"]
+            "(optimizer.name, optimizer.args) and train.lr decide",
+            # the batch-size and clipping values the job replaces with its own were replaced without a word
+            f"sharding.deepspeed_config {REPO / 'configs' / name}: its train_micro_batch_size_per_gpu 4 is replaced "
+            "by the job's train.batch_size 16"]
+    path = tiny.with_name("clip.json")
+    path.write_text('{"gradient_clipping": 0.5, "train_batch_size": 64, "gradient_accumulation_steps": "auto"}')
+    cfg = load_config(tiny, ["sharding.mode=deepspeed", f"sharding.deepspeed_config={path}", "train.clip=1.0"])
+    assert check_mode_available(cfg) == [
+        f"sharding.deepspeed_config {path}: its gradient_clipping 0.5 is replaced by the job's train.clip 1.0",
+        f"sharding.deepspeed_config {path}: its train_batch_size 64 is not used; train.batch_size x train.grad_accum "
+        "x ranks decide"]
 
 
 # ---- F15: test-only keys ------------------------------------------------------------------------------

@@ -288,7 +288,7 @@ def check_deepspeed_config(cfg: Config) -> list[str]:
     if "scheduler" in ds_config:
         raise ConfigError(f"config key sharding.deepspeed_config: {path} has a 'scheduler' section; the job's "
                           "train.lr and train.schedule set the learning rate: remove it")
-    notes = _check_deepspeed_optimizer(cfg, ds_config.pop("optimizer", None))
+    notes = _check_deepspeed_optimizer(cfg, ds_config.pop("optimizer", None)) + _replaced_values(cfg)
     from deepspeed.runtime.config import DeepSpeedConfig
 
     try:
@@ -312,6 +312,26 @@ def _deepspeed_refusal(exc: BaseException) -> str:
     where = ".".join([getattr(exc, "title", "config"), *(str(part) for part in first.get("loc", ()))])
     more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
     return f"{where}: {first.get('msg')}, got {first.get('input')!r}{more}"
+
+
+def _replaced_values(cfg: Config) -> list[str]:
+    """A note for each batch-size or clipping value of the DeepSpeed JSON that the job replaces with its own
+    ``train.*`` (they were replaced without a word)."""
+    from dist8.integrations.deepspeed_config import load_config
+
+    t = cfg.train
+    jobs = {"train_micro_batch_size_per_gpu": ("train.batch_size", t.batch_size),
+            "gradient_accumulation_steps": ("train.grad_accum", t.grad_accum),
+            "gradient_clipping": ("train.clip", t.clip)}
+    raw = load_config(cfg.sharding.deepspeed_config)
+    path = cfg.sharding.deepspeed_config
+    notes = [f"sharding.deepspeed_config {path}: its {key} {raw[key]!r} is replaced by the job's {name} {value!r}"
+             for key, (name, value) in jobs.items()
+             if key in raw and raw[key] != "auto" and not _same_value(raw[key], value)]
+    if raw.get("train_batch_size") not in (None, "auto"):
+        notes.append(f"sharding.deepspeed_config {path}: its train_batch_size {raw['train_batch_size']!r} is not used; "
+                     "train.batch_size x train.grad_accum x ranks decide")
+    return notes
 
 
 _DS_DECIDES = "the job's optimizer section (optimizer.name, optimizer.args) and train.lr decide"
