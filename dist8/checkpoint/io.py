@@ -243,8 +243,9 @@ def _check_not_rotated_away(root: Path, step: int, keep_last: int) -> None:
     rotation removed it, and ``latest`` pointed at a checkpoint that was gone, silently."""
     newer = [name for name in (Path(p).name for p in checkpoints(root)) if name > f"step-{step:08d}"]
     if len(newer) >= keep_last:
-        raise CheckpointError(f"{root} holds {len(newer)} checkpoints of later steps than {step} ({', '.join(newer[:3])}"
-                              f"{', ...' if len(newer) > 3 else ''}), an earlier run's: keeping the newest "
+        shown = ", ".join(newer[:3]) + (", ..." if len(newer) > 3 else "")
+        raise CheckpointError(f"{root} holds {len(newer)} checkpoints of later steps than {step} ({shown}), an "
+                              f"earlier run's: keeping the newest "
                               f"{keep_last} would delete this save at once; continue that run, or save into "
                               "another directory")
 

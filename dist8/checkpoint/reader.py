@@ -185,10 +185,12 @@ def saved_rule(meta: dict[str, Any], where: str) -> Rule:
         raise CheckpointError(f"{where}: optimizer.class {opt['class'][:40]!r} is not a dist8 optimizer") from None
 
 
-def read_whole(path: str | os.PathLike, meta: dict[str, Any], verify: bool = True) -> dict[str, dict[str, Any]]:
-    """Every parameter's whole state, as one rank of world size 1 reads it: :func:`read_pieces` (every
-    check ``load`` applies to tensors) over each parameter's elements, with the rule the metadata names."""
-    wanted = {p["name"]: (0, math.prod(p["shape"])) for p in meta["params"]}
+def read_whole(path: str | os.PathLike, meta: dict[str, Any], verify: bool = True,
+               names: set[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Every parameter's whole state (``names``: only those parameters'), as one rank of world size 1 reads
+    it: :func:`read_pieces` (every check ``load`` applies to tensors) over each parameter's elements, with
+    the rule the metadata names."""
+    wanted = {p["name"]: (0, math.prod(p["shape"])) for p in meta["params"] if names is None or p["name"] in names}
     return read_pieces(path, meta, wanted, saved_rule(meta, str(Path(path) / METADATA)), verify)
 
 

@@ -144,17 +144,14 @@ def _load_unsharded(opt: ShardedOptimizer, state_dict: dict[str, Any]) -> None:
     """The unsharded format: every rank slices the blocks of its pieces (whole blocks: exact)."""
     check_state_dict_layout(state_dict)
     check_state_dict_map(state_dict, opt.inner.quant_map, opt.inner.rule)
-    saved_groups, state = state_dict["param_groups"], state_dict["state"]
-    if not isinstance(saved_groups, list) or len(saved_groups) != len(opt.param_groups):
-        raise ValueError(f"state_dict has {len(saved_groups) if isinstance(saved_groups, list) else 'no list of'} "
-                         f"param groups, optimizer has {len(opt.param_groups)}")
-    if not isinstance(state, dict):
-        raise ValueError(f"state_dict['state'] must be a dict, got {type(state).__name__}")
+    saved_groups, state = state_dict["param_groups"], state_dict["state"]  # their shapes checked just above
+    if len(saved_groups) != len(opt.param_groups):
+        raise ValueError(f"state_dict has {len(saved_groups)} param groups, optimizer has {len(opt.param_groups)}")
     key_of: dict[torch.Tensor, Any] = {}  # parameter -> its key in the dict, by position as torch matches them
     for gi, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):  # before anything is loaded
         opt.inner.check_loaded_group(saved, gi)
-        if not isinstance(saved.get("params"), list) or len(saved["params"]) != len(group["params"]):
-            raise ValueError(f"param group {gi} of state_dict lists {len(saved.get('params') or [])} parameters, "
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(f"param group {gi} of state_dict lists {len(saved['params'])} parameters, "
                              f"the optimizer's has {len(group['params'])}")
         key_of.update(zip(group["params"], saved["params"]))  # ids, or names (torch.distributed.checkpoint's)
     _refuse_unknown_ids(state, set(key_of.values()))
@@ -229,8 +226,6 @@ def _load_shard(opt: ShardedOptimizer, state_dict: dict[str, Any]) -> None:
         raise ValueError(f"state_dict has {len(saved_groups)} param groups, optimizer has {len(opt.param_groups)}")
     for gi, saved in enumerate(saved_groups):  # before anything is loaded
         opt.inner.check_loaded_group(saved, gi)
-    if not isinstance(state_dict["state"], dict):
-        raise ValueError(f"state_dict['state'] must be a dict, got {type(state_dict['state']).__name__}")
     _refuse_unknown_ids(state_dict["state"], {piece.param for piece in opt.pieces})
     opt.load_shard_state(state_dict["state"])
     for group, saved in zip(opt.param_groups, saved_groups):

@@ -144,24 +144,26 @@ class Checkpointer:
         return rank_0_answer(self._newest_present, error_type=CheckpointError)
 
     def _newest_present(self) -> str | None:
+        present = self._present()
+        return present[0] if present else None
+
+    def _present(self) -> list[str]:
+        """This writer's complete-looking checkpoints under the root, newest (highest step) first."""
         if self.kind == "dist8":
-            found = dist8_checkpoint.checkpoints(self.root)
-            return found[0] if found else None
-        steps = _complete_steps(Path(self.root))
-        return os.path.join(self.root, f"step-{max(steps):08d}") if steps else None
+            return [os.fspath(c) for c in dist8_checkpoint.checkpoints(self.root)]
+        return [os.path.join(self.root, f"step-{s:08d}") for s in sorted(_complete_steps(Path(self.root)),
+                                                                          reverse=True)]
 
     def _latest_intact(self) -> str | None:
         if not os.path.isdir(self.root):
             return None
-        if self.kind == "dist8":
-            ckpt = dist8_checkpoint
-            first = ckpt.latest(self.root)
-            candidates = ([os.fspath(first)] if first is not None else []) + [
-                c for c in ckpt.checkpoints(self.root) if first is None or os.fspath(c) != os.fspath(first)]
+        candidates = self._present()
+        if self.kind == "dist8":  # the `latest` pointer (the last save) first
+            first = dist8_checkpoint.latest(self.root)
+            if first is not None:
+                candidates = [os.fspath(first)] + [c for c in candidates if c != os.fspath(first)]
             check = _check_dist8
         else:
-            candidates = [os.path.join(self.root, f"step-{s:08d}") for s in sorted(_complete_steps(Path(self.root)),
-                                                                                   reverse=True)]
             check = _check_own
         skipped = []
         for path in candidates:

@@ -243,7 +243,7 @@ def _adapter_deepspeed(cfg: Config, model: nn.Module, opt_cls, opt_args, device)
     """
     from dist8.integrations.deepspeed import initialize as deepspeed_initialize
 
-    ds_config = deepspeed_json(cfg)
+    ds_config = _deepspeed_json(cfg)
     ds_config.pop("optimizer", None)  # checked to agree with the job's (check_deepspeed_config); the job's decides
     optimizer = opt_cls(list(model.named_parameters()), **opt_args)
     engine, ds_optimizer, _, _ = deepspeed_initialize(model=model, optimizer=optimizer, config=ds_config)
@@ -259,18 +259,29 @@ def _adapter_deepspeed(cfg: Config, model: nn.Module, opt_cls, opt_args, device)
                   description=f"DeepSpeed x{dist.get_world_size()}")
 
 
-def deepspeed_json(cfg: Config) -> dict[str, Any]:
-    """``sharding.deepspeed_config`` read (a JSON object, else a ConfigError naming the file), with its batch
-    sizes and clipping set from ``train.*`` so the two cannot disagree."""
+def _job_values(cfg: Config) -> dict[str, tuple[str, Any]]:
+    """The DeepSpeed JSON keys the job sets from its own config: ``{key: (the job's key, its value)}``."""
+    t = cfg.train
+    return {"train_micro_batch_size_per_gpu": ("train.batch_size", t.batch_size),
+            "gradient_accumulation_steps": ("train.grad_accum", t.grad_accum),
+            "gradient_clipping": ("train.clip", t.clip)}
+
+
+def _read_deepspeed_json(cfg: Config) -> dict[str, Any]:
+    """``sharding.deepspeed_config`` as written (a JSON object, else a ConfigError naming the file)."""
     from dist8.integrations.deepspeed_config import load_config
 
     try:
-        ds_config = load_config(cfg.sharding.deepspeed_config)
+        return load_config(cfg.sharding.deepspeed_config)
     except ValueError as exc:
         raise ConfigError(f"config key sharding.deepspeed_config: {' '.join(str(exc).split())}") from None
-    t = cfg.train
-    ds_config.update(train_micro_batch_size_per_gpu=t.batch_size, gradient_accumulation_steps=t.grad_accum,
-                     gradient_clipping=t.clip)
+
+
+def _deepspeed_json(cfg: Config, raw: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``sharding.deepspeed_config`` (``raw``: as already read) with its batch sizes and clipping set from
+    ``train.*`` so the two cannot disagree."""
+    ds_config = dict(_read_deepspeed_json(cfg) if raw is None else raw)
+    ds_config.update({key: value for key, (_, value) in _job_values(cfg).items()})
     ds_config.pop("train_batch_size", None)
     return ds_config
 
@@ -284,11 +295,12 @@ def check_deepspeed_config(cfg: Config) -> list[str]:
     from dist8.integrations.deepspeed_config import resolve_auto
 
     path = cfg.sharding.deepspeed_config
-    ds_config = deepspeed_json(cfg)
+    raw = _read_deepspeed_json(cfg)
+    ds_config = _deepspeed_json(cfg, raw)
     if "scheduler" in ds_config:
         raise ConfigError(f"config key sharding.deepspeed_config: {path} has a 'scheduler' section; the job's "
                           "train.lr and train.schedule set the learning rate: remove it")
-    notes = _check_deepspeed_optimizer(cfg, ds_config.pop("optimizer", None)) + _replaced_values(cfg)
+    notes = _check_deepspeed_optimizer(cfg, ds_config.pop("optimizer", None)) + _replaced_values(cfg, raw)
     from deepspeed.runtime.config import DeepSpeedConfig
 
     try:
@@ -314,19 +326,12 @@ def _deepspeed_refusal(exc: BaseException) -> str:
     return f"{where}: {first.get('msg')}, got {first.get('input')!r}{more}"
 
 
-def _replaced_values(cfg: Config) -> list[str]:
-    """A note for each batch-size or clipping value of the DeepSpeed JSON that the job replaces with its own
-    ``train.*`` (they were replaced without a word)."""
-    from dist8.integrations.deepspeed_config import load_config
-
-    t = cfg.train
-    jobs = {"train_micro_batch_size_per_gpu": ("train.batch_size", t.batch_size),
-            "gradient_accumulation_steps": ("train.grad_accum", t.grad_accum),
-            "gradient_clipping": ("train.clip", t.clip)}
-    raw = load_config(cfg.sharding.deepspeed_config)
+def _replaced_values(cfg: Config, raw: dict[str, Any]) -> list[str]:
+    """A note for each batch-size or clipping value of the DeepSpeed JSON as written (``raw``) that the job
+    replaces with its own ``train.*`` (they were replaced without a word)."""
     path = cfg.sharding.deepspeed_config
     notes = [f"sharding.deepspeed_config {path}: its {key} {raw[key]!r} is replaced by the job's {name} {value!r}"
-             for key, (name, value) in jobs.items()
+             for key, (name, value) in _job_values(cfg).items()
              if key in raw and raw[key] != "auto" and not _same_value(raw[key], value)]
     if raw.get("train_batch_size") not in (None, "auto"):
         notes.append(f"sharding.deepspeed_config {path}: its train_batch_size {raw['train_batch_size']!r} is not used; "

@@ -10,8 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CONFIG_FILE", "MetricsWriter", "peak_memory_bytes", "plot_run", "run_summary", "summary_table",
-           "read_metrics"]
+__all__ = ["MetricsWriter", "peak_memory_bytes", "plot_run", "run_summary", "summary_table", "read_metrics"]
 
 PLOT_INSTALL_HINT = 'python -m pip install matplotlib (or the plot extra: python -m pip install -e ".[plot]")'
 
@@ -75,10 +74,6 @@ class MetricsWriter:
             _replace_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
             _replace_text(self.dir / CONFIG_FILE, self._config_text)
             self._f = open(self.path, "a", encoding="utf-8")
-
-    @property
-    def started(self) -> bool:
-        return self._f is not None
 
     def begin(self) -> None:
         """Replace the previous run's files now (no-op once started)."""
