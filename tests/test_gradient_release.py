@@ -9,7 +9,11 @@
   (created before or after the handle) drives the released steps as it drives normal ones;
 * FSDP2 at 2 gloo ranks: bitwise equal to FSDP2 with the normal step;
 * refusals: ShardedOptimizer, DDP, torch optimizers, GradScaler, gradient
-  accumulation (both ways), double activation, foreign parameters, stale gradients;
+  accumulation (both ways), double activation, foreign parameters, stale gradients,
+  ``on_nonfinite="raise"`` (at once, or at the first update when set later);
+* ``zero_grad()`` after an exception from backward clears what it left, and the loop goes on;
+* a ``torch.compile``d training step (plain and chunked) is bitwise the eager one;
+* step hooks run once per ``opt.step()`` (an EMA post hook equals the normal steps'); pre hooks warn once;
 * ``remove()`` restores the normal step.
 """
 import copy
@@ -543,3 +547,133 @@ def test_fsdp2_release_equals_normal_step(tmp_path, opt_name):
             assert torch.equal(normal[n], released[n]), f"{opt_name}: {n} differs"
             assert torch.equal(normal_accumulated[n], released_accumulated[n]), f"{opt_name}, accumulated: {n} differs"
             assert not torch.equal(normal[n], normal_accumulated[n])  # the second micro-batch counted
+
+
+# ---- on_nonfinite="raise", zero_grad after a failed backward, torch.compile, step hooks --------------------
+def test_on_nonfinite_raise_is_refused_at_once_and_when_set_later():
+    """Raised inside backward at one parameter, the others were stepped already and the refused gradient
+    stayed: every later batch failed with a misleading accumulation error."""
+    model = make()
+    with pytest.raises(ValueError, match=r"gradient_release does not support on_nonfinite='raise'.*'skip_param'"):
+        dist8.gradient_release(model, AdamW8bit(model.parameters(), on_nonfinite="raise"))
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())  # nothing installed
+    opt = AdamW8bit(model.parameters(), lr=1e-2)
+    dist8.gradient_release(model, opt)
+    opt.on_nonfinite = "raise"  # after the release: refused at the first update, before it
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="on_nonfinite='raise'"):
+        loss_of(model, 0).backward()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and not opt.state
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_after_an_exception_from_backward_lets_the_loop_go_on(set_to_none):
+    """A backward that fails half-way has stepped some parameters and left gradients on others. zero_grad()
+    was a no-op: the gradients stayed and every later batch was refused as gradient accumulation."""
+    model = make()
+    opt = AdamW8bit(model.named_parameters(), lr=1e-2)
+    fail = {"now": False}
+
+    def maybe_fail(p):
+        if fail["now"]:
+            raise RuntimeError("failed in backward")
+
+    # runs before the release's hook (registered first): fc1.weight keeps its gradient, fc2 and the norm
+    # were stepped before it, the embedding is not reached
+    model.fc1.weight.register_post_accumulate_grad_hook(maybe_fail)
+    dist8.gradient_release(model, opt)
+    for step in range(4):
+        fail["now"] = step == 1
+        try:
+            loss_of(model, step).backward()
+            opt.step()
+        except RuntimeError as e:
+            assert "failed in backward" in str(e) and step == 1
+            assert model.fc1.weight.grad is not None  # left by the failure
+        opt.zero_grad(set_to_none=set_to_none)
+        for p in model.parameters():
+            assert p.grad is None if set_to_none else (p.grad is None or not p.grad.any())
+    steps = {opt.param_name(p): st["step"] for p, st in opt.state.items()}
+    assert steps["fc2.weight"] == 4 and steps["fc1.weight"] == 3 and steps["emb.weight"] == 3
+    loss_of(model, 4).backward()  # accumulation is still refused: no step() or zero_grad() between backwards
+    with pytest.raises(RuntimeError, match="gradient accumulation is incompatible"):
+        loss_of(model, 5).backward()
+
+
+def _compiled_release_run(compiled, chunk):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 4))
+    opt = AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=0)
+    handle = dist8.gradient_release(model, opt, weight_grad_chunk=chunk)
+    assert chunk is None or handle.chunks.chunked == ["0", "2"]
+
+    def train_step(x):
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    run = torch.compile(train_step, backend="eager") if compiled else train_step
+    for s in range(3):
+        run(torch.randn(8, 16, generator=torch.Generator().manual_seed(s)))
+    handle.remove()
+    return model, opt
+
+
+@pytest.mark.parametrize("chunk", [None, 256])
+def test_a_compiled_training_step_with_release_is_the_eager_one(chunk):
+    """torch.compile of a step that calls backward() traced the release hook's update (and the chunked weight
+    step) and lost optimizer state, silently: the hooks run eagerly now, bitwise the eager run."""
+    torch._dynamo.reset()
+    try:
+        eager, compiled = _compiled_release_run(False, chunk), _compiled_release_run(True, chunk)
+    finally:
+        torch._dynamo.reset()
+    assert len(compiled[1].state) == len(eager[1].state) == 4
+    assert_same(*eager, *compiled)
+
+
+class _EMA:
+    """An exponential moving average of the weights, kept by an optimizer step post hook."""
+
+    def __init__(self, model, decay=0.9):
+        self.model, self.decay = model, decay
+        self.shadow = [p.detach().clone() for p in model.parameters()]
+
+    def __call__(self, opt, args, kwargs):
+        with torch.no_grad():
+            for s, p in zip(self.shadow, self.model.parameters()):
+                s.lerp_(p, 1 - self.decay)
+
+
+def test_step_hooks_run_once_per_step_and_an_ema_post_hook_equals_the_normal_steps():
+    """The released optimizer.step() ran no step hook (an EMA post hook never updated, silently). Now pre
+    hooks run at its start and post hooks at its end, when every parameter has been stepped."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    ref_model, ref_opt, model, opt = twin_runs()
+    ref_ema, ema = _EMA(ref_model), _EMA(model)
+    ref_opt.register_step_post_hook(ref_ema)
+    opt.register_step_post_hook(ema)
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    def log_global(what):
+        return lambda o, a, k: calls.append(what) if o is opt else None
+
+    global_hooks = [register_optimizer_step_pre_hook(log_global("global pre")),
+                    register_optimizer_step_post_hook(log_global("global post"))]
+    try:
+        train(ref_model, ref_opt, 4)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train(model, opt, 4, release=True)
+    finally:
+        for h in global_hooks:
+            h.remove()
+    assert_same(ref_model, ref_opt, model, opt)
+    for a, b in zip(ref_ema.shadow, ema.shadow):
+        assert torch.equal(a, b)
+    assert not torch.equal(ema.shadow[0], model.emb.weight)  # the EMA moved, and lags the weights
+    assert calls == ["global pre", "pre", "post", "global post"] * 4  # torch's order, once per step
+    pre_warnings = [w for w in caught if "step pre hooks" in str(w.message)]
+    assert len(pre_warnings) == 1 and "cannot change the update" in str(pre_warnings[0].message)

@@ -28,7 +28,9 @@ REFUSALS = [  # (--set overrides on the release config, words the one-line error
     (["train.weight_grad_chunk=0"], "config key train.weight_grad_chunk must be a number of elements > 0 or null"),
     (["train.gradient_release=false"], "config key train.weight_grad_chunk needs train.gradient_release: true"),
     (["optimizer.name=LAMB8bit"], "config key train.weight_grad_chunk is incompatible with optimizer.name=LAMB8bit"),
-    (["optimizer.args.on_nonfinite=raise"], "incompatible with optimizer.args.on_nonfinite=raise"),
+    (["optimizer.args.on_nonfinite=skip_param"], "incompatible with optimizer.args.on_nonfinite=skip_param"),
+    (["optimizer.args.on_nonfinite=raise", "train.weight_grad_chunk=null"],
+     "config key optimizer.args.on_nonfinite=raise is incompatible with train.gradient_release"),
 ]
 
 

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from dist8.kernels.eager import eager_only
 from dist8.optim.range_step import RangeStep, range_step_refusal
 
 if TYPE_CHECKING:
@@ -237,6 +238,7 @@ class ChunkedWeights:
             module.__dict__.pop(_USE_ATTR, None)
         self._patched.clear()
 
+    @eager_only  # inside a compiled step's backward dynamo would trace the update (as the release hook's)
     def weight_grad(self, use: _ModuleUse, chunked: bool, rows: Callable[[int, int], torch.Tensor],
                     whole: Callable[[], torch.Tensor]) -> torch.Tensor | None:
         """Step ``use``'s weight chunk by chunk (``rows(r0, r1)``: the gradient of rows ``[r0, r1)``)

@@ -8,9 +8,10 @@ parameter's gradient is complete, the hook runs the optimizer's update for that
 parameter alone and sets ``param.grad = None`` at once, so at most one
 parameter's gradient (plus autograd's in-flight buffers) is alive at any time
 instead of all of them: the gradient term drops out of bytes per parameter.
-While the handle is active ``optimizer.step()`` and ``optimizer.zero_grad()``
-are no-ops (a training loop written for the normal step keeps working, and
-cannot step twice); ``handle.remove()`` restores both.
+While the handle is active ``optimizer.step()`` updates nothing (a training loop
+written for the normal step keeps working, and cannot step twice) but runs the
+optimizer's step hooks, and ``optimizer.zero_grad()`` only clears what a failed
+backward left; ``handle.remove()`` restores both.
 
 Exactness. Every dist8 update rule is per parameter: the moments, bias
 corrections, percentile clipping (a per-parameter gradient-norm history),
@@ -51,12 +52,23 @@ What is refused, and why:
 * Parameters that become trainable later (``add_param_group``, ``requires_grad_(True)``) are hooked
   at the next forward of the model, or stepped by the no-op ``optimizer.step()`` if they got a
   gradient first (a model never called itself); they stay unchunked under ``weight_grad_chunk``.
-* ``zero_grad`` is a no-op: each step is that of a loop calling ``zero_grad(set_to_none=True)``.
+* ``on_nonfinite="raise"``: parameters are updated one at a time inside backward, so a raise at
+  one of them cannot leave the step undone (the others are stepped already). Refused at
+  ``gradient_release``, and at the next update if set afterwards; the default ``"skip"`` skips per
+  block, ``"skip_param"`` per parameter.
+* ``zero_grad``: each step is that of a loop calling ``zero_grad(set_to_none=True)``. It clears only
+  what an exception from backward left: the gradients not stepped yet (as torch's ``zero_grad``) and
+  the updates counted towards the next ``optimizer.step()``, so a loop that catches the exception goes on.
   With ``set_to_none=False`` the normal step also steps a parameter that got no gradient this step
   (a zero gradient: momentum and weight decay go on); released, it has no gradient and is not stepped.
-* Optimizer step hooks (``register_step_pre_hook``/``post_hook``) do not run while active.
+* Optimizer step hooks (``register_step_pre_hook``/``post_hook``, and torch's global ones) run at
+  ``optimizer.step()`` as torch runs them: pre hooks at its start, post hooks at its end, when every
+  parameter has been stepped (an EMA of the weights is right). A pre hook can no longer change the
+  update, which happened in backward: warned once per optimizer.
   LR schedulers work (they change ``param_groups``, which each hook reads), made before or after
   ``gradient_release`` (no warning that ``optimizer.step`` was overridden either way).
+* ``torch.compile`` of a training step that calls ``backward()``: the hooks, the chunked weight steps
+  and ``optimizer.step``/``zero_grad`` run eagerly (graph breaks), as the optimizer's own ``step`` does.
 * A global ``torch.nn.utils.clip_grad_norm_`` over all parameters: it runs
   after backward, when every gradient is already released (it sees none and
   returns 0). This cannot be detected from here. Use ``max_grad_norm_per_param``
@@ -70,23 +82,28 @@ import itertools
 import numbers
 import threading
 import types
+import warnings
 import weakref
 from typing import Any
 
 import torch
+import torch.optim.optimizer as torch_optimizer  # the global step hooks' registries
 
+from dist8.kernels.eager import eager_only
 from dist8.messages import brief
 from dist8.optim.base import Optimizer8bit
 from dist8.optim.range_step import optimizer_range_refusal
 from dist8.optim.chunked_grads import ChunkedWeights
 
-__all__ = ["GradientRelease", "gradient_release"]
+__all__ = ["GradientRelease", "check_nonfinite_mode", "gradient_release"]
 
 _ACTIVE_ATTR = "_dist8_gradient_release"
 # id(parameter) -> the active handle whose hook steps it. Not keyed by the tensor: a weak reference to a
 # parameter makes torch.utils.swap_tensors refuse it (Module.to / to_empty on FSDP2 models). The handle is
 # held weakly (its hooks on the parameter keep it alive), and _released_by checks that it holds the parameter.
 _RELEASED_BY: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+# Optimizers already warned that their step pre hooks run after the update (once per optimizer).
+_WARNED_PRE_HOOKS: weakref.WeakSet = weakref.WeakSet()
 
 
 def _impl_of(p: torch.Tensor) -> int | None:
@@ -112,7 +129,7 @@ class GradientRelease:
     Args:
         model: the module whose parameters ``optimizer`` updates.
         optimizer: the dist8 optimizer (:class:`dist8.optim.Optimizer8bit`; a client's wrapper
-            already unwrapped) whose ``step``/``zero_grad`` become no-ops while the handle is active.
+            already unwrapped) whose ``step`` updates nothing while the handle is active.
         max_grad_norm_per_param: clip each parameter's gradient to this L2 norm before its
             step, or None (off).
         weight_grad_chunk: elements per row chunk of the weight gradients of plain ``nn.Linear``
@@ -266,6 +283,7 @@ class GradientRelease:
             self.chunks.became_trainable(new)
 
     # ---- the hook ------------------------------------------------------------------------
+    @eager_only  # inside a compiled step's backward dynamo traced the update and lost optimizer state
     def _hook(self, p: torch.Tensor) -> None:
         if p.grad is None:  # none, or stepped in chunks by its layer's backward (weight_grad_chunk)
             return
@@ -279,7 +297,8 @@ class GradientRelease:
 
     def before_update(self, p: torch.Tensor) -> None:
         """Refuse a second update of ``p`` from one forward pass of the model, or before ``optimizer.step()``
-        (gradient accumulation). Hold :attr:`lock`."""
+        (gradient accumulation), and ``on_nonfinite="raise"`` set after the release. Hold :attr:`lock`."""
+        check_nonfinite_mode(self.optimizer)
         if self._forwards and self._updated_in_forward.get(p) == self._forwards:
             raise RuntimeError(
                 f"gradient_release: parameter {self.optimizer.param_name(p)} got a second gradient from one forward "
@@ -303,12 +322,56 @@ class GradientRelease:
     def step_param(self, p: torch.Tensor) -> None:
         """Run the optimizer's update for ``p`` alone (:meth:`Optimizer8bit.step_params`).
 
-        The optimizer's ``register_step_pre_hook``/``post_hook`` hooks do not run while gradient
-        release is active (neither for these updates nor for the no-op ``optimizer.step()``).
+        The optimizer's step hooks do not run here, once per parameter, but once per step at
+        ``optimizer.step()`` (:meth:`step_with_hooks`).
         """
         self.optimizer.step_params([p])
 
-    # ---- what optimizer.step() does while active --------------------------------------------
+    # ---- what optimizer.step() and zero_grad() do while active ------------------------------
+    @eager_only  # host-side bookkeeping and user hooks, as the optimizer's own step
+    def step_with_hooks(self, args: tuple, kwargs: dict) -> Any:
+        """``optimizer.step(*args, **kwargs)`` while active: :meth:`released_step` between the optimizer's step
+        hooks and torch's global ones, run as torch's step wrapper runs them (a pre hook may return new
+        ``(args, kwargs)``; ``args`` start with the optimizer). The post hooks run when every parameter has
+        been stepped (by the hooks in backward), what an EMA of the weights needs. A pre hook runs after
+        the update, so it cannot change it: warned once per optimizer."""
+        opt = self.optimizer
+        args = (opt, *args)
+        # torch's registries (private names: were they to change, the hooks would not run, as before)
+        pre = [*getattr(torch_optimizer, "_global_optimizer_pre_hooks", {}).values(),
+               *getattr(opt, "_optimizer_step_pre_hooks", {}).values()]
+        if pre and opt not in _WARNED_PRE_HOOKS:
+            _WARNED_PRE_HOOKS.add(opt)
+            warnings.warn("gradient_release: optimizer step pre hooks run at optimizer.step(), after the parameters "
+                          "were updated inside backward, so they cannot change the update; use a post hook, or "
+                          "remove() the handle", stacklevel=4)
+        for hook in pre:
+            result = hook(opt, args, kwargs)
+            if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(f"optimizer step pre hook {hook} must return None or a tuple of "
+                                       f"(new_args, new_kwargs), but got {brief(result)}")
+                args, kwargs = result
+        out = self.released_step(*args[1:], **kwargs)
+        for hook in [*getattr(opt, "_optimizer_step_post_hooks", {}).values(),
+                     *getattr(torch_optimizer, "_global_optimizer_post_hooks", {}).values()]:
+            hook(opt, args, kwargs)
+        return out
+
+    @eager_only  # as torch's own zero_grad
+    def released_zero_grad(self, set_to_none: bool = True) -> None:
+        """``optimizer.zero_grad()`` while active. After a complete backward there is nothing to clear; after
+        an exception from backward, the gradients not stepped yet are cleared (torch's ``zero_grad``) and
+        the updates counted towards the next ``optimizer.step()`` are forgotten, so that a loop catching
+        the exception goes on (the next backward is not taken for gradient accumulation)."""
+        with self.lock:
+            self._updates_since_step.clear()
+        saved = self._saved_methods.get("zero_grad")
+        if saved is not None:
+            saved(set_to_none)
+        else:
+            type(self.optimizer).zero_grad(self.optimizer, set_to_none)  # the class's: imports no dynamo
+
     def released_step(self, closure: Any = None) -> Any:
         """``optimizer.step()`` while active: no update (the hooks did them); refuses GradScaler and accumulation."""
         if getattr(self.optimizer, "found_inf", None) is not None:
@@ -362,8 +425,8 @@ def _count_forward(token: int, module: torch.nn.Module, args: Any) -> None:  # n
         handle.forward_started()
 
 
-def _released_step(opt: Optimizer8bit, closure: Any = None) -> Any:
-    return getattr(opt, _ACTIVE_ATTR).released_step(closure)
+def _released_step(opt: Optimizer8bit, *args: Any, **kwargs: Any) -> Any:
+    return getattr(opt, _ACTIVE_ATTR).step_with_hooks(args, kwargs)
 
 
 def _as_scheduler_wrapped(opt: Optimizer8bit) -> Any:
@@ -376,16 +439,16 @@ def _as_scheduler_wrapped(opt: Optimizer8bit) -> Any:
     were they to change, the cost is that warning, nothing else."""
     released = types.MethodType(_released_step, opt)
 
-    def step(closure: Any = None) -> Any:
+    def step(*args: Any, **kwargs: Any) -> Any:
         opt._opt_called = True  # type: ignore[attr-defined]
-        return released(closure)
+        return released(*args, **kwargs)
 
     step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
     return step
 
 
 def _released_zero_grad(opt: Optimizer8bit, set_to_none: bool = True) -> None:
-    """Gradients are already released; nothing to zero."""
+    getattr(opt, _ACTIVE_ATTR).released_zero_grad(set_to_none)
 
 
 def gradient_release(
@@ -413,11 +476,12 @@ def gradient_release(
 
     Returns:
         A :class:`GradientRelease` handle; ``handle.remove()`` undoes everything.
-        While active, ``optimizer.step()`` and ``optimizer.zero_grad()`` are no-ops.
+        While active, ``optimizer.step()`` updates nothing but runs the step hooks, and
+        ``optimizer.zero_grad()`` only clears what an exception from backward left.
 
     Raises a one-line error for: an optimizer that is not a dist8 optimizer
     (``ShardedOptimizer`` named), a ``DistributedDataParallel`` model (or, at its first forward,
-    a model wrapped in DDP afterwards), an optimizer
+    a model wrapped in DDP afterwards), ``on_nonfinite="raise"``, an optimizer
     that already has gradient release, a parameter another optimizer's gradient release
     already steps, a parameter of the optimizer that is not in the model, a parameter
     that still holds a gradient, a bad clip value.
@@ -453,11 +517,22 @@ def gradient_release(
         raise ValueError(f"max_grad_norm_per_param must be a number > 0 or None, got {brief(max_grad_norm_per_param)}")
     if weight_grad_chunk is not None:
         _check_weight_grad_chunk(optimizer, weight_grad_chunk, max_grad_norm_per_param)
+    check_nonfinite_mode(optimizer)
     check_releasable(model, optimizer, [p for group in optimizer.param_groups for p in group["params"]])
     chunk = None if weight_grad_chunk is None else int(weight_grad_chunk)
     handle = GradientRelease(model, optimizer, max_grad_norm_per_param, chunk)
     handle._install()
     return handle
+
+
+def check_nonfinite_mode(optimizer: Optimizer8bit) -> None:
+    """Refuse ``on_nonfinite="raise"`` (ValueError naming it): gradient release updates the parameters one
+    at a time inside backward, so a raise at one of them cannot leave the step undone."""
+    if optimizer.on_nonfinite == "raise":
+        raise ValueError(
+            "gradient_release does not support on_nonfinite='raise': parameters are updated one at a time inside "
+            "backward, so a raise cannot leave the step undone; use the default 'skip' (skips per quantization "
+            "block) or 'skip_param' (skips the whole parameter)")
 
 
 def check_releasable(model: torch.nn.Module | None, optimizer: Optimizer8bit, params: list[torch.Tensor],

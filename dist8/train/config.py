@@ -356,6 +356,9 @@ def check_gradient_release(cfg: Config) -> None:
     if is_torch_optimizer(o.name):
         raise ConfigError(f"config key optimizer.name={o.name} is incompatible with train.gradient_release "
                           "(it needs a dist8 optimizer)")
+    if o.args.get("on_nonfinite") == "raise":
+        raise ConfigError("config key optimizer.args.on_nonfinite=raise is incompatible with train.gradient_release "
+                          f"({why}, one at a time: a raise could not undo the others); use skip or skip_param")
 
 
 def check_weight_grad_chunk(cfg: Config) -> None:
