@@ -2,7 +2,8 @@
 
 ``python tests/_ds_worker.py SPEC.json OUT_DIR``; SPEC holds a list of "jobs", each
 {"name", "config" (DeepSpeed dict), "steps", "save": dir|None, "resume": dist8 ckpt dir|None,
-"first_step": int, and the optional keys read in run_job}. Writes OUT_DIR/<job>-rank<r>.json with global
+"first_step": int, and the optional keys read in run_job: "bad_lr" {step: value} writes that lr into the
+optimizer's groups before the step, whose ValueError ends the job and is reported as "refused"}. Writes OUT_DIR/<job>-rank<r>.json with global
 losses and state facts.
 """
 import json
@@ -126,15 +127,27 @@ def run_job(job, rank, world, out_dir):
     t0 = time.time()
     first = job.get("first_step", 0)
     mb = GLOBAL_BATCH // world // gas
+    refused = None
     for step in range(first, first + job["steps"]):
         x, y = local_batch(step, rank, world)
         total = 0.0
+        if str(step) in job.get("bad_lr", {}):  # {step: value} written into the optimizer's groups, as user code may
+            for group in engine.basic_optimizer.param_groups:
+                group["lr"] = float(job["bad_lr"][str(step)])
         for m in range(gas):
             loss = engine(x[m * mb:(m + 1) * mb], y[m * mb:(m + 1) * mb])
             # loss_factor {step: f}: an fp16 overflow on purpose (1e30), which the step must skip
             engine.backward(loss * job.get("loss_factor", {}).get(str(step), 1.0))
-            engine.step()
+            try:
+                engine.step()
+            except ValueError as exc:
+                if "bad_lr" not in job:
+                    raise
+                refused = str(exc)
+                break
             total += float(loss.detach()) / gas
+        if refused is not None:
+            break
         t = torch.tensor([total])
         dist.all_reduce(t)
         losses.append(float(t) / world)
@@ -151,6 +164,7 @@ def run_job(job, rank, world, out_dir):
         engine.save_checkpoint(job["save"], tag="final")
     opt = engine.basic_optimizer
     facts = {
+        "refused": refused,
         "losses": losses,
         "seconds": elapsed,
         "class": type(opt).__name__,

@@ -106,6 +106,7 @@ def stages(tmp_path_factory):
                  "config": cfg(2, zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}})})
     jobs.append({"name": "gas", "steps": STEPS, "config": cfg(2, gradient_accumulation_steps=2)})
     jobs.append({"name": "bf16", "steps": STEPS, "config": cfg(2, bf16={"enabled": True})})
+    jobs.append({"name": "nan_lr", "steps": 3, "bad_lr": {"1": "nan"}, "config": cfg(2)})
     return launch(2, jobs, out)
 
 
@@ -137,6 +138,16 @@ def test_zero_stage_matches_plain_dist8(stages, reference, stage):
         assert facts[0]["n_segments"] > 0  # per-parameter state inside DeepSpeed's flat partitions
     # DeepSpeed's ZeRO check counts dist8 as supported: no false "untested optimizer" warning
     assert all(f["zero_supported"] for f in facts), facts
+
+
+@needs_ds
+def test_a_bad_lr_written_into_the_groups_is_refused_naming_it(stages):
+    """The segment step checks changed groups as the plain step does (before, lr = nan was taken and every
+    block skipped as non-finite, counted, without a word)."""
+    facts = stages["nan_lr"]
+    for rank_facts in facts:
+        assert rank_facts["refused"] is not None and rank_facts["refused"].startswith("lr must be a finite number")
+        assert len(rank_facts["losses"]) == 1
 
 
 @needs_ds

@@ -64,12 +64,18 @@ class OptimizerAdapter:
                     master.copy_(masters[piece.param])
             return
         group_of = {p: g for g in self.inner.param_groups for p in g["params"]}
+        checked = {}
         for i, st in states.items():
             p = self.params[i]
             st = {k: (v.view(p.shape) if _shaped(k) else v) for k, v in st.items()}
             correction = self.inner.settings(p, group_of[p]).correction  # the dtype master_weight_bits needs
-            self.inner.state[p] = self.inner.check_state(p, st, block_size=self.inner.state_block_size(p),
-                                                         correction=correction, copy=False)  # read from the file
+            checked[p] = self.inner.check_state(p, st, block_size=self.inner.state_block_size(p),
+                                                correction=correction, copy=False)  # read from the file
+        for p in self.params:  # the checkpoint's state, as load_state_dict gives it: none where it has none
+            if p in checked:
+                self.inner.state[p] = checked[p]
+            else:
+                self.inner.state.pop(p, None)
 
     def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Model tensors to write (rank 0); the writer (:mod:`dist8.checkpoint.model_file`) folds tied
@@ -174,8 +180,15 @@ class FSDP2Adapter(OptimizerAdapter):
         for g in self.optimizer.param_groups:
             fqns = [self.names[j] for j, p in enumerate(self.params) if any(q is p for q in g["params"])]
             groups.append(dict(hyperparameters_of(g), params=fqns))
+        # strict=False: torch refuses a parameter without saved state (one that never got a gradient, or one
+        # load(strict=False) skipped), which load_state_dict accepts; dist8 has checked names and shapes.
         set_optimizer_state_dict(self.model, self.optimizer, {"state": full_state, "param_groups": groups},
-                                 options=StateDictOptions(full_state_dict=True))
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
+        # torch keeps such a parameter's state from before the load (or from the zero-gradient step it takes
+        # on a fresh optimizer): the checkpoint's state, as load_state_dict gives it, is none
+        for i, p in enumerate(self.params):
+            if i not in states:
+                self.inner.state.pop(p, None)
 
 
 def adapt(model: torch.nn.Module | None, optimizer, wrapped: bool = False) -> OptimizerAdapter:

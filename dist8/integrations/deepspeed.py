@@ -233,6 +233,7 @@ def initialize(*args: Any, config: dict[str, Any] | str | os.PathLike | None = N
     client = kwargs.get("optimizer")
     if isinstance(client, Optimizer8bit):
         if not isinstance(client, DeepSpeedSegments):
+            _refuse_scheduled_client(client)
             kwargs["optimizer"] = segmented_copy(client)
         cfg = dict(cfg or {})
         cfg.setdefault("zero_allow_untested_optimizer", True)
@@ -241,6 +242,17 @@ def initialize(*args: Any, config: dict[str, Any] | str | os.PathLike | None = N
         kwargs["config"] = cfg
     return deepspeed.initialize(*args, **kwargs)
 
+
+def _refuse_scheduled_client(client: Optimizer8bit) -> None:
+    """An LR scheduler made on ``client`` would drive an optimizer nobody steps: DeepSpeed steps the copy
+    (ZeRO-0 trained through the client with no checkpointed state, ZeRO-2 did not train at all, silently).
+    torch's schedulers mark the ``step`` they wrap on the optimizer instance."""
+    if getattr(client.__dict__.get("step"), "_wrapped_by_lr_sched", False):
+        raise ValueError(
+            f"an LR scheduler was made on this {type(client).__name__} before dist8.integrations.deepspeed."
+            "initialize, which gives DeepSpeed a copy of the optimizer with its partitions (the optimizer it "
+            "returns): the scheduler would change the lr of the instance passed in, which nobody steps. Make the "
+            "scheduler on the returned optimizer, or pass lr_scheduler= a callable taking the optimizer")
 
 
 if env_flag("DIST8_DEEPSPEED", default=True):  # importing this module is the documented way to install

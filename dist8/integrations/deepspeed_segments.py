@@ -79,6 +79,8 @@ class DeepSpeedSegments:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for group in self.param_groups:  # a bad value written into a group (lr = nan): named before any update
+            self.check_changed_group(group, hyperparameters_of(group))
         items = []
         owners = []
         sums = getattr(self, "ds_sums", None)

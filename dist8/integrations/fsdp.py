@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from dist8.optim.config import OVERRIDE_ATTR
+from dist8.optim.manager import restore_module_marks
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -76,20 +77,19 @@ def _restore(module: nn.Module, marks: dict[str, dict]) -> None:
 def prepare(model: nn.Module) -> nn.Module:
     """Make a ``fully_shard``-wrapped model ready for a dist8 optimizer; returns ``model``.
 
-    Refuses FSDP1 models, and re-marks the weights of :class:`dist8.nn.StableEmbedding`
-    modules for 32-bit state (FSDP2 replaces parameters, dropping the mark). Call it
-    after ``fully_shard`` and before creating the optimizer; :func:`fully_shard` does
-    both for you.
+    Refuses FSDP1 models, and marks again the weights FSDP2 replaced that carry a module-owned
+    setting: :class:`dist8.nn.Embedding` and :class:`dist8.nn.StableEmbedding` (32-bit state) and
+    ``GlobalOptimManager.register_module_override`` (see :func:`dist8.optim.manager.restore_module_marks`,
+    which dist8 optimizers also run when built). ``override_config`` marks name a tensor, not a module:
+    they are lost unless registered with ``register_parameters`` (as in bitsandbytes) or kept by
+    :func:`fully_shard`. Call it after ``fully_shard`` and before creating the optimizer;
+    :func:`fully_shard` does both for you.
 
     Args:
-        model: the model wrapped with torch's ``fully_shard`` (it and all its submodules are visited).
+        model: the model wrapped with torch's ``fully_shard`` (it and its submodules are checked for FSDP1).
     """
-    from dist8.nn import StableEmbedding
-
     check_not_fsdp1(model)
-    for module in model.modules():
-        if isinstance(module, StableEmbedding) and getattr(module.weight, OVERRIDE_ATTR, None) is None:
-            setattr(module.weight, OVERRIDE_ATTR, {"optim_bits": 32})
+    restore_module_marks()
     return model
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dist8.messages import brief
-from dist8.optim.config import OVERRIDE_ATTR
+from dist8.optim.manager import mark_module_attribute
 
 __all__ = ["Embedding", "StableEmbedding"]
 
@@ -63,13 +63,18 @@ class Embedding(nn.Embedding):
         """Layers a subclass puts beside the weight, made at the end of ``__init__`` (none here)."""
 
     def _mark_weight(self) -> None:
-        if isinstance(self.weight, torch.Tensor) and getattr(self.weight, OVERRIDE_ATTR, None) is None:
-            setattr(self.weight, OVERRIDE_ATTR, {"optim_bits": 32})
+        # Registered with the module: restore_module_marks (run by dist8 optimizers when built and at each
+        # step) marks whatever tensor ``weight`` holds then: ``emb.weight = ...`` (tying, HF's
+        # resize_token_embeddings under ZeRO-3), torch's fully_shard (DTensors). No __setattr__ hook: it
+        # would put FSDP2 on its slow path (setattr instead of _parameters[...]) at every unshard.
+        mark_module_attribute(self, "weight", {"optim_bits": 32})
 
-    # The mark is an attribute of the parameter, and torch.utils.swap_tensors exchanges a parameter's
-    # attributes with its new contents: Module.to / to_empty / cuda on FSDP2 (DTensor) parameters always
-    # swap (meta-device init), other parameters under torch.__future__.set_swap_module_params_on_conversion;
-    # load_state_dict(assign=True) puts in a new parameter. The weight would silently get 8-bit state.
+    # The mark is an attribute of the parameter; these put in a parameter without it, or the same object
+    # without its attributes, and the weight would silently get 8-bit state. Marked again at once:
+    # torch.utils.swap_tensors (Module.to / to_empty / cuda on FSDP2 parameters, any parameter under
+    # torch.__future__.set_swap_module_params_on_conversion) exchanges a parameter's attributes;
+    # load_state_dict(assign=True) puts in a new parameter; copy.deepcopy and pickle (which call
+    # __setstate__) copy a module without registering it (deepcopy: a parameter without its attributes).
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
         self._mark_weight()
@@ -77,6 +82,10 @@ class Embedding(nn.Embedding):
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
+        self._mark_weight()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
         self._mark_weight()
 
     def reset_parameters(self) -> None:

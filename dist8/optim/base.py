@@ -39,13 +39,14 @@ from dist8.optim.config import (GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, check_override
 from dist8.optim.contract import TorchContract
 from dist8.optim.hooks import load_state_dict_with_hooks
 from dist8.optim.lazy_dynamo import LazyDynamoOptimizer
-from dist8.optim.manager import restore_module_marks
+from dist8.optim.manager import apply_positional_configs, restore_module_marks
 from dist8.optim.nonfinite import SkipCounter, check_mode
 from dist8.optim.paged import paged_message
 from dist8.optim.positions import ParamPositions
 from dist8.optim.validation import (
     SUPPORTED_DTYPES,
     check_flag,
+    check_gradient,
     check_group,
     check_number,
     check_param_types,
@@ -164,6 +165,7 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
                         master_weight_bits=master_weight_bits, maximize=check_flag(maximize, "maximize"))
         groups, self.param_names = split_named_params(params)
         restore_module_marks()  # before the marks are read
+        apply_positional_configs(groups)  # GlobalOptimManager.register_parameters' overrides, by position
         self.block_size = block_size
         self.block_wise = check_flag(block_wise, "block_wise")
         self.quant_map = quant_map
@@ -359,16 +361,20 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
         by the caller) is shared, not copied, by parameters without overrides.
         """
         fixed = self._fixed_settings.get(p)
-        if fixed is None:  # name, name patterns, module marks and size do not change: resolve once
+        marks = getattr(p, OVERRIDE_ATTR, None)
+        # name, name patterns and size do not change: resolved once, and again when the marks do (a mark is
+        # replaced, never edited: GlobalOptimManager.override_config after the first step applies, as in
+        # bitsandbytes)
+        if fixed is None or fixed[3] is not marks:
             extra = match_overrides(self.param_names.get(p), p, self.overrides)
             if extra:
                 self.validate_hyper(dict(hyperparameters_of(group), **extra),
                                     f"overrides for parameter {self.param_name(p)}")
-            fixed = self._fixed_settings[p] = (self.param_name(p), extra, global_numel(p))
+            fixed = self._fixed_settings[p] = (self.param_name(p), extra, global_numel(p), marks)
             if "lr" in extra and "initial_lr" in group and not self.__dict__.get("_warned_fixed_lr"):
                 self._warned_fixed_lr = True  # once per optimizer
                 warnings.warn(fixed_lr_override_message(fixed[0], extra["lr"]), UserWarning, stacklevel=3)
-        name, extra, numel = fixed
+        name, extra, numel, _ = fixed
         hyper = group_hyper if group_hyper is not None else hyperparameters_of(group)
         return self.resolve_settings(name, extra, numel, hyper, p.dtype)
 
@@ -484,38 +490,37 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
                       after_step: list[Callable[[], Any]]) -> list[pipeline.UpdateItem]:
         """The (parameter, settings, state) of each listed parameter that has a gradient; creates missing
         state. Non-contiguous parameters get a contiguous working copy and DTensor parameters a
-        gradient laid out like them; what undoes either after the step goes to ``after_step``."""
-        items = []
+        gradient laid out like them; what undoes either after the step goes to ``after_step``.
+        Every parameter is checked before any state is made or changed: a refusal leaves the optimizer
+        as it was."""
+        checked = []
         for group, group_params in groups:
             group_hyper = hyperparameters_of(group)
             self.check_changed_group(group, group_hyper)
             for p in group_params:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise TypeError(f"parameter {self.param_name(p)} has a sparse gradient; dist8 needs dense gradients")
-                if p.grad.dtype not in SUPPORTED_DTYPES:
-                    raise TypeError(f"parameter {self.param_name(p)} has a {p.grad.dtype} gradient; supported: "
-                                    "float32, bfloat16, float16")
-                if p.grad.shape != p.shape:
-                    raise ValueError(
-                        f"parameter {self.param_name(p)} has shape {tuple(p.shape)} but its gradient {tuple(p.grad.shape)}"
-                    )
+                check_gradient(p, self.param_name(p))
                 if self.uses_dtensor:
                     original = p.grad
                     if dtensor.align_grad(p, self.param_name(p)):
                         after_step.append(functools.partial(setattr, p, "grad", original))
                 settings = self.settings(p, group, group_hyper)
-                state = self.param_state(p, settings)
-                self.check_state_fits(p, settings, state)
-                # one cheap test on the common path (~0.3 us per parameter); the rest only when it fails
-                if not self.uses_dtensor and (p.is_meta or not (p.is_contiguous() and p.grad.is_contiguous())
-                                              or not p.numel()):
-                    if p.is_meta or not p.numel():  # no values to update: count the step only
-                        state["step"] += 1
-                        continue
-                    p = self.working_copy(p, after_step)
-                items.append(pipeline.UpdateItem(p, settings, state))
+                existing = self.state.get(p)
+                if existing:
+                    self.check_state_fits(p, settings, existing)
+                checked.append((p, settings))
+        items = []
+        for p, settings in checked:
+            state = self.param_state(p, settings)
+            # one cheap test on the common path (~0.3 us per parameter); the rest only when it fails
+            if not self.uses_dtensor and (p.is_meta or not (p.is_contiguous() and p.grad.is_contiguous())
+                                          or not p.numel()):
+                if p.is_meta or not p.numel():  # no values to update: count the step only
+                    state["step"] += 1
+                    continue
+                p = self.working_copy(p, after_step)
+            items.append(pipeline.UpdateItem(p, settings, state))
         return items
 
     def check_state_fits(self, p: torch.Tensor, settings: ParamSettings, state: dict[str, Any]) -> None:
@@ -592,9 +597,10 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
             settings = self.settings(p, dict(group, **loaded_hyperparameters(group, saved_groups[group_of[key]])))
             new_state[p] = self.check_state(p, st, block_size=self.state_block_size(p), expect_8bit=settings.use_8bit,
                                              correction=settings.correction)
-        for saved, group in zip(saved_groups, self.param_groups):
-            load_group_values(group, saved)
+        kind_changes = [load_group_values(group, saved, warn=False) for saved, group in zip(saved_groups, self.param_groups)]
         self.state = new_state
+        for message in dict.fromkeys(m for m in kind_changes if m):  # after the load: it is whole even if one raises
+            warnings.warn(message, UserWarning, stacklevel=4)
 
     def state_block_size(self, p: torch.Tensor) -> int | None:
         """The block of ``p``'s absmax for load-time checks (None for a DTensor: checked on its shards)."""

@@ -86,20 +86,27 @@ def loaded_hyperparameters(group: Mapping[str, Any], saved: Mapping[str, Any]) -
 STATE_KIND_KEYS = ("optim_bits", "min_8bit_size")
 
 
-def load_group_values(group: dict[str, Any], saved: Mapping[str, Any]) -> None:
+def load_group_values(group: dict[str, Any], saved: Mapping[str, Any], warn: bool = True) -> str | None:
     """Give the live param ``group`` the values of its ``saved`` counterpart (a loaded state dict's,
     already validated): every hyperparameter (:func:`loaded_hyperparameters`), and torch's rule for
     names: the saved ``param_names`` replace the group's where they fit (:func:`fits_param_names`).
-    Warns when a :data:`STATE_KIND_KEYS` value differs from the group's."""
+
+    When a :data:`STATE_KIND_KEYS` value differs from the group's: warns (``warn``), or returns the
+    warning for the caller to give once everything is loaded (with warnings as errors, a warning in the
+    middle of a load would leave it half done); None otherwise."""
     changed = [f"{key}={saved[key]!r} (this optimizer: {group[key]!r})" for key in STATE_KIND_KEYS
                if key in saved and key in group and saved[key] != group[key]]
-    if changed:
-        warnings.warn(f"the loaded state dict's param group has {', '.join(changed)}: loaded values replace the "
-                      "optimizer's (torch's rule) and the saved state keeps its 8-bit/32-bit kind; to change "
-                      "it, do not load the optimizer state (it starts afresh)", UserWarning, stacklevel=3)
     group.update(loaded_hyperparameters(group, saved))
     if fits_param_names(saved.get("param_names"), len(group["params"])):
         group["param_names"] = list(saved["param_names"])
+    if not changed:
+        return None
+    message = (f"the loaded state dict's param group has {', '.join(changed)}: loaded values replace the "
+               "optimizer's (torch's rule) and the saved state keeps its 8-bit/32-bit kind; to change "
+               "it, do not load the optimizer state (it starts afresh)")
+    if warn:
+        warnings.warn(message, UserWarning, stacklevel=3)
+    return message
 
 
 def name_every_group(groups: list[dict], first_index: int = 0) -> None:

@@ -37,11 +37,19 @@ class TorchContract:
     _NOT_COPIED = ("dtensor_layouts", "dtensor_boxes", "_known", "dtensor_hook", "_checked_hyper",
                    "partials_counted_elsewhere")
 
+    # Set on the instance by other code, bound to this optimizer: a copy that kept them would step the
+    # original (an LR scheduler's wrapper of ``step`` and its call flag; gradient release's no-op
+    # ``step``/``zero_grad`` and its handle, which holds a lock).
+    _BOUND_TO_THE_ORIGINAL = ("_opt_called", "_dist8_gradient_release")
+
     def __getstate__(self) -> dict[str, Any]:
         """Everything a copy needs to step identically (torch's keeps only defaults, state and
-        param_groups); registered hooks are not copied, as with torch's optimizers."""
+        param_groups); registered hooks, and methods other code replaced on this instance (a
+        scheduler's wrapped ``step``, gradient release's), are not copied, as with torch's optimizers."""
+        methods = {k for k in self.__dict__ if callable(getattr(type(self), k, None))}
         state = {k: v for k, v in self.__dict__.items()
-                 if k not in self._NOT_COPIED and not (k.startswith("_optimizer_") and k.endswith("_hooks"))}
+                 if k not in self._NOT_COPIED and k not in self._BOUND_TO_THE_ORIGINAL and k not in methods
+                 and not (k.startswith("_optimizer_") and k.endswith("_hooks"))}
         if self.uses_dtensor:
             state["reduce_partials"] = None  # a closure over a process group: attach() makes it again
         return state
@@ -90,8 +98,10 @@ class TorchContract:
         for r in self._known.replacements(self.param_groups, alive):
             if r.name is not None and r.param not in self.param_names:
                 self.param_names[r.param] = r.name
-            if r.marks is not None and getattr(r.param, OVERRIDE_ATTR, None) is None:
-                setattr(r.param, OVERRIDE_ATTR, r.marks)
+            if r.marks is not None:  # keys the new parameter's own mark has win (e.g. Embedding's, set again)
+                mark = getattr(r.param, OVERRIDE_ATTR, None) or {}
+                if any(key not in mark for key in r.marks):
+                    setattr(r.param, OVERRIDE_ATTR, {**r.marks, **mark})
             if r.old is not None and self.state.get(r.old):
                 moved[r.param] = self.state.pop(r.old)
         current = set(current)

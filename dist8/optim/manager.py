@@ -14,21 +14,40 @@ optimizer reads the marks when it first steps a parameter, together with its
 ``overrides={"name-pattern": {...}}`` (name patterns win over marks), and the marks
 travel with the parameter into ``ShardedOptimizer``, FSDP2 (``dist8.integrations.fsdp``)
 and DeepSpeed, so the 32-bit decision is taken on the whole parameter there too.
-As in bitsandbytes, overrides are read at a parameter's first step: set them
-before it (they may be set after the optimizer was built).
+As in bitsandbytes, overrides are read at every step: one set after a parameter's first step
+applies from the next (the optimizer resolves a parameter's settings again when its mark is
+replaced); the kind of state (``optim_bits``, ``min_8bit_size``) is made at the first step, and a
+later change of it is refused at the step, naming the parameter.
+
+Marks live on parameter objects, and some code replaces them (torch's ``fully_shard``,
+``load_state_dict(assign=True)``, ``emb.weight = ...``, ``copy.deepcopy``). Settings that name a
+module's attribute survive that: :func:`mark_module_attribute` (layers' own marks, e.g.
+``dist8.nn.Embedding``'s 32-bit state) and ``register_module_override`` are applied again to the
+attribute's current tensor by :func:`restore_module_marks`, which dist8 optimizers run when built and
+before each step. ``register_parameters`` records overrides by position, as bitsandbytes does:
+:func:`apply_positional_configs` gives them to the parameters at those positions when an optimizer is built.
+In every case a key the parameter's mark already has wins (an override set after the replacement is kept).
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+from torch.nn.utils import parametrize
 
-from dist8.optim.config import OVERRIDABLE_KEYS, OVERRIDE_ATTR
+from dist8.optim.config import GLOBAL_NUMEL_ATTR, OVERRIDABLE_KEYS, OVERRIDE_ATTR
 
-__all__ = ["GlobalOptimManager", "restore_module_marks"]
+__all__ = ["GlobalOptimManager", "restore_module_marks", "mark_module_attribute", "missing_marks", "merge_marks",
+           "apply_positional_configs"]
 
 _UNSET = object()
+
+# module -> {attribute name: settings} of layers that mark their own tensors (mark_module_attribute).
+# Modules, not tensors, are referenced (weakly: a model that is freed leaves): a weak reference to a
+# tensor would make torch.utils.swap_tensors refuse it.
+_LAYER_MARKS: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, dict[str, Any]]] = weakref.WeakKeyDictionary()
 
 
 class GlobalOptimManager:
@@ -74,11 +93,14 @@ class GlobalOptimManager:
         self.module_weight_config_triple: list[tuple[torch.nn.Module, str, dict[str, Any]]] = []
 
     def register_parameters(self, params: Iterable) -> None:
-        """Accepted for bitsandbytes compatibility; dist8 needs no registration.
+        """Record the overrides of ``params`` (tensors or param-group dicts) by position, as bitsandbytes does.
 
-        (bitsandbytes maps overrides by parameter position so they survive a module
-        move that replaces parameter objects; dist8 marks the parameter object, and
-        ``Module.to``/``cuda`` keep parameter objects.)
+        Each parameter of ``params`` that has an ``override_config`` override gives its settings to its
+        (group index, position); a dist8 optimizer built later applies them to the parameter it finds
+        there (:func:`apply_positional_configs`), so they survive new parameter objects
+        (``copy.deepcopy``, torch's ``fully_shard``, ``load_state_dict(assign=True)``) if the optimizer
+        lists the parameters in the same order. As in bitsandbytes, these apply to every optimizer
+        built afterwards, until :meth:`initialize`.
         """
         groups = list(params)
         if groups and not isinstance(groups[0], Mapping):
@@ -88,6 +110,12 @@ class GlobalOptimManager:
             for pi, p in enumerate([plist] if isinstance(plist, torch.Tensor) else plist):
                 if id(p) in self.pid2config:
                     self.index2config[(gi, pi)] = self.pid2config[id(p)]
+
+    def positional_config(self, group_index: int, position: int) -> dict[str, Any] | None:
+        """The settings ``register_parameters`` recorded for parameter ``position`` of param group
+        ``group_index`` (a copy), or None."""
+        config = self.index2config.get((group_index, position))
+        return dict(config) if config else None
 
     def override_config(
         self,
@@ -143,20 +171,88 @@ class GlobalOptimManager:
         merged.update(config)
         setattr(p, OVERRIDE_ATTR, merged)  # a new dict: a module's shared marks are never mutated
 
+    def _mark_missing(self, p: torch.Tensor, config: Mapping[str, Any]) -> None:
+        missing = missing_marks(p, config)
+        if missing:
+            self._mark(p, missing)
+
+
+def missing_marks(p: torch.Tensor, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of ``config`` whose keys ``p``'s mark lacks (the keys it has win)."""
+    current = getattr(p, OVERRIDE_ATTR, None) or {}
+    return {k: v for k, v in config.items() if k not in current}
+
+
+def merge_marks(p: torch.Tensor, config: Mapping[str, Any]) -> None:
+    """Add to ``p``'s mark the settings of ``config`` it lacks; a key the mark already has wins (an
+    override set after a parameter was replaced is kept). The mark is replaced by a new dict, never
+    mutated: it may be shared (a swap's old parameter, a module's own mark)."""
+    missing = missing_marks(p, config)
+    if missing:
+        setattr(p, OVERRIDE_ATTR, {**(getattr(p, OVERRIDE_ATTR, None) or {}), **missing})
+
+
+def _attribute_tensor(module: torch.nn.Module, name: str) -> torch.Tensor | None:
+    if parametrize.is_parametrized(module, name):  # the parameter itself, not a tensor computed per access
+        return module.parametrizations[name].original
+    p = getattr(module, name, None)
+    return p if isinstance(p, torch.Tensor) else None
+
+
+def mark_module_attribute(module: torch.nn.Module, name: str, config: Mapping[str, Any]) -> None:
+    """Mark ``getattr(module, name)`` with ``config`` now and whenever it lacks those keys later.
+
+    For layers that own a setting of their tensor (``dist8.nn.Embedding``: ``{"optim_bits": 32}``).
+    The module is remembered, weakly, and :func:`restore_module_marks` marks the tensor the attribute
+    holds then: a replaced weight (``emb.weight = ...``, torch's ``fully_shard``, Hugging Face's
+    ``resize_token_embeddings`` under ZeRO-3) keeps the setting, as bitsandbytes' module overrides do.
+    Unlike ``register_module_override``, these marks are the layer's: ``GlobalOptimManager.initialize``
+    keeps them. Calling it again for the same attribute replaces its settings.
+    """
+    config = GlobalOptimManager._checked(config, "mark_module_attribute")
+    _LAYER_MARKS.setdefault(module, {})[name] = config
+    p = _attribute_tensor(module, name)
+    if p is not None:
+        merge_marks(p, config)
+
 
 def restore_module_marks() -> None:
-    """Mark again the parameters of ``register_module_override`` that lost their mark.
+    """Mark again the tensors of ``register_module_override`` and :func:`mark_module_attribute` that lack
+    their settings.
 
     torch.utils.swap_tensors (``Module.to`` / ``to_empty`` on FSDP2 models, any module under
-    ``torch.__future__.set_swap_module_params_on_conversion``) exchanges a parameter's attributes, and
-    ``load_state_dict(assign=True)`` puts in a new parameter: the override would silently not apply.
-    A module override names the module's attribute, so it finds the current parameter (as
-    bitsandbytes resolves it). Dist8 optimizers call this when built and before each step.
+    ``torch.__future__.set_swap_module_params_on_conversion``) exchanges a parameter's attributes;
+    ``load_state_dict(assign=True)``, torch's ``fully_shard`` and attribute assignment put in a new
+    parameter: the setting would silently not apply. These settings name the module's attribute, so
+    they find the current parameter (as bitsandbytes resolves module overrides). Keys the parameter's
+    mark already has win. Dist8 optimizers call this when built and before each step.
     """
+    for module, configs in list(_LAYER_MARKS.items()):
+        for name, config in configs.items():
+            p = _attribute_tensor(module, name)
+            if p is not None:
+                merge_marks(p, config)
     mng = GlobalOptimManager._instance
     if mng is None:
         return
     for module, name, config in mng.module_weight_config_triple:
-        p = getattr(module, name, None)
-        if isinstance(p, torch.Tensor) and getattr(p, OVERRIDE_ATTR, None) is None:
-            mng._mark(p, config)
+        p = _attribute_tensor(module, name)
+        if p is not None:
+            mng._mark_missing(p, config)
+
+
+def apply_positional_configs(param_groups: list[dict]) -> None:
+    """Give each parameter of ``param_groups`` the settings ``register_parameters`` recorded for its
+    (group index, position), as bitsandbytes applies ``index2config``; keys its mark has win.
+
+    Run by dist8 optimizers when built, before the marks are read. Pieces of a sharded wrapper's
+    inner optimizer (they carry ``GLOBAL_NUMEL_ATTR``) are left alone: their positions are not the user's.
+    """
+    mng = GlobalOptimManager._instance
+    if mng is None or not mng.index2config:
+        return
+    for gi, group in enumerate(param_groups):
+        for pi, p in enumerate(group["params"]):
+            config = mng.positional_config(gi, pi)
+            if config and isinstance(p, torch.Tensor) and not hasattr(p, GLOBAL_NUMEL_ATTR):
+                mng._mark_missing(p, config)

@@ -11,7 +11,7 @@ Parameters are recorded by ``id()``, not referenced: a replaced parameter may be
 DTensors, and every parameter under ``torch.__future__.set_swap_module_params_on_conversion``).
 A swap keeps the parameter object but exchanges its attributes, module marks included: for a
 marked parameter the record holds its attribute dict, and a parameter whose dict was exchanged
-without the marks gets them back.
+without some of the marks' keys gets them back.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import torch
 
 from dist8.optim.config import OVERRIDE_ATTR
+from dist8.optim.manager import missing_marks
 
 __all__ = ["Replacement", "ParamPositions"]
 
@@ -58,9 +59,11 @@ class ParamPositions:
 
     @staticmethod
     def _lost_marks(entry: _Entry, p: torch.Tensor) -> bool:
-        """The recorded object, whose attribute dict a swap exchanged for one without the marks (a mark
-        removed by hand, e.g. GlobalOptimManager.initialize(), leaves the dict and is respected)."""
-        return entry.attrs is not None and p.__dict__ is not entry.attrs and getattr(p, OVERRIDE_ATTR, None) is None
+        """The recorded object, whose attribute dict a swap exchanged for one lacking some of the marks'
+        keys (a mark removed by hand, e.g. GlobalOptimManager.initialize(), leaves the dict and is
+        respected). Lacking keys, not lacking a mark: ``dist8.nn.Embedding`` marks its swapped weight
+        again at once with its own setting, and a manager override beside it would be lost."""
+        return entry.attrs is not None and p.__dict__ is not entry.attrs and bool(missing_marks(p, entry.marks))
 
     def add_group(self, params: list[torch.Tensor], names: Mapping[torch.Tensor, str]) -> None:
         self.groups.append(self._entries(params, names))

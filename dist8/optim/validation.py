@@ -13,8 +13,8 @@ from dist8.messages import brief
 from dist8.quant.master import check_master_weight_bits
 
 __all__ = [
-    "FLAG_KEYS", "FLOAT32_MAX", "HYPER_BOUNDS", "SUPPORTED_DTYPES", "check_flag", "check_group", "check_module", "check_number", "check_param_types",
-    "check_unique_params", "pair",
+    "FLAG_KEYS", "FLOAT32_MAX", "HYPER_BOUNDS", "SUPPORTED_DTYPES", "check_flag", "check_gradient", "check_group",
+    "check_module", "check_number", "check_param_types", "check_unique_params", "pair",
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -112,6 +112,18 @@ def check_group(group: dict[str, Any], where: str, n_betas: int = 2) -> None:
             raise ValueError(f"betas must be {what} ({where}), got {brief(betas)}")
         for i, beta in enumerate(betas):
             check_number(beta, f"betas[{i}]", where, lo=0.0, hi=1.0, hi_open=True)
+
+
+def check_gradient(p: torch.Tensor, name: str) -> None:
+    """Refuse, naming parameter ``name``, a gradient the kernels cannot take: sparse, of a dtype other
+    than float32/bfloat16/float16, or of another shape than ``p``."""
+    g = p.grad
+    if g.is_sparse or g.layout != torch.strided:
+        raise TypeError(f"parameter {name} has a sparse gradient; dist8 needs dense gradients")
+    if g.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"parameter {name} has a {g.dtype} gradient; supported: float32, bfloat16, float16")
+    if g.shape != p.shape:
+        raise ValueError(f"parameter {name} has shape {tuple(p.shape)} but its gradient {tuple(g.shape)}")
 
 
 def check_param_types(params: Iterable[torch.Tensor], name_of: Callable[[torch.Tensor], str]) -> None:
