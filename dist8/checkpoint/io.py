@@ -34,6 +34,7 @@ from dist8.checkpoint.format import (
     check_extra,
     file_entry,
     install_dir,
+    manifest_hash,
     metadata_param_groups,
     rank_file,
     read_metadata,
@@ -312,16 +313,37 @@ def _resolve(path: Path) -> Path:
     return path
 
 
-def _same_fallback_on_every_rank(ad: OptimizerAdapter, given: Path, path: Path) -> None:
-    """Collective: every rank takes an interrupted save's ``.NAME.old`` (:func:`_resolve`), or none does.
-    Each rank decided from its own disk: a rank that saw only the old directory loaded it while the others
-    loaded the new one, and the ranks trained on from two different steps, silently."""
-    everyone = from_every_rank(path != given, ad.group)
-    if len(set(everyone)) > 1:
-        old, new = everyone.index(True), everyone.index(False)
+def _identity(meta: dict[str, Any] | None) -> tuple[Any, str] | None:
+    """What tells checkpoints apart whatever their paths (which may differ between nodes): step and manifest
+    hash (the hash of the metadata, whose file entries hold every tensor file's sha256). None: unread."""
+    if meta is None:
+        return None
+    return meta.get("step"), meta.get("manifest_sha256") or manifest_hash(meta)  # version 1 stores none
+
+
+def _same_checkpoint_on_every_rank(ad: OptimizerAdapter, given: Path, path: Path,
+                                   meta: dict[str, Any] | None) -> None:
+    """Collective: every rank loads the same checkpoint, before any rank reads its tensors.
+
+    Each rank decides from what it was given and its own disk: a rank that saw only an interrupted save's
+    ``.NAME.old`` (:func:`_resolve`) loaded it while the others loaded the new one, and ranks given
+    different directories (``latest()`` on node-local disks) loaded different steps; either way the ranks
+    trained on as a patchwork of two runs, silently. A rank whose metadata could not be read (``meta``
+    None) is left out here; its error is raised on every rank after the reads."""
+    everyone = from_every_rank((path != given, str(path), _identity(meta)), ad.group)
+    fell_back = [old for old, _, _ in everyone]
+    if len(set(fell_back)) > 1:
+        old, new = fell_back.index(True), fell_back.index(False)
         raise CheckpointError(f"{given} is missing on rank {old}, which would load the interrupted save's "
                               f".{given.name}.old instead, while rank {new} loads the checkpoint itself: the ranks' "
                               "disks differ; give every rank the same checkpoint")
+    read = [(rank, where, ident) for rank, (_, where, ident) in enumerate(everyone) if ident is not None]
+    differ = [entry for entry in read if entry[2] != read[0][2]]
+    if differ:
+        shown = [f"rank {rank} loads {where} (step {step}, manifest sha256 {digest[:12]})"
+                 for rank, where, (step, digest) in (read[0], differ[0])]
+        raise CheckpointError(f"the ranks were given different checkpoints: {shown[0]}, {shown[1]}; give every rank "
+                              "the same one (e.g. resolve latest() on one rank, or on a disk every rank shares)")
 
 
 @dataclass
@@ -365,8 +387,7 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None, optimizer: Opti
     given = Path(path)
     path = _resolve(given)
     ad = adapt(model, optimizer)
-    _same_fallback_on_every_rank(ad, given, path)
-    plan, error = None, None
+    meta, plan, error = None, None, None
     try:  # what each rank finds on its disk is agreed below (one rank refusing alone left the others waiting)
         if path.is_dir() and not os.path.lexists(path / METADATA):
             found = latest(path)
@@ -374,9 +395,15 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None, optimizer: Opti
                 raise CheckpointError(f"{path} is a checkpoint root (step-* checkpoints and a {LATEST!r} pointer, "
                                       f"as save(..., keep_last=K) writes): load dist8.checkpoint.latest(root), "
                                       f"here {found}")
-        ad, plan = _read(path, ad, model, strict, verify)
+        meta = read_metadata(path)
     except Exception as exc:  # noqa: BLE001 - re-raised below after every rank has learnt of it
         error = exc
+    _same_checkpoint_on_every_rank(ad, given, path, meta)
+    if error is None:
+        try:
+            ad, plan = _read(path, meta, ad, model, strict, verify)
+        except Exception as exc:  # noqa: BLE001 - as above
+            error = exc
     _agree(ad, error, f"loading {path}")
     _commit(ad, model, plan, path)
     return plan.extra
@@ -441,9 +468,8 @@ def _check_optimizer(meta: dict[str, Any], ad: OptimizerAdapter, where: str) -> 
             raise CheckpointError(f"{where}: saved with {what}={saved!r}, the optimizer uses {what}={mine!r}")
 
 
-def _read(path: Path, ad: OptimizerAdapter, model, strict: bool,
+def _read(path: Path, meta: dict[str, Any], ad: OptimizerAdapter, model, strict: bool,
           verify: bool) -> tuple[OptimizerAdapter, _Plan]:
-    meta = read_metadata(path)
     where = str(path / METADATA)
     on_meta = [n for n, p in zip(ad.names, ad.params) if p.is_meta]
     if on_meta:
