@@ -461,7 +461,7 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
             except ValueError as e:
                 raise ValueError(f"step_params: {e}") from None
             pairs.setdefault(id(group), (group, []))[1].append(p)
-        self._update(pairs.values())
+        self._update(pairs.values(), whole_step=False)
 
     def group_of(self, p: torch.Tensor) -> dict[str, Any]:
         """The param group that holds ``p`` (ValueError naming it if none does)."""
@@ -474,12 +474,12 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
             raise ValueError(f"parameter {self.param_name(p)} is not in this optimizer")
         return cached[1][id(p)]
 
-    def _update(self, groups: Iterable[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
+    def _update(self, groups: Iterable[tuple[dict[str, Any], list[torch.Tensor]]], whole_step: bool = True) -> None:
         # Run after the update, also when it fails: non-contiguous parameters get their working copies
         # back, DTensor gradients redistributed for the step are the caller's again.
         after_step: list[Callable[[], Any]] = []
         try:
-            items = self._update_items(groups, after_step)
+            items = self._update_items(groups, after_step, whole_step)
             if items or self.reduce_partials is not None:
                 pipeline.run_updates(self, items, amp_scaling(self))
         finally:
@@ -487,12 +487,13 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
                 undo()
 
     def _update_items(self, groups: Iterable[tuple[dict[str, Any], list[torch.Tensor]]],
-                      after_step: list[Callable[[], Any]]) -> list[pipeline.UpdateItem]:
+                      after_step: list[Callable[[], Any]], whole_step: bool = True) -> list[pipeline.UpdateItem]:
         """The (parameter, settings, state) of each listed parameter that has a gradient; creates missing
         state. Non-contiguous parameters get a contiguous working copy and DTensor parameters a
         gradient laid out like them; what undoes either after the step goes to ``after_step``.
-        Every parameter is checked before any state is made or changed: a refusal leaves the optimizer
-        as it was."""
+        Every parameter is checked before any state is made or changed (FSDP2: on every rank alike,
+        ``dtensor.agree_on_step``; per step when ``whole_step``, else once per distinct setting): a
+        refusal leaves the optimizer as it was."""
         checked = []
         for group, group_params in groups:
             group_hyper = hyperparameters_of(group)
@@ -510,6 +511,7 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
                 if existing:
                     self.check_state_fits(p, settings, existing)
                 checked.append((p, settings))
+        dtensor.agree_on_step(self, checked, every_step=whole_step)  # FSDP2: the ranks step alike, or none does
         items = []
         for p, settings in checked:
             state = self.param_state(p, settings)
@@ -597,7 +599,8 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
             settings = self.settings(p, dict(group, **loaded_hyperparameters(group, saved_groups[group_of[key]])))
             new_state[p] = self.check_state(p, st, block_size=self.state_block_size(p), expect_8bit=settings.use_8bit,
                                              correction=settings.correction)
-        kind_changes = [load_group_values(group, saved, warn=False) for saved, group in zip(saved_groups, self.param_groups)]
+        kind_changes = [load_group_values(group, saved, warn=False)
+                        for saved, group in zip(saved_groups, self.param_groups)]
         self.state = new_state
         for message in dict.fromkeys(m for m in kind_changes if m):  # after the load: it is whole even if one raises
             warnings.warn(message, UserWarning, stacklevel=4)

@@ -1,4 +1,7 @@
-"""DTensor (FSDP2 ``fully_shard``) parameters in dist8's optimizers: state, attaching, state dicts.
+"""DTensor (FSDP2 ``fully_shard``) parameters in dist8's optimizers: state, attaching, agreement, state dicts.
+
+One concern, hence its length: what the optimizer does for DTensor parameters besides their update
+(the ranks' shared setup and checks, and the state presented globally).
 
 :class:`dist8.optim.base.Optimizer8bit` delegates here for parameters that are DTensors; the
 optimizer only ever touches plain local tensors, no DTensor reaches a kernel. Where a shard
@@ -17,10 +20,17 @@ DTensors with the parameter's mesh and placements, and absmax as a plain full-le
 (gathered by an all-reduce(MAX); identical on every rank). Loading takes any world size and
 placement: codes are redistributed to the parameter's placement and the needed absmax entries
 are sliced. Since the state is defined on the global parameter, resharding is exact.
+
+Agreement. Unlike torch's optimizers, the step is collective, so the ranks must step the same
+parameters with the same settings: :func:`agree_on_step` (one small all-reduce per step) refuses a
+step on every rank, before anything is made or updated, when they do not, naming the first setting
+or the parameter (a gradient missing on some ranks only) that differs.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+
+import hashlib
 
 import torch
 
@@ -32,7 +42,8 @@ from dist8.optim.state_schema import (CORRECTION, absmax_key, is_absmax_key, is_
 if TYPE_CHECKING:
     from dist8.optim.base import Optimizer8bit, ParamSettings
 
-__all__ = ["layout_for", "init_state", "align_grad", "attach", "detach", "has_dtensor_params", "localize_state"]
+__all__ = ["layout_for", "init_state", "align_grad", "agree_on_step", "attach", "detach", "has_dtensor_params",
+           "localize_state"]
 
 
 def layout_for(opt: Optimizer8bit, p, settings: ParamSettings) -> Layout:
@@ -72,6 +83,148 @@ def align_grad(p, name: str) -> bool:
     return True
 
 
+# ---- the ranks agree before a step -------------------------------------------------------------------
+# Optimizer-wide settings every rank must share, in the order a difference is reported.
+_OPTIMIZER_SETTINGS = ("class", "rule", "block_size", "block_wise", "quant_map", "on_nonfinite", "check_finite",
+                       "amp_unscale")
+_COLLECTIVE = ("under FSDP2 a dist8 step is collective (partial sums, shard-edge blocks, checkpoints), unlike "
+               "torch's optimizers")
+
+
+def agree_on_step(opt: Optimizer8bit, stepped: list[tuple[Any, ParamSettings]], every_step: bool = True) -> None:
+    """Refuse, on every rank and before any state is made or updated, a step whose ranks differ in the
+    optimizer's settings or in the parameters they step (``stepped``: each parameter with a gradient
+    and its settings, this step).
+
+    torch's AdamW steps each rank's shard alone, so a rank that differs just steps differently; dist8's
+    step runs collectives, which such a rank pairs up wrongly (a hang, a gloo mismatch, or state saved
+    under another rank's settings). One all-reduce(MAX) of a hash of what must agree (and its
+    complement) per step; what was hashed is gathered only when the hashes differ, to name the first
+    difference. A parameter with a gradient on some ranks only is refused, not skipped: stepping it on
+    the others would leave one parameter half updated. No-op without DTensor parameters (a sharded
+    wrapper's sums: the wrapper keeps its ranks in step).
+
+    ``every_step=False`` (``step_params``, gradient release's per-parameter updates inside backward, where
+    FSDP2's reduce-scatter gives every rank the same parameters in the same order): agreed once per
+    distinct key, not per call, so that backward is not held up by a collective per parameter; a change
+    on one rank alone after its first step goes unseen there."""
+    reduce_partials = opt.reduce_partials
+    if not getattr(reduce_partials, "dist8_dtensor", False):
+        return
+    import torch.distributed as dist
+
+    group = reduce_partials.group
+    if dist.get_world_size(group) == 1:
+        return
+    structure, hypers = _step_key(opt, stepped)
+    cached = reduce_partials.agreed
+    if cached is None or cached[0] != structure:  # hashed again only when it changed (not per step)
+        cached = reduce_partials.agreed = (structure, _hash(structure))
+    mine = _hash((cached[1], hypers))  # hyperparameters: a scheduler changes lr every step
+    if not every_step:
+        if mine in reduce_partials.agreed_keys:
+            return
+        reduce_partials.agreed_keys.add(mine)
+    both = torch.tensor([mine, ~mine], dtype=torch.int64, device=comm_device(group))
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)  # [max, -min]: equal to mine iff all are
+    if both.tolist() == [mine, ~mine]:
+        return
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, (structure, hypers), group=group)
+    raise _first_difference(type(opt).__name__, everyone, dist.get_process_group_ranks(group))
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as something whose repr is the same on every rank with the same setting (no addresses;
+    a CPU scalar tensor by its value, another tensor by its device only: reading it would sync)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 and value.device.type == "cpu" else f"a {value.device.type} tensor"
+    if isinstance(value, torch.dtype):
+        return str(value)
+    return type(value).__name__
+
+
+def _step_key(opt: Optimizer8bit, stepped: list) -> tuple[tuple, tuple]:
+    """((optimizer-wide settings, every parameter's name in order, per stepped parameter (name, 8-bit
+    state, block size, master-weight correction, index of its hyperparameters)), the distinct
+    hyperparameter sets of the stepped parameters)."""
+    settings = (type(opt).__name__, str(opt.rule), opt.block_size, opt.block_wise, opt.quant_map, opt.on_nonfinite,
+                opt.check_finite, opt.amp_unscale)
+    names = tuple(opt.param_name(p) for g in opt.param_groups for p in g["params"])
+    index: dict[int, int] = {}  # id(hyper dict) -> its position in hypers: a group's parameters share one
+    hypers = []
+    rows = []
+    for _, s in stepped:
+        k = index.get(id(s.hyper))
+        if k is None:
+            k = index[id(s.hyper)] = len(hypers)
+            hypers.append(tuple(sorted((key, _plain(v)) for key, v in s.hyper.items())))
+        rows.append((s.name, s.use_8bit, s.block_size, str(s.correction), k))
+    return (settings, names, tuple(rows)), tuple(hypers)
+
+
+def _hash(value: Any) -> int:
+    """A 63-bit hash of ``repr(value)``, the same in every process (``hash()`` of a str is not)."""
+    return int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=8).digest(), "little") >> 1
+
+
+def _first_difference(cls: str, everyone: list, ranks: list[int]) -> Exception:
+    """The exception every rank raises: the first setting, parameter or gradient that differs in
+    ``everyone`` (each rank's ``_step_key``, in ``ranks`` order)."""
+
+    def differs(label: str, values: list) -> ValueError | None:
+        r = next((r for r, v in enumerate(values) if repr(v) != repr(values[0])), None)
+        if r is None:
+            return None
+        return ValueError(f"{cls}: {label} is {values[0]!r} on rank {ranks[0]} but {values[r]!r} on rank {ranks[r]}; "
+                          f"{_COLLECTIVE}: build the optimizer the same way on every rank; nothing was updated")
+
+    for i, label in enumerate(_OPTIMIZER_SETTINGS):
+        found = differs(label, [e[0][0][i] for e in everyone])
+        if found:
+            return found
+    names = [e[0][1] for e in everyone]
+    for r, theirs in enumerate(names):
+        if theirs != names[0]:
+            ours, their_set = set(names[0]), set(theirs)
+            missing = [n for n in names[0] if n not in their_set]
+            extra = [n for n in theirs if n not in ours]
+            if missing:
+                what = f"parameter {missing[0]} is in the optimizer on rank {ranks[0]} but not on rank {ranks[r]}"
+            elif extra:
+                what = f"parameter {extra[0]} is in the optimizer on rank {ranks[r]} but not on rank {ranks[0]}"
+            else:
+                what = f"the parameters are in another order on rank {ranks[r]} than on rank {ranks[0]}"
+            return ValueError(f"{cls}: {what}; {_COLLECTIVE}: give it the same parameters on every rank; nothing "
+                              "was updated")
+    rows = [{row[0]: row for row in e[0][2]} for e in everyone]
+    for name in names[0]:
+        has = [name in r for r in rows]
+        if any(has) and not all(has):
+            return RuntimeError(
+                f"parameter {name} has a gradient on rank {ranks[has.index(True)]} but none on rank "
+                f"{ranks[has.index(False)]}; {_COLLECTIVE}: give it a gradient on every rank or set its .grad to "
+                "None on every rank; nothing was updated"
+            )
+    for name in rows[0]:
+        mine = [r[name] for r in rows]
+        hypers = [dict(e[1][row[4]]) for e, row in zip(everyone, mine)]
+        for key in sorted(set().union(*hypers)):
+            found = differs(f"{key} of parameter {name}", [h.get(key, "unset") for h in hypers])
+            if found:
+                return found
+        for label, i in ((f"the state of parameter {name}", 1), (f"the block size of parameter {name}", 2),
+                         (f"the master-weight correction of parameter {name}", 3)):
+            found = differs(label, [("8-bit" if row[1] else "32-bit") if i == 1 else row[i] for row in mine])
+            if found:
+                return found
+    return ValueError(f"{cls}: the optimizer's settings differ between ranks; {_COLLECTIVE}; nothing was updated")
+
+
 # ---- cross-shard sums and attaching -----------------------------------------------------------------
 def _sum_over(group):
     def reduce_partials(values: torch.Tensor) -> torch.Tensor:
@@ -81,6 +234,9 @@ def _sum_over(group):
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
         return out.to(values.device)
 
+    reduce_partials.group = group  # agree_on_step's group
+    reduce_partials.agreed = None  # agree_on_step's cache: (what it hashed, the hash)
+    reduce_partials.agreed_keys = set()  # agree_on_step(every_step=False)'s keys agreed so far
     return reduce_partials
 
 
