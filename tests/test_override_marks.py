@@ -202,3 +202,16 @@ def test_register_parameters_applied_when_the_optimizer_is_built(manager):
     copied = copy.deepcopy(_registered_mlp(manager))
     opt = dist8.AdamW8bit(copied.parameters(), lr=1e-3)
     assert _mlp_step(opt, copied) == {"0.weight": 32, "1.weight": 8}  # as bitsandbytes decides
+
+
+def test_register_parameters_applied_by_a_sharded_optimizer_at_the_users_positions(manager):
+    """ShardedOptimizer's inner optimizer lists pieces, not the user's parameters: the positions recorded by
+    ``register_parameters`` are applied to the user's groups before the marks are copied onto the pieces."""
+    from dist8.shard import ShardedOptimizer
+
+    copied = copy.deepcopy(_registered_mlp(manager))
+    opt = ShardedOptimizer(copied.parameters(), dist8.AdamW8bit, lr=1e-3)
+    copied(torch.randn(2, 64)).sum().backward()
+    opt.step()
+    first, second = opt.state[copied[0].weight], opt.state[copied[1].weight]
+    assert first["state1"].dtype == torch.float32 and second["state1"].dtype == torch.uint8

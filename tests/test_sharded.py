@@ -373,12 +373,14 @@ def test_full_state_dict_is_the_unsharded_one_and_loads_at_any_world_size(tmp_pa
     """``full_state_dict=True``: every rank's ``state_dict()`` is bitwise the unsharded optimizer's (8-bit codes,
     absmax, the percentile history; three states for AdEMAMix), and it loads into one process (or any world
     size) and continues bitwise. The unsharded optimizer's own state dict loads the same way. The default's
-    shard dict loaded on another rank is refused naming the option; a full dict with a tensor of the wrong
+    shard dict loaded on another rank is refused naming the option, on every rank; a full dict with a tensor of the wrong
     size is refused naming the parameter, before anything is loaded."""
     import copy
 
     results = run_ranks(_full_state_dicts, 2, tmp_path=tmp_path)
-    assert results[0]["shard refusal"] is None
+    # rank 0, whose own shard it is, refuses too: a load refused on one rank changes nothing on any
+    assert results[0]["shard refusal"].startswith("ShardedOptimizer.load_state_dict failed on rank 1: state_dict "
+                                                  "is rank 0 of 2's shard; this is rank 1 of 2")
     assert "full_state_dict=True" in results[1]["shard refusal"] and "rank 0 of 2" in results[1]["shard refusal"]
     for name in FULL_CASES:
         cls, kw = OPTIMIZERS[name]

@@ -154,8 +154,8 @@ class GradPresence:
     records what torch would see, so :class:`~dist8.shard.ShardedOptimizer` can skip them too.
 
     ``has[i]``: parameter ``i`` holds a gradient (set by its backward hook, by
-    ``zero_grad(set_to_none=False)``, or a gradient assigned to ``.grad``; cleared by
-    ``zero_grad()``). ``fired[i]``: its hook ran since the last step or ``zero_grad``, so its
+    ``zero_grad(set_to_none=False)`` for a parameter that held one, or a gradient assigned to ``.grad``;
+    cleared by ``zero_grad()``). ``fired[i]``: its hook ran since the last step or ``zero_grad``, so its
     bucket may already be reduced.
     """
 
@@ -166,8 +166,10 @@ class GradPresence:
     def backward_hook(self, index: int) -> None:
         self.has[index] = self.fired[index] = True
 
-    def zeroed(self, set_to_none: bool) -> None:
-        self.has = [not set_to_none] * len(self.has)
+    def zeroed(self, kept: Sequence[bool]) -> None:
+        """``zero_grad``: ``kept[i]``, parameter ``i`` keeps a (zeroed) gradient, as
+        ``zero_grad(set_to_none=False)`` keeps one that is there; the others have none."""
+        self.has = list(kept)
         self.fired = [False] * len(self.fired)
 
     def stepped(self) -> None:
@@ -350,7 +352,11 @@ class Stage2Grads:
         self.second_gradient = None
 
     def zero(self, set_to_none: bool) -> None:
-        """Zero the buffers in place and give every parameter its view again."""
+        """Zero the buffers in place and give every parameter its view again. ``set_to_none=False`` keeps
+        a (zero) gradient where torch would see one, so that it is stepped; one without stays without
+        (torch keeps a None gradient None: momentum and weight decay must not move an unused parameter)."""
+        # before attach_views: .grad None (model.zero_grad()) or a tensor assigned by hand tells it
+        kept = [not set_to_none and self.holds_gradient(i) for i in range(len(self.params))]
         self.buckets.wait()  # after a refused step or backward, reductions may still be writing
         for grads in self.flat:
             grads.zero_()
@@ -358,7 +364,16 @@ class Stage2Grads:
         self.second_gradient = None
         self.attach_views()
         self.buckets.reset()
-        self.presence.zeroed(set_to_none)
+        self.presence.zeroed(kept)
+
+    def holds_gradient(self, index: int) -> bool:
+        """Whether parameter ``index`` holds a gradient in torch's sense now: its ``.grad`` is a tensor
+        assigned by hand, or its view after backward (or a kept zeroed one); None, or the view of a
+        parameter without one, is none."""
+        grad = self.params[index].grad
+        if grad is None:
+            return False
+        return self.presence.has[index] or grad.data_ptr() != self.views[index].data_ptr()
 
     def nbytes(self) -> int:
         return sum(g.numel() * g.element_size() for g in self.flat)

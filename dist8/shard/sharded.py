@@ -27,9 +27,10 @@ from dist8.optim.config import (GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, PARAM_LIST_KEY
                                 check_overrides_match, hyperparameters_of, split_named_params)
 from dist8.optim.hooks import load_state_dict_with_hooks, state_dict_with_hooks
 from dist8.optim.lazy_dynamo import LazyDynamoOptimizer
+from dist8.optim.manager import apply_positional_configs
 from dist8.optim.master_weights import check_half_params
 from dist8.optim.state_schema import CORRECTION
-from dist8.optim.validation import check_number
+from dist8.optim.validation import check_gradient, check_number
 from dist8.shard import state_dicts
 from dist8.shard.construction import (check_no_master_weight_override, check_optimizer_class,
                                      check_same_layout_on_all_ranks, check_tensors, master_weight_bits_of)
@@ -128,6 +129,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         self._gathered_state: dict[int, dict[str, Any]] | None = None  # prepare_full_state_dict's, until a step
 
         groups, names = split_named_params(params)
+        apply_positional_configs(groups)  # GlobalOptimManager.register_parameters' overrides, by the user's positions
         self.params: list[torch.Tensor] = []  # the parameters in layout order (views of their flat buffer)
         self.names: list[str] = []  # their names, same order
         self._group_of: list[int] = []
@@ -310,9 +312,9 @@ class ShardedOptimizer(LazyDynamoOptimizer):
     @torch.no_grad()
     def adopt_parameters(self) -> None:
         """Take parameters whose storage was replaced since the optimizer was built back into its flat
-        buffers; called by :meth:`step`, :meth:`clip_grad_norm`, :meth:`load_shard_state` (so by
-        :meth:`load_state_dict` and :func:`dist8.checkpoint.load`), :meth:`load_fp32_master` and
-        :func:`dist8.checkpoint.save` before they read or write a parameter.
+        buffers; called by :meth:`step`, :meth:`clip_grad_norm`, :meth:`check_shard_state` (so by
+        :meth:`load_shard_state`, :meth:`load_state_dict` and :func:`dist8.checkpoint.load`),
+        :meth:`load_fp32_master` and :func:`dist8.checkpoint.save` before they read or write a parameter.
 
         Parameters are views of the flat buffers: the step updates and all-gathers the buffers. A
         tensor put in a parameter's place would never be trained (stage 2: silently). One with the same
@@ -429,6 +431,8 @@ class ShardedOptimizer(LazyDynamoOptimizer):
             return
         self._refuse_edited_groups()
         self.adopt_parameters()
+        if self.stage2_grads is None:
+            self._refuse_unusable_replicated_grads()
         self._refuse_gradients_outside_the_layout()
         grads = self.stage2_grads
         has_grad = None
@@ -451,6 +455,15 @@ class ShardedOptimizer(LazyDynamoOptimizer):
                 grad = p.grad.reshape(-1)[piece.start : piece.stop]
             view.grad = grad.float() if self.masters[self._buffer_of[piece.param]] is not None else grad
         self._grads_ready = True
+
+    def _refuse_unusable_replicated_grads(self) -> None:
+        """Stage 1: every parameter's gradient is checked on every rank, before any collective, as the
+        unsharded optimizer checks them. Only the rank owning a piece used to refuse it, with torch's
+        words (a sparse gradient cannot be sliced), the others going on into the step's collectives;
+        the gradients are the same on every rank (averaged), so every rank now gives the same verdict."""
+        for p, name in zip(self.params, self.names):
+            if p.grad is not None:
+                check_gradient(p, name)
 
     def _refuse_gradients_not_averaged(self) -> None:
         """Stage 1, first step with gradients: refuse gradients that differ between ranks (no DDP)."""
@@ -533,7 +546,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         if found_inf is not None:
             self.inner.grad_scale, self.inner.found_inf = getattr(self, "grad_scale", None), found_inf
         try:
-            self.inner.step()
+            self._step_inner()
             self._has_state = True  # on every rank alike (see state)
         finally:
             if found_inf is not None:
@@ -544,6 +557,15 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         self.masters.write_back()
         self._all_gather_params()
         return loss
+
+    def _step_inner(self) -> None:
+        """The inner optimizer's step without torch's hook-running wrapper (its class's ``step``): step
+        hooks, global ones included, run once, around this optimizer's step (its own wrapper), so post
+        hooks see the parameters after the all-gather, not this rank's half-updated ones."""
+        step = type(self.inner).step
+        if getattr(step, "hooked", False):  # torch.optim.Optimizer.profile_hook_step's, functools.wraps'
+            step = step.__wrapped__
+        step(self.inner)
 
     def _all_gather_params(self) -> None:
         """Every rank's updated range, broadcast by its owner straight into the flat buffer.
@@ -673,21 +695,36 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         load_state_dict_with_hooks(self, state_dict, lambda sd: state_dicts.load(self, sd))
 
     def load_shard_state(self, shard_state: dict[int, dict[str, Any]], copy: bool = True) -> None:
-        """Install per-piece state (global parameter index -> state); checks shapes (and the correction's
-        dtype against ``master_weight_bits``) via the inner optimizer. ``copy=False`` installs the
-        tensors themselves: for state that is the caller's alone (received, read from a file)."""
+        """Install per-piece state (global parameter index -> state): :meth:`check_shard_state`, then
+        :meth:`install_shard_state` (a refusal changes nothing). ``copy=False`` installs the tensors
+        themselves: for state that is the caller's alone (received, read from a file)."""
+        self.install_shard_state(self.check_shard_state(shard_state, copy))
+
+    def check_shard_state(self, shard_state: dict[int, dict[str, Any]],
+                          copy: bool = True) -> dict[int, dict[str, Any]]:
+        """Check every piece's state (shapes, and the correction's dtype against ``master_weight_bits``,
+        via the inner optimizer) and return it ready for :meth:`install_shard_state`; raises naming the
+        parameter, with the optimizer's state untouched. ``copy`` as in :meth:`load_shard_state`."""
         # first (every state load comes here): weights a client loaded into copies of the parameters
         # (accelerate), taken back after, would reset the corrections just loaded
         self.adopt_parameters()
-        self._gathered_state = None
         group_of = {view: g for g in self.inner.param_groups for view in g["params"]}
+        checked = {}
         for piece, view in zip(self.pieces, self._piece_views):
             st = shard_state.get(piece.param)
-            if st is None:
+            if st is not None:
+                correction = self.inner.settings(view, group_of[view]).correction
+                checked[piece.param] = self.inner.check_state(view, st, correction=correction, copy=copy)
+        return checked
+
+    def install_shard_state(self, checked: dict[int, dict[str, Any]]) -> None:
+        """Make ``checked`` (from :meth:`check_shard_state`) the state: pieces it lacks get none."""
+        self._gathered_state = None
+        for piece, view in zip(self.pieces, self._piece_views):
+            if piece.param in checked:
+                self.inner.state[view] = checked[piece.param]
+            else:
                 self.inner.state.pop(view, None)
-                continue
-            correction = self.inner.settings(view, group_of[view]).correction
-            self.inner.state[view] = self.inner.check_state(view, st, correction=correction, copy=copy)
         self._has_state = True  # every rank loads (see state)
         self.masters.versions = None  # masters a load installs meet the parameters at the next look
 

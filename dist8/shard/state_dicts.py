@@ -9,11 +9,13 @@
   blocks of its pieces (exact), after every tensor's length is checked against its parameter.
 
 Only the optimizer's public attributes are used (``params``, ``names``, ``pieces``, ``layout``,
-``inner``, ``load_shard_state``, ...).
+``inner``, ``check_shard_state``, ``install_shard_state``, ...).
 """
 from __future__ import annotations
 
+import contextlib
 import sys
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,7 +25,8 @@ from dist8.optim.config import load_group_values
 from dist8.optim.state_schema import (CORRECTION, GNORM, STATE_DICT_INFO, check_state_dict_info,
                                       check_state_dict_layout, check_state_dict_map, flat_length,
                                       is_absmax_key, is_state_key, state_dict_info)
-from dist8.shard.collectives import piece_range
+from dist8.shard.agreement import failures_on_every_rank
+from dist8.shard.collectives import piece_range, wait_for_every_rank
 
 if TYPE_CHECKING:
     from dist8.shard.sharded import ShardedOptimizer
@@ -31,6 +34,9 @@ if TYPE_CHECKING:
 __all__ = ["OwnedState", "called_by_dcp", "initialize_for_dcp", "shard_format", "unsharded_format", "load"]
 
 SHARD_FORMAT = "dist8.sharded/1"
+
+# param groups' values after a load, and the warnings it gives (see _groups_after_load)
+_Groups = tuple[list[dict[str, Any]], list[str]]
 
 
 class OwnedState(dict):
@@ -131,17 +137,45 @@ def unsharded_format(opt: ShardedOptimizer, full: dict[int, dict[str, Any]]) -> 
 
 
 def load(opt: ShardedOptimizer, state_dict: dict[str, Any]) -> None:
-    """Load either format into ``opt`` (the unsharded one is told by its missing ``format`` key)."""
-    if not isinstance(state_dict, dict):
-        raise ValueError(f"state_dict must be a dict (from ShardedOptimizer.state_dict()), got {type(state_dict).__name__}")
-    if "format" not in state_dict and "state" in state_dict and "param_groups" in state_dict:
-        _load_unsharded(opt, state_dict)
-    else:
-        _load_shard(opt, state_dict)
+    """Load either format into ``opt`` (the unsharded one is told by its missing ``format`` key).
+
+    Everything is checked, on every rank, before anything is installed: a refusal leaves the state and
+    param groups as they were, on every rank (each rank checks only its own shard, or the blocks it owns
+    of a full dict, so on several ranks the verdicts are shared: a collective, where every rank loads)."""
+    if opt.world_size > 1:  # a client loading on one rank only is told so, instead of waiting without a word
+        wait_for_every_rank(opt.group, opt.device, "ShardedOptimizer.load_state_dict()",
+                            "Load the state dict on every rank: each rank takes its own blocks of it.")
+    agreed = (failures_on_every_rank(opt.group, "ShardedOptimizer.load_state_dict", ValueError)
+              if opt.world_size > 1 else contextlib.nullcontext())
+    with agreed:
+        if not isinstance(state_dict, dict):
+            raise ValueError("state_dict must be a dict (from ShardedOptimizer.state_dict()), got "
+                             f"{type(state_dict).__name__}")
+        if "format" not in state_dict and "state" in state_dict and "param_groups" in state_dict:
+            state, (groups, warned) = _check_unsharded(opt, state_dict)
+        else:
+            state, (groups, warned) = _check_shard(opt, state_dict)
+    opt.install_shard_state(state)
+    for group, values in zip(opt.param_groups, groups):
+        group.update(values)
+    for message in warned:  # 5: the caller of ShardedOptimizer.load_state_dict (through the hooks' frame)
+        warnings.warn(message, UserWarning, stacklevel=5)
 
 
-def _load_unsharded(opt: ShardedOptimizer, state_dict: dict[str, Any]) -> None:
-    """The unsharded format: every rank slices the blocks of its pieces (whole blocks: exact)."""
+def _groups_after_load(opt: ShardedOptimizer, saved_groups: list[dict[str, Any]]) -> _Groups:
+    """Each param group as the load leaves it (``load_group_values`` on a copy: installed with the state)
+    and the warnings to give once it is loaded (given here, a warning raised as an error stopped it half done)."""
+    after, warned = [], []
+    for group, saved in zip(opt.param_groups, saved_groups):
+        values = dict(group)
+        warned.append(load_group_values(values, saved, warn=False))
+        after.append(values)
+    return after, [w for w in dict.fromkeys(warned) if w]
+
+
+def _check_unsharded(opt: ShardedOptimizer, state_dict: dict[str, Any]) -> tuple[dict[int, dict], _Groups]:
+    """The unsharded format: every rank slices the blocks of its pieces (whole blocks: exact). Returns the
+    checked state of this rank's pieces and the param groups' values, nothing installed."""
     check_state_dict_layout(state_dict)
     check_state_dict_map(state_dict, opt.inner.quant_map, opt.inner.rule)
     saved_groups, state = state_dict["param_groups"], state_dict["state"]  # their shapes checked just above
@@ -176,9 +210,8 @@ def _load_unsharded(opt: ShardedOptimizer, state_dict: dict[str, Any]) -> None:
         received[piece.param] = {
             k: v.reshape(-1)[slice(*piece_range(k, piece.start, piece.stop, B))] if _sliced(k, v) else v
             for k, v in st.items()}
-    opt.load_shard_state(received)  # copies: the slices are views of the caller's dict
-    for group, saved in zip(opt.param_groups, saved_groups):
-        load_group_values(group, saved)
+    checked = opt.check_shard_state(received)  # copies: the slices are views of the caller's dict
+    return checked, _groups_after_load(opt, saved_groups)
 
 
 def _refuse_unknown_ids(state: dict, known: set[int]) -> None:
@@ -209,7 +242,8 @@ def _check_shard_entries(state_dict: dict[str, Any]) -> None:
     check_state_dict_info(state_dict)
 
 
-def _load_shard(opt: ShardedOptimizer, state_dict: dict[str, Any]) -> None:
+def _check_shard(opt: ShardedOptimizer, state_dict: dict[str, Any]) -> tuple[dict[int, dict], _Groups]:
+    """The shard format (this rank's, same world size): its checked state and the param groups' values."""
     if state_dict.get("format") != SHARD_FORMAT:
         raise ValueError(f"not a ShardedOptimizer state_dict (missing format {SHARD_FORMAT!r})")
     _check_shard_entries(state_dict)
@@ -227,6 +261,5 @@ def _load_shard(opt: ShardedOptimizer, state_dict: dict[str, Any]) -> None:
     for gi, saved in enumerate(saved_groups):  # before anything is loaded
         opt.inner.check_loaded_group(saved, gi)
     _refuse_unknown_ids(state_dict["state"], {piece.param for piece in opt.pieces})
-    opt.load_shard_state(state_dict["state"])
-    for group, saved in zip(opt.param_groups, saved_groups):
-        load_group_values(group, saved)
+    checked = opt.check_shard_state(state_dict["state"])
+    return checked, _groups_after_load(opt, saved_groups)
