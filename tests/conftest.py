@@ -42,6 +42,8 @@ FILE_SECONDS = {
     "test_deepspeed_hint.py": 15, "test_optim_vs_torch.py": 10, "test_torch_optim_db.py": 8, "test_sharded_mixed.py": 8,
     "test_packaging.py": 7, "test_kernels_master.py": 5, "test_sharded_errors.py": 20, "test_random_configs.py": 30,
     "test_train_inputs.py": 15, "test_deepspeed_convert_inputs.py": 10, "test_checkpoint_cli_inputs.py": 5,
+    "test_sharded_agreement.py": 12, "test_checkpoint_agreement.py": 18, "test_fsdp_agreement.py": 12,
+    "test_override_marks.py": 8,
 }
 
 

@@ -1,12 +1,17 @@
 """What :class:`dist8.shard.ShardedOptimizer` checks while it is built, before any buffer exists.
 
 Each check raises one line naming the parameter (or argument) and leaves nothing built. The layout
-check is collective and also carries what one rank found wrong with its own tensors, so that every
-rank refuses together (see :mod:`dist8.shard.agreement`).
+check is collective and also carries what one rank found wrong with its own tensors, and each rank's
+optimizer settings (:func:`optimizer_settings`), so that every rank refuses together (see
+:mod:`dist8.shard.agreement`).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import enum
+import inspect
+import math
+import numbers
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -14,13 +19,14 @@ import torch.distributed as dist
 
 from dist8.messages import brief
 from dist8.optim.base import Optimizer8bit
-from dist8.optim.config import match_overrides
+from dist8.optim.config import OVERRIDABLE_KEYS, OVERRIDE_ATTR, hyperparameters_of, match_overrides
+from dist8.optim.manager import restore_module_marks
 from dist8.optim.paged import PAGED, paged_message
 from dist8.shard.agreement import from_every_rank
 from dist8.shard.layout import BlockLayout
 
 __all__ = ["check_optimizer_class", "check_tensors", "master_weight_bits_of", "check_no_master_weight_override",
-           "check_same_layout_on_all_ranks"]
+           "optimizer_settings", "first_settings_difference", "check_same_layout_on_all_ranks"]
 
 
 def check_optimizer_class(given: Any) -> None:
@@ -74,30 +80,170 @@ def check_no_master_weight_override(params: Sequence[torch.Tensor], names: Seque
                              "for the whole optimizer")
 
 
+_NOT_GIVEN = object()  # a setting one rank has and another lacks (an argument only one rank passed)
+
+
+def _comparable(value: Any) -> Any:
+    """``value`` as plain, picklable data that compares by value on another rank: a tensor (a tensor lr, on
+    any device) by its values, numbers as int/float (``1e-3`` and ``0.001``, ``0`` and ``0.0`` are equal),
+    sequences as tuples, mappings as dicts, classes by qualified name, enums by name, anything else by repr."""
+    if isinstance(value, torch.Tensor):
+        try:
+            return _comparable(value.detach().cpu().tolist())
+        except (RuntimeError, NotImplementedError):  # a meta tensor has no values
+            return repr(value)
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, Mapping):
+        return {str(k): _comparable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return tuple(_comparable(v) for v in value)
+    if isinstance(value, type):
+        return f"{value.__module__}.{value.__qualname__}"
+    return repr(value)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality of two :func:`_comparable` values, NaN equal to NaN."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def _constructor_defaults(optimizer_class: type[Optimizer8bit]) -> dict[str, Any]:
+    """The keyword arguments ``optimizer_class`` takes, with their defaults: its ``__init__``'s and those of
+    the dist8 classes it passes ``**kwargs`` on to (the first class's default wins, as that one applies)."""
+    found: dict[str, Any] = {}
+    for klass in optimizer_class.__mro__:
+        init = vars(klass).get("__init__")
+        if init is None or not issubclass(klass, Optimizer8bit):
+            continue
+        for name, arg in inspect.signature(init).parameters.items():
+            if arg.default is not arg.empty and arg.kind in (arg.POSITIONAL_OR_KEYWORD, arg.KEYWORD_ONLY):
+                found.setdefault(name, arg.default)
+    return found
+
+
+def optimizer_settings(optimizer_class: type[Optimizer8bit], groups: Sequence[Mapping[str, Any]],
+                       defaults: Mapping[str, Any], params: Sequence[torch.Tensor],
+                       wrapper_args: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """This rank's settings that decide how its blocks train and what kind of state they keep, as plain data
+    for :func:`check_same_layout_on_all_ranks` to compare across ranks (a rank reading its own config file
+    trained its blocks with its own lr, quant_map, ...: one model as a patchwork of settings).
+
+    They are: the optimizer class and its rule; ``wrapper_args`` (ShardedOptimizer's own arguments:
+    stage, ...); the constructor arguments ``defaults``, with the class's defaults for those not given; each
+    param group's own hyperparameters (``groups``: the split param groups); the param group of each of
+    ``params`` (the layout's parameters, in its order) and each one's override marks (set by modules or
+    ``GlobalOptimManager``: with equal arguments, what decides a parameter's 8-bit or 32-bit state and
+    ``master_weight_bits`` then is its size and dtype, which the layout check compares)."""
+    restore_module_marks()  # as the inner optimizer does when built: the marks are read below
+    constructor = _constructor_defaults(optimizer_class)
+    constructor.update(defaults)
+    if constructor.get("optim_bits") is None:  # the dist8 classes' None: the class's default_bits
+        constructor["optim_bits"] = getattr(optimizer_class, "default_bits", None)
+    group_of = {id(p): gi for gi, group in enumerate(groups) for p in group["params"]}
+    return {
+        "optimizer_class": _comparable(optimizer_class),
+        "rule": _comparable(getattr(optimizer_class, "rule", None)),
+        "wrapper": {k: _comparable(v) for k, v in (wrapper_args or {}).items()},
+        "constructor": {k: _comparable(v) for k, v in constructor.items()},
+        "groups": [{k: _comparable(v) for k, v in hyperparameters_of(g).items()} for g in groups],
+        "group_of": [group_of.get(id(p)) for p in params],
+        "marks": [_comparable(getattr(p, OVERRIDE_ATTR, None) or {}) for p in params],
+    }
+
+
+def _keys(*mappings: Mapping[str, Any]) -> list[str]:
+    """The keys of ``mappings``, each once, in the order first met."""
+    return list(dict.fromkeys(k for m in mappings for k in m))
+
+
+def _settings_pairs(a: dict[str, Any], b: dict[str, Any], names: Sequence[str]) -> Iterator[tuple[str, Any, Any]]:
+    """(what, value in ``a``, value in ``b``) for every setting of two :func:`optimizer_settings`, in the order
+    differences are named: class, wrapper arguments, param groups, constructor arguments, marks."""
+    yield "optimizer_class", a["optimizer_class"], b["optimizer_class"]
+    yield "the optimizer's update rule", a["rule"], b["rule"]
+    for key in _keys(a["wrapper"], b["wrapper"]):
+        yield key, a["wrapper"].get(key, _NOT_GIVEN), b["wrapper"].get(key, _NOT_GIVEN)
+    yield "the number of param groups", len(a["groups"]), len(b["groups"])
+    if len(a["groups"]) != len(b["groups"]):
+        return
+    for name, ga, gb in zip(names, a["group_of"], b["group_of"]):
+        yield f"the param group of parameter {name}", ga, gb
+    in_groups = set(_keys(*a["groups"], *b["groups"]))
+    for key in _keys(a["constructor"], b["constructor"], *a["groups"], *b["groups"]):
+        own_a, own_b = a["constructor"].get(key, _NOT_GIVEN), b["constructor"].get(key, _NOT_GIVEN)
+        if key not in OVERRIDABLE_KEYS and key not in in_groups:  # a constructor argument only
+            yield key, own_a, own_b
+            continue
+        for gi, (group_a, group_b) in enumerate(zip(a["groups"], b["groups"])):
+            yield f"param group {gi} {key}", group_a.get(key, own_a), group_b.get(key, own_b)
+    for name, ma, mb in zip(names, a["marks"], b["marks"]):
+        yield f"parameter {name}'s override mark", ma, mb
+
+
+def first_settings_difference(a: dict[str, Any], b: dict[str, Any],
+                              names: Sequence[str]) -> tuple[str, Any, Any] | None:
+    """The first setting in which two ranks' :func:`optimizer_settings` differ (their layouts, ``names``,
+    being equal): (what, its value in ``a``, in ``b``), or None when they agree."""
+    return next(((what, x, y) for what, x, y in _settings_pairs(a, b, names) if not _same(x, y)), None)
+
+
+def _shown(value: Any) -> str:
+    return "not given" if value is _NOT_GIVEN else repr(value)
+
+
+def _check_same_settings(everyone: Sequence[dict[str, Any] | None], names: Sequence[str]) -> None:
+    """Refuse, on every rank alike (each compares the same gathered list), settings that differ from rank 0's."""
+    if any(settings is None for settings in everyone):  # a caller that gathers none
+        return
+    for r, theirs in enumerate(everyone[1:], start=1):
+        difference = first_settings_difference(everyone[0], theirs, names)
+        if difference is not None:
+            what, a, b = difference
+            raise ValueError(f"ShardedOptimizer settings differ between ranks: {what} is {_shown(a)} on rank 0 "
+                             f"and {_shown(b)} on rank {r}; every rank must build the optimizer with the same "
+                             "settings")
+
+
 def check_same_layout_on_all_ranks(layout: BlockLayout, params: Sequence[torch.Tensor], names: Sequence[str],
                                    group: dist.ProcessGroup | None, world_size: int,
-                                   local_problem: Exception | None) -> None:
-    """Collective: every rank lays out the same parameters (names, shapes, dtypes, block size), and
-    ``local_problem`` (a rank's refusal of its own tensors, :func:`check_tensors`) is raised on every
-    rank, the others naming the rank."""
+                                   local_problem: Exception | None,
+                                   settings: dict[str, Any] | None = None) -> None:
+    """Collective: every rank lays out the same parameters (names, shapes, dtypes, block size) with the same
+    ``settings`` (:func:`optimizer_settings`; None: not compared), and ``local_problem`` (a rank's refusal
+    of its own tensors, :func:`check_tensors`) is raised on every rank, the others naming the rank.
+    One gather, at construction only: nothing is compared per step."""
     if world_size == 1:
         if local_problem is not None:
             raise local_problem
         return
     dtypes = [str(p.dtype).replace("torch.", "") for p in params]
-    mine = (layout.fingerprint(), dtypes, None if local_problem is None else str(local_problem))
+    mine = (layout.fingerprint(), dtypes, None if local_problem is None else str(local_problem), settings)
     everyone = from_every_rank(mine, group)
     if local_problem is not None:
         raise local_problem
-    for r, (_, _, problem) in enumerate(everyone):
+    for r, (_, _, problem, _) in enumerate(everyone):
         if problem is not None:
             raise ValueError(f"ShardedOptimizer was refused on rank {r}: {problem}")
-    if all(fp == mine[0] for fp, _, _ in everyone):
-        for r, (_, theirs, _) in enumerate(everyone):
+    if all(fp == mine[0] for fp, _, _, _ in everyone):
+        for r, (_, theirs, _, _) in enumerate(everyone):
             for name, a, b in zip(names, everyone[0][1], theirs):
                 if a != b:  # flat buffers per dtype: their sizes and the broadcast would not match
                     raise ValueError(f"parameters differ across ranks: parameter {name} is {a} on rank 0 "
                                      f"but {b} on rank {r}; cast the model the same way on every rank")
+        _check_same_settings([theirs for _, _, _, theirs in everyone], names)
         return
     lists = from_every_rank([(p.name, p.shape) for p in layout.params], group)
     for r, other in enumerate(lists):

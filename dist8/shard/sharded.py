@@ -33,7 +33,8 @@ from dist8.optim.state_schema import CORRECTION
 from dist8.optim.validation import check_gradient, check_number
 from dist8.shard import state_dicts
 from dist8.shard.construction import (check_no_master_weight_override, check_optimizer_class,
-                                     check_same_layout_on_all_ranks, check_tensors, master_weight_bits_of)
+                                     check_same_layout_on_all_ranks, check_tensors, master_weight_bits_of,
+                                     optimizer_settings)
 from dist8.shard.flat import flat_buffers
 from dist8.shard.grads import Stage2Grads
 from dist8.shard.layout import BlockLayout, Piece
@@ -160,8 +161,10 @@ class ShardedOptimizer(LazyDynamoOptimizer):
             raise ValueError("ShardedOptimizer needs block_wise=True: its layout shards whole blocks of one block_size")
         block_size = defaults.get("block_size", DEFAULT_BLOCK_SIZE)
         self.layout = BlockLayout(self.names, [p.shape for p in self.params], block_size)
+        settings = optimizer_settings(optimizer_class, groups, defaults, self.params,
+                                      dict(stage=stage, bucket_cap_mb=bucket_cap_mb, full_state_dict=full_state_dict))
         check_same_layout_on_all_ranks(self.layout, self.params, self.names, self.group, self.world_size,
-                                       local_problem)
+                                       local_problem, settings)
 
         self.device = self.params[0].device
         B = block_size
