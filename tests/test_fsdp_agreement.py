@@ -108,11 +108,28 @@ def _worker(rank, world_size):
         dist.all_gather_object = gather
     out["steady gathers"] = len(gathers)
     out["steady steps"] = (opt.state[model.l1.weight]["step"], opt.state[model.l2.weight]["step"])
+
+    # gradient release: per-parameter updates inside backward agree once per parameter, not per update,
+    # also while a scheduler changes lr at every step (a new key per step would be a collective per
+    # parameter per step, and a set that grows without end)
+    model, opt = build()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    handle = dist8.gradient_release(model, opt)
+    keys = []
+    for s in range(4):
+        backward(model, s)
+        opt.step()
+        sched.step()
+        keys.append(len(opt.reduce_partials.agreed_keys))
+    handle.remove()
+    out["release keys"] = keys
     return out
 
 
 def test_ranks_that_differ_are_refused_on_every_rank(tmp_path):
     r0, r1 = run_ranks(_worker, 2, tmp_path=tmp_path)
+    for out in (r0, r1):
+        assert out["release keys"][0] > 0 and len(set(out["release keys"])) == 1, out["release keys"]
     expected = {"gradnone": "RuntimeError: parameter l1.weight has a gradient on rank 0 but none on rank 1;"}
     expected.update({case: "ValueError: " + message for case, (_, message) in SETTINGS.items()})
     for case, start in expected.items():

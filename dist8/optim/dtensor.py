@@ -105,9 +105,10 @@ def agree_on_step(opt: Optimizer8bit, stepped: list[tuple[Any, ParamSettings]], 
     wrapper's sums: the wrapper keeps its ranks in step).
 
     ``every_step=False`` (``step_params``, gradient release's per-parameter updates inside backward, where
-    FSDP2's reduce-scatter gives every rank the same parameters in the same order): agreed once per
-    distinct key, not per call, so that backward is not held up by a collective per parameter; a change
-    on one rank alone after its first step goes unseen there."""
+    FSDP2's reduce-scatter gives every rank the same parameters in the same order): agreed, hyperparameters
+    included, the first time each structure (settings, names, the stepped parameters' kinds) is seen, not
+    per call, so that backward is not held up by a collective per parameter; a change on one rank alone
+    after that goes unseen there."""
     reduce_partials = opt.reduce_partials
     if not getattr(reduce_partials, "dist8_dtensor", False):
         return
@@ -120,11 +121,11 @@ def agree_on_step(opt: Optimizer8bit, stepped: list[tuple[Any, ParamSettings]], 
     cached = reduce_partials.agreed
     if cached is None or cached[0] != structure:  # hashed again only when it changed (not per step)
         cached = reduce_partials.agreed = (structure, _hash(structure))
-    mine = _hash((cached[1], hypers))  # hyperparameters: a scheduler changes lr every step
-    if not every_step:
-        if mine in reduce_partials.agreed_keys:
+    if not every_step:  # keyed by the structure alone: a scheduler's new lr every step would be a new key
+        if cached[1] in reduce_partials.agreed_keys:
             return
-        reduce_partials.agreed_keys.add(mine)
+        reduce_partials.agreed_keys.add(cached[1])
+    mine = _hash((cached[1], hypers))  # hyperparameters: a scheduler changes lr every step
     both = torch.tensor([mine, ~mine], dtype=torch.int64, device=comm_device(group))
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)  # [max, -min]: equal to mine iff all are
     if both.tolist() == [mine, ~mine]:
