@@ -944,7 +944,8 @@ def test_state_dict_with_codes_cast_to_float_or_mixed_kinds_is_refused():
     # the genuine article, and 32-bit state where the saved groups ask for it, still load
     dist8.AdamW8bit([torch.nn.Parameter(torch.randn(300, 5))], min_8bit_size=0).load_state_dict(sd)
     all32["param_groups"][0]["optim_bits"] = 32
-    dist8.AdamW8bit([torch.nn.Parameter(torch.randn(300, 5))], min_8bit_size=0).load_state_dict(all32)
+    with pytest.warns(UserWarning, match=r"optim_bits=32 \(this optimizer: 8\)"):  # decision 30's warning
+        dist8.AdamW8bit([torch.nn.Parameter(torch.randn(300, 5))], min_8bit_size=0).load_state_dict(all32)
 
 
 def test_malformed_state_signed_record_is_one_line():
