@@ -677,3 +677,39 @@ def test_step_hooks_run_once_per_step_and_an_ema_post_hook_equals_the_normal_ste
     assert calls == ["global pre", "pre", "post", "global post"] * 4  # torch's order, once per step
     pre_warnings = [w for w in caught if "step pre hooks" in str(w.message)]
     assert len(pre_warnings) == 1 and "cannot change the update" in str(pre_warnings[0].message)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # DCP in one process
+def test_a_resume_through_torch_dcp_under_release_loads_the_state(tmp_path):
+    """torch's get_optimizer_state_dict builds the template dcp.load fills by stepping an optimizer without
+    state on zero gradients set by hand (lr 0). Under gradient release that step was the no-op one: the
+    template was empty, DCP loaded nothing into it, and the resumed run restarted its moments, silently
+    (Lightning's ModelParallelStrategy installs the release callback before it restores a checkpoint)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    model = make()
+    opt = AdamW8bit(model.named_parameters(), lr=1e-2)
+    handle = dist8.gradient_release(model, opt)
+    for s in range(2):
+        loss_of(model, s).backward()
+        opt.step()
+    dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(tmp_path / "ckpt"))
+    weights = copy.deepcopy(model.state_dict())
+    loss_of(model, 2).backward()
+    opt.step()
+    handle.remove()
+
+    resumed = make(seed=1)
+    resumed.load_state_dict(weights)
+    opt2 = AdamW8bit(resumed.named_parameters(), lr=1e-2)
+    handle2 = dist8.gradient_release(resumed, opt2)  # before the load, as Lightning's callback is
+    template = {"optim": get_optimizer_state_dict(resumed, opt2)}
+    dcp.load(template, checkpoint_id=str(tmp_path / "ckpt"))
+    set_optimizer_state_dict(resumed, opt2, template["optim"])
+    assert len(opt2.state) == len(opt.state) and all(int(st["step"]) == 2 for st in opt2.state.values())
+    loss_of(resumed, 2).backward()
+    opt2.step()
+    handle2.remove()
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)

@@ -121,14 +121,15 @@ def agree_on_step(opt: Optimizer8bit, stepped: list[tuple[Any, ParamSettings]], 
     cached = reduce_partials.agreed
     if cached is None or cached[0] != structure:  # hashed again only when it changed (not per step)
         cached = reduce_partials.agreed = (structure, _hash(structure))
-    if not every_step:  # keyed by the structure alone: a scheduler's new lr every step would be a new key
-        if cached[1] in reduce_partials.agreed_keys:
-            return
-        reduce_partials.agreed_keys.add(cached[1])
+    # every_step=False: keyed by the structure alone (a scheduler's new lr every step would be a new key)
+    if not every_step and cached[1] in reduce_partials.agreed_keys:
+        return
     mine = _hash((cached[1], hypers))  # hyperparameters: a scheduler changes lr every step
     both = torch.tensor([mine, ~mine], dtype=torch.int64, device=comm_device(group))
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)  # [max, -min]: equal to mine iff all are
     if both.tolist() == [mine, ~mine]:
+        if not every_step:
+            reduce_partials.agreed_keys.add(cached[1])  # only once agreed: a refused key is checked again
         return
     everyone: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, (structure, hypers), group=group)

@@ -390,11 +390,13 @@ class GradientRelease:
                 "is incompatible with gradient release (each backward is a step)"
             )
         with self.lock:
-            # A parameter that became trainable after the release and got a gradient before any forward of
-            # the model hooked it (a model never called itself): stepped here, as the normal step would, and
-            # hooked from now on. The same parameters in the same order on every rank (FSDP2: collective).
-            late = [p for group in self.optimizer.param_groups for p in group["params"]
-                    if p.grad is not None and id(p) not in self._hooked_ids]
+            # A gradient still here was not stepped by a hook: a parameter that became trainable after the
+            # release and got one before any forward of the model hooked it (a model never called itself), or
+            # one set by hand -- torch's DCP builds the state template it loads into so (get/set_optimizer_
+            # state_dict on an optimizer without state: zero gradients, lr 0, optimizer.step()); left alone,
+            # a resume under gradient release loaded no optimizer state, silently. Stepped here, as the
+            # normal step would. The same parameters in the same order on every rank (FSDP2: collective).
+            late = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
             if late:
                 self.optimizer.step_params(late)
                 self.steps += len(late)  # stepped at this optimizer.step(): nothing counted towards the next
