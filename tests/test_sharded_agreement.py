@@ -4,6 +4,9 @@ the setting, its two values and the ranks, instead of training its blocks with i
 as a patchwork of settings, replicas equal, nothing said; a checkpoint labelled with rank 0's quant_map).
 Settings that are equal but written differently still build."""
 import faulthandler
+import os
+import subprocess
+import sys
 
 import torch
 
@@ -41,11 +44,20 @@ CASES = [
     ("equal, written differently", 2, {"lr": torch.tensor(0.25), "betas": [0.9, 0.999], "weight_decay": 0},
      {"lr": 0.25, "weight_decay": 0.0, "eps": 1e-8, "quant_map": "dynamic", "optim_bits": 8}, None),
     ("equal groups", 1, {"split": BY_LAYER}, {"split": BY_LAYER}, None),
+    # a client's own keys (torch takes any): a set, whose order follows each process's string-hash seed, and an
+    # object, whose repr holds its address (refused as differing before)
+    ("client keys", 2, {"client keys": True}, {"client keys": True}, None),
 ]
 
 
-def _params(model, split, group_1_lr):
+class _Tag:
+    """A client's object in a param group."""
+
+
+def _params(model, split, group_1_lr, client_keys=False):
     named = list(model.named_parameters())
+    if client_keys:
+        return [{"params": named, "no_decay": {"bias", "norm", "ln_f", "emb", "LayerNorm.weight"}, "tag": _Tag()}]
     if split == BY_LAYER:
         return [{"params": named[:2]}, {"params": named[2:], "lr": group_1_lr}]
     if split == "weight alone":
@@ -58,14 +70,14 @@ def _build_and_step(rank, stage, spec):
     spec = dict(spec)
     cls, stage = spec.pop("cls", dist8.AdamW8bit), spec.pop("stage", stage)
     dtype, split, mark = spec.pop("dtype", torch.float32), spec.pop("split", None), spec.pop("mark", None)
-    group_1_lr = spec.pop("group 1 lr", 2e-3)
+    group_1_lr, client_keys = spec.pop("group 1 lr", 2e-3), spec.pop("client keys", False)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)).to(dtype)
     manager = dist8.GlobalOptimManager.get_instance()
     if mark is not None:
         manager.override_config(model[1].weight, key_value_dict=mark)
     try:
-        opt = ShardedOptimizer(_params(model, split, group_1_lr), cls, stage=stage, **{**BASE, **spec})
+        opt = ShardedOptimizer(_params(model, split, group_1_lr, client_keys), cls, stage=stage, **{**BASE, **spec})
     finally:
         manager.initialize()
     x = torch.randn(8, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
@@ -98,3 +110,15 @@ def test_settings_that_differ_between_ranks_are_refused_on_every_rank(tmp_path):
                     "optimizer with the same settings")
         assert rank0[case] == expected, case
         assert rank1[case] == expected, case
+
+
+def test_a_set_in_a_param_group_compares_the_same_whatever_the_hash_seed():
+    """torchrun's ranks are separate interpreters with their own string-hash seeds, so a set's order (and its
+    repr) differs between them; run_ranks' ranks share one seed, so this is checked in two interpreters."""
+    code = ("import torch; from dist8.shard.construction import optimizer_settings; import dist8; "
+            "p = torch.nn.Parameter(torch.zeros(4)); "
+            "print(repr(optimizer_settings(dist8.AdamW8bit, [{'params': [p], 'no_decay': "
+            "{'bias', 'norm', 'ln_f', 'emb', 'LayerNorm.weight'}}], {}, [p])))")
+    outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env=dict(os.environ, PYTHONHASHSEED=seed)).stdout for seed in ("1", "2")]
+    assert outs[0] == outs[1] and "'bias'" in outs[0]

@@ -117,22 +117,21 @@ def agree_on_step(opt: Optimizer8bit, stepped: list[tuple[Any, ParamSettings]], 
     group = reduce_partials.group
     if dist.get_world_size(group) == 1:
         return
-    structure, hypers = _step_key(opt, stepped)
-    cached = reduce_partials.agreed
-    if cached is None or cached[0] != structure:  # hashed again only when it changed (not per step)
-        cached = reduce_partials.agreed = (structure, _hash(structure))
-    # every_step=False: keyed by the structure alone (a scheduler's new lr every step would be a new key)
-    if not every_step and cached[1] in reduce_partials.agreed_keys:
+    wide, wide_hash = _optimizer_key(opt, reduce_partials)
+    rows, hypers = _stepped_key(stepped)
+    key = _hash((wide_hash, rows))  # O(stepped parameters): per call under gradient release
+    # every_step=False: keyed without the hyperparameters (a scheduler's new lr every step would be a new key)
+    if not every_step and key in reduce_partials.agreed_keys:
         return
-    mine = _hash((cached[1], hypers))  # hyperparameters: a scheduler changes lr every step
+    mine = _hash((key, hypers))  # hyperparameters: a scheduler changes lr every step
     both = torch.tensor([mine, ~mine], dtype=torch.int64, device=comm_device(group))
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)  # [max, -min]: equal to mine iff all are
     if both.tolist() == [mine, ~mine]:
         if not every_step:
-            reduce_partials.agreed_keys.add(cached[1])  # only once agreed: a refused key is checked again
+            reduce_partials.agreed_keys.add(key)  # only once agreed: a refused key is checked again
         return
     everyone: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, (structure, hypers), group=group)
+    dist.all_gather_object(everyone, ((*wide, rows), hypers), group=group)
     raise _first_difference(type(opt).__name__, everyone, dist.get_process_group_ranks(group))
 
 
@@ -150,13 +149,23 @@ def _plain(value: Any) -> Any:
     return type(value).__name__
 
 
-def _step_key(opt: Optimizer8bit, stepped: list) -> tuple[tuple, tuple]:
-    """((optimizer-wide settings, every parameter's name in order, per stepped parameter (name, 8-bit
-    state, block size, master-weight correction, index of its hyperparameters)), the distinct
-    hyperparameter sets of the stepped parameters)."""
+def _optimizer_key(opt: Optimizer8bit, reduce_partials: Any) -> tuple[tuple, int]:
+    """((optimizer-wide settings, every parameter's name in order), its hash): rebuilt only when the settings
+    or the param groups' lists change, not per call (under gradient release it is asked once per parameter:
+    rebuilt each time, a step cost O(parameters^2))."""
     settings = (type(opt).__name__, str(opt.rule), opt.block_size, opt.block_wise, opt.quant_map, opt.on_nonfinite,
                 opt.check_finite, opt.amp_unscale)
-    names = tuple(opt.param_name(p) for g in opt.param_groups for p in g["params"])
+    groups = tuple((id(g), id(g["params"]), len(g["params"])) for g in opt.param_groups)
+    cached = reduce_partials.wide
+    if cached is None or cached[0] != (settings, groups):
+        names = tuple(opt.param_name(p) for g in opt.param_groups for p in g["params"])
+        cached = reduce_partials.wide = ((settings, groups), (settings, names), _hash((settings, names)))
+    return cached[1], cached[2]
+
+
+def _stepped_key(stepped: list) -> tuple[tuple, tuple]:
+    """(per stepped parameter (name, 8-bit state, block size, master-weight correction, index of its
+    hyperparameters), the distinct hyperparameter sets of the stepped parameters)."""
     index: dict[int, int] = {}  # id(hyper dict) -> its position in hypers: a group's parameters share one
     hypers = []
     rows = []
@@ -166,7 +175,7 @@ def _step_key(opt: Optimizer8bit, stepped: list) -> tuple[tuple, tuple]:
             k = index[id(s.hyper)] = len(hypers)
             hypers.append(tuple(sorted((key, _plain(v)) for key, v in s.hyper.items())))
         rows.append((s.name, s.use_8bit, s.block_size, str(s.correction), k))
-    return (settings, names, tuple(rows)), tuple(hypers)
+    return tuple(rows), tuple(hypers)
 
 
 def _hash(value: Any) -> int:
@@ -176,7 +185,7 @@ def _hash(value: Any) -> int:
 
 def _first_difference(cls: str, everyone: list, ranks: list[int]) -> Exception:
     """The exception every rank raises: the first setting, parameter or gradient that differs in
-    ``everyone`` (each rank's ``_step_key``, in ``ranks`` order)."""
+    ``everyone`` (each rank's ((settings, names, rows), hyperparameters), in ``ranks`` order)."""
 
     def differs(label: str, values: list) -> ValueError | None:
         r = next((r for r, v in enumerate(values) if repr(v) != repr(values[0])), None)
@@ -237,7 +246,7 @@ def _sum_over(group):
         return out.to(values.device)
 
     reduce_partials.group = group  # agree_on_step's group
-    reduce_partials.agreed = None  # agree_on_step's cache: (what it hashed, the hash)
+    reduce_partials.wide = None  # agree_on_step's cache of the optimizer-wide part and its hash
     reduce_partials.agreed_keys = set()  # agree_on_step(every_step=False)'s keys agreed so far
     return reduce_partials
 

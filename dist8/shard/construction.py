@@ -86,7 +86,8 @@ _NOT_GIVEN = object()  # a setting one rank has and another lacks (an argument o
 def _comparable(value: Any) -> Any:
     """``value`` as plain, picklable data that compares by value on another rank: a tensor (a tensor lr, on
     any device) by its values, numbers as int/float (``1e-3`` and ``0.001``, ``0`` and ``0.0`` are equal),
-    sequences as tuples, mappings as dicts, classes by qualified name, enums by name, anything else by repr."""
+    sequences as tuples, sets as sorted tuples, mappings as dicts, classes by qualified name, enums by name,
+    anything else by repr (by its type where the repr holds an address)."""
     if isinstance(value, torch.Tensor):
         try:
             return _comparable(value.detach().cpu().tolist())
@@ -104,9 +105,14 @@ def _comparable(value: Any) -> Any:
         return {str(k): _comparable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return tuple(_comparable(v) for v in value)
+    if isinstance(value, (set, frozenset)):  # iteration order follows each process's string-hash seed
+        return tuple(sorted((_comparable(v) for v in value), key=repr))
     if isinstance(value, type):
         return f"{value.__module__}.{value.__qualname__}"
-    return repr(value)
+    text = repr(value)
+    # object.__repr__ holds an address, different on every rank: a client's own object in a param group
+    # (torch accepts any key there) is compared by its type
+    return f"a {type(value).__qualname__}" if " at 0x" in text else text
 
 
 def _same(a: Any, b: Any) -> bool:
