@@ -85,6 +85,17 @@ def _worker(rank, world_size):
     opt.step()  # every rank has its gradients again: the step runs
     out["recovered"] = opt.state[model.l1.weight]["step"]
 
+    # a bad value written into one rank's groups only: its own check refused the step while the other rank
+    # waited in the agreement's collective (a hang under NCCL)
+    model, opt = build()
+    backward(model, 0)
+    opt.step()
+    opt.zero_grad()
+    backward(model, 1)
+    if rank == 0:
+        opt.param_groups[0]["lr"] = float("nan")
+    out["one rank's lr"] = refused_step(model, opt)
+
     for case, (kw, _) in SETTINGS.items():
         model, opt = build(**(kw if rank == 1 else {}))
         backward(model, 0)
@@ -130,6 +141,9 @@ def test_ranks_that_differ_are_refused_on_every_rank(tmp_path):
     r0, r1 = run_ranks(_worker, 2, tmp_path=tmp_path)
     for out in (r0, r1):
         assert out["release keys"][0] > 0 and len(set(out["release keys"])) == 1, out["release keys"]
+    bad_lr = "lr must be a finite number (param group 0), got nan"
+    assert r0["one rank's lr"] == (f"ValueError: {bad_lr}", True), r0["one rank's lr"]
+    assert r1["one rank's lr"] == (f"RuntimeError: AdamW8bit.step() failed on rank 0: {bad_lr}", True), r1["one rank's lr"]
     expected = {"gradnone": "RuntimeError: parameter l1.weight has a gradient on rank 0 but none on rank 1;"}
     expected.update({case: "ValueError: " + message for case, (_, message) in SETTINGS.items()})
     for case, start in expected.items():

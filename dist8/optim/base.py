@@ -495,22 +495,27 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
         ``dtensor.agree_on_step``; per step when ``whole_step``, else once per distinct setting): a
         refusal leaves the optimizer as it was."""
         checked = []
-        for group, group_params in groups:
-            group_hyper = hyperparameters_of(group)
-            self.check_changed_group(group, group_hyper)
-            for p in group_params:
-                if p.grad is None:
-                    continue
-                check_gradient(p, self.param_name(p))
-                if self.uses_dtensor:
-                    original = p.grad
-                    if dtensor.align_grad(p, self.param_name(p)):
-                        after_step.append(functools.partial(setattr, p, "grad", original))
-                settings = self.settings(p, group, group_hyper)
-                existing = self.state.get(p)
-                if existing:
-                    self.check_state_fits(p, settings, existing)
-                checked.append((p, settings))
+        try:
+            for group, group_params in groups:
+                group_hyper = hyperparameters_of(group)
+                self.check_changed_group(group, group_hyper)
+                for p in group_params:
+                    if p.grad is None:
+                        continue
+                    check_gradient(p, self.param_name(p))
+                    if self.uses_dtensor:
+                        original = p.grad
+                        if dtensor.align_grad(p, self.param_name(p)):
+                            after_step.append(functools.partial(setattr, p, "grad", original))
+                    settings = self.settings(p, group, group_hyper)
+                    existing = self.state.get(p)
+                    if existing:
+                        self.check_state_fits(p, settings, existing)
+                    checked.append((p, settings))
+        except Exception as exc:  # FSDP2: the other ranks would wait in the agreement's collective
+            if whole_step:
+                dtensor.agree_on_step(self, checked, error=exc)
+            raise
         dtensor.agree_on_step(self, checked, every_step=whole_step)  # FSDP2: the ranks step alike, or none does
         items = []
         for p, settings in checked:

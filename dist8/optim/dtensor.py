@@ -91,7 +91,8 @@ _COLLECTIVE = ("under FSDP2 a dist8 step is collective (partial sums, shard-edge
                "torch's optimizers")
 
 
-def agree_on_step(opt: Optimizer8bit, stepped: list[tuple[Any, ParamSettings]], every_step: bool = True) -> None:
+def agree_on_step(opt: Optimizer8bit, stepped: list[tuple[Any, ParamSettings]], every_step: bool = True,
+                  error: Exception | None = None) -> None:
     """Refuse, on every rank and before any state is made or updated, a step whose ranks differ in the
     optimizer's settings or in the parameters they step (``stepped``: each parameter with a gradient
     and its settings, this step).
@@ -108,7 +109,11 @@ def agree_on_step(opt: Optimizer8bit, stepped: list[tuple[Any, ParamSettings]], 
     FSDP2's reduce-scatter gives every rank the same parameters in the same order): agreed, hyperparameters
     included, the first time each structure (settings, names, the stepped parameters' kinds) is seen, not
     per call, so that backward is not held up by a collective per parameter; a change on one rank alone
-    after that goes unseen there."""
+    after that goes unseen there.
+
+    ``error``: this rank's own checks refused the step (a bad value written into its groups only): raised
+    here, and on the other ranks as a RuntimeError naming this rank, instead of leaving them in the
+    collective (``every_step`` only)."""
     reduce_partials = opt.reduce_partials
     if not getattr(reduce_partials, "dist8_dtensor", False):
         return
@@ -117,22 +122,31 @@ def agree_on_step(opt: Optimizer8bit, stepped: list[tuple[Any, ParamSettings]], 
     group = reduce_partials.group
     if dist.get_world_size(group) == 1:
         return
+    if error is not None and not every_step:
+        raise error
     wide, wide_hash = _optimizer_key(opt, reduce_partials)
     rows, hypers = _stepped_key(stepped)
     key = _hash((wide_hash, rows))  # O(stepped parameters): per call under gradient release
     # every_step=False: keyed without the hyperparameters (a scheduler's new lr every step would be a new key)
     if not every_step and key in reduce_partials.agreed_keys:
         return
-    mine = _hash((key, hypers))  # hyperparameters: a scheduler changes lr every step
+    mine = -1 if error is not None else _hash((key, hypers))  # hyperparameters: a scheduler changes lr every step
     both = torch.tensor([mine, ~mine], dtype=torch.int64, device=comm_device(group))
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)  # [max, -min]: equal to mine iff all are
-    if both.tolist() == [mine, ~mine]:
+    if both.tolist() == [mine, ~mine] and error is None:
         if not every_step:
             reduce_partials.agreed_keys.add(key)  # only once agreed: a refused key is checked again
         return
     everyone: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, ((*wide, rows), hypers), group=group)
-    raise _first_difference(type(opt).__name__, everyone, dist.get_process_group_ranks(group))
+    mine_described = ("refused", str(error)) if error is not None else ((*wide, rows), hypers)
+    dist.all_gather_object(everyone, mine_described, group=group)
+    if error is not None:
+        raise error
+    ranks = dist.get_process_group_ranks(group)
+    refused = next((r for r, e in enumerate(everyone) if e[0] == "refused"), None)
+    if refused is not None:
+        raise RuntimeError(f"{type(opt).__name__}.step() failed on rank {ranks[refused]}: {everyone[refused][1]}")
+    raise _first_difference(type(opt).__name__, everyone, ranks)
 
 
 def _plain(value: Any) -> Any:
