@@ -71,12 +71,16 @@ def _worker(rank, world_size):
         unchanged = all(torch.equal(a, b) for a, b in zip(params, after_params)) and same(state, after_state)
         return error, unchanged
 
+    def one_step_then_gradients():
+        model, opt = build()
+        backward(model, 0)
+        opt.step()
+        opt.zero_grad()
+        backward(model, 1)
+        return model, opt
+
     out = {}
-    model, opt = build()
-    backward(model, 0)
-    opt.step()
-    opt.zero_grad()
-    backward(model, 1)
+    model, opt = one_step_then_gradients()
     if rank == 1:
         model.l1.weight.grad = None
     out["gradnone"] = refused_step(model, opt)
@@ -87,11 +91,7 @@ def _worker(rank, world_size):
 
     # a bad value written into one rank's groups only: its own check refused the step while the other rank
     # waited in the agreement's collective (a hang under NCCL)
-    model, opt = build()
-    backward(model, 0)
-    opt.step()
-    opt.zero_grad()
-    backward(model, 1)
+    model, opt = one_step_then_gradients()
     if rank == 0:
         opt.param_groups[0]["lr"] = float("nan")
     out["one rank's lr"] = refused_step(model, opt)
