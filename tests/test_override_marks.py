@@ -215,3 +215,22 @@ def test_register_parameters_applied_by_a_sharded_optimizer_at_the_users_positio
     opt.step()
     first, second = opt.state[copied[0].weight], opt.state[copied[1].weight]
     assert first["state1"].dtype == torch.float32 and second["state1"].dtype == torch.uint8
+
+
+def test_override_config_after_the_first_step_reaches_a_sharded_optimizers_pieces(manager):
+    """The pieces had their parameters' marks copied at construction: an override made after the first step
+    applied on the unsharded optimizer (as in bitsandbytes) but not on ShardedOptimizer."""
+    from dist8.shard import ShardedOptimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 64))
+    opt = ShardedOptimizer(model.parameters(), dist8.AdamW8bit, lr=1e-2)
+    model(torch.randn(2, 64)).sum().backward()
+    opt.step()
+    manager.override_config(model[0].weight, "lr", 0.0)
+    frozen, other = model[0].weight.detach().clone(), model[1].weight.detach().clone()
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(2, 64)).sum().backward()
+        opt.step()
+    assert torch.equal(model[0].weight, frozen) and not torch.equal(model[1].weight, other)

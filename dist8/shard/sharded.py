@@ -27,7 +27,7 @@ from dist8.optim.config import (GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, PARAM_LIST_KEY
                                 check_overrides_match, hyperparameters_of, split_named_params)
 from dist8.optim.hooks import load_state_dict_with_hooks, state_dict_with_hooks
 from dist8.optim.lazy_dynamo import LazyDynamoOptimizer
-from dist8.optim.manager import apply_positional_configs
+from dist8.optim.manager import apply_positional_configs, restore_module_marks
 from dist8.optim.master_weights import check_half_params
 from dist8.optim.state_schema import CORRECTION
 from dist8.optim.validation import check_gradient, check_number
@@ -468,6 +468,19 @@ class ShardedOptimizer(LazyDynamoOptimizer):
             if p.grad is not None:
                 check_gradient(p, name)
 
+    def _follow_marks(self) -> None:
+        """Give each piece its parameter's mark as it is now: ``GlobalOptimManager.override_config`` after the
+        first step applies from the next, as on the unsharded optimizer (the pieces had the marks copied at
+        construction and kept them), and a module's mark restored on a replaced weight reaches its pieces."""
+        restore_module_marks()
+        for piece, view in zip(self.pieces, self._piece_views):
+            mark = getattr(self.params[piece.param], OVERRIDE_ATTR, None)
+            if view.__dict__.get(OVERRIDE_ATTR) is not mark:
+                if mark is None:
+                    view.__dict__.pop(OVERRIDE_ATTR, None)
+                else:
+                    setattr(view, OVERRIDE_ATTR, mark)
+
     def _refuse_gradients_not_averaged(self) -> None:
         """Stage 1, first step with gradients: refuse gradients that differ between ranks (no DDP)."""
         grads = [p.grad for p in self.params]
@@ -545,6 +558,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
                 loss = closure()
         self._gathered_state = None  # the state changes now
         self._prepare_grads()
+        self._follow_marks()
         self._sync_hyper(to_inner=True)
         if found_inf is not None:
             self.inner.grad_scale, self.inner.found_inf = getattr(self, "grad_scale", None), found_inf
