@@ -502,7 +502,7 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
                 for p in group_params:
                     if p.grad is None:
                         continue
-                    check_gradient(p, self.param_name(p))
+                    check_gradient(p, self.param_name)
                     if self.uses_dtensor:
                         original = p.grad
                         if dtensor.align_grad(p, self.param_name(p)):

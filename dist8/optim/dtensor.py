@@ -34,6 +34,7 @@ import hashlib
 
 import torch
 
+from dist8.optim.comparable import comparable
 from dist8.optim.dtensor_layout import (Layout, box_of, comm_device, is_dtensor, layout_of, one_plain_shard,
                                        shard_dims, world_group)
 from dist8.optim.state_schema import (CORRECTION, absmax_key, is_absmax_key, is_state_key, new_state, state_indices,
@@ -149,20 +150,6 @@ def agree_on_step(opt: Optimizer8bit, stepped: list[tuple[Any, ParamSettings]], 
     raise _first_difference(type(opt).__name__, everyone, ranks)
 
 
-def _plain(value: Any) -> Any:
-    """``value`` as something whose repr is the same on every rank with the same setting (no addresses;
-    a CPU scalar tensor by its value, another tensor by its device only: reading it would sync)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (tuple, list)):
-        return tuple(_plain(v) for v in value)
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 and value.device.type == "cpu" else f"a {value.device.type} tensor"
-    if isinstance(value, torch.dtype):
-        return str(value)
-    return type(value).__name__
-
-
 def _optimizer_key(opt: Optimizer8bit, reduce_partials: Any) -> tuple[tuple, int]:
     """((optimizer-wide settings, every parameter's name in order), its hash): rebuilt only when the settings
     or the param groups' lists change, not per call (under gradient release it is asked once per parameter:
@@ -187,7 +174,7 @@ def _stepped_key(stepped: list) -> tuple[tuple, tuple]:
         k = index.get(id(s.hyper))
         if k is None:
             k = index[id(s.hyper)] = len(hypers)
-            hypers.append(tuple(sorted((key, _plain(v)) for key, v in s.hyper.items())))
+            hypers.append(tuple(sorted((key, comparable(v, read_device_tensors=False)) for key, v in s.hyper.items())))
         rows.append((s.name, s.use_8bit, s.block_size, str(s.correction), k))
     return tuple(rows), tuple(hypers)
 

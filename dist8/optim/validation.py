@@ -114,16 +114,17 @@ def check_group(group: dict[str, Any], where: str, n_betas: int = 2) -> None:
             check_number(beta, f"betas[{i}]", where, lo=0.0, hi=1.0, hi_open=True)
 
 
-def check_gradient(p: torch.Tensor, name: str) -> None:
-    """Refuse, naming parameter ``name``, a gradient the kernels cannot take: sparse, of a dtype other
-    than float32/bfloat16/float16, or of another shape than ``p``."""
+def check_gradient(p: torch.Tensor, name_of: Callable[[torch.Tensor], str]) -> None:
+    """Refuse, naming the parameter (``name_of(p)``: asked only then, the step calls this per parameter), a
+    gradient the kernels cannot take: sparse, of a dtype other than float32/bfloat16/float16, or of another
+    shape than ``p``."""
     g = p.grad
-    if g.is_sparse or g.layout != torch.strided:
-        raise TypeError(f"parameter {name} has a sparse gradient; dist8 needs dense gradients")
+    if g.layout != torch.strided:
+        raise TypeError(f"parameter {name_of(p)} has a sparse gradient; dist8 needs dense gradients")
     if g.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"parameter {name} has a {g.dtype} gradient; supported: float32, bfloat16, float16")
+        raise TypeError(f"parameter {name_of(p)} has a {g.dtype} gradient; supported: float32, bfloat16, float16")
     if g.shape != p.shape:
-        raise ValueError(f"parameter {name} has shape {tuple(p.shape)} but its gradient {tuple(g.shape)}")
+        raise ValueError(f"parameter {name_of(p)} has shape {tuple(p.shape)} but its gradient {tuple(g.shape)}")
 
 
 def check_param_types(params: Iterable[torch.Tensor], name_of: Callable[[torch.Tensor], str]) -> None:

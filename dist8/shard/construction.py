@@ -7,10 +7,7 @@ optimizer settings (:func:`optimizer_settings`), so that every rank refuses toge
 """
 from __future__ import annotations
 
-import enum
 import inspect
-import math
-import numbers
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -19,6 +16,7 @@ import torch.distributed as dist
 
 from dist8.messages import brief
 from dist8.optim.base import Optimizer8bit
+from dist8.optim.comparable import comparable, same
 from dist8.optim.config import OVERRIDABLE_KEYS, OVERRIDE_ATTR, hyperparameters_of, match_overrides
 from dist8.optim.manager import restore_module_marks
 from dist8.optim.paged import PAGED, paged_message
@@ -83,49 +81,6 @@ def check_no_master_weight_override(params: Sequence[torch.Tensor], names: Seque
 _NOT_GIVEN = object()  # a setting one rank has and another lacks (an argument only one rank passed)
 
 
-def _comparable(value: Any) -> Any:
-    """``value`` as plain, picklable data that compares by value on another rank: a tensor (a tensor lr, on
-    any device) by its values, numbers as int/float (``1e-3`` and ``0.001``, ``0`` and ``0.0`` are equal),
-    sequences as tuples, sets as sorted tuples, mappings as dicts, classes by qualified name, enums by name,
-    anything else by repr (by its type where the repr holds an address)."""
-    if isinstance(value, torch.Tensor):
-        try:
-            return _comparable(value.detach().cpu().tolist())
-        except (RuntimeError, NotImplementedError):  # a meta tensor has no values
-            return repr(value)
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, enum.Enum):
-        return value.name
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        return float(value)
-    if isinstance(value, Mapping):
-        return {str(k): _comparable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return tuple(_comparable(v) for v in value)
-    if isinstance(value, (set, frozenset)):  # iteration order follows each process's string-hash seed
-        return tuple(sorted((_comparable(v) for v in value), key=repr))
-    if isinstance(value, type):
-        return f"{value.__module__}.{value.__qualname__}"
-    text = repr(value)
-    # object.__repr__ holds an address, different on every rank: a client's own object in a param group
-    # (torch accepts any key there) is compared by its type
-    return f"a {type(value).__qualname__}" if " at 0x" in text else text
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Equality of two :func:`_comparable` values, NaN equal to NaN."""
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return True
-    if isinstance(a, tuple) and isinstance(b, tuple):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    return a == b
-
-
 def _constructor_defaults(optimizer_class: type[Optimizer8bit]) -> dict[str, Any]:
     """The keyword arguments ``optimizer_class`` takes, with their defaults: its ``__init__``'s and those of
     the dist8 classes it passes ``**kwargs`` on to (the first class's default wins, as that one applies)."""
@@ -160,13 +115,13 @@ def optimizer_settings(optimizer_class: type[Optimizer8bit], groups: Sequence[Ma
         constructor["optim_bits"] = getattr(optimizer_class, "default_bits", None)
     group_of = {id(p): gi for gi, group in enumerate(groups) for p in group["params"]}
     return {
-        "optimizer_class": _comparable(optimizer_class),
-        "rule": _comparable(getattr(optimizer_class, "rule", None)),
-        "wrapper": {k: _comparable(v) for k, v in (wrapper_args or {}).items()},
-        "constructor": {k: _comparable(v) for k, v in constructor.items()},
-        "groups": [{k: _comparable(v) for k, v in hyperparameters_of(g).items()} for g in groups],
+        "optimizer_class": comparable(optimizer_class),
+        "rule": comparable(getattr(optimizer_class, "rule", None)),
+        "wrapper": {k: comparable(v) for k, v in (wrapper_args or {}).items()},
+        "constructor": {k: comparable(v) for k, v in constructor.items()},
+        "groups": [{k: comparable(v) for k, v in hyperparameters_of(g).items()} for g in groups],
         "group_of": [group_of.get(id(p)) for p in params],
-        "marks": [_comparable(getattr(p, OVERRIDE_ATTR, None) or {}) for p in params],
+        "marks": [comparable(getattr(p, OVERRIDE_ATTR, None) or {}) for p in params],
     }
 
 
@@ -203,7 +158,7 @@ def first_settings_difference(a: dict[str, Any], b: dict[str, Any],
                               names: Sequence[str]) -> tuple[str, Any, Any] | None:
     """The first setting in which two ranks' :func:`optimizer_settings` differ (their layouts, ``names``,
     being equal): (what, its value in ``a``, in ``b``), or None when they agree."""
-    return next(((what, x, y) for what, x, y in _settings_pairs(a, b, names) if not _same(x, y)), None)
+    return next(((what, x, y) for what, x, y in _settings_pairs(a, b, names) if not same(x, y)), None)
 
 
 def _shown(value: Any) -> str:

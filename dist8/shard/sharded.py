@@ -466,7 +466,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         the gradients are the same on every rank (averaged), so every rank now gives the same verdict."""
         for p, name in zip(self.params, self.names):
             if p.grad is not None:
-                check_gradient(p, name)
+                check_gradient(p, lambda _, name=name: name)
 
     def _follow_marks(self) -> None:
         """Give each piece its parameter's mark as it is now: ``GlobalOptimManager.override_config`` after the
