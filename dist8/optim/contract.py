@@ -21,9 +21,8 @@ from typing import Any
 import torch
 
 from dist8.optim import dtensor
-from dist8.optim.config import OVERRIDE_ATTR
 from dist8.optim.dtensor_layout import is_dtensor
-from dist8.optim.manager import restore_module_marks
+from dist8.optim.manager import merge_marks, restore_module_marks
 from dist8.optim.positions import ParamPositions
 
 __all__ = ["TorchContract"]
@@ -99,9 +98,7 @@ class TorchContract:
             if r.name is not None and r.param not in self.param_names:
                 self.param_names[r.param] = r.name
             if r.marks is not None:  # keys the new parameter's own mark has win (e.g. Embedding's, set again)
-                mark = getattr(r.param, OVERRIDE_ATTR, None) or {}
-                if any(key not in mark for key in r.marks):
-                    setattr(r.param, OVERRIDE_ATTR, {**r.marks, **mark})
+                merge_marks(r.param, r.marks)
             if r.old is not None and self.state.get(r.old):
                 moved[r.param] = self.state.pop(r.old)
         current = set(current)

@@ -114,7 +114,7 @@ def agree_on_step(opt: Optimizer8bit, stepped: list[tuple[Any, ParamSettings]], 
 
     ``error``: this rank's own checks refused the step (a bad value written into its groups only): raised
     here, and on the other ranks as a RuntimeError naming this rank, instead of leaving them in the
-    collective (``every_step`` only)."""
+    collective (with ``every_step`` only: under gradient release the ranks do not meet here at every call)."""
     reduce_partials = opt.reduce_partials
     if not getattr(reduce_partials, "dist8_dtensor", False):
         return
@@ -123,8 +123,6 @@ def agree_on_step(opt: Optimizer8bit, stepped: list[tuple[Any, ParamSettings]], 
     group = reduce_partials.group
     if dist.get_world_size(group) == 1:
         return
-    if error is not None and not every_step:
-        raise error
     wide, wide_hash = _optimizer_key(opt, reduce_partials)
     rows, hypers = _stepped_key(stepped)
     key = _hash((wide_hash, rows))  # O(stepped parameters): per call under gradient release
