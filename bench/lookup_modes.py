@@ -1,13 +1,17 @@
-"""The CPU kernels' two table-lookup modes, A/B on the same optimizer state (DIST8_CPU_GATHER).
+"""Two settings of a CPU-kernel switch, A/B on the same optimizer state.
 
-The AVX2 and AVX-512 paths load code-table entries either with hardware gathers (``hw``) or with
-scalar loads (``scalar``); the results are bit-identical, the default depends on the CPU vendor
-(docs/design.md, Kernels). bench/step.py compares them as separate optimizer instances, whose
-memory placement alone moves a row by several percent on a shared VM; here one AdamW8bit instance
-steps alternately in each mode (the variable is read at each op call), so only the mode differs.
-Median ms per step and the ratio scalar / hw, per size.
+The switches (docs/design.md, Kernels; results bit-identical either way): ``DIST8_CPU_GATHER=hw|scalar``,
+how the AVX2 and AVX-512 paths load code-table entries (hardware gathers or scalar loads; the default
+depends on the CPU vendor), and ``DIST8_CPU_CODES=table|runs``, whether the AVX-512 path looks the
+codes of every map up in its key table or computes those of a map made of linear runs (the dynamic
+map; the default on AMD Zen 5).
+bench/step.py compares settings as separate optimizer instances, whose memory placement alone moves a
+row by several percent on a shared VM; here one AdamW8bit instance steps alternately in each setting
+(the variables are read at each op call), so only the setting differs. Median ms per step and the
+ratio of the second setting to the first, per size.
 
-Usage: python bench/lookup_modes.py [--sizes 16M,64M,gpt2] [--rounds 20] [--out FILE]
+Usage: python bench/lookup_modes.py [--switch DIST8_CPU_GATHER=hw,scalar | DIST8_CPU_CODES=table,runs]
+                                    [--sizes 16M,64M,gpt2] [--rounds 20] [--out FILE]
 """
 from __future__ import annotations
 
@@ -30,12 +34,16 @@ def main(argv: list[str] | None = None) -> dict:
     from dist8.kernels import native
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--switch", default="DIST8_CPU_GATHER=hw,scalar", help="VARIABLE=A,B")
     parser.add_argument("--sizes", default="16M,64M,gpt2")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    variable, _, settings = args.switch.partition("=")
+    first, second = settings.split(",")
     native.load_backend("cpu")
     features = torch.ops.dist8_cpu_info.features()
+    load_before = os.getloadavg()[0]
     rows = []
     for label in args.sizes.split(","):
         shapes = MODELS.get(label.strip().upper(), [(parse_size(label),)])
@@ -45,27 +53,30 @@ def main(argv: list[str] | None = None) -> dict:
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen) * 1e-3
         opt.step()
-        times: dict[str, list[float]] = {"hw": [], "scalar": []}
-        previous = os.environ.get("DIST8_CPU_GATHER")
+        times: dict[str, list[float]] = {first: [], second: []}
+        previous = os.environ.get(variable)
         try:
             for r in range(args.rounds):
-                for mode in (("hw", "scalar") if r % 2 else ("scalar", "hw")):
-                    os.environ["DIST8_CPU_GATHER"] = mode
+                for value in ((first, second) if r % 2 else (second, first)):
+                    os.environ[variable] = value
                     t0 = time.perf_counter()
                     opt.step()
-                    times[mode].append(time.perf_counter() - t0)
+                    times[value].append(time.perf_counter() - t0)
         finally:
-            os.environ.pop("DIST8_CPU_GATHER", None)
+            os.environ.pop(variable, None)
             if previous is not None:
-                os.environ["DIST8_CPU_GATHER"] = previous
-        hw, scalar = statistics.median(times["hw"]), statistics.median(times["scalar"])
-        rows.append({"size": label, "hw ms": 1e3 * hw, "scalar ms": 1e3 * scalar, "scalar / hw": scalar / hw})
+                os.environ[variable] = previous
+        a, b = statistics.median(times[first]), statistics.median(times[second])
+        rows.append({"size": label, f"{first} ms": 1e3 * a, f"{second} ms": 1e3 * b, f"{second} / {first}": b / a})
         del opt, params
     print(features)
-    print_table(rows, ["size", "hw ms", "scalar ms", "scalar / hw"])
-    payload = {"benchmark": "lookup_modes", "machine": machine(), "dist8_cpu_path": features, "rounds": args.rounds,
+    print_table(rows, ["size", f"{first} ms", f"{second} ms", f"{second} / {first}"])
+    meta = dict(machine(), load_average=f"{load_before:.1f} -> {os.getloadavg()[0]:.1f}")
+    payload = {"benchmark": "lookup_modes", "machine": meta, "dist8_cpu_path": features, "rounds": args.rounds,
+               "switch": variable, "settings": [first, second],
                "unit": "ms per AdamW8bit step (median), fp32, one instance stepping in both modes", "rows": rows}
-    print(f"wrote {write_json('lookup-modes', payload, args.out)}")
+    name = "lookup-modes" if variable == "DIST8_CPU_GATHER" else "run-codes"
+    print(f"wrote {write_json(name, payload, args.out)}")
     return payload
 
 

@@ -61,7 +61,10 @@ def step_section() -> str:
              "(`on_nonfinite=\"skip_param\"`: one more read of every gradient before the update). Files older "
              "than issue 15 have a `no-check` row instead (the old default without its gradient check). "
              "`DIST8_CPU_GATHER=...` rows are the default with the AVX2 path's other table-lookup mode (hardware "
-             "gathers or scalar loads; see docs/design.md, Kernels). `quant_map=\"fp8\"` rows use the fp8 map "
+             "gathers or scalar loads; see docs/design.md, Kernels). `DIST8_CPU_CODES=...` rows are the default with "
+             "the AVX-512 path's other way to the dynamic map's codes (computed from the map's linear runs, the "
+             "default on AMD Zen 5, or looked up in the key table; same bits either way; docs/design.md, Kernels). "
+             "`quant_map=\"fp8\"` rows use the fp8 map "
              "(codes computed from the float bits on AVX2 and AVX-512 CPUs instead of looked up; a different state format, "
              "opt-in; docs/design.md, Quantization). `+GradScaler` rows step through "
              "`torch.amp.GradScaler` (fp16 mixed precision): there the scaler checks every gradient for both (a "
@@ -135,6 +138,10 @@ def step_section() -> str:
                 v += f"; {bnb[(size, dtype)] / default:.1f}x faster than bitsandbytes " \
                      f"({'met' if bnb[(size, dtype)] / default >= 15 else 'NOT met'})"
             verdicts.append(v)
+        for (size, dtype, name), t in times.items():  # the other way to the codes, against the default
+            default = times.get((size, dtype, "dist8.optim.AdamW8bit"))
+            if name.startswith("dist8.optim.AdamW8bit DIST8_CPU_CODES=") and default:
+                verdicts.append(f"{size} {dtype}: `{name.split(' ', 1)[1]}` takes {t / default:.2f}x the default's time")
         for (size, dtype, name), t in times.items():  # who unscales under GradScaler: the two dist8 modes
             kernel = times.get((size, dtype, "dist8.optim.AdamW8bit +GradScaler"))
             if name == 'dist8.optim.AdamW8bit +GradScaler amp_unscale="scaler"' and kernel:
@@ -148,7 +155,26 @@ def step_section() -> str:
                                "other), so only rows of the same library compare like with like here (e.g. the "
                                "`DIST8_CPU_GATHER` row against the default).")
         parts.append("\n" + "\n".join(f"- {v}" for v in verdicts) + "\n")
+    parts.append(switch_part())
     parts.append(ablation_part())
+    return "\n".join(parts)
+
+
+def switch_part() -> str:
+    """bench/lookup_modes.py: one AdamW8bit instance stepping alternately under the two settings of a
+    CPU-kernel switch (DIST8_CPU_GATHER, DIST8_CPU_CODES): only the setting differs."""
+    files = _load("lookup-modes") + _load("run-codes")
+    if not files:
+        return ""
+    parts = ["\n**One kernel switch, A/B** (`python bench/lookup_modes.py --switch VARIABLE=A,B`): one "
+             "`dist8.optim.AdamW8bit` instance steps alternately under each setting (read at each op call), "
+             "fp32, medians; results are bit-identical, so only the time differs.\n"]
+    for f, d in files:
+        first, second = d.get("settings") or ["hw", "scalar"]
+        variable = d.get("switch") or "DIST8_CPU_GATHER"
+        parts.append(f"`{f.name}` — {variable}; {_machine_line(d['machine'])}; {d.get('rounds')} rounds\n")
+        rows = [[r["size"], r.get(f"{first} ms"), r.get(f"{second} ms"), r.get(f"{second} / {first}")] for r in d["rows"]]
+        parts.append(_table(["size", f"{first} ms", f"{second} ms", f"{second} / {first}"], rows) + "\n")
     return "\n".join(parts)
 
 

@@ -59,21 +59,35 @@ def _load_average() -> str:
         return "?"
 
 
-def _other_lookup_mode(device) -> str:
-    """'hw' or 'scalar': the AVX2/AVX-512 CPU path's table-lookup mode that is not this CPU's default
-    (DIST8_CPU_GATHER); '' where there is no choice (portable, CUDA)."""
+def _cpu_features(device) -> str:
+    """What the native CPU build says it does (``dist8 info``); '' on CUDA or without a native build."""
     if device.type != "cpu":
         return ""
     try:
         from dist8.kernels import native
 
         native.load_backend("cpu")
-        features = torch.ops.dist8_cpu_info.features()
-    except Exception:  # noqa: BLE001 - no native build: no variant row
+        return torch.ops.dist8_cpu_info.features()
+    except Exception:  # noqa: BLE001 - no native build: no variant rows
         return ""
+
+
+def _other_lookup_mode(device) -> str:
+    """'hw' or 'scalar': the AVX2/AVX-512 CPU path's table-lookup mode that is not this CPU's default
+    (DIST8_CPU_GATHER); '' where there is no choice (portable, CUDA)."""
+    features = _cpu_features(device)
     if not features.startswith(("avx2", "avx512")):
         return ""
     return "hw" if "scalar-load lookups" in features else "scalar"
+
+
+def _other_code_mode(device) -> str:
+    """'table' or 'runs': how the AVX-512 CPU path finds the dynamic map's codes when not as this
+    CPU's default does (DIST8_CPU_CODES); '' where there is no choice (AVX2, portable, CUDA)."""
+    features = _cpu_features(device)
+    if not features.startswith("avx512"):
+        return ""
+    return "table" if "codes of linear-run maps computed" in features else "runs"
 
 
 # GPT-2 small (124M parameters in 148 tensors): what a real model hands the optimizer --
@@ -285,6 +299,12 @@ def candidates(n, dtype, device, which, size_label=""):
     other = _other_lookup_mode(device)
     if other:
         add(f"dist8.optim.AdamW8bit DIST8_CPU_GATHER={other}", env_variant(dist8_optim(), "DIST8_CPU_GATHER", other),
+            bytes8)
+    # The AVX-512 build's other way to the dynamic map's codes (computed from its linear runs or
+    # looked up in the key table; the default depends on the CPU, docs/design.md "Kernels").
+    other = _other_code_mode(device)
+    if other:
+        add(f"dist8.optim.AdamW8bit DIST8_CPU_CODES={other}", env_variant(dist8_optim(), "DIST8_CPU_CODES", other),
             bytes8)
     # The fp8 map: codes computed from the float bits on AVX2 CPUs instead of four table lookups
     # per value (a different state format: docs/design.md "The fp8 map").

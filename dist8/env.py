@@ -15,8 +15,9 @@ __all__ = ["env_flag", "env_choice", "check_environment", "EnvironmentSettingErr
 #: dist8's on/off environment variables (read with :func:`env_flag`).
 SWITCHES = ("DIST8_PORTABLE", "DIST8_VERBOSE_BUILD", "DIST8_DEEPSPEED")
 #: dist8's environment variables that name one of a few choices (read with :func:`env_choice`; the
-#: kernels read DIST8_CPU_GATHER and DIST8_CUDA_KERNEL themselves, exactly as spelled here).
+#: kernels read DIST8_CPU_GATHER, DIST8_CPU_CODES and DIST8_CUDA_KERNEL themselves, exactly as spelled here).
 CHOICES = {"DIST8_BACKEND": ("reference", "cpu", "cuda"), "DIST8_CPU_GATHER": ("hw", "scalar"),
+           "DIST8_CPU_CODES": ("runs", "table"),
            "DIST8_CUDA_KERNEL": ("block", "warp")}
 
 _ON = ("1", "true", "yes", "on")

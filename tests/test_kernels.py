@@ -395,6 +395,19 @@ def test_table_lookup_modes_match_reference(backend, monkeypatch, mode):
         check_quantize_matches_reference(backend, name, x, q, bs, "cpu")
 
 
+@per_backend("codes", cpu=["runs", "table"])
+def test_code_modes_match_reference(backend, monkeypatch, codes):
+    """DIST8_CPU_CODES picks whether the AVX-512 path computes the codes of a map made of linear runs
+    (the dynamic map) or looks them up (other paths ignore it): neither changes a bit, in the fused
+    update (Adam's two maps, one-state rules, bf16 parameters, a partial last block) or the quantize ops."""
+    monkeypatch.setenv("DIST8_CPU_CODES", codes)
+    for i, rule in enumerate((Rule.ADAM, Rule.SGD, Rule.LION, Rule.RMSPROP)):
+        run_steps(backend, Case(rule, 4099, 256, True, torch.float32, torch.float32, "cpu", seed=40 + i), steps=10)
+    run_steps(backend, Case(Rule.ADAM, 3000, 128, True, torch.bfloat16, torch.bfloat16, "cpu", seed=45), steps=10)
+    for name, x, q, bs in quantize_inputs(5_000, torch.Generator().manual_seed(2)):
+        check_quantize_matches_reference(backend, name, x, q, bs, "cpu")
+
+
 @per_backend("", cpu=[()])
 def test_bad_table_lookup_mode_is_refused(backend, monkeypatch):
     monkeypatch.setenv("DIST8_CPU_GATHER", "fast")

@@ -157,6 +157,7 @@ def test_build_switches_take_the_usual_spellings_and_refuse_typos(monkeypatch, c
     for name, value, message in (("DIST8_CUDA_KERNEL", "wrap", "must be one of block, warp, got 'wrap'"),
                                  ("DIST8_BACKEND", "gpu", "must be one of reference, cpu, cuda, got 'gpu'"),
                                  ("DIST8_CPU_GATHER", "HW", "must be one of hw, scalar, got 'HW'"),
+                                 ("DIST8_CPU_CODES", "lut", "must be one of runs, table, got 'lut'"),
                                  ("DIST8_VERBOSE_BUILD", "2", "must be 1 or 0")):
         monkeypatch.setenv(name, value)
         assert main(["train", "--config", "configs/tiny-gpt.yaml"]) == 2

@@ -258,8 +258,8 @@ D8_INLINE Words16 ablated_words16(const float* v, Recip recip) {
 // quantize only) are the same chunk code with one half compiled out. A block is committed
 // (absmax, outputs, and its codes while the next block is updated) only if all its new
 // values are finite: the absmax reduction of the states and one more of the outputs say so.
-// CODEC: every state's codes and values come from the key table (CODEC_TABLE) or the fp8 codec
-// (CODEC_FP8), compiled in.
+// CODEC: every state's codes and values come from the key table (CODEC_TABLE), the fp8 codec
+// (CODEC_FP8), or codes from the map's runs and values from the table (CODEC_RUNS), compiled in.
 template <int R, int FL, int CODEC>
 struct Pipeline {
   static constexpr int NS = R == ADEMAMIX ? 3 : (R == ADAM || R == LAMB || R == RMSPROP_MOMENTUM) ? 2 : 1;
@@ -363,17 +363,20 @@ void run_blocks(const Update& u, int64_t b0, int64_t b1) {
 #if defined(D8_AVX512) || defined(D8_AVX2)
   // Pipelined when every state is 8-bit with one vector codec, the same for all (one quant_map per
   // optimizer); anything else (32-bit state, maps without a key table, mixed codecs) block by block.
-  bool all_fp8 = true, all_table = true;
+  bool all_fp8 = true, all_table = true, all_runs = true;
   for (int s = 0; s < u.nstates; ++s) {
     const bool q8 = u.st[s].q8;
     all_fp8 = all_fp8 && q8 && u.st[s].table->fp8;
     all_table = all_table && q8 && !u.st[s].table->fp8 && u.st[s].table->fast;
+    all_runs = all_runs && q8 && u.st[s].table->runs;
   }
   pipelined = all_fp8 || all_table;
-  if (pipelined) {
-    skips += all_fp8 ? run_pipeline<Pipeline<R, FL, CODEC_FP8>>(u, w, b0, std::min(b1, nfull))
-                     : run_pipeline<Pipeline<R, FL, CODEC_TABLE>>(u, w, b0, std::min(b1, nfull));
-  }
+  const int64_t e = std::min(b1, nfull);
+  if (all_fp8) skips += run_pipeline<Pipeline<R, FL, CODEC_FP8>>(u, w, b0, e);
+#ifdef D8_AVX512
+  else if (all_runs && run_codes_enabled()) skips += run_pipeline<Pipeline<R, FL, CODEC_RUNS>>(u, w, b0, e);
+#endif
+  else if (all_table) skips += run_pipeline<Pipeline<R, FL, CODEC_TABLE>>(u, w, b0, e);
 #endif
   for (int64_t b = pipelined ? std::max(b0, nfull) : b0; b < b1; ++b) skips += run_block_simple<R, FL>(u, b, w);
   if (skips && u.skipped) __atomic_fetch_add(u.skipped, skips, __ATOMIC_RELAXED);

@@ -368,7 +368,10 @@ std::string cpu_build_features() {
                            "; DIST8_CPU_GATHER=hw|scalar)";
 #endif
 #ifdef D8_AVX512
-  f += "avx512 (one-lookup exact codes, " + mode + ", pipelined blocks, fp8 maps computed)";
+  const std::string codes = std::string(run_codes_enabled() ? "codes of linear-run maps computed" : "every map's codes looked up") +
+                            (run_codes_enabled() == default_run_codes() ? " (this CPU's default" : " (set by DIST8_CPU_CODES") +
+                            "; DIST8_CPU_CODES=runs|table)";
+  f += "avx512 (one-lookup exact codes, " + mode + ", pipelined blocks, fp8 maps computed, " + codes + ")";
 #ifdef D8_VBMI
   f += ", vbmi (permute dequantization)";
 #else
@@ -396,14 +399,57 @@ std::string cpu_build_features() {
 }
 
 // How this build finds the codes of a map in the block loop (tests check that fp8 maps take
-// the computed path): "fp8 codec" (from the float bits, no table), "key table" (one load per
-// value), or "binary search" (maps without a key table: unsorted or repeated entries).
+// the computed path): "fp8 codec" (from the float bits, no table), "linear runs" (AVX-512: computed
+// from the map's linear runs, runs_cpu.h), "key table" (one load per value), or "binary search"
+// (maps without a key table: unsorted or repeated entries).
 std::string map_codes(const at::Tensor& qmap) {
   const QTable* t = get_table(qmap);
 #if defined(D8_AVX2) || defined(D8_AVX512)
   if (t->fp8) return "fp8 codec";
 #endif
+  refresh_lookup_mode();
+  if (t->runs && run_codes_enabled()) return "linear runs";
   return t->fast ? "key table" : "binary search";
+}
+
+// The vector run codes (runs_cpu.h) of every float32 whose key is in [first_key, last_key], against
+// the key table's: [values, marked lanes (looked up), wrong codes]. All zero where this build or
+// map has no run codes. tests/test_run_codes.py sweeps all 2^32 keys.
+std::vector<int64_t> run_codes_check(const at::Tensor& qmap, int64_t first_key, int64_t last_key) {
+  const QTable* t = get_table(qmap);
+  TORCH_CHECK(0 <= first_key && first_key <= last_key && last_key <= 0xFFFFFFFFll, "run_codes_check: bad key range");
+  std::atomic<int64_t> values{0}, marked{0}, wrong{0};
+#ifdef D8_AVX512
+  if (!t->runs) return {0, 0, 0};
+  const RunSimd rs(t->rc);
+  QTableSimd ts(*t);
+  ts.scalar = false;  // the key table by gathers: 16 lanes at once
+  const int64_t vectors = (last_key - first_key) / 16 + 1;
+  at::parallel_for(0, vectors, 1 << 16, [&](int64_t v0, int64_t v1) {
+    int64_t n = 0, m = 0, w = 0;
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (int64_t v = v0; v < v1; ++v) {
+      const int64_t k0 = first_key + 16 * v;
+      const int lanes = (int)std::min<int64_t>(16, last_key - k0 + 1);
+      const __mmask16 live = (__mmask16)((1u << lanes) - 1);
+      // key_float of k0 + lane: the low half of the keys are negative floats (all bits flipped)
+      const __m512i k = _mm512_add_epi32(_mm512_set1_epi32((int32_t)(uint32_t)k0), lane);
+      const __mmask16 pos = _mm512_movepi32_mask(k);
+      const __m512 y = _mm512_castsi512_ps(_mm512_mask_and_epi32(_mm512_xor_si512(k, _mm512_set1_epi32(-1)), pos, k,
+                                                                  _mm512_set1_epi32(0x7FFFFFFF)));
+      __mmask16 slow;
+      const __m512i got = run_codes16(y, rs, slow);
+      const __m512i want = _mm512_srli_epi32(code_words16(y, ts), 24);
+      n += lanes;
+      m += __builtin_popcount(slow & live);
+      w += __builtin_popcount(_mm512_mask_cmpneq_epi32_mask(live & (__mmask16)~slow, got, want));
+    }
+    values += n, marked += m, wrong += w;
+  });
+#else
+  (void)t;
+#endif
+  return {values.load(), marked.load(), wrong.load()};
 }
 
 // LAMB/LARS phase 2 over a whole tensor: param <- rule_trust_step(param, update, lr * ratio) in
@@ -461,6 +507,7 @@ void trust_step_cpu(const at::Tensor& param, const at::Tensor& update, double lr
 TORCH_LIBRARY_FRAGMENT(dist8_cpu_info, m) {
   m.def("features() -> str", &dist8::cpu_build_features);
   m.def("map_codes(Tensor qmap) -> str", &dist8::map_codes);
+  m.def("run_codes_check(Tensor qmap, int first_key, int last_key) -> int[]", &dist8::run_codes_check);
 }
 
 TORCH_LIBRARY_IMPL(dist8, CPU, m) {

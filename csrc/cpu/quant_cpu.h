@@ -39,6 +39,7 @@
 #endif
 
 #include "dist8_rules.h"
+#include "runs_cpu.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && !defined(DIST8_NO_SIMD)
 #include <immintrin.h>
@@ -123,6 +124,8 @@ struct QTable {
   std::vector<uint32_t> lut;
   bool fp8 = false;  // q is an fp8 map: codec computes codes and values (AVX2 and AVX-512 paths)
   Fp8Codec codec;
+  bool runs = false;  // AVX-512: codes computed from the map's linear runs (runs_cpu.h), the key table's
+  RunCodec rc;        // exact codes where they are too close to call
 
   // The 64-value quantizer of this build has a vector path for this map.
   bool simd_codes() const {
@@ -210,6 +213,12 @@ inline void build_qtable(QTable& t, const float* qmap) {
     const uint32_t start = uint32_t(b << t.shift);
     t.fast = agrees(start) && agrees(start | t.lowmask);
   }
+#ifdef D8_AVX512
+  if (t.fast && !t.fp8) {
+    t.rc = RunCodec::make(q, thr, [&](float y) { return nearest_code(y, q); });
+    t.runs = t.rc.ok;
+  }
+#endif
 }
 
 // How the vector paths load table entries: the AVX2 path the 8 entries of 8 lanes (the code table
@@ -247,6 +256,48 @@ inline std::atomic<int>& lookup_mode_ref() {
 
 inline int lookup_mode() { return lookup_mode_ref().load(std::memory_order_relaxed); }
 
+// Whether the AVX-512 path computes the codes of maps made of linear runs (runs_cpu.h) or looks
+// them up in the key table like any other map. Bit-identical either way; which is faster depends on
+// the core's 512-bit permutes: measured 0.78-0.84x the step time on AMD Zen 5 (bench/lookup_modes.py),
+// not measured elsewhere, so the default is "runs" on AMD family 26 on (Zen 5) and "table" on other
+// CPUs. DIST8_CPU_CODES=runs|table overrides, read at each op call like DIST8_CPU_GATHER.
+inline bool cpu_run_codes_default() {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
+  const bool amd = b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u;  // "AuthenticAMD"
+  if (!amd || !__get_cpuid(1, &a, &b, &c, &d)) return false;
+  const unsigned base = (a >> 8) & 0xF, family = base == 0xF ? base + ((a >> 20) & 0xFF) : base;
+  return family >= 0x1A;
+#else
+  return false;
+#endif
+}
+
+inline bool default_run_codes() {
+  static const bool on = cpu_run_codes_default();  // cpuid once
+  return on;
+}
+
+inline std::atomic<bool>& run_codes_ref() {
+  static std::atomic<bool> on{default_run_codes()};
+  return on;
+}
+
+inline bool run_codes_enabled() { return run_codes_ref().load(std::memory_order_relaxed); }
+
+inline void refresh_run_codes() {
+  const char* e = std::getenv("DIST8_CPU_CODES");
+  bool on = default_run_codes();
+  if (e && *e) {
+    const std::string v(e);
+    if (v == "runs") on = true;
+    else if (v == "table") on = false;
+    else throw std::invalid_argument("dist8: DIST8_CPU_CODES must be 'runs' or 'table', got '" + v + "'");
+  }
+  run_codes_ref().store(on, std::memory_order_relaxed);
+}
+
 // Called at the start of each op: DIST8_CPU_GATHER, else the CPU's default. Every build checks
 // the variable (a typo is an error, not a silent default); only the AVX2 and AVX-512 paths use the mode.
 inline void refresh_lookup_mode() {
@@ -259,6 +310,7 @@ inline void refresh_lookup_mode() {
     else throw std::invalid_argument("dist8: DIST8_CPU_GATHER must be 'hw' or 'scalar', got '" + v + "'");
   }
   lookup_mode_ref().store(m, std::memory_order_relaxed);
+  refresh_run_codes();
 }
 
 inline const char* lookup_mode_name() {
@@ -287,7 +339,7 @@ inline uint32_t absmax_bits_n(const float* v, int64_t n, uint32_t m) {
 // or compiled in (the block pipeline, which instantiates one loop per codec: with the branch
 // inside its loop the default's step measured ~8% slower on a Zen 4 once the fp8 codec was
 // inlined next to the key table).
-enum Codec : int { CODEC_ANY = -1, CODEC_TABLE = 0, CODEC_FP8 = 1 };
+enum Codec : int { CODEC_ANY = -1, CODEC_TABLE = 0, CODEC_FP8 = 1, CODEC_RUNS = 2 };
 
 #ifdef D8_AVX512
 // Fp8Codec for 16 lanes, bit-identical to its scalar encode/decode (and to the AVX2 fp8_codes8 /
@@ -347,9 +399,12 @@ struct QTableSimd {
   __m128i shift = _mm_setzero_si128();
   bool scalar = false;  // LOOKUP_SCALAR: the code table's entries by scalar loads (lookup16_scalar)
   Fp8Simd fp8;          // t->fp8: codes computed, no table
+  bool runs = false;    // t->runs and DIST8_CPU_CODES allows: codes computed from the runs
+  RunSimd rs;
   QTableSimd() = default;
   explicit QTableSimd(const QTable& tab)
-      : t(&tab), shift(_mm_cvtsi32_si128(tab.shift)), scalar(lookup_mode() == LOOKUP_SCALAR), fp8(tab.codec) {}
+      : t(&tab), shift(_mm_cvtsi32_si128(tab.shift)), scalar(lookup_mode() == LOOKUP_SCALAR), fp8(tab.codec),
+        runs(tab.runs && run_codes_enabled()), rs(tab.rc) {}
 };
 
 D8_INLINE __m512i float_key16(__m512 x) {
@@ -405,12 +460,33 @@ D8_INLINE void store_codes64(__m512i w0, __m512i w1, __m512i w2, __m512i w3, uin
 #endif
 }
 
-// Code words of 16 values v * recip (CODEC_TABLE: the table must be fast; CODEC_FP8: an fp8 map).
+// The key table's codes for the lanes of c marked in `slow` (a few lanes in a thousand).
+__attribute__((noinline, cold)) inline __m512i exact_lanes16(__m512i c, __m512 y, __mmask16 slow, const QTable& t) {
+  alignas(64) int32_t codes[16];
+  alignas(64) float ys[16];
+  _mm512_store_si512(codes, c);
+  _mm512_store_ps(ys, y);
+  for (unsigned m = slow; m; m &= m - 1) {
+    const int l = __builtin_ctz(m);
+    codes[l] = t.code(ys[l]);
+  }
+  return _mm512_load_si512(codes);
+}
+
+// Code words of 16 values v * recip (CODEC_TABLE: the table must be fast; CODEC_FP8: an fp8 map;
+// CODEC_RUNS: a map with runs).
 template <int CODEC = CODEC_ANY>
 D8_INLINE __m512i quant_words16(const float* v, __m512 recip, const QTableSimd& s) {
   const __m512 y = _mm512_mul_ps(_mm512_loadu_ps(v), recip);
   const bool fp8 = CODEC == CODEC_FP8 || (CODEC == CODEC_ANY && s.t->fp8);  // folded when CODEC is fixed
-  return fp8 ? _mm512_slli_epi32(fp8_codes16(y, s.fp8), 24) : code_words16(y, s);
+  if (fp8) return _mm512_slli_epi32(fp8_codes16(y, s.fp8), 24);
+  if (CODEC == CODEC_RUNS || (CODEC == CODEC_ANY && s.runs)) {
+    __mmask16 slow;
+    __m512i c = run_codes16<CODEC == CODEC_RUNS>(y, s.rs, slow);  // the pipeline keeps finite blocks' codes only
+    if (__builtin_expect(slow != 0, 0)) c = exact_lanes16(c, y, slow, *s.t);
+    return _mm512_slli_epi32(c, 24);
+  }
+  return code_words16(y, s);
 }
 
 D8_INLINE void quantize64(const float* v, float recip, const QTableSimd& s, uint8_t* out) {
