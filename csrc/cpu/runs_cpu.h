@@ -186,8 +186,10 @@ inline __attribute__((always_inline)) __m512i run_codes16(__m512 y, const RunSim
   __m512i run = _mm512_permutex2var_epi32(s.run0, oct, s.run1);
   const __mmask16 past = _mm512_cmp_ps_mask(ay, _mm512_permutex2var_ps(s.start0, oct, s.start1), _CMP_GE_OQ);
   run = _mm512_mask_add_epi32(run, past, run, _mm512_set1_epi32(1));
+  // Rounding given explicitly (not MXCSR's): the proof in make() assumed round-to-nearest fma, floor.
   const __m512i T = _mm512_cvt_roundps_epi32(
-      _mm512_fmadd_ps(ay, _mm512_permutexvar_ps(run, s.A), _mm512_permutexvar_ps(run, s.B)),
+      _mm512_fmadd_round_ps(ay, _mm512_permutexvar_ps(run, s.A), _mm512_permutexvar_ps(run, s.B),
+                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
       _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   slow = _mm512_testn_epi32_mask(_mm512_add_epi32(T, s.guard), s.band);
   if (!FINITE) slow |= _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
