@@ -143,3 +143,39 @@ def test_fsdp2_loads_a_checkpoint_without_state_for_a_parameter(tmp_path):
     for rank, res in enumerate(results):
         assert res["no_state_for_e"], rank
         assert_same_params(res["params"], full_params(model), f"FSDP2 rank {rank} vs one process")
+
+
+def _late_rank_checkpoint(rank, world_size, root):
+    import faulthandler
+    import time
+    import warnings
+
+    from dist8.shard import collectives
+
+    faulthandler.dump_traceback_later(HANG_S, exit=True)
+    collectives.WAIT_WARN_SECONDS = 1.0
+    model, opt = _sharded()
+    _train(model, opt, [0])
+    caught = {}
+    for what, call in (("save", lambda: ck.save(f"{root}/ck", model, opt, step=1)),
+                       ("load", lambda: ck.load(f"{root}/ck", model, opt))):
+        if rank == 1:
+            time.sleep(4.0)  # as a rank that skips the call (`if rank == 0: save(...)`) would, for a while
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            call()
+        caught[what] = [str(w.message) for w in seen if issubclass(w.category, RuntimeWarning)]
+    return caught
+
+
+def test_a_rank_that_saves_or_loads_alone_says_why_it_waits(tmp_path):
+    """save and load are collective; torch.save's habit (`if rank == 0: save(...)`) left rank 0 waiting in
+    the first collective without a word until the process group's timeout. It warns after
+    ``collectives.WAIT_WARN_SECONDS`` naming the call and the fix; the rank that comes late does not."""
+    warned = run_ranks(_late_rank_checkpoint, 2, str(tmp_path), tmp_path=tmp_path)
+    assert warned[1] == {"save": [], "load": []}
+    for what in ("save", "load"):
+        assert len(warned[0][what]) == 1, warned[0]
+        message = warned[0][what][0]
+        assert message.startswith(f"rank 0 has waited 1 s in dist8.checkpoint.{what}() for the other ranks"), message
+        assert "every rank must call it" in message and "not under `if rank == 0`" in message

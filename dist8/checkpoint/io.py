@@ -53,6 +53,7 @@ from dist8.messages import brief
 from dist8.optim.validation import check_flag, check_module
 from dist8.shard import ShardedOptimizer
 from dist8.shard.agreement import from_every_rank, raise_on_every_rank
+from dist8.shard.collectives import collective_device, wait_for_every_rank
 from dist8.version import __version__
 
 if TYPE_CHECKING:
@@ -65,6 +66,15 @@ LATEST = "latest"
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def _every_rank_calls(ad: OptimizerAdapter, where: str, does: str) -> None:
+    """Collective: a barrier that warns, after ``WAIT_WARN_SECONDS``, on a rank that called ``where``
+    alone -- ``if rank == 0: dist8.checkpoint.save(...)``, torch.save's habit, waited without a word
+    until the process group's timeout."""
+    if _distributed() and dist.get_world_size(ad.group) > 1:
+        wait_for_every_rank(ad.group, collective_device(ad.group), where,
+                            f"Call it on every rank, not under `if rank == 0`: {does}.")
 
 
 def _agree(ad: OptimizerAdapter, error: BaseException | None, what: str) -> None:
@@ -157,6 +167,7 @@ def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer: Opti
     if isinstance(optimizer, ShardedOptimizer):  # parameters a client copied (accelerate's prepare) first
         optimizer.adopt_parameters()
     ad = adapt(model, optimizer)
+    _every_rank_calls(ad, "dist8.checkpoint.save()", "each rank writes its own blocks, rank 0 the metadata")
     # every rank, before anything is gathered or written: a value JSON cannot hold (or the optimizer could
     # not load back) failed in the metadata writer after the tensor files
     groups_meta = metadata_param_groups(ad.hyper())
@@ -387,6 +398,7 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None, optimizer: Opti
     given = Path(path)
     path = _resolve(given)
     ad = adapt(model, optimizer)
+    _every_rank_calls(ad, "dist8.checkpoint.load()", "each rank reads the blocks it owns")
     meta, plan, error = None, None, None
     try:  # what each rank finds on its disk is agreed below (one rank refusing alone left the others waiting)
         if path.is_dir() and not os.path.lexists(path / METADATA):

@@ -18,7 +18,7 @@ from dist8.optim.state_schema import GNORM, PERCENTILE_HISTORY, flat_length, is_
 from dist8.quant import num_blocks
 
 __all__ = ["gather_state", "scatter_state", "all_gather_state", "state_key_sizes", "piece_range", "fp32_state_bytes",
-           "wait_for_every_rank", "WAIT_WARN_SECONDS"]
+           "wait_for_every_rank", "collective_device", "WAIT_WARN_SECONDS"]
 
 #: Seconds a rank waits in :func:`wait_for_every_rank` before it warns that the others have not come.
 WAIT_WARN_SECONDS = 60.0
@@ -193,6 +193,15 @@ def all_gather_state(optimizer) -> tuple[dict[int, dict[str, Any]], int]:
 def fp32_state_bytes(optimizer) -> int:
     """Bytes the same state would take in fp32 (one float per element per state tensor)."""
     return 4 * n_states(optimizer.inner.rule) * sum(p.numel for p in optimizer.layout.params)
+
+
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where a small tensor for a collective on ``group`` must live: the CPU when the group has gloo
+    (alone or beside NCCL), else the current CUDA device (NCCL)."""
+    backend = str(dist.get_backend(group))
+    if "gloo" in backend or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def wait_for_every_rank(group: dist.ProcessGroup | None, device: torch.device, where: str, hint: str) -> None:
