@@ -535,8 +535,8 @@ def test_import_is_light_and_a_first_call_under_torch_compile_stays_eager(tmp_pa
     """torch.compile(opt.step) runs (graph breaks where the step reads host values), equals the
     eager step and warns about nothing (e.g. dynamo tracing into backend loading or cached maps).
     In a fresh process: neither ``import dist8`` nor an optimizer's life (construct, step,
-    zero_grad, state_dict, load_state_dict, add_param_group; ShardedOptimizer on a world of 1)
-    imports torch._dynamo (about 1 s of every rank's start-up; dist8.kernels.eager,
+    zero_grad, state_dict, load_state_dict, add_param_group; ShardedOptimizer on a world of 1;
+    gradient release; dist8.checkpoint save and load) imports torch._dynamo (about 1 s of every rank's start-up; dist8.kernels.eager,
     dist8.optim.lazy_dynamo), so the compiled step is what makes the process's first backend choice."""
     code = (
         "import sys, torch, torch.distributed as dist, dist8, dist8.checkpoint, dist8.shard, dist8.train.trainer\n"
@@ -550,6 +550,12 @@ def test_import_is_light_and_a_first_call_under_torch_compile_stays_eager(tmp_pa
         "for o in (dist8.Lion8bit(model.parameters()), dist8.shard.ShardedOptimizer(model.named_parameters())):\n"
         "    model(torch.randn(2, 300)).sum().backward(); o.step(); o.zero_grad(); o.load_state_dict(o.state_dict())\n"
         "opt.add_param_group({'params': [torch.nn.Parameter(torch.zeros(3))]})\n"
+        "released = torch.nn.Linear(300, 300)\n"
+        "ropt = dist8.AdamW8bit(released.parameters())\n"
+        "handle = dist8.gradient_release(released, ropt)\n"
+        "released(torch.randn(2, 300)).sum().backward(); ropt.step(); ropt.zero_grad(); handle.remove()\n"
+        f"dist8.checkpoint.save('{tmp_path / 'ck'}', released, ropt, step=1)\n"
+        f"dist8.checkpoint.load('{tmp_path / 'ck'}', released, ropt)\n"
         "assert 'torch._dynamo' not in sys.modules, 'an optimizer method imported torch._dynamo'\n"
         "step = torch.compile(opt.step)\n"
         "for _ in range(3):\n"
