@@ -232,21 +232,45 @@ inline void build_qtable(QTable& t, const float* qmap) {
 // no vectors.
 enum LookupMode : int { LOOKUP_HW_GATHER = 0, LOOKUP_SCALAR = 1 };
 
-inline int cpu_lookup_mode() {
+// The CPU's vendor and family (cpuid leaves 0 and 1), read once: in a VM cpuid traps to the hypervisor.
+struct CpuId {
+  bool amd = false, hygon = false;  // "AuthenticAMD"; "HygonGenuine" (Zen 1)
+  unsigned family = 0;              // base family, plus the extended family when the base is 0xF
+};
+
+inline CpuId read_cpu_id() {
+  CpuId id;
 #if defined(__x86_64__) || defined(__i386__)
   unsigned a = 0, b = 0, c = 0, d = 0;
-  if (!__get_cpuid(0, &a, &b, &c, &d)) return LOOKUP_HW_GATHER;
-  const bool amd = b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u;  // "AuthenticAMD"
-  const bool hygon = b == 0x6f677948u && d == 0x6e65476eu && c == 0x656e6975u;  // "HygonGenuine" (Zen 1)
-  return (amd || hygon) ? LOOKUP_SCALAR : LOOKUP_HW_GATHER;
-#else
-  return LOOKUP_HW_GATHER;
+  if (!__get_cpuid(0, &a, &b, &c, &d)) return id;
+  id.amd = b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u;
+  id.hygon = b == 0x6f677948u && d == 0x6e65476eu && c == 0x656e6975u;
+  if (__get_cpuid(1, &a, &b, &c, &d)) {
+    const unsigned base = (a >> 8) & 0xF;
+    id.family = base == 0xF ? base + ((a >> 20) & 0xFF) : base;
+  }
 #endif
+  return id;
+}
+
+inline const CpuId& this_cpu() {
+  static const CpuId id = read_cpu_id();
+  return id;
+}
+
+// A kernel switch read at each op call: whether the variable `name` picks `b` (rather than `a`), or
+// `fallback` (the CPU's default) when it is unset or empty; any other value is an error naming the
+// variable (a typo is not a silent default).
+inline bool env_picks_b(const char* name, const char* a, const char* b, bool fallback) {
+  const char* e = std::getenv(name);
+  if (!e || !*e) return fallback;
+  const std::string v(e);
+  if (v == a || v == b) return v == b;
+  throw std::invalid_argument(std::string("dist8: ") + name + " must be '" + a + "' or '" + b + "', got '" + v + "'");
 }
 
 inline int default_lookup_mode() {
-  static const int mode = cpu_lookup_mode();  // cpuid once (in a VM it traps to the hypervisor)
-  return mode;
+  return (this_cpu().amd || this_cpu().hygon) ? LOOKUP_SCALAR : LOOKUP_HW_GATHER;
 }
 
 inline std::atomic<int>& lookup_mode_ref() {
@@ -258,26 +282,10 @@ inline int lookup_mode() { return lookup_mode_ref().load(std::memory_order_relax
 
 // Whether the AVX-512 path computes the codes of maps made of linear runs (runs_cpu.h) or looks
 // them up in the key table like any other map. Bit-identical either way; which is faster depends on
-// the core's 512-bit permutes: measured 0.78-0.84x the step time on AMD Zen 5 (bench/lookup_modes.py),
+// the core's 512-bit permutes: measured 0.72-0.84x the step time on AMD Zen 5 (bench/lookup_modes.py),
 // not measured elsewhere, so the default is "runs" on AMD family 26 on (Zen 5) and "table" on other
 // CPUs. DIST8_CPU_CODES=runs|table overrides, read at each op call like DIST8_CPU_GATHER.
-inline bool cpu_run_codes_default() {
-#if defined(__x86_64__) || defined(__i386__)
-  unsigned a = 0, b = 0, c = 0, d = 0;
-  if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
-  const bool amd = b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u;  // "AuthenticAMD"
-  if (!amd || !__get_cpuid(1, &a, &b, &c, &d)) return false;
-  const unsigned base = (a >> 8) & 0xF, family = base == 0xF ? base + ((a >> 20) & 0xFF) : base;
-  return family >= 0x1A;
-#else
-  return false;
-#endif
-}
-
-inline bool default_run_codes() {
-  static const bool on = cpu_run_codes_default();  // cpuid once
-  return on;
-}
+inline bool default_run_codes() { return this_cpu().amd && this_cpu().family >= 0x1A; }
 
 inline std::atomic<bool>& run_codes_ref() {
   static std::atomic<bool> on{default_run_codes()};
@@ -286,31 +294,13 @@ inline std::atomic<bool>& run_codes_ref() {
 
 inline bool run_codes_enabled() { return run_codes_ref().load(std::memory_order_relaxed); }
 
-inline void refresh_run_codes() {
-  const char* e = std::getenv("DIST8_CPU_CODES");
-  bool on = default_run_codes();
-  if (e && *e) {
-    const std::string v(e);
-    if (v == "runs") on = true;
-    else if (v == "table") on = false;
-    else throw std::invalid_argument("dist8: DIST8_CPU_CODES must be 'runs' or 'table', got '" + v + "'");
-  }
-  run_codes_ref().store(on, std::memory_order_relaxed);
-}
-
-// Called at the start of each op: DIST8_CPU_GATHER, else the CPU's default. Every build checks
-// the variable (a typo is an error, not a silent default); only the AVX2 and AVX-512 paths use the mode.
+// Called at the start of each op: DIST8_CPU_GATHER and DIST8_CPU_CODES, else the CPU's defaults. Every
+// build checks the variables; only the AVX2 and AVX-512 paths use the lookup mode, only AVX-512 the codes.
 inline void refresh_lookup_mode() {
-  const char* e = std::getenv("DIST8_CPU_GATHER");
-  int m = default_lookup_mode();
-  if (e && *e) {
-    const std::string v(e);
-    if (v == "hw") m = LOOKUP_HW_GATHER;
-    else if (v == "scalar") m = LOOKUP_SCALAR;
-    else throw std::invalid_argument("dist8: DIST8_CPU_GATHER must be 'hw' or 'scalar', got '" + v + "'");
-  }
-  lookup_mode_ref().store(m, std::memory_order_relaxed);
-  refresh_run_codes();
+  const bool scalar = env_picks_b("DIST8_CPU_GATHER", "hw", "scalar", default_lookup_mode() == LOOKUP_SCALAR);
+  lookup_mode_ref().store(scalar ? LOOKUP_SCALAR : LOOKUP_HW_GATHER, std::memory_order_relaxed);
+  run_codes_ref().store(!env_picks_b("DIST8_CPU_CODES", "runs", "table", !default_run_codes()),
+                        std::memory_order_relaxed);
 }
 
 inline const char* lookup_mode_name() {
