@@ -95,7 +95,7 @@ def jit_load(name: str, sources: list[Path], include_dirs: list[Path], **cpp_ext
         return False
     directory.mkdir(parents=True, exist_ok=True)
     # Every build says so: a build nobody expected (e.g. a changed flag) is visible.
-    print(f"dist8: building {name} in {directory} (once per source version; the CPU kernels take about 50 s "
+    print(f"dist8: building {name} in {directory} (once per source version; the CPU kernels take about 85 s "
           "on two idle cores, the CUDA kernels minutes)...", file=sys.stderr, flush=True)
     tic = time.perf_counter()
     cpp_extension.load(
