@@ -123,7 +123,7 @@ struct RunCodec {
       c.guard = g;
       bool safe = true;
       for (int r = 0; r < c.nruns && safe; ++r) {
-        // from the run's first key the guess must not be below lo's band, and stay under hi + 1's
+        // from the run's first key on, the guess is past lo's band (no lower clamp: only hi's min)
         const float first = r == 0 ? 0.f : key_float(thr[lo[r]]);
         safe = c.fixed(first, r) >= (lo[r] << FRAC_BITS) - g;
         for (int k = lo[r] + 1; k <= c.hi[r] && safe; ++k) {
