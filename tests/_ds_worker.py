@@ -3,7 +3,9 @@
 ``python tests/_ds_worker.py SPEC.json OUT_DIR``; SPEC holds a list of "jobs", each
 {"name", "config" (DeepSpeed dict), "steps", "save": dir|None, "resume": dist8 ckpt dir|None,
 "first_step": int, and the optional keys read in run_job: "bad_lr" {step: value} writes that lr into the
-optimizer's groups before the step, whose ValueError ends the job and is reported as "refused"}. Writes OUT_DIR/<job>-rank<r>.json with global
+optimizer's groups before the step, whose ValueError ends the job and is reported as "refused"; "late_override"
+{"step", "param", "config"} calls GlobalOptimManager.override_config on that model parameter before that step
+(a ValueError is reported as "refused") and reports whether the parameter moved from then on}. Writes OUT_DIR/<job>-rank<r>.json with global
 losses and state facts.
 """
 import json
@@ -128,9 +130,17 @@ def run_job(job, rank, world, out_dir):
     first = job.get("first_step", 0)
     mb = GLOBAL_BATCH // world // gas
     refused = None
+    late = job.get("late_override")
+    late_values = None
     for step in range(first, first + job["steps"]):
         x, y = local_batch(step, rank, world)
         total = 0.0
+        if late and step == late["step"]:  # an override made after the first step applies from the next
+            import dist8
+
+            target = dict(model.named_parameters())[late["param"]]
+            dist8.GlobalOptimManager.get_instance().override_config(target, key_value_dict=late["config"])
+            late_values = _full_values(model, cfg)
         if str(step) in job.get("bad_lr", {}):  # {step: value} written into the optimizer's groups, as user code may
             for group in engine.basic_optimizer.param_groups:
                 group["lr"] = float(job["bad_lr"][str(step)])
@@ -141,7 +151,7 @@ def run_job(job, rank, world, out_dir):
             try:
                 engine.step()
             except ValueError as exc:
-                if "bad_lr" not in job:
+                if "bad_lr" not in job and "late_override" not in job:
                     raise
                 refused = str(exc)
                 break
@@ -152,12 +162,17 @@ def run_job(job, rank, world, out_dir):
         dist.all_reduce(t)
         losses.append(float(t) / world)
     elapsed = time.time() - t0
+    moved = None
+    if late_values is not None:  # which parameters moved after the override
+        now = _full_values(model, cfg)
+        moved = sorted(n for n in now if not torch.equal(now[n], late_values[n]))
+        import dist8
+
+        dist8.GlobalOptimManager.get_instance().initialize()  # the next job's model starts unmarked
     if job.get("weights_out"):  # the full trained parameters (ZeRO-3: gathered), rank 0 writes them
         from safetensors.torch import save_file
 
-        stage3 = cfg["zero_optimization"]["stage"] == 3
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=stage3):
-            full = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+        full = _full_values(model, cfg)
         if rank == 0:
             save_file(full, os.path.join(out_dir, f"{job['name']}-weights.safetensors"))
     if job.get("save"):
@@ -165,6 +180,7 @@ def run_job(job, rank, world, out_dir):
     opt = engine.basic_optimizer
     facts = {
         "refused": refused,
+        "moved_after_override": moved,
         "losses": losses,
         "seconds": elapsed,
         "class": type(opt).__name__,
@@ -185,6 +201,15 @@ def run_job(job, rank, world, out_dir):
     with open(os.path.join(out_dir, f"{job['name']}-rank{rank}.json"), "w") as f:
         json.dump(facts, f)
     engine.destroy() if hasattr(engine, "destroy") else None
+
+
+def _full_values(model, cfg):
+    """Every parameter's full values (ZeRO-3: gathered; collective then)."""
+    import deepspeed
+
+    stage3 = cfg["zero_optimization"]["stage"] == 3
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=stage3):
+        return {n: p.detach().float().clone() for n, p in model.named_parameters()}
 
 
 def main():

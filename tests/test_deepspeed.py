@@ -107,7 +107,15 @@ def stages(tmp_path_factory):
     jobs.append({"name": "gas", "steps": STEPS, "config": cfg(2, gradient_accumulation_steps=2)})
     jobs.append({"name": "bf16", "steps": STEPS, "config": cfg(2, bf16={"enabled": True})})
     jobs.append({"name": "nan_lr", "steps": 3, "bad_lr": {"1": "nan"}, "config": cfg(2)})
+    for stage in (2, 3):  # GlobalOptimManager.override_config after the first step (LATE)
+        for key, value in LATE.items():
+            jobs.append({"name": f"late_{key}{stage}", "steps": 4, "config": cfg(stage),
+                         "late_override": {"step": 2, "param": LATE_PARAM, "config": {key: value}}})
     return launch(2, jobs, out)
+
+
+LATE_PARAM = "blocks.0.fc.weight"  # on one rank's partition under ZeRO-2, split under ZeRO-3
+LATE = {"lr": 0.0, "optim_bits": 32, "percentile_clipping": 5}
 
 
 def _check_8bit(facts, replicated=False):
@@ -151,6 +159,28 @@ def test_a_bad_lr_written_into_the_groups_is_refused_naming_it(stages):
 
 
 @needs_ds
+@pytest.mark.parametrize("stage", [2, 3])
+def test_override_config_after_the_first_step_applies_or_is_refused_on_every_rank(stages, stage):
+    """The segments had their parameters' marks copied when DeepSpeed built them: an override made after
+    the first step applied on the unsharded optimizer (as in bitsandbytes) but not under DeepSpeed. One
+    the state cannot follow is refused on every rank, naming the parameter (a rank holding no part of it
+    went on alone into DeepSpeed's all-gather)."""
+    frozen = stages[f"late_lr{stage}"]
+    for rank in frozen:
+        assert rank["refused"] is None and len(rank["losses"]) == 4
+        assert LATE_PARAM not in rank["moved_after_override"], "lr=0 set after the first step left it moving"
+        assert "blocks.0.qkv.weight" in rank["moved_after_override"]
+    for key, value in LATE.items():
+        if key == "lr":
+            continue
+        for rank in stages[f"late_{key}{stage}"]:
+            assert rank["refused"] and f"parameter {LATE_PARAM} has " in rank["refused"], rank["refused"]
+            assert rank["refused"].endswith("; make such a change before the first step under DeepSpeed (its "
+                                            "state is kept by flat partition)")
+            assert ("32-bit" if key == "optim_bits" else f"percentile_clipping={value}") in rank["refused"]
+            assert len(rank["losses"]) == 2 and rank["moved_after_override"] == [], "the refused step moved"
+
+
 def test_cpu_offload_uses_dist8_8bit(stages, reference):
     facts = stages["offload"]
     assert all(f["devices"] == ["cpu"] for f in facts)
@@ -365,6 +395,41 @@ def test_parameters_split_where_dist8_does_not_sum_are_refused_naming_them():
     assert _has_expert_groups(SimpleNamespace(real_dp_process_group=[dp, expert]), dp)
     assert not _has_expert_groups(SimpleNamespace(real_dp_process_group=[dp, dp]), dp)
     assert not _has_expert_groups(SimpleNamespace(), dp)
+
+
+def test_fp16_unfused_fp32_copies_follow_their_parameters_marks():
+    """ZeRO-0 with fp16 (GPU only: the CPU accelerator has no fp16) steps per-parameter fp32 copies, which
+    were given their parameters' marks once, when DeepSpeed built them: a later override_config was not seen.
+    DeepSpeed's wrapper is stood in for by its two lists."""
+    from types import SimpleNamespace
+
+    from dist8.integrations.deepspeed_segments import attach_segments, segmented_class
+
+    mng = dist8.GlobalOptimManager.get_instance()
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(16, 16)
+        copies = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]
+        opt = segmented_class(dist8.AdamW8bit)(copies, lr=1e-2, min_8bit_size=0)
+        engine = SimpleNamespace(basic_optimizer=opt, module=model, device="cpu",
+                                 optimizer=SimpleNamespace(fp16_groups=[list(model.parameters())], fp32_groups=[copies]))
+        attach_segments(engine)
+
+        def step():
+            for c in copies:
+                c.grad = torch.randn_like(c)
+            opt.step()
+
+        step()
+        mng.override_config(model.weight, "lr", 0.0)
+        frozen, moving = copies[0].detach().clone(), copies[1].detach().clone()
+        step()
+        assert torch.equal(copies[0], frozen) and not torch.equal(copies[1], moving)
+        mng.override_config(model.weight, "optim_bits", 32)
+        with pytest.raises(ValueError, match=r"^parameter weight has 8-bit state but its settings now give it 32"):
+            step()
+    finally:
+        mng.initialize()
 
 
 # ---- errors (no ranks needed) -------------------------------------------------------------------------

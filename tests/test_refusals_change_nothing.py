@@ -183,6 +183,46 @@ def test_override_config_after_the_first_step_applies_as_in_bitsandbytes():
         mng.initialize()
 
 
+@pytest.mark.parametrize("how", ["override_config", "param_group"])
+def test_percentile_clipping_turned_on_after_the_first_step_is_refused_naming_the_parameter(how):
+    """The gradient-norm history starts with the state. Turned on later, the step read a history that was
+    not there (KeyError 'gnorm_vec', as in bitsandbytes); filled with zeros instead, its low percentiles
+    would scale every gradient to 0. Refused like any other state-kind change; turned off, nothing breaks."""
+    mng = GlobalOptimManager.get_instance()
+    try:
+        params, opt = build()
+        give_grads(params, 0)
+        opt.step()
+        if how == "override_config":
+            mng.override_config(params[2], "percentile_clipping", 5)
+        else:
+            opt.param_groups[1]["percentile_clipping"] = 5
+        give_grads(params, 1)
+        before = snapshot(opt, params)
+        with pytest.raises(ValueError, match=r"^parameter group 1 index 0 has percentile_clipping=5 but its state "
+                                             r"has no gradient-norm history \(clipping turned on after its first "
+                                             r"step\?\); give it fresh state with del optimizer.state\[param\]$"):
+            opt.step()
+        assert same(before, snapshot(opt, params)), "the refused step changed the optimizer or the parameters"
+        for p in params[2:] if how == "param_group" else params[2:3]:
+            del opt.state[p]
+        opt.step()  # fresh state: the history starts now
+        assert "gnorm_vec" in opt.state[params[2]] and "gnorm_vec" not in opt.state[params[0]]
+    finally:
+        mng.initialize()
+
+
+def test_percentile_clipping_turned_off_after_the_first_step_steps_on():
+    params, opt = build(percentile_clipping=5)
+    give_grads(params, 0)
+    opt.step()
+    opt.param_groups[0]["percentile_clipping"] = 100
+    give_grads(params, 1)
+    before = params[0].detach().clone()
+    opt.step()
+    assert not torch.equal(params[0], before) and opt.state[params[0]]["step"] == 2
+
+
 def test_copies_of_an_optimizer_whose_step_a_scheduler_wrapped_step_themselves():
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(64, 64))

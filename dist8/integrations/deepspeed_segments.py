@@ -3,7 +3,8 @@
 DeepSpeed hands the optimizer one flat fp32 tensor per param group and rank. A dist8 optimizer
 class with the :class:`DeepSpeedSegments` mix-in keeps one *segment* of state per (original
 parameter, flat partition) range; :func:`attach_segments` reads DeepSpeed's engine to find
-those ranges after it has partitioned the parameters.
+those ranges after it has partitioned the parameters. (One concern: the optimizer's view of DeepSpeed's
+partitions -- finding the segments, their settings as marks change, their state and its state dict.)
 """
 from __future__ import annotations
 
@@ -26,9 +27,17 @@ from dist8.shard.agreement import failures_on_every_rank
 __all__ = ["Segment", "DeepSpeedSegments", "segmented_class", "segmented_copy", "attach_segments", "dp_rank"]
 
 
+# The way out of a refused state-kind change (check_state_fits): DeepSpeed keeps the state by flat partition.
+SEGMENT_STATE_FIX = "make such a change before the first step under DeepSpeed (its state is kept by flat partition)"
+# Group values that decide the kind of state a parameter keeps (its 8- or 32-bit state, its gradient-norm history).
+KIND_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping")
+
+
 @dataclass(frozen=True)
 class Segment:
-    """Elements ``[offset, offset + numel)`` of a flat partition are elements ``[param_start, ...)`` of parameter ``name``."""
+    """Elements ``[offset, offset + numel)`` of a flat partition are elements ``[param_start, ...)`` of parameter
+    ``name``; ``source`` is that model parameter, whose ``GlobalOptimManager`` marks are read at every step
+    (None: no marks)."""
 
     name: str
     offset: int
@@ -36,12 +45,7 @@ class Segment:
     param_start: int
     shape: tuple[int, ...]
     global_numel: int
-    marks: dict = field(default_factory=dict, compare=False, hash=False)
-
-
-class _Marked:
-    def __init__(self, marks: dict) -> None:
-        setattr(self, OVERRIDE_ATTR, marks)
+    source: torch.Tensor | None = field(default=None, compare=False, hash=False, repr=False)
 
 
 class DeepSpeedSegments:
@@ -56,7 +60,7 @@ class DeepSpeedSegments:
 
     def segment_settings(self, seg: Segment, group: dict[str, Any]) -> ParamSettings:
         """Settings of one segment, decided on its whole original parameter (name, marks, size)."""
-        extra = match_overrides(seg.name, _Marked(seg.marks), self.overrides)
+        extra = match_overrides(seg.name, seg.source, self.overrides)
         hyper = hyperparameters_of(group)
         if extra:
             self.validate_hyper(dict(hyper, **extra), f"overrides for parameter {seg.name}")
@@ -67,8 +71,42 @@ class DeepSpeedSegments:
         """The elements of ``seg`` in flat partition ``flat`` (a view, no copy)."""
         return flat.detach().view(-1).narrow(0, seg.offset, seg.numel)
 
+    def follow_marks(self) -> None:
+        """Take up ``GlobalOptimManager`` marks and state-kind group values (:data:`KIND_KEYS`) changed since
+        the last step, as the unsharded optimizer does (an ``override_config`` after the first step applies
+        at the next). Collective when something changed, which every rank sees alike: a change the
+        existing state cannot follow (8- to 32-bit state, percentile clipping without its history) is
+        refused on every rank, naming the parameter, before anything is updated; a rank holding no part of
+        that parameter would otherwise go on alone into DeepSpeed's all-gather."""
+        for lp, hp in getattr(self, "ds_mark_copies", None) or ():  # fp16 unfused: per-parameter fp32 copies
+            mark = getattr(lp, OVERRIDE_ATTR, None)
+            if getattr(hp, OVERRIDE_ATTR, None) is not mark:
+                setattr(hp, OVERRIDE_ATTR, mark)
+        seen = getattr(self, "ds_settings_seen", None)
+        if seen is None:
+            return
+        marks = [getattr(p, OVERRIDE_ATTR, None) for p in seen.params]
+        kinds = [tuple(g.get(k) for k in KIND_KEYS) for g in seen.groups]
+        if kinds == seen.kinds and all(a is b for a, b in zip(marks, seen.marks)):
+            return
+        with failures_on_every_rank(seen.dp_group, "dist8 under DeepSpeed", ValueError):
+            for flat, segs in self.ds_segments.items():
+                group = seen.group_of.get(flat)
+                states = (self.state.get(flat) or {}).get("segments") or ()
+                for seg, seg_state in zip(segs, states):
+                    if seg_state is not None and group is not None:
+                        self.check_state_fits(self.segment_view(flat, seg), self.segment_settings(seg, group),
+                                              seg_state, fix=SEGMENT_STATE_FIX)
+            if seen.unsummed is not None:
+                _refuse_whole_parameter_sums(self, self.ds_segments, seen.unsummed)
+        seen.marks, seen.kinds = marks, kinds
+        sums = getattr(self, "ds_sums", None)
+        if sums is not None:
+            sums.marks_clip = any(clips(m or {}) for m in marks)
+
     @torch.no_grad()
     def step(self, closure=None):
+        self.follow_marks()
         segs_of = getattr(self, "ds_segments", None) or {}
         if not segs_of:
             # The class's step is torch's hook-running wrapper, and so is the dist8 class's below:
@@ -253,6 +291,7 @@ def attach_segments(engine) -> dict:
     module = engine.module
     names = {p: n for n, p in module.named_parameters()}
     segs: dict[torch.Tensor, list[Segment]] = {}
+    group_of: dict[torch.Tensor, dict] = {}  # flat partition -> its param group (DeepSpeed shows one per step call)
     opt_params = [p for g in opt.param_groups for p in g["params"]]
     if any(p in names for p in opt_params) and not hasattr(wrapper, "fp32_partitioned_groups_flat"):
         opt.ds_segments = {}
@@ -269,26 +308,31 @@ def attach_segments(engine) -> dict:
                 real = max(0, min(pn, p.ds_numel - start))
                 if real:
                     lst.append(Segment(names.get(p, f"param{id(p)}"), off, real, start, tuple(p.ds_shape), p.ds_numel,
-                                       dict(getattr(p, OVERRIDE_ATTR, {}) or {})))
+                                       p))
                 off += pn
             segs[flat] = lst
+            group_id = (getattr(wrapper, "sub_group_to_group_id", None) or {}).get(i)
+            if group_id is not None:
+                group_of[flat] = opt.param_groups[group_id]
     else:
         for n, p in module.named_parameters():
             m = getattr(p, "_hp_mapping", None)
             if m is None:
                 continue
             flat = opt.param_groups[m.param_group_index]["params"][0]
+            group_of[flat] = opt.param_groups[m.param_group_index]
             segs.setdefault(flat, []).append(Segment(n, m.hp_fragment_address.start, m.hp_fragment_address.numel,
-                                                     m.lp_fragment_address.start, tuple(p.shape), p.numel(),
-                                                     dict(getattr(p, OVERRIDE_ATTR, {}) or {})))
+                                                     m.lp_fragment_address.start, tuple(p.shape), p.numel(), p))
         for lst in segs.values():
             lst.sort(key=lambda s: s.offset)
         # fp16 unfused optimizer: per-parameter fp32 copies; name them.
         if not segs and hasattr(wrapper, "fp32_groups") and hasattr(wrapper, "fp16_groups"):
+            opt.ds_mark_copies = []  # the marks follow the model's parameters' at every step (follow_marks)
             for lp_group, hp_group in zip(wrapper.fp16_groups, wrapper.fp32_groups):
                 for lp, hp in zip(lp_group, hp_group):
                     if lp in names:
                         opt.param_names[hp] = names[lp]
+                        opt.ds_mark_copies.append((lp, hp))
                         if getattr(lp, OVERRIDE_ATTR, None):
                             setattr(hp, OVERRIDE_ATTR, getattr(lp, OVERRIDE_ATTR))
     for g in opt.param_groups:  # DeepSpeed replaced the named parameters with its flat partitions
@@ -305,9 +349,18 @@ def attach_segments(engine) -> dict:
     named = set(model_names)
     # MoE: expert groups are partitioned over other process groups than the data-parallel one
     experts = _has_expert_groups(wrapper, group)
+
+    def unsummed(seg: Segment) -> bool:
+        return experts or seg.name not in named
+
+    params = list(module.parameters())
+    groups = list({id(g): g for g in group_of.values()}.values())
+    opt.ds_settings_seen = _SettingsSeen(params, [getattr(p, OVERRIDE_ATTR, None) for p in params], groups,
+                                         [tuple(g.get(k) for k in KIND_KEYS) for g in groups], group_of, group,
+                                         unsummed)
     # every rank, so that all refuse together (a rank holding no split parameter would go on alone)
     with failures_on_every_rank(group, "dist8 under DeepSpeed", ValueError):
-        _refuse_whole_parameter_sums(opt, segs, lambda seg: experts or seg.name not in named)
+        _refuse_whole_parameter_sums(opt, segs, unsummed)
     opt.ds_sums = None
     if not experts:
         # what no name stands for on every rank (see PartitionSums), keyed by the partition: ZeRO-1/2 partitions
@@ -316,10 +369,24 @@ def attach_segments(engine) -> dict:
         private = [("padding", id(p)) for g in opt.param_groups for p in g["params"] if p not in segs]
         private += [(seg.name, id(flat)) for flat, lst in segs.items() for seg in lst if seg.name not in named]
         split_here = any(seg.numel != seg.global_numel for lst in segs.values() for seg in lst)
-        marks_clip = any(clips(getattr(p, OVERRIDE_ATTR, None) or {}) for p in module.parameters())
+        marks_clip = any(clips(m or {}) for m in opt.ds_settings_seen.marks)
         opt.ds_sums = PartitionSums.agreed(model_names, private, group, torch.device(engine.device), marks_clip,
                                            split_here)
     return segs
+
+
+@dataclass
+class _SettingsSeen:
+    """What a DeepSpeed-partitioned optimizer's settings were decided from at its last step (follow_marks):
+    the model's parameters and their marks, the param groups and their :data:`KIND_KEYS` values."""
+
+    params: list
+    marks: list
+    groups: list
+    kinds: list
+    group_of: dict
+    dp_group: Any
+    unsummed: Callable[[Segment], bool] | None
 
 
 def _has_expert_groups(wrapper, group) -> bool:
@@ -339,13 +406,17 @@ def _refuse_whole_parameter_sums(opt: Optimizer8bit, segs: dict[torch.Tensor, li
     of a split parameter would step it wrongly, silently (a 64x64 weight split in two took 0.14x and
     1.4x the unsharded LAMB update). Parameters kept whole on one rank are exact.
     """
-    # the flat partition's param group (ZeRO-3 keys its partitions by other tensor objects: any group then)
+    # the flat partition's param group, as attach_segments found it (else by storage; any group then)
+    known = getattr(opt, "ds_settings_seen", None)
     group_of = {p.data_ptr(): g for g in opt.param_groups for p in g["params"]}
     for flat, lst in segs.items():
         for seg in lst:
             if seg.numel == seg.global_numel or not unsummed(seg):
                 continue
-            groups = [group_of[flat.data_ptr()]] if flat.data_ptr() in group_of else opt.param_groups
+            if known is not None and flat in known.group_of:
+                groups = [known.group_of[flat]]
+            else:
+                groups = [group_of[flat.data_ptr()]] if flat.data_ptr() in group_of else opt.param_groups
             clip = min(opt.segment_settings(seg, g).hyper["percentile_clipping"] for g in groups)
             needs = ([f"{type(opt).__name__}'s trust ratio"] if opt.rule in RULE_WRITES_UPDATE else []) + (
                 [f"percentile_clipping={clip}"] if clip < 100 else []) + (

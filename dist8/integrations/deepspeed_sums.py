@@ -50,7 +50,8 @@ class PartitionSums:
         group: DeepSpeed's data-parallel process group (None: the default group).
         device: where the all-reduce's buffer goes (the engine's device: NCCL reduces CUDA tensors only).
         marks_clip: whether a ``GlobalOptimManager`` mark of any model parameter turns percentile clipping
-            on (see :func:`needs_whole_parameter_sums`; the marks are fixed, so this is read once).
+            on (see :func:`needs_whole_parameter_sums`); ``DeepSpeedSegments.follow_marks`` sets it again
+            when a mark changes (after the first step: it applies at the next, on every rank).
         any_split: whether ZeRO split some parameter across ranks, agreed by every rank (without a split
             parameter every rank's sums are already whole: no all-reduce).
     """

@@ -530,22 +530,29 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
             items.append(pipeline.UpdateItem(p, settings, state))
         return items
 
-    def check_state_fits(self, p: torch.Tensor, settings: ParamSettings, state: dict[str, Any]) -> None:
-        """Refuse, naming ``p``, state made for another shape or kind than ``p`` and its settings now have
-        (a parameter resized, or optim_bits/min_8bit_size changed, after its state was made), which
-        the kernels would otherwise reject without a name."""
+    def check_state_fits(self, p: torch.Tensor, settings: ParamSettings, state: dict[str, Any],
+                         fix: str = "give it fresh state with del optimizer.state[param]") -> None:
+        """Refuse, naming ``p`` (``settings.name``), state made for another shape or kind than ``p`` and its
+        settings now have (a parameter resized, optim_bits/min_8bit_size changed, or percentile clipping
+        turned on, after its state was made), which the kernels would otherwise reject without a name;
+        ``fix`` ends the message."""
+        name = settings.name  # the parameter's, or the DeepSpeed segment's whole parameter's
         first = state.get(schema.state_key(1))
+        clipping = settings.hyper["percentile_clipping"]
+        if clipping < 100 and schema.GNORM not in state and state:
+            # the history starts with the state: read with unfilled entries, its low percentiles are 0 and
+            # would scale every gradient of this parameter to 0 (bitsandbytes raises KeyError here)
+            raise ValueError(f"parameter {name} has percentile_clipping={clipping} but its state has no "
+                             f"gradient-norm history (clipping turned on after its first step?); {fix}")
         if first is None:
             return
         if not self.uses_dtensor and first.shape != p.shape:
-            raise ValueError(f"parameter {self.param_name(p)} has shape {tuple(p.shape)} but its optimizer state was "
-                             f"made for {tuple(first.shape)} (resized after its first step?); give it fresh state "
-                             "with del optimizer.state[param]")
+            raise ValueError(f"parameter {name} has shape {tuple(p.shape)} but its optimizer state was "
+                             f"made for {tuple(first.shape)} (resized after its first step?); {fix}")
         if (first.dtype == torch.uint8) != settings.use_8bit:
             had, now = ("32", "8") if settings.use_8bit else ("8", "32")
-            raise ValueError(f"parameter {self.param_name(p)} has {had}-bit state but its settings now give it {now}-bit "
-                             "state (optim_bits or min_8bit_size changed after its first step?); give it fresh state "
-                             "with del optimizer.state[param]")
+            raise ValueError(f"parameter {name} has {had}-bit state but its settings now give it {now}-bit "
+                             f"state (optim_bits or min_8bit_size changed after its first step?); {fix}")
 
     def partial_slots(self, items: list[pipeline.UpdateItem]) -> tuple[list[int], int]:
         """Slot of each item in the vectors of per-parameter partial sums, and their length.
