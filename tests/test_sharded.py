@@ -840,6 +840,10 @@ def test_single_process_state_dict_names_and_bad_groups_refused_before_loading()
                            r"^ShardedOptimizer shard state_dict entry 'param_groups' must be a list, got None"),
                           (lambda d: d.update(param_groups=[5]),
                            r"^ShardedOptimizer shard state_dict param_groups\[0\] must be a dict, got 5"),
+                          (lambda d: d.update(steps=-1),
+                           r"^ShardedOptimizer shard state_dict entry 'steps' must be an int >= 0, got -1"),
+                          (lambda d: d.update(steps=2.0),
+                           r"^ShardedOptimizer shard state_dict entry 'steps' must be an int >= 0, got 2.0"),
                           (lambda d: d.update(dist8=5), r"^state_dict\['dist8'\] must be a dict whose 'quant_map'")):
         bad = copy.deepcopy(sd)
         bad["state"] = {i: {k: (v + 1 if k == "absmax1" else v) for k, v in st.items()} for i, st in bad["state"].items()}

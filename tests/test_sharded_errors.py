@@ -109,6 +109,51 @@ def test_a_refused_load_changes_nothing_on_any_rank(world_size, fmt, how, tmp_pa
         assert res["unchanged"] and res["continued"], (rank, res)
 
 
+def _mixed_saves(rank, world_size):
+    """Each rank loads a state dict of another save (``how``) than rank 0: refused on every rank."""
+    saved_model, saved = _model_and_opt()
+    _train(saved_model, saved, range(3))
+    after3 = copy.deepcopy(saved.state_dict())
+    _train(saved_model, saved, range(3, 5))
+    after5 = copy.deepcopy(saved.state_dict())
+    with_lr = copy.deepcopy(after3)
+    with_lr["param_groups"][1]["lr"] = 5e-3  # written into one rank's file by hand, or saved by another run
+    saved.full_state_dict = True  # the whole state on every rank (collective)
+    full = copy.deepcopy(saved.state_dict())
+    saved.full_state_dict = False
+    model, opt = _model_and_opt()
+    _train(model, opt, [0])
+    before = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in model.parameters()]
+    errors = {}
+    for how, other in (("steps", after5), ("lr", with_lr), ("format", full)):
+        try:
+            opt.load_state_dict(after3 if rank == 0 else other)
+        except ValueError as exc:
+            errors[how] = str(exc)
+    unchanged = _same(before, (opt.state_dict(), list(model.parameters())))
+    opt.load_state_dict(after5)  # one save on every rank: loads, and the step count comes with it
+    return {"errors": errors, "unchanged": unchanged, "steps": (saved.steps_taken, opt.steps_taken),
+            "saved_steps": after5["steps"]}
+
+
+def test_state_dicts_of_different_saves_are_refused_on_every_rank(tmp_path):
+    """Each rank loads its own shard file: one left from another save (another step, another lr) loaded
+    without a word, each rank then stepping its blocks from another point. The shard dict records the
+    optimizer's steps; every rank compares steps, param-group values and format, and refuses alike."""
+    results = run_ranks(_watched, 2, _mixed_saves, tmp_path=tmp_path)
+    start = "ShardedOptimizer.load_state_dict: "
+    fix = ": load the state dicts of one save on every rank (nothing was loaded)"
+    for res in results:
+        assert res["errors"] == {
+            "steps": f"{start}the ranks' shard state dicts were saved after different numbers of steps "
+                     f"(rank 0's after 3, rank 1's after 5){fix}",
+            "lr": f"{start}param group 1's lr is 0.002 in rank 0's state dict and 0.005 in rank 1's{fix}",
+            "format": f"{start}the ranks were given different formats (rank 0 a shard one, rank 1 a full one){fix}",
+        }
+        assert res["unchanged"]
+        assert res["steps"] == (5, 5) and res["saved_steps"] == 5
+
+
 def _unusable_stage1_gradient(rank, world_size, how):
     model, opt = _model_and_opt(stage=1)
     _train(model, opt, [0])

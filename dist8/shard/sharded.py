@@ -89,6 +89,9 @@ class ShardedOptimizer(LazyDynamoOptimizer):
     the owned range (1 or 2 bytes per owned value; laid out and partitioned like
     the other state, saved and re-sliced by :mod:`dist8.checkpoint`); the step is
     then bitwise the unsharded optimizer's with the same option.
+
+    ``steps_taken`` counts the steps on every rank alike (a shard state dict records it and a load of
+    one restores it), so that a load can tell shard files of different saves apart.
     """
 
     def __init__(
@@ -128,6 +131,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
             raise ValueError(f"full_state_dict must be True or False, got {full_state_dict!r}")
         self.full_state_dict = full_state_dict
         self._gathered_state: dict[int, dict[str, Any]] | None = None  # prepare_full_state_dict's, until a step
+        self.steps_taken = 0
 
         groups, names = split_named_params(params)
         apply_positional_configs(groups)  # GlobalOptimManager.register_parameters' overrides, by the user's positions
@@ -565,6 +569,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         try:
             self._step_inner()
             self._has_state = True  # on every rank alike (see state)
+            self.steps_taken += 1
         finally:
             if found_inf is not None:
                 del self.inner.grad_scale, self.inner.found_inf

@@ -1,8 +1,9 @@
 """The two state-dict formats of :class:`dist8.shard.ShardedOptimizer`, written and read here.
 
 * **Shard** (``format: "dist8.sharded/1"``): this rank's pieces, the layout fingerprint, rank
-  and world size; loads only on the same rank of the same world size (:mod:`dist8.checkpoint`
-  reshards files).
+  and world size, and the optimizer's ``steps_taken`` (absent from files before 2026-12-04); loads only
+  on the same rank of the same world size (:mod:`dist8.checkpoint` reshards files), and only with the
+  other ranks' shards of the same save (steps and param-group values compared across ranks).
 * **Unsharded**: the whole state in the unsharded dist8 optimizer's own format (parameter index
   -> codes with the parameter's shape, full absmax, ...), as ``full_state_dict=True`` and
   ``consolidated_state_dict`` give it; loads at any world size, every rank slicing the whole
@@ -25,7 +26,7 @@ from dist8.optim.config import load_group_values
 from dist8.optim.state_schema import (CORRECTION, GNORM, STATE_DICT_INFO, check_state_dict_info,
                                       check_state_dict_layout, check_state_dict_map, flat_length,
                                       is_absmax_key, is_state_key, state_dict_info)
-from dist8.shard.agreement import failures_on_every_rank
+from dist8.shard.agreement import failures_on_every_rank, from_every_rank
 from dist8.shard.collectives import piece_range, wait_for_every_rank
 
 if TYPE_CHECKING:
@@ -117,6 +118,7 @@ def shard_format(opt: ShardedOptimizer) -> dict[str, Any]:
         "fingerprint": opt.layout.fingerprint(),
         "pieces": [[p.param, p.start, p.stop] for p in opt.pieces],
         "state": opt.shard_state(),
+        "steps": opt.steps_taken,
         "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
         STATE_DICT_INFO: state_dict_info(opt.inner.quant_map),
     }
@@ -147,6 +149,7 @@ def load(opt: ShardedOptimizer, state_dict: dict[str, Any]) -> None:
                             "Load the state dict on every rank: each rank takes its own blocks of it.")
     agreed = (failures_on_every_rank(opt.group, "ShardedOptimizer.load_state_dict", ValueError)
               if opt.world_size > 1 else contextlib.nullcontext())
+    shard = False
     with agreed:
         if not isinstance(state_dict, dict):
             raise ValueError("state_dict must be a dict (from ShardedOptimizer.state_dict()), got "
@@ -155,11 +158,45 @@ def load(opt: ShardedOptimizer, state_dict: dict[str, Any]) -> None:
             state, (groups, warned) = _check_unsharded(opt, state_dict)
         else:
             state, (groups, warned) = _check_shard(opt, state_dict)
+            shard = True
+    if opt.world_size > 1:
+        _refuse_mixed_saves(opt, state_dict, shard)
     opt.install_shard_state(state)
+    if shard and "steps" in state_dict:
+        opt.steps_taken = state_dict["steps"]
     for group, values in zip(opt.param_groups, groups):
         group.update(values)
     for message in warned:  # 5: the caller of ShardedOptimizer.load_state_dict (through the hooks' frame)
         warnings.warn(message, UserWarning, stacklevel=5)
+
+
+def _refuse_mixed_saves(opt: ShardedOptimizer, state_dict: dict[str, Any], shard: bool) -> None:
+    """Refuse, on every rank, state dicts that are not one save's: a shard on one rank and a full dict on
+    another, shards saved after different numbers of steps, or different param-group values (a rank's
+    file left from another save loaded silently, each rank then stepping its blocks from another point
+    or with another lr). Collective; every rank compares the same gathered values, so every rank gives
+    the same verdict."""
+    groups = [{k: repr(v) for k, v in g.items() if k not in ("params", "param_names")}
+              for g in state_dict["param_groups"]]
+    seen = from_every_rank((shard, state_dict.get("steps"), groups), opt.group)
+    fix = "load the state dicts of one save on every rank (nothing was loaded)"
+    kinds = [k for k, _, _ in seen]
+    if len(set(kinds)) > 1:
+        said = ", ".join(f"rank {r} a {'shard' if k else 'full'} one" for r, k in enumerate(kinds))
+        raise ValueError(f"ShardedOptimizer.load_state_dict: the ranks were given different formats ({said}): {fix}")
+    steps = [s for _, s, _ in seen]
+    if len(set(steps)) > 1:
+        said = ", ".join(f"rank {r}'s after {'unrecorded' if s is None else s}" for r, s in enumerate(steps))
+        raise ValueError(f"ShardedOptimizer.load_state_dict: the ranks' shard state dicts were saved after different "
+                         f"numbers of steps ({said}): {fix}")
+    first = seen[0][2]
+    for r, (_, _, other) in enumerate(seen[1:], 1):
+        for gi, (mine, theirs) in enumerate(zip(first, other)):
+            for key in sorted(set(mine) | set(theirs)):
+                if mine.get(key) != theirs.get(key):
+                    raise ValueError(f"ShardedOptimizer.load_state_dict: param group {gi}'s {key} is "
+                                     f"{mine.get(key, 'missing')} in rank 0's state dict and "
+                                     f"{theirs.get(key, 'missing')} in rank {r}'s: {fix}")
 
 
 def _groups_after_load(opt: ShardedOptimizer, saved_groups: list[dict[str, Any]]) -> _Groups:
@@ -247,6 +284,9 @@ def _check_shard(opt: ShardedOptimizer, state_dict: dict[str, Any]) -> tuple[dic
     if state_dict.get("format") != SHARD_FORMAT:
         raise ValueError(f"not a ShardedOptimizer state_dict (missing format {SHARD_FORMAT!r})")
     _check_shard_entries(state_dict)
+    steps = state_dict.get("steps", 0)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"ShardedOptimizer shard state_dict entry 'steps' must be an int >= 0, got {brief(steps)}")
     if state_dict["fingerprint"] != opt.layout.fingerprint():
         raise ValueError("state_dict was saved for different parameters (layout fingerprint differs)")
     if state_dict["world_size"] != opt.world_size or state_dict["rank"] != opt.rank:
