@@ -154,6 +154,45 @@ def test_state_dicts_of_different_saves_are_refused_on_every_rank(tmp_path):
         assert res["steps"] == (5, 5) and res["saved_steps"] == 5
 
 
+def _late_override(rank, world_size, key, value, default):
+    """``override_config`` after the first step on a parameter whose blocks are rank 1's only."""
+    from dist8.optim import GlobalOptimManager
+
+    mng = GlobalOptimManager.get_instance()
+    try:
+        model, opt = _model_and_opt()
+        _train(model, opt, [0])
+        mng.override_config(model[1].weight, key, value)
+        _backward(model, 1)
+        before = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in model.parameters()]
+        try:
+            opt.step()
+            error = None
+        except ValueError as exc:
+            error = str(exc)
+        unchanged = _same(before, (opt.state_dict(), list(model.parameters())))
+        mng.override_config(model[1].weight, key, default)  # taken back: the ranks step on together
+        opt.step()
+        return {"error": error, "unchanged": unchanged, "steps": opt.steps_taken}
+    finally:
+        mng.initialize()
+
+
+@pytest.mark.parametrize("key,value,default", [("optim_bits", 32, 8), ("percentile_clipping", 5, 100)])
+def test_a_change_after_the_first_step_the_state_cannot_follow_is_refused_on_every_rank(key, value, default,
+                                                                                         tmp_path):
+    """The inner step refused it (naming the parameter) on the rank owning the parameter's blocks only; the
+    other rank went on into the step's collectives and waited there until the process group's timeout."""
+    results = run_ranks(_watched, 2, _late_override, key, value, default, tmp_path=tmp_path)
+    what = ("parameter 1.weight has 8-bit state but its settings now give it 32-bit state" if key == "optim_bits"
+            else "parameter 1.weight has percentile_clipping=5 but its state has no gradient-norm history")
+    fix = "make such a change before the first step, or take it back (ShardedOptimizer keeps the state by piece"
+    for rank, res in enumerate(results):
+        prefix = "" if rank == 1 else "ShardedOptimizer.step failed on rank 1: "
+        assert res["error"].startswith(prefix + what) and fix in res["error"], res["error"]
+        assert res["unchanged"] and res["steps"] == 2
+
+
 def _unusable_stage1_gradient(rank, world_size, how):
     model, opt = _model_and_opt(stage=1)
     _train(model, opt, [0])

@@ -20,7 +20,8 @@ from dist8.kernels import RULE_WRITES_UPDATE
 from dist8.optim import pipeline
 from dist8.optim.amp import amp_scaling
 from dist8.optim.base import Optimizer8bit, ParamSettings
-from dist8.optim.config import GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, fits_param_names, hyperparameters_of, match_overrides
+from dist8.optim.config import (GLOBAL_NUMEL_ATTR, KEYS_STATE_DEPENDS_ON, OVERRIDE_ATTR, fits_param_names,
+                                hyperparameters_of, match_overrides)
 from dist8.optim.state_schema import STATE_DICT_INFO, check_state_dict_layout, check_state_dict_map, state_key
 from dist8.shard.agreement import failures_on_every_rank
 
@@ -29,8 +30,6 @@ __all__ = ["Segment", "DeepSpeedSegments", "segmented_class", "segmented_copy", 
 
 # The way out of a refused state-kind change (check_state_fits): DeepSpeed keeps the state by flat partition.
 SEGMENT_STATE_FIX = "make such a change before the first step under DeepSpeed (its state is kept by flat partition)"
-# Group values that decide the kind of state a parameter keeps (its 8- or 32-bit state, its gradient-norm history).
-KIND_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping")
 
 
 @dataclass(frozen=True)
@@ -72,12 +71,13 @@ class DeepSpeedSegments:
         return flat.detach().view(-1).narrow(0, seg.offset, seg.numel)
 
     def follow_marks(self) -> None:
-        """Take up ``GlobalOptimManager`` marks and state-kind group values (:data:`KIND_KEYS`) changed since
-        the last step, as the unsharded optimizer does (an ``override_config`` after the first step applies
-        at the next). Collective when something changed, which every rank sees alike: a change the
-        existing state cannot follow (8- to 32-bit state, percentile clipping without its history) is
-        refused on every rank, naming the parameter, before anything is updated; a rank holding no part of
-        that parameter would otherwise go on alone into DeepSpeed's all-gather."""
+        """Take up ``GlobalOptimManager`` marks and the group values the state depends on
+        (``KEYS_STATE_DEPENDS_ON``) changed since the last step, as the unsharded optimizer does (an
+        ``override_config`` after the first step applies at the next). Collective when something changed,
+        which every rank sees alike: a change the existing state cannot follow (8- to 32-bit state,
+        percentile clipping without its history) is refused on every rank, naming the parameter, before
+        anything is updated; a rank holding no part of that parameter would otherwise go on alone into
+        DeepSpeed's all-gather."""
         for lp, hp in getattr(self, "ds_mark_copies", None) or ():  # fp16 unfused: per-parameter fp32 copies
             mark = getattr(lp, OVERRIDE_ATTR, None)
             if getattr(hp, OVERRIDE_ATTR, None) is not mark:
@@ -86,7 +86,7 @@ class DeepSpeedSegments:
         if seen is None:
             return
         marks = [getattr(p, OVERRIDE_ATTR, None) for p in seen.params]
-        kinds = [tuple(g.get(k) for k in KIND_KEYS) for g in seen.groups]
+        kinds = [tuple(g.get(k) for k in KEYS_STATE_DEPENDS_ON) for g in seen.groups]
         if kinds == seen.kinds and all(a is b for a, b in zip(marks, seen.marks)):
             return
         with failures_on_every_rank(seen.dp_group, "dist8 under DeepSpeed", ValueError):
@@ -356,8 +356,8 @@ def attach_segments(engine) -> dict:
     params = list(module.parameters())
     groups = list({id(g): g for g in group_of.values()}.values())
     opt.ds_settings_seen = _SettingsSeen(params, [getattr(p, OVERRIDE_ATTR, None) for p in params], groups,
-                                         [tuple(g.get(k) for k in KIND_KEYS) for g in groups], group_of, group,
-                                         unsummed)
+                                         [tuple(g.get(k) for k in KEYS_STATE_DEPENDS_ON) for g in groups],
+                                         group_of, group, unsummed)
     # every rank, so that all refuse together (a rank holding no split parameter would go on alone)
     with failures_on_every_rank(group, "dist8 under DeepSpeed", ValueError):
         _refuse_whole_parameter_sums(opt, segs, unsummed)
@@ -378,7 +378,7 @@ def attach_segments(engine) -> dict:
 @dataclass
 class _SettingsSeen:
     """What a DeepSpeed-partitioned optimizer's settings were decided from at its last step (follow_marks):
-    the model's parameters and their marks, the param groups and their :data:`KIND_KEYS` values."""
+    the model's parameters and their marks, the param groups and their ``KEYS_STATE_DEPENDS_ON`` values."""
 
     params: list
     marks: list

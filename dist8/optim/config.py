@@ -16,7 +16,8 @@ __all__ = ["OVERRIDABLE_KEYS", "OVERRIDE_ATTR", "GLOBAL_NUMEL_ATTR", "PARAM_LIST
            "positional_name", "fits_param_names", "load_group_values", "loaded_hyperparameters",
            "master_weight_bits_after_load", "name_every_group", "split_named_params",
            "match_overrides", "check_overrides_match", "global_numel", "uses_8bit", "TORCH_STEP_FLAGS",
-           "unknown_arguments_message", "fixed_lr_override_message", "STATE_KIND_KEYS"]
+           "unknown_arguments_message", "fixed_lr_override_message", "STATE_KIND_KEYS",
+           "KEYS_STATE_DEPENDS_ON"]
 
 # Modules (e.g. StableEmbedding) mark parameters that need special optimizer settings.
 OVERRIDE_ATTR = "_dist8_overrides"
@@ -84,6 +85,9 @@ def loaded_hyperparameters(group: Mapping[str, Any], saved: Mapping[str, Any]) -
 #: the optimizer's (torch's rule) and the saved state keeps its kind, so a different constructor value is
 #: said (an optimizer built with optim_bits=32 went on in 8 bits after loading an 8-bit state, silently).
 STATE_KIND_KEYS = ("optim_bits", "min_8bit_size")
+#: Group values the existing state may not follow when they change after a parameter's first step
+#: (``Optimizer8bit.check_state_fits``): its 8- or 32-bit kind, and percentile clipping's history.
+KEYS_STATE_DEPENDS_ON = STATE_KIND_KEYS + ("percentile_clipping",)
 
 
 def load_group_values(group: dict[str, Any], saved: Mapping[str, Any], warn: bool = True) -> str | None:
