@@ -432,6 +432,49 @@ def test_fp16_unfused_fp32_copies_follow_their_parameters_marks():
         mng.initialize()
 
 
+def test_a_loaded_segment_state_is_checked_against_the_settings_at_the_next_step():
+    """A state loaded into DeepSpeed's partitions (engine.load_checkpoint, load_dist8_checkpoint) met the
+    settings only inside the kernels' pipeline: percentile clipping on (a mark) and a checkpoint without
+    its history gave a bare KeyError 'gnorm_vec' on the ranks holding the parameter. One rank, the engine
+    stood in for by what attach_segments reads (a ZeRO-1/2 partition holding both parameters)."""
+    from types import SimpleNamespace
+
+    from dist8.integrations.deepspeed_segments import attach_segments, segmented_class
+
+    def engine_of(model):
+        flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+        start = 0
+        for p in model.parameters():
+            p._hp_mapping = SimpleNamespace(param_group_index=0, lp_fragment_address=SimpleNamespace(start=0),
+                                            hp_fragment_address=SimpleNamespace(start=start, numel=p.numel()))
+            start += p.numel()
+        opt = segmented_class(dist8.AdamW8bit)([flat], lr=1e-2, min_8bit_size=0)
+        attach_segments(SimpleNamespace(basic_optimizer=opt, module=model, device="cpu", optimizer=SimpleNamespace()))
+        return flat, opt
+
+    def step(flat, opt):
+        flat.grad = torch.randn_like(flat)
+        opt.step()
+
+    mng = dist8.GlobalOptimManager.get_instance()
+    try:
+        torch.manual_seed(0)
+        saved_flat, saved = engine_of(torch.nn.Linear(16, 16))
+        step(saved_flat, saved)
+        model = torch.nn.Linear(16, 16)
+        mng.override_config(model.weight, "percentile_clipping", 5)
+        flat, opt = engine_of(model)
+        step(flat, opt)  # the mark was there from the start: the history too
+        opt.load_state_dict(saved.state_dict())  # a state saved without clipping
+        before = flat.detach().clone()
+        with pytest.raises(ValueError, match=r"^parameter weight has percentile_clipping=5 but its state has no "
+                                             r"gradient-norm history .*before the first step under DeepSpeed"):
+            step(flat, opt)
+        assert torch.equal(flat, before)
+    finally:
+        mng.initialize()
+
+
 # ---- errors (no ranks needed) -------------------------------------------------------------------------
 @needs_ds
 def test_unknown_optimizer_name():

@@ -146,6 +146,7 @@ def load_dist8_checkpoint(engine: DeepSpeedEngine, path: str | os.PathLike, *,
             _copy_model_weights(engine, model_sd)
     for group, values in zip(opt.param_groups, groups):
         group.update(values)
+    opt.recheck_settings()  # the next step checks the loaded state against the settings, on every rank
     if meta.get("step") is not None:
         engine.global_steps = int(meta["step"])
     return meta.get("extra", {})

@@ -104,6 +104,13 @@ class DeepSpeedSegments:
         if sums is not None:
             sums.marks_clip = any(clips(m or {}) for m in marks)
 
+    def recheck_settings(self) -> None:
+        """The state was replaced (a load): the next step checks it against the settings on every rank
+        (:meth:`follow_marks`), as after a change of the settings."""
+        seen = getattr(self, "ds_settings_seen", None)
+        if seen is not None:
+            seen.kinds = None
+
     @torch.no_grad()
     def step(self, closure=None):
         self.follow_marks()
@@ -241,6 +248,7 @@ class DeepSpeedSegments:
             new["segments"] = [None if s is None else self.check_state(self.segment_view(p, seg), s)
                                for seg, s in zip(segs, st["segments"])]
             self.state[p] = new
+        self.recheck_settings()
 
 
 _CLASSES: dict[type, type] = {}
@@ -383,7 +391,7 @@ class _SettingsSeen:
     params: list
     marks: list
     groups: list
-    kinds: list
+    kinds: list | None  # None: check at the next step (recheck_settings)
     group_of: dict
     dp_group: Any
     unsummed: Callable[[Segment], bool] | None
