@@ -338,6 +338,29 @@ def test_refuses_gradient_accumulation_before_updating():
     assert steps == [st["step"] for st in opt.state.values()]
 
 
+@pytest.mark.parametrize("key,value", [("optim_bits", 32), ("percentile_clipping", 5)])
+def test_a_settings_change_the_state_cannot_follow_is_refused_in_the_forward(key, value):
+    """Set after the first step (override_config), it was refused by the backward's hook at that parameter,
+    with the parameters before it in backward order already stepped; now in the forward, before any."""
+    mng = dist8.GlobalOptimManager.get_instance()
+    try:
+        model = make()
+        opt = AdamW8bit(model.named_parameters(), lr=1e-2, min_8bit_size=0)
+        dist8.gradient_release(model, opt)
+        loss_of(model, 0).backward()
+        first = next(iter(model.parameters()))  # stepped last in backward order: the others went first
+        mng.override_config(first, key, value)
+        snapshot = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(ValueError, match=rf"^parameter {next(iter(dict(model.named_parameters())))} has "):
+            loss_of(model, 1)
+        assert all(torch.equal(a, b) for a, b in zip(snapshot, model.parameters()))  # nothing updated
+        mng.override_config(first, key, {"optim_bits": 8, "percentile_clipping": 100}[key])  # taken back
+        loss_of(model, 1).backward()
+        assert not torch.equal(snapshot[0], first)
+    finally:
+        mng.initialize()
+
+
 def test_refuses_accumulation_at_step():
     model = make()
     opt = AdamW8bit(model.parameters(), lr=1e-2)

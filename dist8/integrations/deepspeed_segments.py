@@ -20,8 +20,8 @@ from dist8.kernels import RULE_WRITES_UPDATE
 from dist8.optim import pipeline
 from dist8.optim.amp import amp_scaling
 from dist8.optim.base import Optimizer8bit, ParamSettings
-from dist8.optim.config import (GLOBAL_NUMEL_ATTR, KEYS_STATE_DEPENDS_ON, OVERRIDE_ATTR, fits_param_names,
-                                hyperparameters_of, match_overrides)
+from dist8.optim.config import GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, fits_param_names, hyperparameters_of, match_overrides
+from dist8.optim.settings_watch import SettingsWatch
 from dist8.optim.state_schema import STATE_DICT_INFO, check_state_dict_layout, check_state_dict_map, state_key
 from dist8.shard.agreement import failures_on_every_rank
 
@@ -72,7 +72,7 @@ class DeepSpeedSegments:
 
     def follow_marks(self) -> None:
         """Take up ``GlobalOptimManager`` marks and the group values the state depends on
-        (``KEYS_STATE_DEPENDS_ON``) changed since the last step, as the unsharded optimizer does (an
+        (:class:`~dist8.optim.settings_watch.SettingsWatch`) changed since the last step, as the unsharded optimizer does (an
         ``override_config`` after the first step applies at the next). Collective when something changed,
         which every rank sees alike: a change the existing state cannot follow (8- to 32-bit state,
         percentile clipping without its history) is refused on every rank, naming the parameter, before
@@ -83,11 +83,7 @@ class DeepSpeedSegments:
             if getattr(hp, OVERRIDE_ATTR, None) is not mark:
                 setattr(hp, OVERRIDE_ATTR, mark)
         seen = getattr(self, "ds_settings_seen", None)
-        if seen is None:
-            return
-        marks = [getattr(p, OVERRIDE_ATTR, None) for p in seen.params]
-        kinds = [tuple(g.get(k) for k in KEYS_STATE_DEPENDS_ON) for g in seen.groups]
-        if kinds == seen.kinds and all(a is b for a, b in zip(marks, seen.marks)):
+        if seen is None or not seen.watch.changed(seen.params, seen.groups):
             return
         with failures_on_every_rank(seen.dp_group, "dist8 under DeepSpeed", ValueError):
             for flat, segs in self.ds_segments.items():
@@ -99,17 +95,17 @@ class DeepSpeedSegments:
                                               seg_state, fix=SEGMENT_STATE_FIX)
             if seen.unsummed is not None:
                 _refuse_whole_parameter_sums(self, self.ds_segments, seen.unsummed)
-        seen.marks, seen.kinds = marks, kinds
+        seen.watch.accept()
         sums = getattr(self, "ds_sums", None)
         if sums is not None:
-            sums.marks_clip = any(clips(m or {}) for m in marks)
+            sums.marks_clip = any(clips(m or {}) for m in seen.watch.marks())
 
     def recheck_settings(self) -> None:
         """The state was replaced (a load): the next step checks it against the settings on every rank
         (:meth:`follow_marks`), as after a change of the settings."""
         seen = getattr(self, "ds_settings_seen", None)
         if seen is not None:
-            seen.kinds = None
+            seen.watch.forget()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -363,9 +359,9 @@ def attach_segments(engine) -> dict:
 
     params = list(module.parameters())
     groups = list({id(g): g for g in group_of.values()}.values())
-    opt.ds_settings_seen = _SettingsSeen(params, [getattr(p, OVERRIDE_ATTR, None) for p in params], groups,
-                                         [tuple(g.get(k) for k in KEYS_STATE_DEPENDS_ON) for g in groups],
-                                         group_of, group, unsummed)
+    opt.ds_settings_seen = _SettingsSeen(params, groups, group_of, group, unsummed)
+    opt.ds_settings_seen.watch.changed(params, groups)
+    opt.ds_settings_seen.watch.accept()  # the settings the refusal below and the sums are decided on
     # every rank, so that all refuse together (a rank holding no split parameter would go on alone)
     with failures_on_every_rank(group, "dist8 under DeepSpeed", ValueError):
         _refuse_whole_parameter_sums(opt, segs, unsummed)
@@ -377,7 +373,7 @@ def attach_segments(engine) -> dict:
         private = [("padding", id(p)) for g in opt.param_groups for p in g["params"] if p not in segs]
         private += [(seg.name, id(flat)) for flat, lst in segs.items() for seg in lst if seg.name not in named]
         split_here = any(seg.numel != seg.global_numel for lst in segs.values() for seg in lst)
-        marks_clip = any(clips(m or {}) for m in opt.ds_settings_seen.marks)
+        marks_clip = any(clips(m or {}) for m in opt.ds_settings_seen.watch.marks())
         opt.ds_sums = PartitionSums.agreed(model_names, private, group, torch.device(engine.device), marks_clip,
                                            split_here)
     return segs
@@ -385,16 +381,16 @@ def attach_segments(engine) -> dict:
 
 @dataclass
 class _SettingsSeen:
-    """What a DeepSpeed-partitioned optimizer's settings were decided from at its last step (follow_marks):
-    the model's parameters and their marks, the param groups and their ``KEYS_STATE_DEPENDS_ON`` values."""
+    """What a DeepSpeed-partitioned optimizer's settings are decided from (follow_marks): the model's
+    parameters (their marks), the param groups, each flat partition's group, the data-parallel group,
+    which split parameters dist8 does not sum over, and the watch on their marks and values."""
 
     params: list
-    marks: list
     groups: list
-    kinds: list | None  # None: check at the next step (recheck_settings)
     group_of: dict
     dp_group: Any
     unsummed: Callable[[Segment], bool] | None
+    watch: SettingsWatch = field(default_factory=SettingsWatch)
 
 
 def _has_expert_groups(wrapper, group) -> bool:

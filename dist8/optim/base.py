@@ -554,6 +554,20 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
             raise ValueError(f"parameter {name} has {had}-bit state but its settings now give it {now}-bit "
                              f"state (optim_bits or min_8bit_size changed after its first step?); {fix}")
 
+    def check_states_fit(self, params: Iterable[torch.Tensor] | None = None,
+                         fix: str = "give it fresh state with del optimizer.state[param]") -> None:
+        """:meth:`check_state_fits` for every parameter of ``params`` (default: all of the param groups')
+        that has state: a refusal names the first one whose state its settings no longer fit."""
+        wanted = None if params is None else {id(p) for p in params}
+        for group in self.param_groups:
+            hyper = hyperparameters_of(group)
+            for p in group["params"]:
+                if wanted is not None and id(p) not in wanted:
+                    continue
+                state = self.state.get(p)
+                if state:
+                    self.check_state_fits(p, self.settings(p, group, hyper), state, fix)
+
     def partial_slots(self, items: list[pipeline.UpdateItem]) -> tuple[list[int], int]:
         """Slot of each item in the vectors of per-parameter partial sums, and their length.
 

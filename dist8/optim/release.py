@@ -94,6 +94,7 @@ from dist8.messages import brief
 from dist8.optim.base import Optimizer8bit
 from dist8.optim.range_step import optimizer_range_refusal
 from dist8.optim.chunked_grads import ChunkedWeights
+from dist8.optim.settings_watch import SettingsWatch
 
 __all__ = ["GradientRelease", "check_nonfinite_mode", "gradient_release"]
 
@@ -165,6 +166,7 @@ class GradientRelease:
         self._hooked_ids: set[int] = set()
         self._saved_methods: dict[str, Any] = {}
         self._ddp_checked: weakref.WeakSet = weakref.WeakSet()  # DDP modules found not to reduce our parameters
+        self._settings_watch = SettingsWatch()  # settings the state was last found to fit (_refuse_unfit_states)
         self.active = False
 
     # ---- install / remove -------------------------------------------------------------
@@ -225,6 +227,7 @@ class GradientRelease:
             self._forwards += 1
             self._hook_swapped_params()
             self._hook_new_params()
+            self._refuse_unfit_states()
 
     def _refuse_ddp_forward(self) -> None:
         """Refuse a forward inside DistributedDataParallel whose gradients DDP averages: the model was
@@ -244,6 +247,16 @@ class GradientRelease:
                     "each rank's local gradient and the ranks would drift apart. Nothing was stepped. Use FSDP2 "
                     "(fully_shard) for gradient release across ranks, or remove() the handle to train with DDP")
         self._ddp_checked.add(ddp)
+
+    def _refuse_unfit_states(self) -> None:
+        """Refuse, in the forward, a settings change the state cannot follow (``optim_bits`` or percentile
+        clipping set after the first step): the backward's hooks refused it at that parameter, with the
+        parameters before it in backward order stepped. Checked when a mark or a group value the state
+        depends on changed (:class:`~dist8.optim.settings_watch.SettingsWatch`): one look per forward."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if self._settings_watch.changed(params, self.optimizer.param_groups):
+            self.optimizer.check_states_fit(params)
+            self._settings_watch.accept()
 
     def _hook_swapped_params(self) -> None:
         """Hook again a parameter whose hook a swap took away. torch.utils.swap_tensors (Module.to /

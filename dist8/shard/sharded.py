@@ -23,12 +23,13 @@ from dist8.kernels.eager import eager_only
 from dist8.optim import AdamW8bit
 from dist8.optim.amp import check_amp_unscale
 from dist8.optim.base import Optimizer8bit
-from dist8.optim.config import (GLOBAL_NUMEL_ATTR, KEYS_STATE_DEPENDS_ON, OVERRIDE_ATTR, PARAM_LIST_KEYS,
-                                check_overrides, check_overrides_match, hyperparameters_of, split_named_params)
+from dist8.optim.config import (GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, PARAM_LIST_KEYS, check_overrides,
+                                check_overrides_match, hyperparameters_of, split_named_params)
 from dist8.optim.hooks import load_state_dict_with_hooks, state_dict_with_hooks
 from dist8.optim.lazy_dynamo import LazyDynamoOptimizer
 from dist8.optim.manager import apply_positional_configs, restore_module_marks
 from dist8.optim.master_weights import check_half_params
+from dist8.optim.settings_watch import SettingsWatch
 from dist8.optim.state_schema import CORRECTION
 from dist8.optim.validation import check_gradient, check_number
 from dist8.shard import state_dicts
@@ -137,7 +138,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         self.full_state_dict = full_state_dict
         self._gathered_state: dict[int, dict[str, Any]] | None = None  # prepare_full_state_dict's, until a step
         self.steps_taken = 0
-        self._settings_seen: tuple[list, list] | None = None  # what _check_settings_change last passed
+        self._settings_watch = SettingsWatch()  # what _check_settings_change last passed
 
         groups, names = split_named_params(params)
         apply_positional_configs(groups)  # GlobalOptimManager.register_parameters' overrides, by the user's positions
@@ -493,25 +494,18 @@ class ShardedOptimizer(LazyDynamoOptimizer):
 
     def _check_settings_change(self) -> None:
         """On several ranks, check every piece's state against its settings on every rank alike (one
-        all-reduce) at the first step and when the marks or the group values the state depends on
-        (``KEYS_STATE_DEPENDS_ON``) changed since the last step -- a change every rank sees. A change the
-        state cannot follow (``optim_bits`` after the first step, percentile clipping without its history)
-        is then refused on every rank, naming the parameter: the inner step refused it on the ranks owning
-        a piece of it only, and the others went on into the step's collectives and waited there."""
-        seen = ([getattr(p, OVERRIDE_ATTR, None) for p in self.params],
-                [tuple(g.get(k) for k in KEYS_STATE_DEPENDS_ON) for g in self.param_groups])
-        last = self._settings_seen
-        if last is not None and seen[1] == last[1] and all(a is b for a, b in zip(seen[0], last[0])):
+        all-reduce) at the first step, after a load, and when the marks or the group values the state
+        depends on changed (:class:`~dist8.optim.settings_watch.SettingsWatch`) -- a change every rank
+        sees. A change the state cannot follow (``optim_bits`` after the first step, percentile clipping
+        without its history) is then refused on every rank, naming the parameter: the inner step refused
+        it on the ranks owning a piece of it only, and the others went on into the step's collectives
+        and waited there."""
+        if not self._settings_watch.changed(self.params, self.param_groups):
             return
         if self.world_size > 1:
             with failures_on_every_rank(self.group, "ShardedOptimizer.step", ValueError):
-                group_of = {view: g for g in self.inner.param_groups for view in g["params"]}
-                for view in self._piece_views:
-                    state = self.inner.state.get(view)
-                    if state:
-                        self.inner.check_state_fits(view, self.inner.settings(view, group_of[view]), state,
-                                                    fix=SHARDED_STATE_FIX)
-        self._settings_seen = seen
+                self.inner.check_states_fit(fix=SHARDED_STATE_FIX)
+        self._settings_watch.accept()
 
     def _refuse_gradients_not_averaged(self) -> None:
         """Stage 1, first step with gradients: refuse gradients that differ between ranks (no DDP)."""
@@ -778,7 +772,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
                 self.inner.state.pop(view, None)
         self._has_state = True  # every rank loads (see state)
         self.masters.versions = None  # masters a load installs meet the parameters at the next look
-        self._settings_seen = None  # the loaded state meets the settings at the next step, on every rank
+        self._settings_watch.forget()  # the loaded state meets the settings at the next step, on every rank
 
     @torch.no_grad()
     def load_fp32_master(self, weights: dict[int, torch.Tensor]) -> None:
