@@ -811,6 +811,16 @@ def test_single_process_errors():
     assert "rank 1" in layout.table(2) and layout.total_blocks == 3
 
 
+def test_ranks_compare_tensor_group_values_by_their_values():
+    """A tensor lr saved on each rank's own GPU reads ``device='cuda:0'`` on one rank and ``'cuda:1'`` on the
+    other: compared by repr, the shard files of one save were refused as different saves."""
+    from dist8.shard.state_dicts import _comparable
+
+    here, other = torch.tensor(1e-3), torch.tensor(1e-3).requires_grad_()  # reprs differ, values do not
+    assert repr(here) != repr(other) and _comparable(here) == _comparable(other)
+    assert _comparable(here) != _comparable(torch.tensor(2e-3)) and _comparable(0.5) == repr(0.5)
+
+
 def test_single_process_state_dict_names_and_bad_groups_refused_before_loading():
     import copy
 

@@ -176,7 +176,7 @@ def _refuse_mixed_saves(opt: ShardedOptimizer, state_dict: dict[str, Any], shard
     file left from another save loaded silently, each rank then stepping its blocks from another point
     or with another lr). Collective; every rank compares the same gathered values, so every rank gives
     the same verdict."""
-    groups = [{k: repr(v) for k, v in g.items() if k not in ("params", "param_names")}
+    groups = [{k: _comparable(v) for k, v in g.items() if k not in ("params", "param_names")}
               for g in state_dict["param_groups"]]
     seen = from_every_rank((shard, state_dict.get("steps"), groups), opt.group)
     fix = "load the state dicts of one save on every rank (nothing was loaded)"
@@ -197,6 +197,14 @@ def _refuse_mixed_saves(opt: ShardedOptimizer, state_dict: dict[str, Any], shard
                     raise ValueError(f"ShardedOptimizer.load_state_dict: param group {gi}'s {key} is "
                                      f"{mine.get(key, 'missing')} in rank 0's state dict and "
                                      f"{theirs.get(key, 'missing')} in rank {r}'s: {fix}")
+
+
+def _comparable(value: Any) -> str:
+    """A param-group value as the ranks compare it: a tensor by its values (an ``lr`` tensor lives on each
+    rank's own GPU), anything else by ``repr``."""
+    if isinstance(value, torch.Tensor):
+        return f"tensor({value.detach().cpu().tolist()!r})"
+    return repr(value)
 
 
 def _groups_after_load(opt: ShardedOptimizer, saved_groups: list[dict[str, Any]]) -> _Groups:
