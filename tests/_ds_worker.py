@@ -5,8 +5,8 @@
 "first_step": int, and the optional keys read in run_job: "bad_lr" {step: value} writes that lr into the
 optimizer's groups before the step, whose ValueError ends the job and is reported as "refused"; "late_override"
 {"step", "param", "config"} calls GlobalOptimManager.override_config on that model parameter before that step
-(a ValueError is reported as "refused") and reports whether the parameter moved from then on}. Writes OUT_DIR/<job>-rank<r>.json with global
-losses and state facts.
+(a ValueError is reported as "refused") and reports whether the parameter moved from then on}. Writes
+OUT_DIR/<job>-rank<r>.json with global losses and state facts.
 """
 import json
 import os

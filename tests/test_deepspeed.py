@@ -411,8 +411,8 @@ def test_fp16_unfused_fp32_copies_follow_their_parameters_marks():
         model = torch.nn.Linear(16, 16)
         copies = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]
         opt = segmented_class(dist8.AdamW8bit)(copies, lr=1e-2, min_8bit_size=0)
-        engine = SimpleNamespace(basic_optimizer=opt, module=model, device="cpu",
-                                 optimizer=SimpleNamespace(fp16_groups=[list(model.parameters())], fp32_groups=[copies]))
+        wrapper = SimpleNamespace(fp16_groups=[list(model.parameters())], fp32_groups=[copies])
+        engine = SimpleNamespace(basic_optimizer=opt, module=model, device="cpu", optimizer=wrapper)
         attach_segments(engine)
 
         def step():

@@ -71,8 +71,8 @@ class DeepSpeedSegments:
         return flat.detach().view(-1).narrow(0, seg.offset, seg.numel)
 
     def follow_marks(self) -> None:
-        """Take up ``GlobalOptimManager`` marks and the group values the state depends on
-        (:class:`~dist8.optim.settings_watch.SettingsWatch`) changed since the last step, as the unsharded optimizer does (an
+        """Take up ``GlobalOptimManager`` marks and the group values the state depends on changed since the
+        last step (:class:`~dist8.optim.settings_watch.SettingsWatch`), as the unsharded optimizer does (an
         ``override_config`` after the first step applies at the next). Collective when something changed,
         which every rank sees alike: a change the existing state cannot follow (8- to 32-bit state,
         percentile clipping without its history) is refused on every rank, naming the parameter, before
