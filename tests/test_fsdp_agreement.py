@@ -9,7 +9,9 @@ settings. ``dist8.optim.dtensor.agree_on_step`` makes each a one-line error on e
   as before);
 * block_size, optim_bits, min_8bit_size or quant_map different on one rank;
 * in steady state nothing is gathered (one small all-reduce per step), also while an LR
-  scheduler changes ``lr`` every step.
+  scheduler changes ``lr`` every step;
+* ``optim_bits`` or percentile clipping set after the first step, on every rank: refused on every
+  rank (under gradient release in the forward, before the backward steps anything).
 """
 import pytest
 import torch
@@ -28,6 +30,11 @@ SETTINGS = {  # rank 1's setting -> the expected message
                       "AdamW8bit: min_8bit_size of parameter l1.weight is 0 on rank 0 but 1000000000 on rank 1;"),
     "quant_map": ({"quant_map": "linear"}, "AdamW8bit: quant_map is 'dynamic' on rank 0 but 'linear' on rank 1;"),
 }
+
+
+LATE = {"optim_bits": 32, "percentile_clipping": 5}  # set after the first step -> what the state lacks
+LATE_SAYS = {"optim_bits": "parameter l1.weight has 8-bit state but its settings now give it 32-bit state",
+             "percentile_clipping": "parameter l1.weight has percentile_clipping=5 but its state has no gradient-norm"}
 
 
 def _worker(rank, world_size):
@@ -96,6 +103,29 @@ def _worker(rank, world_size):
         opt.param_groups[0]["lr"] = float("nan")
     out["one rank's lr"] = refused_step(model, opt)
 
+    # a change after the first step that the state cannot follow, made on every rank (override_config)
+    mng = dist8.GlobalOptimManager.get_instance()
+    for key, value in LATE.items():
+        model, opt = one_step_then_gradients()
+        mng.override_config(model.l1.weight, key, value)
+        out["late " + key] = refused_step(model, opt)
+        mng.initialize()
+        # the same under gradient release: refused in the forward, before the backward steps anything
+        model, opt = build()
+        handle = dist8.gradient_release(model, opt)
+        backward(model, 0)
+        mng.override_config(model.l1.weight, key, value)
+        params = [p.detach().to_local().clone() for p in model.parameters()]
+        try:
+            backward(model, 1)
+            out["late released " + key] = None
+        except ValueError as exc:
+            out["late released " + key] = str(exc)
+        out["late released unchanged " + key] = all(
+            torch.equal(a, p.detach().to_local()) for a, p in zip(params, model.parameters()))
+        handle.remove()
+        mng.initialize()
+
     for case, (kw, _) in SETTINGS.items():
         model, opt = build(**(kw if rank == 1 else {}))
         backward(model, 0)
@@ -156,6 +186,12 @@ def test_ranks_that_differ_are_refused_on_every_rank(tmp_path):
         assert r0[case][0] == r1[case][0], case
     for case in SETTINGS:
         assert r0[case + " no state"] and r1[case + " no state"], case
+    for key in LATE:  # FSDP2 holds a shard of every parameter on every rank: each refuses it itself
+        for out in (r0, r1):
+            error, unchanged = out["late " + key]
+            assert error is not None and LATE_SAYS[key] in error and unchanged, (key, error)
+            assert out["late released " + key].startswith(LATE_SAYS[key]), out["late released " + key]
+            assert out["late released unchanged " + key], key
     assert r0["recovered"] == r1["recovered"] == 2
     assert r0["steady gathers"] == r1["steady gathers"] == 0
     assert r0["steady steps"] == r1["steady steps"] == (3, 4)

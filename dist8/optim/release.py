@@ -185,7 +185,9 @@ class GradientRelease:
         opt.step = _as_scheduler_wrapped(opt) if scheduled else types.MethodType(_released_step, opt)
         opt.zero_grad = types.MethodType(_released_zero_grad, opt)
         setattr(opt, _ACTIVE_ATTR, self)
-        self._hooks.append(self.model.register_forward_pre_hook(_forward_counter(self)))
+        # first among the model's pre-hooks: a refusal there comes before FSDP2's unshard (raised after it,
+        # it left the model's parameters unsharded plain tensors)
+        self._hooks.append(self.model.register_forward_pre_hook(_forward_counter(self), prepend=True))
         self.active = True
         if self.weight_grad_chunk is not None:
             self.chunks = ChunkedWeights(self, self.model, self.weight_grad_chunk)
