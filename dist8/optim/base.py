@@ -75,6 +75,10 @@ def _map_on(name: str, signed: bool, device: torch.device) -> torch.Tensor:
     return get_map(name, signed).to(device)
 
 
+# The way out of a refused state-kind change (check_state_fits) for an optimizer that keeps state by parameter.
+FRESH_STATE_FIX = "give it fresh state with del optimizer.state[param]"
+
+
 class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
     """Base class of dist8's optimizers; not used directly.
 
@@ -531,7 +535,7 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
         return items
 
     def check_state_fits(self, p: torch.Tensor, settings: ParamSettings, state: dict[str, Any],
-                         fix: str = "give it fresh state with del optimizer.state[param]") -> None:
+                         fix: str = FRESH_STATE_FIX) -> None:
         """Refuse, naming ``p`` (``settings.name``), state made for another shape or kind than ``p`` and its
         settings now have (a parameter resized, optim_bits/min_8bit_size changed, or percentile clipping
         turned on, after its state was made), which the kernels would otherwise reject without a name;
@@ -539,7 +543,7 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
         name = settings.name  # the parameter's, or the DeepSpeed segment's whole parameter's
         first = state.get(schema.state_key(1))
         clipping = settings.hyper["percentile_clipping"]
-        if clipping < 100 and schema.GNORM not in state and state:
+        if clipping < 100 and schema.GNORM not in state:
             # the history starts with the state: read with unfilled entries, its low percentiles are 0 and
             # would scale every gradient of this parameter to 0 (bitsandbytes raises KeyError here)
             raise ValueError(f"parameter {name} has percentile_clipping={clipping} but its state has no "
@@ -555,7 +559,7 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
                              f"state (optim_bits or min_8bit_size changed after its first step?); {fix}")
 
     def check_states_fit(self, params: Iterable[torch.Tensor] | None = None,
-                         fix: str = "give it fresh state with del optimizer.state[param]") -> None:
+                         fix: str = FRESH_STATE_FIX) -> None:
         """:meth:`check_state_fits` for every parameter of ``params`` (default: all of the param groups')
         that has state: a refusal names the first one whose state its settings no longer fit."""
         wanted = None if params is None else {id(p) for p in params}
