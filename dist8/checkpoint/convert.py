@@ -81,6 +81,9 @@ def from_bitsandbytes(state_dict: dict[str, Any], block_size: int = 256,
     signs: dict[str, bool] = {}
     out_state = {}
     for pid, st in state_dict["state"].items():
+        if st == {}:  # no state (reading bitsandbytes' optimizer.state[p] before p's first step makes one)
+            out_state[pid] = {}
+            continue
         st = dict(st)
         st.update(st.pop(BNB_WRAPPER, {}))
         st = _unstack_ademamix(pid, st)
@@ -224,6 +227,9 @@ def export_fp32_adam(state_dict: dict[str, Any], block_size: int = 256) -> dict[
     quant_map = info.get("quant_map", "dynamic") if isinstance(info, dict) else "dynamic"
     out = {}
     for pid, st in state_dict["state"].items():
+        if not st:  # no state: what reading optimizer.state[p] before p's first step leaves
+            out[pid] = {}
+            continue
         step = checked_step(st.get("step", 0), str(pid), CheckpointError)
         entry: dict[str, Any] = {"step": torch.tensor(float(step))}
         for i, key, signed in ((1, "exp_avg", True), (2, "exp_avg_sq", False)):

@@ -99,9 +99,10 @@ def from_torch_optim(state_dict: dict[str, Any], optimizer: Optimizer8bit) -> di
             if id(p) not in index_of:
                 raise CheckpointError(f"param group {gi}: the torch state dict lists parameter {key!r} there, the "
                                       "optimizer in another group")
-            if key in state_dict["state"]:
+            saved_state = state_dict["state"].get(key)
+            if saved_state is not None and saved_state != {}:  # {}: none (reading torch's optimizer.state[p])
                 settings = optimizer.settings(p, dict(group, **hyper))
-                state[index_of[id(p)]] = _converted(optimizer, p, settings, state_dict["state"][key], keys)
+                state[index_of[id(p)]] = _converted(optimizer, p, settings, saved_state, keys)
         groups.append(dict(out_group, params=list(range(first_id, first_id + len(ids)))))
         first_id += len(ids)
     return {"state": state, "param_groups": groups, schema.STATE_DICT_INFO: schema.state_dict_info(optimizer.quant_map)}

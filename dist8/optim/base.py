@@ -654,6 +654,8 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
         this rank's local shard of state saved at any world size. Raises KeyError/ValueError naming ``p``.
         """
         local = dtl.is_dtensor(p)  # localize_state copies out this rank's part: no whole copy first
+        if isinstance(st, dict) and not st:  # no state (an empty entry torch's defaultdict made)
+            return {}
         out = schema.check_state(self.rule, self.param_name(p), st, p.shape, p.device, block_size, expect_8bit,
                                  correction, copy and not local)
         return dtensor.localize_state(self, p, out) if local or dtl.has_dtensor(out) else out

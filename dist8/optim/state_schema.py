@@ -263,10 +263,14 @@ def check_state(rule: Rule, name: str, st: dict[str, Any], shape: Sequence[int],
     torch's optimizers: stepping after a load must not change the state dict loaded, e.g. an
     in-memory snapshot loaded again later); ``copy=False`` is for callers whose ``st`` is already
     theirs alone (received from a collective, read from a file, moved from another parameter),
-    where a copy would only double the memory of the load.
+    where a copy would only double the memory of the load. An empty dict is no state (returned as a new
+    empty dict): reading ``optimizer.state[p]`` before ``p``'s first step leaves one in torch's
+    ``defaultdict``, ``state_dict()`` saves it as torch's optimizers do, and it must load back.
     """
     if not isinstance(st, dict) or not all(isinstance(k, str) for k in st):
         raise ValueError(f"state of parameter {name} must be a dict with string keys, got {brief(st)}")
+    if not st:
+        return {}
     meta = [k for k, v in st.items() if isinstance(v, torch.Tensor) and v.is_meta]
     if meta:
         raise ValueError(f"{meta[0]} of parameter {name} is on the meta device (no values to load)")
