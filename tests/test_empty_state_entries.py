@@ -157,3 +157,22 @@ def _fsdp_worker(rank, world_size):
 def test_fsdp2_optimizer_takes_empty_entries(tmp_path):
     for has_state in run_ranks(_fsdp_worker, 2, tmp_path=tmp_path):
         assert has_state == [True, True, False, False] * 2
+
+
+def test_state_of_a_tensor_no_group_lists_is_dropped_when_empty_and_named_otherwise():
+    """``optimizer.state[t]`` read for a tensor the optimizer does not hold (a frozen layer's weight, a
+    parameter not yet added) made torch's ``state_dict`` raise a bare ``KeyError: <id>``: an empty entry
+    is dropped now, real state is a one-line ValueError naming the tensor's shape, and nothing changes."""
+    model = _model()
+    opt = dist8.AdamW8bit(list(model.parameters())[:2], lr=1e-2, min_8bit_size=100)
+    _grads(model, 0)
+    opt.step()
+    outsider = list(model.parameters())[2]
+    _ = opt.state[outsider]
+    assert sorted(opt.state_dict()["state"]) == [0, 1] and outsider not in opt.state
+    opt.state[outsider] = {"step": 1}
+    with pytest.raises(ValueError, match=r"^optimizer\.state holds state for a tensor of shape \(64, 64\) that no "
+                                         r"param group lists; remove it \(del optimizer\.state\[tensor\]\) or add "
+                                         r"the tensor with add_param_group$"):
+        opt.state_dict()
+    assert opt.state[outsider] == {"step": 1}

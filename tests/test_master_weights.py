@@ -350,6 +350,39 @@ def test_changing_the_setting_converts_the_correction():
     assert "correction" not in opt.state[w]
 
 
+@pytest.mark.parametrize("saved,changed", [(24, 32), (32, 24)])
+@pytest.mark.parametrize("via", ["state_dict", "checkpoint"])
+def test_a_state_saved_between_a_width_change_and_the_next_step_loads_and_continues_exactly(tmp_path, saved,
+                                                                                           changed, via):
+    """master_weight_bits changed between steps: the live optimizer re-encodes a parameter's correction at its
+    next step, so a save in between holds the old width under the new setting. That loads as it is, and the
+    next step re-encodes it as the live one does (it was refused: 'correction ... is torch.int16
+    (master_weight_bits=32) but the optimizer's master_weight_bits needs torch.int8' -- a run could not
+    load its own state dict; found by tests/test_random_lifecycles.py)."""
+    import dist8.checkpoint as ckpt
+
+    net = _model(torch.bfloat16)
+    opt = OPT_CASES["AdamW8bit"](net.parameters(), master_weight_bits=saved)
+    _train(net, opt, 2)
+    opt.param_groups[0]["master_weight_bits"] = changed
+    net2 = _model(torch.bfloat16, seed=1)
+    opt2 = OPT_CASES["AdamW8bit"](net2.parameters(), master_weight_bits=saved)
+    if via == "checkpoint":
+        ckpt.load(ckpt.save(tmp_path / "ck", net, opt, step=2), net2, opt2)
+    else:
+        net2.load_state_dict(net.state_dict())
+        opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert opt2.param_groups[0]["master_weight_bits"] == changed
+    _train(net, opt, 2, start=2)
+    _train(net2, opt2, 2, start=2)
+    want = torch.int8 if changed == 24 else torch.int16
+    for (name, p1), p2 in zip(net.named_parameters(), net2.parameters()):
+        assert torch.equal(p1, p2), name
+        if p1.dtype == torch.bfloat16:
+            assert opt2.state[p2]["correction"].dtype == want, name
+            assert torch.equal(opt.state[p1]["correction"], opt2.state[p2]["correction"]), name
+
+
 @pytest.mark.parametrize("saved,built", [(24, None), (24, 32), (32, 24)])
 def test_a_checkpoint_restores_its_master_weight_bits_as_load_state_dict_does(tmp_path, saved, built):
     """dist8.checkpoint.load gives the groups the saved master_weight_bits with the correction saved for it
@@ -440,8 +473,9 @@ def test_refusals_are_one_line_value_errors_naming_the_option():
     with pytest.raises(ValueError, match=r"^master_weight_bits must be None, 24 or 32 \(param group 0 of the loaded"):
         opt.load_state_dict(bad_groups)
     wrong = {"state": {k: dict(v) for k, v in sd["state"].items()}, "param_groups": sd["param_groups"]}
-    wrong["state"][0]["correction"] = wrong["state"][0]["correction"].to(torch.int16)
-    with pytest.raises(ValueError, match=r"^correction of parameter group 0 index 0 is torch.int16 \(master_weight_bits=32\)"):
+    wrong["state"][0]["correction"] = wrong["state"][0]["correction"].to(torch.float32)
+    with pytest.raises(ValueError, match=r"^correction of parameter group 0 index 0 is torch.float32; expected an "
+                                         r"int8 \(master_weight_bits=24\) or int16 \(32\) tensor$"):
         opt.load_state_dict(wrong)
     off = {"state": sd["state"], "param_groups": [dict(sd["param_groups"][0], master_weight_bits=None)]}
     opt_none = OPT_CASES["AdamW8bit"](net.parameters())  # a saved None keeps the optimizer's None

@@ -588,9 +588,25 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim.Optimizer.state_dict`` of the parameters now in ``param_groups``."""
         self.follow_params()
+        self._drop_unlisted_state()
         sd = super().state_dict()
         sd[schema.STATE_DICT_INFO] = schema.state_dict_info(self.quant_map)
         return sd
+
+    def _drop_unlisted_state(self) -> None:
+        """Entries of ``state`` for tensors no param group lists: empty ones (reading ``optimizer.state[t]``
+        makes one in torch's ``defaultdict``) are dropped; others refused naming the tensor's shape (torch's
+        ``state_dict`` raised a bare ``KeyError: <id>`` for either)."""
+        listed = {id(p) for group in self.param_groups for p in group["params"]}
+        unlisted = [t for t in self.state if id(t) not in listed]
+        for t in unlisted:
+            if self.state[t]:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"optimizer.state holds state for a tensor of shape {shape} that no param group "
+                                 "lists; remove it (del optimizer.state[tensor]) or add the tensor with "
+                                 "add_param_group")
+        for t in unlisted:
+            del self.state[t]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict`; checks every tensor's shape and dtype.

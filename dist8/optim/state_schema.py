@@ -256,8 +256,9 @@ def check_state(rule: Rule, name: str, st: dict[str, Any], shape: Sequence[int],
     ``torch.optim.Optimizer.load_state_dict`` would cast them, is refused, not run as 32-bit
     state). ``"correction"``, when present, must be int8
     or int16 with the parameter's shape; ``correction`` (the dtype the parameter's
-    ``master_weight_bits`` needs, None for none, default :data:`ANY_CORRECTION`: either) also
-    checks its dtype (a missing correction is fine: zero, the parameter is the master). Raises
+    ``master_weight_bits`` needs, None for none, default :data:`ANY_CORRECTION`: either): with None a
+    correction is refused (the parameter keeps none); one of the other width loads as it is and the
+    parameter's next step re-encodes it (a missing correction is fine: zero, the parameter is the master). Raises
     ``KeyError``/``ValueError`` naming the parameter and key; nothing of ``st`` is modified. With
     ``copy`` (default) the tensors returned never share memory with ``st`` (as bitsandbytes, unlike
     torch's optimizers: stepping after a load must not change the state dict loaded, e.g. an
@@ -358,10 +359,10 @@ def _checked_correction(name: str, c: Any, shape: Sequence[int], device: torch.d
                          f"a bf16/fp16 parameter needs the optimizer built with master_weight_bits={bits}; an fp32 one "
                          "(a run continued in fp32) takes the checkpoint's fp32 weights instead (dist8 ckpt "
                          "consolidate CKPT OUT --fp32-weights, then dist8.checkpoint.load_fp32_weights)")
-    if expected != ANY_CORRECTION and c.dtype != expected:
-        bits = 24 if c.dtype == torch.int8 else 32
-        raise ValueError(f"{CORRECTION} of parameter {name} is {c.dtype} (master_weight_bits={bits}) but the "
-                         f"optimizer's master_weight_bits needs {expected}")
+    # A correction of the other width (24 <-> 32) loads as it is: its dtype says how to decode it, and the
+    # parameter's next step re-encodes it (master_weights.sync_correction), as when master_weight_bits is
+    # changed between steps -- which is also how a live optimizer comes to save one (a parameter not stepped
+    # since the change), so refusing it here left a run unable to load its own state dict.
     return c.to(device, copy=copy).contiguous()
 
 
