@@ -241,6 +241,22 @@ def test_hyperparameters_are_validated_naming_the_group(tmp_path, key, value, ma
     assert in_process_cli("ckpt", "verify", path) == 2
 
 
+@pytest.mark.parametrize("key,value,match", [
+    ("lr", -1.0, r"param group 0: lr = -1\.0 is outside \[0\.0, "), ("betas", (0.9,), "betas must be a"),
+    ("weight_decay", -0.5, "weight_decay"), ("optim_bits", 4, "optim_bits")])
+def test_a_save_refuses_values_its_load_would_refuse_and_writes_nothing(tmp_path, key, value, match):
+    """A param-group value edited to one the load refuses (a negative lr, one beta) was saved, and the
+    checkpoint then refused on every load: a run's newest checkpoint that can never be resumed. The save
+    runs the load's check first and refuses in one line naming the group, before anything is written."""
+    model, opt, first = saved(tmp_path, "root")
+    opt.param_groups[0][key] = value
+    with pytest.raises(ValueError, match=rf"^dist8\.checkpoint\.save\(\): .*{match}.*; a checkpoint holding it "
+                                         r"would not load: fix the value before saving$"):
+        ck.save(str(tmp_path / "second"), model, opt, step=3)
+    assert not (tmp_path / "second").exists() and not list(tmp_path.glob(".second*"))
+    assert ck.load(first, *fresh()) is not None  # the earlier checkpoint is untouched
+
+
 def test_nan_hyperparameter_and_negative_step_are_refused(tmp_path):
     _m, _o, path = saved(tmp_path)
     text = (path / "metadata.json").read_text()

@@ -172,6 +172,13 @@ def _load_sharded_and_continue(rank, world_size, path):
                                               "ShardedOptimizer was built with None"):
         ckpt.load(path, model, without)
     assert not without.shard_state()
+    # built with 32: the corrections of the other width load, and the group takes the saved 24 (the step
+    # re-encodes, as after a live change 32 -> 24; it was refused as a change of master copies)
+    other = make_model(seed=8)
+    wider = ShardedOptimizer(list(other.named_parameters()), dist8.AdamW8bit, stage=1, master_weight_bits=32, **KW)
+    ckpt.load(path, other, wider)
+    assert wider.param_groups[0]["master_weight_bits"] == 24
+    assert all(st["correction"].dtype == torch.int8 for st in wider.shard_state().values() if "correction" in st)
     opt = ShardedOptimizer(list(model.named_parameters()), dist8.AdamW8bit, stage=2, master_weight_bits=24, **KW)
     ckpt.load(path, model, opt)
     _sharded_run(rank, world_size, 2, 24, STEPS - STEPS // 2, first=STEPS // 2, model=model, opt=opt)

@@ -117,7 +117,10 @@ def checked_groups(saved_groups: list[dict[str, Any]], groups: list[dict[str, An
         if "master_weight_bits" in values:  # a saved None keeps the optimizer's own (an fp32 run has no corrections)
             values["master_weight_bits"] = master_weight_bits_after_load(values["master_weight_bits"],
                                                                          group.get("master_weight_bits"))
-            if fixed_master_weight_bits and values["master_weight_bits"] != group.get("master_weight_bits"):
+            # 24 <-> 32 is a correction of another width, which the step re-encodes; None <-> 24/32 would change
+            # whether the ShardedOptimizer keeps fp32 master copies, which it decides when built
+            if fixed_master_weight_bits and (values["master_weight_bits"] is None) != (
+                    group.get("master_weight_bits") is None):
                 raise CheckpointError(f"{at} was saved with master_weight_bits={values['master_weight_bits']!r}, "
                                       f"this ShardedOptimizer was built with {group.get('master_weight_bits')!r} "
                                       "(it chooses its master copies when built)")

@@ -171,6 +171,10 @@ def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer: Opti
     # every rank, before anything is gathered or written: a value JSON cannot hold (or the optimizer could
     # not load back) failed in the metadata writer after the tensor files
     groups_meta = metadata_param_groups(ad.hyper())
+    try:  # the load's own check of the values it would install (a negative lr was saved, then refused on load)
+        checked_groups(groups_meta, ad.optimizer.param_groups, "dist8.checkpoint.save()", ad.inner.validate_hyper)
+    except CheckpointError as exc:
+        raise ValueError(f"{exc}; a checkpoint holding it would not load: fix the value before saving") from None
     if hasattr(ad, "gather"):  # FSDP2: full quantized state onto rank 0 (collective)
         ad.gather(model)
     tmp = final.with_name(f".{final.name}.tmp")  # rank 0 creates it below; every rank writes into it

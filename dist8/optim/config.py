@@ -63,8 +63,9 @@ def master_weight_bits_after_load(saved: Any, own: Any) -> Any:
     plain 16-bit run, which has no corrections) keeps ``own``: taken from such a run, ``None``
     silently turned an optimizer built with ``master_weight_bits=24`` into pure bf16 training. Its
     corrections then start from the loaded weights (``dist8.checkpoint.load`` encodes an fp32
-    checkpoint's weights into them). (``ShardedOptimizer`` chooses its master copies when built and
-    refuses a saved value other than its own: ``dist8.checkpoint.groups``, ``dist8.shard``.)
+    checkpoint's weights into them). (``ShardedOptimizer`` chooses whether to keep fp32 master copies when
+    built, and ``dist8.checkpoint.load`` refuses a saved value that would change that -- a saved 24 or 32 into
+    one built with None; 24 and 32 replace each other.)
     """
     return own if saved is None else saved
 
