@@ -226,6 +226,25 @@ def _one_process_checkpoint(tmp_path, bits=24):
     return model, opt, path
 
 
+def test_an_fp32_sharded_optimizer_loads_a_checkpoint_whatever_its_master_weight_bits(tmp_path):
+    """fp32 parameters are their own masters: a ShardedOptimizer over them keeps no master copies with any
+    master_weight_bits, so a checkpoint whose group says 32 (set after construction; the step ignores it for
+    fp32 parameters) loads into one built with None (it was refused as a change of master copies)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64)
+    opt = ShardedOptimizer(model.parameters(), dist8.AdamW8bit, lr=1e-3, min_8bit_size=100)
+    for _ in range(2):
+        model(torch.ones(2, 64)).sum().backward()
+        opt.step()
+        opt.param_groups[0]["master_weight_bits"] = 32
+    path = ckpt.save(tmp_path / "ck", model, opt, step=2)
+    other = torch.nn.Linear(64, 64)
+    loaded = ShardedOptimizer(other.parameters(), dist8.AdamW8bit, lr=1e-3, min_8bit_size=100)
+    ckpt.load(path, other, loaded)
+    assert loaded.param_groups[0]["master_weight_bits"] == 32
+    assert all(torch.equal(p, q) for p, q in zip(other.parameters(), model.parameters()))
+
+
 def test_correction_is_validated_on_load(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -111,6 +111,12 @@ def _write(what: Path, write) -> None:
         raise CheckpointError(f"writing {what} failed: {exc.strerror or exc}") from exc
 
 
+def _keeps_master_copies_by_setting(optimizer: Any) -> bool:
+    """Whether ``master_weight_bits`` None vs 24/32 decided at construction if ``optimizer`` keeps fp32 master
+    copies: a ShardedOptimizer with 16-bit parameters (fp32 ones are their own masters either way)."""
+    return isinstance(optimizer, ShardedOptimizer) and any(p.dtype != torch.float32 for p in optimizer.params)
+
+
 def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer: Optimizer8bit | ShardedOptimizer, *,
          step: int | None = None, extra: dict[str, Any] | None = None, keep_last: int | None = None) -> str:
     """Save ``model`` and ``optimizer`` state; collective when torch.distributed is initialised.
@@ -499,7 +505,7 @@ def _read(path: Path, meta: dict[str, Any], ad: OptimizerAdapter, model, strict:
     _check_optimizer(meta, ad, where)
     plan = _Plan(groups=checked_groups(meta["optimizer"]["param_groups"], ad.optimizer.param_groups, where,
                                        ad.inner.validate_hyper,
-                                       fixed_master_weight_bits=isinstance(ad.optimizer, ShardedOptimizer)),
+                                       fixed_master_weight_bits=_keeps_master_copies_by_setting(ad.optimizer)),
                  extra=meta["extra"])
     saved = {p["name"]: p for p in meta["params"]}
     problems = []
