@@ -223,6 +223,56 @@ def test_fsdp2_master_weights_exact(tmp_path):
     assert results[0]["local_correction"]["b.weight"] == (70, 17)
 
 
+def _steps(params, opt, first, count):
+    """Steps with _grad's gradients; ``params`` maps names to (DTensor or plain) parameters."""
+    from torch.distributed.tensor import distribute_tensor
+
+    for step in range(first, first + count):
+        for n, p in params.items():
+            g = _grad(n, tuple(p.shape), step)
+            p.grad = distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None) if hasattr(
+                p, "device_mesh") else g
+        opt.step()
+        opt.zero_grad()
+
+
+def _int16_worker(rank, world_size, path):
+    import dist8.checkpoint as ckpt
+
+    model = _sharded_model(mesh_of(world_size))
+    kw = dict(lr=1e-2, weight_decay=0.1, min_8bit_size=0, master_weight_bits=32)
+    opt = dist8.AdamW8bit(model.named_parameters(), **kw)
+    _steps(dict(model.named_parameters()), opt, 0, 2)
+    plain = dist8.AdamW8bit(list({n: nn.Parameter(p.detach().clone()) for n, p in full_params(model).items()}.items()),
+                            **kw)
+    plain.load_state_dict(opt.state_dict())  # FSDP2 -> unsharded: the int16 corrections gathered
+    ckpt.save(path, model, opt, step=2)
+    return {n: st[CORRECTION].clone() for n, st in zip(plain.param_names.values(), plain.state.values())}
+
+
+def test_fsdp2_32bit_masters_save_and_gather_over_gloo_and_continue_exactly(tmp_path):
+    """master_weight_bits=32 keeps int16 corrections, which gloo cannot all-gather: dist8.checkpoint.save of an
+    FSDP2 model and loading its state dict into an unsharded optimizer failed with 'RuntimeError: Invalid
+    scalar type'. int16 now travels as uint8 pairs (dtensor_layout.full_tensor): both work on gloo, and the
+    checkpoint continues on one process bitwise as the unsharded run."""
+    import dist8.checkpoint as ckpt
+
+    gathered = run_ranks(_int16_worker, 2, str(tmp_path / "ck"), tmp_path=tmp_path)[0]
+    kw = dict(lr=1e-2, weight_decay=0.1, min_8bit_size=0, master_weight_bits=32)
+    ref = Wide().to(torch.bfloat16)
+    ref_opt = dist8.AdamW8bit(ref.named_parameters(), **kw)
+    _steps(dict(ref.named_parameters()), ref_opt, 0, 2)
+    for n, p in ref.named_parameters():
+        assert torch.equal(gathered[n], ref_opt.state[p][CORRECTION]), n
+    loaded = Wide().to(torch.bfloat16)
+    loaded_opt = dist8.AdamW8bit(loaded.named_parameters(), **kw)
+    ckpt.load(tmp_path / "ck", loaded, loaded_opt)
+    for opt_, model in ((ref_opt, ref), (loaded_opt, loaded)):
+        _steps(dict(model.named_parameters()), opt_, 2, 2)
+    for (n, p), q in zip(ref.named_parameters(), loaded.parameters()):
+        assert torch.equal(p, q) and torch.equal(ref_opt.state[p][CORRECTION], loaded_opt.state[q][CORRECTION]), n
+
+
 # ---- a cast_model'd transformers Llama under dist8's fully_shard ---------------------------------
 def _cast_llama():
     import transformers

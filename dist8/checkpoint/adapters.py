@@ -15,6 +15,7 @@ import torch.distributed as dist
 from dist8.checkpoint.names import parameter_names, state_dict_by_name
 from dist8.optim.base import Optimizer8bit
 from dist8.optim.config import hyperparameters_of
+from dist8.optim.dtensor_layout import full_tensor
 from dist8.optim.state_schema import CORRECTION, is_state_key
 from dist8.shard import BlockLayout, Piece, ShardedOptimizer
 
@@ -155,7 +156,16 @@ class FSDP2Adapter(OptimizerAdapter):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
         self.full_model = get_model_state_dict(model, options=self._options())
-        self.full = get_optimizer_state_dict(model, self.optimizer, options=self._options())
+        # the optimizer's sharded dict, gathered here tensor by tensor: torch's full_state_dict gather
+        # all-gathers master_weight_bits=32's int16 corrections, which gloo cannot ("Invalid scalar type")
+        sharded = get_optimizer_state_dict(model, self.optimizer)
+        keep = dist.get_rank() == 0 if dist.is_initialized() else True  # rank 0 writes, as with cpu_offload
+        state = {}
+        for name, st in sharded.get("state", {}).items():
+            whole = {k: (full_tensor(v).cpu() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
+            if keep:
+                state[name] = whole
+        self.full = {"state": state, "param_groups": sharded.get("param_groups", [])} if keep else None
 
     def piece_state(self, i: int) -> dict[str, Any] | None:
         st = (self.full or {}).get("state", {}).get(self.names[i])

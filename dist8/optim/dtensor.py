@@ -35,8 +35,8 @@ import hashlib
 import torch
 
 from dist8.optim.comparable import comparable
-from dist8.optim.dtensor_layout import (Layout, box_of, comm_device, is_dtensor, layout_of, one_plain_shard,
-                                       shard_dims, world_group)
+from dist8.optim.dtensor_layout import (Layout, box_of, comm_device, full_tensor, is_dtensor, layout_of,
+                                       one_plain_shard, shard_dims, world_group)
 from dist8.optim.state_schema import (CORRECTION, absmax_key, is_absmax_key, is_state_key, new_state, state_indices,
                                       state_key)
 
@@ -421,7 +421,7 @@ def localize_state(opt: Optimizer8bit, p, st: dict[str, Any]) -> dict[str, Any]:
     (for a DTensor ``p``, new tensors: nothing returned shares memory with ``st``)."""
     name = opt.param_name(p)
     if not is_dtensor(p):
-        return {k: (v.full_tensor() if is_dtensor(v) else v) for k, v in st.items()}
+        return {k: full_tensor(v) for k, v in st.items()}
     settings = opt.settings(p, _group_of(opt, p))
     lay = layout_for(opt, p, settings)
     out = dict(st)
@@ -439,8 +439,7 @@ def localize_state(opt: Optimizer8bit, p, st: dict[str, Any]) -> dict[str, Any]:
                 raise ValueError(f"{key} of parameter {name}: local shard {tuple(v.shape)}, expected {lay.local_shape}")
             out[key] = v.to(p.device).contiguous().clone()
         elif is_absmax_key(key):
-            if is_dtensor(v):
-                v = v.full_tensor()
+            v = full_tensor(v)
             if v.numel() != lay.nblocks:
                 raise ValueError(
                     f"{key} of parameter {name} has {v.numel()} entries; the parameter ({lay.numel} elements in "
@@ -448,7 +447,7 @@ def localize_state(opt: Optimizer8bit, p, st: dict[str, Any]) -> dict[str, Any]:
                 )
             out[key] = lay.local_absmax(v).to(p.device, torch.float32).clone()
         elif is_dtensor(v):
-            out[key] = v.full_tensor()
+            out[key] = full_tensor(v)
         else:  # the percentile-clipping history, identical on every shard
             out[key] = v.clone()
     return out

@@ -14,7 +14,7 @@ import torch
 
 from dist8.quant import num_blocks
 
-__all__ = ["is_dtensor", "local", "check_param", "shard_dims", "one_plain_shard", "world_group", "box_of", "chunk",
+__all__ = ["is_dtensor", "local", "full_tensor", "check_param", "shard_dims", "one_plain_shard", "world_group", "box_of", "chunk",
            "Layout", "flat_range", "whole_block_runs", "layout_of", "comm_device", "has_dtensor"]
 
 _FSDP1_MSG = (
@@ -38,6 +38,25 @@ def is_dtensor(t: Any) -> bool:
 def local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (shares storage); other tensors unchanged."""
     return t.to_local() if is_dtensor(t) else t
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (collective on its mesh); other tensors unchanged.
+
+    int16 (``master_weight_bits=32``'s correction) travels as pairs of uint8 in a new last dimension:
+    gloo has no int16 all-gather ("Invalid scalar type"), and the extra dimension keeps every shard
+    placement's chunks where they were, so the bytes come back exactly."""
+    if not is_dtensor(t):
+        return t
+    if t.dtype != torch.int16:
+        return t.full_tensor()
+    from torch.distributed.tensor import DTensor
+
+    pairs = t.to_local().contiguous().unsqueeze(-1).view(torch.uint8)
+    shape = (*t.shape, 2)
+    wide = DTensor.from_local(pairs, t.device_mesh, t.placements, run_check=False, shape=torch.Size(shape),
+                              stride=torch.empty(shape, device="meta").stride())
+    return wide.full_tensor().view(torch.int16).squeeze(-1)
 
 
 def check_param(name: str, p: torch.Tensor) -> None:
