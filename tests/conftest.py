@@ -44,6 +44,7 @@ FILE_SECONDS = {
     "test_train_inputs.py": 15, "test_deepspeed_convert_inputs.py": 10, "test_checkpoint_cli_inputs.py": 5,
     "test_sharded_agreement.py": 12, "test_checkpoint_agreement.py": 18, "test_fsdp_agreement.py": 12,
     "test_override_marks.py": 8, "test_random_lifecycles.py": 10, "test_empty_state_entries.py": 8,
+    "test_dcp_init.py": 10,
 }
 
 

@@ -37,6 +37,7 @@ from dist8.optim.config import (GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, check_override
                                 match_overrides, name_every_group, positional_name, split_named_params,
                                 unknown_arguments_message, uses_8bit)
 from dist8.optim.contract import TorchContract
+from dist8.optim.dcp_init import called_by_dcp_init
 from dist8.optim.hooks import load_state_dict_with_hooks
 from dist8.optim.lazy_dynamo import LazyDynamoOptimizer
 from dist8.optim.manager import apply_positional_configs, restore_module_marks
@@ -440,6 +441,10 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
 
         Runs eagerly under ``torch.compile`` (one graph break): traced, FSDP2 (DTensor) parameters' state
         layout went into an inductor graph that failed (NameError in generated code)."""
+        if called_by_dcp_init():  # torch DCP's zero-gradient lr=0 step: make the state, step nothing
+            self.follow_params()
+            self.make_fresh_state()
+            return None
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -448,6 +453,19 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
         self.notice_steps_without_gradients()
         self._update(((group, group["params"]) for group in self.param_groups))
         return loss
+
+    @torch.no_grad()
+    def make_fresh_state(self, params: Iterable[torch.Tensor] | None = None) -> None:
+        """Give each of ``params`` (default: every parameter with a gradient) that has no state the state its
+        first step would create (zero moments, ``step`` 0), changing nothing else: what torch DCP's state
+        initialisation asks of ``step()`` (:mod:`dist8.optim.dcp_init`)."""
+        wanted = None if params is None else {id(p) for p in params}
+        for group in self.param_groups:
+            hyper = hyperparameters_of(group)
+            for p in group["params"]:
+                chosen = p.grad is not None if wanted is None else id(p) in wanted
+                if chosen and not self.state.get(p):
+                    self.state[p] = self.init_state(p, self.settings(p, group, hyper))
 
     @torch.no_grad()
     def step_params(self, params: Iterable[torch.Tensor]) -> None:

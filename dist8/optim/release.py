@@ -94,6 +94,7 @@ from dist8.messages import brief
 from dist8.optim.base import Optimizer8bit
 from dist8.optim.range_step import optimizer_range_refusal
 from dist8.optim.chunked_grads import ChunkedWeights
+from dist8.optim.dcp_init import called_by_dcp_init
 from dist8.optim.settings_watch import SettingsWatch
 
 __all__ = ["GradientRelease", "check_nonfinite_mode", "gradient_release"]
@@ -412,6 +413,11 @@ class GradientRelease:
             # a resume under gradient release loaded no optimizer state, silently. Stepped here, as the
             # normal step would. The same parameters in the same order on every rank (FSDP2: collective).
             late = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if late and called_by_dcp_init():  # its lr=0 step would count (dist8.optim.dcp_init): state only
+                self.optimizer.make_fresh_state(late)
+                for p in late:
+                    p.grad = None
+                late = []
             if late:
                 self.optimizer.step_params(late)
                 self.steps += len(late)  # stepped at this optimizer.step(): nothing counted towards the next

@@ -25,6 +25,7 @@ from dist8.optim.amp import check_amp_unscale
 from dist8.optim.base import Optimizer8bit
 from dist8.optim.config import (GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, PARAM_LIST_KEYS, check_overrides,
                                 check_overrides_match, hyperparameters_of, split_named_params)
+from dist8.optim.dcp_init import called_by_dcp, called_by_dcp_init
 from dist8.optim.hooks import load_state_dict_with_hooks, state_dict_with_hooks
 from dist8.optim.lazy_dynamo import LazyDynamoOptimizer
 from dist8.optim.manager import apply_positional_configs, restore_module_marks
@@ -558,6 +559,14 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         # True makes the scaler set grad_scale/found_inf and let step() unscale (see step).
         return self.inner.amp_unscale == "kernel"
 
+    def make_fresh_state(self) -> None:
+        """Give every piece without state the state its first step would create (zero moments, ``step`` 0),
+        on every rank, stepping nothing: what torch.distributed.checkpoint's state initialisation asks of
+        ``step()`` (its zero-gradient ``lr=0`` step set every ``step`` counter to 1 and put zeros into
+        percentile clipping's history: :mod:`dist8.optim.dcp_init`)."""
+        self.inner.make_fresh_state(self._piece_views)
+        self._has_state = True  # on every rank alike (see state)
+
     @eager_only  # host-driven collectives into the flat buffers: never traced (see the docstring)
     @torch.no_grad()
     def step(self, closure=None):
@@ -571,6 +580,9 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         step or unscales inside its kernels. Stage 2 on several ranks refuses the
         scaler: its gradients are still being reduced when the scaler reads them.
         """
+        if called_by_dcp_init():  # torch DCP's zero-gradient lr=0 step: make the state, step nothing
+            self.make_fresh_state()
+            return None
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and self.stage == 2 and self.world_size > 1:
             raise RuntimeError(
@@ -698,9 +710,9 @@ class ShardedOptimizer(LazyDynamoOptimizer):
 
         Runs the hooks of ``register_state_dict_pre_hook``/``post_hook`` as torch's optimizers do.
         """
-        if state_dicts.called_by_dcp():
-            if not self._has_state:
-                state_dicts.initialize_for_dcp(self)
+        if called_by_dcp():
+            if not self._has_state:  # DCP needs state to load into (stage 2's .grad views skip its own init)
+                self.make_fresh_state()
             return state_dict_with_hooks(self, self._full_state_dict)
         if self.full_state_dict:
             return state_dict_with_hooks(self, self._full_state_dict)

@@ -15,7 +15,6 @@ Only the optimizer's public attributes are used (``params``, ``names``, ``pieces
 from __future__ import annotations
 
 import contextlib
-import sys
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +31,7 @@ from dist8.shard.collectives import piece_range, wait_for_every_rank
 if TYPE_CHECKING:
     from dist8.shard.sharded import ShardedOptimizer
 
-__all__ = ["OwnedState", "called_by_dcp", "initialize_for_dcp", "shard_format", "unsharded_format", "load"]
+__all__ = ["OwnedState", "shard_format", "unsharded_format", "load"]
 
 SHARD_FORMAT = "dist8.sharded/1"
 
@@ -59,38 +58,6 @@ class OwnedState(dict):
         ``defaultdict`` state answers, not inserted. DCP's ``flatten_optimizer_state_dict`` loader reads
         ``optim.state[p]`` for every parameter to know which entries to take (a KeyError before)."""
         return {}
-
-
-def called_by_dcp() -> bool:
-    """Whether torch.distributed.checkpoint's ``get/set_optimizer_state_dict`` is the caller of the
-    ``state_dict()`` asking (it calls ``optim.state_dict()`` directly; its module's name is the mark)."""
-    frame = sys._getframe(2)  # 0: here, 1: ShardedOptimizer.state_dict, 2: its caller
-    for _ in range(3):
-        if frame is None:
-            return False
-        if frame.f_globals.get("__name__") == "torch.distributed.checkpoint.state_dict":
-            return True
-        frame = frame.f_back
-    return False
-
-
-def initialize_for_dcp(opt: ShardedOptimizer) -> None:
-    """Create the state of an optimizer that has none (on every rank, collective), as
-    torch.distributed.checkpoint does for torch's optimizers: one step with zero gradients at
-    ``lr=0`` (the parameters do not move). Without it DCP would find no state to load into and load
-    nothing, silently (stage 2 keeps ``.grad`` views, so DCP's own initialisation skips it)."""
-    lrs = [g["lr"] for g in opt.param_groups]
-    try:
-        for g in opt.param_groups:
-            g["lr"] = 0.0
-        for p in opt.params:
-            if p.requires_grad:
-                p.grad = torch.zeros_like(p)
-        opt.step()
-    finally:
-        for g, lr in zip(opt.param_groups, lrs):
-            g["lr"] = lr
-        opt.zero_grad()
 
 
 def _sliced(key: str, value: Any) -> bool:
