@@ -247,17 +247,22 @@ def _int16_worker(rank, world_size, path):
                             **kw)
     plain.load_state_dict(opt.state_dict())  # FSDP2 -> unsharded: the int16 corrections gathered
     ckpt.save(path, model, opt, step=2)
-    return {n: st[CORRECTION].clone() for n, st in zip(plain.param_names.values(), plain.state.values())}
+    loaded = _sharded_model(mesh_of(world_size))
+    loaded_opt = dist8.AdamW8bit(loaded.named_parameters(), **kw)
+    ckpt.load(path, loaded, loaded_opt)  # scattered from rank 0 by torch, int16 failed on gloo the same way
+    _steps(dict(loaded.named_parameters()), loaded_opt, 2, 2)
+    return ({n: st[CORRECTION].clone() for n, st in zip(plain.param_names.values(), plain.state.values())},
+            full_params(loaded))
 
 
 def test_fsdp2_32bit_masters_save_and_gather_over_gloo_and_continue_exactly(tmp_path):
-    """master_weight_bits=32 keeps int16 corrections, which gloo cannot all-gather: dist8.checkpoint.save of an
-    FSDP2 model and loading its state dict into an unsharded optimizer failed with 'RuntimeError: Invalid
-    scalar type'. int16 now travels as uint8 pairs (dtensor_layout.full_tensor): both work on gloo, and the
+    """master_weight_bits=32 keeps int16 corrections, which gloo cannot all-gather or scatter: dist8.checkpoint
+    save and load of an FSDP2 model and loading its state dict into an unsharded optimizer failed with
+    'RuntimeError: Invalid scalar type'. int16 now travels as uint8 pairs (dtensor_layout.full_tensor): both work on gloo, and the
     checkpoint continues on one process bitwise as the unsharded run."""
     import dist8.checkpoint as ckpt
 
-    gathered = run_ranks(_int16_worker, 2, str(tmp_path / "ck"), tmp_path=tmp_path)[0]
+    gathered, reloaded = run_ranks(_int16_worker, 2, str(tmp_path / "ck"), tmp_path=tmp_path)[0]
     kw = dict(lr=1e-2, weight_decay=0.1, min_8bit_size=0, master_weight_bits=32)
     ref = Wide().to(torch.bfloat16)
     ref_opt = dist8.AdamW8bit(ref.named_parameters(), **kw)
@@ -271,6 +276,7 @@ def test_fsdp2_32bit_masters_save_and_gather_over_gloo_and_continue_exactly(tmp_
         _steps(dict(model.named_parameters()), opt_, 2, 2)
     for (n, p), q in zip(ref.named_parameters(), loaded.parameters()):
         assert torch.equal(p, q) and torch.equal(ref_opt.state[p][CORRECTION], loaded_opt.state[q][CORRECTION]), n
+        assert torch.equal(p, reloaded[n]), n  # and on 2 ranks
 
 
 # ---- a cast_model'd transformers Llama under dist8's fully_shard ---------------------------------

@@ -16,7 +16,7 @@ from dist8.checkpoint.names import parameter_names, state_dict_by_name
 from dist8.optim.base import Optimizer8bit
 from dist8.optim.config import hyperparameters_of
 from dist8.optim.dtensor_layout import full_tensor
-from dist8.optim.state_schema import CORRECTION, is_state_key
+from dist8.optim.state_schema import CORRECTION, STATE_DICT_INFO, is_state_key, state_dict_info
 from dist8.shard import BlockLayout, Piece, ShardedOptimizer
 
 __all__ = ["FSDP2Adapter", "OptimizerAdapter", "adapt"]
@@ -139,9 +139,9 @@ class FSDP2Adapter(OptimizerAdapter):
     """A dist8 optimizer on FSDP2 (DTensor) parameters.
 
     Saving gathers the *full* quantized state (uint8 codes + fp32 absmax; never fp32
-    moments) and model onto rank 0 with torch's full-state-dict API and writes a
-    world-size-1 checkpoint; loading gives every rank the full state, and the optimizer
-    keeps the blocks of its shard. For sharded reads at scale use
+    moments) onto rank 0, tensor by tensor (int16 corrections as uint8 pairs), and the model
+    with torch's full-state-dict API, and writes a world-size-1 checkpoint; loading gives every
+    rank the full state, and the optimizer's ``load_state_dict`` keeps the blocks of its shard. For sharded reads at scale use
     :func:`dist8.integrations.fsdp.save_dcp`, which stores the same codes through DCP.
     """
 
@@ -180,25 +180,21 @@ class FSDP2Adapter(OptimizerAdapter):
         set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True))
 
     def load_states(self, states: dict[int, dict[str, Any]], masters: dict[int, torch.Tensor]) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        full_state = {}
+        # Every rank read the whole state: the optimizer's own load_state_dict keeps each rank's blocks
+        # (dtensor.localize_state slices global tensors, no collective moves state). torch's
+        # set_optimizer_state_dict(full_state_dict=True) scattered each tensor from rank 0 instead, which
+        # gloo cannot do for master_weight_bits=32's int16 corrections ("Invalid scalar type").
+        order = [p for g in self.optimizer.param_groups for p in g["params"]]
+        index = {id(p): k for k, p in enumerate(order)}
+        state = {}
         for i, st in states.items():
             shape = self.layout.params[i].shape
-            full_state[self.names[i]] = {k: (v.view(shape) if _shaped(k) else v) for k, v in st.items()}
-        groups = []
-        for g in self.optimizer.param_groups:
-            fqns = [self.names[j] for j, p in enumerate(self.params) if any(q is p for q in g["params"])]
-            groups.append(dict(hyperparameters_of(g), params=fqns))
-        # strict=False: torch refuses a parameter without saved state (one that never got a gradient, or one
-        # load(strict=False) skipped), which load_state_dict accepts; dist8 has checked names and shapes.
-        set_optimizer_state_dict(self.model, self.optimizer, {"state": full_state, "param_groups": groups},
-                                 options=StateDictOptions(full_state_dict=True, strict=False))
-        # torch keeps such a parameter's state from before the load (or from the zero-gradient step it takes
-        # on a fresh optimizer): the checkpoint's state, as load_state_dict gives it, is none
-        for i, p in enumerate(self.params):
-            if i not in states:
-                self.inner.state.pop(p, None)
+            state[index[id(self.params[i])]] = {k: (v.view(shape) if _shaped(k) else v) for k, v in st.items()}
+        groups = [dict(hyperparameters_of(g), params=[index[id(p)] for p in g["params"]])
+                  for g in self.optimizer.param_groups]
+        # as load_state_dict gives it: a parameter the checkpoint has no state for has none
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups,
+                                        STATE_DICT_INFO: state_dict_info(self.inner.quant_map)})
 
 
 def adapt(model: torch.nn.Module | None, optimizer, wrapped: bool = False) -> OptimizerAdapter:
