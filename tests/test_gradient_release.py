@@ -361,6 +361,29 @@ def test_a_settings_change_the_state_cannot_follow_is_refused_in_the_forward(key
         mng.initialize()
 
 
+@pytest.mark.parametrize("key,value,match", [("lr", -1.0, r"lr must be >= 0\.0 \(param group 0\), got -1\.0"),
+                                             ("betas", (0.9,), r"betas must be a pair"),
+                                             ("eps", float("nan"), r"eps must be a finite number")])
+def test_a_group_value_the_step_refuses_is_refused_in_the_forward(key, value, match):
+    """A param group's value edited after the first step to one the step refuses was refused by the hook of
+    that group's first parameter in backward order, with other groups' parameters before it stepped (found by
+    a random lifecycle probe: group 0 holds the first layers, stepped last); now in the forward, before any."""
+    model = make()
+    opt = AdamW8bit([{"params": [model.emb.weight, *model.fc1.parameters()]},
+                     {"params": [*model.ln.parameters(), *model.fc2.parameters()]}], lr=1e-2, min_8bit_size=0)
+    handle = dist8.gradient_release(model, opt)
+    loss_of(model, 0).backward()
+    opt.param_groups[0][key] = value
+    snapshot = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=rf"^{match}"):
+        loss_of(model, 1)
+    assert all(torch.equal(a, b) for a, b in zip(snapshot, model.parameters()))  # nothing updated
+    opt.param_groups[0][key] = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8}[key]  # taken back
+    loss_of(model, 1).backward()
+    assert all(not torch.equal(a, b) for a, b in zip(snapshot, model.parameters()))
+    handle.remove()
+
+
 def test_refuses_accumulation_at_step():
     model = make()
     opt = AdamW8bit(model.parameters(), lr=1e-2)

@@ -94,6 +94,7 @@ from dist8.messages import brief
 from dist8.optim.base import Optimizer8bit
 from dist8.optim.range_step import optimizer_range_refusal
 from dist8.optim.chunked_grads import ChunkedWeights
+from dist8.optim.config import hyperparameters_of
 from dist8.optim.dcp_init import called_by_dcp_init
 from dist8.optim.settings_watch import SettingsWatch
 
@@ -230,6 +231,7 @@ class GradientRelease:
             self._forwards += 1
             self._hook_swapped_params()
             self._hook_new_params()
+            self._refuse_bad_groups()
             self._refuse_unfit_states()
 
     def _refuse_ddp_forward(self) -> None:
@@ -250,6 +252,14 @@ class GradientRelease:
                     "each rank's local gradient and the ranks would drift apart. Nothing was stepped. Use FSDP2 "
                     "(fully_shard) for gradient release across ranks, or remove() the handle to train with DDP")
         self._ddp_checked.add(ddp)
+
+    def _refuse_bad_groups(self) -> None:
+        """Refuse, in the forward, a param-group value edited to one the step refuses (``lr = -1``, one beta):
+        the backward's hooks refused it at that group's first parameter, with the parameters of other groups
+        before it in backward order stepped. One dict comparison per group when nothing changed
+        (:meth:`Optimizer8bit.check_changed_group`)."""
+        for group in self.optimizer.param_groups:
+            self.optimizer.check_changed_group(group, hyperparameters_of(group))
 
     def _refuse_unfit_states(self) -> None:
         """Refuse, in the forward, a settings change the state cannot follow (``optim_bits`` or percentile
