@@ -17,10 +17,14 @@ state-dict round trips through ``torch.load(weights_only=True)``. Four runs take
   parameters have no gradient (it checks every group; ``step_params`` the groups it steps), that run is
   left out from there on.
 
-A refusal must change nothing, which the comparisons check: the runs go on from the same values.
+A refusal must change nothing, which the comparisons check: the runs go on from the same values. A second
+test runs such sequences through a model's backward, under ``dist8.gradient_release`` and without.
 Found: a state dict holding an entry read before its parameter's first step (``{}``, as torch's
-``defaultdict`` makes) could not be loaded back (KeyError), by any load path. ``DIST8_RANDOM_SEED=n``
-draws another set.
+``defaultdict`` makes) could not be loaded back (KeyError), by any load path; ``state_dict()`` raised a bare
+``KeyError: <id>`` for an entry of a tensor no group lists; a save between a ``master_weight_bits`` change
+and the next step could not be loaded; under gradient release an invalid group value was refused after
+other groups' parameters were stepped, and a frozen parameter's unfit state was refused though nothing
+would step it. ``DIST8_RANDOM_SEED=n`` draws another set.
 """
 import io
 import os
@@ -235,3 +239,116 @@ def test_random_lifecycles_agree_across_backends_round_trips_and_step_params(mon
                 if name != "cpu":
                     _compare(case, name, snapshots["cpu"], snap, done)
     assert stepped > CASES, stepped  # the draw steps, not only refuses
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = (torch.nn.Linear(16, 40), torch.nn.Linear(40, 40), torch.nn.Linear(40, 8))
+        self.to(dtype)
+        self.c.requires_grad_(False)  # trained from an add_param_group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+RELEASE_CASES = 80
+
+
+def _release_case(seed: int, index: int):
+    rng = random.Random(f"release/{seed}/{index}")
+    name = rng.choice(CLASSES)
+    kw: dict = dict(lr=rng.choice([1e-3, 1e-2]), min_8bit_size=rng.choice([1, 300, 4096]))
+    if name in ("SGD8bit", "LARS8bit"):
+        kw["momentum"] = 0.9
+    if rng.random() < 0.2:
+        kw["percentile_clipping"] = 5
+    dtype = rng.choice([torch.float32, torch.bfloat16])
+    if dtype == torch.bfloat16:
+        kw["master_weight_bits"] = rng.choice([24, 32])
+    return rng, name, kw, dtype
+
+
+@pytest.mark.filterwarnings("ignore:the loaded state dict's param group has:UserWarning")
+def test_random_lifecycles_under_gradient_release_equal_the_plain_steps():
+    """The same kind of sequences through a model's backward: one run under ``dist8.gradient_release``, one
+    stepping normally, with group edits valid and invalid (two groups: an invalid value in the group of the
+    first layers, stepped last in backward order), late overrides, ``add_param_group`` of a layer unfrozen,
+    freezing, and round trips that build a new optimizer and release. The same outcomes and bitwise the same
+    parameters after every operation. Found: an invalid group value was refused by the hooks only after other
+    groups' parameters had been stepped (now refused in the forward)."""
+    stepped = 0
+    for index in range(RELEASE_CASES):
+        rng, name, kw, dtype = _release_case(SEED, index)
+        nets = [_Net(dtype), _Net(dtype)]
+
+        def built(net, groups=None):
+            groups = groups or [{"params": list(net.a.parameters())}, {"params": list(net.b.parameters())}]
+            return getattr(dist8, name)(groups, **kw)
+
+        opts = [built(nets[0]), built(nets[1])]
+        handle = dist8.gradient_release(nets[1], opts[1])
+        done, added = [], False
+        for _ in range(OPS):
+            r = rng.random()
+            outcomes = []
+            if r < 0.5:
+                x = torch.randn(4, 16, generator=torch.Generator().manual_seed(rng.randrange(1 << 30))).to(dtype)
+                for net, opt in zip(nets, opts):
+                    try:
+                        net(x).float().square().mean().backward()
+                        opt.step()
+                        outcomes.append("ok")
+                    except ValueError as exc:
+                        outcomes.append(str(exc))
+                    opt.zero_grad()
+                op = "step"
+            elif r < 0.64:
+                gi, (key, value) = rng.randrange(2), rng.choice([
+                    ("lr", 1e-4), ("weight_decay", 0.05), ("lr", -1.0), ("eps", float("nan")), ("optim_bits", 32),
+                    ("percentile_clipping", 3), ("betas", (0.8, 0.9))])
+                for opt in opts:
+                    opt.param_groups[gi][key] = value
+                op = ("edit", gi, key, value)
+            elif r < 0.72 and not added:
+                for net, opt in zip(nets, opts):
+                    net.c.requires_grad_(True)
+                    opt.add_param_group({"params": list(net.c.parameters())})
+                added, op = True, "add"
+            elif r < 0.8:
+                i, (key, value) = rng.randrange(2), rng.choice([("lr", 1e-5), ("optim_bits", 32), ("weight_decay", 0.2)])
+                for net in nets:
+                    dist8.GlobalOptimManager.get_instance().override_config((net.a.weight, net.b.weight)[i], key, value)
+                op = ("override", i, key, value)
+            elif r < 0.88:
+                for k, (net, opt) in enumerate(zip(nets, opts)):
+                    buffer = io.BytesIO()
+                    torch.save(opt.state_dict(), buffer)
+                    buffer.seek(0)
+                    new = built(net, [{"params": group["params"]} for group in opt.param_groups])
+                    try:
+                        new.load_state_dict(torch.load(buffer, weights_only=True))
+                    except ValueError as exc:
+                        outcomes.append(str(exc))
+                        continue
+                    outcomes.append("ok")
+                    if k == 1:
+                        handle.remove()
+                        handle = dist8.gradient_release(net, new)
+                    opts[k] = new
+                op = "round trip"
+            else:
+                i, flag = rng.randrange(2), rng.random() < 0.5
+                for net in nets:
+                    (net.a.weight, net.b.weight)[i].requires_grad_(flag)
+                op = ("freeze", i, flag)
+            done.append(op)
+            stepped += op == "step" and outcomes[0] == "ok"
+            where = f"release case {index}: {name}({kw}) {dtype} after {done}"
+            assert len(set(outcomes)) <= 1 or [o == "ok" for o in outcomes] == [True, True] or (
+                "ok" not in outcomes), f"{where}: {outcomes}"
+            for (n, p), q in zip(nets[0].named_parameters(), nets[1].parameters()):
+                assert _same(p.detach(), q.detach()), f"{where}: {n} differs"
+        handle.remove()
+    assert stepped > RELEASE_CASES, stepped

@@ -266,7 +266,9 @@ class GradientRelease:
         clipping set after the first step): the backward's hooks refused it at that parameter, with the
         parameters before it in backward order stepped. Checked when a mark or a group value the state
         depends on changed (:class:`~dist8.optim.settings_watch.SettingsWatch`): one look per forward."""
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        # the parameters the hooks can step: a frozen one's state is checked when it is trainable again (the
+        # watch sees another list), as the plain step checks a parameter when it has a gradient
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
         if self._settings_watch.changed(params, self.optimizer.param_groups):
             self.optimizer.check_states_fit(params)
             self._settings_watch.accept()
