@@ -95,3 +95,36 @@ def test_dcp_on_an_optimizer_without_state_leaves_a_fresh_optimizer(tmp_path, ho
         for i, params in enumerate(runs):  # the same batch on every rank: averaged gradients are exact
             for n, (got, expected) in enumerate(zip(params, want)):
                 assert torch.equal(got, expected), (how, i, n)
+
+
+def _changed_worker(rank, world_size, how):
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    kw = dict(KW, percentile_clipping=100)
+    if how == "fsdp2":
+        for layer in model:
+            fully_shard(layer)
+        fully_shard(model)
+    if how.startswith("sharded"):
+        opt = ShardedOptimizer(list(model.named_parameters()), dist8.AdamW8bit, stage=int(how[-1]), **kw)
+    else:
+        opt = dist8.AdamW8bit(model.named_parameters(), **kw)
+    get_optimizer_state_dict(model, opt)  # fresh 8-bit state, step 0, on every parameter
+    opt.param_groups[0]["optim_bits"] = 32  # then the settings change, before the first step
+    opt.param_groups[0]["percentile_clipping"] = 5
+    _train(model, opt, 0, 2)
+    return _full(model)
+
+
+@pytest.mark.parametrize("how", ["plain", "fsdp2", "sharded1"])
+def test_state_dcp_made_before_the_first_step_follows_a_settings_change(tmp_path, how):
+    """The state DCP's initialisation makes (step 0) holds nothing a step made: a change of optim_bits or
+    percentile_clipping before the first step remakes it for the new settings, where it was refused as a change
+    "after its first step" (which a fresh optimizer accepts), bitwise the optimizer built with those settings."""
+    ref_model = _model()
+    ref = dist8.AdamW8bit(ref_model.named_parameters(), **dict(KW, optim_bits=32, percentile_clipping=5))
+    _train(ref_model, ref, 0, 2)
+    for params in run_ranks(_changed_worker, 2, how, tmp_path=tmp_path):
+        assert all(torch.equal(a, b) for a, b in zip(params, ref_model.parameters())), how

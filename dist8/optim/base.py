@@ -557,24 +557,40 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
         """Refuse, naming ``p`` (``settings.name``), state made for another shape or kind than ``p`` and its
         settings now have (a parameter resized, optim_bits/min_8bit_size changed, or percentile clipping
         turned on, after its state was made), which the kernels would otherwise reject without a name;
-        ``fix`` ends the message."""
+        ``fix`` ends the message. State that was never stepped (``step`` 0: made by torch DCP's state
+        initialisation, or loaded from a checkpoint taken before the first step) holds nothing a step made:
+        it is made again, in place, for the settings (its master-weight correction kept) instead."""
+        reason = self._unfit_reason(p, settings, state)
+        if reason is None:
+            return
+        if state.get(schema.STEP) == 0:
+            correction, fresh = state.get(schema.CORRECTION), self.init_state(p, settings)
+            if correction is not None and correction.shape == fresh.get(schema.CORRECTION, correction[:0]).shape:
+                fresh[schema.CORRECTION] = correction  # the master's low bits (load_fp32_weights may have set them)
+            state.clear()
+            state.update(fresh)
+            return
+        raise ValueError(f"{reason}; {fix}")
+
+    def _unfit_reason(self, p: torch.Tensor, settings: ParamSettings, state: dict[str, Any]) -> str | None:
         name = settings.name  # the parameter's, or the DeepSpeed segment's whole parameter's
         first = state.get(schema.state_key(1))
         clipping = settings.hyper["percentile_clipping"]
         if clipping < 100 and schema.GNORM not in state:
             # the history starts with the state: read with unfilled entries, its low percentiles are 0 and
             # would scale every gradient of this parameter to 0 (bitsandbytes raises KeyError here)
-            raise ValueError(f"parameter {name} has percentile_clipping={clipping} but its state has no "
-                             f"gradient-norm history (clipping turned on after its first step?); {fix}")
+            return (f"parameter {name} has percentile_clipping={clipping} but its state has no gradient-norm "
+                    "history (clipping turned on after its first step?)")
         if first is None:
-            return
+            return None
         if not self.uses_dtensor and first.shape != p.shape:
-            raise ValueError(f"parameter {name} has shape {tuple(p.shape)} but its optimizer state was "
-                             f"made for {tuple(first.shape)} (resized after its first step?); {fix}")
+            return (f"parameter {name} has shape {tuple(p.shape)} but its optimizer state was made for "
+                    f"{tuple(first.shape)} (resized after its first step?)")
         if (first.dtype == torch.uint8) != settings.use_8bit:
             had, now = ("32", "8") if settings.use_8bit else ("8", "32")
-            raise ValueError(f"parameter {name} has {had}-bit state but its settings now give it {now}-bit "
-                             f"state (optim_bits or min_8bit_size changed after its first step?); {fix}")
+            return (f"parameter {name} has {had}-bit state but its settings now give it {now}-bit state "
+                    "(optim_bits or min_8bit_size changed after its first step?)")
+        return None
 
     def check_states_fit(self, params: Iterable[torch.Tensor] | None = None,
                          fix: str = FRESH_STATE_FIX) -> None:
