@@ -162,9 +162,9 @@ class FSDP2Adapter(OptimizerAdapter):
         keep = dist.get_rank() == 0 if dist.is_initialized() else True  # rank 0 writes, as with cpu_offload
         state = {}
         for name, st in sharded.get("state", {}).items():
-            whole = {k: (full_tensor(v).cpu() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
+            whole = {k: full_tensor(v) for k, v in st.items()}  # collective: every rank takes part
             if keep:
-                state[name] = whole
+                state[name] = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in whole.items()}
         self.full = {"state": state, "param_groups": sharded.get("param_groups", [])} if keep else None
 
     def piece_state(self, i: int) -> dict[str, Any] | None:

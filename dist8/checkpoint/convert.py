@@ -81,7 +81,7 @@ def from_bitsandbytes(state_dict: dict[str, Any], block_size: int = 256,
     signs: dict[str, bool] = {}
     out_state = {}
     for pid, st in state_dict["state"].items():
-        if st == {}:  # no state (reading bitsandbytes' optimizer.state[p] before p's first step makes one)
+        if not st:  # no state (reading bitsandbytes' optimizer.state[p] before p's first step makes one)
             out_state[pid] = {}
             continue
         st = dict(st)

@@ -441,7 +441,8 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
 
         Runs eagerly under ``torch.compile`` (one graph break): traced, FSDP2 (DTensor) parameters' state
         layout went into an inductor graph that failed (NameError in generated code)."""
-        if called_by_dcp_init():  # torch DCP's zero-gradient lr=0 step: make the state, step nothing
+        # torch DCP's zero-gradient lr=0 step (only ever on an optimizer without state): make the state, step nothing
+        if not self.state and called_by_dcp_init():
             self.follow_params()
             self.make_fresh_state()
             return None
@@ -704,8 +705,6 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
         this rank's local shard of state saved at any world size. Raises KeyError/ValueError naming ``p``.
         """
         local = dtl.is_dtensor(p)  # localize_state copies out this rank's part: no whole copy first
-        if isinstance(st, dict) and not st:  # no state (an empty entry torch's defaultdict made)
-            return {}
         out = schema.check_state(self.rule, self.param_name(p), st, p.shape, p.device, block_size, expect_8bit,
                                  correction, copy and not local)
         return dtensor.localize_state(self, p, out) if local or dtl.has_dtensor(out) else out

@@ -425,7 +425,8 @@ class GradientRelease:
             # a resume under gradient release loaded no optimizer state, silently. Stepped here, as the
             # normal step would. The same parameters in the same order on every rank (FSDP2: collective).
             late = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-            if late and called_by_dcp_init():  # its lr=0 step would count (dist8.optim.dcp_init): state only
+            # DCP's lr=0 step (only ever on an optimizer without state) would count (dist8.optim.dcp_init): state only
+            if late and not self.optimizer.state and called_by_dcp_init():
                 self.optimizer.make_fresh_state(late)
                 for p in late:
                     p.grad = None

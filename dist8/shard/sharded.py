@@ -580,7 +580,8 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         step or unscales inside its kernels. Stage 2 on several ranks refuses the
         scaler: its gradients are still being reduced when the scaler reads them.
         """
-        if called_by_dcp_init():  # torch DCP's zero-gradient lr=0 step: make the state, step nothing
+        # torch DCP's zero-gradient lr=0 step (only ever on an optimizer without state): make the state, step nothing
+        if not self._has_state and called_by_dcp_init():
             self.make_fresh_state()
             return None
         found_inf = getattr(self, "found_inf", None)
