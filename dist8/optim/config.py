@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["OVERRIDABLE_KEYS", "OVERRIDE_ATTR", "GLOBAL_NUMEL_ATTR", "PARAM_LIST_KEYS", "hyperparameters_of",
+__all__ = ["OVERRIDABLE_KEYS", "OVERRIDE_ATTR", "GLOBAL_NUMEL_ATTR", "PIECE_START_ATTR", "PARAM_LIST_KEYS",
+           "hyperparameters_of",
            "positional_name", "fits_param_names", "load_group_values", "loaded_hyperparameters",
            "master_weight_bits_after_load", "name_every_group", "split_named_params",
            "match_overrides", "check_overrides_match", "global_numel", "uses_8bit", "TORCH_STEP_FLAGS",
@@ -23,6 +24,9 @@ __all__ = ["OVERRIDABLE_KEYS", "OVERRIDE_ATTR", "GLOBAL_NUMEL_ATTR", "PARAM_LIST
 OVERRIDE_ATTR = "_dist8_overrides"
 # Set by wrappers whose parameters are shards, so decisions use the full size.
 GLOBAL_NUMEL_ATTR = "_dist8_global_numel"
+# Set by wrappers whose parameters are shards: the element offset of the piece in its parameter (the
+# piece at 0 counts a skip of the whole parameter, so that the counts summed over ranks are the unsharded run's).
+PIECE_START_ATTR = "_dist8_piece_start"
 
 OVERRIDABLE_KEYS = frozenset(
     {"optim_bits", "lr", "betas", "eps", "weight_decay", "momentum", "alpha", "min_8bit_size", "percentile_clipping",

@@ -15,6 +15,7 @@ import torch
 from dist8.quant import num_blocks
 
 __all__ = ["is_dtensor", "local", "full_tensor", "check_param", "shard_dims", "one_plain_shard", "world_group", "box_of", "chunk",
+           "counts_skips",
            "Layout", "flat_range", "whole_block_runs", "layout_of", "comm_device", "has_dtensor"]
 
 _FSDP1_MSG = (
@@ -92,6 +93,17 @@ def one_plain_shard(p, dims: tuple[tuple[int, int], ...]) -> bool:
     from torch.distributed.tensor import Shard
 
     return len(dims) == 1 and type(p.placements[dims[0][0]]) is Shard
+
+
+def counts_skips(p, whole: bool) -> bool:
+    """Whether this rank counts DTensor ``p``'s non-finite skips, so that the counts summed over all
+    ranks are the unsharded run's: skipped blocks (``whole`` False) are counted on the first replica
+    only (coordinate 0 on every ``Replicate`` mesh dimension: HSDP's replicate dimension, tensor
+    parallelism's replicated parameters; the ranks of the shard dimensions count their own blocks), a
+    parameter skipped whole (``on_nonfinite="skip_param"``/``"raise"``, ``whole`` True) on the rank at
+    coordinate 0 of every mesh dimension."""
+    coords = p.device_mesh.get_coordinate()
+    return coords is not None and all(c == 0 for c, pl in zip(coords, p.placements) if whole or pl.is_replicate())
 
 
 def world_group(p, name: str):

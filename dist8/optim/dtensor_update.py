@@ -37,7 +37,7 @@ import torch
 from dist8.kernels import RULE_WRITES_UPDATE, Rule, get_backend
 from dist8.kernels.rules import apply_rule_states, state_floor_fraction, state_floored
 from dist8.optim.dtensor import layout_for
-from dist8.optim.dtensor_layout import Layout, comm_device
+from dist8.optim.dtensor_layout import Layout, comm_device, counts_skips
 from dist8.optim.state_schema import CORRECTION, absmax_key, is_signed, state_key
 from dist8.optim.state_schema import n_states as n_states_of
 from dist8.quant import block_reciprocal, nearest_code, num_blocks
@@ -210,6 +210,8 @@ def update(opt: Optimizer8bit, p, state: dict, settings: ParamSettings, step: in
             "create the optimizer with all its FSDP2 parameters"
         )
     lay = layout_for(opt, p, settings)
+    # replicas (HSDP's replicate dimension, tensor parallelism) skip the same blocks: the first counts them
+    counter = opt.skip_counter if counts_skips(p, whole=False) else None
     scalars, flags = opt.kernel_scalars(settings.hyper, step, grad_scale)
     n_states = n_states_of(opt.rule)
     p_local = p.detach().to_local()
@@ -240,7 +242,8 @@ def update(opt: Optimizer8bit, p, state: dict, settings: ParamSettings, step: in
             **({"state3": codes[2][lo:hi], "absmax3": absmax[2][a_lo:a_hi] if absmax[2] is not None else None}
                if n_states > 2 else {}),
         )
-        opt.skip_counter.add_blocks([settings.name], skipped)
+        if counter is not None:
+            counter.add_blocks([settings.name], skipped)
 
     def spec(lo: int, hi: int, blocks) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """(new outputs, per-value non-finite flag, new states) of local ``[lo, hi)``; nothing written."""
@@ -271,7 +274,7 @@ def update(opt: Optimizer8bit, p, state: dict, settings: ParamSettings, step: in
         if hi > lo:
             kernel(lo - g0, hi - g0, lo // B - lay.b0, num_blocks(hi, B) - lay.b0)
         jobs = [[] for _ in range(n_states)]
-        outs = EdgeOutputs(target, [], upd is not None, copy_back, settings.name, opt.skip_counter,
+        outs = EdgeOutputs(target, [], upd is not None, copy_back, settings.name, counter,
                            cf if upd is None else None)
         for a, b, blk in pieces:
             out, bad, news = spec(a - g0, b - g0, blk - lay.b0)
@@ -289,7 +292,7 @@ def update(opt: Optimizer8bit, p, state: dict, settings: ParamSettings, step: in
 
         index = lay.global_index().to(p_local.device) // lay.block
         out, bad, news = spec(0, n, index)
-        outs = EdgeOutputs(target, [out], upd is not None, copy_back, settings.name, opt.skip_counter,
+        outs = EdgeOutputs(target, [out], upd is not None, copy_back, settings.name, counter,
                            cf if upd is None else None)
         first = dist.get_rank(lay.group) == 0  # every block is shared: one rank counts
         for i in range(n_states):

@@ -31,13 +31,14 @@ import torch
 from dist8.kernels import RULE_WRITES_UPDATE, Scalars, get_backend
 from dist8.optim import dtensor_layout as dtl
 from dist8.optim import dtensor_update
+from dist8.optim.config import PIECE_START_ATTR
 from dist8.optim.master_weights import master_value
 from dist8.optim.state_schema import CORRECTION, GNORM, PERCENTILE_HISTORY, absmax_key, is_signed, n_states, state_key
 
 if TYPE_CHECKING:
     from dist8.optim.base import Optimizer8bit, ParamSettings
 
-__all__ = ["UpdateItem", "TrustItem", "run_updates", "square_sums", "fused_update_state"]
+__all__ = ["UpdateItem", "TrustItem", "run_updates", "square_sums", "fused_update_state", "counts_whole_skip"]
 
 FLOAT32_MAX = torch.finfo(torch.float32).max
 TRUST_SCALE_LIMIT = 2.0**100  # lr * trust ratio above this goes to the kernel partly as a power of two on the update
@@ -73,6 +74,16 @@ def square_sums(tensors: list[torch.Tensor]) -> list[float]:
         for i, v in zip(idx, values):
             out[i] = v
     return out
+
+
+def counts_whole_skip(p: torch.Tensor) -> bool:
+    """Whether this rank counts a skip of the whole parameter ``p`` (``on_nonfinite="skip_param"``/
+    ``"raise"``): every rank holding a part of it skips it, one counts it -- the rank at the first
+    coordinate of a DTensor's mesh, the piece starting at element 0 of a sharded wrapper's parameter --
+    so that the counts summed over ranks are the unsharded run's."""
+    if dtl.is_dtensor(p):
+        return dtl.counts_skips(p, whole=True)
+    return getattr(p, PIECE_START_ATTR, 0) == 0
 
 
 def _reduce(opt: Optimizer8bit, values: torch.Tensor) -> torch.Tensor:
@@ -123,9 +134,11 @@ def run_updates(opt: Optimizer8bit, items: list[UpdateItem], amp: tuple[float, b
         # piece of the flagged one went on into the parameter all-gather alone, where the others never came.
         bad = next((slot for slot in range(n) if partials[slot] > 0), None)
         if bad is not None:
-            names = {slot: settings.name for slot, (_, settings, _) in zip(slots, items)}
-            name = names.get(bad) or (opt.global_slot_names[bad] if opt.global_slot_names else f"in slot {bad}")
-            opt.skip_counter.add_param(name)
+            held = {slot: (p, settings.name) for slot, (p, settings, _) in zip(slots, items)}
+            name = held[bad][1] if bad in held else (
+                opt.global_slot_names[bad] if opt.global_slot_names else f"in slot {bad}")
+            if bad in held and counts_whole_skip(held[bad][0]):
+                opt.skip_counter.add_param(name)
             raise FloatingPointError(f"non-finite gradient in parameter {name}; step skipped, state untouched")
     trust_items: list[TrustItem] = []
     edges = dtensor_update.EdgeBatch() if dtensors else None  # shard-edge blocks, finished after the loop
@@ -136,7 +149,8 @@ def run_updates(opt: Optimizer8bit, items: list[UpdateItem], amp: tuple[float, b
     batchable = opt.rule not in RULE_WRITES_UPDATE
     for slot, (p, settings, state) in zip(slots, items):
         if partials[slot] > 0:
-            opt.skip_counter.add_param(settings.name)
+            if counts_whole_skip(p):
+                opt.skip_counter.add_param(settings.name)
             continue
         step = state["step"] + 1
         grad_scale = inv_scale

@@ -23,7 +23,7 @@ from dist8.kernels.eager import eager_only
 from dist8.optim import AdamW8bit
 from dist8.optim.amp import check_amp_unscale
 from dist8.optim.base import Optimizer8bit
-from dist8.optim.config import (GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, PARAM_LIST_KEYS, check_overrides,
+from dist8.optim.config import (GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, PARAM_LIST_KEYS, PIECE_START_ATTR, check_overrides,
                                 check_overrides_match, hyperparameters_of, split_named_params)
 from dist8.optim.dcp_init import called_by_dcp, called_by_dcp_init
 from dist8.optim.hooks import load_state_dict_with_hooks, state_dict_with_hooks
@@ -210,6 +210,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
             view = self._owned(piece)
             p = self.params[piece.param]
             setattr(view, GLOBAL_NUMEL_ATTR, p.numel())
+            setattr(view, PIECE_START_ATTR, piece.start)
             if hasattr(p, OVERRIDE_ATTR):
                 setattr(view, OVERRIDE_ATTR, getattr(p, OVERRIDE_ATTR))
             inner_groups[self._group_of[piece.param]]["params"].append((self.names[piece.param], view))
@@ -675,7 +676,18 @@ class ShardedOptimizer(LazyDynamoOptimizer):
 
     @property
     def nonfinite_skips(self) -> int:
+        """This rank's non-finite skips (blocks, or whole parameters with ``on_nonfinite="skip_param"``); their
+        sum over ranks is the unsharded run's count."""
         return self.inner.nonfinite_skips
+
+    @property
+    def last_nonfinite(self) -> list[str]:
+        """Names of the parameters with a skip counted by this rank in the last step."""
+        return self.inner.last_nonfinite
+
+    def nonfinite_skips_by_param(self) -> dict[str, int]:
+        """``{parameter name: skips}`` counted by this rank (same units as :attr:`nonfinite_skips`)."""
+        return self.inner.nonfinite_skips_by_param()
 
     @property
     def amp_skips(self) -> int:
