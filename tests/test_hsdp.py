@@ -168,3 +168,82 @@ def test_skip_counts_summed_over_ranks_are_the_unsharded_counts_in_every_layout(
         assert _unsharded_counts(mode) == want, mode
         for layout, got in run_ranks(_skip_count_worker, 4, mode, tmp_path=tmp_path)[0].items():
             assert got == want, f"on_nonfinite={mode!r}, {layout}: {got} summed over 4 ranks, unsharded {want}"
+
+
+# ---- ShardedOptimizer over a process group smaller than the world ---------------------------------------
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(40, 300), nn.ReLU(), nn.Linear(300, 7))
+
+
+def _data(step, rank):
+    gen = torch.Generator().manual_seed(100 * step + rank)
+    return torch.randn(8, 40, generator=gen), torch.randn(8, 7, generator=gen)
+
+
+GROUP_KW = dict(lr=1e-2, min_8bit_size=1000, percentile_clipping=90)
+
+
+def _subgroup_worker(rank, world_size, root):
+    """Groups [0, 1] and [2, 3]: stage 1 under DDP over all four ranks (ZeRO-1 within a node, replicas across
+    nodes) is the plain optimizer under DDP bitwise, and its checkpoint is written once; stage 2 averages
+    over its group only, so the groups differ and one directory for both is refused."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from dist8.shard import ShardedOptimizer
+
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    mine = groups[rank // 2]
+    out = {}
+    for stage in (1, 2):
+        model, ref = _mlp(), _mlp()
+        opt = ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, stage=stage, process_group=mine,
+                               **GROUP_KW)
+        net = DDP(model) if stage == 1 else model
+        ref_net, ref_opt = DDP(ref), dist8.AdamW8bit(ref.named_parameters(), **GROUP_KW)
+        for step in range(3):
+            for m, o in ((net, opt), (ref_net, ref_opt)):
+                nn.functional.mse_loss(m(_data(step, rank)[0]), _data(step, rank)[1]).backward()
+                o.step()
+                o.zero_grad()
+        out[stage] = {"as DDP": all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))}
+        try:
+            ck.save(f"{root}/stage{stage}", model, opt, step=3)
+            out[stage]["save"] = "ok"
+        except ck.CheckpointError as e:
+            out[stage]["save"] = str(e)
+        if stage == 1:
+            fresh = _mlp()
+            fresh_opt = ShardedOptimizer(fresh.named_parameters(), dist8.AdamW8bit, stage=1, process_group=mine,
+                                         **GROUP_KW)
+            ck.load(f"{root}/stage1", fresh, fresh_opt)
+            out[1]["loaded"] = all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
+            if rank == 0:
+                torch.save({"params": [p.detach() for p in ref.parameters()], "state": ref_opt.state_dict()},
+                           f"{root}/ref.pt")
+        else:  # a directory per group (groups of tensor or pipeline parallelism hold other parameters)
+            ck.save(f"{root}/stage2-group{rank // 2}", model, opt, step=3)
+            out[2]["own directory"] = "ok"
+    return out
+
+
+def test_sharded_optimizer_groups_of_a_larger_world_write_one_checkpoint_per_directory(tmp_path):
+    root = str(tmp_path)
+    res = run_ranks(_subgroup_worker, 4, root, tmp_path=tmp_path)
+    for rank, r in enumerate(res):
+        # until 2026-12-04 both groups wrote the same files at once: a sha256 failure at load, or a save
+        # that failed on one group and succeeded on the other
+        assert r[1] == {"as DDP": True, "save": "ok", "loaded": True}, rank
+        assert not r[2]["as DDP"] and r[2]["own directory"] == "ok", rank
+        assert "groups of ranks [0, 1] and [2, 3]" in r[2]["save"] and "other parameter values" in r[2]["save"]
+    assert not (tmp_path / "stage2").exists()  # refused before anything was written
+    model = _mlp()
+    opt = dist8.AdamW8bit(model.named_parameters(), **GROUP_KW)
+    ck.load(f"{root}/stage1", model, opt)  # the checkpoint of both groups is the DDP run's
+    ref = torch.load(f"{root}/ref.pt", weights_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref["params"]))
+    mine, theirs = opt.state_dict()["state"], ref["state"]["state"]
+    assert mine.keys() == theirs.keys()
+    for k in theirs:
+        for key, v in theirs[k].items():
+            assert torch.equal(mine[k][key], v) if torch.is_tensor(v) else mine[k][key] == v, (k, key)

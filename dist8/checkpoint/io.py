@@ -46,6 +46,7 @@ from dist8.checkpoint.format import (
 )
 from dist8.checkpoint.groups import checked_groups
 from dist8.checkpoint.model_file import write_model_file
+from dist8.checkpoint.replica_groups import is_subgroup, writes_here
 from dist8.checkpoint.names import state_dict_by_name
 from dist8.checkpoint.reader import read_model, read_pieces
 from dist8.checkpoint.weights import load_fp32_weights
@@ -173,6 +174,23 @@ def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer: Opti
     if isinstance(optimizer, ShardedOptimizer):  # parameters a client copied (accelerate's prepare) first
         optimizer.adopt_parameters()
     ad = adapt(model, optimizer)
+    if is_subgroup(ad):  # several ShardedOptimizer groups: one writes each directory (replica_groups.py)
+        error: Exception | None = None
+        writes = writes_here(ad, final)  # the same verdict on every rank (raised on all alike)
+        try:
+            if writes:
+                _save_group(ad, model, optimizer, final, root, step, extra, keep_last, refused)
+        except Exception as exc:  # noqa: BLE001 - the other groups wait for the writer's verdict
+            error = exc
+        raise_on_every_rank(error, None, "save", CheckpointError)
+        return str(final)
+    _save_group(ad, model, optimizer, final, root, step, extra, keep_last, refused)
+    return str(final)
+
+
+def _save_group(ad: OptimizerAdapter, model, optimizer, final: Path, root: Path, step, extra, keep_last,
+                refused: CheckpointError | None) -> None:
+    """The save on the ranks of the optimizer's group (every rank but under ``process_group`` subgroups)."""
     _every_rank_calls(ad, "dist8.checkpoint.save()", "each rank writes its own blocks, rank 0 the metadata")
     # every rank, before anything is gathered or written: a value JSON cannot hold (or the optimizer could
     # not load back) failed in the metadata writer after the tensor files
@@ -215,7 +233,6 @@ def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer: Opti
         if ad.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return str(final)
 
 
 def _is_integer_at_least(value: Any, lowest: int) -> bool:

@@ -71,8 +71,12 @@ class ShardedOptimizer(LazyDynamoOptimizer):
             1: gradients are already averaged (e.g. by DDP) and only the state is sharded (the first
             step with gradients checks that they are equal on every rank, refusing them naming a
             parameter if not: a model without DDP).
-        process_group: the data-parallel group (default: the world). Without an
-            initialised ``torch.distributed`` the optimizer runs as a single rank.
+        process_group: the group the state is sharded over (default: the world); stage 2 sums the
+            gradients over it, so it must then be the whole data-parallel group. A smaller group with
+            stage 1 under DDP over every rank shards within it and replicates across groups (ZeRO-1
+            within a node), bitwise the plain optimizer under DDP; :func:`dist8.checkpoint.save` writes
+            one checkpoint for such replicas and refuses groups holding other values in one directory.
+            Without an initialised ``torch.distributed`` the optimizer runs as a single rank.
         bucket_cap_mb: size of gradient-reduction and parameter-gather buckets (MiB).
         full_state_dict: False (default): :meth:`state_dict` is this rank's shard (loads on the
             same rank of the same world size; :mod:`dist8.checkpoint` reshards). True: it is the
