@@ -38,7 +38,7 @@ FILE_SECONDS = {
     "test_cuda_compile_cuda_torch.py": 75, "test_readme.py": 70, "test_cuda_compile.py": 70, "test_hf_trainer.py": 40, "test_clients.py": 30,
     "test_train_memory.py": 60, "test_kernels_cpu_builds.py": 50, "test_train_errors.py": 50, "test_kernels.py": 35, "test_run_codes.py": 15,
     "test_fsdp.py": 30, "test_sharded.py": 25, "test_train_faults.py": 20, "test_checkpoint.py": 20,
-    "test_optim_behaviour.py": 15, "test_tensor_parallel.py": 15, "test_hsdp.py": 15, "test_checkpoint_hostile.py": 15,
+    "test_optim_behaviour.py": 15, "test_tensor_parallel.py": 15, "test_hsdp.py": 15, "test_checkpoint_stages.py": 10, "test_checkpoint_hostile.py": 15,
     "test_deepspeed_hint.py": 15, "test_optim_vs_torch.py": 10, "test_torch_optim_db.py": 8, "test_sharded_mixed.py": 8,
     "test_packaging.py": 7, "test_kernels_master.py": 5, "test_sharded_errors.py": 20, "test_random_configs.py": 30,
     "test_train_inputs.py": 15, "test_deepspeed_convert_inputs.py": 10, "test_checkpoint_cli_inputs.py": 5,

@@ -39,6 +39,7 @@ class OptimizerAdapter:
     params: list[torch.Tensor]
     inner: Optimizer8bit
     wrapped: bool = False  # model names with the wrappers' components (checkpoints before names.py)
+    alone: bool = False  # saved by this rank without collectives (replica_groups.writer_adapter)
 
     @property
     def names(self) -> list[str]:
@@ -147,19 +148,20 @@ class FSDP2Adapter(OptimizerAdapter):
 
     full: dict[str, Any] | None = None
 
-    def _options(self):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-        return StateDictOptions(full_state_dict=True, cpu_offload=True)
-
     def gather(self, model: torch.nn.Module) -> None:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
 
-        self.full_model = get_model_state_dict(model, options=self._options())
+        keep = self.rank == 0  # rank 0 of the mesh writes
+        # torch's cpu_offload keeps the full tensors on the world's rank 0 alone: a mesh of part of the world
+        # (a pipeline stage's, replica_groups.writer_adapter) gathers them onto each of its ranks instead
+        offload = self.group is None
+        full_model = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
+        self.full_model = {k: v.cpu() for k, v in full_model.items()} if keep else {}
+        del full_model
         # the optimizer's sharded dict, gathered here tensor by tensor: torch's full_state_dict gather
         # all-gathers master_weight_bits=32's int16 corrections, which gloo cannot ("Invalid scalar type")
         sharded = get_optimizer_state_dict(model, self.optimizer)
-        keep = dist.get_rank() == 0 if dist.is_initialized() else True  # rank 0 writes, as with cpu_offload
         state = {}
         for name, st in sharded.get("state", {}).items():
             whole = {k: full_tensor(v) for k, v in st.items()}  # collective: every rank takes part

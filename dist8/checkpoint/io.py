@@ -10,6 +10,7 @@ neither the model nor the optimizer, on any rank.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import numbers
 import os
@@ -46,7 +47,7 @@ from dist8.checkpoint.format import (
 )
 from dist8.checkpoint.groups import checked_groups
 from dist8.checkpoint.model_file import write_model_file
-from dist8.checkpoint.replica_groups import is_subgroup, writes_here
+from dist8.checkpoint.replica_groups import saves_as_the_world, writer_adapter, writes_here
 from dist8.checkpoint.names import state_dict_by_name
 from dist8.checkpoint.reader import read_model, read_pieces
 from dist8.checkpoint.weights import load_fp32_weights
@@ -73,13 +74,17 @@ def _every_rank_calls(ad: OptimizerAdapter, where: str, does: str) -> None:
     """Collective: a barrier that warns, after ``WAIT_WARN_SECONDS``, on a rank that called ``where``
     alone -- ``if rank == 0: dist8.checkpoint.save(...)``, torch.save's habit, waited without a word
     until the process group's timeout."""
-    if _distributed() and dist.get_world_size(ad.group) > 1:
+    if _distributed() and not ad.alone and dist.get_world_size(ad.group) > 1:
         wait_for_every_rank(ad.group, collective_device(ad.group), where,
                             f"Call it on every rank, not under `if rank == 0`: {does}.")
 
 
 def _agree(ad: OptimizerAdapter, error: BaseException | None, what: str) -> None:
     """Collective: raise on every rank when any rank failed (so no rank commits alone or hangs)."""
+    if ad.alone:
+        if error is not None:
+            raise error
+        return
     raise_on_every_rank(error, ad.group, what, CheckpointError)
 
 
@@ -174,12 +179,13 @@ def save(path: str | os.PathLike, model: torch.nn.Module | None, optimizer: Opti
     if isinstance(optimizer, ShardedOptimizer):  # parameters a client copied (accelerate's prepare) first
         optimizer.adopt_parameters()
     ad = adapt(model, optimizer)
-    if is_subgroup(ad):  # several ShardedOptimizer groups: one writes each directory (replica_groups.py)
+    if not saves_as_the_world(ad):  # several copies of the state: who writes each directory (replica_groups.py)
         error: Exception | None = None
         writes = writes_here(ad, final)  # the same verdict on every rank (raised on all alike)
+        raise_on_every_rank(refused, None, "save", CheckpointError)  # any rank's target refused: no directory written
         try:
             if writes:
-                _save_group(ad, model, optimizer, final, root, step, extra, keep_last, refused)
+                _save_group(writer_adapter(ad), model, optimizer, final, root, step, extra, keep_last, refused)
         except Exception as exc:  # noqa: BLE001 - the other groups wait for the writer's verdict
             error = exc
         raise_on_every_rank(error, None, "save", CheckpointError)
@@ -367,15 +373,27 @@ def _same_checkpoint_on_every_rank(ad: OptimizerAdapter, given: Path, path: Path
     ``.NAME.old`` (:func:`_resolve`) loaded it while the others loaded the new one, and ranks given
     different directories (``latest()`` on node-local disks) loaded different steps; either way the ranks
     trained on as a patchwork of two runs, silently. A rank whose metadata could not be read (``meta``
-    None) is left out here; its error is raised on every rank after the reads."""
-    everyone = from_every_rank((path != given, str(path), _identity(meta)), ad.group)
-    fell_back = [old for old, _, _ in everyone]
-    if len(set(fell_back)) > 1:
+    None) is left out here; its error is raised on every rank after the reads.
+
+    Only ranks whose optimizers hold the same parameters (names and shapes) are compared: pipeline
+    stages hold other parameters and load their own checkpoints (refused as "different checkpoints"
+    until 2026-12-04)."""
+    holds = hashlib.sha256(repr([(p.name, tuple(p.shape)) for p in ad.layout.params]).encode()).hexdigest()
+    everyone = from_every_rank((path != given, str(path), _identity(meta), holds), ad.group)
+    for kind in dict.fromkeys(h for *_, h in everyone):  # each kind of copy alone, in rank order
+        _same_checkpoint([entry[:3] if entry[3] == kind else None for entry in everyone], given)
+
+
+def _same_checkpoint(everyone: list, given: Path) -> None:
+    """``everyone[rank]``: (fell back to ``.old``, path, identity) of the ranks compared, None for the others."""
+    fell_back = [entry[0] if entry is not None else None for entry in everyone]
+    if True in fell_back and False in fell_back:
         old, new = fell_back.index(True), fell_back.index(False)
         raise CheckpointError(f"{given} is missing on rank {old}, which would load the interrupted save's "
                               f".{given.name}.old instead, while rank {new} loads the checkpoint itself: the ranks' "
                               "disks differ; give every rank the same checkpoint")
-    read = [(rank, where, ident) for rank, (_, where, ident) in enumerate(everyone) if ident is not None]
+    read = [(rank, entry[1], entry[2]) for rank, entry in enumerate(everyone)
+            if entry is not None and entry[2] is not None]
     differ = [entry for entry in read if entry[2] != read[0][2]]
     if differ:
         shown = [f"rank {rank} loads {where} (step {step}, manifest sha256 {digest[:12]})"
