@@ -129,6 +129,20 @@ def test_sharded_refuses_mixed_master_weight_bits():
     opt = ShardedOptimizer(list(make_model().named_parameters()), dist8.AdamW8bit, master_weight_bits=24,
                            overrides={"b_*": {"master_weight_bits": 24, "lr": 0.1}}, **KW)
     assert opt.master_nbytes() == 0
+    # built with None (fp32 master copies): a later 24 in the groups changed nothing, silently, until 2026-12-04
+    model = make_model()
+    opt = ShardedOptimizer(list(model.named_parameters()), dist8.AdamW8bit, **KW)
+    assert opt.master_nbytes() > 0
+    opt.param_groups[0]["master_weight_bits"] = 24
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match=r"param group 0 has master_weight_bits=24, but this ShardedOptimizer was "
+                                         r"built with master_weight_bits=None .* build it with master_weight_bits=24"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    opt.param_groups[0]["master_weight_bits"] = None
+    opt.step()  # taken back: steps
 
 
 def _one_block_run(rank, world_size, stage):

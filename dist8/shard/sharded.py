@@ -400,6 +400,16 @@ class ShardedOptimizer(LazyDynamoOptimizer):
                              "when it is built, so the change would not take effect. To stop training a parameter, "
                              "freeze it (requires_grad_(False): one without a gradient is skipped, as torch skips "
                              "it); otherwise build a new ShardedOptimizer (nothing was updated)")
+        if self.master_weight_bits is None and any(copy is not None for copy in self.masters):
+            # the inner optimizer steps the fp32 copies, for which the setting means nothing: it went on with
+            # them, silently, where the unsharded optimizer would keep a correction (the load refuses it too)
+            edited = next(((gi, g["master_weight_bits"]) for gi, g in enumerate(self.param_groups)
+                           if g.get("master_weight_bits") is not None), None)
+            if edited is not None:
+                raise ValueError(f"param group {edited[0]} has master_weight_bits={edited[1]!r}, but this "
+                                 "ShardedOptimizer was built with master_weight_bits=None and keeps fp32 master "
+                                 "copies of its 16-bit parameters, which the setting cannot replace: build it "
+                                 f"with master_weight_bits={edited[1]!r} (nothing was updated)")
 
     def _refuse_gradients_outside_the_layout(self) -> None:
         """A parameter frozen when the optimizer was built has no place in the layout: a gradient
