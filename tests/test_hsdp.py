@@ -3,7 +3,8 @@ parameters, and the non-finite skip counts of every sharded layout.
 
 The docstring of :mod:`dist8.optim.dtensor` allowed HSDP's ``Replicate`` mesh dimension, but no test built
 one. Here a (2, 2) mesh steps bitwise as the unsharded optimizer (fp32, and bf16 with 24-bit masters), and
-its ``dist8.checkpoint`` loads on a 1-D mesh of 4 ranks and on another (2, 2) mesh, exactly.
+its ``dist8.checkpoint`` and DCP checkpoints load on a 1-D mesh of 4 ranks and on another (2, 2) mesh,
+exactly.
 
 Skip counts: the README promises that ``opt.nonfinite_skips`` summed over ranks is the unsharded run's
 count. Until 2026-12-04 that held only for the default ``on_nonfinite="skip"`` on plain FSDP2 and
@@ -63,6 +64,8 @@ def _grads16(model, ref, step):
 def _hsdp_worker(rank, world_size, root):
     from torch.distributed.device_mesh import init_device_mesh
 
+    from dist8.integrations.fsdp import load_dcp, save_dcp
+
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
     out = {}
     model = _hsdp(mesh)
@@ -72,12 +75,14 @@ def _hsdp_worker(rank, world_size, root):
     opt, ref, ref_opt = steps_as_unsharded(model, dist8.AdamW8bit, KW, set_grads, "HSDP fp32")
     out["unsharded skips"] = ref_opt.nonfinite_skips
     ck.save(root, model, opt, step=4)
+    save_dcp(root + "-dcp", model, opt)
     for shape in ((4,), (2, 2)):
         names = ("replicate", "shard") if len(shape) == 2 else None
-        fresh = _hsdp(init_device_mesh("cpu", shape, mesh_dim_names=names))
-        fresh_opt = dist8.AdamW8bit(fresh.named_parameters(), **KW)
-        ck.load(root, fresh, fresh_opt)
-        assert_same_state(full_state(fresh_opt), full_state(ref_opt), f"HSDP checkpoint loaded on {shape}")
+        for how, load in (("dist8.checkpoint", ck.load), ("DCP", load_dcp)):
+            fresh = _hsdp(init_device_mesh("cpu", shape, mesh_dim_names=names))
+            fresh_opt = dist8.AdamW8bit(fresh.named_parameters(), **KW)
+            load(root if how == "dist8.checkpoint" else root + "-dcp", fresh, fresh_opt)
+            assert_same_state(full_state(fresh_opt), full_state(ref_opt), f"HSDP {how} checkpoint loaded on {shape}")
 
     model16 = _hsdp(mesh, torch.bfloat16)
     opt16, _, _ = steps_as_unsharded(model16, dist8.AdamW8bit, dict(KW, master_weight_bits=24), _grads16, "HSDP bf16")
