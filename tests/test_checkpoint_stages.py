@@ -146,6 +146,15 @@ def _stages_worker(rank, world_size, root):
             o.step()
         a, b = full_params(model), full_params(fresh)
         out[f"{kind} continues"] = all(torch.equal(a[k], b[k]) for k in a)
+    # HSDP on each stage (a 2-D mesh of part of the ranks): no process group spans it, refused naming DCP
+    mesh3 = init_device_mesh("cpu", (2, 1, 2), mesh_dim_names=("pp", "rep", "dp"))
+    model = _stage_model(stage, mesh3["rep", "dp"])
+    opt = dist8.AdamW8bit(model.named_parameters(), lr=1e-2, min_8bit_size=100)
+    try:
+        ck.save(f"{root}/hsdp-stage{stage}", model, opt, step=0)
+        out["hsdp stage"] = "saved"
+    except ck.CheckpointError as e:
+        out["hsdp stage"] = str(e)
     return out
 
 
@@ -156,6 +165,8 @@ def test_pipeline_stages_save_and_load_their_own_directories(tmp_path):
             assert r[f"{kind} params"] and r[f"{kind} continues"], (rank, kind)
             assert "save other parameters into one directory" in r[f"{kind} shared"], (rank, kind)
             assert not (tmp_path / f"{kind}-shared").exists()
+        assert "a multi-dimensional mesh" in r["hsdp stage"] and "save_dcp" in r["hsdp stage"], rank
+    assert not list(tmp_path.glob("*hsdp*"))
     for kind in ("fsdp2", "plain"):  # each stage's directory holds that stage's model
         for stage in (0, 1):
             shapes = {p["name"]: p["shape"] for p in ck.read_metadata(str(tmp_path / f"{kind}-stage{stage}"))["params"]}
