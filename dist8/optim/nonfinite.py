@@ -34,8 +34,9 @@ class SkipCounter:
     """Skipped blocks (kernel) and skipped parameters (pre-pass), in total and per parameter name.
 
     In a sharded run each rank counts what its own kernels skipped (a block shared by two
-    ranks' shards is counted by the rank that holds its first element): the sum over ranks
-    equals the count of the unsharded run.
+    ranks' shards is counted by the rank that holds its first element; replicas count once, and
+    a parameter skipped whole is counted by one rank: see ``dtensor_layout.counts_skips`` and
+    ``pipeline.counts_whole_skip``): the sum over ranks equals the count of the unsharded run.
     """
 
     def __init__(self) -> None:

@@ -400,16 +400,20 @@ class ShardedOptimizer(LazyDynamoOptimizer):
                              "when it is built, so the change would not take effect. To stop training a parameter, "
                              "freeze it (requires_grad_(False): one without a gradient is skipped, as torch skips "
                              "it); otherwise build a new ShardedOptimizer (nothing was updated)")
-        if self.master_weight_bits is None and any(copy is not None for copy in self.masters):
-            # the inner optimizer steps the fp32 copies, for which the setting means nothing: it went on with
-            # them, silently, where the unsharded optimizer would keep a correction (the load refuses it too)
-            edited = next(((gi, g["master_weight_bits"]) for gi, g in enumerate(self.param_groups)
-                           if g.get("master_weight_bits") is not None), None)
-            if edited is not None:
-                raise ValueError(f"param group {edited[0]} has master_weight_bits={edited[1]!r}, but this "
-                                 "ShardedOptimizer was built with master_weight_bits=None and keeps fp32 master "
-                                 "copies of its 16-bit parameters, which the setting cannot replace: build it "
-                                 f"with master_weight_bits={edited[1]!r} (nothing was updated)")
+
+    def _refuse_master_weight_bits_over_copies(self) -> None:
+        """Built with ``master_weight_bits=None``, 16-bit parameters have fp32 master copies, which the inner
+        optimizer steps and for which the setting means nothing: a 24/32 written into the groups later
+        changed nothing, silently, where the unsharded optimizer keeps a correction (the load refuses it too)."""
+        if all(copy is None for copy in self.masters):
+            return
+        for gi, group in enumerate(self.param_groups):
+            bits = group.get("master_weight_bits")
+            if bits is not None:
+                raise ValueError(f"param group {gi} has master_weight_bits={bits!r}, but this ShardedOptimizer was "
+                                 "built with master_weight_bits=None and keeps fp32 master copies of its 16-bit "
+                                 f"parameters, which the setting cannot replace: build it with master_weight_bits="
+                                 f"{bits!r} (nothing was updated)")
 
     def _refuse_gradients_outside_the_layout(self) -> None:
         """A parameter frozen when the optimizer was built has no place in the layout: a gradient
@@ -460,6 +464,7 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         if getattr(self, "_grads_ready", False):
             return
         self._refuse_edited_groups()
+        self._refuse_master_weight_bits_over_copies()
         self.adopt_parameters()
         if self.stage2_grads is None:
             self._refuse_unusable_replicated_grads()
