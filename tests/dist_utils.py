@@ -76,15 +76,25 @@ def _worker(rank, world_size, port, fn, args, out_dir, environ, cwd):
     os._exit(0)
 
 
+def _port_taken(exc: BaseException) -> bool:
+    """The rendezvous store could not listen on its port: another listener took it between
+    :func:`free_port`'s check and the bind (one CI run lost a test to it). Raised by
+    ``init_process_group``, before ``fn`` ran, so the ranks can start again on another port."""
+    return "EADDRINUSE" in str(exc)
+
+
 def run_ranks(fn, world_size, *args, tmp_path):
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; returns the per-rank results."""
-    out_dir = str(tmp_path / f"ranks-{fn.__name__}-{world_size}-{free_port()}")
-    os.makedirs(out_dir)
     multiprocessing.get_context("forkserver").set_forkserver_preload(_PRELOAD)  # used when the server first starts
-    try:
-        mp.start_processes(_worker, args=(world_size, free_port(), fn, args, out_dir, dict(os.environ), os.getcwd()),
-                           nprocs=world_size, join=True, start_method="forkserver")
-    except Exception as exc:
-        errors = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir)) if f.endswith(".err")]
-        raise AssertionError("rank failed:\n" + "\n".join(errors)) from exc
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+    for attempt in range(3):
+        out_dir = str(tmp_path / f"ranks-{fn.__name__}-{world_size}-{free_port()}")
+        os.makedirs(out_dir)
+        try:
+            mp.start_processes(_worker, args=(world_size, free_port(), fn, args, out_dir, dict(os.environ),
+                                              os.getcwd()), nprocs=world_size, join=True, start_method="forkserver")
+        except Exception as exc:
+            if _port_taken(exc) and attempt < 2:
+                continue
+            errors = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir)) if f.endswith(".err")]
+            raise AssertionError("rank failed:\n" + "\n".join(errors)) from exc
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
