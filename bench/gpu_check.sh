@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # GPU check for the dist8 CUDA kernels: load (or build), bit-exactness tests, step and memory benchmarks.
-# Usage: bench/gpu_check.sh OUTDIR [profile|tests|bench|memory|cpu ...]   (default: all five; about 9 minutes)
+# Usage: bench/gpu_check.sh OUTDIR [flows|profile|tests|bench|memory|phases|cpu ...]
+#   (default: all but phases, about 11 minutes; phases adds about 4)
 #
 # Made for a short GPU lease (issue 20): the kernels come prebuilt when .prebuilt/ is carried
 # (bench/gpu_prebuild.sh, against the GPU machine's exact torch wheel; else they build here, ~1 min),
-# the anchors' wheels come from .whl/ (bench/gpu_wheels.sh), and OUTDIR receives at most 6 files
-# (the device tool returns 8): check.log (environment, build, test summary, tables), ncu.txt (Nsight
-# Compute on the update kernels), tests.log, results.tar (step-cuda-16M.json, step-cuda-256M.json,
-# step-cuda-gpt2.json, gpu-memory.json, release-chunks-cuda.json (bench/release_chunks.py),
+# the anchors' wheels come from .whl/ (bench/gpu_wheels.sh), and OUTDIR receives at most 8 files
+# (the device tool returns 8): check.log (environment, build, test summary, tables), flows.log
+# (tests/test_cuda_flows.py: optimizers, checkpoints, gradient release, FSDP2 and ShardedOptimizer over
+# NCCL, HF Trainer and accelerate on the GPU), train.log (`dist8 train` on the GPU, stopped and resumed),
+# ncu.txt (Nsight Compute on the update kernels), tests.log, results.tar (step-cuda-16M.json,
+# step-cuda-256M.json, step-cuda-gpt2.json, gpu-memory.json, release-chunks-cuda.json (bench/release_chunks.py),
+# ablation-host.json (part phases: bench/step_phases.py on the host CPU),
 # clocks.csv: SM/memory clocks sampled during the benchmarks,
 # step-cpu-host.json: the host CPU's step, issue 15), and dist8_cuda.so(.sources) when built here
 # (carry them back as .prebuilt/ for a rerun).
 set -u
 OUT="${1:?usage: bench/gpu_check.sh OUTDIR [profile|tests|bench|memory|cpu ...]}"
 shift
-PARTS="${*:-profile tests bench memory cpu}"
+PARTS="${*:-flows profile tests bench memory cpu}"
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 LOG="$OUT/check.log"
@@ -49,6 +53,26 @@ say "kernels rc=$rc in $(( $(date +%s) - start ))s (DIST8_CUDA_PREBUILT=${DIST8_
 if [ -z "${DIST8_CUDA_PREBUILT:-}" ]; then  # built here: send it back for a rerun
   so=$(ls "$DIST8_BUILD_DIR"/dist8_cuda_*/dist8_cuda_*.so 2>/dev/null | head -1)
   [ -n "$so" ] && cp "$so" "$OUT/dist8_cuda.so" && "$PY" -c "from dist8.kernels.build import cuda_sources_digest as d; print(d())" > "$OUT/dist8_cuda.so.sources"
+fi
+
+if [[ " $PARTS " == *" flows "* ]]; then
+  say "== flows: whole optimizers, checkpoints, gradient release, FSDP2 / ShardedOptimizer (NCCL, one rank), HF Trainer, accelerate"
+  start=$(date +%s)
+  timeout 180 "$PY" -m pytest tests/test_cuda_flows.py -q -rfE -n 0 -p no:cacheprovider > "$OUT/flows.log" 2>&1
+  say "flows rc=$? in $(( $(date +%s) - start ))s"
+  grep -E "^(FAILED|ERROR)|passed|failed|^E  " "$OUT/flows.log" | head -40 | tee -a "$LOG"
+  # The reference training job on the GPU (NCCL world of one): its default config (dist8-zero2, fp32) and
+  # the bf16 + 24-bit master + gradient release config, each stopped at step 20 and resumed from its checkpoint.
+  for cfg in tiny-gpt tiny-gpt-bf16-release; do
+    for half in "--stop-at 20" "--resume auto"; do
+      start=$(date +%s)
+      timeout 90 "$PY" -m dist8 train --config "configs/$cfg.yaml" --set train.steps=40 --set train.eval_every=20 \
+        --set train.eval_batches=2 --set checkpoint.every=20 --set "checkpoint.dir=/tmp/gpu-train/$cfg/ck" \
+        --set "output.dir=/tmp/gpu-train/$cfg/run" $half >> "$OUT/train.log" 2>&1
+      say "train $cfg $half: rc=$? in $(( $(date +%s) - start ))s"
+    done
+  done
+  grep -E "resumed from|final (train|val) loss|peak memory|opt state|Error|error" "$OUT/train.log" | tee -a "$LOG"
 fi
 
 if [[ " $PARTS " == *" profile "* ]]; then
@@ -99,6 +123,14 @@ if [[ " $PARTS " == *" memory "* ]]; then
     --chunks 1048576 4194304 --out "$OUT/release-chunks-cuda.json" >> "$LOG" 2>&1
   say "release chunks rc=$?"
 fi
+if [[ " $PARTS " == *" phases "* ]]; then
+  # What the conversions cost on the host CPU (bench/step_phases.py: ablation builds vs torch fused AdamW).
+  say "== phases: the CPU step without its 8-bit conversions, host CPU, 2 threads"
+  start=$(date +%s)
+  OMP_NUM_THREADS=2 timeout 300 "$PY" bench/step_phases.py --maps dynamic --rounds 3 --out "$OUT/ablation-host.json" \
+    >> "$LOG" 2>&1
+  say "phases rc=$? in $(( $(date +%s) - start ))s"
+fi
 if [[ " $PARTS " == *" cpu "* ]]; then
   # Issue 15's CPU line measured on this host's CPU (model and ISA recorded in the file), held to 2
   # threads like the dev VM: one more CPU for the decision between judging the line on AVX-512
@@ -111,6 +143,6 @@ if [[ " $PARTS " == *" cpu "* ]]; then
   say "cpu rc=$? in $(( $(date +%s) - start ))s"
 fi
 # The device tool returns at most 8 files: the result files travel as one tar.
-( cd "$OUT" && files=$(ls step-*.json release-chunks-*.json gpu-memory.json clocks.csv 2>/dev/null; true) && [ -n "$files" ] &&
+( cd "$OUT" && files=$(ls step-*.json ablation-*.json release-chunks-*.json gpu-memory.json clocks.csv 2>/dev/null; true) && [ -n "$files" ] &&
   tar -cf results.tar $files && rm -f $files )
 grep -E "^ +(16M|64M|256M|GPT2|gpt2)|copy bandwidth|bytes/param|error" "$LOG" | tail -70
