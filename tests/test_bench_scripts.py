@@ -49,13 +49,14 @@ def test_ablation_builds_of_step_phases_compile(tmp_path):
 def test_machine_record_names_the_cpu_generation(monkeypatch):
     """A VM's model name ("AMD EPYC") hides which CPU ran a benchmark, and the CPU speed line
     differs by generation, so the record carries cpuid's family and model and, for the CPUs
-    measured so far, the generation's name (BENCHMARKS.md sections 13-16)."""
+    measured so far, the generation's name (BENCHMARKS.md sections 13-18)."""
     monkeypatch.syspath_prepend(str(BENCH))
     import common
 
     measured = {(23, 49): "Zen 2", (25, 1): "Zen 3", (25, 17): "Zen 4", (26, 2): "Zen 5"}
     for (family, model), name in measured.items():
         assert common.cpu_generation("AuthenticAMD", family, model) == name
-    assert common.cpu_generation("GenuineIntel", 6, 143) is None
+    assert common.cpu_generation("GenuineIntel", 6, 207) == "Emerald Rapids"  # the H200 host of section 18
+    assert common.cpu_generation("GenuineIntel", 6, 151) is None  # a client core (Alder Lake): not named
     line = common.machine()["cpuid"]
     assert line is None or " family " in line
