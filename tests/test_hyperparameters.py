@@ -179,6 +179,36 @@ def test_duplicate_parameters_refused_naming_them():
     assert len(opt.param_groups) == 1 and "w_again" not in opt.param_names.values()
 
 
+def test_a_parameter_appended_twice_to_param_groups_by_hand_is_refused_at_the_step():
+    """torch lets code extend ``group["params"]`` directly; a parameter put there a second time (or
+    into another group) would be updated twice per step (found by a probe: its step count went 1 -> 3).
+    Refused at step, state_dict and load_state_dict, naming it, before anything changes."""
+    w, v = torch.nn.Parameter(torch.randn(600)), torch.nn.Parameter(torch.randn(600))
+    opt = d8.AdamW8bit([("w", w)], min_8bit_size=0)
+    w.grad = torch.randn(600)
+    opt.step()
+    opt.param_groups[0]["params"].append(v)  # a new parameter appended by hand: fine
+    v.grad = torch.randn(600)
+    opt.step()
+    assert opt.state[v]["step"] == 1 and opt.state[w]["step"] == 2
+    opt.param_groups[0]["params"].append(w)
+    before = (w.detach().clone(), v.detach().clone(), {k: t.clone() for k, t in opt.state[w].items() if torch.is_tensor(t)})
+    for call in (opt.step, opt.state_dict):
+        with pytest.raises(ValueError, match=r"^parameter w is in param_groups twice \(group 0 index 0 and group 0 "
+                                             r"index 2\): it would be updated twice per step"):
+            call()
+    assert torch.equal(w, before[0]) and torch.equal(v, before[1]) and opt.state[w]["step"] == 2
+    assert all(torch.equal(opt.state[w][k], t) for k, t in before[2].items())
+    opt.param_groups[0]["params"].pop()
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))]})
+    opt.param_groups[1]["params"].append(v)  # across groups too
+    with pytest.raises(ValueError, match=r"in param_groups twice \(group 0 index 1 and group 1 index 1\)"):
+        opt.step()
+    opt.param_groups[1]["params"].pop()
+    opt.step()  # mended: steps again, each once
+    assert opt.state[w]["step"] == 3 and opt.state[v]["step"] == 2
+
+
 def test_lamb_max_unorm_clips_the_update():
     """max_unorm clips |ratio * u| to max_unorm * |p| as bitsandbytes does; 0 (off) and the
     default 1.0 give the plain trust ratio."""

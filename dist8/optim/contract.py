@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from dist8.optim import dtensor
+from dist8.optim.config import positional_name
 from dist8.optim.dtensor_layout import is_dtensor
 from dist8.optim.manager import merge_marks, restore_module_marks
 from dist8.optim.positions import ParamPositions
@@ -69,6 +70,20 @@ class TorchContract:
         self._known = ParamPositions(self.param_groups, self.param_names)
 
     # ---- parameters swapped in param_groups (FSDP2 applied after construction) ----------
+    def _refuse_listed_twice(self) -> None:
+        """A parameter put into ``param_groups`` a second time by hand (``group["params"].append(p)``;
+        add_param_group refuses it) would be updated twice per step: refused, naming both positions."""
+        first: dict[int, tuple[int, int]] = {}
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if id(p) in first:
+                    g0, p0 = first[id(p)]
+                    raise ValueError(
+                        f"parameter {self.param_names.get(p, positional_name(g0, p0))} is in param_groups twice "
+                        f"({positional_name(g0, p0)} and {positional_name(gi, pi)}): it would be updated twice per "
+                        "step; list each parameter once")
+                first[id(p)] = (gi, pi)
+
     def follow_params(self) -> None:
         """Take the parameters now in ``param_groups`` as this optimizer's (run by step, state_dict
         and load_state_dict; call it after replacing parameters by hand).
@@ -90,6 +105,7 @@ class TorchContract:
                 f"param_groups now mix DTensors (FSDP2) and plain tensors ({plain[:3]} are plain); one dist8 "
                 "optimizer needs all its parameters sharded the same way: apply fully_shard to the root module too"
             )
+        self._refuse_listed_twice()
         for group in self.param_groups:
             self._check_params(group["params"])
         moved = {}
