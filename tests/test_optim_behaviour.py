@@ -3,6 +3,8 @@ import io
 import subprocess
 import sys
 
+import warnings
+
 import pytest
 import torch
 
@@ -188,6 +190,33 @@ def test_embedding_keeps_its_32bit_mark_when_the_weight_is_swapped_or_replaced(h
         model(torch.randint(0, 1000, (4, 8))).float().sum().backward()
         opt.step()
         assert opt.state[model.weight]["state1"].dtype == torch.float32, cls.__name__
+
+
+def test_a_parameter_replaced_by_one_of_another_shape_starts_fresh_with_a_warning():
+    """A layer resized after the optimizer was built (an embedding for a larger vocabulary) and put into
+    param_groups: it is a new parameter, as torch's optimizers take it. dist8 moved the old state onto
+    it, so the step failed ("state1 ... has shape (600,), parameter has (700,)") after that state had
+    left the old parameter; a retry then went on fresh, silently. Now: fresh state and one warning
+    naming it; a same-shape replacement still carries the state over (the FSDP2 swap)."""
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(600))
+    opt = AdamW8bit([("emb.weight", a)], lr=1e-2, min_8bit_size=0)
+    a.grad = torch.randn(600)
+    opt.step()
+    b = torch.nn.Parameter(torch.randn(700))
+    opt.param_groups[0]["params"][0] = b
+    b.grad = torch.randn(700)
+    with pytest.warns(UserWarning, match=r"^dist8: emb\.weight \(600,\) -> \(700,\): replaced in param_groups by a "
+                                         r"tensor of another shape; it starts with fresh optimizer state"):
+        opt.step()
+    assert opt.state[b]["step"] == 1 and a not in opt.state
+    c = torch.nn.Parameter(b.detach().clone())  # same shape: the state moves, no warning
+    opt.param_groups[0]["params"][0] = c
+    c.grad = torch.randn(700)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert opt.state[c]["step"] == 2 and opt.param_name(c) == "emb.weight"
 
 
 def test_parameters_swapped_after_the_optimizer_was_built_keep_their_marks_and_state():

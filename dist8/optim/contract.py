@@ -108,7 +108,7 @@ class TorchContract:
         self._refuse_listed_twice()
         for group in self.param_groups:
             self._check_params(group["params"])
-        moved = {}
+        moved, resized = {}, []
         alive = {id(q): q for q in (*self.state, *self.param_names)}
         for r in self._known.replacements(self.param_groups, alive):
             if r.name is not None and r.param not in self.param_names:
@@ -116,7 +116,16 @@ class TorchContract:
             if r.marks is not None:  # keys the new parameter's own mark has win (e.g. Embedding's, set again)
                 merge_marks(r.param, r.marks)
             if r.old is not None and self.state.get(r.old):
+                # Another shape (a layer resized, e.g. an embedding for a larger vocabulary) is a new parameter:
+                # fresh state at its first step, as torch's optimizers give it. Moving the old state would fail
+                # the step after the state had left the old parameter (it was lost, and the retry went fresh).
+                if tuple(r.old.shape) != tuple(r.param.shape):
+                    resized.append(f"{self.param_name(r.param)} {tuple(r.old.shape)} -> {tuple(r.param.shape)}")
+                    continue
                 moved[r.param] = self.state.pop(r.old)
+        if resized:
+            warnings.warn(f"dist8: {', '.join(resized)}: replaced in param_groups by a tensor of another shape; "
+                          "it starts with fresh optimizer state (as in torch's optimizers)", stacklevel=3)
         current = set(current)
         for stale in [q for q in self.state if q not in current]:  # parameters no longer stepped
             del self.state[stale]
