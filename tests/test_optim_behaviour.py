@@ -219,6 +219,32 @@ def test_a_parameter_replaced_by_one_of_another_shape_starts_fresh_with_a_warnin
     assert opt.state[c]["step"] == 2 and opt.param_name(c) == "emb.weight"
 
 
+def test_a_model_moved_to_another_device_after_the_first_step_is_refused_naming_the_parameter():
+    """``model.to(device)`` in place (swap_tensors; FSDP2's DTensors always move so) after the first
+    step left the state on the old device; the native kernels refused the mix without naming the
+    parameter ("state1 is on cpu but param is on cuda:0"). Now the step refuses first, naming it and
+    the fix, which works (here with ``meta`` standing in for a GPU). Met on a GPU after Lightning,
+    whose teardown moves model and state to the CPU after ``fit``: code that then moves only the model."""
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model = torch.nn.Linear(4, 600)
+        opt = AdamW8bit(model.named_parameters(), lr=1e-2, min_8bit_size=0)
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        model.to("meta")
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        with pytest.raises(ValueError, match=r"^parameter weight is on meta but its optimizer state is on cpu \(the "
+                                             r"model moved after the optimizer's first step\?\); "
+                                             r"opt\.load_state_dict\(opt\.state_dict\(\)\) puts the state"):
+            opt.step()
+        opt.load_state_dict(opt.state_dict())
+        assert {t.device.type for t in opt.state[model.weight].values() if torch.is_tensor(t) and t.dim()} == {"meta"}
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+
+
 def test_parameters_swapped_after_the_optimizer_was_built_keep_their_marks_and_state():
     """Module.to with swap_tensors after the optimizer exists: torch's optimizers allow it; dist8's held
     weak references to the parameters, which swap_tensors refuses ("Couldn't swap Linear.weight"). Now

@@ -584,6 +584,10 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
                     "history (clipping turned on after its first step?)")
         if first is None:
             return None
+        if first.device != p.device:  # the kernels would be handed tensors of two devices (a one-line error, unnamed)
+            return (f"parameter {name} is on {p.device} but its optimizer state is on {first.device} (the model moved "
+                    "after the optimizer's first step?); opt.load_state_dict(opt.state_dict()) puts the state on "
+                    "each parameter's device")
         if not self.uses_dtensor and first.shape != p.shape:
             return (f"parameter {name} has shape {tuple(p.shape)} but its optimizer state was made for "
                     f"{tuple(first.shape)} (resized after its first step?)")
