@@ -35,7 +35,7 @@ if "OMP_NUM_THREADS" not in os.environ:
 # balance, not correctness.
 FILE_SECONDS = {
     "test_train.py": 200, "test_bnb_suite.py": 90, "test_deepspeed.py": 80, "test_lightning.py": 75,
-    "test_cuda_compile_cuda_torch.py": 75, "test_readme.py": 70, "test_cuda_compile.py": 70, "test_hf_trainer.py": 40, "test_clients.py": 30,
+    "test_cuda_compile_cuda_torch.py": 75, "test_readme.py": 70, "test_cuda_compile.py": 70, "test_hf_trainer.py": 40, "test_clients.py": 37,
     "test_train_memory.py": 60, "test_kernels_cpu_builds.py": 50, "test_train_errors.py": 50, "test_kernels.py": 35, "test_run_codes.py": 15,
     "test_fsdp.py": 30, "test_sharded.py": 25, "test_train_faults.py": 20, "test_checkpoint.py": 20,
     "test_optim_behaviour.py": 15, "test_tensor_parallel.py": 15, "test_hsdp.py": 15, "test_checkpoint_stages.py": 10, "test_checkpoint_hostile.py": 15,

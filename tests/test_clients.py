@@ -14,6 +14,9 @@ ZeroRedundancyOptimizer and fairscale OSS (HF Trainer: ``tests/test_hf_trainer.p
   matches the unsharded optimizer bitwise; ``save_state``/``load_state`` resume exactly.
 * ``test_zero_redundancy_optimizer_...`` / ``test_fairscale_oss_...``: 2 gloo ranks, bitwise equal to the
   plain optimizer; the consolidated state dict loads into a plain dist8 optimizer.
+* ``test_peft_lora_adapters_resume_and_release_bitwise``: PEFT's LoRA on a tiny GPT-2 (base frozen,
+  adapters trained): a ``dist8.checkpoint`` resume and gradient release (with and without
+  ``weight_grad_chunk``) are the uninterrupted normal run, bitwise.
 * ``test_dcp_stateful_fsdp2_2_to_1``: a ``Stateful`` app state (model + optimizer through
   ``get_state_dict``/``set_state_dict``, nested or flattened as torchtitan saves it) saved by
   ``torch.distributed.checkpoint`` on 2 FSDP2 ranks and loaded on 1, then stepping as the
@@ -493,3 +496,53 @@ def _late_shard_worker(rank, world_size):
 def test_state_made_before_fsdp2_is_relaid_out_exactly(tmp_path):
     steps = run_ranks(_late_shard_worker, 2, tmp_path=tmp_path)
     assert set(steps[0].values()) == {4} and steps[0] == steps[1]
+
+
+def test_peft_lora_adapters_resume_and_release_bitwise(tmp_path):
+    """LoRA fine-tuning (PEFT), the most common use of bitsandbytes' 8-bit optimizers: only the adapters
+    are trainable (lora_B starts at zero, so lora_A's first gradients are exactly zero). A run saved by
+    ``dist8.checkpoint`` at step 3 and resumed into a model built from another seed ends bitwise equal to
+    the uninterrupted run, and ``gradient_release`` (whole gradients, and ``weight_grad_chunk`` over the
+    adapters' Linear layers, the frozen base layers left unchunked with the reason) is that run too."""
+    pytest.importorskip("peft", reason="peft is in the [test] extras")
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def lora_gpt2(seed):
+        torch.manual_seed(seed)
+        base = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=2, n_head=2,
+                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj"],
+                                                lora_dropout=0.0))
+        return model, dist8.AdamW8bit([(n, p) for n, p in model.named_parameters() if p.requires_grad],
+                                      lr=1e-3, min_8bit_size=0)
+
+    x = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+
+    def train(model, opt, steps):
+        for _ in range(steps):
+            model(input_ids=x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+    def weights(model):
+        return [p.detach().clone() for p in model.parameters()]
+
+    model, opt = lora_gpt2(0)
+    assert len(opt.param_groups[0]["params"]) == 12  # lora_A/B of attn.c_attn, attn.c_proj, mlp.c_proj x 2 layers
+    train(model, opt, 3)
+    dist8.checkpoint.save(tmp_path / "ck", model, opt, step=3)
+    train(model, opt, 3)
+    resumed, resumed_opt = lora_gpt2(1)
+    dist8.checkpoint.load(tmp_path / "ck", resumed, resumed_opt)
+    train(resumed, resumed_opt, 3)
+    assert all(torch.equal(a, b) for a, b in zip(weights(model), weights(resumed))), "resumed LoRA run differs"
+    for chunk in (None, 256):
+        released, released_opt = lora_gpt2(0)
+        handle = dist8.gradient_release(released, released_opt, weight_grad_chunk=chunk)
+        if chunk:
+            assert all("lora_" in name for name in handle.chunks.chunked)
+            assert handle.chunks.unchunked["base_model.model.transformer.wte"] == "its weight is frozen or not in the optimizer"
+        train(released, released_opt, 6)
+        handle.remove()
+        assert all(torch.equal(a, b) for a, b in zip(weights(model), weights(released))), f"release ({chunk=}) differs"
