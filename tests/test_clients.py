@@ -512,7 +512,7 @@ def test_peft_lora_adapters_resume_and_release_bitwise(tmp_path):
         torch.manual_seed(seed)
         base = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=2, n_head=2,
                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj"],
+        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
                                                 lora_dropout=0.0))
         return model, dist8.AdamW8bit([(n, p) for n, p in model.named_parameters() if p.requires_grad],
                                       lr=1e-3, min_8bit_size=0)
