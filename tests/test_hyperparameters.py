@@ -209,6 +209,28 @@ def test_a_parameter_appended_twice_to_param_groups_by_hand_is_refused_at_the_st
     assert opt.state[w]["step"] == 3 and opt.state[v]["step"] == 2
 
 
+@pytest.mark.parametrize("bad", [float("nan"), -2, 2.5, True, "3"])
+def test_a_step_count_written_into_the_state_by_hand_is_checked_at_the_step(bad):
+    """``state["step"]`` edited between steps gets the load path's rule (a whole number in [0, 2**62]): NaN
+    made every later step of the parameter a non-finite skip, -2 failed with "math domain error" naming
+    nothing. Refused naming the parameter, before any parameter changes; torch's tensor steps still work."""
+    w, v = torch.nn.Parameter(torch.randn(600)), torch.nn.Parameter(torch.randn(600))
+    opt = d8.AdamW8bit([("w", w), ("v", v)], min_8bit_size=0)
+    for p in (w, v):
+        p.grad = torch.randn(600)
+    opt.step()
+    opt.state[v]["step"] = bad
+    before = [w.detach().clone(), v.detach().clone(), opt.state[w]["state1"].clone()]
+    with pytest.raises(ValueError, match=r"^step of parameter v must be a whole number in \[0, 2\*\*62\], got .*written "
+                                         r"into its optimizer state after its last step.*del optimizer\.state\[param\]"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, [w, v, opt.state[w]["state1"]]))
+    assert opt.state[w]["step"] == 1
+    opt.state[v]["step"] = torch.tensor(1.0)  # what torch's own optimizers keep there
+    opt.step()
+    assert opt.state[v]["step"] == 2 and opt.state[w]["step"] == 2
+
+
 def test_lamb_max_unorm_clips_the_update():
     """max_unorm clips |ratio * u| to max_unorm * |p| as bitsandbytes does; 0 (off) and the
     default 1.0 give the plain trust ratio."""

@@ -575,6 +575,12 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
 
     def _unfit_reason(self, p: torch.Tensor, settings: ParamSettings, state: dict[str, Any]) -> str | None:
         name = settings.name  # the parameter's, or the DeepSpeed segment's whole parameter's
+        step = state.get(schema.STEP)
+        if type(step) is not int or step < 0:  # written by hand (state["step"] = nan, -2, ...): the load path's rule
+            try:
+                schema.checked_step(step, name)
+            except ValueError as exc:  # NaN skipped every later step as non-finite; -2 failed with "math domain error"
+                return f"{exc} (written into its optimizer state after its last step?)"
         first = state.get(schema.state_key(1))
         clipping = settings.hyper["percentile_clipping"]
         if clipping < 100 and schema.GNORM not in state:
