@@ -231,6 +231,30 @@ def test_a_step_count_written_into_the_state_by_hand_is_checked_at_the_step(bad)
     assert opt.state[v]["step"] == 2 and opt.state[w]["step"] == 2
 
 
+@pytest.mark.parametrize("edit,match", [
+    (lambda st: st.__setitem__("absmax1", st["absmax1"][:2].clone()), r"absmax1 of parameter v has 2 entries"),
+    (lambda st: st.__setitem__("absmax1", st["absmax1"].int()), r"absmax1 of parameter v has dtype torch.int32"),
+    (lambda st: st.__setitem__("state2", st["state2"].half()), r"state2 of parameter v has dtype torch.float16"),
+    (lambda st: st.pop("state2"), r"state for parameter v has no 'state2'"),
+    (lambda st: st.__setitem__("state2", torch.stack([st["state2"]] * 2, 1)[:, 0]), r"state2 of parameter v is not contiguous"),
+], ids=["absmax-short", "absmax-int", "codes-half", "key-deleted", "strided"])
+def test_state_tensors_replaced_by_hand_are_named_when_the_kernel_refuses_them(edit, match):
+    """The kernels refuse a state tensor of the wrong kind ("dist8: absmax1 must be float32 with 3 entries",
+    or a bare KeyError 'state2') without naming the parameter; the step now names it with the load path's
+    schema, checked only once the kernel has failed (nothing on the common path)."""
+    w, v = torch.nn.Parameter(torch.randn(600)), torch.nn.Parameter(torch.randn(600))
+    opt = d8.AdamW8bit([("w", w), ("v", v)], min_8bit_size=0)
+    for p in (w, v):
+        p.grad = torch.randn(600)
+    opt.step()
+    edit(opt.state[v])
+    with pytest.raises(ValueError, match=f"^{match}.*edited after its last step.*del optimizer\\.state\\[param\\]"):
+        opt.step()
+    del opt.state[v]  # the fix the message names
+    opt.step()
+    assert opt.state[v]["step"] == 1
+
+
 def test_lamb_max_unorm_clips_the_update():
     """max_unorm clips |ratio * u| to max_unorm * |p| as bitsandbytes does; 0 (off) and the
     default 1.0 give the plain trust ratio."""

@@ -504,7 +504,11 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
         try:
             items = self._update_items(groups, after_step, whole_step)
             if items or self.reduce_partials is not None:
-                pipeline.run_updates(self, items, amp_scaling(self))
+                try:
+                    pipeline.run_updates(self, items, amp_scaling(self))
+                except (RuntimeError, KeyError) as exc:
+                    self._name_edited_state(items, exc)
+                    raise
         finally:
             for undo in after_step:
                 undo()
@@ -552,6 +556,24 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
                 p = self.working_copy(p, after_step)
             items.append(pipeline.UpdateItem(p, settings, state))
         return items
+
+    def _name_edited_state(self, items: list[pipeline.UpdateItem], exc: BaseException) -> None:
+        """After a kernel call failed: if a parameter's state no longer passes the load path's schema
+        (a tensor replaced by hand: absmax truncated, codes cast, a key deleted), raise that, naming the
+        parameter, instead of the kernel's message, which names no parameter. Runs only on failure, so
+        the step pays nothing for it; plain parameters only (DTensor shards have their own layout)."""
+        if self.uses_dtensor:
+            return
+        for p, settings, state in items:
+            try:
+                schema.check_state(self.rule, settings.name, state, tuple(p.shape), p.device,
+                                   block_size=settings.block_size, expect_8bit=settings.use_8bit, copy=False)
+            except (KeyError, ValueError) as bad:
+                raise ValueError(f"{bad.args[0]} (edited after its last step?); {FRESH_STATE_FIX}") from exc
+            strided = [k for k, v in state.items() if isinstance(v, torch.Tensor) and not v.is_contiguous()]
+            if strided:  # the load path makes its tensors contiguous; the kernels take no others
+                raise ValueError(f"{strided[0]} of parameter {settings.name} is not contiguous (edited after its last "
+                                 f"step?); {FRESH_STATE_FIX}") from exc
 
     def check_state_fits(self, p: torch.Tensor, settings: ParamSettings, state: dict[str, Any],
                          fix: str = FRESH_STATE_FIX) -> None:
