@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU check for the dist8 CUDA kernels: load (or build), bit-exactness tests, step and memory benchmarks.
 # Usage: bench/gpu_check.sh OUTDIR [flows|profile|tests|bench|memory|phases|cpu ...]
-#   (default: all but phases, about 11 minutes; phases adds about 4)
+#   (default: all but phases, about 11 minutes; phases adds about 4). One device call runs at most 10
+#   minutes, so a lease runs it in two: `flows tests cpu` (about 4 minutes on 2026-12-04's H200) and
+#   `profile bench memory` (about 7).
 #
 # Made for a short GPU lease (issue 20): the kernels come prebuilt when .prebuilt/ is carried
 # (bench/gpu_prebuild.sh, against the GPU machine's exact torch wheel; else they build here, ~1 min),
