@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 import dist8
-from fsdp_utils import assert_same_params, assert_same_state, full_state, synthetic_grad
+from fsdp_utils import assert_same_params, assert_same_state, full_params, full_state, synthetic_grad
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (torch.cuda.is_available() is False)")]
@@ -77,7 +77,7 @@ def run(model: nn.Module, opt, start: int, stop: int) -> None:
 
 
 def cpu_params(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu() for n, p in model.named_parameters()}
+    return {n: t.cpu() for n, t in full_params(model).items()}
 
 
 def cpu_state(opt) -> dict:
