@@ -495,6 +495,63 @@ def test_a_target_refused_on_one_rank_is_refused_on_every_rank(tmp_path, sharded
     assert results[0]["load"].startswith(f"loading {tmp_path / 'ckpt'} failed on rank 1: ")
 
 
+def _ranks_on_their_own_disks(rank, world_size, root, case):
+    """Each rank saves as a rank on its own node's disk would: ``own_paths`` gives each its own directory
+    (rank 1's holding a leftover temporary directory, so its write succeeds there); ``unseen`` is one path
+    whose mark rank 1 cannot read (``read_text`` failing as on a disk rank 0's writes never reach)."""
+    import faulthandler
+
+    import dist8.checkpoint.shared_dir as shared_dir
+
+    faulthandler.dump_traceback_later(120, exit=True)  # a rank left waiting: a failure, not a 15-minute hang
+    model = make_model()
+    opt = ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, **KW)
+    train(model, opt, 1, 0)
+    path = root / "ckpt"
+    if case == "own_paths":
+        path = root / f"node{rank}" / "ckpt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if rank == 1:
+            (path.parent / ".ckpt.tmp").mkdir()  # a leftover of rank 1's node: its blocks were written there
+    elif case == "unseen" and rank == 1:
+        shared_dir.read_text = lambda *_: (_ for _ in ()).throw(FileNotFoundError("not on this node"))
+    try:
+        ck.save(path, model, opt, step=1)
+    except ck.CheckpointError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("case", ["own_paths", "unseen"])
+def test_a_checkpoint_directory_some_rank_does_not_see_is_refused_before_any_block_is_written(tmp_path, case):
+    """ShardedOptimizer ranks each write their blocks into the directory rank 0 creates. On node-local disks
+    (or with a path per rank) a rank that found no such directory failed with safetensors' "No such file or
+    directory", naming a random file; one that found a leftover of that name wrote its blocks there and rank 0
+    finished a checkpoint without them -- silently, until a resume failed. Every rank now reads back a mark
+    rank 0 wrote before anything else is written, and every rank refuses naming the rank that does not see it."""
+    results = run_ranks(_ranks_on_their_own_disks, 2, tmp_path, case, tmp_path=tmp_path)
+    said = "rank 1 does not see the directory rank 0 is writing the checkpoint into"
+    assert said in results[1] and "storage every node shares" in results[1], results[1]
+    assert results[0].startswith("save failed on rank 1: ") and said in results[0], results[0]
+    if case == "own_paths":
+        node0, node1 = tmp_path / "node0", tmp_path / "node1"
+        assert f"rank 0 saves to {node0 / 'ckpt'}, this rank to {node1 / 'ckpt'}" in results[1]
+        assert not (node0 / "ckpt").exists() and not (node0 / ".ckpt.tmp").exists()
+        assert os.listdir(node1 / ".ckpt.tmp") == []  # refused before rank 1 wrote its blocks
+    else:
+        assert "rank 0 saves to" not in results[1]
+        assert not (tmp_path / "ckpt").exists() and not (tmp_path / ".ckpt.tmp").exists()
+
+
+def test_a_sharded_checkpoint_holds_no_mark_of_the_directory_check(tmp_path):
+    """The mark every rank reads back is removed before the directory is renamed into place: the checkpoint
+    holds what its metadata lists (``dist8 ckpt verify`` refuses files it does not list)."""
+    run_ranks(save_sharded, 2, tmp_path / "ckpt", 1, {}, tmp_path=tmp_path)
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["metadata.json", "model.safetensors",
+                                                    "optim-00000-of-00002.safetensors",
+                                                    "optim-00001-of-00002.safetensors"]
+
+
 def test_consolidate_never_writes_over_or_into_the_checkpoint_it_reads(tmp_path, capsys):
     """``dist8 ckpt consolidate run/c run --force`` used to replace ``run``, deleting the checkpoint it was
     reading; the output may not be the source, hold it or lie inside it, whatever ``--force``."""

@@ -574,6 +574,80 @@ def test_another_writers_checkpoints_seen_by_one_rank_are_decided_by_rank_0(tmp_
         assert [r.get("latest") for r in results] == [str(tmp_path / "run" / "step-00000001")] * 2
 
 
+def _job_saves_on_node_local_disks(rank, world_size, base, mode):
+    """The training job's ``torch`` (``ddp``) and ``dcp`` (``fsdp2``) writers, each rank with its own disk (its
+    own root): rank 1's holds a leftover temporary directory for the ``torch`` writer; DCP's writer makes one."""
+    import faulthandler
+
+    import dist8.train.checkpointing as tc
+
+    faulthandler.dump_traceback_later(120, exit=True)  # a rank left waiting: a failure, not a 15-minute hang
+    root = base / f"node{rank}" / "run"
+    if mode == "fsdp2":
+        from fsdp_utils import dcp_model, run_steps
+
+        model, opt = dcp_model(world_size)
+        run_steps(model, opt, 0, 1)
+    else:
+        model = torch.nn.Linear(4, 3)
+        opt = torch.optim.AdamW(model.parameters())
+        if rank == 1:
+            (root / ".step-00000001.tmp").mkdir(parents=True)
+    try:
+        tc.Checkpointer(str(root), mode, model, opt, keep_last=3).save(1, {"step": 1})
+    except ck.CheckpointError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_the_jobs_writers_refuse_a_checkpoint_directory_some_rank_does_not_see(tmp_path, mode):
+    """On node-local disks the job's ``torch`` writer wrote rank 1's file into a leftover temporary directory
+    and DCP's writer made one for it, while rank 0 finished a checkpoint without rank 1's part: saved, silently,
+    and the resume failed. Every rank reads back rank 0's mark first now; nothing is written."""
+    results = run_ranks(_job_saves_on_node_local_disks, 2, tmp_path, mode, tmp_path=tmp_path)
+    said = "rank 1 does not see the directory rank 0 is writing the checkpoint into"
+    assert results[1] is not None and said in results[1], results[1]
+    assert results[0].startswith("checkpoint save failed on rank 1: ") and said in results[0], results[0]
+    assert not (tmp_path / "node0" / "run" / "step-00000001").exists()
+    assert not (tmp_path / "node0" / "run" / ".step-00000001.tmp").exists()
+    left = tmp_path / "node1" / "run" / ".step-00000001.tmp"
+    assert not left.exists() or os.listdir(left) == []  # rank 1 wrote nothing
+
+
+def _job_save_where_rank_1_cannot_write(rank, world_size, root):
+    import faulthandler
+
+    import dist8.train.checkpointing as tc
+
+    faulthandler.dump_traceback_later(120, exit=True)  # a rank left waiting: a failure, not a 15-minute hang
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    saves = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        raise OSError(28, "No space left on device", str(f))
+
+    if rank == 1:
+        tc.torch.save = disk_full
+    try:
+        tc.Checkpointer(str(root), "ddp", model, opt, keep_last=3).save(1, {"step": 1})
+    except ck.CheckpointError as exc:
+        return str(exc)
+    finally:
+        tc.torch.save = saves
+    return None
+
+
+def test_the_jobs_torch_writer_removes_its_temporary_directory_when_one_rank_cannot_write(tmp_path):
+    """A write error on one rank is raised on every rank naming it, and rank 0 removes the temporary directory
+    (the protocol's promise; it was left behind when another rank's write failed)."""
+    results = run_ranks(_job_save_where_rank_1_cannot_write, 2, tmp_path / "run", tmp_path=tmp_path)
+    assert "No space left on device" in results[1] and "rank00001.pt.part" in results[1], results[1]
+    assert results[0].startswith("checkpoint save failed on rank 1: "), results[0]
+    assert os.listdir(tmp_path / "run") == []
+
+
 def test_a_checkpoint_root_that_cannot_be_listed_is_one_line_naming_it(tmp_path, monkeypatch):
     """The other-writer check lists the root; an OSError there (permissions, a network filesystem) is one
     CheckpointError naming checkpoint.dir, which rank 0 then shares with every rank (an OSError was raised

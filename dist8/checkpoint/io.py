@@ -50,6 +50,7 @@ from dist8.checkpoint.model_file import write_model_file
 from dist8.checkpoint.replica_groups import saves_as_the_world, writer_adapter, writes_here
 from dist8.checkpoint.names import state_dict_by_name
 from dist8.checkpoint.reader import read_model, read_pieces
+from dist8.checkpoint.shared_dir import SHARED_MARK, check_every_rank_sees
 from dist8.checkpoint.weights import load_fp32_weights
 from dist8.messages import brief
 from dist8.optim.validation import check_flag, check_module
@@ -214,6 +215,8 @@ def _save_group(ad: OptimizerAdapter, model, optimizer, final: Path, root: Path,
         if ad.rank == 0 and refused is None:
             _write(tmp, lambda: temp_dir(final))
         _agree(ad, refused, "save")
+        if saving_world > 1 and not ad.alone:  # several ranks write their blocks into tmp
+            check_every_rank_sees(tmp, final, ad.group)
         report: dict[str, Any] = {"files": {}, "pieces": [], "rank": ad.rank, "params": {}}
         try:
             if ad.writes:
@@ -248,6 +251,7 @@ def _is_integer_at_least(value: Any, lowest: int) -> bool:
 
 def _finish(ad, model, optimizer, gathered, tmp, final, root, step, extra, keep_last, saving_world,
             groups_meta) -> None:
+    _write(tmp / SHARED_MARK, lambda: (tmp / SHARED_MARK).unlink(missing_ok=True))
     all_files = {k: v for rep in gathered for k, v in rep["files"].items()}
     all_pieces = {str(rep["rank"]): rep["pieces"] for rep in gathered if rep["files"]}
     described = {k: v for rep in gathered for k, v in rep["params"].items()}

@@ -16,7 +16,9 @@ Layout: ``<checkpoint.dir>/step-<8 digits>/`` per checkpoint, the newest
            same world size only.
 
 The atomic protocol of the ``dcp`` and ``torch`` writers: rank 0 creates
-``.step-N.tmp``; every rank writes (``torch``: ``rankR.pt.part`` renamed to
+``.step-N.tmp`` and every rank reads back a mark written there
+(:func:`dist8.checkpoint.shared_dir.check_every_rank_sees`: node-local disks are refused before
+anything is written); every rank writes (``torch``: ``rankR.pt.part`` renamed to
 ``rankR.pt``); barrier; rank 0 writes ``train_meta.json`` (step, extra, every
 file with its size and sha256) last, renames the directory into place (an
 existing one is renamed out of sight first) and rotates old ones by
@@ -50,6 +52,7 @@ import dist8.checkpoint as dist8_checkpoint
 from dist8.checkpoint.errors import CheckpointError
 from dist8.checkpoint.files import member, read_text, sha256_file
 from dist8.checkpoint.format import METADATA
+from dist8.checkpoint.shared_dir import SHARED_MARK, check_every_rank_sees
 from dist8.checkpoint.torch_files import check_dcp_metadata, load_torch_file, weights_only_loads
 from dist8.optim import Optimizer8bit
 from dist8.shard import ShardedOptimizer
@@ -263,6 +266,11 @@ class Checkpointer:
             except OSError as exc:
                 error = CheckpointError(f"writing {tmp} failed: {exc.strerror or exc}")
         _agree(error)
+        try:  # DCP's writer made its own tmp on a rank that saw none (node-local disks), silently
+            check_every_rank_sees(tmp, final, what="checkpoint save")
+        except CheckpointError:
+            _remove_on_rank_0(tmp, rank)
+            raise
         entry: dict[str, Any] = {}
         try:
             if self.kind == "dcp":
@@ -281,13 +289,18 @@ class Checkpointer:
                 entry = {name: {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}}
         except Exception as exc:  # noqa: BLE001 - every rank must learn of it
             error = exc
-        _agree(error)
+        try:
+            _agree(error)
+        except BaseException:  # any rank's write failed: rank 0 removes the half-written directory
+            _remove_on_rank_0(tmp, rank)
+            raise
         files = [entry]
         if dist.is_initialized() and world > 1:
             files = [None] * world
             dist.all_gather_object(files, entry)
         if rank == 0:
             try:
+                (tmp / SHARED_MARK).unlink(missing_ok=True)
                 meta = {"step": step, "world_size": world, "writer": self.kind, "extra": extra,
                         "files": {k: v for e in files for k, v in e.items()}}
                 part = tmp / f"{_META}.part"
@@ -320,6 +333,11 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
     elif path.exists():
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_on_rank_0(tmp: Path, rank: int) -> None:
+    if rank == 0:
+        _remove(tmp)
 
 
 def _agree(error: BaseException | None) -> None:
