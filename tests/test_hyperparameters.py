@@ -241,18 +241,50 @@ def test_a_step_count_written_into_the_state_by_hand_is_checked_at_the_step(bad)
 def test_state_tensors_replaced_by_hand_are_named_when_the_kernel_refuses_them(edit, match):
     """The kernels refuse a state tensor of the wrong kind ("dist8: absmax1 must be float32 with 3 entries",
     or a bare KeyError 'state2') without naming the parameter; the step now names it with the load path's
-    schema, checked only once the kernel has failed (nothing on the common path)."""
+    schema, checked only once the kernel has failed (nothing on the common path). The refused step changes
+    nothing: ``w``, stepped in the same kernel call, kept its step count too (it read 2 after the refusal,
+    though ``w`` had not moved), so it continues as a run that was never refused, bitwise."""
+    torch.manual_seed(0)
     w, v = torch.nn.Parameter(torch.randn(600)), torch.nn.Parameter(torch.randn(600))
+    w_ref = torch.nn.Parameter(w.detach().clone())
     opt = d8.AdamW8bit([("w", w), ("v", v)], min_8bit_size=0)
+    ref = d8.AdamW8bit([("w", w_ref)], min_8bit_size=0)
     for p in (w, v):
         p.grad = torch.randn(600)
+    w_ref.grad = w.grad.clone()
     opt.step()
+    ref.step()
     edit(opt.state[v])
+    before = w.detach().clone()
     with pytest.raises(ValueError, match=f"^{match}.*edited after its last step.*del optimizer\\.state\\[param\\]"):
         opt.step()
+    assert opt.state[w]["step"] == 1 and torch.equal(w, before)
     del opt.state[v]  # the fix the message names
     opt.step()
-    assert opt.state[v]["step"] == 1
+    ref.step()
+    assert opt.state[v]["step"] == 1 and opt.state[w]["step"] == 2
+    assert torch.equal(w, w_ref) and torch.equal(opt.state[w]["state1"], ref.state[w_ref]["state1"])
+
+
+def test_a_refused_kernel_call_leaves_the_gradient_norm_history_of_its_parameters_alone():
+    """With percentile clipping each parameter's step is its own kernel call. When one call is refused (state
+    edited by hand), the parameters whose calls had not run keep their step count and their gradient-norm
+    history as they were (this step's norm stayed in the history of parameters that were not stepped, and
+    every later clip of theirs read it); those stepped before it count the step they took."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(600)) for _ in range(3)]
+    opt = d8.AdamW8bit([(f"p{i}", p) for i, p in enumerate(params)], min_8bit_size=0, percentile_clipping=50)
+    for p in params:
+        p.grad = torch.randn(600)
+    opt.step()
+    opt.state[params[1]]["absmax1"] = opt.state[params[1]]["absmax1"][:2].clone()
+    history = [opt.state[p]["gnorm_vec"].clone() for p in params]
+    with pytest.raises(ValueError, match="absmax1 of parameter p1 has 2 entries"):
+        opt.step()
+    assert [opt.state[p]["step"] for p in params] == [2, 1, 1]
+    assert not torch.equal(opt.state[params[0]]["gnorm_vec"], history[0])  # p0 was stepped: its norm is in
+    for p, h in zip(params[1:], history[1:]):
+        assert torch.equal(opt.state[p]["gnorm_vec"], h)
 
 
 def test_lamb_max_unorm_clips_the_update():

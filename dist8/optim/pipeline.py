@@ -144,40 +144,55 @@ def run_updates(opt: Optimizer8bit, items: list[UpdateItem], amp: tuple[float, b
     edges = dtensor_update.EdgeBatch() if dtensors else None  # shard-edge blocks, finished after the loop
     # Plain tensors whose kernel calls differ only in the tensors go to the kernel together
     # (one call instead of one per parameter; LAMB/LARS need their update direction back).
-    batches: dict[tuple, tuple[Scalars, list, list]] = {}  # key -> (scalars, kernel rows, names)
+    # key -> (scalars, kernel rows, names, corrections, (state, its new step) per row)
+    batches: dict[tuple, tuple[Scalars, list, list, list, list]] = {}
     scalars_memo: dict[tuple, tuple] = {}
     batchable = opt.rule not in RULE_WRITES_UPDATE
-    for slot, (p, settings, state) in zip(slots, items):
-        if partials[slot] > 0:
-            if counts_whole_skip(p):
-                opt.skip_counter.add_param(settings.name)
-            continue
-        step = state["step"] + 1
-        grad_scale = inv_scale
-        if settings.hyper["percentile_clipping"] < 100:
-            grad_scale *= _percentile_scale(state, float(partials[n + slot]), step, settings.hyper["percentile_clipping"])
-        if dtensors:
-            update = dtensor_update.update(opt, p, state, settings, step, grad_scale, edges)
-        elif batchable:
-            # Parameters sharing a hyper dict (a group without overrides) share their scalars.
-            memo_key = (id(settings.hyper), step, grad_scale)
-            memo = scalars_memo.get(memo_key)
-            if memo is None:
-                scalars, flags = opt.kernel_scalars(settings.hyper, step, grad_scale)
-                memo = scalars_memo[memo_key] = (scalars, flags, scalars.as_tuple())
-            scalars, flags, values = memo
-            key = (values, flags, settings.block_size, settings.use_8bit, p.device)
-            batch = batches.setdefault(key, (scalars, [], [], []))
-            batch[1].append(kernel_tensors(opt, p, state))
-            batch[2].append(settings.name)
-            batch[3].append(state.get(CORRECTION))
-            update = None
-        else:
-            update = _update_one(opt, p, state, settings, step, grad_scale)
-        state["step"] = step
-        if update is not None:
-            trust_items.append(TrustItem(slot, p, settings, update, state.get(CORRECTION)))
-    _run_batches(opt, batches)
+    # A parameter's step count and gradient-norm history change only with its update: a kernel call that fails
+    # (state edited by hand) left every parameter of its batch counted as stepped, and its history holding
+    # this step's norm, though none was updated. id(state) -> the history entry to put back until committed.
+    uncommitted: dict[int, tuple[torch.Tensor, int, float]] = {}
+    try:
+        for slot, (p, settings, state) in zip(slots, items):
+            if partials[slot] > 0:
+                if counts_whole_skip(p):
+                    opt.skip_counter.add_param(settings.name)
+                continue
+            step = state["step"] + 1
+            grad_scale = inv_scale
+            if settings.hyper["percentile_clipping"] < 100:
+                history, at = state[GNORM], (step - 1) % PERCENTILE_HISTORY
+                uncommitted[id(state)] = (history, at, float(history[at]))
+                grad_scale *= _percentile_scale(state, float(partials[n + slot]), step,
+                                                settings.hyper["percentile_clipping"])
+            if dtensors:
+                update = dtensor_update.update(opt, p, state, settings, step, grad_scale, edges)
+            elif batchable:
+                # Parameters sharing a hyper dict (a group without overrides) share their scalars.
+                memo_key = (id(settings.hyper), step, grad_scale)
+                memo = scalars_memo.get(memo_key)
+                if memo is None:
+                    scalars, flags = opt.kernel_scalars(settings.hyper, step, grad_scale)
+                    memo = scalars_memo[memo_key] = (scalars, flags, scalars.as_tuple())
+                scalars, flags, values = memo
+                key = (values, flags, settings.block_size, settings.use_8bit, p.device)
+                batch = batches.setdefault(key, (scalars, [], [], [], []))
+                batch[1].append(kernel_tensors(opt, p, state))
+                batch[2].append(settings.name)
+                batch[3].append(state.get(CORRECTION))
+                batch[4].append((state, step))
+                continue  # counted when its batch's kernel call has run (_run_batches)
+            else:
+                update = _update_one(opt, p, state, settings, step, grad_scale)
+            state["step"] = step
+            uncommitted.pop(id(state), None)
+            if update is not None:
+                trust_items.append(TrustItem(slot, p, settings, update, state.get(CORRECTION)))
+        _run_batches(opt, batches, uncommitted)
+    except BaseException:
+        for history, at, value in uncommitted.values():
+            history[at] = value
+        raise
     if edges is not None:
         edges.finish()
     if trust_items or (sharded and opt.rule in RULE_WRITES_UPDATE):
@@ -219,13 +234,17 @@ def kernel_qmaps(opt: Optimizer8bit, device: torch.device, use_8bit: bool) -> tu
     return opt.qmap(device, is_signed(opt.rule, 1)), (opt.qmap(device, is_signed(opt.rule, 2)) if two else None)
 
 
-def _run_batches(opt: Optimizer8bit, batches: dict) -> None:
-    """One kernel call per group of parameters collected by run_updates."""
-    for (_, flags, block_size, use_8bit, device), (scalars, rows, names, corrections) in batches.items():
+def _run_batches(opt: Optimizer8bit, batches: dict, uncommitted: dict[int, tuple]) -> None:
+    """One kernel call per group of parameters collected by run_updates; once a call has run, its parameters'
+    new step counts are stored and their history entries leave ``uncommitted``."""
+    for (_, flags, block_size, use_8bit, device), (scalars, rows, names, corrections, steps) in batches.items():
         q1, q2 = kernel_qmaps(opt, device, use_8bit)
         skipped = torch.zeros(len(rows), dtype=torch.int64, device=device)
         extra = {"corrections": corrections} if any(c is not None for c in corrections) else {}
         get_backend(device).fused_update_multi(opt.rule, rows, q1, q2, scalars, flags, block_size, skipped, **extra)
+        for state, step in steps:
+            state["step"] = step
+            uncommitted.pop(id(state), None)
         opt.skip_counter.add_blocks(names, skipped)
     batches.clear()
 
