@@ -34,9 +34,9 @@ def cpu_generation(vendor: str, family: int, model: int) -> str | None:
             return "Zen 4" if 0x10 <= model <= 0x1F or 0x60 <= model <= 0x7F or 0xA0 <= model <= 0xAF else "Zen 3"
         if family == 26:
             return "Zen 5"
-    if vendor == "GenuineIntel" and family == 6:  # the Xeon server cores
+    if vendor == "GenuineIntel" and family == 6:  # the Xeon server cores, and Rocket Lake (Xeon E-2300)
         return {0x55: "Skylake-SP/Cascade Lake", 0x6A: "Ice Lake-SP", 0x6C: "Ice Lake-SP", 0x8F: "Sapphire Rapids",
-                0xCF: "Emerald Rapids", 0xAD: "Granite Rapids"}.get(model)
+                0xCF: "Emerald Rapids", 0xAD: "Granite Rapids", 0xA7: "Rocket Lake"}.get(model)
     return None
 
 

@@ -57,6 +57,7 @@ def test_machine_record_names_the_cpu_generation(monkeypatch):
     for (family, model), name in measured.items():
         assert common.cpu_generation("AuthenticAMD", family, model) == name
     assert common.cpu_generation("GenuineIntel", 6, 207) == "Emerald Rapids"  # the H200 host of section 18
+    assert common.cpu_generation("GenuineIntel", 6, 167) == "Rocket Lake"  # the dev VM of section 19
     assert common.cpu_generation("GenuineIntel", 6, 151) is None  # a client core (Alder Lake): not named
     line = common.machine()["cpuid"]
     assert line is None or " family " in line
