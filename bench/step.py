@@ -1,7 +1,10 @@
 """Optimizer step time: dist8 AdamW8bit vs torch AdamW (foreach, fused), bitsandbytes and torchao AdamW8bit.
 
 Median of >= 10 timed steps after warm-up, candidates interleaved round by round
-in one process. Reports ms/step, effective GB/s (bytes the step must move:
+in one process, in a new (seeded) order each round: in a fixed order each candidate always ran
+right after the same one (dist8's default after torchao's 2-second step at 64M), and on a 2-core
+VM such a run read torch's fused 64M step at 58 ms against 43 ms in shuffled and quiet runs, and
+dist8's at 58 against 46-48 (BENCHMARKS.md section 19). Reports ms/step, effective GB/s (bytes the step must move:
 param read+write, grad read, state read+write) and the ratio of that to the
 memory-bandwidth bound measured here with a large copy.
 
@@ -13,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import random
 import socket
 import statistics
 import sys
@@ -331,6 +335,43 @@ def candidates(n, dtype, device, which, size_label=""):
     return out
 
 
+def _time_candidates(cands: dict, args, device, bw: float, n: int, size_s: str, dtype_name: str) -> list[dict]:
+    """Warm up and time ``cands`` (one size and dtype), round by round in a shuffled order; one row each.
+    A function of its own so that the candidates (their tensors: gigabytes at 64M) are all dropped when it
+    returns, before the next size's are built."""
+    live = {k: v for k, v in cands.items() if v[0] is not None}
+    for name, (fn, _, err) in list(live.items()):
+        try:
+            for _ in range(args.warmup):
+                fn()
+            sync(device)
+        except Exception as exc:  # noqa: BLE001
+            cands[name] = (None, cands[name][1], f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
+            live.pop(name)
+    times = {k: [] for k in live}
+    order = list(live.items())
+    shuffle = random.Random(0).shuffle  # the same orders in every run
+    for _ in range(args.reps):
+        shuffle(order)
+        for name, (fn, _, _) in order:
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    rows = []
+    for name, (fn, nbytes, err) in cands.items():
+        row = {"size": n, "size_label": size_s, "dtype": dtype_name, "optimizer": name, "bytes": nbytes}
+        if name in times:
+            med = statistics.median(times[name])
+            row.update(ms=med * 1e3, ms_min=min(times[name]) * 1e3, gbps=nbytes / med / 1e9,
+                       bound_ratio=(nbytes / med / 1e9) / bw, reps=len(times[name]))
+        else:
+            row.update(error=err or "not run")
+        rows.append(row)
+    return rows
+
+
 def run(args):
     device = torch.device(args.device)
     bw = copy_bandwidth(device)
@@ -340,34 +381,8 @@ def run(args):
         n = parse_size(size_s)
         for dtype_name in args.dtypes.split(","):
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-            cands = candidates(n, dtype, device, [w for w in args.only.split(",") if w], size_s)
-            live = {k: v for k, v in cands.items() if v[0] is not None}
-            for name, (fn, _, err) in list(live.items()):
-                try:
-                    for _ in range(args.warmup):
-                        fn()
-                    sync(device)
-                except Exception as exc:  # noqa: BLE001
-                    cands[name] = (None, cands[name][1], f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
-                    live.pop(name)
-            times = {k: [] for k in live}
-            for _ in range(args.reps):
-                for name, (fn, _, _) in live.items():
-                    sync(device)
-                    t = time.perf_counter()
-                    fn()
-                    sync(device)
-                    times[name].append(time.perf_counter() - t)
-            for name, (fn, nbytes, err) in cands.items():
-                row = {"size": n, "size_label": size_s, "dtype": dtype_name, "optimizer": name, "bytes": nbytes}
-                if name in times:
-                    med = statistics.median(times[name])
-                    row.update(ms=med * 1e3, ms_min=min(times[name]) * 1e3, gbps=nbytes / med / 1e9,
-                               bound_ratio=(nbytes / med / 1e9) / bw, reps=len(times[name]))
-                else:
-                    row.update(error=err or "not run")
-                results.append(row)
-            del cands, live
+            results += _time_candidates(candidates(n, dtype, device, [w for w in args.only.split(",") if w], size_s),
+                                        args, device, bw, n, size_s, dtype_name)
     return bw, results
 
 

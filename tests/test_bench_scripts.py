@@ -61,3 +61,46 @@ def test_machine_record_names_the_cpu_generation(monkeypatch):
     assert common.cpu_generation("GenuineIntel", 6, 151) is None  # a client core (Alder Lake): not named
     line = common.machine()["cpuid"]
     assert line is None or " family " in line
+
+
+def test_step_benchmark_shuffles_each_round_and_frees_each_size_first(monkeypatch):
+    """bench/step.py times its candidates in a new order every round (in one fixed order a candidate always
+    ran after the same one, and a 2-core VM's rows moved by a quarter with it: BENCHMARKS.md section 19),
+    the same orders in every run, and drops one size's candidates (each holds its own parameters, gradients
+    and state: gigabytes at 64M) before it builds the next size's -- an order list kept them alive and the
+    run was killed for memory."""
+    import argparse
+    import gc
+    import weakref
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import step
+
+    calls, alive = [], []
+
+    class Held:  # stands for a candidate's tensors
+        pass
+
+    def fake_candidates(n, dtype, device, which, size_label=""):
+        gc.collect()
+        assert not any(ref() is not None for ref in alive), "the previous size's candidates are still held"
+        cands = {}
+        for name in ("a", "b", "c", "d"):
+            held = Held()
+            alive.append(weakref.ref(held))
+            cands[name] = ((lambda name=name, held=held: calls.append((size_label, name))), 1, None)
+        return cands
+
+    monkeypatch.setattr(step, "candidates", fake_candidates)
+    monkeypatch.setattr(step, "copy_bandwidth", lambda device: 1.0)
+    args = argparse.Namespace(device="cpu", sizes="1M,2M", dtypes="fp32", only="", warmup=1, reps=6)
+    step.run(args)
+    rounds = [tuple(name for _, name in calls[4 + 28 * size + 4 * r: 4 + 28 * size + 4 * r + 4]) for size in (0,)
+              for r in range(6)]
+    assert all(sorted(r) == ["a", "b", "c", "d"] for r in rounds)
+    assert len(set(rounds)) > 1  # not one fixed order
+    first = list(calls)
+    calls.clear()
+    alive.clear()
+    step.run(args)
+    assert calls == first  # seeded: every run times the same orders
