@@ -151,7 +151,7 @@ def run_updates(opt: Optimizer8bit, items: list[UpdateItem], amp: tuple[float, b
     # A parameter's step count and gradient-norm history change only with its update: a kernel call that fails
     # (state edited by hand) left every parameter of its batch counted as stepped, and its history holding
     # this step's norm, though none was updated. id(state) -> the history entry to put back until committed.
-    uncommitted: dict[int, tuple[torch.Tensor, int, float]] = {}
+    uncommitted: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
     try:
         for slot, (p, settings, state) in zip(slots, items):
             if partials[slot] > 0:
@@ -162,7 +162,7 @@ def run_updates(opt: Optimizer8bit, items: list[UpdateItem], amp: tuple[float, b
             grad_scale = inv_scale
             if settings.hyper["percentile_clipping"] < 100:
                 history, at = state[GNORM], (step - 1) % PERCENTILE_HISTORY
-                uncommitted[id(state)] = (history, at, float(history[at]))
+                uncommitted[id(state)] = (history, at, history[at].clone())  # a copy on its device: no host sync
                 grad_scale *= _percentile_scale(state, float(partials[n + slot]), step,
                                                 settings.hyper["percentile_clipping"])
             if dtensors:
