@@ -475,6 +475,32 @@ def test_percentile_clipping_limits_spikes():
     assert not torch.equal(p, q)
 
 
+@pytest.mark.parametrize("cls", [dist8.AdamW8bit, dist8.AdamW32bit])
+def test_percentile_clipping_takes_no_sample_from_a_step_without_gradient(cls):
+    """An all-zero gradient (zero_grad(set_to_none=False) on a module a step did not use, an MoE expert not routed)
+    is not a norm sample: with more than p% of them in the window the p-th percentile was 0 and every real
+    gradient was scaled to exactly 0, so the parameter stopped learning. The run equals one given each real
+    gradient scaled to the percentile of the real norms before it, without clipping."""
+    torch.manual_seed(0)
+    grads = [torch.zeros(5000) if s % 10 == 9 or 20 <= s < 30 else torch.randn(5000) * (1 + s % 7) for s in range(60)]
+    p, q = torch.nn.Parameter(torch.zeros(5000)), torch.nn.Parameter(torch.zeros(5000))
+    clipped, by_hand = cls([p], percentile_clipping=5), cls([q])
+    norms = []
+    for s, g in enumerate(grads):
+        before = p.detach().clone()
+        p.grad = g.clone()
+        clipped.step()
+        scale = 1.0
+        if g.any():
+            norms.append(float(g.double().pow(2).sum()))
+            clip = sorted(norms[-sum(1 for h in grads[max(0, s - 99):s + 1] if h.any()):])[int(0.05 * (len(norms) - 1))]
+            scale = min(1.0, (clip / norms[-1]) ** 0.5)
+            assert not torch.equal(p, before), f"step {s}: a real gradient was scaled to 0"
+        q.grad = g * scale
+        by_hand.step()
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=f"step {s}")
+
+
 def test_lr_scheduler_and_closure_and_zero_grad():
     p = torch.nn.Parameter(torch.ones(5000))
     opt = SGD8bit([p], lr=0.1, momentum=0.5)

@@ -208,9 +208,14 @@ def _percentile_scale(state: dict, gnorm_sq: float, step: int, percentile: float
     # the fp32 history saturates: a finite gradient's square norm above 3.4e38 (|g| ~ 1.8e19) is
     # still clipped (by the float64 ratio below), not turned into an overflow error mid-step
     history[(step - 1) % PERCENTILE_HISTORY] = min(gnorm_sq, FLOAT32_MAX)
+    if gnorm_sq == 0:
+        return 1.0
+    # A zero entry is a step without gradient (an unused module under zero_grad(set_to_none=False), an MoE
+    # expert not routed), not a sample: counted, more than p% of them in the window made the percentile 0 and
+    # scaled every real gradient to exactly 0, so the parameter stopped learning while they stayed there.
     filled = history[: min(step, PERCENTILE_HISTORY)]
-    clip_sq = float(torch.quantile(filled, percentile / 100.0, interpolation="lower"))
-    return 1.0 if gnorm_sq <= clip_sq or gnorm_sq == 0 else math.sqrt(clip_sq / gnorm_sq)
+    clip_sq = float(torch.quantile(filled[filled > 0], percentile / 100.0, interpolation="lower"))
+    return 1.0 if gnorm_sq <= clip_sq else math.sqrt(clip_sq / gnorm_sq)
 
 
 def kernel_tensors(opt: Optimizer8bit, p: torch.Tensor, state: dict, grad: torch.Tensor | None = None) -> tuple:
