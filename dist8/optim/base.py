@@ -88,7 +88,7 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
         min_8bit_size: parameters with fewer elements (of the whole, unsharded
             parameter) keep 32-bit state. Default 4096.
         percentile_clipping: clip each parameter's gradient to this percentile of
-            its last 100 gradient norms (100 = off, the default).
+            its nonzero gradient norms among its last 100 steps (100 = off, the default).
         block_size: quantization block size in elements, a power of two in [64, 65536]. Default 256.
         block_wise: False quantizes each parameter with one absmax (the paper's ablation).
         quant_map: ``"dynamic"`` (default, the paper's dynamic tree map; bitsandbytes' maps),

@@ -19,7 +19,7 @@ SHARED_ARGS_DOC = """
         min_8bit_size (int): parameters with fewer elements than this keep 32-bit state
             (counted on the whole parameter, also when it is sharded). Default 4096.
         percentile_clipping (int): clip each parameter's gradient to this percentile (1-100)
-            of its last 100 gradient norms. Default 100 (off).
+            of its nonzero gradient norms among its last 100 steps. Default 100 (off).
         block_wise (bool): True: one fp32 absmax per block of ``block_size`` values; False:
             one absmax for the whole parameter (the paper's ablation). Default True.
         block_size (int): quantization block length in elements, a power of two >= 64.
