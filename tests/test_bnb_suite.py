@@ -23,7 +23,10 @@ which is not a dependency):
   as an accuracy bound: dist8's parameters are no further from the fp32 reference's than
   bitsandbytes' are.
 
-Deviations, on purpose (each documented in the classes' help): dist8's ``Adagrad8bit``
+Deviations, on purpose (each documented in the classes' help): dist8's Adam classes add ``weight_decay`` to
+the gradient as ``torch.optim.Adam`` does, where bitsandbytes' decay decoupled (its AdamW); dist8 honours
+RMSprop's ``momentum``, SGD's ``dampening`` and ``nesterov`` and LAMB's ``adam_w_mode`` and ``bias_correction``,
+which bitsandbytes 0.50 takes and ignores; dist8's ``Adagrad8bit``
 honours ``optim_bits=32``, as every dist8 ``X8bit`` class does, where bitsandbytes refuses it;
 dist8's LARS scales every step by the paper's trust ratio ``max_unorm * |p| / |u|`` where bitsandbytes only clips with it (the two
 agree wherever the clip binds, which is the regime of the 32-bit protocol below), so
@@ -190,6 +193,55 @@ def test_lion_weight_decay_is_decoupled(dtype):
         if dtype != torch.float32:
             p1.copy_(p1.to(dtype).float())
             p2.copy_(p1)
+
+
+def _linear_after_six_steps(make):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(128, 64)
+    opt = make(model.parameters())
+    torch.manual_seed(1)
+    for _ in range(6):
+        model(torch.randn(16, 128)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return model.weight.detach()
+
+
+def test_adam_weight_decay_is_torchs_l2_where_bitsandbytes_decays_decoupled():
+    """A documented deviation: bitsandbytes' Adam classes run its AdamW kernel, so their ``weight_decay``
+    shrinks the parameter (``p *= 1 - lr * wd``, bitsandbytes issue 2010, whose maintainers lean towards
+    correcting it); dist8's Adam classes add it to the gradient, as ``torch.optim.Adam``. Code moving
+    from ``bnb.optim.Adam8bit(..., weight_decay=wd)`` keeps its training with ``dist8.AdamW8bit``. If this
+    fails on bitsandbytes' side, bitsandbytes changed: update the README's list of differences."""
+    kw = {"lr": 1e-2, "weight_decay": 0.5}
+    runs = {name: _linear_after_six_steps(lambda ps, cls=cls: cls(ps, **kw)) for name, cls in [
+        ("torch Adam", torch.optim.Adam), ("torch AdamW", torch.optim.AdamW), ("dist8 Adam", d8.Adam32bit),
+        ("dist8 AdamW", d8.AdamW32bit), ("bnb Adam", bnb.optim.Adam32bit)]}
+    close = {(a, b): torch.allclose(runs[a], runs[b], rtol=0, atol=1e-6)
+             for a, b in [("dist8 Adam", "torch Adam"), ("dist8 AdamW", "torch AdamW"), ("bnb Adam", "torch AdamW"),
+                          ("dist8 Adam", "bnb Adam")]}
+    assert close == {("dist8 Adam", "torch Adam"): True, ("dist8 AdamW", "torch AdamW"): True,
+                     ("bnb Adam", "torch AdamW"): True, ("dist8 Adam", "bnb Adam"): False}, close
+    assert (runs["dist8 Adam"] - runs["bnb Adam"]).abs().max() > 0.05  # not a rounding difference
+
+
+@pytest.mark.parametrize("ours,theirs,torchs,base,changed", [
+    (d8.SGD32bit, bnb.optim.SGD32bit, torch.optim.SGD, {"momentum": 0.9}, {"dampening": 0.5}),
+    (d8.SGD32bit, bnb.optim.SGD32bit, torch.optim.SGD, {"momentum": 0.9}, {"nesterov": True}),
+    (d8.RMSprop32bit, bnb.optim.RMSprop32bit, torch.optim.RMSprop, {}, {"momentum": 0.9}),
+    (d8.LAMB32bit, bnb.optim.LAMB32bit, None, {"weight_decay": 0.1}, {"adam_w_mode": False}),
+    (d8.LAMB32bit, bnb.optim.LAMB32bit, None, {}, {"bias_correction": False}),
+], ids=lambda v: getattr(v, "__name__", None) or str(v))
+def test_arguments_bitsandbytes_takes_and_ignores_are_honoured(ours, theirs, torchs, base, changed):
+    """A documented deviation: bitsandbytes 0.50 takes these arguments and steps as if they had their defaults;
+    dist8 honours them (as torch's optimizers, where torch has the optimizer)."""
+    def run(make, **kw):
+        return _linear_after_six_steps(lambda ps: make(ps, lr=1e-2, **base, **kw))
+
+    assert not torch.allclose(run(ours), run(ours, **changed), rtol=0, atol=1e-4)
+    assert torch.equal(run(theirs), run(theirs, **changed)), "bitsandbytes honours it now: update the README"
+    if torchs is not None:
+        torch.testing.assert_close(run(ours, **changed), run(torchs, **changed), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("make", [

@@ -91,7 +91,11 @@ def _family_doc(what: str, name: str, weight_decay: str) -> str:
 @document
 class AdamFamily(_AdamBase):
     __doc__ = _family_doc("Adam (L2 weight decay added to the gradient)", "Adam",
-                          "L2 penalty added to the gradient (``g + wd * p``). Default 0.")
+                          "L2 penalty added to the gradient (``g + wd * p``), as\n"
+                          "            ``torch.optim.Adam``. Default 0. bitsandbytes' Adam classes decay decoupled\n"
+                          "            instead (their AdamW kernel): code moving from\n"
+                          "            ``bnb.optim.Adam8bit(weight_decay=wd)`` keeps its training with\n"
+                          "            :class:`AdamW8bit` and the same ``weight_decay``.")
 
 
 Adam8bit, Adam32bit, Adam = bit_variants(AdamFamily, "Adam", __name__)
