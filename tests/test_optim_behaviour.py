@@ -320,11 +320,19 @@ def test_parameters_moved_within_param_groups_keep_their_own_state(edit, named):
             opt.step()
         return [p.detach().clone() for p in (*layers, newcomer)], opt
 
-    (by_hand, opt), (rebuilt, _) = run(True), run(False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        by_hand, opt = run(True)
+    rebuilt, _ = run(False)
     for a, b in zip(by_hand, rebuilt):
         assert torch.equal(a, b)
     assert sorted(opt.state[p]["step"] for p in opt.param_groups[0]["params"]) == (
         [3, 5, 5, 5] if edit.startswith("insert") else [5] * len(opt.param_groups[0]["params"]))
+    # a parameter that left the groups had its state freed: said once, naming it (torch keeps such state)
+    said = [str(w.message) for w in caught if "left param_groups" in str(w.message)]
+    assert said == ([f"dist8: {'layer0' if named else 'group 0 index 0'} (1 parameter) left param_groups: their "
+                     "optimizer state is freed, and a parameter put back starts with fresh state (freeze with "
+                     "requires_grad_(False) or grad=None to keep it)"] if edit == "remove the first" else []), said
 
 
 def test_global_numel_mark_decides_8bit():

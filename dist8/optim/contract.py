@@ -108,7 +108,7 @@ class TorchContract:
         self._refuse_listed_twice()
         for group in self.param_groups:
             self._check_params(group["params"])
-        moved, resized = {}, []
+        moved, resized, replaced_by_resized = {}, [], set()
         alive = {id(q): q for q in (*self.state, *self.param_names)}
         for r in self._known.replacements(self.param_groups, alive):
             if r.name is not None and r.param not in self.param_names:
@@ -121,14 +121,23 @@ class TorchContract:
                 # the step after the state had left the old parameter (it was lost, and the retry went fresh).
                 if tuple(r.old.shape) != tuple(r.param.shape):
                     resized.append(f"{self.param_name(r.param)} {tuple(r.old.shape)} -> {tuple(r.param.shape)}")
+                    replaced_by_resized.add(r.old)
                     continue
                 moved[r.param] = self.state.pop(r.old)
         if resized:
             warnings.warn(f"dist8: {', '.join(resized)}: replaced in param_groups by a tensor of another shape; "
                           "it starts with fresh optimizer state (as in torch's optimizers)", stacklevel=3)
         current = set(current)
-        for stale in [q for q in self.state if q not in current]:  # parameters no longer stepped
-            del self.state[stale]
+        stale = [q for q in self.state if q not in current]  # parameters no longer stepped
+        names = [self.param_name(q) for q in stale if self.state[q] and q not in replaced_by_resized]
+        if names:
+            # torch's optimizers keep such state (and their state_dict() then fails on it); dist8 frees it, which
+            # a parameter put back later (freezing by removal, then add_param_group) would otherwise not notice
+            warnings.warn(f"dist8: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''} ({len(names)} parameter{'s' if len(names) > 1 else ''}) "
+                          "left param_groups: their optimizer state is freed, and a parameter put back starts with "
+                          "fresh state (freeze with requires_grad_(False) or grad=None to keep it)", stacklevel=3)
+        for q in stale:
+            del self.state[q]
         self._positions = None
         self._fixed_settings = {q: v for q, v in self._fixed_settings.items() if q in current}
         self.dtensor_layouts = {}
