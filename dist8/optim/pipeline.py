@@ -207,8 +207,9 @@ def _percentile_scale(state: dict, gnorm_sq: float, step: int, percentile: float
     history = state[GNORM]
     # the fp32 history saturates: a finite gradient's square norm above 3.4e38 (|g| ~ 1.8e19) is
     # still clipped (by the float64 ratio below), not turned into an overflow error mid-step
-    history[(step - 1) % PERCENTILE_HISTORY] = min(gnorm_sq, FLOAT32_MAX)
-    if gnorm_sq == 0:
+    at = (step - 1) % PERCENTILE_HISTORY
+    history[at] = min(gnorm_sq, FLOAT32_MAX)
+    if gnorm_sq == 0 or not bool(history[at] > 0):  # (a square norm below fp32's range is stored as 0 too)
         return 1.0
     # A zero entry is a step without gradient (an unused module under zero_grad(set_to_none=False), an MoE
     # expert not routed), not a sample: counted, more than p% of them in the window made the percentile 0 and
