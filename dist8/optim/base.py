@@ -183,6 +183,9 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
         self.dtensor_boxes: dict = {}  # FSDP + TP: id(param) -> every rank's (offset, shape), see dtensor.attach
         self._qmaps: dict[tuple[torch.device, bool], torch.Tensor] = {}
         self._fixed_settings: dict[torch.Tensor, tuple] = {}
+        # parameter -> its dtype when its master-weight correction was last made or used: a parameter cast since
+        # (model.float() after bf16 steps) carries its master over instead of losing or misreading it
+        self.correction_made_for: dict[torch.Tensor, tuple[torch.dtype, torch.Tensor]] = {}
         self._checked_hyper: dict[int, tuple] = {}  # id(group) -> (group, its hyperparameters when last checked)
         self._positions: dict[torch.Tensor, str] | None = None
         # Sums partial per-parameter reductions across shards (identity when unsharded).
@@ -424,7 +427,14 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
             self.state[p] = self.init_state(p, settings)
         state = self.state[p]
         if settings.correction is not None or schema.CORRECTION in state:
-            master_weights.sync_correction(p, state, settings.correction)
+            made_for, correction = self.correction_made_for.get(p, (None, None))
+            if correction is not state.get(schema.CORRECTION):  # state made or loaded since: for today's dtype
+                made_for = None
+            master_weights.sync_correction(p, state, settings.correction, made_for)
+            if schema.CORRECTION in state:
+                self.correction_made_for[p] = (p.dtype, state[schema.CORRECTION])
+            else:
+                self.correction_made_for.pop(p, None)
         return state
 
     def state_nbytes(self) -> int:

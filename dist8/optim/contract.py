@@ -140,6 +140,7 @@ class TorchContract:
             del self.state[q]
         self._positions = None
         self._fixed_settings = {q: v for q, v in self._fixed_settings.items() if q in current}
+        self.correction_made_for = {q: v for q, v in self.correction_made_for.items() if q in current}
         self.dtensor_layouts = {}
         if self.uses_dtensor and not dtensor.has_dtensor_params(self):
             dtensor.detach(self)

@@ -62,16 +62,38 @@ def check_half_params(bits: int | None, dtypes: list[torch.dtype]) -> None:
                          "float32 (their own master); cast the model (dist8.cast_model) or use master_weight_bits=None")
 
 
-def sync_correction(p: torch.Tensor, state: dict[str, Any], want: torch.dtype | None) -> None:
+def sync_correction(p: torch.Tensor, state: dict[str, Any], want: torch.dtype | None,
+                    made_for: torch.dtype | None = None) -> None:
     """Make ``state``'s correction match ``want`` (the dtype the parameter's setting needs now):
     created as zeros (the parameter is the master), re-encoded when the bits changed (24 <-> 32),
-    dropped when the setting was turned off (the parameter keeps its rounded value)."""
+    dropped when the setting was turned off (the parameter keeps its rounded value).
+
+    ``made_for``: the parameter dtype the correction was encoded against, when the parameter has been
+    cast since (``model.float()``, ``model.half()`` after bf16 steps). Where that cast kept every value
+    (to fp32; bf16 to fp16 in fp16's range) the master is decoded from the parameter read back in that
+    dtype and carried over: written into an fp32 parameter whole, re-encoded for the other half dtype.
+    A cast that rounded (fp16 to bf16) made the rounded parameter the master: its correction restarts
+    at zero. Read against the new dtype, the correction was dropped (fp32: up to half a bf16 unit of
+    every value lost) or misread, silently."""
     have = state.get(CORRECTION)
+    local = dtl.local(p.detach())  # a DTensor keeps the correction of its local shard
+    if have is not None and made_for is not None and made_for != local.dtype:
+        if torch.finfo(local.dtype).eps > torch.finfo(made_for).eps:  # the cast rounded every value
+            state[CORRECTION] = torch.zeros(local.shape, dtype=want, device=local.device)
+            return
+        master = decode_master(local.to(made_for), have)
+        if want is None:
+            local.copy_(master)
+            del state[CORRECTION]
+        else:
+            new_p, state[CORRECTION] = encode_master(master, local.dtype, 24 if want == torch.int8 else 32)
+            local.copy_(new_p)
+        return
     if want is None:
         if have is not None:
             del state[CORRECTION]
         return
-    p = dtl.local(p.detach())  # a DTensor keeps the correction of its local shard
+    p = local
     if have is None:
         state[CORRECTION] = torch.zeros(p.shape, dtype=want, device=p.device)
     elif have.dtype != want:
