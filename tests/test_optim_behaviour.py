@@ -509,6 +509,16 @@ def test_percentile_clipping_takes_no_sample_from_a_step_without_gradient(cls):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=f"step {s}")
 
 
+def test_percentile_clipping_steps_a_gradient_whose_square_norm_is_below_fp32s_range():
+    """Its square norm is stored as 0 in the fp32 history, which holds no sample then: the step is not clipped."""
+    p = torch.nn.Parameter(torch.zeros(5000))
+    opt = dist8.AdamW8bit([p], percentile_clipping=5, weight_decay=0)
+    for _ in range(3):
+        p.grad = torch.full((5000,), 1e-30)
+        opt.step()
+    assert bool((p < 0).all()) and float(opt.state[p]["gnorm_vec"].abs().sum()) == 0
+
+
 def test_lr_scheduler_and_closure_and_zero_grad():
     p = torch.nn.Parameter(torch.ones(5000))
     opt = SGD8bit([p], lr=0.1, momentum=0.5)
