@@ -108,7 +108,7 @@ STATE_DTYPES = {
     CORRECTION: ("int8", "int16"),
 }
 STATE_KEYS = tuple(STATE_DTYPES)
-_RANK_FILE = re.compile(r"^optim-(\d{5})-of-(\d{5})\.safetensors$")
+_RANK_FILE = re.compile(r"optim-([0-9]{5})-of-([0-9]{5})\.safetensors")  # fullmatch: no trailing newline
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _MAX_DEPTH = 64
 
@@ -174,8 +174,9 @@ class _Check:
         return value
 
     def str_(self, value: Any, path: str) -> str:
-        if not isinstance(value, str) or not value or len(value) > 4096:
-            self.fail(path, f"must be a non-empty string, got {_short(value)}")
+        # printable: a newline would split the one-line errors that quote it, a lone surrogate fails to print
+        if not isinstance(value, str) or not value or len(value) > 4096 or not value.isprintable():
+            self.fail(path, f"must be a non-empty printable string, got {_short(value)}")
         return value
 
     def dict_(self, value: Any, path: str) -> dict:
@@ -187,6 +188,21 @@ class _Check:
         if not isinstance(value, list):
             self.fail(path, f"must be a list, got {_short(value)}")
         return value
+
+
+def _group_json_value(v: Any) -> bool:
+    """One param-group value as a checkpoint may hold it: None, bool, a number float64 holds, a printable string
+    (an int of 400 digits, which JSON allows, failed later comparisons with OverflowError)."""
+    if v is None or isinstance(v, bool):
+        return True
+    if isinstance(v, int):
+        return abs(v) <= FLOAT64_MAX_INT
+    if isinstance(v, float):
+        return True  # inf/NaN: refused by name where each key's range is checked
+    return isinstance(v, str) and len(v) <= 4096 and v.isprintable()
+
+
+FLOAT64_MAX_INT = 2**1023  # larger Python ints do not convert to float
 
 
 def _short(value: Any) -> str:
@@ -265,13 +281,17 @@ def check_metadata(meta: Any, where: str) -> dict[str, Any]:
     world = c.int_(c.get(meta, "world_size", "world_size"), "world_size", 1, 1 << 20)
     if meta.get("step") is not None:
         c.int_(meta["step"], "step")
+    if version >= 2:
+        c.get(meta, "extra", "extra")
+        c.str_(c.get(meta, "dist8_version", "dist8_version"), "dist8_version")
     if not isinstance(meta.get("extra", {}), dict):
         c.fail("extra", "must be an object")
 
     opt = c.dict_(c.get(meta, "optimizer", "optimizer"), "optimizer")
     c.str_(c.get(opt, "class", "optimizer.class"), "optimizer.class")
-    if opt.get("rule") is not None:
-        c.str_(opt["rule"], "optimizer.rule")
+    rule = c.get(opt, "rule", "optimizer.rule") if version >= 2 else opt.get("rule")
+    if rule is not None:  # None: not recorded (version 1, and what consolidate carries over from one)
+        c.str_(rule, "optimizer.rule")
     if opt.get("quant_map") not in MAP_NAMES:
         c.fail("optimizer.quant_map", f"must be one of {', '.join(MAP_NAMES)}, got {_short(opt.get('quant_map'))}")
     if type(opt.get("block_wise")) is not bool:
@@ -280,10 +300,10 @@ def check_metadata(meta: Any, where: str) -> dict[str, Any]:
     for gi, g in enumerate(groups):
         c.dict_(g, f"optimizer.param_groups[{gi}]")
         for k, v in g.items():
-            ok = v is None or isinstance(v, (bool, int, float, str)) or (
-                isinstance(v, list) and all(isinstance(x, (bool, int, float, str)) or x is None for x in v))
+            ok = _group_json_value(v) or (isinstance(v, list) and all(_group_json_value(x) for x in v))
             if not ok:
-                c.fail(f"optimizer.param_groups[{gi}].{k}", f"must be a number, string or flat list, got {_short(v)}")
+                c.fail(f"optimizer.param_groups[{gi}].{_short(k)}", f"must be a number (within float64's range), "
+                       f"printable string or flat list of them, got {_short(v)}")
 
     params = c.list_(c.get(meta, "params", "params"), "params")
     numel_of: dict[str, int] = {}
@@ -311,7 +331,7 @@ def check_metadata(meta: Any, where: str) -> dict[str, Any]:
         eff = c.int_(c.get(p, "block_size", f"{at}.block_size"), f"{at}.block_size", 1, 1 << 62)
         if eff & (eff - 1):
             c.fail(f"{at}.block_size", f"must be a power of two, got {eff}")
-        state = p.get("state")
+        state = c.get(p, "state", f"{at}.state") if version >= 2 else p.get("state")
         if state is not None:
             c.dict_(state, f"{at}.state")
             for k, dt in state.items():
@@ -322,9 +342,9 @@ def check_metadata(meta: Any, where: str) -> dict[str, Any]:
     files = c.dict_(c.get(meta, "files", "files"), "files")
     for fname, info in files.items():
         check_name(fname, f"{where}: files")
-        m = _RANK_FILE.match(fname)
+        m = _RANK_FILE.fullmatch(fname)
         if fname not in (MODEL_FILE, FP32_WEIGHTS_FILE) and not (m and int(m.group(2)) == world and int(m.group(1)) < world):
-            c.fail(f"files.{fname}", f"is not {MODEL_FILE}, {FP32_WEIGHTS_FILE} or a rank file of world size {world}")
+            c.fail(f"files.{fname!r}", f"is not {MODEL_FILE}, {FP32_WEIGHTS_FILE} or a rank file of world size {world}")
         c.dict_(info, f"files.{fname}")
         if not isinstance(info.get("sha256"), str) or not _SHA.match(info["sha256"]):
             c.fail(f"files.{fname}.sha256", "must be a sha256 hex digest")
@@ -333,7 +353,7 @@ def check_metadata(meta: Any, where: str) -> dict[str, Any]:
     pieces = c.dict_(c.get(meta, "pieces", "pieces"), "pieces")
     covered: dict[str, list[tuple[int, int, str]]] = {}
     for rank, plist in pieces.items():
-        if not isinstance(rank, str) or not rank.isdigit() or int(rank) >= world or str(int(rank)) != rank:
+        if not isinstance(rank, str) or not re.fullmatch("[0-9]+", rank) or int(rank) >= world or str(int(rank)) != rank:
             c.fail(f"pieces.{str(rank)[:20]}", f"is not a rank of world size {world}")
         fname = rank_file(int(rank), world)
         if fname not in files:
@@ -343,7 +363,7 @@ def check_metadata(meta: Any, where: str) -> dict[str, Any]:
             if not isinstance(piece, list) or len(piece) != 4:
                 c.fail(at, f"must be [name, start, stop, step], got {_short(piece)}")
             name, start, stop, step = piece
-            if name not in numel_of:
+            if not isinstance(name, str) or name not in numel_of:
                 c.fail(at, f"names parameter {_short(name)}, which 'params' does not list")
             c.int_(start, f"{at} start")
             c.int_(stop, f"{at} stop", start + 1 if numel_of[name] else 0, numel_of[name])
