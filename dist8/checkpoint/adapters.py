@@ -6,6 +6,7 @@ whole; other ranks hold replicas and only load.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,8 +42,9 @@ class OptimizerAdapter:
     wrapped: bool = False  # model names with the wrappers' components (checkpoints before names.py)
     alone: bool = False  # saved by this rank without collectives (replica_groups.writer_adapter)
 
-    @property
+    @functools.cached_property
     def names(self) -> list[str]:
+        """Parameter names in layout order (built once: read per piece, rebuilt it made loads quadratic)."""
         return [p.name for p in self.layout.params]
 
     def piece_state(self, i: int) -> dict[str, Any] | None:
@@ -127,13 +129,12 @@ class OptimizerAdapter:
         return [hyperparameters_of(g) for g in self.optimizer.param_groups]
 
     def group_of(self) -> list[int]:
-        out = []
-        for p in self.params:
-            for gi, g in enumerate(self.optimizer.param_groups):
-                if any(q is p for q in g["params"]):
-                    out.append(gi)
-                    break
-        return out
+        """The param-group index of each parameter (of its first group; one pass over the groups)."""
+        index: dict[int, int] = {}
+        for gi, g in enumerate(self.optimizer.param_groups):
+            for q in g["params"]:
+                index.setdefault(id(q), gi)
+        return [index[id(p)] for p in self.params if id(p) in index]
 
 
 class FSDP2Adapter(OptimizerAdapter):

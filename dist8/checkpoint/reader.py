@@ -101,13 +101,15 @@ def read_pieces(path: str | os.PathLike, meta: dict[str, Any], wanted: dict[str,
     headers: dict[str, dict[str, str]] = {}
     out: dict[str, dict[str, Any]] = {}
     try:
+        keys_of: dict[tuple[str, str], dict[str, str]] = {}  # (file, parameter) -> {state key: dtype}
         for fname, h in handles.items():
             headers[fname] = {}
             for tkey in h.keys():
                 name, skey = split_tensor_key(tkey)
                 if name not in rank_names[fname]:
                     raise CheckpointError(f"{path / fname}: holds tensor {tkey[:100]!r} of no piece of this rank")
-                headers[fname][tkey] = _dtype_name(str(h.get_slice(tkey).get_dtype()))
+                headers[fname][tkey] = keys_of.setdefault((fname, name), {})[skey] = _dtype_name(
+                    str(h.get_slice(tkey).get_dtype()))
         for name, (start, stop) in wanted.items():
             if name not in saved:
                 raise CheckpointError(f"{path / METADATA}: parameter {name} is not in the checkpoint")
@@ -115,8 +117,7 @@ def read_pieces(path: str | os.PathLike, meta: dict[str, Any], wanted: dict[str,
             spans = sorted(where_of.get(name, []), key=lambda t: t[1])
             if not spans:
                 continue  # empty parameter
-            found = {split_tensor_key(k)[1]: v for f, *_r in spans for k, v in headers[f].items()
-                     if split_tensor_key(k)[0] == name}
+            found = {k: v for f, *_r in spans for k, v in keys_of.get((f, name), {}).items()}
             keys = _expected_keys(entry["state"], found, n_states(rule), name, path / spans[0][0])
             if set(found) - set(keys):
                 raise CheckpointError(f"{path / spans[0][0]}: parameter {name} has tensors "
