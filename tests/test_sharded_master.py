@@ -199,6 +199,43 @@ def _load_sharded_and_continue(rank, world_size, path):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def _save_sharded_with_fp32_masters(rank, world_size, path):
+    model, opt = _sharded_run(rank, world_size, 1, None, 3)  # bf16 parameters, fp32 master copies
+    ckpt.save(path, model, opt, step=3)
+    return {i: opt.master_piece(piece).clone() for i, piece in enumerate(opt.pieces)}
+
+
+@pytest.mark.parametrize("bits", [32, 24, None])
+def test_fp32_master_copies_of_a_sharded_checkpoint_go_into_a_plain_optimizers_correction(tmp_path, bits):
+    """A ShardedOptimizer over bf16 parameters keeps fp32 master copies and saves them; loaded into a plain
+    optimizer they were dropped, silently: it went on from the bf16-rounded weights (up to half a bf16 unit off).
+    They are encoded into parameter and correction now, within the bound of master_weight_bits' encoding;
+    without master_weight_bits only the rounded weight can be kept."""
+    path = tmp_path / "ck"
+    run_ranks(_save_sharded_with_fp32_masters, 2, str(path), tmp_path=tmp_path)
+    from safetensors.torch import load_file
+
+    masters: dict = {}
+    for r in range(2):
+        for key, t in load_file(str(path / f"optim-{r:05d}-of-00002.safetensors")).items():
+            if key.endswith("::master"):
+                masters.setdefault(key.split("::")[0], []).append(t)
+    masters = {n: torch.cat(ts) for n, ts in masters.items()}
+    model = make_model(seed=7)
+    opt = dist8.AdamW8bit(list(model.named_parameters()), master_weight_bits=bits, **KW)
+    ckpt.load(path, model, opt)
+    assert masters and set(masters) <= {n for n, _ in model.named_parameters()}
+    for n, p in model.named_parameters():
+        if n not in masters:
+            continue
+        want = masters[n].view(p.shape)
+        if bits is None:
+            assert CORRECTION not in opt.state[p] and torch.equal(p.float(), want.bfloat16().float()), n
+            continue
+        got = decode_master(p.detach(), opt.state[p][CORRECTION])  # bf16 + int16: fp32's bits but at binade edges
+        torch.testing.assert_close(got, want, rtol=2**-22 if bits == 32 else 2**-15, atol=0, msg=n)
+
+
 def _plain_continue(model, opt, first, steps, world_size=2):
     for step in range(first, first + steps):
         _set_mean_grads(model, world_size, step)

@@ -494,6 +494,11 @@ def _commit(ad: OptimizerAdapter, model, plan: _Plan, path: Path) -> None:
     if plan.model is not None:  # validated (names, shapes) above; copying cannot fail
         wider = _wider_than_their_parameters(ad, model, plan.model)  # first: torch's FSDP2 load edits the dict
         ad.load_model_state(model, plan.model)
+        if plan.masters and not isinstance(ad.optimizer, ShardedOptimizer):
+            # a ShardedOptimizer's fp32 master copies of 16-bit parameters, loaded into an optimizer without
+            # them: encoded into parameter and correction where master_weight_bits keeps one (dropped, the run
+            # went on from the bf16-rounded weights: up to half a bf16 unit off, silently)
+            wider.update({ad.names[i]: m.view(ad.params[i].shape) for i, m in plan.masters.items()})
         if wider:
             load_fp32_weights(wider, model, ad.optimizer, strict=False)
 
