@@ -313,6 +313,20 @@ def test_cli_error_is_one_line_and_exit_2_in_a_fresh_process(tmp_path):
         assert rc == 2 and len(err.strip().splitlines()) == 1 and "params[1].shape" in err, err
 
 
+def test_json_dense_with_lists_is_refused_before_it_is_parsed(tmp_path, capsys):
+    """A metadata.json (or safetensors header) of nothing but "[]," took 49x its size in memory to parse:
+    at the size limit an out-of-memory kill, not a one-line error. Refused by its density first."""
+    _m, _o, path = saved(tmp_path)
+    (path / "metadata.json").write_text("[" + "[]," * 300_000 + "[]]")
+    refused(path, "metadata.json holds 300002 JSON lists and objects")
+    header = ('{"a":[' + "[]," * 100_000 + "[]]}").encode()
+    (path / OPTIM).write_bytes(len(header).to_bytes(8, "little") + header)
+    from dist8.checkpoint.files import safetensors_header
+
+    with pytest.raises(ck.CheckpointError, match="safetensors header holds 100003 JSON lists and objects"):
+        safetensors_header(path / OPTIM)
+
+
 def test_deeply_nested_and_non_json_metadata_is_one_line(tmp_path):
     _m, _o, path = saved(tmp_path)
     (path / "metadata.json").write_text("[" * 100000 + "]" * 100000)

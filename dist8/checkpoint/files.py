@@ -20,6 +20,7 @@ from dist8.checkpoint.errors import CheckpointError
 __all__ = [
     "MAX_HEADER_BYTES",
     "MAX_JSON_BYTES",
+    "parse_json",
     "check_name",
     "member",
     "open_regular",
@@ -30,7 +31,25 @@ __all__ = [
 
 # safetensors itself refuses headers above 100 MB; metadata.json of a million-parameter model is ~200 MB.
 MAX_HEADER_BYTES = 100_000_000
-MAX_JSON_BYTES = 1 << 30
+MAX_JSON_BYTES = 1 << 28  # metadata.json: ~320 bytes per parameter, so room for ~800k parameter tensors
+# Parsed, every JSON list or object costs ~60 bytes of Python objects: a file of nothing but "[]," took 49x its
+# size in memory (50 MiB -> 2.7 GB). dist8's metadata holds one per ~60 bytes and safetensors headers one per ~25.
+BYTES_PER_JSON_CONTAINER = 8
+
+
+def parse_json(text: str, where: str) -> Any:
+    """``json.loads(text)``, refusing first (one line naming ``where``) a text of more lists and objects than
+    one per :data:`BYTES_PER_JSON_CONTAINER` characters, which no file dist8 reads has and whose parse would
+    take dozens of times its size in memory."""
+    containers = text.count("[") + text.count("{")
+    if containers > len(text) // BYTES_PER_JSON_CONTAINER + 4096:
+        raise CheckpointError(f"{where} holds {containers} JSON lists and objects in {len(text)} characters, "
+                              "far more than a checkpoint's (not parsed: it would take dozens of times its size "
+                              "in memory)")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{where} is not valid JSON: {str(exc)[:100]}") from None
 
 
 def check_name(name: Any, what: str) -> str:
@@ -111,9 +130,10 @@ def safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
                                   f"or the {MAX_HEADER_BYTES}-byte limit")
         text = f.read(n)
     try:
-        header = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise CheckpointError(f"{path}: safetensors header is not valid JSON: {str(exc)[:80]}") from None
+        text = text.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path}: safetensors header is not UTF-8 text: {exc}") from None
+    header = parse_json(text, f"{path}: safetensors header")
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object")
     data_len = size - 8 - n

@@ -46,7 +46,7 @@ from dist8.checkpoint.dirs import (
     write_json_atomic,
 )
 from dist8.checkpoint.errors import CheckpointError
-from dist8.checkpoint.files import check_name, member, read_text, sha256_file
+from dist8.checkpoint.files import check_name, member, parse_json, read_text, sha256_file
 from dist8.messages import brief
 from dist8.optim.state_schema import (
     CORRECTION,
@@ -493,11 +493,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if not os.path.lexists(meta_path):
         raise CheckpointError(f"{meta_path} is missing: {path} is not a complete dist8 checkpoint")
     member(path, METADATA, str(path))
-    text = read_text(meta_path)
-    try:
-        meta = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise CheckpointError(f"{meta_path} is not valid JSON: {str(exc)[:100]}") from None
+    meta = parse_json(read_text(meta_path), str(meta_path))
     return check_metadata(meta, str(meta_path))
 
 
