@@ -16,6 +16,10 @@ Variants (the paper's ablation in miniature, plus the anchors where installed):
   bf16-master32   the same with master_weight_bits=32 (bf16 + int16: an fp32-precision master
                   with the same bf16 compute), the like-for-like anchor of bf16-master24
   bf16-pure       the same without the correction (ablation: pure bf16 parameters)
+  ademamix-*      AdEMAMix (betas 0.9, 0.95, 0.999; alpha 5; t_alpha = t_beta3 = steps): dist8's 32-bit and
+                  8-bit state and bitsandbytes' 8-bit; lion-*: Lion (lr / 3, betas 0.9, 0.99, weight decay x 3),
+                  the same three. Their slow EMAs (AdEMAMix's m2, Lion's m) are where 8-bit round-to-nearest
+                  state lags most (BENCHMARKS.md: the deadband); anchors: the 32-bit rows
   sparse-*        fp32 / dist8 / bitsandbytes (/ fp8) on the same GPT whose input is a plain nn.Embedding
                   (no StableEmbedding) of 4093 hashed byte bigrams: most rows get no gradient in
                   a step, the workload where 8-bit Adam's zeroed second moments used to make
@@ -56,15 +60,19 @@ BASE_VARIANTS = ["fp32", "dist8", "dist8+stable", "linear", "fp8", "no-blockwise
 BF16_VARIANTS = ["bf16-master32", "bf16-master24", "bf16-pure"]
 SPARSE_VARIANTS = ["sparse-fp32", "sparse-dist8", "sparse-bitsandbytes"]
 FP8_VARIANTS = ["fp32", "dist8", "fp8", "sparse-fp32", "sparse-dist8", "sparse-fp8"]  # quant_map="fp8" (issue 15)
-ALL_VARIANTS = BASE_VARIANTS + BF16_VARIANTS + SPARSE_VARIANTS + ["sparse-fp8"]
-ANCHORS = {"sparse-": "sparse-fp32", "bf16-": "dist8"}  # variant prefix -> the row its ratio is taken to
+SLOW_EMA_VARIANTS = [f"{rule}-{kind}" for rule in ("ademamix", "lion") for kind in ("32bit", "8bit", "bitsandbytes")]
+ALL_VARIANTS = BASE_VARIANTS + BF16_VARIANTS + SPARSE_VARIANTS + ["sparse-fp8"] + SLOW_EMA_VARIANTS
+# variant prefix -> the row its ratio is taken to
+ANCHORS = {"sparse-": "sparse-fp32", "bf16-": "dist8", "ademamix-": "ademamix-32bit", "lion-": "lion-32bit"}
 SPARSE_VOCAB = 4093  # hashed byte bigrams (prime: the hash spreads)
 
 
-def make_optimizer(variant: str, model: torch.nn.Module, lr: float):
+def make_optimizer(variant: str, model: torch.nn.Module, lr: float, steps: int):
     variant = variant.removeprefix("sparse-")
     kw = dict(lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     named = list(model.named_parameters())
+    if variant in SLOW_EMA_VARIANTS:
+        return _slow_ema_optimizer(variant, named, lr, steps)
     if variant == "fp32":
         return torch.optim.AdamW([p for _, p in named], **kw)
     if variant in ("dist8", "dist8+stable", "bf16-pure"):
@@ -84,6 +92,21 @@ def make_optimizer(variant: str, model: torch.nn.Module, lr: float):
 
         return AdamW8bit([p for _, p in named], **kw)
     raise ValueError(f"unknown variant {variant!r}; valid: {ALL_VARIANTS}")
+
+
+def _slow_ema_optimizer(variant: str, named: list, lr: float, steps: int):
+    rule, kind = variant.split("-")
+    if rule == "ademamix":
+        kw = dict(lr=lr, betas=(0.9, 0.95, 0.999), alpha=5.0, t_alpha=steps, t_beta3=steps, weight_decay=0.1)
+        names = {"32bit": "AdEMAMix32bit", "8bit": "AdEMAMix8bit", "bitsandbytes": "AdEMAMix8bit"}
+    else:
+        kw = dict(lr=lr / 3, betas=(0.9, 0.99), weight_decay=0.3)
+        names = {"32bit": "Lion32bit", "8bit": "Lion8bit", "bitsandbytes": "Lion8bit"}
+    if kind == "bitsandbytes":
+        import bitsandbytes as bnb
+
+        return getattr(bnb.optim, names[kind])([p for _, p in named], **kw)
+    return getattr(dist8, names[kind])(named, **kw)
 
 
 def lr_at(step: int, steps: int, lr: float) -> float:
@@ -118,7 +141,7 @@ def make_model(variant: str, preset: dict, seed: int) -> tuple[GPT, GPTConfig]:
 def run_one(variant: str, seed: int, preset: dict, corpus) -> dict:
     model, cfg = make_model(variant, preset, seed)
     inputs = bigram_ids if variant.startswith("sparse-") else (lambda x: x)
-    opt = make_optimizer(variant, model, preset["lr"])
+    opt = make_optimizer(variant, model, preset["lr"], preset["steps"])
     curve = []
     t0 = time.perf_counter()
     for step in range(preset["steps"]):
@@ -172,7 +195,8 @@ def summarize(runs: list[dict], variants: list[str], preset: dict, errors: dict)
     goals = []
     means = {r["variant"]: r["val_loss_mean"] for r in rows}
     for name, anchor in (("dist8", "fp32"), ("sparse-dist8", "sparse-fp32"), ("bf16-master24", "dist8"),
-                         ("bf16-master24", "bf16-master32"), ("fp8", "fp32"), ("sparse-fp8", "sparse-fp32")):
+                         ("bf16-master24", "bf16-master32"), ("fp8", "fp32"), ("sparse-fp8", "sparse-fp32"),
+                         ("ademamix-8bit", "ademamix-32bit"), ("lion-8bit", "lion-32bit")):
         if name not in means or anchor not in means:
             continue
         goal = {"goal": f"{name} / {anchor} final validation loss <= 1.01", "ratio": means[name] / means[anchor]}
@@ -193,6 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sparse", action="store_true", help="only the sparse-embedding rows")
     parser.add_argument("--bf16", action="store_true", help="only the bf16 rows and their anchor (issue 19)")
     parser.add_argument("--fp8", action="store_true", help='only quant_map="fp8" and its anchors, dense and sparse')
+    parser.add_argument("--slow-ema", action="store_true", help="only the AdEMAMix and Lion rows (8-bit vs 32-bit)")
     parser.add_argument("--steps", type=int, default=None, help="override the preset's steps")
     parser.add_argument("--out", default=None)
     parser.add_argument("--merge", nargs="+", metavar="JSON", default=None,
@@ -206,6 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.variants = ["dist8", *BF16_VARIANTS]
     if args.fp8:
         args.variants = FP8_VARIANTS
+    if args.slow_ema:
+        args.variants = SLOW_EMA_VARIANTS
     preset = dict(PRESETS["full" if args.full else "quick"])
     if args.steps:
         preset["steps"] = args.steps

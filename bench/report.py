@@ -445,6 +445,30 @@ def accuracy_section() -> str:
     return "\n".join(parts)
 
 
+def deadband_section() -> str:
+    parts = ["## 20. The deadband of 8-bit round-to-nearest state (`bench/deadband.py`, data for a decision)\n",
+             "A state value that is not its block's largest moves only when one step's increment `(1 - beta) * (g - m)` "
+             "exceeds half the gap to the next code. Stream: element 0 of each 256-value block has a steady gradient of "
+             "1, the others +s, flipping to -s at `flip at`. First table: the other elements' mean step over the last 100 "
+             "of the run's steps, in units of lr, positive = downhill after the flip (a negative entry keeps climbing). "
+             "Second table: the slow EMA alone on 8-bit block-wise state, round-to-nearest (dist8, bitsandbytes) and "
+             "unbiased stochastic rounding (simulated in float64; no dist8 kernel has it), against float64: the mean "
+             "state of the other elements, whose sign should follow the flip. dist8's and bitsandbytes' 8-bit rows "
+             "agree (the same rounding); the stochastic rows follow float64 where round-to-nearest does not. What it "
+             "costs in training: `convergence-slow-ema-vm.json` in section 4 (AdEMAMix and Lion, 8-bit against "
+             "32-bit, on the small GPT).\n"]
+    for f, d in _load("deadband"):
+        parts.append(f"`{f.name}` — {_machine_line(d['machine'])}; {d['steps']} steps\n")
+        parts.append(_table(["case", "s", "noise", "flip at", "32-bit", "dist8 8-bit", "bitsandbytes 8-bit"],
+                            [[r["case"], r["s"], r["noise"], r["flip_at"], r["32-bit"], r["dist8 8-bit"],
+                              r["bitsandbytes 8-bit"]] for r in d["optimizers"]]))
+        at = [k for k in d["ema"][0] if k.startswith("m at ")]
+        parts.append("\n" + _table(["beta", "s", "noise", "rounding", *at],
+                                   [[str(r["beta"]), r["s"], r["noise"], r["rounding"], *(r[k] for k in at)]
+                                    for r in d["ema"]]))
+    return "\n".join(parts)
+
+
 def main() -> None:
     (ROOT / "BENCHMARKS.md").write_text(render())
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")
@@ -462,6 +486,7 @@ def render(plots: bool = True) -> str:
     if extra.exists():
         text.append(extra.read_text())
     text.append(accuracy_section())
+    text.append(deadband_section())
     return "\n".join(text)
 
 

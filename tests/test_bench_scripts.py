@@ -104,3 +104,15 @@ def test_step_benchmark_shuffles_each_round_and_frees_each_size_first(monkeypatc
     alive.clear()
     step.run(args)
     assert calls == first  # seeded: every run times the same orders
+
+
+def test_deadband_benchmark_shows_round_to_nearest_lagging_where_stochastic_rounding_follows(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    import deadband
+
+    rows = deadband.ema_rows(120)
+    last = {r["rounding"]: r["m at 119"] for r in rows if r["beta"] == 0.99 and r["s"] == 0.3}
+    assert abs(last["stochastic"] - last["float64"]) < 0.01 * abs(last["float64"]), last  # follows
+    assert abs(last["round-to-nearest"] - last["float64"]) > 0.5 * abs(last["float64"]), last  # lags
+    lion = deadband.optimizer_rows(120)[0]
+    assert lion["case"].startswith("Lion") and lion["dist8 8-bit"] == lion["bitsandbytes 8-bit"], lion
