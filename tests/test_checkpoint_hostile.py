@@ -313,6 +313,16 @@ def test_cli_error_is_one_line_and_exit_2_in_a_fresh_process(tmp_path):
         assert rc == 2 and len(err.strip().splitlines()) == 1 and "params[1].shape" in err, err
 
 
+def test_a_stepped_parameter_without_state_is_refused_naming_it(tmp_path):
+    """Its tensors taken out and its state declared empty (hashes refitted): it loaded as never stepped, its
+    moments silently gone. A save writes step 0 for a parameter without state, so step > 0 says it was cut."""
+    _m, _o, path = saved(tmp_path)
+    name = json.loads((path / "metadata.json").read_text())["params"][0]["name"]
+    rewrite_tensors(path, OPTIM, lambda t: [t.pop(k) for k in list(t) if k.startswith(name + "::")])
+    edit_meta(path, lambda m: m["params"][0].__setitem__("state", {}))
+    refused(path, f"parameter {name} was stepped 2 times but the checkpoint holds no state for it")
+
+
 def test_json_dense_with_lists_is_refused_before_it_is_parsed(tmp_path, capsys):
     """A metadata.json (or safetensors header) of nothing but "[]," took 49x its size in memory to parse:
     at the size limit an out-of-memory kill, not a one-line error. Refused by its density first."""

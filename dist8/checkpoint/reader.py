@@ -126,6 +126,9 @@ def read_pieces(path: str | os.PathLike, meta: dict[str, Any], wanted: dict[str,
             if len(steps) > 1:
                 raise CheckpointError(f"{path / METADATA}: pieces of parameter {name} disagree on the step {steps}")
             if not keys:
+                if spans[0][3]:  # save writes step 0 for a parameter without state: its tensors were taken out
+                    raise CheckpointError(f"{path / METADATA}: parameter {name} was stepped {spans[0][3]} times but "
+                                          "the checkpoint holds no state for it")
                 continue  # never stepped: no state saved
             parts: dict[str, list[torch.Tensor]] = {}
             for fname, s0, s1, _step in spans:
