@@ -462,9 +462,12 @@ def _stage2_without_some_grads(rank, world_size, zero):
     for name in ("AdamW8bit", "SGD8bit"):
         cls, kw = OPTIMIZERS[name]
         params = make_params()
-        opt = ShardedOptimizer(list(params.items()), cls, stage=2, **kw)
+        # "frozen": a parameter that did not require grad is given too (LoRA): the layout check's all-reduce
+        # ran before the buckets backward left unlaunched, and every rank hung (until 2026-12-04)
+        frozen = [("frozen", torch.nn.Parameter(torch.zeros(300), requires_grad=False))] if zero == "frozen" else []
+        opt = ShardedOptimizer(list(params.items()) + frozen, cls, stage=2, **kw)
         for step in USED:
-            if zero == "optimizer":
+            if zero in ("optimizer", "frozen"):
                 opt.zero_grad()
             else:  # as model.zero_grad() does: .grad = None, the flat buffer untouched
                 for p in params.values():
@@ -490,7 +493,7 @@ def _stage2_without_some_grads(rank, world_size, zero):
     return out
 
 
-@pytest.mark.parametrize("zero", ["optimizer", "model", "assigned"])
+@pytest.mark.parametrize("zero", ["optimizer", "model", "assigned", "frozen"])
 def test_stage2_skips_parameters_without_a_gradient_as_torch_does(zero, tmp_path):
     """Stage 2 keeps ``.grad`` as views of its flat buffer; a parameter no rank's backward reached must
     still be skipped as torch's optimizers skip a None gradient (no momentum or weight-decay move),

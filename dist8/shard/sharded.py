@@ -468,14 +468,23 @@ class ShardedOptimizer(LazyDynamoOptimizer):
         self.adopt_parameters()
         if self.stage2_grads is None:
             self._refuse_unusable_replicated_grads()
-        self._refuse_gradients_outside_the_layout()
         grads = self.stage2_grads
         has_grad = None
         if grads is not None:
+            # first: it launches the buckets backward left unlaunched here (a branch used on another rank only
+            # had its bucket launched there during backward); the layout check's all-reduce before it paired
+            # with those reductions on the other rank, and every rank hung
             has_grad = grads.present_on_any_rank(self.device)
+            try:
+                self._refuse_gradients_outside_the_layout()
+            except ValueError:
+                grads.buckets.flush()  # no reduction left writing into a buffer zero_grad() clears next
+                raise
             grads.reduce()
-        elif self.world_size > 1 and not self._stage1_grads_checked:
-            self._refuse_gradients_not_averaged()
+        else:
+            self._refuse_gradients_outside_the_layout()
+            if self.world_size > 1 and not self._stage1_grads_checked:
+                self._refuse_gradients_not_averaged()
         for piece, view in zip(self.pieces, self._piece_views):
             p = self.params[piece.param]
             if grads is not None:
