@@ -122,3 +122,64 @@ def test_a_set_in_a_param_group_compares_the_same_whatever_the_hash_seed():
     outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env=dict(os.environ, PYTHONHASHSEED=seed)).stdout for seed in ("1", "2")]
     assert outs[0] == outs[1] and "'bias'" in outs[0]
+
+
+# Changed on one rank after the optimizer was built: (case, edit on rank 1 before the second step, what every rank's
+# refusal names). Each was unseen until 2026-12-04: the lr and betas edits and the scheduler trained each rank's
+# blocks with that rank's values (equal replicas, a patchwork model); the others left the ranks waiting forever.
+LATE_EDITS = [
+    ("lr", lambda opt, sched: opt.param_groups[0].__setitem__("lr", 0.1), "param group 0's lr is 0.01 on rank 0 but 0.1"),
+    ("betas", lambda opt, sched: opt.param_groups[0].__setitem__("betas", (0.5, 0.9)), "param group 0's betas"),
+    ("negative lr", lambda opt, sched: opt.param_groups[0].__setitem__("lr", -1.0), "param group 0's lr"),
+    ("percentile_clipping", lambda opt, sched: opt.param_groups[0].__setitem__("percentile_clipping", 5),
+     "param group 0's percentile_clipping"),
+    ("optim_bits", lambda opt, sched: opt.param_groups[0].__setitem__("optim_bits", 32), "param group 0's optim_bits"),
+    ("scheduler", lambda opt, sched: sched.step(), "param group 0's lr is 0.01 on rank 0 but 0.005"),
+    ("override", lambda opt, sched: dist8.GlobalOptimManager.get_instance().override_config(
+        opt.params[2], key_value_dict={"lr": 0.0}), "parameter 1.weight's override"),
+    ("removed", lambda opt, sched: opt.param_groups[0].__setitem__("params", opt.param_groups[0]["params"][1:]),
+     "parameter 0.weight was removed from param group 0"),
+]
+
+
+def _late_edits(rank, world_size):
+    faulthandler.dump_traceback_later(HANG_S, exit=True)
+    out = {}
+    for stage in (1, 2):
+        for case, edit, _ in LATE_EDITS:
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+            opt = ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, stage=stage, **BASE)
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+            x = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            if rank == 1:
+                edit(opt, sched)
+            before = [p.detach().clone() for p in model.parameters()]
+            model(x).square().mean().backward()
+            try:
+                opt.step()
+                out[(stage, case)] = "stepped"
+            except (ValueError, RuntimeError) as exc:
+                out[(stage, case)] = str(exc)
+            out[(stage, case, "unchanged")] = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+            dist8.GlobalOptimManager.get_instance().initialize()
+    faulthandler.cancel_dump_traceback_later()
+    return out
+
+
+def test_a_setting_changed_on_one_rank_after_building_is_refused_on_every_rank(tmp_path):
+    """Compared when the optimizer was built only: a param-group edit, scheduler step or override made on one
+    rank afterwards trained a patchwork of settings, silently, or left the other ranks waiting in the step's
+    collectives. One all-reduce per step now refuses it on every rank, naming it, nothing updated."""
+    rank0, rank1 = run_ranks(_late_edits, 2, tmp_path=tmp_path)
+    for stage in (1, 2):
+        for case, _, named in LATE_EDITS:
+            for rank, out in enumerate((rank0, rank1)):
+                said = out[(stage, case)]
+                assert named in said and "\n" not in said, (stage, case, rank, said)
+                if case == "removed" and rank == 0:  # the rank that did not refuse names the one that did
+                    assert said.startswith("ShardedOptimizer.step() failed on rank 1: "), (stage, said)
+                assert out[(stage, case, "unchanged")], (stage, case, rank)

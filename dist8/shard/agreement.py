@@ -7,12 +7,14 @@ answer. Callers run such checks first and share the outcome here, where every ra
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+import torch
 import torch.distributed as dist
 
-__all__ = ["from_every_rank", "raise_on_every_rank", "failures_on_every_rank", "rank_0_answer"]
+__all__ = ["from_every_rank", "raise_on_every_rank", "failures_on_every_rank", "rank_0_answer", "agree_every_step"]
 
 T = TypeVar("T")
 
@@ -87,3 +89,45 @@ def rank_0_answer(question: Callable[[], T], group: dist.ProcessGroup | None = N
     if answer[1] is not None:
         raise error_type(answer[1])
     return answer[0]
+
+
+def agree_every_step(rows: list[tuple[str, Any]], error: BaseException | None, group: dist.ProcessGroup | None,
+                     device: torch.device, what: str) -> None:
+    """Return on every rank when every rank has the same ``rows`` (``(label, plain value)`` pairs, e.g.
+    :func:`dist8.optim.comparable.comparable` settings) and no ``error``; else raise on every rank: ``error``
+    where it happened and ``RuntimeError("{what} failed on rank R: ...")`` on the others, or, where only
+    the rows differ, ``ValueError`` naming the first label whose value differs and two ranks' values.
+
+    Cheap enough for every step: one all-reduce(MAX) of a 63-bit hash of the rows and its complement
+    (equal to this rank's on every rank iff all hashes are equal); the rows are gathered only when they
+    differ. Collective when ``group`` has several ranks; otherwise ``error`` is raised if given."""
+    if not _several_ranks(group):
+        if error is not None:
+            raise error
+        return
+    mine = -1 if error is not None else _hash(rows)
+    both = torch.tensor([mine, ~mine], dtype=torch.int64, device=device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    if error is None and both.tolist() == [mine, ~mine]:
+        return
+    everyone = from_every_rank(("refused", str(error)) if error is not None else ("rows", rows), group)
+    if error is not None:
+        raise error
+    refused = next((r for r, (kind, _v) in enumerate(everyone) if kind == "refused"), None)
+    if refused is not None:
+        raise RuntimeError(f"{what} failed on rank {refused}: {everyone[refused][1]}")
+    tables = [dict(v) for _kind, v in everyone]
+    for label in dict.fromkeys(label for table in tables for label in table):
+        values = [repr(table.get(label, "(not set)")) for table in tables]
+        other = next((r for r, v in enumerate(values) if v != values[0]), None)
+        if other is not None:
+            raise ValueError(f"{what}: {label} is {values[0]} on rank 0 but {values[other]} on rank {other}; every "
+                             "rank steps the blocks it owns with its own settings, so a change (a scheduler's, an "
+                             "edit of param_groups, an override) must be made on every rank alike; nothing was "
+                             "updated")
+    raise RuntimeError(f"{what}: the ranks' settings hash differently but compare equal")  # a hash collision
+
+
+def _hash(value: Any) -> int:
+    """A 63-bit hash of ``repr(value)``, the same in every process (``hash()`` of a str is not)."""
+    return int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=8).digest(), "little") >> 1

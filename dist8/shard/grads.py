@@ -285,10 +285,16 @@ class Stage2Grads:
             self.buckets.mark_ready(index)
             self.launch_versions = [g._version for g in self.flat]
 
-    def present_on_any_rank(self, device: torch.device) -> list[bool]:
+    def present_on_any_rank(self, device: torch.device, refused: Exception | None = None) -> list[bool]:
         """Before :meth:`reduce`: bring ``.grad`` changes made outside backward into the buffer (None: no
         gradient, its range zeroed; a tensor assigned: copied in), then which parameters hold a gradient
-        on any rank (one small all-reduce)."""
+        on any rank (one small all-reduce).
+
+        ``refused``: the step was refused by this rank's own checks (its param groups, its parameters): the
+        buffer is left alone, the collectives are the same, and every rank raises (this one ``refused``
+        itself, the others a RuntimeError naming this rank)."""
+        if refused is not None:
+            return self._share_refusal(device, refused)
         presence = self.presence
         # refused on every rank alike (one rank raising alone would leave the others waiting)
         problem = self.second_gradient
@@ -316,6 +322,18 @@ class Stage2Grads:
                 view.copy_(p.grad)
                 p.grad = view
                 presence.has[i] = True
+        return self._share_presence(device, problem)
+
+    def _share_refusal(self, device: torch.device, refused: Exception) -> list[bool]:
+        try:
+            self._share_presence(device, str(refused), "ShardedOptimizer.step() failed")
+        except (ValueError, RuntimeError):
+            pass  # every rank raises: this one the refusal itself
+        raise refused
+
+    def _share_presence(self, device: torch.device, problem: str | None,
+                        refusal: str = "this step's gradients were refused") -> list[bool]:
+        presence = self.presence
         has = torch.tensor([*presence.has, problem is not None], dtype=torch.uint8, device=device)
         if self.world_size > 1:
             # The buckets backward left unlaunched here first: a parameter used on another rank only (a
@@ -328,12 +346,12 @@ class Stage2Grads:
             self.buckets.flush()  # no reduction left in flight into a buffer the caller will zero next
             # every rank's verdict, so that the others name the rank and the cause (collective: has[-1] is agreed)
             kind = RuntimeError if problem is not None and problem == self.second_gradient else ValueError
-            verdicts = from_every_rank(None if problem is None else (kind.__name__, problem), self.group)
+            verdicts = from_every_rank(None if problem is None else (kind.__name__, problem, refusal), self.group)
             if problem is not None:
                 raise kind(problem)
-            rank, (kind_name, message) = next((r, v) for r, v in enumerate(verdicts) if v is not None)
+            rank, (kind_name, message, theirs) = next((r, v) for r, v in enumerate(verdicts) if v is not None)
             kind = RuntimeError if kind_name == "RuntimeError" else ValueError
-            raise kind(f"this step's gradients were refused on rank {rank}: {message}")
+            raise kind(f"{theirs} on rank {rank}: {message}")
         return [bool(h) for h in has[:-1].tolist()]
 
     def reduce(self) -> None:

@@ -23,6 +23,7 @@ from dist8.kernels.eager import eager_only
 from dist8.optim import AdamW8bit
 from dist8.optim.amp import check_amp_unscale
 from dist8.optim.base import Optimizer8bit
+from dist8.optim.comparable import comparable
 from dist8.optim.config import (GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, PARAM_LIST_KEYS, PIECE_START_ATTR, check_overrides,
                                 check_overrides_match, hyperparameters_of, split_named_params)
 from dist8.optim.dcp_init import called_by_dcp, called_by_dcp_init
@@ -34,7 +35,7 @@ from dist8.optim.settings_watch import SettingsWatch
 from dist8.optim.state_schema import CORRECTION
 from dist8.optim.validation import check_gradient, check_number
 from dist8.shard import state_dicts
-from dist8.shard.agreement import failures_on_every_rank
+from dist8.shard.agreement import agree_every_step, failures_on_every_rank
 from dist8.shard.construction import (check_no_master_weight_override, check_optimizer_class,
                                      check_same_layout_on_all_ranks, check_tensors, master_weight_bits_of,
                                      optimizer_settings)
@@ -54,6 +55,18 @@ SHARDED_STATE_FIX = ("make such a change before the first step, or take it back 
 # The ShardedOptimizer each parameter is laid out in, by id() (no weak reference to a parameter:
 # torch.utils.swap_tensors refuses those); an entry is checked against the optimizer's own list.
 _LAID_OUT_IN: weakref.WeakValueDictionary[int, ShardedOptimizer] = weakref.WeakValueDictionary()
+
+
+def _numbers_as_floats(value: Any) -> Any:
+    """A :func:`comparable` value with its integers as floats: ``0`` and ``0.0`` are one setting (a group
+    written one way on one rank and the other way on another is not a difference)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, tuple):
+        return tuple(_numbers_as_floats(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _numbers_as_floats(v) for k, v in value.items()}
+    return value
 
 
 class ShardedOptimizer(LazyDynamoOptimizer):
@@ -463,25 +476,37 @@ class ShardedOptimizer(LazyDynamoOptimizer):
                                "updated)")
         if getattr(self, "_grads_ready", False):
             return
-        self._refuse_edited_groups()
-        self._refuse_master_weight_bits_over_copies()
-        self.adopt_parameters()
-        if self.stage2_grads is None:
-            self._refuse_unusable_replicated_grads()
+        # What this rank alone sees (its groups, its parameters, its gradients) is checked first and refused on
+        # every rank together, with any setting that differs between ranks (agree_every_step): one rank refusing
+        # alone left the others waiting in the step's collectives forever.
+        local_error: Exception | None = None
+        try:
+            self._refuse_edited_groups()
+            self._refuse_master_weight_bits_over_copies()
+            self.adopt_parameters()
+            if self.stage2_grads is None:
+                self._refuse_unusable_replicated_grads()
+        except (ValueError, TypeError, RuntimeError) as exc:
+            local_error = exc
+        if local_error is not None and self.world_size == 1:
+            raise local_error
         grads = self.stage2_grads
         has_grad = None
         if grads is not None:
             # first: it launches the buckets backward left unlaunched here (a branch used on another rank only
-            # had its bucket launched there during backward); the layout check's all-reduce before it paired
-            # with those reductions on the other rank, and every rank hung
-            has_grad = grads.present_on_any_rank(self.device)
+            # had its bucket launched there during backward); an all-reduce before it paired with those
+            # reductions on the other rank, and every rank hung. A local refusal rides on its all-reduce.
+            has_grad = grads.present_on_any_rank(self.device, refused=local_error)
             try:
+                self._agree_on_settings(None)
                 self._refuse_gradients_outside_the_layout()
-            except ValueError:
-                grads.buckets.flush()  # no reduction left writing into a buffer zero_grad() clears next
+            except (ValueError, TypeError, RuntimeError):
+                if self.world_size > 1:
+                    grads.buckets.flush()  # no reduction left writing into a buffer zero_grad() clears next
                 raise
             grads.reduce()
         else:
+            self._agree_on_settings(local_error)
             self._refuse_gradients_outside_the_layout()
             if self.world_size > 1 and not self._stage1_grads_checked:
                 self._refuse_gradients_not_averaged()
@@ -499,6 +524,24 @@ class ShardedOptimizer(LazyDynamoOptimizer):
                 grad = p.grad.reshape(-1)[piece.start : piece.stop]
             view.grad = grad.float() if self.masters[self._buffer_of[piece.param]] is not None else grad
         self._grads_ready = True
+
+    def _agree_on_settings(self, local_error: Exception | None) -> None:
+        """Every rank steps with the same param-group values and overrides, or every rank refuses (one small
+        all-reduce per step, :func:`~dist8.shard.agreement.agree_every_step`). They were compared when the
+        optimizer was built only: a scheduler stepped on one rank, or a group edited there, trained each rank's
+        blocks with that rank's values, silently, and a change refused on one rank alone left the others
+        waiting in the step's collectives."""
+        if self.world_size == 1:
+            if local_error is not None:
+                raise local_error
+            return
+        rows = [(f"param group {gi}'s {key}", _numbers_as_floats(comparable(value, read_device_tensors=False)))
+                for gi, group in enumerate(self.param_groups) for key, value in sorted(group.items())
+                if key != "params"]
+        rows += [(f"parameter {name}'s override",
+                  _numbers_as_floats(comparable(getattr(p, OVERRIDE_ATTR), read_device_tensors=False)))
+                 for p, name in zip(self.params, self.names) if getattr(p, OVERRIDE_ATTR, None) is not None]
+        agree_every_step(rows, local_error, self.group, self.device, "ShardedOptimizer.step()")
 
     def _refuse_unusable_replicated_grads(self) -> None:
         """Stage 1: every parameter's gradient is checked on every rank, before any collective, as the
