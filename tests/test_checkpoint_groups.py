@@ -95,3 +95,20 @@ def test_group_values_a_checkpoint_cannot_hold_are_refused_before_anything_is_wr
     with pytest.raises(ValueError, match=rf"^param group 0 key '{key}' holds "):
         ck.save(tmp_path / "run", model, opt, step=1, keep_last=2)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_parameter_in_another_group_than_at_save_is_refused_naming_it(tmp_path):
+    """Each group's values load by its position: a parameter moved to another group since the save trained with
+    that group's lr and weight decay, silently (0.024 off the uninterrupted run in three steps). torch's
+    load_state_dict refuses such a regrouping; so does the checkpoint load now, changing nothing."""
+    model = _model()
+    opt = _optimizer(model, {"lr": 3e-3, "weight_decay": 0.0})
+    _step(model, opt)
+    path = ck.save(tmp_path / "ck", model, opt)
+    regrouped = dist8.AdamW8bit([{"params": [*model[0].parameters(), model[1].weight]},
+                                 {"params": [model[1].bias]}], lr=1e-2, min_8bit_size=0)
+    before = [dict(g, params=None) for g in regrouped.param_groups]
+    with pytest.raises(ck.CheckpointError, match="parameter 1.weight is in param group 0 here but was saved in group 1"):
+        ck.load(path, model, regrouped)
+    assert not regrouped.state and [dict(g, params=None) for g in regrouped.param_groups] == before
+    ck.load(path, model, _optimizer(model, {}))  # the same split loads

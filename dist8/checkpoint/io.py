@@ -561,6 +561,17 @@ def _read(path: Path, meta: dict[str, Any], ad: OptimizerAdapter, model, strict:
             problems.append(f"parameter {slot.name} has shape {tuple(entry['shape'])} in the checkpoint, "
                             f"{slot.shape} in the model")
     problems += [f"checkpoint parameter {n} is not in the optimizer" for n in sorted(set(saved) - set(ad.names))]
+    # Each group's values load by its index: a parameter now in another group than at save would train with that
+    # group's lr and weight decay, silently (torch's load_state_dict refuses such a regrouping too)
+    group_index = {id(p): gi for gi, g in reversed(list(enumerate(ad.optimizer.param_groups))) for p in g["params"]}
+    regrouped = [f"parameter {slot.name} is in param group {group_index[id(ad.params[slot.index])]} here but was "
+                 f"saved in group {saved[slot.name]['group']}" for slot in ad.layout.params
+                 if slot.name in saved and id(ad.params[slot.index]) in group_index
+                 and saved[slot.name]["group"] != group_index[id(ad.params[slot.index])]]
+    if regrouped:
+        raise CheckpointError(f"{path}: " + "; ".join(regrouped[:3]) + (" ..." if len(regrouped) > 3 else "")
+                              + ": each group's values load by its position; build the optimizer's param groups "
+                              "as they were at save")
     if problems and strict:
         raise CheckpointError(f"{path}: " + "; ".join(problems))
     if problems:
