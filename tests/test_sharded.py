@@ -928,3 +928,40 @@ def test_small_gpt_stage1_and_stage2_match_unsharded(stage, tmp_path):
     assert losses[-1] < losses[0]
     for a, b in zip(sharded, losses):
         assert abs(a - b) <= 1e-4 * abs(b), (sharded, losses)
+
+
+def _steps_without_zero_grad(rank, world_size):
+    import faulthandler
+    import sys
+
+    faulthandler.dump_traceback_later(120, exit=True, file=sys.stderr)
+    out = {}
+    for case in ("backward again", "step again"):
+        params = make_params()
+        opt = ShardedOptimizer(list(params.items()), dist8.AdamW8bit, stage=2, lr=1e-2)
+        sum((p * rank_grad(n, rank, 0)).sum() for n, p in params.items()).backward()
+        opt.step()
+        if case == "backward again":  # no zero_grad(): torch would step on the sum of both steps' gradients
+            sum((p * rank_grad(n, rank, 1)).sum() for n, p in params.items()).backward()
+        before = {n: p.detach().clone() for n, p in params.items()}
+        try:
+            opt.step()
+            out[case] = "stepped"
+        except ValueError as exc:
+            out[case] = str(exc)
+        out[case + " unchanged"] = all(torch.equal(before[n], p) for n, p in params.items())
+        opt.zero_grad()  # the way out: the next step is a normal one
+        sum((p * rank_grad(n, rank, 2)).sum() for n, p in params.items()).backward()
+        opt.step()
+    faulthandler.cancel_dump_traceback_later()
+    return out
+
+
+def test_stage2_refuses_a_step_on_what_the_last_step_left_in_the_gradients(tmp_path):
+    """Without zero_grad() between steps, torch steps on the gradients left in .grad (plus a new backward's).
+    Stage 2 has summed them onto their owners and averaged the owned range, so what is left is no longer the
+    gradient: the second step used a norm of 11.7 where torch's sum gave 10.2, silently. Refused on every rank."""
+    for out in run_ranks(_steps_without_zero_grad, 2, tmp_path=tmp_path):
+        for case in ("backward again", "step again"):
+            assert "still holds the gradient the last step reduced (no zero_grad() between the steps)" in out[case], out
+            assert out[case + " unchanged"], case

@@ -214,6 +214,9 @@ class Stage2Grads:
         self.launch_versions: list[int] | None = None
         # a parameter's second gradient since the last step (see on_gradient): the refusal, raised at the step
         self.second_gradient: str | None = None
+        # per parameter: its range still holds what the last step reduced and averaged (several ranks; cleared by
+        # zero_grad() and by a fresh gradient): not the parameter's gradient any more, and a backward adds onto it
+        self.stale = [False] * len(self.params)
         # each parameter's .grad: its range of the gradient buffer, made once
         self.views = [self.view(i, 0, p.numel()).view(p.shape) for i, p in enumerate(self.params)]
         self.view_ptrs = [v.data_ptr() for v in self.views]  # where each view must point (see repair_view)
@@ -269,6 +272,7 @@ class Stage2Grads:
         if p.grad.data_ptr() != view.data_ptr():  # e.g. after model.zero_grad(set_to_none=True)
             view.copy_(p.grad)
             p.grad = view
+            self.stale[index] = False  # a fresh gradient; else backward added onto the last step's (refused)
         self.presence.backward_hook(index)
         if self.world_size > 1 and not self.accumulating():
             if self.buckets.marked[index]:  # its bucket may be reduced already: the new gradient would be lost
@@ -314,6 +318,7 @@ class Stage2Grads:
                 if not presence.fired[i]:
                     view.zero_()  # its bucket is reduced at the flush: no stale gradient goes with it
                 presence.has[i] = False
+                self.stale[i] = False
             elif p.grad.data_ptr() != view.data_ptr():  # a gradient assigned to .grad, not accumulated by backward
                 if presence.fired[i] and self.world_size > 1:
                     problem = problem or ddp_problem(self.params) or (
@@ -322,6 +327,14 @@ class Stage2Grads:
                 view.copy_(p.grad)
                 p.grad = view
                 presence.has[i] = True
+                self.stale[i] = False
+        kept = next((i for i, (st, has) in enumerate(zip(self.stale, presence.has)) if st and has), None)
+        if problem is None and kept is not None:
+            problem = (f"parameter {self.names[kept]} still holds the gradient the last step reduced (no zero_grad() "
+                       "between the steps): stage 2 sums each gradient onto the rank that owns it during backward "
+                       "and averages it at the step, so what is left is no longer the parameter's gradient, and a "
+                       "backward adds onto it; call optimizer.zero_grad() (or model.zero_grad()) after each step, "
+                       "or use stage=1")
         return self._share_presence(device, problem)
 
     def _share_refusal(self, device: torch.device, refused: Exception) -> list[bool]:
@@ -368,6 +381,8 @@ class Stage2Grads:
         self.presence.stepped()
         self.launch_versions = None
         self.second_gradient = None
+        if self.world_size > 1:  # one rank holds its whole gradient: stepping it again is torch's semantics
+            self.stale = [True] * len(self.params)
 
     def zero(self, set_to_none: bool) -> None:
         """Zero the buffers in place and give every parameter its view again. ``set_to_none=False`` keeps
@@ -383,6 +398,7 @@ class Stage2Grads:
         self.attach_views()
         self.buckets.reset()
         self.presence.zeroed(kept)
+        self.stale = [False] * len(self.params)
 
     def holds_gradient(self, index: int) -> bool:
         """Whether parameter ``index`` holds a gradient in torch's sense now: its ``.grad`` is a tensor
