@@ -447,10 +447,11 @@ def accuracy_section() -> str:
 
 def deadband_section() -> str:
     parts = ["## 20. The deadband of 8-bit round-to-nearest state (`bench/deadband.py`, data for a decision)\n",
-             "A state value that is not its block's largest moves only when one step's increment `(1 - beta) * (g - m)` "
-             "exceeds half the gap to the next code. Stream: element 0 of each 256-value block has a steady gradient of "
-             "1, the others +s, flipping to -s at `flip at`. First table: the other elements' mean step over the last 100 "
-             "of the run's steps, in units of lr, positive = downhill after the flip (a negative entry keeps climbing). "
+             "A state value that is not its block's largest moves only when one step's increment "
+             "`(1 - beta) * (g - m)` exceeds half the gap to the next code. Stream: element 0 of each 256-value block "
+             "has a steady gradient of 1, the others +s, flipping to -s at `flip at`. First table: the other elements' "
+             "mean step over the last 100 of the run's steps, in units of lr, positive = downhill after the flip (a "
+             "negative entry keeps climbing). "
              "Second table: the slow EMA alone on 8-bit block-wise state, round-to-nearest (dist8, bitsandbytes) and "
              "unbiased stochastic rounding (simulated in float64; no dist8 kernel has it), against float64: the mean "
              "state of the other elements, whose sign should follow the flip. dist8's and bitsandbytes' 8-bit rows "

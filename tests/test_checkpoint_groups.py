@@ -108,7 +108,8 @@ def test_a_parameter_in_another_group_than_at_save_is_refused_naming_it(tmp_path
     regrouped = dist8.AdamW8bit([{"params": [*model[0].parameters(), model[1].weight]},
                                  {"params": [model[1].bias]}], lr=1e-2, min_8bit_size=0)
     before = [dict(g, params=None) for g in regrouped.param_groups]
-    with pytest.raises(ck.CheckpointError, match="parameter 1.weight is in param group 0 here but was saved in group 1"):
+    with pytest.raises(ck.CheckpointError, match="parameter 1.weight is in param group 0 here but was saved in "
+                                                 "group 1"):
         ck.load(path, model, regrouped)
     assert not regrouped.state and [dict(g, params=None) for g in regrouped.param_groups] == before
     ck.load(path, model, _optimizer(model, {}))  # the same split loads

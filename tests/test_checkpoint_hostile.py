@@ -286,7 +286,8 @@ def test_nan_hyperparameter_and_negative_step_are_refused(tmp_path):
     # found by a fuzzer (2026-12-04): each was a raw TypeError/ValueError/OverflowError/KeyError, or two lines
     (lambda m: m["pieces"]["0"][0].__setitem__(0, ["emb"]), r"pieces.0\[0\] names parameter list"),
     (lambda m: m["pieces"].__setitem__("\u00b2", m["pieces"].pop("0")), "is not a rank of world size 1"),
-    (lambda m: m["optimizer"]["param_groups"][0].__setitem__("lr", 10**400), r"param_groups\[0\].'lr' must be a number"),
+    (lambda m: m["optimizer"]["param_groups"][0].__setitem__("lr", 10**400),
+     r"param_groups\[0\].'lr' must be a number"),
     (lambda m: m["optimizer"]["param_groups"][0].__setitem__("custom", 10**400), r"'custom' must be a number"),
     (lambda m: m.__setitem__("dist8_version", "\ud800"), "dist8_version must be a non-empty printable string"),
     (lambda m: m.pop("extra"), "extra is missing"),

@@ -128,7 +128,8 @@ def test_a_set_in_a_param_group_compares_the_same_whatever_the_hash_seed():
 # refusal names). Each was unseen until 2026-12-04: the lr and betas edits and the scheduler trained each rank's
 # blocks with that rank's values (equal replicas, a patchwork model); the others left the ranks waiting forever.
 LATE_EDITS = [
-    ("lr", lambda opt, sched: opt.param_groups[0].__setitem__("lr", 0.1), "param group 0's lr is 0.01 on rank 0 but 0.1"),
+    ("lr", lambda opt, sched: opt.param_groups[0].__setitem__("lr", 0.1),
+     "param group 0's lr is 0.01 on rank 0 but 0.1"),
     ("betas", lambda opt, sched: opt.param_groups[0].__setitem__("betas", (0.5, 0.9)), "param group 0's betas"),
     ("negative lr", lambda opt, sched: opt.param_groups[0].__setitem__("lr", -1.0), "param group 0's lr"),
     ("percentile_clipping", lambda opt, sched: opt.param_groups[0].__setitem__("percentile_clipping", 5),

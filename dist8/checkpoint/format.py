@@ -353,7 +353,8 @@ def check_metadata(meta: Any, where: str) -> dict[str, Any]:
     pieces = c.dict_(c.get(meta, "pieces", "pieces"), "pieces")
     covered: dict[str, list[tuple[int, int, str]]] = {}
     for rank, plist in pieces.items():
-        if not isinstance(rank, str) or not re.fullmatch("[0-9]+", rank) or int(rank) >= world or str(int(rank)) != rank:
+        if (not isinstance(rank, str) or not re.fullmatch("[0-9]+", rank) or int(rank) >= world
+                or str(int(rank)) != rank):
             c.fail(f"pieces.{str(rank)[:20]}", f"is not a rank of world size {world}")
         fname = rank_file(int(rank), world)
         if fname not in files:

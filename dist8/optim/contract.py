@@ -133,7 +133,8 @@ class TorchContract:
         if names:
             # torch's optimizers keep such state (and their state_dict() then fails on it); dist8 frees it, which
             # a parameter put back later (freezing by removal, then add_param_group) would otherwise not notice
-            warnings.warn(f"dist8: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''} ({len(names)} parameter{'s' if len(names) > 1 else ''}) "
+            listed = ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+            warnings.warn(f"dist8: {listed} ({len(names)} parameter{'s' if len(names) > 1 else ''}) "
                           "left param_groups: their optimizer state is freed, and a parameter put back starts with "
                           "fresh state (freeze with requires_grad_(False) or grad=None to keep it)", stacklevel=3)
         for q in stale:
