@@ -1,5 +1,7 @@
 """Stage-2 gradients of ShardedOptimizer: a flat gradient buffer per parameter dtype whose buckets are
-reduced to the ranks that own their blocks as soon as backward completes them.
+reduced to the ranks that own their blocks as soon as backward completes them. (One file, one concern: what
+stage 2's ``.grad`` holds between backward and the step -- buffers, buckets, presence, and the refusals of
+gradients it cannot treat as torch would.)
 
 :class:`Stage2Grads` is what ShardedOptimizer(stage=2) holds: the buffers, the parameters' ``.grad``
 views of them, the backward hooks, the buckets (:class:`GradBuckets`) and which parameters hold a
