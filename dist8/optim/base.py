@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -185,7 +186,8 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
         self._fixed_settings: dict[torch.Tensor, tuple] = {}
         # parameter -> its dtype when its master-weight correction was last made or used: a parameter cast since
         # (model.float() after bf16 steps) carries its master over instead of losing or misreading it
-        self.correction_made_for: dict[torch.Tensor, tuple[torch.dtype, torch.Tensor]] = {}
+        # (the correction weakly: state deleted by hand frees it)
+        self.correction_made_for: dict[torch.Tensor, tuple[torch.dtype, weakref.ref]] = {}
         self._checked_hyper: dict[int, tuple] = {}  # id(group) -> (group, its hyperparameters when last checked)
         self._positions: dict[torch.Tensor, str] | None = None
         # Sums partial per-parameter reductions across shards (identity when unsharded).
@@ -428,11 +430,11 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
         state = self.state[p]
         if settings.correction is not None or schema.CORRECTION in state:
             made_for, correction = self.correction_made_for.get(p, (None, None))
-            if correction is not state.get(schema.CORRECTION):  # state made or loaded since: for today's dtype
+            if correction is None or correction() is not state.get(schema.CORRECTION):  # made or loaded since
                 made_for = None
             master_weights.sync_correction(p, state, settings.correction, made_for)
             if schema.CORRECTION in state:
-                self.correction_made_for[p] = (p.dtype, state[schema.CORRECTION])
+                self.correction_made_for[p] = (p.dtype, weakref.ref(state[schema.CORRECTION]))
             else:
                 self.correction_made_for.pop(p, None)
         return state
