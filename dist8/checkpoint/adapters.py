@@ -128,12 +128,17 @@ class OptimizerAdapter:
     def hyper(self) -> list[dict[str, Any]]:
         return [hyperparameters_of(g) for g in self.optimizer.param_groups]
 
-    def group_of(self) -> list[int]:
-        """The param-group index of each parameter (of its first group; one pass over the groups)."""
+    def group_index(self) -> dict[int, int]:
+        """``id(parameter)`` -> the index of its (first) param group, in one pass over the groups."""
         index: dict[int, int] = {}
         for gi, g in enumerate(self.optimizer.param_groups):
             for q in g["params"]:
                 index.setdefault(id(q), gi)
+        return index
+
+    def group_of(self) -> list[int]:
+        """The param-group index of each parameter in a group, in parameter order."""
+        index = self.group_index()
         return [index[id(p)] for p in self.params if id(p) in index]
 
 

@@ -111,6 +111,7 @@ STATE_KEYS = tuple(STATE_DTYPES)
 _RANK_FILE = re.compile(r"optim-([0-9]{5})-of-([0-9]{5})\.safetensors")  # fullmatch: no trailing newline
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _MAX_DEPTH = 64
+FLOAT64_MAX_INT = 2**1023  # larger Python ints do not convert to float (a group value of 400 digits)
 
 
 def rank_file(rank: int, world_size: int) -> str:
@@ -200,9 +201,6 @@ def _group_json_value(v: Any) -> bool:
     if isinstance(v, float):
         return True  # inf/NaN: refused by name where each key's range is checked
     return isinstance(v, str) and len(v) <= 4096 and v.isprintable()
-
-
-FLOAT64_MAX_INT = 2**1023  # larger Python ints do not convert to float
 
 
 def _short(value: Any) -> str:

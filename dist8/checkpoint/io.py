@@ -563,7 +563,7 @@ def _read(path: Path, meta: dict[str, Any], ad: OptimizerAdapter, model, strict:
     problems += [f"checkpoint parameter {n} is not in the optimizer" for n in sorted(set(saved) - set(ad.names))]
     # Each group's values load by its index: a parameter now in another group than at save would train with that
     # group's lr and weight decay, silently (torch's load_state_dict refuses such a regrouping too)
-    group_index = {id(p): gi for gi, g in reversed(list(enumerate(ad.optimizer.param_groups))) for p in g["params"]}
+    group_index = ad.group_index()
     regrouped = [f"parameter {slot.name} is in param group {group_index[id(ad.params[slot.index])]} here but was "
                  f"saved in group {saved[slot.name]['group']}" for slot in ad.layout.params
                  if slot.name in saved and id(ad.params[slot.index]) in group_index

@@ -6,6 +6,7 @@ is built) and :mod:`dist8.optim.dtensor` (FSDP2 steps, hashed every step) compar
 from __future__ import annotations
 
 import enum
+import hashlib
 import math
 import numbers
 from collections.abc import Mapping
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["comparable", "same"]
+__all__ = ["comparable", "same", "stable_hash"]
 
 
 def comparable(value: Any, read_device_tensors: bool = True) -> Any:
@@ -63,3 +64,9 @@ def same(a: Any, b: Any) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     return a == b
+
+
+def stable_hash(value: Any) -> int:
+    """A 63-bit hash of ``repr(value)``, the same in every process (``hash()`` of a str is not): what the
+    per-step agreements all-reduce instead of the settings themselves."""
+    return int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=8).digest(), "little") >> 1

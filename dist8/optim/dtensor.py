@@ -30,11 +30,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import hashlib
 
 import torch
 
-from dist8.optim.comparable import comparable
+from dist8.optim.comparable import comparable, stable_hash
 from dist8.optim.dtensor_layout import (Layout, box_of, comm_device, full_tensor, is_dtensor, layout_of,
                                        one_plain_shard, shard_dims, world_group)
 from dist8.optim.state_schema import (CORRECTION, absmax_key, is_absmax_key, is_state_key, new_state, state_indices,
@@ -125,11 +124,11 @@ def agree_on_step(opt: Optimizer8bit, stepped: list[tuple[Any, ParamSettings]], 
         return
     wide, wide_hash = _optimizer_key(opt, reduce_partials)
     rows, hypers = _stepped_key(stepped)
-    key = _hash((wide_hash, rows))  # O(stepped parameters): per call under gradient release
+    key = stable_hash((wide_hash, rows))  # O(stepped parameters): per call under gradient release
     # every_step=False: keyed without the hyperparameters (a scheduler's new lr every step would be a new key)
     if not every_step and key in reduce_partials.agreed_keys:
         return
-    mine = -1 if error is not None else _hash((key, hypers))  # hyperparameters: a scheduler changes lr every step
+    mine = -1 if error is not None else stable_hash((key, hypers))  # hypers: a scheduler changes lr every step
     both = torch.tensor([mine, ~mine], dtype=torch.int64, device=comm_device(group))
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)  # [max, -min]: equal to mine iff all are
     if both.tolist() == [mine, ~mine] and error is None:
@@ -158,7 +157,8 @@ def _optimizer_key(opt: Optimizer8bit, reduce_partials: Any) -> tuple[tuple, int
     cached = reduce_partials.wide
     if cached is None or cached[0] != (settings, groups):
         names = tuple(opt.param_name(p) for g in opt.param_groups for p in g["params"])
-        cached = reduce_partials.wide = ((settings, groups), (settings, names), _hash((settings, names)))
+        cached = reduce_partials.wide = ((settings, groups), (settings, names),
+                                         stable_hash((settings, names)))
     return cached[1], cached[2]
 
 
@@ -175,11 +175,6 @@ def _stepped_key(stepped: list) -> tuple[tuple, tuple]:
             hypers.append(tuple(sorted((key, comparable(v, read_device_tensors=False)) for key, v in s.hyper.items())))
         rows.append((s.name, s.use_8bit, s.block_size, str(s.correction), k))
     return tuple(rows), tuple(hypers)
-
-
-def _hash(value: Any) -> int:
-    """A 63-bit hash of ``repr(value)``, the same in every process (``hash()`` of a str is not)."""
-    return int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=8).digest(), "little") >> 1
 
 
 def _first_difference(cls: str, everyone: list, ranks: list[int]) -> Exception:

@@ -7,12 +7,13 @@ answer. Callers run such checks first and share the outcome here, where every ra
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from dist8.optim.comparable import stable_hash
 
 __all__ = ["from_every_rank", "raise_on_every_rank", "failures_on_every_rank", "rank_0_answer", "agree_every_step"]
 
@@ -105,7 +106,7 @@ def agree_every_step(rows: list[tuple[str, Any]], error: BaseException | None, g
         if error is not None:
             raise error
         return
-    mine = -1 if error is not None else _hash(rows)
+    mine = -1 if error is not None else stable_hash(rows)
     both = torch.tensor([mine, ~mine], dtype=torch.int64, device=device)
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
     if error is None and both.tolist() == [mine, ~mine]:
@@ -126,8 +127,3 @@ def agree_every_step(rows: list[tuple[str, Any]], error: BaseException | None, g
                              "edit of param_groups, an override) must be made on every rank alike; nothing was "
                              "updated")
     raise RuntimeError(f"{what}: the ranks' settings hash differently but compare equal")  # a hash collision
-
-
-def _hash(value: Any) -> int:
-    """A 63-bit hash of ``repr(value)``, the same in every process (``hash()`` of a str is not)."""
-    return int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=8).digest(), "little") >> 1
