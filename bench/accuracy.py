@@ -5,8 +5,8 @@ Linear(1024, 128), batch 4, sum loss) after 2 steps. This runs that protocol for
 more seeds: every 8-bit optimizer and the fp32 reference start from the same weights, see the
 same batches, and after ``steps`` steps the parameters' distance to the reference's is recorded
 (mean and max absolute difference over all parameters, median over seeds). Rows: dist8's
-8-bit optimizers next to bitsandbytes' (same names, same hyperparameters) and, for AdamW,
-torchao's. The MLP's ReLU leaves many exactly-zero gradient entries, the case where 8-bit second
+8-bit optimizers (default map, and ``quant_map="fp8"``) next to bitsandbytes' (same names, same
+hyperparameters) and, for AdamW, torchao's. The MLP's ReLU leaves many exactly-zero gradient entries, the case where 8-bit second
 moments matter most. CPU; ``tests/test_bnb_suite.py`` asserts dist8 <= bitsandbytes on 3 seeds.
 
 Usage: python bench/accuracy.py [--seeds 5] [--steps 2,10,50] [--out FILE]
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import sys
 from pathlib import Path
@@ -41,6 +42,8 @@ def cases() -> dict[str, tuple]:
         "Adagrad8bit": (torch.optim.Adagrad, {"dist8": dist8.Adagrad8bit, "bitsandbytes": bnb.optim.Adagrad8bit}, {}),
         "Lion8bit": (ReferenceLion, {"dist8": dist8.Lion8bit, "bitsandbytes": bnb.optim.Lion8bit}, {}),
     }
+    for _name, (_reference, libraries, _extra) in out.items():  # the opt-in small-float codes, side by side
+        libraries["dist8 fp8"] = functools.partial(libraries["dist8"], quant_map="fp8")
     try:
         import torchao.optim
 

@@ -441,7 +441,14 @@ def accuracy_section() -> str:
         parts.append(f"\n{', '.join(map(str, sorted(seeds)))} seeds per row.")
         worse = [r for r in d["rows"] if r["library"] == "dist8" and (r.get("mean_vs_bitsandbytes") or 0) > 1.0]
         listed = ", ".join(f"{r['optimizer']} at {r['steps']} steps ({r['mean_vs_bitsandbytes']:.3f}x)" for r in worse)
-        parts.append(f"\n- dist8 further from fp32 than bitsandbytes (mean): {listed or 'in no row'}\n")
+        parts.append(f"\n- dist8 further from fp32 than bitsandbytes (mean): {listed or 'in no row'}")
+        default = {(r["optimizer"], r["steps"]): r["mean_abs_err"] for r in d["rows"] if r["library"] == "dist8"}
+        fp8 = [r["mean_abs_err"] / default[(r["optimizer"], r["steps"])] for r in d["rows"]
+               if r["library"] == "dist8 fp8" and default.get((r["optimizer"], r["steps"]))]
+        if fp8:
+            parts.append(f"- `quant_map=\"fp8\"` (dist8 fp8) against dist8's default map (mean): "
+                         f"{min(fp8):.2f}-{max(fp8):.2f}x its distance")
+        parts.append("")
     return "\n".join(parts)
 
 

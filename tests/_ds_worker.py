@@ -61,6 +61,10 @@ class TinyGPT(torch.nn.Module):
         return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
 
 
+def SCHEDULE(step):  # noqa: N802 -- the LR factor of step ``step`` in the scheduled jobs and their reference
+    return 1.0 / (1.0 + 0.25 * step)
+
+
 def make_model(seed=0, temperature=False):
     torch.manual_seed(seed)
     return TinyGPT(temperature=temperature)
@@ -110,6 +114,22 @@ def run_job(job, rank, world, out_dir):
         kw = {k: (tuple(v) if k == "betas" else v) for k, v in job["client"].items()}
         client = dist8.AdamW8bit(model.named_parameters(), **kw)
         engine, _opt, _, _ = d8ds.initialize(model=model, optimizer=client, config=cfg)
+    elif via in ("plain_client", "both"):  # an instance through plain deepspeed.initialize, as HF Trainer,
+        # accelerate and Lightning pass theirs: two param groups, an LR scheduler made on it first
+        import dist8
+
+        d8ds.install()
+        if via == "plain_client":
+            cfg.pop("optimizer")
+        kw = {k: (tuple(v) if k == "betas" else v) for k, v in job["client"].items()}
+        client = dist8.AdamW8bit(param_groups(model) if job.get("temperature") else model.named_parameters(), **kw)
+        sched = torch.optim.lr_scheduler.LambdaLR(client, SCHEDULE) if job.get("schedule") else None
+        try:
+            engine, _opt, _, _ = deepspeed.initialize(model=model, optimizer=client, lr_scheduler=sched, config=cfg)
+        except ValueError as exc:  # "both": the config's dist8 section and an instance
+            with open(os.path.join(out_dir, f"{job['name']}-rank{rank}.json"), "w") as f:
+                json.dump({"refused": str(exc), "untouched": not client.state and type(client) is dist8.AdamW8bit}, f)
+            return
     elif via == "torch":  # a torch.optim client optimizer, as the anchor for dist8's run of the same config
         cfg.pop("optimizer")
         cfg["zero_allow_untested_optimizer"] = True
@@ -193,11 +213,10 @@ def run_job(job, rank, world, out_dir):
         # DeepSpeed's ZeRO check as the engine calls it (False: "untested optimizer" warning)
         "zero_supported": deepspeed.runtime.engine.is_zero_supported_optimizer(opt),
     }
-    if client is not None:  # initialize(optimizer=client) steps a copy and leaves the client as it was
-        facts["client_unchanged"] = (type(client).__name__ == "AdamW8bit" and type(client).__module__ == "dist8.optim.adam"
-                                     and opt is not client and not client.state
-                                     and [id(p) for g in client.param_groups for p in g["params"]]
-                                     == [id(p) for p in model.parameters()])
+    if client is not None:  # DeepSpeed partitions and steps the instance passed in
+        facts["client_stepped"] = opt is client and isinstance(client, dist8.AdamW8bit)
+        facts["state_steps"] = sorted({st["step"] for st in client.state.values()})
+        facts["lrs"] = [g["lr"] for g in client.param_groups]
     with open(os.path.join(out_dir, f"{job['name']}-rank{rank}.json"), "w") as f:
         json.dump(facts, f)
     engine.destroy() if hasattr(engine, "destroy") else None
@@ -237,14 +256,15 @@ if __name__ == "__main__":
     main()
 
 
-def reference(steps, params, clip=1.0, cls_name="AdamW8bit", temperature=False):
+def reference(steps, params, clip=1.0, cls_name="AdamW8bit", temperature=False, schedule=False):
     """The same training without DeepSpeed: one process, the full global batch, a plain dist8 optimizer
-    (``temperature``: the model with one, in param_groups()' two groups)."""
+    (``temperature``: the model with one, in param_groups()' two groups; ``schedule``: the lr follows SCHEDULE)."""
     import dist8
 
     model = make_model(temperature=temperature)
     kw = {k: (tuple(v) if k == "betas" else v) for k, v in params.items() if v != "auto"}
     opt = dist8.get_optimizer_class(cls_name)(param_groups(model) if temperature else model.named_parameters(), **kw)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, SCHEDULE) if schedule else None
     losses = []
     for step in range(steps):
         x, y = batch(step)
@@ -254,5 +274,7 @@ def reference(steps, params, clip=1.0, cls_name="AdamW8bit", temperature=False):
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
+        if sched is not None:
+            sched.step()
         losses.append(float(loss.detach()))
     return losses, opt

@@ -899,7 +899,12 @@ def test_bitsandbytes_conversion_refuses_malformed_state_dicts_naming_what():
              (lambda d: d["state"][0].update(step=torch.tensor(-2)),
                  r"^step of parameter 0 must be a whole number in \[0, 2\*\*62\]"),
              (lambda d: d["state"][0]["__bnb_optimizer_quant_state__"]["qmap2"].neg_(),
-              r"^parameter 0: qmap2 is not the dynamic map dist8 uses")]
+              r"^parameter 0: qmap2 is not the dynamic map dist8 uses"),
+             # an AttributeError ('list' object has no attribute 'float') and a TypeError naming nothing
+             (lambda d: d["state"][0]["__bnb_optimizer_quant_state__"].update(qmap1=dynamic_map(True).tolist()),
+              r"^parameter 0: qmap1 is not the dynamic map dist8 uses"),
+             (lambda d: d["state"][0].update(__bnb_optimizer_quant_state__=[1]),
+              r"^parameter 0: __bnb_optimizer_quant_state__ is a list, not a dict$")]
     for mutate, match in cases:
         bad = copy.deepcopy(bnb_like)
         mutate(bad)
@@ -957,6 +962,93 @@ def test_dcp_metadata_pickle_is_allowlisted(tmp_path):
     assert not marker.exists()
 
 
+def _dotted_global_pickle(module: str, name: str, arg: str) -> bytes:
+    """A protocol-4 pickle calling ``module``'s ``name`` (a dotted name: pickle resolves it attribute by
+    attribute) with ``arg``."""
+    def text(t):
+        return b"\x8c" + bytes([len(t)]) + t.encode() + b"\x94"
+    return b"\x80\x04" + text(module) + text(name) + b"\x93" + text(arg) + b"\x85R."
+
+
+def _dcp_dir(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    with pytest.warns(UserWarning):  # no process group: DCP saves in a single process
+        dcp.save({"w": torch.randn(4, 3), "step": 3}, checkpoint_id=str(tmp_path / "dcp"))
+    return tmp_path / "dcp"
+
+
+def test_dcp_metadata_cannot_reach_a_module_global_through_a_dotted_name(tmp_path):
+    """The allowlist passed every name of torch.distributed.checkpoint.metadata, and pickle protocol 4
+    resolves dotted names: "os.system" in that module (which imports os) ran a shell command in the
+    check itself, then again in DCP's own pickle.load (found by an outside probe through `dist8 train
+    --resume`). Only the classes that module defines pass now, by exact name."""
+    from dist8.checkpoint.torch_files import check_dcp_metadata, read_dcp_metadata
+
+    d = _dcp_dir(tmp_path)
+    assert type(read_dcp_metadata(d)).__name__ == "Metadata"  # DCP's own metadata passes
+    marker = tmp_path / "pwned"
+    for module, name in [("torch.distributed.checkpoint.metadata", "os.system"),
+                         ("torch.distributed.checkpoint.metadata", "torch.load"), ("torch", "serialization.load")]:
+        (d / ".metadata").write_bytes(_dotted_global_pickle(module, name, f"touch {marker}"))
+        with pytest.raises(ck.CheckpointError, match=rf"^{d}/\.metadata is not plain DCP metadata \(nothing was "
+                                                     rf"run\): global {module}\.{name} is not allowed in DCP metadata$"):
+            check_dcp_metadata(d / ".metadata")
+        assert not marker.exists()
+
+
+@pytest.mark.parametrize("case", ["not-metadata", "absolute-path", "parent-path", "fifo", "symlink", "past-the-end",
+                                  "negative-offset", "transform"])
+def test_dcp_metadata_is_checked_before_dcp_reads_a_byte(tmp_path, case):
+    """Metadata of allowed classes only could still point DCP at any file: a FIFO hung the resume, a
+    symlink to /dev/zero or a path to /etc/passwd ended in multi-line tracebacks, and a metadata that was
+    no Metadata at all passed the check. Each is one line naming the file now."""
+    import dataclasses
+
+    from dist8.checkpoint.torch_files import read_dcp_metadata
+
+    d = _dcp_dir(tmp_path)
+    md = pickle.loads((d / ".metadata").read_bytes())
+    (index, info), = [(k, v) for k, v in md.storage_data.items() if k.fqn == "w"]
+    data = d / info.relative_path
+    change = {"absolute-path": {"relative_path": str(data)}, "parent-path": {"relative_path": f"../dcp/{data.name}"},
+              "past-the-end": {"length": data.stat().st_size + 1}, "negative-offset": {"offset": -1},
+              "transform": {"transform_descriptors": ["zstd"]}}.get(case)
+    if change:
+        md.storage_data[index] = dataclasses.replace(info, **change)
+    if case == "fifo":
+        data.unlink()
+        os.mkfifo(data)
+    if case == "symlink":
+        data.unlink()
+        data.symlink_to("/dev/zero")
+    (d / ".metadata").write_bytes(pickle.dumps(5 if case == "not-metadata" else md))
+    expected = {"not-metadata": "holds a int, not DCP's Metadata", "absolute-path": "is not a plain file name",
+                "parent-path": "is not a plain file name", "fifo": "is not a regular file", "symlink": "is a symlink",
+                "past-the-end": "are not inside", "negative-offset": "are not inside",
+                "transform": "asks for load transforms"}[case]
+    with pytest.raises(ck.CheckpointError, match=r"^[^\n]*" + expected.replace("(", r"\(")):
+        read_dcp_metadata(d)
+
+
+def test_dcp_loads_the_checked_metadata_not_the_file_again(tmp_path):
+    """DCP unpickled .metadata again after the check, with plain pickle: a file swapped in between ran.
+    load_dcp hands DCP the metadata it checked (checked_dcp_reader)."""
+    import torch.distributed.checkpoint as dcp
+
+    from dist8.checkpoint.torch_files import checked_dcp_reader
+
+    d = _dcp_dir(tmp_path)
+    reader = checked_dcp_reader(d)
+    marker = tmp_path / "pwned"
+    with open(d / ".metadata", "wb") as f:
+        pickle.dump(Marker(marker), f)
+    state = {"w": torch.zeros(4, 3), "step": 0}
+    with pytest.warns(UserWarning):  # no process group
+        dcp.load(state, storage_reader=reader)
+    assert not marker.exists() and state["step"] == 3 and state["w"].abs().sum() > 0
+
+
 def test_dcp_metadata_of_python_3_13_pickles_a_path_from_pathlib_local(tmp_path, monkeypatch):
     """Python 3.13 moved pathlib's classes to ``pathlib._local``, and DCP's metadata pickles the
     checkpoint's path: on 3.13 every DCP checkpoint was refused ("global pathlib._local.PosixPath
@@ -971,8 +1063,12 @@ def test_dcp_metadata_of_python_3_13_pickles_a_path_from_pathlib_local(tmp_path,
     module_before = pathlib.PosixPath.__module__
     monkeypatch.setattr(pathlib.PosixPath, "__module__", "pathlib._local")
     monkeypatch.setattr(pathlib.PurePosixPath, "__module__", "pathlib._local")
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    md = Metadata(state_dict_metadata={}, planner_data={"pure": pathlib.PurePosixPath("a/b")}, storage_data={},
+                  storage_meta=StorageMeta(checkpoint_id=pathlib.PosixPath("/ckpt")))
     with open(tmp_path / ".metadata", "wb") as f:
-        pickle.dump({"path": pathlib.PosixPath("/ckpt"), "pure": pathlib.PurePosixPath("a/b")}, f, protocol=4)
+        pickle.dump(md, f, protocol=4)
     assert b"pathlib._local" in (tmp_path / ".metadata").read_bytes(), module_before
     check_dcp_metadata(tmp_path / ".metadata")
 
@@ -1024,7 +1120,7 @@ def _load_dcp_refused_on_rank_1(rank, world_size, root):
     if rank == 1:  # what a crafted .metadata, or one this node's disk holds alone, makes the check raise
         def refuse(path):
             raise ck.CheckpointError(f"{path}: global os.system is not allowed")
-        torch_files.check_dcp_metadata = refuse
+        torch_files.read_dcp_metadata = refuse
     try:
         load_dcp(root, model, opt)
     except (ck.CheckpointError, RuntimeError) as exc:

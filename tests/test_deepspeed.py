@@ -104,6 +104,11 @@ def stages(tmp_path_factory):
                  "config": cfg(3, zero_optimization={"stage": 3, "offload_optimizer": {"device": "cpu"}})})
     jobs.append({"name": "client", "steps": STEPS, "via": "client", "client": {k: v for k, v in PARAMS.items() if v != "auto"},
                  "config": cfg(2, zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}})})
+    client_kw = {k: v for k, v in PARAMS.items() if v != "auto"}
+    for stage in (2, 3):  # an instance through plain deepspeed.initialize, as HF Trainer/accelerate/Lightning pass it
+        jobs.append({"name": f"plain_client{stage}", "steps": STEPS, "via": "plain_client", "client": client_kw,
+                     "temperature": True, "schedule": True, "config": cfg(stage)})
+    jobs.append({"name": "both", "steps": 1, "via": "both", "client": client_kw, "config": cfg(2)})
     jobs.append({"name": "gas", "steps": STEPS, "config": cfg(2, gradient_accumulation_steps=2)})
     jobs.append({"name": "bf16", "steps": STEPS, "config": cfg(2, bf16={"enabled": True})})
     jobs.append({"name": "nan_lr", "steps": 3, "bad_lr": {"1": "nan"}, "config": cfg(2)})
@@ -194,11 +199,41 @@ def test_cpu_offload_uses_dist8_8bit(stages, reference):
 
 @needs_ds
 def test_client_optimizer_instance(stages, reference):
-    """dist8.train passes an optimizer instance: same per-parameter handling, offload allowed."""
+    """dist8.train passes an optimizer instance: same per-parameter handling, offload allowed; DeepSpeed
+    steps the instance itself (its nonfinite_skips, which the job reports, are the engine's)."""
     facts = stages["client"]
     assert facts[0]["n_segments"] > 0 and close(facts[0]["losses"], reference)
-    assert all(f["client_unchanged"] for f in facts), "initialize changed the optimizer passed in"
+    assert all(f["client_stepped"] for f in facts), "DeepSpeed steps another optimizer than the one passed in"
     _check_8bit(facts)
+
+
+@needs_ds
+@pytest.mark.parametrize("stage", [2, 3])
+def test_an_instance_through_plain_deepspeed_initialize_steps_like_one_process(stages, stage):
+    """HF Trainer, accelerate and Lightning hand DeepSpeed their optimizer instance, with a scheduler made
+    on it, through plain deepspeed.initialize. Until 2026-12-05 that instance kept its plain class: one
+    8-bit state over each whole flat partition, and with two param groups (HF's decay / no-decay) its state
+    freed and restarted at every step, as DeepSpeed steps one group at a time (losses 1e-2 off one process,
+    a UserWarning the only sign)."""
+    reference, _ = W.reference(STEPS, PARAMS, temperature=True, schedule=True)
+    facts = stages[f"plain_client{stage}"]
+    assert facts[0]["losses"] == facts[1]["losses"] and close(facts[0]["losses"], reference), (facts[0], reference)
+    for rank_facts in facts:
+        assert rank_facts["client_stepped"] and rank_facts["n_segments"] > 0
+        # no state restarted (step 0: ZeRO-3's partition of the one-value group holding only padding on a rank)
+        assert set(rank_facts["state_steps"]) - {0} == {STEPS}, rank_facts["state_steps"]
+        assert rank_facts["lrs"] == [PARAMS["lr"] * W.SCHEDULE(STEPS)] * 2  # the scheduler drove it
+    _check_8bit(facts)
+
+
+@needs_ds
+def test_a_config_naming_dist8_and_an_optimizer_instance_is_refused(stages):
+    """DeepSpeed stepped the instance and dropped the config's dist8 section (its betas and weight decay),
+    silently."""
+    for rank_facts in stages["both"]:
+        assert rank_facts["refused"].startswith("the DeepSpeed config names optimizer 'dist8.AdamW8bit' and an "
+                                                "optimizer was passed to initialize too (AdamW8bit)")
+        assert rank_facts["untouched"]
 
 
 @needs_ds
@@ -560,34 +595,46 @@ def test_import_dist8_does_not_import_deepspeed():
     assert out.strip() == "False"
 
 
-def test_segmented_copy_steps_like_the_original_and_leaves_it_alone():
-    """initialize(optimizer=client) hands DeepSpeed a segmented copy: same settings, names, hooks
-    and steps (bitwise); rewriting the copy's param_groups (as ZeRO does) never reaches the client."""
-    import dist8
-    from dist8.integrations.deepspeed_segments import DeepSpeedSegments, segmented_copy
+def test_segment_in_place_keeps_settings_hooks_and_the_scheduler_made_before(monkeypatch):
+    """An instance handed to DeepSpeed becomes its segmented class in place: same settings, names, hooks
+    and steps (bitwise); an LR scheduler made on it before (HF Trainer's, Lightning's) keeps driving it,
+    through the segmented step, without torch's "optimizer.step() has been overridden" warning."""
+    import warnings
 
+    import dist8
+    from dist8.integrations.deepspeed_segments import DeepSpeedSegments, segment_in_place
+
+    segmented_steps = []
+    follow = DeepSpeedSegments.follow_marks
+    monkeypatch.setattr(DeepSpeedSegments, "follow_marks", lambda self: (segmented_steps.append(1), follow(self)))
     model = torch.nn.Sequential(torch.nn.Linear(80, 64), torch.nn.Linear(64, 3))
     twin_model = copy.deepcopy(model)
-    client = dist8.AdamW8bit(model.named_parameters(), lr=1e-2, min_8bit_size=256, overrides={"1.bias": {"lr": 0.0}})
+
+    def make(m):
+        opt = dist8.AdamW8bit(m.named_parameters(), lr=1e-2, min_8bit_size=256, overrides={"1.*": {"eps": 1e-6}})
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, W.SCHEDULE)
+
+    client, sched = make(model)
+    ref, ref_sched = make(twin_model)
     calls = []
     client.register_step_post_hook(lambda *a: calls.append(1))
-    twin = segmented_copy(client)
-    assert type(client) is dist8.AdamW8bit and isinstance(twin, DeepSpeedSegments) and isinstance(twin, dist8.AdamW8bit)
-    assert type(twin).__name__ == "AdamW8bit" and twin.param_names == client.param_names
-    # the copy steps the same parameters: compare against a fresh client on a twin model
-    ref = dist8.AdamW8bit(twin_model.named_parameters(), lr=1e-2, min_8bit_size=256, overrides={"1.bias": {"lr": 0.0}})
-    for step in range(3):
-        for m in (model, twin_model):
-            m.zero_grad()
-            m(torch.ones(2, 80) * (step + 1)).square().sum().backward()
-        twin.step()
-        ref.step()
-    assert calls == [1, 1, 1] and not client.state
+    assert segment_in_place(client) is client and segment_in_place(client) is client
+    assert isinstance(client, DeepSpeedSegments) and isinstance(client, dist8.AdamW8bit)
+    assert type(client).__name__ == "AdamW8bit" and list(client.param_names.values()) == list(ref.param_names.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(3):
+            for m in (model, twin_model):
+                m.zero_grad()
+                m(torch.ones(2, 80) * (step + 1)).square().sum().backward()
+            client.step()
+            ref.step()
+            sched.step()
+            ref_sched.step()
+    assert calls == [1, 1, 1] and segmented_steps == [1, 1, 1]
+    assert client.param_groups[0]["lr"] == ref.param_groups[0]["lr"] == 1e-2 * W.SCHEDULE(3)
     for a, b in zip(model.parameters(), twin_model.parameters()):
         assert torch.equal(a, b)
-    twin.param_groups[0]["params"].append(torch.zeros(3))
-    twin.param_groups[0]["params"] = [torch.zeros(3)]
-    assert [id(p) for p in client.param_groups[0]["params"]] == [id(p) for p in model.parameters()]
 
 
 @needs_ds

@@ -338,3 +338,31 @@ def test_zero_0_whole_parameter_state_is_checked_too(saved, tmp_path, mutate, ma
     ds = copy_of(saved, tmp_path, which="z0")
     edit(ds, mutate, name=MODEL)
     refused(ds, match)
+
+
+@pytest.mark.parametrize("value", [torch.tensor(7.0), float("nan"), {(1, 2): 3}, "x" * 4000],
+                         ids=["tensor", "nan", "dict", "long-string"])
+def test_deepspeeds_step_counters_are_checked_before_anything_is_written(saved, tmp_path, value):
+    """global_steps/global_samples went into the metadata's extra unchecked: a tensor, NaN or a dict failed
+    after the tensor files were written (a TypeError, the half-written .out.tmp left behind), a 300 MB string
+    made a checkpoint no reader accepts, with exit 0 (found by an outside probe)."""
+    ds = copy_of(saved, tmp_path)
+    path = ds / TAG / MODEL
+    sd = load_pt(path)
+    sd["global_steps"] = value
+    torch.save(sd, path)
+    refused(ds, rf"{MODEL}: global_steps must be a whole number in \[0, 2\*\*62\], got ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no temporary output either
+
+
+def test_a_failed_write_leaves_no_temporary_output(saved, tmp_path, monkeypatch):
+    import dist8.checkpoint.format as fmt
+    from dist8.integrations.deepspeed_convert import from_deepspeed
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fmt, "write_metadata", broken)
+    with pytest.raises(OSError, match="disk full"):
+        from_deepspeed(saved["z2"], tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []

@@ -137,7 +137,7 @@ def test_state_dict_names_its_map_and_another_map_refuses_it(tmp_path):
         opt.step()
     torch.save(opt.state_dict(), tmp_path / "opt.pt")
     sd = torch.load(tmp_path / "opt.pt", weights_only=True)
-    assert sd["dist8"] == {"quant_map": "fp8"} and sd["state"][0]["state1"].dtype == torch.uint8
+    assert sd["dist8"] == {"quant_map": "fp8", "rule": "ADAM"} and sd["state"][0]["state1"].dtype == torch.uint8
     other = dist8.AdamW8bit([p])
     with pytest.raises(ValueError, match="quant_map='fp8'.*quant_map='dynamic'"):
         other.load_state_dict(sd)
@@ -183,10 +183,10 @@ def test_deepspeed_segments_of_another_map_are_refused():
     check_state_dict_map(sd, "fp8")
     check_state_dict_map({k: v for k, v in sd.items() if k != "dist8"}, "dynamic")  # older dicts: as before
     # an engine's optimizer (segments attached) with the default map refuses them before installing anything
-    from dist8.integrations.deepspeed_segments import segmented_copy
+    from dist8.integrations.deepspeed_segments import segment_in_place
 
     p = torch.nn.Parameter(torch.zeros(512))
-    opt = segmented_copy(dist8.AdamW8bit([p], min_8bit_size=0))
+    opt = segment_in_place(dist8.AdamW8bit([p], min_8bit_size=0))
     assert isinstance(opt, DeepSpeedSegments)
     opt.ds_segments = {p: ["a", "b"]}
     sd["param_groups"] = [dict(opt.state_dict()["param_groups"][0])]

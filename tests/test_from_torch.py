@@ -154,11 +154,20 @@ def test_what_does_not_fit_is_refused_naming_parameter_and_key():
             r"got \[1, 1, .{,60}\.\.\.$"),
         (lambda d: d["param_groups"][0]["params"].pop(), r"^param group 0: the torch state dict lists 3 parameters, "
                                                          r"the optimizer 4"),
+        # "Cannot copy out of meta tensor", "Tensor.item() cannot be called on meta tensors": naming nothing
+        (lambda d: d["state"][1].update(exp_avg=torch.empty_like(d["state"][1]["exp_avg"], device="meta")),
+         r"^exp_avg of parameter 0.bias is not a plain dense tensor with values \(a DTensor, sparse, nested or on "),
+        (lambda d: d["state"][1].update(step=torch.empty((), device="meta")),
+         r"^step of parameter 0.bias must be a whole number in \[0, 2\*\*62\], got a tensor without values \(meta\)"),
     ]
     for change, match in cases:
         with pytest.raises(CheckpointError, match=match) as info:
             from_torch_optim(_mutated(sd, change), opt)
         assert "\n" not in str(info.value)
+    bad_base = from_torch_optim(_mutated(sd, lambda d: d["param_groups"][0].update(initial_lr="abc")), opt)
+    with pytest.raises(ValueError, match=r"^initial_lr must be a finite number \(param group 0 of the loaded state "
+                                         r"dict\), got 'abc'$"):
+        opt.load_state_dict(bad_base)  # an LR scheduler's base, which scales every later lr
     bad_lr = from_torch_optim(_mutated(sd, lambda d: d["param_groups"][0].update(lr=float("nan"))), opt)
     with pytest.raises(ValueError, match=r"^lr must be a finite number \(param group 0 of the loaded state dict\)"):
         opt.load_state_dict(bad_lr)  # torch's group values go through the optimizer's own checks

@@ -127,6 +127,14 @@ CORRUPT = {
     "state on the meta device": (lambda st, sd: st.__setitem__("state1", torch.empty_like(st["state1"],
                                                                                           device="meta")),
                                  r"^state1 of parameter layer\.weight is on the meta device"),
+    # failed deep in torch's ops, in several lines naming nothing
+    "state sparse": (lambda st, sd: st.__setitem__("state1", st["state1"].to_sparse()),
+                     r"^state1 of parameter layer\.weight is a torch\.sparse_coo tensor; optimizer state is dense"),
+    # loaded and went on into every later lr a scheduler computes
+    "initial_lr not a number": (lambda st, sd: sd["param_groups"][0].__setitem__("initial_lr", float("nan")),
+                                r"^initial_lr must be a finite number \(param group 0 of the loaded state dict\)"),
+    "rule not a name": (lambda st, sd: sd["dist8"].__setitem__("rule", 5),
+                        r"^state_dict\['dist8'\]\['rule'\] must name an update rule"),
 }
 
 
@@ -138,6 +146,61 @@ def test_corrupted_state_dicts_are_refused_naming_parameter_and_key(case):
     with pytest.raises((ValueError, KeyError), match=match):
         opt2.load_state_dict(sd)
     assert not opt2.state  # nothing loaded
+
+
+@pytest.mark.parametrize("saved, loading", [
+    ("SGD8bit", "Adagrad8bit"), ("Lion8bit", "SGD8bit"), ("RMSprop8bit", "Adagrad8bit"), ("Lion8bit", "LARS8bit"),
+    ("AdamW8bit", "RMSprop8bit"), ("RMSprop8bit", "LAMB8bit"), ("Adam8bit", "LAMB8bit"), ("SGD8bit", "LARS8bit")])
+def test_a_state_dict_of_another_update_rule_is_refused(saved, loading):
+    """A state dict of another dist8 optimizer with as many states loaded without a word: SGD8bit's momentum
+    (signed codes) read as Adagrad8bit's sum of squares (-1.88 read as 0.0), AdamW8bit's moments as RMSprop's
+    square average and momentum buffer (found by an outside probe). torch's optimizers fail at the next step
+    (KeyError 'alpha'). Adam's state under LAMB and SGD's under LARS mean the same and still load."""
+    momentum = {"momentum": 0.9}
+    kwargs = {"SGD8bit": momentum, "LARS8bit": dict(momentum, lr=1e-2), "RMSprop8bit": momentum}
+    p = torch.nn.Parameter(torch.randn(64, 64))
+    source = get_optimizer_class(saved)([p], min_8bit_size=0, **kwargs.get(saved, {}))
+    _step(source, [p])
+    target = get_optimizer_class(loading)([p], min_8bit_size=0, **kwargs.get(loading, {}))
+    if {saved, loading} in ({"Adam8bit", "LAMB8bit"}, {"SGD8bit", "LARS8bit"}):
+        target.load_state_dict(source.state_dict())
+        assert torch.equal(target.state[p]["state1"], source.state[p]["state1"])
+        return
+    with pytest.raises(ValueError, match=rf"^state_dict was written by an optimizer with update rule "
+                                         rf"{source.rule.name}; this one's rule {target.rule.name} keeps other state"):
+        target.load_state_dict(source.state_dict())
+    assert not target.state
+
+
+@pytest.mark.parametrize("name", ["AdamW32bit", "RMSprop32bit", "Adagrad32bit"])
+def test_a_negative_second_moment_is_refused(name):
+    """A 32-bit square average of -1 loaded and stayed about -1 (8-bit absmax and torch conversions refused it)."""
+    p = torch.nn.Parameter(torch.randn(64, 64))
+    opt = get_optimizer_class(name)([p], min_8bit_size=0)
+    _step(opt, [p])
+    sd = opt.state_dict()
+    key = "state2" if name.startswith("Adam") else "state1"
+    sd["state"][0][key] = -torch.ones_like(sd["state"][0][key])
+    fresh = get_optimizer_class(name)([p], min_8bit_size=0)
+    with pytest.raises(ValueError, match=rf"^{key} of parameter group 0 index 0 holds negative values"):
+        fresh.load_state_dict(sd)
+    assert not fresh.state
+
+
+def test_loaded_group_values_the_loaded_state_cannot_follow_are_refused_at_load():
+    """percentile_clipping turned on in a state dict's group over state without a gradient-norm history was
+    installed, and the next step() refused it: the optimizer already held the new state."""
+    p = torch.nn.Parameter(torch.randn(64, 64))
+    opt = AdamW8bit([p], min_8bit_size=0)
+    _step(opt, [p])
+    sd = opt.state_dict()
+    sd["param_groups"][0]["percentile_clipping"] = 5
+    before = {k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(ValueError, match=r"has percentile_clipping=5 but its state has no gradient-norm history .*"
+                                         r"the state dict's group values do not fit its state"):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[0]["percentile_clipping"] == 100
+    assert all(torch.equal(opt.state[p][k], v) for k, v in before.items())
 
 
 def test_a_state_tensor_given_as_a_view_loads_in_its_logical_order():

@@ -257,14 +257,3 @@ def test_a_copy_of_an_optimizer_under_gradient_release_is_a_plain_optimizer():
         assert "step" not in twin.__dict__ and "zero_grad" not in twin.__dict__
     finally:
         handle.remove()
-
-
-def test_deepspeed_refuses_a_client_optimizer_a_scheduler_was_made_on():
-    pytest.importorskip("deepspeed", reason="needs the deepspeed extra (in the test command's install)")
-    from dist8.integrations import deepspeed as ds
-
-    model = torch.nn.Linear(8, 8)
-    client = dist8.AdamW8bit(model.parameters(), lr=1e-3)
-    torch.optim.lr_scheduler.OneCycleLR(client, max_lr=1e-2, total_steps=20)
-    with pytest.raises(ValueError, match=r"^an LR scheduler was made on this AdamW8bit before dist8\.integrations"):
-        ds.initialize(model=model, optimizer=client, config={"train_batch_size": 1})

@@ -171,3 +171,40 @@ def test_diverged_loss_is_one_line_exit_2(tmp_path):
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert _error_lines(result.stderr) == ["dist8 train: error: loss is nan at step 2; stopping (lower train.lr?)"], \
         result.stderr[-3000:]
+
+
+def test_fsdp2_checkpoints_are_verified_and_their_metadata_runs_nothing(tmp_path):
+    """The dcp writer recorded no file sizes or sha256: 64 flipped bytes in a .distcp resumed with exit 0
+    and moments 8e34 off. A crafted .metadata naming os.system through DCP's metadata module ran a shell
+    command at `--resume` (found by an outside probe). Both are one line naming the file now."""
+    import hashlib
+
+    if not mode_available("fsdp2"):
+        pytest.skip("sharding mode fsdp2 not available with this torch")
+    sets = tiny_sets(tmp_path, steps=2, **{"sharding.mode": "fsdp2", "checkpoint.every": 2, "train.eval_every": 2})
+    _ok(run(train_cmd(*sets)))
+    step = tmp_path / "ckpt" / "step-00000002"
+    meta = json.loads((step / "train_meta.json").read_text())
+    assert "dcp/.metadata" in meta["files"] and any(n.endswith(".distcp") for n in meta["files"]), meta["files"]
+    cases = {}
+    flipped = tmp_path / "flipped"
+    shutil.copytree(step, flipped)
+    data = next((flipped / "dcp").glob("*.distcp"))
+    blob = bytearray(data.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    data.write_bytes(bytes(blob))
+    cases[flipped] = f"{data} fails its sha256 check (corrupt)"
+    crafted = tmp_path / "crafted"  # a crafted checkpoint lists its own sizes and sha256
+    shutil.copytree(step, crafted)
+    marker = tmp_path / "pwned"
+    module, name, arg = "torch.distributed.checkpoint.metadata", "os.system", f"touch {marker}"
+    payload = b"\x80\x04" + b"".join(b"\x8c" + bytes([len(t)]) + t.encode() + b"\x94" for t in (module, name)) \
+        + b"\x93" + b"\x8c" + bytes([len(arg)]) + arg.encode() + b"\x94\x85R."
+    (crafted / "dcp" / ".metadata").write_bytes(payload)
+    crafted_meta = json.loads((crafted / "train_meta.json").read_text())
+    crafted_meta["files"]["dcp/.metadata"] = {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    (crafted / "train_meta.json").write_text(json.dumps(crafted_meta))
+    cases[crafted] = f"global {module}.{name} is not allowed in DCP metadata"
+    for path, expected in cases.items():
+        _one_line(run(train_cmd(*sets, "--set", "train.steps=3", "--resume", str(path))), expected)
+    assert not marker.exists()

@@ -202,7 +202,7 @@ class FSDP2Adapter(OptimizerAdapter):
                   for g in self.optimizer.param_groups]
         # as load_state_dict gives it: a parameter the checkpoint has no state for has none
         self.optimizer.load_state_dict({"state": state, "param_groups": groups,
-                                        STATE_DICT_INFO: state_dict_info(self.inner.quant_map)})
+                                        STATE_DICT_INFO: state_dict_info(self.inner.quant_map, self.inner.rule)})
 
 
 def adapt(model: torch.nn.Module | None, optimizer, wrapped: bool = False) -> OptimizerAdapter:

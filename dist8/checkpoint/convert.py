@@ -85,11 +85,15 @@ def from_bitsandbytes(state_dict: dict[str, Any], block_size: int = 256,
             out_state[pid] = {}
             continue
         st = dict(st)
-        st.update(st.pop(BNB_WRAPPER, {}))
+        wrapper = st.pop(BNB_WRAPPER, {})
+        if not isinstance(wrapper, dict):
+            raise CheckpointError(f"parameter {pid}: {BNB_WRAPPER} is a {type(wrapper).__name__}, not a dict")
+        st.update(wrapper)
         st = _unstack_ademamix(pid, st)
         for i, signed in _BNB_SIGNED.items():
             q = st.get(f"qmap{i}")
-            if q is not None and not torch.equal(q.float().cpu(), dynamic_map(signed)):
+            if q is not None and not (isinstance(q, torch.Tensor) and not q.is_meta and q.layout == torch.strided
+                                      and q.shape == (256,) and torch.equal(q.float().cpu(), dynamic_map(signed))):
                 raise CheckpointError(f"parameter {pid}: qmap{i} is not the dynamic map dist8 uses")
             s, a = st.get(f"state{i}"), st.get(f"absmax{i}")
             if s is not None and s.dtype == torch.uint8:

@@ -105,7 +105,8 @@ def from_torch_optim(state_dict: dict[str, Any], optimizer: Optimizer8bit) -> di
                 state[index_of[id(p)]] = _converted(optimizer, p, settings, saved_state, keys)
         groups.append(dict(out_group, params=list(range(first_id, first_id + len(ids)))))
         first_id += len(ids)
-    return {"state": state, "param_groups": groups, schema.STATE_DICT_INFO: schema.state_dict_info(optimizer.quant_map)}
+    return {"state": state, "param_groups": groups,
+            schema.STATE_DICT_INFO: schema.state_dict_info(optimizer.quant_map, optimizer.rule)}
 
 
 def _converted(optimizer: Optimizer8bit, p: torch.Tensor, settings: Any, st: Any, keys: tuple[str, ...]) -> dict:
@@ -132,9 +133,9 @@ def _converted(optimizer: Optimizer8bit, p: torch.Tensor, settings: Any, st: Any
     out[schema.STEP] = schema.checked_step(st.get("step", 1), name, CheckpointError)
     for i, key in zip(schema.state_indices(optimizer.rule), keys):
         x = st[key]
-        if x.layout is not torch.strided or hasattr(x, "to_local"):
-            raise CheckpointError(f"{key} of parameter {name} is not a plain dense tensor (a DTensor or sparse); "
-                                  "convert a full state dict")
+        if x.layout is not torch.strided or hasattr(x, "to_local") or x.is_nested or x.is_meta:
+            raise CheckpointError(f"{key} of parameter {name} is not a plain dense tensor with values (a DTensor, "
+                                  "sparse, nested or on the meta device); convert a full state dict")
         if tuple(x.shape) != shape or not x.is_floating_point():
             raise CheckpointError(f"{key} of parameter {name} is {x.dtype} {tuple(x.shape)}; the parameter is "
                                   f"{tuple(shape)}")

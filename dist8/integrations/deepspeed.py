@@ -16,7 +16,14 @@ every dist8 optimizer as supported: they are tested under ZeRO 0-3, so DeepSpeed
 with an untested optimizer, proceed with caution" warning would be false.
 It also wraps ``DeepSpeedEngine._configure_optimizer`` to tell the optimizer, after DeepSpeed
 has flattened and partitioned the parameters, which original parameter every range of each
-flat partition belongs to.
+flat partition belongs to -- also for a dist8 optimizer passed as ``optimizer=`` (an instance or
+a callable; HF Trainer, accelerate and Lightning pass their own that way), which becomes that
+instance's segmented class in place (:func:`~dist8.integrations.deepspeed_segments.segment_in_place`).
+Before 2026-12-05 such an instance kept its plain class under plain ``deepspeed.initialize``: one
+8-bit state over each whole flat partition (``min_8bit_size`` and overrides lost), and with two
+param groups (HF Trainer's decay / no-decay) its state freed and restarted at every step, as
+DeepSpeed steps one group at a time. A config naming a ``dist8.*`` type together with an
+``optimizer=`` is refused (DeepSpeed used the client and dropped the section, silently).
 
 The one way: ``import dist8.integrations.deepspeed`` installs the hook (when DeepSpeed is
 importable; ``DIST8_DEEPSPEED=0`` opts out), so a config with ``"type": "dist8.*"`` then works
@@ -66,7 +73,7 @@ from typing import TYPE_CHECKING, Any
 from dist8.env import env_flag
 from dist8.integrations.deepspeed_config import check_config, is_dist8_type, load_config, optimizer_kwargs, resolve_auto
 from dist8.integrations.deepspeed_resume import load_dist8_checkpoint
-from dist8.integrations.deepspeed_segments import DeepSpeedSegments, attach_segments, segmented_class, segmented_copy
+from dist8.integrations.deepspeed_segments import attach_segments, segment_in_place, segmented_class
 from dist8.optim import get_optimizer_class
 from dist8.optim.base import Optimizer8bit
 
@@ -161,8 +168,20 @@ def install() -> None:
         if client_optimizer is None and is_dist8_type(self.optimizer_name()):
             # Resolve the class now so a bad name fails before DeepSpeed starts partitioning.
             get_optimizer_class(self.optimizer_name())
+        if client_optimizer is not None and is_dist8_type(self._config.optimizer_name):
+            # DeepSpeed would step the client and drop the config's optimizer section without a word
+            raise ValueError(
+                f"the DeepSpeed config names optimizer {self._config.optimizer_name!r} and an optimizer was passed "
+                f"to initialize too ({type(client_optimizer).__name__}): give one, the config's \"optimizer\" "
+                "section or optimizer=")
+        if isinstance(client_optimizer, Optimizer8bit):
+            # offload: the dist8 optimizer steps the host partitions with its C++ kernel (no DeepSpeedCPUAdam)
+            self._config.zero_force_ds_cpu_optimizer = False
         orig_configure(self, client_optimizer, model_parameters)
-        if isinstance(getattr(self, "basic_optimizer", None), DeepSpeedSegments):
+        if isinstance(getattr(self, "basic_optimizer", None), Optimizer8bit):
+            # a client instance or callable (HF Trainer, accelerate, Lightning): the same per-parameter
+            # state in the flat partitions as a config's dist8 type, on the very object DeepSpeed steps
+            segment_in_place(self.basic_optimizer)
             attach_segments(self)
 
     def is_zero_supported_optimizer(optimizer):
@@ -203,11 +222,12 @@ def initialize(*args: Any, config: dict[str, Any] | str | os.PathLike | None = N
                **kwargs: Any) -> tuple[DeepSpeedEngine, Any, Any, Any]:
     """:func:`install`, check the config, then ``deepspeed.initialize(...)`` (same arguments).
 
-    Accepts a ``dist8.*`` optimizer section, or a dist8 optimizer instance as ``optimizer=``: it
-    gets the same per-parameter treatment of flat partitions (neither ``zero_allow_untested_optimizer``
-    nor ``zero_force_ds_cpu_optimizer: false`` is needed) through a copy of it with the segments
-    (:func:`~dist8.integrations.deepspeed_segments.segmented_copy`), which DeepSpeed partitions
-    and steps; use the optimizer ``initialize`` returns, the instance passed in stays unchanged.
+    Accepts a ``dist8.*`` optimizer section, or a dist8 optimizer instance (or a callable making one) as
+    ``optimizer=``, not both: the instance gets the same per-parameter treatment of flat partitions
+    (neither ``zero_allow_untested_optimizer`` nor ``zero_force_ds_cpu_optimizer: false`` is needed).
+    DeepSpeed partitions and steps that instance itself, as with any torch optimizer: its
+    ``param_groups`` then hold DeepSpeed's flat partitions, and an LR scheduler made on it keeps
+    driving it. The same happens under plain ``deepspeed.initialize`` once the hook is installed.
     ``"auto"`` values left in the config mean DeepSpeed's defaults.
 
     Args:
@@ -218,8 +238,7 @@ def initialize(*args: Any, config: dict[str, Any] | str | os.PathLike | None = N
         config_params: DeepSpeed's other name for ``config``, used (and passed on as ``config=``)
             when ``config`` is None, ignored otherwise. Default None.
         **kwargs: ``deepspeed.initialize``'s other keyword arguments (``model=``,
-            ``model_parameters=``, ``optimizer=``, ...), passed on unchanged except a dist8
-            ``optimizer=``, which is replaced by its copy with segments (above).
+            ``model_parameters=``, ``optimizer=``, ...), passed on unchanged.
 
     Returns what ``deepspeed.initialize`` returns: ``(engine, optimizer, dataloader, lr_scheduler)``.
     Raises ImportError naming the install command when DeepSpeed is missing.
@@ -230,29 +249,8 @@ def initialize(*args: Any, config: dict[str, Any] | str | os.PathLike | None = N
     if cfg is not None:
         cfg = resolve_auto(load_config(cfg))
         check_config(cfg)
-    client = kwargs.get("optimizer")
-    if isinstance(client, Optimizer8bit):
-        if not isinstance(client, DeepSpeedSegments):
-            _refuse_scheduled_client(client)
-            kwargs["optimizer"] = segmented_copy(client)
-        cfg = dict(cfg or {})
-        cfg.setdefault("zero_allow_untested_optimizer", True)
-        cfg.setdefault("zero_force_ds_cpu_optimizer", False)  # offload steps the dist8 optimizer on the host
-    if cfg is not None:
         kwargs["config"] = cfg
     return deepspeed.initialize(*args, **kwargs)
-
-
-def _refuse_scheduled_client(client: Optimizer8bit) -> None:
-    """An LR scheduler made on ``client`` would drive an optimizer nobody steps: DeepSpeed steps the copy
-    (ZeRO-0 trained through the client with no checkpointed state, ZeRO-2 did not train at all, silently).
-    torch's schedulers mark the ``step`` they wrap on the optimizer instance."""
-    if getattr(client.__dict__.get("step"), "_wrapped_by_lr_sched", False):
-        raise ValueError(
-            f"an LR scheduler was made on this {type(client).__name__} before dist8.integrations.deepspeed."
-            "initialize, which gives DeepSpeed a copy of the optimizer with its partitions (the optimizer it "
-            "returns): the scheduler would change the lr of the instance passed in, which nobody steps. Make the "
-            "scheduler on the returned optimizer, or pass lr_scheduler= a callable taking the optimizer")
 
 
 if env_flag("DIST8_DEEPSPEED", default=True):  # importing this module is the documented way to install

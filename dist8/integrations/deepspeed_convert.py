@@ -22,7 +22,9 @@ from __future__ import annotations
 import glob
 import inspect
 import math
+import numbers
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -170,8 +172,7 @@ def _convert(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str | Non
     names_in_order = [n for n in shapes if n in weights] or list(weights)
     extra = {"converted_from": "deepspeed", "deepspeed_dir": str(ckpt_dir), "tag": tag,
              "deepspeed_world_size": len(rank_states) if zero else 1,
-             "global_steps": model_states.get("global_steps"),
-             "global_samples": model_states.get("global_samples")}
+             **{key: _counter(model_states.get(key), key, model_file) for key in ("global_steps", "global_samples")}}
     return _write(out, opt, {n: weights[n] for n in names_in_order}, entries, groups_hyper, extra)
 
 
@@ -319,13 +320,26 @@ def _zero_to_fp32_weights(ckpt_dir: Path, tag: str, allowed: list) -> dict[str, 
     return weights
 
 
+def _counter(value: Any, key: str, model_file: Any) -> int | None:
+    """DeepSpeed's ``global_steps``/``global_samples`` as a whole number >= 0 (or None: absent). A tensor, NaN or
+    a dict was written into the metadata's ``extra`` after the tensor files (a TypeError, the half-written
+    output left behind), a 300 MB string into a metadata no reader accepts (exit 0)."""
+    from dist8.checkpoint.format import CheckpointError
+
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= 2**62:
+        raise CheckpointError(f"{model_file}: {key} must be a whole number in [0, 2**62], got {brief(value)}")
+    return int(value)
+
+
 def _write(out: Path, opt: Optimizer8bit, weights: dict[str, torch.Tensor], entries: dict[str, dict[str, Any]],
            groups_hyper: list[dict[str, Any]], extra: dict[str, Any]) -> str:
     """Write the world-size-1 dist8 checkpoint (loads at any world size); nothing before every check passed."""
     from safetensors.torch import save_file
 
-    from dist8.checkpoint.format import (FORMAT, MODEL_FILE, file_entry, install_dir, metadata_param_groups,
-                                         rank_file, temp_dir, tensor_key, write_metadata)
+    from dist8.checkpoint.format import (FORMAT, MODEL_FILE, check_extra, file_entry, install_dir,
+                                         metadata_param_groups, rank_file, temp_dir, tensor_key, write_metadata)
     from dist8.checkpoint.model_file import write_model_file
     from dist8.optim.state_schema import GNORM, STEP, absmax_key, is_signed, state_indices, state_key
     from dist8.quant import get_map, num_blocks, quantize_blockwise
@@ -363,21 +377,26 @@ def _write(out: Path, opt: Optimizer8bit, weights: dict[str, torch.Tensor], entr
         params_meta[-1]["state"] = {k.split("::")[-1]: str(v.dtype).split(".")[-1] for k, v in tensors.items()
                                     if k.rpartition("::")[0] == name}
     groups_meta = metadata_param_groups(groups_hyper[:1])  # refused before any file is written
+    check_extra(extra)
     tmp = temp_dir(out)
-    fname = rank_file(0, 1)
-    save_file(tensors, str(tmp / fname), metadata={"format": FORMAT})
-    write_model_file(tmp / MODEL_FILE, weights, {"format": FORMAT})
-    files = {f: file_entry(tmp / f) for f in (fname, MODEL_FILE)}
-    meta = {
-        "dist8_version": __version__,
-        "torch_version": torch.__version__, "block_size": B, "world_size": 1,
-        "step": max([e[STEP] for e in entries.values()], default=0),
-        "optimizer": {"class": type(opt).__name__, "rule": opt.rule.name, "quant_map": opt.quant_map,
-                      "block_wise": True, "param_groups": groups_meta},
-        "params": params_meta, "pieces": {"0": pieces}, "files": files, "extra": extra,
-    }
-    write_metadata(tmp, meta)
-    install_dir(tmp, out)
+    try:  # anything failing from here on leaves no half-written output behind
+        fname = rank_file(0, 1)
+        save_file(tensors, str(tmp / fname), metadata={"format": FORMAT})
+        write_model_file(tmp / MODEL_FILE, weights, {"format": FORMAT})
+        files = {f: file_entry(tmp / f) for f in (fname, MODEL_FILE)}
+        meta = {
+            "dist8_version": __version__,
+            "torch_version": torch.__version__, "block_size": B, "world_size": 1,
+            "step": max([e[STEP] for e in entries.values()], default=0),
+            "optimizer": {"class": type(opt).__name__, "rule": opt.rule.name, "quant_map": opt.quant_map,
+                          "block_wise": True, "param_groups": groups_meta},
+            "params": params_meta, "pieces": {"0": pieces}, "files": files, "extra": extra,
+        }
+        write_metadata(tmp, meta)
+        install_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return str(out)
 
 

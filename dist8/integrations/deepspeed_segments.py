@@ -8,7 +8,6 @@ partitions -- finding the segments, their settings as marks change, their state 
 """
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,11 +20,13 @@ from dist8.optim import pipeline
 from dist8.optim.amp import amp_scaling
 from dist8.optim.base import Optimizer8bit, ParamSettings
 from dist8.optim.config import GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, fits_param_names, hyperparameters_of, match_overrides
+from dist8.optim.contract import as_scheduler_wrapped
 from dist8.optim.settings_watch import SettingsWatch
-from dist8.optim.state_schema import STATE_DICT_INFO, check_state_dict_layout, check_state_dict_map, state_key
+from dist8.optim.state_schema import (STATE_DICT_INFO, check_state_dict_layout, check_state_dict_map,
+                                      check_state_dict_rule, state_key)
 from dist8.shard.agreement import failures_on_every_rank
 
-__all__ = ["Segment", "DeepSpeedSegments", "segmented_class", "segmented_copy", "attach_segments", "dp_rank"]
+__all__ = ["Segment", "DeepSpeedSegments", "segmented_class", "segment_in_place", "attach_segments", "dp_rank"]
 
 
 # The way out of a refused state-kind change (check_state_fits): DeepSpeed keeps the state by flat partition.
@@ -220,6 +221,7 @@ class DeepSpeedSegments:
         # Segments hold raw 8-bit codes: read with another map or block size they would be other numbers.
         check_state_dict_layout(state_dict)
         check_state_dict_map(state_dict, self.quant_map)
+        check_state_dict_rule(state_dict, self.rule)
         plain = {"state": {}, "param_groups": state_dict["param_groups"]}
         seg_states = {}
         for key, st in state_dict["state"].items():
@@ -258,27 +260,25 @@ def segmented_class(cls: type[Optimizer8bit]) -> type[Optimizer8bit]:
     return _CLASSES[cls]
 
 
-def segmented_copy(opt: Optimizer8bit) -> Optimizer8bit:
-    """A new optimizer of ``segmented_class(type(opt))`` with ``opt``'s settings, parameter groups,
-    names, state and hooks, for DeepSpeed to partition; ``opt`` itself is left as it was.
+def segment_in_place(opt: Optimizer8bit) -> Optimizer8bit:
+    """Make ``opt`` itself an instance of ``segmented_class(type(opt))`` (no-op if it is one); returns ``opt``.
 
-    Built as ``copy.copy`` would build it (the optimizer's own ``__getstate__``/``__setstate__``,
-    which deep copies and pickles also use), with the containers DeepSpeed or the segments
-    rewrite (``param_groups`` and their ``params`` lists, ``state``, the name dict) copied, so
-    nothing written into the copy reaches ``opt``. Parameters and state tensors are shared.
+    For a dist8 optimizer handed to DeepSpeed as an instance (``deepspeed.initialize(optimizer=opt)``,
+    as HF Trainer, accelerate and Lightning do): DeepSpeed partitions and steps that very object, and an
+    LR scheduler made on it before keeps driving it. Its settings, names, state and hooks stay; torch's
+    hook-running ``step`` is put on the new class through the optimizer's own ``__getstate__``/
+    ``__setstate__`` (as at construction), and a scheduler's wrapper of the old class's ``step`` is made
+    again for the new one (:func:`~dist8.optim.contract.as_scheduler_wrapped`).
     """
+    if isinstance(opt, DeepSpeedSegments):
+        return opt
     cls = segmented_class(type(opt))
-    fields = {k: (copy.copy(v) if isinstance(v, (dict, list)) else v) for k, v in opt.__getstate__().items()}
-    fields["param_groups"] = [dict(g, params=list(g["params"])) for g in opt.param_groups]
-    fields["state"] = copy.copy(opt.state)
-    for p, st in opt.state.items():
-        fields["state"][p] = dict(st)
-    twin = cls.__new__(cls)
-    twin.__setstate__(fields)
-    for key, hooks in opt.__dict__.items():  # torch drops hooks in copies; this one replaces opt
-        if key.startswith("_optimizer_") and key.endswith("_hooks"):
-            setattr(twin, key, copy.copy(hooks))
-    return twin
+    scheduled = getattr(opt.__dict__.get("step"), "_wrapped_by_lr_sched", False)
+    opt.__class__ = cls
+    opt.__setstate__(opt.__getstate__())
+    if scheduled:
+        opt.step = as_scheduler_wrapped(opt, cls.step)
+    return opt
 
 
 def dp_rank(group) -> int:

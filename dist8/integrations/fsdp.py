@@ -205,8 +205,10 @@ def load_dcp(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, *, e
              process_group: ProcessGroup | None = None, options: StateDictOptions | None = None) -> dict | None:
     """Load what :func:`save_dcp` wrote, at any world size (collective); returns ``extra`` if given.
 
-    Nothing is unpickled but DCP's own metadata classes: ``.metadata`` is checked against an
-    allowlist before DCP opens it, and tensors and byte items load with ``weights_only=True``.
+    Nothing is unpickled but DCP's own metadata classes: ``.metadata`` is read through an allowlist
+    and checked (every data file it names a regular file inside ``path``), DCP is given that checked
+    metadata instead of unpickling the file itself, and tensors and byte items load with
+    ``weights_only=True``.
 
     Args:
         path: the checkpoint directory :func:`save_dcp` wrote.
@@ -218,12 +220,10 @@ def load_dcp(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, *, e
         options: torch's ``StateDictOptions`` for ``get_state_dict`` and ``set_state_dict``. Default
             None (torch's defaults).
     """
-    import os
-
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    from dist8.checkpoint.torch_files import check_dcp_metadata, weights_only_loads
+    from dist8.checkpoint.torch_files import checked_dcp_reader, weights_only_loads
     from dist8.shard.agreement import failures_on_every_rank
 
     msd, osd = _state_dicts(model, optimizer, options)  # also creates the optimizer state to load into
@@ -232,8 +232,8 @@ def load_dcp(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, *, e
         state["extra"] = dict(extra)
     # one rank refusing alone left the others waiting in dcp.load (a disk whose files differ between nodes)
     with failures_on_every_rank(process_group, f"load_dcp({path!r})"):
-        check_dcp_metadata(os.path.join(path, ".metadata"))
+        reader = checked_dcp_reader(path)  # DCP gets the checked metadata: it never unpickles .metadata
     with weights_only_loads():
-        dcp.load(state, checkpoint_id=path, process_group=process_group)
+        dcp.load(state, storage_reader=reader, process_group=process_group)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
     return state.get("extra")

@@ -298,6 +298,8 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
         as they would be after loading; ValueError naming the key and the group."""
         self.validate_hyper(loaded_hyperparameters(self.param_groups[gi], saved),
                             f"param group {gi} of the loaded state dict")
+        if "initial_lr" in saved:  # an LR scheduler's base (torch keeps it in the group): it scales every later lr
+            check_number(saved["initial_lr"], "initial_lr", f"param group {gi} of the loaded state dict", lo=0.0)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.add_param_group`` with dist8's checks; a refused group is not added.
@@ -669,7 +671,7 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
         self.follow_params()
         self._drop_unlisted_state()
         sd = super().state_dict()
-        sd[schema.STATE_DICT_INFO] = schema.state_dict_info(self.quant_map)
+        sd[schema.STATE_DICT_INFO] = schema.state_dict_info(self.quant_map, self.rule)
         return sd
 
     def _drop_unlisted_state(self) -> None:
@@ -700,6 +702,7 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
     def _load_checked(self, state_dict: dict[str, Any]) -> None:
         schema.check_state_dict_layout(state_dict)
         schema.check_state_dict_map(state_dict, self.quant_map, self.rule)
+        schema.check_state_dict_rule(state_dict, self.rule)
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(saved_groups)} param groups, optimizer has {len(self.param_groups)}")
@@ -724,6 +727,9 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
             settings = self.settings(p, dict(group, **loaded_hyperparameters(group, saved_groups[group_of[key]])))
             new_state[p] = self.check_state(p, st, block_size=self.state_block_size(p), expect_8bit=settings.use_8bit,
                                              correction=settings.correction)
+            if new_state[p]:  # the group's loaded values must fit it too (percentile clipping needs its history)
+                self.check_state_fits(p, settings, new_state[p], fix="the state dict's group values do not fit its "
+                                      "state (edited?); nothing was loaded")
         kind_changes = [load_group_values(group, saved, warn=False)
                         for saved, group in zip(saved_groups, self.param_groups)]
         self.state = new_state

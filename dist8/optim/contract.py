@@ -10,12 +10,15 @@ otherwise break:
 * non-contiguous parameters or gradients: a contiguous working copy, written back after the
   step (:meth:`TorchContract.working_copy`), so the contiguous path pays nothing;
 * steps that never find a gradient, the mark of parameters replaced after construction (fully_shard
-  applied late by hand): one warning (:meth:`TorchContract.notice_steps_without_gradients`).
+  applied late by hand): one warning (:meth:`TorchContract.notice_steps_without_gradients`);
+* a ``step`` replaced on the instance after an LR scheduler wrapped it: :func:`as_scheduler_wrapped`.
 """
 from __future__ import annotations
 
 import functools
 import warnings
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,7 +29,30 @@ from dist8.optim.dtensor_layout import is_dtensor
 from dist8.optim.manager import merge_marks, restore_module_marks
 from dist8.optim.positions import ParamPositions
 
-__all__ = ["TorchContract"]
+__all__ = ["TorchContract", "as_scheduler_wrapped"]
+
+
+def as_scheduler_wrapped(opt: torch.optim.Optimizer, step: Callable[[Any], Any]) -> Callable[..., Any]:
+    """``step(opt, *args, **kwargs)`` as an instance's ``opt.step``, wrapped as torch's LR schedulers wrap it.
+
+    For code that replaces ``opt.step`` after a scheduler was made on ``opt`` (HF Trainer and Lightning
+    make theirs before any callback runs; DeepSpeed gets the optimizer after them). A scheduler wraps
+    the step it found (its function, bound again at each call, so a step replaced later or a class
+    changed later would be bypassed), marks the wrapper (``_wrapped_by_lr_sched``) and records each
+    call on the optimizer (``_opt_called``); at its first ``step()`` it warns that ``optimizer.step``
+    "has been overridden" when the mark is gone, or was not called first. Both are torch's private
+    names; were they to change, the cost is that warning, nothing else. Holds ``opt`` weakly, as
+    torch's wrapper does (it lives in ``opt.__dict__``).
+    """
+    ref = weakref.ref(opt)
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        target = ref()
+        target._opt_called = True  # type: ignore[union-attr]
+        return step(target, *args, **kwargs)
+
+    wrapped._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    return wrapped
 
 
 class TorchContract:

@@ -95,6 +95,7 @@ from dist8.optim.base import Optimizer8bit
 from dist8.optim.range_step import optimizer_range_refusal
 from dist8.optim.chunked_grads import ChunkedWeights
 from dist8.optim.config import hyperparameters_of
+from dist8.optim.contract import as_scheduler_wrapped
 from dist8.optim.dcp_init import called_by_dcp_init
 from dist8.optim.settings_watch import SettingsWatch
 
@@ -184,7 +185,7 @@ class GradientRelease:
         # Bound to the optimizer (not to this handle): torch's LR schedulers re-bind ``step.__func__``
         # to the optimizer when they wrap it.
         scheduled = getattr(self._saved_methods.get("step"), "_wrapped_by_lr_sched", False)
-        opt.step = _as_scheduler_wrapped(opt) if scheduled else types.MethodType(_released_step, opt)
+        opt.step = as_scheduler_wrapped(opt, _released_step) if scheduled else types.MethodType(_released_step, opt)
         opt.zero_grad = types.MethodType(_released_zero_grad, opt)
         setattr(opt, _ACTIVE_ATTR, self)
         # first among the model's pre-hooks: a refusal there comes before FSDP2's unshard (raised after it,
@@ -463,24 +464,6 @@ def _count_forward(token: int, module: torch.nn.Module, args: Any) -> None:  # n
 
 def _released_step(opt: Optimizer8bit, *args: Any, **kwargs: Any) -> Any:
     return getattr(opt, _ACTIVE_ATTR).step_with_hooks(args, kwargs)
-
-
-def _as_scheduler_wrapped(opt: Optimizer8bit) -> Any:
-    """The released step as torch's LR schedulers wrap ``optimizer.step``, for a release installed
-    after a scheduler was made (HF Trainer and Lightning make theirs before any callback runs).
-
-    A scheduler marks the step it wraps (``_wrapped_by_lr_sched``) and the wrapper records each call
-    on the optimizer (``_opt_called``); at its first ``step()`` it warns that ``optimizer.step`` "has
-    been overridden" when the mark is gone, or was not called first. Both are torch's private names;
-    were they to change, the cost is that warning, nothing else."""
-    released = types.MethodType(_released_step, opt)
-
-    def step(*args: Any, **kwargs: Any) -> Any:
-        opt._opt_called = True  # type: ignore[attr-defined]
-        return released(*args, **kwargs)
-
-    step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
-    return step
 
 
 def _released_zero_grad(opt: Optimizer8bit, set_to_none: bool = True) -> None:

@@ -61,6 +61,8 @@ __all__ = [
     "correction_dtype",
     "ANY_CORRECTION",
     "STATE_DICT_INFO",
+    "check_state_dict_rule",
+    "states_mean_the_same",
     "MAX_STEP",
     "check_state_dict_layout",
     "check_state_dict_info",
@@ -80,9 +82,38 @@ MAX_STATES = max(len(signs) for signs in RULE_STATES.values())  # quantized stat
 STATE_DICT_INFO = "dist8"  # the state dict's top-level key for what the codes need to be read
 
 
-def state_dict_info(quant_map: str) -> dict[str, Any]:
-    """The ``state_dict()[STATE_DICT_INFO]`` entry of an optimizer using ``quant_map``."""
-    return {"quant_map": quant_map}
+def state_dict_info(quant_map: str, rule: Rule | None = None) -> dict[str, Any]:
+    """The ``state_dict()[STATE_DICT_INFO]`` entry of an optimizer using ``quant_map`` (and update ``rule``,
+    whose name says what its states mean: :func:`check_state_dict_rule`)."""
+    return {"quant_map": quant_map} if rule is None else {"quant_map": quant_map, "rule": Rule(rule).name}
+
+
+# Rules whose states mean the same: Adam's moments under LAMB, SGD's momentum buffer under LARS. State of
+# any other pair is another quantity under the same key (Adam's first moment read as RMSprop's square
+# average), and codes of a signed state read with the unsigned map are other numbers.
+_SAME_STATES = (frozenset({Rule.ADAM, Rule.LAMB}), frozenset({Rule.SGD, Rule.LARS}))
+
+
+def states_mean_the_same(a: Rule, b: Rule) -> bool:
+    """Whether state saved under rule ``a`` is state of rule ``b`` (the same rule, or Adam/LAMB, SGD/LARS)."""
+    return Rule(a) == Rule(b) or any({Rule(a), Rule(b)} <= family for family in _SAME_STATES)
+
+
+def check_state_dict_rule(state_dict: dict[str, Any], rule: Rule) -> None:
+    """Refuse a state dict another optimizer's update rule wrote (its :data:`STATE_DICT_INFO` names the rule;
+    a dict without it says nothing to check). Until 2026-12-05 one with as many states loaded: SGD8bit's
+    momentum read as Adagrad8bit's sum of squares, AdamW8bit's moments as RMSprop's, silently."""
+    info = state_dict.get(STATE_DICT_INFO)
+    saved = info.get("rule") if isinstance(info, dict) else None
+    if saved is None:
+        return
+    if not isinstance(saved, str) or saved not in Rule.__members__:
+        raise ValueError(f"state_dict['{STATE_DICT_INFO}']['rule'] must name an update rule (one of "
+                         f"{', '.join(Rule.__members__)}), got {brief(saved)}")
+    if not states_mean_the_same(Rule[saved], rule):
+        raise ValueError(f"state_dict was written by an optimizer with update rule {saved}; this one's rule "
+                         f"{Rule(rule).name} keeps other state (or the same keys meaning other quantities): load it "
+                         "into the optimizer class that saved it")
 
 
 def _holds_codes(obj: Any) -> bool:
@@ -126,6 +157,10 @@ def check_state_dict_info(state_dict: dict[str, Any]) -> None:
         if not isinstance(saved, str) or saved not in MAP_NAMES:
             raise ValueError(f"state_dict['{STATE_DICT_INFO}'] must be a dict whose 'quant_map' names the map the "
                              f"codes were written with (one of {', '.join(MAP_NAMES)}), got {brief(info)}")
+        rule = info.get("rule")
+        if rule is not None and (not isinstance(rule, str) or rule not in Rule.__members__):
+            raise ValueError(f"state_dict['{STATE_DICT_INFO}']['rule'] must name an update rule (one of "
+                             f"{', '.join(Rule.__members__)}), got {brief(rule)}")
 
 
 def check_state_dict_map(state_dict: dict[str, Any], quant_map: str, rule: Rule | None = None) -> None:
@@ -275,6 +310,11 @@ def check_state(rule: Rule, name: str, st: dict[str, Any], shape: Sequence[int],
     meta = [k for k, v in st.items() if isinstance(v, torch.Tensor) and v.is_meta]
     if meta:
         raise ValueError(f"{meta[0]} of parameter {name} is on the meta device (no values to load)")
+    odd = [(k, v.layout) for k, v in st.items() if isinstance(v, torch.Tensor) and (v.layout != torch.strided
+                                                                                  or v.is_nested)]
+    if odd:  # a sparse tensor failed deep in torch's ops, in lines naming nothing
+        raise ValueError(f"{odd[0][0]} of parameter {name} is a {odd[0][1]} tensor; optimizer state is dense "
+                         "(torch.strided)")
     extra = [k for k in st if (is_state_key(k) and int(k[5:]) > n_states(rule))
              or (is_absmax_key(k) and int(k[6:]) > n_states(rule))]
     if extra:
@@ -312,6 +352,9 @@ def check_state(rule: Rule, name: str, st: dict[str, Any], shape: Sequence[int],
             raise ValueError(f"{key} of parameter {name} has dtype {s.dtype}; expected uint8 or float32")
         elif not _finite(s):
             raise ValueError(f"{key} of parameter {name} holds NaN or inf")
+        elif not is_signed(rule, i) and bool((s < 0).any()):  # a second moment read as negative: sqrt(NaN)
+            raise ValueError(f"{key} of parameter {name} holds negative values; rule {Rule(rule).name} keeps "
+                             "it >= 0 (a sum or average of squares)")
         out[key] = s.to(device, copy=copy).contiguous()  # the kernels read memory order; a view's logical order
     if len(set(kinds.values())) > 1:
         listing = ", ".join(f"{k}: {'uint8' if is8 else 'float32'}" for k, is8 in kinds.items())
@@ -370,6 +413,9 @@ def checked_step(step: Any, name: str, error: type[ValueError] = ValueError) -> 
     """A loaded ``step`` as an int: a whole number >= 0 (a Python or numpy number, or a one-element
     tensor); anything else (NaN, 2.5, -1, a list, a bool) raises ``error`` (a ValueError; converters
     pass their CheckpointError) naming the parameter."""
+    if isinstance(step, torch.Tensor) and (step.is_meta or step.is_nested or step.layout != torch.strided):
+        raise error(f"step of parameter {name} must be a whole number in [0, 2**62], got a tensor without values "
+                    f"({'meta' if step.is_meta else step.layout})")
     value = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
     whole = not isinstance(value, bool) and (isinstance(value, numbers.Integral) or (
         isinstance(value, numbers.Real) and math.isfinite(value) and value == int(value)))

@@ -45,7 +45,7 @@ def check_number(value: Any, key: str, where: str, *, lo: float | None = None, h
                  lo_open: bool = False, hi_open: bool = False) -> float:
     """A finite real number (a 0-d tensor counts) within the given bounds and float32's range (the
     kernels' type), else ValueError naming ``key``."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() and not value.is_meta:
         value = float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not _finite(value):
         raise ValueError(f"{key} must be a finite number ({where}), got {brief(value)}")

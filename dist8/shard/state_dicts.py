@@ -22,7 +22,7 @@ import torch
 
 from dist8.messages import brief
 from dist8.optim.config import load_group_values
-from dist8.optim.state_schema import (CORRECTION, GNORM, STATE_DICT_INFO, check_state_dict_info,
+from dist8.optim.state_schema import (CORRECTION, GNORM, STATE_DICT_INFO, check_state_dict_info, check_state_dict_rule,
                                       check_state_dict_layout, check_state_dict_map, flat_length,
                                       is_absmax_key, is_state_key, state_dict_info)
 from dist8.shard.agreement import failures_on_every_rank, from_every_rank
@@ -87,7 +87,7 @@ def shard_format(opt: ShardedOptimizer) -> dict[str, Any]:
         "state": opt.shard_state(),
         "steps": opt.steps_taken,
         "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
-        STATE_DICT_INFO: state_dict_info(opt.inner.quant_map),
+        STATE_DICT_INFO: state_dict_info(opt.inner.quant_map, opt.inner.rule),
     }
 
 
@@ -102,7 +102,8 @@ def unsharded_format(opt: ShardedOptimizer, full: dict[int, dict[str, Any]]) -> 
         }
     groups = [dict({k: v for k, v in g.items() if k != "params"}, params=[index_of[p] for p in g["params"]])
               for g in opt.param_groups]
-    return {"state": state, "param_groups": groups, STATE_DICT_INFO: state_dict_info(opt.inner.quant_map)}
+    return {"state": state, "param_groups": groups,
+            STATE_DICT_INFO: state_dict_info(opt.inner.quant_map, opt.inner.rule)}
 
 
 def load(opt: ShardedOptimizer, state_dict: dict[str, Any]) -> None:
@@ -259,6 +260,7 @@ def _check_shard(opt: ShardedOptimizer, state_dict: dict[str, Any]) -> tuple[dic
     if state_dict.get("format") != SHARD_FORMAT:
         raise ValueError(f"not a ShardedOptimizer state_dict (missing format {SHARD_FORMAT!r})")
     _check_shard_entries(state_dict)
+    check_state_dict_rule(state_dict, opt.inner.rule)
     steps = state_dict.get("steps", 0)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"ShardedOptimizer shard state_dict entry 'steps' must be an int >= 0, got {brief(steps)}")

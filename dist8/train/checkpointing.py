@@ -20,7 +20,7 @@ The atomic protocol of the ``dcp`` and ``torch`` writers: rank 0 creates
 (:func:`dist8.checkpoint.shared_dir.check_every_rank_sees`: node-local disks are refused before
 anything is written); every rank writes (``torch``: ``rankR.pt.part`` renamed to
 ``rankR.pt``); barrier; rank 0 writes ``train_meta.json`` (step, extra, every
-file with its size and sha256) last, renames the directory into place (an
+file with its size and sha256, ``dcp``'s too) last, renames the directory into place (an
 existing one is renamed out of sight first) and rotates old ones by
 rename-then-delete. A crash at any point leaves the previous checkpoint loadable
 and nothing that :meth:`Checkpointer.latest` would pick; a write error removes the
@@ -31,7 +31,8 @@ A root that holds another writer's checkpoints (:func:`writer_of`) is refused wh
 
 Nothing is unpickled: ``torch`` files are read with ``torch.load(weights_only=True)``
 (plus the few DeepSpeed classes its optimizer states hold); a ``dcp`` checkpoint's pickled
-``.metadata`` is checked against an allowlist of DCP's metadata classes before DCP reads it,
+``.metadata`` is read through an allowlist of DCP's metadata classes and checked, DCP is given
+that metadata instead of unpickling the file (:func:`dist8.checkpoint.torch_files.checked_dcp_reader`),
 and DCP's byte items are loaded under forced ``weights_only``. ``latest()`` returns the
 newest checkpoint that passes its integrity checks, saying which it skipped and why.
 """
@@ -194,8 +195,9 @@ class Checkpointer:
         with failures_on_every_rank(None, f"resuming from {path}", CheckpointError):
             meta = _read_meta(Path(path))
             if self.kind == "dcp":
-                # DCP unpickles .metadata with plain pickle and its byte items with weights_only=False:
-                # the metadata goes through an allowlist first, the byte items under forced weights_only.
+                # sizes and sha256 of every file; then the metadata through its allowlist and checks (load_dcp
+                # hands DCP the checked metadata, and loads byte items under forced weights_only)
+                _check_own(Path(path))
                 check_dcp_metadata(member(member(Path(path), "dcp", str(path), kind="dir"), ".metadata",
                                           str(Path(path) / "dcp")))
             else:
@@ -286,7 +288,7 @@ class Checkpointer:
                     os.replace(part, tmp / name)
                 except OSError as exc:
                     raise CheckpointError(f"writing {part} failed: {exc.strerror or exc}") from exc
-                entry = {name: {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}}
+                entry = {name: _file_entry(tmp / name)}
         except Exception as exc:  # noqa: BLE001 - every rank must learn of it
             error = exc
         try:
@@ -301,6 +303,9 @@ class Checkpointer:
         if rank == 0:
             try:
                 (tmp / SHARED_MARK).unlink(missing_ok=True)
+                if self.kind == "dcp":  # every rank's DCP files are in (the barrier above): list them all
+                    files = [{f"dcp/{f.name}": _file_entry(f)
+                              for f in sorted((tmp / "dcp").iterdir()) if f.is_file()}]
                 meta = {"step": step, "world_size": world, "writer": self.kind, "extra": extra,
                         "files": {k: v for e in files for k, v in e.items()}}
                 part = tmp / f"{_META}.part"
@@ -386,15 +391,27 @@ def _read_meta(path: Path) -> dict[str, Any]:
     if meta["world_size"] < 1 or meta["step"] < 0:
         raise CheckpointError(f"{meta_path}: world_size must be >= 1 and step >= 0")
     for name, info in meta.get("files", {}).items():
-        if not re.fullmatch(r"rank\d{5}\.pt", name) or not isinstance(info, dict) or type(info.get("size")) is not int \
+        if not _LISTED.fullmatch(name) or not isinstance(info, dict) or type(info.get("size")) is not int \
                 or not isinstance(info.get("sha256"), str):
             raise CheckpointError(f"{meta_path}: files entry {name[:80]!r} is malformed")
     return meta
 
 
+# the files train_meta.json lists: the torch writer's per-rank files, the dcp writer's (DCP names its own)
+_LISTED = re.compile(r"rank\d{5}\.pt|dcp/[A-Za-z0-9_][A-Za-z0-9_.-]*|dcp/\.metadata")
+
+
+def _file_entry(file: Path) -> dict[str, Any]:
+    return {"size": file.stat().st_size, "sha256": sha256_file(file)}
+
+
 def _verified(path: Path, meta: dict[str, Any], name: str) -> Path:
     """``path/name`` after checking it is a regular file listed in train_meta.json with its size and sha256."""
-    file = member(path, name, str(path / _META))
+    *dirs, base = name.split("/")
+    parent = path
+    for d in dirs:
+        parent = member(parent, d, str(path / _META), kind="dir")
+    file = member(parent, base, str(path / _META))
     info = meta.get("files", {}).get(name)
     if info is None:
         if "files" in meta:
@@ -410,8 +427,15 @@ def _verified(path: Path, meta: dict[str, Any], name: str) -> Path:
 def _check_own(path: Path) -> None:
     meta = _read_meta(path)
     if meta.get("writer") == "dcp":
-        if not (path / "dcp" / ".metadata").is_file():
-            raise CheckpointError(f"{path / 'dcp' / '.metadata'} is missing")
+        listed = [name for name in meta.get("files", {}) if name.startswith("dcp/")]
+        if not listed:  # written before 2026-12-05, when the dcp writer recorded no sizes or sha256
+            if not (path / "dcp" / ".metadata").is_file():
+                raise CheckpointError(f"{path / 'dcp' / '.metadata'} is missing")
+            return
+        if "dcp/.metadata" not in listed:
+            raise CheckpointError(f"{path / _META} lists no dcp/.metadata")
+        for name in listed:
+            _verified(path, meta, name)
         return
     for r in range(meta["world_size"]):
         _verified(path, meta, f"rank{r:05d}.pt")
