@@ -6,8 +6,9 @@ more seeds: every 8-bit optimizer and the fp32 reference start from the same wei
 same batches, and after ``steps`` steps the parameters' distance to the reference's is recorded
 (mean and max absolute difference over all parameters, median over seeds). Rows: dist8's
 8-bit optimizers (default map, and ``quant_map="fp8"``) next to bitsandbytes' (same names, same
-hyperparameters) and, for AdamW, torchao's. The MLP's ReLU leaves many exactly-zero gradient entries, the case where 8-bit second
-moments matter most. CPU; ``tests/test_bnb_suite.py`` asserts dist8 <= bitsandbytes on 3 seeds.
+hyperparameters) and, for AdamW, torchao's. The MLP's ReLU leaves many exactly-zero gradient
+entries, the case where 8-bit second moments matter most. CPU; ``tests/test_bnb_suite.py`` asserts
+dist8 <= bitsandbytes on 3 seeds.
 
 Usage: python bench/accuracy.py [--seeds 5] [--steps 2,10,50] [--out FILE]
 """
