@@ -13,6 +13,7 @@ import subprocess
 
 import pytest
 
+from dist8.train.lock import LOCK_NAME
 from train_utils import REPO, child_env, launch_cmd, mode_available, run, tiny_sets, torchrun_cmd, train_cmd
 
 
@@ -71,10 +72,13 @@ def test_a_checkpoint_dir_written_by_another_writer_is_refused_and_kept(finished
     d, sets = finished_run
     if "sharding.mode=fsdp2" in args and not mode_available("fsdp2"):
         pytest.skip("sharding mode fsdp2 not available with this torch")
-    before = {p: p.read_bytes() for p in sorted((d / "ckpt").rglob("*")) if p.is_file()}
+    def files():  # the job's directory lock aside (dist8.train.lock: held while a job runs, left in place)
+        return {p: p.read_bytes() for p in sorted((d / "ckpt").rglob("*")) if p.is_file() and p.name != LOCK_NAME}
+
+    before = files()
     _one_line(run(train_cmd(*sets, *args)),
               f"{d / 'ckpt' / 'step-00000010'} was written by dist8.checkpoint; this run (")
-    assert {p: p.read_bytes() for p in sorted((d / "ckpt").rglob("*")) if p.is_file()} == before
+    assert files() == before
 
 
 def test_resume_failures_are_one_line(finished_run, tmp_path):
@@ -208,3 +212,13 @@ def test_fsdp2_checkpoints_are_verified_and_their_metadata_runs_nothing(tmp_path
     for path, expected in cases.items():
         _one_line(run(train_cmd(*sets, "--set", "train.steps=3", "--resume", str(path))), expected)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--stop-at", "-5"], "--stop-at must be a step >= 0, got -5"),  # trained nothing, replaced the run's metrics
+    (["--nproc-per-node", "2", "--max-restarts", "-1"], "--max-restarts must be >= 0, got -1"),  # 18-line traceback
+    (["--nproc-per-node", "100000"], "--nproc-per-node 100000 is more ranks than this machine runs"),  # out of memory
+], ids=["stop-at", "max-restarts", "nproc"])
+def test_launch_arguments_out_of_range_are_one_line(tmp_path, args, expected):
+    _one_line(run(train_cmd(*tiny_sets(tmp_path), *args), timeout=120), expected)
+    assert not (tmp_path / "out").exists()

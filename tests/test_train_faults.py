@@ -77,6 +77,68 @@ def test_sigterm_saves_a_final_checkpoint(tmp_path):
     assert [r["step"] for r in read_metrics(metrics)][-4:] == [stopped, stopped + 1, stopped + 2, stopped + 3]
 
 
+def _wait_for_records(proc, metrics, n=5):
+    deadline = time.time() + 300
+    while time.time() < deadline and len(read_metrics(metrics)) < n:
+        if proc.poll() is not None:
+            pytest.fail(f"run ended early: {proc.communicate()}")
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("how", ["SIGKILL of the launcher", "SIGINT to the launcher"])
+def test_the_ranks_checkpoint_and_stop_when_the_launcher_dies_or_is_interrupted(tmp_path, how):
+    """`dist8 train --nproc-per-node 2`: a SIGKILL of the launcher left both ranks training on (torchrun gives
+    them their own session), writing the directories a `--resume auto` then wrote too; a SIGINT (Ctrl-C)
+    stopped them mid-step with ~90 lines of tracebacks and no checkpoint (found by an outside probe). Now the
+    ranks checkpoint and stop as on SIGTERM, and a resume continues from that checkpoint."""
+    from train_utils import launch_cmd
+
+    sets = tiny_sets(tmp_path, steps=100_000, **{"checkpoint.every": 0, "train.eval_every": 0})
+    proc = subprocess.Popen(launch_cmd(*sets), cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for_records(proc, tmp_path / "out" / "metrics.jsonl")
+    proc.send_signal(signal.SIGKILL if "KILL" in how else signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    deadline = time.time() + 120  # the ranks outlive a SIGKILLed launcher by their last step and save
+    while time.time() < deadline and not list((tmp_path / "ckpt").glob("step-*")):
+        time.sleep(0.5)
+    lock = tmp_path / "out" / ".dist8-train.lock"
+    import fcntl
+    import os
+
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        for _ in range(240):  # rank 0 holds the output lock until it has left
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("the ranks are still running after their launcher died")
+    finally:
+        os.close(fd)
+    saved = sorted(p.name for p in (tmp_path / "ckpt").glob("step-*"))
+    assert len(saved) == 1, saved
+    if "INT" in how:
+        assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
+    stopped = int(saved[0].split("-")[1])
+    resumed = run(launch_cmd(*sets, "--resume", "auto", "--stop-at", str(stopped + 2)))
+    _ok(resumed)
+    assert f"at step {stopped}" in resumed.stdout
+
+
+def test_the_launcher_names_the_rank_that_failed_first(tmp_path):
+    """A SIGKILLed rank 1 was reported as "rank 0 exited with code -15": torchrun's stopping of the others."""
+    from train_utils import launch_cmd
+
+    sets = tiny_sets(tmp_path, steps=100_000, **{"checkpoint.every": 0, "train.eval_every": 0,
+                                                 "train.fault_kill_step": 8, "train.fault_rank": 1})
+    result = run(launch_cmd(*sets), env=fault_env())
+    assert result.returncode == 1
+    assert "dist8 train: error: rank 1 killed by SIGKILL (its output is above)" in result.stderr, result.stderr[-3000:]
+
+
 @pytest.mark.parametrize("torch_before_2_8,finished,backend,expected", [
     (True, True, "gloo", ["barrier", "sleep", "destroy"]),
     (True, False, "gloo", ["destroy"]),  # a rank leaving on an error must not wait for the others

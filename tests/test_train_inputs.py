@@ -298,3 +298,71 @@ def test_a_fresh_run_into_a_checkpoint_dir_of_an_earlier_run_is_refused_and_chan
         "step-00000006); a fresh run would save beside them and checkpoint.keep would rotate its own away: pass "
         "--resume auto to continue that run, or use another checkpoint.dir (or remove them)")
     assert {p.relative_to(tiny.parent): p.read_bytes() for p in tiny.parent.rglob("*") if p.is_file()} == before
+
+
+# ---- found by an outside probe (2026-12-05) ------------------------------------------------------
+@pytest.mark.parametrize("text, read_as", [("10:00", "600"), ("0x10", "16"), ("010", "8"), ("1:30.5", "90.5")])
+def test_yaml_1_1_numbers_in_base_60_octal_or_hex_are_refused(tiny, text, read_as):
+    """`steps: 10:00` ran 600 steps and `0x10` 16, silently (YAML 1.1's resolvers)."""
+    text_before = tiny.read_text()
+    tiny.write_text(text_before.replace("  steps: 3\n", f"  steps: {text}\n"))
+    line = text_before.splitlines().index("  steps: 3") + 1
+    _refused(f"config '{tiny}': line {line}: '{text}' is the number {read_as} in YAML 1.1 (base 60, octal or "
+             "hex); write numbers in decimal, or quote a string", tiny)
+    assert load_yaml("a: 1_000\nb: 3e-4\nc: '10:00'", "x") == {"a": 1000, "b": 3e-4, "c": "10:00"}
+
+
+@pytest.mark.parametrize("key", ["output.dir", "checkpoint.dir"])
+def test_an_empty_directory_key_is_refused(tiny, key):
+    """`output.dir: ""` wrote metrics.jsonl, summary.json and the plot into the working directory, replacing
+    files of those names there; `checkpoint.dir: ""` meant no checkpoints, silently."""
+    _refused(f"config key {key} must be a directory path, got ''", tiny, f"{key}=''")
+
+
+def test_a_config_that_is_not_a_regular_file_is_refused_without_waiting(tmp_path):
+    """A FIFO with no writer as --config hung the job (the data path's FIFO check did not cover it)."""
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    done = []
+    worker = threading.Thread(target=lambda: done.append(_refused("is not a regular file", fifo)), daemon=True)
+    worker.start()
+    worker.join(30)
+    assert done, "reading a FIFO config hung"
+
+
+def test_the_directory_lock_refuses_a_second_job_naming_the_first(tmp_path):
+    """Two jobs writing one directory corrupted each other (a save failing on a file the other had renamed,
+    metrics lost); the second is refused in one line naming the key and the first job's pid."""
+    from dist8.train.lock import LOCK_NAME, directory_lock
+
+    with directory_lock(tmp_path / "ckpt", "checkpoint.dir"):
+        with pytest.raises(ConfigError, match=rf"^config key checkpoint.dir: '{tmp_path}/ckpt' is in use by another "
+                                              rf"dist8 train job \(pid {os.getpid()}\); wait for it to end"):
+            with directory_lock(tmp_path / "ckpt", "checkpoint.dir"):
+                pass
+    with directory_lock(tmp_path / "ckpt", "checkpoint.dir"):  # released when the first job ended
+        assert (tmp_path / "ckpt" / LOCK_NAME).is_file()
+
+
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    """A file-size limit hit while saving gave a one-line message not naming the file, then a 42-line
+    SafetensorError traceback; hit while writing metrics, 78 lines of tracebacks."""
+    import torch
+    from safetensors import SafetensorError
+
+    import dist8
+    import dist8.checkpoint.io as ckio
+    from dist8.checkpoint import CheckpointError
+    from dist8.train.report import MetricsWriter
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
+
+    monkeypatch.setattr(ckio, "save_file", full)
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(CheckpointError, match=r"^writing .*optim-00000-of-00001\.safetensors failed: Error while "
+                                              r"serializing: I/O error: File too large \(os error 27\)$"):
+        dist8.checkpoint.save(tmp_path / "ckpt", model, dist8.AdamW8bit(model.parameters()), step=1)
+    (tmp_path / "out" / "metrics.jsonl").mkdir(parents=True)  # what cannot be written, as a full disk
+    with pytest.raises(ConfigError, match=r"^config key output.dir: writing .*metrics.jsonl failed: "):
+        MetricsWriter(tmp_path / "out", {}, None).write({"step": 1})

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from dist8.checkpoint.adapters import FSDP2Adapter, OptimizerAdapter, adapt
@@ -114,8 +115,8 @@ def _shard_tensors(ad: OptimizerAdapter) -> tuple[dict[str, torch.Tensor], list[
 def _write(what: Path, write) -> None:
     try:
         write()
-    except OSError as exc:
-        raise CheckpointError(f"writing {what} failed: {exc.strerror or exc}") from exc
+    except (OSError, SafetensorError) as exc:  # safetensors' own error for a full disk or a file-size limit
+        raise CheckpointError(f"writing {what} failed: {getattr(exc, 'strerror', None) or exc}") from exc
 
 
 def _keeps_master_copies_by_setting(optimizer: Any) -> bool:

@@ -22,6 +22,7 @@ EXIT_CONFIG = 2
 DEFAULT_CONFIG = "configs/tiny-gpt.yaml"
 # Set by `dist8 train --nproc-per-node` for its workers: the parent already printed the notes.
 _LAUNCHED_ENV = "DIST8_TRAIN_LAUNCHED"
+_LAUNCHER_PID_ENV = "DIST8_TRAIN_LAUNCHER_PID"  # the launcher's pid: its workers stop when it dies
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -114,6 +115,14 @@ def _prepare(args: argparse.Namespace):
         _note(note)
     if args.nproc_per_node is not None and args.nproc_per_node < 1:
         raise ConfigError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+    if args.nproc_per_node is not None and args.nproc_per_node > _most_ranks():
+        # 100000 spawned ranks until the machine ran out of memory (found by an outside probe)
+        raise ConfigError(f"--nproc-per-node {args.nproc_per_node} is more ranks than this machine runs: at most "
+                          f"{_most_ranks()} (4 per CPU core, or one per GPU where there are more GPUs)")
+    if args.stop_at is not None and args.stop_at < 0:  # -5 trained nothing and replaced the run's metrics
+        raise ConfigError(f"--stop-at must be a step >= 0, got {args.stop_at}")
+    if args.max_restarts < 0:
+        raise ConfigError(f"--max-restarts must be >= 0, got {args.max_restarts}")
     if args.resume not in (None, "auto") and not os.path.isdir(args.resume):
         raise ConfigError(f"--resume: {args.resume!r} is not a checkpoint directory (use 'auto' or a path)")
     if args.resume == "auto" and not cfg.checkpoint.dir:
@@ -121,9 +130,18 @@ def _prepare(args: argparse.Namespace):
     return config_path, cfg
 
 
+def _most_ranks() -> int:
+    """The most ranks ``--nproc-per-node`` starts here: 4 per CPU core, or one per GPU if that is more."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return max(4 * (os.cpu_count() or 1), gpus)
+
+
 def train_command(args: argparse.Namespace) -> int:
     # Imported here so that `dist8 --help` and argument errors never wait for torch.
     expected = _expected_errors()
+    _stop_with_the_launcher()
     try:
         config_path, cfg = _prepare(args)
         if args.nproc_per_node is not None:
@@ -134,6 +152,23 @@ def train_command(args: argparse.Namespace) -> int:
         return run(cfg, resume=args.resume, stop_at=args.stop_at, run_name=name)
     except expected as exc:
         return _error(_one_line(exc))
+
+
+def _stop_with_the_launcher() -> None:
+    """A rank of ``dist8 train --nproc-per-node`` gets SIGTERM when the launcher dies (Linux: the parent-death
+    signal), and so checkpoints and stops as on any SIGTERM. torchrun starts the ranks in their own session:
+    a SIGKILL of the launcher left them training on, into the directories a ``--resume auto`` started then
+    wrote too (found by an outside probe)."""
+    launcher = os.environ.get(_LAUNCHER_PID_ENV)
+    if not launcher or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    if str(os.getppid()) != launcher:  # the launcher died before the signal was asked for
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _worker_argv(args: argparse.Namespace, config_path: str | None) -> list[str]:
@@ -154,6 +189,7 @@ def _launch(args: argparse.Namespace, config_path: str | None) -> int:
     exited 2, which becomes this command's exit code without torchrun's failure report.
     """
     import logging
+    import signal
 
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -166,22 +202,29 @@ def _launch(args: argparse.Namespace, config_path: str | None) -> int:
     logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default for several ranks, without its warning
     os.environ[_LAUNCHED_ENV] = "1"
+    os.environ[_LAUNCHER_PID_ENV] = str(os.getpid())  # torchrun starts the ranks from this process
     launch_args = torchrun.parse_args([
         "--standalone", f"--nproc-per-node={args.nproc_per_node}", f"--max-restarts={args.max_restarts}",
         "--module", "dist8.train", *_worker_argv(args, config_path),
     ])
     try:
         torchrun.run(launch_args)
-    except SignalException:  # SIGTERM/SIGINT to this process: torchrun stopped the ranks
+    except SignalException:  # SIGTERM/SIGINT to this process: torchrun passed it on, the ranks checkpointed
         return EXIT_SIGTERM
     except ChildFailedError as exc:
         codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
         if EXIT_CONFIG in codes.values():
             return EXIT_CONFIG  # the rank printed its one line
-        if set(codes.values()) == {EXIT_SIGTERM}:
-            return EXIT_SIGTERM  # the ranks checkpointed and said so
-        rank, code = min(codes.items())
-        print(f"dist8 train: error: rank {rank} exited with code {code} (its output is above)", file=sys.stderr)
+        stopped_by_torchrun = -signal.SIGTERM  # the ranks torchrun stops once one has failed
+        if EXIT_SIGTERM in codes.values() and set(codes.values()) <= {EXIT_SIGTERM, stopped_by_torchrun}:
+            return EXIT_SIGTERM  # a rank got SIGTERM, checkpointed and said so
+        # the first failure that is not torchrun stopping the others (rank 0's -15 hid rank 1's SIGKILL)
+        rank, failure = min(exc.failures.items(),
+                            key=lambda item: (item[1].exitcode == stopped_by_torchrun, item[1].timestamp, item[0]))
+        code = failure.exitcode
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() else \
+            f"exited with code {code}"
+        print(f"dist8 train: error: rank {rank} {how} (its output is above)", file=sys.stderr)
         return 1
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -299,7 +300,7 @@ def validate(cfg: Config) -> None:
     if t.weight_grad_chunk is not None:
         check_weight_grad_chunk(cfg)
     check_directory_path(cfg.output.dir, "output.dir")
-    if c.dir:
+    if c.dir is not None:
         check_directory_path(c.dir, "checkpoint.dir")
     if c.every < 0 or c.keep < 1:
         raise ConfigError(f"config keys checkpoint.every (>= 0) / checkpoint.keep (>= 1) out of range: {c.every}, {c.keep}")
@@ -319,6 +320,10 @@ def check_directory_path(path: str, key: str) -> None:
     """Refuse, naming ``key``, a directory path that cannot be one: an existing non-directory, or a path
     under a regular file (mkdir failed with a traceback at the first write, after the model was built).
     ``{optimizer}`` in it stays a literal here; it does not change which parts exist."""
+    if not isinstance(path, str) or not path.strip():  # "" wrote the run's files into the working directory
+        raise ConfigError(f"config key {key} must be a directory path, got {_short(path)}"
+                          + (" (leave checkpoint.dir out, or null, for no checkpoints)" if key == "checkpoint.dir"
+                             else ""))
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise ConfigError(f"config key {key}: {path!r} exists and is not a directory")
@@ -551,6 +556,8 @@ def load_config(path: str | os.PathLike | None, sets: list[str] | None = None) -
     raw: Any = {}
     if path is not None:
         try:
+            if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO without a writer hung the job
+                raise ConfigError(f"config {str(path)!r} is not a regular file")
             with open(path, encoding="utf-8") as f:
                 text = f.read(MAX_BYTES + 1)  # one past the limit: an oversized file is refused, not cut
             raw = load_yaml(text, f"config {str(path)!r}")

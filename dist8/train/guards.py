@@ -49,7 +49,10 @@ def check_fits(cfg: Config, model: GPTConfig, device: torch.device, world: int) 
     params = model.num_params()
     need = params * element / world
     if need > available:
-        raise ConfigError(f"config keys model.n_layer={cfg.model.n_layer}, model.d_model={cfg.model.d_model}: the "
+        keys = f"model.n_layer={cfg.model.n_layer}, model.d_model={cfg.model.d_model}"
+        if cfg.model.seq_len * cfg.model.d_model > params / 2:  # the position embedding is most of the model
+            keys = f"model.seq_len={cfg.model.seq_len}, {keys}"
+        raise ConfigError(f"config keys {keys}: the "
                           f"model's {params:,} parameters alone need {_gib(need)} per rank ({cfg.model.dtype}, "
                           f"{world} rank(s)), more than the {_gib(available)} of {where}")
     logits = cfg.train.batch_size * cfg.model.seq_len * model.vocab_size * 4

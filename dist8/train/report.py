@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from dist8.train.config import ConfigError
+
 __all__ = ["MetricsWriter", "peak_memory_bytes", "plot_run", "run_summary", "summary_table", "read_metrics"]
 
 PLOT_INSTALL_HINT = 'python -m pip install matplotlib (or the plot extra: python -m pip install -e ".[plot]")'
@@ -88,9 +90,12 @@ class MetricsWriter:
             self._on_replace(replaced)
 
     def write(self, record: dict[str, Any]) -> None:
-        self.begin()
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
+        try:
+            self.begin()
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
+        except OSError as exc:  # a full disk or a file-size limit: 78 lines of tracebacks before
+            raise ConfigError(f"config key output.dir: writing {self.path} failed: {exc.strerror or exc}") from None
 
     def close(self) -> None:
         if self._f is not None and not self._f.closed:

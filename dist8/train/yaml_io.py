@@ -78,6 +78,32 @@ _PlainLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
+# YAML 1.1 also reads `10:00` as base 60 (600), `010` as octal (8) and `0x10` as hex (16): a value meant as
+# a time or a padded number became another number, silently. Integers and floats must be written in decimal.
+_DECIMAL_INT = re.compile(r"[-+]?(0|[1-9][0-9_]*)")
+
+
+def _decimal_int(loader: _PlainLoader, node: yaml.ScalarNode) -> int:
+    if not _DECIMAL_INT.fullmatch(node.value):
+        _refuse_non_decimal(loader, node, yaml.SafeLoader.construct_yaml_int(loader, node))
+    return yaml.SafeLoader.construct_yaml_int(loader, node)
+
+
+def _decimal_float(loader: _PlainLoader, node: yaml.ScalarNode) -> float:
+    if ":" in node.value:
+        _refuse_non_decimal(loader, node, yaml.SafeLoader.construct_yaml_float(loader, node))
+    return yaml.SafeLoader.construct_yaml_float(loader, node)
+
+
+def _refuse_non_decimal(loader: _PlainLoader, node: yaml.ScalarNode, value: Any) -> None:
+    raise YamlError(f"{loader.source}: line {node.start_mark.line + 1}: {node.value!r} is the number {value} in "
+                    "YAML 1.1 (base 60, octal or hex); write numbers in decimal, or quote a string")
+
+
+_PlainLoader.add_constructor("tag:yaml.org,2002:int", _decimal_int)
+_PlainLoader.add_constructor("tag:yaml.org,2002:float", _decimal_float)
+
+
 def load_yaml(text: str | bytes, source: str) -> Any:
     """Parse one YAML document of plain data (``source`` names the file or option in errors)."""
     if len(text) > MAX_BYTES:
