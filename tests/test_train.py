@@ -324,3 +324,15 @@ def test_run_summary_covers_every_attempt(tmp_path):
     noop = run_summary(path, records, {"start_step": 20, "end_step": 20, "world_size": 1, "wall_s": 1.0,
                                        "train_s": 0.0, "tokens": 0, "peak_mem_bytes": 9999}, resumed=True)
     assert noop == second  # resuming a finished run changes nothing
+
+
+def test_a_resume_at_another_world_size_says_the_batch_changed(tmp_path):
+    """dist8 checkpoints load at any world size, and the global batch follows the ranks: the losses then
+    differ from the uninterrupted run's from the resumed step on, which the job did not say (outside probe)."""
+    sets = tiny_sets(tmp_path, steps=6, **{"sharding.mode": "dist8-zero2", "checkpoint.every": 3,
+                                           "train.eval_every": 0})
+    _ok(run(train_cmd(*sets, "--stop-at", "3")))
+    resumed = run(torchrun_cmd(*sets, "--resume", "auto"))
+    _ok(resumed)
+    assert ("note: the checkpoint was saved by 1 rank(s), this run has 2: each step now takes 16 sequences "
+            "(train.batch_size x train.grad_accum x ranks) where it took 8") in resumed.stdout, resumed.stdout[-2000:]

@@ -1,4 +1,5 @@
 """``dist8 ckpt from-deepspeed DIR OUT``: a DeepSpeed checkpoint of a ``dist8.*`` optimizer -> dist8's format.
+(One concern: that conversion, from reading DeepSpeed's files safely to writing the dist8 checkpoint.)
 
 DeepSpeed's own checkpoints only load at the world size they were saved at. This
 converter reads every rank's optimizer file (ZeRO 0/1/2/3, with or without CPU

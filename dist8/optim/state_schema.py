@@ -1,4 +1,5 @@
 """The optimizer-state schema: the one place that names, shapes and checks dist8's per-parameter state.
+(One concern: what a parameter's state and a state dict's dist8 record hold, and their checks at load.)
 
 Every layer (the optimizers, DTensor/FSDP2, ShardedOptimizer's collectives, the checkpoint
 format, the DeepSpeed segments and converters) asks this module instead of spelling keys.

@@ -1,4 +1,4 @@
-"""The training loop of ``dist8 train``.
+"""The training loop of ``dist8 train`` (one concern: one run, from its config to its summary, on every rank).
 
 One code path for every world size and sharding mode (see :mod:`dist8.train.engine`).
 A run is a pure function of its config: the model is initialised from
@@ -245,6 +245,12 @@ def _train(cfg: Config, resume, stop_at, run_name, rank, world, device, held: co
         check_resumed_hyperparameters(cfg, engine.optimizer, path)
         start = int(extra.get("step", 0))
         _say(rank, f"resumed from {path} at step {start} ({ckpt.describe()})")
+        saved_world = extra.get("world_size")
+        if isinstance(saved_world, int) and saved_world != world:  # the batches differ from here on, silently
+            _say(rank, f"note: the checkpoint was saved by {saved_world} rank(s), this run has {world}: each step "
+                       f"now takes {world * t.batch_size * t.grad_accum} sequences (train.batch_size x "
+                       f"train.grad_accum x ranks) where it took {saved_world * t.batch_size * t.grad_accum}, so "
+                       "the losses differ from a run that kept its world size")
     elif resume == "auto":
         _say(rank, f"no checkpoint under {ckpt_root}; starting at step 0")
     if t.gradient_release:
