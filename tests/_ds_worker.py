@@ -144,7 +144,14 @@ def run_job(job, rank, world, out_dir):
     if job.get("resume"):
         d8ds.load_dist8_checkpoint(engine, job["resume"])
     if job.get("ds_load"):
-        engine.load_checkpoint(job["ds_load"], **job.get("ds_load_kwargs", {}))
+        try:
+            engine.load_checkpoint(job["ds_load"], **job.get("ds_load_kwargs", {}))
+        except Exception as exc:  # noqa: BLE001 - "ds_load_refused": DeepSpeed's refusal is the result
+            if not job.get("ds_load_refused"):
+                raise
+            with open(os.path.join(out_dir, f"{job['name']}-rank{rank}.json"), "w") as f:
+                json.dump({"refused": str(exc)}, f)
+            return
     losses = []
     t0 = time.time()
     first = job.get("first_step", 0)

@@ -275,8 +275,14 @@ def test_checkpoint_same_world_size_and_reshard(stages, tmp_path):
     subprocess.run([sys.executable, "-m", "dist8", "ckpt", "from-deepspeed", str(ds_dir), str(conv)], check=True)
     meta = json.loads((conv / "metadata.json").read_text())
     assert meta["world_size"] == 1 and meta["optimizer"]["class"] == "AdamW8bit"
-    r1 = launch(1, [{"name": "resume1", "steps": half, "first_step": half, "config": cfg(2), "resume": str(conv)}],
-                tmp_path)["resume1"][0]
+    one = launch(1, [{"name": "resume1", "steps": half, "first_step": half, "config": cfg(2), "resume": str(conv)},
+                     # DeepSpeed's own loader refuses the other world size; its message now says dist8's way
+                     {"name": "dsload1", "steps": 1, "config": cfg(2), "ds_load": str(ds_dir), "ds_load_refused": True}],
+                 tmp_path)
+    r1 = one["resume1"][0]
+    assert one["dsload1"][0]["refused"].endswith(f"A dist8 optimizer's state reloads at any world size: convert with "
+                                                 f"`dist8 ckpt from-deepspeed {ds_dir} OUT`, then dist8.integrations."
+                                                 "deepspeed.load_dist8_checkpoint(engine, OUT).")
     assert close(r1["losses"], full[half:], tol=5e-3), (r1["losses"], full[half:])
     _check_8bit([r1])
 

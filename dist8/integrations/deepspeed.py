@@ -148,6 +148,7 @@ def install() -> None:
     orig_basic = Engine._configure_basic_optimizer
     orig_configure = Engine._configure_optimizer
     orig_supported = Engine._is_supported_optimizer
+    orig_load = Engine.load_checkpoint
 
     def _is_supported_optimizer(self, optimizer_name):
         if is_dist8_type(optimizer_name):
@@ -184,16 +185,30 @@ def install() -> None:
             segment_in_place(self.basic_optimizer)
             attach_segments(self)
 
+    def load_checkpoint(self, load_dir, *args, **kwargs):
+        try:
+            return orig_load(self, load_dir, *args, **kwargs)
+        except Exception as exc:
+            # DeepSpeed refuses its ZeRO checkpoints at another world size: say how dist8's state gets there
+            if isinstance(getattr(self, "basic_optimizer", None), Optimizer8bit) and "world size" in str(exc) \
+                    and len(exc.args) == 1 and isinstance(exc.args[0], str):
+                exc.args = (f"{exc.args[0]} A dist8 optimizer's state reloads at any world size: convert with "
+                            f"`dist8 ckpt from-deepspeed {load_dir} OUT`, then "
+                            "dist8.integrations.deepspeed.load_dist8_checkpoint(engine, OUT).",)
+            raise
+
     def is_zero_supported_optimizer(optimizer):
         return isinstance(optimizer, Optimizer8bit) or orig_zero_supported(optimizer)
 
     _configure_basic_optimizer.__wrapped__ = orig_basic
     _configure_optimizer.__wrapped__ = orig_configure
+    load_checkpoint.__wrapped__ = orig_load
     _state["originals"] = {"_configure_basic_optimizer": orig_basic, "_configure_optimizer": orig_configure,
-                           "_is_supported_optimizer": orig_supported}
+                           "_is_supported_optimizer": orig_supported, "load_checkpoint": orig_load}
     Engine._is_supported_optimizer = _is_supported_optimizer
     Engine._configure_basic_optimizer = _configure_basic_optimizer
     Engine._configure_optimizer = _configure_optimizer
+    Engine.load_checkpoint = load_checkpoint
     _state["module_originals"] = {"is_zero_supported_optimizer": orig_zero_supported}
     engine_module.is_zero_supported_optimizer = is_zero_supported_optimizer
     _state["installed"] = True
