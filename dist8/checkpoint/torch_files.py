@@ -165,7 +165,7 @@ def checked_dcp_reader(directory: str | os.PathLike) -> Any:
 
     class CheckedReader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ARG002 - one metadata file
-            if metadata.storage_meta is None:  # as FileSystemReader.read_metadata does
+            if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader.read_metadata does
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
             return metadata
