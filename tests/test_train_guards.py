@@ -12,6 +12,8 @@ NaN gradients come from the test-only ``train.fault_nan_grad_step`` (dist8.train
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import subprocess
 
@@ -96,7 +98,8 @@ def _train_where_one_rank_cannot_read_the_data(rank, world_size, tmp):
     sets = tiny_sets(Path(tmp), steps=2, **{"checkpoint.dir": "null"})
     cfg = load_config(None, [kv for kv in sets if kv != "--set"])
     try:
-        tr._train(cfg, None, None, "run", rank, world_size, torch.device("cpu"))
+        with contextlib.ExitStack() as held:  # rank 0's directory locks
+            tr._train(cfg, None, None, "run", rank, world_size, torch.device("cpu"), held)
     except ConfigError as exc:
         return str(exc)
     return None
