@@ -113,3 +113,49 @@ def test_a_parameter_in_another_group_than_at_save_is_refused_naming_it(tmp_path
         ck.load(path, model, regrouped)
     assert not regrouped.state and [dict(g, params=None) for g in regrouped.param_groups] == before
     ck.load(path, model, _optimizer(model, {}))  # the same split loads
+
+
+def _stepped(model, opt, steps=2):
+    for _ in range(steps):
+        model(torch.ones(2, 64)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_a_load_that_changes_a_state_kind_key_warns_as_load_state_dict_does(tmp_path):
+    """checkpoint.load replaced optim_bits/min_8bit_size by the saved values without the warning
+    load_state_dict gives (found by an outside probe)."""
+    torch.manual_seed(0)
+    model = nn.Linear(64, 64)
+    opt = dist8.AdamW8bit(model.parameters(), min_8bit_size=0)
+    _stepped(model, opt)
+    ck.save(tmp_path / "ck", model, opt, step=2)
+    loader = dist8.AdamW8bit(model.parameters(), min_8bit_size=100_000)
+    with pytest.warns(UserWarning, match=r"^the loaded state dict's param group has min_8bit_size=0 \(this "
+                                         r"optimizer: 100000\): loaded values replace the optimizer's"):
+        ck.load(tmp_path / "ck", model, loader)
+    assert loader.param_groups[0]["min_8bit_size"] == 0
+
+
+@pytest.mark.parametrize("saved_bits, loading_bits", [(8, 32), (32, 8)])
+def test_state_of_the_other_kind_than_an_override_gives_is_refused_at_load(tmp_path, saved_bits, loading_bits):
+    """A checkpoint whose parameter holds 8-bit state, loaded where an override gives it 32-bit state (or the
+    reverse), was installed with the model's weights and refused only at the next step()."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64))
+
+    def make(bits):
+        return dist8.AdamW8bit(model.named_parameters(), min_8bit_size=0, overrides={"0.weight": {"optim_bits": bits}})
+
+    opt = make(saved_bits)
+    _stepped(model, opt)
+    ck.save(tmp_path / "ck", model, opt, step=2)
+    weights = model[0].weight.detach().clone()
+    loader = make(loading_bits)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    kinds = {8: "8-bit", 32: "32-bit"}
+    with pytest.raises(ck.CheckpointError, match=rf"state of parameter 0.weight is {kinds[saved_bits]}, but the "
+                                                 rf"optimizer keeps {kinds[loading_bits]} state for it"):
+        ck.load(tmp_path / "ck", model, loader)
+    assert not loader.state and torch.equal(model[0].weight, weights + 1.0)  # nothing loaded

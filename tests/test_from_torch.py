@@ -249,3 +249,24 @@ def test_maximize_travels_both_ways():
     again = dist8.AdamW32bit(copy.deepcopy(model).parameters())
     again.load_state_dict(from_torch_optim(torch_opt.state_dict(), again))
     assert again.param_groups[0]["maximize"] is True
+
+
+def test_state_of_another_weight_decay_or_nadam_is_refused():
+    """torch's Adam (L2 decay) continued silently in dist8's AdamW (decoupled), and AdamW's in Adam; NAdam's
+    state (its mu_product dropped) in AdamW8bit (outside probe). Without weight decay Adam and AdamW agree."""
+    for tcls, dcls, theirs in [(torch.optim.Adam, dist8.AdamW32bit, "as L2 \\(Adam\\)"),
+                               (torch.optim.AdamW, dist8.Adam32bit, "decoupled \\(AdamW\\)")]:
+        model = make_model()
+        topt = tcls(model.parameters(), lr=1e-2, weight_decay=0.5)
+        train(model, topt, 0, 2)
+        with pytest.raises(CheckpointError, match=rf"^param group 0: the torch optimizer decays weights {theirs} "
+                                                  r"\(decoupled_weight_decay=(True|False)\), "):
+            from_torch_optim(topt.state_dict(), dcls(model.parameters()))
+        plain = tcls(model.parameters(), lr=1e-2, weight_decay=0.0)
+        train(model, plain, 0, 1)
+        from_torch_optim(plain.state_dict(), dcls(model.parameters()))  # no decay: the same update
+    model = make_model()
+    nadam = torch.optim.NAdam(model.parameters(), lr=1e-2)
+    train(model, nadam, 0, 2)
+    with pytest.raises(CheckpointError, match=r"has 'mu_product' \(NAdam's momentum schedule\)"):
+        from_torch_optim(nadam.state_dict(), dist8.AdamW8bit(model.parameters()))

@@ -35,7 +35,8 @@ TORCH_STATE_KEYS: dict[Rule, tuple[str, ...]] = {
 }
 _ALL_TORCH_KEYS = frozenset(k for keys in TORCH_STATE_KEYS.values() for k in keys)
 # torch state that a dist8 rule cannot continue from: its key -> what produced it
-_NOT_CONTINUABLE = {"max_exp_avg_sq": "amsgrad=True", "grad_avg": "centered=True RMSprop"}
+_NOT_CONTINUABLE = {"max_exp_avg_sq": "amsgrad=True", "grad_avg": "centered=True RMSprop",
+                    "mu_product": "NAdam's momentum schedule"}
 # group entries of torch's that are kept although the dist8 group has no such key (LR schedulers read it)
 _KEPT_GROUP_KEYS = ("initial_lr",)
 
@@ -85,6 +86,7 @@ def from_torch_optim(state_dict: dict[str, Any], optimizer: Optimizer8bit) -> di
             raise CheckpointError(f"param group {gi}: the torch state dict lists "
                                   f"{len(ids) if isinstance(ids, list) else 'no'} parameters, the optimizer "
                                   f"{len(group['params'])}")
+        _refuse_other_weight_decay(saved, optimizer, gi)
         own = hyperparameters_of(group)
         hyper = {k: v for k, v in saved.items() if k in own or k in _KEPT_GROUP_KEYS}
         out_group = dict(own, **hyper)
@@ -107,6 +109,21 @@ def from_torch_optim(state_dict: dict[str, Any], optimizer: Optimizer8bit) -> di
         first_id += len(ids)
     return {"state": state, "param_groups": groups,
             schema.STATE_DICT_INFO: schema.state_dict_info(optimizer.quant_map, optimizer.rule)}
+
+
+def _refuse_other_weight_decay(saved: dict[str, Any], optimizer: Optimizer8bit, gi: int) -> None:
+    """torch 2.13's Adam and AdamW groups say how they decay (``decoupled_weight_decay``); dist8's Adam adds the
+    decay to the gradient (L2), AdamW decays decoupled. The other way round trained on with another update,
+    silently (3 steps 3x further from torch's own continuation). Without weight decay they are the same."""
+    decoupled = getattr(optimizer, "decoupled", None)
+    if decoupled is None or "decoupled_weight_decay" not in saved or not saved.get("weight_decay"):
+        return
+    if bool(saved["decoupled_weight_decay"]) != decoupled:
+        theirs, ours = ("decoupled (AdamW)", "as L2 (Adam)") if not decoupled else ("as L2 (Adam)", "decoupled (AdamW)")
+        fix = "AdamW" if saved["decoupled_weight_decay"] else "Adam"
+        raise CheckpointError(f"param group {gi}: the torch optimizer decays weights {theirs} "
+                              f"(decoupled_weight_decay={saved['decoupled_weight_decay']!r}), "
+                              f"{type(optimizer).__name__} {ours}: continue it in dist8's {fix} classes")
 
 
 def _converted(optimizer: Optimizer8bit, p: torch.Tensor, settings: Any, st: Any, keys: tuple[str, ...]) -> dict:

@@ -54,6 +54,7 @@ from dist8.checkpoint.reader import read_model, read_pieces
 from dist8.checkpoint.shared_dir import SHARED_MARK, check_every_rank_sees
 from dist8.checkpoint.weights import load_fp32_weights
 from dist8.messages import brief
+from dist8.optim.config import load_group_values
 from dist8.optim.validation import check_flag, check_module
 from dist8.shard import ShardedOptimizer
 from dist8.shard.agreement import from_every_rank, raise_on_every_rank
@@ -477,8 +478,8 @@ def _commit(ad: OptimizerAdapter, model, plan: _Plan, path: Path) -> None:
     try:
         # the groups first: the kind of state each parameter takes (e.g. its master_weight_bits correction)
         # follows the loaded values, as with load_state_dict
-        for group, values in zip(ad.optimizer.param_groups, plan.groups):
-            group.update(values)
+        kind_changes = [load_group_values(group, values, warn=False)  # warned once everything is loaded
+                        for group, values in zip(ad.optimizer.param_groups, plan.groups)]
         ad.load_states(plan.states, plan.masters)
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         ad.restore(snap)
@@ -492,6 +493,8 @@ def _commit(ad: OptimizerAdapter, model, plan: _Plan, path: Path) -> None:
         if error is None:
             ad.restore(snap)
         raise
+    for message in dict.fromkeys(m for m in kind_changes if m):  # optim_bits/min_8bit_size changed: said, as
+        warnings.warn(message, UserWarning, stacklevel=3)  # load_state_dict says it (it was silent here)
     if plan.model is not None:  # validated (names, shapes) above; copying cannot fail
         wider = _wider_than_their_parameters(ad, model, plan.model)  # first: torch's FSDP2 load edits the dict
         ad.load_model_state(model, plan.model)
