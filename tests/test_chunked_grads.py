@@ -479,3 +479,58 @@ def test_functional_call_with_other_weights_is_plain_autograd():
     assert all(g is not None and g.abs().sum() > 0 for g in grads[1:])  # head weight and bias (and emb rows)
     assert all(torch.equal(before[k], v) for k, v in model.named_parameters()) and handle.steps == 0
     handle.remove()
+
+
+class _FunctionalTie(nn.Module):
+    """An embedding whose weight is also the output head, through F.linear rather than a second module."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(64, 32)
+        self.mid = nn.Linear(32, 32)
+
+    def forward(self, ids):
+        return torch.nn.functional.linear(torch.relu(self.mid(self.emb(ids))), self.emb.weight)
+
+
+@pytest.mark.parametrize("calls_step", [True, False])
+def test_a_chunked_weight_also_used_outside_its_layer_is_refused_in_that_backward(calls_step):
+    """A weight chunked by its layer but also used elsewhere (a functional tie, a penalty on the weight) was
+    stepped from the layer's share alone; the rest reached the whole-gradient hook, which blamed reentrant
+    checkpointing -- or, in a loop without optimizer.step() (or calling model.forward directly), nothing was
+    said and training went on wrong (0.03 off in 2 steps; outside probe). Refused at that backward now."""
+    torch.manual_seed(0)
+    model = _FunctionalTie()
+    opt = dist8.AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=0)
+    handle = dist8.gradient_release(model, opt, weight_grad_chunk=256)
+    try:
+        assert "emb" in handle.chunks.chunked
+        ids = torch.randint(0, 64, (4, 8))
+        out = model(ids) if calls_step else model.forward(ids)
+        with pytest.raises(RuntimeError, match=r"^gradient_release: parameter group 0 index 0 is also used outside "
+                                               r"its own layer \(e\.g\. F\.linear\(h, emb\.weight\)"):
+            out.square().mean().backward()
+    finally:
+        handle.remove()
+
+
+def test_a_loop_over_submodules_after_one_model_call_is_no_second_gradient():
+    """One model() call (a no_grad sanity forward), then a loop that calls the submodules only: every backward
+    after the first was taken for a second gradient of that one forward and refused (outside probe)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+    twin = copy.deepcopy(model)
+    opt, twin_opt = (dist8.AdamW8bit(m.parameters(), lr=1e-2) for m in (model, twin))
+    handle = dist8.gradient_release(model, opt)
+    x, y = torch.randn(4, 8), torch.randn(4, 1)
+    with torch.no_grad():
+        model(x)
+    try:
+        for _ in range(3):
+            for m, o in ((model, opt), (twin, twin_opt)):
+                torch.nn.functional.mse_loss(m[2](m[1](m[0](x))), y).backward()
+                o.step()
+                o.zero_grad()
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    finally:
+        handle.remove()

@@ -44,7 +44,7 @@ from dist8.optim.range_step import RangeStep, range_step_refusal
 if TYPE_CHECKING:
     from dist8.optim.release import GradientRelease
 
-__all__ = ["ChunkedWeights", "MIN_CHUNK_ROWS", "chunk_rows"]
+__all__ = ["ChunkedWeights", "MIN_CHUNK_ROWS", "chunk_rows", "current_graph_task"]
 
 # Says whether the running backward will execute a graph node (here: the weight's
 # AccumulateGrad); used by torch's own multi-grad hooks. Absent in some build: assume it will.
@@ -52,6 +52,11 @@ _will_execute = getattr(torch._C, "_will_engine_execute_node", None)
 # The id of the backward running on this thread (-1 outside one): a forward run inside a backward is
 # activation checkpointing's recompute and belongs to that backward's graph, not to the outer one.
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
+def current_graph_task() -> int:
+    """The id of the backward running on this thread, -1 outside one (or where torch does not say)."""
+    return _graph_task_id()
 
 # Fewer rows make the BLAS take a matrix-vector path whose sums differ from the whole product's
 # (1-2 row fp32 chunks were 1 ulp off on this CPU's oneDNN); 8 rows and up matched bitwise.
@@ -261,6 +266,7 @@ class ChunkedWeights:
                 step.update(r0 * in_features, rows(r0, min(r0 + n, out_features)))
             step.finish()
             release.after_update(w)
+            release.chunk_stepped_in[w] = current_graph_task()
         return None
 
 

@@ -93,7 +93,7 @@ from dist8.kernels.eager import eager_only
 from dist8.messages import brief
 from dist8.optim.base import Optimizer8bit
 from dist8.optim.range_step import optimizer_range_refusal
-from dist8.optim.chunked_grads import ChunkedWeights
+from dist8.optim.chunked_grads import ChunkedWeights, current_graph_task
 from dist8.optim.config import hyperparameters_of
 from dist8.optim.contract import as_scheduler_wrapped
 from dist8.optim.dcp_init import called_by_dcp_init
@@ -162,6 +162,8 @@ class GradientRelease:
         # updated in: a second update within one forward is a partial gradient (see before_update).
         self._forwards = 0
         self._updated_in_forward: dict[torch.Tensor, int] = {}
+        # weight -> the backward (graph task id) whose layer stepped it in chunks (weight_grad_chunk)
+        self.chunk_stepped_in: dict[torch.Tensor, int] = {}
         self._hooks: list = []
         # [parameter, its hook's RemovableHandle, its C++ tensor when hooked (_impl_of)]; each entry holds
         # its parameter, so an id in _hooked_ids is not reused by another tensor while hooked
@@ -328,6 +330,14 @@ class GradientRelease:
         """Refuse a second update of ``p`` from one forward pass of the model, or before ``optimizer.step()``
         (gradient accumulation), and ``on_nonfinite="raise"`` set after the release. Hold :attr:`lock`."""
         check_nonfinite_mode(self.optimizer)
+        task = current_graph_task()
+        if task != -1 and self.chunk_stepped_in.get(p) == task:
+            # its layer stepped it in chunks from the layer's share alone; this is the rest of its gradient
+            raise RuntimeError(
+                f"gradient_release: parameter {self.optimizer.param_name(p)} is also used outside its own layer "
+                "(e.g. F.linear(h, emb.weight) for a tied head, or a loss term on the weight), and weight_grad_chunk "
+                "stepped it from the layer's share of its gradient alone; the rest was not stepped. Tie weights "
+                "through modules (head.weight = emb.weight), or gradient_release without weight_grad_chunk")
         if self._forwards and self._updated_in_forward.get(p) == self._forwards:
             raise RuntimeError(
                 f"gradient_release: parameter {self.optimizer.param_name(p)} got a second gradient from one forward "
@@ -411,6 +421,9 @@ class GradientRelease:
             )
         repeated = [self.optimizer.param_name(p) for p, n in self._updates_since_step.items() if n > 1]
         self._updates_since_step.clear()
+        # the next backward is a new step even where the model itself is not called again (a loop over its
+        # submodules after one model() call): its updates are no second gradient of that one forward
+        self._updated_in_forward.clear()
         self._loop_calls_step = True
         if repeated:
             raise RuntimeError(
