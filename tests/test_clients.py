@@ -211,6 +211,58 @@ def test_accelerate_fsdp2_optimizer_built_before_sharding(tmp_path):
     assert kinds[0]["emb.weight"] == "torch.uint8" and kinds[0]["block.0.weight"] == "torch.float32"
 
 
+def _accelerate_release_worker(rank, world_size):
+    """accelerate's FSDP2 prepare swaps DTensors into the optimizer's param_groups; gradient_release installed
+    after it stepped before following the swap (local-shard state, refused at the first backward with
+    "mixed torch.Tensor and DTensor" and a misleading "edited after its last step"; outside probe)."""
+    acc = _accelerator_fsdp2()
+    out = {}
+    for release in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(32, 64), nn.LayerNorm(64), nn.Linear(64, 4))
+        opt = dist8.AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=0)  # before prepare, as accelerate allows
+        model, opt = acc.prepare(model, opt)
+        handle = dist8.gradient_release(model, opt) if release else None
+        for step in range(3):
+            g = torch.Generator().manual_seed(10 * step + rank)
+            acc.backward(model(torch.randn(4, 32, generator=g)).square().mean())
+            opt.step()
+            opt.zero_grad()
+        out[release] = [p.full_tensor() for p in model.parameters()]
+        if handle is not None:
+            handle.remove()
+    return all(torch.equal(a, b) for a, b in zip(out[False], out[True]))
+
+
+def test_accelerate_fsdp2_with_gradient_release_is_the_normal_step(tmp_path):
+    pytest.importorskip("accelerate", reason="accelerate is in the [test] extras")
+    assert run_ranks(_accelerate_release_worker, 2, tmp_path=tmp_path) == [True, True]
+
+
+def _accelerate_sharded_worker(rank, world_size):
+    """A ShardedOptimizer built before accelerate's FSDP2 prepare was refused as "parameter emb.weight was removed
+    from param group 0", advising to freeze it or rebuild (outside probe)."""
+    acc = _accelerator_fsdp2()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.Linear(64, 4))
+    opt = dist8.ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, lr=1e-2)
+    model, opt = acc.prepare(model, opt)
+    acc.backward(model(torch.randn(4, 32)).square().mean())
+    try:
+        opt.step()
+    except TypeError as exc:
+        return str(exc)
+    return None
+
+
+def test_a_sharded_optimizer_under_accelerates_fsdp2_says_to_use_the_optimizer_directly(tmp_path):
+    pytest.importorskip("accelerate", reason="accelerate is in the [test] extras")
+    for message in run_ranks(_accelerate_sharded_worker, 2, tmp_path=tmp_path):
+        assert message == ("param group 0 now holds FSDP2's DTensor parameters in place of 0.weight: the model was "
+                           "sharded with FSDP2 after this ShardedOptimizer was built; use the dist8 optimizer directly "
+                           "with FSDP2 instead of ShardedOptimizer (nothing was updated)"), message
+
+
 def _accelerate_cast_llama_worker(rank, world_size):
     """accelerate's FSDP2 calls torch's fully_shard, one group for the model here: a cast_model'd Llama
     keeps its RMSNorms fp32 next to bf16 weights, which torch refuses at the first forward (naming no

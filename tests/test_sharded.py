@@ -965,3 +965,19 @@ def test_stage2_refuses_a_step_on_what_the_last_step_left_in_the_gradients(tmp_p
         for case in ("backward again", "step again"):
             assert "still holds the gradient the last step reduced (no zero_grad() between the steps)" in out[case], out
             assert out[case + " unchanged"], case
+
+
+def test_a_shard_state_dict_loaded_into_a_plain_optimizer_says_what_it_is():
+    """A 2-rank Lightning DDP run with ShardedOptimizer resumed on one device without it: the plain optimizer
+    said "param_groups[0] must be a dict with a 'params' list", not what the dict is (outside probe)."""
+    model = torch.nn.Linear(64, 64)
+    opt = ShardedOptimizer(model.named_parameters(), dist8.AdamW8bit, lr=1e-3, min_8bit_size=0)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    plain = dist8.AdamW8bit(model.named_parameters(), lr=1e-3, min_8bit_size=0)
+    with pytest.raises(ValueError, match=r"^state_dict is one rank's shard of a ShardedOptimizer \(rank 0 of 1\), "
+                                         r"not a whole optimizer's: .*ShardedOptimizer\(full_state_dict=True\)"):
+        plain.load_state_dict(opt.state_dict())
+    assert not plain.state
+    plain.load_state_dict(opt.consolidated_state_dict())  # the unsharded format loads

@@ -491,6 +491,9 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
         :meth:`step` over all of them. Used by :func:`dist8.gradient_release`. With DTensor
         parameters it is collective: call it with the same parameters in the same order on every rank.
         """
+        # as step() does: parameters swapped into param_groups after construction (accelerate's and HF
+        # Trainer's FSDP2 prepare) are taken up; the release path made local-shard state for them and failed
+        self.follow_params()
         pairs: dict[int, tuple[dict, list]] = {}
         for p in params:
             try:

@@ -137,6 +137,11 @@ def check_state_dict_layout(state_dict: Any) -> None:
     if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
         raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from optimizer.state_dict()), "
                          f"got {brief(state_dict)}")
+    if {"format", "rank", "world_size", "pieces"} <= state_dict.keys():  # ShardedOptimizer's shard format
+        raise ValueError(f"state_dict is one rank's shard of a ShardedOptimizer (rank {brief(state_dict['rank'])} of "
+                         f"{brief(state_dict['world_size'])}), not a whole optimizer's: load it into a ShardedOptimizer "
+                         "at that world size, or save with ShardedOptimizer(full_state_dict=True) or dist8.checkpoint "
+                         "for another world size or a plain optimizer")
     if not isinstance(state_dict["state"], dict):
         raise ValueError(f"state_dict['state'] must be a dict of per-parameter state, got {brief(state_dict['state'])}")
     groups = state_dict["param_groups"]

@@ -27,6 +27,7 @@ from dist8.optim.comparable import comparable
 from dist8.optim.config import (GLOBAL_NUMEL_ATTR, OVERRIDE_ATTR, PARAM_LIST_KEYS, PIECE_START_ATTR, check_overrides,
                                 check_overrides_match, hyperparameters_of, split_named_params)
 from dist8.optim.dcp_init import called_by_dcp, called_by_dcp_init
+from dist8.optim.dtensor_layout import is_dtensor
 from dist8.optim.hooks import load_state_dict_with_hooks, state_dict_with_hooks
 from dist8.optim.lazy_dynamo import LazyDynamoOptimizer
 from dist8.optim.manager import apply_positional_configs, restore_module_marks
@@ -407,6 +408,11 @@ class ShardedOptimizer(LazyDynamoOptimizer):
             if now.keys() == members.keys():
                 continue
             removed = [p for i, p in members.items() if i not in now]
+            if any(is_dtensor(p) for i, p in now.items() if i not in members):  # accelerate's/HF's FSDP2 prepare
+                instead_of = f" in place of {self._name_of(removed[0])}" if removed else ""
+                raise TypeError(f"param group {gi} now holds FSDP2's DTensor parameters{instead_of}: the model was "
+                                "sharded with FSDP2 after this ShardedOptimizer was built; use the dist8 optimizer "
+                                "directly with FSDP2 instead of ShardedOptimizer (nothing was updated)")
             what = (f"parameter {self._name_of(removed[0])} was removed from" if removed else
                     f"parameter {self._name_of(next(p for i, p in now.items() if i not in members))} was put in")
             raise ValueError(f"{what} param group {gi} after the ShardedOptimizer was built: its block layout is fixed "
