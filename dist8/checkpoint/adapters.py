@@ -72,15 +72,9 @@ class OptimizerAdapter:
         for i, st in states.items():
             p = self.params[i]
             st = {k: (v.view(p.shape) if _shaped(k) else v) for k, v in st.items()}
-            settings = self.inner.settings(p, group_of[p])  # with the loaded group values
-            # the kind each parameter's settings (overrides, min_8bit_size) give it, and the correction dtype
-            # master_weight_bits needs: a mismatch was loaded and refused only at the next step
-            checked[p] = self.inner.check_state(p, st, block_size=self.inner.state_block_size(p),
-                                                expect_8bit=settings.use_8bit, correction=settings.correction,
-                                                copy=False)  # read from the file
-            if checked[p]:
-                self.inner.check_state_fits(p, settings, checked[p], fix="the checkpoint's state does not fit "
-                                            "this optimizer's settings; nothing was loaded")
+            checked[p] = self.inner.check_loaded_state(  # the groups hold the loaded values already
+                p, st, self.inner.settings(p, group_of[p]), "the checkpoint's state does not fit this optimizer's "
+                "settings; nothing was loaded", copy=False)  # read from the file: ours alone
         for p in self.params:  # the checkpoint's state, as load_state_dict gives it: none where it has none
             if p in checked:
                 self.inner.state[p] = checked[p]

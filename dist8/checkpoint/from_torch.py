@@ -118,12 +118,13 @@ def _refuse_other_weight_decay(saved: dict[str, Any], optimizer: Optimizer8bit, 
     decoupled = getattr(optimizer, "decoupled", None)
     if decoupled is None or "decoupled_weight_decay" not in saved or not saved.get("weight_decay"):
         return
-    if bool(saved["decoupled_weight_decay"]) != decoupled:
-        theirs, ours = ("decoupled (AdamW)", "as L2 (Adam)") if not decoupled else ("as L2 (Adam)", "decoupled (AdamW)")
-        fix = "AdamW" if saved["decoupled_weight_decay"] else "Adam"
-        raise CheckpointError(f"param group {gi}: the torch optimizer decays weights {theirs} "
+    theirs = bool(saved["decoupled_weight_decay"])
+    if theirs != decoupled:
+        how = {True: "decoupled (AdamW)", False: "as L2 (Adam)"}
+        raise CheckpointError(f"param group {gi}: the torch optimizer decays weights {how[theirs]} "
                               f"(decoupled_weight_decay={saved['decoupled_weight_decay']!r}), "
-                              f"{type(optimizer).__name__} {ours}: continue it in dist8's {fix} classes")
+                              f"{type(optimizer).__name__} {how[decoupled]}: continue it in dist8's "
+                              f"{'AdamW' if theirs else 'Adam'} classes")
 
 
 def _converted(optimizer: Optimizer8bit, p: torch.Tensor, settings: Any, st: Any, keys: tuple[str, ...]) -> dict:

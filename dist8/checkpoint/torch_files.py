@@ -12,6 +12,7 @@ and checked (:func:`read_dcp_metadata`), and DCP is handed that checked metadata
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import pickle
 from collections.abc import Iterable, Iterator
@@ -76,23 +77,22 @@ _DCP_GLOBALS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("t
                 ("builtins", "object"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice")}
 
 
-def _dcp_metadata_classes() -> set[tuple[str, str]]:
+@functools.cache  # imports DCP on first use, not when dist8 is imported
+def _dcp_metadata_classes() -> frozenset[tuple[str, str]]:
     """The classes DCP's metadata module defines (its dataclasses and enums), by exact name: not the
     module's other names (it imports ``os`` and ``torch``), and never a dotted name, which pickle
     protocol 4 resolves attribute by attribute (``os.system`` "in" that module)."""
     import torch.distributed.checkpoint.metadata as dcp_metadata
 
-    return {(_DCP_METADATA_MODULE, name) for name, obj in vars(dcp_metadata).items()
-            if isinstance(obj, type) and obj.__module__ == _DCP_METADATA_MODULE}
+    return frozenset((_DCP_METADATA_MODULE, name) for name, obj in vars(dcp_metadata).items()
+                     if isinstance(obj, type) and obj.__module__ == _DCP_METADATA_MODULE)
 
 
 class _DcpMetadataUnpickler(pickle.Unpickler):
     """Unpickles only DCP's metadata classes, torch dtypes/Size and plain containers."""
 
-    allowed: set[tuple[str, str]] = set()
-
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self.allowed or (module, name) in _DCP_GLOBALS or (
+        if (module, name) in _dcp_metadata_classes() or (module, name) in _DCP_GLOBALS or (
                 module == "torch" and "." not in name and isinstance(getattr(torch, name, None), torch.dtype)):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in DCP metadata")
@@ -112,8 +112,6 @@ def read_dcp_metadata(directory: str | os.PathLike) -> Any:
     from torch.distributed.checkpoint.metadata import Metadata
 
     path = Path(directory) / ".metadata"
-    if not _DcpMetadataUnpickler.allowed:
-        _DcpMetadataUnpickler.allowed = _dcp_metadata_classes()
     try:
         with open_regular(path) as f:
             metadata = _DcpMetadataUnpickler(f).load()

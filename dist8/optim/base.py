@@ -728,11 +728,8 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
             # the kind of state and the correction the parameter needs once the saved group's values are loaded
             group = self.param_groups[group_of[key]]
             settings = self.settings(p, dict(group, **loaded_hyperparameters(group, saved_groups[group_of[key]])))
-            new_state[p] = self.check_state(p, st, block_size=self.state_block_size(p), expect_8bit=settings.use_8bit,
-                                             correction=settings.correction)
-            if new_state[p]:  # the group's loaded values must fit it too (percentile clipping needs its history)
-                self.check_state_fits(p, settings, new_state[p], fix="the state dict's group values do not fit its "
-                                      "state (edited?); nothing was loaded")
+            new_state[p] = self.check_loaded_state(p, st, settings, "the state dict's group values do not fit its "
+                                                   "state (edited?); nothing was loaded")
         kind_changes = [load_group_values(group, saved, warn=False)
                         for saved, group in zip(saved_groups, self.param_groups)]
         self.state = new_state
@@ -761,6 +758,19 @@ class Optimizer8bit(TorchContract, LazyDynamoOptimizer):
         out = schema.check_state(self.rule, self.param_name(p), st, p.shape, p.device, block_size, expect_8bit,
                                  correction, copy and not local)
         return dtensor.localize_state(self, p, out) if local or dtl.has_dtensor(out) else out
+
+
+    def check_loaded_state(self, p: torch.Tensor, st: dict[str, Any], settings: ParamSettings, fix: str,
+                           copy: bool = True) -> dict[str, Any]:
+        """:meth:`check_state` of a loaded state for the ``settings`` ``p`` has once the load is done (the kind
+        of state they give it, the correction they need), then :meth:`check_state_fits` (e.g. percentile
+        clipping's history), ``fix`` ending that refusal. A mismatch was loaded and refused only at the
+        next step. ``copy``: as for :meth:`check_state`."""
+        out = self.check_state(p, st, block_size=self.state_block_size(p), expect_8bit=settings.use_8bit,
+                               correction=settings.correction, copy=copy)
+        if out:
+            self.check_state_fits(p, settings, out, fix=fix)
+        return out
 
 
 def bit_variants(family: type[Optimizer8bit], name: str, module: str) -> tuple[type, type, type]:

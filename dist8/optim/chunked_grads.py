@@ -49,14 +49,10 @@ __all__ = ["ChunkedWeights", "MIN_CHUNK_ROWS", "chunk_rows", "current_graph_task
 # Says whether the running backward will execute a graph node (here: the weight's
 # AccumulateGrad); used by torch's own multi-grad hooks. Absent in some build: assume it will.
 _will_execute = getattr(torch._C, "_will_engine_execute_node", None)
-# The id of the backward running on this thread (-1 outside one): a forward run inside a backward is
-# activation checkpointing's recompute and belongs to that backward's graph, not to the outer one.
-_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
-
-
-def current_graph_task() -> int:
-    """The id of the backward running on this thread, -1 outside one (or where torch does not say)."""
-    return _graph_task_id()
+# current_graph_task(): the id of the backward running on this thread (-1 outside one, or where torch does not
+# say). A forward run inside a backward is activation checkpointing's recompute and belongs to that backward's
+# graph, not to the outer one.
+current_graph_task = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
 # Fewer rows make the BLAS take a matrix-vector path whose sums differ from the whole product's
 # (1-2 row fp32 chunks were 1 ulp off on this CPU's oneDNN); 8 rows and up matched bitwise.
@@ -97,7 +93,7 @@ class _ModuleUse:
         """A forward in a graph (``ctx``: its node, which gets ``use``, ``done`` and ``chunked``): chunk
         only if no other forward of this module in the same graph (same running backward, or none)
         waits for backward."""
-        task = _graph_task_id()
+        task = current_graph_task()
         ctx.use = self
         self.pending = [(r, t) for r, t in self.pending if (c := r()) is not None and not c.done]
         ctx.done = False

@@ -100,19 +100,26 @@ def states_mean_the_same(a: Rule, b: Rule) -> bool:
     return Rule(a) == Rule(b) or any({Rule(a), Rule(b)} <= family for family in _SAME_STATES)
 
 
+def _saved_rule(state_dict: dict[str, Any]) -> Rule | None:
+    """The update rule a state dict's :data:`STATE_DICT_INFO` names (None: not recorded); ValueError if it
+    names none."""
+    info = state_dict.get(STATE_DICT_INFO)
+    saved = info.get("rule") if isinstance(info, dict) else None
+    if saved is None:
+        return None
+    if not isinstance(saved, str) or saved not in Rule.__members__:
+        raise ValueError(f"state_dict['{STATE_DICT_INFO}']['rule'] must name an update rule (one of "
+                         f"{', '.join(Rule.__members__)}), got {brief(saved)}")
+    return Rule[saved]
+
+
 def check_state_dict_rule(state_dict: dict[str, Any], rule: Rule) -> None:
     """Refuse a state dict another optimizer's update rule wrote (its :data:`STATE_DICT_INFO` names the rule;
     a dict without it says nothing to check). Until 2026-12-05 one with as many states loaded: SGD8bit's
     momentum read as Adagrad8bit's sum of squares, AdamW8bit's moments as RMSprop's, silently."""
-    info = state_dict.get(STATE_DICT_INFO)
-    saved = info.get("rule") if isinstance(info, dict) else None
-    if saved is None:
-        return
-    if not isinstance(saved, str) or saved not in Rule.__members__:
-        raise ValueError(f"state_dict['{STATE_DICT_INFO}']['rule'] must name an update rule (one of "
-                         f"{', '.join(Rule.__members__)}), got {brief(saved)}")
-    if not states_mean_the_same(Rule[saved], rule):
-        raise ValueError(f"state_dict was written by an optimizer with update rule {saved}; this one's rule "
+    saved = _saved_rule(state_dict)
+    if saved is not None and not states_mean_the_same(saved, rule):
+        raise ValueError(f"state_dict was written by an optimizer with update rule {saved.name}; this one's rule "
                          f"{Rule(rule).name} keeps other state (or the same keys meaning other quantities): load it "
                          "into the optimizer class that saved it")
 
@@ -163,10 +170,7 @@ def check_state_dict_info(state_dict: dict[str, Any]) -> None:
         if not isinstance(saved, str) or saved not in MAP_NAMES:
             raise ValueError(f"state_dict['{STATE_DICT_INFO}'] must be a dict whose 'quant_map' names the map the "
                              f"codes were written with (one of {', '.join(MAP_NAMES)}), got {brief(info)}")
-        rule = info.get("rule")
-        if rule is not None and (not isinstance(rule, str) or rule not in Rule.__members__):
-            raise ValueError(f"state_dict['{STATE_DICT_INFO}']['rule'] must name an update rule (one of "
-                             f"{', '.join(Rule.__members__)}), got {brief(rule)}")
+        _saved_rule(state_dict)
 
 
 def check_state_dict_map(state_dict: dict[str, Any], quant_map: str, rule: Rule | None = None) -> None:

@@ -113,12 +113,13 @@ def _prepare(args: argparse.Namespace):
         _note(note)
     for note in check_mode_available(cfg):
         _note(note)
-    if args.nproc_per_node is not None and args.nproc_per_node < 1:
-        raise ConfigError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
-    if args.nproc_per_node is not None and args.nproc_per_node > _most_ranks():
-        # 100000 spawned ranks until the machine ran out of memory (found by an outside probe)
-        raise ConfigError(f"--nproc-per-node {args.nproc_per_node} is more ranks than this machine runs: at most "
-                          f"{_most_ranks()} (4 per CPU core, or one per GPU where there are more GPUs)")
+    if args.nproc_per_node is not None:
+        if args.nproc_per_node < 1:
+            raise ConfigError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+        most = _most_ranks()
+        if args.nproc_per_node > most:  # 100000 spawned ranks until the machine ran out of memory (outside probe)
+            raise ConfigError(f"--nproc-per-node {args.nproc_per_node} is more ranks than this machine runs: at most "
+                              f"{most} (4 per CPU core, or one per GPU where there are more GPUs)")
     if args.stop_at is not None and args.stop_at < 0:  # -5 trained nothing and replaced the run's metrics
         raise ConfigError(f"--stop-at must be a step >= 0, got {args.stop_at}")
     if args.max_restarts < 0:
